@@ -1,0 +1,441 @@
+//! Configuration: the seed's tunables, validated once, with safe defaults
+//! computed from the machine ([`Limits::compute`]).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::sys;
+
+/// One KiB.
+pub const KIB: u64 = 1024;
+/// One MiB.
+pub const MIB: u64 = 1024 * KIB;
+/// One GiB.
+pub const GIB: u64 = 1024 * MIB;
+
+/// The largest segment, and so the largest allocation: 16 MiB. Windows are a
+/// multiple of it, so a segment never crosses a window.
+pub const SEGMENT_BYTES_MAX: u64 = 16 * MIB;
+/// Default window size: 1 GiB.
+pub const WINDOW_BYTES_DEFAULT: u64 = GIB;
+/// Default growth step: files grow 64 MiB at a time inside a window.
+pub const GROWTH_STEP_BYTES_DEFAULT: u64 = 64 * MIB;
+/// The seed's default fd cap.
+pub const MAX_OPEN_FILES_DEFAULT: usize = 256;
+/// The seed's default window (VMA) cap.
+pub const MAX_EXTENTS_DEFAULT: usize = 8192;
+/// Descriptors left to the rest of the process (the seed's headroom).
+pub const FD_HEADROOM: u64 = 64;
+/// VMAs left to the rest of the process (heap, stacks, libraries, …).
+pub const MAP_HEADROOM: u64 = 1024;
+/// Default prefetch: 0 (the fault-in path issues no WILLNEED).
+pub const PREFETCH_AHEAD_BYTES_DEFAULT: u64 = 0;
+/// Default time a `pin` waits for a window when every window is pinned.
+pub const PIN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
+
+const _: () = assert!(WINDOW_BYTES_DEFAULT % SEGMENT_BYTES_MAX == 0);
+const _: () = assert!(WINDOW_BYTES_DEFAULT % GROWTH_STEP_BYTES_DEFAULT == 0);
+
+/// Which idle window is unmapped first when the window cap is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum EvictionPolicy {
+    /// Least recently pinned.
+    #[default]
+    Lru,
+    /// Least frequently pinned (ties: least recently).
+    Lfu,
+    /// Second chance: a sweeping hand skips windows pinned since its last pass.
+    Clock,
+}
+
+/// The access-pattern advice applied to whole windows (never to part of one,
+/// which would split the VMA).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MadvisePolicy {
+    /// `MADV_RANDOM`: no read-ahead (the seed's default).
+    #[default]
+    Random,
+    /// `MADV_SEQUENTIAL`: aggressive read-ahead.
+    Sequential,
+    /// `MADV_NORMAL`: the kernel's default; no madvise is issued.
+    Normal,
+}
+
+/// Which io backend a shard's control ring uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IoBackendChoice {
+    /// io_uring when it can be set up, plain syscalls otherwise. The
+    /// `SEGALLOC_IO` environment variable (`uring` or `sync`) overrides it.
+    #[default]
+    Auto,
+    /// io_uring, or an error when unavailable.
+    Uring,
+    /// Plain blocking syscalls.
+    Sync,
+}
+
+impl IoBackendChoice {
+    /// The choice after applying `SEGALLOC_IO` (only when `self` is `Auto`).
+    pub fn resolve_env(self) -> Result<IoBackendChoice> {
+        if self != IoBackendChoice::Auto {
+            return Ok(self);
+        }
+        match std::env::var("SEGALLOC_IO") {
+            Ok(v) => match v.as_str() {
+                "uring" => Ok(IoBackendChoice::Uring),
+                "sync" => Ok(IoBackendChoice::Sync),
+                "" | "auto" => Ok(IoBackendChoice::Auto),
+                other => Err(Error::InvalidConfig(format!(
+                    "SEGALLOC_IO must be `uring`, `sync` or `auto`, not {other:?}"
+                ))),
+            },
+            Err(_) => Ok(IoBackendChoice::Auto),
+        }
+    }
+}
+
+/// Safe process-wide caps derived from the machine, as in the seed's
+/// `Limits::compute`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Descriptor cap: `min(RLIMIT_NOFILE soft - 64, 256)`.
+    pub max_open_files: usize,
+    /// Window cap: `min(8192, vm.max_map_count - 1024)`.
+    pub max_extents: usize,
+}
+
+impl Limits {
+    /// Compute the caps from `RLIMIT_NOFILE` and `vm.max_map_count`.
+    ///
+    /// On a stock machine (soft fd limit 1024, `max_map_count` 65530) this
+    /// gives 256 descriptors and 8192 windows. Never returns zero caps: on a
+    /// machine with almost no descriptors left it still allows 1.
+    pub fn compute() -> Limits {
+        let soft = sys::nofile_limit().map(|(s, _)| s).unwrap_or(1024);
+        let max_open_files = soft
+            .saturating_sub(FD_HEADROOM)
+            .clamp(1, MAX_OPEN_FILES_DEFAULT as u64) as usize;
+        let map_count = sys::max_map_count().unwrap_or(65530);
+        let max_extents = map_count
+            .saturating_sub(MAP_HEADROOM)
+            .clamp(1, MAX_EXTENTS_DEFAULT as u64) as usize;
+        Limits {
+            max_open_files,
+            max_extents,
+        }
+    }
+}
+
+/// A validated configuration. Build one with [`Config::new`] (zero
+/// configuration) or [`Config::builder`].
+///
+/// ```
+/// use segalloc::{Config, config::MIB};
+/// let cfg = Config::builder("/tmp/segalloc-doc")
+///     .window_bytes(64 * MIB)
+///     .max_open_files(32)
+///     .build()
+///     .unwrap();
+/// assert_eq!(cfg.window_bytes(), 64 * MIB);
+/// assert!(Config::builder("/tmp/x").window_bytes(3 * MIB).build().is_err());
+/// ```
+#[derive(Clone, Debug)]
+pub struct Config {
+    dir: PathBuf,
+    shards: usize,
+    window_bytes: u64,
+    growth_step_bytes: u64,
+    max_file_bytes: u64,
+    max_open_files: usize,
+    max_extents: usize,
+    eviction_policy: EvictionPolicy,
+    prefetch_ahead_bytes: u64,
+    madvise_policy: MadvisePolicy,
+    io_backend: IoBackendChoice,
+    pin_timeout: Duration,
+    read_only: bool,
+}
+
+impl Config {
+    /// Zero configuration: one shard per core, 1 GiB windows, 64 MiB growth
+    /// steps, caps from [`Limits::compute`].
+    pub fn new(dir: impl AsRef<Path>) -> Config {
+        Config::builder(dir)
+            .build()
+            .expect("the default configuration is valid")
+    }
+
+    /// A builder starting from the defaults of [`Config::new`].
+    pub fn builder(dir: impl AsRef<Path>) -> ConfigBuilder {
+        let limits = Limits::compute();
+        ConfigBuilder {
+            cfg: Config {
+                dir: dir.as_ref().to_path_buf(),
+                shards: sys::available_cpus(),
+                window_bytes: WINDOW_BYTES_DEFAULT,
+                growth_step_bytes: GROWTH_STEP_BYTES_DEFAULT,
+                max_file_bytes: 64 * GIB,
+                max_open_files: limits.max_open_files,
+                max_extents: limits.max_extents,
+                eviction_policy: EvictionPolicy::default(),
+                prefetch_ahead_bytes: PREFETCH_AHEAD_BYTES_DEFAULT,
+                madvise_policy: MadvisePolicy::default(),
+                io_backend: IoBackendChoice::default(),
+                pin_timeout: PIN_TIMEOUT_DEFAULT,
+                read_only: false,
+            },
+            growth_step_set: false,
+        }
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+    /// Window size in bytes.
+    pub fn window_bytes(&self) -> u64 {
+        self.window_bytes
+    }
+    /// Growth step in bytes.
+    pub fn growth_step_bytes(&self) -> u64 {
+        self.growth_step_bytes
+    }
+    /// Maximum size of one data file.
+    pub fn max_file_bytes(&self) -> u64 {
+        self.max_file_bytes
+    }
+    /// Process-wide descriptor cap (each shard gets its share).
+    pub fn max_open_files(&self) -> usize {
+        self.max_open_files
+    }
+    /// Process-wide window cap (each shard gets its share).
+    pub fn max_extents(&self) -> usize {
+        self.max_extents
+    }
+    /// Descriptor cap of one shard: `max(1, max_open_files / shards)`.
+    pub fn max_open_files_per_shard(&self) -> usize {
+        (self.max_open_files / self.shards).max(1)
+    }
+    /// Window cap of one shard: `max(1, max_extents / shards)`.
+    pub fn max_extents_per_shard(&self) -> usize {
+        (self.max_extents / self.shards).max(1)
+    }
+    /// Eviction order of idle windows.
+    pub fn eviction_policy(&self) -> EvictionPolicy {
+        self.eviction_policy
+    }
+    /// Bytes of `MADV_WILLNEED` issued after a pinned range on fault-in.
+    pub fn prefetch_ahead_bytes(&self) -> u64 {
+        self.prefetch_ahead_bytes
+    }
+    /// Advice applied to whole windows.
+    pub fn madvise_policy(&self) -> MadvisePolicy {
+        self.madvise_policy
+    }
+    /// The io backend choice (before `SEGALLOC_IO`).
+    pub fn io_backend(&self) -> IoBackendChoice {
+        self.io_backend
+    }
+    /// How long `pin` waits for a window under pressure.
+    pub fn pin_timeout(&self) -> Duration {
+        self.pin_timeout
+    }
+    /// Whether files are opened read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+/// Builder for [`Config`]; [`ConfigBuilder::build`] validates every value.
+#[derive(Clone, Debug)]
+pub struct ConfigBuilder {
+    cfg: Config,
+    growth_step_set: bool,
+}
+
+impl ConfigBuilder {
+    /// Number of shards (default: one per available core).
+    pub fn shards(mut self, n: usize) -> Self {
+        self.cfg.shards = n;
+        self
+    }
+    /// Window size: a multiple of 16 MiB (default 1 GiB).
+    pub fn window_bytes(mut self, bytes: u64) -> Self {
+        self.cfg.window_bytes = bytes;
+        self
+    }
+    /// The seed's `window_size_mb`.
+    pub fn window_size_mb(self, mb: u64) -> Self {
+        self.window_bytes(mb * MIB)
+    }
+    /// Growth step: a multiple of the page size that divides the window
+    /// (default `min(64 MiB, window)`).
+    pub fn growth_step_bytes(mut self, bytes: u64) -> Self {
+        self.cfg.growth_step_bytes = bytes;
+        self.growth_step_set = true;
+        self
+    }
+    /// Maximum size of one data file: a multiple of the window (default 64 GiB).
+    pub fn max_file_bytes(mut self, bytes: u64) -> Self {
+        self.cfg.max_file_bytes = bytes;
+        self
+    }
+    /// Process-wide descriptor cap (default from [`Limits::compute`]).
+    pub fn max_open_files(mut self, n: usize) -> Self {
+        self.cfg.max_open_files = n;
+        self
+    }
+    /// Process-wide window cap (the seed's `max_mmap_extents`).
+    pub fn max_extents(mut self, n: usize) -> Self {
+        self.cfg.max_extents = n;
+        self
+    }
+    /// The seed's `max_mmap_extents`.
+    pub fn max_mmap_extents(self, n: usize) -> Self {
+        self.max_extents(n)
+    }
+    /// Eviction order (default LRU).
+    pub fn eviction_policy(mut self, p: EvictionPolicy) -> Self {
+        self.cfg.eviction_policy = p;
+        self
+    }
+    /// Read-ahead hint in bytes (the seed's `prefetch_ahead_mb`, default 0).
+    pub fn prefetch_ahead_bytes(mut self, bytes: u64) -> Self {
+        self.cfg.prefetch_ahead_bytes = bytes;
+        self
+    }
+    /// The seed's `prefetch_ahead_mb`.
+    pub fn prefetch_ahead_mb(self, mb: u64) -> Self {
+        self.prefetch_ahead_bytes(mb * MIB)
+    }
+    /// Whole-window advice (default random).
+    pub fn madvise_policy(mut self, p: MadvisePolicy) -> Self {
+        self.cfg.madvise_policy = p;
+        self
+    }
+    /// io backend (default auto; `SEGALLOC_IO` overrides auto).
+    pub fn io_backend(mut self, b: IoBackendChoice) -> Self {
+        self.cfg.io_backend = b;
+        self
+    }
+    /// How long `pin` waits when every window is pinned (default 5 s).
+    pub fn pin_timeout(mut self, t: Duration) -> Self {
+        self.cfg.pin_timeout = t;
+        self
+    }
+    /// Open everything read-only (inspection tools).
+    pub fn read_only(mut self, ro: bool) -> Self {
+        self.cfg.read_only = ro;
+        self
+    }
+
+    /// Validate and return the configuration.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] when a value is out of range: zero shards or
+    /// caps, a window that is not a positive multiple of 16 MiB, a growth step
+    /// that is not a page multiple dividing the window, a maximum file size
+    /// that is not a multiple of the window.
+    pub fn build(mut self) -> Result<Config> {
+        let c = &mut self.cfg;
+        let bad = |m: String| Err(Error::InvalidConfig(m));
+        if c.shards == 0 || c.shards > 1024 {
+            return bad(format!("shards must be in 1..=1024, got {}", c.shards));
+        }
+        if c.window_bytes == 0 || c.window_bytes % SEGMENT_BYTES_MAX != 0 {
+            return bad(format!(
+                "window_bytes must be a positive multiple of {SEGMENT_BYTES_MAX} (16 MiB), got {}",
+                c.window_bytes
+            ));
+        }
+        if c.window_bytes > 64 * GIB {
+            return bad(format!(
+                "window_bytes must be at most 64 GiB, got {}",
+                c.window_bytes
+            ));
+        }
+        if !self.growth_step_set {
+            c.growth_step_bytes = GROWTH_STEP_BYTES_DEFAULT.min(c.window_bytes);
+        }
+        let page = sys::page_size() as u64;
+        if c.growth_step_bytes == 0
+            || c.growth_step_bytes % page != 0
+            || c.window_bytes % c.growth_step_bytes != 0
+        {
+            return bad(format!(
+                "growth_step_bytes must be a multiple of the page size ({page}) that divides \
+                 window_bytes ({}), got {}",
+                c.window_bytes, c.growth_step_bytes
+            ));
+        }
+        if c.max_file_bytes == 0 || c.max_file_bytes % c.window_bytes != 0 {
+            return bad(format!(
+                "max_file_bytes must be a positive multiple of window_bytes ({}), got {}",
+                c.window_bytes, c.max_file_bytes
+            ));
+        }
+        if c.max_open_files == 0 {
+            return bad("max_open_files must be at least 1".into());
+        }
+        if c.max_extents == 0 {
+            return bad("max_extents must be at least 1".into());
+        }
+        if c.pin_timeout.is_zero() {
+            return bad("pin_timeout must be positive".into());
+        }
+        Ok(self.cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bounded() {
+        let c = Config::new("/tmp/none");
+        assert_eq!(c.window_bytes(), GIB);
+        assert!(c.max_open_files() >= 1 && c.max_open_files() <= MAX_OPEN_FILES_DEFAULT);
+        assert!(c.max_extents() >= 1 && c.max_extents() <= MAX_EXTENTS_DEFAULT);
+        assert_eq!(c.growth_step_bytes(), 64 * MIB);
+    }
+
+    #[test]
+    fn stock_machine_limits() {
+        // Soft limit 1024 and max_map_count 65530 give the seed's numbers.
+        let fds = (1024u64 - FD_HEADROOM).min(MAX_OPEN_FILES_DEFAULT as u64);
+        let maps = (65530u64 - MAP_HEADROOM).min(MAX_EXTENTS_DEFAULT as u64);
+        assert_eq!((fds, maps), (256, 8192));
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        let b = || Config::builder("/tmp/none");
+        assert!(b().window_bytes(0).build().is_err());
+        assert!(b().window_bytes(24 * MIB).build().is_err());
+        assert!(b().max_open_files(0).build().is_err());
+        assert!(b().max_extents(0).build().is_err());
+        assert!(b().shards(0).build().is_err());
+        assert!(b().growth_step_bytes(3000).build().is_err());
+        assert!(
+            b().window_bytes(32 * MIB)
+                .growth_step_bytes(24 * MIB)
+                .build()
+                .is_err()
+        );
+        assert!(
+            b().window_bytes(32 * MIB)
+                .max_file_bytes(48 * MIB)
+                .build()
+                .is_err()
+        );
+        let small = b().window_bytes(16 * MIB).build().unwrap();
+        assert_eq!(small.growth_step_bytes(), 16 * MIB);
+    }
+}

@@ -1,0 +1,578 @@
+//! `FileHandleRegistry`: one descriptor per data file, reused, capped, LRU.
+//!
+//! **Architecture invariants:**
+//! * `open_count() <= max_open_files()` at every moment. A descriptor is
+//!   counted from `open` until its last `Rc` drops, including the copies held
+//!   by io operations in flight, so the cap is a cap on real descriptors.
+//! * Only idle descriptors (no lease, no operation in flight) are evicted.
+//!   Evicting a descriptor never unmaps a window: a mapping outlives its fd.
+//! * A file only grows. `reserved` (bytes whose blocks are allocated) never
+//!   exceeds the file's size, and nothing above `reserved` is handed out.
+//! * Single-threaded: interior mutability through `RefCell`, no lock, and no
+//!   borrow is held across an `.await`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use crate::error::{Error, Result};
+use crate::io::Ring;
+use crate::sys::{self, OpenMode};
+use crate::wait::WaitList;
+
+/// Identifies a file registered with a [`FileHandleRegistry`]; an index, so
+/// lookups are O(1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileId(pub u32);
+
+/// Counters of a registry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileStats {
+    /// Descriptors open now (including those held by operations in flight).
+    pub open: usize,
+    /// The cap.
+    pub max_open: usize,
+    /// Files registered.
+    pub files: usize,
+    /// `open` calls made.
+    pub opens: u64,
+    /// Descriptors closed to stay within the cap.
+    pub evictions: u64,
+    /// Growth operations.
+    pub grows: u64,
+    /// Bytes added by growth.
+    pub grown_bytes: u64,
+}
+
+/// How a growth request was satisfied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reservation {
+    /// The blocks up to the requested size are allocated (`fallocate`):
+    /// writes cannot fail for lack of space.
+    Reserved,
+    /// The file system cannot `fallocate`; the file was extended with
+    /// `ftruncate` and `[from, to)` is a hole. The caller must prefault it
+    /// with `MADV_POPULATE_WRITE` and then call
+    /// [`FileHandleRegistry::mark_reserved`].
+    Sparse {
+        /// Start of the hole.
+        from: u64,
+        /// End of the hole (the new file size).
+        to: u64,
+    },
+}
+
+struct FileEntry {
+    path: PathBuf,
+    fd: Option<Rc<OwnedFd>>,
+    len_bytes: u64,
+    len_known: bool,
+    reserved: Rc<Cell<u64>>,
+    last_use: u64,
+    growing: bool,
+    grow_waiters: Rc<WaitList>,
+    fallocate_ok: bool,
+}
+
+struct Files {
+    entries: Vec<FileEntry>,
+    by_path: HashMap<PathBuf, FileId>,
+    tick: u64,
+    stats: FileStats,
+}
+
+/// Shared count of live descriptors; decremented when the last `Rc` of an
+/// fd drops.
+struct FdCounter(Rc<Cell<usize>>);
+
+/// A descriptor held open by the registry. Dropping the lease releases the
+/// pin (the seed's `release`); the fd stays cached until evicted.
+pub struct FileLease {
+    id: FileId,
+    fd: Rc<OwnedFd>,
+    _count: Rc<FdCounter>,
+}
+
+impl FileLease {
+    /// The file.
+    pub fn id(&self) -> FileId {
+        self.id
+    }
+    /// The descriptor; valid while the lease lives.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+    pub(crate) fn shared_fd(&self) -> &Rc<OwnedFd> {
+        &self.fd
+    }
+}
+
+impl AsRawFd for FileLease {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl std::fmt::Debug for FileLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileLease")
+            .field("id", &self.id)
+            .field("fd", &self.fd.as_raw_fd())
+            .finish()
+    }
+}
+
+impl Drop for FdCounter {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+/// One descriptor per data file with LRU eviction (the seed's
+/// `FileHandleRegistry`), single-threaded and async.
+///
+/// ```no_run
+/// # async fn demo() -> segalloc::Result<()> {
+/// use segalloc::{FileHandleRegistry, io::Ring, config::IoBackendChoice};
+/// let ring = Ring::new(IoBackendChoice::Auto)?;
+/// let files = FileHandleRegistry::new(ring, 16);
+/// let id = files.register("/tmp/segalloc-doc.dat");
+/// let lease = files.acquire(id, 1 << 20).await?; // opened once, 1 MiB reserved
+/// assert_eq!(files.open_count(), 1);
+/// drop(lease); // the fd stays cached for the next acquire
+/// # Ok(()) }
+/// ```
+pub struct FileHandleRegistry {
+    inner: RefCell<Files>,
+    ring: Ring,
+    max_open: usize,
+    mode: OpenMode,
+    open: Rc<Cell<usize>>,
+    /// One counter object per open descriptor, cloned into leases.
+    counters: RefCell<HashMap<FileId, Rc<FdCounter>>>,
+}
+
+impl FileHandleRegistry {
+    /// A registry that creates files on demand (mode 0600) and keeps at most
+    /// `max_open_files` descriptors open.
+    pub fn new(ring: Ring, max_open_files: usize) -> FileHandleRegistry {
+        Self::with_mode(ring, max_open_files, OpenMode::ReadWriteCreate)
+    }
+
+    /// A registry that opens existing files read-only and never grows them.
+    pub fn new_read_only(ring: Ring, max_open_files: usize) -> FileHandleRegistry {
+        Self::with_mode(ring, max_open_files, OpenMode::ReadOnly)
+    }
+
+    fn with_mode(ring: Ring, max_open_files: usize, mode: OpenMode) -> FileHandleRegistry {
+        assert!(max_open_files >= 1, "max_open_files must be at least 1");
+        FileHandleRegistry {
+            inner: RefCell::new(Files {
+                entries: Vec::new(),
+                by_path: HashMap::new(),
+                tick: 0,
+                stats: FileStats {
+                    max_open: max_open_files,
+                    ..FileStats::default()
+                },
+            }),
+            ring,
+            max_open: max_open_files,
+            mode,
+            open: Rc::new(Cell::new(0)),
+            counters: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// The control ring this registry grows and syncs files through.
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// Whether files are opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.mode == OpenMode::ReadOnly
+    }
+
+    /// Register a path (no syscall); the same path gives the same id.
+    pub fn register(&self, path: impl AsRef<Path>) -> FileId {
+        let path = path.as_ref();
+        let mut f = self.inner.borrow_mut();
+        if let Some(&id) = f.by_path.get(path) {
+            return id;
+        }
+        let id = FileId(u32::try_from(f.entries.len()).expect("fewer than 2^32 files"));
+        f.entries.push(FileEntry {
+            path: path.to_path_buf(),
+            fd: None,
+            len_bytes: 0,
+            len_known: false,
+            reserved: Rc::new(Cell::new(0)),
+            last_use: 0,
+            growing: false,
+            grow_waiters: Rc::new(WaitList::default()),
+            fallocate_ok: true,
+        });
+        f.by_path.insert(path.to_path_buf(), id);
+        f.stats.files = f.entries.len();
+        id
+    }
+
+    /// The path of a registered file.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownFile`] for an id this registry never handed out.
+    pub fn path(&self, id: FileId) -> Result<PathBuf> {
+        let f = self.inner.borrow();
+        f.entries
+            .get(id.0 as usize)
+            .map(|e| e.path.clone())
+            .ok_or(Error::UnknownFile(id))
+    }
+
+    /// Descriptors open now, including those kept by operations in flight.
+    pub fn open_count(&self) -> usize {
+        self.open.get()
+    }
+
+    /// The descriptor cap.
+    pub fn max_open_files(&self) -> usize {
+        self.max_open
+    }
+
+    /// Bytes of `id` whose blocks are reserved (safe to write through a
+    /// mapping). Zero until the file was first acquired.
+    pub fn reserved_bytes(&self, id: FileId) -> Result<u64> {
+        let f = self.inner.borrow();
+        f.entries
+            .get(id.0 as usize)
+            .map(|e| e.reserved.get())
+            .ok_or(Error::UnknownFile(id))
+    }
+
+    /// The file's size as last seen (`None` before the first acquire).
+    pub fn len_bytes(&self, id: FileId) -> Result<Option<u64>> {
+        let f = self.inner.borrow();
+        let e = f.entries.get(id.0 as usize).ok_or(Error::UnknownFile(id))?;
+        Ok(e.len_known.then_some(e.len_bytes))
+    }
+
+    pub(crate) fn reserved_cell(&self, id: FileId) -> Result<Rc<Cell<u64>>> {
+        let f = self.inner.borrow();
+        f.entries
+            .get(id.0 as usize)
+            .map(|e| e.reserved.clone())
+            .ok_or(Error::UnknownFile(id))
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> FileStats {
+        let mut s = self.inner.borrow().stats;
+        s.open = self.open.get();
+        s
+    }
+
+    /// The seed's `acquire(path, min_size)`: register and acquire.
+    ///
+    /// # Errors
+    ///
+    /// As [`FileHandleRegistry::acquire`].
+    pub async fn acquire_path(&self, path: impl AsRef<Path>, min_size: u64) -> Result<FileLease> {
+        let id = self.register(path);
+        self.acquire(id, min_size).await
+    }
+
+    /// Open `id` if needed (one `open` per file, reused), grow it so that at
+    /// least `min_size` bytes are reserved, and return a lease that keeps the
+    /// descriptor open until dropped.
+    ///
+    /// Growth reserves blocks with `fallocate` through the control ring. On a
+    /// file system that cannot `fallocate`, use [`FileHandleRegistry::grow`]
+    /// to learn that the new range is sparse; `acquire` then only guarantees
+    /// the file *size*.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownFile`], [`Error::FdPressure`] (every cached fd is busy),
+    /// [`Error::TooManyOpenFiles`], [`Error::NoSpace`], [`Error::ReadOnly`]
+    /// (growing a read-only registry's file), [`Error::Io`].
+    pub async fn acquire(&self, id: FileId, min_size: u64) -> Result<FileLease> {
+        let (lease, _) = self.grow(id, min_size).await?;
+        Ok(lease)
+    }
+
+    /// Like [`acquire`](Self::acquire), and say how the growth was done.
+    ///
+    /// # Errors
+    ///
+    /// As [`FileHandleRegistry::acquire`].
+    pub async fn grow(&self, id: FileId, min_size: u64) -> Result<(FileLease, Reservation)> {
+        loop {
+            let lease = self.open_lease(id)?;
+            let waiters = {
+                let mut f = self.inner.borrow_mut();
+                let e = &mut f.entries[id.0 as usize];
+                if e.reserved.get() >= min_size || (!e.fallocate_ok && e.len_bytes >= min_size) {
+                    return Ok((lease, Reservation::Reserved));
+                }
+                if e.growing {
+                    Some(e.grow_waiters.clone())
+                } else {
+                    e.growing = true;
+                    None
+                }
+            };
+            if let Some(w) = waiters {
+                drop(lease);
+                w.wait().await;
+                continue;
+            }
+            let guard = GrowGuard { reg: self, id };
+            let res = self.grow_locked(&lease, id, min_size).await;
+            drop(guard);
+            return res.map(|r| (lease, r));
+        }
+    }
+
+    async fn grow_locked(
+        &self,
+        lease: &FileLease,
+        id: FileId,
+        min_size: u64,
+    ) -> Result<Reservation> {
+        if self.mode == OpenMode::ReadOnly {
+            return Err(Error::ReadOnly("cannot grow a file opened read-only"));
+        }
+        let (path, reserved, len, fallocate_ok) = {
+            let f = self.inner.borrow();
+            let e = &f.entries[id.0 as usize];
+            (
+                e.path.clone(),
+                e.reserved.get(),
+                e.len_bytes,
+                e.fallocate_ok,
+            )
+        };
+        let _span =
+            tracing::debug_span!("grow", file = %path.display(), from = reserved, to = min_size)
+                .entered();
+        if fallocate_ok {
+            let r = self
+                .ring
+                .fallocate(
+                    lease.shared_fd(),
+                    sys::FALLOC_EXTEND,
+                    reserved,
+                    min_size - reserved,
+                )
+                .await;
+            match r {
+                Ok(()) => {
+                    let mut f = self.inner.borrow_mut();
+                    let e = &mut f.entries[id.0 as usize];
+                    e.reserved.set(e.reserved.get().max(min_size));
+                    e.len_bytes = e.len_bytes.max(min_size);
+                    f.stats.grows += 1;
+                    f.stats.grown_bytes += min_size - reserved;
+                    return Ok(Reservation::Reserved);
+                }
+                Err(e) if sys::is_unsupported(&e) => {
+                    tracing::info!(file = %path.display(), "fallocate unsupported; growing with ftruncate + MADV_POPULATE_WRITE");
+                    self.inner.borrow_mut().entries[id.0 as usize].fallocate_ok = false;
+                }
+                Err(e) => {
+                    // A partial fallocate may have extended the file: what it
+                    // extended is allocated, so it counts as reserved.
+                    if let Ok(sz) = sys::file_size(lease.fd()) {
+                        let mut f = self.inner.borrow_mut();
+                        let en = &mut f.entries[id.0 as usize];
+                        en.len_bytes = en.len_bytes.max(sz);
+                        en.reserved.set(en.reserved.get().max(sz.min(min_size)));
+                    }
+                    if e.raw_os_error() == Some(nix::libc::ENOSPC) {
+                        return Err(Error::NoSpace {
+                            path,
+                            requested_bytes: min_size - reserved,
+                        });
+                    }
+                    return Err(Error::io("fallocate", Some(&path), e));
+                }
+            }
+        }
+        // No fallocate: extend the size only; the caller prefaults the hole.
+        let from = reserved;
+        if len < min_size {
+            self.ring
+                .ftruncate(lease.shared_fd(), min_size)
+                .await
+                .map_err(|e| Error::io("ftruncate", Some(&path), e))?;
+        }
+        let mut f = self.inner.borrow_mut();
+        let e = &mut f.entries[id.0 as usize];
+        e.len_bytes = e.len_bytes.max(min_size);
+        f.stats.grows += 1;
+        f.stats.grown_bytes += min_size.saturating_sub(len);
+        Ok(Reservation::Sparse { from, to: min_size })
+    }
+
+    /// Record that `[.., to)` of a sparse file has been prefaulted and is now
+    /// backed by blocks (see [`Reservation::Sparse`]).
+    pub fn mark_reserved(&self, id: FileId, to: u64) {
+        let f = self.inner.borrow();
+        if let Some(e) = f.entries.get(id.0 as usize) {
+            let to = to.min(e.len_bytes);
+            e.reserved.set(e.reserved.get().max(to));
+        }
+    }
+
+    /// `fdatasync` (or `fsync`) the file through the control ring. A file
+    /// that was never opened has nothing to sync.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] with the kernel's error; [`Error::FdPressure`] /
+    /// [`Error::TooManyOpenFiles`] when the file must be reopened and cannot.
+    pub async fn sync(&self, id: FileId, datasync: bool) -> Result<()> {
+        let path = self.path(id)?;
+        let lease = self.open_lease(id)?;
+        let op = if datasync { "fdatasync" } else { "fsync" };
+        self.ring
+            .fsync(lease.shared_fd(), datasync)
+            .await
+            .map_err(|e| Error::io(op, Some(&path), e))
+    }
+
+    /// Close every idle descriptor (the windows stay mapped).
+    pub fn close_idle(&self) {
+        let mut f = self.inner.borrow_mut();
+        let mut counters = self.counters.borrow_mut();
+        for (i, e) in f.entries.iter_mut().enumerate() {
+            if e.fd.as_ref().is_some_and(|fd| Rc::strong_count(fd) == 1) {
+                e.fd = None;
+                counters.remove(&FileId(i as u32));
+            }
+        }
+    }
+
+    /// Get a lease on an open descriptor, opening (and evicting) if needed.
+    fn open_lease(&self, id: FileId) -> Result<FileLease> {
+        {
+            let mut f = self.inner.borrow_mut();
+            f.tick += 1;
+            let tick = f.tick;
+            let e = f
+                .entries
+                .get_mut(id.0 as usize)
+                .ok_or(Error::UnknownFile(id))?;
+            e.last_use = tick;
+            if let Some(fd) = &e.fd {
+                let count = self.counters.borrow()[&id].clone();
+                return Ok(FileLease {
+                    id,
+                    fd: fd.clone(),
+                    _count: count,
+                });
+            }
+        }
+        if self.open.get() >= self.max_open && !self.evict_one() {
+            return Err(Error::FdPressure {
+                max_open_files: self.max_open,
+            });
+        }
+        let path = self.path(id)?;
+        let fd = match sys::open(&path, self.mode) {
+            Ok(fd) => fd,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::EMFILE | nix::libc::ENFILE)
+                ) =>
+            {
+                // Someone else in the process holds descriptors: give one of
+                // ours back and try once more.
+                if self.evict_one() {
+                    sys::open(&path, self.mode).map_err(|source| Error::TooManyOpenFiles {
+                        path: path.clone(),
+                        source,
+                    })?
+                } else {
+                    return Err(Error::TooManyOpenFiles { path, source: e });
+                }
+            }
+            Err(e) => return Err(Error::io("open", Some(&path), e)),
+        };
+        let size = sys::file_size(fd.as_fd()).map_err(|e| Error::io("fstat", Some(&path), e))?;
+        self.open.set(self.open.get() + 1);
+        let count = Rc::new(FdCounter(self.open.clone()));
+        let fd = Rc::new(fd);
+        let mut f = self.inner.borrow_mut();
+        f.stats.opens += 1;
+        let e = &mut f.entries[id.0 as usize];
+        if !e.len_known {
+            // First sight of the file: what exists was written by us before
+            // (reserved then), so all of it counts as reserved.
+            e.len_known = true;
+            e.len_bytes = size;
+            e.reserved.set(size);
+        } else {
+            e.len_bytes = e.len_bytes.max(size);
+        }
+        e.fd = Some(fd.clone());
+        self.counters.borrow_mut().insert(id, count.clone());
+        tracing::trace!(file = %path.display(), "opened");
+        Ok(FileLease {
+            id,
+            fd,
+            _count: count,
+        })
+    }
+
+    /// Close the least recently used idle descriptor. False when none is idle.
+    fn evict_one(&self) -> bool {
+        let mut f = self.inner.borrow_mut();
+        let victim = f
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.fd.as_ref().is_some_and(|fd| Rc::strong_count(fd) == 1))
+            .min_by_key(|(_, e)| e.last_use)
+            .map(|(i, _)| i);
+        let Some(i) = victim else {
+            return false;
+        };
+        f.entries[i].fd = None;
+        f.stats.evictions += 1;
+        drop(f);
+        // Dropping the registry's counter (the only one left) closes the count.
+        self.counters.borrow_mut().remove(&FileId(i as u32));
+        true
+    }
+}
+
+struct GrowGuard<'a> {
+    reg: &'a FileHandleRegistry,
+    id: FileId,
+}
+
+impl Drop for GrowGuard<'_> {
+    fn drop(&mut self) {
+        let w = {
+            let mut f = self.reg.inner.borrow_mut();
+            let e = &mut f.entries[self.id.0 as usize];
+            e.growing = false;
+            e.grow_waiters.clone()
+        };
+        w.wake_all();
+    }
+}
+
+impl std::fmt::Debug for FileHandleRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileHandleRegistry")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}

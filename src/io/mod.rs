@@ -1,0 +1,397 @@
+//! The shard's control ring: every operation that may block the shard's
+//! thread (growing a file, madvise, fsync) as a future.
+//!
+//! Two backends share one interface, [`Ring`]:
+//!
+//! * **io_uring** (io-uring 0.7): operations are submitted to a ring owned by
+//!   the shard; the kernel runs them on its own workers while the shard's
+//!   other tasks keep running. Completions wake the shard through an eventfd
+//!   registered with the ring and watched by the tokio reactor (`AsyncFd`), so
+//!   the ring works under tokio-uring and under a plain tokio current-thread
+//!   runtime alike. Opcodes the kernel lacks (probed at start-up, e.g.
+//!   `IORING_OP_FTRUNCATE` before Linux 6.9) run as plain syscalls.
+//! * **sync**: plain blocking syscalls, used when io_uring cannot be set up
+//!   (old kernel, `io_uring_disabled`, seccomp) or when forced with
+//!   `SEGALLOC_IO=sync`.
+//!
+//! **Architecture invariant:** an operation's resources (its fd, the window
+//! it advises) are owned by the ring's in-flight table until the kernel
+//! reports completion, so dropping an [`Op`] early never lets the kernel touch
+//! a closed fd or an unmapped range.
+
+mod uring;
+
+use std::any::Any;
+use std::cell::Cell;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Once;
+use std::task::{Context, Poll};
+
+use crate::config::IoBackendChoice;
+use crate::error::{Error, Result};
+use crate::sys;
+
+/// The backend a ring runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoBackend {
+    /// io_uring.
+    Uring,
+    /// Plain blocking syscalls.
+    Sync,
+}
+
+impl fmt::Display for IoBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IoBackend::Uring => "io_uring",
+            IoBackend::Sync => "sync",
+        })
+    }
+}
+
+/// Counters of one ring.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingStats {
+    /// Operations submitted to io_uring.
+    pub submitted: u64,
+    /// Operations whose completion was reaped.
+    pub completed: u64,
+    /// Operations that completed with an error.
+    pub failed: u64,
+    /// Operations run as plain syscalls (sync backend or unsupported opcode).
+    pub sync_ops: u64,
+    /// Operations whose future was dropped before completion.
+    pub abandoned: u64,
+}
+
+/// What an operation does.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum OpKind {
+    Fallocate {
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
+    Ftruncate {
+        len: u64,
+    },
+    Madvise {
+        addr: *mut u8,
+        len: usize,
+        advice: i32,
+    },
+    Fsync {
+        datasync: bool,
+    },
+}
+
+impl OpKind {
+    fn name(&self) -> &'static str {
+        match self {
+            OpKind::Fallocate { .. } => "fallocate",
+            OpKind::Ftruncate { .. } => "ftruncate",
+            OpKind::Madvise { .. } => "madvise",
+            OpKind::Fsync { datasync: true } => "fdatasync",
+            OpKind::Fsync { datasync: false } => "fsync",
+        }
+    }
+}
+
+/// What the kernel may use while an operation is in flight. Held by the ring
+/// (not the future) until completion.
+pub(crate) struct Resources {
+    pub(crate) fd: Option<Rc<OwnedFd>>,
+    /// Kept alive only; never read.
+    #[allow(dead_code)]
+    pub(crate) hold: Option<Rc<dyn Any>>,
+}
+
+/// A shard's control ring. Cheap to clone (`Rc`); `!Send` by design.
+///
+/// ```no_run
+/// # async fn demo() -> segalloc::Result<()> {
+/// use segalloc::io::Ring;
+/// use segalloc::config::IoBackendChoice;
+/// let ring = Ring::new(IoBackendChoice::Auto)?;
+/// println!("control ring backend: {}", ring.backend());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Ring {
+    inner: Rc<RingInner>,
+}
+
+struct RingInner {
+    uring: Option<uring::Driver>,
+    stats: Cell<RingStats>,
+}
+
+static FALLBACK_LOGGED: Once = Once::new();
+
+impl Ring {
+    /// Open a ring with the given backend choice (`SEGALLOC_IO` overrides
+    /// `Auto`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UringUnavailable`] when io_uring is forced but cannot be set
+    /// up; [`Error::InvalidConfig`] for a bad `SEGALLOC_IO` value. With `Auto`
+    /// an unavailable io_uring is not an error: the ring falls back to plain
+    /// syscalls and says so once through `tracing`.
+    pub fn new(choice: IoBackendChoice) -> Result<Ring> {
+        let choice = choice.resolve_env()?;
+        let uring = match choice {
+            IoBackendChoice::Sync => None,
+            IoBackendChoice::Uring => {
+                Some(uring::Driver::new().map_err(|source| Error::UringUnavailable { source })?)
+            }
+            IoBackendChoice::Auto => match uring::Driver::new() {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    FALLBACK_LOGGED.call_once(|| {
+                        tracing::warn!(
+                            error = %e,
+                            cause = likely_cause(&e),
+                            "io_uring unavailable; segalloc falls back to plain syscalls"
+                        );
+                    });
+                    None
+                }
+            },
+        };
+        Ok(Ring {
+            inner: Rc::new(RingInner {
+                uring,
+                stats: Cell::new(RingStats::default()),
+            }),
+        })
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> IoBackend {
+        if self.inner.uring.is_some() {
+            IoBackend::Uring
+        } else {
+            IoBackend::Sync
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> RingStats {
+        self.inner.stats.get()
+    }
+
+    /// Opcodes that run as plain syscalls because the kernel lacks them.
+    pub fn unsupported_opcodes(&self) -> Vec<&'static str> {
+        match &self.inner.uring {
+            Some(d) => d.unsupported(),
+            None => Vec::new(),
+        }
+    }
+
+    /// `fallocate(fd, mode, offset, len)`.
+    pub fn fallocate(&self, fd: &Rc<OwnedFd>, mode: i32, offset: u64, len: u64) -> Op {
+        self.submit(
+            OpKind::Fallocate { mode, offset, len },
+            Resources {
+                fd: Some(fd.clone()),
+                hold: None,
+            },
+        )
+    }
+
+    /// `ftruncate(fd, len)`.
+    pub fn ftruncate(&self, fd: &Rc<OwnedFd>, len: u64) -> Op {
+        self.submit(
+            OpKind::Ftruncate { len },
+            Resources {
+                fd: Some(fd.clone()),
+                hold: None,
+            },
+        )
+    }
+
+    /// `fsync(fd)` or `fdatasync(fd)`.
+    pub fn fsync(&self, fd: &Rc<OwnedFd>, datasync: bool) -> Op {
+        self.submit(
+            OpKind::Fsync { datasync },
+            Resources {
+                fd: Some(fd.clone()),
+                hold: None,
+            },
+        )
+    }
+
+    /// `madvise(addr, len, advice)` on memory that `hold` keeps mapped.
+    ///
+    /// # Safety
+    ///
+    /// `[addr, addr + len)` must lie inside a mapping that stays mapped as
+    /// long as `hold` is alive (the ring keeps `hold` until the kernel is
+    /// done), and `advice` must not discard data still needed.
+    pub unsafe fn madvise(&self, hold: Rc<dyn Any>, addr: *mut u8, len: usize, advice: i32) -> Op {
+        self.submit(
+            OpKind::Madvise { addr, len, advice },
+            Resources {
+                fd: None,
+                hold: Some(hold),
+            },
+        )
+    }
+
+    fn bump(&self, f: impl FnOnce(&mut RingStats)) {
+        let mut s = self.inner.stats.get();
+        f(&mut s);
+        self.inner.stats.set(s);
+    }
+
+    fn submit(&self, kind: OpKind, res: Resources) -> Op {
+        if let Some(d) = &self.inner.uring {
+            if d.supports(&kind) {
+                match d.submit(kind, res) {
+                    Ok(key) => {
+                        self.bump(|s| s.submitted += 1);
+                        return Op {
+                            ring: self.clone(),
+                            kind,
+                            state: OpState::InFlight(key),
+                        };
+                    }
+                    Err((e, _res)) => {
+                        self.bump(|s| s.failed += 1);
+                        return Op {
+                            ring: self.clone(),
+                            kind,
+                            state: OpState::Ready(Some(Err(e))),
+                        };
+                    }
+                }
+            }
+        }
+        // Plain syscall, run at once (the fallback blocks by definition).
+        let result = run_sync(kind, &res);
+        self.bump(|s| {
+            s.sync_ops += 1;
+            if result.is_err() {
+                s.failed += 1;
+            }
+        });
+        Op {
+            ring: self.clone(),
+            kind,
+            state: OpState::Ready(Some(result)),
+        }
+    }
+}
+
+impl fmt::Debug for Ring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ring")
+            .field("backend", &self.backend())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+fn likely_cause(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(nix::libc::ENOSYS) => "kernel without io_uring (< 5.1) or io_uring compiled out",
+        Some(nix::libc::EPERM) => {
+            "io_uring blocked by a seccomp profile or kernel.io_uring_disabled=2 (or 1 without the io_uring group)"
+        }
+        Some(nix::libc::ENOMEM) => "RLIMIT_MEMLOCK too low for the ring (kernels before 5.12)",
+        _ => "unknown",
+    }
+}
+
+fn run_sync(kind: OpKind, res: &Resources) -> io::Result<()> {
+    let fd = || {
+        res.fd
+            .as_ref()
+            .map(|f| f.as_raw_fd())
+            .expect("fd-based op carries its fd")
+    };
+    match kind {
+        OpKind::Fallocate { mode, offset, len } => sys::fallocate(fd(), mode, offset, len),
+        OpKind::Ftruncate { len } => sys::ftruncate(fd(), len),
+        OpKind::Fsync { datasync } => sys::fsync(fd(), datasync),
+        // SAFETY: `Ring::madvise`'s contract: the range lies in a mapping kept
+        // alive by `res.hold`, which we hold for the duration of the call.
+        OpKind::Madvise { addr, len, advice } => unsafe { sys::madvise(addr, len, advice) },
+    }
+}
+
+enum OpState {
+    InFlight(usize),
+    Ready(Option<io::Result<()>>),
+    Done,
+}
+
+/// One control operation. Resolves to its result; may be dropped at any time.
+#[must_use = "an Op does nothing useful unless awaited"]
+pub struct Op {
+    ring: Ring,
+    kind: OpKind,
+    state: OpState,
+}
+
+impl Op {
+    /// The operation's name (`"fallocate"`, `"madvise"`, …).
+    pub fn name(&self) -> &'static str {
+        self.kind.name()
+    }
+}
+
+impl Future for Op {
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match &mut this.state {
+            OpState::Ready(r) => {
+                let r = r.take().expect("Op polled after completion");
+                this.state = OpState::Done;
+                Poll::Ready(r)
+            }
+            OpState::InFlight(key) => {
+                let key = *key;
+                let d = this
+                    .ring
+                    .inner
+                    .uring
+                    .as_ref()
+                    .expect("in-flight op has a ring");
+                match d.poll_op(key, cx) {
+                    Poll::Ready(res) => {
+                        this.state = OpState::Done;
+                        this.ring.bump(|s| {
+                            s.completed += 1;
+                            if res.is_err() {
+                                s.failed += 1;
+                            }
+                        });
+                        Poll::Ready(res)
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            OpState::Done => panic!("Op polled after completion"),
+        }
+    }
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        if let OpState::InFlight(key) = self.state {
+            if let Some(d) = &self.ring.inner.uring {
+                d.abandon(key);
+                self.ring.bump(|s| s.abandoned += 1);
+            }
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The io_uring driver behind [`Ring`](super::Ring).
+//!
+//! In-flight operations live in a slab keyed by `user_data`. A slot owns the
+//! operation's resources until its completion is reaped, whether or not the
+//! future that submitted it is still alive (tokio's `io/uring` lifecycle).
+//!
+//! Wake-ups: the ring signals an eventfd on every completion; tokio's reactor
+//! watches it through `AsyncFd`. There is no driver task: whichever pending op
+//! is polled drains the completion queue and wakes the others. Because an
+//! `AsyncFd` keeps only the last waker, an op that leaves (completes or is
+//! dropped) wakes the remaining ones so one of them takes over the watch.
+
+use std::cell::{OnceCell, RefCell};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::task::{Context, Poll, Waker};
+
+use io_uring::{IoUring, Probe, opcode, types};
+use slab::Slab;
+use tokio::io::unix::AsyncFd;
+
+use super::{OpKind, Resources};
+use crate::sys;
+
+const RING_ENTRIES: u32 = 64;
+
+enum Slot {
+    Waiting {
+        waker: Option<Waker>,
+        _res: Resources,
+    },
+    Done(i32),
+    Abandoned {
+        _res: Resources,
+    },
+}
+
+pub(super) struct Driver {
+    ring: RefCell<IoUring>,
+    slots: RefCell<Slab<Slot>>,
+    /// Declared before `eventfd`: fields drop in order, so the reactor
+    /// registration goes before the descriptor closes.
+    watch: OnceCell<AsyncFd<i32>>,
+    eventfd: OwnedFd,
+    has_fallocate: bool,
+    has_ftruncate: bool,
+    has_madvise: bool,
+    has_fsync: bool,
+}
+
+impl Driver {
+    pub(super) fn new() -> io::Result<Driver> {
+        let ring = IoUring::builder().build(RING_ENTRIES)?;
+        let mut probe = Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        let eventfd = sys::eventfd()?;
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        Ok(Driver {
+            has_fallocate: probe.is_supported(opcode::Fallocate::CODE),
+            has_ftruncate: probe.is_supported(opcode::Ftruncate::CODE),
+            has_madvise: probe.is_supported(opcode::Madvise::CODE),
+            has_fsync: probe.is_supported(opcode::Fsync::CODE),
+            ring: RefCell::new(ring),
+            slots: RefCell::new(Slab::with_capacity(RING_ENTRIES as usize)),
+            eventfd,
+            watch: OnceCell::new(),
+        })
+    }
+
+    pub(super) fn supports(&self, kind: &OpKind) -> bool {
+        match kind {
+            OpKind::Fallocate { .. } => self.has_fallocate,
+            OpKind::Ftruncate { .. } => self.has_ftruncate,
+            OpKind::Madvise { .. } => self.has_madvise,
+            OpKind::Fsync { .. } => self.has_fsync,
+        }
+    }
+
+    pub(super) fn unsupported(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        for (ok, name) in [
+            (self.has_fallocate, "fallocate"),
+            (self.has_ftruncate, "ftruncate"),
+            (self.has_madvise, "madvise"),
+            (self.has_fsync, "fsync"),
+        ] {
+            if !ok {
+                v.push(name);
+            }
+        }
+        v
+    }
+
+    /// Submit one operation; on failure the resources come back.
+    pub(super) fn submit(
+        &self,
+        kind: OpKind,
+        res: Resources,
+    ) -> Result<usize, (io::Error, Resources)> {
+        let fd = res.fd.as_ref().map(|f| types::Fd(f.as_raw_fd()));
+        let mut slots = self.slots.borrow_mut();
+        let entry = slots.vacant_entry();
+        let key = entry.key();
+        let sqe = match kind {
+            OpKind::Fallocate { mode, offset, len } => {
+                opcode::Fallocate::new(fd.expect("fallocate has an fd"), len)
+                    .offset(offset)
+                    .mode(mode)
+                    .build()
+            }
+            OpKind::Ftruncate { len } => {
+                opcode::Ftruncate::new(fd.expect("ftruncate has an fd"), len).build()
+            }
+            OpKind::Fsync { datasync } => {
+                let flags = if datasync {
+                    types::FsyncFlags::DATASYNC
+                } else {
+                    types::FsyncFlags::empty()
+                };
+                opcode::Fsync::new(fd.expect("fsync has an fd"))
+                    .flags(flags)
+                    .build()
+            }
+            OpKind::Madvise { addr, len, advice } => {
+                opcode::Madvise::new(addr.cast_const().cast(), len as _, advice).build()
+            }
+        }
+        .user_data(key as u64);
+
+        let mut ring = self.ring.borrow_mut();
+        // SAFETY: the entry references only the fd and the address range held
+        // by `res`, which the slot owns until the completion is reaped.
+        let pushed = unsafe { ring.submission().push(&sqe) }.is_ok();
+        if !pushed {
+            // Queue full: flush it and try once more.
+            if let Err(e) = ring.submit() {
+                return Err((e, res));
+            }
+            // SAFETY: as above.
+            if unsafe { ring.submission().push(&sqe) }.is_err() {
+                return Err((io::Error::from_raw_os_error(nix::libc::EBUSY), res));
+            }
+        }
+        entry.insert(Slot::Waiting {
+            waker: None,
+            _res: res,
+        });
+        if let Err(e) = ring.submit() {
+            // The entry is queued and reaches the kernel with the next
+            // submit: keep its resources under its key until it completes.
+            if let Some(slot) = slots.get_mut(key) {
+                if let Slot::Waiting { _res, .. } = std::mem::replace(slot, Slot::Done(0)) {
+                    *slot = Slot::Abandoned { _res };
+                }
+            }
+            return Err((
+                e,
+                Resources {
+                    fd: None,
+                    hold: None,
+                },
+            ));
+        }
+        Ok(key)
+    }
+
+    /// Move completions from the completion queue into their slots; returns
+    /// the wakers to call.
+    fn reap(&self) -> Vec<Waker> {
+        let mut wake = Vec::new();
+        let mut ring = self.ring.borrow_mut();
+        let mut slots = self.slots.borrow_mut();
+        for cqe in ring.completion() {
+            let key = cqe.user_data() as usize;
+            let Some(slot) = slots.get_mut(key) else {
+                continue;
+            };
+            match slot {
+                Slot::Waiting { waker, .. } => {
+                    if let Some(w) = waker.take() {
+                        wake.push(w);
+                    }
+                    *slot = Slot::Done(cqe.result());
+                }
+                Slot::Abandoned { .. } => {
+                    slots.remove(key);
+                }
+                Slot::Done(_) => {}
+            }
+        }
+        wake
+    }
+
+    fn take_done(&self, key: usize) -> Option<io::Result<()>> {
+        let mut slots = self.slots.borrow_mut();
+        if let Some(Slot::Done(res)) = slots.get(key) {
+            let res = *res;
+            slots.remove(key);
+            Some(if res < 0 {
+                Err(io::Error::from_raw_os_error(-res))
+            } else {
+                Ok(())
+            })
+        } else {
+            None
+        }
+    }
+
+    /// Wake every op still waiting, so one of them watches the eventfd.
+    fn hand_over(&self) {
+        let wakers: Vec<Waker> = self
+            .slots
+            .borrow_mut()
+            .iter_mut()
+            .filter_map(|(_, s)| match s {
+                Slot::Waiting { waker, .. } => waker.clone(),
+                _ => None,
+            })
+            .collect();
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    fn watch(&self) -> io::Result<&AsyncFd<i32>> {
+        if let Some(w) = self.watch.get() {
+            return Ok(w);
+        }
+        // SAFETY: the eventfd is owned by `self` and outlives the
+        // registration (`watch` is dropped before `eventfd`), and it is never
+        // closed or replaced while registered.
+        let w = unsafe {
+            AsyncFd::register_with_interest(self.eventfd.as_raw_fd(), tokio::io::Interest::READABLE)
+        }?;
+        Ok(self.watch.get_or_init(|| w))
+    }
+
+    pub(super) fn poll_op(&self, key: usize, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            for w in self.reap() {
+                w.wake();
+            }
+            if let Some(res) = self.take_done(key) {
+                self.hand_over();
+                return Poll::Ready(res);
+            }
+            if let Some(Slot::Waiting { waker, .. }) = self.slots.borrow_mut().get_mut(key) {
+                match waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => *waker = Some(cx.waker().clone()),
+                }
+            }
+            let watch = match self.watch() {
+                Ok(w) => w,
+                Err(e) => return Poll::Ready(Err(e)),
+            };
+            match watch.poll_read_ready(cx) {
+                Poll::Ready(Ok(mut guard)) => {
+                    // Reset the counter, then forget the readiness: the next
+                    // completion writes the eventfd again and re-arms it.
+                    loop {
+                        match sys::eventfd_drain(self.eventfd.as_raw_fd()) {
+                            Ok(true) => continue,
+                            Ok(false) => break,
+                            Err(e) => return Poll::Ready(Err(e)),
+                        }
+                    }
+                    guard.clear_ready();
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    pub(super) fn abandon(&self, key: usize) {
+        {
+            let mut slots = self.slots.borrow_mut();
+            let Some(slot) = slots.get_mut(key) else {
+                return;
+            };
+            match std::mem::replace(slot, Slot::Done(0)) {
+                Slot::Waiting { _res, .. } => *slot = Slot::Abandoned { _res },
+                Slot::Done(_) | Slot::Abandoned { .. } => {
+                    slots.remove(key);
+                }
+            }
+        }
+        self.hand_over();
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // The kernel may still use the resources of abandoned ops: wait for
+        // every completion before the slots (and the windows and fds they
+        // hold) are released.
+        loop {
+            let pending = self
+                .slots
+                .borrow()
+                .iter()
+                .filter(|(_, s)| !matches!(s, Slot::Done(_)))
+                .count();
+            if pending == 0 {
+                break;
+            }
+            if self.ring.borrow().submitter().submit_and_wait(1).is_err() {
+                break;
+            }
+            drop(self.reap());
+        }
+    }
+}

@@ -1,0 +1,1069 @@
+//! `MappingManager`: windowed mmaps per file, pins, eviction; and [`Pin`].
+//!
+//! A window is a `window_bytes` (default 1 GiB) `MAP_SHARED` mapping of one
+//! aligned slice of a file. Window `i` of a file covers
+//! `[i * window_bytes, (i + 1) * window_bytes)`, so finding it is an index.
+//! A window may extend past the end of its file; nothing above the file's
+//! reserved size is ever handed out.
+//!
+//! **Architecture invariants:**
+//! * Windows are never `mremap`ed or moved: a [`Pin`]'s pointer is valid for
+//!   the pin's whole life.
+//! * A window is unmapped only when nothing references it: no pin, no io
+//!   operation in flight (both hold an `Rc` to it). The manager's table holds
+//!   one reference; "idle" means that is the only one.
+//! * `extent_count() <= max_extents()` at every moment, counting windows
+//!   being faulted in.
+//! * The hot path (`try_pin` of a mapped window, dropping a `Pin`) makes no
+//!   syscall, takes no lock, and touches no atomic: `Rc` counts and `Cell`s.
+//! * Single-threaded; no `RefCell` borrow is held across an `.await`.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::panic::Location;
+use std::path::PathBuf;
+use std::ptr::NonNull;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::config::{Config, EvictionPolicy, MadvisePolicy};
+use crate::error::{Error, Result};
+use crate::files::{FileHandleRegistry, FileId, Reservation};
+use crate::io::Ring;
+use crate::sys;
+use crate::wait::WaitList;
+
+/// Settings of a [`MappingManager`].
+#[derive(Clone, Debug)]
+pub struct MappingConfig {
+    /// Window size; a multiple of 16 MiB.
+    pub window_bytes: u64,
+    /// Files grow by this much at a time inside a window.
+    pub growth_step_bytes: u64,
+    /// Window (VMA) cap.
+    pub max_extents: usize,
+    /// Which idle window goes first.
+    pub eviction_policy: EvictionPolicy,
+    /// Whole-window advice.
+    pub madvise_policy: MadvisePolicy,
+    /// `MADV_WILLNEED` this many bytes past a range faulted in.
+    pub prefetch_ahead_bytes: u64,
+    /// How long `pin` waits for a window under pressure.
+    pub pin_timeout: Duration,
+}
+
+impl MappingConfig {
+    /// The per-shard settings of a [`Config`].
+    pub fn from_config(cfg: &Config) -> MappingConfig {
+        MappingConfig {
+            window_bytes: cfg.window_bytes(),
+            growth_step_bytes: cfg.growth_step_bytes(),
+            max_extents: cfg.max_extents_per_shard(),
+            eviction_policy: cfg.eviction_policy(),
+            madvise_policy: cfg.madvise_policy(),
+            prefetch_ahead_bytes: cfg.prefetch_ahead_bytes(),
+            pin_timeout: cfg.pin_timeout(),
+        }
+    }
+}
+
+/// Counters of a manager.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappingStats {
+    /// Windows mapped now (including ones being faulted in).
+    pub mapped_windows: usize,
+    /// Windows with at least one pin or io operation.
+    pub pinned_windows: usize,
+    /// The cap.
+    pub max_extents: usize,
+    /// Windows faulted in (mapped) since creation.
+    pub faults: u64,
+    /// Idle windows unmapped to stay within the cap.
+    pub evictions: u64,
+    /// Pins served without a syscall (window already mapped).
+    pub fast_pins: u64,
+    /// Times a `pin` had to wait because every window was pinned.
+    pub pressure_waits: u64,
+    /// Pressure waits that ended in [`Error::WindowPressure`].
+    pub pressure_timeouts: u64,
+    /// Bytes prefaulted with `MADV_POPULATE_WRITE` (file systems without
+    /// `fallocate`).
+    pub populated_bytes: u64,
+}
+
+/// One mapped window. Referenced by the manager's table, by pins and by io
+/// operations in flight; unmapped (by `MmapRaw`'s drop) with the last one.
+pub(crate) struct Window {
+    map: MmapRaw,
+    base: NonNull<u8>,
+    len: usize,
+    last_use: Cell<u64>,
+    uses: Cell<u64>,
+    referenced: Cell<bool>,
+    shared: Rc<Shared>,
+    #[cfg(debug_assertions)]
+    pin_sites: RefCell<slab::Slab<&'static Location<'static>>>,
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        self.shared.live.set(self.shared.live.get() - 1);
+        let _ = &self.map;
+    }
+}
+
+/// State shared by the manager and its windows and pins.
+#[derive(Default)]
+struct Shared {
+    /// Window objects alive (mapped VMAs), including ones no longer in the table.
+    live: Cell<usize>,
+    /// Tasks waiting for a window to become idle.
+    pressure: Rc<WaitList>,
+}
+
+enum Slot {
+    Unmapped,
+    Faulting(Rc<WaitList>),
+    Mapped(Rc<Window>),
+}
+
+struct FileMaps {
+    windows: Vec<Slot>,
+    reserved: Rc<Cell<u64>>,
+}
+
+struct Maps {
+    files: Vec<Option<FileMaps>>,
+    /// Mapped windows in insertion order, for eviction scans and the clock.
+    resident: Vec<(FileId, u32)>,
+    clock_hand: usize,
+    /// Windows being faulted in (counted against the cap).
+    faulting: usize,
+    tick: u64,
+    stats: MappingStats,
+}
+
+/// Windowed mmaps of the files of one [`FileHandleRegistry`] (the seed's
+/// `MappingManager`), single-threaded and async.
+///
+/// ```no_run
+/// # async fn demo() -> segalloc::Result<()> {
+/// use std::rc::Rc;
+/// use segalloc::{Config, FileHandleRegistry, MappingManager, MappingConfig, io::Ring};
+/// let cfg = Config::new("/tmp/segalloc-doc");
+/// let ring = Ring::new(cfg.io_backend())?;
+/// let files = Rc::new(FileHandleRegistry::new(ring, cfg.max_open_files()));
+/// let maps = MappingManager::new(files.clone(), MappingConfig::from_config(&cfg));
+/// let f = files.register("/tmp/segalloc-doc.dat");
+/// let pin = maps.pin(f, 4096, 64, true).await?; // faults the window in
+/// pin.write_at(0, b"hello")?;
+/// drop(pin);
+/// let again = maps.try_pin(f, 4096, 64, false)?.expect("mapped: no syscall");
+/// let mut buf = [0u8; 5];
+/// again.read_at(0, &mut buf)?;
+/// assert_eq!(&buf, b"hello");
+/// # Ok(()) }
+/// ```
+pub struct MappingManager {
+    inner: RefCell<Maps>,
+    files: Rc<FileHandleRegistry>,
+    ring: Ring,
+    cfg: MappingConfig,
+    shared: Rc<Shared>,
+}
+
+/// Outcome of the synchronous part of a pin.
+enum Fast {
+    Pinned(Pin),
+    NeedsFault,
+    NeedsGrow,
+    Faulting(Rc<WaitList>),
+}
+
+impl MappingManager {
+    /// A manager over `files` with the given settings.
+    ///
+    /// # Panics
+    ///
+    /// When `cfg.window_bytes` is not a multiple of 16 MiB or a cap is zero
+    /// (a [`Config`] never produces such values).
+    pub fn new(files: Rc<FileHandleRegistry>, cfg: MappingConfig) -> MappingManager {
+        assert!(cfg.window_bytes > 0 && cfg.window_bytes % crate::config::SEGMENT_BYTES_MAX == 0);
+        assert!(cfg.growth_step_bytes > 0 && cfg.window_bytes % cfg.growth_step_bytes == 0);
+        assert!(cfg.max_extents >= 1);
+        let ring = files.ring().clone();
+        MappingManager {
+            inner: RefCell::new(Maps {
+                files: Vec::new(),
+                resident: Vec::new(),
+                clock_hand: 0,
+                faulting: 0,
+                tick: 0,
+                stats: MappingStats {
+                    max_extents: cfg.max_extents,
+                    ..MappingStats::default()
+                },
+            }),
+            files,
+            ring,
+            cfg,
+            shared: Rc::new(Shared::default()),
+        }
+    }
+
+    /// The registry whose files this manager maps.
+    pub fn files(&self) -> &Rc<FileHandleRegistry> {
+        &self.files
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &MappingConfig {
+        &self.cfg
+    }
+
+    /// Window size in bytes.
+    pub fn window_bytes(&self) -> u64 {
+        self.cfg.window_bytes
+    }
+
+    /// Windows mapped now (VMAs this manager holds), including windows being
+    /// faulted in and evicted windows still referenced by a pin.
+    pub fn extent_count(&self) -> usize {
+        self.shared.live.get() + self.inner.borrow().faulting
+    }
+
+    /// The window cap.
+    pub fn max_extents(&self) -> usize {
+        self.cfg.max_extents
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> MappingStats {
+        let m = self.inner.borrow();
+        let mut s = m.stats;
+        s.mapped_windows = self.shared.live.get() + m.faulting;
+        s.pinned_windows = m
+            .resident
+            .iter()
+            .filter(
+                |(f, i)| match &m.files[f.0 as usize].as_ref().unwrap().windows[*i as usize] {
+                    Slot::Mapped(w) => Rc::strong_count(w) > 1,
+                    _ => false,
+                },
+            )
+            .count();
+        s
+    }
+
+    fn check_range(&self, file: FileId, offset: u64, len: u64) -> Result<u32> {
+        if len == 0 {
+            return Err(Error::InvalidRange {
+                file,
+                offset,
+                len_bytes: len,
+                reason: "empty range",
+            });
+        }
+        let w = self.cfg.window_bytes;
+        let end = offset.checked_add(len).ok_or(Error::InvalidRange {
+            file,
+            offset,
+            len_bytes: len,
+            reason: "range overflows u64",
+        })?;
+        if offset / w != (end - 1) / w {
+            return Err(Error::CrossesWindow {
+                offset,
+                len_bytes: len,
+                window_bytes: w,
+            });
+        }
+        u32::try_from(offset / w).map_err(|_| Error::InvalidRange {
+            file,
+            offset,
+            len_bytes: len,
+            reason: "offset beyond the largest file",
+        })
+    }
+
+    /// Register `file` with this manager (idempotent).
+    fn file_maps<'a>(&self, m: &'a mut Maps, file: FileId) -> Result<&'a mut FileMaps> {
+        let i = file.0 as usize;
+        if m.files.len() <= i {
+            m.files.resize_with(i + 1, || None);
+        }
+        if m.files[i].is_none() {
+            let reserved = self.files.reserved_cell(file)?;
+            m.files[i] = Some(FileMaps {
+                windows: Vec::new(),
+                reserved,
+            });
+        }
+        Ok(m.files[i].as_mut().expect("just set"))
+    }
+
+    #[inline]
+    fn fast(
+        &self,
+        file: FileId,
+        offset: u64,
+        len: u64,
+        writable: bool,
+        site: &'static Location<'static>,
+    ) -> Result<Fast> {
+        let idx = self.check_range(file, offset, len)?;
+        if writable && self.files.is_read_only() {
+            return Err(Error::ReadOnly("writable pin of a read-only mapping"));
+        }
+        let mut m = self.inner.borrow_mut();
+        m.tick += 1;
+        let tick = m.tick;
+        let fm = self.file_maps(&mut m, file)?;
+        let reserved = fm.reserved.get();
+        let out = match fm.windows.get(idx as usize) {
+            Some(Slot::Mapped(w)) => {
+                if offset + len > reserved {
+                    Fast::NeedsGrow
+                } else {
+                    w.last_use.set(tick);
+                    w.uses.set(w.uses.get() + 1);
+                    w.referenced.set(true);
+                    let win_off = offset - idx as u64 * self.cfg.window_bytes;
+                    let pin = Pin::new(w.clone(), win_off as usize, len as usize, writable, site);
+                    m.stats.fast_pins += 1;
+                    Fast::Pinned(pin)
+                }
+            }
+            Some(Slot::Faulting(list)) => Fast::Faulting(list.clone()),
+            _ => Fast::NeedsFault,
+        };
+        Ok(out)
+    }
+
+    /// Pin `[offset, offset + len)` of `file` if its window is mapped and the
+    /// range is reserved: no syscall, no await. `Ok(None)` means the window
+    /// must be faulted in or the file grown: use [`pin`](Self::pin).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRange`] (empty range), [`Error::CrossesWindow`],
+    /// [`Error::UnknownFile`], [`Error::ReadOnly`].
+    #[track_caller]
+    #[inline]
+    pub fn try_pin(
+        &self,
+        file: FileId,
+        offset: u64,
+        len: u64,
+        writable: bool,
+    ) -> Result<Option<Pin>> {
+        match self.fast(file, offset, len, writable, Location::caller())? {
+            Fast::Pinned(p) => Ok(Some(p)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Pin `[offset, offset + len)` of `file`, faulting its window in if
+    /// needed.
+    ///
+    /// A mapped window completes on the first poll without a syscall. An
+    /// unmapped one is faulted in: the file grows through the control ring
+    /// (in growth steps, never past the window), the window is mapped
+    /// (`mmap`, inline), and the configured advice is applied through the
+    /// ring, while the shard's other tasks keep running. When the window cap
+    /// is reached, an idle window is evicted; when every window is pinned the
+    /// call waits (fairly) for one to be released, up to the configured
+    /// timeout.
+    ///
+    /// With `writable`, the file is grown to cover the range. Without it, a
+    /// range beyond the file's reserved size is an error.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_pin`](Self::try_pin), plus [`Error::WindowPressure`],
+    /// [`Error::NoSpace`], [`Error::MapFailed`], [`Error::FdPressure`],
+    /// [`Error::TooManyOpenFiles`], [`Error::Io`]; for a read-only pin past
+    /// the end of the file, [`Error::InvalidRange`].
+    #[track_caller]
+    pub fn pin(
+        &self,
+        file: FileId,
+        offset: u64,
+        len: u64,
+        writable: bool,
+    ) -> impl Future<Output = Result<Pin>> + '_ {
+        let site = Location::caller();
+        async move {
+            let mut deadline: Option<Instant> = None;
+            loop {
+                match self.fast(file, offset, len, writable, site)? {
+                    Fast::Pinned(p) => return Ok(p),
+                    Fast::Faulting(list) => list.wait().await,
+                    Fast::NeedsGrow => self.grow_mapped(file, offset + len, writable).await?,
+                    Fast::NeedsFault => {
+                        match self.fault_in(file, offset, len, writable).await? {
+                            true => {}
+                            false => {
+                                // Every window pinned: wait for a release.
+                                let started = *deadline
+                                    .get_or_insert_with(|| Instant::now() + self.cfg.pin_timeout);
+                                self.wait_pressure(started).await?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn wait_pressure(&self, deadline: Instant) -> Result<()> {
+        self.inner.borrow_mut().stats.pressure_waits += 1;
+        let wait = self.shared.pressure.wait();
+        let now = Instant::now();
+        let remaining = deadline.saturating_duration_since(now);
+        let timed_out = remaining.is_zero() || tokio::time::timeout(remaining, wait).await.is_err();
+        if timed_out {
+            self.inner.borrow_mut().stats.pressure_timeouts += 1;
+            return Err(Error::WindowPressure {
+                max_extents: self.cfg.max_extents,
+                waited: self.cfg.pin_timeout,
+            });
+        }
+        Ok(())
+    }
+
+    /// Grow a file whose window is already mapped so it covers `end`.
+    async fn grow_mapped(&self, file: FileId, end: u64, writable: bool) -> Result<()> {
+        if !writable || self.files.is_read_only() {
+            return Err(Error::InvalidRange {
+                file,
+                offset: end,
+                len_bytes: 0,
+                reason: "read-only pin past the reserved end of the file",
+            });
+        }
+        let target = self.growth_target(end);
+        let (lease, how) = self.files.grow(file, target).await?;
+        drop(lease);
+        if let Reservation::Sparse { from, to } = how {
+            self.populate(file, from, to).await?;
+        }
+        Ok(())
+    }
+
+    /// The size to grow to so that `end` is covered: rounded up to a growth
+    /// step, never past the end of `end`'s window.
+    fn growth_target(&self, end: u64) -> u64 {
+        let step = self.cfg.growth_step_bytes;
+        let w = self.cfg.window_bytes;
+        let window_end = (end - 1) / w * w + w;
+        end.div_ceil(step).saturating_mul(step).min(window_end)
+    }
+
+    /// Prefault `[from, to)` writable (file systems without fallocate), window
+    /// by window, then mark it reserved.
+    async fn populate(&self, file: FileId, from: u64, to: u64) -> Result<()> {
+        let w = self.cfg.window_bytes;
+        let path = self.files.path(file)?;
+        let mut at = from;
+        while at < to {
+            let idx = (at / w) as usize;
+            let end = ((idx as u64 + 1) * w).min(to);
+            let win = {
+                let m = self.inner.borrow();
+                match m
+                    .files
+                    .get(file.0 as usize)
+                    .and_then(|f| f.as_ref())
+                    .and_then(|f| f.windows.get(idx))
+                {
+                    Some(Slot::Mapped(win)) => Some(win.clone()),
+                    _ => None,
+                }
+            };
+            // An unmapped window is populated when it is faulted in.
+            if let Some(win) = win {
+                let off = (at - idx as u64 * w) as usize;
+                // SAFETY: `[off, off + len)` lies inside the window (end is
+                // clamped to the window), and the op holds `win` until done.
+                let addr = unsafe { win.base.as_ptr().add(off) };
+                let len = (end - at) as usize;
+                let hold: Rc<dyn std::any::Any> = win.clone();
+                // SAFETY: the range is inside `win`'s mapping, kept alive by
+                // `hold`; POPULATE_WRITE discards nothing.
+                let r =
+                    unsafe { self.ring.madvise(hold, addr, len, sys::MADV_POPULATE_WRITE) }.await;
+                if let Err(e) = r {
+                    return Err(match e.raw_os_error() {
+                        Some(nix::libc::ENOSPC)
+                        | Some(nix::libc::EFAULT)
+                        | Some(nix::libc::ENOMEM) => Error::NoSpace {
+                            path,
+                            requested_bytes: to - from,
+                        },
+                        _ => Error::io("madvise(MADV_POPULATE_WRITE)", Some(&path), e),
+                    });
+                }
+                self.inner.borrow_mut().stats.populated_bytes += len as u64;
+            } else {
+                return Ok(());
+            }
+            at = end;
+        }
+        self.files.mark_reserved(file, to);
+        Ok(())
+    }
+
+    /// Fault the window of `[offset, offset + len)` in. `Ok(false)` when the
+    /// cap is reached and every window is pinned.
+    async fn fault_in(&self, file: FileId, offset: u64, len: u64, writable: bool) -> Result<bool> {
+        let w = self.cfg.window_bytes;
+        let idx = (offset / w) as usize;
+        let list = Rc::new(WaitList::default());
+        {
+            let mut m = self.inner.borrow_mut();
+            // Re-check: another task may have started meanwhile.
+            let fm = self.file_maps(&mut m, file)?;
+            if fm.windows.len() <= idx {
+                fm.windows.resize_with(idx + 1, || Slot::Unmapped);
+            }
+            if !matches!(fm.windows[idx], Slot::Unmapped) {
+                return Ok(true);
+            }
+            drop(m);
+            if self.extent_count() >= self.cfg.max_extents && !self.evict_one() {
+                return Ok(false);
+            }
+            let mut m = self.inner.borrow_mut();
+            m.faulting += 1;
+            m.files[file.0 as usize].as_mut().unwrap().windows[idx] = Slot::Faulting(list.clone());
+        }
+        let mut guard = FaultGuard {
+            mm: self,
+            file,
+            idx,
+            list,
+            done: false,
+        };
+        let path = self.files.path(file)?;
+        let _span =
+            tracing::debug_span!("fault_in", file = %path.display(), window = idx).entered();
+        let started = Instant::now();
+
+        // 1. The file must cover the range (writable) or hold it (read-only).
+        let end = offset + len;
+        let (lease, how) = if writable {
+            let target = self.growth_target(end);
+            self.files.grow(file, target).await?
+        } else {
+            let lease = self.files.acquire(file, 0).await?;
+            if self.files.reserved_bytes(file)? < end {
+                return Err(Error::InvalidRange {
+                    file,
+                    offset,
+                    len_bytes: len,
+                    reason: "read-only pin past the end of the file",
+                });
+            }
+            (lease, Reservation::Reserved)
+        };
+
+        // 2. Map the whole window, inline (no io_uring opcode for mmap).
+        let window_off = idx as u64 * w;
+        let mut opts = MmapOptions::new();
+        opts.offset(window_off).len(w as usize);
+        let map = if self.files.is_read_only() {
+            opts.map_raw_read_only(lease.as_raw_fd())
+        } else {
+            opts.map_raw(lease.as_raw_fd())
+        }
+        .map_err(|source| Error::MapFailed {
+            path: path.clone(),
+            offset: window_off,
+            len_bytes: w,
+            source,
+        })?;
+        drop(lease);
+        let base = NonNull::new(map.as_mut_ptr()).expect("mmap never returns null");
+        self.shared.live.set(self.shared.live.get() + 1);
+        let win = Rc::new(Window {
+            map,
+            base,
+            len: w as usize,
+            last_use: Cell::new(0),
+            uses: Cell::new(0),
+            referenced: Cell::new(true),
+            shared: self.shared.clone(),
+            #[cfg(debug_assertions)]
+            pin_sites: RefCell::new(slab::Slab::new()),
+        });
+
+        // 3. Whole-window advice through the ring (never part of a window:
+        //    that would split the VMA).
+        let advice = match self.cfg.madvise_policy {
+            MadvisePolicy::Random => Some(sys::MADV_RANDOM),
+            MadvisePolicy::Sequential => Some(sys::MADV_SEQUENTIAL),
+            MadvisePolicy::Normal => None,
+        };
+        if let Some(advice) = advice {
+            let hold: Rc<dyn std::any::Any> = win.clone();
+            // SAFETY: the whole window is mapped and `hold` keeps it so until
+            // the op completes; access-pattern advice discards nothing.
+            let r = unsafe { self.ring.madvise(hold, base.as_ptr(), w as usize, advice) }.await;
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "window advice failed (ignored: advisory)");
+            }
+        }
+
+        // 4. Publish the window.
+        {
+            let mut m = self.inner.borrow_mut();
+            m.faulting -= 1;
+            m.files[file.0 as usize].as_mut().unwrap().windows[idx] = Slot::Mapped(win.clone());
+            m.resident.push((file, idx as u32));
+            m.stats.faults += 1;
+        }
+        guard.done = true;
+        drop(guard);
+
+        // 5. A sparse growth (no fallocate) is prefaulted before use.
+        if let Reservation::Sparse { from, to } = how {
+            self.populate(file, from, to).await?;
+        }
+
+        // 6. Optional read-ahead past the range, inside the window.
+        if self.cfg.prefetch_ahead_bytes > 0 {
+            let reserved = self.files.reserved_bytes(file)?;
+            let start = offset;
+            let stop = (end + self.cfg.prefetch_ahead_bytes)
+                .min(window_off + w)
+                .min(reserved);
+            if stop > start {
+                let hold: Rc<dyn std::any::Any> = win.clone();
+                // SAFETY: `[start, stop)` lies inside the window (clamped), kept
+                // mapped by `hold`; WILLNEED discards nothing.
+                let addr = unsafe { base.as_ptr().add((start - window_off) as usize) };
+                // SAFETY: as above.
+                let r = unsafe {
+                    self.ring
+                        .madvise(hold, addr, (stop - start) as usize, sys::MADV_WILLNEED)
+                }
+                .await;
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "prefetch advice failed (ignored: advisory)");
+                }
+            }
+        }
+        tracing::debug!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "window mapped"
+        );
+        Ok(true)
+    }
+
+    /// Unmap one idle window chosen by the eviction policy. False when every
+    /// window is in use.
+    fn evict_one(&self) -> bool {
+        let victim = {
+            let mut m = self.inner.borrow_mut();
+            let pos = match self.cfg.eviction_policy {
+                EvictionPolicy::Lru => Self::pick(&m, |w| (w.last_use.get(), 0)),
+                EvictionPolicy::Lfu => Self::pick(&m, |w| (w.uses.get(), w.last_use.get())),
+                EvictionPolicy::Clock => Self::clock(&mut m),
+            };
+            let Some(pos) = pos else {
+                return false;
+            };
+            let (file, idx) = m.resident.swap_remove(pos);
+            if m.clock_hand >= m.resident.len() {
+                m.clock_hand = 0;
+            }
+            m.stats.evictions += 1;
+            let slot = &mut m.files[file.0 as usize].as_mut().unwrap().windows[idx as usize];
+            match std::mem::replace(slot, Slot::Unmapped) {
+                Slot::Mapped(w) => w,
+                _ => unreachable!("resident windows are mapped"),
+            }
+        };
+        // munmap happens here, outside any borrow.
+        let _span = tracing::debug_span!("evict").entered();
+        drop(victim);
+        true
+    }
+
+    fn window_at<'a>(m: &'a Maps, (f, i): (FileId, u32)) -> &'a Rc<Window> {
+        match &m.files[f.0 as usize].as_ref().unwrap().windows[i as usize] {
+            Slot::Mapped(w) => w,
+            _ => unreachable!("resident windows are mapped"),
+        }
+    }
+
+    fn pick(m: &Maps, key: impl Fn(&Window) -> (u64, u64)) -> Option<usize> {
+        m.resident
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| Rc::strong_count(Self::window_at(m, **r)) == 1)
+            .min_by_key(|(_, r)| key(Self::window_at(m, **r)))
+            .map(|(i, _)| i)
+    }
+
+    fn clock(m: &mut Maps) -> Option<usize> {
+        let n = m.resident.len();
+        // Two sweeps: the first clears reference bits.
+        for _ in 0..2 * n {
+            if m.clock_hand >= n {
+                m.clock_hand = 0;
+            }
+            let pos = m.clock_hand;
+            m.clock_hand += 1;
+            let w = Self::window_at(m, m.resident[pos]);
+            if Rc::strong_count(w) > 1 {
+                continue;
+            }
+            if w.referenced.replace(false) {
+                continue;
+            }
+            return Some(pos);
+        }
+        None
+    }
+
+    /// Unmap every idle window (e.g. before a long pause). Pinned windows stay.
+    pub fn evict_idle(&self) -> usize {
+        let mut n = 0;
+        loop {
+            let any_idle = {
+                let m = self.inner.borrow();
+                m.resident
+                    .iter()
+                    .any(|r| Rc::strong_count(Self::window_at(&m, *r)) == 1)
+            };
+            if !any_idle || !self.evict_one() {
+                return n;
+            }
+            n += 1;
+        }
+    }
+
+    /// Issue `MADV_WILLNEED` through the ring for each `(offset, len)` range
+    /// of `file` whose window is mapped (ranges of unmapped windows are
+    /// skipped: prefetching never maps). Returns the bytes advised.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownFile`]; a failed advice is not an error.
+    pub async fn prefetch(&self, file: FileId, ranges: &[(u64, u64)]) -> Result<u64> {
+        self.files.path(file)?;
+        let w = self.cfg.window_bytes;
+        let mut advised = 0;
+        for &(offset, len) in ranges {
+            if len == 0 {
+                continue;
+            }
+            let mut at = offset;
+            let end = offset.saturating_add(len);
+            while at < end {
+                let idx = (at / w) as usize;
+                let stop = ((idx as u64 + 1) * w).min(end);
+                let win = {
+                    let m = self.inner.borrow();
+                    match m
+                        .files
+                        .get(file.0 as usize)
+                        .and_then(|f| f.as_ref())
+                        .and_then(|f| f.windows.get(idx))
+                    {
+                        Some(Slot::Mapped(win)) => Some(win.clone()),
+                        _ => None,
+                    }
+                };
+                if let Some(win) = win {
+                    let off = (at - idx as u64 * w) as usize;
+                    // SAFETY: `off < window length` since `at` is in window `idx`.
+                    let addr = unsafe { win.base.as_ptr().add(off) };
+                    let hold: Rc<dyn std::any::Any> = win.clone();
+                    // SAFETY: the range is inside the window, kept mapped by
+                    // `hold`; WILLNEED discards nothing.
+                    if unsafe {
+                        self.ring
+                            .madvise(hold, addr, (stop - at) as usize, sys::MADV_WILLNEED)
+                    }
+                    .await
+                    .is_ok()
+                    {
+                        advised += stop - at;
+                    }
+                }
+                at = stop;
+            }
+        }
+        Ok(advised)
+    }
+
+    /// Pins still alive, with the places they were taken (debug builds; an
+    /// empty list in release builds).
+    pub fn pin_sites(&self) -> Vec<String> {
+        #[cfg(debug_assertions)]
+        {
+            let m = self.inner.borrow();
+            let mut out = Vec::new();
+            for r in &m.resident {
+                let w = Self::window_at(&m, *r);
+                for (_, loc) in w.pin_sites.borrow().iter() {
+                    out.push(format!("{}:{}:{}", loc.file(), loc.line(), loc.column()));
+                }
+            }
+            out
+        }
+        #[cfg(not(debug_assertions))]
+        {
+            Vec::new()
+        }
+    }
+
+    /// The path of a file (for messages).
+    pub fn path(&self, file: FileId) -> Result<PathBuf> {
+        self.files.path(file)
+    }
+}
+
+impl Drop for MappingManager {
+    fn drop(&mut self) {
+        let leaks = self.pin_sites();
+        if !leaks.is_empty() {
+            tracing::error!(count = leaks.len(), sites = ?leaks, "MappingManager dropped with windows still pinned; they stay mapped until their pins drop");
+        }
+    }
+}
+
+impl std::fmt::Debug for MappingManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappingManager")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+struct FaultGuard<'a> {
+    mm: &'a MappingManager,
+    file: FileId,
+    idx: usize,
+    list: Rc<WaitList>,
+    done: bool,
+}
+
+impl Drop for FaultGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            // Cancelled or failed: give the slot and the reservation back.
+            let mut m = self.mm.inner.borrow_mut();
+            m.faulting -= 1;
+            m.files[self.file.0 as usize].as_mut().unwrap().windows[self.idx] = Slot::Unmapped;
+            drop(m);
+            self.mm.shared.pressure.wake_one();
+        }
+        self.list.wake_all();
+    }
+}
+
+/// A pinned range of a window: RAII, move-only, `!Send`.
+///
+/// The pointer stays valid while the pin lives (windows never move and are
+/// never unmapped while pinned). Data is reached through copy-in/copy-out
+/// methods ([`read_at`](Pin::read_at), [`write_at`](Pin::write_at)), raw
+/// pointers, or the `unsafe` slice views whose contract is stated on them:
+/// the memory is a shared file mapping that other pins (and other processes)
+/// may reach, so no safe `&mut [u8]` is handed out.
+pub struct Pin {
+    window: Rc<Window>,
+    ptr: NonNull<u8>,
+    len: usize,
+    writable: bool,
+    #[cfg(debug_assertions)]
+    site_key: usize,
+}
+
+impl Pin {
+    #[inline]
+    fn new(
+        window: Rc<Window>,
+        offset: usize,
+        len: usize,
+        writable: bool,
+        _site: &'static Location<'static>,
+    ) -> Pin {
+        debug_assert!(offset + len <= window.len);
+        // SAFETY: `offset + len <= window.len`, checked by the caller
+        // (`check_range` keeps the range inside one window).
+        let ptr = unsafe { NonNull::new_unchecked(window.base.as_ptr().add(offset)) };
+        #[cfg(debug_assertions)]
+        let site_key = window.pin_sites.borrow_mut().insert(_site);
+        Pin {
+            window,
+            ptr,
+            len,
+            writable,
+            #[cfg(debug_assertions)]
+            site_key,
+        }
+    }
+
+    /// Length of the pinned range.
+    #[inline]
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the pin allows writes.
+    #[inline]
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Start of the range. Reading through it is valid for `len()` bytes
+    /// while the pin lives.
+    #[inline]
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Start of the range, for writing (null when the pin is read-only).
+    #[inline]
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        if self.writable {
+            self.ptr.as_ptr()
+        } else {
+            std::ptr::null_mut()
+        }
+    }
+
+    fn bounds(&self, offset: usize, n: usize) -> Result<()> {
+        if offset.checked_add(n).is_none_or(|end| end > self.len) {
+            return Err(Error::InvalidRange {
+                file: FileId(u32::MAX),
+                offset: offset as u64,
+                len_bytes: n as u64,
+                reason: "outside the pinned range",
+            });
+        }
+        Ok(())
+    }
+
+    /// Copy `buf.len()` bytes from `offset` in the range into `buf`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRange`] when `offset + buf.len()` exceeds the pin.
+    #[inline]
+    pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        self.bounds(offset, buf.len())?;
+        // SAFETY: bounds checked above; the window is mapped while `self`
+        // lives; `buf` is a distinct Rust allocation, so no overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Copy `data` into the range at `offset`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRange`] when out of bounds, [`Error::ReadOnly`] for a
+    /// read-only pin.
+    #[inline]
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly("write through a read-only pin"));
+        }
+        self.bounds(offset, data.len())?;
+        // SAFETY: bounds checked above; the window is mapped writable while
+        // `self` lives; `data` is a Rust borrow, not part of the mapping
+        // unless the caller built it with an unsafe view, whose contract
+        // forbids overlap with a concurrent writer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len())
+        };
+        Ok(())
+    }
+
+    /// Fill the range from `offset` with `byte`.
+    ///
+    /// # Errors
+    ///
+    /// As [`write_at`](Pin::write_at).
+    pub fn fill(&self, offset: usize, n: usize, byte: u8) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly("write through a read-only pin"));
+        }
+        self.bounds(offset, n)?;
+        // SAFETY: bounds checked; the range is mapped writable while `self` lives.
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(offset), byte, n) };
+        Ok(())
+    }
+
+    /// View the range as a slice.
+    ///
+    /// # Safety
+    ///
+    /// While the slice lives, nobody may write to the range: no other pin of
+    /// an overlapping range of the same file (in this or another process)
+    /// writes through a pointer or `write_at`, and no `as_mut_slice` view of
+    /// it exists.
+    #[inline]
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: mapped for `len` bytes while `self` lives; the caller
+        // promises no concurrent writer.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// View the range as a mutable slice.
+    ///
+    /// # Safety
+    ///
+    /// While the slice lives, nothing else may read or write the range: no
+    /// other pin of an overlapping range of the same file (in this or another
+    /// process) is used, and no other view of it exists.
+    ///
+    /// # Panics
+    ///
+    /// When the pin is read-only.
+    #[inline]
+    pub unsafe fn as_mut_slice(&mut self) -> &mut [u8] {
+        assert!(self.writable, "as_mut_slice on a read-only pin");
+        // SAFETY: mapped writable for `len` bytes while `self` lives; the
+        // caller promises exclusive access; `&mut self` excludes other views
+        // through this pin.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Pin {
+    #[inline]
+    fn drop(&mut self) {
+        #[cfg(debug_assertions)]
+        self.window.pin_sites.borrow_mut().remove(self.site_key);
+        // Table + this pin: the window becomes idle once we are gone.
+        if Rc::strong_count(&self.window) == 2 && self.window.shared.pressure.waiting() > 0 {
+            self.window.shared.pressure.wake_one();
+        }
+    }
+}
+
+impl std::fmt::Debug for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pin")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .field("writable", &self.writable)
+            .finish()
+    }
+}

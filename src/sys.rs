@@ -1,0 +1,206 @@
+//! The only home of raw system calls.
+//!
+//! **Architecture invariant:** no other module calls `libc` directly. Each
+//! function here is a thin, documented wrapper that turns `-1` into
+//! [`io::Error::last_os_error`]. Higher layers decide *when* a call is made
+//! (inline, or through the shard's io_uring ring); this module only makes it.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use nix::libc;
+
+/// Turn a `-1` return into `io::Error::last_os_error()`.
+macro_rules! syscall {
+    ($e:expr) => {{
+        let res = $e;
+        if res == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(res)
+        }
+    }};
+}
+
+fn cpath(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// How a data file is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// `O_RDWR`, created with mode 0600 if missing.
+    ReadWriteCreate,
+    /// `O_RDWR`, must exist.
+    ReadWrite,
+    /// `O_RDONLY`, must exist.
+    ReadOnly,
+}
+
+/// `open(path, O_CLOEXEC | O_NOFOLLOW | …, 0600)`.
+///
+/// `O_NOFOLLOW` makes a symlink in place of a data file an error (`ELOOP`)
+/// instead of a silent redirection.
+pub fn open(path: &Path, mode: OpenMode) -> io::Result<OwnedFd> {
+    let c = cpath(path)?;
+    let flags = libc::O_CLOEXEC
+        | libc::O_NOFOLLOW
+        | match mode {
+            OpenMode::ReadWriteCreate => libc::O_RDWR | libc::O_CREAT,
+            OpenMode::ReadWrite => libc::O_RDWR,
+            OpenMode::ReadOnly => libc::O_RDONLY,
+        };
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    let fd = syscall!(unsafe { libc::open(c.as_ptr(), flags, 0o600 as libc::c_uint) })?;
+    // SAFETY: `open` returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fstat(fd).st_size`.
+pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: an all-zero `stat` is a valid value of the plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is a live descriptor and `st` is a valid out-pointer.
+    syscall!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok(st.st_size as u64)
+}
+
+/// `fallocate(fd, mode, offset, len)`.
+pub fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate takes no pointers; a stale fd yields EBADF, not UB.
+    syscall!(unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) })?;
+    Ok(())
+}
+
+/// `ftruncate(fd, len)`.
+pub fn ftruncate(fd: RawFd, len: u64) -> io::Result<()> {
+    // SAFETY: ftruncate takes no pointers; a stale fd yields EBADF, not UB.
+    syscall!(unsafe { libc::ftruncate(fd, len as libc::off_t) })?;
+    Ok(())
+}
+
+/// `fsync(fd)` or `fdatasync(fd)`.
+pub fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
+    if datasync {
+        // SAFETY: takes no pointers; a stale fd yields EBADF.
+        syscall!(unsafe { libc::fdatasync(fd) })?;
+    } else {
+        // SAFETY: takes no pointers; a stale fd yields EBADF.
+        syscall!(unsafe { libc::fsync(fd) })?;
+    }
+    Ok(())
+}
+
+/// `madvise(addr, len, advice)`.
+///
+/// # Safety
+///
+/// `[addr, addr + len)` must lie inside a mapping that the caller keeps alive
+/// for the duration of the call, and `advice` must not discard data the
+/// program still relies on (`MADV_DONTNEED` on a shared file mapping only
+/// drops page-table entries; the file keeps the data).
+pub unsafe fn madvise(addr: *mut u8, len: usize, advice: i32) -> io::Result<()> {
+    // SAFETY: the caller guarantees the range is a live mapping (see above).
+    syscall!(unsafe { libc::madvise(addr.cast(), len, advice) })?;
+    Ok(())
+}
+
+/// `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: no pointers involved.
+    let fd = syscall!(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Read (and so reset) an eventfd counter. `Ok(false)` when it was zero.
+pub fn eventfd_drain(fd: RawFd) -> io::Result<bool> {
+    let mut buf = [0u8; 8];
+    // SAFETY: `buf` is 8 writable bytes, the size an eventfd read needs.
+    match syscall!(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) }) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `flock(fd, LOCK_EX | LOCK_NB)`: `Ok(false)` when another holder has it.
+pub fn try_lock_exclusive(fd: RawFd) -> io::Result<bool> {
+    // SAFETY: no pointers involved.
+    match syscall!(unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) }) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The soft and hard `RLIMIT_NOFILE`.
+pub fn nofile_limit() -> io::Result<(u64, u64)> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid out-pointer.
+    syscall!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) })?;
+    Ok((r.rlim_cur, r.rlim_max))
+}
+
+/// Set the soft `RLIMIT_NOFILE` (tests use it to prove the fd cap holds).
+pub fn set_nofile_soft_limit(soft: u64) -> io::Result<()> {
+    let (_, hard) = nofile_limit()?;
+    let r = libc::rlimit {
+        rlim_cur: soft.min(hard),
+        rlim_max: hard,
+    };
+    // SAFETY: `r` is a valid in-pointer.
+    syscall!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) })?;
+    Ok(())
+}
+
+/// `vm.max_map_count`, or `None` when `/proc` does not say.
+pub fn max_map_count() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// The system page size.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf takes no pointers.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n <= 0 { 4096 } else { n as usize }
+}
+
+/// Number of CPUs this thread may run on.
+pub fn available_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// `fallocate` mode 0: allocate blocks and extend the file size.
+pub const FALLOC_EXTEND: i32 = 0;
+/// `MADV_WILLNEED`.
+pub const MADV_WILLNEED: i32 = libc::MADV_WILLNEED;
+/// `MADV_RANDOM`.
+pub const MADV_RANDOM: i32 = libc::MADV_RANDOM;
+/// `MADV_SEQUENTIAL`.
+pub const MADV_SEQUENTIAL: i32 = libc::MADV_SEQUENTIAL;
+/// `MADV_NORMAL`.
+pub const MADV_NORMAL: i32 = libc::MADV_NORMAL;
+/// `MADV_COLD` (Linux 5.4).
+pub const MADV_COLD: i32 = 20;
+/// `MADV_POPULATE_WRITE` (Linux 5.14): prefault writable, errors instead of SIGBUS.
+pub const MADV_POPULATE_WRITE: i32 = 23;
+
+/// True when an error means "this file system or kernel cannot do that".
+pub fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+    )
+}
