@@ -128,6 +128,106 @@ pub enum Error {
     #[error("read-only: {0}")]
     ReadOnly(&'static str),
 
+    /// An allocation size of zero or above 16 MiB.
+    #[error("invalid allocation size {size} (must be 1..=16 MiB)")]
+    InvalidSize {
+        /// The size asked for.
+        size: u64,
+    },
+
+    /// Bytes that do not decode to a handle.
+    #[error("not a valid handle: {reason}")]
+    BadHandle {
+        /// What is wrong with the bytes.
+        reason: &'static str,
+    },
+
+    /// A handle that belongs to another data directory.
+    #[error("handle {handle} belongs to another data directory (tag {handle_tag:#010x}, this directory {dir_tag:#010x})")]
+    ForeignHandle {
+        /// The handle, displayed.
+        handle: String,
+        /// The handle's directory tag.
+        handle_tag: u32,
+        /// This directory's tag.
+        dir_tag: u32,
+    },
+
+    /// A handle that names no live allocation: never allocated, out of
+    /// bounds, of another class, or freed already.
+    #[error("handle {handle} is not a live allocation: {reason}")]
+    NotAllocated {
+        /// The handle, displayed.
+        handle: String,
+        /// Why.
+        reason: &'static str,
+    },
+
+    /// A handle freed a second time.
+    #[error("double free of {handle}")]
+    DoubleFree {
+        /// The handle, displayed.
+        handle: String,
+    },
+
+    /// A handle owned by another shard used where only the owner can act.
+    #[error("handle {handle} belongs to shard {owner}, not shard {this}")]
+    WrongShard {
+        /// The handle, displayed.
+        handle: String,
+        /// The owning shard.
+        owner: u16,
+        /// The shard asked.
+        this: u16,
+    },
+
+    /// On-disk data failed validation.
+    #[error("corrupt {what}: {detail}")]
+    Corrupt {
+        /// Which structure (file and part).
+        what: String,
+        /// What is wrong.
+        detail: String,
+    },
+
+    /// The data directory is already open (in this or another process).
+    #[error("data directory {} is already open by another instance", path.display())]
+    AlreadyOpen {
+        /// The directory.
+        path: PathBuf,
+    },
+
+    /// The data directory was created with other settings.
+    #[error("data directory was created with {what} = {on_disk}, but {requested} was requested")]
+    Mismatch {
+        /// The setting.
+        what: &'static str,
+        /// Its value on disk.
+        on_disk: u64,
+        /// The value asked for.
+        requested: u64,
+    },
+
+    /// A root name that is empty, longer than 64 bytes, or the root table
+    /// is full.
+    #[error("root error: {0}")]
+    Root(String),
+
+    /// A previous `sync` failed: the shard refuses further writes until it
+    /// is reopened (a failed fsync cannot be retried safely).
+    #[error("shard {shard} is poisoned by an earlier failed sync: reopen the data directory")]
+    Poisoned {
+        /// The shard.
+        shard: u16,
+    },
+
+    /// The shard (or runtime) is shut down or its thread is gone.
+    #[error("shard {shard} is not running")]
+    ShardGone {
+        /// The shard.
+        shard: u16,
+    },
+
     /// io_uring was forced (`SEGALLOC_IO=uring` or the config) but cannot be
     /// set up here.
     #[error("io_uring was requested but is unavailable: {source}")]

@@ -315,8 +315,13 @@ impl FileHandleRegistry {
             let waiters = {
                 let mut f = self.inner.borrow_mut();
                 let e = &mut f.entries[id.0 as usize];
-                if e.reserved.get() >= min_size || (!e.fallocate_ok && e.len_bytes >= min_size) {
+                if e.reserved.get() >= min_size {
                     return Ok((lease, Reservation::Reserved));
+                }
+                if !e.fallocate_ok && e.len_bytes >= min_size && !e.growing {
+                    // Already extended (sparse); the caller prefaults.
+                    let from = e.reserved.get();
+                    return Ok((lease, Reservation::Sparse { from, to: min_size }));
                 }
                 if e.growing {
                     Some(e.grow_waiters.clone())

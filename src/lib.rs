@@ -45,15 +45,24 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod alloc;
 pub mod config;
+pub mod datadir;
 pub mod error;
 pub mod files;
+pub mod handle;
 pub mod io;
 pub mod mapping;
+pub mod meta;
 pub mod proc;
+pub mod shard;
 mod sys;
 mod wait;
 
+pub use alloc::{AllocStats, Allocation, LiveIter, SegmentAllocator};
+pub use datadir::DataDir;
+pub use handle::{HANDLE_BYTES, Handle};
+pub use shard::{Shard, ShardStats};
 pub use config::{Config, ConfigBuilder, EvictionPolicy, IoBackendChoice, Limits, MadvisePolicy};
 pub use error::{Error, Result};
 pub use files::{FileHandleRegistry, FileId, FileLease, FileStats, Reservation};

@@ -454,6 +454,28 @@ impl MappingManager {
         Ok(())
     }
 
+    /// Make sure `file` has at least `end` bytes reserved, growing in steps
+    /// of `step` bytes (never past `end`'s window) and prefaulting where the
+    /// file system cannot `fallocate`. The window need not be mapped.
+    ///
+    /// # Errors
+    ///
+    /// As [`FileHandleRegistry::grow`], and [`Error::NoSpace`].
+    pub async fn reserve(&self, file: FileId, end: u64, step: u64) -> Result<()> {
+        if end == 0 || self.files.reserved_bytes(file)? >= end {
+            return Ok(());
+        }
+        let w = self.cfg.window_bytes;
+        let window_end = (end - 1) / w * w + w;
+        let target = end.div_ceil(step.max(1)).saturating_mul(step.max(1)).min(window_end);
+        let (lease, how) = self.files.grow(file, target).await?;
+        drop(lease);
+        if let Reservation::Sparse { from, to } = how {
+            self.populate(file, from, to).await?;
+        }
+        Ok(())
+    }
+
     /// The size to grow to so that `end` is covered: rounded up to a growth
     /// step, never past the end of `end`'s window.
     fn growth_target(&self, end: u64) -> u64 {
@@ -468,10 +490,12 @@ impl MappingManager {
     async fn populate(&self, file: FileId, from: u64, to: u64) -> Result<()> {
         let w = self.cfg.window_bytes;
         let path = self.files.path(file)?;
-        let mut at = from;
+        let page = sys::page_size() as u64;
+        let mut at = from / page * page;
         while at < to {
             let idx = (at / w) as usize;
             let end = ((idx as u64 + 1) * w).min(to);
+            let len = (end - at) as usize;
             let win = {
                 let m = self.inner.borrow();
                 match m
@@ -484,33 +508,48 @@ impl MappingManager {
                     _ => None,
                 }
             };
-            // An unmapped window is populated when it is faulted in.
-            if let Some(win) = win {
-                let off = (at - idx as u64 * w) as usize;
-                // SAFETY: `[off, off + len)` lies inside the window (end is
-                // clamped to the window), and the op holds `win` until done.
-                let addr = unsafe { win.base.as_ptr().add(off) };
-                let len = (end - at) as usize;
-                let hold: Rc<dyn std::any::Any> = win.clone();
-                // SAFETY: the range is inside `win`'s mapping, kept alive by
-                // `hold`; POPULATE_WRITE discards nothing.
-                let r =
-                    unsafe { self.ring.madvise(hold, addr, len, sys::MADV_POPULATE_WRITE) }.await;
-                if let Err(e) = r {
-                    return Err(match e.raw_os_error() {
-                        Some(nix::libc::ENOSPC)
-                        | Some(nix::libc::EFAULT)
-                        | Some(nix::libc::ENOMEM) => Error::NoSpace {
+            let (hold, addr): (Rc<dyn std::any::Any>, *mut u8) = match win {
+                Some(win) => {
+                    let off = (at - idx as u64 * w) as usize;
+                    // SAFETY: `off < window length` since `at` lies in window `idx`.
+                    let addr = unsafe { win.base.as_ptr().add(off) };
+                    (win, addr)
+                }
+                None => {
+                    // The window is not mapped: map just this range for as
+                    // long as the prefault takes (it is not a window, and is
+                    // unmapped when the op completes).
+                    let lease = self.files.acquire(file, 0).await?;
+                    let map = MmapOptions::new()
+                        .offset(at)
+                        .len(len)
+                        .map_raw(lease.as_raw_fd())
+                        .map_err(|source| Error::MapFailed {
+                            path: path.clone(),
+                            offset: at,
+                            len_bytes: len as u64,
+                            source,
+                        })?;
+                    let addr = map.as_mut_ptr();
+                    (Rc::new(map), addr)
+                }
+            };
+            // SAFETY: `[addr, addr + len)` lies inside the mapping that `hold`
+            // keeps alive until the op completes; POPULATE_WRITE discards
+            // nothing.
+            let r = unsafe { self.ring.madvise(hold, addr, len, sys::MADV_POPULATE_WRITE) }.await;
+            if let Err(e) = r {
+                return Err(match e.raw_os_error() {
+                    Some(nix::libc::ENOSPC) | Some(nix::libc::EFAULT) | Some(nix::libc::ENOMEM) => {
+                        Error::NoSpace {
                             path,
                             requested_bytes: to - from,
-                        },
-                        _ => Error::io("madvise(MADV_POPULATE_WRITE)", Some(&path), e),
-                    });
-                }
-                self.inner.borrow_mut().stats.populated_bytes += len as u64;
-            } else {
-                return Ok(());
+                        }
+                    }
+                    _ => Error::io("madvise(MADV_POPULATE_WRITE)", Some(&path), e),
+                });
             }
+            self.inner.borrow_mut().stats.populated_bytes += len as u64;
             at = end;
         }
         self.files.mark_reserved(file, to);
@@ -555,9 +594,11 @@ impl MappingManager {
 
         // 1. The file must cover the range (writable) or hold it (read-only).
         let end = offset + len;
-        let (lease, how) = if writable {
+        let (lease, how) = if writable && self.files.reserved_bytes(file)? < end {
             let target = self.growth_target(end);
             self.files.grow(file, target).await?
+        } else if writable {
+            (self.files.acquire(file, 0).await?, Reservation::Reserved)
         } else {
             let lease = self.files.acquire(file, 0).await?;
             if self.files.reserved_bytes(file)? < end {
@@ -909,6 +950,15 @@ impl Pin {
             #[cfg(debug_assertions)]
             site_key,
         }
+    }
+
+    /// Base of the whole window this pin holds mapped. The crate uses it for
+    /// metadata it keeps inside the reserved part of a permanently pinned
+    /// window; every byte of the window is mapped while the pin lives, but
+    /// only bytes below the file's reserved size may be touched.
+    #[inline]
+    pub(crate) fn window_base(&self) -> *mut u8 {
+        self.window.base.as_ptr()
     }
 
     /// Length of the pinned range.

@@ -1,0 +1,278 @@
+//! The data directory: manifest, exclusive lock, one folder per shard.
+//!
+//! ```text
+//! DIR/
+//!   MANIFEST          format version, shard count, window size, … (checksummed)
+//!   LOCK              flock(LOCK_EX) held while the directory is open
+//!   shard-000/
+//!     meta.seg        superblock, roots, segment directory + bitmaps
+//!     data-000000.seg data files, windows of `window_bytes`
+//!     data-000001.seg
+//!   shard-001/ …
+//! ```
+//!
+//! **Invariant:** files are created with mode 0600 and folders with 0700;
+//! nothing inside the directory is followed through a symlink.
+
+use std::fs::{DirBuilder, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::alloc::classes::CLASS_TABLE_ID;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::meta::{FORMAT_VERSION, MANIFEST_BYTES, Manifest};
+use crate::sys::{self, OpenMode};
+
+/// Name of the manifest file.
+pub const MANIFEST_FILE: &str = "MANIFEST";
+/// Name of the lock file.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// An open (and locked) data directory.
+#[derive(Debug)]
+pub struct DataDir {
+    path: PathBuf,
+    manifest: Manifest,
+    created: bool,
+    read_only: bool,
+    _lock: Option<OwnedFd>,
+}
+
+impl DataDir {
+    /// Open the directory of `cfg`, creating it (and its manifest) if it does
+    /// not exist, and take its exclusive lock.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AlreadyOpen`] when another instance holds the lock;
+    /// [`Error::Mismatch`] when the directory was created with another shard
+    /// count, window size or maximum file size; [`Error::Corrupt`] for a
+    /// damaged manifest; [`Error::InvalidConfig`] when the path is a symlink
+    /// or not a directory; [`Error::Io`].
+    pub fn open(cfg: &Config) -> Result<DataDir> {
+        let path = cfg.dir().to_path_buf();
+        check_not_symlink(&path)?;
+        if !path.exists() {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&path)
+                .map_err(|e| Error::io("mkdir", Some(&path), e))?;
+        }
+        if !path.is_dir() {
+            return Err(Error::InvalidConfig(format!("{} is not a directory", path.display())));
+        }
+        let lock = take_lock(&path)?;
+        let mpath = path.join(MANIFEST_FILE);
+        check_not_symlink(&mpath)?;
+        let (manifest, created) = if mpath.exists() {
+            let m = read_manifest(&path)?;
+            let want = [
+                ("shards", m.shard_count as u64, cfg.shards() as u64),
+                ("window_bytes", m.window_bytes, cfg.window_bytes()),
+                ("max_file_bytes", m.max_file_bytes, cfg.max_file_bytes()),
+            ];
+            for (what, on_disk, requested) in want {
+                if on_disk != requested {
+                    return Err(Error::Mismatch {
+                        what,
+                        on_disk,
+                        requested,
+                    });
+                }
+            }
+            (m, false)
+        } else {
+            if has_shard_dirs(&path) {
+                return Err(Error::Corrupt {
+                    what: mpath.display().to_string(),
+                    detail: "manifest missing but shard folders exist".into(),
+                });
+            }
+            let m = Manifest {
+                version: FORMAT_VERSION,
+                shard_count: u16::try_from(cfg.shards()).map_err(|_| Error::InvalidConfig("too many shards".into()))?,
+                dir_id: random_u64(),
+                window_bytes: cfg.window_bytes(),
+                max_file_bytes: cfg.max_file_bytes(),
+                class_table_id: CLASS_TABLE_ID,
+            };
+            write_manifest(&path, &m)?;
+            (m, true)
+        };
+        for i in 0..manifest.shard_count {
+            let d = shard_dir(&path, i);
+            check_not_symlink(&d)?;
+            if !d.exists() {
+                DirBuilder::new()
+                    .mode(0o700)
+                    .create(&d)
+                    .map_err(|e| Error::io("mkdir", Some(&d), e))?;
+            }
+        }
+        if created {
+            sync_dir(&path)?;
+        }
+        Ok(DataDir {
+            path,
+            manifest,
+            created,
+            read_only: false,
+            _lock: Some(lock),
+        })
+    }
+
+    /// Open an existing directory read-only for inspection. The lock is
+    /// tried, not required: `locked_elsewhere` tells whether another instance
+    /// has the directory open (its state may then be moving).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Corrupt`] for a damaged or missing manifest; [`Error::Io`].
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<(DataDir, bool)> {
+        let path = path.as_ref().to_path_buf();
+        check_not_symlink(&path)?;
+        let manifest = read_manifest(&path)?;
+        let (lock, locked_elsewhere) = match take_lock(&path) {
+            Ok(l) => (Some(l), false),
+            Err(Error::AlreadyOpen { .. }) => (None, true),
+            Err(e) => return Err(e),
+        };
+        Ok((
+            DataDir {
+                path,
+                manifest,
+                created: false,
+                read_only: true,
+                _lock: lock,
+            },
+            locked_elsewhere,
+        ))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    /// True when this open created the directory.
+    pub fn was_created(&self) -> bool {
+        self.created
+    }
+    /// True for [`DataDir::open_read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    /// The folder of shard `i`.
+    pub fn shard_dir(&self, i: u16) -> PathBuf {
+        shard_dir(&self.path, i)
+    }
+}
+
+fn shard_dir(path: &Path, i: u16) -> PathBuf {
+    path.join(format!("shard-{i:03}"))
+}
+
+fn has_shard_dirs(path: &Path) -> bool {
+    std::fs::read_dir(path)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with("shard-"))
+        })
+        .unwrap_or(false)
+}
+
+fn check_not_symlink(p: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_symlink() => Err(Error::InvalidConfig(format!(
+            "{} is a symlink; segalloc does not follow symlinks in a data directory",
+            p.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn take_lock(dir: &Path) -> Result<OwnedFd> {
+    let p = dir.join(LOCK_FILE);
+    let fd = sys::open(&p, OpenMode::ReadWriteCreate).map_err(|e| Error::io("open", Some(&p), e))?;
+    match sys::try_lock_exclusive(fd.as_raw_fd()) {
+        Ok(true) => Ok(fd),
+        Ok(false) => Err(Error::AlreadyOpen {
+            path: dir.to_path_buf(),
+        }),
+        Err(e) => Err(Error::io("flock", Some(&p), e)),
+    }
+}
+
+fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let p = dir.join(MANIFEST_FILE);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&p)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::Corrupt {
+                what: p.display().to_string(),
+                detail: "manifest missing (not a segalloc data directory?)".into(),
+            },
+            _ => Error::io("open", Some(&p), e),
+        })?;
+    let mut buf = Vec::with_capacity(MANIFEST_BYTES);
+    Read::by_ref(&mut f)
+        .take(4096)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::io("read", Some(&p), e))?;
+    if buf.len() != MANIFEST_BYTES {
+        return Err(Error::Corrupt {
+            what: p.display().to_string(),
+            detail: format!("manifest is {} bytes, expected {MANIFEST_BYTES}", buf.len()),
+        });
+    }
+    Ok(Manifest::decode(&buf, &p.display().to_string())?.0)
+}
+
+fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
+    let tmp = dir.join("MANIFEST.tmp");
+    let p = dir.join(MANIFEST_FILE);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(|e| Error::io("open", Some(&tmp), e))?;
+    f.write_all(&m.encode(0)).map_err(|e| Error::io("write", Some(&tmp), e))?;
+    f.sync_all().map_err(|e| Error::io("fsync", Some(&tmp), e))?;
+    std::fs::rename(&tmp, &p).map_err(|e| Error::io("rename", Some(&p), e))?;
+    Ok(())
+}
+
+/// `fsync` a directory so that entries created in it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io("fsync", Some(dir), e))
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok()
+    {
+        return u64::from_le_bytes(b);
+    }
+    // No /dev/urandom: time and pid are unique enough for a directory tag.
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ ((std::process::id() as u64) << 32)
+}

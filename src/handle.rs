@@ -1,0 +1,229 @@
+//! `Handle`: the durable address of an allocation.
+//!
+//! A handle is `Copy`, 40 bytes when encoded, little-endian, and checksummed,
+//! so it can be stored inside other allocations and decoded after a restart.
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 1 | magic `0xA5` |
+//! | 1 | 1 | format version (1) |
+//! | 2 | 1 | size class |
+//! | 3 | 1 | reserved, 0 |
+//! | 4 | 2 | shard |
+//! | 6 | 2 | reserved, 0 |
+//! | 8 | 4 | data file number |
+//! | 12 | 4 | segment id |
+//! | 16 | 4 | segment generation |
+//! | 20 | 4 | slot length in bytes |
+//! | 24 | 8 | byte offset of the slot in the data file |
+//! | 32 | 4 | data-directory tag (low 32 bits of its random id) |
+//! | 36 | 4 | CRC-32C of bytes 0..36 |
+
+use crate::alloc::classes;
+use crate::error::{Error, Result};
+
+/// Encoded size of a [`Handle`].
+pub const HANDLE_BYTES: usize = 40;
+
+const MAGIC: u8 = 0xA5;
+const VERSION: u8 = 1;
+
+const OFF_MAGIC: usize = 0;
+const OFF_VERSION: usize = OFF_MAGIC + 1;
+const OFF_CLASS: usize = OFF_VERSION + 1;
+const OFF_RESERVED0: usize = OFF_CLASS + 1;
+const OFF_SHARD: usize = OFF_RESERVED0 + 1;
+const OFF_RESERVED1: usize = OFF_SHARD + 2;
+const OFF_FILE: usize = OFF_RESERVED1 + 2;
+const OFF_SEGMENT: usize = OFF_FILE + 4;
+const OFF_GENERATION: usize = OFF_SEGMENT + 4;
+const OFF_LENGTH: usize = OFF_GENERATION + 4;
+const OFF_OFFSET: usize = OFF_LENGTH + 4;
+const OFF_DIR_TAG: usize = OFF_OFFSET + 8;
+const OFF_CRC: usize = OFF_DIR_TAG + 4;
+const _: () = assert!(OFF_CRC + 4 == HANDLE_BYTES);
+
+/// The durable address of an allocation: shard, file, segment, offset,
+/// length and class, plus the segment's generation and a tag of the data
+/// directory, so a stale handle or one from another directory is rejected.
+///
+/// ```
+/// use segalloc::Handle;
+/// # let h = Handle::example();
+/// let bytes = h.to_bytes();
+/// assert_eq!(Handle::from_bytes(&bytes)?, h);
+/// assert!(Handle::from_bytes(&[0u8; 40]).is_err());
+/// # Ok::<(), segalloc::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Handle {
+    pub(crate) shard: u16,
+    pub(crate) class_id: u8,
+    pub(crate) file: u32,
+    pub(crate) segment: u32,
+    pub(crate) generation: u32,
+    pub(crate) length: u32,
+    pub(crate) offset: u64,
+    pub(crate) dir_tag: u32,
+}
+
+impl Handle {
+    /// The shard that owns the allocation.
+    pub fn shard(&self) -> u16 {
+        self.shard
+    }
+    /// The size class.
+    pub fn class_id(&self) -> u8 {
+        self.class_id
+    }
+    /// The data file number within the shard.
+    pub fn file_id(&self) -> u32 {
+        self.file
+    }
+    /// The segment id within the shard.
+    pub fn segment_id(&self) -> u32 {
+        self.segment
+    }
+    /// The segment's generation when the slot was allocated.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+    /// Byte offset of the slot in its data file.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+    /// Usable length: the slot size of the class (at least the requested size).
+    pub fn len(&self) -> u32 {
+        self.length
+    }
+    /// Always false: allocations are at least 16 bytes.
+    pub fn is_empty(&self) -> bool {
+        self.length == 0
+    }
+    /// Tag of the data directory the handle belongs to.
+    pub fn dir_tag(&self) -> u32 {
+        self.dir_tag
+    }
+
+    /// The fixed-size little-endian encoding.
+    pub fn to_bytes(&self) -> [u8; HANDLE_BYTES] {
+        let mut b = [0u8; HANDLE_BYTES];
+        b[OFF_MAGIC] = MAGIC;
+        b[OFF_VERSION] = VERSION;
+        b[OFF_CLASS] = self.class_id;
+        b[OFF_SHARD..OFF_SHARD + 2].copy_from_slice(&self.shard.to_le_bytes());
+        b[OFF_FILE..OFF_FILE + 4].copy_from_slice(&self.file.to_le_bytes());
+        b[OFF_SEGMENT..OFF_SEGMENT + 4].copy_from_slice(&self.segment.to_le_bytes());
+        b[OFF_GENERATION..OFF_GENERATION + 4].copy_from_slice(&self.generation.to_le_bytes());
+        b[OFF_LENGTH..OFF_LENGTH + 4].copy_from_slice(&self.length.to_le_bytes());
+        b[OFF_OFFSET..OFF_OFFSET + 8].copy_from_slice(&self.offset.to_le_bytes());
+        b[OFF_DIR_TAG..OFF_DIR_TAG + 4].copy_from_slice(&self.dir_tag.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..OFF_CRC]);
+        b[OFF_CRC..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decode and validate an encoding made by [`to_bytes`](Self::to_bytes).
+    ///
+    /// Validation is structural (length, magic, version, checksum, class,
+    /// slot length, alignment); whether the allocation exists is checked
+    /// when the handle is used.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadHandle`] with the reason.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Handle> {
+        let bad = |reason: &'static str| Err(Error::BadHandle { reason });
+        if bytes.len() != HANDLE_BYTES {
+            return bad("wrong length (a handle is 40 bytes)");
+        }
+        if bytes[OFF_MAGIC] != MAGIC {
+            return bad("bad magic byte");
+        }
+        if bytes[OFF_VERSION] != VERSION {
+            return bad("unknown handle version");
+        }
+        let crc = u32::from_le_bytes(bytes[OFF_CRC..].try_into().expect("4 bytes"));
+        if crc != crc32c::crc32c(&bytes[..OFF_CRC]) {
+            return bad("checksum mismatch");
+        }
+        if bytes[OFF_RESERVED0] != 0 || bytes[OFF_RESERVED1..OFF_RESERVED1 + 2] != [0, 0] {
+            return bad("reserved bytes are not zero");
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+        let h = Handle {
+            class_id: bytes[OFF_CLASS],
+            shard: u16::from_le_bytes([bytes[OFF_SHARD], bytes[OFF_SHARD + 1]]),
+            file: u32_at(OFF_FILE),
+            segment: u32_at(OFF_SEGMENT),
+            generation: u32_at(OFF_GENERATION),
+            length: u32_at(OFF_LENGTH),
+            offset: u64::from_le_bytes(bytes[OFF_OFFSET..OFF_OFFSET + 8].try_into().expect("8 bytes")),
+            dir_tag: u32_at(OFF_DIR_TAG),
+        };
+        let Some(class) = classes::class(h.class_id) else {
+            return bad("unknown size class");
+        };
+        if h.length != class.slot_bytes {
+            return bad("length does not match the size class");
+        }
+        if h.offset % 16 != 0 {
+            return bad("misaligned offset");
+        }
+        Ok(h)
+    }
+
+    /// A syntactically valid handle for documentation examples.
+    #[doc(hidden)]
+    pub fn example() -> Handle {
+        Handle {
+            shard: 0,
+            class_id: 0,
+            file: 0,
+            segment: 0,
+            generation: 1,
+            length: 16,
+            offset: 0,
+            dir_tag: 0xdead_beef,
+        }
+    }
+}
+
+impl std::fmt::Display for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}@{:#x}+{}",
+            self.shard, self.file, self.segment, self.offset, self.length
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_every_single_byte_flip_is_rejected() {
+        let h = Handle {
+            shard: 3,
+            class_id: 9,
+            file: 7,
+            segment: 1234,
+            generation: 99,
+            length: crate::alloc::classes::CLASSES[9].slot_bytes,
+            offset: 1 << 33,
+            dir_tag: 0x1234_5678,
+        };
+        let b = h.to_bytes();
+        assert_eq!(Handle::from_bytes(&b).unwrap(), h);
+        for i in 0..HANDLE_BYTES {
+            for bit in 0..8 {
+                let mut c = b;
+                c[i] ^= 1 << bit;
+                assert!(Handle::from_bytes(&c).is_err(), "flip {i}:{bit} accepted");
+            }
+        }
+        assert!(Handle::from_bytes(&b[..39]).is_err());
+    }
+}
