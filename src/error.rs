@@ -228,6 +228,15 @@ pub enum Error {
         shard: u16,
     },
 
+    /// A task spawned on a shard panicked (the shard keeps serving).
+    #[error("task on shard {shard} panicked: {message}")]
+    TaskPanicked {
+        /// The shard (`u16::MAX` when a whole shard thread panicked).
+        shard: u16,
+        /// The panic message.
+        message: String,
+    },
+
     /// io_uring was forced (`SEGALLOC_IO=uring` or the config) but cannot be
     /// set up here.
     #[error("io_uring was requested but is unavailable: {source}")]

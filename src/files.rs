@@ -74,6 +74,8 @@ struct FileEntry {
     growing: bool,
     grow_waiters: Rc<WaitList>,
     fallocate_ok: bool,
+    /// Owned by another shard: opened without `O_CREAT`, never grown here.
+    foreign: bool,
 }
 
 struct Files {
@@ -214,9 +216,19 @@ impl FileHandleRegistry {
             growing: false,
             grow_waiters: Rc::new(WaitList::default()),
             fallocate_ok: true,
+            foreign: false,
         });
         f.by_path.insert(path.to_path_buf(), id);
         f.stats.files = f.entries.len();
+        id
+    }
+
+    /// Register a file owned by another shard (cross-shard pins): it is
+    /// opened without `O_CREAT` and never grown through this registry; its
+    /// size is re-read from the file when a range lies beyond what was seen.
+    pub fn register_foreign(&self, path: impl AsRef<Path>) -> FileId {
+        let id = self.register(path);
+        self.inner.borrow_mut().entries[id.0 as usize].foreign = true;
         id
     }
 
@@ -311,7 +323,20 @@ impl FileHandleRegistry {
     /// As [`FileHandleRegistry::acquire`].
     pub async fn grow(&self, id: FileId, min_size: u64) -> Result<(FileLease, Reservation)> {
         loop {
-            let lease = self.open_lease(id)?;
+            let lease = match self.open_lease(id) {
+                // Operations dropped mid-flight keep their descriptors until
+                // the ring reaps them: drive it, then try again.
+                Err(e @ Error::FdPressure { .. }) if self.ring.abandoned_in_flight() > 0 => {
+                    if self.ring.settle().await.is_err() {
+                        return Err(e);
+                    }
+                    continue;
+                }
+                r => r?,
+            };
+            if self.inner.borrow().entries[id.0 as usize].foreign {
+                return self.refresh_foreign(lease, id, min_size);
+            }
             let waiters = {
                 let mut f = self.inner.borrow_mut();
                 let e = &mut f.entries[id.0 as usize];
@@ -423,6 +448,25 @@ impl FileHandleRegistry {
         Ok(Reservation::Sparse { from, to: min_size })
     }
 
+    fn refresh_foreign(&self, lease: FileLease, id: FileId, min_size: u64) -> Result<(FileLease, Reservation)> {
+        let path = self.path(id)?;
+        let size = sys::file_size(lease.fd()).map_err(|e| Error::io("fstat", Some(&path), e))?;
+        let mut f = self.inner.borrow_mut();
+        let e = &mut f.entries[id.0 as usize];
+        e.len_bytes = e.len_bytes.max(size);
+        e.reserved.set(e.reserved.get().max(size));
+        if e.reserved.get() >= min_size {
+            Ok((lease, Reservation::Reserved))
+        } else {
+            Err(Error::InvalidRange {
+                file: id,
+                offset: size,
+                len_bytes: min_size - size,
+                reason: "beyond the end of another shard's data file",
+            })
+        }
+    }
+
     /// Record that `[.., to)` of a sparse file has been prefaulted and is now
     /// backed by blocks (see [`Reservation::Sparse`]).
     pub fn mark_reserved(&self, id: FileId, to: u64) {
@@ -488,7 +532,12 @@ impl FileHandleRegistry {
             });
         }
         let path = self.path(id)?;
-        let fd = match sys::open(&path, self.mode) {
+        let mode = if self.mode == OpenMode::ReadWriteCreate && self.inner.borrow().entries[id.0 as usize].foreign {
+            OpenMode::ReadWrite
+        } else {
+            self.mode
+        };
+        let fd = match sys::open(&path, mode) {
             Ok(fd) => fd,
             Err(e)
                 if matches!(
@@ -499,7 +548,7 @@ impl FileHandleRegistry {
                 // Someone else in the process holds descriptors: give one of
                 // ours back and try once more.
                 if self.evict_one() {
-                    sys::open(&path, self.mode).map_err(|source| Error::TooManyOpenFiles {
+                    sys::open(&path, mode).map_err(|source| Error::TooManyOpenFiles {
                         path: path.clone(),
                         source,
                     })?

@@ -422,9 +422,27 @@ impl MappingManager {
     async fn wait_pressure(&self, deadline: Instant) -> Result<()> {
         self.inner.borrow_mut().stats.pressure_waits += 1;
         let wait = self.shared.pressure.wait();
+        // A pin future dropped mid-fault leaves its window to the ring (held
+        // by the advice still in flight) until the ring reaps that operation,
+        // and only a future polling the ring does: drive the ring meanwhile,
+        // and look again once those windows are released.
+        let released = async {
+            let mut wait = std::pin::pin!(wait);
+            if self.ring.abandoned_in_flight() > 0 {
+                let settle = std::pin::pin!(self.ring.settle());
+                match futures::future::select(wait.as_mut(), settle).await {
+                    // The ring failed to watch its eventfd: just wait.
+                    futures::future::Either::Right((Err(_), _)) => wait.await,
+                    _ => {}
+                }
+            } else {
+                wait.await;
+            }
+        };
         let now = Instant::now();
         let remaining = deadline.saturating_duration_since(now);
-        let timed_out = remaining.is_zero() || tokio::time::timeout(remaining, wait).await.is_err();
+        let timed_out =
+            remaining.is_zero() || tokio::time::timeout(remaining, released).await.is_err();
         if timed_out {
             self.inner.borrow_mut().stats.pressure_timeouts += 1;
             return Err(Error::WindowPressure {
@@ -586,6 +604,7 @@ impl MappingManager {
             idx,
             list,
             done: false,
+            faulting: true,
         };
         let path = self.files.path(file)?;
         let _span =
@@ -629,7 +648,11 @@ impl MappingManager {
         })?;
         drop(lease);
         let base = NonNull::new(map.as_mut_ptr()).expect("mmap never returns null");
+        // The slot now counts as a live VMA instead of a window faulting in
+        // (counting both would overstate `extent_count` past the cap).
         self.shared.live.set(self.shared.live.get() + 1);
+        self.inner.borrow_mut().faulting -= 1;
+        guard.faulting = false;
         let win = Rc::new(Window {
             map,
             base,
@@ -662,7 +685,6 @@ impl MappingManager {
         // 4. Publish the window.
         {
             let mut m = self.inner.borrow_mut();
-            m.faulting -= 1;
             m.files[file.0 as usize].as_mut().unwrap().windows[idx] = Slot::Mapped(win.clone());
             m.resident.push((file, idx as u32));
             m.stats.faults += 1;
@@ -894,6 +916,9 @@ struct FaultGuard<'a> {
     idx: usize,
     list: Rc<WaitList>,
     done: bool,
+    /// Still counted in `faulting` (until the window is mapped and counts
+    /// as live instead).
+    faulting: bool,
 }
 
 impl Drop for FaultGuard<'_> {
@@ -901,7 +926,9 @@ impl Drop for FaultGuard<'_> {
         if !self.done {
             // Cancelled or failed: give the slot and the reservation back.
             let mut m = self.mm.inner.borrow_mut();
-            m.faulting -= 1;
+            if self.faulting {
+                m.faulting -= 1;
+            }
             m.files[self.file.0 as usize].as_mut().unwrap().windows[self.idx] = Slot::Unmapped;
             drop(m);
             self.mm.shared.pressure.wake_one();

@@ -5,6 +5,8 @@
 //! allocate / pin / free hot path takes no lock and makes no atomic
 //! read-modify-write; everything that may block goes through its ring.
 
+use std::cell::{OnceCell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -12,7 +14,8 @@ use crate::alloc::{AllocStats, Allocation, LiveIter, SegmentAllocator};
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::error::{Error, Result};
-use crate::files::{FileHandleRegistry, FileStats};
+use crate::files::{FileHandleRegistry, FileId, FileStats};
+use crate::mesh::{Endpoint, MeshLocal, MeshStats};
 use crate::handle::Handle;
 use crate::io::{IoBackend, Ring, RingStats};
 use crate::mapping::{MappingConfig, MappingManager, MappingStats, Pin};
@@ -32,15 +35,20 @@ pub struct ShardStats {
     pub mappings: MappingStats,
     /// Allocator counters.
     pub alloc: AllocStats,
+    /// Cross-shard free counters.
+    pub mesh: MeshStats,
 }
 
-struct ShardInner {
+pub(crate) struct ShardInner {
     index: u16,
     dir: Arc<DataDir>,
     ring: Ring,
     files: Rc<FileHandleRegistry>,
     mm: Rc<MappingManager>,
-    alloc: SegmentAllocator,
+    pub(crate) alloc: SegmentAllocator,
+    mesh: OnceCell<Rc<MeshLocal>>,
+    /// Local file ids of other shards' data files, for cross-shard pins.
+    foreign: RefCell<HashMap<(u16, u32), FileId>>,
 }
 
 /// One shard of a data directory. Cheap to clone within its thread.
@@ -103,8 +111,35 @@ impl Shard {
                 files,
                 mm,
                 alloc,
+                mesh: OnceCell::new(),
+                foreign: RefCell::new(HashMap::new()),
             }),
         })
+    }
+
+    /// Join the channel mesh: start the task that applies frees forwarded by
+    /// other shards. Must run inside a `LocalSet` (or tokio-uring).
+    pub(crate) fn connect(&self, ep: Endpoint) {
+        debug_assert_eq!(ep.index, self.inner.index);
+        let mesh = Rc::new(MeshLocal::new(ep));
+        let _ = self.inner.mesh.set(mesh.clone());
+        tokio::task::spawn_local(MeshLocal::run_drain(Rc::downgrade(&mesh), Rc::downgrade(&self.inner)));
+    }
+
+    /// Send every buffered cross-shard free to its owner now (they are
+    /// otherwise sent when a batch fills or the current task yields).
+    pub fn flush_frees(&self) {
+        if let Some(m) = self.inner.mesh.get() {
+            m.flush();
+        }
+    }
+
+    /// Apply every forwarded free that has arrived (the drain task does this
+    /// on its own; `Runtime::sync` calls it before syncing).
+    pub fn drain_frees(&self) {
+        if let Some(m) = self.inner.mesh.get() {
+            m.drain_now(&self.inner);
+        }
     }
 
     /// This shard's index.
@@ -150,13 +185,63 @@ impl Shard {
         self.inner.alloc.try_allocate(size)
     }
 
-    /// Pin a live allocation of this shard.
+    /// Pin a live allocation: of this shard (checked against its bitmap), or,
+    /// inside a runtime, of another shard: then the owner's data file is
+    /// mapped through this shard's MappingManager (`MAP_SHARED`, coherent
+    /// with the owner's view). A foreign handle is checked for integrity and
+    /// bounds but not for liveness, which only its owner knows: pin it on the
+    /// owner (`Runtime::spawn_on`) when that matters.
     ///
     /// # Errors
     ///
-    /// See [`SegmentAllocator::pin`].
+    /// See [`SegmentAllocator::pin`]; [`Error::WrongShard`] for a foreign
+    /// handle outside a runtime or naming a shard that does not exist.
     pub async fn pin(&self, handle: Handle) -> Result<Pin> {
-        self.inner.alloc.pin(handle).await
+        if handle.shard() == self.inner.index {
+            return self.inner.alloc.pin(handle).await;
+        }
+        let fid = self.foreign_file(&handle)?;
+        let len = handle.len() as u64;
+        if let Some(p) = self.inner.mm.try_pin(fid, handle.offset(), len, true)? {
+            return Ok(p);
+        }
+        self.inner.mm.pin(fid, handle.offset(), len, true).await
+    }
+
+    fn foreign_file(&self, h: &Handle) -> Result<FileId> {
+        let m = self.inner.dir.manifest();
+        if h.dir_tag() != m.dir_tag() {
+            return Err(Error::ForeignHandle {
+                handle: h.to_string(),
+                handle_tag: h.dir_tag(),
+                dir_tag: m.dir_tag(),
+            });
+        }
+        if self.inner.mesh.get().is_none() || h.shard() >= m.shard_count {
+            return Err(Error::WrongShard {
+                handle: h.to_string(),
+                owner: h.shard(),
+                this: self.inner.index,
+            });
+        }
+        if h.offset() + h.len() as u64 > m.max_file_bytes {
+            return Err(Error::NotAllocated {
+                handle: h.to_string(),
+                reason: "offset out of bounds",
+            });
+        }
+        let key = (h.shard(), h.file_id());
+        if let Some(&id) = self.inner.foreign.borrow().get(&key) {
+            return Ok(id);
+        }
+        let path = self
+            .inner
+            .dir
+            .shard_dir(h.shard())
+            .join(crate::alloc::data_file_name(h.file_id()));
+        let id = self.inner.files.register_foreign(path);
+        self.inner.foreign.borrow_mut().insert(key, id);
+        Ok(id)
     }
 
     /// Pin without awaiting (`Ok(None)`: use [`pin`](Self::pin)).
@@ -168,13 +253,30 @@ impl Shard {
         self.inner.alloc.try_pin(handle)
     }
 
-    /// Free an allocation of this shard.
+    /// Free an allocation. A handle of this shard is freed at once (durable
+    /// against a process crash when this returns). Inside a runtime, a
+    /// handle of another shard is forwarded to its owner in a batch: it is
+    /// applied (and durable) once the owner has drained it, which
+    /// `Runtime::sync` waits for; a forwarded free that the owner rejects
+    /// (double free, stale handle) is counted in the owner's
+    /// `mesh.cross_frees_rejected` and logged through `tracing`.
     ///
     /// # Errors
     ///
-    /// See [`SegmentAllocator::free`].
+    /// See [`SegmentAllocator::free`]; for a foreign handle only what can be
+    /// checked here ([`Error::ForeignHandle`], [`Error::WrongShard`] outside a
+    /// runtime, [`Error::ShardGone`]).
     pub fn free(&self, handle: Handle) -> Result<()> {
-        self.inner.alloc.free(handle)
+        if handle.shard() == self.inner.index {
+            return self.inner.alloc.free(handle);
+        }
+        self.foreign_file(&handle)?;
+        let mesh = self.inner.mesh.get().expect("checked by foreign_file");
+        if mesh.forward(handle) {
+            Ok(())
+        } else {
+            Err(Error::ShardGone { shard: handle.shard() })
+        }
     }
 
     /// Make everything acknowledged so far durable against power loss.
@@ -233,6 +335,7 @@ impl Shard {
             files: self.inner.files.stats(),
             mappings: self.inner.mm.stats(),
             alloc: self.inner.alloc.stats(),
+            mesh: self.inner.mesh.get().map(|m| m.stats.get()).unwrap_or_default(),
         }
     }
 }

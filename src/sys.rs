@@ -204,3 +204,15 @@ pub fn is_unsupported(e: &io::Error) -> bool {
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
     )
 }
+
+/// Pin the calling thread to one CPU (`sched_setaffinity(0, …)`).
+pub fn pin_thread_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes inside `set`; `cpu` is bounded by the caller to
+    // the machine's CPU count (< CPU_SETSIZE).
+    unsafe { libc::CPU_SET(cpu % libc::CPU_SETSIZE as usize, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    syscall!(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) })?;
+    Ok(())
+}

@@ -201,7 +201,8 @@ impl Drop for SlotGuard<'_> {
     }
 }
 
-fn data_file_name(n: u32) -> String {
+/// File name of data file `n` in a shard folder.
+pub(crate) fn data_file_name(n: u32) -> String {
     format!("data-{n:06}.seg")
 }
 

@@ -244,6 +244,23 @@ impl Ring {
         )
     }
 
+    /// Operations dropped before completion that the kernel still runs. The
+    /// ring holds their fds and windows until it reaps them, which happens
+    /// only while some future polls the ring.
+    pub(crate) fn abandoned_in_flight(&self) -> usize {
+        self.inner.uring.as_ref().map_or(0, |d| d.abandoned())
+    }
+
+    /// A future that drives the ring until every operation dropped before
+    /// completion is finished and its fd and window are released. Ready at
+    /// once when there is none (always on the sync backend).
+    pub(crate) fn settle(&self) -> Settle {
+        Settle {
+            ring: self.clone(),
+            key: None,
+        }
+    }
+
     fn bump(&self, f: impl FnOnce(&mut RingStats)) {
         let mut s = self.inner.stats.get();
         f(&mut s);
@@ -381,6 +398,33 @@ impl Future for Op {
                 }
             }
             OpState::Done => panic!("Op polled after completion"),
+        }
+    }
+}
+
+/// Future of [`Ring::settle`].
+#[must_use = "a Settle does nothing unless awaited"]
+pub(crate) struct Settle {
+    ring: Ring,
+    key: Option<usize>,
+}
+
+impl Future for Settle {
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match &this.ring.inner.uring {
+            Some(d) => d.poll_settle(&mut this.key, cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl Drop for Settle {
+    fn drop(&mut self) {
+        if let Some(d) = &self.ring.inner.uring {
+            d.cancel_settle(&mut self.key);
         }
     }
 }

@@ -33,6 +33,12 @@ enum Slot {
     Abandoned {
         _res: Resources,
     },
+    /// A [`Settle`](super::Settle) future waiting for the abandoned
+    /// operations to finish. No operation has this key, so no completion
+    /// ever targets it; it exists so that `hand_over` wakes the future.
+    Settle {
+        waker: Option<Waker>,
+    },
 }
 
 pub(super) struct Driver {
@@ -170,25 +176,44 @@ impl Driver {
         let mut wake = Vec::new();
         let mut ring = self.ring.borrow_mut();
         let mut slots = self.slots.borrow_mut();
-        for cqe in ring.completion() {
-            let key = cqe.user_data() as usize;
-            let Some(slot) = slots.get_mut(key) else {
-                continue;
-            };
-            match slot {
-                Slot::Waiting { waker, .. } => {
-                    if let Some(w) = waker.take() {
-                        wake.push(w);
+        loop {
+            for cqe in ring.completion() {
+                let key = cqe.user_data() as usize;
+                let Some(slot) = slots.get_mut(key) else {
+                    continue;
+                };
+                match slot {
+                    Slot::Waiting { waker, .. } => {
+                        if let Some(w) = waker.take() {
+                            wake.push(w);
+                        }
+                        *slot = Slot::Done(cqe.result());
                     }
-                    *slot = Slot::Done(cqe.result());
+                    Slot::Abandoned { .. } => {
+                        slots.remove(key);
+                    }
+                    Slot::Done(_) | Slot::Settle { .. } => {}
                 }
-                Slot::Abandoned { .. } => {
-                    slots.remove(key);
-                }
-                Slot::Done(_) => {}
+            }
+            // More completions than the CQ ring holds: the kernel keeps the
+            // rest on its overflow list (IORING_FEAT_NODROP) and has already
+            // signalled the eventfd for them. Only an enter with GETEVENTS
+            // (which `submit` adds when it sees the overflow flag) moves them
+            // into the ring: without it they would never be reaped.
+            if !ring.submission().cq_overflow() || ring.submit().is_err() {
+                break;
             }
         }
         wake
+    }
+
+    /// Operations dropped before completion that the kernel still runs.
+    pub(super) fn abandoned(&self) -> usize {
+        self.slots
+            .borrow()
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Abandoned { .. }))
+            .count()
     }
 
     fn take_done(&self, key: usize) -> Option<io::Result<()>> {
@@ -213,7 +238,7 @@ impl Driver {
             .borrow_mut()
             .iter_mut()
             .filter_map(|(_, s)| match s {
-                Slot::Waiting { waker, .. } => waker.clone(),
+                Slot::Waiting { waker, .. } | Slot::Settle { waker } => waker.clone(),
                 _ => None,
             })
             .collect();
@@ -250,26 +275,79 @@ impl Driver {
                     _ => *waker = Some(cx.waker().clone()),
                 }
             }
-            let watch = match self.watch() {
-                Ok(w) => w,
-                Err(e) => return Poll::Ready(Err(e)),
-            };
-            match watch.poll_read_ready(cx) {
-                Poll::Ready(Ok(mut guard)) => {
-                    // Reset the counter, then forget the readiness: the next
-                    // completion writes the eventfd again and re-arms it.
-                    loop {
-                        match sys::eventfd_drain(self.eventfd.as_raw_fd()) {
-                            Ok(true) => continue,
-                            Ok(false) => break,
-                            Err(e) => return Poll::Ready(Err(e)),
-                        }
-                    }
-                    guard.clear_ready();
-                }
+            match self.poll_watch(cx) {
+                Poll::Ready(Ok(())) => continue,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             }
+        }
+    }
+
+    /// Watch the eventfd for the task of `cx`. `Ready(Ok)` when it fired
+    /// (it is drained and re-armed): reap again.
+    fn poll_watch(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let watch = self.watch()?;
+        match watch.poll_read_ready(cx) {
+            Poll::Ready(Ok(mut guard)) => {
+                // Reset the counter, then forget the readiness: the next
+                // completion writes the eventfd again and re-arms it.
+                while sys::eventfd_drain(self.eventfd.as_raw_fd())? {}
+                guard.clear_ready();
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Drive the ring until no abandoned operation is left. `key` is the
+    /// future's `Settle` slot, taken while it waits and released (with a
+    /// hand-over of the eventfd watch) when it is done.
+    pub(super) fn poll_settle(
+        &self,
+        key: &mut Option<usize>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            for w in self.reap() {
+                w.wake();
+            }
+            if self.abandoned() == 0 {
+                self.cancel_settle(key);
+                return Poll::Ready(Ok(()));
+            }
+            {
+                let mut slots = self.slots.borrow_mut();
+                match *key {
+                    Some(k) => {
+                        if let Some(Slot::Settle { waker }) = slots.get_mut(k) {
+                            *waker = Some(cx.waker().clone());
+                        }
+                    }
+                    None => {
+                        *key = Some(slots.insert(Slot::Settle {
+                            waker: Some(cx.waker().clone()),
+                        }))
+                    }
+                }
+            }
+            match self.poll_watch(cx) {
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(e)) => {
+                    self.cancel_settle(key);
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Release a `Settle` slot; the eventfd watch it may hold goes to the
+    /// operations still waiting.
+    pub(super) fn cancel_settle(&self, key: &mut Option<usize>) {
+        if let Some(k) = key.take() {
+            self.slots.borrow_mut().remove(k);
+            self.hand_over();
         }
     }
 
@@ -281,7 +359,7 @@ impl Driver {
             };
             match std::mem::replace(slot, Slot::Done(0)) {
                 Slot::Waiting { _res, .. } => *slot = Slot::Abandoned { _res },
-                Slot::Done(_) | Slot::Abandoned { .. } => {
+                Slot::Done(_) | Slot::Abandoned { .. } | Slot::Settle { .. } => {
                     slots.remove(key);
                 }
             }
@@ -300,7 +378,7 @@ impl Drop for Driver {
                 .slots
                 .borrow()
                 .iter()
-                .filter(|(_, s)| !matches!(s, Slot::Done(_)))
+                .filter(|(_, s)| matches!(s, Slot::Waiting { .. } | Slot::Abandoned { .. }))
                 .count();
             if pending == 0 {
                 break;

@@ -1,0 +1,468 @@
+//! `Runtime`: one thread per shard, each pinned to its core and running its
+//! own single-threaded executor, and the channel mesh between them.
+//! [`Cluster`] is the same without the threads, for servers that own their
+//! threads.
+//!
+//! **Architecture invariant:** nothing is shared between shard threads but
+//! the read-only [`DataDir`] and the mesh's channels. A shard thread runs a
+//! tokio-uring runtime (built with `tokio_uring::Runtime::new`, never
+//! `tokio_uring::start`, which panics without io_uring) or, when io_uring is
+//! unavailable or `SEGALLOC_IO=sync`, a tokio current-thread runtime with a
+//! `LocalSet`. Shard code uses only `spawn_local`, `AsyncFd` and wakers, so
+//! either hosts it.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin as StdPin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle as ThreadHandle;
+
+use futures::FutureExt;
+use futures::channel::oneshot;
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+
+use crate::config::{Config, IoBackendChoice};
+use crate::datadir::DataDir;
+use crate::error::{Error, Result};
+use crate::handle::Handle;
+use crate::mesh::{self, Endpoint};
+use crate::shard::{Shard, ShardStats};
+use crate::sys;
+
+/// A data directory opened for a set of shards, with the mesh built but no
+/// thread started. Hand one [`ShardBuilder`] to each of your threads.
+///
+/// ```no_run
+/// use segalloc::{Cluster, Config};
+/// let cluster = Cluster::open(Config::builder("/tmp/segalloc-cluster").shards(2).build()?)?;
+/// let threads: Vec<_> = cluster
+///     .into_builders()
+///     .into_iter()
+///     .map(|b| {
+///         std::thread::spawn(move || {
+///             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+///             tokio::task::LocalSet::new().block_on(&rt, async move {
+///                 let shard = b.open().await?;
+///                 let a = shard.allocate(64).await?;
+///                 shard.free(a.into_handle())?;
+///                 shard.sync().await
+///             })
+///         })
+///     })
+///     .collect();
+/// for t in threads {
+///     t.join().unwrap()?;
+/// }
+/// # Ok::<(), segalloc::Error>(())
+/// ```
+pub struct Cluster {
+    dir: Arc<DataDir>,
+    cfg: Config,
+    endpoints: Vec<Endpoint>,
+}
+
+impl Cluster {
+    /// Open (or create) the data directory of `cfg` and build the mesh.
+    ///
+    /// # Errors
+    ///
+    /// See [`DataDir::open`].
+    pub fn open(cfg: Config) -> Result<Cluster> {
+        let dir = Arc::new(DataDir::open(&cfg)?);
+        let endpoints = mesh::build(cfg.shards());
+        Ok(Cluster { dir, cfg, endpoints })
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Arc<DataDir> {
+        &self.dir
+    }
+
+    /// One builder per shard, in shard order.
+    pub fn into_builders(self) -> Vec<ShardBuilder> {
+        let dir = self.dir;
+        let cfg = self.cfg;
+        self.endpoints
+            .into_iter()
+            .map(|ep| ShardBuilder {
+                dir: dir.clone(),
+                cfg: cfg.clone(),
+                ep,
+            })
+            .collect()
+    }
+}
+
+/// Opens one shard on the thread that will run it. `Send`; the shard it
+/// opens is not.
+pub struct ShardBuilder {
+    dir: Arc<DataDir>,
+    cfg: Config,
+    ep: Endpoint,
+}
+
+impl ShardBuilder {
+    /// The shard index this builder opens.
+    pub fn index(&self) -> u16 {
+        self.ep.index
+    }
+
+    /// Open the shard (recovering it) and join the mesh. Call it inside a
+    /// `LocalSet` on a tokio current-thread runtime, or inside tokio-uring.
+    ///
+    /// # Errors
+    ///
+    /// See [`Shard::open`].
+    pub async fn open(self) -> Result<Shard> {
+        let shard = Shard::open(self.dir, &self.cfg, self.ep.index).await?;
+        shard.connect(self.ep);
+        Ok(shard)
+    }
+}
+
+type Job = Box<dyn FnOnce(Shard) + Send>;
+
+enum Msg {
+    Run(Job),
+    Stop,
+    #[doc(hidden)]
+    Crash,
+}
+
+struct ShardThread {
+    tx: UnboundedSender<Msg>,
+    thread: Option<ThreadHandle<()>>,
+}
+
+/// One thread per shard, the mesh between them, and a way to run tasks on
+/// each shard.
+///
+/// ```no_run
+/// use segalloc::{Config, Runtime};
+/// let rt = Runtime::start(Config::new("/tmp/segalloc-rt"))?;
+/// let h = futures::executor::block_on(rt.spawn_on(0, |shard| async move {
+///     let a = shard.allocate(100).await?;
+///     a.write_at(0, b"hello")?;
+///     Ok::<_, segalloc::Error>(a.into_handle())
+/// }))??;
+/// // Free it from another shard: forwarded to shard 0 in a batch.
+/// futures::executor::block_on(rt.spawn_on(1 % rt.shard_count(), move |shard| async move { shard.free(h) }))??;
+/// rt.shutdown()?;
+/// # Ok::<(), segalloc::Error>(())
+/// ```
+pub struct Runtime {
+    dir: Arc<DataDir>,
+    shards: Vec<ShardThread>,
+    failures: Arc<Mutex<Vec<String>>>,
+}
+
+/// The result of a task started with [`Runtime::spawn_on`].
+pub struct JoinHandle<T> {
+    rx: oneshot::Receiver<std::result::Result<T, String>>,
+    shard: u16,
+}
+
+impl<T> Future for JoinHandle<T> {
+    type Output = Result<T>;
+    fn poll(mut self: StdPin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        let shard = self.shard;
+        match self.rx.poll_unpin(cx) {
+            Poll::Ready(Ok(Ok(v))) => Poll::Ready(Ok(v)),
+            Poll::Ready(Ok(Err(message))) => Poll::Ready(Err(Error::TaskPanicked { shard, message })),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(Error::ShardGone { shard })),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_string()
+    }
+}
+
+/// Run `fut` to completion on this thread with the shard executor: tokio-uring
+/// when it can start, else tokio current-thread + `LocalSet`.
+fn run_executor<F: Future<Output = ()>>(use_uring: bool, fut: F) {
+    if use_uring {
+        match tokio_uring::Runtime::new(&tokio_uring::builder()) {
+            Ok(rt) => {
+                rt.block_on(fut);
+                return;
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "tokio-uring unavailable; shard runs on tokio current-thread");
+            }
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio current-thread runtime");
+    tokio::task::LocalSet::new().block_on(&rt, fut);
+}
+
+impl Runtime {
+    /// Open (or create) the data directory and start one thread per shard,
+    /// each pinned to core `index % cores`. Returns once every shard has
+    /// recovered.
+    ///
+    /// # Errors
+    ///
+    /// See [`DataDir::open`] and [`Shard::open`]; the first shard's error is
+    /// returned and the other shards are stopped.
+    pub fn start(cfg: Config) -> Result<Runtime> {
+        let cluster = Cluster::open(cfg.clone())?;
+        let dir = cluster.dir.clone();
+        let use_uring = cfg.io_backend().resolve_env()? != IoBackendChoice::Sync;
+        let cores = sys::available_cpus();
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(u16, Result<()>)>();
+        let mut shards = Vec::new();
+        for b in cluster.into_builders() {
+            let (tx, mut rx) = unbounded_channel::<Msg>();
+            let ready = ready_tx.clone();
+            let index = b.index();
+            let failures = failures.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("segalloc-shard-{index}"))
+                .spawn(move || {
+                    if let Err(e) = sys::pin_thread_to_cpu(index as usize % cores) {
+                        tracing::debug!(error = %e, "could not pin shard thread");
+                    }
+                    let body = async move {
+                        let shard = match b.open().await {
+                            Ok(s) => {
+                                let _ = ready.send((index, Ok(())));
+                                s
+                            }
+                            Err(e) => {
+                                let _ = ready.send((index, Err(e)));
+                                return;
+                            }
+                        };
+                        while let Some(msg) = rx.recv().await {
+                            match msg {
+                                Msg::Run(job) => {
+                                    let s = shard.clone();
+                                    if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(move || job(s))) {
+                                        tracing::error!(shard = index, panic = %panic_message(&*p), "task closure panicked");
+                                    }
+                                }
+                                Msg::Stop => break,
+                                Msg::Crash => panic!("shard {index} crashed on request"),
+                            }
+                        }
+                        shard.flush_frees();
+                        shard.drain_frees();
+                    };
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_executor(use_uring, body)));
+                    if let Err(p) = result {
+                        let m = format!("shard {index} thread panicked: {}", panic_message(&*p));
+                        tracing::error!("{m}");
+                        failures.lock().expect("failures lock").push(m);
+                    }
+                })
+                .map_err(|e| Error::io("spawn shard thread", None, e))?;
+            shards.push(ShardThread {
+                tx,
+                thread: Some(thread),
+            });
+        }
+        drop(ready_tx);
+        let mut rt = Runtime {
+            dir,
+            shards,
+            failures,
+        };
+        let mut first_err = None;
+        for _ in 0..rt.shards.len() {
+            match ready_rx.recv() {
+                Ok((_, Ok(()))) => {}
+                Ok((_, Err(e))) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(Error::ShardGone { shard: 0 });
+                    break;
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            rt.stop_all();
+            return Err(e);
+        }
+        Ok(rt)
+    }
+
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Arc<DataDir> {
+        &self.dir
+    }
+
+    /// Run `f(shard)` as a task on shard `shard`. The closure is `Send`; the
+    /// future it returns runs on the shard's thread and need not be.
+    ///
+    /// The handle resolves to [`Error::TaskPanicked`] if the task panics
+    /// (the shard keeps serving) and to [`Error::ShardGone`] if the shard is
+    /// stopped. An out-of-range index resolves to `ShardGone` too.
+    pub fn spawn_on<F, Fut, T>(&self, shard: usize, f: F) -> JoinHandle<T>
+    where
+        F: FnOnce(Shard) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |s: Shard| {
+            let fut = f(s);
+            tokio::task::spawn_local(async move {
+                let r = AssertUnwindSafe(fut).catch_unwind().await;
+                let _ = tx.send(r.map_err(|p| panic_message(&*p)));
+            });
+        });
+        if let Some(t) = self.shards.get(shard) {
+            let _ = t.tx.send(Msg::Run(job));
+        }
+        JoinHandle {
+            rx,
+            shard: shard as u16,
+        }
+    }
+
+    /// Free `handle` on its owner shard (from outside any shard).
+    pub fn free(&self, handle: Handle) -> JoinHandle<Result<()>> {
+        self.spawn_on(handle.shard() as usize, move |s| async move { s.free(handle) })
+    }
+
+    /// Make everything acknowledged so far durable against power loss on
+    /// every shard, including every cross-shard free forwarded before this
+    /// call: each shard first sends its buffered frees, then each drains
+    /// what it received and syncs.
+    ///
+    /// # Errors
+    ///
+    /// The first shard's error.
+    pub async fn sync(&self) -> Result<()> {
+        let flushes: Vec<_> = (0..self.shard_count())
+            .map(|i| self.spawn_on(i, |s| async move { s.flush_frees() }))
+            .collect();
+        for f in flushes {
+            f.await?;
+        }
+        let syncs: Vec<_> = (0..self.shard_count())
+            .map(|i| {
+                self.spawn_on(i, |s| async move {
+                    s.drain_frees();
+                    s.sync().await
+                })
+            })
+            .collect();
+        let mut first = None;
+        for s in syncs {
+            if let Err(e) = s.await.and_then(|r| r) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Counters of every shard, in shard order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShardGone`] when a shard is stopped.
+    pub async fn stats(&self) -> Result<RuntimeStats> {
+        let mut shards = Vec::new();
+        for i in 0..self.shard_count() {
+            shards.push(self.spawn_on(i, |s| async move { s.stats() }).await?);
+        }
+        Ok(RuntimeStats { shards })
+    }
+
+    #[doc(hidden)]
+    /// Make a shard thread panic outside any task (tests of fault isolation).
+    pub fn crash_shard_for_test(&self, shard: usize) {
+        if let Some(t) = self.shards.get(shard) {
+            let _ = t.tx.send(Msg::Crash);
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for t in &self.shards {
+            let _ = t.tx.send(Msg::Stop);
+        }
+        for t in &mut self.shards {
+            if let Some(th) = t.thread.take() {
+                let _ = th.join();
+            }
+        }
+    }
+
+    /// Drain forwarded frees, sync every shard, stop the threads (unmapping
+    /// and closing everything), and report what went wrong, if anything.
+    ///
+    /// # Errors
+    ///
+    /// The sync error, or [`Error::TaskPanicked`] naming a shard thread that
+    /// panicked during the runtime's life.
+    pub fn shutdown(mut self) -> Result<()> {
+        let _span = tracing::info_span!("shutdown").entered();
+        let sync = futures::executor::block_on(self.sync());
+        self.stop_all();
+        let failures = std::mem::take(&mut *self.failures.lock().expect("failures lock"));
+        sync?;
+        if let Some(message) = failures.into_iter().next() {
+            return Err(Error::TaskPanicked { shard: u16::MAX, message });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        // Without shutdown: stop the threads; each sends and applies what is
+        // buffered before its shard closes. Everything acknowledged is
+        // already in MAP_SHARED pages, as after a process crash.
+        self.stop_all();
+    }
+}
+
+/// Counters of a runtime.
+#[derive(Clone, Debug)]
+pub struct RuntimeStats {
+    /// Each shard's.
+    pub shards: Vec<ShardStats>,
+}
+
+impl RuntimeStats {
+    /// Live allocations over all shards.
+    pub fn allocations_live(&self) -> u64 {
+        self.shards.iter().map(|s| s.alloc.allocations_live).sum()
+    }
+    /// Open descriptors over all shards.
+    pub fn open_fds(&self) -> usize {
+        self.shards.iter().map(|s| s.files.open).sum()
+    }
+    /// Mapped windows over all shards.
+    pub fn mapped_windows(&self) -> usize {
+        self.shards.iter().map(|s| s.mappings.mapped_windows).sum()
+    }
+    /// Cross-shard frees sent over all shards.
+    pub fn cross_frees_sent(&self) -> u64 {
+        self.shards.iter().map(|s| s.mesh.cross_frees_sent).sum()
+    }
+    /// Cross-shard frees received and applied over all shards.
+    pub fn cross_frees_received(&self) -> u64 {
+        self.shards.iter().map(|s| s.mesh.cross_frees_received).sum()
+    }
+}
