@@ -90,10 +90,6 @@ impl MeshLocal {
         }
     }
 
-    pub(crate) fn shard_count(&self) -> usize {
-        self.out.len()
-    }
-
     fn bump(&self, f: impl FnOnce(&mut MeshStats)) {
         let mut s = self.stats.get();
         f(&mut s);

@@ -190,10 +190,6 @@ pub const MADV_WILLNEED: i32 = libc::MADV_WILLNEED;
 pub const MADV_RANDOM: i32 = libc::MADV_RANDOM;
 /// `MADV_SEQUENTIAL`.
 pub const MADV_SEQUENTIAL: i32 = libc::MADV_SEQUENTIAL;
-/// `MADV_NORMAL`.
-pub const MADV_NORMAL: i32 = libc::MADV_NORMAL;
-/// `MADV_COLD` (Linux 5.4).
-pub const MADV_COLD: i32 = 20;
 /// `MADV_POPULATE_WRITE` (Linux 5.14): prefault writable, errors instead of SIGBUS.
 pub const MADV_POPULATE_WRITE: i32 = 23;
 

@@ -39,11 +39,13 @@ impl Space {
     }
 
     /// Files in use (`0..file_count()`).
+    #[cfg(test)]
     pub(crate) fn file_count(&self) -> u32 {
         self.hwm.len() as u32
     }
 
     /// High-water mark of `file` in blocks.
+    #[cfg(test)]
     pub(crate) fn hwm(&self, file: u32) -> u32 {
         self.hwm.get(file as usize).copied().unwrap_or(0)
     }
