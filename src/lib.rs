@@ -44,6 +44,7 @@
 //! See `ARCHITECTURE.md` for the map of the crate and its invariants.
 
 #![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
 
 pub mod alloc;
 pub mod config;
@@ -62,16 +63,16 @@ mod sys;
 mod wait;
 
 pub use alloc::{AllocStats, Allocation, LiveIter, SegmentAllocator};
+pub use config::{Config, ConfigBuilder, EvictionPolicy, IoBackendChoice, Limits, MadvisePolicy};
 pub use datadir::DataDir;
+pub use error::{Error, Result};
+pub use files::{FileHandleRegistry, FileId, FileLease, FileStats, Reservation};
 pub use handle::{HANDLE_BYTES, Handle};
+pub use io::{IoBackend, Ring, RingStats};
+pub use mapping::{MappingConfig, MappingManager, MappingStats, Pin};
 pub use mesh::MeshStats;
 pub use runtime::{Cluster, JoinHandle, Runtime, RuntimeStats, ShardBuilder};
 pub use shard::{Shard, ShardStats};
-pub use config::{Config, ConfigBuilder, EvictionPolicy, IoBackendChoice, Limits, MadvisePolicy};
-pub use error::{Error, Result};
-pub use files::{FileHandleRegistry, FileId, FileLease, FileStats, Reservation};
-pub use io::{IoBackend, Ring, RingStats};
-pub use mapping::{MappingConfig, MappingManager, MappingStats, Pin};
 
 /// Test support: lower this process's soft `RLIMIT_NOFILE` (to prove the
 /// descriptor cap holds under a low limit).

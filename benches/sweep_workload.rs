@@ -1,0 +1,177 @@
+//! The shard-sweep workload, shared by `examples/sweep.rs` and
+//! `benches/sweep.rs` (included with `#[path]`).
+//!
+//! On every shard one task loops: allocate a slot, write it, pin it again
+//! and read it back, keep it in a window of 1024 live handles, and free the
+//! oldest. One free in four goes to the next shard's task, which frees it
+//! there (so segalloc forwards it back to the owner in a batch).
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use segalloc::{Error, Handle, Runtime, Shard};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+/// Live handles each task keeps before freeing the oldest.
+pub const WINDOW: usize = 1024;
+/// Every `SAMPLE`-th operation is timed.
+pub const SAMPLE: u64 = 16;
+
+/// What one shard's task measured.
+#[derive(Clone, Debug, Default)]
+pub struct ShardResult {
+    pub ops: u64,
+    pub cross_frees: u64,
+    pub latencies_ns: Vec<u32>,
+}
+
+/// What one run over all shards measured.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    pub shards: usize,
+    pub ops: u64,
+    pub cross_frees: u64,
+    pub elapsed: Duration,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+}
+
+impl RunResult {
+    pub fn ops_per_sec(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+async fn shard_task(
+    shard: Shard,
+    ops: u64,
+    size: u64,
+    to_next: Option<UnboundedSender<Vec<Handle>>>,
+    mut from_prev: Option<UnboundedReceiver<Vec<Handle>>>,
+    start: Arc<tokio::sync::Barrier>,
+) -> Result<ShardResult, Error> {
+    let mut r = ShardResult {
+        latencies_ns: Vec::with_capacity((ops / SAMPLE) as usize + 1),
+        ..ShardResult::default()
+    };
+    let mut window: VecDeque<Handle> = VecDeque::with_capacity(WINDOW + 1);
+    let mut batch = Vec::with_capacity(64);
+    let mut buf = [0u8; 8];
+    start.wait().await;
+    for k in 0..ops {
+        let t0 = (k % SAMPLE == 0).then(Instant::now);
+        let a = match shard.try_allocate(size)? {
+            Some(a) => a,
+            None => shard.allocate(size).await?,
+        };
+        a.write_at(0, &k.to_le_bytes())?;
+        let h = a.into_handle();
+        let p = match shard.try_pin(h)? {
+            Some(p) => p,
+            None => shard.pin(h).await?,
+        };
+        p.read_at(0, &mut buf)?;
+        drop(p);
+        window.push_back(h);
+        if window.len() > WINDOW {
+            let old = window.pop_front().expect("non-empty");
+            match &to_next {
+                Some(tx) if k % 4 == 0 => {
+                    batch.push(old);
+                    if batch.len() == 64 {
+                        let _ = tx.send(std::mem::replace(&mut batch, Vec::with_capacity(64)));
+                    }
+                }
+                _ => shard.free(old)?,
+            }
+        }
+        if let Some(rx) = &mut from_prev {
+            while let Ok(b) = rx.try_recv() {
+                r.cross_frees += b.len() as u64;
+                for h in b {
+                    shard.free(h)?;
+                }
+            }
+        }
+        if let Some(t0) = t0 {
+            r.latencies_ns
+                .push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+        }
+        if k % 256 == 255 {
+            tokio::task::yield_now().await;
+        }
+    }
+    r.ops = ops;
+    if let Some(tx) = to_next {
+        if !batch.is_empty() {
+            let _ = tx.send(batch);
+        }
+    }
+    if let Some(mut rx) = from_prev {
+        while let Some(b) = rx.recv().await {
+            r.cross_frees += b.len() as u64;
+            for h in b {
+                shard.free(h)?;
+            }
+        }
+    }
+    for h in window {
+        shard.free(h)?;
+    }
+    Ok(r)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i] as u64
+}
+
+/// Run `ops` operations of `size` bytes on every shard of `rt` at once.
+pub fn run(rt: &Runtime, ops: u64, size: u64) -> Result<RunResult, Error> {
+    let n = rt.shard_count();
+    let start = Arc::new(tokio::sync::Barrier::new(n));
+    let mut senders: Vec<Option<UnboundedSender<Vec<Handle>>>> = Vec::new();
+    let mut receivers: Vec<Option<UnboundedReceiver<Vec<Handle>>>> = (0..n).map(|_| None).collect();
+    for i in 0..n {
+        if n > 1 {
+            let (tx, rx) = unbounded_channel();
+            senders.push(Some(tx));
+            receivers[(i + 1) % n] = Some(rx);
+        } else {
+            senders.push(None);
+        }
+    }
+    let t = Instant::now();
+    let jobs: Vec<_> = senders
+        .into_iter()
+        .zip(receivers)
+        .enumerate()
+        .map(|(i, (tx, rx))| {
+            let start = start.clone();
+            rt.spawn_on(i, move |s| shard_task(s, ops, size, tx, rx, start))
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut cross = 0;
+    for j in jobs {
+        let r = futures::executor::block_on(j)??;
+        cross += r.cross_frees;
+        all.extend(r.latencies_ns);
+    }
+    let elapsed = t.elapsed();
+    all.sort_unstable();
+    Ok(RunResult {
+        shards: n,
+        ops: ops * n as u64,
+        cross_frees: cross,
+        elapsed,
+        p50_ns: percentile(&all, 0.50),
+        p99_ns: percentile(&all, 0.99),
+    })
+}
