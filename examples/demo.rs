@@ -153,7 +153,11 @@ fn verify_all(rt: &Runtime) -> Result<Verified, Error> {
 }
 
 fn parse_sizes(s: &str) -> Result<(u64, u64), String> {
-    let parse = |x: &str| x.trim().parse::<u64>().map_err(|e| format!("bad size {x:?}: {e}"));
+    let parse = |x: &str| {
+        x.trim()
+            .parse::<u64>()
+            .map_err(|e| format!("bad size {x:?}: {e}"))
+    };
     let (lo, hi) = match s.split_once('-') {
         Some((a, b)) => (parse(a)?, parse(b)?),
         None => {
@@ -162,7 +166,9 @@ fn parse_sizes(s: &str) -> Result<(u64, u64), String> {
         }
     };
     if lo < HEADER_BYTES as u64 || hi < lo || hi > 16 * 1024 * 1024 {
-        return Err(format!("record sizes must satisfy {HEADER_BYTES} <= MIN <= MAX <= 16 MiB"));
+        return Err(format!(
+            "record sizes must satisfy {HEADER_BYTES} <= MIN <= MAX <= 16 MiB"
+        ));
     }
     Ok((lo, hi))
 }
@@ -237,7 +243,10 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
             before.unsealed_freed
         ));
     } else {
-        say(format!("created {} with {shards} shards", args.dir.display()));
+        say(format!(
+            "created {} with {shards} shards",
+            args.dir.display()
+        ));
     }
     let stats0 = futures::executor::block_on(rt.stats())?;
     let backend = stats0.shards[0].io_backend.to_string();
@@ -279,7 +288,11 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
                     rng ^= rng << 13;
                     rng ^= rng >> 7;
                     rng ^= rng << 17;
-                    let size = if max == min { min } else { min + rng % (max - min + 1) };
+                    let size = if max == min {
+                        min
+                    } else {
+                        min + rng % (max - min + 1)
+                    };
                     let seed = (rng >> 32) as u32;
                     let a = match shard.try_allocate(size)? {
                         Some(a) => a,
@@ -312,7 +325,8 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     // The OS's view while everything is mapped.
     let fds_dir = proc::open_fds_under(&std::fs::canonicalize(&args.dir)?);
     let vmas_dir = proc::vmas_under(&std::fs::canonicalize(&args.dir)?);
-    let (fds_total, vmas_total, rss_bytes) = (proc::open_fds(), proc::vma_count(), proc::rss_bytes());
+    let (fds_total, vmas_total, rss_bytes) =
+        (proc::open_fds(), proc::vma_count(), proc::rss_bytes());
 
     // 3. Free a third: every 6th locally, every 6th + 3 from the next shard.
     let mut freed = 0;
@@ -329,8 +343,12 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
                 freed_cross += cross.len() as u64;
             }
             [
-                rt.spawn_on(i, move |s| async move { local.into_iter().try_for_each(|h| s.free(h)) }),
-                rt.spawn_on(next, move |s| async move { cross.into_iter().try_for_each(|h| s.free(h)) }),
+                rt.spawn_on(i, move |s| async move {
+                    local.into_iter().try_for_each(|h| s.free(h))
+                }),
+                rt.spawn_on(next, move |s| async move {
+                    cross.into_iter().try_for_each(|h| s.free(h))
+                }),
             ]
         })
         .collect();
@@ -353,7 +371,12 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let rt = Runtime::start(cfg)?;
     let recovery_ms = t.elapsed().as_secs_f64() * 1e3;
     let rstats = futures::executor::block_on(rt.stats())?;
-    let recovery_shard_us_max = rstats.shards.iter().map(|s| s.alloc.recovery_us).max().unwrap_or(0);
+    let recovery_shard_us_max = rstats
+        .shards
+        .iter()
+        .map(|s| s.alloc.recovery_us)
+        .max()
+        .unwrap_or(0);
     let after = verify_all(&rt)?;
     rt.shutdown()?;
 
@@ -407,16 +430,48 @@ fn print_table(f: &Figures) {
     println!();
     println!("  {:<34} {}", "io backend", f.backend);
     println!("  {:<34} {}", "shards", f.shards);
-    println!("  {:<34} {} in {:.2} s", "records inserted", f.inserted, f.insert_secs);
+    println!(
+        "  {:<34} {} in {:.2} s",
+        "records inserted", f.inserted, f.insert_secs
+    );
     println!("  {:<34} {:.0}", "records/s", rate);
-    println!("  {:<34} {} ({} cross-shard)", "records freed", f.freed, f.freed_cross);
-    println!("  {:<34} {} ({} unsealed freed)", "records found at start", f.found_before, f.unsealed_before);
-    println!("  {:<34} {}", "records verified after reopen", f.verified_after);
-    println!("  {:<34} {} in the data dir, {} in the process", "open fds (/proc/self/fd)", f.fds_dir, f.fds_total);
-    println!("  {:<34} {} in the data dir, {} in the process", "VMAs (/proc/self/maps)", f.vmas_dir, f.vmas_total);
-    println!("  {:<34} {:.1} MiB", "RSS (/proc/self/status)", mib(f.rss_bytes));
-    println!("  {:<34} {:.1} MiB reserved, {:.1} MiB live", "data", mib(f.data_reserved), mib(f.data_live));
-    println!("  {:<34} {:.2} MiB ({:.3} % of live data)", "metadata", mib(f.metadata_bytes), meta_pct);
+    println!(
+        "  {:<34} {} ({} cross-shard)",
+        "records freed", f.freed, f.freed_cross
+    );
+    println!(
+        "  {:<34} {} ({} unsealed freed)",
+        "records found at start", f.found_before, f.unsealed_before
+    );
+    println!(
+        "  {:<34} {}",
+        "records verified after reopen", f.verified_after
+    );
+    println!(
+        "  {:<34} {} in the data dir, {} in the process",
+        "open fds (/proc/self/fd)", f.fds_dir, f.fds_total
+    );
+    println!(
+        "  {:<34} {} in the data dir, {} in the process",
+        "VMAs (/proc/self/maps)", f.vmas_dir, f.vmas_total
+    );
+    println!(
+        "  {:<34} {:.1} MiB",
+        "RSS (/proc/self/status)",
+        mib(f.rss_bytes)
+    );
+    println!(
+        "  {:<34} {:.1} MiB reserved, {:.1} MiB live",
+        "data",
+        mib(f.data_reserved),
+        mib(f.data_live)
+    );
+    println!(
+        "  {:<34} {:.2} MiB ({:.3} % of live data)",
+        "metadata",
+        mib(f.metadata_bytes),
+        meta_pct
+    );
     println!(
         "  {:<34} {:.1} ms (runtime start), {} us (slowest shard's scan)",
         "recovery", f.recovery_ms, f.recovery_shard_us_max

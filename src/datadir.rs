@@ -63,7 +63,10 @@ impl DataDir {
                 .map_err(|e| Error::io("mkdir", Some(&path), e))?;
         }
         if !path.is_dir() {
-            return Err(Error::InvalidConfig(format!("{} is not a directory", path.display())));
+            return Err(Error::InvalidConfig(format!(
+                "{} is not a directory",
+                path.display()
+            )));
         }
         let lock = take_lock(&path)?;
         let mpath = path.join(MANIFEST_FILE);
@@ -94,7 +97,8 @@ impl DataDir {
             }
             let m = Manifest {
                 version: FORMAT_VERSION,
-                shard_count: u16::try_from(cfg.shards()).map_err(|_| Error::InvalidConfig("too many shards".into()))?,
+                shard_count: u16::try_from(cfg.shards())
+                    .map_err(|_| Error::InvalidConfig("too many shards".into()))?,
                 dir_id: random_u64(),
                 window_bytes: cfg.window_bytes(),
                 max_file_bytes: cfg.max_file_bytes(),
@@ -200,7 +204,8 @@ fn check_not_symlink(p: &Path) -> Result<()> {
 
 fn take_lock(dir: &Path) -> Result<OwnedFd> {
     let p = dir.join(LOCK_FILE);
-    let fd = sys::open(&p, OpenMode::ReadWriteCreate).map_err(|e| Error::io("open", Some(&p), e))?;
+    let fd =
+        sys::open(&p, OpenMode::ReadWriteCreate).map_err(|e| Error::io("open", Some(&p), e))?;
     match sys::try_lock_exclusive(fd.as_raw_fd()) {
         Ok(true) => Ok(fd),
         Ok(false) => Err(Error::AlreadyOpen {
@@ -248,8 +253,10 @@ fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(|e| Error::io("open", Some(&tmp), e))?;
-    f.write_all(&m.encode(0)).map_err(|e| Error::io("write", Some(&tmp), e))?;
-    f.sync_all().map_err(|e| Error::io("fsync", Some(&tmp), e))?;
+    f.write_all(&m.encode(0))
+        .map_err(|e| Error::io("write", Some(&tmp), e))?;
+    f.sync_all()
+        .map_err(|e| Error::io("fsync", Some(&tmp), e))?;
     std::fs::rename(&tmp, &p).map_err(|e| Error::io("rename", Some(&p), e))?;
     Ok(())
 }

@@ -143,7 +143,9 @@ pub enum Error {
     },
 
     /// A handle that belongs to another data directory.
-    #[error("handle {handle} belongs to another data directory (tag {handle_tag:#010x}, this directory {dir_tag:#010x})")]
+    #[error(
+        "handle {handle} belongs to another data directory (tag {handle_tag:#010x}, this directory {dir_tag:#010x})"
+    )]
     ForeignHandle {
         /// The handle, displayed.
         handle: String,

@@ -448,7 +448,12 @@ impl FileHandleRegistry {
         Ok(Reservation::Sparse { from, to: min_size })
     }
 
-    fn refresh_foreign(&self, lease: FileLease, id: FileId, min_size: u64) -> Result<(FileLease, Reservation)> {
+    fn refresh_foreign(
+        &self,
+        lease: FileLease,
+        id: FileId,
+        min_size: u64,
+    ) -> Result<(FileLease, Reservation)> {
         let path = self.path(id)?;
         let size = sys::file_size(lease.fd()).map_err(|e| Error::io("fstat", Some(&path), e))?;
         let mut f = self.inner.borrow_mut();
@@ -532,7 +537,9 @@ impl FileHandleRegistry {
             });
         }
         let path = self.path(id)?;
-        let mode = if self.mode == OpenMode::ReadWriteCreate && self.inner.borrow().entries[id.0 as usize].foreign {
+        let mode = if self.mode == OpenMode::ReadWriteCreate
+            && self.inner.borrow().entries[id.0 as usize].foreign
+        {
             OpenMode::ReadWrite
         } else {
             self.mode

@@ -158,7 +158,11 @@ impl Handle {
             segment: u32_at(OFF_SEGMENT),
             generation: u32_at(OFF_GENERATION),
             length: u32_at(OFF_LENGTH),
-            offset: u64::from_le_bytes(bytes[OFF_OFFSET..OFF_OFFSET + 8].try_into().expect("8 bytes")),
+            offset: u64::from_le_bytes(
+                bytes[OFF_OFFSET..OFF_OFFSET + 8]
+                    .try_into()
+                    .expect("8 bytes"),
+            ),
             dir_tag: u32_at(OFF_DIR_TAG),
         };
         let Some(class) = classes::class(h.class_id) else {

@@ -52,6 +52,7 @@ pub mod datadir;
 pub mod error;
 pub mod files;
 pub mod handle;
+pub mod inspect;
 pub mod io;
 pub mod mapping;
 pub mod mesh;

@@ -430,10 +430,10 @@ impl MappingManager {
             let mut wait = std::pin::pin!(wait);
             if self.ring.abandoned_in_flight() > 0 {
                 let settle = std::pin::pin!(self.ring.settle());
-                match futures::future::select(wait.as_mut(), settle).await {
+                let first = futures::future::select(wait.as_mut(), settle).await;
+                if let futures::future::Either::Right((Err(_), _)) = first {
                     // The ring failed to watch its eventfd: just wait.
-                    futures::future::Either::Right((Err(_), _)) => wait.await,
-                    _ => {}
+                    wait.await;
                 }
             } else {
                 wait.await;
@@ -485,7 +485,10 @@ impl MappingManager {
         }
         let w = self.cfg.window_bytes;
         let window_end = (end - 1) / w * w + w;
-        let target = end.div_ceil(step.max(1)).saturating_mul(step.max(1)).min(window_end);
+        let target = end
+            .div_ceil(step.max(1))
+            .saturating_mul(step.max(1))
+            .min(window_end);
         let (lease, how) = self.files.grow(file, target).await?;
         drop(lease);
         if let Reservation::Sparse { from, to } = how {

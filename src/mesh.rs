@@ -47,7 +47,8 @@ pub(crate) struct Endpoint {
 
 /// Build the n × n mesh; endpoint `i` sends on row `i`, receives column `i`.
 pub(crate) fn build(n: usize) -> Vec<Endpoint> {
-    let mut out: Vec<Vec<Option<UnboundedSender<Vec<Handle>>>>> = (0..n).map(|_| vec![None; n]).collect();
+    let mut out: Vec<Vec<Option<UnboundedSender<Vec<Handle>>>>> =
+        (0..n).map(|_| vec![None; n]).collect();
     let mut inbox: Vec<Vec<UnboundedReceiver<Vec<Handle>>>> = (0..n).map(|_| Vec::new()).collect();
     for (from, row) in out.iter_mut().enumerate() {
         for (to, slot) in row.iter_mut().enumerate() {
@@ -128,11 +129,17 @@ impl MeshLocal {
             return true;
         }
         let n = batch.len();
-        let ok = self.out[to].as_ref().is_some_and(|tx| tx.send(batch).is_ok());
+        let ok = self.out[to]
+            .as_ref()
+            .is_some_and(|tx| tx.send(batch).is_ok());
         if ok {
             self.bump(|s| s.batches_sent += 1);
         } else {
-            tracing::error!(to, lost = n, "cross-shard frees could not be forwarded: owner shard is gone");
+            tracing::error!(
+                to,
+                lost = n,
+                "cross-shard frees could not be forwarded: owner shard is gone"
+            );
         }
         ok
     }
@@ -199,7 +206,11 @@ impl MeshLocal {
                         Poll::Pending => open += 1,
                     }
                 }
-                if open == 0 { Poll::Ready(None) } else { Poll::Pending }
+                if open == 0 {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Pending
+                }
             })
             .await;
             let Some(batch) = next else {

@@ -25,7 +25,7 @@
 //! |---|---|---|
 //! | 0 | 48 | superblock: the manifest's fields, with the shard index in the reserved bytes 14..16 |
 //! | 512 | 8 | directory high-water mark: `hwm | !hwm << 32`, one aligned store |
-//! | 4096 | 32 KiB | 256 root slots of 128 bytes |
+//! | 4096 | 256 KiB | 2048 root slots of 128 bytes |
 //! | 36864 | … | segment directory: 7 entries of 576 bytes per 4 KiB page |
 //!
 //! Root slot (128 bytes): `seq u64` (0 = free) · `name_len u8` · 3 reserved ·
@@ -60,7 +60,7 @@ pub const HWM_OFFSET: u64 = 512;
 /// Byte offset of the root table.
 pub const ROOTS_OFFSET: u64 = 4096;
 /// Root slots.
-pub const ROOT_SLOTS: usize = 256;
+pub const ROOT_SLOTS: usize = 2048;
 /// Bytes per root slot.
 pub const ROOT_SLOT_BYTES: u64 = 128;
 /// Longest root name.
@@ -97,7 +97,9 @@ const _: () = {
 /// Byte offset of directory entry `i` in the metadata file.
 #[inline]
 pub fn entry_offset(i: u32) -> u64 {
-    DIR_OFFSET + (i as u64 / ENTRIES_PER_PAGE) * META_PAGE_BYTES + (i as u64 % ENTRIES_PER_PAGE) * ENTRY_BYTES
+    DIR_OFFSET
+        + (i as u64 / ENTRIES_PER_PAGE) * META_PAGE_BYTES
+        + (i as u64 % ENTRIES_PER_PAGE) * ENTRY_BYTES
 }
 
 /// Byte offset of root slot `i`.
@@ -176,10 +178,16 @@ impl Manifest {
         };
         let shard = u16::from_le_bytes([b[14], b[15]]);
         if m.version != FORMAT_VERSION {
-            return Err(corrupt(&format!("unsupported format version {}", m.version)));
+            return Err(corrupt(&format!(
+                "unsupported format version {}",
+                m.version
+            )));
         }
         if m.class_table_id != classes::CLASS_TABLE_ID {
-            return Err(corrupt(&format!("unknown class table {}", m.class_table_id)));
+            return Err(corrupt(&format!(
+                "unknown class table {}",
+                m.class_table_id
+            )));
         }
         if m.shard_count == 0
             || m.window_bytes == 0
@@ -232,7 +240,10 @@ pub struct EntryHeader {
 impl EntryHeader {
     /// The state word (stored last when an entry is published).
     pub fn state_word(&self) -> u64 {
-        ENTRY_MAGIC | (self.class_id as u64) << 16 | ENTRY_VERSION << 24 | (self.generation as u64) << 32
+        ENTRY_MAGIC
+            | (self.class_id as u64) << 16
+            | ENTRY_VERSION << 24
+            | (self.generation as u64) << 32
     }
 
     /// The header bytes 8..28 (fields and checksum), to write before the

@@ -71,7 +71,11 @@ impl Cluster {
     pub fn open(cfg: Config) -> Result<Cluster> {
         let dir = Arc::new(DataDir::open(&cfg)?);
         let endpoints = mesh::build(cfg.shards());
-        Ok(Cluster { dir, cfg, endpoints })
+        Ok(Cluster {
+            dir,
+            cfg,
+            endpoints,
+        })
     }
 
     /// The data directory.
@@ -169,7 +173,9 @@ impl<T> Future for JoinHandle<T> {
         let shard = self.shard;
         match self.rx.poll_unpin(cx) {
             Poll::Ready(Ok(Ok(v))) => Poll::Ready(Ok(v)),
-            Poll::Ready(Ok(Err(message))) => Poll::Ready(Err(Error::TaskPanicked { shard, message })),
+            Poll::Ready(Ok(Err(message))) => {
+                Poll::Ready(Err(Error::TaskPanicked { shard, message }))
+            }
             Poll::Ready(Err(_)) => Poll::Ready(Err(Error::ShardGone { shard })),
             Poll::Pending => Poll::Pending,
         }
@@ -324,7 +330,15 @@ impl Runtime {
     {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |s: Shard| {
-            let fut = f(s);
+            // A panic in the closure is the task's panic too: report it as
+            // such (not as a gone shard, which is what dropping `tx` says).
+            let fut = match std::panic::catch_unwind(AssertUnwindSafe(move || f(s))) {
+                Ok(fut) => fut,
+                Err(p) => {
+                    let _ = tx.send(Err(panic_message(&*p)));
+                    return;
+                }
+            };
             tokio::task::spawn_local(async move {
                 let r = AssertUnwindSafe(fut).catch_unwind().await;
                 let _ = tx.send(r.map_err(|p| panic_message(&*p)));
@@ -341,7 +355,10 @@ impl Runtime {
 
     /// Free `handle` on its owner shard (from outside any shard).
     pub fn free(&self, handle: Handle) -> JoinHandle<Result<()>> {
-        self.spawn_on(handle.shard() as usize, move |s| async move { s.free(handle) })
+        self.spawn_on(
+            handle.shard() as usize,
+            move |s| async move { s.free(handle) },
+        )
     }
 
     /// Make everything acknowledged so far durable against power loss on
@@ -349,15 +366,17 @@ impl Runtime {
     /// call: each shard first sends its buffered frees, then each drains
     /// what it received and syncs.
     ///
+    /// A shard that is gone does not keep the others from syncing.
+    ///
     /// # Errors
     ///
     /// The first shard's error.
     pub async fn sync(&self) -> Result<()> {
-        let flushes: Vec<_> = (0..self.shard_count())
-            .map(|i| self.spawn_on(i, |s| async move { s.flush_frees() }))
-            .collect();
-        for f in flushes {
-            f.await?;
+        let mut first = None;
+        for f in self.flush_all() {
+            if let Err(e) = f.await {
+                first.get_or_insert(e);
+            }
         }
         let syncs: Vec<_> = (0..self.shard_count())
             .map(|i| {
@@ -367,7 +386,6 @@ impl Runtime {
                 })
             })
             .collect();
-        let mut first = None;
         for s in syncs {
             if let Err(e) = s.await.and_then(|r| r) {
                 first.get_or_insert(e);
@@ -397,7 +415,20 @@ impl Runtime {
         }
     }
 
+    /// Ask every shard to send its buffered cross-shard frees now.
+    fn flush_all(&self) -> Vec<JoinHandle<()>> {
+        (0..self.shard_count())
+            .map(|i| self.spawn_on(i, |s| async move { s.flush_frees() }))
+            .collect()
+    }
+
     fn stop_all(&mut self) {
+        // Every shard sends its buffered frees before any shard stops: a
+        // shard stops by applying what it has received, and would miss a
+        // batch that another shard sends at its own stop afterwards.
+        for f in self.flush_all() {
+            let _ = futures::executor::block_on(f);
+        }
         for t in &self.shards {
             let _ = t.tx.send(Msg::Stop);
         }
@@ -413,18 +444,26 @@ impl Runtime {
     ///
     /// # Errors
     ///
-    /// The sync error, or [`Error::TaskPanicked`] naming a shard thread that
-    /// panicked during the runtime's life.
+    /// [`Error::TaskPanicked`] naming a shard thread that panicked during
+    /// the runtime's life (the surviving shards are still synced), else the
+    /// sync error.
     pub fn shutdown(mut self) -> Result<()> {
         let _span = tracing::info_span!("shutdown").entered();
         let sync = futures::executor::block_on(self.sync());
         self.stop_all();
         let failures = std::mem::take(&mut *self.failures.lock().expect("failures lock"));
-        sync?;
+        // A crashed shard thread is the cause, the sync's `ShardGone` only
+        // its consequence: report the crash.
         if let Some(message) = failures.into_iter().next() {
-            return Err(Error::TaskPanicked { shard: u16::MAX, message });
+            if let Err(e) = sync {
+                tracing::error!(error = %e, "sync at shutdown failed");
+            }
+            return Err(Error::TaskPanicked {
+                shard: u16::MAX,
+                message,
+            });
         }
-        Ok(())
+        sync
     }
 }
 
@@ -463,6 +502,9 @@ impl RuntimeStats {
     }
     /// Cross-shard frees received and applied over all shards.
     pub fn cross_frees_received(&self) -> u64 {
-        self.shards.iter().map(|s| s.mesh.cross_frees_received).sum()
+        self.shards
+            .iter()
+            .map(|s| s.mesh.cross_frees_received)
+            .sum()
     }
 }

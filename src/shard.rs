@@ -15,10 +15,10 @@ use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::error::{Error, Result};
 use crate::files::{FileHandleRegistry, FileId, FileStats};
-use crate::mesh::{Endpoint, MeshLocal, MeshStats};
 use crate::handle::Handle;
 use crate::io::{IoBackend, Ring, RingStats};
 use crate::mapping::{MappingConfig, MappingManager, MappingStats, Pin};
+use crate::mesh::{Endpoint, MeshLocal, MeshStats};
 
 /// Everything a shard can tell about itself.
 #[derive(Clone, Debug)]
@@ -102,7 +102,9 @@ impl Shard {
         let mut mcfg = MappingConfig::from_config(cfg);
         mcfg.window_bytes = dir.manifest().window_bytes;
         let mm = Rc::new(MappingManager::new(files.clone(), mcfg));
-        let alloc = SegmentAllocator::open(index, &dir.shard_dir(index), *dir.manifest(), mm.clone()).await?;
+        let alloc =
+            SegmentAllocator::open(index, &dir.shard_dir(index), *dir.manifest(), mm.clone())
+                .await?;
         Ok(Shard {
             inner: Rc::new(ShardInner {
                 index,
@@ -123,7 +125,10 @@ impl Shard {
         debug_assert_eq!(ep.index, self.inner.index);
         let mesh = Rc::new(MeshLocal::new(ep));
         let _ = self.inner.mesh.set(mesh.clone());
-        tokio::task::spawn_local(MeshLocal::run_drain(Rc::downgrade(&mesh), Rc::downgrade(&self.inner)));
+        tokio::task::spawn_local(MeshLocal::run_drain(
+            Rc::downgrade(&mesh),
+            Rc::downgrade(&self.inner),
+        ));
     }
 
     /// Send every buffered cross-shard free to its owner now (they are
@@ -275,7 +280,9 @@ impl Shard {
         if mesh.forward(handle) {
             Ok(())
         } else {
-            Err(Error::ShardGone { shard: handle.shard() })
+            Err(Error::ShardGone {
+                shard: handle.shard(),
+            })
         }
     }
 
@@ -335,13 +342,20 @@ impl Shard {
             files: self.inner.files.stats(),
             mappings: self.inner.mm.stats(),
             alloc: self.inner.alloc.stats(),
-            mesh: self.inner.mesh.get().map(|m| m.stats.get()).unwrap_or_default(),
+            mesh: self
+                .inner
+                .mesh
+                .get()
+                .map(|m| m.stats.get())
+                .unwrap_or_default(),
         }
     }
 }
 
 impl std::fmt::Debug for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shard").field("index", &self.inner.index).finish()
+        f.debug_struct("Shard")
+            .field("index", &self.inner.index)
+            .finish()
     }
 }

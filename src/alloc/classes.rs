@@ -52,7 +52,11 @@ const fn class_size(i: usize) -> u64 {
 }
 
 const fn geometry(slot: u64) -> Class {
-    let cap = if slot > 1024 * 1024 { slot } else { 1024 * 1024 };
+    let cap = if slot > 1024 * 1024 {
+        slot
+    } else {
+        1024 * 1024
+    };
     let cap_blocks = cap.div_ceil(BLOCK_BYTES);
     let k_min = slot.div_ceil(BLOCK_BYTES);
     // Largest k whose tail is at most 1/64 and whose slot count fits.
@@ -169,9 +173,15 @@ mod tests {
                 continue;
             }
             let id = class_of(size).unwrap() as usize;
-            assert!(CLASSES[id].slot_bytes as u64 >= size, "size {size} class {id}");
+            assert!(
+                CLASSES[id].slot_bytes as u64 >= size,
+                "size {size} class {id}"
+            );
             if id > 0 {
-                assert!((CLASSES[id - 1].slot_bytes as u64) < size, "size {size} not minimal");
+                assert!(
+                    (CLASSES[id - 1].slot_bytes as u64) < size,
+                    "size {size} not minimal"
+                );
             }
         }
     }

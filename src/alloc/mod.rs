@@ -10,8 +10,9 @@
 //!   its other header fields; it is unpublished by one store of zero.
 //! * A directory entry released since the last `sync` is not reused before
 //!   the next one (so a power loss can never pair a new header with an old
-//!   bitmap). Runs of blocks are reused at once: recovery resolves an overlap
-//!   in favour of the higher generation, which is always the later segment.
+//!   bitmap); after a restart, every free entry waits for the first sync.
+//!   Runs of blocks are reused at once: recovery resolves an overlap in
+//!   favour of the higher generation, which is always the later segment.
 //! * A segment never crosses a window ([`space`]). The hot path (a slot in a
 //!   segment whose window is mapped) makes no syscall and takes no lock.
 //! * The allocator never touches another shard's segments.
@@ -216,7 +217,12 @@ impl SegmentAllocator {
     /// truncated, overlapping segments that cannot be resolved, a data file
     /// missing); [`Error::Mismatch`] when it belongs to another shard or
     /// directory; io errors.
-    pub async fn open(shard: u16, dir: &Path, manifest: Manifest, mm: Rc<MappingManager>) -> Result<SegmentAllocator> {
+    pub async fn open(
+        shard: u16,
+        dir: &Path,
+        manifest: Manifest,
+        mm: Rc<MappingManager>,
+    ) -> Result<SegmentAllocator> {
         let started = Instant::now();
         let _span = tracing::info_span!("recovery", shard).entered();
         if mm.max_extents() < 2 {
@@ -317,7 +323,13 @@ impl SegmentAllocator {
             let writable = !self.files.is_read_only();
             if writable {
                 // Grow in small steps, not the data files' growth step.
-                self.mm.reserve(self.meta, i as u64 * w + meta::META_PAGE_BYTES, META_GROWTH_BYTES).await?;
+                self.mm
+                    .reserve(
+                        self.meta,
+                        i as u64 * w + meta::META_PAGE_BYTES,
+                        META_GROWTH_BYTES,
+                    )
+                    .await?;
             }
             let pin = self.mm.pin(self.meta, i as u64 * w, 64, writable).await?;
             self.meta_pins.borrow_mut().push(pin);
@@ -368,7 +380,8 @@ impl SegmentAllocator {
     async fn create_meta(&self) -> Result<()> {
         let first = meta::entry_offset(0) + meta::META_PAGE_BYTES;
         self.ensure_meta(first).await?;
-        self.meta_word(meta::HWM_OFFSET).store(meta::encode_hwm(0), Ordering::Relaxed);
+        self.meta_word(meta::HWM_OFFSET)
+            .store(meta::encode_hwm(0), Ordering::Relaxed);
         self.meta_write(0, &self.manifest.encode(self.shard));
         self.files.sync(self.meta, true).await?;
         Ok(())
@@ -378,7 +391,8 @@ impl SegmentAllocator {
         self.pin_meta_window(0).await?;
         let mut sb = [0u8; meta::MANIFEST_BYTES];
         self.meta_read(0, &mut sb);
-        let (m, shard) = Manifest::decode(&sb, &format!("{} superblock", self.meta_path().display()))?;
+        let (m, shard) =
+            Manifest::decode(&sb, &format!("{} superblock", self.meta_path().display()))?;
         if m.dir_id != self.manifest.dir_id {
             return Err(self.corrupt("superblock belongs to another data directory"));
         }
@@ -393,7 +407,8 @@ impl SegmentAllocator {
             return Err(self.corrupt("superblock disagrees with the manifest"));
         }
         let hwm_word = self.meta_word(meta::HWM_OFFSET).load(Ordering::Relaxed);
-        let hwm = meta::decode_hwm(hwm_word).ok_or_else(|| self.corrupt("directory high-water mark is torn"))?;
+        let hwm = meta::decode_hwm(hwm_word)
+            .ok_or_else(|| self.corrupt("directory high-water mark is torn"))?;
         let need = if hwm == 0 {
             meta::DIR_OFFSET
         } else {
@@ -405,7 +420,8 @@ impl SegmentAllocator {
             )));
         }
         let w = self.manifest.window_bytes;
-        self.pin_meta_window(((size.max(1) - 1) / w) as usize).await?;
+        self.pin_meta_window(((size.max(1) - 1) / w) as usize)
+            .await?;
 
         // 1. Headers.
         let window_blocks = (w / BLOCK_BYTES) as u32;
@@ -424,7 +440,9 @@ impl SegmentAllocator {
                         || e.block as u64 + e.blocks as u64 > file_blocks as u64
                         || e.block / window_blocks != (e.block + e.blocks - 1) / window_blocks
                     {
-                        return Err(self.corrupt(format!("directory entry {i}: segment out of bounds")));
+                        return Err(
+                            self.corrupt(format!("directory entry {i}: segment out of bounds"))
+                        );
                     }
                     max_gen = max_gen.max(e.generation);
                     found.push((i, e));
@@ -438,10 +456,20 @@ impl SegmentAllocator {
         for (i, e) in found {
             if let Some((pi, pe)) = keep.last().copied() {
                 if pe.file == e.file && pe.block + pe.blocks > e.block {
-                    let (loser, winner) = if pe.generation < e.generation { (pi, i) } else { (i, pi) };
-                    tracing::warn!(shard = self.shard, loser, winner, "overlapping segments after a crash; keeping the later one");
+                    let (loser, winner) = if pe.generation < e.generation {
+                        (pi, i)
+                    } else {
+                        (i, pi)
+                    };
+                    tracing::warn!(
+                        shard = self.shard,
+                        loser,
+                        winner,
+                        "overlapping segments after a crash; keeping the later one"
+                    );
                     if !self.files.is_read_only() {
-                        self.meta_word(meta::entry_offset(loser)).store(0, Ordering::Release);
+                        self.meta_word(meta::entry_offset(loser))
+                            .store(0, Ordering::Release);
                     }
                     free_entries.push(loser);
                     if loser == pi {
@@ -476,7 +504,9 @@ impl SegmentAllocator {
         st.segments.resize_with(hwm as usize, || None);
         let mut runs = Vec::with_capacity(keep.len());
         for (i, e) in keep {
-            let bitmap = self.meta_ptr(meta::entry_offset(i) + meta::ENTRY_HEADER_BYTES).cast::<u64>();
+            let bitmap = self
+                .meta_ptr(meta::entry_offset(i) + meta::ENTRY_HEADER_BYTES)
+                .cast::<u64>();
             let mut seg = Seg {
                 class_id: e.class_id,
                 generation: e.generation,
@@ -495,9 +525,15 @@ impl SegmentAllocator {
             for wi in 0..meta::BITMAP_WORDS as u32 {
                 let word = seg.word(wi).load(Ordering::Relaxed);
                 let valid_bits = seg.slots.saturating_sub(wi * 64).min(64);
-                let mask = if valid_bits == 64 { u64::MAX } else { (1u64 << valid_bits) - 1 };
+                let mask = if valid_bits == 64 {
+                    u64::MAX
+                } else {
+                    (1u64 << valid_bits) - 1
+                };
                 if word & !mask != 0 {
-                    return Err(self.corrupt(format!("directory entry {i}: bitmap marks slots past the segment")));
+                    return Err(self.corrupt(format!(
+                        "directory entry {i}: bitmap marks slots past the segment"
+                    )));
                 }
                 live += word.count_ones();
             }
@@ -515,7 +551,11 @@ impl SegmentAllocator {
         st.space.rebuild(runs, file_count);
         st.entry_hwm = hwm;
         free_entries.sort_unstable_by(|a, b| b.cmp(a));
-        st.free_entries = free_entries;
+        // Which free entries were released since the last sync (their zeroed
+        // state word and bitmap may not be durable) cannot be told after a
+        // restart: quarantine them all until the first sync, so a torn write
+        // can never pair a new header with an old bitmap.
+        st.quarantine = free_entries;
         st.next_generation = max_gen.wrapping_add(1).max(1);
         drop(st);
 
@@ -547,7 +587,8 @@ impl SegmentAllocator {
         }
         if !self.files.is_read_only() {
             for i in losers {
-                self.meta_word(meta::root_offset(i)).store(0, Ordering::Release);
+                self.meta_word(meta::root_offset(i))
+                    .store(0, Ordering::Release);
             }
         }
         let mut st = self.st.borrow_mut();
@@ -622,7 +663,9 @@ impl SegmentAllocator {
         let avail = &mut st.avail[class_id as usize];
         loop {
             let &seg_id = avail.last()?;
-            let seg = st.segments[seg_id as usize].as_mut().expect("avail segment exists");
+            let seg = st.segments[seg_id as usize]
+                .as_mut()
+                .expect("avail segment exists");
             if seg.live >= seg.slots {
                 seg.in_avail = false;
                 avail.pop();
@@ -663,7 +706,10 @@ impl SegmentAllocator {
                 w += 1;
             }
             // Counted as not full but no bit found: the count is wrong.
-            debug_assert!(false, "segment {seg_id} live count disagrees with its bitmap");
+            debug_assert!(
+                false,
+                "segment {seg_id} live count disagrees with its bitmap"
+            );
             seg.live = seg.slots;
         }
     }
@@ -673,7 +719,9 @@ impl SegmentAllocator {
     fn release_slot(&self, h: Handle) {
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
-        let seg = st.segments[h.segment as usize].as_mut().expect("segment exists");
+        let seg = st.segments[h.segment as usize]
+            .as_mut()
+            .expect("segment exists");
         let slot_bytes = h.length as u64;
         let slot = ((h.offset - seg.start()) / slot_bytes) as u32;
         let (w, bit) = (slot / 64, slot % 64);
@@ -694,7 +742,11 @@ impl SegmentAllocator {
             // Keep one empty segment per class to avoid churn; release others.
             let empties = st.avail[h.class_id as usize]
                 .iter()
-                .filter(|&&s| st.segments[s as usize].as_ref().is_some_and(|s| s.live == 0))
+                .filter(|&&s| {
+                    st.segments[s as usize]
+                        .as_ref()
+                        .is_some_and(|s| s.live == 0)
+                })
                 .count();
             if empties > 1 {
                 self.release_segment(st, h.segment);
@@ -709,7 +761,8 @@ impl SegmentAllocator {
         if let Some(pos) = avail.iter().position(|&s| s == seg_id) {
             avail.swap_remove(pos);
         }
-        self.meta_word(meta::entry_offset(seg_id)).store(0, Ordering::Release);
+        self.meta_word(meta::entry_offset(seg_id))
+            .store(0, Ordering::Release);
         st.quarantine.push(seg_id);
         st.space.free(seg.run);
     }
@@ -742,7 +795,8 @@ impl SegmentAllocator {
         };
         // Room in the metadata file, and the data file exists.
         let prep = async {
-            self.ensure_meta(meta::entry_offset(entry) + meta::ENTRY_BYTES).await?;
+            self.ensure_meta(meta::entry_offset(entry) + meta::ENTRY_BYTES)
+                .await?;
             self.ensure_data_file(run.file).await
         };
         if let Err(e) = prep.await {
@@ -777,7 +831,8 @@ impl SegmentAllocator {
             unsafe { AtomicU64::from_ptr(bitmap.add(w)) }.store(0, Ordering::Relaxed);
         }
         self.meta_write(off + 8, &header.body());
-        self.meta_word(off).store(header.state_word(), Ordering::Release);
+        self.meta_word(off)
+            .store(header.state_word(), Ordering::Release);
         let mut st = self.st.borrow_mut();
         st.segments[entry as usize] = Some(Seg {
             class_id,
@@ -831,9 +886,16 @@ impl SegmentAllocator {
                     handle,
                     armed: true,
                 };
-                let pin = match self.mm.try_pin(fid, handle.offset, handle.length as u64, true)? {
+                let pin = match self
+                    .mm
+                    .try_pin(fid, handle.offset, handle.length as u64, true)?
+                {
                     Some(p) => p,
-                    None => self.mm.pin(fid, handle.offset, handle.length as u64, true).await?,
+                    None => {
+                        self.mm
+                            .pin(fid, handle.offset, handle.length as u64, true)
+                            .await?
+                    }
                 };
                 guard.armed = false;
                 return Ok(Allocation { handle, pin });
@@ -855,7 +917,10 @@ impl SegmentAllocator {
         let Some((handle, fid)) = self.take_slot(class_id) else {
             return Ok(None);
         };
-        match self.mm.try_pin(fid, handle.offset, handle.length as u64, true) {
+        match self
+            .mm
+            .try_pin(fid, handle.offset, handle.length as u64, true)
+        {
             Ok(Some(pin)) => Ok(Some(Allocation { handle, pin })),
             Ok(None) => {
                 self.release_slot(handle);
@@ -927,10 +992,15 @@ impl SegmentAllocator {
     pub async fn pin(&self, handle: Handle) -> Result<Pin> {
         let fid = self.check_live(&handle)?;
         let writable = !self.files.is_read_only();
-        if let Some(p) = self.mm.try_pin(fid, handle.offset, handle.length as u64, writable)? {
+        if let Some(p) = self
+            .mm
+            .try_pin(fid, handle.offset, handle.length as u64, writable)?
+        {
             return Ok(p);
         }
-        self.mm.pin(fid, handle.offset, handle.length as u64, writable).await
+        self.mm
+            .pin(fid, handle.offset, handle.length as u64, writable)
+            .await
     }
 
     /// Pin on the hot path only (`Ok(None)`: use [`pin`](Self::pin)).
@@ -940,7 +1010,12 @@ impl SegmentAllocator {
     /// As [`pin`](Self::pin).
     pub fn try_pin(&self, handle: Handle) -> Result<Option<Pin>> {
         let fid = self.check_live(&handle)?;
-        self.mm.try_pin(fid, handle.offset, handle.length as u64, !self.files.is_read_only())
+        self.mm.try_pin(
+            fid,
+            handle.offset,
+            handle.length as u64,
+            !self.files.is_read_only(),
+        )
     }
 
     /// The live allocations, segment by segment.
@@ -1014,13 +1089,26 @@ impl SegmentAllocator {
     pub fn set_root(&self, name: &str, handle: Handle) -> Result<()> {
         self.check_writable()?;
         if name.is_empty() || name.len() > meta::ROOT_NAME_MAX {
-            return Err(Error::Root(format!("root names are 1..=64 bytes, got {}", name.len())));
+            return Err(Error::Root(format!(
+                "root names are 1..=64 bytes, got {}",
+                name.len()
+            )));
         }
         self.check_live(&handle)?;
         let mut st = self.st.borrow_mut();
-        let used: Vec<usize> = st.roots.values().map(|r| r.0).collect();
-        let Some(slot) = (0..meta::ROOT_SLOTS).find(|i| !used.contains(i)) else {
-            return Err(Error::Root("root table full (255 names per shard)".into()));
+        // A replacement is written to a free slot before the old one is
+        // cleared, so one slot always stays free: at most ROOT_SLOTS - 1
+        // names, and every one of them can be replaced.
+        let full = || Error::Root(format!("root table full ({} names per shard)", meta::ROOT_SLOTS - 1));
+        if !st.roots.contains_key(name) && st.roots.len() + 1 >= meta::ROOT_SLOTS {
+            return Err(full());
+        }
+        let mut used = vec![false; meta::ROOT_SLOTS];
+        for r in st.roots.values() {
+            used[r.0] = true;
+        }
+        let Some(slot) = used.iter().position(|u| !u) else {
+            return Err(full());
         };
         st.root_seq += 1;
         let seq = st.root_seq;
@@ -1036,7 +1124,8 @@ impl SegmentAllocator {
         self.meta_write(off + 8, &bytes[8..]);
         self.meta_word(off).store(seq, Ordering::Release);
         if let Some((old, _, _)) = st.roots.insert(name.to_string(), (slot, seq, handle)) {
-            self.meta_word(meta::root_offset(old)).store(0, Ordering::Release);
+            self.meta_word(meta::root_offset(old))
+                .store(0, Ordering::Release);
         }
         Ok(())
     }
@@ -1055,7 +1144,8 @@ impl SegmentAllocator {
         self.check_writable()?;
         let mut st = self.st.borrow_mut();
         Ok(st.roots.remove(name).map(|(slot, _, h)| {
-            self.meta_word(meta::root_offset(slot)).store(0, Ordering::Release);
+            self.meta_word(meta::root_offset(slot))
+                .store(0, Ordering::Release);
             h
         }))
     }

@@ -68,7 +68,11 @@ impl Space {
             if size > blocks {
                 self.insert_free_raw(file, block + blocks, size - blocks);
             }
-            return Run { file, block, blocks };
+            return Run {
+                file,
+                block,
+                blocks,
+            };
         }
         if self.hwm.is_empty() {
             self.hwm.push(0);
@@ -96,7 +100,11 @@ impl Space {
             start = 0;
         }
         self.hwm[file as usize] = start + blocks;
-        Run { file, block: start, blocks }
+        Run {
+            file,
+            block: start,
+            blocks,
+        }
     }
 
     /// Give a run back; merges with free neighbours in the same window.

@@ -2,10 +2,19 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::path::Path;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use segalloc::config::MIB;
-use segalloc::{Config, FileHandleRegistry, MappingConfig, MappingManager, Ring};
+use segalloc::{
+    Config, ConfigBuilder, FileHandleRegistry, IoBackend, MappingConfig, MappingManager, Ring,
+};
+
+/// Window size of the test managers: the minimum, 16 MiB.
+pub const WINDOW: u64 = 16 * MIB;
+/// Growth step of the test managers: 1 MiB.
+pub const STEP: u64 = MIB;
 
 /// Run `f` on a current-thread tokio runtime inside a `LocalSet`, the way a
 /// shard thread runs.
@@ -18,6 +27,18 @@ pub fn run<F: Future>(f: F) -> F::Output {
     local.block_on(&rt, f)
 }
 
+/// The configuration of [`manager`]: 16 MiB windows, 1 MiB growth steps, one
+/// shard, the backend chosen by `SEGALLOC_IO`. Adjust it and pass it to
+/// [`manager_with`].
+pub fn builder(dir: &Path, max_open: usize, max_extents: usize) -> ConfigBuilder {
+    Config::builder(dir)
+        .window_bytes(WINDOW)
+        .growth_step_bytes(STEP)
+        .max_open_files(max_open)
+        .max_extents(max_extents)
+        .shards(1)
+}
+
 /// A registry and manager over `dir` with small windows (16 MiB) and growth
 /// steps (1 MiB), the backend chosen by `SEGALLOC_IO`.
 pub fn manager(
@@ -25,14 +46,7 @@ pub fn manager(
     max_open: usize,
     max_extents: usize,
 ) -> (Rc<FileHandleRegistry>, MappingManager) {
-    let cfg = Config::builder(dir)
-        .window_bytes(16 * MIB)
-        .growth_step_bytes(MIB)
-        .max_open_files(max_open)
-        .max_extents(max_extents)
-        .shards(1)
-        .build()
-        .expect("config");
+    let cfg = builder(dir, max_open, max_extents).build().expect("config");
     manager_with(&cfg)
 }
 
@@ -44,4 +58,240 @@ pub fn manager_with(cfg: &Config) -> (Rc<FileHandleRegistry>, MappingManager) {
     ));
     let mm = MappingManager::new(files.clone(), MappingConfig::from_config(cfg));
     (files, mm)
+}
+
+/// The backend `Ring::new(IoBackendChoice::Auto)` must pick here: sync when
+/// `SEGALLOC_IO=sync`, io_uring otherwise (it works on the test machines).
+pub fn expected_backend() -> IoBackend {
+    match std::env::var("SEGALLOC_IO").as_deref() {
+        Ok("sync") => IoBackend::Sync,
+        _ => IoBackend::Uring,
+    }
+}
+
+/// Whether some mapping of `/proc/self/maps` contains `addr`, and the path
+/// it maps.
+pub fn mapping_of(addr: *const u8) -> Option<String> {
+    let a = addr as usize;
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
+    for line in maps.lines() {
+        let mut parts = line.split_whitespace();
+        let range = parts.next()?;
+        let (lo, hi) = range.split_once('-')?;
+        let lo = usize::from_str_radix(lo, 16).ok()?;
+        let hi = usize::from_str_radix(hi, 16).ok()?;
+        if (lo..hi).contains(&a) {
+            return Some(parts.nth(4).unwrap_or("").to_string());
+        }
+    }
+    None
+}
+
+/// Descriptors and VMAs the OS shows under `dir`, as `(fds, vmas)`.
+pub fn os_counts(dir: &Path) -> (usize, usize) {
+    (
+        segalloc::proc::open_fds_under(dir),
+        segalloc::proc::vmas_under(dir),
+    )
+}
+
+/// Poll `cond` (yielding to the runtime between tries) until it holds or
+/// `timeout` passes; returns whether it held.
+pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A repeatable byte pattern for `(file, offset)`, to check data read back.
+pub fn pattern(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The files under `dir` that this process holds descriptors on (sorted,
+/// one entry per descriptor).
+pub fn open_paths_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    v.sort();
+    v
+}
+
+// ---------------------------------------------------------------------------
+// Helpers of the allocator tests (alloc_*.rs).
+// ---------------------------------------------------------------------------
+
+/// The allocator tests' configuration: one shard, 16 MiB windows, 1 MiB
+/// growth steps, the backend chosen by `SEGALLOC_IO`.
+pub fn small_cfg(dir: &Path) -> Config {
+    Config::builder(dir)
+        .shards(1)
+        .window_bytes(WINDOW)
+        .growth_step_bytes(STEP)
+        .build()
+        .expect("config")
+}
+
+/// Open `cfg`'s data directory and its shard 0.
+///
+/// `AlreadyOpen` is retried for up to 5 s: the directory lock is an `flock`
+/// on an open file description, and a child that another test thread forks
+/// while this test holds the lock keeps a copy of it until its `exec` (the
+/// descriptor is close-on-exec), so the lock can linger for a moment after
+/// this test closed the directory.
+pub async fn open_shard(cfg: &Config) -> segalloc::Result<segalloc::Shard> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let dd = loop {
+        match segalloc::DataDir::open(cfg) {
+            Err(segalloc::Error::AlreadyOpen { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            other => break std::sync::Arc::new(other?),
+        }
+    };
+    segalloc::Shard::open(dd, cfg, 0).await
+}
+
+/// Panic unless no two of `handles` overlap (same data file, intersecting
+/// byte ranges) and each is of shard 0 with a non-empty length.
+pub fn assert_no_overlap(handles: impl IntoIterator<Item = segalloc::Handle>) {
+    let mut v: Vec<(u32, u64, u64, segalloc::Handle)> = handles
+        .into_iter()
+        .map(|h| (h.file_id(), h.offset(), h.offset() + h.len() as u64, h))
+        .collect();
+    v.sort_by_key(|x| (x.0, x.1));
+    for w in v.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        assert!(a.2 > a.1, "empty slot {}", a.3);
+        assert!(
+            a.0 != b.0 || a.2 <= b.1,
+            "live slots overlap: {} and {}",
+            a.3,
+            b.3
+        );
+    }
+}
+
+/// Seed of the pattern of the slot named by `h` (mixes the handle bytes and
+/// `salt`).
+pub fn handle_seed(h: &segalloc::Handle, salt: u64) -> u64 {
+    let b = h.to_bytes();
+    (crc32c::crc32c(&b) as u64) << 32 ^ crc32c::crc32c(&b[..36]) as u64 ^ salt.rotate_left(17)
+}
+
+/// The byte ranges of a slot of `len` bytes that the tests fill: all of it
+/// up to 128 KiB, else its first and last 64 KiB.
+pub fn pattern_ranges(len: usize) -> Vec<(usize, usize)> {
+    const PART: usize = 64 * 1024;
+    if len <= 2 * PART {
+        vec![(0, len)]
+    } else {
+        vec![(0, PART), (len - PART, PART)]
+    }
+}
+
+/// Fill the first `len` bytes of `pin` with the pattern of `seed`.
+pub fn write_pattern(pin: &segalloc::Pin, len: usize, seed: u64) {
+    for (i, (off, n)) in pattern_ranges(len).into_iter().enumerate() {
+        pin.write_at(off, &pattern(seed ^ i as u64, n))
+            .expect("write pattern");
+    }
+}
+
+/// Whether the first `len` bytes of `pin` hold the pattern of `seed`.
+pub fn check_pattern(pin: &segalloc::Pin, len: usize, seed: u64) -> bool {
+    pattern_ranges(len)
+        .into_iter()
+        .enumerate()
+        .all(|(i, (off, n))| {
+            let mut buf = vec![0u8; n];
+            pin.read_at(off, &mut buf).expect("read pattern");
+            buf == pattern(seed ^ i as u64, n)
+        })
+}
+
+/// Hex of a handle's 40 bytes.
+pub fn handle_hex(h: &segalloc::Handle) -> String {
+    h.to_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Decode [`handle_hex`].
+pub fn handle_from_hex(s: &str) -> segalloc::Handle {
+    assert_eq!(s.len(), 2 * segalloc::HANDLE_BYTES, "handle hex {s:?}");
+    let b: Vec<u8> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect();
+    segalloc::Handle::from_bytes(&b).expect("handle")
+}
+
+/// Copy the directory tree `from` into `to` (created), files byte by byte.
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        let target = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_tree(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// A small, fast, seedable generator (xorshift64*), for test workloads that
+/// must be reproducible from a printed seed.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+}
+
+/// A seed from the clock, or from `var` when set (to replay a failure).
+pub fn seed_from_env(var: &str) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        })
 }

@@ -1,0 +1,624 @@
+//! `Runtime` through its public API: start / shutdown / restart, `spawn_on`,
+//! cross-shard frees (counters, a storm while the owner is busy, a forwarded
+//! double free), cross-shard pins, `Runtime::sync` covering forwarded frees,
+//! panics and crashed shards, and dropping a runtime without shutdown.
+//!
+//! The io backend follows `SEGALLOC_IO` (`uring` or `sync`); CI runs the file
+//! once with each.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::executor::block_on;
+use segalloc::config::MIB;
+use segalloc::{Config, Error, Handle, Runtime, RuntimeStats, Shard};
+
+/// Two shards, 16 MiB windows, 1 MiB growth steps.
+fn config(dir: &Path, shards: usize) -> Config {
+    Config::builder(dir.join("data"))
+        .shards(shards)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .build()
+        .expect("config")
+}
+
+/// The bytes record `i` of a test holds: a pattern seeded by `i`.
+fn contents(i: u64, len: usize) -> Vec<u8> {
+    common::pattern(i + 1, len)
+}
+
+/// Allocate `n` records of `len` bytes on the shard, each filled with
+/// `contents(first + k, len)`; returns `(handle, seed)` pairs.
+async fn fill(shard: &Shard, first: u64, n: u64, len: usize) -> Vec<(Handle, u64)> {
+    let mut out = Vec::with_capacity(n as usize);
+    for k in 0..n {
+        let a = shard.allocate(len as u64).await.expect("allocate");
+        a.write_at(0, &contents(first + k, len)).expect("write");
+        out.push((a.into_handle(), first + k));
+    }
+    out
+}
+
+/// Check, on the owner, that every record is live and holds its bytes.
+async fn check_records(shard: &Shard, records: &[(Handle, u64)], len: usize) {
+    let mut buf = vec![0u8; len];
+    for &(h, seed) in records {
+        assert!(shard.allocator().is_live(&h), "{h} should be live");
+        let pin = shard.pin(h).await.expect("pin");
+        pin.read_at(0, &mut buf).expect("read");
+        assert!(buf == contents(seed, len), "{h}: contents differ");
+    }
+}
+
+/// Assert that the shard's live allocations are exactly `want`; on failure
+/// report how many are missing and extra, with a few of each.
+fn assert_live_exactly(shard: &Shard, want: &[(Handle, u64)], context: &str) {
+    let live: HashSet<Handle> = shard.live().collect();
+    let want: HashSet<Handle> = want.iter().map(|r| r.0).collect();
+    let missing: Vec<_> = want.difference(&live).take(3).collect();
+    let extra: Vec<_> = live.difference(&want).take(3).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{context}: {} live, {} expected; {} missing (e.g. {missing:?}), {} extra (e.g. {extra:?})",
+        live.len(),
+        want.len(),
+        want.difference(&live).count(),
+        live.difference(&want).count(),
+    );
+    assert_eq!(
+        shard.live_count(),
+        want.len() as u64,
+        "{context}: live_count"
+    );
+}
+
+/// Panic with `msg` (a function returning `()`, so task types stay `()`).
+fn explode(msg: &str) {
+    panic!("{msg}");
+}
+
+fn stats(rt: &Runtime) -> RuntimeStats {
+    block_on(rt.stats()).expect("stats")
+}
+
+#[test]
+fn start_shutdown_restart_keeps_every_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2);
+    let rt = Runtime::start(cfg.clone()).unwrap();
+    assert_eq!(rt.shard_count(), 2);
+    let mut per_shard = Vec::new();
+    for i in 0..2 {
+        let recs = block_on(rt.spawn_on(i, move |s| async move {
+            let recs = fill(&s, 1000 * i as u64, 300, 200).await;
+            s.set_root("first", recs[0].0).unwrap();
+            recs
+        }))
+        .unwrap();
+        per_shard.push(recs);
+    }
+    let st = stats(&rt);
+    for s in &st.shards {
+        assert_eq!(s.io_backend, common::expected_backend());
+        assert_eq!(s.alloc.allocations_live, 300);
+    }
+    rt.shutdown().unwrap();
+
+    let rt = Runtime::start(cfg).unwrap();
+    for (i, recs) in per_shard.into_iter().enumerate() {
+        block_on(rt.spawn_on(i, move |s| async move {
+            assert_eq!(s.live_count(), 300);
+            assert_live_exactly(&s, &recs, "after restart");
+            assert_eq!(s.root("first"), Some(recs[0].0));
+            check_records(&s, &recs, 200).await;
+        }))
+        .unwrap();
+    }
+    rt.shutdown().unwrap();
+}
+
+#[test]
+fn spawn_on_returns_values_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path(), 2)).unwrap();
+    for i in 0..2 {
+        let index = block_on(rt.spawn_on(i, |s| async move { s.index() })).unwrap();
+        assert_eq!(index as usize, i);
+    }
+    // The task's own error comes back inside `Ok`.
+    let r = block_on(rt.spawn_on(
+        0,
+        |s| async move { s.allocate(0).await.map(|a| a.handle()) },
+    ))
+    .unwrap();
+    assert!(matches!(r, Err(Error::InvalidSize { size: 0 })), "{r:?}");
+    let r = block_on(rt.spawn_on(1, |s| async move {
+        s.allocate(17 * MIB).await.map(|a| a.handle())
+    }))
+    .unwrap();
+    assert!(matches!(r, Err(Error::InvalidSize { .. })), "{r:?}");
+    // An out-of-range shard resolves to ShardGone.
+    let r = block_on(rt.spawn_on(7, |s| async move { s.index() }));
+    assert!(matches!(r, Err(Error::ShardGone { shard: 7 })), "{r:?}");
+    // Many tasks in flight on one shard, awaited out of order.
+    let hs: Vec<_> = (0..50u64)
+        .map(|k| rt.spawn_on((k % 2) as usize, move |_| async move { k * k }))
+        .collect();
+    for (k, h) in hs.into_iter().enumerate().rev() {
+        assert_eq!(block_on(h).unwrap(), (k * k) as u64);
+    }
+    rt.shutdown().unwrap();
+}
+
+#[test]
+fn cross_shard_frees_are_counted_and_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2);
+    let rt = Runtime::start(cfg.clone()).unwrap();
+    let recs = block_on(rt.spawn_on(0, |s| async move { fill(&s, 0, 1000, 100).await })).unwrap();
+    let (freed, kept) = recs.split_at(600);
+    let to_free: Vec<Handle> = freed.iter().map(|r| r.0).collect();
+    let n = block_on(rt.spawn_on(1, move |s| async move {
+        for h in &to_free {
+            s.free(*h).unwrap();
+        }
+        to_free.len()
+    }))
+    .unwrap();
+    assert_eq!(n, 600);
+    // One more from outside any shard, through `Runtime::free`.
+    block_on(rt.free(kept[0].0)).unwrap().unwrap();
+    block_on(rt.sync()).unwrap();
+
+    let st = stats(&rt);
+    let (s0, s1) = (&st.shards[0], &st.shards[1]);
+    assert_eq!(s1.mesh.cross_frees_sent, 600);
+    assert!(s1.mesh.batches_sent >= 600u64.div_ceil(segalloc::mesh::BATCH as u64));
+    assert_eq!(s0.mesh.cross_frees_received, 600);
+    assert_eq!(s0.mesh.cross_frees_rejected, 0);
+    assert_eq!(s0.mesh.cross_frees_sent, 0);
+    assert_eq!(s1.mesh.cross_frees_received, 0);
+    assert_eq!(st.cross_frees_sent(), st.cross_frees_received());
+    assert_eq!(s0.alloc.allocations_live, 399);
+    assert_eq!(s0.alloc.frees, 601);
+    assert_eq!(st.allocations_live(), 399);
+
+    let kept = kept[1..].to_vec();
+    let freed = freed.to_vec();
+    let check = kept.clone();
+    block_on(rt.spawn_on(0, move |s| async move {
+        for (h, _) in &freed {
+            assert!(!s.allocator().is_live(h));
+        }
+        check_records(&s, &check, 100).await;
+    }))
+    .unwrap();
+    rt.shutdown().unwrap();
+
+    let rt = Runtime::start(cfg).unwrap();
+    block_on(rt.spawn_on(0, move |s| async move {
+        assert_live_exactly(&s, &kept, "after restart");
+        check_records(&s, &kept, 100).await;
+    }))
+    .unwrap();
+    rt.shutdown().unwrap();
+}
+
+#[test]
+fn cross_free_storm_while_owner_is_busy() {
+    const PRE: u64 = 30_000;
+    const BUSY_MIN: u64 = 20_000;
+    const LEN: usize = 48;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path(), 3)).unwrap();
+    let pre = block_on(rt.spawn_on(0, |s| async move { fill(&s, 0, PRE, LEN).await })).unwrap();
+    let senders_done = Arc::new(AtomicUsize::new(0));
+
+    // The owner: allocate, write, checksum in a loop, yielding now and then,
+    // until both senders are done and it saw forwarded frees arrive.
+    let done = senders_done.clone();
+    let busy = rt.spawn_on(0, move |s| async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut recs = Vec::new();
+        let mut sum = 0u64;
+        let mut k = 0u64;
+        loop {
+            let seed = 1_000_000 + k;
+            let a = match s.try_allocate(LEN as u64).unwrap() {
+                Some(a) => a,
+                None => s.allocate(LEN as u64).await.unwrap(),
+            };
+            let bytes = contents(seed, LEN);
+            sum = bytes
+                .iter()
+                .fold(sum, |acc, &b| acc.rotate_left(5) ^ b as u64);
+            a.write_at(0, &bytes).unwrap();
+            recs.push((a.into_handle(), seed));
+            k += 1;
+            if k.is_multiple_of(64) {
+                tokio::task::yield_now().await;
+                let received = s.stats().mesh.cross_frees_received;
+                if k >= BUSY_MIN && done.load(Ordering::Acquire) == 2 && received > 0 {
+                    return (recs, received, sum);
+                }
+                assert!(Instant::now() < deadline, "storm did not finish");
+            }
+        }
+    });
+    // Two senders forward half of the pre-allocated handles each, without
+    // yielding: full batches go out while the owner is busy.
+    let senders: Vec<_> = (1..3usize)
+        .map(|i| {
+            let mine: Vec<Handle> = pre.iter().skip(i - 1).step_by(2).map(|r| r.0).collect();
+            let done = senders_done.clone();
+            rt.spawn_on(i, move |s| async move {
+                for h in &mine {
+                    s.free(*h).unwrap();
+                }
+                done.fetch_add(1, Ordering::Release);
+                mine.len() as u64
+            })
+        })
+        .collect();
+    let sent: u64 = senders.into_iter().map(|h| block_on(h).unwrap()).sum();
+    assert_eq!(sent, PRE);
+    let (busy_recs, received_while_busy, _) = block_on(busy).unwrap();
+    assert!(received_while_busy > 0);
+    block_on(rt.sync()).unwrap();
+
+    let st = stats(&rt);
+    assert_eq!(
+        st.shards[1].mesh.cross_frees_sent + st.shards[2].mesh.cross_frees_sent,
+        PRE
+    );
+    assert_eq!(
+        st.shards[0].mesh.cross_frees_received, PRE,
+        "every free applied once"
+    );
+    assert_eq!(
+        st.shards[0].mesh.cross_frees_rejected, 0,
+        "no free applied twice"
+    );
+    assert_eq!(st.shards[0].alloc.allocations_live, busy_recs.len() as u64);
+    eprintln!(
+        "storm: {PRE} forwarded frees, {} owner allocations, {received_while_busy} applied while busy, {} batches",
+        busy_recs.len(),
+        st.shards[1].mesh.batches_sent + st.shards[2].mesh.batches_sent
+    );
+    // Exactly the owner's own allocations remain, each with its bytes: no
+    // forwarded free was lost or hit a slot reused by the busy loop.
+    block_on(rt.spawn_on(0, move |s| async move {
+        assert_live_exactly(&s, &busy_recs, "after the storm");
+        check_records(&s, &busy_recs, LEN).await;
+    }))
+    .unwrap();
+    rt.shutdown().unwrap();
+}
+
+#[test]
+fn forwarded_double_free_is_rejected_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2);
+    let rt = Runtime::start(cfg.clone()).unwrap();
+    let recs = block_on(rt.spawn_on(0, |s| async move { fill(&s, 0, 3, 64).await })).unwrap();
+    let victim = recs[1].0;
+    // Both calls are accepted by the sender (only the owner knows liveness).
+    block_on(rt.spawn_on(1, move |s| async move {
+        s.free(victim).unwrap();
+        s.free(victim).unwrap();
+    }))
+    .unwrap();
+    block_on(rt.sync()).unwrap();
+    let st = stats(&rt);
+    assert_eq!(st.shards[1].mesh.cross_frees_sent, 2);
+    assert_eq!(st.shards[0].mesh.cross_frees_received, 1);
+    assert_eq!(st.shards[0].mesh.cross_frees_rejected, 1);
+    assert_eq!(st.shards[0].alloc.allocations_live, 2);
+    assert_eq!(st.shards[0].alloc.frees, 1);
+    // A local double free is an error at once.
+    let r = block_on(rt.spawn_on(0, move |s| async move { s.free(victim) })).unwrap();
+    assert!(matches!(r, Err(Error::DoubleFree { .. })), "{r:?}");
+
+    let kept = vec![recs[0], recs[2]];
+    let check = kept.clone();
+    block_on(rt.spawn_on(
+        0,
+        move |s| async move { check_records(&s, &check, 64).await },
+    ))
+    .unwrap();
+    // The shard keeps serving: allocate and free after the rejection.
+    block_on(rt.spawn_on(0, |s| async move {
+        let a = s.allocate(64).await.unwrap();
+        s.free(a.into_handle()).unwrap();
+    }))
+    .unwrap();
+    rt.shutdown().unwrap();
+
+    let rt = Runtime::start(cfg).unwrap();
+    block_on(rt.spawn_on(0, move |s| async move {
+        assert_live_exactly(&s, &kept, "after restart");
+        check_records(&s, &kept, 64).await;
+    }))
+    .unwrap();
+    rt.shutdown().unwrap();
+}
+
+#[test]
+fn cross_shard_pins_read_and_write() {
+    const LEN: usize = 4000;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2);
+    let rt = Runtime::start(cfg.clone()).unwrap();
+    // Written on the owner, read through a pin taken on shard 1.
+    let h = block_on(rt.spawn_on(0, |s| async move {
+        let a = s.allocate(LEN as u64).await.unwrap();
+        a.write_at(0, &contents(1, LEN)).unwrap();
+        a.into_handle()
+    }))
+    .unwrap();
+    block_on(rt.spawn_on(1, move |s| async move {
+        let pin = s.pin(h).await.unwrap();
+        assert!(pin.len() >= LEN);
+        let mut buf = vec![0u8; LEN];
+        pin.read_at(0, &mut buf).unwrap();
+        assert!(
+            buf == contents(1, LEN),
+            "foreign pin reads the owner's bytes"
+        );
+        // Written through the foreign pin…
+        pin.write_at(0, &contents(2, LEN)).unwrap();
+    }))
+    .unwrap();
+    // …and read on the owner.
+    block_on(rt.spawn_on(0, move |s| async move {
+        let pin = s.pin(h).await.unwrap();
+        let mut buf = vec![0u8; LEN];
+        pin.read_at(0, &mut buf).unwrap();
+        assert!(
+            buf == contents(2, LEN),
+            "owner reads what the foreign pin wrote"
+        );
+    }))
+    .unwrap();
+    // A foreign pin from another data directory is refused.
+    let other = tempfile::tempdir().unwrap();
+    let rt2 = Runtime::start(config(other.path(), 2)).unwrap();
+    let r = block_on(rt2.spawn_on(1, move |s| async move { s.pin(h).await.map(|_| ()) })).unwrap();
+    assert!(matches!(r, Err(Error::ForeignHandle { .. })), "{r:?}");
+    rt2.shutdown().unwrap();
+    rt.shutdown().unwrap();
+
+    // Survives a restart.
+    let rt = Runtime::start(cfg).unwrap();
+    block_on(rt.spawn_on(0, move |s| async move {
+        check_records(&s, &[(h, 2)], LEN).await
+    }))
+    .unwrap();
+    rt.shutdown().unwrap();
+}
+
+#[test]
+fn sync_covers_frees_forwarded_just_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path(), 2)).unwrap();
+    let mut expected_received = 0;
+    let mut expected_live = [0u64; 2];
+    for round in 0..40u64 {
+        // Allocate on both shards, then each frees some of the other's,
+        // fewer than a batch: the frees sit in the senders' buffers or
+        // channels when `sync` is called, with no sleep in between.
+        let n = 1 + round * 7 % 150;
+        let recs: Vec<Vec<(Handle, u64)>> = (0..2)
+            .map(|i| {
+                block_on(rt.spawn_on(i, move |s| async move { fill(&s, 0, n, 32).await })).unwrap()
+            })
+            .collect();
+        expected_live[0] += n;
+        expected_live[1] += n;
+        let frees: Vec<_> = (0..2usize)
+            .map(|i| {
+                let theirs: Vec<Handle> = recs[1 - i]
+                    .iter()
+                    .take(n as usize / 2 + 1)
+                    .map(|r| r.0)
+                    .collect();
+                rt.spawn_on(i, move |s| async move {
+                    for h in &theirs {
+                        s.free(*h).unwrap();
+                    }
+                    theirs.len() as u64
+                })
+            })
+            .collect();
+        for (i, f) in frees.into_iter().enumerate() {
+            let k = block_on(f).unwrap();
+            expected_live[1 - i] -= k;
+            expected_received += k;
+        }
+        block_on(rt.sync()).unwrap();
+        let st = stats(&rt);
+        assert_eq!(
+            st.cross_frees_received(),
+            expected_received,
+            "round {round}"
+        );
+        assert_eq!(
+            st.shards[0].alloc.allocations_live, expected_live[0],
+            "round {round}"
+        );
+        assert_eq!(
+            st.shards[1].alloc.allocations_live, expected_live[1],
+            "round {round}"
+        );
+    }
+    rt.shutdown().unwrap();
+}
+
+#[test]
+fn panicking_task_is_reported_and_the_shard_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path(), 2)).unwrap();
+    let before = block_on(rt.spawn_on(0, |s| async move { fill(&s, 0, 10, 64).await })).unwrap();
+
+    // A panic inside the task's future.
+    let r = block_on(rt.spawn_on(0, |s| async move {
+        let _a = s.allocate(64).await.unwrap();
+        explode("boom in a task");
+    }));
+    match r {
+        Err(Error::TaskPanicked { shard: 0, message }) => {
+            assert!(message.contains("boom in a task"))
+        }
+        other => panic!("expected TaskPanicked, got {other:?}"),
+    }
+    // A panic in the closure, before any future exists.
+    let r = block_on(rt.spawn_on(1, |_s| {
+        explode("boom in a closure");
+        std::future::ready(())
+    }));
+    match r {
+        Err(Error::TaskPanicked { shard: 1, message }) => {
+            assert!(message.contains("boom in a closure"))
+        }
+        other => panic!("expected TaskPanicked, got {other:?}"),
+    }
+    // Both shards keep serving, their data intact.
+    for i in 0..2 {
+        let r = block_on(rt.spawn_on(
+            i,
+            |s| async move { s.allocate(64).await.map(|a| a.handle()) },
+        ))
+        .unwrap();
+        assert!(r.is_ok());
+    }
+    block_on(rt.spawn_on(
+        0,
+        move |s| async move { check_records(&s, &before, 64).await },
+    ))
+    .unwrap();
+    block_on(rt.sync()).unwrap();
+    rt.shutdown().unwrap();
+}
+
+#[test]
+fn crashed_shard_is_gone_others_serve_nothing_acknowledged_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2);
+    let rt = Runtime::start(cfg.clone()).unwrap();
+    let recs: Vec<Vec<(Handle, u64)>> = (0..2)
+        .map(|i| {
+            block_on(rt.spawn_on(i, move |s| async move {
+                fill(&s, 100 * i as u64, 50, 128).await
+            }))
+            .unwrap()
+        })
+        .collect();
+    // Acknowledged before the crash: a local free on the doomed shard, and
+    // a free of shard 0's handle forwarded by it and applied by shard 0.
+    let (local_freed, forwarded) = (recs[1][0].0, recs[0][0].0);
+    block_on(rt.spawn_on(1, move |s| async move {
+        s.free(local_freed).unwrap();
+        s.free(forwarded).unwrap();
+    }))
+    .unwrap();
+    block_on(rt.sync()).unwrap();
+
+    rt.crash_shard_for_test(1);
+    let r = block_on(rt.spawn_on(1, |s| async move { s.index() }));
+    assert!(matches!(r, Err(Error::ShardGone { shard: 1 })), "{r:?}");
+    let r = block_on(rt.spawn_on(1, |s| async move { s.index() }));
+    assert!(matches!(r, Err(Error::ShardGone { shard: 1 })), "{r:?}");
+    // Shard 0 keeps serving, and its acknowledged work after the crash
+    // counts as well.
+    let more = block_on(rt.spawn_on(0, |s| async move { fill(&s, 500, 20, 128).await })).unwrap();
+    let r = block_on(rt.sync());
+    assert!(matches!(r, Err(Error::ShardGone { shard: 1 })), "{r:?}");
+    match rt.shutdown() {
+        Err(Error::TaskPanicked { message, .. }) => {
+            assert!(message.contains("shard 1"), "{message}")
+        }
+        other => panic!("shutdown must report the crashed shard, got {other:?}"),
+    }
+
+    let rt = Runtime::start(cfg).unwrap();
+    let mut want0: Vec<(Handle, u64)> = recs[0][1..].to_vec();
+    want0.extend(more);
+    let want1: Vec<(Handle, u64)> = recs[1][1..].to_vec();
+    for (i, want) in [want0, want1].into_iter().enumerate() {
+        block_on(rt.spawn_on(i, move |s| async move {
+            assert_live_exactly(&s, &want, &format!("shard {i}"));
+            check_records(&s, &want, 128).await;
+        }))
+        .unwrap();
+    }
+    rt.shutdown().unwrap();
+}
+
+#[test]
+fn dropping_without_shutdown_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2);
+    let mut want: Vec<Vec<(Handle, u64)>> = vec![Vec::new(), Vec::new()];
+    for round in 0..20u64 {
+        let rt = Runtime::start(cfg.clone()).unwrap();
+        // Check what the previous round left, then add to it.
+        for (i, w) in want.iter().enumerate() {
+            let w = w.clone();
+            block_on(rt.spawn_on(i, move |s| async move {
+                assert_live_exactly(&s, &w, &format!("round {round}, shard {i}"));
+                check_records(&s, &w, 96).await;
+            }))
+            .unwrap();
+        }
+        let recs: Vec<Vec<(Handle, u64)>> = (0..2)
+            .map(|i| {
+                let first = 10_000 * round + 1000 * i as u64;
+                block_on(rt.spawn_on(i, move |s| async move { fill(&s, first, 30, 96).await }))
+                    .unwrap()
+            })
+            .collect();
+        // Shard i frees 5 of its own and 5 of the other's (forwarded), all
+        // acknowledged; no sync, no shutdown.
+        for i in 0..2usize {
+            let own: Vec<Handle> = recs[i][..5].iter().map(|r| r.0).collect();
+            let other: Vec<Handle> = recs[1 - i][5..10].iter().map(|r| r.0).collect();
+            block_on(rt.spawn_on(i, move |s| async move {
+                for h in own.iter().chain(&other) {
+                    s.free(*h).unwrap();
+                }
+            }))
+            .unwrap();
+        }
+        for (i, r) in recs.into_iter().enumerate() {
+            want[i].extend_from_slice(&r[10..]);
+        }
+        drop(rt);
+    }
+    let rt = Runtime::start(cfg).unwrap();
+    for (i, w) in want.into_iter().enumerate() {
+        block_on(rt.spawn_on(i, move |s| async move {
+            assert_live_exactly(&s, &w, &format!("shard {i}"));
+            check_records(&s, &w, 96).await;
+        }))
+        .unwrap();
+    }
+    rt.shutdown().unwrap();
+}
+
+#[test]
+fn a_second_runtime_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2);
+    let rt = Runtime::start(cfg.clone()).unwrap();
+    let r = Runtime::start(cfg.clone());
+    assert!(matches!(r, Err(Error::AlreadyOpen { .. })), "{:?}", r.err());
+    rt.shutdown().unwrap();
+    // After shutdown the lock is released.
+    Runtime::start(cfg).unwrap().shutdown().unwrap();
+}
