@@ -1,0 +1,389 @@
+//! `FileHandleRegistry` through the public API: one descriptor per file,
+//! the descriptor cap, growth on disk, persistence, read-only registries.
+//! Every bound is checked against `/proc/self` as well as our counters.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::rc::Rc;
+
+use common::{STEP, WINDOW, os_counts, pattern, run};
+use segalloc::config::{IoBackendChoice, MIB};
+use segalloc::{Error, FileHandleRegistry, FileId, MappingConfig, MappingManager, Ring};
+
+/// Bytes allocated on disk for `path` (`st_blocks` is in 512-byte units).
+fn allocated_bytes(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+fn len_on_disk(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).unwrap().len()
+}
+
+/// Seed test FDReuse: many pins on one file share one descriptor.
+#[test]
+fn fd_reuse_one_descriptor_per_file() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (files, mm) = common::manager(dir.path(), 4, 4);
+        let path = dir.path().join("data-0");
+        let f = files.register(&path);
+        assert_eq!(files.register(&path), f, "same path, same id");
+
+        let mut held = Vec::new();
+        for i in 0..200u64 {
+            let p = mm.pin(f, i * 4096 % (8 * MIB), 4096, true).await.unwrap();
+            p.write_at(0, &i.to_le_bytes()).unwrap();
+            if i % 3 == 0 {
+                held.push(p);
+            }
+            assert_eq!(files.open_count(), 1);
+        }
+        // Leases taken directly share the same descriptor too.
+        let leases: Vec<_> =
+            futures::future::try_join_all((0..10).map(|_| files.acquire_path(&path, 4096)))
+                .await
+                .unwrap();
+        assert!(leases.iter().all(|l| l.id() == f));
+        assert_eq!(files.open_count(), 1);
+        assert_eq!(os_counts(dir.path()).0, 1, "/proc/self/fd agrees");
+        assert_eq!(files.stats().opens, 1, "exactly one open(2)");
+        assert_eq!(files.stats().files, 1);
+        drop(leases);
+        drop(held);
+        // The descriptor stays cached after the last lease.
+        assert_eq!(files.open_count(), 1);
+        assert_eq!(os_counts(dir.path()).0, 1);
+        assert_eq!(mm.extent_count(), 1);
+    });
+}
+
+/// Seed test ManySegments: 1000 segment-sized pins over a few files stay
+/// within a handful of descriptors and windows.
+#[test]
+fn many_segments_few_fds_few_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (files, mm) = common::manager(dir.path(), 4, 8);
+        let ids: Vec<FileId> = (0..3)
+            .map(|i| files.register(dir.path().join(format!("data-{i}"))))
+            .collect();
+        // Segment i: file i % 3, spread over the first two windows of it.
+        let at = |i: u64| (ids[(i % 3) as usize], (i / 3) * 97 * 4096 % (2 * WINDOW));
+        let mut pins = Vec::with_capacity(1000);
+        for i in 0..1000u64 {
+            let (f, off) = at(i);
+            let p = mm.pin(f, off, 4096, true).await.unwrap();
+            p.write_at(0, &pattern(i, 64)).unwrap();
+            pins.push(p);
+            let (fds, vmas) = os_counts(dir.path());
+            assert!(files.open_count() <= 4 && fds <= 4, "fds {fds}");
+            assert!(mm.extent_count() <= 8 && vmas <= 8, "vmas {vmas}");
+        }
+        let (fds, vmas) = os_counts(dir.path());
+        assert_eq!((files.open_count(), fds), (3, 3));
+        assert_eq!((mm.extent_count(), vmas), (6, 6));
+        assert_eq!(files.stats().opens, 3);
+        assert_eq!(mm.stats().faults, 6);
+        assert_eq!(mm.stats().pinned_windows, 6);
+        drop(pins);
+        assert_eq!(mm.stats().pinned_windows, 0);
+        for i in 0..1000u64 {
+            let (f, off) = at(i);
+            let p = mm
+                .try_pin(f, off, 4096, false)
+                .unwrap()
+                .expect("still mapped");
+            let mut buf = [0u8; 64];
+            p.read_at(0, &mut buf).unwrap();
+            // Several segments share a range; the last writer wins.
+            let last = (0..1000u64).rev().find(|&j| at(j) == (f, off)).unwrap();
+            assert_eq!(buf.to_vec(), pattern(last, 64));
+        }
+    });
+}
+
+/// The descriptor cap holds with LRU eviction; an fd in use is never closed.
+#[test]
+fn fd_cap_lru_and_pressure() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let ring = Ring::new(IoBackendChoice::Auto).unwrap();
+        let files = FileHandleRegistry::new(ring, 2);
+        let [a, b, c] = ["a", "b", "c"].map(|n| files.register(dir.path().join(n)));
+        drop(files.acquire(a, 0).await.unwrap());
+        drop(files.acquire(b, 0).await.unwrap());
+        drop(files.acquire(a, 0).await.unwrap()); // a is now the most recent
+        drop(files.acquire(c, 0).await.unwrap()); // evicts b
+        assert_eq!(files.stats().evictions, 1);
+        assert_eq!(
+            common::open_paths_under(dir.path()),
+            vec![dir.path().join("a"), dir.path().join("c")]
+        );
+
+        // Both descriptors in use: a third file cannot be opened.
+        let la = files.acquire(a, 0).await.unwrap();
+        let lc = files.acquire(c, 0).await.unwrap();
+        match files.acquire(b, 0).await {
+            Err(Error::FdPressure { max_open_files: 2 }) => {}
+            other => panic!("expected FdPressure, got {other:?}"),
+        }
+        assert_eq!(os_counts(dir.path()).0, 2);
+        drop(lc);
+        let lb = files.acquire(b, 0).await.unwrap();
+        assert_eq!(files.open_count(), 2);
+        assert_eq!(
+            common::open_paths_under(dir.path()),
+            vec![dir.path().join("a"), dir.path().join("b")]
+        );
+        drop((la, lb));
+        files.close_idle();
+        assert_eq!((files.open_count(), os_counts(dir.path()).0), (0, 0));
+    });
+}
+
+/// Closing descriptors never unmaps: windows stay readable without a reopen.
+#[test]
+fn close_idle_keeps_windows_mapped() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (files, mm) = common::manager(dir.path(), 4, 4);
+        let f = files.register(dir.path().join("a"));
+        let held = mm.pin(f, 0, 4096, true).await.unwrap();
+        held.write_at(0, b"still here").unwrap();
+        files.close_idle();
+        assert_eq!(os_counts(dir.path()), (0, 1));
+        let mut buf = [0u8; 10];
+        held.read_at(0, &mut buf).unwrap();
+        assert_eq!(&buf, b"still here");
+        let again = mm.try_pin(f, 0, 10, false).unwrap().expect("mapped");
+        again.read_at(0, &mut buf).unwrap();
+        assert_eq!(&buf, b"still here");
+        assert_eq!(files.stats().opens, 1, "no reopen for a mapped window");
+    });
+}
+
+/// Growth: a fresh file grows by exactly one step, blocks included, and
+/// never past the end of the window being pinned.
+#[test]
+fn growth_by_steps_within_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (files, mm) = common::manager(dir.path(), 4, 4);
+        let pa = dir.path().join("a");
+        let a = files.register(&pa);
+        let p = mm.pin(a, 0, 4096, true).await.unwrap();
+        assert_eq!(len_on_disk(&pa), STEP);
+        let blocks = allocated_bytes(&pa);
+        assert!(
+            (STEP..STEP + 64 * 1024).contains(&blocks),
+            "1 MiB reserved on disk, got {blocks} bytes"
+        );
+        assert_eq!(files.reserved_bytes(a).unwrap(), STEP);
+        assert_eq!(files.len_bytes(a).unwrap(), Some(STEP));
+        let grows = files.stats().grows;
+        assert_eq!(grows, 1);
+        drop(p);
+
+        // Inside the reserved step: no growth.
+        drop(mm.pin(a, STEP - 4096, 4096, true).await.unwrap());
+        assert_eq!((len_on_disk(&pa), files.stats().grows), (STEP, 1));
+        // One byte past it: one more step.
+        drop(mm.pin(a, STEP, 1, true).await.unwrap());
+        assert_eq!((len_on_disk(&pa), files.stats().grows), (2 * STEP, 2));
+        assert!(allocated_bytes(&pa) >= 2 * STEP);
+        // A read-only pin past the reserved end of a mapped window fails
+        // and grows nothing.
+        match mm.pin(a, 5 * STEP, 4096, false).await {
+            Err(Error::InvalidRange { .. }) => {}
+            other => panic!("expected InvalidRange, got {other:?}"),
+        }
+        assert_eq!(len_on_disk(&pa), 2 * STEP);
+
+        // Near the end of a window: grow to the window end, not beyond.
+        let pb = dir.path().join("b");
+        let b = files.register(&pb);
+        drop(mm.pin(b, WINDOW - 4096, 4096, true).await.unwrap());
+        assert_eq!(len_on_disk(&pb), WINDOW);
+        assert!(allocated_bytes(&pb) >= WINDOW);
+        assert!(allocated_bytes(&pb) < WINDOW + STEP);
+        drop(mm.pin(b, WINDOW - 2 * STEP, STEP, true).await.unwrap());
+        assert_eq!(len_on_disk(&pb), WINDOW);
+        // The first byte of the next window: one step into it.
+        drop(mm.pin(b, WINDOW, 1, true).await.unwrap());
+        assert_eq!(len_on_disk(&pb), WINDOW + STEP);
+        assert_eq!(files.reserved_bytes(b).unwrap(), WINDOW + STEP);
+
+        // A read-only pin of an unmapped window past the end of the file.
+        let pc = dir.path().join("c");
+        let c = files.register(&pc);
+        match mm.pin(c, 0, 4096, false).await {
+            Err(Error::InvalidRange { .. }) => {}
+            other => panic!("expected InvalidRange, got {other:?}"),
+        }
+        assert_eq!(len_on_disk(&pc), 0, "a read-only pin never grows");
+        assert_eq!(mm.extent_count(), os_counts(dir.path()).1);
+    });
+}
+
+/// `acquire` reserves exactly what was asked, through the control ring.
+#[test]
+fn acquire_reserves_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let ring = Ring::new(IoBackendChoice::Auto).unwrap();
+        let files = FileHandleRegistry::new(ring, 4);
+        let path = dir.path().join("a");
+        let lease = files.acquire_path(&path, 3 * MIB + 4096).await.unwrap();
+        assert_eq!(len_on_disk(&path), 3 * MIB + 4096);
+        assert!(allocated_bytes(&path) >= 3 * MIB + 4096);
+        // Smaller requests never shrink the file.
+        drop(files.acquire(lease.id(), 4096).await.unwrap());
+        assert_eq!(len_on_disk(&path), 3 * MIB + 4096);
+        files.sync(lease.id(), true).await.unwrap();
+        files.sync(lease.id(), false).await.unwrap();
+        let s = files.ring().stats();
+        match files.ring().backend() {
+            segalloc::IoBackend::Uring => assert!(s.submitted >= 3 && s.completed >= 3, "{s:?}"),
+            segalloc::IoBackend::Sync => assert!(s.sync_ops >= 3, "{s:?}"),
+        }
+    });
+}
+
+/// Seed test Persistence: bytes written through pins survive dropping
+/// everything; a new registry (read-write or read-only) reads them back.
+#[test]
+fn persistence_across_registries() {
+    let dir = tempfile::tempdir().unwrap();
+    let spots: Vec<(String, u64)> = vec![
+        ("a".into(), 0),
+        ("a".into(), 5 * 4096),
+        ("a".into(), WINDOW + 123),
+        ("b".into(), 2 * WINDOW - 4096),
+    ];
+    run(async {
+        let (files, mm) = common::manager(dir.path(), 4, 4);
+        for (i, (name, off)) in spots.iter().enumerate() {
+            let f = files.register(dir.path().join(name));
+            let p = mm.pin(f, *off, 4096, true).await.unwrap();
+            p.write_at(0, &pattern(i as u64, 4096)).unwrap();
+        }
+    });
+    run(async {
+        let (files, mm) = common::manager(dir.path(), 4, 4);
+        for (i, (name, off)) in spots.iter().enumerate() {
+            let f = files.register(dir.path().join(name));
+            let p = mm.pin(f, *off, 4096, false).await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            p.read_at(0, &mut buf).unwrap();
+            assert_eq!(buf, pattern(i as u64, 4096), "spot {i}");
+        }
+        assert_eq!(files.stats().grows, 0, "reading back grows nothing");
+    });
+    run(async {
+        let ring = Ring::new(IoBackendChoice::Auto).unwrap();
+        let files = Rc::new(FileHandleRegistry::new_read_only(ring, 2));
+        let mm = MappingManager::new(files.clone(), small_mapping_config(4));
+        for (i, (name, off)) in spots.iter().enumerate() {
+            let f = files.register(dir.path().join(name));
+            let p = mm.pin(f, *off, 4096, false).await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            p.read_at(0, &mut buf).unwrap();
+            assert_eq!(buf, pattern(i as u64, 4096), "spot {i}");
+        }
+    });
+}
+
+fn small_mapping_config(max_extents: usize) -> MappingConfig {
+    let cfg = common::builder(std::path::Path::new("/unused"), 4, max_extents)
+        .build()
+        .unwrap();
+    MappingConfig::from_config(&cfg)
+}
+
+/// A read-only registry: reads what exists, refuses to grow, write or
+/// create.
+#[test]
+fn read_only_registry_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a");
+    run(async {
+        let (files, mm) = common::manager(dir.path(), 4, 4);
+        let f = files.register(&path);
+        mm.pin(f, 0, 4096, true)
+            .await
+            .unwrap()
+            .write_at(0, b"ro")
+            .unwrap();
+    });
+    run(async {
+        let ring = Ring::new(IoBackendChoice::Auto).unwrap();
+        let files = Rc::new(FileHandleRegistry::new_read_only(ring, 2));
+        assert!(files.is_read_only());
+        let mm = MappingManager::new(files.clone(), small_mapping_config(4));
+        let f = files.register(&path);
+
+        // Writable pins are refused before anything is mapped.
+        match mm.pin(f, 0, 4096, true).await {
+            Err(Error::ReadOnly(_)) => {}
+            other => panic!("expected ReadOnly, got {other:?}"),
+        }
+        assert!(matches!(
+            mm.try_pin(f, 0, 4096, true),
+            Err(Error::ReadOnly(_))
+        ));
+        assert_eq!(mm.extent_count(), 0);
+
+        // Past the end of the file (1 MiB): an error, unmapped or mapped.
+        assert!(mm.pin(f, STEP, 4096, false).await.is_err());
+        let p = mm.pin(f, 0, 4096, false).await.unwrap();
+        assert!(!p.is_writable());
+        assert!(p.as_mut_ptr().is_null());
+        let mut buf = [0u8; 2];
+        p.read_at(0, &mut buf).unwrap();
+        assert_eq!(&buf, b"ro");
+        assert!(matches!(p.write_at(0, b"x"), Err(Error::ReadOnly(_))));
+        match mm.pin(f, STEP, 4096, false).await {
+            Err(Error::InvalidRange { .. }) => {}
+            other => panic!("expected InvalidRange, got {other:?}"),
+        }
+        // The registry refuses to grow.
+        match files.acquire(f, 2 * STEP).await {
+            Err(Error::ReadOnly(_)) => {}
+            other => panic!("expected ReadOnly, got {other:?}"),
+        }
+        assert_eq!(len_on_disk(&path), STEP);
+
+        // A missing file is an error, and is not created.
+        let missing = files.register(dir.path().join("missing"));
+        match mm.pin(missing, 0, 4096, false).await {
+            Err(Error::Io { op: "open", .. }) => {}
+            other => panic!("expected an open error, got {other:?}"),
+        }
+        assert!(!dir.path().join("missing").exists());
+        assert_eq!(os_counts(dir.path()), (files.open_count(), 1));
+    });
+}
+
+/// An id the registry never handed out is `UnknownFile` everywhere.
+#[test]
+fn unknown_file_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (files, mm) = common::manager(dir.path(), 4, 4);
+        let _known = files.register(dir.path().join("a"));
+        let bogus = FileId(7);
+        let is_unknown = |r: &Result<_, Error>| matches!(r, Err(Error::UnknownFile(FileId(7))));
+        assert!(is_unknown(&mm.pin(bogus, 0, 4096, true).await.map(drop)));
+        assert!(is_unknown(&mm.try_pin(bogus, 0, 4096, false).map(drop)));
+        assert!(is_unknown(&files.acquire(bogus, 0).await.map(drop)));
+        assert!(is_unknown(&files.path(bogus).map(drop)));
+        assert!(is_unknown(&files.reserved_bytes(bogus).map(drop)));
+        assert!(is_unknown(&files.sync(bogus, true).await));
+        assert!(is_unknown(
+            &mm.prefetch(bogus, &[(0, 4096)]).await.map(drop)
+        ));
+        assert_eq!(os_counts(dir.path()), (0, 0));
+        assert_eq!((files.open_count(), mm.extent_count()), (0, 0));
+    });
+}

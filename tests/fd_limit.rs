@@ -1,0 +1,122 @@
+//! The descriptor cap under a low `RLIMIT_NOFILE`, in a process of its own
+//! (this test binary): the limit is process-wide, so the tests here take a
+//! lock and never run side by side.
+
+mod common;
+
+use std::sync::Mutex;
+
+use common::{os_counts, pattern, run};
+use segalloc::{Error, Limits};
+
+static PROCESS_LIMITS: Mutex<()> = Mutex::new(());
+
+const SOFT_LIMIT: u64 = 64;
+
+/// `Limits::compute` leaves 64 descriptors of headroom and never returns 0.
+#[test]
+fn computed_cap_leaves_headroom() {
+    let _g = PROCESS_LIMITS.lock().unwrap_or_else(|e| e.into_inner());
+    segalloc::set_nofile_soft_limit(100).unwrap();
+    assert_eq!(Limits::compute().max_open_files, 36);
+    segalloc::set_nofile_soft_limit(SOFT_LIMIT).unwrap();
+    // 64 - 64 = 0, clamped to 1.
+    assert_eq!(Limits::compute().max_open_files, 1);
+    assert_eq!(segalloc::Config::new("/unused").max_open_files(), 1);
+}
+
+/// A registry capped at 8 descriptors touches 100 files under a soft limit
+/// of 64: the kernel never sees more than 8 of our descriptors, idle ones
+/// are evicted, and every window stays mapped and readable (evicting a
+/// descriptor never unmaps).
+#[test]
+fn cap_of_8_over_100_files() {
+    let _g = PROCESS_LIMITS.lock().unwrap_or_else(|e| e.into_inner());
+    segalloc::set_nofile_soft_limit(SOFT_LIMIT).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let cfg = common::builder(dir.path(), 8, 128)
+            .growth_step_bytes(64 * 1024)
+            .build()
+            .unwrap();
+        let (files, mm) = common::manager_with(&cfg);
+        let ids: Vec<_> = (0..100)
+            .map(|i| files.register(dir.path().join(format!("data-{i}"))))
+            .collect();
+        let mut held = Vec::new();
+        for (i, &f) in ids.iter().enumerate() {
+            let p = mm.pin(f, 4096, 4096, true).await.unwrap();
+            p.write_at(0, &pattern(i as u64, 256)).unwrap();
+            if i % 2 == 0 {
+                held.push(p);
+            }
+            let (fds, vmas) = os_counts(dir.path());
+            assert!(files.open_count() <= 8 && fds <= 8, "file {i}: {fds} fds");
+            assert_eq!(vmas, i + 1, "every window stays mapped");
+            assert!(segalloc::proc::open_fds() < SOFT_LIMIT as usize);
+        }
+        let s = files.stats();
+        assert_eq!((s.opens, s.max_open), (100, 8));
+        assert!(s.evictions >= 92, "{s:?}");
+        assert_eq!((mm.extent_count(), os_counts(dir.path()).1), (100, 100));
+
+        // All 100 readable through their (still mapped) windows, no reopen.
+        for (i, &f) in ids.iter().enumerate() {
+            let p = mm.try_pin(f, 4096, 256, false).unwrap().expect("mapped");
+            let mut buf = [0u8; 256];
+            p.read_at(0, &mut buf).unwrap();
+            assert_eq!(buf.to_vec(), pattern(i as u64, 256), "file {i}");
+        }
+        for (k, p) in held.iter().enumerate() {
+            let mut buf = [0u8; 256];
+            p.read_at(0, &mut buf).unwrap();
+            assert_eq!(buf.to_vec(), pattern(2 * k as u64, 256));
+        }
+        assert_eq!(files.stats().opens, 100);
+        assert!(os_counts(dir.path()).0 <= 8);
+    });
+}
+
+/// When the process itself runs out of descriptors (`EMFILE`) the registry
+/// gives one of its idle descriptors back and retries; with none to give,
+/// the error is typed.
+#[test]
+fn emfile_evicts_or_is_typed() {
+    let _g = PROCESS_LIMITS.lock().unwrap_or_else(|e| e.into_inner());
+    segalloc::set_nofile_soft_limit(SOFT_LIMIT).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (files, _mm) = common::manager(dir.path(), 8, 8);
+        let a = files.register(dir.path().join("a"));
+        let b = files.register(dir.path().join("b"));
+        let c = files.register(dir.path().join("c"));
+        drop(files.acquire(a, 0).await.unwrap());
+        // Take every descriptor left.
+        let mut hog = Vec::new();
+        let exhaust = |hog: &mut Vec<std::fs::File>| {
+            while let Ok(f) = std::fs::File::open("/dev/null") {
+                hog.push(f);
+            }
+        };
+        exhaust(&mut hog);
+        assert!(files.open_count() < 8, "below our own cap");
+        // a is idle: it is closed to open b.
+        let lb = files.acquire(b, 0).await.unwrap();
+        assert_eq!(files.stats().evictions, 1);
+        hog.pop(); // room to read /proc/self/fd
+        assert_eq!(
+            common::open_paths_under(dir.path()),
+            vec![dir.path().join("b")]
+        );
+        exhaust(&mut hog);
+        // b is in use and nothing else is ours: a typed error.
+        match files.acquire(c, 0).await {
+            Err(Error::TooManyOpenFiles { path, .. }) => assert!(path.ends_with("c")),
+            other => panic!("expected TooManyOpenFiles, got {other:?}"),
+        }
+        drop(hog);
+        drop(lb);
+        drop(files.acquire(c, 0).await.unwrap());
+        assert_eq!(files.open_count(), os_counts(dir.path()).0);
+    });
+}
