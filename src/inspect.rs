@@ -169,7 +169,13 @@ struct Reporter<'a> {
 }
 
 impl Reporter<'_> {
-    fn push(&mut self, severity: Severity, entry: Option<u32>, offset: Option<u64>, detail: String) {
+    fn push(
+        &mut self,
+        severity: Severity,
+        entry: Option<u32>,
+        offset: Option<u64>,
+        detail: String,
+    ) {
         self.out.push(Problem {
             severity,
             shard: self.shard,
@@ -871,8 +877,9 @@ fn read_manifest(
             if !listing.iter().any(|(n, _)| n.starts_with("shard-")) {
                 return Err(Error::Corrupt {
                     what: p.display().to_string(),
-                    detail: "manifest missing and no shard folders (not a segalloc data directory?)"
-                        .into(),
+                    detail:
+                        "manifest missing and no shard folders (not a segalloc data directory?)"
+                            .into(),
                 });
             }
             r.error(None, None, "missing, but shard folders exist");
@@ -894,11 +901,7 @@ fn read_manifest(
         r.error(
             None,
             None,
-            format!(
-                "is {} bytes, expected {}",
-                m.len(),
-                meta::MANIFEST_BYTES
-            ),
+            format!("is {} bytes, expected {}", m.len(), meta::MANIFEST_BYTES),
         );
     }
     if n < meta::MANIFEST_BYTES {
@@ -1135,6 +1138,15 @@ fn scan_shard(
         Kind::Missing => {
             if present_any.is_empty() {
                 r.warn(None, None, "missing: the shard has never been opened");
+            } else if present_any.binary_search(&0).is_ok() {
+                r.error(
+                    None,
+                    None,
+                    format!(
+                        "missing, but the folder holds {} data file(s): recovery refuses to open the shard",
+                        present_any.len()
+                    ),
+                );
             } else {
                 r.error(
                     None,
@@ -1174,7 +1186,13 @@ fn scan_shard(
     let blank = n < sb.len() || sb.iter().all(|&b| b == 0);
     if blank {
         let marked = hwm_word.is_some_and(|w| w != 0);
-        if marked || !present_any.is_empty() {
+        if present_any.binary_search(&0).is_ok() {
+            r.error(
+                None,
+                Some(0),
+                "superblock is blank but data files exist: recovery refuses to open the shard",
+            );
+        } else if marked || !present_any.is_empty() {
             r.error(
                 None,
                 Some(0),
@@ -1246,7 +1264,9 @@ fn scan_shard(
             r.error(
                 None,
                 Some(meta::HWM_OFFSET),
-                format!("metadata truncated: {size} bytes, too short for the directory high-water mark"),
+                format!(
+                    "metadata truncated: {size} bytes, too short for the directory high-water mark"
+                ),
             );
             None
         }
@@ -1312,7 +1332,11 @@ fn scan_shard(
             Ok(Some(e)) => e,
         };
         if h[28..].iter().any(|&b| b != 0) {
-            r.warn(Some(i), Some(off + 28), "reserved header bytes 28..64 are not zero");
+            r.warn(
+                Some(i),
+                Some(off + 28),
+                "reserved header bytes 28..64 are not zero",
+            );
         }
         let (b0, b1) = (e.block as u64, e.block as u64 + e.blocks as u64);
         let mut bad = false;
@@ -1484,22 +1508,22 @@ fn resolve_overlaps(segs: &mut [SegmentInfo], r: &mut Reporter<'_>) {
     let mut reach: Option<(u32, u64, usize)> = None; // (file, end, index)
     for &k in &order {
         let s = &segs[k];
-        if let Some((file, rend, o)) = reach {
-            if file == s.header.file && (s.header.block as u64) < rend {
-                let other = &segs[o];
-                let verdict = match (s.dropped, other.dropped) {
-                    (true, false) => format!(
-                        "recovery keeps entry {} and drops this one",
-                        other.entry
-                    ),
-                    (false, true) => format!(
-                        "recovery keeps this one and drops entry {}",
-                        other.entry
-                    ),
-                    (true, true) => "recovery drops both".to_string(),
-                    (false, false) => "recovery keeps both (a bug)".to_string(),
-                };
-                r.error(
+        if let Some((file, rend, o)) = reach
+            && file == s.header.file
+            && (s.header.block as u64) < rend
+        {
+            let other = &segs[o];
+            let verdict = match (s.dropped, other.dropped) {
+                (true, false) => {
+                    format!("recovery keeps entry {} and drops this one", other.entry)
+                }
+                (false, true) => {
+                    format!("recovery keeps this one and drops entry {}", other.entry)
+                }
+                (true, true) => "recovery drops both".to_string(),
+                (false, false) => "recovery keeps both (a bug)".to_string(),
+            };
+            r.error(
                     Some(s.entry),
                     Some(meta::entry_offset(s.entry)),
                     format!(
@@ -1514,7 +1538,6 @@ fn resolve_overlaps(segs: &mut [SegmentInfo], r: &mut Reporter<'_>) {
                         other.header.generation,
                     ),
                 );
-            }
         }
         let e = end(s);
         reach = match reach {
@@ -1606,13 +1629,7 @@ fn free_runs(rep: &ShardReport, present_any: &[u32], g: &Manifest) -> FreeRuns {
     let file_blocks = g.max_file_bytes / BLOCK_BYTES;
     let mut runs: Vec<(u32, u64, u64)> = rep
         .kept_segments()
-        .map(|s| {
-            (
-                s.header.file,
-                s.header.block as u64,
-                s.header.blocks as u64,
-            )
-        })
+        .map(|s| (s.header.file, s.header.block as u64, s.header.blocks as u64))
         .collect();
     runs.sort_unstable();
     let mut file_count = runs.iter().map(|r| r.0 as u64 + 1).max().unwrap_or(0);
@@ -1620,17 +1637,10 @@ fn free_runs(rep: &ShardReport, present_any: &[u32], g: &Manifest) -> FreeRuns {
         file_count += 1;
     }
     let mut out = FreeRuns::default();
-    let mut add_gap = |from: u64, to: u64| {
-        let mut at = from;
-        while at < to {
-            let end = ((at / window_blocks + 1) * window_blocks).min(to);
-            out.count += 1;
-            out.bytes += (end - at) * BLOCK_BYTES;
-            out.largest_bytes = out.largest_bytes.max((end - at) * BLOCK_BYTES);
-            at = end;
-        }
-    };
-    let mut hwm: HashMap<u32, u64> = HashMap::new();
+    // Gaps are counted arithmetically, window by window: a hostile entry may
+    // name file 4 000 000 000 or a geometry of millions of windows per file.
+    let mut add_gap = |from: u64, to: u64| gap_runs(&mut out, from, to, window_blocks);
+    let mut hwm: BTreeMap<u32, u64> = BTreeMap::new();
     let mut cursor: HashMap<u32, u64> = HashMap::new();
     for &(file, block, blocks) in &runs {
         let c = cursor.entry(file).or_insert(0);
@@ -1642,13 +1652,49 @@ fn free_runs(rep: &ShardReport, present_any: &[u32], g: &Manifest) -> FreeRuns {
         *h = (*h).max(block + blocks);
     }
     // Files before the last: free up to the maximum file size.
-    for f in 0..file_count.saturating_sub(1) {
-        let h = hwm.get(&(f as u32)).copied().unwrap_or(0);
-        if h < file_blocks {
+    let last = file_count.saturating_sub(1);
+    let mut with_runs = 0u64;
+    for (&f, &h) in hwm.range(..) {
+        if (f as u64) < last {
+            with_runs += 1;
             add_gap(h, file_blocks);
         }
     }
+    // Files before the last without a segment: entirely free windows.
+    let empty = last - with_runs;
+    let per_file = file_blocks / window_blocks;
+    if empty > 0 && per_file > 0 {
+        out.count = out.count.saturating_add(empty.saturating_mul(per_file));
+        out.bytes = out.bytes.saturating_add(
+            empty
+                .saturating_mul(file_blocks)
+                .saturating_mul(BLOCK_BYTES),
+        );
+        out.largest_bytes = out.largest_bytes.max(window_blocks * BLOCK_BYTES);
+    }
     out
+}
+
+/// Add the free runs of blocks `from..to` of one file, split at window
+/// boundaries, without iterating over the windows.
+fn gap_runs(out: &mut FreeRuns, from: u64, to: u64, window_blocks: u64) {
+    let mut add = |blocks: u64, n: u64| {
+        if blocks > 0 && n > 0 {
+            out.count = out.count.saturating_add(n);
+            out.bytes = out
+                .bytes
+                .saturating_add(n.saturating_mul(blocks).saturating_mul(BLOCK_BYTES));
+            out.largest_bytes = out.largest_bytes.max(blocks * BLOCK_BYTES);
+        }
+    };
+    if from >= to {
+        return;
+    }
+    let first_end = ((from / window_blocks + 1) * window_blocks).min(to);
+    add(first_end - from, 1);
+    let last_start = ((to / window_blocks) * window_blocks).max(first_end);
+    add(window_blocks, (last_start - first_end) / window_blocks);
+    add(to - last_start, 1);
 }
 
 /// The root table: every slot checked, the winners returned by name.
@@ -1729,8 +1775,33 @@ fn scan_roots(
             );
         }
     }
+    // A pair of slots (2k, 2k + 1) belongs to one name; two names in one
+    // pair come from damage, and recovery keeps the later record.
+    let mut winners: Vec<(&str, usize)> = best.iter().map(|(n, &k)| (*n, k)).collect();
+    winners.sort_by_key(|&(_, k)| (std::cmp::Reverse(valid[k].1.seq), valid[k].0));
+    let mut pair_owner: HashMap<usize, usize> = HashMap::new();
+    winners.retain(|&(name, k)| {
+        let slot = valid[k].0;
+        match pair_owner.get(&(slot / 2)) {
+            None => {
+                pair_owner.insert(slot / 2, k);
+                true
+            }
+            Some(&o) => {
+                r.error(
+                    None,
+                    Some(meta::root_offset(slot)),
+                    format!(
+                        "root {name:?} (slot {slot}, seq {}) shares the slot pair of root {:?} (slot {}, seq {}); recovery keeps the later record and drops this one",
+                        valid[k].1.seq, valid[o].1.name, valid[o].0, valid[o].1.seq
+                    ),
+                );
+                false
+            }
+        }
+    });
     let mut roots = Vec::new();
-    for (name, &k) in &best {
+    for (name, k) in winners {
         let (slot, s, h) = &valid[k];
         let why = root_target_problem(rep, h);
         if let Some(why) = &why {
@@ -1808,7 +1879,7 @@ fn root_target_problem(rep: &ShardReport, h: &Handle) -> Option<String> {
     let start = seg.start_offset();
     let slot_bytes = seg.slot_bytes as u64;
     let end = start + seg.header.slots as u64 * slot_bytes;
-    if h.offset < start || h.offset >= end || (h.offset - start) % slot_bytes != 0 {
+    if h.offset < start || h.offset >= end || !(h.offset - start).is_multiple_of(slot_bytes) {
         return Some(format!(
             "offset {:#x} is not a slot of the segment (slots at {start:#x}..{end:#x} every {slot_bytes} bytes)",
             h.offset
@@ -1839,20 +1910,62 @@ mod tests {
         for n in [0, 1, 999_999, 1_000_000, u32::MAX] {
             assert_eq!(parse_data_file_name(&data_file_name(n)), Some(n));
         }
-        for bad in ["data-1.seg", "data-.seg", "data-00000a.seg", "meta.seg", "data-000001.se"] {
+        for bad in [
+            "data-1.seg",
+            "data-.seg",
+            "data-00000a.seg",
+            "meta.seg",
+            "data-000001.se",
+        ] {
             assert_eq!(parse_data_file_name(bad), None, "{bad}");
         }
     }
 
     #[test]
     fn capacity_matches_entry_offsets() {
-        for size in [0, meta::DIR_OFFSET, meta::DIR_OFFSET + 575, meta::DIR_OFFSET + 576, 1 << 20] {
+        for size in [
+            0,
+            meta::DIR_OFFSET,
+            meta::DIR_OFFSET + 575,
+            meta::DIR_OFFSET + 576,
+            1 << 20,
+        ] {
             let cap = entry_capacity(size);
             if cap > 0 {
                 assert!(meta::entry_offset(cap as u32 - 1) + meta::ENTRY_BYTES <= size);
             }
             assert!(meta::entry_offset(cap as u32) + meta::ENTRY_BYTES > size);
         }
-        assert_eq!(bytes_for_entries(7), meta::DIR_OFFSET + 7 * meta::ENTRY_BYTES);
+        assert_eq!(
+            bytes_for_entries(7),
+            meta::DIR_OFFSET + 7 * meta::ENTRY_BYTES
+        );
+    }
+
+    #[test]
+    fn gap_runs_split_at_windows_like_a_loop() {
+        for (from, to) in [
+            (0, 0),
+            (0, 16),
+            (3, 16),
+            (3, 17),
+            (0, 100),
+            (5, 80),
+            (16, 48),
+            (17, 47),
+        ] {
+            let mut fast = FreeRuns::default();
+            gap_runs(&mut fast, from, to, 16);
+            let mut slow = FreeRuns::default();
+            let mut at = from;
+            while at < to {
+                let end = ((at / 16 + 1) * 16).min(to);
+                slow.count += 1;
+                slow.bytes += (end - at) * BLOCK_BYTES;
+                slow.largest_bytes = slow.largest_bytes.max((end - at) * BLOCK_BYTES);
+                at = end;
+            }
+            assert_eq!(fast, slow, "{from}..{to}");
+        }
     }
 }

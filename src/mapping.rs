@@ -172,6 +172,8 @@ pub struct MappingManager {
     files: Rc<FileHandleRegistry>,
     ring: Ring,
     cfg: MappingConfig,
+    /// `log2(window_bytes)` when it is a power of two.
+    window_shift: Option<u32>,
     shared: Rc<Shared>,
 }
 
@@ -209,6 +211,10 @@ impl MappingManager {
             }),
             files,
             ring,
+            window_shift: cfg
+                .window_bytes
+                .is_power_of_two()
+                .then(|| cfg.window_bytes.trailing_zeros()),
             cfg,
             shared: Rc::new(Shared::default()),
         }
@@ -258,39 +264,68 @@ impl MappingManager {
         s
     }
 
+    /// Window index of byte `off` (a shift for power-of-two windows).
+    #[inline(always)]
+    fn window_of(&self, off: u64) -> u64 {
+        match self.window_shift {
+            Some(s) => off >> s,
+            None => off / self.cfg.window_bytes,
+        }
+    }
+
+    /// The window of `[offset, offset + len)`, or the error that says why the
+    /// range is not inside one window.
+    #[inline(always)]
     fn check_range(&self, file: FileId, offset: u64, len: u64) -> Result<u32> {
+        if len != 0 {
+            if let Some(end) = offset.checked_add(len) {
+                let idx = self.window_of(offset);
+                if idx == self.window_of(end - 1) && idx <= u32::MAX as u64 {
+                    return Ok(idx as u32);
+                }
+            }
+        }
+        Err(self.range_error(file, offset, len))
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn range_error(&self, file: FileId, offset: u64, len: u64) -> Error {
+        let invalid = |reason| Error::InvalidRange {
+            file,
+            offset,
+            len_bytes: len,
+            reason,
+        };
         if len == 0 {
-            return Err(Error::InvalidRange {
-                file,
+            return invalid("empty range");
+        }
+        let Some(end) = offset.checked_add(len) else {
+            return invalid("range overflows u64");
+        };
+        if self.window_of(offset) != self.window_of(end - 1) {
+            return Error::CrossesWindow {
                 offset,
                 len_bytes: len,
-                reason: "empty range",
-            });
+                window_bytes: self.cfg.window_bytes,
+            };
         }
-        let w = self.cfg.window_bytes;
-        let end = offset.checked_add(len).ok_or(Error::InvalidRange {
-            file,
-            offset,
-            len_bytes: len,
-            reason: "range overflows u64",
-        })?;
-        if offset / w != (end - 1) / w {
-            return Err(Error::CrossesWindow {
-                offset,
-                len_bytes: len,
-                window_bytes: w,
-            });
-        }
-        u32::try_from(offset / w).map_err(|_| Error::InvalidRange {
-            file,
-            offset,
-            len_bytes: len,
-            reason: "offset beyond the largest file",
-        })
+        invalid("offset beyond the largest file")
     }
 
     /// Register `file` with this manager (idempotent).
+    #[inline(always)]
     fn file_maps<'a>(&self, m: &'a mut Maps, file: FileId) -> Result<&'a mut FileMaps> {
+        let i = file.0 as usize;
+        if matches!(m.files.get(i), Some(Some(_))) {
+            return Ok(m.files[i].as_mut().expect("checked"));
+        }
+        self.register_file(m, file)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn register_file<'a>(&self, m: &'a mut Maps, file: FileId) -> Result<&'a mut FileMaps> {
         let i = file.0 as usize;
         if m.files.len() <= i {
             m.files.resize_with(i + 1, || None);
@@ -331,7 +366,7 @@ impl MappingManager {
                     w.last_use.set(tick);
                     w.uses.set(w.uses.get() + 1);
                     w.referenced.set(true);
-                    let win_off = offset - idx as u64 * self.cfg.window_bytes;
+                    let win_off = offset - ((idx as u64) * self.cfg.window_bytes);
                     let pin = Pin::new(w.clone(), win_off as usize, len as usize, writable, site);
                     m.stats.fast_pins += 1;
                     Fast::Pinned(pin)

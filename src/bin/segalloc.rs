@@ -174,14 +174,14 @@ fn live(r: &DirReport, shard: Option<u16>, out: &mut impl Write) -> io::Result<u
     if let Some(code) = unreadable(r) {
         return Ok(code);
     }
-    if let Some(n) = shard {
-        if n as usize >= r.shards.len() {
-            eprintln!(
-                "segalloc: shard {n} out of range (the directory has {} shards)",
-                r.shards.len()
-            );
-            return Ok(EXIT_ERROR);
-        }
+    if let Some(n) = shard
+        && n as usize >= r.shards.len()
+    {
+        eprintln!(
+            "segalloc: shard {n} out of range (the directory has {} shards)",
+            r.shards.len()
+        );
+        return Ok(EXIT_ERROR);
     }
     problems_note(r);
     let shards: Vec<&ShardReport> = r
@@ -632,4 +632,3 @@ fn stat_json(r: &DirReport) -> String {
         .num("warnings", r.warnings().count() as u64);
     o.done()
 }
-

@@ -1,0 +1,1006 @@
+//! The `segalloc` command-line tool against directories built with the
+//! library: `stat --json` agrees with the library's figures, `live` lists
+//! exactly the live handles, `verify` is clean on a clean directory and names
+//! each injected corruption precisely, the tool reads (with a note) while the
+//! directory is open elsewhere, and it never changes a byte.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use segalloc::config::MIB;
+use segalloc::meta::{self, EntryHeader};
+use segalloc::{AllocStats, Config, DataDir, Handle, Shard};
+
+const BIN: &str = env!("CARGO_BIN_EXE_segalloc");
+
+fn cfg(dir: &Path) -> Config {
+    Config::builder(dir)
+        .shards(2)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .build()
+        .expect("config")
+}
+
+/// What the library said about the directory it built.
+struct Built {
+    live: Vec<HashSet<Handle>>,
+    stats: Vec<AllocStats>,
+    roots: Vec<Vec<(String, Handle)>>,
+}
+
+/// Allocate, free and name roots on both shards.
+async fn workload(s0: &Shard, s1: &Shard) {
+    let mut h0 = Vec::new();
+    for i in 0..3000u64 {
+        let a = s0.allocate(16 + (i * 37) % 2000).await.expect("allocate");
+        a.write_at(0, &i.to_le_bytes()).expect("write");
+        h0.push(a.into_handle());
+    }
+    for size in [200 * 1024, 3 * MIB, 9 * MIB] {
+        h0.push(s0.allocate(size).await.expect("allocate").into_handle());
+    }
+    for h in h0.iter().step_by(3) {
+        s0.free(*h).expect("free");
+    }
+    s0.set_root("alpha", h0[1]).expect("root");
+    s0.set_root("alpha", h0[4]).expect("root"); // replaced: a higher seq
+    s0.set_root("beta", h0[3001]).expect("root");
+    let mut h1 = Vec::new();
+    for i in 0..700u64 {
+        h1.push(
+            s1.allocate(100 + (i * 53) % 5000)
+                .await
+                .expect("allocate")
+                .into_handle(),
+        );
+    }
+    for h in h1.iter().step_by(4) {
+        s1.free(*h).expect("free");
+    }
+    s1.set_root("gamma", h1[1]).expect("root");
+}
+
+fn observe(shards: &[&Shard]) -> Built {
+    Built {
+        live: shards.iter().map(|s| s.live().collect()).collect(),
+        stats: shards.iter().map(|s| s.stats().alloc).collect(),
+        roots: shards.iter().map(|s| s.roots()).collect(),
+    }
+}
+
+/// Build a directory at `dir` and close it.
+fn build(dir: &Path) -> Built {
+    let cfg = cfg(dir);
+    common::run(async {
+        let dd = Arc::new(DataDir::open(&cfg).expect("open"));
+        let s0 = Shard::open(dd.clone(), &cfg, 0).await.expect("shard 0");
+        let s1 = Shard::open(dd, &cfg, 1).await.expect("shard 1");
+        workload(&s0, &s1).await;
+        s0.sync().await.expect("sync");
+        s1.sync().await.expect("sync");
+        observe(&[&s0, &s1])
+    })
+}
+
+fn tool(args: &[&str], dir: &Path) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(&args[..1]).arg(dir).args(&args[1..]);
+    c.output().expect("run segalloc")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).expect("utf-8 stdout")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Every file under `dir`, with its bytes.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut m = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let e = e.expect("entry");
+            let t = e.file_type().expect("type");
+            if t.is_dir() {
+                stack.push(e.path());
+            } else {
+                m.insert(e.path(), std::fs::read(e.path()).expect("read"));
+            }
+        }
+    }
+    m
+}
+
+fn copy_of(src: &Path, parent: &Path, name: &str) -> PathBuf {
+    let d = parent.join(name);
+    common::copy_tree(src, &d);
+    d
+}
+
+// ---------------------------------------------------------------------------
+// A small JSON reader (the tool's output is hand-written; so is this).
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq)]
+enum J {
+    Null,
+    Bool(bool),
+    Num(String),
+    Str(String),
+    Arr(Vec<J>),
+    Obj(Vec<(String, J)>),
+}
+
+impl J {
+    fn get(&self, k: &str) -> &J {
+        match self {
+            J::Obj(v) => {
+                &v.iter()
+                    .find(|(n, _)| n == k)
+                    .unwrap_or_else(|| panic!("no key {k}"))
+                    .1
+            }
+            _ => panic!("not an object: {self:?}"),
+        }
+    }
+    fn u(&self) -> u64 {
+        match self {
+            J::Num(s) => s.parse().unwrap_or_else(|_| panic!("not a u64: {s}")),
+            _ => panic!("not a number: {self:?}"),
+        }
+    }
+    fn arr(&self) -> &[J] {
+        match self {
+            J::Arr(v) => v,
+            _ => panic!("not an array: {self:?}"),
+        }
+    }
+    fn s(&self) -> &str {
+        match self {
+            J::Str(s) => s,
+            _ => panic!("not a string: {self:?}"),
+        }
+    }
+}
+
+fn parse_json(s: &str) -> J {
+    let b = s.trim().as_bytes();
+    let mut i = 0;
+    let v = parse_value(b, &mut i);
+    assert_eq!(i, b.len(), "trailing bytes after the JSON value");
+    v
+}
+
+fn skip_ws(b: &[u8], i: &mut usize) {
+    while *i < b.len() && b[*i].is_ascii_whitespace() {
+        *i += 1;
+    }
+}
+
+fn parse_value(b: &[u8], i: &mut usize) -> J {
+    skip_ws(b, i);
+    match b[*i] {
+        b'{' => {
+            *i += 1;
+            let mut v = Vec::new();
+            skip_ws(b, i);
+            if b[*i] == b'}' {
+                *i += 1;
+                return J::Obj(v);
+            }
+            loop {
+                skip_ws(b, i);
+                let J::Str(k) = parse_value(b, i) else {
+                    panic!("object key is not a string")
+                };
+                skip_ws(b, i);
+                assert_eq!(b[*i], b':');
+                *i += 1;
+                v.push((k, parse_value(b, i)));
+                skip_ws(b, i);
+                *i += 1;
+                match b[*i - 1] {
+                    b',' => continue,
+                    b'}' => break,
+                    c => panic!("unexpected {:?} in object", c as char),
+                }
+            }
+            J::Obj(v)
+        }
+        b'[' => {
+            *i += 1;
+            let mut v = Vec::new();
+            skip_ws(b, i);
+            if b[*i] == b']' {
+                *i += 1;
+                return J::Arr(v);
+            }
+            loop {
+                v.push(parse_value(b, i));
+                skip_ws(b, i);
+                *i += 1;
+                match b[*i - 1] {
+                    b',' => continue,
+                    b']' => break,
+                    c => panic!("unexpected {:?} in array", c as char),
+                }
+            }
+            J::Arr(v)
+        }
+        b'"' => {
+            *i += 1;
+            let mut s = String::new();
+            loop {
+                let c = b[*i];
+                *i += 1;
+                match c {
+                    b'"' => break,
+                    b'\\' => {
+                        let e = b[*i];
+                        *i += 1;
+                        match e {
+                            b'n' => s.push('\n'),
+                            b't' => s.push('\t'),
+                            b'r' => s.push('\r'),
+                            b'u' => {
+                                let h = std::str::from_utf8(&b[*i..*i + 4]).expect("hex");
+                                s.push(
+                                    char::from_u32(u32::from_str_radix(h, 16).expect("hex"))
+                                        .expect("char"),
+                                );
+                                *i += 4;
+                            }
+                            c => s.push(c as char),
+                        }
+                    }
+                    _ => {
+                        // Re-decode multi-byte UTF-8 sequences whole.
+                        let start = *i - 1;
+                        let mut end = *i;
+                        while end < b.len() && (b[end] & 0xC0) == 0x80 {
+                            end += 1;
+                        }
+                        s.push_str(std::str::from_utf8(&b[start..end]).expect("utf-8"));
+                        *i = end;
+                    }
+                }
+            }
+            J::Str(s)
+        }
+        b'n' => {
+            assert_eq!(&b[*i..*i + 4], b"null");
+            *i += 4;
+            J::Null
+        }
+        b't' | b'f' => {
+            let t = b[*i] == b't';
+            *i += if t { 4 } else { 5 };
+            J::Bool(t)
+        }
+        _ => {
+            let start = *i;
+            while *i < b.len() && matches!(b[*i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+                *i += 1;
+            }
+            assert!(*i > start, "not a JSON value at byte {start}");
+            J::Num(String::from_utf8(b[start..*i].to_vec()).expect("ascii"))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw metadata access (the documented layout, nothing from the tool).
+// ---------------------------------------------------------------------------
+
+fn meta_path(dir: &Path, shard: u16) -> PathBuf {
+    dir.join(format!("shard-{shard:03}")).join("meta.seg")
+}
+
+fn hwm_of(meta_bytes: &[u8]) -> u32 {
+    let o = meta::HWM_OFFSET as usize;
+    let w = u64::from_le_bytes(meta_bytes[o..o + 8].try_into().unwrap());
+    meta::decode_hwm(w).expect("hwm")
+}
+
+fn headers(meta_bytes: &[u8]) -> Vec<(u32, EntryHeader)> {
+    (0..hwm_of(meta_bytes))
+        .filter_map(|i| {
+            let o = meta::entry_offset(i) as usize;
+            EntryHeader::decode(&meta_bytes[o..o + 64])
+                .unwrap()
+                .map(|h| (i, h))
+        })
+        .collect()
+}
+
+/// The 64-byte header of `h` as the documented layout stores it.
+fn encode_header(h: &EntryHeader) -> [u8; 64] {
+    let mut b = [0u8; 64];
+    let state = 0x5E6Du64 | (h.class_id as u64) << 16 | 1u64 << 24 | (h.generation as u64) << 32;
+    b[0..8].copy_from_slice(&state.to_le_bytes());
+    b[8..12].copy_from_slice(&h.file.to_le_bytes());
+    b[12..16].copy_from_slice(&h.block.to_le_bytes());
+    b[16..20].copy_from_slice(&h.blocks.to_le_bytes());
+    b[20..24].copy_from_slice(&h.slots.to_le_bytes());
+    let crc = crc32c::crc32c(&b[..24]);
+    b[24..28].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn patch(path: &Path, off: u64, bytes: &[u8]) {
+    let mut v = std::fs::read(path).expect("read");
+    v[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
+    std::fs::write(path, v).expect("write");
+}
+
+fn assert_line(out: &str, needle: &str) {
+    assert!(
+        out.lines().any(|l| l.contains(needle)),
+        "no line contains {needle:?} in:\n{out}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+#[test]
+fn stat_json_matches_the_library() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let built = build(&dir);
+
+    let o = tool(&["stat", "--json"], &dir);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "", "a closed, clean directory needs no note");
+    let j = parse_json(&stdout(&o));
+    let m = j.get("manifest");
+    assert_eq!(m.get("format_version").u(), meta::FORMAT_VERSION as u64);
+    assert_eq!(m.get("shard_count").u(), 2);
+    assert_eq!(m.get("window_bytes").u(), 16 * MIB);
+    assert_eq!(m.get("max_file_bytes").u(), cfg(&dir).max_file_bytes());
+    assert_eq!(m.get("class_table_id").u(), 1);
+    assert!(m.get("dir_id").s().starts_with("0x"));
+    assert_eq!(j.get("lock").s(), "free");
+    assert_eq!(j.get("errors").u(), 0);
+    assert_eq!(j.get("warnings").u(), 0);
+
+    let shards = j.get("shards").arr();
+    assert_eq!(shards.len(), 2);
+    let mut total_live = 0;
+    for (i, s) in shards.iter().enumerate() {
+        let st = &built.stats[i];
+        assert_eq!(s.get("shard").u(), i as u64);
+        assert_eq!(
+            s.get("allocations_live").u(),
+            st.allocations_live,
+            "shard {i}"
+        );
+        assert_eq!(s.get("allocations_live").u(), built.live[i].len() as u64);
+        assert_eq!(s.get("bytes_live").u(), st.bytes_live, "shard {i}");
+        assert_eq!(s.get("segments").u(), st.segments, "shard {i}");
+        assert_eq!(s.get("segment_bytes").u(), st.bytes_allocated, "shard {i}");
+        assert_eq!(
+            s.get("data_files").arr().len() as u64,
+            st.data_files,
+            "shard {i}"
+        );
+        assert_eq!(
+            s.get("meta_file").get("size_bytes").u(),
+            std::fs::metadata(meta_path(&dir, i as u16)).unwrap().len()
+        );
+        assert_eq!(s.get("roots").u(), built.roots[i].len() as u64);
+        let e = s.get("entries");
+        assert_eq!(
+            e.get("in_use").u() + e.get("free").u(),
+            e.get("high_water_mark").u()
+        );
+        // Live per class, as the library counts it (non-zero classes).
+        let mut per_class: Vec<(u32, u64)> = s
+            .get("classes")
+            .arr()
+            .iter()
+            .filter(|c| c.get("live").u() > 0)
+            .map(|c| (c.get("slot_bytes").u() as u32, c.get("live").u()))
+            .collect();
+        per_class.sort();
+        let mut want = st.live_per_class.clone();
+        want.sort();
+        assert_eq!(per_class, want, "shard {i}");
+        // Fragmentation is what the segments hold free.
+        let f = s.get("fragmentation");
+        assert_eq!(
+            f.get("free_bytes_in_segments").u(),
+            st.bytes_allocated - st.bytes_live
+        );
+        for df in s.get("data_files").arr() {
+            let p = dir.join(format!("shard-{i:03}")).join(df.get("name").s());
+            let md = std::fs::metadata(&p).unwrap();
+            assert_eq!(df.get("size_bytes").u(), md.len());
+            assert_eq!(
+                df.get("blocks_512").u(),
+                std::os::unix::fs::MetadataExt::blocks(&md)
+            );
+            assert_eq!(df.get("windows").u(), md.len().div_ceil(16 * MIB));
+        }
+        total_live += st.allocations_live;
+    }
+    assert_eq!(j.get("totals").get("allocations_live").u(), total_live);
+    assert_eq!(j.get("totals").get("shards").u(), 2);
+
+    // The text form says the same.
+    let o = tool(&["stat"], &dir);
+    assert_eq!(o.status.code(), Some(0));
+    let text = stdout(&o);
+    assert_line(
+        &text,
+        &format!("live: {} allocation(s)", built.stats[0].allocations_live),
+    );
+    assert_line(&text, "shard 1 (shard-001)");
+}
+
+#[test]
+fn live_lists_exactly_the_live_handles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let built = build(&dir);
+
+    let o = tool(&["live"], &dir);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    let mut listed: Vec<HashSet<Handle>> = vec![HashSet::new(), HashSet::new()];
+    let mut roots: Vec<Vec<(String, Handle)>> = vec![Vec::new(), Vec::new()];
+    for line in out.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f[0] == "root" {
+            // root shard=N "name" -> HEX
+            let shard: usize = f[1].strip_prefix("shard=").unwrap().parse().unwrap();
+            let name = f[2].trim_matches('"').to_string();
+            assert_eq!(f[3], "->");
+            roots[shard].push((name, common::handle_from_hex(f[4])));
+            continue;
+        }
+        let h = common::handle_from_hex(f[0]);
+        assert_eq!(f[1], format!("shard={}", h.shard()));
+        assert_eq!(f[2], format!("file=data-{:06}.seg", h.file_id()));
+        assert_eq!(f[3], format!("offset={:#x}", h.offset()));
+        assert_eq!(f[4], format!("slot_bytes={}", h.len()));
+        assert!(listed[h.shard() as usize].insert(h), "{h} listed twice");
+    }
+    assert_eq!(listed, built.live);
+    assert_eq!(roots, built.roots);
+
+    let o = tool(&["live", "--shard", "1"], &dir);
+    assert_eq!(o.status.code(), Some(0));
+    let only1: HashSet<Handle> = stdout(&o)
+        .lines()
+        .filter(|l| !l.starts_with("root "))
+        .map(|l| common::handle_from_hex(l.split(' ').next().unwrap()))
+        .collect();
+    assert_eq!(only1, built.live[1]);
+    assert!(stdout(&o).lines().all(|l| !l.starts_with("root shard=0")));
+
+    let o = tool(&["live", "--shard", "2"], &dir);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("out of range"), "{}", stderr(&o));
+}
+
+#[test]
+fn verify_is_clean_then_names_each_corruption() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = tmp.path().join("clean");
+    build(&clean);
+    let pristine = snapshot(&clean);
+
+    let o = tool(&["verify"], &clean);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).starts_with("verify: clean"), "{}", stdout(&o));
+
+    let meta0 = std::fs::read(meta_path(&clean, 0)).unwrap();
+    let hdrs0 = headers(&meta0);
+    let hwm0 = hwm_of(&meta0);
+
+    // 1. One byte of an entry header.
+    {
+        let d = copy_of(&clean, tmp.path(), "header");
+        let (i, _) = hdrs0[0];
+        let off = meta::entry_offset(i);
+        let mut b = [meta0[off as usize + 13]];
+        b[0] ^= 0x40;
+        patch(&meta_path(&d, 0), off + 13, &b);
+        let o = tool(&["verify"], &d);
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        assert_line(
+            &stdout(&o),
+            &format!(
+                "error: shard 0: shard-000/meta.seg: entry {i}: offset {off:#x}: entry checksum mismatch"
+            ),
+        );
+    }
+
+    // 2. A bitmap bit past the segment's slot count.
+    {
+        let d = copy_of(&clean, tmp.path(), "bitmap");
+        let &(i, h) = hdrs0
+            .iter()
+            .find(|(_, h)| h.slots < 4096)
+            .expect("a segment with fewer than 4096 slots");
+        let w = h.slots / 64;
+        let off = meta::entry_offset(i) + 64 + w as u64 * 8;
+        let mut word =
+            u64::from_le_bytes(meta0[off as usize..off as usize + 8].try_into().unwrap());
+        word |= 1u64 << (h.slots % 64);
+        patch(&meta_path(&d, 0), off, &word.to_le_bytes());
+        let o = tool(&["verify"], &d);
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        assert_line(
+            &stdout(&o),
+            &format!(
+                "error: shard 0: shard-000/meta.seg: entry {i}: offset {off:#x}: bitmap marks 1 slot(s) past the segment's {} slots (first: slot {}, bitmap word {w})",
+                h.slots, h.slots
+            ),
+        );
+    }
+
+    // 3. meta.seg truncated below what the high-water mark needs.
+    {
+        let d = copy_of(&clean, tmp.path(), "truncated");
+        let p = meta_path(&d, 1);
+        let hwm1 = hwm_of(&std::fs::read(&p).unwrap());
+        let need = meta::entry_offset(hwm1 - 1) + meta::ENTRY_BYTES;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(need - 1)
+            .unwrap();
+        let o = tool(&["verify"], &d);
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        assert_line(
+            &stdout(&o),
+            &format!(
+                "error: shard 1: shard-001/meta.seg: metadata truncated: {} bytes, the directory needs {need} (high-water mark {hwm1}); entries {}..{hwm1} cannot be read",
+                need - 1,
+                hwm1 - 1
+            ),
+        );
+    }
+
+    // 4. A data file deleted.
+    {
+        let d = copy_of(&clean, tmp.path(), "missing");
+        std::fs::remove_file(d.join("shard-001/data-000000.seg")).unwrap();
+        let o = tool(&["verify"], &d);
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        assert_line(
+            &stdout(&o),
+            "error: shard 1: shard-001/data-000000.seg: data file is missing but referenced by",
+        );
+    }
+
+    // 5. An overlapping entry of a higher generation, past the old mark.
+    {
+        let d = copy_of(&clean, tmp.path(), "overlap");
+        let (victim, h) = hdrs0[0];
+        let max_gen = hdrs0.iter().map(|(_, h)| h.generation).max().unwrap();
+        let new = EntryHeader {
+            generation: max_gen + 1,
+            ..h
+        };
+        let off = meta::entry_offset(hwm0);
+        assert!(
+            off + meta::ENTRY_BYTES <= meta0.len() as u64,
+            "room for an entry"
+        );
+        let p = meta_path(&d, 0);
+        let mut entry = vec![0u8; meta::ENTRY_BYTES as usize];
+        entry[..64].copy_from_slice(&encode_header(&new));
+        patch(&p, off, &entry);
+        patch(
+            &p,
+            meta::HWM_OFFSET,
+            &meta::encode_hwm(hwm0 + 1).to_le_bytes(),
+        );
+        let o = tool(&["verify"], &d);
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        assert_line(
+            &stdout(&o),
+            &format!(
+                "error: shard 0: shard-000/meta.seg: entry {hwm0}: offset {off:#x}: segment blocks {}..{} (generation {}) of data-{:06}.seg overlaps entry {victim}",
+                h.block,
+                h.block + h.blocks,
+                max_gen + 1,
+                h.file
+            ),
+        );
+        assert_line(
+            &stdout(&o),
+            &format!("recovery keeps this one and drops entry {victim}"),
+        );
+        // The tool predicts what recovery restores: the victim's slots are gone.
+        let j = parse_json(&stdout(&tool(&["stat", "--json"], &d)));
+        let predicted = j.get("shards").arr()[0].get("allocations_live").u();
+        let c = cfg(&d);
+        let recovered = common::run(async {
+            let dd = Arc::new(DataDir::open(&c).unwrap());
+            Shard::open(dd, &c, 0).await.unwrap().live_count()
+        });
+        assert_eq!(predicted, recovered);
+    }
+
+    // 5b. A crafted entry (valid checksum) naming data file 4 000 000 000:
+    // reported at once, without walking four billion files.
+    {
+        let d = copy_of(&clean, tmp.path(), "farfile");
+        let (_, h) = hdrs0[0];
+        let far = EntryHeader {
+            file: 4_000_000_000,
+            generation: 1 + hdrs0.iter().map(|(_, h)| h.generation).max().unwrap(),
+            ..h
+        };
+        let p = meta_path(&d, 0);
+        patch(&p, meta::entry_offset(hwm0), &encode_header(&far));
+        patch(
+            &p,
+            meta::HWM_OFFSET,
+            &meta::encode_hwm(hwm0 + 1).to_le_bytes(),
+        );
+        let t = std::time::Instant::now();
+        let o = tool(&["verify"], &d);
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        assert_line(
+            &stdout(&o),
+            &format!(
+                "error: shard 0: shard-000/data-4000000000.seg: data file is missing but referenced by 1 segment(s) (entries {hwm0})"
+            ),
+        );
+        let o = tool(&["stat", "--json"], &d);
+        assert_eq!(o.status.code(), Some(0));
+        parse_json(&stdout(&o));
+        assert!(t.elapsed().as_secs() < 20, "took {:?}", t.elapsed());
+    }
+
+    // 6. A root slot's name byte.
+    {
+        let d = copy_of(&clean, tmp.path(), "root");
+        let (slot, off, seq) = (0..meta::ROOT_SLOTS)
+            .map(|i| (i, meta::root_offset(i)))
+            .find_map(|(i, o)| {
+                let seq = u64::from_le_bytes(meta0[o as usize..o as usize + 8].try_into().unwrap());
+                (seq != 0).then_some((i, o, seq))
+            })
+            .expect("a root slot in use");
+        patch(&meta_path(&d, 0), off + 12, &[meta0[off as usize + 12] ^ 1]);
+        let o = tool(&["verify"], &d);
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        assert_line(
+            &stdout(&o),
+            &format!(
+                "error: shard 0: shard-000/meta.seg: offset {off:#x}: root slot {slot} (seq {seq}): checksum mismatch"
+            ),
+        );
+    }
+
+    // 6b. A second name written into the other slot of a name's pair.
+    {
+        let d = copy_of(&clean, tmp.path(), "pair");
+        let (slot, rec) = (0..meta::ROOT_SLOTS)
+            .find_map(|i| {
+                let o = meta::root_offset(i) as usize;
+                meta::RootSlot::decode(&meta0[o..o + meta::ROOT_SLOT_BYTES as usize])
+                    .map(|r| (i, r))
+            })
+            .expect("a root");
+        let intruder = meta::RootSlot {
+            seq: 1_000_000,
+            name: "intruder".into(),
+            handle: rec.handle,
+        };
+        let other = slot ^ 1;
+        patch(
+            &meta_path(&d, 0),
+            meta::root_offset(other),
+            &intruder.encode(),
+        );
+        let o = tool(&["verify"], &d);
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        assert_line(
+            &stdout(&o),
+            &format!(
+                "error: shard 0: shard-000/meta.seg: offset {:#x}: root {:?} (slot {slot}, seq {}) shares the slot pair of root \"intruder\" (slot {other}, seq 1000000); recovery keeps the later record and drops this one",
+                meta::root_offset(slot),
+                rec.name,
+                rec.seq
+            ),
+        );
+        // The library's recovery agrees on the surviving roots.
+        let listed: Vec<String> = stdout(&tool(&["live", "--shard", "0"], &d))
+            .lines()
+            .filter(|l| l.starts_with("root "))
+            .map(|l| l.split(' ').nth(2).unwrap().trim_matches('"').to_string())
+            .collect();
+        let c = cfg(&d);
+        let recovered: Vec<String> = common::run(async {
+            let dd = Arc::new(DataDir::open(&c).unwrap());
+            let s = Shard::open(dd, &c, 0).await.unwrap();
+            s.roots().into_iter().map(|(n, _)| n).collect()
+        });
+        assert_eq!(listed, recovered);
+        assert!(!listed.contains(&rec.name));
+    }
+
+    // 7. A data file cut short: a warning (the slots read as zeros), exit 0.
+    {
+        let d = copy_of(&clean, tmp.path(), "short");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("shard-001/data-000000.seg"))
+            .unwrap()
+            .set_len(64 * 1024)
+            .unwrap();
+        let o = tool(&["verify"], &d);
+        assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+        assert_line(
+            &stdout(&o),
+            "warning: shard 1: shard-001/data-000000.seg: entry ",
+        );
+        assert_line(&stdout(&o), "lie past the end of the file (65536 bytes");
+    }
+
+    // 8. The manifest's checksum.
+    {
+        let d = copy_of(&clean, tmp.path(), "manifest");
+        let m = d.join("MANIFEST");
+        let b = std::fs::read(&m).unwrap();
+        patch(&m, 30, &[b[30] ^ 1]);
+        let o = tool(&["verify"], &d);
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        assert_line(
+            &stdout(&o),
+            "error: MANIFEST: offset 0x0: checksum mismatch",
+        );
+        // The shards are still read, with the superblocks' geometry.
+        assert_line(
+            &stdout(&o),
+            "warning: MANIFEST: unusable; the geometry is taken from shard-000/meta.seg's superblock",
+        );
+        assert!(stderr(&o).contains("could not tell whether the directory is open"));
+    }
+
+    // 9. Symlinks are reported, not followed.
+    {
+        let d = copy_of(&clean, tmp.path(), "symlink");
+        let data = d.join("shard-000/data-000000.seg");
+        let moved = tmp.path().join("moved.seg");
+        std::fs::rename(&data, &moved).unwrap();
+        std::os::unix::fs::symlink(&moved, &data).unwrap();
+        let o = tool(&["verify"], &d);
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        assert_line(
+            &stdout(&o),
+            "error: shard 0: shard-000/data-000000.seg: data file is a symlink, not a regular file",
+        );
+        let o = tool(&["verify"], &d.join("shard-000"));
+        assert_eq!(o.status.code(), Some(2), "not a data directory");
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&d, &link).unwrap();
+        let o = tool(&["verify"], &link);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(stderr(&o).contains("symlink"), "{}", stderr(&o));
+    }
+
+    // 10. A FIFO in place of meta.seg does not hang the tool.
+    {
+        let d = copy_of(&clean, tmp.path(), "fifo");
+        let p = meta_path(&d, 1);
+        std::fs::remove_file(&p).unwrap();
+        nix::unistd::mkfifo(
+            &p,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )
+        .unwrap();
+        let o = tool(&["verify"], &d);
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        assert_line(
+            &stdout(&o),
+            "error: shard 1: shard-001/meta.seg: is a special file, not a regular file",
+        );
+    }
+
+    // The clean directory itself was never touched.
+    assert_eq!(snapshot(&clean), pristine);
+}
+
+#[test]
+fn reads_while_open_elsewhere_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let c = cfg(&dir);
+    common::run(async {
+        let dd = Arc::new(DataDir::open(&c).unwrap());
+        let s0 = Shard::open(dd.clone(), &c, 0).await.unwrap();
+        let s1 = Shard::open(dd, &c, 1).await.unwrap();
+        workload(&s0, &s1).await;
+        // No sync: the tool reads the page cache the mappings share.
+        let built = observe(&[&s0, &s1]);
+        let before = snapshot(&dir);
+        for args in [&["stat"][..], &["stat", "--json"], &["verify"], &["live"]] {
+            let o = tool(args, &dir);
+            assert!(
+                stderr(&o)
+                    .contains("note: directory is open in another process; figures may be moving"),
+                "{args:?}: {}",
+                stderr(&o)
+            );
+            assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stdout(&o));
+            if args == ["stat", "--json"] {
+                let j = parse_json(&stdout(&o));
+                assert_eq!(j.get("lock").s(), "held-elsewhere");
+                for (i, s) in j.get("shards").arr().iter().enumerate() {
+                    assert_eq!(s.get("allocations_live").u(), s0_or_s1(&built, i));
+                }
+            }
+            if args == ["live"] {
+                let n = stdout(&o)
+                    .lines()
+                    .filter(|l| !l.starts_with("root "))
+                    .count();
+                assert_eq!(n, built.live.iter().map(|l| l.len()).sum::<usize>());
+            }
+        }
+        assert_eq!(
+            snapshot(&dir),
+            before,
+            "the tool changed the open directory"
+        );
+        // The library still owns the lock and works.
+        s0.allocate(100).await.unwrap();
+    });
+
+    // Closed: the tool takes and releases the lock, still changes nothing.
+    let before = snapshot(&dir);
+    for args in [&["stat"][..], &["stat", "--json"], &["verify"], &["live"]] {
+        let o = tool(args, &dir);
+        assert_eq!(o.status.code(), Some(0), "{args:?}");
+        assert_eq!(stderr(&o), "", "{args:?}");
+    }
+    assert_eq!(snapshot(&dir), before);
+    drop(DataDir::open(&c).expect("the tool released the lock"));
+
+    // Without a LOCK file: none is created.
+    let lock = dir.join("LOCK");
+    std::fs::remove_file(&lock).unwrap();
+    let before = snapshot(&dir);
+    for args in [&["stat"][..], &["verify"], &["live"]] {
+        let o = tool(args, &dir);
+        assert_eq!(o.status.code(), Some(0), "{args:?}");
+        assert!(stderr(&o).contains("no LOCK file"), "{}", stderr(&o));
+    }
+    assert!(!lock.exists(), "the tool created a LOCK file");
+    assert_eq!(snapshot(&dir), before);
+}
+
+fn s0_or_s1(b: &Built, i: usize) -> u64 {
+    b.live[i].len() as u64
+}
+
+#[test]
+fn usage_and_io_errors_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::new(BIN).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let o = Command::new(BIN)
+        .args(["frobnicate", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let o = tool(&["stat"], &tmp.path().join("nope"));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("nope"), "{}", stderr(&o));
+    let o = tool(&["verify"], tmp.path());
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "an empty folder is no data directory"
+    );
+    assert!(stderr(&o).contains("not a segalloc data directory"));
+    let o = Command::new(BIN).args(["--help"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    for sub in ["stat", "verify", "live"] {
+        assert!(stdout(&o).contains(sub));
+    }
+}
+
+#[test]
+fn hostile_metadata_never_panics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = tmp.path().join("clean");
+    build(&clean);
+    let d = copy_of(&clean, tmp.path(), "fuzz");
+    let seed = common::seed_from_env("CLI_FUZZ_SEED");
+    eprintln!("CLI_FUZZ_SEED={seed}");
+    let mut rng = common::Rng::new(seed);
+    let files: Vec<(PathBuf, Vec<u8>)> = [d.join("MANIFEST"), meta_path(&d, 0), meta_path(&d, 1)]
+        .into_iter()
+        .map(|p| {
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    let hot: Vec<u64> = {
+        // Bytes worth hitting: manifest, superblock, mark, roots, headers, bitmaps.
+        let mut v = vec![
+            0,
+            8,
+            12,
+            16,
+            24,
+            32,
+            40,
+            44,
+            meta::HWM_OFFSET,
+            meta::HWM_OFFSET + 4,
+        ];
+        for i in 0..4 {
+            v.push(meta::root_offset(i));
+            v.push(meta::root_offset(i) + 8);
+            v.push(meta::root_offset(i) + 80);
+        }
+        for i in 0..60 {
+            v.push(meta::entry_offset(i));
+            v.push(meta::entry_offset(i) + 8 + (i as u64 % 20));
+            v.push(meta::entry_offset(i) + 64 + (i as u64 * 8) % 512);
+        }
+        v
+    };
+    for round in 0..300 {
+        for (p, b) in &files {
+            std::fs::write(p, b).unwrap();
+        }
+        let (p, b) = &files[rng.below(files.len() as u64) as usize];
+        let mut v = b.clone();
+        for _ in 0..1 + rng.below(4) {
+            let at = if rng.chance(0.8) {
+                hot[rng.below(hot.len() as u64) as usize] + rng.below(8)
+            } else {
+                rng.below(v.len() as u64)
+            } as usize;
+            if at < v.len() {
+                v[at] ^= 1 << rng.below(8);
+            }
+        }
+        if rng.chance(0.15) {
+            v.truncate(rng.below(v.len() as u64 + 1) as usize);
+        }
+        std::fs::write(p, &v).unwrap();
+        let r = segalloc::inspect::read_dir(&d).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        // Everything the report offers is computable.
+        let _ = r.totals();
+        let _ = r.live().count();
+        for s in &r.shards {
+            let _ = s.classes();
+        }
+        if round % 30 == 0 {
+            for args in [&["stat", "--json"][..], &["verify"], &["live"]] {
+                let o = tool(args, &d);
+                let code = o.status.code().expect("exited, not killed");
+                assert!(
+                    code <= 2,
+                    "round {round} {args:?}: exit {code}\n{}",
+                    stderr(&o)
+                );
+                if args[0] == "stat" && code == 0 {
+                    parse_json(&stdout(&o));
+                }
+            }
+        }
+    }
+}
