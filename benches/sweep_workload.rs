@@ -49,6 +49,7 @@ async fn shard_task(
     shard: Shard,
     ops: u64,
     size: u64,
+    cross_every: u64,
     to_next: Option<UnboundedSender<Vec<Handle>>>,
     mut from_prev: Option<UnboundedReceiver<Vec<Handle>>>,
     start: Arc<tokio::sync::Barrier>,
@@ -79,7 +80,7 @@ async fn shard_task(
         if window.len() > WINDOW {
             let old = window.pop_front().expect("non-empty");
             match &to_next {
-                Some(tx) if k % 4 == 0 => {
+                Some(tx) if cross_every > 0 && k % cross_every == 0 => {
                     batch.push(old);
                     if batch.len() == 64 {
                         let _ = tx.send(std::mem::replace(&mut batch, Vec::with_capacity(64)));
@@ -132,8 +133,14 @@ fn percentile(sorted: &[u32], p: f64) -> u64 {
     sorted[i] as u64
 }
 
-/// Run `ops` operations of `size` bytes on every shard of `rt` at once.
+/// Run `ops` operations of `size` bytes on every shard of `rt` at once, one
+/// free in four cross-shard.
 pub fn run(rt: &Runtime, ops: u64, size: u64) -> Result<RunResult, Error> {
+    run_with(rt, ops, size, 4)
+}
+
+/// As [`run`], with one free in `cross_every` cross-shard (0: none).
+pub fn run_with(rt: &Runtime, ops: u64, size: u64, cross_every: u64) -> Result<RunResult, Error> {
     let n = rt.shard_count();
     let start = Arc::new(tokio::sync::Barrier::new(n));
     let mut senders: Vec<Option<UnboundedSender<Vec<Handle>>>> = Vec::new();
@@ -154,7 +161,7 @@ pub fn run(rt: &Runtime, ops: u64, size: u64) -> Result<RunResult, Error> {
         .enumerate()
         .map(|(i, (tx, rx))| {
             let start = start.clone();
-            rt.spawn_on(i, move |s| shard_task(s, ops, size, tx, rx, start))
+            rt.spawn_on(i, move |s| shard_task(s, ops, size, cross_every, tx, rx, start))
         })
         .collect();
     let mut all = Vec::new();

@@ -28,6 +28,9 @@ struct Args {
     /// Allocation size in bytes.
     #[arg(long, default_value_t = 64)]
     size: u64,
+    /// One free in this many goes cross-shard (0: none).
+    #[arg(long, default_value_t = 4)]
+    cross_every: u64,
     /// Runs per point (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -37,6 +40,71 @@ struct Args {
     /// Print the table as one JSON object on the last line.
     #[arg(long)]
     json: bool,
+    /// Also write an SVG chart (ops/s against shards, with linear scaling).
+    #[arg(long)]
+    svg: Option<std::path::PathBuf>,
+}
+
+/// A small SVG line chart: measured ops/s and the linear ideal.
+fn svg_chart(points: &[workload::RunResult], base: f64, title: &str) -> String {
+    let (w, h, pad) = (640.0, 400.0, 60.0);
+    let max_x = points.iter().map(|p| p.shards).max().unwrap_or(1) as f64;
+    let max_y = points
+        .iter()
+        .map(|p| p.ops_per_sec().max(base * p.shards as f64))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let x = |s: f64| pad + (s - 1.0) / (max_x - 1.0).max(1.0) * (w - 2.0 * pad);
+    let y = |v: f64| h - pad - v / max_y * (h - 2.0 * pad);
+    let line = |vals: Vec<(f64, f64)>| {
+        vals.iter()
+            .map(|(a, b)| format!("{:.1},{:.1}", x(*a), y(*b)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let measured = line(points.iter().map(|p| (p.shards as f64, p.ops_per_sec())).collect());
+    let ideal = line(points.iter().map(|p| (p.shards as f64, base * p.shards as f64)).collect());
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"14\">{title}</text>\n\
+         <line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <polyline points=\"{ideal}\" fill=\"none\" stroke=\"#999\" stroke-dasharray=\"6 4\"/>\n\
+         <polyline points=\"{measured}\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"/>\n",
+        w / 2.0,
+        h - pad,
+        w - pad,
+        h - pad,
+        h - pad
+    );
+    for p in points {
+        let (px, py) = (x(p.shards as f64), y(p.ops_per_sec()));
+        out += &format!(
+            "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"4\" fill=\"#1f77b4\"/>\n\
+             <text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.1} M</text>\n\
+             <text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
+            py - 10.0,
+            p.ops_per_sec() / 1e6,
+            h - pad + 18.0,
+            p.shards
+        );
+    }
+    out += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">shards</text>\n\
+         <text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">ops/s (all shards)</text>\n\
+         <text x=\"{}\" y=\"{}\" fill=\"#1f77b4\">measured</text>\n\
+         <text x=\"{}\" y=\"{}\" fill=\"#999\">linear (n x 1 shard)</text>\n</svg>\n",
+        w / 2.0,
+        h - 12.0,
+        h / 2.0,
+        h / 2.0,
+        pad + 10.0,
+        pad + 10.0,
+        pad + 10.0,
+        pad + 26.0
+    );
+    out
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -67,7 +135,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             // Warm up: map the first windows and create the segments.
             workload::run(&rt, 10_000, args.size)?;
-            runs.push(workload::run(&rt, args.ops, args.size)?);
+            runs.push(workload::run_with(&rt, args.ops, args.size, args.cross_every)?);
             rt.shutdown()?;
         }
         runs.sort_by(|a, b| a.ops_per_sec().total_cmp(&b.ops_per_sec()));
@@ -115,6 +183,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             )
         })
         .collect();
+    if let Some(path) = &args.svg {
+        let title = format!(
+            "segalloc shard sweep: {} ops/shard of {} B, {cores} cores, {backend}",
+            args.ops, args.size
+        );
+        std::fs::write(path, svg_chart(&points, base, &title))?;
+    }
     if args.json {
         println!(
             "{{\"ops_per_shard\":{},\"size\":{},\"repeat\":{},\"cores\":{cores},\"io_backend\":\"{backend}\",\"points\":[{}]}}",

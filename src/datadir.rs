@@ -129,9 +129,11 @@ impl DataDir {
         })
     }
 
-    /// Open an existing directory read-only for inspection. The lock is
-    /// tried, not required: `locked_elsewhere` tells whether another instance
-    /// has the directory open (its state may then be moving).
+    /// Open an existing directory read-only for inspection. Nothing is
+    /// created or written: the lock is only probed (a shared, non-blocking
+    /// `flock` on `LOCK` opened read-only, released at once so a writer is
+    /// never kept out). `locked_elsewhere` tells whether another instance had
+    /// the directory open at that moment (its state may then be moving).
     ///
     /// # Errors
     ///
@@ -140,18 +142,14 @@ impl DataDir {
         let path = path.as_ref().to_path_buf();
         check_not_symlink(&path)?;
         let manifest = read_manifest(&path)?;
-        let (lock, locked_elsewhere) = match take_lock(&path) {
-            Ok(l) => (Some(l), false),
-            Err(Error::AlreadyOpen { .. }) => (None, true),
-            Err(e) => return Err(e),
-        };
+        let locked_elsewhere = probe_lock(&path)?;
         Ok((
             DataDir {
                 path,
                 manifest,
                 created: false,
                 read_only: true,
-                _lock: lock,
+                _lock: None,
             },
             locked_elsewhere,
         ))
@@ -213,6 +211,20 @@ fn take_lock(dir: &Path) -> Result<OwnedFd> {
         }),
         Err(e) => Err(Error::io("flock", Some(&p), e)),
     }
+}
+
+/// Whether another instance holds the directory's lock (no file created).
+fn probe_lock(dir: &Path) -> Result<bool> {
+    let p = dir.join(LOCK_FILE);
+    check_not_symlink(&p)?;
+    let fd = match sys::open(&p, OpenMode::ReadOnly) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io("open", Some(&p), e)),
+    };
+    let free = sys::try_lock_shared(fd.as_raw_fd()).map_err(|e| Error::io("flock", Some(&p), e))?;
+    // Closing `fd` releases the probe's lock at once.
+    Ok(!free)
 }
 
 fn read_manifest(dir: &Path) -> Result<Manifest> {

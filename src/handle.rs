@@ -171,7 +171,7 @@ impl Handle {
         if h.length != class.slot_bytes {
             return bad("length does not match the size class");
         }
-        if h.offset % 16 != 0 {
+        if !h.offset.is_multiple_of(16) {
             return bad("misaligned offset");
         }
         Ok(h)

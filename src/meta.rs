@@ -26,11 +26,14 @@
 //! | 0 | 48 | superblock: the manifest's fields, with the shard index in the reserved bytes 14..16 |
 //! | 512 | 8 | directory high-water mark: `hwm | !hwm << 32`, one aligned store |
 //! | 4096 | 256 KiB | 2048 root slots of 128 bytes |
-//! | 36864 | … | segment directory: 7 entries of 576 bytes per 4 KiB page |
+//! | 266240 | … | segment directory: 7 entries of 576 bytes per 4 KiB page |
 //!
 //! Root slot (128 bytes): `seq u64` (0 = free) · `name_len u8` · 3 reserved ·
 //! `name [u8; 64]` · `handle [u8; 40]` · 4 reserved · `crc u32` of bytes
 //! 0..120 · 4 reserved. The valid slot with the highest `seq` wins for a name.
+//! A name keeps its record in one pair of slots `(2k, 2k + 1)`, which share a
+//! sector: a replacement writes the other slot of the pair, then clears the
+//! old one, so a torn write leaves the old or the new record, never neither.
 //!
 //! Directory entry (576 bytes): a 64-byte header, then a 512-byte bitmap
 //! (4096 slots, bit `i` of word `i / 64` = slot `i` in use).
@@ -49,7 +52,8 @@ use crate::alloc::classes;
 use crate::error::{Error, Result};
 
 /// Current on-disk format version.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2: 2048 root slots (the directory starts at 266240).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Encoded manifest / superblock size.
 pub const MANIFEST_BYTES: usize = 48;
@@ -83,8 +87,12 @@ const ENTRY_VERSION: u64 = 1;
 
 const _: () = assert!(ENTRY_HEADER_BYTES + BITMAP_WORDS as u64 * 8 == ENTRY_BYTES);
 const _: () = assert!(ENTRIES_PER_PAGE * ENTRY_BYTES <= META_PAGE_BYTES);
-const _: () = assert!(DIR_OFFSET % META_PAGE_BYTES == 0);
-const _: () = assert!(512 % ROOT_SLOT_BYTES == 0);
+const _: () = assert!(DIR_OFFSET.is_multiple_of(META_PAGE_BYTES));
+const _: () = assert!(512u64.is_multiple_of(ROOT_SLOT_BYTES));
+// A root slot pair (2k, 2k + 1) lies inside one 512-byte sector.
+const _: () =
+    assert!(ROOTS_OFFSET.is_multiple_of(512) && 512u64.is_multiple_of(2 * ROOT_SLOT_BYTES));
+const _: () = assert!(ROOT_SLOTS.is_multiple_of(2));
 // Every entry header lies inside one 512-byte sector.
 const _: () = {
     let mut k = 0;
@@ -191,9 +199,11 @@ impl Manifest {
         }
         if m.shard_count == 0
             || m.window_bytes == 0
-            || m.window_bytes % crate::config::SEGMENT_BYTES_MAX != 0
+            || !m
+                .window_bytes
+                .is_multiple_of(crate::config::SEGMENT_BYTES_MAX)
             || m.max_file_bytes == 0
-            || m.max_file_bytes % m.window_bytes != 0
+            || !m.max_file_bytes.is_multiple_of(m.window_bytes)
             || m.max_file_bytes / classes::BLOCK_BYTES > u32::MAX as u64
         {
             return Err(corrupt("geometry out of range"));

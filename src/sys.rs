@@ -138,6 +138,16 @@ pub fn try_lock_exclusive(fd: RawFd) -> io::Result<bool> {
     }
 }
 
+/// `flock(fd, LOCK_SH | LOCK_NB)`: `Ok(false)` when an exclusive holder has it.
+pub fn try_lock_shared(fd: RawFd) -> io::Result<bool> {
+    // SAFETY: no pointers involved.
+    match syscall!(unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) }) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// The soft and hard `RLIMIT_NOFILE`.
 pub fn nofile_limit() -> io::Result<(u64, u64)> {
     let mut r = libc::rlimit {

@@ -125,9 +125,9 @@ const _: () = {
     while i < CLASS_COUNT {
         let c = t[i];
         assert!(c.slots >= 1 && c.slots <= SLOTS_MAX);
-        assert!(c.segment_bytes as u64 % BLOCK_BYTES == 0);
+        assert!((c.segment_bytes as u64).is_multiple_of(BLOCK_BYTES));
         assert!(c.segment_bytes as u64 <= SEGMENT_BYTES_MAX);
-        assert!(c.slot_bytes % 16 == 0);
+        assert!(c.slot_bytes.is_multiple_of(16));
         i += 1;
     }
 };

@@ -184,6 +184,9 @@ pub struct SegmentAllocator {
     data_files: RefCell<Vec<FileId>>,
     st: RefCell<State>,
     poisoned: Cell<bool>,
+    /// Bytes of the metadata file known to be durable (its size as of the
+    /// last `fdatasync`). The high-water mark never covers an entry past it.
+    meta_durable_bytes: Cell<u64>,
 }
 
 /// Undoes a slot allocation if the `allocate` future is dropped or fails
@@ -259,11 +262,21 @@ impl SegmentAllocator {
                 new_files_since_sync: false,
             }),
             poisoned: Cell::new(false),
+            meta_durable_bytes: Cell::new(0),
         };
         let lease = files.acquire(meta, 0).await?;
         drop(lease);
         let size = files.len_bytes(meta)?.unwrap_or(0);
         let fresh = size == 0 || a.superblock_is_blank(size).await?;
+        if fresh && dir.join(data_file_name(0)).exists() {
+            // Data files are created only after the metadata was written and
+            // synced, and their creation is synced: this is damage, not a
+            // directory that was never used.
+            return Err(Error::Corrupt {
+                what: meta_path.display().to_string(),
+                detail: "metadata file is empty or blank but data files exist".into(),
+            });
+        }
         if fresh {
             if files.is_read_only() {
                 return Err(Error::Corrupt {
@@ -383,7 +396,9 @@ impl SegmentAllocator {
         self.meta_word(meta::HWM_OFFSET)
             .store(meta::encode_hwm(0), Ordering::Relaxed);
         self.meta_write(0, &self.manifest.encode(self.shard));
+        let reserved = self.files.reserved_bytes(self.meta)?;
         self.files.sync(self.meta, true).await?;
+        self.meta_durable_bytes.set(reserved);
         Ok(())
     }
 
@@ -454,48 +469,61 @@ impl SegmentAllocator {
         found.sort_by_key(|(_, e)| (e.file, e.block));
         let mut keep: Vec<(u32, EntryHeader)> = Vec::with_capacity(found.len());
         for (i, e) in found {
-            if let Some((pi, pe)) = keep.last().copied() {
-                if pe.file == e.file && pe.block + pe.blocks > e.block {
-                    let (loser, winner) = if pe.generation < e.generation {
-                        (pi, i)
-                    } else {
-                        (i, pi)
-                    };
-                    tracing::warn!(
-                        shard = self.shard,
-                        loser,
-                        winner,
-                        "overlapping segments after a crash; keeping the later one"
-                    );
-                    if !self.files.is_read_only() {
-                        self.meta_word(meta::entry_offset(loser))
-                            .store(0, Ordering::Release);
-                    }
-                    free_entries.push(loser);
-                    if loser == pi {
-                        keep.pop();
-                        keep.push((i, e));
-                    }
-                    continue;
+            if let Some((pi, pe)) = keep.last().copied()
+                && pe.file == e.file
+                && pe.block + pe.blocks > e.block
+            {
+                let (loser, winner) = if pe.generation < e.generation {
+                    (pi, i)
+                } else {
+                    (i, pi)
+                };
+                tracing::warn!(
+                    shard = self.shard,
+                    loser,
+                    winner,
+                    "overlapping segments after a crash; keeping the later one"
+                );
+                if !self.files.is_read_only() {
+                    self.meta_word(meta::entry_offset(loser))
+                        .store(0, Ordering::Release);
                 }
+                free_entries.push(loser);
+                if loser == pi {
+                    keep.pop();
+                    keep.push((i, e));
+                }
+                continue;
             }
             keep.push((i, e));
         }
 
-        // 3. Data files: every referenced one must exist.
-        let mut file_count = keep.iter().map(|(_, e)| e.file + 1).max().unwrap_or(0);
-        while self.dir.join(data_file_name(file_count)).exists() {
-            file_count += 1;
-        }
-        for n in 0..file_count {
+        // 3. Data files: every referenced one must exist (checked before
+        // counting, so a damaged file number is an error, not an overflow or
+        // a walk over billions of names).
+        let mut referenced: Vec<u32> = keep.iter().map(|(_, e)| e.file).collect();
+        referenced.sort_unstable();
+        referenced.dedup();
+        for &n in &referenced {
             let p = self.dir.join(data_file_name(n));
-            if !p.exists() && keep.iter().any(|(_, e)| e.file == n) {
+            if !p.exists() {
                 return Err(Error::Corrupt {
                     what: p.display().to_string(),
                     detail: "data file referenced by the directory is missing".into(),
                 });
             }
-            let id = self.files.register(&p);
+        }
+        let mut file_count = match referenced.last() {
+            Some(&n) => n
+                .checked_add(1)
+                .ok_or_else(|| self.corrupt("data file number out of range"))?,
+            None => 0,
+        };
+        while self.dir.join(data_file_name(file_count)).exists() {
+            file_count += 1;
+        }
+        for n in 0..file_count {
+            let id = self.files.register(self.dir.join(data_file_name(n)));
             self.data_files.borrow_mut().push(id);
         }
 
@@ -585,6 +613,20 @@ impl SegmentAllocator {
                 }
             }
         }
+        // A pair of slots belongs to one name (see `set_root`): two names in
+        // one pair only come from damage; the later record keeps the pair.
+        let mut by_seq: Vec<(String, (usize, u64, Handle))> = best.into_iter().collect();
+        by_seq.sort_by_key(|(_, r)| std::cmp::Reverse(r.1));
+        let mut taken = vec![false; meta::ROOT_SLOTS / 2];
+        let mut best = HashMap::with_capacity(by_seq.len());
+        for (name, r) in by_seq {
+            if std::mem::replace(&mut taken[r.0 / 2], true) {
+                tracing::warn!(shard = self.shard, slot = r.0, %name, "root slot pair shared by two names; keeping the later one");
+                losers.push(r.0);
+            } else {
+                best.insert(name, r);
+            }
+        }
         if !self.files.is_read_only() {
             for i in losers {
                 self.meta_word(meta::root_offset(i))
@@ -639,7 +681,7 @@ impl SegmentAllocator {
         if h.offset < start || h.offset >= start + seg.slots as u64 * slot_bytes {
             return Err(not("offset out of the segment's bounds"));
         }
-        if (h.offset - start) % slot_bytes != 0 {
+        if !(h.offset - start).is_multiple_of(slot_bytes) {
             return Err(not("offset is not a slot boundary"));
         }
         Ok((h.segment, ((h.offset - start) / slot_bytes) as u32))
@@ -795,8 +837,18 @@ impl SegmentAllocator {
         };
         // Room in the metadata file, and the data file exists.
         let prep = async {
-            self.ensure_meta(meta::entry_offset(entry) + meta::ENTRY_BYTES)
-                .await?;
+            let end = meta::entry_offset(entry) + meta::ENTRY_BYTES;
+            self.ensure_meta(end).await?;
+            // The high-water mark is about to cover `end`: the file's new
+            // size must be durable first, or a power loss could keep the
+            // mark but not the size (recovery would then find the
+            // directory truncated).
+            if end > self.meta_durable_bytes.get() {
+                let reserved = self.files.reserved_bytes(self.meta)?;
+                self.files.sync(self.meta, true).await?;
+                self.meta_durable_bytes
+                    .set(self.meta_durable_bytes.get().max(reserved));
+            }
             self.ensure_data_file(run.file).await
         };
         if let Err(e) = prep.await {
@@ -861,6 +913,10 @@ impl SegmentAllocator {
             let existed = self.dir.join(data_file_name(file)).exists();
             drop(self.files.acquire(id, 0).await?);
             if !existed {
+                // Make the new name durable before any segment refers to
+                // it: otherwise a power loss could keep the directory entry
+                // of the segment but not the file (recovery: "missing").
+                crate::datadir::sync_dir(&self.dir)?;
                 self.st.borrow_mut().new_files_since_sync = true;
             }
         }
@@ -1055,6 +1111,7 @@ impl SegmentAllocator {
             let q = st.quarantine.len();
             (q, std::mem::take(&mut st.new_files_since_sync))
         };
+        let meta_reserved = self.files.reserved_bytes(self.meta)?;
         let mut ids: Vec<FileId> = self.data_files.borrow().clone();
         ids.push(self.meta);
         let results = join_all(ids.into_iter().map(|id| self.files.sync(id, true))).await;
@@ -1071,6 +1128,8 @@ impl SegmentAllocator {
         let released: Vec<u32> = st.quarantine.drain(..quarantined).collect();
         st.free_entries.extend(released);
         st.stats.syncs += 1;
+        self.meta_durable_bytes
+            .set(self.meta_durable_bytes.get().max(meta_reserved));
         Ok(())
     }
 
@@ -1096,19 +1155,24 @@ impl SegmentAllocator {
         }
         self.check_live(&handle)?;
         let mut st = self.st.borrow_mut();
-        // A replacement is written to a free slot before the old one is
-        // cleared, so one slot always stays free: at most ROOT_SLOTS - 1
-        // names, and every one of them can be replaced.
-        let full = || Error::Root(format!("root table full ({} names per shard)", meta::ROOT_SLOTS - 1));
-        if !st.roots.contains_key(name) && st.roots.len() + 1 >= meta::ROOT_SLOTS {
-            return Err(full());
-        }
-        let mut used = vec![false; meta::ROOT_SLOTS];
-        for r in st.roots.values() {
-            used[r.0] = true;
-        }
-        let Some(slot) = used.iter().position(|u| !u) else {
-            return Err(full());
+        // A name keeps its record in one pair of slots that share a sector:
+        // a replacement is written to the other slot of the pair, then the
+        // old one is cleared, so no torn write can lose the name.
+        let slot = match st.roots.get(name) {
+            Some(&(cur, _, _)) => cur ^ 1,
+            None => {
+                let mut used = vec![false; meta::ROOT_SLOTS / 2];
+                for r in st.roots.values() {
+                    used[r.0 / 2] = true;
+                }
+                let Some(pair) = used.iter().position(|u| !u) else {
+                    return Err(Error::Root(format!(
+                        "root table full ({} names per shard)",
+                        meta::ROOT_SLOTS / 2
+                    )));
+                };
+                2 * pair
+            }
         };
         st.root_seq += 1;
         let seq = st.root_seq;
@@ -1124,6 +1188,7 @@ impl SegmentAllocator {
         self.meta_write(off + 8, &bytes[8..]);
         self.meta_word(off).store(seq, Ordering::Release);
         if let Some((old, _, _)) = st.roots.insert(name.to_string(), (slot, seq, handle)) {
+            debug_assert_eq!(old, slot ^ 1);
             self.meta_word(meta::root_offset(old))
                 .store(0, Ordering::Release);
         }

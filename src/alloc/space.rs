@@ -27,7 +27,7 @@ pub(crate) struct Space {
 
 impl Space {
     pub(crate) fn new(window_blocks: u32, file_blocks: u32) -> Space {
-        assert!(window_blocks >= 1 && file_blocks % window_blocks == 0);
+        assert!(window_blocks >= 1 && file_blocks.is_multiple_of(window_blocks));
         Space {
             window_blocks,
             file_blocks,
@@ -116,22 +116,23 @@ impl Space {
         } = run;
         let w = self.window_blocks;
         // Merge with the previous free run.
-        if block % w != 0 {
-            if let Some((&(pf, pb), &ps)) = self.by_pos.range(..(file, block)).next_back() {
-                if pf == file && pb + ps == block && pb / w == block / w {
-                    self.remove_free(pf, pb, ps);
-                    block = pb;
-                    blocks += ps;
-                }
-            }
+        if !block.is_multiple_of(w)
+            && let Some((&(pf, pb), &ps)) = self.by_pos.range(..(file, block)).next_back()
+            && pf == file
+            && pb + ps == block
+            && pb / w == block / w
+        {
+            self.remove_free(pf, pb, ps);
+            block = pb;
+            blocks += ps;
         }
         // Merge with the next one.
         let end = block + blocks;
-        if end % w != 0 {
-            if let Some(&ns) = self.by_pos.get(&(file, end)) {
-                self.remove_free(file, end, ns);
-                blocks += ns;
-            }
+        if !end.is_multiple_of(w)
+            && let Some(&ns) = self.by_pos.get(&(file, end))
+        {
+            self.remove_free(file, end, ns);
+            blocks += ns;
         }
         // A run ending at the high-water mark lowers it instead.
         let last = file as usize + 1 == self.hwm.len();
