@@ -106,10 +106,10 @@ async fn shard_task(
         }
     }
     r.ops = ops;
-    if let Some(tx) = to_next {
-        if !batch.is_empty() {
-            let _ = tx.send(batch);
-        }
+    if let Some(tx) = to_next
+        && !batch.is_empty()
+    {
+        let _ = tx.send(batch);
     }
     if let Some(mut rx) = from_prev {
         while let Some(b) = rx.recv().await {
@@ -161,7 +161,9 @@ pub fn run_with(rt: &Runtime, ops: u64, size: u64, cross_every: u64) -> Result<R
         .enumerate()
         .map(|(i, (tx, rx))| {
             let start = start.clone();
-            rt.spawn_on(i, move |s| shard_task(s, ops, size, cross_every, tx, rx, start))
+            rt.spawn_on(i, move |s| {
+                shard_task(s, ops, size, cross_every, tx, rx, start)
+            })
         })
         .collect();
     let mut all = Vec::new();

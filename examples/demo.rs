@@ -259,7 +259,6 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     );
     let show_bar = {
         let bar = bar.clone();
-        let quiet = quiet;
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_secs(1));
             if !quiet && !bar.is_finished() {

@@ -62,8 +62,18 @@ fn svg_chart(points: &[workload::RunResult], base: f64, title: &str) -> String {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let measured = line(points.iter().map(|p| (p.shards as f64, p.ops_per_sec())).collect());
-    let ideal = line(points.iter().map(|p| (p.shards as f64, base * p.shards as f64)).collect());
+    let measured = line(
+        points
+            .iter()
+            .map(|p| (p.shards as f64, p.ops_per_sec()))
+            .collect(),
+    );
+    let ideal = line(
+        points
+            .iter()
+            .map(|p| (p.shards as f64, base * p.shards as f64))
+            .collect(),
+    );
     let mut out = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
@@ -135,7 +145,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             // Warm up: map the first windows and create the segments.
             workload::run(&rt, 10_000, args.size)?;
-            runs.push(workload::run_with(&rt, args.ops, args.size, args.cross_every)?);
+            runs.push(workload::run_with(
+                &rt,
+                args.ops,
+                args.size,
+                args.cross_every,
+            )?);
             rt.shutdown()?;
         }
         runs.sort_by(|a, b| a.ops_per_sec().total_cmp(&b.ops_per_sec()));

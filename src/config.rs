@@ -34,8 +34,8 @@ pub const PREFETCH_AHEAD_BYTES_DEFAULT: u64 = 0;
 /// Default time a `pin` waits for a window when every window is pinned.
 pub const PIN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 
-const _: () = assert!(WINDOW_BYTES_DEFAULT % SEGMENT_BYTES_MAX == 0);
-const _: () = assert!(WINDOW_BYTES_DEFAULT % GROWTH_STEP_BYTES_DEFAULT == 0);
+const _: () = assert!(WINDOW_BYTES_DEFAULT.is_multiple_of(SEGMENT_BYTES_MAX));
+const _: () = assert!(WINDOW_BYTES_DEFAULT.is_multiple_of(GROWTH_STEP_BYTES_DEFAULT));
 
 /// Which idle window is unmapped first when the window cap is reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -348,7 +348,7 @@ impl ConfigBuilder {
         if c.shards == 0 || c.shards > 1024 {
             return bad(format!("shards must be in 1..=1024, got {}", c.shards));
         }
-        if c.window_bytes == 0 || c.window_bytes % SEGMENT_BYTES_MAX != 0 {
+        if c.window_bytes == 0 || !c.window_bytes.is_multiple_of(SEGMENT_BYTES_MAX) {
             return bad(format!(
                 "window_bytes must be a positive multiple of {SEGMENT_BYTES_MAX} (16 MiB), got {}",
                 c.window_bytes
@@ -365,8 +365,8 @@ impl ConfigBuilder {
         }
         let page = sys::page_size() as u64;
         if c.growth_step_bytes == 0
-            || c.growth_step_bytes % page != 0
-            || c.window_bytes % c.growth_step_bytes != 0
+            || !c.growth_step_bytes.is_multiple_of(page)
+            || !c.window_bytes.is_multiple_of(c.growth_step_bytes)
         {
             return bad(format!(
                 "growth_step_bytes must be a multiple of the page size ({page}) that divides \
@@ -374,7 +374,7 @@ impl ConfigBuilder {
                 c.window_bytes, c.growth_step_bytes
             ));
         }
-        if c.max_file_bytes == 0 || c.max_file_bytes % c.window_bytes != 0 {
+        if c.max_file_bytes == 0 || !c.max_file_bytes.is_multiple_of(c.window_bytes) {
             return bad(format!(
                 "max_file_bytes must be a positive multiple of window_bytes ({}), got {}",
                 c.window_bytes, c.max_file_bytes

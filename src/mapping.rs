@@ -193,8 +193,15 @@ impl MappingManager {
     /// When `cfg.window_bytes` is not a multiple of 16 MiB or a cap is zero
     /// (a [`Config`] never produces such values).
     pub fn new(files: Rc<FileHandleRegistry>, cfg: MappingConfig) -> MappingManager {
-        assert!(cfg.window_bytes > 0 && cfg.window_bytes % crate::config::SEGMENT_BYTES_MAX == 0);
-        assert!(cfg.growth_step_bytes > 0 && cfg.window_bytes % cfg.growth_step_bytes == 0);
+        assert!(
+            cfg.window_bytes > 0
+                && cfg
+                    .window_bytes
+                    .is_multiple_of(crate::config::SEGMENT_BYTES_MAX)
+        );
+        assert!(
+            cfg.growth_step_bytes > 0 && cfg.window_bytes.is_multiple_of(cfg.growth_step_bytes)
+        );
         assert!(cfg.max_extents >= 1);
         let ring = files.ring().clone();
         MappingManager {
@@ -277,12 +284,12 @@ impl MappingManager {
     /// range is not inside one window.
     #[inline(always)]
     fn check_range(&self, file: FileId, offset: u64, len: u64) -> Result<u32> {
-        if len != 0 {
-            if let Some(end) = offset.checked_add(len) {
-                let idx = self.window_of(offset);
-                if idx == self.window_of(end - 1) && idx <= u32::MAX as u64 {
-                    return Ok(idx as u32);
-                }
+        if len != 0
+            && let Some(end) = offset.checked_add(len)
+        {
+            let idx = self.window_of(offset);
+            if idx == self.window_of(end - 1) && idx <= u32::MAX as u64 {
+                return Ok(idx as u32);
             }
         }
         Err(self.range_error(file, offset, len))
@@ -795,7 +802,7 @@ impl MappingManager {
         true
     }
 
-    fn window_at<'a>(m: &'a Maps, (f, i): (FileId, u32)) -> &'a Rc<Window> {
+    fn window_at(m: &Maps, (f, i): (FileId, u32)) -> &Rc<Window> {
         match &m.files[f.0 as usize].as_ref().unwrap().windows[i as usize] {
             Slot::Mapped(w) => w,
             _ => unreachable!("resident windows are mapped"),

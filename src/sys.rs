@@ -32,6 +32,7 @@ fn cpath(path: &Path) -> io::Result<CString> {
 
 /// How a data file is opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)] // the names spell the open flags
 pub enum OpenMode {
     /// `O_RDWR`, created with mode 0600 if missing.
     ReadWriteCreate,

@@ -87,7 +87,7 @@ fn crash_child() {
         let mut ops = 0u64;
         loop {
             ops += 1;
-            if sync_every > 0 && ops % sync_every == 0 {
+            if sync_every > 0 && ops.is_multiple_of(sync_every) {
                 say("s".into());
                 shard.sync().await.unwrap();
                 say("S".into());

@@ -268,25 +268,25 @@ impl Ring {
     }
 
     fn submit(&self, kind: OpKind, res: Resources) -> Op {
-        if let Some(d) = &self.inner.uring {
-            if d.supports(&kind) {
-                match d.submit(kind, res) {
-                    Ok(key) => {
-                        self.bump(|s| s.submitted += 1);
-                        return Op {
-                            ring: self.clone(),
-                            kind,
-                            state: OpState::InFlight(key),
-                        };
-                    }
-                    Err((e, _res)) => {
-                        self.bump(|s| s.failed += 1);
-                        return Op {
-                            ring: self.clone(),
-                            kind,
-                            state: OpState::Ready(Some(Err(e))),
-                        };
-                    }
+        if let Some(d) = &self.inner.uring
+            && d.supports(&kind)
+        {
+            match d.submit(kind, res) {
+                Ok(key) => {
+                    self.bump(|s| s.submitted += 1);
+                    return Op {
+                        ring: self.clone(),
+                        kind,
+                        state: OpState::InFlight(key),
+                    };
+                }
+                Err((e, _res)) => {
+                    self.bump(|s| s.failed += 1);
+                    return Op {
+                        ring: self.clone(),
+                        kind,
+                        state: OpState::Ready(Some(Err(e))),
+                    };
                 }
             }
         }
@@ -431,11 +431,11 @@ impl Drop for Settle {
 
 impl Drop for Op {
     fn drop(&mut self) {
-        if let OpState::InFlight(key) = self.state {
-            if let Some(d) = &self.ring.inner.uring {
-                d.abandon(key);
-                self.ring.bump(|s| s.abandoned += 1);
-            }
+        if let OpState::InFlight(key) = self.state
+            && let Some(d) = &self.ring.inner.uring
+        {
+            d.abandon(key);
+            self.ring.bump(|s| s.abandoned += 1);
         }
     }
 }

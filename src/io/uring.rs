@@ -154,10 +154,10 @@ impl Driver {
         if let Err(e) = ring.submit() {
             // The entry is queued and reaches the kernel with the next
             // submit: keep its resources under its key until it completes.
-            if let Some(slot) = slots.get_mut(key) {
-                if let Slot::Waiting { _res, .. } = std::mem::replace(slot, Slot::Done(0)) {
-                    *slot = Slot::Abandoned { _res };
-                }
+            if let Some(slot) = slots.get_mut(key)
+                && let Slot::Waiting { _res, .. } = std::mem::replace(slot, Slot::Done(0))
+            {
+                *slot = Slot::Abandoned { _res };
             }
             return Err((
                 e,
