@@ -186,6 +186,7 @@ impl Shard {
     /// # Errors
     ///
     /// See [`SegmentAllocator::try_allocate`].
+    #[inline]
     pub fn try_allocate(&self, size: u64) -> Result<Option<Allocation>> {
         self.inner.alloc.try_allocate(size)
     }
@@ -254,6 +255,7 @@ impl Shard {
     /// # Errors
     ///
     /// See [`SegmentAllocator::try_pin`].
+    #[inline]
     pub fn try_pin(&self, handle: Handle) -> Result<Option<Pin>> {
         self.inner.alloc.try_pin(handle)
     }
@@ -271,6 +273,7 @@ impl Shard {
     /// See [`SegmentAllocator::free`]; for a foreign handle only what can be
     /// checked here ([`Error::ForeignHandle`], [`Error::WrongShard`] outside a
     /// runtime, [`Error::ShardGone`]).
+    #[inline]
     pub fn free(&self, handle: Handle) -> Result<()> {
         if handle.shard() == self.inner.index {
             return self.inner.alloc.free(handle);

@@ -39,6 +39,19 @@ pub struct Class {
     pub segment_bytes: u32,
     /// Slots per segment (≤ 4096).
     pub slots: u32,
+    /// `u64::MAX / slot_bytes + 1`: divides by the slot size with a multiply
+    /// (exact for any dividend below 2^32; offsets inside a segment are).
+    pub div_magic: u64,
+}
+
+impl Class {
+    /// `(n / slot_bytes, n % slot_bytes)` for `n < 2^32`, without a division.
+    #[inline(always)]
+    pub fn div_rem(&self, n: u64) -> (u64, u64) {
+        debug_assert!(n < 1 << 32);
+        let q = ((self.div_magic as u128 * n as u128) >> 64) as u64;
+        (q, n - q * self.slot_bytes as u64)
+    }
 }
 
 const fn class_size(i: usize) -> u64 {
@@ -70,6 +83,7 @@ const fn geometry(slot: u64) -> Class {
                 slot_bytes: slot as u32,
                 segment_bytes: seg as u32,
                 slots: slots as u32,
+                div_magic: u64::MAX / slot + 1,
             };
         }
         k -= 1;
@@ -98,6 +112,7 @@ const fn geometry(slot: u64) -> Class {
         slot_bytes: slot as u32,
         segment_bytes: seg as u32,
         slots: (seg / slot) as u32,
+        div_magic: u64::MAX / slot + 1,
     }
 }
 
@@ -106,6 +121,7 @@ const fn build_table() -> [Class; CLASS_COUNT] {
         slot_bytes: 0,
         segment_bytes: 0,
         slots: 0,
+        div_magic: 0,
     }; CLASS_COUNT];
     let mut i = 0;
     while i < CLASS_COUNT {
@@ -199,6 +215,17 @@ mod tests {
         for c in CLASSES.iter() {
             let tail = c.segment_bytes as u64 - c.slots as u64 * c.slot_bytes as u64;
             assert!(tail * 8 <= c.segment_bytes as u64, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn div_rem_matches_division() {
+        for c in CLASSES.iter() {
+            let seg = c.segment_bytes as u64;
+            let s = c.slot_bytes as u64;
+            for n in (0..seg).step_by(7).chain([0, s - 1, s, s + 1, seg - 1, (1 << 32) - 1]) {
+                assert_eq!(c.div_rem(n), (n / s, n % s), "{c:?} {n}");
+            }
         }
     }
 

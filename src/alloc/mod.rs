@@ -641,52 +641,76 @@ impl SegmentAllocator {
 
     /// Validate a handle against this shard's state; returns the segment id
     /// and slot index.
+    #[inline]
     fn locate(&self, st: &State, h: &Handle) -> Result<(u32, u32)> {
+        if h.dir_tag == self.manifest.dir_tag() && h.shard == self.shard {
+            if let Some(Some(seg)) = st.segments.get(h.segment as usize) {
+                let class = &CLASSES[seg.class_id as usize];
+                let start = seg.start();
+                if seg.generation == h.generation
+                    && seg.class_id == h.class_id
+                    && seg.run.file == h.file
+                    && h.length == class.slot_bytes
+                    && h.offset >= start
+                    && h.offset - start < seg.slots as u64 * class.slot_bytes as u64
+                {
+                    let (slot, rem) = class.div_rem(h.offset - start);
+                    if rem == 0 {
+                        return Ok((h.segment, slot as u32));
+                    }
+                }
+            }
+        }
+        Err(self.locate_error(st, h))
+    }
+
+    /// Why [`locate`](Self::locate) rejected `h` (off the hot path).
+    #[cold]
+    #[inline(never)]
+    fn locate_error(&self, st: &State, h: &Handle) -> Error {
         let shown = || h.to_string();
         if h.dir_tag != self.manifest.dir_tag() {
-            return Err(Error::ForeignHandle {
+            return Error::ForeignHandle {
                 handle: shown(),
                 handle_tag: h.dir_tag,
                 dir_tag: self.manifest.dir_tag(),
-            });
+            };
         }
         if h.shard != self.shard {
-            return Err(Error::WrongShard {
+            return Error::WrongShard {
                 handle: shown(),
                 owner: h.shard,
                 this: self.shard,
-            });
+            };
         }
         let not = |reason| Error::NotAllocated {
             handle: shown(),
             reason,
         };
         let Some(Some(seg)) = st.segments.get(h.segment as usize) else {
-            return Err(not("no such segment"));
+            return not("no such segment");
         };
         if seg.generation != h.generation {
-            return Err(not("segment was released and reused since"));
+            return not("segment was released and reused since");
         }
         if seg.class_id != h.class_id {
-            return Err(not("wrong size class"));
+            return not("wrong size class");
         }
         if seg.run.file != h.file {
-            return Err(not("wrong data file"));
+            return not("wrong data file");
         }
         let slot_bytes = CLASSES[seg.class_id as usize].slot_bytes as u64;
         if h.length as u64 != slot_bytes {
-            return Err(not("wrong length"));
+            return not("wrong length");
         }
         let start = seg.start();
         if h.offset < start || h.offset >= start + seg.slots as u64 * slot_bytes {
-            return Err(not("offset out of the segment's bounds"));
+            return not("offset out of the segment's bounds");
         }
-        if !(h.offset - start).is_multiple_of(slot_bytes) {
-            return Err(not("offset is not a slot boundary"));
-        }
-        Ok((h.segment, ((h.offset - start) / slot_bytes) as u32))
+        not("offset is not a slot boundary")
     }
 
+    #[inline]
     fn check_writable(&self) -> Result<()> {
         if self.poisoned.get() {
             return Err(Error::Poisoned { shard: self.shard });
@@ -699,6 +723,7 @@ impl SegmentAllocator {
 
     /// Take a free slot of `class_id` from an existing segment (sync, no
     /// syscall). `None` when the class needs a new segment.
+    #[inline]
     fn take_slot(&self, class_id: u8) -> Option<(Handle, FileId)> {
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
@@ -757,15 +782,27 @@ impl SegmentAllocator {
     }
 
     /// Clear a slot's bit (no validation: the slot is known to be ours and
-    /// set). Returns whether its segment became empty.
+    /// set).
     fn release_slot(&self, h: Handle) {
         let mut st = self.st.borrow_mut();
-        let st = &mut *st;
-        let seg = st.segments[h.segment as usize]
+        let slot = {
+            let seg = st.segments[h.segment as usize]
+                .as_ref()
+                .expect("segment exists");
+            CLASSES[h.class_id as usize].div_rem(h.offset - seg.start()).0 as u32
+        };
+        self.clear_slot(&mut st, h.segment, slot);
+    }
+
+    /// Clear bit `slot` of segment `seg_id` and do the bookkeeping; releases
+    /// the segment when it became empty and its class has another empty one.
+    #[inline]
+    fn clear_slot(&self, st: &mut State, seg_id: u32, slot: u32) {
+        let seg = st.segments[seg_id as usize]
             .as_mut()
             .expect("segment exists");
-        let slot_bytes = h.length as u64;
-        let slot = ((h.offset - seg.start()) / slot_bytes) as u32;
+        let class_id = seg.class_id;
+        let slot_bytes = CLASSES[class_id as usize].slot_bytes as u64;
         let (w, bit) = (slot / 64, slot % 64);
         let cell = seg.word(w);
         let word = cell.load(Ordering::Relaxed);
@@ -773,16 +810,18 @@ impl SegmentAllocator {
         cell.store(word & !(1u64 << bit), Ordering::Relaxed);
         seg.live -= 1;
         seg.hint = seg.hint.min(w);
-        st.live_per_class[h.class_id as usize] -= 1;
+        let newly_avail = !seg.in_avail;
+        seg.in_avail = true;
+        let empty = seg.live == 0;
+        st.live_per_class[class_id as usize] -= 1;
         st.stats.allocations_live -= 1;
         st.stats.bytes_live -= slot_bytes;
-        if !seg.in_avail {
-            seg.in_avail = true;
-            st.avail[h.class_id as usize].push(h.segment);
+        if newly_avail {
+            st.avail[class_id as usize].push(seg_id);
         }
-        if seg.live == 0 {
+        if empty {
             // Keep one empty segment per class to avoid churn; release others.
-            let empties = st.avail[h.class_id as usize]
+            let empties = st.avail[class_id as usize]
                 .iter()
                 .filter(|&&s| {
                     st.segments[s as usize]
@@ -791,7 +830,7 @@ impl SegmentAllocator {
                 })
                 .count();
             if empties > 1 {
-                self.release_segment(st, h.segment);
+                self.release_segment(st, seg_id);
             }
         }
     }
@@ -967,6 +1006,7 @@ impl SegmentAllocator {
     /// # Errors
     ///
     /// As [`allocate`](Self::allocate) for what can be checked at once.
+    #[inline]
     pub fn try_allocate(&self, size: u64) -> Result<Option<Allocation>> {
         self.check_writable()?;
         let class_id = classes::class_of(size).ok_or(Error::InvalidSize { size })?;
@@ -996,20 +1036,19 @@ impl SegmentAllocator {
     ///
     /// [`Error::DoubleFree`], [`Error::NotAllocated`], [`Error::ForeignHandle`],
     /// [`Error::WrongShard`], [`Error::Poisoned`]. On error nothing changed.
+    #[inline]
     pub fn free(&self, handle: Handle) -> Result<()> {
         self.check_writable()?;
-        {
-            let st = self.st.borrow();
-            let (seg_id, slot) = self.locate(&st, &handle)?;
-            let seg = st.segments[seg_id as usize].as_ref().expect("located");
-            if seg.word(slot / 64).load(Ordering::Relaxed) & (1u64 << (slot % 64)) == 0 {
-                return Err(Error::DoubleFree {
-                    handle: handle.to_string(),
-                });
-            }
+        let mut st = self.st.borrow_mut();
+        let (seg_id, slot) = self.locate(&st, &handle)?;
+        let seg = st.segments[seg_id as usize].as_ref().expect("located");
+        if seg.word(slot / 64).load(Ordering::Relaxed) & (1u64 << (slot % 64)) == 0 {
+            return Err(Error::DoubleFree {
+                handle: handle.to_string(),
+            });
         }
-        self.release_slot(handle);
-        self.st.borrow_mut().stats.frees += 1;
+        self.clear_slot(&mut st, seg_id, slot);
+        st.stats.frees += 1;
         Ok(())
     }
 
