@@ -643,8 +643,11 @@ impl SegmentAllocator {
     /// and slot index.
     #[inline]
     fn locate(&self, st: &State, h: &Handle) -> Result<(u32, u32)> {
-        if h.dir_tag == self.manifest.dir_tag() && h.shard == self.shard {
-            if let Some(Some(seg)) = st.segments.get(h.segment as usize) {
+        if h.dir_tag == self.manifest.dir_tag()
+            && h.shard == self.shard
+            && let Some(Some(seg)) = st.segments.get(h.segment as usize)
+        {
+            {
                 let class = &CLASSES[seg.class_id as usize];
                 let start = seg.start();
                 if seg.generation == h.generation
@@ -789,7 +792,9 @@ impl SegmentAllocator {
             let seg = st.segments[h.segment as usize]
                 .as_ref()
                 .expect("segment exists");
-            CLASSES[h.class_id as usize].div_rem(h.offset - seg.start()).0 as u32
+            CLASSES[h.class_id as usize]
+                .div_rem(h.offset - seg.start())
+                .0 as u32
         };
         self.clear_slot(&mut st, h.segment, slot);
     }
