@@ -647,20 +647,18 @@ impl SegmentAllocator {
             && h.shard == self.shard
             && let Some(Some(seg)) = st.segments.get(h.segment as usize)
         {
+            let class = &CLASSES[seg.class_id as usize];
+            let start = seg.start();
+            if seg.generation == h.generation
+                && seg.class_id == h.class_id
+                && seg.run.file == h.file
+                && h.length == class.slot_bytes
+                && h.offset >= start
+                && h.offset - start < seg.slots as u64 * class.slot_bytes as u64
             {
-                let class = &CLASSES[seg.class_id as usize];
-                let start = seg.start();
-                if seg.generation == h.generation
-                    && seg.class_id == h.class_id
-                    && seg.run.file == h.file
-                    && h.length == class.slot_bytes
-                    && h.offset >= start
-                    && h.offset - start < seg.slots as u64 * class.slot_bytes as u64
-                {
-                    let (slot, rem) = class.div_rem(h.offset - start);
-                    if rem == 0 {
-                        return Ok((h.segment, slot as u32));
-                    }
+                let (slot, rem) = class.div_rem(h.offset - start);
+                if rem == 0 {
+                    return Ok((h.segment, slot as u32));
                 }
             }
         }
