@@ -17,6 +17,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use tracing::Instrument;
+
 use crate::error::{Error, Result};
 use crate::io::Ring;
 use crate::sys::{self, OpenMode};
@@ -373,6 +375,18 @@ impl FileHandleRegistry {
         id: FileId,
         min_size: u64,
     ) -> Result<Reservation> {
+        let span = tracing::debug_span!("grow", file = id.0, to = min_size);
+        self.grow_locked_inner(lease, id, min_size)
+            .instrument(span)
+            .await
+    }
+
+    async fn grow_locked_inner(
+        &self,
+        lease: &FileLease,
+        id: FileId,
+        min_size: u64,
+    ) -> Result<Reservation> {
         if self.mode == OpenMode::ReadOnly {
             return Err(Error::ReadOnly("cannot grow a file opened read-only"));
         }
@@ -386,9 +400,6 @@ impl FileHandleRegistry {
                 e.fallocate_ok,
             )
         };
-        let _span =
-            tracing::debug_span!("grow", file = %path.display(), from = reserved, to = min_size)
-                .entered();
         if fallocate_ok {
             let r = self
                 .ring

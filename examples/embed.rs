@@ -1,0 +1,93 @@
+//! Embedding segalloc in a thread-per-core server that owns its threads.
+//!
+//! `Cluster::open` opens the data directory and builds the channel mesh;
+//! each of *your* threads takes one `ShardBuilder` and opens its shard inside
+//! its own executor (here a tokio current-thread runtime with a `LocalSet`;
+//! tokio-uring works the same). Handlers then allocate, pin and free on their
+//! shard; a free of another shard's handle is forwarded to its owner.
+//!
+//! ```text
+//! cargo run --release --example embed -- [--dir DIR] [--threads N]
+//! ```
+
+use std::sync::mpsc;
+
+use clap::Parser;
+use segalloc::{Cluster, Config, Error, Handle};
+
+#[derive(Parser, Debug)]
+#[command(about = "segalloc inside threads you own")]
+struct Args {
+    /// Data directory (created if missing; removed first with --fresh).
+    #[arg(long, default_value = "./segalloc-embed")]
+    dir: std::path::PathBuf,
+    /// Start over.
+    #[arg(long)]
+    fresh: bool,
+    /// Threads, one shard each.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    if args.fresh && args.dir.exists() {
+        std::fs::remove_dir_all(&args.dir)?;
+    }
+    let n = args.threads.max(1);
+    let cfg = Config::builder(&args.dir).shards(n).build()?;
+    let builders = Cluster::open(cfg)?.into_builders();
+
+    // Each thread hands some of its handles to the next thread, which frees
+    // them (segalloc forwards those frees back to the owner).
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::channel::<Vec<Handle>>()).unzip();
+    let mut rxs: Vec<Option<mpsc::Receiver<Vec<Handle>>>> = rxs.into_iter().map(Some).collect();
+    let mut threads = Vec::new();
+    for b in builders {
+        let i = b.index() as usize;
+        let to_next = txs[(i + 1) % n].clone();
+        let from_prev = rxs[i].take().expect("one receiver per thread");
+        threads.push(std::thread::spawn(move || -> Result<String, Error> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            tokio::task::LocalSet::new().block_on(&rt, async move {
+                let shard = b.open().await?;
+                let before = shard.live_count();
+                // A "request handler": store 10,000 records.
+                let mut mine = Vec::new();
+                for k in 0..10_000u32 {
+                    let a = shard.allocate(128).await?;
+                    a.write_at(0, &k.to_le_bytes())?;
+                    mine.push(a.into_handle());
+                }
+                // Give every other one to the next thread to free.
+                let gift: Vec<Handle> = mine.iter().copied().step_by(2).collect();
+                let _ = to_next.send(gift);
+                let received = from_prev.recv().unwrap_or_default();
+                let n_received = received.len();
+                for h in received {
+                    shard.free(h)?; // forwarded to its owner when it is not us
+                }
+                shard.flush_frees();
+                // Let the owners apply what was forwarded, then sync.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                shard.drain_frees();
+                shard.sync().await?;
+                Ok(format!(
+                    "thread {i}: shard {} had {before} live, allocated 10000, freed {n_received} for thread {}, now {} live, io backend {}",
+                    shard.index(),
+                    (i + n - 1) % n,
+                    shard.live_count(),
+                    shard.stats().io_backend
+                ))
+            })
+        }));
+    }
+    drop(txs);
+    for t in threads {
+        println!("{}", t.join().expect("thread panicked")?);
+    }
+    Ok(())
+}
