@@ -28,6 +28,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use memmap2::{MmapOptions, MmapRaw};
+use tracing::Instrument;
 
 use crate::config::{Config, EvictionPolicy, MadvisePolicy};
 use crate::error::{Error, Result};
@@ -652,9 +653,31 @@ impl MappingManager {
             faulting: true,
         };
         let path = self.files.path(file)?;
-        let _span =
-            tracing::debug_span!("fault_in", file = %path.display(), window = idx).entered();
+        let span = tracing::debug_span!("fault_in", file = %path.display(), window = idx);
         let started = Instant::now();
+        self.fault_in_steps(&mut guard, file, idx, offset, len, writable, path)
+            .instrument(span)
+            .await?;
+        tracing::debug!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "window mapped"
+        );
+        Ok(true)
+    }
+
+    /// The steps of a fault-in, once the slot is reserved by `guard`.
+    #[allow(clippy::too_many_arguments)]
+    async fn fault_in_steps(
+        &self,
+        guard: &mut FaultGuard<'_>,
+        file: FileId,
+        idx: usize,
+        offset: u64,
+        len: u64,
+        writable: bool,
+        path: PathBuf,
+    ) -> Result<()> {
+        let w = self.cfg.window_bytes;
 
         // 1. The file must cover the range (writable) or hold it (read-only).
         let end = offset + len;
@@ -680,6 +703,15 @@ impl MappingManager {
         let window_off = idx as u64 * w;
         let mut opts = MmapOptions::new();
         opts.offset(window_off).len(w as usize);
+        if let Some(source) = crate::io::injected_mmap_fault() {
+            // A planned failure (feature `fault-injection` only).
+            return Err(Error::MapFailed {
+                path,
+                offset: window_off,
+                len_bytes: w,
+                source,
+            });
+        }
         let map = if self.files.is_read_only() {
             opts.map_raw_read_only(lease.as_raw_fd())
         } else {
@@ -734,8 +766,7 @@ impl MappingManager {
             m.resident.push((file, idx as u32));
             m.stats.faults += 1;
         }
-        guard.done = true;
-        drop(guard);
+        guard.finish();
 
         // 5. A sparse growth (no fallocate) is prefaulted before use.
         if let Reservation::Sparse { from, to } = how {
@@ -765,11 +796,7 @@ impl MappingManager {
                 }
             }
         }
-        tracing::debug!(
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "window mapped"
-        );
-        Ok(true)
+        Ok(())
     }
 
     /// Unmap one idle window chosen by the eviction policy. False when every
@@ -964,6 +991,14 @@ struct FaultGuard<'a> {
     /// Still counted in `faulting` (until the window is mapped and counts
     /// as live instead).
     faulting: bool,
+}
+
+impl FaultGuard<'_> {
+    /// The window is published: keep it, and let tasks waiting for it go.
+    fn finish(&mut self) {
+        self.done = true;
+        self.list.wake_all();
+    }
 }
 
 impl Drop for FaultGuard<'_> {

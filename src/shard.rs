@@ -298,6 +298,16 @@ impl Shard {
         self.inner.alloc.sync().await
     }
 
+    /// Give the blocks of this shard's free space back to the file system
+    /// (punch holes into free runs); returns the bytes punched.
+    ///
+    /// # Errors
+    ///
+    /// See [`SegmentAllocator::trim`].
+    pub async fn trim(&self) -> Result<u64> {
+        self.inner.alloc.trim().await
+    }
+
     /// The live allocations of this shard.
     pub fn live(&self) -> LiveIter<'_> {
         self.inner.alloc.live()

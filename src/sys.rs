@@ -195,6 +195,9 @@ pub fn available_cpus() -> usize {
 
 /// `fallocate` mode 0: allocate blocks and extend the file size.
 pub const FALLOC_EXTEND: i32 = 0;
+/// `fallocate` mode that deallocates a range (`FALLOC_FL_PUNCH_HOLE`) and
+/// keeps the file size (`FALLOC_FL_KEEP_SIZE`, required with it).
+pub const FALLOC_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 /// `MADV_WILLNEED`.
 pub const MADV_WILLNEED: i32 = libc::MADV_WILLNEED;
 /// `MADV_RANDOM`.

@@ -223,7 +223,10 @@ mod tests {
         for c in CLASSES.iter() {
             let seg = c.segment_bytes as u64;
             let s = c.slot_bytes as u64;
-            for n in (0..seg).step_by(7).chain([0, s - 1, s, s + 1, seg - 1, (1 << 32) - 1]) {
+            for n in (0..seg)
+                .step_by(7)
+                .chain([0, s - 1, s, s + 1, seg - 1, (1 << 32) - 1])
+            {
                 assert_eq!(c.div_rem(n), (n / s, n % s), "{c:?} {n}");
             }
         }

@@ -19,6 +19,7 @@
 
 pub mod classes;
 pub(crate) mod space;
+mod trim;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -28,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures::future::join_all;
+use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::files::{FileHandleRegistry, FileId};
@@ -226,8 +228,19 @@ impl SegmentAllocator {
         manifest: Manifest,
         mm: Rc<MappingManager>,
     ) -> Result<SegmentAllocator> {
+        let span = tracing::info_span!("recovery", shard);
+        Self::open_inner(shard, dir, manifest, mm)
+            .instrument(span)
+            .await
+    }
+
+    async fn open_inner(
+        shard: u16,
+        dir: &Path,
+        manifest: Manifest,
+        mm: Rc<MappingManager>,
+    ) -> Result<SegmentAllocator> {
         let started = Instant::now();
-        let _span = tracing::info_span!("recovery", shard).entered();
         if mm.max_extents() < 2 {
             return Err(Error::InvalidConfig(
                 "a shard needs at least 2 windows (max_extents per shard >= 2)".into(),
@@ -855,7 +868,7 @@ impl SegmentAllocator {
     async fn new_segment(&self, class_id: u8) -> Result<()> {
         let c = CLASSES[class_id as usize];
         let blocks = (c.segment_bytes as u64 / BLOCK_BYTES) as u32;
-        let (entry, run, generation) = {
+        let (entry, run, trim, generation) = {
             let mut st = self.st.borrow_mut();
             // Reserve the entry index now: other tasks may create segments
             // while this one awaits.
@@ -866,14 +879,14 @@ impl SegmentAllocator {
                     st.entry_hwm - 1
                 }
             };
-            let run = st.space.alloc(blocks);
+            let (run, trim) = st.space.alloc(blocks);
             let generation = st.next_generation;
             st.next_generation = st.next_generation.wrapping_add(1).max(1);
-            (entry, run, generation)
+            (entry, run, trim, generation)
         };
         let undo = |this: &Self| {
             let mut st = this.st.borrow_mut();
-            st.space.free(run);
+            st.space.give_back(run, trim);
             // The entry is still free on disk: reusable at once.
             st.free_entries.push(entry);
         };
@@ -891,7 +904,9 @@ impl SegmentAllocator {
                 self.meta_durable_bytes
                     .set(self.meta_durable_bytes.get().max(reserved));
             }
-            self.ensure_data_file(run.file).await
+            self.ensure_data_file(run.file).await?;
+            // A run that may hold a hole (trimmed) is reserved again first.
+            self.reserve_trimmed(run, trim).await
         };
         if let Err(e) = prep.await {
             undo(self);
@@ -1141,13 +1156,17 @@ impl SegmentAllocator {
     /// The first io error. A failed sync poisons the allocator: every later
     /// write returns [`Error::Poisoned`] until the directory is reopened.
     pub async fn sync(&self) -> Result<()> {
+        let span = tracing::debug_span!("sync", shard = self.shard);
+        self.sync_inner().instrument(span).await
+    }
+
+    async fn sync_inner(&self) -> Result<()> {
         if self.poisoned.get() {
             return Err(Error::Poisoned { shard: self.shard });
         }
         if self.files.is_read_only() {
             return Ok(());
         }
-        let _span = tracing::debug_span!("sync", shard = self.shard).entered();
         let (quarantined, new_files) = {
             let mut st = self.st.borrow_mut();
             let q = st.quarantine.len();

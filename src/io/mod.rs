@@ -14,11 +14,18 @@
 //!   (old kernel, `io_uring_disabled`, seccomp) or when forced with
 //!   `SEGALLOC_IO=sync`.
 //!
+//! An operation interrupted by a signal (`EINTR`) runs again, up to
+//! [`EINTR_RETRIES_MAX`] times: every control operation is idempotent. With
+//! the `fault-injection` feature, `io::faults` makes chosen operations fail
+//! (tests only).
+//!
 //! **Architecture invariant:** an operation's resources (its fd, the window
 //! it advises) are owned by the ring's in-flight table until the kernel
 //! reports completion, so dropping an [`Op`] early never lets the kernel touch
 //! a closed fd or an unmapped range.
 
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 mod uring;
 
 use std::any::Any;
@@ -67,7 +74,15 @@ pub struct RingStats {
     pub sync_ops: u64,
     /// Operations whose future was dropped before completion.
     pub abandoned: u64,
+    /// Operations run again because they were interrupted (`EINTR`).
+    pub eintr_retries: u64,
 }
+
+/// How many times an operation interrupted by a signal (`EINTR`) is run
+/// again before the error is returned. Every control operation is
+/// idempotent (`fallocate`, `ftruncate`, `madvise`, `fsync`), so a retry is
+/// safe; `EINTR` reports an interruption, not a lost write.
+pub const EINTR_RETRIES_MAX: u32 = 16;
 
 /// What an operation does.
 #[derive(Clone, Copy, Debug)]
@@ -104,6 +119,7 @@ impl OpKind {
 
 /// What the kernel may use while an operation is in flight. Held by the ring
 /// (not the future) until completion.
+#[derive(Clone)]
 pub(crate) struct Resources {
     pub(crate) fd: Option<Rc<OwnedFd>>,
     /// Kept alive only; never read.
@@ -268,6 +284,20 @@ impl Ring {
     }
 
     fn submit(&self, kind: OpKind, res: Resources) -> Op {
+        let retry = Some(res.clone());
+        let mut op = self.start(kind, res);
+        op.retry = retry;
+        op
+    }
+
+    /// Start one attempt of an operation.
+    fn start(&self, kind: OpKind, res: Resources) -> Op {
+        if let Some(e) = injected_fault(&kind) {
+            // A planned failure (feature `fault-injection`): before the
+            // submission or the syscall, on either backend.
+            self.bump(|s| s.failed += 1);
+            return Op::ready(self, kind, Err(e));
+        }
         if let Some(d) = &self.inner.uring
             && d.supports(&kind)
         {
@@ -278,15 +308,13 @@ impl Ring {
                         ring: self.clone(),
                         kind,
                         state: OpState::InFlight(key),
+                        retry: None,
+                        attempts: 0,
                     };
                 }
                 Err((e, _res)) => {
                     self.bump(|s| s.failed += 1);
-                    return Op {
-                        ring: self.clone(),
-                        kind,
-                        state: OpState::Ready(Some(Err(e))),
-                    };
+                    return Op::ready(self, kind, Err(e));
                 }
             }
         }
@@ -298,11 +326,33 @@ impl Ring {
                 s.failed += 1;
             }
         });
-        Op {
-            ring: self.clone(),
-            kind,
-            state: OpState::Ready(Some(result)),
-        }
+        Op::ready(self, kind, result)
+    }
+}
+
+/// The injected failure of an operation (feature `fault-injection`).
+#[cfg(feature = "fault-injection")]
+fn injected_fault(kind: &OpKind) -> Option<io::Error> {
+    faults::take_op(kind)
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+fn injected_fault(_kind: &OpKind) -> Option<io::Error> {
+    None
+}
+
+/// The injected failure of the `mmap` of a window (feature
+/// `fault-injection`); always `None` without the feature.
+#[inline(always)]
+pub(crate) fn injected_mmap_fault() -> Option<io::Error> {
+    #[cfg(feature = "fault-injection")]
+    {
+        faults::take_mmap()
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        None
     }
 }
 
@@ -350,14 +400,49 @@ enum OpState {
 }
 
 /// One control operation. Resolves to its result; may be dropped at any time.
+///
+/// An operation interrupted by a signal (`EINTR`) is run again, up to
+/// [`EINTR_RETRIES_MAX`] times, before the error is returned.
 #[must_use = "an Op does nothing useful unless awaited"]
 pub struct Op {
     ring: Ring,
     kind: OpKind,
     state: OpState,
+    /// The operation's resources again, for a retry after `EINTR` (the ring
+    /// holds the ones of the attempt in flight). Dropped on completion.
+    retry: Option<Resources>,
+    attempts: u32,
 }
 
 impl Op {
+    fn ready(ring: &Ring, kind: OpKind, result: io::Result<()>) -> Op {
+        Op {
+            ring: ring.clone(),
+            kind,
+            state: OpState::Ready(Some(result)),
+            retry: None,
+            attempts: 0,
+        }
+    }
+
+    /// After a result: start another attempt if it was interrupted and a
+    /// retry is allowed; otherwise the result to return.
+    fn retry_or(&mut self, r: io::Result<()>) -> Option<io::Result<()>> {
+        let interrupted = matches!(&r, Err(e) if e.raw_os_error() == Some(nix::libc::EINTR));
+        if interrupted
+            && self.attempts < EINTR_RETRIES_MAX
+            && let Some(res) = self.retry.clone()
+        {
+            self.attempts += 1;
+            self.ring.bump(|s| s.eintr_retries += 1);
+            let mut next = self.ring.start(self.kind, res);
+            self.state = std::mem::replace(&mut next.state, OpState::Done);
+            return None;
+        }
+        self.retry = None;
+        Some(r)
+    }
+
     /// The operation's name (`"fallocate"`, `"madvise"`, …).
     pub fn name(&self) -> &'static str {
         self.kind.name()
@@ -369,35 +454,40 @@ impl Future for Op {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match &mut this.state {
-            OpState::Ready(r) => {
-                let r = r.take().expect("Op polled after completion");
-                this.state = OpState::Done;
-                Poll::Ready(r)
-            }
-            OpState::InFlight(key) => {
-                let key = *key;
-                let d = this
-                    .ring
-                    .inner
-                    .uring
-                    .as_ref()
-                    .expect("in-flight op has a ring");
-                match d.poll_op(key, cx) {
-                    Poll::Ready(res) => {
-                        this.state = OpState::Done;
-                        this.ring.bump(|s| {
-                            s.completed += 1;
-                            if res.is_err() {
-                                s.failed += 1;
-                            }
-                        });
-                        Poll::Ready(res)
-                    }
-                    Poll::Pending => Poll::Pending,
+        loop {
+            let r = match &mut this.state {
+                OpState::Ready(r) => {
+                    let r = r.take().expect("Op polled after completion");
+                    this.state = OpState::Done;
+                    r
                 }
+                OpState::InFlight(key) => {
+                    let key = *key;
+                    let d = this
+                        .ring
+                        .inner
+                        .uring
+                        .as_ref()
+                        .expect("in-flight op has a ring");
+                    match d.poll_op(key, cx) {
+                        Poll::Ready(res) => {
+                            this.state = OpState::Done;
+                            this.ring.bump(|s| {
+                                s.completed += 1;
+                                if res.is_err() {
+                                    s.failed += 1;
+                                }
+                            });
+                            res
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                OpState::Done => panic!("Op polled after completion"),
+            };
+            if let Some(r) = this.retry_or(r) {
+                return Poll::Ready(r);
             }
-            OpState::Done => panic!("Op polled after completion"),
         }
     }
 }

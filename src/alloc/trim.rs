@@ -1,0 +1,239 @@
+//! Trimming: give the blocks of free runs back to the file system, and the
+//! reservation that must come before such a run is used again.
+//!
+//! **Architecture invariants:**
+//! * Only free runs are punched, and only while they are taken out of the
+//!   free space ([`Space::take_exact`](super::space::Space::take_exact)), so
+//!   no segment can be created in a run while its hole is being punched. A
+//!   run whose punch was abandoned (the `trim` future dropped mid-way) is
+//!   never given back: the kernel may still punch it. It is free again after
+//!   a reopen.
+//! * Every release the punched runs come from is durable before the first
+//!   hole is punched (`trim` syncs first), so a power loss can never bring a
+//!   released segment back over a hole.
+//! * A run that may hold a hole is reserved again (`fallocate` mode 0 through
+//!   the ring) before a segment is published in it; nothing is handed out in
+//!   a hole, so no write through a mapping can fault on a full disk.
+
+use std::collections::HashMap;
+
+use tracing::Instrument;
+
+use super::classes::BLOCK_BYTES;
+use super::space::{Run, Trim};
+use super::{SegmentAllocator, data_file_name};
+use crate::error::{Error, Result};
+use crate::sys;
+
+/// Runs taken out of the free space by `trim`: given back (in their state)
+/// if the future is dropped, except the one being punched.
+struct Leased<'a> {
+    alloc: &'a SegmentAllocator,
+    pending: Vec<(Run, Trim)>,
+    in_flight: Option<Run>,
+}
+
+impl Drop for Leased<'_> {
+    fn drop(&mut self) {
+        let mut st = self.alloc.st.borrow_mut();
+        for (run, trim) in self.pending.drain(..) {
+            st.space.give_back(run, trim);
+        }
+        if let Some(run) = self.in_flight.take() {
+            tracing::warn!(
+                shard = self.alloc.shard,
+                ?run,
+                "trim dropped while punching a run: the run stays unused until the shard is reopened"
+            );
+        }
+    }
+}
+
+impl SegmentAllocator {
+    /// Give the blocks of the shard's free space back to the file system:
+    /// punch a hole (`fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)`,
+    /// through the control ring) into every free run of the data files — the
+    /// space released segments left below the high-water marks — that is not
+    /// punched already. Returns the bytes punched.
+    ///
+    /// The allocator first syncs (as [`sync`](Self::sync)), so that no
+    /// released segment can come back over a hole after a power loss. A
+    /// punched run is reserved again (`fallocate` mode 0) before a new
+    /// segment uses it; if the disk is full by then, that `allocate` returns
+    /// [`Error::NoSpace`] and the run stays free. Free runs found at a
+    /// reopen may have been punched before it: they are reserved again the
+    /// same way, and punched again (and counted again) by the next `trim`.
+    ///
+    /// Space above a file's high-water mark is not punched, nor space beyond
+    /// the file's reserved size, nor anything on a file system that cannot
+    /// both punch holes and reserve blocks (then this returns `Ok(0)`).
+    /// While `trim` runs, the runs it works on cannot be allocated from.
+    ///
+    /// A write through a [`Pin`](crate::Pin) of an allocation that was freed
+    /// before the `trim` (a use after free) may land in a hole: on a full
+    /// disk the kernel then raises `SIGBUS`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Poisoned`] or [`Error::ReadOnly`] (nothing done); the errors
+    /// of [`sync`](Self::sync) (which poisons the shard; nothing punched);
+    /// [`Error::Io`] from `fallocate` (the runs punched before it stay
+    /// punched, the run it failed on counts as punched, the rest is
+    /// untouched), [`Error::FdPressure`] and [`Error::TooManyOpenFiles`] when
+    /// a data file cannot be opened. The allocator stays consistent in every
+    /// case: no allocation changes.
+    pub async fn trim(&self) -> Result<u64> {
+        let span = tracing::debug_span!("trim", shard = self.shard);
+        self.trim_inner().instrument(span).await
+    }
+
+    async fn trim_inner(&self) -> Result<u64> {
+        self.check_writable()?;
+        // 1. Take the candidates out of the free space, before the sync: a
+        //    run freed again after the sync started would not be covered.
+        let mut leased = {
+            let mut st = self.st.borrow_mut();
+            let candidates = st.space.punchable();
+            let pending = candidates
+                .into_iter()
+                .filter_map(|(run, _)| st.space.take_exact(run).map(|t| (run, t)))
+                .collect::<Vec<_>>();
+            Leased {
+                alloc: self,
+                pending,
+                in_flight: None,
+            }
+        };
+        // 2. Make every release durable.
+        self.sync().await?;
+        // 3. Punch, file by file, in file order.
+        leased.pending.reverse();
+        let mut can_punch: HashMap<u32, bool> = HashMap::new();
+        let mut released = 0u64;
+        let mut runs = 0u64;
+        while let Some((run, trim)) = leased.pending.pop() {
+            leased.in_flight = Some(run);
+            let r = self.punch(run, &mut can_punch).await;
+            leased.in_flight = None;
+            let mut st = self.st.borrow_mut();
+            match r {
+                Ok(Some(bytes)) => {
+                    released += bytes;
+                    runs += 1;
+                    st.space.give_back(run, Trim::Punched);
+                }
+                Ok(None) => st.space.give_back(run, trim),
+                Err(e) => {
+                    // The kernel may have punched part of it.
+                    st.space.give_back(run, Trim::Punched);
+                    drop(st);
+                    return Err(e);
+                }
+            }
+        }
+        tracing::debug!(released_bytes = released, runs, "trimmed");
+        Ok(released)
+    }
+
+    /// Punch the part of `run` below its file's reserved size. `Ok(None)`
+    /// when nothing was punched (nothing reserved there, or the file system
+    /// cannot punch, or cannot reserve again: then a hole could not be
+    /// refilled, so none is made).
+    async fn punch(&self, run: Run, can_punch: &mut HashMap<u32, bool>) -> Result<Option<u64>> {
+        if can_punch.get(&run.file) == Some(&false) {
+            return Ok(None);
+        }
+        let Some(id) = self.data_files.borrow().get(run.file as usize).copied() else {
+            // The file was never created (its first segment failed).
+            return Ok(None);
+        };
+        let path = self.dir.join(data_file_name(run.file));
+        if self.files.len_bytes(id)?.is_none() && std::fs::symlink_metadata(&path).is_err() {
+            return Ok(None);
+        }
+        let lease = self.files.acquire(id, 0).await?;
+        let reserved = self.files.reserved_bytes(id)?;
+        let start = run.block as u64 * BLOCK_BYTES;
+        let end =
+            (start + run.blocks as u64 * BLOCK_BYTES).min(reserved / BLOCK_BYTES * BLOCK_BYTES);
+        if end <= start {
+            return Ok(None);
+        }
+        let ring = self.files.ring();
+        if can_punch.get(&run.file).is_none() {
+            // Probe once per file that blocks can be reserved again (mode 0
+            // over a free block: at most allocates it).
+            let ok = match ring
+                .fallocate(lease.shared_fd(), sys::FALLOC_EXTEND, start, BLOCK_BYTES)
+                .await
+            {
+                Ok(()) => true,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => true,
+                Err(e) if sys::is_unsupported(&e) => false,
+                Err(e) => return Err(Error::io("fallocate", Some(&path), e)),
+            };
+            can_punch.insert(run.file, ok);
+            if !ok {
+                return Ok(None);
+            }
+        }
+        match ring
+            .fallocate(
+                lease.shared_fd(),
+                sys::FALLOC_PUNCH_HOLE,
+                start,
+                end - start,
+            )
+            .await
+        {
+            Ok(()) => Ok(Some(end - start)),
+            Err(e) if sys::is_unsupported(&e) => {
+                can_punch.insert(run.file, false);
+                Ok(None)
+            }
+            Err(e) => Err(Error::io("fallocate(PUNCH_HOLE)", Some(&path), e)),
+        }
+    }
+
+    /// Reserve `run` again when its state says it may hold a hole
+    /// (`fallocate` mode 0 over the part below its file's reserved size;
+    /// above it, the file grows when the run is pinned). Called by
+    /// `new_segment` before a segment is published in the run; a no-op for
+    /// [`Trim::Reserved`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoSpace`] when the file system is full; [`Error::Io`];
+    /// the errors of opening the file. The caller gives the run back in
+    /// state `trim`.
+    pub(super) async fn reserve_trimmed(&self, run: Run, trim: Trim) -> Result<()> {
+        if !trim.needs_reserve() {
+            return Ok(());
+        }
+        let id = self.data_files.borrow()[run.file as usize];
+        let path = self.dir.join(data_file_name(run.file));
+        let lease = self.files.acquire(id, 0).await?;
+        let reserved = self.files.reserved_bytes(id)?;
+        let start = run.block as u64 * BLOCK_BYTES;
+        let end = (start + run.blocks as u64 * BLOCK_BYTES).min(reserved);
+        if end <= start {
+            return Ok(());
+        }
+        let r = self
+            .files
+            .ring()
+            .fallocate(lease.shared_fd(), sys::FALLOC_EXTEND, start, end - start)
+            .await;
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => Err(Error::NoSpace {
+                path,
+                requested_bytes: end - start,
+            }),
+            // `trim` punches only where mode 0 works (it probes first): a
+            // file system without it holds no hole of ours.
+            Err(e) if sys::is_unsupported(&e) => Ok(()),
+            Err(e) => Err(Error::io("fallocate", Some(&path), e)),
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! Fault injection for tests (cargo feature `fault-injection`, off by
+//! default): make the Nth control operation of a kind fail with a chosen
+//! errno, on the calling thread.
+//!
+//! A shard is one thread, so a plan set on the thread that runs a shard
+//! applies to that shard's ring (and to every other ring the thread drives).
+//! Faults are injected where an operation starts: before it is submitted to
+//! io_uring, before the plain syscall on the sync backend, and before the
+//! `mmap` of a window in `MappingManager`'s fault-in. The operation then
+//! completes with the chosen error as if the kernel had returned it; nothing
+//! reaches the kernel.
+//!
+//! ```
+//! use segalloc::io::faults::{self, Fault, FaultOp};
+//! // The second fdatasync on this thread fails with EIO, once.
+//! faults::inject(Fault::new(FaultOp::Fsync, nix::libc::EIO).nth(2));
+//! assert_eq!(faults::pending(), 1);
+//! faults::clear();
+//! ```
+//!
+//! **Architecture invariant:** without the feature this module does not
+//! exist and the hooks compile to nothing.
+
+use std::cell::RefCell;
+use std::io;
+
+use super::OpKind;
+use crate::sys;
+
+/// The operations a fault can be injected into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FaultOp {
+    /// `fallocate` of any mode.
+    Fallocate,
+    /// `fallocate` mode 0 only (growing or reserving a file).
+    FallocateReserve,
+    /// `fallocate` with `FALLOC_FL_PUNCH_HOLE` only (`trim`).
+    FallocatePunch,
+    /// `ftruncate` (growth on file systems without `fallocate`).
+    Ftruncate,
+    /// `madvise` of any advice (whole-window advice, prefetch,
+    /// `MADV_POPULATE_WRITE`).
+    Madvise,
+    /// `fsync` and `fdatasync`.
+    Fsync,
+    /// The `mmap` of a window when it is faulted in.
+    Mmap,
+}
+
+impl FaultOp {
+    const ALL: [FaultOp; 7] = [
+        FaultOp::Fallocate,
+        FaultOp::FallocateReserve,
+        FaultOp::FallocatePunch,
+        FaultOp::Ftruncate,
+        FaultOp::Madvise,
+        FaultOp::Fsync,
+        FaultOp::Mmap,
+    ];
+
+    fn index(self) -> usize {
+        FaultOp::ALL
+            .iter()
+            .position(|&o| o == self)
+            .expect("every op is listed")
+    }
+
+    /// Whether an operation of kind `k` counts as `self`.
+    fn matches(self, k: &OpKind) -> bool {
+        match (self, k) {
+            (FaultOp::Fallocate, OpKind::Fallocate { .. }) => true,
+            (FaultOp::FallocateReserve, OpKind::Fallocate { mode, .. }) => {
+                *mode == sys::FALLOC_EXTEND
+            }
+            (FaultOp::FallocatePunch, OpKind::Fallocate { mode, .. }) => {
+                *mode & nix::libc::FALLOC_FL_PUNCH_HOLE != 0
+            }
+            (FaultOp::Ftruncate, OpKind::Ftruncate { .. }) => true,
+            (FaultOp::Madvise, OpKind::Madvise { .. }) => true,
+            (FaultOp::Fsync, OpKind::Fsync { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+/// A planned failure: which operation, after how many of them, how many
+/// times, and with which errno.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    op: FaultOp,
+    skip: u64,
+    times: u64,
+    errno: i32,
+}
+
+impl Fault {
+    /// The next operation `op` on this thread fails with `errno`, once.
+    pub fn new(op: FaultOp, errno: i32) -> Fault {
+        Fault {
+            op,
+            skip: 0,
+            times: 1,
+            errno,
+        }
+    }
+
+    /// The `n`th operation `op` from now fails (`n >= 1`; the first `n - 1`
+    /// pass).
+    pub fn nth(mut self, n: u64) -> Fault {
+        assert!(n >= 1, "operations are counted from 1");
+        self.skip = n - 1;
+        self
+    }
+
+    /// Fail `n` consecutive matching operations (default 1).
+    pub fn times(mut self, n: u64) -> Fault {
+        self.times = n;
+        self
+    }
+
+    /// Fail every matching operation until [`clear`].
+    pub fn always(self) -> Fault {
+        self.times(u64::MAX)
+    }
+}
+
+#[derive(Default)]
+struct Plan {
+    rules: Vec<Fault>,
+    seen: [u64; FaultOp::ALL.len()],
+    injected: [u64; FaultOp::ALL.len()],
+}
+
+thread_local! {
+    static PLAN: RefCell<Plan> = RefCell::new(Plan::default());
+}
+
+/// Add `fault` to this thread's plan. Every rule sees every matching
+/// operation; when several would fire on one operation, the first added
+/// wins and the others wait for the next.
+pub fn inject(fault: Fault) {
+    PLAN.with(|p| p.borrow_mut().rules.push(fault));
+}
+
+/// Remove every planned fault of this thread (the counters stay).
+pub fn clear() {
+    PLAN.with(|p| p.borrow_mut().rules.clear());
+}
+
+/// Planned faults of this thread that have not fired all their times yet.
+pub fn pending() -> usize {
+    PLAN.with(|p| p.borrow().rules.len())
+}
+
+/// Operations `op` this thread started since it began (failed or not).
+/// Note that [`FaultOp::Fallocate`] counts every `fallocate`, also those
+/// counted by the two narrower kinds.
+pub fn seen(op: FaultOp) -> u64 {
+    PLAN.with(|p| p.borrow().seen[op.index()])
+}
+
+/// Failures injected on this thread, by the kind of the rule that fired.
+pub fn injected(op: FaultOp) -> u64 {
+    PLAN.with(|p| p.borrow().injected[op.index()])
+}
+
+/// Clears this thread's plan when dropped (so a failing test does not leave
+/// faults behind for the next code on the thread).
+#[must_use = "the plan is cleared when the guard drops"]
+#[derive(Debug)]
+pub struct ClearOnDrop(());
+
+/// A guard that [`clear`]s this thread's plan when dropped.
+pub fn clear_on_drop() -> ClearOnDrop {
+    ClearOnDrop(())
+}
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        clear();
+    }
+}
+
+/// Run one operation through the plan: count it for every kind it is, and
+/// return the injected error if a rule fires.
+fn take(is: impl Fn(FaultOp) -> bool) -> Option<io::Error> {
+    PLAN.with(|p| {
+        let mut p = p.borrow_mut();
+        let p = &mut *p;
+        for op in FaultOp::ALL {
+            if is(op) {
+                p.seen[op.index()] += 1;
+            }
+        }
+        let mut fired: Option<(FaultOp, i32)> = None;
+        for rule in p.rules.iter_mut().filter(|r| is(r.op)) {
+            if rule.skip > 0 {
+                rule.skip -= 1;
+            } else if fired.is_none() && rule.times > 0 {
+                rule.times -= 1;
+                fired = Some((rule.op, rule.errno));
+            }
+        }
+        p.rules.retain(|r| r.times > 0);
+        fired.map(|(op, errno)| {
+            p.injected[op.index()] += 1;
+            io::Error::from_raw_os_error(errno)
+        })
+    })
+}
+
+/// The injected failure of a control operation, if any.
+pub(super) fn take_op(kind: &OpKind) -> Option<io::Error> {
+    take(|op| op.matches(kind))
+}
+
+/// The injected failure of a window's `mmap`, if any.
+pub(super) fn take_mmap() -> Option<io::Error> {
+    take(|op| op == FaultOp::Mmap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PUNCH: OpKind = OpKind::Fallocate {
+        mode: sys::FALLOC_PUNCH_HOLE,
+        offset: 0,
+        len: 1,
+    };
+    const GROW: OpKind = OpKind::Fallocate {
+        mode: sys::FALLOC_EXTEND,
+        offset: 0,
+        len: 1,
+    };
+    const FSYNC: OpKind = OpKind::Fsync { datasync: true };
+
+    fn errno(e: Option<io::Error>) -> Option<i32> {
+        e.map(|e| e.raw_os_error().unwrap())
+    }
+
+    #[test]
+    fn nth_times_and_kinds() {
+        let _g = clear_on_drop();
+        inject(Fault::new(FaultOp::Fsync, 5).nth(2).times(2));
+        inject(Fault::new(FaultOp::FallocatePunch, 28));
+        assert_eq!(errno(take_op(&GROW)), None, "a reservation is no punch");
+        assert_eq!(errno(take_op(&FSYNC)), None);
+        assert_eq!(errno(take_op(&FSYNC)), Some(5));
+        assert_eq!(errno(take_op(&PUNCH)), Some(28));
+        assert_eq!(errno(take_op(&FSYNC)), Some(5));
+        assert_eq!(errno(take_op(&FSYNC)), None);
+        assert_eq!(pending(), 0);
+        assert_eq!(seen(FaultOp::Fallocate), 2);
+        assert_eq!(seen(FaultOp::FallocateReserve), 1);
+        assert_eq!(
+            (injected(FaultOp::Fsync), injected(FaultOp::FallocatePunch)),
+            (2, 1)
+        );
+        assert_eq!(errno(take_mmap()), None);
+    }
+
+    #[test]
+    fn first_rule_wins_and_the_other_waits() {
+        let _g = clear_on_drop();
+        inject(Fault::new(FaultOp::Fallocate, 1));
+        inject(Fault::new(FaultOp::FallocatePunch, 2));
+        assert_eq!(errno(take_op(&PUNCH)), Some(1));
+        assert_eq!(errno(take_op(&PUNCH)), Some(2));
+        assert_eq!(errno(take_op(&PUNCH)), None);
+        inject(Fault::new(FaultOp::Mmap, 12).always());
+        assert_eq!(errno(take_mmap()), Some(12));
+        assert_eq!(errno(take_mmap()), Some(12));
+        clear();
+        assert_eq!(errno(take_mmap()), None);
+    }
+}

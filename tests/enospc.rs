@@ -1,0 +1,648 @@
+//! A full file system never kills the process.
+//!
+//! On a size-limited tmpfs (`size=64m`) and on a loop-mounted ext4 image
+//! (96 MiB), both mounted by the test (as root) in a temporary folder and
+//! unmounted at the end, a child process (this test binary, re-run) fills
+//! the file system with allocations, writing every page of every slot,
+//! until `allocate` returns `Error::NoSpace`. It must exit normally (never
+//! by `SIGBUS`); the parent then reopens the directory and checks every
+//! acknowledged allocation and its contents. A second child frees about
+//! half of them, calls `trim()` (the file system's free space grows by what
+//! it punched), and fills the file system again: the punched runs are
+//! reserved again before use, so this fill ends in `NoSpace` too, never in
+//! `SIGBUS`. A third child (a new process, which cannot know what the last
+//! one punched) frees a third and fills again. The parent checks the state
+//! after each child, after a reopen.
+//!
+//! Skipped, with a message, when not running as root, when `mount` (or,
+//! for ext4, `mkfs.ext4`) is missing, or when the mount fails (e.g. in a
+//! container without the capability). Replay a run with
+//! `SEGALLOC_ENOSPC_SEED=<seed>`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{
+    Rng, check_pattern, handle_from_hex, handle_hex, handle_seed, open_shard, pattern_ranges, run,
+    seed_from_env, write_pattern,
+};
+use segalloc::config::MIB;
+use segalloc::{Config, Handle, Pin};
+
+const MARK: &str = "@@";
+const ENV_DIR: &str = "SEGALLOC_ENOSPC_CHILD_DIR";
+const ENV_PHASE: &str = "SEGALLOC_ENOSPC_CHILD_PHASE";
+const ENV_SEED: &str = "SEGALLOC_ENOSPC_CHILD_SEED";
+
+/// The directory's configuration: small windows, files and growth steps.
+fn cfg(dir: &Path) -> Config {
+    Config::builder(dir)
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .max_file_bytes(32 * MIB)
+        .build()
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// Mounting.
+// ---------------------------------------------------------------------------
+
+/// Whether the effective uid is 0 (from `/proc/self/status`).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The path of `tool` if it is on `PATH` (or in the sbin folders).
+fn find_tool(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+/// A mounted file system, unmounted when dropped (also when a test fails).
+struct Mount {
+    at: PathBuf,
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            // Still busy (a child being reaped?): detach it lazily.
+            let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+        }
+    }
+}
+
+fn run_tool(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Why this machine cannot run the test, if it cannot.
+fn cannot_mount(tools: &[&str]) -> Option<String> {
+    if !is_root() {
+        return Some("not running as root (mounting needs it)".into());
+    }
+    for t in tools {
+        if find_tool(t).is_none() {
+            return Some(format!("`{t}` not found"));
+        }
+    }
+    None
+}
+
+fn mount_tmpfs(at: &Path, size: &str) -> Result<Mount, String> {
+    std::fs::create_dir_all(at).unwrap();
+    run_tool(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size},mode=0700"))
+            .arg("tmpfs")
+            .arg(at),
+    )?;
+    Ok(Mount {
+        at: at.to_path_buf(),
+    })
+}
+
+fn mount_ext4(image: &Path, at: &Path, bytes: u64) -> Result<Mount, String> {
+    std::fs::create_dir_all(at).unwrap();
+    let f = std::fs::File::create(image).map_err(|e| e.to_string())?;
+    f.set_len(bytes).map_err(|e| e.to_string())?;
+    drop(f);
+    run_tool(
+        Command::new(find_tool("mkfs.ext4").unwrap())
+            .args(["-q", "-F"])
+            .arg(image),
+    )?;
+    run_tool(
+        Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(image)
+            .arg(at),
+    )?;
+    Ok(Mount {
+        at: at.to_path_buf(),
+    })
+}
+
+/// Bytes available to an unprivileged writer on the file system of `p`.
+fn free_bytes(p: &Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(p).unwrap();
+    s.blocks_available() as u64 * s.fragment_size() as u64
+}
+
+// ---------------------------------------------------------------------------
+// Contents: every page of a slot is written.
+// ---------------------------------------------------------------------------
+
+fn fill_byte(h: &Handle) -> u8 {
+    (handle_seed(h, 7) as u8) | 1
+}
+
+/// Write every byte of the slot: a fill byte, then the pattern over the
+/// head (and tail) the common helpers check.
+fn write_full(pin: &Pin, h: &Handle) {
+    pin.fill(0, pin.len(), fill_byte(h)).unwrap();
+    write_pattern(pin, pin.len(), handle_seed(h, 0));
+}
+
+fn check_full(pin: &Pin, h: &Handle) -> bool {
+    if !check_pattern(pin, pin.len(), handle_seed(h, 0)) {
+        return false;
+    }
+    // Between the patterned head and tail: sample a byte per page.
+    let covered: Vec<(usize, usize)> = pattern_ranges(pin.len());
+    let mut b = [0u8; 1];
+    (0..pin.len()).step_by(4096).all(|off| {
+        if covered.iter().any(|&(o, n)| (o..o + n).contains(&off)) {
+            return true;
+        }
+        pin.read_at(off, &mut b).unwrap();
+        b[0] == fill_byte(h)
+    })
+}
+
+fn size(rng: &mut Rng) -> u64 {
+    match rng.below(100) {
+        0..=59 => 1 + rng.below(4000),
+        60..=89 => 4000 + rng.below(200_000),
+        _ => 200_000 + rng.below(2 * MIB),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The child.
+// ---------------------------------------------------------------------------
+
+fn say(s: String) {
+    let mut o = std::io::stdout().lock();
+    writeln!(o, "{MARK}{s}").unwrap();
+    o.flush().unwrap();
+}
+
+/// Allocate and write until `NoSpace` has been seen 40 times (sizes vary:
+/// small ones may still fit in existing segments after a big one failed).
+async fn fill(shard: &segalloc::Shard, rng: &mut Rng) {
+    let mut nospace = 0;
+    while nospace < 40 {
+        match shard.allocate(size(rng)).await {
+            Ok(a) => {
+                let h = a.handle();
+                write_full(a.pin(), &h);
+                drop(a);
+                say(format!("A {}", handle_hex(&h)));
+            }
+            Err(e) if e.is_no_space() => {
+                if nospace == 0 {
+                    say(format!("N {e}"));
+                }
+                nospace += 1;
+            }
+            Err(e) => {
+                say(format!("E {e}"));
+                panic!("allocate on a full file system: {e:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn enospc_child() {
+    let Ok(dir) = std::env::var(ENV_DIR) else {
+        return;
+    };
+    let phase = std::env::var(ENV_PHASE).unwrap();
+    let seed: u64 = std::env::var(ENV_SEED).unwrap().parse().unwrap();
+    let cfg = cfg(Path::new(&dir));
+    run(async {
+        let mut rng = Rng::new(seed);
+        let shard = open_shard(&cfg).await.unwrap();
+        if phase == "again" {
+            // A new process: free about a third, no trim. Runs punched by
+            // the last process may be reused now: they must be reserved
+            // again although this process never punched anything.
+            let live: Vec<Handle> = shard.live().collect();
+            for h in &live {
+                if rng.chance(0.33) {
+                    shard.free(*h).unwrap();
+                    say(format!("F {}", handle_hex(h)));
+                }
+            }
+        }
+        if phase == "refill" {
+            // Free about half, the big ones first, then trim.
+            let mut live: Vec<Handle> = shard.live().collect();
+            live.sort_by_key(|h| std::cmp::Reverse(h.len()));
+            let mut freed = 0;
+            for (i, h) in live.iter().enumerate() {
+                if i < live.len() / 4 || rng.chance(0.4) {
+                    shard.free(*h).unwrap();
+                    say(format!("F {}", handle_hex(h)));
+                    freed += 1;
+                }
+            }
+            let before = free_bytes(Path::new(&dir));
+            let released = shard.trim().await.unwrap();
+            let after = free_bytes(Path::new(&dir));
+            say(format!("T {freed} {released} {before} {after}"));
+            // Nothing more to punch.
+            assert_eq!(shard.trim().await.unwrap(), 0);
+        }
+        fill(&shard, &mut rng).await;
+        match shard.sync().await {
+            Ok(()) => say("S ok".into()),
+            Err(e) => say(format!("S {e}")),
+        }
+        say("DONE".into());
+    });
+}
+
+// ---------------------------------------------------------------------------
+// The parent.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Default)]
+struct Report {
+    allocs: usize,
+    frees: usize,
+    nospace: Option<String>,
+    trim: Option<(u64, u64, u64, u64)>,
+    sync: Option<String>,
+}
+
+/// Run one child phase over `dir`; apply what it acknowledged to `model`.
+fn child(dir: &Path, phase: &str, seed: u64, model: &mut BTreeSet<Handle>) -> Report {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "enospc_child", "--nocapture", "--test-threads=1"])
+        .env(ENV_DIR, dir)
+        .env(ENV_PHASE, phase)
+        .env(ENV_SEED, seed.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.signal(),
+        None,
+        "{phase}: the child was killed by signal {:?} (SIGBUS is 7); stderr: {}",
+        out.status.signal(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{phase}: the child failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut r = Report::default();
+    for line in stdout.lines() {
+        let Some(at) = line.find(MARK) else { continue };
+        let msg = &line[at + MARK.len()..];
+        let (tag, arg) = msg.split_once(' ').unwrap_or((msg, ""));
+        match tag {
+            "A" => {
+                assert!(model.insert(handle_from_hex(arg)), "acknowledged twice");
+                r.allocs += 1;
+            }
+            "F" => {
+                assert!(model.remove(&handle_from_hex(arg)));
+                r.frees += 1;
+            }
+            "N" => r.nospace = Some(arg.to_string()),
+            "T" => {
+                let v: Vec<u64> = arg.split(' ').map(|x| x.parse().unwrap()).collect();
+                r.trim = Some((v[0], v[1], v[2], v[3]));
+            }
+            "S" => r.sync = Some(arg.to_string()),
+            "DONE" => {}
+            _ => panic!("unexpected line from the child: {line}"),
+        }
+    }
+    assert!(stdout.contains(&format!("{MARK}DONE")), "{phase}: no DONE");
+    r
+}
+
+/// Reopen and check: exactly the model is live, every slot intact.
+///
+/// The contents are read through a read-only open: a writable pin of a
+/// live slot after a reopen may try to grow its file to the next growth
+/// step on this full file system (see `writable_pin_after_reopen_on_a_full_disk`).
+fn verify(dir: &Path, model: &BTreeSet<Handle>, what: &str) {
+    run(async {
+        let (dd, locked) = segalloc::DataDir::open_read_only(dir).unwrap();
+        assert!(!locked);
+        let ro = Config::builder(dir)
+            .shards(1)
+            .window_bytes(16 * MIB)
+            .growth_step_bytes(MIB)
+            .max_file_bytes(32 * MIB)
+            .read_only(true)
+            .build()
+            .unwrap();
+        let shard = segalloc::Shard::open(std::sync::Arc::new(dd), &ro, 0)
+            .await
+            .unwrap();
+        let live: BTreeSet<Handle> = shard.live().collect();
+        let lost: Vec<_> = model.difference(&live).collect();
+        let extra: Vec<_> = live.difference(model).collect();
+        assert!(
+            lost.is_empty(),
+            "{what}: acknowledged allocations lost: {lost:?}"
+        );
+        assert!(
+            extra.is_empty(),
+            "{what}: live but never acknowledged: {extra:?}"
+        );
+        common::assert_no_overlap(live.iter().copied());
+        for h in &live {
+            let pin = shard
+                .pin(*h)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: pin of live {h}: {e}"));
+            assert!(check_full(&pin, h), "{what}: contents of {h} damaged");
+        }
+    });
+    // A writable open recovers the same set.
+    run(async {
+        let shard = open_shard(&cfg(dir)).await.unwrap();
+        let live: BTreeSet<Handle> = shard.live().collect();
+        assert_eq!(&live, model, "{what}: writable reopen");
+    });
+}
+
+fn fill_and_refill(fs: &str, dir: &Path) {
+    let seed = seed_from_env("SEGALLOC_ENOSPC_SEED");
+    let started = std::time::Instant::now();
+    let mut rng = Rng::new(seed);
+    let mut model = BTreeSet::new();
+    let data = dir.join("d");
+    let fill = child(&data, "fill", rng.next_u64(), &mut model);
+    assert!(fill.allocs > 100, "{fs}: {fill:?}");
+    assert!(fill.nospace.is_some(), "{fs}: never full: {fill:?}");
+    verify(&data, &model, &format!("{fs} after the fill"));
+    let full = free_bytes(dir);
+    let refill = child(&data, "refill", rng.next_u64(), &mut model);
+    let (freed, released, before, after) = refill.trim.expect("trim line");
+    assert!(freed > 0 && released > 0, "{fs}: {refill:?}");
+    assert!(
+        after > before,
+        "{fs}: trim released {released} bytes but the file system's free space went {before} -> {after}"
+    );
+    assert!(
+        refill.allocs > 0,
+        "{fs}: nothing fitted after the trim: {refill:?}"
+    );
+    assert!(
+        refill.nospace.is_some(),
+        "{fs}: never full again: {refill:?}"
+    );
+    verify(&data, &model, &format!("{fs} after the refill"));
+    let again = child(&data, "again", rng.next_u64(), &mut model);
+    assert!(
+        again.frees > 0 && again.nospace.is_some(),
+        "{fs}: {again:?}"
+    );
+    verify(
+        &data,
+        &model,
+        &format!("{fs} after a fill in a new process"),
+    );
+    let per_file: BTreeMap<u32, usize> = model.iter().fold(BTreeMap::new(), |mut m, h| {
+        *m.entry(h.file_id()).or_default() += 1;
+        m
+    });
+    eprintln!(
+        "{fs}: seed {seed}; fill: {} allocations, first error: {}; sync: {:?}; \
+         free after the fill: {full} bytes; refill: freed {freed}, trim punched {released} bytes, \
+         free space {before} -> {after}, {} allocations until NoSpace again, sync: {:?}; \
+         new process: freed {}, {} allocations until NoSpace again; \
+         {} live over data files {per_file:?}; {:.1} s",
+        fill.allocs,
+        fill.nospace.as_deref().unwrap_or("-"),
+        fill.sync,
+        refill.allocs,
+        refill.sync,
+        again.frees,
+        again.allocs,
+        model.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn full_tmpfs() {
+    if let Some(why) = cannot_mount(&["mount", "umount"]) {
+        eprintln!("full_tmpfs: SKIPPED: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let at = tmp.path().join("mnt");
+    let mount = match mount_tmpfs(&at, "64m") {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("full_tmpfs: SKIPPED: cannot mount a tmpfs: {e}");
+            return;
+        }
+    };
+    fill_and_refill("tmpfs", &mount.at);
+}
+
+#[test]
+fn full_ext4() {
+    if let Some(why) = cannot_mount(&["mount", "umount", "mkfs.ext4"]) {
+        eprintln!("full_ext4: SKIPPED: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let at = tmp.path().join("mnt");
+    let mount = match mount_ext4(&tmp.path().join("ext4.img"), &at, 96 * MIB) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("full_ext4: SKIPPED: cannot mount an ext4 image: {e}");
+            return;
+        }
+    };
+    fill_and_refill("ext4", &mount.at);
+}
+
+/// A writable pin of a live allocation right after a reopen, on a full file
+/// system, must not need space: the slot lies inside its file.
+///
+/// Known bug (ignored until fixed): `MappingManager`'s fault-in compares the
+/// slot's end with the registry's reserved size *before* the file is opened
+/// (0 after a reopen), then asks the registry to grow the file to the slot's
+/// end rounded up to the growth step; when the file's size is not a
+/// multiple of the step (a partial `fallocate` on a full ext4, or a growth
+/// step changed between runs, as here), that growth fails with `NoSpace`
+/// although the slot is inside the file. Run with
+/// `cargo test --release --test enospc -- --ignored writable_pin`.
+#[test]
+#[ignore = "known bug: fault-in after a reopen grows to the growth step on a full disk"]
+fn writable_pin_after_reopen_on_a_full_disk() {
+    if let Some(why) = cannot_mount(&["mount", "umount"]) {
+        eprintln!("writable_pin_after_reopen_on_a_full_disk: SKIPPED: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mount = match mount_tmpfs(&tmp.path().join("mnt"), "32m") {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("writable_pin_after_reopen_on_a_full_disk: SKIPPED: {e}");
+            return;
+        }
+    };
+    let dir = mount.at.join("d");
+    let with_step = |step: u64| {
+        Config::builder(&dir)
+            .shards(1)
+            .window_bytes(16 * MIB)
+            .growth_step_bytes(step)
+            .max_file_bytes(32 * MIB)
+            .build()
+            .unwrap()
+    };
+    let hs: Vec<Handle> = run(async {
+        let shard = open_shard(&with_step(MIB)).await.unwrap();
+        let mut hs = Vec::new();
+        for _ in 0..100 {
+            let a = shard.allocate(1000).await.unwrap();
+            write_full(a.pin(), &a.handle());
+            hs.push(a.handle());
+        }
+        shard.sync().await.unwrap();
+        hs
+    });
+    // Fill the file system with something else.
+    let mut filler = std::fs::File::create(mount.at.join("filler")).unwrap();
+    let chunk = vec![1u8; 1 << 20];
+    while filler.write_all(&chunk).is_ok() {}
+    drop(filler);
+    run(async {
+        let shard = open_shard(&with_step(4 * MIB)).await.unwrap();
+        for h in &hs {
+            let pin = shard
+                .pin(*h)
+                .await
+                .unwrap_or_else(|e| panic!("writable pin of live {h} after a reopen: {e}"));
+            assert!(check_full(&pin, h));
+        }
+    });
+}
+
+/// `trim` on the temporary folder's file system (no root needed): the data
+/// files' allocated blocks shrink by what it punched, a second trim has
+/// nothing left, a new segment in a punched run gets its blocks back before
+/// it is used, and after a reopen the free runs (which may be holes) are
+/// punched again; no allocation changes.
+#[test]
+fn trim_releases_blocks_and_reuse_reserves_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let cfg = cfg(&dir);
+    let allocated = || -> u64 {
+        std::fs::read_dir(dir.join("shard-000"))
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("data-"))
+            .map(|e| {
+                use std::os::unix::fs::MetadataExt;
+                e.metadata().unwrap().blocks() * 512
+            })
+            .sum()
+    };
+    let keep: BTreeSet<Handle> = run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        let mut rng = Rng::new(seed_from_env("SEGALLOC_ENOSPC_SEED"));
+        let mut all = Vec::new();
+        for _ in 0..400 {
+            let a = shard.allocate(size(&mut rng)).await.unwrap();
+            write_full(a.pin(), &a.handle());
+            all.push(a.handle());
+        }
+        let mut keep = BTreeSet::new();
+        for (i, h) in all.iter().enumerate() {
+            if i % 3 == 0 {
+                keep.insert(*h);
+            } else {
+                shard.free(*h).unwrap();
+            }
+        }
+        let before = allocated();
+        let released = shard.trim().await.unwrap();
+        let after = allocated();
+        if released == 0 {
+            eprintln!(
+                "trim_releases_blocks_and_reuse_reserves_them: SKIPPED: this file system cannot punch holes"
+            );
+            return keep;
+        }
+        eprintln!("trim: punched {released} bytes; data files' blocks {before} -> {after} bytes");
+        assert!(
+            before - after >= released / 2,
+            "{before} -> {after}, {released}"
+        );
+        assert_eq!(shard.trim().await.unwrap(), 0, "nothing left to punch");
+        assert_eq!(shard.live().collect::<BTreeSet<_>>(), keep);
+        // New segments land in punched runs (the only free runs now) and
+        // get their blocks back before `allocate` returns, before any write.
+        let mut before_writes = 0;
+        for _ in 0..30 {
+            let b = allocated();
+            let a = shard.allocate(300_000).await.unwrap();
+            before_writes += allocated().saturating_sub(b);
+            write_full(a.pin(), &a.handle());
+            keep.insert(a.handle());
+        }
+        eprintln!("trim: 30 allocations reserved {before_writes} bytes before any write");
+        assert!(before_writes >= 5 * MIB, "{before_writes}");
+        for h in &keep {
+            let pin = shard.pin(*h).await.unwrap();
+            assert!(check_full(&pin, h), "contents of {h}");
+        }
+        keep
+    });
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        assert_eq!(shard.live().collect::<BTreeSet<_>>(), keep);
+        // After a reopen nobody knows which free runs are holes: they are
+        // punched again (and reserved again before use).
+        let again = shard.trim().await.unwrap();
+        eprintln!("trim after a reopen: punched {again} bytes");
+        for _ in 0..10 {
+            let a = shard.allocate(70_000).await.unwrap();
+            write_full(a.pin(), &a.handle());
+        }
+        for h in &keep {
+            let pin = shard.pin(*h).await.unwrap();
+            assert!(check_full(&pin, h), "contents of {h}");
+        }
+    });
+}

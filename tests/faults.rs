@@ -1,0 +1,641 @@
+//! Injected failures of the control operations (`fallocate`, `ftruncate`,
+//! `madvise`, `fsync`) and of a window's `mmap`, on both io backends.
+//!
+//! Built only with the `fault-injection` feature:
+//!
+//! ```sh
+//! cargo test --release --features fault-injection --test faults
+//! SEGALLOC_IO=sync cargo test --release --features fault-injection --test faults
+//! ```
+//!
+//! What is checked: every failure surfaces as a typed error (no panic); the
+//! call that failed changed nothing (the live set, the roots and every
+//! allocation's contents are what they were before); after a failed `fsync`
+//! every write is refused with `Error::Poisoned` until the directory is
+//! reopened, and the reopen recovers everything acknowledged.
+//!
+//! `EINTR` is retried: an operation interrupted by a signal runs again, up
+//! to `segalloc::io::EINTR_RETRIES_MAX` (16) times, then the error is
+//! returned (a `sync` that runs out of retries poisons the shard like any
+//! failed sync). A window's `mmap` is not a ring operation and is not
+//! retried: `EINTR` there is a `MapFailed` like any other errno.
+//!
+//! Replay the random test with `SEGALLOC_FAULTS_SEED=<seed>`.
+#![cfg(feature = "fault-injection")]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use common::{
+    Rng, assert_no_overlap, check_pattern, handle_seed, open_shard, run, seed_from_env, small_cfg,
+    write_pattern,
+};
+use nix::libc::{EINTR, EIO, ENOMEM, ENOSPC, EOPNOTSUPP};
+use segalloc::config::MIB;
+use segalloc::io::EINTR_RETRIES_MAX;
+use segalloc::io::faults::{self, Fault, FaultOp};
+use segalloc::{Config, Error, Handle, Shard};
+
+/// What a failed call must not change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Snapshot {
+    live: BTreeSet<Handle>,
+    count: u64,
+    roots: Vec<(String, Handle)>,
+}
+
+fn snapshot(shard: &Shard) -> Snapshot {
+    Snapshot {
+        live: shard.live().collect(),
+        count: shard.live_count(),
+        roots: shard.roots(),
+    }
+}
+
+/// The state is `before`, and every allocation holds its pattern.
+async fn assert_unchanged(shard: &Shard, before: &Snapshot, what: &str) {
+    assert_eq!(
+        &snapshot(shard),
+        before,
+        "{what}: a failed call changed the state"
+    );
+    assert_no_overlap(before.live.iter().copied());
+    for h in &before.live {
+        let pin = shard
+            .pin(*h)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: pin of live {h}: {e}"));
+        assert!(
+            check_pattern(&pin, pattern_len(h), handle_seed(h, 0)),
+            "{what}: contents of {h}"
+        );
+    }
+}
+
+fn pattern_len(h: &Handle) -> usize {
+    (h.len() as usize).min(4096)
+}
+
+async fn alloc(shard: &Shard, size: u64) -> segalloc::Result<Handle> {
+    let a = shard.allocate(size).await?;
+    let h = a.handle();
+    write_pattern(a.pin(), pattern_len(&h), handle_seed(&h, 0));
+    Ok(h)
+}
+
+/// A shard with allocations of several classes and a root.
+async fn populated(cfg: &Config) -> Shard {
+    let shard = open_shard(cfg).await.unwrap();
+    for size in [16u64, 100, 1000, 5000, 70_000, MIB] {
+        for _ in 0..3 {
+            alloc(&shard, size).await.unwrap();
+        }
+    }
+    let h = shard.live().next().unwrap();
+    shard.set_root("main", h).unwrap();
+    shard
+}
+
+fn errno_of(e: &Error) -> Option<i32> {
+    match e {
+        Error::Io { source, .. } | Error::MapFailed { source, .. } => source.raw_os_error(),
+        Error::NoSpace { .. } => Some(ENOSPC),
+        _ => None,
+    }
+}
+
+/// `e` is the typed error an injected `errno` must give for a `fallocate`.
+fn assert_fallocate_error(e: &Error, errno: i32, what: &str) {
+    match (errno, e) {
+        (ENOSPC, Error::NoSpace { .. }) => assert!(e.is_no_space()),
+        (_, Error::Io { op, source, .. }) if op.starts_with("fallocate") => {
+            assert_eq!(source.raw_os_error(), Some(errno), "{what}: {e}")
+        }
+        _ => panic!("{what}: injected errno {errno} gave {e:?}"),
+    }
+}
+
+#[test]
+fn fallocate_failure_while_allocating() {
+    for errno in [EIO, ENOSPC, ENOMEM] {
+        let _g = faults::clear_on_drop();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_cfg(dir.path());
+        run(async {
+            let shard = populated(&cfg).await;
+            let before = snapshot(&shard);
+            // A new 8 MiB segment past the reserved end: the file grows.
+            let n = faults::injected(FaultOp::Fallocate);
+            faults::inject(Fault::new(FaultOp::Fallocate, errno));
+            let e = shard.allocate(8 * MIB).await.unwrap_err();
+            assert_eq!(
+                faults::injected(FaultOp::Fallocate),
+                n + 1,
+                "the fault fired"
+            );
+            assert_fallocate_error(&e, errno, "allocate");
+            assert_unchanged(&shard, &before, "allocate").await;
+            // Nothing is stuck: the same allocation works now.
+            let h = alloc(&shard, 8 * MIB).await.unwrap();
+            assert!(shard.allocator().is_live(&h));
+            assert!(!shard.allocator().is_poisoned());
+        });
+    }
+}
+
+/// Allocate `n` segments' worth of 600 KB slots and one 3 MiB slot above
+/// them (kept), then free the former: their segments are released and
+/// their runs are free space below the high-water mark (space freed at the
+/// top of the last file lowers the mark instead, and is not trimmed).
+async fn make_free_runs(shard: &Shard, n: usize) {
+    let mut hs = Vec::new();
+    for _ in 0..n {
+        hs.push(alloc(shard, 600_000).await.unwrap());
+    }
+    alloc(shard, 3 * MIB).await.unwrap();
+    for h in hs {
+        shard.free(h).unwrap();
+    }
+}
+
+/// Free runs, then trim them.
+async fn freed_and_trimmed(shard: &Shard) -> u64 {
+    make_free_runs(shard, 24).await;
+    let released = shard.trim().await.unwrap();
+    assert!(released > 0, "trim released nothing");
+    released
+}
+
+#[test]
+fn reserving_a_trimmed_run_fails() {
+    for errno in [ENOSPC, EIO] {
+        let _g = faults::clear_on_drop();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_cfg(dir.path());
+        run(async {
+            let shard = populated(&cfg).await;
+            freed_and_trimmed(&shard).await;
+            let before = snapshot(&shard);
+            // A new segment takes a punched run, which is reserved again
+            // first (fallocate mode 0) and fails.
+            let n = faults::injected(FaultOp::FallocateReserve);
+            faults::inject(Fault::new(FaultOp::FallocateReserve, errno));
+            let e = shard.allocate(300_000).await.unwrap_err();
+            assert_eq!(faults::injected(FaultOp::FallocateReserve), n + 1);
+            assert_fallocate_error(&e, errno, "re-reserve");
+            assert_unchanged(&shard, &before, "re-reserve").await;
+            // The run went back to the free space, still to be reserved:
+            // the next try reserves it and succeeds.
+            let seen = faults::seen(FaultOp::FallocateReserve);
+            let h = alloc(&shard, 300_000).await.unwrap();
+            assert!(
+                faults::seen(FaultOp::FallocateReserve) > seen,
+                "reserved again"
+            );
+            assert!(shard.allocator().is_live(&h));
+        });
+    }
+}
+
+#[test]
+fn punch_failure_during_trim() {
+    for errno in [EIO, ENOMEM, ENOSPC] {
+        let _g = faults::clear_on_drop();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_cfg(dir.path());
+        run(async {
+            let shard = populated(&cfg).await;
+            make_free_runs(&shard, 20).await;
+            let before = snapshot(&shard);
+            faults::inject(Fault::new(FaultOp::FallocatePunch, errno));
+            match shard.trim().await {
+                Err(e @ Error::Io { .. }) => {
+                    assert_eq!(errno_of(&e), Some(errno), "{e}");
+                    assert!(e.to_string().contains("PUNCH_HOLE"), "{e}");
+                }
+                other => panic!("trim with a failing punch: {other:?}"),
+            }
+            assert!(
+                !shard.allocator().is_poisoned(),
+                "a failed punch loses nothing"
+            );
+            assert_unchanged(&shard, &before, "trim").await;
+            // The rest is punched by the next trim, and allocation goes on.
+            assert!(shard.trim().await.unwrap() > 0);
+            assert_eq!(shard.trim().await.unwrap(), 0, "nothing left to punch");
+            for _ in 0..20 {
+                alloc(&shard, 600_000).await.unwrap();
+            }
+        });
+    }
+}
+
+/// Without `fallocate` (EOPNOTSUPP on every call), files grow with
+/// `ftruncate` and are prefaulted with `MADV_POPULATE_WRITE`: failures of
+/// both are typed, and a trim does nothing (it cannot refill a hole).
+#[test]
+fn ftruncate_and_populate_failures_without_fallocate() {
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    run(async {
+        let shard = populated(&cfg).await;
+        faults::inject(Fault::new(FaultOp::Fallocate, EOPNOTSUPP).always());
+        // The fallback works.
+        alloc(&shard, 4 * MIB).await.unwrap();
+        assert!(faults::seen(FaultOp::Ftruncate) > 0, "grown by ftruncate");
+        assert!(shard.stats().mappings.populated_bytes > 0, "prefaulted");
+        for (i, errno) in [EIO, ENOSPC, ENOMEM, EINTR].into_iter().enumerate() {
+            let before = snapshot(&shard);
+            // EINTR: once more than the retries.
+            let times = if errno == EINTR {
+                1 + EINTR_RETRIES_MAX as u64
+            } else {
+                1
+            };
+            faults::inject(Fault::new(FaultOp::Ftruncate, errno).times(times));
+            let e = shard.allocate(4 * MIB).await.unwrap_err();
+            match &e {
+                Error::Io {
+                    op: "ftruncate",
+                    source,
+                    ..
+                } => {
+                    assert_eq!(source.raw_os_error(), Some(errno))
+                }
+                other => panic!("ftruncate {errno}: {other:?}"),
+            }
+            assert_eq!(faults::pending(), 1, "only the fallocate rule is left");
+            assert_unchanged(&shard, &before, &format!("ftruncate {i}")).await;
+        }
+        // Prefault failures: ENOMEM/ENOSPC (and EFAULT) mean no space, the
+        // rest is an io error. Whole-window advice failing too is ignored.
+        for errno in [ENOMEM, ENOSPC, EIO] {
+            let before = snapshot(&shard);
+            faults::inject(Fault::new(FaultOp::Madvise, errno).always());
+            let e = shard.allocate(4 * MIB).await.unwrap_err();
+            match (errno, &e) {
+                (EIO, Error::Io { op, source, .. }) => {
+                    assert!(op.contains("POPULATE_WRITE"), "{e}");
+                    assert_eq!(source.raw_os_error(), Some(EIO));
+                }
+                (ENOMEM | ENOSPC, Error::NoSpace { .. }) => {}
+                _ => panic!("populate {errno}: {e:?}"),
+            }
+            // Only the fallocate rule stays.
+            faults::clear();
+            faults::inject(Fault::new(FaultOp::Fallocate, EOPNOTSUPP).always());
+            assert_unchanged(&shard, &before, "populate").await;
+        }
+        let h = alloc(&shard, 4 * MIB).await.unwrap();
+        // Nothing to trim without fallocate: no hole is made.
+        let punches = faults::seen(FaultOp::FallocatePunch);
+        shard.free(h).unwrap();
+        make_free_runs(&shard, 10).await;
+        assert_eq!(shard.trim().await.unwrap(), 0);
+        assert_eq!(
+            faults::seen(FaultOp::FallocatePunch),
+            punches,
+            "never punched"
+        );
+    });
+}
+
+#[test]
+fn mmap_failure_is_map_failed() {
+    for errno in [ENOMEM, EIO, ENOSPC, EINTR] {
+        let _g = faults::clear_on_drop();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_cfg(dir.path());
+        run(async {
+            let shard = populated(&cfg).await;
+            let before = snapshot(&shard);
+            let h = *before.live.iter().next().unwrap();
+            let n = faults::injected(FaultOp::Mmap);
+            // Unmap every idle window: the next pin faults one in.
+            assert!(shard.mappings().evict_idle() > 0);
+            faults::inject(Fault::new(FaultOp::Mmap, errno));
+            match shard.pin(h).await {
+                Err(Error::MapFailed { source, .. }) => {
+                    assert_eq!(source.raw_os_error(), Some(errno))
+                }
+                other => panic!("pin with a failing mmap: {other:?}"),
+            }
+            // An allocation that must fault its window in.
+            shard.mappings().evict_idle();
+            faults::inject(Fault::new(FaultOp::Mmap, errno));
+            assert!(matches!(
+                shard.allocate(100).await,
+                Err(Error::MapFailed { .. })
+            ));
+            assert_eq!(faults::injected(FaultOp::Mmap), n + 2);
+            assert_unchanged(&shard, &before, "mmap").await;
+        });
+    }
+}
+
+/// Whole-window advice (`MADV_RANDOM`) is advisory: its failure is ignored.
+#[test]
+fn window_advice_failure_is_ignored() {
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    run(async {
+        let shard = populated(&cfg).await;
+        let before = snapshot(&shard);
+        shard.mappings().evict_idle();
+        let n = faults::injected(FaultOp::Madvise);
+        faults::inject(Fault::new(FaultOp::Madvise, EIO).always());
+        assert_unchanged(&shard, &before, "advice").await;
+        alloc(&shard, 1000).await.unwrap();
+        assert!(
+            faults::injected(FaultOp::Madvise) > n,
+            "advice was attempted"
+        );
+    });
+}
+
+/// A failed sync poisons the shard: every write is refused, saying why,
+/// until the directory is reopened; the reopen recovers everything.
+#[test]
+fn failed_fsync_poisons_until_reopen() {
+    for errno in [EIO, ENOSPC, ENOMEM] {
+        let _g = faults::clear_on_drop();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_cfg(dir.path());
+        run(async {
+            let shard = populated(&cfg).await;
+            // Acknowledged but not synced: survive the reopen (process model).
+            let extra = alloc(&shard, 300).await.unwrap();
+            let gone = shard.live().nth(2).unwrap();
+            shard.free(gone).unwrap();
+            shard.set_root("extra", extra).unwrap();
+            let before = snapshot(&shard);
+            faults::inject(Fault::new(FaultOp::Fsync, errno));
+            match shard.sync().await {
+                Err(Error::Io {
+                    op: "fdatasync",
+                    source,
+                    ..
+                }) => {
+                    assert_eq!(source.raw_os_error(), Some(errno))
+                }
+                other => panic!("sync with a failing fdatasync: {other:?}"),
+            }
+            assert!(shard.allocator().is_poisoned());
+            let poisoned = |r: segalloc::Result<()>, what: &str| match r {
+                Err(e @ Error::Poisoned { shard: 0 }) => {
+                    assert!(e.to_string().contains("reopen"), "{what}: {e}")
+                }
+                other => panic!("{what} on a poisoned shard: {other:?}"),
+            };
+            poisoned(shard.allocate(10).await.map(drop), "allocate");
+            poisoned(shard.try_allocate(10).map(drop), "try_allocate");
+            poisoned(shard.free(extra), "free");
+            poisoned(shard.set_root("x", extra), "set_root");
+            poisoned(shard.remove_root("main").map(drop), "remove_root");
+            poisoned(shard.trim().await.map(drop), "trim");
+            poisoned(shard.sync().await, "sync");
+            // Reads go on, and nothing changed.
+            assert_unchanged(&shard, &before, "poisoned").await;
+            drop(shard);
+            let shard = open_shard(&cfg).await.unwrap();
+            assert!(!shard.allocator().is_poisoned());
+            assert_unchanged(&shard, &before, "reopened").await;
+            assert!(!shard.allocator().is_live(&gone));
+            shard.sync().await.unwrap();
+            alloc(&shard, 10).await.unwrap();
+        });
+    }
+}
+
+/// EINTR is retried (up to `EINTR_RETRIES_MAX` times) for every ring
+/// operation; past that it is an error.
+#[test]
+fn eintr_is_retried() {
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    run(async {
+        let shard = populated(&cfg).await;
+        let retries = || shard.ring().stats().eintr_retries;
+        let r0 = retries();
+        faults::inject(Fault::new(FaultOp::Fallocate, EINTR).times(3));
+        alloc(&shard, 8 * MIB).await.unwrap();
+        assert_eq!(retries() - r0, 3);
+        faults::inject(Fault::new(FaultOp::Fsync, EINTR).times(EINTR_RETRIES_MAX as u64));
+        shard.sync().await.unwrap();
+        assert!(!shard.allocator().is_poisoned());
+        assert_eq!(retries() - r0, 3 + EINTR_RETRIES_MAX as u64);
+        // Trim: the probe and the punches are retried too.
+        make_free_runs(&shard, 8).await;
+        faults::inject(Fault::new(FaultOp::FallocatePunch, EINTR).times(2));
+        assert!(shard.trim().await.unwrap() > 0);
+        // Without end: the allocation fails, typed, and changes nothing.
+        let before = snapshot(&shard);
+        faults::inject(Fault::new(FaultOp::Fallocate, EINTR).always());
+        let e = shard.allocate(12 * MIB).await.unwrap_err();
+        assert_fallocate_error(&e, EINTR, "endless EINTR");
+        faults::clear();
+        assert_unchanged(&shard, &before, "endless EINTR").await;
+        // A sync that runs out of retries is a failed sync.
+        faults::inject(Fault::new(FaultOp::Fsync, EINTR).always());
+        assert!(matches!(shard.sync().await, Err(Error::Io { .. })));
+        assert!(shard.allocator().is_poisoned());
+    });
+}
+
+// ---------------------------------------------------------------------------
+// A random workload under random faults.
+// ---------------------------------------------------------------------------
+
+const ERRNOS: [i32; 4] = [EIO, ENOSPC, ENOMEM, EINTR];
+const OPS: [FaultOp; 6] = [
+    FaultOp::Fallocate,
+    FaultOp::FallocateReserve,
+    FaultOp::FallocatePunch,
+    FaultOp::Madvise,
+    FaultOp::Fsync,
+    FaultOp::Mmap,
+];
+
+#[derive(Default, Debug)]
+struct StormStats {
+    steps: u64,
+    faults_planned: u64,
+    faults_fired: u64,
+    failed_calls: u64,
+    poisoned: u64,
+    reopens: u64,
+    allocs: u64,
+    frees: u64,
+    trims: u64,
+    bytes_trimmed: u64,
+}
+
+fn storm_size(rng: &mut Rng) -> u64 {
+    match rng.below(10) {
+        0..=5 => 1 + rng.below(2000),
+        6..=8 => 1 + rng.below(200_000),
+        _ => 1 + rng.below(3 * MIB),
+    }
+}
+
+/// The failed call left the state as the model says; typed errors only.
+fn check_error(e: &Error, step: u64) {
+    match e {
+        Error::NoSpace { .. } | Error::Io { .. } | Error::MapFailed { .. } => {}
+        other => panic!("step {step}: untyped or unexpected error {other:?}"),
+    }
+}
+
+async fn storm(cfg: &Config, seed: u64, steps: u64) -> StormStats {
+    let mut rng = Rng::new(seed);
+    let mut st = StormStats::default();
+    let fired_before: u64 = OPS.iter().map(|&op| faults::injected(op)).sum();
+    let mut model: BTreeMap<Handle, ()> = BTreeMap::new();
+    let mut shard = open_shard(cfg).await.unwrap();
+    for step in 0..steps {
+        st.steps += 1;
+        if rng.chance(0.08) {
+            let op = OPS[rng.below(OPS.len() as u64) as usize];
+            let errno = ERRNOS[rng.below(ERRNOS.len() as u64) as usize];
+            let times = if errno == EINTR && rng.chance(0.5) {
+                1 + rng.below(EINTR_RETRIES_MAX as u64)
+            } else {
+                1 + rng.below(3)
+            };
+            faults::inject(Fault::new(op, errno).nth(1 + rng.below(4)).times(times));
+            st.faults_planned += 1;
+        }
+        let before: BTreeSet<Handle> = model.keys().copied().collect();
+        let r: segalloc::Result<()> = match rng.below(100) {
+            0..=49 => match alloc(&shard, storm_size(&mut rng)).await {
+                Ok(h) => {
+                    assert!(model.insert(h, ()).is_none(), "step {step}: {h} twice");
+                    st.allocs += 1;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            50..=84 => {
+                if let Some(&h) = model
+                    .keys()
+                    .nth(rng.below(model.len().max(1) as u64) as usize)
+                {
+                    shard.free(h).unwrap();
+                    model.remove(&h);
+                    st.frees += 1;
+                }
+                Ok(())
+            }
+            85..=89 => {
+                // Read one back, faulting its window in (mmap, advice).
+                shard.mappings().evict_idle();
+                match model.keys().next().copied() {
+                    Some(h) => match shard.pin(h).await {
+                        Ok(p) => {
+                            assert!(
+                                check_pattern(&p, pattern_len(&h), handle_seed(&h, 0)),
+                                "step {step}: contents of {h}"
+                            );
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    },
+                    None => Ok(()),
+                }
+            }
+            90..=95 => shard.sync().await,
+            _ => match shard.trim().await {
+                Ok(n) => {
+                    st.trims += 1;
+                    st.bytes_trimmed += n;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = r {
+            st.failed_calls += 1;
+            let now: BTreeSet<Handle> = shard.live().collect();
+            assert_eq!(
+                now, before,
+                "step {step}: the failed call ({e}) changed the live set"
+            );
+            assert_eq!(shard.live_count(), before.len() as u64);
+            if shard.allocator().is_poisoned() {
+                check_error(&e, step);
+                st.poisoned += 1;
+                assert!(matches!(
+                    shard.allocate(1).await,
+                    Err(Error::Poisoned { .. })
+                ));
+                faults::clear();
+                drop(shard);
+                shard = open_shard(cfg).await.unwrap();
+                st.reopens += 1;
+                let now: BTreeSet<Handle> = shard.live().collect();
+                assert_eq!(now, before, "step {step}: reopen after poisoning");
+            } else {
+                check_error(&e, step);
+            }
+        }
+        if step % 500 == 499 {
+            // Everything acknowledged is there, intact.
+            faults::clear();
+            assert_no_overlap(model.keys().copied());
+            for h in model.keys() {
+                let p = shard.pin(*h).await.unwrap();
+                assert!(check_pattern(&p, pattern_len(h), handle_seed(h, 0)));
+            }
+        }
+    }
+    faults::clear();
+    drop(shard);
+    let shard = open_shard(cfg).await.unwrap();
+    let live: BTreeSet<Handle> = shard.live().collect();
+    assert_eq!(
+        live,
+        model.keys().copied().collect::<BTreeSet<_>>(),
+        "after the reopen"
+    );
+    for h in &live {
+        let p = shard.pin(*h).await.unwrap();
+        assert!(
+            check_pattern(&p, pattern_len(h), handle_seed(h, 0)),
+            "contents of {h}"
+        );
+    }
+    st.faults_fired = OPS.iter().map(|&op| faults::injected(op)).sum::<u64>() - fired_before;
+    st
+}
+
+#[test]
+fn random_faults_keep_the_allocator_consistent() {
+    let _g = faults::clear_on_drop();
+    let seed = seed_from_env("SEGALLOC_FAULTS_SEED");
+    eprintln!("random faults: seed {seed} (replay with SEGALLOC_FAULTS_SEED={seed})");
+    let dir = tempfile::tempdir().unwrap();
+    // Small windows and files, two data windows per shard: fault-ins
+    // (mmap, advice) and growth happen all the time.
+    let cfg = Config::builder(dir.path())
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .max_file_bytes(16 * MIB)
+        .max_extents(3)
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let st = run(storm(&cfg, seed, 6000));
+    eprintln!(
+        "random faults: {st:?} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(st.faults_fired > 20, "the faults fired: {st:?}");
+    assert!(st.failed_calls > 5 && st.allocs > 500, "{st:?}");
+    assert!(Path::new(dir.path()).exists());
+}
