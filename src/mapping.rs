@@ -681,11 +681,18 @@ impl MappingManager {
 
         // 1. The file must cover the range (writable) or hold it (read-only).
         let end = offset + len;
-        let (lease, how) = if writable && self.files.reserved_bytes(file)? < end {
-            let target = self.growth_target(end);
-            self.files.grow(file, target).await?
-        } else if writable {
-            (self.files.acquire(file, 0).await?, Reservation::Reserved)
+        // Open first: a file seen for the first time learns its size (and so
+        // its reserved bytes) at open, and must not be grown past what it
+        // already holds (on a full disk that growth would fail needlessly).
+        let (lease, how) = if writable {
+            let lease = self.files.acquire(file, 0).await?;
+            if self.files.reserved_bytes(file)? < end {
+                drop(lease);
+                let target = self.growth_target(end);
+                self.files.grow(file, target).await?
+            } else {
+                (lease, Reservation::Reserved)
+            }
         } else {
             let lease = self.files.acquire(file, 0).await?;
             if self.files.reserved_bytes(file)? < end {

@@ -505,7 +505,6 @@ fn full_ext4() {
 /// although the slot is inside the file. Run with
 /// `cargo test --release --test enospc -- --ignored writable_pin`.
 #[test]
-#[ignore = "known bug: fault-in after a reopen grows to the growth step on a full disk"]
 fn writable_pin_after_reopen_on_a_full_disk() {
     if let Some(why) = cannot_mount(&["mount", "umount"]) {
         eprintln!("writable_pin_after_reopen_on_a_full_disk: SKIPPED: {why}");

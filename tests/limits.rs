@@ -425,7 +425,6 @@ fn thousand_structures_under_low_limits() {
 }
 
 #[test]
-#[ignore = "known bug: sync with more files than descriptors fails on io_uring and poisons"]
 fn sync_with_more_files_than_descriptors() {
     run_child("sync-more-files-than-fds");
 }

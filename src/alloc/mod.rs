@@ -900,7 +900,12 @@ impl SegmentAllocator {
             // directory truncated).
             if end > self.meta_durable_bytes.get() {
                 let reserved = self.files.reserved_bytes(self.meta)?;
-                self.files.sync(self.meta, true).await?;
+                if let Err(e) = self.files.sync(self.meta, true).await {
+                    // As in `sync`: a failed fdatasync cannot be retried.
+                    tracing::error!(shard = self.shard, error = %e, "metadata sync failed; shard poisoned until reopened");
+                    self.poisoned.set(true);
+                    return Err(e);
+                }
                 self.meta_durable_bytes
                     .set(self.meta_durable_bytes.get().max(reserved));
             }
@@ -1175,8 +1180,37 @@ impl SegmentAllocator {
         let meta_reserved = self.files.reserved_bytes(self.meta)?;
         let mut ids: Vec<FileId> = self.data_files.borrow().clone();
         ids.push(self.meta);
-        let results = join_all(ids.into_iter().map(|id| self.files.sync(id, true))).await;
-        let mut first_err = results.into_iter().find_map(|r| r.err());
+        // At most half the descriptor cap in flight at once (each sync holds
+        // a lease on its fd until the kernel is done); a file that still
+        // finds no descriptor is retried alone, after the others finished.
+        let batch = (self.files.max_open_files() / 2).max(1);
+        let mut first_err = None;
+        let mut retry = Vec::new();
+        for chunk in ids.chunks(batch) {
+            let results = join_all(chunk.iter().map(|&id| self.files.sync(id, true))).await;
+            for (&id, r) in chunk.iter().zip(results) {
+                match r {
+                    Ok(()) => {}
+                    Err(Error::FdPressure { .. }) => retry.push(id),
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        for id in retry {
+            if first_err.is_some() {
+                break;
+            }
+            match self.files.sync(id, true).await {
+                Ok(()) => {}
+                Err(e @ Error::FdPressure { .. }) => {
+                    // Not an I/O failure: report it without poisoning.
+                    return Err(e);
+                }
+                Err(e) => first_err = Some(e),
+            }
+        }
         if first_err.is_none() && new_files {
             first_err = crate::datadir::sync_dir(&self.dir).err();
         }
