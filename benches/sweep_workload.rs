@@ -89,7 +89,9 @@ async fn shard_task(
                 _ => shard.free(old)?,
             }
         }
-        if let Some(rx) = &mut from_prev {
+        if k % 64 == 0
+            && let Some(rx) = &mut from_prev
+        {
             while let Ok(b) = rx.try_recv() {
                 r.cross_frees += b.len() as u64;
                 for h in b {

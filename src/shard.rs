@@ -215,6 +215,24 @@ impl Shard {
     }
 
     fn foreign_file(&self, h: &Handle) -> Result<FileId> {
+        self.check_foreign(h)?;
+        let key = (h.shard(), h.file_id());
+        if let Some(&id) = self.inner.foreign.borrow().get(&key) {
+            return Ok(id);
+        }
+        let path = self
+            .inner
+            .dir
+            .shard_dir(h.shard())
+            .join(crate::alloc::data_file_name(h.file_id()));
+        let id = self.inner.files.register_foreign(path);
+        self.inner.foreign.borrow_mut().insert(key, id);
+        Ok(id)
+    }
+
+    /// What this shard can check of another shard's handle.
+    #[inline]
+    fn check_foreign(&self, h: &Handle) -> Result<()> {
         let m = self.inner.dir.manifest();
         if h.dir_tag() != m.dir_tag() {
             return Err(Error::ForeignHandle {
@@ -236,18 +254,7 @@ impl Shard {
                 reason: "offset out of bounds",
             });
         }
-        let key = (h.shard(), h.file_id());
-        if let Some(&id) = self.inner.foreign.borrow().get(&key) {
-            return Ok(id);
-        }
-        let path = self
-            .inner
-            .dir
-            .shard_dir(h.shard())
-            .join(crate::alloc::data_file_name(h.file_id()));
-        let id = self.inner.files.register_foreign(path);
-        self.inner.foreign.borrow_mut().insert(key, id);
-        Ok(id)
+        Ok(())
     }
 
     /// Pin without awaiting (`Ok(None)`: use [`pin`](Self::pin)).
@@ -278,7 +285,7 @@ impl Shard {
         if handle.shard() == self.inner.index {
             return self.inner.alloc.free(handle);
         }
-        self.foreign_file(&handle)?;
+        self.check_foreign(&handle)?;
         let mesh = self.inner.mesh.get().expect("checked by foreign_file");
         if mesh.forward(handle) {
             Ok(())
