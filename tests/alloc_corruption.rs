@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::{
-    assert_no_overlap, check_pattern, handle_seed, open_shard, run, small_cfg, write_pattern,
+    check_pattern, check_reopened, handle_seed, open_shard, run, small_cfg, write_pattern,
 };
 use proptest::prelude::*;
 use segalloc::config::MIB;
@@ -81,20 +81,8 @@ fn reopen(cfg: &Config, index: u16) -> Outcome {
         };
         match opened.await {
             Ok(shard) => {
-                let live: Vec<Handle> = shard.live().collect();
-                assert_no_overlap(live.iter().copied());
-                assert_eq!(shard.live_count(), live.len() as u64);
-                for h in &live {
-                    let pin = shard
-                        .pin(*h)
-                        .await
-                        .unwrap_or_else(|e| panic!("pin of live {h}: {e}"));
-                    assert_eq!(pin.len(), h.len() as usize);
-                }
-                Outcome::Ok(State {
-                    live: live.into_iter().collect(),
-                    roots: shard.roots(),
-                })
+                let (live, roots) = check_reopened(&shard).await;
+                Outcome::Ok(State { live, roots })
             }
             Err(e @ Error::Corrupt { .. }) => Outcome::Corrupt(e.to_string()),
             Err(e @ Error::Mismatch { .. }) => Outcome::Mismatch(e.to_string()),

@@ -4,29 +4,14 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::process::Command;
 use std::sync::Arc;
 
-use common::{check_pattern, handle_seed, open_shard, run, small_cfg, write_pattern};
+use common::{
+    Snapshot, check_pattern, handle_seed, open_shard, run, small_cfg, snapshot, write_pattern,
+};
 use segalloc::config::MIB;
 use segalloc::{Config, DataDir, Error, Handle, Shard};
-
-/// What must not change.
-#[derive(Debug, PartialEq, Eq)]
-struct Snapshot {
-    live: BTreeSet<Handle>,
-    count: u64,
-    roots: Vec<(String, Handle)>,
-}
-
-fn snapshot(shard: &Shard) -> Snapshot {
-    Snapshot {
-        live: shard.live().collect(),
-        count: shard.live_count(),
-        roots: shard.roots(),
-    }
-}
 
 async fn assert_unchanged(shard: &Shard, before: &Snapshot) {
     assert_eq!(&snapshot(shard), before, "a failed call changed the state");

@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{
-    Rng, check_pattern, handle_from_hex, handle_hex, handle_seed, open_shard, pattern_ranges, run,
-    seed_from_env, write_pattern,
+    Rng, check_pattern, handle_from_hex, handle_hex, handle_seed, is_root, open_shard,
+    pattern_ranges, run, seed_from_env, write_pattern,
 };
 use segalloc::config::MIB;
 use segalloc::{Config, Handle, Pin};
@@ -53,18 +53,6 @@ fn cfg(dir: &Path) -> Config {
 // ---------------------------------------------------------------------------
 // Mounting.
 // ---------------------------------------------------------------------------
-
-/// Whether the effective uid is 0 (from `/proc/self/status`).
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
 
 /// The path of `tool` if it is on `PATH` (or in the sbin folders).
 fn find_tool(tool: &str) -> Option<PathBuf> {

@@ -29,30 +29,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use common::{
-    Rng, assert_no_overlap, check_pattern, handle_seed, open_shard, run, seed_from_env, small_cfg,
-    write_pattern,
+    Rng, Snapshot, assert_no_overlap, check_pattern, handle_seed, open_shard, run, seed_from_env,
+    small_cfg, snapshot, write_pattern,
 };
 use nix::libc::{EINTR, EIO, ENOMEM, ENOSPC, EOPNOTSUPP};
 use segalloc::config::MIB;
 use segalloc::io::EINTR_RETRIES_MAX;
 use segalloc::io::faults::{self, Fault, FaultOp};
 use segalloc::{Config, Error, Handle, Shard};
-
-/// What a failed call must not change.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Snapshot {
-    live: BTreeSet<Handle>,
-    count: u64,
-    roots: Vec<(String, Handle)>,
-}
-
-fn snapshot(shard: &Shard) -> Snapshot {
-    Snapshot {
-        live: shard.live().collect(),
-        count: shard.live_count(),
-        roots: shard.roots(),
-    }
-}
 
 /// The state is `before`, and every allocation holds its pattern.
 async fn assert_unchanged(shard: &Shard, before: &Snapshot, what: &str) {

@@ -35,7 +35,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::{
-    assert_no_overlap, check_pattern, handle_seed, open_shard, run, small_cfg, write_pattern,
+    check_pattern, check_reopened, handle_seed, is_root, open_shard, run, small_cfg, write_pattern,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PropConfig, TestRunner};
@@ -303,17 +303,8 @@ fn reopen(cfg: &Config) -> Reopened {
         };
         match opened.await {
             Ok(shard) => {
-                let live: Vec<Handle> = shard.live().collect();
-                assert_no_overlap(live.iter().copied());
-                assert_eq!(shard.live_count(), live.len() as u64);
-                for h in &live {
-                    let pin = shard
-                        .pin(*h)
-                        .await
-                        .unwrap_or_else(|e| panic!("pin of live {h}: {e}"));
-                    assert_eq!(pin.len(), h.len() as usize);
-                }
-                Reopened::Ok(live.into_iter().collect(), shard.roots())
+                let (live, roots) = check_reopened(&shard).await;
+                Reopened::Ok(live, roots)
             }
             Err(e @ (Error::Corrupt { .. } | Error::Mismatch { .. })) => {
                 Reopened::Typed(e.to_string())
@@ -718,17 +709,6 @@ fn data_file_truncated_while_closed() {
         eprintln!("data file cut at {cut} of {size} bytes: {zeros} slots read zeros");
         assert!(zeros > 0);
     }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
 
 const ENV_PERM_DIR: &str = "SEGALLOC_HOSTILE_PERM_DIR";

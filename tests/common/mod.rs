@@ -295,3 +295,57 @@ pub fn seed_from_env(var: &str) -> u64 {
                 .unwrap_or(1)
         })
 }
+
+/// Whether the tests run as root (mounts, permission checks).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// What a failed or rejected call must not change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The live handles.
+    pub live: std::collections::BTreeSet<segalloc::Handle>,
+    /// The live count the shard reports.
+    pub count: u64,
+    /// The roots.
+    pub roots: Vec<(String, segalloc::Handle)>,
+}
+
+/// The shard's live set, count and roots.
+pub fn snapshot(shard: &segalloc::Shard) -> Snapshot {
+    Snapshot {
+        live: shard.live().collect(),
+        count: shard.live_count(),
+        roots: shard.roots(),
+    }
+}
+
+/// Check a freshly reopened shard is consistent (no overlapping live slots,
+/// the count agrees, every live handle pins with its length) and return its
+/// live set and roots.
+pub async fn check_reopened(
+    shard: &segalloc::Shard,
+) -> (
+    std::collections::BTreeSet<segalloc::Handle>,
+    Vec<(String, segalloc::Handle)>,
+) {
+    let live: Vec<segalloc::Handle> = shard.live().collect();
+    assert_no_overlap(live.iter().copied());
+    assert_eq!(shard.live_count(), live.len() as u64);
+    for h in &live {
+        let pin = shard
+            .pin(*h)
+            .await
+            .unwrap_or_else(|e| panic!("pin of live {h}: {e}"));
+        assert_eq!(pin.len(), h.len() as usize);
+    }
+    (live.into_iter().collect(), shard.roots())
+}
