@@ -13,7 +13,7 @@
 //!   bitmap); after a restart, every free entry waits for the first sync.
 //!   Runs of blocks are reused at once: recovery resolves an overlap in
 //!   favour of the higher generation, which is always the later segment.
-//! * A segment never crosses a window ([`space`]). The hot path (a slot in a
+//! * A segment never crosses a window (`space.rs`). The hot path (a slot in a
 //!   segment whose window is mapped) makes no syscall and takes no lock.
 //! * The allocator never touches another shard's segments.
 
@@ -126,6 +126,9 @@ pub struct AllocStats {
     pub live_per_class: Vec<(u32, u64)>,
     /// Microseconds the last recovery took.
     pub recovery_us: u64,
+    /// When the last successful sync finished, in milliseconds since the
+    /// Unix epoch (0: never since open).
+    pub last_sync_unix_ms: u64,
 }
 
 struct Seg {
@@ -175,6 +178,23 @@ struct State {
 ///
 /// Built by [`Shard`](crate::Shard); usable directly with a registry and a
 /// manager of your own through [`SegmentAllocator::open`].
+///
+/// ```no_run
+/// # async fn demo() -> segalloc::Result<()> {
+/// use std::rc::Rc;
+/// use segalloc::{Config, DataDir, FileHandleRegistry, MappingConfig, MappingManager, Ring, SegmentAllocator};
+/// let cfg = Config::builder("/tmp/segalloc-alloc-doc").shards(1).build()?;
+/// let dir = DataDir::open(&cfg)?;
+/// let files = Rc::new(FileHandleRegistry::new(Ring::new(cfg.io_backend())?, 64));
+/// let mm = Rc::new(MappingManager::new(files, MappingConfig::from_config(&cfg)));
+/// let alloc = SegmentAllocator::open(0, &dir.shard_dir(0), *dir.manifest(), mm).await?;
+/// let a = alloc.allocate(300).await?; // a 320-byte slot
+/// a.write_at(0, b"payload")?;
+/// let h = a.into_handle();
+/// alloc.free(h)?;
+/// alloc.sync().await?;
+/// # Ok(()) }
+/// ```
 pub struct SegmentAllocator {
     shard: u16,
     manifest: Manifest,
@@ -1223,6 +1243,10 @@ impl SegmentAllocator {
         let released: Vec<u32> = st.quarantine.drain(..quarantined).collect();
         st.free_entries.extend(released);
         st.stats.syncs += 1;
+        st.stats.last_sync_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         self.meta_durable_bytes
             .set(self.meta_durable_bytes.get().max(meta_reserved));
         Ok(())
