@@ -84,3 +84,8 @@ pub use shard::{Shard, ShardStats};
 pub fn set_nofile_soft_limit(soft: u64) -> std::io::Result<()> {
     sys::set_nofile_soft_limit(soft)
 }
+
+// The README's Rust examples are compiled (not run) as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
