@@ -167,43 +167,18 @@ fn old_design_run(args: &Args) -> std::io::Result<(u64, u64, Duration, Duration,
     let mut written = 0u64;
     let t = Instant::now();
     let mut why = String::from("completed");
-    'outer: while written < args.records {
+    while written < args.records {
         let s0 = Instant::now();
-        let path = dir.path().join(format!("seg-{}", segs.len()));
-        let f = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-        {
-            Ok(f) => f,
+        let (_, map) = match new_segment(dir.path(), &mut segs, seg_bytes) {
+            Ok(seg) => seg,
             Err(e) => {
-                why = format!("open failed after {} segments: {e}", segs.len());
-                break 'outer;
-            }
-        };
-        f.set_len(seg_bytes)?;
-        // SAFETY: the file is private to this run and nobody else maps it.
-        let map = match unsafe {
-            memmap2::MmapOptions::new()
-                .len(seg_bytes as usize)
-                .map_mut(&f)
-        } {
-            Ok(m) => m,
-            Err(e) => {
-                why = format!("mmap failed after {} segments: {e}", segs.len());
-                break 'outer;
+                why = format!("{e} after {} segments", segs.len());
+                break;
             }
         };
         setup += s0.elapsed();
-        segs.push((f, map));
-        let (_, map) = segs.last_mut().expect("just pushed");
         let mut at = 0usize;
-        for _ in 0..per_seg {
-            if written == args.records {
-                break;
-            }
+        for _ in 0..per_seg.min(args.records - written) {
             map[at..at + payload.len()].copy_from_slice(&payload);
             at += stride as usize;
             written += 1;
@@ -213,48 +188,47 @@ fn old_design_run(args: &Args) -> std::io::Result<(u64, u64, Duration, Duration,
     let n = segs.len() as u64;
     // Then keep going (empty segments) until the design dies, as it would
     // with more records.
-    if why == "completed" {
-        loop {
-            let path = dir.path().join(format!("seg-{}", segs.len()));
-            let f = match OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-            {
-                Ok(f) => f,
-                Err(e) => {
-                    why = format!(
-                        "dies at segment {} (~{} records): {e}",
-                        segs.len() + 1,
-                        segs.len() as u64 * per_seg
-                    );
-                    break;
-                }
-            };
-            f.set_len(seg_bytes)?;
-            // SAFETY: the file is private to this run and nobody else maps it.
-            match unsafe {
-                memmap2::MmapOptions::new()
-                    .len(seg_bytes as usize)
-                    .map_mut(&f)
-            } {
-                Ok(m) => segs.push((f, m)),
-                Err(e) => {
-                    why = format!("mmap fails at segment {}: {e}", segs.len() + 1);
-                    break;
-                }
-            }
-            if segs.len() > 1_000_000 {
-                why = "did not die within 1,000,000 segments".into();
-                break;
-            }
+    while why == "completed" {
+        if let Err(e) = new_segment(dir.path(), &mut segs, seg_bytes) {
+            why = format!(
+                "dies at segment {} (~{} records): {e}",
+                segs.len() + 1,
+                segs.len() as u64 * per_seg
+            );
+        } else if segs.len() > 1_000_000 {
+            why = "did not die within 1,000,000 segments".into();
         }
     }
     drop(segs);
     segalloc::set_nofile_soft_limit(soft)?;
     Ok((written, n, elapsed, setup / n.max(1) as u32, why))
+}
+
+/// The old design's segment: its own file, descriptor and mapping, kept.
+fn new_segment<'a>(
+    dir: &std::path::Path,
+    segs: &'a mut Vec<(std::fs::File, memmap2::MmapMut)>,
+    seg_bytes: u64,
+) -> Result<&'a mut (std::fs::File, memmap2::MmapMut), String> {
+    let path = dir.join(format!("seg-{}", segs.len()));
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| format!("open failed: {e}"))?;
+    f.set_len(seg_bytes)
+        .map_err(|e| format!("ftruncate failed: {e}"))?;
+    // SAFETY: the file is private to this run and nobody else maps it.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .len(seg_bytes as usize)
+            .map_mut(&f)
+    }
+    .map_err(|e| format!("mmap failed: {e}"))?;
+    segs.push((f, map));
+    Ok(segs.last_mut().expect("just pushed"))
 }
 
 fn nofile() -> std::io::Result<(u64, u64)> {

@@ -45,6 +45,17 @@ struct Args {
     svg: Option<std::path::PathBuf>,
 }
 
+/// One point of the sweep, with its derived figures.
+struct Row {
+    shards: usize,
+    ops: f64,
+    ops_per_shard: f64,
+    efficiency: f64,
+    cross_per_sec: f64,
+    p50_ns: u64,
+    p99_ns: u64,
+}
+
 /// A small SVG line chart: measured ops/s and the linear ideal.
 fn svg_chart(points: &[workload::RunResult], base: f64, title: &str) -> String {
     let (w, h, pad) = (640.0, 400.0, 60.0);
@@ -161,6 +172,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .find(|p| p.shards == 1)
         .map(|p| p.ops_per_sec())
         .unwrap_or(points[0].ops_per_sec() / points[0].shards as f64);
+    let rows: Vec<Row> = points
+        .iter()
+        .map(|p| Row {
+            shards: p.shards,
+            ops: p.ops_per_sec(),
+            ops_per_shard: p.ops_per_sec() / p.shards as f64,
+            efficiency: p.ops_per_sec() / (p.shards as f64 * base),
+            cross_per_sec: p.cross_frees as f64 / p.elapsed.as_secs_f64(),
+            p50_ns: p.p50_ns,
+            p99_ns: p.p99_ns,
+        })
+        .collect();
     if !args.json {
         println!(
             "shard sweep: {} ops/shard of {} B, median of {}, io backend {backend}, {cores} cores",
@@ -170,31 +193,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "{:>6} {:>14} {:>14} {:>10} {:>16} {:>9} {:>9}",
             "shards", "ops/s", "ops/s/shard", "efficiency", "cross frees/s", "p50 ns", "p99 ns"
         );
-        for p in &points {
+        for r in &rows {
             println!(
                 "{:>6} {:>14.0} {:>14.0} {:>10.2} {:>16.0} {:>9} {:>9}",
-                p.shards,
-                p.ops_per_sec(),
-                p.ops_per_sec() / p.shards as f64,
-                p.ops_per_sec() / (p.shards as f64 * base),
-                p.cross_frees as f64 / p.elapsed.as_secs_f64(),
-                p.p50_ns,
-                p.p99_ns
+                r.shards, r.ops, r.ops_per_shard, r.efficiency, r.cross_per_sec, r.p50_ns, r.p99_ns
             );
         }
     }
-    let rows: Vec<String> = points
+    let json_rows: Vec<String> = rows
         .iter()
-        .map(|p| {
+        .map(|r| {
             format!(
                 "{{\"shards\":{},\"ops_per_sec\":{:.0},\"ops_per_sec_per_shard\":{:.0},\"efficiency\":{:.4},\"cross_frees_per_sec\":{:.0},\"p50_ns\":{},\"p99_ns\":{}}}",
-                p.shards,
-                p.ops_per_sec(),
-                p.ops_per_sec() / p.shards as f64,
-                p.ops_per_sec() / (p.shards as f64 * base),
-                p.cross_frees as f64 / p.elapsed.as_secs_f64(),
-                p.p50_ns,
-                p.p99_ns
+                r.shards, r.ops, r.ops_per_shard, r.efficiency, r.cross_per_sec, r.p50_ns, r.p99_ns
             )
         })
         .collect();
@@ -211,7 +222,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             args.ops,
             args.size,
             args.repeat,
-            rows.join(",")
+            json_rows.join(",")
         );
     }
     Ok(())

@@ -26,16 +26,15 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{
-    Rng, assert_no_overlap, check_pattern, handle_from_hex, handle_hex, handle_seed, open_shard,
-    run, seed_from_env, small_cfg, write_pattern,
+    Rng, assert_no_overlap, check_pattern, handle_from_hex, handle_hex, handle_seed, line_reader,
+    open_shard, run, seed_from_env, small_cfg, write_pattern,
 };
 use segalloc::config::MIB;
 use segalloc::{Config, Handle, Shard};
@@ -246,15 +245,7 @@ fn crash_rounds(test: &str, rounds: u64, sync_every: u64) {
     for round in 0..rounds {
         let mut child = spawn_child(&dir, rng.next_u64(), sync_every);
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel::<String>();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let (rx, reader) = line_reader(stdout);
         let mut lines = Vec::new();
         if rng.chance(0.1) {
             // Kill at any moment, recovery included.

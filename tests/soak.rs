@@ -32,16 +32,16 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    Rng, assert_no_overlap, check_pattern, handle_from_hex, handle_hex, handle_seed, run,
-    seed_from_env, write_pattern,
+    Rng, assert_no_overlap, check_pattern, handle_from_hex, handle_hex, handle_seed, line_reader,
+    run, seed_from_env, write_pattern,
 };
 use segalloc::config::MIB;
 use segalloc::{Config, DataDir, Error, Handle, Runtime, Shard};
@@ -409,15 +409,7 @@ fn soak_sigkill_rounds() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel::<String>();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let (rx, reader) = line_reader(stdout);
         let mut lines = Vec::new();
         if rng.chance(0.05) {
             std::thread::sleep(Duration::from_micros(rng.below(50_000)));

@@ -349,3 +349,24 @@ pub async fn check_reopened(
     }
     (live.into_iter().collect(), shard.roots())
 }
+
+/// Forward a child's stdout to a channel, line by line, from a thread (so
+/// the parent can wait with a timeout and keep reading after a SIGKILL).
+pub fn line_reader(
+    stdout: std::process::ChildStdout,
+) -> (
+    std::sync::mpsc::Receiver<String>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (rx, reader)
+}
