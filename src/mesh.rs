@@ -3,8 +3,9 @@
 //! Every ordered pair of shards `(from, to)` has its own unbounded channel
 //! carrying batches (`Vec<Handle>`), so no two senders share a queue and no
 //! lock is taken. A shard buffers frees of other shards' handles per
-//! destination and sends a batch when it reaches [`BATCH`] handles or when
-//! the current task yields (a flush scheduled once per tick). The owner
+//! destination and sends a batch when it reaches [`BATCH`] handles or after
+//! [`FLUSH_TICKS`] turns of its executor (a flush scheduled once per batch:
+//! an idle shard sends at once, a busy one gathers bigger batches). The owner
 //! drains its incoming channels in a local task: while it is busy, senders
 //! only append to the queue; a wake-up happens only when the drain task is
 //! parked (tokio's `AtomicWaker`), as in Seastar's cross-cpu free lists.
@@ -22,7 +23,12 @@ use crate::handle::Handle;
 use crate::shard::ShardInner;
 
 /// Frees per batch before a buffer is sent without waiting for the tick.
-pub const BATCH: usize = 128;
+pub const BATCH: usize = 1024;
+
+/// A partial batch is sent after this many turns of the shard's executor:
+/// an idle shard gets through them at once, a busy one gathers bigger
+/// batches (fewer cross-thread wake-ups).
+pub const FLUSH_TICKS: usize = 16;
 
 /// Counters of a shard's mesh endpoint.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -110,10 +116,12 @@ impl MeshLocal {
             return self.flush_to(to);
         }
         if !self.flush_scheduled.replace(true) {
-            // Send what accumulated during this tick once the task yields.
+            // Send what accumulated once the executor has turned a few times.
             let me = Rc::downgrade(self);
             tokio::task::spawn_local(async move {
-                tokio::task::yield_now().await;
+                for _ in 0..FLUSH_TICKS {
+                    tokio::task::yield_now().await;
+                }
                 if let Some(me) = me.upgrade() {
                     me.flush_scheduled.set(false);
                     me.flush();
