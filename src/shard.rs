@@ -132,7 +132,7 @@ impl Shard {
     }
 
     /// Send every buffered cross-shard free to its owner now (they are
-    /// otherwise sent when a batch fills or the current task yields).
+    /// otherwise sent when a batch fills or after a few executor turns).
     pub fn flush_frees(&self) {
         if let Some(m) = self.inner.mesh.get() {
             m.flush();
