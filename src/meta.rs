@@ -25,6 +25,7 @@
 //! |---|---|---|
 //! | 0 | 48 | superblock: the manifest's fields, with the shard index in the reserved bytes 14..16 |
 //! | 512 | 8 | directory high-water mark: `hwm | !hwm << 32`, one aligned store |
+//! | 520 | 8 | next segment generation, encoded the same way (0: unknown) |
 //! | 4096 | 256 KiB | 2048 root slots of 128 bytes |
 //! | 266240 | … | segment directory: 7 entries of 576 bytes per 4 KiB page |
 //!
@@ -61,6 +62,11 @@ const MANIFEST_MAGIC: &[u8; 8] = b"SEGALLOC";
 
 /// Byte offset of the directory high-water mark.
 pub const HWM_OFFSET: u64 = 512;
+/// Byte offset of the next segment generation to issue, encoded like the
+/// high-water mark (`next | !next << 32`; zero in directories that predate
+/// it). Recovery never issues a generation below it, so a segment released
+/// before a restart does not get its old generation back.
+pub const GEN_OFFSET: u64 = HWM_OFFSET + 8;
 /// Byte offset of the root table.
 pub const ROOTS_OFFSET: u64 = 4096;
 /// Root slots.

@@ -529,3 +529,60 @@ fn read_only_shard_refuses_writes() {
         assert_eq!(snapshot(&shard), before);
     });
 }
+
+/// A handle of a segment released before a restart stays stale after it:
+/// the segment generation is persisted, so the entry and run reused by a new
+/// segment carry a generation the old handle does not have.
+#[test]
+fn released_segment_generation_is_not_reissued_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    let size = 4096u64;
+    let (stale, count) = run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        // Three segments' worth of one class, then free everything: the
+        // first segment to empty is kept, the others are released.
+        let mut hs = Vec::new();
+        while hs
+            .iter()
+            .map(|h: &Handle| h.segment_id())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            < 3
+        {
+            hs.push(shard.allocate(size).await.unwrap().into_handle());
+        }
+        let count = hs.len();
+        let second = hs
+            .iter()
+            .copied()
+            .find(|h| h.segment_id() != hs[0].segment_id())
+            .unwrap();
+        for h in &hs {
+            shard.free(*h).unwrap();
+        }
+        shard.sync().await.unwrap();
+        (second, count)
+    });
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        // Free entries are reusable after the first sync of this session.
+        shard.sync().await.unwrap();
+        let mut fresh = Vec::new();
+        for _ in 0..count {
+            fresh.push(shard.allocate(size).await.unwrap().into_handle());
+        }
+        // The released segment's entry was reused…
+        assert!(fresh.iter().any(|h| h.segment_id() == stale.segment_id()));
+        // …under a new generation: the stale handle names nothing.
+        assert!(
+            fresh
+                .iter()
+                .all(|h| h.generation() != stale.generation()
+                    || h.segment_id() != stale.segment_id())
+        );
+        let before = snapshot(&shard);
+        assert!(matches!(shard.free(stale), Err(Error::NotAllocated { .. })));
+        assert_eq!(snapshot(&shard), before);
+    });
+}

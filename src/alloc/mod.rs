@@ -617,7 +617,12 @@ impl SegmentAllocator {
         // restart: quarantine them all until the first sync, so a torn write
         // can never pair a new header with an old bitmap.
         st.quarantine = free_entries;
-        st.next_generation = max_gen.wrapping_add(1).max(1);
+        // Never below the persisted counter: a generation released before
+        // the restart must not be issued again (a torn or absent word only
+        // falls back to the highest kept generation + 1).
+        let persisted =
+            meta::decode_hwm(self.meta_word(meta::GEN_OFFSET).load(Ordering::Relaxed)).unwrap_or(0);
+        st.next_generation = max_gen.wrapping_add(1).max(persisted).max(1);
         drop(st);
 
         // 5. Roots.
@@ -948,6 +953,12 @@ impl SegmentAllocator {
             let disk = meta::decode_hwm(hwm_cell.load(Ordering::Relaxed)).unwrap_or(0);
             if entry + 1 > disk {
                 hwm_cell.store(meta::encode_hwm(entry + 1), Ordering::Release);
+            }
+            let gen_cell = self.meta_word(meta::GEN_OFFSET);
+            let issued = meta::decode_hwm(gen_cell.load(Ordering::Relaxed)).unwrap_or(0);
+            let next = generation.wrapping_add(1).max(1);
+            if next > issued {
+                gen_cell.store(meta::encode_hwm(next), Ordering::Release);
             }
         }
         let header = EntryHeader {
