@@ -560,24 +560,10 @@ impl MappingManager {
             let idx = (at / w) as usize;
             let end = ((idx as u64 + 1) * w).min(to);
             let len = (end - at) as usize;
-            let win = {
-                let m = self.inner.borrow();
-                match m
-                    .files
-                    .get(file.0 as usize)
-                    .and_then(|f| f.as_ref())
-                    .and_then(|f| f.windows.get(idx))
-                {
-                    Some(Slot::Mapped(win)) => Some(win.clone()),
-                    _ => None,
-                }
-            };
-            let (hold, addr): (Rc<dyn std::any::Any>, *mut u8) = match win {
+            let r = match self.mapped_window(file, idx) {
                 Some(win) => {
                     let off = (at - idx as u64 * w) as usize;
-                    // SAFETY: `off < window length` since `at` lies in window `idx`.
-                    let addr = unsafe { win.base.as_ptr().add(off) };
-                    (win, addr)
+                    self.advise(&win, off, len, sys::MADV_POPULATE_WRITE).await
                 }
                 None => {
                     // The window is not mapped: map just this range for as
@@ -595,13 +581,16 @@ impl MappingManager {
                             source,
                         })?;
                     let addr = map.as_mut_ptr();
-                    (Rc::new(map), addr)
+                    // SAFETY: `[addr, addr + len)` is exactly the temporary
+                    // mapping, which the op holds until it completes;
+                    // POPULATE_WRITE discards nothing.
+                    unsafe {
+                        self.ring
+                            .madvise(Rc::new(map), addr, len, sys::MADV_POPULATE_WRITE)
+                    }
+                    .await
                 }
             };
-            // SAFETY: `[addr, addr + len)` lies inside the mapping that `hold`
-            // keeps alive until the op completes; POPULATE_WRITE discards
-            // nothing.
-            let r = unsafe { self.ring.madvise(hold, addr, len, sys::MADV_POPULATE_WRITE) }.await;
             if let Err(e) = r {
                 return Err(match e.raw_os_error() {
                     Some(nix::libc::ENOSPC) | Some(nix::libc::EFAULT) | Some(nix::libc::ENOMEM) => {
@@ -756,14 +745,10 @@ impl MappingManager {
             MadvisePolicy::Sequential => Some(sys::MADV_SEQUENTIAL),
             MadvisePolicy::Normal => None,
         };
-        if let Some(advice) = advice {
-            let hold: Rc<dyn std::any::Any> = win.clone();
-            // SAFETY: the whole window is mapped and `hold` keeps it so until
-            // the op completes; access-pattern advice discards nothing.
-            let r = unsafe { self.ring.madvise(hold, base.as_ptr(), w as usize, advice) }.await;
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "window advice failed (ignored: advisory)");
-            }
+        if let Some(advice) = advice
+            && let Err(e) = self.advise(&win, 0, w as usize, advice).await
+        {
+            tracing::debug!(error = %e, "window advice failed (ignored: advisory)");
         }
 
         // 4. Publish the window.
@@ -788,22 +773,37 @@ impl MappingManager {
                 .min(window_off + w)
                 .min(reserved);
             if stop > start {
-                let hold: Rc<dyn std::any::Any> = win.clone();
-                // SAFETY: `[start, stop)` lies inside the window (clamped), kept
-                // mapped by `hold`; WILLNEED discards nothing.
-                let addr = unsafe { base.as_ptr().add((start - window_off) as usize) };
-                // SAFETY: as above.
-                let r = unsafe {
-                    self.ring
-                        .madvise(hold, addr, (stop - start) as usize, sys::MADV_WILLNEED)
-                }
-                .await;
-                if let Err(e) = r {
+                let off = (start - window_off) as usize;
+                let r = self.advise(&win, off, (stop - start) as usize, sys::MADV_WILLNEED);
+                if let Err(e) = r.await {
                     tracing::debug!(error = %e, "prefetch advice failed (ignored: advisory)");
                 }
             }
         }
         Ok(())
+    }
+
+    /// Window `idx` of `file`, if it is mapped.
+    fn mapped_window(&self, file: FileId, idx: usize) -> Option<Rc<Window>> {
+        let m = self.inner.borrow();
+        match m.files.get(file.0 as usize)?.as_ref()?.windows.get(idx)? {
+            Slot::Mapped(win) => Some(win.clone()),
+            _ => None,
+        }
+    }
+
+    /// `madvise` through the ring on `[off, off + len)` of `win`, which the
+    /// op keeps mapped until the kernel is done. Only advice that discards
+    /// nothing (access patterns, WILLNEED, POPULATE_WRITE) is passed here.
+    fn advise(&self, win: &Rc<Window>, off: usize, len: usize, advice: i32) -> crate::io::Op {
+        assert!(off.checked_add(len).is_some_and(|end| end <= win.len));
+        // SAFETY: `off + len <= win.len` (asserted) so the pointer stays in
+        // the window's mapping.
+        let addr = unsafe { win.base.as_ptr().add(off) };
+        let hold: Rc<dyn std::any::Any> = win.clone();
+        // SAFETY: the range lies inside `win`'s mapping, which `hold` keeps
+        // alive until the op completes; the callers' advice discards nothing.
+        unsafe { self.ring.madvise(hold, addr, len, advice) }
     }
 
     /// Unmap one idle window chosen by the eviction policy. False when every
@@ -910,32 +910,10 @@ impl MappingManager {
             while at < end {
                 let idx = (at / w) as usize;
                 let stop = ((idx as u64 + 1) * w).min(end);
-                let win = {
-                    let m = self.inner.borrow();
-                    match m
-                        .files
-                        .get(file.0 as usize)
-                        .and_then(|f| f.as_ref())
-                        .and_then(|f| f.windows.get(idx))
-                    {
-                        Some(Slot::Mapped(win)) => Some(win.clone()),
-                        _ => None,
-                    }
-                };
-                if let Some(win) = win {
+                if let Some(win) = self.mapped_window(file, idx) {
                     let off = (at - idx as u64 * w) as usize;
-                    // SAFETY: `off < window length` since `at` is in window `idx`.
-                    let addr = unsafe { win.base.as_ptr().add(off) };
-                    let hold: Rc<dyn std::any::Any> = win.clone();
-                    // SAFETY: the range is inside the window, kept mapped by
-                    // `hold`; WILLNEED discards nothing.
-                    if unsafe {
-                        self.ring
-                            .madvise(hold, addr, (stop - at) as usize, sys::MADV_WILLNEED)
-                    }
-                    .await
-                    .is_ok()
-                    {
+                    let r = self.advise(&win, off, (stop - at) as usize, sys::MADV_WILLNEED);
+                    if r.await.is_ok() {
                         advised += stop - at;
                     }
                 }

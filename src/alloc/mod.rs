@@ -926,10 +926,7 @@ impl SegmentAllocator {
             if end > self.meta_durable_bytes.get() {
                 let reserved = self.files.reserved_bytes(self.meta)?;
                 if let Err(e) = self.files.sync(self.meta, true).await {
-                    // As in `sync`: a failed fdatasync cannot be retried.
-                    tracing::error!(shard = self.shard, error = %e, "metadata sync failed; shard poisoned until reopened");
-                    self.poisoned.set(true);
-                    return Err(e);
+                    return Err(self.poison(e));
                 }
                 self.meta_durable_bytes
                     .set(self.meta_durable_bytes.get().max(reserved));
@@ -1246,9 +1243,7 @@ impl SegmentAllocator {
             first_err = crate::datadir::sync_dir(&self.dir).err();
         }
         if let Some(e) = first_err {
-            tracing::error!(shard = self.shard, error = %e, "sync failed; shard poisoned until reopened");
-            self.poisoned.set(true);
-            return Err(e);
+            return Err(self.poison(e));
         }
         let mut st = self.st.borrow_mut();
         let released: Vec<u32> = st.quarantine.drain(..quarantined).collect();
@@ -1261,6 +1256,14 @@ impl SegmentAllocator {
         self.meta_durable_bytes
             .set(self.meta_durable_bytes.get().max(meta_reserved));
         Ok(())
+    }
+
+    /// Refuse every later write: a failed fdatasync cannot be retried safely
+    /// (the kernel may have dropped the dirty pages it could not write).
+    fn poison(&self, e: Error) -> Error {
+        tracing::error!(shard = self.shard, error = %e, "sync failed; shard poisoned until reopened");
+        self.poisoned.set(true);
+        e
     }
 
     /// Whether an earlier sync failed.
