@@ -16,7 +16,7 @@ pub const GIB: u64 = 1024 * MIB;
 
 /// The largest segment, and so the largest allocation: 16 MiB. Windows are a
 /// multiple of it, so a segment never crosses a window.
-pub const SEGMENT_BYTES_MAX: u64 = 16 * MIB;
+pub const SEGMENT_BYTES_MAX: u64 = crate::format::classes::SEGMENT_BYTES_MAX;
 /// Default window size: 1 GiB.
 pub const WINDOW_BYTES_DEFAULT: u64 = GIB;
 /// Default growth step: files grow 64 MiB at a time inside a window.

@@ -20,10 +20,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::alloc::classes::CLASS_TABLE_ID;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::meta::{FORMAT_VERSION, MANIFEST_BYTES, Manifest};
+use crate::format::classes::CLASS_TABLE_ID;
+use crate::format::{FORMAT_VERSION, MANIFEST_BYTES, Manifest};
 use crate::sys::{self, OpenMode};
 
 /// Name of the manifest file.
@@ -178,7 +178,7 @@ impl DataDir {
 }
 
 fn shard_dir(path: &Path, i: u16) -> PathBuf {
-    path.join(format!("shard-{i:03}"))
+    path.join(crate::format::shard_folder_name(i))
 }
 
 fn has_shard_dirs(path: &Path) -> bool {

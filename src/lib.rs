@@ -51,12 +51,18 @@ pub mod config;
 pub mod datadir;
 pub mod error;
 pub mod files;
-pub mod handle;
+// The on-disk format: crate-internal; tests reach it through the
+// `test-support` feature.
+#[cfg(feature = "test-support")]
+#[doc(hidden)]
+pub mod format;
+#[cfg(not(feature = "test-support"))]
+pub(crate) mod format;
+#[cfg(feature = "cli")]
 pub mod inspect;
 pub mod io;
 pub mod mapping;
 pub mod mesh;
-pub mod meta;
 pub mod proc;
 pub mod runtime;
 pub mod shard;
@@ -68,7 +74,7 @@ pub use config::{Config, ConfigBuilder, EvictionPolicy, IoBackendChoice, Limits,
 pub use datadir::DataDir;
 pub use error::{Error, Result};
 pub use files::{FileHandleRegistry, FileId, FileLease, FileStats, Reservation};
-pub use handle::{HANDLE_BYTES, Handle};
+pub use format::{HANDLE_BYTES, Handle, Manifest};
 pub use io::{IoBackend, Ring, RingStats};
 pub use mapping::{MappingConfig, MappingManager, MappingStats, Pin};
 pub use mesh::MeshStats;

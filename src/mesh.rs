@@ -19,7 +19,7 @@ use std::rc::{Rc, Weak};
 use std::task::Poll;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::handle::Handle;
+use crate::format::Handle;
 use crate::shard::ShardInner;
 
 /// Frees per batch before a buffer is sent without waiting for the tick.

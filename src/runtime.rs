@@ -25,7 +25,7 @@ use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use crate::config::{Config, IoBackendChoice};
 use crate::datadir::DataDir;
 use crate::error::{Error, Result};
-use crate::handle::Handle;
+use crate::format::Handle;
 use crate::mesh::{self, Endpoint};
 use crate::shard::{Shard, ShardStats};
 use crate::sys;

@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::error::{Error, Result};
 use crate::files::{FileHandleRegistry, FileId, FileStats};
-use crate::handle::Handle;
+use crate::format::Handle;
 use crate::io::{IoBackend, Ring, RingStats};
 use crate::mapping::{MappingConfig, MappingManager, MappingStats, Pin};
 use crate::mesh::{Endpoint, MeshLocal, MeshStats};
@@ -224,7 +224,7 @@ impl Shard {
             .inner
             .dir
             .shard_dir(h.shard())
-            .join(crate::alloc::data_file_name(h.file_id()));
+            .join(crate::format::data_file_name(h.file_id()));
         let id = self.inner.files.register_foreign(path);
         self.inner.foreign.borrow_mut().insert(key, id);
         Ok(id)

@@ -18,7 +18,7 @@ use common::{
 };
 use proptest::prelude::*;
 use segalloc::config::MIB;
-use segalloc::meta::{self, EntryHeader};
+use segalloc::format::{self as meta, EntryHeader};
 use segalloc::{Config, DataDir, Error, Handle, Shard};
 
 /// What the fixture directory holds.
@@ -310,8 +310,8 @@ fn forged_directory_entries() {
                 .map(|e| (i, e))
         })
         .expect("a segment with fewer than 4096 slots");
-    let window_blocks = (16 * MIB / segalloc::alloc::classes::BLOCK_BYTES) as u32;
-    let file_blocks = (cfg.max_file_bytes() / segalloc::alloc::classes::BLOCK_BYTES) as u32;
+    let window_blocks = (16 * MIB / segalloc::format::classes::BLOCK_BYTES) as u32;
+    let file_blocks = (cfg.max_file_bytes() / segalloc::format::classes::BLOCK_BYTES) as u32;
 
     type Forge = Box<dyn Fn(&mut Vec<u8>)>;
     let forged: Vec<(&str, Forge)> = vec![

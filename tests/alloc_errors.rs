@@ -375,7 +375,7 @@ fn root_names_and_table_limits() {
         // every name in it can still be replaced.
         let mut named = vec!["main".to_string()];
         let mut refused = 0;
-        for i in 0..segalloc::meta::ROOT_SLOTS + 10 {
+        for i in 0..segalloc::format::ROOT_SLOTS + 10 {
             let n = format!("n{i}");
             match shard.set_root(&n, hs[i % hs.len()]) {
                 Ok(()) => named.push(n),
@@ -386,7 +386,7 @@ fn root_names_and_table_limits() {
         assert!(refused > 0, "the table has a limit");
         assert_eq!(
             named.len(),
-            segalloc::meta::ROOT_SLOTS / 2,
+            segalloc::format::ROOT_SLOTS / 2,
             "names that fit"
         );
         let full = shard.roots();

@@ -39,9 +39,9 @@ use common::{
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PropConfig, TestRunner};
-use segalloc::alloc::classes::{CLASS_COUNT, CLASSES};
 use segalloc::config::MIB;
-use segalloc::meta::{self, Manifest};
+use segalloc::format::classes::{CLASS_COUNT, CLASSES};
+use segalloc::format::{self as meta, Manifest};
 use segalloc::{Config, DataDir, Error, HANDLE_BYTES, Handle, Shard};
 
 fn cases(base: u32) -> u32 {

@@ -17,7 +17,7 @@
 //!   segment whose window is mapped) makes no syscall and takes no lock.
 //! * The allocator never touches another shard's segments.
 
-pub mod classes;
+mod recover;
 pub(crate) mod space;
 mod trim;
 
@@ -33,10 +33,9 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::files::{FileHandleRegistry, FileId};
-use crate::handle::Handle;
+use crate::format::classes::{self, BLOCK_BYTES, CLASS_COUNT, CLASSES};
+use crate::format::{self, EntryHeader, Handle, Manifest, RootSlot, data_file_name};
 use crate::mapping::{MappingManager, Pin};
-use crate::meta::{self, EntryHeader, Manifest, RootSlot};
-use classes::{BLOCK_BYTES, CLASS_COUNT, CLASSES};
 use space::{Run, Space};
 
 /// The metadata file grows this much at a time.
@@ -145,7 +144,7 @@ struct Seg {
 impl Seg {
     #[inline]
     fn word(&self, w: u32) -> &AtomicU64 {
-        debug_assert!((w as usize) < meta::BITMAP_WORDS);
+        debug_assert!((w as usize) < format::BITMAP_WORDS);
         // SAFETY: the bitmap lies in a metadata window that the allocator
         // keeps pinned (mapped) for its whole life, inside the reserved part
         // of the file; `w < 64` words; AtomicU64 has u64's layout and the
@@ -227,11 +226,6 @@ impl Drop for SlotGuard<'_> {
     }
 }
 
-/// File name of data file `n` in a shard folder.
-pub(crate) fn data_file_name(n: u32) -> String {
-    format!("data-{n:06}.seg")
-}
-
 impl SegmentAllocator {
     /// Open (recover) or create the allocator of shard `shard` in folder
     /// `dir`, over `mm` (whose registry opens the files).
@@ -267,7 +261,7 @@ impl SegmentAllocator {
             ));
         }
         let files = mm.files().clone();
-        let meta_path = dir.join("meta.seg");
+        let meta_path = dir.join(format::META_FILE);
         let meta = files.register(&meta_path);
         let window_blocks = (manifest.window_bytes / BLOCK_BYTES) as u32;
         let file_blocks = (manifest.max_file_bytes / BLOCK_BYTES) as u32;
@@ -341,7 +335,7 @@ impl SegmentAllocator {
     }
 
     fn meta_path(&self) -> PathBuf {
-        self.dir.join("meta.seg")
+        self.dir.join(format::META_FILE)
     }
 
     fn corrupt(&self, detail: impl Into<String>) -> Error {
@@ -352,11 +346,11 @@ impl SegmentAllocator {
     }
 
     async fn superblock_is_blank(&self, size: u64) -> Result<bool> {
-        if size < meta::MANIFEST_BYTES as u64 {
+        if size < format::MANIFEST_BYTES as u64 {
             return Ok(true);
         }
         self.pin_meta_window(0).await?;
-        let mut b = [0u8; meta::MANIFEST_BYTES];
+        let mut b = [0u8; format::MANIFEST_BYTES];
         self.meta_read(0, &mut b);
         Ok(b.iter().all(|&x| x == 0))
     }
@@ -372,7 +366,7 @@ impl SegmentAllocator {
                 self.mm
                     .reserve(
                         self.meta,
-                        i as u64 * w + meta::META_PAGE_BYTES,
+                        i as u64 * w + format::META_PAGE_BYTES,
                         META_GROWTH_BYTES,
                     )
                     .await?;
@@ -424,256 +418,14 @@ impl SegmentAllocator {
     }
 
     async fn create_meta(&self) -> Result<()> {
-        let first = meta::entry_offset(0) + meta::META_PAGE_BYTES;
+        let first = format::entry_offset(0) + format::META_PAGE_BYTES;
         self.ensure_meta(first).await?;
-        self.meta_word(meta::HWM_OFFSET)
-            .store(meta::encode_hwm(0), Ordering::Relaxed);
+        self.meta_word(format::HWM_OFFSET)
+            .store(format::encode_hwm(0), Ordering::Relaxed);
         self.meta_write(0, &self.manifest.encode(self.shard));
         let reserved = self.files.reserved_bytes(self.meta)?;
         self.files.sync(self.meta, true).await?;
         self.meta_durable_bytes.set(reserved);
-        Ok(())
-    }
-
-    async fn recover(&self, size: u64) -> Result<()> {
-        self.pin_meta_window(0).await?;
-        let mut sb = [0u8; meta::MANIFEST_BYTES];
-        self.meta_read(0, &mut sb);
-        let (m, shard) =
-            Manifest::decode(&sb, &format!("{} superblock", self.meta_path().display()))?;
-        if m.dir_id != self.manifest.dir_id {
-            return Err(self.corrupt("superblock belongs to another data directory"));
-        }
-        if shard != self.shard {
-            return Err(Error::Mismatch {
-                what: "shard index in meta.seg",
-                on_disk: shard as u64,
-                requested: self.shard as u64,
-            });
-        }
-        if m != self.manifest {
-            return Err(self.corrupt("superblock disagrees with the manifest"));
-        }
-        let hwm_word = self.meta_word(meta::HWM_OFFSET).load(Ordering::Relaxed);
-        let hwm = meta::decode_hwm(hwm_word)
-            .ok_or_else(|| self.corrupt("directory high-water mark is torn"))?;
-        let need = if hwm == 0 {
-            meta::DIR_OFFSET
-        } else {
-            meta::entry_offset(hwm - 1) + meta::ENTRY_BYTES
-        };
-        if size < need {
-            return Err(self.corrupt(format!(
-                "metadata truncated: {size} bytes, the directory needs {need}"
-            )));
-        }
-        let w = self.manifest.window_bytes;
-        self.pin_meta_window(((size.max(1) - 1) / w) as usize)
-            .await?;
-
-        // 1. Headers.
-        let window_blocks = (w / BLOCK_BYTES) as u32;
-        let file_blocks = (self.manifest.max_file_bytes / BLOCK_BYTES) as u32;
-        let mut found: Vec<(u32, EntryHeader)> = Vec::new();
-        let mut free_entries = Vec::new();
-        let mut max_gen = 0u32;
-        for i in 0..hwm {
-            let mut h = [0u8; meta::ENTRY_HEADER_BYTES as usize];
-            self.meta_read(meta::entry_offset(i), &mut h);
-            match EntryHeader::decode(&h) {
-                Err(why) => return Err(self.corrupt(format!("directory entry {i}: {why}"))),
-                Ok(None) => free_entries.push(i),
-                Ok(Some(e)) => {
-                    if e.blocks == 0
-                        || e.block as u64 + e.blocks as u64 > file_blocks as u64
-                        || e.block / window_blocks != (e.block + e.blocks - 1) / window_blocks
-                    {
-                        return Err(
-                            self.corrupt(format!("directory entry {i}: segment out of bounds"))
-                        );
-                    }
-                    max_gen = max_gen.max(e.generation);
-                    found.push((i, e));
-                }
-            }
-        }
-
-        // 2. Overlaps: the higher generation is the later segment.
-        found.sort_by_key(|(_, e)| (e.file, e.block));
-        let mut keep: Vec<(u32, EntryHeader)> = Vec::with_capacity(found.len());
-        for (i, e) in found {
-            if let Some((pi, pe)) = keep.last().copied()
-                && pe.file == e.file
-                && pe.block + pe.blocks > e.block
-            {
-                let (loser, winner) = if pe.generation < e.generation {
-                    (pi, i)
-                } else {
-                    (i, pi)
-                };
-                tracing::warn!(
-                    shard = self.shard,
-                    loser,
-                    winner,
-                    "overlapping segments after a crash; keeping the later one"
-                );
-                if !self.files.is_read_only() {
-                    self.meta_word(meta::entry_offset(loser))
-                        .store(0, Ordering::Release);
-                }
-                free_entries.push(loser);
-                if loser == pi {
-                    keep.pop();
-                    keep.push((i, e));
-                }
-                continue;
-            }
-            keep.push((i, e));
-        }
-
-        // 3. Data files: every referenced one must exist (checked before
-        // counting, so a damaged file number is an error, not an overflow or
-        // a walk over billions of names).
-        let mut referenced: Vec<u32> = keep.iter().map(|(_, e)| e.file).collect();
-        referenced.sort_unstable();
-        referenced.dedup();
-        for &n in &referenced {
-            let p = self.dir.join(data_file_name(n));
-            if !p.exists() {
-                return Err(Error::Corrupt {
-                    what: p.display().to_string(),
-                    detail: "data file referenced by the directory is missing".into(),
-                });
-            }
-        }
-        let mut file_count = match referenced.last() {
-            Some(&n) => n
-                .checked_add(1)
-                .ok_or_else(|| self.corrupt("data file number out of range"))?,
-            None => 0,
-        };
-        while self.dir.join(data_file_name(file_count)).exists() {
-            file_count += 1;
-        }
-        for n in 0..file_count {
-            let id = self.files.register(self.dir.join(data_file_name(n)));
-            self.data_files.borrow_mut().push(id);
-        }
-
-        // 4. Bitmaps.
-        let mut st = self.st.borrow_mut();
-        st.segments.resize_with(hwm as usize, || None);
-        let mut runs = Vec::with_capacity(keep.len());
-        for (i, e) in keep {
-            let bitmap = self
-                .meta_ptr(meta::entry_offset(i) + meta::ENTRY_HEADER_BYTES)
-                .cast::<u64>();
-            let mut seg = Seg {
-                class_id: e.class_id,
-                generation: e.generation,
-                run: Run {
-                    file: e.file,
-                    block: e.block,
-                    blocks: e.blocks,
-                },
-                slots: e.slots,
-                live: 0,
-                bitmap,
-                hint: 0,
-                in_avail: false,
-            };
-            let mut live = 0u32;
-            for wi in 0..meta::BITMAP_WORDS as u32 {
-                let word = seg.word(wi).load(Ordering::Relaxed);
-                let valid_bits = seg.slots.saturating_sub(wi * 64).min(64);
-                let mask = if valid_bits == 64 {
-                    u64::MAX
-                } else {
-                    (1u64 << valid_bits) - 1
-                };
-                if word & !mask != 0 {
-                    return Err(self.corrupt(format!(
-                        "directory entry {i}: bitmap marks slots past the segment"
-                    )));
-                }
-                live += word.count_ones();
-            }
-            seg.live = live;
-            st.live_per_class[e.class_id as usize] += live as u64;
-            st.stats.allocations_live += live as u64;
-            st.stats.bytes_live += live as u64 * CLASSES[e.class_id as usize].slot_bytes as u64;
-            if live < seg.slots {
-                seg.in_avail = true;
-                st.avail[e.class_id as usize].push(i);
-            }
-            runs.push(seg.run);
-            st.segments[i as usize] = Some(seg);
-        }
-        st.space.rebuild(runs, file_count);
-        st.entry_hwm = hwm;
-        free_entries.sort_unstable_by(|a, b| b.cmp(a));
-        // Which free entries were released since the last sync (their zeroed
-        // state word and bitmap may not be durable) cannot be told after a
-        // restart: quarantine them all until the first sync, so a torn write
-        // can never pair a new header with an old bitmap.
-        st.quarantine = free_entries;
-        // Never below the persisted counter: a generation released before
-        // the restart must not be issued again (a torn or absent word only
-        // falls back to the highest kept generation + 1).
-        let persisted =
-            meta::decode_hwm(self.meta_word(meta::GEN_OFFSET).load(Ordering::Relaxed)).unwrap_or(0);
-        st.next_generation = max_gen.wrapping_add(1).max(persisted).max(1);
-        drop(st);
-
-        // 5. Roots.
-        let mut best: HashMap<String, (usize, u64, Handle)> = HashMap::new();
-        let mut losers = Vec::new();
-        let mut max_seq = 0;
-        for i in 0..meta::ROOT_SLOTS {
-            let mut b = [0u8; meta::ROOT_SLOT_BYTES as usize];
-            self.meta_read(meta::root_offset(i), &mut b);
-            let Some(slot) = RootSlot::decode(&b) else {
-                continue;
-            };
-            let Ok(h) = Handle::from_bytes(&slot.handle) else {
-                losers.push(i);
-                continue;
-            };
-            max_seq = max_seq.max(slot.seq);
-            match best.get(&slot.name) {
-                Some(&(_, seq, _)) if seq >= slot.seq => losers.push(i),
-                Some(&(j, _, _)) => {
-                    losers.push(j);
-                    best.insert(slot.name, (i, slot.seq, h));
-                }
-                None => {
-                    best.insert(slot.name, (i, slot.seq, h));
-                }
-            }
-        }
-        // A pair of slots belongs to one name (see `set_root`): two names in
-        // one pair only come from damage; the later record keeps the pair.
-        let mut by_seq: Vec<(String, (usize, u64, Handle))> = best.into_iter().collect();
-        by_seq.sort_by_key(|(_, r)| std::cmp::Reverse(r.1));
-        let mut taken = vec![false; meta::ROOT_SLOTS / 2];
-        let mut best = HashMap::with_capacity(by_seq.len());
-        for (name, r) in by_seq {
-            if std::mem::replace(&mut taken[r.0 / 2], true) {
-                tracing::warn!(shard = self.shard, slot = r.0, %name, "root slot pair shared by two names; keeping the later one");
-                losers.push(r.0);
-            } else {
-                best.insert(name, r);
-            }
-        }
-        if !self.files.is_read_only() {
-            for i in losers {
-                self.meta_word(meta::root_offset(i))
-                    .store(0, Ordering::Release);
-            }
-        }
-        let mut st = self.st.borrow_mut();
-        st.roots = best;
-        st.root_seq = max_seq;
         Ok(())
     }
 
@@ -883,7 +635,7 @@ impl SegmentAllocator {
         if let Some(pos) = avail.iter().position(|&s| s == seg_id) {
             avail.swap_remove(pos);
         }
-        self.meta_word(meta::entry_offset(seg_id))
+        self.meta_word(format::entry_offset(seg_id))
             .store(0, Ordering::Release);
         st.quarantine.push(seg_id);
         st.space.free(seg.run);
@@ -917,7 +669,7 @@ impl SegmentAllocator {
         };
         // Room in the metadata file, and the data file exists.
         let prep = async {
-            let end = meta::entry_offset(entry) + meta::ENTRY_BYTES;
+            let end = format::entry_offset(entry) + format::ENTRY_BYTES;
             self.ensure_meta(end).await?;
             // The high-water mark is about to cover `end`: the file's new
             // size must be durable first, or a power loss could keep the
@@ -946,16 +698,16 @@ impl SegmentAllocator {
             }
             // The on-disk mark only moves up, and before the entry is
             // published, so recovery scans every published entry.
-            let hwm_cell = self.meta_word(meta::HWM_OFFSET);
-            let disk = meta::decode_hwm(hwm_cell.load(Ordering::Relaxed)).unwrap_or(0);
+            let hwm_cell = self.meta_word(format::HWM_OFFSET);
+            let disk = format::decode_hwm(hwm_cell.load(Ordering::Relaxed)).unwrap_or(0);
             if entry + 1 > disk {
-                hwm_cell.store(meta::encode_hwm(entry + 1), Ordering::Release);
+                hwm_cell.store(format::encode_hwm(entry + 1), Ordering::Release);
             }
-            let gen_cell = self.meta_word(meta::GEN_OFFSET);
-            let issued = meta::decode_hwm(gen_cell.load(Ordering::Relaxed)).unwrap_or(0);
+            let gen_cell = self.meta_word(format::GEN_OFFSET);
+            let issued = format::decode_hwm(gen_cell.load(Ordering::Relaxed)).unwrap_or(0);
             let next = generation.wrapping_add(1).max(1);
             if next > issued {
-                gen_cell.store(meta::encode_hwm(next), Ordering::Release);
+                gen_cell.store(format::encode_hwm(next), Ordering::Release);
             }
         }
         let header = EntryHeader {
@@ -966,9 +718,11 @@ impl SegmentAllocator {
             blocks,
             slots: c.slots,
         };
-        let off = meta::entry_offset(entry);
-        let bitmap = self.meta_ptr(off + meta::ENTRY_HEADER_BYTES).cast::<u64>();
-        for w in 0..meta::BITMAP_WORDS {
+        let off = format::entry_offset(entry);
+        let bitmap = self
+            .meta_ptr(off + format::ENTRY_HEADER_BYTES)
+            .cast::<u64>();
+        for w in 0..format::BITMAP_WORDS {
             // SAFETY: inside the entry's bitmap, reserved and pinned (ensure_meta).
             unsafe { AtomicU64::from_ptr(bitmap.add(w)) }.store(0, Ordering::Relaxed);
         }
@@ -1280,7 +1034,7 @@ impl SegmentAllocator {
     /// errors of a bad handle as for [`pin`](Self::pin).
     pub fn set_root(&self, name: &str, handle: Handle) -> Result<()> {
         self.check_writable()?;
-        if name.is_empty() || name.len() > meta::ROOT_NAME_MAX {
+        if name.is_empty() || name.len() > format::ROOT_NAME_MAX {
             return Err(Error::Root(format!(
                 "root names are 1..=64 bytes, got {}",
                 name.len()
@@ -1294,14 +1048,14 @@ impl SegmentAllocator {
         let slot = match st.roots.get(name) {
             Some(&(cur, _, _)) => cur ^ 1,
             None => {
-                let mut used = vec![false; meta::ROOT_SLOTS / 2];
+                let mut used = vec![false; format::ROOT_SLOTS / 2];
                 for r in st.roots.values() {
                     used[r.0 / 2] = true;
                 }
                 let Some(pair) = used.iter().position(|u| !u) else {
                     return Err(Error::Root(format!(
                         "root table full ({} names per shard)",
-                        meta::ROOT_SLOTS / 2
+                        format::ROOT_SLOTS / 2
                     )));
                 };
                 2 * pair
@@ -1314,7 +1068,7 @@ impl SegmentAllocator {
             name: name.to_string(),
             handle: handle.to_bytes(),
         };
-        let off = meta::root_offset(slot);
+        let off = format::root_offset(slot);
         // Invalidate the slot, write the body, then the sequence number.
         let bytes = rec.encode();
         self.meta_word(off).store(0, Ordering::Release);
@@ -1322,7 +1076,7 @@ impl SegmentAllocator {
         self.meta_word(off).store(seq, Ordering::Release);
         if let Some((old, _, _)) = st.roots.insert(name.to_string(), (slot, seq, handle)) {
             debug_assert_eq!(old, slot ^ 1);
-            self.meta_word(meta::root_offset(old))
+            self.meta_word(format::root_offset(old))
                 .store(0, Ordering::Release);
         }
         Ok(())
@@ -1342,7 +1096,7 @@ impl SegmentAllocator {
         self.check_writable()?;
         let mut st = self.st.borrow_mut();
         Ok(st.roots.remove(name).map(|(slot, _, h)| {
-            self.meta_word(meta::root_offset(slot))
+            self.meta_word(format::root_offset(slot))
                 .store(0, Ordering::Release);
             h
         }))

@@ -19,10 +19,10 @@ use std::collections::HashMap;
 
 use tracing::Instrument;
 
-use super::classes::BLOCK_BYTES;
 use super::space::{Run, Trim};
 use super::{SegmentAllocator, data_file_name};
 use crate::error::{Error, Result};
+use crate::format::classes::BLOCK_BYTES;
 use crate::sys;
 
 /// Runs taken out of the free space by `trim`: given back (in their state)

@@ -246,26 +246,19 @@ fn stat(r: &DirReport, json: bool, out: &mut impl Write) -> io::Result<u8> {
     }
     problems_note(r);
     if json {
-        writeln!(out, "{}", stat_json(r))?;
+        let summary = r.stat_summary().expect("checked by unreadable()");
+        serde_json::to_writer(&mut *out, &summary).map_err(io::Error::from)?;
+        writeln!(out)?;
     } else {
         stat_text(r, out)?;
     }
     Ok(0)
 }
 
-fn lock_word(l: &LockStatus) -> &'static str {
-    match l {
-        LockStatus::Taken => "free",
-        LockStatus::HeldElsewhere => "held-elsewhere",
-        LockStatus::NoLockFile => "no-lock-file",
-        LockStatus::Unknown(_) => "unknown",
-    }
-}
-
 fn stat_text(r: &DirReport, out: &mut impl Write) -> io::Result<()> {
     let g = r.geometry.as_ref().expect("checked by unreadable()");
     writeln!(out, "data directory {}", r.path.display())?;
-    writeln!(out, "  lock: {}", lock_word(&r.lock))?;
+    writeln!(out, "  lock: {}", r.lock.word())?;
     writeln!(
         out,
         "manifest{}: format {}, {} shard(s), window {} ({} B), max file {} ({} B), class table {}, directory id {:#018x}",
@@ -292,7 +285,7 @@ fn stat_text(r: &DirReport, out: &mut impl Write) -> io::Result<()> {
                 m.name,
                 human(m.size_bytes),
                 m.size_bytes,
-                human(m.allocated_bytes())
+                human(m.allocated_bytes)
             )?,
             None => writeln!(out, "  {}: absent", inspect::META_FILE)?,
         }
@@ -304,7 +297,7 @@ fn stat_text(r: &DirReport, out: &mut impl Write) -> io::Result<()> {
                 f.file.name,
                 human(f.file.size_bytes),
                 f.file.size_bytes,
-                human(f.file.allocated_bytes()),
+                human(f.file.allocated_bytes),
                 f.file.blocks_512,
                 f.windows
             )?;
@@ -424,211 +417,4 @@ fn stat_text(r: &DirReport, out: &mut impl Write) -> io::Result<()> {
         r.warnings().count()
     )?;
     Ok(())
-}
-
-// ---------------------------------------------------------------------------
-// stat --json (hand-written)
-// ---------------------------------------------------------------------------
-
-/// A JSON object being written: `{"k": v, …}`.
-struct Obj {
-    s: String,
-    first: bool,
-}
-
-impl Obj {
-    fn new() -> Obj {
-        Obj {
-            s: String::from("{"),
-            first: true,
-        }
-    }
-    fn key(&mut self, k: &str) -> &mut String {
-        if !self.first {
-            self.s.push(',');
-        }
-        self.first = false;
-        push_str(&mut self.s, k);
-        self.s.push(':');
-        &mut self.s
-    }
-    fn num(&mut self, k: &str, v: u64) -> &mut Obj {
-        let _ = write!(self.key(k), "{v}");
-        self
-    }
-    fn float(&mut self, k: &str, v: f64) -> &mut Obj {
-        let v = if v.is_finite() { v } else { 0.0 };
-        let _ = write!(self.key(k), "{v:.6}");
-        self
-    }
-    fn str(&mut self, k: &str, v: &str) -> &mut Obj {
-        push_str(self.key(k), v);
-        self
-    }
-    fn null(&mut self, k: &str) -> &mut Obj {
-        self.key(k).push_str("null");
-        self
-    }
-    fn raw(&mut self, k: &str, json: &str) -> &mut Obj {
-        self.key(k).push_str(json);
-        self
-    }
-    fn done(&mut self) -> String {
-        self.s.push('}');
-        std::mem::take(&mut self.s)
-    }
-}
-
-fn push_str(s: &mut String, v: &str) {
-    s.push('"');
-    for c in v.chars() {
-        match c {
-            '"' => s.push_str("\\\""),
-            '\\' => s.push_str("\\\\"),
-            '\n' => s.push_str("\\n"),
-            '\r' => s.push_str("\\r"),
-            '\t' => s.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(s, "\\u{:04x}", c as u32);
-            }
-            c => s.push(c),
-        }
-    }
-    s.push('"');
-}
-
-fn array(items: impl IntoIterator<Item = String>) -> String {
-    let v: Vec<String> = items.into_iter().collect();
-    format!("[{}]", v.join(","))
-}
-
-fn file_json(f: &inspect::FileInfo) -> Obj {
-    let mut o = Obj::new();
-    o.str("name", &f.name)
-        .num("size_bytes", f.size_bytes)
-        .num("blocks_512", f.blocks_512)
-        .num("allocated_bytes", f.allocated_bytes());
-    o
-}
-
-fn free_runs_json(f: &inspect::FreeRuns) -> String {
-    Obj::new()
-        .num("count", f.count)
-        .num("bytes", f.bytes)
-        .num("largest_bytes", f.largest_bytes)
-        .done()
-}
-
-fn shard_json(s: &ShardReport, window_bytes: u64) -> String {
-    let mut o = Obj::new();
-    o.num("shard", s.index as u64).str("folder", &s.folder);
-    match &s.meta {
-        Some(m) => o.raw("meta_file", &file_json(m).done()),
-        None => o.null("meta_file"),
-    };
-    o.raw(
-        "data_files",
-        &array(s.data_files.iter().map(|f| {
-            let mut j = file_json(&f.file);
-            j.num("number", f.number as u64).num("windows", f.windows);
-            j.done()
-        })),
-    );
-    o.num("windows_spanned", s.windows_spanned())
-        .num("windows_in_use", s.windows_in_use(window_bytes));
-    let mut e = Obj::new();
-    match s.hwm {
-        Some(h) => e.num("high_water_mark", h as u64),
-        None => e.null("high_water_mark"),
-    };
-    e.num("in_use", s.entries_in_use())
-        .num("free", s.entries_free as u64)
-        .num("corrupt", s.entries_corrupt as u64)
-        .num("capacity", s.entry_capacity);
-    o.raw("entries", &e.done());
-    o.num("segments", s.entries_in_use())
-        .num("segment_bytes", s.segment_bytes())
-        .num("allocations_live", s.allocations_live())
-        .num("bytes_live", s.bytes_live());
-    o.raw(
-        "classes",
-        &array(s.classes().iter().map(|c| {
-            Obj::new()
-                .num("class", c.class_id as u64)
-                .num("slot_bytes", c.slot_bytes as u64)
-                .num("segments", c.segments)
-                .num("segment_bytes", c.segment_bytes)
-                .num("slots", c.slots)
-                .num("live", c.live)
-                .num("live_bytes", c.live_bytes)
-                .done()
-        })),
-    );
-    o.raw(
-        "fragmentation",
-        &Obj::new()
-            .num("free_bytes_in_segments", s.free_bytes_in_segments())
-            .float("ratio", s.fragmentation())
-            .raw("free_runs", &free_runs_json(&s.free_runs))
-            .done(),
-    );
-    o.num("roots", s.roots.len() as u64);
-    o.done()
-}
-
-fn stat_json(r: &DirReport) -> String {
-    let g = r.geometry.as_ref().expect("checked by unreadable()");
-    let mut o = Obj::new();
-    o.str("path", &r.path.display().to_string())
-        .str("lock", lock_word(&r.lock));
-    o.raw(
-        "manifest",
-        &Obj::new()
-            .str(
-                "source",
-                if r.manifest.is_some() {
-                    "manifest"
-                } else {
-                    "superblock"
-                },
-            )
-            .num("format_version", g.version as u64)
-            .num("shard_count", g.shard_count as u64)
-            .num("window_bytes", g.window_bytes)
-            .num("max_file_bytes", g.max_file_bytes)
-            .num("class_table_id", g.class_table_id as u64)
-            .str("dir_id", &format!("{:#018x}", g.dir_id))
-            .done(),
-    );
-    o.raw(
-        "shards",
-        &array(r.shards.iter().map(|s| shard_json(s, g.window_bytes))),
-    );
-    let t = r.totals();
-    o.raw(
-        "totals",
-        &Obj::new()
-            .num("shards", t.shards)
-            .num("data_files", t.data_files)
-            .num("data_bytes", t.data_bytes)
-            .num("data_allocated_bytes", t.data_allocated_bytes)
-            .num("metadata_bytes", t.metadata_bytes)
-            .num("metadata_allocated_bytes", t.metadata_allocated_bytes)
-            .num("windows_spanned", t.windows_spanned)
-            .num("entries_hwm", t.entries_hwm)
-            .num("entries_in_use", t.entries_in_use)
-            .num("entries_free", t.entries_free)
-            .num("segments", t.segments)
-            .num("segment_bytes", t.segment_bytes)
-            .num("allocations_live", t.allocations_live)
-            .num("bytes_live", t.bytes_live)
-            .num("free_bytes_in_segments", t.free_bytes_in_segments)
-            .float("fragmentation", t.fragmentation)
-            .raw("free_runs", &free_runs_json(&t.free_runs))
-            .num("roots", t.roots)
-            .done(),
-    );
-    o.num("errors", r.errors().count() as u64)
-        .num("warnings", r.warnings().count() as u64);
-    o.done()
 }

@@ -1,4 +1,4 @@
-//! `Handle`: the durable address of an allocation.
+//! `Handle`: the durable address of an allocation, and its encoding.
 //!
 //! A handle is `Copy`, 40 bytes when encoded, little-endian, and checksummed,
 //! so it can be stored inside other allocations and decoded after a restart.
@@ -19,7 +19,7 @@
 //! | 32 | 4 | data-directory tag (low 32 bits of its random id) |
 //! | 36 | 4 | CRC-32C of bytes 0..36 |
 
-use crate::alloc::classes;
+use super::classes;
 use crate::error::{Error, Result};
 
 /// Encoded size of a [`Handle`].
@@ -177,6 +177,29 @@ impl Handle {
         Ok(h)
     }
 
+    /// The handle of slot `slot` of the segment in directory entry `entry`.
+    // Used by the inspector (feature `cli`).
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
+    pub(crate) fn of_slot(
+        shard: u16,
+        dir_tag: u32,
+        entry: u32,
+        e: &super::EntryHeader,
+        slot: u32,
+    ) -> Handle {
+        let slot_bytes = e.slot_bytes();
+        Handle {
+            shard,
+            class_id: e.class_id,
+            file: e.file,
+            segment: entry,
+            generation: e.generation,
+            length: slot_bytes,
+            offset: e.start_offset() + slot as u64 * slot_bytes as u64,
+            dir_tag,
+        }
+    }
+
     /// A syntactically valid handle for documentation examples.
     #[doc(hidden)]
     pub fn example() -> Handle {
@@ -215,7 +238,7 @@ mod tests {
             file: 7,
             segment: 1234,
             generation: 99,
-            length: crate::alloc::classes::CLASSES[9].slot_bytes,
+            length: classes::CLASSES[9].slot_bytes,
             offset: 1 << 33,
             dir_tag: 0x1234_5678,
         };

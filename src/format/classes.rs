@@ -15,14 +15,13 @@
 //! | 16 B – 128 B | 16 B | 8 |
 //! | 128 B – 16 MiB | 1/8 of the lower power of two | 136 |
 
-use crate::config::SEGMENT_BYTES_MAX;
+/// The largest segment (and allocation): 16 MiB. Windows are multiples of it.
+pub const SEGMENT_BYTES_MAX: u64 = 16 * 1024 * 1024;
 
 /// Segments are made of 64 KiB blocks.
 pub const BLOCK_BYTES: u64 = 64 * 1024;
 /// The most slots a segment holds (its bitmap has 4096 bits).
 pub const SLOTS_MAX: u32 = 4096;
-/// The smallest allocation class.
-pub const CLASS_BYTES_MIN: u64 = 16;
 /// The largest allocation.
 pub const ALLOC_BYTES_MAX: u64 = SEGMENT_BYTES_MAX;
 /// Number of classes.

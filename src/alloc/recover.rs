@@ -1,0 +1,230 @@
+//! Recovery: one [`scan`](crate::format::scan) of the shard's metadata,
+//! then apply what it found. Fails on the first finding that refuses the
+//! shard; repairs (when writable) what it resolves: a segment that lost an
+//! overlap has its state word and its bitmap cleared (so a later reuse of
+//! the entry can never meet its old bits), root slots that lost are cleared.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use super::space::Run;
+use super::{Seg, SegmentAllocator};
+use crate::error::{Error, Result};
+use crate::format::classes::CLASSES;
+use crate::format::scan::{
+    self, DataFileLen, Defect, Finding, FindingFile, MetaSource, ScanTarget, ShardScan, Superblock,
+};
+use crate::format::{self, data_file_name};
+
+/// The metadata file read through the allocator's pinned windows.
+struct Mapped<'a> {
+    alloc: &'a SegmentAllocator,
+    size_bytes: u64,
+}
+
+impl MetaSource for Mapped<'_> {
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<usize> {
+        if off >= self.size_bytes {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.size_bytes - off) as usize;
+        // The scan reads at most one page at a time, page aligned, and a
+        // window is a multiple of a page: `off..off + n` is inside one
+        // window, pinned up to the file's size by `recover`.
+        self.alloc.meta_read(off, &mut buf[..n]);
+        Ok(n)
+    }
+}
+
+impl SegmentAllocator {
+    /// Restore the state recorded in the metadata file of `size` bytes.
+    pub(super) async fn recover(&self, size: u64) -> Result<()> {
+        let w = self.manifest.window_bytes;
+        self.pin_meta_window(((size.max(1) - 1) / w) as usize)
+            .await?;
+        let dir = self.dir.clone();
+        let data_file = move |n: u32| data_file_len(dir.join(data_file_name(n)));
+        let target = ScanTarget {
+            geometry: &self.manifest,
+            shard: self.shard,
+            meta_bytes: size,
+            data_file: &data_file,
+        };
+        let mut src = Mapped {
+            alloc: self,
+            size_bytes: size,
+        };
+        let found = scan::scan(&mut src, &target)?;
+        if let Some(f) = found.refusal() {
+            return Err(self.refusal(f));
+        }
+        for f in &found.findings {
+            let file = match f.file {
+                FindingFile::Meta => self.meta_path(),
+                FindingFile::Data(n) => self.dir.join(data_file_name(n)),
+            };
+            tracing::warn!(
+                shard = self.shard,
+                file = %file.display(),
+                entry = ?f.entry,
+                offset = ?f.offset,
+                "{}",
+                f.defect
+            );
+        }
+        if !matches!(found.superblock, Superblock::Valid(..)) {
+            return Err(self.corrupt("superblock is blank"));
+        }
+        self.drop_losers(&found);
+        self.apply_segments(&found)?;
+        self.apply_roots(&found);
+        Ok(())
+    }
+
+    /// The error for a finding that refuses the shard.
+    fn refusal(&self, f: &Finding) -> Error {
+        let data_path = |n: u32| self.dir.join(data_file_name(n));
+        match (&f.defect, f.file) {
+            (Defect::SuperblockOtherShard { on_disk, folder }, _) => Error::Mismatch {
+                what: "shard index in meta.seg",
+                on_disk: *on_disk as u64,
+                requested: *folder as u64,
+            },
+            (Defect::DataFileMissing { .. }, FindingFile::Data(n)) => Error::Corrupt {
+                what: data_path(n).display().to_string(),
+                detail: "data file referenced by the directory is missing".into(),
+            },
+            (d, _) => match f.entry {
+                Some(i) => self.corrupt(format!("directory entry {i}: {d}")),
+                None => self.corrupt(d.to_string()),
+            },
+        }
+    }
+
+    /// Clear the entries of segments that lost an overlap: the state word
+    /// first (the entry is free from then on), then the bitmap, so no later
+    /// header of the entry can meet the old bits. Both become durable at the
+    /// first sync, before the entry is reused (it waits in quarantine).
+    fn drop_losers(&self, found: &ShardScan) {
+        for seg in found.segments.iter().filter(|s| s.dropped) {
+            tracing::warn!(
+                shard = self.shard,
+                entry = seg.entry,
+                generation = seg.header.generation,
+                "overlapping segments after a crash; keeping the later one"
+            );
+            if self.files.is_read_only() {
+                continue;
+            }
+            self.meta_word(format::entry_offset(seg.entry))
+                .store(0, Ordering::Release);
+            let bitmap = format::bitmap_offset(seg.entry);
+            for wi in 0..format::BITMAP_WORDS as u64 {
+                self.meta_word(bitmap + wi * 8).store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Data files, segments, free space, free entries, generations.
+    fn apply_segments(&self, found: &ShardScan) -> Result<()> {
+        let file_count = self.register_data_files(found)?;
+        let hwm = found.hwm.unwrap_or(0);
+        let mut st = self.st.borrow_mut();
+        st.segments.resize_with(hwm as usize, || None);
+        let mut runs = Vec::with_capacity(found.segments.len());
+        for s in found.kept_segments() {
+            let e = &s.header;
+            let bitmap = self.meta_ptr(format::bitmap_offset(s.entry)).cast::<u64>();
+            let seg = Seg {
+                class_id: e.class_id,
+                generation: e.generation,
+                run: Run {
+                    file: e.file,
+                    block: e.block,
+                    blocks: e.blocks,
+                },
+                slots: e.slots,
+                live: s.live,
+                bitmap,
+                hint: 0,
+                in_avail: s.live < e.slots,
+            };
+            debug_assert_eq!(
+                (0..e.slots.div_ceil(64))
+                    .map(|w| seg.word(w).load(Ordering::Relaxed).count_ones())
+                    .sum::<u32>(),
+                s.live
+            );
+            let slot_bytes = CLASSES[e.class_id as usize].slot_bytes as u64;
+            st.live_per_class[e.class_id as usize] += s.live as u64;
+            st.stats.allocations_live += s.live as u64;
+            st.stats.bytes_live += s.live as u64 * slot_bytes;
+            if seg.in_avail {
+                st.avail[e.class_id as usize].push(s.entry);
+            }
+            runs.push(seg.run);
+            st.segments[s.entry as usize] = Some(seg);
+        }
+        st.space.rebuild(runs, file_count);
+        st.entry_hwm = hwm;
+        let mut free = found.free_entries.clone();
+        free.sort_unstable_by(|a, b| b.cmp(a));
+        // Which free entries were released since the last sync (their zeroed
+        // state word and bitmap may not be durable) cannot be told after a
+        // restart: quarantine them all until the first sync, so a torn write
+        // can never pair a new header with an old bitmap.
+        st.quarantine = free;
+        // Never below the persisted counter (the scan takes the larger of it
+        // and the highest generation found + 1).
+        st.next_generation = found.next_generation;
+        Ok(())
+    }
+
+    /// Register data files `0..n`: every one a kept segment refers to (the
+    /// scan checked they exist), then any that follow; returns `n`.
+    fn register_data_files(&self, found: &ShardScan) -> Result<u32> {
+        let last = found.kept_segments().map(|s| s.header.file).max();
+        let mut file_count = match last {
+            Some(n) => n
+                .checked_add(1)
+                .ok_or_else(|| self.corrupt("data file number out of range"))?,
+            None => 0,
+        };
+        while self.dir.join(data_file_name(file_count)).exists() {
+            file_count += 1;
+        }
+        for n in 0..file_count {
+            let id = self.files.register(self.dir.join(data_file_name(n)));
+            self.data_files.borrow_mut().push(id);
+        }
+        Ok(file_count)
+    }
+
+    /// The roots the scan kept; clear the slots that lost.
+    fn apply_roots(&self, found: &ShardScan) {
+        if !self.files.is_read_only() {
+            for &i in &found.root_slots_to_clear {
+                self.meta_word(format::root_offset(i))
+                    .store(0, Ordering::Release);
+            }
+        }
+        let mut st = self.st.borrow_mut();
+        st.roots = found
+            .roots
+            .iter()
+            .map(|r| (r.name.clone(), (r.slot, r.seq, r.handle)))
+            .collect();
+        st.root_seq = found.root_seq_max;
+    }
+}
+
+/// What the file system holds at a data file's path: its size when it is a
+/// regular file; missing when nothing is there to open (a dangling symlink
+/// included).
+fn data_file_len(p: PathBuf) -> DataFileLen {
+    match std::fs::symlink_metadata(&p) {
+        Ok(m) if m.is_file() => DataFileLen::Bytes(m.len()),
+        _ if !p.exists() => DataFileLen::Missing,
+        _ => DataFileLen::Unknown,
+    }
+}

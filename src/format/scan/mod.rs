@@ -1,0 +1,704 @@
+//! The one reader of a shard's metadata: [`scan`] reads the superblock, the
+//! counter words, every directory entry below the high-water mark (and the
+//! published ones past it), resolves overlapping segments, checks the data
+//! files the directory refers to, and picks the roots. It returns what
+//! recovery restores and every [`Finding`] met on the way, located by file,
+//! entry and byte offset. Recovery (`alloc::recover`) applies the result and
+//! fails on the first finding that [`refuses open`](Defect::refuses_open);
+//! the inspector reports them all.
+//!
+//! The rules decided here, once:
+//! * Overlapping segments: sorted by (file, first block), each compared with
+//!   the last one kept; the higher generation is the later segment and wins
+//!   (equal generations: the one met first in that order).
+//! * Roots: for a name, the valid slot with the highest sequence number (a
+//!   tie: the lower slot index). Two names in one slot pair come from damage:
+//!   the higher sequence number keeps the pair (a tie: the lower slot index).
+//! * A root whose target is not live in this shard (freed, or its segment
+//!   released) is *dangling*: a warning, kept as it is; the library's
+//!   `root(name)` returns it and pinning it fails with `NotAllocated`.
+
+use std::collections::BTreeMap;
+
+use super::entry::{self, EntryHeader, HeaderDefect};
+use super::handle::Handle;
+use super::manifest::{self, MANIFEST_BYTES, Manifest};
+use super::roots::RootDefect;
+use super::{
+    BITMAP_WORDS, ENTRY_BYTES, ENTRY_HEADER_BYTES, GEN_OFFSET, HWM_OFFSET, META_PAGE_BYTES,
+    ROOT_SLOT_BYTES, ROOTS_OFFSET, bitmap_offset, decode_hwm, directory_end_bytes, entry_capacity,
+    entry_offset, root_offset,
+};
+use crate::error::Result;
+
+mod findings;
+mod roots_pick;
+
+pub use findings::{Defect, Finding, FindingFile, Severity};
+
+/// How far past the bytes that the high-water mark needs the metadata file
+/// is scanned for entries published beyond the mark (the file grows in
+/// 1 MiB steps, so a correct file holds at most that much beyond).
+pub const PAST_HWM_SCAN_BYTES: u64 = 2 * 1024 * 1024;
+
+/// Positioned reads of a metadata file.
+pub trait MetaSource {
+    /// Read as much of `buf` as the file holds at `off`; the bytes read
+    /// (short only at the end of the file).
+    ///
+    /// # Errors
+    ///
+    /// An I/O error of the read.
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<usize>;
+}
+
+/// What is known of a data file that the directory refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataFileLen {
+    /// There is no file of that name.
+    Missing,
+    /// Something is there but not a regular file (reported elsewhere).
+    Unknown,
+    /// A regular file of this many bytes.
+    Bytes(u64),
+}
+
+/// What the shard's superblock holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Superblock {
+    /// Shorter than a superblock, or all zero: creation never finished.
+    Blank,
+    /// Present but invalid (see the findings).
+    Invalid,
+    /// Valid: the geometry it records and its shard index.
+    Valid(Manifest, u16),
+}
+
+/// A published, valid directory entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentScan {
+    /// Directory entry index (the segment id in handles).
+    pub entry: u32,
+    /// The decoded header.
+    pub header: EntryHeader,
+    /// Live slots (bits set below the slot count).
+    pub live: u32,
+    /// True when recovery drops it: it overlaps a later segment.
+    pub dropped: bool,
+    /// Bitmap words covering the slots (bits past the slot count cleared).
+    pub bitmap: Vec<u64>,
+}
+
+impl SegmentScan {
+    /// Byte offset of slot `slot` in the data file.
+    pub fn slot_offset(&self, slot: u32) -> u64 {
+        self.header.start_offset() + slot as u64 * self.header.slot_bytes() as u64
+    }
+
+    /// Whether slot `slot` is live.
+    pub fn is_live(&self, slot: u32) -> bool {
+        slot < self.header.slots
+            && self
+                .bitmap
+                .get((slot / 64) as usize)
+                .is_some_and(|w| w & (1u64 << (slot % 64)) != 0)
+    }
+
+    /// The live slot indices, ascending.
+    pub fn live_slots(&self) -> impl Iterator<Item = u32> + '_ {
+        self.bitmap.iter().enumerate().flat_map(|(wi, &w)| {
+            let mut bits = w;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let b = bits.trailing_zeros();
+                bits &= bits - 1;
+                Some(wi as u32 * 64 + b)
+            })
+        })
+    }
+
+    /// The handle of slot `slot`.
+    // Used by the inspector (feature `cli`).
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
+    pub fn handle(&self, shard: u16, dir_tag: u32, slot: u32) -> Handle {
+        Handle::of_slot(shard, dir_tag, self.entry, &self.header, slot)
+    }
+}
+
+/// A root as recovery restores it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RootScan {
+    /// Root slot index.
+    pub slot: usize,
+    /// Sequence number.
+    pub seq: u64,
+    /// The name.
+    pub name: String,
+    /// The handle it names.
+    pub handle: Handle,
+    /// Whether the handle names a live slot of this shard (else dangling).
+    pub live: bool,
+}
+
+/// Everything one scan of a shard's metadata found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardScan {
+    /// The superblock.
+    pub superblock: Superblock,
+    /// The directory high-water mark, when readable and not torn.
+    pub hwm: Option<u32>,
+    /// Directory entries that fit in the file.
+    pub entry_capacity: u64,
+    /// Entries below the mark that were read.
+    pub entries_scanned: u32,
+    /// Free entries below the mark, and the entries of dropped segments.
+    pub free_entries: Vec<u32>,
+    /// Entries below the mark that failed validation.
+    pub entries_corrupt: u32,
+    /// Valid segments below the mark (dropped ones included), entry order.
+    pub segments: Vec<SegmentScan>,
+    /// The roots kept, by name.
+    pub roots: Vec<RootScan>,
+    /// Valid root slots that lost to another (recovery clears them).
+    pub root_slots_to_clear: Vec<usize>,
+    /// The highest valid root sequence number.
+    pub root_seq_max: u64,
+    /// The next segment generation to issue.
+    pub next_generation: u32,
+    /// Every problem, in the order found.
+    pub findings: Vec<Finding>,
+}
+
+impl ShardScan {
+    /// The segments recovery keeps.
+    pub fn kept_segments(&self) -> impl Iterator<Item = &SegmentScan> + '_ {
+        self.segments.iter().filter(|s| !s.dropped)
+    }
+
+    /// The first finding that makes recovery refuse the shard.
+    pub fn refusal(&self) -> Option<&Finding> {
+        self.findings.iter().find(|f| f.defect.refuses_open())
+    }
+
+    fn push(&mut self, severity: Severity, entry: Option<u32>, offset: Option<u64>, d: Defect) {
+        self.findings.push(Finding {
+            severity,
+            file: FindingFile::Meta,
+            entry,
+            offset,
+            defect: d,
+        });
+    }
+}
+
+/// What [`scan`] checks a shard against.
+pub struct ScanTarget<'a> {
+    /// The directory's geometry.
+    pub geometry: &'a Manifest,
+    /// The shard index.
+    pub shard: u16,
+    /// Bytes of the metadata file.
+    pub meta_bytes: u64,
+    /// The data file numbered `n`.
+    pub data_file: &'a dyn Fn(u32) -> DataFileLen,
+}
+
+/// Scan one shard's metadata. Reads only; bounded by the file's size.
+///
+/// # Errors
+///
+/// The I/O errors of `src`. Damage is not an error: it is a [`Finding`].
+pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
+    let mut s = ShardScan {
+        superblock: Superblock::Blank,
+        hwm: None,
+        entry_capacity: entry_capacity(t.meta_bytes),
+        entries_scanned: 0,
+        free_entries: Vec::new(),
+        entries_corrupt: 0,
+        segments: Vec::new(),
+        roots: Vec::new(),
+        root_slots_to_clear: Vec::new(),
+        root_seq_max: 0,
+        next_generation: 1,
+        findings: Vec::new(),
+    };
+    s.superblock = scan_superblock(src, t, &mut s)?;
+    s.hwm = scan_mark(src, t.meta_bytes, &mut s)?;
+    let readable = u32::try_from(s.entry_capacity).unwrap_or(u32::MAX);
+    let scan_to = match s.hwm {
+        Some(h) => {
+            let need = directory_end_bytes(h);
+            if t.meta_bytes < need {
+                let d = Defect::MetaTruncated {
+                    size_bytes: t.meta_bytes,
+                    need_bytes: need,
+                    hwm: h,
+                    readable,
+                };
+                s.push(Severity::Error, None, None, d);
+            }
+            h.min(readable)
+        }
+        // Unknown mark: check every entry the file holds.
+        None => readable,
+    };
+    let mut pages = Pages::new(src);
+    let max_gen = scan_entries(&mut pages, t, scan_to, &mut s)?;
+    if let Some(h) = s.hwm {
+        scan_past_mark(&mut pages, h, readable, &mut s)?;
+    }
+    let persisted = match pages.get(GEN_OFFSET, 8)? {
+        Some(b) => decode_hwm(super::u64_at(b, 0)).unwrap_or(0),
+        None => 0,
+    };
+    s.next_generation = max_gen.wrapping_add(1).max(persisted).max(1);
+    resolve_overlaps(&mut s);
+    check_data_files(t, &mut s);
+    if t.meta_bytes > ROOTS_OFFSET {
+        roots_pick::scan_roots(&mut pages, t, &mut s)?;
+    }
+    if t.meta_bytes < super::DIR_OFFSET {
+        let d = Defect::RootTableTruncated {
+            size_bytes: t.meta_bytes,
+        };
+        s.push(Severity::Error, None, Some(ROOTS_OFFSET), d);
+    }
+    Ok(s)
+}
+
+fn scan_superblock(
+    src: &mut dyn MetaSource,
+    t: &ScanTarget<'_>,
+    s: &mut ShardScan,
+) -> Result<Superblock> {
+    let mut sb = [0u8; MANIFEST_BYTES];
+    let n = src.read_at(0, &mut sb)?;
+    if n < sb.len() || sb.iter().all(|&b| b == 0) {
+        return Ok(Superblock::Blank);
+    }
+    let (m, shard) = match Manifest::decode(&sb, "superblock") {
+        Ok(v) => v,
+        Err(e) => {
+            let detail = match e {
+                crate::error::Error::Corrupt { detail, .. } => detail,
+                e => e.to_string(),
+            };
+            s.push(
+                Severity::Error,
+                None,
+                Some(0),
+                Defect::SuperblockInvalid { detail },
+            );
+            return Ok(Superblock::Invalid);
+        }
+    };
+    let g = t.geometry;
+    if m.dir_id != g.dir_id {
+        let d = Defect::SuperblockOtherDirectory {
+            on_disk: m.dir_id,
+            manifest: g.dir_id,
+        };
+        s.push(Severity::Error, None, Some(manifest::OFF_DIR_ID as u64), d);
+    }
+    if shard != t.shard {
+        let d = Defect::SuperblockOtherShard {
+            on_disk: shard,
+            folder: t.shard,
+        };
+        s.push(Severity::Error, None, Some(manifest::OFF_SHARD as u64), d);
+    }
+    let fields = [
+        ("shard count", m.shard_count as u64, g.shard_count as u64),
+        ("window bytes", m.window_bytes, g.window_bytes),
+        ("max file bytes", m.max_file_bytes, g.max_file_bytes),
+    ];
+    for (field, on_disk, manifest) in fields {
+        if on_disk != manifest {
+            let d = Defect::SuperblockDisagrees {
+                field,
+                on_disk,
+                manifest,
+            };
+            s.push(Severity::Error, None, Some(0), d);
+        }
+    }
+    Ok(Superblock::Valid(m, shard))
+}
+
+fn scan_mark(src: &mut dyn MetaSource, size: u64, s: &mut ShardScan) -> Result<Option<u32>> {
+    let mut b = [0u8; 8];
+    if src.read_at(HWM_OFFSET, &mut b)? < 8 {
+        let d = Defect::MarkUnreadable { size_bytes: size };
+        s.push(Severity::Error, None, Some(HWM_OFFSET), d);
+        return Ok(None);
+    }
+    let word = u64::from_le_bytes(b);
+    let hwm = decode_hwm(word);
+    if hwm.is_none() {
+        s.push(
+            Severity::Error,
+            None,
+            Some(HWM_OFFSET),
+            Defect::MarkTorn { word },
+        );
+    }
+    Ok(hwm)
+}
+
+/// Entries `0..scan_to`; returns the highest generation met.
+fn scan_entries(
+    pages: &mut Pages<'_>,
+    t: &ScanTarget<'_>,
+    scan_to: u32,
+    s: &mut ShardScan,
+) -> Result<u32> {
+    let mut max_gen = 0;
+    for i in 0..scan_to {
+        let off = entry_offset(i);
+        let Some(raw) = pages.get(off, ENTRY_BYTES as usize)? else {
+            break;
+        };
+        s.entries_scanned += 1;
+        let (h, bm) = raw.split_at(ENTRY_HEADER_BYTES as usize);
+        let e = match EntryHeader::decode(h) {
+            Err(defect) => {
+                s.entries_corrupt += 1;
+                let state = EntryHeader::raw_state(h);
+                s.push(
+                    Severity::Error,
+                    Some(i),
+                    Some(off),
+                    Defect::EntryHeader { defect, state },
+                );
+                continue;
+            }
+            Ok(None) => {
+                s.free_entries.push(i);
+                continue;
+            }
+            Ok(Some(e)) => e,
+        };
+        if h[entry::OFF_RESERVED..].iter().any(|&b| b != 0) {
+            let at = off + entry::OFF_RESERVED as u64;
+            s.push(
+                Severity::Warning,
+                Some(i),
+                Some(at),
+                Defect::ReservedHeaderBytes,
+            );
+        }
+        let bitmap = entry::decode_bitmap(bm);
+        let placed = check_placement(t.geometry, i, &e, s);
+        let bits_ok = check_bitmap(i, &e, &bitmap, s);
+        if !placed || !bits_ok {
+            s.entries_corrupt += 1;
+            continue;
+        }
+        max_gen = max_gen.max(e.generation);
+        let words = e.slots.div_ceil(64) as usize;
+        let bitmap = bitmap[..words].to_vec();
+        let live = bitmap.iter().map(|w| w.count_ones()).sum();
+        s.segments.push(SegmentScan {
+            entry: i,
+            header: e,
+            live,
+            dropped: false,
+            bitmap,
+        });
+    }
+    Ok(max_gen)
+}
+
+/// The segment lies inside the maximum file size and one window.
+fn check_placement(g: &Manifest, i: u32, e: &EntryHeader, s: &mut ShardScan) -> bool {
+    let (first, end) = (e.block as u64, e.end_block());
+    let (file_blocks, window_blocks) = (g.file_blocks(), g.window_blocks().max(1));
+    let d = if e.blocks == 0 || end > file_blocks {
+        Defect::SegmentOutsideFile {
+            file: e.file,
+            first,
+            end,
+            file_blocks,
+        }
+    } else if first / window_blocks != (end - 1) / window_blocks {
+        Defect::SegmentCrossesWindow {
+            file: e.file,
+            first,
+            end,
+            boundary: (first / window_blocks + 1) * window_blocks,
+        }
+    } else {
+        return true;
+    };
+    s.push(Severity::Error, Some(i), Some(entry_offset(i)), d);
+    false
+}
+
+/// No bit is set past the slot count.
+fn check_bitmap(i: u32, e: &EntryHeader, bitmap: &[u64], s: &mut ShardScan) -> bool {
+    let mut count = 0u32;
+    let mut first: Option<(u32, usize)> = None;
+    for (w, &word) in bitmap.iter().enumerate().take(BITMAP_WORDS) {
+        let extra = word & !entry::word_mask(e.slots, w);
+        if extra != 0 {
+            count += extra.count_ones();
+            first.get_or_insert((w as u32 * 64 + extra.trailing_zeros(), w));
+        }
+    }
+    let Some((first_slot, word)) = first else {
+        return true;
+    };
+    let at = bitmap_offset(i) + word as u64 * 8;
+    let d = Defect::BitmapPastSlots {
+        count,
+        first_slot,
+        word,
+        slots: e.slots,
+    };
+    s.push(Severity::Error, Some(i), Some(at), d);
+    false
+}
+
+/// Entries published past the mark: recovery never sees them.
+fn scan_past_mark(pages: &mut Pages<'_>, h: u32, readable: u32, s: &mut ShardScan) -> Result<()> {
+    let limit_bytes = directory_end_bytes(h).saturating_add(PAST_HWM_SCAN_BYTES);
+    let mut i = h;
+    while i < readable && entry_offset(i) + ENTRY_BYTES <= limit_bytes {
+        let off = entry_offset(i);
+        let Some(raw) = pages.get(off, ENTRY_HEADER_BYTES as usize)? else {
+            break;
+        };
+        if let Ok(Some(_)) = EntryHeader::decode(raw) {
+            s.push(
+                Severity::Warning,
+                Some(i),
+                Some(off),
+                Defect::PublishedPastMark { hwm: h },
+            );
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// Mark the segments recovery drops, and report every overlapping pair
+/// found by a sweep.
+fn resolve_overlaps(s: &mut ShardScan) {
+    let segs = &mut s.segments;
+    let mut order: Vec<usize> = (0..segs.len()).collect();
+    // Stable: entries met in index order stay in that order on a tie.
+    order.sort_by_key(|&k| (segs[k].header.file, segs[k].header.block));
+    let mut keep: Vec<usize> = Vec::new();
+    for &k in &order {
+        if let Some(&p) = keep.last() {
+            let (pe, e) = (&segs[p].header, &segs[k].header);
+            if pe.file == e.file && pe.end_block() > e.block as u64 {
+                let loser = if pe.generation < e.generation { p } else { k };
+                segs[loser].dropped = true;
+                if loser == p {
+                    keep.pop();
+                    keep.push(k);
+                }
+                continue;
+            }
+        }
+        keep.push(k);
+    }
+    let mut dropped: Vec<u32> = segs.iter().filter(|x| x.dropped).map(|x| x.entry).collect();
+    s.free_entries.append(&mut dropped);
+    report_overlaps(s, &order);
+}
+
+/// Each segment that starts inside the furthest-reaching earlier segment of
+/// its file.
+fn report_overlaps(s: &mut ShardScan, order: &[usize]) {
+    let mut reach: Option<(u32, u64, usize)> = None; // (file, end, index)
+    let mut found = Vec::new();
+    for &k in order {
+        let x = &s.segments[k];
+        if let Some((file, rend, o)) = reach
+            && file == x.header.file
+            && (x.header.block as u64) < rend
+        {
+            let other = &s.segments[o];
+            found.push((
+                x.entry,
+                Defect::Overlap {
+                    file: x.header.file,
+                    first: x.header.block as u64,
+                    end: x.header.end_block(),
+                    generation: x.header.generation,
+                    dropped: x.dropped,
+                    other_entry: other.entry,
+                    other_first: other.header.block as u64,
+                    other_end: other.header.end_block(),
+                    other_generation: other.header.generation,
+                    other_dropped: other.dropped,
+                },
+            ));
+        }
+        let e = x.header.end_block();
+        reach = match reach {
+            Some((file, rend, o)) if file == x.header.file && rend >= e => Some((file, rend, o)),
+            _ => Some((x.header.file, e, k)),
+        };
+    }
+    for (entry, d) in found {
+        s.push(Severity::Error, Some(entry), Some(entry_offset(entry)), d);
+    }
+}
+
+/// Referenced data files that are missing; live slots past the end of their
+/// file.
+fn check_data_files(t: &ScanTarget<'_>, s: &mut ShardScan) {
+    let mut missing: BTreeMap<u32, (Vec<u32>, u64, bool)> = BTreeMap::new();
+    let mut short = Vec::new();
+    for x in &s.segments {
+        match (t.data_file)(x.header.file) {
+            DataFileLen::Missing => {
+                let m = missing.entry(x.header.file).or_default();
+                m.0.push(x.entry);
+                if !x.dropped {
+                    m.1 += x.live as u64;
+                    m.2 = true;
+                }
+            }
+            DataFileLen::Bytes(size) if !x.dropped => {
+                let slot_bytes = x.header.slot_bytes() as u64;
+                let mut past = x
+                    .live_slots()
+                    .filter(|&k| x.slot_offset(k) + slot_bytes > size);
+                if let Some(first_slot) = past.next() {
+                    let d = Defect::DataFileShort {
+                        size_bytes: size,
+                        live_past: 1 + past.count() as u64,
+                        slot_bytes: slot_bytes as u32,
+                        first_slot,
+                    };
+                    short.push((x.header.file, x.entry, x.slot_offset(first_slot), d));
+                }
+            }
+            _ => {}
+        }
+    }
+    for (file, (entries, live, kept)) in missing {
+        s.findings.push(Finding {
+            severity: Severity::Error,
+            file: FindingFile::Data(file),
+            entry: None,
+            offset: None,
+            defect: Defect::DataFileMissing {
+                entries,
+                live,
+                kept,
+            },
+        });
+    }
+    for (file, entry, offset, defect) in short {
+        s.findings.push(Finding {
+            severity: Severity::Error,
+            file: FindingFile::Data(file),
+            entry: Some(entry),
+            offset: Some(offset),
+            defect,
+        });
+    }
+}
+
+/// Page-at-a-time reads of a metadata file (entries never straddle pages).
+pub(crate) struct Pages<'a> {
+    src: &'a mut dyn MetaSource,
+    page: Option<u64>,
+    len: usize,
+    buf: Vec<u8>,
+}
+
+impl<'a> Pages<'a> {
+    fn new(src: &'a mut dyn MetaSource) -> Pages<'a> {
+        Pages {
+            src,
+            page: None,
+            len: 0,
+            buf: vec![0; META_PAGE_BYTES as usize],
+        }
+    }
+
+    /// `len` bytes at `off` (inside one page), or `None` past the end.
+    pub(crate) fn get(&mut self, off: u64, len: usize) -> Result<Option<&[u8]>> {
+        let page = off / META_PAGE_BYTES;
+        let at = (off % META_PAGE_BYTES) as usize;
+        debug_assert!(at + len <= META_PAGE_BYTES as usize);
+        if self.page != Some(page) {
+            self.page = None;
+            self.len = self.src.read_at(page * META_PAGE_BYTES, &mut self.buf)?;
+            self.page = Some(page);
+        }
+        Ok((at + len <= self.len).then(|| &self.buf[at..at + len]))
+    }
+}
+
+/// Root slot `i` read through `pages`.
+fn root_bytes<'p>(pages: &'p mut Pages<'_>, i: usize) -> Result<Option<&'p [u8]>> {
+    pages.get(root_offset(i), ROOT_SLOT_BYTES as usize)
+}
+
+/// Why a root's handle is not a live slot of this shard: `Err` for a
+/// handle this shard could never have issued (another directory or shard),
+/// `Ok(Some)` for a dangling one, `Ok(None)` when live.
+fn root_target(
+    s: &ShardScan,
+    shard: u16,
+    dir_tag: u32,
+    h: &Handle,
+) -> Result<Option<String>, String> {
+    if h.dir_tag != dir_tag {
+        return Err(format!(
+            "belongs to another data directory (tag {:#010x}, this one {dir_tag:#010x})",
+            h.dir_tag
+        ));
+    }
+    if h.shard != shard {
+        return Err(format!("names shard {}", h.shard));
+    }
+    let Some(seg) = s.kept_segments().find(|x| x.entry == h.segment) else {
+        return Ok(Some(format!(
+            "names entry {}, which holds no segment",
+            h.segment
+        )));
+    };
+    let e = &seg.header;
+    if e.generation != h.generation {
+        return Ok(Some(format!(
+            "has generation {}, the segment has {} (released and reused since)",
+            h.generation, e.generation
+        )));
+    }
+    if e.class_id != h.class_id {
+        return Ok(Some(format!(
+            "has class {}, the segment has {}",
+            h.class_id, e.class_id
+        )));
+    }
+    if e.file != h.file {
+        return Ok(Some(format!(
+            "names data file {}, the segment is in {}",
+            h.file, e.file
+        )));
+    }
+    let (start, slot_bytes) = (e.start_offset(), e.slot_bytes() as u64);
+    let end = start + e.slots as u64 * slot_bytes;
+    if h.offset < start || h.offset >= end || !(h.offset - start).is_multiple_of(slot_bytes) {
+        return Ok(Some(format!(
+            "offset {:#x} is not a slot of the segment (slots at {start:#x}..{end:#x} every {slot_bytes} bytes)",
+            h.offset
+        )));
+    }
+    let slot = ((h.offset - start) / slot_bytes) as u32;
+    if !seg.is_live(slot) {
+        return Ok(Some(format!("points at slot {slot}, which is free")));
+    }
+    Ok(None)
+}

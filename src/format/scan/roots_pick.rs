@@ -1,0 +1,160 @@
+//! The root table: every slot checked, one record kept per name, one name
+//! per slot pair, deterministically.
+
+use std::collections::BTreeMap;
+
+use super::{Defect, Pages, RootScan, ScanTarget, Severity, ShardScan, root_bytes, root_target};
+use crate::error::{Error, Result};
+use crate::format::handle::Handle;
+use crate::format::roots::{self, RootSlot};
+use crate::format::{ROOT_SLOTS, root_offset};
+
+/// A valid slot: index, record, decoded handle.
+type Valid = (usize, RootSlot, Handle);
+
+pub(super) fn scan_roots(
+    pages: &mut Pages<'_>,
+    t: &ScanTarget<'_>,
+    s: &mut ShardScan,
+) -> Result<()> {
+    let mut valid: Vec<Valid> = Vec::new();
+    for i in 0..ROOT_SLOTS {
+        let off = root_offset(i);
+        let Some(b) = root_bytes(pages, i)? else {
+            break;
+        };
+        let seq = RootSlot::raw_seq(b);
+        let r = match RootSlot::decode(b) {
+            Ok(None) => continue,
+            Ok(Some(r)) => r,
+            Err(defect) => {
+                let d = Defect::RootSlotInvalid {
+                    slot: i,
+                    seq,
+                    defect,
+                };
+                s.push(Severity::Warning, None, Some(off), d);
+                continue;
+            }
+        };
+        match Handle::from_bytes(&r.handle) {
+            Ok(h) => valid.push((i, r, h)),
+            Err(e) => {
+                let reason = match e {
+                    Error::BadHandle { reason } => reason,
+                    _ => "invalid",
+                };
+                let d = Defect::RootBadHandle {
+                    slot: i,
+                    name: r.name,
+                    seq,
+                    reason,
+                };
+                s.push(
+                    Severity::Error,
+                    None,
+                    Some(off + roots::OFF_HANDLE as u64),
+                    d,
+                );
+                s.root_slots_to_clear.push(i);
+            }
+        }
+    }
+    s.root_seq_max = valid.iter().map(|v| v.1.seq).max().unwrap_or(0);
+    let winners = pick_per_name(&valid, s);
+    let winners = pick_per_pair(&valid, winners, s);
+    let (shard, dir_tag) = (t.shard, t.geometry.dir_tag());
+    for k in winners {
+        let (slot, r, h) = &valid[k];
+        let live = match root_target(s, shard, dir_tag, h) {
+            Ok(None) => true,
+            Ok(Some(why)) => {
+                let d = Defect::RootDangling {
+                    name: r.name.clone(),
+                    slot: *slot,
+                    handle: *h,
+                    why,
+                };
+                s.push(Severity::Warning, None, Some(root_offset(*slot)), d);
+                false
+            }
+            Err(why) => {
+                let d = Defect::RootForeign {
+                    name: r.name.clone(),
+                    slot: *slot,
+                    handle: *h,
+                    why,
+                };
+                s.push(Severity::Error, None, Some(root_offset(*slot)), d);
+                false
+            }
+        };
+        s.roots.push(RootScan {
+            slot: *slot,
+            seq: r.seq,
+            name: r.name.clone(),
+            handle: *h,
+            live,
+        });
+    }
+    s.roots.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(())
+}
+
+/// For each name, the highest sequence number (a tie: the lower slot).
+/// Returns the winners' indices into `valid`; the losers are to be cleared.
+fn pick_per_name(valid: &[Valid], s: &mut ShardScan) -> Vec<usize> {
+    let mut by_name: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (k, (_, r, _)) in valid.iter().enumerate() {
+        by_name.entry(r.name.as_str()).or_default().push(k);
+    }
+    let mut winners = Vec::with_capacity(by_name.len());
+    for (name, ks) in by_name {
+        // `valid` is in slot order: the first maximum is the lowest slot.
+        let w = ks.iter().copied().fold(ks[0], |b, k| {
+            if valid[k].1.seq > valid[b].1.seq {
+                k
+            } else {
+                b
+            }
+        });
+        winners.push(w);
+        if ks.len() > 1 {
+            s.root_slots_to_clear
+                .extend(ks.iter().filter(|&&k| k != w).map(|&k| valid[k].0));
+            let d = Defect::RootNameDuplicated {
+                name: name.to_string(),
+                slots: ks.iter().map(|&k| (valid[k].0, valid[k].1.seq)).collect(),
+                kept: valid[w].0,
+            };
+            s.push(Severity::Error, None, Some(root_offset(valid[ks[0]].0)), d);
+        }
+    }
+    winners
+}
+
+/// One name per slot pair `(2k, 2k + 1)`: the higher sequence number keeps
+/// it (a tie: the lower slot index).
+fn pick_per_pair(valid: &[Valid], mut winners: Vec<usize>, s: &mut ShardScan) -> Vec<usize> {
+    winners.sort_by_key(|&k| (std::cmp::Reverse(valid[k].1.seq), valid[k].0));
+    let mut owner: BTreeMap<usize, usize> = BTreeMap::new();
+    winners.retain(|&k| {
+        let slot = valid[k].0;
+        let Some(&o) = owner.get(&(slot / 2)) else {
+            owner.insert(slot / 2, k);
+            return true;
+        };
+        let d = Defect::RootPairShared {
+            name: valid[k].1.name.clone(),
+            slot,
+            seq: valid[k].1.seq,
+            other_name: valid[o].1.name.clone(),
+            other_slot: valid[o].0,
+            other_seq: valid[o].1.seq,
+        };
+        s.push(Severity::Error, None, Some(root_offset(slot)), d);
+        s.root_slots_to_clear.push(slot);
+        false
+    });
+    winners
+}

@@ -1,0 +1,852 @@
+//! Offline, read-only inspection of a data directory: the library side of the
+//! `segalloc` command-line tool (`stat`, `verify`, `live`), in the spirit of
+//! LMDB's `mdb_stat` and PMDK's `pmempool info` / `pmempool check`. Built
+//! with the `cli` feature (on by default); its report types serialize with
+//! `serde`.
+//!
+//! [`read_dir`] reads the manifest and every shard's `meta.seg` with plain
+//! positioned reads (no mmap), lists the data files, and returns a
+//! [`DirReport`]: the figures, the state that recovery restores (live
+//! slots, roots), and every [`Problem`] met on the way. [`verify`] returns
+//! the problems only. Nothing stops at the first problem.
+//!
+//! ```no_run
+//! # fn main() -> segalloc::Result<()> {
+//! let report = segalloc::inspect::read_dir("/tmp/segalloc-example")?;
+//! for p in &report.problems {
+//!     eprintln!("{p}");
+//! }
+//! let t = report.totals();
+//! println!("{} live allocations, {} bytes", t.allocations_live, t.bytes_live);
+//! for h in report.live() {
+//!     println!("{h}");
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! A problem of severity [`Severity::Error`] is damage (recovery refuses the
+//! shard, or repairs it); a [`Severity::Warning`] is a state recovery copes
+//! with or the API allows. In particular a root whose allocation was freed
+//! is *dangling*: a warning, listed by `segalloc live` as `(dangling)`; the
+//! library keeps it as it is.
+//!
+//! **Architecture invariants:**
+//! * The metadata is read by [`crate::format::scan`], the very scan recovery
+//!   applies: what the report says recovery keeps is what it keeps. This
+//!   module adds only what needs the file system (folders, file kinds, the
+//!   lock, stray files) and the figures.
+//! * Nothing here writes, truncates, maps or creates a file. The one call
+//!   with a side effect is [`DataDir::open_read_only`], made only when `LOCK`
+//!   already exists (that call opens `LOCK` with `O_CREAT`, and would create
+//!   it otherwise): it tells whether the directory is open elsewhere, and the
+//!   lock it may take is held for the duration of the read only.
+//! * No path inside the directory is followed through a symlink: each one is
+//!   classified with `symlink_metadata` and opened with
+//!   `O_NOFOLLOW | O_NONBLOCK` (a FIFO planted in place of a file cannot
+//!   hang the reader), then checked again with `fstat`.
+//! * Hostile input (truncated, corrupted, oversized or misplaced files)
+//!   yields problems, never a panic; the work is bounded by the sizes of the
+//!   files; every figure is summed with saturating arithmetic.
+
+mod report;
+mod summary;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, Metadata, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+use crate::datadir::{DataDir, LOCK_FILE, MANIFEST_FILE};
+use crate::error::{Error, Result};
+use crate::format::classes::BLOCK_BYTES;
+use crate::format::manifest::{OFF_DIR_ID, OFF_SHARD};
+use crate::format::scan::{
+    self, DataFileLen, Finding, FindingFile, MetaSource, ScanTarget, ShardScan, Superblock,
+};
+use crate::format::{self, Manifest};
+
+pub use crate::format::{META_FILE, data_file_name, parse_data_file_name, shard_folder_name};
+pub use report::{
+    ClassUsage, DataFileInfo, DirReport, FileInfo, FreeRuns, LockStatus, Problem, RootInfo,
+    SegmentInfo, Severity, ShardReport, Totals,
+};
+pub use summary::{
+    EntriesSummary, FragmentationSummary, ManifestSummary, ShardSummary, StatSummary,
+};
+
+/// Appends problems with a fixed shard and file.
+struct Reporter<'a> {
+    out: &'a mut Vec<Problem>,
+    shard: Option<u16>,
+    file: Option<String>,
+}
+
+impl Reporter<'_> {
+    fn push(
+        &mut self,
+        severity: Severity,
+        entry: Option<u32>,
+        offset: Option<u64>,
+        detail: String,
+    ) {
+        self.out.push(Problem {
+            severity,
+            shard: self.shard,
+            file: self.file.clone(),
+            entry,
+            offset,
+            detail,
+        });
+    }
+    fn error(&mut self, entry: Option<u32>, offset: Option<u64>, detail: impl Into<String>) {
+        self.push(Severity::Error, entry, offset, detail.into());
+    }
+    fn warn(&mut self, entry: Option<u32>, offset: Option<u64>, detail: impl Into<String>) {
+        self.push(Severity::Warning, entry, offset, detail.into());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------
+
+/// Read a data directory: figures, live state and problems.
+///
+/// Takes the directory's lock only through [`DataDir::open_read_only`], and
+/// only when `LOCK` exists; see [`LockStatus`]. Never writes.
+///
+/// # Errors
+///
+/// [`Error::Io`] when the directory or a file in it cannot be read (missing
+/// directory, permissions, I/O errors); [`Error::InvalidConfig`] when `path`
+/// is a symlink or not a directory; [`Error::Corrupt`] when `path` has
+/// neither a manifest nor shard folders (not a data directory). Damaged
+/// contents are not errors: they are [`DirReport::problems`].
+pub fn read_dir(path: impl AsRef<Path>) -> Result<DirReport> {
+    let dir = path.as_ref();
+    match classify(dir)? {
+        Kind::Dir => {}
+        Kind::Missing => {
+            return Err(Error::io(
+                "stat",
+                Some(dir),
+                io::Error::from(io::ErrorKind::NotFound),
+            ));
+        }
+        Kind::Symlink => {
+            return Err(Error::InvalidConfig(format!(
+                "{} is a symlink; segalloc does not follow symlinks in a data directory",
+                dir.display()
+            )));
+        }
+        Kind::File(_) | Kind::Other => {
+            return Err(Error::InvalidConfig(format!(
+                "{} is not a directory",
+                dir.display()
+            )));
+        }
+    }
+    let listing = list_dir(dir)?;
+    let mut problems = Vec::new();
+    let manifest = read_manifest(dir, &listing, &mut problems)?;
+    let (_guard, lock) = probe_lock(dir, manifest.is_some(), &mut problems)?;
+
+    let geometry = match manifest {
+        Some(m) => Some(m),
+        None => geometry_from_superblocks(dir, &listing, &mut problems)?,
+    };
+    let mut shards = Vec::new();
+    if let Some(g) = &geometry {
+        for (name, kind) in &listing {
+            let Some(i) = name
+                .strip_prefix("shard-")
+                .and_then(|d| d.parse::<u16>().ok())
+            else {
+                continue;
+            };
+            if i >= g.shard_count && *name == shard_folder_name(i) {
+                Reporter {
+                    out: &mut problems,
+                    shard: None,
+                    file: Some(name.clone()),
+                }
+                .warn(
+                    None,
+                    None,
+                    format!(
+                        "shard folder beyond the {} shards of the directory ({}); ignored",
+                        g.shard_count,
+                        kind.describe()
+                    ),
+                );
+            }
+        }
+        for i in 0..g.shard_count {
+            shards.push(scan_shard(dir, g, i, &mut problems)?);
+        }
+    }
+    Ok(DirReport {
+        path: dir.to_path_buf(),
+        lock,
+        manifest,
+        geometry,
+        shards,
+        problems,
+    })
+}
+
+/// Check a data directory; every problem found (empty when clean).
+///
+/// # Errors
+///
+/// As [`read_dir`].
+pub fn verify(path: impl AsRef<Path>) -> Result<Vec<Problem>> {
+    Ok(read_dir(path)?.problems)
+}
+
+// ---------------------------------------------------------------------------
+// Files
+// ---------------------------------------------------------------------------
+
+/// What a path is, without following a symlink.
+#[derive(Debug)]
+enum Kind {
+    Missing,
+    Symlink,
+    Dir,
+    File(Metadata),
+    Other,
+}
+
+impl Kind {
+    fn describe(&self) -> &'static str {
+        match self {
+            Kind::Missing => "missing",
+            Kind::Symlink => "a symlink",
+            Kind::Dir => "a directory",
+            Kind::File(_) => "a regular file",
+            Kind::Other => "a special file",
+        }
+    }
+}
+
+fn classify(p: &Path) -> Result<Kind> {
+    match std::fs::symlink_metadata(p) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Kind::Missing),
+        Err(e) => Err(Error::io("stat", Some(p), e)),
+        Ok(m) => {
+            let t = m.file_type();
+            Ok(if t.is_symlink() {
+                Kind::Symlink
+            } else if t.is_dir() {
+                Kind::Dir
+            } else if t.is_file() {
+                Kind::File(m)
+            } else {
+                Kind::Other
+            })
+        }
+    }
+}
+
+/// The entries of a folder, sorted by name (non-UTF-8 names lossily).
+fn list_dir(dir: &Path) -> Result<Vec<(String, Kind)>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io("read_dir", Some(dir), e))?;
+    let mut v = Vec::new();
+    for e in rd {
+        let e = e.map_err(|e| Error::io("read_dir", Some(dir), e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        v.push((name, classify(&e.path())?));
+    }
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(v)
+}
+
+/// Open a regular file for reading without following a symlink or blocking
+/// on a special file.
+fn open_regular(p: &Path) -> Result<(File, Metadata)> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(p)
+        .map_err(|e| Error::io("open", Some(p), e))?;
+    let m = f.metadata().map_err(|e| Error::io("fstat", Some(p), e))?;
+    if !m.is_file() {
+        return Err(Error::io(
+            "open",
+            Some(p),
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a regular file (replaced while being read?)",
+            ),
+        ));
+    }
+    Ok((f, m))
+}
+
+/// Read as much of `buf` as the file holds at `off`; the bytes read.
+fn read_at_most(f: &File, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], off + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+// ---------------------------------------------------------------------------
+// Manifest and lock
+// ---------------------------------------------------------------------------
+
+fn read_manifest(
+    dir: &Path,
+    listing: &[(String, Kind)],
+    problems: &mut Vec<Problem>,
+) -> Result<Option<Manifest>> {
+    let p = dir.join(MANIFEST_FILE);
+    let mut r = Reporter {
+        out: problems,
+        shard: None,
+        file: Some(MANIFEST_FILE.to_string()),
+    };
+    match classify(&p)? {
+        Kind::File(_) => {}
+        Kind::Missing => {
+            if !listing.iter().any(|(n, _)| n.starts_with("shard-")) {
+                return Err(Error::Corrupt {
+                    what: p.display().to_string(),
+                    detail:
+                        "manifest missing and no shard folders (not a segalloc data directory?)"
+                            .into(),
+                });
+            }
+            r.error(None, None, "missing, but shard folders exist");
+            return Ok(None);
+        }
+        k => {
+            r.error(
+                None,
+                None,
+                format!("is {}, not a regular file (not followed)", k.describe()),
+            );
+            return Ok(None);
+        }
+    }
+    let (f, m) = open_regular(&p)?;
+    let mut buf = [0u8; format::MANIFEST_BYTES];
+    let n = read_at_most(&f, 0, &mut buf).map_err(|e| Error::io("read", Some(&p), e))?;
+    if m.len() != format::MANIFEST_BYTES as u64 {
+        r.error(
+            None,
+            None,
+            format!("is {} bytes, expected {}", m.len(), format::MANIFEST_BYTES),
+        );
+    }
+    if n < format::MANIFEST_BYTES {
+        return Ok(None);
+    }
+    match Manifest::decode(&buf, MANIFEST_FILE) {
+        Ok((man, reserved)) => {
+            if reserved != 0 {
+                r.warn(
+                    None,
+                    Some(OFF_SHARD as u64),
+                    format!("reserved bytes {OFF_SHARD}..{OFF_DIR_ID} are {reserved:#06x}, not 0"),
+                );
+            }
+            // The library refuses a manifest of the wrong length; so do we.
+            Ok((m.len() == format::MANIFEST_BYTES as u64).then_some(man))
+        }
+        Err(Error::Corrupt { detail, .. }) => {
+            r.error(None, Some(0), detail);
+            Ok(None)
+        }
+        Err(e) => {
+            r.error(None, Some(0), e.to_string());
+            Ok(None)
+        }
+    }
+}
+
+/// Find out whether the directory is open elsewhere, without creating
+/// anything. Returns the lock guard to hold while reading.
+fn probe_lock(
+    dir: &Path,
+    manifest_ok: bool,
+    problems: &mut Vec<Problem>,
+) -> Result<(Option<DataDir>, LockStatus)> {
+    let p = dir.join(LOCK_FILE);
+    match classify(&p)? {
+        // `open_read_only` would create it (O_CREAT): don't.
+        Kind::Missing => return Ok((None, LockStatus::NoLockFile)),
+        Kind::File(_) => {}
+        k => {
+            Reporter {
+                out: problems,
+                shard: None,
+                file: Some(LOCK_FILE.to_string()),
+            }
+            .error(
+                None,
+                None,
+                format!(
+                    "is {}, not a regular file: the library cannot lock the directory",
+                    k.describe()
+                ),
+            );
+            return Ok((
+                None,
+                LockStatus::Unknown(format!("{LOCK_FILE} is {}", k.describe())),
+            ));
+        }
+    }
+    if !manifest_ok {
+        // `open_read_only` reads the manifest before the lock.
+        return Ok((
+            None,
+            LockStatus::Unknown("the manifest is unusable, so the lock was not tried".into()),
+        ));
+    }
+    match DataDir::open_read_only(dir) {
+        Ok((dd, false)) => Ok((Some(dd), LockStatus::Taken)),
+        Ok((_, true)) => Ok((None, LockStatus::HeldElsewhere)),
+        // Opening LOCK read-write fails on a read-only file system or without
+        // write permission: read on, but say so.
+        Err(Error::Io { op, source, .. }) => Ok((
+            None,
+            LockStatus::Unknown(format!("{op} of {LOCK_FILE} failed: {source}")),
+        )),
+        Err(e @ Error::Corrupt { .. }) => Ok((None, LockStatus::Unknown(e.to_string()))),
+        Err(e) => Err(e),
+    }
+}
+
+/// When the manifest is unusable: the geometry of the first valid superblock.
+fn geometry_from_superblocks(
+    dir: &Path,
+    listing: &[(String, Kind)],
+    problems: &mut Vec<Problem>,
+) -> Result<Option<Manifest>> {
+    for (name, kind) in listing {
+        let Some(i) = name
+            .strip_prefix("shard-")
+            .and_then(|d| d.parse::<u16>().ok())
+        else {
+            continue;
+        };
+        if !matches!(kind, Kind::Dir) || *name != shard_folder_name(i) {
+            continue;
+        }
+        let p = dir.join(name).join(META_FILE);
+        if !matches!(classify(&p)?, Kind::File(_)) {
+            continue;
+        }
+        let (f, _) = open_regular(&p)?;
+        let mut sb = [0u8; format::MANIFEST_BYTES];
+        let n = read_at_most(&f, 0, &mut sb).map_err(|e| Error::io("read", Some(&p), e))?;
+        if n < sb.len() {
+            continue;
+        }
+        if let Ok((m, _)) = Manifest::decode(&sb, "superblock") {
+            Reporter {
+                out: problems,
+                shard: None,
+                file: Some(MANIFEST_FILE.to_string()),
+            }
+            .warn(
+                None,
+                None,
+                format!("unusable; the geometry is taken from {name}/{META_FILE}'s superblock"),
+            );
+            return Ok(Some(m));
+        }
+    }
+    Reporter {
+        out: problems,
+        shard: None,
+        file: Some(MANIFEST_FILE.to_string()),
+    }
+    .error(
+        None,
+        None,
+        "unusable, and no shard has a valid superblock: the shards cannot be read",
+    );
+    Ok(None)
+}
+
+// ---------------------------------------------------------------------------
+// Shards
+// ---------------------------------------------------------------------------
+
+/// A metadata file read with positioned reads.
+struct FileSource<'a> {
+    f: &'a File,
+    path: &'a Path,
+}
+
+impl MetaSource for FileSource<'_> {
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<usize> {
+        read_at_most(self.f, off, buf).map_err(|e| Error::io("read", Some(self.path), e))
+    }
+}
+
+fn scan_shard(
+    dir: &Path,
+    g: &Manifest,
+    idx: u16,
+    problems: &mut Vec<Problem>,
+) -> Result<ShardReport> {
+    let mut rep = ShardReport::new(idx, g.dir_tag());
+    let folder = rep.folder.clone();
+    let fpath = dir.join(&folder);
+    if !check_folder(&fpath, &folder, idx, problems)? {
+        return Ok(rep);
+    }
+    let present_any = list_data_files(&fpath, g, &mut rep, problems)?;
+    let mlabel = format!("{folder}/{META_FILE}");
+    let mpath = fpath.join(META_FILE);
+    let mut r = Reporter {
+        out: problems,
+        shard: Some(idx),
+        file: Some(mlabel),
+    };
+    if !check_meta_present(&mpath, &present_any, &mut r)? {
+        return Ok(rep);
+    }
+    let (f, m) = open_regular(&mpath)?;
+    rep.meta = Some(FileInfo::from_metadata(META_FILE, &m));
+    let data_file = |n: u32| match rep.data_file(n) {
+        Some(d) => DataFileLen::Bytes(d.file.size_bytes),
+        None if present_any.binary_search(&n).is_ok() => DataFileLen::Unknown,
+        None => DataFileLen::Missing,
+    };
+    let target = ScanTarget {
+        geometry: g,
+        shard: idx,
+        meta_bytes: m.len(),
+        data_file: &data_file,
+    };
+    let found = scan::scan(
+        &mut FileSource {
+            f: &f,
+            path: &mpath,
+        },
+        &target,
+    )?;
+    if found.superblock == Superblock::Blank {
+        if !blank_problems(&found, &present_any, &mut r) {
+            return Ok(rep);
+        }
+    } else {
+        rep.initialised = true;
+    }
+    drop(r);
+    for finding in &found.findings {
+        problems.push(problem(idx, &folder, finding));
+    }
+    fill_from_scan(&mut rep, found);
+    rep.free_runs = free_runs(&rep, &present_any, g);
+    Ok(rep)
+}
+
+/// The shard folder is a directory (else reported; `false`).
+fn check_folder(fpath: &Path, folder: &str, idx: u16, problems: &mut Vec<Problem>) -> Result<bool> {
+    let mut r = Reporter {
+        out: problems,
+        shard: Some(idx),
+        file: Some(folder.to_string()),
+    };
+    match classify(fpath)? {
+        Kind::Dir => Ok(true),
+        Kind::Missing => {
+            r.warn(
+                None,
+                None,
+                "shard folder is missing: the shard holds nothing (opening recreates it)",
+            );
+            Ok(false)
+        }
+        k => {
+            r.error(
+                None,
+                None,
+                format!("is {}, not a directory (not followed)", k.describe()),
+            );
+            Ok(false)
+        }
+    }
+}
+
+/// Data files and strays; returns the numbers of every data file name
+/// present (regular or not), sorted.
+fn list_data_files(
+    fpath: &Path,
+    g: &Manifest,
+    rep: &mut ShardReport,
+    problems: &mut Vec<Problem>,
+) -> Result<Vec<u32>> {
+    let listing = list_dir(fpath)?;
+    let mut present_any: Vec<u32> = Vec::new();
+    for (name, kind) in &listing {
+        let mut r = Reporter {
+            out: problems,
+            shard: Some(rep.index),
+            file: Some(format!("{}/{name}", rep.folder)),
+        };
+        if name == META_FILE {
+            continue;
+        }
+        let Some(n) = parse_data_file_name(name) else {
+            r.warn(None, None, "unexpected entry in the shard folder; ignored");
+            continue;
+        };
+        present_any.push(n);
+        let Kind::File(m) = kind else {
+            r.error(
+                None,
+                None,
+                format!(
+                    "data file is {}, not a regular file: segalloc does not follow it",
+                    kind.describe()
+                ),
+            );
+            continue;
+        };
+        let info = FileInfo::from_metadata(name, m);
+        if info.size_bytes > g.max_file_bytes {
+            r.warn(
+                None,
+                None,
+                format!(
+                    "{} bytes, larger than the maximum data file size {}",
+                    info.size_bytes, g.max_file_bytes
+                ),
+            );
+        }
+        rep.data_files.push(DataFileInfo {
+            number: n,
+            windows: info.size_bytes.div_ceil(g.window_bytes),
+            file: info,
+        });
+    }
+    rep.data_files.sort_by_key(|f| f.number);
+    present_any.sort_unstable();
+    Ok(present_any)
+}
+
+/// `meta.seg` is a regular file (else reported; `false`).
+fn check_meta_present(mpath: &Path, present_any: &[u32], r: &mut Reporter<'_>) -> Result<bool> {
+    match classify(mpath)? {
+        Kind::File(_) => {}
+        Kind::Missing => {
+            if present_any.is_empty() {
+                r.warn(None, None, "missing: the shard has never been opened");
+            } else if present_any.binary_search(&0).is_ok() {
+                r.error(
+                    None,
+                    None,
+                    format!(
+                        "missing, but the folder holds {} data file(s): recovery refuses to open the shard",
+                        present_any.len()
+                    ),
+                );
+            } else {
+                r.error(
+                    None,
+                    None,
+                    format!(
+                        "missing, but the folder holds {} data file(s): opening the shard would start an empty directory over them",
+                        present_any.len()
+                    ),
+                );
+            }
+            return Ok(false);
+        }
+        k => {
+            r.error(
+                None,
+                None,
+                format!("is {}, not a regular file (not followed)", k.describe()),
+            );
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Report a blank superblock; `false` when the shard is simply unused.
+fn blank_problems(found: &ShardScan, present_any: &[u32], r: &mut Reporter<'_>) -> bool {
+    let marked = found.hwm.is_none_or(|h| h != 0);
+    if present_any.binary_search(&0).is_ok() {
+        r.error(
+            None,
+            Some(0),
+            "superblock is blank but data files exist: recovery refuses to open the shard",
+        );
+    } else if marked || !present_any.is_empty() {
+        r.error(
+            None,
+            Some(0),
+            format!(
+                "superblock is blank but the shard has {}: opening it would re-initialise meta.seg and lose every segment",
+                if marked {
+                    "a directory high-water mark"
+                } else {
+                    "data files"
+                }
+            ),
+        );
+    } else {
+        r.warn(
+            None,
+            Some(0),
+            "superblock is blank (creation never finished): opening the shard starts it afresh",
+        );
+        return false;
+    }
+    true
+}
+
+/// A scan finding as a problem of shard `idx`.
+fn problem(idx: u16, folder: &str, f: &Finding) -> Problem {
+    let file = match f.file {
+        FindingFile::Meta => format!("{folder}/{META_FILE}"),
+        FindingFile::Data(n) => format!("{folder}/{}", data_file_name(n)),
+    };
+    Problem {
+        severity: f.severity,
+        shard: Some(idx),
+        file: Some(file),
+        entry: f.entry,
+        offset: f.offset,
+        detail: f.defect.to_string(),
+    }
+}
+
+fn fill_from_scan(rep: &mut ShardReport, found: ShardScan) {
+    rep.hwm = found.hwm;
+    rep.entry_capacity = found.entry_capacity;
+    rep.entries_scanned = found.entries_scanned;
+    let dropped = found.segments.iter().filter(|s| s.dropped).count();
+    rep.entries_free = (found.free_entries.len() - dropped) as u32;
+    rep.entries_corrupt = found.entries_corrupt;
+    rep.roots = found.roots.iter().map(RootInfo::from).collect();
+    rep.segments = found.segments.into_iter().map(SegmentInfo::new).collect();
+}
+
+/// Free runs as recovery's free-space rebuild makes them.
+fn free_runs(rep: &ShardReport, present_any: &[u32], g: &Manifest) -> FreeRuns {
+    let window_blocks = g.window_bytes / BLOCK_BYTES;
+    let file_blocks = g.max_file_bytes / BLOCK_BYTES;
+    let mut runs: Vec<(u32, u64, u64)> = rep
+        .kept_segments()
+        .map(|s| {
+            (
+                s.file(),
+                s.first_block() as u64,
+                s.segment_bytes() / BLOCK_BYTES,
+            )
+        })
+        .collect();
+    runs.sort_unstable();
+    let mut file_count = runs.iter().map(|r| r.0 as u64 + 1).max().unwrap_or(0);
+    while file_count <= u32::MAX as u64 && present_any.binary_search(&(file_count as u32)).is_ok() {
+        file_count += 1;
+    }
+    let mut out = FreeRuns::default();
+    // Gaps are counted arithmetically, window by window: a hostile entry may
+    // name file 4 000 000 000 or a geometry of millions of windows per file.
+    let mut add_gap = |from: u64, to: u64| gap_runs(&mut out, from, to, window_blocks);
+    let mut hwm: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut cursor: HashMap<u32, u64> = HashMap::new();
+    for &(file, block, blocks) in &runs {
+        let c = cursor.entry(file).or_insert(0);
+        if block > *c {
+            add_gap(*c, block);
+        }
+        *c = (*c).max(block + blocks);
+        let h = hwm.entry(file).or_insert(0);
+        *h = (*h).max(block + blocks);
+    }
+    // Files before the last: free up to the maximum file size.
+    let last = file_count.saturating_sub(1);
+    let mut with_runs = 0u64;
+    for (&f, &h) in hwm.range(..) {
+        if (f as u64) < last {
+            with_runs += 1;
+            add_gap(h, file_blocks);
+        }
+    }
+    // Files before the last without a segment: entirely free windows.
+    let empty = last - with_runs;
+    let per_file = file_blocks / window_blocks;
+    if empty > 0 && per_file > 0 {
+        out.count = out.count.saturating_add(empty.saturating_mul(per_file));
+        out.bytes = out.bytes.saturating_add(
+            empty
+                .saturating_mul(file_blocks)
+                .saturating_mul(BLOCK_BYTES),
+        );
+        out.largest_bytes = out.largest_bytes.max(window_blocks * BLOCK_BYTES);
+    }
+    out
+}
+
+/// Add the free runs of blocks `from..to` of one file, split at window
+/// boundaries, without iterating over the windows.
+fn gap_runs(out: &mut FreeRuns, from: u64, to: u64, window_blocks: u64) {
+    let mut add = |blocks: u64, n: u64| {
+        if blocks > 0 && n > 0 {
+            out.count = out.count.saturating_add(n);
+            out.bytes = out
+                .bytes
+                .saturating_add(n.saturating_mul(blocks).saturating_mul(BLOCK_BYTES));
+            out.largest_bytes = out.largest_bytes.max(blocks * BLOCK_BYTES);
+        }
+    };
+    if from >= to {
+        return;
+    }
+    let first_end = ((from / window_blocks + 1) * window_blocks).min(to);
+    add(first_end - from, 1);
+    let last_start = ((to / window_blocks) * window_blocks).max(first_end);
+    add(window_blocks, (last_start - first_end) / window_blocks);
+    add(to - last_start, 1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gap_runs_split_at_windows_like_a_loop() {
+        for (from, to) in [
+            (0, 0),
+            (0, 16),
+            (3, 16),
+            (3, 17),
+            (0, 100),
+            (5, 80),
+            (16, 48),
+            (17, 47),
+        ] {
+            let mut fast = FreeRuns::default();
+            gap_runs(&mut fast, from, to, 16);
+            let mut slow = FreeRuns::default();
+            let mut at = from;
+            while at < to {
+                let end = ((at / 16 + 1) * 16).min(to);
+                slow.count += 1;
+                slow.bytes += (end - at) * BLOCK_BYTES;
+                slow.largest_bytes = slow.largest_bytes.max((end - at) * BLOCK_BYTES);
+                at = end;
+            }
+            assert_eq!(fast, slow, "{from}..{to}");
+        }
+    }
+}
