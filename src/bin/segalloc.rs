@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use segalloc::Manifest;
 use segalloc::inspect::{self, DirReport, LockStatus, ShardReport};
 
 #[derive(Parser, Debug)]
@@ -277,96 +278,113 @@ fn stat_text(r: &DirReport, out: &mut impl Write) -> io::Result<()> {
         g.dir_id
     )?;
     for s in &r.shards {
-        writeln!(out, "shard {} ({})", s.index, s.folder)?;
-        match &s.meta {
-            Some(m) => writeln!(
-                out,
-                "  {}: {} ({} B), {} allocated",
-                m.name,
-                human(m.size_bytes),
-                m.size_bytes,
-                human(m.allocated_bytes)
-            )?,
-            None => writeln!(out, "  {}: absent", inspect::META_FILE)?,
-        }
-        writeln!(out, "  data files: {}", s.data_files.len())?;
-        for f in &s.data_files {
-            writeln!(
-                out,
-                "    {}  size {} ({} B)  allocated {} ({} blocks of 512 B)  windows {}",
-                f.file.name,
-                human(f.file.size_bytes),
-                f.file.size_bytes,
-                human(f.file.allocated_bytes),
-                f.file.blocks_512,
-                f.windows
-            )?;
-        }
+        shard_text(s, g, out)?;
+    }
+    totals_text(r, out)
+}
+
+/// The text figures of one shard.
+fn shard_text(s: &ShardReport, g: &Manifest, out: &mut impl Write) -> io::Result<()> {
+    writeln!(out, "shard {} ({})", s.index, s.folder)?;
+    match &s.meta {
+        Some(m) => writeln!(
+            out,
+            "  {}: {} ({} B), {} allocated",
+            m.name,
+            human(m.size_bytes),
+            m.size_bytes,
+            human(m.allocated_bytes)
+        )?,
+        None => writeln!(out, "  {}: absent", inspect::META_FILE)?,
+    }
+    writeln!(out, "  data files: {}", s.data_files.len())?;
+    for f in &s.data_files {
         writeln!(
             out,
-            "  windows spanned: {} (holding segments: {})",
-            s.windows_spanned(),
-            s.windows_in_use(g.window_bytes)
+            "    {}  size {} ({} B)  allocated {} ({} blocks of 512 B)  windows {}",
+            f.file.name,
+            human(f.file.size_bytes),
+            f.file.size_bytes,
+            human(f.file.allocated_bytes),
+            f.file.blocks_512,
+            f.windows
         )?;
-        let hwm = s
-            .hwm
-            .map(|h| h.to_string())
-            .unwrap_or_else(|| "unreadable".into());
+    }
+    writeln!(
+        out,
+        "  windows spanned: {} (holding segments: {})",
+        s.windows_spanned(),
+        s.windows_in_use(g.window_bytes)
+    )?;
+    let hwm = s
+        .hwm
+        .map(|h| h.to_string())
+        .unwrap_or_else(|| "unreadable".into());
+    writeln!(
+        out,
+        "  directory entries: high-water mark {hwm}, in use {}, free {}{}, room for {} in {}",
+        s.entries_in_use(),
+        s.entries_free,
+        if s.entries_corrupt > 0 {
+            format!(", corrupt {}", s.entries_corrupt)
+        } else {
+            String::new()
+        },
+        s.entry_capacity,
+        inspect::META_FILE
+    )?;
+    classes_text(s, out)?;
+    writeln!(
+        out,
+        "  live: {} allocation(s), {} ({} B) in {} segment(s) of {} ({} B)",
+        s.allocations_live(),
+        human(s.bytes_live()),
+        s.bytes_live(),
+        s.entries_in_use(),
+        human(s.segment_bytes()),
+        s.segment_bytes()
+    )?;
+    writeln!(
+        out,
+        "  fragmentation: {} of segment bytes free ({} B); free runs below the high-water mark: {} ({} B, largest {} B)",
+        pct(s.fragmentation()),
+        s.free_bytes_in_segments(),
+        s.free_runs.count,
+        s.free_runs.bytes,
+        s.free_runs.largest_bytes
+    )?;
+    writeln!(out, "  roots: {}", s.roots.len())?;
+    Ok(())
+}
+
+/// The per-class table of one shard.
+fn classes_text(s: &ShardReport, out: &mut impl Write) -> io::Result<()> {
+    let classes = s.classes();
+    if !classes.is_empty() {
         writeln!(
             out,
-            "  directory entries: high-water mark {hwm}, in use {}, free {}{}, room for {} in {}",
-            s.entries_in_use(),
-            s.entries_free,
-            if s.entries_corrupt > 0 {
-                format!(", corrupt {}", s.entries_corrupt)
-            } else {
-                String::new()
-            },
-            s.entry_capacity,
-            inspect::META_FILE
+            "  {:>5} {:>10} {:>8} {:>12} {:>10} {:>10} {:>12}",
+            "class", "slot B", "segments", "segment B", "slots", "live", "live B"
         )?;
-        let classes = s.classes();
-        if !classes.is_empty() {
+        for c in &classes {
             writeln!(
                 out,
                 "  {:>5} {:>10} {:>8} {:>12} {:>10} {:>10} {:>12}",
-                "class", "slot B", "segments", "segment B", "slots", "live", "live B"
+                c.class_id,
+                c.slot_bytes,
+                c.segments,
+                c.segment_bytes,
+                c.slots,
+                c.live,
+                c.live_bytes
             )?;
-            for c in &classes {
-                writeln!(
-                    out,
-                    "  {:>5} {:>10} {:>8} {:>12} {:>10} {:>10} {:>12}",
-                    c.class_id,
-                    c.slot_bytes,
-                    c.segments,
-                    c.segment_bytes,
-                    c.slots,
-                    c.live,
-                    c.live_bytes
-                )?;
-            }
         }
-        writeln!(
-            out,
-            "  live: {} allocation(s), {} ({} B) in {} segment(s) of {} ({} B)",
-            s.allocations_live(),
-            human(s.bytes_live()),
-            s.bytes_live(),
-            s.entries_in_use(),
-            human(s.segment_bytes()),
-            s.segment_bytes()
-        )?;
-        writeln!(
-            out,
-            "  fragmentation: {} of segment bytes free ({} B); free runs below the high-water mark: {} ({} B, largest {} B)",
-            pct(s.fragmentation()),
-            s.free_bytes_in_segments(),
-            s.free_runs.count,
-            s.free_runs.bytes,
-            s.free_runs.largest_bytes
-        )?;
-        writeln!(out, "  roots: {}", s.roots.len())?;
     }
+    Ok(())
+}
+
+/// The text figures summed over the shards.
+fn totals_text(r: &DirReport, out: &mut impl Write) -> io::Result<()> {
     let t = r.totals();
     writeln!(out, "totals")?;
     writeln!(

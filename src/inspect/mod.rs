@@ -158,30 +158,7 @@ pub fn read_dir(path: impl AsRef<Path>) -> Result<DirReport> {
     };
     let mut shards = Vec::new();
     if let Some(g) = &geometry {
-        for (name, kind) in &listing {
-            let Some(i) = name
-                .strip_prefix("shard-")
-                .and_then(|d| d.parse::<u16>().ok())
-            else {
-                continue;
-            };
-            if i >= g.shard_count && *name == shard_folder_name(i) {
-                Reporter {
-                    out: &mut problems,
-                    shard: None,
-                    file: Some(name.clone()),
-                }
-                .warn(
-                    None,
-                    None,
-                    format!(
-                        "shard folder beyond the {} shards of the directory ({}); ignored",
-                        g.shard_count,
-                        kind.describe()
-                    ),
-                );
-            }
-        }
+        stray_shard_folders(&listing, g, &mut problems);
         for i in 0..g.shard_count {
             shards.push(scan_shard(dir, g, i, &mut problems)?);
         }
@@ -194,6 +171,34 @@ pub fn read_dir(path: impl AsRef<Path>) -> Result<DirReport> {
         shards,
         problems,
     })
+}
+
+/// Shard folders beyond the directory's shard count.
+fn stray_shard_folders(listing: &[(String, Kind)], g: &Manifest, problems: &mut Vec<Problem>) {
+    for (name, kind) in listing {
+        let Some(i) = name
+            .strip_prefix("shard-")
+            .and_then(|d| d.parse::<u16>().ok())
+        else {
+            continue;
+        };
+        if i >= g.shard_count && *name == shard_folder_name(i) {
+            Reporter {
+                out: problems,
+                shard: None,
+                file: Some(name.clone()),
+            }
+            .warn(
+                None,
+                None,
+                format!(
+                    "shard folder beyond the {} shards of the directory ({}); ignored",
+                    g.shard_count,
+                    kind.describe()
+                ),
+            );
+        }
+    }
 }
 
 /// Check a data directory; every problem found (empty when clean).

@@ -243,68 +243,74 @@ impl fmt::Display for Defect {
                 f,
                 "metadata truncated: {size_bytes} bytes, the root table ends at {DIR_OFFSET}"
             ),
-            Defect::EntryHeader { defect, state } => {
-                write!(f, "{} (state word {state:#018x})", defect.describe())
-            }
-            Defect::ReservedHeaderBytes => f.write_str("reserved header bytes 28..64 are not zero"),
-            Defect::SegmentOutsideFile {
-                file,
-                first,
-                end,
-                file_blocks,
-            } => write!(
-                f,
-                "segment blocks {first}..{end} of data file {file} lie outside the maximum file size ({file_blocks} blocks)"
-            ),
-            Defect::SegmentCrossesWindow {
-                file,
-                first,
-                end,
-                boundary,
-            } => write!(
-                f,
-                "segment blocks {first}..{end} of data file {file} cross the window boundary at block {boundary}"
-            ),
-            Defect::BitmapPastSlots {
-                count,
-                first_slot,
-                word,
-                slots,
-            } => write!(
-                f,
-                "bitmap marks {count} slot(s) past the segment's {slots} slots (first: slot {first_slot}, bitmap word {word})"
-            ),
-            Defect::PublishedPastMark { hwm } => write!(
-                f,
-                "entry past the high-water mark {hwm} is published; recovery ignores it (its allocations are lost)"
-            ),
-            Defect::Overlap { .. } => fmt_overlap(self, f),
-            Defect::DataFileMissing {
-                entries,
-                live,
-                kept,
-            } => write!(
-                f,
-                "data file is missing but referenced by {} segment(s) (entries {}) holding {live} live slot(s){}",
-                entries.len(),
-                list(entries),
-                if *kept {
-                    ""
-                } else {
-                    "; recovery drops them all as overlaps"
-                }
-            ),
-            Defect::DataFileShort {
-                size_bytes,
-                live_past,
-                slot_bytes,
-                first_slot,
-            } => write!(
-                f,
-                "{live_past} live slot(s) of {slot_bytes} bytes lie past the end of the file ({size_bytes} bytes; first: slot {first_slot}): the file was cut short and their bytes are lost"
-            ),
-            _ => fmt_root(self, f),
+            _ => fmt_entry(self, f),
         }
+    }
+}
+
+fn fmt_entry(d: &Defect, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    match d {
+        Defect::EntryHeader { defect, state } => {
+            write!(f, "{} (state word {state:#018x})", defect.describe())
+        }
+        Defect::ReservedHeaderBytes => f.write_str("reserved header bytes 28..64 are not zero"),
+        Defect::SegmentOutsideFile {
+            file,
+            first,
+            end,
+            file_blocks,
+        } => write!(
+            f,
+            "segment blocks {first}..{end} of data file {file} lie outside the maximum file size ({file_blocks} blocks)"
+        ),
+        Defect::SegmentCrossesWindow {
+            file,
+            first,
+            end,
+            boundary,
+        } => write!(
+            f,
+            "segment blocks {first}..{end} of data file {file} cross the window boundary at block {boundary}"
+        ),
+        Defect::BitmapPastSlots {
+            count,
+            first_slot,
+            word,
+            slots,
+        } => write!(
+            f,
+            "bitmap marks {count} slot(s) past the segment's {slots} slots (first: slot {first_slot}, bitmap word {word})"
+        ),
+        Defect::PublishedPastMark { hwm } => write!(
+            f,
+            "entry past the high-water mark {hwm} is published; recovery ignores it (its allocations are lost)"
+        ),
+        Defect::Overlap { .. } => fmt_overlap(d, f),
+        Defect::DataFileMissing {
+            entries,
+            live,
+            kept,
+        } => write!(
+            f,
+            "data file is missing but referenced by {} segment(s) (entries {}) holding {live} live slot(s){}",
+            entries.len(),
+            list(entries),
+            if *kept {
+                ""
+            } else {
+                "; recovery drops them all as overlaps"
+            }
+        ),
+        Defect::DataFileShort {
+            size_bytes,
+            live_past,
+            slot_bytes,
+            first_slot,
+        } => write!(
+            f,
+            "{live_past} live slot(s) of {slot_bytes} bytes lie past the end of the file ({size_bytes} bytes; first: slot {first_slot}): the file was cut short and their bytes are lost"
+        ),
+        _ => fmt_root(d, f),
     }
 }
 

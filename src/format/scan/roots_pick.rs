@@ -63,6 +63,13 @@ pub(super) fn scan_roots(
     s.root_seq_max = valid.iter().map(|v| v.1.seq).max().unwrap_or(0);
     let winners = pick_per_name(&valid, s);
     let winners = pick_per_pair(&valid, winners, s);
+    keep_roots(&valid, winners, t, s);
+    Ok(())
+}
+
+/// The winners as recovery restores them, each checked against the
+/// segments: live, dangling (a warning) or foreign (an error).
+fn keep_roots(valid: &[Valid], winners: Vec<usize>, t: &ScanTarget<'_>, s: &mut ShardScan) {
     let (shard, dir_tag) = (t.shard, t.geometry.dir_tag());
     for k in winners {
         let (slot, r, h) = &valid[k];
@@ -98,7 +105,6 @@ pub(super) fn scan_roots(
         });
     }
     s.roots.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(())
 }
 
 /// For each name, the highest sequence number (a tie: the lower slot).
