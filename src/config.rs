@@ -62,38 +62,7 @@ pub enum MadvisePolicy {
     Normal,
 }
 
-/// Which io backend a shard's control ring uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum IoBackendChoice {
-    /// io_uring when it can be set up, plain syscalls otherwise. The
-    /// `SEGALLOC_IO` environment variable (`uring` or `sync`) overrides it.
-    #[default]
-    Auto,
-    /// io_uring, or an error when unavailable.
-    Uring,
-    /// Plain blocking syscalls.
-    Sync,
-}
-
-impl IoBackendChoice {
-    /// The choice after applying `SEGALLOC_IO` (only when `self` is `Auto`).
-    pub fn resolve_env(self) -> Result<IoBackendChoice> {
-        if self != IoBackendChoice::Auto {
-            return Ok(self);
-        }
-        match std::env::var("SEGALLOC_IO") {
-            Ok(v) => match v.as_str() {
-                "uring" => Ok(IoBackendChoice::Uring),
-                "sync" => Ok(IoBackendChoice::Sync),
-                "" | "auto" => Ok(IoBackendChoice::Auto),
-                other => Err(Error::InvalidConfig(format!(
-                    "SEGALLOC_IO must be `uring`, `sync` or `auto`, not {other:?}"
-                ))),
-            },
-            Err(_) => Ok(IoBackendChoice::Auto),
-        }
-    }
-}
+pub use crate::io::IoBackendChoice;
 
 /// Safe process-wide caps derived from the machine, as in the seed's
 /// `Limits::compute`.

@@ -244,7 +244,7 @@ impl FileHandleRegistry {
         f.entries
             .get(id.0 as usize)
             .map(|e| e.path.clone())
-            .ok_or(Error::UnknownFile(id))
+            .ok_or(Error::UnknownFile(id.0))
     }
 
     /// Descriptors open now, including those kept by operations in flight.
@@ -264,13 +264,16 @@ impl FileHandleRegistry {
         f.entries
             .get(id.0 as usize)
             .map(|e| e.reserved.get())
-            .ok_or(Error::UnknownFile(id))
+            .ok_or(Error::UnknownFile(id.0))
     }
 
     /// The file's size as last seen (`None` before the first acquire).
     pub fn len_bytes(&self, id: FileId) -> Result<Option<u64>> {
         let f = self.inner.borrow();
-        let e = f.entries.get(id.0 as usize).ok_or(Error::UnknownFile(id))?;
+        let e = f
+            .entries
+            .get(id.0 as usize)
+            .ok_or(Error::UnknownFile(id.0))?;
         Ok(e.len_known.then_some(e.len_bytes))
     }
 
@@ -279,7 +282,7 @@ impl FileHandleRegistry {
         f.entries
             .get(id.0 as usize)
             .map(|e| e.reserved.clone())
-            .ok_or(Error::UnknownFile(id))
+            .ok_or(Error::UnknownFile(id.0))
     }
 
     /// Counters.
@@ -475,7 +478,7 @@ impl FileHandleRegistry {
             Ok((lease, Reservation::Reserved))
         } else {
             Err(Error::InvalidRange {
-                file: id,
+                file_id: id.0,
                 offset: size,
                 len_bytes: min_size - size,
                 reason: "beyond the end of another shard's data file",
@@ -531,7 +534,7 @@ impl FileHandleRegistry {
             let e = f
                 .entries
                 .get_mut(id.0 as usize)
-                .ok_or(Error::UnknownFile(id))?;
+                .ok_or(Error::UnknownFile(id.0))?;
             e.last_use = tick;
             if let Some(fd) = &e.fd {
                 let count = self.counters.borrow()[&id].clone();

@@ -373,7 +373,7 @@ fn unknown_file_everywhere() {
         let (files, mm) = common::manager(dir.path(), 4, 4);
         let _known = files.register(dir.path().join("a"));
         let bogus = FileId(7);
-        let is_unknown = |r: &Result<_, Error>| matches!(r, Err(Error::UnknownFile(FileId(7))));
+        let is_unknown = |r: &Result<_, Error>| matches!(r, Err(Error::UnknownFile(7)));
         assert!(is_unknown(&mm.pin(bogus, 0, 4096, true).await.map(drop)));
         assert!(is_unknown(&mm.try_pin(bogus, 0, 4096, false).map(drop)));
         assert!(is_unknown(&files.acquire(bogus, 0).await.map(drop)));

@@ -39,9 +39,41 @@ use std::rc::Rc;
 use std::sync::Once;
 use std::task::{Context, Poll};
 
-use crate::config::IoBackendChoice;
 use crate::error::{Error, Result};
 use crate::sys;
+
+/// Which io backend a shard's control ring uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IoBackendChoice {
+    /// io_uring when it can be set up, plain syscalls otherwise. The
+    /// `SEGALLOC_IO` environment variable (`uring` or `sync`) overrides it.
+    #[default]
+    Auto,
+    /// io_uring, or an error when unavailable.
+    Uring,
+    /// Plain blocking syscalls.
+    Sync,
+}
+
+impl IoBackendChoice {
+    /// The choice after applying `SEGALLOC_IO` (only when `self` is `Auto`).
+    pub fn resolve_env(self) -> Result<IoBackendChoice> {
+        if self != IoBackendChoice::Auto {
+            return Ok(self);
+        }
+        match std::env::var("SEGALLOC_IO") {
+            Ok(v) => match v.as_str() {
+                "uring" => Ok(IoBackendChoice::Uring),
+                "sync" => Ok(IoBackendChoice::Sync),
+                "" | "auto" => Ok(IoBackendChoice::Auto),
+                other => Err(Error::InvalidConfig(format!(
+                    "SEGALLOC_IO must be `uring`, `sync` or `auto`, not {other:?}"
+                ))),
+            },
+            Err(_) => Ok(IoBackendChoice::Auto),
+        }
+    }
+}
 
 /// The backend a ring runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
