@@ -228,10 +228,23 @@ impl FileHandleRegistry {
     /// Register a file owned by another shard (cross-shard pins): it is
     /// opened without `O_CREAT` and never grown through this registry; its
     /// size is re-read from the file when a range lies beyond what was seen.
-    pub fn register_foreign(&self, path: impl AsRef<Path>) -> FileId {
+    ///
+    /// A path is registered only if the file exists, so names of files that
+    /// do not exist (a forged handle) cost no memory and close no cached
+    /// descriptor; the entries are bounded by the files on disk.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] (`NotFound`, …) when the file cannot be looked up.
+    pub fn register_foreign(&self, path: impl AsRef<Path>) -> Result<FileId> {
+        let path = path.as_ref();
+        if let Some(&id) = self.inner.borrow().by_path.get(path) {
+            return Ok(id);
+        }
+        std::fs::symlink_metadata(path).map_err(|e| Error::io("stat", Some(path), e))?;
         let id = self.register(path);
         self.inner.borrow_mut().entries[id.0 as usize].foreign = true;
-        id
+        Ok(id)
     }
 
     /// The path of a registered file.
@@ -328,7 +341,7 @@ impl FileHandleRegistry {
     /// As [`FileHandleRegistry::acquire`].
     pub async fn grow(&self, id: FileId, min_size: u64) -> Result<(FileLease, Reservation)> {
         loop {
-            let lease = match self.open_lease(id) {
+            let lease = match self.lease(id, true) {
                 // Operations dropped mid-flight keep their descriptors until
                 // the ring reaps them: drive it, then try again.
                 Err(e @ Error::FdPressure { .. }) if self.ring.abandoned_in_flight() > 0 => {
@@ -497,7 +510,8 @@ impl FileHandleRegistry {
     }
 
     /// `fdatasync` (or `fsync`) the file through the control ring. A file
-    /// that was never opened has nothing to sync.
+    /// that was never opened has nothing to sync, and sync never creates a
+    /// file: a file removed behind the registry's back is an error.
     ///
     /// # Errors
     ///
@@ -505,7 +519,10 @@ impl FileHandleRegistry {
     /// [`Error::TooManyOpenFiles`] when the file must be reopened and cannot.
     pub async fn sync(&self, id: FileId, datasync: bool) -> Result<()> {
         let path = self.path(id)?;
-        let lease = self.open_lease(id)?;
+        if !self.inner.borrow().entries[id.0 as usize].len_known {
+            return Ok(());
+        }
+        let lease = self.lease(id, false)?;
         let op = if datasync { "fdatasync" } else { "fsync" };
         self.ring
             .fsync(lease.shared_fd(), datasync)
@@ -525,8 +542,9 @@ impl FileHandleRegistry {
         }
     }
 
-    /// Get a lease on an open descriptor, opening (and evicting) if needed.
-    fn open_lease(&self, id: FileId) -> Result<FileLease> {
+    /// Get a lease on an open descriptor, opening (and evicting) if needed;
+    /// `create` allows creating the file (never for a foreign file).
+    fn lease(&self, id: FileId, create: bool) -> Result<FileLease> {
         {
             let mut f = self.inner.borrow_mut();
             f.tick += 1;
@@ -545,19 +563,22 @@ impl FileHandleRegistry {
                 });
             }
         }
+        let path = self.path(id)?;
+        let create = create && !self.inner.borrow().entries[id.0 as usize].foreign;
+        let mode = match self.mode {
+            OpenMode::ReadWriteCreate if !create => OpenMode::ReadWrite,
+            m => m,
+        };
+        if mode != OpenMode::ReadWriteCreate {
+            // A file that must exist and does not: fail before closing a
+            // cached descriptor for it.
+            std::fs::symlink_metadata(&path).map_err(|e| Error::io("open", Some(&path), e))?;
+        }
         if self.open.get() >= self.max_open && !self.evict_one() {
             return Err(Error::FdPressure {
                 max_open_files: self.max_open,
             });
         }
-        let path = self.path(id)?;
-        let mode = if self.mode == OpenMode::ReadWriteCreate
-            && self.inner.borrow().entries[id.0 as usize].foreign
-        {
-            OpenMode::ReadWrite
-        } else {
-            self.mode
-        };
         let fd = match sys::open(&path, mode) {
             Ok(fd) => fd,
             Err(e)

@@ -48,7 +48,7 @@ impl MappingManager {
         m.resident
             .iter()
             .enumerate()
-            .filter(|(_, r)| Rc::strong_count(Self::window_at(m, **r)) == 1)
+            .filter(|(_, r)| Self::window_at(m, **r).users.get() == 0)
             .min_by_key(|(_, r)| key(Self::window_at(m, **r)))
             .map(|(i, _)| i)
     }
@@ -63,7 +63,7 @@ impl MappingManager {
             let pos = m.clock_hand;
             m.clock_hand += 1;
             let w = Self::window_at(m, m.resident[pos]);
-            if Rc::strong_count(w) > 1 {
+            if w.users.get() > 0 {
                 continue;
             }
             if w.referenced.replace(false) {
@@ -82,7 +82,7 @@ impl MappingManager {
                 let m = self.inner.borrow();
                 m.resident
                     .iter()
-                    .any(|r| Rc::strong_count(Self::window_at(&m, *r)) == 1)
+                    .any(|r| Self::window_at(&m, *r).users.get() == 0)
             };
             if !any_idle || !self.evict_one() {
                 return n;

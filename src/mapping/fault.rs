@@ -12,7 +12,7 @@ use std::time::Instant;
 use memmap2::MmapOptions;
 use tracing::Instrument;
 
-use super::{MappingManager, Slot, Window};
+use super::{MappingManager, Slot, Window, WindowRef};
 use crate::config::MadvisePolicy;
 use crate::error::{Error, Result};
 use crate::files::{FileId, Reservation};
@@ -135,6 +135,9 @@ impl MappingManager {
 
     /// Fault the window of `[offset, offset + len)` in. `Ok(false)` when the
     /// cap is reached and every window is pinned.
+    ///
+    /// The file is checked (read-only) or grown (writable) before the window
+    /// table grows, so an invalid range costs no memory.
     pub(super) async fn fault_in(
         &self,
         file: FileId,
@@ -142,8 +145,8 @@ impl MappingManager {
         len: u64,
         writable: bool,
     ) -> Result<bool> {
-        let w = self.cfg.window_bytes;
-        let idx = (offset / w) as usize;
+        let how = self.cover(file, offset, len, writable).await?;
+        let idx = (offset / self.cfg.window_bytes) as usize;
         let list = Rc::new(WaitList::default());
         {
             let mut m = self.inner.borrow_mut();
@@ -174,81 +177,74 @@ impl MappingManager {
         let path = self.files.path(file)?;
         let span = tracing::debug_span!("fault_in", file = %path.display(), window = idx);
         let started = Instant::now();
-        self.fault_in_steps(&mut guard, file, idx, offset, len, writable, path)
-            .instrument(span)
+        let win = self
+            .map_window(&mut guard, path)
+            .instrument(span.clone())
             .await?;
         tracing::debug!(
             elapsed_us = started.elapsed().as_micros() as u64,
             "window mapped"
         );
+        self.after_fault(&win, file, (offset, offset + len), how)
+            .instrument(span)
+            .await?;
         Ok(true)
     }
 
-    /// The steps of a fault-in, once the slot is reserved by `guard`.
-    #[allow(clippy::too_many_arguments)]
-    async fn fault_in_steps(
+    /// Make the file hold `[offset, offset + len)`: grown when `writable`,
+    /// an error otherwise.
+    async fn cover(
         &self,
-        guard: &mut FaultGuard<'_>,
         file: FileId,
-        idx: usize,
         offset: u64,
         len: u64,
         writable: bool,
-        path: PathBuf,
-    ) -> Result<()> {
-        let w = self.cfg.window_bytes;
-
-        // 1. The file must cover the range (writable) or hold it (read-only).
+    ) -> Result<Reservation> {
         let end = offset + len;
         // Open first: a file seen for the first time learns its size (and so
         // its reserved bytes) at open, and must not be grown past what it
         // already holds (on a full disk that growth would fail needlessly).
-        let (lease, how) = if writable {
-            let lease = self.files.acquire(file, 0).await?;
-            if self.files.reserved_bytes(file)? < end {
-                drop(lease);
-                let target = self.growth_target(end);
-                self.files.grow(file, target).await?
-            } else {
-                (lease, Reservation::Reserved)
-            }
-        } else {
-            let lease = self.files.acquire(file, 0).await?;
-            if self.files.reserved_bytes(file)? < end {
-                return Err(Error::InvalidRange {
-                    file_id: file.0,
-                    offset,
-                    len_bytes: len,
-                    reason: "read-only pin past the end of the file",
-                });
-            }
-            (lease, Reservation::Reserved)
-        };
-
-        // 2. Map the whole window, inline (no io_uring opcode for mmap).
-        let window_off = idx as u64 * w;
-        let mut opts = MmapOptions::new();
-        opts.offset(window_off).len(w as usize);
-        if let Some(source) = crate::io::injected_mmap_fault() {
-            // A planned failure (feature `fault-injection` only).
-            return Err(Error::MapFailed {
-                path,
-                offset: window_off,
-                len_bytes: w,
-                source,
+        drop(self.files.acquire(file, 0).await?);
+        if self.files.reserved_bytes(file)? >= end {
+            return Ok(Reservation::Reserved);
+        }
+        if !writable {
+            return Err(Error::InvalidRange {
+                file_id: file.0,
+                offset,
+                len_bytes: len,
+                reason: "read-only pin past the end of the file",
             });
         }
+        let (_lease, how) = self.files.grow(file, self.growth_target(end)).await?;
+        Ok(how)
+    }
+
+    /// Map the whole window of `guard` (inline: there is no io_uring opcode
+    /// for mmap), advise it, and publish it in the table.
+    async fn map_window(&self, guard: &mut FaultGuard<'_>, path: PathBuf) -> Result<WindowRef> {
+        let (file, idx) = (guard.file, guard.idx);
+        let w = self.cfg.window_bytes;
+        let window_off = idx as u64 * w;
+        let map_failed = |source| Error::MapFailed {
+            path: path.clone(),
+            offset: window_off,
+            len_bytes: w,
+            source,
+        };
+        if let Some(source) = crate::io::injected_mmap_fault() {
+            // A planned failure (feature `fault-injection` only).
+            return Err(map_failed(source));
+        }
+        let lease = self.files.acquire(file, 0).await?;
+        let mut opts = MmapOptions::new();
+        opts.offset(window_off).len(w as usize);
         let map = if self.files.is_read_only() {
             opts.map_raw_read_only(lease.as_raw_fd())
         } else {
             opts.map_raw(lease.as_raw_fd())
         }
-        .map_err(|source| Error::MapFailed {
-            path: path.clone(),
-            offset: window_off,
-            len_bytes: w,
-            source,
-        })?;
+        .map_err(map_failed)?;
         drop(lease);
         let base = NonNull::new(map.as_mut_ptr()).expect("mmap never returns null");
         // The slot now counts as a live VMA instead of a window faulting in
@@ -256,20 +252,21 @@ impl MappingManager {
         self.shared.live.set(self.shared.live.get() + 1);
         self.inner.borrow_mut().faulting -= 1;
         guard.faulting = false;
-        let win = Rc::new(Window {
+        let rc = Rc::new(Window {
             map,
             base,
             len: w as usize,
             last_use: Cell::new(0),
             uses: Cell::new(0),
             referenced: Cell::new(true),
+            users: Cell::new(0),
             shared: self.shared.clone(),
             #[cfg(debug_assertions)]
             pin_sites: RefCell::new(slab::Slab::new()),
         });
-
-        // 3. Whole-window advice through the ring (never part of a window:
-        //    that would split the VMA).
+        let win = WindowRef::new(&rc);
+        // Whole-window advice through the ring (never part of a window: that
+        // would split the VMA).
         let advice = match self.cfg.madvise_policy {
             MadvisePolicy::Random => Some(sys::MADV_RANDOM),
             MadvisePolicy::Sequential => Some(sys::MADV_SEQUENTIAL),
@@ -280,34 +277,42 @@ impl MappingManager {
         {
             tracing::debug!(error = %e, "window advice failed (ignored: advisory)");
         }
-
-        // 4. Publish the window.
         {
             let mut m = self.inner.borrow_mut();
-            m.files[file.0 as usize].as_mut().unwrap().windows[idx] = Slot::Mapped(win.clone());
+            m.files[file.0 as usize].as_mut().unwrap().windows[idx] = Slot::Mapped(rc);
             m.resident.push((file, idx as u32));
             m.stats.faults += 1;
         }
         guard.finish();
+        Ok(win)
+    }
 
-        // 5. A sparse growth (no fallocate) is prefaulted before use.
+    /// After a fault-in: prefault a sparse growth, then read ahead past
+    /// the range `[offset, end)` inside the window.
+    async fn after_fault(
+        &self,
+        win: &WindowRef,
+        file: FileId,
+        (offset, end): (u64, u64),
+        how: Reservation,
+    ) -> Result<()> {
         if let Reservation::Sparse { from, to } = how {
             self.populate(file, from, to).await?;
         }
-
-        // 6. Optional read-ahead past the range, inside the window.
-        if self.cfg.prefetch_ahead_bytes > 0 {
-            let reserved = self.files.reserved_bytes(file)?;
-            let start = offset;
-            let stop = (end + self.cfg.prefetch_ahead_bytes)
-                .min(window_off + w)
-                .min(reserved);
-            if stop > start {
-                let off = (start - window_off) as usize;
-                let r = self.advise(&win, off, (stop - start) as usize, sys::MADV_WILLNEED);
-                if let Err(e) = r.await {
-                    tracing::debug!(error = %e, "prefetch advice failed (ignored: advisory)");
-                }
+        if self.cfg.prefetch_ahead_bytes == 0 {
+            return Ok(());
+        }
+        let w = self.cfg.window_bytes;
+        let window_off = offset / w * w;
+        let reserved = self.files.reserved_bytes(file)?;
+        let stop = (end + self.cfg.prefetch_ahead_bytes)
+            .min(window_off + w)
+            .min(reserved);
+        if stop > offset {
+            let off = (offset - window_off) as usize;
+            let r = self.advise(win, off, (stop - offset) as usize, sys::MADV_WILLNEED);
+            if let Err(e) = r.await {
+                tracing::debug!(error = %e, "prefetch advice failed (ignored: advisory)");
             }
         }
         Ok(())

@@ -108,6 +108,9 @@ pub(crate) struct Window {
     last_use: Cell<u64>,
     uses: Cell<u64>,
     referenced: Cell<bool>,
+    /// Live [`WindowRef`]s: pins, io operations and fault-in steps using
+    /// the window. Zero means idle (only the table refers to it).
+    users: Cell<usize>,
     shared: Rc<Shared>,
     #[cfg(debug_assertions)]
     pin_sites: RefCell<slab::Slab<&'static Location<'static>>>,
@@ -117,6 +120,44 @@ impl Drop for Window {
     fn drop(&mut self) {
         self.shared.live.set(self.shared.live.get() - 1);
         let _ = &self.map;
+    }
+}
+
+/// A use of a window that keeps it from being evicted: held by pins, by io
+/// operations in flight and by fault-in steps. The last one to go wakes a
+/// task waiting for an idle window, whoever it is.
+pub(crate) struct WindowRef(Rc<Window>);
+
+impl WindowRef {
+    #[inline]
+    fn new(window: &Rc<Window>) -> WindowRef {
+        window.users.set(window.users.get() + 1);
+        WindowRef(window.clone())
+    }
+}
+
+impl Clone for WindowRef {
+    fn clone(&self) -> WindowRef {
+        WindowRef::new(&self.0)
+    }
+}
+
+impl std::ops::Deref for WindowRef {
+    type Target = Window;
+    #[inline]
+    fn deref(&self) -> &Window {
+        &self.0
+    }
+}
+
+impl Drop for WindowRef {
+    #[inline]
+    fn drop(&mut self) {
+        let n = self.0.users.get() - 1;
+        self.0.users.set(n);
+        if n == 0 && self.0.shared.pressure.waiting() > 0 {
+            self.0.shared.pressure.wake_one();
+        }
     }
 }
 
@@ -268,7 +309,7 @@ impl MappingManager {
             .iter()
             .filter(
                 |(f, i)| match &m.files[f.0 as usize].as_ref().unwrap().windows[*i as usize] {
-                    Slot::Mapped(w) => Rc::strong_count(w) > 1,
+                    Slot::Mapped(w) => w.users.get() > 0,
                     _ => false,
                 },
             )
@@ -379,7 +420,7 @@ impl MappingManager {
                     w.uses.set(w.uses.get() + 1);
                     w.referenced.set(true);
                     let win_off = offset - ((idx as u64) * self.cfg.window_bytes);
-                    let pin = Pin::new(w.clone(), win_off as usize, len as usize, writable, site);
+                    let pin = Pin::new(w, win_off as usize, len as usize, writable, site);
                     m.stats.fast_pins += 1;
                     Fast::Pinned(pin)
                 }
@@ -501,10 +542,10 @@ impl MappingManager {
     }
 
     /// Window `idx` of `file`, if it is mapped.
-    fn mapped_window(&self, file: FileId, idx: usize) -> Option<Rc<Window>> {
+    fn mapped_window(&self, file: FileId, idx: usize) -> Option<WindowRef> {
         let m = self.inner.borrow();
         match m.files.get(file.0 as usize)?.as_ref()?.windows.get(idx)? {
-            Slot::Mapped(win) => Some(win.clone()),
+            Slot::Mapped(win) => Some(WindowRef::new(win)),
             _ => None,
         }
     }
@@ -512,12 +553,12 @@ impl MappingManager {
     /// `madvise` through the ring on `[off, off + len)` of `win`, which the
     /// op keeps mapped until the kernel is done. Only advice that discards
     /// nothing (access patterns, WILLNEED, POPULATE_WRITE) is passed here.
-    fn advise(&self, win: &Rc<Window>, off: usize, len: usize, advice: i32) -> crate::io::Op {
+    fn advise(&self, win: &WindowRef, off: usize, len: usize, advice: i32) -> crate::io::Op {
         assert!(off.checked_add(len).is_some_and(|end| end <= win.len));
         // SAFETY: `off + len <= win.len` (asserted) so the pointer stays in
         // the window's mapping.
         let addr = unsafe { win.base.as_ptr().add(off) };
-        let hold: Rc<dyn std::any::Any> = win.clone();
+        let hold: Rc<dyn std::any::Any> = Rc::new(win.clone());
         // SAFETY: the range lies inside `win`'s mapping, which `hold` keeps
         // alive until the op completes; the callers' advice discards nothing.
         unsafe { self.ring.madvise(hold, addr, len, advice) }

@@ -4,7 +4,7 @@ use std::panic::Location;
 use std::ptr::NonNull;
 use std::rc::Rc;
 
-use super::Window;
+use super::{Window, WindowRef};
 use crate::error::{Error, Result};
 
 /// A pinned range of a window: RAII, move-only, `!Send`.
@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 /// the memory is a shared file mapping that other pins (and other processes)
 /// may reach, so no safe `&mut [u8]` is handed out.
 pub struct Pin {
-    window: Rc<Window>,
+    window: WindowRef,
     ptr: NonNull<u8>,
     len: usize,
     writable: bool,
@@ -27,7 +27,7 @@ pub struct Pin {
 impl Pin {
     #[inline]
     pub(super) fn new(
-        window: Rc<Window>,
+        window: &Rc<Window>,
         offset: usize,
         len: usize,
         writable: bool,
@@ -40,7 +40,7 @@ impl Pin {
         #[cfg(debug_assertions)]
         let site_key = window.pin_sites.borrow_mut().insert(_site);
         Pin {
-            window,
+            window: WindowRef::new(window),
             ptr,
             len,
             writable,
@@ -198,10 +198,7 @@ impl Drop for Pin {
     fn drop(&mut self) {
         #[cfg(debug_assertions)]
         self.window.pin_sites.borrow_mut().remove(self.site_key);
-        // Table + this pin: the window becomes idle once we are gone.
-        if Rc::strong_count(&self.window) == 2 && self.window.shared.pressure.waiting() > 0 {
-            self.window.shared.pressure.wake_one();
-        }
+        // `window` (a `WindowRef`) wakes a waiter if it was the last use.
     }
 }
 
