@@ -401,6 +401,20 @@ pub(crate) fn injected_mmap_fault() -> Option<io::Error> {
     }
 }
 
+/// The injected failure of an `io_uring_enter` (feature `fault-injection`);
+/// always `None` without the feature.
+#[inline(always)]
+pub(crate) fn injected_enter_fault() -> Option<io::Error> {
+    #[cfg(feature = "fault-injection")]
+    {
+        faults::take_enter()
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        None
+    }
+}
+
 impl fmt::Debug for Ring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ring")
