@@ -46,6 +46,8 @@ pub struct FileStats {
     pub grows: u64,
     /// Bytes added by growth.
     pub grown_bytes: u64,
+    /// Folder fsyncs made to make files' directory entries durable.
+    pub dir_syncs: u64,
 }
 
 /// How a growth request was satisfied.
@@ -78,6 +80,9 @@ struct FileEntry {
     fallocate_ok: bool,
     /// Owned by another shard: opened without `O_CREAT`, never grown here.
     foreign: bool,
+    /// A fsync of the file's folder succeeded after the file was created or
+    /// found: its directory entry survives a power loss.
+    dir_durable: bool,
 }
 
 struct Files {
@@ -219,6 +224,7 @@ impl FileHandleRegistry {
             grow_waiters: Rc::new(WaitList::default()),
             fallocate_ok: true,
             foreign: false,
+            dir_durable: false,
         });
         f.by_path.insert(path.to_path_buf(), id);
         f.stats.files = f.entries.len();
@@ -528,6 +534,42 @@ impl FileHandleRegistry {
             .fsync(lease.shared_fd(), datasync)
             .await
             .map_err(|e| Error::io(op, Some(&path), e))
+    }
+
+    /// Make the directory entry of `id` durable: open (creating) the file if
+    /// it was never opened, then fsync its folder through the control ring,
+    /// unless a fsync of that folder already succeeded since the file was
+    /// created or found. A file left by a crash between its creation and
+    /// the folder's fsync is covered the first time it is used. Returns
+    /// whether a fsync was made; after a failed one the entry stays not
+    /// durable and the next call tries again.
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire`](Self::acquire); [`Error::Io`] when the folder cannot
+    /// be opened or synced.
+    pub async fn make_entry_durable(&self, id: FileId) -> Result<bool> {
+        let path = self.path(id)?;
+        if self.inner.borrow().entries[id.0 as usize].dir_durable {
+            return Ok(false);
+        }
+        if self.len_bytes(id)?.is_none() {
+            drop(self.acquire(id, 0).await?);
+        }
+        let folder = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let fd = sys::open(&folder, OpenMode::ReadOnly)
+            .map_err(|e| Error::io("open", Some(&folder), e))?;
+        self.ring
+            .fsync(&Rc::new(fd), false)
+            .await
+            .map_err(|e| Error::io("fsync", Some(&folder), e))?;
+        let mut f = self.inner.borrow_mut();
+        f.entries[id.0 as usize].dir_durable = true;
+        f.stats.dir_syncs += 1;
+        Ok(true)
     }
 
     /// Close every idle descriptor (the windows stay mapped).

@@ -387,3 +387,23 @@ fn unknown_file_everywhere() {
         assert_eq!((files.open_count(), mm.extent_count()), (0, 0));
     });
 }
+
+/// Directory durability is tracked per file: a file left by a crash (it
+/// exists before the registry first sees it) gets a folder fsync the first
+/// time it is made durable, once; a file created here too.
+#[test]
+fn crash_left_file_is_directory_synced_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("left"), [7u8; 4096]).unwrap();
+    run(async {
+        let (files, _mm) = common::manager(dir.path(), 4, 4);
+        let left = files.register(dir.path().join("left"));
+        drop(files.acquire(left, 0).await.unwrap());
+        assert!(files.make_entry_durable(left).await.unwrap(), "synced");
+        assert!(!files.make_entry_durable(left).await.unwrap(), "once");
+        let new = files.register(dir.path().join("new"));
+        assert!(files.make_entry_durable(new).await.unwrap());
+        assert!(dir.path().join("new").exists(), "created first");
+        assert_eq!(files.stats().dir_syncs, 2);
+    });
+}

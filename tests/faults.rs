@@ -716,3 +716,23 @@ fn ring_close_waits_through_eintr() {
         "released before the prefault ended: {blocks} of {len} bytes"
     );
 }
+
+/// A failed folder fsync leaves the file's directory entry not durable: the
+/// next call syncs again (and an allocation that needs it fails meanwhile).
+#[test]
+fn failed_folder_sync_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("left"), [7u8; 4096]).unwrap();
+    run(async {
+        let _g = faults::clear_on_drop();
+        let (files, _mm) = common::manager(dir.path(), 4, 4);
+        let left = files.register(dir.path().join("left"));
+        faults::inject(Fault::new(FaultOp::Fsync, EIO));
+        let r = files.make_entry_durable(left).await;
+        assert!(matches!(&r, Err(e) if errno_of(e) == Some(EIO)), "{r:?}");
+        assert_eq!(files.stats().dir_syncs, 0);
+        assert!(files.make_entry_durable(left).await.unwrap(), "tried again");
+        assert!(!files.make_entry_durable(left).await.unwrap());
+        assert_eq!(files.stats().dir_syncs, 1);
+    });
+}
