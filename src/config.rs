@@ -62,37 +62,37 @@ pub enum MadvisePolicy {
     Normal,
 }
 
-/// Which io backend a shard's control ring uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum IoBackendChoice {
-    /// io_uring when it can be set up, plain syscalls otherwise. The
-    /// `SEGALLOC_IO` environment variable (`uring` or `sync`) overrides it.
-    #[default]
-    Auto,
-    /// io_uring, or an error when unavailable.
-    Uring,
-    /// Plain blocking syscalls.
-    Sync,
-}
+pub use crate::io::IoBackendChoice;
 
-impl IoBackendChoice {
-    /// The choice after applying `SEGALLOC_IO` (only when `self` is `Auto`).
-    pub fn resolve_env(self) -> Result<IoBackendChoice> {
-        if self != IoBackendChoice::Auto {
-            return Ok(self);
-        }
-        match std::env::var("SEGALLOC_IO") {
-            Ok(v) => match v.as_str() {
-                "uring" => Ok(IoBackendChoice::Uring),
-                "sync" => Ok(IoBackendChoice::Sync),
-                "" | "auto" => Ok(IoBackendChoice::Auto),
-                other => Err(Error::InvalidConfig(format!(
-                    "SEGALLOC_IO must be `uring`, `sync` or `auto`, not {other:?}"
-                ))),
-            },
-            Err(_) => Ok(IoBackendChoice::Auto),
-        }
+/// The most shards a data directory has.
+pub const SHARDS_MAX: usize = 1024;
+
+/// Check that the process-wide caps split between the shards without
+/// exceeding them: every shard needs at least one descriptor and one window.
+/// A shard count left at its default (one per core) is lowered to fit.
+fn split_caps(c: &mut Config, shards_set: bool) -> Result<()> {
+    let fit = SHARDS_MAX.min(c.max_open_files).min(c.max_extents);
+    if !shards_set {
+        c.shards = c.shards.clamp(1, fit.max(1));
     }
+    if c.shards == 0 || c.shards > SHARDS_MAX {
+        return Err(Error::InvalidConfig(format!(
+            "shards must be in 1..={SHARDS_MAX}, got {}",
+            c.shards
+        )));
+    }
+    if c.max_open_files == 0 || c.max_extents == 0 {
+        return Ok(()); // refused below with its own message
+    }
+    if c.shards > c.max_open_files || c.shards > c.max_extents {
+        return Err(Error::InvalidConfig(format!(
+            "{} shards need at least one descriptor and one window each, but the \
+             process-wide caps are {} descriptors (max_open_files) and {} windows \
+             (max_extents): lower the shard count or raise the caps",
+            c.shards, c.max_open_files, c.max_extents
+        )));
+    }
+    Ok(())
 }
 
 /// Safe process-wide caps derived from the machine, as in the seed's
@@ -186,6 +186,7 @@ impl Config {
                 read_only: false,
             },
             growth_step_set: false,
+            shards_set: false,
         }
     }
 
@@ -217,11 +218,13 @@ impl Config {
     pub fn max_extents(&self) -> usize {
         self.max_extents
     }
-    /// Descriptor cap of one shard: `max(1, max_open_files / shards)`.
+    /// Descriptor cap of one shard: `max_open_files / shards` (at least 1:
+    /// a configuration with more shards than descriptors is refused).
     pub fn max_open_files_per_shard(&self) -> usize {
         (self.max_open_files / self.shards).max(1)
     }
-    /// Window cap of one shard: `max(1, max_extents / shards)`.
+    /// Window cap of one shard: `max_extents / shards` (at least 1: a
+    /// configuration with more shards than windows is refused).
     pub fn max_extents_per_shard(&self) -> usize {
         (self.max_extents / self.shards).max(1)
     }
@@ -256,12 +259,14 @@ impl Config {
 pub struct ConfigBuilder {
     cfg: Config,
     growth_step_set: bool,
+    shards_set: bool,
 }
 
 impl ConfigBuilder {
     /// Number of shards (default: one per available core).
     pub fn shards(mut self, n: usize) -> Self {
         self.cfg.shards = n;
+        self.shards_set = true;
         self
     }
     /// Window size: a multiple of 16 MiB (default 1 GiB).
@@ -345,9 +350,7 @@ impl ConfigBuilder {
     pub fn build(mut self) -> Result<Config> {
         let c = &mut self.cfg;
         let bad = |m: String| Err(Error::InvalidConfig(m));
-        if c.shards == 0 || c.shards > 1024 {
-            return bad(format!("shards must be in 1..=1024, got {}", c.shards));
-        }
+        split_caps(c, self.shards_set)?;
         if c.window_bytes == 0 || !c.window_bytes.is_multiple_of(SEGMENT_BYTES_MAX) {
             return bad(format!(
                 "window_bytes must be a positive multiple of {SEGMENT_BYTES_MAX} (16 MiB), got {}",

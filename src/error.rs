@@ -10,8 +10,6 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::files::FileId;
-
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -108,10 +106,10 @@ pub enum Error {
     },
 
     /// A range is empty, or lies beyond what the file may hold.
-    #[error("invalid range [{offset}, {offset}+{len_bytes}) in {file:?}: {reason}")]
+    #[error("invalid range [{offset}, {offset}+{len_bytes}) in file {file_id}: {reason}")]
     InvalidRange {
-        /// The file.
-        file: FileId,
+        /// The file's number in its registry (a `FileId`'s value).
+        file_id: u32,
         /// Start of the range.
         offset: u64,
         /// Length of the range.
@@ -120,9 +118,9 @@ pub enum Error {
         reason: &'static str,
     },
 
-    /// A [`FileId`] that this registry never handed out.
-    #[error("unknown file id {0:?}")]
-    UnknownFile(FileId),
+    /// A file number (a `FileId`'s value) that the registry never handed out.
+    #[error("unknown file id {0}")]
+    UnknownFile(u32),
 
     /// A write was asked of something opened read-only.
     #[error("read-only: {0}")]

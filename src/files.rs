@@ -46,6 +46,8 @@ pub struct FileStats {
     pub grows: u64,
     /// Bytes added by growth.
     pub grown_bytes: u64,
+    /// Folder fsyncs made to make files' directory entries durable.
+    pub dir_syncs: u64,
 }
 
 /// How a growth request was satisfied.
@@ -78,6 +80,9 @@ struct FileEntry {
     fallocate_ok: bool,
     /// Owned by another shard: opened without `O_CREAT`, never grown here.
     foreign: bool,
+    /// A fsync of the file's folder succeeded after the file was created or
+    /// found: its directory entry survives a power loss.
+    dir_durable: bool,
 }
 
 struct Files {
@@ -219,6 +224,7 @@ impl FileHandleRegistry {
             grow_waiters: Rc::new(WaitList::default()),
             fallocate_ok: true,
             foreign: false,
+            dir_durable: false,
         });
         f.by_path.insert(path.to_path_buf(), id);
         f.stats.files = f.entries.len();
@@ -228,10 +234,23 @@ impl FileHandleRegistry {
     /// Register a file owned by another shard (cross-shard pins): it is
     /// opened without `O_CREAT` and never grown through this registry; its
     /// size is re-read from the file when a range lies beyond what was seen.
-    pub fn register_foreign(&self, path: impl AsRef<Path>) -> FileId {
+    ///
+    /// A path is registered only if the file exists, so names of files that
+    /// do not exist (a forged handle) cost no memory and close no cached
+    /// descriptor; the entries are bounded by the files on disk.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] (`NotFound`, …) when the file cannot be looked up.
+    pub fn register_foreign(&self, path: impl AsRef<Path>) -> Result<FileId> {
+        let path = path.as_ref();
+        if let Some(&id) = self.inner.borrow().by_path.get(path) {
+            return Ok(id);
+        }
+        std::fs::symlink_metadata(path).map_err(|e| Error::io("stat", Some(path), e))?;
         let id = self.register(path);
         self.inner.borrow_mut().entries[id.0 as usize].foreign = true;
-        id
+        Ok(id)
     }
 
     /// The path of a registered file.
@@ -244,7 +263,7 @@ impl FileHandleRegistry {
         f.entries
             .get(id.0 as usize)
             .map(|e| e.path.clone())
-            .ok_or(Error::UnknownFile(id))
+            .ok_or(Error::UnknownFile(id.0))
     }
 
     /// Descriptors open now, including those kept by operations in flight.
@@ -264,13 +283,16 @@ impl FileHandleRegistry {
         f.entries
             .get(id.0 as usize)
             .map(|e| e.reserved.get())
-            .ok_or(Error::UnknownFile(id))
+            .ok_or(Error::UnknownFile(id.0))
     }
 
     /// The file's size as last seen (`None` before the first acquire).
     pub fn len_bytes(&self, id: FileId) -> Result<Option<u64>> {
         let f = self.inner.borrow();
-        let e = f.entries.get(id.0 as usize).ok_or(Error::UnknownFile(id))?;
+        let e = f
+            .entries
+            .get(id.0 as usize)
+            .ok_or(Error::UnknownFile(id.0))?;
         Ok(e.len_known.then_some(e.len_bytes))
     }
 
@@ -279,7 +301,7 @@ impl FileHandleRegistry {
         f.entries
             .get(id.0 as usize)
             .map(|e| e.reserved.clone())
-            .ok_or(Error::UnknownFile(id))
+            .ok_or(Error::UnknownFile(id.0))
     }
 
     /// Counters.
@@ -325,7 +347,7 @@ impl FileHandleRegistry {
     /// As [`FileHandleRegistry::acquire`].
     pub async fn grow(&self, id: FileId, min_size: u64) -> Result<(FileLease, Reservation)> {
         loop {
-            let lease = match self.open_lease(id) {
+            let lease = match self.lease(id, true) {
                 // Operations dropped mid-flight keep their descriptors until
                 // the ring reaps them: drive it, then try again.
                 Err(e @ Error::FdPressure { .. }) if self.ring.abandoned_in_flight() > 0 => {
@@ -475,7 +497,7 @@ impl FileHandleRegistry {
             Ok((lease, Reservation::Reserved))
         } else {
             Err(Error::InvalidRange {
-                file: id,
+                file_id: id.0,
                 offset: size,
                 len_bytes: min_size - size,
                 reason: "beyond the end of another shard's data file",
@@ -494,7 +516,8 @@ impl FileHandleRegistry {
     }
 
     /// `fdatasync` (or `fsync`) the file through the control ring. A file
-    /// that was never opened has nothing to sync.
+    /// that was never opened has nothing to sync, and sync never creates a
+    /// file: a file removed behind the registry's back is an error.
     ///
     /// # Errors
     ///
@@ -502,12 +525,51 @@ impl FileHandleRegistry {
     /// [`Error::TooManyOpenFiles`] when the file must be reopened and cannot.
     pub async fn sync(&self, id: FileId, datasync: bool) -> Result<()> {
         let path = self.path(id)?;
-        let lease = self.open_lease(id)?;
+        if !self.inner.borrow().entries[id.0 as usize].len_known {
+            return Ok(());
+        }
+        let lease = self.lease(id, false)?;
         let op = if datasync { "fdatasync" } else { "fsync" };
         self.ring
             .fsync(lease.shared_fd(), datasync)
             .await
             .map_err(|e| Error::io(op, Some(&path), e))
+    }
+
+    /// Make the directory entry of `id` durable: open (creating) the file if
+    /// it was never opened, then fsync its folder through the control ring,
+    /// unless a fsync of that folder already succeeded since the file was
+    /// created or found. A file left by a crash between its creation and
+    /// the folder's fsync is covered the first time it is used. Returns
+    /// whether a fsync was made; after a failed one the entry stays not
+    /// durable and the next call tries again.
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire`](Self::acquire); [`Error::Io`] when the folder cannot
+    /// be opened or synced.
+    pub async fn make_entry_durable(&self, id: FileId) -> Result<bool> {
+        let path = self.path(id)?;
+        if self.inner.borrow().entries[id.0 as usize].dir_durable {
+            return Ok(false);
+        }
+        if self.len_bytes(id)?.is_none() {
+            drop(self.acquire(id, 0).await?);
+        }
+        let folder = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let fd = sys::open(&folder, OpenMode::ReadOnly)
+            .map_err(|e| Error::io("open", Some(&folder), e))?;
+        self.ring
+            .fsync(&Rc::new(fd), false)
+            .await
+            .map_err(|e| Error::io("fsync", Some(&folder), e))?;
+        let mut f = self.inner.borrow_mut();
+        f.entries[id.0 as usize].dir_durable = true;
+        f.stats.dir_syncs += 1;
+        Ok(true)
     }
 
     /// Close every idle descriptor (the windows stay mapped).
@@ -522,8 +584,9 @@ impl FileHandleRegistry {
         }
     }
 
-    /// Get a lease on an open descriptor, opening (and evicting) if needed.
-    fn open_lease(&self, id: FileId) -> Result<FileLease> {
+    /// Get a lease on an open descriptor, opening (and evicting) if needed;
+    /// `create` allows creating the file (never for a foreign file).
+    fn lease(&self, id: FileId, create: bool) -> Result<FileLease> {
         {
             let mut f = self.inner.borrow_mut();
             f.tick += 1;
@@ -531,7 +594,7 @@ impl FileHandleRegistry {
             let e = f
                 .entries
                 .get_mut(id.0 as usize)
-                .ok_or(Error::UnknownFile(id))?;
+                .ok_or(Error::UnknownFile(id.0))?;
             e.last_use = tick;
             if let Some(fd) = &e.fd {
                 let count = self.counters.borrow()[&id].clone();
@@ -542,19 +605,22 @@ impl FileHandleRegistry {
                 });
             }
         }
+        let path = self.path(id)?;
+        let create = create && !self.inner.borrow().entries[id.0 as usize].foreign;
+        let mode = match self.mode {
+            OpenMode::ReadWriteCreate if !create => OpenMode::ReadWrite,
+            m => m,
+        };
+        if mode != OpenMode::ReadWriteCreate {
+            // A file that must exist and does not: fail before closing a
+            // cached descriptor for it.
+            std::fs::symlink_metadata(&path).map_err(|e| Error::io("open", Some(&path), e))?;
+        }
         if self.open.get() >= self.max_open && !self.evict_one() {
             return Err(Error::FdPressure {
                 max_open_files: self.max_open,
             });
         }
-        let path = self.path(id)?;
-        let mode = if self.mode == OpenMode::ReadWriteCreate
-            && self.inner.borrow().entries[id.0 as usize].foreign
-        {
-            OpenMode::ReadWrite
-        } else {
-            self.mode
-        };
         let fd = match sys::open(&path, mode) {
             Ok(fd) => fd,
             Err(e)

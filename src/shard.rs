@@ -225,7 +225,7 @@ impl Shard {
             .dir
             .shard_dir(h.shard())
             .join(crate::format::data_file_name(h.file_id()));
-        let id = self.inner.files.register_foreign(path);
+        let id = self.inner.files.register_foreign(path)?;
         self.inner.foreign.borrow_mut().insert(key, id);
         Ok(id)
     }

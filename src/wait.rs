@@ -103,6 +103,11 @@ impl Drop for Wait {
             if self.me.notified.get() {
                 // Woken but never observed it: pass the wake-up on.
                 self.list.wake_one();
+            } else {
+                // Given up (a timeout, a dropped task): leave the queue, so
+                // waiters that are never woken do not pile up in it.
+                let me = &self.me;
+                self.list.queue.borrow_mut().retain(|w| !Rc::ptr_eq(w, me));
             }
         }
     }
@@ -111,6 +116,19 @@ impl Drop for Wait {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn abandoned_waits_leave_the_queue() {
+        let list = Rc::new(WaitList::default());
+        for _ in 0..1000 {
+            drop(list.wait());
+        }
+        let kept = list.wait();
+        assert_eq!(list.queue.borrow().len(), 1);
+        drop(kept);
+        assert_eq!(list.queue.borrow().len(), 0);
+        assert_eq!(list.waiting(), 0);
+    }
 
     #[test]
     fn fifo_and_pass_on() {

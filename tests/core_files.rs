@@ -373,7 +373,7 @@ fn unknown_file_everywhere() {
         let (files, mm) = common::manager(dir.path(), 4, 4);
         let _known = files.register(dir.path().join("a"));
         let bogus = FileId(7);
-        let is_unknown = |r: &Result<_, Error>| matches!(r, Err(Error::UnknownFile(FileId(7))));
+        let is_unknown = |r: &Result<_, Error>| matches!(r, Err(Error::UnknownFile(7)));
         assert!(is_unknown(&mm.pin(bogus, 0, 4096, true).await.map(drop)));
         assert!(is_unknown(&mm.try_pin(bogus, 0, 4096, false).map(drop)));
         assert!(is_unknown(&files.acquire(bogus, 0).await.map(drop)));
@@ -385,5 +385,25 @@ fn unknown_file_everywhere() {
         ));
         assert_eq!(os_counts(dir.path()), (0, 0));
         assert_eq!((files.open_count(), mm.extent_count()), (0, 0));
+    });
+}
+
+/// Directory durability is tracked per file: a file left by a crash (it
+/// exists before the registry first sees it) gets a folder fsync the first
+/// time it is made durable, once; a file created here too.
+#[test]
+fn crash_left_file_is_directory_synced_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("left"), [7u8; 4096]).unwrap();
+    run(async {
+        let (files, _mm) = common::manager(dir.path(), 4, 4);
+        let left = files.register(dir.path().join("left"));
+        drop(files.acquire(left, 0).await.unwrap());
+        assert!(files.make_entry_durable(left).await.unwrap(), "synced");
+        assert!(!files.make_entry_durable(left).await.unwrap(), "once");
+        let new = files.register(dir.path().join("new"));
+        assert!(files.make_entry_durable(new).await.unwrap());
+        assert!(dir.path().join("new").exists(), "created first");
+        assert_eq!(files.stats().dir_syncs, 2);
     });
 }

@@ -444,8 +444,9 @@ fn dropped_pin_future_mid_fault() {
                         assert_eq!(backend, IoBackend::Uring, "sync completes at once");
                         pending_seen += 1;
                         // The window is counted once while it faults in,
-                        // mapped yet or not.
-                        assert_eq!(mm.extent_count(), 1);
+                        // mapped yet or not (not at all while the file
+                        // grows: that comes first).
+                        assert!(mm.extent_count() <= 1);
                     }
                     Poll::Ready(r) => drop(r.unwrap()),
                 }

@@ -623,3 +623,116 @@ fn random_faults_keep_the_allocator_consistent() {
     assert!(st.failed_calls > 5 && st.allocs > 500, "{st:?}");
     assert!(Path::new(dir.path()).exists());
 }
+
+/// A failed `io_uring_enter` leaves the operation queued; the ring submits
+/// it with the next reap, so its descriptor comes back and a registry with
+/// a cap of one descriptor can open the next file (it used to wait forever
+/// for a completion that was never submitted).
+#[test]
+fn failed_submit_is_flushed_and_its_fd_released() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let _g = faults::clear_on_drop();
+        let (files, _mm) = common::manager(dir.path(), 1, 4);
+        if files.ring().backend() != segalloc::IoBackend::Uring {
+            return; // no io_uring_enter on the sync backend
+        }
+        let a = files.register(dir.path().join("a"));
+        let b = files.register(dir.path().join("b"));
+        faults::inject(Fault::new(FaultOp::Enter, nix::libc::EAGAIN));
+        let r = files.acquire(a, 1 << 20).await;
+        assert!(r.is_err(), "the submit failed: {r:?}");
+        assert_eq!(faults::injected(FaultOp::Enter), 1);
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), files.acquire(b, 4096));
+        let lease = next.await.expect("the queued operation completed").unwrap();
+        drop(lease);
+        assert_eq!(files.open_count(), common::os_counts(dir.path()).0);
+    });
+}
+
+/// A ring closed while an abandoned operation runs waits for it even when
+/// the wait is interrupted (`EINTR`): the resources the operation uses are
+/// released only after it completed. The operation prefaults 256 MiB of a
+/// sparse file; its hold checks, when released, that all of it was done.
+#[test]
+fn ring_close_waits_through_eintr() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sparse");
+    let len: usize = 256 << 20;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    file.set_len(len as u64).unwrap();
+    let map = memmap2::MmapOptions::new().len(len).map_raw(&file).unwrap();
+    let blocks_at_release = std::rc::Rc::new(std::cell::Cell::new(None));
+    struct Hold(
+        #[allow(dead_code)] memmap2::MmapRaw,
+        std::fs::File,
+        std::rc::Rc<std::cell::Cell<Option<u64>>>,
+    );
+    impl Drop for Hold {
+        fn drop(&mut self) {
+            use std::os::unix::fs::MetadataExt;
+            self.2.set(Some(self.1.metadata().unwrap().blocks() * 512));
+        }
+    }
+    let addr = map.as_mut_ptr();
+    let hold = Hold(map, file, blocks_at_release.clone());
+    let uring = run(async {
+        let _g = faults::clear_on_drop();
+        let ring = segalloc::Ring::new(segalloc::IoBackendChoice::Auto).unwrap();
+        if ring.backend() != segalloc::IoBackend::Uring {
+            return false; // no io_uring_enter on the sync backend
+        }
+        // SAFETY: the range is `hold`'s mapping, kept alive by the ring;
+        // POPULATE_WRITE discards nothing.
+        let mut op = Box::pin(unsafe {
+            ring.madvise(
+                std::rc::Rc::new(hold),
+                addr,
+                len,
+                nix::libc::MADV_POPULATE_WRITE,
+            )
+        });
+        assert!(futures::poll!(op.as_mut()).is_pending(), "in flight");
+        drop(op);
+        faults::inject(Fault::new(FaultOp::Enter, EINTR));
+        drop(ring);
+        assert_eq!(faults::injected(FaultOp::Enter), 1);
+        true
+    });
+    if !uring {
+        return;
+    }
+    let blocks = blocks_at_release
+        .get()
+        .expect("released when the ring closed");
+    assert!(
+        blocks >= len as u64,
+        "released before the prefault ended: {blocks} of {len} bytes"
+    );
+}
+
+/// A failed folder fsync leaves the file's directory entry not durable: the
+/// next call syncs again (and an allocation that needs it fails meanwhile).
+#[test]
+fn failed_folder_sync_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("left"), [7u8; 4096]).unwrap();
+    run(async {
+        let _g = faults::clear_on_drop();
+        let (files, _mm) = common::manager(dir.path(), 4, 4);
+        let left = files.register(dir.path().join("left"));
+        faults::inject(Fault::new(FaultOp::Fsync, EIO));
+        let r = files.make_entry_durable(left).await;
+        assert!(matches!(&r, Err(e) if errno_of(e) == Some(EIO)), "{r:?}");
+        assert_eq!(files.stats().dir_syncs, 0);
+        assert!(files.make_entry_durable(left).await.unwrap(), "tried again");
+        assert!(!files.make_entry_durable(left).await.unwrap());
+        assert_eq!(files.stats().dir_syncs, 1);
+    });
+}

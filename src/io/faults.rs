@@ -46,10 +46,13 @@ pub enum FaultOp {
     Fsync,
     /// The `mmap` of a window when it is faulted in.
     Mmap,
+    /// The `io_uring_enter` that submits queued operations, or waits for
+    /// them when the ring closes (io_uring backend only).
+    Enter,
 }
 
 impl FaultOp {
-    const ALL: [FaultOp; 7] = [
+    const ALL: [FaultOp; 8] = [
         FaultOp::Fallocate,
         FaultOp::FallocateReserve,
         FaultOp::FallocatePunch,
@@ -57,6 +60,7 @@ impl FaultOp {
         FaultOp::Madvise,
         FaultOp::Fsync,
         FaultOp::Mmap,
+        FaultOp::Enter,
     ];
 
     fn index(self) -> usize {
@@ -213,6 +217,11 @@ fn take(is: impl Fn(FaultOp) -> bool) -> Option<io::Error> {
 /// The injected failure of a control operation, if any.
 pub(super) fn take_op(kind: &OpKind) -> Option<io::Error> {
     take(|op| op.matches(kind))
+}
+
+/// The injected failure of an `io_uring_enter`, if any.
+pub(super) fn take_enter() -> Option<io::Error> {
+    take(|op| op == FaultOp::Enter)
 }
 
 /// The injected failure of a window's `mmap`, if any.

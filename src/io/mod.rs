@@ -39,9 +39,41 @@ use std::rc::Rc;
 use std::sync::Once;
 use std::task::{Context, Poll};
 
-use crate::config::IoBackendChoice;
 use crate::error::{Error, Result};
 use crate::sys;
+
+/// Which io backend a shard's control ring uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IoBackendChoice {
+    /// io_uring when it can be set up, plain syscalls otherwise. The
+    /// `SEGALLOC_IO` environment variable (`uring` or `sync`) overrides it.
+    #[default]
+    Auto,
+    /// io_uring, or an error when unavailable.
+    Uring,
+    /// Plain blocking syscalls.
+    Sync,
+}
+
+impl IoBackendChoice {
+    /// The choice after applying `SEGALLOC_IO` (only when `self` is `Auto`).
+    pub fn resolve_env(self) -> Result<IoBackendChoice> {
+        if self != IoBackendChoice::Auto {
+            return Ok(self);
+        }
+        match std::env::var("SEGALLOC_IO") {
+            Ok(v) => match v.as_str() {
+                "uring" => Ok(IoBackendChoice::Uring),
+                "sync" => Ok(IoBackendChoice::Sync),
+                "" | "auto" => Ok(IoBackendChoice::Auto),
+                other => Err(Error::InvalidConfig(format!(
+                    "SEGALLOC_IO must be `uring`, `sync` or `auto`, not {other:?}"
+                ))),
+            },
+            Err(_) => Ok(IoBackendChoice::Auto),
+        }
+    }
+}
 
 /// The backend a ring runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +115,11 @@ pub struct RingStats {
 /// idempotent (`fallocate`, `ftruncate`, `madvise`, `fsync`), so a retry is
 /// safe; `EINTR` reports an interruption, not a lost write.
 pub const EINTR_RETRIES_MAX: u32 = 16;
+
+/// The largest range one `madvise` submission covers. io_uring carries a
+/// madvise length in a 32-bit field, so a wider range is advised in pieces
+/// of this size, one after the other (on both backends, alike).
+pub const MADVISE_CHUNK_BYTES: usize = 1 << 30;
 
 /// What an operation does.
 #[derive(Clone, Copy, Debug)]
@@ -251,13 +288,20 @@ impl Ring {
     /// long as `hold` is alive (the ring keeps `hold` until the kernel is
     /// done), and `advice` must not discard data still needed.
     pub unsafe fn madvise(&self, hold: Rc<dyn Any>, addr: *mut u8, len: usize, advice: i32) -> Op {
-        self.submit(
-            OpKind::Madvise { addr, len, advice },
+        let first = len.min(MADVISE_CHUNK_BYTES);
+        let mut op = self.submit(
+            OpKind::Madvise {
+                addr,
+                len: first,
+                advice,
+            },
             Resources {
                 fd: None,
                 hold: Some(hold),
             },
-        )
+        );
+        op.rest = (len > first).then(|| (addr.wrapping_add(first), len - first));
+        op
     }
 
     /// Operations dropped before completion that the kernel still runs. The
@@ -310,6 +354,7 @@ impl Ring {
                         state: OpState::InFlight(key),
                         retry: None,
                         attempts: 0,
+                        rest: None,
                     };
                 }
                 Err((e, _res)) => {
@@ -349,6 +394,20 @@ pub(crate) fn injected_mmap_fault() -> Option<io::Error> {
     #[cfg(feature = "fault-injection")]
     {
         faults::take_mmap()
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        None
+    }
+}
+
+/// The injected failure of an `io_uring_enter` (feature `fault-injection`);
+/// always `None` without the feature.
+#[inline(always)]
+pub(crate) fn injected_enter_fault() -> Option<io::Error> {
+    #[cfg(feature = "fault-injection")]
+    {
+        faults::take_enter()
     }
     #[cfg(not(feature = "fault-injection"))]
     {
@@ -412,6 +471,8 @@ pub struct Op {
     /// holds the ones of the attempt in flight). Dropped on completion.
     retry: Option<Resources>,
     attempts: u32,
+    /// A madvise range still to advise after this piece: `(addr, len)`.
+    rest: Option<(*mut u8, usize)>,
 }
 
 impl Op {
@@ -422,6 +483,7 @@ impl Op {
             state: OpState::Ready(Some(result)),
             retry: None,
             attempts: 0,
+            rest: None,
         }
     }
 
@@ -439,7 +501,26 @@ impl Op {
             self.state = std::mem::replace(&mut next.state, OpState::Done);
             return None;
         }
+        if r.is_ok()
+            && let Some((addr, len)) = self.rest.take()
+            && let OpKind::Madvise { advice, .. } = self.kind
+            && let Some(res) = self.retry.clone()
+        {
+            // The next piece of a madvise wider than one submission.
+            let piece = len.min(MADVISE_CHUNK_BYTES);
+            self.kind = OpKind::Madvise {
+                addr,
+                len: piece,
+                advice,
+            };
+            self.rest = (len > piece).then(|| (addr.wrapping_add(piece), len - piece));
+            self.attempts = 0;
+            let mut next = self.ring.start(self.kind, res);
+            self.state = std::mem::replace(&mut next.state, OpState::Done);
+            return None;
+        }
         self.retry = None;
+        self.rest = None;
         Some(r)
     }
 

@@ -151,7 +151,7 @@ impl Driver {
             waker: None,
             _res: res,
         });
-        if let Err(e) = ring.submit() {
+        if let Err(e) = enter(|| ring.submit()) {
             // The entry is queued and reaches the kernel with the next
             // submit: keep its resources under its key until it completes.
             if let Some(slot) = slots.get_mut(key)
@@ -175,6 +175,11 @@ impl Driver {
     fn reap(&self) -> Vec<Waker> {
         let mut wake = Vec::new();
         let mut ring = self.ring.borrow_mut();
+        if !ring.submission().is_empty() {
+            // Entries left queued by a failed submit reach the kernel now:
+            // their completions would never come otherwise.
+            let _ = enter(|| ring.submit());
+        }
         let mut slots = self.slots.borrow_mut();
         loop {
             for cqe in ring.completion() {
@@ -368,11 +373,28 @@ impl Driver {
     }
 }
 
+/// Run an `io_uring_enter` (or the failure planned for it).
+fn enter(f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize> {
+    match super::injected_enter_fault() {
+        Some(e) => Err(e),
+        None => f(),
+    }
+}
+
+/// Errors of `io_uring_enter` after which waiting again can succeed.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EINTR | nix::libc::EAGAIN | nix::libc::EBUSY)
+    )
+}
+
 impl Drop for Driver {
     fn drop(&mut self) {
         // The kernel may still use the resources of abandoned ops: wait for
         // every completion before the slots (and the windows and fds they
         // hold) are released.
+        let mut failures = 0u32;
         loop {
             let pending = self
                 .slots
@@ -383,8 +405,17 @@ impl Drop for Driver {
             if pending == 0 {
                 break;
             }
-            if self.ring.borrow().submitter().submit_and_wait(1).is_err() {
-                break;
+            let r = enter(|| self.ring.borrow().submitter().submit_and_wait(1));
+            match r {
+                Err(e) if !is_transient(&e) || failures >= 1000 => {
+                    // Waiting is impossible: leak the resources the kernel
+                    // may still use rather than free them under it.
+                    tracing::error!(error = %e, pending, "io_uring closed with operations in flight; their fds and windows are leaked");
+                    std::mem::forget(std::mem::take(&mut *self.slots.borrow_mut()));
+                    break;
+                }
+                Err(_) => failures += 1,
+                Ok(_) => {}
             }
             drop(self.reap());
         }

@@ -1,0 +1,93 @@
+//! Eviction policies: which idle window is unmapped first.
+
+use std::rc::Rc;
+
+use super::{MappingManager, Maps, Slot, Window};
+use crate::config::EvictionPolicy;
+use crate::files::FileId;
+
+impl MappingManager {
+    /// Unmap one idle window chosen by the eviction policy. False when every
+    /// window is in use.
+    pub(super) fn evict_one(&self) -> bool {
+        let victim = {
+            let mut m = self.inner.borrow_mut();
+            let pos = match self.cfg.eviction_policy {
+                EvictionPolicy::Lru => Self::pick(&m, |w| (w.last_use.get(), 0)),
+                EvictionPolicy::Lfu => Self::pick(&m, |w| (w.uses.get(), w.last_use.get())),
+                EvictionPolicy::Clock => Self::clock(&mut m),
+            };
+            let Some(pos) = pos else {
+                return false;
+            };
+            let (file, idx) = m.resident.swap_remove(pos);
+            if m.clock_hand >= m.resident.len() {
+                m.clock_hand = 0;
+            }
+            m.stats.evictions += 1;
+            let slot = &mut m.files[file.0 as usize].as_mut().unwrap().windows[idx as usize];
+            match std::mem::replace(slot, Slot::Unmapped) {
+                Slot::Mapped(w) => w,
+                _ => unreachable!("resident windows are mapped"),
+            }
+        };
+        // munmap happens here, outside any borrow.
+        let _span = tracing::debug_span!("evict").entered();
+        drop(victim);
+        true
+    }
+
+    pub(super) fn window_at(m: &Maps, (f, i): (FileId, u32)) -> &Rc<Window> {
+        match &m.files[f.0 as usize].as_ref().unwrap().windows[i as usize] {
+            Slot::Mapped(w) => w,
+            _ => unreachable!("resident windows are mapped"),
+        }
+    }
+
+    fn pick(m: &Maps, key: impl Fn(&Window) -> (u64, u64)) -> Option<usize> {
+        m.resident
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| Self::window_at(m, **r).users.get() == 0)
+            .min_by_key(|(_, r)| key(Self::window_at(m, **r)))
+            .map(|(i, _)| i)
+    }
+
+    fn clock(m: &mut Maps) -> Option<usize> {
+        let n = m.resident.len();
+        // Two sweeps: the first clears reference bits.
+        for _ in 0..2 * n {
+            if m.clock_hand >= n {
+                m.clock_hand = 0;
+            }
+            let pos = m.clock_hand;
+            m.clock_hand += 1;
+            let w = Self::window_at(m, m.resident[pos]);
+            if w.users.get() > 0 {
+                continue;
+            }
+            if w.referenced.replace(false) {
+                continue;
+            }
+            return Some(pos);
+        }
+        None
+    }
+
+    /// Unmap every idle window (e.g. before a long pause). Pinned windows stay.
+    pub fn evict_idle(&self) -> usize {
+        let mut n = 0;
+        loop {
+            let any_idle = {
+                let m = self.inner.borrow();
+                m.resident
+                    .iter()
+                    .any(|r| Self::window_at(&m, *r).users.get() == 0)
+            };
+            if !any_idle || !self.evict_one() {
+                return n;
+            }
+            n += 1;
+        }
+    }
+}
