@@ -405,7 +405,7 @@ fn process_rss_bytes() -> u64 {
 /// The `INFO` reply from every shard's figures.
 pub fn info<'a>(
     facts: &ServerFacts,
-    sections: u8,
+    sections_wanted: u8,
     parts: impl Iterator<Item = &'a [u8]>,
     out: &mut Vec<u8>,
 ) {
@@ -424,78 +424,111 @@ pub fn info<'a>(
             };
         }
     }
-    let t = |i: usize| total[i];
     let mut s = String::new();
-    // A heading (`# Server`) has no value.
-    let mut line = |k: &str, v: &dyn std::fmt::Display| {
-        let line = if k.starts_with('#') {
-            format!("{k}\r\n")
-        } else {
-            format!("{k}:{v}\r\n")
-        };
-        s.push_str(&line);
-    };
-    if sections & SERVER != 0 {
-        line("# Server", &"");
-        line("redis_version", &"7.0.0");
-        line("segalloc_version", &env!("CARGO_PKG_VERSION"));
-        line("redis_mode", &"standalone");
-        line("os", &std::env::consts::OS);
-        line("process_id", &std::process::id());
-        line("tcp_port", &facts.port);
-        line("uptime_in_seconds", &facts.started.elapsed().as_secs());
-        line("shards", &facts.shards);
-        line(
-            "io_backend",
-            &if t(field::URING) == 1 {
-                "io_uring"
-            } else {
-                "sync"
-            },
-        );
-    }
-    if sections & MEMORY != 0 {
-        line("# Memory", &"");
-        line(
-            "used_memory",
-            &(t(field::LIVE_BYTES) + t(field::METADATA_BYTES)),
-        );
-        line("used_memory_rss", &process_rss_bytes());
-        line("segalloc_live_bytes", &t(field::LIVE_BYTES));
-        line("segalloc_reserved_bytes", &t(field::RESERVED_BYTES));
-        line("segalloc_metadata_bytes", &t(field::METADATA_BYTES));
-        line("segalloc_open_fds", &t(field::OPEN_FDS));
-        line("segalloc_mapped_windows", &t(field::MAPPED_WINDOWS));
-        line("segalloc_data_files", &t(field::DATA_FILES));
-    }
-    if sections & PERSISTENCE != 0 {
-        let last = if t(field::LAST_SYNC_UNIX_MS) == i64::MAX {
-            0
-        } else {
-            t(field::LAST_SYNC_UNIX_MS)
-        };
-        line("# Persistence", &"");
-        line("loading", &0);
-        line("aof_enabled", &1);
-        line("segalloc_sync_policy", &settings(facts)[2].1);
-        line("segalloc_last_sync_unix_ms", &last);
-        line("rdb_last_save_time", &(last / 1000));
-        line("segalloc_syncs", &t(field::SYNCS));
-        line("segalloc_sync_failures", &t(field::SYNC_FAILURES));
-        line("rdb_changes_since_last_save", &t(field::UNSYNCED_WRITES));
-    }
-    if sections & KEYSPACE != 0 {
-        line("# Keyspace", &"");
-        if t(field::KEYS) > 0 {
-            line(
-                "db0",
-                &format!(
-                    "keys={},expires={},avg_ttl=0",
-                    t(field::KEYS),
-                    t(field::EXPIRES)
-                ),
-            );
+    let sections = [
+        (SERVER, "# Server", server_lines(facts, &total)),
+        (MEMORY, "# Memory", memory_lines(&total)),
+        (
+            PERSISTENCE,
+            "# Persistence",
+            persistence_lines(facts, &total),
+        ),
+        (KEYSPACE, "# Keyspace", keyspace_lines(&total)),
+    ];
+    for (bit, heading, lines) in sections {
+        if sections_wanted & bit == 0 {
+            continue;
+        }
+        s.push_str(heading);
+        s.push_str("\r\n");
+        for (k, v) in lines {
+            s.push_str(&format!("{k}:{v}\r\n"));
         }
     }
     resp::bulk(out, s.as_bytes());
+}
+
+type Lines = Vec<(&'static str, String)>;
+
+fn server_lines(facts: &ServerFacts, t: &[i64; field::COUNT]) -> Lines {
+    let backend = if t[field::URING] == 1 {
+        "io_uring"
+    } else {
+        "sync"
+    };
+    vec![
+        ("redis_version", "7.0.0".into()),
+        ("segalloc_version", env!("CARGO_PKG_VERSION").into()),
+        ("redis_mode", "standalone".into()),
+        ("os", std::env::consts::OS.into()),
+        ("process_id", std::process::id().to_string()),
+        ("tcp_port", facts.port.to_string()),
+        (
+            "uptime_in_seconds",
+            facts.started.elapsed().as_secs().to_string(),
+        ),
+        ("shards", facts.shards.to_string()),
+        ("io_backend", backend.into()),
+    ]
+}
+
+fn memory_lines(t: &[i64; field::COUNT]) -> Lines {
+    vec![
+        (
+            "used_memory",
+            (t[field::LIVE_BYTES] + t[field::METADATA_BYTES]).to_string(),
+        ),
+        ("used_memory_rss", process_rss_bytes().to_string()),
+        ("segalloc_live_bytes", t[field::LIVE_BYTES].to_string()),
+        (
+            "segalloc_reserved_bytes",
+            t[field::RESERVED_BYTES].to_string(),
+        ),
+        (
+            "segalloc_metadata_bytes",
+            t[field::METADATA_BYTES].to_string(),
+        ),
+        ("segalloc_open_fds", t[field::OPEN_FDS].to_string()),
+        (
+            "segalloc_mapped_windows",
+            t[field::MAPPED_WINDOWS].to_string(),
+        ),
+        ("segalloc_data_files", t[field::DATA_FILES].to_string()),
+    ]
+}
+
+fn persistence_lines(facts: &ServerFacts, t: &[i64; field::COUNT]) -> Lines {
+    // Never synced yet: 0, as Redis reports a save that never happened.
+    let last = match t[field::LAST_SYNC_UNIX_MS] {
+        i64::MAX => 0,
+        ms => ms,
+    };
+    vec![
+        ("loading", "0".into()),
+        ("aof_enabled", "1".into()),
+        ("segalloc_sync_policy", settings(facts)[2].1.clone()),
+        ("segalloc_last_sync_unix_ms", last.to_string()),
+        ("rdb_last_save_time", (last / 1000).to_string()),
+        ("segalloc_syncs", t[field::SYNCS].to_string()),
+        (
+            "segalloc_sync_failures",
+            t[field::SYNC_FAILURES].to_string(),
+        ),
+        (
+            "rdb_changes_since_last_save",
+            t[field::UNSYNCED_WRITES].to_string(),
+        ),
+    ]
+}
+
+fn keyspace_lines(t: &[i64; field::COUNT]) -> Lines {
+    if t[field::KEYS] == 0 {
+        return Vec::new();
+    }
+    let db0 = format!(
+        "keys={},expires={},avg_ttl=0",
+        t[field::KEYS],
+        t[field::EXPIRES]
+    );
+    vec![("db0", db0)]
 }

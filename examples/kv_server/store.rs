@@ -170,6 +170,68 @@ fn retire(shard: &Shard, h: Handle, pin: Pin) -> segalloc::Result<()> {
     shard.free(h)
 }
 
+/// The best record of each key, and what was freed: `(index, torn,
+/// superseded, expired, highest sequence number)`.
+type Rebuilt = (HashMap<Box<[u8]>, (u64, Entry)>, usize, usize, usize, u64);
+
+/// Read every live allocation of `shard`: free torn, expired and superseded
+/// records, index the rest.
+async fn recover_index(shard: &Shard) -> segalloc::Result<Rebuilt> {
+    let now = now_unix_ms();
+    let handles: Vec<Handle> = shard.live().collect();
+    let mut best: HashMap<Box<[u8]>, (u64, Entry)> = HashMap::with_capacity(handles.len());
+    let (mut torn, mut superseded, mut expired, mut max_seq) = (0, 0, 0, 0u64);
+    for h in handles {
+        let pin = pin_of(shard, h).await?;
+        let (hd, key) = match recover_record(&pin) {
+            Ok(r) => r,
+            Err(why) => {
+                eprintln!("shard {}: freeing {h}: {why}", shard.index());
+                retire(shard, h, pin)?;
+                torn += 1;
+                continue;
+            }
+        };
+        let seq = u64_at(&hd, OFF_SEQ);
+        let entry = Entry {
+            handle: h,
+            expire_at_ms: u64_at(&hd, OFF_EXPIRE),
+        };
+        max_seq = max_seq.max(seq);
+        drop(pin);
+        let loser = match best.get(&key) {
+            Some(&(s, _)) if s > seq => Some(entry.handle),
+            Some(&(_, e)) => {
+                best.insert(key, (seq, entry));
+                Some(e.handle)
+            }
+            None => {
+                best.insert(key, (seq, entry));
+                None
+            }
+        };
+        if let Some(l) = loser {
+            let pin = pin_of(shard, l).await?;
+            retire(shard, l, pin)?;
+            superseded += 1;
+        }
+    }
+    // Expiry is applied after the sequence numbers decided: an expired
+    // overwrite must not bring back the record it replaced.
+    let dead: Vec<Box<[u8]>> = best
+        .iter()
+        .filter(|(_, (_, e))| e.expired(now))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for key in dead {
+        let (_, e) = best.remove(&key).expect("listed");
+        let pin = pin_of(shard, e.handle).await?;
+        retire(shard, e.handle, pin)?;
+        expired += 1;
+    }
+    Ok((best, torn, superseded, expired, max_seq))
+}
+
 /// What recovery found on one shard.
 pub struct Recovered {
     pub records: usize,
@@ -210,50 +272,7 @@ impl Store {
     /// Rebuild the index from the shard's live allocations.
     pub async fn open(shard: Shard, policy: SyncPolicy) -> segalloc::Result<(Store, Recovered)> {
         let started = Instant::now();
-        let now = now_unix_ms();
-        let handles: Vec<Handle> = shard.live().collect();
-        let mut best: HashMap<Box<[u8]>, (u64, Entry)> = HashMap::with_capacity(handles.len());
-        let (mut torn, mut superseded, mut expired, mut max_seq) = (0, 0, 0, 0u64);
-        for h in handles {
-            let pin = pin_of(&shard, h).await?;
-            let (hd, key) = match recover_record(&pin) {
-                Ok(r) => r,
-                Err(why) => {
-                    eprintln!("shard {}: freeing {h}: {why}", shard.index());
-                    retire(&shard, h, pin)?;
-                    torn += 1;
-                    continue;
-                }
-            };
-            let seq = u64_at(&hd, OFF_SEQ);
-            let entry = Entry {
-                handle: h,
-                expire_at_ms: u64_at(&hd, OFF_EXPIRE),
-            };
-            max_seq = max_seq.max(seq);
-            if entry.expired(now) {
-                retire(&shard, h, pin)?;
-                expired += 1;
-                continue;
-            }
-            drop(pin);
-            let loser = match best.get(&key) {
-                Some(&(s, _)) if s > seq => Some(entry.handle),
-                Some(&(_, e)) => {
-                    best.insert(key, (seq, entry));
-                    Some(e.handle)
-                }
-                None => {
-                    best.insert(key, (seq, entry));
-                    None
-                }
-            };
-            if let Some(l) = loser {
-                let pin = pin_of(&shard, l).await?;
-                retire(&shard, l, pin)?;
-                superseded += 1;
-            }
-        }
+        let (best, torn, superseded, expired, max_seq) = recover_index(&shard).await?;
         let records = best.len();
         let index = best.into_iter().map(|(k, (_, e))| (k, e)).collect();
         let store = Store {
