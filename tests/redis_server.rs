@@ -728,3 +728,54 @@ fn redis_cli_works_against_it() {
     assert!(text.contains("errors: 0, replies: 1000"), "{text}");
     assert_eq!(cli(&["DBSIZE"]), "1002");
 }
+
+#[test]
+fn mutated_frames_never_stop_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("d"), &[]);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let valid: &[&[u8]] = &[
+        b"*3\r\n$3\r\nSET\r\n$2\r\nk1\r\n$5\r\nvalue\r\n",
+        b"*2\r\n$3\r\nGET\r\n$2\r\nk1\r\n",
+        b"*3\r\n$4\r\nMGET\r\n$2\r\nk1\r\n$2\r\nk2\r\n",
+        b"*5\r\n$4\r\nMSET\r\n$2\r\nk2\r\n$1\r\n1\r\n$2\r\nk3\r\n$1\r\n2\r\n",
+        b"*2\r\n$4\r\nINCR\r\n$2\r\nk2\r\n",
+        b"*5\r\n$3\r\nSET\r\n$2\r\nk4\r\n$1\r\nv\r\n$2\r\nPX\r\n$3\r\n100\r\n",
+        b"*2\r\n$4\r\nINFO\r\n$6\r\nmemory\r\n",
+        b"*1\r\n$6\r\nDBSIZE\r\n",
+        b"*3\r\n$3\r\nDEL\r\n$2\r\nk1\r\n$2\r\nk3\r\n",
+        b"PING\r\n",
+    ];
+    for round in 0..200 {
+        let mut bytes = Vec::new();
+        for _ in 0..1 + rand(20) {
+            bytes.extend_from_slice(valid[rand(valid.len())]);
+        }
+        for _ in 0..1 + rand(4) {
+            let at = rand(bytes.len());
+            match rand(3) {
+                0 => bytes[at] = rand(256) as u8,
+                1 => bytes.insert(at, b"*$:\r\n-0123456789"[rand(16)]),
+                _ => {
+                    bytes.remove(at);
+                }
+            }
+        }
+        let mut s = server.raw();
+        s.write_all(&bytes).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut reply = Vec::new();
+        // Every byte sequence ends: answered and closed, or closed at EOF.
+        s.read_to_end(&mut reply)
+            .unwrap_or_else(|e| panic!("round {round}: {e} after {bytes:?}"));
+    }
+    let c = &mut server.client();
+    assert_eq!(redis::cmd("PING").query::<String>(c).unwrap(), "PONG");
+    let _: i64 = redis::cmd("DBSIZE").query(c).unwrap();
+}

@@ -194,6 +194,10 @@ fn plan_one_key(name: &str, cmd: &Cmd<'_>, p: &mut Planner, now: u64) {
     }
     let kind = match name {
         "get" => OpKind::Get,
+        "set" if cmd.len() == 3 => OpKind::Set {
+            cond: crate::batch::Cond::Always,
+            ttl: crate::batch::Ttl::Clear,
+        },
         "set" => {
             let opts: Vec<&[u8]> = cmd.args_from(3).collect();
             match set_options(&opts, now) {
