@@ -85,8 +85,8 @@ struct Args {
     /// Data directory.
     #[arg(long, default_value = "./segalloc-kv")]
     dir: PathBuf,
-    /// Shards, one thread each (default: one per core). A directory keeps
-    /// the shard count it was created with.
+    /// Shards, one thread each (default: the directory's count, or one per
+    /// core for a new directory).
     #[arg(long)]
     shards: Option<usize>,
     /// When writes become durable against power loss.
@@ -215,13 +215,16 @@ fn start_shards(cluster: Cluster, args: &Args, port: u16) -> Vec<mpsc::Unbounded
     senders
 }
 
+/// The shard count an existing data directory was created with.
+fn existing_shard_count(dir: &std::path::Path) -> Option<usize> {
+    let (existing, _) = segalloc::DataDir::open_read_only(dir).ok()?;
+    Some(existing.manifest().shard_count as usize)
+}
+
 fn main() {
     let args = Args::parse();
     let mut cfg = Config::builder(&args.dir);
-    if let Some(n) = args.shards {
-        if n == 0 {
-            fail("--shards must be at least 1");
-        }
+    if let Some(n) = args.shards.or_else(|| existing_shard_count(&args.dir)) {
         cfg = cfg.shards(n);
     }
     let cfg = cfg.build().unwrap_or_else(|e| fail(e));

@@ -59,7 +59,15 @@ struct Server {
 }
 
 impl Server {
+    /// Start on `dir` with two shards and `extra` flags.
     fn start(dir: &Path, extra: &[&str]) -> Server {
+        let mut args = vec!["--shards", "2"];
+        args.extend_from_slice(extra);
+        Server::start_with(dir, &args)
+    }
+
+    /// Start on `dir` with exactly these flags (besides `--port` and `--dir`).
+    fn start_with(dir: &Path, flags: &[&str]) -> Server {
         let log = dir.with_extension("log");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -67,9 +75,9 @@ impl Server {
             .open(&log)
             .expect("open the server log");
         let mut child = Command::new(server_binary())
-            .args(["--port", "0", "--shards", "2", "--dir"])
+            .args(["--port", "0", "--dir"])
             .arg(dir)
-            .args(extra)
+            .args(flags)
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -778,4 +786,17 @@ fn mutated_frames_never_stop_the_server() {
     let c = &mut server.client();
     assert_eq!(redis::cmd("PING").query::<String>(c).unwrap(), "PONG");
     let _: i64 = redis::cmd("DBSIZE").query(c).unwrap();
+}
+
+#[test]
+fn a_restart_without_shards_uses_the_directory_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let server = Server::start_with(&dir, &["--shards", "1"]);
+    let _: () = server.client().set("kept", "yes").unwrap();
+    drop(server);
+    let server = Server::start_with(&dir, &[]);
+    let c = &mut server.client();
+    assert_eq!(info_field(c, "server", "shards"), "1");
+    assert_eq!(c.get::<_, String>("kept").unwrap(), "yes");
 }

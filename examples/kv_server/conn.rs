@@ -258,6 +258,10 @@ impl Conn {
         if self.rpos == self.rbuf.len() {
             self.rbuf.clear();
             self.rpos = 0;
+            // Give back what a large frame needed.
+            if self.rbuf.capacity() > 4 * READ_BYTES {
+                self.rbuf.shrink_to(READ_BYTES);
+            }
         } else if self.rpos > 0 {
             self.rbuf.drain(..self.rpos);
             self.rpos = 0;
