@@ -241,8 +241,10 @@ struct Skip {
 /// builds tokio without `io-util`).
 struct Conn {
     stream: TcpStream,
+    /// Read buffer: bytes `rpos..rlen` are unparsed.
     rbuf: Vec<u8>,
     rpos: usize,
+    rlen: usize,
     wbuf: Vec<u8>,
     args: Vec<Range<usize>>,
     skip: Option<Skip>,
@@ -253,37 +255,33 @@ const READ_BYTES: usize = 64 << 10;
 
 impl Conn {
     /// Read more bytes; `Ok(0)` at end of stream. The buffer holds at most
-    /// one incomplete frame ([`resp::FRAME_BYTES_MAX`]) plus one read.
+    /// one incomplete frame ([`resp::FRAME_BYTES_MAX`]) plus one read; its
+    /// bytes past `rlen` stay allocated (and initialized) between reads.
     async fn fill(&mut self) -> io::Result<usize> {
-        if self.rpos == self.rbuf.len() {
-            self.rbuf.clear();
+        if self.rpos == self.rlen {
             self.rpos = 0;
+            self.rlen = 0;
             // Give back what a large frame needed.
-            if self.rbuf.capacity() > 4 * READ_BYTES {
+            if self.rbuf.len() > 4 * READ_BYTES {
+                self.rbuf.truncate(READ_BYTES);
                 self.rbuf.shrink_to(READ_BYTES);
             }
         } else if self.rpos > 0 {
-            self.rbuf.drain(..self.rpos);
+            self.rbuf.copy_within(self.rpos..self.rlen, 0);
+            self.rlen -= self.rpos;
             self.rpos = 0;
         }
-        let len = self.rbuf.len();
-        self.rbuf.resize(len + READ_BYTES, 0);
+        if self.rbuf.len() < self.rlen + READ_BYTES {
+            self.rbuf.resize(self.rlen + READ_BYTES, 0);
+        }
         loop {
-            match self.stream.try_read(&mut self.rbuf[len..]) {
+            match self.stream.try_read(&mut self.rbuf[self.rlen..]) {
                 Ok(n) => {
-                    self.rbuf.truncate(len + n);
+                    self.rlen += n;
                     return Ok(n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Err(e) = self.stream.readable().await {
-                        self.rbuf.truncate(len);
-                        return Err(e);
-                    }
-                }
-                Err(e) => {
-                    self.rbuf.truncate(len);
-                    return Err(e);
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stream.readable().await?,
+                Err(e) => return Err(e),
             }
         }
     }
@@ -311,7 +309,7 @@ impl Conn {
             return true;
         };
         loop {
-            let n = skip.bytes.min(self.rbuf.len() - self.rpos);
+            let n = skip.bytes.min(self.rlen - self.rpos);
             self.rpos += n;
             skip.bytes -= n;
             if skip.bytes > 0 {
@@ -320,7 +318,7 @@ impl Conn {
             if skip.args == 0 {
                 break;
             }
-            match resp::bulk_header(&self.rbuf[self.rpos..]) {
+            match resp::bulk_header(&self.rbuf[self.rpos..self.rlen]) {
                 Ok(None) => return false,
                 Ok(Some((len, used))) => {
                     self.rpos += used;
@@ -351,7 +349,7 @@ impl Conn {
             if !skipped || p.close {
                 return;
             }
-            let frame = &self.rbuf[self.rpos..];
+            let frame = &self.rbuf[self.rpos..self.rlen];
             match resp::parse(frame, &mut self.args) {
                 Parsed::Incomplete => return,
                 Parsed::Command { consumed } => {
@@ -394,8 +392,9 @@ pub async fn serve(ctx: Rc<Ctx>, stream: std::net::TcpStream) {
     };
     let mut conn = Conn {
         stream,
-        rbuf: Vec::with_capacity(READ_BYTES),
+        rbuf: Vec::new(),
         rpos: 0,
+        rlen: 0,
         wbuf: Vec::with_capacity(READ_BYTES),
         args: Vec::new(),
         skip: None,

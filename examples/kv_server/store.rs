@@ -123,23 +123,39 @@ fn check_header(pin: &Pin) -> Result<([u8; HEADER_BYTES], usize, usize), &'stati
 /// Read a record's value into `out` (appended) after checking its header,
 /// key and checksum; on error `out` is left as it was.
 fn read_value(pin: &Pin, key: &[u8], out: &mut Vec<u8>) -> Result<(), &'static str> {
-    let (h, key_len, value_len) = check_header(pin)?;
-    let mut k = [0u8; KEY_BYTES_MAX];
-    let k = &mut k[..key_len];
-    pin.read_at(HEADER_BYTES, k).map_err(|_| "key unreadable")?;
-    if k != key {
+    let header = check_header(pin)?;
+    read_checked_value(pin, header, key, out)
+}
+
+/// [`read_value`] with the header already checked: key and value are read
+/// in one copy, checked, then the value moved over the key.
+fn read_checked_value(
+    pin: &Pin,
+    (h, key_len, value_len): ([u8; HEADER_BYTES], usize, usize),
+    key: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), &'static str> {
+    if key_len != key.len() {
         return Err("record holds another key");
     }
     let start = out.len();
-    out.resize(start + value_len, 0);
-    let ok = pin
-        .read_at(HEADER_BYTES + key_len, &mut out[start..])
-        .is_ok()
-        && record_crc(&h, k, &out[start..]) == u32_at(&h, OFF_CRC);
-    if !ok {
+    out.resize(start + key_len + value_len, 0);
+    let body = &mut out[start..];
+    let why = if pin.read_at(HEADER_BYTES, body).is_err() {
+        Some("record unreadable")
+    } else if &body[..key_len] != key {
+        Some("record holds another key")
+    } else if record_crc(&h, key, &body[key_len..]) != u32_at(&h, OFF_CRC) {
+        Some("checksum mismatch")
+    } else {
+        None
+    };
+    if let Some(why) = why {
         out.truncate(start);
-        return Err("checksum mismatch");
+        return Err(why);
     }
+    out.copy_within(start + key_len.., start);
+    out.truncate(start + value_len);
     Ok(())
 }
 
@@ -464,16 +480,13 @@ impl Store {
             resp::error(out, "ERR reply too large: send fewer commands per batch");
             return;
         }
-        let value_len = check_header(pin).map_or(0, |(_, _, vl)| vl);
         let start = out.len();
-        resp::bulk_len(out, value_len);
-        let body = out.len();
-        match read_value(pin, key, out) {
-            Ok(()) if out.len() - body == value_len => out.extend_from_slice(b"\r\n"),
-            Ok(()) => {
-                out.truncate(start);
-                resp::error(out, &format!("ERR record {h} changed while read"));
-            }
+        let read = check_header(pin).and_then(|header| {
+            resp::bulk_len(out, header.2);
+            read_checked_value(pin, header, key, out)
+        });
+        match read {
+            Ok(()) => out.extend_from_slice(b"\r\n"),
             Err(why) => {
                 out.truncate(start);
                 resp::error(out, &format!("ERR record {h} is damaged: {why}"));
