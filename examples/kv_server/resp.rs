@@ -277,31 +277,3 @@ pub fn parse_i64(arg: &[u8]) -> Option<i64> {
     }
     std::str::from_utf8(arg).ok()?.parse().ok()
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cmd(buf: &[u8]) -> (Parsed, Vec<Vec<u8>>) {
-        let mut args = Vec::new();
-        let p = parse(buf, &mut args);
-        (p, args.into_iter().map(|r| buf[r].to_vec()).collect())
-    }
-
-    #[test]
-    fn frames() {
-        let (p, a) = cmd(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nrest");
-        assert_eq!(p, Parsed::Command { consumed: 20 });
-        assert_eq!(a, vec![b"GET".to_vec(), b"k".to_vec()]);
-        assert_eq!(cmd(b"*2\r\n$3\r\nGET\r\n$1\r\n").0, Parsed::Incomplete);
-        assert_eq!(
-            cmd(b" PING  x\r\n").1,
-            vec![b"PING".to_vec(), b"x".to_vec()]
-        );
-        assert!(matches!(cmd(b"*x\r\n").0, Parsed::Error(_)));
-        assert!(matches!(cmd(b"*1\r\n$2\r\nabc\r\n").0, Parsed::Error(_)));
-        assert!(matches!(cmd(b"*1\r\n:1\r\n").0, Parsed::Error(_)));
-        let big = format!("*2\r\n$3\r\nSET\r\n${}\r\n", ARG_BYTES_MAX + 1);
-        assert!(matches!(cmd(big.as_bytes()).0, Parsed::Oversize { .. }));
-    }
-}

@@ -279,7 +279,7 @@ pub struct Store {
     sync: SyncState,
 }
 
-/// Set the `Err` of a write that failed into the reply stream.
+/// Answer an operation that failed with the allocator's error.
 fn err_reply(out: &mut Vec<u8>, e: &segalloc::Error) {
     resp::error(out, &format!("ERR {e}"));
 }
