@@ -14,9 +14,10 @@
 //! `MGET`, `MSET`, `INCR`, `DECR`, `INCRBY`, `DECRBY`, `DBSIZE`, `FLUSHDB`,
 //! `FLUSHALL`, `INFO` (server, memory, persistence, keyspace), `CONFIG GET`,
 //! `SAVE`, `COMMAND` (`COUNT`, `INFO`, `DOCS`), `SELECT 0`, `CLIENT
-//! SETNAME|SETINFO`, `QUIT`; inline commands too. Keys expire lazily (when
-//! read); `DBSIZE` counts expired keys not read since. A multi-key command
-//! whose keys live on several shards is not atomic across them.
+//! SETNAME|SETINFO`, `QUIT`; inline commands too. An expired key is deleted
+//! when read, or by a sweep every 100 ms (up to 1024 keys per shard per
+//! sweep). A multi-key command whose keys live on several shards is not
+//! atomic across them.
 //!
 //! **Limits.** Keys up to 512 bytes, arguments up to 1 MiB (a larger one is
 //! skipped without being buffered and answered with an error), 65 536
@@ -149,6 +150,8 @@ fn shard_thread(
         };
         let syncer = store.clone();
         tokio::task::spawn_local(async move { syncer.run_syncer().await });
+        let expiry = store.clone();
+        tokio::task::spawn_local(async move { expiry.run_expiry().await });
         let ctx = Rc::new(Ctx {
             store,
             peers,

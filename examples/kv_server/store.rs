@@ -14,7 +14,8 @@
 //! | 32 | … | key, then value |
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use segalloc::{Handle, Pin, Shard};
@@ -159,6 +160,21 @@ fn read_checked_value(
     Ok(())
 }
 
+/// Expired keys deleted per sweep, so one sweep never stalls the shard.
+const EXPIRE_PER_SWEEP: usize = 1024;
+
+/// Keys by expiry (Unix milliseconds), soonest first.
+type ExpiryQueue = BinaryHeap<Reverse<(u64, Box<[u8]>)>>;
+
+/// The expiry queue of an index.
+fn expiry_heap(index: &HashMap<Box<[u8]>, Entry>) -> ExpiryQueue {
+    index
+        .iter()
+        .filter(|(_, e)| e.expire_at_ms != 0)
+        .map(|(k, e)| Reverse((e.expire_at_ms, k.clone())))
+        .collect()
+}
+
 /// A record read back whole and checked: its header and key.
 fn recover_record(pin: &Pin) -> Result<([u8; HEADER_BYTES], Box<[u8]>), &'static str> {
     let (h, key_len, value_len) = check_header(pin)?;
@@ -275,6 +291,9 @@ struct SyncState {
 pub struct Store {
     pub shard: Shard,
     index: RefCell<HashMap<Box<[u8]>, Entry>>,
+    /// Keys given an expiry, soonest first (entries may be stale: the key
+    /// was overwritten or deleted since; the sweep checks the index).
+    expiring: RefCell<ExpiryQueue>,
     next_seq: Cell<u64>,
     sync: SyncState,
 }
@@ -290,10 +309,12 @@ impl Store {
         let started = Instant::now();
         let (best, torn, superseded, expired, max_seq) = recover_index(&shard).await?;
         let records = best.len();
-        let index = best.into_iter().map(|(k, (_, e))| (k, e)).collect();
+        let index: HashMap<Box<[u8]>, Entry> = best.into_iter().map(|(k, (_, e))| (k, e)).collect();
+        let expiring = expiry_heap(&index);
         let store = Store {
             shard,
             index: RefCell::new(index),
+            expiring: RefCell::new(expiring),
             next_seq: Cell::new(max_seq + 1),
             sync: SyncState {
                 policy,
@@ -348,6 +369,42 @@ impl Store {
             }
             s.done.notify_waiters();
         }
+    }
+
+    /// The task that deletes expired keys nobody reads: every 100 ms, up
+    /// to [`EXPIRE_PER_SWEEP`] of them. Runs for the life of the shard
+    /// thread.
+    pub async fn run_expiry(&self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.expire_due(now_unix_ms()).await {
+                eprintln!("shard {}: expiring keys: {e}", self.shard.index());
+            }
+        }
+    }
+
+    async fn expire_due(&self, now: u64) -> segalloc::Result<()> {
+        for _ in 0..EXPIRE_PER_SWEEP {
+            let key = {
+                let mut heap = self.expiring.borrow_mut();
+                match heap.peek() {
+                    Some(Reverse((t, _))) if *t <= now => heap.pop().expect("peeked").0.1,
+                    _ => return Ok(()),
+                }
+            };
+            // The key may have been overwritten (without expiry, or later)
+            // or deleted since it was queued.
+            if let Some((e, pin)) = self.pin_current(&key).await?
+                && e.expired(now)
+            {
+                self.index.borrow_mut().remove(&key);
+                retire(&self.shard, e.handle, pin)?;
+                self.wrote();
+            }
+        }
+        Ok(())
     }
 
     /// Wait until a sync covers the first `target` writes.
@@ -549,6 +606,14 @@ impl Store {
                 index.insert(key.into(), entry);
             }
         }
+        if let Ttl::At(t) = ttl {
+            let mut heap = self.expiring.borrow_mut();
+            heap.push(Reverse((t, key.into())));
+            // Stale entries stay bounded by the number of keys.
+            if heap.len() > 2 * index.len() + 1024 {
+                *heap = expiry_heap(&index);
+            }
+        }
         drop(index);
         if let Some((old, old_pin)) = old {
             retire(&self.shard, old.handle, old_pin)?;
@@ -625,6 +690,7 @@ impl Store {
 
     async fn flush(&self) -> segalloc::Result<()> {
         let all = std::mem::take(&mut *self.index.borrow_mut());
+        self.expiring.borrow_mut().clear();
         for (_, e) in all {
             let pin = pin_of(&self.shard, e.handle).await?;
             retire(&self.shard, e.handle, pin)?;
