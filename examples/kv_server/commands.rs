@@ -1,0 +1,538 @@
+//! The commands: their table (for `COMMAND` and arity checks), how each is
+//! split into key operations, and the replies that need no shard.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::batch::OpKind;
+use crate::conn::{Combine, Ctx, Planner, key_ok, set_options};
+use crate::resp;
+use crate::store::SyncPolicy;
+
+/// A command's arguments, as ranges into its frame.
+pub struct Cmd<'a> {
+    frame: &'a [u8],
+    args: &'a [Range<usize>],
+}
+
+impl<'a> Cmd<'a> {
+    pub fn new(frame: &'a [u8], args: &'a [Range<usize>]) -> Cmd<'a> {
+        Cmd { frame, args }
+    }
+
+    fn len(&self) -> usize {
+        self.args.len()
+    }
+
+    fn arg(&self, i: usize) -> &'a [u8] {
+        &self.frame[self.args[i].clone()]
+    }
+
+    fn args_from(&self, i: usize) -> impl Iterator<Item = &'a [u8]> + '_ {
+        (i..self.len()).map(|j| self.arg(j))
+    }
+}
+
+/// What `INFO`, `CONFIG GET` and the command table say about the server.
+pub struct ServerFacts {
+    pub port: u16,
+    pub shards: usize,
+    pub policy: SyncPolicy,
+    pub dir: PathBuf,
+    pub started: Instant,
+}
+
+/// One command: name, arity (negative: at least), flags, first key, last
+/// key, key step, as `COMMAND` reports them.
+struct Spec {
+    name: &'static str,
+    arity: i64,
+    flags: &'static [&'static str],
+    keys: (i64, i64, i64),
+}
+
+const fn spec(
+    name: &'static str,
+    arity: i64,
+    flags: &'static [&'static str],
+    keys: (i64, i64, i64),
+) -> Spec {
+    Spec {
+        name,
+        arity,
+        flags,
+        keys,
+    }
+}
+
+const R: &[&str] = &["readonly", "fast"];
+const W: &[&str] = &["write", "denyoom"];
+const A: &[&str] = &["admin"];
+const F: &[&str] = &["fast"];
+
+static COMMANDS: &[Spec] = &[
+    spec("get", 2, R, (1, 1, 1)),
+    spec("set", -3, W, (1, 1, 1)),
+    spec("del", -2, W, (1, -1, 1)),
+    spec("exists", -2, R, (1, -1, 1)),
+    spec("mget", -2, R, (1, -1, 1)),
+    spec("mset", -3, W, (1, -1, 2)),
+    spec("incr", 2, W, (1, 1, 1)),
+    spec("decr", 2, W, (1, 1, 1)),
+    spec("incrby", 3, W, (1, 1, 1)),
+    spec("decrby", 3, W, (1, 1, 1)),
+    spec("dbsize", 1, R, (0, 0, 0)),
+    spec("flushdb", -1, W, (0, 0, 0)),
+    spec("flushall", -1, W, (0, 0, 0)),
+    spec("save", 1, A, (0, 0, 0)),
+    spec("info", -1, F, (0, 0, 0)),
+    spec("config", -2, A, (0, 0, 0)),
+    spec("command", -1, F, (0, 0, 0)),
+    spec("ping", -1, F, (0, 0, 0)),
+    spec("echo", 2, F, (0, 0, 0)),
+    spec("select", 2, F, (0, 0, 0)),
+    spec("client", -2, F, (0, 0, 0)),
+    spec("quit", -1, F, (0, 0, 0)),
+];
+
+impl Spec {
+    fn arity_ok(&self, n: usize) -> bool {
+        let n = n as i64;
+        if self.arity >= 0 {
+            n == self.arity
+        } else {
+            n >= -self.arity
+        }
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        resp::array_len(out, 6);
+        resp::bulk(out, self.name.as_bytes());
+        resp::int(out, self.arity);
+        resp::array_len(out, self.flags.len());
+        for f in self.flags {
+            out.extend_from_slice(b"+");
+            out.extend_from_slice(f.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        resp::int(out, self.keys.0);
+        resp::int(out, self.keys.1);
+        resp::int(out, self.keys.2);
+    }
+}
+
+fn find(name: &[u8]) -> Option<&'static Spec> {
+    COMMANDS
+        .iter()
+        .find(|c| c.name.as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// Plan one command: a literal reply now, or key operations for shards.
+pub fn plan(cmd: &Cmd<'_>, p: &mut Planner, ctx: &Ctx, now: u64) {
+    let Some(spec) = find(cmd.arg(0)) else {
+        let name = String::from_utf8_lossy(&cmd.arg(0)[..cmd.arg(0).len().min(64)]).into_owned();
+        p.error(&format!("ERR unknown command '{name}'"));
+        return;
+    };
+    if !spec.arity_ok(cmd.len()) {
+        p.error(&format!(
+            "ERR wrong number of arguments for '{}' command",
+            spec.name
+        ));
+        return;
+    }
+    match spec.name {
+        "get" | "set" | "incr" | "decr" | "incrby" | "decrby" => {
+            plan_one_key(spec.name, cmd, p, now)
+        }
+        "del" | "exists" | "mget" => {
+            if !cmd.args_from(1).all(key_ok_quiet) {
+                key_ok(p, cmd.args_from(1).find(|k| !key_ok_quiet(k)).expect("one"));
+                return;
+            }
+            let (how, kind) = match spec.name {
+                "del" => (Combine::Sum, OpKind::Del),
+                "exists" => (Combine::Sum, OpKind::Exists),
+                _ => (Combine::Array, OpKind::Get),
+            };
+            p.begin(how);
+            cmd.args_from(1).for_each(|k| p.key_op(kind, k, b""));
+        }
+        "mset" => plan_mset(cmd, p),
+        "dbsize" | "flushdb" | "flushall" | "save" => {
+            let (how, kind) = match spec.name {
+                "dbsize" => (Combine::Sum, OpKind::DbSize),
+                "save" => (Combine::AllOk, OpKind::Save),
+                _ => (Combine::AllOk, OpKind::Flush),
+            };
+            let mode = cmd.args_from(1).next().map(|m| m.to_ascii_uppercase());
+            if cmd.len() > 2 || mode.is_some_and(|m| m != b"ASYNC" && m != b"SYNC") {
+                p.error("ERR syntax error");
+                return;
+            }
+            p.begin(how);
+            p.all_shards(kind);
+        }
+        "info" => {
+            let sections = info_sections(cmd);
+            p.begin(Combine::Info(sections));
+            p.all_shards(OpKind::Info);
+        }
+        _ => plan_connection(spec.name, cmd, p, ctx),
+    }
+}
+
+fn key_ok_quiet(k: &[u8]) -> bool {
+    k.len() <= crate::store::KEY_BYTES_MAX
+}
+
+fn plan_one_key(name: &str, cmd: &Cmd<'_>, p: &mut Planner, now: u64) {
+    let key = cmd.arg(1);
+    if !key_ok(p, key) {
+        return;
+    }
+    let kind = match name {
+        "get" => OpKind::Get,
+        "set" if cmd.len() == 3 => OpKind::Set {
+            cond: crate::batch::Cond::Always,
+            ttl: crate::batch::Ttl::Clear,
+        },
+        "set" => {
+            let opts: Vec<&[u8]> = cmd.args_from(3).collect();
+            match set_options(&opts, now) {
+                Ok((cond, ttl)) => OpKind::Set { cond, ttl },
+                Err(msg) => return p.error(&msg),
+            }
+        }
+        "incr" => OpKind::IncrBy(1),
+        "decr" => OpKind::IncrBy(-1),
+        _ => {
+            let Some(n) = resp::parse_i64(cmd.arg(2)) else {
+                return p.error("ERR value is not an integer or out of range");
+            };
+            match (name, n.checked_neg()) {
+                ("incrby", _) => OpKind::IncrBy(n),
+                (_, Some(neg)) => OpKind::IncrBy(neg),
+                (_, None) => return p.error("ERR decrement would overflow"),
+            }
+        }
+    };
+    let value = if name == "set" { cmd.arg(2) } else { b"" };
+    p.begin(Combine::One);
+    p.key_op(kind, key, value);
+}
+
+fn plan_mset(cmd: &Cmd<'_>, p: &mut Planner) {
+    if cmd.len().is_multiple_of(2) {
+        return p.error("ERR wrong number of arguments for 'mset' command");
+    }
+    let pairs = (1..cmd.len())
+        .step_by(2)
+        .map(|i| (cmd.arg(i), cmd.arg(i + 1)));
+    if let Some((k, _)) = pairs.clone().find(|(k, _)| !key_ok_quiet(k)) {
+        key_ok(p, k);
+        return;
+    }
+    p.begin(Combine::AllOk);
+    let set = OpKind::Set {
+        cond: crate::batch::Cond::Always,
+        ttl: crate::batch::Ttl::Clear,
+    };
+    pairs.for_each(|(k, v)| p.key_op(set, k, v));
+}
+
+/// Commands answered by the connection itself.
+fn plan_connection(name: &str, cmd: &Cmd<'_>, p: &mut Planner, ctx: &Ctx) {
+    match name {
+        "ping" if cmd.len() > 2 => p.error("ERR wrong number of arguments for 'ping' command"),
+        "ping" if cmd.len() == 2 => p.reply(|out| resp::bulk(out, cmd.arg(1))),
+        "ping" => p.reply(|out| out.extend_from_slice(b"+PONG\r\n")),
+        "echo" => p.reply(|out| resp::bulk(out, cmd.arg(1))),
+        "quit" => {
+            p.reply(resp::ok);
+            p.close = true;
+        }
+        "select" if cmd.arg(1) == b"0" => p.reply(resp::ok),
+        "select" => p.error("ERR DB index is out of range"),
+        "client" => {
+            let sub = cmd.arg(1).to_ascii_uppercase();
+            match sub.as_slice() {
+                b"SETNAME" | b"SETINFO" => p.reply(resp::ok),
+                b"GETNAME" => p.reply(resp::nil),
+                _ => p.error("ERR CLIENT subcommand not supported by this server"),
+            }
+        }
+        "config" => config(cmd, p, &ctx.server),
+        "command" => command(cmd, p),
+        _ => unreachable!("every table entry is planned"),
+    }
+}
+
+/// The settings `CONFIG GET` reports.
+fn settings(facts: &ServerFacts) -> Vec<(&'static str, String)> {
+    let policy = match facts.policy {
+        SyncPolicy::Always => "always",
+        SyncPolicy::Everysec => "everysec",
+        SyncPolicy::No => "no",
+    };
+    vec![
+        ("save", String::new()),
+        ("appendonly", "yes".into()),
+        ("appendfsync", policy.into()),
+        ("databases", "1".into()),
+        ("maxmemory", "0".into()),
+        ("maxclients", crate::CONNECTIONS_MAX.to_string()),
+        ("port", facts.port.to_string()),
+        ("dir", facts.dir.display().to_string()),
+        ("proto-max-bulk-len", resp::ARG_BYTES_MAX.to_string()),
+    ]
+}
+
+fn config(cmd: &Cmd<'_>, p: &mut Planner, facts: &ServerFacts) {
+    let sub = cmd.arg(1).to_ascii_uppercase();
+    match sub.as_slice() {
+        b"GET" if cmd.len() >= 3 => {
+            let all = settings(facts);
+            let hits: Vec<_> = all
+                .iter()
+                .filter(|(name, _)| cmd.args_from(2).any(|pat| glob(pat, name.as_bytes())))
+                .collect();
+            p.reply(|out| {
+                resp::array_len(out, hits.len() * 2);
+                for (name, value) in hits {
+                    resp::bulk(out, name.as_bytes());
+                    resp::bulk(out, value.as_bytes());
+                }
+            });
+        }
+        b"RESETSTAT" => p.reply(resp::ok),
+        _ => p.error("ERR only CONFIG GET and CONFIG RESETSTAT are supported by this server"),
+    }
+}
+
+/// Glob match with `*` and `?`, case-insensitive, as `CONFIG GET` does.
+fn glob(pat: &[u8], s: &[u8]) -> bool {
+    match (pat.first(), s.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => glob(&pat[1..], s) || (!s.is_empty() && glob(pat, &s[1..])),
+        (Some(b'?'), Some(_)) => glob(&pat[1..], &s[1..]),
+        (Some(a), Some(b)) if a.eq_ignore_ascii_case(b) => glob(&pat[1..], &s[1..]),
+        _ => false,
+    }
+}
+
+fn command(cmd: &Cmd<'_>, p: &mut Planner) {
+    let sub = (cmd.len() > 1).then(|| cmd.arg(1).to_ascii_uppercase());
+    match sub.as_deref() {
+        None => p.reply(|out| {
+            resp::array_len(out, COMMANDS.len());
+            COMMANDS.iter().for_each(|c| c.write(out));
+        }),
+        Some(b"COUNT") => p.reply(|out| resp::int(out, COMMANDS.len() as i64)),
+        Some(b"DOCS") => p.reply(|out| resp::array_len(out, 0)),
+        Some(b"INFO") => p.reply(|out| {
+            resp::array_len(out, cmd.len() - 2);
+            for name in cmd.args_from(2) {
+                match find(name) {
+                    Some(c) => c.write(out),
+                    None => resp::nil(out),
+                }
+            }
+        }),
+        Some(_) => p.error("ERR COMMAND subcommand not supported by this server"),
+    }
+}
+
+const SERVER: u8 = 1;
+const MEMORY: u8 = 2;
+const PERSISTENCE: u8 = 4;
+const KEYSPACE: u8 = 8;
+
+fn info_sections(cmd: &Cmd<'_>) -> u8 {
+    if cmd.len() == 1 {
+        return SERVER | MEMORY | PERSISTENCE | KEYSPACE;
+    }
+    cmd.args_from(1).fold(0, |acc, s| {
+        acc | match s.to_ascii_lowercase().as_slice() {
+            b"server" => SERVER,
+            b"memory" => MEMORY,
+            b"persistence" => PERSISTENCE,
+            b"keyspace" => KEYSPACE,
+            b"all" | b"default" | b"everything" => SERVER | MEMORY | PERSISTENCE | KEYSPACE,
+            _ => 0,
+        }
+    })
+}
+
+/// The per-shard figures of `OpKind::Info`, in the order the store writes
+/// them; summed over shards unless said otherwise.
+mod field {
+    pub const KEYS: usize = 0;
+    pub const EXPIRES: usize = 1;
+    pub const LIVE_BYTES: usize = 2;
+    pub const RESERVED_BYTES: usize = 3;
+    pub const METADATA_BYTES: usize = 4;
+    pub const OPEN_FDS: usize = 5;
+    pub const MAPPED_WINDOWS: usize = 6;
+    pub const DATA_FILES: usize = 7;
+    /// Oldest over shards.
+    pub const LAST_SYNC_UNIX_MS: usize = 8;
+    pub const SYNCS: usize = 9;
+    pub const SYNC_FAILURES: usize = 10;
+    pub const UNSYNCED_WRITES: usize = 11;
+    /// 1 when every shard runs io_uring.
+    pub const URING: usize = 12;
+    pub const COUNT: usize = 14;
+}
+
+/// Integers of an array reply of integers.
+fn ints_of(reply: &[u8]) -> Vec<i64> {
+    reply
+        .split(|&b| b == b'\n')
+        .filter_map(|line| {
+            let line = line.strip_suffix(b"\r")?.strip_prefix(b":")?;
+            std::str::from_utf8(line).ok()?.parse().ok()
+        })
+        .collect()
+}
+
+fn process_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The `INFO` reply from every shard's figures.
+pub fn info<'a>(
+    facts: &ServerFacts,
+    sections_wanted: u8,
+    parts: impl Iterator<Item = &'a [u8]>,
+    out: &mut Vec<u8>,
+) {
+    let mut total = [0i64; field::COUNT];
+    total[field::LAST_SYNC_UNIX_MS] = i64::MAX;
+    total[field::URING] = 1;
+    for part in parts {
+        let f = ints_of(part);
+        if f.len() != field::COUNT {
+            continue;
+        }
+        for (i, v) in f.iter().enumerate() {
+            total[i] = match i {
+                field::LAST_SYNC_UNIX_MS | field::URING => total[i].min(*v),
+                _ => total[i] + v,
+            };
+        }
+    }
+    let mut s = String::new();
+    let sections = [
+        (SERVER, "# Server", server_lines(facts, &total)),
+        (MEMORY, "# Memory", memory_lines(&total)),
+        (
+            PERSISTENCE,
+            "# Persistence",
+            persistence_lines(facts, &total),
+        ),
+        (KEYSPACE, "# Keyspace", keyspace_lines(&total)),
+    ];
+    for (bit, heading, lines) in sections {
+        if sections_wanted & bit == 0 {
+            continue;
+        }
+        s.push_str(heading);
+        s.push_str("\r\n");
+        for (k, v) in lines {
+            s.push_str(&format!("{k}:{v}\r\n"));
+        }
+    }
+    resp::bulk(out, s.as_bytes());
+}
+
+type Lines = Vec<(&'static str, String)>;
+
+fn server_lines(facts: &ServerFacts, t: &[i64; field::COUNT]) -> Lines {
+    let backend = if t[field::URING] == 1 {
+        "io_uring"
+    } else {
+        "sync"
+    };
+    vec![
+        ("redis_version", "7.0.0".into()),
+        ("segalloc_version", env!("CARGO_PKG_VERSION").into()),
+        ("redis_mode", "standalone".into()),
+        ("os", std::env::consts::OS.into()),
+        ("process_id", std::process::id().to_string()),
+        ("tcp_port", facts.port.to_string()),
+        (
+            "uptime_in_seconds",
+            facts.started.elapsed().as_secs().to_string(),
+        ),
+        ("shards", facts.shards.to_string()),
+        ("io_backend", backend.into()),
+    ]
+}
+
+fn memory_lines(t: &[i64; field::COUNT]) -> Lines {
+    vec![
+        (
+            "used_memory",
+            (t[field::LIVE_BYTES] + t[field::METADATA_BYTES]).to_string(),
+        ),
+        ("used_memory_rss", process_rss_bytes().to_string()),
+        ("segalloc_live_bytes", t[field::LIVE_BYTES].to_string()),
+        (
+            "segalloc_reserved_bytes",
+            t[field::RESERVED_BYTES].to_string(),
+        ),
+        (
+            "segalloc_metadata_bytes",
+            t[field::METADATA_BYTES].to_string(),
+        ),
+        ("segalloc_open_fds", t[field::OPEN_FDS].to_string()),
+        (
+            "segalloc_mapped_windows",
+            t[field::MAPPED_WINDOWS].to_string(),
+        ),
+        ("segalloc_data_files", t[field::DATA_FILES].to_string()),
+    ]
+}
+
+fn persistence_lines(facts: &ServerFacts, t: &[i64; field::COUNT]) -> Lines {
+    // Never synced yet: 0, as Redis reports a save that never happened.
+    let last = match t[field::LAST_SYNC_UNIX_MS] {
+        i64::MAX => 0,
+        ms => ms,
+    };
+    vec![
+        ("loading", "0".into()),
+        ("aof_enabled", "1".into()),
+        ("segalloc_sync_policy", settings(facts)[2].1.clone()),
+        ("segalloc_last_sync_unix_ms", last.to_string()),
+        ("rdb_last_save_time", (last / 1000).to_string()),
+        ("segalloc_syncs", t[field::SYNCS].to_string()),
+        (
+            "segalloc_sync_failures",
+            t[field::SYNC_FAILURES].to_string(),
+        ),
+        (
+            "rdb_changes_since_last_save",
+            t[field::UNSYNCED_WRITES].to_string(),
+        ),
+    ]
+}
+
+fn keyspace_lines(t: &[i64; field::COUNT]) -> Lines {
+    if t[field::KEYS] == 0 {
+        return Vec::new();
+    }
+    let db0 = format!(
+        "keys={},expires={},avg_ttl=0",
+        t[field::KEYS],
+        t[field::EXPIRES]
+    );
+    vec![("db0", db0)]
+}

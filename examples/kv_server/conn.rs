@@ -1,0 +1,479 @@
+//! A client connection: read what the client pipelined, turn each command
+//! into key operations for their owner shards (one batch per shard), run
+//! this shard's batch here and send each other batch to its owner in one
+//! message, then write every reply of the read in one go.
+
+use std::io;
+use std::ops::Range;
+use std::rc::Rc;
+
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use crate::ToShard;
+use crate::batch::{Batch, Cond, OpKind, Ttl};
+use crate::commands::{self, Cmd};
+use crate::resp::{self, Parsed};
+use crate::store::{KEY_BYTES_MAX, Store, now_unix_ms};
+
+/// What every connection of a shard thread shares.
+pub struct Ctx {
+    pub store: Rc<Store>,
+    pub peers: Vec<tokio::sync::mpsc::UnboundedSender<ToShard>>,
+    pub me: usize,
+    pub server: Rc<commands::ServerFacts>,
+}
+
+/// The part of a plan that names a literal reply, not a shard's.
+const LIT: usize = usize::MAX;
+
+/// Where one sub-reply is: a shard's batch (or [`LIT`]) and its index.
+#[derive(Clone, Copy)]
+pub struct Part {
+    pub shard: usize,
+    pub idx: usize,
+}
+
+/// How a command's reply is made of its parts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Combine {
+    /// The one part as it is.
+    One,
+    /// An array of the parts (`MGET`).
+    Array,
+    /// The sum of integer parts (`DEL`, `EXISTS`, `DBSIZE`).
+    Sum,
+    /// `+OK` unless a part is an error (`MSET`, `FLUSHDB`, `SAVE`).
+    AllOk,
+    /// The `INFO` text from every shard's figures; the sections wanted.
+    Info(u8),
+}
+
+struct Plan {
+    how: Combine,
+    first: usize,
+    n: usize,
+}
+
+/// The commands of one read, their key operations per shard and their
+/// literal replies.
+pub struct Planner {
+    plans: Vec<Plan>,
+    parts: Vec<Part>,
+    lit: crate::batch::Out,
+    batches: Vec<Option<Box<Batch>>>,
+    waits: Vec<Option<(usize, oneshot::Receiver<Box<Batch>>)>>,
+    /// The client sent `QUIT` or a frame that is not RESP.
+    pub close: bool,
+}
+
+/// FNV-1a: a hash that stays the same across runs (unlike `RandomState`),
+/// so a key keeps its owner after a restart.
+pub fn owner_of(key: &[u8], shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards as u64) as usize
+}
+
+impl Planner {
+    fn new(shards: usize) -> Planner {
+        Planner {
+            plans: Vec::new(),
+            parts: Vec::new(),
+            lit: Default::default(),
+            batches: (0..shards).map(|_| Some(Box::default())).collect(),
+            waits: (0..shards).map(|_| None).collect(),
+            close: false,
+        }
+    }
+
+    fn shards(&self) -> usize {
+        self.batches.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.plans.is_empty()
+    }
+
+    /// A reply written now.
+    pub fn reply(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        let lit = self.lit.len();
+        write(&mut self.lit.buf);
+        self.lit.end();
+        let idx = self.parts.len();
+        self.parts.push(Part {
+            shard: LIT,
+            idx: lit,
+        });
+        self.plans.push(Plan {
+            how: Combine::One,
+            first: idx,
+            n: 1,
+        });
+    }
+
+    pub fn error(&mut self, msg: &str) {
+        self.reply(|out| resp::error(out, msg));
+    }
+
+    /// Start a command whose reply combines the parts added until the next
+    /// `begin`.
+    pub fn begin(&mut self, how: Combine) {
+        self.plans.push(Plan {
+            how,
+            first: self.parts.len(),
+            n: 0,
+        });
+    }
+
+    /// Add an operation on `key` for its owner to the current command.
+    pub fn key_op(&mut self, kind: OpKind, key: &[u8], value: &[u8]) {
+        let shard = owner_of(key, self.shards());
+        self.op_on(shard, kind, key, value);
+    }
+
+    /// Add an operation for every shard to the current command.
+    pub fn all_shards(&mut self, kind: OpKind) {
+        for s in 0..self.shards() {
+            self.op_on(s, kind, b"", b"");
+        }
+    }
+
+    fn op_on(&mut self, shard: usize, kind: OpKind, key: &[u8], value: &[u8]) {
+        let b = self.batches[shard]
+            .as_mut()
+            .expect("batch home between reads");
+        let idx = b.push(kind, key, value);
+        self.parts.push(Part { shard, idx });
+        self.plans.last_mut().expect("begin before key_op").n += 1;
+    }
+
+    /// Run every batch: this shard's here, the others on their owners.
+    async fn execute(&mut self, ctx: &Ctx) {
+        for s in 0..self.shards() {
+            if s == ctx.me || self.batches[s].as_ref().is_none_or(|b| b.is_empty()) {
+                continue;
+            }
+            let b = self.batches[s].take().expect("checked");
+            let n = b.ops.len();
+            let (tx, rx) = oneshot::channel();
+            // A send to a stopped shard drops the batch with `tx`: `rx` says so.
+            let _ = ctx.peers[s].send(ToShard::Batch(b, tx));
+            self.waits[s] = Some((n, rx));
+        }
+        if let Some(local) = self.batches[ctx.me].as_mut()
+            && !local.is_empty()
+        {
+            ctx.store.run(local).await;
+        }
+        for s in 0..self.shards() {
+            let Some((n, rx)) = self.waits[s].take() else {
+                continue;
+            };
+            self.batches[s] = Some(rx.await.unwrap_or_else(|_| gone(s, n)));
+        }
+    }
+
+    /// Write every reply in command order to `wbuf`, then reset.
+    fn assemble(&mut self, ctx: &Ctx, wbuf: &mut Vec<u8>) {
+        for plan in &self.plans {
+            let parts = &self.parts[plan.first..plan.first + plan.n];
+            let get = |p: &Part| -> &[u8] {
+                if p.shard == LIT {
+                    self.lit.get(p.idx)
+                } else {
+                    self.batches[p.shard].as_ref().expect("home").out.get(p.idx)
+                }
+            };
+            combine(plan.how, parts.iter().map(get), ctx, wbuf);
+        }
+        self.plans.clear();
+        self.parts.clear();
+        self.lit.clear();
+        for b in self.batches.iter_mut().flatten() {
+            b.clear();
+        }
+    }
+}
+
+/// The batch a stopped shard could not answer: an error per operation.
+fn gone(shard: usize, ops: usize) -> Box<Batch> {
+    let mut b = Box::<Batch>::default();
+    for _ in 0..ops {
+        resp::error(&mut b.out.buf, &format!("ERR shard {shard} is not running"));
+        b.out.end();
+    }
+    b
+}
+
+fn combine<'a>(
+    how: Combine,
+    mut parts: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
+    ctx: &Ctx,
+    out: &mut Vec<u8>,
+) {
+    let first_error = parts.clone().find(|p| p.first() == Some(&b'-'));
+    match how {
+        Combine::One => out.extend_from_slice(parts.next().unwrap_or(b"-ERR no reply\r\n")),
+        Combine::Array => {
+            resp::array_len(out, parts.len());
+            parts.for_each(|p| out.extend_from_slice(p));
+        }
+        _ if first_error.is_some() => out.extend_from_slice(first_error.expect("checked")),
+        Combine::Sum => resp::int(out, parts.filter_map(resp::int_of).sum()),
+        Combine::AllOk => resp::ok(out),
+        Combine::Info(sections) => commands::info(&ctx.server, sections, parts, out),
+    }
+}
+
+/// How many bytes and arguments of an oversize command are still to skip.
+#[derive(Default)]
+struct Skip {
+    bytes: usize,
+    args: usize,
+    arg_bytes: usize,
+}
+
+/// A connection with its buffers, over tokio's readiness API (the crate
+/// builds tokio without `io-util`).
+struct Conn {
+    stream: TcpStream,
+    /// Read buffer: bytes `rpos..rlen` are unparsed.
+    rbuf: Vec<u8>,
+    rpos: usize,
+    rlen: usize,
+    wbuf: Vec<u8>,
+    args: Vec<Range<usize>>,
+    skip: Option<Skip>,
+}
+
+/// Bytes read per `read` call.
+const READ_BYTES: usize = 64 << 10;
+
+impl Conn {
+    /// Read more bytes; `Ok(0)` at end of stream. The buffer holds at most
+    /// one incomplete frame ([`resp::FRAME_BYTES_MAX`]) plus one read; its
+    /// bytes past `rlen` stay allocated (and initialized) between reads.
+    async fn fill(&mut self) -> io::Result<usize> {
+        if self.rpos == self.rlen {
+            self.rpos = 0;
+            self.rlen = 0;
+            // Give back what a large frame needed.
+            if self.rbuf.len() > 4 * READ_BYTES {
+                self.rbuf.truncate(READ_BYTES);
+                self.rbuf.shrink_to(READ_BYTES);
+            }
+        } else if self.rpos > 0 {
+            self.rbuf.copy_within(self.rpos..self.rlen, 0);
+            self.rlen -= self.rpos;
+            self.rpos = 0;
+        }
+        if self.rbuf.len() < self.rlen + READ_BYTES {
+            self.rbuf.resize(self.rlen + READ_BYTES, 0);
+        }
+        loop {
+            match self.stream.try_read(&mut self.rbuf[self.rlen..]) {
+                Ok(n) => {
+                    self.rlen += n;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stream.readable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        let mut done = 0;
+        while done < self.wbuf.len() {
+            match self.stream.try_write(&self.wbuf[done..]) {
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stream.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        self.wbuf.clear();
+        if self.wbuf.capacity() > 4 * READ_BYTES {
+            self.wbuf.shrink_to(READ_BYTES);
+        }
+        Ok(())
+    }
+
+    /// Skip what is left of an oversize command; true once it is skipped
+    /// (and answered).
+    fn skip_oversize(&mut self, p: &mut Planner) -> bool {
+        let Some(skip) = self.skip.as_mut() else {
+            return true;
+        };
+        loop {
+            let n = skip.bytes.min(self.rlen - self.rpos);
+            self.rpos += n;
+            skip.bytes -= n;
+            if skip.bytes > 0 {
+                return false;
+            }
+            if skip.args == 0 {
+                break;
+            }
+            match resp::bulk_header(&self.rbuf[self.rpos..self.rlen]) {
+                Ok(None) => return false,
+                Ok(Some((len, used))) => {
+                    self.rpos += used;
+                    skip.bytes = len + 2;
+                    skip.args -= 1;
+                }
+                Err(e) => {
+                    p.reply(|out| out.extend_from_slice(e.reply().as_bytes()));
+                    p.close = true;
+                    return false;
+                }
+            }
+        }
+        let arg_bytes = skip.arg_bytes;
+        self.skip = None;
+        p.error(&format!(
+            "ERR argument of {arg_bytes} bytes exceeds the limit of {} bytes",
+            resp::ARG_BYTES_MAX
+        ));
+        true
+    }
+
+    /// Plan every whole command buffered.
+    fn plan_buffered(&mut self, p: &mut Planner, ctx: &Ctx, now: u64) {
+        loop {
+            // Skipping an oversize command may also find a protocol error.
+            let skipped = !p.close && self.skip_oversize(p);
+            if !skipped || p.close {
+                return;
+            }
+            let frame = &self.rbuf[self.rpos..self.rlen];
+            match resp::parse(frame, &mut self.args) {
+                Parsed::Incomplete => return,
+                Parsed::Command { consumed } => {
+                    if !self.args.is_empty() {
+                        let args = Cmd::new(frame, &self.args);
+                        commands::plan(&args, p, ctx, now);
+                    }
+                    self.rpos += consumed;
+                }
+                Parsed::Oversize {
+                    consumed,
+                    arg_bytes,
+                    skip_bytes,
+                    skip_args,
+                } => {
+                    self.rpos += consumed;
+                    self.skip = Some(Skip {
+                        bytes: skip_bytes,
+                        args: skip_args,
+                        arg_bytes,
+                    });
+                }
+                Parsed::Error(e) => {
+                    p.reply(|out| out.extend_from_slice(e.reply().as_bytes()));
+                    p.close = true;
+                }
+            }
+        }
+    }
+}
+
+pub async fn serve(ctx: Rc<Ctx>, stream: std::net::TcpStream) {
+    let peer = stream.peer_addr().ok();
+    let stream = match TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("shard {}: cannot adopt connection: {e}", ctx.me);
+            return;
+        }
+    };
+    let mut conn = Conn {
+        stream,
+        rbuf: Vec::new(),
+        rpos: 0,
+        rlen: 0,
+        wbuf: Vec::with_capacity(READ_BYTES),
+        args: Vec::new(),
+        skip: None,
+    };
+    let mut planner = Planner::new(ctx.peers.len());
+    if let Err(e) = serve_requests(&ctx, &mut conn, &mut planner).await
+        && e.kind() != io::ErrorKind::ConnectionReset
+        && e.kind() != io::ErrorKind::BrokenPipe
+    {
+        eprintln!("shard {}: connection {peer:?}: {e}", ctx.me);
+    }
+}
+
+async fn serve_requests(ctx: &Ctx, conn: &mut Conn, p: &mut Planner) -> io::Result<()> {
+    loop {
+        conn.plan_buffered(p, ctx, now_unix_ms());
+        if !p.is_empty() {
+            p.execute(ctx).await;
+            p.assemble(ctx, &mut conn.wbuf);
+            conn.flush().await?;
+        }
+        if p.close {
+            return Ok(());
+        }
+        if conn.fill().await? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Check a key's length; `false` after answering the error.
+pub fn key_ok(p: &mut Planner, key: &[u8]) -> bool {
+    if key.len() > KEY_BYTES_MAX {
+        p.error(&format!(
+            "ERR key of {} bytes exceeds the limit of {KEY_BYTES_MAX} bytes",
+            key.len()
+        ));
+        return false;
+    }
+    true
+}
+
+/// `SET` options, as Redis spells them.
+pub fn set_options(opts: &[&[u8]], now: u64) -> Result<(Cond, Ttl), String> {
+    let (mut cond, mut ttl) = (Cond::Always, Ttl::Clear);
+    let mut i = 0;
+    let syntax = || "ERR syntax error".to_string();
+    while i < opts.len() {
+        let o = opts[i].to_ascii_uppercase();
+        match o.as_slice() {
+            b"NX" | b"XX" if cond != Cond::Always => return Err(syntax()),
+            b"NX" => cond = Cond::Nx,
+            b"XX" => cond = Cond::Xx,
+            b"KEEPTTL" if ttl != Ttl::Clear => return Err(syntax()),
+            b"KEEPTTL" => ttl = Ttl::Keep,
+            b"EX" | b"PX" | b"EXAT" | b"PXAT" => {
+                if ttl != Ttl::Clear {
+                    return Err(syntax());
+                }
+                i += 1;
+                let n = opts.get(i).ok_or_else(syntax)?;
+                let n = resp::parse_i64(n).ok_or("ERR value is not an integer or out of range")?;
+                let at = match o.as_slice() {
+                    b"EX" => n
+                        .checked_mul(1000)
+                        .and_then(|ms| ms.checked_add(now as i64)),
+                    b"PX" => n.checked_add(now as i64),
+                    b"EXAT" => n.checked_mul(1000),
+                    _ => Some(n),
+                };
+                match at {
+                    Some(at) if n > 0 && at > 0 => ttl = Ttl::At(at as u64),
+                    _ => return Err("ERR invalid expire time in 'set' command".into()),
+                }
+            }
+            b"GET" => return Err("ERR SET option GET is not supported by this server".into()),
+            _ => return Err(syntax()),
+        }
+        i += 1;
+    }
+    Ok((cond, ttl))
+}

@@ -1,0 +1,279 @@
+//! RESP2 framing: request parsing (arrays of bulk strings, and inline
+//! commands) and reply encoding. Every length is bounded before anything is
+//! buffered or allocated for it.
+
+use std::ops::Range;
+
+/// Largest argument (a value): larger ones are skipped without buffering
+/// and answered with an error.
+pub const ARG_BYTES_MAX: usize = 1 << 20;
+/// Most arguments in one command.
+pub const ARGS_MAX: usize = 1 << 16;
+/// Largest request frame held in memory (all its arguments together).
+pub const FRAME_BYTES_MAX: usize = 8 << 20;
+/// Longest inline command line.
+pub const INLINE_BYTES_MAX: usize = 64 << 10;
+/// Longest `*N` / `$N` header line.
+const HEADER_LINE_BYTES_MAX: usize = 32;
+
+const _: () = assert!(ARG_BYTES_MAX + HEADER_LINE_BYTES_MAX < FRAME_BYTES_MAX);
+const _: () = assert!(INLINE_BYTES_MAX < FRAME_BYTES_MAX);
+
+/// What the front of a read buffer holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// Not a whole frame yet: read more.
+    Incomplete,
+    /// One command of `consumed` bytes; its arguments are in `args`
+    /// (possibly none: an empty inline line).
+    Command { consumed: usize },
+    /// A command with an argument over [`ARG_BYTES_MAX`]: `consumed` bytes
+    /// (up to that argument's header) are parsed; `skip_bytes` more belong
+    /// to the argument, then `skip_args` further arguments follow.
+    Oversize {
+        consumed: usize,
+        arg_bytes: usize,
+        skip_bytes: usize,
+        skip_args: usize,
+    },
+    /// The bytes are not RESP: answer and close the connection.
+    Error(ProtocolError),
+}
+
+/// Why a frame is not RESP.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum ProtocolError {
+    /// A `*N` header with a bad or too large count.
+    MultibulkLength,
+    /// A `$N` header with a bad length, or a missing `$`.
+    BulkLength,
+    /// A bulk string not followed by CRLF.
+    MissingCrlf,
+    /// An inline line longer than [`INLINE_BYTES_MAX`].
+    InlineTooLong,
+    /// A frame longer than [`FRAME_BYTES_MAX`].
+    FrameTooLong,
+}
+
+impl ProtocolError {
+    pub fn reply(self) -> String {
+        let what = match self {
+            ProtocolError::MultibulkLength => "invalid multibulk length".to_string(),
+            ProtocolError::BulkLength => "invalid bulk length".to_string(),
+            ProtocolError::MissingCrlf => "expected CRLF after a bulk string".to_string(),
+            ProtocolError::InlineTooLong => {
+                format!("inline command longer than {INLINE_BYTES_MAX} bytes")
+            }
+            ProtocolError::FrameTooLong => {
+                format!("request longer than {FRAME_BYTES_MAX} bytes")
+            }
+        };
+        format!("-ERR Protocol error: {what}\r\n")
+    }
+}
+
+/// A header line `<prefix><digits>\r\n` at the start of `buf`:
+/// `Ok(Some((value, bytes)))`, `Ok(None)` when incomplete.
+fn header(buf: &[u8], err: ProtocolError) -> Result<Option<(i64, usize)>, ProtocolError> {
+    let Some(nl) = buf
+        .iter()
+        .take(HEADER_LINE_BYTES_MAX)
+        .position(|&b| b == b'\n')
+    else {
+        return if buf.len() >= HEADER_LINE_BYTES_MAX {
+            Err(err)
+        } else {
+            Ok(None)
+        };
+    };
+    if nl < 2 || buf[nl - 1] != b'\r' {
+        return Err(err);
+    }
+    let digits = std::str::from_utf8(&buf[1..nl - 1]).map_err(|_| err)?;
+    let n: i64 = digits.parse().map_err(|_| err)?;
+    Ok(Some((n, nl + 1)))
+}
+
+/// A bulk header `$N\r\n` at the start of `buf`: `(N, header bytes)`.
+pub fn bulk_header(buf: &[u8]) -> Result<Option<(usize, usize)>, ProtocolError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    if buf[0] != b'$' {
+        return Err(ProtocolError::BulkLength);
+    }
+    match header(buf, ProtocolError::BulkLength)? {
+        None => Ok(None),
+        Some((n, used)) if n >= 0 => Ok(Some((n as usize, used))),
+        Some(_) => Err(ProtocolError::BulkLength),
+    }
+}
+
+/// Parse one command from the front of `buf`, its argument ranges into
+/// `args` (cleared first).
+pub fn parse(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
+    args.clear();
+    match buf.first() {
+        None => Parsed::Incomplete,
+        Some(b'*') => parse_array(buf, args),
+        Some(_) => parse_inline(buf, args),
+    }
+}
+
+fn parse_array(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
+    let (count, mut pos) = match header(buf, ProtocolError::MultibulkLength) {
+        Err(e) => return Parsed::Error(e),
+        Ok(None) => return Parsed::Incomplete,
+        Ok(Some(h)) => h,
+    };
+    if count > ARGS_MAX as i64 {
+        return Parsed::Error(ProtocolError::MultibulkLength);
+    }
+    // `*0` and `*-1` are empty commands, as Redis treats them.
+    for i in 0..count.max(0) as usize {
+        let (len, used) = match bulk_header(&buf[pos..]) {
+            Err(e) => return Parsed::Error(e),
+            Ok(None) => return incomplete(pos),
+            Ok(Some(h)) => h,
+        };
+        if len > ARG_BYTES_MAX {
+            return Parsed::Oversize {
+                consumed: pos + used,
+                arg_bytes: len,
+                skip_bytes: len + 2,
+                skip_args: count as usize - i - 1,
+            };
+        }
+        let start = pos + used;
+        if buf.len() < start + len + 2 {
+            return incomplete(start + len + 2);
+        }
+        if &buf[start + len..start + len + 2] != b"\r\n" {
+            return Parsed::Error(ProtocolError::MissingCrlf);
+        }
+        args.push(start..start + len);
+        pos = start + len + 2;
+    }
+    Parsed::Command { consumed: pos }
+}
+
+/// Incomplete, unless the frame already needs more than the limit.
+fn incomplete(needed: usize) -> Parsed {
+    if needed > FRAME_BYTES_MAX {
+        Parsed::Error(ProtocolError::FrameTooLong)
+    } else {
+        Parsed::Incomplete
+    }
+}
+
+fn parse_inline(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
+    let Some(nl) = buf
+        .iter()
+        .take(INLINE_BYTES_MAX + 1)
+        .position(|&b| b == b'\n')
+    else {
+        return if buf.len() > INLINE_BYTES_MAX {
+            Parsed::Error(ProtocolError::InlineTooLong)
+        } else {
+            Parsed::Incomplete
+        };
+    };
+    let line_end = if nl > 0 && buf[nl - 1] == b'\r' {
+        nl - 1
+    } else {
+        nl
+    };
+    let mut i = 0;
+    while i < line_end {
+        if buf[i].is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < line_end && !buf[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if args.len() == ARGS_MAX {
+            return Parsed::Error(ProtocolError::MultibulkLength);
+        }
+        args.push(start..i);
+    }
+    Parsed::Command { consumed: nl + 1 }
+}
+
+// ------------------------------------------------------------------ replies
+
+pub fn ok(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"+OK\r\n");
+}
+
+pub fn nil(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"$-1\r\n");
+}
+
+pub fn int(out: &mut Vec<u8>, n: i64) {
+    out.push(b':');
+    decimal(out, n);
+    out.extend_from_slice(b"\r\n");
+}
+
+pub fn bulk(out: &mut Vec<u8>, data: &[u8]) {
+    bulk_len(out, data.len());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+pub fn bulk_len(out: &mut Vec<u8>, len: usize) {
+    out.push(b'$');
+    decimal(out, len as i64);
+    out.extend_from_slice(b"\r\n");
+}
+
+pub fn array_len(out: &mut Vec<u8>, len: usize) {
+    out.push(b'*');
+    decimal(out, len as i64);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// An error reply; `msg` starts with its code (`ERR ...`). Line breaks in
+/// it become spaces so the reply stays one line.
+pub fn error(out: &mut Vec<u8>, msg: &str) {
+    out.push(b'-');
+    out.extend(
+        msg.bytes()
+            .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+    );
+    out.extend_from_slice(b"\r\n");
+}
+
+pub fn decimal(out: &mut Vec<u8>, n: i64) {
+    let mut tmp = [0u8; 20];
+    let mut i = tmp.len();
+    let mut v = n.unsigned_abs();
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&tmp[i..]);
+}
+
+/// The value of an integer reply `:N\r\n`.
+pub fn int_of(reply: &[u8]) -> Option<i64> {
+    let body = reply.strip_prefix(b":")?.strip_suffix(b"\r\n")?;
+    std::str::from_utf8(body).ok()?.parse().ok()
+}
+
+/// A decimal integer argument, as Redis reads them (no spaces, no `+`).
+pub fn parse_i64(arg: &[u8]) -> Option<i64> {
+    if arg.is_empty() || arg.len() > 20 || arg[0] == b'+' {
+        return None;
+    }
+    std::str::from_utf8(arg).ok()?.parse().ok()
+}

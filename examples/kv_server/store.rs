@@ -1,0 +1,729 @@
+//! One shard's part of the key space: records in segalloc allocations, the
+//! in-memory index rebuilt from them, and the sync policy.
+//!
+//! A record is one allocation:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | magic `KVR2` (little-endian `u32`); zero once retired |
+//! | 4 | 4 | key length |
+//! | 8 | 4 | value length |
+//! | 12 | 4 | CRC-32C of bytes 0..12, 16..32, the key and the value |
+//! | 16 | 8 | sequence number (per shard, increasing) |
+//! | 24 | 8 | expiry, Unix milliseconds (0: none) |
+//! | 32 | … | key, then value |
+
+use std::cell::{Cell, RefCell};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use segalloc::{Handle, Pin, Shard};
+use tokio::sync::Notify;
+
+use crate::batch::{Batch, Cond, OpDesc, OpKind, Ttl};
+use crate::resp;
+
+/// Longest key.
+pub const KEY_BYTES_MAX: usize = 512;
+/// Largest value.
+pub const VALUE_BYTES_MAX: usize = resp::ARG_BYTES_MAX;
+/// Reply bytes one batch may produce on a shard; a `GET` past it is
+/// answered with an error instead of its value.
+pub const OUT_BYTES_MAX: usize = 64 << 20;
+
+pub const HEADER_BYTES: usize = 32;
+const MAGIC: u32 = u32::from_le_bytes(*b"KVR2");
+const OFF_KEY_LEN: usize = 4;
+const OFF_VALUE_LEN: usize = 8;
+const OFF_CRC: usize = 12;
+const OFF_SEQ: usize = 16;
+const OFF_EXPIRE: usize = 24;
+const _: () = assert!(OFF_EXPIRE + 8 == HEADER_BYTES);
+const _: () = assert!(HEADER_BYTES + KEY_BYTES_MAX + VALUE_BYTES_MAX <= 16 << 20);
+
+/// When writes become durable against power loss (as Redis's `appendfsync`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyncPolicy {
+    /// A batch of writes is acknowledged after one sync that covers it.
+    Always,
+    /// A sync every second.
+    Everysec,
+    /// Only `SAVE` syncs.
+    No,
+}
+
+/// An indexed key: its record and expiry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    handle: Handle,
+    expire_at_ms: u64,
+}
+
+impl Entry {
+    fn expired(&self, now_ms: u64) -> bool {
+        self.expire_at_ms != 0 && self.expire_at_ms <= now_ms
+    }
+}
+
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn record_crc(header: &[u8; HEADER_BYTES], key: &[u8], value: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&header[..OFF_CRC]);
+    let crc = crc32c::crc32c_append(crc, &header[OFF_SEQ..]);
+    let crc = crc32c::crc32c_append(crc, key);
+    crc32c::crc32c_append(crc, value)
+}
+
+fn encode_header(seq: u64, expire_at_ms: u64, key: &[u8], value: &[u8]) -> [u8; HEADER_BYTES] {
+    let mut h = [0u8; HEADER_BYTES];
+    h[..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[OFF_KEY_LEN..OFF_KEY_LEN + 4].copy_from_slice(&(key.len() as u32).to_le_bytes());
+    h[OFF_VALUE_LEN..OFF_VALUE_LEN + 4].copy_from_slice(&(value.len() as u32).to_le_bytes());
+    h[OFF_SEQ..OFF_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
+    h[OFF_EXPIRE..].copy_from_slice(&expire_at_ms.to_le_bytes());
+    let crc = record_crc(&h, key, value);
+    h[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+}
+
+/// A record checked in place: `(header, key length, value length)`, or why
+/// the slot holds no record.
+fn check_header(pin: &Pin) -> Result<([u8; HEADER_BYTES], usize, usize), &'static str> {
+    if pin.len() < HEADER_BYTES {
+        return Err("slot shorter than a header");
+    }
+    let mut h = [0u8; HEADER_BYTES];
+    pin.read_at(0, &mut h).map_err(|_| "header unreadable")?;
+    if u32_at(&h, 0) != MAGIC {
+        return Err("no magic (retired or never sealed)");
+    }
+    let key_len = u32_at(&h, OFF_KEY_LEN) as usize;
+    let value_len = u32_at(&h, OFF_VALUE_LEN) as usize;
+    if key_len == 0 || key_len > KEY_BYTES_MAX || value_len > VALUE_BYTES_MAX {
+        return Err("lengths out of range");
+    }
+    if HEADER_BYTES + key_len + value_len > pin.len() {
+        return Err("lengths exceed the slot");
+    }
+    Ok((h, key_len, value_len))
+}
+
+/// Read a record's value into `out` (appended) after checking its header,
+/// key and checksum; on error `out` is left as it was.
+fn read_value(pin: &Pin, key: &[u8], out: &mut Vec<u8>) -> Result<(), &'static str> {
+    let header = check_header(pin)?;
+    read_checked_value(pin, header, key, out)
+}
+
+/// [`read_value`] with the header already checked: key and value are read
+/// in one copy, checked, then the value moved over the key.
+fn read_checked_value(
+    pin: &Pin,
+    (h, key_len, value_len): ([u8; HEADER_BYTES], usize, usize),
+    key: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), &'static str> {
+    if key_len != key.len() {
+        return Err("record holds another key");
+    }
+    let start = out.len();
+    out.resize(start + key_len + value_len, 0);
+    let body = &mut out[start..];
+    let why = if pin.read_at(HEADER_BYTES, body).is_err() {
+        Some("record unreadable")
+    } else if &body[..key_len] != key {
+        Some("record holds another key")
+    } else if record_crc(&h, key, &body[key_len..]) != u32_at(&h, OFF_CRC) {
+        Some("checksum mismatch")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        out.truncate(start);
+        return Err(why);
+    }
+    out.copy_within(start + key_len.., start);
+    out.truncate(start + value_len);
+    Ok(())
+}
+
+/// Expired keys deleted per sweep, so one sweep never stalls the shard.
+const EXPIRE_PER_SWEEP: usize = 1024;
+
+/// Keys by expiry (Unix milliseconds), soonest first.
+type ExpiryQueue = BinaryHeap<Reverse<(u64, Box<[u8]>)>>;
+
+/// The expiry queue of an index.
+fn expiry_heap(index: &HashMap<Box<[u8]>, Entry>) -> ExpiryQueue {
+    index
+        .iter()
+        .filter(|(_, e)| e.expire_at_ms != 0)
+        .map(|(k, e)| Reverse((e.expire_at_ms, k.clone())))
+        .collect()
+}
+
+/// A record read back whole and checked: its header and key.
+fn recover_record(pin: &Pin) -> Result<([u8; HEADER_BYTES], Box<[u8]>), &'static str> {
+    let (h, key_len, value_len) = check_header(pin)?;
+    let mut body = vec![0u8; key_len + value_len];
+    pin.read_at(HEADER_BYTES, &mut body)
+        .map_err(|_| "body unreadable")?;
+    if record_crc(&h, &body[..key_len], &body[key_len..]) != u32_at(&h, OFF_CRC) {
+        return Err("checksum mismatch");
+    }
+    body.truncate(key_len);
+    Ok((h, body.into_boxed_slice()))
+}
+
+async fn pin_of(shard: &Shard, h: Handle) -> segalloc::Result<Pin> {
+    match shard.try_pin(h)? {
+        Some(p) => Ok(p),
+        None => shard.pin(h).await,
+    }
+}
+
+/// Retire a record (zero its magic) and free it. `pin` is its pin.
+fn retire(shard: &Shard, h: Handle, pin: Pin) -> segalloc::Result<()> {
+    pin.write_at(0, &[0u8; 4])?;
+    drop(pin);
+    shard.free(h)
+}
+
+/// The best record of each key, and what was freed: `(index, torn,
+/// superseded, expired, highest sequence number)`.
+type Rebuilt = (HashMap<Box<[u8]>, (u64, Entry)>, usize, usize, usize, u64);
+
+/// Read every live allocation of `shard`: free torn, expired and superseded
+/// records, index the rest.
+async fn recover_index(shard: &Shard) -> segalloc::Result<Rebuilt> {
+    let now = now_unix_ms();
+    let handles: Vec<Handle> = shard.live().collect();
+    let mut best: HashMap<Box<[u8]>, (u64, Entry)> = HashMap::with_capacity(handles.len());
+    let (mut torn, mut superseded, mut expired, mut max_seq) = (0, 0, 0, 0u64);
+    for h in handles {
+        let pin = pin_of(shard, h).await?;
+        let (hd, key) = match recover_record(&pin) {
+            Ok(r) => r,
+            Err(why) => {
+                eprintln!("shard {}: freeing {h}: {why}", shard.index());
+                retire(shard, h, pin)?;
+                torn += 1;
+                continue;
+            }
+        };
+        let seq = u64_at(&hd, OFF_SEQ);
+        let entry = Entry {
+            handle: h,
+            expire_at_ms: u64_at(&hd, OFF_EXPIRE),
+        };
+        max_seq = max_seq.max(seq);
+        drop(pin);
+        let loser = match best.get(&key) {
+            Some(&(s, _)) if s > seq => Some(entry.handle),
+            Some(&(_, e)) => {
+                best.insert(key, (seq, entry));
+                Some(e.handle)
+            }
+            None => {
+                best.insert(key, (seq, entry));
+                None
+            }
+        };
+        if let Some(l) = loser {
+            let pin = pin_of(shard, l).await?;
+            retire(shard, l, pin)?;
+            superseded += 1;
+        }
+    }
+    // Expiry is applied after the sequence numbers decided: an expired
+    // overwrite must not bring back the record it replaced.
+    let dead: Vec<Box<[u8]>> = best
+        .iter()
+        .filter(|(_, (_, e))| e.expired(now))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for key in dead {
+        let (_, e) = best.remove(&key).expect("listed");
+        let pin = pin_of(shard, e.handle).await?;
+        retire(shard, e.handle, pin)?;
+        expired += 1;
+    }
+    Ok((best, torn, superseded, expired, max_seq))
+}
+
+/// What recovery found on one shard.
+pub struct Recovered {
+    pub records: usize,
+    pub torn: usize,
+    pub superseded: usize,
+    pub expired: usize,
+    pub elapsed_ms: f64,
+}
+
+/// Sync bookkeeping: writes are counted; a sync covers the writes counted
+/// when it started.
+struct SyncState {
+    policy: SyncPolicy,
+    writes: Cell<u64>,
+    synced: Cell<u64>,
+    wanted: Cell<u64>,
+    failures: Cell<u64>,
+    last_sync_unix_ms: Cell<u64>,
+    syncs: Cell<u64>,
+    kick: Notify,
+    done: Notify,
+}
+
+/// One shard's part of the store. Lives on its shard thread only.
+pub struct Store {
+    pub shard: Shard,
+    index: RefCell<HashMap<Box<[u8]>, Entry>>,
+    /// Keys given an expiry, soonest first (entries may be stale: the key
+    /// was overwritten or deleted since; the sweep checks the index).
+    expiring: RefCell<ExpiryQueue>,
+    next_seq: Cell<u64>,
+    sync: SyncState,
+}
+
+/// Answer an operation that failed with the allocator's error.
+fn err_reply(out: &mut Vec<u8>, e: &segalloc::Error) {
+    resp::error(out, &format!("ERR {e}"));
+}
+
+impl Store {
+    /// Rebuild the index from the shard's live allocations.
+    pub async fn open(shard: Shard, policy: SyncPolicy) -> segalloc::Result<(Store, Recovered)> {
+        let started = Instant::now();
+        let (best, torn, superseded, expired, max_seq) = recover_index(&shard).await?;
+        let records = best.len();
+        let index: HashMap<Box<[u8]>, Entry> = best.into_iter().map(|(k, (_, e))| (k, e)).collect();
+        let expiring = expiry_heap(&index);
+        let store = Store {
+            shard,
+            index: RefCell::new(index),
+            expiring: RefCell::new(expiring),
+            next_seq: Cell::new(max_seq + 1),
+            sync: SyncState {
+                policy,
+                // Recovery's frees count as writes, so the first sync covers them.
+                writes: Cell::new((torn + superseded + expired) as u64),
+                synced: Cell::new(0),
+                wanted: Cell::new(0),
+                failures: Cell::new(0),
+                last_sync_unix_ms: Cell::new(0),
+                syncs: Cell::new(0),
+                kick: Notify::new(),
+                done: Notify::new(),
+            },
+        };
+        let rec = Recovered {
+            records,
+            torn,
+            superseded,
+            expired,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+        };
+        Ok((store, rec))
+    }
+
+    /// The task that syncs: on demand (`always`, `SAVE`) and every second
+    /// (`everysec`). Runs for the life of the shard thread.
+    pub async fn run_syncer(&self) {
+        let s = &self.sync;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let periodic = tokio::select! {
+                () = s.kick.notified() => false,
+                _ = tick.tick() => s.policy == SyncPolicy::Everysec,
+            };
+            let target = s.writes.get();
+            let demanded = s.wanted.get() > s.synced.get();
+            let due = periodic && target > s.synced.get();
+            if !(demanded || due) {
+                continue;
+            }
+            match self.shard.sync().await {
+                Ok(()) => {
+                    s.synced.set(target);
+                    s.last_sync_unix_ms.set(now_unix_ms());
+                    s.syncs.set(s.syncs.get() + 1);
+                }
+                Err(e) => {
+                    eprintln!("shard {}: sync failed: {e}", self.shard.index());
+                    s.failures.set(s.failures.get() + 1);
+                }
+            }
+            s.done.notify_waiters();
+        }
+    }
+
+    /// The task that deletes expired keys nobody reads: every 100 ms, up
+    /// to [`EXPIRE_PER_SWEEP`] of them. Runs for the life of the shard
+    /// thread.
+    pub async fn run_expiry(&self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.expire_due(now_unix_ms()).await {
+                eprintln!("shard {}: expiring keys: {e}", self.shard.index());
+            }
+        }
+    }
+
+    async fn expire_due(&self, now: u64) -> segalloc::Result<()> {
+        for _ in 0..EXPIRE_PER_SWEEP {
+            let key = {
+                let mut heap = self.expiring.borrow_mut();
+                match heap.peek() {
+                    Some(Reverse((t, _))) if *t <= now => heap.pop().expect("peeked").0.1,
+                    _ => return Ok(()),
+                }
+            };
+            // The key may have been overwritten (without expiry, or later)
+            // or deleted since it was queued.
+            if let Some((e, pin)) = self.pin_current(&key).await?
+                && e.expired(now)
+            {
+                self.index.borrow_mut().remove(&key);
+                retire(&self.shard, e.handle, pin)?;
+                self.wrote();
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait until a sync covers the first `target` writes.
+    async fn durable(&self, target: u64) -> Result<(), ()> {
+        let s = &self.sync;
+        let failures = s.failures.get();
+        while s.synced.get() < target {
+            let done = s.done.notified();
+            s.wanted.set(s.wanted.get().max(target));
+            s.kick.notify_one();
+            done.await;
+            if s.failures.get() != failures && s.synced.get() < target {
+                return Err(());
+            }
+        }
+        Ok(())
+    }
+
+    fn wrote(&self) {
+        self.sync.writes.set(self.sync.writes.get() + 1);
+    }
+
+    /// Run a batch of operations for keys this shard owns; the replies go
+    /// to `batch.out`. Under `--sync always` a batch with writes is
+    /// answered once one sync covers them.
+    pub async fn run(&self, batch: &mut Batch) {
+        let Batch { arena, ops, out } = batch;
+        out.clear();
+        let now = now_unix_ms();
+        let mut wrote = false;
+        for op in ops.iter() {
+            wrote |= op.kind.is_write();
+            self.exec(op, arena, now, &mut out.buf).await;
+            out.end();
+        }
+        if wrote && self.sync.policy == SyncPolicy::Always {
+            let target = self.sync.writes.get();
+            if self.durable(target).await.is_err() {
+                out.replace_where(ops, |op| op.kind.is_write(), b"-ERR sync failed\r\n");
+            }
+        }
+    }
+
+    async fn exec(&self, op: &OpDesc, arena: &[u8], now: u64, out: &mut Vec<u8>) {
+        let key = &arena[op.key.clone()];
+        let value = &arena[op.value.clone()];
+        let r = match op.kind {
+            OpKind::Get => self.get(key, now, out).await,
+            OpKind::Set { cond, ttl } => self.set(key, value, cond, ttl, now, out).await,
+            OpKind::Del => self.del(key, now).await.map(|n| resp::int(out, n)),
+            OpKind::Exists => {
+                let n = self.lookup(key, now).is_some();
+                resp::int(out, n as i64);
+                Ok(())
+            }
+            OpKind::IncrBy(delta) => self.incr(key, delta, now, out).await,
+            OpKind::DbSize => {
+                resp::int(out, self.index.borrow().len() as i64);
+                Ok(())
+            }
+            OpKind::Flush => self.flush().await.map(|()| resp::ok(out)),
+            OpKind::Save => {
+                self.wrote();
+                match self.durable(self.sync.writes.get()).await {
+                    Ok(()) => resp::ok(out),
+                    Err(()) => resp::error(out, "ERR sync failed"),
+                }
+                Ok(())
+            }
+            OpKind::Info => {
+                self.info(now, out);
+                Ok(())
+            }
+        };
+        if let Err(e) = r {
+            err_reply(out, &e);
+        }
+    }
+
+    /// The live entry of `key` (an expired one counts as absent).
+    fn lookup(&self, key: &[u8], now: u64) -> Option<Entry> {
+        self.index
+            .borrow()
+            .get(key)
+            .copied()
+            .filter(|e| !e.expired(now))
+    }
+
+    /// Pin the record currently indexed under `key`: `None` when absent.
+    /// The returned entry is still the indexed one when this returns (the
+    /// caller must not await before acting on it).
+    async fn pin_current(&self, key: &[u8]) -> segalloc::Result<Option<(Entry, Pin)>> {
+        loop {
+            let Some(e) = self.index.borrow().get(key).copied() else {
+                return Ok(None);
+            };
+            let pinned = match self.shard.try_pin(e.handle)? {
+                Some(p) => p,
+                None => {
+                    let p = self.shard.pin(e.handle).await;
+                    if self.index.borrow().get(key) != Some(&e) {
+                        // Overwritten or deleted while the window faulted in.
+                        continue;
+                    }
+                    p?
+                }
+            };
+            return Ok(Some((e, pinned)));
+        }
+    }
+
+    async fn get(&self, key: &[u8], now: u64, out: &mut Vec<u8>) -> segalloc::Result<()> {
+        let Some((e, pin)) = self.pin_current(key).await? else {
+            resp::nil(out);
+            return Ok(());
+        };
+        if e.expired(now) {
+            self.index.borrow_mut().remove(key);
+            retire(&self.shard, e.handle, pin)?;
+            self.wrote();
+            resp::nil(out);
+            return Ok(());
+        }
+        self.reply_value(e.handle, &pin, key, out);
+        Ok(())
+    }
+
+    fn reply_value(&self, h: Handle, pin: &Pin, key: &[u8], out: &mut Vec<u8>) {
+        if out.len() > OUT_BYTES_MAX {
+            resp::error(out, "ERR reply too large: send fewer commands per batch");
+            return;
+        }
+        let start = out.len();
+        let read = check_header(pin).and_then(|header| {
+            resp::bulk_len(out, header.2);
+            read_checked_value(pin, header, key, out)
+        });
+        match read {
+            Ok(()) => out.extend_from_slice(b"\r\n"),
+            Err(why) => {
+                out.truncate(start);
+                resp::error(out, &format!("ERR record {h} is damaged: {why}"));
+            }
+        }
+    }
+
+    /// Write a new record for `key` if `cond` holds at the moment it is
+    /// published; returns whether it was written.
+    async fn put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        cond: Cond,
+        ttl: Ttl,
+        now: u64,
+    ) -> segalloc::Result<bool> {
+        let total = (HEADER_BYTES + key.len() + value.len()) as u64;
+        let a = match self.shard.try_allocate(total)? {
+            Some(a) => a,
+            None => self.shard.allocate(total).await?,
+        };
+        let (h, pin) = a.into_parts();
+        // The body first; the header (magic, checksum) seals it below.
+        pin.write_at(HEADER_BYTES, key)?;
+        pin.write_at(HEADER_BYTES + key.len(), value)?;
+        let old = match self.pin_current(key).await {
+            Ok(old) => old,
+            Err(e) => {
+                drop(pin);
+                self.shard.free(h)?;
+                return Err(e);
+            }
+        };
+        // From here to the end no await: the sequence number order is the
+        // index order, and `cond` is checked against what is replaced.
+        let live_old = old.as_ref().map(|(e, _)| *e).filter(|e| !e.expired(now));
+        if !cond.holds(live_old.map(|e| e.handle)) {
+            drop(pin);
+            self.shard.free(h)?;
+            return Ok(false);
+        }
+        let expire_at_ms = match ttl {
+            Ttl::Clear => 0,
+            Ttl::At(t) => t,
+            Ttl::Keep => live_old.map_or(0, |e| e.expire_at_ms),
+        };
+        let seq = self.next_seq.get();
+        self.next_seq.set(seq + 1);
+        pin.write_at(0, &encode_header(seq, expire_at_ms, key, value))?;
+        drop(pin);
+        let entry = Entry {
+            handle: h,
+            expire_at_ms,
+        };
+        let mut index = self.index.borrow_mut();
+        match index.get_mut(key) {
+            Some(slot) => *slot = entry,
+            None => {
+                index.insert(key.into(), entry);
+            }
+        }
+        if let Ttl::At(t) = ttl {
+            let mut heap = self.expiring.borrow_mut();
+            heap.push(Reverse((t, key.into())));
+            // Stale entries stay bounded by the number of keys.
+            if heap.len() > 2 * index.len() + 1024 {
+                *heap = expiry_heap(&index);
+            }
+        }
+        drop(index);
+        if let Some((old, old_pin)) = old {
+            retire(&self.shard, old.handle, old_pin)?;
+        }
+        self.wrote();
+        Ok(true)
+    }
+
+    async fn set(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        cond: Cond,
+        ttl: Ttl,
+        now: u64,
+        out: &mut Vec<u8>,
+    ) -> segalloc::Result<()> {
+        if self.put(key, value, cond, ttl, now).await? {
+            resp::ok(out);
+        } else {
+            resp::nil(out);
+        }
+        Ok(())
+    }
+
+    async fn del(&self, key: &[u8], now: u64) -> segalloc::Result<i64> {
+        let Some((e, pin)) = self.pin_current(key).await? else {
+            return Ok(0);
+        };
+        self.index.borrow_mut().remove(key);
+        retire(&self.shard, e.handle, pin)?;
+        self.wrote();
+        Ok(!e.expired(now) as i64)
+    }
+
+    async fn incr(
+        &self,
+        key: &[u8],
+        delta: i64,
+        now: u64,
+        out: &mut Vec<u8>,
+    ) -> segalloc::Result<()> {
+        loop {
+            let (current, n) = match self.pin_current(key).await? {
+                Some((e, pin)) if !e.expired(now) => {
+                    let mut v = Vec::with_capacity(24);
+                    if let Err(why) = read_value(&pin, key, &mut v) {
+                        resp::error(out, &format!("ERR record {} is damaged: {why}", e.handle));
+                        return Ok(());
+                    }
+                    let Some(n) = resp::parse_i64(&v) else {
+                        resp::error(out, "ERR value is not an integer or out of range");
+                        return Ok(());
+                    };
+                    (Some(e.handle), n)
+                }
+                _ => (None, 0),
+            };
+            let Some(next) = n.checked_add(delta) else {
+                resp::error(out, "ERR increment or decrement would overflow");
+                return Ok(());
+            };
+            let mut digits = Vec::with_capacity(20);
+            resp::decimal(&mut digits, next);
+            if self
+                .put(key, &digits, Cond::Is(current), Ttl::Keep, now)
+                .await?
+            {
+                resp::int(out, next);
+                return Ok(());
+            }
+        }
+    }
+
+    async fn flush(&self) -> segalloc::Result<()> {
+        let all = std::mem::take(&mut *self.index.borrow_mut());
+        self.expiring.borrow_mut().clear();
+        for (_, e) in all {
+            let pin = pin_of(&self.shard, e.handle).await?;
+            retire(&self.shard, e.handle, pin)?;
+        }
+        self.wrote();
+        Ok(())
+    }
+
+    /// This shard's figures, as an array of integers in [`InfoField`] order.
+    fn info(&self, now: u64, out: &mut Vec<u8>) {
+        let st = self.shard.stats();
+        let index = self.index.borrow();
+        let expires = index.values().filter(|e| e.expire_at_ms != 0).count();
+        let s = &self.sync;
+        let fields = [
+            index.len() as i64,
+            expires as i64,
+            st.alloc.bytes_live as i64,
+            st.alloc.bytes_reserved as i64,
+            st.alloc.metadata_bytes as i64,
+            st.files.open as i64,
+            st.mappings.mapped_windows as i64,
+            st.alloc.data_files as i64,
+            s.last_sync_unix_ms.get() as i64,
+            s.syncs.get() as i64,
+            s.failures.get() as i64,
+            s.writes.get().saturating_sub(s.synced.get()) as i64,
+            (st.io_backend == segalloc::IoBackend::Uring) as i64,
+            now as i64,
+        ];
+        resp::array_len(out, fields.len());
+        for f in fields {
+            resp::int(out, f);
+        }
+    }
+}

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Side by side: the kv_server example against redis-server, both on
+# loopback, driven by the same redis-benchmark workloads, then killed with
+# SIGKILL and restarted to count the acknowledged keys that survived.
+#
+#   scripts/vs-redis.sh                # 50 000 requests per workload
+#   REQUESTS=200000 scripts/vs-redis.sh
+#
+# Environment: REQUESTS (per workload), CLIENTS (default 50), KEYS (random
+# key space, default 100000), SURVIVAL_KEYS (default 20000), REDIS_PORT
+# (default 16379), KV_PORT (default 16380), SHARDS (default: one per core).
+# Installs redis-server and redis-tools with apt-get when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REQUESTS=${REQUESTS:-50000}
+CLIENTS=${CLIENTS:-50}
+KEYS=${KEYS:-100000}
+SURVIVAL_KEYS=${SURVIVAL_KEYS:-20000}
+REDIS_PORT=${REDIS_PORT:-16379}
+KV_PORT=${KV_PORT:-16380}
+SHARDS=${SHARDS:-$(nproc)}
+TESTS=ping,set,get,incr,mset
+
+if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null \
+    || ! command -v redis-cli >/dev/null; then
+    echo "installing redis-server and redis-tools" >&2
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
+fi
+
+echo "building kv_server" >&2
+cargo build --release --example kv_server -q
+KV_BIN=$(cargo metadata --format-version 1 --no-deps \
+    | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/examples/kv_server
+
+WORK=$(mktemp -d /tmp/vs-redis.XXXXXX)
+REDIS_PID=""
+KV_PID=""
+cleanup() {
+    for pid in $REDIS_PID $KV_PID; do kill -9 "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+wait_port() { # port
+    for _ in $(seq 1 300); do
+        redis-cli -p "$1" ping >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "nothing answers on port $1" >&2
+    exit 1
+}
+
+start_redis() { # policy
+    mkdir -p "$WORK/redis"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$WORK/redis" \
+        --appendonly yes --appendfsync "$1" --save "" --daemonize no \
+        --logfile "$WORK/redis.log" &
+    REDIS_PID=$!
+    wait_port "$REDIS_PORT"
+}
+
+start_kv() { # policy
+    "$KV_BIN" --port "$KV_PORT" --dir "$WORK/kv" --shards "$SHARDS" --sync "$1" \
+        >"$WORK/kv.out" 2>>"$WORK/kv.log" &
+    KV_PID=$!
+    for _ in $(seq 1 600); do
+        grep -q "listening on 127.0.0.1:$KV_PORT" "$WORK/kv.out" 2>/dev/null && return 0
+        kill -0 "$KV_PID" 2>/dev/null || { cat "$WORK/kv.log" >&2; exit 1; }
+        sleep 0.1
+    done
+    echo "kv_server did not get ready" >&2
+    exit 1
+}
+
+kill9() { # pid
+    kill -9 "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+rss_mib() { awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
+fds() { ls "/proc/$1/fd" | wc -l; }
+
+ROWS="$WORK/rows"
+: >"$ROWS"
+
+bench() { # name policy port pid
+    local name=$1 policy=$2 port=$3 pid=$4 pipeline csv
+    for pipeline in 1 16; do
+        csv=$(redis-benchmark -h 127.0.0.1 -p "$port" -t "$TESTS" -d 100 -P "$pipeline" \
+            -c "$CLIENTS" -r "$KEYS" -n "$REQUESTS" --csv 2>/dev/null)
+        # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+        echo "$csv" | tr -d '"' | awk -F, -v s="$name" -v p="$policy" -v P="$pipeline" \
+            -v rss="$(rss_mib "$pid")" -v fds="$(fds "$pid")" \
+            'NR > 1 { printf "%-12s %-9s %3s %-16s %12.0f %8.3f %8.3f %8s %5s\n", s, p, P, $1, $2, $5, $7, rss, fds }' \
+            >>"$ROWS"
+    done
+}
+
+for policy in everysec always; do
+    rm -rf "$WORK/redis" "$WORK/kv"
+    echo "benchmarking with appendfsync/--sync $policy" >&2
+    start_redis "$policy"
+    bench redis-server "$policy" "$REDIS_PORT" "$REDIS_PID"
+    kill9 "$REDIS_PID"
+    start_kv "$policy"
+    bench kv_server "$policy" "$KV_PORT" "$KV_PID"
+    kill9 "$KV_PID"
+done
+
+echo
+echo "redis-benchmark -t $TESTS -d 100 -c $CLIENTS -r $KEYS -n $REQUESTS (kv_server: $SHARDS shards)"
+printf "%-12s %-9s %3s %-16s %12s %8s %8s %8s %5s\n" server sync -P test "requests/s" p50_ms p99_ms rss_MiB fds
+cat "$ROWS"
+
+# Survival: write SURVIVAL_KEYS keys through redis-cli --pipe (every reply
+# received means acknowledged), SIGKILL, restart, count the keys that hold
+# their value.
+survival() { # name port start-function
+    local name=$1 port=$2 start=$3 acked got
+    local pid
+    acked=$(awk -v n="$SURVIVAL_KEYS" 'BEGIN { for (i = 0; i < n; i++) {
+                k = "survive:" i; v = "value-" i
+                printf "*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n", length(k), k, length(v), v } }' \
+        | redis-cli -p "$port" --pipe | sed -n 's/.*errors: 0, replies: \([0-9]*\).*/\1/p')
+    if [ "$name" = redis-server ]; then pid=$REDIS_PID; else pid=$KV_PID; fi
+    kill9 "$pid"
+    $start everysec
+    got=$(awk -v n="$SURVIVAL_KEYS" 'BEGIN { for (i = 0; i < n; i++) print "GET survive:" i }' \
+        | redis-cli -p "$port" | awk '/^value-/ { c++ } END { print c + 0 }')
+    printf "%-12s acknowledged %6s, after kill -9 and restart %6s\n" "$name" "${acked:-0}" "$got"
+}
+
+echo
+echo "kill -9 survival (appendfsync/--sync everysec, $SURVIVAL_KEYS keys):"
+rm -rf "$WORK/redis" "$WORK/kv"
+start_redis everysec
+survival redis-server "$REDIS_PORT" start_redis
+kill9 "$REDIS_PID"
+start_kv everysec
+survival kv_server "$KV_PORT" start_kv
+kill9 "$KV_PID"

@@ -1,0 +1,864 @@
+//! The `kv_server` example as Redis clients see it: spawned as a real child
+//! process and driven through the `redis` client crate (and raw TCP bytes
+//! for frames no client would send, and `redis-cli` when it is installed).
+//!
+//! Examples have no `CARGO_BIN_EXE_*` variable, so the first test to need
+//! the server builds it with `cargo build --example kv_server` (same
+//! profile as this test, `--message-format json` to learn where cargo put
+//! it): cargo holds its build lock only while building, not while tests
+//! run, and the build is a no-op when `cargo test` already built examples.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use redis::{Commands, RedisResult, Value};
+
+fn server_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+            "build",
+            "--example",
+            "kv_server",
+            "--message-format",
+            "json",
+        ]);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let out = cmd
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run cargo build");
+        assert!(
+            out.status.success(),
+            "cargo build --example kv_server failed"
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .rfind(|l| l.contains("\"name\":\"kv_server\"") && l.contains("\"executable\":\""))
+            .expect("cargo reports the kv_server executable");
+        let start = line.find("\"executable\":\"").expect("field") + "\"executable\":\"".len();
+        let end = start + line[start..].find('"').expect("closing quote");
+        PathBuf::from(&line[start..end])
+    })
+}
+
+/// A running server; killed with SIGKILL when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Start on `dir` with two shards and `extra` flags.
+    fn start(dir: &Path, extra: &[&str]) -> Server {
+        let mut args = vec!["--shards", "2"];
+        args.extend_from_slice(extra);
+        Server::start_with(dir, &args)
+    }
+
+    /// Start on `dir` with exactly these flags (besides `--port` and `--dir`).
+    fn start_with(dir: &Path, flags: &[&str]) -> Server {
+        let log = dir.with_extension("log");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open the server log");
+        let mut child = Command::new(server_binary())
+            .args(["--port", "0", "--dir"])
+            .arg(dir)
+            .args(flags)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn kv_server");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("readiness line within 30 s");
+        let port = line
+            .trim()
+            .strip_prefix("listening on 127.0.0.1:")
+            .unwrap_or_else(|| {
+                panic!(
+                    "unexpected readiness line {line:?}; log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
+            .parse()
+            .expect("port");
+        Server {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+            log,
+        }
+    }
+
+    fn client(&self) -> redis::Connection {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port)).expect("url");
+        let c = client.get_connection().expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        c
+    }
+
+    fn raw(&self) -> TcpStream {
+        let s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        s
+    }
+
+    /// SIGKILL, then start again on the same directory.
+    fn kill9_restart(mut self, extra: &[&str]) -> Server {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+        let dir = self.dir.clone();
+        drop(self);
+        Server::start(&dir, extra)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn info_field(c: &mut redis::Connection, section: &str, field: &str) -> String {
+    let text: String = redis::cmd("INFO").arg(section).query(c).expect("INFO");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("INFO {section} has no {field}: {text}"))
+        .to_string()
+}
+
+fn err_text<T: std::fmt::Debug>(r: RedisResult<T>) -> String {
+    let e = r.expect_err("an error reply");
+    format!("{e}")
+}
+
+#[test]
+fn every_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("d"), &[]);
+    let c = &mut server.client();
+
+    assert_eq!(redis::cmd("PING").query::<String>(c).unwrap(), "PONG");
+    assert_eq!(
+        redis::cmd("PING").arg("hi").query::<String>(c).unwrap(),
+        "hi"
+    );
+    assert_eq!(
+        redis::cmd("ECHO")
+            .arg(b"a\r\nb")
+            .query::<Vec<u8>>(c)
+            .unwrap(),
+        b"a\r\nb"
+    );
+
+    let _: () = c.set("k", "v1").unwrap();
+    assert_eq!(c.get::<_, String>("k").unwrap(), "v1");
+    assert_eq!(c.get::<_, Option<String>>("absent").unwrap(), None);
+    let _: () = c.set("empty", "").unwrap();
+    assert_eq!(c.get::<_, String>("empty").unwrap(), "");
+    let big = vec![7u8; 1 << 20];
+    let _: () = c.set("big", &big).unwrap();
+    assert_eq!(c.get::<_, Vec<u8>>("big").unwrap(), big);
+
+    // NX / XX.
+    let set = |c: &mut redis::Connection, k: &str, v: &str, opt: &str| -> Option<String> {
+        redis::cmd("SET").arg(k).arg(v).arg(opt).query(c).unwrap()
+    };
+    assert_eq!(set(c, "k", "v2", "NX"), None);
+    assert_eq!(set(c, "fresh", "f", "NX").as_deref(), Some("OK"));
+    assert_eq!(set(c, "nokey", "x", "XX"), None);
+    assert_eq!(c.get::<_, Option<String>>("nokey").unwrap(), None);
+    assert_eq!(set(c, "k", "v3", "XX").as_deref(), Some("OK"));
+    assert_eq!(c.get::<_, String>("k").unwrap(), "v3");
+    // EX / PX, and expiry.
+    let _: () = redis::cmd("SET")
+        .arg("ttl")
+        .arg("t")
+        .arg("PX")
+        .arg(150)
+        .query(c)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("ttl2")
+        .arg("t")
+        .arg("EX")
+        .arg(100)
+        .query(c)
+        .unwrap();
+    assert_eq!(c.get::<_, String>("ttl").unwrap(), "t");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(c.get::<_, Option<String>>("ttl").unwrap(), None);
+    assert_eq!(c.get::<_, String>("ttl2").unwrap(), "t");
+    assert!(
+        err_text(
+            redis::cmd("SET")
+                .arg("a")
+                .arg("b")
+                .arg("GET")
+                .query::<()>(c)
+        )
+        .contains("not supported")
+    );
+    assert!(
+        err_text(
+            redis::cmd("SET")
+                .arg("a")
+                .arg("b")
+                .arg("EX")
+                .arg(0)
+                .query::<()>(c)
+        )
+        .contains("invalid expire")
+    );
+    assert!(
+        err_text(
+            redis::cmd("SET")
+                .arg("a")
+                .arg("b")
+                .arg("NX")
+                .arg("XX")
+                .query::<()>(c)
+        )
+        .contains("syntax")
+    );
+    assert!(
+        err_text(
+            redis::cmd("SET")
+                .arg("a")
+                .arg("b")
+                .arg("BOGUS")
+                .query::<()>(c)
+        )
+        .contains("syntax")
+    );
+
+    // Multi-key commands whose keys land on both shards.
+    let pairs: Vec<(String, String)> = (0..20)
+        .map(|i| (format!("m{i}"), format!("v{i}")))
+        .collect();
+    let _: () = c.mset(&pairs).unwrap();
+    let keys: Vec<String> = pairs
+        .iter()
+        .map(|(k, _)| k.clone())
+        .chain(["nope".into()])
+        .collect();
+    let got: Vec<Option<String>> = c.mget(&keys).unwrap();
+    let want: Vec<Option<String>> = pairs
+        .iter()
+        .map(|(_, v)| Some(v.clone()))
+        .chain([None])
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(c.exists::<_, i64>(&keys).unwrap(), 20);
+    assert_eq!(c.del::<_, i64>(&keys[..10]).unwrap(), 10);
+    assert_eq!(c.del::<_, i64>(&keys[..10]).unwrap(), 0);
+    assert_eq!(c.exists::<_, i64>(&keys).unwrap(), 10);
+    assert!(err_text(redis::cmd("MSET").arg("a").query::<()>(c)).contains("wrong number"));
+
+    // Counters.
+    assert_eq!(c.incr::<_, _, i64>("n", 1).unwrap(), 1);
+    assert_eq!(redis::cmd("INCR").arg("n").query::<i64>(c).unwrap(), 2);
+    assert_eq!(redis::cmd("DECR").arg("n").query::<i64>(c).unwrap(), 1);
+    assert_eq!(redis::cmd("DECR").arg("neg").query::<i64>(c).unwrap(), -1);
+    assert!(err_text(redis::cmd("INCR").arg("k").query::<i64>(c)).contains("not an integer"));
+    let _: () = c.set("max", i64::MAX).unwrap();
+    assert!(err_text(redis::cmd("INCR").arg("max").query::<i64>(c)).contains("overflow"));
+    let _: () = redis::cmd("SET")
+        .arg("cnt")
+        .arg("5")
+        .arg("EX")
+        .arg(100)
+        .query(c)
+        .unwrap();
+    assert_eq!(redis::cmd("INCR").arg("cnt").query::<i64>(c).unwrap(), 6);
+    // INCR keeps the expiry: ttl2 and cnt expire.
+    let db0 = info_field(c, "keyspace", "db0");
+    assert!(db0.contains("expires=2"), "{db0}");
+
+    // Keyspace and server commands.
+    let n: i64 = redis::cmd("DBSIZE").query(c).unwrap();
+    // k, empty, big, fresh, ttl2, m10..m19, n, neg, max, cnt ("ttl" expired
+    // and was read, so it is gone).
+    assert_eq!(n, 5 + 10 + 4);
+    assert_eq!(info_field(c, "server", "shards"), "2");
+    let backend = info_field(c, "server", "io_backend");
+    assert!(backend == "io_uring" || backend == "sync", "{backend}");
+    assert!(
+        info_field(c, "memory", "segalloc_open_fds")
+            .parse::<u64>()
+            .unwrap()
+            >= 2
+    );
+    assert!(
+        info_field(c, "memory", "segalloc_mapped_windows")
+            .parse::<u64>()
+            .unwrap()
+            >= 2
+    );
+    assert!(
+        info_field(c, "memory", "segalloc_live_bytes")
+            .parse::<u64>()
+            .unwrap()
+            > 1 << 20
+    );
+    assert!(
+        info_field(c, "memory", "segalloc_metadata_bytes")
+            .parse::<u64>()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(
+        info_field(c, "persistence", "segalloc_sync_policy"),
+        "everysec"
+    );
+    let _: () = redis::cmd("SAVE").query(c).unwrap();
+    let last: u64 = info_field(c, "persistence", "segalloc_last_sync_unix_ms")
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        last > now - 10_000 && last <= now,
+        "last sync {last}, now {now}"
+    );
+    assert_eq!(
+        info_field(c, "persistence", "rdb_changes_since_last_save"),
+        "0"
+    );
+    let cfg: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendfsync")
+        .query(c)
+        .unwrap();
+    assert_eq!(cfg, ["appendfsync", "everysec"]);
+    let cfg: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("*").query(c).unwrap();
+    assert!(cfg.contains(&"save".to_string()) && cfg.contains(&"appendonly".to_string()));
+    let count: i64 = redis::cmd("COMMAND").arg("COUNT").query(c).unwrap();
+    let all: Vec<Value> = redis::cmd("COMMAND").query(c).unwrap();
+    assert_eq!(all.len() as i64, count);
+    assert!(count >= 18);
+    assert!(err_text(redis::cmd("NOSUCH").arg("x").query::<()>(c)).contains("unknown command"));
+    assert!(err_text(redis::cmd("GET").query::<()>(c)).contains("wrong number"));
+    let long_key = "k".repeat(513);
+    assert!(err_text(c.get::<_, Option<String>>(&long_key)).contains("exceeds the limit"));
+
+    let _: () = redis::cmd("FLUSHDB").query(c).unwrap();
+    assert_eq!(redis::cmd("DBSIZE").query::<i64>(c).unwrap(), 0);
+    let _: () = c.set("again", "1").unwrap();
+    let _: () = redis::cmd("FLUSHALL").query(c).unwrap();
+    assert_eq!(redis::cmd("DBSIZE").query::<i64>(c).unwrap(), 0);
+    assert_eq!(info_field(c, "memory", "segalloc_live_bytes"), "0");
+
+    // QUIT answers, then the server closes the connection.
+    let mut raw = server.raw();
+    raw.write_all(b"*1\r\n$4\r\nQUIT\r\n").unwrap();
+    let mut buf = Vec::new();
+    raw.read_to_end(&mut buf).unwrap();
+    assert_eq!(buf, b"+OK\r\n");
+}
+
+#[test]
+fn pipelines_keep_order_across_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("d"), &[]);
+    let c = &mut server.client();
+    let mut pipe = redis::pipe();
+    for i in 0..2000 {
+        pipe.set(format!("p{i}"), format!("value-{i}")).ignore();
+        pipe.get(format!("p{i}"));
+        if i % 100 == 0 {
+            pipe.cmd("PING");
+            pipe.cmd("ECHO").arg("e").ignore();
+            pipe.cmd("DBSIZE");
+        }
+    }
+    let replies: Vec<Value> = pipe.query(c).unwrap_or_else(|e| panic!("{e}"));
+    let mut it = replies.into_iter();
+    for i in 0..2000 {
+        let v: String = redis::from_redis_value(it.next().unwrap()).unwrap();
+        assert_eq!(v, format!("value-{i}"));
+        if i % 100 == 0 {
+            let pong: String = redis::from_redis_value(it.next().unwrap()).unwrap();
+            assert_eq!(pong, "PONG");
+            let n: i64 = redis::from_redis_value(it.next().unwrap()).unwrap();
+            assert_eq!(n, i + 1, "DBSIZE sees every SET before it in the pipeline");
+        }
+    }
+    assert!(it.next().is_none());
+}
+
+#[test]
+fn concurrent_increments_are_not_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("d"), &[]);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = server.client();
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    let mut pipe = redis::pipe();
+                    for k in ["ca", "cb", "cc"] {
+                        pipe.cmd("INCR").arg(k).ignore();
+                    }
+                    let _: () = pipe.query(&mut c).unwrap();
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let c = &mut server.client();
+    let got: Vec<i64> = c.mget(&["ca", "cb", "cc"]).unwrap();
+    assert_eq!(got, [200, 200, 200]);
+}
+
+/// Read one reply's worth of bytes (what arrives within a short wait).
+fn read_some(s: &mut TcpStream) -> Vec<u8> {
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).expect("a reply, not a timeout");
+    buf.truncate(n);
+    buf
+}
+
+fn expect_closed(s: &mut TcpStream) {
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "nothing after the error: {rest:?}");
+}
+
+#[test]
+fn bad_frames_get_an_error_reply() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("d"), &[]);
+    let c = &mut server.client();
+    let live = |c: &mut redis::Connection| info_field(c, "memory", "segalloc_live_bytes");
+    let live_before = live(c);
+
+    // Not RESP: an error, then the connection closes.
+    for bad in [
+        &b"*x\r\n"[..],
+        b"*1\r\n:1\r\n",
+        b"*1\r\n$3\r\nabcd\r\n",
+        b"*1\r\n$-5\r\n",
+        b"*99999999999\r\n",
+        b"*1\r\n$12345678901234567890123456789012345\r\n",
+    ] {
+        let mut s = server.raw();
+        s.write_all(bad).unwrap();
+        let reply = read_some(&mut s);
+        assert!(
+            reply.starts_with(b"-ERR Protocol error"),
+            "{bad:?}: {reply:?}"
+        );
+        expect_closed(&mut s);
+    }
+    // An inline line over the limit.
+    let mut s = server.raw();
+    s.write_all(&vec![b'a'; 70 << 10]).unwrap();
+    assert!(read_some(&mut s).starts_with(b"-ERR Protocol error"));
+    expect_closed(&mut s);
+
+    // Inline commands and unknown commands keep the connection.
+    let mut s = server.raw();
+    s.write_all(b"PING\r\nNOSUCH a b\r\n\r\nECHO hi\n").unwrap();
+    let mut got = Vec::new();
+    while got.len() < b"+PONG\r\n-ERR unknown command 'NOSUCH'\r\n$2\r\nhi\r\n".len() {
+        got.extend(read_some(&mut s));
+    }
+    assert_eq!(
+        got,
+        b"+PONG\r\n-ERR unknown command 'NOSUCH'\r\n$2\r\nhi\r\n"
+    );
+
+    // A value over the limit: an error, no allocation, the connection stays.
+    let over = vec![1u8; (1 << 20) + 1];
+    assert!(err_text(c.set::<_, _, ()>("over", &over)).contains("exceeds the limit"));
+    assert_eq!(c.get::<_, Option<Vec<u8>>>("over").unwrap(), None);
+    assert!(
+        err_text(
+            redis::cmd("MSET")
+                .arg("a")
+                .arg("1")
+                .arg("b")
+                .arg(&over)
+                .query::<()>(c)
+        )
+        .contains("exceeds the limit")
+    );
+    assert_eq!(c.exists::<_, i64>("a").unwrap(), 0);
+    assert_eq!(live(c), live_before);
+    // A hostile size is skipped as it streams, never buffered.
+    let mut s = server.raw();
+    s.write_all(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1000000000\r\n")
+        .unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    for _ in 0..16 {
+        s.write_all(&chunk).unwrap();
+    }
+    s.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+    // Still skipping: nothing answered yet. Close; the server must survive.
+    drop(s);
+    // A frame over the frame limit (arguments under the value limit).
+    let mut s = server.raw();
+    let mut frame = b"*10\r\n$4\r\nMSET\r\n".to_vec();
+    for i in 0..9 {
+        frame.extend_from_slice(b"$1048576\r\n");
+        frame.extend(std::iter::repeat_n(b'0' + i as u8, 1 << 20));
+        frame.extend_from_slice(b"\r\n");
+    }
+    let _ = s.write_all(&frame);
+    assert!(read_some(&mut s).starts_with(b"-ERR Protocol error"));
+    // Garbage bytes of every value: some reply, never a crash.
+    let mut s = server.raw();
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let _ = s.write_all(&garbage);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    assert!(!sink.is_empty());
+
+    let c = &mut server.client();
+    assert_eq!(redis::cmd("PING").query::<String>(c).unwrap(), "PONG");
+    assert_eq!(live(c), live_before);
+}
+
+/// Value written for `key` at `round`.
+fn value_of(key: u32, round: u32) -> String {
+    format!("key{key}-round{round}-{}", "x".repeat((key % 200) as usize))
+}
+
+#[test]
+fn kill9_keeps_every_acknowledged_write() {
+    for sync in ["no", "always"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = Server::start(&tmp.path().join("d"), &["--sync", sync]);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writers: Vec<_> = (0..4u32)
+            .map(|w| {
+                let mut c = server.client();
+                let (stop, acks) = (stop.clone(), acks.clone());
+                std::thread::spawn(move || {
+                    // acked[k] = last acknowledged round of key w*1000+k.
+                    let mut acked = vec![None; 200];
+                    for round in 0.. {
+                        for k in 0..200u32 {
+                            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                                return acked;
+                            }
+                            let key = w * 1000 + k;
+                            match c.set::<_, _, ()>(format!("key{key}"), value_of(key, round)) {
+                                Ok(()) => {
+                                    acked[k as usize] = Some(round);
+                                    acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                }
+                                Err(_) => return acked,
+                            }
+                        }
+                    }
+                    unreachable!()
+                })
+            })
+            .collect();
+        // Kill while the writers run, once they have had 1000 writes
+        // acknowledged (the "always" run syncs for each).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while acks.load(std::sync::atomic::Ordering::Relaxed) < 1000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "--sync {sync}: writes too slow"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let server = server.kill9_restart(&["--sync", sync]);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let c = &mut server.client();
+        let mut checked = 0;
+        for (w, t) in writers.into_iter().enumerate() {
+            for (k, acked) in t.join().unwrap().into_iter().enumerate() {
+                let key = w as u32 * 1000 + k as u32;
+                let got: Option<String> = c.get(format!("key{key}")).unwrap();
+                let Some(round) = acked else { continue };
+                // The acknowledged value, or the next one if it was in flight.
+                let ok = [value_of(key, round), value_of(key, round + 1)];
+                assert!(
+                    got.as_ref().is_some_and(|g| ok.contains(g)),
+                    "--sync {sync}: key{key}: {got:?}, acked round {round}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(
+            checked >= 200,
+            "--sync {sync}: only {checked} keys acknowledged"
+        );
+    }
+}
+
+#[test]
+fn save_then_restart_keeps_everything_and_torn_records_are_freed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let server = Server::start(&dir, &[]);
+    let c = &mut server.client();
+    let pairs: Vec<(String, String)> = (0..3000)
+        .map(|i| (format!("s{i}"), value_of(i, 0)))
+        .collect();
+    for chunk in pairs.chunks(500) {
+        let _: () = c.mset(chunk).unwrap();
+    }
+    let set_at = std::time::Instant::now();
+    let _: () = redis::cmd("SET")
+        .arg("expiring")
+        .arg("e")
+        .arg("PX")
+        .arg(700)
+        .query(c)
+        .unwrap();
+    let marker = "torn-marker-value-0123456789";
+    let _: () = c.set("torn", marker).unwrap();
+    let _: () = redis::cmd("SAVE").query(c).unwrap();
+    // SIGKILL; "expiring" expires while no server runs, so recovery (not
+    // the running server's sweep) must free it.
+    drop(server);
+
+    // Flip a byte of the record's value on disk, as a torn write would.
+    let mut found = 0;
+    for shard in std::fs::read_dir(&dir).unwrap().flatten() {
+        for f in std::fs::read_dir(shard.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(mut bytes) = std::fs::read(f.path()) else {
+                continue;
+            };
+            while let Some(at) = bytes
+                .windows(marker.len())
+                .position(|w| w == marker.as_bytes())
+            {
+                bytes[at] ^= 0xff;
+                std::fs::write(f.path(), &bytes).unwrap();
+                found += 1;
+            }
+        }
+    }
+    assert_eq!(found, 1, "the record is on disk once");
+    std::thread::sleep(Duration::from_millis(800).saturating_sub(set_at.elapsed()));
+    let server = Server::start(&dir, &[]);
+    let c = &mut server.client();
+    let keys: Vec<&String> = pairs.iter().map(|(k, _)| k).collect();
+    let got: Vec<Option<String>> = c.mget(&keys).unwrap();
+    for ((k, v), g) in pairs.iter().zip(got) {
+        assert_eq!(g.as_ref(), Some(v), "{k}");
+    }
+    assert_eq!(c.get::<_, Option<String>>("torn").unwrap(), None);
+    assert_eq!(c.get::<_, Option<String>>("expiring").unwrap(), None);
+    assert_eq!(redis::cmd("DBSIZE").query::<i64>(c).unwrap(), 3000);
+    let log = server.log();
+    assert!(log.contains("checksum mismatch"), "{log}");
+    assert!(log.contains("1 torn"), "{log}");
+    assert!(log.contains("1 expired"), "{log}");
+}
+
+#[test]
+fn redis_cli_works_against_it() {
+    if Command::new("redis-cli").arg("--version").output().is_err() {
+        eprintln!("redis-cli is not on PATH: skipping (apt-get install redis-tools)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("d"), &[]);
+    let cli = |args: &[&str]| -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &server.port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        assert!(out.status.success(), "redis-cli {args:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(cli(&["PING"]), "PONG");
+    assert_eq!(cli(&["SET", "cli", "hello"]), "OK");
+    assert_eq!(cli(&["GET", "cli"]), "hello");
+    assert_eq!(cli(&["INCR", "cli-n"]), "1");
+    assert!(cli(&["INFO", "persistence"]).contains("segalloc_sync_policy:everysec"));
+    // Mass insertion, as redis-cli --pipe does it.
+    let mut input = Vec::new();
+    for i in 0..1000 {
+        let (k, v) = (format!("pipe{i}"), format!("v{i}"));
+        input.extend_from_slice(
+            format!(
+                "*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n",
+                k.len(),
+                v.len()
+            )
+            .as_bytes(),
+        );
+    }
+    let mut child = Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "--pipe"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("errors: 0, replies: 1000"), "{text}");
+    assert_eq!(cli(&["DBSIZE"]), "1002");
+}
+
+#[test]
+fn mutated_frames_never_stop_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("d"), &[]);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let valid: &[&[u8]] = &[
+        b"*3\r\n$3\r\nSET\r\n$2\r\nk1\r\n$5\r\nvalue\r\n",
+        b"*2\r\n$3\r\nGET\r\n$2\r\nk1\r\n",
+        b"*3\r\n$4\r\nMGET\r\n$2\r\nk1\r\n$2\r\nk2\r\n",
+        b"*5\r\n$4\r\nMSET\r\n$2\r\nk2\r\n$1\r\n1\r\n$2\r\nk3\r\n$1\r\n2\r\n",
+        b"*2\r\n$4\r\nINCR\r\n$2\r\nk2\r\n",
+        b"*5\r\n$3\r\nSET\r\n$2\r\nk4\r\n$1\r\nv\r\n$2\r\nPX\r\n$3\r\n100\r\n",
+        b"*2\r\n$4\r\nINFO\r\n$6\r\nmemory\r\n",
+        b"*1\r\n$6\r\nDBSIZE\r\n",
+        b"*3\r\n$3\r\nDEL\r\n$2\r\nk1\r\n$2\r\nk3\r\n",
+        b"PING\r\n",
+    ];
+    for round in 0..200 {
+        let mut bytes = Vec::new();
+        for _ in 0..1 + rand(20) {
+            bytes.extend_from_slice(valid[rand(valid.len())]);
+        }
+        for _ in 0..1 + rand(4) {
+            let at = rand(bytes.len());
+            match rand(3) {
+                0 => bytes[at] = rand(256) as u8,
+                1 => bytes.insert(at, b"*$:\r\n-0123456789"[rand(16)]),
+                _ => {
+                    bytes.remove(at);
+                }
+            }
+        }
+        let mut s = server.raw();
+        s.write_all(&bytes).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut reply = Vec::new();
+        // Every byte sequence ends: answered and closed, or closed at EOF.
+        s.read_to_end(&mut reply)
+            .unwrap_or_else(|e| panic!("round {round}: {e} after {bytes:?}"));
+    }
+    let c = &mut server.client();
+    assert_eq!(redis::cmd("PING").query::<String>(c).unwrap(), "PONG");
+    let _: i64 = redis::cmd("DBSIZE").query(c).unwrap();
+}
+
+#[test]
+fn a_restart_without_shards_uses_the_directory_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let server = Server::start_with(&dir, &["--shards", "1"]);
+    let _: () = server.client().set("kept", "yes").unwrap();
+    drop(server);
+    let server = Server::start_with(&dir, &[]);
+    let c = &mut server.client();
+    assert_eq!(info_field(c, "server", "shards"), "1");
+    assert_eq!(c.get::<_, String>("kept").unwrap(), "yes");
+}
+
+#[test]
+fn expired_keys_are_deleted_without_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("d"), &[]);
+    let c = &mut server.client();
+    let mut pipe = redis::pipe();
+    for i in 0..100 {
+        pipe.cmd("SET")
+            .arg(format!("short{i}"))
+            .arg("v")
+            .arg("PX")
+            .arg(100)
+            .ignore();
+    }
+    pipe.cmd("SET")
+        .arg("long")
+        .arg("v")
+        .arg("EX")
+        .arg(1000)
+        .ignore();
+    // Overwritten without expiry, and given a later one: both stay.
+    pipe.cmd("SET")
+        .arg("ow")
+        .arg("v")
+        .arg("PX")
+        .arg(100)
+        .ignore();
+    pipe.cmd("SET").arg("ow").arg("v2").ignore();
+    pipe.cmd("SET")
+        .arg("re")
+        .arg("v")
+        .arg("PX")
+        .arg(100)
+        .ignore();
+    pipe.cmd("SET")
+        .arg("re")
+        .arg("v3")
+        .arg("EX")
+        .arg(1000)
+        .ignore();
+    let _: () = pipe.query(c).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let n: i64 = redis::cmd("DBSIZE").query(c).unwrap();
+        if n == 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{n} keys left, not 3");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let got: Vec<Option<String>> = c.mget(&["long", "ow", "re"]).unwrap();
+    assert_eq!(
+        got,
+        [Some("v".into()), Some("v2".into()), Some("v3".into())]
+    );
+    let db0 = info_field(c, "keyspace", "db0");
+    assert_eq!(db0, "keys=3,expires=2,avg_ttl=0");
+}
