@@ -1100,3 +1100,42 @@ fn to_json(f: &Figures, mismatches: u64, ok: bool) -> String {
         ok
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_accept_powers_of_ten_and_reject_overflow() {
+        assert_eq!(parse_count("3e9"), Ok(3_000_000_000));
+        assert_eq!(parse_count("1_000_000"), Ok(1_000_000));
+        assert_eq!(parse_count("42"), Ok(42));
+        assert!(parse_count("1e20").is_err());
+        assert!(parse_count("18446744073709551616").is_err());
+        assert!(parse_count("ten").is_err());
+    }
+
+    #[test]
+    fn a_grown_pool_regenerates_the_same_payloads() {
+        // Verification after reopen grows its pool to the longest record
+        // found; payloads written with a smaller pool must read the same.
+        let small = Pool::new(100);
+        let mut big = Pool::new(0);
+        big.ensure(5000);
+        for seed in [0u32, 1, 65_535, 65_536, u32::MAX] {
+            assert_eq!(small.payload(seed, 100), big.payload(seed, 100));
+        }
+        assert_ne!(small.payload(1, 100), small.payload(2, 100));
+    }
+
+    #[test]
+    fn the_space_check_refuses_what_cannot_fit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut args = Args::parse_from(["demo", "--records", "1000"]);
+        args.dir = dir.path().join("d");
+        assert!(check_space(&args, 16, 1024).is_ok());
+        args.records = u64::MAX;
+        let e = check_space(&args, 16, 1024).expect_err("does not fit");
+        assert!(e.contains("GiB free"), "{e}");
+    }
+}
