@@ -805,6 +805,7 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let dir = std::fs::canonicalize(&args.dir)?;
     let last = sample(&rt, &dir, Instant::now(), 0, &Sample::default());
     ins.watch.peak.peak(&last);
+    let (fds_total, vmas_total) = (proc::open_fds(), proc::vma_count());
 
     // 3. Sync (covers the forwarded frees) and shut down.
     futures::executor::block_on(rt.sync())?;
@@ -813,14 +814,7 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     rt.shutdown()?;
 
     // 4. Reopen and verify every record byte for byte.
-    let t = Instant::now();
-    let rt = Runtime::start(cfg.clone())?;
-    let recovery_ms = t.elapsed().as_secs_f64() * 1e3;
-    let rstats = futures::executor::block_on(rt.stats())?;
-    let t = Instant::now();
-    let after = verify_all(&rt)?;
-    let verify_secs = t.elapsed().as_secs_f64();
-    rt.shutdown()?;
+    let re = reopen_and_verify(&cfg)?;
 
     let f = Figures {
         backend,
@@ -831,15 +825,45 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         freed_cross: ins.freed_cross,
         found_before: before.sealed,
         unsealed_before: before.unsealed_freed,
-        verified_after: after.sealed,
+        verified_after: re.after.sealed,
         fds_dir: last.fds_dir,
-        fds_total: proc::open_fds(),
+        fds_total,
         vmas_dir: last.vmas_dir,
-        vmas_total: proc::vma_count(),
+        vmas_total,
         rss_bytes: last.rss_bytes,
         data_reserved: stats.shards.iter().map(|s| s.alloc.bytes_reserved).sum(),
         data_live: stats.shards.iter().map(|s| s.alloc.bytes_live).sum(),
         metadata_bytes: stats.shards.iter().map(|s| s.alloc.metadata_bytes).sum(),
+        recovery_ms: re.recovery_ms,
+        recovery_shard_us_max: re.recovery_shard_us_max,
+        verify_secs: re.verify_secs,
+        times: ins.times,
+        watch: ins.watch,
+        max_open_files: cfg.max_open_files(),
+        max_extents: cfg.max_extents(),
+    };
+    report(args, &f, &before, &re.after, live_expected)
+}
+
+/// What reopening found.
+struct Reopened {
+    recovery_ms: f64,
+    recovery_shard_us_max: u64,
+    after: Verified,
+    verify_secs: f64,
+}
+
+/// Start the runtime again (recovery) and verify every record.
+fn reopen_and_verify(cfg: &Config) -> Result<Reopened, Box<dyn std::error::Error>> {
+    let t = Instant::now();
+    let rt = Runtime::start(cfg.clone())?;
+    let recovery_ms = t.elapsed().as_secs_f64() * 1e3;
+    let rstats = futures::executor::block_on(rt.stats())?;
+    let t = Instant::now();
+    let after = verify_all(&rt)?;
+    let verify_secs = t.elapsed().as_secs_f64();
+    rt.shutdown()?;
+    Ok(Reopened {
         recovery_ms,
         recovery_shard_us_max: rstats
             .shards
@@ -847,13 +871,9 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
             .map(|s| s.alloc.recovery_us)
             .max()
             .unwrap_or(0),
+        after,
         verify_secs,
-        times: ins.times,
-        watch: ins.watch,
-        max_open_files: cfg.max_open_files(),
-        max_extents: cfg.max_extents(),
-    };
-    report(args, &f, &before, &after, live_expected)
+    })
 }
 
 /// Start the runtime on the directory and verify what an earlier run left.
@@ -964,6 +984,29 @@ fn print_breakdown(t: &Breakdown) {
     );
 }
 
+/// The peaks the monitor saw during the insert.
+fn print_peaks(f: &Figures) {
+    let row = |k: &str, v: String| println!("  {k:<34} {v}");
+    let p = &f.watch.peak;
+    row(
+        "peak during the insert",
+        format!(
+            "RSS {:.0} MiB (anon {:.0}), dirty {:.0} MiB, writeback {:.0} MiB",
+            mib(p.rss_bytes),
+            mib(p.rss_anon_bytes),
+            mib(p.dirty_bytes),
+            mib(p.writeback_bytes)
+        ),
+    );
+    row(
+        "peak open files / mapped windows",
+        format!(
+            "{} (cap {}) / {} (cap {})",
+            p.open_files, f.max_open_files, p.mapped_windows, f.max_extents
+        ),
+    );
+}
+
 /// Frees, verification and the OS's view.
 fn print_os(f: &Figures) {
     let meta_pct = 100.0 * f.metadata_bytes as f64 / f.data_live.max(1) as f64;
@@ -1001,24 +1044,7 @@ fn print_os(f: &Figures) {
         "RSS (/proc/self/status)",
         format!("{:.1} MiB", mib(f.rss_bytes)),
     );
-    let p = &f.watch.peak;
-    row(
-        "peak during the insert",
-        format!(
-            "RSS {:.0} MiB (anon {:.0}), dirty {:.0} MiB, writeback {:.0} MiB",
-            mib(p.rss_bytes),
-            mib(p.rss_anon_bytes),
-            mib(p.dirty_bytes),
-            mib(p.writeback_bytes)
-        ),
-    );
-    row(
-        "peak open files / mapped windows",
-        format!(
-            "{} (cap {}) / {} (cap {})",
-            p.open_files, f.max_open_files, p.mapped_windows, f.max_extents
-        ),
-    );
+    print_peaks(f);
     row(
         "data",
         format!(
