@@ -177,12 +177,7 @@ fn raw_fill(args: &Args, stride: u64, sparse: bool) -> Result<f64, BoxError> {
         .create(true)
         .truncate(true)
         .open(dir.path().join("raw"))?;
-    if sparse {
-        f.set_len(total)?;
-    } else {
-        use nix::fcntl::{FallocateFlags, fallocate};
-        fallocate(f.as_raw_fd(), FallocateFlags::empty(), 0, total as i64)?;
-    }
+    reserve(&f, total, sparse)?;
     // SAFETY: the file is private to this run; nothing else maps or
     // truncates it while the mapping lives.
     let mut map = unsafe {
@@ -201,6 +196,18 @@ fn raw_fill(args: &Args, stride: u64, sparse: bool) -> Result<f64, BoxError> {
     map.flush()?;
     f.sync_data()?;
     Ok(rate)
+}
+
+/// Give `f` a size of `bytes`: its blocks allocated up front with
+/// `fallocate`, as segalloc grows its files, or a sparse `ftruncate`.
+fn reserve(f: &std::fs::File, bytes: u64, sparse: bool) -> std::io::Result<()> {
+    if sparse {
+        f.set_len(bytes)
+    } else {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        fallocate(f.as_raw_fd(), FallocateFlags::empty(), 0, bytes as i64)?;
+        Ok(())
+    }
 }
 
 /// glibc fill (not persistent): allocate and write, pointers kept.
@@ -852,4 +859,31 @@ fn to_json(args: &Args, cores: usize, d: &[Design], g: &[Goal]) -> String {
         goals.join(","),
         g.iter().all(Goal::met)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn the_ceiling_reserves_every_block_and_the_sparse_variant_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bytes = 64 * MIB;
+        for (name, sparse) in [("reserved", false), ("sparse", true)] {
+            let f = std::fs::File::create(dir.path().join(name)).expect("create");
+            reserve(&f, bytes, sparse).expect("reserve");
+            let m = f.metadata().expect("metadata");
+            assert_eq!(m.len(), bytes);
+            let allocated = m.blocks() * 512;
+            if sparse {
+                assert!(allocated < bytes / 2, "{name}: {allocated} bytes allocated");
+            } else {
+                assert!(
+                    allocated >= bytes,
+                    "{name}: only {allocated} of {bytes} bytes allocated"
+                );
+            }
+        }
+    }
 }
