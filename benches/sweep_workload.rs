@@ -4,7 +4,9 @@
 //! On every shard one task loops: allocate a slot, write it, pin it again
 //! and read it back, keep it in a window of 1024 live handles, and free the
 //! oldest. One free in four goes to the next shard's task, which frees it
-//! there (so segalloc forwards it back to the owner in a batch).
+//! there (so segalloc forwards it back to the owner in a batch). A run ends
+//! when every shard has applied every free of its allocations, forwarded
+//! ones included.
 
 #![allow(dead_code)]
 
@@ -61,6 +63,7 @@ async fn shard_task(
     let mut window: VecDeque<Handle> = VecDeque::with_capacity(WINDOW + 1);
     let mut batch = Vec::with_capacity(64);
     let mut buf = [0u8; 8];
+    let live_before = shard.live_count();
     start.wait().await;
     for k in 0..ops {
         let t0 = (k % SAMPLE == 0).then(Instant::now);
@@ -123,6 +126,15 @@ async fn shard_task(
     }
     for h in window {
         shard.free(h)?;
+    }
+    // The run ends when every free, forwarded ones included, is applied.
+    shard.flush_frees();
+    while shard.live_count() > live_before {
+        shard.drain_frees();
+        // Leave the core to a shard thread sharing it (more shards than
+        // cores), then let this shard's other tasks run.
+        std::thread::yield_now();
+        tokio::task::yield_now().await;
     }
     Ok(r)
 }

@@ -1,118 +1,185 @@
-//! The same record workload through four designs, side by side in one run:
+//! segalloc beside its baselines, on the access patterns users have, each
+//! measured side by side in one run (medians of `--repeat` runs):
 //!
-//! 1. segalloc, one shard and one shard per core;
-//! 2. the seed's old design: one `open` + `ftruncate` + `mmap` per segment,
-//!    under the default soft fd limit (1024): where it dies and what a
-//!    segment costs;
-//! 3. the raw-mmap ceiling: one pre-reserved file, one mapping, a bump
-//!    pointer, `memcpy` (the physical limit of this workload);
-//! 4. the system allocator (not persistent): `alloc` + `memcpy`.
+//! | pattern | baseline in the same run | goal |
+//! |---|---|---|
+//! | fill: allocate + write, 1 shard | raw-mmap ceiling: a file reserved with `fallocate`, mapped shared, bump pointer at segalloc's slot stride, `memcpy` | ≥ 0.8× its rate |
+//! | fill, every shard | 1 shard × shard count | ≥ 0.9 efficiency |
+//! | alloc + free, LIFO pair | glibc `malloc` + `free` | ≤ 1.5× its time |
+//! | fill, free all, refill | glibc | ≤ 2× its time |
+//! | random mix: free a random live one, allocate 16 B – 4 KiB | glibc | ≤ 0.5× its time |
+//! | producer/consumer: shard A allocates, shard B frees | the same with A freeing | ≥ 0.8× its rate |
+//! | pin + unpin of a mapped slot | – | ≤ 10 ns |
+//! | shard sweep, 1 free in 4 cross-shard | 1 shard × shard count | ≥ 0.9 efficiency |
+//!
+//! Also shown: the raw ceiling on a sparse file (`ftruncate` only), glibc
+//! fill, and the old design (one `open` + `ftruncate` + `mmap` per segment
+//! under the default soft fd limit of 1024: where it dies). The data files
+//! of every timed phase are written back (`fdatasync`) and deleted before
+//! the next phase, so no phase pays for another's dirty pages.
 //!
 //! ```text
-//! cargo run --release --example compare
-//! cargo run --release --example compare -- --records 2000000 --record-bytes 100 --json
+//! cargo run --release --example compare                        # about a minute
+//! cargo run --release --example compare -- --records 10000000  # the 10M fill
+//! cargo run --release --example compare -- --json              # one JSON object on the last line
 //! ```
-//!
-//! Each figure is the median of `--repeat` runs (default 3).
+
+#[path = "../benches/sweep_workload.rs"]
+mod workload;
 
 use std::alloc::{Layout, alloc, dealloc};
 use std::fs::OpenOptions;
+use std::hint::black_box;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use segalloc::{Config, Error, Runtime};
+use segalloc::config::MIB;
+use segalloc::{Allocation, Config, Error, Handle, Runtime, Shard};
+use tokio::sync::mpsc::unbounded_channel;
 
 #[derive(Parser, Debug)]
-#[command(about = "segalloc vs the old per-segment mmap, the raw-mmap ceiling and malloc")]
+#[command(about = "segalloc beside the raw-mmap ceiling and glibc, pattern by pattern")]
 struct Args {
-    /// Records per run.
+    /// Records of the fill patterns (per shard).
     #[arg(long, default_value_t = 1_000_000)]
     records: u64,
-    /// Bytes per record.
+    /// Bytes per record of the fill patterns.
     #[arg(long, default_value_t = 100)]
     record_bytes: u64,
-    /// Runs per figure (median reported).
+    /// Alloc + free pairs of the LIFO pattern.
+    #[arg(long, default_value_t = 5_000_000)]
+    pairs: u64,
+    /// Live allocations of the random mix and of the refill pattern.
+    #[arg(long, default_value_t = 1_000_000)]
+    live: u64,
+    /// Operations of the random mix.
+    #[arg(long, default_value_t = 1_000_000)]
+    mix_ops: u64,
+    /// Operations per shard of the shard sweep.
+    #[arg(long, default_value_t = 200_000)]
+    sweep_ops: u64,
+    /// Runs per figure (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
-    /// Records per segment of the old design (the seed: 1M records in ~250
-    /// segments, so ~4000 each).
+    /// Records per segment of the old design.
     #[arg(long, default_value_t = 4000)]
     old_segment_records: u64,
+    /// Where the data files go (default: the temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
     /// Print one JSON object on the last line.
     #[arg(long)]
     json: bool,
 }
 
-struct Row {
-    name: String,
-    records: u64,
-    elapsed: Duration,
-    note: String,
-}
+type BoxError = Box<dyn std::error::Error>;
 
-impl Row {
-    fn rate(&self) -> f64 {
-        self.records as f64 / self.elapsed.as_secs_f64().max(1e-9)
+fn tempdir(args: &Args) -> std::io::Result<tempfile::TempDir> {
+    match &args.dir {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir(),
     }
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+/// The median of `repeat` runs of `f`.
+fn median<F: FnMut() -> Result<f64, BoxError>>(repeat: usize, mut f: F) -> Result<f64, BoxError> {
+    let mut v = (0..repeat.max(1))
+        .map(|_| f())
+        .collect::<Result<Vec<_>, _>>()?;
+    v.sort_by(f64::total_cmp);
+    Ok(v[v.len() / 2])
 }
 
-/// segalloc with `shards` shards: every shard inserts its share.
-fn segalloc_run(args: &Args, shards: usize) -> Result<Duration, Error> {
-    let dir = tempfile::tempdir_in(".").map_err(|e| Error::InvalidConfig(e.to_string()))?;
+fn per_sec(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9)
+}
+
+fn ns_per(d: Duration, n: u64) -> f64 {
+    d.as_nanos() as f64 / n.max(1) as f64
+}
+
+/// Start a runtime of `shards` shards in a fresh directory.
+fn runtime(args: &Args, shards: usize) -> Result<(tempfile::TempDir, Runtime), BoxError> {
+    let dir = tempdir(args)?;
     let cfg = Config::builder(dir.path().join("d"))
         .shards(shards)
         .build()?;
-    let rt = Runtime::start(cfg)?;
-    let per = args.records / shards as u64;
+    Ok((dir, Runtime::start(cfg)?))
+}
+
+/// Write everything back and stop (not timed).
+fn finish(rt: Runtime) -> Result<(), BoxError> {
+    futures::executor::block_on(rt.sync())?;
+    rt.shutdown()?;
+    Ok(())
+}
+
+/// The hot path, falling back to the async path when it must.
+#[inline]
+async fn allocate(s: &Shard, size: u64) -> Result<Allocation, Error> {
+    match s.try_allocate(size)? {
+        Some(a) => Ok(a),
+        None => s.allocate(size).await,
+    }
+}
+
+/// segalloc's slot for `size`: the raw ceiling's stride.
+fn slot_bytes(args: &Args) -> Result<u64, BoxError> {
+    let (_dir, rt) = runtime(args, 1)?;
     let size = args.record_bytes;
+    let len = futures::executor::block_on(rt.spawn_on(0, move |s| async move {
+        Ok::<_, Error>(allocate(&s, size).await?.len() as u64)
+    }))??;
+    rt.shutdown()?;
+    Ok(len)
+}
+
+/// Fill: every shard allocates and writes `records` records, handles kept.
+fn segalloc_fill(args: &Args, shards: usize) -> Result<f64, BoxError> {
+    let (_dir, rt) = runtime(args, shards)?;
+    let (n, size) = (args.records, args.record_bytes);
     let t = Instant::now();
     let jobs: Vec<_> = (0..shards)
         .map(|i| {
             rt.spawn_on(i, move |s| async move {
                 let payload = vec![0x5Au8; size as usize];
-                for k in 0..per {
-                    let a = match s.try_allocate(size)? {
-                        Some(a) => a,
-                        None => s.allocate(size).await?,
-                    };
+                let mut handles = Vec::with_capacity(n as usize);
+                for k in 0..n {
+                    let a = allocate(&s, size).await?;
                     a.write_at(0, &payload)?;
+                    handles.push(a.into_handle());
                     if k % 4096 == 4095 {
                         tokio::task::yield_now().await;
                     }
                 }
-                Ok::<_, Error>(())
+                Ok::<_, Error>(handles.len())
             })
         })
         .collect();
     for j in jobs {
         futures::executor::block_on(j)??;
     }
-    let elapsed = t.elapsed();
-    rt.shutdown()?;
-    Ok(elapsed)
+    let rate = per_sec(n * shards as u64, t.elapsed());
+    finish(rt)?;
+    Ok(rate)
 }
 
-/// The raw-mmap ceiling: one file reserved up front, one mapping, bump.
-fn raw_mmap_run(args: &Args) -> std::io::Result<Duration> {
-    let dir = tempfile::tempdir_in(".")?;
-    let path = dir.path().join("raw");
-    let stride = args.record_bytes.div_ceil(16) * 16;
+/// The raw-mmap ceiling: one file reserved up front (`fallocate`, or a
+/// sparse `ftruncate`), mapped shared, a bump pointer at `stride`, `memcpy`.
+fn raw_fill(args: &Args, stride: u64, sparse: bool) -> Result<f64, BoxError> {
+    let dir = tempdir(args)?;
     let total = stride * args.records;
     let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
-        .open(&path)?;
-    // Reserve blocks like segalloc does (and unlike a sparse ftruncate).
-    f.set_len(0)?;
-    std::os::unix::fs::FileExt::write_at(&f, &[0], total - 1)?;
-    // SAFETY: the file is private to this run and nobody else maps it.
+        .open(dir.path().join("raw"))?;
+    reserve(&f, total, sparse)?;
+    // SAFETY: the file is private to this run; nothing else maps or
+    // truncates it while the mapping lives.
     let mut map = unsafe {
         memmap2::MmapOptions::new()
             .len(total as usize)
@@ -122,40 +189,301 @@ fn raw_mmap_run(args: &Args) -> std::io::Result<Duration> {
     let t = Instant::now();
     let mut at = 0usize;
     for _ in 0..args.records {
-        map[at..at + payload.len()].copy_from_slice(&payload);
+        map[at..at + payload.len()].copy_from_slice(black_box(&payload));
         at += stride as usize;
     }
-    Ok(t.elapsed())
+    let rate = per_sec(args.records, t.elapsed());
+    map.flush()?;
+    f.sync_data()?;
+    Ok(rate)
 }
 
-/// The system allocator (reference, not persistent): allocate and fill;
-/// then free everything (not timed).
-fn malloc_run(args: &Args) -> Duration {
-    let layout = Layout::from_size_align(args.record_bytes as usize, 16).expect("layout");
+/// Give `f` a size of `bytes`: its blocks allocated up front with
+/// `fallocate`, as segalloc grows its files, or a sparse `ftruncate`.
+fn reserve(f: &std::fs::File, bytes: u64, sparse: bool) -> std::io::Result<()> {
+    if sparse {
+        f.set_len(bytes)
+    } else {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        fallocate(f.as_raw_fd(), FallocateFlags::empty(), 0, bytes as i64)?;
+        Ok(())
+    }
+}
+
+/// glibc fill (not persistent): allocate and write, pointers kept.
+fn malloc_fill(args: &Args) -> Result<f64, BoxError> {
+    let layout = Layout::from_size_align(args.record_bytes as usize, 16)?;
     let payload = vec![0x5Au8; args.record_bytes as usize];
     let mut ptrs = Vec::with_capacity(args.records as usize);
     let t = Instant::now();
     for _ in 0..args.records {
-        // SAFETY: layout has non-zero size.
+        // SAFETY: the layout has a non-zero size.
         let p = unsafe { alloc(layout) };
-        assert!(!p.is_null());
+        assert!(!p.is_null(), "out of memory");
         // SAFETY: `p` points to `record_bytes` writable bytes.
         unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), p, payload.len()) };
         ptrs.push(p);
     }
-    let e = t.elapsed();
+    let rate = per_sec(args.records, t.elapsed());
     for p in ptrs {
         // SAFETY: allocated above with this layout.
         unsafe { dealloc(p, layout) };
     }
-    e
+    Ok(rate)
 }
 
-/// The seed's old design under the default soft fd limit (1024): one file,
-/// one fd and one mapping per segment, kept open. Returns (records written,
-/// segments, time, per-segment setup cost, why it stopped).
-fn old_design_run(args: &Args) -> std::io::Result<(u64, u64, Duration, Duration, String)> {
-    let dir = tempfile::tempdir_in(".")?;
+/// xorshift64: the same sequence for segalloc and glibc.
+fn next(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+const PAIR_BYTES: u64 = 64;
+const MIX_BYTES_MIN: u64 = 16;
+const MIX_BYTES_MAX: u64 = 4096;
+
+fn mix_size(rng: &mut u64) -> u64 {
+    MIX_BYTES_MIN + next(rng) % (MIX_BYTES_MAX - MIX_BYTES_MIN + 1)
+}
+
+/// Run `f` on shard 0 of a fresh one-shard runtime; its figure.
+fn on_one_shard<F, Fut>(args: &Args, f: F) -> Result<f64, BoxError>
+where
+    F: FnOnce(Shard) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<f64, Error>> + 'static,
+{
+    let (_dir, rt) = runtime(args, 1)?;
+    let v = futures::executor::block_on(rt.spawn_on(0, f))??;
+    finish(rt)?;
+    Ok(v)
+}
+
+/// LIFO pair: ns per allocate + free of one 64 B slot, beside 100,000 live
+/// ones of the same class (every other slot free).
+fn segalloc_pair(args: &Args) -> Result<f64, BoxError> {
+    let pairs = args.pairs;
+    on_one_shard(args, move |s| async move {
+        let mut pool = Vec::new();
+        for i in 0..100_000 {
+            let h = allocate(&s, PAIR_BYTES).await?.into_handle();
+            if i % 2 == 0 { s.free(h)? } else { pool.push(h) }
+        }
+        let t = Instant::now();
+        for _ in 0..pairs {
+            let h = allocate(&s, black_box(PAIR_BYTES)).await?.into_handle();
+            s.free(black_box(h))?;
+        }
+        Ok(ns_per(t.elapsed(), pairs))
+    })
+}
+
+fn malloc_pair(args: &Args) -> Result<f64, BoxError> {
+    let layout = Layout::from_size_align(PAIR_BYTES as usize, 16)?;
+    // SAFETY: non-zero layout.
+    let pool: Vec<*mut u8> = (0..50_000).map(|_| unsafe { alloc(layout) }).collect();
+    let t = Instant::now();
+    for _ in 0..args.pairs {
+        // SAFETY: non-zero layout; freed with the layout it was allocated with.
+        unsafe {
+            let p = alloc(black_box(layout));
+            assert!(!p.is_null(), "out of memory");
+            dealloc(black_box(p), layout);
+        }
+    }
+    let ns = ns_per(t.elapsed(), args.pairs);
+    for p in pool {
+        // SAFETY: allocated above with `layout`.
+        unsafe { dealloc(p, layout) };
+    }
+    Ok(ns)
+}
+
+/// Fill `live` slots of `record_bytes`, free them all, fill again: ns per
+/// operation over the three phases.
+fn segalloc_refill(args: &Args) -> Result<f64, BoxError> {
+    let (live, size) = (args.live, args.record_bytes);
+    on_one_shard(args, move |s| async move {
+        let t = Instant::now();
+        let mut hs = Vec::with_capacity(live as usize);
+        for _ in 0..live {
+            hs.push(allocate(&s, size).await?.into_handle());
+        }
+        for h in hs.drain(..) {
+            s.free(h)?;
+        }
+        for _ in 0..live {
+            hs.push(allocate(&s, size).await?.into_handle());
+        }
+        Ok(ns_per(t.elapsed(), 3 * live))
+    })
+}
+
+fn malloc_refill(args: &Args) -> Result<f64, BoxError> {
+    let layout = Layout::from_size_align(args.record_bytes as usize, 16)?;
+    let mut ps: Vec<*mut u8> = Vec::with_capacity(args.live as usize);
+    let t = Instant::now();
+    for round in 0..2 {
+        for _ in 0..args.live {
+            // SAFETY: non-zero layout.
+            let p = unsafe { alloc(layout) };
+            assert!(!p.is_null(), "out of memory");
+            ps.push(p);
+        }
+        if round == 0 {
+            for p in ps.drain(..) {
+                // SAFETY: allocated above with `layout`.
+                unsafe { dealloc(p, layout) };
+            }
+        }
+    }
+    let ns = ns_per(t.elapsed(), 3 * args.live);
+    for p in ps {
+        // SAFETY: allocated above with `layout`.
+        unsafe { dealloc(p, layout) };
+    }
+    Ok(ns)
+}
+
+/// Random mix: `live` allocations of 16 B – 4 KiB, then each operation
+/// frees a random live one and allocates a new one: ns per operation.
+fn segalloc_mix(args: &Args) -> Result<f64, BoxError> {
+    let (live, ops) = (args.live, args.mix_ops);
+    on_one_shard(args, move |s| async move {
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        let mut hs: Vec<Handle> = Vec::with_capacity(live as usize);
+        for _ in 0..live {
+            hs.push(allocate(&s, mix_size(&mut rng)).await?.into_handle());
+        }
+        let t = Instant::now();
+        for _ in 0..ops {
+            let i = (next(&mut rng) % live) as usize;
+            s.free(hs[i])?;
+            hs[i] = allocate(&s, mix_size(&mut rng)).await?.into_handle();
+        }
+        Ok(ns_per(t.elapsed(), ops))
+    })
+}
+
+fn malloc_mix(args: &Args) -> Result<f64, BoxError> {
+    let layout = |n: u64| Layout::from_size_align(n as usize, 16).expect("layout");
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut ps: Vec<(*mut u8, u64)> = (0..args.live)
+        .map(|_| {
+            let n = mix_size(&mut rng);
+            // SAFETY: non-zero layout.
+            (unsafe { alloc(layout(n)) }, n)
+        })
+        .collect();
+    let t = Instant::now();
+    for _ in 0..args.mix_ops {
+        let i = (next(&mut rng) % args.live) as usize;
+        let n = mix_size(&mut rng);
+        // SAFETY: each pointer is freed once, with the layout it was
+        // allocated with; the new one has a non-zero layout.
+        unsafe {
+            dealloc(ps[i].0, layout(ps[i].1));
+            ps[i] = (alloc(layout(n)), n);
+        }
+        assert!(!ps[i].0.is_null(), "out of memory");
+    }
+    let ns = ns_per(t.elapsed(), args.mix_ops);
+    for (p, n) in ps {
+        // SAFETY: allocated above with this layout.
+        unsafe { dealloc(p, layout(n)) };
+    }
+    Ok(ns)
+}
+
+/// Pin + unpin of a mapped slot on its own shard: ns per pair.
+fn segalloc_pin(args: &Args) -> Result<f64, BoxError> {
+    let n = args.pairs;
+    on_one_shard(args, move |s| async move {
+        let h = allocate(&s, PAIR_BYTES).await?.into_handle();
+        let t = Instant::now();
+        for _ in 0..n {
+            let p = s
+                .try_pin(black_box(h))?
+                .expect("the slot's window is mapped");
+            black_box(&p);
+        }
+        Ok(ns_per(t.elapsed(), n))
+    })
+}
+
+/// Handles per batch from the producer to the consumer.
+const BATCH: usize = 1024;
+
+/// Producer/consumer on two shards: shard 0 allocates and writes records
+/// and hands them over in batches; shard 1 frees them (`cross`: forwarded
+/// back to shard 0) or shard 0 frees each batch itself. Records per second
+/// until every free is applied.
+fn producer_consumer(args: &Args, cross: bool) -> Result<f64, BoxError> {
+    let (_dir, rt) = runtime(args, 2)?;
+    let (n, size) = (args.records, args.record_bytes);
+    let (tx, mut rx) = unbounded_channel::<Vec<Handle>>();
+    let t = Instant::now();
+    let producer = rt.spawn_on(0, move |s| async move {
+        let payload = vec![0x5Au8; size as usize];
+        let mut batch = Vec::with_capacity(BATCH);
+        for k in 0..n {
+            let a = allocate(&s, size).await?;
+            a.write_at(0, &payload)?;
+            batch.push(a.into_handle());
+            if batch.len() == BATCH || k + 1 == n {
+                let b = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                if cross {
+                    let _ = tx.send(b);
+                } else {
+                    b.into_iter().try_for_each(|h| s.free(h))?;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok::<_, Error>(())
+    });
+    let consumer = rt.spawn_on(1, move |s| async move {
+        while let Some(b) = rx.recv().await {
+            b.into_iter().try_for_each(|h| s.free(h))?;
+        }
+        s.flush_frees();
+        Ok::<_, Error>(())
+    });
+    futures::executor::block_on(producer)??;
+    futures::executor::block_on(consumer)??;
+    // Until the owner has applied every forwarded free.
+    futures::executor::block_on(rt.spawn_on(0, |s| async move {
+        while s.live_count() > 0 {
+            s.drain_frees();
+            tokio::task::yield_now().await;
+        }
+    }))?;
+    let rate = per_sec(n, t.elapsed());
+    finish(rt)?;
+    Ok(rate)
+}
+
+/// The shard sweep's workload (one free in four cross-shard) on `shards`
+/// shards: operations per second over all shards.
+fn sweep_rate(args: &Args, shards: usize) -> Result<f64, BoxError> {
+    let dir = tempdir(args)?;
+    let cfg = Config::builder(dir.path().join("d"))
+        .shards(shards)
+        .window_bytes(256 * MIB)
+        .build()?;
+    let rt = Runtime::start(cfg)?;
+    workload::run(&rt, 10_000, 64)?;
+    let r = workload::run_with(&rt, args.sweep_ops, 64, 4)?;
+    finish(rt)?;
+    Ok(r.ops_per_sec())
+}
+
+/// The old design under the default soft fd limit (1024): one file, one fd
+/// and one mapping per segment, kept. Returns (records written, segments,
+/// records/s, why it stopped).
+fn old_design_run(args: &Args) -> Result<(u64, u64, f64, String), BoxError> {
+    let dir = tempdir(args)?;
     let (soft, _) = nofile()?;
     segalloc::set_nofile_soft_limit(1024)?;
     let stride = args.record_bytes.div_ceil(16) * 16;
@@ -163,12 +491,10 @@ fn old_design_run(args: &Args) -> std::io::Result<(u64, u64, Duration, Duration,
     let seg_bytes = (per_seg * stride).div_ceil(4096) * 4096;
     let payload = vec![0x5Au8; args.record_bytes as usize];
     let mut segs: Vec<(std::fs::File, memmap2::MmapMut)> = Vec::new();
-    let mut setup = Duration::ZERO;
     let mut written = 0u64;
     let t = Instant::now();
-    let mut why = String::from("completed");
+    let mut why = String::new();
     while written < args.records {
-        let s0 = Instant::now();
         let (_, map) = match new_segment(dir.path(), &mut segs, seg_bytes) {
             Ok(seg) => seg,
             Err(e) => {
@@ -176,7 +502,6 @@ fn old_design_run(args: &Args) -> std::io::Result<(u64, u64, Duration, Duration,
                 break;
             }
         };
-        setup += s0.elapsed();
         let mut at = 0usize;
         for _ in 0..per_seg.min(args.records - written) {
             map[at..at + payload.len()].copy_from_slice(&payload);
@@ -184,11 +509,11 @@ fn old_design_run(args: &Args) -> std::io::Result<(u64, u64, Duration, Duration,
             written += 1;
         }
     }
-    let elapsed = t.elapsed();
+    let rate = per_sec(written, t.elapsed());
     let n = segs.len() as u64;
-    // Then keep going (empty segments) until the design dies, as it would
-    // with more records.
-    while why == "completed" {
+    // Keep going (empty segments) until the design dies, as it would with
+    // more records.
+    while why.is_empty() {
         if let Err(e) = new_segment(dir.path(), &mut segs, seg_bytes) {
             why = format!(
                 "dies at segment {} (~{} records): {e}",
@@ -201,12 +526,12 @@ fn old_design_run(args: &Args) -> std::io::Result<(u64, u64, Duration, Duration,
     }
     drop(segs);
     segalloc::set_nofile_soft_limit(soft)?;
-    Ok((written, n, elapsed, setup / n.max(1) as u32, why))
+    Ok((written, n, rate, why))
 }
 
 /// The old design's segment: its own file, descriptor and mapping, kept.
 fn new_segment<'a>(
-    dir: &std::path::Path,
+    dir: &Path,
     segs: &'a mut Vec<(std::fs::File, memmap2::MmapMut)>,
     seg_bytes: u64,
 ) -> Result<&'a mut (std::fs::File, memmap2::MmapMut), String> {
@@ -245,117 +570,320 @@ fn nofile() -> std::io::Result<(u64, u64)> {
     Ok((nums[0], nums[1]))
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// One design's figure.
+struct Design {
+    name: String,
+    value: f64,
+    unit: &'static str,
+    note: String,
+}
+
+/// One row of the goal table: segalloc's figure, the baseline measured in
+/// the same run, their ratio (or segalloc's figure alone) and the goal.
+struct Goal {
+    pattern: &'static str,
+    ratio_of: &'static str,
+    unit: &'static str,
+    segalloc: f64,
+    baseline: Option<f64>,
+    ratio: f64,
+    at_least: bool,
+    goal: f64,
+}
+
+impl Goal {
+    fn met(&self) -> bool {
+        if self.at_least {
+            self.ratio >= self.goal
+        } else {
+            self.ratio <= self.goal
+        }
+    }
+    fn goal_text(&self) -> String {
+        format!("{} {}", if self.at_least { ">=" } else { "<=" }, self.goal)
+    }
+}
+
+fn design(
+    name: impl Into<String>,
+    value: f64,
+    unit: &'static str,
+    note: impl Into<String>,
+) -> Design {
+    Design {
+        name: name.into(),
+        value,
+        unit,
+        note: note.into(),
+    }
+}
+
+/// The fill patterns: designs and the first two goals.
+fn fills(
+    args: &Args,
+    cores: usize,
+    d: &mut Vec<Design>,
+    g: &mut Vec<Goal>,
+) -> Result<(), BoxError> {
+    let r = args.repeat;
+    let stride = slot_bytes(args)?;
+    let seg1 = median(r, || segalloc_fill(args, 1))?;
+    let raw = median(r, || raw_fill(args, stride, false))?;
+    let sparse = median(r, || raw_fill(args, stride, true))?;
+    let sys = median(r, || malloc_fill(args))?;
+    let segn = median(r, || segalloc_fill(args, cores))?;
+    let rs = "records/s";
+    d.push(design(
+        "segalloc fill, 1 shard",
+        seg1,
+        rs,
+        "persistent, crash-safe",
+    ));
+    d.push(design(
+        format!("segalloc fill, {cores} shards"),
+        segn,
+        rs,
+        format!("{} records per shard", args.records),
+    ));
+    d.push(design(
+        "raw mmap ceiling (fallocate)",
+        raw,
+        rs,
+        format!("bump pointer, {stride} B stride, memcpy"),
+    ));
+    d.push(design(
+        "raw mmap ceiling (sparse ftruncate)",
+        sparse,
+        rs,
+        "blocks allocated on first write",
+    ));
+    d.push(design("glibc malloc fill", sys, rs, "not persistent"));
+    g.push(Goal {
+        pattern: "fill, 1 shard",
+        ratio_of: "segalloc / raw ceiling",
+        unit: rs,
+        segalloc: seg1,
+        baseline: Some(raw),
+        ratio: seg1 / raw,
+        at_least: true,
+        goal: 0.8,
+    });
+    g.push(Goal {
+        pattern: "fill, every shard",
+        ratio_of: "efficiency vs 1 shard x shards",
+        unit: rs,
+        segalloc: segn,
+        baseline: Some(seg1 * cores as f64),
+        ratio: segn / (seg1 * cores as f64),
+        at_least: true,
+        goal: 0.9,
+    });
+    Ok(())
+}
+
+/// The allocator-only patterns against glibc, and pin + unpin.
+fn allocator(args: &Args, g: &mut Vec<Goal>) -> Result<(), BoxError> {
+    let r = args.repeat;
+    let ns = "ns/op";
+    let time_goal = |pattern, s: f64, b: f64, goal| Goal {
+        pattern,
+        ratio_of: "segalloc time / glibc time",
+        unit: ns,
+        segalloc: s,
+        baseline: Some(b),
+        ratio: s / b,
+        at_least: false,
+        goal,
+    };
+    let (s, b) = (
+        median(r, || segalloc_pair(args))?,
+        median(r, || malloc_pair(args))?,
+    );
+    g.push(time_goal("alloc + free, LIFO pair", s, b, 1.5));
+    let (s, b) = (
+        median(r, || segalloc_refill(args))?,
+        median(r, || malloc_refill(args))?,
+    );
+    g.push(time_goal("fill, free all, refill", s, b, 2.0));
+    let (s, b) = (
+        median(r, || segalloc_mix(args))?,
+        median(r, || malloc_mix(args))?,
+    );
+    g.push(time_goal("random mix 16 B - 4 KiB", s, b, 0.5));
+    let (c, l) = (
+        median(r, || producer_consumer(args, true))?,
+        median(r, || producer_consumer(args, false))?,
+    );
+    g.push(Goal {
+        pattern: "producer/consumer",
+        ratio_of: "cross-shard frees / local frees",
+        unit: "records/s",
+        segalloc: c,
+        baseline: Some(l),
+        ratio: c / l,
+        at_least: true,
+        goal: 0.8,
+    });
+    let p = median(r, || segalloc_pin(args))?;
+    g.push(Goal {
+        pattern: "pin + unpin, mapped",
+        ratio_of: "ns",
+        unit: ns,
+        segalloc: p,
+        baseline: None,
+        ratio: p,
+        at_least: false,
+        goal: 10.0,
+    });
+    Ok(())
+}
+
+/// The shard sweep: the lowest efficiency over 2 ..= cores shards.
+fn sweep(args: &Args, cores: usize, g: &mut Vec<Goal>) -> Result<(), BoxError> {
+    let r = args.repeat;
+    let one = median(r, || sweep_rate(args, 1))?;
+    let mut worst = (f64::INFINITY, 0.0, 1);
+    for n in 2..=cores.max(2) {
+        let rate = median(r, || sweep_rate(args, n))?;
+        let eff = rate / (n as f64 * one);
+        if eff < worst.0 {
+            worst = (eff, rate, n);
+        }
+    }
+    g.push(Goal {
+        pattern: "shard sweep, 1 in 4 cross",
+        ratio_of: "lowest efficiency, 2..=cores shards",
+        unit: "ops/s",
+        segalloc: worst.1,
+        baseline: Some(one * worst.2 as f64),
+        ratio: worst.0,
+        at_least: true,
+        goal: 0.9,
+    });
+    Ok(())
+}
+
+fn main() -> Result<(), BoxError> {
     let args = Args::parse();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let r = args.repeat.max(1);
-    let mut rows = Vec::new();
-
-    let seg1 = median(
-        (0..r)
-            .map(|_| segalloc_run(&args, 1))
-            .collect::<Result<_, _>>()?,
-    );
-    rows.push(Row {
-        name: "segalloc, 1 shard".into(),
-        records: args.records,
-        elapsed: seg1,
-        note: "persistent, crash-safe".into(),
-    });
-    if cores > 1 {
-        let segn = median(
-            (0..r)
-                .map(|_| segalloc_run(&args, cores))
-                .collect::<Result<_, _>>()?,
-        );
-        rows.push(Row {
-            name: format!("segalloc, {cores} shards"),
-            records: args.records,
-            elapsed: segn,
-            note: "persistent, crash-safe".into(),
-        });
+    let (mut d, mut g) = (Vec::new(), Vec::new());
+    fills(&args, cores, &mut d, &mut g)?;
+    allocator(&args, &mut g)?;
+    sweep(&args, cores, &mut g)?;
+    let (w, n, rate, why) = old_design_run(&args)?;
+    d.push(design(
+        "old design: open+mmap per segment",
+        rate,
+        "records/s",
+        format!("{w} records in {n} segments; {why}"),
+    ));
+    if args.json {
+        println!("{}", to_json(&args, cores, &d, &g));
+    } else {
+        print_tables(&args, cores, &d, &g);
     }
-    let (w, n, old_t, per_seg, why) = old_design_run(&args)?;
-    rows.push(Row {
-        name: "old design: open+mmap per segment".into(),
-        records: w,
-        elapsed: old_t,
-        note: format!(
-            "{n} segments, {:.1} us setup each; {why}",
-            per_seg.as_secs_f64() * 1e6
-        ),
-    });
-    let raw = median(
-        (0..r)
-            .map(|_| raw_mmap_run(&args))
-            .collect::<Result<_, _>>()?,
-    );
-    rows.push(Row {
-        name: "raw mmap ceiling (bump pointer)".into(),
-        records: args.records,
-        elapsed: raw,
-        note: "one pre-reserved file, no allocator".into(),
-    });
-    let sys = median((0..r).map(|_| malloc_run(&args)).collect());
-    rows.push(Row {
-        name: "system allocator (malloc)".into(),
-        records: args.records,
-        elapsed: sys,
-        note: "not persistent".into(),
-    });
+    Ok(())
+}
 
-    let base = rows[0].rate();
-    if !args.json {
+fn print_tables(args: &Args, cores: usize, d: &[Design], g: &[Goal]) {
+    println!(
+        "{} records of {} B per fill, median of {}, {cores} cores",
+        args.records, args.record_bytes, args.repeat
+    );
+    println!("{:<38} {:>14} {:<10} note", "design", "figure", "unit");
+    for x in d {
+        println!("{:<38} {:>14.0} {:<10} {}", x.name, x.value, x.unit, x.note);
+    }
+    println!();
+    println!(
+        "{:<28} {:>12} {:>12} {:<10} {:>8} {:>7} {:<6} ratio of",
+        "pattern", "segalloc", "baseline", "unit", "ratio", "goal", "met"
+    );
+    for x in g {
         println!(
-            "{} records of {} B, median of {r}, {cores} cores",
-            args.records, args.record_bytes
-        );
-        println!(
-            "{:<36} {:>10} {:>14} {:>12}  note",
-            "design", "records", "records/s", "vs segalloc"
-        );
-        for row in &rows {
-            println!(
-                "{:<36} {:>10} {:>14.0} {:>11.2}x  {}",
-                row.name,
-                row.records,
-                row.rate(),
-                row.rate() / base,
-                row.note
-            );
-        }
-        let ceiling = rows
-            .iter()
-            .find(|r| r.name.starts_with("raw"))
-            .map(|r| r.rate())
-            .unwrap_or(1.0);
-        println!(
-            "segalloc 1 shard / raw-mmap ceiling = {:.2}",
-            base / ceiling
+            "{:<28} {:>12.1} {:>12} {:<10} {:>8.3} {:>7} {:<6} {}",
+            x.pattern,
+            x.segalloc,
+            x.baseline.map_or("-".into(), |b| format!("{b:.1}")),
+            x.unit,
+            x.ratio,
+            x.goal_text(),
+            if x.met() { "met" } else { "MISSED" },
+            x.ratio_of
         );
     }
-    let items: Vec<String> = rows
+}
+
+/// A JSON string literal.
+fn js(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn to_json(args: &Args, cores: usize, d: &[Design], g: &[Goal]) -> String {
+    let designs: Vec<String> = d
         .iter()
-        .map(|row| {
+        .map(|x| {
             format!(
-                "{{\"design\":\"{}\",\"records\":{},\"records_per_sec\":{:.0},\"ratio_to_segalloc_1_shard\":{:.4},\"note\":\"{}\"}}",
-                row.name,
-                row.records,
-                row.rate(),
-                row.rate() / base,
-                row.note.replace('"', "'")
+                "{{\"design\":{},\"value\":{:.1},\"unit\":{},\"note\":{}}}",
+                js(&x.name),
+                x.value,
+                js(x.unit),
+                js(&x.note)
             )
         })
         .collect();
-    if args.json {
-        println!(
-            "{{\"records\":{},\"record_bytes\":{},\"repeat\":{r},\"cores\":{cores},\"rows\":[{}]}}",
-            args.records,
-            args.record_bytes,
-            items.join(",")
-        );
+    let goals: Vec<String> = g
+        .iter()
+        .map(|x| {
+            format!(
+                "{{\"pattern\":{},\"ratio_of\":{},\"unit\":{},\"segalloc\":{:.1},\"baseline\":{},\"ratio\":{:.4},\"goal\":{},\"met\":{}}}",
+                js(x.pattern),
+                js(x.ratio_of),
+                js(x.unit),
+                x.segalloc,
+                x.baseline.map_or("null".into(), |b| format!("{b:.1}")),
+                x.ratio,
+                js(&x.goal_text()),
+                x.met()
+            )
+        })
+        .collect();
+    format!(
+        "{{\"records\":{},\"record_bytes\":{},\"repeat\":{},\"cores\":{cores},\"designs\":[{}],\"goals\":[{}],\"all_met\":{}}}",
+        args.records,
+        args.record_bytes,
+        args.repeat,
+        designs.join(","),
+        goals.join(","),
+        g.iter().all(Goal::met)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn the_ceiling_reserves_every_block_and_the_sparse_variant_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bytes = 64 * MIB;
+        for (name, sparse) in [("reserved", false), ("sparse", true)] {
+            let f = std::fs::File::create(dir.path().join(name)).expect("create");
+            reserve(&f, bytes, sparse).expect("reserve");
+            let m = f.metadata().expect("metadata");
+            assert_eq!(m.len(), bytes);
+            let allocated = m.blocks() * 512;
+            if sparse {
+                assert!(allocated < bytes / 2, "{name}: {allocated} bytes allocated");
+            } else {
+                assert!(
+                    allocated >= bytes,
+                    "{name}: only {allocated} of {bytes} bytes allocated"
+                );
+            }
+        }
     }
-    Ok(())
 }

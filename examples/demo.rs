@@ -1,29 +1,41 @@
 //! The main job: open a data directory, start one shard per core, insert
-//! sealed records from async tasks on every shard, free a third of them (a
-//! part cross-shard), sync, shut down, reopen, and verify every surviving
-//! record byte for byte. Prints records/s, the OS's view (fds, VMAs, RSS),
-//! data and metadata bytes, the io backend and the recovery time.
+//! sealed records from async tasks on every shard while freeing a third of
+//! them (a part cross-shard), sync, shut down, reopen, and verify every
+//! surviving record byte for byte. Prints records/s with the allocator's
+//! share of a record's time, the OS's view over time (RSS, dirty and
+//! writeback pages, fds, VMAs), data and metadata bytes, the io backend and
+//! the recovery time.
 //!
 //! ```text
 //! cargo run --release --example demo                       # 1,000,000 records of 16 B – 1 KiB
 //! cargo run --release --example demo -- --records 10000000 --record-bytes 100
 //! cargo run --release --example demo -- --fresh --json     # start over; JSON on the last line
+//! # live data larger than memory (~40 GiB live of 100 B – 4 KiB records):
+//! cargo run --release --example demo -- --fresh --records 30e6 --record-bytes 100-4096 --report-secs 30
 //! ```
 //!
-//! Records are written payload first and sealed last with a 16-byte
-//! checksummed header, so a run killed at any moment (even `kill -9`) can be
-//! followed by another: on start the demo recovers the directory, frees the
-//! unsealed slots (a crash between allocate and seal) and verifies every
-//! sealed record. Any mismatch is reported and the exit status is non-zero.
+//! Nothing per record is kept in memory: a record is self-describing (a
+//! 16-byte sealed header holds its length, its generator seed and the CRC-32C
+//! of its payload) and its payload is regenerated from the seed to verify it.
+//! The payload is a window of a fixed pseudo-random pool chosen by the seed,
+//! so generating it costs nothing beyond the copy into the slot, and the
+//! demo's own work per record is one CRC-32C of the payload.
+//!
+//! Records are written payload first and sealed last, so a run killed at
+//! any moment (even `kill -9`) can be followed by another: on start the demo
+//! recovers the directory, frees the unsealed slots (a crash between
+//! allocate and seal) and verifies every sealed record. Any mismatch is
+//! reported and the exit status is non-zero.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use segalloc::{Config, Error, Handle, Runtime, Shard, proc};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "segalloc demo: insert, free, sync, reopen and verify sealed records")]
@@ -34,8 +46,8 @@ struct Args {
     /// Remove the directory first.
     #[arg(long)]
     fresh: bool,
-    /// Records to insert in this run.
-    #[arg(long, default_value_t = 1_000_000)]
+    /// Records to insert in this run (`1000000`, `1_000_000` or `1e6`).
+    #[arg(long, default_value = "1000000", value_parser = parse_count)]
     records: u64,
     /// Record size in bytes (header included): `N` or `MIN-MAX`.
     #[arg(long, default_value = "16-1024")]
@@ -46,24 +58,77 @@ struct Args {
     /// Print the figures as one JSON object on the last line.
     #[arg(long)]
     json: bool,
+    /// Print a progress line (rate, RSS, dirty/writeback, fds, VMAs) every
+    /// this many seconds during the insert, to stderr (0: never).
+    #[arg(long, default_value_t = 10)]
+    report_secs: u64,
 }
 
 const HEADER_BYTES: usize = 16;
-const SEAL_MAGIC: u32 = 0x5EA1_5EA1;
+const SEAL_MAGIC: u32 = 0x5EA1_0002;
+/// The seal of the earlier record format (payload hashed byte by byte).
+const SEAL_MAGIC_V1: u32 = 0x5EA1_5EA1;
+/// Records between two batches of frees, progress updates and yields.
+const BATCH: u64 = 4096;
+/// One record in this many has its phases timed.
+const SAMPLE: u64 = 64;
+/// Payloads start at one of this many offsets of the pool.
+const POOL_OFFSETS: usize = 1 << 16;
 
-/// Deterministic payload byte `i` of record `seed`.
-#[inline]
-fn payload_byte(seed: u64, i: usize) -> u8 {
-    let mut x = seed ^ (i as u64 / 8).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    (x >> ((i % 8) * 8)) as u8
+/// Parse a count: digits (with optional `_`), optionally `e` and a power of
+/// ten (`3e9`).
+fn parse_count(s: &str) -> Result<u64, String> {
+    let t: String = s.trim().chars().filter(|&c| c != '_').collect();
+    let (mantissa, exp) = match t.split_once(['e', 'E']) {
+        Some((m, e)) => (
+            m,
+            e.parse::<u32>()
+                .map_err(|e| format!("bad exponent in {s:?}: {e}"))?,
+        ),
+        None => (t.as_str(), 0),
+    };
+    let m = mantissa
+        .parse::<u64>()
+        .map_err(|e| format!("bad count {s:?}: {e}"))?;
+    10u64
+        .checked_pow(exp)
+        .and_then(|p| m.checked_mul(p))
+        .ok_or_else(|| format!("count {s:?} does not fit in 64 bits"))
 }
 
-fn payload(seed: u64, len: usize, out: &mut Vec<u8>) {
-    out.clear();
-    out.extend((0..len).map(|i| payload_byte(seed, i)));
+/// A fixed pseudo-random byte stream (SplitMix64, 8 bytes per step); the
+/// payload of a record with seed `s` and length `n` is `n` bytes of it
+/// starting at `s % POOL_OFFSETS`. The same in every run and process.
+struct Pool {
+    bytes: Vec<u8>,
+}
+
+impl Pool {
+    fn new(max_payload_bytes: usize) -> Pool {
+        let mut p = Pool { bytes: Vec::new() };
+        p.ensure(max_payload_bytes);
+        p
+    }
+
+    /// Grow the stream to cover payloads of `payload_bytes` at every offset.
+    fn ensure(&mut self, payload_bytes: usize) {
+        let want = (POOL_OFFSETS + payload_bytes).div_ceil(8) * 8;
+        let mut i = self.bytes.len() as u64 / 8;
+        while self.bytes.len() < want {
+            let mut z = i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            self.bytes.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+            i += 1;
+        }
+    }
+
+    /// The payload of `len` bytes for `seed` (`ensure(len)` first).
+    #[inline]
+    fn payload(&self, seed: u32, len: usize) -> &[u8] {
+        let at = seed as usize % POOL_OFFSETS;
+        &self.bytes[at..at + len]
+    }
 }
 
 fn header(len: u32, seed: u32, payload: &[u8]) -> [u8; HEADER_BYTES] {
@@ -84,18 +149,22 @@ enum Check {
 }
 
 /// Read and verify the record in `h` on `shard`.
-async fn check_record(shard: &Shard, h: Handle, buf: &mut Vec<u8>, want: &mut Vec<u8>) -> Check {
+async fn check_record(shard: &Shard, h: Handle, buf: &mut Vec<u8>, pool: &mut Pool) -> Check {
     let pin = match shard.pin(h).await {
         Ok(p) => p,
         Err(e) => return Check::Mismatch(format!("{h}: pin failed: {e}")),
     };
     let mut hd = [0u8; HEADER_BYTES];
     pin.read_at(0, &mut hd).expect("slot holds a header");
-    let len = u32::from_le_bytes(hd[0..4].try_into().unwrap());
-    let seed = u32::from_le_bytes(hd[4..8].try_into().unwrap());
-    let pcrc = u32::from_le_bytes(hd[8..12].try_into().unwrap());
-    let hcrc = u32::from_le_bytes(hd[12..16].try_into().unwrap());
-    if crc32c::crc32c(&hd[0..12]) ^ SEAL_MAGIC != hcrc {
+    let word = |i: usize| u32::from_le_bytes(hd[i..i + 4].try_into().expect("4 bytes"));
+    let (len, seed, pcrc, hcrc) = (word(0), word(4), word(8), word(12));
+    let crc = crc32c::crc32c(&hd[0..12]);
+    if crc ^ SEAL_MAGIC_V1 == hcrc {
+        return Check::Mismatch(format!(
+            "{h}: record of an earlier demo format; rerun with --fresh"
+        ));
+    }
+    if crc ^ SEAL_MAGIC != hcrc {
         return Check::Unsealed;
     }
     if len as usize + HEADER_BYTES > pin.len() {
@@ -103,8 +172,8 @@ async fn check_record(shard: &Shard, h: Handle, buf: &mut Vec<u8>, want: &mut Ve
     }
     buf.resize(len as usize, 0);
     pin.read_at(HEADER_BYTES, buf).expect("in bounds");
-    payload(seed as u64, len as usize, want);
-    if buf != want || crc32c::crc32c(buf) != pcrc {
+    pool.ensure(len as usize);
+    if buf[..] != *pool.payload(seed, len as usize) || crc32c::crc32c(buf) != pcrc {
         return Check::Mismatch(format!("{h}: payload differs from what was written"));
     }
     Check::Sealed
@@ -117,31 +186,34 @@ struct Verified {
     mismatches: u64,
 }
 
+/// Verify every live record of one shard, walking its live slots without
+/// collecting them; free the unsealed ones afterwards.
+async fn verify_shard(shard: Shard) -> Result<Verified, Error> {
+    let mut v = Verified::default();
+    let mut unsealed = Vec::new();
+    let (mut buf, mut pool) = (Vec::new(), Pool::new(0));
+    for h in shard.live() {
+        match check_record(&shard, h, &mut buf, &mut pool).await {
+            Check::Sealed => v.sealed += 1,
+            Check::Unsealed => unsealed.push(h),
+            Check::Mismatch(m) => {
+                eprintln!("MISMATCH {m}");
+                v.mismatches += 1;
+            }
+        }
+    }
+    for h in unsealed {
+        shard.free(h)?;
+        v.unsealed_freed += 1;
+    }
+    Ok(v)
+}
+
 /// Verify every live record of every shard; free unsealed slots.
 fn verify_all(rt: &Runtime) -> Result<Verified, Error> {
     let mut total = Verified::default();
     let jobs: Vec<_> = (0..rt.shard_count())
-        .map(|i| {
-            rt.spawn_on(i, |shard| async move {
-                let mut v = Verified::default();
-                let live: Vec<Handle> = shard.live().collect();
-                let (mut buf, mut want) = (Vec::new(), Vec::new());
-                for h in live {
-                    match check_record(&shard, h, &mut buf, &mut want).await {
-                        Check::Sealed => v.sealed += 1,
-                        Check::Unsealed => {
-                            shard.free(h)?;
-                            v.unsealed_freed += 1;
-                        }
-                        Check::Mismatch(m) => {
-                            eprintln!("MISMATCH {m}");
-                            v.mismatches += 1;
-                        }
-                    }
-                }
-                Ok::<_, Error>(v)
-            })
-        })
+        .map(|i| rt.spawn_on(i, verify_shard))
         .collect();
     for j in jobs {
         let v = futures::executor::block_on(j)??;
@@ -150,6 +222,492 @@ fn verify_all(rt: &Runtime) -> Result<Verified, Error> {
         total.mismatches += v.mismatches;
     }
     Ok(total)
+}
+
+/// Where a sampled record's time went, summed over the sampled records.
+#[derive(Default, Clone, Copy, Debug)]
+struct Breakdown {
+    sampled: u64,
+    record_ns: u64,
+    alloc_ns: u64,
+    write_ns: u64,
+    work_ns: u64,
+    frees: u64,
+    free_ns: u64,
+}
+
+impl Breakdown {
+    fn add(&mut self, o: &Breakdown) {
+        self.sampled += o.sampled;
+        self.record_ns += o.record_ns;
+        self.alloc_ns += o.alloc_ns;
+        self.write_ns += o.write_ns;
+        self.work_ns += o.work_ns;
+        self.frees += o.frees;
+        self.free_ns += o.free_ns;
+    }
+    fn per_record(&self, ns: u64) -> f64 {
+        ns as f64 / self.sampled.max(1) as f64
+    }
+    fn share(&self, ns: u64) -> f64 {
+        ns as f64 / self.record_ns.max(1) as f64
+    }
+}
+
+/// Timestamps of one sampled record (no clock read when not sampled); each
+/// lap leaves out the cost of one clock read.
+struct Laps {
+    last: Option<Instant>,
+    clock_ns: u64,
+}
+
+impl Laps {
+    #[inline]
+    fn lap(&mut self, acc: &mut u64) {
+        if let Some(last) = self.last {
+            let now = Instant::now();
+            *acc += ((now - last).as_nanos() as u64).saturating_sub(self.clock_ns);
+            self.last = Some(now);
+        }
+    }
+}
+
+/// The cost of one `Instant::now()` (the median of 101 runs of 1000).
+fn clock_read_ns() -> u64 {
+    let mut runs: Vec<u64> = (0..101)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..1000 {
+                std::hint::black_box(Instant::now());
+            }
+            t.elapsed().as_nanos() as u64 / 1000
+        })
+        .collect();
+    runs.sort_unstable();
+    runs[runs.len() / 2]
+}
+
+/// What one shard's insert task does.
+struct Plan {
+    records: u64,
+    min: u64,
+    max: u64,
+    rng: u64,
+    to_next: Option<UnboundedSender<Vec<Handle>>>,
+    from_prev: Option<UnboundedReceiver<Vec<Handle>>>,
+    pool: Arc<Pool>,
+    clock_ns: u64,
+    progress: Arc<AtomicU64>,
+    bar: ProgressBar,
+}
+
+#[derive(Default)]
+struct Inserted {
+    records: u64,
+    freed: u64,
+    freed_cross: u64,
+    times: Breakdown,
+}
+
+/// Insert `plan.records` sealed records. Record `k` with `k % 6 == 0` is
+/// freed here and with `k % 6 == 3` by the next shard (forwarded back to
+/// this one), in batches of [`BATCH`] records.
+async fn insert_shard(shard: Shard, mut plan: Plan) -> Result<Inserted, Error> {
+    let mut out = Inserted::default();
+    let (mut local, mut cross) = (Vec::new(), Vec::new());
+    let mut times = Breakdown::default();
+    let t = &mut times;
+    for k in 0..plan.records {
+        plan.rng ^= plan.rng << 13;
+        plan.rng ^= plan.rng >> 7;
+        plan.rng ^= plan.rng << 17;
+        let size = plan.min + plan.rng % (plan.max - plan.min + 1);
+        let seed = (plan.rng >> 32) as u32;
+        let mut laps = Laps {
+            last: k.is_multiple_of(SAMPLE).then(Instant::now),
+            clock_ns: plan.clock_ns,
+        };
+        let (mut record_ns, started) = (0, laps.last);
+        let a = match shard.try_allocate(size)? {
+            Some(a) => a,
+            None => shard.allocate(size).await?,
+        };
+        laps.lap(&mut t.alloc_ns);
+        let len = size as usize - HEADER_BYTES;
+        let body = plan.pool.payload(seed, len);
+        a.write_at(HEADER_BYTES, body)?;
+        laps.lap(&mut t.write_ns);
+        let seal = header(len as u32, seed, body);
+        laps.lap(&mut t.work_ns);
+        a.write_at(0, &seal)?;
+        laps.lap(&mut t.write_ns);
+        if started.is_some() {
+            laps.last = started;
+            laps.lap(&mut record_ns);
+            // Four clock reads inside the record, one left out by `lap`.
+            t.record_ns += record_ns.saturating_sub(3 * plan.clock_ns);
+            t.sampled += 1;
+        }
+        match k % 6 {
+            0 => local.push(a.into_handle()),
+            3 if plan.to_next.is_some() => cross.push(a.into_handle()),
+            3 => local.push(a.into_handle()),
+            _ => {}
+        }
+        if k % BATCH == BATCH - 1 || k + 1 == plan.records {
+            free_batch(
+                &shard,
+                &mut plan,
+                &mut local,
+                &mut cross,
+                &mut out.freed_cross,
+                t,
+            )?;
+            let done = k % BATCH + 1;
+            plan.progress.fetch_add(done, Ordering::Relaxed);
+            plan.bar.inc(done);
+            tokio::task::yield_now().await;
+        }
+    }
+    out.records = plan.records;
+    drop(plan.to_next.take());
+    if let Some(rx) = &mut plan.from_prev {
+        while let Some(b) = rx.recv().await {
+            free_timed(&shard, b, t)?;
+        }
+    }
+    // Every free done on this thread: this shard's and the previous one's.
+    out.freed = t.frees;
+    out.times = times;
+    Ok(out)
+}
+
+/// Free the local batch, send the cross batch on, apply what the previous
+/// shard sent (frees count where they are done).
+fn free_batch(
+    shard: &Shard,
+    plan: &mut Plan,
+    local: &mut Vec<Handle>,
+    cross: &mut Vec<Handle>,
+    freed_cross: &mut u64,
+    t: &mut Breakdown,
+) -> Result<(), Error> {
+    free_timed(shard, std::mem::take(local), t)?;
+    if let Some(tx) = &plan.to_next
+        && !cross.is_empty()
+    {
+        *freed_cross += cross.len() as u64;
+        // The next shard drains its receiver until every sender is gone.
+        let _ = tx.send(std::mem::take(cross));
+    }
+    if let Some(rx) = &mut plan.from_prev {
+        while let Ok(b) = rx.try_recv() {
+            free_timed(shard, b, t)?;
+        }
+    }
+    Ok(())
+}
+
+fn free_timed(shard: &Shard, hs: Vec<Handle>, t: &mut Breakdown) -> Result<(), Error> {
+    let s = Instant::now();
+    let n = hs.len() as u64;
+    for h in hs {
+        shard.free(h)?;
+    }
+    t.free_ns += s.elapsed().as_nanos() as u64;
+    t.frees += n;
+    Ok(())
+}
+
+/// The process and the machine at one moment of the insert.
+#[derive(Default, Clone, Copy, Debug)]
+struct Sample {
+    secs: f64,
+    records: u64,
+    records_per_sec: f64,
+    rss_bytes: u64,
+    rss_anon_bytes: u64,
+    dirty_bytes: u64,
+    writeback_bytes: u64,
+    fds_dir: usize,
+    vmas_dir: usize,
+    open_files: usize,
+    mapped_windows: usize,
+}
+
+impl Sample {
+    fn peak(&mut self, o: &Sample) {
+        self.rss_bytes = self.rss_bytes.max(o.rss_bytes);
+        self.rss_anon_bytes = self.rss_anon_bytes.max(o.rss_anon_bytes);
+        self.dirty_bytes = self.dirty_bytes.max(o.dirty_bytes);
+        self.writeback_bytes = self.writeback_bytes.max(o.writeback_bytes);
+        self.fds_dir = self.fds_dir.max(o.fds_dir);
+        self.vmas_dir = self.vmas_dir.max(o.vmas_dir);
+        self.open_files = self.open_files.max(o.open_files);
+        self.mapped_windows = self.mapped_windows.max(o.mapped_windows);
+    }
+
+    fn line(&self, total: u64) -> String {
+        format!(
+            "[{:>7.1} s] {:>5.1} % {:>12} records {:>10.0} records/s | RSS {:.0} MiB (anon {:.0}) | dirty {:.0} MiB, writeback {:.0} MiB | fds {} ({} open files) | VMAs {} ({} windows)",
+            self.secs,
+            100.0 * self.records as f64 / total.max(1) as f64,
+            self.records,
+            self.records_per_sec,
+            mib(self.rss_bytes),
+            mib(self.rss_anon_bytes),
+            mib(self.dirty_bytes),
+            mib(self.writeback_bytes),
+            self.fds_dir,
+            self.open_files,
+            self.vmas_dir,
+            self.mapped_windows
+        )
+    }
+
+    fn json(&self) -> String {
+        format!(
+            "{{\"secs\":{:.1},\"records\":{},\"records_per_sec\":{:.0},\"rss_bytes\":{},\"rss_anon_bytes\":{},\"dirty_bytes\":{},\"writeback_bytes\":{},\"fds_data_dir\":{},\"vmas_data_dir\":{},\"open_files\":{},\"mapped_windows\":{}}}",
+            self.secs,
+            self.records,
+            self.records_per_sec,
+            self.rss_bytes,
+            self.rss_anon_bytes,
+            self.dirty_bytes,
+            self.writeback_bytes,
+            self.fds_dir,
+            self.vmas_dir,
+            self.open_files,
+            self.mapped_windows
+        )
+    }
+}
+
+/// `key:` of a `/proc` file in `kB`, as bytes (0 when missing).
+fn proc_kib(file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Take a sample; `prev` gives the interval's rate.
+fn sample(rt: &Runtime, dir: &Path, started: Instant, records: u64, prev: &Sample) -> Sample {
+    let secs = started.elapsed().as_secs_f64();
+    let stats = futures::executor::block_on(rt.stats()).ok();
+    Sample {
+        secs,
+        records,
+        records_per_sec: (records - prev.records) as f64 / (secs - prev.secs).max(1e-9),
+        rss_bytes: proc::rss_bytes(),
+        rss_anon_bytes: proc_kib("/proc/self/status", "RssAnon"),
+        dirty_bytes: proc_kib("/proc/meminfo", "Dirty"),
+        writeback_bytes: proc_kib("/proc/meminfo", "Writeback"),
+        fds_dir: proc::open_fds_under(dir),
+        vmas_dir: proc::vmas_under(dir),
+        open_files: stats.as_ref().map_or(0, |s| s.open_fds()),
+        mapped_windows: stats.as_ref().map_or(0, |s| s.mapped_windows()),
+    }
+}
+
+/// What the monitor saw: the printed samples and the peaks of all.
+#[derive(Default)]
+struct Watch {
+    timeline: Vec<Sample>,
+    peak: Sample,
+}
+
+/// Sample every second (print every `report_secs`) until `done`.
+fn monitor(
+    rt: &Runtime,
+    dir: &Path,
+    total: u64,
+    report_secs: u64,
+    progress: &AtomicU64,
+    done: &AtomicBool,
+    bar: &ProgressBar,
+) -> Watch {
+    let started = Instant::now();
+    let mut w = Watch::default();
+    let mut prev = Sample::default();
+    let mut tick = 0u64;
+    while !done.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        tick += 1;
+        if !tick.is_multiple_of(10) {
+            continue;
+        }
+        let s = sample(rt, dir, started, progress.load(Ordering::Relaxed), &prev);
+        w.peak.peak(&s);
+        if report_secs > 0 && (tick / 10).is_multiple_of(report_secs) {
+            if bar.is_hidden() {
+                eprintln!("{}", s.line(total));
+            } else {
+                bar.println(s.line(total));
+            }
+            w.timeline.push(s);
+            prev = s;
+        }
+    }
+    w
+}
+
+/// Channels from each shard to the next (none with one shard).
+type Ring = (
+    Vec<Option<UnboundedSender<Vec<Handle>>>>,
+    Vec<Option<UnboundedReceiver<Vec<Handle>>>>,
+);
+
+fn ring_channels(shards: usize) -> Ring {
+    let mut senders = Vec::new();
+    let mut receivers: Vec<_> = (0..shards).map(|_| None).collect();
+    for i in 0..shards {
+        if shards > 1 {
+            let (tx, rx) = unbounded_channel();
+            senders.push(Some(tx));
+            receivers[(i + 1) % shards] = Some(rx);
+        } else {
+            senders.push(None);
+        }
+    }
+    (senders, receivers)
+}
+
+/// Refuse a run whose live data would not fit on the file system.
+fn check_space(args: &Args, min: u64, max: u64) -> Result<(), String> {
+    let mut at = std::path::absolute(&args.dir).map_err(|e| e.to_string())?;
+    while !at.exists() {
+        if !at.pop() {
+            break;
+        }
+    }
+    let st =
+        nix::sys::statvfs::statvfs(&at).map_err(|e| format!("statvfs {}: {e}", at.display()))?;
+    let free_bytes = st.blocks_available() as u128 * st.fragment_size() as u128;
+    // Two thirds stay live; slots round up by at most 1/8.
+    let need_bytes = args.records as u128 * (min + max) as u128 / 2 * 2 / 3 * 9 / 8;
+    if need_bytes > free_bytes {
+        return Err(format!(
+            "--records {} of {} B would keep about {} GiB live, but {} has {} GiB free",
+            args.records,
+            args.record_bytes,
+            need_bytes >> 30,
+            at.display(),
+            free_bytes >> 30
+        ));
+    }
+    Ok(())
+}
+
+/// The insert phase's figures.
+struct Insert {
+    inserted: u64,
+    secs: f64,
+    freed: u64,
+    freed_cross: u64,
+    times: Breakdown,
+    watch: Watch,
+}
+
+/// Insert `args.records` records from one task per shard, freeing a third,
+/// while a monitor thread samples the process.
+fn insert_all(
+    rt: &Runtime,
+    args: &Args,
+    min: u64,
+    max: u64,
+) -> Result<Insert, Box<dyn std::error::Error>> {
+    let bar = progress_bar(args);
+    let progress = Arc::new(AtomicU64::new(0));
+    let done = AtomicBool::new(false);
+    let dir = std::fs::canonicalize(&args.dir)?;
+    let plans = plans(args, rt.shard_count(), (min, max), &bar, &progress);
+    let started = Instant::now();
+    let jobs: Vec<_> = plans
+        .into_iter()
+        .enumerate()
+        .map(|(i, plan)| rt.spawn_on(i, move |shard| insert_shard(shard, plan)))
+        .collect();
+    let (total, every) = (args.records, args.report_secs);
+    let (results, watch) = std::thread::scope(|s| {
+        let w = s.spawn(|| monitor(rt, &dir, total, every, &progress, &done, &bar));
+        let results: Vec<_> = jobs.into_iter().map(futures::executor::block_on).collect();
+        done.store(true, Ordering::Relaxed);
+        (results, w.join().expect("monitor thread"))
+    });
+    let secs = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let mut ins = Insert {
+        inserted: 0,
+        secs,
+        freed: 0,
+        freed_cross: 0,
+        times: Breakdown::default(),
+        watch,
+    };
+    for r in results {
+        let r = r??;
+        ins.inserted += r.records;
+        ins.freed += r.freed;
+        ins.freed_cross += r.freed_cross;
+        ins.times.add(&r.times);
+    }
+    Ok(ins)
+}
+
+/// The progress bar: shown on a terminal when no report lines are asked for.
+fn progress_bar(args: &Args) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(args.records), ProgressDrawTarget::hidden());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} records {per_sec} eta {eta}")
+            .expect("valid template"),
+    );
+    if !args.json && args.report_secs == 0 {
+        // Hidden again by indicatif itself when stderr is not a terminal.
+        bar.set_draw_target(ProgressDrawTarget::stderr());
+    }
+    bar
+}
+
+/// One plan per shard: its share of the records, its generator and its
+/// channels to the next and from the previous shard.
+fn plans(
+    args: &Args,
+    shards: usize,
+    (min, max): (u64, u64),
+    bar: &ProgressBar,
+    progress: &Arc<AtomicU64>,
+) -> Vec<Plan> {
+    let pool = Arc::new(Pool::new(max as usize - HEADER_BYTES));
+    let run_seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let clock_ns = clock_read_ns();
+    let (senders, receivers) = ring_channels(shards);
+    let n = shards as u64;
+    senders
+        .into_iter()
+        .zip(receivers)
+        .enumerate()
+        .map(|(i, (to_next, from_prev))| Plan {
+            records: args.records / n + u64::from((i as u64) < args.records % n),
+            min,
+            max,
+            rng: (run_seed ^ ((i as u64 + 1) << 48)) | 1,
+            to_next,
+            from_prev,
+            pool: pool.clone(),
+            clock_ns,
+            progress: progress.clone(),
+            bar: bar.clone(),
+        })
+        .collect()
 }
 
 fn parse_sizes(s: &str) -> Result<(u64, u64), String> {
@@ -193,6 +751,19 @@ struct Figures {
     metadata_bytes: u64,
     recovery_ms: f64,
     recovery_shard_us_max: u64,
+    verify_secs: f64,
+    times: Breakdown,
+    watch: Watch,
+    max_open_files: usize,
+    max_extents: usize,
+}
+
+impl Figures {
+    /// The library's descriptors and windows stayed within their caps.
+    fn within_caps(&self) -> bool {
+        self.watch.peak.open_files <= self.max_open_files
+            && self.watch.peak.mapped_windows <= self.max_extents
+    }
 }
 
 fn main() {
@@ -212,20 +783,105 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     if args.fresh && args.dir.exists() {
         std::fs::remove_dir_all(&args.dir)?;
     }
+    check_space(args, min, max)?;
     let existed = args.dir.join(segalloc::datadir::MANIFEST_FILE).exists();
     let mut b = Config::builder(&args.dir);
     if let Some(n) = args.shards {
         b = b.shards(n);
     }
     let cfg = b.build()?;
-    let quiet = args.json;
-    let say = |s: String| {
-        if !quiet {
-            println!("{s}");
-        }
-    };
 
     // 1. Open and recover: verify what an earlier run left.
+    let (rt, before) = open_and_recover(args, &cfg, existed)?;
+    let shards = rt.shard_count();
+    let stats0 = futures::executor::block_on(rt.stats())?;
+    let backend = stats0.shards[0].io_backend.to_string();
+
+    // 2. Insert from async tasks on every shard, freeing a third (every 6th
+    //    locally, every 6th + 3 from the next shard) as it goes.
+    let mut ins = insert_all(&rt, args, min, max)?;
+
+    // The OS's view while everything is mapped.
+    let dir = std::fs::canonicalize(&args.dir)?;
+    let last = sample(&rt, &dir, Instant::now(), 0, &Sample::default());
+    ins.watch.peak.peak(&last);
+    let (fds_total, vmas_total) = (proc::open_fds(), proc::vma_count());
+
+    // 3. Sync (covers the forwarded frees) and shut down.
+    futures::executor::block_on(rt.sync())?;
+    let stats = futures::executor::block_on(rt.stats())?;
+    let live_expected = stats.allocations_live();
+    rt.shutdown()?;
+
+    // 4. Reopen and verify every record byte for byte.
+    let re = reopen_and_verify(&cfg)?;
+
+    let f = Figures {
+        backend,
+        shards,
+        inserted: ins.inserted,
+        insert_secs: ins.secs,
+        freed: ins.freed,
+        freed_cross: ins.freed_cross,
+        found_before: before.sealed,
+        unsealed_before: before.unsealed_freed,
+        verified_after: re.after.sealed,
+        fds_dir: last.fds_dir,
+        fds_total,
+        vmas_dir: last.vmas_dir,
+        vmas_total,
+        rss_bytes: last.rss_bytes,
+        data_reserved: stats.shards.iter().map(|s| s.alloc.bytes_reserved).sum(),
+        data_live: stats.shards.iter().map(|s| s.alloc.bytes_live).sum(),
+        metadata_bytes: stats.shards.iter().map(|s| s.alloc.metadata_bytes).sum(),
+        recovery_ms: re.recovery_ms,
+        recovery_shard_us_max: re.recovery_shard_us_max,
+        verify_secs: re.verify_secs,
+        times: ins.times,
+        watch: ins.watch,
+        max_open_files: cfg.max_open_files(),
+        max_extents: cfg.max_extents(),
+    };
+    report(args, &f, &before, &re.after, live_expected)
+}
+
+/// What reopening found.
+struct Reopened {
+    recovery_ms: f64,
+    recovery_shard_us_max: u64,
+    after: Verified,
+    verify_secs: f64,
+}
+
+/// Start the runtime again (recovery) and verify every record.
+fn reopen_and_verify(cfg: &Config) -> Result<Reopened, Box<dyn std::error::Error>> {
+    let t = Instant::now();
+    let rt = Runtime::start(cfg.clone())?;
+    let recovery_ms = t.elapsed().as_secs_f64() * 1e3;
+    let rstats = futures::executor::block_on(rt.stats())?;
+    let t = Instant::now();
+    let after = verify_all(&rt)?;
+    let verify_secs = t.elapsed().as_secs_f64();
+    rt.shutdown()?;
+    Ok(Reopened {
+        recovery_ms,
+        recovery_shard_us_max: rstats
+            .shards
+            .iter()
+            .map(|s| s.alloc.recovery_us)
+            .max()
+            .unwrap_or(0),
+        after,
+        verify_secs,
+    })
+}
+
+/// Start the runtime on the directory and verify what an earlier run left.
+fn open_and_recover(
+    args: &Args,
+    cfg: &Config,
+    existed: bool,
+) -> Result<(Runtime, Verified), Box<dyn std::error::Error>> {
     let rt = match Runtime::start(cfg.clone()) {
         Ok(rt) => rt,
         Err(e @ Error::Mismatch { .. }) => {
@@ -233,177 +889,38 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         }
         Err(e) => return Err(e.into()),
     };
-    let shards = rt.shard_count();
     let before = verify_all(&rt)?;
-    if existed {
-        say(format!(
+    if args.json {
+        // Figures only, on the last line.
+    } else if existed {
+        println!(
             "found {} sealed records from an earlier run in {} (verified byte for byte); freed {} unsealed slots",
             before.sealed,
             args.dir.display(),
             before.unsealed_freed
-        ));
+        );
     } else {
-        say(format!(
-            "created {} with {shards} shards",
-            args.dir.display()
-        ));
+        println!(
+            "created {} with {} shards",
+            args.dir.display(),
+            rt.shard_count()
+        );
     }
-    let stats0 = futures::executor::block_on(rt.stats())?;
-    let backend = stats0.shards[0].io_backend.to_string();
+    Ok((rt, before))
+}
 
-    // 2. Insert from async tasks on every shard.
-    let bar = ProgressBar::with_draw_target(Some(args.records), ProgressDrawTarget::hidden());
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} records {per_sec} eta {eta}")
-            .expect("valid template"),
-    );
-    let show_bar = {
-        let bar = bar.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(1));
-            if !quiet && !bar.is_finished() {
-                // Hidden again by indicatif itself when stderr is not a terminal.
-                bar.set_draw_target(ProgressDrawTarget::stderr());
-            }
-        })
-    };
-    let progress = Arc::new(AtomicU64::new(0));
-    let run_seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    let started = Instant::now();
-    let per_shard = args.records / shards as u64;
-    let jobs: Vec<_> = (0..shards)
-        .map(|i| {
-            let n = per_shard + u64::from((i as u64) < args.records % shards as u64);
-            let bar = bar.clone();
-            let progress = progress.clone();
-            rt.spawn_on(i, move |shard| async move {
-                let mut handles = Vec::with_capacity(n as usize);
-                let mut buf = Vec::with_capacity(max as usize);
-                let mut rng = run_seed ^ ((i as u64 + 1) << 48);
-                for k in 0..n {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    let size = if max == min {
-                        min
-                    } else {
-                        min + rng % (max - min + 1)
-                    };
-                    let seed = (rng >> 32) as u32;
-                    let a = match shard.try_allocate(size)? {
-                        Some(a) => a,
-                        None => shard.allocate(size).await?,
-                    };
-                    let len = size as usize - HEADER_BYTES;
-                    payload(seed as u64, len, &mut buf);
-                    a.write_at(HEADER_BYTES, &buf)?;
-                    a.write_at(0, &header(len as u32, seed, &buf))?;
-                    handles.push(a.into_handle());
-                    if k % 4096 == 4095 {
-                        bar.inc(4096);
-                        progress.fetch_add(4096, Ordering::Relaxed);
-                        tokio::task::yield_now().await;
-                    }
-                }
-                Ok::<_, Error>(handles)
-            })
-        })
-        .collect();
-    let mut handles: Vec<Vec<Handle>> = Vec::new();
-    for j in jobs {
-        handles.push(futures::executor::block_on(j)??);
-    }
-    let insert_secs = started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
-    let _ = show_bar.join();
-    let inserted: u64 = handles.iter().map(|v| v.len() as u64).sum();
-
-    // The OS's view while everything is mapped.
-    let fds_dir = proc::open_fds_under(&std::fs::canonicalize(&args.dir)?);
-    let vmas_dir = proc::vmas_under(&std::fs::canonicalize(&args.dir)?);
-    let (fds_total, vmas_total, rss_bytes) =
-        (proc::open_fds(), proc::vma_count(), proc::rss_bytes());
-
-    // 3. Free a third: every 6th locally, every 6th + 3 from the next shard.
-    let mut freed = 0;
-    let mut freed_cross = 0;
-    let jobs: Vec<_> = handles
-        .iter()
-        .enumerate()
-        .flat_map(|(i, hs)| {
-            let local: Vec<Handle> = hs.iter().copied().step_by(6).collect();
-            let cross: Vec<Handle> = hs.iter().copied().skip(3).step_by(6).collect();
-            freed += local.len() as u64 + cross.len() as u64;
-            let next = (i + 1) % shards;
-            if next != i {
-                freed_cross += cross.len() as u64;
-            }
-            [
-                rt.spawn_on(i, move |s| async move {
-                    local.into_iter().try_for_each(|h| s.free(h))
-                }),
-                rt.spawn_on(next, move |s| async move {
-                    cross.into_iter().try_for_each(|h| s.free(h))
-                }),
-            ]
-        })
-        .collect();
-    for j in jobs {
-        futures::executor::block_on(j)??;
-    }
-    drop(handles);
-
-    // 4. Sync (covers the forwarded frees) and shut down.
-    futures::executor::block_on(rt.sync())?;
-    let stats = futures::executor::block_on(rt.stats())?;
-    let data_reserved: u64 = stats.shards.iter().map(|s| s.alloc.bytes_reserved).sum();
-    let data_live: u64 = stats.shards.iter().map(|s| s.alloc.bytes_live).sum();
-    let metadata_bytes: u64 = stats.shards.iter().map(|s| s.alloc.metadata_bytes).sum();
-    let live_expected = stats.allocations_live();
-    rt.shutdown()?;
-
-    // 5. Reopen and verify every record byte for byte.
-    let t = Instant::now();
-    let rt = Runtime::start(cfg)?;
-    let recovery_ms = t.elapsed().as_secs_f64() * 1e3;
-    let rstats = futures::executor::block_on(rt.stats())?;
-    let recovery_shard_us_max = rstats
-        .shards
-        .iter()
-        .map(|s| s.alloc.recovery_us)
-        .max()
-        .unwrap_or(0);
-    let after = verify_all(&rt)?;
-    rt.shutdown()?;
-
-    let f = Figures {
-        backend,
-        shards,
-        inserted,
-        insert_secs,
-        freed,
-        freed_cross,
-        found_before: before.sealed,
-        unsealed_before: before.unsealed_freed,
-        verified_after: after.sealed,
-        fds_dir,
-        fds_total,
-        vmas_dir,
-        vmas_total,
-        rss_bytes,
-        data_reserved,
-        data_live,
-        metadata_bytes,
-        recovery_ms,
-        recovery_shard_us_max,
-    };
+/// Print the figures; true when every record verified and the caps held.
+fn report(
+    args: &Args,
+    f: &Figures,
+    before: &Verified,
+    after: &Verified,
+    live_expected: u64,
+) -> Result<bool, Box<dyn std::error::Error>> {
     let mismatches = before.mismatches + after.mismatches;
     let count_ok = after.sealed == live_expected && after.unsealed_freed == 0;
-    if !quiet {
-        print_table(&f);
+    if !args.json {
+        print_table(f);
     }
     if !count_ok {
         eprintln!(
@@ -411,12 +928,19 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
             after.sealed, live_expected, after.unsealed_freed
         );
     }
+    if !f.within_caps() {
+        eprintln!(
+            "OVER CAP: peak {} open files (cap {}), {} mapped windows (cap {})",
+            f.watch.peak.open_files, f.max_open_files, f.watch.peak.mapped_windows, f.max_extents
+        );
+    }
+    let ok = mismatches == 0 && count_ok && f.within_caps();
     if args.json {
-        println!("{}", to_json(&f, mismatches, count_ok));
-    } else if mismatches == 0 && count_ok {
+        println!("{}", to_json(f, mismatches, ok));
+    } else if ok {
         println!("OK: every surviving record verified");
     }
-    Ok(mismatches == 0 && count_ok)
+    Ok(ok)
 }
 
 fn mib(b: u64) -> f64 {
@@ -425,60 +949,131 @@ fn mib(b: u64) -> f64 {
 
 fn print_table(f: &Figures) {
     let rate = f.inserted as f64 / f.insert_secs.max(1e-9);
-    let meta_pct = 100.0 * f.metadata_bytes as f64 / f.data_live.max(1) as f64;
+    let row = |k: &str, v: String| println!("  {k:<34} {v}");
     println!();
-    println!("  {:<34} {}", "io backend", f.backend);
-    println!("  {:<34} {}", "shards", f.shards);
-    println!(
-        "  {:<34} {} in {:.2} s",
-        "records inserted", f.inserted, f.insert_secs
+    row("io backend", f.backend.clone());
+    row("shards", f.shards.to_string());
+    row(
+        "records inserted",
+        format!("{} in {:.2} s", f.inserted, f.insert_secs),
     );
-    println!("  {:<34} {:.0}", "records/s", rate);
-    println!(
-        "  {:<34} {} ({} cross-shard)",
-        "records freed", f.freed, f.freed_cross
+    row("records/s", format!("{rate:.0}"));
+    print_breakdown(&f.times);
+    print_os(f);
+}
+
+/// Where a record's time goes.
+fn print_breakdown(t: &Breakdown) {
+    let row = |k: &str, v: String| println!("  {k:<34} {v}");
+    row(
+        "one record (sampled 1 in 64)",
+        format!(
+            "{:.0} ns: allocate {:.0} ns ({:.0} %), write {:.0} ns ({:.0} %), demo's own work {:.0} ns ({:.0} %)",
+            t.per_record(t.record_ns),
+            t.per_record(t.alloc_ns),
+            100.0 * t.share(t.alloc_ns),
+            t.per_record(t.write_ns),
+            100.0 * t.share(t.write_ns),
+            t.per_record(t.work_ns),
+            100.0 * t.share(t.work_ns)
+        ),
     );
-    println!(
-        "  {:<34} {} ({} unsealed freed)",
-        "records found at start", f.found_before, f.unsealed_before
+    row(
+        "one free",
+        format!("{:.0} ns", t.free_ns as f64 / t.frees.max(1) as f64),
     );
-    println!(
-        "  {:<34} {}",
-        "records verified after reopen", f.verified_after
+}
+
+/// The peaks the monitor saw during the insert.
+fn print_peaks(f: &Figures) {
+    let row = |k: &str, v: String| println!("  {k:<34} {v}");
+    let p = &f.watch.peak;
+    row(
+        "peak during the insert",
+        format!(
+            "RSS {:.0} MiB (anon {:.0}), dirty {:.0} MiB, writeback {:.0} MiB",
+            mib(p.rss_bytes),
+            mib(p.rss_anon_bytes),
+            mib(p.dirty_bytes),
+            mib(p.writeback_bytes)
+        ),
     );
-    println!(
-        "  {:<34} {} in the data dir, {} in the process",
-        "open fds (/proc/self/fd)", f.fds_dir, f.fds_total
+    row(
+        "peak open files / mapped windows",
+        format!(
+            "{} (cap {}) / {} (cap {})",
+            p.open_files, f.max_open_files, p.mapped_windows, f.max_extents
+        ),
     );
-    println!(
-        "  {:<34} {} in the data dir, {} in the process",
-        "VMAs (/proc/self/maps)", f.vmas_dir, f.vmas_total
+}
+
+/// Frees, verification and the OS's view.
+fn print_os(f: &Figures) {
+    let meta_pct = 100.0 * f.metadata_bytes as f64 / f.data_live.max(1) as f64;
+    let row = |k: &str, v: String| println!("  {k:<34} {v}");
+    row(
+        "records freed",
+        format!("{} ({} cross-shard)", f.freed, f.freed_cross),
     );
-    println!(
-        "  {:<34} {:.1} MiB",
+    row(
+        "records found at start",
+        format!("{} ({} unsealed freed)", f.found_before, f.unsealed_before),
+    );
+    row(
+        "records verified after reopen",
+        format!(
+            "{} in {:.2} s (every record read back through a pin)",
+            f.verified_after, f.verify_secs
+        ),
+    );
+    row(
+        "open fds (/proc/self/fd)",
+        format!(
+            "{} in the data dir, {} in the process",
+            f.fds_dir, f.fds_total
+        ),
+    );
+    row(
+        "VMAs (/proc/self/maps)",
+        format!(
+            "{} in the data dir, {} in the process",
+            f.vmas_dir, f.vmas_total
+        ),
+    );
+    row(
         "RSS (/proc/self/status)",
-        mib(f.rss_bytes)
+        format!("{:.1} MiB", mib(f.rss_bytes)),
     );
-    println!(
-        "  {:<34} {:.1} MiB reserved, {:.1} MiB live",
+    print_peaks(f);
+    row(
         "data",
-        mib(f.data_reserved),
-        mib(f.data_live)
+        format!(
+            "{:.1} MiB reserved, {:.1} MiB live",
+            mib(f.data_reserved),
+            mib(f.data_live)
+        ),
     );
-    println!(
-        "  {:<34} {:.2} MiB ({:.3} % of live data)",
+    row(
         "metadata",
-        mib(f.metadata_bytes),
-        meta_pct
+        format!(
+            "{:.2} MiB ({meta_pct:.3} % of live data)",
+            mib(f.metadata_bytes)
+        ),
     );
-    println!(
-        "  {:<34} {:.1} ms (runtime start), {} us (slowest shard's scan)",
-        "recovery", f.recovery_ms, f.recovery_shard_us_max
+    row(
+        "recovery",
+        format!(
+            "{:.1} ms (runtime start), {} us (slowest shard's scan)",
+            f.recovery_ms, f.recovery_shard_us_max
+        ),
     );
     println!();
 }
 
-fn to_json(f: &Figures, mismatches: u64, count_ok: bool) -> String {
+fn to_json(f: &Figures, mismatches: u64, ok: bool) -> String {
+    let t = &f.times;
+    let p = &f.watch.peak;
+    let timeline: Vec<String> = f.watch.timeline.iter().map(Sample::json).collect();
     format!(
         concat!(
             "{{\"io_backend\":\"{}\",\"shards\":{},\"records_inserted\":{},\"insert_secs\":{:.4},",
@@ -486,7 +1081,13 @@ fn to_json(f: &Figures, mismatches: u64, count_ok: bool) -> String {
             "\"records_found_at_start\":{},\"unsealed_freed_at_start\":{},\"records_verified\":{},",
             "\"fds_data_dir\":{},\"fds_process\":{},\"vmas_data_dir\":{},\"vmas_process\":{},",
             "\"rss_bytes\":{},\"data_reserved_bytes\":{},\"data_live_bytes\":{},\"metadata_bytes\":{},",
-            "\"recovery_ms\":{:.3},\"recovery_shard_us_max\":{},\"mismatches\":{},\"ok\":{}}}"
+            "\"recovery_ms\":{:.3},\"recovery_shard_us_max\":{},\"verify_secs\":{:.3},",
+            "\"record_ns\":{:.1},\"allocate_ns\":{:.1},\"write_ns\":{:.1},\"own_work_ns\":{:.1},",
+            "\"allocate_share\":{:.4},\"write_share\":{:.4},\"own_work_share\":{:.4},\"free_ns\":{:.1},",
+            "\"peak_rss_bytes\":{},\"peak_rss_anon_bytes\":{},\"peak_dirty_bytes\":{},\"peak_writeback_bytes\":{},",
+            "\"peak_fds_data_dir\":{},\"peak_vmas_data_dir\":{},\"peak_open_files\":{},\"peak_mapped_windows\":{},",
+            "\"max_open_files\":{},\"max_extents\":{},\"within_caps\":{},\"timeline\":[{}],",
+            "\"mismatches\":{},\"ok\":{}}}"
         ),
         f.backend,
         f.shards,
@@ -508,7 +1109,67 @@ fn to_json(f: &Figures, mismatches: u64, count_ok: bool) -> String {
         f.metadata_bytes,
         f.recovery_ms,
         f.recovery_shard_us_max,
+        f.verify_secs,
+        t.per_record(t.record_ns),
+        t.per_record(t.alloc_ns),
+        t.per_record(t.write_ns),
+        t.per_record(t.work_ns),
+        t.share(t.alloc_ns),
+        t.share(t.write_ns),
+        t.share(t.work_ns),
+        t.free_ns as f64 / t.frees.max(1) as f64,
+        p.rss_bytes,
+        p.rss_anon_bytes,
+        p.dirty_bytes,
+        p.writeback_bytes,
+        p.fds_dir,
+        p.vmas_dir,
+        p.open_files,
+        p.mapped_windows,
+        f.max_open_files,
+        f.max_extents,
+        f.within_caps(),
+        timeline.join(","),
         mismatches,
-        mismatches == 0 && count_ok
+        ok
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_accept_powers_of_ten_and_reject_overflow() {
+        assert_eq!(parse_count("3e9"), Ok(3_000_000_000));
+        assert_eq!(parse_count("1_000_000"), Ok(1_000_000));
+        assert_eq!(parse_count("42"), Ok(42));
+        assert!(parse_count("1e20").is_err());
+        assert!(parse_count("18446744073709551616").is_err());
+        assert!(parse_count("ten").is_err());
+    }
+
+    #[test]
+    fn a_grown_pool_regenerates_the_same_payloads() {
+        // Verification after reopen grows its pool to the longest record
+        // found; payloads written with a smaller pool must read the same.
+        let small = Pool::new(100);
+        let mut big = Pool::new(0);
+        big.ensure(5000);
+        for seed in [0u32, 1, 65_535, 65_536, u32::MAX] {
+            assert_eq!(small.payload(seed, 100), big.payload(seed, 100));
+        }
+        assert_ne!(small.payload(1, 100), small.payload(2, 100));
+    }
+
+    #[test]
+    fn the_space_check_refuses_what_cannot_fit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut args = Args::parse_from(["demo", "--records", "1000"]);
+        args.dir = dir.path().join("d");
+        assert!(check_space(&args, 16, 1024).is_ok());
+        args.records = u64::MAX;
+        let e = check_space(&args, 16, 1024).expect_err("does not fit");
+        assert!(e.contains("GiB free"), "{e}");
+    }
 }

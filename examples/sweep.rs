@@ -227,3 +227,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_ends_with_every_forwarded_free_applied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = Config::builder(dir.path().join("d"))
+            .shards(2)
+            .window_bytes(256 * MIB)
+            .build()
+            .expect("config");
+        let rt = Runtime::start(cfg).expect("runtime");
+        for _ in 0..3 {
+            let r = workload::run_with(&rt, 20_000, 64, 4).expect("run");
+            assert!(r.cross_frees > 0);
+            let live = futures::executor::block_on(rt.stats())
+                .expect("stats")
+                .allocations_live();
+            assert_eq!(live, 0, "frees still in flight when the clock stopped");
+        }
+        rt.shutdown().expect("shutdown");
+    }
+}
