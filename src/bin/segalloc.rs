@@ -12,7 +12,9 @@
 //! open it says so on stderr and reads on. Exit status: 0 success (for
 //! `verify`: no errors; warnings alone do not fail it), 1 problems found by
 //! `verify`, 2 usage or I/O errors (or a directory whose shards cannot be
-//! read at all).
+//! read at all). A root whose allocation was freed is dangling: `verify`
+//! reports it as a warning and `live` marks it `(dangling)`, as the library
+//! keeps it; data files cut short under live allocations are errors.
 
 use std::fmt::Write as _;
 use std::io::{self, BufWriter, Write};

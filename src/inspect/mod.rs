@@ -31,7 +31,7 @@
 //! library keeps it as it is.
 //!
 //! **Architecture invariants:**
-//! * The metadata is read by [`crate::format::scan`], the very scan recovery
+//! * The metadata is read by the crate's one metadata scan, the very scan recovery
 //!   applies: what the report says recovery keeps is what it keeps. This
 //!   module adds only what needs the file system (folders, file kinds, the
 //!   lock, stray files) and the figures.

@@ -6,7 +6,7 @@ use std::fmt;
 use super::{HeaderDefect, RootDefect};
 use crate::format::{DIR_OFFSET, Handle, data_file_name};
 
-/// How serious a [`Finding`] is.
+/// How serious a finding (a problem found in a data directory) is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[cfg_attr(feature = "cli", derive(serde::Serialize))]
 #[cfg_attr(feature = "cli", serde(rename_all = "lowercase"))]
