@@ -53,7 +53,7 @@ impl SegmentAllocator {
     /// Give the blocks of the shard's free space back to the file system:
     /// punch a hole (`fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)`,
     /// through the control ring) into every free run of the data files — the
-    /// space released segments left below the high-water marks — that is not
+    /// space released segments left below the used ends — that is not
     /// punched already. Returns the bytes punched.
     ///
     /// The allocator first syncs (as [`sync`](Self::sync)), so that no
@@ -64,7 +64,7 @@ impl SegmentAllocator {
     /// reopen may have been punched before it: they are reserved again the
     /// same way, and punched again (and counted again) by the next `trim`.
     ///
-    /// Space above a file's high-water mark is not punched, nor space beyond
+    /// Space above a file's used end is not punched, nor space beyond
     /// the file's reserved size, nor anything on a file system that cannot
     /// both punch holes and reserve blocks (then this returns `Ok(0)`).
     /// While `trim` runs, the runs it works on cannot be allocated from.
