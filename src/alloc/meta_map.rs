@@ -11,6 +11,8 @@
 //!   the mapping ([`Bitmap`]) stay valid while the allocator lives.
 //! * `backed_bytes` never exceeds the file's reserved size, and only grows.
 
+#![warn(clippy::cast_possible_truncation)]
+
 use std::cell::{Cell, RefCell};
 use std::ptr::NonNull;
 use std::rc::Rc;
@@ -145,7 +147,8 @@ impl MetaMap {
             "metadata access [{off}, {end}) outside the backed, pinned part"
         );
         let pins = self.pins.borrow();
-        let base = pins[(off / w) as usize].window_base();
+        let idx = usize::try_from(off / w).expect("a pinned window index fits usize");
+        let base = pins[idx].window_base();
         let at = usize::try_from(off % w).expect("window offsets fit usize");
         // SAFETY: `off % w < w`: inside the pinned window's mapping (checked
         // above that the window is pinned: backed bytes are pinned ones).

@@ -12,11 +12,15 @@
 //!   makes them durable against power loss.
 //! * A segment is published by one aligned store of its state word, after
 //!   its other header fields; it is unpublished by one store of zero.
-//! * A directory entry released since the last `sync` is not reused before
-//!   the next one (so a power loss can never pair a new header with an old
-//!   bitmap); after a restart, every free entry waits for the first sync.
-//!   Runs of blocks are reused at once: recovery resolves an overlap in
-//!   favour of the higher generation, which is always the later segment.
+//! * Deferred reuse: a freed slot, and the directory entry and run of a
+//!   released segment, are handed out again only after a `sync` that began
+//!   after the free (release) completed. So after a power loss, an
+//!   allocation live at the last completed `sync` keeps its bytes even when
+//!   a later free of it reverts, and a new header never meets an old bitmap.
+//!   A segment is released only once all its frees are durable. An open
+//!   after a crash makes the metadata durable before anything is reused.
+//!   Recovery still resolves overlapping segments (damage) in favour of the
+//!   higher generation.
 //! * A segment never crosses a window (`space.rs`). The hot path (a slot in a
 //!   segment whose window is mapped) makes no syscall and takes no lock.
 //! * The allocator never touches another shard's segments.
@@ -43,6 +47,7 @@ use crate::handle::Handle;
 use crate::mapping::{MappingManager, Pin};
 use crate::meta::{self, EntryHeader, Manifest, RootSlot};
 use classes::{BLOCK_BYTES, CLASS_COUNT, CLASSES};
+use durability::Released;
 use meta_map::MetaMap;
 use segments::Seg;
 pub(crate) use segments::data_file_name;
@@ -106,10 +111,13 @@ impl Allocation {
 
 struct State {
     segments: Vec<Option<Seg>>,
-    avail: Vec<Vec<u32>>,
+    /// Per class, the segments that may have a slot to hand out (the last
+    /// one is tried first).
+    avail: [Vec<u32>; CLASS_COUNT],
     space: Space,
     free_entries: Vec<u32>,
-    quarantine: Vec<u32>,
+    /// Released since the last sync began (see [`Released`]).
+    released: Released,
     /// Directory entries in use or ever used: entries `0..directory_len`
     /// are scanned by recovery (the on-disk directory high-water mark).
     directory_len: u32,
@@ -118,7 +126,6 @@ struct State {
     root_seq: u64,
     live_per_class: [u64; CLASS_COUNT],
     stats: AllocStats,
-    new_files_since_sync: bool,
 }
 
 /// The segment allocator of one shard.
@@ -153,9 +160,17 @@ pub struct SegmentAllocator {
     data_files: RefCell<Vec<FileId>>,
     st: RefCell<State>,
     poisoned: Cell<bool>,
+    /// Neither read-only nor poisoned (one test on the hot path).
+    writable: Cell<bool>,
     /// Bytes of the metadata file known to be durable (its size as of the
     /// last `fdatasync`). The high-water mark never covers an entry past it.
     meta_durable_bytes: Cell<u64>,
+}
+
+#[cold]
+#[inline(never)]
+fn invalid_size(size: u64) -> Error {
+    Error::InvalidSize { size }
 }
 
 /// Undoes a slot allocation if the `allocate` future is dropped or fails
@@ -174,6 +189,7 @@ impl Drop for SlotGuard<'_> {
     }
 }
 
+#[warn(clippy::cast_possible_truncation)]
 impl SegmentAllocator {
     /// Validate a handle against this shard's state; returns the segment id
     /// and slot index.
@@ -193,8 +209,10 @@ impl SegmentAllocator {
                 && h.offset - start < seg.slots as u64 * class.slot_bytes as u64
             {
                 let (slot, rem) = class.div_rem(h.offset - start);
-                if rem == 0 {
-                    return Ok((h.segment, slot as u32));
+                if rem == 0
+                    && let Ok(slot) = u32::try_from(slot)
+                {
+                    return Ok((h.segment, slot));
                 }
             }
         }
@@ -203,13 +221,21 @@ impl SegmentAllocator {
 
     #[inline]
     fn check_writable(&self) -> Result<()> {
+        if self.writable.get() {
+            Ok(())
+        } else {
+            Err(self.not_writable())
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn not_writable(&self) -> Error {
         if self.poisoned.get() {
-            return Err(Error::Poisoned { shard: self.shard });
+            Error::Poisoned { shard: self.shard }
+        } else {
+            Error::ReadOnly("allocator opened read-only")
         }
-        if self.files.is_read_only() {
-            return Err(Error::ReadOnly("allocator opened read-only"));
-        }
-        Ok(())
     }
 
     /// Take a free slot of `class_id` from an existing segment (sync, no
@@ -224,107 +250,48 @@ impl SegmentAllocator {
             let seg = st.segments[seg_id as usize]
                 .as_mut()
                 .expect("avail segment exists");
-            if seg.live >= seg.slots {
+            let Some(slot) = seg.take() else {
                 seg.in_avail = false;
                 avail.pop();
                 continue;
-            }
-            let words = seg.slots.div_ceil(64);
-            let mut w = seg.hint;
-            while w < words {
-                let cell = seg.word(w);
-                let word = cell.load(Ordering::Relaxed);
-                if word != u64::MAX {
-                    let bit = (!word).trailing_zeros();
-                    let slot = w * 64 + bit;
-                    if slot < seg.slots {
-                        cell.store(word | (1u64 << bit), Ordering::Relaxed);
-                        seg.live += 1;
-                        seg.hint = w;
-                        let slot_bytes = CLASSES[class_id as usize].slot_bytes;
-                        let handle = Handle {
-                            shard: self.shard,
-                            class_id,
-                            file: seg.run.file,
-                            segment: seg_id,
-                            generation: seg.generation,
-                            length: slot_bytes,
-                            offset: seg.start() + slot as u64 * slot_bytes as u64,
-                            dir_tag: self.manifest.dir_tag(),
-                        };
-                        let file = seg.run.file;
-                        st.live_per_class[class_id as usize] += 1;
-                        st.stats.allocations_live += 1;
-                        st.stats.bytes_live += slot_bytes as u64;
-                        st.stats.allocs += 1;
-                        let fid = self.data_files.borrow()[file as usize];
-                        return Some((handle, fid));
-                    }
-                }
-                w += 1;
-            }
-            // Counted as not full but no bit found: the count is wrong.
-            debug_assert!(
-                false,
-                "segment {seg_id} live count disagrees with its bitmap"
-            );
-            seg.live = seg.slots;
+            };
+            let handle = Handle {
+                shard: self.shard,
+                class_id,
+                file: seg.run.file,
+                segment: seg_id,
+                generation: seg.generation,
+                length: CLASSES[class_id as usize].slot_bytes,
+                offset: seg.slot_offset(slot),
+                dir_tag: self.manifest.dir_tag(),
+            };
+            st.live_per_class[class_id as usize] += 1;
+            st.stats.allocs += 1;
+            return Some((handle, seg.file_id));
         }
     }
 
-    /// Clear a slot's bit (no validation: the slot is known to be ours and
-    /// set).
+    /// Undo [`take_slot`](Self::take_slot) of a slot never handed out: it
+    /// is free again at once (nothing was written through it).
+    #[cold]
     fn release_slot(&self, h: Handle) {
         let mut st = self.st.borrow_mut();
-        let slot = {
-            let seg = st.segments[h.segment as usize]
-                .as_ref()
-                .expect("segment exists");
-            CLASSES[h.class_id as usize]
-                .div_rem(h.offset - seg.start())
-                .0 as u32
-        };
-        self.clear_slot(&mut st, h.segment, slot);
-    }
-
-    /// Clear bit `slot` of segment `seg_id` and do the bookkeeping; releases
-    /// the segment when it became empty and its class has another empty one.
-    #[inline]
-    fn clear_slot(&self, st: &mut State, seg_id: u32, slot: u32) {
-        let seg = st.segments[seg_id as usize]
+        let st = &mut *st;
+        let seg = st.segments[h.segment as usize]
             .as_mut()
             .expect("segment exists");
-        let class_id = seg.class_id;
-        let slot_bytes = CLASSES[class_id as usize].slot_bytes as u64;
-        let (w, bit) = (slot / 64, slot % 64);
-        let cell = seg.word(w);
-        let word = cell.load(Ordering::Relaxed);
-        debug_assert!(word & (1 << bit) != 0);
-        cell.store(word & !(1u64 << bit), Ordering::Relaxed);
-        seg.live -= 1;
-        seg.hint = seg.hint.min(w);
-        let newly_avail = !seg.in_avail;
-        seg.in_avail = true;
-        let empty = seg.live == 0;
-        st.live_per_class[class_id as usize] -= 1;
-        st.stats.allocations_live -= 1;
-        st.stats.bytes_live -= slot_bytes;
-        if newly_avail {
-            st.avail[class_id as usize].push(seg_id);
+        let (slot, _) = CLASSES[h.class_id as usize].div_rem(h.offset - seg.start());
+        let slot = u32::try_from(slot).expect("slot index fits the bitmap");
+        seg.clear_live(slot);
+        seg.unhold(slot);
+        if !seg.in_avail {
+            seg.in_avail = true;
+            st.avail[h.class_id as usize].push(h.segment);
         }
-        if empty {
-            // Keep one empty segment per class to avoid churn; release others.
-            let empties = st.avail[class_id as usize]
-                .iter()
-                .filter(|&&s| {
-                    st.segments[s as usize]
-                        .as_ref()
-                        .is_some_and(|s| s.live == 0)
-                })
-                .count();
-            if empties > 1 {
-                self.release_segment(st, seg_id);
-            }
+        st.live_per_class[h.class_id as usize] -= 1;
+        st.stats.allocs -= 1;
+        if seg.held == 0 {
+            self.release_if_spare(st, h.segment);
         }
     }
 
@@ -339,7 +306,9 @@ impl SegmentAllocator {
     /// errors.
     pub async fn allocate(&self, size: u64) -> Result<Allocation> {
         self.check_writable()?;
-        let class_id = classes::class_of(size).ok_or(Error::InvalidSize { size })?;
+        let Some(class_id) = classes::class_of(size) else {
+            return Err(invalid_size(size));
+        };
         loop {
             if let Some((handle, fid)) = self.take_slot(class_id) {
                 let mut guard = SlotGuard {
@@ -375,7 +344,9 @@ impl SegmentAllocator {
     #[inline]
     pub fn try_allocate(&self, size: u64) -> Result<Option<Allocation>> {
         self.check_writable()?;
-        let class_id = classes::class_of(size).ok_or(Error::InvalidSize { size })?;
+        let Some(class_id) = classes::class_of(size) else {
+            return Err(invalid_size(size));
+        };
         let Some((handle, fid)) = self.take_slot(class_id) else {
             return Ok(None);
         };
@@ -396,7 +367,10 @@ impl SegmentAllocator {
     }
 
     /// Free an allocation of this shard. Durable against a process crash
-    /// when it returns.
+    /// when it returns. The slot is handed out again only after a later
+    /// [`sync`](Self::sync) completes (until then a power loss may revert
+    /// the free, and the allocation must come back with its bytes): a
+    /// program that frees and allocates without ever syncing grows.
     ///
     /// # Errors
     ///
@@ -406,26 +380,35 @@ impl SegmentAllocator {
     pub fn free(&self, handle: Handle) -> Result<()> {
         self.check_writable()?;
         let mut st = self.st.borrow_mut();
-        let (seg_id, slot) = self.locate(&st, &handle)?;
-        let seg = st.segments[seg_id as usize].as_ref().expect("located");
-        if seg.word(slot / 64).load(Ordering::Relaxed) & (1u64 << (slot % 64)) == 0 {
-            return Err(Error::DoubleFree {
-                handle: handle.to_string(),
-            });
+        let st = &mut *st;
+        let (seg_id, slot) = self.locate(st, &handle)?;
+        let seg = st.segments[seg_id as usize].as_mut().expect("located");
+        if !seg.is_live(slot) {
+            return Err(self.double_free(handle));
         }
-        self.clear_slot(&mut st, seg_id, slot);
+        // The slot stays held until a sync makes this free durable.
+        seg.clear_live(slot);
+        st.released.slots.push((seg_id, slot));
+        st.live_per_class[seg.class_id as usize] -= 1;
         st.stats.frees += 1;
         Ok(())
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn double_free(&self, handle: Handle) -> Error {
+        Error::DoubleFree {
+            handle: handle.to_string(),
+        }
     }
 
     /// Whether `handle` names a live allocation of this shard.
     pub fn is_live(&self, handle: &Handle) -> bool {
         let st = self.st.borrow();
         match self.locate(&st, handle) {
-            Ok((seg_id, slot)) => {
-                let seg = st.segments[seg_id as usize].as_ref().expect("located");
-                seg.word(slot / 64).load(Ordering::Relaxed) & (1u64 << (slot % 64)) != 0
-            }
+            Ok((seg_id, slot)) => st.segments[seg_id as usize]
+                .as_ref()
+                .is_some_and(|seg| seg.is_live(slot)),
             Err(_) => false,
         }
     }
@@ -434,13 +417,13 @@ impl SegmentAllocator {
         let st = self.st.borrow();
         let (seg_id, slot) = self.locate(&st, handle)?;
         let seg = st.segments[seg_id as usize].as_ref().expect("located");
-        if seg.word(slot / 64).load(Ordering::Relaxed) & (1u64 << (slot % 64)) == 0 {
+        if !seg.is_live(slot) {
             return Err(Error::NotAllocated {
                 handle: handle.to_string(),
                 reason: "slot is free",
             });
         }
-        Ok(self.data_files.borrow()[seg.run.file as usize])
+        Ok(seg.file_id)
     }
 
     /// Pin a live allocation of this shard (async: faults its window in if
@@ -611,24 +594,9 @@ impl SegmentAllocator {
         let mut runs = Vec::with_capacity(keep.len());
         for (i, e) in keep {
             let bitmap = self.meta.bitmap(i);
-            let mut seg = Seg {
-                class_id: e.class_id,
-                generation: e.generation,
-                run: Run {
-                    file: e.file,
-                    block: e.block,
-                    blocks: e.blocks,
-                },
-                slots: e.slots,
-                live: 0,
-                bitmap,
-                hint: 0,
-                in_avail: false,
-            };
-            let mut live = 0u32;
             for wi in 0..meta::BITMAP_WORDS as u32 {
-                let word = seg.word(wi).load(Ordering::Relaxed);
-                let valid_bits = seg.slots.saturating_sub(wi * 64).min(64);
+                let word = bitmap.word(wi).load(Ordering::Relaxed);
+                let valid_bits = e.slots.saturating_sub(wi * 64).min(64);
                 let mask = if valid_bits == 64 {
                     u64::MAX
                 } else {
@@ -639,13 +607,16 @@ impl SegmentAllocator {
                         "directory entry {i}: bitmap marks slots past the segment"
                     )));
                 }
-                live += word.count_ones();
             }
-            seg.live = live;
-            st.live_per_class[e.class_id as usize] += live as u64;
-            st.stats.allocations_live += live as u64;
-            st.stats.bytes_live += live as u64 * CLASSES[e.class_id as usize].slot_bytes as u64;
-            if live < seg.slots {
+            let run = Run {
+                file: e.file,
+                block: e.block,
+                blocks: e.blocks,
+            };
+            let file_id = self.data_files.borrow()[e.file as usize];
+            let mut seg = Seg::new(&e, run, bitmap, file_id);
+            st.live_per_class[e.class_id as usize] += u64::from(seg.live);
+            if seg.live < seg.slots {
                 seg.in_avail = true;
                 st.avail[e.class_id as usize].push(i);
             }
@@ -659,7 +630,7 @@ impl SegmentAllocator {
         // state word and bitmap may not be durable) cannot be told after a
         // restart: quarantine them all until the first sync, so a torn write
         // can never pair a new header with an old bitmap.
-        st.quarantine = free_entries;
+        st.released.entries = free_entries;
         // Never below the persisted counter: a generation released before
         // the restart must not be issued again (a torn or absent word only
         // falls back to the highest kept generation + 1).

@@ -1,6 +1,8 @@
 //! Opening an allocator: create a fresh metadata file, or recover an
 //! existing one.
 
+#![warn(clippy::cast_possible_truncation)]
+
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,8 +13,9 @@ use std::time::Instant;
 use tracing::Instrument;
 
 use super::classes::{BLOCK_BYTES, CLASS_COUNT};
+use super::durability::Released;
 use super::meta_map::MetaMap;
-use super::space::Space;
+use super::space::{Run, Space, Trim};
 use super::{AllocStats, SegmentAllocator, State, data_file_name};
 use crate::error::{Error, Result};
 use crate::mapping::MappingManager;
@@ -79,8 +82,18 @@ impl SegmentAllocator {
             a.create_meta().await?;
         } else {
             a.recover(size).await?;
+            if !files.is_read_only() {
+                a.reserve_published_runs().await?;
+                // Frees and releases made before a crash may be in the file
+                // but not durable: make them durable before any of their
+                // space is reused.
+                a.files.sync(a.meta_file, true).await?;
+                let released = std::mem::take(&mut a.st.borrow_mut().released);
+                a.reuse(released);
+            }
         }
-        a.st.borrow_mut().stats.recovery_us = started.elapsed().as_micros() as u64;
+        a.st.borrow_mut().stats.recovery_us =
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         Ok(a)
     }
 
@@ -93,8 +106,16 @@ impl SegmentAllocator {
     ) -> Result<SegmentAllocator> {
         let files = mm.files().clone();
         let meta_file = files.register(dir.join("meta.seg"));
-        let window_blocks = (manifest.window_bytes / BLOCK_BYTES) as u32;
-        let file_blocks = (manifest.max_file_bytes / BLOCK_BYTES) as u32;
+        let blocks = |bytes: u64| {
+            u32::try_from(bytes / BLOCK_BYTES).map_err(|_| {
+                Error::InvalidConfig(format!(
+                    "geometry out of range: {bytes} bytes is more than 2^32 blocks"
+                ))
+            })
+        };
+        let window_blocks = blocks(manifest.window_bytes)?;
+        let file_blocks = blocks(manifest.max_file_bytes)?;
+        let writable = !files.is_read_only();
         Ok(SegmentAllocator {
             shard,
             manifest,
@@ -106,19 +127,19 @@ impl SegmentAllocator {
             data_files: RefCell::new(Vec::new()),
             st: RefCell::new(State {
                 segments: Vec::new(),
-                avail: vec![Vec::new(); CLASS_COUNT],
+                avail: std::array::from_fn(|_| Vec::new()),
                 space: Space::new(window_blocks, file_blocks),
                 free_entries: Vec::new(),
-                quarantine: Vec::new(),
+                released: Released::default(),
                 directory_len: 0,
                 next_generation: 1,
                 roots: HashMap::new(),
                 root_seq: 0,
                 live_per_class: [0; CLASS_COUNT],
                 stats: AllocStats::default(),
-                new_files_since_sync: false,
             }),
             poisoned: Cell::new(false),
+            writable: Cell::new(writable),
             meta_durable_bytes: Cell::new(0),
         })
     }
@@ -157,6 +178,44 @@ impl SegmentAllocator {
         let mut b = [0u8; meta::MANIFEST_BYTES];
         self.meta.read(0, &mut b);
         Ok(b.iter().all(|&x| x == 0))
+    }
+
+    /// Reserve again (`fallocate` mode 0) the blocks of every published
+    /// segment below its file's reserved size: a reservation that did not
+    /// survive a power loss (the header that relies on it did) would leave a
+    /// hole under live slots, and a write there `SIGBUS` on a full disk.
+    /// Over blocks still allocated this allocates nothing. A run that
+    /// cannot be reserved (file cannot be opened, disk full) is logged.
+    async fn reserve_published_runs(&self) -> Result<()> {
+        let mut runs: Vec<Run> = {
+            let st = self.st.borrow();
+            st.segments.iter().flatten().map(|s| s.run).collect()
+        };
+        runs.sort_unstable();
+        let mut merged: Vec<Run> = Vec::with_capacity(runs.len());
+        for r in runs {
+            match merged.last_mut() {
+                Some(m) if m.file == r.file && m.block + m.blocks == r.block => {
+                    m.blocks += r.blocks
+                }
+                _ => merged.push(r),
+            }
+        }
+        for run in merged {
+            // Best effort: a file that cannot be opened fails every access
+            // to it anyway, and a full disk fails only writes into holes.
+            if let Err(error) = self.reserve_trimmed(run, Trim::Unknown).await {
+                tracing::warn!(
+                    shard = self.shard,
+                    file = %self.dir.join(data_file_name(run.file)).display(),
+                    first_block = run.block,
+                    blocks = run.blocks,
+                    %error,
+                    "cannot reserve the blocks of published segments again"
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn create_meta(&self) -> Result<()> {

@@ -1,5 +1,7 @@
 //! Named roots: a small table of handles in the metadata file.
 
+#![warn(clippy::cast_possible_truncation)]
+
 use std::sync::atomic::Ordering;
 
 use super::SegmentAllocator;

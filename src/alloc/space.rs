@@ -17,6 +17,8 @@
 //! **Invariant:** a run handed out as [`Trim::Reserved`] holds no hole below
 //! its file's reserved size.
 
+#![warn(clippy::cast_possible_truncation)]
+
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Where a run of blocks lives.
@@ -78,7 +80,7 @@ impl Space {
     /// Files in use (`0..file_count()`).
     #[cfg(test)]
     pub(crate) fn file_count(&self) -> u32 {
-        self.used_end.len() as u32
+        u32::try_from(self.used_end.len()).expect("file numbers are u32")
     }
 
     /// The used end of `file`, in blocks.
@@ -118,7 +120,7 @@ impl Space {
         if self.used_end.is_empty() {
             self.push_file();
         }
-        let mut file = self.used_end.len() as u32 - 1;
+        let mut file = u32::try_from(self.used_end.len() - 1).expect("file numbers are u32");
         let mut start = self.used_end[file as usize];
         let w = self.window_blocks;
         if start / w != (start + blocks - 1) / w {

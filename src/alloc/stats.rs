@@ -1,5 +1,7 @@
 //! Counters, gauges and the iterator over live allocations.
 
+#![warn(clippy::cast_possible_truncation)]
+
 use std::sync::atomic::Ordering;
 
 use super::SegmentAllocator;
@@ -53,7 +55,7 @@ impl SegmentAllocator {
 
     /// Number of live allocations.
     pub fn live_count(&self) -> u64 {
-        self.st.borrow().stats.allocations_live
+        self.st.borrow().live_per_class.iter().sum()
     }
 
     /// Counters and gauges.
@@ -62,7 +64,11 @@ impl SegmentAllocator {
         let mut s = st.stats.clone();
         s.segments = st.segments.iter().filter(|s| s.is_some()).count() as u64;
         s.bytes_allocated = (st.space.used_blocks() - st.space.free_blocks()) * BLOCK_BYTES;
-        s.quarantined_entries = st.quarantine.len() as u64;
+        s.quarantined_entries = st.released.entries.len() as u64;
+        s.allocations_live = st.live_per_class.iter().sum();
+        s.bytes_live = (st.live_per_class.iter().zip(CLASSES.iter()))
+            .map(|(n, c)| n * u64::from(c.slot_bytes))
+            .sum();
         s.data_files = self.data_files.borrow().len() as u64;
         s.bytes_reserved = self
             .data_files
