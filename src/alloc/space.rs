@@ -371,7 +371,7 @@ mod tests {
     }
 
     #[test]
-    fn new_file_when_full_and_hwm_lowers() {
+    fn new_file_when_full_and_used_end_lowers() {
         let mut s = Space::new(16, 32);
         let a = alloc(&mut s, 16);
         let b = alloc(&mut s, 16);
