@@ -346,7 +346,8 @@ impl ConfigBuilder {
     /// [`Error::InvalidConfig`] when a value is out of range: zero shards or
     /// caps, a window that is not a positive multiple of 16 MiB, a growth step
     /// that is not a page multiple dividing the window, a maximum file size
-    /// that is not a multiple of the window.
+    /// that is not a multiple of the window or that the directory's 32-bit
+    /// block numbers cannot address (2^48 bytes or more).
     pub fn build(mut self) -> Result<Config> {
         let c = &mut self.cfg;
         let bad = |m: String| Err(Error::InvalidConfig(m));
@@ -381,6 +382,16 @@ impl ConfigBuilder {
             return bad(format!(
                 "max_file_bytes must be a positive multiple of window_bytes ({}), got {}",
                 c.window_bytes, c.max_file_bytes
+            ));
+        }
+        // Block numbers in the directory are 32-bit, in 64 KiB blocks: a
+        // data file holds at most 2^32 blocks (the allocator checks the same
+        // bound when it opens).
+        const FILE_BYTES_LIMIT: u64 = (1 << 32) * 64 * 1024;
+        if c.max_file_bytes >= FILE_BYTES_LIMIT {
+            return bad(format!(
+                "max_file_bytes must be below {FILE_BYTES_LIMIT} (2^32 blocks of 64 KiB), got {}",
+                c.max_file_bytes
             ));
         }
         if c.max_open_files == 0 {

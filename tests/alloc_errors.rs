@@ -119,6 +119,8 @@ fn double_free() {
         for h in batch.iter().chain([&spare]) {
             shard.free(*h).unwrap();
         }
+        // Segments are released once their frees are durable.
+        shard.sync().await.unwrap();
         assert!(
             batch
                 .iter()

@@ -1,5 +1,9 @@
 //! `SegmentAllocator`: size classes, segments carved from windows, slot
-//! bitmaps kept in a `MAP_SHARED` metadata file, recovery.
+//! bitmaps kept in a `MAP_SHARED` metadata file. This file holds the hot
+//! path (allocate, free, pin of a live slot); the rest lives in
+//! `open.rs` (create, open), `segments.rs` (segment lifecycle),
+//! `durability.rs` (sync, poison), `roots.rs`, `stats.rs`, `meta_map.rs`
+//! (bounds-checked metadata access), `space.rs` and `trim.rs`.
 //!
 //! **Architecture invariants:**
 //! * A slot's bit is set in the metadata mapping before `allocate` returns
@@ -8,41 +12,48 @@
 //!   makes them durable against power loss.
 //! * A segment is published by one aligned store of its state word, after
 //!   its other header fields; it is unpublished by one store of zero.
-//! * A directory entry released since the last `sync` is not reused before
-//!   the next one (so a power loss can never pair a new header with an old
-//!   bitmap); after a restart, every free entry waits for the first sync.
-//!   Runs of blocks are reused at once: recovery resolves an overlap in
-//!   favour of the higher generation, which is always the later segment.
+//! * Deferred reuse: a freed slot, and the directory entry and run of a
+//!   released segment, are handed out again only after a `sync` that began
+//!   after the free (release) completed. So after a power loss, an
+//!   allocation live at the last completed `sync` keeps its bytes even when
+//!   a later free of it reverts, and a new header never meets an old bitmap.
+//!   A segment is released only once all its frees are durable. An open
+//!   after a crash makes the metadata durable before anything is reused.
+//!   Recovery still resolves overlapping segments (damage) in favour of the
+//!   higher generation.
 //! * A segment never crosses a window (`space.rs`). The hot path (a slot in a
 //!   segment whose window is mapped) makes no syscall and takes no lock.
 //! * The allocator never touches another shard's segments.
 
+mod durability;
+mod meta_map;
+mod open;
 mod recover;
+mod roots;
+mod segments;
 pub(crate) mod space;
+mod stats;
 mod trim;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
-
-use futures::future::join_all;
-use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::files::{FileHandleRegistry, FileId};
-use crate::format::classes::{self, BLOCK_BYTES, CLASS_COUNT, CLASSES};
-use crate::format::{self, EntryHeader, Handle, Manifest, RootSlot, data_file_name};
 use crate::mapping::{MappingManager, Pin};
-use space::{Run, Space};
-
-/// The metadata file grows this much at a time.
-const META_GROWTH_BYTES: u64 = 1024 * 1024;
+use crate::format::classes::{self, CLASS_COUNT, CLASSES};
+use crate::format::{Handle, Manifest};
+use durability::Released;
+use meta_map::MetaMap;
+use segments::Seg;
+use crate::format::data_file_name;
+use space::Space;
+pub use stats::{AllocStats, LiveIter};
 
 /// An allocation: its durable [`Handle`] and a writable [`Pin`] on exactly
-/// its slot (the seed's `Allocation`).
+/// its slot.
 #[derive(Debug)]
 pub struct Allocation {
     handle: Handle,
@@ -74,7 +85,7 @@ impl Allocation {
     pub fn is_empty(&self) -> bool {
         false
     }
-    /// The slot's memory (the seed's `ptr()`).
+    /// The slot's memory.
     pub fn ptr(&self) -> *mut u8 {
         self.pin.as_mut_ptr()
     }
@@ -96,84 +107,26 @@ impl Allocation {
     }
 }
 
-/// Counters and gauges of an allocator.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AllocStats {
-    /// Live allocations.
-    pub allocations_live: u64,
-    /// Bytes of live slots.
-    pub bytes_live: u64,
-    /// Bytes of segments in use (allocated to a class).
-    pub bytes_allocated: u64,
-    /// Bytes reserved on disk for data (blocks allocated in data files).
-    pub bytes_reserved: u64,
-    /// Bytes of the metadata file.
-    pub metadata_bytes: u64,
-    /// Segments in use.
-    pub segments: u64,
-    /// Data files.
-    pub data_files: u64,
-    /// Directory entries waiting for the next sync before reuse.
-    pub quarantined_entries: u64,
-    /// `allocate` calls that succeeded.
-    pub allocs: u64,
-    /// `free` calls that succeeded.
-    pub frees: u64,
-    /// Successful syncs.
-    pub syncs: u64,
-    /// Live allocations per class, `(slot_bytes, count)`, non-zero only.
-    pub live_per_class: Vec<(u32, u64)>,
-    /// Microseconds the last recovery took.
-    pub recovery_us: u64,
-    /// When the last successful sync finished, in milliseconds since the
-    /// Unix epoch (0: never since open).
-    pub last_sync_unix_ms: u64,
-}
-
-struct Seg {
-    class_id: u8,
-    generation: u32,
-    run: Run,
-    slots: u32,
-    live: u32,
-    bitmap: *mut u64,
-    hint: u32,
-    in_avail: bool,
-}
-
-impl Seg {
-    #[inline]
-    fn word(&self, w: u32) -> &AtomicU64 {
-        debug_assert!((w as usize) < format::BITMAP_WORDS);
-        // SAFETY: the bitmap lies in a metadata window that the allocator
-        // keeps pinned (mapped) for its whole life, inside the reserved part
-        // of the file; `w < 64` words; AtomicU64 has u64's layout and the
-        // entry is 8-byte aligned (entry offsets are multiples of 64 within
-        // the page, and +64 for the bitmap).
-        unsafe { AtomicU64::from_ptr(self.bitmap.add(w as usize)) }
-    }
-
-    fn start(&self) -> u64 {
-        self.run.block as u64 * BLOCK_BYTES
-    }
-}
-
 struct State {
     segments: Vec<Option<Seg>>,
-    avail: Vec<Vec<u32>>,
+    /// Per class, the segments that may have a slot to hand out (the last
+    /// one is tried first).
+    avail: [Vec<u32>; CLASS_COUNT],
     space: Space,
     free_entries: Vec<u32>,
-    quarantine: Vec<u32>,
-    entry_hwm: u32,
+    /// Released since the last sync began (see [`Released`]).
+    released: Released,
+    /// Directory entries in use or ever used: entries `0..directory_len`
+    /// are scanned by recovery (the on-disk directory high-water mark).
+    directory_len: u32,
     next_generation: u32,
     roots: HashMap<String, (usize, u64, Handle)>,
     root_seq: u64,
     live_per_class: [u64; CLASS_COUNT],
     stats: AllocStats,
-    new_files_since_sync: bool,
 }
 
-/// The seed's `SegmentAllocator` for one shard.
+/// The segment allocator of one shard.
 ///
 /// Built by [`Shard`](crate::Shard); usable directly with a registry and a
 /// manager of your own through [`SegmentAllocator::open`].
@@ -200,14 +153,22 @@ pub struct SegmentAllocator {
     dir: PathBuf,
     mm: Rc<MappingManager>,
     files: Rc<FileHandleRegistry>,
-    meta: FileId,
-    meta_pins: RefCell<Vec<Pin>>,
+    meta_file: FileId,
+    meta: MetaMap,
     data_files: RefCell<Vec<FileId>>,
     st: RefCell<State>,
     poisoned: Cell<bool>,
+    /// Neither read-only nor poisoned (one test on the hot path).
+    writable: Cell<bool>,
     /// Bytes of the metadata file known to be durable (its size as of the
     /// last `fdatasync`). The high-water mark never covers an entry past it.
     meta_durable_bytes: Cell<u64>,
+}
+
+#[cold]
+#[inline(never)]
+fn invalid_size(size: u64) -> Error {
+    Error::InvalidSize { size }
 }
 
 /// Undoes a slot allocation if the `allocate` future is dropped or fails
@@ -226,209 +187,8 @@ impl Drop for SlotGuard<'_> {
     }
 }
 
+#[warn(clippy::cast_possible_truncation)]
 impl SegmentAllocator {
-    /// Open (recover) or create the allocator of shard `shard` in folder
-    /// `dir`, over `mm` (whose registry opens the files).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Corrupt`] when the metadata fails validation (bad checksum,
-    /// truncated, overlapping segments that cannot be resolved, a data file
-    /// missing); [`Error::Mismatch`] when it belongs to another shard or
-    /// directory; io errors.
-    pub async fn open(
-        shard: u16,
-        dir: &Path,
-        manifest: Manifest,
-        mm: Rc<MappingManager>,
-    ) -> Result<SegmentAllocator> {
-        let span = tracing::info_span!("recovery", shard);
-        Self::open_inner(shard, dir, manifest, mm)
-            .instrument(span)
-            .await
-    }
-
-    async fn open_inner(
-        shard: u16,
-        dir: &Path,
-        manifest: Manifest,
-        mm: Rc<MappingManager>,
-    ) -> Result<SegmentAllocator> {
-        let started = Instant::now();
-        if mm.max_extents() < 2 {
-            return Err(Error::InvalidConfig(
-                "a shard needs at least 2 windows (max_extents per shard >= 2)".into(),
-            ));
-        }
-        let files = mm.files().clone();
-        let meta_path = dir.join(format::META_FILE);
-        let meta = files.register(&meta_path);
-        let window_blocks = (manifest.window_bytes / BLOCK_BYTES) as u32;
-        let file_blocks = (manifest.max_file_bytes / BLOCK_BYTES) as u32;
-        let a = SegmentAllocator {
-            shard,
-            manifest,
-            dir: dir.to_path_buf(),
-            mm: mm.clone(),
-            files: files.clone(),
-            meta,
-            meta_pins: RefCell::new(Vec::new()),
-            data_files: RefCell::new(Vec::new()),
-            st: RefCell::new(State {
-                segments: Vec::new(),
-                avail: vec![Vec::new(); CLASS_COUNT],
-                space: Space::new(window_blocks, file_blocks),
-                free_entries: Vec::new(),
-                quarantine: Vec::new(),
-                entry_hwm: 0,
-                next_generation: 1,
-                roots: HashMap::new(),
-                root_seq: 0,
-                live_per_class: [0; CLASS_COUNT],
-                stats: AllocStats::default(),
-                new_files_since_sync: false,
-            }),
-            poisoned: Cell::new(false),
-            meta_durable_bytes: Cell::new(0),
-        };
-        let lease = files.acquire(meta, 0).await?;
-        drop(lease);
-        let size = files.len_bytes(meta)?.unwrap_or(0);
-        let fresh = size == 0 || a.superblock_is_blank(size).await?;
-        if fresh && dir.join(data_file_name(0)).exists() {
-            // Data files are created only after the metadata was written and
-            // synced, and their creation is synced: this is damage, not a
-            // directory that was never used.
-            return Err(Error::Corrupt {
-                what: meta_path.display().to_string(),
-                detail: "metadata file is empty or blank but data files exist".into(),
-            });
-        }
-        if fresh {
-            if files.is_read_only() {
-                return Err(Error::Corrupt {
-                    what: meta_path.display().to_string(),
-                    detail: "metadata file is empty".into(),
-                });
-            }
-            a.create_meta().await?;
-        } else {
-            a.recover(size).await?;
-        }
-        a.st.borrow_mut().stats.recovery_us = started.elapsed().as_micros() as u64;
-        Ok(a)
-    }
-
-    /// The shard index.
-    pub fn shard(&self) -> u16 {
-        self.shard
-    }
-
-    /// The manager this allocator maps through.
-    pub fn mappings(&self) -> &Rc<MappingManager> {
-        &self.mm
-    }
-
-    /// The manifest of the data directory.
-    pub fn manifest(&self) -> &Manifest {
-        &self.manifest
-    }
-
-    fn meta_path(&self) -> PathBuf {
-        self.dir.join(format::META_FILE)
-    }
-
-    fn corrupt(&self, detail: impl Into<String>) -> Error {
-        Error::Corrupt {
-            what: self.meta_path().display().to_string(),
-            detail: detail.into(),
-        }
-    }
-
-    async fn superblock_is_blank(&self, size: u64) -> Result<bool> {
-        if size < format::MANIFEST_BYTES as u64 {
-            return Ok(true);
-        }
-        self.pin_meta_window(0).await?;
-        let mut b = [0u8; format::MANIFEST_BYTES];
-        self.meta_read(0, &mut b);
-        Ok(b.iter().all(|&x| x == 0))
-    }
-
-    /// Pin meta window `idx` for the allocator's life (idempotent).
-    async fn pin_meta_window(&self, idx: usize) -> Result<()> {
-        while self.meta_pins.borrow().len() <= idx {
-            let i = self.meta_pins.borrow().len();
-            let w = self.manifest.window_bytes;
-            let writable = !self.files.is_read_only();
-            if writable {
-                // Grow in small steps, not the data files' growth step.
-                self.mm
-                    .reserve(
-                        self.meta,
-                        i as u64 * w + format::META_PAGE_BYTES,
-                        META_GROWTH_BYTES,
-                    )
-                    .await?;
-            }
-            let pin = self.mm.pin(self.meta, i as u64 * w, 64, writable).await?;
-            self.meta_pins.borrow_mut().push(pin);
-        }
-        Ok(())
-    }
-
-    #[inline]
-    fn meta_ptr(&self, off: u64) -> *mut u8 {
-        let w = self.manifest.window_bytes;
-        let pins = self.meta_pins.borrow();
-        let base = pins[(off / w) as usize].window_base();
-        // SAFETY: `off % w < w`: inside the pinned window's mapping.
-        unsafe { base.add((off % w) as usize) }
-    }
-
-    fn meta_read(&self, off: u64, buf: &mut [u8]) {
-        let p = self.meta_ptr(off);
-        // SAFETY: callers read only below the metadata file's reserved size,
-        // inside one pinned window; `buf` is a separate Rust allocation.
-        unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
-    }
-
-    fn meta_write(&self, off: u64, data: &[u8]) {
-        debug_assert!(!self.files.is_read_only());
-        let p = self.meta_ptr(off);
-        // SAFETY: callers write only below the metadata file's reserved
-        // size, inside one pinned, writable window; `data` is not part of it.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
-    }
-
-    fn meta_word(&self, off: u64) -> &AtomicU64 {
-        debug_assert_eq!(off % 8, 0);
-        let p = self.meta_ptr(off);
-        // SAFETY: 8-byte aligned (offsets are multiples of 8 and windows are
-        // page aligned), inside a window pinned for the allocator's life,
-        // below the reserved size.
-        unsafe { AtomicU64::from_ptr(p.cast()) }
-    }
-
-    /// Reserve the metadata file up to `end` and pin its windows.
-    async fn ensure_meta(&self, end: u64) -> Result<()> {
-        self.mm.reserve(self.meta, end, META_GROWTH_BYTES).await?;
-        let w = self.manifest.window_bytes;
-        self.pin_meta_window(((end - 1) / w) as usize).await
-    }
-
-    async fn create_meta(&self) -> Result<()> {
-        let first = format::entry_offset(0) + format::META_PAGE_BYTES;
-        self.ensure_meta(first).await?;
-        self.meta_word(format::HWM_OFFSET)
-            .store(format::encode_hwm(0), Ordering::Relaxed);
-        self.meta_write(0, &self.manifest.encode(self.shard));
-        let reserved = self.files.reserved_bytes(self.meta)?;
-        self.files.sync(self.meta, true).await?;
-        self.meta_durable_bytes.set(reserved);
-        Ok(())
-    }
-
     /// Validate a handle against this shard's state; returns the segment id
     /// and slot index.
     #[inline]
@@ -447,69 +207,33 @@ impl SegmentAllocator {
                 && h.offset - start < seg.slots as u64 * class.slot_bytes as u64
             {
                 let (slot, rem) = class.div_rem(h.offset - start);
-                if rem == 0 {
-                    return Ok((h.segment, slot as u32));
+                if rem == 0
+                    && let Ok(slot) = u32::try_from(slot)
+                {
+                    return Ok((h.segment, slot));
                 }
             }
         }
         Err(self.locate_error(st, h))
     }
 
-    /// Why [`locate`](Self::locate) rejected `h` (off the hot path).
-    #[cold]
-    #[inline(never)]
-    fn locate_error(&self, st: &State, h: &Handle) -> Error {
-        let shown = || h.to_string();
-        if h.dir_tag != self.manifest.dir_tag() {
-            return Error::ForeignHandle {
-                handle: shown(),
-                handle_tag: h.dir_tag,
-                dir_tag: self.manifest.dir_tag(),
-            };
-        }
-        if h.shard != self.shard {
-            return Error::WrongShard {
-                handle: shown(),
-                owner: h.shard,
-                this: self.shard,
-            };
-        }
-        let not = |reason| Error::NotAllocated {
-            handle: shown(),
-            reason,
-        };
-        let Some(Some(seg)) = st.segments.get(h.segment as usize) else {
-            return not("no such segment");
-        };
-        if seg.generation != h.generation {
-            return not("segment was released and reused since");
-        }
-        if seg.class_id != h.class_id {
-            return not("wrong size class");
-        }
-        if seg.run.file != h.file {
-            return not("wrong data file");
-        }
-        let slot_bytes = CLASSES[seg.class_id as usize].slot_bytes as u64;
-        if h.length as u64 != slot_bytes {
-            return not("wrong length");
-        }
-        let start = seg.start();
-        if h.offset < start || h.offset >= start + seg.slots as u64 * slot_bytes {
-            return not("offset out of the segment's bounds");
-        }
-        not("offset is not a slot boundary")
-    }
-
     #[inline]
     fn check_writable(&self) -> Result<()> {
+        if self.writable.get() {
+            Ok(())
+        } else {
+            Err(self.not_writable())
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn not_writable(&self) -> Error {
         if self.poisoned.get() {
-            return Err(Error::Poisoned { shard: self.shard });
+            Error::Poisoned { shard: self.shard }
+        } else {
+            Error::ReadOnly("allocator opened read-only")
         }
-        if self.files.is_read_only() {
-            return Err(Error::ReadOnly("allocator opened read-only"));
-        }
-        Ok(())
     }
 
     /// Take a free slot of `class_id` from an existing segment (sync, no
@@ -524,241 +248,49 @@ impl SegmentAllocator {
             let seg = st.segments[seg_id as usize]
                 .as_mut()
                 .expect("avail segment exists");
-            if seg.live >= seg.slots {
+            let Some(slot) = seg.take() else {
                 seg.in_avail = false;
                 avail.pop();
                 continue;
-            }
-            let words = seg.slots.div_ceil(64);
-            let mut w = seg.hint;
-            while w < words {
-                let cell = seg.word(w);
-                let word = cell.load(Ordering::Relaxed);
-                if word != u64::MAX {
-                    let bit = (!word).trailing_zeros();
-                    let slot = w * 64 + bit;
-                    if slot < seg.slots {
-                        cell.store(word | (1u64 << bit), Ordering::Relaxed);
-                        seg.live += 1;
-                        seg.hint = w;
-                        let slot_bytes = CLASSES[class_id as usize].slot_bytes;
-                        let handle = Handle {
-                            shard: self.shard,
-                            class_id,
-                            file: seg.run.file,
-                            segment: seg_id,
-                            generation: seg.generation,
-                            length: slot_bytes,
-                            offset: seg.start() + slot as u64 * slot_bytes as u64,
-                            dir_tag: self.manifest.dir_tag(),
-                        };
-                        let file = seg.run.file;
-                        st.live_per_class[class_id as usize] += 1;
-                        st.stats.allocations_live += 1;
-                        st.stats.bytes_live += slot_bytes as u64;
-                        st.stats.allocs += 1;
-                        let fid = self.data_files.borrow()[file as usize];
-                        return Some((handle, fid));
-                    }
-                }
-                w += 1;
-            }
-            // Counted as not full but no bit found: the count is wrong.
-            debug_assert!(
-                false,
-                "segment {seg_id} live count disagrees with its bitmap"
-            );
-            seg.live = seg.slots;
+            };
+            let handle = Handle {
+                shard: self.shard,
+                class_id,
+                file: seg.run.file,
+                segment: seg_id,
+                generation: seg.generation,
+                length: CLASSES[class_id as usize].slot_bytes,
+                offset: seg.slot_offset(slot),
+                dir_tag: self.manifest.dir_tag(),
+            };
+            st.live_per_class[class_id as usize] += 1;
+            st.stats.allocs += 1;
+            return Some((handle, seg.file_id));
         }
     }
 
-    /// Clear a slot's bit (no validation: the slot is known to be ours and
-    /// set).
+    /// Undo [`take_slot`](Self::take_slot) of a slot never handed out: it
+    /// is free again at once (nothing was written through it).
+    #[cold]
     fn release_slot(&self, h: Handle) {
         let mut st = self.st.borrow_mut();
-        let slot = {
-            let seg = st.segments[h.segment as usize]
-                .as_ref()
-                .expect("segment exists");
-            CLASSES[h.class_id as usize]
-                .div_rem(h.offset - seg.start())
-                .0 as u32
-        };
-        self.clear_slot(&mut st, h.segment, slot);
-    }
-
-    /// Clear bit `slot` of segment `seg_id` and do the bookkeeping; releases
-    /// the segment when it became empty and its class has another empty one.
-    #[inline]
-    fn clear_slot(&self, st: &mut State, seg_id: u32, slot: u32) {
-        let seg = st.segments[seg_id as usize]
+        let st = &mut *st;
+        let seg = st.segments[h.segment as usize]
             .as_mut()
             .expect("segment exists");
-        let class_id = seg.class_id;
-        let slot_bytes = CLASSES[class_id as usize].slot_bytes as u64;
-        let (w, bit) = (slot / 64, slot % 64);
-        let cell = seg.word(w);
-        let word = cell.load(Ordering::Relaxed);
-        debug_assert!(word & (1 << bit) != 0);
-        cell.store(word & !(1u64 << bit), Ordering::Relaxed);
-        seg.live -= 1;
-        seg.hint = seg.hint.min(w);
-        let newly_avail = !seg.in_avail;
-        seg.in_avail = true;
-        let empty = seg.live == 0;
-        st.live_per_class[class_id as usize] -= 1;
-        st.stats.allocations_live -= 1;
-        st.stats.bytes_live -= slot_bytes;
-        if newly_avail {
-            st.avail[class_id as usize].push(seg_id);
+        let (slot, _) = CLASSES[h.class_id as usize].div_rem(h.offset - seg.start());
+        let slot = u32::try_from(slot).expect("slot index fits the bitmap");
+        seg.clear_live(slot);
+        seg.unhold(slot);
+        if !seg.in_avail {
+            seg.in_avail = true;
+            st.avail[h.class_id as usize].push(h.segment);
         }
-        if empty {
-            // Keep one empty segment per class to avoid churn; release others.
-            let empties = st.avail[class_id as usize]
-                .iter()
-                .filter(|&&s| {
-                    st.segments[s as usize]
-                        .as_ref()
-                        .is_some_and(|s| s.live == 0)
-                })
-                .count();
-            if empties > 1 {
-                self.release_segment(st, seg_id);
-            }
+        st.live_per_class[h.class_id as usize] -= 1;
+        st.stats.allocs -= 1;
+        if seg.held == 0 {
+            self.release_if_spare(st, h.segment);
         }
-    }
-
-    fn release_segment(&self, st: &mut State, seg_id: u32) {
-        let seg = st.segments[seg_id as usize].take().expect("segment exists");
-        debug_assert_eq!(seg.live, 0);
-        let avail = &mut st.avail[seg.class_id as usize];
-        if let Some(pos) = avail.iter().position(|&s| s == seg_id) {
-            avail.swap_remove(pos);
-        }
-        self.meta_word(format::entry_offset(seg_id))
-            .store(0, Ordering::Release);
-        st.quarantine.push(seg_id);
-        st.space.free(seg.run);
-    }
-
-    /// Create a segment for `class_id`.
-    async fn new_segment(&self, class_id: u8) -> Result<()> {
-        let c = CLASSES[class_id as usize];
-        let blocks = (c.segment_bytes as u64 / BLOCK_BYTES) as u32;
-        let (entry, run, trim, generation) = {
-            let mut st = self.st.borrow_mut();
-            // Reserve the entry index now: other tasks may create segments
-            // while this one awaits.
-            let entry = match st.free_entries.pop() {
-                Some(e) => e,
-                None => {
-                    st.entry_hwm += 1;
-                    st.entry_hwm - 1
-                }
-            };
-            let (run, trim) = st.space.alloc(blocks);
-            let generation = st.next_generation;
-            st.next_generation = st.next_generation.wrapping_add(1).max(1);
-            (entry, run, trim, generation)
-        };
-        let undo = |this: &Self| {
-            let mut st = this.st.borrow_mut();
-            st.space.give_back(run, trim);
-            // The entry is still free on disk: reusable at once.
-            st.free_entries.push(entry);
-        };
-        // Room in the metadata file, and the data file exists.
-        let prep = async {
-            let end = format::entry_offset(entry) + format::ENTRY_BYTES;
-            self.ensure_meta(end).await?;
-            // The high-water mark is about to cover `end`: the file's new
-            // size must be durable first, or a power loss could keep the
-            // mark but not the size (recovery would then find the
-            // directory truncated).
-            if end > self.meta_durable_bytes.get() {
-                let reserved = self.files.reserved_bytes(self.meta)?;
-                if let Err(e) = self.files.sync(self.meta, true).await {
-                    return Err(self.poison(e));
-                }
-                self.meta_durable_bytes
-                    .set(self.meta_durable_bytes.get().max(reserved));
-            }
-            self.ensure_data_file(run.file).await?;
-            // A run that may hold a hole (trimmed) is reserved again first.
-            self.reserve_trimmed(run, trim).await
-        };
-        if let Err(e) = prep.await {
-            undo(self);
-            return Err(e);
-        }
-        {
-            let mut st = self.st.borrow_mut();
-            if st.segments.len() <= entry as usize {
-                st.segments.resize_with(entry as usize + 1, || None);
-            }
-            // The on-disk mark only moves up, and before the entry is
-            // published, so recovery scans every published entry.
-            let hwm_cell = self.meta_word(format::HWM_OFFSET);
-            let disk = format::decode_hwm(hwm_cell.load(Ordering::Relaxed)).unwrap_or(0);
-            if entry + 1 > disk {
-                hwm_cell.store(format::encode_hwm(entry + 1), Ordering::Release);
-            }
-            let gen_cell = self.meta_word(format::GEN_OFFSET);
-            let issued = format::decode_hwm(gen_cell.load(Ordering::Relaxed)).unwrap_or(0);
-            let next = generation.wrapping_add(1).max(1);
-            if next > issued {
-                gen_cell.store(format::encode_hwm(next), Ordering::Release);
-            }
-        }
-        let header = EntryHeader {
-            class_id,
-            generation,
-            file: run.file,
-            block: run.block,
-            blocks,
-            slots: c.slots,
-        };
-        let off = format::entry_offset(entry);
-        let bitmap = self
-            .meta_ptr(off + format::ENTRY_HEADER_BYTES)
-            .cast::<u64>();
-        for w in 0..format::BITMAP_WORDS {
-            // SAFETY: inside the entry's bitmap, reserved and pinned (ensure_meta).
-            unsafe { AtomicU64::from_ptr(bitmap.add(w)) }.store(0, Ordering::Relaxed);
-        }
-        self.meta_write(off + 8, &header.body());
-        self.meta_word(off)
-            .store(header.state_word(), Ordering::Release);
-        let mut st = self.st.borrow_mut();
-        st.segments[entry as usize] = Some(Seg {
-            class_id,
-            generation,
-            run,
-            slots: c.slots,
-            live: 0,
-            bitmap,
-            hint: 0,
-            in_avail: true,
-        });
-        st.avail[class_id as usize].push(entry);
-        Ok(())
-    }
-
-    async fn ensure_data_file(&self, file: u32) -> Result<()> {
-        while self.data_files.borrow().len() <= file as usize {
-            let n = self.data_files.borrow().len() as u32;
-            let id = self.files.register(self.dir.join(data_file_name(n)));
-            self.data_files.borrow_mut().push(id);
-        }
-        let id = self.data_files.borrow()[file as usize];
-        // Open (creating) the file, and make its name durable before any
-        // segment refers to it, also when a crash left it before its folder
-        // was synced: otherwise a power loss could keep the directory entry
-        // of the segment but not the file (recovery: "missing").
-        if self.files.make_entry_durable(id).await? {
-            self.st.borrow_mut().new_files_since_sync = true;
-        }
-        Ok(())
     }
 
     /// Allocate `size` bytes (1..=16 MiB); returns the handle and a writable
@@ -772,7 +304,9 @@ impl SegmentAllocator {
     /// errors.
     pub async fn allocate(&self, size: u64) -> Result<Allocation> {
         self.check_writable()?;
-        let class_id = classes::class_of(size).ok_or(Error::InvalidSize { size })?;
+        let Some(class_id) = classes::class_of(size) else {
+            return Err(invalid_size(size));
+        };
         loop {
             if let Some((handle, fid)) = self.take_slot(class_id) {
                 let mut guard = SlotGuard {
@@ -808,7 +342,9 @@ impl SegmentAllocator {
     #[inline]
     pub fn try_allocate(&self, size: u64) -> Result<Option<Allocation>> {
         self.check_writable()?;
-        let class_id = classes::class_of(size).ok_or(Error::InvalidSize { size })?;
+        let Some(class_id) = classes::class_of(size) else {
+            return Err(invalid_size(size));
+        };
         let Some((handle, fid)) = self.take_slot(class_id) else {
             return Ok(None);
         };
@@ -829,7 +365,10 @@ impl SegmentAllocator {
     }
 
     /// Free an allocation of this shard. Durable against a process crash
-    /// when it returns.
+    /// when it returns. The slot is handed out again only after a later
+    /// [`sync`](Self::sync) completes (until then a power loss may revert
+    /// the free, and the allocation must come back with its bytes): a
+    /// program that frees and allocates without ever syncing grows.
     ///
     /// # Errors
     ///
@@ -839,26 +378,35 @@ impl SegmentAllocator {
     pub fn free(&self, handle: Handle) -> Result<()> {
         self.check_writable()?;
         let mut st = self.st.borrow_mut();
-        let (seg_id, slot) = self.locate(&st, &handle)?;
-        let seg = st.segments[seg_id as usize].as_ref().expect("located");
-        if seg.word(slot / 64).load(Ordering::Relaxed) & (1u64 << (slot % 64)) == 0 {
-            return Err(Error::DoubleFree {
-                handle: handle.to_string(),
-            });
+        let st = &mut *st;
+        let (seg_id, slot) = self.locate(st, &handle)?;
+        let seg = st.segments[seg_id as usize].as_mut().expect("located");
+        if !seg.is_live(slot) {
+            return Err(self.double_free(handle));
         }
-        self.clear_slot(&mut st, seg_id, slot);
+        // The slot stays held until a sync makes this free durable.
+        seg.clear_live(slot);
+        st.released.slots.push((seg_id, slot));
+        st.live_per_class[seg.class_id as usize] -= 1;
         st.stats.frees += 1;
         Ok(())
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn double_free(&self, handle: Handle) -> Error {
+        Error::DoubleFree {
+            handle: handle.to_string(),
+        }
     }
 
     /// Whether `handle` names a live allocation of this shard.
     pub fn is_live(&self, handle: &Handle) -> bool {
         let st = self.st.borrow();
         match self.locate(&st, handle) {
-            Ok((seg_id, slot)) => {
-                let seg = st.segments[seg_id as usize].as_ref().expect("located");
-                seg.word(slot / 64).load(Ordering::Relaxed) & (1u64 << (slot % 64)) != 0
-            }
+            Ok((seg_id, slot)) => st.segments[seg_id as usize]
+                .as_ref()
+                .is_some_and(|seg| seg.is_live(slot)),
             Err(_) => false,
         }
     }
@@ -867,13 +415,13 @@ impl SegmentAllocator {
         let st = self.st.borrow();
         let (seg_id, slot) = self.locate(&st, handle)?;
         let seg = st.segments[seg_id as usize].as_ref().expect("located");
-        if seg.word(slot / 64).load(Ordering::Relaxed) & (1u64 << (slot % 64)) == 0 {
+        if !seg.is_live(slot) {
             return Err(Error::NotAllocated {
                 handle: handle.to_string(),
                 reason: "slot is free",
             });
         }
-        Ok(self.data_files.borrow()[seg.run.file as usize])
+        Ok(seg.file_id)
     }
 
     /// Pin a live allocation of this shard (async: faults its window in if
@@ -910,282 +458,5 @@ impl SegmentAllocator {
             handle.length as u64,
             !self.files.is_read_only(),
         )
-    }
-
-    /// The live allocations, segment by segment.
-    pub fn live(&self) -> LiveIter<'_> {
-        LiveIter {
-            alloc: self,
-            seg: 0,
-            word: 0,
-            bits: 0,
-        }
-    }
-
-    /// Number of live allocations.
-    pub fn live_count(&self) -> u64 {
-        self.st.borrow().stats.allocations_live
-    }
-
-    /// Make every `allocate` and `free` that returned before this call, and
-    /// every write through a pin made before it, durable against power loss:
-    /// `fdatasync` of the data files and the metadata through the control
-    /// ring (concurrently), and of the shard folder when files were created.
-    ///
-    /// # Errors
-    ///
-    /// The first io error. A failed sync poisons the allocator: every later
-    /// write returns [`Error::Poisoned`] until the directory is reopened.
-    pub async fn sync(&self) -> Result<()> {
-        let span = tracing::debug_span!("sync", shard = self.shard);
-        self.sync_inner().instrument(span).await
-    }
-
-    async fn sync_inner(&self) -> Result<()> {
-        if self.poisoned.get() {
-            return Err(Error::Poisoned { shard: self.shard });
-        }
-        if self.files.is_read_only() {
-            return Ok(());
-        }
-        let (quarantined, new_files) = {
-            let mut st = self.st.borrow_mut();
-            let q = st.quarantine.len();
-            (q, std::mem::take(&mut st.new_files_since_sync))
-        };
-        let meta_reserved = self.files.reserved_bytes(self.meta)?;
-        let mut ids: Vec<FileId> = self.data_files.borrow().clone();
-        ids.push(self.meta);
-        // At most half the descriptor cap in flight at once (each sync holds
-        // a lease on its fd until the kernel is done); a file that still
-        // finds no descriptor is retried alone, after the others finished.
-        let batch = (self.files.max_open_files() / 2).max(1);
-        let mut first_err = None;
-        let mut retry = Vec::new();
-        for chunk in ids.chunks(batch) {
-            let results = join_all(chunk.iter().map(|&id| self.files.sync(id, true))).await;
-            for (&id, r) in chunk.iter().zip(results) {
-                match r {
-                    Ok(()) => {}
-                    Err(Error::FdPressure { .. }) => retry.push(id),
-                    Err(e) => {
-                        first_err.get_or_insert(e);
-                    }
-                }
-            }
-        }
-        for id in retry {
-            if first_err.is_some() {
-                break;
-            }
-            match self.files.sync(id, true).await {
-                Ok(()) => {}
-                Err(e @ Error::FdPressure { .. }) => {
-                    // Not an I/O failure: report it without poisoning.
-                    return Err(e);
-                }
-                Err(e) => first_err = Some(e),
-            }
-        }
-        if first_err.is_none() && new_files {
-            first_err = crate::datadir::sync_dir(&self.dir).err();
-        }
-        if let Some(e) = first_err {
-            return Err(self.poison(e));
-        }
-        let mut st = self.st.borrow_mut();
-        let released: Vec<u32> = st.quarantine.drain(..quarantined).collect();
-        st.free_entries.extend(released);
-        st.stats.syncs += 1;
-        st.stats.last_sync_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        self.meta_durable_bytes
-            .set(self.meta_durable_bytes.get().max(meta_reserved));
-        Ok(())
-    }
-
-    /// Refuse every later write: a failed fdatasync cannot be retried safely
-    /// (the kernel may have dropped the dirty pages it could not write).
-    fn poison(&self, e: Error) -> Error {
-        tracing::error!(shard = self.shard, error = %e, "sync failed; shard poisoned until reopened");
-        self.poisoned.set(true);
-        e
-    }
-
-    /// Whether an earlier sync failed.
-    pub fn is_poisoned(&self) -> bool {
-        self.poisoned.get()
-    }
-
-    /// Name `handle` as a root (replacing an earlier one of that name).
-    /// Durable against a process crash when it returns.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Root`] for an empty or over-long name or a full table; the
-    /// errors of a bad handle as for [`pin`](Self::pin).
-    pub fn set_root(&self, name: &str, handle: Handle) -> Result<()> {
-        self.check_writable()?;
-        if name.is_empty() || name.len() > format::ROOT_NAME_MAX {
-            return Err(Error::Root(format!(
-                "root names are 1..=64 bytes, got {}",
-                name.len()
-            )));
-        }
-        self.check_live(&handle)?;
-        let mut st = self.st.borrow_mut();
-        // A name keeps its record in one pair of slots that share a sector:
-        // a replacement is written to the other slot of the pair, then the
-        // old one is cleared, so no torn write can lose the name.
-        let slot = match st.roots.get(name) {
-            Some(&(cur, _, _)) => cur ^ 1,
-            None => {
-                let mut used = vec![false; format::ROOT_SLOTS / 2];
-                for r in st.roots.values() {
-                    used[r.0 / 2] = true;
-                }
-                let Some(pair) = used.iter().position(|u| !u) else {
-                    return Err(Error::Root(format!(
-                        "root table full ({} names per shard)",
-                        format::ROOT_SLOTS / 2
-                    )));
-                };
-                2 * pair
-            }
-        };
-        st.root_seq += 1;
-        let seq = st.root_seq;
-        let rec = RootSlot {
-            seq,
-            name: name.to_string(),
-            handle: handle.to_bytes(),
-        };
-        let off = format::root_offset(slot);
-        // Invalidate the slot, write the body, then the sequence number.
-        let bytes = rec.encode();
-        self.meta_word(off).store(0, Ordering::Release);
-        self.meta_write(off + 8, &bytes[8..]);
-        self.meta_word(off).store(seq, Ordering::Release);
-        if let Some((old, _, _)) = st.roots.insert(name.to_string(), (slot, seq, handle)) {
-            debug_assert_eq!(old, slot ^ 1);
-            self.meta_word(format::root_offset(old))
-                .store(0, Ordering::Release);
-        }
-        Ok(())
-    }
-
-    /// The handle named `name`, if any.
-    pub fn root(&self, name: &str) -> Option<Handle> {
-        self.st.borrow().roots.get(name).map(|r| r.2)
-    }
-
-    /// Forget the root `name`; returns its handle.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Poisoned`], [`Error::ReadOnly`].
-    pub fn remove_root(&self, name: &str) -> Result<Option<Handle>> {
-        self.check_writable()?;
-        let mut st = self.st.borrow_mut();
-        Ok(st.roots.remove(name).map(|(slot, _, h)| {
-            self.meta_word(format::root_offset(slot))
-                .store(0, Ordering::Release);
-            h
-        }))
-    }
-
-    /// All roots, sorted by name.
-    pub fn roots(&self) -> Vec<(String, Handle)> {
-        let st = self.st.borrow();
-        let mut v: Vec<(String, Handle)> = st.roots.iter().map(|(n, r)| (n.clone(), r.2)).collect();
-        v.sort();
-        v
-    }
-
-    /// Counters and gauges.
-    pub fn stats(&self) -> AllocStats {
-        let st = self.st.borrow();
-        let mut s = st.stats.clone();
-        s.segments = st.segments.iter().filter(|s| s.is_some()).count() as u64;
-        s.bytes_allocated = (st.space.extent_blocks() - st.space.free_blocks()) * BLOCK_BYTES;
-        s.quarantined_entries = st.quarantine.len() as u64;
-        s.data_files = self.data_files.borrow().len() as u64;
-        s.bytes_reserved = self
-            .data_files
-            .borrow()
-            .iter()
-            .map(|&id| self.files.reserved_bytes(id).unwrap_or(0))
-            .sum();
-        s.metadata_bytes = self.files.reserved_bytes(self.meta).unwrap_or(0);
-        s.live_per_class = st
-            .live_per_class
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| **n > 0)
-            .map(|(i, n)| (CLASSES[i].slot_bytes, *n))
-            .collect();
-        s
-    }
-}
-
-impl std::fmt::Debug for SegmentAllocator {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SegmentAllocator")
-            .field("shard", &self.shard)
-            .field("live", &self.live_count())
-            .finish()
-    }
-}
-
-/// Iterator over live handles; see [`SegmentAllocator::live`].
-pub struct LiveIter<'a> {
-    alloc: &'a SegmentAllocator,
-    seg: u32,
-    word: u32,
-    bits: u64,
-}
-
-impl Iterator for LiveIter<'_> {
-    type Item = Handle;
-
-    fn next(&mut self) -> Option<Handle> {
-        let st = self.alloc.st.borrow();
-        loop {
-            let seg = match st.segments.get(self.seg as usize) {
-                None => return None,
-                Some(None) => {
-                    self.seg += 1;
-                    self.word = 0;
-                    self.bits = 0;
-                    continue;
-                }
-                Some(Some(s)) => s,
-            };
-            if self.bits != 0 {
-                let bit = self.bits.trailing_zeros();
-                self.bits &= self.bits - 1;
-                let slot = (self.word - 1) * 64 + bit;
-                let slot_bytes = CLASSES[seg.class_id as usize].slot_bytes;
-                return Some(Handle {
-                    shard: self.alloc.shard,
-                    class_id: seg.class_id,
-                    file: seg.run.file,
-                    segment: self.seg,
-                    generation: seg.generation,
-                    length: slot_bytes,
-                    offset: seg.start() + slot as u64 * slot_bytes as u64,
-                    dir_tag: self.alloc.manifest.dir_tag(),
-                });
-            }
-            if self.word >= seg.slots.div_ceil(64) {
-                self.seg += 1;
-                self.word = 0;
-                continue;
-            }
-            self.bits = seg.word(self.word).load(Ordering::Relaxed);
-            self.word += 1;
-        }
     }
 }

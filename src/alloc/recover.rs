@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use super::space::Run;
-use super::{Seg, SegmentAllocator};
+use super::SegmentAllocator;
+use super::segments::Seg;
 use crate::error::{Error, Result};
-use crate::format::classes::CLASSES;
 use crate::format::scan::{
     self, DataFileLen, Defect, Finding, FindingFile, MetaSource, ScanTarget, ShardScan, Superblock,
 };
@@ -31,7 +31,7 @@ impl MetaSource for Mapped<'_> {
         // The scan reads at most one page at a time, page aligned, and a
         // window is a multiple of a page: `off..off + n` is inside one
         // window, pinned up to the file's size by `recover`.
-        self.alloc.meta_read(off, &mut buf[..n]);
+        self.alloc.meta.read(off, &mut buf[..n]);
         Ok(n)
     }
 }
@@ -39,9 +39,7 @@ impl MetaSource for Mapped<'_> {
 impl SegmentAllocator {
     /// Restore the state recorded in the metadata file of `size` bytes.
     pub(super) async fn recover(&self, size: u64) -> Result<()> {
-        let w = self.manifest.window_bytes;
-        self.pin_meta_window(((size.max(1) - 1) / w) as usize)
-            .await?;
+        self.meta.map_existing(size).await?;
         let dir = self.dir.clone();
         let data_file = move |n: u32| data_file_len(dir.join(data_file_name(n)));
         let target = ScanTarget {
@@ -116,11 +114,11 @@ impl SegmentAllocator {
             if self.files.is_read_only() {
                 continue;
             }
-            self.meta_word(format::entry_offset(seg.entry))
+            self.meta.word(format::entry_offset(seg.entry))
                 .store(0, Ordering::Release);
             let bitmap = format::bitmap_offset(seg.entry);
             for wi in 0..format::BITMAP_WORDS as u64 {
-                self.meta_word(bitmap + wi * 8).store(0, Ordering::Relaxed);
+                self.meta.word(bitmap + wi * 8).store(0, Ordering::Relaxed);
             }
         }
     }
@@ -134,46 +132,31 @@ impl SegmentAllocator {
         let mut runs = Vec::with_capacity(found.segments.len());
         for s in found.kept_segments() {
             let e = &s.header;
-            let bitmap = self.meta_ptr(format::bitmap_offset(s.entry)).cast::<u64>();
-            let seg = Seg {
-                class_id: e.class_id,
-                generation: e.generation,
-                run: Run {
-                    file: e.file,
-                    block: e.block,
-                    blocks: e.blocks,
-                },
-                slots: e.slots,
-                live: s.live,
-                bitmap,
-                hint: 0,
-                in_avail: s.live < e.slots,
+            let run = Run {
+                file: e.file,
+                block: e.block,
+                blocks: e.blocks,
             };
-            debug_assert_eq!(
-                (0..e.slots.div_ceil(64))
-                    .map(|w| seg.word(w).load(Ordering::Relaxed).count_ones())
-                    .sum::<u32>(),
-                s.live
-            );
-            let slot_bytes = CLASSES[e.class_id as usize].slot_bytes as u64;
-            st.live_per_class[e.class_id as usize] += s.live as u64;
-            st.stats.allocations_live += s.live as u64;
-            st.stats.bytes_live += s.live as u64 * slot_bytes;
-            if seg.in_avail {
+            let file_id = self.data_files.borrow()[e.file as usize];
+            let mut seg = Seg::new(e, run, self.meta.bitmap(s.entry), file_id);
+            debug_assert_eq!(seg.live, s.live);
+            st.live_per_class[e.class_id as usize] += u64::from(seg.live);
+            if seg.live < seg.slots {
+                seg.in_avail = true;
                 st.avail[e.class_id as usize].push(s.entry);
             }
             runs.push(seg.run);
             st.segments[s.entry as usize] = Some(seg);
         }
         st.space.rebuild(runs, file_count);
-        st.entry_hwm = hwm;
+        st.directory_len = hwm;
         let mut free = found.free_entries.clone();
         free.sort_unstable_by(|a, b| b.cmp(a));
         // Which free entries were released since the last sync (their zeroed
         // state word and bitmap may not be durable) cannot be told after a
         // restart: quarantine them all until the first sync, so a torn write
         // can never pair a new header with an old bitmap.
-        st.quarantine = free;
+        st.released.entries = free;
         // Never below the persisted counter (the scan takes the larger of it
         // and the highest generation found + 1).
         st.next_generation = found.next_generation;
@@ -204,7 +187,7 @@ impl SegmentAllocator {
     fn apply_roots(&self, found: &ShardScan) {
         if !self.files.is_read_only() {
             for &i in &found.root_slots_to_clear {
-                self.meta_word(format::root_offset(i))
+                self.meta.word(format::root_offset(i))
                     .store(0, Ordering::Release);
             }
         }

@@ -1,7 +1,7 @@
 //! Free space of a shard's data files, in 64 KiB blocks.
 //!
 //! Segments are runs of blocks. New runs come from the best-fitting free run
-//! (segments released by any class), else from the high-water mark of the
+//! (segments released by any class), else from the used end of the
 //! newest file. **Invariant:** no run, used or free, crosses a window
 //! boundary; so a segment never crosses a window.
 //!
@@ -12,10 +12,12 @@
 //! run carries a [`Trim`] state, merging takes the worse of the two states,
 //! and [`Space::alloc`] reports the state of the run it hands out, so the
 //! caller re-reserves it before anything is published in it. Space above a
-//! file's high-water mark that may hold holes (a trimmed run the mark was
+//! file's used end that may hold holes (a trimmed run the mark was
 //! lowered over, or anything after a reopen) is tracked per file too.
 //! **Invariant:** a run handed out as [`Trim::Reserved`] holds no hole below
 //! its file's reserved size.
+
+#![warn(clippy::cast_possible_truncation)]
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -50,9 +52,10 @@ impl Trim {
 pub(crate) struct Space {
     window_blocks: u32,
     file_blocks: u32,
-    /// High-water mark (in blocks) of each file; files are numbered densely.
-    hwm: Vec<u32>,
-    /// Per file: blocks in `[hwm, holes_to)` may be holes (a non-reserved
+    /// Per file, the end (in blocks) of the part ever handed out: new runs
+    /// are bumped from it; files are numbered densely.
+    used_end: Vec<u32>,
+    /// Per file: blocks in `[used_end, holes_to)` may be holes (a non-reserved
     /// run the mark was lowered over, or anything after a reopen).
     holes_to: Vec<u32>,
     by_size: BTreeSet<(u32, u32, u32)>,
@@ -66,7 +69,7 @@ impl Space {
         Space {
             window_blocks,
             file_blocks,
-            hwm: Vec::new(),
+            used_end: Vec::new(),
             holes_to: Vec::new(),
             by_size: BTreeSet::new(),
             by_pos: BTreeMap::new(),
@@ -77,23 +80,23 @@ impl Space {
     /// Files in use (`0..file_count()`).
     #[cfg(test)]
     pub(crate) fn file_count(&self) -> u32 {
-        self.hwm.len() as u32
+        u32::try_from(self.used_end.len()).expect("file numbers are u32")
     }
 
-    /// High-water mark of `file` in blocks.
+    /// The used end of `file`, in blocks.
     #[cfg(test)]
-    pub(crate) fn hwm(&self, file: u32) -> u32 {
-        self.hwm.get(file as usize).copied().unwrap_or(0)
+    pub(crate) fn used_end(&self, file: u32) -> u32 {
+        self.used_end.get(file as usize).copied().unwrap_or(0)
     }
 
-    /// Blocks below the high-water marks that are free.
+    /// Blocks below the used ends that are free.
     pub(crate) fn free_blocks(&self) -> u64 {
         self.free_blocks
     }
 
-    /// Blocks below the high-water marks.
-    pub(crate) fn extent_blocks(&self) -> u64 {
-        self.hwm.iter().map(|&h| h as u64).sum()
+    /// Blocks below the used ends.
+    pub(crate) fn used_blocks(&self) -> u64 {
+        self.used_end.iter().map(|&h| h as u64).sum()
     }
 
     /// Take a run of `blocks` blocks (`1..=window_blocks`), with the state of
@@ -114,17 +117,17 @@ impl Space {
             };
             return (run, trim);
         }
-        if self.hwm.is_empty() {
+        if self.used_end.is_empty() {
             self.push_file();
         }
-        let mut file = self.hwm.len() as u32 - 1;
-        let mut start = self.hwm[file as usize];
+        let mut file = u32::try_from(self.used_end.len() - 1).expect("file numbers are u32");
+        let mut start = self.used_end[file as usize];
         let w = self.window_blocks;
         if start / w != (start + blocks - 1) / w {
             // Would cross a window: the rest of this window becomes free.
             let next = (start / w + 1) * w;
             if next > start {
-                let trim = self.above_hwm_state(file, start);
+                let trim = self.above_used_end_state(file, start);
                 self.insert_free_raw(file, start, next - start, trim);
             }
             start = next;
@@ -135,13 +138,13 @@ impl Space {
             if start < self.file_blocks {
                 self.insert_gap(file, start, self.file_blocks, None);
             }
-            self.hwm[file as usize] = self.file_blocks;
+            self.used_end[file as usize] = self.file_blocks;
             self.push_file();
             file += 1;
             start = 0;
         }
-        let trim = self.above_hwm_state(file, start);
-        self.hwm[file as usize] = start + blocks;
+        let trim = self.above_used_end_state(file, start);
+        self.used_end[file as usize] = start + blocks;
         let run = Run {
             file,
             block: start,
@@ -151,12 +154,12 @@ impl Space {
     }
 
     fn push_file(&mut self) {
-        self.hwm.push(0);
+        self.used_end.push(0);
         self.holes_to.push(0);
     }
 
-    /// State of blocks from `block` up, at or above `file`'s high-water mark.
-    fn above_hwm_state(&self, file: u32, block: u32) -> Trim {
+    /// State of blocks from `block` up, at or above `file`'s used end.
+    fn above_used_end_state(&self, file: u32, block: u32) -> Trim {
         if block < self.holes_to[file as usize] {
             Trim::Unknown
         } else {
@@ -198,18 +201,18 @@ impl Space {
             trim = trim.max(self.remove_free(file, end, ns));
             blocks += ns;
         }
-        // A run ending at the high-water mark lowers it instead.
-        let last = file as usize + 1 == self.hwm.len();
-        if last && self.hwm[file as usize] == block + blocks {
-            self.lower_hwm(file, block, block + blocks, trim);
+        // A run ending at the used end lowers it instead.
+        let last = file as usize + 1 == self.used_end.len();
+        if last && self.used_end[file as usize] == block + blocks {
+            self.lower_used_end(file, block, block + blocks, trim);
             // A free run now ending at the mark (from a skipped window tail)
             // is absorbed too.
             while let Some((&(pf, pb), &(ps, _))) =
                 self.by_pos.range(..(file, u32::MAX)).next_back()
             {
-                if pf == file && pb + ps == self.hwm[file as usize] {
+                if pf == file && pb + ps == self.used_end[file as usize] {
                     let t = self.remove_free(pf, pb, ps);
-                    self.lower_hwm(file, pb, pb + ps, t);
+                    self.lower_used_end(file, pb, pb + ps, t);
                 } else {
                     break;
                 }
@@ -220,9 +223,9 @@ impl Space {
     }
 
     /// Lower `file`'s mark from `to` to `from` over blocks in state `trim`.
-    fn lower_hwm(&mut self, file: u32, from: u32, to: u32, trim: Trim) {
-        debug_assert_eq!(self.hwm[file as usize], to);
-        self.hwm[file as usize] = from;
+    fn lower_used_end(&mut self, file: u32, from: u32, to: u32, trim: Trim) {
+        debug_assert_eq!(self.used_end[file as usize], to);
+        self.used_end[file as usize] = from;
         if trim.needs_reserve() {
             let h = &mut self.holes_to[file as usize];
             *h = (*h).max(to);
@@ -275,14 +278,14 @@ impl Space {
     /// on disk: every free run, and everything above each file's high-water
     /// mark, is [`Trim::Unknown`].
     pub(crate) fn rebuild(&mut self, mut used: Vec<Run>, file_count: u32) {
-        self.hwm = vec![0; file_count as usize];
+        self.used_end = vec![0; file_count as usize];
         self.holes_to = vec![self.file_blocks; file_count as usize];
         self.by_size.clear();
         self.by_pos.clear();
         self.free_blocks = 0;
         used.sort();
         for r in &used {
-            let h = &mut self.hwm[r.file as usize];
+            let h = &mut self.used_end[r.file as usize];
             *h = (*h).max(r.block + r.blocks);
         }
         let mut cursor: Vec<u32> = vec![0; file_count as usize];
@@ -294,15 +297,15 @@ impl Space {
             cursor[r.file as usize] = r.block + r.blocks;
         }
         // Trailing empty files keep their number; their space is all free
-        // (hwm 0). Files before the last with free tails: the gap up to the
+        // (used end 0). Files before the last with free tails: the gap up to the
         // file end is free too.
         let last = file_count.saturating_sub(1);
         for f in 0..file_count {
             if f < last {
-                let h = self.hwm[f as usize];
+                let h = self.used_end[f as usize];
                 if h < self.file_blocks {
                     self.insert_gap(f, h, self.file_blocks, Some(Trim::Unknown));
-                    self.hwm[f as usize] = self.file_blocks;
+                    self.used_end[f as usize] = self.file_blocks;
                 }
             }
         }
@@ -315,7 +318,7 @@ impl Space {
         let mut at = from;
         while at < to {
             let end = ((at / w + 1) * w).min(to);
-            let t = trim.unwrap_or_else(|| self.above_hwm_state(file, at));
+            let t = trim.unwrap_or_else(|| self.above_used_end_state(file, at));
             self.insert_free_raw(file, at, end - at, t);
             at = end;
         }
@@ -368,14 +371,14 @@ mod tests {
     }
 
     #[test]
-    fn new_file_when_full_and_hwm_lowers() {
+    fn new_file_when_full_and_used_end_lowers() {
         let mut s = Space::new(16, 32);
         let a = alloc(&mut s, 16);
         let b = alloc(&mut s, 16);
         let c = alloc(&mut s, 4);
         assert_eq!((a.file, b.file, c.file), (0, 0, 1));
         s.free(c);
-        assert_eq!(s.hwm(1), 0);
+        assert_eq!(s.used_end(1), 0);
         s.free(b);
         assert_eq!(s.free_blocks(), 16);
     }
@@ -391,8 +394,8 @@ mod tests {
         let mut t = Space::new(16, 64);
         t.rebuild(kept.clone(), s.file_count());
         // Both agree on what is in use.
-        let used_s = s.extent_blocks() - s.free_blocks();
-        let used_t = t.extent_blocks() - t.free_blocks();
+        let used_s = s.used_blocks() - s.free_blocks();
+        let used_t = t.used_blocks() - t.free_blocks();
         assert_eq!(used_s, used_t);
         assert_eq!(used_t, kept.iter().map(|r| r.blocks as u64).sum::<u64>());
     }
@@ -464,7 +467,7 @@ mod tests {
         assert_eq!(punch_all(&mut s), 4);
         // Freeing b lowers the mark over b and the punched run a.
         s.free(b);
-        assert_eq!((s.hwm(0), s.free_blocks()), (0, 0));
+        assert_eq!((s.used_end(0), s.free_blocks()), (0, 0));
         // A bump allocation over the old holes must be re-reserved; past
         // them it need not.
         let (r, t) = s.alloc(4);

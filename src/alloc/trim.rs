@@ -9,11 +9,15 @@
 //!   never given back: the kernel may still punch it. It is free again after
 //!   a reopen.
 //! * Every release the punched runs come from is durable before the first
-//!   hole is punched (`trim` syncs first), so a power loss can never bring a
-//!   released segment back over a hole.
+//!   hole is punched (a run enters the free space only after a sync made its
+//!   release durable), so a power loss can never bring a released segment
+//!   back over a hole. `trim` syncs twice first, so that frees made before
+//!   it release their segments and those runs become free.
 //! * A run that may hold a hole is reserved again (`fallocate` mode 0 through
 //!   the ring) before a segment is published in it; nothing is handed out in
 //!   a hole, so no write through a mapping can fault on a full disk.
+
+#![warn(clippy::cast_possible_truncation)]
 
 use std::collections::HashMap;
 
@@ -53,10 +57,12 @@ impl SegmentAllocator {
     /// Give the blocks of the shard's free space back to the file system:
     /// punch a hole (`fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)`,
     /// through the control ring) into every free run of the data files — the
-    /// space released segments left below the high-water marks — that is not
+    /// space released segments left below the used ends — that is not
     /// punched already. Returns the bytes punched.
     ///
-    /// The allocator first syncs (as [`sync`](Self::sync)), so that no
+    /// The allocator first syncs twice (as [`sync`](Self::sync)): frees made
+    /// before the call become durable and release the segments they emptied,
+    /// and those releases become durable, so their runs are free and no
     /// released segment can come back over a hole after a power loss. A
     /// punched run is reserved again (`fallocate` mode 0) before a new
     /// segment uses it; if the disk is full by then, that `allocate` returns
@@ -64,7 +70,7 @@ impl SegmentAllocator {
     /// reopen may have been punched before it: they are reserved again the
     /// same way, and punched again (and counted again) by the next `trim`.
     ///
-    /// Space above a file's high-water mark is not punched, nor space beyond
+    /// Space above a file's used end is not punched, nor space beyond
     /// the file's reserved size, nor anything on a file system that cannot
     /// both punch holes and reserve blocks (then this returns `Ok(0)`).
     /// While `trim` runs, the runs it works on cannot be allocated from.
@@ -89,8 +95,12 @@ impl SegmentAllocator {
 
     async fn trim_inner(&self) -> Result<u64> {
         self.check_writable()?;
-        // 1. Take the candidates out of the free space, before the sync: a
-        //    run freed again after the sync started would not be covered.
+        // 1. Make every free durable (which releases the segments they
+        //    emptied), then every release (which frees their runs).
+        self.sync().await?;
+        self.sync().await?;
+        // 2. Take the candidates out of the free space: every free run in
+        //    it was released durably before it got there.
         let mut leased = {
             let mut st = self.st.borrow_mut();
             let candidates = st.space.punchable();
@@ -104,8 +114,6 @@ impl SegmentAllocator {
                 in_flight: None,
             }
         };
-        // 2. Make every release durable.
-        self.sync().await?;
         // 3. Punch, file by file, in file order.
         leased.pending.reverse();
         let mut can_punch: HashMap<u32, bool> = HashMap::new();

@@ -1,0 +1,75 @@
+//! A fixed allocator workload for instruction counting:
+//!
+//! ```text
+//! cargo build --release --example alloc_profile
+//! valgrind --tool=callgrind --toggle-collect='*phase_*' \
+//!     target/release/examples/alloc_profile /tmp/alloc-profile 200000
+//! ```
+//!
+//! One shard; phase 1 fills the heap (`try_allocate(100)` in a loop, handles
+//! kept; `allocate` when a new segment is needed), phase 2 frees every
+//! allocation, phase 3 runs allocate + free pairs. Instructions per call =
+//! the phase's inclusive count / n.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use segalloc::{Config, DataDir, Handle, Shard};
+
+/// Allocate on the hot path, falling back to the async call when a new
+/// segment is needed (once per segment).
+async fn allocate(shard: &Shard, size: u64) -> Handle {
+    match shard.try_allocate(size).expect("allocate") {
+        Some(a) => a.into_handle(),
+        None => shard.allocate(size).await.expect("allocate").into_handle(),
+    }
+}
+
+#[inline(never)]
+async fn phase_fill(shard: &Shard, n: usize, out: &mut Vec<Handle>) {
+    for _ in 0..n {
+        out.push(allocate(shard, 100).await);
+    }
+}
+
+#[inline(never)]
+fn phase_free(shard: &Shard, handles: &[Handle]) {
+    for h in handles {
+        shard.free(*h).expect("free");
+    }
+}
+
+#[inline(never)]
+async fn phase_pairs(shard: &Shard, n: usize) {
+    for _ in 0..n {
+        let h = allocate(shard, 100).await;
+        shard.free(black_box(h)).expect("free");
+    }
+}
+
+fn main() -> segalloc::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let dir = args
+        .next()
+        .unwrap_or_else(|| "/tmp/segalloc-alloc-profile".into());
+    let n: usize = args.next().map_or(200_000, |s| s.parse().expect("a count"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = Config::builder(&dir).shards(1).build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        let dd = Arc::new(DataDir::open(&cfg)?);
+        let shard = Shard::open(dd, &cfg, 0).await?;
+        let mut handles = Vec::with_capacity(n);
+        phase_fill(&shard, n, &mut handles).await;
+        shard.sync().await?;
+        phase_free(&shard, &handles);
+        shard.sync().await?;
+        phase_pairs(&shard, n).await;
+        println!("{n} allocations");
+        Ok(())
+    })
+}

@@ -1,0 +1,233 @@
+//! Opening an allocator: create a fresh metadata file, or recover an
+//! existing one.
+
+#![warn(clippy::cast_possible_truncation)]
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tracing::Instrument;
+
+use crate::format::classes::{BLOCK_BYTES, CLASS_COUNT};
+use super::durability::Released;
+use super::meta_map::MetaMap;
+use super::space::{Run, Space, Trim};
+use super::{AllocStats, SegmentAllocator, State, data_file_name};
+use crate::error::{Error, Result};
+use crate::mapping::MappingManager;
+use crate::format::{self, Manifest};
+
+impl SegmentAllocator {
+    /// Open (recover) or create the allocator of shard `shard` in folder
+    /// `dir`, over `mm` (whose registry opens the files).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Corrupt`] when the metadata fails validation (bad checksum,
+    /// truncated, overlapping segments that cannot be resolved, a data file
+    /// missing); [`Error::Mismatch`] when it belongs to another shard or
+    /// directory; io errors.
+    pub async fn open(
+        shard: u16,
+        dir: &Path,
+        manifest: Manifest,
+        mm: Rc<MappingManager>,
+    ) -> Result<SegmentAllocator> {
+        let span = tracing::info_span!("recovery", shard);
+        Self::open_inner(shard, dir, manifest, mm)
+            .instrument(span)
+            .await
+    }
+
+    async fn open_inner(
+        shard: u16,
+        dir: &Path,
+        manifest: Manifest,
+        mm: Rc<MappingManager>,
+    ) -> Result<SegmentAllocator> {
+        let started = Instant::now();
+        if mm.max_extents() < 2 {
+            return Err(Error::InvalidConfig(
+                "a shard needs at least 2 windows (max_extents per shard >= 2)".into(),
+            ));
+        }
+        let files = mm.files().clone();
+        let meta_path = dir.join("meta.seg");
+        let a = Self::unopened(shard, dir, manifest, mm)?;
+        let meta = a.meta_file;
+        let lease = files.acquire(meta, 0).await?;
+        drop(lease);
+        let size = files.len_bytes(meta)?.unwrap_or(0);
+        let fresh = size == 0 || a.superblock_is_blank(size).await?;
+        if fresh && dir.join(data_file_name(0)).exists() {
+            // Data files are created only after the metadata was written and
+            // synced, and their creation is synced: this is damage, not a
+            // directory that was never used.
+            return Err(Error::Corrupt {
+                what: meta_path.display().to_string(),
+                detail: "metadata file is empty or blank but data files exist".into(),
+            });
+        }
+        if fresh {
+            if files.is_read_only() {
+                return Err(Error::Corrupt {
+                    what: meta_path.display().to_string(),
+                    detail: "metadata file is empty".into(),
+                });
+            }
+            a.create_meta().await?;
+        } else {
+            a.recover(size).await?;
+            if !files.is_read_only() {
+                a.reserve_published_runs().await?;
+                // Frees and releases made before a crash may be in the file
+                // but not durable: make them durable before any of their
+                // space is reused.
+                a.files.sync(a.meta_file, true).await?;
+                let released = std::mem::take(&mut a.st.borrow_mut().released);
+                a.reuse(released);
+            }
+        }
+        a.st.borrow_mut().stats.recovery_us =
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Ok(a)
+    }
+
+    /// The allocator's state before its metadata is read or created.
+    fn unopened(
+        shard: u16,
+        dir: &Path,
+        manifest: Manifest,
+        mm: Rc<MappingManager>,
+    ) -> Result<SegmentAllocator> {
+        let files = mm.files().clone();
+        let meta_file = files.register(dir.join("meta.seg"));
+        let blocks = |bytes: u64| {
+            u32::try_from(bytes / BLOCK_BYTES).map_err(|_| {
+                Error::InvalidConfig(format!(
+                    "geometry out of range: {bytes} bytes is more than 2^32 blocks"
+                ))
+            })
+        };
+        let window_blocks = blocks(manifest.window_bytes)?;
+        let file_blocks = blocks(manifest.max_file_bytes)?;
+        let writable = !files.is_read_only();
+        Ok(SegmentAllocator {
+            shard,
+            manifest,
+            dir: dir.to_path_buf(),
+            meta: MetaMap::new(mm.clone(), meta_file, manifest.window_bytes),
+            mm,
+            files,
+            meta_file,
+            data_files: RefCell::new(Vec::new()),
+            st: RefCell::new(State {
+                segments: Vec::new(),
+                avail: std::array::from_fn(|_| Vec::new()),
+                space: Space::new(window_blocks, file_blocks),
+                free_entries: Vec::new(),
+                released: Released::default(),
+                directory_len: 0,
+                next_generation: 1,
+                roots: HashMap::new(),
+                root_seq: 0,
+                live_per_class: [0; CLASS_COUNT],
+                stats: AllocStats::default(),
+            }),
+            poisoned: Cell::new(false),
+            writable: Cell::new(writable),
+            meta_durable_bytes: Cell::new(0),
+        })
+    }
+
+    /// The shard index.
+    pub fn shard(&self) -> u16 {
+        self.shard
+    }
+
+    /// The manager this allocator maps through.
+    pub fn mappings(&self) -> &Rc<MappingManager> {
+        &self.mm
+    }
+
+    /// The manifest of the data directory.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub(super) fn meta_path(&self) -> PathBuf {
+        self.dir.join("meta.seg")
+    }
+
+    pub(super) fn corrupt(&self, detail: impl Into<String>) -> Error {
+        Error::Corrupt {
+            what: self.meta_path().display().to_string(),
+            detail: detail.into(),
+        }
+    }
+
+    async fn superblock_is_blank(&self, size: u64) -> Result<bool> {
+        if size < format::MANIFEST_BYTES as u64 {
+            return Ok(true);
+        }
+        self.meta.map_existing(size).await?;
+        let mut b = [0u8; format::MANIFEST_BYTES];
+        self.meta.read(0, &mut b);
+        Ok(b.iter().all(|&x| x == 0))
+    }
+
+    /// Reserve again (`fallocate` mode 0) the blocks of every published
+    /// segment below its file's reserved size: a reservation that did not
+    /// survive a power loss (the header that relies on it did) would leave a
+    /// hole under live slots, and a write there `SIGBUS` on a full disk.
+    /// Over blocks still allocated this allocates nothing. A run that
+    /// cannot be reserved (file cannot be opened, disk full) is logged.
+    async fn reserve_published_runs(&self) -> Result<()> {
+        let mut runs: Vec<Run> = {
+            let st = self.st.borrow();
+            st.segments.iter().flatten().map(|s| s.run).collect()
+        };
+        runs.sort_unstable();
+        let mut merged: Vec<Run> = Vec::with_capacity(runs.len());
+        for r in runs {
+            match merged.last_mut() {
+                Some(m) if m.file == r.file && m.block + m.blocks == r.block => {
+                    m.blocks += r.blocks
+                }
+                _ => merged.push(r),
+            }
+        }
+        for run in merged {
+            // Best effort: a file that cannot be opened fails every access
+            // to it anyway, and a full disk fails only writes into holes.
+            if let Err(error) = self.reserve_trimmed(run, Trim::Unknown).await {
+                tracing::warn!(
+                    shard = self.shard,
+                    file = %self.dir.join(data_file_name(run.file)).display(),
+                    first_block = run.block,
+                    blocks = run.blocks,
+                    %error,
+                    "cannot reserve the blocks of published segments again"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_meta(&self) -> Result<()> {
+        let first = format::entry_offset(0) + format::META_PAGE_BYTES;
+        self.meta.ensure(first).await?;
+        self.meta
+            .word(format::HWM_OFFSET)
+            .store(format::encode_hwm(0), Ordering::Relaxed);
+        self.meta.write(0, &self.manifest.encode(self.shard));
+        let reserved = self.files.reserved_bytes(self.meta_file)?;
+        self.files.sync(self.meta_file, true).await?;
+        self.meta_durable_bytes.set(reserved);
+        Ok(())
+    }
+}

@@ -1,0 +1,383 @@
+//! Segment lifecycle: create a segment for a class (directory entry, run of
+//! blocks, data file), publish it, release it when it empties.
+
+#![warn(clippy::cast_possible_truncation)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::format::classes::{BLOCK_BYTES, CLASSES};
+use super::meta_map::Bitmap;
+use super::space::{Run, Trim};
+use super::{SegmentAllocator, State};
+use crate::error::{Error, Result};
+use crate::files::FileId;
+use crate::format::{Handle, data_file_name};
+use crate::format::{self, EntryHeader};
+
+/// A published segment of this shard.
+///
+/// Two bitmaps: the durable one in the metadata file (a bit per live
+/// allocation) and `held` in memory (a bit per slot that cannot be handed
+/// out: live, or freed since the last sync began, so its free may not be
+/// durable yet). Live slots are a subset of held ones.
+pub(super) struct Seg {
+    pub(super) class_id: u8,
+    pub(super) generation: u32,
+    pub(super) run: Run,
+    pub(super) slots: u32,
+    /// The data file's id in the registry.
+    pub(super) file_id: FileId,
+    /// Slots whose durable bit is set.
+    pub(super) live: u32,
+    /// Slots held (live, or freed and not yet durably so).
+    pub(super) held: u32,
+    /// In memory, a bit per slot: set when held. Bits past `slots` are set.
+    held_bits: Box<[u64; format::BITMAP_WORDS]>,
+    /// Bit `w` is set when word `w` of `held_bits` has a clear bit.
+    open_words: u64,
+    bitmap: Bitmap,
+    /// Whether the segment is on its class's list of segments with room.
+    pub(super) in_avail: bool,
+}
+
+// `open_words` has a bit per bitmap word.
+const _: () = assert!(format::BITMAP_WORDS <= 64);
+
+impl Seg {
+    /// A segment whose durable bitmap is `bitmap` (all of its slots held
+    /// that the bitmap marks live). The caller checked that the bitmap
+    /// marks no slot past `slots`.
+    pub(super) fn new(header: &EntryHeader, run: Run, bitmap: Bitmap, file_id: FileId) -> Seg {
+        let mut held_bits = Box::new([u64::MAX; format::BITMAP_WORDS]);
+        let mut open_words = 0u64;
+        let mut live = 0u32;
+        for (w, held) in (0u32..).zip(held_bits.iter_mut()) {
+            let valid = header.slots.saturating_sub(w * 64).min(64);
+            if valid == 0 {
+                break;
+            }
+            let invalid = if valid == 64 { 0 } else { u64::MAX << valid };
+            let word = bitmap.word(w).load(Ordering::Relaxed) & !invalid;
+            live += word.count_ones();
+            *held = word | invalid;
+            if *held != u64::MAX {
+                open_words |= 1 << w;
+            }
+        }
+        Seg {
+            class_id: header.class_id,
+            generation: header.generation,
+            run,
+            slots: header.slots,
+            file_id,
+            live,
+            held: live,
+            held_bits,
+            open_words,
+            bitmap,
+            in_avail: false,
+        }
+    }
+
+    /// Word `w` of the segment's durable bitmap (in the metadata mapping).
+    #[inline]
+    pub(super) fn word(&self, w: u32) -> &AtomicU64 {
+        self.bitmap.word(w)
+    }
+
+    /// Whether slot `slot` is live (its durable bit set).
+    #[inline]
+    pub(super) fn is_live(&self, slot: u32) -> bool {
+        self.word(slot / 64).load(Ordering::Relaxed) & (1u64 << (slot % 64)) != 0
+    }
+
+    /// Take a slot that is not held: hold it and set its durable bit.
+    /// `None` when every slot is held. O(1).
+    #[inline]
+    pub(super) fn take(&mut self) -> Option<u32> {
+        if self.open_words == 0 {
+            return None;
+        }
+        let w = self.open_words.trailing_zeros();
+        let held = &mut self.held_bits[w as usize];
+        let bit = (!*held).trailing_zeros();
+        *held |= 1u64 << bit;
+        if *held == u64::MAX {
+            self.open_words &= !(1u64 << w);
+        }
+        self.held += 1;
+        self.live += 1;
+        let cell = self.bitmap.word(w);
+        cell.store(
+            cell.load(Ordering::Relaxed) | (1u64 << bit),
+            Ordering::Relaxed,
+        );
+        Some(w * 64 + bit)
+    }
+
+    /// Clear slot `slot`'s durable bit (it stays held).
+    #[inline]
+    pub(super) fn clear_live(&mut self, slot: u32) {
+        let cell = self.bitmap.word(slot / 64);
+        let word = cell.load(Ordering::Relaxed);
+        debug_assert!(word & (1u64 << (slot % 64)) != 0);
+        cell.store(word & !(1u64 << (slot % 64)), Ordering::Relaxed);
+        self.live -= 1;
+    }
+
+    /// Stop holding slot `slot` (not live): it can be handed out again.
+    pub(super) fn unhold(&mut self, slot: u32) {
+        let (w, bit) = (slot / 64, slot % 64);
+        debug_assert!(!self.is_live(slot));
+        let held = &mut self.held_bits[w as usize];
+        debug_assert!(*held & (1u64 << bit) != 0);
+        *held &= !(1u64 << bit);
+        self.open_words |= 1u64 << w;
+        self.held -= 1;
+    }
+
+    /// Byte offset of the segment in its data file.
+    #[inline]
+    pub(super) fn start(&self) -> u64 {
+        u64::from(self.run.block) * BLOCK_BYTES
+    }
+
+    /// Byte offset of slot `slot` in the data file.
+    #[inline]
+    pub(super) fn slot_offset(&self, slot: u32) -> u64 {
+        self.start() + u64::from(slot) * u64::from(CLASSES[self.class_id as usize].slot_bytes)
+    }
+}
+
+/// A directory entry and a run claimed by `new_segment`: given back if the
+/// segment is not published (the call failed or was dropped).
+struct Claim<'a> {
+    alloc: &'a SegmentAllocator,
+    entry: u32,
+    run: Run,
+    trim: Trim,
+    generation: u32,
+    armed: bool,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut st = self.alloc.st.borrow_mut();
+            st.space.give_back(self.run, self.trim);
+            // The entry is still free on disk: reusable at once.
+            st.free_entries.push(self.entry);
+        }
+    }
+}
+
+impl SegmentAllocator {
+    /// Why [`locate`](Self::locate) rejected `h` (off the hot path).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn locate_error(&self, st: &State, h: &Handle) -> Error {
+        let shown = || h.to_string();
+        if h.dir_tag != self.manifest.dir_tag() {
+            return Error::ForeignHandle {
+                handle: shown(),
+                handle_tag: h.dir_tag,
+                dir_tag: self.manifest.dir_tag(),
+            };
+        }
+        if h.shard != self.shard {
+            return Error::WrongShard {
+                handle: shown(),
+                owner: h.shard,
+                this: self.shard,
+            };
+        }
+        let not = |reason| Error::NotAllocated {
+            handle: shown(),
+            reason,
+        };
+        let Some(Some(seg)) = st.segments.get(h.segment as usize) else {
+            return not("no such segment");
+        };
+        if seg.generation != h.generation {
+            return not("segment was released and reused since");
+        }
+        if seg.class_id != h.class_id {
+            return not("wrong size class");
+        }
+        if seg.run.file != h.file {
+            return not("wrong data file");
+        }
+        let slot_bytes = CLASSES[seg.class_id as usize].slot_bytes as u64;
+        if h.length as u64 != slot_bytes {
+            return not("wrong length");
+        }
+        let start = seg.start();
+        if h.offset < start || h.offset >= start + seg.slots as u64 * slot_bytes {
+            return not("offset out of the segment's bounds");
+        }
+        not("offset is not a slot boundary")
+    }
+
+    /// Release segment `seg_id` if it holds no slot and its class has
+    /// another such segment (one is kept per class to avoid churn).
+    pub(super) fn release_if_spare(&self, st: &mut State, seg_id: u32) {
+        let seg = st.segments[seg_id as usize]
+            .as_ref()
+            .expect("segment exists");
+        if seg.held != 0 {
+            return;
+        }
+        let empties = st.avail[seg.class_id as usize]
+            .iter()
+            .filter(|&&s| {
+                st.segments[s as usize]
+                    .as_ref()
+                    .is_some_and(|s| s.held == 0)
+            })
+            .count();
+        if empties > 1 {
+            self.release_segment(st, seg_id);
+        }
+    }
+
+    /// Unpublish an empty segment. Its entry and run are reused only after a
+    /// sync that began after this made the release durable.
+    fn release_segment(&self, st: &mut State, seg_id: u32) {
+        let seg = st.segments[seg_id as usize].take().expect("segment exists");
+        debug_assert_eq!((seg.live, seg.held), (0, 0));
+        let avail = &mut st.avail[seg.class_id as usize];
+        if let Some(pos) = avail.iter().position(|&s| s == seg_id) {
+            avail.swap_remove(pos);
+        }
+        self.meta
+            .word(format::entry_offset(seg_id))
+            .store(0, Ordering::Release);
+        st.released.entries.push(seg_id);
+        st.released.runs.push(seg.run);
+    }
+
+    /// Create a segment for `class_id`. Cancellation-safe: dropped before
+    /// it publishes the segment, it gives the entry and the run back.
+    pub(super) async fn new_segment(&self, class_id: u8) -> Result<()> {
+        let c = CLASSES[class_id as usize];
+        let blocks = u32::try_from(u64::from(c.segment_bytes) / BLOCK_BYTES)
+            .expect("a segment fits a window");
+        let mut claim = {
+            let mut st = self.st.borrow_mut();
+            // Claim the entry index now: other tasks may create segments
+            // while this one awaits.
+            let entry = match st.free_entries.pop() {
+                Some(e) => e,
+                None => {
+                    st.directory_len += 1;
+                    st.directory_len - 1
+                }
+            };
+            let (run, trim) = st.space.alloc(blocks);
+            let generation = st.next_generation;
+            st.next_generation = st.next_generation.wrapping_add(1).max(1);
+            Claim {
+                alloc: self,
+                entry,
+                run,
+                trim,
+                generation,
+                armed: true,
+            }
+        };
+        self.prepare_segment(claim.entry, claim.run, claim.trim)
+            .await?;
+        claim.armed = false;
+        let header = EntryHeader {
+            class_id,
+            generation: claim.generation,
+            file: claim.run.file,
+            block: claim.run.block,
+            blocks,
+            slots: c.slots,
+        };
+        self.publish_segment(claim.entry, header, claim.run);
+        Ok(())
+    }
+
+    /// Room in the metadata file for `entry`, durable; the data file of
+    /// `run` exists; `run` reserved.
+    async fn prepare_segment(&self, entry: u32, run: Run, trim: Trim) -> Result<()> {
+        let end = format::entry_offset(entry) + format::ENTRY_BYTES;
+        self.meta.ensure(end).await?;
+        // The directory's on-disk length is about to cover `end`: the
+        // file's new size must be durable first, or a power loss could keep
+        // the length but not the size (recovery would then find the
+        // directory truncated).
+        if end > self.meta_durable_bytes.get() {
+            let reserved = self.files.reserved_bytes(self.meta_file)?;
+            if let Err(e) = self.files.sync(self.meta_file, true).await {
+                return Err(self.poison(e));
+            }
+            self.meta_durable_bytes
+                .set(self.meta_durable_bytes.get().max(reserved));
+        }
+        self.ensure_data_file(run.file).await?;
+        // A run that may hold a hole (trimmed) is reserved again first.
+        self.reserve_trimmed(run, trim).await
+    }
+
+    /// Write the entry (counters, bitmap, header, then the state word that
+    /// publishes it) and make the segment available to its class.
+    fn publish_segment(&self, entry: u32, header: EntryHeader, run: Run) {
+        // The on-disk directory length only grows, and before the entry is
+        // published, so recovery scans every published entry.
+        let len_word = self.meta.word(format::HWM_OFFSET);
+        let on_disk = format::decode_hwm(len_word.load(Ordering::Relaxed)).unwrap_or(0);
+        if entry + 1 > on_disk {
+            len_word.store(format::encode_hwm(entry + 1), Ordering::Release);
+        }
+        let gen_word = self.meta.word(format::GEN_OFFSET);
+        let issued = format::decode_hwm(gen_word.load(Ordering::Relaxed)).unwrap_or(0);
+        let next = header.generation.wrapping_add(1).max(1);
+        if next > issued {
+            gen_word.store(format::encode_hwm(next), Ordering::Release);
+        }
+        let off = format::entry_offset(entry);
+        let bitmap = self.meta.bitmap(entry);
+        for w in (0u32..).take(format::BITMAP_WORDS) {
+            bitmap.word(w).store(0, Ordering::Relaxed);
+        }
+        self.meta.write(off + 8, &header.body());
+        self.meta
+            .word(off)
+            .store(header.state_word(), Ordering::Release);
+        let file_id = self.data_files.borrow()[run.file as usize];
+        let mut seg = Seg::new(&header, run, bitmap, file_id);
+        seg.in_avail = true;
+        let mut st = self.st.borrow_mut();
+        if st.segments.len() <= entry as usize {
+            st.segments.resize_with(entry as usize + 1, || None);
+        }
+        st.segments[entry as usize] = Some(seg);
+        st.avail[header.class_id as usize].push(entry);
+    }
+
+    async fn ensure_data_file(&self, file: u32) -> Result<()> {
+        while self.data_files.borrow().len() <= file as usize {
+            let n = u32::try_from(self.data_files.borrow().len()).expect("file numbers are u32");
+            let id = self.files.register(self.dir.join(data_file_name(n)));
+            self.data_files.borrow_mut().push(id);
+        }
+        let id = self.data_files.borrow()[file as usize];
+        if self.files.len_bytes(id)?.is_none() {
+            // First touch: open (creating it) so a crash leaves no entry
+            // pointing at a missing file.
+            let existed = self.dir.join(data_file_name(file)).exists();
+            drop(self.files.acquire(id, 0).await?);
+            if !existed {
+                // Make the new name durable before any segment refers to
+                // it: otherwise a power loss could keep the directory entry
+                // of the segment but not the file (recovery: "missing").
+                crate::datadir::sync_dir(&self.dir)?;
+                self.st.borrow_mut().released.new_files = true;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,149 @@
+//! Counters, gauges and the iterator over live allocations.
+
+#![warn(clippy::cast_possible_truncation)]
+
+use std::sync::atomic::Ordering;
+
+use super::SegmentAllocator;
+use crate::format::classes::{BLOCK_BYTES, CLASSES};
+use crate::format::Handle;
+
+/// Counters and gauges of an allocator.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllocStats {
+    /// Live allocations.
+    pub allocations_live: u64,
+    /// Bytes of live slots.
+    pub bytes_live: u64,
+    /// Bytes of segments in use (allocated to a class).
+    pub bytes_allocated: u64,
+    /// Bytes reserved on disk for data (blocks allocated in data files).
+    pub bytes_reserved: u64,
+    /// Bytes of the metadata file.
+    pub metadata_bytes: u64,
+    /// Segments in use.
+    pub segments: u64,
+    /// Data files.
+    pub data_files: u64,
+    /// Directory entries waiting for the next sync before reuse.
+    pub quarantined_entries: u64,
+    /// `allocate` calls that succeeded.
+    pub allocs: u64,
+    /// `free` calls that succeeded.
+    pub frees: u64,
+    /// Successful syncs.
+    pub syncs: u64,
+    /// Live allocations per class, `(slot_bytes, count)`, non-zero only.
+    pub live_per_class: Vec<(u32, u64)>,
+    /// Microseconds the last recovery took.
+    pub recovery_us: u64,
+    /// When the last successful sync finished, in milliseconds since the
+    /// Unix epoch (0: never since open).
+    pub last_sync_unix_ms: u64,
+}
+
+impl SegmentAllocator {
+    /// The live allocations, segment by segment.
+    pub fn live(&self) -> LiveIter<'_> {
+        LiveIter {
+            alloc: self,
+            seg: 0,
+            word: 0,
+            bits: 0,
+        }
+    }
+
+    /// Number of live allocations.
+    pub fn live_count(&self) -> u64 {
+        self.st.borrow().live_per_class.iter().sum()
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> AllocStats {
+        let st = self.st.borrow();
+        let mut s = st.stats.clone();
+        s.segments = st.segments.iter().filter(|s| s.is_some()).count() as u64;
+        s.bytes_allocated = (st.space.used_blocks() - st.space.free_blocks()) * BLOCK_BYTES;
+        s.quarantined_entries = st.released.entries.len() as u64;
+        s.allocations_live = st.live_per_class.iter().sum();
+        s.bytes_live = (st.live_per_class.iter().zip(CLASSES.iter()))
+            .map(|(n, c)| n * u64::from(c.slot_bytes))
+            .sum();
+        s.data_files = self.data_files.borrow().len() as u64;
+        s.bytes_reserved = self
+            .data_files
+            .borrow()
+            .iter()
+            .map(|&id| self.files.reserved_bytes(id).unwrap_or(0))
+            .sum();
+        s.metadata_bytes = self.files.reserved_bytes(self.meta_file).unwrap_or(0);
+        s.live_per_class = st
+            .live_per_class
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (CLASSES[i].slot_bytes, *n))
+            .collect();
+        s
+    }
+}
+
+impl std::fmt::Debug for SegmentAllocator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegmentAllocator")
+            .field("shard", &self.shard)
+            .field("live", &self.live_count())
+            .finish()
+    }
+}
+
+/// Iterator over live handles; see [`SegmentAllocator::live`].
+pub struct LiveIter<'a> {
+    alloc: &'a SegmentAllocator,
+    seg: u32,
+    word: u32,
+    bits: u64,
+}
+
+impl Iterator for LiveIter<'_> {
+    type Item = Handle;
+
+    fn next(&mut self) -> Option<Handle> {
+        let st = self.alloc.st.borrow();
+        loop {
+            let seg = match st.segments.get(self.seg as usize) {
+                None => return None,
+                Some(None) => {
+                    self.seg += 1;
+                    self.word = 0;
+                    self.bits = 0;
+                    continue;
+                }
+                Some(Some(s)) => s,
+            };
+            if self.bits != 0 {
+                let bit = self.bits.trailing_zeros();
+                self.bits &= self.bits - 1;
+                let slot = (self.word - 1) * 64 + bit;
+                let slot_bytes = CLASSES[seg.class_id as usize].slot_bytes;
+                return Some(Handle {
+                    shard: self.alloc.shard,
+                    class_id: seg.class_id,
+                    file: seg.run.file,
+                    segment: self.seg,
+                    generation: seg.generation,
+                    length: slot_bytes,
+                    offset: seg.start() + slot as u64 * slot_bytes as u64,
+                    dir_tag: self.alloc.manifest.dir_tag(),
+                });
+            }
+            if self.word >= seg.slots.div_ceil(64) {
+                self.seg += 1;
+                self.word = 0;
+                continue;
+            }
+            self.bits = seg.word(self.word).load(Ordering::Relaxed);
+            self.word += 1;
+        }
+    }
+}
