@@ -38,7 +38,7 @@ pub struct DataDir {
     manifest: Manifest,
     created: bool,
     read_only: bool,
-    _lock: Option<OwnedFd>,
+    _lock: Option<FileLock>,
 }
 
 impl DataDir {
@@ -200,13 +200,39 @@ fn check_not_symlink(p: &Path) -> Result<()> {
     }
 }
 
-fn take_lock(dir: &Path) -> Result<OwnedFd> {
+/// An `flock` held through a descriptor of its own, released with
+/// `LOCK_UN` when dropped.
+///
+/// Closing the descriptor alone is not enough: a child that another thread
+/// forks keeps a copy of the open file description (and so of the lock)
+/// until it execs, although the descriptor is close-on-exec.
+#[derive(Debug)]
+struct FileLock {
+    fd: OwnedFd,
+}
+
+impl FileLock {
+    /// `flock(LOCK_EX | LOCK_NB)` on `fd`: `Ok(None)` when another holder has it.
+    fn try_exclusive(fd: OwnedFd) -> std::io::Result<Option<FileLock>> {
+        Ok(sys::try_lock_exclusive(fd.as_raw_fd())?.then_some(FileLock { fd }))
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        // Nothing to do on failure: closing the descriptor still releases
+        // the lock once no forked copy of it is left.
+        let _ = sys::unlock(self.fd.as_raw_fd());
+    }
+}
+
+fn take_lock(dir: &Path) -> Result<FileLock> {
     let p = dir.join(LOCK_FILE);
     let fd =
         sys::open(&p, OpenMode::ReadWriteCreate).map_err(|e| Error::io("open", Some(&p), e))?;
-    match sys::try_lock_exclusive(fd.as_raw_fd()) {
-        Ok(true) => Ok(fd),
-        Ok(false) => Err(Error::AlreadyOpen {
+    match FileLock::try_exclusive(fd) {
+        Ok(Some(lock)) => Ok(lock),
+        Ok(None) => Err(Error::AlreadyOpen {
             path: dir.to_path_buf(),
         }),
         Err(e) => Err(Error::io("flock", Some(&p), e)),
@@ -223,7 +249,11 @@ fn probe_lock(dir: &Path) -> Result<bool> {
         Err(e) => return Err(Error::io("open", Some(&p), e)),
     };
     let free = sys::try_lock_shared(fd.as_raw_fd()).map_err(|e| Error::io("flock", Some(&p), e))?;
-    // Closing `fd` releases the probe's lock at once.
+    if free {
+        // Release it explicitly, not only by closing: a child forked
+        // meanwhile would otherwise keep a writer out until its exec.
+        sys::unlock(fd.as_raw_fd()).map_err(|e| Error::io("flock", Some(&p), e))?;
+    }
     Ok(!free)
 }
 

@@ -149,6 +149,17 @@ pub fn try_lock_shared(fd: RawFd) -> io::Result<bool> {
     }
 }
 
+/// `flock(fd, LOCK_UN)`: release a lock taken through `fd`.
+///
+/// An `flock` belongs to the open file description, which a forked child
+/// shares until it execs or exits: closing one descriptor does not release
+/// the lock while such a copy exists, `LOCK_UN` does.
+pub fn unlock(fd: RawFd) -> io::Result<()> {
+    // SAFETY: no pointers involved.
+    syscall!(unsafe { libc::flock(fd, libc::LOCK_UN) })?;
+    Ok(())
+}
+
 /// The soft and hard `RLIMIT_NOFILE`.
 pub fn nofile_limit() -> io::Result<(u64, u64)> {
     let mut r = libc::rlimit {

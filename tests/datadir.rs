@@ -1,0 +1,121 @@
+//! The data directory: its locks (directory and shards, in this process and
+//! across processes), `DataDir::destroy`, path resolution and the errors a
+//! first-day user meets.
+
+mod common;
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::small_cfg;
+use segalloc::DataDir;
+
+/// Fork a child that keeps a copy of every descriptor of this process (even
+/// close-on-exec ones) for `hold` before it execs `true`. Returns once the
+/// child has forked; join the handle to reap it.
+fn fork_child_holding_fds(hold: Duration) -> std::thread::JoinHandle<()> {
+    let (mut forked_rx, forked_tx) = std::io::pipe().expect("pipe");
+    let tx = forked_tx.as_raw_fd();
+    let t = std::thread::spawn(move || {
+        let mut cmd = Command::new("true");
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe calls (write, nanosleep).
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::libc::write(tx, b"x".as_ptr().cast(), 1);
+                let ts = nix::libc::timespec {
+                    tv_sec: hold.as_secs() as nix::libc::time_t,
+                    tv_nsec: hold.subsec_nanos() as nix::libc::c_long,
+                };
+                nix::libc::nanosleep(&ts, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        let status = cmd.status().expect("spawn true");
+        drop(forked_tx);
+        assert!(status.success());
+    });
+    let mut b = [0u8; 1];
+    forked_rx.read_exact(&mut b).expect("child forked");
+    t
+}
+
+#[test]
+fn a_closed_directory_is_free_while_a_forked_child_has_not_exec_yet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(&tmp.path().join("d"));
+    let dd = DataDir::open(&cfg).expect("open");
+    let child = fork_child_holding_fds(Duration::from_secs(2));
+    drop(dd);
+    // The child still has a copy of the lock's descriptor: closing ours must
+    // release the lock anyway, at once.
+    let (_, locked_elsewhere) = DataDir::open_read_only(cfg.dir()).expect("probe");
+    assert!(!locked_elsewhere, "a closed directory looks open elsewhere");
+    let again = DataDir::open(&cfg);
+    assert!(again.is_ok(), "reopen after close: {again:?}");
+    drop(again);
+    child.join().unwrap();
+}
+
+/// Descriptors of this process that are not in `before`, with their flags.
+fn new_fds(before: &[(u32, u64)]) -> Vec<(u32, u64, String)> {
+    fds_with_flags()
+        .into_iter()
+        .filter(|(fd, _)| !before.iter().any(|(b, _)| b == fd))
+        .map(|(fd, flags)| {
+            let target = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            (fd, flags, target)
+        })
+        .collect()
+}
+
+fn fds_with_flags() -> Vec<(u32, u64)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc/self/fdinfo").unwrap().flatten() {
+        let Ok(fd) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(info) = std::fs::read_to_string(e.path()) else {
+            continue; // the read_dir's own descriptor, closed meanwhile
+        };
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|f| u64::from_str_radix(f.trim(), 8).unwrap())
+            .unwrap();
+        v.push((fd, flags));
+    }
+    v
+}
+
+#[test]
+fn every_descriptor_segalloc_opens_is_close_on_exec() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(&tmp.path().join("d"));
+    let before = fds_with_flags();
+    common::run(async {
+        let dd = std::sync::Arc::new(DataDir::open(&cfg).unwrap());
+        let shard = segalloc::Shard::open(dd, &cfg, 0).await.unwrap();
+        let a = shard.allocate(100).await.unwrap();
+        a.write_at(0, b"x").unwrap();
+        shard.sync().await.unwrap();
+        let (_ro, _) = DataDir::open_read_only(cfg.dir()).unwrap();
+        let opened = new_fds(&before);
+        assert!(
+            opened.iter().any(|(_, _, t)| t.ends_with("LOCK")),
+            "{opened:?}"
+        );
+        for (fd, flags, target) in &opened {
+            assert_ne!(
+                flags & nix::libc::O_CLOEXEC as u64,
+                0,
+                "fd {fd} ({target}) is inherited across exec"
+            );
+        }
+    });
+}
