@@ -226,6 +226,35 @@ impl Drop for FileLock {
     }
 }
 
+/// The exclusive lock of one shard: an `flock` on the shard's folder, held
+/// by every writable open of the shard (in this process or another) for as
+/// long as it is open, so that two instances never hand out the same slot.
+#[derive(Debug)]
+pub struct ShardLock {
+    _lock: FileLock,
+}
+
+impl ShardLock {
+    /// Lock shard `shard`, whose folder is `folder`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShardAlreadyOpen`] when another open of the shard holds it;
+    /// [`Error::Io`] naming the folder when it cannot be opened (missing, a
+    /// symlink, not a directory).
+    pub fn acquire(shard: u16, folder: &Path) -> Result<ShardLock> {
+        let fd = sys::open_dir(folder).map_err(|e| Error::io("open", Some(folder), e))?;
+        match FileLock::try_exclusive(fd) {
+            Ok(Some(lock)) => Ok(ShardLock { _lock: lock }),
+            Ok(None) => Err(Error::ShardAlreadyOpen {
+                shard,
+                path: folder.to_path_buf(),
+            }),
+            Err(e) => Err(Error::io("flock", Some(folder), e)),
+        }
+    }
+}
+
 fn take_lock(dir: &Path) -> Result<FileLock> {
     let p = dir.join(LOCK_FILE);
     let fd =

@@ -199,6 +199,16 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// A shard is already open for writing (in this or another process):
+    /// every writable open of a shard holds an exclusive lock on its folder.
+    #[error("shard {shard} ({}) is already open by another instance", path.display())]
+    ShardAlreadyOpen {
+        /// The shard.
+        shard: u16,
+        /// The shard's folder inside the data directory.
+        path: PathBuf,
+    },
+
     /// The data directory was created with other settings.
     #[error("data directory was created with {what} = {on_disk}, but {requested} was requested")]
     Mismatch {

@@ -7,11 +7,14 @@ mod common;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::Command;
+use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::small_cfg;
-use segalloc::DataDir;
+use segalloc::{Config, DataDir, Error, SegmentAllocator, Shard};
 
 /// Fork a child that keeps a copy of every descriptor of this process (even
 /// close-on-exec ones) for `hold` before it execs `true`. Returns once the
@@ -118,4 +121,121 @@ fn every_descriptor_segalloc_opens_is_close_on_exec() {
             );
         }
     });
+}
+
+// ---------------------------------------------------------------------------
+// One writable open per shard.
+// ---------------------------------------------------------------------------
+
+/// Open shard 0 through a read-only view of the directory and a writable
+/// registry of our own: the path that bypasses the directory's lock.
+async fn open_allocator_behind_the_lock(cfg: &Config) -> segalloc::Result<SegmentAllocator> {
+    let (ro, _) = DataDir::open_read_only(cfg.dir())?;
+    let (_, mm) = common::manager_with(cfg);
+    SegmentAllocator::open(0, &ro.shard_dir(0), *ro.manifest(), Rc::new(mm)).await
+}
+
+fn expect_shard_open(r: segalloc::Result<impl Sized>, cfg: &Config, what: &str) {
+    match r {
+        Err(e @ Error::ShardAlreadyOpen { .. }) => {
+            let Error::ShardAlreadyOpen { shard, ref path } = e else {
+                unreachable!()
+            };
+            assert_eq!(shard, 0, "{what}");
+            assert_eq!(path, &cfg.dir().join("shard-000"), "{what}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("shard 0") && msg.contains("shard-000"),
+                "{msg}"
+            );
+        }
+        Err(e) => panic!("{what}: {e:?}"),
+        Ok(_) => panic!("{what}: the shard was opened a second time"),
+    }
+}
+
+#[test]
+fn a_shard_is_opened_for_writing_once_in_a_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(&tmp.path().join("d"));
+    common::run(async {
+        let dd = Arc::new(DataDir::open(&cfg).unwrap());
+        let first = Shard::open(dd.clone(), &cfg, 0).await.unwrap();
+        let h = first.allocate(16).await.unwrap().into_handle();
+        expect_shard_open(Shard::open(dd.clone(), &cfg, 0).await, &cfg, "Shard::open");
+        expect_shard_open(
+            open_allocator_behind_the_lock(&cfg).await,
+            &cfg,
+            "SegmentAllocator::open with a read-only manifest",
+        );
+        // A read-only open of the shard is still allowed, and sees the slot.
+        let (ro, _) = DataDir::open_read_only(cfg.dir()).unwrap();
+        let ro_cfg = common::builder(cfg.dir(), 8, 8)
+            .read_only(true)
+            .build()
+            .unwrap();
+        let viewer = Shard::open(Arc::new(ro), &ro_cfg, 0).await.unwrap();
+        drop(viewer);
+        first.free(h).unwrap();
+        first.sync().await.unwrap();
+        // Closing the shard releases its lock.
+        drop(first);
+        let again = Shard::open(dd, &cfg, 0).await.unwrap();
+        assert_eq!(again.live().count(), 0);
+    });
+}
+
+const CHILD_ENV: &str = "SEGALLOC_DATADIR_CHILD";
+
+/// Child half of the cross-process tests: `SEGALLOC_DATADIR_CHILD=ROLE:DIR`.
+#[test]
+fn child_role() {
+    let Ok(v) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let (role, dir) = v.split_once(':').unwrap();
+    let cfg = small_cfg(Path::new(dir));
+    let answer = match role {
+        "allocator" => common::run(async {
+            match open_allocator_behind_the_lock(&cfg).await {
+                Ok(_) => "opened".to_string(),
+                Err(Error::ShardAlreadyOpen { shard, .. }) => format!("shard {shard} already open"),
+                Err(e) => format!("error {e}"),
+            }
+        }),
+        other => panic!("unknown role {other}"),
+    };
+    println!("child: {answer}");
+}
+
+fn in_child(role: &str, dir: &Path) -> String {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, format!("{role}:{}", dir.display()))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|l| l.split_once("child: ").map(|(_, a)| a))
+        .unwrap_or_else(|| panic!("no answer from the child: {stdout}"))
+        .to_string()
+}
+
+#[test]
+fn a_shard_is_opened_for_writing_once_across_processes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(&tmp.path().join("d"));
+    common::run(async {
+        let dd = Arc::new(DataDir::open(&cfg).unwrap());
+        let shard = Shard::open(dd, &cfg, 0).await.unwrap();
+        assert_eq!(in_child("allocator", cfg.dir()), "shard 0 already open");
+        drop(shard);
+    });
+    assert_eq!(in_child("allocator", cfg.dir()), "opened");
 }

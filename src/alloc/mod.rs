@@ -31,6 +31,7 @@ use std::time::Instant;
 use futures::future::join_all;
 use tracing::Instrument;
 
+use crate::datadir::ShardLock;
 use crate::error::{Error, Result};
 use crate::files::{FileHandleRegistry, FileId};
 use crate::handle::Handle;
@@ -209,6 +210,8 @@ pub struct SegmentAllocator {
     /// Bytes of the metadata file known to be durable (its size as of the
     /// last `fdatasync`). The high-water mark never covers an entry past it.
     meta_durable_bytes: Cell<u64>,
+    /// Held for as long as a writable allocator is open (`None` read-only).
+    _shard_lock: Option<ShardLock>,
 }
 
 /// Undoes a slot allocation if the `allocate` future is dropped or fails
@@ -234,10 +237,14 @@ pub(crate) fn data_file_name(n: u32) -> String {
 
 impl SegmentAllocator {
     /// Open (recover) or create the allocator of shard `shard` in folder
-    /// `dir`, over `mm` (whose registry opens the files).
+    /// `dir`, over `mm` (whose registry opens the files). Unless the registry
+    /// is read-only, the shard's [`ShardLock`] is held until the allocator is
+    /// dropped.
     ///
     /// # Errors
     ///
+    /// [`Error::ShardAlreadyOpen`] when another writable open of the shard
+    /// (in this or another process) holds its lock;
     /// [`Error::Corrupt`] when the metadata fails validation (bad checksum,
     /// truncated, overlapping segments that cannot be resolved, a data file
     /// missing); [`Error::Mismatch`] when it belongs to another shard or
@@ -267,6 +274,10 @@ impl SegmentAllocator {
             ));
         }
         let files = mm.files().clone();
+        let shard_lock = match files.is_read_only() {
+            true => None,
+            false => Some(ShardLock::acquire(shard, dir)?),
+        };
         let meta_path = dir.join("meta.seg");
         let meta = files.register(&meta_path);
         let window_blocks = (manifest.window_bytes / BLOCK_BYTES) as u32;
@@ -296,6 +307,7 @@ impl SegmentAllocator {
             }),
             poisoned: Cell::new(false),
             meta_durable_bytes: Cell::new(0),
+            _shard_lock: shard_lock,
         };
         let lease = files.acquire(meta, 0).await?;
         drop(lease);
