@@ -12,7 +12,8 @@
 //! ```
 //!
 //! **Invariant:** files are created with mode 0600 and folders with 0700;
-//! nothing inside the directory is followed through a symlink.
+//! nothing inside the directory is followed through a symlink (the directory
+//! itself may be reached through one: the path given is resolved first).
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::{Read, Write};
@@ -30,6 +31,8 @@ use crate::sys::{self, OpenMode};
 pub const MANIFEST_FILE: &str = "MANIFEST";
 /// Name of the lock file.
 pub const LOCK_FILE: &str = "LOCK";
+/// Name of the manifest while it is being written.
+const MANIFEST_TMP_FILE: &str = "MANIFEST.tmp";
 
 /// An open (and locked) data directory.
 #[derive(Debug)]
@@ -42,70 +45,32 @@ pub struct DataDir {
 }
 
 impl DataDir {
-    /// Open the directory of `cfg`, creating it (and its manifest) if it does
-    /// not exist, and take its exclusive lock.
+    /// Open the directory of `cfg`, creating it (with its parents, and its
+    /// manifest) if it does not exist, and take its exclusive lock. An empty
+    /// directory is initialised as a new one.
+    ///
+    /// The path given is resolved first: the directory may be reached through
+    /// a symlink (`/var/lib/app -> /data/app`), and [`path`](Self::path) is
+    /// then the resolved one. Inside the directory nothing is followed
+    /// through a symlink.
     ///
     /// # Errors
     ///
     /// [`Error::AlreadyOpen`] when another instance holds the lock;
     /// [`Error::Mismatch`] when the directory was created with another shard
     /// count, window size or maximum file size; [`Error::Corrupt`] for a
-    /// damaged manifest; [`Error::InvalidConfig`] when the path is a symlink
-    /// or not a directory; [`Error::Io`].
+    /// damaged manifest; [`Error::NotADirectory`] when the path is a file;
+    /// [`Error::InvalidConfig`] when an entry inside is a symlink;
+    /// [`Error::Io`] naming the path that failed.
     pub fn open(cfg: &Config) -> Result<DataDir> {
-        let path = cfg.dir().to_path_buf();
-        check_not_symlink(&path)?;
-        if !path.exists() {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&path)
-                .map_err(|e| Error::io("mkdir", Some(&path), e))?;
-        }
-        if !path.is_dir() {
-            return Err(Error::InvalidConfig(format!(
-                "{} is not a directory",
-                path.display()
-            )));
-        }
+        let path = create_and_resolve(cfg.dir())?;
         let lock = take_lock(&path)?;
         let mpath = path.join(MANIFEST_FILE);
         check_not_symlink(&mpath)?;
         let (manifest, created) = if mpath.exists() {
-            let m = read_manifest(&path)?;
-            let want = [
-                ("shards", m.shard_count as u64, cfg.shards() as u64),
-                ("window_bytes", m.window_bytes, cfg.window_bytes()),
-                ("max_file_bytes", m.max_file_bytes, cfg.max_file_bytes()),
-            ];
-            for (what, on_disk, requested) in want {
-                if on_disk != requested {
-                    return Err(Error::Mismatch {
-                        what,
-                        on_disk,
-                        requested,
-                    });
-                }
-            }
-            (m, false)
+            (read_matching_manifest(&path, cfg)?, false)
         } else {
-            if has_shard_dirs(&path) {
-                return Err(Error::Corrupt {
-                    what: mpath.display().to_string(),
-                    detail: "manifest missing but shard folders exist".into(),
-                });
-            }
-            let m = Manifest {
-                version: FORMAT_VERSION,
-                shard_count: u16::try_from(cfg.shards())
-                    .map_err(|_| Error::InvalidConfig("too many shards".into()))?,
-                dir_id: random_u64(),
-                window_bytes: cfg.window_bytes(),
-                max_file_bytes: cfg.max_file_bytes(),
-                class_table_id: CLASS_TABLE_ID,
-            };
-            write_manifest(&path, &m)?;
-            (m, true)
+            (create_manifest(&path, cfg)?, true)
         };
         for i in 0..manifest.shard_count {
             let d = shard_dir(&path, i);
@@ -134,13 +99,15 @@ impl DataDir {
     /// `flock` on `LOCK` opened read-only, released at once so a writer is
     /// never kept out). `locked_elsewhere` tells whether another instance had
     /// the directory open at that moment (its state may then be moving).
+    /// The path is resolved as in [`open`](Self::open).
     ///
     /// # Errors
     ///
-    /// [`Error::Corrupt`] for a damaged or missing manifest; [`Error::Io`].
+    /// [`Error::DirNotFound`] when the directory does not exist;
+    /// [`Error::NotADirectory`]; [`Error::NotDataDir`] when it has no
+    /// manifest; [`Error::Corrupt`] for a damaged manifest; [`Error::Io`].
     pub fn open_read_only(path: impl AsRef<Path>) -> Result<(DataDir, bool)> {
-        let path = path.as_ref().to_path_buf();
-        check_not_symlink(&path)?;
+        let path = resolve_existing(path.as_ref())?;
         let manifest = read_manifest(&path)?;
         let locked_elsewhere = probe_lock(&path)?;
         Ok((
@@ -179,6 +146,84 @@ impl DataDir {
 
 fn shard_dir(path: &Path, i: u16) -> PathBuf {
     path.join(format!("shard-{i:03}"))
+}
+
+/// Resolve the directory the user named, following a symlink at the top,
+/// and creating it (with its parents) when it does not exist.
+fn create_and_resolve(given: &Path) -> Result<PathBuf> {
+    match std::fs::metadata(given) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(given)
+            .map_err(|e| Error::io("mkdir", Some(given), e))?,
+        _ => {}
+    }
+    resolve_existing(given)
+}
+
+/// Resolve an existing directory the user named, following a symlink at
+/// the top only.
+fn resolve_existing(given: &Path) -> Result<PathBuf> {
+    let m = std::fs::metadata(given).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::DirNotFound {
+            path: given.to_path_buf(),
+        },
+        _ => Error::io("stat", Some(given), e),
+    })?;
+    if !m.is_dir() {
+        let kind = if m.is_file() {
+            "a regular file"
+        } else {
+            "a special file"
+        };
+        return Err(Error::NotADirectory {
+            path: given.to_path_buf(),
+            kind,
+        });
+    }
+    std::fs::canonicalize(given).map_err(|e| Error::io("canonicalize", Some(given), e))
+}
+
+/// The manifest of an existing directory, checked against `cfg`.
+fn read_matching_manifest(path: &Path, cfg: &Config) -> Result<Manifest> {
+    let m = read_manifest(path)?;
+    let want = [
+        ("shards", m.shard_count as u64, cfg.shards() as u64),
+        ("window_bytes", m.window_bytes, cfg.window_bytes()),
+        ("max_file_bytes", m.max_file_bytes, cfg.max_file_bytes()),
+    ];
+    for (what, on_disk, requested) in want {
+        if on_disk != requested {
+            return Err(Error::Mismatch {
+                what,
+                on_disk,
+                requested,
+            });
+        }
+    }
+    Ok(m)
+}
+
+/// Write the manifest of a new directory (one without shard folders).
+fn create_manifest(path: &Path, cfg: &Config) -> Result<Manifest> {
+    if has_shard_dirs(path) {
+        return Err(Error::Corrupt {
+            what: path.join(MANIFEST_FILE).display().to_string(),
+            detail: "manifest missing but shard folders exist".into(),
+        });
+    }
+    let m = Manifest {
+        version: FORMAT_VERSION,
+        shard_count: u16::try_from(cfg.shards())
+            .map_err(|_| Error::InvalidConfig("too many shards".into()))?,
+        dir_id: random_u64(),
+        window_bytes: cfg.window_bytes(),
+        max_file_bytes: cfg.max_file_bytes(),
+        class_table_id: CLASS_TABLE_ID,
+    };
+    write_manifest(path, &m)?;
+    Ok(m)
 }
 
 fn has_shard_dirs(path: &Path) -> bool {
@@ -293,9 +338,9 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(&p)
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::Corrupt {
-                what: p.display().to_string(),
-                detail: "manifest missing (not a segalloc data directory?)".into(),
+            std::io::ErrorKind::NotFound => Error::NotDataDir {
+                path: dir.to_path_buf(),
+                reason: "it has no manifest",
             },
             _ => Error::io("open", Some(&p), e),
         })?;
@@ -314,7 +359,7 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
 }
 
 fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
-    let tmp = dir.join("MANIFEST.tmp");
+    let tmp = dir.join(MANIFEST_TMP_FILE);
     let p = dir.join(MANIFEST_FILE);
     let mut f = OpenOptions::new()
         .write(true)

@@ -239,3 +239,135 @@ fn a_shard_is_opened_for_writing_once_across_processes() {
     });
     assert_eq!(in_child("allocator", cfg.dir()), "opened");
 }
+
+/// A closed data directory with a record in each of its 2 shards.
+fn populated(dir: &Path) -> Config {
+    let cfg = common::builder(dir, 16, 16).shards(2).build().unwrap();
+    common::run(async {
+        let dd = Arc::new(DataDir::open(&cfg).unwrap());
+        for i in 0..2 {
+            let s = Shard::open(dd.clone(), &cfg, i).await.unwrap();
+            s.allocate(100).await.unwrap().write_at(0, b"kept").unwrap();
+            s.sync().await.unwrap();
+        }
+    });
+    cfg
+}
+
+fn exists(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok()
+}
+
+// ---------------------------------------------------------------------------
+// Paths and first-day errors.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_data_directory_reached_through_a_symlink_opens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = tmp.path().join("data").join("app");
+    let link = tmp.path().join("app");
+    std::fs::create_dir_all(&real).unwrap();
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let cfg = small_cfg(&link);
+    let h = common::run(async {
+        let dd = Arc::new(DataDir::open(&cfg).unwrap());
+        assert_eq!(dd.path(), std::fs::canonicalize(&real).unwrap());
+        let s = Shard::open(dd, &cfg, 0).await.unwrap();
+        let a = s.allocate(5).await.unwrap();
+        a.write_at(0, b"hello").unwrap();
+        s.sync().await.unwrap();
+        a.into_handle()
+    });
+    assert!(exists(&real.join("MANIFEST")) && exists(&real.join("shard-000/meta.seg")));
+    let (ro, _) = DataDir::open_read_only(&link).unwrap();
+    assert_eq!(ro.path(), std::fs::canonicalize(&real).unwrap());
+    // Reopened by its real path, the record is there.
+    common::run(async {
+        let s = common::open_shard(&small_cfg(&real)).await.unwrap();
+        let mut buf = [0u8; 5];
+        s.pin(h).await.unwrap().read_at(0, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+    });
+}
+
+#[test]
+fn a_symlink_inside_the_data_directory_is_still_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = populated(&tmp.path().join("d"));
+    let shard = cfg.dir().join("shard-001");
+    let aside = tmp.path().join("aside");
+    std::fs::rename(&shard, &aside).unwrap();
+    std::os::unix::fs::symlink(&aside, &shard).unwrap();
+    match DataDir::open(&cfg) {
+        Err(Error::InvalidConfig(msg)) => {
+            assert!(
+                msg.contains("symlink") && msg.contains("shard-001"),
+                "{msg}"
+            )
+        }
+        other => panic!("symlinked shard folder: {other:?}"),
+    }
+}
+
+#[test]
+fn a_missing_directory_is_named_or_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nonexist");
+    match DataDir::open_read_only(&missing) {
+        Err(e @ Error::DirNotFound { .. }) => {
+            assert_eq!(
+                e.to_string(),
+                format!("data directory {} does not exist", missing.display())
+            )
+        }
+        other => panic!("read-only open of a missing directory: {other:?}"),
+    }
+    assert!(!exists(&missing), "a read-only open created the directory");
+    // A writable open creates it, parents included.
+    let cfg = small_cfg(&missing.join("a").join("b"));
+    let dd = DataDir::open(&cfg).unwrap();
+    assert!(dd.was_created() && exists(&cfg.dir().join("MANIFEST")));
+}
+
+#[test]
+fn an_empty_directory_is_initialised_and_not_called_corrupt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    match DataDir::open_read_only(&empty) {
+        Err(e @ Error::NotDataDir { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("not a segalloc data directory"), "{msg}");
+            assert!(!msg.contains("corrupt"), "{msg}");
+        }
+        other => panic!("read-only open of an empty directory: {other:?}"),
+    }
+    let cfg = small_cfg(&empty);
+    common::run(async {
+        let dd = Arc::new(DataDir::open(&cfg).unwrap());
+        assert!(dd.was_created());
+        let s = Shard::open(dd, &cfg, 0).await.unwrap();
+        s.allocate(1).await.unwrap();
+    });
+}
+
+#[test]
+fn a_file_given_as_the_directory_is_named_as_a_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("notes.txt");
+    std::fs::write(&file, b"x").unwrap();
+    let cfg = small_cfg(&file);
+    for r in [
+        DataDir::open(&cfg).map(drop),
+        DataDir::open_read_only(&file).map(drop),
+    ] {
+        match r {
+            Err(e @ Error::NotADirectory { .. }) => assert_eq!(
+                e.to_string(),
+                format!("{} is a regular file, not a directory", file.display())
+            ),
+            other => panic!("a file as the directory: {other:?}"),
+        }
+    }
+}
