@@ -122,6 +122,50 @@ impl DataDir {
         ))
     }
 
+    /// Delete a closed data directory: every file and folder segalloc
+    /// created in it, then the directory itself (a mount point is left in
+    /// place, empty). A missing directory is nothing to delete (`Ok`), and
+    /// so is an empty one (it is removed).
+    ///
+    /// Nothing is deleted unless `path` is a segalloc data directory (a valid
+    /// manifest, or only the `LOCK` of a creation that never finished), every
+    /// entry in it is one segalloc creates, and its lock and every shard's
+    /// lock are free: the directory's lock is held until the deletion is done,
+    /// so no instance can open it meanwhile.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AlreadyOpen`] or [`Error::ShardAlreadyOpen`] when it is open
+    /// (in this or another process); [`Error::NotDataDir`] naming the
+    /// directory, or the entry that segalloc did not create;
+    /// [`Error::NotADirectory`]; [`Error::Corrupt`] for a damaged manifest;
+    /// [`Error::Io`] naming the path that could not be removed.
+    pub fn destroy(path: impl AsRef<Path>) -> Result<()> {
+        let path = match resolve_existing(path.as_ref()) {
+            Err(Error::DirNotFound { .. }) => return Ok(()),
+            other => other?,
+        };
+        let shard_count = match destroy_shard_count(&path)? {
+            Some(n) => n,
+            None => return remove_top(&path), // empty
+        };
+        let _lock = take_lock(&path)?;
+        let _shards = (0..shard_count)
+            .filter(|&i| shard_dir(&path, i).exists())
+            .map(|i| ShardLock::acquire(i, &shard_dir(&path, i)))
+            .collect::<Result<Vec<_>>>()?;
+        let doomed = destroy_plan(&path, shard_count)?;
+        for p in &doomed {
+            let r = if p.is_dir() {
+                std::fs::remove_dir(p)
+            } else {
+                std::fs::remove_file(p)
+            };
+            r.map_err(|e| Error::io("remove", Some(p), e))?;
+        }
+        remove_top(&path)
+    }
+
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.path
@@ -224,6 +268,99 @@ fn create_manifest(path: &Path, cfg: &Config) -> Result<Manifest> {
     };
     write_manifest(path, &m)?;
     Ok(m)
+}
+
+/// Names of the entries of a folder (`Io` naming it on failure).
+fn entry_names(dir: &Path) -> Result<Vec<std::ffi::OsString>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io("read_dir", Some(dir), e))?;
+    rd.map(|e| {
+        e.map(|e| e.file_name())
+            .map_err(|e| Error::io("read_dir", Some(dir), e))
+    })
+    .collect()
+}
+
+/// For [`DataDir::destroy`]: `None` for an empty directory, else the shard
+/// count of a segalloc data directory (0 for a creation that never got to
+/// its manifest: only `LOCK` and `MANIFEST.tmp`).
+fn destroy_shard_count(path: &Path) -> Result<Option<u16>> {
+    let names = entry_names(path)?;
+    if names.is_empty() {
+        return Ok(None);
+    }
+    check_not_symlink(&path.join(MANIFEST_FILE))?;
+    if path.join(MANIFEST_FILE).exists() {
+        return Ok(Some(read_manifest(path)?.shard_count));
+    }
+    if names
+        .iter()
+        .all(|n| n == LOCK_FILE || n == MANIFEST_TMP_FILE)
+    {
+        return Ok(Some(0));
+    }
+    Err(Error::NotDataDir {
+        path: path.to_path_buf(),
+        reason: "it has no manifest; nothing was deleted",
+    })
+}
+
+/// Everything [`DataDir::destroy`] removes, children before their folder
+/// and `LOCK` last; an entry segalloc does not create refuses it all.
+fn destroy_plan(path: &Path, shard_count: u16) -> Result<Vec<PathBuf>> {
+    let foreign = |p: PathBuf| Error::NotDataDir {
+        path: p,
+        reason: "segalloc did not create this entry; nothing was deleted",
+    };
+    let mut doomed = Vec::new();
+    let mut top = Vec::new();
+    for name in entry_names(path)? {
+        let p = path.join(&name);
+        let is_dir = std::fs::symlink_metadata(&p)
+            .map_err(|e| Error::io("stat", Some(&p), e))?
+            .is_dir();
+        let shard = (0..shard_count).find(|&i| p == shard_dir(path, i));
+        match (name.to_str(), shard, is_dir) {
+            (Some(MANIFEST_FILE | MANIFEST_TMP_FILE), None, false) => top.push(p),
+            (Some(LOCK_FILE), None, false) => {}
+            (_, Some(_), true) => {
+                for f in entry_names(&p)? {
+                    let fp = p.join(&f);
+                    let regular = std::fs::symlink_metadata(&fp)
+                        .map_err(|e| Error::io("stat", Some(&fp), e))?
+                        .is_file();
+                    if !regular || !is_shard_file_name(&f) {
+                        return Err(foreign(fp));
+                    }
+                    doomed.push(fp);
+                }
+                doomed.push(p);
+            }
+            _ => return Err(foreign(p)),
+        }
+    }
+    doomed.extend(top);
+    doomed.push(path.join(LOCK_FILE));
+    Ok(doomed)
+}
+
+/// `meta.seg` or `data-NNNNNN.seg`.
+fn is_shard_file_name(name: &std::ffi::OsStr) -> bool {
+    let Some(n) = name.to_str() else {
+        return false;
+    };
+    n == "meta.seg"
+        || n.strip_prefix("data-")
+            .and_then(|r| r.strip_suffix(".seg"))
+            .is_some_and(|d| d.len() >= 6 && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Remove the (now empty) data directory; a mount point stays, empty.
+fn remove_top(path: &Path) -> Result<()> {
+    match std::fs::remove_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => Ok(()),
+        Err(e) => Err(Error::io("remove", Some(path), e)),
+    }
 }
 
 fn has_shard_dirs(path: &Path) -> bool {

@@ -203,6 +203,11 @@ fn child_role() {
                 Err(e) => format!("error {e}"),
             }
         }),
+        "destroy" => match DataDir::destroy(cfg.dir()) {
+            Ok(()) => "destroyed".to_string(),
+            Err(Error::AlreadyOpen { .. }) => "directory already open".to_string(),
+            Err(e) => format!("error {e}"),
+        },
         other => panic!("unknown role {other}"),
     };
     println!("child: {answer}");
@@ -240,6 +245,10 @@ fn a_shard_is_opened_for_writing_once_across_processes() {
     assert_eq!(in_child("allocator", cfg.dir()), "opened");
 }
 
+// ---------------------------------------------------------------------------
+// DataDir::destroy.
+// ---------------------------------------------------------------------------
+
 /// A closed data directory with a record in each of its 2 shards.
 fn populated(dir: &Path) -> Config {
     let cfg = common::builder(dir, 16, 16).shards(2).build().unwrap();
@@ -256,6 +265,89 @@ fn populated(dir: &Path) -> Config {
 
 fn exists(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok()
+}
+
+#[test]
+fn destroy_removes_a_closed_data_directory_and_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = populated(&tmp.path().join("d"));
+    std::fs::write(tmp.path().join("neighbour"), b"x").unwrap();
+    DataDir::destroy(cfg.dir()).unwrap();
+    assert!(!exists(cfg.dir()));
+    assert!(exists(&tmp.path().join("neighbour")));
+    // Missing: nothing to do. Empty: removed.
+    DataDir::destroy(cfg.dir()).unwrap();
+    std::fs::create_dir(cfg.dir()).unwrap();
+    DataDir::destroy(cfg.dir()).unwrap();
+    assert!(!exists(cfg.dir()));
+}
+
+#[test]
+fn destroy_refuses_what_is_not_a_segalloc_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(photos.join("2024")).unwrap();
+    std::fs::write(photos.join("cat.jpg"), b"meow").unwrap();
+    match DataDir::destroy(&photos) {
+        Err(Error::NotDataDir { path, .. }) => assert_eq!(path, photos),
+        other => panic!("photos/: {other:?}"),
+    }
+    assert!(exists(&photos.join("cat.jpg")) && exists(&photos.join("2024")));
+    assert!(
+        !exists(&photos.join("LOCK")),
+        "a refused destroy created LOCK"
+    );
+    match DataDir::destroy(photos.join("cat.jpg")) {
+        Err(Error::NotADirectory { path, kind }) => {
+            assert_eq!((path, kind), (photos.join("cat.jpg"), "a regular file"))
+        }
+        other => panic!("a file: {other:?}"),
+    }
+    // A data directory holding a file of the user's: nothing is deleted.
+    let cfg = populated(&tmp.path().join("d"));
+    for stray in [
+        cfg.dir().join("notes.txt"),
+        cfg.dir().join("shard-001").join("notes.txt"),
+    ] {
+        std::fs::write(&stray, b"mine").unwrap();
+        match DataDir::destroy(cfg.dir()) {
+            Err(Error::NotDataDir { path, .. }) => assert_eq!(path, stray),
+            other => panic!("{stray:?}: {other:?}"),
+        }
+        assert!(exists(&cfg.dir().join("MANIFEST")));
+        assert!(exists(&cfg.dir().join("shard-000").join("meta.seg")));
+        std::fs::remove_file(&stray).unwrap();
+    }
+    DataDir::destroy(cfg.dir()).unwrap();
+}
+
+#[test]
+fn destroy_refuses_a_directory_open_here_or_in_another_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = populated(&tmp.path().join("d"));
+    let cfg = common::builder(cfg.dir(), 16, 16)
+        .shards(2)
+        .build()
+        .unwrap();
+    let dd = DataDir::open(&cfg).unwrap();
+    match DataDir::destroy(cfg.dir()) {
+        Err(Error::AlreadyOpen { path }) => assert_eq!(path, cfg.dir()),
+        other => panic!("open here: {other:?}"),
+    }
+    assert_eq!(in_child("destroy", cfg.dir()), "directory already open");
+    drop(dd);
+    // A shard opened behind the directory's lock is refused as well.
+    common::run(async {
+        let a = open_allocator_behind_the_lock(&cfg).await.unwrap();
+        match DataDir::destroy(cfg.dir()) {
+            Err(Error::ShardAlreadyOpen { shard: 0, .. }) => {}
+            other => panic!("shard open: {other:?}"),
+        }
+        drop(a);
+    });
+    assert!(exists(&cfg.dir().join("shard-000").join("meta.seg")));
+    assert_eq!(in_child("destroy", cfg.dir()), "destroyed");
+    assert!(!exists(cfg.dir()));
 }
 
 // ---------------------------------------------------------------------------
@@ -308,6 +400,11 @@ fn a_symlink_inside_the_data_directory_is_still_refused() {
         }
         other => panic!("symlinked shard folder: {other:?}"),
     }
+    match DataDir::destroy(cfg.dir()) {
+        Err(Error::Io { path: Some(p), .. }) => assert_eq!(p, shard),
+        other => panic!("destroy through a symlinked shard folder: {other:?}"),
+    }
+    assert!(exists(&aside.join("meta.seg")));
 }
 
 #[test]
@@ -370,4 +467,53 @@ fn a_file_given_as_the_directory_is_named_as_a_file() {
             other => panic!("a file as the directory: {other:?}"),
         }
     }
+}
+
+/// A tmpfs mounted for the test, unmounted when dropped.
+struct Mount(std::path::PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &Path, size: &str) -> Option<Mount> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = common::is_root()
+            && Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "none"])
+                .arg(at)
+                .status()
+                .is_ok_and(|s| s.success());
+        ok.then(|| Mount(at.to_path_buf()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn destroy_empties_a_mount_point_and_keeps_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let at = tmp.path().join("mnt");
+    let Some(_mount) = Mount::tmpfs(&at, "64m") else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let cfg = populated(&at);
+    DataDir::destroy(cfg.dir()).unwrap();
+    assert!(at.is_dir(), "the mount point itself is kept");
+    assert_eq!(std::fs::read_dir(&at).unwrap().count(), 0);
+    // A stray file of the user's on it: refused, named, nothing deleted.
+    let cfg = populated(&at);
+    std::fs::write(at.join("lost+found"), b"").unwrap();
+    match DataDir::destroy(cfg.dir()) {
+        Err(e @ Error::NotDataDir { .. }) => {
+            assert!(
+                e.to_string()
+                    .contains(&at.join("lost+found").display().to_string())
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(exists(&at.join("MANIFEST")));
 }
