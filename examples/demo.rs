@@ -43,7 +43,8 @@ struct Args {
     /// Data directory.
     #[arg(long, default_value = "./segalloc-demo")]
     dir: PathBuf,
-    /// Remove the directory first.
+    /// Delete the data directory first (refused unless it is a closed
+    /// segalloc data directory).
     #[arg(long)]
     fresh: bool,
     /// Records to insert in this run (`1000000`, `1_000_000` or `1e6`).
@@ -780,8 +781,9 @@ fn main() {
 
 fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let (min, max) = parse_sizes(&args.record_bytes)?;
-    if args.fresh && args.dir.exists() {
-        std::fs::remove_dir_all(&args.dir)?;
+    if args.fresh {
+        // Refuses anything but a closed segalloc data directory.
+        segalloc::DataDir::destroy(&args.dir).map_err(|e| format!("--fresh: {e}"))?;
     }
     check_space(args, min, max)?;
     let existed = args.dir.join(segalloc::datadir::MANIFEST_FILE).exists();

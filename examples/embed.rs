@@ -18,7 +18,8 @@ use segalloc::{Cluster, Config, Error, Handle};
 #[derive(Parser, Debug)]
 #[command(about = "segalloc inside threads you own")]
 struct Args {
-    /// Data directory (created if missing; removed first with --fresh).
+    /// Data directory (created if missing; deleted first with --fresh, which
+    /// refuses anything but a closed segalloc data directory).
     #[arg(long, default_value = "./segalloc-embed")]
     dir: std::path::PathBuf,
     /// Start over.
@@ -31,8 +32,12 @@ struct Args {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    if args.fresh && args.dir.exists() {
-        std::fs::remove_dir_all(&args.dir)?;
+    if args.fresh {
+        // Refuses anything but a closed segalloc data directory.
+        if let Err(e) = segalloc::DataDir::destroy(&args.dir) {
+            eprintln!("error: --fresh: {e}");
+            std::process::exit(2);
+        }
     }
     let n = args.threads.max(1);
     let cfg = Config::builder(&args.dir).shards(n).build()?;

@@ -197,6 +197,43 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// A shard is already open for writing (in this or another process):
+    /// every writable open of a shard holds an exclusive lock on its folder.
+    #[error("shard {shard} ({}) is already open by another instance", path.display())]
+    ShardAlreadyOpen {
+        /// The shard.
+        shard: u16,
+        /// The shard's folder inside the data directory.
+        path: PathBuf,
+    },
+
+    /// A data directory that does not exist, where none is created (read-only
+    /// opens; [`DataDir::open`](crate::DataDir::open) creates it).
+    #[error("data directory {} does not exist", path.display())]
+    DirNotFound {
+        /// The path given.
+        path: PathBuf,
+    },
+
+    /// A path given as a data directory that is not a directory.
+    #[error("{} is {kind}, not a directory", path.display())]
+    NotADirectory {
+        /// The path given.
+        path: PathBuf,
+        /// What it is instead, e.g. `"a regular file"`.
+        kind: &'static str,
+    },
+
+    /// A directory that is not a segalloc data directory (no valid manifest,
+    /// or an entry segalloc did not create), where one is required.
+    #[error("{} is not a segalloc data directory: {reason}", path.display())]
+    NotDataDir {
+        /// The directory, or the entry in it that is not segalloc's.
+        path: PathBuf,
+        /// Why.
+        reason: &'static str,
+    },
+
     /// The data directory was created with other settings.
     #[error("data directory was created with {what} = {on_disk}, but {requested} was requested")]
     Mismatch {

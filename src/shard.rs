@@ -84,6 +84,8 @@ impl Shard {
     ///
     /// # Errors
     ///
+    /// [`Error::ShardAlreadyOpen`] when the shard is already open for writing
+    /// (each writable open holds the shard's lock until it is dropped);
     /// [`Error::InvalidConfig`] for an index out of range; recovery errors
     /// ([`Error::Corrupt`], [`Error::Mismatch`]); io errors.
     pub async fn open(dir: Arc<DataDir>, cfg: &Config, index: u16) -> Result<Shard> {

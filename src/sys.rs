@@ -61,6 +61,17 @@ pub fn open(path: &Path, mode: OpenMode) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// `open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)`: a folder,
+/// for `flock` or `fsync`; a symlink or a non-directory is an error.
+pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    let c = cpath(path)?;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    let fd = syscall!(unsafe { libc::open(c.as_ptr(), flags) })?;
+    // SAFETY: `open` returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// `fstat(fd).st_size`.
 pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
     // SAFETY: an all-zero `stat` is a valid value of the plain C struct.
@@ -147,6 +158,17 @@ pub fn try_lock_shared(fd: RawFd) -> io::Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// `flock(fd, LOCK_UN)`: release a lock taken through `fd`.
+///
+/// An `flock` belongs to the open file description, which a forked child
+/// shares until it execs or exits: closing one descriptor does not release
+/// the lock while such a copy exists, `LOCK_UN` does.
+pub fn unlock(fd: RawFd) -> io::Result<()> {
+    // SAFETY: no pointers involved.
+    syscall!(unsafe { libc::flock(fd, libc::LOCK_UN) })?;
+    Ok(())
 }
 
 /// The soft and hard `RLIMIT_NOFILE`.

@@ -163,6 +163,8 @@ pub struct SegmentAllocator {
     /// Bytes of the metadata file known to be durable (its size as of the
     /// last `fdatasync`). The high-water mark never covers an entry past it.
     meta_durable_bytes: Cell<u64>,
+    /// Held for as long as a writable allocator is open (`None` read-only).
+    _shard_lock: Option<crate::datadir::ShardLock>,
 }
 
 #[cold]

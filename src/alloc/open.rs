@@ -17,16 +17,21 @@ use super::durability::Released;
 use super::meta_map::MetaMap;
 use super::space::{Run, Space, Trim};
 use super::{AllocStats, SegmentAllocator, State, data_file_name};
+use crate::datadir::ShardLock;
 use crate::error::{Error, Result};
 use crate::mapping::MappingManager;
 use crate::format::{self, Manifest};
 
 impl SegmentAllocator {
     /// Open (recover) or create the allocator of shard `shard` in folder
-    /// `dir`, over `mm` (whose registry opens the files).
+    /// `dir`, over `mm` (whose registry opens the files). Unless the registry
+    /// is read-only, the shard's lock is held until the allocator is
+    /// dropped.
     ///
     /// # Errors
     ///
+    /// [`Error::ShardAlreadyOpen`] when another writable open of the shard
+    /// (in this or another process) holds its lock;
     /// [`Error::Corrupt`] when the metadata fails validation (bad checksum,
     /// truncated, overlapping segments that cannot be resolved, a data file
     /// missing); [`Error::Mismatch`] when it belongs to another shard or
@@ -105,6 +110,10 @@ impl SegmentAllocator {
         mm: Rc<MappingManager>,
     ) -> Result<SegmentAllocator> {
         let files = mm.files().clone();
+        let shard_lock = match files.is_read_only() {
+            true => None,
+            false => Some(ShardLock::acquire(shard, dir)?),
+        };
         let meta_file = files.register(dir.join("meta.seg"));
         let blocks = |bytes: u64| {
             u32::try_from(bytes / BLOCK_BYTES).map_err(|_| {
@@ -141,6 +150,7 @@ impl SegmentAllocator {
             poisoned: Cell::new(false),
             writable: Cell::new(writable),
             meta_durable_bytes: Cell::new(0),
+            _shard_lock: shard_lock,
         })
     }
 

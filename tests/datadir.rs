@@ -1,0 +1,519 @@
+//! The data directory: its locks (directory and shards, in this process and
+//! across processes), `DataDir::destroy`, path resolution and the errors a
+//! first-day user meets.
+
+mod common;
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::small_cfg;
+use segalloc::{Config, DataDir, Error, SegmentAllocator, Shard};
+
+/// Fork a child that keeps a copy of every descriptor of this process (even
+/// close-on-exec ones) for `hold` before it execs `true`. Returns once the
+/// child has forked; join the handle to reap it.
+fn fork_child_holding_fds(hold: Duration) -> std::thread::JoinHandle<()> {
+    let (mut forked_rx, forked_tx) = std::io::pipe().expect("pipe");
+    let tx = forked_tx.as_raw_fd();
+    let t = std::thread::spawn(move || {
+        let mut cmd = Command::new("true");
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe calls (write, nanosleep).
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::libc::write(tx, b"x".as_ptr().cast(), 1);
+                let ts = nix::libc::timespec {
+                    tv_sec: hold.as_secs() as nix::libc::time_t,
+                    tv_nsec: hold.subsec_nanos() as nix::libc::c_long,
+                };
+                nix::libc::nanosleep(&ts, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        let status = cmd.status().expect("spawn true");
+        drop(forked_tx);
+        assert!(status.success());
+    });
+    let mut b = [0u8; 1];
+    forked_rx.read_exact(&mut b).expect("child forked");
+    t
+}
+
+#[test]
+fn a_closed_directory_is_free_while_a_forked_child_has_not_exec_yet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(&tmp.path().join("d"));
+    let dd = DataDir::open(&cfg).expect("open");
+    let child = fork_child_holding_fds(Duration::from_secs(2));
+    drop(dd);
+    // The child still has a copy of the lock's descriptor: closing ours must
+    // release the lock anyway, at once.
+    let (_, locked_elsewhere) = DataDir::open_read_only(cfg.dir()).expect("probe");
+    assert!(!locked_elsewhere, "a closed directory looks open elsewhere");
+    let again = DataDir::open(&cfg);
+    assert!(again.is_ok(), "reopen after close: {again:?}");
+    drop(again);
+    child.join().unwrap();
+}
+
+/// Descriptors of this process that are not in `before`, with their flags.
+fn new_fds(before: &[(u32, u64)]) -> Vec<(u32, u64, String)> {
+    fds_with_flags()
+        .into_iter()
+        .filter(|(fd, _)| !before.iter().any(|(b, _)| b == fd))
+        .map(|(fd, flags)| {
+            let target = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            (fd, flags, target)
+        })
+        .collect()
+}
+
+fn fds_with_flags() -> Vec<(u32, u64)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc/self/fdinfo").unwrap().flatten() {
+        let Ok(fd) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(info) = std::fs::read_to_string(e.path()) else {
+            continue; // the read_dir's own descriptor, closed meanwhile
+        };
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|f| u64::from_str_radix(f.trim(), 8).unwrap())
+            .unwrap();
+        v.push((fd, flags));
+    }
+    v
+}
+
+#[test]
+fn every_descriptor_segalloc_opens_is_close_on_exec() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(&tmp.path().join("d"));
+    let before = fds_with_flags();
+    common::run(async {
+        let dd = std::sync::Arc::new(DataDir::open(&cfg).unwrap());
+        let shard = segalloc::Shard::open(dd, &cfg, 0).await.unwrap();
+        let a = shard.allocate(100).await.unwrap();
+        a.write_at(0, b"x").unwrap();
+        shard.sync().await.unwrap();
+        let (_ro, _) = DataDir::open_read_only(cfg.dir()).unwrap();
+        let opened = new_fds(&before);
+        assert!(
+            opened.iter().any(|(_, _, t)| t.ends_with("LOCK")),
+            "{opened:?}"
+        );
+        for (fd, flags, target) in &opened {
+            assert_ne!(
+                flags & nix::libc::O_CLOEXEC as u64,
+                0,
+                "fd {fd} ({target}) is inherited across exec"
+            );
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
+// One writable open per shard.
+// ---------------------------------------------------------------------------
+
+/// Open shard 0 through a read-only view of the directory and a writable
+/// registry of our own: the path that bypasses the directory's lock.
+async fn open_allocator_behind_the_lock(cfg: &Config) -> segalloc::Result<SegmentAllocator> {
+    let (ro, _) = DataDir::open_read_only(cfg.dir())?;
+    let (_, mm) = common::manager_with(cfg);
+    SegmentAllocator::open(0, &ro.shard_dir(0), *ro.manifest(), Rc::new(mm)).await
+}
+
+fn expect_shard_open(r: segalloc::Result<impl Sized>, cfg: &Config, what: &str) {
+    match r {
+        Err(e @ Error::ShardAlreadyOpen { .. }) => {
+            let Error::ShardAlreadyOpen { shard, ref path } = e else {
+                unreachable!()
+            };
+            assert_eq!(shard, 0, "{what}");
+            assert_eq!(path, &cfg.dir().join("shard-000"), "{what}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("shard 0") && msg.contains("shard-000"),
+                "{msg}"
+            );
+        }
+        Err(e) => panic!("{what}: {e:?}"),
+        Ok(_) => panic!("{what}: the shard was opened a second time"),
+    }
+}
+
+#[test]
+fn a_shard_is_opened_for_writing_once_in_a_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(&tmp.path().join("d"));
+    common::run(async {
+        let dd = Arc::new(DataDir::open(&cfg).unwrap());
+        let first = Shard::open(dd.clone(), &cfg, 0).await.unwrap();
+        let h = first.allocate(16).await.unwrap().into_handle();
+        expect_shard_open(Shard::open(dd.clone(), &cfg, 0).await, &cfg, "Shard::open");
+        expect_shard_open(
+            open_allocator_behind_the_lock(&cfg).await,
+            &cfg,
+            "SegmentAllocator::open with a read-only manifest",
+        );
+        // A read-only open of the shard is still allowed, and sees the slot.
+        let (ro, _) = DataDir::open_read_only(cfg.dir()).unwrap();
+        let ro_cfg = common::builder(cfg.dir(), 8, 8)
+            .read_only(true)
+            .build()
+            .unwrap();
+        let viewer = Shard::open(Arc::new(ro), &ro_cfg, 0).await.unwrap();
+        drop(viewer);
+        first.free(h).unwrap();
+        first.sync().await.unwrap();
+        // Closing the shard releases its lock.
+        drop(first);
+        let again = Shard::open(dd, &cfg, 0).await.unwrap();
+        assert_eq!(again.live().count(), 0);
+    });
+}
+
+const CHILD_ENV: &str = "SEGALLOC_DATADIR_CHILD";
+
+/// Child half of the cross-process tests: `SEGALLOC_DATADIR_CHILD=ROLE:DIR`.
+#[test]
+fn child_role() {
+    let Ok(v) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let (role, dir) = v.split_once(':').unwrap();
+    let cfg = small_cfg(Path::new(dir));
+    let answer = match role {
+        "allocator" => common::run(async {
+            match open_allocator_behind_the_lock(&cfg).await {
+                Ok(_) => "opened".to_string(),
+                Err(Error::ShardAlreadyOpen { shard, .. }) => format!("shard {shard} already open"),
+                Err(e) => format!("error {e}"),
+            }
+        }),
+        "destroy" => match DataDir::destroy(cfg.dir()) {
+            Ok(()) => "destroyed".to_string(),
+            Err(Error::AlreadyOpen { .. }) => "directory already open".to_string(),
+            Err(e) => format!("error {e}"),
+        },
+        other => panic!("unknown role {other}"),
+    };
+    println!("child: {answer}");
+}
+
+fn in_child(role: &str, dir: &Path) -> String {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, format!("{role}:{}", dir.display()))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|l| l.split_once("child: ").map(|(_, a)| a))
+        .unwrap_or_else(|| panic!("no answer from the child: {stdout}"))
+        .to_string()
+}
+
+#[test]
+fn a_shard_is_opened_for_writing_once_across_processes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(&tmp.path().join("d"));
+    common::run(async {
+        let dd = Arc::new(DataDir::open(&cfg).unwrap());
+        let shard = Shard::open(dd, &cfg, 0).await.unwrap();
+        assert_eq!(in_child("allocator", cfg.dir()), "shard 0 already open");
+        drop(shard);
+    });
+    assert_eq!(in_child("allocator", cfg.dir()), "opened");
+}
+
+// ---------------------------------------------------------------------------
+// DataDir::destroy.
+// ---------------------------------------------------------------------------
+
+/// A closed data directory with a record in each of its 2 shards.
+fn populated(dir: &Path) -> Config {
+    let cfg = common::builder(dir, 16, 16).shards(2).build().unwrap();
+    common::run(async {
+        let dd = Arc::new(DataDir::open(&cfg).unwrap());
+        for i in 0..2 {
+            let s = Shard::open(dd.clone(), &cfg, i).await.unwrap();
+            s.allocate(100).await.unwrap().write_at(0, b"kept").unwrap();
+            s.sync().await.unwrap();
+        }
+    });
+    cfg
+}
+
+fn exists(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok()
+}
+
+#[test]
+fn destroy_removes_a_closed_data_directory_and_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = populated(&tmp.path().join("d"));
+    std::fs::write(tmp.path().join("neighbour"), b"x").unwrap();
+    DataDir::destroy(cfg.dir()).unwrap();
+    assert!(!exists(cfg.dir()));
+    assert!(exists(&tmp.path().join("neighbour")));
+    // Missing: nothing to do. Empty: removed.
+    DataDir::destroy(cfg.dir()).unwrap();
+    std::fs::create_dir(cfg.dir()).unwrap();
+    DataDir::destroy(cfg.dir()).unwrap();
+    assert!(!exists(cfg.dir()));
+}
+
+#[test]
+fn destroy_refuses_what_is_not_a_segalloc_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(photos.join("2024")).unwrap();
+    std::fs::write(photos.join("cat.jpg"), b"meow").unwrap();
+    match DataDir::destroy(&photos) {
+        Err(Error::NotDataDir { path, .. }) => assert_eq!(path, photos),
+        other => panic!("photos/: {other:?}"),
+    }
+    assert!(exists(&photos.join("cat.jpg")) && exists(&photos.join("2024")));
+    assert!(
+        !exists(&photos.join("LOCK")),
+        "a refused destroy created LOCK"
+    );
+    match DataDir::destroy(photos.join("cat.jpg")) {
+        Err(Error::NotADirectory { path, kind }) => {
+            assert_eq!((path, kind), (photos.join("cat.jpg"), "a regular file"))
+        }
+        other => panic!("a file: {other:?}"),
+    }
+    // A data directory holding a file of the user's: nothing is deleted.
+    let cfg = populated(&tmp.path().join("d"));
+    for stray in [
+        cfg.dir().join("notes.txt"),
+        cfg.dir().join("shard-001").join("notes.txt"),
+    ] {
+        std::fs::write(&stray, b"mine").unwrap();
+        match DataDir::destroy(cfg.dir()) {
+            Err(Error::NotDataDir { path, .. }) => assert_eq!(path, stray),
+            other => panic!("{stray:?}: {other:?}"),
+        }
+        assert!(exists(&cfg.dir().join("MANIFEST")));
+        assert!(exists(&cfg.dir().join("shard-000").join("meta.seg")));
+        std::fs::remove_file(&stray).unwrap();
+    }
+    DataDir::destroy(cfg.dir()).unwrap();
+}
+
+#[test]
+fn destroy_refuses_a_directory_open_here_or_in_another_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = populated(&tmp.path().join("d"));
+    let cfg = common::builder(cfg.dir(), 16, 16)
+        .shards(2)
+        .build()
+        .unwrap();
+    let dd = DataDir::open(&cfg).unwrap();
+    match DataDir::destroy(cfg.dir()) {
+        Err(Error::AlreadyOpen { path }) => assert_eq!(path, cfg.dir()),
+        other => panic!("open here: {other:?}"),
+    }
+    assert_eq!(in_child("destroy", cfg.dir()), "directory already open");
+    drop(dd);
+    // A shard opened behind the directory's lock is refused as well.
+    common::run(async {
+        let a = open_allocator_behind_the_lock(&cfg).await.unwrap();
+        match DataDir::destroy(cfg.dir()) {
+            Err(Error::ShardAlreadyOpen { shard: 0, .. }) => {}
+            other => panic!("shard open: {other:?}"),
+        }
+        drop(a);
+    });
+    assert!(exists(&cfg.dir().join("shard-000").join("meta.seg")));
+    assert_eq!(in_child("destroy", cfg.dir()), "destroyed");
+    assert!(!exists(cfg.dir()));
+}
+
+// ---------------------------------------------------------------------------
+// Paths and first-day errors.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_data_directory_reached_through_a_symlink_opens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = tmp.path().join("data").join("app");
+    let link = tmp.path().join("app");
+    std::fs::create_dir_all(&real).unwrap();
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let cfg = small_cfg(&link);
+    let h = common::run(async {
+        let dd = Arc::new(DataDir::open(&cfg).unwrap());
+        assert_eq!(dd.path(), std::fs::canonicalize(&real).unwrap());
+        let s = Shard::open(dd, &cfg, 0).await.unwrap();
+        let a = s.allocate(5).await.unwrap();
+        a.write_at(0, b"hello").unwrap();
+        s.sync().await.unwrap();
+        a.into_handle()
+    });
+    assert!(exists(&real.join("MANIFEST")) && exists(&real.join("shard-000/meta.seg")));
+    let (ro, _) = DataDir::open_read_only(&link).unwrap();
+    assert_eq!(ro.path(), std::fs::canonicalize(&real).unwrap());
+    // Reopened by its real path, the record is there.
+    common::run(async {
+        let s = common::open_shard(&small_cfg(&real)).await.unwrap();
+        let mut buf = [0u8; 5];
+        s.pin(h).await.unwrap().read_at(0, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+    });
+}
+
+#[test]
+fn a_symlink_inside_the_data_directory_is_still_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = populated(&tmp.path().join("d"));
+    let shard = cfg.dir().join("shard-001");
+    let aside = tmp.path().join("aside");
+    std::fs::rename(&shard, &aside).unwrap();
+    std::os::unix::fs::symlink(&aside, &shard).unwrap();
+    match DataDir::open(&cfg) {
+        Err(Error::InvalidConfig(msg)) => {
+            assert!(
+                msg.contains("symlink") && msg.contains("shard-001"),
+                "{msg}"
+            )
+        }
+        other => panic!("symlinked shard folder: {other:?}"),
+    }
+    match DataDir::destroy(cfg.dir()) {
+        Err(Error::Io { path: Some(p), .. }) => assert_eq!(p, shard),
+        other => panic!("destroy through a symlinked shard folder: {other:?}"),
+    }
+    assert!(exists(&aside.join("meta.seg")));
+}
+
+#[test]
+fn a_missing_directory_is_named_or_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nonexist");
+    match DataDir::open_read_only(&missing) {
+        Err(e @ Error::DirNotFound { .. }) => {
+            assert_eq!(
+                e.to_string(),
+                format!("data directory {} does not exist", missing.display())
+            )
+        }
+        other => panic!("read-only open of a missing directory: {other:?}"),
+    }
+    assert!(!exists(&missing), "a read-only open created the directory");
+    // A writable open creates it, parents included.
+    let cfg = small_cfg(&missing.join("a").join("b"));
+    let dd = DataDir::open(&cfg).unwrap();
+    assert!(dd.was_created() && exists(&cfg.dir().join("MANIFEST")));
+}
+
+#[test]
+fn an_empty_directory_is_initialised_and_not_called_corrupt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    match DataDir::open_read_only(&empty) {
+        Err(e @ Error::NotDataDir { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("not a segalloc data directory"), "{msg}");
+            assert!(!msg.contains("corrupt"), "{msg}");
+        }
+        other => panic!("read-only open of an empty directory: {other:?}"),
+    }
+    let cfg = small_cfg(&empty);
+    common::run(async {
+        let dd = Arc::new(DataDir::open(&cfg).unwrap());
+        assert!(dd.was_created());
+        let s = Shard::open(dd, &cfg, 0).await.unwrap();
+        s.allocate(1).await.unwrap();
+    });
+}
+
+#[test]
+fn a_file_given_as_the_directory_is_named_as_a_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("notes.txt");
+    std::fs::write(&file, b"x").unwrap();
+    let cfg = small_cfg(&file);
+    for r in [
+        DataDir::open(&cfg).map(drop),
+        DataDir::open_read_only(&file).map(drop),
+    ] {
+        match r {
+            Err(e @ Error::NotADirectory { .. }) => assert_eq!(
+                e.to_string(),
+                format!("{} is a regular file, not a directory", file.display())
+            ),
+            other => panic!("a file as the directory: {other:?}"),
+        }
+    }
+}
+
+/// A tmpfs mounted for the test, unmounted when dropped.
+struct Mount(std::path::PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &Path, size: &str) -> Option<Mount> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = common::is_root()
+            && Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "none"])
+                .arg(at)
+                .status()
+                .is_ok_and(|s| s.success());
+        ok.then(|| Mount(at.to_path_buf()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn destroy_empties_a_mount_point_and_keeps_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let at = tmp.path().join("mnt");
+    let Some(_mount) = Mount::tmpfs(&at, "64m") else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let cfg = populated(&at);
+    DataDir::destroy(cfg.dir()).unwrap();
+    assert!(at.is_dir(), "the mount point itself is kept");
+    assert_eq!(std::fs::read_dir(&at).unwrap().count(), 0);
+    // A stray file of the user's on it: refused, named, nothing deleted.
+    let cfg = populated(&at);
+    std::fs::write(at.join("lost+found"), b"").unwrap();
+    match DataDir::destroy(cfg.dir()) {
+        Err(e @ Error::NotDataDir { .. }) => {
+            assert!(
+                e.to_string()
+                    .contains(&at.join("lost+found").display().to_string())
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(exists(&at.join("MANIFEST")));
+}
