@@ -208,8 +208,8 @@ struct Maps {
 /// Fault-ins per thrash measurement.
 const THRASH_SAMPLE: u32 = 8;
 
-/// Windowed mmaps of the files of one [`FileHandleRegistry`] (the seed's
-/// `MappingManager`), single-threaded and async.
+/// Windowed mmaps of the files of one [`FileHandleRegistry`],
+/// single-threaded and async.
 ///
 /// ```no_run
 /// # async fn demo() -> segalloc::Result<()> {
