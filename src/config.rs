@@ -53,12 +53,15 @@ pub enum EvictionPolicy {
 /// which would split the VMA).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum MadvisePolicy {
-    /// `MADV_RANDOM`: no read-ahead (the seed's default).
-    #[default]
+    /// `MADV_RANDOM`: no read-ahead; every first touch of a page faults it
+    /// in alone.
     Random,
-    /// `MADV_SEQUENTIAL`: aggressive read-ahead.
+    /// `MADV_SEQUENTIAL`: aggressive read-ahead, pages behind dropped early.
     Sequential,
-    /// `MADV_NORMAL`: the kernel's default; no madvise is issued.
+    /// `MADV_NORMAL`: the kernel's default; no madvise is issued. The
+    /// default: filling a heap (allocate + write 100 B, one shard) measured
+    /// about 300 ns per record against about 360 with `Random`.
+    #[default]
     Normal,
 }
 

@@ -647,3 +647,31 @@ fn pin_sites_report_live_pins() {
         assert!(mm.pin_sites().is_empty());
     });
 }
+
+/// A cyclic scan over one window more than the cap: under plain LRU every
+/// pin would fault (100 fault-ins for 20 rounds of 5 windows). The manager
+/// counts the fault-ins of recently evicted windows, switches to thrash
+/// mode, and then keeps most of the scan mapped.
+#[test]
+fn thrashing_is_counted_and_eviction_adapts() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (files, mm) = common::manager(dir.path(), 4, 4);
+        let f = files.register(dir.path().join("a"));
+        let (rounds, windows) = (20u64, 5u64);
+        for _ in 0..rounds {
+            for i in 0..windows {
+                drop(mm.pin(f, i * WINDOW, 4096, true).await.unwrap());
+            }
+        }
+        let s = mm.stats();
+        assert!(s.thrash_faults > 0 && s.thrash_mode, "{s:?}");
+        assert!(
+            s.faults <= rounds * windows / 2,
+            "fault-ins {} of {} pins: {s:?}",
+            s.faults,
+            rounds * windows
+        );
+        assert!(mm.extent_count() <= 4);
+    });
+}

@@ -325,7 +325,13 @@ fn mmap_failure_is_map_failed() {
 fn window_advice_failure_is_ignored() {
     let _g = faults::clear_on_drop();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = small_cfg(dir.path());
+    let cfg = Config::builder(dir.path())
+        .shards(1)
+        .window_bytes(common::WINDOW)
+        .growth_step_bytes(common::STEP)
+        .madvise_policy(segalloc::MadvisePolicy::Random)
+        .build()
+        .unwrap();
     run(async {
         let shard = populated(&cfg).await;
         let before = snapshot(&shard);

@@ -15,7 +15,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::task::{Context, Poll, Waker};
 
-use io_uring::{IoUring, Probe, opcode, types};
+use io_uring::{IoUring, Probe, opcode, squeue, types};
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
 
@@ -107,31 +107,7 @@ impl Driver {
         let mut slots = self.slots.borrow_mut();
         let entry = slots.vacant_entry();
         let key = entry.key();
-        let sqe = match kind {
-            OpKind::Fallocate { mode, offset, len } => {
-                opcode::Fallocate::new(fd.expect("fallocate has an fd"), len)
-                    .offset(offset)
-                    .mode(mode)
-                    .build()
-            }
-            OpKind::Ftruncate { len } => {
-                opcode::Ftruncate::new(fd.expect("ftruncate has an fd"), len).build()
-            }
-            OpKind::Fsync { datasync } => {
-                let flags = if datasync {
-                    types::FsyncFlags::DATASYNC
-                } else {
-                    types::FsyncFlags::empty()
-                };
-                opcode::Fsync::new(fd.expect("fsync has an fd"))
-                    .flags(flags)
-                    .build()
-            }
-            OpKind::Madvise { addr, len, advice } => {
-                opcode::Madvise::new(addr.cast_const().cast(), len as _, advice).build()
-            }
-        }
-        .user_data(key as u64);
+        let sqe = build(kind, fd).user_data(key as u64);
 
         let mut ring = self.ring.borrow_mut();
         // SAFETY: the entry references only the fd and the address range held
@@ -370,6 +346,37 @@ impl Driver {
             }
         }
         self.hand_over();
+    }
+}
+
+/// The submission entry of an operation (without its key).
+fn build(kind: OpKind, fd: Option<types::Fd>) -> squeue::Entry {
+    match kind {
+        OpKind::Fallocate { mode, offset, len } => {
+            opcode::Fallocate::new(fd.expect("fallocate has an fd"), len)
+                .offset(offset)
+                .mode(mode)
+                .build()
+        }
+        OpKind::Ftruncate { len } => {
+            opcode::Ftruncate::new(fd.expect("ftruncate has an fd"), len).build()
+        }
+        OpKind::Fsync { datasync } => {
+            let flags = if datasync {
+                types::FsyncFlags::DATASYNC
+            } else {
+                types::FsyncFlags::empty()
+            };
+            opcode::Fsync::new(fd.expect("fsync has an fd"))
+                .flags(flags)
+                .build()
+        }
+        OpKind::Madvise { addr, len, advice } => {
+            // The kernel reads the length from a 32-bit field: `Ring::madvise`
+            // never submits more than `MADVISE_CHUNK_BYTES` at once.
+            debug_assert!(len <= super::MADVISE_CHUNK_BYTES);
+            opcode::Madvise::new(addr.cast_const().cast(), len as _, advice).build()
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::rc::Rc;
 
-use super::{MappingManager, Maps, Slot, Window};
+use super::{MappingManager, Maps, Slot, THRASH_SAMPLE, Window};
 use crate::config::EvictionPolicy;
 use crate::files::FileId;
 
@@ -13,6 +13,7 @@ impl MappingManager {
         let victim = {
             let mut m = self.inner.borrow_mut();
             let pos = match self.cfg.eviction_policy {
+                _ if m.stats.thrash_mode => Self::pick(&m, |w| (u64::MAX - w.last_use.get(), 0)),
                 EvictionPolicy::Lru => Self::pick(&m, |w| (w.last_use.get(), 0)),
                 EvictionPolicy::Lfu => Self::pick(&m, |w| (w.uses.get(), w.last_use.get())),
                 EvictionPolicy::Clock => Self::clock(&mut m),
@@ -25,6 +26,10 @@ impl MappingManager {
                 m.clock_hand = 0;
             }
             m.stats.evictions += 1;
+            if m.evicted.len() >= 2 * self.cfg.max_extents {
+                m.evicted.pop_front();
+            }
+            m.evicted.push_back((file, idx));
             let slot = &mut m.files[file.0 as usize].as_mut().unwrap().windows[idx as usize];
             match std::mem::replace(slot, Slot::Unmapped) {
                 Slot::Mapped(w) => w,
@@ -35,6 +40,30 @@ impl MappingManager {
         let _span = tracing::debug_span!("evict").entered();
         drop(victim);
         true
+    }
+
+    /// Count a fault-in of `key`: a thrash fault-in when it was evicted
+    /// recently. Every [`THRASH_SAMPLE`] fault-ins, eviction switches to
+    /// thrash mode when at least 3 in 4 of them were thrash fault-ins, and
+    /// back when at most 1 in 4 were.
+    pub(super) fn count_fault(m: &mut Maps, key: (FileId, u32)) {
+        m.stats.faults += 1;
+        m.sample_faults += 1;
+        if let Some(pos) = m.evicted.iter().position(|k| *k == key) {
+            m.evicted.remove(pos);
+            m.stats.thrash_faults += 1;
+            m.sample_thrash += 1;
+        }
+        if m.sample_faults >= THRASH_SAMPLE {
+            let (t, n) = (m.sample_thrash, m.sample_faults);
+            if 4 * t >= 3 * n {
+                m.stats.thrash_mode = true;
+            } else if 4 * t <= n {
+                m.stats.thrash_mode = false;
+            }
+            m.sample_faults = 0;
+            m.sample_thrash = 0;
+        }
     }
 
     pub(super) fn window_at(m: &Maps, (f, i): (FileId, u32)) -> &Rc<Window> {

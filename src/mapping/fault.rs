@@ -281,7 +281,7 @@ impl MappingManager {
             let mut m = self.inner.borrow_mut();
             m.files[file.0 as usize].as_mut().unwrap().windows[idx] = Slot::Mapped(rc);
             m.resident.push((file, idx as u32));
-            m.stats.faults += 1;
+            Self::count_fault(&mut m, (file, idx as u32));
         }
         guard.finish();
         Ok(win)

@@ -97,6 +97,14 @@ pub struct MappingStats {
     /// Bytes prefaulted with `MADV_POPULATE_WRITE` (file systems without
     /// `fallocate`).
     pub populated_bytes: u64,
+    /// Fault-ins of a window evicted recently (among the last
+    /// `2 × max_extents` evictions): the working set is larger than the cap.
+    pub thrash_faults: u64,
+    /// Whether eviction has adapted to thrashing: while most recent
+    /// fault-ins are of recently evicted windows, the most recently used
+    /// idle window goes first (a cyclic scan larger than the cap then keeps
+    /// most of its windows mapped instead of missing on every one).
+    pub thrash_mode: bool,
 }
 
 /// One mapped window. Referenced by the manager's table, by pins and by io
@@ -190,10 +198,18 @@ struct Maps {
     faulting: usize,
     tick: u64,
     stats: MappingStats,
+    /// Windows evicted most recently (at most `2 × max_extents`).
+    evicted: std::collections::VecDeque<(FileId, u32)>,
+    /// Thrash fault-ins among the last [`THRASH_SAMPLE`] fault-ins.
+    sample_faults: u32,
+    sample_thrash: u32,
 }
 
-/// Windowed mmaps of the files of one [`FileHandleRegistry`] (the seed's
-/// `MappingManager`), single-threaded and async.
+/// Fault-ins per thrash measurement.
+const THRASH_SAMPLE: u32 = 8;
+
+/// Windowed mmaps of the files of one [`FileHandleRegistry`],
+/// single-threaded and async.
 ///
 /// ```no_run
 /// # async fn demo() -> segalloc::Result<()> {
@@ -255,6 +271,9 @@ impl MappingManager {
                 files: Vec::new(),
                 resident: Vec::new(),
                 clock_hand: 0,
+                evicted: std::collections::VecDeque::new(),
+                sample_faults: 0,
+                sample_thrash: 0,
                 faulting: 0,
                 tick: 0,
                 stats: MappingStats {

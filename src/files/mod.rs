@@ -13,7 +13,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -23,6 +23,11 @@ use crate::error::{Error, Result};
 use crate::io::Ring;
 use crate::sys::{self, OpenMode};
 use crate::wait::WaitList;
+
+mod lease;
+
+use lease::FdCounter;
+pub use lease::FileLease;
 
 /// Identifies a file registered with a [`FileHandleRegistry`]; an index, so
 /// lookups are O(1).
@@ -92,55 +97,8 @@ struct Files {
     stats: FileStats,
 }
 
-/// Shared count of live descriptors; decremented when the last `Rc` of an
-/// fd drops.
-struct FdCounter(Rc<Cell<usize>>);
-
-/// A descriptor held open by the registry. Dropping the lease releases the
-/// pin (the seed's `release`); the fd stays cached until evicted.
-pub struct FileLease {
-    id: FileId,
-    fd: Rc<OwnedFd>,
-    _count: Rc<FdCounter>,
-}
-
-impl FileLease {
-    /// The file.
-    pub fn id(&self) -> FileId {
-        self.id
-    }
-    /// The descriptor; valid while the lease lives.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-    pub(crate) fn shared_fd(&self) -> &Rc<OwnedFd> {
-        &self.fd
-    }
-}
-
-impl AsRawFd for FileLease {
-    fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
-impl std::fmt::Debug for FileLease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileLease")
-            .field("id", &self.id)
-            .field("fd", &self.fd.as_raw_fd())
-            .finish()
-    }
-}
-
-impl Drop for FdCounter {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
-    }
-}
-
-/// One descriptor per data file with LRU eviction (the seed's
-/// `FileHandleRegistry`), single-threaded and async.
+/// One descriptor per data file with LRU eviction, single-threaded and
+/// async.
 ///
 /// ```no_run
 /// # async fn demo() -> segalloc::Result<()> {
@@ -311,7 +269,7 @@ impl FileHandleRegistry {
         s
     }
 
-    /// The seed's `acquire(path, min_size)`: register and acquire.
+    /// Register `path` and acquire it.
     ///
     /// # Errors
     ///
@@ -446,23 +404,7 @@ impl FileHandleRegistry {
                     tracing::info!(file = %path.display(), "fallocate unsupported; growing with ftruncate + MADV_POPULATE_WRITE");
                     self.inner.borrow_mut().entries[id.0 as usize].fallocate_ok = false;
                 }
-                Err(e) => {
-                    // A partial fallocate may have extended the file: what it
-                    // extended is allocated, so it counts as reserved.
-                    if let Ok(sz) = sys::file_size(lease.fd()) {
-                        let mut f = self.inner.borrow_mut();
-                        let en = &mut f.entries[id.0 as usize];
-                        en.len_bytes = en.len_bytes.max(sz);
-                        en.reserved.set(en.reserved.get().max(sz.min(min_size)));
-                    }
-                    if e.raw_os_error() == Some(nix::libc::ENOSPC) {
-                        return Err(Error::NoSpace {
-                            path,
-                            requested_bytes: min_size - reserved,
-                        });
-                    }
-                    return Err(Error::io("fallocate", Some(&path), e));
-                }
+                Err(e) => return Err(self.fallocate_failed(lease, id, min_size, path, e)),
             }
         }
         // No fallocate: extend the size only; the caller prefaults the hole.
@@ -479,6 +421,33 @@ impl FileHandleRegistry {
         f.stats.grows += 1;
         f.stats.grown_bytes += min_size.saturating_sub(len);
         Ok(Reservation::Sparse { from, to: min_size })
+    }
+
+    /// The error of a failed growth `fallocate`. A partial fallocate may
+    /// have extended the file: what it extended is allocated, so it counts
+    /// as reserved.
+    fn fallocate_failed(
+        &self,
+        lease: &FileLease,
+        id: FileId,
+        min_size: u64,
+        path: PathBuf,
+        e: std::io::Error,
+    ) -> Error {
+        let mut f = self.inner.borrow_mut();
+        let en = &mut f.entries[id.0 as usize];
+        let reserved = en.reserved.get();
+        if let Ok(sz) = sys::file_size(lease.fd()) {
+            en.len_bytes = en.len_bytes.max(sz);
+            en.reserved.set(reserved.max(sz.min(min_size)));
+        }
+        if e.raw_os_error() == Some(nix::libc::ENOSPC) {
+            return Error::NoSpace {
+                path,
+                requested_bytes: min_size - reserved,
+            };
+        }
+        Error::io("fallocate", Some(&path), e)
     }
 
     fn refresh_foreign(
@@ -621,27 +590,7 @@ impl FileHandleRegistry {
                 max_open_files: self.max_open,
             });
         }
-        let fd = match sys::open(&path, mode) {
-            Ok(fd) => fd,
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(nix::libc::EMFILE | nix::libc::ENFILE)
-                ) =>
-            {
-                // Someone else in the process holds descriptors: give one of
-                // ours back and try once more.
-                if self.evict_one() {
-                    sys::open(&path, mode).map_err(|source| Error::TooManyOpenFiles {
-                        path: path.clone(),
-                        source,
-                    })?
-                } else {
-                    return Err(Error::TooManyOpenFiles { path, source: e });
-                }
-            }
-            Err(e) => return Err(Error::io("open", Some(&path), e)),
-        };
+        let fd = self.open_fd(&path, mode)?;
         let size = sys::file_size(fd.as_fd()).map_err(|e| Error::io("fstat", Some(&path), e))?;
         self.open.set(self.open.get() + 1);
         let count = Rc::new(FdCounter(self.open.clone()));
@@ -666,6 +615,32 @@ impl FileHandleRegistry {
             fd,
             _count: count,
         })
+    }
+
+    /// `open(path)`; when the process is out of descriptors, give one of
+    /// ours back and try once more.
+    fn open_fd(&self, path: &Path, mode: OpenMode) -> Result<OwnedFd> {
+        match sys::open(path, mode) {
+            Ok(fd) => Ok(fd),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::EMFILE | nix::libc::ENFILE)
+                ) =>
+            {
+                if !self.evict_one() {
+                    return Err(Error::TooManyOpenFiles {
+                        path: path.to_path_buf(),
+                        source: e,
+                    });
+                }
+                sys::open(path, mode).map_err(|source| Error::TooManyOpenFiles {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+            Err(e) => Err(Error::io("open", Some(path), e)),
+        }
     }
 
     /// Close the least recently used idle descriptor. False when none is idle.
