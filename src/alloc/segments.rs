@@ -365,18 +365,12 @@ impl SegmentAllocator {
             self.data_files.borrow_mut().push(id);
         }
         let id = self.data_files.borrow()[file as usize];
-        if self.files.len_bytes(id)?.is_none() {
-            // First touch: open (creating it) so a crash leaves no entry
-            // pointing at a missing file.
-            let existed = self.dir.join(data_file_name(file)).exists();
-            drop(self.files.acquire(id, 0).await?);
-            if !existed {
-                // Make the new name durable before any segment refers to
-                // it: otherwise a power loss could keep the directory entry
-                // of the segment but not the file (recovery: "missing").
-                crate::datadir::sync_dir(&self.dir)?;
-                self.st.borrow_mut().released.new_files = true;
-            }
+        // Open (creating) the file, and make its name durable before any
+        // segment refers to it, also when a crash left it before its folder
+        // was synced: otherwise a power loss could keep the directory entry
+        // of the segment but not the file (recovery: "missing").
+        if self.files.make_entry_durable(id).await? {
+            self.st.borrow_mut().released.new_files = true;
         }
         Ok(())
     }
