@@ -66,6 +66,7 @@ pub mod io;
 pub mod mapping;
 mod mesh;
 pub mod meta;
+#[cfg(feature = "test-support")]
 pub mod proc;
 pub mod runtime;
 pub mod shard;
@@ -90,6 +91,7 @@ pub use shard::{Shard, ShardStats};
 /// # Errors
 ///
 /// The `setrlimit` error.
+#[cfg(feature = "test-support")]
 pub fn set_nofile_soft_limit(soft: u64) -> std::io::Result<()> {
     sys::set_nofile_soft_limit(soft)
 }
