@@ -20,7 +20,7 @@ use std::thread::JoinHandle as ThreadHandle;
 
 use futures::FutureExt;
 use futures::channel::oneshot;
-use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::config::{Config, IoBackendChoice};
 use crate::datadir::DataDir;
@@ -209,6 +209,39 @@ fn run_executor<F: Future<Output = ()>>(use_uring: bool, fut: F) {
     tokio::task::LocalSet::new().block_on(&rt, fut);
 }
 
+/// A shard thread's body: open the shard, report it through `ready`, then
+/// run the jobs sent to it until told to stop.
+async fn serve(
+    b: ShardBuilder,
+    mut rx: UnboundedReceiver<Msg>,
+    ready: std::sync::mpsc::Sender<(u16, Result<()>)>,
+) {
+    let index = b.index();
+    let shard = match b.open().await {
+        Ok(s) => {
+            let _ = ready.send((index, Ok(())));
+            s
+        }
+        Err(e) => {
+            let _ = ready.send((index, Err(e)));
+            return;
+        }
+    };
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            Msg::Run(job) => {
+                let s = shard.clone();
+                if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(move || job(s))) {
+                    tracing::error!(shard = index, panic = %panic_message(&*p), "task closure panicked");
+                }
+            }
+            Msg::Stop => break,
+            Msg::Crash => panic!("shard {index} crashed on request"),
+        }
+    }
+    shard.drain_frees();
+}
+
 impl Runtime {
     /// Open (or create) the data directory and start one thread per shard,
     /// each pinned to core `index % cores`. Returns once every shard has
@@ -227,7 +260,7 @@ impl Runtime {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(u16, Result<()>)>();
         let mut shards = Vec::new();
         for b in cluster.into_builders() {
-            let (tx, mut rx) = unbounded_channel::<Msg>();
+            let (tx, rx) = unbounded_channel::<Msg>();
             let ready = ready_tx.clone();
             let index = b.index();
             let failures = failures.clone();
@@ -237,32 +270,10 @@ impl Runtime {
                     if let Err(e) = sys::pin_thread_to_cpu(index as usize % cores) {
                         tracing::debug!(error = %e, "could not pin shard thread");
                     }
-                    let body = async move {
-                        let shard = match b.open().await {
-                            Ok(s) => {
-                                let _ = ready.send((index, Ok(())));
-                                s
-                            }
-                            Err(e) => {
-                                let _ = ready.send((index, Err(e)));
-                                return;
-                            }
-                        };
-                        while let Some(msg) = rx.recv().await {
-                            match msg {
-                                Msg::Run(job) => {
-                                    let s = shard.clone();
-                                    if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(move || job(s))) {
-                                        tracing::error!(shard = index, panic = %panic_message(&*p), "task closure panicked");
-                                    }
-                                }
-                                Msg::Stop => break,
-                                Msg::Crash => panic!("shard {index} crashed on request"),
-                            }
-                        }
-                        shard.drain_frees();
-                    };
-                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_executor(use_uring, body)));
+                    let body = serve(b, rx, ready);
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        run_executor(use_uring, body)
+                    }));
                     if let Err(p) = result {
                         let m = format!("shard {index} thread panicked: {}", panic_message(&*p));
                         tracing::error!("{m}");
@@ -281,9 +292,21 @@ impl Runtime {
             shards,
             failures,
         };
+        if let Some(e) = rt.first_open_error(&ready_rx) {
+            rt.stop_all();
+            return Err(e);
+        }
+        Ok(rt)
+    }
+
+    /// Wait until every shard reported its open; the first error, if any.
+    fn first_open_error(
+        &self,
+        ready: &std::sync::mpsc::Receiver<(u16, Result<()>)>,
+    ) -> Option<Error> {
         let mut first_err = None;
-        for _ in 0..rt.shards.len() {
-            match ready_rx.recv() {
+        for _ in 0..self.shards.len() {
+            match ready.recv() {
                 Ok((_, Ok(()))) => {}
                 Ok((_, Err(e))) => {
                     first_err.get_or_insert(e);
@@ -294,11 +317,7 @@ impl Runtime {
                 }
             }
         }
-        if let Some(e) = first_err {
-            rt.stop_all();
-            return Err(e);
-        }
-        Ok(rt)
+        first_err
     }
 
     /// Number of shards.

@@ -4,6 +4,9 @@
 //! **Architecture invariant:** a shard is `!Send` and single-threaded. Its
 //! allocate / pin / free hot path takes no lock and makes no atomic
 //! read-modify-write; everything that may block goes through its ring.
+//! Only the owning shard touches an allocation's bytes through safe code:
+//! other shards send it closures ([`Shard::submit_to`]) and frees through
+//! the mesh, and the shard drains what the mesh delivers.
 
 use std::cell::{OnceCell, RefCell};
 use std::collections::HashMap;
