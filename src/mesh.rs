@@ -36,8 +36,9 @@ use crate::handle::Handle;
 /// Frees per batch before a buffer is sent without waiting for the tick.
 pub(crate) const BATCH: usize = 1024;
 
-/// Batches a channel between two shards holds before senders are refused.
-pub(crate) const QUEUE_BATCHES: usize = 64;
+/// Batches a channel between two shards holds before senders are refused:
+/// 256 × 1024 handles of 32 bytes, 8 MiB per ordered pair of shards at most.
+pub(crate) const QUEUE_BATCHES: usize = 256;
 
 /// Closures waiting to run on one shard before senders wait.
 pub(crate) const JOB_QUEUE: usize = 1024;

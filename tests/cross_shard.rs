@@ -244,7 +244,7 @@ fn read_only_runtime_reads_other_shards() {
 /// and every free is applied exactly once.
 #[test]
 fn frees_to_a_blocked_owner_are_bounded() {
-    const N: usize = 80_000;
+    const N: usize = 300_000;
     let dir = tempfile::tempdir().unwrap();
     let rt = Runtime::start(config(dir.path())).unwrap();
     let hs: Vec<Handle> = block_on(rt.spawn_on(0, |s| async move {
