@@ -321,9 +321,11 @@ fn producer_consumer_once(rt: &Runtime, n: u64, cross: bool) -> Duration {
     });
     let consumer = rt.spawn_on(1, move |s| async move {
         while let Some(b) = rx.recv().await {
-            b.into_iter().try_for_each(|h| s.free(h))?;
+            for h in b {
+                s.free_async(h).await?;
+            }
         }
-        s.flush_frees();
+        s.flush_frees().await?;
         Ok::<_, Error>(())
     });
     futures::executor::block_on(producer)

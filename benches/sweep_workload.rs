@@ -98,7 +98,7 @@ async fn shard_task(
             while let Ok(b) = rx.try_recv() {
                 r.cross_frees += b.len() as u64;
                 for h in b {
-                    shard.free(h)?;
+                    shard.free_async(h).await?;
                 }
             }
         }
@@ -120,7 +120,7 @@ async fn shard_task(
         while let Some(b) = rx.recv().await {
             r.cross_frees += b.len() as u64;
             for h in b {
-                shard.free(h)?;
+                shard.free_async(h).await?;
             }
         }
     }
@@ -128,7 +128,7 @@ async fn shard_task(
         shard.free(h)?;
     }
     // The run ends when every free, forwarded ones included, is applied.
-    shard.flush_frees();
+    shard.flush_frees().await?;
     while shard.live_count() > live_before {
         shard.drain_frees();
         // Leave the core to a shard thread sharing it (more shards than

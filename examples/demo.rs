@@ -363,7 +363,8 @@ async fn insert_shard(shard: Shard, mut plan: Plan) -> Result<Inserted, Error> {
                 &mut cross,
                 &mut out.freed_cross,
                 t,
-            )?;
+            )
+            .await?;
             let done = k % BATCH + 1;
             plan.progress.fetch_add(done, Ordering::Relaxed);
             plan.bar.inc(done);
@@ -374,7 +375,7 @@ async fn insert_shard(shard: Shard, mut plan: Plan) -> Result<Inserted, Error> {
     drop(plan.to_next.take());
     if let Some(rx) = &mut plan.from_prev {
         while let Some(b) = rx.recv().await {
-            free_timed(&shard, b, t)?;
+            free_timed(&shard, b, t).await?;
         }
     }
     // Every free done on this thread: this shard's and the previous one's.
@@ -385,7 +386,7 @@ async fn insert_shard(shard: Shard, mut plan: Plan) -> Result<Inserted, Error> {
 
 /// Free the local batch, send the cross batch on, apply what the previous
 /// shard sent (frees count where they are done).
-fn free_batch(
+async fn free_batch(
     shard: &Shard,
     plan: &mut Plan,
     local: &mut Vec<Handle>,
@@ -393,7 +394,7 @@ fn free_batch(
     freed_cross: &mut u64,
     t: &mut Breakdown,
 ) -> Result<(), Error> {
-    free_timed(shard, std::mem::take(local), t)?;
+    free_timed(shard, std::mem::take(local), t).await?;
     if let Some(tx) = &plan.to_next
         && !cross.is_empty()
     {
@@ -403,17 +404,17 @@ fn free_batch(
     }
     if let Some(rx) = &mut plan.from_prev {
         while let Ok(b) = rx.try_recv() {
-            free_timed(shard, b, t)?;
+            free_timed(shard, b, t).await?;
         }
     }
     Ok(())
 }
 
-fn free_timed(shard: &Shard, hs: Vec<Handle>, t: &mut Breakdown) -> Result<(), Error> {
+async fn free_timed(shard: &Shard, hs: Vec<Handle>, t: &mut Breakdown) -> Result<(), Error> {
     let s = Instant::now();
     let n = hs.len() as u64;
     for h in hs {
-        shard.free(h)?;
+        shard.free_async(h).await?;
     }
     t.free_ns += s.elapsed().as_nanos() as u64;
     t.frees += n;

@@ -10,7 +10,8 @@
 //! cargo run --release --example embed -- [--dir DIR] [--threads N]
 //! ```
 
-use std::sync::mpsc;
+use std::process::ExitCode;
+use std::sync::{Arc, mpsc};
 
 use clap::Parser;
 use segalloc::{Cluster, Config, Error, Handle};
@@ -30,18 +31,26 @@ struct Args {
     threads: usize,
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("embed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.fresh {
         // Refuses anything but a closed segalloc data directory.
-        if let Err(e) = segalloc::DataDir::destroy(&args.dir) {
-            eprintln!("error: --fresh: {e}");
-            std::process::exit(2);
-        }
+        segalloc::DataDir::destroy(&args.dir).map_err(|e| format!("--fresh: {e}"))?;
     }
     let n = args.threads.max(1);
     let cfg = Config::builder(&args.dir).shards(n).build()?;
     let builders = Cluster::open(cfg)?.into_builders();
+    // Every thread has had its forwarded frees applied before any syncs.
+    let applied = Arc::new(tokio::sync::Barrier::new(n));
 
     // Each thread hands some of its handles to the next thread, which frees
     // them (segalloc forwards those frees back to the owner).
@@ -52,6 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let i = b.index() as usize;
         let to_next = txs[(i + 1) % n].clone();
         let from_prev = rxs[i].take().expect("one receiver per thread");
+        let applied = applied.clone();
         threads.push(std::thread::spawn(move || -> Result<String, Error> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -75,10 +85,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 for h in received {
                     shard.free(h)?; // forwarded to its owner when it is not us
                 }
-                shard.flush_frees();
-                // Let the owners apply what was forwarded, then sync.
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                shard.drain_frees();
+                // Wait until the owners applied what was forwarded here,
+                // and until every other thread's frees reached us, then sync.
+                shard.flush_frees().await?;
+                applied.wait().await;
                 shard.sync().await?;
                 Ok(format!(
                     "thread {i}: shard {} had {before} live, allocated 10000, freed {n_received} for thread {}, now {} live, io backend {}",
@@ -92,7 +102,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     drop(txs);
     for t in threads {
-        println!("{}", t.join().expect("thread panicked")?);
+        match t.join() {
+            Ok(report) => println!("{}", report?),
+            Err(_) => return Err("a shard thread panicked".into()),
+        }
     }
     Ok(())
 }

@@ -132,8 +132,17 @@ fn measure(args: &Args, choice: IoBackendChoice) -> Result<Outcome, Box<dyn std:
     Ok(out)
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stall: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let uring = measure(&args, IoBackendChoice::Auto)?;
     let sync = measure(&args, IoBackendChoice::Sync)?;
     if !args.json {

@@ -274,6 +274,51 @@ pub enum Error {
         message: String,
     },
 
+    /// A safe pin was asked of another shard's allocation: only its owner
+    /// may touch its bytes. Copy through the owner with `Shard::read` /
+    /// `Shard::write`, or run a closure there with `Shard::run_on_owner`.
+    #[error(
+        "handle {handle} belongs to shard {owner}: shard {this} cannot pin it; use Shard::read, Shard::write or Shard::run_on_owner"
+    )]
+    NotOwner {
+        /// The handle.
+        handle: crate::format::Handle,
+        /// The owning shard.
+        owner: u16,
+        /// The shard asked.
+        this: u16,
+    },
+
+    /// A call that needs an executor context was made without it.
+    #[error("{call} needs {needs}")]
+    NoExecutor {
+        /// The call.
+        call: &'static str,
+        /// What must surround it.
+        needs: &'static str,
+    },
+
+    /// A shard index at or above the number of shards.
+    #[error("shard {shard} out of range: the runtime has {shard_count} shards")]
+    ShardOutOfRange {
+        /// The index asked for.
+        shard: usize,
+        /// How many shards there are.
+        shard_count: usize,
+    },
+
+    /// Too many frees forwarded to `owner` are waiting to be applied: this
+    /// free was not queued. Await `Shard::flush_frees` and retry.
+    #[error(
+        "shard {owner} is behind on forwarded frees ({queued} buffered here): await Shard::flush_frees and retry"
+    )]
+    Backpressure {
+        /// The owning shard.
+        owner: u16,
+        /// Frees buffered for it on this shard.
+        queued: usize,
+    },
+
     /// io_uring was forced (`SEGALLOC_IO=uring` or the config) but cannot be
     /// set up here.
     #[error("io_uring was requested but is unavailable: {source}")]

@@ -14,32 +14,41 @@
 //! shard's other tasks; where io_uring is unavailable, plain syscalls take
 //! over.
 //!
+//! A [`Runtime`] runs one thread per shard; work runs on a shard as a task.
+//! Each shard touches only its own allocations' bytes: another shard's are
+//! read and written through their owner ([`Shard::read`], [`Shard::write`],
+//! [`Shard::run_on_owner`]), and a free of another shard's handle is
+//! forwarded to it.
+//!
 //! ```no_run
-//! use std::rc::Rc;
-//! use segalloc::{Config, FileHandleRegistry, MappingManager, MappingConfig, io::Ring};
+//! use futures::executor::block_on;
+//! use segalloc::{Config, Runtime};
 //!
 //! # fn main() -> segalloc::Result<()> {
-//! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-//! rt.block_on(async {
-//!     let cfg = Config::new("/tmp/segalloc-example");
-//!     std::fs::create_dir_all(cfg.dir()).unwrap();
-//!     let ring = Ring::new(cfg.io_backend())?;
-//!     let files = Rc::new(FileHandleRegistry::new(ring, cfg.max_open_files_per_shard()));
-//!     let maps = MappingManager::new(files.clone(), MappingConfig::from_config(&cfg));
-//!     let data = files.register(cfg.dir().join("data-0"));
-//!     // Fault the first window in (grow + mmap + madvise through the ring)…
-//!     let pin = maps.pin(data, 0, 4096, true).await?;
-//!     pin.write_at(0, b"record")?;
-//!     drop(pin);
-//!     // …then pin it again on the hot path: no syscall, no lock.
-//!     let pin = maps.try_pin(data, 0, 4096, false)?.expect("window is mapped");
-//!     let mut buf = [0u8; 6];
-//!     pin.read_at(0, &mut buf)?;
-//!     assert_eq!(&buf, b"record");
-//!     Ok(())
-//! })
+//! let rt = Runtime::start(Config::new("/tmp/segalloc-example"))?;
+//! let handle = block_on(rt.spawn_on(0, |shard| async move {
+//!     let a = shard.allocate(100).await?;      // a slot and a writable pin on it
+//!     a.write_at(0, b"hello")?;
+//!     shard.set_root("greeting", a.handle())?; // find it again after a restart
+//!     Ok::<_, segalloc::Error>(a.into_handle())
+//! }))??;
+//! let other = 1 % rt.shard_count();
+//! block_on(rt.spawn_on(other, move |shard| async move {
+//!     let mut buf = [0u8; 5];
+//!     shard.read(handle, 0, &mut buf).await?;  // copied by shard 0, its owner
+//!     assert_eq!(&buf, b"hello");
+//!     shard.free(handle)?;                     // forwarded to shard 0
+//!     shard.flush_frees().await                // shard 0 has applied it
+//! }))??;
+//! assert_eq!(block_on(rt.root("greeting"))?, Some(handle));
+//! block_on(rt.sync())?;                        // durable against power loss
+//! rt.shutdown()
 //! # }
 //! ```
+//!
+//! The layers below ([`FileHandleRegistry`], [`MappingManager`],
+//! [`SegmentAllocator`], [`Shard`], [`Cluster`] for servers that own their
+//! threads) are public for embedding and testing.
 //!
 //! See `ARCHITECTURE.md` for the map of the crate and its invariants.
 
@@ -62,7 +71,8 @@ pub(crate) mod format;
 pub mod inspect;
 pub mod io;
 pub mod mapping;
-pub mod mesh;
+mod mesh;
+#[cfg(feature = "test-support")]
 pub mod proc;
 pub mod runtime;
 pub mod shard;
@@ -87,6 +97,7 @@ pub use shard::{Shard, ShardStats};
 /// # Errors
 ///
 /// The `setrlimit` error.
+#[cfg(feature = "test-support")]
 pub fn set_nofile_soft_limit(soft: u64) -> std::io::Result<()> {
     sys::set_nofile_soft_limit(soft)
 }

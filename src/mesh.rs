@@ -1,34 +1,50 @@
-//! The channel mesh between shards: cross-shard frees, batched.
+//! The channel mesh between shards: transport only.
 //!
-//! Every ordered pair of shards `(from, to)` has its own unbounded channel
-//! carrying batches (`Vec<Handle>`), so no two senders share a queue and no
-//! lock is taken. A shard buffers frees of other shards' handles per
-//! destination and sends a batch when it reaches [`BATCH`] handles or after
-//! [`FLUSH_TICKS`] turns of its executor (a flush scheduled once per batch:
-//! an idle shard sends at once, a busy one gathers bigger batches). The owner
-//! drains its incoming channels in a local task: while it is busy, senders
-//! only append to the queue; a wake-up happens only when the drain task is
-//! parked (tokio's `AtomicWaker`), as in Seastar's cross-cpu free lists.
+//! Two kinds of traffic cross it:
+//!
+//! * **Frees.** Every ordered pair of shards `(from, to)` has its own bounded
+//!   channel of [`Parcel`]s, so no two senders share a queue and no lock is
+//!   taken. A shard buffers frees of other shards' handles per destination
+//!   and sends a batch when it reaches [`BATCH`] handles or after
+//!   [`FLUSH_TICKS`] turns of its executor (an idle shard sends at once, a
+//!   busy one gathers bigger batches). A channel holds at most
+//!   [`QUEUE_BATCHES`] batches: when it is full and the sender's buffer for
+//!   that owner is full too, a further free is refused with
+//!   [`Error::Backpressure`] (nothing changes; await a flush and retry), so
+//!   the memory held by frees in flight is bounded. A [`Parcel::Barrier`]
+//!   sent after the frees is answered by the owner once it has applied
+//!   everything before it: that is how a flush waits for the owners.
+//! * **Jobs.** Each shard has one bounded inbox of closures to run on it
+//!   (`Shard::submit_to`); senders wait for room.
+//!
+//! The mesh never applies anything itself: the shard drains its inboxes.
 //!
 //! **Architecture invariant:** a shard never touches another shard's
-//! allocator; it only sends it handles.
+//! allocator or bytes; it only sends it handles and closures.
 
 use std::cell::{Cell, RefCell};
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
+use std::task::{Context, Poll};
 
-use std::task::Poll;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use futures::channel::oneshot;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::{Receiver, Sender, channel};
 
+use crate::error::{Error, Result};
 use crate::format::Handle;
-use crate::shard::ShardInner;
 
 /// Frees per batch before a buffer is sent without waiting for the tick.
-pub const BATCH: usize = 1024;
+pub(crate) const BATCH: usize = 1024;
 
-/// A partial batch is sent after this many turns of the shard's executor:
-/// an idle shard gets through them at once, a busy one gathers bigger
-/// batches (fewer cross-thread wake-ups).
-pub const FLUSH_TICKS: usize = 16;
+/// Batches a channel between two shards holds before senders are refused:
+/// 256 × 1024 handles of 32 bytes, 8 MiB per ordered pair of shards at most.
+pub(crate) const QUEUE_BATCHES: usize = 256;
+
+/// Closures waiting to run on one shard before senders wait.
+pub(crate) const JOB_QUEUE: usize = 1024;
+
+/// A partial batch is sent after this many turns of the shard's executor.
+pub(crate) const FLUSH_TICKS: usize = 16;
 
 /// Counters of a shard's mesh endpoint.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -42,70 +58,126 @@ pub struct MeshStats {
     /// Forwarded frees this shard received and rejected (bad handle,
     /// double free): each is also logged through `tracing` at warn level.
     pub cross_frees_rejected: u64,
+    /// Frees refused with [`Error::Backpressure`] because the owner was
+    /// too far behind.
+    pub cross_frees_refused: u64,
 }
 
-/// The channels of one shard, before it is opened (`Send`).
-pub(crate) struct Endpoint {
+/// What travels on a free channel.
+pub(crate) enum Parcel {
+    /// Frees of the receiver's handles.
+    Frees(Vec<Handle>),
+    /// Answer once every parcel before this one is applied.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// The channels of one shard, before it is opened (`Send`). `J` is the
+/// closure type the shard runs for others.
+pub(crate) struct Endpoint<J> {
     pub(crate) index: u16,
-    pub(crate) out: Vec<Option<UnboundedSender<Vec<Handle>>>>,
-    pub(crate) inbox: Vec<UnboundedReceiver<Vec<Handle>>>,
+    out: Vec<Option<Sender<Parcel>>>,
+    inbox: Vec<Receiver<Parcel>>,
+    jobs_out: Vec<Option<Sender<J>>>,
+    jobs_in: Receiver<J>,
 }
 
 /// Build the n × n mesh; endpoint `i` sends on row `i`, receives column `i`.
-pub(crate) fn build(n: usize) -> Vec<Endpoint> {
-    let mut out: Vec<Vec<Option<UnboundedSender<Vec<Handle>>>>> =
-        (0..n).map(|_| vec![None; n]).collect();
-    let mut inbox: Vec<Vec<UnboundedReceiver<Vec<Handle>>>> = (0..n).map(|_| Vec::new()).collect();
+pub(crate) fn build<J>(n: usize) -> Vec<Endpoint<J>> {
+    let mut out: Vec<Vec<Option<Sender<Parcel>>>> = (0..n).map(|_| Vec::new()).collect();
+    let mut inbox: Vec<Vec<Receiver<Parcel>>> = (0..n).map(|_| Vec::new()).collect();
     for (from, row) in out.iter_mut().enumerate() {
-        for (to, slot) in row.iter_mut().enumerate() {
-            if from != to {
-                let (tx, rx) = unbounded_channel();
-                *slot = Some(tx);
-                inbox[to].push(rx);
+        for (to, inbox_to) in inbox.iter_mut().enumerate() {
+            if from == to {
+                row.push(None);
+            } else {
+                let (tx, rx) = channel(QUEUE_BATCHES);
+                row.push(Some(tx));
+                inbox_to.push(rx);
             }
         }
     }
+    let (job_tx, job_rx): (Vec<_>, Vec<_>) = (0..n).map(|_| channel::<J>(JOB_QUEUE)).unzip();
     out.into_iter()
         .zip(inbox)
+        .zip(job_rx)
         .enumerate()
-        .map(|(i, (out, inbox))| Endpoint {
+        .map(|(i, ((out, inbox), jobs_in))| Endpoint {
             index: i as u16,
             out,
             inbox,
+            jobs_out: (0..n)
+                .map(|to| (to != i).then(|| job_tx[to].clone()))
+                .collect(),
+            jobs_in,
         })
         .collect()
 }
 
 /// A shard's side of the mesh, once open (`!Send`).
-pub(crate) struct MeshLocal {
-    out: Vec<Option<UnboundedSender<Vec<Handle>>>>,
+pub(crate) struct MeshLocal<J> {
+    out: Vec<Option<Sender<Parcel>>>,
     buffers: RefCell<Vec<Vec<Handle>>>,
     flush_scheduled: Cell<bool>,
-    pub(crate) stats: Cell<MeshStats>,
-    inbox: RefCell<Vec<UnboundedReceiver<Vec<Handle>>>>,
+    closed: Cell<bool>,
+    stats: Cell<MeshStats>,
+    inbox: RefCell<Vec<Receiver<Parcel>>>,
+    next_inbox: Cell<usize>,
+    jobs_out: Vec<Option<Sender<J>>>,
+    jobs_in: RefCell<Option<Receiver<J>>>,
 }
 
-impl MeshLocal {
-    pub(crate) fn new(ep: Endpoint) -> MeshLocal {
+impl<J: 'static> MeshLocal<J> {
+    pub(crate) fn new(ep: Endpoint<J>) -> MeshLocal<J> {
         let n = ep.out.len();
         MeshLocal {
             out: ep.out,
             buffers: RefCell::new(vec![Vec::new(); n]),
             flush_scheduled: Cell::new(false),
+            closed: Cell::new(false),
             stats: Cell::new(MeshStats::default()),
             inbox: RefCell::new(ep.inbox),
+            next_inbox: Cell::new(0),
+            jobs_out: ep.jobs_out,
+            jobs_in: RefCell::new(Some(ep.jobs_in)),
         }
     }
 
-    fn bump(&self, f: impl FnOnce(&mut MeshStats)) {
+    pub(crate) fn stats(&self) -> MeshStats {
+        self.stats.get()
+    }
+
+    pub(crate) fn bump(&self, f: impl FnOnce(&mut MeshStats)) {
         let mut s = self.stats.get();
         f(&mut s);
         self.stats.set(s);
     }
 
-    /// Queue a free for its owner. Returns false when the owner is gone.
-    pub(crate) fn forward(self: &Rc<Self>, h: Handle) -> bool {
+    /// Refuse every further free: what is acknowledged from now on is
+    /// exactly what a following [`flush`](Self::flush) delivers.
+    pub(crate) fn close(&self) {
+        self.closed.set(true);
+    }
+
+    /// Queue a free for its owner `to`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShardGone`] when the owner is gone or this endpoint is
+    /// closed; [`Error::Backpressure`] when the owner's channel and this
+    /// shard's buffer for it are both full. Nothing is queued then.
+    pub(crate) fn forward(self: &Rc<Self>, h: Handle) -> Result<()> {
         let to = h.shard() as usize;
+        if self.closed.get() || self.out.get(to).is_none_or(|tx| tx.is_none()) {
+            return Err(Error::ShardGone { shard: h.shard() });
+        }
+        if self.buffers.borrow()[to].len() >= BATCH
+            && let Err(e) = self.try_send(to)
+        {
+            if matches!(e, Error::Backpressure { .. }) {
+                self.bump(|s| s.cross_frees_refused += 1);
+            }
+            return Err(e);
+        }
         let full = {
             let mut b = self.buffers.borrow_mut();
             b[to].push(h);
@@ -113,121 +185,167 @@ impl MeshLocal {
         };
         self.bump(|s| s.cross_frees_sent += 1);
         if full {
-            return self.flush_to(to);
+            // A full channel keeps the batch here: the next free or flush
+            // retries.
+            let _ = self.try_send(to);
         }
-        if !self.flush_scheduled.replace(true) {
-            // Send what accumulated once the executor has turned a few times.
-            let me = Rc::downgrade(self);
-            tokio::task::spawn_local(async move {
-                for _ in 0..FLUSH_TICKS {
-                    tokio::task::yield_now().await;
-                }
-                if let Some(me) = me.upgrade() {
-                    me.flush_scheduled.set(false);
-                    me.flush();
-                }
-            });
-        }
-        true
+        self.schedule_flush();
+        Ok(())
     }
 
-    fn flush_to(&self, to: usize) -> bool {
-        let batch = std::mem::take(&mut self.buffers.borrow_mut()[to]);
-        if batch.is_empty() {
-            return true;
+    /// Send what accumulated once the executor has turned a few times.
+    fn schedule_flush(self: &Rc<Self>) {
+        if self.flush_scheduled.replace(true) {
+            return;
         }
-        let n = batch.len();
-        let ok = self.out[to]
-            .as_ref()
-            .is_some_and(|tx| tx.send(batch).is_ok());
-        if ok {
-            self.bump(|s| s.batches_sent += 1);
-        } else {
-            tracing::error!(
-                to,
-                lost = n,
-                "cross-shard frees could not be forwarded: owner shard is gone"
-            );
-        }
-        ok
-    }
-
-    /// Send every buffered free now.
-    pub(crate) fn flush(&self) {
-        for to in 0..self.out.len() {
-            self.flush_to(to);
-        }
-    }
-
-    /// Apply every batch already received (no waiting).
-    pub(crate) fn drain_now(&self, shard: &ShardInner) {
-        let mut batches = Vec::new();
-        for rx in self.inbox.borrow_mut().iter_mut() {
-            while let Ok(b) = rx.try_recv() {
-                batches.push(b);
+        let me = Rc::downgrade(self);
+        tokio::task::spawn_local(async move {
+            for _ in 0..FLUSH_TICKS {
+                tokio::task::yield_now().await;
             }
-        }
-        for b in batches {
-            self.apply(shard, b);
-        }
-    }
-
-    fn apply(&self, shard: &ShardInner, batch: Vec<Handle>) {
-        let mut ok = 0;
-        let mut bad = 0;
-        for h in batch {
-            match shard.alloc.free(h) {
-                Ok(()) => ok += 1,
-                Err(e) => {
-                    bad += 1;
-                    tracing::warn!(handle = %h, error = %e, "forwarded free rejected");
+            if let Some(me) = me.upgrade() {
+                me.flush_scheduled.set(false);
+                for to in 0..me.out.len() {
+                    let _ = me.send_buffered(to).await;
                 }
             }
-        }
-        self.bump(|s| {
-            s.cross_frees_received += ok;
-            s.cross_frees_rejected += bad;
         });
     }
 
-    /// The drain task: apply incoming batches until every sender is gone or
-    /// the shard is dropped. Receivers stay in `inbox` (borrowed only inside
-    /// a poll), so [`drain_now`](Self::drain_now) can run between polls.
-    pub(crate) async fn run_drain(me: Weak<MeshLocal>, shard: Weak<ShardInner>) {
-        let mut start = 0usize;
-        loop {
-            let next = std::future::poll_fn(|cx| {
-                let Some(m) = me.upgrade() else {
-                    return Poll::Ready(None);
-                };
-                let mut inbox = m.inbox.borrow_mut();
-                let n = inbox.len();
-                let mut open = 0;
-                for k in 0..n {
-                    let i = (start + k) % n.max(1);
-                    match inbox[i].poll_recv(cx) {
-                        Poll::Ready(Some(b)) => {
-                            start = i + 1;
-                            return Poll::Ready(Some(b));
-                        }
-                        Poll::Ready(None) => {}
-                        Poll::Pending => open += 1,
-                    }
-                }
-                if open == 0 {
-                    Poll::Ready(None)
-                } else {
-                    Poll::Pending
-                }
-            })
-            .await;
-            let Some(batch) = next else {
-                return;
-            };
-            let (Some(m), Some(s)) = (me.upgrade(), shard.upgrade()) else {
-                return;
-            };
-            m.apply(&s, batch);
+    /// Send the buffer for `to` if its channel has room now.
+    fn try_send(&self, to: usize) -> Result<()> {
+        let Some(tx) = &self.out[to] else {
+            return Ok(());
+        };
+        let batch = std::mem::take(&mut self.buffers.borrow_mut()[to]);
+        if batch.is_empty() {
+            return Ok(());
         }
+        match tx.try_send(Parcel::Frees(batch)) {
+            Ok(()) => {
+                self.bump(|s| s.batches_sent += 1);
+                Ok(())
+            }
+            Err(TrySendError::Full(Parcel::Frees(b))) => {
+                let queued = b.len();
+                self.buffers.borrow_mut()[to] = b;
+                Err(Error::Backpressure {
+                    owner: to as u16,
+                    queued,
+                })
+            }
+            Err(_) => Err(Error::ShardGone { shard: to as u16 }),
+        }
+    }
+
+    /// Send the buffer for `to`, waiting for room in its channel.
+    async fn send_buffered(&self, to: usize) -> Result<()> {
+        let Some(tx) = &self.out[to] else {
+            return Ok(());
+        };
+        while !self.buffers.borrow()[to].is_empty() {
+            let permit = tx
+                .reserve()
+                .await
+                .map_err(|_| Error::ShardGone { shard: to as u16 })?;
+            // No await between taking the buffer and sending it: batches
+            // leave in the order they were filled.
+            let batch = std::mem::take(&mut self.buffers.borrow_mut()[to]);
+            if !batch.is_empty() {
+                permit.send(Parcel::Frees(batch));
+                self.bump(|s| s.batches_sent += 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// Send every buffered free and wait until each owner has applied
+    /// everything this shard sent it before the call.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShardGone`] naming the first owner that is gone (the other
+    /// owners are still flushed).
+    pub(crate) async fn flush(&self) -> Result<()> {
+        let mut first = None;
+        let mut acks = Vec::new();
+        for (to, tx) in self.out.iter().enumerate() {
+            let Some(tx) = tx else { continue };
+            let sent = async {
+                self.send_buffered(to).await?;
+                let (ack, done) = oneshot::channel();
+                tx.send(Parcel::Barrier(ack))
+                    .await
+                    .map_err(|_| Error::ShardGone { shard: to as u16 })?;
+                Ok::<_, Error>(done)
+            };
+            match sent.await {
+                Ok(done) => acks.push((to, done)),
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        for (to, done) in acks {
+            if done.await.is_err() {
+                first.get_or_insert(Error::ShardGone { shard: to as u16 });
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Every parcel already received (no waiting).
+    pub(crate) fn take_ready(&self) -> Vec<Parcel> {
+        let mut ready = Vec::new();
+        for rx in self.inbox.borrow_mut().iter_mut() {
+            while let Ok(p) = rx.try_recv() {
+                ready.push(p);
+            }
+        }
+        ready
+    }
+
+    /// The next parcel from any peer, fairly; `Ready(None)` once every
+    /// peer is gone. Receivers stay in the mesh (borrowed only here), so
+    /// [`take_ready`](Self::take_ready) can run between polls.
+    pub(crate) fn poll_parcel(&self, cx: &mut Context<'_>) -> Poll<Option<Parcel>> {
+        let mut inbox = self.inbox.borrow_mut();
+        let n = inbox.len();
+        let start = self.next_inbox.get();
+        let mut open = 0;
+        for k in 0..n {
+            let i = (start + k) % n;
+            match inbox[i].poll_recv(cx) {
+                Poll::Ready(Some(p)) => {
+                    self.next_inbox.set(i + 1);
+                    return Poll::Ready(Some(p));
+                }
+                Poll::Ready(None) => {}
+                Poll::Pending => open += 1,
+            }
+        }
+        if open == 0 {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Queue `job` to run on shard `to`, waiting for room.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShardGone`] when shard `to` is gone or not a peer.
+    pub(crate) async fn submit(&self, to: u16, job: J) -> Result<()> {
+        let gone = Error::ShardGone { shard: to };
+        let Some(Some(tx)) = self.jobs_out.get(to as usize) else {
+            return Err(gone);
+        };
+        tx.send(job).await.map_err(|_| gone)
+    }
+
+    /// The inbox of jobs for this shard (taken once, by the shard's task).
+    pub(crate) fn take_jobs(&self) -> Option<Receiver<J>> {
+        self.jobs_in.borrow_mut().take()
     }
 }

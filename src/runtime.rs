@@ -20,14 +20,14 @@ use std::thread::JoinHandle as ThreadHandle;
 
 use futures::FutureExt;
 use futures::channel::oneshot;
-use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::config::{Config, IoBackendChoice};
 use crate::datadir::DataDir;
 use crate::error::{Error, Result};
 use crate::format::Handle;
 use crate::mesh::{self, Endpoint};
-use crate::shard::{Shard, ShardStats};
+use crate::shard::{self, Job, Shard, ShardStats, panic_message};
 use crate::sys;
 
 /// A data directory opened for a set of shards, with the mesh built but no
@@ -46,6 +46,7 @@ use crate::sys;
 ///                 let shard = b.open().await?;
 ///                 let a = shard.allocate(64).await?;
 ///                 shard.free(a.into_handle())?;
+///                 shard.flush_frees().await?;
 ///                 shard.sync().await
 ///             })
 ///         })
@@ -59,7 +60,7 @@ use crate::sys;
 pub struct Cluster {
     dir: Arc<DataDir>,
     cfg: Config,
-    endpoints: Vec<Endpoint>,
+    endpoints: Vec<Endpoint<Job>>,
 }
 
 impl Cluster {
@@ -103,7 +104,7 @@ impl Cluster {
 pub struct ShardBuilder {
     dir: Arc<DataDir>,
     cfg: Config,
-    ep: Endpoint,
+    ep: Endpoint<Job>,
 }
 
 impl ShardBuilder {
@@ -117,15 +118,15 @@ impl ShardBuilder {
     ///
     /// # Errors
     ///
-    /// See [`Shard::open`].
+    /// [`Error::NoExecutor`] outside a `LocalSet` (checked before anything
+    /// is opened); see [`Shard::open`].
     pub async fn open(self) -> Result<Shard> {
+        shard::require_local_set("ShardBuilder::open")?;
         let shard = Shard::open(self.dir, &self.cfg, self.ep.index).await?;
         shard.connect(self.ep);
         Ok(shard)
     }
 }
-
-type Job = Box<dyn FnOnce(Shard) + Send>;
 
 enum Msg {
     Run(Job),
@@ -165,11 +166,16 @@ pub struct Runtime {
 pub struct JoinHandle<T> {
     rx: oneshot::Receiver<std::result::Result<T, String>>,
     shard: u16,
+    /// An error known when the task was asked for (a shard out of range).
+    refused: Option<Error>,
 }
 
 impl<T> Future for JoinHandle<T> {
     type Output = Result<T>;
     fn poll(mut self: StdPin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        if let Some(e) = self.refused.take() {
+            return Poll::Ready(Err(e));
+        }
         let shard = self.shard;
         match self.rx.poll_unpin(cx) {
             Poll::Ready(Ok(Ok(v))) => Poll::Ready(Ok(v)),
@@ -179,16 +185,6 @@ impl<T> Future for JoinHandle<T> {
             Poll::Ready(Err(_)) => Poll::Ready(Err(Error::ShardGone { shard })),
             Poll::Pending => Poll::Pending,
         }
-    }
-}
-
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic".to_string()
     }
 }
 
@@ -213,6 +209,39 @@ fn run_executor<F: Future<Output = ()>>(use_uring: bool, fut: F) {
     tokio::task::LocalSet::new().block_on(&rt, fut);
 }
 
+/// A shard thread's body: open the shard, report it through `ready`, then
+/// run the jobs sent to it until told to stop.
+async fn serve(
+    b: ShardBuilder,
+    mut rx: UnboundedReceiver<Msg>,
+    ready: std::sync::mpsc::Sender<(u16, Result<()>)>,
+) {
+    let index = b.index();
+    let shard = match b.open().await {
+        Ok(s) => {
+            let _ = ready.send((index, Ok(())));
+            s
+        }
+        Err(e) => {
+            let _ = ready.send((index, Err(e)));
+            return;
+        }
+    };
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            Msg::Run(job) => {
+                let s = shard.clone();
+                if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(move || job(s))) {
+                    tracing::error!(shard = index, panic = %panic_message(&*p), "task closure panicked");
+                }
+            }
+            Msg::Stop => break,
+            Msg::Crash => panic!("shard {index} crashed on request"),
+        }
+    }
+    shard.drain_frees();
+}
+
 impl Runtime {
     /// Open (or create) the data directory and start one thread per shard,
     /// each pinned to core `index % cores`. Returns once every shard has
@@ -231,7 +260,7 @@ impl Runtime {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(u16, Result<()>)>();
         let mut shards = Vec::new();
         for b in cluster.into_builders() {
-            let (tx, mut rx) = unbounded_channel::<Msg>();
+            let (tx, rx) = unbounded_channel::<Msg>();
             let ready = ready_tx.clone();
             let index = b.index();
             let failures = failures.clone();
@@ -241,33 +270,10 @@ impl Runtime {
                     if let Err(e) = sys::pin_thread_to_cpu(index as usize % cores) {
                         tracing::debug!(error = %e, "could not pin shard thread");
                     }
-                    let body = async move {
-                        let shard = match b.open().await {
-                            Ok(s) => {
-                                let _ = ready.send((index, Ok(())));
-                                s
-                            }
-                            Err(e) => {
-                                let _ = ready.send((index, Err(e)));
-                                return;
-                            }
-                        };
-                        while let Some(msg) = rx.recv().await {
-                            match msg {
-                                Msg::Run(job) => {
-                                    let s = shard.clone();
-                                    if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(move || job(s))) {
-                                        tracing::error!(shard = index, panic = %panic_message(&*p), "task closure panicked");
-                                    }
-                                }
-                                Msg::Stop => break,
-                                Msg::Crash => panic!("shard {index} crashed on request"),
-                            }
-                        }
-                        shard.flush_frees();
-                        shard.drain_frees();
-                    };
-                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_executor(use_uring, body)));
+                    let body = serve(b, rx, ready);
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        run_executor(use_uring, body)
+                    }));
                     if let Err(p) = result {
                         let m = format!("shard {index} thread panicked: {}", panic_message(&*p));
                         tracing::error!("{m}");
@@ -286,9 +292,21 @@ impl Runtime {
             shards,
             failures,
         };
+        if let Some(e) = rt.first_open_error(&ready_rx) {
+            rt.stop_all();
+            return Err(e);
+        }
+        Ok(rt)
+    }
+
+    /// Wait until every shard reported its open; the first error, if any.
+    fn first_open_error(
+        &self,
+        ready: &std::sync::mpsc::Receiver<(u16, Result<()>)>,
+    ) -> Option<Error> {
         let mut first_err = None;
-        for _ in 0..rt.shards.len() {
-            match ready_rx.recv() {
+        for _ in 0..self.shards.len() {
+            match ready.recv() {
                 Ok((_, Ok(()))) => {}
                 Ok((_, Err(e))) => {
                     first_err.get_or_insert(e);
@@ -299,11 +317,7 @@ impl Runtime {
                 }
             }
         }
-        if let Some(e) = first_err {
-            rt.stop_all();
-            return Err(e);
-        }
-        Ok(rt)
+        first_err
     }
 
     /// Number of shards.
@@ -320,8 +334,9 @@ impl Runtime {
     /// future it returns runs on the shard's thread and need not be.
     ///
     /// The handle resolves to [`Error::TaskPanicked`] if the task panics
-    /// (the shard keeps serving) and to [`Error::ShardGone`] if the shard is
-    /// stopped. An out-of-range index resolves to `ShardGone` too.
+    /// (the shard keeps serving), to [`Error::ShardGone`] if the shard is
+    /// stopped, and to [`Error::ShardOutOfRange`] for an index at or above
+    /// [`shard_count`](Self::shard_count).
     pub fn spawn_on<F, Fut, T>(&self, shard: usize, f: F) -> JoinHandle<T>
     where
         F: FnOnce(Shard) -> Fut + Send + 'static,
@@ -329,28 +344,60 @@ impl Runtime {
         T: Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |s: Shard| {
-            // A panic in the closure is the task's panic too: report it as
-            // such (not as a gone shard, which is what dropping `tx` says).
-            let fut = match std::panic::catch_unwind(AssertUnwindSafe(move || f(s))) {
-                Ok(fut) => fut,
-                Err(p) => {
-                    let _ = tx.send(Err(panic_message(&*p)));
-                    return;
-                }
-            };
-            tokio::task::spawn_local(async move {
-                let r = AssertUnwindSafe(fut).catch_unwind().await;
-                let _ = tx.send(r.map_err(|p| panic_message(&*p)));
-            });
-        });
-        if let Some(t) = self.shards.get(shard) {
-            let _ = t.tx.send(Msg::Run(job));
+        let mut refused = None;
+        match self.shards.get(shard) {
+            Some(t) => {
+                let _ = t.tx.send(Msg::Run(shard::job(f, tx)));
+            }
+            None => {
+                refused = Some(Error::ShardOutOfRange {
+                    shard,
+                    shard_count: self.shards.len(),
+                });
+            }
         }
         JoinHandle {
             rx,
-            shard: shard as u16,
+            shard: u16::try_from(shard).unwrap_or(u16::MAX),
+            refused,
         }
+    }
+
+    /// The handle named `name` on whichever shard holds that root (roots
+    /// are kept per shard; the lowest shard index wins if several do).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShardGone`] when a shard is stopped.
+    pub async fn root(&self, name: &str) -> Result<Option<Handle>> {
+        let asks: Vec<_> = (0..self.shard_count())
+            .map(|i| {
+                let name = name.to_string();
+                self.spawn_on(i, move |s| async move { s.root(&name) })
+            })
+            .collect();
+        for ask in asks {
+            if let Some(h) = ask.await? {
+                return Ok(Some(h));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Wait until every cross-shard free acknowledged so far (on any shard)
+    /// is applied by its owner.
+    ///
+    /// # Errors
+    ///
+    /// The first error (a shard that is gone).
+    pub async fn flush(&self) -> Result<()> {
+        let mut first = None;
+        for f in self.flush_all() {
+            if let Err(e) = f.await.and_then(|r| r) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
     }
 
     /// Free `handle` on its owner shard (from outside any shard).
@@ -363,8 +410,8 @@ impl Runtime {
 
     /// Make everything acknowledged so far durable against power loss on
     /// every shard, including every cross-shard free forwarded before this
-    /// call: each shard first sends its buffered frees, then each drains
-    /// what it received and syncs.
+    /// call: first every owner has applied them ([`flush`](Self::flush)),
+    /// then every shard syncs.
     ///
     /// A shard that is gone does not keep the others from syncing.
     ///
@@ -372,19 +419,9 @@ impl Runtime {
     ///
     /// The first shard's error.
     pub async fn sync(&self) -> Result<()> {
-        let mut first = None;
-        for f in self.flush_all() {
-            if let Err(e) = f.await {
-                first.get_or_insert(e);
-            }
-        }
+        let mut first = self.flush().await.err();
         let syncs: Vec<_> = (0..self.shard_count())
-            .map(|i| {
-                self.spawn_on(i, |s| async move {
-                    s.drain_frees();
-                    s.sync().await
-                })
-            })
+            .map(|i| self.spawn_on(i, |s| async move { s.sync().await }))
             .collect();
         for s in syncs {
             if let Err(e) = s.await.and_then(|r| r) {
@@ -415,19 +452,30 @@ impl Runtime {
         }
     }
 
-    /// Ask every shard to send its buffered cross-shard frees now.
-    fn flush_all(&self) -> Vec<JoinHandle<()>> {
+    /// Every shard sends its buffered cross-shard frees and waits until the
+    /// owners applied them.
+    fn flush_all(&self) -> Vec<JoinHandle<Result<()>>> {
         (0..self.shard_count())
-            .map(|i| self.spawn_on(i, |s| async move { s.flush_frees() }))
+            .map(|i| self.spawn_on(i, |s| async move { s.flush_frees().await }))
             .collect()
     }
 
     fn stop_all(&mut self) {
-        // Every shard sends its buffered frees before any shard stops: a
-        // shard stops by applying what it has received, and would miss a
-        // batch that another shard sends at its own stop afterwards.
-        for f in self.flush_all() {
-            let _ = futures::executor::block_on(f);
+        // Every shard stops accepting cross-shard frees and waits until the
+        // owners applied what it acknowledged, while every shard still
+        // drains: no acknowledged free is lost. Only then do shards stop.
+        let closing: Vec<_> = (0..self.shard_count())
+            .map(|i| {
+                self.spawn_on(i, |s| async move {
+                    s.close_mesh();
+                    s.flush_frees().await
+                })
+            })
+            .collect();
+        for c in closing {
+            if let Ok(Err(e)) = futures::executor::block_on(c) {
+                tracing::error!(error = %e, "cross-shard frees not delivered at shutdown");
+            }
         }
         for t in &self.shards {
             let _ = t.tx.send(Msg::Stop);

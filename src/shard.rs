@@ -4,11 +4,19 @@
 //! **Architecture invariant:** a shard is `!Send` and single-threaded. Its
 //! allocate / pin / free hot path takes no lock and makes no atomic
 //! read-modify-write; everything that may block goes through its ring.
+//! Only the owning shard touches an allocation's bytes through safe code:
+//! other shards send it closures ([`Shard::submit_to`]) and frees through
+//! the mesh, and the shard drains what the mesh delivers.
 
 use std::cell::{OnceCell, RefCell};
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
+
+use futures::FutureExt;
+use futures::channel::oneshot;
 
 use crate::alloc::{AllocStats, Allocation, LiveIter, SegmentAllocator};
 use crate::config::Config;
@@ -18,7 +26,10 @@ use crate::files::{FileHandleRegistry, FileId, FileStats};
 use crate::format::Handle;
 use crate::io::{IoBackend, Ring, RingStats};
 use crate::mapping::{MappingConfig, MappingManager, MappingStats, Pin};
-use crate::mesh::{Endpoint, MeshLocal, MeshStats};
+use crate::mesh::{Endpoint, MeshLocal, MeshStats, Parcel};
+
+/// A closure sent to run on a shard (by another shard or the runtime).
+pub(crate) type Job = Box<dyn FnOnce(Shard) + Send>;
 
 /// Everything a shard can tell about itself.
 #[derive(Clone, Debug)]
@@ -39,19 +50,61 @@ pub struct ShardStats {
     pub mesh: MeshStats,
 }
 
-pub(crate) struct ShardInner {
+struct ShardInner {
     index: u16,
     dir: Arc<DataDir>,
     ring: Ring,
     files: Rc<FileHandleRegistry>,
     mm: Rc<MappingManager>,
-    pub(crate) alloc: SegmentAllocator,
-    mesh: OnceCell<Rc<MeshLocal>>,
-    /// Local file ids of other shards' data files, for cross-shard pins.
+    alloc: SegmentAllocator,
+    mesh: OnceCell<Rc<MeshLocal<Job>>>,
+    /// Local file ids of other shards' data files, for `pin_foreign`.
     foreign: RefCell<HashMap<(u16, u32), FileId>>,
 }
 
+/// The text of a panic payload.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_string()
+    }
+}
+
+/// Wrap `f` as a [`Job`]: run it on the receiving shard as a local task and
+/// send its result (or its panic's message) back through `tx`.
+pub(crate) fn job<F, Fut, T>(f: F, tx: oneshot::Sender<std::result::Result<T, String>>) -> Job
+where
+    F: FnOnce(Shard) -> Fut + Send + 'static,
+    Fut: Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    Box::new(move |s: Shard| {
+        // A panic in the closure is the task's panic too: report it as such
+        // (not as a gone shard, which is what dropping `tx` says).
+        let fut = match std::panic::catch_unwind(AssertUnwindSafe(move || f(s))) {
+            Ok(fut) => fut,
+            Err(p) => {
+                let _ = tx.send(Err(panic_message(&*p)));
+                return;
+            }
+        };
+        tokio::task::spawn_local(async move {
+            let r = AssertUnwindSafe(fut).catch_unwind().await;
+            let _ = tx.send(r.map_err(|p| panic_message(&*p)));
+        });
+    })
+}
+
 /// One shard of a data directory. Cheap to clone within its thread.
+///
+/// Only the owning shard touches an allocation's bytes: another shard
+/// reads and writes them with [`read`](Self::read) / [`write`](Self::write)
+/// or runs a closure on the owner with [`run_on_owner`](Self::run_on_owner),
+/// so no two threads ever access the same bytes (a safe [`pin`](Self::pin)
+/// of another shard's handle is refused with [`Error::NotOwner`]).
 ///
 /// ```no_run
 /// # async fn demo() -> segalloc::Result<()> {
@@ -84,11 +137,13 @@ impl Shard {
     ///
     /// # Errors
     ///
+    /// [`Error::NoExecutor`] outside a tokio runtime;
     /// [`Error::ShardAlreadyOpen`] when the shard is already open for writing
     /// (each writable open holds the shard's lock until it is dropped);
     /// [`Error::InvalidConfig`] for an index out of range; recovery errors
     /// ([`Error::Corrupt`], [`Error::Mismatch`]); io errors.
     pub async fn open(dir: Arc<DataDir>, cfg: &Config, index: u16) -> Result<Shard> {
+        require_tokio("Shard::open")?;
         if index >= dir.manifest().shard_count {
             return Err(Error::InvalidConfig(format!(
                 "shard {index} out of range (the directory has {} shards)",
@@ -121,32 +176,160 @@ impl Shard {
         })
     }
 
-    /// Join the channel mesh: start the task that applies frees forwarded by
-    /// other shards. Must run inside a `LocalSet` (or tokio-uring).
-    pub(crate) fn connect(&self, ep: Endpoint) {
+    /// Join the channel mesh: start the tasks that apply frees forwarded
+    /// by other shards and run the closures they submit. Must run inside a
+    /// `LocalSet` (or tokio-uring): check with [`require_local_set`].
+    pub(crate) fn connect(&self, ep: Endpoint<Job>) {
         debug_assert_eq!(ep.index, self.inner.index);
         let mesh = Rc::new(MeshLocal::new(ep));
-        let _ = self.inner.mesh.set(mesh.clone());
-        tokio::task::spawn_local(MeshLocal::run_drain(
-            Rc::downgrade(&mesh),
-            Rc::downgrade(&self.inner),
-        ));
+        let jobs = mesh.take_jobs();
+        let _ = self.inner.mesh.set(mesh);
+        let me = Rc::downgrade(&self.inner);
+        tokio::task::spawn_local(drain_frees_task(me.clone()));
+        if let Some(mut jobs) = jobs {
+            tokio::task::spawn_local(async move {
+                while let Some(job) = jobs.recv().await {
+                    let Some(inner) = me.upgrade() else { return };
+                    job(Shard { inner });
+                }
+            });
+        }
     }
 
-    /// Send every buffered cross-shard free to its owner now (they are
-    /// otherwise sent when a batch fills or after a few executor turns).
-    pub fn flush_frees(&self) {
-        if let Some(m) = self.inner.mesh.get() {
-            m.flush();
+    /// Send every buffered cross-shard free to its owner now and wait until
+    /// each owner has applied every free this shard acknowledged before the
+    /// call (without this, they are sent when a batch fills or after a few
+    /// executor turns). An owner's next `sync` then makes them durable.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShardGone`] naming an owner that is gone (the others are
+    /// still flushed).
+    pub async fn flush_frees(&self) -> Result<()> {
+        match self.inner.mesh.get() {
+            Some(m) => m.clone().flush().await,
+            None => Ok(()),
         }
     }
 
     /// Apply every forwarded free that has arrived (the drain task does this
-    /// on its own; `Runtime::sync` calls it before syncing).
+    /// on its own).
     pub fn drain_frees(&self) {
         if let Some(m) = self.inner.mesh.get() {
-            m.drain_now(&self.inner);
+            for p in m.take_ready() {
+                self.inner.apply(p);
+            }
         }
+    }
+
+    /// Refuse further cross-shard frees ([`Error::ShardGone`]) so that a
+    /// following [`flush_frees`](Self::flush_frees) delivers every free
+    /// this shard acknowledged (the runtime's shutdown).
+    pub(crate) fn close_mesh(&self) {
+        if let Some(m) = self.inner.mesh.get() {
+            m.close();
+        }
+    }
+
+    /// Run `f(shard)` on shard `shard` and return its result: Seastar's
+    /// `submit_to`. On this shard it runs in place; on another it is sent
+    /// through the mesh and runs there as a task, so `f` and its result
+    /// are `Send` but the future need not be. The way to act on another
+    /// shard's allocations.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShardOutOfRange`]; [`Error::ShardGone`] when that shard is
+    /// stopped or this shard is not in a runtime or cluster;
+    /// [`Error::TaskPanicked`] when `f` or its future panics there.
+    pub async fn submit_to<F, Fut, T>(&self, shard: usize, f: F) -> Result<T>
+    where
+        F: FnOnce(Shard) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        let shard_count = self.inner.dir.manifest().shard_count as usize;
+        if shard >= shard_count {
+            return Err(Error::ShardOutOfRange { shard, shard_count });
+        }
+        let shard = shard as u16;
+        if shard == self.inner.index {
+            return Ok(f(self.clone()).await);
+        }
+        let Some(mesh) = self.inner.mesh.get() else {
+            return Err(Error::ShardGone { shard });
+        };
+        let (tx, rx) = oneshot::channel();
+        mesh.submit(shard, job(f, tx)).await?;
+        match rx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(message)) => Err(Error::TaskPanicked { shard, message }),
+            Err(_) => Err(Error::ShardGone { shard }),
+        }
+    }
+
+    /// Pin `handle` on its owner (this shard or another, through
+    /// [`submit_to`](Self::submit_to)) and run `f` on the pin there. The
+    /// owner checks the handle against its own allocations first.
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`pin`](Self::pin) on the owner, and those of
+    /// [`submit_to`](Self::submit_to).
+    pub async fn run_on_owner<F, T>(&self, handle: Handle, f: F) -> Result<T>
+    where
+        F: FnOnce(&Pin) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        if handle.shard() == self.inner.index {
+            return Ok(f(&self.inner.alloc.pin(handle).await?));
+        }
+        self.check_foreign(&handle)?;
+        self.submit_to(handle.shard() as usize, move |s| async move {
+            let pin = s.inner.alloc.pin(handle).await?;
+            Ok(f(&pin))
+        })
+        .await?
+    }
+
+    /// Copy `buf.len()` bytes at `offset` of the allocation `handle` (of
+    /// any shard) into `buf`; another shard's bytes are copied by the owner.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRange`] when the range exceeds the allocation; the
+    /// errors of [`run_on_owner`](Self::run_on_owner).
+    pub async fn read(&self, handle: Handle, offset: usize, buf: &mut [u8]) -> Result<()> {
+        if handle.shard() == self.inner.index {
+            return self.inner.alloc.pin(handle).await?.read_at(offset, buf);
+        }
+        check_range(&handle, offset, buf.len())?;
+        let n = buf.len();
+        let bytes = self
+            .run_on_owner(handle, move |pin| {
+                let mut v = vec![0u8; n];
+                pin.read_at(offset, &mut v).map(|()| v)
+            })
+            .await??;
+        buf.copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    /// Copy `data` to `offset` of the allocation `handle` (of any shard);
+    /// another shard's bytes are written by the owner.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRange`] when the range exceeds the allocation;
+    /// [`Error::ReadOnly`]; the errors of [`run_on_owner`](Self::run_on_owner).
+    pub async fn write(&self, handle: Handle, offset: usize, data: &[u8]) -> Result<()> {
+        if handle.shard() == self.inner.index {
+            return self.inner.alloc.pin(handle).await?.write_at(offset, data);
+        }
+        check_range(&handle, offset, data.len())?;
+        let data = data.to_vec();
+        self.run_on_owner(handle, move |pin| pin.write_at(offset, &data))
+            .await?
     }
 
     /// This shard's index.
@@ -193,31 +376,76 @@ impl Shard {
         self.inner.alloc.try_allocate(size)
     }
 
-    /// Pin a live allocation: of this shard (checked against its bitmap), or,
-    /// inside a runtime, of another shard: then the owner's data file is
-    /// mapped through this shard's MappingManager (`MAP_SHARED`, coherent
-    /// with the owner's view). A foreign handle is checked for integrity and
-    /// bounds but not for liveness, which only its owner knows: pin it on the
-    /// owner (`Runtime::spawn_on`) when that matters.
+    /// Pin a live allocation of this shard (checked against its bitmap).
+    /// The pin gives direct access to the bytes on this thread only, so a
+    /// handle of another shard is refused: use [`read`](Self::read),
+    /// [`write`](Self::write) or [`run_on_owner`](Self::run_on_owner).
     ///
     /// # Errors
     ///
-    /// See [`SegmentAllocator::pin`]; [`Error::WrongShard`] for a foreign
-    /// handle outside a runtime or naming a shard that does not exist.
+    /// See [`SegmentAllocator::pin`]; [`Error::NotOwner`] for another
+    /// shard's handle; [`Error::ForeignHandle`] for another directory's.
     pub async fn pin(&self, handle: Handle) -> Result<Pin> {
         if handle.shard() == self.inner.index {
             return self.inner.alloc.pin(handle).await;
         }
+        self.check_foreign(&handle)?;
+        Err(Error::NotOwner {
+            handle,
+            owner: handle.shard(),
+            this: self.inner.index,
+        })
+    }
+
+    /// Map another shard's allocation into this shard directly (`MAP_SHARED`,
+    /// coherent with the owner's view), after the owner has checked that
+    /// `handle` is live. For zero-copy readers that synchronise with the
+    /// owner themselves; [`read`](Self::read), [`write`](Self::write) and
+    /// [`run_on_owner`](Self::run_on_owner) are the safe ways. A handle of
+    /// this shard is pinned as by [`pin`](Self::pin).
+    ///
+    /// # Safety
+    ///
+    /// While the returned pin lives, no other thread (the owner shard in
+    /// particular) may write the bytes it covers while this thread reads or
+    /// writes them, and no other thread may read them while this thread
+    /// writes them; the allocation must not be freed and reused meanwhile.
+    /// The pin itself is `!Send`. This is `memmap2::MmapMut::map_mut`'s
+    /// contract for a file another party may modify.
+    ///
+    /// # Errors
+    ///
+    /// As [`run_on_owner`](Self::run_on_owner) for the liveness check, then
+    /// the errors of [`MappingManager::pin`].
+    pub async unsafe fn pin_foreign(&self, handle: Handle) -> Result<Pin> {
+        if handle.shard() == self.inner.index {
+            return self.inner.alloc.pin(handle).await;
+        }
+        self.check_foreign(&handle)?;
+        // The owner validates before anything is registered or mapped here,
+        // so forged handles cannot grow this shard's file table.
+        let live = self
+            .submit_to(handle.shard() as usize, move |s| async move {
+                s.inner.alloc.is_live(&handle)
+            })
+            .await?;
+        if !live {
+            return Err(Error::NotAllocated {
+                handle: handle.to_string(),
+                reason: "the owner has no live allocation there",
+            });
+        }
         let fid = self.foreign_file(&handle)?;
-        let len = handle.len() as u64;
+        let len = u64::from(handle.len());
         if let Some(p) = self.inner.mm.try_pin(fid, handle.offset(), len, true)? {
             return Ok(p);
         }
         self.inner.mm.pin(fid, handle.offset(), len, true).await
     }
 
+    /// The local file id of a data file of another shard (validated by its
+    /// owner), registered on first use.
     fn foreign_file(&self, h: &Handle) -> Result<FileId> {
-        self.check_foreign(h)?;
         let key = (h.shard(), h.file_id());
         if let Some(&id) = self.inner.foreign.borrow().get(&key) {
             return Ok(id);
@@ -232,7 +460,8 @@ impl Shard {
         Ok(id)
     }
 
-    /// What this shard can check of another shard's handle.
+    /// What this shard can check of another shard's handle before sending
+    /// anything to its owner.
     #[inline]
     fn check_foreign(&self, h: &Handle) -> Result<()> {
         let m = self.inner.dir.manifest();
@@ -250,7 +479,10 @@ impl Shard {
                 this: self.inner.index,
             });
         }
-        if h.offset() + h.len() as u64 > m.max_file_bytes {
+        if h.offset()
+            .checked_add(u64::from(h.len()))
+            .is_none_or(|end| end > m.max_file_bytes)
+        {
             return Err(Error::NotAllocated {
                 handle: h.to_string(),
                 reason: "offset out of bounds",
@@ -276,25 +508,40 @@ impl Shard {
     /// `Runtime::sync` waits for; a forwarded free that the owner rejects
     /// (double free, stale handle) is counted in the owner's
     /// `mesh.cross_frees_rejected` and logged through `tracing`.
+    /// [`flush_frees`](Self::flush_frees) waits until the owners applied
+    /// them.
     ///
     /// # Errors
     ///
     /// See [`SegmentAllocator::free`]; for a foreign handle only what can be
     /// checked here ([`Error::ForeignHandle`], [`Error::WrongShard`] outside a
-    /// runtime, [`Error::ShardGone`]).
+    /// runtime, [`Error::ShardGone`] when the owner is stopped or the
+    /// runtime is shutting down), and [`Error::Backpressure`] when the owner
+    /// is far behind: nothing was queued, await `flush_frees` and retry.
     #[inline]
     pub fn free(&self, handle: Handle) -> Result<()> {
         if handle.shard() == self.inner.index {
             return self.inner.alloc.free(handle);
         }
         self.check_foreign(&handle)?;
-        let mesh = self.inner.mesh.get().expect("checked by foreign_file");
-        if mesh.forward(handle) {
-            Ok(())
-        } else {
-            Err(Error::ShardGone {
-                shard: handle.shard(),
-            })
+        let mesh = self.inner.mesh.get().expect("checked by check_foreign");
+        mesh.forward(handle)
+    }
+
+    /// [`free`](Self::free), but when the owner of a foreign handle is far
+    /// behind, wait for it ([`flush_frees`](Self::flush_frees)) and retry
+    /// instead of returning [`Error::Backpressure`]: for loops that free many
+    /// other shards' handles.
+    ///
+    /// # Errors
+    ///
+    /// As [`free`](Self::free), without `Backpressure`.
+    pub async fn free_async(&self, handle: Handle) -> Result<()> {
+        loop {
+            match self.free(handle) {
+                Err(Error::Backpressure { .. }) => self.flush_frees().await?,
+                other => return other,
+            }
         }
     }
 
@@ -327,13 +574,16 @@ impl Shard {
         self.inner.alloc.live_count()
     }
 
-    /// Name a handle as a root of this shard.
+    /// Name a handle as a root of this shard; returns the handle the name
+    /// pointed at before, if any.
     ///
     /// # Errors
     ///
     /// See [`SegmentAllocator::set_root`].
-    pub fn set_root(&self, name: &str, handle: Handle) -> Result<()> {
-        self.inner.alloc.set_root(name, handle)
+    pub fn set_root(&self, name: &str, handle: Handle) -> Result<Option<Handle>> {
+        let before = self.inner.alloc.root(name);
+        self.inner.alloc.set_root(name, handle)?;
+        Ok(before)
     }
 
     /// The handle named `name` on this shard.
@@ -364,14 +614,98 @@ impl Shard {
             files: self.inner.files.stats(),
             mappings: self.inner.mm.stats(),
             alloc: self.inner.alloc.stats(),
-            mesh: self
-                .inner
-                .mesh
-                .get()
-                .map(|m| m.stats.get())
-                .unwrap_or_default(),
+            mesh: self.inner.mesh.get().map(|m| m.stats()).unwrap_or_default(),
         }
     }
+}
+
+impl ShardInner {
+    /// Apply one parcel from the mesh: forwarded frees, or a barrier that
+    /// is answered because everything before it is applied.
+    fn apply(&self, parcel: Parcel) {
+        let Some(mesh) = self.mesh.get() else { return };
+        let batch = match parcel {
+            Parcel::Frees(b) => b,
+            Parcel::Barrier(ack) => {
+                let _ = ack.send(());
+                return;
+            }
+        };
+        let (mut ok, mut bad) = (0, 0);
+        for h in batch {
+            match self.alloc.free(h) {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    bad += 1;
+                    tracing::warn!(handle = %h, error = %e, "forwarded free rejected");
+                }
+            }
+        }
+        mesh.bump(|s| {
+            s.cross_frees_received += ok;
+            s.cross_frees_rejected += bad;
+        });
+    }
+}
+
+/// The shard's task that applies what other shards forward, until every
+/// peer is gone or the shard is dropped.
+async fn drain_frees_task(me: Weak<ShardInner>) {
+    loop {
+        let next = std::future::poll_fn(|cx| match me.upgrade() {
+            Some(inner) => match inner.mesh.get() {
+                Some(m) => m.poll_parcel(cx),
+                None => std::task::Poll::Ready(None),
+            },
+            None => std::task::Poll::Ready(None),
+        })
+        .await;
+        let (Some(parcel), Some(inner)) = (next, me.upgrade()) else {
+            return;
+        };
+        inner.apply(parcel);
+    }
+}
+
+/// [`Error::InvalidRange`] unless `[offset, offset + n)` lies in `h`.
+fn check_range(h: &Handle, offset: usize, n: usize) -> Result<()> {
+    if offset
+        .checked_add(n)
+        .is_none_or(|end| end > h.len() as usize)
+    {
+        return Err(Error::InvalidRange {
+            file_id: u32::MAX,
+            offset: offset as u64,
+            len_bytes: n as u64,
+            reason: "outside the allocation",
+        });
+    }
+    Ok(())
+}
+
+/// [`Error::NoExecutor`] unless a tokio runtime (current-thread or
+/// tokio-uring's) runs on this thread.
+pub(crate) fn require_tokio(call: &'static str) -> Result<()> {
+    tokio::runtime::Handle::try_current()
+        .map(drop)
+        .map_err(|_| Error::NoExecutor {
+            call,
+            needs: "a tokio current-thread runtime (or tokio-uring) on this thread",
+        })
+}
+
+/// [`Error::NoExecutor`] unless local tasks can be spawned here (a tokio
+/// `LocalSet`, or tokio-uring). tokio offers no query for this, so a no-op
+/// task is spawned; outside a `LocalSet` that panics (the panic hook
+/// prints its message) and the panic is turned into the error.
+pub(crate) fn require_local_set(call: &'static str) -> Result<()> {
+    require_tokio(call)?;
+    std::panic::catch_unwind(|| drop(tokio::task::spawn_local(async {}))).map_err(|_| {
+        Error::NoExecutor {
+            call,
+            needs: "a tokio LocalSet (LocalSet::block_on or run_until) or tokio-uring",
+        }
+    })
 }
 
 impl std::fmt::Debug for Shard {

@@ -183,6 +183,7 @@ pub fn nofile_limit() -> io::Result<(u64, u64)> {
 }
 
 /// Set the soft `RLIMIT_NOFILE` (tests use it to prove the fd cap holds).
+#[cfg(feature = "test-support")]
 pub fn set_nofile_soft_limit(soft: u64) -> io::Result<()> {
     let (_, hard) = nofile_limit()?;
     let r = libc::rlimit {

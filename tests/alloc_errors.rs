@@ -380,7 +380,7 @@ fn root_names_and_table_limits() {
         for i in 0..segalloc::format::ROOT_SLOTS + 10 {
             let n = format!("n{i}");
             match shard.set_root(&n, hs[i % hs.len()]) {
-                Ok(()) => named.push(n),
+                Ok(_) => named.push(n),
                 Err(Error::Root(_)) => refused += 1,
                 Err(e) => panic!("set_root {n}: {e}"),
             }

@@ -3,7 +3,7 @@
 //! an executor of its own: a tokio current-thread runtime with a `LocalSet`,
 //! or (when io_uring works and `SEGALLOC_IO` is not `sync`) tokio-uring.
 //! The shards free each other's allocations across threads, read each
-//! other's through cross-shard pins, sync, and everything is checked again
+//! other's through their owners (`Shard::read`), sync, and everything is checked again
 //! after the directory is reopened.
 
 mod common;
@@ -71,18 +71,19 @@ async fn shard_main(
     let theirs = from_peer.recv().await.expect("peer sends its records");
     assert_eq!(theirs.len() as u64, PER_SHARD);
 
-    // Read every peer record through a cross-shard pin, then free the
-    // even ones (forwarded to the peer in batches), yielding now and then.
+    // Read every peer record through its owner, then free the even ones
+    // (forwarded to the peer in batches), yielding now and then.
     let mut buf = vec![0u8; LEN];
     for (k, &(h, seed)) in theirs.iter().enumerate() {
         assert_eq!(h.shard() as usize, 1 - index as usize);
-        let pin = shard.pin(h).await.expect("cross-shard pin");
-        pin.read_at(0, &mut buf).expect("read");
+        shard
+            .read(h, 0, &mut buf)
+            .await
+            .expect("read through the owner");
         assert!(
             buf == contents(seed),
-            "shard {index} reads {h} through a foreign pin"
+            "shard {index} reads {h} through its owner"
         );
-        drop(pin);
         if k % 2 == 0 {
             shard.free(h).expect("forward a free");
         }
@@ -90,10 +91,9 @@ async fn shard_main(
             tokio::task::yield_now().await;
         }
     }
-    // Both shards have forwarded everything before either drains.
-    shard.flush_frees();
+    // Each owner has applied every forwarded free before either syncs.
+    shard.flush_frees().await.expect("owner applied the frees");
     barrier.wait().await;
-    shard.drain_frees();
     shard.sync().await.expect("sync");
     // Keep the mesh alive until the peer has drained too.
     barrier.wait().await;

@@ -384,7 +384,7 @@ fn failed_fsync_poisons_until_reopen() {
             poisoned(shard.allocate(10).await.map(drop), "allocate");
             poisoned(shard.try_allocate(10).map(drop), "try_allocate");
             poisoned(shard.free(extra), "free");
-            poisoned(shard.set_root("x", extra), "set_root");
+            poisoned(shard.set_root("x", extra).map(drop), "set_root");
             poisoned(shard.remove_root("main").map(drop), "remove_root");
             poisoned(shard.trim().await.map(drop), "trim");
             poisoned(shard.sync().await, "sync");

@@ -11,7 +11,7 @@
 //! every data window pinned, a `pin` of another window waits, and gives up
 //! after `pin_timeout` with `WindowPressure`; released in time, it goes on.
 //! Then it stops the runtime, starts a new one on the same directory, and
-//! walks every list from its root, from both shards (cross-shard pins).
+//! walks every list from its root, from both shards (through the owner).
 //!
 //! A second test (ignored: a known bug) shows that `sync` fails, and poisons
 //! the shard, when a shard has more files to sync than descriptors and the
@@ -119,12 +119,11 @@ async fn walk(shard: &Shard, ds: u32, root: Handle) -> u32 {
     let mut expect = RECORDS;
     while let Some(h) = at {
         expect -= 1;
-        let pin = shard
-            .pin(h)
-            .await
-            .unwrap_or_else(|e| panic!("ds-{ds} record {expect}: pin {h}: {e}"));
         let mut head = [0u8; HEADER];
-        pin.read_at(0, &mut head).unwrap();
+        shard
+            .read(h, 0, &mut head)
+            .await
+            .unwrap_or_else(|e| panic!("ds-{ds} record {expect}: read {h}: {e}"));
         let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap());
         assert_eq!(
             (u32_at(0), u32_at(4), u32_at(8)),
@@ -133,7 +132,7 @@ async fn walk(shard: &Shard, ds: u32, root: Handle) -> u32 {
         );
         let n = u32_at(12) as usize;
         let mut body = vec![0u8; n];
-        pin.read_at(HEADER, &mut body).unwrap();
+        shard.read(h, HEADER, &mut body).await.unwrap();
         assert!(
             body == pattern(payload_seed(ds, expect), n),
             "ds-{ds}: payload of record {expect}"
@@ -292,7 +291,7 @@ fn limits_child() {
     rt.shutdown().unwrap();
 
     // A new runtime: walk every structure from its root, each from the
-    // shard that does not own it (cross-shard pins), then from its owner.
+    // shard that does not own it (read through the owner), then from its owner.
     let started = Instant::now();
     let rt = Runtime::start(cfg(dir)).unwrap();
     // Roots are per shard: collect them from their owners first.

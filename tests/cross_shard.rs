@@ -1,0 +1,373 @@
+//! Access to another shard's allocations goes through its owner: no torn
+//! reads, forged handles register nothing, hostile offsets are errors (run
+//! this file once without `--release` too: overflow checks on), frees to a
+//! busy owner are bounded, and shutdown loses no acknowledged free.
+//!
+//! The io backend follows `SEGALLOC_IO`.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::executor::block_on;
+use segalloc::config::MIB;
+use segalloc::{Config, Error, HANDLE_BYTES, Handle, Runtime, Shard};
+
+const SLOT: usize = 64 * 1024;
+
+fn config(dir: &Path) -> Config {
+    Config::builder(dir.join("data"))
+        .shards(2)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .build()
+        .expect("config")
+}
+
+/// `h` with its file number, offset or shard replaced, re-signed.
+fn forge(h: Handle, file: Option<u32>, offset: Option<u64>) -> Handle {
+    let mut b: [u8; HANDLE_BYTES] = h.to_bytes();
+    if let Some(f) = file {
+        b[8..12].copy_from_slice(&f.to_le_bytes());
+    }
+    if let Some(o) = offset {
+        b[24..32].copy_from_slice(&o.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&b[..36]);
+    b[36..40].copy_from_slice(&crc.to_le_bytes());
+    Handle::from_bytes(&b).expect("forged handle decodes")
+}
+
+/// The owner rewrites a 64 KiB slot in a loop (every byte the same value per
+/// pass) while shard 1 reads it: every read sees one pass, never a mix.
+#[test]
+fn owner_writes_while_another_shard_reads_no_torn_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path())).unwrap();
+    let h = block_on(rt.spawn_on(0, |s| async move {
+        let a = s.allocate(SLOT as u64).await.unwrap();
+        a.write_at(0, &[0u8; SLOT]).unwrap();
+        a.into_handle()
+    }))
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_w = stop.clone();
+    let writer = rt.spawn_on(0, move |s| async move {
+        let pin = s.pin(h).await.unwrap();
+        let mut pass = 0u8;
+        let mut page = [0u8; SLOT];
+        while !stop_w.load(Ordering::Relaxed) {
+            pass = pass.wrapping_add(1);
+            page.fill(pass);
+            pin.write_at(0, &page).unwrap();
+            tokio::task::yield_now().await;
+        }
+    });
+    let torn = block_on(rt.spawn_on(1, move |s| async move {
+        let mut buf = vec![0u8; SLOT];
+        let mut torn = 0usize;
+        for _ in 0..2000 {
+            s.read(h, 0, &mut buf).await.unwrap();
+            if buf.iter().any(|&b| b != buf[0]) {
+                torn += 1;
+            }
+            tokio::task::yield_now().await;
+        }
+        torn
+    }))
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    block_on(writer).unwrap();
+    assert_eq!(torn, 0, "{torn} of 2000 cross-shard reads were torn");
+    rt.shutdown().unwrap();
+}
+
+/// Forged handles naming files the owner never created register nothing.
+#[test]
+fn forged_foreign_handles_register_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path())).unwrap();
+    let h = block_on(rt.spawn_on(
+        0,
+        |s| async move { s.allocate(64).await.unwrap().into_handle() },
+    ))
+    .unwrap();
+    let (before, after) = block_on(rt.spawn_on(1, move |s| async move {
+        let before = s.stats().files.files;
+        let mut buf = [0u8; 16];
+        for f in 1..2000u32 {
+            let forged = forge(h, Some(f), None);
+            let r = s.read(forged, 0, &mut buf).await;
+            assert!(matches!(r, Err(Error::NotAllocated { .. })), "{r:?}");
+            let r = s.pin(forged).await;
+            assert!(
+                matches!(r, Err(Error::NotOwner { .. })),
+                "{:?}",
+                r.map(|_| ())
+            );
+            // SAFETY: nothing writes the (nonexistent) bytes.
+            let r = unsafe { s.pin_foreign(forged) }.await;
+            assert!(r.is_err(), "forged handle in file {f}");
+        }
+        (before, s.stats().files.files)
+    }))
+    .unwrap();
+    assert_eq!(after, before, "forged handles registered files");
+    rt.shutdown().unwrap();
+}
+
+/// An offset at the end of the address space is refused, not wrapped.
+#[test]
+fn foreign_offset_overflow_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path())).unwrap();
+    let h = block_on(rt.spawn_on(
+        0,
+        |s| async move { s.allocate(64).await.unwrap().into_handle() },
+    ))
+    .unwrap();
+    let r = block_on(rt.spawn_on(1, move |s| async move {
+        let bad = forge(h, None, Some(u64::MAX - 15));
+        let mut buf = [0u8; 16];
+        let read = s.read(bad, 0, &mut buf).await;
+        let write = s.write(bad, 0, &buf).await;
+        let free = s.free(bad);
+        // SAFETY: nothing is mapped for this handle.
+        let pin = unsafe { s.pin_foreign(bad) }.await.map(|_| ());
+        [read, write, free, pin]
+    }))
+    .unwrap();
+    for r in r {
+        assert!(
+            matches!(r, Err(Error::NotAllocated { .. })),
+            "overflowing offset: {r:?}"
+        );
+    }
+    rt.shutdown().unwrap();
+}
+
+/// A safe pin of another shard's handle is refused and says what to use;
+/// reads, writes and closures go through the owner; the unsafe direct
+/// mapping works for a live handle.
+#[test]
+fn foreign_access_goes_through_the_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path())).unwrap();
+    let h = block_on(rt.spawn_on(0, |s| async move {
+        let a = s.allocate(100).await.unwrap();
+        a.write_at(0, b"owner").unwrap();
+        a.into_handle()
+    }))
+    .unwrap();
+    block_on(rt.spawn_on(1, move |s| async move {
+        let Err(e) = s.pin(h).await else {
+            panic!("a safe foreign pin")
+        };
+        assert!(
+            matches!(
+                e,
+                Error::NotOwner {
+                    owner: 0,
+                    this: 1,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("Shard::read"), "{e}");
+        assert!(s.try_pin(h).is_err());
+        s.write(h, 5, b"-written").await.unwrap();
+        let mut buf = [0u8; 13];
+        s.read(h, 0, &mut buf).await.unwrap();
+        assert_eq!(&buf, b"owner-written");
+        // Out of the allocation's range: refused before anything is sent.
+        let r = s.read(h, h.len() as usize - 4, &mut [0u8; 11]).await;
+        assert!(matches!(r, Err(Error::InvalidRange { .. })), "{r:?}");
+        let r = s.write(h, usize::MAX, b"x").await;
+        assert!(matches!(r, Err(Error::InvalidRange { .. })), "{r:?}");
+        let owner = s.run_on_owner(h, |pin| pin.len()).await.unwrap();
+        assert_eq!(owner, h.len() as usize);
+        // SAFETY: the owner runs no task that writes `h` meanwhile.
+        let pin = unsafe { s.pin_foreign(h) }.await.unwrap();
+        let mut buf = [0u8; 5];
+        pin.read_at(0, &mut buf).unwrap();
+        assert_eq!(&buf, b"owner");
+    }))
+    .unwrap();
+    // A freed handle is refused by the owner.
+    block_on(rt.spawn_on(0, move |s| async move { s.free(h) }))
+        .unwrap()
+        .unwrap();
+    let r = block_on(rt.spawn_on(1, move |s| async move { s.read(h, 0, &mut [0u8; 4]).await }))
+        .unwrap();
+    assert!(matches!(r, Err(Error::NotAllocated { .. })), "{r:?}");
+    rt.shutdown().unwrap();
+}
+
+/// A read-only runtime reads every shard's data from any shard.
+#[test]
+fn read_only_runtime_reads_other_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let rt = Runtime::start(cfg.clone()).unwrap();
+    let h = block_on(rt.spawn_on(0, |s| async move {
+        let a = s.allocate(64).await.unwrap();
+        a.write_at(0, b"durable").unwrap();
+        a.into_handle()
+    }))
+    .unwrap();
+    rt.shutdown().unwrap();
+    let ro = Config::builder(cfg.dir())
+        .shards(2)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .read_only(true)
+        .build()
+        .unwrap();
+    let rt = Runtime::start(ro).unwrap();
+    let (read, write) = block_on(rt.spawn_on(1, move |s| async move {
+        let mut buf = [0u8; 7];
+        s.read(h, 0, &mut buf).await.unwrap();
+        (buf, s.write(h, 0, b"x").await)
+    }))
+    .unwrap();
+    assert_eq!(&read, b"durable");
+    assert!(matches!(write, Err(Error::ReadOnly(_))), "{write:?}");
+    rt.shutdown().unwrap();
+}
+
+/// Frees forwarded to an owner that is not draining are bounded: once its
+/// channel and the sender's buffer are full, a free is refused (nothing
+/// queued); after the owner catches up, `flush_frees` delivers the rest
+/// and every free is applied exactly once.
+#[test]
+fn frees_to_a_blocked_owner_are_bounded() {
+    const N: usize = 300_000;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path())).unwrap();
+    let hs: Vec<Handle> = block_on(rt.spawn_on(0, |s| async move {
+        let mut v = Vec::new();
+        for _ in 0..N {
+            v.push(s.allocate(16).await.unwrap().into_handle());
+        }
+        v
+    }))
+    .unwrap();
+    // The owner's thread is blocked: its drain task cannot run.
+    let (release, blocked) = std::sync::mpsc::channel::<()>();
+    let busy = rt.spawn_on(0, move |_| async move {
+        let _ = blocked.recv();
+    });
+    let refused = block_on(rt.spawn_on(1, move |s| async move {
+        let mut refused = Vec::new();
+        for h in hs {
+            match s.free(h) {
+                Ok(()) => {}
+                Err(Error::Backpressure { owner: 0, .. }) => refused.push(h),
+                Err(e) => panic!("{e:?}"),
+            }
+            tokio::task::yield_now().await;
+        }
+        refused
+    }))
+    .unwrap();
+    assert!(!refused.is_empty(), "{N} frees queued to a blocked owner");
+    assert!(refused.len() < N, "nothing was queued");
+    release.send(()).unwrap();
+    block_on(busy).unwrap();
+    let n_refused = refused.len();
+    block_on(rt.spawn_on(1, move |s| async move {
+        s.flush_frees().await.unwrap();
+        for h in refused {
+            s.free(h).unwrap();
+        }
+        s.flush_frees().await.unwrap();
+    }))
+    .unwrap();
+    let st = block_on(rt.stats()).unwrap();
+    assert_eq!(st.shards[0].alloc.allocations_live, 0);
+    assert_eq!(st.shards[0].mesh.cross_frees_received, N as u64);
+    assert_eq!(st.shards[0].mesh.cross_frees_rejected, 0);
+    assert_eq!(st.shards[1].mesh.cross_frees_refused, n_refused as u64);
+    rt.shutdown().unwrap();
+}
+
+/// `flush_frees` returns once the owner applied the frees: no sync, sleep
+/// or drain needed to see them.
+#[test]
+fn flush_frees_waits_for_the_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path())).unwrap();
+    for round in 0..20 {
+        let hs: Vec<Handle> = block_on(rt.spawn_on(0, |s| async move {
+            let mut v = Vec::new();
+            for _ in 0..100 {
+                v.push(s.allocate(32).await.unwrap().into_handle());
+            }
+            v
+        }))
+        .unwrap();
+        let check = hs.clone();
+        block_on(rt.spawn_on(1, move |s| async move {
+            for h in hs {
+                s.free(h).unwrap();
+            }
+            s.flush_frees().await.unwrap();
+        }))
+        .unwrap();
+        let live = block_on(rt.spawn_on(0, move |s| async move {
+            check.iter().filter(|h| s.allocator().is_live(h)).count()
+        }))
+        .unwrap();
+        assert_eq!(live, 0, "round {round}: frees not applied after flush");
+    }
+    rt.shutdown().unwrap();
+}
+
+struct FreeOnDrop {
+    shard: Shard,
+    h: Handle,
+    acked: std::sync::mpsc::Sender<Handle>,
+}
+
+impl Drop for FreeOnDrop {
+    fn drop(&mut self) {
+        if self.shard.free(self.h).is_ok() {
+            let _ = self.acked.send(self.h);
+        }
+    }
+}
+
+/// A task still running at shutdown frees another shard's handle as it is
+/// dropped: the free is either refused or applied, never acknowledged and
+/// lost.
+#[test]
+fn shutdown_loses_no_acknowledged_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let rt = Runtime::start(cfg.clone()).unwrap();
+    let h = block_on(rt.spawn_on(
+        0,
+        |s| async move { s.allocate(16).await.unwrap().into_handle() },
+    ))
+    .unwrap();
+    let (acked, acks) = std::sync::mpsc::channel::<Handle>();
+    let (started_tx, started) = std::sync::mpsc::channel::<()>();
+    let _task = rt.spawn_on(1, move |s| async move {
+        let _guard = FreeOnDrop { shard: s, h, acked };
+        let _ = started_tx.send(());
+        std::future::pending::<()>().await;
+    });
+    started.recv().unwrap();
+    rt.shutdown().unwrap();
+    let acked: Vec<Handle> = acks.try_iter().collect();
+    let rt = Runtime::start(cfg).unwrap();
+    let live = block_on(rt.spawn_on(0, move |s| async move {
+        acked.iter().filter(|h| s.allocator().is_live(h)).count()
+    }))
+    .unwrap();
+    assert_eq!(live, 0, "an acknowledged free was lost at shutdown");
+    rt.shutdown().unwrap();
+}
