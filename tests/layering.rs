@@ -1,0 +1,226 @@
+//! The module layering that ARCHITECTURE.md documents holds in the code.
+//!
+//! ARCHITECTURE.md lists the crate's modules in layers, lowest first,
+//! between the `layers:begin` and `layers:end` markers. A module may use a
+//! module of a lower layer, never one of its own layer or above. This test
+//! reads every file under `src/` (except `lib.rs` and the binaries), finds
+//! each `crate::` path it names, and fails on any that goes against that
+//! order, or on a module the document does not place. So the direction is
+//! a checked rule, not a convention, and the document cannot drift from the
+//! code.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// Module name → layer (0 lowest), from ARCHITECTURE.md.
+fn layers() -> BTreeMap<String, usize> {
+    let doc = std::fs::read_to_string(Path::new(ROOT).join("ARCHITECTURE.md")).unwrap();
+    let begin = doc
+        .find("layers:begin")
+        .expect("ARCHITECTURE.md: no layers:begin marker");
+    let end = doc
+        .find("layers:end")
+        .expect("ARCHITECTURE.md: no layers:end marker");
+    let mut out = BTreeMap::new();
+    let block = &doc[begin..end];
+    let lines = block
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with("```"));
+    for (rank, line) in lines.enumerate() {
+        let line = line.trim();
+        // "N. a b c" or "a b c"; anything after "--" is a comment.
+        let line = line.split("--").next().unwrap();
+        let line = line.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.');
+        for m in line.split_whitespace() {
+            let m = m.trim_matches('`');
+            assert!(
+                out.insert(m.to_string(), rank).is_none(),
+                "ARCHITECTURE.md places `{m}` twice"
+            );
+        }
+    }
+    assert!(
+        out.len() > 5,
+        "ARCHITECTURE.md: the layer list is too short: {out:?}"
+    );
+    out
+}
+
+/// Name → module for the crate root's `pub use module::{A, B};` lines
+/// (also `pub use module::A;` and `pub use module::sub::A as B;`).
+fn reexports(lib: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let text = lib.replace('\n', " ");
+    for stmt in text.split(';') {
+        let stmt = stmt.trim();
+        let Some(path) = stmt
+            .strip_prefix("pub use ")
+            .or_else(|| stmt.strip_prefix("pub(crate) use "))
+        else {
+            continue;
+        };
+        let path = path.trim().trim_start_matches("crate::");
+        let module: String = path
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let names = match path.find('{') {
+            Some(at) => path[at + 1..].trim_end_matches('}').to_string(),
+            None => path.rsplit("::").next().unwrap_or("").to_string(),
+        };
+        for n in names.split(',') {
+            let n = n.trim();
+            let n = n.rsplit(" as ").next().unwrap_or(n);
+            let n = n.rsplit("::").next().unwrap_or(n).trim();
+            if !n.is_empty() && n != "self" {
+                out.insert(n.to_string(), module.clone());
+            }
+        }
+    }
+    out
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// The top-level module a file of `src/` belongs to (`None` for the crate
+/// root and the binaries).
+fn module_of(src: &Path, file: &Path) -> Option<String> {
+    let rel = file.strip_prefix(src).unwrap();
+    let first = rel.components().next()?.as_os_str().to_str()?.to_string();
+    match first.as_str() {
+        "lib.rs" | "main.rs" | "bin" => None,
+        f => Some(f.trim_end_matches(".rs").to_string()),
+    }
+}
+
+/// Every top-level module that `text` names through `crate::` (in `use`
+/// lines, grouped imports `crate::{a, b::c}` and paths in code), with the
+/// line it is on. Comments are skipped.
+fn crate_refs(text: &str) -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    let mut in_group = false;
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.split("//").next().unwrap();
+        if in_group {
+            // Inside `use crate::{ ... }` spread over lines.
+            for part in line.split(',') {
+                let name: String = part
+                    .trim()
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() && name != "self" {
+                    out.push((name, i + 1));
+                }
+            }
+            if line.contains('}') {
+                in_group = false;
+            }
+            continue;
+        }
+        let mut rest = line;
+        while let Some(at) = rest.find("crate::") {
+            let after = &rest[at + "crate::".len()..];
+            if let Some(group) = after.strip_prefix('{') {
+                let body = group.split('}').next().unwrap();
+                for part in body.split(',') {
+                    let name: String = part
+                        .trim()
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
+                    if !name.is_empty() && name != "self" {
+                        out.push((name, i + 1));
+                    }
+                }
+                if !group.contains('}') {
+                    in_group = true;
+                }
+            } else {
+                let name: String = after
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() {
+                    out.push((name, i + 1));
+                }
+            }
+            rest = &after[1.min(after.len())..];
+        }
+    }
+    out
+}
+
+#[test]
+fn every_import_follows_the_documented_layers() {
+    let layers = layers();
+    let src = Path::new(ROOT).join("src");
+    let reexports = reexports(&std::fs::read_to_string(src.join("lib.rs")).unwrap());
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files.sort();
+    let mut wrong = Vec::new();
+    for file in &files {
+        let Some(module) = module_of(&src, file) else {
+            continue;
+        };
+        let Some(&rank) = layers.get(&module) else {
+            wrong.push(format!(
+                "{}: module `{module}` is not placed in ARCHITECTURE.md's layers",
+                file.display()
+            ));
+            continue;
+        };
+        let text = std::fs::read_to_string(file).unwrap();
+        for (used, line) in crate_refs(&text) {
+            if used == module {
+                continue;
+            }
+            // An item the crate root re-exports (`crate::Error`) counts as
+            // a use of the module it comes from.
+            let used = reexports.get(&used).cloned().unwrap_or(used);
+            if used == module {
+                continue;
+            }
+            let Some(&used_rank) = layers.get(&used) else {
+                wrong.push(format!(
+                    "{}:{line}: `crate::{used}` is neither a placed module nor a re-export",
+                    file.display()
+                ));
+                continue;
+            };
+            if used_rank >= rank {
+                wrong.push(format!(
+                    "{}:{line}: `{module}` (layer {rank}) uses `{used}` (layer {used_rank})",
+                    file.display()
+                ));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "imports against ARCHITECTURE.md's layers:\n{}",
+        wrong.join("\n")
+    );
+}
+
+#[test]
+fn the_reference_reader_finds_grouped_and_inline_paths() {
+    let refs = crate_refs(
+        "use crate::a::X;\nuse crate::{b, c::Y};\nuse crate::{\n    d::Z,\n    e,\n};\nlet x = crate::f::g(); // crate::h\n",
+    );
+    let names: Vec<&str> = refs.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c", "d", "e", "f"]);
+}
