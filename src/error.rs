@@ -10,6 +10,8 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::format::handle::{BadHandle, Handle};
+
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -145,8 +147,8 @@ pub enum Error {
         "handle {handle} belongs to another data directory (tag {handle_tag:#010x}, this directory {dir_tag:#010x})"
     )]
     ForeignHandle {
-        /// The handle, displayed.
-        handle: String,
+        /// The handle.
+        handle: Handle,
         /// The handle's directory tag.
         handle_tag: u32,
         /// This directory's tag.
@@ -157,8 +159,8 @@ pub enum Error {
     /// bounds, of another class, or freed already.
     #[error("handle {handle} is not a live allocation: {reason}")]
     NotAllocated {
-        /// The handle, displayed.
-        handle: String,
+        /// The handle.
+        handle: Handle,
         /// Why.
         reason: &'static str,
     },
@@ -166,15 +168,15 @@ pub enum Error {
     /// A handle freed a second time.
     #[error("double free of {handle}")]
     DoubleFree {
-        /// The handle, displayed.
-        handle: String,
+        /// The handle.
+        handle: Handle,
     },
 
     /// A handle owned by another shard used where only the owner can act.
     #[error("handle {handle} belongs to shard {owner}, not shard {this}")]
     WrongShard {
-        /// The handle, displayed.
-        handle: String,
+        /// The handle.
+        handle: Handle,
         /// The owning shard.
         owner: u16,
         /// The shard asked.
@@ -282,7 +284,7 @@ pub enum Error {
     )]
     NotOwner {
         /// The handle.
-        handle: crate::format::Handle,
+        handle: Handle,
         /// The owning shard.
         owner: u16,
         /// The shard asked.
@@ -353,5 +355,11 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error() == Some(nix::libc::ENOSPC),
             _ => false,
         }
+    }
+}
+
+impl From<BadHandle> for Error {
+    fn from(e: BadHandle) -> Error {
+        Error::BadHandle { reason: e.reason }
     }
 }

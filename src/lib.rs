@@ -84,7 +84,7 @@ pub use config::{Config, ConfigBuilder, EvictionPolicy, IoBackendChoice, Limits,
 pub use datadir::DataDir;
 pub use error::{Error, Result};
 pub use files::{FileHandleRegistry, FileId, FileLease, FileStats, Reservation};
-pub use format::{HANDLE_BYTES, Handle, Manifest};
+pub use format::{BadHandle, HANDLE_BYTES, Handle, Manifest};
 pub use io::{IoBackend, Ring, RingStats};
 pub use mapping::{MappingConfig, MappingManager, MappingStats, Pin};
 pub use mesh::MeshStats;

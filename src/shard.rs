@@ -431,7 +431,7 @@ impl Shard {
             .await?;
         if !live {
             return Err(Error::NotAllocated {
-                handle: handle.to_string(),
+                handle,
                 reason: "the owner has no live allocation there",
             });
         }
@@ -467,14 +467,14 @@ impl Shard {
         let m = self.inner.dir.manifest();
         if h.dir_tag() != m.dir_tag() {
             return Err(Error::ForeignHandle {
-                handle: h.to_string(),
+                handle: *h,
                 handle_tag: h.dir_tag(),
                 dir_tag: m.dir_tag(),
             });
         }
         if self.inner.mesh.get().is_none() || h.shard() >= m.shard_count {
             return Err(Error::WrongShard {
-                handle: h.to_string(),
+                handle: *h,
                 owner: h.shard(),
                 this: self.inner.index,
             });
@@ -484,7 +484,7 @@ impl Shard {
             .is_none_or(|end| end > m.max_file_bytes)
         {
             return Err(Error::NotAllocated {
-                handle: h.to_string(),
+                handle: *h,
                 reason: "offset out of bounds",
             });
         }

@@ -344,7 +344,7 @@ fn garbage_bytes_are_bad_handles() {
         }
         for c in cases {
             match Handle::from_bytes(&c) {
-                Err(Error::BadHandle { .. }) => {}
+                Err(segalloc::BadHandle { .. }) => {}
                 other => panic!("{c:02x?} decoded to {other:?}"),
             }
         }

@@ -122,7 +122,7 @@ fn single_bit_flips_are_rejected() {
             let mut c = b;
             c[bit / 8] ^= 1 << (bit % 8);
             prop_assert!(
-                matches!(Handle::from_bytes(&c), Err(Error::BadHandle { .. })),
+                Handle::from_bytes(&c).is_err(),
                 "flip of bit {} accepted",
                 bit
             );
@@ -164,8 +164,7 @@ fn mutated_handles_never_panic() {
                         prop_assert!(resigned || c == b, "damage accepted without a checksum");
                         prop_assert_eq!(h.to_bytes(), c);
                     }
-                    Err(Error::BadHandle { .. }) => {}
-                    Err(e) => prop_assert!(false, "unexpected error {:?}", e),
+                    Err(segalloc::BadHandle { .. }) => {}
                 }
                 Ok(())
             },

@@ -131,7 +131,7 @@ fn powercut_child() {
                 shard.free(h).unwrap();
                 live_bytes -= h.len() as u64;
                 say(format!("F {}", handle_hex(&h)));
-            } else if r < 980 {
+            } else if r < 995 {
                 let k = rng.below(ROOTS);
                 let h = live[rng.below(live.len() as u64) as usize];
                 shard.set_root(&root_name(k), h).unwrap();
@@ -522,8 +522,8 @@ fn round(work: &Path, seed: u64) -> Lost {
         .spawn()
         .unwrap();
     let (rx, reader) = line_reader(child.stdout.take().unwrap());
-    // Cut after 1 to 6 completed syncs, 0 to 40 ms after the last one.
-    let syncs = 1 + rng.below(6);
+    // Cut after 2 to 8 completed syncs, 0 to 40 ms after the last one.
+    let syncs = 2 + rng.below(7);
     let mut seen = 0;
     let mut events = Vec::new();
     while seen < syncs {

@@ -20,8 +20,8 @@ use std::sync::atomic::AtomicU64;
 
 use crate::error::Result;
 use crate::files::FileId;
-use crate::mapping::{MappingManager, Pin};
 use crate::format;
+use crate::mapping::{MappingManager, Pin};
 
 /// The metadata file grows this much at a time.
 const META_GROWTH_BYTES: u64 = 1024 * 1024;
@@ -119,7 +119,11 @@ impl MetaMap {
             if self.writable {
                 // The window's first page must exist before it is pinned.
                 self.mm
-                    .reserve(self.file, i * w + format::META_PAGE_BYTES, META_GROWTH_BYTES)
+                    .reserve(
+                        self.file,
+                        i * w + format::META_PAGE_BYTES,
+                        META_GROWTH_BYTES,
+                    )
                     .await?;
             }
             let pin = self.mm.pin(self.file, i * w, 64, self.writable).await?;

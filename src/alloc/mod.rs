@@ -42,13 +42,13 @@ use std::rc::Rc;
 
 use crate::error::{Error, Result};
 use crate::files::{FileHandleRegistry, FileId};
-use crate::mapping::{MappingManager, Pin};
 use crate::format::classes::{self, CLASS_COUNT, CLASSES};
+use crate::format::data_file_name;
 use crate::format::{Handle, Manifest};
+use crate::mapping::{MappingManager, Pin};
 use durability::Released;
 use meta_map::MetaMap;
 use segments::Seg;
-use crate::format::data_file_name;
 use space::Space;
 pub use stats::{AllocStats, LiveIter};
 
@@ -397,9 +397,7 @@ impl SegmentAllocator {
     #[cold]
     #[inline(never)]
     fn double_free(&self, handle: Handle) -> Error {
-        Error::DoubleFree {
-            handle: handle.to_string(),
-        }
+        Error::DoubleFree { handle }
     }
 
     /// Whether `handle` names a live allocation of this shard.
@@ -419,7 +417,7 @@ impl SegmentAllocator {
         let seg = st.segments[seg_id as usize].as_ref().expect("located");
         if !seg.is_live(slot) {
             return Err(Error::NotAllocated {
-                handle: handle.to_string(),
+                handle: *handle,
                 reason: "slot is free",
             });
         }

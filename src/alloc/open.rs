@@ -12,15 +12,15 @@ use std::time::Instant;
 
 use tracing::Instrument;
 
-use crate::format::classes::{BLOCK_BYTES, CLASS_COUNT};
 use super::durability::Released;
 use super::meta_map::MetaMap;
 use super::space::{Run, Space, Trim};
 use super::{AllocStats, SegmentAllocator, State, data_file_name};
 use crate::datadir::ShardLock;
 use crate::error::{Error, Result};
-use crate::mapping::MappingManager;
+use crate::format::classes::{BLOCK_BYTES, CLASS_COUNT};
 use crate::format::{self, Manifest};
+use crate::mapping::MappingManager;
 
 impl SegmentAllocator {
     /// Open (recover) or create the allocator of shard `shard` in folder

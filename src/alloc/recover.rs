@@ -7,9 +7,9 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use super::space::Run;
 use super::SegmentAllocator;
 use super::segments::Seg;
+use super::space::Run;
 use crate::error::{Error, Result};
 use crate::format::scan::{
     self, DataFileLen, Defect, Finding, FindingFile, MetaSource, ScanTarget, ShardScan, Superblock,
@@ -114,7 +114,8 @@ impl SegmentAllocator {
             if self.files.is_read_only() {
                 continue;
             }
-            self.meta.word(format::entry_offset(seg.entry))
+            self.meta
+                .word(format::entry_offset(seg.entry))
                 .store(0, Ordering::Release);
             let bitmap = format::bitmap_offset(seg.entry);
             for wi in 0..format::BITMAP_WORDS as u64 {
@@ -187,7 +188,8 @@ impl SegmentAllocator {
     fn apply_roots(&self, found: &ShardScan) {
         if !self.files.is_read_only() {
             for &i in &found.root_slots_to_clear {
-                self.meta.word(format::root_offset(i))
+                self.meta
+                    .word(format::root_offset(i))
                     .store(0, Ordering::Release);
             }
         }

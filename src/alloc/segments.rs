@@ -5,14 +5,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::format::classes::{BLOCK_BYTES, CLASSES};
 use super::meta_map::Bitmap;
 use super::space::{Run, Trim};
 use super::{SegmentAllocator, State};
 use crate::error::{Error, Result};
 use crate::files::FileId;
-use crate::format::{Handle, data_file_name};
+use crate::format::classes::{BLOCK_BYTES, CLASSES};
 use crate::format::{self, EntryHeader};
+use crate::format::{Handle, data_file_name};
 
 /// A published segment of this shard.
 ///
@@ -176,7 +176,7 @@ impl SegmentAllocator {
     #[cold]
     #[inline(never)]
     pub(super) fn locate_error(&self, st: &State, h: &Handle) -> Error {
-        let shown = || h.to_string();
+        let shown = || *h;
         if h.dir_tag != self.manifest.dir_tag() {
             return Error::ForeignHandle {
                 handle: shown(),

@@ -5,8 +5,8 @@
 use std::sync::atomic::Ordering;
 
 use super::SegmentAllocator;
-use crate::format::classes::{BLOCK_BYTES, CLASSES};
 use crate::format::Handle;
+use crate::format::classes::{BLOCK_BYTES, CLASSES};
 
 /// Counters and gauges of an allocator.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

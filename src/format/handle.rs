@@ -20,7 +20,23 @@
 //! | 36 | 4 | CRC-32C of bytes 0..36 |
 
 use super::classes;
-use crate::error::{Error, Result};
+
+/// Bytes that do not decode to a [`Handle`], and why. Converts into
+/// [`Error::BadHandle`](crate::Error::BadHandle), so `?` works in functions
+/// that return [`segalloc::Result`](crate::Result).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadHandle {
+    /// What is wrong with the bytes.
+    pub reason: &'static str,
+}
+
+impl std::fmt::Display for BadHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "not a valid handle: {}", self.reason)
+    }
+}
+
+impl std::error::Error for BadHandle {}
 
 /// Encoded size of a [`Handle`].
 pub const HANDLE_BYTES: usize = 40;
@@ -131,9 +147,10 @@ impl Handle {
     ///
     /// # Errors
     ///
-    /// [`Error::BadHandle`] with the reason.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Handle> {
-        let bad = |reason: &'static str| Err(Error::BadHandle { reason });
+    /// [`BadHandle`] with the reason (it converts into
+    /// [`Error::BadHandle`](crate::Error::BadHandle)).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Handle, BadHandle> {
+        let bad = |reason: &'static str| Err(BadHandle { reason });
         if bytes.len() != HANDLE_BYTES {
             return bad("wrong length (a handle is 40 bytes)");
         }

@@ -32,7 +32,7 @@ pub mod roots;
 pub mod scan;
 
 pub use entry::EntryHeader;
-pub use handle::{HANDLE_BYTES, Handle};
+pub use handle::{BadHandle, HANDLE_BYTES, Handle};
 pub use manifest::{MANIFEST_BYTES, Manifest};
 pub use roots::{ROOT_NAME_MAX, RootSlot};
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::{Defect, Pages, RootScan, ScanTarget, Severity, ShardScan, root_bytes, root_target};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::format::handle::Handle;
 use crate::format::roots::{self, RootSlot};
 use crate::format::{ROOT_SLOTS, root_offset};
@@ -40,10 +40,7 @@ pub(super) fn scan_roots(
         match Handle::from_bytes(&r.handle) {
             Ok(h) => valid.push((i, r, h)),
             Err(e) => {
-                let reason = match e {
-                    Error::BadHandle { reason } => reason,
-                    _ => "invalid",
-                };
+                let reason = e.reason;
                 let d = Defect::RootBadHandle {
                     slot: i,
                     name: r.name,
