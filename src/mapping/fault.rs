@@ -45,7 +45,7 @@ impl MappingManager {
     ///
     /// # Errors
     ///
-    /// As [`FileHandleRegistry::grow`], and [`Error::NoSpace`].
+    /// As [`FileHandleRegistry::grow`](crate::files::FileHandleRegistry::grow), and [`Error::NoSpace`].
     pub async fn reserve(&self, file: FileId, end: u64, step: u64) -> Result<()> {
         if end == 0 || self.files.reserved_bytes(file)? >= end {
             return Ok(());
