@@ -41,11 +41,12 @@
 //! replaced), so an acknowledged write survives `kill -9`. Against power
 //! loss, `--sync` chooses, like Redis's `appendfsync`: `always` answers a
 //! batch of writes after one sync of its shard through the ring that covers
-//! it (group commit), `everysec` syncs every second, `no` only on `SAVE`.
-//! `SAVE` returns once every shard synced. On start each shard rebuilds its
-//! index from its live allocations: a torn record (bad header or checksum)
-//! is freed, of two records of one key the higher sequence number wins, an
-//! expired record is freed.
+//! it (group commit), `everysec` syncs every second, `no` on `SAVE` and
+//! every 30 s (freed space is reused only after a sync). `SAVE` returns
+//! once every shard synced. On start each shard rebuilds its index from its
+//! live allocations: a torn record (bad header or checksum) is freed, of two
+//! records of one key the higher sequence number wins, an expired record is
+//! freed.
 
 #[path = "kv_server/batch.rs"]
 mod batch;

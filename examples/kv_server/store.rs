@@ -49,7 +49,9 @@ pub enum SyncPolicy {
     Always,
     /// A sync every second.
     Everysec,
-    /// Only `SAVE` syncs.
+    /// No sync per write: `SAVE`, and one every 30 s (about when the kernel
+    /// writes dirty pages back anyway). Freed space is reused only after a
+    /// sync, so a server that never synced would only grow.
     No,
 }
 
@@ -340,15 +342,24 @@ impl Store {
     }
 
     /// The task that syncs: on demand (`always`, `SAVE`) and every second
-    /// (`everysec`). Runs for the life of the shard thread.
+    /// (`everysec`; every 30 s for `no`). Runs for the life of the shard
+    /// thread.
     pub async fn run_syncer(&self) {
         let s = &self.sync;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u64;
         loop {
             let periodic = tokio::select! {
                 () = s.kick.notified() => false,
-                _ = tick.tick() => s.policy == SyncPolicy::Everysec,
+                _ = tick.tick() => {
+                    ticks += 1;
+                    match s.policy {
+                        SyncPolicy::Everysec => true,
+                        SyncPolicy::No => ticks.is_multiple_of(30),
+                        SyncPolicy::Always => false,
+                    }
+                }
             };
             let target = s.writes.get();
             let demanded = s.wanted.get() > s.synced.get();
