@@ -398,6 +398,10 @@ impl FileLock {
     fn try_exclusive(fd: OwnedFd) -> std::io::Result<Option<FileLock>> {
         Ok(sys::try_lock_exclusive(fd.as_raw_fd())?.then_some(FileLock { fd }))
     }
+
+    fn try_shared(fd: OwnedFd) -> std::io::Result<Option<FileLock>> {
+        Ok(sys::try_lock_shared(fd.as_raw_fd())?.then_some(FileLock { fd }))
+    }
 }
 
 impl Drop for FileLock {
@@ -408,9 +412,11 @@ impl Drop for FileLock {
     }
 }
 
-/// The exclusive lock of one shard: an `flock` on the shard's folder, held
-/// by every writable open of the shard (in this process or another) for as
-/// long as it is open, so that two instances never hand out the same slot.
+/// The lock of one shard: an `flock` on the shard's folder, exclusive for
+/// every writable open of the shard and shared for every read-only one (in
+/// this process or another), held for as long as it is open. So two
+/// instances never hand out the same slot, and no reader maps the bytes a
+/// writer is changing (that would be a data race through safe reads).
 #[derive(Debug)]
 pub struct ShardLock {
     _lock: FileLock,
@@ -425,8 +431,26 @@ impl ShardLock {
     /// [`Error::Io`] naming the folder when it cannot be opened (missing, a
     /// symlink, not a directory).
     pub fn acquire(shard: u16, folder: &Path) -> Result<ShardLock> {
+        Self::take(shard, folder, FileLock::try_exclusive)
+    }
+
+    /// The shared lock of a read-only open: many readers, no writer.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShardAlreadyOpen`] while a writable open holds the shard;
+    /// io errors naming the folder.
+    pub fn acquire_shared(shard: u16, folder: &Path) -> Result<ShardLock> {
+        Self::take(shard, folder, FileLock::try_shared)
+    }
+
+    fn take(
+        shard: u16,
+        folder: &Path,
+        lock: fn(OwnedFd) -> std::io::Result<Option<FileLock>>,
+    ) -> Result<ShardLock> {
         let fd = sys::open_dir(folder).map_err(|e| Error::io("open", Some(folder), e))?;
-        match FileLock::try_exclusive(fd) {
+        match lock(fd) {
             Ok(Some(lock)) => Ok(ShardLock { _lock: lock }),
             Ok(None) => Err(Error::ShardAlreadyOpen {
                 shard,

@@ -490,6 +490,10 @@ impl Runtime {
     /// Drain forwarded frees, sync every shard, stop the threads (unmapping
     /// and closing everything), and report what went wrong, if anything.
     ///
+    /// Call it (and [`sync`](Self::sync) through `block_on`) from a thread
+    /// of your own, never from a task on a shard: it waits for every shard,
+    /// that one included, which cannot run while it waits.
+    ///
     /// # Errors
     ///
     /// [`Error::TaskPanicked`] naming a shard thread that panicked during

@@ -241,7 +241,9 @@ impl Shard {
     ///
     /// [`Error::ShardOutOfRange`]; [`Error::ShardGone`] when that shard is
     /// stopped or this shard is not in a runtime or cluster;
-    /// [`Error::TaskPanicked`] when `f` or its future panics there.
+    /// [`Error::TaskPanicked`] when `f` or its future panics on another
+    /// shard (on this shard, `f` runs inline and a panic unwinds into the
+    /// caller).
     pub async fn submit_to<F, Fut, T>(&self, shard: usize, f: F) -> Result<T>
     where
         F: FnOnce(Shard) -> Fut + Send + 'static,
@@ -437,10 +439,11 @@ impl Shard {
         }
         let fid = self.foreign_file(&handle)?;
         let len = u64::from(handle.len());
-        if let Some(p) = self.inner.mm.try_pin(fid, handle.offset(), len, true)? {
+        let writable = !self.inner.files.is_read_only();
+        if let Some(p) = self.inner.mm.try_pin(fid, handle.offset(), len, writable)? {
             return Ok(p);
         }
-        self.inner.mm.pin(fid, handle.offset(), len, true).await
+        self.inner.mm.pin(fid, handle.offset(), len, writable).await
     }
 
     /// The local file id of a data file of another shard (validated by its

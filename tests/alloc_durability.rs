@@ -379,3 +379,47 @@ fn forged_handles_with_extreme_fields_are_refused() {
         shard.free(real).unwrap();
     });
 }
+
+/// While an `allocate` waits for its slot's window, the slot is not live:
+/// a handle of it (handles are bytes from outside, so one can be forged
+/// before `allocate` returns it) cannot be freed, and `live()` does not
+/// list it. Checked at every point where an `allocate` future is pending,
+/// with small windows and growth steps so that many allocations wait.
+#[test]
+fn a_slot_being_handed_out_cannot_be_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config::builder(dir.path())
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .max_extents(3)
+        .build()
+        .unwrap();
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        let mut acked: std::collections::BTreeSet<Handle> = Default::default();
+        let mut pending_polls = 0;
+        let waker = futures::task::noop_waker();
+        for _ in 0..400 {
+            let mut f = pin!(shard.allocate(256 * 1024));
+            let a = loop {
+                if let Poll::Ready(r) = f.as_mut().poll(&mut Context::from_waker(&waker)) {
+                    break r.unwrap();
+                }
+                pending_polls += 1;
+                let unacked: Vec<Handle> = shard.live().filter(|h| !acked.contains(h)).collect();
+                for h in unacked {
+                    assert!(
+                        shard.free(h).is_err(),
+                        "{h} was freed while its allocate was still pending"
+                    );
+                }
+                tokio::task::yield_now().await;
+            };
+            acked.insert(a.handle());
+        }
+        let live: std::collections::BTreeSet<Handle> = shard.live().collect();
+        assert_eq!(live, acked);
+        println!("{pending_polls} pending polls");
+    });
+}

@@ -168,18 +168,33 @@ fn a_shard_is_opened_for_writing_once_in_a_process() {
             &cfg,
             "SegmentAllocator::open with a read-only manifest",
         );
-        // A read-only open of the shard is still allowed, and sees the slot.
+        // A read-only open of a shard a writer holds is refused too: its
+        // safe reads would race the writer's writes.
         let (ro, _) = DataDir::open_read_only(cfg.dir()).unwrap();
+        let ro = Arc::new(ro);
         let ro_cfg = common::builder(cfg.dir(), 8, 8)
             .read_only(true)
             .build()
             .unwrap();
-        let viewer = Shard::open(Arc::new(ro), &ro_cfg, 0).await.unwrap();
-        drop(viewer);
+        expect_shard_open(
+            Shard::open(ro.clone(), &ro_cfg, 0).await,
+            &cfg,
+            "a read-only Shard::open beside a writer",
+        );
         first.free(h).unwrap();
         first.sync().await.unwrap();
-        // Closing the shard releases its lock.
+        // Closing the shard releases its lock: readers may share it, and
+        // a writer waits until they are gone.
         drop(first);
+        let viewer = Shard::open(ro.clone(), &ro_cfg, 0).await.unwrap();
+        let viewer2 = Shard::open(ro, &ro_cfg, 0).await.unwrap();
+        assert_eq!(viewer.live().count(), 0);
+        expect_shard_open(
+            Shard::open(dd.clone(), &cfg, 0).await,
+            &cfg,
+            "a writable Shard::open beside readers",
+        );
+        drop((viewer, viewer2));
         let again = Shard::open(dd, &cfg, 0).await.unwrap();
         assert_eq!(again.live().count(), 0);
     });

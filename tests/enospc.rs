@@ -24,12 +24,12 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::{
-    Rng, check_pattern, handle_from_hex, handle_hex, handle_seed, is_root, open_shard,
-    pattern_ranges, run, seed_from_env, write_pattern,
+    Mount, Rng, check_pattern, find_tool, handle_from_hex, handle_hex, handle_seed, is_root,
+    open_shard, pattern_ranges, run, seed_from_env, write_pattern,
 };
 use segalloc::config::MIB;
 use segalloc::{Config, Handle, Pin};
@@ -53,33 +53,6 @@ fn cfg(dir: &Path) -> Config {
 // ---------------------------------------------------------------------------
 // Mounting.
 // ---------------------------------------------------------------------------
-
-/// The path of `tool` if it is on `PATH` (or in the sbin folders).
-fn find_tool(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.is_file())
-}
-
-/// A mounted file system, unmounted when dropped (also when a test fails).
-struct Mount {
-    at: PathBuf,
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.at)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            // Still busy (a child being reaped?): detach it lazily.
-            let _ = Command::new("umount").arg("-l").arg(&self.at).status();
-        }
-    }
-}
 
 fn run_tool(cmd: &mut Command) -> Result<(), String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;

@@ -45,13 +45,13 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    Rng, assert_no_overlap, check_pattern, handle_from_hex, handle_hex, handle_seed, is_root,
-    line_reader, open_shard, run, seed_from_env, write_pattern,
+    Mount, Rng, assert_no_overlap, check_pattern, find_tool, handle_from_hex, handle_hex,
+    handle_seed, is_root, line_reader, open_shard, run, seed_from_env, write_pattern,
 };
 use segalloc::config::MIB;
 use segalloc::{Config, Handle};
@@ -149,14 +149,6 @@ fn powercut_child() {
 // The block device.
 // ---------------------------------------------------------------------------
 
-fn find_tool(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.is_file())
-}
-
 fn run_tool(cmd: &mut Command) -> Result<String, String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
     if out.status.success() {
@@ -207,12 +199,7 @@ impl Drop for Loop {
     }
 }
 
-/// A mounted file system, unmounted when dropped (before its loop device:
-/// declare it after the `Loop`).
-struct Mount {
-    at: PathBuf,
-}
-
+// `Mount` (common) is unmounted when dropped: declare it after its `Loop`.
 impl Mount {
     fn new(dev: &str, at: &Path) -> Result<Mount, String> {
         std::fs::create_dir_all(at).unwrap();
@@ -225,18 +212,6 @@ impl Mount {
         Ok(Mount {
             at: at.to_path_buf(),
         })
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.at)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.at).status();
-        }
     }
 }
 

@@ -15,15 +15,18 @@ impl SegmentAllocator {
     /// Make every `allocate` and `free` that returned before this call, and
     /// every write through a pin made before it, durable against power loss:
     /// `fdatasync` of the data files and the metadata through the control
-    /// ring (concurrently), and of the shard folder when files were created.
-    /// When it completes, the slots freed and the segments released before
-    /// it began can be reused. Overlapping calls are safe: each covers what
-    /// was released before it began.
+    /// ring (concurrently), and of the shard folder (a plain `fsync` on the
+    /// shard's thread) when files were created. When it completes, the slots
+    /// freed and the segments released before it began can be reused.
+    /// Overlapping calls are safe: each covers what was released before it
+    /// began, and one that completes after an overlapping one failed fails
+    /// too.
     ///
     /// # Errors
     ///
     /// The first io error. A failed sync poisons the allocator: every later
-    /// write returns [`Error::Poisoned`] until the directory is reopened.
+    /// write, and a sync overlapping it, returns [`Error::Poisoned`] until
+    /// the directory is reopened.
     pub async fn sync(&self) -> Result<()> {
         let span = tracing::debug_span!("sync", shard = self.shard);
         self.sync_inner().instrument(span).await
@@ -59,6 +62,13 @@ impl SegmentAllocator {
                 covered.released = None;
                 return Err(self.poison(e));
             }
+        }
+        if self.poisoned.get() {
+            // A sync that overlapped this one failed: the kernel reports a
+            // write-back error to one `fdatasync` of a file only, so this
+            // one's success proves nothing. Nothing it covered is reused.
+            covered.released = None;
+            return Err(Error::Poisoned { shard: self.shard });
         }
         let released = covered.released.take().expect("taken once");
         self.reuse(released);

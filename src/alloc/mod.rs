@@ -163,8 +163,8 @@ pub struct SegmentAllocator {
     /// Bytes of the metadata file known to be durable (its size as of the
     /// last `fdatasync`). The high-water mark never covers an entry past it.
     meta_durable_bytes: Cell<u64>,
-    /// Held for as long as a writable allocator is open (`None` read-only).
-    _shard_lock: Option<crate::datadir::ShardLock>,
+    /// Held for as long as the allocator is open (shared when read-only).
+    _shard_lock: crate::datadir::ShardLock,
 }
 
 #[cold]
@@ -179,12 +179,14 @@ struct SlotGuard<'a> {
     alloc: &'a SegmentAllocator,
     handle: Handle,
     armed: bool,
+    /// The slot's durable bit is cleared (while its window faults in).
+    hidden: bool,
 }
 
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.alloc.release_slot(self.handle);
+            self.alloc.release_slot(self.handle, !self.hidden);
         }
     }
 }
@@ -271,10 +273,28 @@ impl SegmentAllocator {
         }
     }
 
-    /// Undo [`take_slot`](Self::take_slot) of a slot never handed out: it
-    /// is free again at once (nothing was written through it).
+    /// Set or clear the durable bit of a held slot that `allocate` has not
+    /// handed out yet.
     #[cold]
-    fn release_slot(&self, h: Handle) {
+    fn set_slot_live(&self, h: &Handle, live: bool) {
+        let mut st = self.st.borrow_mut();
+        let seg = st.segments[h.segment as usize]
+            .as_mut()
+            .expect("a held slot's segment exists");
+        let (slot, _) = CLASSES[h.class_id as usize].div_rem(h.offset - seg.start());
+        let slot = u32::try_from(slot).expect("slot index fits the bitmap");
+        if live {
+            seg.set_live(slot);
+        } else {
+            seg.clear_live(slot);
+        }
+    }
+
+    /// Undo [`take_slot`](Self::take_slot) of a slot never handed out: it
+    /// is free again at once (nothing was written through it). `live`: its
+    /// durable bit is still set.
+    #[cold]
+    fn release_slot(&self, h: Handle, live: bool) {
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
         let seg = st.segments[h.segment as usize]
@@ -282,7 +302,9 @@ impl SegmentAllocator {
             .expect("segment exists");
         let (slot, _) = CLASSES[h.class_id as usize].div_rem(h.offset - seg.start());
         let slot = u32::try_from(slot).expect("slot index fits the bitmap");
-        seg.clear_live(slot);
+        if live {
+            seg.clear_live(slot);
+        }
         seg.unhold(slot);
         if !seg.in_avail {
             seg.in_avail = true;
@@ -315,6 +337,7 @@ impl SegmentAllocator {
                     alloc: self,
                     handle,
                     armed: true,
+                    hidden: false,
                 };
                 let pin = match self
                     .mm
@@ -322,9 +345,19 @@ impl SegmentAllocator {
                 {
                     Some(p) => p,
                     None => {
-                        self.mm
+                        // Not live while its window faults in: a handle of
+                        // this slot (forged: handles are bytes from outside)
+                        // must not pass `locate` and be freed meanwhile. It
+                        // stays held, so nothing else takes it.
+                        self.set_slot_live(&handle, false);
+                        guard.hidden = true;
+                        let p = self
+                            .mm
                             .pin(fid, handle.offset, handle.length as u64, true)
-                            .await?
+                            .await?;
+                        self.set_slot_live(&handle, true);
+                        guard.hidden = false;
+                        p
                     }
                 };
                 guard.armed = false;
@@ -356,11 +389,11 @@ impl SegmentAllocator {
         {
             Ok(Some(pin)) => Ok(Some(Allocation { handle, pin })),
             Ok(None) => {
-                self.release_slot(handle);
+                self.release_slot(handle, true);
                 Ok(None)
             }
             Err(e) => {
-                self.release_slot(handle);
+                self.release_slot(handle, true);
                 Err(e)
             }
         }
@@ -371,6 +404,13 @@ impl SegmentAllocator {
     /// [`sync`](Self::sync) completes (until then a power loss may revert
     /// the free, and the allocation must come back with its bytes): a
     /// program that frees and allocates without ever syncing grows.
+    ///
+    /// Drop every [`Pin`] of the allocation before freeing it: a pin kept
+    /// past the free still maps the bytes, which a later allocation (or
+    /// [`trim`](Self::trim), which may punch them out of the file) reuses.
+    /// Freeing the target of a root is allowed: the root stays, dangling
+    /// (`root` returns it; a pin of it fails with `NotAllocated`;
+    /// `segalloc verify` warns).
     ///
     /// # Errors
     ///

@@ -24,14 +24,15 @@ use crate::mapping::MappingManager;
 
 impl SegmentAllocator {
     /// Open (recover) or create the allocator of shard `shard` in folder
-    /// `dir`, over `mm` (whose registry opens the files). Unless the registry
-    /// is read-only, the shard's lock is held until the allocator is
-    /// dropped.
+    /// `dir`, over `mm` (whose registry opens the files). The shard's lock is
+    /// held until the allocator is dropped: exclusive, or shared when the
+    /// registry is read-only (readers never map bytes a writer changes).
     ///
     /// # Errors
     ///
-    /// [`Error::ShardAlreadyOpen`] when another writable open of the shard
-    /// (in this or another process) holds its lock;
+    /// [`Error::ShardAlreadyOpen`] when another open of the shard (in this
+    /// or another process) holds its lock: a writable open excludes every
+    /// other open, a read-only one only writable opens;
     /// [`Error::Corrupt`] when the metadata fails validation (bad checksum,
     /// truncated, overlapping segments that cannot be resolved, a data file
     /// missing); [`Error::Mismatch`] when it belongs to another shard or
@@ -111,8 +112,8 @@ impl SegmentAllocator {
     ) -> Result<SegmentAllocator> {
         let files = mm.files().clone();
         let shard_lock = match files.is_read_only() {
-            true => None,
-            false => Some(ShardLock::acquire(shard, dir)?),
+            true => ShardLock::acquire_shared(shard, dir)?,
+            false => ShardLock::acquire(shard, dir)?,
         };
         let meta_file = files.register(dir.join("meta.seg"));
         let blocks = |bytes: u64| {

@@ -125,6 +125,16 @@ impl Seg {
         self.live -= 1;
     }
 
+    /// Set slot `slot`'s durable bit again (held, hidden by `clear_live`).
+    #[inline]
+    pub(super) fn set_live(&mut self, slot: u32) {
+        let cell = self.bitmap.word(slot / 64);
+        let word = cell.load(Ordering::Relaxed);
+        debug_assert!(word & (1u64 << (slot % 64)) == 0);
+        cell.store(word | (1u64 << (slot % 64)), Ordering::Relaxed);
+        self.live += 1;
+    }
+
     /// Stop holding slot `slot` (not live): it can be handed out again.
     pub(super) fn unhold(&mut self, slot: u32) {
         let (w, bit) = (slot / 64, slot % 64);

@@ -370,3 +370,34 @@ pub fn line_reader(
     });
     (rx, reader)
 }
+
+/// The path of `tool` if it is on `PATH` (or in the sbin folders).
+pub fn find_tool(tool: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+/// A mounted file system, unmounted when dropped (also when a test fails).
+pub struct Mount {
+    /// The mount point.
+    pub at: std::path::PathBuf,
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let ok = std::process::Command::new("umount")
+            .arg(&self.at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            // Still busy (a child being reaped?): detach it lazily.
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.at)
+                .status();
+        }
+    }
+}
