@@ -40,7 +40,10 @@ pub enum Error {
 
     /// The file system is full: space for the range could not be reserved.
     /// Nothing was handed out; earlier allocations are untouched.
-    #[error("no space left to reserve {requested_bytes} bytes in {}", path.display())]
+    #[error(
+        "no space left to reserve {requested_bytes} bytes in {} (data files grow by growth_step_bytes at a time, 64 MiB by default: free disk space or lower that setting)",
+        path.display()
+    )]
     NoSpace {
         /// The file that could not grow.
         path: PathBuf,
@@ -361,5 +364,21 @@ impl Error {
 impl From<BadHandle> for Error {
     fn from(e: BadHandle) -> Error {
         Error::BadHandle { reason: e.reason }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_space_names_the_setting_to_change() {
+        let e = Error::NoSpace {
+            path: PathBuf::from("/data/shard-000/data-000000.seg"),
+            requested_bytes: 64 << 20,
+        };
+        let text = e.to_string();
+        assert!(text.contains("growth_step_bytes"), "{text}");
+        assert!(text.contains("/data/shard-000/data-000000.seg"), "{text}");
     }
 }
