@@ -1,4 +1,4 @@
-//! Configuration: the seed's tunables, validated once, with safe defaults
+//! Configuration: the tunables, validated once, with safe defaults
 //! computed from the machine ([`Limits::compute`]).
 
 use std::path::{Path, PathBuf};
@@ -21,11 +21,11 @@ pub const SEGMENT_BYTES_MAX: u64 = crate::format::classes::SEGMENT_BYTES_MAX;
 pub const WINDOW_BYTES_DEFAULT: u64 = GIB;
 /// Default growth step: files grow 64 MiB at a time inside a window.
 pub const GROWTH_STEP_BYTES_DEFAULT: u64 = 64 * MIB;
-/// The seed's default fd cap.
+/// The default fd cap.
 pub const MAX_OPEN_FILES_DEFAULT: usize = 256;
-/// The seed's default window (VMA) cap.
+/// The default window (VMA) cap.
 pub const MAX_EXTENTS_DEFAULT: usize = 8192;
-/// Descriptors left to the rest of the process (the seed's headroom).
+/// Descriptors left to the rest of the process (headroom).
 pub const FD_HEADROOM: u64 = 64;
 /// VMAs left to the rest of the process (heap, stacks, libraries, …).
 pub const MAP_HEADROOM: u64 = 1024;
@@ -98,7 +98,7 @@ fn split_caps(c: &mut Config, shards_set: bool) -> Result<()> {
     Ok(())
 }
 
-/// Safe process-wide caps derived from the machine, as in the seed's
+/// Safe process-wide caps derived from the machine, as in the design's
 /// `Limits::compute`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -277,7 +277,7 @@ impl ConfigBuilder {
         self.cfg.window_bytes = bytes;
         self
     }
-    /// The seed's `window_size_mb`.
+    /// The window size in MiB (`window_size_mb`).
     pub fn window_size_mb(self, mb: u64) -> Self {
         self.window_bytes(mb * MIB)
     }
@@ -298,12 +298,12 @@ impl ConfigBuilder {
         self.cfg.max_open_files = n;
         self
     }
-    /// Process-wide window cap (the seed's `max_mmap_extents`).
+    /// Process-wide window cap (alias: `max_mmap_extents`).
     pub fn max_extents(mut self, n: usize) -> Self {
         self.cfg.max_extents = n;
         self
     }
-    /// The seed's `max_mmap_extents`.
+    /// Alias of `max_extents`, in its original name.
     pub fn max_mmap_extents(self, n: usize) -> Self {
         self.max_extents(n)
     }
@@ -312,12 +312,12 @@ impl ConfigBuilder {
         self.cfg.eviction_policy = p;
         self
     }
-    /// Read-ahead hint in bytes (the seed's `prefetch_ahead_mb`, default 0).
+    /// Read-ahead hint in bytes (`prefetch_ahead_mb` in MiB, default 0).
     pub fn prefetch_ahead_bytes(mut self, bytes: u64) -> Self {
         self.cfg.prefetch_ahead_bytes = bytes;
         self
     }
-    /// The seed's `prefetch_ahead_mb`.
+    /// The read-ahead hint in MiB.
     pub fn prefetch_ahead_mb(self, mb: u64) -> Self {
         self.prefetch_ahead_bytes(mb * MIB)
     }
@@ -425,7 +425,7 @@ mod tests {
 
     #[test]
     fn stock_machine_limits() {
-        // Soft limit 1024 and max_map_count 65530 give the seed's numbers.
+        // Soft limit 1024 and max_map_count 65530 give the default caps.
         let fds = (1024u64 - FD_HEADROOM).min(MAX_OPEN_FILES_DEFAULT as u64);
         let maps = (65530u64 - MAP_HEADROOM).min(MAX_EXTENTS_DEFAULT as u64);
         assert_eq!((fds, maps), (256, 8192));

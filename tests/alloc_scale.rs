@@ -1,4 +1,4 @@
-//! The seed's ScaleTo10M: N records of 100 bytes on one shard with default
+//! Scale to 10M: N records of 100 bytes on one shard with default
 //! (1 GiB) windows; the OS's descriptor and mapping counts stay small, the
 //! metadata stays under 1 % of the data, and reopening (recovery) is fast.
 //!
