@@ -121,6 +121,21 @@ fn module_of(src: &Path, file: &Path, layers: &BTreeMap<String, usize>) -> Optio
     Some(first)
 }
 
+/// The first name of each comma-separated path in `body` (part of a
+/// grouped import `crate::{a, b::c}`), as found on line `line`.
+fn push_group(body: &str, line: usize, out: &mut Vec<(String, usize)>) {
+    for part in body.split(',') {
+        let name: String = part
+            .trim()
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        if !name.is_empty() && name != "self" {
+            out.push((name, line));
+        }
+    }
+}
+
 /// Every top-level module that `text` names through `crate::` (in `use`
 /// lines, grouped imports `crate::{a, b::c}` and paths in code), with the
 /// line it is on. Comments are skipped.
@@ -131,16 +146,7 @@ fn crate_refs(text: &str) -> Vec<(String, usize)> {
         let line = raw.split("//").next().unwrap();
         if in_group {
             // Inside `use crate::{ ... }` spread over lines.
-            for part in line.split(',') {
-                let name: String = part
-                    .trim()
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                if !name.is_empty() && name != "self" {
-                    out.push((name, i + 1));
-                }
-            }
+            push_group(line, i + 1, &mut out);
             if line.contains('}') {
                 in_group = false;
             }
@@ -150,17 +156,7 @@ fn crate_refs(text: &str) -> Vec<(String, usize)> {
         while let Some(at) = rest.find("crate::") {
             let after = &rest[at + "crate::".len()..];
             if let Some(group) = after.strip_prefix('{') {
-                let body = group.split('}').next().unwrap();
-                for part in body.split(',') {
-                    let name: String = part
-                        .trim()
-                        .chars()
-                        .take_while(|c| c.is_alphanumeric() || *c == '_')
-                        .collect();
-                    if !name.is_empty() && name != "self" {
-                        out.push((name, i + 1));
-                    }
-                }
+                push_group(group.split('}').next().unwrap(), i + 1, &mut out);
                 if !group.contains('}') {
                     in_group = true;
                 }

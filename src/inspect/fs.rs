@@ -127,11 +127,7 @@ pub(super) fn read_manifest(
             return Ok(None);
         }
         k => {
-            r.error(
-                None,
-                None,
-                format!("is {}, not a regular file (not followed)", k.describe()),
-            );
+            r.wrong_kind(&k, "a regular file");
             return Ok(None);
         }
     }

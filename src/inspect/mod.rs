@@ -108,6 +108,15 @@ impl Reporter<'_> {
     fn warn(&mut self, entry: Option<u32>, offset: Option<u64>, detail: impl Into<String>) {
         self.push(Severity::Warning, entry, offset, detail.into());
     }
+    /// The error for a path that is `found`, not `wanted` ("a regular
+    /// file", "a directory"): it is not followed.
+    fn wrong_kind(&mut self, found: &Kind, wanted: &str) {
+        self.error(
+            None,
+            None,
+            format!("is {}, not {wanted} (not followed)", found.describe()),
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -306,11 +315,7 @@ fn check_folder(fpath: &Path, folder: &str, idx: u16, problems: &mut Vec<Problem
             Ok(false)
         }
         k => {
-            r.error(
-                None,
-                None,
-                format!("is {}, not a directory (not followed)", k.describe()),
-            );
+            r.wrong_kind(&k, "a directory");
             Ok(false)
         }
     }
@@ -402,11 +407,7 @@ fn check_meta_present(mpath: &Path, present_any: &[u32], r: &mut Reporter<'_>) -
             return Ok(false);
         }
         k => {
-            r.error(
-                None,
-                None,
-                format!("is {}, not a regular file (not followed)", k.describe()),
-            );
+            r.wrong_kind(&k, "a regular file");
             return Ok(false);
         }
     }
