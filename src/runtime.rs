@@ -11,9 +11,11 @@
 //! `LocalSet`. Shard code uses only `spawn_local`, `AsyncFd` and wakers, so
 //! either hosts it.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin as StdPin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle as ThreadHandle;
@@ -157,9 +159,19 @@ struct ShardThread {
 /// # Ok::<(), segalloc::Error>(())
 /// ```
 pub struct Runtime {
+    /// Tells this runtime's shard threads apart from every other thread.
+    id: u64,
     dir: Arc<DataDir>,
     shards: Vec<ShardThread>,
     failures: Arc<Mutex<Vec<String>>>,
+}
+
+/// Source of [`Runtime::id`]s.
+static NEXT_RUNTIME_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// The id of the runtime whose shard runs on this thread (0: none).
+    static SHARD_OF_RUNTIME: Cell<u64> = const { Cell::new(0) };
 }
 
 /// The result of a task started with [`Runtime::spawn_on`].
@@ -257,6 +269,7 @@ impl Runtime {
         let use_uring = cfg.io_backend().resolve_env()? != IoBackendChoice::Sync;
         let cores = sys::available_cpus();
         let failures = Arc::new(Mutex::new(Vec::new()));
+        let id = NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(u16, Result<()>)>();
         let mut shards = Vec::new();
         for b in cluster.into_builders() {
@@ -267,6 +280,7 @@ impl Runtime {
             let thread = std::thread::Builder::new()
                 .name(format!("segalloc-shard-{index}"))
                 .spawn(move || {
+                    SHARD_OF_RUNTIME.with(|c| c.set(id));
                     if let Err(e) = sys::pin_thread_to_cpu(index as usize % cores) {
                         tracing::debug!(error = %e, "could not pin shard thread");
                     }
@@ -288,6 +302,7 @@ impl Runtime {
         }
         drop(ready_tx);
         let mut rt = Runtime {
+            id,
             dir,
             shards,
             failures,
@@ -460,7 +475,23 @@ impl Runtime {
             .collect()
     }
 
+    /// Whether the calling thread is one of this runtime's shard threads,
+    /// which cannot wait for the shards (itself included).
+    fn on_own_shard(&self) -> bool {
+        SHARD_OF_RUNTIME.with(Cell::get) == self.id
+    }
+
     fn stop_all(&mut self) {
+        if self.on_own_shard() {
+            // Waiting here would wait for this very thread: ask every shard
+            // to stop (each applies what it buffered before closing, as
+            // after a drop) and let the threads finish on their own.
+            for t in &mut self.shards {
+                let _ = t.tx.send(Msg::Stop);
+                drop(t.thread.take());
+            }
+            return;
+        }
         // Every shard stops accepting cross-shard frees and waits until the
         // owners applied what it acknowledged, while every shard still
         // drains: no acknowledged free is lost. Only then do shards stop.
@@ -491,15 +522,25 @@ impl Runtime {
     /// and closing everything), and report what went wrong, if anything.
     ///
     /// Call it (and [`sync`](Self::sync) through `block_on`) from a thread
-    /// of your own, never from a task on a shard: it waits for every shard,
-    /// that one included, which cannot run while it waits.
+    /// of your own, not from a task on a shard: it waits for every shard,
+    /// that one included, which cannot run while it waits. Called on a
+    /// shard's thread it returns [`Error::NoExecutor`] at once; the runtime
+    /// is then dropped there, which asks the shards to stop without waiting
+    /// for them (nothing acknowledged is lost, as with any drop).
     ///
     /// # Errors
     ///
+    /// [`Error::NoExecutor`] on one of the runtime's own shard threads;
     /// [`Error::TaskPanicked`] naming a shard thread that panicked during
     /// the runtime's life (the surviving shards are still synced), else the
     /// sync error.
     pub fn shutdown(mut self) -> Result<()> {
+        if self.on_own_shard() {
+            return Err(Error::NoExecutor {
+                call: "Runtime::shutdown",
+                needs: "a thread that is not one of the runtime's shard threads",
+            });
+        }
         let _span = tracing::info_span!("shutdown").entered();
         let sync = futures::executor::block_on(self.sync());
         self.stop_all();

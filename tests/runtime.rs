@@ -705,3 +705,50 @@ fn runtime_root_finds_a_root_on_any_shard() {
     assert_eq!(block_on(rt.root("nobody")).unwrap(), None);
     rt.shutdown().unwrap();
 }
+
+/// `shutdown` called (or the runtime dropped) on one of its own shard
+/// threads cannot wait for that thread: it is an error, not a deadlock, and
+/// the shards still stop and release the directory.
+#[test]
+fn shutdown_from_a_shard_task_is_an_error_not_a_deadlock() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2);
+    let rt = Runtime::start(cfg.clone()).unwrap();
+    let (rt_tx, rt_rx) = futures::channel::oneshot::channel::<Runtime>();
+    let task = rt.spawn_on(0, move |_s| async move {
+        let rt = rt_rx.await.expect("runtime sent");
+        rt.shutdown()
+    });
+    rt_tx.send(rt).ok().expect("task waits for the runtime");
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(block_on(task));
+    });
+    let r = done_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("shutdown from a shard task deadlocked");
+    let inner = r.expect("the task ran");
+    assert!(
+        matches!(
+            inner,
+            Err(Error::NoExecutor {
+                call: "Runtime::shutdown",
+                ..
+            })
+        ),
+        "{inner:?}"
+    );
+    // The shard threads stop by themselves and release the directory.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match Runtime::start(cfg.clone()) {
+            Ok(rt) => break rt.shutdown().unwrap(),
+            Err(Error::AlreadyOpen { .. } | Error::ShardAlreadyOpen { .. })
+                if Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("directory not released: {e}"),
+        }
+    }
+}
