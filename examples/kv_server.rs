@@ -54,6 +54,8 @@ mod batch;
 mod commands;
 #[path = "kv_server/conn.rs"]
 mod conn;
+#[path = "kv_server/hash.rs"]
+mod hash;
 #[path = "kv_server/resp.rs"]
 mod resp;
 #[path = "kv_server/store.rs"]

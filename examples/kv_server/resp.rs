@@ -73,25 +73,39 @@ impl ProtocolError {
 }
 
 /// A header line `<prefix><digits>\r\n` at the start of `buf`:
-/// `Ok(Some((value, bytes)))`, `Ok(None)` when incomplete.
+/// `Ok(Some((value, bytes)))`, `Ok(None)` when incomplete. The digits
+/// (an optional sign, then at least one digit) are read in one pass: a
+/// byte that cannot continue them is an error at once.
 fn header(buf: &[u8], err: ProtocolError) -> Result<Option<(i64, usize)>, ProtocolError> {
-    let Some(nl) = buf
-        .iter()
-        .take(HEADER_LINE_BYTES_MAX)
-        .position(|&b| b == b'\n')
-    else {
-        return if buf.len() >= HEADER_LINE_BYTES_MAX {
-            Err(err)
-        } else {
-            Ok(None)
-        };
-    };
-    if nl < 2 || buf[nl - 1] != b'\r' {
-        return Err(err);
+    let line = &buf[..buf.len().min(HEADER_LINE_BYTES_MAX)];
+    let mut i = 1;
+    let negative = line.get(i) == Some(&b'-');
+    if negative || line.get(i) == Some(&b'+') {
+        i += 1;
     }
-    let digits = std::str::from_utf8(&buf[1..nl - 1]).map_err(|_| err)?;
-    let n: i64 = digits.parse().map_err(|_| err)?;
-    Ok(Some((n, nl + 1)))
+    let first_digit = i;
+    let mut n: i64 = 0;
+    while let Some(&b) = line.get(i) {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        let d = (b - b'0') as i64;
+        let next = n.checked_mul(10).and_then(|n| {
+            if negative {
+                n.checked_sub(d)
+            } else {
+                n.checked_add(d)
+            }
+        });
+        n = next.ok_or(err)?;
+        i += 1;
+    }
+    match (line.get(i), line.get(i + 1)) {
+        _ if i + 2 > HEADER_LINE_BYTES_MAX => Err(err),
+        (Some(b'\r'), Some(b'\n')) if i > first_digit => Ok(Some((n, i + 2))),
+        (None, _) | (Some(b'\r'), None) => Ok(None),
+        _ => Err(err),
+    }
 }
 
 /// A bulk header `$N\r\n` at the start of `buf`: `(N, header bytes)`.

@@ -15,13 +15,14 @@
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use segalloc::{Handle, Pin, Shard};
 use tokio::sync::Notify;
 
 use crate::batch::{Batch, Cond, OpDesc, OpKind, Ttl};
+use crate::hash::IndexMap;
 use crate::resp;
 
 /// Longest key.
@@ -123,43 +124,37 @@ fn check_header(pin: &Pin) -> Result<([u8; HEADER_BYTES], usize, usize), &'stati
     Ok((h, key_len, value_len))
 }
 
-/// Read a record's value into `out` (appended) after checking its header,
-/// key and checksum; on error `out` is left as it was.
-fn read_value(pin: &Pin, key: &[u8], out: &mut Vec<u8>) -> Result<(), &'static str> {
-    let header = check_header(pin)?;
-    read_checked_value(pin, header, key, out)
+/// A record read whole into `buf` (grown as needed, never shrunk below
+/// the largest record read) and checked: header, lengths and checksum.
+/// Returns the record's bytes and its key length.
+fn load_record<'a>(pin: &Pin, buf: &'a mut Vec<u8>) -> Result<(&'a [u8], usize), &'static str> {
+    let (h, key_len, value_len) = check_header(pin)?;
+    let total = HEADER_BYTES + key_len + value_len;
+    if buf.len() < total {
+        buf.resize(total, 0);
+    }
+    let record = &mut buf[..total];
+    pin.read_at(0, record).map_err(|_| "record unreadable")?;
+    if record[..HEADER_BYTES] != h {
+        return Err("record changed while read");
+    }
+    // Bytes 16.. are the rest of the header, the key and the value, in the
+    // order `record_crc` takes them: two passes instead of four.
+    let crc = crc32c::crc32c(&record[..OFF_CRC]);
+    if crc32c::crc32c_append(crc, &record[OFF_SEQ..]) != u32_at(&h, OFF_CRC) {
+        return Err("checksum mismatch");
+    }
+    Ok((record, key_len))
 }
 
-/// [`read_value`] with the header already checked: key and value are read
-/// in one copy, checked, then the value moved over the key.
-fn read_checked_value(
-    pin: &Pin,
-    (h, key_len, value_len): ([u8; HEADER_BYTES], usize, usize),
-    key: &[u8],
-    out: &mut Vec<u8>,
-) -> Result<(), &'static str> {
-    if key_len != key.len() {
+/// The value of `key`'s record, read into `buf` and checked.
+fn load_value<'a>(pin: &Pin, key: &[u8], buf: &'a mut Vec<u8>) -> Result<&'a [u8], &'static str> {
+    let (record, key_len) = load_record(pin, buf)?;
+    let body = &record[HEADER_BYTES..];
+    if key_len != key.len() || &body[..key_len] != key {
         return Err("record holds another key");
     }
-    let start = out.len();
-    out.resize(start + key_len + value_len, 0);
-    let body = &mut out[start..];
-    let why = if pin.read_at(HEADER_BYTES, body).is_err() {
-        Some("record unreadable")
-    } else if &body[..key_len] != key {
-        Some("record holds another key")
-    } else if record_crc(&h, key, &body[key_len..]) != u32_at(&h, OFF_CRC) {
-        Some("checksum mismatch")
-    } else {
-        None
-    };
-    if let Some(why) = why {
-        out.truncate(start);
-        return Err(why);
-    }
-    out.copy_within(start + key_len.., start);
-    out.truncate(start + value_len);
-    Ok(())
+    Ok(&body[key_len..])
 }
 
 /// Expired keys deleted per sweep, so one sweep never stalls the shard.
@@ -169,7 +164,7 @@ const EXPIRE_PER_SWEEP: usize = 1024;
 type ExpiryQueue = BinaryHeap<Reverse<(u64, Box<[u8]>)>>;
 
 /// The expiry queue of an index.
-fn expiry_heap(index: &HashMap<Box<[u8]>, Entry>) -> ExpiryQueue {
+fn expiry_heap(index: &IndexMap<Entry>) -> ExpiryQueue {
     index
         .iter()
         .filter(|(_, e)| e.expire_at_ms != 0)
@@ -177,17 +172,12 @@ fn expiry_heap(index: &HashMap<Box<[u8]>, Entry>) -> ExpiryQueue {
         .collect()
 }
 
-/// A record read back whole and checked: its header and key.
-fn recover_record(pin: &Pin) -> Result<([u8; HEADER_BYTES], Box<[u8]>), &'static str> {
-    let (h, key_len, value_len) = check_header(pin)?;
-    let mut body = vec![0u8; key_len + value_len];
-    pin.read_at(HEADER_BYTES, &mut body)
-        .map_err(|_| "body unreadable")?;
-    if record_crc(&h, &body[..key_len], &body[key_len..]) != u32_at(&h, OFF_CRC) {
-        return Err("checksum mismatch");
-    }
-    body.truncate(key_len);
-    Ok((h, body.into_boxed_slice()))
+/// A record read back whole and checked: its sequence number, expiry and
+/// key.
+fn recover_record(pin: &Pin, buf: &mut Vec<u8>) -> Result<(u64, u64, Box<[u8]>), &'static str> {
+    let (record, key_len) = load_record(pin, buf)?;
+    let key = record[HEADER_BYTES..HEADER_BYTES + key_len].into();
+    Ok((u64_at(record, OFF_SEQ), u64_at(record, OFF_EXPIRE), key))
 }
 
 async fn pin_of(shard: &Shard, h: Handle) -> segalloc::Result<Pin> {
@@ -206,18 +196,20 @@ fn retire(shard: &Shard, h: Handle, pin: Pin) -> segalloc::Result<()> {
 
 /// The best record of each key, and what was freed: `(index, torn,
 /// superseded, expired, highest sequence number)`.
-type Rebuilt = (HashMap<Box<[u8]>, (u64, Entry)>, usize, usize, usize, u64);
+type Rebuilt = (IndexMap<(u64, Entry)>, usize, usize, usize, u64);
 
 /// Read every live allocation of `shard`: free torn, expired and superseded
 /// records, index the rest.
 async fn recover_index(shard: &Shard) -> segalloc::Result<Rebuilt> {
     let now = now_unix_ms();
     let handles: Vec<Handle> = shard.live().collect();
-    let mut best: HashMap<Box<[u8]>, (u64, Entry)> = HashMap::with_capacity(handles.len());
+    let mut best: IndexMap<(u64, Entry)> =
+        IndexMap::with_capacity_and_hasher(handles.len(), Default::default());
     let (mut torn, mut superseded, mut expired, mut max_seq) = (0, 0, 0, 0u64);
+    let mut buf = Vec::new();
     for h in handles {
         let pin = pin_of(shard, h).await?;
-        let (hd, key) = match recover_record(&pin) {
+        let (seq, expire_at_ms, key) = match recover_record(&pin, &mut buf) {
             Ok(r) => r,
             Err(why) => {
                 eprintln!("shard {}: freeing {h}: {why}", shard.index());
@@ -226,10 +218,9 @@ async fn recover_index(shard: &Shard) -> segalloc::Result<Rebuilt> {
                 continue;
             }
         };
-        let seq = u64_at(&hd, OFF_SEQ);
         let entry = Entry {
             handle: h,
-            expire_at_ms: u64_at(&hd, OFF_EXPIRE),
+            expire_at_ms,
         };
         max_seq = max_seq.max(seq);
         drop(pin);
@@ -292,12 +283,15 @@ struct SyncState {
 /// One shard's part of the store. Lives on its shard thread only.
 pub struct Store {
     pub shard: Shard,
-    index: RefCell<HashMap<Box<[u8]>, Entry>>,
+    index: RefCell<IndexMap<Entry>>,
     /// Keys given an expiry, soonest first (entries may be stale: the key
     /// was overwritten or deleted since; the sweep checks the index).
     expiring: RefCell<ExpiryQueue>,
     next_seq: Cell<u64>,
     sync: SyncState,
+    /// Where records are read back to be checked (borrowed only between
+    /// awaits). As large as the largest record read.
+    record_buf: RefCell<Vec<u8>>,
 }
 
 /// Answer an operation that failed with the allocator's error.
@@ -311,13 +305,14 @@ impl Store {
         let started = Instant::now();
         let (best, torn, superseded, expired, max_seq) = recover_index(&shard).await?;
         let records = best.len();
-        let index: HashMap<Box<[u8]>, Entry> = best.into_iter().map(|(k, (_, e))| (k, e)).collect();
+        let index: IndexMap<Entry> = best.into_iter().map(|(k, (_, e))| (k, e)).collect();
         let expiring = expiry_heap(&index);
         let store = Store {
             shard,
             index: RefCell::new(index),
             expiring: RefCell::new(expiring),
             next_seq: Cell::new(max_seq + 1),
+            record_buf: RefCell::new(Vec::new()),
             sync: SyncState {
                 policy,
                 // Recovery's frees count as writes, so the first sync covers them.
@@ -448,7 +443,9 @@ impl Store {
         let mut wrote = false;
         for op in ops.iter() {
             wrote |= op.kind.is_write();
-            self.exec(op, arena, now, &mut out.buf).await;
+            if !self.exec_now(op, arena, now, &mut out.buf) {
+                self.exec(op, arena, now, &mut out.buf).await;
+            }
             out.end();
         }
         if wrote && self.sync.policy == SyncPolicy::Always {
@@ -457,6 +454,28 @@ impl Store {
                 out.replace_where(ops, |op| op.kind.is_write(), b"-ERR sync failed\r\n");
             }
         }
+    }
+
+    /// Run `op` without awaiting when it can be (a `GET` whose record's
+    /// window is mapped); false when it must go through [`Store::exec`].
+    fn exec_now(&self, op: &OpDesc, arena: &[u8], now: u64, out: &mut Vec<u8>) -> bool {
+        let OpKind::Get = op.kind else {
+            return false;
+        };
+        let key = &arena[op.key.clone()];
+        let Some(e) = self.index.borrow().get(key).copied() else {
+            resp::nil(out);
+            return true;
+        };
+        if e.expired(now) {
+            return false;
+        }
+        match self.shard.try_pin(e.handle) {
+            Ok(Some(pin)) => self.reply_value(e.handle, &pin, key, out),
+            Ok(None) => return false,
+            Err(err) => err_reply(out, &err),
+        }
+        true
     }
 
     async fn exec(&self, op: &OpDesc, arena: &[u8], now: u64, out: &mut Vec<u8>) {
@@ -548,17 +567,10 @@ impl Store {
             resp::error(out, "ERR reply too large: send fewer commands per batch");
             return;
         }
-        let start = out.len();
-        let read = check_header(pin).and_then(|header| {
-            resp::bulk_len(out, header.2);
-            read_checked_value(pin, header, key, out)
-        });
-        match read {
-            Ok(()) => out.extend_from_slice(b"\r\n"),
-            Err(why) => {
-                out.truncate(start);
-                resp::error(out, &format!("ERR record {h} is damaged: {why}"));
-            }
+        let mut buf = self.record_buf.borrow_mut();
+        match load_value(pin, key, &mut buf) {
+            Ok(value) => resp::bulk(out, value),
+            Err(why) => resp::error(out, &format!("ERR record {h} is damaged: {why}")),
         }
     }
 
@@ -670,12 +682,15 @@ impl Store {
         loop {
             let (current, n) = match self.pin_current(key).await? {
                 Some((e, pin)) if !e.expired(now) => {
-                    let mut v = Vec::with_capacity(24);
-                    if let Err(why) = read_value(&pin, key, &mut v) {
-                        resp::error(out, &format!("ERR record {} is damaged: {why}", e.handle));
-                        return Ok(());
-                    }
-                    let Some(n) = resp::parse_i64(&v) else {
+                    let mut buf = self.record_buf.borrow_mut();
+                    let v = match load_value(&pin, key, &mut buf) {
+                        Ok(v) => v,
+                        Err(why) => {
+                            resp::error(out, &format!("ERR record {} is damaged: {why}", e.handle));
+                            return Ok(());
+                        }
+                    };
+                    let Some(n) = resp::parse_i64(v) else {
                         resp::error(out, "ERR value is not an integer or out of range");
                         return Ok(());
                     };
