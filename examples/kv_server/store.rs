@@ -356,12 +356,17 @@ impl Store {
                     }
                 }
             };
-            let target = s.writes.get();
             let demanded = s.wanted.get() > s.synced.get();
-            let due = periodic && target > s.synced.get();
+            let due = periodic && s.writes.get() > s.synced.get();
             if !(demanded || due) {
                 continue;
             }
+            // Let the requests that already arrived run first (the runtime
+            // polls the sockets before it comes back here), so this sync
+            // covers their writes too instead of each needing one of its
+            // own.
+            tokio::task::yield_now().await;
+            let target = s.writes.get();
             match self.shard.sync().await {
                 Ok(()) => {
                     s.synced.set(target);
