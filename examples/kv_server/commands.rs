@@ -74,6 +74,8 @@ enum Name {
 /// key, key step, as `COMMAND` reports them.
 struct Spec {
     name: &'static str,
+    /// `name` as [`name_word`] folds it.
+    word: u64,
     id: Name,
     arity: i64,
     flags: &'static [&'static str],
@@ -89,6 +91,7 @@ const fn spec(
 ) -> Spec {
     Spec {
         name,
+        word: name_word(name.as_bytes()),
         id,
         arity,
         flags,
@@ -152,11 +155,42 @@ impl Spec {
     }
 }
 
+/// A name of up to 8 bytes as one word, each byte with bit 5 set: for the
+/// table's names (letters only) that folds upper to lower case, and a byte
+/// that is not a letter never folds into one. Longer names: `u64::MAX`,
+/// which no table name folds to.
+const fn name_word(name: &[u8]) -> u64 {
+    if name.len() > 8 {
+        return u64::MAX;
+    }
+    let mut w = 0u64;
+    let mut i = 0;
+    while i < name.len() {
+        w |= ((name[i] | 0x20) as u64) << (8 * i);
+        i += 1;
+    }
+    w
+}
+
+const _: () = {
+    let mut i = 0;
+    while i < COMMANDS.len() {
+        let name = COMMANDS[i].name.as_bytes();
+        assert!(name.len() <= 8 && name_word(name) != u64::MAX);
+        let mut j = 0;
+        while j < name.len() {
+            assert!(name[j].is_ascii_lowercase());
+            j += 1;
+        }
+        i += 1;
+    }
+};
+
 fn find(name: &[u8]) -> Option<&'static Spec> {
-    // The length first: most names are told apart by it alone.
+    let word = name_word(name);
     COMMANDS
         .iter()
-        .find(|c| c.name.len() == name.len() && c.name.as_bytes().eq_ignore_ascii_case(name))
+        .find(|c| c.word == word && c.name.len() == name.len())
 }
 
 /// Plan one command: a literal reply now, or key operations for shards.

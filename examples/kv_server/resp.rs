@@ -108,8 +108,32 @@ fn header(buf: &[u8], err: ProtocolError) -> Result<Option<(i64, usize)>, Protoc
     }
 }
 
+/// The common header: `<prefix>` then 1 to 18 digits (no sign) then CRLF,
+/// all in `buf`. `None` for anything else ([`header`] decides what it is).
+#[inline]
+fn short_header(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut n = 0usize;
+    let mut i = 1;
+    // 18 digits cannot overflow a usize of 64 bits.
+    const _: () = assert!(usize::BITS >= 64);
+    while i < buf.len().min(19) {
+        let d = buf[i].wrapping_sub(b'0');
+        if d > 9 {
+            break;
+        }
+        n = n * 10 + d as usize;
+        i += 1;
+    }
+    (i > 1 && buf.get(i) == Some(&b'\r') && buf.get(i + 1) == Some(&b'\n')).then_some((n, i + 2))
+}
+
 /// A bulk header `$N\r\n` at the start of `buf`: `(N, header bytes)`.
 pub fn bulk_header(buf: &[u8]) -> Result<Option<(usize, usize)>, ProtocolError> {
+    if buf.first() == Some(&b'$')
+        && let Some(h) = short_header(buf)
+    {
+        return Ok(Some(h));
+    }
     if buf.is_empty() {
         return Ok(None);
     }
@@ -135,7 +159,11 @@ pub fn parse(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
 }
 
 fn parse_array(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
-    let (count, mut pos) = match header(buf, ProtocolError::MultibulkLength) {
+    let head = match short_header(buf) {
+        Some((n, used)) => Ok(Some((n.min(i64::MAX as usize) as i64, used))),
+        None => header(buf, ProtocolError::MultibulkLength),
+    };
+    let (count, mut pos) = match head {
         Err(e) => return Parsed::Error(e),
         Ok(None) => return Parsed::Incomplete,
         Ok(Some(h)) => h,
@@ -261,6 +289,18 @@ pub fn error(out: &mut Vec<u8>, msg: &str) {
 }
 
 pub fn decimal(out: &mut Vec<u8>, n: i64) {
+    // Lengths and counts are mostly short: one push per digit.
+    if (0..1000).contains(&n) {
+        let n = n as u16;
+        if n >= 100 {
+            out.push(b'0' + (n / 100) as u8);
+        }
+        if n >= 10 {
+            out.push(b'0' + (n / 10 % 10) as u8);
+        }
+        out.push(b'0' + (n % 10) as u8);
+        return;
+    }
     let mut tmp = [0u8; 20];
     let mut i = tmp.len();
     let mut v = n.unsigned_abs();

@@ -69,29 +69,37 @@ impl Entry {
     }
 }
 
+/// What a `SET` (or the write of `INCR`) asks for.
+struct Put<'a> {
+    key: &'a [u8],
+    value: &'a [u8],
+    cond: Cond,
+    ttl: Ttl,
+    now: u64,
+}
+
 pub fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn record_crc(header: &[u8; HEADER_BYTES], key: &[u8], value: &[u8]) -> u32 {
-    let crc = crc32c::crc32c(&header[..OFF_CRC]);
-    let crc = crc32c::crc32c_append(crc, &header[OFF_SEQ..]);
-    let crc = crc32c::crc32c_append(crc, key);
-    crc32c::crc32c_append(crc, value)
-}
-
-fn encode_header(seq: u64, expire_at_ms: u64, key: &[u8], value: &[u8]) -> [u8; HEADER_BYTES] {
+/// The record of `key` and `value` into `buf` (replacing what it held):
+/// header, key, value, checksum over bytes 0..12 and 16.. (in two passes).
+fn encode_record(buf: &mut Vec<u8>, seq: u64, expire_at_ms: u64, key: &[u8], value: &[u8]) {
     let mut h = [0u8; HEADER_BYTES];
     h[..4].copy_from_slice(&MAGIC.to_le_bytes());
     h[OFF_KEY_LEN..OFF_KEY_LEN + 4].copy_from_slice(&(key.len() as u32).to_le_bytes());
     h[OFF_VALUE_LEN..OFF_VALUE_LEN + 4].copy_from_slice(&(value.len() as u32).to_le_bytes());
     h[OFF_SEQ..OFF_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
     h[OFF_EXPIRE..].copy_from_slice(&expire_at_ms.to_le_bytes());
-    let crc = record_crc(&h, key, value);
-    h[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
-    h
+    buf.clear();
+    buf.extend_from_slice(&h);
+    buf.extend_from_slice(key);
+    buf.extend_from_slice(value);
+    let crc = crc32c::crc32c(&buf[..OFF_CRC]);
+    let crc = crc32c::crc32c_append(crc, &buf[OFF_SEQ..]);
+    buf[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {
@@ -102,46 +110,53 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
 }
 
-/// A record checked in place: `(header, key length, value length)`, or why
-/// the slot holds no record.
-fn check_header(pin: &Pin) -> Result<([u8; HEADER_BYTES], usize, usize), &'static str> {
-    if pin.len() < HEADER_BYTES {
+/// Bytes of a slot read in the first copy: a record this short (the
+/// common case) is read in one copy, a longer one in two.
+const FIRST_READ_BYTES: usize = 1024;
+
+/// A record's header checked: `(key length, value length)`, or why the
+/// slot (of `slot_bytes`) holds no record.
+fn check_header(h: &[u8], slot_bytes: usize) -> Result<(usize, usize), &'static str> {
+    if h.len() < HEADER_BYTES {
         return Err("slot shorter than a header");
     }
-    let mut h = [0u8; HEADER_BYTES];
-    pin.read_at(0, &mut h).map_err(|_| "header unreadable")?;
-    if u32_at(&h, 0) != MAGIC {
+    if u32_at(h, 0) != MAGIC {
         return Err("no magic (retired or never sealed)");
     }
-    let key_len = u32_at(&h, OFF_KEY_LEN) as usize;
-    let value_len = u32_at(&h, OFF_VALUE_LEN) as usize;
+    let key_len = u32_at(h, OFF_KEY_LEN) as usize;
+    let value_len = u32_at(h, OFF_VALUE_LEN) as usize;
     if key_len == 0 || key_len > KEY_BYTES_MAX || value_len > VALUE_BYTES_MAX {
         return Err("lengths out of range");
     }
-    if HEADER_BYTES + key_len + value_len > pin.len() {
+    if HEADER_BYTES + key_len + value_len > slot_bytes {
         return Err("lengths exceed the slot");
     }
-    Ok((h, key_len, value_len))
+    Ok((key_len, value_len))
 }
 
 /// A record read whole into `buf` (grown as needed, never shrunk below
 /// the largest record read) and checked: header, lengths and checksum.
 /// Returns the record's bytes and its key length.
 fn load_record<'a>(pin: &Pin, buf: &'a mut Vec<u8>) -> Result<(&'a [u8], usize), &'static str> {
-    let (h, key_len, value_len) = check_header(pin)?;
+    let first = pin.len().min(FIRST_READ_BYTES);
+    if buf.len() < first {
+        buf.resize(first, 0);
+    }
+    pin.read_at(0, &mut buf[..first])
+        .map_err(|_| "record unreadable")?;
+    let (key_len, value_len) = check_header(&buf[..first], pin.len())?;
     let total = HEADER_BYTES + key_len + value_len;
-    if buf.len() < total {
-        buf.resize(total, 0);
+    if total > first {
+        if buf.len() < total {
+            buf.resize(total, 0);
+        }
+        pin.read_at(first, &mut buf[first..total])
+            .map_err(|_| "record unreadable")?;
     }
-    let record = &mut buf[..total];
-    pin.read_at(0, record).map_err(|_| "record unreadable")?;
-    if record[..HEADER_BYTES] != h {
-        return Err("record changed while read");
-    }
-    // Bytes 16.. are the rest of the header, the key and the value, in the
-    // order `record_crc` takes them: two passes instead of four.
+    let record = &buf[..total];
+    // The checksum covers bytes 0..12 and 16.. (see `encode_record`).
     let crc = crc32c::crc32c(&record[..OFF_CRC]);
-    if crc32c::crc32c_append(crc, &record[OFF_SEQ..]) != u32_at(&h, OFF_CRC) {
+    if crc32c::crc32c_append(crc, &record[OFF_SEQ..]) != u32_at(record, OFF_CRC) {
         return Err("checksum mismatch");
     }
     Ok((record, key_len))
@@ -461,13 +476,36 @@ impl Store {
         }
     }
 
-    /// Run `op` without awaiting when it can be (a `GET` whose record's
-    /// window is mapped); false when it must go through [`Store::exec`].
+    /// Run `op` without awaiting when it can be (a `GET` or `SET` whose
+    /// records' windows are mapped and whose allocation is at hand); false
+    /// when it must go through [`Store::exec`].
     fn exec_now(&self, op: &OpDesc, arena: &[u8], now: u64, out: &mut Vec<u8>) -> bool {
-        let OpKind::Get = op.kind else {
-            return false;
-        };
         let key = &arena[op.key.clone()];
+        match op.kind {
+            OpKind::Get => self.get_now(key, now, out),
+            OpKind::Set { cond, ttl } => {
+                let w = Put {
+                    key,
+                    value: &arena[op.value.clone()],
+                    cond,
+                    ttl,
+                    now,
+                };
+                match self.put_now(&w) {
+                    None => return false,
+                    Some(Ok(true)) => resp::ok(out),
+                    Some(Ok(false)) => resp::nil(out),
+                    Some(Err(e)) => err_reply(out, &e),
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A `GET` without awaiting; false when the record's window is not
+    /// mapped (or the key expired: deleting it may await).
+    fn get_now(&self, key: &[u8], now: u64, out: &mut Vec<u8>) -> bool {
         let Some(e) = self.index.borrow().get(key).copied() else {
             resp::nil(out);
             return true;
@@ -488,7 +526,16 @@ impl Store {
         let value = &arena[op.value.clone()];
         let r = match op.kind {
             OpKind::Get => self.get(key, now, out).await,
-            OpKind::Set { cond, ttl } => self.set(key, value, cond, ttl, now, out).await,
+            OpKind::Set { cond, ttl } => {
+                let w = Put {
+                    key,
+                    value,
+                    cond,
+                    ttl,
+                    now,
+                };
+                self.set(&w, out).await
+            }
             OpKind::Del => self.del(key, now).await.map(|n| resp::int(out, n)),
             OpKind::Exists => {
                 let n = self.lookup(key, now).is_some();
@@ -581,24 +628,14 @@ impl Store {
 
     /// Write a new record for `key` if `cond` holds at the moment it is
     /// published; returns whether it was written.
-    async fn put(
-        &self,
-        key: &[u8],
-        value: &[u8],
-        cond: Cond,
-        ttl: Ttl,
-        now: u64,
-    ) -> segalloc::Result<bool> {
-        let total = (HEADER_BYTES + key.len() + value.len()) as u64;
+    async fn put(&self, w: &Put<'_>) -> segalloc::Result<bool> {
+        let total = (HEADER_BYTES + w.key.len() + w.value.len()) as u64;
         let a = match self.shard.try_allocate(total)? {
             Some(a) => a,
             None => self.shard.allocate(total).await?,
         };
         let (h, pin) = a.into_parts();
-        // The body first; the header (magic, checksum) seals it below.
-        pin.write_at(HEADER_BYTES, key)?;
-        pin.write_at(HEADER_BYTES + key.len(), value)?;
-        let old = match self.pin_current(key).await {
+        let old = match self.pin_current(w.key).await {
             Ok(old) => old,
             Err(e) => {
                 drop(pin);
@@ -606,37 +643,73 @@ impl Store {
                 return Err(e);
             }
         };
-        // From here to the end no await: the sequence number order is the
-        // index order, and `cond` is checked against what is replaced.
-        let live_old = old.as_ref().map(|(e, _)| *e).filter(|e| !e.expired(now));
-        if !cond.holds(live_old.map(|e| e.handle)) {
+        self.publish(w, (h, pin), old)
+    }
+
+    /// [`Store::put`] without awaiting: `None` when the old record's window
+    /// is not mapped or the allocation would have to wait.
+    fn put_now(&self, w: &Put<'_>) -> Option<segalloc::Result<bool>> {
+        let current = self.index.borrow().get(w.key).copied();
+        let old = match current {
+            None => None,
+            Some(e) => match self.shard.try_pin(e.handle) {
+                Ok(Some(pin)) => Some((e, pin)),
+                Ok(None) => return None,
+                Err(err) => return Some(Err(err)),
+            },
+        };
+        let total = (HEADER_BYTES + w.key.len() + w.value.len()) as u64;
+        match self.shard.try_allocate(total) {
+            Ok(Some(a)) => Some(self.publish(w, a.into_parts(), old)),
+            Ok(None) => None,
+            Err(err) => Some(Err(err)),
+        }
+    }
+
+    /// Seal the new record `(h, pin)` and index it if `w.cond` holds against
+    /// `old` (the record indexed now), retiring `old`; else free it. No
+    /// await: the sequence number order is the index order.
+    fn publish(
+        &self,
+        w: &Put<'_>,
+        (h, pin): (Handle, Pin),
+        old: Option<(Entry, Pin)>,
+    ) -> segalloc::Result<bool> {
+        let live_old = old.as_ref().map(|(e, _)| *e).filter(|e| !e.expired(w.now));
+        if !w.cond.holds(live_old.map(|e| e.handle)) {
             drop(pin);
             self.shard.free(h)?;
             return Ok(false);
         }
-        let expire_at_ms = match ttl {
+        let expire_at_ms = match w.ttl {
             Ttl::Clear => 0,
             Ttl::At(t) => t,
             Ttl::Keep => live_old.map_or(0, |e| e.expire_at_ms),
         };
         let seq = self.next_seq.get();
         self.next_seq.set(seq + 1);
-        pin.write_at(0, &encode_header(seq, expire_at_ms, key, value))?;
+        {
+            let mut buf = self.record_buf.borrow_mut();
+            encode_record(&mut buf, seq, expire_at_ms, w.key, w.value);
+            // One copy; a crash in the middle leaves a record whose
+            // checksum fails, freed on recovery (and never acknowledged).
+            pin.write_at(0, &buf)?;
+        }
         drop(pin);
         let entry = Entry {
             handle: h,
             expire_at_ms,
         };
         let mut index = self.index.borrow_mut();
-        match index.get_mut(key) {
+        match index.get_mut(w.key) {
             Some(slot) => *slot = entry,
             None => {
-                index.insert(key.into(), entry);
+                index.insert(w.key.into(), entry);
             }
         }
-        if let Ttl::At(t) = ttl {
+        if let Ttl::At(t) = w.ttl {
             let mut heap = self.expiring.borrow_mut();
-            heap.push(Reverse((t, key.into())));
+            heap.push(Reverse((t, w.key.into())));
             // Stale entries stay bounded by the number of keys.
             if heap.len() > 2 * index.len() + 1024 {
                 *heap = expiry_heap(&index);
@@ -650,16 +723,8 @@ impl Store {
         Ok(true)
     }
 
-    async fn set(
-        &self,
-        key: &[u8],
-        value: &[u8],
-        cond: Cond,
-        ttl: Ttl,
-        now: u64,
-        out: &mut Vec<u8>,
-    ) -> segalloc::Result<()> {
-        if self.put(key, value, cond, ttl, now).await? {
+    async fn set(&self, w: &Put<'_>, out: &mut Vec<u8>) -> segalloc::Result<()> {
+        if self.put(w).await? {
             resp::ok(out);
         } else {
             resp::nil(out);
@@ -710,7 +775,13 @@ impl Store {
             let mut digits = Vec::with_capacity(20);
             resp::decimal(&mut digits, next);
             if self
-                .put(key, &digits, Cond::Is(current), Ttl::Keep, now)
+                .put(&Put {
+                    key,
+                    value: &digits,
+                    cond: Cond::Is(current),
+                    ttl: Ttl::Keep,
+                    now,
+                })
                 .await?
             {
                 resp::int(out, next);
