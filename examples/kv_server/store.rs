@@ -658,6 +658,12 @@ impl Store {
                 Err(err) => return Some(Err(err)),
             },
         };
+        // Nothing awaits from here on: a condition that fails now fails in
+        // `publish` too, so no allocation is made for it.
+        let live_old = old.as_ref().map(|(e, _)| *e).filter(|e| !e.expired(w.now));
+        if !w.cond.holds(live_old.map(|e| e.handle)) {
+            return Some(Ok(false));
+        }
         let total = (HEADER_BYTES + w.key.len() + w.value.len()) as u64;
         match self.shard.try_allocate(total) {
             Ok(Some(a)) => Some(self.publish(w, a.into_parts(), old)),
