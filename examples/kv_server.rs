@@ -27,11 +27,14 @@
 //! **Threads.** The main thread accepts connections and hands them out
 //! round-robin to the shard threads. Each shard thread runs a tokio
 //! current-thread runtime and owns one [`segalloc::Shard`] and the index of
-//! the keys that hash to it (FNV-1a, stable across restarts). A connection
-//! turns what one read brought into one batch of key operations per shard:
-//! it runs its own shard's batch, and sends every other batch to its owner
-//! in one message over the server's channels, so every allocation, pin and
-//! free happens on its owner. The replies of the read go out in one write.
+//! the keys that hash to it (FNV-1a, stable across restarts; the index
+//! itself hashes with per-process random seeds, see `kv_server/hash.rs`). A
+//! `GET` or `SET` whose windows are mapped runs without awaiting. A
+//! connection turns what one read brought into one batch of key operations
+//! per shard: it runs its own shard's batch, and sends every other batch to
+//! its owner in one message over the server's channels, so every
+//! allocation, pin and free happens on its owner. The replies of the read
+//! go out in one write.
 //!
 //! **Durability.** Every value is a record in an allocation (see
 //! `kv_server/store.rs` for the layout: header with key and value lengths,
@@ -40,13 +43,19 @@
 //! the allocator acknowledged the allocation (and the free of the record it
 //! replaced), so an acknowledged write survives `kill -9`. Against power
 //! loss, `--sync` chooses, like Redis's `appendfsync`: `always` answers a
-//! batch of writes after one sync of its shard through the ring that covers
-//! it (group commit), `everysec` syncs every second, `no` on `SAVE` and
-//! every 30 s (freed space is reused only after a sync). `SAVE` returns
-//! once every shard synced. On start each shard rebuilds its index from its
-//! live allocations: a torn record (bad header or checksum) is freed, of two
-//! records of one key the higher sequence number wins, an expired record is
-//! freed.
+//! batch of writes only after a sync of its shard that started once they
+//! were in place (group commit: each shard has one sync in flight at a
+//! time, shared by all its connections and by the batches other shards
+//! forwarded; the writes that arrive while it runs are covered by the next
+//! one), `everysec` syncs every second, `no` on `SAVE` and every 30 s
+//! (freed space is reused only after a sync). `INFO persistence` shows
+//! `segalloc_sync_policy`, `segalloc_syncs` (completed syncs, summed over
+//! shards), `segalloc_sync_failures`, `segalloc_last_sync_unix_ms` (the
+//! oldest over shards) and `rdb_changes_since_last_save` (writes no sync
+//! covers yet). `SAVE` returns once every shard synced. On start each shard
+//! rebuilds its index from its live allocations: a torn record (bad header
+//! or checksum) is freed, of two records of one key the higher sequence
+//! number wins, an expired record is freed.
 
 #[path = "kv_server/batch.rs"]
 mod batch;
@@ -54,6 +63,8 @@ mod batch;
 mod commands;
 #[path = "kv_server/conn.rs"]
 mod conn;
+#[path = "kv_server/hash.rs"]
+mod hash;
 #[path = "kv_server/resp.rs"]
 mod resp;
 #[path = "kv_server/store.rs"]

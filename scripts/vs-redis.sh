@@ -8,7 +8,11 @@
 #
 # Environment: REQUESTS (per workload), CLIENTS (default 50), KEYS (random
 # key space, default 100000), SURVIVAL_KEYS (default 20000), REDIS_PORT
-# (default 16379), KV_PORT (default 16380), SHARDS (default: one per core).
+# (default 16379), KV_PORT (default 16380), SHARDS (kv_server's shard counts,
+# space-separated, each benchmarked; default: 1 and one per core). One shard
+# is the like-for-like row: redis-server serves from one thread, and
+# redis-benchmark runs on the same machine. The survival check uses the
+# first count.
 # Installs redis-server and redis-tools with apt-get when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +23,8 @@ KEYS=${KEYS:-100000}
 SURVIVAL_KEYS=${SURVIVAL_KEYS:-20000}
 REDIS_PORT=${REDIS_PORT:-16379}
 KV_PORT=${KV_PORT:-16380}
-SHARDS=${SHARDS:-$(nproc)}
+SHARDS=${SHARDS:-$(printf '%s\n' 1 "$(nproc)" | sort -nu | tr '\n' ' ')}
+KV_SHARDS=${SHARDS%% *}
 TESTS=ping,set,get,incr,mset
 
 if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null \
@@ -65,7 +70,7 @@ start_redis() { # policy
 }
 
 start_kv() { # policy
-    "$KV_BIN" --port "$KV_PORT" --dir "$WORK/kv" --shards "$SHARDS" --sync "$1" \
+    "$KV_BIN" --port "$KV_PORT" --dir "$WORK/kv" --shards "$KV_SHARDS" --sync "$1" \
         >"$WORK/kv.out" 2>>"$WORK/kv.log" &
     KV_PID=$!
     for _ in $(seq 1 600); do
@@ -107,13 +112,17 @@ for policy in everysec always; do
     start_redis "$policy"
     bench redis-server "$policy" "$REDIS_PORT" "$REDIS_PID"
     kill9 "$REDIS_PID"
-    start_kv "$policy"
-    bench kv_server "$policy" "$KV_PORT" "$KV_PID"
-    kill9 "$KV_PID"
+    for KV_SHARDS in $SHARDS; do
+        rm -rf "$WORK/kv"
+        start_kv "$policy"
+        bench "kv_server/$KV_SHARDS" "$policy" "$KV_PORT" "$KV_PID"
+        kill9 "$KV_PID"
+    done
+    KV_SHARDS=${SHARDS%% *}
 done
 
 echo
-echo "redis-benchmark -t $TESTS -d 100 -c $CLIENTS -r $KEYS -n $REQUESTS (kv_server: $SHARDS shards)"
+echo "redis-benchmark -t $TESTS -d 100 -c $CLIENTS -r $KEYS -n $REQUESTS (kv_server/N: N shards)"
 printf "%-12s %-9s %3s %-16s %12s %8s %8s %8s %5s\n" server sync -P test "requests/s" p50_ms p99_ms rss_MiB fds
 cat "$ROWS"
 

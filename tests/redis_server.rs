@@ -626,6 +626,90 @@ fn kill9_keeps_every_acknowledged_write() {
     }
 }
 
+fn syncs_of(c: &mut redis::Connection) -> u64 {
+    info_field(c, "persistence", "segalloc_syncs")
+        .parse()
+        .expect("segalloc_syncs is a count")
+}
+
+/// Under `--sync always` a write is acknowledged only after a sync that
+/// started once the write was in place, and the syncs of a shard are
+/// shared by every connection: one in flight at a time, the writes that
+/// arrived while it ran covered by the next one.
+#[test]
+fn always_shares_each_sync_among_connections_and_acks_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = ["--shards", "1", "--sync", "always"];
+    let server = Server::start_with(&tmp.path().join("d"), &flags);
+    let c = &mut server.client();
+
+    // Alone, each acknowledged write needs a sync of its own.
+    let before = syncs_of(c);
+    for i in 0..20 {
+        let _: () = c.set(format!("alone{i}"), i).unwrap();
+    }
+    let alone = syncs_of(c) - before;
+    assert!(
+        alone >= 20,
+        "20 lone writes acknowledged after {alone} syncs"
+    );
+    assert_eq!(
+        info_field(c, "persistence", "rdb_changes_since_last_save"),
+        "0"
+    );
+
+    // Many connections pipelining at once share syncs.
+    let (clients, rounds, depth) = (16u32, 40u32, 16u32);
+    let before = syncs_of(c);
+    let writers: Vec<_> = (0..clients)
+        .map(|w| {
+            let mut conn = server.client();
+            std::thread::spawn(move || {
+                for r in 0..rounds {
+                    let mut pipe = redis::pipe();
+                    for d in 0..depth {
+                        let key = format!("load{w}-{}", r * depth + d);
+                        pipe.set(key, format!("v{w}-{r}-{d}")).ignore();
+                    }
+                    let _: () = pipe.query(&mut conn).unwrap();
+                }
+            })
+        })
+        .collect();
+    writers.into_iter().for_each(|t| t.join().unwrap());
+    let writes = u64::from(clients * rounds * depth);
+    let syncs = syncs_of(c) - before;
+    // Unshared, each pipeline would need a sync of its own: writes / 16.
+    assert!(
+        syncs > 0 && syncs * 32 <= writes,
+        "{writes} pipelined writes took {syncs} syncs"
+    );
+    assert_eq!(
+        info_field(c, "persistence", "rdb_changes_since_last_save"),
+        "0"
+    );
+
+    // Every acknowledged write survives kill -9 (`Child::kill` is SIGKILL).
+    let mut server = server;
+    server.child.kill().expect("SIGKILL");
+    server.child.wait().expect("reap");
+    let dir = server.dir.clone();
+    drop(server);
+    let server = Server::start_with(&dir, &flags);
+    let c = &mut server.client();
+    for w in 0..clients {
+        let keys: Vec<String> = (0..rounds * depth)
+            .map(|i| format!("load{w}-{i}"))
+            .collect();
+        let got: Vec<Option<String>> = c.mget(&keys).unwrap();
+        for (i, g) in got.into_iter().enumerate() {
+            let (r, d) = (i as u32 / depth, i as u32 % depth);
+            assert_eq!(g, Some(format!("v{w}-{r}-{d}")), "{}", keys[i]);
+        }
+    }
+    assert_eq!(c.get::<_, Option<i32>>("alone19").unwrap(), Some(19));
+}
+
 #[test]
 fn save_then_restart_keeps_everything_and_torn_records_are_freed() {
     let tmp = tempfile::tempdir().unwrap();

@@ -43,10 +43,40 @@ pub struct ServerFacts {
     pub started: Instant,
 }
 
+/// Which command a [`Spec`] is, so planning matches on it, not on text.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Name {
+    Get,
+    Set,
+    Del,
+    Exists,
+    MGet,
+    MSet,
+    Incr,
+    Decr,
+    IncrBy,
+    DecrBy,
+    DbSize,
+    FlushDb,
+    FlushAll,
+    Save,
+    Info,
+    Config,
+    Command,
+    Ping,
+    Echo,
+    Select,
+    Client,
+    Quit,
+}
+
 /// One command: name, arity (negative: at least), flags, first key, last
 /// key, key step, as `COMMAND` reports them.
 struct Spec {
     name: &'static str,
+    /// `name` as [`name_word`] folds it.
+    word: u64,
+    id: Name,
     arity: i64,
     flags: &'static [&'static str],
     keys: (i64, i64, i64),
@@ -54,12 +84,15 @@ struct Spec {
 
 const fn spec(
     name: &'static str,
+    id: Name,
     arity: i64,
     flags: &'static [&'static str],
     keys: (i64, i64, i64),
 ) -> Spec {
     Spec {
         name,
+        word: name_word(name.as_bytes()),
+        id,
         arity,
         flags,
         keys,
@@ -72,28 +105,28 @@ const A: &[&str] = &["admin"];
 const F: &[&str] = &["fast"];
 
 static COMMANDS: &[Spec] = &[
-    spec("get", 2, R, (1, 1, 1)),
-    spec("set", -3, W, (1, 1, 1)),
-    spec("del", -2, W, (1, -1, 1)),
-    spec("exists", -2, R, (1, -1, 1)),
-    spec("mget", -2, R, (1, -1, 1)),
-    spec("mset", -3, W, (1, -1, 2)),
-    spec("incr", 2, W, (1, 1, 1)),
-    spec("decr", 2, W, (1, 1, 1)),
-    spec("incrby", 3, W, (1, 1, 1)),
-    spec("decrby", 3, W, (1, 1, 1)),
-    spec("dbsize", 1, R, (0, 0, 0)),
-    spec("flushdb", -1, W, (0, 0, 0)),
-    spec("flushall", -1, W, (0, 0, 0)),
-    spec("save", 1, A, (0, 0, 0)),
-    spec("info", -1, F, (0, 0, 0)),
-    spec("config", -2, A, (0, 0, 0)),
-    spec("command", -1, F, (0, 0, 0)),
-    spec("ping", -1, F, (0, 0, 0)),
-    spec("echo", 2, F, (0, 0, 0)),
-    spec("select", 2, F, (0, 0, 0)),
-    spec("client", -2, F, (0, 0, 0)),
-    spec("quit", -1, F, (0, 0, 0)),
+    spec("get", Name::Get, 2, R, (1, 1, 1)),
+    spec("set", Name::Set, -3, W, (1, 1, 1)),
+    spec("del", Name::Del, -2, W, (1, -1, 1)),
+    spec("exists", Name::Exists, -2, R, (1, -1, 1)),
+    spec("mget", Name::MGet, -2, R, (1, -1, 1)),
+    spec("mset", Name::MSet, -3, W, (1, -1, 2)),
+    spec("incr", Name::Incr, 2, W, (1, 1, 1)),
+    spec("decr", Name::Decr, 2, W, (1, 1, 1)),
+    spec("incrby", Name::IncrBy, 3, W, (1, 1, 1)),
+    spec("decrby", Name::DecrBy, 3, W, (1, 1, 1)),
+    spec("dbsize", Name::DbSize, 1, R, (0, 0, 0)),
+    spec("flushdb", Name::FlushDb, -1, W, (0, 0, 0)),
+    spec("flushall", Name::FlushAll, -1, W, (0, 0, 0)),
+    spec("save", Name::Save, 1, A, (0, 0, 0)),
+    spec("info", Name::Info, -1, F, (0, 0, 0)),
+    spec("config", Name::Config, -2, A, (0, 0, 0)),
+    spec("command", Name::Command, -1, F, (0, 0, 0)),
+    spec("ping", Name::Ping, -1, F, (0, 0, 0)),
+    spec("echo", Name::Echo, 2, F, (0, 0, 0)),
+    spec("select", Name::Select, 2, F, (0, 0, 0)),
+    spec("client", Name::Client, -2, F, (0, 0, 0)),
+    spec("quit", Name::Quit, -1, F, (0, 0, 0)),
 ];
 
 impl Spec {
@@ -122,10 +155,42 @@ impl Spec {
     }
 }
 
+/// A name of up to 8 bytes as one word, each byte with bit 5 set: for the
+/// table's names (letters only) that folds upper to lower case, and a byte
+/// that is not a letter never folds into one. Longer names: `u64::MAX`,
+/// which no table name folds to.
+const fn name_word(name: &[u8]) -> u64 {
+    if name.len() > 8 {
+        return u64::MAX;
+    }
+    let mut w = 0u64;
+    let mut i = 0;
+    while i < name.len() {
+        w |= ((name[i] | 0x20) as u64) << (8 * i);
+        i += 1;
+    }
+    w
+}
+
+const _: () = {
+    let mut i = 0;
+    while i < COMMANDS.len() {
+        let name = COMMANDS[i].name.as_bytes();
+        assert!(name.len() <= 8 && name_word(name) != u64::MAX);
+        let mut j = 0;
+        while j < name.len() {
+            assert!(name[j].is_ascii_lowercase());
+            j += 1;
+        }
+        i += 1;
+    }
+};
+
 fn find(name: &[u8]) -> Option<&'static Spec> {
+    let word = name_word(name);
     COMMANDS
         .iter()
-        .find(|c| c.name.as_bytes().eq_ignore_ascii_case(name))
+        .find(|c| c.word == word && c.name.len() == name.len())
 }
 
 /// Plan one command: a literal reply now, or key operations for shards.
@@ -142,28 +207,28 @@ pub fn plan(cmd: &Cmd<'_>, p: &mut Planner, ctx: &Ctx, now: u64) {
         ));
         return;
     }
-    match spec.name {
-        "get" | "set" | "incr" | "decr" | "incrby" | "decrby" => {
-            plan_one_key(spec.name, cmd, p, now)
+    match spec.id {
+        Name::Get | Name::Set | Name::Incr | Name::Decr | Name::IncrBy | Name::DecrBy => {
+            plan_one_key(spec.id, cmd, p, now)
         }
-        "del" | "exists" | "mget" => {
+        Name::Del | Name::Exists | Name::MGet => {
             if !cmd.args_from(1).all(key_ok_quiet) {
                 key_ok(p, cmd.args_from(1).find(|k| !key_ok_quiet(k)).expect("one"));
                 return;
             }
-            let (how, kind) = match spec.name {
-                "del" => (Combine::Sum, OpKind::Del),
-                "exists" => (Combine::Sum, OpKind::Exists),
+            let (how, kind) = match spec.id {
+                Name::Del => (Combine::Sum, OpKind::Del),
+                Name::Exists => (Combine::Sum, OpKind::Exists),
                 _ => (Combine::Array, OpKind::Get),
             };
             p.begin(how);
             cmd.args_from(1).for_each(|k| p.key_op(kind, k, b""));
         }
-        "mset" => plan_mset(cmd, p),
-        "dbsize" | "flushdb" | "flushall" | "save" => {
-            let (how, kind) = match spec.name {
-                "dbsize" => (Combine::Sum, OpKind::DbSize),
-                "save" => (Combine::AllOk, OpKind::Save),
+        Name::MSet => plan_mset(cmd, p),
+        Name::DbSize | Name::FlushDb | Name::FlushAll | Name::Save => {
+            let (how, kind) = match spec.id {
+                Name::DbSize => (Combine::Sum, OpKind::DbSize),
+                Name::Save => (Combine::AllOk, OpKind::Save),
                 _ => (Combine::AllOk, OpKind::Flush),
             };
             let mode = cmd.args_from(1).next().map(|m| m.to_ascii_uppercase());
@@ -174,12 +239,12 @@ pub fn plan(cmd: &Cmd<'_>, p: &mut Planner, ctx: &Ctx, now: u64) {
             p.begin(how);
             p.all_shards(kind);
         }
-        "info" => {
+        Name::Info => {
             let sections = info_sections(cmd);
             p.begin(Combine::Info(sections));
             p.all_shards(OpKind::Info);
         }
-        _ => plan_connection(spec.name, cmd, p, ctx),
+        _ => plan_connection(spec.id, cmd, p, ctx),
     }
 }
 
@@ -187,38 +252,38 @@ fn key_ok_quiet(k: &[u8]) -> bool {
     k.len() <= crate::store::KEY_BYTES_MAX
 }
 
-fn plan_one_key(name: &str, cmd: &Cmd<'_>, p: &mut Planner, now: u64) {
+fn plan_one_key(name: Name, cmd: &Cmd<'_>, p: &mut Planner, now: u64) {
     let key = cmd.arg(1);
     if !key_ok(p, key) {
         return;
     }
     let kind = match name {
-        "get" => OpKind::Get,
-        "set" if cmd.len() == 3 => OpKind::Set {
+        Name::Get => OpKind::Get,
+        Name::Set if cmd.len() == 3 => OpKind::Set {
             cond: crate::batch::Cond::Always,
             ttl: crate::batch::Ttl::Clear,
         },
-        "set" => {
+        Name::Set => {
             let opts: Vec<&[u8]> = cmd.args_from(3).collect();
             match set_options(&opts, now) {
                 Ok((cond, ttl)) => OpKind::Set { cond, ttl },
                 Err(msg) => return p.error(&msg),
             }
         }
-        "incr" => OpKind::IncrBy(1),
-        "decr" => OpKind::IncrBy(-1),
+        Name::Incr => OpKind::IncrBy(1),
+        Name::Decr => OpKind::IncrBy(-1),
         _ => {
             let Some(n) = resp::parse_i64(cmd.arg(2)) else {
                 return p.error("ERR value is not an integer or out of range");
             };
             match (name, n.checked_neg()) {
-                ("incrby", _) => OpKind::IncrBy(n),
+                (Name::IncrBy, _) => OpKind::IncrBy(n),
                 (_, Some(neg)) => OpKind::IncrBy(neg),
                 (_, None) => return p.error("ERR decrement would overflow"),
             }
         }
     };
-    let value = if name == "set" { cmd.arg(2) } else { b"" };
+    let value = if name == Name::Set { cmd.arg(2) } else { b"" };
     p.begin(Combine::One);
     p.key_op(kind, key, value);
 }
@@ -243,19 +308,19 @@ fn plan_mset(cmd: &Cmd<'_>, p: &mut Planner) {
 }
 
 /// Commands answered by the connection itself.
-fn plan_connection(name: &str, cmd: &Cmd<'_>, p: &mut Planner, ctx: &Ctx) {
+fn plan_connection(name: Name, cmd: &Cmd<'_>, p: &mut Planner, ctx: &Ctx) {
     match name {
-        "ping" if cmd.len() > 2 => p.error("ERR wrong number of arguments for 'ping' command"),
-        "ping" if cmd.len() == 2 => p.reply(|out| resp::bulk(out, cmd.arg(1))),
-        "ping" => p.reply(|out| out.extend_from_slice(b"+PONG\r\n")),
-        "echo" => p.reply(|out| resp::bulk(out, cmd.arg(1))),
-        "quit" => {
+        Name::Ping if cmd.len() > 2 => p.error("ERR wrong number of arguments for 'ping' command"),
+        Name::Ping if cmd.len() == 2 => p.reply(|out| resp::bulk(out, cmd.arg(1))),
+        Name::Ping => p.reply(|out| out.extend_from_slice(b"+PONG\r\n")),
+        Name::Echo => p.reply(|out| resp::bulk(out, cmd.arg(1))),
+        Name::Quit => {
             p.reply(resp::ok);
             p.close = true;
         }
-        "select" if cmd.arg(1) == b"0" => p.reply(resp::ok),
-        "select" => p.error("ERR DB index is out of range"),
-        "client" => {
+        Name::Select if cmd.arg(1) == b"0" => p.reply(resp::ok),
+        Name::Select => p.error("ERR DB index is out of range"),
+        Name::Client => {
             let sub = cmd.arg(1).to_ascii_uppercase();
             match sub.as_slice() {
                 b"SETNAME" | b"SETINFO" => p.reply(resp::ok),
@@ -263,8 +328,8 @@ fn plan_connection(name: &str, cmd: &Cmd<'_>, p: &mut Planner, ctx: &Ctx) {
                 _ => p.error("ERR CLIENT subcommand not supported by this server"),
             }
         }
-        "config" => config(cmd, p, &ctx.server),
-        "command" => command(cmd, p),
+        Name::Config => config(cmd, p, &ctx.server),
+        Name::Command => command(cmd, p),
         _ => unreachable!("every table entry is planned"),
     }
 }

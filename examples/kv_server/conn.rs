@@ -215,14 +215,24 @@ fn combine<'a>(
     ctx: &Ctx,
     out: &mut Vec<u8>,
 ) {
-    let first_error = parts.clone().find(|p| p.first() == Some(&b'-'));
     match how {
-        Combine::One => out.extend_from_slice(parts.next().unwrap_or(b"-ERR no reply\r\n")),
+        Combine::One => {
+            out.extend_from_slice(parts.next().unwrap_or(b"-ERR no reply\r\n"));
+            return;
+        }
         Combine::Array => {
             resp::array_len(out, parts.len());
             parts.for_each(|p| out.extend_from_slice(p));
+            return;
         }
-        _ if first_error.is_some() => out.extend_from_slice(first_error.expect("checked")),
+        _ => {}
+    }
+    if let Some(error) = parts.clone().find(|p| p.first() == Some(&b'-')) {
+        out.extend_from_slice(error);
+        return;
+    }
+    match how {
+        Combine::One | Combine::Array => unreachable!("answered above"),
         Combine::Sum => resp::int(out, parts.filter_map(resp::int_of).sum()),
         Combine::AllOk => resp::ok(out),
         Combine::Info(sections) => commands::info(&ctx.server, sections, parts, out),

@@ -73,29 +73,67 @@ impl ProtocolError {
 }
 
 /// A header line `<prefix><digits>\r\n` at the start of `buf`:
-/// `Ok(Some((value, bytes)))`, `Ok(None)` when incomplete.
+/// `Ok(Some((value, bytes)))`, `Ok(None)` when incomplete. The digits
+/// (an optional sign, then at least one digit) are read in one pass: a
+/// byte that cannot continue them is an error at once.
 fn header(buf: &[u8], err: ProtocolError) -> Result<Option<(i64, usize)>, ProtocolError> {
-    let Some(nl) = buf
-        .iter()
-        .take(HEADER_LINE_BYTES_MAX)
-        .position(|&b| b == b'\n')
-    else {
-        return if buf.len() >= HEADER_LINE_BYTES_MAX {
-            Err(err)
-        } else {
-            Ok(None)
-        };
-    };
-    if nl < 2 || buf[nl - 1] != b'\r' {
-        return Err(err);
+    let line = &buf[..buf.len().min(HEADER_LINE_BYTES_MAX)];
+    let mut i = 1;
+    let negative = line.get(i) == Some(&b'-');
+    if negative || line.get(i) == Some(&b'+') {
+        i += 1;
     }
-    let digits = std::str::from_utf8(&buf[1..nl - 1]).map_err(|_| err)?;
-    let n: i64 = digits.parse().map_err(|_| err)?;
-    Ok(Some((n, nl + 1)))
+    let first_digit = i;
+    let mut n: i64 = 0;
+    while let Some(&b) = line.get(i) {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        let d = (b - b'0') as i64;
+        let next = n.checked_mul(10).and_then(|n| {
+            if negative {
+                n.checked_sub(d)
+            } else {
+                n.checked_add(d)
+            }
+        });
+        n = next.ok_or(err)?;
+        i += 1;
+    }
+    match (line.get(i), line.get(i + 1)) {
+        _ if i + 2 > HEADER_LINE_BYTES_MAX => Err(err),
+        (Some(b'\r'), Some(b'\n')) if i > first_digit => Ok(Some((n, i + 2))),
+        (None, _) | (Some(b'\r'), None) => Ok(None),
+        _ => Err(err),
+    }
+}
+
+/// The common header: `<prefix>` then 1 to 18 digits (no sign) then CRLF,
+/// all in `buf`. `None` for anything else ([`header`] decides what it is).
+#[inline]
+fn short_header(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut n = 0usize;
+    let mut i = 1;
+    // 18 digits cannot overflow a usize of 64 bits.
+    const _: () = assert!(usize::BITS >= 64);
+    while i < buf.len().min(19) {
+        let d = buf[i].wrapping_sub(b'0');
+        if d > 9 {
+            break;
+        }
+        n = n * 10 + d as usize;
+        i += 1;
+    }
+    (i > 1 && buf.get(i) == Some(&b'\r') && buf.get(i + 1) == Some(&b'\n')).then_some((n, i + 2))
 }
 
 /// A bulk header `$N\r\n` at the start of `buf`: `(N, header bytes)`.
 pub fn bulk_header(buf: &[u8]) -> Result<Option<(usize, usize)>, ProtocolError> {
+    if buf.first() == Some(&b'$')
+        && let Some(h) = short_header(buf)
+    {
+        return Ok(Some(h));
+    }
     if buf.is_empty() {
         return Ok(None);
     }
@@ -121,7 +159,11 @@ pub fn parse(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
 }
 
 fn parse_array(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
-    let (count, mut pos) = match header(buf, ProtocolError::MultibulkLength) {
+    let head = match short_header(buf) {
+        Some((n, used)) => Ok(Some((n.min(i64::MAX as usize) as i64, used))),
+        None => header(buf, ProtocolError::MultibulkLength),
+    };
+    let (count, mut pos) = match head {
         Err(e) => return Parsed::Error(e),
         Ok(None) => return Parsed::Incomplete,
         Ok(Some(h)) => h,
@@ -247,6 +289,18 @@ pub fn error(out: &mut Vec<u8>, msg: &str) {
 }
 
 pub fn decimal(out: &mut Vec<u8>, n: i64) {
+    // Lengths and counts are mostly short: one push per digit.
+    if (0..1000).contains(&n) {
+        let n = n as u16;
+        if n >= 100 {
+            out.push(b'0' + (n / 100) as u8);
+        }
+        if n >= 10 {
+            out.push(b'0' + (n / 10 % 10) as u8);
+        }
+        out.push(b'0' + (n % 10) as u8);
+        return;
+    }
     let mut tmp = [0u8; 20];
     let mut i = tmp.len();
     let mut v = n.unsigned_abs();

@@ -15,13 +15,14 @@
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use segalloc::{Handle, Pin, Shard};
 use tokio::sync::Notify;
 
 use crate::batch::{Batch, Cond, OpDesc, OpKind, Ttl};
+use crate::hash::IndexMap;
 use crate::resp;
 
 /// Longest key.
@@ -68,29 +69,37 @@ impl Entry {
     }
 }
 
+/// What a `SET` (or the write of `INCR`) asks for.
+struct Put<'a> {
+    key: &'a [u8],
+    value: &'a [u8],
+    cond: Cond,
+    ttl: Ttl,
+    now: u64,
+}
+
 pub fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn record_crc(header: &[u8; HEADER_BYTES], key: &[u8], value: &[u8]) -> u32 {
-    let crc = crc32c::crc32c(&header[..OFF_CRC]);
-    let crc = crc32c::crc32c_append(crc, &header[OFF_SEQ..]);
-    let crc = crc32c::crc32c_append(crc, key);
-    crc32c::crc32c_append(crc, value)
-}
-
-fn encode_header(seq: u64, expire_at_ms: u64, key: &[u8], value: &[u8]) -> [u8; HEADER_BYTES] {
+/// The record of `key` and `value` into `buf` (replacing what it held):
+/// header, key, value, checksum over bytes 0..12 and 16.. (in two passes).
+fn encode_record(buf: &mut Vec<u8>, seq: u64, expire_at_ms: u64, key: &[u8], value: &[u8]) {
     let mut h = [0u8; HEADER_BYTES];
     h[..4].copy_from_slice(&MAGIC.to_le_bytes());
     h[OFF_KEY_LEN..OFF_KEY_LEN + 4].copy_from_slice(&(key.len() as u32).to_le_bytes());
     h[OFF_VALUE_LEN..OFF_VALUE_LEN + 4].copy_from_slice(&(value.len() as u32).to_le_bytes());
     h[OFF_SEQ..OFF_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
     h[OFF_EXPIRE..].copy_from_slice(&expire_at_ms.to_le_bytes());
-    let crc = record_crc(&h, key, value);
-    h[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
-    h
+    buf.clear();
+    buf.extend_from_slice(&h);
+    buf.extend_from_slice(key);
+    buf.extend_from_slice(value);
+    let crc = crc32c::crc32c(&buf[..OFF_CRC]);
+    let crc = crc32c::crc32c_append(crc, &buf[OFF_SEQ..]);
+    buf[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {
@@ -101,65 +110,66 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
 }
 
-/// A record checked in place: `(header, key length, value length)`, or why
-/// the slot holds no record.
-fn check_header(pin: &Pin) -> Result<([u8; HEADER_BYTES], usize, usize), &'static str> {
-    if pin.len() < HEADER_BYTES {
+/// Bytes of a slot read in the first copy: a record this short (the
+/// common case) is read in one copy, a longer one in two.
+const FIRST_READ_BYTES: usize = 1024;
+
+/// A record's header checked: `(key length, value length)`, or why the
+/// slot (of `slot_bytes`) holds no record.
+fn check_header(h: &[u8], slot_bytes: usize) -> Result<(usize, usize), &'static str> {
+    if h.len() < HEADER_BYTES {
         return Err("slot shorter than a header");
     }
-    let mut h = [0u8; HEADER_BYTES];
-    pin.read_at(0, &mut h).map_err(|_| "header unreadable")?;
-    if u32_at(&h, 0) != MAGIC {
+    if u32_at(h, 0) != MAGIC {
         return Err("no magic (retired or never sealed)");
     }
-    let key_len = u32_at(&h, OFF_KEY_LEN) as usize;
-    let value_len = u32_at(&h, OFF_VALUE_LEN) as usize;
+    let key_len = u32_at(h, OFF_KEY_LEN) as usize;
+    let value_len = u32_at(h, OFF_VALUE_LEN) as usize;
     if key_len == 0 || key_len > KEY_BYTES_MAX || value_len > VALUE_BYTES_MAX {
         return Err("lengths out of range");
     }
-    if HEADER_BYTES + key_len + value_len > pin.len() {
+    if HEADER_BYTES + key_len + value_len > slot_bytes {
         return Err("lengths exceed the slot");
     }
-    Ok((h, key_len, value_len))
+    Ok((key_len, value_len))
 }
 
-/// Read a record's value into `out` (appended) after checking its header,
-/// key and checksum; on error `out` is left as it was.
-fn read_value(pin: &Pin, key: &[u8], out: &mut Vec<u8>) -> Result<(), &'static str> {
-    let header = check_header(pin)?;
-    read_checked_value(pin, header, key, out)
+/// A record read whole into `buf` (grown as needed, never shrunk below
+/// the largest record read) and checked: header, lengths and checksum.
+/// Returns the record's bytes and its key length.
+fn load_record<'a>(pin: &Pin, buf: &'a mut Vec<u8>) -> Result<(&'a [u8], usize), &'static str> {
+    let first = pin.len().min(FIRST_READ_BYTES);
+    if buf.len() < first {
+        buf.resize(first, 0);
+    }
+    pin.read_at(0, &mut buf[..first])
+        .map_err(|_| "record unreadable")?;
+    let (key_len, value_len) = check_header(&buf[..first], pin.len())?;
+    let total = HEADER_BYTES + key_len + value_len;
+    if total > first {
+        if buf.len() < total {
+            buf.resize(total, 0);
+        }
+        pin.read_at(first, &mut buf[first..total])
+            .map_err(|_| "record unreadable")?;
+    }
+    let record = &buf[..total];
+    // The checksum covers bytes 0..12 and 16.. (see `encode_record`).
+    let crc = crc32c::crc32c(&record[..OFF_CRC]);
+    if crc32c::crc32c_append(crc, &record[OFF_SEQ..]) != u32_at(record, OFF_CRC) {
+        return Err("checksum mismatch");
+    }
+    Ok((record, key_len))
 }
 
-/// [`read_value`] with the header already checked: key and value are read
-/// in one copy, checked, then the value moved over the key.
-fn read_checked_value(
-    pin: &Pin,
-    (h, key_len, value_len): ([u8; HEADER_BYTES], usize, usize),
-    key: &[u8],
-    out: &mut Vec<u8>,
-) -> Result<(), &'static str> {
-    if key_len != key.len() {
+/// The value of `key`'s record, read into `buf` and checked.
+fn load_value<'a>(pin: &Pin, key: &[u8], buf: &'a mut Vec<u8>) -> Result<&'a [u8], &'static str> {
+    let (record, key_len) = load_record(pin, buf)?;
+    let body = &record[HEADER_BYTES..];
+    if key_len != key.len() || &body[..key_len] != key {
         return Err("record holds another key");
     }
-    let start = out.len();
-    out.resize(start + key_len + value_len, 0);
-    let body = &mut out[start..];
-    let why = if pin.read_at(HEADER_BYTES, body).is_err() {
-        Some("record unreadable")
-    } else if &body[..key_len] != key {
-        Some("record holds another key")
-    } else if record_crc(&h, key, &body[key_len..]) != u32_at(&h, OFF_CRC) {
-        Some("checksum mismatch")
-    } else {
-        None
-    };
-    if let Some(why) = why {
-        out.truncate(start);
-        return Err(why);
-    }
-    out.copy_within(start + key_len.., start);
-    out.truncate(start + value_len);
-    Ok(())
+    Ok(&body[key_len..])
 }
 
 /// Expired keys deleted per sweep, so one sweep never stalls the shard.
@@ -169,7 +179,7 @@ const EXPIRE_PER_SWEEP: usize = 1024;
 type ExpiryQueue = BinaryHeap<Reverse<(u64, Box<[u8]>)>>;
 
 /// The expiry queue of an index.
-fn expiry_heap(index: &HashMap<Box<[u8]>, Entry>) -> ExpiryQueue {
+fn expiry_heap(index: &IndexMap<Entry>) -> ExpiryQueue {
     index
         .iter()
         .filter(|(_, e)| e.expire_at_ms != 0)
@@ -177,17 +187,12 @@ fn expiry_heap(index: &HashMap<Box<[u8]>, Entry>) -> ExpiryQueue {
         .collect()
 }
 
-/// A record read back whole and checked: its header and key.
-fn recover_record(pin: &Pin) -> Result<([u8; HEADER_BYTES], Box<[u8]>), &'static str> {
-    let (h, key_len, value_len) = check_header(pin)?;
-    let mut body = vec![0u8; key_len + value_len];
-    pin.read_at(HEADER_BYTES, &mut body)
-        .map_err(|_| "body unreadable")?;
-    if record_crc(&h, &body[..key_len], &body[key_len..]) != u32_at(&h, OFF_CRC) {
-        return Err("checksum mismatch");
-    }
-    body.truncate(key_len);
-    Ok((h, body.into_boxed_slice()))
+/// A record read back whole and checked: its sequence number, expiry and
+/// key.
+fn recover_record(pin: &Pin, buf: &mut Vec<u8>) -> Result<(u64, u64, Box<[u8]>), &'static str> {
+    let (record, key_len) = load_record(pin, buf)?;
+    let key = record[HEADER_BYTES..HEADER_BYTES + key_len].into();
+    Ok((u64_at(record, OFF_SEQ), u64_at(record, OFF_EXPIRE), key))
 }
 
 async fn pin_of(shard: &Shard, h: Handle) -> segalloc::Result<Pin> {
@@ -206,18 +211,20 @@ fn retire(shard: &Shard, h: Handle, pin: Pin) -> segalloc::Result<()> {
 
 /// The best record of each key, and what was freed: `(index, torn,
 /// superseded, expired, highest sequence number)`.
-type Rebuilt = (HashMap<Box<[u8]>, (u64, Entry)>, usize, usize, usize, u64);
+type Rebuilt = (IndexMap<(u64, Entry)>, usize, usize, usize, u64);
 
 /// Read every live allocation of `shard`: free torn, expired and superseded
 /// records, index the rest.
 async fn recover_index(shard: &Shard) -> segalloc::Result<Rebuilt> {
     let now = now_unix_ms();
     let handles: Vec<Handle> = shard.live().collect();
-    let mut best: HashMap<Box<[u8]>, (u64, Entry)> = HashMap::with_capacity(handles.len());
+    let mut best: IndexMap<(u64, Entry)> =
+        IndexMap::with_capacity_and_hasher(handles.len(), Default::default());
     let (mut torn, mut superseded, mut expired, mut max_seq) = (0, 0, 0, 0u64);
+    let mut buf = Vec::new();
     for h in handles {
         let pin = pin_of(shard, h).await?;
-        let (hd, key) = match recover_record(&pin) {
+        let (seq, expire_at_ms, key) = match recover_record(&pin, &mut buf) {
             Ok(r) => r,
             Err(why) => {
                 eprintln!("shard {}: freeing {h}: {why}", shard.index());
@@ -226,10 +233,9 @@ async fn recover_index(shard: &Shard) -> segalloc::Result<Rebuilt> {
                 continue;
             }
         };
-        let seq = u64_at(&hd, OFF_SEQ);
         let entry = Entry {
             handle: h,
-            expire_at_ms: u64_at(&hd, OFF_EXPIRE),
+            expire_at_ms,
         };
         max_seq = max_seq.max(seq);
         drop(pin);
@@ -292,12 +298,15 @@ struct SyncState {
 /// One shard's part of the store. Lives on its shard thread only.
 pub struct Store {
     pub shard: Shard,
-    index: RefCell<HashMap<Box<[u8]>, Entry>>,
+    index: RefCell<IndexMap<Entry>>,
     /// Keys given an expiry, soonest first (entries may be stale: the key
     /// was overwritten or deleted since; the sweep checks the index).
     expiring: RefCell<ExpiryQueue>,
     next_seq: Cell<u64>,
     sync: SyncState,
+    /// Where records are read back to be checked (borrowed only between
+    /// awaits). As large as the largest record read.
+    record_buf: RefCell<Vec<u8>>,
 }
 
 /// Answer an operation that failed with the allocator's error.
@@ -311,13 +320,14 @@ impl Store {
         let started = Instant::now();
         let (best, torn, superseded, expired, max_seq) = recover_index(&shard).await?;
         let records = best.len();
-        let index: HashMap<Box<[u8]>, Entry> = best.into_iter().map(|(k, (_, e))| (k, e)).collect();
+        let index: IndexMap<Entry> = best.into_iter().map(|(k, (_, e))| (k, e)).collect();
         let expiring = expiry_heap(&index);
         let store = Store {
             shard,
             index: RefCell::new(index),
             expiring: RefCell::new(expiring),
             next_seq: Cell::new(max_seq + 1),
+            record_buf: RefCell::new(Vec::new()),
             sync: SyncState {
                 policy,
                 // Recovery's frees count as writes, so the first sync covers them.
@@ -361,12 +371,17 @@ impl Store {
                     }
                 }
             };
-            let target = s.writes.get();
             let demanded = s.wanted.get() > s.synced.get();
-            let due = periodic && target > s.synced.get();
+            let due = periodic && s.writes.get() > s.synced.get();
             if !(demanded || due) {
                 continue;
             }
+            // Let the requests that already arrived run first (the runtime
+            // polls the sockets before it comes back here), so this sync
+            // covers their writes too instead of each needing one of its
+            // own.
+            tokio::task::yield_now().await;
+            let target = s.writes.get();
             match self.shard.sync().await {
                 Ok(()) => {
                     s.synced.set(target);
@@ -448,7 +463,9 @@ impl Store {
         let mut wrote = false;
         for op in ops.iter() {
             wrote |= op.kind.is_write();
-            self.exec(op, arena, now, &mut out.buf).await;
+            if !self.exec_now(op, arena, now, &mut out.buf) {
+                self.exec(op, arena, now, &mut out.buf).await;
+            }
             out.end();
         }
         if wrote && self.sync.policy == SyncPolicy::Always {
@@ -459,12 +476,66 @@ impl Store {
         }
     }
 
+    /// Run `op` without awaiting when it can be (a `GET` or `SET` whose
+    /// records' windows are mapped and whose allocation is at hand); false
+    /// when it must go through [`Store::exec`].
+    fn exec_now(&self, op: &OpDesc, arena: &[u8], now: u64, out: &mut Vec<u8>) -> bool {
+        let key = &arena[op.key.clone()];
+        match op.kind {
+            OpKind::Get => self.get_now(key, now, out),
+            OpKind::Set { cond, ttl } => {
+                let w = Put {
+                    key,
+                    value: &arena[op.value.clone()],
+                    cond,
+                    ttl,
+                    now,
+                };
+                match self.put_now(&w) {
+                    None => return false,
+                    Some(Ok(true)) => resp::ok(out),
+                    Some(Ok(false)) => resp::nil(out),
+                    Some(Err(e)) => err_reply(out, &e),
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A `GET` without awaiting; false when the record's window is not
+    /// mapped (or the key expired: deleting it may await).
+    fn get_now(&self, key: &[u8], now: u64, out: &mut Vec<u8>) -> bool {
+        let Some(e) = self.index.borrow().get(key).copied() else {
+            resp::nil(out);
+            return true;
+        };
+        if e.expired(now) {
+            return false;
+        }
+        match self.shard.try_pin(e.handle) {
+            Ok(Some(pin)) => self.reply_value(e.handle, &pin, key, out),
+            Ok(None) => return false,
+            Err(err) => err_reply(out, &err),
+        }
+        true
+    }
+
     async fn exec(&self, op: &OpDesc, arena: &[u8], now: u64, out: &mut Vec<u8>) {
         let key = &arena[op.key.clone()];
         let value = &arena[op.value.clone()];
         let r = match op.kind {
             OpKind::Get => self.get(key, now, out).await,
-            OpKind::Set { cond, ttl } => self.set(key, value, cond, ttl, now, out).await,
+            OpKind::Set { cond, ttl } => {
+                let w = Put {
+                    key,
+                    value,
+                    cond,
+                    ttl,
+                    now,
+                };
+                self.set(&w, out).await
+            }
             OpKind::Del => self.del(key, now).await.map(|n| resp::int(out, n)),
             OpKind::Exists => {
                 let n = self.lookup(key, now).is_some();
@@ -548,40 +619,23 @@ impl Store {
             resp::error(out, "ERR reply too large: send fewer commands per batch");
             return;
         }
-        let start = out.len();
-        let read = check_header(pin).and_then(|header| {
-            resp::bulk_len(out, header.2);
-            read_checked_value(pin, header, key, out)
-        });
-        match read {
-            Ok(()) => out.extend_from_slice(b"\r\n"),
-            Err(why) => {
-                out.truncate(start);
-                resp::error(out, &format!("ERR record {h} is damaged: {why}"));
-            }
+        let mut buf = self.record_buf.borrow_mut();
+        match load_value(pin, key, &mut buf) {
+            Ok(value) => resp::bulk(out, value),
+            Err(why) => resp::error(out, &format!("ERR record {h} is damaged: {why}")),
         }
     }
 
     /// Write a new record for `key` if `cond` holds at the moment it is
     /// published; returns whether it was written.
-    async fn put(
-        &self,
-        key: &[u8],
-        value: &[u8],
-        cond: Cond,
-        ttl: Ttl,
-        now: u64,
-    ) -> segalloc::Result<bool> {
-        let total = (HEADER_BYTES + key.len() + value.len()) as u64;
+    async fn put(&self, w: &Put<'_>) -> segalloc::Result<bool> {
+        let total = (HEADER_BYTES + w.key.len() + w.value.len()) as u64;
         let a = match self.shard.try_allocate(total)? {
             Some(a) => a,
             None => self.shard.allocate(total).await?,
         };
         let (h, pin) = a.into_parts();
-        // The body first; the header (magic, checksum) seals it below.
-        pin.write_at(HEADER_BYTES, key)?;
-        pin.write_at(HEADER_BYTES + key.len(), value)?;
-        let old = match self.pin_current(key).await {
+        let old = match self.pin_current(w.key).await {
             Ok(old) => old,
             Err(e) => {
                 drop(pin);
@@ -589,37 +643,79 @@ impl Store {
                 return Err(e);
             }
         };
-        // From here to the end no await: the sequence number order is the
-        // index order, and `cond` is checked against what is replaced.
-        let live_old = old.as_ref().map(|(e, _)| *e).filter(|e| !e.expired(now));
-        if !cond.holds(live_old.map(|e| e.handle)) {
+        self.publish(w, (h, pin), old)
+    }
+
+    /// [`Store::put`] without awaiting: `None` when the old record's window
+    /// is not mapped or the allocation would have to wait.
+    fn put_now(&self, w: &Put<'_>) -> Option<segalloc::Result<bool>> {
+        let current = self.index.borrow().get(w.key).copied();
+        let old = match current {
+            None => None,
+            Some(e) => match self.shard.try_pin(e.handle) {
+                Ok(Some(pin)) => Some((e, pin)),
+                Ok(None) => return None,
+                Err(err) => return Some(Err(err)),
+            },
+        };
+        // Nothing awaits from here on: a condition that fails now fails in
+        // `publish` too, so no allocation is made for it.
+        let live_old = old.as_ref().map(|(e, _)| *e).filter(|e| !e.expired(w.now));
+        if !w.cond.holds(live_old.map(|e| e.handle)) {
+            return Some(Ok(false));
+        }
+        let total = (HEADER_BYTES + w.key.len() + w.value.len()) as u64;
+        match self.shard.try_allocate(total) {
+            Ok(Some(a)) => Some(self.publish(w, a.into_parts(), old)),
+            Ok(None) => None,
+            Err(err) => Some(Err(err)),
+        }
+    }
+
+    /// Seal the new record `(h, pin)` and index it if `w.cond` holds against
+    /// `old` (the record indexed now), retiring `old`; else free it. No
+    /// await: the sequence number order is the index order.
+    fn publish(
+        &self,
+        w: &Put<'_>,
+        (h, pin): (Handle, Pin),
+        old: Option<(Entry, Pin)>,
+    ) -> segalloc::Result<bool> {
+        let live_old = old.as_ref().map(|(e, _)| *e).filter(|e| !e.expired(w.now));
+        if !w.cond.holds(live_old.map(|e| e.handle)) {
             drop(pin);
             self.shard.free(h)?;
             return Ok(false);
         }
-        let expire_at_ms = match ttl {
+        let expire_at_ms = match w.ttl {
             Ttl::Clear => 0,
             Ttl::At(t) => t,
             Ttl::Keep => live_old.map_or(0, |e| e.expire_at_ms),
         };
         let seq = self.next_seq.get();
         self.next_seq.set(seq + 1);
-        pin.write_at(0, &encode_header(seq, expire_at_ms, key, value))?;
+        {
+            let mut buf = self.record_buf.borrow_mut();
+            encode_record(&mut buf, seq, expire_at_ms, w.key, w.value);
+            // One copy; a crash in the middle leaves a record whose
+            // checksum fails, freed on recovery (and never acknowledged).
+            pin.write_at(0, &buf)?;
+        }
         drop(pin);
         let entry = Entry {
             handle: h,
             expire_at_ms,
         };
         let mut index = self.index.borrow_mut();
-        match index.get_mut(key) {
+        match index.get_mut(w.key) {
             Some(slot) => *slot = entry,
             None => {
-                index.insert(key.into(), entry);
+                index.insert(w.key.into(), entry);
             }
         }
-        if let Ttl::At(t) = ttl {
+        if let Ttl::At(t) = w.ttl {
             let mut heap = self.expiring.borrow_mut();
-            heap.push(Reverse((t, key.into())));
+            heap.push(Reverse((t, w.key.into())));
             // Stale entries stay bounded by the number of keys.
             if heap.len() > 2 * index.len() + 1024 {
                 *heap = expiry_heap(&index);
@@ -633,16 +729,8 @@ impl Store {
         Ok(true)
     }
 
-    async fn set(
-        &self,
-        key: &[u8],
-        value: &[u8],
-        cond: Cond,
-        ttl: Ttl,
-        now: u64,
-        out: &mut Vec<u8>,
-    ) -> segalloc::Result<()> {
-        if self.put(key, value, cond, ttl, now).await? {
+    async fn set(&self, w: &Put<'_>, out: &mut Vec<u8>) -> segalloc::Result<()> {
+        if self.put(w).await? {
             resp::ok(out);
         } else {
             resp::nil(out);
@@ -670,12 +758,15 @@ impl Store {
         loop {
             let (current, n) = match self.pin_current(key).await? {
                 Some((e, pin)) if !e.expired(now) => {
-                    let mut v = Vec::with_capacity(24);
-                    if let Err(why) = read_value(&pin, key, &mut v) {
-                        resp::error(out, &format!("ERR record {} is damaged: {why}", e.handle));
-                        return Ok(());
-                    }
-                    let Some(n) = resp::parse_i64(&v) else {
+                    let mut buf = self.record_buf.borrow_mut();
+                    let v = match load_value(&pin, key, &mut buf) {
+                        Ok(v) => v,
+                        Err(why) => {
+                            resp::error(out, &format!("ERR record {} is damaged: {why}", e.handle));
+                            return Ok(());
+                        }
+                    };
+                    let Some(n) = resp::parse_i64(v) else {
                         resp::error(out, "ERR value is not an integer or out of range");
                         return Ok(());
                     };
@@ -690,7 +781,13 @@ impl Store {
             let mut digits = Vec::with_capacity(20);
             resp::decimal(&mut digits, next);
             if self
-                .put(key, &digits, Cond::Is(current), Ttl::Keep, now)
+                .put(&Put {
+                    key,
+                    value: &digits,
+                    cond: Cond::Is(current),
+                    ttl: Ttl::Keep,
+                    now,
+                })
                 .await?
             {
                 resp::int(out, next);
