@@ -749,14 +749,14 @@ struct Figures {
     times: Breakdown,
     watch: Watch,
     max_open_files: usize,
-    max_extents: usize,
+    max_windows: usize,
 }
 
 impl Figures {
     /// The library's descriptors and windows stayed within their caps.
     fn within_caps(&self) -> bool {
         self.watch.peak.open_files <= self.max_open_files
-            && self.watch.peak.mapped_windows <= self.max_extents
+            && self.watch.peak.mapped_windows <= self.max_windows
     }
 }
 
@@ -835,7 +835,7 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         times: ins.times,
         watch: ins.watch,
         max_open_files: cfg.max_open_files(),
-        max_extents: cfg.max_extents(),
+        max_windows: cfg.max_windows(),
     };
     report(args, &f, &before, &re.after, live_expected)
 }
@@ -926,7 +926,7 @@ fn report(
     if !f.within_caps() {
         eprintln!(
             "OVER CAP: peak {} open files (cap {}), {} mapped windows (cap {})",
-            f.watch.peak.open_files, f.max_open_files, f.watch.peak.mapped_windows, f.max_extents
+            f.watch.peak.open_files, f.max_open_files, f.watch.peak.mapped_windows, f.max_windows
         );
     }
     let ok = mismatches == 0 && count_ok && f.within_caps();
@@ -997,7 +997,7 @@ fn print_peaks(f: &Figures) {
         "peak open files / mapped windows",
         format!(
             "{} (cap {}) / {} (cap {})",
-            p.open_files, f.max_open_files, p.mapped_windows, f.max_extents
+            p.open_files, f.max_open_files, p.mapped_windows, f.max_windows
         ),
     );
 }
@@ -1119,7 +1119,8 @@ struct Report<'a> {
     peak_open_files: usize,
     peak_mapped_windows: usize,
     max_open_files: usize,
-    max_extents: usize,
+    #[serde(rename = "max_extents")]
+    max_windows: usize,
     within_caps: bool,
     timeline: &'a [Sample],
     mismatches: u64,
@@ -1168,7 +1169,7 @@ fn to_json(f: &Figures, mismatches: u64, ok: bool) -> String {
         peak_open_files: p.open_files,
         peak_mapped_windows: p.mapped_windows,
         max_open_files: f.max_open_files,
-        max_extents: f.max_extents,
+        max_windows: f.max_windows,
         within_caps: f.within_caps(),
         timeline: &f.watch.timeline,
         mismatches,

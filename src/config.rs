@@ -24,7 +24,10 @@ pub const GROWTH_STEP_BYTES_DEFAULT: u64 = 64 * MIB;
 /// The default fd cap.
 pub const MAX_OPEN_FILES_DEFAULT: usize = 256;
 /// The default window (VMA) cap.
-pub const MAX_EXTENTS_DEFAULT: usize = 8192;
+pub const MAX_WINDOWS_DEFAULT: usize = 8192;
+/// Former name of [`MAX_WINDOWS_DEFAULT`].
+#[deprecated(since = "0.1.0", note = "renamed to `MAX_WINDOWS_DEFAULT`")]
+pub const MAX_EXTENTS_DEFAULT: usize = MAX_WINDOWS_DEFAULT;
 /// Descriptors left to the rest of the process (headroom).
 pub const FD_HEADROOM: u64 = 64;
 /// VMAs left to the rest of the process (heap, stacks, libraries, …).
@@ -74,7 +77,7 @@ pub const SHARDS_MAX: usize = 1024;
 /// exceeding them: every shard needs at least one descriptor and one window.
 /// A shard count left at its default (one per core) is lowered to fit.
 fn split_caps(c: &mut Config, shards_set: bool) -> Result<()> {
-    let fit = SHARDS_MAX.min(c.max_open_files).min(c.max_extents);
+    let fit = SHARDS_MAX.min(c.max_open_files).min(c.max_windows);
     if !shards_set {
         c.shards = c.shards.clamp(1, fit.max(1));
     }
@@ -84,15 +87,15 @@ fn split_caps(c: &mut Config, shards_set: bool) -> Result<()> {
             c.shards
         )));
     }
-    if c.max_open_files == 0 || c.max_extents == 0 {
+    if c.max_open_files == 0 || c.max_windows == 0 {
         return Ok(()); // refused below with its own message
     }
-    if c.shards > c.max_open_files || c.shards > c.max_extents {
+    if c.shards > c.max_open_files || c.shards > c.max_windows {
         return Err(Error::InvalidConfig(format!(
             "{} shards need at least one descriptor and one window each, but the \
              process-wide caps are {} descriptors (max_open_files) and {} windows \
-             (max_extents): lower the shard count or raise the caps",
-            c.shards, c.max_open_files, c.max_extents
+             (max_windows): lower the shard count or raise the caps",
+            c.shards, c.max_open_files, c.max_windows
         )));
     }
     Ok(())
@@ -105,7 +108,7 @@ pub struct Limits {
     /// Descriptor cap: `min(RLIMIT_NOFILE soft - 64, 256)`.
     pub max_open_files: usize,
     /// Window cap: `min(8192, vm.max_map_count - 1024)`.
-    pub max_extents: usize,
+    pub max_windows: usize,
 }
 
 impl Limits {
@@ -120,12 +123,12 @@ impl Limits {
             .saturating_sub(FD_HEADROOM)
             .clamp(1, MAX_OPEN_FILES_DEFAULT as u64) as usize;
         let map_count = sys::max_map_count().unwrap_or(65530);
-        let max_extents = map_count
+        let max_windows = map_count
             .saturating_sub(MAP_HEADROOM)
-            .clamp(1, MAX_EXTENTS_DEFAULT as u64) as usize;
+            .clamp(1, MAX_WINDOWS_DEFAULT as u64) as usize;
         Limits {
             max_open_files,
-            max_extents,
+            max_windows,
         }
     }
 }
@@ -151,7 +154,7 @@ pub struct Config {
     growth_step_bytes: u64,
     max_file_bytes: u64,
     max_open_files: usize,
-    max_extents: usize,
+    max_windows: usize,
     eviction_policy: EvictionPolicy,
     prefetch_ahead_bytes: u64,
     madvise_policy: MadvisePolicy,
@@ -180,7 +183,7 @@ impl Config {
                 growth_step_bytes: GROWTH_STEP_BYTES_DEFAULT,
                 max_file_bytes: 64 * GIB,
                 max_open_files: limits.max_open_files,
-                max_extents: limits.max_extents,
+                max_windows: limits.max_windows,
                 eviction_policy: EvictionPolicy::default(),
                 prefetch_ahead_bytes: PREFETCH_AHEAD_BYTES_DEFAULT,
                 madvise_policy: MadvisePolicy::default(),
@@ -218,18 +221,28 @@ impl Config {
         self.max_open_files
     }
     /// Process-wide window cap (each shard gets its share).
-    pub fn max_extents(&self) -> usize {
-        self.max_extents
+    pub fn max_windows(&self) -> usize {
+        self.max_windows
     }
     /// Descriptor cap of one shard: `max_open_files / shards` (at least 1:
     /// a configuration with more shards than descriptors is refused).
     pub fn max_open_files_per_shard(&self) -> usize {
         (self.max_open_files / self.shards).max(1)
     }
-    /// Window cap of one shard: `max_extents / shards` (at least 1: a
+    /// Window cap of one shard: `max_windows / shards` (at least 1: a
     /// configuration with more shards than windows is refused).
+    pub fn max_windows_per_shard(&self) -> usize {
+        (self.max_windows / self.shards).max(1)
+    }
+    /// Former name of [`max_windows`](Self::max_windows).
+    #[deprecated(since = "0.1.0", note = "renamed to `max_windows`")]
+    pub fn max_extents(&self) -> usize {
+        self.max_windows
+    }
+    /// Former name of [`max_windows_per_shard`](Self::max_windows_per_shard).
+    #[deprecated(since = "0.1.0", note = "renamed to `max_windows_per_shard`")]
     pub fn max_extents_per_shard(&self) -> usize {
-        (self.max_extents / self.shards).max(1)
+        self.max_windows_per_shard()
     }
     /// Eviction order of idle windows.
     pub fn eviction_policy(&self) -> EvictionPolicy {
@@ -298,14 +311,20 @@ impl ConfigBuilder {
         self.cfg.max_open_files = n;
         self
     }
-    /// Process-wide window cap (alias: `max_mmap_extents`).
-    pub fn max_extents(mut self, n: usize) -> Self {
-        self.cfg.max_extents = n;
+    /// Process-wide window cap.
+    pub fn max_windows(mut self, n: usize) -> Self {
+        self.cfg.max_windows = n;
         self
     }
-    /// Alias of `max_extents`, in its original name.
+    /// Former name of [`max_windows`](Self::max_windows).
+    #[deprecated(since = "0.1.0", note = "renamed to `max_windows`")]
+    pub fn max_extents(self, n: usize) -> Self {
+        self.max_windows(n)
+    }
+    /// Former name of [`max_windows`](Self::max_windows).
+    #[deprecated(since = "0.1.0", note = "renamed to `max_windows`")]
     pub fn max_mmap_extents(self, n: usize) -> Self {
-        self.max_extents(n)
+        self.max_windows(n)
     }
     /// Eviction order (default LRU).
     pub fn eviction_policy(mut self, p: EvictionPolicy) -> Self {
@@ -400,8 +419,8 @@ impl ConfigBuilder {
         if c.max_open_files == 0 {
             return bad("max_open_files must be at least 1".into());
         }
-        if c.max_extents == 0 {
-            return bad("max_extents must be at least 1".into());
+        if c.max_windows == 0 {
+            return bad("max_windows must be at least 1".into());
         }
         if c.pin_timeout.is_zero() {
             return bad("pin_timeout must be positive".into());
@@ -415,11 +434,23 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(deprecated)]
+    fn the_former_window_cap_names_still_set_and_read_it() {
+        let b = Config::builder("/tmp/none").shards(2);
+        let c = b.clone().max_extents(6).build().unwrap();
+        assert_eq!((c.max_windows(), c.max_extents()), (6, 6));
+        assert_eq!((c.max_windows_per_shard(), c.max_extents_per_shard()), (3, 3));
+        let c = b.max_mmap_extents(8).build().unwrap();
+        assert_eq!(c.max_windows(), 8);
+        assert_eq!(MAX_EXTENTS_DEFAULT, MAX_WINDOWS_DEFAULT);
+    }
+
+    #[test]
     fn defaults_are_valid_and_bounded() {
         let c = Config::new("/tmp/none");
         assert_eq!(c.window_bytes(), GIB);
         assert!(c.max_open_files() >= 1 && c.max_open_files() <= MAX_OPEN_FILES_DEFAULT);
-        assert!(c.max_extents() >= 1 && c.max_extents() <= MAX_EXTENTS_DEFAULT);
+        assert!(c.max_windows() >= 1 && c.max_windows() <= MAX_WINDOWS_DEFAULT);
         assert_eq!(c.growth_step_bytes(), 64 * MIB);
     }
 
@@ -427,7 +458,7 @@ mod tests {
     fn stock_machine_limits() {
         // Soft limit 1024 and max_map_count 65530 give the default caps.
         let fds = (1024u64 - FD_HEADROOM).min(MAX_OPEN_FILES_DEFAULT as u64);
-        let maps = (65530u64 - MAP_HEADROOM).min(MAX_EXTENTS_DEFAULT as u64);
+        let maps = (65530u64 - MAP_HEADROOM).min(MAX_WINDOWS_DEFAULT as u64);
         assert_eq!((fds, maps), (256, 8192));
     }
 
@@ -437,7 +468,7 @@ mod tests {
         assert!(b().window_bytes(0).build().is_err());
         assert!(b().window_bytes(24 * MIB).build().is_err());
         assert!(b().max_open_files(0).build().is_err());
-        assert!(b().max_extents(0).build().is_err());
+        assert!(b().max_windows(0).build().is_err());
         assert!(b().shards(0).build().is_err());
         assert!(b().growth_step_bytes(3000).build().is_err());
         assert!(

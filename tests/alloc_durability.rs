@@ -392,7 +392,7 @@ fn a_slot_being_handed_out_cannot_be_freed() {
         .shards(1)
         .window_bytes(16 * MIB)
         .growth_step_bytes(MIB)
-        .max_extents(3)
+        .max_windows(3)
         .build()
         .unwrap();
     run(async {

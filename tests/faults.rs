@@ -616,7 +616,7 @@ fn random_faults_keep_the_allocator_consistent() {
         .window_bytes(16 * MIB)
         .growth_step_bytes(MIB)
         .max_file_bytes(16 * MIB)
-        .max_extents(3)
+        .max_windows(3)
         .build()
         .unwrap();
     let started = std::time::Instant::now();

@@ -56,9 +56,9 @@ impl SegmentAllocator {
         mm: Rc<MappingManager>,
     ) -> Result<SegmentAllocator> {
         let started = Instant::now();
-        if mm.max_extents() < 2 {
+        if mm.max_windows() < 2 {
             return Err(Error::InvalidConfig(
-                "a shard needs at least 2 windows (max_extents per shard >= 2)".into(),
+                "a shard needs at least 2 windows (max_windows per shard >= 2)".into(),
             ));
         }
         let files = mm.files().clone();

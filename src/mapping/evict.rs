@@ -26,7 +26,7 @@ impl MappingManager {
                 m.clock_hand = 0;
             }
             m.stats.evictions += 1;
-            if m.evicted.len() >= 2 * self.cfg.max_extents {
+            if m.evicted.len() >= 2 * self.cfg.max_windows {
                 m.evicted.pop_front();
             }
             m.evicted.push_back((file, idx));

@@ -159,7 +159,7 @@ impl MappingManager {
                 return Ok(true);
             }
             drop(m);
-            if self.extent_count() >= self.cfg.max_extents && !self.evict_one() {
+            if self.window_count() >= self.cfg.max_windows && !self.evict_one() {
                 return Ok(false);
             }
             let mut m = self.inner.borrow_mut();
@@ -248,7 +248,7 @@ impl MappingManager {
         drop(lease);
         let base = NonNull::new(map.as_mut_ptr()).expect("mmap never returns null");
         // The slot now counts as a live VMA instead of a window faulting in
-        // (counting both would overstate `extent_count` past the cap).
+        // (counting both would overstate `window_count` past the cap).
         self.shared.live.set(self.shared.live.get() + 1);
         self.inner.borrow_mut().faulting -= 1;
         guard.faulting = false;
