@@ -16,7 +16,10 @@ pub const GIB: u64 = 1024 * MIB;
 
 /// The largest segment, and so the largest allocation: 16 MiB. Windows are a
 /// multiple of it, so a segment never crosses a window.
-pub const SEGMENT_BYTES_MAX: u64 = crate::format::classes::SEGMENT_BYTES_MAX;
+pub const MAX_SEGMENT_BYTES: u64 = crate::format::classes::MAX_SEGMENT_BYTES;
+/// Former name of [`MAX_SEGMENT_BYTES`].
+#[deprecated(since = "0.1.0", note = "renamed to `MAX_SEGMENT_BYTES`")]
+pub const SEGMENT_BYTES_MAX: u64 = MAX_SEGMENT_BYTES;
 /// Default window size: 1 GiB.
 pub const WINDOW_BYTES_DEFAULT: u64 = GIB;
 /// Default growth step: files grow 64 MiB at a time inside a window.
@@ -37,7 +40,7 @@ pub const PREFETCH_AHEAD_BYTES_DEFAULT: u64 = 0;
 /// Default time a `pin` waits for a window when every window is pinned.
 pub const PIN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 
-const _: () = assert!(WINDOW_BYTES_DEFAULT.is_multiple_of(SEGMENT_BYTES_MAX));
+const _: () = assert!(WINDOW_BYTES_DEFAULT.is_multiple_of(MAX_SEGMENT_BYTES));
 const _: () = assert!(WINDOW_BYTES_DEFAULT.is_multiple_of(GROWTH_STEP_BYTES_DEFAULT));
 
 /// Which idle window is unmapped first when the window cap is reached.
@@ -71,19 +74,22 @@ pub enum MadvisePolicy {
 pub use crate::io::IoBackendChoice;
 
 /// The most shards a data directory has.
-pub const SHARDS_MAX: usize = 1024;
+pub const MAX_SHARDS: usize = 1024;
+/// Former name of [`MAX_SHARDS`].
+#[deprecated(since = "0.1.0", note = "renamed to `MAX_SHARDS`")]
+pub const SHARDS_MAX: usize = MAX_SHARDS;
 
 /// Check that the process-wide caps split between the shards without
 /// exceeding them: every shard needs at least one descriptor and one window.
 /// A shard count left at its default (one per core) is lowered to fit.
 fn split_caps(c: &mut Config, shards_set: bool) -> Result<()> {
-    let fit = SHARDS_MAX.min(c.max_open_files).min(c.max_windows);
+    let fit = MAX_SHARDS.min(c.max_open_files).min(c.max_windows);
     if !shards_set {
         c.shards = c.shards.clamp(1, fit.max(1));
     }
-    if c.shards == 0 || c.shards > SHARDS_MAX {
+    if c.shards == 0 || c.shards > MAX_SHARDS {
         return Err(Error::InvalidConfig(format!(
-            "shards must be in 1..={SHARDS_MAX}, got {}",
+            "shards must be in 1..={MAX_SHARDS}, got {}",
             c.shards
         )));
     }
@@ -374,9 +380,9 @@ impl ConfigBuilder {
         let c = &mut self.cfg;
         let bad = |m: String| Err(Error::InvalidConfig(m));
         split_caps(c, self.shards_set)?;
-        if c.window_bytes == 0 || !c.window_bytes.is_multiple_of(SEGMENT_BYTES_MAX) {
+        if c.window_bytes == 0 || !c.window_bytes.is_multiple_of(MAX_SEGMENT_BYTES) {
             return bad(format!(
-                "window_bytes must be a positive multiple of {SEGMENT_BYTES_MAX} (16 MiB), got {}",
+                "window_bytes must be a positive multiple of {MAX_SEGMENT_BYTES} (16 MiB), got {}",
                 c.window_bytes
             ));
         }
@@ -435,14 +441,21 @@ mod tests {
 
     #[test]
     #[allow(deprecated)]
-    fn the_former_window_cap_names_still_set_and_read_it() {
+    fn the_former_names_still_set_and_read_the_same_values() {
         let b = Config::builder("/tmp/none").shards(2);
         let c = b.clone().max_extents(6).build().unwrap();
         assert_eq!((c.max_windows(), c.max_extents()), (6, 6));
-        assert_eq!((c.max_windows_per_shard(), c.max_extents_per_shard()), (3, 3));
+        assert_eq!(
+            (c.max_windows_per_shard(), c.max_extents_per_shard()),
+            (3, 3)
+        );
         let c = b.max_mmap_extents(8).build().unwrap();
         assert_eq!(c.max_windows(), 8);
         assert_eq!(MAX_EXTENTS_DEFAULT, MAX_WINDOWS_DEFAULT);
+        assert_eq!(
+            (SEGMENT_BYTES_MAX, SHARDS_MAX),
+            (MAX_SEGMENT_BYTES, MAX_SHARDS)
+        );
     }
 
     #[test]

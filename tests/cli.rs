@@ -249,9 +249,9 @@ fn stat_json_matches_the_library() {
             "shard {i}"
         );
         assert_eq!(s.at("allocations_live").u(), built.live[i].len() as u64);
-        assert_eq!(s.at("bytes_live").u(), st.bytes_live, "shard {i}");
+        assert_eq!(s.at("bytes_live").u(), st.live_bytes, "shard {i}");
         assert_eq!(s.at("segments").u(), st.segments, "shard {i}");
-        assert_eq!(s.at("segment_bytes").u(), st.bytes_allocated, "shard {i}");
+        assert_eq!(s.at("segment_bytes").u(), st.allocated_bytes, "shard {i}");
         assert_eq!(
             s.at("data_files").arr().len() as u64,
             st.data_files,
@@ -283,7 +283,7 @@ fn stat_json_matches_the_library() {
         let f = s.at("fragmentation");
         assert_eq!(
             f.at("free_bytes_in_segments").u(),
-            st.bytes_allocated - st.bytes_live
+            st.allocated_bytes - st.live_bytes
         );
         for df in s.at("data_files").arr() {
             let p = dir.join(format!("shard-{i:03}")).join(df.at("name").s());

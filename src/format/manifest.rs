@@ -14,7 +14,7 @@
 //! | 40 | 4 | class table id |
 //! | 44 | 4 | CRC-32C of bytes 0..44 |
 
-use super::classes::{self, BLOCK_BYTES, SEGMENT_BYTES_MAX};
+use super::classes::{self, BLOCK_BYTES, MAX_SEGMENT_BYTES};
 use super::{FORMAT_VERSION, u32_at, u64_at};
 use crate::error::{Error, Result};
 
@@ -133,7 +133,7 @@ impl Manifest {
         }
         if m.shard_count == 0
             || m.window_bytes == 0
-            || !m.window_bytes.is_multiple_of(SEGMENT_BYTES_MAX)
+            || !m.window_bytes.is_multiple_of(MAX_SEGMENT_BYTES)
             || m.max_file_bytes == 0
             || !m.max_file_bytes.is_multiple_of(m.window_bytes)
             || m.file_blocks() > u32::MAX as u64

@@ -34,7 +34,7 @@ pub mod scan;
 pub use entry::EntryHeader;
 pub use handle::{BadHandle, HANDLE_BYTES, Handle};
 pub use manifest::{MANIFEST_BYTES, Manifest};
-pub use roots::{ROOT_NAME_MAX, RootSlot};
+pub use roots::{MAX_ROOT_NAME_BYTES, RootSlot};
 
 /// Current on-disk format version.
 /// Version 2: 2048 root slots (the directory starts at 266240).
@@ -91,7 +91,7 @@ pub const DIR_OFFSET: u64 = ROOTS_OFFSET + ROOT_SLOTS as u64 * ROOT_SLOT_BYTES;
 /// Bytes of an entry header; the bitmap follows.
 pub const ENTRY_HEADER_BYTES: u64 = 64;
 /// Words of an entry's bitmap (one bit per slot).
-pub const BITMAP_WORDS: usize = (classes::SLOTS_MAX / 64) as usize;
+pub const BITMAP_WORDS: usize = (classes::MAX_SLOTS / 64) as usize;
 /// Bytes per directory entry: header, then bitmap.
 pub const ENTRY_BYTES: u64 = ENTRY_HEADER_BYTES + BITMAP_WORDS as u64 * 8;
 /// Directory entries per 4 KiB page (no entry straddles a page).

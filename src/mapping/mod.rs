@@ -105,6 +105,9 @@ pub struct MappingStats {
     /// idle window goes first (a cyclic scan larger than the cap then keeps
     /// most of its windows mapped instead of missing on every one).
     pub thrash_mode: bool,
+    /// Former name of `max_windows` (the same figure).
+    #[deprecated(since = "0.1.0", note = "renamed to `max_windows`")]
+    pub max_extents: usize,
 }
 
 /// One mapped window. Referenced by the manager's table, by pins and by io
@@ -259,7 +262,7 @@ impl MappingManager {
             cfg.window_bytes > 0
                 && cfg
                     .window_bytes
-                    .is_multiple_of(crate::config::SEGMENT_BYTES_MAX)
+                    .is_multiple_of(crate::config::MAX_SEGMENT_BYTES)
         );
         assert!(
             cfg.growth_step_bytes > 0 && cfg.window_bytes.is_multiple_of(cfg.growth_step_bytes)
@@ -278,6 +281,8 @@ impl MappingManager {
                 tick: 0,
                 stats: MappingStats {
                     max_windows: cfg.max_windows,
+                    #[allow(deprecated)]
+                    max_extents: cfg.max_windows,
                     ..MappingStats::default()
                 },
             }),

@@ -168,7 +168,7 @@ pub struct ShardScan {
     /// Valid root slots that lost to another (recovery clears them).
     pub root_slots_to_clear: Vec<usize>,
     /// The highest valid root sequence number.
-    pub root_seq_max: u64,
+    pub max_root_seq: u64,
     /// The next segment generation to issue.
     pub next_generation: u32,
     /// Every problem, in the order found.
@@ -225,7 +225,7 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
         segments: Vec::new(),
         roots: Vec::new(),
         root_slots_to_clear: Vec::new(),
-        root_seq_max: 0,
+        max_root_seq: 0,
         next_generation: 1,
         findings: Vec::new(),
     };

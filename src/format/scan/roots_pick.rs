@@ -57,7 +57,7 @@ pub(super) fn scan_roots(
             }
         }
     }
-    s.root_seq_max = valid.iter().map(|v| v.1.seq).max().unwrap_or(0);
+    s.max_root_seq = valid.iter().map(|v| v.1.seq).max().unwrap_or(0);
     let winners = pick_per_name(&valid, s);
     let winners = pick_per_pair(&valid, winners, s);
     keep_roots(&valid, winners, t, s);
