@@ -171,7 +171,7 @@ fn meta_path(dir: &Path, shard: u16) -> PathBuf {
 fn hwm_of(meta_bytes: &[u8]) -> u32 {
     let o = meta::HWM_OFFSET as usize;
     let w = u64::from_le_bytes(meta_bytes[o..o + 8].try_into().unwrap());
-    meta::decode_hwm(w).expect("hwm")
+    meta::decode_counter(w).expect("hwm")
 }
 
 fn headers(meta_bytes: &[u8]) -> Vec<(u32, EntryHeader)> {
@@ -471,7 +471,7 @@ fn verify_is_clean_then_names_each_corruption() {
         patch(
             &p,
             meta::HWM_OFFSET,
-            &meta::encode_hwm(hwm0 + 1).to_le_bytes(),
+            &meta::encode_counter(hwm0 + 1).to_le_bytes(),
         );
         let o = tool(&["verify"], &d);
         assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
@@ -515,7 +515,7 @@ fn verify_is_clean_then_names_each_corruption() {
         patch(
             &p,
             meta::HWM_OFFSET,
-            &meta::encode_hwm(hwm0 + 1).to_le_bytes(),
+            &meta::encode_counter(hwm0 + 1).to_le_bytes(),
         );
         let t = std::time::Instant::now();
         let o = tool(&["verify"], &d);

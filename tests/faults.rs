@@ -131,8 +131,8 @@ fn fallocate_failure_while_allocating() {
 
 /// Allocate `n` segments' worth of 600 KB slots and one 3 MiB slot above
 /// them (kept), then free the former: their segments are released and
-/// their runs are free space below the high-water mark (space freed at the
-/// top of the last file lowers the mark instead, and is not trimmed).
+/// their runs are free space below the file's used end (space freed at the
+/// top of the last file lowers the used end instead, and is not trimmed).
 async fn make_free_runs(shard: &Shard, n: usize) {
     let mut hs = Vec::new();
     for _ in 0..n {

@@ -328,7 +328,7 @@ fn meta_sectors_replaced_and_file_extended() {
     let sectors = original.len() / 512;
     let used = {
         let w = u64::from_le_bytes(original[512..520].try_into().unwrap());
-        let hwm = meta::decode_hwm(w).unwrap();
+        let hwm = meta::decode_counter(w).unwrap();
         (meta::entry_offset(hwm - 1) + meta::ENTRY_BYTES) as usize / 512 + 1
     };
     let sector = prop_oneof![4 => 0..used, 1 => 0..sectors];

@@ -234,7 +234,7 @@ impl SegmentAllocator {
         self.meta.ensure(first).await?;
         self.meta
             .word(format::HWM_OFFSET)
-            .store(format::encode_hwm(0), Ordering::Relaxed);
+            .store(format::encode_counter(0), Ordering::Relaxed);
         self.meta.write(0, &self.manifest.encode(self.shard));
         let reserved = self.files.reserved_bytes(self.meta_file)?;
         self.files.sync(self.meta_file, true).await?;

@@ -156,14 +156,14 @@ pub fn entry_capacity(size: u64) -> u64 {
 
 /// Encode a counter word (the high-water mark, the next generation).
 #[inline]
-pub fn encode_hwm(hwm: u32) -> u64 {
-    hwm as u64 | ((!hwm as u64) << 32)
+pub fn encode_counter(value: u32) -> u64 {
+    value as u64 | ((!value as u64) << 32)
 }
 
 /// Decode a counter word (`None` when torn or corrupt; an all-zero word is
 /// a fresh file: 0).
 #[inline]
-pub fn decode_hwm(w: u64) -> Option<u32> {
+pub fn decode_counter(w: u64) -> Option<u32> {
     if w == 0 {
         return Some(0);
     }
@@ -197,10 +197,10 @@ mod tests {
     }
 
     #[test]
-    fn hwm_word() {
-        assert_eq!(decode_hwm(encode_hwm(12345)), Some(12345));
-        assert_eq!(decode_hwm(0), Some(0));
-        assert_eq!(decode_hwm(12345), None);
+    fn counter_word() {
+        assert_eq!(decode_counter(encode_counter(12345)), Some(12345));
+        assert_eq!(decode_counter(0), Some(0));
+        assert_eq!(decode_counter(12345), None);
     }
 
     #[test]

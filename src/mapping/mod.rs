@@ -181,14 +181,15 @@ struct Shared {
     pressure: Rc<WaitList>,
 }
 
-enum Slot {
+/// What a file's table holds for one window.
+enum WindowState {
     Unmapped,
     Faulting(Rc<WaitList>),
     Mapped(Rc<Window>),
 }
 
 struct FileMaps {
-    windows: Vec<Slot>,
+    windows: Vec<WindowState>,
     reserved: Rc<Cell<u64>>,
 }
 
@@ -345,7 +346,7 @@ impl MappingManager {
             .iter()
             .filter(
                 |(f, i)| match &m.files[f.0 as usize].as_ref().unwrap().windows[*i as usize] {
-                    Slot::Mapped(w) => w.users.get() > 0,
+                    WindowState::Mapped(w) => w.users.get() > 0,
                     _ => false,
                 },
             )
@@ -448,7 +449,7 @@ impl MappingManager {
         let fm = self.file_maps(&mut m, file)?;
         let reserved = fm.reserved.get();
         let out = match fm.windows.get(idx as usize) {
-            Some(Slot::Mapped(w)) => {
+            Some(WindowState::Mapped(w)) => {
                 if offset + len > reserved {
                     Fast::NeedsGrow
                 } else {
@@ -461,7 +462,7 @@ impl MappingManager {
                     Fast::Pinned(pin)
                 }
             }
-            Some(Slot::Faulting(list)) => Fast::Faulting(list.clone()),
+            Some(WindowState::Faulting(list)) => Fast::Faulting(list.clone()),
             _ => Fast::NeedsFault,
         };
         Ok(out)
@@ -581,7 +582,7 @@ impl MappingManager {
     fn mapped_window(&self, file: FileId, idx: usize) -> Option<WindowRef> {
         let m = self.inner.borrow();
         match m.files.get(file.0 as usize)?.as_ref()?.windows.get(idx)? {
-            Slot::Mapped(win) => Some(WindowRef::new(win)),
+            WindowState::Mapped(win) => Some(WindowRef::new(win)),
             _ => None,
         }
     }

@@ -23,7 +23,7 @@ use super::handle::Handle;
 use super::manifest::{self, MANIFEST_BYTES, Manifest};
 use super::roots::RootDefect;
 use super::{
-    GEN_OFFSET, HWM_OFFSET, META_PAGE_BYTES, ROOTS_OFFSET, decode_hwm, directory_end_bytes,
+    GEN_OFFSET, HWM_OFFSET, META_PAGE_BYTES, ROOTS_OFFSET, decode_counter, directory_end_bytes,
     entry_capacity,
 };
 use crate::error::Result;
@@ -255,7 +255,7 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
         scan_past_mark(&mut pages, h, readable, &mut s)?;
     }
     let persisted = match pages.get(GEN_OFFSET, 8)? {
-        Some(b) => decode_hwm(super::u64_at(b, 0)).unwrap_or(0),
+        Some(b) => decode_counter(super::u64_at(b, 0)).unwrap_or(0),
         None => 0,
     };
     s.next_generation = max_gen.wrapping_add(1).max(persisted).max(1);
@@ -340,7 +340,7 @@ fn scan_mark(src: &mut dyn MetaSource, size: u64, s: &mut ShardScan) -> Result<O
         return Ok(None);
     }
     let word = u64::from_le_bytes(b);
-    let hwm = decode_hwm(word);
+    let hwm = decode_counter(word);
     if hwm.is_none() {
         s.push(
             Severity::Error,
