@@ -107,8 +107,7 @@ fn split_caps(c: &mut Config, shards_set: bool) -> Result<()> {
     Ok(())
 }
 
-/// Safe process-wide caps derived from the machine, as in the design's
-/// `Limits::compute`.
+/// Safe process-wide caps derived from the machine ([`Limits::compute`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Descriptor cap: `min(RLIMIT_NOFILE soft - 64, 256)`.

@@ -164,7 +164,7 @@ impl Shard {
     /// # Errors
     ///
     /// As [`run_on_owner`](Self::run_on_owner) for the liveness check, then
-    /// the errors of [`MappingManager::pin`].
+    /// the errors of [`MappingManager::pin`](crate::MappingManager::pin).
     pub async unsafe fn pin_foreign(&self, handle: Handle) -> Result<Pin> {
         if handle.shard() == self.inner.index {
             return self.inner.alloc.pin(handle).await;
