@@ -59,6 +59,22 @@ pub struct Manifest {
     pub class_table_id: u32,
 }
 
+/// Test support: [`Manifest`]'s encoding, for tests that forge images.
+#[cfg(feature = "test-support")]
+pub fn encode(m: &Manifest, shard: u16) -> [u8; MANIFEST_BYTES] {
+    m.encode(shard)
+}
+
+/// Test support: [`Manifest`]'s decoding, for tests that forge images.
+///
+/// # Errors
+///
+/// As the decoding of a manifest: [`Error::Corrupt`] naming `what`.
+#[cfg(feature = "test-support")]
+pub fn decode(b: &[u8], what: &str) -> Result<(Manifest, u16)> {
+    Manifest::decode(b, what)
+}
+
 impl Manifest {
     /// Tag that handles of this directory carry.
     pub fn dir_tag(&self) -> u32 {
@@ -76,7 +92,7 @@ impl Manifest {
     }
 
     /// Encode; `shard` fills the reserved field (superblocks) or is 0.
-    pub fn encode(&self, shard: u16) -> [u8; MANIFEST_BYTES] {
+    pub(crate) fn encode(&self, shard: u16) -> [u8; MANIFEST_BYTES] {
         let mut b = [0u8; MANIFEST_BYTES];
         b[OFF_MAGIC..OFF_VERSION].copy_from_slice(MAGIC);
         b[OFF_VERSION..OFF_SHARD_COUNT].copy_from_slice(&self.version.to_le_bytes());
@@ -96,7 +112,7 @@ impl Manifest {
     /// # Errors
     ///
     /// [`Error::Corrupt`] naming `what` for any inconsistency.
-    pub fn decode(b: &[u8], what: &str) -> Result<(Manifest, u16)> {
+    pub(crate) fn decode(b: &[u8], what: &str) -> Result<(Manifest, u16)> {
         let corrupt = |detail: &str| Error::Corrupt {
             what: what.to_string(),
             detail: detail.to_string(),

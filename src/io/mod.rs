@@ -122,7 +122,7 @@ pub const EINTR_RETRIES_MAX: u32 = MAX_EINTR_RETRIES;
 /// The largest range one `madvise` submission covers. io_uring carries a
 /// madvise length in a 32-bit field, so a wider range is advised in pieces
 /// of this size, one after the other (on both backends, alike).
-pub const MADVISE_CHUNK_BYTES: usize = 1 << 30;
+pub(crate) const MADVISE_CHUNK_BYTES: usize = 1 << 30;
 
 /// What an operation does.
 #[derive(Clone, Copy, Debug)]
