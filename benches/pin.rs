@@ -36,7 +36,7 @@ fn manager(dir: &Path, backend: IoBackendChoice) -> (Rc<FileHandleRegistry>, Map
         .window_bytes(WINDOW)
         .growth_step_bytes(MIB)
         .max_open_files(64)
-        .max_extents(64)
+        .max_windows(64)
         .shards(1)
         .io_backend(backend)
         .build()

@@ -35,7 +35,11 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use segalloc::{Config, Error, Handle, Runtime, Shard, proc};
+use serde::Serialize;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+#[path = "common/json.rs"]
+mod json;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "segalloc demo: insert, free, sync, reopen and verify sealed records")]
@@ -422,16 +426,20 @@ async fn free_timed(shard: &Shard, hs: Vec<Handle>, t: &mut Breakdown) -> Result
 }
 
 /// The process and the machine at one moment of the insert.
-#[derive(Default, Clone, Copy, Debug)]
+#[derive(Default, Clone, Copy, Debug, Serialize)]
 struct Sample {
+    #[serde(serialize_with = "json::fixed::<1, _>")]
     secs: f64,
     records: u64,
+    #[serde(serialize_with = "json::fixed::<0, _>")]
     records_per_sec: f64,
     rss_bytes: u64,
     rss_anon_bytes: u64,
     dirty_bytes: u64,
     writeback_bytes: u64,
+    #[serde(rename = "fds_data_dir")]
     fds_dir: usize,
+    #[serde(rename = "vmas_data_dir")]
     vmas_dir: usize,
     open_files: usize,
     mapped_windows: usize,
@@ -463,23 +471,6 @@ impl Sample {
             self.fds_dir,
             self.open_files,
             self.vmas_dir,
-            self.mapped_windows
-        )
-    }
-
-    fn json(&self) -> String {
-        format!(
-            "{{\"secs\":{:.1},\"records\":{},\"records_per_sec\":{:.0},\"rss_bytes\":{},\"rss_anon_bytes\":{},\"dirty_bytes\":{},\"writeback_bytes\":{},\"fds_data_dir\":{},\"vmas_data_dir\":{},\"open_files\":{},\"mapped_windows\":{}}}",
-            self.secs,
-            self.records,
-            self.records_per_sec,
-            self.rss_bytes,
-            self.rss_anon_bytes,
-            self.dirty_bytes,
-            self.writeback_bytes,
-            self.fds_dir,
-            self.vmas_dir,
-            self.open_files,
             self.mapped_windows
         )
     }
@@ -733,6 +724,7 @@ fn parse_sizes(s: &str) -> Result<(u64, u64), String> {
     Ok((lo, hi))
 }
 
+#[derive(Default)]
 struct Figures {
     backend: String,
     shards: usize,
@@ -757,14 +749,14 @@ struct Figures {
     times: Breakdown,
     watch: Watch,
     max_open_files: usize,
-    max_extents: usize,
+    max_windows: usize,
 }
 
 impl Figures {
     /// The library's descriptors and windows stayed within their caps.
     fn within_caps(&self) -> bool {
         self.watch.peak.open_files <= self.max_open_files
-            && self.watch.peak.mapped_windows <= self.max_extents
+            && self.watch.peak.mapped_windows <= self.max_windows
     }
 }
 
@@ -834,8 +826,8 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         vmas_dir: last.vmas_dir,
         vmas_total,
         rss_bytes: last.rss_bytes,
-        data_reserved: stats.shards.iter().map(|s| s.alloc.bytes_reserved).sum(),
-        data_live: stats.shards.iter().map(|s| s.alloc.bytes_live).sum(),
+        data_reserved: stats.shards.iter().map(|s| s.alloc.reserved_bytes).sum(),
+        data_live: stats.shards.iter().map(|s| s.alloc.live_bytes).sum(),
         metadata_bytes: stats.shards.iter().map(|s| s.alloc.metadata_bytes).sum(),
         recovery_ms: re.recovery_ms,
         recovery_shard_us_max: re.recovery_shard_us_max,
@@ -843,7 +835,7 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         times: ins.times,
         watch: ins.watch,
         max_open_files: cfg.max_open_files(),
-        max_extents: cfg.max_extents(),
+        max_windows: cfg.max_windows(),
     };
     report(args, &f, &before, &re.after, live_expected)
 }
@@ -934,7 +926,7 @@ fn report(
     if !f.within_caps() {
         eprintln!(
             "OVER CAP: peak {} open files (cap {}), {} mapped windows (cap {})",
-            f.watch.peak.open_files, f.max_open_files, f.watch.peak.mapped_windows, f.max_extents
+            f.watch.peak.open_files, f.max_open_files, f.watch.peak.mapped_windows, f.max_windows
         );
     }
     let ok = mismatches == 0 && count_ok && f.within_caps();
@@ -1005,7 +997,7 @@ fn print_peaks(f: &Figures) {
         "peak open files / mapped windows",
         format!(
             "{} (cap {}) / {} (cap {})",
-            p.open_files, f.max_open_files, p.mapped_windows, f.max_extents
+            p.open_files, f.max_open_files, p.mapped_windows, f.max_windows
         ),
     );
 }
@@ -1073,69 +1065,117 @@ fn print_os(f: &Figures) {
     println!();
 }
 
+/// The figures as one JSON object (the field names are an interface:
+/// scripts read them).
+#[derive(Serialize)]
+struct Report<'a> {
+    io_backend: &'a str,
+    shards: usize,
+    records_inserted: u64,
+    #[serde(serialize_with = "json::fixed::<4, _>")]
+    insert_secs: f64,
+    #[serde(serialize_with = "json::fixed::<0, _>")]
+    records_per_sec: f64,
+    records_freed: u64,
+    records_freed_cross_shard: u64,
+    records_found_at_start: u64,
+    unsealed_freed_at_start: u64,
+    records_verified: u64,
+    fds_data_dir: usize,
+    fds_process: usize,
+    vmas_data_dir: usize,
+    vmas_process: usize,
+    rss_bytes: u64,
+    data_reserved_bytes: u64,
+    data_live_bytes: u64,
+    metadata_bytes: u64,
+    #[serde(serialize_with = "json::fixed::<3, _>")]
+    recovery_ms: f64,
+    recovery_shard_us_max: u64,
+    #[serde(serialize_with = "json::fixed::<3, _>")]
+    verify_secs: f64,
+    #[serde(serialize_with = "json::fixed::<1, _>")]
+    record_ns: f64,
+    #[serde(serialize_with = "json::fixed::<1, _>")]
+    allocate_ns: f64,
+    #[serde(serialize_with = "json::fixed::<1, _>")]
+    write_ns: f64,
+    #[serde(serialize_with = "json::fixed::<1, _>")]
+    own_work_ns: f64,
+    #[serde(serialize_with = "json::fixed::<4, _>")]
+    allocate_share: f64,
+    #[serde(serialize_with = "json::fixed::<4, _>")]
+    write_share: f64,
+    #[serde(serialize_with = "json::fixed::<4, _>")]
+    own_work_share: f64,
+    #[serde(serialize_with = "json::fixed::<1, _>")]
+    free_ns: f64,
+    peak_rss_bytes: u64,
+    peak_rss_anon_bytes: u64,
+    peak_dirty_bytes: u64,
+    peak_writeback_bytes: u64,
+    peak_fds_data_dir: usize,
+    peak_vmas_data_dir: usize,
+    peak_open_files: usize,
+    peak_mapped_windows: usize,
+    max_open_files: usize,
+    #[serde(rename = "max_extents")]
+    max_windows: usize,
+    within_caps: bool,
+    timeline: &'a [Sample],
+    mismatches: u64,
+    ok: bool,
+}
+
 fn to_json(f: &Figures, mismatches: u64, ok: bool) -> String {
     let t = &f.times;
     let p = &f.watch.peak;
-    let timeline: Vec<String> = f.watch.timeline.iter().map(Sample::json).collect();
-    format!(
-        concat!(
-            "{{\"io_backend\":\"{}\",\"shards\":{},\"records_inserted\":{},\"insert_secs\":{:.4},",
-            "\"records_per_sec\":{:.0},\"records_freed\":{},\"records_freed_cross_shard\":{},",
-            "\"records_found_at_start\":{},\"unsealed_freed_at_start\":{},\"records_verified\":{},",
-            "\"fds_data_dir\":{},\"fds_process\":{},\"vmas_data_dir\":{},\"vmas_process\":{},",
-            "\"rss_bytes\":{},\"data_reserved_bytes\":{},\"data_live_bytes\":{},\"metadata_bytes\":{},",
-            "\"recovery_ms\":{:.3},\"recovery_shard_us_max\":{},\"verify_secs\":{:.3},",
-            "\"record_ns\":{:.1},\"allocate_ns\":{:.1},\"write_ns\":{:.1},\"own_work_ns\":{:.1},",
-            "\"allocate_share\":{:.4},\"write_share\":{:.4},\"own_work_share\":{:.4},\"free_ns\":{:.1},",
-            "\"peak_rss_bytes\":{},\"peak_rss_anon_bytes\":{},\"peak_dirty_bytes\":{},\"peak_writeback_bytes\":{},",
-            "\"peak_fds_data_dir\":{},\"peak_vmas_data_dir\":{},\"peak_open_files\":{},\"peak_mapped_windows\":{},",
-            "\"max_open_files\":{},\"max_extents\":{},\"within_caps\":{},\"timeline\":[{}],",
-            "\"mismatches\":{},\"ok\":{}}}"
-        ),
-        f.backend,
-        f.shards,
-        f.inserted,
-        f.insert_secs,
-        f.inserted as f64 / f.insert_secs.max(1e-9),
-        f.freed,
-        f.freed_cross,
-        f.found_before,
-        f.unsealed_before,
-        f.verified_after,
-        f.fds_dir,
-        f.fds_total,
-        f.vmas_dir,
-        f.vmas_total,
-        f.rss_bytes,
-        f.data_reserved,
-        f.data_live,
-        f.metadata_bytes,
-        f.recovery_ms,
-        f.recovery_shard_us_max,
-        f.verify_secs,
-        t.per_record(t.record_ns),
-        t.per_record(t.alloc_ns),
-        t.per_record(t.write_ns),
-        t.per_record(t.work_ns),
-        t.share(t.alloc_ns),
-        t.share(t.write_ns),
-        t.share(t.work_ns),
-        t.free_ns as f64 / t.frees.max(1) as f64,
-        p.rss_bytes,
-        p.rss_anon_bytes,
-        p.dirty_bytes,
-        p.writeback_bytes,
-        p.fds_dir,
-        p.vmas_dir,
-        p.open_files,
-        p.mapped_windows,
-        f.max_open_files,
-        f.max_extents,
-        f.within_caps(),
-        timeline.join(","),
+    let report = Report {
+        io_backend: &f.backend,
+        shards: f.shards,
+        records_inserted: f.inserted,
+        insert_secs: f.insert_secs,
+        records_per_sec: f.inserted as f64 / f.insert_secs.max(1e-9),
+        records_freed: f.freed,
+        records_freed_cross_shard: f.freed_cross,
+        records_found_at_start: f.found_before,
+        unsealed_freed_at_start: f.unsealed_before,
+        records_verified: f.verified_after,
+        fds_data_dir: f.fds_dir,
+        fds_process: f.fds_total,
+        vmas_data_dir: f.vmas_dir,
+        vmas_process: f.vmas_total,
+        rss_bytes: f.rss_bytes,
+        data_reserved_bytes: f.data_reserved,
+        data_live_bytes: f.data_live,
+        metadata_bytes: f.metadata_bytes,
+        recovery_ms: f.recovery_ms,
+        recovery_shard_us_max: f.recovery_shard_us_max,
+        verify_secs: f.verify_secs,
+        record_ns: t.per_record(t.record_ns),
+        allocate_ns: t.per_record(t.alloc_ns),
+        write_ns: t.per_record(t.write_ns),
+        own_work_ns: t.per_record(t.work_ns),
+        allocate_share: t.share(t.alloc_ns),
+        write_share: t.share(t.write_ns),
+        own_work_share: t.share(t.work_ns),
+        free_ns: t.free_ns as f64 / t.frees.max(1) as f64,
+        peak_rss_bytes: p.rss_bytes,
+        peak_rss_anon_bytes: p.rss_anon_bytes,
+        peak_dirty_bytes: p.dirty_bytes,
+        peak_writeback_bytes: p.writeback_bytes,
+        peak_fds_data_dir: p.fds_dir,
+        peak_vmas_data_dir: p.vmas_dir,
+        peak_open_files: p.open_files,
+        peak_mapped_windows: p.mapped_windows,
+        max_open_files: f.max_open_files,
+        max_windows: f.max_windows,
+        within_caps: f.within_caps(),
+        timeline: &f.watch.timeline,
         mismatches,
-        ok
-    )
+        ok,
+    };
+    serde_json::to_string(&report).expect("a report serializes")
 }
 
 #[cfg(test)]
@@ -1174,5 +1214,102 @@ mod tests {
         args.records = u64::MAX;
         let e = check_space(&args, 16, 1024).expect_err("does not fit");
         assert!(e.contains("GiB free"), "{e}");
+    }
+
+    #[test]
+    fn the_json_report_keeps_its_field_names_and_shape() {
+        let mut f = Figures {
+            backend: "io_uring".into(),
+            insert_secs: 2.0,
+            inserted: 1000,
+            ..Figures::default()
+        };
+        let s = Sample {
+            secs: 1.25,
+            records_per_sec: 999.6,
+            ..Sample::default()
+        };
+        f.watch.timeline = vec![s, s];
+        let j: serde_json::Value = serde_json::from_str(&to_json(&f, 3, true)).expect("JSON");
+        let keys: Vec<&str> = j.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want = vec![
+            "io_backend",
+            "shards",
+            "records_inserted",
+            "insert_secs",
+            "records_per_sec",
+            "records_freed",
+            "records_freed_cross_shard",
+            "records_found_at_start",
+            "unsealed_freed_at_start",
+            "records_verified",
+            "fds_data_dir",
+            "fds_process",
+            "vmas_data_dir",
+            "vmas_process",
+            "rss_bytes",
+            "data_reserved_bytes",
+            "data_live_bytes",
+            "metadata_bytes",
+            "recovery_ms",
+            "recovery_shard_us_max",
+            "verify_secs",
+            "record_ns",
+            "allocate_ns",
+            "write_ns",
+            "own_work_ns",
+            "allocate_share",
+            "write_share",
+            "own_work_share",
+            "free_ns",
+            "peak_rss_bytes",
+            "peak_rss_anon_bytes",
+            "peak_dirty_bytes",
+            "peak_writeback_bytes",
+            "peak_fds_data_dir",
+            "peak_vmas_data_dir",
+            "peak_open_files",
+            "peak_mapped_windows",
+            "max_open_files",
+            "max_extents",
+            "within_caps",
+            "timeline",
+            "mismatches",
+            "ok",
+        ];
+        let mut got = keys.clone();
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got, want);
+        assert_eq!(j["io_backend"], "io_uring");
+        assert_eq!(j["records_per_sec"].as_u64(), Some(500));
+        assert_eq!(j["mismatches"].as_u64(), Some(3));
+        assert_eq!(j["ok"], true);
+        let tl = j["timeline"].as_array().expect("timeline");
+        assert_eq!(tl.len(), 2);
+        let mut got: Vec<&str> = tl[0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        got.sort_unstable();
+        let mut want = vec![
+            "secs",
+            "records",
+            "records_per_sec",
+            "rss_bytes",
+            "rss_anon_bytes",
+            "dirty_bytes",
+            "writeback_bytes",
+            "fds_data_dir",
+            "vmas_data_dir",
+            "open_files",
+            "mapped_windows",
+        ];
+        want.sort_unstable();
+        assert_eq!(got, want);
+        assert_eq!(tl[0]["records_per_sec"].as_u64(), Some(1000));
+        assert_eq!(tl[0]["secs"].as_f64(), Some(1.2));
     }
 }

@@ -12,12 +12,15 @@
 //! point is the median of `--repeat` runs (default 3), each on a fresh
 //! data directory.
 
+#[path = "common/json.rs"]
+mod json;
 #[path = "../benches/sweep_workload.rs"]
 mod workload;
 
 use clap::Parser;
 use segalloc::config::MIB;
 use segalloc::{Config, Runtime};
+use serde::Serialize;
 
 #[derive(Parser, Debug)]
 #[command(about = "segalloc shard-count sweep")]
@@ -45,15 +48,35 @@ struct Args {
     svg: Option<std::path::PathBuf>,
 }
 
-/// One point of the sweep, with its derived figures.
+/// One point of the sweep, with its derived figures (the JSON field names
+/// are an interface: scripts read them).
+#[derive(Serialize)]
 struct Row {
     shards: usize,
+    #[serde(rename = "ops_per_sec", serialize_with = "json::fixed::<0, _>")]
     ops: f64,
+    #[serde(
+        rename = "ops_per_sec_per_shard",
+        serialize_with = "json::fixed::<0, _>"
+    )]
     ops_per_shard: f64,
+    #[serde(serialize_with = "json::fixed::<4, _>")]
     efficiency: f64,
+    #[serde(rename = "cross_frees_per_sec", serialize_with = "json::fixed::<0, _>")]
     cross_per_sec: f64,
     p50_ns: u64,
     p99_ns: u64,
+}
+
+/// The sweep as one JSON object.
+#[derive(Serialize)]
+struct Report<'a> {
+    ops_per_shard: u64,
+    size: u64,
+    repeat: usize,
+    cores: usize,
+    io_backend: &'a str,
+    points: &'a [Row],
 }
 
 /// A small SVG line chart: measured ops/s and the linear ideal.
@@ -200,15 +223,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
-    let json_rows: Vec<String> = rows
-        .iter()
-        .map(|r| {
-            format!(
-                "{{\"shards\":{},\"ops_per_sec\":{:.0},\"ops_per_sec_per_shard\":{:.0},\"efficiency\":{:.4},\"cross_frees_per_sec\":{:.0},\"p50_ns\":{},\"p99_ns\":{}}}",
-                r.shards, r.ops, r.ops_per_shard, r.efficiency, r.cross_per_sec, r.p50_ns, r.p99_ns
-            )
-        })
-        .collect();
     if let Some(path) = &args.svg {
         let title = format!(
             "segalloc shard sweep: {} ops/shard of {} B, {cores} cores, {backend}",
@@ -217,13 +231,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::fs::write(path, svg_chart(&points, base, &title))?;
     }
     if args.json {
-        println!(
-            "{{\"ops_per_shard\":{},\"size\":{},\"repeat\":{},\"cores\":{cores},\"io_backend\":\"{backend}\",\"points\":[{}]}}",
-            args.ops,
-            args.size,
-            args.repeat,
-            json_rows.join(",")
-        );
+        let report = Report {
+            ops_per_shard: args.ops,
+            size: args.size,
+            repeat: args.repeat,
+            cores,
+            io_backend: &backend,
+            points: &rows,
+        };
+        println!("{}", serde_json::to_string(&report)?);
     }
     Ok(())
 }
@@ -250,5 +266,34 @@ mod tests {
             assert_eq!(live, 0, "frees still in flight when the clock stopped");
         }
         rt.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn the_json_report_keeps_its_field_names_and_precision() {
+        let row = Row {
+            shards: 2,
+            ops: 10_159_195.4,
+            ops_per_shard: 5_079_597.7,
+            efficiency: 0.835_44,
+            cross_per_sec: 1_239_422.0,
+            p50_ns: 109,
+            p99_ns: 4435,
+        };
+        let report = Report {
+            ops_per_shard: 2000,
+            size: 64,
+            repeat: 1,
+            cores: 2,
+            io_backend: "io_uring",
+            points: &[row],
+        };
+        assert_eq!(
+            serde_json::to_string(&report).expect("JSON"),
+            concat!(
+                r#"{"ops_per_shard":2000,"size":64,"repeat":1,"cores":2,"io_backend":"io_uring","#,
+                r#""points":[{"shards":2,"ops_per_sec":10159195,"ops_per_sec_per_shard":5079598,"#,
+                r#""efficiency":0.8354,"cross_frees_per_sec":1239422,"p50_ns":109,"p99_ns":4435}]}"#
+            )
+        );
     }
 }

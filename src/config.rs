@@ -16,7 +16,10 @@ pub const GIB: u64 = 1024 * MIB;
 
 /// The largest segment, and so the largest allocation: 16 MiB. Windows are a
 /// multiple of it, so a segment never crosses a window.
-pub const SEGMENT_BYTES_MAX: u64 = crate::format::classes::SEGMENT_BYTES_MAX;
+pub const MAX_SEGMENT_BYTES: u64 = crate::format::classes::MAX_SEGMENT_BYTES;
+/// Former name of [`MAX_SEGMENT_BYTES`].
+#[deprecated(since = "0.1.0", note = "renamed to `MAX_SEGMENT_BYTES`")]
+pub const SEGMENT_BYTES_MAX: u64 = MAX_SEGMENT_BYTES;
 /// Default window size: 1 GiB.
 pub const WINDOW_BYTES_DEFAULT: u64 = GIB;
 /// Default growth step: files grow 64 MiB at a time inside a window.
@@ -24,7 +27,10 @@ pub const GROWTH_STEP_BYTES_DEFAULT: u64 = 64 * MIB;
 /// The default fd cap.
 pub const MAX_OPEN_FILES_DEFAULT: usize = 256;
 /// The default window (VMA) cap.
-pub const MAX_EXTENTS_DEFAULT: usize = 8192;
+pub const MAX_WINDOWS_DEFAULT: usize = 8192;
+/// Former name of [`MAX_WINDOWS_DEFAULT`].
+#[deprecated(since = "0.1.0", note = "renamed to `MAX_WINDOWS_DEFAULT`")]
+pub const MAX_EXTENTS_DEFAULT: usize = MAX_WINDOWS_DEFAULT;
 /// Descriptors left to the rest of the process (headroom).
 pub const FD_HEADROOM: u64 = 64;
 /// VMAs left to the rest of the process (heap, stacks, libraries, …).
@@ -34,7 +40,7 @@ pub const PREFETCH_AHEAD_BYTES_DEFAULT: u64 = 0;
 /// Default time a `pin` waits for a window when every window is pinned.
 pub const PIN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 
-const _: () = assert!(WINDOW_BYTES_DEFAULT.is_multiple_of(SEGMENT_BYTES_MAX));
+const _: () = assert!(WINDOW_BYTES_DEFAULT.is_multiple_of(MAX_SEGMENT_BYTES));
 const _: () = assert!(WINDOW_BYTES_DEFAULT.is_multiple_of(GROWTH_STEP_BYTES_DEFAULT));
 
 /// Which idle window is unmapped first when the window cap is reached.
@@ -68,44 +74,46 @@ pub enum MadvisePolicy {
 pub use crate::io::IoBackendChoice;
 
 /// The most shards a data directory has.
-pub const SHARDS_MAX: usize = 1024;
+pub const MAX_SHARDS: usize = 1024;
+/// Former name of [`MAX_SHARDS`].
+#[deprecated(since = "0.1.0", note = "renamed to `MAX_SHARDS`")]
+pub const SHARDS_MAX: usize = MAX_SHARDS;
 
 /// Check that the process-wide caps split between the shards without
 /// exceeding them: every shard needs at least one descriptor and one window.
 /// A shard count left at its default (one per core) is lowered to fit.
 fn split_caps(c: &mut Config, shards_set: bool) -> Result<()> {
-    let fit = SHARDS_MAX.min(c.max_open_files).min(c.max_extents);
+    let fit = MAX_SHARDS.min(c.max_open_files).min(c.max_windows);
     if !shards_set {
         c.shards = c.shards.clamp(1, fit.max(1));
     }
-    if c.shards == 0 || c.shards > SHARDS_MAX {
+    if c.shards == 0 || c.shards > MAX_SHARDS {
         return Err(Error::InvalidConfig(format!(
-            "shards must be in 1..={SHARDS_MAX}, got {}",
+            "shards must be in 1..={MAX_SHARDS}, got {}",
             c.shards
         )));
     }
-    if c.max_open_files == 0 || c.max_extents == 0 {
+    if c.max_open_files == 0 || c.max_windows == 0 {
         return Ok(()); // refused below with its own message
     }
-    if c.shards > c.max_open_files || c.shards > c.max_extents {
+    if c.shards > c.max_open_files || c.shards > c.max_windows {
         return Err(Error::InvalidConfig(format!(
             "{} shards need at least one descriptor and one window each, but the \
              process-wide caps are {} descriptors (max_open_files) and {} windows \
-             (max_extents): lower the shard count or raise the caps",
-            c.shards, c.max_open_files, c.max_extents
+             (max_windows): lower the shard count or raise the caps",
+            c.shards, c.max_open_files, c.max_windows
         )));
     }
     Ok(())
 }
 
-/// Safe process-wide caps derived from the machine, as in the design's
-/// `Limits::compute`.
+/// Safe process-wide caps derived from the machine ([`Limits::compute`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Descriptor cap: `min(RLIMIT_NOFILE soft - 64, 256)`.
     pub max_open_files: usize,
     /// Window cap: `min(8192, vm.max_map_count - 1024)`.
-    pub max_extents: usize,
+    pub max_windows: usize,
 }
 
 impl Limits {
@@ -120,12 +128,12 @@ impl Limits {
             .saturating_sub(FD_HEADROOM)
             .clamp(1, MAX_OPEN_FILES_DEFAULT as u64) as usize;
         let map_count = sys::max_map_count().unwrap_or(65530);
-        let max_extents = map_count
+        let max_windows = map_count
             .saturating_sub(MAP_HEADROOM)
-            .clamp(1, MAX_EXTENTS_DEFAULT as u64) as usize;
+            .clamp(1, MAX_WINDOWS_DEFAULT as u64) as usize;
         Limits {
             max_open_files,
-            max_extents,
+            max_windows,
         }
     }
 }
@@ -151,7 +159,7 @@ pub struct Config {
     growth_step_bytes: u64,
     max_file_bytes: u64,
     max_open_files: usize,
-    max_extents: usize,
+    max_windows: usize,
     eviction_policy: EvictionPolicy,
     prefetch_ahead_bytes: u64,
     madvise_policy: MadvisePolicy,
@@ -180,7 +188,7 @@ impl Config {
                 growth_step_bytes: GROWTH_STEP_BYTES_DEFAULT,
                 max_file_bytes: 64 * GIB,
                 max_open_files: limits.max_open_files,
-                max_extents: limits.max_extents,
+                max_windows: limits.max_windows,
                 eviction_policy: EvictionPolicy::default(),
                 prefetch_ahead_bytes: PREFETCH_AHEAD_BYTES_DEFAULT,
                 madvise_policy: MadvisePolicy::default(),
@@ -218,18 +226,28 @@ impl Config {
         self.max_open_files
     }
     /// Process-wide window cap (each shard gets its share).
-    pub fn max_extents(&self) -> usize {
-        self.max_extents
+    pub fn max_windows(&self) -> usize {
+        self.max_windows
     }
     /// Descriptor cap of one shard: `max_open_files / shards` (at least 1:
     /// a configuration with more shards than descriptors is refused).
     pub fn max_open_files_per_shard(&self) -> usize {
         (self.max_open_files / self.shards).max(1)
     }
-    /// Window cap of one shard: `max_extents / shards` (at least 1: a
+    /// Window cap of one shard: `max_windows / shards` (at least 1: a
     /// configuration with more shards than windows is refused).
+    pub fn max_windows_per_shard(&self) -> usize {
+        (self.max_windows / self.shards).max(1)
+    }
+    /// Former name of [`max_windows`](Self::max_windows).
+    #[deprecated(since = "0.1.0", note = "renamed to `max_windows`")]
+    pub fn max_extents(&self) -> usize {
+        self.max_windows
+    }
+    /// Former name of [`max_windows_per_shard`](Self::max_windows_per_shard).
+    #[deprecated(since = "0.1.0", note = "renamed to `max_windows_per_shard`")]
     pub fn max_extents_per_shard(&self) -> usize {
-        (self.max_extents / self.shards).max(1)
+        self.max_windows_per_shard()
     }
     /// Eviction order of idle windows.
     pub fn eviction_policy(&self) -> EvictionPolicy {
@@ -298,14 +316,20 @@ impl ConfigBuilder {
         self.cfg.max_open_files = n;
         self
     }
-    /// Process-wide window cap (alias: `max_mmap_extents`).
-    pub fn max_extents(mut self, n: usize) -> Self {
-        self.cfg.max_extents = n;
+    /// Process-wide window cap.
+    pub fn max_windows(mut self, n: usize) -> Self {
+        self.cfg.max_windows = n;
         self
     }
-    /// Alias of `max_extents`, in its original name.
+    /// Former name of [`max_windows`](Self::max_windows).
+    #[deprecated(since = "0.1.0", note = "renamed to `max_windows`")]
+    pub fn max_extents(self, n: usize) -> Self {
+        self.max_windows(n)
+    }
+    /// Former name of [`max_windows`](Self::max_windows).
+    #[deprecated(since = "0.1.0", note = "renamed to `max_windows`")]
     pub fn max_mmap_extents(self, n: usize) -> Self {
-        self.max_extents(n)
+        self.max_windows(n)
     }
     /// Eviction order (default LRU).
     pub fn eviction_policy(mut self, p: EvictionPolicy) -> Self {
@@ -355,9 +379,9 @@ impl ConfigBuilder {
         let c = &mut self.cfg;
         let bad = |m: String| Err(Error::InvalidConfig(m));
         split_caps(c, self.shards_set)?;
-        if c.window_bytes == 0 || !c.window_bytes.is_multiple_of(SEGMENT_BYTES_MAX) {
+        if c.window_bytes == 0 || !c.window_bytes.is_multiple_of(MAX_SEGMENT_BYTES) {
             return bad(format!(
-                "window_bytes must be a positive multiple of {SEGMENT_BYTES_MAX} (16 MiB), got {}",
+                "window_bytes must be a positive multiple of {MAX_SEGMENT_BYTES} (16 MiB), got {}",
                 c.window_bytes
             ));
         }
@@ -400,8 +424,8 @@ impl ConfigBuilder {
         if c.max_open_files == 0 {
             return bad("max_open_files must be at least 1".into());
         }
-        if c.max_extents == 0 {
-            return bad("max_extents must be at least 1".into());
+        if c.max_windows == 0 {
+            return bad("max_windows must be at least 1".into());
         }
         if c.pin_timeout.is_zero() {
             return bad("pin_timeout must be positive".into());
@@ -415,11 +439,30 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(deprecated)]
+    fn the_former_names_still_set_and_read_the_same_values() {
+        let b = Config::builder("/tmp/none").shards(2);
+        let c = b.clone().max_extents(6).build().unwrap();
+        assert_eq!((c.max_windows(), c.max_extents()), (6, 6));
+        assert_eq!(
+            (c.max_windows_per_shard(), c.max_extents_per_shard()),
+            (3, 3)
+        );
+        let c = b.max_mmap_extents(8).build().unwrap();
+        assert_eq!(c.max_windows(), 8);
+        assert_eq!(MAX_EXTENTS_DEFAULT, MAX_WINDOWS_DEFAULT);
+        assert_eq!(
+            (SEGMENT_BYTES_MAX, SHARDS_MAX),
+            (MAX_SEGMENT_BYTES, MAX_SHARDS)
+        );
+    }
+
+    #[test]
     fn defaults_are_valid_and_bounded() {
         let c = Config::new("/tmp/none");
         assert_eq!(c.window_bytes(), GIB);
         assert!(c.max_open_files() >= 1 && c.max_open_files() <= MAX_OPEN_FILES_DEFAULT);
-        assert!(c.max_extents() >= 1 && c.max_extents() <= MAX_EXTENTS_DEFAULT);
+        assert!(c.max_windows() >= 1 && c.max_windows() <= MAX_WINDOWS_DEFAULT);
         assert_eq!(c.growth_step_bytes(), 64 * MIB);
     }
 
@@ -427,7 +470,7 @@ mod tests {
     fn stock_machine_limits() {
         // Soft limit 1024 and max_map_count 65530 give the default caps.
         let fds = (1024u64 - FD_HEADROOM).min(MAX_OPEN_FILES_DEFAULT as u64);
-        let maps = (65530u64 - MAP_HEADROOM).min(MAX_EXTENTS_DEFAULT as u64);
+        let maps = (65530u64 - MAP_HEADROOM).min(MAX_WINDOWS_DEFAULT as u64);
         assert_eq!((fds, maps), (256, 8192));
     }
 
@@ -437,7 +480,7 @@ mod tests {
         assert!(b().window_bytes(0).build().is_err());
         assert!(b().window_bytes(24 * MIB).build().is_err());
         assert!(b().max_open_files(0).build().is_err());
-        assert!(b().max_extents(0).build().is_err());
+        assert!(b().max_windows(0).build().is_err());
         assert!(b().shards(0).build().is_err());
         assert!(b().growth_step_bytes(3000).build().is_err());
         assert!(

@@ -418,7 +418,7 @@ impl Drop for FileLock {
 /// instances never hand out the same slot, and no reader maps the bytes a
 /// writer is changing (that would be a data race through safe reads).
 #[derive(Debug)]
-pub struct ShardLock {
+pub(crate) struct ShardLock {
     _lock: FileLock,
 }
 
@@ -430,7 +430,7 @@ impl ShardLock {
     /// [`Error::ShardAlreadyOpen`] when another open of the shard holds it;
     /// [`Error::Io`] naming the folder when it cannot be opened (missing, a
     /// symlink, not a directory).
-    pub fn acquire(shard: u16, folder: &Path) -> Result<ShardLock> {
+    pub(crate) fn acquire(shard: u16, folder: &Path) -> Result<ShardLock> {
         Self::take(shard, folder, FileLock::try_exclusive)
     }
 
@@ -440,7 +440,7 @@ impl ShardLock {
     ///
     /// [`Error::ShardAlreadyOpen`] while a writable open holds the shard;
     /// io errors naming the folder.
-    pub fn acquire_shared(shard: u16, folder: &Path) -> Result<ShardLock> {
+    pub(crate) fn acquire_shared(shard: u16, folder: &Path) -> Result<ShardLock> {
         Self::take(shard, folder, FileLock::try_shared)
     }
 

@@ -88,10 +88,10 @@ pub enum Error {
 
     /// Every window is pinned, the window cap is reached, and none was
     /// released within the configured pin timeout (or `try_pin` was used).
-    #[error("all {max_extents} mapping windows are pinned (waited {waited:?})")]
+    #[error("all {max_windows} mapping windows are pinned (waited {waited:?})")]
     WindowPressure {
         /// The manager's window cap.
-        max_extents: usize,
+        max_windows: usize,
         /// How long the caller waited before giving up.
         waited: Duration,
     },

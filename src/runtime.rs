@@ -133,7 +133,7 @@ impl ShardBuilder {
 enum Msg {
     Run(Job),
     Stop,
-    #[doc(hidden)]
+    #[cfg_attr(not(feature = "test-support"), allow(dead_code))]
     Crash,
 }
 
@@ -459,8 +459,8 @@ impl Runtime {
         Ok(RuntimeStats { shards })
     }
 
-    #[doc(hidden)]
     /// Make a shard thread panic outside any task (tests of fault isolation).
+    #[cfg(feature = "test-support")]
     pub fn crash_shard_for_test(&self, shard: usize) {
         if let Some(t) = self.shards.get(shard) {
             let _ = t.tx.send(Msg::Crash);

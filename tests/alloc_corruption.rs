@@ -99,7 +99,7 @@ fn meta_path(dir: &Path) -> PathBuf {
 /// entry below the high-water mark).
 fn meta_used_end(meta_bytes: &[u8]) -> usize {
     let w = u64::from_le_bytes(meta_bytes[512..520].try_into().unwrap());
-    let hwm = meta::decode_hwm(w).unwrap();
+    let hwm = meta::decode_counter(w).unwrap();
     assert!(hwm > 0);
     (meta::entry_offset(hwm - 1) + meta::ENTRY_BYTES) as usize
 }
@@ -397,7 +397,7 @@ fn forged_directory_entries() {
         ),
         (
             "high-water mark far past the file",
-            Box::new(|b| b[512..520].copy_from_slice(&meta::encode_hwm(1 << 30).to_le_bytes())),
+            Box::new(|b| b[512..520].copy_from_slice(&meta::encode_counter(1 << 30).to_le_bytes())),
         ),
         ("high-water mark torn", Box::new(|b| b[516] ^= 1)),
     ];
@@ -419,7 +419,7 @@ fn forged_directory_entries() {
     for generation in [e.generation, e.generation + 1000] {
         let mut bytes = original.clone();
         put_header(&mut bytes, hwm, &EntryHeader { generation, ..e });
-        bytes[512..520].copy_from_slice(&meta::encode_hwm(hwm + 1).to_le_bytes());
+        bytes[512..520].copy_from_slice(&meta::encode_counter(hwm + 1).to_le_bytes());
         std::fs::write(&path, &bytes).unwrap();
         match reopen(&cfg, 0) {
             Outcome::Ok(got) => {

@@ -117,14 +117,14 @@ fn dropped_allocate_leaks_nothing() {
                     dropped += 1;
                     let after = alloc_stats(&shard);
                     assert_eq!(
-                        (after.allocations_live, after.bytes_live),
-                        (before.allocations_live, before.bytes_live),
+                        (after.allocations_live, after.live_bytes),
+                        (before.allocations_live, before.live_bytes),
                         "after dropping at poll {polls}"
                     );
                     // Every run in use belongs to a segment (the dropped
                     // call may have published one, which is kept empty).
                     assert_eq!(
-                        after.bytes_allocated,
+                        after.allocated_bytes,
                         after.segments * MIB,
                         "a run leaked after dropping at poll {polls}"
                     );
@@ -392,7 +392,7 @@ fn a_slot_being_handed_out_cannot_be_freed() {
         .shards(1)
         .window_bytes(16 * MIB)
         .growth_step_bytes(MIB)
-        .max_extents(3)
+        .max_windows(3)
         .build()
         .unwrap();
     run(async {

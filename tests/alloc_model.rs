@@ -79,8 +79,15 @@ fn check_state(shard: &Shard, model: &Model) {
     let st = shard.stats().alloc;
     assert_eq!(st.allocations_live, model.live.len() as u64);
     assert_eq!(
-        st.bytes_live,
+        st.live_bytes,
         model.live.keys().map(|h| h.len() as u64).sum::<u64>()
+    );
+    #[allow(deprecated)]
+    let former = (st.bytes_live, st.bytes_allocated, st.bytes_reserved);
+    let current = (st.live_bytes, st.allocated_bytes, st.reserved_bytes);
+    assert_eq!(
+        former, current,
+        "the former stat names report the same figures"
     );
     assert_no_overlap(live.iter().copied());
     let mut roots: Vec<(String, Handle)> =

@@ -45,8 +45,8 @@ fn scale(n: u64) {
         let st = shard.stats();
         let a = &st.alloc;
         let (fds, vmas) = common::os_counts(&dir);
-        let meta_vs_live = a.metadata_bytes as f64 / a.bytes_live as f64;
-        let meta_vs_allocated = a.metadata_bytes as f64 / a.bytes_allocated as f64;
+        let meta_vs_live = a.metadata_bytes as f64 / a.live_bytes as f64;
+        let meta_vs_allocated = a.metadata_bytes as f64 / a.allocated_bytes as f64;
         let meta_vs_requested = a.metadata_bytes as f64 / (n * RECORD_BYTES) as f64;
         eprintln!(
             "scale {n}: allocate+write {:.2} s ({:.0} ns/record), {} segments, {} data files, \
@@ -58,9 +58,9 @@ fn scale(n: u64) {
             a.segments,
             a.data_files,
             a.metadata_bytes,
-            a.bytes_live,
-            a.bytes_allocated,
-            a.bytes_reserved,
+            a.live_bytes,
+            a.allocated_bytes,
+            a.reserved_bytes,
             100.0 * meta_vs_live,
             100.0 * meta_vs_allocated,
             100.0 * meta_vs_requested,

@@ -171,7 +171,7 @@ fn meta_path(dir: &Path, shard: u16) -> PathBuf {
 fn hwm_of(meta_bytes: &[u8]) -> u32 {
     let o = meta::HWM_OFFSET as usize;
     let w = u64::from_le_bytes(meta_bytes[o..o + 8].try_into().unwrap());
-    meta::decode_hwm(w).expect("hwm")
+    meta::decode_counter(w).expect("hwm")
 }
 
 fn headers(meta_bytes: &[u8]) -> Vec<(u32, EntryHeader)> {
@@ -249,9 +249,9 @@ fn stat_json_matches_the_library() {
             "shard {i}"
         );
         assert_eq!(s.at("allocations_live").u(), built.live[i].len() as u64);
-        assert_eq!(s.at("bytes_live").u(), st.bytes_live, "shard {i}");
+        assert_eq!(s.at("bytes_live").u(), st.live_bytes, "shard {i}");
         assert_eq!(s.at("segments").u(), st.segments, "shard {i}");
-        assert_eq!(s.at("segment_bytes").u(), st.bytes_allocated, "shard {i}");
+        assert_eq!(s.at("segment_bytes").u(), st.allocated_bytes, "shard {i}");
         assert_eq!(
             s.at("data_files").arr().len() as u64,
             st.data_files,
@@ -283,7 +283,7 @@ fn stat_json_matches_the_library() {
         let f = s.at("fragmentation");
         assert_eq!(
             f.at("free_bytes_in_segments").u(),
-            st.bytes_allocated - st.bytes_live
+            st.allocated_bytes - st.live_bytes
         );
         for df in s.at("data_files").arr() {
             let p = dir.join(format!("shard-{i:03}")).join(df.at("name").s());
@@ -471,7 +471,7 @@ fn verify_is_clean_then_names_each_corruption() {
         patch(
             &p,
             meta::HWM_OFFSET,
-            &meta::encode_hwm(hwm0 + 1).to_le_bytes(),
+            &meta::encode_counter(hwm0 + 1).to_le_bytes(),
         );
         let o = tool(&["verify"], &d);
         assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
@@ -515,7 +515,7 @@ fn verify_is_clean_then_names_each_corruption() {
         patch(
             &p,
             meta::HWM_OFFSET,
-            &meta::encode_hwm(hwm0 + 1).to_le_bytes(),
+            &meta::encode_counter(hwm0 + 1).to_le_bytes(),
         );
         let t = std::time::Instant::now();
         let o = tool(&["verify"], &d);

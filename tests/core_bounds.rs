@@ -203,13 +203,13 @@ fn per_shard_caps_never_exceed_the_process_caps() {
         match b()
             .shards(shards)
             .max_open_files(fds)
-            .max_extents(windows)
+            .max_windows(windows)
             .build()
         {
             Ok(c) => {
                 assert!(c.max_open_files_per_shard() * shards <= fds);
-                assert!(c.max_extents_per_shard() * shards <= windows);
-                assert!(c.max_open_files_per_shard() >= 1 && c.max_extents_per_shard() >= 1);
+                assert!(c.max_windows_per_shard() * shards <= windows);
+                assert!(c.max_open_files_per_shard() >= 1 && c.max_windows_per_shard() >= 1);
             }
             Err(e) => assert!(
                 matches!(e, Error::InvalidConfig(_)),
@@ -218,18 +218,18 @@ fn per_shard_caps_never_exceed_the_process_caps() {
         }
     }
     assert!(b().shards(8).max_open_files(4).build().is_err());
-    assert!(b().shards(8).max_extents(4).build().is_err());
+    assert!(b().shards(8).max_windows(4).build().is_err());
     // The default shard count (one per core) fits the caps.
     let c = Config::builder(dir.path())
         .max_open_files(1)
-        .max_extents(1)
+        .max_windows(1)
         .build()
         .unwrap();
     assert_eq!(c.shards(), 1);
     assert!(
         b().shards(3)
             .max_open_files(3)
-            .max_extents(6)
+            .max_windows(6)
             .build()
             .is_ok()
     );

@@ -54,7 +54,7 @@ fn fd_reuse_one_descriptor_per_file() {
         // The descriptor stays cached after the last lease.
         assert_eq!(files.open_count(), 1);
         assert_eq!(os_counts(dir.path()).0, 1);
-        assert_eq!(mm.extent_count(), 1);
+        assert_eq!(mm.window_count(), 1);
     });
 }
 
@@ -78,11 +78,11 @@ fn many_segments_few_fds_few_windows() {
             pins.push(p);
             let (fds, vmas) = os_counts(dir.path());
             assert!(files.open_count() <= 4 && fds <= 4, "fds {fds}");
-            assert!(mm.extent_count() <= 8 && vmas <= 8, "vmas {vmas}");
+            assert!(mm.window_count() <= 8 && vmas <= 8, "vmas {vmas}");
         }
         let (fds, vmas) = os_counts(dir.path());
         assert_eq!((files.open_count(), fds), (3, 3));
-        assert_eq!((mm.extent_count(), vmas), (6, 6));
+        assert_eq!((mm.window_count(), vmas), (6, 6));
         assert_eq!(files.stats().opens, 3);
         assert_eq!(mm.stats().faults, 6);
         assert_eq!(mm.stats().pinned_windows, 6);
@@ -222,7 +222,7 @@ fn growth_by_steps_within_the_window() {
             other => panic!("expected InvalidRange, got {other:?}"),
         }
         assert_eq!(len_on_disk(&pc), 0, "a read-only pin never grows");
-        assert_eq!(mm.extent_count(), os_counts(dir.path()).1);
+        assert_eq!(mm.window_count(), os_counts(dir.path()).1);
     });
 }
 
@@ -294,8 +294,8 @@ fn persistence_across_registries() {
     });
 }
 
-fn small_mapping_config(max_extents: usize) -> MappingConfig {
-    let cfg = common::builder(std::path::Path::new("/unused"), 4, max_extents)
+fn small_mapping_config(max_windows: usize) -> MappingConfig {
+    let cfg = common::builder(std::path::Path::new("/unused"), 4, max_windows)
         .build()
         .unwrap();
     MappingConfig::from_config(&cfg)
@@ -332,7 +332,7 @@ fn read_only_registry_errors() {
             mm.try_pin(f, 0, 4096, true),
             Err(Error::ReadOnly(_))
         ));
-        assert_eq!(mm.extent_count(), 0);
+        assert_eq!(mm.window_count(), 0);
 
         // Past the end of the file (1 MiB): an error, unmapped or mapped.
         assert!(mm.pin(f, STEP, 4096, false).await.is_err());
@@ -384,7 +384,7 @@ fn unknown_file_everywhere() {
             &mm.prefetch(bogus, &[(0, 4096)]).await.map(drop)
         ));
         assert_eq!(os_counts(dir.path()), (0, 0));
-        assert_eq!((files.open_count(), mm.extent_count()), (0, 0));
+        assert_eq!((files.open_count(), mm.window_count()), (0, 0));
     });
 }
 

@@ -16,7 +16,7 @@ use segalloc::{Error, EvictionPolicy, FileId, IoBackend, MappingManager};
 /// A local task that samples the manager's and the OS's window counts at
 /// every turn of the event loop, so a bound broken only while a fault is in
 /// flight is caught. Returns a stop flag and the task's handle; the task
-/// yields the largest `(extent_count, vmas)` seen.
+/// yields the largest `(window_count, vmas)` seen.
 fn monitor(
     mm: Rc<MappingManager>,
     dir: std::path::PathBuf,
@@ -26,7 +26,7 @@ fn monitor(
     let h = tokio::task::spawn_local(async move {
         let mut max = (0, 0);
         while !s.get() {
-            max.0 = max.0.max(mm.extent_count());
+            max.0 = max.0.max(mm.window_count());
             max.1 = max.1.max(segalloc::proc::vmas_under(&dir));
             tokio::task::yield_now().await;
         }
@@ -54,10 +54,10 @@ fn window_eviction_respects_cap_and_pins() {
             drop(p);
             let (_, vmas) = os_counts(dir.path());
             assert!(
-                mm.extent_count() <= 2 && vmas <= 2,
+                mm.window_count() <= 2 && vmas <= 2,
                 "window {i}: vmas {vmas}"
             );
-            assert_eq!(mm.extent_count(), vmas);
+            assert_eq!(mm.window_count(), vmas);
         }
         assert_eq!(mm.stats().faults, 6);
         assert_eq!(mm.stats().evictions, 4);
@@ -85,18 +85,18 @@ fn window_eviction_respects_cap_and_pins() {
         assert_eq!(mm.stats().pinned_windows, 1);
         // Evicting everything idle keeps the pinned window.
         mm.evict_idle();
-        assert_eq!((mm.extent_count(), os_counts(dir.path()).1), (1, 1));
+        assert_eq!((mm.window_count(), os_counts(dir.path()).1), (1, 1));
         assert!(mapping_of(held_addr).is_some());
         drop(held);
         assert_eq!(mm.evict_idle(), 1);
-        assert_eq!((mm.extent_count(), os_counts(dir.path()).1), (0, 0));
+        assert_eq!((mm.window_count(), os_counts(dir.path()).1), (0, 0));
         assert!(mapping_of(held_addr).is_none_or(|p| !p.ends_with("/a")));
 
         stop.set(true);
-        let (max_extents, max_vmas) = h.await.unwrap();
+        let (max_windows, max_vmas) = h.await.unwrap();
         assert!(
-            max_extents <= 2 && max_vmas <= 2,
-            "cap exceeded mid-fault: extent_count {max_extents}, vmas {max_vmas}"
+            max_windows <= 2 && max_vmas <= 2,
+            "cap exceeded mid-fault: window_count {max_windows}, vmas {max_vmas}"
         );
     });
 }
@@ -104,9 +104,9 @@ fn window_eviction_respects_cap_and_pins() {
 fn policy_manager(
     dir: &std::path::Path,
     policy: EvictionPolicy,
-    max_extents: usize,
+    max_windows: usize,
 ) -> (Rc<segalloc::FileHandleRegistry>, MappingManager) {
-    let cfg = common::builder(dir, 4, max_extents)
+    let cfg = common::builder(dir, 4, max_windows)
         .eviction_policy(policy)
         .build()
         .unwrap();
@@ -201,7 +201,7 @@ fn eviction_policy_clock() {
         assert_eq!(mm.stats().faults, 4);
         assert!(!still_mapped(&mm, f, 0).await);
         assert_eq!(mm.stats().faults, 5);
-        assert_eq!(mm.extent_count(), 2);
+        assert_eq!(mm.window_count(), 2);
         assert_eq!(os_counts(dir.path()).1, 2);
     });
 }
@@ -231,7 +231,7 @@ fn window_pressure_times_out() {
 
         let t = Instant::now();
         match mm.pin(f, WINDOW, 4096, true).await {
-            Err(Error::WindowPressure { max_extents: 1, .. }) => {}
+            Err(Error::WindowPressure { max_windows: 1, .. }) => {}
             other => panic!("expected WindowPressure, got {other:?}"),
         }
         assert!(
@@ -241,7 +241,7 @@ fn window_pressure_times_out() {
         );
         let s = mm.stats();
         assert_eq!((s.pressure_waits, s.pressure_timeouts), (1, 1));
-        assert_eq!((mm.extent_count(), os_counts(dir.path()).1), (1, 1));
+        assert_eq!((mm.window_count(), os_counts(dir.path()).1), (1, 1));
         // The held window is untouched.
         assert!(mm.try_pin(f, 0, 8, false).unwrap().is_some());
         drop(held);
@@ -283,7 +283,7 @@ fn window_pressure_released_by_another_task() {
             (s.pressure_waits, s.pressure_timeouts, s.evictions),
             (1, 0, 1)
         );
-        assert_eq!((mm.extent_count(), os_counts(dir.path()).1), (1, 1));
+        assert_eq!((mm.window_count(), os_counts(dir.path()).1), (1, 1));
         drop(p);
         // Window 0's data is on disk.
         let p0 = mm.pin(f, 0, 8, false).await.unwrap();
@@ -325,7 +325,7 @@ fn range_and_pin_errors() {
         ));
         // Nothing was opened or mapped by the failed calls.
         assert_eq!(os_counts(dir.path()), (0, 0));
-        assert_eq!((files.open_count(), mm.extent_count()), (0, 0));
+        assert_eq!((files.open_count(), mm.window_count()), (0, 0));
 
         // The largest range inside one window is fine.
         let whole = mm.pin(f, WINDOW, WINDOW, true).await.unwrap();
@@ -407,15 +407,15 @@ fn concurrent_pins_share_one_fault() {
 async fn drain_to(files: &segalloc::FileHandleRegistry, mm: &MappingManager, f: FileId, n: usize) {
     let dir = files.path(f).unwrap().parent().unwrap().to_path_buf();
     for _ in 0..1000 {
-        if mm.extent_count() == n && os_counts(&dir).1 == n {
+        if mm.window_count() == n && os_counts(&dir).1 == n {
             return;
         }
         files.sync(f, true).await.unwrap();
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     panic!(
-        "windows never drained to {n}: extent_count {}, vmas {}",
-        mm.extent_count(),
+        "windows never drained to {n}: window_count {}, vmas {}",
+        mm.window_count(),
         os_counts(&dir).1
     );
 }
@@ -446,7 +446,7 @@ fn dropped_pin_future_mid_fault() {
                         // The window is counted once while it faults in,
                         // mapped yet or not (not at all while the file
                         // grows: that comes first).
-                        assert!(mm.extent_count() <= 1);
+                        assert!(mm.window_count() <= 1);
                     }
                     Poll::Ready(r) => drop(r.unwrap()),
                 }
@@ -454,12 +454,12 @@ fn dropped_pin_future_mid_fault() {
             // Cancelled before its window was mapped, nothing is left; after,
             // the ring keeps the window until the kernel is done with it, and
             // the count says so.
-            assert!(mm.extent_count() <= 1);
-            assert_eq!(mm.extent_count(), os_counts(dir.path()).1);
+            assert!(mm.window_count() <= 1);
+            assert_eq!(mm.window_count(), os_counts(dir.path()).1);
             let p = mm.pin(f, 0, 4096, true).await.unwrap();
             p.write_at(0, b"after").unwrap();
-            assert!(mm.extent_count() <= 2);
-            assert_eq!(mm.extent_count(), os_counts(dir.path()).1);
+            assert!(mm.window_count() <= 2);
+            assert_eq!(mm.window_count(), os_counts(dir.path()).1);
             drop(p);
             mm.evict_idle();
             drain_to(&files, &mm, f, 0).await;
@@ -561,8 +561,8 @@ fn dropped_pin_future_mid_advice_under_tight_cap() {
             }
         }
         assert_eq!(dropped_mapped, uring, "the fault never paused after mmap");
-        assert!(mm.extent_count() <= 1);
-        assert_eq!(mm.extent_count(), os_counts(dir.path()).1);
+        assert!(mm.window_count() <= 1);
+        assert_eq!(mm.window_count(), os_counts(dir.path()).1);
         // Another file, another window: needs the only window slot and the
         // only descriptor.
         let g = files.register(dir.path().join("b"));
@@ -575,7 +575,7 @@ fn dropped_pin_future_mid_advice_under_tight_cap() {
         });
         assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
         p.write_at(0, b"b").unwrap();
-        assert_eq!((mm.extent_count(), os_counts(dir.path()).1), (1, 1));
+        assert_eq!((mm.window_count(), os_counts(dir.path()).1), (1, 1));
         assert_eq!(files.open_count(), os_counts(dir.path()).0);
     });
 }
@@ -607,7 +607,7 @@ fn prefetch_mapped_and_unmapped() {
         assert_eq!(advised, 0);
         let g = files.register(dir.path().join("never-pinned"));
         assert_eq!(mm.prefetch(g, &[(0, 4096)]).await.unwrap(), 0);
-        assert_eq!((mm.extent_count(), os_counts(dir.path()).1), (1, 1));
+        assert_eq!((mm.window_count(), os_counts(dir.path()).1), (1, 1));
         assert_eq!(mm.stats().faults, 1);
         // A window's advice must cover it whole: no VMA split.
         assert_eq!(segalloc::proc::vmas_under(dir.path()), 1);
@@ -672,6 +672,6 @@ fn thrashing_is_counted_and_eviction_adapts() {
             s.faults,
             rounds * windows
         );
-        assert!(mm.extent_count() <= 4);
+        assert!(mm.window_count() <= 4);
     });
 }

@@ -15,7 +15,7 @@
 //! reopened, and the reopen recovers everything acknowledged.
 //!
 //! `EINTR` is retried: an operation interrupted by a signal runs again, up
-//! to `segalloc::io::EINTR_RETRIES_MAX` (16) times, then the error is
+//! to `segalloc::io::MAX_EINTR_RETRIES` (16) times, then the error is
 //! returned (a `sync` that runs out of retries poisons the shard like any
 //! failed sync). A window's `mmap` is not a ring operation and is not
 //! retried: `EINTR` there is a `MapFailed` like any other errno.
@@ -34,7 +34,7 @@ use common::{
 };
 use nix::libc::{EINTR, EIO, ENOMEM, ENOSPC, EOPNOTSUPP};
 use segalloc::config::MIB;
-use segalloc::io::EINTR_RETRIES_MAX;
+use segalloc::io::MAX_EINTR_RETRIES;
 use segalloc::io::faults::{self, Fault, FaultOp};
 use segalloc::{Config, Error, Handle, Shard};
 
@@ -131,8 +131,8 @@ fn fallocate_failure_while_allocating() {
 
 /// Allocate `n` segments' worth of 600 KB slots and one 3 MiB slot above
 /// them (kept), then free the former: their segments are released and
-/// their runs are free space below the high-water mark (space freed at the
-/// top of the last file lowers the mark instead, and is not trimmed).
+/// their runs are free space below the file's used end (space freed at the
+/// top of the last file lowers the used end instead, and is not trimmed).
 async fn make_free_runs(shard: &Shard, n: usize) {
     let mut hs = Vec::new();
     for _ in 0..n {
@@ -235,7 +235,7 @@ fn ftruncate_and_populate_failures_without_fallocate() {
             let before = snapshot(&shard);
             // EINTR: once more than the retries.
             let times = if errno == EINTR {
-                1 + EINTR_RETRIES_MAX as u64
+                1 + MAX_EINTR_RETRIES as u64
             } else {
                 1
             };
@@ -401,7 +401,7 @@ fn failed_fsync_poisons_until_reopen() {
     }
 }
 
-/// EINTR is retried (up to `EINTR_RETRIES_MAX` times) for every ring
+/// EINTR is retried (up to `MAX_EINTR_RETRIES` times) for every ring
 /// operation; past that it is an error.
 #[test]
 fn eintr_is_retried() {
@@ -415,10 +415,10 @@ fn eintr_is_retried() {
         faults::inject(Fault::new(FaultOp::Fallocate, EINTR).times(3));
         alloc(&shard, 8 * MIB).await.unwrap();
         assert_eq!(retries() - r0, 3);
-        faults::inject(Fault::new(FaultOp::Fsync, EINTR).times(EINTR_RETRIES_MAX as u64));
+        faults::inject(Fault::new(FaultOp::Fsync, EINTR).times(MAX_EINTR_RETRIES as u64));
         shard.sync().await.unwrap();
         assert!(!shard.allocator().is_poisoned());
-        assert_eq!(retries() - r0, 3 + EINTR_RETRIES_MAX as u64);
+        assert_eq!(retries() - r0, 3 + MAX_EINTR_RETRIES as u64);
         // Trim: the probe and the punches are retried too.
         make_free_runs(&shard, 8).await;
         faults::inject(Fault::new(FaultOp::FallocatePunch, EINTR).times(2));
@@ -493,7 +493,7 @@ async fn storm(cfg: &Config, seed: u64, steps: u64) -> StormStats {
             let op = OPS[rng.below(OPS.len() as u64) as usize];
             let errno = ERRNOS[rng.below(ERRNOS.len() as u64) as usize];
             let times = if errno == EINTR && rng.chance(0.5) {
-                1 + rng.below(EINTR_RETRIES_MAX as u64)
+                1 + rng.below(MAX_EINTR_RETRIES as u64)
             } else {
                 1 + rng.below(3)
             };
@@ -616,7 +616,7 @@ fn random_faults_keep_the_allocator_consistent() {
         .window_bytes(16 * MIB)
         .growth_step_bytes(MIB)
         .max_file_bytes(16 * MIB)
-        .max_extents(3)
+        .max_windows(3)
         .build()
         .unwrap();
     let started = std::time::Instant::now();

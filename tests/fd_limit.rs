@@ -58,7 +58,7 @@ fn cap_of_8_over_100_files() {
         let s = files.stats();
         assert_eq!((s.opens, s.max_open), (100, 8));
         assert!(s.evictions >= 92, "{s:?}");
-        assert_eq!((mm.extent_count(), os_counts(dir.path()).1), (100, 100));
+        assert_eq!((mm.window_count(), os_counts(dir.path()).1), (100, 100));
 
         // All 100 readable through their (still mapped) windows, no reopen.
         for (i, &f) in ids.iter().enumerate() {

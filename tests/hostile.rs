@@ -328,7 +328,7 @@ fn meta_sectors_replaced_and_file_extended() {
     let sectors = original.len() / 512;
     let used = {
         let w = u64::from_le_bytes(original[512..520].try_into().unwrap());
-        let hwm = meta::decode_hwm(w).unwrap();
+        let hwm = meta::decode_counter(w).unwrap();
         (meta::entry_offset(hwm - 1) + meta::ENTRY_BYTES) as usize / 512 + 1
     };
     let sector = prop_oneof![4 => 0..used, 1 => 0..sectors];
@@ -396,7 +396,7 @@ fn forged_manifests_and_superblocks() {
     let spath = meta_path(tmp.path());
     let manifest = std::fs::read(&mpath).unwrap();
     let meta_bytes = std::fs::read(&spath).unwrap();
-    let (m, _) = Manifest::decode(&manifest, "fixture").unwrap();
+    let (m, _) = meta::manifest::decode(&manifest, "fixture").unwrap();
     let field = (
         prop_oneof![Just(m.version), any::<u32>()],
         prop_oneof![Just(m.shard_count), any::<u16>()],
@@ -428,10 +428,11 @@ fn forged_manifests_and_superblocks() {
                     max_file_bytes: max_file,
                     class_table_id: table,
                 };
-                std::fs::write(&mpath, forged.encode(0)).unwrap();
+                std::fs::write(&mpath, meta::manifest::encode(&forged, 0)).unwrap();
                 let mut sb = meta_bytes.clone();
                 if both {
-                    sb[..meta::MANIFEST_BYTES].copy_from_slice(&forged.encode(shard));
+                    sb[..meta::MANIFEST_BYTES]
+                        .copy_from_slice(&meta::manifest::encode(&forged, shard));
                 }
                 std::fs::write(&spath, &sb).unwrap();
                 // Open with the configuration the forged manifest asks for when
@@ -469,9 +470,9 @@ fn forged_manifests_and_superblocks() {
             max_file_bytes: max_file * MIB,
             ..m
         };
-        std::fs::write(&mpath, forged.encode(0)).unwrap();
+        std::fs::write(&mpath, meta::manifest::encode(&forged, 0)).unwrap();
         let mut sb = meta_bytes.clone();
-        sb[..meta::MANIFEST_BYTES].copy_from_slice(&forged.encode(0));
+        sb[..meta::MANIFEST_BYTES].copy_from_slice(&meta::manifest::encode(&forged, 0));
         std::fs::write(&spath, &sb).unwrap();
         let c = Config::builder(tmp.path())
             .shards(1)

@@ -37,7 +37,7 @@ const MARK: &str = "@@";
 const SOFT_NOFILE: u64 = 64;
 const SHARDS: usize = 2;
 const MAX_OPEN_FILES: usize = 8;
-const MAX_EXTENTS: usize = 8;
+const MAX_WINDOWS: usize = 8;
 const STRUCTURES: u32 = 1000;
 const RECORDS: u32 = 50;
 const PIN_TIMEOUT: Duration = Duration::from_millis(300);
@@ -54,7 +54,7 @@ fn cfg(dir: &Path) -> Config {
         .growth_step_bytes(MIB)
         .max_file_bytes(32 * MIB)
         .max_open_files(MAX_OPEN_FILES)
-        .max_extents(MAX_EXTENTS)
+        .max_windows(MAX_WINDOWS)
         .pin_timeout(PIN_TIMEOUT)
         .build()
         .unwrap()
@@ -78,8 +78,8 @@ fn check_os(dir: &Path, when: &str) -> (usize, usize) {
         "{when}: {fds} descriptors under the directory (cap {MAX_OPEN_FILES} + locks)"
     );
     assert!(
-        vmas <= MAX_EXTENTS,
-        "{when}: {vmas} mappings under the directory (cap {MAX_EXTENTS})"
+        vmas <= MAX_WINDOWS,
+        "{when}: {vmas} mappings under the directory (cap {MAX_WINDOWS})"
     );
     assert!(
         all < SOFT_NOFILE as usize,
@@ -167,7 +167,7 @@ fn build(rt: &Runtime, dir: &Path, seed: u64) {
                     let st = shard.stats();
                     assert!(st.files.open <= st.files.max_open, "{:?}", st.files);
                     assert!(
-                        st.mappings.mapped_windows <= st.mappings.max_extents,
+                        st.mappings.mapped_windows <= st.mappings.max_windows,
                         "{:?}",
                         st.mappings
                     );
@@ -201,7 +201,7 @@ async fn pressure(shard: Shard) {
             .or_insert(h);
     }
     let windows: Vec<Handle> = by_window.values().copied().collect();
-    let data_windows = shard.mappings().max_extents() - 1; // one is the metadata's
+    let data_windows = shard.mappings().max_windows() - 1; // one is the metadata's
     assert!(windows.len() > data_windows, "{} windows", windows.len());
     let mut held = Vec::new();
     for h in &windows[..data_windows] {
@@ -328,7 +328,7 @@ fn limits_child() {
                     }
                     let st = shard.stats();
                     assert!(st.files.open <= st.files.max_open);
-                    assert!(st.mappings.mapped_windows <= st.mappings.max_extents);
+                    assert!(st.mappings.mapped_windows <= st.mappings.max_windows);
                     records
                 })
             })

@@ -816,8 +816,8 @@ impl Store {
         let fields = [
             index.len() as i64,
             expires as i64,
-            st.alloc.bytes_live as i64,
-            st.alloc.bytes_reserved as i64,
+            st.alloc.live_bytes as i64,
+            st.alloc.reserved_bytes as i64,
             st.alloc.metadata_bytes as i64,
             st.files.open as i64,
             st.mappings.mapped_windows as i64,

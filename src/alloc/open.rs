@@ -56,9 +56,9 @@ impl SegmentAllocator {
         mm: Rc<MappingManager>,
     ) -> Result<SegmentAllocator> {
         let started = Instant::now();
-        if mm.max_extents() < 2 {
+        if mm.max_windows() < 2 {
             return Err(Error::InvalidConfig(
-                "a shard needs at least 2 windows (max_extents per shard >= 2)".into(),
+                "a shard needs at least 2 windows (max_windows per shard >= 2)".into(),
             ));
         }
         let files = mm.files().clone();
@@ -234,7 +234,7 @@ impl SegmentAllocator {
         self.meta.ensure(first).await?;
         self.meta
             .word(format::HWM_OFFSET)
-            .store(format::encode_hwm(0), Ordering::Relaxed);
+            .store(format::encode_counter(0), Ordering::Relaxed);
         self.meta.write(0, &self.manifest.encode(self.shard));
         let reserved = self.files.reserved_bytes(self.meta_file)?;
         self.files.sync(self.meta_file, true).await?;

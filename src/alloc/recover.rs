@@ -199,7 +199,7 @@ impl SegmentAllocator {
             .iter()
             .map(|r| (r.name.clone(), (r.slot, r.seq, r.handle)))
             .collect();
-        st.root_seq = found.root_seq_max;
+        st.root_seq = found.max_root_seq;
     }
 }
 

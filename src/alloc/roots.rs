@@ -19,7 +19,7 @@ impl SegmentAllocator {
     /// errors of a bad handle as for [`pin`](Self::pin).
     pub fn set_root(&self, name: &str, handle: Handle) -> Result<()> {
         self.check_writable()?;
-        if name.is_empty() || name.len() > format::ROOT_NAME_MAX {
+        if name.is_empty() || name.len() > format::MAX_ROOT_NAME_BYTES {
             return Err(Error::Root(format!(
                 "root names are 1..=64 bytes, got {}",
                 name.len()

@@ -338,15 +338,15 @@ impl SegmentAllocator {
         // The on-disk directory length only grows, and before the entry is
         // published, so recovery scans every published entry.
         let len_word = self.meta.word(format::HWM_OFFSET);
-        let on_disk = format::decode_hwm(len_word.load(Ordering::Relaxed)).unwrap_or(0);
+        let on_disk = format::decode_counter(len_word.load(Ordering::Relaxed)).unwrap_or(0);
         if entry + 1 > on_disk {
-            len_word.store(format::encode_hwm(entry + 1), Ordering::Release);
+            len_word.store(format::encode_counter(entry + 1), Ordering::Release);
         }
         let gen_word = self.meta.word(format::GEN_OFFSET);
-        let issued = format::decode_hwm(gen_word.load(Ordering::Relaxed)).unwrap_or(0);
+        let issued = format::decode_counter(gen_word.load(Ordering::Relaxed)).unwrap_or(0);
         let next = header.generation.wrapping_add(1).max(1);
         if next > issued {
-            gen_word.store(format::encode_hwm(next), Ordering::Release);
+            gen_word.store(format::encode_counter(next), Ordering::Release);
         }
         let off = format::entry_offset(entry);
         let bitmap = self.meta.bitmap(entry);

@@ -275,8 +275,8 @@ impl Space {
     /// Rebuild from the runs in use (recovery). Runs must not overlap.
     ///
     /// Whether a free block was punched before the restart is not recorded
-    /// on disk: every free run, and everything above each file's high-water
-    /// mark, is [`Trim::Unknown`].
+    /// on disk: every free run, and everything above each file's used end,
+    /// is [`Trim::Unknown`].
     pub(crate) fn rebuild(&mut self, mut used: Vec<Run>, file_count: u32) {
         self.used_end = vec![0; file_count as usize];
         self.holes_to = vec![self.file_blocks; file_count as usize];

@@ -14,11 +14,11 @@ pub struct AllocStats {
     /// Live allocations.
     pub allocations_live: u64,
     /// Bytes of live slots.
-    pub bytes_live: u64,
+    pub live_bytes: u64,
     /// Bytes of segments in use (allocated to a class).
-    pub bytes_allocated: u64,
+    pub allocated_bytes: u64,
     /// Bytes reserved on disk for data (blocks allocated in data files).
-    pub bytes_reserved: u64,
+    pub reserved_bytes: u64,
     /// Bytes of the metadata file.
     pub metadata_bytes: u64,
     /// Segments in use.
@@ -40,6 +40,15 @@ pub struct AllocStats {
     /// When the last successful sync finished, in milliseconds since the
     /// Unix epoch (0: never since open).
     pub last_sync_unix_ms: u64,
+    /// Former name of `live_bytes` (the same figure).
+    #[deprecated(since = "0.1.0", note = "renamed to `live_bytes`")]
+    pub bytes_live: u64,
+    /// Former name of `allocated_bytes` (the same figure).
+    #[deprecated(since = "0.1.0", note = "renamed to `allocated_bytes`")]
+    pub bytes_allocated: u64,
+    /// Former name of `reserved_bytes` (the same figure).
+    #[deprecated(since = "0.1.0", note = "renamed to `reserved_bytes`")]
+    pub bytes_reserved: u64,
 }
 
 impl SegmentAllocator {
@@ -63,14 +72,14 @@ impl SegmentAllocator {
         let st = self.st.borrow();
         let mut s = st.stats.clone();
         s.segments = st.segments.iter().filter(|s| s.is_some()).count() as u64;
-        s.bytes_allocated = (st.space.used_blocks() - st.space.free_blocks()) * BLOCK_BYTES;
+        s.allocated_bytes = (st.space.used_blocks() - st.space.free_blocks()) * BLOCK_BYTES;
         s.quarantined_entries = st.released.entries.len() as u64;
         s.allocations_live = st.live_per_class.iter().sum();
-        s.bytes_live = (st.live_per_class.iter().zip(CLASSES.iter()))
+        s.live_bytes = (st.live_per_class.iter().zip(CLASSES.iter()))
             .map(|(n, c)| n * u64::from(c.slot_bytes))
             .sum();
         s.data_files = self.data_files.borrow().len() as u64;
-        s.bytes_reserved = self
+        s.reserved_bytes = self
             .data_files
             .borrow()
             .iter()
@@ -84,6 +93,11 @@ impl SegmentAllocator {
             .filter(|(_, n)| **n > 0)
             .map(|(i, n)| (CLASSES[i].slot_bytes, *n))
             .collect();
+        #[allow(deprecated)]
+        {
+            (s.bytes_live, s.bytes_allocated, s.bytes_reserved) =
+                (s.live_bytes, s.allocated_bytes, s.reserved_bytes);
+        }
         s
     }
 }

@@ -348,7 +348,7 @@ fn shard_text(s: &ShardReport, g: &Manifest, out: &mut impl Write) -> io::Result
     )?;
     writeln!(
         out,
-        "  fragmentation: {} of segment bytes free ({} B); free runs below the high-water mark: {} ({} B, largest {} B)",
+        "  fragmentation: {} of segment bytes free ({} B); free runs below the used ends of the data files: {} ({} B, largest {} B)",
         pct(s.fragmentation()),
         s.free_bytes_in_segments(),
         s.free_runs.count,

@@ -16,14 +16,14 @@
 //! | 128 B – 16 MiB | 1/8 of the lower power of two | 136 |
 
 /// The largest segment (and allocation): 16 MiB. Windows are multiples of it.
-pub const SEGMENT_BYTES_MAX: u64 = 16 * 1024 * 1024;
+pub const MAX_SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Segments are made of 64 KiB blocks.
 pub const BLOCK_BYTES: u64 = 64 * 1024;
 /// The most slots a segment holds (its bitmap has 4096 bits).
-pub const SLOTS_MAX: u32 = 4096;
+pub const MAX_SLOTS: u32 = 4096;
 /// The largest allocation.
-pub const ALLOC_BYTES_MAX: u64 = SEGMENT_BYTES_MAX;
+pub const MAX_ALLOC_BYTES: u64 = MAX_SEGMENT_BYTES;
 /// Number of classes.
 pub const CLASS_COUNT: usize = 8 + 8 * 17;
 /// Identifies the class table in the manifest; bumped if the table changes.
@@ -77,7 +77,7 @@ const fn geometry(slot: u64) -> Class {
         let seg = k * BLOCK_BYTES;
         let slots = seg / slot;
         let tail = seg - slots * slot;
-        if slots >= 1 && slots <= SLOTS_MAX as u64 && tail * 64 <= seg {
+        if slots >= 1 && slots <= MAX_SLOTS as u64 && tail * 64 <= seg {
             return Class {
                 slot_bytes: slot as u32,
                 segment_bytes: seg as u32,
@@ -95,7 +95,7 @@ const fn geometry(slot: u64) -> Class {
     while k <= cap_blocks {
         let seg = k * BLOCK_BYTES;
         let slots = seg / slot;
-        if slots >= 1 && slots <= SLOTS_MAX as u64 {
+        if slots >= 1 && slots <= MAX_SLOTS as u64 {
             let tail = seg - slots * slot;
             // tail/seg < best_num/best_den ?
             if best_num == u64::MAX || tail * best_den < best_num * seg {
@@ -133,15 +133,15 @@ const fn build_table() -> [Class; CLASS_COUNT] {
 /// The class table.
 pub static CLASSES: [Class; CLASS_COUNT] = build_table();
 
-const _: () = assert!(class_size(CLASS_COUNT - 1) == ALLOC_BYTES_MAX);
+const _: () = assert!(class_size(CLASS_COUNT - 1) == MAX_ALLOC_BYTES);
 const _: () = {
     let t = build_table();
     let mut i = 0;
     while i < CLASS_COUNT {
         let c = t[i];
-        assert!(c.slots >= 1 && c.slots <= SLOTS_MAX);
+        assert!(c.slots >= 1 && c.slots <= MAX_SLOTS);
         assert!((c.segment_bytes as u64).is_multiple_of(BLOCK_BYTES));
-        assert!(c.segment_bytes as u64 <= SEGMENT_BYTES_MAX);
+        assert!(c.segment_bytes as u64 <= MAX_SEGMENT_BYTES);
         assert!(c.slot_bytes.is_multiple_of(16));
         i += 1;
     }
@@ -150,7 +150,7 @@ const _: () = {
 /// The class that serves `size` bytes (`1..=16 MiB`), or `None`.
 #[inline]
 pub fn class_of(size: u64) -> Option<u8> {
-    if size == 0 || size > ALLOC_BYTES_MAX {
+    if size == 0 || size > MAX_ALLOC_BYTES {
         return None;
     }
     if size <= 128 {
@@ -183,7 +183,7 @@ mod tests {
             sizes.extend([s - 1, s, s + 1]);
         }
         for size in sizes {
-            if size == 0 || size > ALLOC_BYTES_MAX {
+            if size == 0 || size > MAX_ALLOC_BYTES {
                 assert_eq!(class_of(size), None);
                 continue;
             }
@@ -236,7 +236,7 @@ mod tests {
         assert_eq!(CLASSES[0].slot_bytes, 16);
         assert_eq!(CLASSES[7].slot_bytes, 128);
         assert_eq!(CLASSES[8].slot_bytes, 144);
-        assert_eq!(CLASSES[CLASS_COUNT - 1].slot_bytes as u64, ALLOC_BYTES_MAX);
+        assert_eq!(CLASSES[CLASS_COUNT - 1].slot_bytes as u64, MAX_ALLOC_BYTES);
         assert_eq!(CLASSES[CLASS_COUNT - 1].slots, 1);
     }
 }

@@ -14,7 +14,7 @@
 //! | 40 | 4 | class table id |
 //! | 44 | 4 | CRC-32C of bytes 0..44 |
 
-use super::classes::{self, BLOCK_BYTES, SEGMENT_BYTES_MAX};
+use super::classes::{self, BLOCK_BYTES, MAX_SEGMENT_BYTES};
 use super::{FORMAT_VERSION, u32_at, u64_at};
 use crate::error::{Error, Result};
 
@@ -59,6 +59,22 @@ pub struct Manifest {
     pub class_table_id: u32,
 }
 
+/// Test support: [`Manifest`]'s encoding, for tests that forge images.
+#[cfg(feature = "test-support")]
+pub fn encode(m: &Manifest, shard: u16) -> [u8; MANIFEST_BYTES] {
+    m.encode(shard)
+}
+
+/// Test support: [`Manifest`]'s decoding, for tests that forge images.
+///
+/// # Errors
+///
+/// As the decoding of a manifest: [`Error::Corrupt`] naming `what`.
+#[cfg(feature = "test-support")]
+pub fn decode(b: &[u8], what: &str) -> Result<(Manifest, u16)> {
+    Manifest::decode(b, what)
+}
+
 impl Manifest {
     /// Tag that handles of this directory carry.
     pub fn dir_tag(&self) -> u32 {
@@ -76,7 +92,7 @@ impl Manifest {
     }
 
     /// Encode; `shard` fills the reserved field (superblocks) or is 0.
-    pub fn encode(&self, shard: u16) -> [u8; MANIFEST_BYTES] {
+    pub(crate) fn encode(&self, shard: u16) -> [u8; MANIFEST_BYTES] {
         let mut b = [0u8; MANIFEST_BYTES];
         b[OFF_MAGIC..OFF_VERSION].copy_from_slice(MAGIC);
         b[OFF_VERSION..OFF_SHARD_COUNT].copy_from_slice(&self.version.to_le_bytes());
@@ -96,7 +112,7 @@ impl Manifest {
     /// # Errors
     ///
     /// [`Error::Corrupt`] naming `what` for any inconsistency.
-    pub fn decode(b: &[u8], what: &str) -> Result<(Manifest, u16)> {
+    pub(crate) fn decode(b: &[u8], what: &str) -> Result<(Manifest, u16)> {
         let corrupt = |detail: &str| Error::Corrupt {
             what: what.to_string(),
             detail: detail.to_string(),
@@ -133,7 +149,7 @@ impl Manifest {
         }
         if m.shard_count == 0
             || m.window_bytes == 0
-            || !m.window_bytes.is_multiple_of(SEGMENT_BYTES_MAX)
+            || !m.window_bytes.is_multiple_of(MAX_SEGMENT_BYTES)
             || m.max_file_bytes == 0
             || !m.max_file_bytes.is_multiple_of(m.window_bytes)
             || m.file_blocks() > u32::MAX as u64

@@ -34,7 +34,7 @@ pub mod scan;
 pub use entry::EntryHeader;
 pub use handle::{BadHandle, HANDLE_BYTES, Handle};
 pub use manifest::{MANIFEST_BYTES, Manifest};
-pub use roots::{ROOT_NAME_MAX, RootSlot};
+pub use roots::{MAX_ROOT_NAME_BYTES, RootSlot};
 
 /// Current on-disk format version.
 /// Version 2: 2048 root slots (the directory starts at 266240).
@@ -91,7 +91,7 @@ pub const DIR_OFFSET: u64 = ROOTS_OFFSET + ROOT_SLOTS as u64 * ROOT_SLOT_BYTES;
 /// Bytes of an entry header; the bitmap follows.
 pub const ENTRY_HEADER_BYTES: u64 = 64;
 /// Words of an entry's bitmap (one bit per slot).
-pub const BITMAP_WORDS: usize = (classes::SLOTS_MAX / 64) as usize;
+pub const BITMAP_WORDS: usize = (classes::MAX_SLOTS / 64) as usize;
 /// Bytes per directory entry: header, then bitmap.
 pub const ENTRY_BYTES: u64 = ENTRY_HEADER_BYTES + BITMAP_WORDS as u64 * 8;
 /// Directory entries per 4 KiB page (no entry straddles a page).
@@ -156,14 +156,14 @@ pub fn entry_capacity(size: u64) -> u64 {
 
 /// Encode a counter word (the high-water mark, the next generation).
 #[inline]
-pub fn encode_hwm(hwm: u32) -> u64 {
-    hwm as u64 | ((!hwm as u64) << 32)
+pub fn encode_counter(value: u32) -> u64 {
+    value as u64 | ((!value as u64) << 32)
 }
 
 /// Decode a counter word (`None` when torn or corrupt; an all-zero word is
 /// a fresh file: 0).
 #[inline]
-pub fn decode_hwm(w: u64) -> Option<u32> {
+pub fn decode_counter(w: u64) -> Option<u32> {
     if w == 0 {
         return Some(0);
     }
@@ -197,10 +197,10 @@ mod tests {
     }
 
     #[test]
-    fn hwm_word() {
-        assert_eq!(decode_hwm(encode_hwm(12345)), Some(12345));
-        assert_eq!(decode_hwm(0), Some(0));
-        assert_eq!(decode_hwm(12345), None);
+    fn counter_word() {
+        assert_eq!(decode_counter(encode_counter(12345)), Some(12345));
+        assert_eq!(decode_counter(0), Some(0));
+        assert_eq!(decode_counter(12345), None);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use super::handle::HANDLE_BYTES;
 use super::{ROOT_SLOT_BYTES, u32_at, u64_at};
 
 /// Longest root name.
-pub const ROOT_NAME_MAX: usize = 64;
+pub const MAX_ROOT_NAME_BYTES: usize = 64;
 
 /// Byte offset of the sequence number.
 pub const OFF_SEQ: usize = 0;
@@ -28,7 +28,7 @@ pub const OFF_NAME_LEN: usize = OFF_SEQ + 8;
 /// Byte offset of the name.
 pub const OFF_NAME: usize = OFF_NAME_LEN + 4;
 /// Byte offset of the handle.
-pub const OFF_HANDLE: usize = OFF_NAME + ROOT_NAME_MAX;
+pub const OFF_HANDLE: usize = OFF_NAME + MAX_ROOT_NAME_BYTES;
 /// Byte offset of the checksum (of bytes `0..OFF_CRC`).
 pub const OFF_CRC: usize = OFF_HANDLE + HANDLE_BYTES + 4;
 const _: () = assert!(OFF_HANDLE == 76 && OFF_CRC == 120);
@@ -75,8 +75,8 @@ impl RootSlot {
         let mut b = [0u8; ROOT_SLOT_BYTES as usize];
         b[OFF_SEQ..OFF_NAME_LEN].copy_from_slice(&self.seq.to_le_bytes());
         let name = self.name.as_bytes();
-        debug_assert!(name.len() <= ROOT_NAME_MAX);
-        let n = name.len().min(ROOT_NAME_MAX);
+        debug_assert!(name.len() <= MAX_ROOT_NAME_BYTES);
+        let n = name.len().min(MAX_ROOT_NAME_BYTES);
         b[OFF_NAME_LEN] = n as u8;
         b[OFF_NAME..OFF_NAME + n].copy_from_slice(&name[..n]);
         b[OFF_HANDLE..OFF_HANDLE + HANDLE_BYTES].copy_from_slice(&self.handle);
@@ -109,7 +109,7 @@ impl RootSlot {
             return Err(RootDefect::Checksum);
         }
         let n = b[OFF_NAME_LEN];
-        if n == 0 || n as usize > ROOT_NAME_MAX {
+        if n == 0 || n as usize > MAX_ROOT_NAME_BYTES {
             return Err(RootDefect::NameLength(n));
         }
         let name = std::str::from_utf8(&b[OFF_NAME..OFF_NAME + n as usize])

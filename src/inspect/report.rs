@@ -246,7 +246,7 @@ pub struct ClassUsage {
     pub live_bytes: u64,
 }
 
-/// Free runs of blocks below the high-water marks of the data files, as the
+/// Free runs of blocks below the used ends of the data files, as the
 /// allocator's free-space map would hold them after recovery (split at
 /// window boundaries). Saturating: hostile metadata cannot wrap them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -298,7 +298,7 @@ pub struct ShardReport {
     pub data_files: Vec<DataFileInfo>,
     /// Roots recovery would restore, by name.
     pub roots: Vec<RootInfo>,
-    /// Free space below the high-water marks.
+    /// Free space below the used ends of the data files.
     pub free_runs: FreeRuns,
 }
 
@@ -435,7 +435,7 @@ pub struct Totals {
     pub metadata_allocated_bytes: u64,
     /// Windows the data files span.
     pub windows_spanned: u64,
-    /// Entries below the high-water marks.
+    /// Entries below the shards' directory high-water marks.
     pub entries_hwm: u64,
     /// Entries in use.
     pub entries_in_use: u64,

@@ -15,7 +15,7 @@
 //!   `SEGALLOC_IO=sync`.
 //!
 //! An operation interrupted by a signal (`EINTR`) runs again, up to
-//! [`EINTR_RETRIES_MAX`] times: every control operation is idempotent. With
+//! [`MAX_EINTR_RETRIES`] times: every control operation is idempotent. With
 //! the `fault-injection` feature, `io::faults` makes chosen operations fail
 //! (tests only).
 //!
@@ -114,12 +114,15 @@ pub struct RingStats {
 /// again before the error is returned. Every control operation is
 /// idempotent (`fallocate`, `ftruncate`, `madvise`, `fsync`), so a retry is
 /// safe; `EINTR` reports an interruption, not a lost write.
-pub const EINTR_RETRIES_MAX: u32 = 16;
+pub const MAX_EINTR_RETRIES: u32 = 16;
+/// Former name of [`MAX_EINTR_RETRIES`].
+#[deprecated(since = "0.1.0", note = "renamed to `MAX_EINTR_RETRIES`")]
+pub const EINTR_RETRIES_MAX: u32 = MAX_EINTR_RETRIES;
 
 /// The largest range one `madvise` submission covers. io_uring carries a
 /// madvise length in a 32-bit field, so a wider range is advised in pieces
 /// of this size, one after the other (on both backends, alike).
-pub const MADVISE_CHUNK_BYTES: usize = 1 << 30;
+pub(crate) const MADVISE_CHUNK_BYTES: usize = 1 << 30;
 
 /// What an operation does.
 #[derive(Clone, Copy, Debug)]
@@ -461,7 +464,7 @@ enum OpState {
 /// One control operation. Resolves to its result; may be dropped at any time.
 ///
 /// An operation interrupted by a signal (`EINTR`) is run again, up to
-/// [`EINTR_RETRIES_MAX`] times, before the error is returned.
+/// [`MAX_EINTR_RETRIES`] times, before the error is returned.
 #[must_use = "an Op does nothing useful unless awaited"]
 pub struct Op {
     ring: Ring,
@@ -492,7 +495,7 @@ impl Op {
     fn retry_or(&mut self, r: io::Result<()>) -> Option<io::Result<()>> {
         let interrupted = matches!(&r, Err(e) if e.raw_os_error() == Some(nix::libc::EINTR));
         if interrupted
-            && self.attempts < EINTR_RETRIES_MAX
+            && self.attempts < MAX_EINTR_RETRIES
             && let Some(res) = self.retry.clone()
         {
             self.attempts += 1;

@@ -1,6 +1,6 @@
 //! The io_uring driver behind [`Ring`](super::Ring).
 //!
-//! In-flight operations live in a slab keyed by `user_data`. A slot owns the
+//! In-flight operations live in a slab keyed by `user_data`. An entry owns the
 //! operation's resources until its completion is reaped, whether or not the
 //! future that submitted it is still alive (tokio's `io/uring` lifecycle).
 //!
@@ -24,7 +24,8 @@ use crate::sys;
 
 const RING_ENTRIES: u32 = 64;
 
-enum Slot {
+/// An operation in the slab (keyed by `user_data`), or a settle waiter.
+enum OpState {
     Waiting {
         waker: Option<Waker>,
         _res: Resources,
@@ -43,7 +44,7 @@ enum Slot {
 
 pub(super) struct Driver {
     ring: RefCell<IoUring>,
-    slots: RefCell<Slab<Slot>>,
+    ops: RefCell<Slab<OpState>>,
     /// Declared before `eventfd`: fields drop in order, so the reactor
     /// registration goes before the descriptor closes.
     watch: OnceCell<AsyncFd<i32>>,
@@ -67,7 +68,7 @@ impl Driver {
             has_madvise: probe.is_supported(opcode::Madvise::CODE),
             has_fsync: probe.is_supported(opcode::Fsync::CODE),
             ring: RefCell::new(ring),
-            slots: RefCell::new(Slab::with_capacity(RING_ENTRIES as usize)),
+            ops: RefCell::new(Slab::with_capacity(RING_ENTRIES as usize)),
             eventfd,
             watch: OnceCell::new(),
         })
@@ -104,14 +105,14 @@ impl Driver {
         res: Resources,
     ) -> Result<usize, (io::Error, Resources)> {
         let fd = res.fd.as_ref().map(|f| types::Fd(f.as_raw_fd()));
-        let mut slots = self.slots.borrow_mut();
-        let entry = slots.vacant_entry();
+        let mut ops = self.ops.borrow_mut();
+        let entry = ops.vacant_entry();
         let key = entry.key();
         let sqe = build(kind, fd).user_data(key as u64);
 
         let mut ring = self.ring.borrow_mut();
         // SAFETY: the entry references only the fd and the address range held
-        // by `res`, which the slot owns until the completion is reaped.
+        // by `res`, which the entry owns until the completion is reaped.
         let pushed = unsafe { ring.submission().push(&sqe) }.is_ok();
         if !pushed {
             // Queue full: flush it and try once more.
@@ -123,17 +124,17 @@ impl Driver {
                 return Err((io::Error::from_raw_os_error(nix::libc::EBUSY), res));
             }
         }
-        entry.insert(Slot::Waiting {
+        entry.insert(OpState::Waiting {
             waker: None,
             _res: res,
         });
         if let Err(e) = enter(|| ring.submit()) {
             // The entry is queued and reaches the kernel with the next
             // submit: keep its resources under its key until it completes.
-            if let Some(slot) = slots.get_mut(key)
-                && let Slot::Waiting { _res, .. } = std::mem::replace(slot, Slot::Done(0))
+            if let Some(state) = ops.get_mut(key)
+                && let OpState::Waiting { _res, .. } = std::mem::replace(state, OpState::Done(0))
             {
-                *slot = Slot::Abandoned { _res };
+                *state = OpState::Abandoned { _res };
             }
             return Err((
                 e,
@@ -146,7 +147,7 @@ impl Driver {
         Ok(key)
     }
 
-    /// Move completions from the completion queue into their slots; returns
+    /// Move completions from the completion queue into their entries; returns
     /// the wakers to call.
     fn reap(&self) -> Vec<Waker> {
         let mut wake = Vec::new();
@@ -156,24 +157,24 @@ impl Driver {
             // their completions would never come otherwise.
             let _ = enter(|| ring.submit());
         }
-        let mut slots = self.slots.borrow_mut();
+        let mut ops = self.ops.borrow_mut();
         loop {
             for cqe in ring.completion() {
                 let key = cqe.user_data() as usize;
-                let Some(slot) = slots.get_mut(key) else {
+                let Some(state) = ops.get_mut(key) else {
                     continue;
                 };
-                match slot {
-                    Slot::Waiting { waker, .. } => {
+                match state {
+                    OpState::Waiting { waker, .. } => {
                         if let Some(w) = waker.take() {
                             wake.push(w);
                         }
-                        *slot = Slot::Done(cqe.result());
+                        *state = OpState::Done(cqe.result());
                     }
-                    Slot::Abandoned { .. } => {
-                        slots.remove(key);
+                    OpState::Abandoned { .. } => {
+                        ops.remove(key);
                     }
-                    Slot::Done(_) | Slot::Settle { .. } => {}
+                    OpState::Done(_) | OpState::Settle { .. } => {}
                 }
             }
             // More completions than the CQ ring holds: the kernel keeps the
@@ -190,18 +191,18 @@ impl Driver {
 
     /// Operations dropped before completion that the kernel still runs.
     pub(super) fn abandoned(&self) -> usize {
-        self.slots
+        self.ops
             .borrow()
             .iter()
-            .filter(|(_, s)| matches!(s, Slot::Abandoned { .. }))
+            .filter(|(_, s)| matches!(s, OpState::Abandoned { .. }))
             .count()
     }
 
     fn take_done(&self, key: usize) -> Option<io::Result<()>> {
-        let mut slots = self.slots.borrow_mut();
-        if let Some(Slot::Done(res)) = slots.get(key) {
+        let mut ops = self.ops.borrow_mut();
+        if let Some(OpState::Done(res)) = ops.get(key) {
             let res = *res;
-            slots.remove(key);
+            ops.remove(key);
             Some(if res < 0 {
                 Err(io::Error::from_raw_os_error(-res))
             } else {
@@ -215,11 +216,11 @@ impl Driver {
     /// Wake every op still waiting, so one of them watches the eventfd.
     fn hand_over(&self) {
         let wakers: Vec<Waker> = self
-            .slots
+            .ops
             .borrow_mut()
             .iter_mut()
             .filter_map(|(_, s)| match s {
-                Slot::Waiting { waker, .. } | Slot::Settle { waker } => waker.clone(),
+                OpState::Waiting { waker, .. } | OpState::Settle { waker } => waker.clone(),
                 _ => None,
             })
             .collect();
@@ -250,7 +251,7 @@ impl Driver {
                 self.hand_over();
                 return Poll::Ready(res);
             }
-            if let Some(Slot::Waiting { waker, .. }) = self.slots.borrow_mut().get_mut(key) {
+            if let Some(OpState::Waiting { waker, .. }) = self.ops.borrow_mut().get_mut(key) {
                 match waker {
                     Some(w) if w.will_wake(cx.waker()) => {}
                     _ => *waker = Some(cx.waker().clone()),
@@ -282,7 +283,7 @@ impl Driver {
     }
 
     /// Drive the ring until no abandoned operation is left. `key` is the
-    /// future's `Settle` slot, taken while it waits and released (with a
+    /// future's `Settle` entry, taken while it waits and released (with a
     /// hand-over of the eventfd watch) when it is done.
     pub(super) fn poll_settle(
         &self,
@@ -298,15 +299,15 @@ impl Driver {
                 return Poll::Ready(Ok(()));
             }
             {
-                let mut slots = self.slots.borrow_mut();
+                let mut ops = self.ops.borrow_mut();
                 match *key {
                     Some(k) => {
-                        if let Some(Slot::Settle { waker }) = slots.get_mut(k) {
+                        if let Some(OpState::Settle { waker }) = ops.get_mut(k) {
                             *waker = Some(cx.waker().clone());
                         }
                     }
                     None => {
-                        *key = Some(slots.insert(Slot::Settle {
+                        *key = Some(ops.insert(OpState::Settle {
                             waker: Some(cx.waker().clone()),
                         }))
                     }
@@ -323,25 +324,25 @@ impl Driver {
         }
     }
 
-    /// Release a `Settle` slot; the eventfd watch it may hold goes to the
+    /// Release a `Settle` entry; the eventfd watch it may hold goes to the
     /// operations still waiting.
     pub(super) fn cancel_settle(&self, key: &mut Option<usize>) {
         if let Some(k) = key.take() {
-            self.slots.borrow_mut().remove(k);
+            self.ops.borrow_mut().remove(k);
             self.hand_over();
         }
     }
 
     pub(super) fn abandon(&self, key: usize) {
         {
-            let mut slots = self.slots.borrow_mut();
-            let Some(slot) = slots.get_mut(key) else {
+            let mut ops = self.ops.borrow_mut();
+            let Some(state) = ops.get_mut(key) else {
                 return;
             };
-            match std::mem::replace(slot, Slot::Done(0)) {
-                Slot::Waiting { _res, .. } => *slot = Slot::Abandoned { _res },
-                Slot::Done(_) | Slot::Abandoned { .. } | Slot::Settle { .. } => {
-                    slots.remove(key);
+            match std::mem::replace(state, OpState::Done(0)) {
+                OpState::Waiting { _res, .. } => *state = OpState::Abandoned { _res },
+                OpState::Done(_) | OpState::Abandoned { .. } | OpState::Settle { .. } => {
+                    ops.remove(key);
                 }
             }
         }
@@ -399,15 +400,15 @@ fn is_transient(e: &io::Error) -> bool {
 impl Drop for Driver {
     fn drop(&mut self) {
         // The kernel may still use the resources of abandoned ops: wait for
-        // every completion before the slots (and the windows and fds they
+        // every completion before the entries (and the windows and fds they
         // hold) are released.
         let mut failures = 0u32;
         loop {
             let pending = self
-                .slots
+                .ops
                 .borrow()
                 .iter()
-                .filter(|(_, s)| matches!(s, Slot::Waiting { .. } | Slot::Abandoned { .. }))
+                .filter(|(_, s)| matches!(s, OpState::Waiting { .. } | OpState::Abandoned { .. }))
                 .count();
             if pending == 0 {
                 break;
@@ -418,7 +419,7 @@ impl Drop for Driver {
                     // Waiting is impossible: leak the resources the kernel
                     // may still use rather than free them under it.
                     tracing::error!(error = %e, pending, "io_uring closed with operations in flight; their fds and windows are leaked");
-                    std::mem::forget(std::mem::take(&mut *self.slots.borrow_mut()));
+                    std::mem::forget(std::mem::take(&mut *self.ops.borrow_mut()));
                     break;
                 }
                 Err(_) => failures += 1,

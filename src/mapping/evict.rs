@@ -2,7 +2,7 @@
 
 use std::rc::Rc;
 
-use super::{MappingManager, Maps, Slot, THRASH_SAMPLE, Window};
+use super::{MappingManager, Maps, THRASH_SAMPLE, Window, WindowState};
 use crate::config::EvictionPolicy;
 use crate::files::FileId;
 
@@ -26,13 +26,13 @@ impl MappingManager {
                 m.clock_hand = 0;
             }
             m.stats.evictions += 1;
-            if m.evicted.len() >= 2 * self.cfg.max_extents {
+            if m.evicted.len() >= 2 * self.cfg.max_windows {
                 m.evicted.pop_front();
             }
             m.evicted.push_back((file, idx));
-            let slot = &mut m.files[file.0 as usize].as_mut().unwrap().windows[idx as usize];
-            match std::mem::replace(slot, Slot::Unmapped) {
-                Slot::Mapped(w) => w,
+            let state = &mut m.files[file.0 as usize].as_mut().unwrap().windows[idx as usize];
+            match std::mem::replace(state, WindowState::Unmapped) {
+                WindowState::Mapped(w) => w,
                 _ => unreachable!("resident windows are mapped"),
             }
         };
@@ -68,7 +68,7 @@ impl MappingManager {
 
     pub(super) fn window_at(m: &Maps, (f, i): (FileId, u32)) -> &Rc<Window> {
         match &m.files[f.0 as usize].as_ref().unwrap().windows[i as usize] {
-            Slot::Mapped(w) => w,
+            WindowState::Mapped(w) => w,
             _ => unreachable!("resident windows are mapped"),
         }
     }

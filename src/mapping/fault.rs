@@ -12,7 +12,7 @@ use std::time::Instant;
 use memmap2::MmapOptions;
 use tracing::Instrument;
 
-use super::{MappingManager, Slot, Window, WindowRef};
+use super::{MappingManager, Window, WindowRef, WindowState};
 use crate::config::MadvisePolicy;
 use crate::error::{Error, Result};
 use crate::files::{FileId, Reservation};
@@ -153,18 +153,19 @@ impl MappingManager {
             // Re-check: another task may have started meanwhile.
             let fm = self.file_maps(&mut m, file)?;
             if fm.windows.len() <= idx {
-                fm.windows.resize_with(idx + 1, || Slot::Unmapped);
+                fm.windows.resize_with(idx + 1, || WindowState::Unmapped);
             }
-            if !matches!(fm.windows[idx], Slot::Unmapped) {
+            if !matches!(fm.windows[idx], WindowState::Unmapped) {
                 return Ok(true);
             }
             drop(m);
-            if self.extent_count() >= self.cfg.max_extents && !self.evict_one() {
+            if self.window_count() >= self.cfg.max_windows && !self.evict_one() {
                 return Ok(false);
             }
             let mut m = self.inner.borrow_mut();
             m.faulting += 1;
-            m.files[file.0 as usize].as_mut().unwrap().windows[idx] = Slot::Faulting(list.clone());
+            m.files[file.0 as usize].as_mut().unwrap().windows[idx] =
+                WindowState::Faulting(list.clone());
         }
         let mut guard = FaultGuard {
             mm: self,
@@ -247,8 +248,8 @@ impl MappingManager {
         .map_err(map_failed)?;
         drop(lease);
         let base = NonNull::new(map.as_mut_ptr()).expect("mmap never returns null");
-        // The slot now counts as a live VMA instead of a window faulting in
-        // (counting both would overstate `extent_count` past the cap).
+        // The window now counts as a live VMA instead of a window faulting in
+        // (counting both would overstate `window_count` past the cap).
         self.shared.live.set(self.shared.live.get() + 1);
         self.inner.borrow_mut().faulting -= 1;
         guard.faulting = false;
@@ -279,7 +280,7 @@ impl MappingManager {
         }
         {
             let mut m = self.inner.borrow_mut();
-            m.files[file.0 as usize].as_mut().unwrap().windows[idx] = Slot::Mapped(rc);
+            m.files[file.0 as usize].as_mut().unwrap().windows[idx] = WindowState::Mapped(rc);
             m.resident.push((file, idx as u32));
             Self::count_fault(&mut m, (file, idx as u32));
         }
@@ -341,12 +342,13 @@ impl FaultGuard<'_> {
 impl Drop for FaultGuard<'_> {
     fn drop(&mut self) {
         if !self.done {
-            // Cancelled or failed: give the slot and the reservation back.
+            // Cancelled or failed: give the window and the reservation back.
             let mut m = self.mm.inner.borrow_mut();
             if self.faulting {
                 m.faulting -= 1;
             }
-            m.files[self.file.0 as usize].as_mut().unwrap().windows[self.idx] = Slot::Unmapped;
+            m.files[self.file.0 as usize].as_mut().unwrap().windows[self.idx] =
+                WindowState::Unmapped;
             drop(m);
             self.mm.shared.pressure.wake_one();
         }

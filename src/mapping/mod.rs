@@ -12,7 +12,7 @@
 //! * A window is unmapped only when nothing references it: no pin, no io
 //!   operation in flight (both hold an `Rc` to it). The manager's table holds
 //!   one reference; "idle" means that is the only one.
-//! * `extent_count() <= max_extents()` at every moment, counting windows
+//! * `window_count() <= max_windows()` at every moment, counting windows
 //!   being faulted in.
 //! * The hot path (`try_pin` of a mapped window, dropping a `Pin`) makes no
 //!   syscall, takes no lock, and touches no atomic: `Rc` counts and `Cell`s.
@@ -49,7 +49,7 @@ pub struct MappingConfig {
     /// Files grow by this much at a time inside a window.
     pub growth_step_bytes: u64,
     /// Window (VMA) cap.
-    pub max_extents: usize,
+    pub max_windows: usize,
     /// Which idle window goes first.
     pub eviction_policy: EvictionPolicy,
     /// Whole-window advice.
@@ -66,7 +66,7 @@ impl MappingConfig {
         MappingConfig {
             window_bytes: cfg.window_bytes(),
             growth_step_bytes: cfg.growth_step_bytes(),
-            max_extents: cfg.max_extents_per_shard(),
+            max_windows: cfg.max_windows_per_shard(),
             eviction_policy: cfg.eviction_policy(),
             madvise_policy: cfg.madvise_policy(),
             prefetch_ahead_bytes: cfg.prefetch_ahead_bytes(),
@@ -83,7 +83,7 @@ pub struct MappingStats {
     /// Windows with at least one pin or io operation.
     pub pinned_windows: usize,
     /// The cap.
-    pub max_extents: usize,
+    pub max_windows: usize,
     /// Windows faulted in (mapped) since creation.
     pub faults: u64,
     /// Idle windows unmapped to stay within the cap.
@@ -98,13 +98,16 @@ pub struct MappingStats {
     /// `fallocate`).
     pub populated_bytes: u64,
     /// Fault-ins of a window evicted recently (among the last
-    /// `2 × max_extents` evictions): the working set is larger than the cap.
+    /// `2 × max_windows` evictions): the working set is larger than the cap.
     pub thrash_faults: u64,
     /// Whether eviction has adapted to thrashing: while most recent
     /// fault-ins are of recently evicted windows, the most recently used
     /// idle window goes first (a cyclic scan larger than the cap then keeps
     /// most of its windows mapped instead of missing on every one).
     pub thrash_mode: bool,
+    /// Former name of `max_windows` (the same figure).
+    #[deprecated(since = "0.1.0", note = "renamed to `max_windows`")]
+    pub max_extents: usize,
 }
 
 /// One mapped window. Referenced by the manager's table, by pins and by io
@@ -178,14 +181,15 @@ struct Shared {
     pressure: Rc<WaitList>,
 }
 
-enum Slot {
+/// What a file's table holds for one window.
+enum WindowState {
     Unmapped,
     Faulting(Rc<WaitList>),
     Mapped(Rc<Window>),
 }
 
 struct FileMaps {
-    windows: Vec<Slot>,
+    windows: Vec<WindowState>,
     reserved: Rc<Cell<u64>>,
 }
 
@@ -198,7 +202,7 @@ struct Maps {
     faulting: usize,
     tick: u64,
     stats: MappingStats,
-    /// Windows evicted most recently (at most `2 × max_extents`).
+    /// Windows evicted most recently (at most `2 × max_windows`).
     evicted: std::collections::VecDeque<(FileId, u32)>,
     /// Thrash fault-ins among the last [`THRASH_SAMPLE`] fault-ins.
     sample_faults: u32,
@@ -259,12 +263,12 @@ impl MappingManager {
             cfg.window_bytes > 0
                 && cfg
                     .window_bytes
-                    .is_multiple_of(crate::config::SEGMENT_BYTES_MAX)
+                    .is_multiple_of(crate::config::MAX_SEGMENT_BYTES)
         );
         assert!(
             cfg.growth_step_bytes > 0 && cfg.window_bytes.is_multiple_of(cfg.growth_step_bytes)
         );
-        assert!(cfg.max_extents >= 1);
+        assert!(cfg.max_windows >= 1);
         let ring = files.ring().clone();
         MappingManager {
             inner: RefCell::new(Maps {
@@ -277,7 +281,9 @@ impl MappingManager {
                 faulting: 0,
                 tick: 0,
                 stats: MappingStats {
-                    max_extents: cfg.max_extents,
+                    max_windows: cfg.max_windows,
+                    #[allow(deprecated)]
+                    max_extents: cfg.max_windows,
                     ..MappingStats::default()
                 },
             }),
@@ -309,13 +315,25 @@ impl MappingManager {
 
     /// Windows mapped now (VMAs this manager holds), including windows being
     /// faulted in and evicted windows still referenced by a pin.
-    pub fn extent_count(&self) -> usize {
+    pub fn window_count(&self) -> usize {
         self.shared.live.get() + self.inner.borrow().faulting
     }
 
     /// The window cap.
+    pub fn max_windows(&self) -> usize {
+        self.cfg.max_windows
+    }
+
+    /// Former name of [`window_count`](Self::window_count).
+    #[deprecated(since = "0.1.0", note = "renamed to `window_count`")]
+    pub fn extent_count(&self) -> usize {
+        self.window_count()
+    }
+
+    /// Former name of [`max_windows`](Self::max_windows).
+    #[deprecated(since = "0.1.0", note = "renamed to `max_windows`")]
     pub fn max_extents(&self) -> usize {
-        self.cfg.max_extents
+        self.max_windows()
     }
 
     /// Counters.
@@ -328,7 +346,7 @@ impl MappingManager {
             .iter()
             .filter(
                 |(f, i)| match &m.files[f.0 as usize].as_ref().unwrap().windows[*i as usize] {
-                    Slot::Mapped(w) => w.users.get() > 0,
+                    WindowState::Mapped(w) => w.users.get() > 0,
                     _ => false,
                 },
             )
@@ -431,7 +449,7 @@ impl MappingManager {
         let fm = self.file_maps(&mut m, file)?;
         let reserved = fm.reserved.get();
         let out = match fm.windows.get(idx as usize) {
-            Some(Slot::Mapped(w)) => {
+            Some(WindowState::Mapped(w)) => {
                 if offset + len > reserved {
                     Fast::NeedsGrow
                 } else {
@@ -444,7 +462,7 @@ impl MappingManager {
                     Fast::Pinned(pin)
                 }
             }
-            Some(Slot::Faulting(list)) => Fast::Faulting(list.clone()),
+            Some(WindowState::Faulting(list)) => Fast::Faulting(list.clone()),
             _ => Fast::NeedsFault,
         };
         Ok(out)
@@ -553,7 +571,7 @@ impl MappingManager {
         if timed_out {
             self.inner.borrow_mut().stats.pressure_timeouts += 1;
             return Err(Error::WindowPressure {
-                max_extents: self.cfg.max_extents,
+                max_windows: self.cfg.max_windows,
                 waited: self.cfg.pin_timeout,
             });
         }
@@ -564,7 +582,7 @@ impl MappingManager {
     fn mapped_window(&self, file: FileId, idx: usize) -> Option<WindowRef> {
         let m = self.inner.borrow();
         match m.files.get(file.0 as usize)?.as_ref()?.windows.get(idx)? {
-            Slot::Mapped(win) => Some(WindowRef::new(win)),
+            WindowState::Mapped(win) => Some(WindowRef::new(win)),
             _ => None,
         }
     }

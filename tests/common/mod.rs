@@ -30,12 +30,12 @@ pub fn run<F: Future>(f: F) -> F::Output {
 /// The configuration of [`manager`]: 16 MiB windows, 1 MiB growth steps, one
 /// shard, the backend chosen by `SEGALLOC_IO`. Adjust it and pass it to
 /// [`manager_with`].
-pub fn builder(dir: &Path, max_open: usize, max_extents: usize) -> ConfigBuilder {
+pub fn builder(dir: &Path, max_open: usize, max_windows: usize) -> ConfigBuilder {
     Config::builder(dir)
         .window_bytes(WINDOW)
         .growth_step_bytes(STEP)
         .max_open_files(max_open)
-        .max_extents(max_extents)
+        .max_windows(max_windows)
         .shards(1)
 }
 
@@ -44,9 +44,9 @@ pub fn builder(dir: &Path, max_open: usize, max_extents: usize) -> ConfigBuilder
 pub fn manager(
     dir: &std::path::Path,
     max_open: usize,
-    max_extents: usize,
+    max_windows: usize,
 ) -> (Rc<FileHandleRegistry>, MappingManager) {
-    let cfg = builder(dir, max_open, max_extents).build().expect("config");
+    let cfg = builder(dir, max_open, max_windows).build().expect("config");
     manager_with(&cfg)
 }
 

@@ -406,10 +406,10 @@ fn fmt_root(d: &Defect, f: &mut fmt::Formatter<'_>) -> fmt::Result {
 
 /// `a, b, c` (the first few, then the count).
 fn list(v: &[u32]) -> String {
-    const LIST_MAX: usize = 8;
-    let mut s: Vec<String> = v.iter().take(LIST_MAX).map(|x| x.to_string()).collect();
-    if v.len() > LIST_MAX {
-        s.push(format!("… {} more", v.len() - LIST_MAX));
+    const MAX_LISTED: usize = 8;
+    let mut s: Vec<String> = v.iter().take(MAX_LISTED).map(|x| x.to_string()).collect();
+    if v.len() > MAX_LISTED {
+        s.push(format!("… {} more", v.len() - MAX_LISTED));
     }
     s.join(", ")
 }

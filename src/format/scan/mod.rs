@@ -18,23 +18,27 @@
 //!   released) is *dangling*: a warning, kept as it is; the library's
 //!   `root(name)` returns it and pinning it fails with `NotAllocated`.
 
-use std::collections::BTreeMap;
-
-use super::entry::{self, EntryHeader, HeaderDefect};
+use super::entry::{EntryHeader, HeaderDefect};
 use super::handle::Handle;
 use super::manifest::{self, MANIFEST_BYTES, Manifest};
 use super::roots::RootDefect;
 use super::{
-    BITMAP_WORDS, ENTRY_BYTES, ENTRY_HEADER_BYTES, GEN_OFFSET, HWM_OFFSET, META_PAGE_BYTES,
-    ROOT_SLOT_BYTES, ROOTS_OFFSET, bitmap_offset, decode_hwm, directory_end_bytes, entry_capacity,
-    entry_offset, root_offset,
+    GEN_OFFSET, HWM_OFFSET, META_PAGE_BYTES, ROOTS_OFFSET, decode_counter, directory_end_bytes,
+    entry_capacity,
 };
 use crate::error::Result;
 
+mod data_files;
+mod entries;
 mod findings;
+mod overlaps;
 mod roots_pick;
 
 pub use findings::{Defect, Finding, FindingFile, Severity};
+
+use data_files::check_data_files;
+use entries::{scan_entries, scan_past_mark};
+use overlaps::resolve_overlaps;
 
 /// How far past the bytes that the high-water mark needs the metadata file
 /// is scanned for entries published beyond the mark (the file grows in
@@ -164,7 +168,7 @@ pub struct ShardScan {
     /// Valid root slots that lost to another (recovery clears them).
     pub root_slots_to_clear: Vec<usize>,
     /// The highest valid root sequence number.
-    pub root_seq_max: u64,
+    pub max_root_seq: u64,
     /// The next segment generation to issue.
     pub next_generation: u32,
     /// Every problem, in the order found.
@@ -221,7 +225,7 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
         segments: Vec::new(),
         roots: Vec::new(),
         root_slots_to_clear: Vec::new(),
-        root_seq_max: 0,
+        max_root_seq: 0,
         next_generation: 1,
         findings: Vec::new(),
     };
@@ -251,7 +255,7 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
         scan_past_mark(&mut pages, h, readable, &mut s)?;
     }
     let persisted = match pages.get(GEN_OFFSET, 8)? {
-        Some(b) => decode_hwm(super::u64_at(b, 0)).unwrap_or(0),
+        Some(b) => decode_counter(super::u64_at(b, 0)).unwrap_or(0),
         None => 0,
     };
     s.next_generation = max_gen.wrapping_add(1).max(persisted).max(1);
@@ -336,7 +340,7 @@ fn scan_mark(src: &mut dyn MetaSource, size: u64, s: &mut ShardScan) -> Result<O
         return Ok(None);
     }
     let word = u64::from_le_bytes(b);
-    let hwm = decode_hwm(word);
+    let hwm = decode_counter(word);
     if hwm.is_none() {
         s.push(
             Severity::Error,
@@ -346,266 +350,6 @@ fn scan_mark(src: &mut dyn MetaSource, size: u64, s: &mut ShardScan) -> Result<O
         );
     }
     Ok(hwm)
-}
-
-/// Entries `0..scan_to`; returns the highest generation met.
-fn scan_entries(
-    pages: &mut Pages<'_>,
-    t: &ScanTarget<'_>,
-    scan_to: u32,
-    s: &mut ShardScan,
-) -> Result<u32> {
-    let mut max_gen = 0;
-    for i in 0..scan_to {
-        let off = entry_offset(i);
-        let Some(raw) = pages.get(off, ENTRY_BYTES as usize)? else {
-            break;
-        };
-        s.entries_scanned += 1;
-        let (h, bm) = raw.split_at(ENTRY_HEADER_BYTES as usize);
-        let e = match EntryHeader::decode(h) {
-            Err(defect) => {
-                s.entries_corrupt += 1;
-                let state = EntryHeader::raw_state(h);
-                s.push(
-                    Severity::Error,
-                    Some(i),
-                    Some(off),
-                    Defect::EntryHeader { defect, state },
-                );
-                continue;
-            }
-            Ok(None) => {
-                s.free_entries.push(i);
-                continue;
-            }
-            Ok(Some(e)) => e,
-        };
-        if h[entry::OFF_RESERVED..].iter().any(|&b| b != 0) {
-            let at = off + entry::OFF_RESERVED as u64;
-            s.push(
-                Severity::Warning,
-                Some(i),
-                Some(at),
-                Defect::ReservedHeaderBytes,
-            );
-        }
-        let bitmap = entry::decode_bitmap(bm);
-        let placed = check_placement(t.geometry, i, &e, s);
-        let bits_ok = check_bitmap(i, &e, &bitmap, s);
-        if !placed || !bits_ok {
-            s.entries_corrupt += 1;
-            continue;
-        }
-        max_gen = max_gen.max(e.generation);
-        let words = e.slots.div_ceil(64) as usize;
-        let bitmap = bitmap[..words].to_vec();
-        let live = bitmap.iter().map(|w| w.count_ones()).sum();
-        s.segments.push(SegmentScan {
-            entry: i,
-            header: e,
-            live,
-            dropped: false,
-            bitmap,
-        });
-    }
-    Ok(max_gen)
-}
-
-/// The segment lies inside the maximum file size and one window.
-fn check_placement(g: &Manifest, i: u32, e: &EntryHeader, s: &mut ShardScan) -> bool {
-    let (first, end) = (e.block as u64, e.end_block());
-    let (file_blocks, window_blocks) = (g.file_blocks(), g.window_blocks().max(1));
-    let d = if e.blocks == 0 || end > file_blocks {
-        Defect::SegmentOutsideFile {
-            file: e.file,
-            first,
-            end,
-            file_blocks,
-        }
-    } else if first / window_blocks != (end - 1) / window_blocks {
-        Defect::SegmentCrossesWindow {
-            file: e.file,
-            first,
-            end,
-            boundary: (first / window_blocks + 1) * window_blocks,
-        }
-    } else {
-        return true;
-    };
-    s.push(Severity::Error, Some(i), Some(entry_offset(i)), d);
-    false
-}
-
-/// No bit is set past the slot count.
-fn check_bitmap(i: u32, e: &EntryHeader, bitmap: &[u64], s: &mut ShardScan) -> bool {
-    let mut count = 0u32;
-    let mut first: Option<(u32, usize)> = None;
-    for (w, &word) in bitmap.iter().enumerate().take(BITMAP_WORDS) {
-        let extra = word & !entry::word_mask(e.slots, w);
-        if extra != 0 {
-            count += extra.count_ones();
-            first.get_or_insert((w as u32 * 64 + extra.trailing_zeros(), w));
-        }
-    }
-    let Some((first_slot, word)) = first else {
-        return true;
-    };
-    let at = bitmap_offset(i) + word as u64 * 8;
-    let d = Defect::BitmapPastSlots {
-        count,
-        first_slot,
-        word,
-        slots: e.slots,
-    };
-    s.push(Severity::Error, Some(i), Some(at), d);
-    false
-}
-
-/// Entries published past the mark: recovery never sees them.
-fn scan_past_mark(pages: &mut Pages<'_>, h: u32, readable: u32, s: &mut ShardScan) -> Result<()> {
-    let limit_bytes = directory_end_bytes(h).saturating_add(PAST_HWM_SCAN_BYTES);
-    let mut i = h;
-    while i < readable && entry_offset(i) + ENTRY_BYTES <= limit_bytes {
-        let off = entry_offset(i);
-        let Some(raw) = pages.get(off, ENTRY_HEADER_BYTES as usize)? else {
-            break;
-        };
-        if let Ok(Some(_)) = EntryHeader::decode(raw) {
-            s.push(
-                Severity::Warning,
-                Some(i),
-                Some(off),
-                Defect::PublishedPastMark { hwm: h },
-            );
-        }
-        i += 1;
-    }
-    Ok(())
-}
-
-/// Mark the segments recovery drops, and report every overlapping pair
-/// found by a sweep.
-fn resolve_overlaps(s: &mut ShardScan) {
-    let segs = &mut s.segments;
-    let mut order: Vec<usize> = (0..segs.len()).collect();
-    // Stable: entries met in index order stay in that order on a tie.
-    order.sort_by_key(|&k| (segs[k].header.file, segs[k].header.block));
-    let mut keep: Vec<usize> = Vec::new();
-    for &k in &order {
-        if let Some(&p) = keep.last() {
-            let (pe, e) = (&segs[p].header, &segs[k].header);
-            if pe.file == e.file && pe.end_block() > e.block as u64 {
-                let loser = if pe.generation < e.generation { p } else { k };
-                segs[loser].dropped = true;
-                if loser == p {
-                    keep.pop();
-                    keep.push(k);
-                }
-                continue;
-            }
-        }
-        keep.push(k);
-    }
-    let mut dropped: Vec<u32> = segs.iter().filter(|x| x.dropped).map(|x| x.entry).collect();
-    s.free_entries.append(&mut dropped);
-    report_overlaps(s, &order);
-}
-
-/// Each segment that starts inside the furthest-reaching earlier segment of
-/// its file.
-fn report_overlaps(s: &mut ShardScan, order: &[usize]) {
-    let mut reach: Option<(u32, u64, usize)> = None; // (file, end, index)
-    let mut found = Vec::new();
-    for &k in order {
-        let x = &s.segments[k];
-        if let Some((file, rend, o)) = reach
-            && file == x.header.file
-            && (x.header.block as u64) < rend
-        {
-            let other = &s.segments[o];
-            found.push((
-                x.entry,
-                Defect::Overlap {
-                    file: x.header.file,
-                    first: x.header.block as u64,
-                    end: x.header.end_block(),
-                    generation: x.header.generation,
-                    dropped: x.dropped,
-                    other_entry: other.entry,
-                    other_first: other.header.block as u64,
-                    other_end: other.header.end_block(),
-                    other_generation: other.header.generation,
-                    other_dropped: other.dropped,
-                },
-            ));
-        }
-        let e = x.header.end_block();
-        reach = match reach {
-            Some((file, rend, o)) if file == x.header.file && rend >= e => Some((file, rend, o)),
-            _ => Some((x.header.file, e, k)),
-        };
-    }
-    for (entry, d) in found {
-        s.push(Severity::Error, Some(entry), Some(entry_offset(entry)), d);
-    }
-}
-
-/// Referenced data files that are missing; live slots past the end of their
-/// file.
-fn check_data_files(t: &ScanTarget<'_>, s: &mut ShardScan) {
-    let mut missing: BTreeMap<u32, (Vec<u32>, u64, bool)> = BTreeMap::new();
-    let mut short = Vec::new();
-    for x in &s.segments {
-        match (t.data_file)(x.header.file) {
-            DataFileLen::Missing => {
-                let m = missing.entry(x.header.file).or_default();
-                m.0.push(x.entry);
-                if !x.dropped {
-                    m.1 += x.live as u64;
-                    m.2 = true;
-                }
-            }
-            DataFileLen::Bytes(size) if !x.dropped => {
-                let slot_bytes = x.header.slot_bytes() as u64;
-                let mut past = x
-                    .live_slots()
-                    .filter(|&k| x.slot_offset(k) + slot_bytes > size);
-                if let Some(first_slot) = past.next() {
-                    let d = Defect::DataFileShort {
-                        size_bytes: size,
-                        live_past: 1 + past.count() as u64,
-                        slot_bytes: slot_bytes as u32,
-                        first_slot,
-                    };
-                    short.push((x.header.file, x.entry, x.slot_offset(first_slot), d));
-                }
-            }
-            _ => {}
-        }
-    }
-    for (file, (entries, live, kept)) in missing {
-        s.findings.push(Finding {
-            severity: Severity::Error,
-            file: FindingFile::Data(file),
-            entry: None,
-            offset: None,
-            defect: Defect::DataFileMissing {
-                entries,
-                live,
-                kept,
-            },
-        });
-    }
-    for (file, entry, offset, defect) in short {
-        s.findings.push(Finding {
-            severity: Severity::Error,
-            file: FindingFile::Data(file),
-            entry: Some(entry),
-            offset: Some(offset),
-            defect,
-        });
-    }
 }
 
 /// Page-at-a-time reads of a metadata file (entries never straddle pages).
@@ -638,67 +382,4 @@ impl<'a> Pages<'a> {
         }
         Ok((at + len <= self.len).then(|| &self.buf[at..at + len]))
     }
-}
-
-/// Root slot `i` read through `pages`.
-fn root_bytes<'p>(pages: &'p mut Pages<'_>, i: usize) -> Result<Option<&'p [u8]>> {
-    pages.get(root_offset(i), ROOT_SLOT_BYTES as usize)
-}
-
-/// Why a root's handle is not a live slot of this shard: `Err` for a
-/// handle this shard could never have issued (another directory or shard),
-/// `Ok(Some)` for a dangling one, `Ok(None)` when live.
-fn root_target(
-    s: &ShardScan,
-    shard: u16,
-    dir_tag: u32,
-    h: &Handle,
-) -> Result<Option<String>, String> {
-    if h.dir_tag != dir_tag {
-        return Err(format!(
-            "belongs to another data directory (tag {:#010x}, this one {dir_tag:#010x})",
-            h.dir_tag
-        ));
-    }
-    if h.shard != shard {
-        return Err(format!("names shard {}", h.shard));
-    }
-    let Some(seg) = s.kept_segments().find(|x| x.entry == h.segment) else {
-        return Ok(Some(format!(
-            "names entry {}, which holds no segment",
-            h.segment
-        )));
-    };
-    let e = &seg.header;
-    if e.generation != h.generation {
-        return Ok(Some(format!(
-            "has generation {}, the segment has {} (released and reused since)",
-            h.generation, e.generation
-        )));
-    }
-    if e.class_id != h.class_id {
-        return Ok(Some(format!(
-            "has class {}, the segment has {}",
-            h.class_id, e.class_id
-        )));
-    }
-    if e.file != h.file {
-        return Ok(Some(format!(
-            "names data file {}, the segment is in {}",
-            h.file, e.file
-        )));
-    }
-    let (start, slot_bytes) = (e.start_offset(), e.slot_bytes() as u64);
-    let end = start + e.slots as u64 * slot_bytes;
-    if h.offset < start || h.offset >= end || !(h.offset - start).is_multiple_of(slot_bytes) {
-        return Ok(Some(format!(
-            "offset {:#x} is not a slot of the segment (slots at {start:#x}..{end:#x} every {slot_bytes} bytes)",
-            h.offset
-        )));
-    }
-    let slot = ((h.offset - start) / slot_bytes) as u32;
-    if !seg.is_live(slot) {
-        return Ok(Some(format!("points at slot {slot}, which is free")));
-    }
-    Ok(None)
 }

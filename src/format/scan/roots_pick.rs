@@ -3,11 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use super::{Defect, Pages, RootScan, ScanTarget, Severity, ShardScan, root_bytes, root_target};
+use super::{Defect, Pages, RootScan, ScanTarget, Severity, ShardScan};
 use crate::error::Result;
 use crate::format::handle::Handle;
 use crate::format::roots::{self, RootSlot};
-use crate::format::{ROOT_SLOTS, root_offset};
+use crate::format::{ROOT_SLOT_BYTES, ROOT_SLOTS, root_offset};
 
 /// A valid slot: index, record, decoded handle.
 type Valid = (usize, RootSlot, Handle);
@@ -57,7 +57,7 @@ pub(super) fn scan_roots(
             }
         }
     }
-    s.root_seq_max = valid.iter().map(|v| v.1.seq).max().unwrap_or(0);
+    s.max_root_seq = valid.iter().map(|v| v.1.seq).max().unwrap_or(0);
     let winners = pick_per_name(&valid, s);
     let winners = pick_per_pair(&valid, winners, s);
     keep_roots(&valid, winners, t, s);
@@ -160,4 +160,67 @@ fn pick_per_pair(valid: &[Valid], mut winners: Vec<usize>, s: &mut ShardScan) ->
         false
     });
     winners
+}
+
+/// Root slot `i` read through `pages`.
+fn root_bytes<'p>(pages: &'p mut Pages<'_>, i: usize) -> Result<Option<&'p [u8]>> {
+    pages.get(root_offset(i), ROOT_SLOT_BYTES as usize)
+}
+
+/// Why a root's handle is not a live slot of this shard: `Err` for a
+/// handle this shard could never have issued (another directory or shard),
+/// `Ok(Some)` for a dangling one, `Ok(None)` when live.
+fn root_target(
+    s: &ShardScan,
+    shard: u16,
+    dir_tag: u32,
+    h: &Handle,
+) -> Result<Option<String>, String> {
+    if h.dir_tag != dir_tag {
+        return Err(format!(
+            "belongs to another data directory (tag {:#010x}, this one {dir_tag:#010x})",
+            h.dir_tag
+        ));
+    }
+    if h.shard != shard {
+        return Err(format!("names shard {}", h.shard));
+    }
+    let Some(seg) = s.kept_segments().find(|x| x.entry == h.segment) else {
+        return Ok(Some(format!(
+            "names entry {}, which holds no segment",
+            h.segment
+        )));
+    };
+    let e = &seg.header;
+    if e.generation != h.generation {
+        return Ok(Some(format!(
+            "has generation {}, the segment has {} (released and reused since)",
+            h.generation, e.generation
+        )));
+    }
+    if e.class_id != h.class_id {
+        return Ok(Some(format!(
+            "has class {}, the segment has {}",
+            h.class_id, e.class_id
+        )));
+    }
+    if e.file != h.file {
+        return Ok(Some(format!(
+            "names data file {}, the segment is in {}",
+            h.file, e.file
+        )));
+    }
+    let (start, slot_bytes) = (e.start_offset(), e.slot_bytes() as u64);
+    let end = start + e.slots as u64 * slot_bytes;
+    if h.offset < start || h.offset >= end || !(h.offset - start).is_multiple_of(slot_bytes) {
+        return Ok(Some(format!(
+            "offset {:#x} is not a slot of the segment (slots at {start:#x}..{end:#x} every {slot_bytes} bytes)",
+            h.offset
+        )));
+    }
+    let slot = ((h.offset - start) / slot_bytes) as u32;
+    if !seg.is_live(slot) {
+        return Ok(Some(format!("points at slot {slot}, which is free")));
+    }
+    Ok(None)
 }

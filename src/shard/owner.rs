@@ -1,0 +1,323 @@
+//! Cross-shard access through the owner: closures run on another shard
+//! ([`Shard::submit_to`], [`Shard::run_on_owner`]), reads and writes of
+//! another shard's allocation, [`Shard::pin_foreign`], forwarded frees and
+//! the task that applies the frees other shards forward to this one.
+
+use std::future::Future;
+use std::rc::Weak;
+
+use futures::channel::oneshot;
+
+use super::{Shard, ShardInner, job};
+use crate::error::{Error, Result};
+use crate::files::FileId;
+use crate::format::Handle;
+use crate::mapping::Pin;
+use crate::mesh::Parcel;
+
+impl Shard {
+    /// Send every buffered cross-shard free to its owner now and wait until
+    /// each owner has applied every free this shard acknowledged before the
+    /// call (without this, they are sent when a batch fills or after a few
+    /// executor turns). An owner's next `sync` then makes them durable.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShardGone`] naming an owner that is gone (the others are
+    /// still flushed).
+    pub async fn flush_frees(&self) -> Result<()> {
+        match self.inner.mesh.get() {
+            Some(m) => m.clone().flush().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Apply every forwarded free that has arrived (the drain task does this
+    /// on its own).
+    pub fn drain_frees(&self) {
+        if let Some(m) = self.inner.mesh.get() {
+            for p in m.take_ready() {
+                self.inner.apply(p);
+            }
+        }
+    }
+
+    /// Run `f(shard)` on shard `shard` and return its result: Seastar's
+    /// `submit_to`. On this shard it runs in place; on another it is sent
+    /// through the mesh and runs there as a task, so `f` and its result
+    /// are `Send` but the future need not be. The way to act on another
+    /// shard's allocations.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShardOutOfRange`]; [`Error::ShardGone`] when that shard is
+    /// stopped or this shard is not in a runtime or cluster;
+    /// [`Error::TaskPanicked`] when `f` or its future panics on another
+    /// shard (on this shard, `f` runs inline and a panic unwinds into the
+    /// caller).
+    pub async fn submit_to<F, Fut, T>(&self, shard: usize, f: F) -> Result<T>
+    where
+        F: FnOnce(Shard) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        let shard_count = self.inner.dir.manifest().shard_count as usize;
+        if shard >= shard_count {
+            return Err(Error::ShardOutOfRange { shard, shard_count });
+        }
+        let shard = shard as u16;
+        if shard == self.inner.index {
+            return Ok(f(self.clone()).await);
+        }
+        let Some(mesh) = self.inner.mesh.get() else {
+            return Err(Error::ShardGone { shard });
+        };
+        let (tx, rx) = oneshot::channel();
+        mesh.submit(shard, job(f, tx)).await?;
+        match rx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(message)) => Err(Error::TaskPanicked { shard, message }),
+            Err(_) => Err(Error::ShardGone { shard }),
+        }
+    }
+
+    /// Pin `handle` on its owner (this shard or another, through
+    /// [`submit_to`](Self::submit_to)) and run `f` on the pin there. The
+    /// owner checks the handle against its own allocations first.
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`pin`](Self::pin) on the owner, and those of
+    /// [`submit_to`](Self::submit_to).
+    pub async fn run_on_owner<F, T>(&self, handle: Handle, f: F) -> Result<T>
+    where
+        F: FnOnce(&Pin) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        if handle.shard() == self.inner.index {
+            return Ok(f(&self.inner.alloc.pin(handle).await?));
+        }
+        self.check_foreign(&handle)?;
+        self.submit_to(handle.shard() as usize, move |s| async move {
+            let pin = s.inner.alloc.pin(handle).await?;
+            Ok(f(&pin))
+        })
+        .await?
+    }
+
+    /// Copy `buf.len()` bytes at `offset` of the allocation `handle` (of
+    /// any shard) into `buf`; another shard's bytes are copied by the owner.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRange`] when the range exceeds the allocation; the
+    /// errors of [`run_on_owner`](Self::run_on_owner).
+    pub async fn read(&self, handle: Handle, offset: usize, buf: &mut [u8]) -> Result<()> {
+        if handle.shard() == self.inner.index {
+            return self.inner.alloc.pin(handle).await?.read_at(offset, buf);
+        }
+        check_range(&handle, offset, buf.len())?;
+        let n = buf.len();
+        let bytes = self
+            .run_on_owner(handle, move |pin| {
+                let mut v = vec![0u8; n];
+                pin.read_at(offset, &mut v).map(|()| v)
+            })
+            .await??;
+        buf.copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    /// Copy `data` to `offset` of the allocation `handle` (of any shard);
+    /// another shard's bytes are written by the owner.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRange`] when the range exceeds the allocation;
+    /// [`Error::ReadOnly`]; the errors of [`run_on_owner`](Self::run_on_owner).
+    pub async fn write(&self, handle: Handle, offset: usize, data: &[u8]) -> Result<()> {
+        if handle.shard() == self.inner.index {
+            return self.inner.alloc.pin(handle).await?.write_at(offset, data);
+        }
+        check_range(&handle, offset, data.len())?;
+        let data = data.to_vec();
+        self.run_on_owner(handle, move |pin| pin.write_at(offset, &data))
+            .await?
+    }
+
+    /// Map another shard's allocation into this shard directly (`MAP_SHARED`,
+    /// coherent with the owner's view), after the owner has checked that
+    /// `handle` is live. For zero-copy readers that synchronise with the
+    /// owner themselves; [`read`](Self::read), [`write`](Self::write) and
+    /// [`run_on_owner`](Self::run_on_owner) are the safe ways. A handle of
+    /// this shard is pinned as by [`pin`](Self::pin).
+    ///
+    /// # Safety
+    ///
+    /// While the returned pin lives, no other thread (the owner shard in
+    /// particular) may write the bytes it covers while this thread reads or
+    /// writes them, and no other thread may read them while this thread
+    /// writes them; the allocation must not be freed and reused meanwhile.
+    /// The pin itself is `!Send`. This is `memmap2::MmapMut::map_mut`'s
+    /// contract for a file another party may modify.
+    ///
+    /// # Errors
+    ///
+    /// As [`run_on_owner`](Self::run_on_owner) for the liveness check, then
+    /// the errors of [`MappingManager::pin`](crate::MappingManager::pin).
+    pub async unsafe fn pin_foreign(&self, handle: Handle) -> Result<Pin> {
+        if handle.shard() == self.inner.index {
+            return self.inner.alloc.pin(handle).await;
+        }
+        self.check_foreign(&handle)?;
+        // The owner validates before anything is registered or mapped here,
+        // so forged handles cannot grow this shard's file table.
+        let live = self
+            .submit_to(handle.shard() as usize, move |s| async move {
+                s.inner.alloc.is_live(&handle)
+            })
+            .await?;
+        if !live {
+            return Err(Error::NotAllocated {
+                handle,
+                reason: "the owner has no live allocation there",
+            });
+        }
+        let fid = self.foreign_file(&handle)?;
+        let len = u64::from(handle.len());
+        let writable = !self.inner.files.is_read_only();
+        if let Some(p) = self.inner.mm.try_pin(fid, handle.offset(), len, writable)? {
+            return Ok(p);
+        }
+        self.inner.mm.pin(fid, handle.offset(), len, writable).await
+    }
+
+    /// The local file id of a data file of another shard (validated by its
+    /// owner), registered on first use.
+    fn foreign_file(&self, h: &Handle) -> Result<FileId> {
+        let key = (h.shard(), h.file_id());
+        if let Some(&id) = self.inner.foreign.borrow().get(&key) {
+            return Ok(id);
+        }
+        let path = self
+            .inner
+            .dir
+            .shard_dir(h.shard())
+            .join(crate::format::data_file_name(h.file_id()));
+        let id = self.inner.files.register_foreign(path)?;
+        self.inner.foreign.borrow_mut().insert(key, id);
+        Ok(id)
+    }
+
+    /// What this shard can check of another shard's handle before sending
+    /// anything to its owner.
+    #[inline]
+    pub(super) fn check_foreign(&self, h: &Handle) -> Result<()> {
+        let m = self.inner.dir.manifest();
+        if h.dir_tag() != m.dir_tag() {
+            return Err(Error::ForeignHandle {
+                handle: *h,
+                handle_tag: h.dir_tag(),
+                dir_tag: m.dir_tag(),
+            });
+        }
+        if self.inner.mesh.get().is_none() || h.shard() >= m.shard_count {
+            return Err(Error::WrongShard {
+                handle: *h,
+                owner: h.shard(),
+                this: self.inner.index,
+            });
+        }
+        if h.offset()
+            .checked_add(u64::from(h.len()))
+            .is_none_or(|end| end > m.max_file_bytes)
+        {
+            return Err(Error::NotAllocated {
+                handle: *h,
+                reason: "offset out of bounds",
+            });
+        }
+        Ok(())
+    }
+
+    /// [`free`](Self::free), but when the owner of a foreign handle is far
+    /// behind, wait for it ([`flush_frees`](Self::flush_frees)) and retry
+    /// instead of returning [`Error::Backpressure`]: for loops that free many
+    /// other shards' handles.
+    ///
+    /// # Errors
+    ///
+    /// As [`free`](Self::free), without `Backpressure`.
+    pub async fn free_async(&self, handle: Handle) -> Result<()> {
+        loop {
+            match self.free(handle) {
+                Err(Error::Backpressure { .. }) => self.flush_frees().await?,
+                other => return other,
+            }
+        }
+    }
+}
+
+impl ShardInner {
+    /// Apply one parcel from the mesh: forwarded frees, or a barrier that
+    /// is answered because everything before it is applied.
+    fn apply(&self, parcel: Parcel) {
+        let Some(mesh) = self.mesh.get() else { return };
+        let batch = match parcel {
+            Parcel::Frees(b) => b,
+            Parcel::Barrier(ack) => {
+                let _ = ack.send(());
+                return;
+            }
+        };
+        let (mut ok, mut bad) = (0, 0);
+        for h in batch {
+            match self.alloc.free(h) {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    bad += 1;
+                    tracing::warn!(handle = %h, error = %e, "forwarded free rejected");
+                }
+            }
+        }
+        mesh.bump(|s| {
+            s.cross_frees_received += ok;
+            s.cross_frees_rejected += bad;
+        });
+    }
+}
+
+/// The shard's task that applies what other shards forward, until every
+/// peer is gone or the shard is dropped.
+pub(super) async fn drain_frees_task(me: Weak<ShardInner>) {
+    loop {
+        let next = std::future::poll_fn(|cx| match me.upgrade() {
+            Some(inner) => match inner.mesh.get() {
+                Some(m) => m.poll_parcel(cx),
+                None => std::task::Poll::Ready(None),
+            },
+            None => std::task::Poll::Ready(None),
+        })
+        .await;
+        let (Some(parcel), Some(inner)) = (next, me.upgrade()) else {
+            return;
+        };
+        inner.apply(parcel);
+    }
+}
+
+/// [`Error::InvalidRange`] unless `[offset, offset + n)` lies in `h`.
+fn check_range(h: &Handle, offset: usize, n: usize) -> Result<()> {
+    if offset
+        .checked_add(n)
+        .is_none_or(|end| end > h.len() as usize)
+    {
+        return Err(Error::InvalidRange {
+            file_id: u32::MAX,
+            offset: offset as u64,
+            len_bytes: n as u64,
+            reason: "outside the allocation",
+        });
+    }
+    Ok(())
+}
