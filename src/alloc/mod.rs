@@ -124,6 +124,85 @@ struct State {
     root_seq: u64,
     live_per_class: [u64; CLASS_COUNT],
     stats: AllocStats,
+    /// Slots taken since the latest sync began (reusable at once when freed).
+    fresh: Fresh,
+}
+
+/// The slots taken since the latest sync began: "fresh" ones.
+///
+/// Deferred reuse keeps a freed slot held until a sync that began after the
+/// free completes, because a power loss may revert the free, and the
+/// allocation must then come back with its bytes, which a newer allocation
+/// of the slot would have overwritten. That promise covers the allocations
+/// live at the last completed sync, and a sync covers only what returned
+/// before it began. A slot taken after the latest sync began is covered by
+/// no sync, completed or running: no power loss can promise it back. So its
+/// free may hand it out again at once. After a power loss the slot is then
+/// either free or live with some bytes, like any unsynced allocation, and
+/// every allocation a completed sync covered is untouched (it was taken
+/// before that sync began, so its slot was never fresh since).
+///
+/// A sync bumps `epoch` when it begins (also one that is dropped or fails:
+/// that only defers more). Each segment's bits carry the epoch they were
+/// set in and count as empty under another: starting a sync clears every
+/// segment's bits at once, in O(1). A fresh bit is set only on a held slot.
+#[derive(Default)]
+struct Fresh {
+    epoch: u64,
+    /// Indexed by segment id; grown on demand.
+    segments: Vec<FreshBits>,
+}
+
+struct FreshBits {
+    epoch: u64,
+    words: [u64; crate::format::BITMAP_WORDS],
+}
+
+impl Fresh {
+    /// A sync begins: nothing taken before now is fresh any more.
+    pub(super) fn begin_sync(&mut self) {
+        self.epoch += 1;
+    }
+
+    /// Slot `slot` of segment `seg` was just taken.
+    #[inline]
+    fn mark(&mut self, seg: u32, slot: u32) {
+        let epoch = self.epoch;
+        let Some(bits) = self.segments.get_mut(seg as usize) else {
+            return self.mark_new(seg, slot);
+        };
+        if bits.epoch != epoch {
+            bits.epoch = epoch;
+            bits.words = [0; crate::format::BITMAP_WORDS];
+        }
+        bits.words[(slot / 64) as usize] |= 1u64 << (slot % 64);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn mark_new(&mut self, seg: u32, slot: u32) {
+        let epoch = self.epoch;
+        self.segments.resize_with(seg as usize + 1, || FreshBits {
+            epoch,
+            words: [0; crate::format::BITMAP_WORDS],
+        });
+        self.mark(seg, slot);
+    }
+
+    /// Forget slot `slot` of segment `seg`; whether it was fresh.
+    #[inline]
+    fn take(&mut self, seg: u32, slot: u32) -> bool {
+        match self.segments.get_mut(seg as usize) {
+            Some(bits) if bits.epoch == self.epoch => {
+                let word = &mut bits.words[(slot / 64) as usize];
+                let mask = 1u64 << (slot % 64);
+                let was = *word & mask != 0;
+                *word &= !mask;
+                was
+            }
+            _ => false,
+        }
+    }
 }
 
 /// The segment allocator of one shard.
@@ -267,6 +346,7 @@ impl SegmentAllocator {
                 offset: seg.slot_offset(slot),
                 dir_tag: self.manifest.dir_tag(),
             };
+            st.fresh.mark(seg_id, slot);
             st.live_per_class[class_id as usize] += 1;
             st.stats.allocs += 1;
             return Some((handle, seg.file_id));
@@ -305,6 +385,7 @@ impl SegmentAllocator {
         if live {
             seg.clear_live(slot);
         }
+        st.fresh.take(h.segment, slot);
         seg.unhold(slot);
         if !seg.in_avail {
             seg.in_avail = true;
@@ -400,10 +481,11 @@ impl SegmentAllocator {
     }
 
     /// Free an allocation of this shard. Durable against a process crash
-    /// when it returns. The slot is handed out again only after a later
-    /// [`sync`](Self::sync) completes (until then a power loss may revert
-    /// the free, and the allocation must come back with its bytes): a
-    /// program that frees and allocates without ever syncing grows.
+    /// when it returns. A slot allocated before the latest
+    /// [`sync`](Self::sync) began is handed out again only after a later
+    /// sync completes (until then a power loss may revert the free, and the
+    /// allocation must come back with its bytes); one allocated since is
+    /// reusable at once (no sync promised it: see `Fresh`).
     ///
     /// Drop every [`Pin`] of the allocation before freeing it: a pin kept
     /// past the free still maps the bytes, which a later allocation (or
@@ -426,11 +508,24 @@ impl SegmentAllocator {
         if !seg.is_live(slot) {
             return Err(self.double_free(handle));
         }
-        // The slot stays held until a sync makes this free durable.
         seg.clear_live(slot);
-        st.released.slots.push((seg_id, slot));
         st.live_per_class[seg.class_id as usize] -= 1;
         st.stats.frees += 1;
+        if !st.fresh.take(seg_id, slot) {
+            // Covered by a sync: held until a sync makes this free durable.
+            st.released.slots.push((seg_id, slot));
+            return Ok(());
+        }
+        seg.unhold(slot);
+        let avail = &mut st.avail[seg.class_id as usize];
+        if !seg.in_avail {
+            seg.in_avail = true;
+            avail.push(seg_id);
+        }
+        // One segment with room is never released: skip the scan.
+        if seg.held == 0 && avail.len() > 1 {
+            self.release_if_spare(st, seg_id);
+        }
         Ok(())
     }
 
