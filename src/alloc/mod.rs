@@ -248,6 +248,15 @@ pub struct SegmentAllocator {
 
 #[cold]
 #[inline(never)]
+fn not_live(handle: Handle) -> Error {
+    Error::NotAllocated {
+        handle,
+        reason: "slot is free",
+    }
+}
+
+#[cold]
+#[inline(never)]
 fn invalid_size(size: u64) -> Error {
     Error::InvalidSize { size }
 }
@@ -321,7 +330,7 @@ impl SegmentAllocator {
 
     /// Take a free slot of `class_id` from an existing segment (sync, no
     /// syscall). `None` when the class needs a new segment.
-    #[inline]
+    #[inline(always)]
     fn take_slot(&self, class_id: u8) -> Option<(Handle, FileId)> {
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
@@ -420,10 +429,7 @@ impl SegmentAllocator {
                     armed: true,
                     hidden: false,
                 };
-                let pin = match self
-                    .mm
-                    .try_pin(fid, handle.offset, handle.length as u64, true)?
-                {
+                let pin = match self.mm.pin_mapped(fid, handle.offset, handle.length as u64) {
                     Some(p) => p,
                     None => {
                         // Not live while its window faults in: a handle of
@@ -464,20 +470,26 @@ impl SegmentAllocator {
         let Some((handle, fid)) = self.take_slot(class_id) else {
             return Ok(None);
         };
-        match self
-            .mm
-            .try_pin(fid, handle.offset, handle.length as u64, true)
-        {
-            Ok(Some(pin)) => Ok(Some(Allocation { handle, pin })),
-            Ok(None) => {
-                self.release_slot(handle, true);
-                Ok(None)
-            }
-            Err(e) => {
-                self.release_slot(handle, true);
-                Err(e)
-            }
+        match self.mm.pin_mapped(fid, handle.offset, handle.length as u64) {
+            Some(pin) => Ok(Some(Allocation { handle, pin })),
+            None => self.try_allocate_unmapped(handle, fid),
         }
+    }
+
+    /// [`try_allocate`](Self::try_allocate) of a slot whose window is not
+    /// mapped (or not reserved yet): give the slot back, with the error
+    /// [`MappingManager::try_pin`] reports, if any.
+    #[cold]
+    #[inline(never)]
+    fn try_allocate_unmapped(&self, handle: Handle, fid: FileId) -> Result<Option<Allocation>> {
+        let r = self
+            .mm
+            .try_pin(fid, handle.offset, handle.length as u64, true);
+        if let Ok(Some(pin)) = r {
+            return Ok(Some(Allocation { handle, pin }));
+        }
+        self.release_slot(handle, true);
+        r.map(|_| None)
     }
 
     /// Free an allocation of this shard. Durable against a process crash
@@ -546,15 +558,13 @@ impl SegmentAllocator {
         }
     }
 
+    #[inline]
     fn check_live(&self, handle: &Handle) -> Result<FileId> {
         let st = self.st.borrow();
         let (seg_id, slot) = self.locate(&st, handle)?;
         let seg = st.segments[seg_id as usize].as_ref().expect("located");
         if !seg.is_live(slot) {
-            return Err(Error::NotAllocated {
-                handle: *handle,
-                reason: "slot is free",
-            });
+            return Err(not_live(*handle));
         }
         Ok(seg.file_id)
     }
@@ -568,6 +578,9 @@ impl SegmentAllocator {
     /// a freed one), plus the errors of [`MappingManager::pin`].
     pub async fn pin(&self, handle: Handle) -> Result<Pin> {
         let fid = self.check_live(&handle)?;
+        if let Some(p) = self.mm.pin_mapped(fid, handle.offset, handle.length as u64) {
+            return Ok(p);
+        }
         let writable = !self.files.is_read_only();
         if let Some(p) = self
             .mm
@@ -585,8 +598,12 @@ impl SegmentAllocator {
     /// # Errors
     ///
     /// As [`pin`](Self::pin).
+    #[inline]
     pub fn try_pin(&self, handle: Handle) -> Result<Option<Pin>> {
         let fid = self.check_live(&handle)?;
+        if let Some(p) = self.mm.pin_mapped(fid, handle.offset, handle.length as u64) {
+            return Ok(Some(p));
+        }
         self.mm.try_pin(
             fid,
             handle.offset,

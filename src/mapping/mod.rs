@@ -237,6 +237,8 @@ pub struct MappingManager {
     /// `log2(window_bytes)` when it is a power of two.
     window_shift: Option<u32>,
     shared: Rc<Shared>,
+    /// The registry is read-only (fixed at its creation).
+    read_only: bool,
 }
 
 /// Outcome of the synchronous part of a pin.
@@ -281,7 +283,6 @@ impl MappingManager {
                     ..MappingStats::default()
                 },
             }),
-            files,
             ring,
             window_shift: cfg
                 .window_bytes
@@ -289,6 +290,8 @@ impl MappingManager {
                 .then(|| cfg.window_bytes.trailing_zeros()),
             cfg,
             shared: Rc::new(Shared::default()),
+            read_only: files.is_read_only(),
+            files,
         }
     }
 
@@ -412,6 +415,43 @@ impl MappingManager {
         Ok(m.files[i].as_mut().expect("just set"))
     }
 
+    /// The allocator's hot path: a writable pin of `[offset, offset + len)`
+    /// of `file` when its window is mapped and the range reserved; `None`
+    /// otherwise, also for a range [`try_pin`](Self::try_pin) would refuse
+    /// (it then says why). Counts as a use of the window, like `try_pin`.
+    #[inline]
+    pub(crate) fn pin_mapped(&self, file: FileId, offset: u64, len: u64) -> Option<Pin> {
+        let end = offset.checked_add(len)?;
+        let idx = self.window_of(offset);
+        if self.read_only || len == 0 || idx != self.window_of(end - 1) {
+            return None;
+        }
+        let mut m = self.inner.borrow_mut();
+        let m = &mut *m;
+        let Some(Some(fm)) = m.files.get(file.0 as usize) else {
+            return None;
+        };
+        let Some(Slot::Mapped(w)) = fm.windows.get(usize::try_from(idx).ok()?) else {
+            return None;
+        };
+        if end > fm.reserved.get() {
+            return None;
+        }
+        m.tick += 1;
+        w.last_use.set(m.tick);
+        w.uses.set(w.uses.get() + 1);
+        w.referenced.set(true);
+        m.stats.fast_pins += 1;
+        let win_off = offset - idx * self.cfg.window_bytes;
+        Some(Pin::new(
+            w,
+            win_off as usize,
+            len as usize,
+            true,
+            Location::caller(),
+        ))
+    }
+
     #[inline]
     fn fast(
         &self,
@@ -422,7 +462,7 @@ impl MappingManager {
         site: &'static Location<'static>,
     ) -> Result<Fast> {
         let idx = self.check_range(file, offset, len)?;
-        if writable && self.files.is_read_only() {
+        if writable && self.read_only {
             return Err(Error::ReadOnly("writable pin of a read-only mapping"));
         }
         let mut m = self.inner.borrow_mut();
