@@ -15,24 +15,41 @@ async fn alloc(shard: &Shard) -> Handle {
     shard.allocate(100).await.unwrap().into_handle()
 }
 
-/// Poll `f` once (its io submitted, perhaps not complete) and return it.
-fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> Option<F::Output> {
-    let waker = futures::task::noop_waker();
-    match f.poll(&mut Context::from_waker(&waker)) {
-        Poll::Ready(v) => Some(v),
-        Poll::Pending => None,
-    }
-}
-
-#[test]
-fn a_slot_freed_before_any_sync_is_reused_at_once() {
+/// Run `body` on a fresh one-shard directory.
+fn on_shard(body: impl AsyncFnOnce(&Shard)) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = small_cfg(dir.path());
     run(async {
         let shard = open_shard(&cfg).await.unwrap();
-        let a = alloc(&shard).await;
+        body(&shard).await;
+    });
+}
+
+/// Begin a sync (polled once: its io submitted, perhaps not complete), run
+/// `during`, then let the sync finish (`finish`) or drop it.
+async fn during_sync<T>(shard: &Shard, finish: bool, during: impl AsyncFnOnce() -> T) -> T {
+    let mut s = pin!(shard.sync());
+    let waker = futures::task::noop_waker();
+    let done = match s.as_mut().poll(&mut Context::from_waker(&waker)) {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => None,
+    };
+    let out = during().await;
+    if finish {
+        match done {
+            Some(r) => r.unwrap(),
+            None => s.await.unwrap(),
+        }
+    }
+    out
+}
+
+#[test]
+fn a_slot_freed_before_any_sync_is_reused_at_once() {
+    on_shard(async |shard| {
+        let a = alloc(shard).await;
         shard.free(a).unwrap();
-        let b = alloc(&shard).await;
+        let b = alloc(shard).await;
         assert_eq!(a, b, "a never-synced slot is reused at once");
         // A LIFO loop without sync stays in one slot: no growth.
         shard.free(b).unwrap();
@@ -44,7 +61,7 @@ fn a_slot_freed_before_any_sync_is_reused_at_once() {
         let st = shard.stats().alloc;
         assert_eq!((st.segments, st.allocations_live), (1, 0));
         // Still live and freeable exactly once.
-        let c = alloc(&shard).await;
+        let c = alloc(shard).await;
         assert!(shard.pin(c).await.is_ok());
         shard.free(c).unwrap();
         assert!(shard.free(c).is_err(), "double free refused");
@@ -53,101 +70,73 @@ fn a_slot_freed_before_any_sync_is_reused_at_once() {
 
 #[test]
 fn a_slot_freed_after_a_completed_sync_waits_for_the_next() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = small_cfg(dir.path());
-    run(async {
-        let shard = open_shard(&cfg).await.unwrap();
-        let a = alloc(&shard).await;
+    on_shard(async |shard| {
+        let a = alloc(shard).await;
         shard.sync().await.unwrap();
         shard.free(a).unwrap();
-        let b = alloc(&shard).await;
+        let b = alloc(shard).await;
         assert_ne!(
             a, b,
             "a synced allocation's slot waits for its free to be durable"
         );
         // `b` was never synced: its slot comes back at once.
         shard.free(b).unwrap();
-        assert_eq!(alloc(&shard).await, b);
+        assert_eq!(alloc(shard).await, b);
         shard.sync().await.unwrap();
-        assert_eq!(alloc(&shard).await, a, "reused once the free is durable");
+        assert_eq!(alloc(shard).await, a, "reused once the free is durable");
     });
 }
 
 #[test]
 fn a_free_made_while_a_sync_runs_waits_for_a_later_sync() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = small_cfg(dir.path());
-    run(async {
-        let shard = open_shard(&cfg).await.unwrap();
-        let a = alloc(&shard).await;
-        let mut s = pin!(shard.sync());
-        let done = poll_once(s.as_mut());
+    on_shard(async |shard| {
+        let a = alloc(shard).await;
         // The sync began (and may have finished under the sync backend):
         // it may cover `a`'s allocation, so `a`'s free is deferred.
-        shard.free(a).unwrap();
-        let b = alloc(&shard).await;
-        assert_ne!(a, b);
-        match done {
-            Some(r) => r.unwrap(),
-            None => s.await.unwrap(),
-        }
-        let c = alloc(&shard).await;
+        during_sync(shard, true, async || {
+            shard.free(a).unwrap();
+            assert_ne!(alloc(shard).await, a);
+        })
+        .await;
+        let c = alloc(shard).await;
         assert_ne!(a, c, "the free came after the sync began: not durable yet");
         shard.sync().await.unwrap();
-        assert_eq!(alloc(&shard).await, a);
+        assert_eq!(alloc(shard).await, a);
     });
 }
 
 #[test]
 fn a_dropped_sync_still_defers_frees_of_older_allocations() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = small_cfg(dir.path());
-    run(async {
-        let shard = open_shard(&cfg).await.unwrap();
-        let a = alloc(&shard).await;
-        {
-            let mut s = pin!(shard.sync());
-            let _ = poll_once(s.as_mut());
-        }
+    on_shard(async |shard| {
+        let a = alloc(shard).await;
+        during_sync(shard, false, async || {}).await;
         shard.free(a).unwrap();
-        let b = alloc(&shard).await;
+        let b = alloc(shard).await;
         assert_ne!(a, b, "a dropped sync may have flushed `a`'s bit");
     });
 }
 
 #[test]
 fn an_allocation_made_while_a_sync_runs_is_reused_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = small_cfg(dir.path());
-    run(async {
-        let shard = open_shard(&cfg).await.unwrap();
-        let mut s = pin!(shard.sync());
-        let done = poll_once(s.as_mut());
+    on_shard(async |shard| {
         // Made after the sync began: no sync promises it.
-        let a = alloc(&shard).await;
-        match done {
-            Some(r) => r.unwrap(),
-            None => s.await.unwrap(),
-        }
+        let a = during_sync(shard, true, async || alloc(shard).await).await;
         shard.free(a).unwrap();
-        assert_eq!(alloc(&shard).await, a);
+        assert_eq!(alloc(shard).await, a);
     });
 }
 
 #[test]
 fn fresh_and_synced_frees_mix_without_overlap() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = small_cfg(dir.path());
-    run(async {
-        let shard = open_shard(&cfg).await.unwrap();
+    on_shard(async |shard| {
         let mut old = Vec::new();
         for _ in 0..300 {
-            old.push(alloc(&shard).await);
+            old.push(alloc(shard).await);
         }
         shard.sync().await.unwrap();
         let mut fresh = Vec::new();
         for _ in 0..300 {
-            fresh.push(alloc(&shard).await);
+            fresh.push(alloc(shard).await);
         }
         // Free every other one of both groups.
         for h in old.iter().chain(&fresh).step_by(2) {
@@ -155,7 +144,7 @@ fn fresh_and_synced_frees_mix_without_overlap() {
         }
         let mut again = Vec::new();
         for _ in 0..150 {
-            again.push(alloc(&shard).await);
+            again.push(alloc(shard).await);
         }
         let freed_fresh: Vec<Handle> = fresh.iter().step_by(2).copied().collect();
         let mut sorted = again.clone();
