@@ -126,6 +126,23 @@ struct State {
     stats: AllocStats,
     /// Slots taken since the latest sync began (reusable at once when freed).
     fresh: Fresh,
+    /// Per class, the last chunk prefaulted ahead (`(file, chunk index)`).
+    prefaulted: Prefaulted,
+}
+
+/// Bytes the allocator faults in ahead of a class's bump position, one
+/// chunk at a time: when a slot opens chunk `c`, chunk `c + 1` is faulted in
+/// through the ring (`MappingManager::prefault`), so a fill writes to pages
+/// that are already mapped.
+const PREFAULT_CHUNK_BYTES: u64 = 256 * 1024;
+
+/// Per class, the last chunk prefaulted.
+struct Prefaulted([(FileId, u64); CLASS_COUNT]);
+
+impl Default for Prefaulted {
+    fn default() -> Self {
+        Prefaulted([(FileId(u32::MAX), u64::MAX); CLASS_COUNT])
+    }
 }
 
 /// The slots taken since the latest sync began: "fresh" ones.
@@ -362,6 +379,32 @@ impl SegmentAllocator {
         }
     }
 
+    /// Fault the chunk after `h`'s in ahead of use when `h` is the first
+    /// slot of its class in its chunk (small slots only).
+    #[inline(always)]
+    fn prefault_ahead(&self, h: &Handle, fid: FileId) {
+        let len = u64::from(h.length);
+        if len < PREFAULT_CHUNK_BYTES && h.offset % PREFAULT_CHUNK_BYTES < len {
+            self.prefault_next_chunk(h, fid);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn prefault_next_chunk(&self, h: &Handle, fid: FileId) {
+        let next = h.offset / PREFAULT_CHUNK_BYTES + 1;
+        {
+            let mut st = self.st.borrow_mut();
+            let last = &mut st.prefaulted.0[h.class_id as usize];
+            if *last == (fid, next) {
+                return;
+            }
+            *last = (fid, next);
+        }
+        self.mm
+            .prefault(fid, next * PREFAULT_CHUNK_BYTES, PREFAULT_CHUNK_BYTES);
+    }
+
     /// Set or clear the durable bit of a held slot that `allocate` has not
     /// handed out yet.
     #[cold]
@@ -448,6 +491,7 @@ impl SegmentAllocator {
                     }
                 };
                 guard.armed = false;
+                self.prefault_ahead(&handle, fid);
                 return Ok(Allocation { handle, pin });
             }
             self.new_segment(class_id).await?;
@@ -471,7 +515,10 @@ impl SegmentAllocator {
             return Ok(None);
         };
         match self.mm.pin_mapped(fid, handle.offset, handle.length as u64) {
-            Some(pin) => Ok(Some(Allocation { handle, pin })),
+            Some(pin) => {
+                self.prefault_ahead(&handle, fid);
+                Ok(Some(Allocation { handle, pin }))
+            }
             None => self.try_allocate_unmapped(handle, fid),
         }
     }

@@ -148,6 +148,7 @@ impl SegmentAllocator {
                 live_per_class: [0; CLASS_COUNT],
                 stats: AllocStats::default(),
                 fresh: Default::default(),
+                prefaulted: Default::default(),
             }),
             poisoned: Cell::new(false),
             writable: Cell::new(writable),

@@ -97,6 +97,9 @@ pub struct MappingStats {
     /// Bytes prefaulted with `MADV_POPULATE_WRITE` (file systems without
     /// `fallocate`).
     pub populated_bytes: u64,
+    /// Ranges faulted in ahead of the allocator's bump position
+    /// (`MADV_POPULATE_WRITE` through the ring).
+    pub prefaults: u64,
     /// Fault-ins of a window evicted recently (among the last
     /// `2 × max_extents` evictions): the working set is larger than the cap.
     pub thrash_faults: u64,
@@ -239,7 +242,13 @@ pub struct MappingManager {
     shared: Rc<Shared>,
     /// The registry is read-only (fixed at its creation).
     read_only: bool,
+    /// Prefaults in flight ([`prefault`](Self::prefault)); empty unless the
+    /// ring is io_uring.
+    prefaults: RefCell<Vec<crate::io::Op>>,
 }
+
+/// Prefaults in flight at most: more are skipped.
+const PREFAULTS_MAX: usize = 4;
 
 /// Outcome of the synchronous part of a pin.
 enum Fast {
@@ -291,6 +300,7 @@ impl MappingManager {
             cfg,
             shared: Rc::new(Shared::default()),
             read_only: files.is_read_only(),
+            prefaults: RefCell::new(Vec::new()),
             files,
         }
     }
@@ -568,6 +578,14 @@ impl MappingManager {
 
     async fn wait_pressure(&self, deadline: Instant) -> Result<()> {
         self.inner.borrow_mut().stats.pressure_waits += 1;
+        // Prefaults hold their windows: drop them (one the ring has not
+        // reaped yet is abandoned, and settled below next time), and look
+        // again for an idle window.
+        let prefaults = std::mem::take(&mut *self.prefaults.borrow_mut());
+        if !prefaults.is_empty() {
+            drop(prefaults);
+            return Ok(());
+        }
         let wait = self.shared.pressure.wait();
         // A pin future dropped mid-fault leaves its window to the ring (held
         // by the advice still in flight) until the ring reaps that operation,
@@ -621,6 +639,56 @@ impl MappingManager {
         // SAFETY: the range lies inside `win`'s mapping, which `hold` keeps
         // alive until the op completes; the callers' advice discards nothing.
         unsafe { self.ring.madvise(hold, addr, len, advice) }
+    }
+
+    /// Fault `[offset, offset + len)` of `file` in writable ahead of use,
+    /// clipped to its window and the file's reserved bytes, with
+    /// `MADV_POPULATE_WRITE` through the io_uring ring: the kernel's io
+    /// workers take the page faults, not this thread. Nothing is done when
+    /// the window is not mapped, the files are read-only, the ring is the
+    /// sync backend (the syscall would block this thread), or
+    /// [`PREFAULTS_MAX`] are in flight. Nothing waits for it; a failure
+    /// (`EINVAL` before Linux 5.14) only means the pages fault on first touch.
+    pub(crate) fn prefault(&self, file: FileId, offset: u64, len: u64) {
+        if self.read_only || self.ring.backend() != crate::io::IoBackend::Uring {
+            return;
+        }
+        let mut ops = self.prefaults.borrow_mut();
+        // Completed ones are dropped (polling reaps them).
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        ops.retain_mut(|op| std::pin::Pin::new(op).poll(&mut cx).is_pending());
+        if ops.len() >= PREFAULTS_MAX {
+            return;
+        }
+        let idx = self.window_of(offset);
+        let w = self.cfg.window_bytes;
+        let win = {
+            let m = self.inner.borrow();
+            let Some(Some(fm)) = m.files.get(file.0 as usize) else {
+                return;
+            };
+            let end = offset
+                .saturating_add(len)
+                .min((idx + 1) * w)
+                .min(fm.reserved.get());
+            match usize::try_from(idx).ok().and_then(|i| fm.windows.get(i)) {
+                Some(Slot::Mapped(win)) if end > offset => (WindowRef::new(win), end),
+                _ => return,
+            }
+        };
+        let (win, end) = win;
+        let page = crate::sys::page_size() as u64;
+        let from = (offset - idx * w) / page * page;
+        let to = (end - idx * w).div_ceil(page) * page;
+        let to = to.min(win.len as u64);
+        ops.push(self.advise(
+            &win,
+            from as usize,
+            (to - from) as usize,
+            crate::sys::MADV_POPULATE_WRITE,
+        ));
+        self.inner.borrow_mut().stats.prefaults += 1;
     }
 
     /// Issue `MADV_WILLNEED` through the ring for each `(offset, len)` range
