@@ -22,6 +22,7 @@
 //! cargo run --release --example compare                        # about a minute
 //! cargo run --release --example compare -- --records 10000000  # the 10M fill
 //! cargo run --release --example compare -- --json              # one JSON object on the last line
+//! cargo run --release --example compare -- --fill-only --madvise random  # fills under another advice
 //! ```
 
 #[path = "../benches/alloc_workload.rs"]
@@ -34,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use segalloc::{Config, Error, Runtime, Shard};
+use segalloc::{Config, Error, MadvisePolicy, Runtime, Shard};
 use work::{MIX_SEED, PAIR_BYTES};
 
 #[derive(Parser, Debug)]
@@ -70,6 +71,22 @@ struct Args {
     /// Print one JSON object on the last line.
     #[arg(long)]
     json: bool,
+    /// Whole-window advice of segalloc's windows: normal, random or
+    /// sequential.
+    #[arg(long, default_value = "normal", value_parser = parse_advice)]
+    madvise: MadvisePolicy,
+    /// Run the fill patterns only.
+    #[arg(long)]
+    fill_only: bool,
+}
+
+fn parse_advice(s: &str) -> Result<MadvisePolicy, String> {
+    match s {
+        "normal" => Ok(MadvisePolicy::Normal),
+        "random" => Ok(MadvisePolicy::Random),
+        "sequential" => Ok(MadvisePolicy::Sequential),
+        _ => Err(format!("{s}: expected normal, random or sequential")),
+    }
 }
 
 type BoxError = Box<dyn std::error::Error>;
@@ -103,6 +120,7 @@ fn runtime(args: &Args, shards: usize) -> Result<(tempfile::TempDir, Runtime), B
     let dir = tempdir(args)?;
     let cfg = Config::builder(dir.path().join("d"))
         .shards(shards)
+        .madvise_policy(args.madvise)
         .build()?;
     Ok((dir, Runtime::start(cfg)?))
 }
@@ -565,15 +583,17 @@ fn main() -> Result<(), BoxError> {
         .unwrap_or(1);
     let (mut d, mut g) = (Vec::new(), Vec::new());
     fills(&args, cores, &mut d, &mut g)?;
-    allocator(&args, &mut g)?;
-    sweep(&args, cores, &mut g)?;
-    let (w, n, rate, why) = old_design_run(&args)?;
-    d.push(design(
-        "old design: open+mmap per segment",
-        rate,
-        "records/s",
-        format!("{w} records in {n} segments; {why}"),
-    ));
+    if !args.fill_only {
+        allocator(&args, &mut g)?;
+        sweep(&args, cores, &mut g)?;
+        let (w, n, rate, why) = old_design_run(&args)?;
+        d.push(design(
+            "old design: open+mmap per segment",
+            rate,
+            "records/s",
+            format!("{w} records in {n} segments; {why}"),
+        ));
+    }
     if args.json {
         println!("{}", to_json(&args, cores, &d, &g));
     } else {

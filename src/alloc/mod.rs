@@ -136,6 +136,14 @@ struct State {
 /// that are already mapped.
 const PREFAULT_CHUNK_BYTES: u64 = 256 * 1024;
 
+/// A slot [`SegmentAllocator::take_slot`] took.
+struct Taken {
+    handle: Handle,
+    fid: FileId,
+    /// The chunk of the data file to fault in ahead, if any.
+    prefault: Option<u64>,
+}
+
 /// Per class, the last chunk prefaulted.
 struct Prefaulted([(FileId, u64); CLASS_COUNT]);
 
@@ -348,7 +356,7 @@ impl SegmentAllocator {
     /// Take a free slot of `class_id` from an existing segment (sync, no
     /// syscall). `None` when the class needs a new segment.
     #[inline(always)]
-    fn take_slot(&self, class_id: u8) -> Option<(Handle, FileId)> {
+    fn take_slot(&self, class_id: u8) -> Option<Taken> {
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
         let avail = &mut st.avail[class_id as usize];
@@ -375,34 +383,32 @@ impl SegmentAllocator {
             st.fresh.mark(seg_id, slot);
             st.live_per_class[class_id as usize] += 1;
             st.stats.allocs += 1;
-            return Some((handle, seg.file_id));
+            // The first slot of its class in a chunk (small slots only):
+            // the next chunk is to be faulted in, once.
+            let len = u64::from(handle.length);
+            let mut prefault = None;
+            if len < PREFAULT_CHUNK_BYTES && handle.offset % PREFAULT_CHUNK_BYTES < len {
+                let next = (seg.file_id, handle.offset / PREFAULT_CHUNK_BYTES + 1);
+                let last = &mut st.prefaulted.0[class_id as usize];
+                if *last != next {
+                    *last = next;
+                    prefault = Some(next.1);
+                }
+            }
+            return Some(Taken {
+                handle,
+                fid: seg.file_id,
+                prefault,
+            });
         }
     }
 
-    /// Fault the chunk after `h`'s in ahead of use when `h` is the first
-    /// slot of its class in its chunk (small slots only).
-    #[inline(always)]
-    fn prefault_ahead(&self, h: &Handle, fid: FileId) {
-        let len = u64::from(h.length);
-        if len < PREFAULT_CHUNK_BYTES && h.offset % PREFAULT_CHUNK_BYTES < len {
-            self.prefault_next_chunk(h, fid);
-        }
-    }
-
+    /// Fault chunk `chunk` of `fid` in ahead of use.
     #[cold]
     #[inline(never)]
-    fn prefault_next_chunk(&self, h: &Handle, fid: FileId) {
-        let next = h.offset / PREFAULT_CHUNK_BYTES + 1;
-        {
-            let mut st = self.st.borrow_mut();
-            let last = &mut st.prefaulted.0[h.class_id as usize];
-            if *last == (fid, next) {
-                return;
-            }
-            *last = (fid, next);
-        }
+    fn prefault_chunk(&self, fid: FileId, chunk: u64) {
         self.mm
-            .prefault(fid, next * PREFAULT_CHUNK_BYTES, PREFAULT_CHUNK_BYTES);
+            .prefault(fid, chunk * PREFAULT_CHUNK_BYTES, PREFAULT_CHUNK_BYTES);
     }
 
     /// Set or clear the durable bit of a held slot that `allocate` has not
@@ -465,7 +471,12 @@ impl SegmentAllocator {
             return Err(invalid_size(size));
         };
         loop {
-            if let Some((handle, fid)) = self.take_slot(class_id) {
+            if let Some(Taken {
+                handle,
+                fid,
+                prefault,
+            }) = self.take_slot(class_id)
+            {
                 let mut guard = SlotGuard {
                     alloc: self,
                     handle,
@@ -491,7 +502,9 @@ impl SegmentAllocator {
                     }
                 };
                 guard.armed = false;
-                self.prefault_ahead(&handle, fid);
+                if let Some(chunk) = prefault {
+                    self.prefault_chunk(fid, chunk);
+                }
                 return Ok(Allocation { handle, pin });
             }
             self.new_segment(class_id).await?;
@@ -511,12 +524,19 @@ impl SegmentAllocator {
         let Some(class_id) = classes::class_of(size) else {
             return Err(invalid_size(size));
         };
-        let Some((handle, fid)) = self.take_slot(class_id) else {
+        let Some(Taken {
+            handle,
+            fid,
+            prefault,
+        }) = self.take_slot(class_id)
+        else {
             return Ok(None);
         };
         match self.mm.pin_mapped(fid, handle.offset, handle.length as u64) {
             Some(pin) => {
-                self.prefault_ahead(&handle, fid);
+                if let Some(chunk) = prefault {
+                    self.prefault_chunk(fid, chunk);
+                }
                 Ok(Some(Allocation { handle, pin }))
             }
             None => self.try_allocate_unmapped(handle, fid),
