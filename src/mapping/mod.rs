@@ -429,7 +429,7 @@ impl MappingManager {
     /// of `file` when its window is mapped and the range reserved; `None`
     /// otherwise, also for a range [`try_pin`](Self::try_pin) would refuse
     /// (it then says why). Counts as a use of the window, like `try_pin`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn pin_mapped(&self, file: FileId, offset: u64, len: u64) -> Option<Pin> {
         let end = offset.checked_add(len)?;
         let idx = self.window_of(offset);
