@@ -17,29 +17,41 @@
 //!   (forwarded back to shard 0), or shard 0 frees them itself. Time until
 //!   every free is applied. Goal: cross ≥ 0.8× local.
 //!
+//! * `fill/raw_ceiling`: the same fill into a file reserved with
+//!   `fallocate`, mapped shared, bump pointer at segalloc's slot stride
+//!   (dirty pages written back after each sample). Goal: segalloc ≥ 0.8×.
+//! * `fill_shards/shards=N`: the fill on every shard at once, for
+//!   N = 1 and every core. Goal: ≥ 0.9 efficiency.
+//! * `pin/segalloc`: pin + unpin of a mapped slot. Goal: ≤ 10 ns.
+//! * `sweep/shards=N`: the shard sweep with 1 free in 4 across shards
+//!   (`benches/sweep_workload.rs`). Goal: ≥ 0.9 efficiency.
+//!
 //! `cargo bench --bench alloc` (or `-- --quick`). One shard (two for
 //! `producer_consumer`), default 1 GiB windows, the io backend from
-//! `SEGALLOC_IO`. `malloc` is the system allocator (glibc).
+//! `SEGALLOC_IO`. `malloc` is the system allocator (glibc). The loops are
+//! shared with `examples/compare.rs` (`benches/alloc_workload.rs`).
 
-use std::alloc::Layout;
-use std::hint::black_box;
+#[path = "alloc_workload.rs"]
+mod work;
+#[path = "sweep_workload.rs"]
+mod workload;
+
+use std::future::Future;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use segalloc::config::MIB;
-use segalloc::{Allocation, Config, DataDir, Error, Handle, Runtime, Shard};
-use tokio::sync::mpsc::unbounded_channel;
+use segalloc::{Config, DataDir, Runtime, Shard};
+use work::{MIX_SEED, PAIR_BYTES, RECORD_BYTES};
 
-const RECORD_BYTES: u64 = 100;
 const MIX_LIVE: u64 = 1_000_000;
-const MIX_BYTES_MIN: u64 = 16;
-const MIX_BYTES_MAX: u64 = 4096;
 
+/// One shard on this thread, driven by `block_on`.
 struct Bench {
     rt: tokio::runtime::Runtime,
     local: tokio::task::LocalSet,
     shard: Shard,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Bench {
@@ -62,120 +74,35 @@ impl Bench {
             rt,
             local,
             shard,
-            _dir: dir,
+            dir,
         }
     }
 
-    /// The hot path, falling back to the async path when it must.
-    #[inline]
-    fn alloc(&self, size: u64) -> Allocation {
-        match self.shard.try_allocate(size).expect("try_allocate") {
-            Some(a) => a,
-            None => self
-                .local
-                .block_on(&self.rt, self.shard.allocate(size))
-                .expect("allocate"),
-        }
-    }
-
-    fn free_all(&self, hs: Vec<Handle>) {
-        for h in hs {
-            self.shard.free(h).expect("free");
-        }
-    }
-
-    /// Allocate `live` slots of `size` (touching each), then free every
-    /// other one: segments exist, windows are mapped, and the class has
-    /// free slots spread over its segments.
-    fn warm(&self, size: u64, live: usize) -> Vec<Handle> {
-        let hs: Vec<_> = (0..live)
-            .map(|i| {
-                let a = self.alloc(size);
-                a.write_at(0, &(i as u64).to_le_bytes()).expect("write");
-                a.into_handle()
-            })
-            .collect();
-        let (kept, freed): (Vec<_>, Vec<_>) = hs.iter().enumerate().partition(|(i, _)| i % 2 == 1);
-        self.free_all(freed.into_iter().map(|(_, h)| *h).collect());
-        kept.into_iter().map(|(_, h)| *h).collect()
-    }
-
-    /// Allocate and write `n` records.
-    fn fill(&self, n: u64, payload: &[u8]) -> Vec<Handle> {
-        (0..n)
-            .map(|_| {
-                let a = self.alloc(payload.len() as u64);
-                a.write_at(0, payload).expect("write");
-                a.into_handle()
-            })
-            .collect()
-    }
-}
-
-fn layout(size: u64) -> Layout {
-    Layout::from_size_align(size as usize, 16).expect("layout")
-}
-
-fn malloc(size: u64) -> *mut u8 {
-    // SAFETY: every layout used here has a non-zero size.
-    let p = unsafe { std::alloc::alloc(layout(size)) };
-    assert!(!p.is_null(), "out of memory");
-    p
-}
-
-/// # Safety
-///
-/// `p` came from [`malloc`] with this `size` and is not used again.
-unsafe fn free(p: *mut u8, size: u64) {
-    // SAFETY: the caller's contract.
-    unsafe { std::alloc::dealloc(p, layout(size)) };
-}
-
-/// `n` records of `payload` from malloc, written.
-fn malloc_fill(n: u64, payload: &[u8]) -> Vec<*mut u8> {
-    (0..n)
-        .map(|_| {
-            let p = malloc(payload.len() as u64);
-            // SAFETY: `p` points to `payload.len()` writable bytes.
-            unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), p, payload.len()) };
-            p
-        })
-        .collect()
-}
-
-fn malloc_free_all(ps: Vec<*mut u8>, size: u64) {
-    for p in ps {
-        // SAFETY: each pointer came from `malloc(size)` and is freed once.
-        unsafe { free(p, size) };
+    fn run<T>(&self, f: impl Future<Output = Result<T, segalloc::Error>>) -> T {
+        self.local.block_on(&self.rt, f).expect("workload")
     }
 }
 
 fn lifo(c: &mut Criterion) {
     let b = Bench::new();
+    let s = &b.shard;
     let mut g = c.benchmark_group("lifo");
     g.measurement_time(Duration::from_secs(2));
     for (name, size, live) in [
-        ("64", 64u64, 100_000usize),
+        ("64", PAIR_BYTES, 100_000usize),
         ("256", 256, 100_000),
         ("1MiB", MIB, 8),
         ("16MiB", 16 * MIB, 8),
     ] {
-        let _pool = b.warm(size, live);
-        let sys_pool: Vec<*mut u8> = (0..live / 2).map(|_| malloc(size)).collect();
+        let _pool = b.run(work::warm(s, size, live));
+        let sys_pool: Vec<*mut u8> = (0..live / 2).map(|_| work::malloc(size)).collect();
         g.bench_with_input(BenchmarkId::new("segalloc", name), &size, |bch, &size| {
-            bch.iter(|| {
-                let h = b.alloc(black_box(size)).into_handle();
-                b.shard.free(black_box(h)).expect("free");
-            })
+            bch.iter_custom(|n| b.run(work::pairs(s, size, n)))
         });
         g.bench_with_input(BenchmarkId::new("malloc", name), &size, |bch, &size| {
-            bch.iter(|| {
-                let p = malloc(black_box(size));
-                // SAFETY: allocated just above with `size`.
-                unsafe { free(black_box(p), size) };
-            })
+            bch.iter_custom(|n| work::malloc_pairs(size, n))
         });
-        malloc_free_all(sys_pool, size);
+        work::malloc_free_all(sys_pool, size);
     }
     g.finish();
     let st = b.shard.stats();
@@ -190,28 +117,28 @@ fn lifo(c: &mut Criterion) {
 }
 
 /// Fill, free all and refill, each timed alone (the other phases run
-/// around it, untimed).
+/// around it, untimed); the fill also beside the raw-mmap ceiling.
 fn fill_free_refill(c: &mut Criterion) {
     let b = Bench::new();
+    let s = &b.shard;
     let payload = [0x5Au8; RECORD_BYTES as usize];
     let p = &payload;
+    let stride = b.run(work::allocate(s, RECORD_BYTES)).len() as u64;
     for phase in ["fill", "free_all", "refill"] {
         let mut g = c.benchmark_group(phase);
         g.measurement_time(Duration::from_secs(2));
         g.bench_function("segalloc", |bch| {
             bch.iter_custom(|n| {
                 if phase == "refill" {
-                    b.free_all(b.fill(n, p));
+                    work::free_all(s, b.run(work::fill(s, n, p))).expect("free");
                 }
                 let t = Instant::now();
-                let hs = b.fill(n, p);
+                let hs = b.run(work::fill(s, n, p));
                 let mut took = t.elapsed();
+                let t = Instant::now();
+                work::free_all(s, hs).expect("free");
                 if phase == "free_all" {
-                    let t = Instant::now();
-                    b.free_all(hs);
                     took = t.elapsed();
-                } else {
-                    b.free_all(hs);
                 }
                 took
             })
@@ -219,35 +146,71 @@ fn fill_free_refill(c: &mut Criterion) {
         g.bench_function("malloc", |bch| {
             bch.iter_custom(|n| {
                 if phase == "refill" {
-                    malloc_free_all(malloc_fill(n, p), RECORD_BYTES);
+                    work::malloc_free_all(work::malloc_fill(n, p), RECORD_BYTES);
                 }
                 let t = Instant::now();
-                let ps = malloc_fill(n, p);
+                let ps = work::malloc_fill(n, p);
                 let mut took = t.elapsed();
+                let t = Instant::now();
+                work::malloc_free_all(ps, RECORD_BYTES);
                 if phase == "free_all" {
-                    let t = Instant::now();
-                    malloc_free_all(ps, RECORD_BYTES);
                     took = t.elapsed();
-                } else {
-                    malloc_free_all(ps, RECORD_BYTES);
                 }
                 took
             })
         });
+        if phase == "fill" {
+            let path = b.dir.path().join("raw");
+            g.bench_function("raw_ceiling", |bch| {
+                bch.iter_custom(|n| {
+                    work::raw_fill(&path, stride, n, RECORD_BYTES, false).expect("raw fill")
+                })
+            });
+        }
         g.finish();
     }
 }
 
-/// xorshift64: the same sizes and victims for segalloc and malloc.
-fn next(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
-}
-
-fn mix_size(rng: &mut u64) -> u64 {
-    MIX_BYTES_MIN + next(rng) % (MIX_BYTES_MAX - MIX_BYTES_MIN + 1)
+/// The fill on every shard of a runtime at once.
+fn fill_shards(c: &mut Criterion) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut g = c.benchmark_group("fill_shards");
+    g.measurement_time(Duration::from_secs(3));
+    for shards in [1, cores] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = Config::builder(dir.path().join("d"))
+            .shards(shards)
+            .build()
+            .expect("config");
+        let rt = Runtime::start(cfg).expect("runtime");
+        g.throughput(Throughput::Elements(shards as u64));
+        g.bench_function(format!("shards={shards}"), |bch| {
+            bch.iter_custom(|n| {
+                let t = Instant::now();
+                let jobs: Vec<_> = (0..shards)
+                    .map(|i| {
+                        rt.spawn_on(i, move |s| async move {
+                            let hs = work::fill(&s, n, &[0x5A; RECORD_BYTES as usize]).await?;
+                            let took = Instant::now();
+                            work::free_all(&s, hs)?;
+                            Ok::<_, segalloc::Error>(took)
+                        })
+                    })
+                    .collect();
+                let mut done = t;
+                for j in jobs {
+                    done = done.max(
+                        futures::executor::block_on(j)
+                            .expect("shard")
+                            .expect("fill"),
+                    );
+                }
+                done - t
+            })
+        });
+        rt.shutdown().expect("shutdown");
+    }
+    g.finish();
 }
 
 /// Random mix over 1M live allocations of 16 B – 4 KiB.
@@ -256,92 +219,33 @@ fn mix(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(3));
     {
         let b = Bench::new();
-        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-        let mut hs: Vec<Handle> = (0..MIX_LIVE)
-            .map(|_| b.alloc(mix_size(&mut rng)).into_handle())
-            .collect();
+        let s = &b.shard;
+        let mut rng = MIX_SEED;
+        let mut hs = b.run(work::mix_fill(s, MIX_LIVE, &mut rng));
         g.bench_function("segalloc", |bch| {
-            bch.iter(|| {
-                let i = (next(&mut rng) % MIX_LIVE) as usize;
-                b.shard.free(hs[i]).expect("free");
-                hs[i] = b.alloc(mix_size(&mut rng)).into_handle();
-            })
+            bch.iter_custom(|n| b.run(work::mix(s, &mut hs, &mut rng, n)))
         });
-        b.free_all(hs);
+        work::free_all(s, hs).expect("free");
     }
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-    let mut ps: Vec<(*mut u8, u64)> = (0..MIX_LIVE)
-        .map(|_| {
-            let n = mix_size(&mut rng);
-            (malloc(n), n)
-        })
-        .collect();
+    let mut rng = MIX_SEED;
+    let mut ps = work::malloc_mix_fill(MIX_LIVE, &mut rng);
     g.bench_function("malloc", |bch| {
-        bch.iter(|| {
-            let i = (next(&mut rng) % MIX_LIVE) as usize;
-            // SAFETY: `ps[i]` came from `malloc` with its size; replaced below.
-            unsafe { free(ps[i].0, ps[i].1) };
-            let n = mix_size(&mut rng);
-            ps[i] = (malloc(n), n);
-        })
+        bch.iter_custom(|n| work::malloc_mix(&mut ps, &mut rng, n))
     });
-    for (p, n) in ps {
-        // SAFETY: each came from `malloc(n)` and is freed once.
-        unsafe { free(p, n) };
-    }
+    work::malloc_mix_free(ps);
     g.finish();
 }
 
-/// `n` records from shard 0 to shard 1 (which frees them, `cross`) or freed
-/// by shard 0 itself; time until every free is applied.
-fn producer_consumer_once(rt: &Runtime, n: u64, cross: bool) -> Duration {
-    let (tx, mut rx) = unbounded_channel::<Vec<Handle>>();
-    let t = Instant::now();
-    let producer = rt.spawn_on(0, move |s| async move {
-        let payload = [0x5Au8; RECORD_BYTES as usize];
-        let mut batch = Vec::with_capacity(1024);
-        for k in 0..n {
-            let a = match s.try_allocate(RECORD_BYTES)? {
-                Some(a) => a,
-                None => s.allocate(RECORD_BYTES).await?,
-            };
-            a.write_at(0, &payload)?;
-            batch.push(a.into_handle());
-            if batch.len() == 1024 || k + 1 == n {
-                let b = std::mem::replace(&mut batch, Vec::with_capacity(1024));
-                if cross {
-                    let _ = tx.send(b);
-                } else {
-                    b.into_iter().try_for_each(|h| s.free(h))?;
-                }
-                tokio::task::yield_now().await;
-            }
-        }
-        Ok::<_, Error>(())
+/// Pin + unpin of a mapped slot.
+fn pin(c: &mut Criterion) {
+    let b = Bench::new();
+    let s = &b.shard;
+    let h = b.run(work::allocate(s, PAIR_BYTES)).into_handle();
+    let mut g = c.benchmark_group("pin");
+    g.bench_function("segalloc", |bch| {
+        bch.iter_custom(|n| work::pins(s, h, n).expect("pin"))
     });
-    let consumer = rt.spawn_on(1, move |s| async move {
-        while let Some(b) = rx.recv().await {
-            for h in b {
-                s.free_async(h).await?;
-            }
-        }
-        s.flush_frees().await?;
-        Ok::<_, Error>(())
-    });
-    futures::executor::block_on(producer)
-        .expect("shard 0")
-        .expect("producer");
-    futures::executor::block_on(consumer)
-        .expect("shard 1")
-        .expect("consumer");
-    futures::executor::block_on(rt.spawn_on(0, |s| async move {
-        while s.live_count() > 0 {
-            s.drain_frees();
-            tokio::task::yield_now().await;
-        }
-    }))
-    .expect("shard 0");
-    t.elapsed()
+    g.finish();
 }
 
 fn producer_consumer(c: &mut Criterion) {
@@ -351,17 +255,50 @@ fn producer_consumer(c: &mut Criterion) {
         .build()
         .expect("config");
     let rt = Runtime::start(cfg).expect("runtime");
-    producer_consumer_once(&rt, 100_000, false);
+    work::producer_consumer(&rt, 100_000, RECORD_BYTES, false).expect("warm-up");
     let mut g = c.benchmark_group("producer_consumer");
     g.measurement_time(Duration::from_secs(3));
     for (name, cross) in [("cross", true), ("local", false)] {
         g.bench_function(name, |bch| {
-            bch.iter_custom(|n| producer_consumer_once(&rt, n, cross))
+            bch.iter_custom(|n| {
+                work::producer_consumer(&rt, n, RECORD_BYTES, cross).expect("producer/consumer")
+            })
         });
     }
     g.finish();
     rt.shutdown().expect("shutdown");
 }
 
-criterion_group!(benches, lifo, fill_free_refill, mix, producer_consumer);
+/// The shard sweep (1 free in 4 across shards), 1 shard and every core.
+fn sweep(c: &mut Criterion) {
+    const OPS: u64 = 100_000;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut g = c.benchmark_group("sweep");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    for shards in [1, cores] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = workload::start(dir.path(), shards).expect("runtime");
+        g.throughput(Throughput::Elements(OPS * shards as u64));
+        g.bench_function(format!("shards={shards}"), |bch| {
+            bch.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| workload::run_with(&rt, OPS, 64, 4).expect("run").elapsed)
+                    .sum()
+            })
+        });
+        rt.shutdown().expect("shutdown");
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    lifo,
+    fill_free_refill,
+    fill_shards,
+    mix,
+    pin,
+    producer_consumer,
+    sweep
+);
 criterion_main!(benches);

@@ -10,8 +10,6 @@ mod workload;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use segalloc::config::MIB;
-use segalloc::{Config, Runtime};
 
 const OPS: u64 = 100_000;
 
@@ -25,13 +23,7 @@ fn sweep(c: &mut Criterion) {
     g.sample_size(10).measurement_time(Duration::from_secs(5));
     for n in counts {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = Config::builder(dir.path().join("d"))
-            .shards(n)
-            .window_bytes(256 * MIB)
-            .build()
-            .expect("config");
-        let rt = Runtime::start(cfg).expect("runtime");
-        workload::run(&rt, 10_000, 64).expect("warm-up");
+        let rt = workload::start(dir.path(), n).expect("runtime");
         g.throughput(Throughput::Elements(OPS * n as u64));
         g.bench_function(format!("shards={n}"), |b| {
             b.iter_custom(|iters| {

@@ -147,6 +147,18 @@ fn percentile(sorted: &[u32], p: f64) -> u64 {
     sorted[i] as u64
 }
 
+/// A runtime of `shards` shards in `dir` as the sweep runs them (256 MiB
+/// windows), warmed up with a short run.
+pub fn start(dir: &std::path::Path, shards: usize) -> Result<Runtime, Error> {
+    let cfg = segalloc::Config::builder(dir.join("d"))
+        .shards(shards)
+        .window_bytes(256 * segalloc::config::MIB)
+        .build()?;
+    let rt = Runtime::start(cfg)?;
+    run(&rt, 10_000, 64)?;
+    Ok(rt)
+}
+
 /// Run `ops` operations of `size` bytes on every shard of `rt` at once, one
 /// free in four cross-shard.
 pub fn run(rt: &Runtime, ops: u64, size: u64) -> Result<RunResult, Error> {

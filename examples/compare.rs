@@ -22,22 +22,21 @@
 //! cargo run --release --example compare                        # about a minute
 //! cargo run --release --example compare -- --records 10000000  # the 10M fill
 //! cargo run --release --example compare -- --json              # one JSON object on the last line
+//! cargo run --release --example compare -- --fill-only --madvise random  # fills under another advice
 //! ```
 
+#[path = "../benches/alloc_workload.rs"]
+mod work;
 #[path = "../benches/sweep_workload.rs"]
 mod workload;
 
-use std::alloc::{Layout, alloc, dealloc};
 use std::fs::OpenOptions;
-use std::hint::black_box;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use segalloc::config::MIB;
-use segalloc::{Allocation, Config, Error, Handle, Runtime, Shard};
-use tokio::sync::mpsc::unbounded_channel;
+use segalloc::{Config, Error, MadvisePolicy, Runtime, Shard};
+use work::{MIX_SEED, PAIR_BYTES};
 
 #[derive(Parser, Debug)]
 #[command(about = "segalloc beside the raw-mmap ceiling and glibc, pattern by pattern")]
@@ -72,6 +71,22 @@ struct Args {
     /// Print one JSON object on the last line.
     #[arg(long)]
     json: bool,
+    /// Whole-window advice of segalloc's windows: normal, random or
+    /// sequential.
+    #[arg(long, default_value = "normal", value_parser = parse_advice)]
+    madvise: MadvisePolicy,
+    /// Run the fill patterns only.
+    #[arg(long)]
+    fill_only: bool,
+}
+
+fn parse_advice(s: &str) -> Result<MadvisePolicy, String> {
+    match s {
+        "normal" => Ok(MadvisePolicy::Normal),
+        "random" => Ok(MadvisePolicy::Random),
+        "sequential" => Ok(MadvisePolicy::Sequential),
+        _ => Err(format!("{s}: expected normal, random or sequential")),
+    }
 }
 
 type BoxError = Box<dyn std::error::Error>;
@@ -105,6 +120,7 @@ fn runtime(args: &Args, shards: usize) -> Result<(tempfile::TempDir, Runtime), B
     let dir = tempdir(args)?;
     let cfg = Config::builder(dir.path().join("d"))
         .shards(shards)
+        .madvise_policy(args.madvise)
         .build()?;
     Ok((dir, Runtime::start(cfg)?))
 }
@@ -116,21 +132,12 @@ fn finish(rt: Runtime) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// The hot path, falling back to the async path when it must.
-#[inline]
-async fn allocate(s: &Shard, size: u64) -> Result<Allocation, Error> {
-    match s.try_allocate(size)? {
-        Some(a) => Ok(a),
-        None => s.allocate(size).await,
-    }
-}
-
 /// segalloc's slot for `size`: the raw ceiling's stride.
 fn slot_bytes(args: &Args) -> Result<u64, BoxError> {
     let (_dir, rt) = runtime(args, 1)?;
     let size = args.record_bytes;
     let len = futures::executor::block_on(rt.spawn_on(0, move |s| async move {
-        Ok::<_, Error>(allocate(&s, size).await?.len() as u64)
+        Ok::<_, Error>(work::allocate(&s, size).await?.len() as u64)
     }))??;
     rt.shutdown()?;
     Ok(len)
@@ -145,16 +152,7 @@ fn segalloc_fill(args: &Args, shards: usize) -> Result<f64, BoxError> {
         .map(|i| {
             rt.spawn_on(i, move |s| async move {
                 let payload = vec![0x5Au8; size as usize];
-                let mut handles = Vec::with_capacity(n as usize);
-                for k in 0..n {
-                    let a = allocate(&s, size).await?;
-                    a.write_at(0, &payload)?;
-                    handles.push(a.into_handle());
-                    if k % 4096 == 4095 {
-                        tokio::task::yield_now().await;
-                    }
-                }
-                Ok::<_, Error>(handles.len())
+                Ok::<_, Error>(work::fill(&s, n, &payload).await?.len())
             })
         })
         .collect();
@@ -170,82 +168,24 @@ fn segalloc_fill(args: &Args, shards: usize) -> Result<f64, BoxError> {
 /// sparse `ftruncate`), mapped shared, a bump pointer at `stride`, `memcpy`.
 fn raw_fill(args: &Args, stride: u64, sparse: bool) -> Result<f64, BoxError> {
     let dir = tempdir(args)?;
-    let total = stride * args.records;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.path().join("raw"))?;
-    reserve(&f, total, sparse)?;
-    // SAFETY: the file is private to this run; nothing else maps or
-    // truncates it while the mapping lives.
-    let mut map = unsafe {
-        memmap2::MmapOptions::new()
-            .len(total as usize)
-            .map_mut(&f)?
-    };
-    let payload = vec![0x5Au8; args.record_bytes as usize];
-    let t = Instant::now();
-    let mut at = 0usize;
-    for _ in 0..args.records {
-        map[at..at + payload.len()].copy_from_slice(black_box(&payload));
-        at += stride as usize;
-    }
-    let rate = per_sec(args.records, t.elapsed());
-    map.flush()?;
-    f.sync_data()?;
-    Ok(rate)
-}
-
-/// Give `f` a size of `bytes`: its blocks allocated up front with
-/// `fallocate`, as segalloc grows its files, or a sparse `ftruncate`.
-fn reserve(f: &std::fs::File, bytes: u64, sparse: bool) -> std::io::Result<()> {
-    if sparse {
-        f.set_len(bytes)
-    } else {
-        use nix::fcntl::{FallocateFlags, fallocate};
-        fallocate(f.as_raw_fd(), FallocateFlags::empty(), 0, bytes as i64)?;
-        Ok(())
-    }
+    let took = work::raw_fill(
+        &dir.path().join("raw"),
+        stride,
+        args.records,
+        args.record_bytes,
+        sparse,
+    )?;
+    Ok(per_sec(args.records, took))
 }
 
 /// glibc fill (not persistent): allocate and write, pointers kept.
 fn malloc_fill(args: &Args) -> Result<f64, BoxError> {
-    let layout = Layout::from_size_align(args.record_bytes as usize, 16)?;
     let payload = vec![0x5Au8; args.record_bytes as usize];
-    let mut ptrs = Vec::with_capacity(args.records as usize);
     let t = Instant::now();
-    for _ in 0..args.records {
-        // SAFETY: the layout has a non-zero size.
-        let p = unsafe { alloc(layout) };
-        assert!(!p.is_null(), "out of memory");
-        // SAFETY: `p` points to `record_bytes` writable bytes.
-        unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), p, payload.len()) };
-        ptrs.push(p);
-    }
+    let ps = work::malloc_fill(args.records, &payload);
     let rate = per_sec(args.records, t.elapsed());
-    for p in ptrs {
-        // SAFETY: allocated above with this layout.
-        unsafe { dealloc(p, layout) };
-    }
+    work::malloc_free_all(ps, args.record_bytes);
     Ok(rate)
-}
-
-/// xorshift64: the same sequence for segalloc and glibc.
-fn next(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
-}
-
-const PAIR_BYTES: u64 = 64;
-const MIX_BYTES_MIN: u64 = 16;
-const MIX_BYTES_MAX: u64 = 4096;
-
-fn mix_size(rng: &mut u64) -> u64 {
-    MIX_BYTES_MIN + next(rng) % (MIX_BYTES_MAX - MIX_BYTES_MIN + 1)
 }
 
 /// Run `f` on shard 0 of a fresh one-shard runtime; its figure.
@@ -260,43 +200,20 @@ where
     Ok(v)
 }
 
-/// LIFO pair: ns per allocate + free of one 64 B slot, beside 100,000 live
+/// LIFO pair: ns per allocate + free of one 64 B slot, beside 50,000 live
 /// ones of the same class (every other slot free).
 fn segalloc_pair(args: &Args) -> Result<f64, BoxError> {
     let pairs = args.pairs;
     on_one_shard(args, move |s| async move {
-        let mut pool = Vec::new();
-        for i in 0..100_000 {
-            let h = allocate(&s, PAIR_BYTES).await?.into_handle();
-            if i % 2 == 0 { s.free(h)? } else { pool.push(h) }
-        }
-        let t = Instant::now();
-        for _ in 0..pairs {
-            let h = allocate(&s, black_box(PAIR_BYTES)).await?.into_handle();
-            s.free(black_box(h))?;
-        }
-        Ok(ns_per(t.elapsed(), pairs))
+        let _pool = work::warm(&s, PAIR_BYTES, 100_000).await?;
+        Ok(ns_per(work::pairs(&s, PAIR_BYTES, pairs).await?, pairs))
     })
 }
 
 fn malloc_pair(args: &Args) -> Result<f64, BoxError> {
-    let layout = Layout::from_size_align(PAIR_BYTES as usize, 16)?;
-    // SAFETY: non-zero layout.
-    let pool: Vec<*mut u8> = (0..50_000).map(|_| unsafe { alloc(layout) }).collect();
-    let t = Instant::now();
-    for _ in 0..args.pairs {
-        // SAFETY: non-zero layout; freed with the layout it was allocated with.
-        unsafe {
-            let p = alloc(black_box(layout));
-            assert!(!p.is_null(), "out of memory");
-            dealloc(black_box(p), layout);
-        }
-    }
-    let ns = ns_per(t.elapsed(), args.pairs);
-    for p in pool {
-        // SAFETY: allocated above with `layout`.
-        unsafe { dealloc(p, layout) };
-    }
+    let pool: Vec<*mut u8> = (0..50_000).map(|_| work::malloc(PAIR_BYTES)).collect();
+    let ns = ns_per(work::malloc_pairs(PAIR_BYTES, args.pairs), args.pairs);
+    work::malloc_free_all(pool, PAIR_BYTES);
     Ok(ns)
 }
 
@@ -305,44 +222,21 @@ fn malloc_pair(args: &Args) -> Result<f64, BoxError> {
 fn segalloc_refill(args: &Args) -> Result<f64, BoxError> {
     let (live, size) = (args.live, args.record_bytes);
     on_one_shard(args, move |s| async move {
+        let payload = vec![0x5Au8; size as usize];
         let t = Instant::now();
-        let mut hs = Vec::with_capacity(live as usize);
-        for _ in 0..live {
-            hs.push(allocate(&s, size).await?.into_handle());
-        }
-        for h in hs.drain(..) {
-            s.free(h)?;
-        }
-        for _ in 0..live {
-            hs.push(allocate(&s, size).await?.into_handle());
-        }
+        work::free_all(&s, work::fill(&s, live, &payload).await?)?;
+        let _hs = work::fill(&s, live, &payload).await?;
         Ok(ns_per(t.elapsed(), 3 * live))
     })
 }
 
 fn malloc_refill(args: &Args) -> Result<f64, BoxError> {
-    let layout = Layout::from_size_align(args.record_bytes as usize, 16)?;
-    let mut ps: Vec<*mut u8> = Vec::with_capacity(args.live as usize);
+    let payload = vec![0x5Au8; args.record_bytes as usize];
     let t = Instant::now();
-    for round in 0..2 {
-        for _ in 0..args.live {
-            // SAFETY: non-zero layout.
-            let p = unsafe { alloc(layout) };
-            assert!(!p.is_null(), "out of memory");
-            ps.push(p);
-        }
-        if round == 0 {
-            for p in ps.drain(..) {
-                // SAFETY: allocated above with `layout`.
-                unsafe { dealloc(p, layout) };
-            }
-        }
-    }
+    work::malloc_free_all(work::malloc_fill(args.live, &payload), args.record_bytes);
+    let ps = work::malloc_fill(args.live, &payload);
     let ns = ns_per(t.elapsed(), 3 * args.live);
-    for p in ps {
-        // SAFETY: allocated above with `layout`.
-        unsafe { dealloc(p, layout) };
-    }
+    work::malloc_free_all(ps, args.record_bytes);
     Ok(ns)
 }
 
@@ -351,48 +245,20 @@ fn malloc_refill(args: &Args) -> Result<f64, BoxError> {
 fn segalloc_mix(args: &Args) -> Result<f64, BoxError> {
     let (live, ops) = (args.live, args.mix_ops);
     on_one_shard(args, move |s| async move {
-        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-        let mut hs: Vec<Handle> = Vec::with_capacity(live as usize);
-        for _ in 0..live {
-            hs.push(allocate(&s, mix_size(&mut rng)).await?.into_handle());
-        }
-        let t = Instant::now();
-        for _ in 0..ops {
-            let i = (next(&mut rng) % live) as usize;
-            s.free(hs[i])?;
-            hs[i] = allocate(&s, mix_size(&mut rng)).await?.into_handle();
-        }
-        Ok(ns_per(t.elapsed(), ops))
+        let mut rng = MIX_SEED;
+        let mut hs = work::mix_fill(&s, live, &mut rng).await?;
+        Ok(ns_per(work::mix(&s, &mut hs, &mut rng, ops).await?, ops))
     })
 }
 
 fn malloc_mix(args: &Args) -> Result<f64, BoxError> {
-    let layout = |n: u64| Layout::from_size_align(n as usize, 16).expect("layout");
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-    let mut ps: Vec<(*mut u8, u64)> = (0..args.live)
-        .map(|_| {
-            let n = mix_size(&mut rng);
-            // SAFETY: non-zero layout.
-            (unsafe { alloc(layout(n)) }, n)
-        })
-        .collect();
-    let t = Instant::now();
-    for _ in 0..args.mix_ops {
-        let i = (next(&mut rng) % args.live) as usize;
-        let n = mix_size(&mut rng);
-        // SAFETY: each pointer is freed once, with the layout it was
-        // allocated with; the new one has a non-zero layout.
-        unsafe {
-            dealloc(ps[i].0, layout(ps[i].1));
-            ps[i] = (alloc(layout(n)), n);
-        }
-        assert!(!ps[i].0.is_null(), "out of memory");
-    }
-    let ns = ns_per(t.elapsed(), args.mix_ops);
-    for (p, n) in ps {
-        // SAFETY: allocated above with this layout.
-        unsafe { dealloc(p, layout(n)) };
-    }
+    let mut rng = MIX_SEED;
+    let mut ps = work::malloc_mix_fill(args.live, &mut rng);
+    let ns = ns_per(
+        work::malloc_mix(&mut ps, &mut rng, args.mix_ops),
+        args.mix_ops,
+    );
+    work::malloc_mix_free(ps);
     Ok(ns)
 }
 
@@ -400,20 +266,10 @@ fn malloc_mix(args: &Args) -> Result<f64, BoxError> {
 fn segalloc_pin(args: &Args) -> Result<f64, BoxError> {
     let n = args.pairs;
     on_one_shard(args, move |s| async move {
-        let h = allocate(&s, PAIR_BYTES).await?.into_handle();
-        let t = Instant::now();
-        for _ in 0..n {
-            let p = s
-                .try_pin(black_box(h))?
-                .expect("the slot's window is mapped");
-            black_box(&p);
-        }
-        Ok(ns_per(t.elapsed(), n))
+        let h = work::allocate(&s, PAIR_BYTES).await?.into_handle();
+        Ok(ns_per(work::pins(&s, h, n)?, n))
     })
 }
-
-/// Handles per batch from the producer to the consumer.
-const BATCH: usize = 1024;
 
 /// Producer/consumer on two shards: shard 0 allocates and writes records
 /// and hands them over in batches; shard 1 frees them (`cross`: forwarded
@@ -421,61 +277,16 @@ const BATCH: usize = 1024;
 /// until every free is applied.
 fn producer_consumer(args: &Args, cross: bool) -> Result<f64, BoxError> {
     let (_dir, rt) = runtime(args, 2)?;
-    let (n, size) = (args.records, args.record_bytes);
-    let (tx, mut rx) = unbounded_channel::<Vec<Handle>>();
-    let t = Instant::now();
-    let producer = rt.spawn_on(0, move |s| async move {
-        let payload = vec![0x5Au8; size as usize];
-        let mut batch = Vec::with_capacity(BATCH);
-        for k in 0..n {
-            let a = allocate(&s, size).await?;
-            a.write_at(0, &payload)?;
-            batch.push(a.into_handle());
-            if batch.len() == BATCH || k + 1 == n {
-                let b = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-                if cross {
-                    let _ = tx.send(b);
-                } else {
-                    b.into_iter().try_for_each(|h| s.free(h))?;
-                }
-                tokio::task::yield_now().await;
-            }
-        }
-        Ok::<_, Error>(())
-    });
-    let consumer = rt.spawn_on(1, move |s| async move {
-        while let Some(b) = rx.recv().await {
-            for h in b {
-                s.free_async(h).await?;
-            }
-        }
-        s.flush_frees().await?;
-        Ok::<_, Error>(())
-    });
-    futures::executor::block_on(producer)??;
-    futures::executor::block_on(consumer)??;
-    // Until the owner has applied every forwarded free.
-    futures::executor::block_on(rt.spawn_on(0, |s| async move {
-        while s.live_count() > 0 {
-            s.drain_frees();
-            tokio::task::yield_now().await;
-        }
-    }))?;
-    let rate = per_sec(n, t.elapsed());
+    let took = work::producer_consumer(&rt, args.records, args.record_bytes, cross)?;
     finish(rt)?;
-    Ok(rate)
+    Ok(per_sec(args.records, took))
 }
 
 /// The shard sweep's workload (one free in four cross-shard) on `shards`
 /// shards: operations per second over all shards.
 fn sweep_rate(args: &Args, shards: usize) -> Result<f64, BoxError> {
     let dir = tempdir(args)?;
-    let cfg = Config::builder(dir.path().join("d"))
-        .shards(shards)
-        .window_bytes(256 * MIB)
-        .build()?;
-    let rt = Runtime::start(cfg)?;
-    workload::run(&rt, 10_000, 64)?;
+    let rt = workload::start(dir.path(), shards)?;
     let r = workload::run_with(&rt, args.sweep_ops, 64, 4)?;
     finish(rt)?;
     Ok(r.ops_per_sec())
@@ -772,15 +583,17 @@ fn main() -> Result<(), BoxError> {
         .unwrap_or(1);
     let (mut d, mut g) = (Vec::new(), Vec::new());
     fills(&args, cores, &mut d, &mut g)?;
-    allocator(&args, &mut g)?;
-    sweep(&args, cores, &mut g)?;
-    let (w, n, rate, why) = old_design_run(&args)?;
-    d.push(design(
-        "old design: open+mmap per segment",
-        rate,
-        "records/s",
-        format!("{w} records in {n} segments; {why}"),
-    ));
+    if !args.fill_only {
+        allocator(&args, &mut g)?;
+        sweep(&args, cores, &mut g)?;
+        let (w, n, rate, why) = old_design_run(&args)?;
+        d.push(design(
+            "old design: open+mmap per segment",
+            rate,
+            "records/s",
+            format!("{w} records in {n} segments; {why}"),
+        ));
+    }
     if args.json {
         println!("{}", to_json(&args, cores, &d, &g));
     } else {
@@ -818,49 +631,43 @@ fn print_tables(args: &Args, cores: usize, d: &[Design], g: &[Goal]) {
     }
 }
 
-/// A JSON string literal.
-fn js(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
 fn to_json(args: &Args, cores: usize, d: &[Design], g: &[Goal]) -> String {
-    let designs: Vec<String> = d
+    let designs: Vec<serde_json::Value> = d
         .iter()
         .map(|x| {
-            format!(
-                "{{\"design\":{},\"value\":{:.1},\"unit\":{},\"note\":{}}}",
-                js(&x.name),
-                x.value,
-                js(x.unit),
-                js(&x.note)
-            )
+            serde_json::json!({
+                "design": x.name,
+                "value": x.value,
+                "unit": x.unit,
+                "note": x.note,
+            })
         })
         .collect();
-    let goals: Vec<String> = g
+    let goals: Vec<serde_json::Value> = g
         .iter()
         .map(|x| {
-            format!(
-                "{{\"pattern\":{},\"ratio_of\":{},\"unit\":{},\"segalloc\":{:.1},\"baseline\":{},\"ratio\":{:.4},\"goal\":{},\"met\":{}}}",
-                js(x.pattern),
-                js(x.ratio_of),
-                js(x.unit),
-                x.segalloc,
-                x.baseline.map_or("null".into(), |b| format!("{b:.1}")),
-                x.ratio,
-                js(&x.goal_text()),
-                x.met()
-            )
+            serde_json::json!({
+                "pattern": x.pattern,
+                "ratio_of": x.ratio_of,
+                "unit": x.unit,
+                "segalloc": x.segalloc,
+                "baseline": x.baseline,
+                "ratio": x.ratio,
+                "goal": x.goal_text(),
+                "met": x.met(),
+            })
         })
         .collect();
-    format!(
-        "{{\"records\":{},\"record_bytes\":{},\"repeat\":{},\"cores\":{cores},\"designs\":[{}],\"goals\":[{}],\"all_met\":{}}}",
-        args.records,
-        args.record_bytes,
-        args.repeat,
-        designs.join(","),
-        goals.join(","),
-        g.iter().all(Goal::met)
-    )
+    serde_json::json!({
+        "records": args.records,
+        "record_bytes": args.record_bytes,
+        "repeat": args.repeat,
+        "cores": cores,
+        "designs": designs,
+        "goals": goals,
+        "all_met": g.iter().all(Goal::met),
+    })
+    .to_string()
 }
 
 #[cfg(test)]
@@ -871,10 +678,10 @@ mod tests {
     #[test]
     fn the_ceiling_reserves_every_block_and_the_sparse_variant_none() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let bytes = 64 * MIB;
+        let bytes = 64 * segalloc::config::MIB;
         for (name, sparse) in [("reserved", false), ("sparse", true)] {
             let f = std::fs::File::create(dir.path().join(name)).expect("create");
-            reserve(&f, bytes, sparse).expect("reserve");
+            work::reserve(&f, bytes, sparse).expect("reserve");
             let m = f.metadata().expect("metadata");
             assert_eq!(m.len(), bytes);
             let allocated = m.blocks() * 512;

@@ -295,14 +295,23 @@ fn overlaps(a: (u32, u64, u64), b: (u32, u64, u64)) -> bool {
 }
 
 /// Check the log itself: no allocation overlaps a range whose free is not
-/// yet durable (no sync that began after the free has completed).
+/// yet durable (no sync that began after the free has completed), unless
+/// that range was allocated after the latest sync began: no sync covered it,
+/// so its free may be reused at once.
 fn check_no_reuse_before_durable(events: &[Event]) {
     // Freed ranges, each with whether a sync has begun since.
     let mut pending: Vec<((u32, u64, u64), bool)> = Vec::new();
+    // Allocated since the latest sync began.
+    let mut fresh: std::collections::HashSet<Handle> = Default::default();
     for (i, e) in events.iter().enumerate() {
         match e {
-            Event::Free(h) => pending.push((range(h), false)),
+            Event::Free(h) => {
+                if !fresh.remove(h) {
+                    pending.push((range(h), false));
+                }
+            }
             Event::SyncBegin => {
+                fresh.clear();
                 for p in &mut pending {
                     p.1 = true;
                 }
@@ -317,6 +326,7 @@ fn check_no_reuse_before_durable(events: &[Event]) {
                         p.0
                     );
                 }
+                fresh.insert(*h);
             }
             Event::Root(..) => {}
         }

@@ -33,6 +33,7 @@ impl SegmentAllocator {
     }
 
     async fn sync_inner(&self) -> Result<()> {
+        self.st.borrow_mut().fresh.begin_sync();
         if self.poisoned.get() {
             return Err(Error::Poisoned { shard: self.shard });
         }

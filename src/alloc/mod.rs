@@ -124,6 +124,110 @@ struct State {
     root_seq: u64,
     live_per_class: [u64; CLASS_COUNT],
     stats: AllocStats,
+    /// Slots taken since the latest sync began (reusable at once when freed).
+    fresh: Fresh,
+    /// Per class, the last chunk prefaulted ahead (`(file, chunk index)`).
+    prefaulted: Prefaulted,
+}
+
+/// Bytes the allocator faults in ahead of a class's bump position, one
+/// chunk at a time: when a slot opens chunk `c`, chunk `c + 1` is faulted in
+/// through the ring (`MappingManager::prefault`), so a fill writes to pages
+/// that are already mapped.
+const PREFAULT_CHUNK_BYTES: u64 = 256 * 1024;
+
+/// A slot [`SegmentAllocator::take_slot`] took.
+struct Taken {
+    handle: Handle,
+    fid: FileId,
+    /// The chunk of the data file to fault in ahead, if any.
+    prefault: Option<u64>,
+}
+
+/// Per class, the last chunk prefaulted.
+struct Prefaulted([(FileId, u64); CLASS_COUNT]);
+
+impl Default for Prefaulted {
+    fn default() -> Self {
+        Prefaulted([(FileId(u32::MAX), u64::MAX); CLASS_COUNT])
+    }
+}
+
+/// The slots taken since the latest sync began: "fresh" ones.
+///
+/// Deferred reuse keeps a freed slot held until a sync that began after the
+/// free completes, because a power loss may revert the free, and the
+/// allocation must then come back with its bytes, which a newer allocation
+/// of the slot would have overwritten. That promise covers the allocations
+/// live at the last completed sync, and a sync covers only what returned
+/// before it began. A slot taken after the latest sync began is covered by
+/// no sync, completed or running: no power loss can promise it back. So its
+/// free may hand it out again at once. After a power loss the slot is then
+/// either free or live with some bytes, like any unsynced allocation, and
+/// every allocation a completed sync covered is untouched (it was taken
+/// before that sync began, so its slot was never fresh since).
+///
+/// A sync bumps `epoch` when it begins (also one that is dropped or fails:
+/// that only defers more). Each segment's bits carry the epoch they were
+/// set in and count as empty under another: starting a sync clears every
+/// segment's bits at once, in O(1). A fresh bit is set only on a held slot.
+#[derive(Default)]
+struct Fresh {
+    epoch: u64,
+    /// Indexed by segment id; grown on demand.
+    segments: Vec<FreshBits>,
+}
+
+struct FreshBits {
+    epoch: u64,
+    words: [u64; crate::format::BITMAP_WORDS],
+}
+
+impl Fresh {
+    /// A sync begins: nothing taken before now is fresh any more.
+    pub(super) fn begin_sync(&mut self) {
+        self.epoch += 1;
+    }
+
+    /// Slot `slot` of segment `seg` was just taken.
+    #[inline]
+    fn mark(&mut self, seg: u32, slot: u32) {
+        let epoch = self.epoch;
+        let Some(bits) = self.segments.get_mut(seg as usize) else {
+            return self.mark_new(seg, slot);
+        };
+        if bits.epoch != epoch {
+            bits.epoch = epoch;
+            bits.words = [0; crate::format::BITMAP_WORDS];
+        }
+        bits.words[(slot / 64) as usize] |= 1u64 << (slot % 64);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn mark_new(&mut self, seg: u32, slot: u32) {
+        let epoch = self.epoch;
+        self.segments.resize_with(seg as usize + 1, || FreshBits {
+            epoch,
+            words: [0; crate::format::BITMAP_WORDS],
+        });
+        self.mark(seg, slot);
+    }
+
+    /// Forget slot `slot` of segment `seg`; whether it was fresh.
+    #[inline]
+    fn take(&mut self, seg: u32, slot: u32) -> bool {
+        match self.segments.get_mut(seg as usize) {
+            Some(bits) if bits.epoch == self.epoch => {
+                let word = &mut bits.words[(slot / 64) as usize];
+                let mask = 1u64 << (slot % 64);
+                let was = *word & mask != 0;
+                *word &= !mask;
+                was
+            }
+            _ => false,
+        }
+    }
 }
 
 /// The segment allocator of one shard.
@@ -165,6 +269,15 @@ pub struct SegmentAllocator {
     meta_durable_bytes: Cell<u64>,
     /// Held for as long as the allocator is open (shared when read-only).
     _shard_lock: crate::datadir::ShardLock,
+}
+
+#[cold]
+#[inline(never)]
+fn not_live(handle: Handle) -> Error {
+    Error::NotAllocated {
+        handle,
+        reason: "slot is free",
+    }
 }
 
 #[cold]
@@ -242,8 +355,8 @@ impl SegmentAllocator {
 
     /// Take a free slot of `class_id` from an existing segment (sync, no
     /// syscall). `None` when the class needs a new segment.
-    #[inline]
-    fn take_slot(&self, class_id: u8) -> Option<(Handle, FileId)> {
+    #[inline(always)]
+    fn take_slot(&self, class_id: u8) -> Option<Taken> {
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
         let avail = &mut st.avail[class_id as usize];
@@ -267,10 +380,35 @@ impl SegmentAllocator {
                 offset: seg.slot_offset(slot),
                 dir_tag: self.manifest.dir_tag(),
             };
+            st.fresh.mark(seg_id, slot);
             st.live_per_class[class_id as usize] += 1;
             st.stats.allocs += 1;
-            return Some((handle, seg.file_id));
+            // The first slot of its class in a chunk (small slots only):
+            // the next chunk is to be faulted in, once.
+            let len = u64::from(handle.length);
+            let mut prefault = None;
+            if len < PREFAULT_CHUNK_BYTES && handle.offset % PREFAULT_CHUNK_BYTES < len {
+                let next = (seg.file_id, handle.offset / PREFAULT_CHUNK_BYTES + 1);
+                let last = &mut st.prefaulted.0[class_id as usize];
+                if *last != next {
+                    *last = next;
+                    prefault = Some(next.1);
+                }
+            }
+            return Some(Taken {
+                handle,
+                fid: seg.file_id,
+                prefault,
+            });
         }
+    }
+
+    /// Fault chunk `chunk` of `fid` in ahead of use.
+    #[cold]
+    #[inline(never)]
+    fn prefault_chunk(&self, fid: FileId, chunk: u64) {
+        self.mm
+            .prefault(fid, chunk * PREFAULT_CHUNK_BYTES, PREFAULT_CHUNK_BYTES);
     }
 
     /// Set or clear the durable bit of a held slot that `allocate` has not
@@ -305,6 +443,7 @@ impl SegmentAllocator {
         if live {
             seg.clear_live(slot);
         }
+        st.fresh.take(h.segment, slot);
         seg.unhold(slot);
         if !seg.in_avail {
             seg.in_avail = true;
@@ -332,17 +471,19 @@ impl SegmentAllocator {
             return Err(invalid_size(size));
         };
         loop {
-            if let Some((handle, fid)) = self.take_slot(class_id) {
+            if let Some(Taken {
+                handle,
+                fid,
+                prefault,
+            }) = self.take_slot(class_id)
+            {
                 let mut guard = SlotGuard {
                     alloc: self,
                     handle,
                     armed: true,
                     hidden: false,
                 };
-                let pin = match self
-                    .mm
-                    .try_pin(fid, handle.offset, handle.length as u64, true)?
-                {
+                let pin = match self.mm.pin_mapped(fid, handle.offset, handle.length as u64) {
                     Some(p) => p,
                     None => {
                         // Not live while its window faults in: a handle of
@@ -361,6 +502,9 @@ impl SegmentAllocator {
                     }
                 };
                 guard.armed = false;
+                if let Some(chunk) = prefault {
+                    self.prefault_chunk(fid, chunk);
+                }
                 return Ok(Allocation { handle, pin });
             }
             self.new_segment(class_id).await?;
@@ -380,30 +524,47 @@ impl SegmentAllocator {
         let Some(class_id) = classes::class_of(size) else {
             return Err(invalid_size(size));
         };
-        let Some((handle, fid)) = self.take_slot(class_id) else {
+        let Some(Taken {
+            handle,
+            fid,
+            prefault,
+        }) = self.take_slot(class_id)
+        else {
             return Ok(None);
         };
-        match self
-            .mm
-            .try_pin(fid, handle.offset, handle.length as u64, true)
-        {
-            Ok(Some(pin)) => Ok(Some(Allocation { handle, pin })),
-            Ok(None) => {
-                self.release_slot(handle, true);
-                Ok(None)
+        match self.mm.pin_mapped(fid, handle.offset, handle.length as u64) {
+            Some(pin) => {
+                if let Some(chunk) = prefault {
+                    self.prefault_chunk(fid, chunk);
+                }
+                Ok(Some(Allocation { handle, pin }))
             }
-            Err(e) => {
-                self.release_slot(handle, true);
-                Err(e)
-            }
+            None => self.try_allocate_unmapped(handle, fid),
         }
     }
 
+    /// [`try_allocate`](Self::try_allocate) of a slot whose window is not
+    /// mapped (or not reserved yet): give the slot back, with the error
+    /// [`MappingManager::try_pin`] reports, if any.
+    #[cold]
+    #[inline(never)]
+    fn try_allocate_unmapped(&self, handle: Handle, fid: FileId) -> Result<Option<Allocation>> {
+        let r = self
+            .mm
+            .try_pin(fid, handle.offset, handle.length as u64, true);
+        if let Ok(Some(pin)) = r {
+            return Ok(Some(Allocation { handle, pin }));
+        }
+        self.release_slot(handle, true);
+        r.map(|_| None)
+    }
+
     /// Free an allocation of this shard. Durable against a process crash
-    /// when it returns. The slot is handed out again only after a later
-    /// [`sync`](Self::sync) completes (until then a power loss may revert
-    /// the free, and the allocation must come back with its bytes): a
-    /// program that frees and allocates without ever syncing grows.
+    /// when it returns. A slot allocated before the latest
+    /// [`sync`](Self::sync) began is handed out again only after a later
+    /// sync completes (until then a power loss may revert the free, and the
+    /// allocation must come back with its bytes); one allocated since is
+    /// reusable at once (no sync promised it: see `Fresh`).
     ///
     /// Drop every [`Pin`] of the allocation before freeing it: a pin kept
     /// past the free still maps the bytes, which a later allocation (or
@@ -426,11 +587,24 @@ impl SegmentAllocator {
         if !seg.is_live(slot) {
             return Err(self.double_free(handle));
         }
-        // The slot stays held until a sync makes this free durable.
         seg.clear_live(slot);
-        st.released.slots.push((seg_id, slot));
         st.live_per_class[seg.class_id as usize] -= 1;
         st.stats.frees += 1;
+        if !st.fresh.take(seg_id, slot) {
+            // Covered by a sync: held until a sync makes this free durable.
+            st.released.slots.push((seg_id, slot));
+            return Ok(());
+        }
+        seg.unhold(slot);
+        let avail = &mut st.avail[seg.class_id as usize];
+        if !seg.in_avail {
+            seg.in_avail = true;
+            avail.push(seg_id);
+        }
+        // One segment with room is never released: skip the scan.
+        if seg.held == 0 && avail.len() > 1 {
+            self.release_if_spare(st, seg_id);
+        }
         Ok(())
     }
 
@@ -451,15 +625,13 @@ impl SegmentAllocator {
         }
     }
 
+    #[inline]
     fn check_live(&self, handle: &Handle) -> Result<FileId> {
         let st = self.st.borrow();
         let (seg_id, slot) = self.locate(&st, handle)?;
         let seg = st.segments[seg_id as usize].as_ref().expect("located");
         if !seg.is_live(slot) {
-            return Err(Error::NotAllocated {
-                handle: *handle,
-                reason: "slot is free",
-            });
+            return Err(not_live(*handle));
         }
         Ok(seg.file_id)
     }
@@ -473,6 +645,9 @@ impl SegmentAllocator {
     /// a freed one), plus the errors of [`MappingManager::pin`].
     pub async fn pin(&self, handle: Handle) -> Result<Pin> {
         let fid = self.check_live(&handle)?;
+        if let Some(p) = self.mm.pin_mapped(fid, handle.offset, handle.length as u64) {
+            return Ok(p);
+        }
         let writable = !self.files.is_read_only();
         if let Some(p) = self
             .mm
@@ -490,8 +665,12 @@ impl SegmentAllocator {
     /// # Errors
     ///
     /// As [`pin`](Self::pin).
+    #[inline]
     pub fn try_pin(&self, handle: Handle) -> Result<Option<Pin>> {
         let fid = self.check_live(&handle)?;
+        if let Some(p) = self.mm.pin_mapped(fid, handle.offset, handle.length as u64) {
+            return Ok(Some(p));
+        }
         self.mm.try_pin(
             fid,
             handle.offset,

@@ -147,6 +147,8 @@ impl SegmentAllocator {
                 root_seq: 0,
                 live_per_class: [0; CLASS_COUNT],
                 stats: AllocStats::default(),
+                fresh: Default::default(),
+                prefaulted: Default::default(),
             }),
             poisoned: Cell::new(false),
             writable: Cell::new(writable),

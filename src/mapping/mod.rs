@@ -97,6 +97,9 @@ pub struct MappingStats {
     /// Bytes prefaulted with `MADV_POPULATE_WRITE` (file systems without
     /// `fallocate`).
     pub populated_bytes: u64,
+    /// Ranges faulted in ahead of the allocator's bump position
+    /// (`MADV_POPULATE_WRITE` through the ring).
+    pub prefaults: u64,
     /// Fault-ins of a window evicted recently (among the last
     /// `2 × max_windows` evictions): the working set is larger than the cap.
     pub thrash_faults: u64,
@@ -241,7 +244,15 @@ pub struct MappingManager {
     /// `log2(window_bytes)` when it is a power of two.
     window_shift: Option<u32>,
     shared: Rc<Shared>,
+    /// The registry is read-only (fixed at its creation).
+    read_only: bool,
+    /// Prefaults in flight ([`prefault`](Self::prefault)); empty unless the
+    /// ring is io_uring.
+    prefaults: RefCell<Vec<crate::io::Op>>,
 }
+
+/// Prefaults in flight at most: more are skipped.
+const PREFAULTS_MAX: usize = 4;
 
 /// Outcome of the synchronous part of a pin.
 enum Fast {
@@ -287,7 +298,6 @@ impl MappingManager {
                     ..MappingStats::default()
                 },
             }),
-            files,
             ring,
             window_shift: cfg
                 .window_bytes
@@ -295,6 +305,9 @@ impl MappingManager {
                 .then(|| cfg.window_bytes.trailing_zeros()),
             cfg,
             shared: Rc::new(Shared::default()),
+            read_only: files.is_read_only(),
+            prefaults: RefCell::new(Vec::new()),
+            files,
         }
     }
 
@@ -430,6 +443,43 @@ impl MappingManager {
         Ok(m.files[i].as_mut().expect("just set"))
     }
 
+    /// The allocator's hot path: a writable pin of `[offset, offset + len)`
+    /// of `file` when its window is mapped and the range reserved; `None`
+    /// otherwise, also for a range [`try_pin`](Self::try_pin) would refuse
+    /// (it then says why). Counts as a use of the window, like `try_pin`.
+    #[inline(always)]
+    pub(crate) fn pin_mapped(&self, file: FileId, offset: u64, len: u64) -> Option<Pin> {
+        let end = offset.checked_add(len)?;
+        let idx = self.window_of(offset);
+        if self.read_only || len == 0 || idx != self.window_of(end - 1) {
+            return None;
+        }
+        let mut m = self.inner.borrow_mut();
+        let m = &mut *m;
+        let Some(Some(fm)) = m.files.get(file.0 as usize) else {
+            return None;
+        };
+        let Some(Slot::Mapped(w)) = fm.windows.get(usize::try_from(idx).ok()?) else {
+            return None;
+        };
+        if end > fm.reserved.get() {
+            return None;
+        }
+        m.tick += 1;
+        w.last_use.set(m.tick);
+        w.uses.set(w.uses.get() + 1);
+        w.referenced.set(true);
+        m.stats.fast_pins += 1;
+        let win_off = offset - idx * self.cfg.window_bytes;
+        Some(Pin::new(
+            w,
+            win_off as usize,
+            len as usize,
+            true,
+            Location::caller(),
+        ))
+    }
+
     #[inline]
     fn fast(
         &self,
@@ -440,7 +490,7 @@ impl MappingManager {
         site: &'static Location<'static>,
     ) -> Result<Fast> {
         let idx = self.check_range(file, offset, len)?;
-        if writable && self.files.is_read_only() {
+        if writable && self.read_only {
             return Err(Error::ReadOnly("writable pin of a read-only mapping"));
         }
         let mut m = self.inner.borrow_mut();
@@ -546,6 +596,14 @@ impl MappingManager {
 
     async fn wait_pressure(&self, deadline: Instant) -> Result<()> {
         self.inner.borrow_mut().stats.pressure_waits += 1;
+        // Prefaults hold their windows: drop them (one the ring has not
+        // reaped yet is abandoned, and settled below next time), and look
+        // again for an idle window.
+        let prefaults = std::mem::take(&mut *self.prefaults.borrow_mut());
+        if !prefaults.is_empty() {
+            drop(prefaults);
+            return Ok(());
+        }
         let wait = self.shared.pressure.wait();
         // A pin future dropped mid-fault leaves its window to the ring (held
         // by the advice still in flight) until the ring reaps that operation,
@@ -599,6 +657,56 @@ impl MappingManager {
         // SAFETY: the range lies inside `win`'s mapping, which `hold` keeps
         // alive until the op completes; the callers' advice discards nothing.
         unsafe { self.ring.madvise(hold, addr, len, advice) }
+    }
+
+    /// Fault `[offset, offset + len)` of `file` in writable ahead of use,
+    /// clipped to its window and the file's reserved bytes, with
+    /// `MADV_POPULATE_WRITE` through the io_uring ring: the kernel's io
+    /// workers take the page faults, not this thread. Nothing is done when
+    /// the window is not mapped, the files are read-only, the ring is the
+    /// sync backend (the syscall would block this thread), or
+    /// [`PREFAULTS_MAX`] are in flight. Nothing waits for it; a failure
+    /// (`EINVAL` before Linux 5.14) only means the pages fault on first touch.
+    pub(crate) fn prefault(&self, file: FileId, offset: u64, len: u64) {
+        if self.read_only || self.ring.backend() != crate::io::IoBackend::Uring {
+            return;
+        }
+        let mut ops = self.prefaults.borrow_mut();
+        // Completed ones are dropped (polling reaps them).
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        ops.retain_mut(|op| std::pin::Pin::new(op).poll(&mut cx).is_pending());
+        if ops.len() >= PREFAULTS_MAX {
+            return;
+        }
+        let idx = self.window_of(offset);
+        let w = self.cfg.window_bytes;
+        let win = {
+            let m = self.inner.borrow();
+            let Some(Some(fm)) = m.files.get(file.0 as usize) else {
+                return;
+            };
+            let end = offset
+                .saturating_add(len)
+                .min((idx + 1) * w)
+                .min(fm.reserved.get());
+            match usize::try_from(idx).ok().and_then(|i| fm.windows.get(i)) {
+                Some(Slot::Mapped(win)) if end > offset => (WindowRef::new(win), end),
+                _ => return,
+            }
+        };
+        let (win, end) = win;
+        let page = crate::sys::page_size() as u64;
+        let from = (offset - idx * w) / page * page;
+        let to = (end - idx * w).div_ceil(page) * page;
+        let to = to.min(win.len as u64);
+        ops.push(self.advise(
+            &win,
+            from as usize,
+            (to - from) as usize,
+            crate::sys::MADV_POPULATE_WRITE,
+        ));
+        self.inner.borrow_mut().stats.prefaults += 1;
     }
 
     /// Issue `MADV_WILLNEED` through the ring for each `(offset, len)` range

@@ -1,0 +1,305 @@
+//! The allocator workloads of `benches/alloc.rs` and `examples/compare.rs`
+//! (included with `#[path]`), each beside its baseline: the raw-mmap
+//! ceiling or glibc (`malloc` is the system allocator). Each loop returns
+//! the time of its timed part only.
+
+#![allow(dead_code)]
+
+use std::alloc::Layout;
+use std::fs::OpenOptions;
+use std::hint::black_box;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use segalloc::{Allocation, Error, Handle, Runtime, Shard};
+use tokio::sync::mpsc::unbounded_channel;
+
+/// Bytes of a fill record and of a producer/consumer record.
+pub const RECORD_BYTES: u64 = 100;
+/// Bytes of a LIFO pair.
+pub const PAIR_BYTES: u64 = 64;
+/// Sizes of the random mix.
+pub const MIX_BYTES_MIN: u64 = 16;
+pub const MIX_BYTES_MAX: u64 = 4096;
+/// First state of the random mix's generator.
+pub const MIX_SEED: u64 = 0x9E37_79B9_7F4A_7C15;
+/// Handles per batch from the producer to the consumer.
+pub const BATCH: usize = 1024;
+
+/// xorshift64: the same sizes and victims for segalloc and glibc.
+pub fn next(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+pub fn mix_size(rng: &mut u64) -> u64 {
+    MIX_BYTES_MIN + next(rng) % (MIX_BYTES_MAX - MIX_BYTES_MIN + 1)
+}
+
+/// The hot path, falling back to the async path when it must (a new
+/// segment, a window to fault in).
+#[inline]
+pub async fn allocate(s: &Shard, size: u64) -> Result<Allocation, Error> {
+    match s.try_allocate(size)? {
+        Some(a) => Ok(a),
+        None => s.allocate(size).await,
+    }
+}
+
+/// Allocate and write `n` records of `payload`, handles kept.
+pub async fn fill(s: &Shard, n: u64, payload: &[u8]) -> Result<Vec<Handle>, Error> {
+    let mut hs = Vec::with_capacity(n as usize);
+    for k in 0..n {
+        let a = allocate(s, payload.len() as u64).await?;
+        a.write_at(0, payload)?;
+        hs.push(a.into_handle());
+        if k % 4096 == 4095 {
+            // Let the shard's other tasks run.
+            tokio::task::yield_now().await;
+        }
+    }
+    Ok(hs)
+}
+
+pub fn free_all(s: &Shard, hs: Vec<Handle>) -> Result<(), Error> {
+    hs.into_iter().try_for_each(|h| s.free(h))
+}
+
+/// Allocate `live` slots of `size`, then free every other one: segments
+/// exist, windows are mapped, and the class has free slots spread over its
+/// segments. Returns the kept handles.
+pub async fn warm(s: &Shard, size: u64, live: usize) -> Result<Vec<Handle>, Error> {
+    let mut kept = Vec::with_capacity(live / 2);
+    for i in 0..live {
+        let a = allocate(s, size).await?;
+        a.write_at(0, &(i as u64).to_le_bytes())?;
+        if i % 2 == 0 {
+            s.free(a.into_handle())?;
+        } else {
+            kept.push(a.into_handle());
+        }
+    }
+    Ok(kept)
+}
+
+/// `n` LIFO pairs: allocate + free of one slot of `size`.
+pub async fn pairs(s: &Shard, size: u64, n: u64) -> Result<Duration, Error> {
+    let t = Instant::now();
+    for _ in 0..n {
+        let h = allocate(s, black_box(size)).await?.into_handle();
+        s.free(black_box(h))?;
+    }
+    Ok(t.elapsed())
+}
+
+/// `live` allocations of the random mix.
+pub async fn mix_fill(s: &Shard, live: u64, rng: &mut u64) -> Result<Vec<Handle>, Error> {
+    let mut hs = Vec::with_capacity(live as usize);
+    for _ in 0..live {
+        hs.push(allocate(s, mix_size(rng)).await?.into_handle());
+    }
+    Ok(hs)
+}
+
+/// `ops` operations of the random mix: free a random live one, allocate.
+pub async fn mix(s: &Shard, hs: &mut [Handle], rng: &mut u64, ops: u64) -> Result<Duration, Error> {
+    let t = Instant::now();
+    for _ in 0..ops {
+        let i = (next(rng) % hs.len() as u64) as usize;
+        s.free(hs[i])?;
+        hs[i] = allocate(s, mix_size(rng)).await?.into_handle();
+    }
+    Ok(t.elapsed())
+}
+
+/// `n` pins + unpins of the mapped slot `h`.
+pub fn pins(s: &Shard, h: Handle, n: u64) -> Result<Duration, Error> {
+    let t = Instant::now();
+    for _ in 0..n {
+        let p = s
+            .try_pin(black_box(h))?
+            .expect("the slot's window is mapped");
+        black_box(&p);
+    }
+    Ok(t.elapsed())
+}
+
+/// `n` records from shard 0 to shard 1, which frees them (`cross`: each
+/// free forwarded back to shard 0), or freed by shard 0 itself; the time
+/// until every free is applied.
+pub fn producer_consumer(rt: &Runtime, n: u64, size: u64, cross: bool) -> Result<Duration, Error> {
+    let (tx, mut rx) = unbounded_channel::<Vec<Handle>>();
+    let t = Instant::now();
+    let producer = rt.spawn_on(0, move |s| async move {
+        let payload = vec![0x5Au8; size as usize];
+        let mut batch = Vec::with_capacity(BATCH);
+        for k in 0..n {
+            let a = allocate(&s, size).await?;
+            a.write_at(0, &payload)?;
+            batch.push(a.into_handle());
+            if batch.len() == BATCH || k + 1 == n {
+                let b = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                if cross {
+                    let _ = tx.send(b);
+                } else {
+                    free_all(&s, b)?;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok::<_, Error>(())
+    });
+    let consumer = rt.spawn_on(1, move |s| async move {
+        while let Some(b) = rx.recv().await {
+            for h in b {
+                s.free_async(h).await?;
+            }
+        }
+        s.flush_frees().await
+    });
+    futures::executor::block_on(producer)??;
+    futures::executor::block_on(consumer)??;
+    // Until the owner has applied every forwarded free.
+    futures::executor::block_on(rt.spawn_on(0, |s| async move {
+        while s.live_count() > 0 {
+            s.drain_frees();
+            tokio::task::yield_now().await;
+        }
+    }))?;
+    Ok(t.elapsed())
+}
+
+/// Give `f` a size of `bytes`: its blocks allocated up front with
+/// `fallocate`, as segalloc grows its files, or a sparse `ftruncate`.
+pub fn reserve(f: &std::fs::File, bytes: u64, sparse: bool) -> std::io::Result<()> {
+    if sparse {
+        f.set_len(bytes)
+    } else {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        fallocate(f.as_raw_fd(), FallocateFlags::empty(), 0, bytes as i64)?;
+        Ok(())
+    }
+}
+
+/// The raw-mmap ceiling: a file at `path` reserved up front (`fallocate`,
+/// or a sparse `ftruncate`), mapped shared, a bump pointer at `stride`,
+/// `memcpy` of `n` records of `record_bytes`. Dirty pages are written back
+/// after the timed part.
+pub fn raw_fill(
+    path: &Path,
+    stride: u64,
+    n: u64,
+    record_bytes: u64,
+    sparse: bool,
+) -> std::io::Result<Duration> {
+    let total = (stride * n).max(stride);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    reserve(&f, total, sparse)?;
+    // SAFETY: the file is private to this run; nothing else maps or
+    // truncates it while the mapping lives.
+    let mut map = unsafe {
+        memmap2::MmapOptions::new()
+            .len(total as usize)
+            .map_mut(&f)?
+    };
+    let payload = vec![0x5Au8; record_bytes as usize];
+    let t = Instant::now();
+    let mut at = 0usize;
+    for _ in 0..n {
+        map[at..at + payload.len()].copy_from_slice(black_box(&payload));
+        at += stride as usize;
+    }
+    let took = t.elapsed();
+    map.flush()?;
+    f.sync_data()?;
+    drop(map);
+    std::fs::remove_file(path)?;
+    Ok(took)
+}
+
+fn layout(size: u64) -> Layout {
+    Layout::from_size_align(size as usize, 16).expect("layout")
+}
+
+pub fn malloc(size: u64) -> *mut u8 {
+    // SAFETY: every layout used here has a non-zero size.
+    let p = unsafe { std::alloc::alloc(layout(size)) };
+    assert!(!p.is_null(), "out of memory");
+    p
+}
+
+/// # Safety
+///
+/// `p` came from [`malloc`] with this `size` and is not used again.
+pub unsafe fn free(p: *mut u8, size: u64) {
+    // SAFETY: the caller's contract.
+    unsafe { std::alloc::dealloc(p, layout(size)) };
+}
+
+/// `n` records of `payload` from malloc, written.
+pub fn malloc_fill(n: u64, payload: &[u8]) -> Vec<*mut u8> {
+    (0..n)
+        .map(|_| {
+            let p = malloc(payload.len() as u64);
+            // SAFETY: `p` points to `payload.len()` writable bytes.
+            unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), p, payload.len()) };
+            p
+        })
+        .collect()
+}
+
+pub fn malloc_free_all(ps: Vec<*mut u8>, size: u64) {
+    for p in ps {
+        // SAFETY: each pointer came from `malloc(size)` and is freed once.
+        unsafe { free(p, size) };
+    }
+}
+
+/// `n` LIFO pairs of malloc + free.
+pub fn malloc_pairs(size: u64, n: u64) -> Duration {
+    let t = Instant::now();
+    for _ in 0..n {
+        let p = malloc(black_box(size));
+        // SAFETY: allocated just above with `size`.
+        unsafe { free(black_box(p), size) };
+    }
+    t.elapsed()
+}
+
+/// `live` allocations of the random mix from malloc.
+pub fn malloc_mix_fill(live: u64, rng: &mut u64) -> Vec<(*mut u8, u64)> {
+    (0..live)
+        .map(|_| {
+            let n = mix_size(rng);
+            (malloc(n), n)
+        })
+        .collect()
+}
+
+/// `ops` operations of the random mix on malloc.
+pub fn malloc_mix(ps: &mut [(*mut u8, u64)], rng: &mut u64, ops: u64) -> Duration {
+    let t = Instant::now();
+    for _ in 0..ops {
+        let i = (next(rng) % ps.len() as u64) as usize;
+        // SAFETY: `ps[i]` came from `malloc` with its size; replaced below.
+        unsafe { free(ps[i].0, ps[i].1) };
+        let n = mix_size(rng);
+        ps[i] = (malloc(n), n);
+    }
+    t.elapsed()
+}
+
+pub fn malloc_mix_free(ps: Vec<(*mut u8, u64)>) {
+    for (p, n) in ps {
+        // SAFETY: each came from `malloc(n)` and is freed once.
+        unsafe { free(p, n) };
+    }
+}

@@ -1,0 +1,76 @@
+//! Prefault ahead of the bump position: under io_uring, the chunk after the
+//! one a fill is writing is faulted in by the kernel's io workers before
+//! the fill reaches it; the sync backend issues nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, expected_backend, open_shard, run, small_cfg};
+use segalloc::IoBackend;
+
+/// Chunk size of the allocator's prefault.
+const CHUNK: u64 = 256 * 1024;
+
+/// Pages of `[addr, addr + len)` mapped in this process's page tables
+/// (`/proc/self/pagemap` bit 63): faulted in, whether by a touch or by a
+/// prefault (read-ahead fills the page cache but maps nothing on a write
+/// fault).
+fn resident_pages(addr: *mut u8, len: usize) -> usize {
+    use std::io::{Read, Seek, SeekFrom};
+    let page = 4096;
+    let first = addr as usize / page;
+    let n = len.div_ceil(page);
+    let mut f = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
+    f.seek(SeekFrom::Start((first * 8) as u64)).expect("seek");
+    let mut buf = vec![0u8; n * 8];
+    f.read_exact(&mut buf).expect("read pagemap");
+    buf.chunks_exact(8)
+        .filter(|e| u64::from_le_bytes((*e).try_into().unwrap()) >> 63 == 1)
+        .count()
+}
+
+#[test]
+fn a_fill_prefaults_the_next_chunk_through_the_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        // Fill until a slot opens the second chunk of the data file.
+        let mut hs = Vec::new();
+        let a = loop {
+            let a = shard.allocate(100).await.unwrap();
+            if a.handle().offset() >= CHUNK {
+                break a;
+            }
+            hs.push(a.into_handle());
+        };
+        assert_eq!(a.handle().file_id(), 0);
+        // The third chunk, seen through the slot's window (16 MiB).
+        let ahead = 2 * CHUNK - a.handle().offset();
+        // SAFETY: the window is mapped while `a` pins it; the range is
+        // inside the window and the reserved part of the file.
+        let next = unsafe { a.ptr().add(ahead as usize) };
+        let pages = (CHUNK / 4096) as usize;
+        let prefaults = shard.stats().mappings.prefaults;
+        if expected_backend() == IoBackend::Sync {
+            assert_eq!(prefaults, 0, "the sync backend would block the shard");
+            assert_eq!(resident_pages(next, CHUNK as usize), 0);
+            return;
+        }
+        assert!(prefaults >= 1, "no prefault issued");
+        let all = eventually(Duration::from_secs(5), || {
+            resident_pages(next, CHUNK as usize) == pages
+        })
+        .await;
+        assert!(
+            all,
+            "{} of {pages} pages of the next chunk resident",
+            resident_pages(next, CHUNK as usize)
+        );
+        // Nothing beyond it.
+        // SAFETY: as above, one chunk further (the file has 1 MiB reserved).
+        let beyond = unsafe { next.add(CHUNK as usize) };
+        assert_eq!(resident_pages(beyond, CHUNK as usize), 0);
+    });
+}
