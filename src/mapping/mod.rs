@@ -459,7 +459,7 @@ impl MappingManager {
         let Some(Some(fm)) = m.files.get(file.0 as usize) else {
             return None;
         };
-        let Some(Slot::Mapped(w)) = fm.windows.get(usize::try_from(idx).ok()?) else {
+        let Some(WindowState::Mapped(w)) = fm.windows.get(usize::try_from(idx).ok()?) else {
             return None;
         };
         if end > fm.reserved.get() {
@@ -691,7 +691,7 @@ impl MappingManager {
                 .min((idx + 1) * w)
                 .min(fm.reserved.get());
             match usize::try_from(idx).ok().and_then(|i| fm.windows.get(i)) {
-                Some(Slot::Mapped(win)) if end > offset => (WindowRef::new(win), end),
+                Some(WindowState::Mapped(win)) if end > offset => (WindowRef::new(win), end),
                 _ => return,
             }
         };
