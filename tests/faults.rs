@@ -742,3 +742,129 @@ fn failed_folder_sync_is_retried() {
         assert_eq!(files.stats().dir_syncs, 1);
     });
 }
+
+/// Two overlapping syncs: the first one's `fdatasync` fails, the second's
+/// completes first. The kernel reports a write-back error to one
+/// `fdatasync` only, so the second must not report success: it waits for
+/// every sync that began before it, and returns `Poisoned`.
+#[test]
+fn overlapping_sync_succeeds_only_after_earlier_ones() {
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    run(async {
+        let shard = populated(&cfg).await;
+        overlap_after_failure(&shard).await;
+        // Overlapping syncs that all succeed are Ok.
+        drop(shard);
+        let shard = open_shard(&cfg).await.unwrap();
+        alloc(&shard, 300).await.unwrap();
+        let (a, b, c) = futures::join!(shard.sync(), shard.sync(), shard.sync());
+        a.unwrap();
+        b.unwrap();
+        c.unwrap();
+    });
+}
+
+async fn overlap_after_failure(shard: &Shard) {
+    {
+        alloc(shard, 300).await.unwrap();
+        let mut first = std::pin::pin!(shard.sync());
+        let mut second = std::pin::pin!(shard.sync());
+        // The first sync begins and submits its fdatasyncs; its first one
+        // fails (on the sync backend it completes at once).
+        faults::inject(Fault::new(FaultOp::Fsync, EIO));
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let early = first.as_mut().poll(&mut cx);
+        assert_eq!(faults::injected(FaultOp::Fsync), 1);
+        // The second runs while the first is not polled: its own
+        // fdatasyncs complete, yet it must wait for the first.
+        let mut b_early = None;
+        for _ in 0..100 {
+            if let std::task::Poll::Ready(r) = second.as_mut().poll(&mut cx) {
+                b_early = Some(r);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let (b, a) = futures::join!(
+            async {
+                match b_early {
+                    Some(r) => r,
+                    None => second.as_mut().await,
+                }
+            },
+            async {
+                match early {
+                    std::task::Poll::Ready(r) => r,
+                    std::task::Poll::Pending => first.as_mut().await,
+                }
+            }
+        );
+        match a {
+            Err(Error::Io {
+                op: "fdatasync",
+                source,
+                ..
+            }) => assert_eq!(source.raw_os_error(), Some(EIO)),
+            other => panic!("the failing sync: {other:?}"),
+        }
+        match b {
+            Err(Error::Poisoned { shard: 0 }) => {}
+            other => panic!("a sync overlapping a failed one: {other:?}"),
+        }
+    }
+}
+
+/// A sync after writes to one data file of many issues one data file
+/// `fdatasync` (and none for the metadata, which did not change); a sync
+/// with nothing changed issues none; a pin held across a sync keeps its
+/// file in the next one.
+#[test]
+fn sync_covers_only_changed_files() {
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir().unwrap();
+    // One window per data file: 1 MiB allocations fill a file every 16.
+    let cfg = Config::builder(dir.path())
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .max_file_bytes(16 * MIB)
+        .build()
+        .unwrap();
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        let mut hs = Vec::new();
+        for _ in 0..80 {
+            hs.push(alloc(&shard, MIB - 4096).await.unwrap());
+        }
+        let files = shard.stats().alloc.data_files;
+        assert!(files >= 5, "{files} data files");
+        shard.sync().await.unwrap();
+        let count = async |shard: &Shard| {
+            let before = faults::seen(FaultOp::Fsync);
+            shard.sync().await.unwrap();
+            faults::seen(FaultOp::Fsync) - before
+        };
+        assert_eq!(count(&shard).await, 0, "nothing changed");
+        // A write to one allocation of the third file.
+        let h = *hs.iter().find(|h| h.file_id() == 2).unwrap();
+        let pin = shard.pin(h).await.unwrap();
+        pin.write_at(0, b"changed").unwrap();
+        drop(pin);
+        assert_eq!(count(&shard).await, 1, "one data file changed");
+        // A free changes the metadata only.
+        shard.free(hs.pop().unwrap()).unwrap();
+        assert_eq!(count(&shard).await, 1, "the metadata changed");
+        // A pin held across syncs keeps its file in each of them.
+        let pin = shard.pin(h).await.unwrap();
+        assert_eq!(count(&shard).await, 1, "a pin is held");
+        pin.write_at(0, b"again").unwrap();
+        assert_eq!(count(&shard).await, 1, "a pin is still held");
+        drop(pin);
+        assert_eq!(count(&shard).await, 0, "the pin was dropped before");
+        let stats = shard.stats().alloc;
+        assert!(stats.data_file_syncs >= 3, "{stats:?}");
+    });
+}

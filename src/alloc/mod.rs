@@ -163,6 +163,7 @@ pub struct SegmentAllocator {
     /// Bytes of the metadata file known to be durable (its size as of the
     /// last `fdatasync`). The high-water mark never covers an entry past it.
     meta_durable_bytes: Cell<u64>,
+    syncs: durability::SyncOrder,
     /// Held for as long as the allocator is open (shared when read-only).
     _shard_lock: crate::datadir::ShardLock,
 }
@@ -269,6 +270,7 @@ impl SegmentAllocator {
             };
             st.live_per_class[class_id as usize] += 1;
             st.stats.allocs += 1;
+            self.files.mark_dirty(seg.file_id);
             return Some((handle, seg.file_id));
         }
     }
@@ -461,6 +463,8 @@ impl SegmentAllocator {
                 reason: "slot is free",
             });
         }
+        // A pin of it may write: the next sync covers its file.
+        self.files.mark_dirty(seg.file_id);
         Ok(seg.file_id)
     }
 

@@ -329,7 +329,30 @@ impl SegmentAllocator {
         }
         self.ensure_data_file(run.file).await?;
         // A run that may hold a hole (trimmed) is reserved again first.
-        self.reserve_trimmed(run, trim).await
+        self.reserve_trimmed(run, trim).await?;
+        self.grow_durably(run).await
+    }
+
+    /// Grow the data file of `run` past the run's end (in growth steps,
+    /// never past its window) and make that size durable: a power loss must
+    /// never keep a header that relies on blocks the file lost (recovery
+    /// refuses a data file shorter than its live slots). Growth is rare, so
+    /// one `fdatasync` per growth.
+    async fn grow_durably(&self, run: Run) -> Result<()> {
+        let id = self.data_files.borrow()[run.file as usize];
+        let end = (u64::from(run.block) + u64::from(run.blocks)) * BLOCK_BYTES;
+        let step = self.mm.config().growth_step_bytes;
+        self.mm.reserve(id, end, step).await?;
+        if self.files.durable_bytes(id)? >= end {
+            return Ok(());
+        }
+        match self.files.sync(id, true).await {
+            Ok(()) => {}
+            Err(e @ Error::FdPressure { .. }) => return Err(e),
+            Err(e) => return Err(self.poison(e)),
+        }
+        self.st.borrow_mut().stats.growth_syncs += 1;
+        Ok(())
     }
 
     /// Write the entry (counters, bitmap, header, then the state word that

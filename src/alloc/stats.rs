@@ -33,6 +33,12 @@ pub struct AllocStats {
     pub frees: u64,
     /// Successful syncs.
     pub syncs: u64,
+    /// Data file `fdatasync`s started by [`sync`](super::SegmentAllocator::sync)
+    /// (only files that may hold changes are synced).
+    pub data_file_syncs: u64,
+    /// `fdatasync`s of a data file that grew, made before a new segment
+    /// relying on the growth was published (one per growth at most).
+    pub growth_syncs: u64,
     /// Live allocations per class, `(slot_bytes, count)`, non-zero only.
     pub live_per_class: Vec<(u32, u64)>,
     /// Microseconds the last recovery took.
@@ -65,6 +71,7 @@ impl SegmentAllocator {
         s.segments = st.segments.iter().filter(|s| s.is_some()).count() as u64;
         s.bytes_allocated = (st.space.used_blocks() - st.space.free_blocks()) * BLOCK_BYTES;
         s.quarantined_entries = st.released.entries.len() as u64;
+        s.data_file_syncs = self.syncs.data_file_syncs.get();
         s.allocations_live = st.live_per_class.iter().sum();
         s.bytes_live = (st.live_per_class.iter().zip(CLASSES.iter()))
             .map(|(n, c)| n * u64::from(c.slot_bytes))

@@ -88,6 +88,11 @@ struct FileEntry {
     /// A fsync of the file's folder succeeded after the file was created or
     /// found: its directory entry survives a power loss.
     dir_durable: bool,
+    /// The size as of the start of the last successful `fdatasync`: that
+    /// much of the file survives a power loss.
+    durable_len: u64,
+    /// The file may hold changes no `fdatasync` began after.
+    dirty: Cell<bool>,
 }
 
 struct Files {
@@ -183,6 +188,8 @@ impl FileHandleRegistry {
             fallocate_ok: true,
             foreign: false,
             dir_durable: false,
+            durable_len: 0,
+            dirty: Cell::new(false),
         });
         f.by_path.insert(path.to_path_buf(), id);
         f.stats.files = f.entries.len();
@@ -252,6 +259,40 @@ impl FileHandleRegistry {
             .get(id.0 as usize)
             .ok_or(Error::UnknownFile(id.0))?;
         Ok(e.len_known.then_some(e.len_bytes))
+    }
+
+    /// Bytes of `id` known to survive a power loss: its size when the last
+    /// successful [`sync`](Self::sync) of it began (0 before one).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownFile`] for an id this registry never handed out.
+    pub fn durable_bytes(&self, id: FileId) -> Result<u64> {
+        let f = self.inner.borrow();
+        f.entries
+            .get(id.0 as usize)
+            .map(|e| e.durable_len)
+            .ok_or(Error::UnknownFile(id.0))
+    }
+
+    /// Record that `id` may hold changes that are not durable yet (a write
+    /// through a mapping, an allocation in it). No syscall.
+    #[inline]
+    pub fn mark_dirty(&self, id: FileId) {
+        if let Some(e) = self.inner.borrow().entries.get(id.0 as usize) {
+            e.dirty.set(true);
+        }
+    }
+
+    /// Whether `id` may hold changes no `fdatasync` began after; the flag
+    /// is cleared when a [`sync`](Self::sync) of it begins and set again
+    /// if that sync fails.
+    pub fn is_dirty(&self, id: FileId) -> bool {
+        self.inner
+            .borrow()
+            .entries
+            .get(id.0 as usize)
+            .is_some_and(|e| e.dirty.get())
     }
 
     pub(crate) fn reserved_cell(&self, id: FileId) -> Result<Rc<Cell<u64>>> {
@@ -394,6 +435,7 @@ impl FileHandleRegistry {
                 Ok(()) => {
                     let mut f = self.inner.borrow_mut();
                     let e = &mut f.entries[id.0 as usize];
+                    e.dirty.set(true);
                     e.reserved.set(e.reserved.get().max(min_size));
                     e.len_bytes = e.len_bytes.max(min_size);
                     f.stats.grows += 1;
@@ -417,6 +459,7 @@ impl FileHandleRegistry {
         }
         let mut f = self.inner.borrow_mut();
         let e = &mut f.entries[id.0 as usize];
+        e.dirty.set(true);
         e.len_bytes = e.len_bytes.max(min_size);
         f.stats.grows += 1;
         f.stats.grown_bytes += min_size.saturating_sub(len);
@@ -436,6 +479,7 @@ impl FileHandleRegistry {
     ) -> Error {
         let mut f = self.inner.borrow_mut();
         let en = &mut f.entries[id.0 as usize];
+        en.dirty.set(true);
         let reserved = en.reserved.get();
         if let Ok(sz) = sys::file_size(lease.fd()) {
             en.len_bytes = en.len_bytes.max(sz);
@@ -494,15 +538,28 @@ impl FileHandleRegistry {
     /// [`Error::TooManyOpenFiles`] when the file must be reopened and cannot.
     pub async fn sync(&self, id: FileId, datasync: bool) -> Result<()> {
         let path = self.path(id)?;
-        if !self.inner.borrow().entries[id.0 as usize].len_known {
-            return Ok(());
-        }
+        let len = {
+            let f = self.inner.borrow();
+            let e = &f.entries[id.0 as usize];
+            if !e.len_known {
+                return Ok(());
+            }
+            e.len_bytes
+        };
         let lease = self.lease(id, false)?;
         let op = if datasync { "fdatasync" } else { "fsync" };
+        // Changes made from here on wait for a later sync; if this one fails
+        // (or is dropped), the file stays dirty.
+        let dirty = DirtyUnlessSynced::begin(self, id);
         self.ring
             .fsync(lease.shared_fd(), datasync)
             .await
-            .map_err(|e| Error::io(op, Some(&path), e))
+            .map_err(|e| Error::io(op, Some(&path), e))?;
+        dirty.synced();
+        let mut f = self.inner.borrow_mut();
+        let e = &mut f.entries[id.0 as usize];
+        e.durable_len = e.durable_len.max(len);
+        Ok(())
     }
 
     /// Make the directory entry of `id` durable: open (creating) the file if
@@ -604,6 +661,9 @@ impl FileHandleRegistry {
             e.len_known = true;
             e.len_bytes = size;
             e.reserved.set(size);
+            // Pages an earlier process wrote may not be durable yet: the
+            // next sync covers them.
+            e.dirty.set(mode != OpenMode::ReadOnly);
         } else {
             e.len_bytes = e.len_bytes.max(size);
         }
@@ -662,6 +722,39 @@ impl FileHandleRegistry {
         // Dropping the registry's counter (the only one left) closes the count.
         self.counters.borrow_mut().remove(&FileId(i as u32));
         true
+    }
+}
+
+/// Clears a file's dirty flag while its sync runs; sets it again unless
+/// the sync completed.
+struct DirtyUnlessSynced<'a> {
+    reg: &'a FileHandleRegistry,
+    id: FileId,
+    synced: bool,
+}
+
+impl<'a> DirtyUnlessSynced<'a> {
+    fn begin(reg: &'a FileHandleRegistry, id: FileId) -> DirtyUnlessSynced<'a> {
+        if let Some(e) = reg.inner.borrow().entries.get(id.0 as usize) {
+            e.dirty.set(false);
+        }
+        DirtyUnlessSynced {
+            reg,
+            id,
+            synced: false,
+        }
+    }
+
+    fn synced(mut self) {
+        self.synced = true;
+    }
+}
+
+impl Drop for DirtyUnlessSynced<'_> {
+    fn drop(&mut self) {
+        if !self.synced {
+            self.reg.mark_dirty(self.id);
+        }
     }
 }
 

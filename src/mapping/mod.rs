@@ -641,6 +641,27 @@ impl MappingManager {
     pub fn path(&self, file: FileId) -> Result<PathBuf> {
         self.files.path(file)
     }
+
+    /// Whether a window of `file` overlapping `[from, to)` has users (pins,
+    /// io operations, fault-in steps) or is being faulted in.
+    pub(crate) fn in_use(&self, file: FileId, from: u64, to: u64) -> bool {
+        let m = self.inner.borrow();
+        let Some(Some(fm)) = m.files.get(file.0 as usize) else {
+            return false;
+        };
+        let first = usize::try_from(self.window_of(from)).unwrap_or(usize::MAX);
+        let last = usize::try_from(self.window_of(to.saturating_sub(1))).unwrap_or(usize::MAX);
+        fm.windows
+            .iter()
+            .enumerate()
+            .skip(first)
+            .take_while(|(i, _)| *i <= last)
+            .any(|(_, s)| match s {
+                Slot::Mapped(w) => w.users.get() > 0,
+                Slot::Faulting(_) => true,
+                Slot::Unmapped => false,
+            })
+    }
 }
 
 impl Drop for MappingManager {
