@@ -54,6 +54,7 @@ impl SegmentAllocator {
         LiveIter {
             alloc: self,
             seg: 0,
+            generation: 0,
             word: 0,
             bits: 0,
         }
@@ -105,11 +106,25 @@ impl std::fmt::Debug for SegmentAllocator {
 }
 
 /// Iterator over live handles; see [`SegmentAllocator::live`].
+///
+/// It may be held across an `.await`: a slot freed meanwhile is not
+/// reported, and a segment released meanwhile (its entry perhaps reused by
+/// another segment) is left for the next entry.
 pub struct LiveIter<'a> {
     alloc: &'a SegmentAllocator,
     seg: u32,
+    /// The generation of segment `seg` when its first word was read.
+    generation: u32,
     word: u32,
     bits: u64,
+}
+
+impl LiveIter<'_> {
+    fn next_entry(&mut self) {
+        self.seg += 1;
+        self.word = 0;
+        self.bits = 0;
+    }
 }
 
 impl Iterator for LiveIter<'_> {
@@ -121,17 +136,26 @@ impl Iterator for LiveIter<'_> {
             let seg = match st.segments.get(self.seg as usize) {
                 None => return None,
                 Some(None) => {
-                    self.seg += 1;
-                    self.word = 0;
-                    self.bits = 0;
+                    self.next_entry();
                     continue;
                 }
                 Some(Some(s)) => s,
             };
+            if self.word == 0 {
+                self.generation = seg.generation;
+            } else if seg.generation != self.generation {
+                // Released and reused since its words were read.
+                self.next_entry();
+                continue;
+            }
             if self.bits != 0 {
                 let bit = self.bits.trailing_zeros();
                 self.bits &= self.bits - 1;
                 let slot = (self.word - 1) * 64 + bit;
+                if !seg.is_live(slot) {
+                    // Freed since its word was read.
+                    continue;
+                }
                 let slot_bytes = CLASSES[seg.class_id as usize].slot_bytes;
                 return Some(Handle {
                     shard: self.alloc.shard,
@@ -145,8 +169,7 @@ impl Iterator for LiveIter<'_> {
                 });
             }
             if self.word >= seg.slots.div_ceil(64) {
-                self.seg += 1;
-                self.word = 0;
+                self.next_entry();
                 continue;
             }
             self.bits = seg.word(self.word).load(Ordering::Relaxed);
