@@ -57,6 +57,7 @@ impl SegmentAllocator {
         let new_files = covered.released.as_ref().is_some_and(|r| r.new_files);
         let meta_reserved = self.files.reserved_bytes(self.meta_file)?;
         let with_meta = new_files
+            || self.files.is_dirty(self.meta_file)
             || self.syncs.meta_synced_at.get() != Some(meta_changes)
             || !covered.released.as_ref().is_none_or(Released::is_empty);
         let mut r = self.sync_files(with_meta).await;
@@ -111,23 +112,35 @@ impl SegmentAllocator {
     }
 
     /// The data files that may hold changes no sync began after: marked
-    /// dirty (an allocation or a writable pin in it, a growth, a failed or
-    /// dropped sync), or with a window in use now (a pin held across this
-    /// sync may write at any moment).
-    fn dirty_data_files(&self) -> Vec<FileId> {
+    /// dirty (a writable pin made in it, a growth, a failed or dropped
+    /// sync), or with a window in use now; and those of the latter (a pin
+    /// held across this sync may write at any moment after it began).
+    fn dirty_data_files(&self) -> (Vec<FileId>, Vec<FileId>) {
         let files = self.data_files.borrow();
-        files
+        let in_use: Vec<FileId> = files
             .iter()
             .copied()
-            .filter(|&id| self.files.is_dirty(id) || self.mm.in_use(id, 0, u64::MAX))
-            .collect()
+            .filter(|&id| self.mm.in_use(id, 0, u64::MAX))
+            .collect();
+        let dirty = files
+            .iter()
+            .copied()
+            .filter(|&id| self.files.is_dirty(id) || in_use.contains(&id))
+            .collect();
+        (dirty, in_use)
     }
 
     /// `fdatasync` the dirty data files (and the metadata if `with_meta`)
     /// through the control ring. The first error, or
     /// [`Error::FdPressure`] when a file found no descriptor.
     async fn sync_files(&self, with_meta: bool) -> Result<()> {
-        let mut ids = self.dirty_data_files();
+        let (mut ids, in_use) = self.dirty_data_files();
+        // A file with a pin held across this sync stays dirty for the next
+        // one, whatever this one's outcome.
+        let _pinned = MarkDirtyOnDrop {
+            alloc: self,
+            ids: in_use,
+        };
         if with_meta {
             ids.push(self.meta_file);
         }
@@ -239,6 +252,20 @@ impl Drop for Covered<'_> {
     fn drop(&mut self) {
         if let Some(r) = self.released.take() {
             self.alloc.st.borrow_mut().released.append(r);
+        }
+    }
+}
+
+/// Marks files dirty when dropped (after the sync that cleared their flag).
+struct MarkDirtyOnDrop<'a> {
+    alloc: &'a SegmentAllocator,
+    ids: Vec<FileId>,
+}
+
+impl Drop for MarkDirtyOnDrop<'_> {
+    fn drop(&mut self) {
+        for &id in &self.ids {
+            self.alloc.files.mark_dirty(id);
         }
     }
 }

@@ -270,7 +270,6 @@ impl SegmentAllocator {
             };
             st.live_per_class[class_id as usize] += 1;
             st.stats.allocs += 1;
-            self.files.mark_dirty(seg.file_id);
             return Some((handle, seg.file_id));
         }
     }
@@ -287,6 +286,7 @@ impl SegmentAllocator {
         let slot = u32::try_from(slot).expect("slot index fits the bitmap");
         if live {
             seg.set_live(slot);
+            self.files.mark_dirty(self.meta_file);
         } else {
             seg.clear_live(slot);
         }
@@ -463,8 +463,6 @@ impl SegmentAllocator {
                 reason: "slot is free",
             });
         }
-        // A pin of it may write: the next sync covers its file.
-        self.files.mark_dirty(seg.file_id);
         Ok(seg.file_id)
     }
 

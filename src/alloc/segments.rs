@@ -262,6 +262,7 @@ impl SegmentAllocator {
         self.meta
             .word(format::entry_offset(seg_id))
             .store(0, Ordering::Release);
+        self.files.mark_dirty(self.meta_file);
         st.released.entries.push(seg_id);
         st.released.runs.push(seg.run);
     }
@@ -380,6 +381,7 @@ impl SegmentAllocator {
         self.meta
             .word(off)
             .store(header.state_word(), Ordering::Release);
+        self.files.mark_dirty(self.meta_file);
         let file_id = self.data_files.borrow()[run.file as usize];
         let mut seg = Seg::new(&header, run, bitmap, file_id);
         seg.in_avail = true;

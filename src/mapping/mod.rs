@@ -440,6 +440,9 @@ impl MappingManager {
                     w.referenced.set(true);
                     let win_off = offset - ((idx as u64) * self.cfg.window_bytes);
                     let pin = Pin::new(w, win_off as usize, len as usize, writable, site);
+                    if writable {
+                        self.files.mark_dirty(file);
+                    }
                     m.stats.fast_pins += 1;
                     Fast::Pinned(pin)
                 }
