@@ -20,7 +20,7 @@ use std::rc::Rc;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::io::Ring;
+use crate::io::{Op, Ring};
 use crate::sys::{self, OpenMode};
 use crate::wait::WaitList;
 
@@ -93,6 +93,10 @@ struct FileEntry {
     durable_len: u64,
     /// The file may hold changes no `fdatasync` began after.
     dirty: Cell<bool>,
+    /// The errno of a failed `fdatasync`, reported by every later sync: the
+    /// kernel reports a write-back error once, and the call that saw it may
+    /// have been dropped before its caller looked.
+    sync_failed: Option<i32>,
 }
 
 struct Files {
@@ -124,6 +128,9 @@ pub struct FileHandleRegistry {
     open: Rc<Cell<usize>>,
     /// One counter object per open descriptor, cloned into leases.
     counters: RefCell<HashMap<FileId, Rc<FdCounter>>>,
+    /// `fsync` operations whose `sync` call was dropped before they
+    /// completed: their outcome is collected by the next sync of the file.
+    orphans: RefCell<Vec<(FileId, Op)>>,
 }
 
 impl FileHandleRegistry {
@@ -155,6 +162,7 @@ impl FileHandleRegistry {
             mode,
             open: Rc::new(Cell::new(0)),
             counters: RefCell::new(HashMap::new()),
+            orphans: RefCell::new(Vec::new()),
         }
     }
 
@@ -190,6 +198,7 @@ impl FileHandleRegistry {
             dir_durable: false,
             durable_len: 0,
             dirty: Cell::new(false),
+            sync_failed: None,
         });
         f.by_path.insert(path.to_path_buf(), id);
         f.stats.files = f.entries.len();
@@ -538,28 +547,66 @@ impl FileHandleRegistry {
     /// [`Error::TooManyOpenFiles`] when the file must be reopened and cannot.
     pub async fn sync(&self, id: FileId, datasync: bool) -> Result<()> {
         let path = self.path(id)?;
+        let op = if datasync { "fdatasync" } else { "fsync" };
+        // Syncs of the file dropped before they completed: their outcome
+        // counts (a write-back error is reported to one call only).
+        let orphans: Vec<Op> = {
+            let mut all = self.orphans.borrow_mut();
+            let (mine, rest): (Vec<_>, Vec<_>) = all.drain(..).partition(|(f, _)| *f == id);
+            *all = rest;
+            mine.into_iter().map(|(_, o)| o).collect()
+        };
+        for o in orphans {
+            self.finish(id, o, &path, op).await?;
+        }
         let len = {
             let f = self.inner.borrow();
             let e = &f.entries[id.0 as usize];
+            if let Some(errno) = e.sync_failed {
+                return Err(Error::io(
+                    op,
+                    Some(&path),
+                    std::io::Error::from_raw_os_error(errno),
+                ));
+            }
             if !e.len_known {
                 return Ok(());
             }
             e.len_bytes
         };
         let lease = self.lease(id, false)?;
-        let op = if datasync { "fdatasync" } else { "fsync" };
         // Changes made from here on wait for a later sync; if this one fails
         // (or is dropped), the file stays dirty.
         let dirty = DirtyUnlessSynced::begin(self, id);
-        self.ring
-            .fsync(lease.shared_fd(), datasync)
-            .await
-            .map_err(|e| Error::io(op, Some(&path), e))?;
+        let fsync = self.ring.fsync(lease.shared_fd(), datasync);
+        self.finish(id, fsync, &path, op).await?;
         dirty.synced();
         let mut f = self.inner.borrow_mut();
         let e = &mut f.entries[id.0 as usize];
         e.durable_len = e.durable_len.max(len);
         Ok(())
+    }
+
+    /// Await a sync operation of `id`. Dropped before it completes, the
+    /// operation is kept for the next sync of the file; a failure is
+    /// remembered and reported by every later sync.
+    async fn finish(&self, id: FileId, op: Op, path: &Path, what: &'static str) -> Result<()> {
+        let mut orphan = Orphan {
+            reg: self,
+            id,
+            op: Some(op),
+        };
+        let r = std::future::poll_fn(|cx| {
+            std::pin::Pin::new(orphan.op.as_mut().expect("polled until done")).poll(cx)
+        })
+        .await;
+        orphan.op = None;
+        r.map_err(|e| {
+            if let Some(errno) = e.raw_os_error() {
+                self.inner.borrow_mut().entries[id.0 as usize].sync_failed = Some(errno);
+            }
+            Error::io(what, Some(path), e)
+        })
     }
 
     /// Make the directory entry of `id` durable: open (creating) the file if
@@ -722,6 +769,21 @@ impl FileHandleRegistry {
         // Dropping the registry's counter (the only one left) closes the count.
         self.counters.borrow_mut().remove(&FileId(i as u32));
         true
+    }
+}
+
+/// A sync operation being awaited: handed to the registry if dropped first.
+struct Orphan<'a> {
+    reg: &'a FileHandleRegistry,
+    id: FileId,
+    op: Option<Op>,
+}
+
+impl Drop for Orphan<'_> {
+    fn drop(&mut self) {
+        if let Some(op) = self.op.take() {
+            self.reg.orphans.borrow_mut().push((self.id, op));
+        }
     }
 }
 
