@@ -19,19 +19,24 @@ use crate::wait::WaitList;
 impl SegmentAllocator {
     /// Make every `allocate` and `free` that returned before this call, and
     /// every write through a pin made before it, durable against power loss:
-    /// `fdatasync` of the data files and the metadata through the control
-    /// ring (concurrently), and of the shard folder (a plain `fsync` on the
-    /// shard's thread) when files were created. When it completes, the slots
-    /// freed and the segments released before it began can be reused.
+    /// `fdatasync` through the control ring (concurrently) of the data files
+    /// that may hold changes (a writable pin was made in them, or one is
+    /// held now, or they grew) and of the metadata if it changed, and of the
+    /// shard folder (a plain `fsync` on the shard's thread) when files were
+    /// created. When it completes, the slots freed and the segments released
+    /// before it began can be reused.
+    ///
     /// Overlapping calls are safe: each covers what was released before it
-    /// began, and one that completes after an overlapping one failed fails
-    /// too.
+    /// began, and each reports success only once every sync that began
+    /// before it has completed without error (the kernel reports a
+    /// write-back error to one `fdatasync` only). So a sync waits for the
+    /// earlier ones: do not keep a started `sync` future unpolled.
     ///
     /// # Errors
     ///
     /// The first io error. A failed sync poisons the allocator: every later
-    /// write, and a sync overlapping it, returns [`Error::Poisoned`] until
-    /// the directory is reopened.
+    /// write, and a sync that began after it, returns [`Error::Poisoned`]
+    /// (or the failed file's error) until the directory is reopened.
     pub async fn sync(&self) -> Result<()> {
         let span = tracing::debug_span!("sync", shard = self.shard);
         self.sync_inner().instrument(span).await

@@ -541,9 +541,17 @@ impl FileHandleRegistry {
     /// that was never opened has nothing to sync, and sync never creates a
     /// file: a file removed behind the registry's back is an error.
     ///
+    /// The kernel reports a write-back error to one `fdatasync` only, so a
+    /// failure is kept: every later sync of the file returns it. A sync
+    /// dropped before its operation completed leaves the operation to the
+    /// next sync of the file, which awaits it first and reports its failure.
+    /// On success, [`durable_bytes`](Self::durable_bytes) covers the size the
+    /// file had when the call began.
+    ///
     /// # Errors
     ///
-    /// [`Error::Io`] with the kernel's error; [`Error::FdPressure`] /
+    /// [`Error::Io`] with the kernel's error (also that of an earlier failed
+    /// sync of the file); [`Error::FdPressure`] /
     /// [`Error::TooManyOpenFiles`] when the file must be reopened and cannot.
     pub async fn sync(&self, id: FileId, datasync: bool) -> Result<()> {
         let path = self.path(id)?;
