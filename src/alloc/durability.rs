@@ -121,17 +121,15 @@ impl SegmentAllocator {
     /// sync), or with a window in use now; and those of the latter (a pin
     /// held across this sync may write at any moment after it began).
     fn dirty_data_files(&self) -> (Vec<FileId>, Vec<FileId>) {
-        let files = self.data_files.borrow();
-        let in_use: Vec<FileId> = files
-            .iter()
-            .copied()
-            .filter(|&id| self.mm.in_use(id, 0, u64::MAX))
-            .collect();
-        let dirty = files
-            .iter()
-            .copied()
-            .filter(|&id| self.files.is_dirty(id) || in_use.contains(&id))
-            .collect();
+        let (mut dirty, mut in_use) = (Vec::new(), Vec::new());
+        for &id in self.data_files.borrow().iter() {
+            if self.mm.in_use(id, 0, u64::MAX) {
+                in_use.push(id);
+                dirty.push(id);
+            } else if self.files.is_dirty(id) {
+                dirty.push(id);
+            }
+        }
         (dirty, in_use)
     }
 
