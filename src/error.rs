@@ -195,6 +195,22 @@ pub enum Error {
         detail: String,
     },
 
+    /// A data file is shorter than the live allocations the metadata places
+    /// in it: it was cut short (`truncate`, a copy, a damaged file system)
+    /// and their bytes are lost. Recovery refuses the shard.
+    #[error(
+        "data file {} is truncated: {actual_bytes} bytes, its live allocations need {needed_bytes}",
+        path.display()
+    )]
+    DataFileTruncated {
+        /// The data file.
+        path: PathBuf,
+        /// Bytes the live allocations in it need (the end of the last one).
+        needed_bytes: u64,
+        /// The file's size.
+        actual_bytes: u64,
+    },
+
     /// The data directory is already open (in this or another process).
     #[error("data directory {} is already open by another instance", path.display())]
     AlreadyOpen {

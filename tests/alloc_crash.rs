@@ -14,8 +14,9 @@
 //! * **Power loss.** A workload runs in-process; the files are copied right
 //!   after a `sync()` (the durable image); the workload goes on without
 //!   syncing; then many images are built in which every 4 KiB page (and the
-//!   length) of each file independently takes its durable or its latest
-//!   version. Each must recover, keep every allocation acknowledged before
+//!   metadata's length) of each file independently takes its durable or
+//!   its latest version; a data file keeps its latest length (its growth
+//!   is made durable before a segment relies on it). Each must recover, keep every allocation acknowledged before
 //!   the sync and not touched after it, bring back none freed before it,
 //!   and have no overlaps.
 //!
@@ -735,7 +736,11 @@ fn power_loss_scenario(seed: u64, random_images: usize, meta_unit: usize) {
         };
         let mut choices = Vec::new();
         for (n, plan) in &plans {
-            let new_len = lens_new.unwrap_or_else(|| rng.chance(0.5));
+            // A data file's growth is made durable before a segment that
+            // relies on it is published, and a data file grows only then:
+            // its latest size is in every image. The metadata's length may
+            // revert.
+            let new_len = n != "meta.seg" || lens_new.unwrap_or_else(|| rng.chance(0.5));
             // A file created after the sync exists in every image: its
             // directory entry is made durable when it is created.
             let (len, taken) =
@@ -962,7 +967,10 @@ fn power_loss_run_reused_by_another_class() {
         for k in 0..1usize << pages {
             for (n, plan) in &plans {
                 let mut i = 0;
-                plan.apply(&img.join("shard-000").join(n), rng.chance(0.5), |_| {
+                // Data files keep their latest size (growth is durable
+                // before publication); the metadata's length may revert.
+                let new_len = n != "meta.seg" || rng.chance(0.5);
+                plan.apply(&img.join("shard-000").join(n), new_len, |_| {
                     i += 1;
                     if n == "meta.seg" {
                         k >> (i - 1) & 1 == 1

@@ -423,3 +423,83 @@ fn a_slot_being_handed_out_cannot_be_freed() {
         println!("{pending_polls} pending polls");
     });
 }
+
+/// `trim` never punches a run that a pin still maps: a stale pin (kept past
+/// the free of its allocation) keeps its bytes, and its window's runs are
+/// punched by a later `trim`, once the pin is gone.
+#[test]
+fn trim_skips_runs_under_a_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        // Three windows of 1 MiB segments in one data file.
+        let mut hs = Vec::new();
+        for _ in 0..40 {
+            let a = shard.allocate(MIB - 4096).await.unwrap();
+            write_pattern(a.pin(), 4096, common::handle_seed(&a.handle(), 1));
+            hs.push(a.into_handle());
+        }
+        // A pin of an allocation in the first window, kept past its free.
+        let kept = hs[1];
+        assert!(kept.offset() < 16 * MIB);
+        let stale = shard.pin(kept).await.unwrap();
+        // The last stays live: the freed runs lie below the file's used end.
+        let last = hs.pop().unwrap();
+        for h in hs.drain(..) {
+            shard.free(h).unwrap();
+        }
+        let punched = shard.trim().await.unwrap();
+        assert!(punched > 0, "runs of windows without pins are punched");
+        assert!(
+            check_pattern(&stale, 4096, common::handle_seed(&kept, 1)),
+            "the run under a pin was punched"
+        );
+        drop(stale);
+        let later = shard.trim().await.unwrap();
+        assert!(later > 0, "the skipped runs are punched once unpinned");
+        assert!(shard.allocator().is_live(&last));
+    });
+}
+
+/// The live iterator held across an await: an entry released and reused
+/// meanwhile by another class is not reported with the old segment's bits.
+#[test]
+fn live_iterator_across_entry_reuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        // Three segments of 16 B (4,096 slots each): when the second and
+        // third empty, the third is released (one empty one is kept).
+        let mut small = Vec::new();
+        for _ in 0..2 * 4096 + 64 {
+            small.push(shard.allocate(16).await.unwrap().into_handle());
+        }
+        let third: Vec<_> = small.split_off(2 * 4096);
+        let second: Vec<_> = small.split_off(4096);
+        let entry = third[0].segment_id();
+        let mut it = shard.live();
+        // Walk to the third segment's first slot.
+        let first = it.by_ref().find(|h| h.segment_id() == entry).unwrap();
+        assert_eq!(first, third[0]);
+        for h in second.into_iter().chain(third) {
+            shard.free(h).unwrap();
+        }
+        shard.sync().await.unwrap();
+        shard.sync().await.unwrap();
+        // Another class takes the released entry.
+        let mut reused = Vec::new();
+        for _ in 0..8 {
+            reused.push(shard.allocate(5000).await.unwrap().into_handle());
+        }
+        assert!(
+            reused.iter().any(|h| h.segment_id() == entry),
+            "the released entry is reused"
+        );
+        for h in it {
+            assert!(shard.allocator().is_live(&h), "reported {h}, not live");
+            assert_ne!(h.segment_id(), entry, "reported {h} from the old bits");
+        }
+    });
+}

@@ -742,3 +742,233 @@ fn failed_folder_sync_is_retried() {
         assert_eq!(files.stats().dir_syncs, 1);
     });
 }
+
+/// Two overlapping syncs: the first one's `fdatasync` fails, the second's
+/// completes first. The kernel reports a write-back error to one
+/// `fdatasync` only, so the second must not report success: it waits for
+/// every sync that began before it, and returns `Poisoned`.
+#[test]
+fn overlapping_sync_succeeds_only_after_earlier_ones() {
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    run(async {
+        let shard = populated(&cfg).await;
+        overlap_after_failure(&shard).await;
+        // Overlapping syncs that all succeed are Ok.
+        drop(shard);
+        let shard = open_shard(&cfg).await.unwrap();
+        alloc(&shard, 300).await.unwrap();
+        let (a, b, c) = futures::join!(shard.sync(), shard.sync(), shard.sync());
+        a.unwrap();
+        b.unwrap();
+        c.unwrap();
+    });
+}
+
+async fn overlap_after_failure(shard: &Shard) {
+    {
+        alloc(shard, 300).await.unwrap();
+        let mut first = std::pin::pin!(shard.sync());
+        let mut second = std::pin::pin!(shard.sync());
+        // The first sync begins and submits its fdatasyncs; its first one
+        // fails (on the sync backend it completes at once).
+        faults::inject(Fault::new(FaultOp::Fsync, EIO));
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let early = first.as_mut().poll(&mut cx);
+        assert_eq!(faults::injected(FaultOp::Fsync), 1);
+        // The second runs while the first is not polled: its own
+        // fdatasyncs complete, yet it must wait for the first.
+        let mut b_early = None;
+        for _ in 0..100 {
+            if let std::task::Poll::Ready(r) = second.as_mut().poll(&mut cx) {
+                b_early = Some(r);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let (b, a) = futures::join!(
+            async {
+                match b_early {
+                    Some(r) => r,
+                    None => second.as_mut().await,
+                }
+            },
+            async {
+                match early {
+                    std::task::Poll::Ready(r) => r,
+                    std::task::Poll::Pending => first.as_mut().await,
+                }
+            }
+        );
+        match a {
+            Err(Error::Io {
+                op: "fdatasync",
+                source,
+                ..
+            }) => assert_eq!(source.raw_os_error(), Some(EIO)),
+            other => panic!("the failing sync: {other:?}"),
+        }
+        match b {
+            Err(Error::Poisoned { shard: 0 }) => {}
+            // Or it saw the failure of the file the first one failed on.
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(EIO) => {}
+            other => panic!("a sync overlapping a failed one: {other:?}"),
+        }
+    }
+}
+
+/// A sync after writes to one data file of many issues one data file
+/// `fdatasync` (and none for the metadata, which did not change); a sync
+/// with nothing changed issues none; a pin held across a sync keeps its
+/// file in the next one.
+#[test]
+fn sync_covers_only_changed_files() {
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir().unwrap();
+    // One window per data file: 1 MiB allocations fill a file every 16.
+    let cfg = Config::builder(dir.path())
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .max_file_bytes(16 * MIB)
+        .build()
+        .unwrap();
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        let mut hs = Vec::new();
+        for _ in 0..80 {
+            hs.push(alloc(&shard, MIB - 4096).await.unwrap());
+        }
+        let files = shard.stats().alloc.data_files;
+        assert!(files >= 5, "{files} data files");
+        shard.sync().await.unwrap();
+        let count = async |shard: &Shard| {
+            let before = faults::seen(FaultOp::Fsync);
+            shard.sync().await.unwrap();
+            faults::seen(FaultOp::Fsync) - before
+        };
+        assert_eq!(count(&shard).await, 0, "nothing changed");
+        // A write to one allocation of the third file.
+        let h = *hs.iter().find(|h| h.file_id() == 2).unwrap();
+        let pin = shard.pin(h).await.unwrap();
+        pin.write_at(0, b"changed").unwrap();
+        drop(pin);
+        assert_eq!(count(&shard).await, 1, "one data file changed");
+        // A free changes the metadata only.
+        shard.free(hs.pop().unwrap()).unwrap();
+        assert_eq!(count(&shard).await, 1, "the metadata changed");
+        // A pin held across syncs keeps its file in each of them.
+        let pin = shard.pin(h).await.unwrap();
+        assert_eq!(count(&shard).await, 1, "a pin is held");
+        pin.write_at(0, b"again").unwrap();
+        assert_eq!(count(&shard).await, 1, "a pin is still held");
+        drop(pin);
+        // It may have written after the last sync began.
+        assert_eq!(count(&shard).await, 1, "the pin was dropped since");
+        assert_eq!(count(&shard).await, 0, "nothing changed since");
+        // Removing a root changes the metadata only.
+        shard.set_root("r", h).unwrap();
+        assert_eq!(count(&shard).await, 1, "a root was set");
+        shard.remove_root("r").unwrap();
+        assert_eq!(count(&shard).await, 1, "a root was removed");
+        let stats = shard.stats().alloc;
+        assert!(stats.data_file_syncs >= 3, "{stats:?}");
+    });
+}
+
+/// An allocation whose window faults in while a sync begins and completes:
+/// the next sync still covers its data file (written after that sync began)
+/// and the metadata (its bit was set after that sync began).
+#[test]
+fn sync_covers_an_allocation_that_outlived_a_sync() {
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir().unwrap();
+    // Whole-window advice through the ring: a fault-in awaits it.
+    let cfg = Config::builder(dir.path())
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .madvise_policy(segalloc::config::MadvisePolicy::Random)
+        .build()
+        .unwrap();
+    let mut pending_seen = false;
+    for _ in 0..20 {
+        let pending = run(async {
+            // Reopened: the segment exists, its window is not mapped.
+            let shard = open_shard(&cfg).await.unwrap();
+            alloc(&shard, 5000).await.unwrap();
+            shard.sync().await.unwrap();
+            drop(shard);
+            let shard = open_shard(&cfg).await.unwrap();
+            let mut fut = std::pin::pin!(shard.allocate(5000));
+            let waker = futures::task::noop_waker();
+            let first = fut
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(&waker));
+            let pending = first.is_pending();
+            shard.sync().await.unwrap();
+            let a = match first {
+                std::task::Poll::Ready(a) => a.unwrap(),
+                std::task::Poll::Pending => fut.await.unwrap(),
+            };
+            a.write_at(0, b"after the sync began").unwrap();
+            drop(a);
+            let before = faults::seen(FaultOp::Fsync);
+            shard.sync().await.unwrap();
+            // Completed at once: the sync covered the metadata; the data
+            // file is covered again (the pin was held across that sync).
+            let expected = if pending { 2 } else { 1 };
+            assert_eq!(
+                faults::seen(FaultOp::Fsync) - before,
+                expected,
+                "the data file and the metadata (allocate pending: {pending})"
+            );
+            pending
+        });
+        pending_seen |= pending;
+        if pending_seen || common::expected_backend() != segalloc::IoBackend::Uring {
+            break;
+        }
+    }
+    if common::expected_backend() == segalloc::IoBackend::Uring {
+        assert!(pending_seen, "a fault-in never awaited its advice");
+    }
+}
+
+/// A sync dropped after one of its `fdatasync`s failed (the kernel reports
+/// a write-back error once): the next sync fails too, and the shard is
+/// poisoned, instead of a success that proves nothing.
+#[test]
+fn a_dropped_failed_sync_is_not_forgotten() {
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    run(async {
+        let shard = populated(&cfg).await;
+        alloc(&shard, 300).await.unwrap();
+        faults::inject(Fault::new(FaultOp::Fsync, EIO));
+        let first = {
+            let mut sync = std::pin::pin!(shard.sync());
+            let waker = futures::task::noop_waker();
+            sync.as_mut()
+                .poll(&mut std::task::Context::from_waker(&waker))
+        };
+        assert_eq!(faults::injected(FaultOp::Fsync), 1);
+        // Pending (io_uring): dropped with the failure unseen.
+        if first.is_pending() {
+            assert!(!shard.allocator().is_poisoned());
+        }
+        match shard.sync().await {
+            Err(Error::Io {
+                op: "fdatasync",
+                source,
+                ..
+            }) => assert_eq!(source.raw_os_error(), Some(EIO)),
+            Err(Error::Poisoned { shard: 0 }) => assert!(first.is_ready()),
+            other => panic!("a sync after a dropped, failed one: {other:?}"),
+        }
+        assert!(shard.allocator().is_poisoned());
+    });
+}

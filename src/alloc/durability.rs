@@ -3,6 +3,10 @@
 
 #![warn(clippy::cast_possible_truncation)]
 
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
+use std::rc::Rc;
+
 use futures::future::join_all;
 use tracing::Instrument;
 
@@ -10,23 +14,29 @@ use super::SegmentAllocator;
 use super::space::Run;
 use crate::error::{Error, Result};
 use crate::files::FileId;
+use crate::wait::WaitList;
 
 impl SegmentAllocator {
     /// Make every `allocate` and `free` that returned before this call, and
     /// every write through a pin made before it, durable against power loss:
-    /// `fdatasync` of the data files and the metadata through the control
-    /// ring (concurrently), and of the shard folder (a plain `fsync` on the
-    /// shard's thread) when files were created. When it completes, the slots
-    /// freed and the segments released before it began can be reused.
+    /// `fdatasync` through the control ring (concurrently) of the data files
+    /// that may hold changes (a writable pin was made in them, or one is
+    /// held now, or they grew) and of the metadata if it changed, and of the
+    /// shard folder (a plain `fsync` on the shard's thread) when files were
+    /// created. When it completes, the slots freed and the segments released
+    /// before it began can be reused.
+    ///
     /// Overlapping calls are safe: each covers what was released before it
-    /// began, and one that completes after an overlapping one failed fails
-    /// too.
+    /// began, and each reports success only once every sync that began
+    /// before it has completed without error (the kernel reports a
+    /// write-back error to one `fdatasync` only). So a sync waits for the
+    /// earlier ones: do not keep a started `sync` future unpolled.
     ///
     /// # Errors
     ///
     /// The first io error. A failed sync poisons the allocator: every later
-    /// write, and a sync overlapping it, returns [`Error::Poisoned`] until
-    /// the directory is reopened.
+    /// write, and a sync that began after it, returns [`Error::Poisoned`]
+    /// (or the failed file's error) until the directory is reopened.
     pub async fn sync(&self) -> Result<()> {
         let span = tracing::debug_span!("sync", shard = self.shard);
         self.sync_inner().instrument(span).await
@@ -40,6 +50,9 @@ impl SegmentAllocator {
         if self.files.is_read_only() {
             return Ok(());
         }
+        // Taken before anything is read: a later sync waits for this one.
+        let ticket = self.syncs.begin();
+        let meta_changes = self.meta_changes();
         // This sync covers what was released before it began; releases made
         // while it runs wait for a later one. Overlapping syncs each cover
         // their own part.
@@ -49,7 +62,11 @@ impl SegmentAllocator {
         };
         let new_files = covered.released.as_ref().is_some_and(|r| r.new_files);
         let meta_reserved = self.files.reserved_bytes(self.meta_file)?;
-        let mut r = self.sync_files().await;
+        let with_meta = new_files
+            || self.files.is_dirty(self.meta_file)
+            || self.syncs.meta_synced_at.get() != Some(meta_changes)
+            || !covered.released.as_ref().is_none_or(Released::is_empty);
+        let mut r = self.sync_files(with_meta).await;
         if r.is_ok() && new_files {
             r = crate::datadir::sync_dir(&self.dir);
         }
@@ -64,12 +81,17 @@ impl SegmentAllocator {
                 return Err(self.poison(e));
             }
         }
+        // Every sync that began before this one must have completed without
+        // error: the kernel reports a write-back error to one `fdatasync` of
+        // a file only, so this one's success alone proves nothing.
+        ticket.earlier_done().await;
         if self.poisoned.get() {
-            // A sync that overlapped this one failed: the kernel reports a
-            // write-back error to one `fdatasync` of a file only, so this
-            // one's success proves nothing. Nothing it covered is reused.
+            // Nothing it covered is reused.
             covered.released = None;
             return Err(Error::Poisoned { shard: self.shard });
+        }
+        if with_meta {
+            self.syncs.meta_synced_at.set(Some(meta_changes));
         }
         let released = covered.released.take().expect("taken once");
         self.reuse(released);
@@ -83,11 +105,52 @@ impl SegmentAllocator {
         Ok(())
     }
 
-    /// `fdatasync` every file of the shard through the control ring. The
-    /// first error, or [`Error::FdPressure`] when a file found no descriptor.
-    async fn sync_files(&self) -> Result<()> {
-        let mut ids: Vec<FileId> = self.data_files.borrow().clone();
-        ids.push(self.meta_file);
+    /// A count that changes whenever the metadata may have changed: slots
+    /// taken and freed, roots set, segments created.
+    fn meta_changes(&self) -> MetaChanges {
+        let st = self.st.borrow();
+        (
+            st.stats.allocs,
+            st.stats.frees,
+            st.root_seq,
+            st.next_generation,
+        )
+    }
+
+    /// The data files that may hold changes no sync began after: marked
+    /// dirty (a writable pin made in it, a growth, a failed or dropped
+    /// sync), or with a window in use now; and those of the latter (a pin
+    /// held across this sync may write at any moment after it began).
+    fn dirty_data_files(&self) -> (Vec<FileId>, Vec<FileId>) {
+        let (mut dirty, mut in_use) = (Vec::new(), Vec::new());
+        for &id in self.data_files.borrow().iter() {
+            if self.mm.in_use(id, 0, u64::MAX) {
+                in_use.push(id);
+                dirty.push(id);
+            } else if self.files.is_dirty(id) {
+                dirty.push(id);
+            }
+        }
+        (dirty, in_use)
+    }
+
+    /// `fdatasync` the dirty data files (and the metadata if `with_meta`)
+    /// through the control ring. The first error, or
+    /// [`Error::FdPressure`] when a file found no descriptor.
+    async fn sync_files(&self, with_meta: bool) -> Result<()> {
+        let (mut ids, in_use) = self.dirty_data_files();
+        // A file with a pin held across this sync stays dirty for the next
+        // one, whatever this one's outcome.
+        let _pinned = MarkDirtyOnDrop {
+            alloc: self,
+            ids: in_use,
+        };
+        if with_meta {
+            ids.push(self.meta_file);
+        }
+        self.syncs
+            .data_file_syncs
+            .set(self.syncs.data_file_syncs.get() + ids.len() as u64 - u64::from(with_meta));
         // At most half the descriptor cap in flight at once (each sync holds
         // a lease on its fd until the kernel is done); a file that still
         // finds no descriptor is retried alone, after the others finished.
@@ -170,6 +233,10 @@ pub(super) struct Released {
 }
 
 impl Released {
+    fn is_empty(&self) -> bool {
+        self.slots.is_empty() && self.entries.is_empty() && self.runs.is_empty() && !self.new_files
+    }
+
     fn append(&mut self, mut other: Released) {
         self.slots.append(&mut other.slots);
         self.entries.append(&mut other.entries);
@@ -190,5 +257,77 @@ impl Drop for Covered<'_> {
         if let Some(r) = self.released.take() {
             self.alloc.st.borrow_mut().released.append(r);
         }
+    }
+}
+
+/// Marks files dirty when dropped (after the sync that cleared their flag).
+struct MarkDirtyOnDrop<'a> {
+    alloc: &'a SegmentAllocator,
+    ids: Vec<FileId>,
+}
+
+impl Drop for MarkDirtyOnDrop<'_> {
+    fn drop(&mut self) {
+        for &id in &self.ids {
+            self.alloc.files.mark_dirty(id);
+        }
+    }
+}
+
+/// [`SegmentAllocator::meta_changes`]: allocs, frees, root sequence, next
+/// generation.
+type MetaChanges = (u64, u64, u64, u32);
+
+/// The order of overlapping syncs: each takes a sequence number when it
+/// begins, and reports success only once every sync that began before it
+/// has completed (a failed one poisons the shard first).
+#[derive(Default)]
+pub(super) struct SyncOrder {
+    next_seq: Cell<u64>,
+    /// Syncs begun and not completed (nor dropped).
+    running: RefCell<BTreeSet<u64>>,
+    /// Woken whenever a sync completes or is dropped.
+    done: Rc<WaitList>,
+    /// [`SegmentAllocator::meta_changes`] when the last successful sync
+    /// that covered the metadata began.
+    meta_synced_at: Cell<Option<MetaChanges>>,
+    /// Data file `fdatasync`s started by syncs (see [`AllocStats`]).
+    ///
+    /// [`AllocStats`]: super::AllocStats
+    pub(super) data_file_syncs: Cell<u64>,
+}
+
+impl SyncOrder {
+    fn begin(&self) -> Ticket<'_> {
+        let seq = self.next_seq.get();
+        self.next_seq.set(seq + 1);
+        self.running.borrow_mut().insert(seq);
+        Ticket { order: self, seq }
+    }
+}
+
+/// A running sync's place in the [`SyncOrder`]; leaves it when dropped.
+struct Ticket<'a> {
+    order: &'a SyncOrder,
+    seq: u64,
+}
+
+impl Ticket<'_> {
+    /// Wait until no sync that began before this one is still running.
+    async fn earlier_done(&self) {
+        loop {
+            let first = self.order.running.borrow().first().copied();
+            if first.is_none_or(|s| s >= self.seq) {
+                return;
+            }
+            self.order.done.wait().await;
+        }
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.order.running.borrow_mut().remove(&self.seq);
+        self.order.done.wake_all();
     }
 }

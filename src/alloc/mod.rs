@@ -267,6 +267,7 @@ pub struct SegmentAllocator {
     /// Bytes of the metadata file known to be durable (its size as of the
     /// last `fdatasync`). The high-water mark never covers an entry past it.
     meta_durable_bytes: Cell<u64>,
+    syncs: durability::SyncOrder,
     /// Held for as long as the allocator is open (shared when read-only).
     _shard_lock: crate::datadir::ShardLock,
 }
@@ -423,6 +424,7 @@ impl SegmentAllocator {
         let slot = u32::try_from(slot).expect("slot index fits the bitmap");
         if live {
             seg.set_live(slot);
+            self.files.mark_dirty(self.meta_file);
         } else {
             seg.clear_live(slot);
         }

@@ -153,6 +153,7 @@ impl SegmentAllocator {
             poisoned: Cell::new(false),
             writable: Cell::new(writable),
             meta_durable_bytes: Cell::new(0),
+            syncs: super::durability::SyncOrder::default(),
             _shard_lock: shard_lock,
         })
     }

@@ -54,7 +54,7 @@ impl SegmentAllocator {
         };
         let found = scan::scan(&mut src, &target)?;
         if let Some(f) = found.refusal() {
-            return Err(self.refusal(f));
+            return Err(self.refusal(f, &found));
         }
         for f in &found.findings {
             let file = match f.file {
@@ -80,9 +80,27 @@ impl SegmentAllocator {
     }
 
     /// The error for a finding that refuses the shard.
-    fn refusal(&self, f: &Finding) -> Error {
+    fn refusal(&self, f: &Finding, found: &ShardScan) -> Error {
         let data_path = |n: u32| self.dir.join(data_file_name(n));
         match (&f.defect, f.file) {
+            (Defect::DataFileShort { size_bytes, .. }, FindingFile::Data(n)) => {
+                // The end of the last live slot of any segment in the file.
+                let needed_bytes = found
+                    .findings
+                    .iter()
+                    .filter(|g| g.file == FindingFile::Data(n))
+                    .filter_map(|g| match g.defect {
+                        Defect::DataFileShort { needed_bytes, .. } => Some(needed_bytes),
+                        _ => None,
+                    })
+                    .max()
+                    .unwrap_or(0);
+                Error::DataFileTruncated {
+                    path: data_path(n),
+                    needed_bytes,
+                    actual_bytes: *size_bytes,
+                }
+            }
             (Defect::SuperblockOtherShard { on_disk, folder }, _) => Error::Mismatch {
                 what: "shard index in meta.seg",
                 on_disk: *on_disk as u64,

@@ -59,6 +59,7 @@ impl SegmentAllocator {
         self.meta.word(off).store(0, Ordering::Release);
         self.meta.write(off + 8, &bytes[8..]);
         self.meta.word(off).store(seq, Ordering::Release);
+        self.files.mark_dirty(self.meta_file);
         if let Some((old, _, _)) = st.roots.insert(name.to_string(), (slot, seq, handle)) {
             debug_assert_eq!(old, slot ^ 1);
             self.meta
@@ -85,6 +86,7 @@ impl SegmentAllocator {
             self.meta
                 .word(format::root_offset(slot))
                 .store(0, Ordering::Release);
+            self.files.mark_dirty(self.meta_file);
             h
         }))
     }

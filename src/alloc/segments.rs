@@ -262,6 +262,7 @@ impl SegmentAllocator {
         self.meta
             .word(format::entry_offset(seg_id))
             .store(0, Ordering::Release);
+        self.files.mark_dirty(self.meta_file);
         st.released.entries.push(seg_id);
         st.released.runs.push(seg.run);
     }
@@ -329,7 +330,30 @@ impl SegmentAllocator {
         }
         self.ensure_data_file(run.file).await?;
         // A run that may hold a hole (trimmed) is reserved again first.
-        self.reserve_trimmed(run, trim).await
+        self.reserve_trimmed(run, trim).await?;
+        self.grow_durably(run).await
+    }
+
+    /// Grow the data file of `run` past the run's end (in growth steps,
+    /// never past its window) and make that size durable: a power loss must
+    /// never keep a header that relies on blocks the file lost (recovery
+    /// refuses a data file shorter than its live slots). Growth is rare, so
+    /// one `fdatasync` per growth.
+    async fn grow_durably(&self, run: Run) -> Result<()> {
+        let id = self.data_files.borrow()[run.file as usize];
+        let end = (u64::from(run.block) + u64::from(run.blocks)) * BLOCK_BYTES;
+        let step = self.mm.config().growth_step_bytes;
+        self.mm.reserve(id, end, step).await?;
+        if self.files.durable_bytes(id)? >= end {
+            return Ok(());
+        }
+        match self.files.sync(id, true).await {
+            Ok(()) => {}
+            Err(e @ Error::FdPressure { .. }) => return Err(e),
+            Err(e) => return Err(self.poison(e)),
+        }
+        self.st.borrow_mut().stats.growth_syncs += 1;
+        Ok(())
     }
 
     /// Write the entry (counters, bitmap, header, then the state word that
@@ -357,6 +381,7 @@ impl SegmentAllocator {
         self.meta
             .word(off)
             .store(header.state_word(), Ordering::Release);
+        self.files.mark_dirty(self.meta_file);
         let file_id = self.data_files.borrow()[run.file as usize];
         let mut seg = Seg::new(&header, run, bitmap, file_id);
         seg.in_avail = true;

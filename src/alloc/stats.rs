@@ -33,6 +33,12 @@ pub struct AllocStats {
     pub frees: u64,
     /// Successful syncs.
     pub syncs: u64,
+    /// Data file `fdatasync`s started by [`sync`](super::SegmentAllocator::sync)
+    /// (only files that may hold changes are synced).
+    pub data_file_syncs: u64,
+    /// `fdatasync`s of a data file that grew, made before a new segment
+    /// relying on the growth was published (one per growth at most).
+    pub growth_syncs: u64,
     /// Live allocations per class, `(slot_bytes, count)`, non-zero only.
     pub live_per_class: Vec<(u32, u64)>,
     /// Microseconds the last recovery took.
@@ -57,6 +63,7 @@ impl SegmentAllocator {
         LiveIter {
             alloc: self,
             seg: 0,
+            generation: 0,
             word: 0,
             bits: 0,
         }
@@ -74,6 +81,7 @@ impl SegmentAllocator {
         s.segments = st.segments.iter().filter(|s| s.is_some()).count() as u64;
         s.allocated_bytes = (st.space.used_blocks() - st.space.free_blocks()) * BLOCK_BYTES;
         s.quarantined_entries = st.released.entries.len() as u64;
+        s.data_file_syncs = self.syncs.data_file_syncs.get();
         s.allocations_live = st.live_per_class.iter().sum();
         s.live_bytes = (st.live_per_class.iter().zip(CLASSES.iter()))
             .map(|(n, c)| n * u64::from(c.slot_bytes))
@@ -112,11 +120,25 @@ impl std::fmt::Debug for SegmentAllocator {
 }
 
 /// Iterator over live handles; see [`SegmentAllocator::live`].
+///
+/// It may be held across an `.await`: a slot freed meanwhile is not
+/// reported, and a segment released meanwhile (its entry perhaps reused by
+/// another segment) is left for the next entry.
 pub struct LiveIter<'a> {
     alloc: &'a SegmentAllocator,
     seg: u32,
+    /// The generation of segment `seg` when its first word was read.
+    generation: u32,
     word: u32,
     bits: u64,
+}
+
+impl LiveIter<'_> {
+    fn next_entry(&mut self) {
+        self.seg += 1;
+        self.word = 0;
+        self.bits = 0;
+    }
 }
 
 impl Iterator for LiveIter<'_> {
@@ -128,17 +150,26 @@ impl Iterator for LiveIter<'_> {
             let seg = match st.segments.get(self.seg as usize) {
                 None => return None,
                 Some(None) => {
-                    self.seg += 1;
-                    self.word = 0;
-                    self.bits = 0;
+                    self.next_entry();
                     continue;
                 }
                 Some(Some(s)) => s,
             };
+            if self.word == 0 {
+                self.generation = seg.generation;
+            } else if seg.generation != self.generation {
+                // Released and reused since its words were read.
+                self.next_entry();
+                continue;
+            }
             if self.bits != 0 {
                 let bit = self.bits.trailing_zeros();
                 self.bits &= self.bits - 1;
                 let slot = (self.word - 1) * 64 + bit;
+                if !seg.is_live(slot) {
+                    // Freed since its word was read.
+                    continue;
+                }
                 let slot_bytes = CLASSES[seg.class_id as usize].slot_bytes;
                 return Some(Handle {
                     shard: self.alloc.shard,
@@ -152,8 +183,7 @@ impl Iterator for LiveIter<'_> {
                 });
             }
             if self.word >= seg.slots.div_ceil(64) {
-                self.seg += 1;
-                self.word = 0;
+                self.next_entry();
                 continue;
             }
             self.bits = seg.word(self.word).load(Ordering::Relaxed);

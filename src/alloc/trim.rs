@@ -13,6 +13,9 @@
 //!   release durable), so a power loss can never bring a released segment
 //!   back over a hole. `trim` syncs twice first, so that frees made before
 //!   it release their segments and those runs become free.
+//! * A run whose window has users (a pin kept past its allocation's free)
+//!   is not punched: checked right before the punch is submitted, and no
+//!   pin of a freed slot can be made after that.
 //! * A run that may hold a hole is reserved again (`fallocate` mode 0 through
 //!   the ring) before a segment is published in it; nothing is handed out in
 //!   a hole, so no write through a mapping can fault on a full disk.
@@ -75,9 +78,10 @@ impl SegmentAllocator {
     /// both punch holes and reserve blocks (then this returns `Ok(0)`).
     /// While `trim` runs, the runs it works on cannot be allocated from.
     ///
-    /// A write through a [`Pin`](crate::Pin) of an allocation that was freed
-    /// before the `trim` (a use after free) may land in a hole: on a full
-    /// disk the kernel then raises `SIGBUS`.
+    /// A run whose window a [`Pin`](crate::Pin) still maps (a pin kept past
+    /// the free of its allocation) is not punched; a later `trim` punches it
+    /// once the window has no pin. A pin made after the run was punched
+    /// cannot exist: a freed allocation cannot be pinned.
     ///
     /// # Errors
     ///
@@ -168,6 +172,17 @@ impl SegmentAllocator {
             return Ok(None);
         }
         let ring = self.files.ring();
+        if self.mm.in_use(id, start, end) {
+            // A pin still maps the run (a stale pin of a freed allocation):
+            // a write through it into a hole would allocate blocks again
+            // (SIGBUS on a full disk). A later `trim` punches it.
+            tracing::debug!(
+                file = run.file,
+                first_block = run.block,
+                "run under a pin: not punched"
+            );
+            return Ok(None);
+        }
         if can_punch.get(&run.file).is_none() {
             // Probe once per file that blocks can be reserved again (mode 0
             // over a free block: at most allocates it).

@@ -20,7 +20,7 @@ use std::rc::Rc;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::io::Ring;
+use crate::io::{Op, Ring};
 use crate::sys::{self, OpenMode};
 use crate::wait::WaitList;
 
@@ -88,6 +88,15 @@ struct FileEntry {
     /// A fsync of the file's folder succeeded after the file was created or
     /// found: its directory entry survives a power loss.
     dir_durable: bool,
+    /// The size as of the start of the last successful `fdatasync`: that
+    /// much of the file survives a power loss.
+    durable_len: u64,
+    /// The file may hold changes no `fdatasync` began after.
+    dirty: Cell<bool>,
+    /// The errno of a failed `fdatasync`, reported by every later sync: the
+    /// kernel reports a write-back error once, and the call that saw it may
+    /// have been dropped before its caller looked.
+    sync_failed: Option<i32>,
 }
 
 struct Files {
@@ -119,6 +128,9 @@ pub struct FileHandleRegistry {
     open: Rc<Cell<usize>>,
     /// One counter object per open descriptor, cloned into leases.
     counters: RefCell<HashMap<FileId, Rc<FdCounter>>>,
+    /// `fsync` operations whose `sync` call was dropped before they
+    /// completed: their outcome is collected by the next sync of the file.
+    orphans: RefCell<Vec<(FileId, Op)>>,
 }
 
 impl FileHandleRegistry {
@@ -150,6 +162,7 @@ impl FileHandleRegistry {
             mode,
             open: Rc::new(Cell::new(0)),
             counters: RefCell::new(HashMap::new()),
+            orphans: RefCell::new(Vec::new()),
         }
     }
 
@@ -183,6 +196,9 @@ impl FileHandleRegistry {
             fallocate_ok: true,
             foreign: false,
             dir_durable: false,
+            durable_len: 0,
+            dirty: Cell::new(false),
+            sync_failed: None,
         });
         f.by_path.insert(path.to_path_buf(), id);
         f.stats.files = f.entries.len();
@@ -252,6 +268,40 @@ impl FileHandleRegistry {
             .get(id.0 as usize)
             .ok_or(Error::UnknownFile(id.0))?;
         Ok(e.len_known.then_some(e.len_bytes))
+    }
+
+    /// Bytes of `id` known to survive a power loss: its size when the last
+    /// successful [`sync`](Self::sync) of it began (0 before one).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownFile`] for an id this registry never handed out.
+    pub fn durable_bytes(&self, id: FileId) -> Result<u64> {
+        let f = self.inner.borrow();
+        f.entries
+            .get(id.0 as usize)
+            .map(|e| e.durable_len)
+            .ok_or(Error::UnknownFile(id.0))
+    }
+
+    /// Record that `id` may hold changes that are not durable yet (a write
+    /// through a mapping, an allocation in it). No syscall.
+    #[inline]
+    pub fn mark_dirty(&self, id: FileId) {
+        if let Some(e) = self.inner.borrow().entries.get(id.0 as usize) {
+            e.dirty.set(true);
+        }
+    }
+
+    /// Whether `id` may hold changes no `fdatasync` began after; the flag
+    /// is cleared when a [`sync`](Self::sync) of it begins and set again
+    /// if that sync fails.
+    pub fn is_dirty(&self, id: FileId) -> bool {
+        self.inner
+            .borrow()
+            .entries
+            .get(id.0 as usize)
+            .is_some_and(|e| e.dirty.get())
     }
 
     pub(crate) fn reserved_cell(&self, id: FileId) -> Result<Rc<Cell<u64>>> {
@@ -394,6 +444,7 @@ impl FileHandleRegistry {
                 Ok(()) => {
                     let mut f = self.inner.borrow_mut();
                     let e = &mut f.entries[id.0 as usize];
+                    e.dirty.set(true);
                     e.reserved.set(e.reserved.get().max(min_size));
                     e.len_bytes = e.len_bytes.max(min_size);
                     f.stats.grows += 1;
@@ -417,6 +468,7 @@ impl FileHandleRegistry {
         }
         let mut f = self.inner.borrow_mut();
         let e = &mut f.entries[id.0 as usize];
+        e.dirty.set(true);
         e.len_bytes = e.len_bytes.max(min_size);
         f.stats.grows += 1;
         f.stats.grown_bytes += min_size.saturating_sub(len);
@@ -436,6 +488,7 @@ impl FileHandleRegistry {
     ) -> Error {
         let mut f = self.inner.borrow_mut();
         let en = &mut f.entries[id.0 as usize];
+        en.dirty.set(true);
         let reserved = en.reserved.get();
         if let Ok(sz) = sys::file_size(lease.fd()) {
             en.len_bytes = en.len_bytes.max(sz);
@@ -488,21 +541,80 @@ impl FileHandleRegistry {
     /// that was never opened has nothing to sync, and sync never creates a
     /// file: a file removed behind the registry's back is an error.
     ///
+    /// The kernel reports a write-back error to one `fdatasync` only, so a
+    /// failure is kept: every later sync of the file returns it. A sync
+    /// dropped before its operation completed leaves the operation to the
+    /// next sync of the file, which awaits it first and reports its failure.
+    /// On success, [`durable_bytes`](Self::durable_bytes) covers the size the
+    /// file had when the call began.
+    ///
     /// # Errors
     ///
-    /// [`Error::Io`] with the kernel's error; [`Error::FdPressure`] /
+    /// [`Error::Io`] with the kernel's error (also that of an earlier failed
+    /// sync of the file); [`Error::FdPressure`] /
     /// [`Error::TooManyOpenFiles`] when the file must be reopened and cannot.
     pub async fn sync(&self, id: FileId, datasync: bool) -> Result<()> {
         let path = self.path(id)?;
-        if !self.inner.borrow().entries[id.0 as usize].len_known {
-            return Ok(());
-        }
-        let lease = self.lease(id, false)?;
         let op = if datasync { "fdatasync" } else { "fsync" };
-        self.ring
-            .fsync(lease.shared_fd(), datasync)
-            .await
-            .map_err(|e| Error::io(op, Some(&path), e))
+        // Syncs of the file dropped before they completed: their outcome
+        // counts (a write-back error is reported to one call only).
+        let orphans: Vec<Op> = {
+            let mut all = self.orphans.borrow_mut();
+            let (mine, rest): (Vec<_>, Vec<_>) = all.drain(..).partition(|(f, _)| *f == id);
+            *all = rest;
+            mine.into_iter().map(|(_, o)| o).collect()
+        };
+        for o in orphans {
+            self.finish(id, o, &path, op).await?;
+        }
+        let len = {
+            let f = self.inner.borrow();
+            let e = &f.entries[id.0 as usize];
+            if let Some(errno) = e.sync_failed {
+                return Err(Error::io(
+                    op,
+                    Some(&path),
+                    std::io::Error::from_raw_os_error(errno),
+                ));
+            }
+            if !e.len_known {
+                return Ok(());
+            }
+            e.len_bytes
+        };
+        let lease = self.lease(id, false)?;
+        // Changes made from here on wait for a later sync; if this one fails
+        // (or is dropped), the file stays dirty.
+        let dirty = DirtyUnlessSynced::begin(self, id);
+        let fsync = self.ring.fsync(lease.shared_fd(), datasync);
+        self.finish(id, fsync, &path, op).await?;
+        dirty.synced();
+        let mut f = self.inner.borrow_mut();
+        let e = &mut f.entries[id.0 as usize];
+        e.durable_len = e.durable_len.max(len);
+        Ok(())
+    }
+
+    /// Await a sync operation of `id`. Dropped before it completes, the
+    /// operation is kept for the next sync of the file; a failure is
+    /// remembered and reported by every later sync.
+    async fn finish(&self, id: FileId, op: Op, path: &Path, what: &'static str) -> Result<()> {
+        let mut orphan = Orphan {
+            reg: self,
+            id,
+            op: Some(op),
+        };
+        let r = std::future::poll_fn(|cx| {
+            std::pin::Pin::new(orphan.op.as_mut().expect("polled until done")).poll(cx)
+        })
+        .await;
+        orphan.op = None;
+        r.map_err(|e| {
+            if let Some(errno) = e.raw_os_error() {
+                self.inner.borrow_mut().entries[id.0 as usize].sync_failed = Some(errno);
+            }
+            Error::io(what, Some(path), e)
+        })
     }
 
     /// Make the directory entry of `id` durable: open (creating) the file if
@@ -604,6 +716,9 @@ impl FileHandleRegistry {
             e.len_known = true;
             e.len_bytes = size;
             e.reserved.set(size);
+            // Pages an earlier process wrote may not be durable yet: the
+            // next sync covers them.
+            e.dirty.set(mode != OpenMode::ReadOnly);
         } else {
             e.len_bytes = e.len_bytes.max(size);
         }
@@ -662,6 +777,54 @@ impl FileHandleRegistry {
         // Dropping the registry's counter (the only one left) closes the count.
         self.counters.borrow_mut().remove(&FileId(i as u32));
         true
+    }
+}
+
+/// A sync operation being awaited: handed to the registry if dropped first.
+struct Orphan<'a> {
+    reg: &'a FileHandleRegistry,
+    id: FileId,
+    op: Option<Op>,
+}
+
+impl Drop for Orphan<'_> {
+    fn drop(&mut self) {
+        if let Some(op) = self.op.take() {
+            self.reg.orphans.borrow_mut().push((self.id, op));
+        }
+    }
+}
+
+/// Clears a file's dirty flag while its sync runs; sets it again unless
+/// the sync completed.
+struct DirtyUnlessSynced<'a> {
+    reg: &'a FileHandleRegistry,
+    id: FileId,
+    synced: bool,
+}
+
+impl<'a> DirtyUnlessSynced<'a> {
+    fn begin(reg: &'a FileHandleRegistry, id: FileId) -> DirtyUnlessSynced<'a> {
+        if let Some(e) = reg.inner.borrow().entries.get(id.0 as usize) {
+            e.dirty.set(false);
+        }
+        DirtyUnlessSynced {
+            reg,
+            id,
+            synced: false,
+        }
+    }
+
+    fn synced(mut self) {
+        self.synced = true;
+    }
+}
+
+impl Drop for DirtyUnlessSynced<'_> {
+    fn drop(&mut self) {
+        if !self.synced {
+            self.reg.mark_dirty(self.id);
+        }
     }
 }
 

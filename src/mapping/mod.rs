@@ -508,6 +508,9 @@ impl MappingManager {
                     w.referenced.set(true);
                     let win_off = offset - ((idx as u64) * self.cfg.window_bytes);
                     let pin = Pin::new(w, win_off as usize, len as usize, writable, site);
+                    if writable {
+                        self.files.mark_dirty(file);
+                    }
                     m.stats.fast_pins += 1;
                     Fast::Pinned(pin)
                 }
@@ -766,6 +769,27 @@ impl MappingManager {
     /// The path of a file (for messages).
     pub fn path(&self, file: FileId) -> Result<PathBuf> {
         self.files.path(file)
+    }
+
+    /// Whether a window of `file` overlapping `[from, to)` has users (pins,
+    /// io operations, fault-in steps) or is being faulted in.
+    pub(crate) fn in_use(&self, file: FileId, from: u64, to: u64) -> bool {
+        let m = self.inner.borrow();
+        let Some(Some(fm)) = m.files.get(file.0 as usize) else {
+            return false;
+        };
+        let first = usize::try_from(self.window_of(from)).unwrap_or(usize::MAX);
+        let last = usize::try_from(self.window_of(to.saturating_sub(1))).unwrap_or(usize::MAX);
+        fm.windows
+            .iter()
+            .enumerate()
+            .skip(first)
+            .take_while(|(i, _)| *i <= last)
+            .any(|(_, s)| match s {
+                WindowState::Mapped(w) => w.users.get() > 0,
+                WindowState::Faulting(_) => true,
+                WindowState::Unmapped => false,
+            })
     }
 }
 

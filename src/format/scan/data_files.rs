@@ -22,13 +22,15 @@ pub(super) fn check_data_files(t: &ScanTarget<'_>, s: &mut ShardScan) {
             }
             DataFileLen::Bytes(size) if !x.dropped => {
                 let slot_bytes = x.header.slot_bytes() as u64;
-                let mut past = x
+                let past: Vec<u32> = x
                     .live_slots()
-                    .filter(|&k| x.slot_offset(k) + slot_bytes > size);
-                if let Some(first_slot) = past.next() {
+                    .filter(|&k| x.slot_offset(k) + slot_bytes > size)
+                    .collect();
+                if let (Some(&first_slot), Some(&last_slot)) = (past.first(), past.last()) {
                     let d = Defect::DataFileShort {
                         size_bytes: size,
-                        live_past: 1 + past.count() as u64,
+                        needed_bytes: x.slot_offset(last_slot) + slot_bytes,
+                        live_past: past.len() as u64,
                         slot_bytes: slot_bytes as u32,
                         first_slot,
                     };

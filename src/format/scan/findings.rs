@@ -127,8 +127,13 @@ pub enum Defect {
         kept: bool,
     },
     /// Live slots lie past the end of their data file (it was cut short).
+    /// A segment's blocks are durably part of its file before the segment
+    /// is published, so no crash or power loss leaves this: it refuses the
+    /// shard.
     DataFileShort {
         size_bytes: u64,
+        /// The end of the segment's last live slot.
+        needed_bytes: u64,
         live_past: u64,
         slot_bytes: u32,
         first_slot: u32,
@@ -183,10 +188,6 @@ impl Defect {
     pub fn refuses_open(&self) -> bool {
         match self {
             Defect::DataFileMissing { kept, .. } => *kept,
-            // A power loss after a data file grew and before the next sync
-            // can leave the size short of slots allocated since that sync:
-            // recovery opens (they read as zeros); `verify` reports it.
-            Defect::DataFileShort { .. } => false,
             Defect::ReservedHeaderBytes
             | Defect::PublishedPastMark { .. }
             | Defect::Overlap { .. }
@@ -303,12 +304,13 @@ fn fmt_entry(d: &Defect, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         ),
         Defect::DataFileShort {
             size_bytes,
+            needed_bytes,
             live_past,
             slot_bytes,
             first_slot,
         } => write!(
             f,
-            "{live_past} live slot(s) of {slot_bytes} bytes lie past the end of the file ({size_bytes} bytes; first: slot {first_slot}): the file was cut short and their bytes are lost"
+            "{live_past} live slot(s) of {slot_bytes} bytes lie past the end of the file ({size_bytes} bytes; first: slot {first_slot}; they need {needed_bytes}): the file was cut short and their bytes are lost"
         ),
         _ => fmt_root(d, f),
     }
