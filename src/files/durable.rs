@@ -1,0 +1,212 @@
+//! Durability of a data file: dirty marks, `sync` (whose failures are kept
+//! and reported by every later sync, and whose dropped operations are
+//! awaited by the next), and `make_entry_durable` for the file's folder
+//! entry.
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use super::{FileHandleRegistry, FileId};
+use crate::error::{Error, Result};
+use crate::io::Op;
+use crate::sys::{self, OpenMode};
+
+impl FileHandleRegistry {
+    /// Bytes of `id` known to survive a power loss: its size when the last
+    /// successful [`sync`](Self::sync) of it began (0 before one).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownFile`] for an id this registry never handed out.
+    pub fn durable_bytes(&self, id: FileId) -> Result<u64> {
+        let f = self.inner.borrow();
+        f.entries
+            .get(id.0 as usize)
+            .map(|e| e.durable_len)
+            .ok_or(Error::UnknownFile(id.0))
+    }
+
+    /// Record that `id` may hold changes that are not durable yet (a write
+    /// through a mapping, an allocation in it). No syscall.
+    #[inline]
+    pub fn mark_dirty(&self, id: FileId) {
+        if let Some(e) = self.inner.borrow().entries.get(id.0 as usize) {
+            e.dirty.set(true);
+        }
+    }
+
+    /// Whether `id` may hold changes no `fdatasync` began after; the flag
+    /// is cleared when a [`sync`](Self::sync) of it begins and set again
+    /// if that sync fails.
+    pub fn is_dirty(&self, id: FileId) -> bool {
+        self.inner
+            .borrow()
+            .entries
+            .get(id.0 as usize)
+            .is_some_and(|e| e.dirty.get())
+    }
+
+    /// `fdatasync` (or `fsync`) the file through the control ring. A file
+    /// that was never opened has nothing to sync, and sync never creates a
+    /// file: a file removed behind the registry's back is an error.
+    ///
+    /// The kernel reports a write-back error to one `fdatasync` only, so a
+    /// failure is kept: every later sync of the file returns it. A sync
+    /// dropped before its operation completed leaves the operation to the
+    /// next sync of the file, which awaits it first and reports its failure.
+    /// On success, [`durable_bytes`](Self::durable_bytes) covers the size the
+    /// file had when the call began.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] with the kernel's error (also that of an earlier failed
+    /// sync of the file); [`Error::FdPressure`] /
+    /// [`Error::TooManyOpenFiles`] when the file must be reopened and cannot.
+    pub async fn sync(&self, id: FileId, datasync: bool) -> Result<()> {
+        let path = self.path(id)?;
+        let op = if datasync { "fdatasync" } else { "fsync" };
+        // Syncs of the file dropped before they completed: their outcome
+        // counts (a write-back error is reported to one call only).
+        let orphans: Vec<Op> = {
+            let mut all = self.orphans.borrow_mut();
+            let (mine, rest): (Vec<_>, Vec<_>) = all.drain(..).partition(|(f, _)| *f == id);
+            *all = rest;
+            mine.into_iter().map(|(_, o)| o).collect()
+        };
+        for o in orphans {
+            self.finish(id, o, &path, op).await?;
+        }
+        let len = {
+            let f = self.inner.borrow();
+            let e = &f.entries[id.0 as usize];
+            if let Some(errno) = e.sync_failed {
+                return Err(Error::io(
+                    op,
+                    Some(&path),
+                    std::io::Error::from_raw_os_error(errno),
+                ));
+            }
+            if !e.len_known {
+                return Ok(());
+            }
+            e.len_bytes
+        };
+        let lease = self.lease(id, false)?;
+        // Changes made from here on wait for a later sync; if this one fails
+        // (or is dropped), the file stays dirty.
+        let dirty = DirtyUnlessSynced::begin(self, id);
+        let fsync = self.ring.fsync(lease.shared_fd(), datasync);
+        self.finish(id, fsync, &path, op).await?;
+        dirty.synced();
+        let mut f = self.inner.borrow_mut();
+        let e = &mut f.entries[id.0 as usize];
+        e.durable_len = e.durable_len.max(len);
+        Ok(())
+    }
+
+    /// Await a sync operation of `id`. Dropped before it completes, the
+    /// operation is kept for the next sync of the file; a failure is
+    /// remembered and reported by every later sync.
+    async fn finish(&self, id: FileId, op: Op, path: &Path, what: &'static str) -> Result<()> {
+        let mut orphan = Orphan {
+            reg: self,
+            id,
+            op: Some(op),
+        };
+        let r = std::future::poll_fn(|cx| {
+            std::pin::Pin::new(orphan.op.as_mut().expect("polled until done")).poll(cx)
+        })
+        .await;
+        orphan.op = None;
+        r.map_err(|e| {
+            if let Some(errno) = e.raw_os_error() {
+                self.inner.borrow_mut().entries[id.0 as usize].sync_failed = Some(errno);
+            }
+            Error::io(what, Some(path), e)
+        })
+    }
+
+    /// Make the directory entry of `id` durable: open (creating) the file if
+    /// it was never opened, then fsync its folder through the control ring,
+    /// unless a fsync of that folder already succeeded since the file was
+    /// created or found. A file left by a crash between its creation and
+    /// the folder's fsync is covered the first time it is used. Returns
+    /// whether a fsync was made; after a failed one the entry stays not
+    /// durable and the next call tries again.
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire`](Self::acquire); [`Error::Io`] when the folder cannot
+    /// be opened or synced.
+    pub async fn make_entry_durable(&self, id: FileId) -> Result<bool> {
+        let path = self.path(id)?;
+        if self.inner.borrow().entries[id.0 as usize].dir_durable {
+            return Ok(false);
+        }
+        if self.len_bytes(id)?.is_none() {
+            drop(self.acquire(id, 0).await?);
+        }
+        let folder = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let fd = sys::open(&folder, OpenMode::ReadOnly)
+            .map_err(|e| Error::io("open", Some(&folder), e))?;
+        self.ring
+            .fsync(&Rc::new(fd), false)
+            .await
+            .map_err(|e| Error::io("fsync", Some(&folder), e))?;
+        let mut f = self.inner.borrow_mut();
+        f.entries[id.0 as usize].dir_durable = true;
+        f.stats.dir_syncs += 1;
+        Ok(true)
+    }
+}
+
+/// A sync operation being awaited: handed to the registry if dropped first.
+struct Orphan<'a> {
+    reg: &'a FileHandleRegistry,
+    id: FileId,
+    op: Option<Op>,
+}
+
+impl Drop for Orphan<'_> {
+    fn drop(&mut self) {
+        if let Some(op) = self.op.take() {
+            self.reg.orphans.borrow_mut().push((self.id, op));
+        }
+    }
+}
+
+/// Clears a file's dirty flag while its sync runs; sets it again unless
+/// the sync completed.
+struct DirtyUnlessSynced<'a> {
+    reg: &'a FileHandleRegistry,
+    id: FileId,
+    synced: bool,
+}
+
+impl<'a> DirtyUnlessSynced<'a> {
+    fn begin(reg: &'a FileHandleRegistry, id: FileId) -> DirtyUnlessSynced<'a> {
+        if let Some(e) = reg.inner.borrow().entries.get(id.0 as usize) {
+            e.dirty.set(false);
+        }
+        DirtyUnlessSynced {
+            reg,
+            id,
+            synced: false,
+        }
+    }
+
+    fn synced(mut self) {
+        self.synced = true;
+    }
+}
+
+impl Drop for DirtyUnlessSynced<'_> {
+    fn drop(&mut self) {
+        if !self.synced {
+            self.reg.mark_dirty(self.id);
+        }
+    }
+}
