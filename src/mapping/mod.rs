@@ -32,12 +32,15 @@ use crate::config::{Config, EvictionPolicy, MadvisePolicy};
 use crate::error::{Error, Result};
 use crate::files::{FileHandleRegistry, FileId};
 use crate::io::Ring;
-use crate::sys;
 use crate::wait::WaitList;
 
+mod advise;
 mod evict;
+mod fast;
 mod fault;
 mod pin;
+
+use fast::Fast;
 
 pub use pin::Pin;
 
@@ -251,17 +254,6 @@ pub struct MappingManager {
     prefaults: RefCell<Vec<crate::io::Op>>,
 }
 
-/// Prefaults in flight at most: more are skipped.
-const PREFAULTS_MAX: usize = 4;
-
-/// Outcome of the synchronous part of a pin.
-enum Fast {
-    Pinned(Pin),
-    NeedsFault,
-    NeedsGrow,
-    Faulting(Rc<WaitList>),
-}
-
 impl MappingManager {
     /// A manager over `files` with the given settings.
     ///
@@ -367,183 +359,6 @@ impl MappingManager {
         s
     }
 
-    /// Window index of byte `off` (a shift for power-of-two windows).
-    #[inline(always)]
-    fn window_of(&self, off: u64) -> u64 {
-        match self.window_shift {
-            Some(s) => off >> s,
-            None => off / self.cfg.window_bytes,
-        }
-    }
-
-    /// The window of `[offset, offset + len)`, or the error that says why the
-    /// range is not inside one window.
-    #[inline(always)]
-    fn check_range(&self, file: FileId, offset: u64, len: u64) -> Result<u32> {
-        if len != 0
-            && let Some(end) = offset.checked_add(len)
-        {
-            let idx = self.window_of(offset);
-            if idx == self.window_of(end - 1) && idx <= u32::MAX as u64 {
-                return Ok(idx as u32);
-            }
-        }
-        Err(self.range_error(file, offset, len))
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn range_error(&self, file: FileId, offset: u64, len: u64) -> Error {
-        let invalid = |reason| Error::InvalidRange {
-            file_id: file.0,
-            offset,
-            len_bytes: len,
-            reason,
-        };
-        if len == 0 {
-            return invalid("empty range");
-        }
-        let Some(end) = offset.checked_add(len) else {
-            return invalid("range overflows u64");
-        };
-        if self.window_of(offset) != self.window_of(end - 1) {
-            return Error::CrossesWindow {
-                offset,
-                len_bytes: len,
-                window_bytes: self.cfg.window_bytes,
-            };
-        }
-        invalid("offset beyond the largest file")
-    }
-
-    /// Register `file` with this manager (idempotent).
-    #[inline(always)]
-    fn file_maps<'a>(&self, m: &'a mut Maps, file: FileId) -> Result<&'a mut FileMaps> {
-        let i = file.0 as usize;
-        if matches!(m.files.get(i), Some(Some(_))) {
-            return Ok(m.files[i].as_mut().expect("checked"));
-        }
-        self.register_file(m, file)
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn register_file<'a>(&self, m: &'a mut Maps, file: FileId) -> Result<&'a mut FileMaps> {
-        let i = file.0 as usize;
-        if m.files.len() <= i {
-            m.files.resize_with(i + 1, || None);
-        }
-        if m.files[i].is_none() {
-            let reserved = self.files.reserved_cell(file)?;
-            m.files[i] = Some(FileMaps {
-                windows: Vec::new(),
-                reserved,
-            });
-        }
-        Ok(m.files[i].as_mut().expect("just set"))
-    }
-
-    /// The allocator's hot path: a writable pin of `[offset, offset + len)`
-    /// of `file` when its window is mapped and the range reserved; `None`
-    /// otherwise, also for a range [`try_pin`](Self::try_pin) would refuse
-    /// (it then says why). Counts as a use of the window, like `try_pin`.
-    #[inline(always)]
-    pub(crate) fn pin_mapped(&self, file: FileId, offset: u64, len: u64) -> Option<Pin> {
-        let end = offset.checked_add(len)?;
-        let idx = self.window_of(offset);
-        if self.read_only || len == 0 || idx != self.window_of(end - 1) {
-            return None;
-        }
-        let mut m = self.inner.borrow_mut();
-        let m = &mut *m;
-        let Some(Some(fm)) = m.files.get(file.0 as usize) else {
-            return None;
-        };
-        let Some(WindowState::Mapped(w)) = fm.windows.get(usize::try_from(idx).ok()?) else {
-            return None;
-        };
-        if end > fm.reserved.get() {
-            return None;
-        }
-        m.tick += 1;
-        w.last_use.set(m.tick);
-        w.uses.set(w.uses.get() + 1);
-        w.referenced.set(true);
-        m.stats.fast_pins += 1;
-        let win_off = offset - idx * self.cfg.window_bytes;
-        Some(Pin::new(
-            w,
-            win_off as usize,
-            len as usize,
-            true,
-            Location::caller(),
-        ))
-    }
-
-    #[inline]
-    fn fast(
-        &self,
-        file: FileId,
-        offset: u64,
-        len: u64,
-        writable: bool,
-        site: &'static Location<'static>,
-    ) -> Result<Fast> {
-        let idx = self.check_range(file, offset, len)?;
-        if writable && self.read_only {
-            return Err(Error::ReadOnly("writable pin of a read-only mapping"));
-        }
-        let mut m = self.inner.borrow_mut();
-        m.tick += 1;
-        let tick = m.tick;
-        let fm = self.file_maps(&mut m, file)?;
-        let reserved = fm.reserved.get();
-        let out = match fm.windows.get(idx as usize) {
-            Some(WindowState::Mapped(w)) => {
-                if offset + len > reserved {
-                    Fast::NeedsGrow
-                } else {
-                    w.last_use.set(tick);
-                    w.uses.set(w.uses.get() + 1);
-                    w.referenced.set(true);
-                    let win_off = offset - ((idx as u64) * self.cfg.window_bytes);
-                    let pin = Pin::new(w, win_off as usize, len as usize, writable, site);
-                    if writable {
-                        self.files.mark_dirty(file);
-                    }
-                    m.stats.fast_pins += 1;
-                    Fast::Pinned(pin)
-                }
-            }
-            Some(WindowState::Faulting(list)) => Fast::Faulting(list.clone()),
-            _ => Fast::NeedsFault,
-        };
-        Ok(out)
-    }
-
-    /// Pin `[offset, offset + len)` of `file` if its window is mapped and the
-    /// range is reserved: no syscall, no await. `Ok(None)` means the window
-    /// must be faulted in or the file grown: use [`pin`](Self::pin).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidRange`] (empty range), [`Error::CrossesWindow`],
-    /// [`Error::UnknownFile`], [`Error::ReadOnly`].
-    #[track_caller]
-    #[inline]
-    pub fn try_pin(
-        &self,
-        file: FileId,
-        offset: u64,
-        len: u64,
-        writable: bool,
-    ) -> Result<Option<Pin>> {
-        match self.fast(file, offset, len, writable, Location::caller())? {
-            Fast::Pinned(p) => Ok(Some(p)),
-            _ => Ok(None),
-        }
-    }
-
     /// Pin `[offset, offset + len)` of `file`, faulting its window in if
     /// needed.
     ///
@@ -646,103 +461,6 @@ impl MappingManager {
             WindowState::Mapped(win) => Some(WindowRef::new(win)),
             _ => None,
         }
-    }
-
-    /// `madvise` through the ring on `[off, off + len)` of `win`, which the
-    /// op keeps mapped until the kernel is done. Only advice that discards
-    /// nothing (access patterns, WILLNEED, POPULATE_WRITE) is passed here.
-    fn advise(&self, win: &WindowRef, off: usize, len: usize, advice: i32) -> crate::io::Op {
-        assert!(off.checked_add(len).is_some_and(|end| end <= win.len));
-        // SAFETY: `off + len <= win.len` (asserted) so the pointer stays in
-        // the window's mapping.
-        let addr = unsafe { win.base.as_ptr().add(off) };
-        let hold: Rc<dyn std::any::Any> = Rc::new(win.clone());
-        // SAFETY: the range lies inside `win`'s mapping, which `hold` keeps
-        // alive until the op completes; the callers' advice discards nothing.
-        unsafe { self.ring.madvise(hold, addr, len, advice) }
-    }
-
-    /// Fault `[offset, offset + len)` of `file` in writable ahead of use,
-    /// clipped to its window and the file's reserved bytes, with
-    /// `MADV_POPULATE_WRITE` through the io_uring ring: the kernel's io
-    /// workers take the page faults, not this thread. Nothing is done when
-    /// the window is not mapped, the files are read-only, the ring is the
-    /// sync backend (the syscall would block this thread), or
-    /// [`PREFAULTS_MAX`] are in flight. Nothing waits for it; a failure
-    /// (`EINVAL` before Linux 5.14) only means the pages fault on first touch.
-    pub(crate) fn prefault(&self, file: FileId, offset: u64, len: u64) {
-        if self.read_only || self.ring.backend() != crate::io::IoBackend::Uring {
-            return;
-        }
-        let mut ops = self.prefaults.borrow_mut();
-        // Completed ones are dropped (polling reaps them).
-        let waker = futures::task::noop_waker();
-        let mut cx = std::task::Context::from_waker(&waker);
-        ops.retain_mut(|op| std::pin::Pin::new(op).poll(&mut cx).is_pending());
-        if ops.len() >= PREFAULTS_MAX {
-            return;
-        }
-        let idx = self.window_of(offset);
-        let w = self.cfg.window_bytes;
-        let win = {
-            let m = self.inner.borrow();
-            let Some(Some(fm)) = m.files.get(file.0 as usize) else {
-                return;
-            };
-            let end = offset
-                .saturating_add(len)
-                .min((idx + 1) * w)
-                .min(fm.reserved.get());
-            match usize::try_from(idx).ok().and_then(|i| fm.windows.get(i)) {
-                Some(WindowState::Mapped(win)) if end > offset => (WindowRef::new(win), end),
-                _ => return,
-            }
-        };
-        let (win, end) = win;
-        let page = crate::sys::page_size() as u64;
-        let from = (offset - idx * w) / page * page;
-        let to = (end - idx * w).div_ceil(page) * page;
-        let to = to.min(win.len as u64);
-        ops.push(self.advise(
-            &win,
-            from as usize,
-            (to - from) as usize,
-            crate::sys::MADV_POPULATE_WRITE,
-        ));
-        self.inner.borrow_mut().stats.prefaults += 1;
-    }
-
-    /// Issue `MADV_WILLNEED` through the ring for each `(offset, len)` range
-    /// of `file` whose window is mapped (ranges of unmapped windows are
-    /// skipped: prefetching never maps). Returns the bytes advised.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::UnknownFile`]; a failed advice is not an error.
-    pub async fn prefetch(&self, file: FileId, ranges: &[(u64, u64)]) -> Result<u64> {
-        self.files.path(file)?;
-        let w = self.cfg.window_bytes;
-        let mut advised = 0;
-        for &(offset, len) in ranges {
-            if len == 0 {
-                continue;
-            }
-            let mut at = offset;
-            let end = offset.saturating_add(len);
-            while at < end {
-                let idx = (at / w) as usize;
-                let stop = ((idx as u64 + 1) * w).min(end);
-                if let Some(win) = self.mapped_window(file, idx) {
-                    let off = (at - idx as u64 * w) as usize;
-                    let r = self.advise(&win, off, (stop - at) as usize, sys::MADV_WILLNEED);
-                    if r.await.is_ok() {
-                        advised += stop - at;
-                    }
-                }
-                at = stop;
-            }
-        }
-        Ok(advised)
     }
 
     /// Pins still alive, with the places they were taken (debug builds; an

@@ -1,0 +1,199 @@
+//! The hot path: pinning a range of a mapped window with no syscall and
+//! no await ([`try_pin`](MappingManager::try_pin), the allocator's
+//! `pin_mapped`, and the synchronous first step of
+//! [`pin`](MappingManager::pin)), and the range checks it starts with.
+
+use std::panic::Location;
+use std::rc::Rc;
+
+use super::{FileMaps, MappingManager, Maps, Pin, WindowState};
+use crate::error::{Error, Result};
+use crate::files::FileId;
+use crate::wait::WaitList;
+
+/// Outcome of the synchronous part of a pin.
+pub(super) enum Fast {
+    Pinned(Pin),
+    NeedsFault,
+    NeedsGrow,
+    Faulting(Rc<WaitList>),
+}
+
+impl MappingManager {
+    /// Window index of byte `off` (a shift for power-of-two windows).
+    #[inline(always)]
+    pub(super) fn window_of(&self, off: u64) -> u64 {
+        match self.window_shift {
+            Some(s) => off >> s,
+            None => off / self.cfg.window_bytes,
+        }
+    }
+
+    /// The window of `[offset, offset + len)`, or the error that says why the
+    /// range is not inside one window.
+    #[inline(always)]
+    fn check_range(&self, file: FileId, offset: u64, len: u64) -> Result<u32> {
+        if len != 0
+            && let Some(end) = offset.checked_add(len)
+        {
+            let idx = self.window_of(offset);
+            if idx == self.window_of(end - 1) && idx <= u32::MAX as u64 {
+                return Ok(idx as u32);
+            }
+        }
+        Err(self.range_error(file, offset, len))
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn range_error(&self, file: FileId, offset: u64, len: u64) -> Error {
+        let invalid = |reason| Error::InvalidRange {
+            file_id: file.0,
+            offset,
+            len_bytes: len,
+            reason,
+        };
+        if len == 0 {
+            return invalid("empty range");
+        }
+        let Some(end) = offset.checked_add(len) else {
+            return invalid("range overflows u64");
+        };
+        if self.window_of(offset) != self.window_of(end - 1) {
+            return Error::CrossesWindow {
+                offset,
+                len_bytes: len,
+                window_bytes: self.cfg.window_bytes,
+            };
+        }
+        invalid("offset beyond the largest file")
+    }
+
+    /// Register `file` with this manager (idempotent).
+    #[inline(always)]
+    pub(super) fn file_maps<'a>(&self, m: &'a mut Maps, file: FileId) -> Result<&'a mut FileMaps> {
+        let i = file.0 as usize;
+        if matches!(m.files.get(i), Some(Some(_))) {
+            return Ok(m.files[i].as_mut().expect("checked"));
+        }
+        self.register_file(m, file)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn register_file<'a>(&self, m: &'a mut Maps, file: FileId) -> Result<&'a mut FileMaps> {
+        let i = file.0 as usize;
+        if m.files.len() <= i {
+            m.files.resize_with(i + 1, || None);
+        }
+        if m.files[i].is_none() {
+            let reserved = self.files.reserved_cell(file)?;
+            m.files[i] = Some(FileMaps {
+                windows: Vec::new(),
+                reserved,
+            });
+        }
+        Ok(m.files[i].as_mut().expect("just set"))
+    }
+
+    /// The allocator's hot path: a writable pin of `[offset, offset + len)`
+    /// of `file` when its window is mapped and the range reserved; `None`
+    /// otherwise, also for a range [`try_pin`](Self::try_pin) would refuse
+    /// (it then says why). Counts as a use of the window, like `try_pin`.
+    #[inline(always)]
+    pub(crate) fn pin_mapped(&self, file: FileId, offset: u64, len: u64) -> Option<Pin> {
+        let end = offset.checked_add(len)?;
+        let idx = self.window_of(offset);
+        if self.read_only || len == 0 || idx != self.window_of(end - 1) {
+            return None;
+        }
+        let mut m = self.inner.borrow_mut();
+        let m = &mut *m;
+        let Some(Some(fm)) = m.files.get(file.0 as usize) else {
+            return None;
+        };
+        let Some(WindowState::Mapped(w)) = fm.windows.get(usize::try_from(idx).ok()?) else {
+            return None;
+        };
+        if end > fm.reserved.get() {
+            return None;
+        }
+        m.tick += 1;
+        w.last_use.set(m.tick);
+        w.uses.set(w.uses.get() + 1);
+        w.referenced.set(true);
+        m.stats.fast_pins += 1;
+        let win_off = offset - idx * self.cfg.window_bytes;
+        Some(Pin::new(
+            w,
+            win_off as usize,
+            len as usize,
+            true,
+            Location::caller(),
+        ))
+    }
+
+    #[inline]
+    pub(super) fn fast(
+        &self,
+        file: FileId,
+        offset: u64,
+        len: u64,
+        writable: bool,
+        site: &'static Location<'static>,
+    ) -> Result<Fast> {
+        let idx = self.check_range(file, offset, len)?;
+        if writable && self.read_only {
+            return Err(Error::ReadOnly("writable pin of a read-only mapping"));
+        }
+        let mut m = self.inner.borrow_mut();
+        m.tick += 1;
+        let tick = m.tick;
+        let fm = self.file_maps(&mut m, file)?;
+        let reserved = fm.reserved.get();
+        let out = match fm.windows.get(idx as usize) {
+            Some(WindowState::Mapped(w)) => {
+                if offset + len > reserved {
+                    Fast::NeedsGrow
+                } else {
+                    w.last_use.set(tick);
+                    w.uses.set(w.uses.get() + 1);
+                    w.referenced.set(true);
+                    let win_off = offset - ((idx as u64) * self.cfg.window_bytes);
+                    let pin = Pin::new(w, win_off as usize, len as usize, writable, site);
+                    if writable {
+                        self.files.mark_dirty(file);
+                    }
+                    m.stats.fast_pins += 1;
+                    Fast::Pinned(pin)
+                }
+            }
+            Some(WindowState::Faulting(list)) => Fast::Faulting(list.clone()),
+            _ => Fast::NeedsFault,
+        };
+        Ok(out)
+    }
+
+    /// Pin `[offset, offset + len)` of `file` if its window is mapped and the
+    /// range is reserved: no syscall, no await. `Ok(None)` means the window
+    /// must be faulted in or the file grown: use [`pin`](Self::pin).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRange`] (empty range), [`Error::CrossesWindow`],
+    /// [`Error::UnknownFile`], [`Error::ReadOnly`].
+    #[track_caller]
+    #[inline]
+    pub fn try_pin(
+        &self,
+        file: FileId,
+        offset: u64,
+        len: u64,
+        writable: bool,
+    ) -> Result<Option<Pin>> {
+        match self.fast(file, offset, len, writable, Location::caller())? {
+            Fast::Pinned(p) => Ok(Some(p)),
+            _ => Ok(None),
+        }
+    }
+}
