@@ -299,6 +299,7 @@ fn mmap_failure_is_map_failed() {
             let h = *before.live.iter().next().unwrap();
             let n = faults::injected(FaultOp::Mmap);
             // Unmap every idle window: the next pin faults one in.
+            shard.mappings().settle_prefaults().await;
             assert!(shard.mappings().evict_idle() > 0);
             faults::inject(Fault::new(FaultOp::Mmap, errno));
             match shard.pin(h).await {
@@ -308,6 +309,7 @@ fn mmap_failure_is_map_failed() {
                 other => panic!("pin with a failing mmap: {other:?}"),
             }
             // An allocation that must fault its window in.
+            shard.mappings().settle_prefaults().await;
             shard.mappings().evict_idle();
             faults::inject(Fault::new(FaultOp::Mmap, errno));
             assert!(matches!(
@@ -335,6 +337,7 @@ fn window_advice_failure_is_ignored() {
     run(async {
         let shard = populated(&cfg).await;
         let before = snapshot(&shard);
+        shard.mappings().settle_prefaults().await;
         shard.mappings().evict_idle();
         let n = faults::injected(FaultOp::Madvise);
         faults::inject(Fault::new(FaultOp::Madvise, EIO).always());
@@ -873,6 +876,21 @@ fn sync_covers_only_changed_files() {
         assert_eq!(count(&shard).await, 1, "a root was set");
         shard.remove_root("r").unwrap();
         assert_eq!(count(&shard).await, 1, "a root was removed");
+        // An allocation in a segment that already exists (no growth, the
+        // window mapped), written and dropped: its data file and the
+        // metadata.
+        let small = alloc(&shard, 100).await.unwrap();
+        shard.sync().await.unwrap();
+        let a = shard.allocate(100).await.unwrap();
+        assert_eq!(a.handle().file_id(), small.file_id());
+        a.write_at(0, b"new").unwrap();
+        drop(a);
+        assert_eq!(count(&shard).await, 2, "an allocation was written");
+        // The same through try_allocate.
+        let a = shard.try_allocate(100).unwrap().unwrap();
+        a.write_at(0, b"new").unwrap();
+        drop(a);
+        assert_eq!(count(&shard).await, 2, "an allocation was written");
         let stats = shard.stats().alloc;
         assert!(stats.data_file_syncs >= 3, "{stats:?}");
     });

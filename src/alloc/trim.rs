@@ -103,6 +103,9 @@ impl SegmentAllocator {
         //    emptied), then every release (which frees their runs).
         self.sync().await?;
         self.sync().await?;
+        // A prefault in flight holds its window like a pin: let it finish,
+        // so that only real pins keep a run from being punched.
+        self.mm.settle_prefaults().await;
         // 2. Take the candidates out of the free space: every free run in
         //    it was released durably before it got there.
         let mut leased = {

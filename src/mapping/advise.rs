@@ -45,11 +45,9 @@ impl MappingManager {
         if self.read_only || self.ring.backend() != crate::io::IoBackend::Uring {
             return;
         }
-        let mut ops = self.prefaults.borrow_mut();
         // Completed ones are dropped (polling reaps them).
-        let waker = futures::task::noop_waker();
-        let mut cx = std::task::Context::from_waker(&waker);
-        ops.retain_mut(|op| std::pin::Pin::new(op).poll(&mut cx).is_pending());
+        self.reap_prefaults();
+        let mut ops = self.prefaults.borrow_mut();
         if ops.len() >= PREFAULTS_MAX {
             return;
         }
@@ -81,6 +79,25 @@ impl MappingManager {
             crate::sys::MADV_POPULATE_WRITE,
         ));
         self.inner.borrow_mut().stats.prefaults += 1;
+    }
+
+    /// Wait for the prefaults in flight, so that the windows they hold are
+    /// idle again (for [`evict_idle`](Self::evict_idle) or a trim).
+    pub async fn settle_prefaults(&self) {
+        let ops = std::mem::take(&mut *self.prefaults.borrow_mut());
+        for op in ops {
+            // A failed prefault only means the pages fault on first touch.
+            let _ = op.await;
+        }
+    }
+
+    /// Drop the prefaults the ring has completed (no waiting).
+    pub(super) fn reap_prefaults(&self) {
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        self.prefaults
+            .borrow_mut()
+            .retain_mut(|op| std::pin::Pin::new(op).poll(&mut cx).is_pending());
     }
 
     /// Issue `MADV_WILLNEED` through the ring for each `(offset, len)` range

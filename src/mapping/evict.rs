@@ -103,8 +103,11 @@ impl MappingManager {
         None
     }
 
-    /// Unmap every idle window (e.g. before a long pause). Pinned windows stay.
+    /// Unmap every idle window (e.g. before a long pause). Pinned windows
+    /// stay, and so do windows a prefault still works in: await
+    /// [`settle_prefaults`](Self::settle_prefaults) first to include them.
     pub fn evict_idle(&self) -> usize {
+        self.reap_prefaults();
         let mut n = 0;
         loop {
             let any_idle = {

@@ -123,6 +123,8 @@ impl MappingManager {
         w.uses.set(w.uses.get() + 1);
         w.referenced.set(true);
         m.stats.fast_pins += 1;
+        // The pin may write: the next sync must cover this file.
+        self.files.mark_dirty(file);
         let win_off = offset - idx * self.cfg.window_bytes;
         Some(Pin::new(
             w,
