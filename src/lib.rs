@@ -6,7 +6,7 @@
 //!
 //! One descriptor per data file ([`FileHandleRegistry`]), large shared
 //! mapping windows ([`MappingManager`], 1 GiB by default) that many segments
-//! live in, [`Pin`] reference counts so a window in use is never unmapped,
+//! live in, [`PinGuard`] reference counts so a window in use is never unmapped,
 //! and eviction of idle windows to stay under the descriptor and VMA caps.
 //! Each shard owns its own registry, manager and io_uring control ring: no
 //! lock on the hot path. Everything that may block (growing a file, madvise,
@@ -86,7 +86,7 @@ pub use error::{Error, Result};
 pub use files::{FileHandleRegistry, FileId, FileLease, FileStats, Reservation};
 pub use format::{BadHandle, HANDLE_BYTES, Handle, Manifest};
 pub use io::{IoBackend, Ring, RingStats};
-pub use mapping::{MappingConfig, MappingManager, MappingStats, Pin};
+pub use mapping::{MappingConfig, MappingManager, MappingStats, PinGuard};
 pub use mesh::MeshStats;
 pub use runtime::{Cluster, JoinHandle, Runtime, RuntimeStats, ShardBuilder};
 pub use shard::{Shard, ShardStats};

@@ -14,7 +14,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin as StdPin;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -184,7 +184,7 @@ pub struct JoinHandle<T> {
 
 impl<T> Future for JoinHandle<T> {
     type Output = Result<T>;
-    fn poll(mut self: StdPin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
         if let Some(e) = self.refused.take() {
             return Poll::Ready(Err(e));
         }

@@ -1,4 +1,4 @@
-//! `MappingManager` and `Pin` through the public API: the window cap and
+//! `MappingManager` and `PinGuard` through the public API: the window cap and
 //! eviction (checked against `/proc/self/maps` while faults are in flight),
 //! the three eviction policies, window pressure, input errors, cancelled
 //! pins, prefetch and pin-leak reporting.

@@ -32,7 +32,7 @@ use common::{
     open_shard, pattern_ranges, run, seed_from_env, write_pattern,
 };
 use segalloc::config::MIB;
-use segalloc::{Config, Handle, Pin};
+use segalloc::{Config, Handle, PinGuard};
 
 const MARK: &str = "@@";
 const ENV_DIR: &str = "SEGALLOC_ENOSPC_CHILD_DIR";
@@ -131,12 +131,12 @@ fn fill_byte(h: &Handle) -> u8 {
 
 /// Write every byte of the slot: a fill byte, then the pattern over the
 /// head (and tail) the common helpers check.
-fn write_full(pin: &Pin, h: &Handle) {
+fn write_full(pin: &PinGuard, h: &Handle) {
     pin.fill(0, pin.len(), fill_byte(h)).unwrap();
     write_pattern(pin, pin.len(), handle_seed(h, 0));
 }
 
-fn check_full(pin: &Pin, h: &Handle) -> bool {
+fn check_full(pin: &PinGuard, h: &Handle) -> bool {
     if !check_pattern(pin, pin.len(), handle_seed(h, 0)) {
         return false;
     }

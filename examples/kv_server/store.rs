@@ -18,7 +18,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use segalloc::{Handle, Pin, Shard};
+use segalloc::{Handle, PinGuard, Shard};
 use tokio::sync::Notify;
 
 use crate::batch::{Batch, Cond, OpDesc, OpKind, Ttl};
@@ -137,7 +137,10 @@ fn check_header(h: &[u8], slot_bytes: usize) -> Result<(usize, usize), &'static 
 /// A record read whole into `buf` (grown as needed, never shrunk below
 /// the largest record read) and checked: header, lengths and checksum.
 /// Returns the record's bytes and its key length.
-fn load_record<'a>(pin: &Pin, buf: &'a mut Vec<u8>) -> Result<(&'a [u8], usize), &'static str> {
+fn load_record<'a>(
+    pin: &PinGuard,
+    buf: &'a mut Vec<u8>,
+) -> Result<(&'a [u8], usize), &'static str> {
     let first = pin.len().min(FIRST_READ_BYTES);
     if buf.len() < first {
         buf.resize(first, 0);
@@ -163,7 +166,11 @@ fn load_record<'a>(pin: &Pin, buf: &'a mut Vec<u8>) -> Result<(&'a [u8], usize),
 }
 
 /// The value of `key`'s record, read into `buf` and checked.
-fn load_value<'a>(pin: &Pin, key: &[u8], buf: &'a mut Vec<u8>) -> Result<&'a [u8], &'static str> {
+fn load_value<'a>(
+    pin: &PinGuard,
+    key: &[u8],
+    buf: &'a mut Vec<u8>,
+) -> Result<&'a [u8], &'static str> {
     let (record, key_len) = load_record(pin, buf)?;
     let body = &record[HEADER_BYTES..];
     if key_len != key.len() || &body[..key_len] != key {
@@ -189,13 +196,16 @@ fn expiry_heap(index: &IndexMap<Entry>) -> ExpiryQueue {
 
 /// A record read back whole and checked: its sequence number, expiry and
 /// key.
-fn recover_record(pin: &Pin, buf: &mut Vec<u8>) -> Result<(u64, u64, Box<[u8]>), &'static str> {
+fn recover_record(
+    pin: &PinGuard,
+    buf: &mut Vec<u8>,
+) -> Result<(u64, u64, Box<[u8]>), &'static str> {
     let (record, key_len) = load_record(pin, buf)?;
     let key = record[HEADER_BYTES..HEADER_BYTES + key_len].into();
     Ok((u64_at(record, OFF_SEQ), u64_at(record, OFF_EXPIRE), key))
 }
 
-async fn pin_of(shard: &Shard, h: Handle) -> segalloc::Result<Pin> {
+async fn pin_of(shard: &Shard, h: Handle) -> segalloc::Result<PinGuard> {
     match shard.try_pin(h)? {
         Some(p) => Ok(p),
         None => shard.pin(h).await,
@@ -203,7 +213,7 @@ async fn pin_of(shard: &Shard, h: Handle) -> segalloc::Result<Pin> {
 }
 
 /// Retire a record (zero its magic) and free it. `pin` is its pin.
-fn retire(shard: &Shard, h: Handle, pin: Pin) -> segalloc::Result<()> {
+fn retire(shard: &Shard, h: Handle, pin: PinGuard) -> segalloc::Result<()> {
     pin.write_at(0, &[0u8; 4])?;
     drop(pin);
     shard.free(h)
@@ -578,7 +588,7 @@ impl Store {
     /// Pin the record currently indexed under `key`: `None` when absent.
     /// The returned entry is still the indexed one when this returns (the
     /// caller must not await before acting on it).
-    async fn pin_current(&self, key: &[u8]) -> segalloc::Result<Option<(Entry, Pin)>> {
+    async fn pin_current(&self, key: &[u8]) -> segalloc::Result<Option<(Entry, PinGuard)>> {
         loop {
             let Some(e) = self.index.borrow().get(key).copied() else {
                 return Ok(None);
@@ -614,7 +624,7 @@ impl Store {
         Ok(())
     }
 
-    fn reply_value(&self, h: Handle, pin: &Pin, key: &[u8], out: &mut Vec<u8>) {
+    fn reply_value(&self, h: Handle, pin: &PinGuard, key: &[u8], out: &mut Vec<u8>) {
         if out.len() > OUT_BYTES_MAX {
             resp::error(out, "ERR reply too large: send fewer commands per batch");
             return;
@@ -678,8 +688,8 @@ impl Store {
     fn publish(
         &self,
         w: &Put<'_>,
-        (h, pin): (Handle, Pin),
-        old: Option<(Entry, Pin)>,
+        (h, pin): (Handle, PinGuard),
+        old: Option<(Entry, PinGuard)>,
     ) -> segalloc::Result<bool> {
         let live_old = old.as_ref().map(|(e, _)| *e).filter(|e| !e.expired(w.now));
         if !w.cond.holds(live_old.map(|e| e.handle)) {

@@ -21,7 +21,7 @@ use std::sync::atomic::AtomicU64;
 use crate::error::Result;
 use crate::files::FileId;
 use crate::format;
-use crate::mapping::{MappingManager, Pin};
+use crate::mapping::{MappingManager, PinGuard};
 
 /// The metadata file grows this much at a time.
 const META_GROWTH_BYTES: u64 = 1024 * 1024;
@@ -32,7 +32,7 @@ pub(super) struct MetaMap {
     file: FileId,
     window_bytes: u64,
     writable: bool,
-    pins: RefCell<Vec<Pin>>,
+    pins: RefCell<Vec<PinGuard>>,
     /// Bytes from the start of the file that are backed (reserved or, for
     /// an existing file, present) and mapped.
     backed_bytes: Cell<u64>,

@@ -45,19 +45,19 @@ use crate::files::{FileHandleRegistry, FileId};
 use crate::format::classes::{self, CLASS_COUNT, CLASSES};
 use crate::format::data_file_name;
 use crate::format::{Handle, Manifest};
-use crate::mapping::{MappingManager, Pin};
+use crate::mapping::{MappingManager, PinGuard};
 use durability::Released;
 use meta_map::MetaMap;
 use segments::Seg;
 use space::Space;
 pub use stats::{AllocStats, LiveIter};
 
-/// An allocation: its durable [`Handle`] and a writable [`Pin`] on exactly
+/// An allocation: its durable [`Handle`] and a writable [`PinGuard`] on exactly
 /// its slot.
 #[derive(Debug)]
 pub struct Allocation {
     handle: Handle,
-    pin: Pin,
+    pin: PinGuard,
 }
 
 impl Allocation {
@@ -66,7 +66,7 @@ impl Allocation {
         self.handle
     }
     /// The pin on the slot.
-    pub fn pin(&self) -> &Pin {
+    pub fn pin(&self) -> &PinGuard {
         &self.pin
     }
     /// Drop the pin, keep the handle (pin it again with `pin(handle)`).
@@ -74,7 +74,7 @@ impl Allocation {
         self.handle
     }
     /// Split into handle and pin.
-    pub fn into_parts(self) -> (Handle, Pin) {
+    pub fn into_parts(self) -> (Handle, PinGuard) {
         (self.handle, self.pin)
     }
     /// Usable length (the slot size).
@@ -568,7 +568,7 @@ impl SegmentAllocator {
     /// allocation must come back with its bytes); one allocated since is
     /// reusable at once (no sync promised it: see `Fresh`).
     ///
-    /// Drop every [`Pin`] of the allocation before freeing it: a pin kept
+    /// Drop every [`PinGuard`] of the allocation before freeing it: a pin kept
     /// past the free still maps the bytes, which a later allocation (or
     /// [`trim`](Self::trim), which may punch them out of the file) reuses.
     /// Freeing the target of a root is allowed: the root stays, dangling
@@ -645,7 +645,7 @@ impl SegmentAllocator {
     ///
     /// As [`free`](Self::free) for a bad handle ([`Error::NotAllocated`] for
     /// a freed one), plus the errors of [`MappingManager::pin`].
-    pub async fn pin(&self, handle: Handle) -> Result<Pin> {
+    pub async fn pin(&self, handle: Handle) -> Result<PinGuard> {
         let fid = self.check_live(&handle)?;
         if let Some(p) = self.mm.pin_mapped(fid, handle.offset, handle.length as u64) {
             return Ok(p);
@@ -668,7 +668,7 @@ impl SegmentAllocator {
     ///
     /// As [`pin`](Self::pin).
     #[inline]
-    pub fn try_pin(&self, handle: Handle) -> Result<Option<Pin>> {
+    pub fn try_pin(&self, handle: Handle) -> Result<Option<PinGuard>> {
         let fid = self.check_live(&handle)?;
         if let Some(p) = self.mm.pin_mapped(fid, handle.offset, handle.length as u64) {
             return Ok(Some(p));

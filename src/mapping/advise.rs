@@ -106,7 +106,7 @@ impl MappingManager {
     ///
     /// # Errors
     ///
-    /// [`Error::UnknownFile`]; a failed advice is not an error.
+    /// [`Error::UnknownFile`](crate::Error::UnknownFile); a failed advice is not an error.
     pub async fn prefetch(&self, file: FileId, ranges: &[(u64, u64)]) -> Result<u64> {
         self.files.path(file)?;
         let w = self.cfg.window_bytes;

@@ -6,14 +6,14 @@
 use std::panic::Location;
 use std::rc::Rc;
 
-use super::{FileMaps, MappingManager, Maps, Pin, WindowState};
+use super::{FileMaps, MappingManager, Maps, PinGuard, WindowState};
 use crate::error::{Error, Result};
 use crate::files::FileId;
 use crate::wait::WaitList;
 
 /// Outcome of the synchronous part of a pin.
 pub(super) enum Fast {
-    Pinned(Pin),
+    Pinned(PinGuard),
     NeedsFault,
     NeedsGrow,
     Faulting(Rc<WaitList>),
@@ -101,7 +101,7 @@ impl MappingManager {
     /// otherwise, also for a range [`try_pin`](Self::try_pin) would refuse
     /// (it then says why). Counts as a use of the window, like `try_pin`.
     #[inline(always)]
-    pub(crate) fn pin_mapped(&self, file: FileId, offset: u64, len: u64) -> Option<Pin> {
+    pub(crate) fn pin_mapped(&self, file: FileId, offset: u64, len: u64) -> Option<PinGuard> {
         let end = offset.checked_add(len)?;
         let idx = self.window_of(offset);
         if self.read_only || len == 0 || idx != self.window_of(end - 1) {
@@ -126,7 +126,7 @@ impl MappingManager {
         // The pin may write: the next sync must cover this file.
         self.files.mark_dirty(file);
         let win_off = offset - idx * self.cfg.window_bytes;
-        Some(Pin::new(
+        Some(PinGuard::new(
             w,
             win_off as usize,
             len as usize,
@@ -162,7 +162,7 @@ impl MappingManager {
                     w.uses.set(w.uses.get() + 1);
                     w.referenced.set(true);
                     let win_off = offset - ((idx as u64) * self.cfg.window_bytes);
-                    let pin = Pin::new(w, win_off as usize, len as usize, writable, site);
+                    let pin = PinGuard::new(w, win_off as usize, len as usize, writable, site);
                     if writable {
                         self.files.mark_dirty(file);
                     }
@@ -192,7 +192,7 @@ impl MappingManager {
         offset: u64,
         len: u64,
         writable: bool,
-    ) -> Result<Option<Pin>> {
+    ) -> Result<Option<PinGuard>> {
         match self.fast(file, offset, len, writable, Location::caller())? {
             Fast::Pinned(p) => Ok(Some(p)),
             _ => Ok(None),

@@ -1,4 +1,4 @@
-//! `MappingManager`: windowed mmaps per file, pins, eviction; and [`Pin`].
+//! `MappingManager`: windowed mmaps per file, pins, eviction; and [`PinGuard`].
 //!
 //! A window is a `window_bytes` (default 1 GiB) `MAP_SHARED` mapping of one
 //! aligned slice of a file. Window `i` of a file covers
@@ -7,14 +7,14 @@
 //! reserved size is ever handed out.
 //!
 //! **Architecture invariants:**
-//! * Windows are never `mremap`ed or moved: a [`Pin`]'s pointer is valid for
+//! * Windows are never `mremap`ed or moved: a [`PinGuard`]'s pointer is valid for
 //!   the pin's whole life.
 //! * A window is unmapped only when nothing references it: no pin, no io
 //!   operation in flight (both hold an `Rc` to it). The manager's table holds
 //!   one reference; "idle" means that is the only one.
 //! * `window_count() <= max_windows()` at every moment, counting windows
 //!   being faulted in.
-//! * The hot path (`try_pin` of a mapped window, dropping a `Pin`) makes no
+//! * The hot path (`try_pin` of a mapped window, dropping a `PinGuard`) makes no
 //!   syscall, takes no lock, and touches no atomic: `Rc` counts and `Cell`s.
 //! * Single-threaded; no `RefCell` borrow is held across an `.await`.
 
@@ -42,7 +42,7 @@ mod pin;
 
 use fast::Fast;
 
-pub use pin::Pin;
+pub use pin::PinGuard;
 
 /// Settings of a [`MappingManager`].
 #[derive(Clone, Debug)]
@@ -387,7 +387,7 @@ impl MappingManager {
         offset: u64,
         len: u64,
         writable: bool,
-    ) -> impl Future<Output = Result<Pin>> + '_ {
+    ) -> impl Future<Output = Result<PinGuard>> + '_ {
         let site = Location::caller();
         async move {
             let mut deadline: Option<Instant> = None;

@@ -1,4 +1,4 @@
-//! [`Pin`]: a pinned range of a window.
+//! [`PinGuard`]: a pinned range of a window.
 
 use std::panic::Location;
 use std::ptr::NonNull;
@@ -11,11 +11,11 @@ use crate::error::{Error, Result};
 ///
 /// The pointer stays valid while the pin lives (windows never move and are
 /// never unmapped while pinned). Data is reached through copy-in/copy-out
-/// methods ([`read_at`](Pin::read_at), [`write_at`](Pin::write_at)), raw
+/// methods ([`read_at`](PinGuard::read_at), [`write_at`](PinGuard::write_at)), raw
 /// pointers, or the `unsafe` slice views whose contract is stated on them:
 /// the memory is a shared file mapping that other pins (and other processes)
 /// may reach, so no safe `&mut [u8]` is handed out.
-pub struct Pin {
+pub struct PinGuard {
     window: WindowRef,
     ptr: NonNull<u8>,
     len: usize,
@@ -24,7 +24,7 @@ pub struct Pin {
     site_key: usize,
 }
 
-impl Pin {
+impl PinGuard {
     #[inline]
     pub(super) fn new(
         window: &Rc<Window>,
@@ -32,14 +32,14 @@ impl Pin {
         len: usize,
         writable: bool,
         _site: &'static Location<'static>,
-    ) -> Pin {
+    ) -> PinGuard {
         debug_assert!(offset + len <= window.len);
         // SAFETY: `offset + len <= window.len`, checked by the caller
         // (`check_range` keeps the range inside one window).
         let ptr = unsafe { NonNull::new_unchecked(window.base.as_ptr().add(offset)) };
         #[cfg(debug_assertions)]
         let site_key = window.pin_sites.borrow_mut().insert(_site);
-        Pin {
+        PinGuard {
             window: WindowRef::new(window),
             ptr,
             len,
@@ -146,7 +146,7 @@ impl Pin {
     ///
     /// # Errors
     ///
-    /// As [`write_at`](Pin::write_at).
+    /// As [`write_at`](PinGuard::write_at).
     pub fn fill(&self, offset: usize, n: usize, byte: u8) -> Result<()> {
         if !self.writable {
             return Err(Error::ReadOnly("write through a read-only pin"));
@@ -193,7 +193,7 @@ impl Pin {
     }
 }
 
-impl Drop for Pin {
+impl Drop for PinGuard {
     #[inline]
     fn drop(&mut self) {
         #[cfg(debug_assertions)]
@@ -202,9 +202,9 @@ impl Drop for Pin {
     }
 }
 
-impl std::fmt::Debug for Pin {
+impl std::fmt::Debug for PinGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pin")
+        f.debug_struct("PinGuard")
             .field("ptr", &self.ptr)
             .field("len", &self.len)
             .field("writable", &self.writable)

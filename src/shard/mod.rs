@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::files::{FileHandleRegistry, FileId, FileStats};
 use crate::format::Handle;
 use crate::io::{IoBackend, Ring, RingStats};
-use crate::mapping::{MappingConfig, MappingManager, MappingStats, Pin};
+use crate::mapping::{MappingConfig, MappingManager, MappingStats, PinGuard};
 use crate::mesh::{Endpoint, MeshLocal, MeshStats};
 
 mod owner;
@@ -262,7 +262,7 @@ impl Shard {
     ///
     /// See [`SegmentAllocator::pin`]; [`Error::NotOwner`] for another
     /// shard's handle; [`Error::ForeignHandle`] for another directory's.
-    pub async fn pin(&self, handle: Handle) -> Result<Pin> {
+    pub async fn pin(&self, handle: Handle) -> Result<PinGuard> {
         if handle.shard() == self.inner.index {
             return self.inner.alloc.pin(handle).await;
         }
@@ -280,7 +280,7 @@ impl Shard {
     ///
     /// See [`SegmentAllocator::try_pin`].
     #[inline]
-    pub fn try_pin(&self, handle: Handle) -> Result<Option<Pin>> {
+    pub fn try_pin(&self, handle: Handle) -> Result<Option<PinGuard>> {
         self.inner.alloc.try_pin(handle)
     }
 

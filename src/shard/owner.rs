@@ -12,7 +12,7 @@ use super::{Shard, ShardInner, job};
 use crate::error::{Error, Result};
 use crate::files::FileId;
 use crate::format::Handle;
-use crate::mapping::Pin;
+use crate::mapping::PinGuard;
 use crate::mesh::Parcel;
 
 impl Shard {
@@ -91,7 +91,7 @@ impl Shard {
     /// [`submit_to`](Self::submit_to).
     pub async fn run_on_owner<F, T>(&self, handle: Handle, f: F) -> Result<T>
     where
-        F: FnOnce(&Pin) -> T + Send + 'static,
+        F: FnOnce(&PinGuard) -> T + Send + 'static,
         T: Send + 'static,
     {
         if handle.shard() == self.inner.index {
@@ -165,7 +165,7 @@ impl Shard {
     ///
     /// As [`run_on_owner`](Self::run_on_owner) for the liveness check, then
     /// the errors of [`MappingManager::pin`](crate::MappingManager::pin).
-    pub async unsafe fn pin_foreign(&self, handle: Handle) -> Result<Pin> {
+    pub async unsafe fn pin_foreign(&self, handle: Handle) -> Result<PinGuard> {
         if handle.shard() == self.inner.index {
             return self.inner.alloc.pin(handle).await;
         }

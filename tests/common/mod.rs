@@ -210,7 +210,7 @@ pub fn pattern_ranges(len: usize) -> Vec<(usize, usize)> {
 }
 
 /// Fill the first `len` bytes of `pin` with the pattern of `seed`.
-pub fn write_pattern(pin: &segalloc::Pin, len: usize, seed: u64) {
+pub fn write_pattern(pin: &segalloc::PinGuard, len: usize, seed: u64) {
     for (i, (off, n)) in pattern_ranges(len).into_iter().enumerate() {
         pin.write_at(off, &pattern(seed ^ i as u64, n))
             .expect("write pattern");
@@ -218,7 +218,7 @@ pub fn write_pattern(pin: &segalloc::Pin, len: usize, seed: u64) {
 }
 
 /// Whether the first `len` bytes of `pin` hold the pattern of `seed`.
-pub fn check_pattern(pin: &segalloc::Pin, len: usize, seed: u64) -> bool {
+pub fn check_pattern(pin: &segalloc::PinGuard, len: usize, seed: u64) -> bool {
     pattern_ranges(len)
         .into_iter()
         .enumerate()
