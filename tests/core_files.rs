@@ -407,3 +407,35 @@ fn crash_left_file_is_directory_synced_once() {
         assert_eq!(files.stats().dir_syncs, 2);
     });
 }
+
+/// While a sync of a file is in flight, the file counts as dirty: a second
+/// sync must not skip it and report success before the first one's
+/// write-back completed.
+#[test]
+fn a_file_being_synced_counts_as_dirty() {
+    use std::future::Future;
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let ring = Ring::new(IoBackendChoice::Auto).unwrap();
+        let files = FileHandleRegistry::new(ring, 4);
+        let lease = files
+            .acquire_path(&dir.path().join("a"), MIB)
+            .await
+            .unwrap();
+        let id = lease.id();
+        files.mark_dirty(id);
+        let mut first = std::pin::pin!(files.sync(id, true));
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        if first.as_mut().poll(&mut cx).is_pending() {
+            // io_uring: the fdatasync is in flight.
+            assert!(files.is_dirty(id), "skipped while its sync runs");
+        }
+        first.await.unwrap();
+        assert!(!files.is_dirty(id), "synced and unchanged since");
+        files.mark_dirty(id);
+        assert!(files.is_dirty(id));
+        files.sync(id, true).await.unwrap();
+        assert!(!files.is_dirty(id));
+    });
+}

@@ -35,15 +35,16 @@ impl FileHandleRegistry {
         }
     }
 
-    /// Whether `id` may hold changes no `fdatasync` began after; the flag
-    /// is cleared when a [`sync`](Self::sync) of it begins and set again
-    /// if that sync fails.
+    /// Whether `id` may hold changes no completed `fdatasync` covers: the
+    /// flag is cleared when a [`sync`](Self::sync) of it begins and set
+    /// again if that sync fails, and the file counts as dirty while a sync
+    /// of it is in flight.
     pub fn is_dirty(&self, id: FileId) -> bool {
         self.inner
             .borrow()
             .entries
             .get(id.0 as usize)
-            .is_some_and(|e| e.dirty.get())
+            .is_some_and(|e| e.dirty.get() || e.syncing.get() > 0)
     }
 
     /// `fdatasync` (or `fsync`) the file through the control ring. A file
@@ -190,6 +191,7 @@ impl<'a> DirtyUnlessSynced<'a> {
     fn begin(reg: &'a FileHandleRegistry, id: FileId) -> DirtyUnlessSynced<'a> {
         if let Some(e) = reg.inner.borrow().entries.get(id.0 as usize) {
             e.dirty.set(false);
+            e.syncing.set(e.syncing.get() + 1);
         }
         DirtyUnlessSynced {
             reg,
@@ -205,6 +207,9 @@ impl<'a> DirtyUnlessSynced<'a> {
 
 impl Drop for DirtyUnlessSynced<'_> {
     fn drop(&mut self) {
+        if let Some(e) = self.reg.inner.borrow().entries.get(self.id.0 as usize) {
+            e.syncing.set(e.syncing.get().saturating_sub(1));
+        }
         if !self.synced {
             self.reg.mark_dirty(self.id);
         }

@@ -80,6 +80,10 @@ struct FileEntry {
     durable_len: u64,
     /// The file may hold changes no `fdatasync` began after.
     dirty: Cell<bool>,
+    /// Syncs of the file in flight. While one runs, the file counts as
+    /// dirty: a later sync must not skip it and return before that one's
+    /// write-back completed.
+    syncing: Cell<u32>,
     /// The errno of a failed `fdatasync`, reported by every later sync: the
     /// kernel reports a write-back error once, and the call that saw it may
     /// have been dropped before its caller looked.
@@ -185,6 +189,7 @@ impl FileHandleRegistry {
             dir_durable: false,
             durable_len: 0,
             dirty: Cell::new(false),
+            syncing: Cell::new(0),
             sync_failed: None,
         });
         f.by_path.insert(path.to_path_buf(), id);
