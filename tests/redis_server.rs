@@ -946,3 +946,37 @@ fn expired_keys_are_deleted_without_reads() {
     let db0 = info_field(c, "keyspace", "db0");
     assert_eq!(db0, "keys=3,expires=2,avg_ttl=0");
 }
+
+/// `--sync always` with keys on both shards: every MSET is answered. A
+/// completion check made outside a task (the prefault reaper) used to take
+/// the io ring's wake-up from a shard's syncer, which then slept forever
+/// and left forwarded writes unanswered.
+#[test]
+fn always_answers_cross_shard_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = ["--shards", "2", "--sync", "always"];
+    let server = Server::start_with(&tmp.path().join("d"), &flags);
+    let writers: Vec<_> = (0..4u32)
+        .map(|w| {
+            let mut conn = server.client();
+            conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            std::thread::spawn(move || {
+                for r in 0..400u32 {
+                    let pairs: Vec<(String, String)> = (0..10)
+                        .map(|k| (format!("m{w}-{r}-{k}"), format!("v{r}")))
+                        .collect();
+                    let res: redis::RedisResult<()> =
+                        redis::cmd("MSET").arg(&pairs).query(&mut conn);
+                    if let Err(e) = res {
+                        panic!("MSET {w}/{r} not answered: {e}");
+                    }
+                }
+            })
+        })
+        .collect();
+    writers.into_iter().for_each(|t| t.join().unwrap());
+    let c = &mut server.client();
+    let n: u64 = redis::cmd("DBSIZE").query(c).unwrap();
+    assert_eq!(n, 4 * 400 * 10);
+}

@@ -533,6 +533,47 @@ impl Op {
     }
 }
 
+impl Op {
+    /// The operation's result if it completed, without waiting and without
+    /// registering a waker. Polling an `Op` with a waker that does nothing
+    /// would take the ring's completion watch from the task that waits on
+    /// it (the eventfd keeps one waker) and leave that task asleep: use
+    /// this instead to check an operation nobody awaits.
+    pub(crate) fn try_complete(&mut self) -> Option<io::Result<()>> {
+        loop {
+            let r = match &mut self.state {
+                OpState::Ready(r) => {
+                    let r = r.take().expect("Op checked after completion");
+                    self.state = OpState::Done;
+                    r
+                }
+                OpState::InFlight(key) => {
+                    let key = *key;
+                    let d = self
+                        .ring
+                        .inner
+                        .uring
+                        .as_ref()
+                        .expect("in-flight op has a ring");
+                    let res = d.try_take(key)?;
+                    self.state = OpState::Done;
+                    self.ring.bump(|s| {
+                        s.completed += 1;
+                        if res.is_err() {
+                            s.failed += 1;
+                        }
+                    });
+                    res
+                }
+                OpState::Done => panic!("Op checked after completion"),
+            };
+            if let Some(r) = self.retry_or(r) {
+                return Some(r);
+            }
+        }
+    }
+}
+
 impl Future for Op {
     type Output = io::Result<()>;
 

@@ -265,6 +265,18 @@ impl Driver {
         }
     }
 
+    /// The result of op `key` if it completed, reaping the completion queue
+    /// without watching the eventfd: no waker is registered, so a check
+    /// made outside a task never takes the watch from a task that waits.
+    pub(super) fn try_take(&self, key: usize) -> Option<io::Result<()>> {
+        for w in self.reap() {
+            w.wake();
+        }
+        let res = self.take_done(key)?;
+        self.hand_over();
+        Some(res)
+    }
+
     /// Watch the eventfd for the task of `cx`. `Ready(Ok)` when it fired
     /// (it is drained and re-armed): reap again.
     fn poll_watch(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

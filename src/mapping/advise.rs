@@ -1,7 +1,6 @@
 //! Advice through the ring on mapped windows: prefaulting ahead of the
 //! allocator (`MADV_POPULATE_WRITE`) and prefetching (`MADV_WILLNEED`).
 
-use std::future::Future;
 use std::rc::Rc;
 
 use super::{MappingManager, WindowRef, WindowState};
@@ -91,13 +90,12 @@ impl MappingManager {
         }
     }
 
-    /// Drop the prefaults the ring has completed (no waiting).
+    /// Drop the prefaults the ring has completed (no waiting, and no waker
+    /// registered: see [`Op::try_complete`](crate::io::Op::try_complete)).
     pub(super) fn reap_prefaults(&self) {
-        let waker = futures::task::noop_waker();
-        let mut cx = std::task::Context::from_waker(&waker);
         self.prefaults
             .borrow_mut()
-            .retain_mut(|op| std::pin::Pin::new(op).poll(&mut cx).is_pending());
+            .retain_mut(|op| op.try_complete().is_none());
     }
 
     /// Issue `MADV_WILLNEED` through the ring for each `(offset, len)` range
