@@ -964,7 +964,7 @@ fn always_answers_cross_shard_writes() {
             std::thread::spawn(move || {
                 for r in 0..400u32 {
                     let pairs: Vec<(String, String)> = (0..10)
-                        .map(|k| (format!("m{w}-{r}-{k}"), format!("v{r}")))
+                        .map(|k| (format!("m{w}-{r}-{k}"), format!("{r:0>100}")))
                         .collect();
                     let res: redis::RedisResult<()> =
                         redis::cmd("MSET").arg(&pairs).query(&mut conn);
@@ -979,4 +979,42 @@ fn always_answers_cross_shard_writes() {
     let c = &mut server.client();
     let n: u64 = redis::cmd("DBSIZE").query(c).unwrap();
     assert_eq!(n, 4 * 400 * 10);
+}
+
+/// The same with `redis-benchmark` (from redis-tools, when installed), the
+/// client that first showed the hang: MSET of random keys under
+/// `--sync always` on two shards must finish.
+#[test]
+fn redis_benchmark_mset_always_finishes() {
+    if Command::new("redis-benchmark")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("redis-benchmark is not on PATH: skipping (apt-get install redis-tools)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = ["--shards", "2", "--sync", "always"];
+    let server = Server::start_with(&tmp.path().join("d"), &flags);
+    let mut bench = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &server.port.to_string()])
+        .args(["-t", "mset", "-d", "100", "-P", "16", "-c", "50"])
+        .args(["-r", "100000", "-n", "20000", "--csv"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run redis-benchmark");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(status) = bench.try_wait().unwrap() {
+            assert!(status.success(), "redis-benchmark: {status}");
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = bench.kill();
+            panic!("redis-benchmark MSET under --sync always did not finish in 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

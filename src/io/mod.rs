@@ -654,3 +654,43 @@ impl Drop for Op {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Checking whether an operation nobody awaits completed must not take
+    /// the ring's completion watch from a task that awaits another one:
+    /// that task would never be woken.
+    #[test]
+    fn checking_an_op_leaves_the_watch_to_the_waiting_task() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let Ok(ring) = Ring::new(IoBackendChoice::Uring) else {
+                eprintln!("io_uring unavailable: skipped");
+                return;
+            };
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("f");
+            // Dirty pages, so that the fdatasyncs take a while.
+            std::fs::write(&path, vec![1u8; 64 << 20]).unwrap();
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            let fd = Rc::new(OwnedFd::from(file));
+            let waiter = tokio::task::spawn_local(ring.fsync(&fd, true));
+            // The waiter polls its operation and watches the ring.
+            tokio::task::yield_now().await;
+            let mut other = ring.fsync(&fd, true);
+            let _ = other.try_complete();
+            let woken = tokio::time::timeout(Duration::from_secs(10), waiter).await;
+            assert!(woken.is_ok(), "the waiting task was never woken");
+            tokio::time::timeout(Duration::from_secs(10), other)
+                .await
+                .expect("the checked operation completes too")
+                .unwrap();
+        });
+    }
+}
