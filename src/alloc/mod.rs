@@ -420,8 +420,7 @@ impl SegmentAllocator {
         let seg = st.segments[h.segment as usize]
             .as_mut()
             .expect("a held slot's segment exists");
-        let (slot, _) = CLASSES[h.class_id as usize].div_rem(h.offset - seg.start());
-        let slot = u32::try_from(slot).expect("slot index fits the bitmap");
+        let slot = held_slot(seg, h);
         if live {
             seg.set_live(slot);
             self.files.mark_dirty(self.meta_file);
@@ -440,8 +439,7 @@ impl SegmentAllocator {
         let seg = st.segments[h.segment as usize]
             .as_mut()
             .expect("segment exists");
-        let (slot, _) = CLASSES[h.class_id as usize].div_rem(h.offset - seg.start());
-        let slot = u32::try_from(slot).expect("slot index fits the bitmap");
+        let slot = held_slot(seg, &h);
         if live {
             seg.clear_live(slot);
         }
@@ -680,4 +678,10 @@ impl SegmentAllocator {
             !self.files.is_read_only(),
         )
     }
+}
+
+/// The slot index of `h`, a handle of segment `seg` that `take_slot` gave.
+fn held_slot(seg: &Seg, h: &Handle) -> u32 {
+    let (slot, _) = CLASSES[h.class_id as usize].div_rem(h.offset - seg.start());
+    u32::try_from(slot).expect("slot index fits the bitmap")
 }

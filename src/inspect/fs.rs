@@ -227,10 +227,7 @@ pub(super) fn geometry_from_superblocks(
     problems: &mut Vec<Problem>,
 ) -> Result<Option<Manifest>> {
     for (name, kind) in listing {
-        let Some(i) = name
-            .strip_prefix("shard-")
-            .and_then(|d| d.parse::<u16>().ok())
-        else {
+        let Some(i) = shard_index_of(name) else {
             continue;
         };
         if !matches!(kind, Kind::Dir) || *name != shard_folder_name(i) {

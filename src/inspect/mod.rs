@@ -188,10 +188,7 @@ pub fn read_dir(path: impl AsRef<Path>) -> Result<DirReport> {
 /// Shard folders beyond the directory's shard count.
 fn stray_shard_folders(listing: &[(String, Kind)], g: &Manifest, problems: &mut Vec<Problem>) {
     for (name, kind) in listing {
-        let Some(i) = name
-            .strip_prefix("shard-")
-            .and_then(|d| d.parse::<u16>().ok())
-        else {
+        let Some(i) = shard_index_of(name) else {
             continue;
         };
         if i >= g.shard_count && *name == shard_folder_name(i) {
@@ -552,6 +549,12 @@ fn gap_runs(out: &mut FreeRuns, from: u64, to: u64, window_blocks: u64) {
     let last_start = ((to / window_blocks) * window_blocks).max(first_end);
     add(window_blocks, (last_start - first_end) / window_blocks);
     add(to - last_start, 1);
+}
+
+/// The shard index a folder name like `shard-001` claims, if any (the
+/// caller checks it is the canonical name).
+pub(crate) fn shard_index_of(name: &str) -> Option<u16> {
+    name.strip_prefix("shard-")?.parse().ok()
 }
 
 #[cfg(test)]
