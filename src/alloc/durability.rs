@@ -6,6 +6,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 
 use futures::future::join_all;
 use tracing::Instrument;
@@ -14,6 +15,7 @@ use super::SegmentAllocator;
 use super::space::Run;
 use crate::error::{Error, Result};
 use crate::files::FileId;
+use crate::format;
 use crate::wait::WaitList;
 
 impl SegmentAllocator {
@@ -93,6 +95,7 @@ impl SegmentAllocator {
         if with_meta {
             self.syncs.meta_synced_at.set(Some(meta_changes));
         }
+        self.advance_durable_generation(meta_changes.3);
         let released = covered.released.take().expect("taken once");
         self.reuse(released);
         let mut st = self.st.borrow_mut();
@@ -103,6 +106,22 @@ impl SegmentAllocator {
         self.meta_durable_bytes
             .set(self.meta_durable_bytes.get().max(meta_reserved));
         Ok(())
+    }
+
+    /// After a completed sync that began when `next` was the next segment
+    /// generation: every segment below it has its data file's growth
+    /// durable. Recorded in the metadata, which is not synced for it: it
+    /// reaches the disk with the next sync that writes the metadata back (or
+    /// the kernel's write-back). Any value it held is true, and recovery
+    /// uses it only to tell a data file cut short (refused) from growth a
+    /// power loss took (dropped), so a stale value on disk only makes the
+    /// newest segments' truncation a warning instead of a refusal.
+    fn advance_durable_generation(&self, next: u32) {
+        let word = self.meta.word(format::DURABLE_GEN_OFFSET);
+        let on_disk = format::decode_counter(word.load(Ordering::Relaxed)).unwrap_or(0);
+        if next > on_disk {
+            word.store(format::encode_counter(next), Ordering::Release);
+        }
     }
 
     /// A count that changes whenever the metadata may have changed: slots

@@ -238,6 +238,10 @@ impl SegmentAllocator {
         self.meta
             .word(format::HWM_OFFSET)
             .store(format::encode_counter(0), Ordering::Relaxed);
+        // No sync has completed: no segment's growth is known durable.
+        self.meta
+            .word(format::DURABLE_GEN_OFFSET)
+            .store(format::encode_counter(1), Ordering::Relaxed);
         self.meta.write(0, &self.manifest.encode(self.shard));
         let reserved = self.files.reserved_bytes(self.meta_file)?;
         self.files.sync(self.meta_file, true).await?;

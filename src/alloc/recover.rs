@@ -76,7 +76,22 @@ impl SegmentAllocator {
         self.drop_losers(&found);
         self.apply_segments(&found)?;
         self.apply_roots(&found);
-        Ok(())
+        self.set_durable_generation(&found).await
+    }
+
+    /// A directory written before the durable generation existed (word 0,
+    /// or torn) made every segment's growth durable before publishing it:
+    /// record that every segment found so far is covered, durably, before a
+    /// segment that relies on the word can be published.
+    async fn set_durable_generation(&self, found: &ShardScan) -> Result<()> {
+        if self.files.is_read_only() || found.durable_generation.is_some_and(|g| g != 0) {
+            return Ok(());
+        }
+        self.meta.word(format::DURABLE_GEN_OFFSET).store(
+            format::encode_counter(found.next_generation),
+            Ordering::Release,
+        );
+        self.files.sync(self.meta_file, true).await
     }
 
     /// The error for a finding that refuses the shard.
@@ -117,17 +132,28 @@ impl SegmentAllocator {
         }
     }
 
-    /// Clear the entries of segments that lost an overlap: the state word
-    /// first (the entry is free from then on), then the bitmap, so no later
+    /// Clear the entries of dropped segments (that lost an overlap, or
+    /// whose growth a power loss took): the state word first (the entry is free from then on), then the bitmap, so no later
     /// header of the entry can meet the old bits. Both become durable at the
     /// first sync, before the entry is reused (it waits in quarantine).
     fn drop_losers(&self, found: &ShardScan) {
+        let lost_growth: Vec<u32> = found
+            .findings
+            .iter()
+            .filter(|f| matches!(f.defect, Defect::GrowthNotDurable { .. }))
+            .filter_map(|f| f.entry)
+            .collect();
         for seg in found.segments.iter().filter(|s| s.dropped) {
+            let why = if lost_growth.contains(&seg.entry) {
+                "a power loss took the data file's growth under an unsynced segment; dropping it"
+            } else {
+                "overlapping segments after a crash; keeping the later one"
+            };
             tracing::warn!(
                 shard = self.shard,
                 entry = seg.entry,
                 generation = seg.header.generation,
-                "overlapping segments after a crash; keeping the later one"
+                "{why}"
             );
             if self.files.is_read_only() {
                 continue;

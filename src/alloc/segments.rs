@@ -166,7 +166,6 @@ struct Claim<'a> {
     entry: u32,
     run: Run,
     trim: Trim,
-    generation: u32,
     armed: bool,
 }
 
@@ -285,23 +284,29 @@ impl SegmentAllocator {
                 }
             };
             let (run, trim) = st.space.alloc(blocks);
-            let generation = st.next_generation;
-            st.next_generation = st.next_generation.wrapping_add(1).max(1);
             Claim {
                 alloc: self,
                 entry,
                 run,
                 trim,
-                generation,
                 armed: true,
             }
         };
         self.prepare_segment(claim.entry, claim.run, claim.trim)
             .await?;
         claim.armed = false;
+        // The generation is issued at publication, with no await between:
+        // a sync that began before it saw the data file's growth (see
+        // `advance_durable_generation`).
+        let generation = {
+            let mut st = self.st.borrow_mut();
+            let g = st.next_generation;
+            st.next_generation = g.wrapping_add(1).max(1);
+            g
+        };
         let header = EntryHeader {
             class_id,
-            generation: claim.generation,
+            generation,
             file: claim.run.file,
             block: claim.run.block,
             blocks,
@@ -331,28 +336,19 @@ impl SegmentAllocator {
         self.ensure_data_file(run.file).await?;
         // A run that may hold a hole (trimmed) is reserved again first.
         self.reserve_trimmed(run, trim).await?;
-        self.grow_durably(run).await
+        self.grow_run(run).await
     }
 
     /// Grow the data file of `run` past the run's end (in growth steps,
-    /// never past its window) and make that size durable: a power loss must
-    /// never keep a header that relies on blocks the file lost (recovery
-    /// refuses a data file shorter than its live slots). Growth is rare, so
-    /// one `fdatasync` per growth.
-    async fn grow_durably(&self, run: Run) -> Result<()> {
+    /// never past its window). The growth is not synced here: a completed
+    /// sync makes it durable along with the data (the file is marked dirty),
+    /// and recovery drops a segment whose growth a power loss took before a
+    /// sync promised it (see [`format::DURABLE_GEN_OFFSET`]).
+    async fn grow_run(&self, run: Run) -> Result<()> {
         let id = self.data_files.borrow()[run.file as usize];
         let end = (u64::from(run.block) + u64::from(run.blocks)) * BLOCK_BYTES;
         let step = self.mm.config().growth_step_bytes;
         self.mm.reserve(id, end, step).await?;
-        if self.files.durable_bytes(id)? >= end {
-            return Ok(());
-        }
-        match self.files.sync(id, true).await {
-            Ok(()) => {}
-            Err(e @ Error::FdPressure { .. }) => return Err(e),
-            Err(e) => return Err(self.poison(e)),
-        }
-        self.st.borrow_mut().stats.growth_syncs += 1;
         Ok(())
     }
 

@@ -36,9 +36,6 @@ pub struct AllocStats {
     /// Data file `fdatasync`s started by [`sync`](super::SegmentAllocator::sync)
     /// (only files that may hold changes are synced).
     pub data_file_syncs: u64,
-    /// `fdatasync`s of a data file that grew, made before a new segment
-    /// relying on the growth was published (one per growth at most).
-    pub growth_syncs: u64,
     /// Live allocations per class, `(slot_bytes, count)`, non-zero only.
     pub live_per_class: Vec<(u32, u64)>,
     /// Microseconds the last recovery took.

@@ -21,6 +21,7 @@
 //! | 0 | 48 | superblock: the manifest's fields, with the shard index in the reserved bytes 14..16 |
 //! | 512 | 8 | directory high-water mark: `mark | !mark << 32`, one aligned store |
 //! | 520 | 8 | next segment generation, encoded the same way (0: unknown) |
+//! | 528 | 8 | durable generation, encoded the same way (0: written before it existed) |
 //! | 4096 | 256 KiB | 2048 root slots of 128 bytes (see [`roots`]) |
 //! | 266240 | … | segment directory: 7 entries of 576 bytes per 4 KiB page (see [`entry`]) |
 
@@ -80,6 +81,18 @@ pub const HWM_OFFSET: u64 = SUPERBLOCK_OFFSET + SECTOR_BYTES;
 /// it). Recovery never issues a generation below it, so a segment released
 /// before a restart does not get its old generation back.
 pub const GEN_OFFSET: u64 = HWM_OFFSET + 8;
+/// Byte offset of the durable generation, encoded like the high-water mark
+/// (zero in directories that predate it). A completed sync stores here the
+/// generation that was next to issue when it began: every segment of a
+/// lower generation has its data file's growth durable (the sync wrote it
+/// back). A segment of this generation or higher may have been published
+/// after the latest completed sync, so none of its allocations was promised;
+/// if a power loss took its data file's growth (the file ends before the
+/// segment does), recovery drops it. The data file's growth is therefore
+/// not synced when a segment is published. Zero: every segment's growth was
+/// made durable before it was published (directories written before this
+/// word existed); recovery sets the word when it opens such a directory.
+pub const DURABLE_GEN_OFFSET: u64 = GEN_OFFSET + 8;
 /// Byte offset of the root table (the second page).
 pub const ROOTS_OFFSET: u64 = META_PAGE_BYTES;
 /// Root slots.
@@ -99,7 +112,7 @@ pub const ENTRIES_PER_PAGE: u64 = META_PAGE_BYTES / ENTRY_BYTES;
 
 const _: () = assert!(ENTRY_BYTES == 576 && ENTRIES_PER_PAGE == 7);
 const _: () = assert!(DIR_OFFSET == 266_240);
-const _: () = assert!(GEN_OFFSET + 8 <= ROOTS_OFFSET);
+const _: () = assert!(DURABLE_GEN_OFFSET + 8 <= ROOTS_OFFSET);
 const _: () = assert!(MANIFEST_BYTES as u64 <= SECTOR_BYTES);
 const _: () = assert!(DIR_OFFSET.is_multiple_of(META_PAGE_BYTES));
 // A root slot pair (2k, 2k + 1) lies inside one 512-byte sector.

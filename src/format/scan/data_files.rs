@@ -1,9 +1,48 @@
-//! The data files the directory refers to: missing ones, and live slots
-//! past the end of their file.
+//! The data files the directory refers to: missing ones, segments whose
+//! growth a power loss took, and live slots past the end of their file.
 
 use std::collections::BTreeMap;
 
 use super::{DataFileLen, Defect, Finding, FindingFile, ScanTarget, Severity, ShardScan};
+use crate::format::classes::BLOCK_BYTES;
+
+/// Segments that end past their data file and may have been published after
+/// the latest completed sync (generation at or above the durable
+/// generation): a power loss took the file's growth, and no sync promised
+/// any of their allocations. They are dropped, with a warning.
+pub(super) fn drop_lost_growth(t: &ScanTarget<'_>, s: &mut ShardScan) {
+    let Some(durable) = s.durable_generation.filter(|&g| g != 0) else {
+        return;
+    };
+    let mut lost = Vec::new();
+    for x in s.segments.iter_mut().filter(|x| !x.dropped) {
+        let DataFileLen::Bytes(size) = (t.data_file)(x.header.file) else {
+            continue;
+        };
+        let end = (u64::from(x.header.block) + u64::from(x.header.blocks)) * BLOCK_BYTES;
+        if x.header.generation >= durable && end > size {
+            x.dropped = true;
+            let d = Defect::GrowthNotDurable {
+                generation: x.header.generation,
+                durable_generation: durable,
+                size_bytes: size,
+                end_bytes: end,
+                live: u64::from(x.live),
+            };
+            lost.push((x.header.file, x.entry, x.header.start_offset(), d));
+        }
+    }
+    for (file, entry, offset, defect) in lost {
+        s.free_entries.push(entry);
+        s.findings.push(Finding {
+            severity: Severity::Warning,
+            file: FindingFile::Data(file),
+            entry: Some(entry),
+            offset: Some(offset),
+            defect,
+        });
+    }
+}
 
 /// Referenced data files that are missing; live slots past the end of their
 /// file.

@@ -126,9 +126,21 @@ pub enum Defect {
         live: u64,
         kept: bool,
     },
+    /// A segment ends past its data file and may have been published after
+    /// the latest completed sync (its generation is at or above the durable
+    /// generation): a power loss took the file's growth. No sync promised
+    /// its allocations; recovery drops it.
+    GrowthNotDurable {
+        generation: u32,
+        durable_generation: u32,
+        size_bytes: u64,
+        /// The end of the segment's blocks.
+        end_bytes: u64,
+        live: u64,
+    },
     /// Live slots lie past the end of their data file (it was cut short).
-    /// A segment's blocks are durably part of its file before the segment
-    /// is published, so no crash or power loss leaves this: it refuses the
+    /// A completed sync makes the growth of every segment published before
+    /// it durable, so no crash or power loss leaves this: it refuses the
     /// shard.
     DataFileShort {
         size_bytes: u64,
@@ -191,6 +203,7 @@ impl Defect {
             Defect::ReservedHeaderBytes
             | Defect::PublishedPastMark { .. }
             | Defect::Overlap { .. }
+            | Defect::GrowthNotDurable { .. }
             | Defect::RootSlotInvalid { .. }
             | Defect::RootBadHandle { .. }
             | Defect::RootNameDuplicated { .. }
@@ -301,6 +314,16 @@ fn fmt_entry(d: &Defect, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             } else {
                 "; recovery drops them all as overlaps"
             }
+        ),
+        Defect::GrowthNotDurable {
+            generation,
+            durable_generation,
+            size_bytes,
+            end_bytes,
+            live,
+        } => write!(
+            f,
+            "segment (generation {generation}, not below the durable generation {durable_generation}) ends at byte {end_bytes}, past the end of the file ({size_bytes} bytes): a power loss took the file's growth before a sync promised it; recovery drops it and its {live} unsynced allocation(s)"
         ),
         Defect::DataFileShort {
             size_bytes,

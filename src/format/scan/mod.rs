@@ -14,6 +14,10 @@
 //! * Roots: for a name, the valid slot with the highest sequence number (a
 //!   tie: the lower slot index). Two names in one slot pair come from damage:
 //!   the higher sequence number keeps the pair (a tie: the lower slot index).
+//! * A segment that ends past its data file and whose generation is at or
+//!   above the durable generation ([`DURABLE_GEN_OFFSET`]) lost its file's
+//!   growth to a power loss before any sync promised it: dropped (a
+//!   warning). Below it, live slots past the end are damage: refused.
 //! * A root whose target is not live in this shard (freed, or its segment
 //!   released) is *dangling*: a warning, kept as it is; the library's
 //!   `root(name)` returns it and pinning it fails with `NotAllocated`.
@@ -23,8 +27,8 @@ use super::handle::Handle;
 use super::manifest::{self, MANIFEST_BYTES, Manifest};
 use super::roots::RootDefect;
 use super::{
-    GEN_OFFSET, HWM_OFFSET, META_PAGE_BYTES, ROOTS_OFFSET, decode_counter, directory_end_bytes,
-    entry_capacity,
+    DURABLE_GEN_OFFSET, GEN_OFFSET, HWM_OFFSET, META_PAGE_BYTES, ROOTS_OFFSET, decode_counter,
+    directory_end_bytes, entry_capacity,
 };
 use crate::error::Result;
 
@@ -36,7 +40,7 @@ mod roots_pick;
 
 pub use findings::{Defect, Finding, FindingFile, Severity};
 
-use data_files::check_data_files;
+use data_files::{check_data_files, drop_lost_growth};
 use entries::{scan_entries, scan_past_mark};
 use overlaps::resolve_overlaps;
 
@@ -87,7 +91,8 @@ pub struct SegmentScan {
     pub header: EntryHeader,
     /// Live slots (bits set below the slot count).
     pub live: u32,
-    /// True when recovery drops it: it overlaps a later segment.
+    /// True when recovery drops it: it overlaps a later segment, or a power
+    /// loss took its data file's growth before a sync promised it.
     pub dropped: bool,
     /// Bitmap words covering the slots (bits past the slot count cleared).
     pub bitmap: Vec<u64>,
@@ -171,6 +176,9 @@ pub struct ShardScan {
     pub max_root_seq: u64,
     /// The next segment generation to issue.
     pub next_generation: u32,
+    /// The durable generation word ([`DURABLE_GEN_OFFSET`]): `Some(0)` in
+    /// directories that predate it, `None` when unreadable or torn.
+    pub durable_generation: Option<u32>,
     /// Every problem, in the order found.
     pub findings: Vec<Finding>,
 }
@@ -227,6 +235,7 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
         root_slots_to_clear: Vec::new(),
         max_root_seq: 0,
         next_generation: 1,
+        durable_generation: None,
         findings: Vec::new(),
     };
     s.superblock = scan_superblock(src, t, &mut s)?;
@@ -259,7 +268,12 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
         None => 0,
     };
     s.next_generation = max_gen.wrapping_add(1).max(persisted).max(1);
+    s.durable_generation = match pages.get(DURABLE_GEN_OFFSET, 8)? {
+        Some(b) => decode_counter(super::u64_at(b, 0)),
+        None => None,
+    };
     resolve_overlaps(&mut s);
+    drop_lost_growth(t, &mut s);
     check_data_files(t, &mut s);
     if t.meta_bytes > ROOTS_OFFSET {
         roots_pick::scan_roots(&mut pages, t, &mut s)?;
