@@ -374,6 +374,21 @@ fn recovery_and_the_tool_agree_over_a_corruption_corpus() {
         .set_len(4096)
         .unwrap();
     refused += agree(&d, "data file cut short");
+    // The same cut under segments no completed sync covered (the durable
+    // generation word, byte 528, says none did): growth a power loss took.
+    // Both drop those segments, and open.
+    let d = copy_of(&clean, tmp.path(), "lost-growth");
+    let p = meta_path(&d, 1);
+    let mut b = std::fs::read(&p).unwrap();
+    b[528..536].copy_from_slice(&(1u64 | (u64::from(!1u32) << 32)).to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("shard-001/data-000000.seg"))
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    assert_eq!(agree(&d, "growth lost under unsynced segments"), 0);
     let d = copy_of(&clean, tmp.path(), "missing");
     std::fs::remove_file(d.join("shard-001/data-000000.seg")).unwrap();
     refused += agree(&d, "data file removed");
