@@ -413,15 +413,15 @@ impl MappingManager {
     }
 
     async fn wait_pressure(&self, deadline: Instant) -> Result<()> {
-        self.inner.borrow_mut().stats.pressure_waits += 1;
         // Prefaults hold their windows: drop them (one the ring has not
         // reaped yet is abandoned, and settled below next time), and look
-        // again for an idle window.
+        // again for an idle window. Not a wait.
         let prefaults = std::mem::take(&mut *self.prefaults.borrow_mut());
         if !prefaults.is_empty() {
             drop(prefaults);
             return Ok(());
         }
+        self.inner.borrow_mut().stats.pressure_waits += 1;
         let wait = self.shared.pressure.wait();
         // A pin future dropped mid-fault leaves its window to the ring (held
         // by the advice still in flight) until the ring reaps that operation,
