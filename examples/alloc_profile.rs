@@ -8,7 +8,8 @@
 //!
 //! One shard; phase 1 fills the heap (`try_allocate(100)` in a loop, handles
 //! kept; `allocate` when a new segment is needed), phase 2 frees every
-//! allocation, phase 3 runs allocate + free pairs. Instructions per call =
+//! allocation, phase 3 runs allocate + free pairs, phase 4 pins and unpins
+//! one mapped allocation (`Shard::try_pin`). Instructions per call =
 //! the phase's inclusive count / n.
 
 use std::hint::black_box;
@@ -47,6 +48,14 @@ async fn phase_pairs(shard: &Shard, n: usize) {
     }
 }
 
+#[inline(never)]
+fn phase_pins(shard: &Shard, h: Handle, n: usize) {
+    for _ in 0..n {
+        let p = shard.try_pin(black_box(h)).expect("pin").expect("mapped");
+        black_box(p.len());
+    }
+}
+
 fn main() -> segalloc::Result<()> {
     let mut args = std::env::args().skip(1);
     let dir = args
@@ -69,6 +78,8 @@ fn main() -> segalloc::Result<()> {
         phase_free(&shard, &handles);
         shard.sync().await?;
         phase_pairs(&shard, n).await;
+        let h = allocate(&shard, 100).await;
+        phase_pins(&shard, h, n);
         println!("{n} allocations");
         Ok(())
     })

@@ -308,31 +308,30 @@ impl Drop for SlotGuard<'_> {
 #[warn(clippy::cast_possible_truncation)]
 impl SegmentAllocator {
     /// Validate a handle against this shard's state; returns the segment id
-    /// and slot index.
-    #[inline]
-    fn locate(&self, st: &State, h: &Handle) -> Result<(u32, u32)> {
-        if h.dir_tag == self.manifest.dir_tag()
-            && h.shard == self.shard
-            && let Some(Some(seg)) = st.segments.get(h.segment as usize)
+    /// and slot index. `None` when it names no slot of this shard: the
+    /// caller builds the error with [`locate_error`](Self::locate_error),
+    /// off the hot path (a small value returned in registers).
+    #[inline(always)]
+    fn find(&self, st: &State, h: &Handle) -> Option<(u32, u32)> {
+        if h.dir_tag != self.manifest.dir_tag() || h.shard != self.shard {
+            return None;
+        }
+        let seg = st.segments.get(h.segment as usize)?.as_ref()?;
+        let class = &CLASSES[seg.class_id as usize];
+        let start = seg.start();
+        if seg.generation == h.generation
+            && seg.class_id == h.class_id
+            && seg.run.file == h.file
+            && h.length == class.slot_bytes
+            && h.offset >= start
+            && h.offset - start < seg.slots as u64 * class.slot_bytes as u64
         {
-            let class = &CLASSES[seg.class_id as usize];
-            let start = seg.start();
-            if seg.generation == h.generation
-                && seg.class_id == h.class_id
-                && seg.run.file == h.file
-                && h.length == class.slot_bytes
-                && h.offset >= start
-                && h.offset - start < seg.slots as u64 * class.slot_bytes as u64
-            {
-                let (slot, rem) = class.div_rem(h.offset - start);
-                if rem == 0
-                    && let Ok(slot) = u32::try_from(slot)
-                {
-                    return Ok((h.segment, slot));
-                }
+            let (slot, rem) = class.div_rem(h.offset - start);
+            if rem == 0 {
+                return u32::try_from(slot).ok().map(|slot| (h.segment, slot));
             }
         }
-        Err(self.locate_error(st, h))
+        None
     }
 
     #[inline]
@@ -582,8 +581,12 @@ impl SegmentAllocator {
         self.check_writable()?;
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
-        let (seg_id, slot) = self.locate(st, &handle)?;
-        let seg = st.segments[seg_id as usize].as_mut().expect("located");
+        let Some((seg_id, slot)) = self.find(st, &handle) else {
+            return Err(self.locate_error(st, &handle));
+        };
+        let Some(Some(seg)) = st.segments.get_mut(seg_id as usize) else {
+            unreachable!("found");
+        };
         if !seg.is_live(slot) {
             return Err(self.double_free(handle));
         }
@@ -617,23 +620,35 @@ impl SegmentAllocator {
     /// Whether `handle` names a live allocation of this shard.
     pub fn is_live(&self, handle: &Handle) -> bool {
         let st = self.st.borrow();
-        match self.locate(&st, handle) {
-            Ok((seg_id, slot)) => st.segments[seg_id as usize]
+        match self.find(&st, handle) {
+            Some((seg_id, slot)) => st.segments[seg_id as usize]
                 .as_ref()
                 .is_some_and(|seg| seg.is_live(slot)),
-            Err(_) => false,
+            None => false,
         }
     }
 
     #[inline]
     fn check_live(&self, handle: &Handle) -> Result<FileId> {
         let st = self.st.borrow();
-        let (seg_id, slot) = self.locate(&st, handle)?;
-        let seg = st.segments[seg_id as usize].as_ref().expect("located");
-        if !seg.is_live(slot) {
-            return Err(not_live(*handle));
+        if let Some((seg_id, slot)) = self.find(&st, handle)
+            && let Some(Some(seg)) = st.segments.get(seg_id as usize)
+            && seg.is_live(slot)
+        {
+            return Ok(seg.file_id);
         }
-        Ok(seg.file_id)
+        Err(self.not_live_or_bad(&st, handle))
+    }
+
+    /// Why [`check_live`](Self::check_live) refused `handle` (off the hot
+    /// path).
+    #[cold]
+    #[inline(never)]
+    fn not_live_or_bad(&self, st: &State, handle: &Handle) -> Error {
+        match self.find(st, handle) {
+            Some(_) => not_live(*handle),
+            None => self.locate_error(st, handle),
+        }
     }
 
     /// Pin a live allocation of this shard (async: faults its window in if
