@@ -754,3 +754,29 @@ fn thrashing_is_counted_and_eviction_adapts() {
         assert!(mm.window_count() <= 4);
     });
 }
+
+/// The same adaptation for a cyclic scan over four times the cap: an
+/// evicted window comes back only after 3 × cap other fault-ins, so the
+/// eviction history must reach that far (plain LRU: every pin faults).
+#[test]
+fn thrashing_over_four_times_the_cap_is_recognized() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (files, mm) = common::manager(dir.path(), 4, 4);
+        let f = files.register(dir.path().join("a"));
+        let (rounds, windows) = (10u64, 16u64);
+        for _ in 0..rounds {
+            for i in 0..windows {
+                drop(mm.pin(f, i * WINDOW, 4096, true).await.unwrap());
+            }
+        }
+        let s = mm.stats();
+        assert!(s.thrash_faults > 0 && s.thrash_mode, "{s:?}");
+        assert!(
+            s.faults * 10 <= rounds * windows * 9,
+            "fault-ins {} of {} pins: {s:?}",
+            s.faults,
+            rounds * windows
+        );
+    });
+}

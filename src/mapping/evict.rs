@@ -2,7 +2,7 @@
 
 use std::rc::Rc;
 
-use super::{MappingManager, Maps, THRASH_SAMPLE, Window, WindowState};
+use super::{EVICTION_HISTORY, MappingManager, Maps, THRASH_SAMPLE, Window, WindowState};
 use crate::config::EvictionPolicy;
 use crate::files::FileId;
 
@@ -26,10 +26,7 @@ impl MappingManager {
                 m.clock_hand = 0;
             }
             m.stats.evictions += 1;
-            if m.evicted.len() >= 2 * self.cfg.max_windows {
-                m.evicted.pop_front();
-            }
-            m.evicted.push_back((file, idx));
+            Self::remember_eviction(&mut m, (file, idx), EVICTION_HISTORY * self.cfg.max_windows);
             let state = &mut m.files[file.0 as usize].as_mut().unwrap().windows[idx as usize];
             match std::mem::replace(state, WindowState::Unmapped) {
                 WindowState::Mapped(w) => w,
@@ -49,8 +46,7 @@ impl MappingManager {
     pub(super) fn count_fault(m: &mut Maps, key: (FileId, u32)) {
         m.stats.faults += 1;
         m.sample_faults += 1;
-        if let Some(pos) = m.evicted.iter().position(|k| *k == key) {
-            m.evicted.remove(pos);
+        if m.evicted_count.contains_key(&key) {
             m.stats.thrash_faults += 1;
             m.sample_thrash += 1;
         }
@@ -64,6 +60,21 @@ impl MappingManager {
             m.sample_faults = 0;
             m.sample_thrash = 0;
         }
+    }
+
+    /// Add `key` to the eviction history (bounded by `cap` entries).
+    fn remember_eviction(m: &mut Maps, key: (FileId, u32), cap: usize) {
+        if m.evicted.len() >= cap.max(1)
+            && let Some(old) = m.evicted.pop_front()
+            && let std::collections::hash_map::Entry::Occupied(mut e) = m.evicted_count.entry(old)
+        {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+        m.evicted.push_back(key);
+        *m.evicted_count.entry(key).or_insert(0) += 1;
     }
 
     pub(super) fn window_at(m: &Maps, (f, i): (FileId, u32)) -> &Rc<Window> {

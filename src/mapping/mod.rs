@@ -104,7 +104,8 @@ pub struct MappingStats {
     /// (`MADV_POPULATE_WRITE` through the ring).
     pub prefaults: u64,
     /// Fault-ins of a window evicted recently (among the last
-    /// `2 × max_windows` evictions): the working set is larger than the cap.
+    /// `EVICTION_HISTORY × max_windows` evictions, 8 ×): the working set is
+    /// larger than the cap.
     pub thrash_faults: u64,
     /// Whether eviction has adapted to thrashing: while most recent
     /// fault-ins are of recently evicted windows, the most recently used
@@ -208,8 +209,10 @@ struct Maps {
     faulting: usize,
     tick: u64,
     stats: MappingStats,
-    /// Windows evicted most recently (at most `2 × max_windows`).
+    /// Windows evicted most recently (at most `EVICTION_HISTORY ×
+    /// max_windows`), and how often each is in that list (O(1) lookups).
     evicted: std::collections::VecDeque<(FileId, u32)>,
+    evicted_count: std::collections::HashMap<(FileId, u32), u32>,
     /// Thrash fault-ins among the last [`THRASH_SAMPLE`] fault-ins.
     sample_faults: u32,
     sample_thrash: u32,
@@ -217,6 +220,10 @@ struct Maps {
 
 /// Fault-ins per thrash measurement.
 const THRASH_SAMPLE: u32 = 8;
+
+/// Evictions remembered to recognize thrashing, per window of the cap: a
+/// cyclic scan over up to this many times the cap is recognized.
+const EVICTION_HISTORY: usize = 8;
 
 /// Windowed mmaps of the files of one [`FileHandleRegistry`],
 /// single-threaded and async.
@@ -279,6 +286,7 @@ impl MappingManager {
                 resident: Vec::new(),
                 clock_hand: 0,
                 evicted: std::collections::VecDeque::new(),
+                evicted_count: std::collections::HashMap::new(),
                 sample_faults: 0,
                 sample_thrash: 0,
                 faulting: 0,
