@@ -62,18 +62,22 @@ pub struct Allocation {
 
 impl Allocation {
     /// The durable handle.
+    #[inline]
     pub fn handle(&self) -> Handle {
         self.handle
     }
     /// The pin on the slot.
+    #[inline]
     pub fn pin(&self) -> &PinGuard {
         &self.pin
     }
     /// Drop the pin, keep the handle (pin it again with `pin(handle)`).
+    #[inline]
     pub fn into_handle(self) -> Handle {
         self.handle
     }
     /// Split into handle and pin.
+    #[inline]
     pub fn into_parts(self) -> (Handle, PinGuard) {
         (self.handle, self.pin)
     }
