@@ -247,6 +247,12 @@ fn segalloc_mix(args: &Args) -> Result<f64, BoxError> {
     on_one_shard(args, move |s| async move {
         let mut rng = MIX_SEED;
         let mut hs = work::mix_fill(&s, live, &mut rng).await?;
+        // The fill faulted the heap's pages in ahead (prefault through the
+        // ring): let that finish and write the pages back, so the timed mix
+        // does not share the machine with it. (A segalloc `sync` here would
+        // change what is measured: slots freed after it wait for the next.)
+        s.mappings().settle_prefaults().await;
+        nix::unistd::sync();
         Ok(ns_per(work::mix(&s, &mut hs, &mut rng, ops).await?, ops))
     })
 }
