@@ -22,10 +22,15 @@
 //! **Architecture invariant:** an operation's resources (its fd, the window
 //! it advises) are owned by the ring's in-flight table until the kernel
 //! reports completion, so dropping an [`Op`] early never lets the kernel touch
-//! a closed fd or an unmapped range.
+//! a closed fd or an unmapped range. The ring releases them by itself once
+//! the kernel is done (`reap.rs`: a task drives the ring while such
+//! operations remain), so no caller has to poll the ring for them; a caller
+//! that needs a descriptor or a window back waits for the release
+//! (`Ring::released`, or its own wait list).
 
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+mod reap;
 mod uring;
 
 use std::any::Any;
@@ -41,6 +46,7 @@ use std::task::{Context, Poll};
 
 use crate::error::{Error, Result};
 use crate::sys;
+use crate::wait::Wait;
 
 /// Which io backend a shard's control ring uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -185,6 +191,8 @@ pub struct Ring {
 struct RingInner {
     uring: Option<uring::Driver>,
     stats: Cell<RingStats>,
+    /// A reaper task runs for this ring (`reap.rs`).
+    reaping: Cell<bool>,
 }
 
 static FALLBACK_LOGGED: Once = Once::new();
@@ -224,6 +232,7 @@ impl Ring {
             inner: Rc::new(RingInner {
                 uring,
                 stats: Cell::new(RingStats::default()),
+                reaping: Cell::new(false),
             }),
         })
     }
@@ -307,21 +316,18 @@ impl Ring {
         op
     }
 
-    /// Operations dropped before completion that the kernel still runs. The
-    /// ring holds their fds and windows until it reaps them, which happens
-    /// only while some future polls the ring.
-    pub(crate) fn abandoned_in_flight(&self) -> usize {
-        self.inner.uring.as_ref().map_or(0, |d| d.abandoned())
-    }
-
-    /// A future that drives the ring until every operation dropped before
-    /// completion is finished and its fd and window are released. Ready at
-    /// once when there is none (always on the sync backend).
-    pub(crate) fn settle(&self) -> Settle {
-        Settle {
-            ring: self.clone(),
-            key: None,
+    /// A wait that ends when the ring next releases the fd or window of an
+    /// operation dropped before completion (the ring reaps those by itself).
+    /// `None` when the ring holds none (always on the sync backend), or when
+    /// no reaper can run here (not on a tokio current-thread runtime): then
+    /// they are released only by the next operation polled on the ring.
+    pub(crate) fn released(&self) -> Option<Wait> {
+        let d = self.inner.uring.as_ref()?;
+        if d.abandoned() == 0 {
+            return None;
         }
+        reap::ensure(self);
+        self.inner.reaping.get().then(|| d.released().wait())
     }
 
     fn bump(&self, f: impl FnOnce(&mut RingStats)) {
@@ -362,6 +368,9 @@ impl Ring {
                 }
                 Err((e, _res)) => {
                     self.bump(|s| s.failed += 1);
+                    // A failed enter leaves the entry queued and abandoned:
+                    // the reaper submits and reaps it.
+                    reap::ensure(self);
                     return Op::ready(self, kind, Err(e));
                 }
             }
@@ -617,33 +626,6 @@ impl Future for Op {
     }
 }
 
-/// Future of [`Ring::settle`].
-#[must_use = "a Settle does nothing unless awaited"]
-pub(crate) struct Settle {
-    ring: Ring,
-    key: Option<usize>,
-}
-
-impl Future for Settle {
-    type Output = io::Result<()>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        match &this.ring.inner.uring {
-            Some(d) => d.poll_settle(&mut this.key, cx),
-            None => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-impl Drop for Settle {
-    fn drop(&mut self) {
-        if let Some(d) = &self.ring.inner.uring {
-            d.cancel_settle(&mut self.key);
-        }
-    }
-}
-
 impl Drop for Op {
     fn drop(&mut self) {
         if let OpState::InFlight(key) = self.state
@@ -651,6 +633,8 @@ impl Drop for Op {
         {
             d.abandon(key);
             self.ring.bump(|s| s.abandoned += 1);
+            // The kernel still runs it: the ring reaps it by itself.
+            reap::ensure(&self.ring);
         }
     }
 }
@@ -691,6 +675,68 @@ mod tests {
                 .await
                 .expect("the checked operation completes too")
                 .unwrap();
+        });
+    }
+
+    /// An fsync of a file with many dirty pages, dropped after its first
+    /// poll; whether it was still in flight then.
+    async fn abandon_slow_fsync(ring: &Ring, path: &std::path::Path) -> bool {
+        std::fs::write(path, vec![5u8; 16 << 20]).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        let fd = Rc::new(OwnedFd::from(file));
+        let mut op = ring.fsync(&fd, false);
+        futures::poll!(&mut op).is_pending()
+    }
+
+    /// The reaper lives only while abandoned operations remain: it ends once
+    /// they are reaped, and when its ring closes first. No task is left
+    /// behind, however many operations are abandoned one after the other.
+    #[test]
+    fn the_reaper_ends_with_its_work_or_its_ring() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let alive = || rt.metrics().num_alive_tasks();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let Ok(ring) = Ring::new(IoBackendChoice::Uring) else {
+                eprintln!("io_uring unavailable: skipped");
+                return;
+            };
+            let dir = tempfile::tempdir().unwrap();
+            let mut caught = 0;
+            for n in 0..20 {
+                if abandon_slow_fsync(&ring, &dir.path().join(format!("f{n}"))).await {
+                    caught += 1;
+                    assert!(ring.inner.reaping.get(), "a reaper runs");
+                    assert_eq!(alive(), 1, "one reaper");
+                }
+                for _ in 0..10_000 {
+                    if alive() == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                assert_eq!(alive(), 0, "the reaper ended");
+                assert!(!ring.inner.reaping.get());
+            }
+            assert!(caught >= 1, "every fsync finished before its first poll");
+            // Closed while its reaper waits: the reaper ends too.
+            for n in 0..20 {
+                let ring = Ring::new(IoBackendChoice::Uring).unwrap();
+                if !abandon_slow_fsync(&ring, &dir.path().join(format!("g{n}"))).await {
+                    continue;
+                }
+                tokio::task::yield_now().await; // the reaper watches the ring
+                assert_eq!(alive(), 1);
+                drop(ring);
+                for _ in 0..100 {
+                    tokio::task::yield_now().await;
+                }
+                assert_eq!(alive(), 0, "the reaper outlived its ring");
+                return;
+            }
+            panic!("every fsync finished before its first poll");
         });
     }
 }
