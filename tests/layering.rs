@@ -285,3 +285,21 @@ fn only_io_reaps_abandoned_operations() {
         wrong.join("\n")
     );
 }
+
+/// A file's reserved size is written by the file layer alone: nothing it
+/// hands out is a writable cell (the mapping layer reads a read-only view).
+#[test]
+fn files_hands_out_no_writable_cell() {
+    let wrong: Vec<String> = lines_naming("files", false, &["Cell<"])
+        .into_iter()
+        .filter(|l| {
+            let code = l.splitn(3, ':').nth(2).unwrap_or("").trim_start();
+            code.starts_with("pub") && code.contains("fn ") && code.contains("->")
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "the file layer hands out a writable cell:\n{}",
+        wrong.join("\n")
+    );
+}

@@ -30,7 +30,7 @@ use memmap2::MmapRaw;
 
 use crate::config::{Config, EvictionPolicy, MadvisePolicy};
 use crate::error::{Error, Result};
-use crate::files::{FileHandleRegistry, FileId};
+use crate::files::{FileHandleRegistry, FileId, ReservedBytes};
 use crate::io::Ring;
 use crate::wait::WaitList;
 
@@ -196,7 +196,7 @@ enum WindowState {
 
 struct FileMaps {
     windows: Vec<WindowState>,
-    reserved: Rc<Cell<u64>>,
+    reserved: ReservedBytes,
 }
 
 struct Maps {
