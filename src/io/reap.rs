@@ -36,7 +36,13 @@ thread_local! {
 pub(super) fn ensure(ring: &Ring) {
     let inner = &ring.inner;
     let Some(d) = &inner.uring else { return };
-    if inner.reaping.get() || d.abandoned() == 0 {
+    if inner.reaping.get() {
+        // It may be asleep while another task watches the ring: have it
+        // look again (an entry left queued by a failed enter waits for it).
+        d.wake_settle();
+        return;
+    }
+    if d.abandoned() == 0 {
         return;
     }
     let Ok(rt) = Handle::try_current() else {

@@ -246,6 +246,22 @@ impl Driver {
         }
     }
 
+    /// Wake the reaper, if it waits.
+    pub(super) fn wake_settle(&self) {
+        let wakers: Vec<Waker> = self
+            .ops
+            .borrow()
+            .iter()
+            .filter_map(|(_, s)| match s {
+                OpState::Settle { waker } => waker.clone(),
+                _ => None,
+            })
+            .collect();
+        for w in wakers {
+            w.wake();
+        }
+    }
+
     fn watch(&self) -> io::Result<&AsyncFd<i32>> {
         if let Some(w) = self.watch.get() {
             return Ok(w);
