@@ -361,6 +361,59 @@ fn dropped_op_keeps_its_fd_until_done() {
     });
 }
 
+/// An operation dropped mid-flight releases its fd once the kernel is done,
+/// with no later call on the ring: the ring reaps its abandoned operations
+/// itself, while the runtime keeps running the other tasks.
+#[test]
+fn dropped_op_releases_its_fd_without_a_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let ring = Ring::new(IoBackendChoice::Uring).unwrap();
+        let ticks = Rc::new(std::cell::Cell::new(0u64));
+        let ticker = {
+            let ticks = ticks.clone();
+            tokio::task::spawn_local(async move {
+                loop {
+                    ticks.set(ticks.get() + 1);
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        };
+        let mut caught = 0;
+        for n in 0..20 {
+            if caught == 3 {
+                break;
+            }
+            let path = dir.path().join(format!("f{n}"));
+            // Dirty pages, so that the fsync is still running when dropped.
+            std::fs::write(&path, vec![3u8; 16 << 20]).unwrap();
+            let fd = open_rw(&path);
+            let mut op = ring.fsync(&fd, false);
+            let first = futures::poll!(&mut op);
+            drop(op);
+            drop(fd);
+            if first.is_pending() {
+                caught += 1;
+            }
+            let released = common::eventually(Duration::from_secs(10), || {
+                common::open_paths_under(dir.path()).is_empty()
+            })
+            .await;
+            assert!(
+                released,
+                "the dropped op's fd is still open: {:?} ({:?})",
+                common::open_paths_under(dir.path()),
+                ring.stats()
+            );
+            std::fs::remove_file(&path).unwrap();
+        }
+        assert!(caught >= 1, "every fsync finished before its first poll");
+        assert!(ring.stats().abandoned >= 1);
+        assert!(ticks.get() > 0, "the other task ran meanwhile");
+        ticker.abort();
+    });
+}
+
 /// The child half of the `SEGALLOC_IO` tests: run when the parent set
 /// `SEGALLOC_TEST_CHILD`, in a process of its own.
 fn env_child() -> bool {

@@ -120,3 +120,38 @@ fn emfile_evicts_or_is_typed() {
         assert_eq!(files.open_count(), os_counts(dir.path()).0);
     });
 }
+
+/// With its only descriptor held by a lease, a registry refuses another
+/// file (`FdPressure`) rather than wait forever, also while the ring still
+/// runs an operation dropped mid-flight: it waits for that one to be
+/// released, sees the lease still holds the descriptor, and gives up.
+#[test]
+fn fd_pressure_from_a_lease_is_not_waited_out() {
+    let _g = PROCESS_LIMITS.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (files, _mm) = common::manager(dir.path(), 1, 4);
+        let a = files.register(dir.path().join("a"));
+        let b = files.register(dir.path().join("b"));
+        let held = files.acquire(a, 4096).await.unwrap();
+        // An fsync of another file (dirty pages: slow), dropped in flight.
+        let other = dir.path().join("other");
+        std::fs::write(&other, vec![9u8; 16 << 20]).unwrap();
+        let fd = std::rc::Rc::new(std::os::fd::OwnedFd::from(
+            std::fs::File::options().write(true).open(&other).unwrap(),
+        ));
+        let mut op = files.ring().fsync(&fd, false);
+        let _ = futures::poll!(&mut op);
+        drop((op, fd));
+        let r = tokio::time::timeout(std::time::Duration::from_secs(10), files.acquire(b, 4096))
+            .await
+            .expect("the acquire gave up rather than wait forever");
+        assert!(
+            matches!(r, Err(Error::FdPressure { max_open_files: 1 })),
+            "{r:?}"
+        );
+        drop(held);
+        drop(files.acquire(b, 4096).await.unwrap());
+        assert_eq!(files.open_count(), os_counts(dir.path()).0);
+    });
+}

@@ -250,3 +250,56 @@ fn the_reference_reader_finds_grouped_and_inline_paths() {
     let names: Vec<&str> = refs.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["a::X", "b", "c", "d", "e", "f::g"]);
 }
+
+/// Lines of the files under `src/<dir>` (or, with `outside`, of every other
+/// file under `src/`) that contain one of `needles`, as `path:line: text`.
+fn lines_naming(dir: &str, outside: bool, needles: &[&str]) -> Vec<String> {
+    let src = Path::new(ROOT).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files.sort();
+    let mut out = Vec::new();
+    for file in files {
+        if file.starts_with(src.join(dir)) == outside {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            if needles.iter().any(|n| line.contains(n)) {
+                out.push(format!("{}:{}: {}", file.display(), i + 1, line.trim()));
+            }
+        }
+    }
+    out
+}
+
+/// Only the io layer drives the control ring for operations whose futures
+/// were dropped: it reaps them by itself, and the layers above only wait
+/// for what they need (a descriptor, a window) to be released.
+#[test]
+fn only_io_reaps_abandoned_operations() {
+    let wrong = lines_naming("io", true, &["abandoned_in_flight", ".settle()"]);
+    assert!(
+        wrong.is_empty(),
+        "code above the io layer drives the ring for abandoned operations:\n{}",
+        wrong.join("\n")
+    );
+}
+
+/// A file's reserved size is written by the file layer alone: nothing it
+/// hands out is a writable cell (the mapping layer reads a read-only view).
+#[test]
+fn files_hands_out_no_writable_cell() {
+    let wrong: Vec<String> = lines_naming("files", false, &["Cell<"])
+        .into_iter()
+        .filter(|l| {
+            let code = l.splitn(3, ':').nth(2).unwrap_or("").trim_start();
+            code.starts_with("pub") && code.contains("fn ") && code.contains("->")
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "the file layer hands out a writable cell:\n{}",
+        wrong.join("\n")
+    );
+}

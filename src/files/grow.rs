@@ -42,13 +42,15 @@ impl FileHandleRegistry {
         loop {
             let lease = match self.lease(id, true) {
                 // Operations dropped mid-flight keep their descriptors until
-                // the ring reaps them: drive it, then try again.
-                Err(e @ Error::FdPressure { .. }) if self.ring.abandoned_in_flight() > 0 => {
-                    if self.ring.settle().await.is_err() {
-                        return Err(e);
+                // the kernel completes them, and the ring then releases them
+                // by itself: wait for a release, then try again.
+                Err(e @ Error::FdPressure { .. }) => match self.ring.released() {
+                    Some(released) => {
+                        released.await;
+                        continue;
                     }
-                    continue;
-                }
+                    None => return Err(e),
+                },
                 r => r?,
             };
             if self.inner.borrow().entries[id.0 as usize].foreign {

@@ -39,6 +39,20 @@ pub use lease::FileLease;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FileId(pub u32);
 
+/// A read-only view of one file's reserved size (bytes whose blocks are
+/// allocated), handed to the mapping layer's hot path. Only the registry
+/// writes the size; reading it is one load, with no borrow of the registry.
+#[derive(Clone)]
+pub(crate) struct ReservedBytes(Rc<Cell<u64>>);
+
+impl ReservedBytes {
+    /// The file's reserved size now.
+    #[inline(always)]
+    pub(crate) fn get(&self) -> u64 {
+        self.0.get()
+    }
+}
+
 /// Counters of a registry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FileStats {
@@ -262,11 +276,13 @@ impl FileHandleRegistry {
         Ok(e.len_known.then_some(e.len_bytes))
     }
 
-    pub(crate) fn reserved_cell(&self, id: FileId) -> Result<Rc<Cell<u64>>> {
+    /// A read-only view of `id`'s reserved size, kept current by this
+    /// registry: for a hot path that must not borrow the registry.
+    pub(crate) fn reserved_view(&self, id: FileId) -> Result<ReservedBytes> {
         let f = self.inner.borrow();
         f.entries
             .get(id.0 as usize)
-            .map(|e| e.reserved.clone())
+            .map(|e| ReservedBytes(e.reserved.clone()))
             .ok_or(Error::UnknownFile(id.0))
     }
 

@@ -22,10 +22,15 @@
 //! **Architecture invariant:** an operation's resources (its fd, the window
 //! it advises) are owned by the ring's in-flight table until the kernel
 //! reports completion, so dropping an [`Op`] early never lets the kernel touch
-//! a closed fd or an unmapped range.
+//! a closed fd or an unmapped range. The ring releases them by itself once
+//! the kernel is done (`reap.rs`: a task drives the ring while such
+//! operations remain), so no caller has to poll the ring for them; a caller
+//! that needs a descriptor or a window back waits for the release
+//! (`Ring::released`, or its own wait list).
 
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+mod reap;
 mod uring;
 
 use std::any::Any;
@@ -41,6 +46,7 @@ use std::task::{Context, Poll};
 
 use crate::error::{Error, Result};
 use crate::sys;
+use crate::wait::Wait;
 
 /// Which io backend a shard's control ring uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -185,6 +191,8 @@ pub struct Ring {
 struct RingInner {
     uring: Option<uring::Driver>,
     stats: Cell<RingStats>,
+    /// A reaper task runs for this ring (`reap.rs`).
+    reaping: Cell<bool>,
 }
 
 static FALLBACK_LOGGED: Once = Once::new();
@@ -224,6 +232,7 @@ impl Ring {
             inner: Rc::new(RingInner {
                 uring,
                 stats: Cell::new(RingStats::default()),
+                reaping: Cell::new(false),
             }),
         })
     }
@@ -307,21 +316,18 @@ impl Ring {
         op
     }
 
-    /// Operations dropped before completion that the kernel still runs. The
-    /// ring holds their fds and windows until it reaps them, which happens
-    /// only while some future polls the ring.
-    pub(crate) fn abandoned_in_flight(&self) -> usize {
-        self.inner.uring.as_ref().map_or(0, |d| d.abandoned())
-    }
-
-    /// A future that drives the ring until every operation dropped before
-    /// completion is finished and its fd and window are released. Ready at
-    /// once when there is none (always on the sync backend).
-    pub(crate) fn settle(&self) -> Settle {
-        Settle {
-            ring: self.clone(),
-            key: None,
+    /// A wait that ends when the ring next releases the fd or window of an
+    /// operation dropped before completion (the ring reaps those by itself).
+    /// `None` when the ring holds none (always on the sync backend), or when
+    /// no reaper can run here (not on a tokio current-thread runtime): then
+    /// they are released only by the next operation polled on the ring.
+    pub(crate) fn released(&self) -> Option<Wait> {
+        let d = self.inner.uring.as_ref()?;
+        if d.abandoned() == 0 {
+            return None;
         }
+        reap::ensure(self);
+        self.inner.reaping.get().then(|| d.released().wait())
     }
 
     fn bump(&self, f: impl FnOnce(&mut RingStats)) {
@@ -362,6 +368,9 @@ impl Ring {
                 }
                 Err((e, _res)) => {
                     self.bump(|s| s.failed += 1);
+                    // A failed enter leaves the entry queued and abandoned:
+                    // the reaper submits and reaps it.
+                    reap::ensure(self);
                     return Op::ready(self, kind, Err(e));
                 }
             }
@@ -617,33 +626,6 @@ impl Future for Op {
     }
 }
 
-/// Future of [`Ring::settle`].
-#[must_use = "a Settle does nothing unless awaited"]
-pub(crate) struct Settle {
-    ring: Ring,
-    key: Option<usize>,
-}
-
-impl Future for Settle {
-    type Output = io::Result<()>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        match &this.ring.inner.uring {
-            Some(d) => d.poll_settle(&mut this.key, cx),
-            None => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-impl Drop for Settle {
-    fn drop(&mut self) {
-        if let Some(d) = &self.ring.inner.uring {
-            d.cancel_settle(&mut self.key);
-        }
-    }
-}
-
 impl Drop for Op {
     fn drop(&mut self) {
         if let OpState::InFlight(key) = self.state
@@ -651,46 +633,11 @@ impl Drop for Op {
         {
             d.abandon(key);
             self.ring.bump(|s| s.abandoned += 1);
+            // The kernel still runs it: the ring reaps it by itself.
+            reap::ensure(&self.ring);
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    /// Checking whether an operation nobody awaits completed must not take
-    /// the ring's completion watch from a task that awaits another one:
-    /// that task would never be woken.
-    #[test]
-    fn checking_an_op_leaves_the_watch_to_the_waiting_task() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        tokio::task::LocalSet::new().block_on(&rt, async {
-            let Ok(ring) = Ring::new(IoBackendChoice::Uring) else {
-                eprintln!("io_uring unavailable: skipped");
-                return;
-            };
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("f");
-            // Dirty pages, so that the fdatasyncs take a while.
-            std::fs::write(&path, vec![1u8; 64 << 20]).unwrap();
-            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-            let fd = Rc::new(OwnedFd::from(file));
-            let waiter = tokio::task::spawn_local(ring.fsync(&fd, true));
-            // The waiter polls its operation and watches the ring.
-            tokio::task::yield_now().await;
-            let mut other = ring.fsync(&fd, true);
-            let _ = other.try_complete();
-            let woken = tokio::time::timeout(Duration::from_secs(10), waiter).await;
-            assert!(woken.is_ok(), "the waiting task was never woken");
-            tokio::time::timeout(Duration::from_secs(10), other)
-                .await
-                .expect("the checked operation completes too")
-                .unwrap();
-        });
-    }
-}
+mod tests;

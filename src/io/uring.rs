@@ -5,14 +5,16 @@
 //! future that submitted it is still alive (tokio's `io/uring` lifecycle).
 //!
 //! Wake-ups: the ring signals an eventfd on every completion; tokio's reactor
-//! watches it through `AsyncFd`. There is no driver task: whichever pending op
-//! is polled drains the completion queue and wakes the others. Because an
+//! watches it through `AsyncFd`. Whichever pending op is polled drains the
+//! completion queue and wakes the others; while abandoned operations remain,
+//! the reaper task (`reap.rs`) is one more such waiter. Because an
 //! `AsyncFd` keeps only the last waker, an op that leaves (completes or is
 //! dropped) wakes the remaining ones so one of them takes over the watch.
 
 use std::cell::{OnceCell, RefCell};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use io_uring::{IoUring, Probe, opcode, squeue, types};
@@ -21,6 +23,7 @@ use tokio::io::unix::AsyncFd;
 
 use super::{OpKind, Resources};
 use crate::sys;
+use crate::wait::WaitList;
 
 const RING_ENTRIES: u32 = 64;
 
@@ -34,8 +37,8 @@ enum OpState {
     Abandoned {
         _res: Resources,
     },
-    /// A [`Settle`](super::Settle) future waiting for the abandoned
-    /// operations to finish. No operation has this key, so no completion
+    /// The reaper (`reap.rs`) waiting for the abandoned operations to
+    /// finish. No operation has this key, so no completion
     /// ever targets it; it exists so that `hand_over` wakes the future.
     Settle {
         waker: Option<Waker>,
@@ -45,6 +48,8 @@ enum OpState {
 pub(super) struct Driver {
     ring: RefCell<IoUring>,
     ops: RefCell<Slab<OpState>>,
+    /// Woken each time the resources of abandoned operations are released.
+    released: Rc<WaitList>,
     /// Declared before `eventfd`: fields drop in order, so the reactor
     /// registration goes before the descriptor closes.
     watch: OnceCell<AsyncFd<i32>>,
@@ -69,6 +74,7 @@ impl Driver {
             has_fsync: probe.is_supported(opcode::Fsync::CODE),
             ring: RefCell::new(ring),
             ops: RefCell::new(Slab::with_capacity(RING_ENTRIES as usize)),
+            released: Rc::new(WaitList::default()),
             eventfd,
             watch: OnceCell::new(),
         })
@@ -158,6 +164,7 @@ impl Driver {
             let _ = enter(|| ring.submit());
         }
         let mut ops = self.ops.borrow_mut();
+        let mut released = false;
         loop {
             for cqe in ring.completion() {
                 let key = cqe.user_data() as usize;
@@ -173,6 +180,7 @@ impl Driver {
                     }
                     OpState::Abandoned { .. } => {
                         ops.remove(key);
+                        released = true;
                     }
                     OpState::Done(_) | OpState::Settle { .. } => {}
                 }
@@ -186,7 +194,16 @@ impl Driver {
                 break;
             }
         }
+        drop((ops, ring));
+        if released {
+            self.released.wake_all();
+        }
         wake
+    }
+
+    /// The list woken when abandoned operations' resources are released.
+    pub(super) fn released(&self) -> &Rc<WaitList> {
+        &self.released
     }
 
     /// Operations dropped before completion that the kernel still runs.
@@ -221,6 +238,22 @@ impl Driver {
             .iter_mut()
             .filter_map(|(_, s)| match s {
                 OpState::Waiting { waker, .. } | OpState::Settle { waker } => waker.clone(),
+                _ => None,
+            })
+            .collect();
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// Wake the reaper, if it waits.
+    pub(super) fn wake_settle(&self) {
+        let wakers: Vec<Waker> = self
+            .ops
+            .borrow()
+            .iter()
+            .filter_map(|(_, s)| match s {
+                OpState::Settle { waker } => waker.clone(),
                 _ => None,
             })
             .collect();
@@ -294,8 +327,8 @@ impl Driver {
         }
     }
 
-    /// Drive the ring until no abandoned operation is left. `key` is the
-    /// future's `Settle` entry, taken while it waits and released (with a
+    /// Drive the ring until no abandoned operation is left (the reaper's
+    /// poll). `key` is the reaper's `Settle` entry, taken while it waits and released (with a
     /// hand-over of the eventfd watch) when it is done.
     pub(super) fn poll_settle(
         &self,
@@ -346,17 +379,24 @@ impl Driver {
     }
 
     pub(super) fn abandon(&self, key: usize) {
-        {
+        let released = {
             let mut ops = self.ops.borrow_mut();
             let Some(state) = ops.get_mut(key) else {
                 return;
             };
             match std::mem::replace(state, OpState::Done(0)) {
-                OpState::Waiting { _res, .. } => *state = OpState::Abandoned { _res },
+                OpState::Waiting { _res, .. } => {
+                    *state = OpState::Abandoned { _res };
+                    false
+                }
                 OpState::Done(_) | OpState::Abandoned { .. } | OpState::Settle { .. } => {
                     ops.remove(key);
+                    true
                 }
             }
+        };
+        if released {
+            self.released.wake_all();
         }
         self.hand_over();
     }
@@ -413,7 +453,9 @@ impl Drop for Driver {
     fn drop(&mut self) {
         // The kernel may still use the resources of abandoned ops: wait for
         // every completion before the entries (and the windows and fds they
-        // hold) are released.
+        // hold) are released. A reaper waiting on this ring is woken first,
+        // so that it finds the ring closed and ends.
+        self.hand_over();
         let mut failures = 0u32;
         loop {
             let pending = self

@@ -87,7 +87,7 @@ impl MappingManager {
             m.files.resize_with(i + 1, || None);
         }
         if m.files[i].is_none() {
-            let reserved = self.files.reserved_cell(file)?;
+            let reserved = self.files.reserved_view(file)?;
             m.files[i] = Some(FileMaps {
                 windows: Vec::new(),
                 reserved,

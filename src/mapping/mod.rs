@@ -30,7 +30,7 @@ use memmap2::MmapRaw;
 
 use crate::config::{Config, EvictionPolicy, MadvisePolicy};
 use crate::error::{Error, Result};
-use crate::files::{FileHandleRegistry, FileId};
+use crate::files::{FileHandleRegistry, FileId, ReservedBytes};
 use crate::io::Ring;
 use crate::wait::WaitList;
 
@@ -197,7 +197,7 @@ enum WindowState {
 
 struct FileMaps {
     windows: Vec<WindowState>,
-    reserved: Rc<Cell<u64>>,
+    reserved: ReservedBytes,
 }
 
 struct Maps {
@@ -421,33 +421,19 @@ impl MappingManager {
     }
 
     async fn wait_pressure(&self, deadline: Instant) -> Result<()> {
-        // Prefaults hold their windows: drop them (one the ring has not
-        // reaped yet is abandoned, and settled below next time), and look
-        // again for an idle window. Not a wait.
+        // Prefaults hold their windows: drop them (one the kernel still runs
+        // is abandoned: the ring releases its window when it completes), and
+        // look again for an idle window. Not a wait.
         let prefaults = std::mem::take(&mut *self.prefaults.borrow_mut());
         if !prefaults.is_empty() {
             drop(prefaults);
             return Ok(());
         }
         self.inner.borrow_mut().stats.pressure_waits += 1;
-        let wait = self.shared.pressure.wait();
-        // A pin future dropped mid-fault leaves its window to the ring (held
-        // by the advice still in flight) until the ring reaps that operation,
-        // and only a future polling the ring does: drive the ring meanwhile,
-        // and look again once those windows are released.
-        let released = async {
-            let mut wait = std::pin::pin!(wait);
-            if self.ring.abandoned_in_flight() > 0 {
-                let settle = std::pin::pin!(self.ring.settle());
-                let first = futures::future::select(wait.as_mut(), settle).await;
-                if let futures::future::Either::Right((Err(_), _)) = first {
-                    // The ring failed to watch its eventfd: just wait.
-                    wait.await;
-                }
-            } else {
-                wait.await;
-            }
-        };
+        // A window is released by the last of its users: a pin, or an
+        // operation the ring holds until the kernel completes it (a pin
+        // future dropped mid-fault leaves its advice in flight).
+        let released = self.shared.pressure.wait();
         let now = Instant::now();
         let remaining = deadline.saturating_duration_since(now);
         let timed_out =

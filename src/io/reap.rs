@@ -1,0 +1,138 @@
+//! The reaper: while operations whose futures were dropped are still in
+//! flight, a task drives the ring, so that their fds and windows are released
+//! as soon as the kernel completes them, with no caller polling the ring.
+//!
+//! The task is started when the first such operation appears and ends when
+//! none is left. It reaches its ring through a table of this thread, so the
+//! task holds no `Rc` and is `Send`: it is spawned with `tokio::spawn`, and
+//! needs no `LocalSet`. It touches the ring only on the ring's own thread,
+//! which is why it is started only on a current-thread runtime (its tasks run
+//! on the thread that drives it, the shard's thread). Elsewhere (a
+//! multi-thread runtime, or outside any runtime) an abandoned operation is
+//! reaped by the next operation polled on the ring, or when the ring closes.
+//!
+//! The reaper watches the eventfd with its own task's waker, like any waiting
+//! operation, and takes part in the hand-over of that watch (`Driver`'s
+//! settle entry): it never polls with a waker that belongs to no task.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::{Rc, Weak};
+use std::task::{Context, Poll};
+use std::thread::{self, ThreadId};
+
+use slab::Slab;
+use tokio::runtime::{Handle, RuntimeFlavor};
+
+use super::{Ring, RingInner};
+
+thread_local! {
+    /// The rings of this thread that have a reaper, by the reaper's key.
+    static RINGS: RefCell<Slab<Weak<RingInner>>> = const { RefCell::new(Slab::new()) };
+}
+
+/// Start a reaper for `ring` if it has abandoned operations and none runs.
+pub(super) fn ensure(ring: &Ring) {
+    let inner = &ring.inner;
+    let Some(d) = &inner.uring else { return };
+    if inner.reaping.get() {
+        // It may be asleep while another task watches the ring: have it
+        // look again (an entry left queued by a failed enter waits for it).
+        d.wake_settle();
+        return;
+    }
+    if d.abandoned() == 0 {
+        return;
+    }
+    let Ok(rt) = Handle::try_current() else {
+        return;
+    };
+    if rt.runtime_flavor() != RuntimeFlavor::CurrentThread {
+        return;
+    }
+    let Ok(key) = RINGS.try_with(|r| r.borrow_mut().insert(Rc::downgrade(inner))) else {
+        return;
+    };
+    inner.reaping.set(true);
+    drop(rt.spawn(Reaper {
+        owner: thread::current().id(),
+        key: Some(key),
+        settle: None,
+    }));
+}
+
+/// The reaper task of one ring.
+struct Reaper {
+    /// The ring's thread: the only one where `key` means anything.
+    owner: ThreadId,
+    /// The ring's entry in [`RINGS`]; `None` once the reaper has left.
+    key: Option<usize>,
+    /// The reaper's settle entry in the ring's table while it waits.
+    settle: Option<usize>,
+}
+
+impl Reaper {
+    /// The ring, when it is still open and this is its thread.
+    fn ring(&self) -> Option<Rc<RingInner>> {
+        let key = self.key?;
+        if thread::current().id() != self.owner {
+            return None;
+        }
+        RINGS
+            .try_with(|r| r.borrow().get(key).and_then(Weak::upgrade))
+            .ok()
+            .flatten()
+    }
+
+    /// Leave: give up the ring's watch and entry, so that a later abandoned
+    /// operation starts another reaper.
+    fn finish(&mut self, inner: Option<&RingInner>) {
+        if let Some(inner) = inner {
+            if let Some(d) = &inner.uring {
+                d.cancel_settle(&mut self.settle);
+            }
+            inner.reaping.set(false);
+        }
+        if thread::current().id() == self.owner
+            && let Some(key) = self.key.take()
+        {
+            let _ = RINGS.try_with(|r| r.borrow_mut().try_remove(key));
+        }
+    }
+}
+
+impl Future for Reaper {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let Some(inner) = this.ring() else {
+            this.finish(None);
+            return Poll::Ready(());
+        };
+        let d = inner
+            .uring
+            .as_ref()
+            .expect("a reaper runs only on io_uring");
+        match d.poll_settle(&mut this.settle, cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(r) => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "the control ring cannot watch its completions; operations dropped in flight are reaped by the next one");
+                }
+                this.finish(Some(&inner));
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if self.key.is_some() {
+            let inner = self.ring();
+            self.finish(inner.as_deref());
+        }
+    }
+}
