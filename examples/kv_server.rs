@@ -63,6 +63,8 @@ mod batch;
 mod commands;
 #[path = "kv_server/conn.rs"]
 mod conn;
+#[path = "kv_server/crc.rs"]
+mod crc;
 #[path = "kv_server/hash.rs"]
 mod hash;
 #[path = "kv_server/resp.rs"]
@@ -180,9 +182,17 @@ fn shard_thread(
                     });
                 }
                 ToShard::Batch(mut batch, reply) => {
+                    // Most batches run at once; only one that awaits (a
+                    // window to map, an allocation, a sync) gets a task.
+                    let now = store::now_unix_ms();
+                    let done = ctx.store.run_ready(&mut batch, now);
+                    if done == batch.ops.len() && !ctx.store.must_sync(&batch) {
+                        let _ = reply.send(batch);
+                        continue;
+                    }
                     let store = ctx.store.clone();
                     tokio::task::spawn_local(async move {
-                        store.run(&mut batch).await;
+                        store.run_rest(&mut batch, done, now).await;
                         let _ = reply.send(batch);
                     });
                 }

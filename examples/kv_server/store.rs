@@ -158,8 +158,8 @@ fn load_record<'a>(
     }
     let record = &buf[..total];
     // The checksum covers bytes 0..12 and 16.. (see `encode_record`).
-    let crc = crc32c::crc32c(&record[..OFF_CRC]);
-    if crc32c::crc32c_append(crc, &record[OFF_SEQ..]) != u32_at(record, OFF_CRC) {
+    let crc = crate::crc::append(0, &record[..OFF_CRC]);
+    if crate::crc::append(crc, &record[OFF_SEQ..]) != u32_at(record, OFF_CRC) {
         return Err("checksum mismatch");
     }
     Ok((record, key_len))
@@ -467,20 +467,48 @@ impl Store {
     /// to `batch.out`. Under `--sync always` a batch with writes is
     /// answered once one sync covers them.
     pub async fn run(&self, batch: &mut Batch) {
+        let now = now_unix_ms();
+        let done = self.run_ready(batch, now);
+        self.run_rest(batch, done, now).await;
+    }
+
+    /// Run the operations of `batch` from the first for as long as none
+    /// has to await (see [`Store::exec_now`]); returns how many ran. The
+    /// batch is finished when they all ran and [`Store::must_sync`] is
+    /// false; else [`Store::run_rest`] finishes it.
+    pub fn run_ready(&self, batch: &mut Batch, now: u64) -> usize {
         let Batch { arena, ops, out } = batch;
         out.clear();
-        let now = now_unix_ms();
-        let mut wrote = false;
-        for op in ops.iter() {
-            wrote |= op.kind.is_write();
+        for (i, op) in ops.iter().enumerate() {
+            if !self.exec_now(op, arena, now, &mut out.buf) {
+                return i;
+            }
+            out.end();
+        }
+        ops.len()
+    }
+
+    /// Whether the replies of `batch` wait for a sync (`--sync always`
+    /// and a write among its operations).
+    pub fn must_sync(&self, batch: &Batch) -> bool {
+        self.sync.policy == SyncPolicy::Always && batch.ops.iter().any(|op| op.kind.is_write())
+    }
+
+    /// Run the operations of `batch` after the first `done` (which
+    /// [`Store::run_ready`] ran), then wait for the sync that covers its
+    /// writes when [`Store::must_sync`].
+    pub async fn run_rest(&self, batch: &mut Batch, done: usize, now: u64) {
+        let Batch { arena, ops, out } = batch;
+        for op in &ops[done..] {
             if !self.exec_now(op, arena, now, &mut out.buf) {
                 self.exec(op, arena, now, &mut out.buf).await;
             }
             out.end();
         }
-        if wrote && self.sync.policy == SyncPolicy::Always {
+        if self.must_sync(batch) {
             let target = self.sync.writes.get();
             if self.durable(target).await.is_err() {
+                let Batch { ops, out, .. } = batch;
                 out.replace_where(ops, |op| op.kind.is_write(), b"-ERR sync failed\r\n");
             }
         }
