@@ -947,6 +947,41 @@ fn expired_keys_are_deleted_without_reads() {
     assert_eq!(db0, "keys=3,expires=2,avg_ttl=0");
 }
 
+/// Under `--sync always`, connections that each wait for their write's
+/// sync and then send the next one stay in one group: a sync waits (for
+/// at most half a sync) for the writers the last one answered, instead of
+/// starting with whoever came back first and leaving the rest for the
+/// sync after it. Split in two groups, every write waits for two syncs.
+#[test]
+fn always_keeps_writers_in_one_group_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = ["--shards", "1", "--sync", "always"];
+    let server = Server::start_with(&tmp.path().join("d"), &flags);
+    let c = &mut server.client();
+    let (clients, rounds) = (16u32, 60u32);
+    let before = syncs_of(c);
+    let writers: Vec<_> = (0..clients)
+        .map(|w| {
+            let mut conn = server.client();
+            std::thread::spawn(move || {
+                for r in 0..rounds {
+                    let _: () = conn.set(format!("g{w}-{r}"), r).unwrap();
+                }
+            })
+        })
+        .collect();
+    writers.into_iter().for_each(|t| t.join().unwrap());
+    let syncs = syncs_of(c) - before;
+    // One group: a sync per round (a few more while the threads start and
+    // finish). Two groups: two per round.
+    assert!(
+        syncs * 2 <= u64::from(rounds) * 3,
+        "{clients} writers of {rounds} writes each took {syncs} syncs"
+    );
+    let n: u64 = redis::cmd("DBSIZE").query(c).unwrap();
+    assert_eq!(n, u64::from(clients * rounds));
+}
+
 /// `--sync always` with keys on both shards: every MSET is answered. A
 /// completion check made outside a task (the prefault reaper) used to take
 /// the io ring's wake-up from a shard's syncer, which then slept forever
