@@ -389,8 +389,16 @@ fn every_command() {
 
 #[test]
 fn pipelines_keep_order_across_shards() {
+    // One shard: the replies of a read whose commands all went to the
+    // connection's own shard are that shard's reply buffer as it is.
+    for shards in ["1", "2"] {
+        pipeline_keeps_order(shards);
+    }
+}
+
+fn pipeline_keeps_order(shards: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start(&tmp.path().join("d"), &[]);
+    let server = Server::start_with(&tmp.path().join("d"), &["--shards", shards]);
     let c = &mut server.client();
     let mut pipe = redis::pipe();
     for i in 0..2000 {
@@ -400,6 +408,12 @@ fn pipelines_keep_order_across_shards() {
             pipe.cmd("PING");
             pipe.cmd("ECHO").arg("e").ignore();
             pipe.cmd("DBSIZE");
+            // Two parts more than commands, as many as the two literal
+            // replies above: counting replies cannot tell them apart.
+            pipe.cmd("MGET")
+                .arg(format!("p{i}"))
+                .arg("absent")
+                .arg("nil");
         }
     }
     let replies: Vec<Value> = pipe.query(c).unwrap_or_else(|e| panic!("{e}"));
@@ -412,6 +426,8 @@ fn pipelines_keep_order_across_shards() {
             assert_eq!(pong, "PONG");
             let n: i64 = redis::from_redis_value(it.next().unwrap()).unwrap();
             assert_eq!(n, i + 1, "DBSIZE sees every SET before it in the pipeline");
+            let m: Vec<Option<String>> = redis::from_redis_value(it.next().unwrap()).unwrap();
+            assert_eq!(m, [Some(format!("value-{i}")), None, None]);
         }
     }
     assert!(it.next().is_none());

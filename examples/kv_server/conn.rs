@@ -181,8 +181,29 @@ impl Planner {
         }
     }
 
+    /// Whether the replies are this shard's batch's, one per command, in
+    /// order: its reply buffer is then the whole answer.
+    fn local_in_order(&self, me: usize) -> bool {
+        let Some(local) = self.batches[me].as_ref() else {
+            return false;
+        };
+        local.out.len() == self.plans.len()
+            && self.plans.iter().enumerate().all(|(i, plan)| {
+                plan.how == Combine::One
+                    && plan.n == 1
+                    && self.parts[plan.first].shard == me
+                    && self.parts[plan.first].idx == i
+            })
+    }
+
     /// Write every reply in command order to `wbuf`, then reset.
     fn assemble(&mut self, ctx: &Ctx, wbuf: &mut Vec<u8>) {
+        if self.local_in_order(ctx.me) {
+            let local = self.batches[ctx.me].as_ref().expect("checked");
+            wbuf.extend_from_slice(&local.out.buf);
+            self.reset();
+            return;
+        }
         for plan in &self.plans {
             let parts = &self.parts[plan.first..plan.first + plan.n];
             let get = |p: &Part| -> &[u8] {
@@ -194,6 +215,10 @@ impl Planner {
             };
             combine(plan.how, parts.iter().map(get), ctx, wbuf);
         }
+        self.reset();
+    }
+
+    fn reset(&mut self) {
         self.plans.clear();
         self.parts.clear();
         self.lit.clear();

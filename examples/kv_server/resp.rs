@@ -128,6 +128,7 @@ fn short_header(buf: &[u8]) -> Option<(usize, usize)> {
 }
 
 /// A bulk header `$N\r\n` at the start of `buf`: `(N, header bytes)`.
+#[inline]
 pub fn bulk_header(buf: &[u8]) -> Result<Option<(usize, usize)>, ProtocolError> {
     if buf.first() == Some(&b'$')
         && let Some(h) = short_header(buf)
