@@ -213,7 +213,10 @@ impl Planner {
                     self.batches[p.shard].as_ref().expect("home").out.get(p.idx)
                 }
             };
-            combine(plan.how, parts.iter().map(get), ctx, wbuf);
+            match (plan.how, parts) {
+                (Combine::One, [part]) => wbuf.extend_from_slice(get(part)),
+                _ => combine(plan.how, parts.iter().map(get), ctx, wbuf),
+            }
         }
         self.reset();
     }
