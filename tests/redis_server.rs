@@ -389,8 +389,16 @@ fn every_command() {
 
 #[test]
 fn pipelines_keep_order_across_shards() {
+    // One shard: the replies of a read whose commands all went to the
+    // connection's own shard are that shard's reply buffer as it is.
+    for shards in ["1", "2"] {
+        pipeline_keeps_order(shards);
+    }
+}
+
+fn pipeline_keeps_order(shards: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start(&tmp.path().join("d"), &[]);
+    let server = Server::start_with(&tmp.path().join("d"), &["--shards", shards]);
     let c = &mut server.client();
     let mut pipe = redis::pipe();
     for i in 0..2000 {
@@ -400,6 +408,12 @@ fn pipelines_keep_order_across_shards() {
             pipe.cmd("PING");
             pipe.cmd("ECHO").arg("e").ignore();
             pipe.cmd("DBSIZE");
+            // Two parts more than commands, as many as the two literal
+            // replies above: counting replies cannot tell them apart.
+            pipe.cmd("MGET")
+                .arg(format!("p{i}"))
+                .arg("absent")
+                .arg("nil");
         }
     }
     let replies: Vec<Value> = pipe.query(c).unwrap_or_else(|e| panic!("{e}"));
@@ -412,6 +426,8 @@ fn pipelines_keep_order_across_shards() {
             assert_eq!(pong, "PONG");
             let n: i64 = redis::from_redis_value(it.next().unwrap()).unwrap();
             assert_eq!(n, i + 1, "DBSIZE sees every SET before it in the pipeline");
+            let m: Vec<Option<String>> = redis::from_redis_value(it.next().unwrap()).unwrap();
+            assert_eq!(m, [Some(format!("value-{i}")), None, None]);
         }
     }
     assert!(it.next().is_none());
@@ -945,6 +961,41 @@ fn expired_keys_are_deleted_without_reads() {
     );
     let db0 = info_field(c, "keyspace", "db0");
     assert_eq!(db0, "keys=3,expires=2,avg_ttl=0");
+}
+
+/// Under `--sync always`, connections that each wait for their write's
+/// sync and then send the next one stay in one group: a sync waits (for
+/// at most half a sync) for the writers the last one answered, instead of
+/// starting with whoever came back first and leaving the rest for the
+/// sync after it. Split in two groups, every write waits for two syncs.
+#[test]
+fn always_keeps_writers_in_one_group_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = ["--shards", "1", "--sync", "always"];
+    let server = Server::start_with(&tmp.path().join("d"), &flags);
+    let c = &mut server.client();
+    let (clients, rounds) = (16u32, 60u32);
+    let before = syncs_of(c);
+    let writers: Vec<_> = (0..clients)
+        .map(|w| {
+            let mut conn = server.client();
+            std::thread::spawn(move || {
+                for r in 0..rounds {
+                    let _: () = conn.set(format!("g{w}-{r}"), r).unwrap();
+                }
+            })
+        })
+        .collect();
+    writers.into_iter().for_each(|t| t.join().unwrap());
+    let syncs = syncs_of(c) - before;
+    // One group: a sync per round (a few more while the threads start and
+    // finish). Two groups: two per round.
+    assert!(
+        syncs * 2 <= u64::from(rounds) * 3,
+        "{clients} writers of {rounds} writes each took {syncs} syncs"
+    );
+    let n: u64 = redis::cmd("DBSIZE").query(c).unwrap();
+    assert_eq!(n, u64::from(clients * rounds));
 }
 
 /// `--sync always` with keys on both shards: every MSET is answered. A

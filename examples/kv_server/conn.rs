@@ -68,8 +68,12 @@ pub struct Planner {
 }
 
 /// FNV-1a: a hash that stays the same across runs (unlike `RandomState`),
-/// so a key keeps its owner after a restart.
+/// so a key keeps its owner after a restart. One shard owns every key
+/// without hashing it.
 pub fn owner_of(key: &[u8], shards: usize) -> usize {
+    if shards == 1 {
+        return 0;
+    }
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in key {
         h ^= b as u64;
@@ -177,8 +181,29 @@ impl Planner {
         }
     }
 
+    /// Whether the replies are this shard's batch's, one per command, in
+    /// order: its reply buffer is then the whole answer.
+    fn local_in_order(&self, me: usize) -> bool {
+        let Some(local) = self.batches[me].as_ref() else {
+            return false;
+        };
+        local.out.len() == self.plans.len()
+            && self.plans.iter().enumerate().all(|(i, plan)| {
+                plan.how == Combine::One
+                    && plan.n == 1
+                    && self.parts[plan.first].shard == me
+                    && self.parts[plan.first].idx == i
+            })
+    }
+
     /// Write every reply in command order to `wbuf`, then reset.
     fn assemble(&mut self, ctx: &Ctx, wbuf: &mut Vec<u8>) {
+        if self.local_in_order(ctx.me) {
+            let local = self.batches[ctx.me].as_ref().expect("checked");
+            wbuf.extend_from_slice(&local.out.buf);
+            self.reset();
+            return;
+        }
         for plan in &self.plans {
             let parts = &self.parts[plan.first..plan.first + plan.n];
             let get = |p: &Part| -> &[u8] {
@@ -188,8 +213,15 @@ impl Planner {
                     self.batches[p.shard].as_ref().expect("home").out.get(p.idx)
                 }
             };
-            combine(plan.how, parts.iter().map(get), ctx, wbuf);
+            match (plan.how, parts) {
+                (Combine::One, [part]) => wbuf.extend_from_slice(get(part)),
+                _ => combine(plan.how, parts.iter().map(get), ctx, wbuf),
+            }
         }
+        self.reset();
+    }
+
+    fn reset(&mut self) {
         self.plans.clear();
         self.parts.clear();
         self.lit.clear();

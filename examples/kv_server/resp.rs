@@ -128,6 +128,7 @@ fn short_header(buf: &[u8]) -> Option<(usize, usize)> {
 }
 
 /// A bulk header `$N\r\n` at the start of `buf`: `(N, header bytes)`.
+#[inline]
 pub fn bulk_header(buf: &[u8]) -> Result<Option<(usize, usize)>, ProtocolError> {
     if buf.first() == Some(&b'$')
         && let Some(h) = short_header(buf)
@@ -253,28 +254,57 @@ pub fn nil(out: &mut Vec<u8>) {
     out.extend_from_slice(b"$-1\r\n");
 }
 
-pub fn int(out: &mut Vec<u8>, n: i64) {
-    out.push(b':');
-    decimal(out, n);
-    out.extend_from_slice(b"\r\n");
+/// Longest `<prefix><i64>\r\n` line: prefix, sign, 19 digits, CRLF.
+const LINE_BYTES_MAX: usize = 23;
+
+/// The line `<prefix><n>\r\n`, built right to left in a stack buffer:
+/// the buffer and where the line starts in it.
+#[inline]
+fn line(prefix: u8, n: i64) -> ([u8; LINE_BYTES_MAX], usize) {
+    let mut b = [0u8; LINE_BYTES_MAX];
+    let mut i = LINE_BYTES_MAX - 2;
+    b[i] = b'\r';
+    b[i + 1] = b'\n';
+    let mut v = n.unsigned_abs();
+    loop {
+        i -= 1;
+        b[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        i -= 1;
+        b[i] = b'-';
+    }
+    i -= 1;
+    b[i] = prefix;
+    (b, i)
 }
 
+#[inline]
+fn push_line(out: &mut Vec<u8>, prefix: u8, n: i64) {
+    let (b, start) = line(prefix, n);
+    out.extend_from_slice(&b[start..]);
+}
+
+pub fn int(out: &mut Vec<u8>, n: i64) {
+    push_line(out, b':', n);
+}
+
+/// A bulk string reply: one reservation, three copies.
+#[inline]
 pub fn bulk(out: &mut Vec<u8>, data: &[u8]) {
-    bulk_len(out, data.len());
+    let (b, start) = line(b'$', data.len() as i64);
+    out.reserve(LINE_BYTES_MAX + data.len() + 2);
+    out.extend_from_slice(&b[start..]);
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
 }
 
-pub fn bulk_len(out: &mut Vec<u8>, len: usize) {
-    out.push(b'$');
-    decimal(out, len as i64);
-    out.extend_from_slice(b"\r\n");
-}
-
 pub fn array_len(out: &mut Vec<u8>, len: usize) {
-    out.push(b'*');
-    decimal(out, len as i64);
-    out.extend_from_slice(b"\r\n");
+    push_line(out, b'*', len as i64);
 }
 
 /// An error reply; `msg` starts with its code (`ERR ...`). Line breaks in
@@ -288,34 +318,10 @@ pub fn error(out: &mut Vec<u8>, msg: &str) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// `n` in decimal, nothing around it.
 pub fn decimal(out: &mut Vec<u8>, n: i64) {
-    // Lengths and counts are mostly short: one push per digit.
-    if (0..1000).contains(&n) {
-        let n = n as u16;
-        if n >= 100 {
-            out.push(b'0' + (n / 100) as u8);
-        }
-        if n >= 10 {
-            out.push(b'0' + (n / 10 % 10) as u8);
-        }
-        out.push(b'0' + (n % 10) as u8);
-        return;
-    }
-    let mut tmp = [0u8; 20];
-    let mut i = tmp.len();
-    let mut v = n.unsigned_abs();
-    loop {
-        i -= 1;
-        tmp[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    if n < 0 {
-        out.push(b'-');
-    }
-    out.extend_from_slice(&tmp[i..]);
+    let (b, start) = line(b' ', n);
+    out.extend_from_slice(&b[start + 1..LINE_BYTES_MAX - 2]);
 }
 
 /// The value of an integer reply `:N\r\n`.

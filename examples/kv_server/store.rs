@@ -158,8 +158,8 @@ fn load_record<'a>(
     }
     let record = &buf[..total];
     // The checksum covers bytes 0..12 and 16.. (see `encode_record`).
-    let crc = crc32c::crc32c(&record[..OFF_CRC]);
-    if crc32c::crc32c_append(crc, &record[OFF_SEQ..]) != u32_at(record, OFF_CRC) {
+    let crc = crate::crc::append(0, &record[..OFF_CRC]);
+    if crate::crc::append(crc, &record[OFF_SEQ..]) != u32_at(record, OFF_CRC) {
         return Err("checksum mismatch");
     }
     Ok((record, key_len))
@@ -301,8 +301,27 @@ struct SyncState {
     failures: Cell<u64>,
     last_sync_unix_ms: Cell<u64>,
     syncs: Cell<u64>,
+    /// Batches that started waiting for a sync, ever.
+    waiters: Cell<u64>,
     kick: Notify,
     done: Notify,
+}
+
+/// Longest wait of a sync for the writers the previous one answered.
+const GATHER_MAX: Duration = Duration::from_millis(1);
+
+/// What the last demanded sync did, for gathering the next one.
+#[derive(Default)]
+struct LastSync {
+    /// Batches it answered: those that started waiting before it began
+    /// and after the sync before it began.
+    answered: u64,
+    /// [`SyncState::waiters`] when it began.
+    waiters_at_start: u64,
+    /// [`SyncState::waiters`] when it completed.
+    waiters_at_end: u64,
+    /// How long it took.
+    elapsed: Duration,
 }
 
 /// One shard's part of the store. Lives on its shard thread only.
@@ -347,6 +366,7 @@ impl Store {
                 failures: Cell::new(0),
                 last_sync_unix_ms: Cell::new(0),
                 syncs: Cell::new(0),
+                waiters: Cell::new(0),
                 kick: Notify::new(),
                 done: Notify::new(),
             },
@@ -369,6 +389,7 @@ impl Store {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks = 0u64;
+        let mut last = LastSync::default();
         loop {
             let periodic = tokio::select! {
                 () = s.kick.notified() => false,
@@ -386,12 +407,17 @@ impl Store {
             if !(demanded || due) {
                 continue;
             }
+            if demanded {
+                self.gather(&last).await;
+            }
             // Let the requests that already arrived run first (the runtime
             // polls the sockets before it comes back here), so this sync
             // covers their writes too instead of each needing one of its
             // own.
             tokio::task::yield_now().await;
             let target = s.writes.get();
+            let waiters = s.waiters.get();
+            let started = Instant::now();
             match self.shard.sync().await {
                 Ok(()) => {
                     s.synced.set(target);
@@ -403,7 +429,36 @@ impl Store {
                     s.failures.set(s.failures.get() + 1);
                 }
             }
+            last = LastSync {
+                answered: waiters - last.waiters_at_start,
+                waiters_at_start: waiters,
+                waiters_at_end: s.waiters.get(),
+                elapsed: started.elapsed(),
+            };
             s.done.notify_waiters();
+        }
+    }
+
+    /// Before a demanded sync: wait until as many batches have started
+    /// waiting since the last sync completed as it answered, for at most
+    /// half its duration and [`GATHER_MAX`] (the timer rounds up to a
+    /// millisecond). The
+    /// clients it answered send their next writes within a round trip;
+    /// without this wait they would miss this sync and wait for the next,
+    /// and the clients would split in two groups that each wait for two
+    /// syncs per write instead of one.
+    async fn gather(&self, last: &LastSync) {
+        let s = &self.sync;
+        let deadline = tokio::time::Instant::now() + (last.elapsed / 2).min(GATHER_MAX);
+        loop {
+            let kicked = s.kick.notified();
+            if s.waiters.get() - last.waiters_at_end >= last.answered {
+                return;
+            }
+            tokio::select! {
+                () = kicked => {}
+                () = tokio::time::sleep_until(deadline) => return,
+            }
         }
     }
 
@@ -447,6 +502,9 @@ impl Store {
     async fn durable(&self, target: u64) -> Result<(), ()> {
         let s = &self.sync;
         let failures = s.failures.get();
+        if s.synced.get() < target {
+            s.waiters.set(s.waiters.get() + 1);
+        }
         while s.synced.get() < target {
             let done = s.done.notified();
             s.wanted.set(s.wanted.get().max(target));
@@ -467,20 +525,48 @@ impl Store {
     /// to `batch.out`. Under `--sync always` a batch with writes is
     /// answered once one sync covers them.
     pub async fn run(&self, batch: &mut Batch) {
+        let now = now_unix_ms();
+        let done = self.run_ready(batch, now);
+        self.run_rest(batch, done, now).await;
+    }
+
+    /// Run the operations of `batch` from the first for as long as none
+    /// has to await (see [`Store::exec_now`]); returns how many ran. The
+    /// batch is finished when they all ran and [`Store::must_sync`] is
+    /// false; else [`Store::run_rest`] finishes it.
+    pub fn run_ready(&self, batch: &mut Batch, now: u64) -> usize {
         let Batch { arena, ops, out } = batch;
         out.clear();
-        let now = now_unix_ms();
-        let mut wrote = false;
-        for op in ops.iter() {
-            wrote |= op.kind.is_write();
+        for (i, op) in ops.iter().enumerate() {
+            if !self.exec_now(op, arena, now, &mut out.buf) {
+                return i;
+            }
+            out.end();
+        }
+        ops.len()
+    }
+
+    /// Whether the replies of `batch` wait for a sync (`--sync always`
+    /// and a write among its operations).
+    pub fn must_sync(&self, batch: &Batch) -> bool {
+        self.sync.policy == SyncPolicy::Always && batch.ops.iter().any(|op| op.kind.is_write())
+    }
+
+    /// Run the operations of `batch` after the first `done` (which
+    /// [`Store::run_ready`] ran), then wait for the sync that covers its
+    /// writes when [`Store::must_sync`].
+    pub async fn run_rest(&self, batch: &mut Batch, done: usize, now: u64) {
+        let Batch { arena, ops, out } = batch;
+        for op in &ops[done..] {
             if !self.exec_now(op, arena, now, &mut out.buf) {
                 self.exec(op, arena, now, &mut out.buf).await;
             }
             out.end();
         }
-        if wrote && self.sync.policy == SyncPolicy::Always {
+        if self.must_sync(batch) {
             let target = self.sync.writes.get();
             if self.durable(target).await.is_err() {
+                let Batch { ops, out, .. } = batch;
                 out.replace_where(ops, |op| op.kind.is_write(), b"-ERR sync failed\r\n");
             }
         }

@@ -1,0 +1,36 @@
+//! CRC-32C of a record being read back, for the short records a `GET`
+//! checks: one pass of the CPU's `crc32` instruction over 8-byte words when
+//! it has SSE 4.2, the `crc32c` crate otherwise. The crate's general
+//! routine prepares three interleaved streams, which costs more than the
+//! whole checksum of a record of a few hundred bytes. Records are sealed
+//! with the crate (`store::encode_record`), so every checked read also
+//! checks that both agree.
+
+/// [`crc32c::crc32c_append`]: the CRC-32C of the bytes checksummed into
+/// `crc` followed by `data`.
+#[inline]
+pub fn append(crc: u32, data: &[u8]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("sse4.2") {
+        // SAFETY: the CPU has SSE 4.2, the only feature `append_sse42`
+        // is compiled for.
+        return unsafe { append_sse42(crc, data) };
+    }
+    crc32c::crc32c_append(crc, data)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.2")]
+fn append_sse42(crc: u32, data: &[u8]) -> u32 {
+    use std::arch::x86_64::{_mm_crc32_u8, _mm_crc32_u64};
+    let mut state = u64::from(!crc);
+    let mut words = data.chunks_exact(8);
+    for w in &mut words {
+        state = _mm_crc32_u64(state, u64::from_le_bytes(w.try_into().expect("8 bytes")));
+    }
+    let mut state = state as u32;
+    for &b in words.remainder() {
+        state = _mm_crc32_u8(state, b);
+    }
+    !state
+}
