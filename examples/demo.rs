@@ -627,13 +627,14 @@ fn insert_all(
         .map(|(i, plan)| rt.spawn_on(i, move |shard| insert_shard(shard, plan)))
         .collect();
     let (total, every) = (args.records, args.report_secs);
-    let (results, watch) = std::thread::scope(|s| {
+    let (results, secs, watch) = std::thread::scope(|s| {
         let w = s.spawn(|| monitor(rt, &dir, total, every, &progress, &done, &bar));
         let results: Vec<_> = jobs.into_iter().map(futures::executor::block_on).collect();
+        // Timed before the monitor is joined: it wakes every 100 ms.
+        let secs = started.elapsed().as_secs_f64();
         done.store(true, Ordering::Relaxed);
-        (results, w.join().expect("monitor thread"))
+        (results, secs, w.join().expect("monitor thread"))
     });
-    let secs = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let mut ins = Insert {
         inserted: 0,

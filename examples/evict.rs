@@ -7,10 +7,14 @@
 //! cargo run --release --example evict -- --json       # one JSON object
 //! ```
 //!
+//! Each point runs twice: with the policy alone (`adaptive_eviction(false)`)
+//! and with the default adaptation; "faults" is fault-ins per pin.
+//!
 //! One `MappingManager` with `--cap` windows of 16 MiB over one sparse data
 //! file of `working set` windows; each pin reads 4 KiB of one window and is
 //! dropped at once. Access: `uniform` (a random window), `skewed` (80 % of
-//! the pins go to 20 % of the windows), `cyclic` (windows in turn, the
+//! the pins go to 20 % of the windows), `moving` (skewed, and the hot
+//! windows change four times per point), `cyclic` (windows in turn, the
 //! pattern plain LRU handles worst: every pin faults once the set exceeds
 //! the cap). A fault-in maps a window (`mmap`) and
 //! an eviction unmaps one, so fault-ins per pin is the thrash rate. The
@@ -48,6 +52,7 @@ const WINDOW_BYTES: u64 = 16 * MIB;
 #[derive(Serialize)]
 struct Row {
     policy: &'static str,
+    adaptive: bool,
     access: &'static str,
     working_set_windows: u64,
     cap_windows: usize,
@@ -68,6 +73,7 @@ fn next(x: &mut u64) -> u64 {
 enum Access {
     Uniform,
     Skewed,
+    Moving,
     Cyclic,
 }
 
@@ -76,23 +82,27 @@ impl Access {
         match self {
             Access::Uniform => "uniform",
             Access::Skewed => "skewed",
+            Access::Moving => "moving",
             Access::Cyclic => "cyclic",
         }
     }
 
-    /// The window of pin number `i`.
-    fn pick(self, rng: &mut u64, i: u64, windows: u64) -> u64 {
+    /// The window of pin number `i` of `pins`.
+    fn pick(self, rng: &mut u64, i: u64, pins: u64, windows: u64) -> u64 {
         let r = next(rng);
+        let skewed = |r: u64| {
+            let hot = (windows / 5).max(1);
+            if r % 100 < 80 {
+                (r >> 8) % hot
+            } else {
+                hot + (r >> 8) % (windows - hot).max(1)
+            }
+        };
         match self {
             Access::Uniform => r % windows,
-            Access::Skewed => {
-                let hot = (windows / 5).max(1);
-                if r % 100 < 80 {
-                    (r >> 8) % hot
-                } else {
-                    hot + (r >> 8) % (windows - hot).max(1)
-                }
-            }
+            Access::Skewed => skewed(r),
+            // The hot fifth moves by a fifth of the windows, 4 times.
+            Access::Moving => (skewed(r) + (i * 4 / pins.max(1)) * (windows / 5)) % windows,
             Access::Cyclic => i % windows,
         }
     }
@@ -101,6 +111,7 @@ impl Access {
 fn point(
     args: &Args,
     policy: EvictionPolicy,
+    adaptive: bool,
     access: Access,
     windows: u64,
 ) -> Result<Row, Box<dyn std::error::Error>> {
@@ -112,6 +123,7 @@ fn point(
         .window_bytes(WINDOW_BYTES)
         .max_windows(args.cap)
         .eviction_policy(policy)
+        .adaptive_eviction(adaptive)
         .build()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -128,7 +140,7 @@ fn point(
         let started = Instant::now();
         let mut sum = 0u64;
         for i in 0..args.pins {
-            let w = access.pick(&mut rng, i, windows);
+            let w = access.pick(&mut rng, i, args.pins, windows);
             let off = w * WINDOW_BYTES + (next(&mut rng) % (WINDOW_BYTES / 4096)) * 4096;
             let pin = mm.pin(f, off, 4096, false).await?;
             let mut b = [0u8; 8];
@@ -144,6 +156,7 @@ fn point(
                 EvictionPolicy::Lfu => "lfu",
                 EvictionPolicy::Clock => "clock",
             },
+            adaptive,
             access: access.name(),
             working_set_windows: windows,
             cap_windows: args.cap,
@@ -159,43 +172,54 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let cap = args.cap as u64;
     // The metadata of a shard holds no window here: the whole cap is data.
-    let sizes = [cap / 2, cap, cap + cap / 4, 2 * cap, 4 * cap];
+    let sizes = [cap, cap + cap / 4, 2 * cap, 4 * cap];
     let mut rows = Vec::new();
     if !args.json {
         println!(
-            "{:<6} {:<8} {:>12} {:>4} {:>12} {:>16} {:>14} {:>7}",
+            "{:<6} {:<8} {:>12} {:>4} | {:>10} {:>8} | {:>10} {:>8} {:>7}",
             "policy",
             "access",
             "working set",
             "cap",
-            "pins/s",
-            "fault-ins/pin",
-            "thrash faults",
+            "plain pins/s",
+            "faults",
+            "adaptive",
+            "faults",
             "thrash"
         );
     }
-    for policy in [
+    let policies = [
         EvictionPolicy::Lru,
         EvictionPolicy::Lfu,
         EvictionPolicy::Clock,
-    ] {
-        for access in [Access::Uniform, Access::Skewed, Access::Cyclic] {
+    ];
+    let accesses = [
+        Access::Uniform,
+        Access::Skewed,
+        Access::Moving,
+        Access::Cyclic,
+    ];
+    for policy in policies {
+        for access in accesses {
             for &windows in &sizes {
-                let r = point(&args, policy, access, windows.max(1))?;
+                let plain = point(&args, policy, false, access, windows.max(1))?;
+                let adaptive = point(&args, policy, true, access, windows.max(1))?;
                 if !args.json {
                     println!(
-                        "{:<6} {:<8} {:>12} {:>4} {:>12.0} {:>16.3} {:>14} {:>7}",
-                        r.policy,
-                        r.access,
-                        r.working_set_windows,
-                        r.cap_windows,
-                        r.pins_per_sec,
-                        r.fault_ins_per_pin,
-                        r.thrash_faults,
-                        r.thrash_mode
+                        "{:<6} {:<8} {:>12} {:>4} | {:>10.0} {:>8.3} | {:>10.0} {:>8.3} {:>7}",
+                        plain.policy,
+                        plain.access,
+                        plain.working_set_windows,
+                        plain.cap_windows,
+                        plain.pins_per_sec,
+                        plain.fault_ins_per_pin,
+                        adaptive.pins_per_sec,
+                        adaptive.fault_ins_per_pin,
+                        adaptive.thrash_mode
                     );
                 }
-                rows.push(r);
+                rows.push(plain);
+                rows.push(adaptive);
             }
         }
     }

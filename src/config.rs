@@ -161,6 +161,7 @@ pub struct Config {
     max_open_files: usize,
     max_windows: usize,
     eviction_policy: EvictionPolicy,
+    adaptive_eviction: bool,
     prefetch_ahead_bytes: u64,
     madvise_policy: MadvisePolicy,
     io_backend: IoBackendChoice,
@@ -190,6 +191,7 @@ impl Config {
                 max_open_files: limits.max_open_files,
                 max_windows: limits.max_windows,
                 eviction_policy: EvictionPolicy::default(),
+                adaptive_eviction: true,
                 prefetch_ahead_bytes: PREFETCH_AHEAD_BYTES_DEFAULT,
                 madvise_policy: MadvisePolicy::default(),
                 io_backend: IoBackendChoice::default(),
@@ -252,6 +254,11 @@ impl Config {
     /// Eviction order of idle windows.
     pub fn eviction_policy(&self) -> EvictionPolicy {
         self.eviction_policy
+    }
+    /// Whether eviction adapts when it thrashes (see
+    /// [`ConfigBuilder::adaptive_eviction`]).
+    pub fn adaptive_eviction(&self) -> bool {
+        self.adaptive_eviction
     }
     /// Bytes of `MADV_WILLNEED` issued after a pinned range on fault-in.
     pub fn prefetch_ahead_bytes(&self) -> u64 {
@@ -334,6 +341,17 @@ impl ConfigBuilder {
     /// Eviction order (default LRU).
     pub fn eviction_policy(mut self, p: EvictionPolicy) -> Self {
         self.cfg.eviction_policy = p;
+        self
+    }
+    /// Adapt eviction when it thrashes (default on): while at least 3 in 4
+    /// recent fault-ins are of windows evicted recently (the working set is
+    /// larger than the window cap), the most recently mapped idle window is
+    /// evicted first, and one eviction in 8 follows the policy. A scan or
+    /// a skewed working set larger than the cap then keeps most of its
+    /// windows mapped (`cargo run --release --example evict` measures it);
+    /// off, the policy alone decides.
+    pub fn adaptive_eviction(mut self, on: bool) -> Self {
+        self.cfg.adaptive_eviction = on;
         self
     }
     /// Read-ahead hint in bytes (`prefetch_ahead_mb` in MiB, default 0).

@@ -2,7 +2,9 @@
 
 use std::rc::Rc;
 
-use super::{EVICTION_HISTORY, MappingManager, Maps, THRASH_SAMPLE, Window, WindowState};
+use super::{
+    EVICTION_HISTORY, MappingManager, Maps, THRASH_BASE_EVERY, THRASH_SAMPLE, Window, WindowState,
+};
 use crate::config::EvictionPolicy;
 use crate::files::FileId;
 
@@ -12,8 +14,13 @@ impl MappingManager {
     pub(super) fn evict_one(&self) -> bool {
         let victim = {
             let mut m = self.inner.borrow_mut();
+            // Thrash mode keeps the windows mapped longest and evicts the
+            // newest; one eviction in THRASH_BASE_EVERY still follows the
+            // policy, so a working set that moves is picked up.
+            let thrash =
+                m.stats.thrash_mode && !m.stats.evictions.is_multiple_of(THRASH_BASE_EVERY);
             let pos = match self.cfg.eviction_policy {
-                _ if m.stats.thrash_mode => Self::pick(&m, |w| (u64::MAX - w.last_use.get(), 0)),
+                _ if thrash => Self::pick(&m, |w| (u64::MAX - w.mapped_at.get(), 0)),
                 EvictionPolicy::Lru => Self::pick(&m, |w| (w.last_use.get(), 0)),
                 EvictionPolicy::Lfu => Self::pick(&m, |w| (w.uses.get(), w.last_use.get())),
                 EvictionPolicy::Clock => Self::clock(&mut m),
@@ -42,8 +49,8 @@ impl MappingManager {
     /// Count a fault-in of `key`: a thrash fault-in when it was evicted
     /// recently. Every [`THRASH_SAMPLE`] fault-ins, eviction switches to
     /// thrash mode when at least 3 in 4 of them were thrash fault-ins, and
-    /// back when at most 1 in 4 were.
-    pub(super) fn count_fault(m: &mut Maps, key: (FileId, u32)) {
+    /// back when at most 1 in 4 were (never when `adapt` is off).
+    pub(super) fn count_fault(m: &mut Maps, key: (FileId, u32), adapt: bool) {
         m.stats.faults += 1;
         m.sample_faults += 1;
         if m.evicted_count.contains_key(&key) {
@@ -52,7 +59,7 @@ impl MappingManager {
         }
         if m.sample_faults >= THRASH_SAMPLE {
             let (t, n) = (m.sample_thrash, m.sample_faults);
-            if 4 * t >= 3 * n {
+            if adapt && 4 * t >= 3 * n {
                 m.stats.thrash_mode = true;
             } else if 4 * t <= n {
                 m.stats.thrash_mode = false;

@@ -258,6 +258,7 @@ impl MappingManager {
             base,
             len: w as usize,
             last_use: Cell::new(0),
+            mapped_at: Cell::new(0),
             uses: Cell::new(0),
             referenced: Cell::new(true),
             users: Cell::new(0),
@@ -280,9 +281,11 @@ impl MappingManager {
         }
         {
             let mut m = self.inner.borrow_mut();
+            m.tick += 1;
+            rc.mapped_at.set(m.tick);
             m.files[file.0 as usize].as_mut().unwrap().windows[idx] = WindowState::Mapped(rc);
             m.resident.push((file, idx as u32));
-            Self::count_fault(&mut m, (file, idx as u32));
+            Self::count_fault(&mut m, (file, idx as u32), self.cfg.adaptive_eviction);
         }
         guard.finish();
         Ok(win)

@@ -55,6 +55,8 @@ pub struct MappingConfig {
     pub max_windows: usize,
     /// Which idle window goes first.
     pub eviction_policy: EvictionPolicy,
+    /// Adapt eviction when it thrashes ([`Config::adaptive_eviction`]).
+    pub adaptive_eviction: bool,
     /// Whole-window advice.
     pub madvise_policy: MadvisePolicy,
     /// `MADV_WILLNEED` this many bytes past a range faulted in.
@@ -71,6 +73,7 @@ impl MappingConfig {
             growth_step_bytes: cfg.growth_step_bytes(),
             max_windows: cfg.max_windows_per_shard(),
             eviction_policy: cfg.eviction_policy(),
+            adaptive_eviction: cfg.adaptive_eviction(),
             madvise_policy: cfg.madvise_policy(),
             prefetch_ahead_bytes: cfg.prefetch_ahead_bytes(),
             pin_timeout: cfg.pin_timeout(),
@@ -108,9 +111,11 @@ pub struct MappingStats {
     /// larger than the cap.
     pub thrash_faults: u64,
     /// Whether eviction has adapted to thrashing: while most recent
-    /// fault-ins are of recently evicted windows, the most recently used
-    /// idle window goes first (a cyclic scan larger than the cap then keeps
-    /// most of its windows mapped instead of missing on every one).
+    /// fault-ins are of recently evicted windows, the most recently mapped
+    /// idle window goes first (one eviction in 8 still follows the policy,
+    /// so a working set that moves is picked up). A cyclic or uniform scan
+    /// larger than the cap then keeps most of its windows mapped instead of
+    /// missing on every one, and skewed access keeps its hot windows.
     pub thrash_mode: bool,
     /// Former name of `max_windows` (the same figure).
     #[deprecated(since = "0.1.0", note = "renamed to `max_windows`")]
@@ -124,6 +129,8 @@ pub(crate) struct Window {
     base: NonNull<u8>,
     len: usize,
     last_use: Cell<u64>,
+    /// The tick at which it was mapped (thrash mode evicts the newest).
+    mapped_at: Cell<u64>,
     uses: Cell<u64>,
     referenced: Cell<bool>,
     /// Live [`WindowRef`]s: pins, io operations and fault-in steps using
@@ -220,6 +227,10 @@ struct Maps {
 
 /// Fault-ins per thrash measurement.
 const THRASH_SAMPLE: u32 = 8;
+
+/// In thrash mode, one eviction in this many follows the configured policy
+/// instead of evicting the newest window.
+const THRASH_BASE_EVERY: u64 = 8;
 
 /// Evictions remembered to recognize thrashing, per window of the cap: a
 /// cyclic scan over up to this many times the cap is recognized.
