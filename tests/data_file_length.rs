@@ -13,6 +13,16 @@ use common::{open_shard, run, small_cfg};
 use segalloc::Error;
 use segalloc::config::MIB;
 
+/// Set the length of the file at `path` (a truncation, or lost growth).
+fn cut(path: &std::path::Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
 /// Allocate, write and sync `n` records of `size` bytes; returns the end of
 /// the last one in data file 0.
 async fn fill(cfg: &segalloc::Config, n: usize, size: u64) -> u64 {
@@ -35,12 +45,7 @@ fn open_refuses_a_truncated_data_file() {
     let cfg = small_cfg(dir.path());
     let needed = run(fill(&cfg, 300, 3000));
     let data = dir.path().join("shard-000/data-000000.seg");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&data)
-        .unwrap()
-        .set_len(4096)
-        .unwrap();
+    cut(&data, 4096);
     let err = run(open_shard(&cfg)).expect_err("a truncated data file must not open");
     match &err {
         Error::DataFileTruncated {
@@ -72,12 +77,7 @@ fn open_refuses_a_truncated_data_file() {
     );
     // Cut exactly at the end of the last live record: it opens, and every
     // record reads back.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&data)
-        .unwrap()
-        .set_len(needed)
-        .unwrap();
+    cut(&data, needed);
     run(async {
         let shard = open_shard(&cfg).await.unwrap();
         assert_eq!(shard.stats().alloc.allocations_live, 300);
@@ -138,12 +138,7 @@ fn growth_after_the_last_sync_may_be_lost_and_recovers() {
     });
     assert!(unsynced > 0);
     // The power loss: the file is back at its length at the sync.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&data)
-        .unwrap()
-        .set_len(synced_len)
-        .unwrap();
+    cut(&data, synced_len);
     let report = segalloc::inspect::read_dir(dir.path()).unwrap();
     assert_eq!(report.errors().count(), 0, "{:?}", report.problems);
     assert!(
@@ -208,22 +203,12 @@ fn a_directory_from_before_the_durable_generation() {
     });
     let w = word();
     assert!(w != 0 && (w as u32) == !((w >> 32) as u32), "{w:#x}");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&data)
-        .unwrap()
-        .set_len(synced_len)
-        .unwrap();
+    cut(&data, synced_len);
     run(async {
         let shard = open_shard(&cfg).await.unwrap();
         assert_eq!(shard.stats().alloc.allocations_live, 300);
     });
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&data)
-        .unwrap()
-        .set_len(needed - 1)
-        .unwrap();
+    cut(&data, needed - 1);
     match run(open_shard(&cfg)) {
         Err(Error::DataFileTruncated { .. }) => {}
         other => panic!("expected DataFileTruncated, got {:?}", other.map(|_| ())),

@@ -256,6 +256,16 @@ fn agree(dir: &Path, what: &str) -> usize {
 
 type Mutation = Box<dyn Fn(&mut Vec<u8>)>;
 
+/// Cut shard 1's first data file to 4 KiB.
+fn cut_data_file(d: &Path) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("shard-001/data-000000.seg"))
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+}
+
 /// Crafted and damaged variants of shard 0's `meta.seg`.
 fn corpus(meta: &[u8]) -> Vec<(&'static str, Mutation)> {
     let hwm = hwm_of(meta);
@@ -367,12 +377,7 @@ fn recovery_and_the_tool_agree_over_a_corruption_corpus() {
     }
     // Data files cut short or removed.
     let d = copy_of(&clean, tmp.path(), "short");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(d.join("shard-001/data-000000.seg"))
-        .unwrap()
-        .set_len(4096)
-        .unwrap();
+    cut_data_file(&d);
     refused += agree(&d, "data file cut short");
     // The same cut under segments no completed sync covered (the durable
     // generation word, byte 528, says none did): growth a power loss took.
@@ -382,12 +387,7 @@ fn recovery_and_the_tool_agree_over_a_corruption_corpus() {
     let mut b = std::fs::read(&p).unwrap();
     b[528..536].copy_from_slice(&(1u64 | (u64::from(!1u32) << 32)).to_le_bytes());
     std::fs::write(&p, &b).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(d.join("shard-001/data-000000.seg"))
-        .unwrap()
-        .set_len(4096)
-        .unwrap();
+    cut_data_file(&d);
     assert_eq!(agree(&d, "growth lost under unsynced segments"), 0);
     let d = copy_of(&clean, tmp.path(), "missing");
     std::fs::remove_file(d.join("shard-001/data-000000.seg")).unwrap();
