@@ -267,11 +267,16 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
         Some(b) => decode_counter(super::u64_at(b, 0)).unwrap_or(0),
         None => 0,
     };
-    s.next_generation = max_gen.wrapping_add(1).max(persisted).max(1);
     s.durable_generation = match pages.get(DURABLE_GEN_OFFSET, 8)? {
         Some(b) => decode_counter(super::u64_at(b, 0)),
         None => None,
     };
+    // Never below the durable generation either: a segment published after
+    // the reopen has growth no sync covered, and must not count as covered.
+    // (The durable word can be ahead of both others: a segment dropped for
+    // lost growth, then a sync, with the next generation's word stale.)
+    let durable = s.durable_generation.unwrap_or(0);
+    s.next_generation = max_gen.wrapping_add(1).max(persisted).max(durable).max(1);
     resolve_overlaps(&mut s);
     drop_lost_growth(t, &mut s);
     check_data_files(t, &mut s);
