@@ -155,3 +155,48 @@ fn fd_pressure_from_a_lease_is_not_waited_out() {
         assert_eq!(files.open_count(), os_counts(dir.path()).0);
     });
 }
+
+/// The same under a current-thread runtime whose tasks another thread
+/// polls (`Runtime::block_on` there, the registry under `Handle::block_on`
+/// here): the ring's reaper then runs on that thread, where it cannot reach
+/// the ring. The acquire must still give up (`FdPressure`) rather than wait
+/// for a release nobody makes.
+#[test]
+fn fd_pressure_is_not_waited_out_when_another_thread_drives_the_runtime() {
+    let _g = PROCESS_LIMITS.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = rt.handle().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let driver = std::thread::spawn(move || {
+        rt.block_on(async {
+            let _ = stopped.await;
+        })
+    });
+    let local = tokio::task::LocalSet::new();
+    let r = handle.block_on(local.run_until(async {
+        let (files, _mm) = common::manager(dir.path(), 1, 4);
+        let a = files.register(dir.path().join("a"));
+        let b = files.register(dir.path().join("b"));
+        let _held = files.acquire(a, 4096).await.unwrap();
+        let other = dir.path().join("other");
+        std::fs::write(&other, vec![9u8; 16 << 20]).unwrap();
+        let fd = std::rc::Rc::new(std::os::fd::OwnedFd::from(
+            std::fs::File::options().write(true).open(&other).unwrap(),
+        ));
+        let mut op = files.ring().fsync(&fd, false);
+        let _ = futures::poll!(&mut op);
+        drop((op, fd));
+        tokio::time::timeout(std::time::Duration::from_secs(10), files.acquire(b, 4096)).await
+    }));
+    let _ = stop.send(());
+    driver.join().unwrap();
+    let r = r.expect("the acquire gave up rather than wait forever");
+    assert!(
+        matches!(r, Err(Error::FdPressure { max_open_files: 1 })),
+        "{r:?}"
+    );
+}

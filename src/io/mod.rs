@@ -46,7 +46,6 @@ use std::task::{Context, Poll};
 
 use crate::error::{Error, Result};
 use crate::sys;
-use crate::wait::Wait;
 
 /// Which io backend a shard's control ring uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -193,6 +192,9 @@ struct RingInner {
     stats: Cell<RingStats>,
     /// A reaper task runs for this ring (`reap.rs`).
     reaping: Cell<bool>,
+    /// Shared with the reaper across threads: set when it was polled on
+    /// another thread than the ring's (it then cannot reap).
+    reaper_link: std::sync::Arc<reap::Link>,
 }
 
 static FALLBACK_LOGGED: Once = Once::new();
@@ -233,6 +235,7 @@ impl Ring {
                 uring,
                 stats: Cell::new(RingStats::default()),
                 reaping: Cell::new(false),
+                reaper_link: std::sync::Arc::default(),
             }),
         })
     }
@@ -319,15 +322,20 @@ impl Ring {
     /// A wait that ends when the ring next releases the fd or window of an
     /// operation dropped before completion (the ring reaps those by itself).
     /// `None` when the ring holds none (always on the sync backend), or when
-    /// no reaper can run here (not on a tokio current-thread runtime): then
-    /// they are released only by the next operation polled on the ring.
-    pub(crate) fn released(&self) -> Option<Wait> {
+    /// no reaper can run here (not on a tokio current-thread runtime, or one
+    /// that polls its tasks on another thread than the ring's): then they
+    /// are released only by the next operation polled on the ring. A wait
+    /// also ends when the reaper finds it cannot run.
+    pub(crate) fn released(&self) -> Option<reap::Released> {
         let d = self.inner.uring.as_ref()?;
-        if d.abandoned() == 0 {
+        if d.abandoned() == 0 || self.inner.reaper_link.is_lost() {
             return None;
         }
         reap::ensure(self);
-        self.inner.reaping.get().then(|| d.released().wait())
+        self.inner
+            .reaping
+            .get()
+            .then(|| reap::Released::new(d.released().wait(), &self.inner.reaper_link))
     }
 
     fn bump(&self, f: impl FnOnce(&mut RingStats)) {

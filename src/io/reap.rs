@@ -19,13 +19,70 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::thread::{self, ThreadId};
+
+use futures::task::AtomicWaker;
 
 use slab::Slab;
 use tokio::runtime::{Handle, RuntimeFlavor};
 
 use super::{Ring, RingInner};
+use crate::wait::Wait;
+
+/// What a ring and its reaper share across threads. A current-thread
+/// runtime driven by another thread (`Runtime::block_on` there, the shard
+/// under `Handle::block_on` here) polls the reaper on that thread, where it
+/// cannot reach its ring: it then says so here and wakes the task waiting
+/// for a release, which gives up instead of waiting forever.
+#[derive(Default)]
+pub(super) struct Link {
+    lost: AtomicBool,
+    waiter: AtomicWaker,
+}
+
+impl Link {
+    /// Whether a reaper of this ring was polled on another thread.
+    pub(super) fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    fn lose(&self) {
+        self.lost.store(true, Ordering::Release);
+        self.waiter.wake();
+    }
+}
+
+/// The wait [`Ring::released`] returns: until the ring releases a dropped
+/// operation's resources, or its reaper finds it cannot run.
+pub(crate) struct Released {
+    wait: Wait,
+    link: Arc<Link>,
+}
+
+impl Released {
+    pub(super) fn new(wait: Wait, link: &Arc<Link>) -> Released {
+        Released {
+            wait,
+            link: link.clone(),
+        }
+    }
+}
+
+impl Future for Released {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        this.link.waiter.register(cx.waker());
+        if this.link.is_lost() {
+            return Poll::Ready(());
+        }
+        Pin::new(&mut this.wait).poll(cx)
+    }
+}
 
 thread_local! {
     /// The rings of this thread that have a reaper, by the reaper's key.
@@ -59,6 +116,7 @@ pub(super) fn ensure(ring: &Ring) {
         owner: thread::current().id(),
         key: Some(key),
         settle: None,
+        link: inner.reaper_link.clone(),
     }));
 }
 
@@ -70,6 +128,8 @@ struct Reaper {
     key: Option<usize>,
     /// The reaper's settle entry in the ring's table while it waits.
     settle: Option<usize>,
+    /// Where it says that it was polled on another thread.
+    link: Arc<Link>,
 }
 
 impl Reaper {
@@ -108,6 +168,11 @@ impl Future for Reaper {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         let Some(inner) = this.ring() else {
+            if thread::current().id() != this.owner {
+                // The ring's `reaping` stays set (it lives on the ring's
+                // thread): `released` sees the link and stops waiting.
+                this.link.lose();
+            }
             this.finish(None);
             return Poll::Ready(());
         };
@@ -130,6 +195,9 @@ impl Future for Reaper {
 
 impl Drop for Reaper {
     fn drop(&mut self) {
+        if self.key.is_some() && thread::current().id() != self.owner {
+            self.link.lose();
+        }
         if self.key.is_some() {
             let inner = self.ring();
             self.finish(inner.as_deref());
