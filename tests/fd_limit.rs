@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::rc::Rc;
 use std::sync::Mutex;
 
 use common::{os_counts, pattern, run};
@@ -121,6 +122,33 @@ fn emfile_evicts_or_is_typed() {
     });
 }
 
+/// A registry with one descriptor, held by a lease on one file, while the
+/// ring still runs an fsync of another (dirty pages: slow) whose future was
+/// dropped: the outcome of acquiring a second file within 10 s, and the
+/// lease.
+async fn acquire_past_a_held_descriptor(
+    dir: &std::path::Path,
+) -> (
+    Rc<segalloc::FileHandleRegistry>,
+    Result<segalloc::Result<segalloc::FileLease>, tokio::time::error::Elapsed>,
+    segalloc::FileLease,
+) {
+    let (files, _mm) = common::manager(dir, 1, 4);
+    let a = files.register(dir.join("a"));
+    let b = files.register(dir.join("b"));
+    let held = files.acquire(a, 4096).await.unwrap();
+    let other = dir.join("other");
+    std::fs::write(&other, vec![9u8; 16 << 20]).unwrap();
+    let fd = Rc::new(std::os::fd::OwnedFd::from(
+        std::fs::File::options().write(true).open(&other).unwrap(),
+    ));
+    let mut op = files.ring().fsync(&fd, false);
+    let _ = futures::poll!(&mut op);
+    drop((op, fd));
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), files.acquire(b, 4096)).await;
+    (files, r, held)
+}
+
 /// With its only descriptor held by a lease, a registry refuses another
 /// file (`FdPressure`) rather than wait forever, also while the ring still
 /// runs an operation dropped mid-flight: it waits for that one to be
@@ -130,27 +158,14 @@ fn fd_pressure_from_a_lease_is_not_waited_out() {
     let _g = PROCESS_LIMITS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     run(async {
-        let (files, _mm) = common::manager(dir.path(), 1, 4);
-        let a = files.register(dir.path().join("a"));
-        let b = files.register(dir.path().join("b"));
-        let held = files.acquire(a, 4096).await.unwrap();
-        // An fsync of another file (dirty pages: slow), dropped in flight.
-        let other = dir.path().join("other");
-        std::fs::write(&other, vec![9u8; 16 << 20]).unwrap();
-        let fd = std::rc::Rc::new(std::os::fd::OwnedFd::from(
-            std::fs::File::options().write(true).open(&other).unwrap(),
-        ));
-        let mut op = files.ring().fsync(&fd, false);
-        let _ = futures::poll!(&mut op);
-        drop((op, fd));
-        let r = tokio::time::timeout(std::time::Duration::from_secs(10), files.acquire(b, 4096))
-            .await
-            .expect("the acquire gave up rather than wait forever");
+        let (files, r, held) = acquire_past_a_held_descriptor(dir.path()).await;
+        let r = r.expect("the acquire gave up rather than wait forever");
         assert!(
             matches!(r, Err(Error::FdPressure { max_open_files: 1 })),
             "{r:?}"
         );
         drop(held);
+        let b = files.register(dir.path().join("b"));
         drop(files.acquire(b, 4096).await.unwrap());
         assert_eq!(files.open_count(), os_counts(dir.path()).0);
     });
@@ -178,19 +193,8 @@ fn fd_pressure_is_not_waited_out_when_another_thread_drives_the_runtime() {
     });
     let local = tokio::task::LocalSet::new();
     let r = handle.block_on(local.run_until(async {
-        let (files, _mm) = common::manager(dir.path(), 1, 4);
-        let a = files.register(dir.path().join("a"));
-        let b = files.register(dir.path().join("b"));
-        let _held = files.acquire(a, 4096).await.unwrap();
-        let other = dir.path().join("other");
-        std::fs::write(&other, vec![9u8; 16 << 20]).unwrap();
-        let fd = std::rc::Rc::new(std::os::fd::OwnedFd::from(
-            std::fs::File::options().write(true).open(&other).unwrap(),
-        ));
-        let mut op = files.ring().fsync(&fd, false);
-        let _ = futures::poll!(&mut op);
-        drop((op, fd));
-        tokio::time::timeout(std::time::Duration::from_secs(10), files.acquire(b, 4096)).await
+        let (_files, r, _held) = acquire_past_a_held_descriptor(dir.path()).await;
+        r
     }));
     let _ = stop.send(());
     driver.join().unwrap();
