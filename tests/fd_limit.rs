@@ -124,10 +124,11 @@ fn emfile_evicts_or_is_typed() {
 
 /// A registry with one descriptor, held by a lease on one file, while the
 /// ring still runs an fsync of another (dirty pages: slow) whose future was
-/// dropped: the outcome of acquiring a second file within 10 s, and the
-/// lease.
+/// dropped: the outcome of acquiring two more files at once (both wait for
+/// a release) within 10 s, and the lease.
 async fn acquire_past_a_held_descriptor(
     dir: &std::path::Path,
+    before_waits: impl FnOnce(),
 ) -> (
     Rc<segalloc::FileHandleRegistry>,
     Result<segalloc::Result<segalloc::FileLease>, tokio::time::error::Elapsed>,
@@ -144,8 +145,25 @@ async fn acquire_past_a_held_descriptor(
     ));
     let mut op = files.ring().fsync(&fd, false);
     let _ = futures::poll!(&mut op);
+    before_waits();
     drop((op, fd));
-    let r = tokio::time::timeout(std::time::Duration::from_secs(10), files.acquire(b, 4096)).await;
+    // The second acquire in a task of its own: each waiting task is woken.
+    let c = files.register(dir.join("c"));
+    let other_task = tokio::task::spawn_local({
+        let files = files.clone();
+        async move { files.acquire(c, 4096).await.map(drop) }
+    });
+    tokio::task::yield_now().await;
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let rb = files.acquire(b, 4096).await;
+        let rc = other_task.await.expect("the task ran");
+        assert!(
+            matches!(rc, Err(Error::FdPressure { max_open_files: 1 })),
+            "{rc:?}"
+        );
+        rb
+    })
+    .await;
     (files, r, held)
 }
 
@@ -158,7 +176,7 @@ fn fd_pressure_from_a_lease_is_not_waited_out() {
     let _g = PROCESS_LIMITS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     run(async {
-        let (files, r, held) = acquire_past_a_held_descriptor(dir.path()).await;
+        let (files, r, held) = acquire_past_a_held_descriptor(dir.path(), || {}).await;
         let r = r.expect("the acquire gave up rather than wait forever");
         assert!(
             matches!(r, Err(Error::FdPressure { max_open_files: 1 })),
@@ -192,8 +210,16 @@ fn fd_pressure_is_not_waited_out_when_another_thread_drives_the_runtime() {
         })
     });
     let local = tokio::task::LocalSet::new();
+    let busy = handle.clone();
     let r = handle.block_on(local.run_until(async {
-        let (_files, r, _held) = acquire_past_a_held_descriptor(dir.path()).await;
+        // Keep the driving thread busy from before the op is dropped (which
+        // starts the reaper there) until both acquires wait.
+        let hold_the_driver = move || {
+            drop(busy.spawn(async {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }))
+        };
+        let (_files, r, _held) = acquire_past_a_held_descriptor(dir.path(), hold_the_driver).await;
         r
     }));
     let _ = stop.send(());

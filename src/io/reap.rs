@@ -19,12 +19,10 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::thread::{self, ThreadId};
-
-use futures::task::AtomicWaker;
 
 use slab::Slab;
 use tokio::runtime::{Handle, RuntimeFlavor};
@@ -35,12 +33,13 @@ use crate::wait::Wait;
 /// What a ring and its reaper share across threads. A current-thread
 /// runtime driven by another thread (`Runtime::block_on` there, the shard
 /// under `Handle::block_on` here) polls the reaper on that thread, where it
-/// cannot reach its ring: it then says so here and wakes the task waiting
+/// cannot reach its ring: it then says so here and wakes every task waiting
 /// for a release, which gives up instead of waiting forever.
 #[derive(Default)]
 pub(super) struct Link {
     lost: AtomicBool,
-    waiter: AtomicWaker,
+    /// The tasks waiting in [`Released`], one entry per wait.
+    waiters: Mutex<Slab<Waker>>,
 }
 
 impl Link {
@@ -51,7 +50,14 @@ impl Link {
 
     fn lose(&self) {
         self.lost.store(true, Ordering::Release);
-        self.waiter.wake();
+        // Each entry stays until its wait is dropped (keys stay valid).
+        for (_, w) in self.lock().iter() {
+            w.wake_by_ref();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slab<Waker>> {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -60,6 +66,8 @@ impl Link {
 pub(crate) struct Released {
     wait: Wait,
     link: Arc<Link>,
+    /// This wait's entry in the link's waiters.
+    key: Option<usize>,
 }
 
 impl Released {
@@ -67,6 +75,7 @@ impl Released {
         Released {
             wait,
             link: link.clone(),
+            key: None,
         }
     }
 }
@@ -76,11 +85,26 @@ impl Future for Released {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        this.link.waiter.register(cx.waker());
+        {
+            let mut waiters = this.link.lock();
+            match this.key.and_then(|k| waiters.get_mut(k)) {
+                Some(w) => w.clone_from(cx.waker()),
+                None => this.key = Some(waiters.insert(cx.waker().clone())),
+            }
+        }
+        // Checked after registering: a `lose` in between wakes this task.
         if this.link.is_lost() {
             return Poll::Ready(());
         }
         Pin::new(&mut this.wait).poll(cx)
+    }
+}
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        if let Some(k) = self.key.take() {
+            self.link.lock().try_remove(k);
+        }
     }
 }
 
