@@ -74,3 +74,40 @@ fn a_fill_prefaults_the_next_chunk_through_the_ring() {
         assert_eq!(resident_pages(beyond, CHUNK as usize), 0);
     });
 }
+
+/// A slot taken again (its bytes were used already) prefaults nothing:
+/// refilling the holes of a heap (as a random mix of frees and allocations
+/// does) issues no prefault; only new territory does.
+#[test]
+fn reused_slots_prefault_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        // Eight chunks of 112-byte slots.
+        let n = (8 * CHUNK / 112) as usize;
+        let mut hs = Vec::with_capacity(n);
+        for _ in 0..n {
+            hs.push(shard.allocate(100).await.unwrap().into_handle());
+        }
+        let filled = shard.stats().mappings.prefaults;
+        if expected_backend() != IoBackend::Sync {
+            assert!(filled >= 7, "the fill prefaulted {filled} chunks");
+        }
+        // Taken after the latest sync began: free and reusable at once.
+        // Every other one, so that no segment empties (and is released).
+        let mut freed = 0;
+        for h in hs.iter().step_by(2) {
+            shard.free(*h).unwrap();
+            freed += 1;
+        }
+        for _ in 0..freed {
+            shard.allocate(100).await.unwrap();
+        }
+        assert_eq!(
+            shard.stats().mappings.prefaults,
+            filled,
+            "the refill reused freed slots and prefaulted again"
+        );
+    });
+}

@@ -313,11 +313,17 @@ impl SegmentAllocator {
             st.fresh.mark(seg_id, slot);
             st.live_per_class[class_id as usize] += 1;
             st.stats.allocs += 1;
-            // The first slot of its class in a chunk (small slots only):
-            // the next chunk is to be faulted in, once.
+            // The first slot of its class in a chunk (small slots only),
+            // taken for the first time (a reused slot's bytes were touched
+            // already): the next chunk is to be faulted in, once.
+            let first_use = slot >= seg.untouched_from;
+            if first_use {
+                seg.untouched_from = slot + 1;
+            }
             let len = u64::from(handle.length);
             let mut prefault = None;
-            if len < PREFAULT_CHUNK_BYTES && handle.offset % PREFAULT_CHUNK_BYTES < len {
+            if first_use && len < PREFAULT_CHUNK_BYTES && handle.offset % PREFAULT_CHUNK_BYTES < len
+            {
                 let next = (seg.file_id, handle.offset / PREFAULT_CHUNK_BYTES + 1);
                 let last = &mut st.prefaulted.0[class_id as usize];
                 if *last != next {

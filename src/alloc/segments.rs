@@ -38,6 +38,9 @@ pub(super) struct Seg {
     bitmap: Bitmap,
     /// Whether the segment is on its class's list of segments with room.
     pub(super) in_avail: bool,
+    /// One past the highest slot taken since the segment was loaded: a slot
+    /// at or above it extends into bytes this process has not used yet.
+    pub(super) untouched_from: u32,
 }
 
 // `open_words` has a bit per bitmap word.
@@ -76,6 +79,7 @@ impl Seg {
             open_words,
             bitmap,
             in_avail: false,
+            untouched_from: 0,
         }
     }
 
