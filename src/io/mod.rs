@@ -557,10 +557,22 @@ impl Op {
     /// it (the eventfd keeps one waker) and leave that task asleep: use
     /// this instead to check an operation nobody awaits.
     pub(crate) fn try_complete(&mut self) -> Option<io::Result<()>> {
+        match self.advance(|d, key| d.try_take(key).map_or(Poll::Pending, Poll::Ready)) {
+            Poll::Ready(r) => Some(r),
+            Poll::Pending => None,
+        }
+    }
+
+    /// Drive the operation to its result, asking `take` for the completion
+    /// of the attempt in flight; a failed attempt is retried (`retry_or`).
+    fn advance(
+        &mut self,
+        mut take: impl FnMut(&uring::Driver, usize) -> Poll<io::Result<()>>,
+    ) -> Poll<io::Result<()>> {
         loop {
             let r = match &mut self.state {
                 OpState::Ready(r) => {
-                    let r = r.take().expect("Op checked after completion");
+                    let r = r.take().expect("Op polled after completion");
                     self.state = OpState::Done;
                     r
                 }
@@ -572,7 +584,9 @@ impl Op {
                         .uring
                         .as_ref()
                         .expect("in-flight op has a ring");
-                    let res = d.try_take(key)?;
+                    let Poll::Ready(res) = take(d, key) else {
+                        return Poll::Pending;
+                    };
                     self.state = OpState::Done;
                     self.ring.bump(|s| {
                         s.completed += 1;
@@ -582,10 +596,10 @@ impl Op {
                     });
                     res
                 }
-                OpState::Done => panic!("Op checked after completion"),
+                OpState::Done => panic!("Op polled after completion"),
             };
             if let Some(r) = self.retry_or(r) {
-                return Some(r);
+                return Poll::Ready(r);
             }
         }
     }
@@ -595,42 +609,7 @@ impl Future for Op {
     type Output = io::Result<()>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            let r = match &mut this.state {
-                OpState::Ready(r) => {
-                    let r = r.take().expect("Op polled after completion");
-                    this.state = OpState::Done;
-                    r
-                }
-                OpState::InFlight(key) => {
-                    let key = *key;
-                    let d = this
-                        .ring
-                        .inner
-                        .uring
-                        .as_ref()
-                        .expect("in-flight op has a ring");
-                    match d.poll_op(key, cx) {
-                        Poll::Ready(res) => {
-                            this.state = OpState::Done;
-                            this.ring.bump(|s| {
-                                s.completed += 1;
-                                if res.is_err() {
-                                    s.failed += 1;
-                                }
-                            });
-                            res
-                        }
-                        Poll::Pending => return Poll::Pending,
-                    }
-                }
-                OpState::Done => panic!("Op polled after completion"),
-            };
-            if let Some(r) = this.retry_or(r) {
-                return Poll::Ready(r);
-            }
-        }
+        self.get_mut().advance(|d, key| d.poll_op(key, cx))
     }
 }
 
