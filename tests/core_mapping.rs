@@ -733,26 +733,32 @@ fn pin_sites_report_live_pins() {
 /// mode, and then keeps most of the scan mapped.
 #[test]
 fn thrashing_is_counted_and_eviction_adapts() {
+    let (rounds, windows) = (20u64, 5u64);
+    let (s, window_count) = cyclic_scan(rounds, windows);
+    assert!(s.thrash_faults > 0 && s.thrash_mode, "{s:?}");
+    assert!(
+        s.faults <= rounds * windows / 2,
+        "fault-ins {} of {} pins: {s:?}",
+        s.faults,
+        rounds * windows
+    );
+    assert!(window_count <= 4);
+}
+
+/// `rounds` pins of windows `0..windows` in turn, with a cap of 4 windows:
+/// the manager's stats and window count after.
+fn cyclic_scan(rounds: u64, windows: u64) -> (segalloc::MappingStats, usize) {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (files, mm) = common::manager(dir.path(), 4, 4);
         let f = files.register(dir.path().join("a"));
-        let (rounds, windows) = (20u64, 5u64);
         for _ in 0..rounds {
             for i in 0..windows {
                 drop(mm.pin(f, i * WINDOW, 4096, true).await.unwrap());
             }
         }
-        let s = mm.stats();
-        assert!(s.thrash_faults > 0 && s.thrash_mode, "{s:?}");
-        assert!(
-            s.faults <= rounds * windows / 2,
-            "fault-ins {} of {} pins: {s:?}",
-            s.faults,
-            rounds * windows
-        );
-        assert!(mm.window_count() <= 4);
-    });
+        (mm.stats(), mm.window_count())
+    })
 }
 
 /// The same adaptation for a cyclic scan over four times the cap: an
@@ -760,26 +766,16 @@ fn thrashing_is_counted_and_eviction_adapts() {
 /// eviction history must reach that far (plain LRU: every pin faults).
 #[test]
 fn thrashing_over_four_times_the_cap_is_recognized() {
-    let dir = tempfile::tempdir().unwrap();
-    run(async {
-        let (files, mm) = common::manager(dir.path(), 4, 4);
-        let f = files.register(dir.path().join("a"));
-        let (rounds, windows) = (40u64, 16u64);
-        for _ in 0..rounds {
-            for i in 0..windows {
-                drop(mm.pin(f, i * WINDOW, 4096, true).await.unwrap());
-            }
-        }
-        let s = mm.stats();
-        assert!(s.thrash_faults > 0 && s.thrash_mode, "{s:?}");
-        // Adapted, about 3 windows of the 16 stay mapped.
-        assert!(
-            s.faults * 100 <= rounds * windows * 92,
-            "fault-ins {} of {} pins: {s:?}",
-            s.faults,
-            rounds * windows
-        );
-    });
+    let (rounds, windows) = (40u64, 16u64);
+    let (s, _) = cyclic_scan(rounds, windows);
+    assert!(s.thrash_faults > 0 && s.thrash_mode, "{s:?}");
+    // Adapted, about 3 windows of the 16 stay mapped.
+    assert!(
+        s.faults * 100 <= rounds * windows * 92,
+        "fault-ins {} of {} pins: {s:?}",
+        s.faults,
+        rounds * windows
+    );
 }
 
 /// Skewed access over more windows than the cap (80 % of the pins on a
