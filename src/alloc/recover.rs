@@ -133,9 +133,10 @@ impl SegmentAllocator {
     }
 
     /// Clear the entries of dropped segments (that lost an overlap, or
-    /// whose growth a power loss took): the state word first (the entry is free from then on), then the bitmap, so no later
-    /// header of the entry can meet the old bits. Both become durable at the
-    /// first sync, before the entry is reused (it waits in quarantine).
+    /// whose growth a power loss took): the state word first (the entry is
+    /// free from then on), then the bitmap, so no later header of the entry
+    /// can meet the old bits. Both become durable at the first sync, before
+    /// the entry is reused (it waits in quarantine).
     fn drop_losers(&self, found: &ShardScan) {
         let lost_growth: Vec<u32> = found
             .findings
