@@ -31,7 +31,7 @@ impl FileHandleRegistry {
     #[inline]
     pub fn mark_dirty(&self, id: FileId) {
         if let Some(e) = self.inner.borrow().entries.get(id.0 as usize) {
-            e.dirty.set(true);
+            e.hot.dirty.set(true);
         }
     }
 
@@ -44,7 +44,7 @@ impl FileHandleRegistry {
             .borrow()
             .entries
             .get(id.0 as usize)
-            .is_some_and(|e| e.dirty.get() || e.syncing.get() > 0)
+            .is_some_and(|e| e.hot.dirty.get() || e.syncing.get() > 0)
     }
 
     /// `fdatasync` (or `fsync`) the file through the control ring. A file
@@ -190,7 +190,7 @@ struct DirtyUnlessSynced<'a> {
 impl<'a> DirtyUnlessSynced<'a> {
     fn begin(reg: &'a FileHandleRegistry, id: FileId) -> DirtyUnlessSynced<'a> {
         if let Some(e) = reg.inner.borrow().entries.get(id.0 as usize) {
-            e.dirty.set(false);
+            e.hot.dirty.set(false);
             e.syncing.set(e.syncing.get() + 1);
         }
         DirtyUnlessSynced {

@@ -59,12 +59,12 @@ impl FileHandleRegistry {
             let waiters = {
                 let mut f = self.inner.borrow_mut();
                 let e = &mut f.entries[id.0 as usize];
-                if e.reserved.get() >= min_size {
+                if e.hot.reserved.get() >= min_size {
                     return Ok((lease, Reservation::Reserved));
                 }
                 if !e.fallocate_ok && e.len_bytes >= min_size && !e.growing {
                     // Already extended (sparse); the caller prefaults.
-                    let from = e.reserved.get();
+                    let from = e.hot.reserved.get();
                     return Ok((lease, Reservation::Sparse { from, to: min_size }));
                 }
                 if e.growing {
@@ -112,7 +112,7 @@ impl FileHandleRegistry {
             let e = &f.entries[id.0 as usize];
             (
                 e.path.clone(),
-                e.reserved.get(),
+                e.hot.reserved.get(),
                 e.len_bytes,
                 e.fallocate_ok,
             )
@@ -131,8 +131,8 @@ impl FileHandleRegistry {
                 Ok(()) => {
                     let mut f = self.inner.borrow_mut();
                     let e = &mut f.entries[id.0 as usize];
-                    e.dirty.set(true);
-                    e.reserved.set(e.reserved.get().max(min_size));
+                    e.hot.dirty.set(true);
+                    e.hot.reserved.set(e.hot.reserved.get().max(min_size));
                     e.len_bytes = e.len_bytes.max(min_size);
                     f.stats.grows += 1;
                     f.stats.grown_bytes += min_size - reserved;
@@ -155,7 +155,7 @@ impl FileHandleRegistry {
         }
         let mut f = self.inner.borrow_mut();
         let e = &mut f.entries[id.0 as usize];
-        e.dirty.set(true);
+        e.hot.dirty.set(true);
         e.len_bytes = e.len_bytes.max(min_size);
         f.stats.grows += 1;
         f.stats.grown_bytes += min_size.saturating_sub(len);
@@ -175,11 +175,11 @@ impl FileHandleRegistry {
     ) -> Error {
         let mut f = self.inner.borrow_mut();
         let en = &mut f.entries[id.0 as usize];
-        en.dirty.set(true);
-        let reserved = en.reserved.get();
+        en.hot.dirty.set(true);
+        let reserved = en.hot.reserved.get();
         if let Ok(sz) = sys::file_size(lease.fd()) {
             en.len_bytes = en.len_bytes.max(sz);
-            en.reserved.set(reserved.max(sz.min(min_size)));
+            en.hot.reserved.set(reserved.max(sz.min(min_size)));
         }
         if e.raw_os_error() == Some(nix::libc::ENOSPC) {
             return Error::NoSpace {
@@ -201,8 +201,8 @@ impl FileHandleRegistry {
         let mut f = self.inner.borrow_mut();
         let e = &mut f.entries[id.0 as usize];
         e.len_bytes = e.len_bytes.max(size);
-        e.reserved.set(e.reserved.get().max(size));
-        if e.reserved.get() >= min_size {
+        e.hot.reserved.set(e.hot.reserved.get().max(size));
+        if e.hot.reserved.get() >= min_size {
             Ok((lease, Reservation::Reserved))
         } else {
             Err(Error::InvalidRange {
@@ -220,7 +220,7 @@ impl FileHandleRegistry {
         let f = self.inner.borrow();
         if let Some(e) = f.entries.get(id.0 as usize) {
             let to = to.min(e.len_bytes);
-            e.reserved.set(e.reserved.get().max(to));
+            e.hot.reserved.set(e.hot.reserved.get().max(to));
         }
     }
 }

@@ -39,17 +39,34 @@ pub use lease::FileLease;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FileId(pub u32);
 
-/// A read-only view of one file's reserved size (bytes whose blocks are
-/// allocated), handed to the mapping layer's hot path. Only the registry
-/// writes the size; reading it is one load, with no borrow of the registry.
-#[derive(Clone)]
-pub(crate) struct ReservedBytes(Rc<Cell<u64>>);
+/// What the hot path reads and marks of one file, shared by the registry
+/// and its [`FileView`]s.
+struct Hot {
+    /// Bytes whose blocks are allocated.
+    reserved: Cell<u64>,
+    /// The file may hold changes no `fdatasync` began after.
+    dirty: Cell<bool>,
+}
 
-impl ReservedBytes {
+/// One file's reserved size (bytes whose blocks are allocated), read-only,
+/// and its dirty mark, set-only, handed to the mapping layer's hot path.
+/// Only the registry writes the size and clears the mark; each is one
+/// load or store, with no borrow of the registry.
+#[derive(Clone)]
+pub(crate) struct FileView(Rc<Hot>);
+
+impl FileView {
     /// The file's reserved size now.
     #[inline(always)]
-    pub(crate) fn get(&self) -> u64 {
-        self.0.get()
+    pub(crate) fn reserved(&self) -> u64 {
+        self.0.reserved.get()
+    }
+
+    /// Mark the file dirty: the next sync covers it (as
+    /// [`FileHandleRegistry::mark_dirty`]).
+    #[inline(always)]
+    pub(crate) fn mark_dirty(&self) {
+        self.0.dirty.set(true);
     }
 }
 
@@ -79,7 +96,8 @@ struct FileEntry {
     fd: Option<Rc<OwnedFd>>,
     len_bytes: u64,
     len_known: bool,
-    reserved: Rc<Cell<u64>>,
+    /// The reserved size and the dirty mark.
+    hot: Rc<Hot>,
     last_use: u64,
     growing: bool,
     grow_waiters: Rc<WaitList>,
@@ -92,8 +110,6 @@ struct FileEntry {
     /// The size as of the start of the last successful `fdatasync`: that
     /// much of the file survives a power loss.
     durable_len: u64,
-    /// The file may hold changes no `fdatasync` began after.
-    dirty: Cell<bool>,
     /// Syncs of the file in flight. While one runs, the file counts as
     /// dirty: a later sync must not skip it and return before that one's
     /// write-back completed.
@@ -194,7 +210,10 @@ impl FileHandleRegistry {
             fd: None,
             len_bytes: 0,
             len_known: false,
-            reserved: Rc::new(Cell::new(0)),
+            hot: Rc::new(Hot {
+                reserved: Cell::new(0),
+                dirty: Cell::new(false),
+            }),
             last_use: 0,
             growing: false,
             grow_waiters: Rc::new(WaitList::default()),
@@ -202,7 +221,6 @@ impl FileHandleRegistry {
             foreign: false,
             dir_durable: false,
             durable_len: 0,
-            dirty: Cell::new(false),
             syncing: Cell::new(0),
             sync_failed: None,
         });
@@ -262,7 +280,7 @@ impl FileHandleRegistry {
         let f = self.inner.borrow();
         f.entries
             .get(id.0 as usize)
-            .map(|e| e.reserved.get())
+            .map(|e| e.hot.reserved.get())
             .ok_or(Error::UnknownFile(id.0))
     }
 
@@ -276,13 +294,13 @@ impl FileHandleRegistry {
         Ok(e.len_known.then_some(e.len_bytes))
     }
 
-    /// A read-only view of `id`'s reserved size, kept current by this
+    /// A view of `id`'s reserved size and dirty mark, kept current by this
     /// registry: for a hot path that must not borrow the registry.
-    pub(crate) fn reserved_view(&self, id: FileId) -> Result<ReservedBytes> {
+    pub(crate) fn view(&self, id: FileId) -> Result<FileView> {
         let f = self.inner.borrow();
         f.entries
             .get(id.0 as usize)
-            .map(|e| ReservedBytes(e.reserved.clone()))
+            .map(|e| FileView(e.hot.clone()))
             .ok_or(Error::UnknownFile(id.0))
     }
 
@@ -384,10 +402,10 @@ impl FileHandleRegistry {
             // (reserved then), so all of it counts as reserved.
             e.len_known = true;
             e.len_bytes = size;
-            e.reserved.set(size);
+            e.hot.reserved.set(size);
             // Pages an earlier process wrote may not be durable yet: the
             // next sync covers them.
-            e.dirty.set(mode != OpenMode::ReadOnly);
+            e.hot.dirty.set(mode != OpenMode::ReadOnly);
         } else {
             e.len_bytes = e.len_bytes.max(size);
         }

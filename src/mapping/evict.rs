@@ -4,6 +4,7 @@ use std::rc::Rc;
 
 use super::{
     EVICTION_HISTORY, MappingManager, Maps, THRASH_BASE_EVERY, THRASH_SAMPLE, Window, WindowState,
+    is_idle,
 };
 use crate::config::EvictionPolicy;
 use crate::files::FileId;
@@ -95,7 +96,7 @@ impl MappingManager {
         m.resident
             .iter()
             .enumerate()
-            .filter(|(_, r)| Self::window_at(m, **r).users.get() == 0)
+            .filter(|(_, r)| is_idle(Self::window_at(m, **r)))
             .min_by_key(|(_, r)| key(Self::window_at(m, **r)))
             .map(|(i, _)| i)
     }
@@ -110,7 +111,7 @@ impl MappingManager {
             let pos = m.clock_hand;
             m.clock_hand += 1;
             let w = Self::window_at(m, m.resident[pos]);
-            if w.users.get() > 0 {
+            if !is_idle(w) {
                 continue;
             }
             if w.referenced.replace(false) {
@@ -130,9 +131,7 @@ impl MappingManager {
         loop {
             let any_idle = {
                 let m = self.inner.borrow();
-                m.resident
-                    .iter()
-                    .any(|r| Self::window_at(&m, *r).users.get() == 0)
+                m.resident.iter().any(|r| is_idle(Self::window_at(&m, *r)))
             };
             if !any_idle || !self.evict_one() {
                 return n;

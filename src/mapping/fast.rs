@@ -29,6 +29,16 @@ impl MappingManager {
         }
     }
 
+    /// Offset of byte `off` inside its window `idx` (a mask for
+    /// power-of-two windows).
+    #[inline(always)]
+    fn window_offset(&self, off: u64, idx: u64) -> u64 {
+        match self.window_shift {
+            Some(s) => off & ((1u64 << s) - 1),
+            None => off - idx * self.cfg.window_bytes,
+        }
+    }
+
     /// The window of `[offset, offset + len)`, or the error that says why the
     /// range is not inside one window.
     #[inline(always)]
@@ -87,10 +97,10 @@ impl MappingManager {
             m.files.resize_with(i + 1, || None);
         }
         if m.files[i].is_none() {
-            let reserved = self.files.reserved_view(file)?;
+            let view = self.files.view(file)?;
             m.files[i] = Some(FileMaps {
                 windows: Vec::new(),
-                reserved,
+                file: view,
             });
         }
         Ok(m.files[i].as_mut().expect("just set"))
@@ -115,7 +125,7 @@ impl MappingManager {
         let Some(WindowState::Mapped(w)) = fm.windows.get(usize::try_from(idx).ok()?) else {
             return None;
         };
-        if end > fm.reserved.get() {
+        if end > fm.file.reserved() {
             return None;
         }
         m.tick += 1;
@@ -124,8 +134,8 @@ impl MappingManager {
         w.referenced.set(true);
         m.stats.fast_pins += 1;
         // The pin may write: the next sync must cover this file.
-        self.files.mark_dirty(file);
-        let win_off = offset - idx * self.cfg.window_bytes;
+        fm.file.mark_dirty();
+        let win_off = self.window_offset(offset, idx);
         Some(PinGuard::new(
             w,
             win_off as usize,
@@ -152,7 +162,7 @@ impl MappingManager {
         m.tick += 1;
         let tick = m.tick;
         let fm = self.file_maps(&mut m, file)?;
-        let reserved = fm.reserved.get();
+        let reserved = fm.file.reserved();
         let out = match fm.windows.get(idx as usize) {
             Some(WindowState::Mapped(w)) => {
                 if offset + len > reserved {
@@ -161,10 +171,10 @@ impl MappingManager {
                     w.last_use.set(tick);
                     w.uses.set(w.uses.get() + 1);
                     w.referenced.set(true);
-                    let win_off = offset - ((idx as u64) * self.cfg.window_bytes);
+                    let win_off = self.window_offset(offset, u64::from(idx));
                     let pin = PinGuard::new(w, win_off as usize, len as usize, writable, site);
                     if writable {
-                        self.files.mark_dirty(file);
+                        fm.file.mark_dirty();
                     }
                     m.stats.fast_pins += 1;
                     Fast::Pinned(pin)

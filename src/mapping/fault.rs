@@ -261,7 +261,6 @@ impl MappingManager {
             mapped_at: Cell::new(0),
             uses: Cell::new(0),
             referenced: Cell::new(true),
-            users: Cell::new(0),
             shared: self.shared.clone(),
             #[cfg(debug_assertions)]
             pin_sites: RefCell::new(slab::Slab::new()),

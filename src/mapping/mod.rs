@@ -30,7 +30,7 @@ use memmap2::MmapRaw;
 
 use crate::config::{Config, EvictionPolicy, MadvisePolicy};
 use crate::error::{Error, Result};
-use crate::files::{FileHandleRegistry, FileId, ReservedBytes};
+use crate::files::{FileHandleRegistry, FileId, FileView};
 use crate::io::Ring;
 use crate::wait::WaitList;
 
@@ -133,9 +133,6 @@ pub(crate) struct Window {
     mapped_at: Cell<u64>,
     uses: Cell<u64>,
     referenced: Cell<bool>,
-    /// Live [`WindowRef`]s: pins, io operations and fault-in steps using
-    /// the window. Zero means idle (only the table refers to it).
-    users: Cell<usize>,
     shared: Rc<Shared>,
     #[cfg(debug_assertions)]
     pin_sites: RefCell<slab::Slab<&'static Location<'static>>>,
@@ -151,20 +148,24 @@ impl Drop for Window {
 /// A use of a window that keeps it from being evicted: held by pins, by io
 /// operations in flight and by fault-in steps. The last one to go wakes a
 /// task waiting for an idle window, whoever it is.
+///
+/// The window's reference count is its use count: besides `WindowRef`s,
+/// only the manager's table holds an `Rc<Window>` (see [`is_idle`]).
+#[derive(Clone)]
 pub(crate) struct WindowRef(Rc<Window>);
 
 impl WindowRef {
     #[inline]
     fn new(window: &Rc<Window>) -> WindowRef {
-        window.users.set(window.users.get() + 1);
         WindowRef(window.clone())
     }
 }
 
-impl Clone for WindowRef {
-    fn clone(&self) -> WindowRef {
-        WindowRef::new(&self.0)
-    }
+/// Whether the table's window `w` is idle: no [`WindowRef`] uses it (the
+/// table's own reference is the only one).
+#[inline]
+fn is_idle(w: &Rc<Window>) -> bool {
+    Rc::strong_count(w) == 1
 }
 
 impl std::ops::Deref for WindowRef {
@@ -178,9 +179,9 @@ impl std::ops::Deref for WindowRef {
 impl Drop for WindowRef {
     #[inline]
     fn drop(&mut self) {
-        let n = self.0.users.get() - 1;
-        self.0.users.set(n);
-        if n == 0 && self.0.shared.pressure.waiting() > 0 {
+        // This reference and the table's: the window becomes idle (or, out
+        // of the table, unmapped) when this one goes.
+        if Rc::strong_count(&self.0) <= 2 && self.0.shared.pressure.waiting() > 0 {
             self.0.shared.pressure.wake_one();
         }
     }
@@ -204,7 +205,8 @@ enum WindowState {
 
 struct FileMaps {
     windows: Vec<WindowState>,
-    reserved: ReservedBytes,
+    /// The file's reserved size and dirty mark.
+    file: FileView,
 }
 
 struct Maps {
@@ -370,7 +372,7 @@ impl MappingManager {
             .iter()
             .filter(
                 |(f, i)| match &m.files[f.0 as usize].as_ref().unwrap().windows[*i as usize] {
-                    WindowState::Mapped(w) => w.users.get() > 0,
+                    WindowState::Mapped(w) => !is_idle(w),
                     _ => false,
                 },
             )
@@ -509,7 +511,7 @@ impl MappingManager {
             .skip(first)
             .take_while(|(i, _)| *i <= last)
             .any(|(_, s)| match s {
-                WindowState::Mapped(w) => w.users.get() > 0,
+                WindowState::Mapped(w) => !is_idle(w),
                 WindowState::Faulting(_) => true,
                 WindowState::Unmapped => false,
             })
