@@ -169,6 +169,8 @@ fn shard_thread(
         tokio::task::spawn_local(async move { syncer.run_syncer().await });
         let expiry = store.clone();
         tokio::task::spawn_local(async move { expiry.run_expiry().await });
+        let retirer = store.clone();
+        tokio::task::spawn_local(async move { retirer.run_retirer().await });
         let ctx = Rc::new(Ctx {
             store,
             peers,

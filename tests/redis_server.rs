@@ -963,6 +963,106 @@ fn expired_keys_are_deleted_without_reads() {
     assert_eq!(db0, "keys=3,expires=2,avg_ttl=0");
 }
 
+/// An overwrite leaves the record it replaced allocated until a background
+/// round retires it. A key deleted meanwhile (DEL, expiry, FLUSHDB) must
+/// not leave that older record behind: intact and live, a restart would
+/// index it and bring the key back with its older value.
+#[test]
+fn deleted_keys_do_not_come_back_from_the_records_they_superseded() {
+    const KEYS: u32 = 300;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let server = Server::start(&dir, &["--sync", "always"]);
+    let c = &mut server.client();
+    let mut pipe = redis::pipe();
+    for k in 0..KEYS {
+        pipe.set(format!("del{k}"), "old").ignore();
+        pipe.set(format!("del{k}"), "new").ignore();
+        pipe.set(format!("exp{k}"), "old").ignore();
+        pipe.cmd("SET")
+            .arg(format!("exp{k}"))
+            .arg("new")
+            .arg("PX")
+            .arg(50)
+            .ignore();
+        pipe.set(format!("fl{k}"), "old").ignore();
+    }
+    let _: () = pipe.query(c).unwrap();
+    let mut pipe = redis::pipe();
+    for k in 0..KEYS {
+        pipe.del(format!("del{k}")).ignore();
+    }
+    let _: () = pipe.query(c).unwrap();
+    // The expiry sweep (every 100 ms) deletes the `exp` keys unread.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while redis::cmd("DBSIZE").query::<u32>(c).unwrap() != KEYS {
+        assert!(std::time::Instant::now() < deadline, "expired keys stay");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let dbsize: u32 = redis::cmd("DBSIZE").query(c).unwrap();
+    assert_eq!(dbsize, KEYS, "only the fl keys are left");
+    let server = server.kill9_restart(&["--sync", "always"]);
+    let c = &mut server.client();
+    for k in [0, KEYS / 2, KEYS - 1] {
+        let got: Option<String> = c.get(format!("del{k}")).unwrap();
+        assert_eq!(got, None, "del{k} came back; log: {}", server.log());
+        let got: Option<String> = c.get(format!("exp{k}")).unwrap();
+        assert_eq!(got, None, "exp{k} came back; log: {}", server.log());
+    }
+    let dbsize: u32 = redis::cmd("DBSIZE").query(c).unwrap();
+    assert_eq!(
+        dbsize,
+        KEYS,
+        "deleted keys came back; log: {}",
+        server.log()
+    );
+    // FLUSHDB with superseded records waiting.
+    let mut pipe = redis::pipe();
+    for k in 0..KEYS {
+        pipe.set(format!("fl{k}"), "newer").ignore();
+    }
+    pipe.cmd("FLUSHDB").ignore();
+    let _: () = pipe.query(c).unwrap();
+    let server = server.kill9_restart(&["--sync", "always"]);
+    let c = &mut server.client();
+    let dbsize: u32 = redis::cmd("DBSIZE").query(c).unwrap();
+    assert_eq!(dbsize, 0, "flushed keys came back; log: {}", server.log());
+}
+
+/// Records superseded by overwrites are retired in the background: the
+/// live bytes come back to one record per key without any other command.
+#[test]
+fn overwritten_records_are_retired_in_the_background() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&tmp.path().join("d"), &["--shards", "1"]);
+    let c = &mut server.client();
+    let live = |c: &mut redis::Connection| -> u64 {
+        info_field(c, "memory", "segalloc_live_bytes")
+            .parse()
+            .unwrap()
+    };
+    let mut pipe = redis::pipe();
+    for i in 0..5000 {
+        pipe.set("k", format!("value {i:>90}")).ignore();
+    }
+    let _: () = pipe.query(c).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let bytes = live(c);
+        // One record of 32 + 1 + 96 bytes in a slot of at most 256.
+        if bytes <= 256 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{bytes} live bytes for one key after 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let got: String = c.get("k").unwrap();
+    assert_eq!(got, format!("value {:>90}", 4999));
+}
+
 /// Under `--sync always`, connections that each wait for their write's
 /// sync and then send the next one stay in one group: a sync waits (for
 /// at most half a sync) for the writers the last one answered, instead of

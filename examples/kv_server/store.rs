@@ -181,6 +181,9 @@ fn load_value<'a>(
 
 /// Expired keys deleted per sweep, so one sweep never stalls the shard.
 const EXPIRE_PER_SWEEP: usize = 1024;
+/// Superseded records a shard keeps before it retires them all (also
+/// retired every second): see [`Store::retire_superseded`].
+const SUPERSEDED_MAX: usize = 1 << 17;
 
 /// Keys by expiry (Unix milliseconds), soonest first.
 type ExpiryQueue = BinaryHeap<Reverse<(u64, Box<[u8]>)>>;
@@ -336,6 +339,37 @@ pub struct Store {
     /// Where records are read back to be checked (borrowed only between
     /// awaits). As large as the largest record read.
     record_buf: RefCell<Vec<u8>>,
+    /// Records an overwrite superseded, still allocated and intact, to be
+    /// retired together (see [`Store::retire_superseded`]).
+    superseded: RefCell<Vec<Handle>>,
+    /// Superseded records taken by a round of retirement and not retired
+    /// yet (see [`Retiring`]).
+    retiring: Cell<usize>,
+    /// Wakes [`Store::run_retirer`] when `superseded` is full.
+    retire_kick: Notify,
+}
+
+/// A round of [`Store::retire_superseded`]: the records it took, of which
+/// the first `done` are retired. Dropped (the round ended, failed or was
+/// cancelled), it gives the rest back and stops counting them as retiring.
+struct Retiring<'a> {
+    store: &'a Store,
+    list: Vec<Handle>,
+    done: usize,
+}
+
+impl Drop for Retiring<'_> {
+    fn drop(&mut self) {
+        let s = self.store;
+        s.superseded
+            .borrow_mut()
+            .extend_from_slice(&self.list[self.done..]);
+        s.retiring.set(s.retiring.get() - self.list.len());
+        if self.done > 0 {
+            // Their frees are to be synced.
+            s.wrote();
+        }
+    }
 }
 
 /// Answer an operation that failed with the allocator's error.
@@ -357,6 +391,9 @@ impl Store {
             expiring: RefCell::new(expiring),
             next_seq: Cell::new(max_seq + 1),
             record_buf: RefCell::new(Vec::new()),
+            superseded: RefCell::new(Vec::new()),
+            retiring: Cell::new(0),
+            retire_kick: Notify::new(),
             sync: SyncState {
                 policy,
                 // Recovery's frees count as writes, so the first sync covers them.
@@ -462,6 +499,85 @@ impl Store {
         }
     }
 
+    /// The task that retires superseded records: every second, and when
+    /// [`SUPERSEDED_MAX`] of them wait. Runs for the life of the shard
+    /// thread.
+    pub async fn run_retirer(&self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.retire_kick.notified() => {}
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.retire_superseded().await {
+                eprintln!(
+                    "shard {}: retiring superseded records: {e}",
+                    self.shard.index()
+                );
+            }
+        }
+    }
+
+    /// Retire every superseded record (zero its magic, free it), also those
+    /// superseded while this awaits.
+    ///
+    /// An overwrite leaves the record it replaced allocated and intact
+    /// instead of retiring it at once: retiring writes to the old record's
+    /// page, a random page per overwrite that the next sync must write
+    /// back, while a record written since shares its pages with the other
+    /// new ones. Retired together, the old records' pages are written back
+    /// together too. Until then a crash leaves both records live, and
+    /// recovery keeps the one with the higher sequence number, as for any
+    /// overwrite a crash interrupted. A key that leaves the index must not
+    /// leave an older record of it behind: see [`Store::pin_for_delete`].
+    async fn retire_superseded(&self) -> segalloc::Result<()> {
+        loop {
+            let list = std::mem::take(&mut *self.superseded.borrow_mut());
+            if list.is_empty() {
+                return Ok(());
+            }
+            self.retiring.set(self.retiring.get() + list.len());
+            let mut round = Retiring {
+                store: self,
+                list,
+                done: 0,
+            };
+            while let Some(&h) = round.list.get(round.done) {
+                let r = match pin_of(&self.shard, h).await {
+                    Ok(pin) => retire(&self.shard, h, pin),
+                    Err(e) => Err(e),
+                };
+                // A record that failed is left to recovery, which retires
+                // it as superseded; the rest waits for the next round.
+                round.done += 1;
+                r?;
+            }
+        }
+    }
+
+    /// Pin the record indexed under `key` to delete it (as
+    /// [`Store::pin_current`]), with no superseded record left: a key's
+    /// older record that outlived its deletion, intact, would be live again
+    /// after a crash if its slot was never handed out again, or handed out
+    /// and the new record's bytes lost. The caller must not await before
+    /// removing the key from the index.
+    async fn pin_for_delete(&self, key: &[u8]) -> segalloc::Result<Option<(Entry, PinGuard)>> {
+        loop {
+            self.retire_superseded().await?;
+            if self.retiring.get() > 0 {
+                // Another task's round is under way: its records are still
+                // intact until it is done.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let current = self.pin_current(key).await?;
+            if self.superseded.borrow().is_empty() && self.retiring.get() == 0 {
+                return Ok(current);
+            }
+        }
+    }
+
     /// The task that deletes expired keys nobody reads: every 100 ms, up
     /// to [`EXPIRE_PER_SWEEP`] of them. Runs for the life of the shard
     /// thread.
@@ -487,7 +603,13 @@ impl Store {
             };
             // The key may have been overwritten (without expiry, or later)
             // or deleted since it was queued.
-            if let Some((e, pin)) = self.pin_current(&key).await?
+            let due = self
+                .index
+                .borrow()
+                .get(&key)
+                .is_some_and(|e| e.expired(now));
+            if due
+                && let Some((e, pin)) = self.pin_for_delete(&key).await?
                 && e.expired(now)
             {
                 self.index.borrow_mut().remove(&key);
@@ -695,16 +817,27 @@ impl Store {
     }
 
     async fn get(&self, key: &[u8], now: u64, out: &mut Vec<u8>) -> segalloc::Result<()> {
-        let Some((e, pin)) = self.pin_current(key).await? else {
+        let Some((mut e, mut pin)) = self.pin_current(key).await? else {
             resp::nil(out);
             return Ok(());
         };
         if e.expired(now) {
-            self.index.borrow_mut().remove(key);
-            retire(&self.shard, e.handle, pin)?;
-            self.wrote();
-            resp::nil(out);
-            return Ok(());
+            drop(pin);
+            match self.pin_for_delete(key).await? {
+                Some((current, p)) if current.expired(now) => {
+                    self.index.borrow_mut().remove(key);
+                    retire(&self.shard, current.handle, p)?;
+                    self.wrote();
+                    resp::nil(out);
+                    return Ok(());
+                }
+                // Overwritten while superseded records were retired.
+                Some((current, p)) => (e, pin) = (current, p),
+                None => {
+                    resp::nil(out);
+                    return Ok(());
+                }
+            }
         }
         self.reply_value(e.handle, &pin, key, out);
         Ok(())
@@ -819,7 +952,12 @@ impl Store {
         }
         drop(index);
         if let Some((old, old_pin)) = old {
-            retire(&self.shard, old.handle, old_pin)?;
+            drop(old_pin);
+            let mut superseded = self.superseded.borrow_mut();
+            superseded.push(old.handle);
+            if superseded.len() >= SUPERSEDED_MAX {
+                self.retire_kick.notify_one();
+            }
         }
         self.wrote();
         Ok(true)
@@ -835,7 +973,7 @@ impl Store {
     }
 
     async fn del(&self, key: &[u8], now: u64) -> segalloc::Result<i64> {
-        let Some((e, pin)) = self.pin_current(key).await? else {
+        let Some((e, pin)) = self.pin_for_delete(key).await? else {
             return Ok(0);
         };
         self.index.borrow_mut().remove(key);
@@ -893,6 +1031,13 @@ impl Store {
     }
 
     async fn flush(&self) -> segalloc::Result<()> {
+        // No superseded record may outlive the keys (see `pin_for_delete`).
+        loop {
+            self.retire_superseded().await?;
+            if self.superseded.borrow().is_empty() {
+                break;
+            }
+        }
         let all = std::mem::take(&mut *self.index.borrow_mut());
         self.expiring.borrow_mut().clear();
         for (_, e) in all {
