@@ -40,8 +40,11 @@
 //! `kv_server/store.rs` for the layout: header with key and value lengths,
 //! sequence number, expiry and CRC-32C, then key and value). A reply to a
 //! write is sent only after the record is in its `MAP_SHARED` mapping and
-//! the allocator acknowledged the allocation (and the free of the record it
-//! replaced), so an acknowledged write survives `kill -9`. Against power
+//! the allocator acknowledged the allocation, so an acknowledged write
+//! survives `kill -9`. The record an overwrite replaced stays allocated
+//! until a round retires it (every `--retire-ms`, default a second, or
+//! when 32,768 wait on a shard; a deletion retires every waiting one
+//! first). Against power
 //! loss, `--sync` chooses, like Redis's `appendfsync`: `always` answers a
 //! batch of writes only after a sync of its shard that started once they
 //! were in place (group commit: each shard has one sync in flight at a
@@ -80,7 +83,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use segalloc::{Cluster, Config, ShardBuilder};
@@ -110,6 +113,11 @@ struct Args {
     /// When writes become durable against power loss.
     #[arg(long, value_enum, default_value_t = SyncPolicy::Everysec)]
     sync: SyncPolicy,
+    /// How often each shard retires the records overwrites replaced, in
+    /// milliseconds (they are also retired when 32,768 wait on a shard,
+    /// and before any deletion).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    retire_ms: u64,
 }
 
 /// What a shard thread receives: a connection to serve, or a batch of
@@ -144,7 +152,7 @@ fn shard_thread(
     tokio::task::LocalSet::new().block_on(&rt, async move {
         let index = builder.index();
         let opened = match builder.open().await {
-            Ok(shard) => Store::open(shard, facts.policy).await,
+            Ok(shard) => Store::open(shard, facts.policy, facts.retire_every).await,
             Err(e) => Err(e),
         };
         let store = match opened {
@@ -226,6 +234,7 @@ fn start_shards(cluster: Cluster, args: &Args, port: u16) -> Vec<mpsc::Unbounded
             port,
             shards: senders.len(),
             policy: args.sync,
+            retire_every: Duration::from_millis(args.retire_ms),
             dir: args.dir.clone(),
             started,
         };

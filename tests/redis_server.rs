@@ -964,103 +964,148 @@ fn expired_keys_are_deleted_without_reads() {
 }
 
 /// An overwrite leaves the record it replaced allocated until a background
-/// round retires it. A key deleted meanwhile (DEL, expiry, FLUSHDB) must
-/// not leave that older record behind: intact and live, a restart would
-/// index it and bring the key back with its older value.
+/// round retires it (every second). A key deleted meanwhile (DEL, the
+/// expiry sweep, FLUSHDB) must not leave that older record behind: intact
+/// and live, a restart would index it and bring the key back with its
+/// older value. Each path on a server of its own, one shard, with timed
+/// rounds off (`--retire-ms` of an hour).
 #[test]
 fn deleted_keys_do_not_come_back_from_the_records_they_superseded() {
     const KEYS: u32 = 300;
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("d");
-    let server = Server::start(&dir, &["--sync", "always"]);
+    let flags = [
+        "--shards",
+        "1",
+        "--sync",
+        "always",
+        "--retire-ms",
+        "3600000",
+    ];
+    let overwrite = |c: &mut redis::Connection, prefix: &str, px: Option<u32>| {
+        let mut pipe = redis::pipe();
+        for k in 0..KEYS {
+            pipe.set(format!("{prefix}{k}"), "old").ignore();
+            let set = pipe.cmd("SET").arg(format!("{prefix}{k}")).arg("new");
+            if let Some(ms) = px {
+                set.arg("PX").arg(ms);
+            }
+            set.ignore();
+        }
+        let _: () = pipe.query(c).unwrap();
+    };
+    let dbsize = |c: &mut redis::Connection| redis::cmd("DBSIZE").query::<u32>(c).unwrap();
+    let restart = |server: Server| {
+        let mut s = server;
+        s.child.kill().expect("SIGKILL");
+        s.child.wait().expect("reap");
+        let dir = s.dir.clone();
+        drop(s);
+        Server::start_with(&dir, &flags)
+    };
+    // DEL.
+    let server = Server::start_with(&tmp.path().join("del"), &flags);
     let c = &mut server.client();
-    let mut pipe = redis::pipe();
-    for k in 0..KEYS {
-        pipe.set(format!("del{k}"), "old").ignore();
-        pipe.set(format!("del{k}"), "new").ignore();
-        pipe.set(format!("exp{k}"), "old").ignore();
-        pipe.cmd("SET")
-            .arg(format!("exp{k}"))
-            .arg("new")
-            .arg("PX")
-            .arg(50)
-            .ignore();
-        pipe.set(format!("fl{k}"), "old").ignore();
-    }
-    let _: () = pipe.query(c).unwrap();
+    overwrite(c, "del", None);
     let mut pipe = redis::pipe();
     for k in 0..KEYS {
         pipe.del(format!("del{k}")).ignore();
     }
     let _: () = pipe.query(c).unwrap();
-    // The expiry sweep (every 100 ms) deletes the `exp` keys unread.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while redis::cmd("DBSIZE").query::<u32>(c).unwrap() != KEYS {
-        assert!(std::time::Instant::now() < deadline, "expired keys stay");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let dbsize: u32 = redis::cmd("DBSIZE").query(c).unwrap();
-    assert_eq!(dbsize, KEYS, "only the fl keys are left");
-    let server = server.kill9_restart(&["--sync", "always"]);
+    let server = restart(server);
     let c = &mut server.client();
-    for k in [0, KEYS / 2, KEYS - 1] {
-        let got: Option<String> = c.get(format!("del{k}")).unwrap();
-        assert_eq!(got, None, "del{k} came back; log: {}", server.log());
-        let got: Option<String> = c.get(format!("exp{k}")).unwrap();
-        assert_eq!(got, None, "exp{k} came back; log: {}", server.log());
-    }
-    let dbsize: u32 = redis::cmd("DBSIZE").query(c).unwrap();
     assert_eq!(
-        dbsize,
-        KEYS,
+        dbsize(c),
+        0,
         "deleted keys came back; log: {}",
         server.log()
     );
-    // FLUSHDB with superseded records waiting.
-    let mut pipe = redis::pipe();
-    for k in 0..KEYS {
-        pipe.set(format!("fl{k}"), "newer").ignore();
-    }
-    pipe.cmd("FLUSHDB").ignore();
-    let _: () = pipe.query(c).unwrap();
-    let server = server.kill9_restart(&["--sync", "always"]);
+    // The expiry sweep (every 100 ms) deletes the keys unread.
+    let server = Server::start_with(&tmp.path().join("exp"), &flags);
     let c = &mut server.client();
-    let dbsize: u32 = redis::cmd("DBSIZE").query(c).unwrap();
-    assert_eq!(dbsize, 0, "flushed keys came back; log: {}", server.log());
+    overwrite(c, "exp", Some(20));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while dbsize(c) != 0 {
+        assert!(std::time::Instant::now() < deadline, "expired keys stay");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let server = restart(server);
+    let c = &mut server.client();
+    assert_eq!(
+        dbsize(c),
+        0,
+        "expired keys came back; log: {}",
+        server.log()
+    );
+    // FLUSHDB.
+    let server = Server::start_with(&tmp.path().join("flush"), &flags);
+    let c = &mut server.client();
+    overwrite(c, "fl", None);
+    let _: () = redis::cmd("FLUSHDB").query(c).unwrap();
+    let server = restart(server);
+    let c = &mut server.client();
+    assert_eq!(
+        dbsize(c),
+        0,
+        "flushed keys came back; log: {}",
+        server.log()
+    );
 }
 
-/// Records superseded by overwrites are retired in the background: the
-/// live bytes come back to one record per key without any other command.
+/// Records superseded by overwrites are retired in the background: when
+/// 32,768 wait on a shard, and every `--retire-ms`. Live bytes come back
+/// to one record per key without any other command.
 #[test]
 fn overwritten_records_are_retired_in_the_background() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start_with(&tmp.path().join("d"), &["--shards", "1"]);
-    let c = &mut server.client();
     let live = |c: &mut redis::Connection| -> u64 {
         info_field(c, "memory", "segalloc_live_bytes")
             .parse()
             .unwrap()
     };
-    let mut pipe = redis::pipe();
-    for i in 0..5000 {
-        pipe.set("k", format!("value {i:>90}")).ignore();
-    }
-    let _: () = pipe.query(c).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let bytes = live(c);
-        // One record of 32 + 1 + 96 bytes in a slot of at most 256.
-        if bytes <= 256 {
-            break;
+    let overwrite = |c: &mut redis::Connection, times: u32| {
+        let mut pipe = redis::pipe();
+        for i in 0..times {
+            pipe.set("k", format!("value {i:>90}")).ignore();
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{bytes} live bytes for one key after 5 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let got: String = c.get("k").unwrap();
-    assert_eq!(got, format!("value {:>90}", 4999));
+        let _: () = pipe.query(c).unwrap();
+        let got: String = c.get("k").unwrap();
+        assert_eq!(got, format!("value {:>90}", times - 1));
+    };
+    let wait_for = |c: &mut redis::Connection, at_most: u64, what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let bytes = live(c);
+            if bytes <= at_most {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {bytes} live bytes after 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // One record: 32 + 1 + 96 bytes in a slot of at most 256.
+    const RECORD: u64 = 256;
+    // Timed rounds off: the cap alone brings the count down.
+    let server = Server::start_with(
+        &tmp.path().join("cap"),
+        &["--shards", "1", "--retire-ms", "3600000"],
+    );
+    let c = &mut server.client();
+    overwrite(c, 1000);
+    assert!(live(c) > 500 * RECORD / 2, "replaced records wait");
+    overwrite(c, 40_000);
+    wait_for(c, 10_000 * RECORD, "past the cap");
+    drop(server);
+    // Timed rounds every 100 ms.
+    let server = Server::start_with(
+        &tmp.path().join("timed"),
+        &["--shards", "1", "--retire-ms", "100"],
+    );
+    let c = &mut server.client();
+    overwrite(c, 5000);
+    wait_for(c, RECORD, "timed rounds");
 }
 
 /// Under `--sync always`, connections that each wait for their write's

@@ -39,6 +39,8 @@ pub struct ServerFacts {
     pub port: u16,
     pub shards: usize,
     pub policy: SyncPolicy,
+    /// How often a shard retires superseded records.
+    pub retire_every: std::time::Duration,
     pub dir: PathBuf,
     pub started: Instant,
 }

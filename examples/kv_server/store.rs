@@ -182,8 +182,10 @@ fn load_value<'a>(
 /// Expired keys deleted per sweep, so one sweep never stalls the shard.
 const EXPIRE_PER_SWEEP: usize = 1024;
 /// Superseded records a shard keeps before it retires them all (also
-/// retired every second): see [`Store::retire_superseded`].
-const SUPERSEDED_MAX: usize = 1 << 17;
+/// retired every `--retire-ms`): see [`Store::retire_superseded`].
+const SUPERSEDED_MAX: usize = 1 << 15;
+/// Retirements between two yields of a round.
+const RETIRE_PER_YIELD: usize = 1024;
 
 /// Keys by expiry (Unix milliseconds), soonest first.
 type ExpiryQueue = BinaryHeap<Reverse<(u64, Box<[u8]>)>>;
@@ -345,8 +347,12 @@ pub struct Store {
     /// Superseded records taken by a round of retirement and not retired
     /// yet (see [`Retiring`]).
     retiring: Cell<usize>,
+    /// How often [`Store::run_retirer`] retires superseded records.
+    retire_every: Duration,
     /// Wakes [`Store::run_retirer`] when `superseded` is full.
     retire_kick: Notify,
+    /// Notified when `retiring` drops to zero.
+    retired: Notify,
 }
 
 /// A round of [`Store::retire_superseded`]: the records it took, of which
@@ -369,6 +375,9 @@ impl Drop for Retiring<'_> {
             // Their frees are to be synced.
             s.wrote();
         }
+        if s.retiring.get() == 0 {
+            s.retired.notify_waiters();
+        }
     }
 }
 
@@ -379,7 +388,11 @@ fn err_reply(out: &mut Vec<u8>, e: &segalloc::Error) {
 
 impl Store {
     /// Rebuild the index from the shard's live allocations.
-    pub async fn open(shard: Shard, policy: SyncPolicy) -> segalloc::Result<(Store, Recovered)> {
+    pub async fn open(
+        shard: Shard,
+        policy: SyncPolicy,
+        retire_every: Duration,
+    ) -> segalloc::Result<(Store, Recovered)> {
         let started = Instant::now();
         let (best, torn, superseded, expired, max_seq) = recover_index(&shard).await?;
         let records = best.len();
@@ -393,7 +406,9 @@ impl Store {
             record_buf: RefCell::new(Vec::new()),
             superseded: RefCell::new(Vec::new()),
             retiring: Cell::new(0),
+            retire_every,
             retire_kick: Notify::new(),
+            retired: Notify::new(),
             sync: SyncState {
                 policy,
                 // Recovery's frees count as writes, so the first sync covers them.
@@ -499,11 +514,14 @@ impl Store {
         }
     }
 
-    /// The task that retires superseded records: every second, and when
-    /// [`SUPERSEDED_MAX`] of them wait. Runs for the life of the shard
+    /// The task that retires superseded records: every `--retire-ms`, and
+    /// when [`SUPERSEDED_MAX`] of them wait. Runs for the life of the shard
     /// thread.
     pub async fn run_retirer(&self) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.retire_every,
+            self.retire_every,
+        );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -544,14 +562,15 @@ impl Store {
                 done: 0,
             };
             while let Some(&h) = round.list.get(round.done) {
-                let r = match pin_of(&self.shard, h).await {
-                    Ok(pin) => retire(&self.shard, h, pin),
-                    Err(e) => Err(e),
-                };
-                // A record that failed is left to recovery, which retires
-                // it as superseded; the rest waits for the next round.
+                // On failure nothing changed (or only the magic was zeroed):
+                // this record and the rest go back for the next round.
+                let pin = pin_of(&self.shard, h).await?;
+                retire(&self.shard, h, pin)?;
                 round.done += 1;
-                r?;
+                if round.done.is_multiple_of(RETIRE_PER_YIELD) {
+                    // A round is long: let the shard's other tasks run.
+                    tokio::task::yield_now().await;
+                }
             }
         }
     }
@@ -564,17 +583,28 @@ impl Store {
     /// removing the key from the index.
     async fn pin_for_delete(&self, key: &[u8]) -> segalloc::Result<Option<(Entry, PinGuard)>> {
         loop {
-            self.retire_superseded().await?;
-            if self.retiring.get() > 0 {
-                // Another task's round is under way: its records are still
-                // intact until it is done.
-                tokio::task::yield_now().await;
-                continue;
-            }
+            self.settle_superseded().await?;
             let current = self.pin_current(key).await?;
             if self.superseded.borrow().is_empty() && self.retiring.get() == 0 {
                 return Ok(current);
             }
+        }
+    }
+
+    /// Return once no superseded record waits and no round is under way
+    /// (this task's or another's: a round's records are intact until it is
+    /// done).
+    async fn settle_superseded(&self) -> segalloc::Result<()> {
+        loop {
+            self.retire_superseded().await?;
+            let done = self.retired.notified();
+            if self.retiring.get() == 0 {
+                if self.superseded.borrow().is_empty() {
+                    return Ok(());
+                }
+                continue;
+            }
+            done.await;
         }
     }
 
@@ -858,6 +888,11 @@ impl Store {
     /// Write a new record for `key` if `cond` holds at the moment it is
     /// published; returns whether it was written.
     async fn put(&self, w: &Put<'_>) -> segalloc::Result<bool> {
+        if self.superseded.borrow().len() >= SUPERSEDED_MAX {
+            // Writers retire what they superseded when the background
+            // rounds fall behind: the list stays bounded.
+            self.retire_superseded().await?;
+        }
         let total = (HEADER_BYTES + w.key.len() + w.value.len()) as u64;
         let a = match self.shard.try_allocate(total)? {
             Some(a) => a,
@@ -878,6 +913,9 @@ impl Store {
     /// [`Store::put`] without awaiting: `None` when the old record's window
     /// is not mapped or the allocation would have to wait.
     fn put_now(&self, w: &Put<'_>) -> Option<segalloc::Result<bool>> {
+        if self.superseded.borrow().len() >= SUPERSEDED_MAX {
+            return None;
+        }
         let current = self.index.borrow().get(w.key).copied();
         let old = match current {
             None => None,
@@ -902,7 +940,8 @@ impl Store {
     }
 
     /// Seal the new record `(h, pin)` and index it if `w.cond` holds against
-    /// `old` (the record indexed now), retiring `old`; else free it. No
+    /// `old` (the record indexed now), queueing `old` for retirement (see
+    /// [`Store::retire_superseded`]); else free the new one. No
     /// await: the sequence number order is the index order.
     fn publish(
         &self,
@@ -1032,12 +1071,7 @@ impl Store {
 
     async fn flush(&self) -> segalloc::Result<()> {
         // No superseded record may outlive the keys (see `pin_for_delete`).
-        loop {
-            self.retire_superseded().await?;
-            if self.superseded.borrow().is_empty() {
-                break;
-            }
-        }
+        self.settle_superseded().await?;
         let all = std::mem::take(&mut *self.index.borrow_mut());
         self.expiring.borrow_mut().clear();
         for (_, e) in all {
