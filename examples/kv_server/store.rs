@@ -183,7 +183,7 @@ fn load_value<'a>(
 const EXPIRE_PER_SWEEP: usize = 1024;
 /// Superseded records a shard keeps before it retires them all (also
 /// retired every `--retire-ms`): see [`Store::retire_superseded`].
-const SUPERSEDED_MAX: usize = 1 << 15;
+const SUPERSEDED_MAX: usize = 1 << 16;
 /// Retirements between two yields of a round.
 const RETIRE_PER_YIELD: usize = 1024;
 
