@@ -43,8 +43,8 @@
 //! the allocator acknowledged the allocation, so an acknowledged write
 //! survives `kill -9`. The record an overwrite replaced stays allocated
 //! until a round retires it (every `--retire-ms`, default a second, or
-//! when 65,536 wait on a shard; a deletion retires every waiting one
-//! first). Against power
+//! when 262,144 wait on a shard or lie on 16,384 pages; a deletion
+//! retires every waiting one first). Against power
 //! loss, `--sync` chooses, like Redis's `appendfsync`: `always` answers a
 //! batch of writes only after a sync of its shard that started once they
 //! were in place (group commit: each shard has one sync in flight at a
@@ -114,8 +114,8 @@ struct Args {
     #[arg(long, value_enum, default_value_t = SyncPolicy::Everysec)]
     sync: SyncPolicy,
     /// How often each shard retires the records overwrites replaced, in
-    /// milliseconds (they are also retired when 65,536 wait on a shard,
-    /// and before any deletion).
+    /// milliseconds (they are also retired when 262,144 wait on a shard or
+    /// lie on 16,384 pages, and before any deletion).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     retire_ms: u64,
 }

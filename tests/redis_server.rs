@@ -1052,7 +1052,7 @@ fn deleted_keys_do_not_come_back_from_the_records_they_superseded() {
 }
 
 /// Records superseded by overwrites are retired in the background: when
-/// 65,536 wait on a shard, and every `--retire-ms`. Live bytes come back
+/// 262,144 wait on a shard, and every `--retire-ms`. Live bytes come back
 /// to one record per key without any other command.
 #[test]
 fn overwritten_records_are_retired_in_the_background() {
@@ -1095,8 +1095,8 @@ fn overwritten_records_are_retired_in_the_background() {
     let c = &mut server.client();
     overwrite(c, 1000);
     assert!(live(c) > 500 * RECORD / 2, "replaced records wait");
-    overwrite(c, 80_000);
-    wait_for(c, 20_000 * RECORD, "past the cap");
+    overwrite(c, 280_000);
+    wait_for(c, 40_000 * RECORD, "past the cap");
     drop(server);
     // Timed rounds every 100 ms.
     let server = Server::start_with(

@@ -15,7 +15,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use segalloc::{Handle, PinGuard, Shard};
@@ -183,7 +183,11 @@ fn load_value<'a>(
 const EXPIRE_PER_SWEEP: usize = 1024;
 /// Superseded records a shard keeps before it retires them all (also
 /// retired every `--retire-ms`): see [`Store::retire_superseded`].
-const SUPERSEDED_MAX: usize = 1 << 16;
+const SUPERSEDED_MAX: usize = 1 << 18;
+/// Distinct 4 KiB pages the superseded records of a shard may lie on
+/// before it retires them all: the write-back a round adds to the next
+/// sync (64 MiB) stays bounded when records do not share pages.
+const SUPERSEDED_PAGES_MAX: usize = 16384;
 /// Retirements between two yields of a round.
 const RETIRE_PER_YIELD: usize = 1024;
 
@@ -344,6 +348,8 @@ pub struct Store {
     /// Records an overwrite superseded, still allocated and intact, to be
     /// retired together (see [`Store::retire_superseded`]).
     superseded: RefCell<Vec<Handle>>,
+    /// The distinct pages (data file, page index) of `superseded`.
+    superseded_pages: RefCell<HashSet<(u32, u64)>>,
     /// Superseded records taken by a round of retirement and not retired
     /// yet (see [`Retiring`]).
     retiring: Cell<usize>,
@@ -367,9 +373,11 @@ struct Retiring<'a> {
 impl Drop for Retiring<'_> {
     fn drop(&mut self) {
         let s = self.store;
-        s.superseded
+        let rest = &self.list[self.done..];
+        s.superseded.borrow_mut().extend_from_slice(rest);
+        s.superseded_pages
             .borrow_mut()
-            .extend_from_slice(&self.list[self.done..]);
+            .extend(rest.iter().map(|h| (h.file_id(), h.offset() / 4096)));
         s.retiring.set(s.retiring.get() - self.list.len());
         if self.done > 0 {
             // Their frees are to be synced.
@@ -405,6 +413,7 @@ impl Store {
             next_seq: Cell::new(max_seq + 1),
             record_buf: RefCell::new(Vec::new()),
             superseded: RefCell::new(Vec::new()),
+            superseded_pages: RefCell::new(HashSet::new()),
             retiring: Cell::new(0),
             retire_every,
             retire_kick: Notify::new(),
@@ -555,6 +564,7 @@ impl Store {
             if list.is_empty() {
                 return Ok(());
             }
+            self.superseded_pages.borrow_mut().clear();
             self.retiring.set(self.retiring.get() + list.len());
             let mut round = Retiring {
                 store: self,
@@ -888,7 +898,7 @@ impl Store {
     /// Write a new record for `key` if `cond` holds at the moment it is
     /// published; returns whether it was written.
     async fn put(&self, w: &Put<'_>) -> segalloc::Result<bool> {
-        if self.superseded.borrow().len() >= SUPERSEDED_MAX {
+        if self.superseded_full() {
             // Writers retire what they superseded when the background
             // rounds fall behind: the list stays bounded.
             self.retire_superseded().await?;
@@ -913,7 +923,7 @@ impl Store {
     /// [`Store::put`] without awaiting: `None` when the old record's window
     /// is not mapped or the allocation would have to wait.
     fn put_now(&self, w: &Put<'_>) -> Option<segalloc::Result<bool>> {
-        if self.superseded.borrow().len() >= SUPERSEDED_MAX {
+        if self.superseded_full() {
             return None;
         }
         let current = self.index.borrow().get(w.key).copied();
@@ -992,14 +1002,29 @@ impl Store {
         drop(index);
         if let Some((old, old_pin)) = old {
             drop(old_pin);
-            let mut superseded = self.superseded.borrow_mut();
-            superseded.push(old.handle);
-            if superseded.len() >= SUPERSEDED_MAX {
-                self.retire_kick.notify_one();
-            }
+            self.supersede(old.handle);
         }
         self.wrote();
         Ok(true)
+    }
+
+    /// Queue `h`, the record an overwrite replaced, for retirement; wake
+    /// the retirer when the queue is full.
+    fn supersede(&self, h: Handle) {
+        let mut superseded = self.superseded.borrow_mut();
+        superseded.push(h);
+        let mut pages = self.superseded_pages.borrow_mut();
+        pages.insert((h.file_id(), h.offset() / 4096));
+        if superseded.len() >= SUPERSEDED_MAX || pages.len() >= SUPERSEDED_PAGES_MAX {
+            self.retire_kick.notify_one();
+        }
+    }
+
+    /// Whether the superseded records fill their queue (writers then
+    /// retire them before writing).
+    fn superseded_full(&self) -> bool {
+        self.superseded.borrow().len() >= SUPERSEDED_MAX
+            || self.superseded_pages.borrow().len() >= SUPERSEDED_PAGES_MAX
     }
 
     async fn set(&self, w: &Put<'_>, out: &mut Vec<u8>) -> segalloc::Result<()> {
