@@ -41,8 +41,8 @@
 //! sequence number, expiry and CRC-32C, then key and value). A reply to a
 //! write is sent only after the record is in its `MAP_SHARED` mapping and
 //! the allocator acknowledged the allocation, so an acknowledged write
-//! survives `kill -9`. The record an overwrite replaced stays allocated
-//! until a round retires it (every `--retire-ms`, default a second, or
+//! survives `kill -9`. Under `--sync always` the record an overwrite
+//! replaced stays allocated until a round retires it (every `--retire-ms`, default a second, or
 //! when 262,144 wait on a shard or lie on 16,384 pages; a deletion
 //! retires every waiting one first). Against power
 //! loss, `--sync` chooses, like Redis's `appendfsync`: `always` answers a
@@ -113,8 +113,8 @@ struct Args {
     /// When writes become durable against power loss.
     #[arg(long, value_enum, default_value_t = SyncPolicy::Everysec)]
     sync: SyncPolicy,
-    /// How often each shard retires the records overwrites replaced, in
-    /// milliseconds (they are also retired when 262,144 wait on a shard or
+    /// Under `--sync always`: how often each shard retires the records
+    /// overwrites replaced, in milliseconds (they are also retired when 262,144 wait on a shard or
     /// lie on 16,384 pages, and before any deletion).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     retire_ms: u64,

@@ -1051,9 +1051,9 @@ fn deleted_keys_do_not_come_back_from_the_records_they_superseded() {
     );
 }
 
-/// Records superseded by overwrites are retired in the background: when
-/// 262,144 wait on a shard, and every `--retire-ms`. Live bytes come back
-/// to one record per key without any other command.
+/// Under `--sync always`, records superseded by overwrites are retired in
+/// the background: when 262,144 wait on a shard, and every `--retire-ms`.
+/// Live bytes come back to one record per key without any other command.
 #[test]
 fn overwritten_records_are_retired_in_the_background() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1090,7 +1090,14 @@ fn overwritten_records_are_retired_in_the_background() {
     // Timed rounds off: the cap alone brings the count down.
     let server = Server::start_with(
         &tmp.path().join("cap"),
-        &["--shards", "1", "--retire-ms", "3600000"],
+        &[
+            "--shards",
+            "1",
+            "--sync",
+            "always",
+            "--retire-ms",
+            "3600000",
+        ],
     );
     let c = &mut server.client();
     overwrite(c, 1000);
@@ -1101,7 +1108,7 @@ fn overwritten_records_are_retired_in_the_background() {
     // Timed rounds every 100 ms.
     let server = Server::start_with(
         &tmp.path().join("timed"),
-        &["--shards", "1", "--retire-ms", "100"],
+        &["--shards", "1", "--sync", "always", "--retire-ms", "100"],
     );
     let c = &mut server.client();
     overwrite(c, 5000);
