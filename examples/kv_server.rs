@@ -44,7 +44,7 @@
 //! survives `kill -9`. Under `--sync always` the record an overwrite
 //! replaced stays allocated until a round retires it (every `--retire-ms`, default a second, or
 //! when 262,144 wait on a shard or lie on 16,384 pages; a deletion
-//! retires every waiting one first). Against power
+//! first retires the key's waiting ones, durably). Against power
 //! loss, `--sync` chooses, like Redis's `appendfsync`: `always` answers a
 //! batch of writes only after a sync of its shard that started once they
 //! were in place (group commit: each shard has one sync in flight at a
@@ -75,6 +75,8 @@ mod crc;
 mod hash;
 #[path = "kv_server/resp.rs"]
 mod resp;
+#[path = "kv_server/retire.rs"]
+mod retire;
 #[path = "kv_server/store.rs"]
 mod store;
 
@@ -116,7 +118,7 @@ struct Args {
     /// Under `--sync always`: how often each shard retires the records
     /// overwrites replaced, in milliseconds (they are also retired when 262,144 wait on a shard or
     /// lie on 16,384 pages, and before any deletion).
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     retire_ms: u64,
 }
 

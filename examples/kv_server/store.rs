@@ -15,7 +15,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::BinaryHeap;
+use std::hash::BuildHasher;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use segalloc::{Handle, PinGuard, Shard};
@@ -24,6 +25,7 @@ use tokio::sync::Notify;
 use crate::batch::{Batch, Cond, OpDesc, OpKind, Ttl};
 use crate::hash::IndexMap;
 use crate::resp;
+use crate::retire::{Keyed, Rounds, Waiting};
 
 /// Longest key.
 pub const KEY_BYTES_MAX: usize = 512;
@@ -181,13 +183,6 @@ fn load_value<'a>(
 
 /// Expired keys deleted per sweep, so one sweep never stalls the shard.
 const EXPIRE_PER_SWEEP: usize = 1024;
-/// Superseded records a shard keeps before it retires them all (also
-/// retired every `--retire-ms`): see [`Store::retire_superseded`].
-const SUPERSEDED_MAX: usize = 1 << 18;
-/// Distinct 4 KiB pages the superseded records of a shard may lie on
-/// before it retires them all: the write-back a round adds to the next
-/// sync (64 MiB) stays bounded when records do not share pages.
-const SUPERSEDED_PAGES_MAX: usize = 16384;
 /// Retirements between two yields of a round.
 const RETIRE_PER_YIELD: usize = 1024;
 
@@ -345,47 +340,40 @@ pub struct Store {
     /// Where records are read back to be checked (borrowed only between
     /// awaits). As large as the largest record read.
     record_buf: RefCell<Vec<u8>>,
-    /// Records an overwrite superseded, still allocated and intact, to be
-    /// retired together (see [`Store::retire_superseded`]).
-    superseded: RefCell<Vec<Handle>>,
-    /// The distinct pages (data file, page index) of `superseded`.
-    superseded_pages: RefCell<HashSet<(u32, u64)>>,
-    /// Superseded records taken by a round of retirement and not retired
-    /// yet (see [`Retiring`]).
-    retiring: Cell<usize>,
-    /// How often [`Store::run_retirer`] retires superseded records.
+    /// Records an overwrite replaced (under `--sync always`), still
+    /// allocated and intact, to be retired together (see
+    /// [`Store::retire_round`]).
+    waiting: RefCell<Waiting>,
+    /// The rounds of retirement under way.
+    rounds: RefCell<Rounds>,
+    /// How often [`Store::run_retirer`] retires the waiting records.
     retire_every: Duration,
-    /// Wakes [`Store::run_retirer`] when `superseded` is full.
+    /// Wakes [`Store::run_retirer`] when `waiting` is full.
     retire_kick: Notify,
-    /// Notified when `retiring` drops to zero.
+    /// Notified when a round ends.
     retired: Notify,
 }
 
-/// A round of [`Store::retire_superseded`]: the records it took, of which
-/// the first `done` are retired. Dropped (the round ended, failed or was
-/// cancelled), it gives the rest back and stops counting them as retiring.
+/// A round of [`Store::retire_round`]: the records it took, of which the
+/// first `done` are retired. Dropped (the round ended, failed or was
+/// cancelled), it gives the rest back and ends.
 struct Retiring<'a> {
     store: &'a Store,
-    list: Vec<Handle>,
+    id: u64,
+    list: Vec<Keyed>,
     done: usize,
 }
 
 impl Drop for Retiring<'_> {
     fn drop(&mut self) {
         let s = self.store;
-        let rest = &self.list[self.done..];
-        s.superseded.borrow_mut().extend_from_slice(rest);
-        s.superseded_pages
-            .borrow_mut()
-            .extend(rest.iter().map(|h| (h.file_id(), h.offset() / 4096)));
-        s.retiring.set(s.retiring.get() - self.list.len());
+        s.waiting.borrow_mut().give_back(&self.list[self.done..]);
+        s.rounds.borrow_mut().end(self.id, &self.list);
         if self.done > 0 {
             // Their frees are to be synced.
             s.wrote();
         }
-        if s.retiring.get() == 0 {
-            s.retired.notify_waiters();
-        }
+        s.retired.notify_waiters();
     }
 }
 
@@ -403,6 +391,13 @@ impl Store {
     ) -> segalloc::Result<(Store, Recovered)> {
         let started = Instant::now();
         let (best, torn, superseded, expired, max_seq) = recover_index(&shard).await?;
+        if torn + superseded + expired > 0 {
+            // What recovery retired must be durable before a deletion's own
+            // write can be: else a power loss could keep the deletion and
+            // revert the retirement of a key's older record, which would
+            // then be the key's only record.
+            shard.sync().await?;
+        }
         let records = best.len();
         let index: IndexMap<Entry> = best.into_iter().map(|(k, (_, e))| (k, e)).collect();
         let expiring = expiry_heap(&index);
@@ -412,9 +407,8 @@ impl Store {
             expiring: RefCell::new(expiring),
             next_seq: Cell::new(max_seq + 1),
             record_buf: RefCell::new(Vec::new()),
-            superseded: RefCell::new(Vec::new()),
-            superseded_pages: RefCell::new(HashSet::new()),
-            retiring: Cell::new(0),
+            waiting: RefCell::new(Waiting::default()),
+            rounds: RefCell::new(Rounds::default()),
             retire_every,
             retire_kick: Notify::new(),
             retired: Notify::new(),
@@ -523,9 +517,8 @@ impl Store {
         }
     }
 
-    /// The task that retires superseded records: every `--retire-ms`, and
-    /// when [`SUPERSEDED_MAX`] of them wait. Runs for the life of the shard
-    /// thread.
+    /// The task that retires the waiting records: every `--retire-ms`, and
+    /// when their queue is full. Runs for the life of the shard thread.
     pub async fn run_retirer(&self) {
         let mut tick = tokio::time::interval_at(
             tokio::time::Instant::now() + self.retire_every,
@@ -537,17 +530,19 @@ impl Store {
                 () = self.retire_kick.notified() => {}
                 _ = tick.tick() => {}
             }
-            if let Err(e) = self.retire_superseded().await {
+            let all = self.waiting.borrow_mut().take_all();
+            if let Err(e) = self.retire_round(all).await {
                 eprintln!(
-                    "shard {}: retiring superseded records: {e}",
+                    "shard {}: retiring replaced records: {e}",
                     self.shard.index()
                 );
             }
         }
     }
 
-    /// Retire every superseded record (zero its magic, free it), also those
-    /// superseded while this awaits.
+    /// Retire the records of `list` (zero each one's magic, free it), then
+    /// wait for a sync that covers them: the round ends only once its
+    /// retirements are durable.
     ///
     /// Under `--sync always` an overwrite leaves the record it replaced
     /// allocated and intact instead of retiring it at once: retiring writes
@@ -556,67 +551,71 @@ impl Store {
     /// shares its pages with the other new ones. Retired together, the old
     /// records' pages are written back together too. (Under `everysec` and
     /// `no` a sync writes back a second of pages at once anyway, and
-    /// retiring at once lets the slots be reused sooner: measured faster.) Until then a crash leaves both records live, and
-    /// recovery keeps the one with the higher sequence number, as for any
-    /// overwrite a crash interrupted. A key that leaves the index must not
-    /// leave an older record of it behind: see [`Store::pin_for_delete`].
-    async fn retire_superseded(&self) -> segalloc::Result<()> {
-        loop {
-            let list = std::mem::take(&mut *self.superseded.borrow_mut());
-            if list.is_empty() {
-                return Ok(());
-            }
-            self.superseded_pages.borrow_mut().clear();
-            self.retiring.set(self.retiring.get() + list.len());
-            let mut round = Retiring {
-                store: self,
-                list,
-                done: 0,
-            };
-            while let Some(&h) = round.list.get(round.done) {
-                // On failure nothing changed (or only the magic was zeroed):
-                // this record and the rest go back for the next round.
-                let pin = pin_of(&self.shard, h).await?;
-                retire(&self.shard, h, pin)?;
-                round.done += 1;
-                if round.done.is_multiple_of(RETIRE_PER_YIELD) {
-                    // A round is long: let the shard's other tasks run.
-                    tokio::task::yield_now().await;
-                }
+    /// retiring at once lets the slots be reused sooner: measured faster.)
+    /// Until then a crash leaves both records live, and recovery keeps the
+    /// one with the higher sequence number, as for any overwrite a crash
+    /// interrupted. A key that leaves the index must not leave an older
+    /// record of it behind: see [`Store::pin_for_delete`].
+    async fn retire_round(&self, list: Vec<Keyed>) -> segalloc::Result<()> {
+        if list.is_empty() {
+            return Ok(());
+        }
+        let id = self.rounds.borrow_mut().begin(&list);
+        let mut round = Retiring {
+            store: self,
+            id,
+            list,
+            done: 0,
+        };
+        while let Some(&(_, h)) = round.list.get(round.done) {
+            // On failure nothing changed (or only the magic was zeroed):
+            // this record and the rest go back for the next round.
+            let pin = pin_of(&self.shard, h).await?;
+            retire(&self.shard, h, pin)?;
+            round.done += 1;
+            if round.done.is_multiple_of(RETIRE_PER_YIELD) {
+                // A round is long: let the shard's other tasks run.
+                tokio::task::yield_now().await;
             }
         }
+        self.wrote();
+        let target = self.sync.writes.get();
+        if self.durable(target).await.is_err() {
+            // Report why the sync failed (the shard is poisoned).
+            self.shard.sync().await?;
+        }
+        Ok(())
+    }
+
+    /// The hash the waiting records of `key` are filed under.
+    fn key_hash(&self, key: &[u8]) -> u64 {
+        self.index.borrow().hasher().hash_one(key)
     }
 
     /// Pin the record indexed under `key` to delete it (as
-    /// [`Store::pin_current`]), with no superseded record left: a key's
-    /// older record that outlived its deletion, intact, would be live again
-    /// after a crash if its slot was never handed out again, or handed out
-    /// and the new record's bytes lost. The caller must not await before
+    /// [`Store::pin_current`]) once no older record of the key waits or is
+    /// in a round under way, and their retirement is durable: an older
+    /// record that outlived the deletion, intact, would be the key's only
+    /// record after a crash, and a power loss may keep the deletion's own
+    /// write and revert any unsynced one. The caller must not await before
     /// removing the key from the index.
     async fn pin_for_delete(&self, key: &[u8]) -> segalloc::Result<Option<(Entry, PinGuard)>> {
+        let k = self.key_hash(key);
         loop {
-            self.settle_superseded().await?;
-            let current = self.pin_current(key).await?;
-            if self.superseded.borrow().is_empty() && self.retiring.get() == 0 {
-                return Ok(current);
-            }
-        }
-    }
-
-    /// Return once no superseded record waits and no round is under way
-    /// (this task's or another's: a round's records are intact until it is
-    /// done).
-    async fn settle_superseded(&self) -> segalloc::Result<()> {
-        loop {
-            self.retire_superseded().await?;
-            let done = self.retired.notified();
-            if self.retiring.get() == 0 {
-                if self.superseded.borrow().is_empty() {
-                    return Ok(());
-                }
+            let mine = self.waiting.borrow_mut().take_key(k);
+            if !mine.is_empty() {
+                self.retire_round(mine).await?;
                 continue;
             }
-            done.await;
+            let ended = self.retired.notified();
+            if self.rounds.borrow().holds(k) {
+                ended.await;
+                continue;
+            }
+            let current = self.pin_current(key).await?;
+            if !self.waiting.borrow().has_key(k) && !self.rounds.borrow().holds(k) {
+                return Ok(current);
+            }
         }
     }
 
@@ -900,10 +899,11 @@ impl Store {
     /// Write a new record for `key` if `cond` holds at the moment it is
     /// published; returns whether it was written.
     async fn put(&self, w: &Put<'_>) -> segalloc::Result<bool> {
-        if self.superseded_full() {
-            // Writers retire what they superseded when the background
-            // rounds fall behind: the list stays bounded.
-            self.retire_superseded().await?;
+        if self.waiting.borrow().full() {
+            // Writers retire the records they replaced when the background
+            // rounds fall behind: the queue stays bounded.
+            let all = self.waiting.borrow_mut().take_all();
+            self.retire_round(all).await?;
         }
         let total = (HEADER_BYTES + w.key.len() + w.value.len()) as u64;
         let a = match self.shard.try_allocate(total)? {
@@ -925,7 +925,7 @@ impl Store {
     /// [`Store::put`] without awaiting: `None` when the old record's window
     /// is not mapped or the allocation would have to wait.
     fn put_now(&self, w: &Put<'_>) -> Option<segalloc::Result<bool>> {
-        if self.superseded_full() {
+        if self.waiting.borrow().full() {
             return None;
         }
         let current = self.index.borrow().get(w.key).copied();
@@ -953,7 +953,7 @@ impl Store {
 
     /// Seal the new record `(h, pin)` and index it if `w.cond` holds against
     /// `old` (the record indexed now), queueing `old` for retirement (see
-    /// [`Store::retire_superseded`]); else free the new one. No
+    /// [`Store::retire_round`]); else free the new one. No
     /// await: the sequence number order is the index order.
     fn publish(
         &self,
@@ -1005,32 +1005,16 @@ impl Store {
         if let Some((old, old_pin)) = old {
             if self.sync.policy == SyncPolicy::Always {
                 drop(old_pin);
-                self.supersede(old.handle);
+                let k = self.key_hash(w.key);
+                if self.waiting.borrow_mut().push(k, old.handle) {
+                    self.retire_kick.notify_one();
+                }
             } else {
                 retire(&self.shard, old.handle, old_pin)?;
             }
         }
         self.wrote();
         Ok(true)
-    }
-
-    /// Queue `h`, the record an overwrite replaced, for retirement; wake
-    /// the retirer when the queue is full.
-    fn supersede(&self, h: Handle) {
-        let mut superseded = self.superseded.borrow_mut();
-        superseded.push(h);
-        let mut pages = self.superseded_pages.borrow_mut();
-        pages.insert((h.file_id(), h.offset() / 4096));
-        if superseded.len() >= SUPERSEDED_MAX || pages.len() >= SUPERSEDED_PAGES_MAX {
-            self.retire_kick.notify_one();
-        }
-    }
-
-    /// Whether the superseded records fill their queue (writers then
-    /// retire them before writing).
-    fn superseded_full(&self) -> bool {
-        self.superseded.borrow().len() >= SUPERSEDED_MAX
-            || self.superseded_pages.borrow().len() >= SUPERSEDED_PAGES_MAX
     }
 
     async fn set(&self, w: &Put<'_>, out: &mut Vec<u8>) -> segalloc::Result<()> {
@@ -1101,16 +1085,59 @@ impl Store {
     }
 
     async fn flush(&self) -> segalloc::Result<()> {
-        // No superseded record may outlive the keys (see `pin_for_delete`).
-        self.settle_superseded().await?;
-        let all = std::mem::take(&mut *self.index.borrow_mut());
+        let all: Vec<(Box<[u8]>, Entry)> = std::mem::take(&mut *self.index.borrow_mut())
+            .into_iter()
+            .collect();
         self.expiring.borrow_mut().clear();
-        for (_, e) in all {
-            let pin = pin_of(&self.shard, e.handle).await?;
-            retire(&self.shard, e.handle, pin)?;
+        // No older record of a key may outlive it (see `pin_for_delete`):
+        // retire every waiting one and wait for the rounds under way.
+        let first = self.rounds.borrow().next_id();
+        let waiting = self.waiting.borrow_mut().take_all();
+        if let Err(e) = self.retire_round(waiting).await {
+            self.restore(all);
+            return Err(e);
+        }
+        loop {
+            let ended = self.retired.notified();
+            if self.rounds.borrow().ended_before(first) {
+                break;
+            }
+            ended.await;
+        }
+        let mut all = all.into_iter();
+        while let Some((key, e)) = all.next() {
+            let r = match pin_of(&self.shard, e.handle).await {
+                Ok(pin) => retire(&self.shard, e.handle, pin),
+                Err(err) => Err(err),
+            };
+            if let Err(err) = r {
+                self.restore(std::iter::once((key, e)).chain(all).collect());
+                self.wrote();
+                return Err(err);
+            }
         }
         self.wrote();
         Ok(())
+    }
+
+    /// Put back keys a failed FLUSHDB took out of the index and did not
+    /// retire (their records are intact). A key written since keeps its
+    /// new record; the old one waits for retirement.
+    fn restore(&self, keys: Vec<(Box<[u8]>, Entry)>) {
+        let mut index = self.index.borrow_mut();
+        let mut expiring = self.expiring.borrow_mut();
+        let mut waiting = self.waiting.borrow_mut();
+        for (key, e) in keys {
+            if index.contains_key(&key) {
+                let k = index.hasher().hash_one(&key[..]);
+                waiting.push(k, e.handle);
+                continue;
+            }
+            if e.expire_at_ms != 0 {
+                expiring.push(Reverse((e.expire_at_ms, key.clone())));
+            }
+            index.insert(key, e);
+        }
     }
 
     /// This shard's figures, as an array of integers in [`InfoField`] order.
