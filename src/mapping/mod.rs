@@ -150,7 +150,8 @@ impl Drop for Window {
 /// task waiting for an idle window, whoever it is.
 ///
 /// The window's reference count is its use count: besides `WindowRef`s,
-/// only the manager's table holds an `Rc<Window>` (see [`is_idle`]).
+/// only the manager's table holds an `Rc<Window>` (see [`is_idle`]), and
+/// the fault-in step that maps a window, until it puts it in the table.
 #[derive(Clone)]
 pub(crate) struct WindowRef(Rc<Window>);
 
@@ -179,8 +180,9 @@ impl std::ops::Deref for WindowRef {
 impl Drop for WindowRef {
     #[inline]
     fn drop(&mut self) {
-        // This reference and the table's: the window becomes idle (or, out
-        // of the table, unmapped) when this one goes.
+        // This reference and the table's: the window becomes idle when this
+        // one goes. (Out of the table, a count of 2 means one more use is
+        // left: the wake-up is early, and the waiter looks again.)
         if Rc::strong_count(&self.0) <= 2 && self.0.shared.pressure.waiting() > 0 {
             self.0.shared.pressure.wake_one();
         }
