@@ -2,7 +2,7 @@
 //! retired together, and the rounds that retire them (see
 //! `Store::retire_round`).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use segalloc::Handle;
 
@@ -71,11 +71,18 @@ impl Waiting {
     }
 }
 
-/// The rounds under way: their ids and the key hashes they hold.
+/// The rounds under way: their ids and the key hashes they hold. A round
+/// is under way from its start until a sync covers its retirements (it
+/// has then *ended*): until then its records may come back after a power
+/// loss.
 #[derive(Default)]
 pub struct Rounds {
     next: u64,
-    under_way: BTreeSet<u64>,
+    /// Round id → the sync target that makes it durable, once its
+    /// retirements are done.
+    under_way: BTreeMap<u64, Option<u64>>,
+    /// Round id → the key hashes it holds.
+    lists: HashMap<u64, Vec<u64>>,
     keys: HashMap<u64, u32>,
 }
 
@@ -84,24 +91,44 @@ impl Rounds {
     pub fn begin(&mut self, list: &[Keyed]) -> u64 {
         let id = self.next;
         self.next += 1;
-        self.under_way.insert(id);
+        self.under_way.insert(id, None);
         for &(k, _) in list {
             *self.keys.entry(k).or_default() += 1;
         }
+        self.lists
+            .insert(id, list.iter().map(|&(k, _)| k).collect());
         id
     }
 
-    /// Round `id`, which took `list`, ended (done, failed or dropped).
-    pub fn end(&mut self, id: u64, list: &[Keyed]) {
-        self.under_way.remove(&id);
-        for &(k, _) in list {
-            if let Some(n) = self.keys.get_mut(&k) {
-                *n -= 1;
-                if *n == 0 {
-                    self.keys.remove(&k);
+    /// Round `id` did its retirements: a sync covering `target` writes
+    /// ends it.
+    pub fn finish(&mut self, id: u64, target: u64) {
+        if let Some(t) = self.under_way.get_mut(&id) {
+            *t = Some(target);
+        }
+    }
+
+    /// A sync covered `synced` writes: end the rounds it made durable;
+    /// whether any ended.
+    pub fn synced(&mut self, synced: u64) -> bool {
+        let ended: Vec<u64> = self
+            .under_way
+            .iter()
+            .filter(|(_, t)| t.is_some_and(|t| t <= synced))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &ended {
+            self.under_way.remove(id);
+            for k in self.lists.remove(id).unwrap_or_default() {
+                if let Some(n) = self.keys.get_mut(&k) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.keys.remove(&k);
+                    }
                 }
             }
         }
+        !ended.is_empty()
     }
 
     /// Whether a round under way holds a record of key hash `key`.
@@ -116,6 +143,8 @@ impl Rounds {
 
     /// Whether every round that began before round `id` ended.
     pub fn ended_before(&self, id: u64) -> bool {
-        self.under_way.first().is_none_or(|&first| first >= id)
+        self.under_way
+            .first_key_value()
+            .is_none_or(|(&first, _)| first >= id)
     }
 }

@@ -355,8 +355,9 @@ pub struct Store {
 }
 
 /// A round of [`Store::retire_round`]: the records it took, of which the
-/// first `done` are retired. Dropped (the round ended, failed or was
-/// cancelled), it gives the rest back and ends.
+/// first `done` are retired. Dropped (the round is done, failed or was
+/// cancelled), it gives the rest back; the round ends with the next sync
+/// (see [`Rounds`]).
 struct Retiring<'a> {
     store: &'a Store,
     id: u64,
@@ -368,11 +369,14 @@ impl Drop for Retiring<'_> {
     fn drop(&mut self) {
         let s = self.store;
         s.waiting.borrow_mut().give_back(&self.list[self.done..]);
-        s.rounds.borrow_mut().end(self.id, &self.list);
         if self.done > 0 {
             // Their frees are to be synced.
             s.wrote();
         }
+        let mut rounds = s.rounds.borrow_mut();
+        rounds.finish(self.id, s.sync.writes.get());
+        rounds.synced(s.sync.synced.get());
+        // Done, ended or not: a deletion waiting for it asks for the sync.
         s.retired.notify_waiters();
     }
 }
@@ -476,6 +480,9 @@ impl Store {
             match self.shard.sync().await {
                 Ok(()) => {
                     s.synced.set(target);
+                    if self.rounds.borrow_mut().synced(target) {
+                        self.retired.notify_waiters();
+                    }
                     s.last_sync_unix_ms.set(now_unix_ms());
                     s.syncs.set(s.syncs.get() + 1);
                 }
@@ -540,9 +547,9 @@ impl Store {
         }
     }
 
-    /// Retire the records of `list` (zero each one's magic, free it), then
-    /// wait for a sync that covers them: the round ends only once its
-    /// retirements are durable.
+    /// Retire the records of `list` (zero each one's magic, free it). The
+    /// round ends once a sync covers its retirements (the syncer ends it);
+    /// until then it holds its keys (see [`Store::pin_for_delete`]).
     ///
     /// Under `--sync always` an overwrite leaves the record it replaced
     /// allocated and intact instead of retiring it at once: retiring writes
@@ -578,13 +585,18 @@ impl Store {
                 tokio::task::yield_now().await;
             }
         }
-        self.wrote();
-        let target = self.sync.writes.get();
-        if self.durable(target).await.is_err() {
-            // Report why the sync failed (the shard is poisoned).
-            self.shard.sync().await?;
-        }
         Ok(())
+    }
+
+    /// Wait for a sync that covers every write so far (ending the rounds
+    /// done by then).
+    async fn sync_now(&self) -> segalloc::Result<()> {
+        let target = self.sync.writes.get();
+        if self.sync.synced.get() >= target || self.durable(target).await.is_ok() {
+            return Ok(());
+        }
+        // Report why the sync failed (the shard is poisoned).
+        self.shard.sync().await
     }
 
     /// The hash the waiting records of `key` are filed under.
@@ -607,9 +619,14 @@ impl Store {
                 self.retire_round(mine).await?;
                 continue;
             }
-            let ended = self.retired.notified();
             if self.rounds.borrow().holds(k) {
-                ended.await;
+                let ended = self.retired.notified();
+                if self.sync.synced.get() < self.sync.writes.get() {
+                    // A round done but not durable ends with this sync.
+                    self.sync_now().await?;
+                } else if self.rounds.borrow().holds(k) {
+                    ended.await;
+                }
                 continue;
             }
             let current = self.pin_current(key).await?;
@@ -1091,18 +1108,25 @@ impl Store {
         self.expiring.borrow_mut().clear();
         // No older record of a key may outlive it (see `pin_for_delete`):
         // retire every waiting one and wait for the rounds under way.
-        let first = self.rounds.borrow().next_id();
         let waiting = self.waiting.borrow_mut().take_all();
         if let Err(e) = self.retire_round(waiting).await {
             self.restore(all);
             return Err(e);
         }
+        let upto = self.rounds.borrow().next_id();
         loop {
             let ended = self.retired.notified();
-            if self.rounds.borrow().ended_before(first) {
+            if self.rounds.borrow().ended_before(upto) {
                 break;
             }
-            ended.await;
+            if self.sync.synced.get() < self.sync.writes.get() {
+                if let Err(e) = self.sync_now().await {
+                    self.restore(all);
+                    return Err(e);
+                }
+            } else {
+                ended.await;
+            }
         }
         let mut all = all.into_iter();
         while let Some((key, e)) = all.next() {
