@@ -135,16 +135,4 @@ impl Rounds {
     pub fn holds(&self, key: u64) -> bool {
         self.keys.contains_key(&key)
     }
-
-    /// The id the next round gets.
-    pub fn next_id(&self) -> u64 {
-        self.next
-    }
-
-    /// Whether every round that began before round `id` ended.
-    pub fn ended_before(&self, id: u64) -> bool {
-        self.under_way
-            .first_key_value()
-            .is_none_or(|(&first, _)| first >= id)
-    }
 }

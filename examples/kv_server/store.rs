@@ -277,6 +277,12 @@ async fn recover_index(shard: &Shard) -> segalloc::Result<Rebuilt> {
         .filter(|(_, (_, e))| e.expired(now))
         .map(|(k, _)| k.clone())
         .collect();
+    if superseded > 0 && !dead.is_empty() {
+        // The records they replaced must be durably retired first: a power
+        // loss may keep an expired record's retirement and revert an older
+        // one's, which would then be its key's only record.
+        shard.sync().await?;
+    }
     for key in dead {
         let (_, e) = best.remove(&key).expect("listed");
         let pin = pin_of(shard, e.handle).await?;
@@ -352,6 +358,27 @@ pub struct Store {
     retire_kick: Notify,
     /// Notified when a round ends.
     retired: Notify,
+    /// A FLUSHDB is under way: commands wait (see [`Store::flush`]).
+    flushing: Cell<bool>,
+    /// Notified when a FLUSHDB ends.
+    flushed: Notify,
+}
+
+/// Holds commands back while a FLUSHDB runs (see [`Store::flush`]).
+struct FlushGate<'a>(&'a Store);
+
+impl<'a> FlushGate<'a> {
+    fn close(store: &'a Store) -> FlushGate<'a> {
+        store.flushing.set(true);
+        FlushGate(store)
+    }
+}
+
+impl Drop for FlushGate<'_> {
+    fn drop(&mut self) {
+        self.0.flushing.set(false);
+        self.0.flushed.notify_waiters();
+    }
 }
 
 /// A round of [`Store::retire_round`]: the records it took, of which the
@@ -416,6 +443,8 @@ impl Store {
             retire_every,
             retire_kick: Notify::new(),
             retired: Notify::new(),
+            flushing: Cell::new(false),
+            flushed: Notify::new(),
             sync: SyncState {
                 policy,
                 // Recovery's frees count as writes, so the first sync covers them.
@@ -614,21 +643,7 @@ impl Store {
     async fn pin_for_delete(&self, key: &[u8]) -> segalloc::Result<Option<(Entry, PinGuard)>> {
         let k = self.key_hash(key);
         loop {
-            let mine = self.waiting.borrow_mut().take_key(k);
-            if !mine.is_empty() {
-                self.retire_round(mine).await?;
-                continue;
-            }
-            if self.rounds.borrow().holds(k) {
-                let ended = self.retired.notified();
-                if self.sync.synced.get() < self.sync.writes.get() {
-                    // A round done but not durable ends with this sync.
-                    self.sync_now().await?;
-                } else if self.rounds.borrow().holds(k) {
-                    ended.await;
-                }
-                continue;
-            }
+            self.retire_older(&[k]).await?;
             let current = self.pin_current(key).await?;
             if !self.waiting.borrow().has_key(k) && !self.rounds.borrow().holds(k) {
                 return Ok(current);
@@ -718,12 +733,22 @@ impl Store {
         let Batch { arena, ops, out } = batch;
         out.clear();
         for (i, op) in ops.iter().enumerate() {
-            if !self.exec_now(op, arena, now, &mut out.buf) {
+            if self.flushing.get() || !self.exec_now(op, arena, now, &mut out.buf) {
                 return i;
             }
             out.end();
         }
         ops.len()
+    }
+
+    /// Wait while a FLUSHDB runs.
+    async fn wait_flush(&self) {
+        while self.flushing.get() {
+            let flushed = self.flushed.notified();
+            if self.flushing.get() {
+                flushed.await;
+            }
+        }
     }
 
     /// Whether the replies of `batch` wait for a sync (`--sync always`
@@ -738,6 +763,7 @@ impl Store {
     pub async fn run_rest(&self, batch: &mut Batch, done: usize, now: u64) {
         let Batch { arena, ops, out } = batch;
         for op in &ops[done..] {
+            self.wait_flush().await;
             if !self.exec_now(op, arena, now, &mut out.buf) {
                 self.exec(op, arena, now, &mut out.buf).await;
             }
@@ -1101,32 +1127,29 @@ impl Store {
         }
     }
 
+    /// FLUSHDB. Other commands on this shard wait until it ends (as
+    /// Redis's FLUSHDB blocks the server): a key written and deleted while
+    /// it awaits would otherwise not know of the flushed record under it,
+    /// which a crash would bring back. The flushed keys' older records are
+    /// retired durably first (see [`Store::pin_for_delete`]), then their
+    /// current ones.
     async fn flush(&self) -> segalloc::Result<()> {
-        let all: Vec<(Box<[u8]>, Entry)> = std::mem::take(&mut *self.index.borrow_mut())
-            .into_iter()
-            .collect();
+        let _gate = FlushGate::close(self);
+        let (all, keys) = {
+            let mut index = self.index.borrow_mut();
+            // The same hasher: waiting records stay filed under their keys.
+            let hasher = index.hasher().clone();
+            let all: Vec<(Box<[u8]>, Entry)> =
+                std::mem::replace(&mut *index, IndexMap::with_hasher(hasher.clone()))
+                    .into_iter()
+                    .collect();
+            let keys: Vec<u64> = all.iter().map(|(k, _)| hasher.hash_one(&k[..])).collect();
+            (all, keys)
+        };
         self.expiring.borrow_mut().clear();
-        // No older record of a key may outlive it (see `pin_for_delete`):
-        // retire every waiting one and wait for the rounds under way.
-        let waiting = self.waiting.borrow_mut().take_all();
-        if let Err(e) = self.retire_round(waiting).await {
+        if let Err(e) = self.retire_older(&keys).await {
             self.restore(all);
             return Err(e);
-        }
-        let upto = self.rounds.borrow().next_id();
-        loop {
-            let ended = self.retired.notified();
-            if self.rounds.borrow().ended_before(upto) {
-                break;
-            }
-            if self.sync.synced.get() < self.sync.writes.get() {
-                if let Err(e) = self.sync_now().await {
-                    self.restore(all);
-                    return Err(e);
-                }
-            } else {
-                ended.await;
-            }
         }
         let mut all = all.into_iter();
         while let Some((key, e)) = all.next() {
@@ -1142,6 +1165,35 @@ impl Store {
         }
         self.wrote();
         Ok(())
+    }
+
+    /// Retire every waiting record of the key hashes `keys`, and return
+    /// once no round holding one is under way (asking for the sync that
+    /// ends them).
+    async fn retire_older(&self, keys: &[u64]) -> segalloc::Result<()> {
+        loop {
+            let list: Vec<Keyed> = {
+                let mut waiting = self.waiting.borrow_mut();
+                keys.iter().flat_map(|&k| waiting.take_key(k)).collect()
+            };
+            if !list.is_empty() {
+                self.retire_round(list).await?;
+                continue;
+            }
+            let ended = self.retired.notified();
+            let held = {
+                let rounds = self.rounds.borrow();
+                keys.iter().any(|&k| rounds.holds(k))
+            };
+            if !held {
+                return Ok(());
+            }
+            if self.sync.synced.get() < self.sync.writes.get() {
+                self.sync_now().await?;
+            } else {
+                ended.await;
+            }
+        }
     }
 
     /// Put back keys a failed FLUSHDB took out of the index and did not
