@@ -963,6 +963,16 @@ fn expired_keys_are_deleted_without_reads() {
     assert_eq!(db0, "keys=3,expires=2,avg_ttl=0");
 }
 
+/// One shard, `--sync always`, timed rounds of retirement off (an hour).
+const ONE_SHARD_ALWAYS_UNTIMED: [&str; 6] = [
+    "--shards",
+    "1",
+    "--sync",
+    "always",
+    "--retire-ms",
+    "3600000",
+];
+
 /// An overwrite leaves the record it replaced allocated until a background
 /// round retires it (every second). A key deleted meanwhile (DEL, the
 /// expiry sweep, FLUSHDB) must not leave that older record behind: intact
@@ -973,14 +983,7 @@ fn expired_keys_are_deleted_without_reads() {
 fn deleted_keys_do_not_come_back_from_the_records_they_superseded() {
     const KEYS: u32 = 300;
     let tmp = tempfile::tempdir().unwrap();
-    let flags = [
-        "--shards",
-        "1",
-        "--sync",
-        "always",
-        "--retire-ms",
-        "3600000",
-    ];
+    let flags = ONE_SHARD_ALWAYS_UNTIMED;
     let overwrite = |c: &mut redis::Connection, prefix: &str, px: Option<u32>| {
         let mut pipe = redis::pipe();
         for k in 0..KEYS {
@@ -994,13 +997,15 @@ fn deleted_keys_do_not_come_back_from_the_records_they_superseded() {
         let _: () = pipe.query(c).unwrap();
     };
     let dbsize = |c: &mut redis::Connection| redis::cmd("DBSIZE").query::<u32>(c).unwrap();
-    let restart = |server: Server| {
-        let mut s = server;
+    // SIGKILL, start again, and expect no key.
+    let none_after_kill9 = |mut s: Server, what: &str| {
         s.child.kill().expect("SIGKILL");
         s.child.wait().expect("reap");
         let dir = s.dir.clone();
         drop(s);
-        Server::start_with(&dir, &flags)
+        let server = Server::start_with(&dir, &flags);
+        let n = dbsize(&mut server.client());
+        assert_eq!(n, 0, "{what} keys came back; log: {}", server.log());
     };
     // DEL.
     let server = Server::start_with(&tmp.path().join("del"), &flags);
@@ -1011,14 +1016,7 @@ fn deleted_keys_do_not_come_back_from_the_records_they_superseded() {
         pipe.del(format!("del{k}")).ignore();
     }
     let _: () = pipe.query(c).unwrap();
-    let server = restart(server);
-    let c = &mut server.client();
-    assert_eq!(
-        dbsize(c),
-        0,
-        "deleted keys came back; log: {}",
-        server.log()
-    );
+    none_after_kill9(server, "deleted");
     // The expiry sweep (every 100 ms) deletes the keys unread.
     let server = Server::start_with(&tmp.path().join("exp"), &flags);
     let c = &mut server.client();
@@ -1028,27 +1026,13 @@ fn deleted_keys_do_not_come_back_from_the_records_they_superseded() {
         assert!(std::time::Instant::now() < deadline, "expired keys stay");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let server = restart(server);
-    let c = &mut server.client();
-    assert_eq!(
-        dbsize(c),
-        0,
-        "expired keys came back; log: {}",
-        server.log()
-    );
+    none_after_kill9(server, "expired");
     // FLUSHDB.
     let server = Server::start_with(&tmp.path().join("flush"), &flags);
     let c = &mut server.client();
     overwrite(c, "fl", None);
     let _: () = redis::cmd("FLUSHDB").query(c).unwrap();
-    let server = restart(server);
-    let c = &mut server.client();
-    assert_eq!(
-        dbsize(c),
-        0,
-        "flushed keys came back; log: {}",
-        server.log()
-    );
+    none_after_kill9(server, "flushed");
 }
 
 /// Under `--sync always`, records superseded by overwrites are retired in
@@ -1088,17 +1072,7 @@ fn overwritten_records_are_retired_in_the_background() {
     // One record: 32 + 1 + 96 bytes in a slot of at most 256.
     const RECORD: u64 = 256;
     // Timed rounds off: the cap alone brings the count down.
-    let server = Server::start_with(
-        &tmp.path().join("cap"),
-        &[
-            "--shards",
-            "1",
-            "--sync",
-            "always",
-            "--retire-ms",
-            "3600000",
-        ],
-    );
+    let server = Server::start_with(&tmp.path().join("cap"), &ONE_SHARD_ALWAYS_UNTIMED);
     let c = &mut server.client();
     overwrite(c, 1000);
     assert!(live(c) > 500 * RECORD / 2, "replaced records wait");
