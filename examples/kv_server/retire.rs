@@ -2,7 +2,7 @@
 //! retired together, and the rounds that retire them (see
 //! `Store::retire_round`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use segalloc::Handle;
 
@@ -78,12 +78,18 @@ impl Waiting {
 #[derive(Default)]
 pub struct Rounds {
     next: u64,
-    /// Round id → the sync target that makes it durable, once its
-    /// retirements are done.
-    under_way: BTreeMap<u64, Option<u64>>,
-    /// Round id → the key hashes it holds.
-    lists: HashMap<u64, Vec<u64>>,
+    under_way: HashMap<u64, Round>,
+    /// Key hash → the rounds under way that hold a record of it.
     keys: HashMap<u64, u32>,
+}
+
+/// A round under way.
+struct Round {
+    /// The sync target that makes it durable, once its retirements are
+    /// done.
+    target: Option<u64>,
+    /// The key hashes of its records.
+    keys: Vec<u64>,
 }
 
 impl Rounds {
@@ -91,35 +97,32 @@ impl Rounds {
     pub fn begin(&mut self, list: &[Keyed]) -> u64 {
         let id = self.next;
         self.next += 1;
-        self.under_way.insert(id, None);
-        for &(k, _) in list {
+        let keys: Vec<u64> = list.iter().map(|&(k, _)| k).collect();
+        for &k in &keys {
             *self.keys.entry(k).or_default() += 1;
         }
-        self.lists
-            .insert(id, list.iter().map(|&(k, _)| k).collect());
+        self.under_way.insert(id, Round { target: None, keys });
         id
     }
 
     /// Round `id` did its retirements: a sync covering `target` writes
     /// ends it.
     pub fn finish(&mut self, id: u64, target: u64) {
-        if let Some(t) = self.under_way.get_mut(&id) {
-            *t = Some(target);
+        if let Some(r) = self.under_way.get_mut(&id) {
+            r.target = Some(target);
         }
     }
 
     /// A sync covered `synced` writes: end the rounds it made durable;
     /// whether any ended.
     pub fn synced(&mut self, synced: u64) -> bool {
-        let ended: Vec<u64> = self
+        let mut any = false;
+        for (_, round) in self
             .under_way
-            .iter()
-            .filter(|(_, t)| t.is_some_and(|t| t <= synced))
-            .map(|(&id, _)| id)
-            .collect();
-        for id in &ended {
-            self.under_way.remove(id);
-            for k in self.lists.remove(id).unwrap_or_default() {
+            .extract_if(|_, r| r.target.is_some_and(|t| t <= synced))
+        {
+            any = true;
+            for k in round.keys {
                 if let Some(n) = self.keys.get_mut(&k) {
                     *n -= 1;
                     if *n == 0 {
@@ -128,7 +131,7 @@ impl Rounds {
                 }
             }
         }
-        !ended.is_empty()
+        any
     }
 
     /// Whether a round under way holds a record of key hash `key`.
