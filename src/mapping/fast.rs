@@ -6,7 +6,7 @@
 use std::panic::Location;
 use std::rc::Rc;
 
-use super::{FileMaps, MappingManager, Maps, PinGuard, WindowState};
+use super::{FileMaps, MappingManager, Maps, PinGuard, Window, WindowState};
 use crate::error::{Error, Result};
 use crate::files::FileId;
 use crate::wait::WaitList;
@@ -129,20 +129,32 @@ impl MappingManager {
             return None;
         }
         m.tick += 1;
-        w.last_use.set(m.tick);
+        m.stats.fast_pins += 1;
+        let site = Location::caller();
+        Some(self.pin_window(fm, w, m.tick, (offset, idx, len), true, site))
+    }
+
+    /// A pin of `[offset, offset + len)` in `w`, mapped window `idx` of
+    /// the file `fm`, counted as a use of the window at `tick`. A writable
+    /// pin marks the file dirty: the next sync must cover it.
+    #[inline(always)]
+    fn pin_window(
+        &self,
+        fm: &FileMaps,
+        w: &Rc<Window>,
+        tick: u64,
+        (offset, idx, len): (u64, u64, u64),
+        writable: bool,
+        site: &'static Location<'static>,
+    ) -> PinGuard {
+        w.last_use.set(tick);
         w.uses.set(w.uses.get() + 1);
         w.referenced.set(true);
-        m.stats.fast_pins += 1;
-        // The pin may write: the next sync must cover this file.
-        fm.file.mark_dirty();
+        if writable {
+            fm.file.mark_dirty();
+        }
         let win_off = self.window_offset(offset, idx);
-        Some(PinGuard::new(
-            w,
-            win_off as usize,
-            len as usize,
-            true,
-            Location::caller(),
-        ))
+        PinGuard::new(w, win_off as usize, len as usize, writable, site)
     }
 
     #[inline]
@@ -168,14 +180,8 @@ impl MappingManager {
                 if offset + len > reserved {
                     Fast::NeedsGrow
                 } else {
-                    w.last_use.set(tick);
-                    w.uses.set(w.uses.get() + 1);
-                    w.referenced.set(true);
-                    let win_off = self.window_offset(offset, u64::from(idx));
-                    let pin = PinGuard::new(w, win_off as usize, len as usize, writable, site);
-                    if writable {
-                        fm.file.mark_dirty();
-                    }
+                    let range = (offset, u64::from(idx), len);
+                    let pin = self.pin_window(fm, w, tick, range, writable, site);
                     m.stats.fast_pins += 1;
                     Fast::Pinned(pin)
                 }
