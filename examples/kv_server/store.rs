@@ -685,9 +685,7 @@ impl Store {
                 && let Some((e, pin)) = self.pin_for_delete(&key).await?
                 && e.expired(now)
             {
-                self.index.borrow_mut().remove(&key);
-                retire(&self.shard, e.handle, pin)?;
-                self.wrote();
+                self.remove(&key, e, pin)?;
             }
         }
         Ok(())
@@ -909,9 +907,7 @@ impl Store {
             drop(pin);
             match self.pin_for_delete(key).await? {
                 Some((current, p)) if current.expired(now) => {
-                    self.index.borrow_mut().remove(key);
-                    retire(&self.shard, current.handle, p)?;
-                    self.wrote();
+                    self.remove(key, current, p)?;
                     resp::nil(out);
                     return Ok(());
                 }
@@ -1073,10 +1069,17 @@ impl Store {
         let Some((e, pin)) = self.pin_for_delete(key).await? else {
             return Ok(0);
         };
+        self.remove(key, e, pin)?;
+        Ok(!e.expired(now) as i64)
+    }
+
+    /// Delete `key`, whose indexed record `e` is pinned by `pin` (from
+    /// [`Store::pin_for_delete`], with no await since).
+    fn remove(&self, key: &[u8], e: Entry, pin: PinGuard) -> segalloc::Result<()> {
         self.index.borrow_mut().remove(key);
         retire(&self.shard, e.handle, pin)?;
         self.wrote();
-        Ok(!e.expired(now) as i64)
+        Ok(())
     }
 
     async fn incr(
