@@ -42,9 +42,12 @@
 //! write is sent only after the record is in its `MAP_SHARED` mapping and
 //! the allocator acknowledged the allocation, so an acknowledged write
 //! survives `kill -9`. Under `--sync always` the record an overwrite
-//! replaced stays allocated until a round retires it (every `--retire-ms`, default a second, or
-//! when 262,144 wait on a shard or lie on 16,384 pages; a deletion
-//! first retires the key's waiting ones, durably). Against power
+//! replaced stays allocated until a sync covered the new one and a round
+//! retires it (every `--retire-ms`, default a second, or when 262,144 wait
+//! on a shard or lie on 16,384 pages; a deletion first retires the key's
+//! waiting ones, durably). Under `everysec` and `no` an overwrite retires
+//! it at once, so a power loss that takes the new record may take the key
+//! with it (see `Store::retire_round`). Against power
 //! loss, `--sync` chooses, like Redis's `appendfsync`: `always` answers a
 //! batch of writes only after a sync of its shard that started once they
 //! were in place (group commit: each shard has one sync in flight at a
@@ -116,8 +119,10 @@ struct Args {
     #[arg(long, value_enum, default_value_t = SyncPolicy::Everysec)]
     sync: SyncPolicy,
     /// Under `--sync always`: how often each shard retires the records
-    /// overwrites replaced, in milliseconds (they are also retired when 262,144 wait on a shard or
-    /// lie on 16,384 pages, and before any deletion).
+    /// overwrites replaced (those whose replacement a sync covered), in
+    /// milliseconds. They are also retired when 262,144 wait on a shard or
+    /// lie on 16,384 pages (after a sync if need be), and before any
+    /// deletion of their key.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     retire_ms: u64,
 }

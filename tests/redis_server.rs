@@ -978,12 +978,18 @@ const ONE_SHARD_ALWAYS_UNTIMED: [&str; 6] = [
 /// expiry sweep, FLUSHDB) must not leave that older record behind: intact
 /// and live, a restart would index it and bring the key back with its
 /// older value. Each path on a server of its own, one shard, with timed
-/// rounds off (`--retire-ms` of an hour).
+/// rounds off (`--retire-ms` of an hour), under `always` and `everysec`.
 #[test]
 fn deleted_keys_do_not_come_back_from_the_records_they_superseded() {
+    deleted_keys_stay_deleted(ONE_SHARD_ALWAYS_UNTIMED);
+    let mut everysec = ONE_SHARD_ALWAYS_UNTIMED;
+    everysec[3] = "everysec";
+    deleted_keys_stay_deleted(everysec);
+}
+
+fn deleted_keys_stay_deleted(flags: [&str; 6]) {
     const KEYS: u32 = 300;
     let tmp = tempfile::tempdir().unwrap();
-    let flags = ONE_SHARD_ALWAYS_UNTIMED;
     let overwrite = |c: &mut redis::Connection, prefix: &str, px: Option<u32>| {
         let mut pipe = redis::pipe();
         for k in 0..KEYS {

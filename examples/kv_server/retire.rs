@@ -1,10 +1,17 @@
 //! Records an overwrite replaced under `--sync always`, waiting to be
-//! retired together, and the rounds that retire them (see
+//! retired together once a sync covered their replacements, and the rounds that retire them (see
 //! `Store::retire_round`).
 
 use std::collections::{HashMap, HashSet};
 
 use segalloc::Handle;
+
+use crate::hash::IndexHashState;
+
+/// Maps keyed by key hashes (already seeded and secret) and by pages the
+/// allocator chose: the index's cheap hasher is enough.
+type FastMap<K, V> = HashMap<K, V, IndexHashState>;
+type FastSet<K> = HashSet<K, IndexHashState>;
 
 /// Waiting records a shard keeps before it retires them all.
 pub const WAITING_MAX: usize = 1 << 18;
@@ -17,22 +24,28 @@ pub const WAITING_PAGES_MAX: usize = 16384;
 /// key share it; another key may too, which only retires more).
 pub type Keyed = (u64, Handle);
 
-/// The records waiting to be retired, by key hash.
+/// The records waiting to be retired, by key hash. Each is *ready* once a
+/// sync covered the write that replaced it: retiring it earlier would let
+/// a power loss keep the retirement and lose the replacement, and with it
+/// the key.
 #[derive(Default)]
 pub struct Waiting {
-    by_key: HashMap<u64, Vec<Handle>>,
+    /// Per key hash: each record, and the count of writes a sync must
+    /// cover for it to be ready.
+    by_key: FastMap<u64, Vec<(Handle, u64)>>,
     count: usize,
     /// Distinct pages (data file, page index) the waiting records lie on
     /// (an over-count once records of one key were taken).
-    pages: HashSet<(u32, u64)>,
+    pages: FastSet<(u32, u64)>,
 }
 
 impl Waiting {
-    /// Add `h` (of key hash `key`); whether the queue is now full.
-    pub fn push(&mut self, key: u64, h: Handle) -> bool {
-        self.by_key.entry(key).or_default().push(h);
+    /// Add `h` (of key hash `key`), ready once a sync covers `ready_at`
+    /// writes; how full the queue is now.
+    pub fn push(&mut self, key: u64, h: Handle, ready_at: u64) -> bool {
+        self.by_key.entry(key).or_default().push((h, ready_at));
         self.count += 1;
-        self.pages.insert((h.file_id(), h.offset() / 4096));
+        self.pages.insert(page_of(h));
         self.full()
     }
 
@@ -46,29 +59,51 @@ impl Waiting {
         self.by_key.contains_key(&key)
     }
 
-    /// Take every waiting record.
-    pub fn take_all(&mut self) -> Vec<Keyed> {
-        self.count = 0;
-        self.pages.clear();
-        self.by_key
-            .drain()
-            .flat_map(|(k, hs)| hs.into_iter().map(move |h| (k, h)))
-            .collect()
+    /// Take every record that is ready now that a sync covered `synced`
+    /// writes.
+    pub fn take_ready(&mut self, synced: u64) -> Vec<Keyed> {
+        let mut ready = Vec::new();
+        self.by_key.retain(|&k, hs| {
+            hs.retain(|&(h, at)| {
+                let take = at <= synced;
+                if take {
+                    ready.push((k, h));
+                }
+                !take
+            });
+            !hs.is_empty()
+        });
+        self.count -= ready.len();
+        self.pages = self
+            .by_key
+            .values()
+            .flatten()
+            .map(|&(h, _)| page_of(h))
+            .collect();
+        ready
     }
 
-    /// Take the waiting records of key hash `key`.
+    /// Take the waiting records of key hash `key`, ready or not (a deletion
+    /// retires them, then waits for a sync that covers their replacements
+    /// as well).
     pub fn take_key(&mut self, key: u64) -> Vec<Keyed> {
         let hs = self.by_key.remove(&key).unwrap_or_default();
         self.count -= hs.len();
-        hs.into_iter().map(|h| (key, h)).collect()
+        hs.into_iter().map(|(h, _)| (key, h)).collect()
     }
 
-    /// Put back records a round took and did not retire.
-    pub fn give_back(&mut self, rest: &[Keyed]) {
+    /// Put back records a round took and did not retire, ready once a sync
+    /// covers `ready_at` writes (a deletion's round may have taken records
+    /// that were not ready).
+    pub fn give_back(&mut self, rest: &[Keyed], ready_at: u64) {
         for &(k, h) in rest {
-            self.push(k, h);
+            self.push(k, h, ready_at);
         }
     }
+}
+
+fn page_of(h: Handle) -> (u32, u64) {
+    (h.file_id(), h.offset() / 4096)
 }
 
 /// The rounds under way: their ids and the key hashes they hold. A round
@@ -80,7 +115,7 @@ pub struct Rounds {
     next: u64,
     under_way: HashMap<u64, Round>,
     /// Key hash → the rounds under way that hold a record of it.
-    keys: HashMap<u64, u32>,
+    keys: FastMap<u64, u32>,
 }
 
 /// A round under way.
@@ -137,5 +172,34 @@ impl Rounds {
     /// Whether a round under way holds a record of key hash `key`.
     pub fn holds(&self, key: u64) -> bool {
         self.keys.contains_key(&key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record is taken by a round only once a sync covered the write
+    /// that replaced it; a deletion takes its key's records either way.
+    #[test]
+    fn records_are_ready_once_a_sync_covers_their_replacement() {
+        let h = Handle::example();
+        let mut w = Waiting::default();
+        assert!(!w.push(1, h, 5));
+        w.push(2, h, 7);
+        w.push(1, h, 9);
+        w.push(3, h, 9);
+        assert!(w.take_ready(4).is_empty());
+        let mut ready = w.take_ready(7);
+        ready.sort_unstable_by_key(|&(k, _)| k);
+        assert_eq!(ready.iter().map(|&(k, _)| k).collect::<Vec<_>>(), [1, 2]);
+        assert!(w.has_key(1) && !w.has_key(2) && w.has_key(3));
+        // Given back (a failed round): ready at the writes counted then.
+        w.give_back(&ready, 12);
+        assert_eq!(w.take_key(3).len(), 1, "a deletion takes what is not ready");
+        assert_eq!(w.take_ready(9).len(), 1);
+        assert_eq!(w.take_ready(12).len(), 2);
+        assert!(!w.has_key(1) && !w.has_key(2));
+        assert!(!w.full());
     }
 }

@@ -236,6 +236,7 @@ async fn recover_index(shard: &Shard) -> segalloc::Result<Rebuilt> {
         IndexMap::with_capacity_and_hasher(handles.len(), Default::default());
     let (mut torn, mut superseded, mut expired, mut max_seq) = (0, 0, 0, 0u64);
     let mut buf = Vec::new();
+    let mut losers = Vec::new();
     for h in handles {
         let pin = pin_of(shard, h).await?;
         let (seq, expire_at_ms, key) = match recover_record(&pin, &mut buf) {
@@ -264,11 +265,18 @@ async fn recover_index(shard: &Shard) -> segalloc::Result<Rebuilt> {
                 None
             }
         };
-        if let Some(l) = loser {
-            let pin = pin_of(shard, l).await?;
-            retire(shard, l, pin)?;
-            superseded += 1;
-        }
+        losers.extend(loser);
+    }
+    if !losers.is_empty() {
+        // The records that replaced them may be only in the page cache (a
+        // `kill -9` leaves them there): durable first, else a power loss
+        // could keep a retirement and lose its replacement.
+        shard.sync().await?;
+    }
+    for l in losers {
+        let pin = pin_of(shard, l).await?;
+        retire(shard, l, pin)?;
+        superseded += 1;
     }
     // Expiry is applied after the sequence numbers decided: an expired
     // overwrite must not bring back the record it replaced.
@@ -347,8 +355,8 @@ pub struct Store {
     /// awaits). As large as the largest record read.
     record_buf: RefCell<Vec<u8>>,
     /// Records an overwrite replaced (under `--sync always`), still
-    /// allocated and intact, to be retired together (see
-    /// [`Store::retire_round`]).
+    /// allocated and intact, to be retired together once a sync covered
+    /// their replacements (see [`Store::retire_round`]).
     waiting: RefCell<Waiting>,
     /// The rounds of retirement under way.
     rounds: RefCell<Rounds>,
@@ -395,7 +403,9 @@ struct Retiring<'a> {
 impl Drop for Retiring<'_> {
     fn drop(&mut self) {
         let s = self.store;
-        s.waiting.borrow_mut().give_back(&self.list[self.done..]);
+        s.waiting
+            .borrow_mut()
+            .give_back(&self.list[self.done..], s.sync.writes.get());
         if self.done > 0 {
             // Their frees are to be synced.
             s.wrote();
@@ -566,8 +576,7 @@ impl Store {
                 () = self.retire_kick.notified() => {}
                 _ = tick.tick() => {}
             }
-            let all = self.waiting.borrow_mut().take_all();
-            if let Err(e) = self.retire_round(all).await {
+            if let Err(e) = self.retire_ready().await {
                 eprintln!(
                     "shard {}: retiring replaced records: {e}",
                     self.shard.index()
@@ -576,26 +585,46 @@ impl Store {
         }
     }
 
+    /// Retire the waiting records that are ready (a sync covered their
+    /// replacements). When the queue stays full, first wait for a sync
+    /// that makes all of them ready.
+    async fn retire_ready(&self) -> segalloc::Result<()> {
+        let mut list = self.waiting.borrow_mut().take_ready(self.sync.synced.get());
+        if self.waiting.borrow().full() {
+            self.sync_now().await?;
+            let more = self.waiting.borrow_mut().take_ready(self.sync.synced.get());
+            list.extend(more);
+        }
+        self.retire_round(list).await
+    }
+
     /// Retire the records of `list` (zero each one's magic, free it). The
     /// round ends once a sync covers its retirements (the syncer ends it);
     /// until then it holds its keys (see [`Store::pin_for_delete`]).
     ///
     /// Under `--sync always` an overwrite leaves the record it replaced
-    /// allocated and intact instead of retiring it at once: retiring writes
-    /// to the old record's page, a random page per overwrite that the
-    /// batch's own sync must write back, while a record written since
-    /// shares its pages with the other new ones. Retired together, the old
-    /// records' pages are written back together too. (Under `everysec` and
-    /// `no` a sync writes back a second of pages at once anyway, and
-    /// retiring at once lets the slots be reused sooner: measured faster.)
-    /// Until then a crash leaves both records live, and recovery keeps the
-    /// one with the higher sequence number, as for any overwrite a crash
-    /// interrupted. A key that leaves the index must not leave an older
-    /// record of it behind: see [`Store::pin_for_delete`].
+    /// allocated and intact until a sync covered the new record (its
+    /// batch's own sync): retired earlier, a power loss could keep the old
+    /// record's zeroed magic and lose the new record, and the key would
+    /// vanish. Then it waits for a round, so that the retirements of many
+    /// overwrites are written back together instead of one random page per
+    /// overwrite in each batch's own sync. Until then a crash leaves both
+    /// records live, and recovery keeps the one with the higher sequence
+    /// number, as for any overwrite a crash interrupted. A key that leaves
+    /// the index must not leave an older record of it behind: see
+    /// [`Store::pin_for_delete`].
+    ///
+    /// Under `everysec` and `no` an overwrite retires the old record at
+    /// once: the power loss that takes the new record (written less than
+    /// a sync period ago) may keep the old one's retirement, and the key
+    /// is then absent. Waiting for the sync there costs each retirement a
+    /// write fault on a page the sync cleaned (the replaced records lie on
+    /// many pages): SET at `-P 16` measured half as fast.
     async fn retire_round(&self, list: Vec<Keyed>) -> segalloc::Result<()> {
         if list.is_empty() {
             return Ok(());
         }
+
         let id = self.rounds.borrow_mut().begin(&list);
         let mut round = Retiring {
             store: self,
@@ -941,8 +970,7 @@ impl Store {
         if self.waiting.borrow().full() {
             // Writers retire the records they replaced when the background
             // rounds fall behind: the queue stays bounded.
-            let all = self.waiting.borrow_mut().take_all();
-            self.retire_round(all).await?;
+            self.retire_ready().await?;
         }
         let total = (HEADER_BYTES + w.key.len() + w.value.len()) as u64;
         let a = match self.shard.try_allocate(total)? {
@@ -1041,18 +1069,22 @@ impl Store {
             }
         }
         drop(index);
+        self.wrote();
         if let Some((old, old_pin)) = old {
             if self.sync.policy == SyncPolicy::Always {
+                // Retired in a round once a sync covered this write (see
+                // [`Store::retire_round`]).
                 drop(old_pin);
                 let k = self.key_hash(w.key);
-                if self.waiting.borrow_mut().push(k, old.handle) {
+                let ready_at = self.sync.writes.get();
+                if self.waiting.borrow_mut().push(k, old.handle, ready_at) {
                     self.retire_kick.notify_one();
                 }
             } else {
+                // See [`Store::retire_round`] for what a power loss may do.
                 retire(&self.shard, old.handle, old_pin)?;
             }
         }
-        self.wrote();
         Ok(true)
     }
 
@@ -1209,7 +1241,7 @@ impl Store {
         for (key, e) in keys {
             if index.contains_key(&key) {
                 let k = index.hasher().hash_one(&key[..]);
-                waiting.push(k, e.handle);
+                waiting.push(k, e.handle, self.sync.writes.get());
                 continue;
             }
             if e.expire_at_ms != 0 {
