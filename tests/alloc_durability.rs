@@ -506,8 +506,10 @@ fn live_iterator_across_entry_reuse() {
 
 /// Writes a previous process made (acknowledged: they survive its
 /// `kill -9` in the page cache) may not be on disk yet when the directory
-/// is opened again. The first `sync` after open must cover them: it
-/// `fdatasync`s every data file, not only those written since open.
+/// is opened again. The first `sync` after open must cover them: open
+/// reserves the blocks of every published segment again, which opens each
+/// data file that holds one, and a file counts as dirty from its first
+/// open, so that sync `fdatasync`s it though nothing was written since.
 #[test]
 fn the_first_sync_after_open_covers_writes_made_before_it() {
     let dir = tempfile::tempdir().unwrap();

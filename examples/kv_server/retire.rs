@@ -83,9 +83,14 @@ impl Waiting {
         ready
     }
 
+    /// When the waiting records of key hash `key` are all ready: the count
+    /// of writes a sync must cover (`None` when none waits).
+    pub fn ready_at(&self, key: u64) -> Option<u64> {
+        self.by_key.get(&key)?.iter().map(|&(_, at)| at).max()
+    }
+
     /// Take the waiting records of key hash `key`, ready or not (a deletion
-    /// retires them, then waits for a sync that covers their replacements
-    /// as well).
+    /// first waits until they are: see `Store::retire_older`).
     pub fn take_key(&mut self, key: u64) -> Vec<Keyed> {
         let hs = self.by_key.remove(&key).unwrap_or_default();
         self.count -= hs.len();
@@ -196,6 +201,9 @@ mod tests {
         assert!(w.has_key(1) && !w.has_key(2) && w.has_key(3));
         // Given back (a failed round): ready at the writes counted then.
         w.give_back(&ready, 12);
+        assert_eq!(w.ready_at(3), Some(9));
+        assert_eq!(w.ready_at(2), Some(12));
+        assert_eq!(w.ready_at(4), None);
         assert_eq!(w.take_key(3).len(), 1, "a deletion takes what is not ready");
         assert_eq!(w.take_ready(9).len(), 1);
         assert_eq!(w.take_ready(12).len(), 2);

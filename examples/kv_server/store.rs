@@ -589,12 +589,12 @@ impl Store {
     /// replacements). When the queue stays full, first wait for a sync
     /// that makes all of them ready.
     async fn retire_ready(&self) -> segalloc::Result<()> {
-        let mut list = self.waiting.borrow_mut().take_ready(self.sync.synced.get());
         if self.waiting.borrow().full() {
             self.sync_now().await?;
-            let more = self.waiting.borrow_mut().take_ready(self.sync.synced.get());
-            list.extend(more);
         }
+        // No await between taking the records and beginning their round:
+        // a deletion looks for its key's records in one or the other.
+        let list = self.waiting.borrow_mut().take_ready(self.sync.synced.get());
         self.retire_round(list).await
     }
 
@@ -1207,6 +1207,17 @@ impl Store {
     /// ends them).
     async fn retire_older(&self, keys: &[u64]) -> segalloc::Result<()> {
         loop {
+            // A record is retired only once its replacement is durable, even
+            // for a deletion: the key may be overwritten while the deletion
+            // waits, and then it does not delete.
+            let ready_at = {
+                let waiting = self.waiting.borrow();
+                keys.iter().filter_map(|&k| waiting.ready_at(k)).max()
+            };
+            if ready_at.is_some_and(|t| t > self.sync.synced.get()) {
+                self.sync_now().await?;
+                continue;
+            }
             let list: Vec<Keyed> = {
                 let mut waiting = self.waiting.borrow_mut();
                 keys.iter().flat_map(|&k| waiting.take_key(k)).collect()

@@ -224,12 +224,6 @@ impl SegmentAllocator {
         }
         for n in 0..file_count {
             let id = self.files.register(self.dir.join(data_file_name(n)));
-            if !self.files.is_read_only() {
-                // Writes of an earlier process may still be only in the page
-                // cache (they survived its `kill -9`): the first sync covers
-                // them too.
-                self.files.mark_dirty(id);
-            }
             self.data_files.borrow_mut().push(id);
         }
         Ok(file_count)
