@@ -45,9 +45,10 @@
 //! replaced stays allocated until a sync covered the new one and a round
 //! retires it (every `--retire-ms`, default a second, or when 262,144 wait
 //! on a shard or lie on 16,384 pages; a deletion first retires the key's
-//! waiting ones, durably). Under `everysec` and `no` an overwrite retires
-//! it at once, so a power loss that takes the new record may take the key
-//! with it (see `Store::retire_round`). Against power
+//! waiting ones, durably). Under `everysec` and `no` an overwrite marks
+//! it superseded at once and frees it once a sync covered the new one, so
+//! a power loss that takes the new record leaves the key its previous
+//! value (see `Store::retire_round`). Against power
 //! loss, `--sync` chooses, like Redis's `appendfsync`: `always` answers a
 //! batch of writes only after a sync of its shard that started once they
 //! were in place (group commit: each shard has one sync in flight at a

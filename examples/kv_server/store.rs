@@ -5,17 +5,29 @@
 //!
 //! | offset | size | field |
 //! |---|---|---|
-//! | 0 | 4 | magic `KVR2` (little-endian `u32`); zero once retired |
+//! | 0 | 4 | magic `KVR3` (little-endian `u32`); zero once retired |
 //! | 4 | 4 | key length |
 //! | 8 | 4 | value length |
 //! | 12 | 4 | CRC-32C of bytes 0..12, 16..32, the key and the value |
 //! | 16 | 8 | sequence number (per shard, increasing) |
 //! | 24 | 8 | expiry, Unix milliseconds (0: none) |
-//! | 32 | … | key, then value |
+//! | 32 | 8 | *superseded by*: the sequence number of the record that replaced it (0: none); not checksummed, written when it is replaced |
+//! | 40 | … | key, then value |
+//!
+//! A record of the previous layout (magic `KVR2`) has no *superseded by*
+//! field: its key starts at 32. It is read as before, and retired at once
+//! when replaced.
+//!
+//! Each shard also keeps one 16-byte allocation, its root
+//! [`WATERMARK_ROOT`]: magic `KVW1`, 4 zero bytes, then the *durable
+//! sequence number* W: every record with a sequence number up to W was
+//! durable when W was written. A record superseded by a sequence number
+//! up to W is dead whatever else recovery finds (see
+//! `Store::retire_round`).
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::hash::BuildHasher;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,14 +47,24 @@ pub const VALUE_BYTES_MAX: usize = resp::ARG_BYTES_MAX;
 /// answered with an error instead of its value.
 pub const OUT_BYTES_MAX: usize = 64 << 20;
 
-pub const HEADER_BYTES: usize = 32;
-const MAGIC: u32 = u32::from_le_bytes(*b"KVR2");
+pub const HEADER_BYTES: usize = 40;
+/// The header of a record of the previous layout.
+const HEADER_BYTES_V2: usize = 32;
+const MAGIC: u32 = u32::from_le_bytes(*b"KVR3");
+const MAGIC_V2: u32 = u32::from_le_bytes(*b"KVR2");
 const OFF_KEY_LEN: usize = 4;
 const OFF_VALUE_LEN: usize = 8;
 const OFF_CRC: usize = 12;
 const OFF_SEQ: usize = 16;
 const OFF_EXPIRE: usize = 24;
-const _: () = assert!(OFF_EXPIRE + 8 == HEADER_BYTES);
+const OFF_SUPERSEDED: usize = 32;
+const _: () = assert!(OFF_EXPIRE + 8 == OFF_SUPERSEDED && OFF_SUPERSEDED == HEADER_BYTES_V2);
+const _: () = assert!(OFF_SUPERSEDED + 8 == HEADER_BYTES);
+
+/// The root naming a shard's durable sequence number.
+pub const WATERMARK_ROOT: &str = "kv_server.durable_seq";
+const WATERMARK_MAGIC: u32 = u32::from_le_bytes(*b"KVW1");
+const WATERMARK_BYTES: usize = 16;
 const _: () = assert!(HEADER_BYTES + KEY_BYTES_MAX + VALUE_BYTES_MAX <= 16 << 20);
 
 /// When writes become durable against power loss (as Redis's `appendfsync`).
@@ -63,6 +85,11 @@ pub enum SyncPolicy {
 struct Entry {
     handle: Handle,
     expire_at_ms: u64,
+    /// A deletion of this record waits until the durable sequence number
+    /// reaches this one (0: it need not): an older record of the key may
+    /// be marked superseded by it and still be allocated (see
+    /// [`Store::retire_round`]).
+    delete_after: u64,
 }
 
 impl Entry {
@@ -87,21 +114,50 @@ pub fn now_unix_ms() -> u64 {
 }
 
 /// The record of `key` and `value` into `buf` (replacing what it held):
-/// header, key, value, checksum over bytes 0..12 and 16.. (in two passes).
+/// header, key, value, checksum (see [`record_crc`]).
 fn encode_record(buf: &mut Vec<u8>, seq: u64, expire_at_ms: u64, key: &[u8], value: &[u8]) {
     let mut h = [0u8; HEADER_BYTES];
     h[..4].copy_from_slice(&MAGIC.to_le_bytes());
     h[OFF_KEY_LEN..OFF_KEY_LEN + 4].copy_from_slice(&(key.len() as u32).to_le_bytes());
     h[OFF_VALUE_LEN..OFF_VALUE_LEN + 4].copy_from_slice(&(value.len() as u32).to_le_bytes());
     h[OFF_SEQ..OFF_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
-    h[OFF_EXPIRE..].copy_from_slice(&expire_at_ms.to_le_bytes());
+    h[OFF_EXPIRE..OFF_EXPIRE + 8].copy_from_slice(&expire_at_ms.to_le_bytes());
     buf.clear();
     buf.extend_from_slice(&h);
     buf.extend_from_slice(key);
     buf.extend_from_slice(value);
-    let crc = crc32c::crc32c(&buf[..OFF_CRC]);
-    let crc = crc32c::crc32c_append(crc, &buf[OFF_SEQ..]);
+    let crc = record_crc(buf, HEADER_BYTES);
     buf[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The checksum of a record whose header is `header` bytes: over bytes
+/// 0..12, 16..32 and from the header's end (key and value). The
+/// *superseded by* field is left out: it is written after the record.
+fn record_crc(record: &[u8], header: usize) -> u32 {
+    let crc = crate::crc::append(0, &record[..OFF_CRC]);
+    let crc = crate::crc::append(crc, &record[OFF_SEQ..OFF_SUPERSEDED]);
+    crate::crc::append(crc, &record[header..])
+}
+
+/// Write into the record `pin` holds that the record of sequence number
+/// `by` replaced it: false for a record of the previous layout (it has no
+/// room for it).
+fn mark_superseded(pin: &PinGuard, by: u64) -> segalloc::Result<bool> {
+    let mut magic = [0u8; 4];
+    pin.read_at(0, &mut magic)?;
+    if u32::from_le_bytes(magic) != MAGIC {
+        return Ok(false);
+    }
+    pin.write_at(OFF_SUPERSEDED, &by.to_le_bytes())?;
+    Ok(true)
+}
+
+/// The durable sequence number a watermark allocation holds (`None` when
+/// it holds none).
+fn read_watermark(pin: &PinGuard) -> Option<u64> {
+    let mut b = [0u8; WATERMARK_BYTES];
+    pin.read_at(0, &mut b).ok()?;
+    (u32_at(&b, 0) == WATERMARK_MAGIC).then(|| u64_at(&b, 8))
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {
@@ -116,41 +172,58 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 /// common case) is read in one copy, a longer one in two.
 const FIRST_READ_BYTES: usize = 1024;
 
-/// A record's header checked: `(key length, value length)`, or why the
-/// slot (of `slot_bytes`) holds no record.
-fn check_header(h: &[u8], slot_bytes: usize) -> Result<(usize, usize), &'static str> {
-    if h.len() < HEADER_BYTES {
+/// Where a record's parts are: header, key and value lengths.
+#[derive(Clone, Copy)]
+struct Layout {
+    header: usize,
+    key_len: usize,
+    value_len: usize,
+}
+
+/// A record's header checked: its layout, or why the slot (of
+/// `slot_bytes`) holds no record.
+fn check_header(h: &[u8], slot_bytes: usize) -> Result<Layout, &'static str> {
+    if h.len() < HEADER_BYTES_V2 {
         return Err("slot shorter than a header");
     }
-    if u32_at(h, 0) != MAGIC {
-        return Err("no magic (retired or never sealed)");
+    let header = match u32_at(h, 0) {
+        MAGIC => HEADER_BYTES,
+        MAGIC_V2 => HEADER_BYTES_V2,
+        _ => return Err("no magic (retired or never sealed)"),
+    };
+    if h.len() < header {
+        return Err("slot shorter than a header");
     }
     let key_len = u32_at(h, OFF_KEY_LEN) as usize;
     let value_len = u32_at(h, OFF_VALUE_LEN) as usize;
     if key_len == 0 || key_len > KEY_BYTES_MAX || value_len > VALUE_BYTES_MAX {
         return Err("lengths out of range");
     }
-    if HEADER_BYTES + key_len + value_len > slot_bytes {
+    if header + key_len + value_len > slot_bytes {
         return Err("lengths exceed the slot");
     }
-    Ok((key_len, value_len))
+    Ok(Layout {
+        header,
+        key_len,
+        value_len,
+    })
 }
 
 /// A record read whole into `buf` (grown as needed, never shrunk below
 /// the largest record read) and checked: header, lengths and checksum.
-/// Returns the record's bytes and its key length.
+/// Returns the record's bytes and its layout.
 fn load_record<'a>(
     pin: &PinGuard,
     buf: &'a mut Vec<u8>,
-) -> Result<(&'a [u8], usize), &'static str> {
+) -> Result<(&'a [u8], Layout), &'static str> {
     let first = pin.len().min(FIRST_READ_BYTES);
     if buf.len() < first {
         buf.resize(first, 0);
     }
     pin.read_at(0, &mut buf[..first])
         .map_err(|_| "record unreadable")?;
-    let (key_len, value_len) = check_header(&buf[..first], pin.len())?;
-    let total = HEADER_BYTES + key_len + value_len;
+    let layout = check_header(&buf[..first], pin.len())?;
+    let total = layout.header + layout.key_len + layout.value_len;
     if total > first {
         if buf.len() < total {
             buf.resize(total, 0);
@@ -159,12 +232,10 @@ fn load_record<'a>(
             .map_err(|_| "record unreadable")?;
     }
     let record = &buf[..total];
-    // The checksum covers bytes 0..12 and 16.. (see `encode_record`).
-    let crc = crate::crc::append(0, &record[..OFF_CRC]);
-    if crate::crc::append(crc, &record[OFF_SEQ..]) != u32_at(record, OFF_CRC) {
+    if record_crc(record, layout.header) != u32_at(record, OFF_CRC) {
         return Err("checksum mismatch");
     }
-    Ok((record, key_len))
+    Ok((record, layout))
 }
 
 /// The value of `key`'s record, read into `buf` and checked.
@@ -173,8 +244,8 @@ fn load_value<'a>(
     key: &[u8],
     buf: &'a mut Vec<u8>,
 ) -> Result<&'a [u8], &'static str> {
-    let (record, key_len) = load_record(pin, buf)?;
-    let body = &record[HEADER_BYTES..];
+    let (record, layout) = load_record(pin, buf)?;
+    let (body, key_len) = (&record[layout.header..], layout.key_len);
     if key_len != key.len() || &body[..key_len] != key {
         return Err("record holds another key");
     }
@@ -183,8 +254,13 @@ fn load_value<'a>(
 
 /// Expired keys deleted per sweep, so one sweep never stalls the shard.
 const EXPIRE_PER_SWEEP: usize = 1024;
-/// Retirements between two yields of a round.
+/// Retirements between two yields of a round (and deferred frees after a
+/// sync).
 const RETIRE_PER_YIELD: usize = 1024;
+/// Replaced records a shard keeps allocated under `everysec` and `no`
+/// until a sync covers their replacements; past it, writers wait for a
+/// sync. A second of overwrites at the fastest one shard takes them.
+const DEFERRED_MAX: usize = 1 << 20;
 
 /// Keys by expiry (Unix milliseconds), soonest first.
 type ExpiryQueue = BinaryHeap<Reverse<(u64, Box<[u8]>)>>;
@@ -198,15 +274,28 @@ fn expiry_heap(index: &IndexMap<Entry>) -> ExpiryQueue {
         .collect()
 }
 
-/// A record read back whole and checked: its sequence number, expiry and
-/// key.
-fn recover_record(
-    pin: &PinGuard,
-    buf: &mut Vec<u8>,
-) -> Result<(u64, u64, Box<[u8]>), &'static str> {
-    let (record, key_len) = load_record(pin, buf)?;
-    let key = record[HEADER_BYTES..HEADER_BYTES + key_len].into();
-    Ok((u64_at(record, OFF_SEQ), u64_at(record, OFF_EXPIRE), key))
+/// A record read back whole and checked.
+struct Found {
+    seq: u64,
+    expire_at_ms: u64,
+    /// The sequence number of the record that replaced it (0: none known).
+    superseded_by: u64,
+    key: Box<[u8]>,
+}
+
+fn recover_record(pin: &PinGuard, buf: &mut Vec<u8>) -> Result<Found, &'static str> {
+    let (record, layout) = load_record(pin, buf)?;
+    let key = record[layout.header..layout.header + layout.key_len].into();
+    let superseded_by = match layout.header {
+        HEADER_BYTES => u64_at(record, OFF_SUPERSEDED),
+        _ => 0,
+    };
+    Ok(Found {
+        seq: u64_at(record, OFF_SEQ),
+        expire_at_ms: u64_at(record, OFF_EXPIRE),
+        superseded_by,
+        key,
+    })
 }
 
 async fn pin_of(shard: &Shard, h: Handle) -> segalloc::Result<PinGuard> {
@@ -227,11 +316,18 @@ fn retire(shard: &Shard, h: Handle, pin: PinGuard) -> segalloc::Result<()> {
 /// superseded, expired, highest sequence number)`.
 type Rebuilt = (IndexMap<(u64, Entry)>, usize, usize, usize, u64);
 
-/// Read every live allocation of `shard`: free torn, expired and superseded
-/// records, index the rest.
-async fn recover_index(shard: &Shard) -> segalloc::Result<Rebuilt> {
+/// Read every live allocation of `shard` but `watermark` (whose durable
+/// sequence number is `durable_seq`): free torn, expired and superseded
+/// records, index the rest. A record superseded by a sequence number up
+/// to `durable_seq` is dead even when no record of its key is left (the
+/// one that replaced it was durable, then deleted).
+async fn recover_index(
+    shard: &Shard,
+    watermark: Option<Handle>,
+    durable_seq: u64,
+) -> segalloc::Result<Rebuilt> {
     let now = now_unix_ms();
-    let handles: Vec<Handle> = shard.live().collect();
+    let handles: Vec<Handle> = shard.live().filter(|&h| Some(h) != watermark).collect();
     let mut best: IndexMap<(u64, Entry)> =
         IndexMap::with_capacity_and_hasher(handles.len(), Default::default());
     let (mut torn, mut superseded, mut expired, mut max_seq) = (0, 0, 0, 0u64);
@@ -239,7 +335,12 @@ async fn recover_index(shard: &Shard) -> segalloc::Result<Rebuilt> {
     let mut losers = Vec::new();
     for h in handles {
         let pin = pin_of(shard, h).await?;
-        let (seq, expire_at_ms, key) = match recover_record(&pin, &mut buf) {
+        let Found {
+            seq,
+            expire_at_ms,
+            superseded_by,
+            key,
+        } = match recover_record(&pin, &mut buf) {
             Ok(r) => r,
             Err(why) => {
                 eprintln!("shard {}: freeing {h}: {why}", shard.index());
@@ -248,12 +349,18 @@ async fn recover_index(shard: &Shard) -> segalloc::Result<Rebuilt> {
                 continue;
             }
         };
+        max_seq = max_seq.max(seq);
+        drop(pin);
+        if superseded_by != 0 && superseded_by <= durable_seq {
+            losers.push(h);
+            continue;
+        }
         let entry = Entry {
             handle: h,
             expire_at_ms,
+            // Set by the caller.
+            delete_after: 0,
         };
-        max_seq = max_seq.max(seq);
-        drop(pin);
         let loser = match best.get(&key) {
             Some(&(s, _)) if s > seq => Some(entry.handle),
             Some(&(_, e)) => {
@@ -360,6 +467,19 @@ pub struct Store {
     waiting: RefCell<Waiting>,
     /// The rounds of retirement under way.
     rounds: RefCell<Rounds>,
+    /// Records an overwrite replaced (under `everysec` and `no`), marked
+    /// superseded, with the count of writes a sync must cover before they
+    /// are freed (in that order).
+    deferred: RefCell<VecDeque<(Handle, u64)>>,
+    /// The allocation holding the durable sequence number.
+    watermark: Handle,
+    /// The durable sequence number last written to `watermark`.
+    w_pending: Cell<u64>,
+    /// The durable sequence number a completed sync made durable.
+    w_durable: Cell<u64>,
+    /// A deletion waits for the durable sequence number to reach this
+    /// (under `always` it is written only then).
+    w_wanted: Cell<u64>,
     /// How often [`Store::run_retirer`] retires the waiting records.
     retire_every: Duration,
     /// Wakes [`Store::run_retirer`] when `waiting` is full.
@@ -431,7 +551,33 @@ impl Store {
         retire_every: Duration,
     ) -> segalloc::Result<(Store, Recovered)> {
         let started = Instant::now();
-        let (best, torn, superseded, expired, max_seq) = recover_index(&shard).await?;
+        let found = shard.root(WATERMARK_ROOT);
+        let durable_seq = match found {
+            Some(h) => read_watermark(&pin_of(&shard, h).await?),
+            None => None,
+        };
+        let (best, torn, superseded, expired, max_seq) =
+            recover_index(&shard, found, durable_seq.unwrap_or(0)).await?;
+        let durable_seq = durable_seq.unwrap_or(0);
+        let watermark = match (found, durable_seq) {
+            (Some(h), _) if read_watermark(&pin_of(&shard, h).await?).is_some() => h,
+            _ => {
+                let a = match shard.try_allocate(WATERMARK_BYTES as u64)? {
+                    Some(a) => a,
+                    None => shard.allocate(WATERMARK_BYTES as u64).await?,
+                };
+                let (h, pin) = a.into_parts();
+                let mut b = [0u8; WATERMARK_BYTES];
+                b[..4].copy_from_slice(&WATERMARK_MAGIC.to_le_bytes());
+                b[8..].copy_from_slice(&durable_seq.to_le_bytes());
+                pin.write_at(0, &b)?;
+                drop(pin);
+                if let Some(damaged) = shard.set_root(WATERMARK_ROOT, h)? {
+                    shard.free(damaged)?;
+                }
+                h
+            }
+        };
         if torn + superseded + expired > 0 {
             // What recovery retired must be durable before a deletion's own
             // write can be: else a power loss could keep the deletion and
@@ -440,7 +586,15 @@ impl Store {
             shard.sync().await?;
         }
         let records = best.len();
-        let index: IndexMap<Entry> = best.into_iter().map(|(k, (_, e))| (k, e)).collect();
+        // A record newer than the durable sequence number may have marked
+        // an older one that is still allocated.
+        let index: IndexMap<Entry> = best
+            .into_iter()
+            .map(|(k, (seq, e))| {
+                let delete_after = if seq > durable_seq { seq } else { 0 };
+                (k, Entry { delete_after, ..e })
+            })
+            .collect();
         let expiring = expiry_heap(&index);
         let store = Store {
             shard,
@@ -450,6 +604,11 @@ impl Store {
             record_buf: RefCell::new(Vec::new()),
             waiting: RefCell::new(Waiting::default()),
             rounds: RefCell::new(Rounds::default()),
+            deferred: RefCell::new(VecDeque::new()),
+            watermark,
+            w_pending: Cell::new(durable_seq),
+            w_durable: Cell::new(durable_seq),
+            w_wanted: Cell::new(0),
             retire_every,
             retire_kick: Notify::new(),
             retired: Notify::new(),
@@ -457,8 +616,9 @@ impl Store {
             flushed: Notify::new(),
             sync: SyncState {
                 policy,
-                // Recovery's frees count as writes, so the first sync covers them.
-                writes: Cell::new((torn + superseded + expired) as u64),
+                // Recovery's frees (and the watermark) count as writes, so
+                // the first sync covers them.
+                writes: Cell::new((torn + superseded + expired) as u64 + 1),
                 synced: Cell::new(0),
                 wanted: Cell::new(0),
                 failures: Cell::new(0),
@@ -514,22 +674,27 @@ impl Store {
             // own.
             tokio::task::yield_now().await;
             let target = s.writes.get();
+            let seq_before = self.next_seq.get() - 1;
+            let w_at_start = self.w_pending.get();
             let waiters = s.waiters.get();
             let started = Instant::now();
-            match self.shard.sync().await {
+            let ok = match self.shard.sync().await {
                 Ok(()) => {
                     s.synced.set(target);
+                    self.w_durable.set(self.w_durable.get().max(w_at_start));
                     if self.rounds.borrow_mut().synced(target) {
                         self.retired.notify_waiters();
                     }
                     s.last_sync_unix_ms.set(now_unix_ms());
                     s.syncs.set(s.syncs.get() + 1);
+                    true
                 }
                 Err(e) => {
                     eprintln!("shard {}: sync failed: {e}", self.shard.index());
                     s.failures.set(s.failures.get() + 1);
+                    false
                 }
-            }
+            };
             last = LastSync {
                 answered: waiters - last.waiters_at_start,
                 waiters_at_start: waiters,
@@ -537,7 +702,90 @@ impl Store {
                 elapsed: started.elapsed(),
             };
             s.done.notify_waiters();
+            if ok {
+                self.after_sync(target, seq_before).await;
+            }
         }
+    }
+
+    /// After a sync that covered `synced` writes and every record up to
+    /// sequence number `seq_before`: write that durable sequence number
+    /// (durable with the next sync; under `always` only when a deletion
+    /// waits for it), then free the replaced records the sync made
+    /// ready (see [`Store::retire_round`]).
+    async fn after_sync(&self, synced: u64, seq_before: u64) {
+        let wanted =
+            self.sync.policy != SyncPolicy::Always || self.w_wanted.get() > self.w_pending.get();
+        if wanted && seq_before > self.w_pending.get() {
+            let written = match pin_of(&self.shard, self.watermark).await {
+                Ok(pin) => pin.write_at(8, &seq_before.to_le_bytes()),
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(()) => self.w_pending.set(seq_before),
+                Err(e) => {
+                    // No free before the number covers the records that
+                    // marked them: freed, they could come back.
+                    eprintln!(
+                        "shard {}: writing the durable sequence number: {e}",
+                        self.shard.index()
+                    );
+                    return;
+                }
+            }
+        }
+        let mut freed = 0usize;
+        loop {
+            let next = {
+                let mut deferred = self.deferred.borrow_mut();
+                match deferred.front() {
+                    Some(&(h, at)) if at <= synced => {
+                        deferred.pop_front();
+                        h
+                    }
+                    _ => break,
+                }
+            };
+            if let Err(e) = self.shard.free(next) {
+                eprintln!(
+                    "shard {}: freeing a replaced record: {e}",
+                    self.shard.index()
+                );
+                // Tried again after the next sync.
+                self.deferred.borrow_mut().push_front((next, synced));
+                break;
+            }
+            freed += 1;
+            if freed.is_multiple_of(RETIRE_PER_YIELD) {
+                tokio::task::yield_now().await;
+            }
+        }
+        // Not counted as writes: nothing waits for these frees to be
+        // durable (a marked record that comes back after a crash is dead or
+        // loses to its replacement), and the next write's sync covers them.
+        let _ = freed;
+    }
+
+    /// Wait until the durable sequence number reaches `seq` (two syncs at
+    /// most: one makes the records up to it durable, the next the number).
+    async fn durable_seq_reaches(&self, seq: u64) -> segalloc::Result<()> {
+        for _ in 0..4 {
+            if self.w_durable.get() >= seq {
+                return Ok(());
+            }
+            self.w_wanted.set(self.w_wanted.get().max(seq));
+            // A sync even when nothing else was written since the last.
+            self.wrote();
+            self.sync_now().await?;
+        }
+        if self.w_durable.get() >= seq {
+            return Ok(());
+        }
+        Err(segalloc::Error::Io {
+            op: "write the durable sequence number",
+            path: None,
+            source: std::io::Error::other("it does not advance (see the server log)"),
+        })
     }
 
     /// Before a demanded sync: wait until as many batches have started
@@ -614,12 +862,24 @@ impl Store {
     /// the index must not leave an older record of it behind: see
     /// [`Store::pin_for_delete`].
     ///
-    /// Under `everysec` and `no` an overwrite retires the old record at
-    /// once: the power loss that takes the new record (written less than
-    /// a sync period ago) may keep the old one's retirement, and the key
-    /// is then absent. Waiting for the sync there costs each retirement a
-    /// write fault on a page the sync cleaned (the replaced records lie on
-    /// many pages): SET at `-P 16` measured half as fast.
+    /// Under `everysec` and `no` an overwrite instead writes into the old
+    /// record, at once, the sequence number S of the new one (*superseded
+    /// by*, outside the checksum), and frees it (no write to its page)
+    /// once a sync covered the new record. The mark alone changes nothing
+    /// if the new record is lost: recovery keeps the highest sequence
+    /// number of a key it finds. Retiring these records in rounds, as
+    /// under `always`, measured half as fast: by then a sync has cleaned
+    /// their pages, and each zeroing takes a write fault. What the mark is
+    /// for: a freed record stays intact in its slot, and if its key is
+    /// later deleted, a power loss that loses the free (or a crash between
+    /// a reuse of the slot and the new record's write) would bring it back.
+    /// After each sync the shard writes the highest sequence number that
+    /// sync covered, W, into its [`WATERMARK_ROOT`] allocation; recovery
+    /// drops a record superseded by a sequence number up to W (its
+    /// replacement was durable). A deletion of a record that may have
+    /// marked another (`Entry::delete_after`) first waits until W, made
+    /// durable by a later sync, reaches it; a slot is reused only after a
+    /// sync that made its free durable, which also made W durable.
     async fn retire_round(&self, list: Vec<Keyed>) -> segalloc::Result<()> {
         if list.is_empty() {
             return Ok(());
@@ -674,6 +934,14 @@ impl Store {
         loop {
             self.retire_older(&[k]).await?;
             let current = self.pin_current(key).await?;
+            if let Some((e, _)) = &current
+                && e.delete_after > self.w_durable.get()
+            {
+                let seq = e.delete_after;
+                drop(current);
+                self.durable_seq_reaches(seq).await?;
+                continue;
+            }
             if !self.waiting.borrow().has_key(k) && !self.rounds.borrow().holds(k) {
                 return Ok(current);
             }
@@ -972,6 +1240,11 @@ impl Store {
             // rounds fall behind: the queue stays bounded.
             self.retire_ready().await?;
         }
+        if self.deferred.borrow().len() >= DEFERRED_MAX {
+            // The syncer frees them after the sync.
+            self.wrote();
+            self.sync_now().await?;
+        }
         let total = (HEADER_BYTES + w.key.len() + w.value.len()) as u64;
         let a = match self.shard.try_allocate(total)? {
             Some(a) => a,
@@ -992,7 +1265,7 @@ impl Store {
     /// [`Store::put`] without awaiting: `None` when the old record's window
     /// is not mapped or the allocation would have to wait.
     fn put_now(&self, w: &Put<'_>) -> Option<segalloc::Result<bool>> {
-        if self.waiting.borrow().full() {
+        if self.waiting.borrow().full() || self.deferred.borrow().len() >= DEFERRED_MAX {
             return None;
         }
         let current = self.index.borrow().get(w.key).copied();
@@ -1049,9 +1322,11 @@ impl Store {
             pin.write_at(0, &buf)?;
         }
         drop(pin);
+        let always = self.sync.policy == SyncPolicy::Always;
         let entry = Entry {
             handle: h,
             expire_at_ms,
+            delete_after: if !always && old.is_some() { seq } else { 0 },
         };
         let mut index = self.index.borrow_mut();
         match index.get_mut(w.key) {
@@ -1071,17 +1346,20 @@ impl Store {
         drop(index);
         self.wrote();
         if let Some((old, old_pin)) = old {
-            if self.sync.policy == SyncPolicy::Always {
-                // Retired in a round once a sync covered this write (see
-                // [`Store::retire_round`]).
+            // Retired (under `always`) or freed (else) once a sync covered
+            // this write: see [`Store::retire_round`].
+            let ready_at = self.sync.writes.get();
+            if always {
                 drop(old_pin);
                 let k = self.key_hash(w.key);
-                let ready_at = self.sync.writes.get();
                 if self.waiting.borrow_mut().push(k, old.handle, ready_at) {
                     self.retire_kick.notify_one();
                 }
+            } else if mark_superseded(&old_pin, seq)? {
+                drop(old_pin);
+                self.deferred.borrow_mut().push_back((old.handle, ready_at));
             } else {
-                // See [`Store::retire_round`] for what a power loss may do.
+                // A record of the previous layout has no room for the mark.
                 retire(&self.shard, old.handle, old_pin)?;
             }
         }
@@ -1183,6 +1461,11 @@ impl Store {
         };
         self.expiring.borrow_mut().clear();
         if let Err(e) = self.retire_older(&keys).await {
+            self.restore(all);
+            return Err(e);
+        }
+        let after = all.iter().map(|(_, e)| e.delete_after).max().unwrap_or(0);
+        if let Err(e) = self.durable_seq_reaches(after).await {
             self.restore(all);
             return Err(e);
         }
@@ -1288,5 +1571,50 @@ impl Store {
         for f in fields {
             resp::int(out, f);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record of the current layout and one of the previous layout
+    /// (written by an earlier version of this server) both check, and the
+    /// *superseded by* field stays out of the checksum.
+    #[test]
+    fn both_record_layouts_check() {
+        let mut buf = Vec::new();
+        encode_record(&mut buf, 7, 0, b"key", b"value");
+        let layout = check_header(&buf, 64).unwrap();
+        assert_eq!(
+            (layout.header, layout.key_len, layout.value_len),
+            (40, 3, 5)
+        );
+        assert_eq!(record_crc(&buf, layout.header), u32_at(&buf, OFF_CRC));
+        buf[OFF_SUPERSEDED..OFF_SUPERSEDED + 8].copy_from_slice(&9u64.to_le_bytes());
+        assert_eq!(record_crc(&buf, layout.header), u32_at(&buf, OFF_CRC));
+        buf[HEADER_BYTES] ^= 1;
+        assert_ne!(record_crc(&buf, layout.header), u32_at(&buf, OFF_CRC));
+
+        // The previous layout: a 32-byte header, the checksum over 0..12
+        // and 16.., written here as that version wrote it.
+        let mut old = Vec::new();
+        old.extend_from_slice(b"KVR2");
+        old.extend_from_slice(&3u32.to_le_bytes());
+        old.extend_from_slice(&5u32.to_le_bytes());
+        old.extend_from_slice(&[0; 4]);
+        old.extend_from_slice(&7u64.to_le_bytes());
+        old.extend_from_slice(&0u64.to_le_bytes());
+        old.extend_from_slice(b"keyvalue");
+        let crc = crc32c::crc32c(&old[..OFF_CRC]);
+        let crc = crc32c::crc32c_append(crc, &old[OFF_SEQ..]);
+        old[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        let layout = check_header(&old, 64).unwrap();
+        assert_eq!(
+            (layout.header, layout.key_len, layout.value_len),
+            (32, 3, 5)
+        );
+        assert_eq!(record_crc(&old, layout.header), crc);
+        assert_eq!(&old[layout.header..layout.header + 3], b"key");
     }
 }
