@@ -1307,3 +1307,37 @@ fn a_deleted_key_stays_deleted_when_the_free_of_its_older_record_is_lost() {
     assert_eq!(got, None, "log: {}", server.log());
     assert_eq!(redis::cmd("DBSIZE").query::<i64>(c).unwrap(), 0);
 }
+
+/// After a restart, new records are numbered above the durable sequence
+/// number even when the records numbered up to it were deleted: else an
+/// overwrite would mark the record it replaced with a number that passes
+/// for durable, and a power loss that took the overwrite would take the
+/// key too.
+#[test]
+fn sequence_numbers_stay_above_the_durable_one_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = ["--shards", "1", "--sync", "no"];
+    let server = Server::start_with(&tmp.path().join("db"), &flags);
+    let c = &mut server.client();
+    let _: () = c.set("kept", "the saved value").unwrap();
+    let _: () = c.set("newest", "deleted").unwrap();
+    let _: () = redis::cmd("SAVE").query(c).unwrap();
+    let _: i64 = c.del("newest").unwrap();
+    let _: () = redis::cmd("SAVE").query(c).unwrap();
+    let dir = kill9(server);
+    let server = Server::start_with(&dir, &flags);
+    let c = &mut server.client();
+    let _: () = c.set("kept", "an overwrite, never synced").unwrap();
+    let dir = kill9(server);
+    let (path, at) = find_in_data(&dir, b"keptan overwrite, never synced")
+        .expect("the new record is in the file");
+    damage(&path, at + 10);
+    let server = Server::start_with(&dir, &flags);
+    let got: Option<String> = server.client().get("kept").unwrap();
+    assert_eq!(
+        got.as_deref(),
+        Some("the saved value"),
+        "log: {}",
+        server.log()
+    );
+}

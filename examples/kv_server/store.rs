@@ -600,7 +600,10 @@ impl Store {
             shard,
             index: RefCell::new(index),
             expiring: RefCell::new(expiring),
-            next_seq: Cell::new(max_seq + 1),
+            // Above the durable sequence number too: the newest records may
+            // have been deleted, and a new record numbered at or below it
+            // would pass for durable (see `recover_index`).
+            next_seq: Cell::new(max_seq.max(durable_seq) + 1),
             record_buf: RefCell::new(Vec::new()),
             waiting: RefCell::new(Waiting::default()),
             rounds: RefCell::new(Rounds::default()),
