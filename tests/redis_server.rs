@@ -1267,11 +1267,27 @@ fn a_power_loss_that_takes_an_overwrite_keeps_the_value_it_replaced() {
         .expect("the new record is in the file");
     damage(&path, at + 10);
     let server = Server::start_with(&dir, &flags);
-    let got: Option<String> = server.client().get("the-key").unwrap();
+    let c = &mut server.client();
+    let got: Option<String> = c.get("the-key").unwrap();
     assert_eq!(
         got.as_deref(),
         Some("the first value, saved"),
         "log: {}",
+        server.log()
+    );
+    // The mark the lost overwrite left must not drop the value later, once
+    // the durable sequence number passes it.
+    for i in 0..3 {
+        let _: () = c.set(format!("other{i}"), "x").unwrap();
+        let _: () = redis::cmd("SAVE").query(c).unwrap();
+    }
+    let dir = kill9(server);
+    let server = Server::start_with(&dir, &flags);
+    let got: Option<String> = server.client().get("the-key").unwrap();
+    assert_eq!(
+        got.as_deref(),
+        Some("the first value, saved"),
+        "after more syncs; log: {}",
         server.log()
     );
 }
@@ -1340,4 +1356,44 @@ fn sequence_numbers_stay_above_the_durable_one_after_a_restart() {
         "log: {}",
         server.log()
     );
+}
+
+/// A deletion of a key that other connections keep overwriting ends
+/// within a few syncs: the writers of that key wait while it runs (each
+/// overwrite would give the deletion one more record to wait for, and it
+/// would end only when it happened to catch up).
+#[test]
+fn a_deletion_of_a_key_overwritten_without_pause_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&tmp.path().join("db"), &["--shards", "1"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = server.client();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut pipe = redis::pipe();
+                    for _ in 0..16 {
+                        pipe.incr("hot", 1).ignore();
+                    }
+                    let _: () = pipe.query(&mut c).unwrap();
+                }
+            })
+        })
+        .collect();
+    let c = &mut server.client();
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..5 {
+        // Two syncs make the record's number durable; the periodic one may
+        // fall in between.
+        let before = syncs_of(c);
+        let _: i64 = c.del("hot").unwrap();
+        let syncs = syncs_of(c) - before;
+        assert!(syncs <= 4, "a DEL waited for {syncs} syncs");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
 }

@@ -27,7 +27,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,7 +35,7 @@ use segalloc::{Handle, PinGuard, Shard};
 use tokio::sync::Notify;
 
 use crate::batch::{Batch, Cond, OpDesc, OpKind, Ttl};
-use crate::hash::IndexMap;
+use crate::hash::{IndexHashState, IndexMap};
 use crate::resp;
 use crate::retire::{Keyed, Rounds, Waiting};
 
@@ -312,9 +312,9 @@ fn retire(shard: &Shard, h: Handle, pin: PinGuard) -> segalloc::Result<()> {
     shard.free(h)
 }
 
-/// The best record of each key, and what was freed: `(index, torn,
-/// superseded, expired, highest sequence number)`.
-type Rebuilt = (IndexMap<(u64, Entry)>, usize, usize, usize, u64);
+/// The best record of each key, and what was done: `(index, torn,
+/// superseded, expired, marks cleared, highest sequence number)`.
+type Rebuilt = (IndexMap<(u64, Entry)>, usize, usize, usize, usize, u64);
 
 /// Read every live allocation of `shard` but `watermark` (whose durable
 /// sequence number is `durable_seq`): free torn, expired and superseded
@@ -333,6 +333,7 @@ async fn recover_index(
     let (mut torn, mut superseded, mut expired, mut max_seq) = (0, 0, 0, 0u64);
     let mut buf = Vec::new();
     let mut losers = Vec::new();
+    let mut marked = std::collections::HashSet::new();
     for h in handles {
         let pin = pin_of(shard, h).await?;
         let Found {
@@ -354,6 +355,11 @@ async fn recover_index(
         if superseded_by != 0 && superseded_by <= durable_seq {
             losers.push(h);
             continue;
+        }
+        if superseded_by != 0 {
+            // Its replacement was not durable: if it is not found, this
+            // record is its key's value again (see below).
+            marked.insert(h);
         }
         let entry = Entry {
             handle: h,
@@ -404,7 +410,21 @@ async fn recover_index(
         retire(shard, e.handle, pin)?;
         expired += 1;
     }
-    Ok((best, torn, superseded, expired, max_seq))
+    // A record kept though marked superseded: the record that replaced it
+    // was lost (a deletion of it would have made its number durable
+    // first). Clear the mark, else once the durable sequence number
+    // passes it a later recovery would drop the key's value. The caller
+    // syncs before serving, so the clear is durable before any durable
+    // sequence number is written.
+    let mut cleared = 0;
+    for (_, e) in best.values() {
+        if marked.contains(&e.handle) {
+            let pin = pin_of(shard, e.handle).await?;
+            pin.write_at(OFF_SUPERSEDED, &0u64.to_le_bytes())?;
+            cleared += 1;
+        }
+    }
+    Ok((best, torn, superseded, expired, cleared, max_seq))
 }
 
 /// What recovery found on one shard.
@@ -486,6 +506,11 @@ pub struct Store {
     retire_kick: Notify,
     /// Notified when a round ends.
     retired: Notify,
+    /// Key hashes with a deletion under way, and how many (see
+    /// [`Deleting`]).
+    deleting: RefCell<HashMap<u64, u32, IndexHashState>>,
+    /// Notified when a deletion ends.
+    deletion_done: Notify,
     /// A FLUSHDB is under way: commands wait (see [`Store::flush`]).
     flushing: Cell<bool>,
     /// Notified when a FLUSHDB ends.
@@ -538,6 +563,34 @@ impl Drop for Retiring<'_> {
     }
 }
 
+/// A deletion under way of the keys of one hash: writers of those keys
+/// wait until it ends (see [`Store::pin_for_delete`]).
+struct Deleting<'a> {
+    store: &'a Store,
+    key: u64,
+}
+
+impl<'a> Deleting<'a> {
+    fn begin(store: &'a Store, key: u64) -> Deleting<'a> {
+        *store.deleting.borrow_mut().entry(key).or_default() += 1;
+        Deleting { store, key }
+    }
+}
+
+impl Drop for Deleting<'_> {
+    fn drop(&mut self) {
+        let mut deleting = self.store.deleting.borrow_mut();
+        if let Some(n) = deleting.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                deleting.remove(&self.key);
+            }
+        }
+        drop(deleting);
+        self.store.deletion_done.notify_waiters();
+    }
+}
+
 /// Answer an operation that failed with the allocator's error.
 fn err_reply(out: &mut Vec<u8>, e: &segalloc::Error) {
     resp::error(out, &format!("ERR {e}"));
@@ -556,7 +609,7 @@ impl Store {
             Some(h) => read_watermark(&pin_of(&shard, h).await?),
             None => None,
         };
-        let (best, torn, superseded, expired, max_seq) =
+        let (best, torn, superseded, expired, cleared, max_seq) =
             recover_index(&shard, found, durable_seq.unwrap_or(0)).await?;
         let durable_seq = durable_seq.unwrap_or(0);
         let watermark = match (found, durable_seq) {
@@ -578,11 +631,12 @@ impl Store {
                 h
             }
         };
-        if torn + superseded + expired > 0 {
+        if torn + superseded + expired + cleared > 0 {
             // What recovery retired must be durable before a deletion's own
             // write can be: else a power loss could keep the deletion and
             // revert the retirement of a key's older record, which would
-            // then be the key's only record.
+            // then be the key's only record. Cleared marks must be durable
+            // before any durable sequence number past them is written.
             shard.sync().await?;
         }
         let records = best.len();
@@ -615,6 +669,8 @@ impl Store {
             retire_every,
             retire_kick: Notify::new(),
             retired: Notify::new(),
+            deleting: RefCell::new(HashMap::default()),
+            deletion_done: Notify::new(),
             flushing: Cell::new(false),
             flushed: Notify::new(),
             sync: SyncState {
@@ -934,6 +990,9 @@ impl Store {
     /// removing the key from the index.
     async fn pin_for_delete(&self, key: &[u8]) -> segalloc::Result<Option<(Entry, PinGuard)>> {
         let k = self.key_hash(key);
+        // Writers of the key wait meanwhile: each overwrite would give the
+        // deletion more to wait for.
+        let _deleting = Deleting::begin(self, k);
         loop {
             self.retire_older(&[k]).await?;
             let current = self.pin_current(key).await?;
@@ -1237,7 +1296,20 @@ impl Store {
 
     /// Write a new record for `key` if `cond` holds at the moment it is
     /// published; returns whether it was written.
+    /// Whether a deletion of `key` (or of a key of the same hash) is under
+    /// way.
+    fn being_deleted(&self, key: &[u8]) -> bool {
+        let deleting = self.deleting.borrow();
+        !deleting.is_empty() && deleting.contains_key(&self.key_hash(key))
+    }
+
     async fn put(&self, w: &Put<'_>) -> segalloc::Result<bool> {
+        while self.being_deleted(w.key) {
+            let done = self.deletion_done.notified();
+            if self.being_deleted(w.key) {
+                done.await;
+            }
+        }
         if self.waiting.borrow().full() {
             // Writers retire the records they replaced when the background
             // rounds fall behind: the queue stays bounded.
@@ -1247,6 +1319,15 @@ impl Store {
             // The syncer frees them after the sync.
             self.wrote();
             self.sync_now().await?;
+            if self.deferred.borrow().len() >= DEFERRED_MAX {
+                return Err(segalloc::Error::Io {
+                    op: "free replaced records",
+                    path: None,
+                    source: std::io::Error::other(
+                        "they are not freed after a sync (see the server log)",
+                    ),
+                });
+            }
         }
         let total = (HEADER_BYTES + w.key.len() + w.value.len()) as u64;
         let a = match self.shard.try_allocate(total)? {
@@ -1268,7 +1349,10 @@ impl Store {
     /// [`Store::put`] without awaiting: `None` when the old record's window
     /// is not mapped or the allocation would have to wait.
     fn put_now(&self, w: &Put<'_>) -> Option<segalloc::Result<bool>> {
-        if self.waiting.borrow().full() || self.deferred.borrow().len() >= DEFERRED_MAX {
+        if self.waiting.borrow().full()
+            || self.deferred.borrow().len() >= DEFERRED_MAX
+            || self.being_deleted(w.key)
+        {
             return None;
         }
         let current = self.index.borrow().get(w.key).copied();
@@ -1362,8 +1446,13 @@ impl Store {
                 drop(old_pin);
                 self.deferred.borrow_mut().push_back((old.handle, ready_at));
             } else {
-                // A record of the previous layout has no room for the mark.
-                retire(&self.shard, old.handle, old_pin)?;
+                // A record of the previous layout has no room for the mark:
+                // it waits for a round, as under `always`.
+                drop(old_pin);
+                let k = self.key_hash(w.key);
+                if self.waiting.borrow_mut().push(k, old.handle, ready_at) {
+                    self.retire_kick.notify_one();
+                }
             }
         }
         Ok(true)
