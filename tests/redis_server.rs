@@ -1083,6 +1083,10 @@ fn overwritten_records_are_retired_in_the_background() {
     let c = &mut server.client();
     overwrite(c, 1000);
     assert!(live(c) > 500 * RECORD / 2, "replaced records wait");
+    let replaced: u64 = info_field(c, "memory", "segalloc_replaced_records")
+        .parse()
+        .unwrap();
+    assert_eq!(replaced, 999, "INFO counts the waiting records");
     overwrite(c, 280_000);
     wait_for(c, 40_000 * RECORD, "past the cap");
     drop(server);

@@ -450,7 +450,10 @@ mod field {
     pub const UNSYNCED_WRITES: usize = 11;
     /// 1 when every shard runs io_uring.
     pub const URING: usize = 12;
-    pub const COUNT: usize = 14;
+    /// Records overwrites replaced that are still allocated: waiting for
+    /// a sync that covers their replacements, or for a round.
+    pub const REPLACED: usize = 14;
+    pub const COUNT: usize = 15;
 }
 
 /// Integers of an array reply of integers.
@@ -565,6 +568,7 @@ fn memory_lines(t: &[i64; field::COUNT]) -> Lines {
             t[field::MAPPED_WINDOWS].to_string(),
         ),
         ("segalloc_data_files", t[field::DATA_FILES].to_string()),
+        ("segalloc_replaced_records", t[field::REPLACED].to_string()),
     ]
 }
 

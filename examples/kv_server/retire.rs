@@ -54,6 +54,11 @@ impl Waiting {
         self.count >= WAITING_MAX || self.pages.len() >= WAITING_PAGES_MAX
     }
 
+    /// How many records wait.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
     /// Whether a record of key hash `key` waits.
     pub fn has_key(&self, key: u64) -> bool {
         self.by_key.contains_key(&key)

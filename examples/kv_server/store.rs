@@ -1658,6 +1658,7 @@ impl Store {
             s.writes.get().saturating_sub(s.synced.get()) as i64,
             (st.io_backend == segalloc::IoBackend::Uring) as i64,
             now as i64,
+            (self.waiting.borrow().len() + self.deferred.borrow().len()) as i64,
         ];
         resp::array_len(out, fields.len());
         for f in fields {
