@@ -49,9 +49,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::blockdev::{Loop, cannot_run, make_image, stop};
 use common::{
-    Mount, Rng, assert_no_overlap, check_pattern, find_tool, handle_from_hex, handle_hex,
-    handle_seed, is_root, line_reader, open_shard, run, seed_from_env, write_pattern,
+    Mount, Rng, assert_no_overlap, check_pattern, handle_from_hex, handle_hex, handle_seed,
+    line_reader, open_shard, run, seed_from_env, write_pattern,
 };
 use segalloc::config::MIB;
 use segalloc::{Config, Handle};
@@ -148,109 +149,6 @@ fn powercut_child() {
 // ---------------------------------------------------------------------------
 // The block device.
 // ---------------------------------------------------------------------------
-
-fn run_tool(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(format!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// Why this machine cannot run the test, if it cannot.
-fn cannot_run() -> Option<String> {
-    if !is_root() {
-        return Some("not running as root (loop devices and mounts need it)".into());
-    }
-    for t in ["mkfs.ext4", "losetup", "mount", "umount"] {
-        if find_tool(t).is_none() {
-            return Some(format!("`{t}` not found"));
-        }
-    }
-    None
-}
-
-/// A loop device over an image file, detached when dropped.
-struct Loop {
-    dev: String,
-}
-
-impl Loop {
-    fn attach(image: &Path) -> Result<Loop, String> {
-        let dev = run_tool(
-            Command::new(find_tool("losetup").unwrap())
-                .args(["--direct-io=on", "--find", "--show"])
-                .arg(image),
-        )?;
-        Ok(Loop { dev })
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new(find_tool("losetup").unwrap())
-            .args(["-d", &self.dev])
-            .status();
-    }
-}
-
-// `Mount` (common) is unmounted when dropped: declare it after its `Loop`.
-impl Mount {
-    fn new(dev: &str, at: &Path) -> Result<Mount, String> {
-        std::fs::create_dir_all(at).unwrap();
-        run_tool(
-            Command::new("mount")
-                .args(["-t", "ext4", "-o", "commit=600"])
-                .arg(dev)
-                .arg(at),
-        )?;
-        Ok(Mount {
-            at: at.to_path_buf(),
-        })
-    }
-}
-
-fn make_image(image: &Path) -> Result<(), String> {
-    let f = std::fs::File::create(image).map_err(|e| e.to_string())?;
-    f.set_len(IMAGE_BYTES).map_err(|e| e.to_string())?;
-    drop(f);
-    run_tool(
-        Command::new(find_tool("mkfs.ext4").unwrap())
-            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
-            .arg(image),
-    )
-    .map(|_| ())
-}
-
-/// Stop `pid` and wait until every one of its threads is stopped (so none
-/// is inside a system call).
-fn stop(pid: u32) {
-    let stopped = Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(stopped.success(), "kill -STOP {pid}: {stopped}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-        let all_stopped = tasks.filter_map(|t| t.ok()).all(|t| {
-            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-            // The state follows the parenthesised command name.
-            let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start());
-            matches!(state.and_then(|s| s.chars().next()), Some('T' | 't'))
-        });
-        if all_stopped {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the child does not stop");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
 
 // ---------------------------------------------------------------------------
 // What the child acknowledged.
@@ -488,7 +386,7 @@ fn round(work: &Path, seed: u64) -> Lost {
     let mut rng = Rng::new(seed);
     let image = work.join("disk.img");
     let cut = work.join("cut.img");
-    make_image(&image).unwrap();
+    make_image(&image, IMAGE_BYTES).unwrap();
     let dev = Loop::attach(&image).unwrap();
     let mnt = Mount::new(&dev.dev, &work.join("mnt")).unwrap();
     let data = mnt.at.join("data");

@@ -8,47 +8,16 @@
 //! it): cargo holds its build lock only while building, not while tests
 //! run, and the build is a no-op when `cargo test` already built examples.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
+use common::kv_server_binary as server_binary;
 use redis::{Commands, RedisResult, Value};
-
-fn server_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-            "build",
-            "--example",
-            "kv_server",
-            "--message-format",
-            "json",
-        ]);
-        if !cfg!(debug_assertions) {
-            cmd.arg("--release");
-        }
-        let out = cmd
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run cargo build");
-        assert!(
-            out.status.success(),
-            "cargo build --example kv_server failed"
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout
-            .lines()
-            .rfind(|l| l.contains("\"name\":\"kv_server\"") && l.contains("\"executable\":\""))
-            .expect("cargo reports the kv_server executable");
-        let start = line.find("\"executable\":\"").expect("field") + "\"executable\":\"".len();
-        let end = start + line[start..].find('"').expect("closing quote");
-        PathBuf::from(&line[start..end])
-    })
-}
 
 /// A running server; killed with SIGKILL when dropped.
 struct Server {

@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests.
 #![allow(dead_code)]
 
+pub mod blockdev;
+
 use std::future::Future;
 use std::path::Path;
 use std::rc::Rc;
@@ -400,4 +402,40 @@ impl Drop for Mount {
                 .status();
         }
     }
+}
+
+/// The `kv_server` example, built on first use with `cargo build --example
+/// kv_server` (same profile as the test; `--message-format json` tells
+/// where cargo put it). Examples have no `CARGO_BIN_EXE_*` variable.
+pub fn kv_server_binary() -> &'static std::path::Path {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+            "build",
+            "--example",
+            "kv_server",
+            "--message-format",
+            "json",
+        ]);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let out = cmd
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("run cargo build");
+        assert!(
+            out.status.success(),
+            "cargo build --example kv_server failed"
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .rfind(|l| l.contains("\"name\":\"kv_server\"") && l.contains("\"executable\":\""))
+            .expect("cargo reports the kv_server executable");
+        let start = line.find("\"executable\":\"").expect("field") + "\"executable\":\"".len();
+        let end = start + line[start..].find('"').expect("closing quote");
+        std::path::PathBuf::from(&line[start..end])
+    })
 }
