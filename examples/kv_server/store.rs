@@ -500,6 +500,8 @@ pub struct Store {
     /// A deletion waits for the durable sequence number to reach this
     /// (under `always` it is written only then).
     w_wanted: Cell<u64>,
+    /// Notified when the syncer is done freeing after a sync.
+    freed: Notify,
     /// How often [`Store::run_retirer`] retires the waiting records.
     retire_every: Duration,
     /// Wakes [`Store::run_retirer`] when `waiting` is full.
@@ -666,6 +668,7 @@ impl Store {
             w_pending: Cell::new(durable_seq),
             w_durable: Cell::new(durable_seq),
             w_wanted: Cell::new(0),
+            freed: Notify::new(),
             retire_every,
             retire_kick: Notify::new(),
             retired: Notify::new(),
@@ -773,6 +776,11 @@ impl Store {
     /// waits for it), then free the replaced records the sync made
     /// ready (see [`Store::retire_round`]).
     async fn after_sync(&self, synced: u64, seq_before: u64) {
+        self.write_watermark_and_free(synced, seq_before).await;
+        self.freed.notify_waiters();
+    }
+
+    async fn write_watermark_and_free(&self, synced: u64, seq_before: u64) {
         let wanted =
             self.sync.policy != SyncPolicy::Always || self.w_wanted.get() > self.w_pending.get();
         if wanted && seq_before > self.w_pending.get() {
@@ -1315,11 +1323,9 @@ impl Store {
             // rounds fall behind: the queue stays bounded.
             self.retire_ready().await?;
         }
-        if self.deferred.borrow().len() >= DEFERRED_MAX {
-            // The syncer frees them after the sync.
-            self.wrote();
-            self.sync_now().await?;
-            if self.deferred.borrow().len() >= DEFERRED_MAX {
+        let mut syncs = 0;
+        while self.deferred.borrow().len() >= DEFERRED_MAX {
+            if syncs == 3 {
                 return Err(segalloc::Error::Io {
                     op: "free replaced records",
                     path: None,
@@ -1328,6 +1334,12 @@ impl Store {
                     ),
                 });
             }
+            syncs += 1;
+            // The syncer frees them after the sync, then notifies.
+            let freed = self.freed.notified();
+            self.wrote();
+            self.sync_now().await?;
+            freed.await;
         }
         let total = (HEADER_BYTES + w.key.len() + w.value.len()) as u64;
         let a = match self.shard.try_allocate(total)? {
