@@ -15,8 +15,8 @@
 //! | 40 | … | key, then value |
 //!
 //! A record of the previous layout (magic `KVR2`) has no *superseded by*
-//! field: its key starts at 32. It is read as before, and retired at once
-//! when replaced.
+//! field: its key starts at 32. It is read as before, and when replaced it
+//! waits to be retired in a round, as under `--sync always`.
 //!
 //! Each shard also keeps one 16-byte allocation, its root
 //! [`WATERMARK_ROOT`]: magic `KVW1`, 4 zero bytes, then the *durable
@@ -1302,8 +1302,6 @@ impl Store {
         }
     }
 
-    /// Write a new record for `key` if `cond` holds at the moment it is
-    /// published; returns whether it was written.
     /// Whether a deletion of `key` (or of a key of the same hash) is under
     /// way.
     fn being_deleted(&self, key: &[u8]) -> bool {
@@ -1311,6 +1309,8 @@ impl Store {
         !deleting.is_empty() && deleting.contains_key(&self.key_hash(key))
     }
 
+    /// Write a new record for `key` if `cond` holds at the moment it is
+    /// published; returns whether it was written.
     async fn put(&self, w: &Put<'_>) -> segalloc::Result<bool> {
         while self.being_deleted(w.key) {
             let done = self.deletion_done.notified();
