@@ -126,7 +126,10 @@ fn encode_record(buf: &mut Vec<u8>, seq: u64, expire_at_ms: u64, key: &[u8], val
     buf.extend_from_slice(&h);
     buf.extend_from_slice(key);
     buf.extend_from_slice(value);
-    let crc = record_crc(buf, HEADER_BYTES);
+    // Sealed with the crate, checked with `crate::crc` (see there).
+    let crc = crc32c::crc32c(&buf[..OFF_CRC]);
+    let crc = crc32c::crc32c_append(crc, &buf[OFF_SEQ..OFF_SUPERSEDED]);
+    let crc = crc32c::crc32c_append(crc, &buf[HEADER_BYTES..]);
     buf[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -901,15 +904,17 @@ impl Store {
     }
 
     /// Retire the waiting records that are ready (a sync covered their
-    /// replacements). When the queue stays full, first wait for a sync
-    /// that makes all of them ready.
+    /// replacements). When none is and the queue is full, first wait for a
+    /// sync that makes them ready.
     async fn retire_ready(&self) -> segalloc::Result<()> {
-        if self.waiting.borrow().full() {
-            self.sync_now().await?;
-        }
         // No await between taking the records and beginning their round:
         // a deletion looks for its key's records in one or the other.
-        let list = self.waiting.borrow_mut().take_ready(self.sync.synced.get());
+        let mut list = self.waiting.borrow_mut().take_ready(self.sync.synced.get());
+        if list.is_empty() && self.waiting.borrow().full() {
+            // Full of records whose replacements no sync covered yet.
+            self.sync_now().await?;
+            list = self.waiting.borrow_mut().take_ready(self.sync.synced.get());
+        }
         self.retire_round(list).await
     }
 
