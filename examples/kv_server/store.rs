@@ -8,14 +8,15 @@
 //! | 0 | 4 | magic `KVR3` (little-endian `u32`); zero once retired |
 //! | 4 | 4 | key length |
 //! | 8 | 4 | value length |
-//! | 12 | 4 | CRC-32C of bytes 0..12, 16..32, the key and the value |
-//! | 16 | 8 | sequence number (per shard, increasing) |
-//! | 24 | 8 | expiry, Unix milliseconds (0: none) |
-//! | 32 | 8 | *superseded by*: the sequence number of the record that replaced it (0: none); not checksummed, written when it is replaced |
+//! | 12 | 4 | CRC-32C of bytes 0..12 and 24.. (up to the value's end) |
+//! | 16 | 8 | *superseded by*: the sequence number of the record that replaced it (0: none); not checksummed, written when it is replaced |
+//! | 24 | 8 | sequence number (per shard, increasing) |
+//! | 32 | 8 | expiry, Unix milliseconds (0: none) |
 //! | 40 | … | key, then value |
 //!
 //! A record of the previous layout (magic `KVR2`) has no *superseded by*
-//! field: its key starts at 32. It is read as before, and when replaced it
+//! field: sequence number at 16, expiry at 24, key at 32, checksum over
+//! 0..12 and 16... It is read as before, and when replaced it
 //! waits to be retired in a round, as under `--sync always`.
 //!
 //! Each shard also keeps one 16-byte allocation, its root
@@ -55,11 +56,13 @@ const MAGIC_V2: u32 = u32::from_le_bytes(*b"KVR2");
 const OFF_KEY_LEN: usize = 4;
 const OFF_VALUE_LEN: usize = 8;
 const OFF_CRC: usize = 12;
-const OFF_SEQ: usize = 16;
-const OFF_EXPIRE: usize = 24;
-const OFF_SUPERSEDED: usize = 32;
-const _: () = assert!(OFF_EXPIRE + 8 == OFF_SUPERSEDED && OFF_SUPERSEDED == HEADER_BYTES_V2);
-const _: () = assert!(OFF_SUPERSEDED + 8 == HEADER_BYTES);
+const OFF_SUPERSEDED: usize = 16;
+/// Sequence number and expiry: the 16 bytes before the key, in both
+/// layouts.
+const OFF_SEQ: usize = HEADER_BYTES - 16;
+const OFF_EXPIRE: usize = HEADER_BYTES - 8;
+const _: () = assert!(OFF_CRC + 4 == OFF_SUPERSEDED && OFF_SUPERSEDED + 8 == OFF_SEQ);
+const _: () = assert!(HEADER_BYTES_V2 - 16 == OFF_SUPERSEDED);
 
 /// The root naming a shard's durable sequence number.
 pub const WATERMARK_ROOT: &str = "kv_server.durable_seq";
@@ -128,18 +131,17 @@ fn encode_record(buf: &mut Vec<u8>, seq: u64, expire_at_ms: u64, key: &[u8], val
     buf.extend_from_slice(value);
     // Sealed with the crate, checked with `crate::crc` (see there).
     let crc = crc32c::crc32c(&buf[..OFF_CRC]);
-    let crc = crc32c::crc32c_append(crc, &buf[OFF_SEQ..OFF_SUPERSEDED]);
-    let crc = crc32c::crc32c_append(crc, &buf[HEADER_BYTES..]);
+    let crc = crc32c::crc32c_append(crc, &buf[OFF_SEQ..]);
     buf[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// The checksum of a record whose header is `header` bytes: over bytes
-/// 0..12, 16..32 and from the header's end (key and value). The
-/// *superseded by* field is left out: it is written after the record.
+/// 0..12 and from the sequence number on (16 bytes before the header's
+/// end) to the value's end. The *superseded by* field is left out: it is
+/// written after the record.
 fn record_crc(record: &[u8], header: usize) -> u32 {
     let crc = crate::crc::append(0, &record[..OFF_CRC]);
-    let crc = crate::crc::append(crc, &record[OFF_SEQ..OFF_SUPERSEDED]);
-    crate::crc::append(crc, &record[header..])
+    crate::crc::append(crc, &record[header - 16..])
 }
 
 /// Write into the record `pin` holds that the record of sequence number
@@ -294,8 +296,8 @@ fn recover_record(pin: &PinGuard, buf: &mut Vec<u8>) -> Result<Found, &'static s
         _ => 0,
     };
     Ok(Found {
-        seq: u64_at(record, OFF_SEQ),
-        expire_at_ms: u64_at(record, OFF_EXPIRE),
+        seq: u64_at(record, layout.header - 16),
+        expire_at_ms: u64_at(record, layout.header - 8),
         superseded_by,
         key,
     })
@@ -1701,6 +1703,7 @@ mod tests {
             (40, 3, 5)
         );
         assert_eq!(record_crc(&buf, layout.header), u32_at(&buf, OFF_CRC));
+        assert_eq!(u64_at(&buf, layout.header - 16), 7, "the sequence number");
         buf[OFF_SUPERSEDED..OFF_SUPERSEDED + 8].copy_from_slice(&9u64.to_le_bytes());
         assert_eq!(record_crc(&buf, layout.header), u32_at(&buf, OFF_CRC));
         buf[HEADER_BYTES] ^= 1;
@@ -1717,7 +1720,7 @@ mod tests {
         old.extend_from_slice(&0u64.to_le_bytes());
         old.extend_from_slice(b"keyvalue");
         let crc = crc32c::crc32c(&old[..OFF_CRC]);
-        let crc = crc32c::crc32c_append(crc, &old[OFF_SEQ..]);
+        let crc = crc32c::crc32c_append(crc, &old[16..]);
         old[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
         let layout = check_header(&old, 64).unwrap();
         assert_eq!(
@@ -1725,6 +1728,7 @@ mod tests {
             (32, 3, 5)
         );
         assert_eq!(record_crc(&old, layout.header), crc);
+        assert_eq!(u64_at(&old, layout.header - 16), 7, "the sequence number");
         assert_eq!(&old[layout.header..layout.header + 3], b"key");
     }
 }
