@@ -19,8 +19,9 @@
 //! 0..12 and 16... It is read as before, and when replaced it
 //! waits to be retired in a round, as under `--sync always`.
 //!
-//! Each shard also keeps one 16-byte allocation, its root
-//! [`WATERMARK_ROOT`]: magic `KVW1`, 4 zero bytes, then the *durable
+//! Each shard also keeps one 16-byte allocation (created when first
+//! written), its root [`WATERMARK_ROOT`]: magic `KVW1`, 4 zero bytes, then
+//! the *durable
 //! sequence number* W: every record with a sequence number up to W was
 //! durable when W was written. A record superseded by a sequence number
 //! up to W is dead whatever else recovery finds (see
