@@ -1,5 +1,6 @@
-//! Records an overwrite replaced under `--sync always`, waiting to be
-//! retired together once a sync covered their replacements, and the rounds that retire them (see
+//! Records an overwrite replaced under `--sync always` (and records of the
+//! previous layout under any policy), waiting to be retired together once
+//! a sync covered their replacements, and the rounds that retire them (see
 //! `Store::retire_round`).
 
 use std::collections::{HashMap, HashSet};
@@ -41,7 +42,7 @@ pub struct Waiting {
 
 impl Waiting {
     /// Add `h` (of key hash `key`), ready once a sync covers `ready_at`
-    /// writes; how full the queue is now.
+    /// writes; whether the queue is now full.
     pub fn push(&mut self, key: u64, h: Handle, ready_at: u64) -> bool {
         self.by_key.entry(key).or_default().push((h, ready_at));
         self.count += 1;
