@@ -21,9 +21,8 @@
 //!
 //! Each shard also keeps one 16-byte allocation (created when first
 //! written), its root [`WATERMARK_ROOT`]: magic `KVW1`, 4 zero bytes, then
-//! the *durable
-//! sequence number* W: every record with a sequence number up to W was
-//! durable when W was written. A record superseded by a sequence number
+//! the *durable sequence number* W: every record with a sequence number up
+//! to W was durable when W was written. A record superseded by a sequence number
 //! up to W is dead whatever else recovery finds (see
 //! `Store::retire_round`).
 
@@ -612,21 +611,20 @@ impl Store {
         retire_every: Duration,
     ) -> segalloc::Result<(Store, Recovered)> {
         let started = Instant::now();
-        let found = shard.root(WATERMARK_ROOT);
-        let durable_seq = match found {
-            Some(h) => read_watermark(&pin_of(&shard, h).await?),
-            None => None,
-        };
-        let (best, torn, superseded, expired, cleared, max_seq) =
-            recover_index(&shard, found, durable_seq.unwrap_or(0)).await?;
-        let durable_seq = durable_seq.unwrap_or(0);
         // Created when first written (see `Store::after_sync`): a server
         // under `always` that never waits for it has none. (Allocated at
-        // open, it measured 10 – 15 % slower SET under `always`.)
-        let watermark = match found {
-            Some(h) if read_watermark(&pin_of(&shard, h).await?).is_some() => Some(h),
-            _ => None,
+        // open, it measured 10 – 15 % slower SET under `always`.) A
+        // damaged one counts as none, and is replaced when next written.
+        let found = shard.root(WATERMARK_ROOT);
+        let (watermark, durable_seq) = match found {
+            Some(h) => match read_watermark(&pin_of(&shard, h).await?) {
+                Some(w) => (Some(h), w),
+                None => (None, 0),
+            },
+            None => (None, 0),
         };
+        let (best, torn, superseded, expired, cleared, max_seq) =
+            recover_index(&shard, found, durable_seq).await?;
         if torn + superseded + expired + cleared > 0 {
             // What recovery retired must be durable before a deletion's own
             // write can be: else a power loss could keep the deletion and
