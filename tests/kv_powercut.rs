@@ -39,8 +39,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::blockdev::{Loop, cannot_run, make_image, stop};
-use common::{Mount, Rng, kv_server_binary, seed_from_env};
+use common::blockdev::{Loop, make_image, power_cut_rounds, stop};
+use common::{Mount, Rng, kv_server_binary};
 use redis::Commands;
 use segalloc::config::MIB;
 
@@ -289,25 +289,15 @@ fn round(work: &Path, seed: u64, policy: &str) -> Seen {
 }
 
 fn rounds(n: u64) {
-    if let Some(why) = cannot_run() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let base = seed_from_env("SEGALLOC_KV_POWERCUT_SEED");
-    let work = tempfile::tempdir().unwrap();
-    let mut lost = 0;
-    for i in 0..n {
-        let seed = base.wrapping_add(i);
+    let lost = power_cut_rounds(n, "SEGALLOC_KV_POWERCUT_SEED", |work, i, seed| {
         let policy = ["no", "everysec", "always"][(seed % 3) as usize];
-        let seen = round(work.path(), seed, policy);
+        let seen = round(work, seed, policy);
         println!("round {i}: seed {seed}, --sync {policy}: {seen:?}");
-        lost += seen.lost;
+        seen.lost
+    });
+    if let Some(lost) = lost {
+        println!("{n} rounds, 0 violations; keys whose unsynced value the cuts lost: {lost}");
     }
-    println!("{n} rounds, 0 violations; keys whose unsynced value the cuts lost: {lost}");
-    assert!(
-        lost > 0,
-        "no cut ever lost unsynced work: the test would check nothing"
-    );
 }
 
 #[test]

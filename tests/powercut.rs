@@ -49,10 +49,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::blockdev::{Loop, cannot_run, make_image, stop};
+use common::blockdev::{Loop, make_image, power_cut_rounds, stop};
 use common::{
     Mount, Rng, assert_no_overlap, check_pattern, handle_from_hex, handle_hex, handle_seed,
-    line_reader, open_shard, run, seed_from_env, write_pattern,
+    line_reader, open_shard, run, write_pattern,
 };
 use segalloc::config::MIB;
 use segalloc::{Config, Handle};
@@ -453,25 +453,17 @@ fn round(work: &Path, seed: u64) -> Lost {
 }
 
 fn rounds(n: u64) {
-    if let Some(why) = cannot_run() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let base = seed_from_env("SEGALLOC_POWERCUT_SEED");
-    let work = tempfile::tempdir().unwrap();
     let mut total = Lost::default();
-    for i in 0..n {
-        let seed = base.wrapping_add(i);
+    let lost = power_cut_rounds(n, "SEGALLOC_POWERCUT_SEED", |work, i, seed| {
         println!("round {i}: seed {seed}");
-        let lost = round(work.path(), seed);
+        let lost = round(work, seed);
         total.allocs += lost.allocs;
         total.frees += lost.frees;
+        (lost.allocs + lost.frees) as u64
+    });
+    if lost.is_some() {
+        println!("{n} rounds, 0 violations; unsynced work the cuts lost: {total:?}");
     }
-    println!("{n} rounds, 0 violations; unsynced work the cuts lost: {total:?}");
-    assert!(
-        total.allocs + total.frees > 0,
-        "no cut ever lost unsynced work: the test would check nothing"
-    );
 }
 
 #[test]

@@ -96,12 +96,15 @@ impl Server {
     }
 
     /// SIGKILL, then start again on the same directory.
-    fn kill9_restart(mut self, extra: &[&str]) -> Server {
+    /// SIGKILL; returns the directory.
+    fn kill9(mut self) -> PathBuf {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reap");
-        let dir = self.dir.clone();
-        drop(self);
-        Server::start(&dir, extra)
+        self.dir.clone()
+    }
+
+    fn kill9_restart(self, extra: &[&str]) -> Server {
+        Server::start(&self.kill9(), extra)
     }
 
     fn log(&self) -> String {
@@ -974,12 +977,8 @@ fn deleted_keys_stay_deleted(flags: [&str; 6]) {
     };
     let dbsize = |c: &mut redis::Connection| redis::cmd("DBSIZE").query::<u32>(c).unwrap();
     // SIGKILL, start again, and expect no key.
-    let none_after_kill9 = |mut s: Server, what: &str| {
-        s.child.kill().expect("SIGKILL");
-        s.child.wait().expect("reap");
-        let dir = s.dir.clone();
-        drop(s);
-        let server = Server::start_with(&dir, &flags);
+    let none_after_kill9 = |s: Server, what: &str| {
+        let server = Server::start_with(&s.kill9(), &flags);
         let n = dbsize(&mut server.client());
         assert_eq!(n, 0, "{what} keys came back; log: {}", server.log());
     };
@@ -1181,13 +1180,6 @@ fn redis_benchmark_mset_always_finishes() {
     }
 }
 
-/// SIGKILL `server` and return its directory.
-fn kill9(mut server: Server) -> PathBuf {
-    server.child.kill().expect("SIGKILL");
-    server.child.wait().expect("reap");
-    server.dir.clone()
-}
-
 /// The data file of shard 0 under `dir` holding `needle`, and where.
 fn find_in_data(dir: &Path, needle: &[u8]) -> Option<(PathBuf, usize)> {
     for entry in std::fs::read_dir(dir.join("shard-000")).expect("shard directory") {
@@ -1235,7 +1227,7 @@ fn a_power_loss_that_takes_an_overwrite_keeps_the_value_it_replaced() {
     let _: () = c.set("the-key", "the first value, saved").unwrap();
     let _: () = redis::cmd("SAVE").query(c).unwrap();
     let _: () = c.set("the-key", "the second value, never synced").unwrap();
-    let dir = kill9(server);
+    let dir = server.kill9();
     let (path, at) = find_in_data(&dir, b"the-keythe second value, never synced")
         .expect("the new record is in the file");
     damage(&path, at + 10);
@@ -1254,7 +1246,7 @@ fn a_power_loss_that_takes_an_overwrite_keeps_the_value_it_replaced() {
         let _: () = c.set(format!("other{i}"), "x").unwrap();
         let _: () = redis::cmd("SAVE").query(c).unwrap();
     }
-    let dir = kill9(server);
+    let dir = server.kill9();
     let server = Server::start_with(&dir, &flags);
     let got: Option<String> = server.client().get("the-key").unwrap();
     assert_eq!(
@@ -1284,7 +1276,7 @@ fn a_deleted_key_stays_deleted_when_the_free_of_its_older_record_is_lost() {
     let before = std::fs::read(&meta).expect("read the metadata");
     let deleted: i64 = c.del("gone").unwrap();
     assert_eq!(deleted, 1);
-    let dir = kill9(server);
+    let dir = server.kill9();
     std::fs::write(&meta, &before).expect("put the metadata back");
     assert!(
         find_in_data(&dir, b"gonethe first value").is_some(),
@@ -1313,11 +1305,11 @@ fn sequence_numbers_stay_above_the_durable_one_after_a_restart() {
     let _: () = redis::cmd("SAVE").query(c).unwrap();
     let _: i64 = c.del("newest").unwrap();
     let _: () = redis::cmd("SAVE").query(c).unwrap();
-    let dir = kill9(server);
+    let dir = server.kill9();
     let server = Server::start_with(&dir, &flags);
     let c = &mut server.client();
     let _: () = c.set("kept", "an overwrite, never synced").unwrap();
-    let dir = kill9(server);
+    let dir = server.kill9();
     let (path, at) = find_in_data(&dir, b"keptan overwrite, never synced")
         .expect("the new record is in the file");
     damage(&path, at + 10);

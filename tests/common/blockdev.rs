@@ -111,3 +111,31 @@ pub fn stop(pid: u32) {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// Run `n` power-cut rounds, each in the same scratch directory with the
+/// next seed from `seed_var` (or a random base): `round(work, i, seed)`
+/// returns how much unsynced work its cuts lost. Skipped with a message
+/// when this machine cannot run them; else the total lost must not be
+/// zero, or the rounds would check nothing. Returns the total (`None` when
+/// skipped).
+pub fn power_cut_rounds(
+    n: u64,
+    seed_var: &str,
+    mut round: impl FnMut(&Path, u64, u64) -> u64,
+) -> Option<u64> {
+    if let Some(why) = cannot_run() {
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    let base = super::seed_from_env(seed_var);
+    let work = tempfile::tempdir().unwrap();
+    let mut lost = 0;
+    for i in 0..n {
+        lost += round(work.path(), i, base.wrapping_add(i));
+    }
+    assert!(
+        lost > 0,
+        "no cut ever lost unsynced work: the test would check nothing"
+    );
+    Some(lost)
+}
