@@ -271,15 +271,25 @@ fn every_command() {
         .query(c)
         .unwrap();
     assert_eq!(redis::cmd("INCR").arg("cnt").query::<i64>(c).unwrap(), 6);
+    // An expired counter starts again, without an expiry.
+    let _: () = redis::cmd("SET")
+        .arg("gone")
+        .arg("41")
+        .arg("PX")
+        .arg(1)
+        .query(c)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    assert_eq!(redis::cmd("INCR").arg("gone").query::<i64>(c).unwrap(), 1);
     // INCR keeps the expiry: ttl2 and cnt expire.
     let db0 = info_field(c, "keyspace", "db0");
     assert!(db0.contains("expires=2"), "{db0}");
 
     // Keyspace and server commands.
     let n: i64 = redis::cmd("DBSIZE").query(c).unwrap();
-    // k, empty, big, fresh, ttl2, m10..m19, n, neg, max, cnt ("ttl" expired
-    // and was read, so it is gone).
-    assert_eq!(n, 5 + 10 + 4);
+    // k, empty, big, fresh, ttl2, m10..m19, n, neg, max, cnt, gone ("ttl"
+    // expired and was read, so it is gone).
+    assert_eq!(n, 5 + 10 + 5);
     assert_eq!(info_field(c, "server", "shards"), "2");
     let backend = info_field(c, "server", "io_backend");
     assert!(backend == "io_uring" || backend == "sync", "{backend}");

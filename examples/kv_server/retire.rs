@@ -113,6 +113,18 @@ impl Waiting {
     }
 }
 
+/// Put the records of a round in file order, so that the round zeroes
+/// each page's records one after the other. Syncs run while a round
+/// yields (under `always`, one per batch of writes): in another order a
+/// page that a sync had just cleaned would be dirtied again by the round's
+/// next record on it, and written back once more. Under random overwrites
+/// a round's records lie on nearly every page of the data files; in the
+/// order they were replaced, `SET` and `INCR` under `always` ran at about
+/// half the rate while a round was under way.
+pub fn page_order(list: &mut [Keyed]) {
+    list.sort_unstable_by_key(|&(_, h)| (h.file_id(), h.offset()));
+}
+
 fn page_of(h: Handle) -> (u32, u64) {
     (h.file_id(), h.offset() / 4096)
 }

@@ -38,7 +38,7 @@ use tokio::sync::Notify;
 use crate::batch::{Batch, Cond, OpDesc, OpKind, Ttl};
 use crate::hash::{IndexHashState, IndexMap};
 use crate::resp;
-use crate::retire::{Keyed, Rounds, Waiting};
+use crate::retire::{self, Keyed, Rounds, Waiting};
 
 /// Longest key.
 pub const KEY_BYTES_MAX: usize = 512;
@@ -975,6 +975,8 @@ impl Store {
             return Ok(());
         }
 
+        let mut list = list;
+        retire::page_order(&mut list);
         let id = self.rounds.borrow_mut().begin(&list);
         let mut round = Retiring {
             store: self,
@@ -1189,8 +1191,58 @@ impl Store {
                 }
                 true
             }
+            OpKind::IncrBy(delta) => self.incr_now(key, delta, now, out),
             _ => false,
         }
+    }
+
+    /// An `INCR` family command without awaiting, as the first turn of
+    /// [`Store::incr`]; false (nothing done) when it must go there: the
+    /// record's window is not mapped, or the write cannot be made at once
+    /// (see [`Store::put_now`]).
+    fn incr_now(&self, key: &[u8], delta: i64, now: u64, out: &mut Vec<u8>) -> bool {
+        let indexed = self.index.borrow().get(key).copied();
+        let current = match indexed {
+            Some(e) if !e.expired(now) => {
+                let Ok(Some(pin)) = self.shard.try_pin(e.handle) else {
+                    return false;
+                };
+                let mut buf = self.record_buf.borrow_mut();
+                let v = match load_value(&pin, key, &mut buf) {
+                    Ok(v) => v,
+                    Err(why) => {
+                        resp::error(out, &format!("ERR record {} is damaged: {why}", e.handle));
+                        return true;
+                    }
+                };
+                let Some(n) = resp::parse_i64(v) else {
+                    resp::error(out, "ERR value is not an integer or out of range");
+                    return true;
+                };
+                Some((e.handle, n))
+            }
+            _ => None,
+        };
+        let Some(next) = current.map_or(0, |(_, n)| n).checked_add(delta) else {
+            resp::error(out, "ERR increment or decrement would overflow");
+            return true;
+        };
+        let mut digits = Vec::with_capacity(20);
+        resp::decimal(&mut digits, next);
+        let w = Put {
+            key,
+            value: &digits,
+            cond: Cond::Is(current.map(|(h, _)| h)),
+            ttl: Ttl::Keep,
+            now,
+        };
+        match self.put_now(&w) {
+            // No await since the value was read: the condition holds.
+            Some(Ok(true)) => resp::int(out, next),
+            Some(Ok(false)) | None => return false,
+            Some(Err(e)) => err_reply(out, &e),
+        }
+        true
     }
 
     /// A `GET` without awaiting; false when the record's window is not
