@@ -44,8 +44,9 @@
 //! survives `kill -9`. Under `--sync always` the record an overwrite
 //! replaced stays allocated until a sync covered the new one and a round
 //! retires it (every `--retire-ms`, default a second, or when 262,144 wait
-//! on a shard or lie on 16,384 pages; a deletion first retires the key's
-//! waiting ones, durably). Under `everysec` and `no` an overwrite marks
+//! on a shard or lie on 16,384 pages; a round zeroes them page by page in
+//! file order, a sync after every 256 pages; a deletion first retires the
+//! key's waiting ones, durably). Under `everysec` and `no` an overwrite marks
 //! it superseded at once and frees it once a sync covered the new one, so
 //! a power loss that takes the new record leaves the key its previous
 //! value (see `Store::retire_round`). Against power

@@ -125,7 +125,7 @@ pub fn page_order(list: &mut [Keyed]) {
     list.sort_unstable_by_key(|&(_, h)| (h.file_id(), h.offset()));
 }
 
-fn page_of(h: Handle) -> (u32, u64) {
+pub fn page_of(h: Handle) -> (u32, u64) {
     (h.file_id(), h.offset() / 4096)
 }
 
