@@ -120,6 +120,8 @@ pub(crate) struct MeshLocal<J> {
     flush_scheduled: Cell<bool>,
     closed: Cell<bool>,
     stats: Cell<MeshStats>,
+    /// `MeshStats::cross_frees_sent`, kept apart: counted on every free.
+    sent: Cell<u64>,
     inbox: RefCell<Vec<Receiver<Parcel>>>,
     next_inbox: Cell<usize>,
     jobs_out: Vec<Option<Sender<J>>>,
@@ -135,6 +137,7 @@ impl<J: 'static> MeshLocal<J> {
             flush_scheduled: Cell::new(false),
             closed: Cell::new(false),
             stats: Cell::new(MeshStats::default()),
+            sent: Cell::new(0),
             inbox: RefCell::new(ep.inbox),
             next_inbox: Cell::new(0),
             jobs_out: ep.jobs_out,
@@ -143,7 +146,10 @@ impl<J: 'static> MeshLocal<J> {
     }
 
     pub(crate) fn stats(&self) -> MeshStats {
-        self.stats.get()
+        MeshStats {
+            cross_frees_sent: self.sent.get(),
+            ..self.stats.get()
+        }
     }
 
     pub(crate) fn bump(&self, f: impl FnOnce(&mut MeshStats)) {
@@ -170,20 +176,26 @@ impl<J: 'static> MeshLocal<J> {
         if self.closed.get() || self.out.get(to).is_none_or(|tx| tx.is_none()) {
             return Err(Error::ShardGone { shard: h.shard() });
         }
-        if self.buffers.borrow()[to].len() >= BATCH
-            && let Err(e) = self.try_send(to)
-        {
-            if matches!(e, Error::Backpressure { .. }) {
-                self.bump(|s| s.cross_frees_refused += 1);
-            }
-            return Err(e);
-        }
         let full = {
             let mut b = self.buffers.borrow_mut();
-            b[to].push(h);
-            b[to].len() >= BATCH
+            let buf = &mut b[to];
+            if buf.len() < BATCH {
+                buf.push(h);
+                buf.len() >= BATCH
+            } else {
+                drop(b);
+                // Full, its channel too when it was last tried.
+                if let Err(e) = self.try_send(to) {
+                    if matches!(e, Error::Backpressure { .. }) {
+                        self.bump(|s| s.cross_frees_refused += 1);
+                    }
+                    return Err(e);
+                }
+                self.buffers.borrow_mut()[to].push(h);
+                false
+            }
         };
-        self.bump(|s| s.cross_frees_sent += 1);
+        self.sent.set(self.sent.get() + 1);
         if full {
             // A full channel keeps the batch here: the next free or flush
             // retries.
@@ -194,10 +206,16 @@ impl<J: 'static> MeshLocal<J> {
     }
 
     /// Send what accumulated once the executor has turned a few times.
+    #[inline]
     fn schedule_flush(self: &Rc<Self>) {
-        if self.flush_scheduled.replace(true) {
-            return;
+        if !self.flush_scheduled.get() {
+            self.spawn_flush();
         }
+    }
+
+    #[cold]
+    fn spawn_flush(self: &Rc<Self>) {
+        self.flush_scheduled.set(true);
         let me = Rc::downgrade(self);
         tokio::task::spawn_local(async move {
             for _ in 0..FLUSH_TICKS {
@@ -217,10 +235,15 @@ impl<J: 'static> MeshLocal<J> {
         let Some(tx) = &self.out[to] else {
             return Ok(());
         };
-        let batch = std::mem::take(&mut self.buffers.borrow_mut()[to]);
-        if batch.is_empty() {
-            return Ok(());
-        }
+        let batch = {
+            let mut b = self.buffers.borrow_mut();
+            if b[to].is_empty() {
+                return Ok(());
+            }
+            // Sized for a whole batch: grown push by push, it was
+            // reallocated (and copied) ten times per batch.
+            std::mem::replace(&mut b[to], Vec::with_capacity(BATCH))
+        };
         match tx.try_send(Parcel::Frees(batch)) {
             Ok(()) => {
                 self.bump(|s| s.batches_sent += 1);
