@@ -451,9 +451,12 @@ mod field {
     /// 1 when every shard runs io_uring.
     pub const URING: usize = 12;
     /// Records overwrites replaced that are still allocated: waiting for
-    /// a sync that covers their replacements, or for a round.
+    /// a sync that covers their replacements, or for a round, or in a
+    /// round under way.
     pub const REPLACED: usize = 14;
-    pub const COUNT: usize = 15;
+    /// Of those, the ones in a round under way.
+    pub const RETIRING: usize = 15;
+    pub const COUNT: usize = 16;
 }
 
 /// Integers of an array reply of integers.
@@ -569,6 +572,7 @@ fn memory_lines(t: &[i64; field::COUNT]) -> Lines {
         ),
         ("segalloc_data_files", t[field::DATA_FILES].to_string()),
         ("segalloc_replaced_records", t[field::REPLACED].to_string()),
+        ("segalloc_retiring_records", t[field::RETIRING].to_string()),
     ]
 }
 

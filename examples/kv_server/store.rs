@@ -515,6 +515,8 @@ pub struct Store {
     retire_every: Duration,
     /// Wakes [`Store::run_retirer`] when `waiting` is full.
     retire_kick: Notify,
+    /// Records taken by rounds under way and not yet retired.
+    retiring: Cell<usize>,
     /// Notified when a round ends.
     retired: Notify,
     /// Key hashes with a deletion under way, and how many (see
@@ -559,6 +561,8 @@ struct Retiring<'a> {
 impl Drop for Retiring<'_> {
     fn drop(&mut self) {
         let s = self.store;
+        s.retiring
+            .set(s.retiring.get() - (self.list.len() - self.done));
         s.waiting
             .borrow_mut()
             .give_back(&self.list[self.done..], s.sync.writes.get());
@@ -667,6 +671,7 @@ impl Store {
             freed: Notify::new(),
             retire_every,
             retire_kick: Notify::new(),
+            retiring: Cell::new(0),
             retired: Notify::new(),
             deleting: RefCell::new(HashMap::default()),
             deletion_done: Notify::new(),
@@ -991,6 +996,7 @@ impl Store {
         let mut list = list;
         retire::page_order(&mut list);
         let id = self.rounds.borrow_mut().begin(&list);
+        self.retiring.set(self.retiring.get() + list.len());
         let mut round = Retiring {
             store: self,
             id,
@@ -1014,6 +1020,7 @@ impl Store {
             let pin = pin_of(&self.shard, h).await?;
             retire(&self.shard, h, pin)?;
             round.done += 1;
+            self.retiring.set(self.retiring.get() - 1);
             if round.done.is_multiple_of(RETIRE_PER_YIELD) {
                 // A round is long: let the shard's other tasks run.
                 tokio::task::yield_now().await;
@@ -1769,7 +1776,9 @@ impl Store {
             s.writes.get().saturating_sub(s.synced.get()) as i64,
             (st.io_backend == segalloc::IoBackend::Uring) as i64,
             now as i64,
-            (self.waiting.borrow().len() + self.deferred.borrow().len()) as i64,
+            (self.waiting.borrow().len() + self.deferred.borrow().len() + self.retiring.get())
+                as i64,
+            self.retiring.get() as i64,
         ];
         resp::array_len(out, fields.len());
         for f in fields {
