@@ -243,22 +243,28 @@ impl SegmentAllocator {
     /// off the hot path (a small value returned in registers).
     #[inline(always)]
     fn find(&self, st: &State, h: &Handle) -> Option<(u32, u32)> {
+        self.find_seg(st, h).map(|(_, slot)| (h.segment, slot))
+    }
+
+    /// [`find`](Self::find), with the segment.
+    #[inline(always)]
+    fn find_seg<'s>(&self, st: &'s State, h: &Handle) -> Option<(&'s Seg, u32)> {
         if h.dir_tag != self.manifest.dir_tag() || h.shard != self.shard {
             return None;
         }
         let seg = st.segments.get(h.segment as usize)?.as_ref()?;
-        let class = &CLASSES[seg.class_id as usize];
+        let class = seg.class;
         let start = seg.start();
         if seg.generation == h.generation
             && seg.class_id == h.class_id
             && seg.run.file == h.file
             && h.length == class.slot_bytes
             && h.offset >= start
-            && h.offset - start < seg.slots as u64 * class.slot_bytes as u64
+            && h.offset - start < u64::from(seg.slots) * u64::from(class.slot_bytes)
         {
             let (slot, rem) = class.div_rem(h.offset - start);
             if rem == 0 {
-                return u32::try_from(slot).ok().map(|slot| (h.segment, slot));
+                return u32::try_from(slot).ok().map(|slot| (seg, slot));
             }
         }
         None
@@ -306,7 +312,7 @@ impl SegmentAllocator {
                 file: seg.run.file,
                 segment: seg_id,
                 generation: seg.generation,
-                length: CLASSES[class_id as usize].slot_bytes,
+                length: seg.class.slot_bytes,
                 offset: seg.slot_offset(slot),
                 dir_tag: self.manifest.dir_tag(),
             };
@@ -567,8 +573,7 @@ impl SegmentAllocator {
     #[inline]
     fn check_live(&self, handle: &Handle) -> Result<FileId> {
         let st = self.st.borrow();
-        if let Some((seg_id, slot)) = self.find(&st, handle)
-            && let Some(Some(seg)) = st.segments.get(seg_id as usize)
+        if let Some((seg, slot)) = self.find_seg(&st, handle)
             && seg.is_live(slot)
         {
             return Ok(seg.file_id);

@@ -10,7 +10,7 @@ use super::space::{Run, Trim};
 use super::{SegmentAllocator, State};
 use crate::error::{Error, Result};
 use crate::files::FileId;
-use crate::format::classes::{BLOCK_BYTES, CLASSES};
+use crate::format::classes::{BLOCK_BYTES, CLASSES, Class};
 use crate::format::{self, EntryHeader};
 use crate::format::{Handle, data_file_name};
 
@@ -41,6 +41,10 @@ pub(super) struct Seg {
     /// One past the highest slot taken since the segment was loaded: a slot
     /// at or above it extends into bytes this process has not used yet.
     pub(super) untouched_from: u32,
+    /// Its class (kept here: a handle is checked against it on every use).
+    pub(super) class: &'static Class,
+    /// Byte offset of the segment in its data file.
+    start: u64,
 }
 
 // `open_words` has a bit per bitmap word.
@@ -80,6 +84,8 @@ impl Seg {
             bitmap,
             in_avail: false,
             untouched_from: 0,
+            class: &CLASSES[header.class_id as usize],
+            start: u64::from(run.block) * BLOCK_BYTES,
         }
     }
 
@@ -153,13 +159,13 @@ impl Seg {
     /// Byte offset of the segment in its data file.
     #[inline]
     pub(super) fn start(&self) -> u64 {
-        u64::from(self.run.block) * BLOCK_BYTES
+        self.start
     }
 
     /// Byte offset of slot `slot` in the data file.
     #[inline]
     pub(super) fn slot_offset(&self, slot: u32) -> u64 {
-        self.start() + u64::from(slot) * u64::from(CLASSES[self.class_id as usize].slot_bytes)
+        self.start + u64::from(slot) * u64::from(self.class.slot_bytes)
     }
 }
 
