@@ -57,8 +57,10 @@
 //! forwarded; the writes that arrive while it runs are covered by the next
 //! one, which first waits, up to a millisecond, for as many batches as the
 //! last one answered, so connections that write in turn share one sync
-//! instead of splitting into two groups), `everysec` syncs every second,
-//! `no` on `SAVE` and every 30 s (freed space is reused only after a
+//! instead of splitting into two groups; a shard that starts such a sync
+//! rings the other shards, whose syncers stop that wait and start theirs,
+//! so the shards answer together), `everysec` syncs every second, `no` on
+//! `SAVE` and every 30 s (freed space is reused only after a
 //! sync). `INFO persistence` shows
 //! `segalloc_sync_policy`, `segalloc_syncs` (completed syncs, summed over
 //! shards), `segalloc_sync_failures`, `segalloc_last_sync_unix_ms` (the
@@ -153,6 +155,7 @@ fn shard_thread(
     peers: Vec<mpsc::UnboundedSender<ToShard>>,
     facts: ServerFacts,
     ready: std::sync::mpsc::Sender<Result<String, String>>,
+    bell: Arc<tokio::sync::Notify>,
 ) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -183,7 +186,7 @@ fn shard_thread(
             }
         };
         let syncer = store.clone();
-        tokio::task::spawn_local(async move { syncer.run_syncer().await });
+        tokio::task::spawn_local(async move { syncer.run_syncer(bell).await });
         let expiry = store.clone();
         tokio::task::spawn_local(async move { expiry.run_expiry().await });
         let retirer = store.clone();
@@ -235,10 +238,13 @@ fn start_shards(cluster: Cluster, args: &Args, port: u16) -> Vec<mpsc::Unbounded
     let (senders, inboxes): (Vec<_>, Vec<_>) =
         builders.iter().map(|_| mpsc::unbounded_channel()).unzip();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    // Rung by a shard's syncer as it starts a sync that writes wait for.
+    let sync_bell = Arc::new(tokio::sync::Notify::new());
     let started = Instant::now();
     for (b, inbox) in builders.into_iter().zip(inboxes) {
         let peers = senders.clone();
         let ready = ready_tx.clone();
+        let bell = sync_bell.clone();
         let facts = ServerFacts {
             port,
             shards: senders.len(),
@@ -249,7 +255,7 @@ fn start_shards(cluster: Cluster, args: &Args, port: u16) -> Vec<mpsc::Unbounded
         };
         std::thread::Builder::new()
             .name(format!("kv-shard-{}", b.index()))
-            .spawn(move || shard_thread(b, inbox, peers, facts, ready))
+            .spawn(move || shard_thread(b, inbox, peers, facts, ready, bell))
             .unwrap_or_else(|e| fail(format_args!("spawn a shard thread: {e}")));
     }
     drop(ready_tx);

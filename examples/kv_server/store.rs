@@ -30,6 +30,7 @@ use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::hash::BuildHasher;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use segalloc::{Handle, PinGuard, Shard};
@@ -705,7 +706,7 @@ impl Store {
     /// The task that syncs: on demand (`always`, `SAVE`) and every second
     /// (`everysec`; every 30 s for `no`). Runs for the life of the shard
     /// thread.
-    pub async fn run_syncer(&self) {
+    pub async fn run_syncer(&self, bell: Arc<Notify>) {
         let s = &self.sync;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -729,7 +730,12 @@ impl Store {
                 continue;
             }
             if demanded {
-                self.gather(&last).await;
+                self.gather(&last, &bell).await;
+                // The other shards' syncers that gather start theirs now:
+                // the replies of all shards then go out together, and the
+                // clients' next writes find every shard gathering again,
+                // as on one shard.
+                bell.notify_waiters();
             }
             // Let the requests that already arrived run first (the runtime
             // polls the sockets before it comes back here), so this sync
@@ -893,9 +899,11 @@ impl Store {
     /// without this wait they would miss this sync and wait for the next,
     /// and the clients would split in two groups that each wait for two
     /// syncs per write instead of one.
-    async fn gather(&self, last: &LastSync) {
+    async fn gather(&self, last: &LastSync, bell: &Notify) {
         let s = &self.sync;
         let deadline = tokio::time::Instant::now() + (last.elapsed / 2).min(GATHER_MAX);
+        let rung = bell.notified();
+        tokio::pin!(rung);
         loop {
             let kicked = s.kick.notified();
             if s.waiters.get() - last.waiters_at_end >= last.answered {
@@ -903,6 +911,7 @@ impl Store {
             }
             tokio::select! {
                 () = kicked => {}
+                () = &mut rung => return,
                 () = tokio::time::sleep_until(deadline) => return,
             }
         }
