@@ -1136,6 +1136,37 @@ fn a_round_paced_by_syncs_keeps_every_key_across_kill9() {
     check(&server, 4, true);
 }
 
+/// A round under `--sync always` asks for a sync after every 256 pages
+/// even when no writer does: else, on a shard with nothing else to do,
+/// every page it zeroed waits for the next writer's sync, which then
+/// writes them all back while its writers wait. Here FLUSHDB runs the
+/// round (of 20,000 replaced records of 546 bytes: at least 2,666 pages,
+/// ten syncs' worth) on a server nobody else writes to; without the round
+/// it makes two syncs.
+#[test]
+fn a_round_asks_for_its_syncs_when_no_writer_does() {
+    const KEYS: u32 = 20_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&tmp.path().join("idle"), &ONE_SHARD_ALWAYS_UNTIMED);
+    let c = &mut server.client();
+    for round in 0..2 {
+        let mut pipe = redis::pipe();
+        for k in 0..KEYS {
+            pipe.set(format!("i{k:05}"), format!("{round}:{k:>498}"))
+                .ignore();
+        }
+        let _: () = pipe.query(c).unwrap();
+    }
+    let replaced = info_field(c, "memory", "segalloc_replaced_records");
+    assert_eq!(replaced, KEYS.to_string(), "the first records wait");
+    let before = syncs_of(c);
+    let _: () = redis::cmd("FLUSHDB").query(c).unwrap();
+    let syncs = syncs_of(c) - before;
+    assert!(syncs >= 2 + 6, "FLUSHDB's round made {} syncs", syncs - 2);
+    let replaced = info_field(c, "memory", "segalloc_replaced_records");
+    assert_eq!(replaced, "0");
+}
+
 /// Under `--sync always`, connections that each wait for their write's
 /// sync and then send the next one stay in one group: a sync waits (for
 /// at most half a sync) for the writers the last one answered, instead of

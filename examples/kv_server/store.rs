@@ -1020,7 +1020,10 @@ impl Store {
                 pages += 1;
                 if pages.is_multiple_of(PAGES_PER_SYNC) {
                     // Each sync writes back a slice of the round's pages
-                    // beside the writes it was asked for.
+                    // beside the writes it was asked for. Counted as a
+                    // write, the slice gets a sync of its own when no
+                    // writer asks for one.
+                    self.wrote();
                     self.sync_now().await?;
                 }
             }
