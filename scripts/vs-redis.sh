@@ -9,7 +9,12 @@
 # Environment: REQUESTS (per workload), CLIENTS (default 50), KEYS (random
 # key space, default 100000), SURVIVAL_KEYS (default 20000), REDIS_PORT
 # (default 16379), KV_PORT (default 16380), SHARDS (kv_server's shard counts,
-# space-separated, each benchmarked; default: 1 and one per core). One shard
+# space-separated, each benchmarked; default: 1 and one per core), TESTS
+# (redis-benchmark's -t, default ping,set,get,incr,mset), POLICIES (default
+# "everysec always"), PIPELINES (default "1 16"). For instance, runs long
+# enough to span syncs:
+#   TESTS=set,get POLICIES=everysec PIPELINES=16 SHARDS=1 REQUESTS=1000000 scripts/vs-redis.sh
+# One shard
 # is the like-for-like row: redis-server serves from one thread, and
 # redis-benchmark runs on the same machine. The survival check uses the
 # first count.
@@ -25,7 +30,9 @@ REDIS_PORT=${REDIS_PORT:-16379}
 KV_PORT=${KV_PORT:-16380}
 SHARDS=${SHARDS:-$(printf '%s\n' 1 "$(nproc)" | sort -nu | tr '\n' ' ')}
 KV_SHARDS=${SHARDS%% *}
-TESTS=ping,set,get,incr,mset
+TESTS=${TESTS:-ping,set,get,incr,mset}
+POLICIES=${POLICIES:-everysec always}
+PIPELINES=${PIPELINES:-1 16}
 
 if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null \
     || ! command -v redis-cli >/dev/null; then
@@ -95,7 +102,7 @@ ROWS="$WORK/rows"
 
 bench() { # name policy port pid
     local name=$1 policy=$2 port=$3 pid=$4 pipeline csv
-    for pipeline in 1 16; do
+    for pipeline in $PIPELINES; do
         csv=$(redis-benchmark -h 127.0.0.1 -p "$port" -t "$TESTS" -d 100 -P "$pipeline" \
             -c "$CLIENTS" -r "$KEYS" -n "$REQUESTS" --csv 2>/dev/null)
         # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
@@ -106,7 +113,7 @@ bench() { # name policy port pid
     done
 }
 
-for policy in everysec always; do
+for policy in $POLICIES; do
     rm -rf "$WORK/redis" "$WORK/kv"
     echo "benchmarking with appendfsync/--sync $policy" >&2
     start_redis "$policy"

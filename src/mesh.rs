@@ -235,18 +235,14 @@ impl<J: 'static> MeshLocal<J> {
         let Some(tx) = &self.out[to] else {
             return Ok(());
         };
-        let batch = {
-            let mut b = self.buffers.borrow_mut();
-            if b[to].is_empty() {
-                return Ok(());
-            }
-            // Sized for a whole batch: grown push by push, it was
-            // reallocated (and copied) ten times per batch.
-            std::mem::replace(&mut b[to], Vec::with_capacity(BATCH))
-        };
+        let batch = std::mem::take(&mut self.buffers.borrow_mut()[to]);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let sent = batch.len();
         match tx.try_send(Parcel::Frees(batch)) {
             Ok(()) => {
-                self.bump(|s| s.batches_sent += 1);
+                self.sent_one(to, sent);
                 Ok(())
             }
             Err(TrySendError::Full(Parcel::Frees(b))) => {
@@ -275,11 +271,20 @@ impl<J: 'static> MeshLocal<J> {
             // leave in the order they were filled.
             let batch = std::mem::take(&mut self.buffers.borrow_mut()[to]);
             if !batch.is_empty() {
+                let sent = batch.len();
                 permit.send(Parcel::Frees(batch));
-                self.bump(|s| s.batches_sent += 1);
+                self.sent_one(to, sent);
             }
         }
         Ok(())
+    }
+
+    /// A batch of `len` frees left for `to`: count it, and give the
+    /// emptied buffer room for as many (grown push by push, a whole batch's
+    /// buffer was reallocated and copied ten times).
+    fn sent_one(&self, to: usize, len: usize) {
+        self.bump(|s| s.batches_sent += 1);
+        self.buffers.borrow_mut()[to].reserve(len);
     }
 
     /// Send every buffered free and wait until each owner has applied
