@@ -976,7 +976,7 @@ impl Store {
     /// lie on nearly every page of the data files, and zeroed all at once
     /// they made the next sync write back the whole file while every
     /// writer waited for it (measured: p99 of `SET -P 16` 32 – 63 ms in
-    /// the runs with a round; paced, 8 – 12 ms, at the same rate). The
+    /// the runs with a round; paced, 6 – 12 ms, at the same rate). The
     /// pages are written back once either way.
     ///
     /// Under `everysec` and `no` an overwrite instead writes into the old
