@@ -1244,14 +1244,16 @@ impl Store {
     /// record's window is not mapped, or the write cannot be made at once
     /// (see [`Store::put_now`]).
     fn incr_now(&self, key: &[u8], delta: i64, now: u64, out: &mut Vec<u8>) -> bool {
-        let indexed = self.index.borrow().get(key).copied();
-        let current = match indexed {
-            Some(e) if !e.expired(now) => {
-                let Ok(Some(pin)) = self.shard.try_pin(e.handle) else {
-                    return false;
-                };
+        if !self.may_put_now(key) {
+            return false;
+        }
+        let Some(Ok(old)) = self.pin_current_now(key) else {
+            return false;
+        };
+        let current = match &old {
+            Some((e, pin)) if !e.expired(now) => {
                 let mut buf = self.record_buf.borrow_mut();
-                let v = match load_value(&pin, key, &mut buf) {
+                let v = match load_value(pin, key, &mut buf) {
                     Ok(v) => v,
                     Err(why) => {
                         resp::error(out, &format!("ERR record {} is damaged: {why}", e.handle));
@@ -1279,7 +1281,7 @@ impl Store {
             ttl: Ttl::Keep,
             now,
         };
-        match self.put_now(&w) {
+        match self.put_now_over(&w, old) {
             // No await since the value was read: the condition holds.
             Some(Ok(true)) => resp::int(out, next),
             Some(Ok(false)) | None => return false,
@@ -1479,21 +1481,45 @@ impl Store {
     /// [`Store::put`] without awaiting: `None` when the old record's window
     /// is not mapped or the allocation would have to wait.
     fn put_now(&self, w: &Put<'_>) -> Option<segalloc::Result<bool>> {
-        if self.waiting.borrow().full()
-            || self.deferred.borrow().len() >= DEFERRED_MAX
-            || self.being_deleted(w.key)
-        {
+        if !self.may_put_now(w.key) {
             return None;
         }
-        let current = self.index.borrow().get(w.key).copied();
-        let old = match current {
-            None => None,
-            Some(e) => match self.shard.try_pin(e.handle) {
-                Ok(Some(pin)) => Some((e, pin)),
-                Ok(None) => return None,
-                Err(err) => return Some(Err(err)),
-            },
+        let old = match self.pin_current_now(w.key)? {
+            Ok(old) => old,
+            Err(err) => return Some(Err(err)),
         };
+        self.put_now_over(w, old)
+    }
+
+    /// Whether a write of `key` may be made without awaiting: the queues
+    /// of replaced records have room and no deletion of the key is under
+    /// way.
+    fn may_put_now(&self, key: &[u8]) -> bool {
+        !(self.waiting.borrow().full()
+            || self.deferred.borrow().len() >= DEFERRED_MAX
+            || self.being_deleted(key))
+    }
+
+    /// The record indexed under `key`, pinned without awaiting: `None`
+    /// when its window is not mapped.
+    fn pin_current_now(&self, key: &[u8]) -> Option<segalloc::Result<Option<(Entry, PinGuard)>>> {
+        let Some(e) = self.index.borrow().get(key).copied() else {
+            return Some(Ok(None));
+        };
+        match self.shard.try_pin(e.handle) {
+            Ok(Some(pin)) => Some(Ok(Some((e, pin)))),
+            Ok(None) => None,
+            Err(err) => Some(Err(err)),
+        }
+    }
+
+    /// [`Store::put_now`] over `old`, the record indexed under the key now
+    /// (pinned with no await since).
+    fn put_now_over(
+        &self,
+        w: &Put<'_>,
+        old: Option<(Entry, PinGuard)>,
+    ) -> Option<segalloc::Result<bool>> {
         // Nothing awaits from here on: a condition that fails now fails in
         // `publish` too, so no allocation is made for it.
         let live_old = old.as_ref().map(|(e, _)| *e).filter(|e| !e.expired(w.now));
