@@ -5,7 +5,10 @@
 //!   slot, beside a pool of live slots of the same size (every other one
 //!   free), so a free does not empty its segment. Goal: ≤ 1.5× malloc.
 //! * `fill/{segalloc,malloc}`: allocate + write 100 B, handles kept (freed
-//!   after the sample, not timed).
+//!   after the sample, not timed). Those slots were taken since the latest
+//!   sync, so the next sample reuses them, in pages already faulted in:
+//!   unlike `fill/raw_ceiling`, which writes a new file each sample, this
+//!   is not a first-touch fill (`examples/compare.rs` measures that one).
 //! * `free_all/{segalloc,malloc}`: free every allocation of a fill.
 //! * `refill/{segalloc,malloc}`: allocate 100 B again after a fill was freed.
 //!   Goal for fill + free all + refill: ≤ 2× malloc.
