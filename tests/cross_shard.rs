@@ -291,6 +291,8 @@ fn frees_to_a_blocked_owner_are_bounded() {
     assert_eq!(st.shards[0].mesh.cross_frees_received, N as u64);
     assert_eq!(st.shards[0].mesh.cross_frees_rejected, 0);
     assert_eq!(st.shards[1].mesh.cross_frees_refused, n_refused as u64);
+    // A refused free was not sent; its retry was.
+    assert_eq!(st.shards[1].mesh.cross_frees_sent, N as u64);
     rt.shutdown().unwrap();
 }
 
