@@ -175,10 +175,7 @@ fn run_case(ops: Vec<Op>) {
 }
 
 fn cases() -> u32 {
-    std::env::var("SEGALLOC_MODEL_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(64)
+    common::number_from_env("SEGALLOC_MODEL_CASES", 64)
 }
 
 proptest! {

@@ -46,10 +46,7 @@ use segalloc::format::{self as meta, Manifest};
 use segalloc::{Config, DataDir, Error, HANDLE_BYTES, Handle, Shard};
 
 fn cases(base: u32) -> u32 {
-    let scale: u32 = std::env::var("SEGALLOC_HOSTILE_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+    let scale: u32 = common::number_from_env("SEGALLOC_HOSTILE_CASES", 1);
     base * scale.max(1)
 }
 

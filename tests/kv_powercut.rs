@@ -308,9 +308,5 @@ fn power_cut_under_the_server_keeps_every_saved_key() {
 #[test]
 #[ignore = "30 rounds: cargo test --release --test kv_powercut -- --ignored --nocapture"]
 fn power_cut_under_the_server_keeps_every_saved_key_30_rounds() {
-    let n = std::env::var("SEGALLOC_KV_POWERCUT_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
-    rounds(n);
+    rounds(common::number_from_env("SEGALLOC_KV_POWERCUT_ROUNDS", 30));
 }

@@ -474,9 +474,5 @@ fn power_cut_keeps_what_was_synced() {
 #[test]
 #[ignore = "50 rounds, about a minute: cargo test --release --test powercut -- --ignored"]
 fn power_cut_keeps_what_was_synced_50_rounds() {
-    let n = std::env::var("SEGALLOC_POWERCUT_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(50);
-    rounds(n);
+    rounds(common::number_from_env("SEGALLOC_POWERCUT_ROUNDS", 50));
 }

@@ -385,10 +385,7 @@ async fn check(cfg: &Config, m: &mut Model, in_flight: [InFlight; SHARDS], t: &m
 #[test]
 #[ignore = "long: SEGALLOC_SOAK_SECS (default 60) of SIGKILL rounds"]
 fn soak_sigkill_rounds() {
-    let secs: u64 = std::env::var("SEGALLOC_SOAK_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let secs: u64 = common::number_from_env("SEGALLOC_SOAK_SECS", 60);
     let seed = seed_from_env("SEGALLOC_SOAK_SEED");
     eprintln!("soak: {secs} s, seed {seed} (replay with SEGALLOC_SOAK_SEED={seed})");
     let mut rng = Rng::new(seed);

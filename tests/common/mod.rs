@@ -285,17 +285,23 @@ impl Rng {
     }
 }
 
+/// The number in `var`, when it is set and parses; else `default`.
+pub fn number_from_env<T: std::str::FromStr>(var: &str, default: T) -> T {
+    parsed_env(var).unwrap_or(default)
+}
+
+fn parsed_env<T: std::str::FromStr>(var: &str) -> Option<T> {
+    std::env::var(var).ok().and_then(|s| s.parse().ok())
+}
+
 /// A seed from the clock, or from `var` when set (to replay a failure).
 pub fn seed_from_env(var: &str) -> u64 {
-    std::env::var(var)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        })
+    parsed_env(var).unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    })
 }
 
 /// Whether the tests run as root (mounts, permission checks).
