@@ -846,11 +846,7 @@ impl Store {
     /// Allocate the durable sequence number's allocation holding `seq`,
     /// and name it (its root is durable with the next sync, as the number).
     async fn create_watermark(&self, seq: u64) -> segalloc::Result<()> {
-        let size = WATERMARK_BYTES as u64;
-        let a = match self.shard.try_allocate(size)? {
-            Some(a) => a,
-            None => self.shard.allocate(size).await?,
-        };
+        let a = self.shard.allocate(WATERMARK_BYTES as u64).await?;
         let (h, pin) = a.into_parts();
         let mut b = [0u8; WATERMARK_BYTES];
         b[..4].copy_from_slice(&WATERMARK_MAGIC.to_le_bytes());
@@ -997,12 +993,11 @@ impl Store {
     /// marked another (`Entry::delete_after`) first waits until W, made
     /// durable by a later sync, reaches it; a slot is reused only after a
     /// sync that made its free durable, which also made W durable.
-    async fn retire_round(&self, list: Vec<Keyed>) -> segalloc::Result<()> {
+    async fn retire_round(&self, mut list: Vec<Keyed>) -> segalloc::Result<()> {
         if list.is_empty() {
             return Ok(());
         }
 
-        let mut list = list;
         retire::page_order(&mut list);
         let id = self.rounds.borrow_mut().begin(&list);
         self.retiring.set(self.retiring.get() + list.len());
@@ -1015,8 +1010,9 @@ impl Store {
         let paced = self.sync.policy == SyncPolicy::Always;
         let (mut page, mut pages) = (None, 0usize);
         while let Some(&(_, h)) = round.list.get(round.done) {
-            if paced && page != Some(retire::page_of(h)) {
-                page = Some(retire::page_of(h));
+            let this_page = Some(retire::page_of(h));
+            if paced && page != this_page {
+                page = this_page;
                 pages += 1;
                 if pages.is_multiple_of(PAGES_PER_SYNC) {
                     // Each sync writes back a slice of the round's pages
