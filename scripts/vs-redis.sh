@@ -3,26 +3,37 @@
 # loopback, driven by the same redis-benchmark workloads, then killed with
 # SIGKILL and restarted to count the acknowledged keys that survived.
 #
-#   scripts/vs-redis.sh                # 50 000 requests per workload
+#   scripts/vs-redis.sh                # 50 000 requests per workload, 3 rounds
 #   REQUESTS=200000 scripts/vs-redis.sh
 #
-# Environment: REQUESTS (per workload), CLIENTS (default 50), KEYS (random
-# key space, default 100000), SURVIVAL_KEYS (default 20000), REDIS_PORT
-# (default 16379), KV_PORT (default 16380), SHARDS (kv_server's shard counts,
-# space-separated, each benchmarked; default: 1 and one per core), TESTS
-# (redis-benchmark's -t, default ping,set,get,incr,mset), POLICIES (default
-# "everysec always"), PIPELINES (default "1 16"). For instance, runs long
-# enough to span syncs:
+# Each round starts every server afresh (redis-server, then kv_server with
+# each shard count) and runs each workload against it in turn, in the order
+# of TESTS (GET reads the keys SET wrote). Before each workload the dirty
+# pages of every process are written back (`sync`) and the machine is left
+# idle for QUIET seconds, so that no workload pays for the previous one's
+# write-back. The table shows each row's median over the rounds, and for
+# kv_server the ratio of its requests/s to redis-server's in the same round
+# (median, lowest and highest over the rounds).
+#
+# Environment: REQUESTS (per workload), ROUNDS (default 3), QUIET (seconds,
+# default 1), CLIENTS (default 50), KEYS (random key space, default 100000),
+# SURVIVAL_KEYS (default 20000), REDIS_PORT (default 16379), KV_PORT
+# (default 16380), SHARDS (kv_server's shard counts, space-separated, each
+# benchmarked; default: 1 and one per core), TESTS (redis-benchmark's -t,
+# comma-separated, default ping,set,get,incr,mset), POLICIES (default
+# "everysec always"), PIPELINES (default "1 16"). For instance, the
+# everysec goal's rows alone, in runs long enough to span syncs:
 #   TESTS=set,get POLICIES=everysec PIPELINES=16 SHARDS=1 REQUESTS=1000000 scripts/vs-redis.sh
-# One shard
-# is the like-for-like row: redis-server serves from one thread, and
-# redis-benchmark runs on the same machine. The survival check uses the
-# first count.
+# One shard is the like-for-like row: redis-server serves from one thread,
+# and redis-benchmark runs on the same machine. The survival check uses
+# the first shard count.
 # Installs redis-server and redis-tools with apt-get when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 REQUESTS=${REQUESTS:-50000}
+ROUNDS=${ROUNDS:-3}
+QUIET=${QUIET:-1}
 CLIENTS=${CLIENTS:-50}
 KEYS=${KEYS:-100000}
 SURVIVAL_KEYS=${SURVIVAL_KEYS:-20000}
@@ -100,38 +111,85 @@ fds() { ls "/proc/$1/fd" | wc -l; }
 ROWS="$WORK/rows"
 : >"$ROWS"
 
-bench() { # name policy port pid
-    local name=$1 policy=$2 port=$3 pid=$4 pipeline csv
+# One workload against one server, after its pages and everyone else's are
+# written back; appends "round server policy P test rps p50 p99 rss fds".
+bench() { # round name policy port pid
+    local round=$1 name=$2 policy=$3 port=$4 pid=$5 pipeline test csv
     for pipeline in $PIPELINES; do
-        csv=$(redis-benchmark -h 127.0.0.1 -p "$port" -t "$TESTS" -d 100 -P "$pipeline" \
-            -c "$CLIENTS" -r "$KEYS" -n "$REQUESTS" --csv 2>/dev/null)
-        # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
-        echo "$csv" | tr -d '"' | awk -F, -v s="$name" -v p="$policy" -v P="$pipeline" \
-            -v rss="$(rss_mib "$pid")" -v fds="$(fds "$pid")" \
-            'NR > 1 { printf "%-12s %-9s %3s %-16s %12.0f %8.3f %8.3f %8s %5s\n", s, p, P, $1, $2, $5, $7, rss, fds }' \
-            >>"$ROWS"
+        for test in ${TESTS//,/ }; do
+            sync
+            sleep "$QUIET"
+            csv=$(redis-benchmark -h 127.0.0.1 -p "$port" -t "$test" -d 100 -P "$pipeline" \
+                -c "$CLIENTS" -r "$KEYS" -n "$REQUESTS" --csv 2>/dev/null)
+            # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+            echo "$csv" | tr -d '"' | awk -F, -v r="$round" -v s="$name" -v p="$policy" \
+                -v P="$pipeline" -v rss="$(rss_mib "$pid")" -v fds="$(fds "$pid")" \
+                'NR > 1 { gsub(/ /, "_", $1); print r, s, p, P, $1, $2, $5, $7, rss, fds }' \
+                >>"$ROWS"
+        done
     done
 }
 
-for policy in $POLICIES; do
-    rm -rf "$WORK/redis" "$WORK/kv"
-    echo "benchmarking with appendfsync/--sync $policy" >&2
-    start_redis "$policy"
-    bench redis-server "$policy" "$REDIS_PORT" "$REDIS_PID"
-    kill9 "$REDIS_PID"
-    for KV_SHARDS in $SHARDS; do
-        rm -rf "$WORK/kv"
-        start_kv "$policy"
-        bench "kv_server/$KV_SHARDS" "$policy" "$KV_PORT" "$KV_PID"
-        kill9 "$KV_PID"
+for round in $(seq 1 "$ROUNDS"); do
+    for policy in $POLICIES; do
+        echo "round $round of $ROUNDS: appendfsync/--sync $policy" >&2
+        rm -rf "$WORK/redis"
+        start_redis "$policy"
+        bench "$round" redis-server "$policy" "$REDIS_PORT" "$REDIS_PID"
+        kill9 "$REDIS_PID"
+        for KV_SHARDS in $SHARDS; do
+            rm -rf "$WORK/kv"
+            start_kv "$policy"
+            bench "$round" "kv_server/$KV_SHARDS" "$policy" "$KV_PORT" "$KV_PID"
+            kill9 "$KV_PID"
+        done
+        KV_SHARDS=${SHARDS%% *}
     done
-    KV_SHARDS=${SHARDS%% *}
 done
 
 echo
-echo "redis-benchmark -t $TESTS -d 100 -c $CLIENTS -r $KEYS -n $REQUESTS (kv_server/N: N shards)"
-printf "%-12s %-9s %3s %-16s %12s %8s %8s %8s %5s\n" server sync -P test "requests/s" p50_ms p99_ms rss_MiB fds
-cat "$ROWS"
+echo "redis-benchmark -d 100 -c $CLIENTS -r $KEYS -n $REQUESTS, one -t at a time;" \
+    "medians of $ROUNDS rounds (kv_server/N: N shards)"
+printf "%-12s %-9s %3s %-16s %12s %8s %8s %8s %5s %8s %s\n" server sync -P test "requests/s" \
+    p50_ms p99_ms rss_MiB fds vs_redis "lowest-highest"
+awk -v rounds="$ROUNDS" '
+    function median(key, col,   n, i, j, t, v) {
+        n = 0
+        for (i = 1; i <= rounds; i++) if ((i SUBSEP key) in row) { split(row[i, key], f, " "); v[++n] = f[col] + 0 }
+        for (i = 2; i <= n; i++) { t = v[i]; for (j = i - 1; j >= 1 && v[j] > t; j--) v[j + 1] = v[j]; v[j + 1] = t }
+        if (n == 0) return -1
+        return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+    }
+    {
+        key = $2 " " $3 " " $4 " " $5
+        if (!(key in seen)) { seen[key] = 1; order[++keys] = key }
+        row[$1, key] = $6 " " $7 " " $8 " " $9 " " $10
+    }
+    END {
+        for (k = 1; k <= keys; k++) {
+            key = order[k]; split(key, id, " ")
+            ratio = ""; range = ""
+            if (id[1] != "redis-server") {
+                base = "redis-server " id[2] " " id[3] " " id[4]
+                n = 0; lo = 1e18; hi = 0
+                for (i = 1; i <= rounds; i++) {
+                    if (!((i SUBSEP key) in row) || !((i SUBSEP base) in row)) continue
+                    split(row[i, key], a, " "); split(row[i, base], b, " ")
+                    if (b[1] + 0 <= 0) continue
+                    q = a[1] / b[1]; r[++n] = q
+                    if (q < lo) lo = q
+                    if (q > hi) hi = q
+                }
+                if (n > 0) {
+                    for (i = 2; i <= n; i++) { t = r[i]; for (j = i - 1; j >= 1 && r[j] > t; j--) r[j + 1] = r[j]; r[j + 1] = t }
+                    m = n % 2 ? r[(n + 1) / 2] : (r[n / 2] + r[n / 2 + 1]) / 2
+                    ratio = sprintf("%.2f", m); range = sprintf("%.2f-%.2f", lo, hi)
+                }
+            }
+            printf "%-12s %-9s %3s %-16s %12.0f %8.3f %8.3f %8.1f %5d %8s %s\n", id[1], id[2], id[3], id[4],
+                median(key, 1), median(key, 2), median(key, 3), median(key, 4), median(key, 5), ratio, range
+        }
+    }' "$ROWS"
 
 # Survival: write SURVIVAL_KEYS keys through redis-cli --pipe (every reply
 # received means acknowledged), SIGKILL, restart, count the keys that hold
