@@ -130,9 +130,7 @@ fn encode_record(buf: &mut Vec<u8>, seq: u64, expire_at_ms: u64, key: &[u8], val
     buf.extend_from_slice(&h);
     buf.extend_from_slice(key);
     buf.extend_from_slice(value);
-    // Sealed with the crate, checked with `crate::crc` (see there).
-    let crc = crc32c::crc32c(&buf[..OFF_CRC]);
-    let crc = crc32c::crc32c_append(crc, &buf[OFF_SEQ..]);
+    let crc = record_crc(buf, HEADER_BYTES);
     buf[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
