@@ -19,9 +19,14 @@
 //! CRC-32C of the two) and its payload is regenerated from the seed and
 //! compared byte for byte to verify it. The payload is a window of a fixed
 //! pseudo-random pool chosen by the seed, so generating it costs nothing
-//! beyond the copy into the slot, and the demo's own work per record is the
-//! seal: a CRC-32C of 12 bytes (timed in place, between the allocation and
-//! the writes). (A checksum of the payload would add
+//! beyond the copy into the slot, and the demo's own work per record is
+//! drawing its size and seed and the seal: a CRC-32C of 12 bytes. It is
+//! timed in place (between the allocation and the writes, in the sampled
+//! records' laps, each of which includes a clock read) and, after the
+//! insert, alone over the same kind of records, which is set beside a
+//! record's wall time on its shard during the insert (`own_work_alone_ns`,
+//! `own_work_alone_share`, `record_insert_ns` in `--json`). (A checksum of
+//! the payload would add
 //! nothing the byte-for-byte comparison does not check; records of the
 //! previous format, which carry one, are still verified with it.)
 //!
@@ -42,6 +47,8 @@ use segalloc::{Config, Error, Handle, Runtime, Shard, proc};
 use serde::Serialize;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
+#[path = "common/crc.rs"]
+mod crc;
 #[path = "common/json.rs"]
 mod json;
 
@@ -86,6 +93,8 @@ const SEAL_MAGIC_V1: u32 = 0x5EA1_5EA1;
 const BATCH: u64 = 4096;
 /// One record in this many has its phases timed.
 const SAMPLE: u64 = 64;
+/// Records the demo's own work is timed alone over (at most).
+const OWN_WORK_RECORDS: u64 = 4_000_000;
 /// Payloads start at one of this many offsets of the pool.
 const POOL_OFFSETS: usize = 1 << 16;
 
@@ -150,7 +159,7 @@ fn header(len: u32, seed: u32) -> [u8; HEADER_BYTES] {
     let mut h = [0u8; HEADER_BYTES];
     h[0..4].copy_from_slice(&len.to_le_bytes());
     h[4..8].copy_from_slice(&seed.to_le_bytes());
-    let hcrc = crc32c::crc32c(&h[0..12]) ^ SEAL_MAGIC;
+    let hcrc = crc::append(0, &h[0..12]) ^ SEAL_MAGIC;
     h[12..16].copy_from_slice(&hcrc.to_le_bytes());
     h
 }
@@ -171,7 +180,7 @@ async fn check_record(shard: &Shard, h: Handle, buf: &mut Vec<u8>, pool: &mut Po
     pin.read_at(0, &mut hd).expect("slot holds a header");
     let word = |i: usize| u32::from_le_bytes(hd[i..i + 4].try_into().expect("4 bytes"));
     let (len, seed, pcrc, hcrc) = (word(0), word(4), word(8), word(12));
-    let crc = crc32c::crc32c(&hd[0..12]);
+    let crc = crc::append(0, &hd[0..12]);
     if crc ^ SEAL_MAGIC_V1 == hcrc {
         return Check::Mismatch(format!(
             "{h}: record of an earlier demo format; rerun with --fresh"
@@ -317,6 +326,43 @@ struct Inserted {
     times: Breakdown,
 }
 
+/// The size (header included) and payload seed of the next record, from
+/// the generator state `rng` (xorshift64). The size is drawn from
+/// `min..=max` by a multiply and a shift (a division cost more than the
+/// rest of the demo's own work).
+#[inline(always)]
+fn next_record(rng: &mut u64, min: u64, max: u64) -> (u64, u32) {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    let span = u128::from(max - min + 1);
+    let size = min + ((u128::from(*rng) * span) >> 64) as u64;
+    (size, (*rng >> 32) as u32)
+}
+
+/// The demo's own work per record, timed alone (no allocator, no clock
+/// read per record): what `insert_shard` does for a record besides
+/// allocating and writing it (draw its size and seed, pick its payload,
+/// seal its header), over `n` records; nanoseconds per record, the
+/// median of three runs.
+fn own_work_alone_ns(min: u64, max: u64, pool: &Pool, n: u64) -> f64 {
+    let mut runs: Vec<f64> = (0..3u64)
+        .map(|run| {
+            let mut rng = 0x2545_F491_4F6C_DD1D ^ (run << 48);
+            let t = Instant::now();
+            for _ in 0..n {
+                let (size, seed) = next_record(&mut rng, min, max);
+                let len = size as usize - HEADER_BYTES;
+                std::hint::black_box(pool.payload(seed, len));
+                std::hint::black_box(header(len as u32, seed));
+            }
+            t.elapsed().as_nanos() as f64 / n.max(1) as f64
+        })
+        .collect();
+    runs.sort_by(f64::total_cmp);
+    runs[1]
+}
+
 /// Insert `plan.records` sealed records. Record `k` with `k % 6 == 0` is
 /// freed here and with `k % 6 == 3` by the next shard (forwarded back to
 /// this one), in batches of [`BATCH`] records.
@@ -326,11 +372,7 @@ async fn insert_shard(shard: Shard, mut plan: Plan) -> Result<Inserted, Error> {
     let mut times = Breakdown::default();
     let t = &mut times;
     for k in 0..plan.records {
-        plan.rng ^= plan.rng << 13;
-        plan.rng ^= plan.rng >> 7;
-        plan.rng ^= plan.rng << 17;
-        let size = plan.min + plan.rng % (plan.max - plan.min + 1);
-        let seed = (plan.rng >> 32) as u32;
+        let (size, seed) = next_record(&mut plan.rng, plan.min, plan.max);
         let mut laps = Laps {
             last: k.is_multiple_of(SAMPLE).then(Instant::now),
         };
@@ -746,12 +788,20 @@ struct Figures {
     recovery_shard_us_max: u64,
     verify_secs: f64,
     times: Breakdown,
+    /// [`own_work_alone_ns`] over up to [`OWN_WORK_RECORDS`] records.
+    own_work_alone_ns: f64,
     watch: Watch,
     max_open_files: usize,
     max_windows: usize,
 }
 
 impl Figures {
+    /// Wall time per record on a shard during the insert (every shard
+    /// inserts its share at once).
+    fn record_insert_ns(&self) -> f64 {
+        self.insert_secs * 1e9 * self.shards.max(1) as f64 / self.inserted.max(1) as f64
+    }
+
     /// The library's descriptors and windows stayed within their caps.
     fn within_caps(&self) -> bool {
         self.watch.peak.open_files <= self.max_open_files
@@ -807,6 +857,12 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let live_expected = stats.allocations_live();
     rt.shutdown()?;
 
+    // The demo's own work per record, timed alone on this (otherwise
+    // idle) thread: the laps above each include a clock read.
+    let pool = Pool::new((max - HEADER_BYTES as u64) as usize);
+    let own_work_alone_ns = own_work_alone_ns(min, max, &pool, args.records.min(OWN_WORK_RECORDS));
+    drop(pool);
+
     // 4. Reopen and verify every record byte for byte.
     let re = reopen_and_verify(&cfg)?;
 
@@ -832,6 +888,7 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         recovery_shard_us_max: re.recovery_shard_us_max,
         verify_secs: re.verify_secs,
         times: ins.times,
+        own_work_alone_ns,
         watch: ins.watch,
         max_open_files: cfg.max_open_files(),
         max_windows: cfg.max_windows(),
@@ -953,6 +1010,15 @@ fn print_table(f: &Figures) {
     );
     row("records/s", format!("{rate:.0}"));
     print_breakdown(&f.times);
+    let per = f.record_insert_ns();
+    row(
+        "demo's own work, timed alone",
+        format!(
+            "{:.1} ns per record: {:.1} % of a record's time in the insert ({per:.0} ns per record on each shard)",
+            f.own_work_alone_ns,
+            100.0 * f.own_work_alone_ns / per.max(1e-9)
+        ),
+    );
     print_os(f);
 }
 
@@ -1112,6 +1178,12 @@ struct Report<'a> {
     free_ns: f64,
     #[serde(serialize_with = "json::fixed::<1, _>")]
     clock_read_ns: f64,
+    #[serde(serialize_with = "json::fixed::<1, _>")]
+    record_insert_ns: f64,
+    #[serde(serialize_with = "json::fixed::<1, _>")]
+    own_work_alone_ns: f64,
+    #[serde(serialize_with = "json::fixed::<4, _>")]
+    own_work_alone_share: f64,
     peak_rss_bytes: u64,
     peak_rss_anon_bytes: u64,
     peak_dirty_bytes: u64,
@@ -1163,6 +1235,9 @@ fn to_json(f: &Figures, mismatches: u64, ok: bool) -> String {
         own_work_share: t.share(t.work_ns),
         free_ns: t.free_ns as f64 / t.frees.max(1) as f64,
         clock_read_ns: t.per_record(t.clock_ns),
+        record_insert_ns: f.record_insert_ns(),
+        own_work_alone_ns: f.own_work_alone_ns,
+        own_work_alone_share: f.own_work_alone_ns / f.record_insert_ns().max(1e-9),
         peak_rss_bytes: p.rss_bytes,
         peak_rss_anon_bytes: p.rss_anon_bytes,
         peak_dirty_bytes: p.dirty_bytes,
@@ -1184,6 +1259,40 @@ fn to_json(f: &Figures, mismatches: u64, ok: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sizes stay in `min..=max`, every size of a small range is drawn, and
+    /// the draws spread over a wide one.
+    #[test]
+    fn record_sizes_cover_their_range() {
+        for (min, max) in [
+            (16u64, 16u64),
+            (16, 23),
+            (100, 100),
+            (16, 1024),
+            (16, 16 << 20),
+        ] {
+            let mut rng = 0x2545_F491_4F6C_DD1D;
+            let mut seen = std::collections::HashSet::new();
+            let (mut lo, mut hi) = (u64::MAX, 0);
+            for _ in 0..100_000 {
+                let (size, _) = next_record(&mut rng, min, max);
+                assert!((min..=max).contains(&size), "{size} outside {min}..={max}");
+                if max - min < 64 {
+                    seen.insert(size);
+                }
+                (lo, hi) = (lo.min(size), hi.max(size));
+            }
+            if max - min < 64 {
+                assert_eq!(seen.len() as u64, max - min + 1, "{min}..={max}");
+            } else {
+                let span = max - min;
+                assert!(lo < min + span / 100 && hi > max - span / 100, "{lo}..{hi}");
+            }
+        }
+        let pool = Pool::new(1024 - HEADER_BYTES);
+        let ns = own_work_alone_ns(16, 1024, &pool, 10_000);
+        assert!(ns.is_finite() && ns > 0.0, "{ns}");
+    }
 
     #[test]
     fn counts_accept_powers_of_ten_and_reject_overflow() {
@@ -1266,6 +1375,9 @@ mod tests {
             "own_work_share",
             "free_ns",
             "clock_read_ns",
+            "record_insert_ns",
+            "own_work_alone_ns",
+            "own_work_alone_share",
             "peak_rss_bytes",
             "peak_rss_anon_bytes",
             "peak_dirty_bytes",

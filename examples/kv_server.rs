@@ -76,7 +76,7 @@ mod batch;
 mod commands;
 #[path = "kv_server/conn.rs"]
 mod conn;
-#[path = "kv_server/crc.rs"]
+#[path = "common/crc.rs"]
 mod crc;
 #[path = "kv_server/hash.rs"]
 mod hash;
