@@ -6,17 +6,24 @@
 #   scripts/vs-redis.sh                # 50 000 requests per workload, 3 rounds
 #   REQUESTS=200000 scripts/vs-redis.sh
 #
-# Each round starts every server afresh (redis-server, then kv_server with
-# each shard count) and runs each workload against it in turn, in the order
-# of TESTS (GET reads the keys SET wrote). Before each workload the dirty
-# pages of every process are written back (`sync`) and the machine is left
-# idle for QUIET seconds, so that no workload pays for the previous one's
-# write-back. The table shows each row's median over the rounds, and for
-# kv_server the ratio of its requests/s to redis-server's in the same round
-# (median, lowest and highest over the rounds).
+# Each round starts every server afresh (redis-server and kv_server with
+# each shard count; the round's first server rotates from round to round)
+# and runs each workload against it in turn, in the order of TESTS (list
+# set before get: GET reads the keys SET wrote). Before each workload the
+# dirty pages of the whole machine are written back (`sync`, system-wide)
+# and it is left idle for QUIET seconds, so that no workload pays for the
+# previous one's write-back. A server is killed (with any child, such as
+# redis-server's AOF rewrite) and its files deleted before the next one
+# starts. The table shows each row's median over the rounds, and for
+# kv_server the median of its per-round ratios to redis-server's
+# requests/s (each ratio between runs of the same round, policy, pipeline
+# and workload; not the ratio of the printed medians), with the lowest and
+# highest round. A workload that fails is reported on stderr and left out.
 #
-# Environment: REQUESTS (per workload), ROUNDS (default 3), QUIET (seconds,
-# default 1), CLIENTS (default 50), KEYS (random key space, default 100000),
+# Environment: REQUESTS (per workload, default 50000), ROUNDS (default 3),
+# QUIET (seconds, default 1), ROWS_OUT (a file to copy the per-round rows
+# to: round, server, policy, -P, test, requests/s, p50 and p99 in ms, RSS
+# in MiB, fds), CLIENTS (default 50), KEYS (random key space, default 100000),
 # SURVIVAL_KEYS (default 20000), REDIS_PORT (default 16379), KV_PORT
 # (default 16380), SHARDS (kv_server's shard counts, space-separated, each
 # benchmarked; default: 1 and one per core), TESTS (redis-benchmark's -t,
@@ -24,6 +31,8 @@
 # "everysec always"), PIPELINES (default "1 16"). For instance, the
 # everysec goal's rows alone, in runs long enough to span syncs:
 #   TESTS=set,get POLICIES=everysec PIPELINES=16 SHARDS=1 REQUESTS=1000000 scripts/vs-redis.sh
+# (A million SETs grow redis-server's AOF past its rewrite threshold: its
+# rows then include a rewrite, as they would in production.)
 # One shard is the like-for-like row: redis-server serves from one thread,
 # and redis-benchmark runs on the same machine. The survival check uses
 # the first shard count.
@@ -63,7 +72,8 @@ WORK=$(mktemp -d /tmp/vs-redis.XXXXXX)
 REDIS_PID=""
 KV_PID=""
 cleanup() {
-    for pid in $REDIS_PID $KV_PID; do kill -9 "$pid" 2>/dev/null || true; done
+    kill_redis
+    kill_kv
     wait 2>/dev/null || true
     rm -rf "$WORK"
 }
@@ -100,10 +110,13 @@ start_kv() { # policy
     exit 1
 }
 
-kill9() { # pid
+kill9() { # pid: SIGKILL it and its children (redis-server's AOF rewrite)
+    pkill -9 -P "$1" 2>/dev/null || true
     kill -9 "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
 }
+kill_redis() { [ -z "$REDIS_PID" ] || kill9 "$REDIS_PID"; REDIS_PID=""; }
+kill_kv() { [ -z "$KV_PID" ] || kill9 "$KV_PID"; KV_PID=""; }
 
 rss_mib() { awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 fds() { ls "/proc/$1/fd" | wc -l; }
@@ -119,8 +132,12 @@ bench() { # round name policy port pid
         for test in ${TESTS//,/ }; do
             sync
             sleep "$QUIET"
-            csv=$(redis-benchmark -h 127.0.0.1 -p "$port" -t "$test" -d 100 -P "$pipeline" \
-                -c "$CLIENTS" -r "$KEYS" -n "$REQUESTS" --csv 2>/dev/null)
+            if ! csv=$(redis-benchmark -h 127.0.0.1 -p "$port" -t "$test" -d 100 -P "$pipeline" \
+                -c "$CLIENTS" -r "$KEYS" -n "$REQUESTS" --csv 2>"$WORK/bench.err"); then
+                echo "round $round: $name $policy -P $pipeline $test failed:" \
+                    "$(tail -n 1 "$WORK/bench.err")" >&2
+                continue
+            fi
             # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
             echo "$csv" | tr -d '"' | awk -F, -v r="$round" -v s="$name" -v p="$policy" \
                 -v P="$pipeline" -v rss="$(rss_mib "$pid")" -v fds="$(fds "$pid")" \
@@ -130,22 +147,32 @@ bench() { # round name policy port pid
     done
 }
 
+# redis-server, then each kv_server shard count; round r starts at the r-th.
+read -r -a SERVERS <<<"redis $SHARDS"
 for round in $(seq 1 "$ROUNDS"); do
     for policy in $POLICIES; do
         echo "round $round of $ROUNDS: appendfsync/--sync $policy" >&2
-        rm -rf "$WORK/redis"
-        start_redis "$policy"
-        bench "$round" redis-server "$policy" "$REDIS_PORT" "$REDIS_PID"
-        kill9 "$REDIS_PID"
-        for KV_SHARDS in $SHARDS; do
-            rm -rf "$WORK/kv"
-            start_kv "$policy"
-            bench "$round" "kv_server/$KV_SHARDS" "$policy" "$KV_PORT" "$KV_PID"
-            kill9 "$KV_PID"
+        for ((j = 0; j < ${#SERVERS[@]}; j++)); do
+            server=${SERVERS[$(((j + round - 1) % ${#SERVERS[@]}))]}
+            if [ "$server" = redis ]; then
+                rm -rf "$WORK/redis"
+                start_redis "$policy"
+                bench "$round" redis-server "$policy" "$REDIS_PORT" "$REDIS_PID"
+                kill_redis
+                rm -rf "$WORK/redis"
+            else
+                KV_SHARDS=$server
+                rm -rf "$WORK/kv"
+                start_kv "$policy"
+                bench "$round" "kv_server/$KV_SHARDS" "$policy" "$KV_PORT" "$KV_PID"
+                kill_kv
+                rm -rf "$WORK/kv"
+            fi
         done
-        KV_SHARDS=${SHARDS%% *}
     done
 done
+KV_SHARDS=${SHARDS%% *}
+[ -z "${ROWS_OUT:-}" ] || cp "$ROWS" "$ROWS_OUT"
 
 echo
 echo "redis-benchmark -d 100 -c $CLIENTS -r $KEYS -n $REQUESTS, one -t at a time;" \
@@ -186,7 +213,7 @@ awk -v rounds="$ROUNDS" '
                     ratio = sprintf("%.2f", m); range = sprintf("%.2f-%.2f", lo, hi)
                 }
             }
-            printf "%-12s %-9s %3s %-16s %12.0f %8.3f %8.3f %8.1f %5d %8s %s\n", id[1], id[2], id[3], id[4],
+            printf "%-12s %-9s %3s %-16s %12.0f %8.3f %8.3f %8.1f %5g %8s %s\n", id[1], id[2], id[3], id[4],
                 median(key, 1), median(key, 2), median(key, 3), median(key, 4), median(key, 5), ratio, range
         }
     }' "$ROWS"
@@ -196,13 +223,11 @@ awk -v rounds="$ROUNDS" '
 # their value.
 survival() { # name port start-function
     local name=$1 port=$2 start=$3 acked got
-    local pid
     acked=$(awk -v n="$SURVIVAL_KEYS" 'BEGIN { for (i = 0; i < n; i++) {
                 k = "survive:" i; v = "value-" i
                 printf "*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n", length(k), k, length(v), v } }' \
         | redis-cli -p "$port" --pipe | sed -n 's/.*errors: 0, replies: \([0-9]*\).*/\1/p')
-    if [ "$name" = redis-server ]; then pid=$REDIS_PID; else pid=$KV_PID; fi
-    kill9 "$pid"
+    if [ "$name" = redis-server ]; then kill_redis; else kill_kv; fi
     $start everysec
     got=$(awk -v n="$SURVIVAL_KEYS" 'BEGIN { for (i = 0; i < n; i++) print "GET survive:" i }' \
         | redis-cli -p "$port" | awk '/^value-/ { c++ } END { print c + 0 }')
@@ -214,7 +239,7 @@ echo "kill -9 survival (appendfsync/--sync everysec, $SURVIVAL_KEYS keys):"
 rm -rf "$WORK/redis" "$WORK/kv"
 start_redis everysec
 survival redis-server "$REDIS_PORT" start_redis
-kill9 "$REDIS_PID"
+kill_redis
 start_kv everysec
 survival kv_server "$KV_PORT" start_kv
-kill9 "$KV_PID"
+kill_kv
