@@ -63,4 +63,30 @@ mod tests {
             assert_eq!(crc, crc32c::crc32c(d), "len {len} split at {split}");
         }
     }
+
+    /// The `crc32` instruction pass itself (what `append` uses on a CPU
+    /// with SSE 4.2), so that the test above does not compare the crate
+    /// with itself there.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_sse42_pass_agrees_with_the_crate() {
+        if !std::arch::is_x86_feature_detected!("sse4.2") {
+            eprintln!("no SSE 4.2: nothing to check");
+            return;
+        }
+        let data: Vec<u8> = (0..300u32)
+            .map(|i| (i.wrapping_mul(40_503) >> 3) as u8)
+            .collect();
+        for len in 0..data.len() {
+            for start in [0u32, 0x1234_5678, u32::MAX] {
+                // SAFETY: the CPU has SSE 4.2 (checked above).
+                let fast = unsafe { super::append_sse42(start, &data[..len]) };
+                assert_eq!(
+                    fast,
+                    crc32c::crc32c_append(start, &data[..len]),
+                    "len {len}"
+                );
+            }
+        }
+    }
 }
