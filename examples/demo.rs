@@ -20,7 +20,8 @@
 //! compared byte for byte to verify it. The payload is a window of a fixed
 //! pseudo-random pool chosen by the seed, so generating it costs nothing
 //! beyond the copy into the slot, and the demo's own work per record is
-//! drawing its size and seed and the seal: a CRC-32C of 12 bytes. It is
+//! drawing its size and seed, picking its payload and the seal: a CRC-32C
+//! of 12 bytes. It is
 //! timed in place (between the allocation and the writes, in the sampled
 //! records' laps, each of which includes a clock read) and, after the
 //! insert, alone over the same kind of records, which is set beside a
