@@ -31,8 +31,8 @@
 # "everysec always"), PIPELINES (default "1 16"). For instance, the
 # everysec goal's rows alone, in runs long enough to span syncs:
 #   TESTS=set,get POLICIES=everysec PIPELINES=16 SHARDS=1 REQUESTS=1000000 scripts/vs-redis.sh
-# (A million SETs grow redis-server's AOF past its rewrite threshold: its
-# rows then include a rewrite, as they would in production.)
+# (A million SETs grow redis-server's AOF past its rewrite threshold, so
+# its rows may include a rewrite, as they would in production.)
 # One shard is the like-for-like row: redis-server serves from one thread,
 # and redis-benchmark runs on the same machine. The survival check uses
 # the first shard count.
