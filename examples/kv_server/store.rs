@@ -1244,34 +1244,14 @@ impl Store {
         let Some(Ok(old)) = self.pin_current_now(key) else {
             return false;
         };
-        let current = match &old {
-            Some((e, pin)) if !e.expired(now) => {
-                let mut buf = self.record_buf.borrow_mut();
-                let v = match load_value(pin, key, &mut buf) {
-                    Ok(v) => v,
-                    Err(why) => {
-                        resp::error(out, &format!("ERR record {} is damaged: {why}", e.handle));
-                        return true;
-                    }
-                };
-                let Some(n) = resp::parse_i64(v) else {
-                    resp::error(out, "ERR value is not an integer or out of range");
-                    return true;
-                };
-                Some((e.handle, n))
-            }
-            _ => None,
-        };
-        let Some(next) = current.map_or(0, |(_, n)| n).checked_add(delta) else {
-            resp::error(out, "ERR increment or decrement would overflow");
+        let Some((current, next, digits)) = self.incremented(key, old.as_ref(), delta, now, out)
+        else {
             return true;
         };
-        let mut digits = Vec::with_capacity(20);
-        resp::decimal(&mut digits, next);
         let w = Put {
             key,
             value: &digits,
-            cond: Cond::Is(current.map(|(h, _)| h)),
+            cond: Cond::Is(current),
             ttl: Ttl::Keep,
             now,
         };
@@ -1634,6 +1614,45 @@ impl Store {
         Ok(())
     }
 
+    /// What an `INCR` family command writes over `old`, the record indexed
+    /// under `key` (pinned): the live record it replaces, if any, the new
+    /// value and its digits. `None` once an error reply is written (a
+    /// damaged record, a value that is not an integer, an overflow).
+    fn incremented(
+        &self,
+        key: &[u8],
+        old: Option<&(Entry, PinGuard)>,
+        delta: i64,
+        now: u64,
+        out: &mut Vec<u8>,
+    ) -> Option<(Option<Handle>, i64, Vec<u8>)> {
+        let (current, n) = match old {
+            Some((e, pin)) if !e.expired(now) => {
+                let mut buf = self.record_buf.borrow_mut();
+                let v = match load_value(pin, key, &mut buf) {
+                    Ok(v) => v,
+                    Err(why) => {
+                        resp::error(out, &format!("ERR record {} is damaged: {why}", e.handle));
+                        return None;
+                    }
+                };
+                let Some(n) = resp::parse_i64(v) else {
+                    resp::error(out, "ERR value is not an integer or out of range");
+                    return None;
+                };
+                (Some(e.handle), n)
+            }
+            _ => (None, 0),
+        };
+        let Some(next) = n.checked_add(delta) else {
+            resp::error(out, "ERR increment or decrement would overflow");
+            return None;
+        };
+        let mut digits = Vec::with_capacity(20);
+        resp::decimal(&mut digits, next);
+        Some((current, next, digits))
+    }
+
     async fn incr(
         &self,
         key: &[u8],
@@ -1642,30 +1661,13 @@ impl Store {
         out: &mut Vec<u8>,
     ) -> segalloc::Result<()> {
         loop {
-            let (current, n) = match self.pin_current(key).await? {
-                Some((e, pin)) if !e.expired(now) => {
-                    let mut buf = self.record_buf.borrow_mut();
-                    let v = match load_value(&pin, key, &mut buf) {
-                        Ok(v) => v,
-                        Err(why) => {
-                            resp::error(out, &format!("ERR record {} is damaged: {why}", e.handle));
-                            return Ok(());
-                        }
-                    };
-                    let Some(n) = resp::parse_i64(v) else {
-                        resp::error(out, "ERR value is not an integer or out of range");
-                        return Ok(());
-                    };
-                    (Some(e.handle), n)
-                }
-                _ => (None, 0),
-            };
-            let Some(next) = n.checked_add(delta) else {
-                resp::error(out, "ERR increment or decrement would overflow");
+            let old = self.pin_current(key).await?;
+            let Some((current, next, digits)) =
+                self.incremented(key, old.as_ref(), delta, now, out)
+            else {
                 return Ok(());
             };
-            let mut digits = Vec::with_capacity(20);
-            resp::decimal(&mut digits, next);
+            drop(old);
             if self
                 .put(&Put {
                     key,
