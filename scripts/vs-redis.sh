@@ -180,12 +180,16 @@ echo "redis-benchmark -d 100 -c $CLIENTS -r $KEYS -n $REQUESTS, one -t at a time
 printf "%-12s %-9s %3s %-16s %12s %8s %8s %8s %5s %8s %s\n" server sync -P test "requests/s" \
     p50_ms p99_ms rss_MiB fds vs_redis "lowest-highest"
 awk -v rounds="$ROUNDS" '
-    function median(key, col,   n, i, j, t, v) {
+    # The median of a[1..n] (sorted in place); -1 when n is 0.
+    function med(a, n,   i, j, t) {
+        for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+        if (n == 0) return -1
+        return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    function median(key, col,   n, i, v) {
         n = 0
         for (i = 1; i <= rounds; i++) if ((i SUBSEP key) in row) { split(row[i, key], f, " "); v[++n] = f[col] + 0 }
-        for (i = 2; i <= n; i++) { t = v[i]; for (j = i - 1; j >= 1 && v[j] > t; j--) v[j + 1] = v[j]; v[j + 1] = t }
-        if (n == 0) return -1
-        return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+        return med(v, n)
     }
     {
         key = $2 " " $3 " " $4 " " $5
@@ -207,11 +211,7 @@ awk -v rounds="$ROUNDS" '
                     if (q < lo) lo = q
                     if (q > hi) hi = q
                 }
-                if (n > 0) {
-                    for (i = 2; i <= n; i++) { t = r[i]; for (j = i - 1; j >= 1 && r[j] > t; j--) r[j + 1] = r[j]; r[j + 1] = t }
-                    m = n % 2 ? r[(n + 1) / 2] : (r[n / 2] + r[n / 2 + 1]) / 2
-                    ratio = sprintf("%.2f", m); range = sprintf("%.2f-%.2f", lo, hi)
-                }
+                if (n > 0) { ratio = sprintf("%.2f", med(r, n)); range = sprintf("%.2f-%.2f", lo, hi) }
             }
             printf "%-12s %-9s %3s %-16s %12.0f %8.3f %8.3f %8.1f %5g %8s %s\n", id[1], id[2], id[3], id[4],
                 median(key, 1), median(key, 2), median(key, 3), median(key, 4), median(key, 5), ratio, range
