@@ -47,7 +47,7 @@ use crate::files::{FileHandleRegistry, FileId};
 use crate::format::classes::{self, CLASS_COUNT, CLASSES};
 use crate::format::data_file_name;
 use crate::format::{Handle, Manifest};
-use crate::mapping::{MappingManager, PinGuard};
+use crate::mapping::{MappingManager, PinGuard, SlotAt};
 use durability::Released;
 use fresh::Fresh;
 use meta_map::MetaMap;
@@ -146,7 +146,7 @@ const PREFAULT_CHUNK_BYTES: u64 = 256 * 1024;
 /// A slot [`SegmentAllocator::take_slot`] took.
 struct Taken {
     handle: Handle,
-    fid: FileId,
+    at: SlotAt,
     /// The chunk of the data file to fault in ahead, if any.
     prefault: Option<u64>,
 }
@@ -243,31 +243,27 @@ impl SegmentAllocator {
     /// off the hot path (a small value returned in registers).
     #[inline(always)]
     fn find(&self, st: &State, h: &Handle) -> Option<(u32, u32)> {
-        self.find_seg(st, h).map(|(_, slot)| (h.segment, slot))
+        self.find_seg(st, h).map(|(_, slot, _)| (h.segment, slot))
     }
 
-    /// [`find`](Self::find), with the segment.
+    /// [`find`](Self::find), with the segment and where the slot lies. The
+    /// segment's key holds this shard's index and the directory's tag, so
+    /// one comparison checks them with the segment's own fields.
     #[inline(always)]
-    fn find_seg<'s>(&self, st: &'s State, h: &Handle) -> Option<(&'s Seg, u32)> {
-        if h.dir_tag != self.manifest.dir_tag() || h.shard != self.shard {
-            return None;
-        }
+    fn find_seg<'s>(&self, st: &'s State, h: &Handle) -> Option<(&'s Seg, u32, SlotAt)> {
         let seg = st.segments.get(h.segment as usize)?.as_ref()?;
-        let class = seg.class;
-        let start = seg.start();
-        if seg.generation == h.generation
-            && seg.class_id == h.class_id
-            && seg.run.file == h.file
-            && h.length == class.slot_bytes
-            && h.offset >= start
-            && h.offset - start < u64::from(seg.slots) * u64::from(class.slot_bytes)
-        {
-            let (slot, rem) = class.div_rem(h.offset - start);
-            if rem == 0 {
-                return u32::try_from(slot).ok().map(|slot| (seg, slot));
-            }
+        let (slot, at) = seg.slot_of(h)?;
+        Some((seg, slot, at))
+    }
+
+    /// The rest of a segment's handles' key, and the window size.
+    fn seg_names(&self, entry: u32) -> segments::SegNames {
+        segments::SegNames {
+            entry,
+            shard: self.shard,
+            dir_tag: self.manifest.dir_tag(),
+            window_bytes: self.mm.window_bytes(),
         }
-        None
     }
 
     #[inline]
@@ -306,16 +302,7 @@ impl SegmentAllocator {
                 avail.pop();
                 continue;
             };
-            let handle = Handle {
-                shard: self.shard,
-                class_id,
-                file: seg.run.file,
-                segment: seg_id,
-                generation: seg.generation,
-                length: seg.class.slot_bytes,
-                offset: seg.slot_offset(slot),
-                dir_tag: self.manifest.dir_tag(),
-            };
+            let (handle, at) = seg.slot_at(slot);
             st.fresh.mark(seg_id, slot);
             st.live_per_class[class_id as usize] += 1;
             st.stats.allocs += 1;
@@ -339,7 +326,7 @@ impl SegmentAllocator {
             }
             return Some(Taken {
                 handle,
-                fid: seg.file_id,
+                at,
                 prefault,
             });
         }
@@ -414,17 +401,18 @@ impl SegmentAllocator {
         loop {
             if let Some(Taken {
                 handle,
-                fid,
+                at,
                 prefault,
             }) = self.take_slot(class_id)
             {
+                let fid = at.file;
                 let mut guard = SlotGuard {
                     alloc: self,
                     handle,
                     armed: true,
                     hidden: false,
                 };
-                let pin = match self.mm.pin_mapped(fid, handle.offset, handle.length as u64) {
+                let pin = match self.mm.pin_mapped(at) {
                     Some(p) => p,
                     None => {
                         // Not live while its window faults in: a handle of
@@ -467,20 +455,20 @@ impl SegmentAllocator {
         };
         let Some(Taken {
             handle,
-            fid,
+            at,
             prefault,
         }) = self.take_slot(class_id)
         else {
             return Ok(None);
         };
-        match self.mm.pin_mapped(fid, handle.offset, handle.length as u64) {
+        match self.mm.pin_mapped(at) {
             Some(pin) => {
                 if let Some(chunk) = prefault {
-                    self.prefault_chunk(fid, chunk);
+                    self.prefault_chunk(at.file, chunk);
                 }
                 Ok(Some(Allocation { handle, pin }))
             }
-            None => self.try_allocate_unmapped(handle, fid),
+            None => self.try_allocate_unmapped(handle, at.file),
         }
     }
 
@@ -571,12 +559,12 @@ impl SegmentAllocator {
     }
 
     #[inline]
-    fn check_live(&self, handle: &Handle) -> Result<FileId> {
+    fn check_live(&self, handle: &Handle) -> Result<SlotAt> {
         let st = self.st.borrow();
-        if let Some((seg, slot)) = self.find_seg(&st, handle)
+        if let Some((seg, slot, at)) = self.find_seg(&st, handle)
             && seg.is_live(slot)
         {
-            return Ok(seg.file_id);
+            return Ok(at);
         }
         Err(self.not_live_or_bad(&st, handle))
     }
@@ -600,10 +588,11 @@ impl SegmentAllocator {
     /// As [`free`](Self::free) for a bad handle ([`Error::NotAllocated`] for
     /// a freed one), plus the errors of [`MappingManager::pin`].
     pub async fn pin(&self, handle: Handle) -> Result<PinGuard> {
-        let fid = self.check_live(&handle)?;
-        if let Some(p) = self.mm.pin_mapped(fid, handle.offset, handle.length as u64) {
+        let at = self.check_live(&handle)?;
+        if let Some(p) = self.mm.pin_mapped(at) {
             return Ok(p);
         }
+        let fid = at.file;
         let writable = !self.files.is_read_only();
         if let Some(p) = self
             .mm
@@ -623,12 +612,12 @@ impl SegmentAllocator {
     /// As [`pin`](Self::pin).
     #[inline]
     pub fn try_pin(&self, handle: Handle) -> Result<Option<PinGuard>> {
-        let fid = self.check_live(&handle)?;
-        if let Some(p) = self.mm.pin_mapped(fid, handle.offset, handle.length as u64) {
+        let at = self.check_live(&handle)?;
+        if let Some(p) = self.mm.pin_mapped(at) {
             return Ok(Some(p));
         }
         self.mm.try_pin(
-            fid,
+            at.file,
             handle.offset,
             handle.length as u64,
             !self.files.is_read_only(),

@@ -184,7 +184,8 @@ impl SegmentAllocator {
                 blocks: e.blocks,
             };
             let file_id = self.data_files.borrow()[e.file as usize];
-            let mut seg = Seg::new(e, run, self.meta.bitmap(s.entry), file_id);
+            let names = self.seg_names(s.entry);
+            let mut seg = Seg::new(e, run, self.meta.bitmap(s.entry), file_id, names);
             debug_assert_eq!(seg.live, s.live);
             st.live_per_class[e.class_id as usize] += u64::from(seg.live);
             if seg.live < seg.slots {

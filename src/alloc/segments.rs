@@ -12,7 +12,8 @@ use crate::error::{Error, Result};
 use crate::files::FileId;
 use crate::format::classes::{BLOCK_BYTES, CLASSES, Class};
 use crate::format::{self, EntryHeader};
-use crate::format::{Handle, data_file_name};
+use crate::format::{Handle, HandleKey, data_file_name};
+use crate::mapping::SlotAt;
 
 /// A published segment of this shard.
 ///
@@ -45,6 +46,16 @@ pub(super) struct Seg {
     pub(super) class: &'static Class,
     /// Byte offset of the segment in its data file.
     start: u64,
+    /// Bytes of its slots (`slots × slot size`).
+    bytes: u64,
+    /// A handle of its slots, at offset 0: every field but the offset.
+    template: Handle,
+    /// `template`'s key: what a handle of one of its slots must match.
+    key: HandleKey,
+    /// The window it lies in (a segment never crosses one) and its start's
+    /// offset inside that window.
+    window: u32,
+    window_start: u64,
 }
 
 // `open_words` has a bit per bitmap word.
@@ -53,8 +64,16 @@ const _: () = assert!(format::BITMAP_WORDS <= 64);
 impl Seg {
     /// A segment whose durable bitmap is `bitmap` (all of its slots held
     /// that the bitmap marks live). The caller checked that the bitmap
-    /// marks no slot past `slots`.
-    pub(super) fn new(header: &EntryHeader, run: Run, bitmap: Bitmap, file_id: FileId) -> Seg {
+    /// marks no slot past `slots`. `names`: the entry's index, the shard
+    /// and the directory's tag (the rest of its handles' key), and the
+    /// window size.
+    pub(super) fn new(
+        header: &EntryHeader,
+        run: Run,
+        bitmap: Bitmap,
+        file_id: FileId,
+        names: SegNames,
+    ) -> Seg {
         let mut held_bits = Box::new([u64::MAX; format::BITMAP_WORDS]);
         let mut open_words = 0u64;
         let mut live = 0u32;
@@ -71,6 +90,20 @@ impl Seg {
                 open_words |= 1 << w;
             }
         }
+        let class = &CLASSES[header.class_id as usize];
+        let start = u64::from(run.block) * BLOCK_BYTES;
+        let window = start / names.window_bytes;
+        let template = Handle {
+            offset: 0,
+            file: run.file,
+            segment: names.entry,
+            generation: header.generation,
+            length: class.slot_bytes,
+            dir_tag: names.dir_tag,
+            shard: names.shard,
+            class_id: header.class_id,
+            zero: 0,
+        };
         Seg {
             class_id: header.class_id,
             generation: header.generation,
@@ -84,9 +117,55 @@ impl Seg {
             bitmap,
             in_avail: false,
             untouched_from: 0,
-            class: &CLASSES[header.class_id as usize],
-            start: u64::from(run.block) * BLOCK_BYTES,
+            class,
+            start,
+            bytes: u64::from(header.slots) * u64::from(class.slot_bytes),
+            template,
+            key: template.key(),
+            window: u32::try_from(window).expect("a file has at most 2^32 windows"),
+            window_start: start - window * names.window_bytes,
         }
+    }
+
+    /// Slot `slot`: its handle and where it lies.
+    #[inline(always)]
+    pub(super) fn slot_at(&self, slot: u32) -> (Handle, SlotAt) {
+        let rel = u64::from(slot) * u64::from(self.class.slot_bytes);
+        let at = self.at(rel);
+        (self.template.at(self.start + rel), at)
+    }
+
+    /// Where the slot `rel` bytes into the segment lies.
+    #[inline(always)]
+    fn at(&self, rel: u64) -> SlotAt {
+        let len = u64::from(self.class.slot_bytes);
+        SlotAt {
+            file: self.file_id,
+            window: self.window,
+            window_offset: self.window_start + rel,
+            len,
+            end: self.start + rel + len,
+        }
+    }
+
+    /// The slot `h` names, if `h` is a handle of one of this segment's
+    /// slots (it may be free): its index and where it lies.
+    #[inline(always)]
+    pub(super) fn slot_of(&self, h: &Handle) -> Option<(u32, SlotAt)> {
+        if self.key != h.key() {
+            return None;
+        }
+        let rel = h.offset.wrapping_sub(self.start);
+        if rel >= self.bytes {
+            return None;
+        }
+        let (slot, rem) = self.class.div_rem(rel);
+        if rem != 0 {
+            return None;
+        }
+        // `slot < self.slots`, a u32: `rel < bytes = slots × slot size`.
+        #[allow(clippy::cast_possible_truncation)]
+        Some((slot as u32, self.at(rel)))
     }
 
     /// Word `w` of the segment's durable bitmap (in the metadata mapping).
@@ -161,12 +240,16 @@ impl Seg {
     pub(super) fn start(&self) -> u64 {
         self.start
     }
+}
 
-    /// Byte offset of slot `slot` in the data file.
-    #[inline]
-    pub(super) fn slot_offset(&self, slot: u32) -> u64 {
-        self.start + u64::from(slot) * u64::from(self.class.slot_bytes)
-    }
+/// What a segment's handles name besides its own header: its entry (the
+/// segment id), the shard, the directory's tag; and the window size.
+#[derive(Clone, Copy)]
+pub(super) struct SegNames {
+    pub(super) entry: u32,
+    pub(super) shard: u16,
+    pub(super) dir_tag: u32,
+    pub(super) window_bytes: u64,
 }
 
 /// A directory entry and a run claimed by `new_segment`: given back if the
@@ -389,7 +472,7 @@ impl SegmentAllocator {
             .store(header.state_word(), Ordering::Release);
         self.files.mark_dirty(self.meta_file);
         let file_id = self.data_files.borrow()[run.file as usize];
-        let mut seg = Seg::new(&header, run, bitmap, file_id);
+        let mut seg = Seg::new(&header, run, bitmap, file_id, self.seg_names(entry));
         seg.in_avail = true;
         let mut st = self.st.borrow_mut();
         if st.segments.len() <= entry as usize {

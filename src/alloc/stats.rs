@@ -167,17 +167,7 @@ impl Iterator for LiveIter<'_> {
                     // Freed since its word was read.
                     continue;
                 }
-                let slot_bytes = CLASSES[seg.class_id as usize].slot_bytes;
-                return Some(Handle {
-                    shard: self.alloc.shard,
-                    class_id: seg.class_id,
-                    file: seg.run.file,
-                    segment: self.seg,
-                    generation: seg.generation,
-                    length: slot_bytes,
-                    offset: seg.start() + slot as u64 * slot_bytes as u64,
-                    dir_tag: self.alloc.manifest.dir_tag(),
-                });
+                return Some(seg.slot_at(slot).0);
             }
             if self.word >= seg.slots.div_ceil(64) {
                 self.next_entry();

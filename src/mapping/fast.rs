@@ -1,6 +1,6 @@
 //! The hot path: pinning a range of a mapped window with no syscall and
 //! no await ([`try_pin`](MappingManager::try_pin), the allocator's
-//! `pin_mapped`, and the synchronous first step of
+//! `pin_mapped` of a [`SlotAt`], and the synchronous first step of
 //! [`pin`](MappingManager::pin)), and the range checks it starts with.
 
 use std::panic::Location;
@@ -10,6 +10,23 @@ use super::{FileMaps, MappingManager, Maps, PinGuard, Window, WindowState};
 use crate::error::{Error, Result};
 use crate::files::FileId;
 use crate::wait::WaitList;
+
+/// Where a slot lies: the allocator works it out once per segment, so its
+/// hot path ([`MappingManager::pin_mapped`]) needs no division and no range
+/// check beyond the window's length and the file's reserved size.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SlotAt {
+    /// The data file.
+    pub(crate) file: FileId,
+    /// Its window's index in the file.
+    pub(crate) window: u32,
+    /// Its offset inside that window.
+    pub(crate) window_offset: u64,
+    /// Its length.
+    pub(crate) len: u64,
+    /// Its end in the file (offset + length).
+    pub(crate) end: u64,
+}
 
 /// Outcome of the synchronous part of a pin.
 pub(super) enum Fast {
@@ -106,44 +123,48 @@ impl MappingManager {
         Ok(m.files[i].as_mut().expect("just set"))
     }
 
-    /// The allocator's hot path: a writable pin of `[offset, offset + len)`
-    /// of `file` when its window is mapped and the range reserved; `None`
-    /// otherwise, also for a range [`try_pin`](Self::try_pin) would refuse
-    /// (it then says why). Counts as a use of the window, like `try_pin`.
+    /// The allocator's hot path: a writable pin of the slot `at` when its
+    /// window is mapped and the slot reserved; `None` otherwise (then
+    /// [`try_pin`](Self::try_pin) or [`pin`](Self::pin) of the slot's range
+    /// says why, or faults the window in). Counts as a use of the window,
+    /// like `try_pin`.
     #[inline(always)]
-    pub(crate) fn pin_mapped(&self, file: FileId, offset: u64, len: u64) -> Option<PinGuard> {
-        let end = offset.checked_add(len)?;
-        let idx = self.window_of(offset);
-        if self.read_only || len == 0 || idx != self.window_of(end - 1) {
+    pub(crate) fn pin_mapped(&self, at: SlotAt) -> Option<PinGuard> {
+        if self.read_only {
             return None;
         }
         let mut m = self.inner.borrow_mut();
         let m = &mut *m;
-        let Some(Some(fm)) = m.files.get(file.0 as usize) else {
+        let Some(Some(fm)) = m.files.get(at.file.0 as usize) else {
             return None;
         };
-        let Some(WindowState::Mapped(w)) = fm.windows.get(usize::try_from(idx).ok()?) else {
+        let Some(WindowState::Mapped(w)) = fm.windows.get(at.window as usize) else {
             return None;
         };
-        if end > fm.file.reserved() {
+        // `at` comes from the allocator's segment table; checked here all
+        // the same, so that the pin stays inside its window whatever the
+        // table says.
+        if at.end > fm.file.reserved() || at.window_offset + at.len > w.len as u64 {
             return None;
         }
         m.tick += 1;
         m.stats.fast_pins += 1;
         let site = Location::caller();
-        Some(self.pin_window(fm, w, m.tick, (offset, idx, len), true, site))
+        let range = (at.window_offset, at.len);
+        Some(self.pin_window(fm, w, m.tick, range, true, site))
     }
 
     /// A pin of `[offset, offset + len)` in `w`, mapped window `idx` of
     /// the file `fm`, counted as a use of the window at `tick`. A writable
     /// pin marks the file dirty: the next sync must cover it.
+    /// `window_offset + len` is at most the window's length.
     #[inline(always)]
     fn pin_window(
         &self,
         fm: &FileMaps,
         w: &Rc<Window>,
         tick: u64,
-        (offset, idx, len): (u64, u64, u64),
+        (window_offset, len): (u64, u64),
         writable: bool,
         site: &'static Location<'static>,
     ) -> PinGuard {
@@ -153,8 +174,7 @@ impl MappingManager {
         if writable {
             fm.file.mark_dirty();
         }
-        let win_off = self.window_offset(offset, idx);
-        PinGuard::new(w, win_off as usize, len as usize, writable, site)
+        PinGuard::new(w, window_offset as usize, len as usize, writable, site)
     }
 
     #[inline]
@@ -180,7 +200,7 @@ impl MappingManager {
                 if offset + len > reserved {
                     Fast::NeedsGrow
                 } else {
-                    let range = (offset, u64::from(idx), len);
+                    let range = (self.window_offset(offset, u64::from(idx)), len);
                     let pin = self.pin_window(fm, w, tick, range, writable, site);
                     m.stats.fast_pins += 1;
                     Fast::Pinned(pin)

@@ -42,6 +42,7 @@ mod pin;
 
 use fast::Fast;
 
+pub(crate) use fast::SlotAt;
 pub use pin::PinGuard;
 
 /// Settings of a [`MappingManager`].

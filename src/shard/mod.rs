@@ -306,6 +306,13 @@ impl Shard {
         if handle.shard() == self.inner.index {
             return self.inner.alloc.free(handle);
         }
+        self.forward_free(handle)
+    }
+
+    /// [`free`](Self::free) of another shard's handle: kept out of line, so
+    /// that the local free stays small.
+    #[inline(never)]
+    fn forward_free(&self, handle: Handle) -> Result<()> {
         self.check_foreign(&handle)?;
         let mesh = self.inner.mesh.get().expect("checked by check_foreign");
         mesh.forward(handle)
