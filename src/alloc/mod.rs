@@ -247,8 +247,9 @@ impl SegmentAllocator {
     }
 
     /// [`find`](Self::find), with the segment and where the slot lies. The
-    /// segment's key holds this shard's index and the directory's tag, so
-    /// one comparison checks them with the segment's own fields.
+    /// segment keeps a handle of its own (its template), which holds this
+    /// shard's index and the directory's tag, so one pass over the fields
+    /// checks them with the segment's own.
     #[inline(always)]
     fn find_seg<'s>(&self, st: &'s State, h: &Handle) -> Option<(&'s Seg, u32, SlotAt)> {
         let seg = st.segments.get(h.segment as usize)?.as_ref()?;
@@ -256,7 +257,7 @@ impl SegmentAllocator {
         Some((seg, slot, at))
     }
 
-    /// The rest of a segment's handles' key, and the window size.
+    /// The rest of a segment's handles' fields, and the window size.
     fn seg_names(&self, entry: u32) -> segments::SegNames {
         segments::SegNames {
             entry,

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::files::FileId;
 use crate::format::classes::{BLOCK_BYTES, CLASSES, Class};
 use crate::format::{self, EntryHeader};
-use crate::format::{Handle, HandleKey, data_file_name};
+use crate::format::{Handle, data_file_name};
 use crate::mapping::SlotAt;
 
 /// A published segment of this shard.
@@ -48,10 +48,9 @@ pub(super) struct Seg {
     start: u64,
     /// Bytes of its slots (`slots × slot size`).
     bytes: u64,
-    /// A handle of its slots, at offset 0: every field but the offset.
+    /// A handle of its slots, at offset 0: every field but the offset is
+    /// what a handle of one of its slots must hold.
     template: Handle,
-    /// `template`'s key: what a handle of one of its slots must match.
-    key: HandleKey,
     /// The window it lies in (a segment never crosses one) and its start's
     /// offset inside that window.
     window: u32,
@@ -65,7 +64,7 @@ impl Seg {
     /// A segment whose durable bitmap is `bitmap` (all of its slots held
     /// that the bitmap marks live). The caller checked that the bitmap
     /// marks no slot past `slots`. `names`: the entry's index, the shard
-    /// and the directory's tag (the rest of its handles' key), and the
+    /// and the directory's tag (the rest of its handles' fields), and the
     /// window size.
     pub(super) fn new(
         header: &EntryHeader,
@@ -102,7 +101,6 @@ impl Seg {
             dir_tag: names.dir_tag,
             shard: names.shard,
             class_id: header.class_id,
-            zero: 0,
         };
         Seg {
             class_id: header.class_id,
@@ -121,7 +119,6 @@ impl Seg {
             start,
             bytes: u64::from(header.slots) * u64::from(class.slot_bytes),
             template,
-            key: template.key(),
             window: u32::try_from(window).expect("a file has at most 2^32 windows"),
             window_start: start - window * names.window_bytes,
         }
@@ -152,7 +149,19 @@ impl Seg {
     /// slots (it may be free): its index and where it lies.
     #[inline(always)]
     pub(super) fn slot_of(&self, h: &Handle) -> Option<(u32, SlotAt)> {
-        if self.key != h.key() {
+        // Field by field, without branches. (Reading the handle as three
+        // words would take fewer instructions, but a handle its caller has
+        // just stored field by field cannot be forwarded to wider loads from
+        // the store buffer: a pin took 18 ns instead of 14.)
+        let t = &self.template;
+        let diff = (t.file ^ h.file)
+            | (t.segment ^ h.segment)
+            | (t.generation ^ h.generation)
+            | (t.length ^ h.length)
+            | (t.dir_tag ^ h.dir_tag)
+            | u32::from(t.shard ^ h.shard)
+            | u32::from(t.class_id ^ h.class_id);
+        if diff != 0 {
             return None;
         }
         let rel = h.offset.wrapping_sub(self.start);

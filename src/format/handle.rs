@@ -71,72 +71,16 @@ const _: () = assert!(OFF_CRC + 4 == HANDLE_BYTES);
 /// assert!(Handle::from_bytes(&[0u8; 40]).is_err());
 /// # Ok::<(), segalloc::Error>(())
 /// ```
-// `repr(C)` with the offset first and no padding: the 24 bytes after the
-// offset are the fields a slot's segment determines, so checking them is
-// three word compares ([`Handle::key`]). Ordering stays field by field in the
-// order of the encoding (shard, class, file, segment, generation, length,
-// offset, directory tag).
-#[repr(C)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Handle {
-    pub(crate) offset: u64,
+    pub(crate) shard: u16,
+    pub(crate) class_id: u8,
     pub(crate) file: u32,
     pub(crate) segment: u32,
     pub(crate) generation: u32,
     pub(crate) length: u32,
+    pub(crate) offset: u64,
     pub(crate) dir_tag: u32,
-    pub(crate) shard: u16,
-    pub(crate) class_id: u8,
-    /// Always 0: it fills what would be padding, so every byte is a field.
-    pub(crate) zero: u8,
-}
-
-const _: () = assert!(std::mem::size_of::<Handle>() == 32 && std::mem::align_of::<Handle>() == 8);
-
-/// Everything in a [`Handle`] but its offset, as three words: what the
-/// segment the handle names must match (its file, id, generation, slot
-/// length, directory tag, shard and class). The allocator keeps one per
-/// segment and checks a handle with one comparison.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct HandleKey([u64; 3]);
-
-impl std::fmt::Debug for Handle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Handle")
-            .field("shard", &self.shard)
-            .field("class_id", &self.class_id)
-            .field("file", &self.file)
-            .field("segment", &self.segment)
-            .field("generation", &self.generation)
-            .field("length", &self.length)
-            .field("offset", &self.offset)
-            .field("dir_tag", &self.dir_tag)
-            .finish()
-    }
-}
-
-impl PartialOrd for Handle {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Handle {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        let fields = |h: &Handle| {
-            (
-                h.shard,
-                h.class_id,
-                h.file,
-                h.segment,
-                h.generation,
-                h.length,
-                h.offset,
-                h.dir_tag,
-            )
-        };
-        fields(self).cmp(&fields(other))
-    }
 }
 
 impl Handle {
@@ -177,25 +121,8 @@ impl Handle {
         self.dir_tag
     }
 
-    /// Its [`HandleKey`]: the 24 bytes after the offset, what its segment
-    /// must match.
-    #[inline(always)]
-    pub(crate) fn key(&self) -> HandleKey {
-        // SAFETY: `Handle` is `repr(C)`, 32 bytes, aligned to 8, and has no
-        // padding (its fields add up to 32 bytes: checked above), so bytes
-        // 8..32 are initialized integers, inside `*self`, and aligned for
-        // `u64`; the pointer comes from `self`, so it may read all of it.
-        HandleKey(unsafe {
-            std::ptr::from_ref(self)
-                .cast::<u64>()
-                .add(1)
-                .cast::<[u64; 3]>()
-                .read()
-        })
-    }
-
-    /// The handle at `offset` of the segment `self` names (the same fields
-    /// but the offset).
+    /// The same handle at `offset`: a handle of another slot of the same
+    /// segment when `offset` is one.
     #[inline(always)]
     pub(crate) fn at(&self, offset: u64) -> Handle {
         Handle { offset, ..*self }
@@ -261,7 +188,6 @@ impl Handle {
                     .expect("8 bytes"),
             ),
             dir_tag: u32_at(OFF_DIR_TAG),
-            zero: 0,
         };
         let Some(class) = classes::class(h.class_id) else {
             return bad("unknown size class");
@@ -295,7 +221,6 @@ impl Handle {
             length: slot_bytes,
             offset: e.start_offset() + slot as u64 * slot_bytes as u64,
             dir_tag,
-            zero: 0,
         }
     }
 
@@ -311,7 +236,6 @@ impl Handle {
             length: 16,
             offset: 0,
             dir_tag: 0xdead_beef,
-            zero: 0,
         }
     }
 }
@@ -341,12 +265,10 @@ mod tests {
             length: classes::CLASSES[9].slot_bytes,
             offset: 1 << 33,
             dir_tag: 0x1234_5678,
-            zero: 0,
         };
         let b = h.to_bytes();
         assert_eq!(Handle::from_bytes(&b).unwrap(), h);
-        assert_eq!(h.at(5).at(h.offset), h);
-        assert_eq!(h.at(5).key(), h.key());
+        assert_eq!(h.at(16).at(h.offset), h);
         for i in 0..HANDLE_BYTES {
             for bit in 0..8 {
                 let mut c = b;
@@ -355,50 +277,5 @@ mod tests {
             }
         }
         assert!(Handle::from_bytes(&b[..39]).is_err());
-    }
-
-    #[test]
-    fn the_key_holds_every_field_but_the_offset_and_order_follows_the_encoding() {
-        let h = Handle {
-            shard: 3,
-            class_id: 9,
-            file: 7,
-            segment: 1234,
-            generation: 99,
-            length: classes::CLASSES[9].slot_bytes,
-            offset: 1 << 33,
-            dir_tag: 0x1234_5678,
-            zero: 0,
-        };
-        let changed: [fn(&mut Handle); 7] = [
-            |h| h.shard ^= 1 << 15,
-            |h| h.class_id ^= 1 << 7,
-            |h| h.file ^= 1 << 31,
-            |h| h.segment ^= 1,
-            |h| h.generation ^= 1 << 16,
-            |h| h.length ^= 1 << 8,
-            |h| h.dir_tag ^= 1 << 24,
-        ];
-        for (i, change) in changed.iter().enumerate() {
-            let mut o = h;
-            change(&mut o);
-            assert_ne!(o.key(), h.key(), "field {i} is not in the key");
-        }
-        assert_eq!(h.at(0).key(), h.key());
-        // Field order of the encoding: shard first, the offset next to last.
-        let lower_shard_far_offset = Handle {
-            shard: 2,
-            offset: u64::MAX - 15,
-            ..h
-        };
-        assert!(lower_shard_far_offset < h);
-        assert!(h.at(16) < h.at(32));
-        assert!(
-            Handle {
-                dir_tag: 0,
-                ..h.at(32)
-            } > h.at(16)
-        );
-        assert!(format!("{h:?}").starts_with("Handle { shard: 3, class_id: 9, file: 7"));
     }
 }

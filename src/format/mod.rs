@@ -33,7 +33,6 @@ pub mod roots;
 pub mod scan;
 
 pub use entry::EntryHeader;
-pub(crate) use handle::HandleKey;
 pub use handle::{BadHandle, HANDLE_BYTES, Handle};
 pub use manifest::{MANIFEST_BYTES, Manifest};
 pub use roots::{MAX_ROOT_NAME_BYTES, RootSlot};
