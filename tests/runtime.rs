@@ -752,3 +752,63 @@ fn shutdown_from_a_shard_task_is_an_error_not_a_deadlock() {
         }
     }
 }
+
+/// The CPUs `/proc/self/task/<tid>/status` allows the thread `tid`.
+fn cpus_allowed(tid: i32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim()
+        .to_string()
+}
+
+/// A runtime pins each shard thread to one CPU; the io_uring workers that
+/// run its blocking operations (`fallocate`, `fdatasync`, prefaults) would
+/// inherit that CPU and take it from the shard. They run on the process's
+/// other CPUs instead.
+#[test]
+fn io_workers_run_off_the_pinned_shards_cpu() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 || common::expected_backend() != segalloc::IoBackend::Uring {
+        eprintln!("skipped: needs io_uring and 2 CPUs");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path(), 1)).expect("start");
+    let (shard_cpus, workers) = block_on(rt.spawn_on(0, |s| async move {
+        // Growth steps and a sync: operations that io_uring hands to its
+        // workers, which then stay idle for a while.
+        let _kept = fill(&s, 0, 20_000, 256).await;
+        s.sync().await.expect("sync");
+        let tid = nix::unistd::gettid().as_raw();
+        let name = format!("iou-wrk-{tid}");
+        let mut workers = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").expect("tasks") {
+            let task = task.expect("task").file_name();
+            let Ok(t) = task.to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(format!("/proc/self/task/{t}/comm"));
+            if comm.is_ok_and(|c| c.trim() == name) {
+                workers.push(cpus_allowed(t));
+            }
+        }
+        (cpus_allowed(tid), workers)
+    }))
+    .expect("job");
+    rt.shutdown().expect("shutdown");
+    assert_eq!(shard_cpus, "0", "the shard thread is pinned to CPU 0");
+    assert!(
+        !workers.is_empty(),
+        "no io worker of the shard's ring found"
+    );
+    for w in &workers {
+        let allowed: Vec<&str> = w.split(',').collect();
+        assert!(
+            !allowed.iter().any(|r| r == &"0" || r.starts_with("0-")),
+            "an io worker may run on the shard's CPU 0: {w}"
+        );
+    }
+}

@@ -63,6 +63,12 @@ pub(super) struct Driver {
 impl Driver {
     pub(super) fn new() -> io::Result<Driver> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
+        if let Some(cpus) = sys::io_worker_cpus() {
+            // Advisory: without it the workers share this thread's CPU.
+            if let Err(e) = ring.submitter().register_iowq_aff(&cpus) {
+                tracing::debug!(error = %e, "could not set the io workers' CPUs");
+            }
+        }
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         let eventfd = sys::eventfd()?;
