@@ -123,8 +123,14 @@ impl ShardBuilder {
     /// [`Error::NoExecutor`] outside a `LocalSet` (checked before anything
     /// is opened); see [`Shard::open`].
     pub async fn open(self) -> Result<Shard> {
+        self.open_with(&[]).await
+    }
+
+    /// [`open`](Self::open), the shard's io workers on `io_cpus` (empty:
+    /// left as they are).
+    async fn open_with(self, io_cpus: &[usize]) -> Result<Shard> {
         shard::require_local_set("ShardBuilder::open")?;
-        let shard = Shard::open(self.dir, &self.cfg, self.ep.index).await?;
+        let shard = Shard::open_with(self.dir, &self.cfg, self.ep.index, io_cpus).await?;
         shard.connect(self.ep);
         Ok(shard)
     }
@@ -223,13 +229,16 @@ fn run_executor<F: Future<Output = ()>>(use_uring: bool, fut: F) {
 
 /// A shard thread's body: open the shard, report it through `ready`, then
 /// run the jobs sent to it until told to stop.
+/// `io_cpus`: the CPUs no shard is pinned to, for the shard's io workers
+/// (empty: they stay on the shard's CPU).
 async fn serve(
     b: ShardBuilder,
     mut rx: UnboundedReceiver<Msg>,
     ready: std::sync::mpsc::Sender<(u16, Result<()>)>,
+    io_cpus: Vec<usize>,
 ) {
     let index = b.index();
-    let shard = match b.open().await {
+    let shard = match b.open_with(&io_cpus).await {
         Ok(s) => {
             let _ = ready.send((index, Ok(())));
             s
@@ -257,7 +266,10 @@ async fn serve(
 impl Runtime {
     /// Open (or create) the data directory and start one thread per shard,
     /// each pinned to core `index % cores`. Returns once every shard has
-    /// recovered.
+    /// recovered. With fewer shards than cores, the kernel's io workers of
+    /// every shard (which run its `fallocate`s, `fdatasync`s and prefaults)
+    /// use the cores without a shard ([`Ring::set_io_worker_cpus`]);
+    /// otherwise they stay on their shard's core.
     ///
     /// # Errors
     ///
@@ -268,6 +280,7 @@ impl Runtime {
         let dir = cluster.dir.clone();
         let use_uring = cfg.io_backend().resolve_env()? != IoBackendChoice::Sync;
         let cores = sys::available_cpus();
+        let shard_count = usize::from(cluster.dir.manifest().shard_count);
         let failures = Arc::new(Mutex::new(Vec::new()));
         let id = NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(u16, Result<()>)>();
@@ -281,10 +294,19 @@ impl Runtime {
                 .name(format!("segalloc-shard-{index}"))
                 .spawn(move || {
                     SHARD_OF_RUNTIME.with(|c| c.set(id));
-                    if let Err(e) = sys::pin_thread_to_cpu(index as usize % cores) {
-                        tracing::debug!(error = %e, "could not pin shard thread");
-                    }
-                    let body = serve(b, rx, ready);
+                    // The kernel's io workers would inherit the pinned CPU
+                    // and take it from the shard: when some CPUs have no
+                    // shard, they run there (when every CPU has one, moving
+                    // them to another shard's CPU was measured slower: the
+                    // pages they prefault are then in the wrong cache).
+                    let io_cpus = match sys::pin_thread_to_cpu(index as usize % cores) {
+                        Ok(()) => (shard_count..cores).collect(),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "could not pin shard thread");
+                            Vec::new()
+                        }
+                    };
+                    let body = serve(b, rx, ready, io_cpus);
                     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
                         run_executor(use_uring, body)
                     }));

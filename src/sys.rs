@@ -238,40 +238,15 @@ pub fn is_unsupported(e: &io::Error) -> bool {
     )
 }
 
-/// The CPUs the io_uring workers of a ring created on this thread should
-/// run on: when this thread is pinned to one CPU and the process may use
-/// others, every CPU of the process but this thread's (its workers would
-/// otherwise inherit its one CPU and take it from the thread); `None`
-/// otherwise (leave them as they are).
-pub fn io_worker_cpus() -> Option<libc::cpu_set_t> {
-    let size = std::mem::size_of::<libc::cpu_set_t>();
+/// The set of the CPUs `cpus` (those at or above `CPU_SETSIZE` left out).
+pub fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
     // SAFETY: an all-zero cpu_set_t is the empty set.
-    let mut mine: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `mine` is a writable cpu_set_t of the size passed.
-    if unsafe { libc::sched_getaffinity(0, size, &mut mine) } != 0 {
-        return None;
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
+        // SAFETY: `cpu` < CPU_SETSIZE: inside the set.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
     }
-    // SAFETY: as above.
-    let mut process: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; the process id names its main thread, whose mask
-    // is the process's unless it was changed.
-    if unsafe { libc::sched_getaffinity(libc::getpid(), size, &mut process) } != 0 {
-        return None;
-    }
-    // SAFETY: CPU_COUNT reads a valid set.
-    if unsafe { libc::CPU_COUNT(&mine) } != 1 {
-        return None;
-    }
-    for cpu in 0..libc::CPU_SETSIZE as usize {
-        // SAFETY: `cpu` < CPU_SETSIZE: inside both sets.
-        unsafe {
-            if libc::CPU_ISSET(cpu, &mine) {
-                libc::CPU_CLR(cpu, &mut process);
-            }
-        }
-    }
-    // SAFETY: CPU_COUNT reads a valid set.
-    (unsafe { libc::CPU_COUNT(&process) } > 0).then_some(process)
+    set
 }
 
 /// Pin the calling thread to one CPU (`sched_setaffinity(0, …)`).

@@ -764,20 +764,12 @@ fn cpus_allowed(tid: i32) -> String {
         .to_string()
 }
 
-/// A runtime pins each shard thread to one CPU; the io_uring workers that
-/// run its blocking operations (`fallocate`, `fdatasync`, prefaults) would
-/// inherit that CPU and take it from the shard. They run on the process's
-/// other CPUs instead.
-#[test]
-fn io_workers_run_off_the_pinned_shards_cpu() {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cpus < 2 || common::expected_backend() != segalloc::IoBackend::Uring {
-        eprintln!("skipped: needs io_uring and 2 CPUs");
-        return;
-    }
+/// Run some io on shard 0 of a runtime of `shards` shards; the CPUs its
+/// thread may use, and those of each of its io_uring workers.
+fn shard0_and_worker_cpus(shards: usize) -> (String, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
-    let rt = Runtime::start(config(dir.path(), 1)).expect("start");
-    let (shard_cpus, workers) = block_on(rt.spawn_on(0, |s| async move {
+    let rt = Runtime::start(config(dir.path(), shards)).expect("start");
+    let out = block_on(rt.spawn_on(0, |s| async move {
         // Growth steps and a sync: operations that io_uring hands to its
         // workers, which then stay idle for a while.
         let _kept = fill(&s, 0, 20_000, 256).await;
@@ -799,16 +791,48 @@ fn io_workers_run_off_the_pinned_shards_cpu() {
     }))
     .expect("job");
     rt.shutdown().expect("shutdown");
+    out
+}
+
+/// Whether a `Cpus_allowed_list` value allows CPU 0.
+fn allows_cpu0(list: &str) -> bool {
+    list.split(',').any(|r| r == "0" || r.starts_with("0-"))
+}
+
+/// A runtime pins each shard thread to one CPU; the io_uring workers that
+/// run its blocking operations (`fallocate`, `fdatasync`, prefaults) would
+/// inherit that CPU and take it from the shard. With fewer shards than
+/// CPUs they run on the CPUs without a shard; with a shard on every CPU
+/// they stay on their shard's.
+#[test]
+fn io_workers_run_on_the_cpus_without_a_shard() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 || common::expected_backend() != segalloc::IoBackend::Uring {
+        eprintln!("skipped: needs io_uring and 2 CPUs");
+        return;
+    }
+    let (shard_cpus, workers) = shard0_and_worker_cpus(cpus - 1);
     assert_eq!(shard_cpus, "0", "the shard thread is pinned to CPU 0");
     assert!(
         !workers.is_empty(),
         "no io worker of the shard's ring found"
     );
     for w in &workers {
-        let allowed: Vec<&str> = w.split(',').collect();
         assert!(
-            !allowed.iter().any(|r| r == &"0" || r.starts_with("0-")),
+            !allows_cpu0(w),
             "an io worker may run on the shard's CPU 0: {w}"
+        );
+    }
+    let (shard_cpus, workers) = shard0_and_worker_cpus(cpus);
+    assert_eq!(shard_cpus, "0");
+    assert!(
+        !workers.is_empty(),
+        "no io worker of the shard's ring found"
+    );
+    for w in &workers {
+        assert_eq!(
+            w, "0",
+            "with a shard on every CPU, its workers stay on its CPU"
         );
     }
 }

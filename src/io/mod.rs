@@ -254,6 +254,29 @@ impl Ring {
         self.inner.stats.get()
     }
 
+    /// Let the kernel's io workers that run this thread's blocking
+    /// operations (`fallocate`, `fdatasync`, `MADV_POPULATE_WRITE`) use the
+    /// CPUs `cpus` only (`IORING_REGISTER_IOWQ_AFF`; the workers are shared
+    /// by every ring of the thread). They otherwise inherit the CPUs of the
+    /// thread, so on a thread pinned to one CPU they take that CPU from it.
+    /// Call it before the thread's first operation that reaches a worker:
+    /// workers that exist already keep their CPUs (seen on Linux 6.18).
+    /// [`Runtime`](crate::Runtime) gives them the CPUs no shard is pinned
+    /// to, if any. Nothing to do with plain syscalls.
+    ///
+    /// # Errors
+    ///
+    /// The registration's error (e.g. `EINVAL` for a set with no CPU the
+    /// process may use, or before Linux 5.14).
+    pub fn set_io_worker_cpus(&self, cpus: &[usize]) -> Result<()> {
+        match &self.inner.uring {
+            Some(d) => d
+                .set_worker_cpus(cpus)
+                .map_err(|e| Error::io("register io worker CPUs", None, e)),
+            None => Ok(()),
+        }
+    }
+
     /// Opcodes that run as plain syscalls because the kernel lacks them.
     pub fn unsupported_opcodes(&self) -> Vec<&'static str> {
         match &self.inner.uring {

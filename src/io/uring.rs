@@ -63,12 +63,6 @@ pub(super) struct Driver {
 impl Driver {
     pub(super) fn new() -> io::Result<Driver> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
-        if let Some(cpus) = sys::io_worker_cpus() {
-            // Advisory: without it the workers share this thread's CPU.
-            if let Err(e) = ring.submitter().register_iowq_aff(&cpus) {
-                tracing::debug!(error = %e, "could not set the io workers' CPUs");
-            }
-        }
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         let eventfd = sys::eventfd()?;
@@ -84,6 +78,14 @@ impl Driver {
             eventfd,
             watch: OnceCell::new(),
         })
+    }
+
+    /// Let this thread's io workers run on `cpus` only.
+    pub(super) fn set_worker_cpus(&self, cpus: &[usize]) -> io::Result<()> {
+        self.ring
+            .borrow()
+            .submitter()
+            .register_iowq_aff(&sys::cpu_set(cpus))
     }
 
     pub(super) fn supports(&self, kind: &OpKind) -> bool {

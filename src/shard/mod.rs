@@ -147,6 +147,18 @@ impl Shard {
     /// [`Error::InvalidConfig`] for an index out of range; recovery errors
     /// ([`Error::Corrupt`], [`Error::Mismatch`]); io errors.
     pub async fn open(dir: Arc<DataDir>, cfg: &Config, index: u16) -> Result<Shard> {
+        Shard::open_with(dir, cfg, index, &[]).await
+    }
+
+    /// [`open`](Self::open), with the ring's io workers on `io_cpus` from
+    /// the start (empty: left as they are). Workers that exist already keep
+    /// their CPUs, so this comes before the shard's first operation.
+    pub(crate) async fn open_with(
+        dir: Arc<DataDir>,
+        cfg: &Config,
+        index: u16,
+        io_cpus: &[usize],
+    ) -> Result<Shard> {
         require_tokio("Shard::open")?;
         if index >= dir.manifest().shard_count {
             return Err(Error::InvalidConfig(format!(
@@ -155,6 +167,11 @@ impl Shard {
             )));
         }
         let ring = Ring::new(cfg.io_backend())?;
+        if !io_cpus.is_empty()
+            && let Err(e) = ring.set_io_worker_cpus(io_cpus)
+        {
+            tracing::debug!(error = %e, "io workers stay on the shard's CPU");
+        }
         let files = Rc::new(if dir.is_read_only() || cfg.read_only() {
             FileHandleRegistry::new_read_only(ring.clone(), cfg.max_open_files_per_shard())
         } else {
