@@ -588,3 +588,47 @@ fn released_segment_generation_is_not_reissued_after_restart() {
         assert_eq!(snapshot(&shard), before);
     });
 }
+
+/// `SegmentAllocator::open` with a manager whose windows are not the
+/// directory's: the metadata is laid out in the directory's windows, so the
+/// open is refused (otherwise the metadata would be mapped in the manager's
+/// windows and indexed by the directory's).
+#[test]
+fn allocator_refuses_a_manager_with_other_windows() {
+    use segalloc::{FileHandleRegistry, MappingConfig, MappingManager, Ring, SegmentAllocator};
+    use std::rc::Rc;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config::builder(dir.path().join("d"))
+        .shards(1)
+        .window_bytes(32 * MIB)
+        .growth_step_bytes(MIB)
+        .build()
+        .unwrap();
+    let dd = DataDir::open(&cfg).unwrap();
+    run(async {
+        for window in [16 * MIB, 64 * MIB] {
+            let other = Config::builder(dir.path().join("d"))
+                .shards(1)
+                .window_bytes(window)
+                .growth_step_bytes(MIB)
+                .build()
+                .unwrap();
+            let files = Rc::new(FileHandleRegistry::new(
+                Ring::new(other.io_backend()).unwrap(),
+                64,
+            ));
+            let mm = Rc::new(MappingManager::new(
+                files,
+                MappingConfig::from_config(&other),
+            ));
+            match SegmentAllocator::open(0, &dd.shard_dir(0), *dd.manifest(), mm).await {
+                Err(Error::InvalidConfig(m)) => assert!(m.contains("window"), "{m}"),
+                Ok(a) => {
+                    let r = a.allocate(100).await.map(|x| x.handle());
+                    panic!("a {window}-byte manager was accepted: allocate gave {r:?}");
+                }
+                Err(e) => panic!("a {window}-byte manager: {e}"),
+            }
+        }
+    });
+}

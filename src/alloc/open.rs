@@ -36,7 +36,9 @@ impl SegmentAllocator {
     /// [`Error::Corrupt`] when the metadata fails validation (bad checksum,
     /// truncated, overlapping segments that cannot be resolved, a data file
     /// missing); [`Error::Mismatch`] when it belongs to another shard or
-    /// directory; io errors.
+    /// directory; [`Error::InvalidConfig`] when `mm`'s window size is not the
+    /// directory's (`manifest.window_bytes`) or it allows fewer than 2
+    /// windows; io errors.
     pub async fn open(
         shard: u16,
         dir: &Path,
@@ -56,6 +58,16 @@ impl SegmentAllocator {
         mm: Rc<MappingManager>,
     ) -> Result<SegmentAllocator> {
         let started = Instant::now();
+        // The metadata and the segments are laid out in the directory's
+        // windows: a manager with other windows would map them elsewhere.
+        if mm.window_bytes() != manifest.window_bytes {
+            return Err(Error::InvalidConfig(format!(
+                "the mapping manager's windows are {} bytes, the data directory's {} \
+                 (set MappingConfig::window_bytes to the manifest's window_bytes)",
+                mm.window_bytes(),
+                manifest.window_bytes
+            )));
+        }
         if mm.max_windows() < 2 {
             return Err(Error::InvalidConfig(
                 "a shard needs at least 2 windows (max_windows per shard >= 2)".into(),
