@@ -141,7 +141,6 @@ impl Seg {
             window: self.window,
             window_offset: self.window_start + rel,
             len,
-            end: self.start + rel + len,
         }
     }
 

@@ -24,8 +24,6 @@ pub(crate) struct SlotAt {
     pub(crate) window_offset: u64,
     /// Its length.
     pub(crate) len: u64,
-    /// Its end in the file (offset + length).
-    pub(crate) end: u64,
 }
 
 /// Outcome of the synchronous part of a pin.
@@ -142,9 +140,16 @@ impl MappingManager {
             return None;
         };
         // `at` comes from the allocator's segment table; checked here all
-        // the same, so that the pin stays inside its window whatever the
-        // table says.
-        if at.end > fm.file.reserved() || at.window_offset + at.len > w.len as u64 {
+        // the same, so that the pin stays inside its window and below the
+        // file's reserved size whatever the table says.
+        let end = at.window_offset.checked_add(at.len)?;
+        if end > w.len as u64 {
+            return None;
+        }
+        let file_end = u64::from(at.window)
+            .checked_mul(self.cfg.window_bytes)?
+            .checked_add(end)?;
+        if file_end > fm.file.reserved() {
             return None;
         }
         m.tick += 1;
@@ -154,10 +159,11 @@ impl MappingManager {
         Some(self.pin_window(fm, w, m.tick, range, true, site))
     }
 
-    /// A pin of `[offset, offset + len)` in `w`, mapped window `idx` of
-    /// the file `fm`, counted as a use of the window at `tick`. A writable
-    /// pin marks the file dirty: the next sync must cover it.
-    /// `window_offset + len` is at most the window's length.
+    /// A pin of `[window_offset, window_offset + len)` of the mapped window
+    /// `w` of the file `fm`, counted as a use of the window at `tick`. A
+    /// writable pin marks the file dirty: the next sync must cover it. The
+    /// caller checked that `window_offset + len` is at most the window's
+    /// length.
     #[inline(always)]
     fn pin_window(
         &self,

@@ -35,7 +35,8 @@ impl PinGuard {
     ) -> PinGuard {
         debug_assert!(offset + len <= window.len);
         // SAFETY: `offset + len <= window.len`, checked by the caller
-        // (`check_range` keeps the range inside one window).
+        // (`fast` through `check_range`, which keeps the range inside one
+        // window; `pin_mapped` against the window's length itself).
         let ptr = unsafe { NonNull::new_unchecked(window.base.as_ptr().add(offset)) };
         #[cfg(debug_assertions)]
         let site_key = window.pin_sites.borrow_mut().insert(_site);
