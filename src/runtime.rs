@@ -96,6 +96,7 @@ impl Cluster {
                 dir: dir.clone(),
                 cfg: cfg.clone(),
                 ep,
+                io_cpus: Vec::new(),
             })
             .collect()
     }
@@ -107,6 +108,7 @@ pub struct ShardBuilder {
     dir: Arc<DataDir>,
     cfg: Config,
     ep: Endpoint<Job>,
+    io_cpus: Vec<usize>,
 }
 
 impl ShardBuilder {
@@ -123,16 +125,21 @@ impl ShardBuilder {
     /// [`Error::NoExecutor`] outside a `LocalSet` (checked before anything
     /// is opened); see [`Shard::open`].
     pub async fn open(self) -> Result<Shard> {
-        self.open_with(&[]).await
-    }
-
-    /// [`open`](Self::open), the shard's io workers on `io_cpus` (empty:
-    /// left as they are).
-    async fn open_with(self, io_cpus: &[usize]) -> Result<Shard> {
         shard::require_local_set("ShardBuilder::open")?;
-        let shard = Shard::open_with(self.dir, &self.cfg, self.ep.index, io_cpus).await?;
+        let shard = Shard::open_with(self.dir, &self.cfg, self.ep.index, &self.io_cpus).await?;
         shard.connect(self.ep);
         Ok(shard)
+    }
+
+    /// Run the shard's kernel io workers (its `fallocate`s, `fdatasync`s
+    /// and prefaults) on the CPUs `cpus` only, from its first operation
+    /// ([`Ring::set_io_worker_cpus`](crate::Ring::set_io_worker_cpus)): for a shard thread pinned to one CPU,
+    /// whose workers would otherwise share it. Best effort: a registration
+    /// the kernel refuses is logged (`debug`) and the workers stay where
+    /// they are. An empty list (the default) leaves them alone.
+    pub fn io_worker_cpus(mut self, cpus: Vec<usize>) -> Self {
+        self.io_cpus = cpus;
+        self
     }
 }
 
@@ -229,8 +236,23 @@ fn run_executor<F: Future<Output = ()>>(use_uring: bool, fut: F) {
 
 /// A shard thread's body: open the shard, report it through `ready`, then
 /// run the jobs sent to it until told to stop.
+/// Where a runtime's threads go, given the CPUs it may use (`cpus`, not
+/// empty): shard `i` is pinned to `cpus[i % n]`; the shards' io workers get
+/// the CPUs of `cpus` without a shard (none when every CPU has one).
+///
+/// The io workers would inherit their shard thread's one CPU and take it
+/// from the shard, so they go where no shard runs. When every CPU has a
+/// shard they are left alone: moved to another shard's CPU, a two-shard
+/// fill was slower (the pages they prefault are then in the other core's
+/// cache).
+fn placement(cpus: &[usize], shards: usize) -> (Vec<usize>, Vec<usize>) {
+    let pins: Vec<usize> = (0..shards).map(|i| cpus[i % cpus.len()]).collect();
+    let io = cpus.iter().copied().filter(|c| !pins.contains(c)).collect();
+    (pins, io)
+}
+
 /// `io_cpus`: the CPUs no shard is pinned to, for the shard's io workers
-/// (empty: they stay on the shard's CPU).
+/// (empty: left alone).
 async fn serve(
     b: ShardBuilder,
     mut rx: UnboundedReceiver<Msg>,
@@ -238,7 +260,7 @@ async fn serve(
     io_cpus: Vec<usize>,
 ) {
     let index = b.index();
-    let shard = match b.open_with(&io_cpus).await {
+    let shard = match b.io_worker_cpus(io_cpus).open().await {
         Ok(s) => {
             let _ = ready.send((index, Ok(())));
             s
@@ -264,12 +286,14 @@ async fn serve(
 }
 
 impl Runtime {
-    /// Open (or create) the data directory and start one thread per shard,
-    /// each pinned to core `index % cores`. Returns once every shard has
-    /// recovered. With fewer shards than cores, the kernel's io workers of
-    /// every shard (which run its `fallocate`s, `fdatasync`s and prefaults)
-    /// use the cores without a shard ([`Ring::set_io_worker_cpus`]);
-    /// otherwise they stay on their shard's core.
+    /// Open (or create) the data directory and start one thread per shard.
+    /// Shard `i` is pinned to the `i`-th CPU (wrapping around) of those the
+    /// calling thread may use (its affinity mask, read here). With fewer
+    /// shards than such CPUs, the kernel's io workers of every shard (which
+    /// run its `fallocate`s, `fdatasync`s and prefaults) use the CPUs
+    /// without a shard ([`ShardBuilder::io_worker_cpus`], best effort);
+    /// otherwise they are left alone (on Linux 6.18 they then stay on their
+    /// shard's CPU). Returns once every shard has recovered.
     ///
     /// # Errors
     ///
@@ -279,8 +303,11 @@ impl Runtime {
         let cluster = Cluster::open(cfg.clone())?;
         let dir = cluster.dir.clone();
         let use_uring = cfg.io_backend().resolve_env()? != IoBackendChoice::Sync;
-        let cores = sys::available_cpus();
-        let shard_count = usize::from(cluster.dir.manifest().shard_count);
+        let mut cpus = sys::allowed_cpus();
+        if cpus.is_empty() {
+            cpus = (0..sys::available_cpus()).collect();
+        }
+        let (pins, io_cpus) = placement(&cpus, usize::from(cluster.dir.manifest().shard_count));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let id = NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(u16, Result<()>)>();
@@ -290,17 +317,14 @@ impl Runtime {
             let ready = ready_tx.clone();
             let index = b.index();
             let failures = failures.clone();
+            let cpu = pins[usize::from(index)];
+            let io_cpus = io_cpus.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("segalloc-shard-{index}"))
                 .spawn(move || {
                     SHARD_OF_RUNTIME.with(|c| c.set(id));
-                    // The kernel's io workers would inherit the pinned CPU
-                    // and take it from the shard: when some CPUs have no
-                    // shard, they run there (when every CPU has one, moving
-                    // them to another shard's CPU was measured slower: the
-                    // pages they prefault are then in the wrong cache).
-                    let io_cpus = match sys::pin_thread_to_cpu(index as usize % cores) {
-                        Ok(()) => (shard_count..cores).collect(),
+                    let io_cpus = match sys::pin_thread_to_cpu(cpu) {
+                        Ok(()) => io_cpus,
                         Err(e) => {
                             tracing::debug!(error = %e, "could not pin shard thread");
                             Vec::new()
@@ -621,5 +645,23 @@ impl RuntimeStats {
             .iter()
             .map(|s| s.mesh.cross_frees_received)
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::placement;
+
+    #[test]
+    fn shards_take_cpus_in_order_and_io_workers_the_rest() {
+        // One shard on two CPUs: the io workers get the other one.
+        assert_eq!(placement(&[0, 1], 1), (vec![0], vec![1]));
+        // A shard on every CPU: the io workers are left alone.
+        assert_eq!(placement(&[0, 1], 2), (vec![0, 1], vec![]));
+        // More shards than CPUs: they wrap around.
+        assert_eq!(placement(&[0, 1], 3), (vec![0, 1, 0], vec![]));
+        // A cpuset with holes (`CPUAffinity=0 2 4 6`): its CPUs, not 0..n.
+        assert_eq!(placement(&[0, 2, 4, 6], 2), (vec![0, 2], vec![4, 6]));
+        assert_eq!(placement(&[3], 2), (vec![3, 3], vec![]));
     }
 }

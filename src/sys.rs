@@ -238,15 +238,38 @@ pub fn is_unsupported(e: &io::Error) -> bool {
     )
 }
 
-/// The set of the CPUs `cpus` (those at or above `CPU_SETSIZE` left out).
-pub fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
+/// A set of CPUs (`cpu_set_t`).
+pub type CpuSet = libc::cpu_set_t;
+
+/// The set of the CPUs `cpus`; `None` when it would be empty or a CPU is at
+/// or above `CPU_SETSIZE`.
+pub fn cpu_set(cpus: &[usize]) -> Option<CpuSet> {
+    if cpus.is_empty() || cpus.iter().any(|&c| c >= libc::CPU_SETSIZE as usize) {
+        return None;
+    }
     // SAFETY: an all-zero cpu_set_t is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &cpu in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
-        // SAFETY: `cpu` < CPU_SETSIZE: inside the set.
+    for &cpu in cpus {
+        // SAFETY: `cpu` < CPU_SETSIZE (checked above): inside the set.
         unsafe { libc::CPU_SET(cpu, &mut set) };
     }
-    set
+    Some(set)
+}
+
+/// The CPUs the calling thread may run on (its affinity mask), ascending;
+/// empty when the mask cannot be read.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a writable cpu_set_t of the size passed.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `c` < CPU_SETSIZE: inside the set.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
 }
 
 /// Pin the calling thread to one CPU (`sched_setaffinity(0, …)`).

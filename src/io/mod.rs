@@ -266,12 +266,19 @@ impl Ring {
     ///
     /// # Errors
     ///
-    /// The registration's error (e.g. `EINVAL` for a set with no CPU the
-    /// process may use, or before Linux 5.14).
+    /// [`Error::InvalidConfig`] for an empty list or a CPU number at or
+    /// above `CPU_SETSIZE` (1024); the registration's error otherwise (e.g.
+    /// before Linux 5.14, or a set with no CPU the process may use, where the
+    /// kernel refuses it).
     pub fn set_io_worker_cpus(&self, cpus: &[usize]) -> Result<()> {
+        let Some(set) = crate::sys::cpu_set(cpus) else {
+            return Err(Error::InvalidConfig(format!(
+                "io worker CPUs must be a non-empty list of CPU numbers below 1024, got {cpus:?}"
+            )));
+        };
         match &self.inner.uring {
             Some(d) => d
-                .set_worker_cpus(cpus)
+                .set_worker_cpus(&set)
                 .map_err(|e| Error::io("register io worker CPUs", None, e)),
             None => Ok(()),
         }

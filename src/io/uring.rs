@@ -80,12 +80,9 @@ impl Driver {
         })
     }
 
-    /// Let this thread's io workers run on `cpus` only.
-    pub(super) fn set_worker_cpus(&self, cpus: &[usize]) -> io::Result<()> {
-        self.ring
-            .borrow()
-            .submitter()
-            .register_iowq_aff(&sys::cpu_set(cpus))
+    /// Let this thread's io workers run on the CPUs of `cpus` only.
+    pub(super) fn set_worker_cpus(&self, cpus: &sys::CpuSet) -> io::Result<()> {
+        self.ring.borrow().submitter().register_iowq_aff(cpus)
     }
 
     pub(super) fn supports(&self, kind: &OpKind) -> bool {
