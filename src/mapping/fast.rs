@@ -146,10 +146,7 @@ impl MappingManager {
         if end > w.len as u64 {
             return None;
         }
-        let file_end = u64::from(at.window)
-            .checked_mul(self.cfg.window_bytes)?
-            .checked_add(end)?;
-        if file_end > fm.file.reserved() {
+        if w.file_offset + end > fm.file.reserved() {
             return None;
         }
         m.tick += 1;

@@ -257,6 +257,7 @@ impl MappingManager {
             map,
             base,
             len: w as usize,
+            file_offset: window_off,
             last_use: Cell::new(0),
             mapped_at: Cell::new(0),
             uses: Cell::new(0),

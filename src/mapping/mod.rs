@@ -129,6 +129,8 @@ pub(crate) struct Window {
     map: MmapRaw,
     base: NonNull<u8>,
     len: usize,
+    /// Offset in its file of its first byte.
+    file_offset: u64,
     last_use: Cell<u64>,
     /// The tick at which it was mapped (thrash mode evicts the newest).
     mapped_at: Cell<u64>,
