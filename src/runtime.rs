@@ -234,8 +234,6 @@ fn run_executor<F: Future<Output = ()>>(use_uring: bool, fut: F) {
     tokio::task::LocalSet::new().block_on(&rt, fut);
 }
 
-/// A shard thread's body: open the shard, report it through `ready`, then
-/// run the jobs sent to it until told to stop.
 /// Where a runtime's threads go, given the CPUs it may use (`cpus`, not
 /// empty): shard `i` is pinned to `cpus[i % n]`; the shards' io workers get
 /// the CPUs of `cpus` without a shard (none when every CPU has one).
@@ -243,16 +241,17 @@ fn run_executor<F: Future<Output = ()>>(use_uring: bool, fut: F) {
 /// The io workers would inherit their shard thread's one CPU and take it
 /// from the shard, so they go where no shard runs. When every CPU has a
 /// shard they are left alone: moved to another shard's CPU, a two-shard
-/// fill was slower (the pages they prefault are then in the other core's
-/// cache).
+/// fill was slower (most likely because the pages they prefault are then
+/// in the other core's cache).
 fn placement(cpus: &[usize], shards: usize) -> (Vec<usize>, Vec<usize>) {
     let pins: Vec<usize> = (0..shards).map(|i| cpus[i % cpus.len()]).collect();
     let io = cpus.iter().copied().filter(|c| !pins.contains(c)).collect();
     (pins, io)
 }
 
-/// `io_cpus`: the CPUs no shard is pinned to, for the shard's io workers
-/// (empty: left alone).
+/// A shard thread's body: open the shard, report it through `ready`, then
+/// run the jobs sent to it until told to stop. `io_cpus`: the CPUs no shard
+/// is pinned to, for the shard's io workers (empty: left alone).
 async fn serve(
     b: ShardBuilder,
     mut rx: UnboundedReceiver<Msg>,
