@@ -188,6 +188,16 @@ fn malloc_fill(args: &Args) -> Result<f64, BoxError> {
     Ok(rate)
 }
 
+/// Before a timed part: the set-up faulted pages in ahead (prefault through
+/// the ring, on a core free of shards beside the timed loop): let that
+/// finish and write the pages back, so the timed part does not share the
+/// machine with it. (A segalloc `sync` here would change what is measured:
+/// slots freed after it wait for the next.)
+async fn settle(s: &Shard) {
+    s.mappings().settle_prefaults().await;
+    nix::unistd::sync();
+}
+
 /// Run `f` on shard 0 of a fresh one-shard runtime; its figure.
 fn on_one_shard<F, Fut>(args: &Args, f: F) -> Result<f64, BoxError>
 where
@@ -206,11 +216,7 @@ fn segalloc_pair(args: &Args) -> Result<f64, BoxError> {
     let pairs = args.pairs;
     on_one_shard(args, move |s| async move {
         let _pool = work::warm(&s, PAIR_BYTES, 100_000).await?;
-        // As for the mix: the warm-up's prefaults finish and its pages are
-        // written back before the timed part (with a core free of shards,
-        // the prefaults run on it, beside the timed loop).
-        s.mappings().settle_prefaults().await;
-        nix::unistd::sync();
+        settle(&s).await;
         Ok(ns_per(work::pairs(&s, PAIR_BYTES, pairs).await?, pairs))
     })
 }
@@ -252,12 +258,7 @@ fn segalloc_mix(args: &Args) -> Result<f64, BoxError> {
     on_one_shard(args, move |s| async move {
         let mut rng = MIX_SEED;
         let mut hs = work::mix_fill(&s, live, &mut rng).await?;
-        // The fill faulted the heap's pages in ahead (prefault through the
-        // ring): let that finish and write the pages back, so the timed mix
-        // does not share the machine with it. (A segalloc `sync` here would
-        // change what is measured: slots freed after it wait for the next.)
-        s.mappings().settle_prefaults().await;
-        nix::unistd::sync();
+        settle(&s).await;
         Ok(ns_per(work::mix(&s, &mut hs, &mut rng, ops).await?, ops))
     })
 }

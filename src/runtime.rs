@@ -250,16 +250,14 @@ fn placement(cpus: &[usize], shards: usize) -> (Vec<usize>, Vec<usize>) {
 }
 
 /// A shard thread's body: open the shard, report it through `ready`, then
-/// run the jobs sent to it until told to stop. `io_cpus`: the CPUs no shard
-/// is pinned to, for the shard's io workers (empty: left alone).
+/// run the jobs sent to it until told to stop.
 async fn serve(
     b: ShardBuilder,
     mut rx: UnboundedReceiver<Msg>,
     ready: std::sync::mpsc::Sender<(u16, Result<()>)>,
-    io_cpus: Vec<usize>,
 ) {
     let index = b.index();
-    let shard = match b.io_worker_cpus(io_cpus).open().await {
+    let shard = match b.open().await {
         Ok(s) => {
             let _ = ready.send((index, Ok(())));
             s
@@ -322,14 +320,15 @@ impl Runtime {
                 .name(format!("segalloc-shard-{index}"))
                 .spawn(move || {
                     SHARD_OF_RUNTIME.with(|c| c.set(id));
-                    let io_cpus = match sys::pin_thread_to_cpu(cpu) {
-                        Ok(()) => io_cpus,
+                    // The io workers go elsewhere only if the shard is pinned.
+                    let b = match sys::pin_thread_to_cpu(cpu) {
+                        Ok(()) => b.io_worker_cpus(io_cpus),
                         Err(e) => {
                             tracing::debug!(error = %e, "could not pin shard thread");
-                            Vec::new()
+                            b
                         }
                     };
-                    let body = serve(b, rx, ready, io_cpus);
+                    let body = serve(b, rx, ready);
                     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
                         run_executor(use_uring, body)
                     }));
