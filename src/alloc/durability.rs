@@ -209,7 +209,7 @@ impl SegmentAllocator {
             seg.unhold(slot);
             if !seg.in_avail {
                 seg.in_avail = true;
-                st.avail[seg.class_id as usize].push(seg_id);
+                st.avail[seg.class_id() as usize].push(seg_id);
             }
             if seg.held == 0 {
                 self.release_if_spare(st, seg_id);

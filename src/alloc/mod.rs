@@ -522,7 +522,7 @@ impl SegmentAllocator {
             return Err(self.double_free(handle));
         }
         seg.clear_live(slot);
-        st.live_per_class[seg.class_id as usize] -= 1;
+        st.live_per_class[seg.class_id() as usize] -= 1;
         st.stats.frees += 1;
         if !st.fresh.take(seg_id, slot) {
             // Covered by a sync: held until a sync makes this free durable.
@@ -530,7 +530,7 @@ impl SegmentAllocator {
             return Ok(());
         }
         seg.unhold(slot);
-        let avail = &mut st.avail[seg.class_id as usize];
+        let avail = &mut st.avail[seg.class_id() as usize];
         if !seg.in_avail {
             seg.in_avail = true;
             avail.push(seg_id);

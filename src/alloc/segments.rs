@@ -22,8 +22,6 @@ use crate::mapping::SlotAt;
 /// out: live, or freed since the last sync began, so its free may not be
 /// durable yet). Live slots are a subset of held ones.
 pub(super) struct Seg {
-    pub(super) class_id: u8,
-    pub(super) generation: u32,
     pub(super) run: Run,
     pub(super) slots: u32,
     /// The data file's id in the registry.
@@ -103,8 +101,6 @@ impl Seg {
             class_id: header.class_id,
         };
         Seg {
-            class_id: header.class_id,
-            generation: header.generation,
             run,
             slots: header.slots,
             file_id,
@@ -122,6 +118,18 @@ impl Seg {
             window: u32::try_from(window).expect("a file has at most 2^32 windows"),
             window_start: start - window * names.window_bytes,
         }
+    }
+
+    /// Its size class (its handles' class).
+    #[inline(always)]
+    pub(super) fn class_id(&self) -> u8 {
+        self.template.class_id
+    }
+
+    /// Its generation (its handles' generation).
+    #[inline(always)]
+    pub(super) fn generation(&self) -> u32 {
+        self.template.generation
     }
 
     /// Slot `slot`: its handle and where it lies.
@@ -308,16 +316,16 @@ impl SegmentAllocator {
         let Some(Some(seg)) = st.segments.get(h.segment as usize) else {
             return not("no such segment");
         };
-        if seg.generation != h.generation {
+        if seg.generation() != h.generation {
             return not("segment was released and reused since");
         }
-        if seg.class_id != h.class_id {
+        if seg.class_id() != h.class_id {
             return not("wrong size class");
         }
         if seg.run.file != h.file {
             return not("wrong data file");
         }
-        let slot_bytes = CLASSES[seg.class_id as usize].slot_bytes as u64;
+        let slot_bytes = CLASSES[seg.class_id() as usize].slot_bytes as u64;
         if h.length as u64 != slot_bytes {
             return not("wrong length");
         }
@@ -337,7 +345,7 @@ impl SegmentAllocator {
         if seg.held != 0 {
             return;
         }
-        let empties = st.avail[seg.class_id as usize]
+        let empties = st.avail[seg.class_id() as usize]
             .iter()
             .filter(|&&s| {
                 st.segments[s as usize]
@@ -355,7 +363,7 @@ impl SegmentAllocator {
     fn release_segment(&self, st: &mut State, seg_id: u32) {
         let seg = st.segments[seg_id as usize].take().expect("segment exists");
         debug_assert_eq!((seg.live, seg.held), (0, 0));
-        let avail = &mut st.avail[seg.class_id as usize];
+        let avail = &mut st.avail[seg.class_id() as usize];
         if let Some(pos) = avail.iter().position(|&s| s == seg_id) {
             avail.swap_remove(pos);
         }

@@ -153,8 +153,8 @@ impl Iterator for LiveIter<'_> {
                 Some(Some(s)) => s,
             };
             if self.word == 0 {
-                self.generation = seg.generation;
-            } else if seg.generation != self.generation {
+                self.generation = seg.generation();
+            } else if seg.generation() != self.generation {
                 // Released and reused since its words were read.
                 self.next_entry();
                 continue;
