@@ -37,6 +37,8 @@ impl<'a> Cmd<'a> {
 /// What `INFO`, `CONFIG GET` and the command table say about the server.
 pub struct ServerFacts {
     pub port: u16,
+    /// Most connections served at once (see `connection_cap`).
+    pub max_clients: usize,
     pub shards: usize,
     pub policy: SyncPolicy,
     /// How often a shard retires superseded records.
@@ -195,11 +197,30 @@ fn find(name: &[u8]) -> Option<&'static Spec> {
         .find(|c| c.word == word && c.name.len() == name.len())
 }
 
+/// Redis's reply to an unknown command: its name and the start of its
+/// arguments, each cut to what fits in 128 bytes.
+fn unknown_command(cmd: &Cmd<'_>) -> String {
+    let name = cmd.arg(0);
+    let mut msg = format!(
+        "ERR unknown command '{}', with args beginning with: ",
+        String::from_utf8_lossy(&name[..name.len().min(128)])
+    );
+    let mut args = 0;
+    for a in cmd.args_from(1) {
+        if args >= 128 {
+            break;
+        }
+        let a = String::from_utf8_lossy(&a[..a.len().min(128 - args)]);
+        args += a.len() + 3;
+        msg.push_str(&format!("'{a}' "));
+    }
+    msg
+}
+
 /// Plan one command: a literal reply now, or key operations for shards.
 pub fn plan(cmd: &Cmd<'_>, p: &mut Planner, ctx: &Ctx, now: u64) {
     let Some(spec) = find(cmd.arg(0)) else {
-        let name = String::from_utf8_lossy(&cmd.arg(0)[..cmd.arg(0).len().min(64)]).into_owned();
-        p.error(&format!("ERR unknown command '{name}'"));
+        p.error(&unknown_command(cmd));
         return;
     };
     if !spec.arity_ok(cmd.len()) {
@@ -349,7 +370,7 @@ fn settings(facts: &ServerFacts) -> Vec<(&'static str, String)> {
         ("appendfsync", policy.into()),
         ("databases", "1".into()),
         ("maxmemory", "0".into()),
-        ("maxclients", crate::CONNECTIONS_MAX.to_string()),
+        ("maxclients", facts.max_clients.to_string()),
         ("port", facts.port.to_string()),
         ("dir", facts.dir.display().to_string()),
         ("proto-max-bulk-len", resp::ARG_BYTES_MAX.to_string()),
@@ -379,14 +400,34 @@ fn config(cmd: &Cmd<'_>, p: &mut Planner, facts: &ServerFacts) {
 }
 
 /// Glob match with `*` and `?`, case-insensitive, as `CONFIG GET` does.
+/// Iterative, with one backtrack point (the latest `*`): time at most
+/// `pat.len() × s.len()` steps and constant stack, whatever the pattern
+/// (a pattern of many stars once overflowed the shard's stack, and one of
+/// a dozen took seconds).
 fn glob(pat: &[u8], s: &[u8]) -> bool {
-    match (pat.first(), s.first()) {
-        (None, None) => true,
-        (Some(b'*'), _) => glob(&pat[1..], s) || (!s.is_empty() && glob(pat, &s[1..])),
-        (Some(b'?'), Some(_)) => glob(&pat[1..], &s[1..]),
-        (Some(a), Some(b)) if a.eq_ignore_ascii_case(b) => glob(&pat[1..], &s[1..]),
-        _ => false,
+    let (mut p, mut i) = (0, 0);
+    // After the latest star: where the pattern goes on, and the next byte
+    // of `s` that star would take.
+    let mut star: Option<(usize, usize)> = None;
+    while i < s.len() {
+        match pat.get(p) {
+            Some(b'*') => {
+                p += 1;
+                star = Some((p, i));
+            }
+            Some(b'?') => (p, i) = (p + 1, i + 1),
+            Some(c) if c.eq_ignore_ascii_case(&s[i]) => (p, i) = (p + 1, i + 1),
+            _ => match star {
+                // Let the latest star take one byte more.
+                Some((after, taken)) => {
+                    (p, i) = (after, taken + 1);
+                    star = Some((after, taken + 1));
+                }
+                None => return false,
+            },
+        }
     }
+    pat[p.min(pat.len())..].iter().all(|&c| c == b'*')
 }
 
 fn command(cmd: &Cmd<'_>, p: &mut Planner) {
@@ -610,4 +651,56 @@ fn keyspace_lines(t: &[i64; field::COUNT]) -> Lines {
         t[field::EXPIRES]
     );
     vec![("db0", db0)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob;
+
+    #[test]
+    fn glob_matches_as_config_get_does() {
+        for (pat, s, want) in [
+            ("*", "maxclients", true),
+            ("max*", "maxclients", true),
+            ("MAX*", "maxclients", true),
+            ("*clients", "maxclients", true),
+            ("m?xclients", "maxclients", true),
+            ("m*c*s", "maxclients", true),
+            ("m*c*x", "maxclients", false),
+            ("maxclients", "maxclients", true),
+            ("maxclient", "maxclients", false),
+            ("maxclientss", "maxclients", false),
+            ("", "", true),
+            ("", "a", false),
+            ("*", "", true),
+            ("?", "", false),
+            ("**a**", "xay", true),
+            ("a*b*c", "abbbc", true),
+            ("a*b*c", "acb", false),
+        ] {
+            assert_eq!(glob(pat.as_bytes(), s.as_bytes()), want, "{pat:?} {s:?}");
+        }
+    }
+
+    /// Patterns of many stars once overflowed the shard thread's stack
+    /// (100,000 stars) or took seconds (16 stars, exponential backtracking).
+    #[test]
+    fn hostile_patterns_are_matched_in_bounded_time_and_stack() {
+        let name = b"appendfsync-and-a-longer-setting-name";
+        for stars in [16, 100_000, 500_000] {
+            let mut pat = vec![b'*'; stars];
+            pat.push(b'#');
+            let t = std::time::Instant::now();
+            assert!(!glob(&pat, name));
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(1),
+                "{stars} stars"
+            );
+        }
+        let pat = "*a".repeat(1000);
+        let s = "a".repeat(999);
+        let t = std::time::Instant::now();
+        assert!(!glob(pat.as_bytes(), s.as_bytes()));
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+    }
 }

@@ -65,7 +65,19 @@ pub struct Planner {
     waits: Vec<Option<(usize, oneshot::Receiver<Box<Batch>>)>>,
     /// The client sent `QUIT` or a frame that is not RESP.
     pub close: bool,
+    /// `GET`s planned (each key of an `MGET` counts): see
+    /// [`READS_PER_BATCH`].
+    reads: usize,
 }
+
+/// Most reads planned into one batch before it runs: their values, each up
+/// to [`VALUE_BYTES_MAX`](crate::store::VALUE_BYTES_MAX), then fit the
+/// [`OUT_BYTES_MAX`](crate::store::OUT_BYTES_MAX) a shard's batch may
+/// reply. Commands past it wait in the read buffer for the next batch, so
+/// that a pipeline of large `GET`s is answered whole however the bytes
+/// arrived. One command is always planned, so an `MGET` of more large
+/// values than that still meets the cap (its values past it are errors).
+const READS_PER_BATCH: usize = crate::store::OUT_BYTES_MAX / crate::store::VALUE_BYTES_MAX;
 
 /// FNV-1a: a hash that stays the same across runs (unlike `RandomState`),
 /// so a key keeps its owner after a restart. One shard owns every key
@@ -91,6 +103,7 @@ impl Planner {
             batches: (0..shards).map(|_| Some(Box::default())).collect(),
             waits: (0..shards).map(|_| None).collect(),
             close: false,
+            reads: 0,
         }
     }
 
@@ -135,6 +148,9 @@ impl Planner {
 
     /// Add an operation on `key` for its owner to the current command.
     pub fn key_op(&mut self, kind: OpKind, key: &[u8], value: &[u8]) {
+        if matches!(kind, OpKind::Get) {
+            self.reads += 1;
+        }
         let shard = owner_of(key, self.shards());
         self.op_on(shard, kind, key, value);
     }
@@ -225,6 +241,7 @@ impl Planner {
         self.plans.clear();
         self.parts.clear();
         self.lit.clear();
+        self.reads = 0;
         for b in self.batches.iter_mut().flatten() {
             b.clear();
         }
@@ -274,7 +291,11 @@ fn combine<'a>(
 /// How many bytes and arguments of an oversize command are still to skip.
 #[derive(Default)]
 struct Skip {
+    /// Bytes of the current argument still to skip.
     bytes: usize,
+    /// Whether the CRLF after them is still to be checked.
+    crlf: bool,
+    /// Arguments after the current one.
     args: usize,
     arg_bytes: usize,
 }
@@ -286,14 +307,20 @@ struct Conn {
     /// Read buffer: bytes `rpos..rlen` are unparsed.
     rbuf: Vec<u8>,
     rpos: usize,
+    /// Bytes the next read asks for at least (see [`FIRST_READ_BYTES`]).
+    chunk: usize,
     rlen: usize,
     wbuf: Vec<u8>,
     args: Vec<Range<usize>>,
     skip: Option<Skip>,
 }
 
-/// Bytes read per `read` call.
+/// Most bytes read per `read` call.
 const READ_BYTES: usize = 64 << 10;
+/// Bytes a new connection reads per call: an idle connection holds this
+/// much, not [`READ_BYTES`]; each read that fills it doubles it, up to
+/// [`READ_BYTES`].
+const FIRST_READ_BYTES: usize = 4 << 10;
 
 impl Conn {
     /// Read more bytes; `Ok(0)` at end of stream. The buffer holds at most
@@ -313,12 +340,15 @@ impl Conn {
             self.rlen -= self.rpos;
             self.rpos = 0;
         }
-        if self.rbuf.len() < self.rlen + READ_BYTES {
-            self.rbuf.resize(self.rlen + READ_BYTES, 0);
+        if self.rbuf.len() < self.rlen + self.chunk {
+            self.rbuf.resize(self.rlen + self.chunk, 0);
         }
         loop {
             match self.stream.try_read(&mut self.rbuf[self.rlen..]) {
                 Ok(n) => {
+                    if n == self.rbuf.len() - self.rlen {
+                        self.chunk = (self.chunk * 2).min(READ_BYTES);
+                    }
                     self.rlen += n;
                     return Ok(n);
                 }
@@ -357,6 +387,20 @@ impl Conn {
             if skip.bytes > 0 {
                 return false;
             }
+            if skip.crlf {
+                let rest = &self.rbuf[self.rpos..self.rlen];
+                if rest.len() < 2 {
+                    return false;
+                }
+                if &rest[..2] != b"\r\n" {
+                    let e = resp::ProtocolError::MissingCrlf;
+                    p.reply(|out| out.extend_from_slice(e.reply().as_bytes()));
+                    p.close = true;
+                    return false;
+                }
+                self.rpos += 2;
+                skip.crlf = false;
+            }
             if skip.args == 0 {
                 break;
             }
@@ -364,7 +408,8 @@ impl Conn {
                 Ok(None) => return false,
                 Ok(Some((len, used))) => {
                     self.rpos += used;
-                    skip.bytes = len + 2;
+                    skip.bytes = len;
+                    skip.crlf = true;
                     skip.args -= 1;
                 }
                 Err(e) => {
@@ -383,17 +428,22 @@ impl Conn {
         true
     }
 
-    /// Plan every whole command buffered.
-    fn plan_buffered(&mut self, p: &mut Planner, ctx: &Ctx, now: u64) {
+    /// Plan every whole command buffered, or as many as
+    /// [`READS_PER_BATCH`] lets one batch run: true when it stopped there
+    /// (the rest is planned after this batch, without reading).
+    fn plan_buffered(&mut self, p: &mut Planner, ctx: &Ctx, now: u64) -> bool {
         loop {
             // Skipping an oversize command may also find a protocol error.
             let skipped = !p.close && self.skip_oversize(p);
             if !skipped || p.close {
-                return;
+                return false;
+            }
+            if p.reads >= READS_PER_BATCH {
+                return self.rpos < self.rlen;
             }
             let frame = &self.rbuf[self.rpos..self.rlen];
             match resp::parse(frame, &mut self.args) {
-                Parsed::Incomplete => return,
+                Parsed::Incomplete => return false,
                 Parsed::Command { consumed } => {
                     if !self.args.is_empty() {
                         let args = Cmd::new(frame, &self.args);
@@ -410,6 +460,7 @@ impl Conn {
                     self.rpos += consumed;
                     self.skip = Some(Skip {
                         bytes: skip_bytes,
+                        crlf: true,
                         args: skip_args,
                         arg_bytes,
                     });
@@ -437,7 +488,8 @@ pub async fn serve(ctx: Rc<Ctx>, stream: std::net::TcpStream) {
         rbuf: Vec::new(),
         rpos: 0,
         rlen: 0,
-        wbuf: Vec::with_capacity(READ_BYTES),
+        chunk: FIRST_READ_BYTES,
+        wbuf: Vec::new(),
         args: Vec::new(),
         skip: None,
     };
@@ -452,7 +504,7 @@ pub async fn serve(ctx: Rc<Ctx>, stream: std::net::TcpStream) {
 
 async fn serve_requests(ctx: &Ctx, conn: &mut Conn, p: &mut Planner) -> io::Result<()> {
     loop {
-        conn.plan_buffered(p, ctx, now_unix_ms());
+        let more = conn.plan_buffered(p, ctx, now_unix_ms());
         if !p.is_empty() {
             p.execute(ctx).await;
             p.assemble(ctx, &mut conn.wbuf);
@@ -460,6 +512,9 @@ async fn serve_requests(ctx: &Ctx, conn: &mut Conn, p: &mut Planner) -> io::Resu
         }
         if p.close {
             return Ok(());
+        }
+        if more {
+            continue;
         }
         if conn.fill().await? == 0 {
             return Ok(());
@@ -479,43 +534,52 @@ pub fn key_ok(p: &mut Planner, key: &[u8]) -> bool {
     true
 }
 
-/// `SET` options, as Redis spells them.
+/// `SET` options, as Redis spells them and as it combines them: an option
+/// may be repeated (the last expiry given counts), but `NX` and `XX`, and
+/// `KEEPTTL` and the expiries, exclude each other.
 pub fn set_options(opts: &[&[u8]], now: u64) -> Result<(Cond, Ttl), String> {
-    let (mut cond, mut ttl) = (Cond::Always, Ttl::Clear);
+    let mut cond = Cond::Always;
+    let mut keep = false;
+    // The expiry's option and its argument, read once every option is.
+    let mut expiry: Option<(Vec<u8>, &[u8])> = None;
     let mut i = 0;
     let syntax = || "ERR syntax error".to_string();
     while i < opts.len() {
         let o = opts[i].to_ascii_uppercase();
         match o.as_slice() {
-            b"NX" | b"XX" if cond != Cond::Always => return Err(syntax()),
-            b"NX" => cond = Cond::Nx,
-            b"XX" => cond = Cond::Xx,
-            b"KEEPTTL" if ttl != Ttl::Clear => return Err(syntax()),
-            b"KEEPTTL" => ttl = Ttl::Keep,
-            b"EX" | b"PX" | b"EXAT" | b"PXAT" => {
-                if ttl != Ttl::Clear {
-                    return Err(syntax());
-                }
+            b"NX" if cond != Cond::Xx => cond = Cond::Nx,
+            b"XX" if cond != Cond::Nx => cond = Cond::Xx,
+            b"KEEPTTL" if expiry.is_none() => keep = true,
+            b"EX" | b"PX" | b"EXAT" | b"PXAT"
+                if !keep && expiry.as_ref().is_none_or(|(k, _)| *k == o) =>
+            {
                 i += 1;
                 let n = opts.get(i).ok_or_else(syntax)?;
-                let n = resp::parse_i64(n).ok_or("ERR value is not an integer or out of range")?;
-                let at = match o.as_slice() {
-                    b"EX" => n
-                        .checked_mul(1000)
-                        .and_then(|ms| ms.checked_add(now as i64)),
-                    b"PX" => n.checked_add(now as i64),
-                    b"EXAT" => n.checked_mul(1000),
-                    _ => Some(n),
-                };
-                match at {
-                    Some(at) if n > 0 && at > 0 => ttl = Ttl::At(at as u64),
-                    _ => return Err("ERR invalid expire time in 'set' command".into()),
-                }
+                expiry = Some((o, n));
             }
             b"GET" => return Err("ERR SET option GET is not supported by this server".into()),
             _ => return Err(syntax()),
         }
         i += 1;
     }
+    let ttl = match expiry {
+        None if keep => Ttl::Keep,
+        None => Ttl::Clear,
+        Some((kind, n)) => {
+            let n = resp::parse_i64(n).ok_or("ERR value is not an integer or out of range")?;
+            let at = match kind.as_slice() {
+                b"EX" => n
+                    .checked_mul(1000)
+                    .and_then(|ms| ms.checked_add(now as i64)),
+                b"PX" => n.checked_add(now as i64),
+                b"EXAT" => n.checked_mul(1000),
+                _ => Some(n),
+            };
+            match at {
+                Some(at) if n > 0 && at > 0 => Ttl::At(at as u64),
+                _ => return Err("ERR invalid expire time in 'set' command".into()),
+            }
+        }
+    };
     Ok((cond, ttl))
 }

@@ -7,6 +7,10 @@ use std::ops::Range;
 /// Largest argument (a value): larger ones are skipped without buffering
 /// and answered with an error.
 pub const ARG_BYTES_MAX: usize = 1 << 20;
+/// Largest bulk length a request may announce (Redis's default
+/// `proto-max-bulk-len`): a longer one is a protocol error, answered at
+/// once, instead of bytes to skip.
+pub const BULK_BYTES_MAX: usize = 512 << 20;
 /// Most arguments in one command.
 pub const ARGS_MAX: usize = 1 << 16;
 /// Largest request frame held in memory (all its arguments together).
@@ -29,7 +33,8 @@ pub enum Parsed {
     Command { consumed: usize },
     /// A command with an argument over [`ARG_BYTES_MAX`]: `consumed` bytes
     /// (up to that argument's header) are parsed; `skip_bytes` more belong
-    /// to the argument, then `skip_args` further arguments follow.
+    /// to the argument, then its CRLF, then `skip_args` further arguments
+    /// follow.
     Oversize {
         consumed: usize,
         arg_bytes: usize,
@@ -73,14 +78,15 @@ impl ProtocolError {
 }
 
 /// A header line `<prefix><digits>\r\n` at the start of `buf`:
-/// `Ok(Some((value, bytes)))`, `Ok(None)` when incomplete. The digits
-/// (an optional sign, then at least one digit) are read in one pass: a
-/// byte that cannot continue them is an error at once.
+/// `Ok(Some((value, bytes)))`, `Ok(None)` when incomplete. The number is
+/// read as Redis reads it (`string2ll`): an optional `-`, then `0` alone or
+/// a first digit of 1 to 9 (no `+`, no leading zero, no `-0`), in one pass:
+/// a byte that cannot continue it is an error at once.
 fn header(buf: &[u8], err: ProtocolError) -> Result<Option<(i64, usize)>, ProtocolError> {
     let line = &buf[..buf.len().min(HEADER_LINE_BYTES_MAX)];
     let mut i = 1;
     let negative = line.get(i) == Some(&b'-');
-    if negative || line.get(i) == Some(&b'+') {
+    if negative {
         i += 1;
     }
     let first_digit = i;
@@ -88,6 +94,10 @@ fn header(buf: &[u8], err: ProtocolError) -> Result<Option<(i64, usize)>, Protoc
     while let Some(&b) = line.get(i) {
         if !b.is_ascii_digit() {
             break;
+        }
+        if i > first_digit && line[first_digit] == b'0' {
+            // `0` is only a number alone: `01`, `-0…`.
+            return Err(err);
         }
         let d = (b - b'0') as i64;
         let next = n.checked_mul(10).and_then(|n| {
@@ -102,14 +112,17 @@ fn header(buf: &[u8], err: ProtocolError) -> Result<Option<(i64, usize)>, Protoc
     }
     match (line.get(i), line.get(i + 1)) {
         _ if i + 2 > HEADER_LINE_BYTES_MAX => Err(err),
-        (Some(b'\r'), Some(b'\n')) if i > first_digit => Ok(Some((n, i + 2))),
+        (Some(b'\r'), Some(b'\n')) if i > first_digit && !(negative && n == 0) => {
+            Ok(Some((n, i + 2)))
+        }
         (None, _) | (Some(b'\r'), None) => Ok(None),
         _ => Err(err),
     }
 }
 
-/// The common header: `<prefix>` then 1 to 18 digits (no sign) then CRLF,
-/// all in `buf`. `None` for anything else ([`header`] decides what it is).
+/// The common header: `<prefix>` then 1 to 18 digits (no sign, no leading
+/// zero) then CRLF, all in `buf`. `None` for anything else ([`header`]
+/// decides what it is).
 #[inline]
 fn short_header(buf: &[u8]) -> Option<(usize, usize)> {
     let mut n = 0usize;
@@ -124,16 +137,25 @@ fn short_header(buf: &[u8]) -> Option<(usize, usize)> {
         n = n * 10 + d as usize;
         i += 1;
     }
-    (i > 1 && buf.get(i) == Some(&b'\r') && buf.get(i + 1) == Some(&b'\n')).then_some((n, i + 2))
+    (i > 1
+        && (i == 2 || buf[1] != b'0')
+        && buf.get(i) == Some(&b'\r')
+        && buf.get(i + 1) == Some(&b'\n'))
+    .then_some((n, i + 2))
 }
 
-/// A bulk header `$N\r\n` at the start of `buf`: `(N, header bytes)`.
+/// A bulk header `$N\r\n` at the start of `buf`: `(N, header bytes)`. A
+/// length over [`BULK_BYTES_MAX`] is an error, as in Redis.
 #[inline]
 pub fn bulk_header(buf: &[u8]) -> Result<Option<(usize, usize)>, ProtocolError> {
     if buf.first() == Some(&b'$')
         && let Some(h) = short_header(buf)
     {
-        return Ok(Some(h));
+        return if h.0 <= BULK_BYTES_MAX {
+            Ok(Some(h))
+        } else {
+            Err(ProtocolError::BulkLength)
+        };
     }
     if buf.is_empty() {
         return Ok(None);
@@ -143,7 +165,9 @@ pub fn bulk_header(buf: &[u8]) -> Result<Option<(usize, usize)>, ProtocolError> 
     }
     match header(buf, ProtocolError::BulkLength)? {
         None => Ok(None),
-        Some((n, used)) if n >= 0 => Ok(Some((n as usize, used))),
+        Some((n, used)) if n >= 0 && n as u64 <= BULK_BYTES_MAX as u64 => {
+            Ok(Some((n as usize, used)))
+        }
         Some(_) => Err(ProtocolError::BulkLength),
     }
 }
@@ -183,7 +207,7 @@ fn parse_array(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
             return Parsed::Oversize {
                 consumed: pos + used,
                 arg_bytes: len,
-                skip_bytes: len + 2,
+                skip_bytes: len,
                 skip_args: count as usize - i - 1,
             };
         }
@@ -330,10 +354,127 @@ pub fn int_of(reply: &[u8]) -> Option<i64> {
     std::str::from_utf8(body).ok()?.parse().ok()
 }
 
-/// A decimal integer argument, as Redis reads them (no spaces, no `+`).
+/// A decimal integer argument, as Redis reads them (`string2ll`): an
+/// optional `-`, then `0` alone or digits from a first one of 1 to 9 (no
+/// spaces, no `+`, no leading zero, no `-0`), within `i64`.
 pub fn parse_i64(arg: &[u8]) -> Option<i64> {
-    if arg.is_empty() || arg.len() > 20 || arg[0] == b'+' {
-        return None;
+    let (negative, digits) = match arg.split_first()? {
+        (b'-', rest) => (true, rest),
+        _ => (false, arg),
+    };
+    match digits {
+        [b'0'] if !negative => return Some(0),
+        [b'1'..=b'9', ..] => {}
+        _ => return None,
     }
-    std::str::from_utf8(arg).ok()?.parse().ok()
+    let mut n: i64 = 0;
+    for &b in digits {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        let d = i64::from(b - b'0');
+        n = n.checked_mul(10)?;
+        n = if negative {
+            n.checked_sub(d)?
+        } else {
+            n.checked_add(d)?
+        };
+    }
+    Some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Integers as Redis's `string2ll` reads them: what it refuses is
+    /// refused here too (`INCR` of `007` is an error in Redis).
+    #[test]
+    fn integers_are_read_as_redis_reads_them() {
+        for (s, v) in [
+            ("0", Some(0)),
+            ("7", Some(7)),
+            ("-7", Some(-7)),
+            ("9223372036854775807", Some(i64::MAX)),
+            ("-9223372036854775808", Some(i64::MIN)),
+            ("9223372036854775808", None),
+            ("007", None),
+            ("00", None),
+            ("-0", None),
+            ("+1", None),
+            ("", None),
+            ("-", None),
+            (" 1", None),
+            ("1 ", None),
+            ("1x", None),
+        ] {
+            assert_eq!(parse_i64(s.as_bytes()), v, "{s:?}");
+        }
+    }
+
+    /// `*N` and `$N` headers with a sign or a leading zero are protocol
+    /// errors, as in Redis; `*-1`, `*0` and `$0` are not.
+    #[test]
+    fn headers_with_a_sign_or_a_leading_zero_are_refused() {
+        let mut args = Vec::new();
+        for bad in [
+            &b"*+1\r\n$4\r\nPING\r\n"[..],
+            b"*01\r\n$4\r\nPING\r\n",
+            b"*-0\r\n",
+        ] {
+            assert_eq!(
+                parse(bad, &mut args),
+                Parsed::Error(ProtocolError::MultibulkLength),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        for bad in [
+            &b"*1\r\n$+4\r\nPING\r\n"[..],
+            b"*1\r\n$04\r\nPING\r\n",
+            b"*1\r\n$-0\r\n",
+        ] {
+            assert_eq!(
+                parse(bad, &mut args),
+                Parsed::Error(ProtocolError::BulkLength),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
+            parse(b"*-1\r\n", &mut args),
+            Parsed::Command { consumed: 5 }
+        );
+        assert_eq!(parse(b"*0\r\n", &mut args), Parsed::Command { consumed: 4 });
+        assert_eq!(
+            parse(b"*1\r\n$0\r\n\r\n", &mut args),
+            Parsed::Command { consumed: 10 }
+        );
+        assert_eq!(args, vec![8..8]);
+        assert_eq!(
+            parse(b"*1\r\n$10\r\n0123456789\r\n", &mut args),
+            Parsed::Command { consumed: 21 }
+        );
+    }
+
+    /// A bulk length past Redis's `proto-max-bulk-len` is answered at once
+    /// instead of being skipped byte by byte.
+    #[test]
+    fn a_huge_bulk_length_is_an_error_at_once() {
+        let mut args = Vec::new();
+        assert_eq!(
+            parse(b"*2\r\n$4\r\nECHO\r\n$9999999999999\r\n", &mut args),
+            Parsed::Error(ProtocolError::BulkLength)
+        );
+        let at_limit = format!("*2\r\n$4\r\nECHO\r\n${BULK_BYTES_MAX}\r\n");
+        assert!(matches!(
+            parse(at_limit.as_bytes(), &mut args),
+            Parsed::Oversize {
+                arg_bytes: BULK_BYTES_MAX,
+                ..
+            }
+        ));
+        let over = format!("${}\r\n", BULK_BYTES_MAX + 1);
+        assert_eq!(bulk_header(over.as_bytes()), Err(ProtocolError::BulkLength));
+    }
 }

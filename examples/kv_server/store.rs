@@ -200,7 +200,7 @@ fn check_header(h: &[u8], slot_bytes: usize) -> Result<Layout, &'static str> {
     }
     let key_len = u32_at(h, OFF_KEY_LEN) as usize;
     let value_len = u32_at(h, OFF_VALUE_LEN) as usize;
-    if key_len == 0 || key_len > KEY_BYTES_MAX || value_len > VALUE_BYTES_MAX {
+    if key_len > KEY_BYTES_MAX || value_len > VALUE_BYTES_MAX {
         return Err("lengths out of range");
     }
     if header + key_len + value_len > slot_bytes {
