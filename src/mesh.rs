@@ -173,7 +173,14 @@ impl<J: 'static> MeshLocal<J> {
     /// shard's buffer for it are both full. Nothing is queued then.
     pub(crate) fn forward(self: &Rc<Self>, h: Handle) -> Result<()> {
         let to = h.shard() as usize;
-        if self.closed.get() || self.out.get(to).is_none_or(|tx| tx.is_none()) {
+        // A stopped owner has closed its channel: refuse at once (a buffered
+        // free would be acknowledged, then lost with its batch).
+        if self.closed.get()
+            || self
+                .out
+                .get(to)
+                .is_none_or(|tx| tx.as_ref().is_none_or(Sender::is_closed))
+        {
             return Err(Error::ShardGone { shard: h.shard() });
         }
         let full = {

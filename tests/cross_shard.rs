@@ -373,3 +373,94 @@ fn shutdown_loses_no_acknowledged_free() {
     assert_eq!(live, 0, "an acknowledged free was lost at shutdown");
     rt.shutdown().unwrap();
 }
+
+/// A free of a stopped shard's handle is refused with `ShardGone`, as
+/// `Shard::free` documents: it was acknowledged, buffered and then lost
+/// with its batch (only the next `flush_frees` said so).
+#[test]
+fn a_free_for_a_stopped_owner_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(tmp.path())).unwrap();
+    let hs: Vec<Handle> = block_on(rt.spawn_on(1, |s| async move {
+        let mut v = Vec::new();
+        for _ in 0..10 {
+            v.push(s.allocate(64).await.unwrap().into_handle());
+        }
+        s.sync().await.unwrap();
+        v
+    }))
+    .unwrap();
+    rt.crash_shard_for_test(1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !matches!(
+        block_on(rt.spawn_on(1, |s| async move { s.index() })),
+        Err(Error::ShardGone { shard: 1 })
+    ) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shard 1 never stopped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let frees = block_on(rt.spawn_on(0, move |s| async move {
+        // Its mesh endpoint may close a moment after its job queue.
+        while s.free(hs[0]).is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a free was never refused"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        hs.iter().map(|h| s.free(*h)).collect::<Vec<_>>()
+    }))
+    .unwrap();
+    assert!(
+        frees
+            .iter()
+            .all(|r| matches!(r, Err(Error::ShardGone { shard: 1 }))),
+        "{frees:?}"
+    );
+    let _ = rt.shutdown();
+}
+
+/// Another shard's handle is refused by `pin` (`NotOwner`, which names
+/// what to use instead) and by `try_pin` (`WrongShard`, as documented),
+/// both naming its owner.
+#[test]
+fn pin_and_try_pin_of_another_shards_handle_name_its_owner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(tmp.path())).unwrap();
+    let h = block_on(rt.spawn_on(
+        1,
+        |s| async move { s.allocate(64).await.unwrap().into_handle() },
+    ))
+    .unwrap();
+    block_on(rt.spawn_on(0, move |s| async move {
+        let pinned = s.pin(h).await.map(|_| ());
+        let tried = s.try_pin(h).map(|_| ());
+        assert!(
+            matches!(
+                pinned,
+                Err(Error::NotOwner {
+                    owner: 1,
+                    this: 0,
+                    ..
+                })
+            ),
+            "{pinned:?}"
+        );
+        assert!(
+            matches!(
+                tried,
+                Err(Error::WrongShard {
+                    owner: 1,
+                    this: 0,
+                    ..
+                })
+            ),
+            "{tried:?}"
+        );
+    }))
+    .unwrap();
+    rt.shutdown().unwrap();
+}

@@ -582,7 +582,9 @@ impl SegmentAllocator {
     }
 
     /// Pin a live allocation of this shard (async: faults its window in if
-    /// needed). The pin is writable unless the allocator is read-only.
+    /// needed). The pin is writable unless the allocator is read-only. An
+    /// allocation another task frees while the pin waits for its window is
+    /// not pinned ([`Error::NotAllocated`]).
     ///
     /// # Errors
     ///
@@ -601,9 +603,16 @@ impl SegmentAllocator {
         {
             return Ok(p);
         }
-        self.mm
+        let pin = self
+            .mm
             .pin(fid, handle.offset, handle.length as u64, writable)
-            .await
+            .await?;
+        // Another task may have freed the allocation while its window
+        // faulted in (and a sync and `trim` may have reused or punched its
+        // slot since): a pin of a freed slot would alias whatever comes
+        // next, so look again.
+        self.check_live(&handle)?;
+        Ok(pin)
     }
 
     /// Pin on the hot path only (`Ok(None)`: use [`pin`](Self::pin)).

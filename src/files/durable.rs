@@ -173,7 +173,8 @@ struct Orphan<'a> {
 
 impl Drop for Orphan<'_> {
     fn drop(&mut self) {
-        if let Some(op) = self.op.take() {
+        if let Some(mut op) = self.op.take() {
+            op.detach();
             self.reg.orphans.borrow_mut().push((self.id, op));
         }
     }

@@ -635,6 +635,20 @@ impl Op {
     }
 }
 
+impl Op {
+    /// The task that polled this operation stops polling it, but the
+    /// operation is kept and awaited later, maybe by another task: see
+    /// `Driver::detach`. Without this, the ring's completions waited for a
+    /// poll of the task that left (other tasks' operations hung).
+    pub(crate) fn detach(&mut self) {
+        if let OpState::InFlight(key) = self.state
+            && let Some(d) = &self.ring.inner.uring
+        {
+            d.detach(key);
+        }
+    }
+}
+
 impl Future for Op {
     type Output = io::Result<()>;
 

@@ -383,6 +383,17 @@ impl Driver {
         }
     }
 
+    /// Op `key` stays in flight but its task no longer polls it (it is
+    /// kept to be awaited later, by another task): forget its waker and hand
+    /// the eventfd watch over, which that task may hold, so that the
+    /// operations other tasks wait for are still reaped.
+    pub(super) fn detach(&self, key: usize) {
+        if let Some(OpState::Waiting { waker, .. }) = self.ops.borrow_mut().get_mut(key) {
+            *waker = None;
+        }
+        self.hand_over();
+    }
+
     pub(super) fn abandon(&self, key: usize) {
         let released = {
             let mut ops = self.ops.borrow_mut();

@@ -295,7 +295,10 @@ impl Shard {
     ///
     /// # Errors
     ///
-    /// See [`SegmentAllocator::try_pin`].
+    /// See [`SegmentAllocator::try_pin`]. Another shard's handle is refused
+    /// by the allocator's own check, with [`Error::WrongShard`] naming its
+    /// owner ([`pin`](Self::pin) says [`Error::NotOwner`], with what to use
+    /// instead; this hot path spends no instruction on telling them apart).
     #[inline]
     pub fn try_pin(&self, handle: Handle) -> Result<Option<PinGuard>> {
         self.inner.alloc.try_pin(handle)
