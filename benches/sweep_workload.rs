@@ -47,11 +47,13 @@ impl RunResult {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn shard_task(
     shard: Shard,
     ops: u64,
     size: u64,
     cross_every: u64,
+    hold: usize,
     to_next: Option<UnboundedSender<Vec<Handle>>>,
     mut from_prev: Option<UnboundedReceiver<Vec<Handle>>>,
     start: Arc<tokio::sync::Barrier>,
@@ -64,6 +66,7 @@ async fn shard_task(
     let mut batch = Vec::with_capacity(64);
     let mut buf = [0u8; 8];
     let live_before = shard.live_count();
+    let mut held: VecDeque<Handle> = VecDeque::with_capacity(hold + 1);
     start.wait().await;
     for k in 0..ops {
         let t0 = (k % SAMPLE == 0).then(Instant::now);
@@ -87,6 +90,14 @@ async fn shard_task(
                     batch.push(old);
                     if batch.len() == 64 {
                         let _ = tx.send(std::mem::replace(&mut batch, Vec::with_capacity(64)));
+                    }
+                }
+                // Held here instead: a free as late as a forwarded one,
+                // without the trip to another core.
+                _ if hold > 0 && cross_every > 0 && k % cross_every == 0 => {
+                    held.push_back(old);
+                    if held.len() > hold {
+                        shard.free(held.pop_front().expect("non-empty"))?;
                     }
                 }
                 _ => shard.free(old)?,
@@ -124,7 +135,7 @@ async fn shard_task(
             }
         }
     }
-    for h in window {
+    for h in window.into_iter().chain(held) {
         shard.free(h)?;
     }
     // The run ends when every free, forwarded ones included, is applied.
@@ -167,12 +178,26 @@ pub fn run(rt: &Runtime, ops: u64, size: u64) -> Result<RunResult, Error> {
 
 /// As [`run`], with one free in `cross_every` cross-shard (0: none).
 pub fn run_with(rt: &Runtime, ops: u64, size: u64, cross_every: u64) -> Result<RunResult, Error> {
+    run_held(rt, ops, size, cross_every, 0)
+}
+
+/// As [`run_with`]; with `hold` > 0, one free in `cross_every` is not sent
+/// to the next shard but held on its own shard for `hold` operations, then
+/// freed there: the delay of a forwarded free without its trip between
+/// cores.
+pub fn run_held(
+    rt: &Runtime,
+    ops: u64,
+    size: u64,
+    cross_every: u64,
+    hold: usize,
+) -> Result<RunResult, Error> {
     let n = rt.shard_count();
     let start = Arc::new(tokio::sync::Barrier::new(n));
     let mut senders: Vec<Option<UnboundedSender<Vec<Handle>>>> = Vec::new();
     let mut receivers: Vec<Option<UnboundedReceiver<Vec<Handle>>>> = (0..n).map(|_| None).collect();
     for i in 0..n {
-        if n > 1 {
+        if n > 1 && hold == 0 {
             let (tx, rx) = unbounded_channel();
             senders.push(Some(tx));
             receivers[(i + 1) % n] = Some(rx);
@@ -188,7 +213,7 @@ pub fn run_with(rt: &Runtime, ops: u64, size: u64, cross_every: u64) -> Result<R
         .map(|(i, (tx, rx))| {
             let start = start.clone();
             rt.spawn_on(i, move |s| {
-                shard_task(s, ops, size, cross_every, tx, rx, start)
+                shard_task(s, ops, size, cross_every, hold, tx, rx, start)
             })
         })
         .collect();

@@ -4,6 +4,8 @@
 //! ```text
 //! cargo run --release --example sweep                     # table
 //! cargo run --release --example sweep -- --ops 2000000 --json
+//! cargo run --release --example sweep -- --cross-every 0  # no cross-shard free
+//! cargo run --release --example sweep -- --hold-local 2048  # frees as late, kept local
 //! ```
 //!
 //! Prints ops/s in total and per shard, scaling efficiency
@@ -34,6 +36,12 @@ struct Args {
     /// One free in this many goes cross-shard (0: none).
     #[arg(long, default_value_t = 4)]
     cross_every: u64,
+    /// Instead of sending one free in `--cross-every` to the next shard,
+    /// hold it on its own shard for this many operations, then free it
+    /// there: what a forwarded free's delay costs without its trip between
+    /// cores (0: forward them).
+    #[arg(long, default_value_t = 0)]
+    hold_local: usize,
     /// Runs per point (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -73,6 +81,10 @@ struct Row {
 struct Report<'a> {
     ops_per_shard: u64,
     size: u64,
+    /// One free in this many cross-shard (0: none).
+    cross_every: u64,
+    /// Those frees held locally for this many operations instead (0: no).
+    hold_local: usize,
     repeat: usize,
     cores: usize,
     io_backend: &'a str,
@@ -179,11 +191,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             // Warm up: map the first windows and create the segments.
             workload::run(&rt, 10_000, args.size)?;
-            runs.push(workload::run_with(
+            runs.push(workload::run_held(
                 &rt,
                 args.ops,
                 args.size,
                 args.cross_every,
+                args.hold_local,
             )?);
             rt.shutdown()?;
         }
@@ -208,8 +221,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     if !args.json {
+        let frees = match (args.cross_every, args.hold_local) {
+            (0, _) => "every free local".to_string(),
+            (n, 0) => format!("1 free in {n} cross-shard"),
+            (n, h) => format!("1 free in {n} held locally for {h} ops"),
+        };
         println!(
-            "shard sweep: {} ops/shard of {} B, median of {}, io backend {backend}, {cores} cores",
+            "shard sweep: {} ops/shard of {} B, {frees}, median of {}, io backend {backend}, {cores} cores",
             args.ops, args.size, args.repeat
         );
         println!(
@@ -234,6 +252,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let report = Report {
             ops_per_shard: args.ops,
             size: args.size,
+            cross_every: args.cross_every,
+            hold_local: args.hold_local,
             repeat: args.repeat,
             cores,
             io_backend: &backend,
@@ -268,6 +288,26 @@ mod tests {
         rt.shutdown().expect("shutdown");
     }
 
+    /// `--hold-local`: nothing crosses shards, and a run still ends with
+    /// every allocation freed (the held ones too).
+    #[test]
+    fn held_frees_stay_local_and_are_all_freed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = Config::builder(dir.path().join("d"))
+            .shards(2)
+            .window_bytes(256 * MIB)
+            .build()
+            .expect("config");
+        let rt = Runtime::start(cfg).expect("runtime");
+        let r = workload::run_held(&rt, 20_000, 64, 4, 2048).expect("run");
+        assert_eq!(r.cross_frees, 0);
+        assert_eq!(r.ops, 40_000);
+        let stats = futures::executor::block_on(rt.stats()).expect("stats");
+        assert_eq!(stats.allocations_live(), 0);
+        assert!(stats.shards.iter().all(|s| s.mesh.cross_frees_sent == 0));
+        rt.shutdown().expect("shutdown");
+    }
+
     #[test]
     fn the_json_report_keeps_its_field_names_and_precision() {
         let row = Row {
@@ -282,6 +322,8 @@ mod tests {
         let report = Report {
             ops_per_shard: 2000,
             size: 64,
+            cross_every: 4,
+            hold_local: 0,
             repeat: 1,
             cores: 2,
             io_backend: "io_uring",
@@ -290,7 +332,8 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&report).expect("JSON"),
             concat!(
-                r#"{"ops_per_shard":2000,"size":64,"repeat":1,"cores":2,"io_backend":"io_uring","#,
+                r#"{"ops_per_shard":2000,"size":64,"cross_every":4,"hold_local":0,"repeat":1,"#,
+                r#""cores":2,"io_backend":"io_uring","#,
                 r#""points":[{"shards":2,"ops_per_sec":10159195,"ops_per_sec_per_shard":5079598,"#,
                 r#""efficiency":0.8354,"cross_frees_per_sec":1239422,"p50_ns":109,"p99_ns":4435}]}"#
             )
