@@ -19,10 +19,13 @@
 //! sweep). A multi-key command whose keys live on several shards is not
 //! atomic across them.
 //!
-//! **Limits.** Keys up to 512 bytes, arguments up to 1 MiB (a larger one is
-//! skipped without being buffered and answered with an error), 65 536
-//! arguments and 8 MiB per command, 10 000 connections. Bytes that are not
-//! RESP get `-ERR Protocol error: ...`, then the connection closes.
+//! **Limits.** Keys up to 512 bytes (the empty key too), arguments up to
+//! 1 MiB (a larger one, up to 512 MiB, is skipped without being buffered
+//! and answered with an error), 65 536 arguments and 8 MiB per command,
+//! 10 000 connections or fewer when the open-file limit leaves fewer (see
+//! `connection_cap`), 64 values read per batch (see
+//! `conn::READS_PER_BATCH`). Bytes that are not RESP, and a larger length,
+//! get `-ERR Protocol error: ...`, then the connection closes.
 //!
 //! **Threads.** The main thread accepts connections and hands them out
 //! round-robin to the shard threads. Each shard thread runs a tokio
@@ -31,10 +34,11 @@
 //! itself hashes with per-process random seeds, see `kv_server/hash.rs`). A
 //! `GET` or `SET` whose windows are mapped runs without awaiting. A
 //! connection turns what one read brought into one batch of key operations
-//! per shard: it runs its own shard's batch, and sends every other batch to
-//! its owner in one message over the server's channels, so every
-//! allocation, pin and free happens on its owner. The replies of the read
-//! go out in one write.
+//! per shard (or several batches in turn, when its commands read more
+//! values than one batch may): it runs its own shard's batch, and sends
+//! every other batch to its owner in one message over the server's
+//! channels, so every allocation, pin and free happens on its owner. The
+//! replies of a batch go out in one write.
 //!
 //! **Durability.** Every value is a record in an allocation (see
 //! `kv_server/store.rs` for the layout: header with key and value lengths,
@@ -307,9 +311,8 @@ fn start_shards(
     senders
 }
 
-/// Failed `accept`s: reported at most once a second (with how many were
-/// not), and when the process or the system is out of descriptors or
-/// memory, the loop waits 10 ms before the next, instead of spinning.
+/// Failed `accept`s: reported at most once a second, with how many were
+/// not since the last report (also said at the next accept that succeeds).
 #[derive(Default)]
 struct AcceptErrors {
     last_report: Option<Instant>,
@@ -317,35 +320,43 @@ struct AcceptErrors {
 }
 
 impl AcceptErrors {
-    fn report(&mut self, e: &io::Error) {
-        let now = Instant::now();
+    /// The line to log for `e` at `now`, if one is due.
+    fn report(&mut self, e: &io::Error, now: Instant) -> Option<String> {
         if self
             .last_report
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
         {
-            if self.unreported > 0 {
-                eprintln!(
-                    "kv_server: accept: {e} (and {} more failures in the last second)",
-                    self.unreported
-                );
-            } else {
-                eprintln!("kv_server: accept: {e}");
-            }
-            self.last_report = Some(now);
-            self.unreported = 0;
-        } else {
             self.unreported += 1;
+            return None;
         }
-        // EMFILE, ENFILE, ENOBUFS, ENOMEM: nothing changes until a
-        // connection closes.
-        if matches!(
+        let line = match std::mem::take(&mut self.unreported) {
+            0 => format!("kv_server: accept: {e}"),
+            n => format!("kv_server: accept: {e} (and {n} more failures since the last report)"),
+        };
+        self.last_report = Some(now);
+        Some(line)
+    }
+
+    /// After an accept that succeeded: the failures not reported yet.
+    fn settle(&mut self) -> Option<String> {
+        match std::mem::take(&mut self.unreported) {
+            0 => None,
+            n => Some(format!(
+                "kv_server: accept: {n} more failures since the last report"
+            )),
+        }
+    }
+
+    /// Whether the loop should wait before the next `accept`: the process
+    /// or the system is out of descriptors or memory (EMFILE, ENFILE,
+    /// ENOBUFS, ENOMEM), which only a closing connection changes.
+    fn waits(e: &io::Error) -> bool {
+        matches!(
             e.raw_os_error(),
             Some(
                 libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM
             )
-        ) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        )
     }
 }
 
@@ -404,10 +415,18 @@ fn main() {
         let mut stream = match stream {
             Ok(s) => s,
             Err(e) => {
-                accept_errors.report(&e);
+                if let Some(line) = accept_errors.report(&e, Instant::now()) {
+                    eprintln!("{line}");
+                }
+                if AcceptErrors::waits(&e) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 continue;
             }
         };
+        if let Some(line) = accept_errors.settle() {
+            eprintln!("{line}");
+        }
         if open.fetch_add(1, Ordering::Relaxed) >= max_clients {
             open.fetch_sub(1, Ordering::Relaxed);
             let _ = stream.write_all(b"-ERR max number of clients reached\r\n");
@@ -442,5 +461,42 @@ mod tests {
         assert_eq!(connection_cap(usize::MAX, 256, 64), Some(CONNECTIONS_MAX));
         assert_eq!(connection_cap(64, 32, 2), None);
         assert!(nofile_soft_limit().is_some_and(|n| n > 0));
+    }
+
+    /// Out of descriptors, `accept` fails at once, again and again: the loop
+    /// waits before the next (it once spun at 100 % CPU) and logs a line a
+    /// second, with the count of the others (it once wrote millions).
+    #[test]
+    fn failed_accepts_wait_and_are_logged_once_a_second() {
+        let emfile = io::Error::from_raw_os_error(libc_errno::EMFILE);
+        let aborted = io::Error::from_raw_os_error(103); // ECONNABORTED
+        assert!(AcceptErrors::waits(&emfile));
+        assert!(AcceptErrors::waits(&io::Error::from_raw_os_error(
+            libc_errno::ENFILE
+        )));
+        assert!(!AcceptErrors::waits(&aborted));
+        let mut errs = AcceptErrors::default();
+        let t0 = Instant::now();
+        assert!(
+            errs.report(&emfile, t0)
+                .is_some_and(|l| l.ends_with("(os error 24)"))
+        );
+        for ms in 1..1000 {
+            assert_eq!(errs.report(&emfile, t0 + Duration::from_millis(ms)), None);
+        }
+        let line = errs.report(&emfile, t0 + Duration::from_secs(1)).unwrap();
+        assert!(
+            line.ends_with("(and 999 more failures since the last report)"),
+            "{line}"
+        );
+        assert_eq!(
+            errs.report(&aborted, t0 + Duration::from_millis(1500)),
+            None
+        );
+        assert_eq!(
+            errs.settle().as_deref(),
+            Some("kv_server: accept: 1 more failures since the last report")
+        );
+        assert_eq!(errs.settle(), None);
     }
 }

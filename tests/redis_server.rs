@@ -697,6 +697,36 @@ fn a_pipeline_of_large_gets_is_answered_whole() {
         let reply = &got[k * one..(k + 1) * one];
         assert!(reply.starts_with(b"$1048576\r\nbbbb"), "reply {k}");
     }
+    // GETs, then an MGET that would take the batch past the cap: it waits
+    // for the next batch instead of failing.
+    let mut req = Vec::new();
+    for _ in 0..63 {
+        req.extend_from_slice(b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n");
+    }
+    req.extend_from_slice(b"*3\r\n$4\r\nMGET\r\n$3\r\nbig\r\n$3\r\nbig\r\n");
+    req.extend_from_slice(b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n");
+    let mut m = vec![b"*64\r\n$4\r\nMGET\r\n".to_vec()];
+    m.extend((0..63).map(|_| b"$3\r\nbig\r\n".to_vec()));
+    req.extend(m.concat());
+    s.write_all(&req).unwrap();
+    let mut got = vec![0u8; 63 * one + (4 + 2 * one) + one + (5 + 63 * one)];
+    s.read_exact(&mut got).unwrap();
+    let mut at = 0;
+    let mut next = |header: &[u8], values: usize| {
+        assert!(got[at..].starts_with(header), "at {at}");
+        at += header.len();
+        for k in 0..values {
+            assert!(
+                got[at..].starts_with(b"$1048576\r\nbbbb"),
+                "value {k} at {at}"
+            );
+            at += one;
+        }
+    };
+    next(b"", 63);
+    next(b"*2\r\n", 2);
+    next(b"", 1);
+    next(b"*63\r\n", 63);
 }
 
 /// Under a low open-file limit, connections past what it leaves are refused

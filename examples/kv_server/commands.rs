@@ -197,6 +197,16 @@ fn find(name: &[u8]) -> Option<&'static Spec> {
         .find(|c| c.word == word && c.name.len() == name.len())
 }
 
+/// How many values `cmd` reads (a `GET` one, an `MGET` one per key): see
+/// `conn::READS_PER_BATCH`.
+pub fn reads_of(cmd: &Cmd<'_>) -> usize {
+    match find(cmd.arg(0)).map(|s| s.id) {
+        Some(Name::Get) => 1,
+        Some(Name::MGet) => cmd.len().saturating_sub(1),
+        _ => 0,
+    }
+}
+
 /// Redis's reply to an unknown command: its name and the start of its
 /// arguments, each cut to what fits in 128 bytes.
 fn unknown_command(cmd: &Cmd<'_>) -> String {

@@ -65,18 +65,19 @@ pub struct Planner {
     waits: Vec<Option<(usize, oneshot::Receiver<Box<Batch>>)>>,
     /// The client sent `QUIT` or a frame that is not RESP.
     pub close: bool,
-    /// `GET`s planned (each key of an `MGET` counts): see
-    /// [`READS_PER_BATCH`].
+    /// Values the planned commands read (see [`READS_PER_BATCH`]).
     reads: usize,
 }
 
-/// Most reads planned into one batch before it runs: their values, each up
-/// to [`VALUE_BYTES_MAX`](crate::store::VALUE_BYTES_MAX), then fit the
+/// Most values read by one batch's commands (a `GET` reads one, an `MGET`
+/// one per key): their values, each up to
+/// [`VALUE_BYTES_MAX`](crate::store::VALUE_BYTES_MAX), then fit the
 /// [`OUT_BYTES_MAX`](crate::store::OUT_BYTES_MAX) a shard's batch may
-/// reply. Commands past it wait in the read buffer for the next batch, so
-/// that a pipeline of large `GET`s is answered whole however the bytes
-/// arrived. One command is always planned, so an `MGET` of more large
-/// values than that still meets the cap (its values past it are errors).
+/// reply. A command that would take a batch past it waits in the read
+/// buffer for the next batch, so a pipeline of large `GET`s and `MGET`s is
+/// answered whole however its bytes arrived. A batch always takes its
+/// first command, so an `MGET` of more keys than that alone can still
+/// meet the cap (its values past it are errors).
 const READS_PER_BATCH: usize = crate::store::OUT_BYTES_MAX / crate::store::VALUE_BYTES_MAX;
 
 /// FNV-1a: a hash that stays the same across runs (unlike `RandomState`),
@@ -149,6 +150,7 @@ impl Planner {
     /// Add an operation on `key` for its owner to the current command.
     pub fn key_op(&mut self, kind: OpKind, key: &[u8], value: &[u8]) {
         if matches!(kind, OpKind::Get) {
+            // As `commands::reads_of` counted them.
             self.reads += 1;
         }
         let shard = owner_of(key, self.shards());
@@ -315,11 +317,13 @@ struct Conn {
     skip: Option<Skip>,
 }
 
-/// Most bytes read per `read` call.
+/// Room a read asks for, at most (a buffer that grew for a large frame
+/// may offer more).
 const READ_BYTES: usize = 64 << 10;
-/// Bytes a new connection reads per call: an idle connection holds this
-/// much, not [`READ_BYTES`]; each read that fills it doubles it, up to
-/// [`READ_BYTES`].
+/// Bytes a new connection reads per call at first: a connection that
+/// never sent more holds this much, not [`READ_BYTES`]; each read that
+/// fills what it asked for doubles it, up to [`READ_BYTES`] (a read takes
+/// whatever room the buffer has, which may be more).
 const FIRST_READ_BYTES: usize = 4 << 10;
 
 impl Conn {
@@ -430,7 +434,7 @@ impl Conn {
 
     /// Plan every whole command buffered, or as many as
     /// [`READS_PER_BATCH`] lets one batch run: true when it stopped there
-    /// (the rest is planned after this batch, without reading).
+    /// (the rest is planned after this batch, without reading first).
     fn plan_buffered(&mut self, p: &mut Planner, ctx: &Ctx, now: u64) -> bool {
         loop {
             // Skipping an oversize command may also find a protocol error.
@@ -438,15 +442,17 @@ impl Conn {
             if !skipped || p.close {
                 return false;
             }
-            if p.reads >= READS_PER_BATCH {
-                return self.rpos < self.rlen;
-            }
             let frame = &self.rbuf[self.rpos..self.rlen];
             match resp::parse(frame, &mut self.args) {
                 Parsed::Incomplete => return false,
                 Parsed::Command { consumed } => {
                     if !self.args.is_empty() {
                         let args = Cmd::new(frame, &self.args);
+                        let reads = commands::reads_of(&args);
+                        if p.reads > 0 && p.reads + reads > READS_PER_BATCH {
+                            // Planned with the next batch.
+                            return true;
+                        }
                         commands::plan(&args, p, ctx, now);
                     }
                     self.rpos += consumed;

@@ -584,7 +584,10 @@ impl SegmentAllocator {
     /// Pin a live allocation of this shard (async: faults its window in if
     /// needed). The pin is writable unless the allocator is read-only. An
     /// allocation another task frees while the pin waits for its window is
-    /// not pinned ([`Error::NotAllocated`]).
+    /// not pinned ([`Error::NotAllocated`]), unless its slot was allocated
+    /// again meanwhile: a handle names a slot, so the new allocation has the
+    /// same handle, and it is the one pinned (as by any later `pin` of that
+    /// handle).
     ///
     /// # Errors
     ///

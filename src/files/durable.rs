@@ -68,13 +68,20 @@ impl FileHandleRegistry {
         let op = if datasync { "fdatasync" } else { "fsync" };
         // Syncs of the file dropped before they completed: their outcome
         // counts (a write-back error is reported to one call only).
-        let orphans: Vec<Op> = {
-            let mut all = self.orphans.borrow_mut();
-            let (mine, rest): (Vec<_>, Vec<_>) = all.drain(..).partition(|(f, _)| *f == id);
-            *all = rest;
-            mine.into_iter().map(|(_, o)| o).collect()
+        let mut orphans = Orphans {
+            reg: self,
+            id,
+            ops: {
+                let mut all = self.orphans.borrow_mut();
+                let (mine, rest): (Vec<_>, Vec<_>) = all.drain(..).partition(|(f, _)| *f == id);
+                *all = rest;
+                mine.into_iter().map(|(_, o)| o).collect()
+            },
         };
-        for o in orphans {
+        // Each is kept (for the next sync) until its outcome counted: this
+        // sync may fail on one, or be dropped while it waits.
+        while !orphans.ops.is_empty() {
+            let o = orphans.ops.remove(0);
             self.finish(id, o, &path, op).await?;
         }
         let len = {
@@ -176,6 +183,25 @@ impl Drop for Orphan<'_> {
         if let Some(mut op) = self.op.take() {
             op.detach();
             self.reg.orphans.borrow_mut().push((self.id, op));
+        }
+    }
+}
+
+/// Kept syncs of a file not awaited yet: handed back to the registry if
+/// the sync awaiting them stops first (dropped, or failed on an earlier
+/// one), so each one's outcome still counts.
+struct Orphans<'a> {
+    reg: &'a FileHandleRegistry,
+    id: FileId,
+    ops: Vec<Op>,
+}
+
+impl Drop for Orphans<'_> {
+    fn drop(&mut self) {
+        let mut kept = self.reg.orphans.borrow_mut();
+        for mut op in self.ops.drain(..) {
+            op.detach();
+            kept.push((self.id, op));
         }
     }
 }
