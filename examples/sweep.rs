@@ -268,15 +268,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_run_ends_with_every_forwarded_free_applied() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = Config::builder(dir.path().join("d"))
+    /// A runtime of two shards as the sweep runs them.
+    fn two_shards(dir: &std::path::Path) -> Runtime {
+        let cfg = Config::builder(dir.join("d"))
             .shards(2)
             .window_bytes(256 * MIB)
             .build()
             .expect("config");
-        let rt = Runtime::start(cfg).expect("runtime");
+        Runtime::start(cfg).expect("runtime")
+    }
+
+    #[test]
+    fn a_run_ends_with_every_forwarded_free_applied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = two_shards(dir.path());
         for _ in 0..3 {
             let r = workload::run_with(&rt, 20_000, 64, 4).expect("run");
             assert!(r.cross_frees > 0);
@@ -293,12 +298,7 @@ mod tests {
     #[test]
     fn held_frees_stay_local_and_are_all_freed() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = Config::builder(dir.path().join("d"))
-            .shards(2)
-            .window_bytes(256 * MIB)
-            .build()
-            .expect("config");
-        let rt = Runtime::start(cfg).expect("runtime");
+        let rt = two_shards(dir.path());
         let r = workload::run_held(&rt, 20_000, 64, 4, 2048).expect("run");
         assert_eq!(r.cross_frees, 0);
         assert_eq!(r.ops, 40_000);

@@ -45,6 +45,29 @@ fn one_window(dir: &std::path::Path) -> Config {
         .unwrap()
 }
 
+/// A pin refused because its allocation is no longer live.
+fn assert_not_allocated(r: segalloc::Result<segalloc::PinGuard>) {
+    assert!(
+        matches!(r, Err(Error::NotAllocated { .. })),
+        "{:?}",
+        r.map(|p| p.len())
+    );
+}
+
+/// One shard in a directory on disk (not on a tmpfs `/tmp`): an
+/// `fdatasync` of dirty pages then takes a moment, long enough for other
+/// tasks to run while it is in flight.
+fn on_disk() -> (tempfile::TempDir, Config) {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let cfg = Config::builder(dir.path())
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .build()
+        .unwrap();
+    (dir, cfg)
+}
+
 /// A `pin` that waits for its window while another task frees the
 /// allocation fails with `NotAllocated`. It once succeeded: the pin then
 /// mapped a freed slot, and after a sync its writes landed in the next
@@ -72,12 +95,7 @@ fn a_pin_waiting_for_its_window_fails_if_the_allocation_is_freed_meanwhile() {
         );
         shard.free(h).unwrap();
         drop(holder);
-        let r = poll_to_end(&mut pin).await;
-        assert!(
-            matches!(r, Err(Error::NotAllocated { .. })),
-            "{:?}",
-            r.map(|p| p.len())
-        );
+        assert_not_allocated(poll_to_end(&mut pin).await);
         // The slot's next allocation is its own.
         shard.sync().await.unwrap();
         let b = shard.allocate(64).await.unwrap();
@@ -120,12 +138,7 @@ fn a_pin_waiting_for_its_window_fails_if_the_run_is_freed_and_punched_meanwhile(
         let punched = shard.trim().await.unwrap();
         assert!(punched >= MIB, "trim punched {punched} bytes");
         drop(holder);
-        let r = poll_to_end(&mut pin).await;
-        assert!(
-            matches!(r, Err(Error::NotAllocated { .. })),
-            "{:?}",
-            r.map(|p| p.len())
-        );
+        assert_not_allocated(poll_to_end(&mut pin).await);
     });
 }
 
@@ -137,14 +150,7 @@ fn a_pin_waiting_for_its_window_fails_if_the_run_is_freed_and_punched_meanwhile(
 #[test]
 fn a_sync_dropped_in_flight_does_not_strand_another_tasks_sync() {
     for round in 0..5 {
-        // On disk (not tmpfs): the other task's fdatasync must take a moment.
-        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-        let cfg = Config::builder(dir.path())
-            .shards(1)
-            .window_bytes(16 * MIB)
-            .growth_step_bytes(MIB)
-            .build()
-            .unwrap();
+        let (_dir, cfg) = on_disk();
         run(async {
             let shard = open_shard(&cfg).await.unwrap();
             // Dirty pages, so that an fdatasync takes a moment.
@@ -354,13 +360,7 @@ fn a_sync_dropped_while_it_awaits_kept_operations_keeps_the_rest() {
     if std::env::var("SEGALLOC_IO").is_ok_and(|v| v == "sync") {
         return;
     }
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let cfg = Config::builder(dir.path())
-        .shards(1)
-        .window_bytes(16 * MIB)
-        .growth_step_bytes(MIB)
-        .build()
-        .unwrap();
+    let (_dir, cfg) = on_disk();
     run(async {
         let shard = open_shard(&cfg).await.unwrap();
         let dirty = |shard: &Shard| {

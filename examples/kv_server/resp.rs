@@ -417,26 +417,18 @@ mod tests {
     #[test]
     fn headers_with_a_sign_or_a_leading_zero_are_refused() {
         let mut args = Vec::new();
-        for bad in [
-            &b"*+1\r\n$4\r\nPING\r\n"[..],
-            b"*01\r\n$4\r\nPING\r\n",
-            b"*-0\r\n",
-        ] {
+        let cases: [(&[u8], ProtocolError); 6] = [
+            (b"*+1\r\n$4\r\nPING\r\n", ProtocolError::MultibulkLength),
+            (b"*01\r\n$4\r\nPING\r\n", ProtocolError::MultibulkLength),
+            (b"*-0\r\n", ProtocolError::MultibulkLength),
+            (b"*1\r\n$+4\r\nPING\r\n", ProtocolError::BulkLength),
+            (b"*1\r\n$04\r\nPING\r\n", ProtocolError::BulkLength),
+            (b"*1\r\n$-0\r\n", ProtocolError::BulkLength),
+        ];
+        for (bad, e) in cases {
             assert_eq!(
                 parse(bad, &mut args),
-                Parsed::Error(ProtocolError::MultibulkLength),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-        for bad in [
-            &b"*1\r\n$+4\r\nPING\r\n"[..],
-            b"*1\r\n$04\r\nPING\r\n",
-            b"*1\r\n$-0\r\n",
-        ] {
-            assert_eq!(
-                parse(bad, &mut args),
-                Parsed::Error(ProtocolError::BulkLength),
+                Parsed::Error(e),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
