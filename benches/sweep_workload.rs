@@ -27,6 +27,10 @@ pub const SAMPLE: u64 = 16;
 pub struct ShardResult {
     pub ops: u64,
     pub cross_frees: u64,
+    /// Sum and count of samples of the frees this shard's task made that
+    /// were not applied yet (its live allocations beyond its window).
+    pub pending_sum: u64,
+    pub pending_samples: u64,
     pub latencies_ns: Vec<u32>,
 }
 
@@ -36,6 +40,9 @@ pub struct RunResult {
     pub shards: usize,
     pub ops: u64,
     pub cross_frees: u64,
+    /// Frees made but not applied yet, per shard, mean of samples taken
+    /// every 1024 operations: forwarded ones on their way (or held ones).
+    pub pending_frees: f64,
     pub elapsed: Duration,
     pub p50_ns: u64,
     pub p99_ns: u64,
@@ -66,7 +73,8 @@ async fn shard_task(
     let mut batch = Vec::with_capacity(64);
     let mut buf = [0u8; 8];
     let live_before = shard.live_count();
-    let mut held: VecDeque<Handle> = VecDeque::with_capacity(hold + 1);
+    // Held frees with the operation at which each was held.
+    let mut held: VecDeque<(u64, Handle)> = VecDeque::new();
     start.wait().await;
     for k in 0..ops {
         let t0 = (k % SAMPLE == 0).then(Instant::now);
@@ -95,13 +103,18 @@ async fn shard_task(
                 // Held here instead: a free as late as a forwarded one,
                 // without the trip to another core.
                 _ if hold > 0 && cross_every > 0 && k % cross_every == 0 => {
-                    held.push_back(old);
-                    if held.len() > hold {
-                        shard.free(held.pop_front().expect("non-empty"))?;
-                    }
+                    held.push_back((k, old));
                 }
                 _ => shard.free(old)?,
             }
+        }
+        while held.front().is_some_and(|&(at, _)| at + hold as u64 <= k) {
+            shard.free(held.pop_front().expect("non-empty").1)?;
+        }
+        if k % 1024 == 512 {
+            let live = shard.live_count().saturating_sub(live_before);
+            r.pending_sum += live.saturating_sub(window.len() as u64);
+            r.pending_samples += 1;
         }
         if k % 64 == 0
             && let Some(rx) = &mut from_prev
@@ -135,7 +148,7 @@ async fn shard_task(
             }
         }
     }
-    for h in window.into_iter().chain(held) {
+    for h in window.into_iter().chain(held.into_iter().map(|(_, h)| h)) {
         shard.free(h)?;
     }
     // The run ends when every free, forwarded ones included, is applied.
@@ -183,8 +196,8 @@ pub fn run_with(rt: &Runtime, ops: u64, size: u64, cross_every: u64) -> Result<R
 
 /// As [`run_with`]; with `hold` > 0, one free in `cross_every` is not sent
 /// to the next shard but held on its own shard for `hold` operations, then
-/// freed there: the delay of a forwarded free without its trip between
-/// cores.
+/// freed there: a delay like a forwarded free's, without its trip between
+/// cores ([`RunResult::pending_frees`] compares the two).
 pub fn run_held(
     rt: &Runtime,
     ops: u64,
@@ -218,10 +231,12 @@ pub fn run_held(
         })
         .collect();
     let mut all = Vec::new();
-    let mut cross = 0;
+    let (mut cross, mut pending_sum, mut pending_samples) = (0, 0, 0);
     for j in jobs {
         let r = futures::executor::block_on(j)??;
         cross += r.cross_frees;
+        pending_sum += r.pending_sum;
+        pending_samples += r.pending_samples;
         all.extend(r.latencies_ns);
     }
     let elapsed = t.elapsed();
@@ -230,6 +245,7 @@ pub fn run_held(
         shards: n,
         ops: ops * n as u64,
         cross_frees: cross,
+        pending_frees: pending_sum as f64 / pending_samples.max(1) as f64,
         elapsed,
         p50_ns: percentile(&all, 0.50),
         p99_ns: percentile(&all, 0.99),

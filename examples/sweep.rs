@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Prints ops/s in total and per shard, scaling efficiency
-//! (throughput(n) / (n × throughput(1))), cross-shard frees/s and p50/p99
+//! (throughput(n) / (n × throughput(1))), cross-shard frees/s, the frees
+//! made but not applied yet per shard (mean of samples every 1024
+//! operations: forwarded ones on their way, or held ones) and p50/p99
 //! latency of one operation (allocate + write + pin + read + free). Each
 //! point is the median of `--repeat` runs (default 3), each on a fresh
 //! data directory.
@@ -38,8 +40,8 @@ struct Args {
     cross_every: u64,
     /// Instead of sending one free in `--cross-every` to the next shard,
     /// hold it on its own shard for this many operations, then free it
-    /// there: what a forwarded free's delay costs without its trip between
-    /// cores (0: forward them).
+    /// there: what a delay like a forwarded free's costs without its trip
+    /// between cores (0: forward them). Compare the pending frees.
     #[arg(long, default_value_t = 0)]
     hold_local: usize,
     /// Runs per point (the median is reported).
@@ -72,6 +74,9 @@ struct Row {
     efficiency: f64,
     #[serde(rename = "cross_frees_per_sec", serialize_with = "json::fixed::<0, _>")]
     cross_per_sec: f64,
+    /// Frees made but not applied yet, per shard (mean of samples).
+    #[serde(serialize_with = "json::fixed::<0, _>")]
+    pending_frees: f64,
     p50_ns: u64,
     p99_ns: u64,
 }
@@ -216,6 +221,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ops_per_shard: p.ops_per_sec() / p.shards as f64,
             efficiency: p.ops_per_sec() / (p.shards as f64 * base),
             cross_per_sec: p.cross_frees as f64 / p.elapsed.as_secs_f64(),
+            pending_frees: p.pending_frees,
             p50_ns: p.p50_ns,
             p99_ns: p.p99_ns,
         })
@@ -231,13 +237,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             args.ops, args.size, args.repeat
         );
         println!(
-            "{:>6} {:>14} {:>14} {:>10} {:>16} {:>9} {:>9}",
-            "shards", "ops/s", "ops/s/shard", "efficiency", "cross frees/s", "p50 ns", "p99 ns"
+            "{:>6} {:>14} {:>14} {:>10} {:>16} {:>13} {:>9} {:>9}",
+            "shards",
+            "ops/s",
+            "ops/s/shard",
+            "efficiency",
+            "cross frees/s",
+            "pending frees",
+            "p50 ns",
+            "p99 ns"
         );
         for r in &rows {
             println!(
-                "{:>6} {:>14.0} {:>14.0} {:>10.2} {:>16.0} {:>9} {:>9}",
-                r.shards, r.ops, r.ops_per_shard, r.efficiency, r.cross_per_sec, r.p50_ns, r.p99_ns
+                "{:>6} {:>14.0} {:>14.0} {:>10.2} {:>16.0} {:>13.0} {:>9} {:>9}",
+                r.shards,
+                r.ops,
+                r.ops_per_shard,
+                r.efficiency,
+                r.cross_per_sec,
+                r.pending_frees,
+                r.p50_ns,
+                r.p99_ns
             );
         }
     }
@@ -285,6 +305,7 @@ mod tests {
         for _ in 0..3 {
             let r = workload::run_with(&rt, 20_000, 64, 4).expect("run");
             assert!(r.cross_frees > 0);
+            assert!(r.pending_frees > 0.0);
             let live = futures::executor::block_on(rt.stats())
                 .expect("stats")
                 .allocations_live();
@@ -302,6 +323,14 @@ mod tests {
         let r = workload::run_held(&rt, 20_000, 64, 4, 2048).expect("run");
         assert_eq!(r.cross_frees, 0);
         assert_eq!(r.ops, 40_000);
+        // Held for 2048 operations, one free in 4: 512 held at a time once
+        // the window and the hold have filled (the first three of the 20
+        // samples see fewer: 461 on average).
+        assert!(
+            (440.0..=515.0).contains(&r.pending_frees),
+            "{} pending",
+            r.pending_frees
+        );
         let stats = futures::executor::block_on(rt.stats()).expect("stats");
         assert_eq!(stats.allocations_live(), 0);
         assert!(stats.shards.iter().all(|s| s.mesh.cross_frees_sent == 0));
@@ -316,6 +345,7 @@ mod tests {
             ops_per_shard: 5_079_597.7,
             efficiency: 0.835_44,
             cross_per_sec: 1_239_422.0,
+            pending_frees: 1234.4,
             p50_ns: 109,
             p99_ns: 4435,
         };
@@ -335,7 +365,8 @@ mod tests {
                 r#"{"ops_per_shard":2000,"size":64,"cross_every":4,"hold_local":0,"repeat":1,"#,
                 r#""cores":2,"io_backend":"io_uring","#,
                 r#""points":[{"shards":2,"ops_per_sec":10159195,"ops_per_sec_per_shard":5079598,"#,
-                r#""efficiency":0.8354,"cross_frees_per_sec":1239422,"p50_ns":109,"p99_ns":4435}]}"#
+                r#""efficiency":0.8354,"cross_frees_per_sec":1239422,"pending_frees":1234,"#,
+                r#""p50_ns":109,"p99_ns":4435}]}"#
             )
         );
     }
