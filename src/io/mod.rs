@@ -526,6 +526,18 @@ pub struct Op {
 }
 
 impl Op {
+    /// The task that polled this operation stops polling it, but the
+    /// operation is kept and awaited later, maybe by another task: see
+    /// `Driver::detach`. Without this, the ring's completions waited for a
+    /// poll of the task that left (other tasks' operations hung).
+    pub(crate) fn detach(&mut self) {
+        if let OpState::InFlight(key) = self.state
+            && let Some(d) = &self.ring.inner.uring
+        {
+            d.detach(key);
+        }
+    }
+
     fn ready(ring: &Ring, kind: OpKind, result: io::Result<()>) -> Op {
         Op {
             ring: ring.clone(),
@@ -631,20 +643,6 @@ impl Op {
             if let Some(r) = self.retry_or(r) {
                 return Poll::Ready(r);
             }
-        }
-    }
-}
-
-impl Op {
-    /// The task that polled this operation stops polling it, but the
-    /// operation is kept and awaited later, maybe by another task: see
-    /// `Driver::detach`. Without this, the ring's completions waited for a
-    /// poll of the task that left (other tasks' operations hung).
-    pub(crate) fn detach(&mut self) {
-        if let OpState::InFlight(key) = self.state
-            && let Some(d) = &self.ring.inner.uring
-        {
-            d.detach(key);
         }
     }
 }
