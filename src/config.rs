@@ -79,11 +79,18 @@ pub const MAX_SHARDS: usize = 1024;
 #[deprecated(since = "0.1.0", note = "renamed to `MAX_SHARDS`")]
 pub const SHARDS_MAX: usize = MAX_SHARDS;
 
+/// Windows a shard needs at the least: its metadata's and one for data
+/// (the allocator refuses fewer when a shard opens).
+pub(crate) const MIN_WINDOWS_PER_SHARD: usize = 2;
+
 /// Check that the process-wide caps split between the shards without
-/// exceeding them: every shard needs at least one descriptor and one window.
-/// A shard count left at its default (one per core) is lowered to fit.
+/// exceeding them: every shard needs at least one descriptor and
+/// [`MIN_WINDOWS_PER_SHARD`] windows. A shard count left at its default (one
+/// per core) is lowered to fit.
 fn split_caps(c: &mut Config, shards_set: bool) -> Result<()> {
-    let fit = MAX_SHARDS.min(c.max_open_files).min(c.max_windows);
+    let fit = MAX_SHARDS
+        .min(c.max_open_files)
+        .min(c.max_windows / MIN_WINDOWS_PER_SHARD);
     if !shards_set {
         c.shards = c.shards.clamp(1, fit.max(1));
     }
@@ -96,11 +103,11 @@ fn split_caps(c: &mut Config, shards_set: bool) -> Result<()> {
     if c.max_open_files == 0 || c.max_windows == 0 {
         return Ok(()); // refused below with its own message
     }
-    if c.shards > c.max_open_files || c.shards > c.max_windows {
+    if c.shards > c.max_open_files || c.shards * MIN_WINDOWS_PER_SHARD > c.max_windows {
         return Err(Error::InvalidConfig(format!(
-            "{} shards need at least one descriptor and one window each, but the \
-             process-wide caps are {} descriptors (max_open_files) and {} windows \
-             (max_windows): lower the shard count or raise the caps",
+            "{} shards need at least one descriptor and {MIN_WINDOWS_PER_SHARD} windows \
+             each, but the process-wide caps are {} descriptors (max_open_files) and {} \
+             windows (max_windows): lower the shard count or raise the caps",
             c.shards, c.max_open_files, c.max_windows
         )));
     }
@@ -236,8 +243,8 @@ impl Config {
     pub fn max_open_files_per_shard(&self) -> usize {
         (self.max_open_files / self.shards).max(1)
     }
-    /// Window cap of one shard: `max_windows / shards` (at least 1: a
-    /// configuration with more shards than windows is refused).
+    /// Window cap of one shard: `max_windows / shards` (at least 2: a
+    /// configuration that leaves a shard fewer is refused).
     pub fn max_windows_per_shard(&self) -> usize {
         (self.max_windows / self.shards).max(1)
     }
@@ -323,7 +330,8 @@ impl ConfigBuilder {
         self.cfg.max_open_files = n;
         self
     }
-    /// Process-wide window cap.
+    /// Process-wide window cap: at least 2 per shard (the metadata's window
+    /// and one for data); `build` refuses fewer.
     pub fn max_windows(mut self, n: usize) -> Self {
         self.cfg.max_windows = n;
         self

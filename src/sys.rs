@@ -42,14 +42,19 @@ pub enum OpenMode {
     ReadOnly,
 }
 
-/// `open(path, O_CLOEXEC | O_NOFOLLOW | …, 0600)`.
+/// `open(path, O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | …, 0600)` of a regular
+/// file.
 ///
 /// `O_NOFOLLOW` makes a symlink in place of a data file an error (`ELOOP`)
-/// instead of a silent redirection.
+/// instead of a silent redirection. `O_NONBLOCK` keeps a FIFO in its place
+/// from blocking the open (a read-only open of one waits for a writer); it
+/// changes nothing for a regular file. Anything but a regular file is then
+/// refused (`InvalidInput`).
 pub fn open(path: &Path, mode: OpenMode) -> io::Result<OwnedFd> {
     let c = cpath(path)?;
     let flags = libc::O_CLOEXEC
         | libc::O_NOFOLLOW
+        | libc::O_NONBLOCK
         | match mode {
             OpenMode::ReadWriteCreate => libc::O_RDWR | libc::O_CREAT,
             OpenMode::ReadWrite => libc::O_RDWR,
@@ -58,7 +63,18 @@ pub fn open(path: &Path, mode: OpenMode) -> io::Result<OwnedFd> {
     // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
     let fd = syscall!(unsafe { libc::open(c.as_ptr(), flags, 0o600 as libc::c_uint) })?;
     // SAFETY: `open` returned a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all-zero bytes are a valid `stat` (integers only).
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open and `st` is a valid out-pointer.
+    syscall!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(fd)
 }
 
 /// `open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)`: a folder,

@@ -644,7 +644,8 @@ fn verify_is_clean_then_names_each_corruption() {
         assert!(stderr(&o).contains("could not tell whether the directory is open"));
     }
 
-    // 9. Symlinks are reported, not followed.
+    // 9. Symlinks inside the directory are reported, not followed; the
+    // path given may be one (resolved, as the library resolves it).
     {
         let d = copy_of(&clean, tmp.path(), "symlink");
         let data = d.join("shard-000/data-000000.seg");
@@ -662,8 +663,16 @@ fn verify_is_clean_then_names_each_corruption() {
         let link = tmp.path().join("link");
         std::os::unix::fs::symlink(&d, &link).unwrap();
         let o = tool(&["verify"], &link);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert_line(
+            &stdout(&o),
+            "error: shard 0: shard-000/data-000000.seg: data file is a symlink, not a regular file",
+        );
+        let to_file = tmp.path().join("link-to-file");
+        std::os::unix::fs::symlink(&moved, &to_file).unwrap();
+        let o = tool(&["verify"], &to_file);
         assert_eq!(o.status.code(), Some(2));
-        assert!(stderr(&o).contains("symlink"), "{}", stderr(&o));
+        assert!(stderr(&o).contains("not a directory"), "{}", stderr(&o));
     }
 
     // 10. A FIFO in place of meta.seg does not hang the tool.

@@ -49,11 +49,11 @@ fn huge_window_index_is_refused_before_the_table_grows() {
 fn waiter_is_woken_when_the_last_reference_is_an_io_operation() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
-        let cfg = common::builder(dir.path(), 4, 1)
+        let cfg = common::builder(dir.path(), 4, 2)
             .pin_timeout(Duration::from_secs(3))
             .build()
             .unwrap();
-        let (files, mm) = common::manager_with(&cfg);
+        let (files, mm) = common::manager_with_windows(&cfg, 1);
         let mm = Rc::new(mm);
         let f = files.register(dir.path().join("a"));
         let held = mm.pin(f, 0, 4096, true).await.unwrap();
@@ -92,11 +92,11 @@ fn waiter_is_woken_when_the_last_reference_is_an_io_operation() {
 fn waiter_is_woken_after_the_last_of_two_pins() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
-        let cfg = common::builder(dir.path(), 4, 1)
+        let cfg = common::builder(dir.path(), 4, 2)
             .pin_timeout(Duration::from_secs(3))
             .build()
             .unwrap();
-        let (files, mm) = common::manager_with(&cfg);
+        let (files, mm) = common::manager_with_windows(&cfg, 1);
         let mm = Rc::new(mm);
         let f = files.register(dir.path().join("a"));
         let a = mm.pin(f, 0, 4096, true).await.unwrap();
@@ -199,7 +199,7 @@ fn missing_foreign_file_registers_nothing() {
 fn per_shard_caps_never_exceed_the_process_caps() {
     let dir = tempfile::tempdir().unwrap();
     let b = || Config::builder(dir.path()).window_bytes(WINDOW);
-    for (shards, fds, windows) in [(8, 4, 64), (8, 64, 4), (3, 3, 6), (5, 100, 1000)] {
+    for (shards, fds, windows) in [(8, 4, 64), (8, 64, 4), (3, 3, 6), (5, 100, 1000), (2, 8, 3)] {
         match b()
             .shards(shards)
             .max_open_files(fds)
@@ -209,7 +209,7 @@ fn per_shard_caps_never_exceed_the_process_caps() {
             Ok(c) => {
                 assert!(c.max_open_files_per_shard() * shards <= fds);
                 assert!(c.max_windows_per_shard() * shards <= windows);
-                assert!(c.max_open_files_per_shard() >= 1 && c.max_windows_per_shard() >= 1);
+                assert!(c.max_open_files_per_shard() >= 1 && c.max_windows_per_shard() >= 2);
             }
             Err(e) => assert!(
                 matches!(e, Error::InvalidConfig(_)),
@@ -219,12 +219,20 @@ fn per_shard_caps_never_exceed_the_process_caps() {
     }
     assert!(b().shards(8).max_open_files(4).build().is_err());
     assert!(b().shards(8).max_windows(4).build().is_err());
+    // A shard needs two windows (its metadata's and one for data): a cap
+    // that leaves fewer is refused here, not by every open after the
+    // directory was created with that shard count.
+    assert!(b().shards(2).max_windows(3).build().is_err());
+    assert!(b().shards(4).max_windows(4).build().is_err());
+    assert!(b().max_windows(1).build().is_err());
     // The default shard count (one per core) fits the caps.
     let c = Config::builder(dir.path())
         .max_open_files(1)
-        .max_windows(1)
+        .max_windows(2)
         .build()
         .unwrap();
+    assert_eq!(c.shards(), 1);
+    let c = Config::builder(dir.path()).max_windows(3).build().unwrap();
     assert_eq!(c.shards(), 1);
     assert!(
         b().shards(3)

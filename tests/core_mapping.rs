@@ -213,11 +213,11 @@ fn eviction_policy_clock() {
 fn window_pressure_times_out() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
-        let cfg = common::builder(dir.path(), 4, 1)
+        let cfg = common::builder(dir.path(), 4, 2)
             .pin_timeout(Duration::from_millis(100))
             .build()
             .unwrap();
-        let (files, mm) = common::manager_with(&cfg);
+        let (files, mm) = common::manager_with_windows(&cfg, 1);
         let f = files.register(dir.path().join("a"));
         let held = mm.pin(f, 0, 4096, true).await.unwrap();
         // Window 1 exists on disk but is not mapped.
@@ -258,11 +258,11 @@ fn window_pressure_times_out() {
 fn window_pressure_released_by_another_task() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
-        let cfg = common::builder(dir.path(), 4, 1)
+        let cfg = common::builder(dir.path(), 4, 2)
             .pin_timeout(Duration::from_secs(5))
             .build()
             .unwrap();
-        let (files, mm) = common::manager_with(&cfg);
+        let (files, mm) = common::manager_with_windows(&cfg, 1);
         let f = files.register(dir.path().join("a"));
         let held = mm.pin(f, 0, 4096, true).await.unwrap();
         held.write_at(0, b"window 0").unwrap();
@@ -509,11 +509,11 @@ fn dropped_pin_future_mid_fault() {
 fn dropped_pin_future_queued_for_a_window() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
-        let cfg = common::builder(dir.path(), 4, 1)
+        let cfg = common::builder(dir.path(), 4, 2)
             .pin_timeout(Duration::from_secs(5))
             .build()
             .unwrap();
-        let (files, mm) = common::manager_with(&cfg);
+        let (files, mm) = common::manager_with_windows(&cfg, 1);
         let mm = Rc::new(mm);
         let [a, b, c, d] = ["a", "b", "c", "d"].map(|n| files.register(dir.path().join(n)));
         for f in [a, b, c, d] {
@@ -597,12 +597,12 @@ fn dropped_pin_future_under_fd_cap_1() {
 fn dropped_pin_future_mid_advice_under_tight_cap() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
-        let cfg = common::builder(dir.path(), 1, 1)
+        let cfg = common::builder(dir.path(), 1, 2)
             .pin_timeout(Duration::from_secs(2))
             .prefetch_ahead_bytes(WINDOW)
             .build()
             .unwrap();
-        let (files, mm) = common::manager_with(&cfg);
+        let (files, mm) = common::manager_with_windows(&cfg, 1);
         let uring = files.ring().backend() == IoBackend::Uring;
         // The read-ahead covers the whole (pre-grown) window: usually slow
         // enough to be caught in flight, but a kernel worker may finish it

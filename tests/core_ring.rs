@@ -70,7 +70,7 @@ fn backend_reporting() {
     );
     // A registry built from a default config follows SEGALLOC_IO too.
     let dir = tempfile::tempdir().unwrap();
-    let (files, _mm) = common::manager(dir.path(), 1, 1);
+    let (files, _mm) = common::manager(dir.path(), 1, 2);
     assert_eq!(files.ring().backend(), common::expected_backend());
 }
 

@@ -532,3 +532,76 @@ fn destroy_empties_a_mount_point_and_keeps_it() {
     }
     assert!(exists(&at.join("MANIFEST")));
 }
+
+/// `f` on another thread, with a bound: a call that hangs fails the test
+/// instead of the run.
+fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{what} hung"))
+}
+
+/// Replace `path` with a FIFO.
+fn make_fifo(path: &Path) {
+    std::fs::remove_file(path).unwrap();
+    let ok = Command::new("mkfifo").arg(path).status().unwrap().success();
+    assert!(ok, "mkfifo {}", path.display());
+}
+
+/// A FIFO in place of one of the directory's files is an error naming it,
+/// never a wait: a read-only open of a FIFO blocks until a writer comes, so
+/// opening the directory (or destroying it) once hung for ever.
+#[test]
+fn a_fifo_in_place_of_a_file_is_an_error_not_a_hang() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = populated(&tmp.path().join("d"));
+    let dir = cfg.dir().to_path_buf();
+
+    make_fifo(&dir.join("shard-000").join("meta.seg"));
+    let c = cfg.clone();
+    let r = within("a read-only shard open", move || {
+        common::run(async move {
+            let (ro, _) = DataDir::open_read_only(c.dir())?;
+            Shard::open(Arc::new(ro), &c, 0).await.map(|_| ())
+        })
+    });
+    let e = r.expect_err("a FIFO is not a metadata file");
+    assert!(format!("{e}").contains("meta.seg"), "{e}");
+    let c = cfg.clone();
+    let r = within("a shard open", move || {
+        common::run(async move {
+            let dd = Arc::new(DataDir::open(&c)?);
+            Shard::open(dd, &c, 0).await.map(|_| ())
+        })
+    });
+    let e = r.expect_err("a FIFO is not a metadata file");
+    assert!(format!("{e}").contains("meta.seg"), "{e}");
+
+    make_fifo(&dir.join("LOCK"));
+    let d = dir.clone();
+    let e = within("a read-only open", move || {
+        DataDir::open_read_only(d).map(|_| ())
+    })
+    .expect_err("a FIFO is not a lock file");
+    assert!(format!("{e}").contains("LOCK"), "{e}");
+
+    std::fs::remove_file(dir.join("LOCK")).unwrap();
+    std::fs::write(dir.join("LOCK"), b"").unwrap();
+    make_fifo(&dir.join("MANIFEST"));
+    let c = cfg.clone();
+    let e = within("an open", move || DataDir::open(&c).map(|_| ()))
+        .expect_err("a FIFO is not a manifest");
+    assert!(format!("{e}").contains("MANIFEST"), "{e}");
+    let d = dir.clone();
+    let e = within("a read-only open", move || {
+        DataDir::open_read_only(d).map(|_| ())
+    })
+    .expect_err("a FIFO is not a manifest");
+    assert!(format!("{e}").contains("MANIFEST"), "{e}");
+    let d = dir.clone();
+    within("destroy", move || DataDir::destroy(d)).expect_err("not a closed data directory");
+    assert!(exists(&dir.join("shard-000")), "destroy deleted nothing");
+}

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use super::{FileHandleRegistry, FileId};
 use crate::error::{Error, Result};
 use crate::io::Op;
-use crate::sys::{self, OpenMode};
+use crate::sys;
 
 impl FileHandleRegistry {
     /// Bytes of `id` known to survive a power loss: its size when the last
@@ -158,8 +158,7 @@ impl FileHandleRegistry {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let fd = sys::open(&folder, OpenMode::ReadOnly)
-            .map_err(|e| Error::io("open", Some(&folder), e))?;
+        let fd = sys::open_dir(&folder).map_err(|e| Error::io("open", Some(&folder), e))?;
         self.ring
             .fsync(&Rc::new(fd), false)
             .await

@@ -132,7 +132,8 @@ impl Reporter<'_> {
 ///
 /// [`Error::Io`] when the directory or a file in it cannot be read (missing
 /// directory, permissions, I/O errors); [`Error::InvalidConfig`] when `path`
-/// is a symlink or not a directory; [`Error::Corrupt`] when `path` has
+/// is not a directory (a symlink to a directory is followed: nothing inside
+/// it is); [`Error::Corrupt`] when `path` has
 /// neither a manifest nor shard folders (not a data directory). Damaged
 /// contents are not errors: they are [`DirReport::problems`].
 pub fn read_dir(path: impl AsRef<Path>) -> Result<DirReport> {
@@ -147,10 +148,18 @@ pub fn read_dir(path: impl AsRef<Path>) -> Result<DirReport> {
             ));
         }
         Kind::Symlink => {
-            return Err(Error::InvalidConfig(format!(
-                "{} is a symlink; segalloc does not follow symlinks in a data directory",
-                dir.display()
-            )));
+            // The path the user gives may be a symlink (the library
+            // resolves it too); nothing inside the directory is followed.
+            let resolved =
+                std::fs::canonicalize(dir).map_err(|e| Error::io("canonicalize", Some(dir), e))?;
+            if !resolved.is_dir() {
+                return Err(Error::InvalidConfig(format!(
+                    "{} is a symlink to {}, which is not a directory",
+                    dir.display(),
+                    resolved.display()
+                )));
+            }
+            return read_dir(resolved);
         }
         Kind::File(_) | Kind::Other => {
             return Err(Error::InvalidConfig(format!(

@@ -53,12 +53,26 @@ pub fn manager(
 }
 
 pub fn manager_with(cfg: &Config) -> (Rc<FileHandleRegistry>, MappingManager) {
+    manager_with_windows(cfg, cfg.max_windows_per_shard())
+}
+
+/// As [`manager_with`], with a window cap of `windows` for the manager
+/// alone (a `Config` leaves each shard at least 2: the mapping layer's
+/// tests go down to 1).
+pub fn manager_with_windows(
+    cfg: &Config,
+    windows: usize,
+) -> (Rc<FileHandleRegistry>, MappingManager) {
     let ring = Ring::new(cfg.io_backend()).expect("ring");
     let files = Rc::new(FileHandleRegistry::new(
         ring,
         cfg.max_open_files_per_shard(),
     ));
-    let mm = MappingManager::new(files.clone(), MappingConfig::from_config(cfg));
+    let mcfg = MappingConfig {
+        max_windows: windows,
+        ..MappingConfig::from_config(cfg)
+    };
+    let mm = MappingManager::new(files.clone(), mcfg);
     (files, mm)
 }
 
