@@ -605,3 +605,51 @@ fn a_fifo_in_place_of_a_file_is_an_error_not_a_hang() {
     within("destroy", move || DataDir::destroy(d)).expect_err("not a closed data directory");
     assert!(exists(&dir.join("shard-000")), "destroy deleted nothing");
 }
+
+/// A directory, a FIFO or a symlink in place of a data file the metadata
+/// refers to makes the shard's open fail, naming the file (it opened, and
+/// failed at the data's first use, or its first sync).
+#[test]
+fn a_data_file_that_is_not_a_regular_file_is_refused_at_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = populated(&tmp.path().join("d"));
+    let data = cfg.dir().join("shard-000").join("data-000000.seg");
+    let kept = tmp.path().join("kept.seg");
+    std::fs::rename(&data, &kept).unwrap();
+    let open = |cfg: &Config| {
+        let c = cfg.clone();
+        within("a shard open", move || {
+            common::run(async move {
+                let dd = Arc::new(DataDir::open(&c)?);
+                Shard::open(dd, &c, 0).await.map(|s| s.live_count())
+            })
+        })
+    };
+    type Make = fn(&Path, &Path);
+    let kinds: [(&str, Make); 3] = [
+        ("a directory", |p, _| std::fs::create_dir(p).unwrap()),
+        ("a FIFO", |p, _| {
+            assert!(Command::new("mkfifo").arg(p).status().unwrap().success())
+        }),
+        ("a symlink", |p, to| {
+            std::os::unix::fs::symlink(to, p).unwrap()
+        }),
+    ];
+    for (what, make) in kinds {
+        make(&data, &kept);
+        match open(&cfg) {
+            Err(Error::Corrupt { what: path, detail }) => {
+                assert!(path.ends_with("data-000000.seg"), "{what}: {path}");
+                assert!(detail.contains("not a regular file"), "{what}: {detail}");
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+        if std::fs::symlink_metadata(&data).unwrap().is_dir() {
+            std::fs::remove_dir(&data).unwrap();
+        } else {
+            std::fs::remove_file(&data).unwrap();
+        }
+    }
+    std::fs::rename(&kept, &data).unwrap();
+    assert_eq!(open(&cfg).unwrap(), 1);
+}

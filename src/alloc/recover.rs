@@ -56,6 +56,21 @@ impl SegmentAllocator {
         if let Some(f) = found.refusal() {
             return Err(self.refusal(f, &found));
         }
+        // Something else where a kept segment's data file should be (a
+        // directory, a FIFO, a symlink: never followed): refused now, not at
+        // its first use.
+        for x in found.kept_segments() {
+            if data_file(x.header.file) == DataFileLen::Unknown {
+                return Err(Error::Corrupt {
+                    what: self
+                        .dir
+                        .join(data_file_name(x.header.file))
+                        .display()
+                        .to_string(),
+                    detail: "data file referenced by the directory is not a regular file".into(),
+                });
+            }
+        }
         for f in &found.findings {
             let file = match f.file {
                 FindingFile::Meta => self.meta_path(),
