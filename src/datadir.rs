@@ -494,29 +494,17 @@ fn probe_lock(dir: &Path) -> Result<bool> {
 
 fn read_manifest(dir: &Path) -> Result<Manifest> {
     let p = dir.join(MANIFEST_FILE);
-    // Not blocked by a FIFO in its place (refused just below).
-    let mut f = OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(&p)
-        .map_err(|e| match e.kind() {
+    // `sys::open` refuses a symlink or anything but a regular file, and a
+    // FIFO in its place does not block it.
+    let mut f = std::fs::File::from(sys::open(&p, OpenMode::ReadOnly).map_err(
+        |e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::NotDataDir {
                 path: dir.to_path_buf(),
                 reason: "it has no manifest",
             },
             _ => Error::io("open", Some(&p), e),
-        })?;
-    if !f
-        .metadata()
-        .map_err(|e| Error::io("stat", Some(&p), e))?
-        .is_file()
-    {
-        return Err(Error::io(
-            "open",
-            Some(&p),
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
-        ));
-    }
+        },
+    )?);
     let mut buf = Vec::with_capacity(MANIFEST_BYTES);
     Read::by_ref(&mut f)
         .take(4096)

@@ -58,15 +58,14 @@ impl SegmentAllocator {
         }
         // Something else where a kept segment's data file should be (a
         // directory, a FIFO, a symlink: never followed): refused now, not at
-        // its first use.
-        for x in found.kept_segments() {
-            if data_file(x.header.file) == DataFileLen::Unknown {
+        // its first use. Each file is looked at once (a shard may have
+        // tens of thousands of segments in a few files).
+        let files: std::collections::BTreeSet<u32> =
+            found.kept_segments().map(|x| x.header.file).collect();
+        for n in files {
+            if data_file(n) == DataFileLen::Unknown {
                 return Err(Error::Corrupt {
-                    what: self
-                        .dir
-                        .join(data_file_name(x.header.file))
-                        .display()
-                        .to_string(),
+                    what: self.dir.join(data_file_name(n)).display().to_string(),
                     detail: "data file referenced by the directory is not a regular file".into(),
                 });
             }

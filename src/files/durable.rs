@@ -179,9 +179,8 @@ struct Orphan<'a> {
 
 impl Drop for Orphan<'_> {
     fn drop(&mut self) {
-        if let Some(mut op) = self.op.take() {
-            op.detach();
-            self.reg.orphans.borrow_mut().push((self.id, op));
+        if let Some(op) = self.op.take() {
+            self.reg.keep_orphan(self.id, op);
         }
     }
 }
@@ -197,11 +196,18 @@ struct Orphans<'a> {
 
 impl Drop for Orphans<'_> {
     fn drop(&mut self) {
-        let mut kept = self.reg.orphans.borrow_mut();
-        for mut op in self.ops.drain(..) {
-            op.detach();
-            kept.push((self.id, op));
+        for op in self.ops.drain(..) {
+            self.reg.keep_orphan(self.id, op);
         }
+    }
+}
+
+impl FileHandleRegistry {
+    /// Keep a sync of `id` that its task stopped awaiting for the file's
+    /// next sync, detached from that task (see `Op::detach`).
+    fn keep_orphan(&self, id: FileId, mut op: Op) {
+        op.detach();
+        self.orphans.borrow_mut().push((id, op));
     }
 }
 
