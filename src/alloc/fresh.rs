@@ -15,20 +15,14 @@
 /// every allocation a completed sync covered is untouched (it was taken
 /// before that sync began, so its slot was never fresh since).
 ///
-/// A sync bumps `epoch` when it begins (also one that is dropped or fails:
-/// that only defers more). Each segment's bits carry the epoch they were
-/// set in and count as empty under another: starting a sync clears every
+/// A sync bumps the epoch when it begins (also one that is dropped or
+/// fails: that only defers more). Each segment keeps its fresh bits
+/// (`Seg::mark_fresh`, `Seg::take_fresh`) with the epoch they were set in,
+/// and they count as empty under another: starting a sync clears every
 /// segment's bits at once, in O(1). A fresh bit is set only on a held slot.
 #[derive(Default)]
 pub(super) struct Fresh {
     epoch: u64,
-    /// Indexed by segment id; grown on demand.
-    segments: Vec<FreshBits>,
-}
-
-struct FreshBits {
-    epoch: u64,
-    words: [u64; crate::format::BITMAP_WORDS],
 }
 
 impl Fresh {
@@ -37,43 +31,9 @@ impl Fresh {
         self.epoch += 1;
     }
 
-    /// Slot `slot` of segment `seg` was just taken.
-    #[inline]
-    pub(super) fn mark(&mut self, seg: u32, slot: u32) {
-        let epoch = self.epoch;
-        let Some(bits) = self.segments.get_mut(seg as usize) else {
-            return self.mark_new(seg, slot);
-        };
-        if bits.epoch != epoch {
-            bits.epoch = epoch;
-            bits.words = [0; crate::format::BITMAP_WORDS];
-        }
-        bits.words[(slot / 64) as usize] |= 1u64 << (slot % 64);
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn mark_new(&mut self, seg: u32, slot: u32) {
-        let epoch = self.epoch;
-        self.segments.resize_with(seg as usize + 1, || FreshBits {
-            epoch,
-            words: [0; crate::format::BITMAP_WORDS],
-        });
-        self.mark(seg, slot);
-    }
-
-    /// Forget slot `slot` of segment `seg`; whether it was fresh.
-    #[inline]
-    pub(super) fn take(&mut self, seg: u32, slot: u32) -> bool {
-        match self.segments.get_mut(seg as usize) {
-            Some(bits) if bits.epoch == self.epoch => {
-                let word = &mut bits.words[(slot / 64) as usize];
-                let mask = 1u64 << (slot % 64);
-                let was = *word & mask != 0;
-                *word &= !mask;
-                was
-            }
-            _ => false,
-        }
+    /// The current epoch.
+    #[inline(always)]
+    pub(super) fn epoch(&self) -> u64 {
+        self.epoch
     }
 }

@@ -304,7 +304,7 @@ impl SegmentAllocator {
                 continue;
             };
             let (handle, at) = seg.slot_at(slot);
-            st.fresh.mark(seg_id, slot);
+            seg.mark_fresh(slot, st.fresh.epoch());
             st.live_per_class[class_id as usize] += 1;
             st.stats.allocs += 1;
             // The first slot of its class in a chunk (small slots only),
@@ -372,7 +372,7 @@ impl SegmentAllocator {
         if live {
             seg.clear_live(slot);
         }
-        st.fresh.take(h.segment, slot);
+        seg.take_fresh(slot, st.fresh.epoch());
         seg.unhold(slot);
         if !seg.in_avail {
             seg.in_avail = true;
@@ -448,7 +448,7 @@ impl SegmentAllocator {
     /// # Errors
     ///
     /// As [`allocate`](Self::allocate) for what can be checked at once.
-    #[inline]
+    #[inline(always)]
     pub fn try_allocate(&self, size: u64) -> Result<Option<Allocation>> {
         self.check_writable()?;
         let Some(class_id) = classes::class_of(size) else {
@@ -462,13 +462,13 @@ impl SegmentAllocator {
         else {
             return Ok(None);
         };
+        // Before the pin, so that nothing built lives across the call (an
+        // unmapped window makes it a no-op).
+        if let Some(chunk) = prefault {
+            self.prefault_chunk(at.file, chunk);
+        }
         match self.mm.pin_mapped(at) {
-            Some(pin) => {
-                if let Some(chunk) = prefault {
-                    self.prefault_chunk(at.file, chunk);
-                }
-                Ok(Some(Allocation { handle, pin }))
-            }
+            Some(pin) => Ok(Some(Allocation { handle, pin })),
             None => self.try_allocate_unmapped(handle, at.file),
         }
     }
@@ -507,7 +507,7 @@ impl SegmentAllocator {
     ///
     /// [`Error::DoubleFree`], [`Error::NotAllocated`], [`Error::ForeignHandle`],
     /// [`Error::WrongShard`], [`Error::Poisoned`]. On error nothing changed.
-    #[inline]
+    #[inline(always)]
     pub fn free(&self, handle: Handle) -> Result<()> {
         self.check_writable()?;
         let mut st = self.st.borrow_mut();
@@ -524,7 +524,7 @@ impl SegmentAllocator {
         seg.clear_live(slot);
         st.live_per_class[seg.class_id() as usize] -= 1;
         st.stats.frees += 1;
-        if !st.fresh.take(seg_id, slot) {
+        if !seg.take_fresh(slot, st.fresh.epoch()) {
             // Covered by a sync: held until a sync makes this free durable.
             st.released.slots.push((seg_id, slot));
             return Ok(());

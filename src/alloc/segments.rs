@@ -30,9 +30,12 @@ pub(super) struct Seg {
     pub(super) live: u32,
     /// Slots held (live, or freed and not yet durably so).
     pub(super) held: u32,
-    /// In memory, a bit per slot: set when held. Bits past `slots` are set.
-    held_bits: Box<[u64; format::BITMAP_WORDS]>,
-    /// Bit `w` is set when word `w` of `held_bits` has a clear bit.
+    /// In memory, a bit per slot: held (set past `slots`) and fresh.
+    bits: Box<SlotBits>,
+    /// The sync epoch `bits.fresh` was set in (see [`Fresh`](super::fresh::Fresh)):
+    /// under another, no slot is fresh.
+    fresh_epoch: u64,
+    /// Bit `w` is set when word `w` of `bits.held` has a clear bit.
     open_words: u64,
     bitmap: Bitmap,
     /// Whether the segment is on its class's list of segments with room.
@@ -55,6 +58,14 @@ pub(super) struct Seg {
     window_start: u64,
 }
 
+/// A segment's in-memory bits, one allocation.
+struct SlotBits {
+    /// Set when the slot is held.
+    held: [u64; format::BITMAP_WORDS],
+    /// Set when the slot was taken in the epoch `Seg::fresh_epoch`.
+    fresh: [u64; format::BITMAP_WORDS],
+}
+
 // `open_words` has a bit per bitmap word.
 const _: () = assert!(format::BITMAP_WORDS <= 64);
 
@@ -71,10 +82,13 @@ impl Seg {
         file_id: FileId,
         names: SegNames,
     ) -> Seg {
-        let mut held_bits = Box::new([u64::MAX; format::BITMAP_WORDS]);
+        let mut bits = Box::new(SlotBits {
+            held: [u64::MAX; format::BITMAP_WORDS],
+            fresh: [0; format::BITMAP_WORDS],
+        });
         let mut open_words = 0u64;
         let mut live = 0u32;
-        for (w, held) in (0u32..).zip(held_bits.iter_mut()) {
+        for (w, held) in (0u32..).zip(bits.held.iter_mut()) {
             let valid = header.slots.saturating_sub(w * 64).min(64);
             if valid == 0 {
                 break;
@@ -106,7 +120,8 @@ impl Seg {
             file_id,
             live,
             held: live,
-            held_bits,
+            bits,
+            fresh_epoch: u64::MAX,
             open_words,
             bitmap,
             in_avail: false,
@@ -204,7 +219,7 @@ impl Seg {
             return None;
         }
         let w = self.open_words.trailing_zeros();
-        let held = &mut self.held_bits[w as usize];
+        let held = &mut self.bits.held[w as usize];
         let bit = (!*held).trailing_zeros();
         *held |= 1u64 << bit;
         if *held == u64::MAX {
@@ -244,11 +259,34 @@ impl Seg {
     pub(super) fn unhold(&mut self, slot: u32) {
         let (w, bit) = (slot / 64, slot % 64);
         debug_assert!(!self.is_live(slot));
-        let held = &mut self.held_bits[w as usize];
+        let held = &mut self.bits.held[w as usize];
         debug_assert!(*held & (1u64 << bit) != 0);
         *held &= !(1u64 << bit);
         self.open_words |= 1u64 << w;
         self.held -= 1;
+    }
+
+    /// Mark slot `slot`, just taken, fresh in sync epoch `epoch`.
+    #[inline(always)]
+    pub(super) fn mark_fresh(&mut self, slot: u32, epoch: u64) {
+        if self.fresh_epoch != epoch {
+            self.fresh_epoch = epoch;
+            self.bits.fresh = [0; format::BITMAP_WORDS];
+        }
+        self.bits.fresh[(slot / 64) as usize] |= 1u64 << (slot % 64);
+    }
+
+    /// Forget slot `slot`'s fresh mark; whether it was fresh in `epoch`.
+    #[inline(always)]
+    pub(super) fn take_fresh(&mut self, slot: u32, epoch: u64) -> bool {
+        if self.fresh_epoch != epoch {
+            return false;
+        }
+        let word = &mut self.bits.fresh[(slot / 64) as usize];
+        let mask = 1u64 << (slot % 64);
+        let was = *word & mask != 0;
+        *word &= !mask;
+        was
     }
 
     /// Byte offset of the segment in its data file.

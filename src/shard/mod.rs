@@ -265,7 +265,7 @@ impl Shard {
     /// # Errors
     ///
     /// See [`SegmentAllocator::try_allocate`].
-    #[inline]
+    #[inline(always)]
     pub fn try_allocate(&self, size: u64) -> Result<Option<Allocation>> {
         self.inner.alloc.try_allocate(size)
     }
