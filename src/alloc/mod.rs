@@ -28,6 +28,7 @@
 
 mod durability;
 mod fresh;
+mod futures;
 mod meta_map;
 mod open;
 mod recover;
@@ -50,6 +51,7 @@ use crate::format::{Handle, Manifest};
 use crate::mapping::{MappingManager, PinGuard, SlotAt};
 use durability::Released;
 use fresh::Fresh;
+pub use futures::{AllocateFuture, PinFuture};
 use meta_map::MetaMap;
 use segments::Seg;
 use space::Space;
@@ -394,7 +396,22 @@ impl SegmentAllocator {
     /// [`Error::InvalidSize`], [`Error::NoSpace`] (the disk is full: nothing
     /// changed), [`Error::Poisoned`], window and descriptor pressure, io
     /// errors.
-    pub async fn allocate(&self, size: u64) -> Result<Allocation> {
+    ///
+    /// The future ([`AllocateFuture`]) takes the hot path
+    /// ([`try_allocate`](Self::try_allocate)) when first polled, so an
+    /// allocation from an existing segment in a mapped window costs what
+    /// `try_allocate` costs; only a new segment or a window to fault in makes
+    /// it wait. Like an `async fn`, it does nothing until polled, and dropped
+    /// before it completes it leaves nothing allocated.
+    #[inline]
+    pub fn allocate(&self, size: u64) -> AllocateFuture<'_> {
+        AllocateFuture::new(self, size)
+    }
+
+    /// [`allocate`](Self::allocate) once the hot path has not found a slot:
+    /// a new segment or a window to fault in.
+    #[inline(never)]
+    async fn allocate_slow(&self, size: u64) -> Result<Allocation> {
         self.check_writable()?;
         let Some(class_id) = classes::class_of(size) else {
             return Err(invalid_size(size));
@@ -559,7 +576,7 @@ impl SegmentAllocator {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn check_live(&self, handle: &Handle) -> Result<SlotAt> {
         let st = self.st.borrow();
         if let Some((seg, slot, at)) = self.find_seg(&st, handle)
@@ -593,7 +610,18 @@ impl SegmentAllocator {
     ///
     /// As [`free`](Self::free) for a bad handle ([`Error::NotAllocated`] for
     /// a freed one), plus the errors of [`MappingManager::pin`].
-    pub async fn pin(&self, handle: Handle) -> Result<PinGuard> {
+    ///
+    /// The future ([`PinFuture`]) takes the hot path ([`try_pin`](Self::try_pin))
+    /// when first polled, and waits only for a window to fault in.
+    #[inline]
+    pub fn pin(&self, handle: Handle) -> PinFuture<'_> {
+        PinFuture::new(self, handle)
+    }
+
+    /// [`pin`](Self::pin) once the hot path has not pinned the slot: its
+    /// window is to be faulted in (or the file grown).
+    #[inline(never)]
+    async fn pin_slow(&self, handle: Handle) -> Result<PinGuard> {
         let at = self.check_live(&handle)?;
         if let Some(p) = self.mm.pin_mapped(at) {
             return Ok(p);
@@ -623,7 +651,7 @@ impl SegmentAllocator {
     /// # Errors
     ///
     /// As [`pin`](Self::pin).
-    #[inline]
+    #[inline(always)]
     pub fn try_pin(&self, handle: Handle) -> Result<Option<PinGuard>> {
         let at = self.check_live(&handle)?;
         if let Some(p) = self.mm.pin_mapped(at) {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use futures::FutureExt;
 use futures::channel::oneshot;
 
-use crate::alloc::{AllocStats, Allocation, LiveIter, SegmentAllocator};
+use crate::alloc::{AllocStats, AllocateFuture, Allocation, LiveIter, PinFuture, SegmentAllocator};
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::error::{Error, Result};
@@ -251,13 +251,17 @@ impl Shard {
         &self.inner.ring
     }
 
-    /// Allocate `size` bytes (1..=16 MiB) on this shard.
+    /// Allocate `size` bytes (1..=16 MiB) on this shard. The future
+    /// ([`AllocateFuture`]) takes the hot path when first polled, as
+    /// [`try_allocate`](Self::try_allocate) does, and waits only for a new
+    /// segment or a window to fault in.
     ///
     /// # Errors
     ///
     /// See [`SegmentAllocator::allocate`].
-    pub async fn allocate(&self, size: u64) -> Result<Allocation> {
-        self.inner.alloc.allocate(size).await
+    #[inline]
+    pub fn allocate(&self, size: u64) -> AllocateFuture<'_> {
+        self.inner.alloc.allocate(size)
     }
 
     /// Allocate without awaiting (`Ok(None)`: use [`allocate`](Self::allocate)).
@@ -275,20 +279,28 @@ impl Shard {
     /// handle of another shard is refused: use [`read`](Self::read),
     /// [`write`](Self::write) or [`run_on_owner`](Self::run_on_owner).
     ///
+    /// The future ([`PinFuture`]) takes the hot path, as
+    /// [`try_pin`](Self::try_pin) does, when first polled.
+    ///
     /// # Errors
     ///
     /// See [`SegmentAllocator::pin`]; [`Error::NotOwner`] for another
     /// shard's handle; [`Error::ForeignHandle`] for another directory's.
-    pub async fn pin(&self, handle: Handle) -> Result<PinGuard> {
+    #[inline]
+    pub fn pin(&self, handle: Handle) -> PinFuture<'_> {
+        let alloc = &self.inner.alloc;
         if handle.shard() == self.inner.index {
-            return self.inner.alloc.pin(handle).await;
+            return alloc.pin(handle);
         }
-        self.check_foreign(&handle)?;
-        Err(Error::NotOwner {
-            handle,
-            owner: handle.shard(),
-            this: self.inner.index,
-        })
+        let e = match self.check_foreign(&handle) {
+            Err(e) => e,
+            Ok(()) => Error::NotOwner {
+                handle,
+                owner: handle.shard(),
+                this: self.inner.index,
+            },
+        };
+        PinFuture::failed(alloc, handle, e)
     }
 
     /// Pin without awaiting (`Ok(None)`: use [`pin`](Self::pin)).
@@ -299,7 +311,7 @@ impl Shard {
     /// by the allocator's own check, with [`Error::WrongShard`] naming its
     /// owner ([`pin`](Self::pin) says [`Error::NotOwner`], with what to use
     /// instead; this hot path spends no instruction on telling them apart).
-    #[inline]
+    #[inline(always)]
     pub fn try_pin(&self, handle: Handle) -> Result<Option<PinGuard>> {
         self.inner.alloc.try_pin(handle)
     }
