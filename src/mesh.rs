@@ -69,6 +69,9 @@ pub(crate) enum Parcel {
     Frees(Vec<Handle>),
     /// Answer once every parcel before this one is applied.
     Barrier(oneshot::Sender<()>),
+    /// The sender is stopping: it has closed and sent everything it
+    /// acknowledged; nothing follows on this channel. Consumed by the mesh.
+    Done,
 }
 
 /// The channels of one shard, before it is opened (`Send`). `J` is the
@@ -123,6 +126,8 @@ pub(crate) struct MeshLocal<J> {
     /// `MeshStats::cross_frees_sent`, kept apart: counted on every free.
     sent: Cell<u64>,
     inbox: RefCell<Vec<Receiver<Parcel>>>,
+    /// Per inbox, whether its sender said [`Parcel::Done`].
+    done: RefCell<Vec<bool>>,
     next_inbox: Cell<usize>,
     jobs_out: Vec<Option<Sender<J>>>,
     jobs_in: RefCell<Option<Receiver<J>>>,
@@ -138,6 +143,7 @@ impl<J: 'static> MeshLocal<J> {
             closed: Cell::new(false),
             stats: Cell::new(MeshStats::default()),
             sent: Cell::new(0),
+            done: RefCell::new(vec![false; ep.inbox.len()]),
             inbox: RefCell::new(ep.inbox),
             next_inbox: Cell::new(0),
             jobs_out: ep.jobs_out,
@@ -332,25 +338,59 @@ impl<J: 'static> MeshLocal<J> {
     /// Every parcel already received (no waiting).
     pub(crate) fn take_ready(&self) -> Vec<Parcel> {
         let mut ready = Vec::new();
-        for rx in self.inbox.borrow_mut().iter_mut() {
+        let mut done = self.done.borrow_mut();
+        for (rx, done) in self.inbox.borrow_mut().iter_mut().zip(done.iter_mut()) {
             while let Ok(p) = rx.try_recv() {
-                ready.push(p);
+                match p {
+                    Parcel::Done => *done = true,
+                    p => ready.push(p),
+                }
             }
         }
         ready
     }
 
+    /// Stop: refuse further frees, send every buffered one, then tell each
+    /// peer that nothing more follows ([`Parcel::Done`]). A peer that is
+    /// gone is skipped.
+    pub(crate) async fn finish(&self) {
+        self.close();
+        for (to, tx) in self.out.iter().enumerate() {
+            let Some(tx) = tx else { continue };
+            if self.send_buffered(to).await.is_ok() {
+                let _ = tx.send(Parcel::Done).await;
+            }
+        }
+    }
+
+    /// Whether every peer has said [`Parcel::Done`] or is gone, and
+    /// everything it sent before was received.
+    pub(crate) fn peers_finished(&self) -> bool {
+        let done = self.done.borrow();
+        self.inbox
+            .borrow()
+            .iter()
+            .zip(done.iter())
+            .all(|(rx, &done)| done || (rx.is_closed() && rx.is_empty()))
+    }
+
     /// The next parcel from any peer, fairly; `Ready(None)` once every
-    /// peer is gone. Receivers stay in the mesh (borrowed only here), so
+    /// peer is gone or done. Receivers stay in the mesh (borrowed only here), so
     /// [`take_ready`](Self::take_ready) can run between polls.
     pub(crate) fn poll_parcel(&self, cx: &mut Context<'_>) -> Poll<Option<Parcel>> {
         let mut inbox = self.inbox.borrow_mut();
+        let mut done = self.done.borrow_mut();
         let n = inbox.len();
         let start = self.next_inbox.get();
         let mut open = 0;
         for k in 0..n {
             let i = (start + k) % n;
+            if done[i] {
+                continue;
+            }
             match inbox[i].poll_recv(cx) {
+                // Nothing follows it on this channel.
+                Poll::Ready(Some(Parcel::Done)) => done[i] = true,
                 Poll::Ready(Some(p)) => {
                     self.next_inbox.set(i + 1);
                     return Poll::Ready(Some(p));

@@ -176,7 +176,8 @@ pub struct Runtime {
     id: u64,
     dir: Arc<DataDir>,
     shards: Vec<ShardThread>,
-    failures: Arc<Mutex<Vec<String>>>,
+    /// Shard threads that panicked: the shard and the message.
+    failures: Arc<Mutex<Vec<(u16, String)>>>,
 }
 
 /// Source of [`Runtime::id`]s.
@@ -279,7 +280,7 @@ async fn serve(
             Msg::Crash => panic!("shard {index} crashed on request"),
         }
     }
-    shard.drain_frees();
+    shard.finish_mesh().await;
 }
 
 impl Runtime {
@@ -335,7 +336,7 @@ impl Runtime {
                     if let Err(p) = result {
                         let m = format!("shard {index} thread panicked: {}", panic_message(&*p));
                         tracing::error!("{m}");
-                        failures.lock().expect("failures lock").push(m);
+                        failures.lock().expect("failures lock").push((index, m));
                     }
                 })
                 .map_err(|e| Error::io("spawn shard thread", None, e))?;
@@ -528,17 +529,23 @@ impl Runtime {
     fn stop_all(&mut self) {
         if self.on_own_shard() {
             // Waiting here would wait for this very thread: ask every shard
-            // to stop (each applies what it buffered before closing, as
-            // after a drop) and let the threads finish on their own.
+            // to stop and let the threads finish on their own. Each sends
+            // what it acknowledged for the others and applies what they
+            // send it before it closes (`Shard::finish_mesh`).
             for t in &mut self.shards {
                 let _ = t.tx.send(Msg::Stop);
                 drop(t.thread.take());
             }
             return;
         }
-        // Every shard stops accepting cross-shard frees and waits until the
-        // owners applied what it acknowledged, while every shard still
-        // drains: no acknowledged free is lost. Only then do shards stop.
+        self.close_mesh();
+        self.stop_threads();
+    }
+
+    /// Every shard stops accepting cross-shard frees and waits until the
+    /// owners applied what it acknowledged, while every shard still drains:
+    /// no acknowledged free is lost.
+    fn close_mesh(&self) {
         let closing: Vec<_> = (0..self.shard_count())
             .map(|i| {
                 self.spawn_on(i, |s| async move {
@@ -552,6 +559,10 @@ impl Runtime {
                 tracing::error!(error = %e, "cross-shard frees not delivered at shutdown");
             }
         }
+    }
+
+    /// Stop every shard thread and wait for it.
+    fn stop_threads(&mut self) {
         for t in &self.shards {
             let _ = t.tx.send(Msg::Stop);
         }
@@ -562,8 +573,11 @@ impl Runtime {
         }
     }
 
-    /// Drain forwarded frees, sync every shard, stop the threads (unmapping
-    /// and closing everything), and report what went wrong, if anything.
+    /// Stop accepting cross-shard frees and drain them, sync every shard,
+    /// stop the threads (unmapping and closing everything), and report what
+    /// went wrong, if anything. Tasks still running on the shards meanwhile
+    /// are dropped when their shard stops; what they did after the sync is
+    /// applied (durable against a process crash) but not synced.
     ///
     /// Call it (and [`sync`](Self::sync) through `block_on`) from a thread
     /// of your own, not from a task on a shard: it waits for every shard,
@@ -586,19 +600,19 @@ impl Runtime {
             });
         }
         let _span = tracing::info_span!("shutdown").entered();
+        // No cross-shard free is acknowledged after this, so the sync
+        // covers every one that was.
+        self.close_mesh();
         let sync = futures::executor::block_on(self.sync());
-        self.stop_all();
+        self.stop_threads();
         let failures = std::mem::take(&mut *self.failures.lock().expect("failures lock"));
         // A crashed shard thread is the cause, the sync's `ShardGone` only
         // its consequence: report the crash.
-        if let Some(message) = failures.into_iter().next() {
+        if let Some((shard, message)) = failures.into_iter().next() {
             if let Err(e) = sync {
                 tracing::error!(error = %e, "sync at shutdown failed");
             }
-            return Err(Error::TaskPanicked {
-                shard: u16::MAX,
-                message,
-            });
+            return Err(Error::TaskPanicked { shard, message });
         }
         sync
     }

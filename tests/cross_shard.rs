@@ -464,3 +464,37 @@ fn pin_and_try_pin_of_another_shards_handle_name_its_owner() {
     .unwrap();
     rt.shutdown().unwrap();
 }
+
+/// A read-only runtime refuses a free of another shard's handle at once
+/// (its owner, read-only too, would reject it after it was acknowledged).
+#[test]
+fn a_read_only_runtime_refuses_frees_of_other_shards_handles() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path())).unwrap();
+    let h = block_on(rt.spawn_on(
+        0,
+        |s| async move { s.allocate(64).await.unwrap().into_handle() },
+    ))
+    .unwrap();
+    rt.shutdown().unwrap();
+    let cfg = Config::builder(dir.path().join("data"))
+        .shards(2)
+        .window_bytes(16 * MIB)
+        .read_only(true)
+        .build()
+        .unwrap();
+    let rt = Runtime::start(cfg).unwrap();
+    let (free, flush) =
+        block_on(rt.spawn_on(
+            1,
+            move |s| async move { (s.free(h), s.flush_frees().await) },
+        ))
+        .unwrap();
+    assert!(matches!(free, Err(Error::ReadOnly(_))), "{free:?}");
+    flush.unwrap();
+    let live = block_on(rt.spawn_on(0, move |s| async move { s.allocator().is_live(&h) })).unwrap();
+    assert!(live);
+    let st = block_on(rt.stats()).unwrap();
+    assert_eq!(st.shards[0].mesh.cross_frees_rejected, 0);
+    rt.shutdown().unwrap();
+}

@@ -556,7 +556,8 @@ fn crashed_shard_is_gone_others_serve_nothing_acknowledged_is_lost() {
     let r = block_on(rt.sync());
     assert!(matches!(r, Err(Error::ShardGone { shard: 1 })), "{r:?}");
     match rt.shutdown() {
-        Err(Error::TaskPanicked { message, .. }) => {
+        Err(Error::TaskPanicked { shard, message }) => {
+            assert_eq!(shard, 1, "{message}");
             assert!(message.contains("shard 1"), "{message}")
         }
         other => panic!("shutdown must report the crashed shard, got {other:?}"),
@@ -840,4 +841,167 @@ fn io_workers_run_on_the_cpus_without_a_shard() {
             "an io worker may run on {w:?}, not only on the CPUs without a shard {others:?}"
         );
     }
+}
+
+/// Start a runtime on `cfg` once the previous one (dropped on one of its
+/// own threads, which does not wait for them) has released the directory.
+fn start_when_released(cfg: &Config) -> Runtime {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match Runtime::start(cfg.clone()) {
+            Ok(rt) => return rt,
+            Err(Error::AlreadyOpen { .. } | Error::ShardAlreadyOpen { .. })
+                if Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("directory not released: {e}"),
+        }
+    }
+}
+
+/// A runtime dropped on one of its own shard threads (a task owns it) does
+/// not wait for the shards; frees of another shard's handles that the task
+/// made just before are acknowledged, so they must reach their owner.
+#[test]
+fn a_runtime_dropped_on_its_own_shard_keeps_acknowledged_forwarded_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2);
+    for round in 0..5 {
+        let rt = start_when_released(&cfg);
+        let hs: Vec<Handle> = block_on(rt.spawn_on(1, |s| async move {
+            let mut v = Vec::new();
+            for _ in 0..10 {
+                v.push(s.allocate(64).await.unwrap().into_handle());
+            }
+            s.sync().await.unwrap();
+            v
+        }))
+        .unwrap();
+        let (rt_tx, rt_rx) = futures::channel::oneshot::channel::<Runtime>();
+        let to_free = hs.clone();
+        let task = rt.spawn_on(0, move |s| async move {
+            let rt = rt_rx.await.expect("runtime sent");
+            for h in &to_free {
+                s.free(*h).expect("acknowledged");
+            }
+            drop(rt);
+        });
+        rt_tx.send(rt).ok().unwrap();
+        // The task's result may not come back: its shard stops.
+        let _ = block_on(task);
+        let rt = start_when_released(&cfg);
+        let live = block_on(rt.spawn_on(1, move |s| async move {
+            hs.iter().filter(|h| s.allocator().is_live(h)).count()
+        }))
+        .unwrap();
+        assert_eq!(
+            live, 0,
+            "round {round}: acknowledged forwarded frees were lost"
+        );
+        rt.shutdown().unwrap();
+    }
+}
+
+/// Bytes another shard wrote through `pin_foreign` are made durable by
+/// `Runtime::sync` (the writing shard syncs the owner's file: the owner does
+/// not know of the write).
+#[test]
+fn runtime_sync_writes_back_bytes_written_through_pin_foreign() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path(), 2)).unwrap();
+    let h = block_on(rt.spawn_on(0, |s| async move {
+        let a = s.allocate(64 * 1024).await.unwrap();
+        a.write_at(0, &[1u8; 64 * 1024]).unwrap();
+        // No prefault left in flight (it would make the file look in use).
+        s.mappings().settle_prefaults().await;
+        a.into_handle()
+    }))
+    .unwrap();
+    block_on(rt.sync()).unwrap();
+    let syncs = |rt: &Runtime| -> u64 {
+        stats(rt)
+            .shards
+            .iter()
+            .map(|s| s.alloc.data_file_syncs)
+            .sum()
+    };
+    let before = syncs(&rt);
+    let data = dir.path().join("data");
+    assert_eq!(dirty_kb_under(&data), 0, "the sync left dirty pages");
+    block_on(rt.spawn_on(1, move |s| async move {
+        // SAFETY: no other thread touches the allocation meanwhile.
+        let p = unsafe { s.pin_foreign(h).await.unwrap() };
+        p.write_at(0, &[3u8; 64 * 1024]).unwrap();
+    }))
+    .unwrap();
+    assert!(dirty_kb_under(&data) > 0, "the write dirtied no page");
+    block_on(rt.sync()).unwrap();
+    assert_eq!(
+        dirty_kb_under(&data),
+        0,
+        "Runtime::sync left the bytes written through pin_foreign dirty"
+    );
+    // Not counted as the owner's: shard 0 made no change.
+    assert_eq!(syncs(&rt), before);
+    rt.shutdown().unwrap();
+}
+
+/// kB of dirty pages (`Shared_Dirty` + `Private_Dirty` in `/proc/self/smaps`)
+/// of this process's mappings of data files under `dir`.
+fn dirty_kb_under(dir: &Path) -> u64 {
+    let d = std::fs::canonicalize(dir).unwrap();
+    let d = d.to_string_lossy().to_string();
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    let mut kb = 0;
+    for l in smaps.lines() {
+        let first = l.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            inside = l
+                .split_whitespace()
+                .nth(5)
+                .is_some_and(|p| p.starts_with(&d) && !p.ends_with("meta.seg"));
+        } else if inside && (l.starts_with("Shared_Dirty:") || l.starts_with("Private_Dirty:")) {
+            kb += l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap();
+        }
+    }
+    kb
+}
+
+/// A sync with nothing changed since the last one writes no data file back,
+/// and a completed prefault does not count as a pin (with io_uring a
+/// prefault op used to hold its window until the next prefault).
+#[test]
+fn idle_syncs_write_nothing_back_and_prefaults_do_not_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path(), 2)).unwrap();
+    block_on(rt.spawn_on(0, |s| async move {
+        let a = s.allocate(100).await.unwrap();
+        a.write_at(0, b"x").unwrap();
+    }))
+    .unwrap();
+    block_on(rt.sync()).unwrap();
+    // Long enough for the kernel to complete the prefault.
+    std::thread::sleep(Duration::from_millis(300));
+    let syncs = |rt: &Runtime| -> u64 {
+        stats(rt)
+            .shards
+            .iter()
+            .map(|s| s.alloc.data_file_syncs)
+            .sum()
+    };
+    let before = syncs(&rt);
+    for _ in 0..5 {
+        block_on(rt.sync()).unwrap();
+    }
+    assert_eq!(syncs(&rt), before, "idle syncs wrote data files back");
+    let st = stats(&rt);
+    // The metadata window is held by the allocator; no data window is.
+    assert_eq!(
+        st.shards[0].mappings.pinned_windows, 1,
+        "{:?}",
+        st.shards[0].mappings
+    );
+    rt.shutdown().unwrap();
 }

@@ -369,6 +369,8 @@ impl MappingManager {
 
     /// Counters.
     pub fn stats(&self) -> MappingStats {
+        // Completed prefaults do not count as pins.
+        self.reap_prefaults();
         let m = self.inner.borrow();
         let mut s = m.stats;
         s.mapped_windows = self.shared.live.get() + m.faulting;
@@ -504,6 +506,8 @@ impl MappingManager {
     /// Whether a window of `file` overlapping `[from, to)` has users (pins,
     /// io operations, fault-in steps) or is being faulted in.
     pub(crate) fn in_use(&self, file: FileId, from: u64, to: u64) -> bool {
+        // A prefault the kernel has completed holds its window until reaped.
+        self.reap_prefaults();
         let m = self.inner.borrow();
         let Some(Some(fm)) = m.files.get(file.0 as usize) else {
             return false;

@@ -329,7 +329,8 @@ impl Shard {
     /// # Errors
     ///
     /// See [`SegmentAllocator::free`]; for a foreign handle only what can be
-    /// checked here ([`Error::ForeignHandle`], [`Error::WrongShard`] outside a
+    /// checked here ([`Error::ReadOnly`] on a read-only shard,
+    /// [`Error::ForeignHandle`], [`Error::WrongShard`] outside a
     /// runtime, [`Error::ShardGone`] when the owner is stopped or the
     /// runtime is shutting down), and [`Error::Backpressure`] when the owner
     /// is far behind: nothing was queued, await `flush_frees` and retry.
@@ -345,18 +346,55 @@ impl Shard {
     /// that the local free stays small.
     #[inline(never)]
     fn forward_free(&self, handle: Handle) -> Result<()> {
+        // Every shard of a directory is opened the same way: a read-only
+        // owner would reject the free after it was acknowledged here.
+        if self.inner.files.is_read_only() {
+            return Err(Error::ReadOnly("shard opened read-only"));
+        }
         self.check_foreign(&handle)?;
         let mesh = self.inner.mesh.get().expect("checked by check_foreign");
         mesh.forward(handle)
     }
 
-    /// Make everything acknowledged so far durable against power loss.
+    /// Make everything acknowledged so far durable against power loss: this
+    /// shard's allocator, and the bytes this shard wrote into other shards'
+    /// allocations through [`pin_foreign`](Self::pin_foreign) (their owners
+    /// do not know of those writes; `Runtime::sync` syncs every shard).
     ///
     /// # Errors
     ///
-    /// See [`SegmentAllocator::sync`].
+    /// See [`SegmentAllocator::sync`]; an io error of another shard's data
+    /// file written through `pin_foreign`. The first error is returned.
     pub async fn sync(&self) -> Result<()> {
-        self.inner.alloc.sync().await
+        let own = self.inner.alloc.sync().await;
+        let foreign = self.sync_foreign().await;
+        own.and(foreign)
+    }
+
+    /// `fdatasync` the other shards' data files this shard may have written
+    /// through `pin_foreign`: dirty ones, and ones with a pin held across
+    /// this call (which stay dirty for the next sync).
+    async fn sync_foreign(&self) -> Result<()> {
+        let files = &self.inner.files;
+        if files.is_read_only() {
+            return Ok(());
+        }
+        let ids: Vec<FileId> = self.inner.foreign.borrow().values().copied().collect();
+        let mut first = None;
+        for id in ids {
+            let in_use = self.inner.mm.in_use(id, 0, u64::MAX);
+            if !in_use && !files.is_dirty(id) {
+                continue;
+            }
+            let r = files.sync(id, true).await;
+            if in_use {
+                files.mark_dirty(id);
+            }
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
     }
 
     /// Give the blocks of this shard's free space back to the file system

@@ -42,6 +42,29 @@ impl Shard {
         }
     }
 
+    /// The shard stops (its runtime asked it to): refuse further frees of
+    /// other shards' handles, send the ones acknowledged so far to their
+    /// owners, and apply what the other shards send until each of them has
+    /// done the same (or is gone). So a runtime dropped on one of its own
+    /// shard threads, which cannot wait for the shards, loses no
+    /// acknowledged free either.
+    pub(crate) async fn finish_mesh(&self) {
+        let Some(m) = self.inner.mesh.get() else {
+            return;
+        };
+        m.finish().await;
+        // The shard's drain task may take the parcels too: look, do not wait
+        // for a wake-up that may go to it.
+        loop {
+            self.drain_frees();
+            if m.peers_finished() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        self.drain_frees();
+    }
+
     /// Run `f(shard)` on shard `shard` and return its result: Seastar's
     /// `submit_to`. On this shard it runs in place; on another it is sent
     /// through the mesh and runs there as a task, so `f` and its result
@@ -269,6 +292,8 @@ impl ShardInner {
                 let _ = ack.send(());
                 return;
             }
+            // Consumed by the mesh itself.
+            Parcel::Done => return,
         };
         let (mut ok, mut bad) = (0, 0);
         for h in batch {
