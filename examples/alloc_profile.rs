@@ -8,10 +8,13 @@
 //!
 //! One shard; phase 1 fills the heap (`try_allocate(100)` in a loop, handles
 //! kept), phase 2 frees every allocation, phase 3 runs allocate + free
-//! pairs, phase 4 pins and unpins one mapped allocation (`Shard::try_pin`).
-//! The phases run the hot path only: when the class needs a new segment,
-//! `allocate(..).await` runs outside them (once per segment, not counted).
-//! Instructions per call = the phase's inclusive count / n.
+//! pairs, phase 4 pins and unpins one mapped allocation (`Shard::try_pin`),
+//! phase 5 (`phase_asyncfill`) fills again through `allocate(100).await`,
+//! phase 6 (`phase_asyncpins`) pins and unpins through `pin(h).await`.
+//! Phases 5 and 6 poll each future once, as an executor does (`Ready` on
+//! the hot path). The phases run the hot path only: when the class needs a
+//! new segment, `allocate(..).await` runs outside them (once per segment,
+//! not counted). Instructions per call = the phase's inclusive count / n.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -56,6 +59,41 @@ fn phase_pairs(shard: &Shard, n: usize, done: &mut usize) {
         };
         shard.free(black_box(a.into_handle())).expect("free");
         *done += 1;
+    }
+}
+
+/// Poll the future `$f`, built in place, once with a waker that does
+/// nothing: `None` when it is pending.
+macro_rules! poll_once {
+    ($f:expr) => {{
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut f = std::pin::pin!($f);
+        match std::future::Future::poll(f.as_mut(), &mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }};
+}
+
+/// Up to `n - out.len()` more allocations through `allocate(100).await`
+/// (polled once each); stops early when one has to wait (a new segment).
+#[inline(never)]
+fn phase_asyncfill(shard: &Shard, n: usize, out: &mut Vec<Handle>) {
+    while out.len() < n {
+        match poll_once!(shard.allocate(100)) {
+            Some(a) => out.push(a.expect("allocate").into_handle()),
+            None => return,
+        }
+    }
+}
+
+#[inline(never)]
+fn phase_asyncpins(shard: &Shard, h: Handle, n: usize) {
+    for _ in 0..n {
+        let p = poll_once!(shard.pin(black_box(h)))
+            .expect("mapped: ready at once")
+            .expect("pin");
+        black_box(p.len());
     }
 }
 
@@ -106,6 +144,15 @@ fn main() -> segalloc::Result<()> {
         }
         let h = allocate(&shard, 100).await;
         phase_pins(&shard, h, n);
+        let mut again = Vec::with_capacity(n);
+        loop {
+            phase_asyncfill(&shard, n, &mut again);
+            if again.len() == n {
+                break;
+            }
+            again.push(allocate(&shard, 100).await);
+        }
+        phase_asyncpins(&shard, h, n);
         println!("{n} allocations");
         Ok(())
     })

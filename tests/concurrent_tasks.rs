@@ -402,3 +402,63 @@ fn a_sync_dropped_while_it_awaits_kept_operations_keeps_the_rest() {
         assert!(kept_two, "never had two syncs in flight at once");
     });
 }
+
+/// `allocate` and `pin` return futures that do nothing until polled, take
+/// the hot path on their first poll, wait (and leave nothing behind when
+/// dropped) only on the slow path, and panic if polled after completion.
+#[test]
+fn allocate_and_pin_futures_are_lazy_and_cancel_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config::builder(dir.path())
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .build()
+        .unwrap();
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        // Made and dropped without a poll: nothing allocated.
+        drop(shard.allocate(64));
+        assert_eq!(shard.live_count(), 0);
+        // The first allocation of a class needs a new segment: on io_uring
+        // the first poll waits for it; dropped there, nothing is allocated.
+        let mut f = Box::pin(shard.allocate(64));
+        if poll_once(&mut f).is_pending() {
+            drop(f);
+            assert_eq!(shard.live_count(), 0);
+        } else {
+            drop(f);
+            assert_eq!(shard.live_count(), 1);
+            shard.free(shard.live().next().unwrap()).unwrap();
+        }
+        // Awaited to the end, it makes the segment (the dropped one gave its
+        // entry back); freed, its slot is reusable at once.
+        let first = shard.allocate(64).await.unwrap().into_handle();
+        shard.free(first).unwrap();
+        // Now the segment exists: the first poll is ready.
+        let mut f = Box::pin(shard.allocate(64));
+        let a = match poll_once(&mut f) {
+            Poll::Ready(a) => a.unwrap(),
+            Poll::Pending => panic!("the hot path waited"),
+        };
+        let h = a.into_handle();
+        let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| poll_once(&mut f)));
+        assert!(again.is_err(), "a completed future polled again must panic");
+        assert_eq!(shard.live_count(), 1);
+        // A pin: lazy too, ready at once on a mapped window.
+        drop(shard.pin(h));
+        let mut p = Box::pin(shard.pin(h));
+        match poll_once(&mut p) {
+            Poll::Ready(p) => assert_eq!(p.unwrap().len(), 64),
+            Poll::Pending => panic!("a pin of a mapped window waited"),
+        }
+        shard.free(h).unwrap();
+        // Of a freed allocation: an error on the first poll.
+        let mut p = Box::pin(shard.pin(h));
+        assert!(matches!(
+            poll_once(&mut p),
+            Poll::Ready(Err(Error::NotAllocated { .. }))
+        ));
+        assert_eq!(shard.live_count(), 0);
+    });
+}
