@@ -12,7 +12,9 @@
 //! phase 5 (`phase_asyncfill`) fills again through `allocate(100).await`,
 //! phase 6 (`phase_asyncpins`) pins and unpins through `pin(h).await`.
 //! Phases 5 and 6 poll each future once, as an executor does (`Ready` on
-//! the hot path). The phases run the hot path only: when the class needs a
+//! the hot path). Profile with io_uring (the default): with
+//! `SEGALLOC_IO=sync` a new segment is made within the poll, so phase 5
+//! would count it. The phases run the hot path only: when the class needs a
 //! new segment, `allocate(..).await` runs outside them (once per segment,
 //! not counted). Instructions per call = the phase's inclusive count / n.
 

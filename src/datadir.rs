@@ -63,8 +63,9 @@ impl DataDir {
     /// [`Error::InvalidConfig`] when an entry inside is a symlink;
     /// [`Error::Io`] naming the path that failed.
     pub fn open(cfg: &Config) -> Result<DataDir> {
-        // An io backend the environment cannot give (`SEGALLOC_IO=bogus`)
-        // is refused before anything is created.
+        // A `SEGALLOC_IO` value that names no backend (`bogus`) is refused
+        // before anything is created. (A backend the kernel cannot give is
+        // found when the shard's ring is made.)
         cfg.io_backend().resolve_env()?;
         let path = create_and_resolve(cfg.dir())?;
         let lock = take_lock(&path)?;

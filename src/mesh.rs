@@ -13,7 +13,11 @@
 //!   [`Error::Backpressure`] (nothing changes; await a flush and retry), so
 //!   the memory held by frees in flight is bounded. A [`Parcel::Barrier`]
 //!   sent after the frees is answered by the owner once it has applied
-//!   everything before it: that is how a flush waits for the owners.
+//!   everything before it: that is how a flush waits for the owners. A
+//!   stopping shard closes, sends what it buffered, then a
+//!   [`Parcel::Done`] to each peer, and applies what its peers send until
+//!   each has said `Done` or is gone ([`MeshLocal::finish`],
+//!   [`MeshLocal::peers_finished`]).
 //! * **Jobs.** Each shard has one bounded inbox of closures to run on it
 //!   (`Shard::submit_to`); senders wait for room.
 //!

@@ -1,6 +1,8 @@
 //! Prefault ahead of the bump position: under io_uring, the chunk after the
 //! one a fill is writing is faulted in by the kernel's io workers before
-//! the fill reaches it; the sync backend issues nothing.
+//! the fill reaches it; the sync backend issues nothing. A slot reused
+//! prefaults nothing; a slot whose window was evicted prefaults once its
+//! window is back, whether `allocate` or `try_allocate` met it first.
 
 mod common;
 
@@ -109,5 +111,67 @@ fn reused_slots_prefault_nothing() {
             filled,
             "the refill reused freed slots and prefaulted again"
         );
+    });
+}
+
+/// `allocate` of a slot whose window was evicted faults the window in and
+/// then prefaults the next chunk, as on the hot path: the slot taken on the
+/// first poll stays taken while the window faults in (it used to be given
+/// back and taken again, by then no longer a first use, so the prefault was
+/// lost).
+#[test]
+fn an_allocation_in_an_evicted_window_still_prefaults_the_next_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        // 4 KiB slots: 64 to a chunk. Fill the first chunk.
+        let mut hs = Vec::new();
+        while hs.len() < (CHUNK / 4096) as usize {
+            hs.push(shard.allocate(4096).await.unwrap().into_handle());
+        }
+        shard.mappings().settle_prefaults().await;
+        let before = shard.stats().mappings.prefaults;
+        assert!(shard.mappings().evict_idle() >= 1, "no window evicted");
+        // The next slot opens the second chunk, in the evicted window.
+        let a = shard.allocate(4096).await.unwrap();
+        assert_eq!(a.handle().offset() % CHUNK, 0, "{}", a.handle());
+        let after = shard.stats().mappings.prefaults;
+        if expected_backend() == IoBackend::Sync {
+            assert_eq!(after, 0, "the sync backend would block the shard");
+        } else {
+            assert_eq!(after, before + 1, "the next chunk was not prefaulted");
+        }
+        assert_eq!(shard.live_count(), hs.len() as u64 + 1);
+    });
+}
+
+/// The same through `try_allocate`, which gives the slot back when its
+/// window is not mapped (`Ok(None)`): the `allocate` that follows takes it
+/// again as a first use, and prefaults.
+#[test]
+fn a_slot_given_back_by_try_allocate_still_prefaults_when_taken_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        let mut hs = Vec::new();
+        while hs.len() < (CHUNK / 4096) as usize {
+            hs.push(shard.allocate(4096).await.unwrap().into_handle());
+        }
+        shard.mappings().settle_prefaults().await;
+        let before = shard.stats().mappings.prefaults;
+        assert!(shard.mappings().evict_idle() >= 1, "no window evicted");
+        assert!(
+            shard.try_allocate(4096).unwrap().is_none(),
+            "the window is not mapped"
+        );
+        assert_eq!(shard.live_count(), hs.len() as u64);
+        let a = shard.allocate(4096).await.unwrap();
+        assert_eq!(a.handle().offset() % CHUNK, 0, "{}", a.handle());
+        let after = shard.stats().mappings.prefaults;
+        if expected_backend() != IoBackend::Sync {
+            assert_eq!(after, before + 1, "the next chunk was not prefaulted");
+        }
     });
 }

@@ -1,13 +1,15 @@
 //! The futures of `allocate` and `pin`: the hot path when first polled
 //! (no await, nothing boxed), then, only if it found nothing, the rest of
-//! the work boxed. An `async fn` would build a future of more than a
+//! the work boxed: for `allocate`, a new segment, or the window of the slot
+//! the first poll took (the slot stays taken, held by its guard); for
+//! `pin`, the window. An `async fn` would build a future of more than a
 //! kilobyte (every await of the slow path inside) on every call.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use super::{Allocation, SegmentAllocator};
+use super::{Allocation, SegmentAllocator, Start};
 use crate::error::{Error, Result};
 use crate::format::Handle;
 use crate::mapping::PinGuard;
@@ -58,11 +60,14 @@ impl Future for AllocateFuture<'_> {
         let this = self.get_mut();
         if !this.polled {
             this.polled = true;
-            match this.alloc.try_allocate(this.size) {
-                Ok(Some(a)) => return Poll::Ready(Ok(a)),
-                Err(e) => return Poll::Ready(Err(e)),
-                Ok(None) => this.slow = Some(Box::pin(this.alloc.allocate_slow(this.size))),
-            }
+            let alloc = this.alloc;
+            this.slow = Some(match alloc.allocate_start(this.size) {
+                Start::Done(r) => return Poll::Ready(r),
+                Start::NewSegment(class_id) => Box::pin(alloc.allocate_new_segment(class_id)),
+                // The slot stays taken: the guard gives it back if the
+                // future is dropped.
+                Start::Fault(guard, taken) => Box::pin(alloc.fault_slot(guard, taken)),
+            });
         }
         poll_slow(&mut this.slow, cx)
     }

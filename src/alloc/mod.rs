@@ -146,7 +146,7 @@ struct State {
 const PREFAULT_CHUNK_BYTES: u64 = 256 * 1024;
 
 /// A slot [`SegmentAllocator::take_slot`] took.
-struct Taken {
+pub(super) struct Taken {
     handle: Handle,
     at: SlotAt,
     /// The chunk of the data file to fault in ahead, if any.
@@ -156,9 +156,14 @@ struct Taken {
 /// Per class, the last chunk prefaulted.
 struct Prefaulted([(FileId, u64); CLASS_COUNT]);
 
+impl Prefaulted {
+    /// No chunk.
+    const NONE: (FileId, u64) = (FileId(u32::MAX), u64::MAX);
+}
+
 impl Default for Prefaulted {
     fn default() -> Self {
-        Prefaulted([(FileId(u32::MAX), u64::MAX); CLASS_COUNT])
+        Prefaulted([Prefaulted::NONE; CLASS_COUNT])
     }
 }
 
@@ -219,9 +224,19 @@ fn invalid_size(size: u64) -> Error {
     Error::InvalidSize { size }
 }
 
+/// What the first poll of `allocate` found.
+pub(super) enum Start<'a> {
+    /// The hot path's answer (or an error found at once).
+    Done(Result<Allocation>),
+    /// No slot: the class needs a new segment.
+    NewSegment(u8),
+    /// A slot, held by the guard, whose window is to be faulted in.
+    Fault(SlotGuard<'a>, Taken),
+}
+
 /// Undoes a slot allocation if the `allocate` future is dropped or fails
 /// before handing the slot out.
-struct SlotGuard<'a> {
+pub(super) struct SlotGuard<'a> {
     alloc: &'a SegmentAllocator,
     handle: Handle,
     armed: bool,
@@ -375,6 +390,13 @@ impl SegmentAllocator {
             seg.clear_live(slot);
         }
         seg.take_fresh(slot, st.fresh.epoch());
+        // Never handed out, so its bytes are still untouched: taken again, it
+        // is a first use, and the prefault its chunk may have asked for (a
+        // no-op in an unmapped window) is asked for again.
+        if seg.untouched_from == slot + 1 {
+            seg.untouched_from = slot;
+            st.prefaulted.0[h.class_id as usize] = Prefaulted::NONE;
+        }
         seg.unhold(slot);
         if !seg.in_avail {
             seg.in_avail = true;
@@ -397,65 +419,108 @@ impl SegmentAllocator {
     /// changed), [`Error::Poisoned`], window and descriptor pressure, io
     /// errors.
     ///
-    /// The future ([`AllocateFuture`]) takes the hot path
-    /// ([`try_allocate`](Self::try_allocate)) when first polled, so an
-    /// allocation from an existing segment in a mapped window costs what
-    /// `try_allocate` costs; only a new segment or a window to fault in makes
-    /// it wait. Like an `async fn`, it does nothing until polled, and dropped
-    /// before it completes it leaves nothing allocated.
+    /// The future ([`AllocateFuture`]) takes the hot path when first polled,
+    /// as [`try_allocate`](Self::try_allocate) does, so an allocation from
+    /// an existing segment in a mapped window costs what `try_allocate`
+    /// costs; only a new segment or a window to fault in makes it wait (a
+    /// slot whose window is to be faulted in stays taken meanwhile). Like an
+    /// `async fn`, it does nothing until polled, and dropped before it
+    /// completes it leaves nothing allocated.
     #[inline]
     pub fn allocate(&self, size: u64) -> AllocateFuture<'_> {
         AllocateFuture::new(self, size)
     }
 
-    /// [`allocate`](Self::allocate) once the hot path has not found a slot:
-    /// a new segment or a window to fault in.
-    #[inline(never)]
-    async fn allocate_slow(&self, size: u64) -> Result<Allocation> {
-        self.check_writable()?;
+    /// The first poll of [`allocate`](Self::allocate): the hot path, or
+    /// what is left to wait for.
+    #[inline(always)]
+    pub(super) fn allocate_start(&self, size: u64) -> Start<'_> {
+        if let Err(e) = self.check_writable() {
+            return Start::Done(Err(e));
+        }
         let Some(class_id) = classes::class_of(size) else {
-            return Err(invalid_size(size));
+            return Start::Done(Err(invalid_size(size)));
         };
-        loop {
-            if let Some(Taken {
-                handle,
-                at,
-                prefault,
-            }) = self.take_slot(class_id)
-            {
-                let fid = at.file;
-                let mut guard = SlotGuard {
+        let Some(taken) = self.take_slot(class_id) else {
+            return Start::NewSegment(class_id);
+        };
+        // Before the pin, so that nothing built lives across the call (an
+        // unmapped window makes it a no-op: `fault_slot` issues it again).
+        if let Some(chunk) = taken.prefault {
+            self.prefault_chunk(taken.at.file, chunk);
+        }
+        match self.mm.pin_mapped(taken.at) {
+            Some(pin) => Start::Done(Ok(Allocation {
+                handle: taken.handle,
+                pin,
+            })),
+            None => Start::Fault(
+                SlotGuard {
                     alloc: self,
-                    handle,
+                    handle: taken.handle,
+                    armed: true,
+                    hidden: false,
+                },
+                taken,
+            ),
+        }
+    }
+
+    /// [`allocate`](Self::allocate) once the hot path found no slot: a new
+    /// segment for `class_id`, then a slot of it.
+    #[inline(never)]
+    pub(super) async fn allocate_new_segment(&self, class_id: u8) -> Result<Allocation> {
+        loop {
+            if let Some(taken) = self.take_slot(class_id) {
+                let guard = SlotGuard {
+                    alloc: self,
+                    handle: taken.handle,
                     armed: true,
                     hidden: false,
                 };
-                let pin = match self.mm.pin_mapped(at) {
-                    Some(p) => p,
-                    None => {
-                        // Not live while its window faults in: a handle of
-                        // this slot (forged: handles are bytes from outside)
-                        // must not pass `locate` and be freed meanwhile. It
-                        // stays held, so nothing else takes it.
-                        self.set_slot_live(&handle, false);
-                        guard.hidden = true;
-                        let p = self
-                            .mm
-                            .pin(fid, handle.offset, handle.length as u64, true)
-                            .await?;
-                        self.set_slot_live(&handle, true);
-                        guard.hidden = false;
-                        p
-                    }
-                };
-                guard.armed = false;
-                if let Some(chunk) = prefault {
-                    self.prefault_chunk(fid, chunk);
-                }
-                return Ok(Allocation { handle, pin });
+                return self.fault_slot(guard, taken).await;
             }
             self.new_segment(class_id).await?;
         }
+    }
+
+    /// The slot `taken` (held by `guard`, which gives it back if this is
+    /// dropped or fails): pinned once its window is faulted in.
+    #[inline(never)]
+    pub(super) async fn fault_slot(
+        &self,
+        mut guard: SlotGuard<'_>,
+        taken: Taken,
+    ) -> Result<Allocation> {
+        let Taken {
+            handle,
+            at,
+            prefault,
+        } = taken;
+        let fid = at.file;
+        let pin = match self.mm.pin_mapped(at) {
+            Some(p) => p,
+            None => {
+                // Not live while its window faults in: a handle of this slot
+                // (forged: handles are bytes from outside) must not pass
+                // `locate` and be freed meanwhile. It stays held, so nothing
+                // else takes it.
+                self.set_slot_live(&handle, false);
+                guard.hidden = true;
+                let p = self
+                    .mm
+                    .pin(fid, handle.offset, handle.length as u64, true)
+                    .await?;
+                self.set_slot_live(&handle, true);
+                guard.hidden = false;
+                p
+            }
+        };
+        guard.armed = false;
+        if let Some(chunk) = prefault {
+            self.prefault_chunk(fid, chunk);
+        }
+        Ok(Allocation { handle, pin })
     }
 
     /// Allocate on the hot path only: `Ok(None)` when the class needs a new

@@ -329,8 +329,8 @@ impl Shard {
     /// # Errors
     ///
     /// See [`SegmentAllocator::free`]; for a foreign handle only what can be
-    /// checked here ([`Error::ReadOnly`] on a read-only shard,
-    /// [`Error::ForeignHandle`], [`Error::WrongShard`] outside a
+    /// checked here ([`Error::ForeignHandle`], [`Error::ReadOnly`] on a
+    /// read-only shard, [`Error::WrongShard`] outside a
     /// runtime, [`Error::ShardGone`] when the owner is stopped or the
     /// runtime is shutting down), and [`Error::Backpressure`] when the owner
     /// is far behind: nothing was queued, await `flush_frees` and retry.
@@ -346,12 +346,12 @@ impl Shard {
     /// that the local free stays small.
     #[inline(never)]
     fn forward_free(&self, handle: Handle) -> Result<()> {
+        self.check_foreign(&handle)?;
         // Every shard of a directory is opened the same way: a read-only
         // owner would reject the free after it was acknowledged here.
         if self.inner.files.is_read_only() {
             return Err(Error::ReadOnly("shard opened read-only"));
         }
-        self.check_foreign(&handle)?;
         let mesh = self.inner.mesh.get().expect("checked by check_foreign");
         mesh.forward(handle)
     }
@@ -364,7 +364,9 @@ impl Shard {
     /// # Errors
     ///
     /// See [`SegmentAllocator::sync`]; an io error of another shard's data
-    /// file written through `pin_foreign`. The first error is returned.
+    /// file written through `pin_foreign` (a write-back error is kept: every
+    /// later sync of that file reports it, as for this shard's own files).
+    /// The first error is returned.
     pub async fn sync(&self) -> Result<()> {
         let own = self.inner.alloc.sync().await;
         let foreign = self.sync_foreign().await;
@@ -450,12 +452,15 @@ impl Shard {
 
     /// Counters and gauges.
     pub fn stats(&self) -> ShardStats {
+        // First: it drops the prefaults the kernel completed, which the
+        // ring's and the files' figures then no longer count.
+        let mappings = self.inner.mm.stats();
         ShardStats {
             shard: self.inner.index,
             io_backend: self.inner.ring.backend(),
             ring: self.inner.ring.stats(),
             files: self.inner.files.stats(),
-            mappings: self.inner.mm.stats(),
+            mappings,
             alloc: self.inner.alloc.stats(),
             mesh: self.inner.mesh.get().map(|m| m.stats()).unwrap_or_default(),
         }

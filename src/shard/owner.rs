@@ -54,11 +54,22 @@ impl Shard {
         };
         m.finish().await;
         // The shard's drain task may take the parcels too: look, do not wait
-        // for a wake-up that may go to it.
+        // for a wake-up that may go to it. A peer that does not stop (a task
+        // that blocks its thread) keeps this shard waiting: its frees are
+        // not given up, and the wait is logged.
+        let start = std::time::Instant::now();
+        let mut logged = false;
         loop {
             self.drain_frees();
             if m.peers_finished() {
                 break;
+            }
+            if !logged && start.elapsed() >= std::time::Duration::from_secs(1) {
+                logged = true;
+                tracing::warn!(
+                    shard = self.inner.index,
+                    "stopping: still waiting for other shards to send their last cross-shard frees"
+                );
             }
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
@@ -183,6 +194,10 @@ impl Shard {
     /// writes them; the allocation must not be freed and reused meanwhile.
     /// The pin itself is `!Send`. This is `memmap2::MmapMut::map_mut`'s
     /// contract for a file another party may modify.
+    ///
+    /// Bytes written through the pin are made durable by this shard's
+    /// [`sync`](Self::sync) (and so by `Runtime::sync`), not by the owner's:
+    /// the owner does not know of them.
     ///
     /// # Errors
     ///
