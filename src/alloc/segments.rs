@@ -30,11 +30,10 @@ pub(super) struct Seg {
     pub(super) live: u32,
     /// Slots held (live, or freed and not yet durably so).
     pub(super) held: u32,
-    /// In memory, a bit per slot: held (set past `slots`) and fresh.
+    /// In memory, a bit per slot: held (set past `slots`) and fresh. (Boxed
+    /// with the fresh bits' epoch: a `Seg` stays 128 bytes, and its handle
+    /// template does not straddle cache lines.)
     bits: Box<SlotBits>,
-    /// The sync epoch `bits.fresh` was set in (see [`Fresh`](super::fresh::Fresh)):
-    /// under another, no slot is fresh.
-    fresh_epoch: u64,
     /// Bit `w` is set when word `w` of `bits.held` has a clear bit.
     open_words: u64,
     bitmap: Bitmap,
@@ -62,11 +61,15 @@ pub(super) struct Seg {
 struct SlotBits {
     /// Set when the slot is held.
     held: [u64; format::BITMAP_WORDS],
-    /// Set when the slot was taken in the epoch `Seg::fresh_epoch`.
+    /// Set when the slot was taken in the epoch `fresh_epoch`.
     fresh: [u64; format::BITMAP_WORDS],
+    /// The sync epoch `fresh` was set in (see [`Fresh`](super::fresh::Fresh)):
+    /// under another, no slot is fresh.
+    fresh_epoch: u64,
 }
 
 // `open_words` has a bit per bitmap word.
+const _: () = assert!(std::mem::size_of::<Option<Seg>>() == 128);
 const _: () = assert!(format::BITMAP_WORDS <= 64);
 
 impl Seg {
@@ -85,6 +88,7 @@ impl Seg {
         let mut bits = Box::new(SlotBits {
             held: [u64::MAX; format::BITMAP_WORDS],
             fresh: [0; format::BITMAP_WORDS],
+            fresh_epoch: u64::MAX,
         });
         let mut open_words = 0u64;
         let mut live = 0u32;
@@ -121,7 +125,6 @@ impl Seg {
             live,
             held: live,
             bits,
-            fresh_epoch: u64::MAX,
             open_words,
             bitmap,
             in_avail: false,
@@ -269,20 +272,22 @@ impl Seg {
     /// Mark slot `slot`, just taken, fresh in sync epoch `epoch`.
     #[inline(always)]
     pub(super) fn mark_fresh(&mut self, slot: u32, epoch: u64) {
-        if self.fresh_epoch != epoch {
-            self.fresh_epoch = epoch;
-            self.bits.fresh = [0; format::BITMAP_WORDS];
+        let bits = &mut *self.bits;
+        if bits.fresh_epoch != epoch {
+            bits.fresh_epoch = epoch;
+            bits.fresh = [0; format::BITMAP_WORDS];
         }
-        self.bits.fresh[(slot / 64) as usize] |= 1u64 << (slot % 64);
+        bits.fresh[(slot / 64) as usize] |= 1u64 << (slot % 64);
     }
 
     /// Forget slot `slot`'s fresh mark; whether it was fresh in `epoch`.
     #[inline(always)]
     pub(super) fn take_fresh(&mut self, slot: u32, epoch: u64) -> bool {
-        if self.fresh_epoch != epoch {
+        let bits = &mut *self.bits;
+        if bits.fresh_epoch != epoch {
             return false;
         }
-        let word = &mut self.bits.fresh[(slot / 64) as usize];
+        let word = &mut bits.fresh[(slot / 64) as usize];
         let mask = 1u64 << (slot % 64);
         let was = *word & mask != 0;
         *word &= !mask;
