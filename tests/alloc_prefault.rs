@@ -114,6 +114,20 @@ fn reused_slots_prefault_nothing() {
     });
 }
 
+/// Fill the first chunk with 4 KiB slots (64 to a chunk), let the
+/// prefaults finish and evict the window: the handles, and the prefaults
+/// counted so far.
+async fn fill_a_chunk_then_evict(shard: &segalloc::Shard) -> (Vec<segalloc::Handle>, u64) {
+    let mut hs = Vec::new();
+    while hs.len() < (CHUNK / 4096) as usize {
+        hs.push(shard.allocate(4096).await.unwrap().into_handle());
+    }
+    shard.mappings().settle_prefaults().await;
+    let before = shard.stats().mappings.prefaults;
+    assert!(shard.mappings().evict_idle() >= 1, "no window evicted");
+    (hs, before)
+}
+
 /// `allocate` of a slot whose window was evicted faults the window in and
 /// then prefaults the next chunk, as on the hot path: the slot taken on the
 /// first poll stays taken while the window faults in (it used to be given
@@ -125,14 +139,7 @@ fn an_allocation_in_an_evicted_window_still_prefaults_the_next_chunk() {
     let cfg = small_cfg(dir.path());
     run(async {
         let shard = open_shard(&cfg).await.unwrap();
-        // 4 KiB slots: 64 to a chunk. Fill the first chunk.
-        let mut hs = Vec::new();
-        while hs.len() < (CHUNK / 4096) as usize {
-            hs.push(shard.allocate(4096).await.unwrap().into_handle());
-        }
-        shard.mappings().settle_prefaults().await;
-        let before = shard.stats().mappings.prefaults;
-        assert!(shard.mappings().evict_idle() >= 1, "no window evicted");
+        let (hs, before) = fill_a_chunk_then_evict(&shard).await;
         // The next slot opens the second chunk, in the evicted window.
         let a = shard.allocate(4096).await.unwrap();
         assert_eq!(a.handle().offset() % CHUNK, 0, "{}", a.handle());
@@ -155,13 +162,7 @@ fn a_slot_given_back_by_try_allocate_still_prefaults_when_taken_again() {
     let cfg = small_cfg(dir.path());
     run(async {
         let shard = open_shard(&cfg).await.unwrap();
-        let mut hs = Vec::new();
-        while hs.len() < (CHUNK / 4096) as usize {
-            hs.push(shard.allocate(4096).await.unwrap().into_handle());
-        }
-        shard.mappings().settle_prefaults().await;
-        let before = shard.stats().mappings.prefaults;
-        assert!(shard.mappings().evict_idle() >= 1, "no window evicted");
+        let (hs, before) = fill_a_chunk_then_evict(&shard).await;
         assert!(
             shard.try_allocate(4096).unwrap().is_none(),
             "the window is not mapped"
