@@ -51,7 +51,7 @@ use crate::format::{Handle, Manifest};
 use crate::mapping::{MappingManager, PinGuard, SlotAt};
 use durability::Released;
 use fresh::Fresh;
-pub use futures::{AllocateFuture, PinFuture};
+pub use futures::AllocateFuture;
 use meta_map::MetaMap;
 use segments::Seg;
 use space::Space;
@@ -641,7 +641,7 @@ impl SegmentAllocator {
         }
     }
 
-    #[inline(always)]
+    #[inline]
     fn check_live(&self, handle: &Handle) -> Result<SlotAt> {
         let st = self.st.borrow();
         if let Some((seg, slot, at)) = self.find_seg(&st, handle)
@@ -675,18 +675,7 @@ impl SegmentAllocator {
     ///
     /// As [`free`](Self::free) for a bad handle ([`Error::NotAllocated`] for
     /// a freed one), plus the errors of [`MappingManager::pin`].
-    ///
-    /// The future ([`PinFuture`]) takes the hot path ([`try_pin`](Self::try_pin))
-    /// when first polled, and waits only for a window to fault in.
-    #[inline]
-    pub fn pin(&self, handle: Handle) -> PinFuture<'_> {
-        PinFuture::new(self, handle)
-    }
-
-    /// [`pin`](Self::pin) once the hot path has not pinned the slot: its
-    /// window is to be faulted in (or the file grown).
-    #[inline(never)]
-    async fn pin_slow(&self, handle: Handle) -> Result<PinGuard> {
+    pub async fn pin(&self, handle: Handle) -> Result<PinGuard> {
         let at = self.check_live(&handle)?;
         if let Some(p) = self.mm.pin_mapped(at) {
             return Ok(p);
@@ -716,7 +705,7 @@ impl SegmentAllocator {
     /// # Errors
     ///
     /// As [`pin`](Self::pin).
-    #[inline(always)]
+    #[inline]
     pub fn try_pin(&self, handle: Handle) -> Result<Option<PinGuard>> {
         let at = self.check_live(&handle)?;
         if let Some(p) = self.mm.pin_mapped(at) {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use futures::FutureExt;
 use futures::channel::oneshot;
 
-use crate::alloc::{AllocStats, AllocateFuture, Allocation, LiveIter, PinFuture, SegmentAllocator};
+use crate::alloc::{AllocStats, AllocateFuture, Allocation, LiveIter, SegmentAllocator};
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::error::{Error, Result};
@@ -279,28 +279,20 @@ impl Shard {
     /// handle of another shard is refused: use [`read`](Self::read),
     /// [`write`](Self::write) or [`run_on_owner`](Self::run_on_owner).
     ///
-    /// The future ([`PinFuture`]) takes the hot path, as
-    /// [`try_pin`](Self::try_pin) does, when first polled.
-    ///
     /// # Errors
     ///
     /// See [`SegmentAllocator::pin`]; [`Error::NotOwner`] for another
     /// shard's handle; [`Error::ForeignHandle`] for another directory's.
-    #[inline]
-    pub fn pin(&self, handle: Handle) -> PinFuture<'_> {
-        let alloc = &self.inner.alloc;
+    pub async fn pin(&self, handle: Handle) -> Result<PinGuard> {
         if handle.shard() == self.inner.index {
-            return alloc.pin(handle);
+            return self.inner.alloc.pin(handle).await;
         }
-        let e = match self.check_foreign(&handle) {
-            Err(e) => e,
-            Ok(()) => Error::NotOwner {
-                handle,
-                owner: handle.shard(),
-                this: self.inner.index,
-            },
-        };
-        PinFuture::failed(alloc, handle, e)
+        self.check_foreign(&handle)?;
+        Err(Error::NotOwner {
+            handle,
+            owner: handle.shard(),
+            this: self.inner.index,
+        })
     }
 
     /// Pin without awaiting (`Ok(None)`: use [`pin`](Self::pin)).
@@ -311,7 +303,7 @@ impl Shard {
     /// by the allocator's own check, with [`Error::WrongShard`] naming its
     /// owner ([`pin`](Self::pin) says [`Error::NotOwner`], with what to use
     /// instead; this hot path spends no instruction on telling them apart).
-    #[inline(always)]
+    #[inline]
     pub fn try_pin(&self, handle: Handle) -> Result<Option<PinGuard>> {
         self.inner.alloc.try_pin(handle)
     }
