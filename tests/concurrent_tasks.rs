@@ -409,12 +409,7 @@ fn a_sync_dropped_while_it_awaits_kept_operations_keeps_the_rest() {
 #[test]
 fn allocate_and_pin_futures_are_lazy_and_cancel_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = Config::builder(dir.path())
-        .shards(1)
-        .window_bytes(16 * MIB)
-        .growth_step_bytes(MIB)
-        .build()
-        .unwrap();
+    let cfg = common::small_cfg(dir.path());
     run(async {
         let shard = open_shard(&cfg).await.unwrap();
         // Made and dropped without a poll: nothing allocated.
