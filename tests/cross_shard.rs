@@ -381,15 +381,7 @@ fn shutdown_loses_no_acknowledged_free() {
 fn a_free_for_a_stopped_owner_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let rt = Runtime::start(config(tmp.path())).unwrap();
-    let hs: Vec<Handle> = block_on(rt.spawn_on(1, |s| async move {
-        let mut v = Vec::new();
-        for _ in 0..10 {
-            v.push(s.allocate(64).await.unwrap().into_handle());
-        }
-        s.sync().await.unwrap();
-        v
-    }))
-    .unwrap();
+    let hs = common::allocate_synced(&rt, 1, 10, 64);
     rt.crash_shard_for_test(1);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !matches!(

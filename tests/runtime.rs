@@ -869,15 +869,7 @@ fn a_runtime_dropped_on_its_own_shard_keeps_acknowledged_forwarded_frees() {
     let cfg = config(dir.path(), 2);
     for round in 0..5 {
         let rt = start_when_released(&cfg);
-        let hs: Vec<Handle> = block_on(rt.spawn_on(1, |s| async move {
-            let mut v = Vec::new();
-            for _ in 0..10 {
-                v.push(s.allocate(64).await.unwrap().into_handle());
-            }
-            s.sync().await.unwrap();
-            v
-        }))
-        .unwrap();
+        let hs = common::allocate_synced(&rt, 1, 10, 64);
         let (rt_tx, rt_rx) = futures::channel::oneshot::channel::<Runtime>();
         let to_free = hs.clone();
         let task = rt.spawn_on(0, move |s| async move {

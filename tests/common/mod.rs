@@ -459,3 +459,21 @@ pub fn kv_server_binary() -> &'static std::path::Path {
         std::path::PathBuf::from(&line[start..end])
     })
 }
+
+/// `n` allocations of `bytes` on shard `shard` of `rt`, synced: their handles.
+pub fn allocate_synced(
+    rt: &segalloc::Runtime,
+    shard: usize,
+    n: usize,
+    bytes: u64,
+) -> Vec<segalloc::Handle> {
+    futures::executor::block_on(rt.spawn_on(shard, move |s| async move {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(s.allocate(bytes).await.unwrap().into_handle());
+        }
+        s.sync().await.unwrap();
+        v
+    }))
+    .unwrap()
+}
