@@ -12,11 +12,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use super::{Allocation, SegmentAllocator, Start};
+use super::{Allocation, SegmentAllocator};
 use crate::error::Result;
 
-/// The rest of a call once its hot path found nothing.
-type Slow<'a, T> = Option<Pin<Box<dyn Future<Output = Result<T>> + 'a>>>;
+/// The rest of a call once its hot path found nothing, boxed.
+pub(super) type SlowBox<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + 'a>>;
+
+/// [`SlowBox`], or `None` before the first poll and after completion.
+pub(super) type Slow<'a, T> = Option<SlowBox<'a, T>>;
 
 /// Poll the rest of a call; `None` means it completed already.
 #[inline]
@@ -55,20 +58,18 @@ impl<'a> AllocateFuture<'a> {
 impl Future for AllocateFuture<'_> {
     type Output = Result<Allocation>;
 
-    #[inline]
+    // Always inlined, as `try_allocate` is: the hot path's answer is then
+    // written where the awaiting code keeps it.
+    #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Allocation>> {
         // Every field is `Unpin` (the slow future is boxed).
         let this = self.get_mut();
         if !this.polled {
             this.polled = true;
             let alloc = this.alloc;
-            this.slow = Some(match alloc.allocate_start(this.size) {
-                Start::Done(r) => return Poll::Ready(r),
-                Start::NewSegment(class_id) => Box::pin(alloc.allocate_new_segment(class_id)),
-                // The slot stays taken: the guard gives it back if the
-                // future is dropped.
-                Start::Fault(guard, taken) => Box::pin(alloc.fault_slot(guard, taken)),
-            });
+            if let Poll::Ready(r) = alloc.allocate_start(this.size, &mut this.slow) {
+                return Poll::Ready(r);
+            }
         }
         poll_slow(&mut this.slow, cx)
     }

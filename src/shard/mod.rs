@@ -259,7 +259,7 @@ impl Shard {
     /// # Errors
     ///
     /// See [`SegmentAllocator::allocate`].
-    #[inline]
+    #[inline(always)]
     pub fn allocate(&self, size: u64) -> AllocateFuture<'_> {
         self.inner.alloc.allocate(size)
     }
@@ -326,7 +326,7 @@ impl Shard {
     /// runtime, [`Error::ShardGone`] when the owner is stopped or the
     /// runtime is shutting down), and [`Error::Backpressure`] when the owner
     /// is far behind: nothing was queued, await `flush_frees` and retry.
-    #[inline]
+    #[inline(always)]
     pub fn free(&self, handle: Handle) -> Result<()> {
         if handle.shard() == self.inner.index {
             return self.inner.alloc.free(handle);
