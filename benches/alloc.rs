@@ -126,7 +126,7 @@ fn fill_free_refill(c: &mut Criterion) {
     let s = &b.shard;
     let payload = [0x5Au8; RECORD_BYTES as usize];
     let p = &payload;
-    let stride = b.run(work::allocate(s, RECORD_BYTES)).len() as u64;
+    let stride = b.run(s.allocate(RECORD_BYTES)).len() as u64;
     for phase in ["fill", "free_all", "refill"] {
         let mut g = c.benchmark_group(phase);
         g.measurement_time(Duration::from_secs(2));
@@ -243,7 +243,7 @@ fn mix(c: &mut Criterion) {
 fn pin(c: &mut Criterion) {
     let b = Bench::new();
     let s = &b.shard;
-    let h = b.run(work::allocate(s, PAIR_BYTES)).into_handle();
+    let h = b.run(s.allocate(PAIR_BYTES)).into_handle();
     let mut g = c.benchmark_group("pin");
     g.bench_function("segalloc", |bch| {
         bch.iter_custom(|n| work::pins(s, h, n).expect("pin"))

@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use segalloc::{Allocation, Error, Handle, Runtime, Shard};
+use segalloc::{Error, Handle, Runtime, Shard};
 use tokio::sync::mpsc::unbounded_channel;
 
 /// Bytes of a fill record and of a producer/consumer record.
@@ -39,21 +39,11 @@ pub fn mix_size(rng: &mut u64) -> u64 {
     MIX_BYTES_MIN + next(rng) % (MIX_BYTES_MAX - MIX_BYTES_MIN + 1)
 }
 
-/// The hot path, falling back to the async path when it must (a new
-/// segment, a window to fault in).
-#[inline]
-pub async fn allocate(s: &Shard, size: u64) -> Result<Allocation, Error> {
-    match s.try_allocate(size)? {
-        Some(a) => Ok(a),
-        None => s.allocate(size).await,
-    }
-}
-
 /// Allocate and write `n` records of `payload`, handles kept.
 pub async fn fill(s: &Shard, n: u64, payload: &[u8]) -> Result<Vec<Handle>, Error> {
     let mut hs = Vec::with_capacity(n as usize);
     for k in 0..n {
-        let a = allocate(s, payload.len() as u64).await?;
+        let a = s.allocate(payload.len() as u64).await?;
         a.write_at(0, payload)?;
         hs.push(a.into_handle());
         if k % 4096 == 4095 {
@@ -74,7 +64,7 @@ pub fn free_all(s: &Shard, hs: Vec<Handle>) -> Result<(), Error> {
 pub async fn warm(s: &Shard, size: u64, live: usize) -> Result<Vec<Handle>, Error> {
     let mut kept = Vec::with_capacity(live / 2);
     for i in 0..live {
-        let a = allocate(s, size).await?;
+        let a = s.allocate(size).await?;
         a.write_at(0, &(i as u64).to_le_bytes())?;
         if i % 2 == 0 {
             s.free(a.into_handle())?;
@@ -89,7 +79,7 @@ pub async fn warm(s: &Shard, size: u64, live: usize) -> Result<Vec<Handle>, Erro
 pub async fn pairs(s: &Shard, size: u64, n: u64) -> Result<Duration, Error> {
     let t = Instant::now();
     for _ in 0..n {
-        let h = allocate(s, black_box(size)).await?.into_handle();
+        let h = s.allocate(black_box(size)).await?.into_handle();
         s.free(black_box(h))?;
     }
     Ok(t.elapsed())
@@ -99,7 +89,7 @@ pub async fn pairs(s: &Shard, size: u64, n: u64) -> Result<Duration, Error> {
 pub async fn mix_fill(s: &Shard, live: u64, rng: &mut u64) -> Result<Vec<Handle>, Error> {
     let mut hs = Vec::with_capacity(live as usize);
     for _ in 0..live {
-        hs.push(allocate(s, mix_size(rng)).await?.into_handle());
+        hs.push(s.allocate(mix_size(rng)).await?.into_handle());
     }
     Ok(hs)
 }
@@ -110,7 +100,7 @@ pub async fn mix(s: &Shard, hs: &mut [Handle], rng: &mut u64, ops: u64) -> Resul
     for _ in 0..ops {
         let i = (next(rng) % hs.len() as u64) as usize;
         s.free(hs[i])?;
-        hs[i] = allocate(s, mix_size(rng)).await?.into_handle();
+        hs[i] = s.allocate(mix_size(rng)).await?.into_handle();
     }
     Ok(t.elapsed())
 }
@@ -137,7 +127,7 @@ pub fn producer_consumer(rt: &Runtime, n: u64, size: u64, cross: bool) -> Result
         let payload = vec![0x5Au8; size as usize];
         let mut batch = Vec::with_capacity(BATCH);
         for k in 0..n {
-            let a = allocate(&s, size).await?;
+            let a = s.allocate(size).await?;
             a.write_at(0, &payload)?;
             batch.push(a.into_handle());
             if batch.len() == BATCH || k + 1 == n {

@@ -78,10 +78,7 @@ async fn shard_task(
     start.wait().await;
     for k in 0..ops {
         let t0 = (k % SAMPLE == 0).then(Instant::now);
-        let a = match shard.try_allocate(size)? {
-            Some(a) => a,
-            None => shard.allocate(size).await?,
-        };
+        let a = shard.allocate(size).await?;
         a.write_at(0, &k.to_le_bytes())?;
         let h = a.into_handle();
         let p = match shard.try_pin(h)? {

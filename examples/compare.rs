@@ -137,7 +137,7 @@ fn slot_bytes(args: &Args) -> Result<u64, BoxError> {
     let (_dir, rt) = runtime(args, 1)?;
     let size = args.record_bytes;
     let len = futures::executor::block_on(rt.spawn_on(0, move |s| async move {
-        Ok::<_, Error>(work::allocate(&s, size).await?.len() as u64)
+        Ok::<_, Error>(s.allocate(size).await?.len() as u64)
     }))??;
     rt.shutdown()?;
     Ok(len)
@@ -278,7 +278,7 @@ fn malloc_mix(args: &Args) -> Result<f64, BoxError> {
 fn segalloc_pin(args: &Args) -> Result<f64, BoxError> {
     let n = args.pairs;
     on_one_shard(args, move |s| async move {
-        let h = work::allocate(&s, PAIR_BYTES).await?.into_handle();
+        let h = s.allocate(PAIR_BYTES).await?.into_handle();
         Ok(ns_per(work::pins(&s, h, n)?, n))
     })
 }

@@ -381,10 +381,7 @@ async fn insert_shard(shard: Shard, mut plan: Plan) -> Result<Inserted, Error> {
         };
         let sampled = laps.last.is_some();
         laps.lap(&mut t.clock_ns);
-        let a = match shard.try_allocate(size)? {
-            Some(a) => a,
-            None => shard.allocate(size).await?,
-        };
+        let a = shard.allocate(size).await?;
         laps.lap(&mut t.alloc_ns);
         let len = size as usize - HEADER_BYTES;
         let body = plan.pool.payload(seed, len);

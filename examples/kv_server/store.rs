@@ -1436,11 +1436,7 @@ impl Store {
             freed.await;
         }
         let total = (HEADER_BYTES + w.key.len() + w.value.len()) as u64;
-        let a = match self.shard.try_allocate(total)? {
-            Some(a) => a,
-            None => self.shard.allocate(total).await?,
-        };
-        let (h, pin) = a.into_parts();
+        let (h, pin) = self.shard.allocate(total).await?.into_parts();
         let old = match self.pin_current(w.key).await {
             Ok(old) => old,
             Err(e) => {
