@@ -12,7 +12,11 @@
 //! phase 5 (`phase_asyncfill`) fills again through `allocate(100).await`,
 //! phase 6 (`phase_asyncpins`) pins and unpins through `pin(h).await`.
 //! Phases 5 and 6 poll each future once, as an executor does (`Ready` on
-//! the hot path). Profile with io_uring (the default): with
+//! the hot path), from a plain function. Phases 7 and 8 await the same
+//! calls inside a task, as a server's handler does: `phase_taskpins`
+//! (`pin(h).await` + drop) and `phase_taskpairs` (`allocate(100).await` +
+//! `free`); how the compiler lays out the awaiting state machine changes
+//! their cost, so both ways are counted. Profile with io_uring (the default): with
 //! `SEGALLOC_IO=sync` a new segment is made within the poll, so phase 5
 //! would count it. The phases run the hot path only: when the class needs a
 //! new segment, `allocate(..).await` runs outside them (once per segment,
@@ -118,6 +122,25 @@ fn phase_pins(shard: &Shard, h: Handle, n: usize) {
     }
 }
 
+/// `n` pins + unpins of `h` through `pin(h).await`, in the task.
+#[inline(never)]
+async fn phase_taskpins(shard: &Shard, h: Handle, n: usize) {
+    for _ in 0..n {
+        let p = shard.pin(black_box(h)).await.expect("pin");
+        black_box(p.len());
+    }
+}
+
+/// `n` allocate + free pairs through `allocate(100).await`, in the task
+/// (the class has free slots: no new segment is made).
+#[inline(never)]
+async fn phase_taskpairs(shard: &Shard, n: usize) {
+    for _ in 0..n {
+        let a = shard.allocate(black_box(100)).await.expect("allocate");
+        shard.free(black_box(a.into_handle())).expect("free");
+    }
+}
+
 /// Run `f` and add its wall time to `*total`.
 fn timed<T>(total: &mut Duration, f: impl FnOnce() -> T) -> T {
     let t = Instant::now();
@@ -142,8 +165,9 @@ fn main() -> segalloc::Result<()> {
     local.block_on(&rt, async {
         let dd = Arc::new(DataDir::open(&cfg)?);
         let shard = Shard::open(dd, &cfg, 0).await?;
-        // Wall time of each phase: fill, free, pairs, pins, asyncfill, asyncpins.
-        let mut t = [Duration::ZERO; 6];
+        // Wall time of each phase: fill, free, pairs, pins, asyncfill,
+        // asyncpins, taskpins, taskpairs.
+        let mut t = [Duration::ZERO; 8];
         let mut handles = Vec::with_capacity(n);
         loop {
             timed(&mut t[0], || phase_fill(&shard, n, &mut handles));
@@ -176,6 +200,14 @@ fn main() -> segalloc::Result<()> {
             again.push(allocate(&shard, 100).await);
         }
         timed(&mut t[5], || phase_asyncpins(&shard, h, n));
+        let t0 = Instant::now();
+        phase_taskpins(&shard, h, n).await;
+        t[6] = t0.elapsed();
+        // Free slots in the class's segments, so no pair waits.
+        shard.free(again.pop().expect("filled")).expect("free");
+        let t0 = Instant::now();
+        phase_taskpairs(&shard, n).await;
+        t[7] = t0.elapsed();
         println!("{n} allocations");
         let names = [
             "fill (try_allocate)",
@@ -184,9 +216,11 @@ fn main() -> segalloc::Result<()> {
             "pin + unpin (try_pin)",
             "refill (allocate().await)",
             "pin + unpin (pin().await)",
+            "pin + unpin (pin().await, task)",
+            "allocate().await + free (task)",
         ];
         for (name, d) in names.iter().zip(t) {
-            println!("{name:<28} {:>7.1} ns/call", d.as_nanos() as f64 / n as f64);
+            println!("{name:<32} {:>7.1} ns/call", d.as_nanos() as f64 / n as f64);
         }
         Ok(())
     })
