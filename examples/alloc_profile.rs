@@ -32,7 +32,9 @@
 //! Phase 1 fills fresh pages (page faults included); phase 5 refills slots
 //! freed before (phase 2, then a sync), so it touches no new page.
 
+use std::future::Future;
 use std::hint::black_box;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -122,23 +124,27 @@ fn phase_pins(shard: &Shard, h: Handle, n: usize) {
     }
 }
 
-/// `n` pins + unpins of `h` through `pin(h).await`, in the task.
-#[inline(never)]
-async fn phase_taskpins(shard: &Shard, h: Handle, n: usize) {
-    for _ in 0..n {
-        let p = shard.pin(black_box(h)).await.expect("pin");
-        black_box(p.len());
-    }
+/// `n` pins + unpins of `h` through `pin(h).await`, in the task. (Boxed,
+/// so that its state machine is a function of its own that callgrind can
+/// count, not inlined into `main`'s.)
+fn phase_taskpins(shard: &Shard, h: Handle, n: usize) -> Pin<Box<dyn Future<Output = ()> + '_>> {
+    Box::pin(async move {
+        for _ in 0..n {
+            let p = shard.pin(black_box(h)).await.expect("pin");
+            black_box(p.len());
+        }
+    })
 }
 
 /// `n` allocate + free pairs through `allocate(100).await`, in the task
-/// (the class has free slots: no new segment is made).
-#[inline(never)]
-async fn phase_taskpairs(shard: &Shard, n: usize) {
-    for _ in 0..n {
-        let a = shard.allocate(black_box(100)).await.expect("allocate");
-        shard.free(black_box(a.into_handle())).expect("free");
-    }
+/// (the class has free slots: no new segment is made). Boxed as above.
+fn phase_taskpairs(shard: &Shard, n: usize) -> Pin<Box<dyn Future<Output = ()> + '_>> {
+    Box::pin(async move {
+        for _ in 0..n {
+            let a = shard.allocate(black_box(100)).await.expect("allocate");
+            shard.free(black_box(a.into_handle())).expect("free");
+        }
+    })
 }
 
 /// Run `f` and add its wall time to `*total`.
