@@ -79,7 +79,7 @@ pub mod shard;
 mod sys;
 mod wait;
 
-pub use alloc::{AllocStats, AllocateFuture, Allocation, LiveIter, SegmentAllocator};
+pub use alloc::{AllocStats, AllocateFuture, Allocation, LiveIter, PinFuture, SegmentAllocator};
 pub use config::{Config, ConfigBuilder, EvictionPolicy, IoBackendChoice, Limits, MadvisePolicy};
 pub use datadir::DataDir;
 pub use error::{Error, Result};

@@ -441,12 +441,24 @@ fn allocate_and_pin_futures_are_lazy_and_cancel_cleanly() {
         assert!(again.is_err(), "a completed future polled again must panic");
         assert_eq!(shard.live_count(), 1);
         // A pin: lazy too, ready at once on a mapped window.
+        let pinned = shard.mappings().stats().pinned_windows;
         drop(shard.pin(h));
         let mut p = Box::pin(shard.pin(h));
         match poll_once(&mut p) {
             Poll::Ready(p) => assert_eq!(p.unwrap().len(), 64),
             Poll::Pending => panic!("a pin of a mapped window waited"),
         }
+        let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| poll_once(&mut p)));
+        assert!(
+            again.is_err(),
+            "a completed pin future polled again must panic"
+        );
+        drop(p);
+        assert_eq!(
+            shard.mappings().stats().pinned_windows,
+            pinned,
+            "a pin outlived its guard"
+        );
         shard.free(h).unwrap();
         // Of a freed allocation: an error on the first poll.
         let mut p = Box::pin(shard.pin(h));

@@ -52,7 +52,7 @@ use crate::format::{Handle, Manifest};
 use crate::mapping::{MappingManager, PinGuard, SlotAt};
 use durability::Released;
 use fresh::Fresh;
-pub use futures::AllocateFuture;
+pub use futures::{AllocateFuture, PinFuture};
 use futures::{Slow, SlowBox};
 use meta_map::MetaMap;
 use segments::Seg;
@@ -658,7 +658,7 @@ impl SegmentAllocator {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn check_live(&self, handle: &Handle) -> Result<SlotAt> {
         let st = self.st.borrow();
         if let Some((seg, slot, at)) = self.find_seg(&st, handle)
@@ -692,11 +692,40 @@ impl SegmentAllocator {
     ///
     /// As [`free`](Self::free) for a bad handle ([`Error::NotAllocated`] for
     /// a freed one), plus the errors of [`MappingManager::pin`].
-    pub async fn pin(&self, handle: Handle) -> Result<PinGuard> {
-        let at = self.check_live(&handle)?;
+    #[inline(always)]
+    pub fn pin(&self, handle: Handle) -> PinFuture<'_> {
+        PinFuture::new(self, handle)
+    }
+
+    /// The first poll of [`pin`](Self::pin): the pin of a slot in a mapped
+    /// window, or `Pending` with the fault-in (boxed, out of line) in
+    /// `slow`.
+    #[inline(always)]
+    pub(super) fn pin_start<'a>(
+        &'a self,
+        handle: Handle,
+        slow: &mut Slow<'a, PinGuard>,
+    ) -> Poll<Result<PinGuard>> {
+        let at = match self.check_live(&handle) {
+            Ok(at) => at,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
         if let Some(p) = self.mm.pin_mapped(at) {
-            return Ok(p);
+            return Poll::Ready(Ok(p));
         }
+        *slow = Some(self.fault_pin_later(handle, at));
+        Poll::Pending
+    }
+
+    /// The rest of a pin whose window is not mapped, boxed.
+    #[cold]
+    #[inline(never)]
+    fn fault_pin_later(&self, handle: Handle, at: SlotAt) -> SlowBox<'_, PinGuard> {
+        Box::pin(self.fault_pin(handle, at))
+    }
+
+    /// [`pin`](Self::pin) of a live slot `at` whose window is not mapped.
+    async fn fault_pin(&self, handle: Handle, at: SlotAt) -> Result<PinGuard> {
         let fid = at.file;
         let writable = !self.files.is_read_only();
         if let Some(p) = self

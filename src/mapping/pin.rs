@@ -31,7 +31,7 @@ pub struct PinGuard {
 
 // One word less than a length and a flag apart (see `len_w`).
 #[cfg(not(debug_assertions))]
-const _: () = assert!(std::mem::size_of::<PinGuard>() == 24);
+const _: () = assert!(std::mem::size_of::<PinGuard>() == 3 * std::mem::size_of::<usize>());
 
 impl PinGuard {
     #[inline]

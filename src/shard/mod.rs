@@ -18,7 +18,7 @@ use std::sync::Arc;
 use futures::FutureExt;
 use futures::channel::oneshot;
 
-use crate::alloc::{AllocStats, AllocateFuture, Allocation, LiveIter, SegmentAllocator};
+use crate::alloc::{AllocStats, AllocateFuture, Allocation, LiveIter, PinFuture, SegmentAllocator};
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::error::{Error, Result};
@@ -283,16 +283,26 @@ impl Shard {
     ///
     /// See [`SegmentAllocator::pin`]; [`Error::NotOwner`] for another
     /// shard's handle; [`Error::ForeignHandle`] for another directory's.
-    pub async fn pin(&self, handle: Handle) -> Result<PinGuard> {
+    #[inline(always)]
+    pub fn pin(&self, handle: Handle) -> PinFuture<'_> {
         if handle.shard() == self.inner.index {
-            return self.inner.alloc.pin(handle).await;
+            return self.inner.alloc.pin(handle);
         }
-        self.check_foreign(&handle)?;
-        Err(Error::NotOwner {
+        PinFuture::failed(&self.inner.alloc, handle, self.refuse_pin(handle))
+    }
+
+    /// Why [`pin`](Self::pin) refuses another shard's handle.
+    #[cold]
+    #[inline(never)]
+    fn refuse_pin(&self, handle: Handle) -> Error {
+        if let Err(e) = self.check_foreign(&handle) {
+            return e;
+        }
+        Error::NotOwner {
             handle,
             owner: handle.shard(),
             this: self.inner.index,
-        })
+        }
     }
 
     /// Pin without awaiting (`Ok(None)`: use [`pin`](Self::pin)).
