@@ -307,10 +307,8 @@ fn recover_record(pin: &PinGuard, buf: &mut Vec<u8>) -> Result<Found, &'static s
 }
 
 async fn pin_of(shard: &Shard, h: Handle) -> segalloc::Result<PinGuard> {
-    match shard.try_pin(h)? {
-        Some(p) => Ok(p),
-        None => shard.pin(h).await,
-    }
+    // The first poll of `pin` is `try_pin`'s hot path.
+    shard.pin(h).await
 }
 
 /// Retire a record (zero its magic) and free it. `pin` is its pin.

@@ -37,7 +37,13 @@ fn poll_slow<T>(slow: &mut Slow<'_, T>, cx: &mut Context<'_>) -> Poll<Result<T>>
 }
 
 /// The future of [`SegmentAllocator::allocate`] and
-/// [`Shard::allocate`](crate::Shard::allocate).
+/// [`Shard::allocate`](crate::Shard::allocate): the hot path on the first
+/// poll, a new segment or the slot's window boxed when it must wait.
+///
+/// Lazy: nothing is allocated until it is polled. Dropped before it
+/// completes, it leaves nothing allocated (a slot it took is given back).
+/// Polled again after it completed, it panics. It borrows the shard, so it
+/// is `!Send`; it is `Unpin`.
 #[must_use = "futures do nothing unless polled"]
 pub struct AllocateFuture<'a> {
     alloc: &'a SegmentAllocator,
@@ -81,7 +87,12 @@ impl Future for AllocateFuture<'_> {
 
 /// The future of [`SegmentAllocator::pin`] and
 /// [`Shard::pin`](crate::Shard::pin): the pin of a slot in a mapped window
-/// on the first poll, the fault-in boxed.
+/// on the first poll, the fault-in boxed when it must wait.
+///
+/// Lazy: nothing is pinned or mapped until it is polled, and a refused
+/// handle's error comes from the first poll. Dropped before it completes,
+/// it leaves nothing pinned. Polled again after it completed, it panics. It borrows the
+/// shard, so it is `!Send`; it is `Unpin`.
 #[must_use = "futures do nothing unless polled"]
 pub struct PinFuture<'a> {
     alloc: &'a SegmentAllocator,

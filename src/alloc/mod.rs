@@ -692,6 +692,11 @@ impl SegmentAllocator {
     ///
     /// As [`free`](Self::free) for a bad handle ([`Error::NotAllocated`] for
     /// a freed one), plus the errors of [`MappingManager::pin`].
+    ///
+    /// The future ([`PinFuture`]) pins a slot in a mapped window when first
+    /// polled, as [`try_pin`](Self::try_pin) does; only a window to fault in
+    /// makes it wait. Like an `async fn`, it does nothing until polled, and
+    /// dropped before it completes it leaves nothing pinned.
     #[inline(always)]
     pub fn pin(&self, handle: Handle) -> PinFuture<'_> {
         PinFuture::new(self, handle)

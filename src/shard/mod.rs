@@ -282,7 +282,11 @@ impl Shard {
     /// # Errors
     ///
     /// See [`SegmentAllocator::pin`]; [`Error::NotOwner`] for another
-    /// shard's handle; [`Error::ForeignHandle`] for another directory's.
+    /// shard's handle; [`Error::ForeignHandle`] for another directory's;
+    /// [`Error::WrongShard`] for a shard index the directory does not have,
+    /// or for another shard's handle outside a runtime;
+    /// [`Error::NotAllocated`] for another shard's handle whose range lies
+    /// past any data file.
     #[inline(always)]
     pub fn pin(&self, handle: Handle) -> PinFuture<'_> {
         if handle.shard() == self.inner.index {
