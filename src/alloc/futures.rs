@@ -91,8 +91,8 @@ impl Future for AllocateFuture<'_> {
 ///
 /// Lazy: nothing is pinned or mapped until it is polled, and a refused
 /// handle's error comes from the first poll. Dropped before it completes,
-/// it leaves nothing pinned. Polled again after it completed, it panics. It borrows the
-/// shard, so it is `!Send`; it is `Unpin`.
+/// it leaves nothing pinned. Polled again after it completed, it panics.
+/// It borrows the shard, so it is `!Send`; it is `Unpin`.
 #[must_use = "futures do nothing unless polled"]
 pub struct PinFuture<'a> {
     alloc: &'a SegmentAllocator,
