@@ -110,10 +110,13 @@ pub enum Error {
         window_bytes: u64,
     },
 
-    /// A range is empty, or lies beyond what the file may hold.
-    #[error("invalid range [{offset}, {offset}+{len_bytes}) in file {file_id}: {reason}")]
+    /// A range is empty, or lies beyond what the file, the pin or the
+    /// allocation may hold.
+    #[error("invalid range [{offset}, {offset}+{len_bytes}){}: {reason}", in_file(*.file_id))]
     InvalidRange {
-        /// The file's number in its registry (a `FileId`'s value).
+        /// The file's number in its registry (a `FileId`'s value), or
+        /// `u32::MAX` for a range checked against a pin or an allocation
+        /// (its message then names no file).
         file_id: u32,
         /// Start of the range.
         offset: u64,
@@ -380,6 +383,19 @@ impl Error {
 impl From<BadHandle> for Error {
     fn from(e: BadHandle) -> Error {
         Error::BadHandle { reason: e.reason }
+    }
+}
+
+/// [`Error::InvalidRange`]'s `file_id` for a range checked against a pin or
+/// an allocation rather than a file.
+pub(crate) const NOT_A_FILE: u32 = u32::MAX;
+
+/// The file part of [`Error::InvalidRange`]'s message.
+fn in_file(file_id: u32) -> String {
+    if file_id == NOT_A_FILE {
+        String::new()
+    } else {
+        format!(" in file {file_id}")
     }
 }
 

@@ -242,3 +242,33 @@ fn per_shard_caps_never_exceed_the_process_caps() {
             .is_ok()
     );
 }
+
+/// A read or write past the end of an allocation (through `Shard::read`,
+/// `Shard::write` or a pin) is `InvalidRange`, and its message names the
+/// allocation or the pin, not a file number no registry handed out.
+#[test]
+fn a_range_past_an_allocation_is_reported_without_a_bogus_file_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::small_cfg(dir.path());
+    run(async {
+        let shard = common::open_shard(&cfg).await.unwrap();
+        let h = shard.allocate(64).await.unwrap().into_handle();
+        let mut buf = [0u8; 8];
+        let errors = [
+            shard.write(h, 60, &[1u8; 8]).await.unwrap_err(),
+            shard.read(h, 64, &mut buf).await.unwrap_err(),
+            shard
+                .pin(h)
+                .await
+                .unwrap()
+                .write_at(usize::MAX, &[1])
+                .unwrap_err(),
+        ];
+        for e in errors {
+            assert!(matches!(e, Error::InvalidRange { .. }), "{e:?}");
+            let msg = e.to_string();
+            assert!(!msg.contains(&u32::MAX.to_string()), "{msg}");
+            assert!(msg.contains("outside the pinned range"), "{msg}");
+        }
+    });
+}

@@ -100,7 +100,7 @@ impl PinGuard {
     fn bounds(&self, offset: usize, n: usize) -> Result<()> {
         if offset.checked_add(n).is_none_or(|end| end > self.len()) {
             return Err(Error::InvalidRange {
-                file_id: u32::MAX,
+                file_id: crate::error::NOT_A_FILE,
                 offset: offset as u64,
                 len_bytes: n as u64,
                 reason: "outside the pinned range",

@@ -353,7 +353,7 @@ fn check_range(h: &Handle, offset: usize, n: usize) -> Result<()> {
         .is_none_or(|end| end > h.len() as usize)
     {
         return Err(Error::InvalidRange {
-            file_id: u32::MAX,
+            file_id: crate::error::NOT_A_FILE,
             offset: offset as u64,
             len_bytes: n as u64,
             reason: "outside the allocation",
