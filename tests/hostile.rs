@@ -381,6 +381,57 @@ fn meta_sectors_replaced_and_file_extended() {
     );
 }
 
+/// A metadata file made sparse and huge (100 GiB) while closed: the open
+/// maps only what the directory's high-water mark needs (and the stretch
+/// past it that recovery looks at), so it neither waits for windows that
+/// the cap cannot give (`pin_timeout`) nor pins a window per 16 MiB.
+#[test]
+fn a_huge_sparse_metadata_file_opens_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = Config::builder(tmp.path())
+        .shards(1)
+        .window_bytes(common::WINDOW)
+        .growth_step_bytes(common::STEP)
+        .pin_timeout(std::time::Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let want = fixture(&cfg);
+    let path = meta_path(tmp.path());
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(100 << 30).unwrap();
+    drop(f);
+    let started = std::time::Instant::now();
+    run(async {
+        let shard = open_shard(&cfg)
+            .await
+            .unwrap_or_else(|e| panic!("open after {:?}: {e}", started.elapsed()));
+        let took = started.elapsed();
+        assert!(took < cfg.pin_timeout(), "the open took {took:?}");
+        let pinned = shard.mappings().stats().pinned_windows;
+        assert!(pinned <= 2, "{pinned} windows pinned after the open");
+        assert_eq!(check_reopened(&shard).await, want);
+        // Still usable: a new allocation survives a sync and a reopen.
+        let a = shard.allocate(100).await.unwrap();
+        a.write_at(0, b"after").unwrap();
+        shard.sync().await.unwrap();
+    });
+    match reopen(&cfg) {
+        Reopened::Ok(live, _) => assert_eq!(live.len(), want.0.len() + 1),
+        other => panic!("second reopen: {other:?}"),
+    }
+    // With its high-water mark torn as well, the open is refused, and at
+    // once.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5A; 8], meta::HWM_OFFSET).unwrap();
+    drop(f);
+    let started = std::time::Instant::now();
+    match reopen(&cfg) {
+        Reopened::Typed(e) => assert!(e.contains("high-water mark"), "{e}"),
+        other => panic!("torn mark: {other:?}"),
+    }
+    assert!(started.elapsed() < cfg.pin_timeout());
+}
+
 /// Manifests and superblocks forged with valid checksums: random fields,
 /// or a consistent but different geometry (manifest, superblock and
 /// configuration agree; the directory entries do not).

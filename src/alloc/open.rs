@@ -200,7 +200,10 @@ impl SegmentAllocator {
         if size < format::MANIFEST_BYTES as u64 {
             return Ok(true);
         }
-        self.meta.map_existing(size).await?;
+        // Its first page only: recovery maps what the scan needs.
+        self.meta
+            .map_existing(size.min(format::META_PAGE_BYTES))
+            .await?;
         let mut b = [0u8; format::MANIFEST_BYTES];
         self.meta.read(0, &mut b);
         Ok(b.iter().all(|&x| x == 0))

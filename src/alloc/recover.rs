@@ -16,7 +16,9 @@ use crate::format::scan::{
 };
 use crate::format::{self, data_file_name};
 
-/// The metadata file read through the allocator's pinned windows.
+/// The metadata file read through the allocator's pinned windows: its
+/// first `size_bytes` (its [`scan_extent`](scan::scan_extent); reads past
+/// them are short, as at the end of a file).
 struct Mapped<'a> {
     alloc: &'a SegmentAllocator,
     size_bytes: u64,
@@ -39,7 +41,19 @@ impl MetaSource for Mapped<'_> {
 impl SegmentAllocator {
     /// Restore the state recorded in the metadata file of `size` bytes.
     pub(super) async fn recover(&self, size: u64) -> Result<()> {
-        self.meta.map_existing(size).await?;
+        // Only what the scan can read is mapped (the directory up to its
+        // high-water mark, and a little past it): a file grown past that,
+        // a sparse one of any size included, must not cost a window per
+        // `window_bytes` of it, nor wait for windows the cap cannot give.
+        let head = size.min(format::META_PAGE_BYTES);
+        self.meta.map_existing(head).await?;
+        let mark = (size >= format::HWM_OFFSET + 8).then(|| {
+            let mut b = [0u8; 8];
+            self.meta.read(format::HWM_OFFSET, &mut b);
+            u64::from_le_bytes(b)
+        });
+        let extent = scan::scan_extent(size, mark);
+        self.meta.map_existing(extent).await?;
         let dir = self.dir.clone();
         let data_file = move |n: u32| data_file_len(dir.join(data_file_name(n)));
         let target = ScanTarget {
@@ -50,7 +64,7 @@ impl SegmentAllocator {
         };
         let mut src = Mapped {
             alloc: self,
-            size_bytes: size,
+            size_bytes: extent,
         };
         let found = scan::scan(&mut src, &target)?;
         if let Some(f) = found.refusal() {

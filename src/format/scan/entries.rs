@@ -1,13 +1,11 @@
 //! The directory entries: each one below the high-water mark decoded and
 //! checked (placement, bitmap), and those published past the mark.
 
-use super::{Defect, PAST_HWM_SCAN_BYTES, Pages, ScanTarget, SegmentScan, Severity, ShardScan};
+use super::{Defect, Pages, ScanTarget, SegmentScan, Severity, ShardScan};
 use crate::error::Result;
 use crate::format::entry::{self, EntryHeader};
 use crate::format::manifest::Manifest;
-use crate::format::{
-    BITMAP_WORDS, ENTRY_BYTES, ENTRY_HEADER_BYTES, bitmap_offset, directory_end_bytes, entry_offset,
-};
+use crate::format::{BITMAP_WORDS, ENTRY_BYTES, ENTRY_HEADER_BYTES, bitmap_offset, entry_offset};
 
 /// Entries `0..scan_to`; returns the highest generation met.
 pub(super) fn scan_entries(
@@ -130,7 +128,7 @@ pub(super) fn scan_past_mark(
     readable: u32,
     s: &mut ShardScan,
 ) -> Result<()> {
-    let limit_bytes = directory_end_bytes(h).saturating_add(PAST_HWM_SCAN_BYTES);
+    let limit_bytes = super::past_mark_limit(h);
     let mut i = h;
     while i < readable && entry_offset(i) + ENTRY_BYTES <= limit_bytes {
         let off = entry_offset(i);

@@ -49,6 +49,27 @@ use overlaps::resolve_overlaps;
 /// 1 MiB steps, so a correct file holds at most that much beyond).
 pub const PAST_HWM_SCAN_BYTES: u64 = 2 * 1024 * 1024;
 
+/// The bytes of a metadata file of `meta_bytes` bytes whose high-water
+/// mark word is `mark` (`None`: the file is too short to hold it) that
+/// [`scan`] can need to read: the directory up to the mark and
+/// [`PAST_HWM_SCAN_BYTES`] past it. A torn or unreadable mark refuses the
+/// shard, and the scan then reads the whole file for its report: a reader
+/// that only needs the refusal (recovery) can stop at the root table. Never
+/// more than `meta_bytes`: a file grown past what its directory needs (a
+/// sparse file of any size) costs nothing more to open.
+pub fn scan_extent(meta_bytes: u64, mark: Option<u64>) -> u64 {
+    let end = match mark.and_then(decode_counter) {
+        Some(h) => past_mark_limit(h),
+        None => super::DIR_OFFSET,
+    };
+    end.min(meta_bytes)
+}
+
+/// Where the scan for entries published past the mark `h` stops.
+fn past_mark_limit(h: u32) -> u64 {
+    directory_end_bytes(h).saturating_add(PAST_HWM_SCAN_BYTES)
+}
+
 /// Positioned reads of a metadata file.
 pub trait MetaSource {
     /// Read as much of `buf` as the file holds at `off`; the bytes read
