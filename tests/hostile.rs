@@ -383,8 +383,9 @@ fn meta_sectors_replaced_and_file_extended() {
 
 /// A metadata file made sparse and huge (100 GiB) while closed: the open
 /// maps only what the directory's high-water mark needs (and the stretch
-/// past it that recovery looks at), so it neither waits for windows that
-/// the cap cannot give (`pin_timeout`) nor pins a window per 16 MiB.
+/// past it that recovery looks at), so it neither pins a window per 16 MiB
+/// nor, under a cap of 64 windows, fails after `pin_timeout` ("all 64
+/// mapping windows are pinned").
 #[test]
 fn a_huge_sparse_metadata_file_opens_at_once() {
     let tmp = tempfile::tempdir().unwrap();
@@ -393,6 +394,7 @@ fn a_huge_sparse_metadata_file_opens_at_once() {
         .window_bytes(common::WINDOW)
         .growth_step_bytes(common::STEP)
         .pin_timeout(std::time::Duration::from_secs(2))
+        .max_windows(64)
         .build()
         .unwrap();
     let want = fixture(&cfg);
