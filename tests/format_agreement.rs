@@ -611,3 +611,83 @@ fn a_segment_that_loses_an_overlap_is_cleared_with_its_bitmap() {
         "bitmap of the dropped segment cleared"
     );
 }
+
+/// A metadata file as a reader beside a writer sees it: the first read of
+/// the high-water mark gets `before`, every other read `now`.
+struct Racing {
+    before: Vec<u8>,
+    now: Vec<u8>,
+    mark_reads: u32,
+}
+
+impl segalloc::format::scan::MetaSource for Racing {
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> segalloc::Result<usize> {
+        let covers_mark = off <= HWM_OFFSET as u64 && (HWM_OFFSET as u64) < off + buf.len() as u64;
+        if covers_mark {
+            self.mark_reads += 1;
+        }
+        let img = if covers_mark && self.mark_reads == 1 {
+            &self.before
+        } else {
+            &self.now
+        };
+        let off = (off as usize).min(img.len());
+        let n = buf.len().min(img.len() - off);
+        buf[..n].copy_from_slice(&img[off..off + n]);
+        Ok(n)
+    }
+}
+
+/// A reader beside a writer: after the scan read the high-water mark, the
+/// writer raised it and published the entry below the new mark (the order
+/// the library writes them in). The scan reads the mark again after the
+/// directory, so it does not report that entry as published past the mark
+/// (`segalloc verify` beside a running server said "its allocations are
+/// lost" of a healthy directory).
+#[test]
+fn a_scan_beside_a_writer_that_raised_the_mark_reports_nothing_past_it() {
+    use segalloc::format::scan::{self, DataFileLen, Defect, ScanTarget};
+    let tmp = tempfile::tempdir().unwrap();
+    build(tmp.path());
+    let manifest = *DataDir::open(&cfg(tmp.path())).unwrap().manifest();
+    let now = std::fs::read(meta_path(tmp.path(), 0)).unwrap();
+    let h = hwm_of(&now);
+    assert!(published(&now).iter().any(|&(i, _)| i == h - 1));
+    let mut before = now.clone();
+    set_hwm(&mut before, h - 1);
+    let shard_dir = tmp.path().join("shard-000");
+    let data_file =
+        |n: u32| match std::fs::metadata(shard_dir.join(segalloc::format::data_file_name(n))) {
+            Ok(m) => DataFileLen::Bytes(m.len()),
+            Err(_) => DataFileLen::Missing,
+        };
+    let target = ScanTarget {
+        geometry: &manifest,
+        shard: 0,
+        meta_bytes: now.len() as u64,
+        data_file: &data_file,
+    };
+    let mut src = Racing {
+        before,
+        now: now.clone(),
+        mark_reads: 0,
+    };
+    let found = scan::scan(&mut src, &target).unwrap();
+    assert!(src.mark_reads >= 2, "the mark was read once");
+    let past: Vec<_> = found
+        .findings
+        .iter()
+        .filter(|f| matches!(f.defect, Defect::PublishedPastMark { .. }))
+        .collect();
+    assert!(past.is_empty(), "{past:?}");
+    // The same file read at one instant: the same segments, but for the one
+    // published after the first read of the mark.
+    let mut still = Racing {
+        before: now.clone(),
+        now,
+        mark_reads: 0,
+    };
+    let whole = scan::scan(&mut still, &target).unwrap();
+    assert!(whole.findings.is_empty(), "{:?}", whole.findings);
+    assert_eq!(found.segments.len() + 1, whole.segments.len());
+}

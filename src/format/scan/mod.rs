@@ -282,7 +282,17 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
     let mut pages = Pages::new(src);
     let max_gen = scan_entries(&mut pages, t, scan_to, &mut s)?;
     if let Some(h) = s.hwm {
-        scan_past_mark(&mut pages, h, readable, &mut s)?;
+        // Beside a writer (a directory open elsewhere), the mark may have
+        // risen since it was read, and entries been published under the
+        // new mark: the writer raises the mark first. Read again after the
+        // entries, it covers every entry that was published before they
+        // were read, so none is reported as past it. (Recovery holds the
+        // lock: for it the two reads agree.)
+        let later = pages
+            .fresh(HWM_OFFSET, 8)?
+            .and_then(|b| decode_counter(super::u64_at(b, 0)))
+            .filter(|&l| l >= h);
+        scan_past_mark(&mut pages, later.unwrap_or(h), readable, &mut s)?;
     }
     let persisted = match pages.get(GEN_OFFSET, 8)? {
         Some(b) => decode_counter(super::u64_at(b, 0)).unwrap_or(0),
@@ -408,6 +418,13 @@ impl<'a> Pages<'a> {
             len: 0,
             buf: vec![0; META_PAGE_BYTES as usize],
         }
+    }
+
+    /// As [`get`](Self::get), read again from the file even when its page
+    /// was the last one read.
+    fn fresh(&mut self, off: u64, len: usize) -> Result<Option<&[u8]>> {
+        self.page = None;
+        self.get(off, len)
     }
 
     /// `len` bytes at `off` (inside one page), or `None` past the end.
