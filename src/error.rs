@@ -130,6 +130,15 @@ pub enum Error {
     #[error("unknown file id {0}")]
     UnknownFile(u32),
 
+    /// A window of a file of a closed allocator was asked for. Pins of it
+    /// taken while it was open stay valid (and keep its shard locked); no
+    /// new one is made, since the shard may be opened again meanwhile.
+    #[error("file {file_id} belongs to an allocator that is closed")]
+    OwnerClosed {
+        /// The registry's number of the file.
+        file_id: u32,
+    },
+
     /// A write was asked of something opened read-only.
     #[error("read-only: {0}")]
     ReadOnly(&'static str),

@@ -653,3 +653,68 @@ fn a_data_file_that_is_not_a_regular_file_is_refused_at_open() {
     std::fs::rename(&kept, &data).unwrap();
     assert_eq!(open(&cfg).unwrap(), 1);
 }
+
+/// Open shard 0 of `cfg` from another thread; what it gave.
+fn open_elsewhere(cfg: &Config) -> segalloc::Result<()> {
+    let cfg = cfg.clone();
+    std::thread::spawn(move || {
+        common::run(async {
+            let dd = Arc::new(DataDir::open(&cfg)?);
+            segalloc::Shard::open(dd, &cfg, 0).await.map(drop)
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+/// A pin kept after its shard is dropped still maps the shard's bytes
+/// (writable), and so does the shard's `MappingManager` kept after it: the
+/// shard stays locked until neither maps them, so another open of it (in
+/// another thread or process) cannot hand out or write the same bytes
+/// meanwhile. Once the shard is unlocked, the kept manager maps none of its
+/// files again.
+#[test]
+fn a_pin_kept_past_its_shard_keeps_the_shard_locked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(tmp.path());
+    let refused = |what: &str| {
+        match open_elsewhere(&cfg) {
+            Err(Error::ShardAlreadyOpen { shard: 0, .. }) => {}
+            other => panic!("open beside {what}: {other:?}"),
+        }
+        assert_eq!(in_child("allocator", cfg.dir()), "shard 0 already open");
+    };
+    common::run(async {
+        // A pin alone.
+        let shard = common::open_shard(&cfg).await.unwrap();
+        let a = shard.allocate(64).await.unwrap();
+        drop(shard);
+        refused("a kept allocation");
+        a.write_at(0, b"still mapped").unwrap();
+        drop(a);
+        open_elsewhere(&cfg).unwrap();
+        // The manager.
+        let shard = common::open_shard(&cfg).await.unwrap();
+        let pin = shard.pin(shard.live().next().unwrap()).await.unwrap();
+        let mm = shard.mappings().clone();
+        let data = cfg
+            .dir()
+            .join("shard-000")
+            .join(segalloc::format::data_file_name(0));
+        let fid = mm.files().register(&data);
+        drop(shard);
+        drop(pin);
+        refused("a kept manager");
+        assert!(mm.evict_idle() > 0);
+        match mm.pin(fid, 0, 64, true).await {
+            Err(Error::OwnerClosed { .. }) => {}
+            other => panic!("pin of a closed shard's file: {other:?}"),
+        }
+        open_elsewhere(&cfg).unwrap();
+        let shard = common::open_shard(&cfg).await.unwrap();
+        let mut buf = [0u8; 12];
+        let h = shard.live().next().unwrap();
+        shard.pin(h).await.unwrap().read_at(0, &mut buf).unwrap();
+        assert_eq!(&buf, b"still mapped");
+    });
+}

@@ -207,8 +207,10 @@ pub struct SegmentAllocator {
     /// last `fdatasync`). The high-water mark never covers an entry past it.
     meta_durable_bytes: Cell<u64>,
     syncs: durability::SyncOrder,
-    /// Held for as long as the allocator is open (shared when read-only).
-    _shard_lock: crate::datadir::ShardLock,
+    /// The shard's lock (shared when read-only): held for as long as the
+    /// allocator is open or a window of one of its files is mapped (each
+    /// holds a clone: a pin may outlive the allocator).
+    shard_lock: Rc<dyn std::any::Any>,
 }
 
 #[cold]

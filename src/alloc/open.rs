@@ -3,6 +3,7 @@
 
 #![warn(clippy::cast_possible_truncation)]
 
+use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -123,11 +124,11 @@ impl SegmentAllocator {
         mm: Rc<MappingManager>,
     ) -> Result<SegmentAllocator> {
         let files = mm.files().clone();
-        let shard_lock = match files.is_read_only() {
-            true => ShardLock::acquire_shared(shard, dir)?,
-            false => ShardLock::acquire(shard, dir)?,
+        let shard_lock: Rc<dyn Any> = match files.is_read_only() {
+            true => Rc::new(ShardLock::acquire_shared(shard, dir)?),
+            false => Rc::new(ShardLock::acquire(shard, dir)?),
         };
-        let meta_file = files.register(dir.join("meta.seg"));
+        let meta_file = files.register_owned(dir.join("meta.seg"), &shard_lock);
         let blocks = |bytes: u64| {
             u32::try_from(bytes / BLOCK_BYTES).map_err(|_| {
                 Error::InvalidConfig(format!(
@@ -166,7 +167,7 @@ impl SegmentAllocator {
             writable: Cell::new(writable),
             meta_durable_bytes: Cell::new(0),
             syncs: super::durability::SyncOrder::default(),
-            _shard_lock: shard_lock,
+            shard_lock,
         })
     }
 

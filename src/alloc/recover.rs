@@ -252,7 +252,9 @@ impl SegmentAllocator {
             file_count += 1;
         }
         for n in 0..file_count {
-            let id = self.files.register(self.dir.join(data_file_name(n)));
+            let id = self
+                .files
+                .register_owned(self.dir.join(data_file_name(n)), &self.shard_lock);
             self.data_files.borrow_mut().push(id);
         }
         Ok(file_count)

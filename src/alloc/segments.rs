@@ -544,7 +544,9 @@ impl SegmentAllocator {
     async fn ensure_data_file(&self, file: u32) -> Result<()> {
         while self.data_files.borrow().len() <= file as usize {
             let n = u32::try_from(self.data_files.borrow().len()).expect("file numbers are u32");
-            let id = self.files.register(self.dir.join(data_file_name(n)));
+            let id = self
+                .files
+                .register_owned(self.dir.join(data_file_name(n)), &self.shard_lock);
             self.data_files.borrow_mut().push(id);
         }
         let id = self.data_files.borrow()[file as usize];

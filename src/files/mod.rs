@@ -15,11 +15,12 @@
 //! `grow.rs` the growth and block reservation of a file, `durable.rs` its
 //! dirty marks, syncs and folder entry, `lease.rs` the [`FileLease`].
 
+use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 
 use crate::error::{Error, Result};
 use crate::io::{Op, Ring};
@@ -118,6 +119,10 @@ struct FileEntry {
     /// kernel reports a write-back error once, and the call that saw it may
     /// have been dropped before its caller looked.
     sync_failed: Option<i32>,
+    /// Kept alive by every window of the file; a file whose owner is gone
+    /// is not mapped again (see
+    /// [`register_owned`](FileHandleRegistry::register_owned)).
+    owner: Option<Weak<dyn Any>>,
 }
 
 struct Files {
@@ -199,7 +204,10 @@ impl FileHandleRegistry {
 
     /// Register a path (no syscall); the same path gives the same id.
     pub fn register(&self, path: impl AsRef<Path>) -> FileId {
-        let path = path.as_ref();
+        self.register_path(path.as_ref())
+    }
+
+    fn register_path(&self, path: &Path) -> FileId {
         let mut f = self.inner.borrow_mut();
         if let Some(&id) = f.by_path.get(path) {
             return id;
@@ -223,10 +231,45 @@ impl FileHandleRegistry {
             durable_len: 0,
             syncing: Cell::new(0),
             sync_failed: None,
+            owner: None,
         });
         f.by_path.insert(path.to_path_buf(), id);
         f.stats.files = f.entries.len();
         id
+    }
+
+    /// [`register`](Self::register), and keep `owner` alive for as long as
+    /// any window of the file is mapped (each window holds a clone); once
+    /// `owner` is gone, the file is not mapped again. The allocator passes
+    /// its shard lock: a pin kept after its allocator is dropped still maps
+    /// the shard's bytes, so the shard stays locked, and nothing maps them
+    /// once it is unlocked.
+    pub(crate) fn register_owned(&self, path: impl AsRef<Path>, owner: &Rc<dyn Any>) -> FileId {
+        let id = self.register_path(path.as_ref());
+        self.inner.borrow_mut().entries[id.0 as usize].owner = Some(Rc::downgrade(owner));
+        id
+    }
+
+    /// What a new window of file `id` keeps alive
+    /// ([`register_owned`](Self::register_owned)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OwnerClosed`] when the file's owner is gone;
+    /// [`Error::UnknownFile`].
+    pub(crate) fn owner(&self, id: FileId) -> Result<Option<Rc<dyn Any>>> {
+        let f = self.inner.borrow();
+        let e = f
+            .entries
+            .get(id.0 as usize)
+            .ok_or(Error::UnknownFile(id.0))?;
+        match &e.owner {
+            None => Ok(None),
+            Some(w) => w
+                .upgrade()
+                .map(Some)
+                .ok_or(Error::OwnerClosed { file_id: id.0 }),
+        }
     }
 
     /// Register a file owned by another shard (cross-shard pins): it is

@@ -237,6 +237,8 @@ impl MappingManager {
             // A planned failure (feature `fault-injection` only).
             return Err(map_failed(source));
         }
+        // Held by the window: an allocator's file keeps its shard locked.
+        let owner = self.files.owner(file)?;
         let lease = self.files.acquire(file, 0).await?;
         let mut opts = MmapOptions::new();
         opts.offset(window_off).len(w as usize);
@@ -263,6 +265,7 @@ impl MappingManager {
             uses: Cell::new(0),
             referenced: Cell::new(true),
             shared: self.shared.clone(),
+            _owner: owner,
             #[cfg(debug_assertions)]
             pin_sites: RefCell::new(slab::Slab::new()),
         });

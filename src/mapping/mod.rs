@@ -137,6 +137,9 @@ pub(crate) struct Window {
     uses: Cell<u64>,
     referenced: Cell<bool>,
     shared: Rc<Shared>,
+    /// What its file's registration asked its windows to keep alive (the
+    /// shard lock of an allocator's file).
+    _owner: Option<Rc<dyn std::any::Any>>,
     #[cfg(debug_assertions)]
     pin_sites: RefCell<slab::Slab<&'static Location<'static>>>,
 }
