@@ -58,7 +58,9 @@ fn hot_path(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (rt, local) = runtime();
     let (files, mm) = manager(dir.path(), IoBackendChoice::Auto);
-    let f = files.register(dir.path().join("hot"));
+    // SAFETY: the file is this program's own, in its temporary directory;
+    // nothing else maps or writes it.
+    let f = unsafe { files.register(dir.path().join("hot")) };
     local.block_on(&rt, async {
         mm.pin(f, 0, 4096, true).await.expect("fault the window in");
     });
@@ -95,7 +97,9 @@ fn fault_in(c: &mut Criterion) {
             let (rt, local) = runtime();
             let (files, mm) = manager(dir.path(), backend);
             assert_eq!(files.ring().backend().to_string(), name(backend));
-            let f = files.register(dir.path().join("remap"));
+            // SAFETY: the file is this program's own, in its temporary directory;
+            // nothing else maps or writes it.
+            let f = unsafe { files.register(dir.path().join("remap")) };
             local.block_on(&rt, async {
                 drop(files.acquire(f, WINDOW).await.expect("grow"));
             });
@@ -123,7 +127,9 @@ fn fault_in(c: &mut Criterion) {
                     .map(|i| {
                         let path = dir.path().join(format!("f{i}"));
                         std::fs::File::create(&path).expect("create");
-                        files.register(path)
+                        // SAFETY: the file is this program's own, in its temporary directory;
+                        // nothing else maps or writes it.
+                        unsafe { files.register(path) }
                     })
                     .collect();
                 local.block_on(&rt, async {

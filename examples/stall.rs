@@ -67,7 +67,9 @@ fn measure(args: &Args, choice: IoBackendChoice) -> Result<Outcome, Box<dyn std:
             files.clone(),
             MappingConfig::from_config(&cfg),
         ));
-        let f = files.register(dir.path().join("data"));
+        // SAFETY: the file is this program's own, in its temporary directory;
+        // nothing else maps or writes it.
+        let f = unsafe { files.register(dir.path().join("data")) };
         let done = Rc::new(Cell::new(false));
         let gaps = Rc::new(RefCell::new(Vec::<u64>::new()));
         let ticker = {

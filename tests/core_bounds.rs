@@ -27,7 +27,7 @@ fn huge_window_index_is_refused_before_the_table_grows() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (files, mm) = common::manager(dir.path(), 4, 4);
-        let f = files.register(dir.path().join("a"));
+        let f = common::register(&files, dir.path().join("a"));
         drop(mm.pin(f, 0, 4096, true).await.unwrap());
         let before = rss_kib();
         for idx in [1u64 << 26, u32::MAX as u64] {
@@ -55,7 +55,7 @@ fn waiter_is_woken_when_the_last_reference_is_an_io_operation() {
             .unwrap();
         let (files, mm) = common::manager_with_windows(&cfg, 1);
         let mm = Rc::new(mm);
-        let f = files.register(dir.path().join("a"));
+        let f = common::register(&files, dir.path().join("a"));
         let held = mm.pin(f, 0, 4096, true).await.unwrap();
         let m2 = mm.clone();
         let started = Instant::now();
@@ -98,7 +98,7 @@ fn waiter_is_woken_after_the_last_of_two_pins() {
             .unwrap();
         let (files, mm) = common::manager_with_windows(&cfg, 1);
         let mm = Rc::new(mm);
-        let f = files.register(dir.path().join("a"));
+        let f = common::register(&files, dir.path().join("a"));
         let a = mm.pin(f, 0, 4096, true).await.unwrap();
         let b = mm.pin(f, 8192, 4096, true).await.unwrap();
         let m2 = mm.clone();
@@ -158,7 +158,7 @@ fn sync_of_a_never_opened_file_creates_nothing() {
     run(async {
         let (files, _mm) = common::manager(dir.path(), 4, 4);
         let path = dir.path().join("never");
-        let f = files.register(&path);
+        let f = common::register(&files, &path);
         let _ = files.sync(f, true).await;
         assert!(!path.exists(), "sync created {}", path.display());
     });
@@ -171,11 +171,11 @@ fn missing_foreign_file_registers_nothing() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (files, _mm) = common::manager(dir.path(), 1, 4);
-        let a = files.register(dir.path().join("a"));
+        let a = common::register(&files, dir.path().join("a"));
         drop(files.acquire(a, 4096).await.unwrap());
         let opens = files.stats().opens;
         for i in 0..1000 {
-            let r = files.register_foreign(dir.path().join(format!("missing-{i}")));
+            let r = common::register_foreign(&files, dir.path().join(format!("missing-{i}")));
             assert!(r.is_err(), "registered a missing file: {r:?}");
         }
         assert_eq!(files.stats().files, 1);
@@ -185,7 +185,7 @@ fn missing_foreign_file_registers_nothing() {
         // An existing one is registered once, however often it is named.
         std::fs::write(dir.path().join("b"), [0u8; 4096]).unwrap();
         for _ in 0..10 {
-            files.register_foreign(dir.path().join("b")).unwrap();
+            common::register_foreign(&files, dir.path().join("b")).unwrap();
         }
         assert_eq!(files.stats().files, 2);
     });

@@ -27,8 +27,8 @@ fn fd_reuse_one_descriptor_per_file() {
     run(async {
         let (files, mm) = common::manager(dir.path(), 4, 4);
         let path = dir.path().join("data-0");
-        let f = files.register(&path);
-        assert_eq!(files.register(&path), f, "same path, same id");
+        let f = common::register(&files, &path);
+        assert_eq!(common::register(&files, &path), f, "same path, same id");
 
         let mut held = Vec::new();
         for i in 0..200u64 {
@@ -40,10 +40,12 @@ fn fd_reuse_one_descriptor_per_file() {
             assert_eq!(files.open_count(), 1);
         }
         // Leases taken directly share the same descriptor too.
-        let leases: Vec<_> =
-            futures::future::try_join_all((0..10).map(|_| files.acquire_path(&path, 4096)))
-                .await
-                .unwrap();
+        // SAFETY: the test's own file, mapped by nothing else.
+        let leases: Vec<_> = futures::future::try_join_all(
+            (0..10).map(|_| unsafe { files.acquire_path(&path, 4096) }),
+        )
+        .await
+        .unwrap();
         assert!(leases.iter().all(|l| l.id() == f));
         assert_eq!(files.open_count(), 1);
         assert_eq!(os_counts(dir.path()).0, 1, "/proc/self/fd agrees");
@@ -66,7 +68,7 @@ fn many_segments_few_fds_few_windows() {
     run(async {
         let (files, mm) = common::manager(dir.path(), 4, 8);
         let ids: Vec<FileId> = (0..3)
-            .map(|i| files.register(dir.path().join(format!("data-{i}"))))
+            .map(|i| common::register(&files, dir.path().join(format!("data-{i}"))))
             .collect();
         // Segment i: file i % 3, spread over the first two windows of it.
         let at = |i: u64| (ids[(i % 3) as usize], (i / 3) * 97 * 4096 % (2 * WINDOW));
@@ -110,7 +112,7 @@ fn fd_cap_lru_and_pressure() {
     run(async {
         let ring = Ring::new(IoBackendChoice::Auto).unwrap();
         let files = FileHandleRegistry::new(ring, 2);
-        let [a, b, c] = ["a", "b", "c"].map(|n| files.register(dir.path().join(n)));
+        let [a, b, c] = ["a", "b", "c"].map(|n| common::register(&files, dir.path().join(n)));
         drop(files.acquire(a, 0).await.unwrap());
         drop(files.acquire(b, 0).await.unwrap());
         drop(files.acquire(a, 0).await.unwrap()); // a is now the most recent
@@ -148,7 +150,7 @@ fn close_idle_keeps_windows_mapped() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (files, mm) = common::manager(dir.path(), 4, 4);
-        let f = files.register(dir.path().join("a"));
+        let f = common::register(&files, dir.path().join("a"));
         let held = mm.pin(f, 0, 4096, true).await.unwrap();
         held.write_at(0, b"still here").unwrap();
         files.close_idle();
@@ -171,7 +173,7 @@ fn growth_by_steps_within_the_window() {
     run(async {
         let (files, mm) = common::manager(dir.path(), 4, 4);
         let pa = dir.path().join("a");
-        let a = files.register(&pa);
+        let a = common::register(&files, &pa);
         let p = mm.pin(a, 0, 4096, true).await.unwrap();
         assert_eq!(len_on_disk(&pa), STEP);
         let blocks = allocated_bytes(&pa);
@@ -202,7 +204,7 @@ fn growth_by_steps_within_the_window() {
 
         // Near the end of a window: grow to the window end, not beyond.
         let pb = dir.path().join("b");
-        let b = files.register(&pb);
+        let b = common::register(&files, &pb);
         drop(mm.pin(b, WINDOW - 4096, 4096, true).await.unwrap());
         assert_eq!(len_on_disk(&pb), WINDOW);
         assert!(allocated_bytes(&pb) >= WINDOW);
@@ -216,7 +218,7 @@ fn growth_by_steps_within_the_window() {
 
         // A read-only pin of an unmapped window past the end of the file.
         let pc = dir.path().join("c");
-        let c = files.register(&pc);
+        let c = common::register(&files, &pc);
         match mm.pin(c, 0, 4096, false).await {
             Err(Error::InvalidRange { .. }) => {}
             other => panic!("expected InvalidRange, got {other:?}"),
@@ -234,7 +236,10 @@ fn acquire_reserves_blocks() {
         let ring = Ring::new(IoBackendChoice::Auto).unwrap();
         let files = FileHandleRegistry::new(ring, 4);
         let path = dir.path().join("a");
-        let lease = files.acquire_path(&path, 3 * MIB + 4096).await.unwrap();
+        // SAFETY: the test's own file, mapped by nothing else.
+        let lease = unsafe { files.acquire_path(&path, 3 * MIB + 4096) }
+            .await
+            .unwrap();
         assert_eq!(len_on_disk(&path), 3 * MIB + 4096);
         assert!(allocated_bytes(&path) >= 3 * MIB + 4096);
         // Smaller requests never shrink the file.
@@ -264,7 +269,7 @@ fn persistence_across_registries() {
     run(async {
         let (files, mm) = common::manager(dir.path(), 4, 4);
         for (i, (name, off)) in spots.iter().enumerate() {
-            let f = files.register(dir.path().join(name));
+            let f = common::register(&files, dir.path().join(name));
             let p = mm.pin(f, *off, 4096, true).await.unwrap();
             p.write_at(0, &pattern(i as u64, 4096)).unwrap();
         }
@@ -272,7 +277,7 @@ fn persistence_across_registries() {
     run(async {
         let (files, mm) = common::manager(dir.path(), 4, 4);
         for (i, (name, off)) in spots.iter().enumerate() {
-            let f = files.register(dir.path().join(name));
+            let f = common::register(&files, dir.path().join(name));
             let p = mm.pin(f, *off, 4096, false).await.unwrap();
             let mut buf = vec![0u8; 4096];
             p.read_at(0, &mut buf).unwrap();
@@ -285,7 +290,7 @@ fn persistence_across_registries() {
         let files = Rc::new(FileHandleRegistry::new_read_only(ring, 2));
         let mm = MappingManager::new(files.clone(), small_mapping_config(4));
         for (i, (name, off)) in spots.iter().enumerate() {
-            let f = files.register(dir.path().join(name));
+            let f = common::register(&files, dir.path().join(name));
             let p = mm.pin(f, *off, 4096, false).await.unwrap();
             let mut buf = vec![0u8; 4096];
             p.read_at(0, &mut buf).unwrap();
@@ -309,7 +314,7 @@ fn read_only_registry_errors() {
     let path = dir.path().join("a");
     run(async {
         let (files, mm) = common::manager(dir.path(), 4, 4);
-        let f = files.register(&path);
+        let f = common::register(&files, &path);
         mm.pin(f, 0, 4096, true)
             .await
             .unwrap()
@@ -321,7 +326,7 @@ fn read_only_registry_errors() {
         let files = Rc::new(FileHandleRegistry::new_read_only(ring, 2));
         assert!(files.is_read_only());
         let mm = MappingManager::new(files.clone(), small_mapping_config(4));
-        let f = files.register(&path);
+        let f = common::register(&files, &path);
 
         // Writable pins are refused before anything is mapped.
         match mm.pin(f, 0, 4096, true).await {
@@ -355,7 +360,7 @@ fn read_only_registry_errors() {
         assert_eq!(len_on_disk(&path), STEP);
 
         // A missing file is an error, and is not created.
-        let missing = files.register(dir.path().join("missing"));
+        let missing = common::register(&files, dir.path().join("missing"));
         match mm.pin(missing, 0, 4096, false).await {
             Err(Error::Io { op: "open", .. }) => {}
             other => panic!("expected an open error, got {other:?}"),
@@ -371,7 +376,7 @@ fn unknown_file_everywhere() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (files, mm) = common::manager(dir.path(), 4, 4);
-        let _known = files.register(dir.path().join("a"));
+        let _known = common::register(&files, dir.path().join("a"));
         let bogus = FileId(7);
         let is_unknown = |r: &Result<_, Error>| matches!(r, Err(Error::UnknownFile(7)));
         assert!(is_unknown(&mm.pin(bogus, 0, 4096, true).await.map(drop)));
@@ -397,11 +402,11 @@ fn crash_left_file_is_directory_synced_once() {
     std::fs::write(dir.path().join("left"), [7u8; 4096]).unwrap();
     run(async {
         let (files, _mm) = common::manager(dir.path(), 4, 4);
-        let left = files.register(dir.path().join("left"));
+        let left = common::register(&files, dir.path().join("left"));
         drop(files.acquire(left, 0).await.unwrap());
         assert!(files.make_entry_durable(left).await.unwrap(), "synced");
         assert!(!files.make_entry_durable(left).await.unwrap(), "once");
-        let new = files.register(dir.path().join("new"));
+        let new = common::register(&files, dir.path().join("new"));
         assert!(files.make_entry_durable(new).await.unwrap());
         assert!(dir.path().join("new").exists(), "created first");
         assert_eq!(files.stats().dir_syncs, 2);
@@ -418,8 +423,8 @@ fn a_file_being_synced_counts_as_dirty() {
     run(async {
         let ring = Ring::new(IoBackendChoice::Auto).unwrap();
         let files = FileHandleRegistry::new(ring, 4);
-        let lease = files
-            .acquire_path(&dir.path().join("a"), MIB)
+        // SAFETY: the test's own file, mapped by nothing else.
+        let lease = unsafe { files.acquire_path(dir.path().join("a"), MIB) }
             .await
             .unwrap();
         let id = lease.id();

@@ -44,7 +44,7 @@ fn window_eviction_respects_cap_and_pins() {
     run(async {
         let (files, mm) = common::manager(dir.path(), 4, 2);
         let mm = Rc::new(mm);
-        let f = files.register(dir.path().join("a"));
+        let f = common::register(&files, dir.path().join("a"));
         let (stop, h) = monitor(mm.clone(), dir.path().to_path_buf());
 
         // Pin and unpin 6 windows in turn.
@@ -131,7 +131,7 @@ fn eviction_policy_lru() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (files, mm) = policy_manager(dir.path(), EvictionPolicy::Lru, 2);
-        let f = files.register(dir.path().join("a"));
+        let f = common::register(&files, dir.path().join("a"));
         for i in [0, 1] {
             drop(mm.pin(f, i * WINDOW, 4096, true).await.unwrap());
         }
@@ -156,7 +156,7 @@ fn eviction_policy_lfu() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (files, mm) = policy_manager(dir.path(), EvictionPolicy::Lfu, 2);
-        let f = files.register(dir.path().join("a"));
+        let f = common::register(&files, dir.path().join("a"));
         drop(mm.pin(f, 0, 4096, true).await.unwrap());
         for _ in 0..5 {
             drop(mm.try_pin(f, 0, 8, false).unwrap().unwrap());
@@ -181,7 +181,7 @@ fn eviction_policy_clock() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (files, mm) = policy_manager(dir.path(), EvictionPolicy::Clock, 2);
-        let f = files.register(dir.path().join("a"));
+        let f = common::register(&files, dir.path().join("a"));
         drop(mm.pin(f, 0, 4096, true).await.unwrap());
         drop(mm.pin(f, WINDOW, 4096, true).await.unwrap());
         // Window 0 is now the most recently used: LRU would keep it.
@@ -218,7 +218,7 @@ fn window_pressure_times_out() {
             .build()
             .unwrap();
         let (files, mm) = common::manager_with_windows(&cfg, 1);
-        let f = files.register(dir.path().join("a"));
+        let f = common::register(&files, dir.path().join("a"));
         let held = mm.pin(f, 0, 4096, true).await.unwrap();
         // Window 1 exists on disk but is not mapped.
         drop(files.acquire(f, WINDOW + STEP).await.unwrap());
@@ -263,7 +263,7 @@ fn window_pressure_released_by_another_task() {
             .build()
             .unwrap();
         let (files, mm) = common::manager_with_windows(&cfg, 1);
-        let f = files.register(dir.path().join("a"));
+        let f = common::register(&files, dir.path().join("a"));
         let held = mm.pin(f, 0, 4096, true).await.unwrap();
         held.write_at(0, b"window 0").unwrap();
         let releaser = tokio::task::spawn_local(async move {
@@ -300,7 +300,7 @@ fn range_and_pin_errors() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (files, mm) = common::manager(dir.path(), 4, 4);
-        let f = files.register(dir.path().join("a"));
+        let f = common::register(&files, dir.path().join("a"));
         assert!(matches!(
             mm.pin(f, 0, 0, true).await,
             Err(Error::InvalidRange { len_bytes: 0, .. })
@@ -378,7 +378,7 @@ fn concurrent_pins_share_one_fault() {
     run(async {
         let (files, mm) = common::manager(dir.path(), 4, 4);
         let mm = Rc::new(mm);
-        let f = files.register(dir.path().join("a"));
+        let f = common::register(&files, dir.path().join("a"));
         let tasks: Vec<_> = (0..8u64)
             .map(|i| {
                 let mm = mm.clone();
@@ -448,7 +448,7 @@ fn dropped_pin_future_mid_fault() {
                 && started.elapsed() < Duration::from_secs(60))
         {
             let path = dir.path().join(format!("f{tries}"));
-            let f = files.register(&path);
+            let f = common::register(&files, &path);
             tries += 1;
             {
                 let fut = mm.pin(f, 0, 4096, true);
@@ -515,7 +515,8 @@ fn dropped_pin_future_queued_for_a_window() {
             .unwrap();
         let (files, mm) = common::manager_with_windows(&cfg, 1);
         let mm = Rc::new(mm);
-        let [a, b, c, d] = ["a", "b", "c", "d"].map(|n| files.register(dir.path().join(n)));
+        let [a, b, c, d] =
+            ["a", "b", "c", "d"].map(|n| common::register(&files, dir.path().join(n)));
         for f in [a, b, c, d] {
             drop(files.acquire(f, WINDOW).await.unwrap());
         }
@@ -563,7 +564,7 @@ fn dropped_pin_future_under_fd_cap_1() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (files, mm) = common::manager(dir.path(), 1, 4);
-        let a = files.register(dir.path().join("a"));
+        let a = common::register(&files, dir.path().join("a"));
         {
             let fut = mm.pin(a, 0, 4096, true);
             let mut fut = std::pin::pin!(fut);
@@ -571,7 +572,7 @@ fn dropped_pin_future_under_fd_cap_1() {
                 drop(r.unwrap());
             }
         }
-        let b = files.register(dir.path().join("b"));
+        let b = common::register(&files, dir.path().join("b"));
         let p = mm.pin(b, 0, 4096, true).await.unwrap();
         p.write_at(0, b"b").unwrap();
         assert_eq!(files.open_count(), 1);
@@ -615,7 +616,7 @@ fn dropped_pin_future_mid_advice_under_tight_cap() {
                 break;
             }
             let path = dir.path().join(format!("a{n}"));
-            let f = files.register(&path);
+            let f = common::register(&files, &path);
             drop(files.acquire(f, WINDOW).await.unwrap());
             let fut = mm.pin(f, 0, 4096, true);
             let mut fut = std::pin::pin!(fut);
@@ -644,7 +645,7 @@ fn dropped_pin_future_mid_advice_under_tight_cap() {
         assert_eq!(mm.window_count(), os_counts(dir.path()).1);
         // Another file, another window: needs the only window slot and the
         // only descriptor.
-        let g = files.register(dir.path().join("b"));
+        let g = common::register(&files, dir.path().join("b"));
         let t = Instant::now();
         let p = mm.pin(g, 0, 4096, true).await.unwrap_or_else(|e| {
             panic!(
@@ -665,7 +666,7 @@ fn prefetch_mapped_and_unmapped() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (files, mm) = common::manager(dir.path(), 4, 4);
-        let f = files.register(dir.path().join("a"));
+        let f = common::register(&files, dir.path().join("a"));
         drop(mm.pin(f, 0, 4096, true).await.unwrap());
         drop(files.acquire(f, 2 * WINDOW).await.unwrap());
         assert_eq!(os_counts(dir.path()).1, 1);
@@ -684,7 +685,7 @@ fn prefetch_mapped_and_unmapped() {
             .await
             .unwrap();
         assert_eq!(advised, 0);
-        let g = files.register(dir.path().join("never-pinned"));
+        let g = common::register(&files, dir.path().join("never-pinned"));
         assert_eq!(mm.prefetch(g, &[(0, 4096)]).await.unwrap(), 0);
         assert_eq!((mm.window_count(), os_counts(dir.path()).1), (1, 1));
         assert_eq!(mm.stats().faults, 1);
@@ -699,7 +700,7 @@ fn pin_sites_report_live_pins() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (files, mm) = common::manager(dir.path(), 4, 4);
-        let f = files.register(dir.path().join("a"));
+        let f = common::register(&files, dir.path().join("a"));
         assert!(mm.pin_sites().is_empty());
         let line = line!() + 1;
         let p = mm.pin(f, 0, 4096, true).await.unwrap();
@@ -751,7 +752,7 @@ fn cyclic_scan(rounds: u64, windows: u64) -> (segalloc::MappingStats, usize) {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (files, mm) = common::manager(dir.path(), 4, 4);
-        let f = files.register(dir.path().join("a"));
+        let f = common::register(&files, dir.path().join("a"));
         for _ in 0..rounds {
             for i in 0..windows {
                 drop(mm.pin(f, i * WINDOW, 4096, true).await.unwrap());
@@ -792,7 +793,7 @@ fn adapting_to_thrash_keeps_a_skewed_working_set() {
                 .build()
                 .unwrap();
             let (files, mm) = common::manager_with(&cfg);
-            let f = files.register(dir.path().join("a"));
+            let f = common::register(&files, dir.path().join("a"));
             let windows = 20u64;
             let mut rng = common::Rng::new(7);
             for _ in 0..3000 {

@@ -701,7 +701,7 @@ fn a_pin_kept_past_its_shard_keeps_the_shard_locked() {
             .dir()
             .join("shard-000")
             .join(segalloc::format::data_file_name(0));
-        let fid = mm.files().register(&data);
+        let fid = common::register(mm.files(), &data);
         drop(shard);
         drop(pin);
         refused("a kept manager");

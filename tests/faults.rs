@@ -646,8 +646,8 @@ fn failed_submit_is_flushed_and_its_fd_released() {
         if files.ring().backend() != segalloc::IoBackend::Uring {
             return; // no io_uring_enter on the sync backend
         }
-        let a = files.register(dir.path().join("a"));
-        let b = files.register(dir.path().join("b"));
+        let a = common::register(&files, dir.path().join("a"));
+        let b = common::register(&files, dir.path().join("b"));
         faults::inject(Fault::new(FaultOp::Enter, nix::libc::EAGAIN));
         let r = files.acquire(a, 1 << 20).await;
         assert!(r.is_err(), "the submit failed: {r:?}");
@@ -735,7 +735,7 @@ fn failed_folder_sync_is_retried() {
     run(async {
         let _g = faults::clear_on_drop();
         let (files, _mm) = common::manager(dir.path(), 4, 4);
-        let left = files.register(dir.path().join("left"));
+        let left = common::register(&files, dir.path().join("left"));
         faults::inject(Fault::new(FaultOp::Fsync, EIO));
         let r = files.make_entry_durable(left).await;
         assert!(matches!(&r, Err(e) if errno_of(e) == Some(EIO)), "{r:?}");

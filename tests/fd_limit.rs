@@ -42,7 +42,7 @@ fn cap_of_8_over_100_files() {
             .unwrap();
         let (files, mm) = common::manager_with(&cfg);
         let ids: Vec<_> = (0..100)
-            .map(|i| files.register(dir.path().join(format!("data-{i}"))))
+            .map(|i| common::register(&files, dir.path().join(format!("data-{i}"))))
             .collect();
         let mut held = Vec::new();
         for (i, &f) in ids.iter().enumerate() {
@@ -88,9 +88,9 @@ fn emfile_evicts_or_is_typed() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (files, _mm) = common::manager(dir.path(), 8, 8);
-        let a = files.register(dir.path().join("a"));
-        let b = files.register(dir.path().join("b"));
-        let c = files.register(dir.path().join("c"));
+        let a = common::register(&files, dir.path().join("a"));
+        let b = common::register(&files, dir.path().join("b"));
+        let c = common::register(&files, dir.path().join("c"));
         drop(files.acquire(a, 0).await.unwrap());
         // Take every descriptor left.
         let mut hog = Vec::new();
@@ -135,8 +135,8 @@ async fn acquire_past_a_held_descriptor(
     segalloc::FileLease,
 ) {
     let (files, _mm) = common::manager(dir, 1, 4);
-    let a = files.register(dir.join("a"));
-    let b = files.register(dir.join("b"));
+    let a = common::register(&files, dir.join("a"));
+    let b = common::register(&files, dir.join("b"));
     let held = files.acquire(a, 4096).await.unwrap();
     let other = dir.join("other");
     std::fs::write(&other, vec![9u8; 16 << 20]).unwrap();
@@ -148,7 +148,7 @@ async fn acquire_past_a_held_descriptor(
     before_waits();
     drop((op, fd));
     // The second acquire in a task of its own: each waiting task is woken.
-    let c = files.register(dir.join("c"));
+    let c = common::register(&files, dir.join("c"));
     let other_task = tokio::task::spawn_local({
         let files = files.clone();
         async move { files.acquire(c, 4096).await.map(drop) }
@@ -183,7 +183,7 @@ fn fd_pressure_from_a_lease_is_not_waited_out() {
             "{r:?}"
         );
         drop(held);
-        let b = files.register(dir.path().join("b"));
+        let b = common::register(&files, dir.path().join("b"));
         drop(files.acquire(b, 4096).await.unwrap());
         assert_eq!(files.open_count(), os_counts(dir.path()).0);
     });

@@ -140,7 +140,8 @@ struct Files {
 /// use segalloc::{FileHandleRegistry, io::Ring, config::IoBackendChoice};
 /// let ring = Ring::new(IoBackendChoice::Auto)?;
 /// let files = FileHandleRegistry::new(ring, 16);
-/// let id = files.register("/tmp/segalloc-doc.dat");
+/// // SAFETY: the file is this program's own; nothing else maps or writes it.
+/// let id = unsafe { files.register("/tmp/segalloc-doc.dat") };
 /// let lease = files.acquire(id, 1 << 20).await?; // opened once, 1 MiB reserved
 /// assert_eq!(files.open_count(), 1);
 /// drop(lease); // the fd stays cached for the next acquire
@@ -203,7 +204,23 @@ impl FileHandleRegistry {
     }
 
     /// Register a path (no syscall); the same path gives the same id.
-    pub fn register(&self, path: impl AsRef<Path>) -> FileId {
+    ///
+    /// A registered file is mapped shared by the [`MappingManager`]s of this
+    /// registry (writable unless it is read-only), and their pins read and
+    /// write it through that mapping.
+    ///
+    /// # Safety
+    ///
+    /// As for any shared file mapping (memmap2's `MmapMut::map_mut`): while
+    /// a pin of the file taken through this registry lives, nothing in
+    /// another thread or process (another registry, another mapping, file
+    /// writes) may write the bytes the pin covers, nor read the bytes a
+    /// writable pin may write, unless those accesses are ordered with the
+    /// pin's by other means. A segalloc shard's own files are registered by
+    /// its allocator, under the shard's lock: register files of your own.
+    ///
+    /// [`MappingManager`]: crate::MappingManager
+    pub unsafe fn register(&self, path: impl AsRef<Path>) -> FileId {
         self.register_path(path.as_ref())
     }
 
@@ -283,13 +300,19 @@ impl FileHandleRegistry {
     /// # Errors
     ///
     /// [`Error::Io`] (`NotFound`, …) when the file cannot be looked up.
-    pub fn register_foreign(&self, path: impl AsRef<Path>) -> Result<FileId> {
+    ///
+    /// # Safety
+    ///
+    /// As [`register`](Self::register): the owning shard writes the file, so
+    /// its pins are for bytes nobody writes meanwhile (as
+    /// [`Shard::pin_foreign`](crate::Shard::pin_foreign) states).
+    pub unsafe fn register_foreign(&self, path: impl AsRef<Path>) -> Result<FileId> {
         let path = path.as_ref();
         if let Some(&id) = self.inner.borrow().by_path.get(path) {
             return Ok(id);
         }
         std::fs::symlink_metadata(path).map_err(|e| Error::io("stat", Some(path), e))?;
-        let id = self.register(path);
+        let id = self.register_path(path);
         self.inner.borrow_mut().entries[id.0 as usize].foreign = true;
         Ok(id)
     }
@@ -359,8 +382,17 @@ impl FileHandleRegistry {
     /// # Errors
     ///
     /// As [`FileHandleRegistry::acquire`].
-    pub async fn acquire_path(&self, path: impl AsRef<Path>, min_size: u64) -> Result<FileLease> {
-        let id = self.register(path);
+    ///
+    /// # Safety
+    ///
+    /// As [`register`](Self::register) (the lease's [`FileId`] can be
+    /// mapped).
+    pub async unsafe fn acquire_path(
+        &self,
+        path: impl AsRef<Path>,
+        min_size: u64,
+    ) -> Result<FileLease> {
+        let id = self.register_path(path.as_ref());
         self.acquire(id, min_size).await
     }
 

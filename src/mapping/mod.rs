@@ -257,7 +257,8 @@ const EVICTION_HISTORY: usize = 8;
 /// let ring = Ring::new(cfg.io_backend())?;
 /// let files = Rc::new(FileHandleRegistry::new(ring, cfg.max_open_files()));
 /// let maps = MappingManager::new(files.clone(), MappingConfig::from_config(&cfg));
-/// let f = files.register("/tmp/segalloc-doc.dat");
+/// // SAFETY: the file is this program's own; nothing else maps or writes it.
+/// let f = unsafe { files.register("/tmp/segalloc-doc.dat") };
 /// let pin = maps.pin(f, 4096, 64, true).await?; // faults the window in
 /// pin.write_at(0, b"hello")?;
 /// drop(pin);

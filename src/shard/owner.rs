@@ -242,7 +242,9 @@ impl Shard {
             .dir
             .shard_dir(h.shard())
             .join(crate::format::data_file_name(h.file_id()));
-        let id = self.inner.files.register_foreign(path)?;
+        // SAFETY: the file is only pinned by `pin_foreign`, whose caller
+        // takes on the same contract for the bytes it pins.
+        let id = unsafe { self.inner.files.register_foreign(path)? };
         self.inner.foreign.borrow_mut().insert(key, id);
         Ok(id)
     }

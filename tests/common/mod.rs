@@ -477,3 +477,21 @@ pub fn allocate_synced(
     }))
     .unwrap()
 }
+
+/// [`FileHandleRegistry::register`](segalloc::FileHandleRegistry::register)
+/// of a test's own file.
+pub fn register(files: &segalloc::FileHandleRegistry, path: impl AsRef<Path>) -> segalloc::FileId {
+    // SAFETY: every test maps files of its own temporary directory, from
+    // its own thread only; nothing else maps or writes them.
+    unsafe { files.register(path) }
+}
+
+/// [`FileHandleRegistry::register_foreign`](segalloc::FileHandleRegistry::register_foreign)
+/// of a test's own file.
+pub fn register_foreign(
+    files: &segalloc::FileHandleRegistry,
+    path: impl AsRef<Path>,
+) -> segalloc::Result<segalloc::FileId> {
+    // SAFETY: as `register`.
+    unsafe { files.register_foreign(path) }
+}
