@@ -990,3 +990,97 @@ fn a_dropped_failed_sync_is_not_forgotten() {
         assert!(shard.allocator().is_poisoned());
     });
 }
+
+/// A sync that began after another, which was then dropped with its failed
+/// `fdatasync` unseen: the kernel reports a write-back error to one call,
+/// the dropped sync's, so the later sync must look at that call's outcome
+/// before it succeeds (it returned `Ok` and handed out a slot whose free may
+/// never reach the disk).
+#[test]
+fn a_sync_overlapping_a_dropped_failed_one_fails() {
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    run(async {
+        let shard = populated(&cfg).await;
+        let h = alloc(&shard, 300).await.unwrap();
+        shard.sync().await.unwrap();
+        alloc(&shard, 300).await.unwrap();
+        faults::inject(Fault::new(FaultOp::Fsync, EIO).at_completion());
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut first = Box::pin(shard.sync());
+        let early = first.as_mut().poll(&mut cx);
+        assert_eq!(faults::injected(FaultOp::Fsync), 1);
+        if early.is_ready() {
+            // The sync backend runs the failing call at once: the failure
+            // was seen, and the shard is poisoned.
+            assert!(shard.allocator().is_poisoned());
+            return;
+        }
+        // A free covered by the next sync only.
+        shard.free(h).unwrap();
+        let mut second = Box::pin(shard.sync());
+        assert!(second.as_mut().poll(&mut cx).is_pending());
+        drop(first);
+        match second.await {
+            Err(Error::Io {
+                op: "fdatasync",
+                source,
+                ..
+            }) => assert_eq!(source.raw_os_error(), Some(EIO)),
+            Err(Error::Poisoned { shard: 0 }) => {}
+            other => panic!("a sync overlapping a dropped, failed one: {other:?}"),
+        }
+        assert!(shard.allocator().is_poisoned());
+    });
+}
+
+/// A sync that runs beside another task's call on the same file (a new
+/// segment's metadata sync) whose write-back fails: that call may take the
+/// kernel's one report of the error, so the sync waits for its outcome and
+/// fails with it (it returned `Ok` while the other call was not polled).
+#[test]
+fn a_sync_beside_a_failing_metadata_sync_of_a_new_segment_fails() {
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    run(async {
+        let shard = populated(&cfg).await;
+        shard.sync().await.unwrap();
+        drop(shard);
+        // After a reopen, the first new segment makes the metadata's size
+        // durable before it is published.
+        let shard = open_shard(&cfg).await.unwrap();
+        faults::inject(Fault::new(FaultOp::Fsync, EIO).at_completion());
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut fresh_class = Box::pin(shard.allocate(3000));
+        let early = fresh_class.as_mut().poll(&mut cx);
+        assert_eq!(faults::injected(FaultOp::Fsync), 1);
+        if early.is_ready() {
+            // The sync backend runs the failing call at once.
+            assert!(shard.allocator().is_poisoned());
+            return;
+        }
+        // The sync's own calls complete; it waits for the other one, which
+        // nobody polls yet.
+        let mut sync = Box::pin(shard.sync());
+        for _ in 0..200 {
+            let r = sync.as_mut().poll(&mut cx);
+            assert!(r.is_pending(), "the sync ended first: {r:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert!(fresh_class.await.is_err());
+        match sync.await {
+            Err(Error::Io {
+                op: "fdatasync",
+                source,
+                ..
+            }) => assert_eq!(source.raw_os_error(), Some(EIO)),
+            Err(Error::Poisoned { shard: 0 }) => {}
+            other => panic!("a sync beside a failed one: {other:?}"),
+        }
+        assert!(shard.allocator().is_poisoned());
+    });
+}

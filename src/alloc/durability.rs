@@ -30,9 +30,13 @@ impl SegmentAllocator {
     ///
     /// Overlapping calls are safe: each covers what was released before it
     /// began, and each reports success only once every sync that began
-    /// before it has completed without error (the kernel reports a
-    /// write-back error to one `fdatasync` only). So a sync waits for the
-    /// earlier ones: do not keep a started `sync` future unpolled.
+    /// before it has completed without error, and every `fdatasync` of the
+    /// shard's files in flight when its own ended (another task's, such as
+    /// a new segment's metadata sync, or one of a dropped call) has
+    /// completed without error: the kernel reports a write-back error to
+    /// one `fdatasync` only. So a sync waits for those: do not keep a
+    /// started `sync` or `allocate` future unpolled while a task awaits a
+    /// sync (dropping it is fine).
     ///
     /// # Errors
     ///
@@ -87,6 +91,16 @@ impl SegmentAllocator {
         // error: the kernel reports a write-back error to one `fdatasync` of
         // a file only, so this one's success alone proves nothing.
         ticket.earlier_done().await;
+        // Nor can another call on the same files have failed meanwhile and
+        // taken the error: one of a sync that was dropped (its call kept by
+        // the registry), or of another task's (a new segment's metadata).
+        self.files.settle_syncs().await;
+        let mut ids = self.data_files.borrow().clone();
+        ids.push(self.meta_file);
+        if let Some(e) = self.files.sync_failure(&ids) {
+            covered.released = None;
+            return Err(self.poison(e));
+        }
         if self.poisoned.get() {
             // Nothing it covered is reused.
             covered.released = None;

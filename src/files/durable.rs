@@ -3,6 +3,8 @@
 //! awaited by the next), and `make_entry_durable` for the file's folder
 //! entry.
 
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -10,6 +12,7 @@ use super::{FileHandleRegistry, FileId};
 use crate::error::{Error, Result};
 use crate::io::Op;
 use crate::sys;
+use crate::wait::WaitList;
 
 impl FileHandleRegistry {
     /// Bytes of `id` known to survive a power loss: its size when the last
@@ -103,7 +106,9 @@ impl FileHandleRegistry {
         // Changes made from here on wait for a later sync; if this one fails
         // (or is dropped), the file stays dirty.
         let dirty = DirtyUnlessSynced::begin(self, id);
-        let fsync = self.ring.fsync(lease.shared_fd(), datasync);
+        let fsync = self
+            .sync_ops
+            .start(self.ring.fsync(lease.shared_fd(), datasync));
         self.finish(id, fsync, &path, op).await?;
         dirty.synced();
         let mut f = self.inner.borrow_mut();
@@ -115,22 +120,71 @@ impl FileHandleRegistry {
     /// Await a sync operation of `id`. Dropped before it completes, the
     /// operation is kept for the next sync of the file; a failure is
     /// remembered and reported by every later sync.
-    async fn finish(&self, id: FileId, op: Op, path: &Path, what: &'static str) -> Result<()> {
+    async fn finish(&self, id: FileId, op: SyncOp, path: &Path, what: &'static str) -> Result<()> {
+        let seq = op.seq;
         let mut orphan = Orphan {
             reg: self,
             id,
             op: Some(op),
         };
         let r = std::future::poll_fn(|cx| {
-            std::pin::Pin::new(orphan.op.as_mut().expect("polled until done")).poll(cx)
+            std::pin::Pin::new(&mut orphan.op.as_mut().expect("polled until done").op).poll(cx)
         })
         .await;
         orphan.op = None;
-        r.map_err(|e| {
-            if let Some(errno) = e.raw_os_error() {
-                self.inner.borrow_mut().entries[id.0 as usize].sync_failed = Some(errno);
+        if let Err(e) = &r
+            && let Some(errno) = e.raw_os_error()
+        {
+            self.inner.borrow_mut().entries[id.0 as usize].sync_failed = Some(errno);
+        }
+        // Its outcome is recorded: it no longer holds up `settle_syncs`.
+        self.sync_ops.end(seq);
+        r.map_err(|e| Error::io(what, Some(path), e))
+    }
+
+    /// Wait until every `fsync`/`fdatasync` of any file that began before
+    /// this call has completed and its outcome is recorded (those of syncs
+    /// that were dropped are awaited here). A sync that succeeded while an
+    /// overlapping one failed proves nothing (the kernel reports a
+    /// write-back error to one call only): the allocator's sync calls this,
+    /// then [`sync_failure`](Self::sync_failure), before it reports success.
+    ///
+    /// Waits for calls other tasks await: a task that keeps such a call's
+    /// future without polling it holds this up.
+    pub(crate) async fn settle_syncs(&self) {
+        let upto = self.sync_ops.next.get();
+        loop {
+            // Calls dropped before (or while) this waits: nobody else
+            // awaits them.
+            loop {
+                let orphan = self.orphans.borrow_mut().pop();
+                let Some((id, op)) = orphan else {
+                    break;
+                };
+                let path = self.path(id).unwrap_or_default();
+                // Its failure is recorded for the file (`sync_failed`).
+                let _ = self.finish(id, op, &path, "fdatasync").await;
             }
-            Error::io(what, Some(path), e)
+            let first = self.sync_ops.running.borrow().first().copied();
+            if first.is_none_or(|s| s >= upto) {
+                return;
+            }
+            // Woken when a call's outcome is recorded or a call is dropped.
+            self.sync_ops.done.wait().await;
+        }
+    }
+
+    /// The kept failure of a sync of one of `ids`, if any.
+    pub(crate) fn sync_failure(&self, ids: &[FileId]) -> Option<Error> {
+        let f = self.inner.borrow();
+        ids.iter().find_map(|&id| {
+            let e = f.entries.get(id.0 as usize)?;
+            let errno = e.sync_failed?;
+            Some(Error::io(
+                "fdatasync",
+                Some(&e.path),
+                std::io::Error::from_raw_os_error(errno),
+            ))
         })
     }
 
@@ -170,11 +224,42 @@ impl FileHandleRegistry {
     }
 }
 
+/// An `fsync`/`fdatasync` operation, numbered in the order they began
+/// ([`SyncOps`]).
+pub(super) struct SyncOp {
+    seq: u64,
+    op: Op,
+}
+
+/// The sync operations of a registry that began and whose outcome is not
+/// recorded yet (see [`FileHandleRegistry::settle_syncs`]).
+#[derive(Default)]
+pub(super) struct SyncOps {
+    next: Cell<u64>,
+    running: RefCell<BTreeSet<u64>>,
+    /// Woken whenever one's outcome is recorded.
+    done: Rc<WaitList>,
+}
+
+impl SyncOps {
+    fn start(&self, op: Op) -> SyncOp {
+        let seq = self.next.get();
+        self.next.set(seq + 1);
+        self.running.borrow_mut().insert(seq);
+        SyncOp { seq, op }
+    }
+
+    fn end(&self, seq: u64) {
+        self.running.borrow_mut().remove(&seq);
+        self.done.wake_all();
+    }
+}
+
 /// A sync operation being awaited: handed to the registry if dropped first.
 struct Orphan<'a> {
     reg: &'a FileHandleRegistry,
     id: FileId,
-    op: Option<Op>,
+    op: Option<SyncOp>,
 }
 
 impl Drop for Orphan<'_> {
@@ -191,7 +276,7 @@ impl Drop for Orphan<'_> {
 struct Orphans<'a> {
     reg: &'a FileHandleRegistry,
     id: FileId,
-    ops: Vec<Op>,
+    ops: Vec<SyncOp>,
 }
 
 impl Drop for Orphans<'_> {
@@ -205,9 +290,11 @@ impl Drop for Orphans<'_> {
 impl FileHandleRegistry {
     /// Keep a sync of `id` that its task stopped awaiting for the file's
     /// next sync, detached from that task (see `Op::detach`).
-    fn keep_orphan(&self, id: FileId, mut op: Op) {
-        op.detach();
+    fn keep_orphan(&self, id: FileId, mut op: SyncOp) {
+        op.op.detach();
         self.orphans.borrow_mut().push((id, op));
+        // A `settle_syncs` waiting for it awaits it now.
+        self.sync_ops.done.wake_all();
     }
 }
 

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
 
 use crate::error::{Error, Result};
-use crate::io::{Op, Ring};
+use crate::io::Ring;
 use crate::sys::{self, OpenMode};
 use crate::wait::WaitList;
 
@@ -157,7 +157,9 @@ pub struct FileHandleRegistry {
     counters: RefCell<HashMap<FileId, Rc<FdCounter>>>,
     /// `fsync` operations whose `sync` call was dropped before they
     /// completed: their outcome is collected by the next sync of the file.
-    orphans: RefCell<Vec<(FileId, Op)>>,
+    orphans: RefCell<Vec<(FileId, durable::SyncOp)>>,
+    /// Every sync operation begun whose outcome is not recorded yet.
+    sync_ops: durable::SyncOps,
 }
 
 impl FileHandleRegistry {
@@ -190,6 +192,7 @@ impl FileHandleRegistry {
             open: Rc::new(Cell::new(0)),
             counters: RefCell::new(HashMap::new()),
             orphans: RefCell::new(Vec::new()),
+            sync_ops: durable::SyncOps::default(),
         }
     }
 

@@ -96,6 +96,7 @@ pub struct Fault {
     skip: u64,
     times: u64,
     errno: i32,
+    at_completion: bool,
 }
 
 impl Fault {
@@ -106,7 +107,17 @@ impl Fault {
             skip: 0,
             times: 1,
             errno,
+            at_completion: false,
         }
+    }
+
+    /// The failing operation is submitted and runs; its result is replaced
+    /// by the error when it completes, as the kernel reports a write-back
+    /// error (io_uring backend; the sync backend runs it at once, so the
+    /// error is there as soon as it starts, as without this).
+    pub fn at_completion(mut self) -> Fault {
+        self.at_completion = true;
+        self
     }
 
     /// The `n`th operation `op` from now fails (`n >= 1`; the first `n - 1`
@@ -188,7 +199,7 @@ impl Drop for ClearOnDrop {
 
 /// Run one operation through the plan: count it for every kind it is, and
 /// return the injected error if a rule fires.
-fn take(is: impl Fn(FaultOp) -> bool) -> Option<io::Error> {
+fn take(is: impl Fn(FaultOp) -> bool) -> Option<Injected> {
     PLAN.with(|p| {
         let mut p = p.borrow_mut();
         let p = &mut *p;
@@ -197,36 +208,53 @@ fn take(is: impl Fn(FaultOp) -> bool) -> Option<io::Error> {
                 p.seen[op.index()] += 1;
             }
         }
-        let mut fired: Option<(FaultOp, i32)> = None;
+        let mut fired: Option<(FaultOp, i32, bool)> = None;
         for rule in p.rules.iter_mut().filter(|r| is(r.op)) {
             if rule.skip > 0 {
                 rule.skip -= 1;
             } else if fired.is_none() && rule.times > 0 {
                 rule.times -= 1;
-                fired = Some((rule.op, rule.errno));
+                fired = Some((rule.op, rule.errno, rule.at_completion));
             }
         }
         p.rules.retain(|r| r.times > 0);
-        fired.map(|(op, errno)| {
+        fired.map(|(op, errno, at_completion)| {
             p.injected[op.index()] += 1;
-            io::Error::from_raw_os_error(errno)
+            Injected {
+                errno,
+                at_completion,
+            }
         })
     })
 }
 
+/// A failure a rule injected into an operation.
+pub(super) struct Injected {
+    pub(super) errno: i32,
+    /// The operation runs, and fails when it completes
+    /// ([`Fault::at_completion`]).
+    pub(super) at_completion: bool,
+}
+
+impl Injected {
+    pub(super) fn error(&self) -> io::Error {
+        io::Error::from_raw_os_error(self.errno)
+    }
+}
+
 /// The injected failure of a control operation, if any.
-pub(super) fn take_op(kind: &OpKind) -> Option<io::Error> {
+pub(super) fn take_op(kind: &OpKind) -> Option<Injected> {
     take(|op| op.matches(kind))
 }
 
 /// The injected failure of an `io_uring_enter`, if any.
 pub(super) fn take_enter() -> Option<io::Error> {
-    take(|op| op == FaultOp::Enter)
+    take(|op| op == FaultOp::Enter).map(|i| i.error())
 }
 
 /// The injected failure of a window's `mmap`, if any.
 pub(super) fn take_mmap() -> Option<io::Error> {
-    take(|op| op == FaultOp::Mmap)
+    take(|op| op == FaultOp::Mmap).map(|i| i.error())
 }
 
 #[cfg(test)]
@@ -245,8 +273,8 @@ mod tests {
     };
     const FSYNC: OpKind = OpKind::Fsync { datasync: true };
 
-    fn errno(e: Option<io::Error>) -> Option<i32> {
-        e.map(|e| e.raw_os_error().unwrap())
+    fn errno(e: Option<Injected>) -> Option<i32> {
+        e.map(|e| e.errno)
     }
 
     #[test]
@@ -261,13 +289,16 @@ mod tests {
         assert_eq!(errno(take_op(&FSYNC)), Some(5));
         assert_eq!(errno(take_op(&FSYNC)), None);
         assert_eq!(pending(), 0);
+        inject(Fault::new(FaultOp::Fsync, 5).at_completion());
+        assert!(take_op(&FSYNC).is_some_and(|i| i.at_completion && i.errno == 5));
+        assert!(take_op(&FSYNC).is_none());
         assert_eq!(seen(FaultOp::Fallocate), 2);
         assert_eq!(seen(FaultOp::FallocateReserve), 1);
         assert_eq!(
             (injected(FaultOp::Fsync), injected(FaultOp::FallocatePunch)),
-            (2, 1)
+            (3, 1)
         );
-        assert_eq!(errno(take_mmap()), None);
+        assert!(take_mmap().is_none());
     }
 
     #[test]
@@ -279,9 +310,9 @@ mod tests {
         assert_eq!(errno(take_op(&PUNCH)), Some(2));
         assert_eq!(errno(take_op(&PUNCH)), None);
         inject(Fault::new(FaultOp::Mmap, 12).always());
-        assert_eq!(errno(take_mmap()), Some(12));
-        assert_eq!(errno(take_mmap()), Some(12));
+        assert_eq!(take_mmap().and_then(|e| e.raw_os_error()), Some(12));
+        assert_eq!(take_mmap().and_then(|e| e.raw_os_error()), Some(12));
         clear();
-        assert_eq!(errno(take_mmap()), None);
+        assert!(take_mmap().is_none());
     }
 }

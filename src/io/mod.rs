@@ -383,11 +383,16 @@ impl Ring {
 
     /// Start one attempt of an operation.
     fn start(&self, kind: OpKind, res: Resources) -> Op {
-        if let Some(e) = injected_fault(&kind) {
-            // A planned failure (feature `fault-injection`): before the
-            // submission or the syscall, on either backend.
-            self.bump(|s| s.failed += 1);
-            return Op::ready(self, kind, Err(e));
+        let mut fail_at_completion = None;
+        if let Some((errno, at_completion)) = injected_fault(&kind) {
+            if at_completion && self.inner.uring.as_ref().is_some_and(|d| d.supports(&kind)) {
+                fail_at_completion = Some(errno);
+            } else {
+                // A planned failure (feature `fault-injection`): before the
+                // submission or the syscall, on either backend.
+                self.bump(|s| s.failed += 1);
+                return Op::ready(self, kind, Err(io::Error::from_raw_os_error(errno)));
+            }
         }
         if let Some(d) = &self.inner.uring
             && d.supports(&kind)
@@ -402,6 +407,7 @@ impl Ring {
                         retry: None,
                         attempts: 0,
                         rest: None,
+                        fail_at_completion,
                     };
                 }
                 Err((e, _res)) => {
@@ -425,15 +431,16 @@ impl Ring {
     }
 }
 
-/// The injected failure of an operation (feature `fault-injection`).
+/// The injected failure of an operation (feature `fault-injection`): the
+/// errno, and whether the operation runs and fails when it completes.
 #[cfg(feature = "fault-injection")]
-fn injected_fault(kind: &OpKind) -> Option<io::Error> {
-    faults::take_op(kind)
+fn injected_fault(kind: &OpKind) -> Option<(i32, bool)> {
+    faults::take_op(kind).map(|i| (i.errno, i.at_completion))
 }
 
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
-fn injected_fault(_kind: &OpKind) -> Option<io::Error> {
+fn injected_fault(_kind: &OpKind) -> Option<(i32, bool)> {
     None
 }
 
@@ -523,6 +530,9 @@ pub struct Op {
     attempts: u32,
     /// A madvise range still to advise after this piece: `(addr, len)`.
     rest: Option<(*mut u8, usize)>,
+    /// The errno its completion is replaced by (an injected fault, feature
+    /// `fault-injection`).
+    fail_at_completion: Option<i32>,
 }
 
 impl Op {
@@ -546,6 +556,7 @@ impl Op {
             retry: None,
             attempts: 0,
             rest: None,
+            fail_at_completion: None,
         }
     }
 
@@ -626,9 +637,12 @@ impl Op {
                         .uring
                         .as_ref()
                         .expect("in-flight op has a ring");
-                    let Poll::Ready(res) = take(d, key) else {
+                    let Poll::Ready(mut res) = take(d, key) else {
                         return Poll::Pending;
                     };
+                    if let Some(errno) = self.fail_at_completion.take() {
+                        res = Err(io::Error::from_raw_os_error(errno));
+                    }
                     self.state = OpState::Done;
                     self.ring.bump(|s| {
                         s.completed += 1;
