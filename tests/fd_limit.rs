@@ -230,3 +230,40 @@ fn fd_pressure_is_not_waited_out_when_another_thread_drives_the_runtime() {
         "{r:?}"
     );
 }
+
+/// Descriptor pressure while a new segment makes the metadata's size
+/// durable (the first new segment after a reopen does) is reported, as a
+/// sync reports it, without poisoning the shard: no `fdatasync` ran, so
+/// nothing can have been lost. It poisoned the shard until a reopen.
+#[test]
+fn fd_pressure_in_a_new_segment_does_not_poison_the_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = segalloc::Config::builder(dir.path())
+        .shards(1)
+        .max_open_files(1)
+        .build()
+        .unwrap();
+    run(async {
+        let shard = common::open_shard(&cfg).await.unwrap();
+        shard.allocate(100).await.unwrap();
+        shard.sync().await.unwrap();
+        drop(shard);
+        let shard = common::open_shard(&cfg).await.unwrap();
+        let data = cfg
+            .dir()
+            .join("shard-000")
+            .join(segalloc::format::data_file_name(0));
+        let fid = common::register(shard.files(), &data);
+        // The one descriptor, held on the data file.
+        let lease = shard.files().acquire(fid, 0).await.unwrap();
+        match shard.allocate(3000).await {
+            Err(Error::FdPressure { .. }) => {}
+            other => panic!("a new segment with every descriptor in use: {other:?}"),
+        }
+        assert!(!shard.allocator().is_poisoned());
+        drop(lease);
+        let a = shard.allocate(3000).await.unwrap();
+        a.write_at(0, b"after").unwrap();
+        shard.sync().await.unwrap();
+    });
+}

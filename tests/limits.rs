@@ -365,11 +365,11 @@ fn limits_child() {
     say("DONE".into());
 }
 
-/// Known bug: `SegmentAllocator::sync` syncs every file at once (`join_all`),
-/// each holding a descriptor lease while its `fdatasync` is in flight; with
-/// more files than the shard's descriptor cap, the io_uring backend runs out
-/// (`FdPressure`) and the failed sync poisons the shard. (The sync backend
-/// completes each `fdatasync` before the next file is opened.)
+/// A sync of more files than the shard's descriptor cap (1 here): each
+/// `fdatasync` holds a descriptor lease while in flight, so the sync runs at
+/// most half the cap at once and retries a file that found no descriptor
+/// alone; it once ran them all at once, ran out (`FdPressure`) and poisoned
+/// the shard.
 fn sync_more_files_than_fds(dir: &Path) {
     let cfg = Config::builder(dir)
         .shards(1)

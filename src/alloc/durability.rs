@@ -76,16 +76,15 @@ impl SegmentAllocator {
         if r.is_ok() && new_files {
             r = crate::datadir::sync_dir(&self.dir);
         }
-        match r {
-            Ok(()) => {}
-            // Not an I/O failure: report it without poisoning (what this
-            // sync covered waits for the next one).
-            Err(e @ Error::FdPressure { .. }) => return Err(e),
-            Err(e) => {
-                // Nothing it covered is reused: the shard is poisoned.
-                covered.released = None;
-                return Err(self.poison(e));
+        if let Err(e) = r {
+            if !is_io_failure(&e) {
+                // Reported without poisoning: what this sync covered waits
+                // for the next one.
+                return Err(e);
             }
+            // Nothing it covered is reused: the shard is poisoned.
+            covered.released = None;
+            return Err(self.poison(e));
         }
         // Every sync that began before this one must have completed without
         // error: the kernel reports a write-back error to one `fdatasync` of
@@ -196,8 +195,11 @@ impl SegmentAllocator {
                 match r {
                     Ok(()) => {}
                     Err(Error::FdPressure { .. }) => retry.push(id),
+                    // An I/O failure wins over one that wrote nothing back.
                     Err(e) => {
-                        first_err.get_or_insert(e);
+                        if first_err.as_ref().is_none_or(|f| !is_io_failure(f)) {
+                            first_err = Some(e);
+                        }
                     }
                 }
             }
@@ -235,6 +237,12 @@ impl SegmentAllocator {
         }
     }
 
+    /// [`poison`](Self::poison) for an I/O failure of a sync; the error
+    /// alone for one that wrote nothing back (no descriptor to sync with).
+    pub(super) fn poison_if_io(&self, e: Error) -> Error {
+        if is_io_failure(&e) { self.poison(e) } else { e }
+    }
+
     /// Refuse every later write: a failed fdatasync cannot be retried safely
     /// (the kernel may have dropped the dirty pages it could not write).
     pub(super) fn poison(&self, e: Error) -> Error {
@@ -248,6 +256,14 @@ impl SegmentAllocator {
     pub fn is_poisoned(&self) -> bool {
         self.poisoned.get()
     }
+}
+
+/// Whether a sync's error may mean that written bytes were lost (an I/O
+/// failure), as opposed to a call that could not start for want of a
+/// descriptor: nothing was written back, nothing was lost, and a later sync
+/// can try again.
+fn is_io_failure(e: &Error) -> bool {
+    !matches!(e, Error::FdPressure { .. } | Error::TooManyOpenFiles { .. })
 }
 
 /// What was released since the last sync began: not reused before a sync

@@ -480,7 +480,7 @@ impl SegmentAllocator {
         if end > self.meta_durable_bytes.get() {
             let reserved = self.files.reserved_bytes(self.meta_file)?;
             if let Err(e) = self.files.sync(self.meta_file, true).await {
-                return Err(self.poison(e));
+                return Err(self.poison_if_io(e));
             }
             self.meta_durable_bytes
                 .set(self.meta_durable_bytes.get().max(reserved));
