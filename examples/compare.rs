@@ -588,8 +588,17 @@ fn sweep(args: &Args, cores: usize, g: &mut Vec<Goal>) -> Result<(), BoxError> {
     Ok(())
 }
 
-fn main() -> Result<(), BoxError> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("compare: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), BoxError> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
