@@ -89,17 +89,10 @@ impl SegmentAllocator {
         // Every sync that began before this one must have completed without
         // error: the kernel reports a write-back error to one `fdatasync` of
         // a file only, so this one's success alone proves nothing.
+        // (And each file's sync above counted only once every call on the
+        // file that overlapped it succeeded: another task's, such as a new
+        // segment's metadata sync, or one of a sync that was dropped.)
         ticket.earlier_done().await;
-        // Nor can another call on the same files have failed meanwhile and
-        // taken the error: one of a sync that was dropped (its call kept by
-        // the registry), or of another task's (a new segment's metadata).
-        self.files.settle_syncs().await;
-        let mut ids = self.data_files.borrow().clone();
-        ids.push(self.meta_file);
-        if let Some(e) = self.files.sync_failure(&ids) {
-            covered.released = None;
-            return Err(self.poison(e));
-        }
         if self.poisoned.get() {
             // Nothing it covered is reused.
             covered.released = None;

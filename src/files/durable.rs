@@ -4,7 +4,7 @@
 //! entry.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -57,7 +57,11 @@ impl FileHandleRegistry {
     /// The kernel reports a write-back error to one `fdatasync` only, so a
     /// failure is kept: every later sync of the file returns it. A sync
     /// dropped before its operation completed leaves the operation to the
-    /// next sync of the file, which awaits it first and reports its failure.
+    /// next sync of the file, which awaits it and reports its failure. And
+    /// since another call on the file may take the kernel's one report, a
+    /// sync succeeds only once every call on the file begun before its own
+    /// ended has completed without error (a task that keeps such a call's
+    /// future without polling it holds this sync up).
     /// On success, [`durable_bytes`](Self::durable_bytes) covers the size the
     /// file had when the call began.
     ///
@@ -108,8 +112,13 @@ impl FileHandleRegistry {
         let dirty = DirtyUnlessSynced::begin(self, id);
         let fsync = self
             .sync_ops
-            .start(self.ring.fsync(lease.shared_fd(), datasync));
+            .start(id, self.ring.fsync(lease.shared_fd(), datasync));
         self.finish(id, fsync, &path, op).await?;
+        drop(lease);
+        // Another call on the file that overlapped this one may have taken
+        // the kernel's one report of a write-back error: this one's success
+        // counts only with theirs.
+        self.settle_file(id, &path, op).await?;
         dirty.synced();
         let mut f = self.inner.borrow_mut();
         let e = &mut f.entries[id.0 as usize];
@@ -137,55 +146,55 @@ impl FileHandleRegistry {
         {
             self.inner.borrow_mut().entries[id.0 as usize].sync_failed = Some(errno);
         }
-        // Its outcome is recorded: it no longer holds up `settle_syncs`.
+        // Its outcome is recorded: it no longer holds up later syncs.
         self.sync_ops.end(seq);
         r.map_err(|e| Error::io(what, Some(path), e))
     }
 
-    /// Wait until every `fsync`/`fdatasync` of any file that began before
-    /// this call has completed and its outcome is recorded (those of syncs
-    /// that were dropped are awaited here). A sync that succeeded while an
-    /// overlapping one failed proves nothing (the kernel reports a
-    /// write-back error to one call only): the allocator's sync calls this,
-    /// then [`sync_failure`](Self::sync_failure), before it reports success.
+    /// Wait until every `fsync`/`fdatasync` of `id` that began before this
+    /// call has completed and its outcome is recorded (a dropped call is
+    /// awaited here); then the kept failure of the file, if any.
     ///
     /// Waits for calls other tasks await: a task that keeps such a call's
     /// future without polling it holds this up.
-    pub(crate) async fn settle_syncs(&self) {
+    async fn settle_file(&self, id: FileId, path: &Path, what: &'static str) -> Result<()> {
         let upto = self.sync_ops.next.get();
         loop {
             // Calls dropped before (or while) this waits: nobody else
             // awaits them.
             loop {
-                let orphan = self.orphans.borrow_mut().pop();
-                let Some((id, op)) = orphan else {
+                let orphan = {
+                    let mut all = self.orphans.borrow_mut();
+                    all.iter()
+                        .position(|(f, _)| *f == id)
+                        .map(|i| all.remove(i).1)
+                };
+                let Some(o) = orphan else {
                     break;
                 };
-                let path = self.path(id).unwrap_or_default();
                 // Its failure is recorded for the file (`sync_failed`).
-                let _ = self.finish(id, op, &path, "fdatasync").await;
+                let _ = self.finish(id, o, path, what).await;
             }
-            let first = self.sync_ops.running.borrow().first().copied();
-            if first.is_none_or(|s| s >= upto) {
-                return;
+            let earlier = self
+                .sync_ops
+                .running
+                .borrow()
+                .range(..upto)
+                .any(|(_, f)| *f == id);
+            if !earlier {
+                break;
             }
             // Woken when a call's outcome is recorded or a call is dropped.
             self.sync_ops.done.wait().await;
         }
-    }
-
-    /// The kept failure of a sync of one of `ids`, if any.
-    pub(crate) fn sync_failure(&self, ids: &[FileId]) -> Option<Error> {
-        let f = self.inner.borrow();
-        ids.iter().find_map(|&id| {
-            let e = f.entries.get(id.0 as usize)?;
-            let errno = e.sync_failed?;
-            Some(Error::io(
-                "fdatasync",
-                Some(&e.path),
+        match self.inner.borrow().entries[id.0 as usize].sync_failed {
+            Some(errno) => Err(Error::io(
+                what,
+                Some(path),
                 std::io::Error::from_raw_os_error(errno),
-            ))
-        })
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Make the directory entry of `id` durable: open (creating) the file if
@@ -232,20 +241,21 @@ pub(super) struct SyncOp {
 }
 
 /// The sync operations of a registry that began and whose outcome is not
-/// recorded yet (see [`FileHandleRegistry::settle_syncs`]).
+/// recorded yet (see `FileHandleRegistry::settle_file`).
 #[derive(Default)]
 pub(super) struct SyncOps {
     next: Cell<u64>,
-    running: RefCell<BTreeSet<u64>>,
+    /// Each with its file.
+    running: RefCell<BTreeMap<u64, FileId>>,
     /// Woken whenever one's outcome is recorded.
     done: Rc<WaitList>,
 }
 
 impl SyncOps {
-    fn start(&self, op: Op) -> SyncOp {
+    fn start(&self, id: FileId, op: Op) -> SyncOp {
         let seq = self.next.get();
         self.next.set(seq + 1);
-        self.running.borrow_mut().insert(seq);
+        self.running.borrow_mut().insert(seq, id);
         SyncOp { seq, op }
     }
 
@@ -293,7 +303,7 @@ impl FileHandleRegistry {
     fn keep_orphan(&self, id: FileId, mut op: SyncOp) {
         op.op.detach();
         self.orphans.borrow_mut().push((id, op));
-        // A `settle_syncs` waiting for it awaits it now.
+        // A sync of the file waiting for it awaits it now.
         self.sync_ops.done.wake_all();
     }
 }
