@@ -139,6 +139,14 @@ pub enum Error {
         file_id: u32,
     },
 
+    /// A safe pin of another shard's data file, registered for
+    /// `Shard::pin_foreign`: only that (unsafe) call may pin it.
+    #[error("file {file_id} is another shard's: only Shard::pin_foreign pins it")]
+    ForeignFile {
+        /// The registry's number of the file.
+        file_id: u32,
+    },
+
     /// A write was asked of something opened read-only.
     #[error("read-only: {0}")]
     ReadOnly(&'static str),

@@ -194,6 +194,23 @@ fn foreign_access_goes_through_the_owner() {
         let mut buf = [0u8; 5];
         pin.read_at(0, &mut buf).unwrap();
         assert_eq!(&buf, b"owner");
+        drop(pin);
+        // The owner's file is now in this shard's registry; the manager's
+        // safe pins refuse it (only `pin_foreign` may pin it): file ids are
+        // plain numbers anyone can make.
+        let mut refused = 0;
+        for i in 0..s.files().stats().files as u32 {
+            let f = segalloc::FileId(i);
+            if let Err(Error::ForeignFile { file_id }) =
+                s.mappings().try_pin(f, h.offset(), 8, true)
+            {
+                assert_eq!(file_id, i);
+                refused += 1;
+                let r = s.mappings().pin(f, h.offset(), 8, false).await;
+                assert!(matches!(r, Err(Error::ForeignFile { .. })), "{r:?}");
+            }
+        }
+        assert_eq!(refused, 1, "the owner's data file is refused");
     }))
     .unwrap();
     // A freed handle is refused by the owner.

@@ -710,6 +710,17 @@ fn a_pin_kept_past_its_shard_keeps_the_shard_locked() {
             Err(Error::OwnerClosed { .. }) => {}
             other => panic!("pin of a closed shard's file: {other:?}"),
         }
+        // Nor is the file grown for a pin past its end.
+        let len = std::fs::metadata(&data).unwrap().len();
+        match mm.pin(fid, len + (1 << 20), 64, true).await {
+            Err(Error::OwnerClosed { .. }) => {}
+            other => panic!("pin past the end of a closed shard's file: {other:?}"),
+        }
+        match mm.files().acquire(fid, len + (1 << 20)).await {
+            Err(Error::OwnerClosed { .. }) => {}
+            other => panic!("growth of a closed shard's file: {other:?}"),
+        }
+        assert_eq!(std::fs::metadata(&data).unwrap().len(), len);
         open_elsewhere(&cfg).unwrap();
         let shard = common::open_shard(&cfg).await.unwrap();
         let mut buf = [0u8; 12];

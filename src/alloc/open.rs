@@ -26,8 +26,11 @@ use crate::mapping::MappingManager;
 impl SegmentAllocator {
     /// Open (recover) or create the allocator of shard `shard` in folder
     /// `dir`, over `mm` (whose registry opens the files). The shard's lock is
-    /// held until the allocator is dropped: exclusive, or shared when the
-    /// registry is read-only (readers never map bytes a writer changes).
+    /// held until the allocator is dropped and no window of its files is
+    /// mapped any more (a pin, or the manager's idle windows, may outlive
+    /// it): exclusive, or shared when the registry is read-only (readers
+    /// never map bytes a writer changes). Once it is released, the manager
+    /// neither grows nor maps those files again ([`Error::OwnerClosed`]).
     ///
     /// # Errors
     ///

@@ -39,6 +39,9 @@ impl FileHandleRegistry {
     ///
     /// As [`FileHandleRegistry::acquire`].
     pub async fn grow(&self, id: FileId, min_size: u64) -> Result<(FileLease, Reservation)> {
+        // A closed allocator's file is not opened or grown again: its shard
+        // may be open elsewhere.
+        self.owner(id)?;
         loop {
             let lease = match self.lease(id, true) {
                 // Operations dropped mid-flight keep their descriptors until

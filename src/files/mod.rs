@@ -270,6 +270,16 @@ impl FileHandleRegistry {
         id
     }
 
+    /// Whether `id` was registered as another shard's file
+    /// ([`register_foreign`](Self::register_foreign)).
+    pub(crate) fn is_foreign(&self, id: FileId) -> bool {
+        self.inner
+            .borrow()
+            .entries
+            .get(id.0 as usize)
+            .is_some_and(|e| e.foreign)
+    }
+
     /// What a new window of file `id` keeps alive
     /// ([`register_owned`](Self::register_owned)).
     ///
@@ -412,7 +422,8 @@ impl FileHandleRegistry {
     ///
     /// [`Error::UnknownFile`], [`Error::FdPressure`] (every cached fd is busy),
     /// [`Error::TooManyOpenFiles`], [`Error::NoSpace`], [`Error::ReadOnly`]
-    /// (growing a read-only registry's file), [`Error::Io`].
+    /// (growing a read-only registry's file), [`Error::Io`];
+    /// [`Error::OwnerClosed`] for a file of an allocator that is closed.
     pub async fn acquire(&self, id: FileId, min_size: u64) -> Result<FileLease> {
         let (lease, _) = self.grow(id, min_size).await?;
         Ok(lease)

@@ -116,6 +116,7 @@ impl MappingManager {
             m.files[i] = Some(FileMaps {
                 windows: Vec::new(),
                 file: view,
+                foreign: self.files.is_foreign(file),
             });
         }
         Ok(m.files[i].as_mut().expect("just set"))
@@ -187,6 +188,7 @@ impl MappingManager {
         offset: u64,
         len: u64,
         writable: bool,
+        foreign_ok: bool,
         site: &'static Location<'static>,
     ) -> Result<Fast> {
         let idx = self.check_range(file, offset, len)?;
@@ -197,6 +199,9 @@ impl MappingManager {
         m.tick += 1;
         let tick = m.tick;
         let fm = self.file_maps(&mut m, file)?;
+        if fm.foreign && !foreign_ok {
+            return Err(Error::ForeignFile { file_id: file.0 });
+        }
         let reserved = fm.file.reserved();
         let out = match fm.windows.get(idx as usize) {
             Some(WindowState::Mapped(w)) => {
@@ -222,7 +227,8 @@ impl MappingManager {
     /// # Errors
     ///
     /// [`Error::InvalidRange`] (empty range), [`Error::CrossesWindow`],
-    /// [`Error::UnknownFile`], [`Error::ReadOnly`].
+    /// [`Error::UnknownFile`], [`Error::ReadOnly`]; [`Error::ForeignFile`]
+    /// for another shard's file (pin it with `Shard::pin_foreign`).
     #[track_caller]
     #[inline]
     pub fn try_pin(
@@ -232,7 +238,22 @@ impl MappingManager {
         len: u64,
         writable: bool,
     ) -> Result<Option<PinGuard>> {
-        match self.fast(file, offset, len, writable, Location::caller())? {
+        self.try_pin_of(file, offset, len, writable, false)
+    }
+
+    /// [`try_pin`](Self::try_pin), also of another shard's file when
+    /// `foreign_ok` (for `Shard::pin_foreign`).
+    #[track_caller]
+    #[inline]
+    pub(crate) fn try_pin_of(
+        &self,
+        file: FileId,
+        offset: u64,
+        len: u64,
+        writable: bool,
+        foreign_ok: bool,
+    ) -> Result<Option<PinGuard>> {
+        match self.fast(file, offset, len, writable, foreign_ok, Location::caller())? {
             Fast::Pinned(p) => Ok(Some(p)),
             _ => Ok(None),
         }

@@ -22,6 +22,8 @@ use crate::wait::WaitList;
 impl MappingManager {
     /// Grow a file whose window is already mapped so it covers `end`.
     pub(super) async fn grow_mapped(&self, file: FileId, end: u64, writable: bool) -> Result<()> {
+        // A closed allocator's file is neither grown nor mapped again.
+        self.files.owner(file)?;
         if !writable || self.files.is_read_only() {
             return Err(Error::InvalidRange {
                 file_id: file.0,
@@ -50,6 +52,7 @@ impl MappingManager {
         if end == 0 || self.files.reserved_bytes(file)? >= end {
             return Ok(());
         }
+        self.files.owner(file)?;
         let w = self.cfg.window_bytes;
         let window_end = (end - 1) / w * w + w;
         let target = end
@@ -145,6 +148,8 @@ impl MappingManager {
         len: u64,
         writable: bool,
     ) -> Result<bool> {
+        // A closed allocator's file is neither grown nor mapped again.
+        self.files.owner(file)?;
         let how = self.cover(file, offset, len, writable).await?;
         let idx = (offset / self.cfg.window_bytes) as usize;
         let list = Rc::new(WaitList::default());

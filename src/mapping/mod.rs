@@ -215,6 +215,8 @@ struct FileMaps {
     windows: Vec<WindowState>,
     /// The file's reserved size and dirty mark.
     file: FileView,
+    /// Another shard's file: pinned only through `Shard::pin_foreign`.
+    foreign: bool,
 }
 
 struct Maps {
@@ -420,11 +422,25 @@ impl MappingManager {
         len: u64,
         writable: bool,
     ) -> impl Future<Output = Result<PinGuard>> + '_ {
+        self.pin_of(file, offset, len, writable, false)
+    }
+
+    /// [`pin`](Self::pin), also of another shard's file when `foreign_ok`
+    /// (for `Shard::pin_foreign`, whose caller took on its contract).
+    #[track_caller]
+    pub(crate) fn pin_of(
+        &self,
+        file: FileId,
+        offset: u64,
+        len: u64,
+        writable: bool,
+        foreign_ok: bool,
+    ) -> impl Future<Output = Result<PinGuard>> + '_ {
         let site = Location::caller();
         async move {
             let mut deadline: Option<Instant> = None;
             loop {
-                match self.fast(file, offset, len, writable, site)? {
+                match self.fast(file, offset, len, writable, foreign_ok, site)? {
                     Fast::Pinned(p) => return Ok(p),
                     Fast::Faulting(list) => list.wait().await,
                     Fast::NeedsGrow => self.grow_mapped(file, offset + len, writable).await?,

@@ -224,10 +224,17 @@ impl Shard {
         let fid = self.foreign_file(&handle)?;
         let len = u64::from(handle.len());
         let writable = !self.inner.files.is_read_only();
-        if let Some(p) = self.inner.mm.try_pin(fid, handle.offset(), len, writable)? {
+        if let Some(p) = self
+            .inner
+            .mm
+            .try_pin_of(fid, handle.offset(), len, writable, true)?
+        {
             return Ok(p);
         }
-        self.inner.mm.pin(fid, handle.offset(), len, writable).await
+        self.inner
+            .mm
+            .pin_of(fid, handle.offset(), len, writable, true)
+            .await
     }
 
     /// The local file id of a data file of another shard (validated by its
@@ -242,8 +249,10 @@ impl Shard {
             .dir
             .shard_dir(h.shard())
             .join(crate::format::data_file_name(h.file_id()));
-        // SAFETY: the file is only pinned by `pin_foreign`, whose caller
-        // takes on the same contract for the bytes it pins.
+        // SAFETY: a file registered as foreign is pinned only through
+        // `pin_foreign` (the manager's safe `pin` and `try_pin` refuse it:
+        // `Error::ForeignFile`), whose caller takes on the same contract for
+        // the bytes it pins.
         let id = unsafe { self.inner.files.register_foreign(path)? };
         self.inner.foreign.borrow_mut().insert(key, id);
         Ok(id)
