@@ -288,11 +288,17 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
         // entries, it covers every entry that was published before they
         // were read, so none is reported as past it. (Recovery holds the
         // lock: for it the two reads agree.)
-        let later = pages
-            .fresh(HWM_OFFSET, 8)?
-            .and_then(|b| decode_counter(super::u64_at(b, 0)))
-            .filter(|&l| l >= h);
-        scan_past_mark(&mut pages, later.unwrap_or(h), readable, &mut s)?;
+        let later = reread_mark(&mut pages, h)?.unwrap_or(h);
+        scan_past_mark(&mut pages, later, readable, &mut s)?;
+        // And again after those: the writer may have raised it and
+        // published under it while they were read. An entry below the mark
+        // now was published under it.
+        if let Some(last) = reread_mark(&mut pages, later)? {
+            s.findings.retain(|f| {
+                !(matches!(f.defect, Defect::PublishedPastMark { .. })
+                    && f.entry.is_some_and(|e| e < last))
+            });
+        }
     }
     let persisted = match pages.get(GEN_OFFSET, 8)? {
         Some(b) => decode_counter(super::u64_at(b, 0)).unwrap_or(0),
@@ -380,6 +386,14 @@ fn scan_superblock(
         }
     }
     Ok(Superblock::Valid(m, shard))
+}
+
+/// The high-water mark read again, if it is readable and at least `h`.
+fn reread_mark(pages: &mut Pages<'_>, h: u32) -> Result<Option<u32>> {
+    Ok(pages
+        .fresh(HWM_OFFSET, 8)?
+        .and_then(|b| decode_counter(super::u64_at(b, 0)))
+        .filter(|&l| l >= h))
 }
 
 fn scan_mark(src: &mut dyn MetaSource, size: u64, s: &mut ShardScan) -> Result<Option<u32>> {
