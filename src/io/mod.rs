@@ -572,6 +572,7 @@ impl Op {
             self.ring.bump(|s| s.eintr_retries += 1);
             let mut next = self.ring.start(self.kind, res);
             self.state = std::mem::replace(&mut next.state, OpState::Done);
+            self.fail_at_completion = next.fail_at_completion.take();
             return None;
         }
         if r.is_ok()
@@ -590,6 +591,7 @@ impl Op {
             self.attempts = 0;
             let mut next = self.ring.start(self.kind, res);
             self.state = std::mem::replace(&mut next.state, OpState::Done);
+            self.fail_at_completion = next.fail_at_completion.take();
             return None;
         }
         self.retry = None;
