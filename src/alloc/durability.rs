@@ -30,11 +30,11 @@ impl SegmentAllocator {
     ///
     /// Overlapping calls are safe: each covers what was released before it
     /// began, and each reports success only once every sync that began
-    /// before it has completed without error, and every `fdatasync` of the
-    /// shard's files in flight when its own ended (another task's, such as
-    /// a new segment's metadata sync, or one of a dropped call) has
-    /// completed without error: the kernel reports a write-back error to
-    /// one `fdatasync` only. So a sync waits for those: do not keep a
+    /// before it has completed without error, and every `fdatasync` of a
+    /// file it syncs begun before its own ended (another task's, such as a
+    /// new segment's metadata sync, or one of a dropped call) has completed
+    /// without error: the kernel reports a write-back error to one
+    /// `fdatasync` only. So a sync waits for those: do not keep a
     /// started `sync` or `allocate` future unpolled while a task awaits a
     /// sync (dropping it is fine).
     ///

@@ -367,6 +367,11 @@ impl Shard {
     /// allocations through [`pin_foreign`](Self::pin_foreign) (their owners
     /// do not know of those writes; `Runtime::sync` syncs every shard).
     ///
+    /// As [`SegmentAllocator::sync`] says, it waits for earlier syncs and
+    /// for other calls' `fdatasync`s of the same files: do not keep a
+    /// started `sync` or `allocate` future of this shard unpolled while a
+    /// task awaits a sync (dropping it is fine).
+    ///
     /// # Errors
     ///
     /// See [`SegmentAllocator::sync`]; an io error of another shard's data
