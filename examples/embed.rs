@@ -90,6 +90,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 shard.flush_frees().await?;
                 applied.wait().await;
                 shard.sync().await?;
+                // Before the shard is dropped: stop exchanging frees with
+                // the other shards without losing any (each thread does).
+                shard.finish_frees().await;
                 Ok(format!(
                     "thread {i}: shard {} had {before} live, allocated 10000, freed {n_received} for thread {}, now {} live, io backend {}",
                     shard.index(),

@@ -71,8 +71,9 @@ pub struct MeshStats {
 pub(crate) enum Parcel {
     /// Frees of the receiver's handles.
     Frees(Vec<Handle>),
-    /// Answer once every parcel before this one is applied.
-    Barrier(oneshot::Sender<()>),
+    /// Answer once every parcel before this one is applied: `Ok`, or why
+    /// the frees before it may not have been (the owner is poisoned).
+    Barrier(oneshot::Sender<Result<()>>),
     /// The sender is stopping: it has closed and sent everything it
     /// acknowledged; nothing follows on this channel. Consumed by the mesh.
     Done,
@@ -309,13 +310,25 @@ impl<J: 'static> MeshLocal<J> {
     ///
     /// # Errors
     ///
-    /// [`Error::ShardGone`] naming the first owner that is gone (the other
+    /// [`Error::ShardGone`] naming the first owner that is gone, or
+    /// [`Error::Poisoned`] naming one that could not apply them (the other
     /// owners are still flushed).
     pub(crate) async fn flush(&self) -> Result<()> {
+        self.flush_owners(0..self.out.len()).await
+    }
+
+    /// [`flush`](Self::flush) of owner `to` only.
+    pub(crate) async fn flush_to(&self, to: usize) -> Result<()> {
+        self.flush_owners(to..to + 1).await
+    }
+
+    async fn flush_owners(&self, owners: std::ops::Range<usize>) -> Result<()> {
         let mut first = None;
         let mut acks = Vec::new();
-        for (to, tx) in self.out.iter().enumerate() {
-            let Some(tx) = tx else { continue };
+        for to in owners {
+            let Some(Some(tx)) = self.out.get(to) else {
+                continue;
+            };
             let sent = async {
                 self.send_buffered(to).await?;
                 let (ack, done) = oneshot::channel();
@@ -332,8 +345,14 @@ impl<J: 'static> MeshLocal<J> {
             }
         }
         for (to, done) in acks {
-            if done.await.is_err() {
-                first.get_or_insert(Error::ShardGone { shard: to as u16 });
+            match done.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first.get_or_insert(e);
+                }
+                Err(_) => {
+                    first.get_or_insert(Error::ShardGone { shard: to as u16 });
+                }
             }
         }
         first.map_or(Ok(()), Err)

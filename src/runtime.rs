@@ -33,7 +33,9 @@ use crate::shard::{self, Job, Shard, ShardStats, panic_message};
 use crate::sys;
 
 /// A data directory opened for a set of shards, with the mesh built but no
-/// thread started. Hand one [`ShardBuilder`] to each of your threads.
+/// thread started. Hand one [`ShardBuilder`] to each of your threads, and
+/// call [`Shard::finish_frees`] on each shard before dropping it (a shard
+/// dropped without it loses the cross-shard frees in flight to and from it).
 ///
 /// ```no_run
 /// use segalloc::{Cluster, Config};
@@ -49,7 +51,10 @@ use crate::sys;
 ///                 let a = shard.allocate(64).await?;
 ///                 shard.free(a.into_handle())?;
 ///                 shard.flush_frees().await?;
-///                 shard.sync().await
+///                 shard.sync().await?;
+///                 // Before the shard is dropped, on every shard's thread.
+///                 shard.finish_frees().await;
+///                 Ok::<(), segalloc::Error>(())
 ///             })
 ///         })
 ///     })
@@ -280,7 +285,7 @@ async fn serve(
             Msg::Crash => panic!("shard {index} crashed on request"),
         }
     }
-    shard.finish_mesh().await;
+    shard.finish_frees().await;
 }
 
 impl Runtime {
@@ -531,7 +536,7 @@ impl Runtime {
             // Waiting here would wait for this very thread: ask every shard
             // to stop and let the threads finish on their own. Each sends
             // what it acknowledged for the others and applies what they
-            // send it before it closes (`Shard::finish_mesh`).
+            // send it before it closes (`Shard::finish_frees`).
             for t in &mut self.shards {
                 let _ = t.tx.send(Msg::Stop);
                 drop(t.thread.take());

@@ -507,3 +507,53 @@ fn a_read_only_runtime_refuses_frees_of_other_shards_handles() {
     assert_eq!(st.shards[0].mesh.cross_frees_rejected, 0);
     rt.shutdown().unwrap();
 }
+
+/// `free_async` of a handle whose owner is far behind waits for that owner
+/// only: another shard that is gone (or slow) is none of its business. It
+/// flushed every owner and returned `ShardGone` naming the gone one, though
+/// the handle's owner was healthy and the free never queued.
+#[test]
+fn free_async_waits_for_the_handles_owner_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = Config::builder(tmp.path().join("data"))
+        .shards(3)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .build()
+        .unwrap();
+    let rt = Runtime::start(cfg).unwrap();
+    let h1 = common::allocate_synced(&rt, 1, 1, 64)[0];
+    rt.crash_shard_for_test(2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !matches!(
+        block_on(rt.spawn_on(2, |s| async move { s.index() })),
+        Err(Error::ShardGone { shard: 2 })
+    ) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shard 2 never stopped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Shard 1's thread is busy for a while: shard 0's frees of its handle
+    // pile up until they are refused.
+    let busy = rt.spawn_on(1, |_| async move {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    });
+    let r = block_on(rt.spawn_on(0, move |s| async move {
+        let mut queued = 0u64;
+        loop {
+            match s.free(h1) {
+                Ok(()) => queued += 1,
+                Err(Error::Backpressure { owner: 1, .. }) => break,
+                Err(e) => panic!("free: {e}"),
+            }
+        }
+        assert!(queued > 0);
+        s.free_async(h1).await
+    }))
+    .unwrap();
+    block_on(busy).unwrap();
+    assert!(r.is_ok(), "free_async beside a gone shard: {r:?}");
+    let _ = rt.shutdown();
+}

@@ -238,3 +238,59 @@ fn a_shard_builder_travels_to_its_thread() {
     .unwrap();
     assert_eq!(live, 1);
 }
+
+/// A shard of a `Cluster` that stops with `finish_frees` loses no free
+/// another shard acknowledged for it: it applies what its peers send until
+/// each has finished too. Dropped without it, the free that shard 1
+/// acknowledged and sent was lost with shard 0's inbox (the handle was live
+/// after a reopen).
+#[test]
+fn cluster_shards_that_finish_keep_acknowledged_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config::builder(dir.path().join("data"))
+        .shards(2)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .build()
+        .unwrap();
+    let builders = Cluster::open(cfg.clone()).unwrap().into_builders();
+    let (to_1, from_0) = std::sync::mpsc::channel::<Handle>();
+    let (to_0, from_1) = std::sync::mpsc::channel::<()>();
+    let mut channels = [Some((None, Some(to_1), Some(from_1))), None];
+    channels[1] = Some((Some(from_0), None, None));
+    let threads: Vec<_> = builders
+        .into_iter()
+        .map(|b| {
+            let (from_0, to_1, from_1) = channels[b.index() as usize].take().unwrap();
+            let to_0 = to_0.clone();
+            std::thread::spawn(move || {
+                run_on_tokio(async move {
+                    let shard = b.open().await.unwrap();
+                    if shard.index() == 0 {
+                        let h = shard.allocate(16).await.unwrap().into_handle();
+                        shard.sync().await.unwrap();
+                        to_1.unwrap().send(h).unwrap();
+                        // Shard 1 has freed it (acknowledged, maybe sent).
+                        from_1.unwrap().recv().unwrap();
+                    } else {
+                        let h = from_0.unwrap().recv().unwrap();
+                        shard.free(h).unwrap();
+                        for _ in 0..64 {
+                            tokio::task::yield_now().await;
+                        }
+                        to_0.send(()).unwrap();
+                    }
+                    shard.finish_frees().await;
+                    shard.index()
+                })
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let rt = Runtime::start(cfg).unwrap();
+    let live = block_on(rt.spawn_on(0, |s| async move { s.live_count() })).unwrap();
+    assert_eq!(live, 0, "the free shard 1 acknowledged was lost");
+    rt.shutdown().unwrap();
+}

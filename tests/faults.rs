@@ -1086,3 +1086,48 @@ fn a_sync_beside_a_failing_metadata_sync_of_a_new_segment_fails() {
         assert!(shard.allocator().is_poisoned());
     });
 }
+
+/// A free forwarded to an owner that a failed sync poisoned cannot be
+/// applied: the flush that waits for it says so (`Poisoned`, naming the
+/// owner), as a free on the owner itself would. It was acknowledged, then
+/// dropped by the owner with a log line, and the flush said `Ok`.
+#[test]
+fn a_free_forwarded_to_a_poisoned_owner_fails_its_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config::builder(dir.path().join("data"))
+        .shards(2)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .build()
+        .unwrap();
+    let rt = segalloc::Runtime::start(cfg).unwrap();
+    let h = futures::executor::block_on(rt.spawn_on(0, |s| async move {
+        let _g = faults::clear_on_drop();
+        let h = s.allocate(16).await.unwrap().into_handle();
+        s.sync().await.unwrap();
+        s.allocate(16).await.unwrap();
+        faults::inject(Fault::new(FaultOp::Fsync, EIO));
+        assert!(s.sync().await.is_err());
+        assert!(s.allocator().is_poisoned());
+        h
+    }))
+    .unwrap();
+    let (free, flush, again) = futures::executor::block_on(rt.spawn_on(1, move |s| async move {
+        let free = s.free(h);
+        let flush = s.flush_frees().await;
+        // The owner stays poisoned: every later flush says so.
+        let again = s.flush_frees().await;
+        (free, flush, again)
+    }))
+    .unwrap();
+    assert!(free.is_ok(), "{free:?}");
+    assert!(
+        matches!(flush, Err(Error::Poisoned { shard: 0 })),
+        "{flush:?}"
+    );
+    assert!(
+        matches!(again, Err(Error::Poisoned { shard: 0 })),
+        "{again:?}"
+    );
+    let _ = rt.shutdown();
+}

@@ -327,10 +327,11 @@ impl Shard {
     /// handle of another shard is forwarded to its owner in a batch: it is
     /// applied (and durable) once the owner has drained it, which
     /// `Runtime::sync` waits for; a forwarded free that the owner rejects
-    /// (double free, stale handle) is counted in the owner's
-    /// `mesh.cross_frees_rejected` and logged through `tracing`.
-    /// [`flush_frees`](Self::flush_frees) waits until the owners applied
-    /// them.
+    /// (double free, stale handle, or the owner is poisoned) is counted in
+    /// the owner's `mesh.cross_frees_rejected` and logged through
+    /// `tracing`. [`flush_frees`](Self::flush_frees) waits until the owners
+    /// applied them, and fails with [`Error::Poisoned`] for a poisoned
+    /// owner.
     ///
     /// # Errors
     ///

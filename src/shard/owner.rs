@@ -23,8 +23,10 @@ impl Shard {
     ///
     /// # Errors
     ///
-    /// [`Error::ShardGone`] naming an owner that is gone (the others are
-    /// still flushed).
+    /// [`Error::ShardGone`] naming an owner that is gone, or
+    /// [`Error::Poisoned`] naming one that a failed sync poisoned (it
+    /// applies no free, forwarded or its own, until it is reopened); the
+    /// other owners are still flushed.
     pub async fn flush_frees(&self) -> Result<()> {
         match self.inner.mesh.get() {
             Some(m) => m.clone().flush().await,
@@ -42,13 +44,28 @@ impl Shard {
         }
     }
 
-    /// The shard stops (its runtime asked it to): refuse further frees of
-    /// other shards' handles, send the ones acknowledged so far to their
-    /// owners, and apply what the other shards send until each of them has
-    /// done the same (or is gone). So a runtime dropped on one of its own
-    /// shard threads, which cannot wait for the shards, loses no
-    /// acknowledged free either.
-    pub(crate) async fn finish_mesh(&self) {
+    /// Stop exchanging cross-shard frees, losing none: refuse further frees
+    /// of other shards' handles ([`Error::ShardGone`]), send the ones
+    /// acknowledged so far to their owners, and apply what the other shards
+    /// send until each of them has done the same (or is gone).
+    ///
+    /// A [`Runtime`](crate::Runtime) does this for its shards when it
+    /// stops. A shard of a [`Cluster`](crate::Cluster) must call it before
+    /// it is dropped, and so must every other shard of the cluster (each
+    /// on its own thread, around the same time): a shard dropped without it
+    /// loses the frees it acknowledged for others and had not sent yet, and
+    /// those the others acknowledged for it and it had not applied. A shard
+    /// whose peer never finishes (nor is dropped) waits for it; the wait is
+    /// logged after a second.
+    ///
+    /// ```no_run
+    /// # async fn demo(shard: segalloc::Shard) {
+    /// // ... the shard's work, then, on every shard's thread:
+    /// shard.finish_frees().await;
+    /// drop(shard);
+    /// # }
+    /// ```
+    pub async fn finish_frees(&self) {
         let Some(m) = self.inner.mesh.get() else {
             return;
         };
@@ -296,11 +313,16 @@ impl Shard {
     ///
     /// # Errors
     ///
-    /// As [`free`](Self::free), without `Backpressure`.
+    /// As [`free`](Self::free), without `Backpressure`; while it waits, the
+    /// errors of [`flush_frees`](Self::flush_frees) for the handle's owner.
     pub async fn free_async(&self, handle: Handle) -> Result<()> {
         loop {
             match self.free(handle) {
-                Err(Error::Backpressure { .. }) => self.flush_frees().await?,
+                // Wait for that owner only.
+                Err(Error::Backpressure { owner, .. }) => match self.inner.mesh.get() {
+                    Some(m) => m.flush_to(owner as usize).await?,
+                    None => return Err(Error::Backpressure { owner, queued: 0 }),
+                },
                 other => return other,
             }
         }
@@ -315,7 +337,13 @@ impl ShardInner {
         let batch = match parcel {
             Parcel::Frees(b) => b,
             Parcel::Barrier(ack) => {
-                let _ = ack.send(());
+                // A poisoned shard applies no free: the sender's flush says
+                // so, as a free on this shard would.
+                let r = match self.alloc.is_poisoned() {
+                    true => Err(Error::Poisoned { shard: self.index }),
+                    false => Ok(()),
+                };
+                let _ = ack.send(r);
                 return;
             }
             // Consumed by the mesh itself.
