@@ -13,7 +13,8 @@
 //!   [`Error::Backpressure`] (nothing changes; await a flush and retry), so
 //!   the memory held by frees in flight is bounded. A [`Parcel::Barrier`]
 //!   sent after the frees is answered by the owner once it has applied
-//!   everything before it: that is how a flush waits for the owners. A
+//!   everything before it (or with `Poisoned`, when a failed sync left it
+//!   unable to apply frees): that is how a flush waits for the owners. A
 //!   stopping shard closes, sends what it buffered, then a
 //!   [`Parcel::Done`] to each peer, and applies what its peers send until
 //!   each has said `Done` or is gone ([`MeshLocal::finish`],
@@ -60,7 +61,8 @@ pub struct MeshStats {
     /// Forwarded frees this shard received and applied.
     pub cross_frees_received: u64,
     /// Forwarded frees this shard received and rejected (bad handle,
-    /// double free): each is also logged through `tracing` at warn level.
+    /// double free, or this shard is poisoned): each is also logged through
+    /// `tracing` at warn level.
     pub cross_frees_rejected: u64,
     /// Frees refused with [`Error::Backpressure`] because the owner was
     /// too far behind.
