@@ -237,6 +237,8 @@ fn fd_pressure_is_not_waited_out_when_another_thread_drives_the_runtime() {
 /// nothing can have been lost. It poisoned the shard until a reopen.
 #[test]
 fn fd_pressure_in_a_new_segment_does_not_poison_the_shard() {
+    // Other tests here lower the process's descriptor limit meanwhile.
+    let _g = PROCESS_LIMITS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let cfg = segalloc::Config::builder(dir.path())
         .shards(1)
