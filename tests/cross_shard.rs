@@ -297,8 +297,12 @@ fn frees_to_a_blocked_owner_are_bounded() {
     let n_refused = refused.len();
     block_on(rt.spawn_on(1, move |s| async move {
         s.flush_frees().await.unwrap();
+        // Most frees were refused (the first ones went in batches of a few
+        // each, one per executor tick): more than a full channel's worth,
+        // freed faster than the owner applies them, so wait when it falls
+        // behind.
         for h in refused {
-            s.free(h).unwrap();
+            s.free_async(h).await.unwrap();
         }
         s.flush_frees().await.unwrap();
     }))
@@ -307,7 +311,8 @@ fn frees_to_a_blocked_owner_are_bounded() {
     assert_eq!(st.shards[0].alloc.allocations_live, 0);
     assert_eq!(st.shards[0].mesh.cross_frees_received, N as u64);
     assert_eq!(st.shards[0].mesh.cross_frees_rejected, 0);
-    assert_eq!(st.shards[1].mesh.cross_frees_refused, n_refused as u64);
+    // (Each refusal counts, also those `free_async` waited out.)
+    assert!(st.shards[1].mesh.cross_frees_refused >= n_refused as u64);
     // A refused free was not sent; its retry was.
     assert_eq!(st.shards[1].mesh.cross_frees_sent, N as u64);
     rt.shutdown().unwrap();
@@ -548,6 +553,7 @@ fn free_async_waits_for_the_handles_owner_only() {
                 Err(Error::Backpressure { owner: 1, .. }) => break,
                 Err(e) => panic!("free: {e}"),
             }
+            assert!(queued < 10_000_000, "the owner's channel never filled");
         }
         assert!(queued > 0);
         s.free_async(h1).await
