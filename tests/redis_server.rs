@@ -620,6 +620,19 @@ fn empty_keys_strict_integers_and_repeated_set_options_as_redis() {
         )
         .contains("not an integer")
     );
+    // SELECT: only database 0; a non-integer is refused as Redis refuses it.
+    assert_eq!(
+        redis::cmd("SELECT").arg("0").query::<String>(c).unwrap(),
+        "OK"
+    );
+    assert!(
+        err_text(redis::cmd("SELECT").arg("1").query::<String>(c))
+            .contains("DB index is out of range")
+    );
+    for bad in ["abc", "00", "-0", "1.5"] {
+        let e = err_text(redis::cmd("SELECT").arg(bad).query::<String>(c));
+        assert!(e.contains("not an integer"), "SELECT {bad}: {e}");
+    }
     // Options may repeat; NX with XX, or two kinds of expiry, may not.
     let set = |c: &mut redis::Connection, opts: &[&str]| -> RedisResult<Option<String>> {
         redis::cmd("SET").arg("o").arg("v").arg(opts).query(c)

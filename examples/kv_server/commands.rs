@@ -351,8 +351,12 @@ fn plan_connection(name: Name, cmd: &Cmd<'_>, p: &mut Planner, ctx: &Ctx) {
             p.reply(resp::ok);
             p.close = true;
         }
-        Name::Select if cmd.arg(1) == b"0" => p.reply(resp::ok),
-        Name::Select => p.error("ERR DB index is out of range"),
+        // One database; an index is read as Redis reads integers.
+        Name::Select => match resp::parse_i64(cmd.arg(1)) {
+            Some(0) => p.reply(resp::ok),
+            Some(_) => p.error("ERR DB index is out of range"),
+            None => p.error("ERR value is not an integer or out of range"),
+        },
         Name::Client => {
             let sub = cmd.arg(1).to_ascii_uppercase();
             match sub.as_slice() {
