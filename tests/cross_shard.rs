@@ -18,12 +18,7 @@ use segalloc::{Config, Error, HANDLE_BYTES, Handle, Runtime, Shard};
 const SLOT: usize = 64 * 1024;
 
 fn config(dir: &Path) -> Config {
-    Config::builder(dir.join("data"))
-        .shards(2)
-        .window_bytes(16 * MIB)
-        .growth_step_bytes(MIB)
-        .build()
-        .expect("config")
+    common::small_cfg_shards(&dir.join("data"), 2)
 }
 
 /// `h` with its file number, offset or shard replaced, re-signed.
@@ -404,18 +399,8 @@ fn a_free_for_a_stopped_owner_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let rt = Runtime::start(config(tmp.path())).unwrap();
     let hs = common::allocate_synced(&rt, 1, 10, 64);
-    rt.crash_shard_for_test(1);
+    common::crash_and_wait_gone(&rt, 1);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !matches!(
-        block_on(rt.spawn_on(1, |s| async move { s.index() })),
-        Err(Error::ShardGone { shard: 1 })
-    ) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "shard 1 never stopped"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
     let frees = block_on(rt.spawn_on(0, move |s| async move {
         // Its mesh endpoint may close a moment after its job queue.
         while s.free(hs[0]).is_ok() {
@@ -520,26 +505,10 @@ fn a_read_only_runtime_refuses_frees_of_other_shards_handles() {
 #[test]
 fn free_async_waits_for_the_handles_owner_only() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = Config::builder(tmp.path().join("data"))
-        .shards(3)
-        .window_bytes(16 * MIB)
-        .growth_step_bytes(MIB)
-        .build()
-        .unwrap();
+    let cfg = common::small_cfg_shards(&tmp.path().join("data"), 3);
     let rt = Runtime::start(cfg).unwrap();
     let h1 = common::allocate_synced(&rt, 1, 1, 64)[0];
-    rt.crash_shard_for_test(2);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !matches!(
-        block_on(rt.spawn_on(2, |s| async move { s.index() })),
-        Err(Error::ShardGone { shard: 2 })
-    ) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "shard 2 never stopped"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    common::crash_and_wait_gone(&rt, 2);
     // Shard 1's thread is busy for a while: shard 0's frees of its handle
     // pile up until they are refused.
     let busy = rt.spawn_on(1, |_| async move {

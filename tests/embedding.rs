@@ -247,12 +247,7 @@ fn a_shard_builder_travels_to_its_thread() {
 #[test]
 fn cluster_shards_that_finish_keep_acknowledged_frees() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = Config::builder(dir.path().join("data"))
-        .shards(2)
-        .window_bytes(16 * MIB)
-        .growth_step_bytes(MIB)
-        .build()
-        .unwrap();
+    let cfg = common::small_cfg_shards(&dir.path().join("data"), 2);
     let builders = Cluster::open(cfg.clone()).unwrap().into_builders();
     let (to_1, from_0) = std::sync::mpsc::channel::<Handle>();
     let (to_0, from_1) = std::sync::mpsc::channel::<()>();

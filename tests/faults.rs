@@ -1094,12 +1094,7 @@ fn a_sync_beside_a_failing_metadata_sync_of_a_new_segment_fails() {
 #[test]
 fn a_free_forwarded_to_a_poisoned_owner_fails_its_flush() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = Config::builder(dir.path().join("data"))
-        .shards(2)
-        .window_bytes(16 * MIB)
-        .growth_step_bytes(MIB)
-        .build()
-        .unwrap();
+    let cfg = common::small_cfg_shards(&dir.path().join("data"), 2);
     let rt = segalloc::Runtime::start(cfg).unwrap();
     let h = futures::executor::block_on(rt.spawn_on(0, |s| async move {
         let _g = faults::clear_on_drop();

@@ -159,12 +159,31 @@ pub fn open_paths_under(dir: &Path) -> Vec<std::path::PathBuf> {
 /// The allocator tests' configuration: one shard, 16 MiB windows, 1 MiB
 /// growth steps, the backend chosen by `SEGALLOC_IO`.
 pub fn small_cfg(dir: &Path) -> Config {
+    small_cfg_shards(dir, 1)
+}
+
+/// [`small_cfg`] with `shards` shards.
+pub fn small_cfg_shards(dir: &Path, shards: usize) -> Config {
     Config::builder(dir)
-        .shards(1)
+        .shards(shards)
         .window_bytes(WINDOW)
         .growth_step_bytes(STEP)
         .build()
         .expect("config")
+}
+
+/// Crash shard `shard` of `rt` and wait (up to 10 s) until it answers
+/// `ShardGone`.
+pub fn crash_and_wait_gone(rt: &segalloc::Runtime, shard: usize) {
+    rt.crash_shard_for_test(shard);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(
+        futures::executor::block_on(rt.spawn_on(shard, |s| async move { s.index() })),
+        Err(segalloc::Error::ShardGone { shard: s }) if s as usize == shard
+    ) {
+        assert!(Instant::now() < deadline, "shard {shard} never stopped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Open `cfg`'s data directory and its shard 0.
