@@ -101,6 +101,22 @@ fn assert_fallocate_error(e: &Error, errno: i32, what: &str) {
     }
 }
 
+/// A sync that must fail after an injected write-back error (`EIO`): with
+/// that error, or `Poisoned` when another call saw it first; and the shard
+/// is poisoned.
+fn assert_sync_failed(r: segalloc::Result<()>, shard: &Shard, what: &str) {
+    match r {
+        Err(Error::Io {
+            op: "fdatasync",
+            source,
+            ..
+        }) => assert_eq!(source.raw_os_error(), Some(EIO), "{what}"),
+        Err(Error::Poisoned { shard: 0 }) => {}
+        other => panic!("{what}: {other:?}"),
+    }
+    assert!(shard.allocator().is_poisoned(), "{what}");
+}
+
 #[test]
 fn fallocate_failure_while_allocating() {
     for errno in [EIO, ENOSPC, ENOMEM] {
@@ -1024,16 +1040,11 @@ fn a_sync_overlapping_a_dropped_failed_one_fails() {
         let mut second = Box::pin(shard.sync());
         assert!(second.as_mut().poll(&mut cx).is_pending());
         drop(first);
-        match second.await {
-            Err(Error::Io {
-                op: "fdatasync",
-                source,
-                ..
-            }) => assert_eq!(source.raw_os_error(), Some(EIO)),
-            Err(Error::Poisoned { shard: 0 }) => {}
-            other => panic!("a sync overlapping a dropped, failed one: {other:?}"),
-        }
-        assert!(shard.allocator().is_poisoned());
+        assert_sync_failed(
+            second.await,
+            &shard,
+            "a sync overlapping a dropped, failed one",
+        );
     });
 }
 
@@ -1074,16 +1085,7 @@ fn a_sync_beside_a_failing_metadata_sync_of_a_new_segment_fails() {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         assert!(fresh_class.await.is_err());
-        match sync.await {
-            Err(Error::Io {
-                op: "fdatasync",
-                source,
-                ..
-            }) => assert_eq!(source.raw_os_error(), Some(EIO)),
-            Err(Error::Poisoned { shard: 0 }) => {}
-            other => panic!("a sync beside a failed one: {other:?}"),
-        }
-        assert!(shard.allocator().is_poisoned());
+        assert_sync_failed(sync.await, &shard, "a sync beside a failed one");
     });
 }
 
