@@ -75,22 +75,7 @@ impl FileHandleRegistry {
         let op = if datasync { "fdatasync" } else { "fsync" };
         // Syncs of the file dropped before they completed: their outcome
         // counts (a write-back error is reported to one call only).
-        let mut orphans = Orphans {
-            reg: self,
-            id,
-            ops: {
-                let mut all = self.orphans.borrow_mut();
-                let (mine, rest): (Vec<_>, Vec<_>) = all.drain(..).partition(|(f, _)| *f == id);
-                *all = rest;
-                mine.into_iter().map(|(_, o)| o).collect()
-            },
-        };
-        // Each is kept (for the next sync) until its outcome counted: this
-        // sync may fail on one, or be dropped while it waits.
-        while !orphans.ops.is_empty() {
-            let o = orphans.ops.remove(0);
-            self.finish(id, o, &path, op).await?;
-        }
+        self.await_orphans(id, &path, op, true).await?;
         let len = {
             let f = self.inner.borrow();
             let e = &f.entries[id.0 as usize];
@@ -151,6 +136,35 @@ impl FileHandleRegistry {
         r.map_err(|e| Error::io(what, Some(path), e))
     }
 
+    /// Await the kept calls of `id` whose sync was dropped, in the order
+    /// they were kept; each failure is recorded for the file. With
+    /// `stop_at_failure`, return the first one's error (the calls after it
+    /// stay kept for the next sync). Each stays kept until its outcome
+    /// counted, also if this is dropped while it waits.
+    async fn await_orphans(
+        &self,
+        id: FileId,
+        path: &Path,
+        what: &'static str,
+        stop_at_failure: bool,
+    ) -> Result<()> {
+        loop {
+            let orphan = {
+                let mut all = self.orphans.borrow_mut();
+                all.iter()
+                    .position(|(f, _)| *f == id)
+                    .map(|i| all.remove(i).1)
+            };
+            let Some(o) = orphan else {
+                return Ok(());
+            };
+            let r = self.finish(id, o, path, what).await;
+            if stop_at_failure {
+                r?;
+            }
+        }
+    }
+
     /// Wait until every `fsync`/`fdatasync` of `id` that began before this
     /// call has completed and its outcome is recorded (a dropped call is
     /// awaited here); then the kept failure of the file, if any.
@@ -161,20 +175,8 @@ impl FileHandleRegistry {
         let upto = self.sync_ops.next.get();
         loop {
             // Calls dropped before (or while) this waits: nobody else
-            // awaits them.
-            loop {
-                let orphan = {
-                    let mut all = self.orphans.borrow_mut();
-                    all.iter()
-                        .position(|(f, _)| *f == id)
-                        .map(|i| all.remove(i).1)
-                };
-                let Some(o) = orphan else {
-                    break;
-                };
-                // Its failure is recorded for the file (`sync_failed`).
-                let _ = self.finish(id, o, path, what).await;
-            }
+            // awaits them. (Their failures are recorded for the file.)
+            self.await_orphans(id, path, what, false).await?;
             let earlier = self
                 .sync_ops
                 .running
@@ -275,23 +277,6 @@ struct Orphan<'a> {
 impl Drop for Orphan<'_> {
     fn drop(&mut self) {
         if let Some(op) = self.op.take() {
-            self.reg.keep_orphan(self.id, op);
-        }
-    }
-}
-
-/// Kept syncs of a file not awaited yet: handed back to the registry if
-/// the sync awaiting them stops first (dropped, or failed on an earlier
-/// one), so each one's outcome still counts.
-struct Orphans<'a> {
-    reg: &'a FileHandleRegistry,
-    id: FileId,
-    ops: Vec<SyncOp>,
-}
-
-impl Drop for Orphans<'_> {
-    fn drop(&mut self) {
-        for op in self.ops.drain(..) {
             self.reg.keep_orphan(self.id, op);
         }
     }
