@@ -22,8 +22,6 @@ use crate::wait::WaitList;
 impl MappingManager {
     /// Grow a file whose window is already mapped so it covers `end`.
     pub(super) async fn grow_mapped(&self, file: FileId, end: u64, writable: bool) -> Result<()> {
-        // A closed allocator's file is neither grown nor mapped again.
-        self.files.owner(file)?;
         if !writable || self.files.is_read_only() {
             return Err(Error::InvalidRange {
                 file_id: file.0,
@@ -52,7 +50,6 @@ impl MappingManager {
         if end == 0 || self.files.reserved_bytes(file)? >= end {
             return Ok(());
         }
-        self.files.owner(file)?;
         let w = self.cfg.window_bytes;
         let window_end = (end - 1) / w * w + w;
         let target = end
@@ -148,8 +145,6 @@ impl MappingManager {
         len: u64,
         writable: bool,
     ) -> Result<bool> {
-        // A closed allocator's file is neither grown nor mapped again.
-        self.files.owner(file)?;
         let how = self.cover(file, offset, len, writable).await?;
         let idx = (offset / self.cfg.window_bytes) as usize;
         let list = Rc::new(WaitList::default());
@@ -243,6 +238,9 @@ impl MappingManager {
             return Err(map_failed(source));
         }
         // Held by the window: an allocator's file keeps its shard locked.
+        // (Every way to a window grows or opens the file first, through
+        // `FileHandleRegistry::grow`, which refuses a closed allocator's
+        // file; this is the last look, at the mmap itself.)
         let owner = self.files.owner(file)?;
         let lease = self.files.acquire(file, 0).await?;
         let mut opts = MmapOptions::new();
