@@ -115,10 +115,14 @@ fn mount_ext4(image: &Path, at: &Path, bytes: u64) -> Result<Mount, String> {
     })
 }
 
-/// Bytes available to an unprivileged writer on the file system of `p`.
+/// Free bytes on the file system of `p`, counting the blocks reserved for
+/// root (`f_bfree`). The writers here run as root when the file system is a
+/// loop-mounted ext4, so they fill its root reserve (5 % of the image) too:
+/// the unprivileged count (`f_bavail`) stays 0 after a trim that punches less
+/// than that reserve.
 fn free_bytes(p: &Path) -> u64 {
     let s = nix::sys::statvfs::statvfs(p).unwrap();
-    s.blocks_available() as u64 * s.fragment_size() as u64
+    s.blocks_free() as u64 * s.fragment_size() as u64
 }
 
 // ---------------------------------------------------------------------------
@@ -373,6 +377,8 @@ fn verify(dir: &Path, model: &BTreeSet<Handle>, what: &str) {
 
 fn fill_and_refill(fs: &str, dir: &Path) {
     let seed = seed_from_env("SEGALLOC_ENOSPC_SEED");
+    // Every failure names the seed (SEGALLOC_ENOSPC_SEED replays it).
+    let fs = &format!("{fs} (seed {seed})");
     let started = std::time::Instant::now();
     let mut rng = Rng::new(seed);
     let mut model = BTreeSet::new();
@@ -413,7 +419,7 @@ fn fill_and_refill(fs: &str, dir: &Path) {
         m
     });
     eprintln!(
-        "{fs}: seed {seed}; fill: {} allocations, first error: {}; sync: {:?}; \
+        "{fs}: fill: {} allocations, first error: {}; sync: {:?}; \
          free after the fill: {full} bytes; refill: freed {freed}, trim punched {released} bytes, \
          free space {before} -> {after}, {} allocations until NoSpace again, sync: {:?}; \
          new process: freed {}, {} allocations until NoSpace again; \
