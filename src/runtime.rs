@@ -14,7 +14,9 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::path::Path;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -220,13 +222,29 @@ impl<T> Future for JoinHandle<T> {
 }
 
 /// Run `fut` to completion on this thread with the shard executor: tokio-uring
-/// when it can start, else tokio current-thread + `LocalSet`.
-fn run_executor<F: Future<Output = ()>>(use_uring: bool, fut: F) {
+/// when it can start, else tokio current-thread + `LocalSet`. `shard_dir`
+/// (the shard's folder) names the shard in the error.
+///
+/// # Errors
+///
+/// When no executor can be built (`fut` is then dropped unpolled):
+/// [`Error::TooManyOpenFiles`] when the process is out of descriptors
+/// (`EMFILE`/`ENFILE`, from either runtime: tokio-uring is then not
+/// replaced by the fallback, which would need descriptors too), else
+/// [`Error::Io`] naming the runtime that could not be built.
+fn run_executor<F: Future<Output = ()>>(use_uring: bool, fut: F, shard_dir: &Path) -> Result<()> {
     if use_uring {
         match tokio_uring::Runtime::new(&tokio_uring::builder()) {
             Ok(rt) => {
                 rt.block_on(fut);
-                return;
+                return Ok(());
+            }
+            Err(e) if out_of_descriptors(&e) => {
+                return Err(executor_error(
+                    "build the shard's tokio-uring runtime",
+                    shard_dir,
+                    e,
+                ));
             }
             Err(e) => {
                 tracing::info!(error = %e, "tokio-uring unavailable; shard runs on tokio current-thread");
@@ -236,8 +254,38 @@ fn run_executor<F: Future<Output = ()>>(use_uring: bool, fut: F) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("tokio current-thread runtime");
+        .map_err(|e| {
+            executor_error(
+                "build the shard's tokio current-thread runtime",
+                shard_dir,
+                e,
+            )
+        })?;
     tokio::task::LocalSet::new().block_on(&rt, fut);
+    Ok(())
+}
+
+/// Whether `e` says the process (`EMFILE`) or the system (`ENFILE`) is out
+/// of descriptors.
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE)
+    )
+}
+
+/// The error of an executor that could not be built: `op` on the shard
+/// whose folder is `shard_dir`.
+fn executor_error(op: &'static str, shard_dir: &Path, e: std::io::Error) -> Error {
+    tracing::error!(shard_dir = %shard_dir.display(), error = %e, "{op} failed");
+    if out_of_descriptors(&e) {
+        Error::TooManyOpenFiles {
+            path: shard_dir.to_path_buf(),
+            source: e,
+        }
+    } else {
+        Error::io(op, Some(shard_dir), e)
+    }
 }
 
 /// Where a runtime's threads go, given the CPUs it may use (`cpus`, not
@@ -255,21 +303,48 @@ fn placement(cpus: &[usize], shards: usize) -> (Vec<usize>, Vec<usize>) {
     (pins, io)
 }
 
+/// A shard thread's one report to [`Runtime::start`]: `Ok` once its shard
+/// is open, else why it is not. Shared by the thread and its body; dropped
+/// without having been sent (a panic that nothing caught), it reports
+/// [`Error::ShardGone`], so that `start` never waits for a thread that has
+/// nothing more to say.
+struct ReadyReport {
+    index: u16,
+    tx: std::sync::mpsc::Sender<(u16, Result<()>)>,
+    sent: Cell<bool>,
+}
+
+impl ReadyReport {
+    /// Report `r`, unless a report was sent already.
+    fn send(&self, r: Result<()>) {
+        if !self.sent.replace(true) {
+            // `start` may have stopped listening (it returned a spawn error).
+            let _ = self.tx.send((self.index, r));
+        }
+    }
+}
+
+impl Drop for ReadyReport {
+    fn drop(&mut self) {
+        self.send(Err(Error::ShardGone { shard: self.index }));
+    }
+}
+
 /// A shard thread's body: open the shard, report it through `ready`, then
 /// run the jobs sent to it until told to stop.
-async fn serve(
-    b: ShardBuilder,
-    mut rx: UnboundedReceiver<Msg>,
-    ready: std::sync::mpsc::Sender<(u16, Result<()>)>,
-) {
+async fn serve(b: ShardBuilder, mut rx: UnboundedReceiver<Msg>, ready: Rc<ReadyReport>) {
     let index = b.index();
+    #[cfg(feature = "test-support")]
+    if test_hooks::take_panic_before_ready(b.dir.path(), index) {
+        panic!("shard {index} panicked before it opened (Runtime::panic_before_ready_for_test)");
+    }
     let shard = match b.open().await {
         Ok(s) => {
-            let _ = ready.send((index, Ok(())));
+            ready.send(Ok(()));
             s
         }
         Err(e) => {
-            let _ = ready.send((index, Err(e)));
+            ready.send(Err(e));
             return;
         }
     };
@@ -300,8 +375,13 @@ impl Runtime {
     ///
     /// # Errors
     ///
-    /// See [`DataDir::open`] and [`Shard::open`]; the first shard's error is
-    /// returned and the other shards are stopped.
+    /// See [`DataDir::open`] and [`Shard::open`]. Besides:
+    /// [`Error::TooManyOpenFiles`] (naming the shard's folder) when a shard
+    /// thread cannot build its executor for want of descriptors, or
+    /// [`Error::Io`] for another reason; [`Error::TaskPanicked`] when a
+    /// shard thread panics before its shard is open; [`Error::Io`] when a
+    /// thread cannot be spawned. The first error reported is returned, once
+    /// every shard thread started has been stopped and joined.
     pub fn start(cfg: Config) -> Result<Runtime> {
         let cluster = Cluster::open(cfg.clone())?;
         let dir = cluster.dir.clone();
@@ -315,16 +395,25 @@ impl Runtime {
         let id = NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(u16, Result<()>)>();
         let mut shards = Vec::new();
+        let mut spawn_error = None;
         for b in cluster.into_builders() {
             let (tx, rx) = unbounded_channel::<Msg>();
             let ready = ready_tx.clone();
             let index = b.index();
+            let shard_dir = dir.shard_dir(index);
             let failures = failures.clone();
             let cpu = pins[usize::from(index)];
             let io_cpus = io_cpus.clone();
-            let thread = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("segalloc-shard-{index}"))
                 .spawn(move || {
+                    // First: a panic anywhere on this thread before the
+                    // shard is open still reports (see `ReadyReport`).
+                    let ready = Rc::new(ReadyReport {
+                        index,
+                        tx: ready,
+                        sent: Cell::new(false),
+                    });
                     SHARD_OF_RUNTIME.with(|c| c.set(id));
                     // The io workers go elsewhere only if the shard is pinned.
                     let b = match sys::pin_thread_to_cpu(cpu) {
@@ -334,21 +423,42 @@ impl Runtime {
                             b
                         }
                     };
-                    let body = serve(b, rx, ready);
+                    let body = serve(b, rx, ready.clone());
                     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        run_executor(use_uring, body)
+                        run_executor(use_uring, body, &shard_dir)
                     }));
-                    if let Err(p) = result {
-                        let m = format!("shard {index} thread panicked: {}", panic_message(&*p));
-                        tracing::error!("{m}");
-                        failures.lock().expect("failures lock").push((index, m));
+                    match result {
+                        Ok(Ok(())) => {}
+                        // No executor: the shard never opened.
+                        Ok(Err(e)) => ready.send(Err(e)),
+                        Err(p) => {
+                            let m =
+                                format!("shard {index} thread panicked: {}", panic_message(&*p));
+                            tracing::error!("{m}");
+                            failures
+                                .lock()
+                                .expect("failures lock")
+                                .push((index, m.clone()));
+                            // Ignored if the shard had reported ready.
+                            ready.send(Err(Error::TaskPanicked {
+                                shard: index,
+                                message: m,
+                            }));
+                        }
                     }
-                })
-                .map_err(|e| Error::io("spawn shard thread", None, e))?;
-            shards.push(ShardThread {
-                tx,
-                thread: Some(thread),
-            });
+                });
+            match spawned {
+                Ok(thread) => shards.push(ShardThread {
+                    tx,
+                    thread: Some(thread),
+                }),
+                Err(e) => {
+                    // The shards after this one are not started; those
+                    // before it are stopped below, like after an open error.
+                    spawn_error = Some(Error::io("spawn shard thread", None, e));
+                    break;
+                }
+            }
         }
         drop(ready_tx);
         let mut rt = Runtime {
@@ -357,7 +467,9 @@ impl Runtime {
             shards,
             failures,
         };
-        if let Some(e) = rt.first_open_error(&ready_rx) {
+        // Every started thread reports exactly once, whatever happens to it.
+        let open_error = rt.first_open_error(&ready_rx);
+        if let Some(e) = spawn_error.or(open_error) {
             rt.stop_all();
             return Err(e);
         }
@@ -509,6 +621,14 @@ impl Runtime {
         Ok(RuntimeStats { shards })
     }
 
+    /// Make shard `shard` of the data directory `dir` panic on its thread
+    /// before it opens, at the next start of a runtime there (tests of a
+    /// failed start).
+    #[cfg(feature = "test-support")]
+    pub fn panic_before_ready_for_test(dir: impl Into<std::path::PathBuf>, shard: u16) {
+        test_hooks::panic_before_ready(dir.into(), shard);
+    }
+
     /// Make a shard thread panic outside any task (tests of fault isolation).
     #[cfg(feature = "test-support")]
     pub fn crash_shard_for_test(&self, shard: usize) {
@@ -629,6 +749,42 @@ impl Drop for Runtime {
         // buffered before its shard closes. Everything acknowledged is
         // already in MAP_SHARED pages, as after a process crash.
         self.stop_all();
+    }
+}
+
+/// What the test-support calls ask of the shard threads.
+#[cfg(feature = "test-support")]
+mod test_hooks {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    /// Shards to panic before they open, by data directory, once each.
+    static PANIC_BEFORE_READY: Mutex<Vec<(PathBuf, u16)>> = Mutex::new(Vec::new());
+
+    pub(super) fn panic_before_ready(dir: PathBuf, shard: u16) {
+        PANIC_BEFORE_READY
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((dir, shard));
+    }
+
+    /// Whether shard `shard` of `dir` is to panic (forgotten once asked).
+    pub(super) fn take_panic_before_ready(dir: &Path, shard: u16) -> bool {
+        let same = |a: &Path| {
+            a == dir
+                || matches!(
+                    (std::fs::canonicalize(a), std::fs::canonicalize(dir)),
+                    (Ok(x), Ok(y)) if x == y
+                )
+        };
+        let mut asked = PANIC_BEFORE_READY.lock().unwrap_or_else(|e| e.into_inner());
+        match asked.iter().position(|(d, s)| *s == shard && same(d)) {
+            Some(i) => {
+                asked.swap_remove(i);
+                true
+            }
+            None => false,
+        }
     }
 }
 

@@ -1001,3 +1001,41 @@ fn idle_syncs_write_nothing_back_and_prefaults_do_not_pin() {
     );
     rt.shutdown().unwrap();
 }
+
+/// A shard thread that panics before its shard is open makes `start` return
+/// the panic (it waited forever for that thread's report while the other
+/// shards ran), having stopped and joined the other shards' threads: the
+/// directory starts again at once.
+#[test]
+fn a_shard_thread_panicking_before_it_is_open_fails_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 3);
+    Runtime::panic_before_ready_for_test(cfg.dir(), 1);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let starter = std::thread::spawn({
+        let cfg = cfg.clone();
+        move || {
+            let _ = tx.send(Runtime::start(cfg));
+        }
+    });
+    let started = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("Runtime::start has not returned after 60 s");
+    starter.join().unwrap();
+    match started {
+        Err(Error::TaskPanicked { shard: 1, message }) => {
+            assert!(message.contains("before it opened"), "{message}");
+        }
+        Err(e) => panic!("expected shard 1's panic, got {e:?}"),
+        Ok(rt) => {
+            drop(rt);
+            panic!("started although shard 1 panicked");
+        }
+    }
+    let rt = Runtime::start(cfg).expect("start again");
+    assert_eq!(rt.shard_count(), 3);
+    block_on(rt.spawn_on(1, |s| async move { s.allocate(100).await.map(drop) }))
+        .unwrap()
+        .unwrap();
+    rt.shutdown().unwrap();
+}
