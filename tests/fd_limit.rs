@@ -432,3 +432,36 @@ fn start_fails_cleanly_when_shard_threads_run_out_of_descriptors() {
 /// every shard thread sometimes built its executor (sync backend), and the
 /// test then proved nothing.
 const ROOM_FOR_A_FEW_SHARDS: usize = 24;
+
+/// The README's count: besides the descriptors of its files (the
+/// registries', within `max_open_files`), a `Runtime` holds 1 + 7 per shard
+/// with io_uring and 1 + 4 per shard with the sync backend.
+#[test]
+fn a_runtime_holds_the_descriptors_the_readme_counts() {
+    let _g = PROCESS_LIMITS.lock().unwrap_or_else(|e| e.into_inner());
+    let _restore = RestoreSoftLimit(soft_nofile_limit());
+    segalloc::set_nofile_soft_limit(u64::MAX).unwrap();
+    let per_shard = match common::expected_backend() {
+        segalloc::IoBackend::Uring => 7,
+        segalloc::IoBackend::Sync => 4,
+    };
+    for shards in [1, 4] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = segalloc::Config::builder(dir.path().join("data"))
+            .shards(shards)
+            .window_bytes(common::WINDOW)
+            .growth_step_bytes(common::STEP)
+            .build()
+            .unwrap();
+        let before = open_descriptors();
+        let rt = segalloc::Runtime::start(cfg).unwrap();
+        let held = open_descriptors().difference(&before).count();
+        let files = futures::executor::block_on(rt.stats()).unwrap().open_fds();
+        assert_eq!(
+            held - files,
+            1 + per_shard * shards,
+            "{shards} shards hold {held} descriptors, {files} of them the registries'"
+        );
+        rt.shutdown().unwrap();
+    }
+}
