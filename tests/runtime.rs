@@ -900,7 +900,12 @@ fn a_runtime_dropped_on_its_own_shard_keeps_acknowledged_forwarded_frees() {
 /// not know of the write).
 #[test]
 fn runtime_sync_writes_back_bytes_written_through_pin_foreign() {
-    let dir = tempfile::tempdir().unwrap();
+    // On disk: a tmpfs keeps every page dirty, synced or not.
+    let Some(dir) =
+        common::disk_tempdir("runtime_sync_writes_back_bytes_written_through_pin_foreign")
+    else {
+        return;
+    };
     let rt = Runtime::start(config(dir.path(), 2)).unwrap();
     let h = block_on(rt.spawn_on(0, |s| async move {
         let a = s.allocate(64 * 1024).await.unwrap();

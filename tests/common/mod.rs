@@ -126,6 +126,31 @@ pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
     }
 }
 
+/// Whether `path` lies on a tmpfs.
+pub fn on_tmpfs(path: &Path) -> bool {
+    use nix::sys::statfs::{TMPFS_MAGIC, statfs};
+    statfs(path).is_ok_and(|s| s.filesystem_type() == TMPFS_MAGIC)
+}
+
+/// A temporary directory on a disk-backed file system, for a test that
+/// needs an `fsync` to take time or to clean dirty pages: under cargo's
+/// scratch directory (`CARGO_TARGET_TMPDIR`), not the system's temporary
+/// folder, which may be a tmpfs (there an `fsync` has nothing to write and
+/// returns at once, and every page of a file stays dirty). `None`, with a
+/// message naming `test`, when that directory is on a tmpfs as well: the
+/// test is then skipped.
+pub fn disk_tempdir(test: &str) -> Option<tempfile::TempDir> {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    if on_tmpfs(dir.path()) {
+        eprintln!(
+            "{test}: skipped: {} is on a tmpfs, and the test needs a disk-backed directory",
+            dir.path().display()
+        );
+        return None;
+    }
+    Some(dir)
+}
+
 /// A repeatable byte pattern for `(file, offset)`, to check data read back.
 pub fn pattern(seed: u64, n: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
