@@ -84,7 +84,11 @@ fn many_segments_few_fds_few_windows() {
         }
         let (fds, vmas) = os_counts(dir.path());
         assert_eq!((files.open_count(), fds), (3, 3));
-        assert_eq!((mm.window_count(), vmas), (6, 6));
+        // Two adjacent windows of a file may share one VMA (at least one
+        // per file): the bytes mapped are what must match.
+        assert_eq!(mm.window_count(), 6);
+        assert!((3..=6).contains(&vmas), "vmas {vmas}");
+        assert_eq!(common::mapped_bytes_under(dir.path()), 6 * WINDOW);
         assert_eq!(files.stats().opens, 3);
         assert_eq!(mm.stats().faults, 6);
         assert_eq!(mm.stats().pinned_windows, 6);

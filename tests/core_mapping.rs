@@ -57,7 +57,14 @@ fn window_eviction_respects_cap_and_pins() {
                 mm.window_count() <= 2 && vmas <= 2,
                 "window {i}: vmas {vmas}"
             );
-            assert_eq!(mm.window_count(), vmas);
+            // Two adjacent windows of the file may share one VMA: the bytes
+            // mapped are what must match.
+            assert!(vmas <= mm.window_count(), "window {i}: vmas {vmas}");
+            assert_eq!(
+                common::mapped_bytes_under(dir.path()),
+                mm.window_count() as u64 * WINDOW,
+                "window {i}: bytes mapped"
+            );
         }
         assert_eq!(mm.stats().faults, 6);
         assert_eq!(mm.stats().evictions, 4);

@@ -103,6 +103,27 @@ pub fn mapping_of(addr: *const u8) -> Option<String> {
     None
 }
 
+/// Bytes of this process's mappings (`/proc/self/maps` regions) of files
+/// under `dir`. The kernel may merge two mappings of a file that are
+/// adjacent both in memory and in the file into one VMA, so the VMA count
+/// may fall below the window count; the bytes mapped do not.
+pub fn mapped_bytes_under(dir: &Path) -> u64 {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
+    maps.lines()
+        .filter_map(|line| {
+            let mut parts = line.split_whitespace();
+            let (lo, hi) = parts.next()?.split_once('-')?;
+            let path = parts.nth(4)?;
+            if !Path::new(path).starts_with(dir) {
+                return None;
+            }
+            let lo = u64::from_str_radix(lo, 16).ok()?;
+            let hi = u64::from_str_radix(hi, 16).ok()?;
+            Some(hi - lo)
+        })
+        .sum()
+}
+
 /// Descriptors and VMAs the OS shows under `dir`, as `(fds, vmas)`.
 pub fn os_counts(dir: &Path) -> (usize, usize) {
     (
