@@ -14,7 +14,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::kv_server_binary as server_binary;
 use redis::{Commands, RedisResult, Value};
@@ -170,14 +170,28 @@ fn every_command() {
     assert_eq!(c.get::<_, Option<String>>("nokey").unwrap(), None);
     assert_eq!(set(c, "k", "v3", "XX").as_deref(), Some("OK"));
     assert_eq!(c.get::<_, String>("k").unwrap(), "v3");
-    // EX / PX, and expiry.
-    let _: () = redis::cmd("SET")
-        .arg("ttl")
-        .arg("t")
-        .arg("PX")
-        .arg(150)
-        .query(c)
-        .unwrap();
+    // EX / PX, and expiry. The server starts a PX after this side sent the
+    // SET, so a GET answered within PX of that must find the key; on a
+    // machine too loaded for the round trips to fit, the SET is made again
+    // with a longer PX.
+    let mut px = 200;
+    let set_at = loop {
+        let sent = Instant::now();
+        let _: () = redis::cmd("SET")
+            .arg("ttl")
+            .arg("t")
+            .arg("PX")
+            .arg(px)
+            .query(c)
+            .unwrap();
+        let got = c.get::<_, Option<String>>("ttl").unwrap();
+        if sent.elapsed() < Duration::from_millis(px) {
+            assert_eq!(got.as_deref(), Some("t"), "expired before its PX {px}");
+            break sent;
+        }
+        assert!(px < 10_000, "a SET and a GET took {:?}", sent.elapsed());
+        px *= 4;
+    };
     let _: () = redis::cmd("SET")
         .arg("ttl2")
         .arg("t")
@@ -185,9 +199,16 @@ fn every_command() {
         .arg(100)
         .query(c)
         .unwrap();
-    assert_eq!(c.get::<_, String>("ttl").unwrap(), "t");
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(c.get::<_, Option<String>>("ttl").unwrap(), None);
+    // Gone once its PX has passed (read every 10 ms, for up to 10 s).
+    std::thread::sleep(Duration::from_millis(px).saturating_sub(set_at.elapsed()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.get::<_, Option<String>>("ttl").unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "ttl outlived its PX {px} by 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(c.get::<_, String>("ttl2").unwrap(), "t");
     assert!(
         err_text(
