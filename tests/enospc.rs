@@ -475,14 +475,14 @@ fn full_ext4() {
 /// A writable pin of a live allocation right after a reopen, on a full file
 /// system, must not need space: the slot lies inside its file.
 ///
-/// Known bug (ignored until fixed): `MappingManager`'s fault-in compares the
-/// slot's end with the registry's reserved size *before* the file is opened
-/// (0 after a reopen), then asks the registry to grow the file to the slot's
-/// end rounded up to the growth step; when the file's size is not a
+/// A regression test: `MappingManager`'s fault-in once compared the slot's
+/// end with the registry's reserved size *before* the file was opened (0
+/// after a reopen), then asked the registry to grow the file to the slot's
+/// end rounded up to the growth step; when the file's size was not a
 /// multiple of the step (a partial `fallocate` on a full ext4, or a growth
-/// step changed between runs, as here), that growth fails with `NoSpace`
-/// although the slot is inside the file. Run with
-/// `cargo test --release --test enospc -- --ignored writable_pin`.
+/// step changed between runs, as here), that growth failed with `NoSpace`
+/// although the slot is inside the file. Fault-in now opens the file first
+/// (`MappingManager::cover`).
 #[test]
 fn writable_pin_after_reopen_on_a_full_disk() {
     if let Some(why) = cannot_mount(&["mount", "umount"]) {
