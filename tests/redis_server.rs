@@ -3,10 +3,11 @@
 //! for frames no client would send, and `redis-cli` when it is installed).
 //!
 //! Examples have no `CARGO_BIN_EXE_*` variable, so the first test to need
-//! the server builds it with `cargo build --example kv_server` (same
-//! profile as this test, `--message-format json` to learn where cargo put
-//! it): cargo holds its build lock only while building, not while tests
-//! run, and the build is a no-op when `cargo test` already built examples.
+//! the server builds it with `cargo build --example kv_server` (release,
+//! or `checked` when this test is built with that profile; see
+//! `common::kv_server_binary`): cargo holds its build lock only while
+//! building, not while tests run, and the build is a no-op when the binary
+//! is up to date.
 
 mod common;
 

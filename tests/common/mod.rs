@@ -490,22 +490,38 @@ impl Drop for Mount {
 }
 
 /// The `kv_server` example, built on first use with `cargo build --example
-/// kv_server` (same profile as the test; `--message-format json` tells
-/// where cargo put it). Examples have no `CARGO_BIN_EXE_*` variable.
+/// kv_server --profile P` (`--message-format json` tells where cargo put
+/// it). Examples have no `CARGO_BIN_EXE_*` variable.
+///
+/// P is `checked` when the test itself was built with it (the server then
+/// parses the tests' hostile frames with overflow checks and debug
+/// assertions on, as that run means to, and shares the test's compiled
+/// dependencies), else `release`: an unoptimized server is slow to build
+/// and to run, and the release one is usually built already.
 pub fn kv_server_binary() -> &'static std::path::Path {
     static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
+        // The test runs as `<target dir>/<profile dir>/deps/<test>-<hash>`.
+        let exe = std::env::current_exe().expect("test executable");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::file_name);
+        let profile = if profile_dir.is_some_and(|d| d == "checked") {
+            "checked"
+        } else {
+            "release"
+        };
         let mut cmd = std::process::Command::new(env!("CARGO"));
         cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
             "build",
             "--example",
             "kv_server",
+            "--profile",
+            profile,
             "--message-format",
             "json",
         ]);
-        if !cfg!(debug_assertions) {
-            cmd.arg("--release");
-        }
         let out = cmd
             .stderr(std::process::Stdio::inherit())
             .output()
