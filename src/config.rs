@@ -381,7 +381,10 @@ impl ConfigBuilder {
         self.cfg.io_backend = b;
         self
     }
-    /// How long `pin` waits when every window is pinned (default 5 s).
+    /// How long `pin` waits when every window is pinned (default 5 s): any
+    /// positive duration. One too long to be added to the current time
+    /// (`Duration::MAX`, for one) means no timeout: `pin` waits until a
+    /// window is released.
     pub fn pin_timeout(mut self, t: Duration) -> Self {
         self.cfg.pin_timeout = t;
         self

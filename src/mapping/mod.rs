@@ -62,7 +62,8 @@ pub struct MappingConfig {
     pub madvise_policy: MadvisePolicy,
     /// `MADV_WILLNEED` this many bytes past a range faulted in.
     pub prefetch_ahead_bytes: u64,
-    /// How long `pin` waits for a window under pressure.
+    /// How long `pin` waits for a window under pressure (no deadline when
+    /// too long to be added to the current time).
     pub pin_timeout: Duration,
 }
 
@@ -244,6 +245,10 @@ const THRASH_SAMPLE: u32 = 8;
 /// instead of evicting the newest window.
 const THRASH_BASE_EVERY: u64 = 8;
 
+/// The longest single timer a pressure wait sets; a longer `pin_timeout`
+/// is waited out in steps of this.
+const MAX_TIMER_STEP: Duration = Duration::from_secs(3600);
+
 /// Evictions remembered to recognize thrashing, per window of the cap: a
 /// cyclic scan over up to this many times the cap is recognized.
 const EVICTION_HISTORY: usize = 8;
@@ -403,7 +408,8 @@ impl MappingManager {
     /// ring, while the shard's other tasks keep running. When the window cap
     /// is reached, an idle window is evicted; when every window is pinned the
     /// call waits (fairly) for one to be released, up to the configured
-    /// timeout.
+    /// timeout (a timeout too long to be added to the current time, such as
+    /// `Duration::MAX`, means no timeout: the call waits until a release).
     ///
     /// With `writable`, the file is grown to cover the range. Without it, a
     /// range beyond the file's reserved size is an error.
@@ -438,7 +444,8 @@ impl MappingManager {
     ) -> impl Future<Output = Result<PinGuard>> + '_ {
         let site = Location::caller();
         async move {
-            let mut deadline: Option<Instant> = None;
+            // When the first wait for a window began.
+            let mut started: Option<Instant> = None;
             loop {
                 match self.fast(file, offset, len, writable, foreign_ok, site)? {
                     Fast::Pinned(p) => return Ok(p),
@@ -449,8 +456,7 @@ impl MappingManager {
                             true => {}
                             false => {
                                 // Every window pinned: wait for a release.
-                                let started = *deadline
-                                    .get_or_insert_with(|| Instant::now() + self.cfg.pin_timeout);
+                                let started = *started.get_or_insert_with(Instant::now);
                                 self.wait_pressure(started).await?;
                             }
                         }
@@ -460,7 +466,12 @@ impl MappingManager {
         }
     }
 
-    async fn wait_pressure(&self, deadline: Instant) -> Result<()> {
+    /// Wait for a window to be released, for a pin whose first wait began
+    /// at `started`: `Ok` when one was (or may have been), and
+    /// [`Error::WindowPressure`] once `pin_timeout` has passed since
+    /// `started`. A timeout too long to be added to `started` (such as
+    /// `Duration::MAX`) sets no deadline: the wait lasts until a release.
+    async fn wait_pressure(&self, started: Instant) -> Result<()> {
         // Prefaults hold their windows: drop them (one the kernel still runs
         // is abandoned: the ring releases its window when it completes), and
         // look again for an idle window. Not a wait.
@@ -474,18 +485,28 @@ impl MappingManager {
         // operation the ring holds until the kernel completes it (a pin
         // future dropped mid-fault leaves its advice in flight).
         let released = self.shared.pressure.wait();
-        let now = Instant::now();
-        let remaining = deadline.saturating_duration_since(now);
-        let timed_out =
-            remaining.is_zero() || tokio::time::timeout(remaining, released).await.is_err();
-        if timed_out {
-            self.inner.borrow_mut().stats.pressure_timeouts += 1;
-            return Err(Error::WindowPressure {
-                max_windows: self.cfg.max_windows,
-                waited: self.cfg.pin_timeout,
-            });
+        let Some(deadline) = started.checked_add(self.cfg.pin_timeout) else {
+            released.await;
+            return Ok(());
+        };
+        let mut released = std::pin::pin!(released);
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                self.inner.borrow_mut().stats.pressure_timeouts += 1;
+                return Err(Error::WindowPressure {
+                    max_windows: self.cfg.max_windows,
+                    waited: self.cfg.pin_timeout,
+                });
+            }
+            // The timer is never given a deadline near the end of the
+            // clock's range (it rounds a deadline up, which overflows there):
+            // a longer wait is taken in steps.
+            let step = remaining.min(MAX_TIMER_STEP);
+            if tokio::time::timeout(step, released.as_mut()).await.is_ok() {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
     /// Window `idx` of `file`, if it is mapped.
