@@ -267,7 +267,8 @@ impl Config {
     pub fn adaptive_eviction(&self) -> bool {
         self.adaptive_eviction
     }
-    /// Bytes of `MADV_WILLNEED` issued after a pinned range on fault-in.
+    /// Bytes of `MADV_WILLNEED` issued after a pinned range on fault-in
+    /// (at most to the end of its window).
     pub fn prefetch_ahead_bytes(&self) -> u64 {
         self.prefetch_ahead_bytes
     }
@@ -362,7 +363,11 @@ impl ConfigBuilder {
         self.cfg.adaptive_eviction = on;
         self
     }
-    /// Read-ahead hint in bytes (`prefetch_ahead_mb` in MiB, default 0).
+    /// Read-ahead hint in bytes (`prefetch_ahead_mb` in MiB, default 0):
+    /// after a fault-in, `MADV_WILLNEED` on this many bytes past the range,
+    /// inside its window and the file's reserved bytes. Any value is
+    /// accepted; one of a window or more (up to `u64::MAX`) reads ahead to
+    /// the end of the window.
     pub fn prefetch_ahead_bytes(mut self, bytes: u64) -> Self {
         self.cfg.prefetch_ahead_bytes = bytes;
         self

@@ -1,12 +1,14 @@
 //! Configuration values at the ends of their ranges, taken through to the
 //! mapping layer: a `pin_timeout` too long to be added to the current time
-//! (it means no timeout).
+//! (it means no timeout), and a `prefetch_ahead_bytes` too large to be added
+//! to a range's end (it reads ahead to the end of the window).
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::{WINDOW, os_counts, run};
+use segalloc::io::RingStats;
 use segalloc::{Error, FileId, MappingManager};
 
 /// A pin that needs a window while the only one is pinned, released by
@@ -158,5 +160,45 @@ fn pin_timeout_finite_still_times_out() {
             "{:?}",
             t.elapsed()
         );
+    });
+}
+
+fn ring_ops(s: RingStats) -> u64 {
+    s.submitted + s.sync_ops
+}
+
+/// Control operations (madvise included) of a read-only pin of byte 0 of a
+/// file whose first window is already reserved, with the given read-ahead.
+async fn ops_of_a_fault(dir: &std::path::Path, prefetch_ahead_bytes: u64) -> u64 {
+    let cfg = common::builder(dir, 4, 2)
+        .prefetch_ahead_bytes(prefetch_ahead_bytes)
+        .build()
+        .unwrap();
+    assert_eq!(cfg.prefetch_ahead_bytes(), prefetch_ahead_bytes);
+    let (files, mm) = common::manager_with_windows(&cfg, 1);
+    let f = common::register(&files, dir.join(format!("p{prefetch_ahead_bytes}")));
+    drop(files.acquire(f, WINDOW).await.unwrap());
+    let before = ring_ops(files.ring().stats());
+    drop(mm.pin(f, 0, 1, false).await.unwrap());
+    let ops = ring_ops(files.ring().stats()) - before;
+    assert_eq!(mm.stats().faults, 1);
+    ops
+}
+
+/// `prefetch_ahead_bytes(u64::MAX)` is accepted and reads ahead to the end
+/// of the window, as any value of a window or more does: the fault-in
+/// issues its `MADV_WILLNEED` (no overflow of the range's end plus the
+/// read-ahead, which panicked with overflow checks on and otherwise wrapped
+/// to no read-ahead at all).
+#[test]
+fn prefetch_ahead_bytes_max_reads_ahead_to_the_end_of_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let none = ops_of_a_fault(dir.path(), 0).await;
+        let window = ops_of_a_fault(dir.path(), WINDOW).await;
+        assert_eq!(window, none + 1, "one MADV_WILLNEED");
+        for ahead in [u64::MAX, u64::MAX - 1, u64::MAX - WINDOW] {
+            assert_eq!(ops_of_a_fault(dir.path(), ahead).await, window, "{ahead}");
+        }
     });
 }

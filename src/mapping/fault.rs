@@ -315,7 +315,9 @@ impl MappingManager {
         let w = self.cfg.window_bytes;
         let window_off = offset / w * w;
         let reserved = self.files.reserved_bytes(file)?;
-        let stop = (end + self.cfg.prefetch_ahead_bytes)
+        // Any read-ahead is accepted: one past the window stops at its end.
+        let stop = end
+            .saturating_add(self.cfg.prefetch_ahead_bytes)
             .min(window_off + w)
             .min(reserved);
         if stop > offset {

@@ -60,7 +60,8 @@ pub struct MappingConfig {
     pub adaptive_eviction: bool,
     /// Whole-window advice.
     pub madvise_policy: MadvisePolicy,
-    /// `MADV_WILLNEED` this many bytes past a range faulted in.
+    /// `MADV_WILLNEED` this many bytes past a range faulted in (at most to
+    /// the end of its window; any value).
     pub prefetch_ahead_bytes: u64,
     /// How long `pin` waits for a window under pressure (no deadline when
     /// too long to be added to the current time).
