@@ -22,6 +22,8 @@ pub const MAX_SEGMENT_BYTES: u64 = crate::format::classes::MAX_SEGMENT_BYTES;
 pub const SEGMENT_BYTES_MAX: u64 = MAX_SEGMENT_BYTES;
 /// Default window size: 1 GiB.
 pub const WINDOW_BYTES_DEFAULT: u64 = GIB;
+/// The largest window: 64 GiB.
+const MAX_WINDOW_BYTES: u64 = 64 * GIB;
 /// Default growth step: files grow 64 MiB at a time inside a window.
 pub const GROWTH_STEP_BYTES_DEFAULT: u64 = 64 * MIB;
 /// The default fd cap.
@@ -207,6 +209,8 @@ impl Config {
             },
             growth_step_set: false,
             shards_set: false,
+            window_mb_overflow: None,
+            prefetch_mb_overflow: None,
         }
     }
 
@@ -296,6 +300,11 @@ pub struct ConfigBuilder {
     cfg: Config,
     growth_step_set: bool,
     shards_set: bool,
+    /// A `window_size_mb` whose bytes do not fit in a `u64` (refused by
+    /// `build`, unless a later window setter replaced it).
+    window_mb_overflow: Option<u64>,
+    /// The same for `prefetch_ahead_mb`.
+    prefetch_mb_overflow: Option<u64>,
 }
 
 impl ConfigBuilder {
@@ -305,14 +314,23 @@ impl ConfigBuilder {
         self.shards_set = true;
         self
     }
-    /// Window size: a multiple of 16 MiB (default 1 GiB).
+    /// Window size: a multiple of 16 MiB, at most 64 GiB (default 1 GiB).
     pub fn window_bytes(mut self, bytes: u64) -> Self {
         self.cfg.window_bytes = bytes;
+        self.window_mb_overflow = None;
         self
     }
-    /// The window size in MiB (`window_size_mb`).
+    /// The window size in MiB: a multiple of 16, at most 65536 (64 GiB).
+    /// `build` refuses a value whose bytes do not fit in a `u64` (2^44 MiB
+    /// or more) as it refuses any other above 64 GiB.
     pub fn window_size_mb(self, mb: u64) -> Self {
-        self.window_bytes(mb * MIB)
+        match mb.checked_mul(MIB) {
+            Some(bytes) => self.window_bytes(bytes),
+            None => ConfigBuilder {
+                window_mb_overflow: Some(mb),
+                ..self
+            },
+        }
     }
     /// Growth step: a multiple of the page size that divides the window
     /// (default `min(64 MiB, window)`).
@@ -370,11 +388,19 @@ impl ConfigBuilder {
     /// the end of the window.
     pub fn prefetch_ahead_bytes(mut self, bytes: u64) -> Self {
         self.cfg.prefetch_ahead_bytes = bytes;
+        self.prefetch_mb_overflow = None;
         self
     }
-    /// The read-ahead hint in MiB.
+    /// The read-ahead hint in MiB. `build` refuses a value whose bytes do
+    /// not fit in a `u64` (2^44 MiB or more).
     pub fn prefetch_ahead_mb(self, mb: u64) -> Self {
-        self.prefetch_ahead_bytes(mb * MIB)
+        match mb.checked_mul(MIB) {
+            Some(bytes) => self.prefetch_ahead_bytes(bytes),
+            None => ConfigBuilder {
+                prefetch_mb_overflow: Some(mb),
+                ..self
+            },
+        }
     }
     /// Whole-window advice (default random).
     pub fn madvise_policy(mut self, p: MadvisePolicy) -> Self {
@@ -405,13 +431,27 @@ impl ConfigBuilder {
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] when a value is out of range: zero shards or
-    /// caps, a window that is not a positive multiple of 16 MiB, a growth step
-    /// that is not a page multiple dividing the window, a maximum file size
-    /// that is not a multiple of the window or that the directory's 32-bit
-    /// block numbers cannot address (2^48 bytes or more).
+    /// caps, a window that is not a positive multiple of 16 MiB or is above
+    /// 64 GiB, a growth step that is not a page multiple dividing the
+    /// window, a maximum file size that is not a multiple of the window or
+    /// that the directory's 32-bit block numbers cannot address (2^48 bytes
+    /// or more), a size in MiB whose bytes do not fit in a `u64`, a zero
+    /// `pin_timeout`.
     pub fn build(mut self) -> Result<Config> {
         let c = &mut self.cfg;
         let bad = |m: String| Err(Error::InvalidConfig(m));
+        if let Some(mb) = self.window_mb_overflow {
+            return bad(format!(
+                "window_size_mb must be at most {} (64 GiB), got {mb}",
+                MAX_WINDOW_BYTES / MIB
+            ));
+        }
+        if let Some(mb) = self.prefetch_mb_overflow {
+            return bad(format!(
+                "prefetch_ahead_mb must be at most {} (its bytes fit in 64 bits), got {mb}",
+                u64::MAX / MIB
+            ));
+        }
         split_caps(c, self.shards_set)?;
         if c.window_bytes == 0 || !c.window_bytes.is_multiple_of(MAX_SEGMENT_BYTES) {
             return bad(format!(
@@ -419,7 +459,7 @@ impl ConfigBuilder {
                 c.window_bytes
             ));
         }
-        if c.window_bytes > 64 * GIB {
+        if c.window_bytes > MAX_WINDOW_BYTES {
             return bad(format!(
                 "window_bytes must be at most 64 GiB, got {}",
                 c.window_bytes
@@ -498,6 +538,58 @@ mod tests {
         assert!(c.max_open_files() >= 1 && c.max_open_files() <= MAX_OPEN_FILES_DEFAULT);
         assert!(c.max_windows() >= 1 && c.max_windows() <= MAX_WINDOWS_DEFAULT);
         assert_eq!(c.growth_step_bytes(), 64 * MIB);
+    }
+
+    fn invalid_config_message(b: ConfigBuilder) -> String {
+        match b.build() {
+            Err(Error::InvalidConfig(m)) => m,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn mib_setters_that_overflow_are_refused_naming_the_value_given() {
+        let b = || Config::builder("/tmp/none");
+        // 2^44 MiB is 2^64 bytes; 2^44 + 16 MiB wrapped to a 16 MiB window.
+        for mb in [(1u64 << 44) + 16, 1 << 44, u64::MAX / 2, u64::MAX] {
+            let m = invalid_config_message(b().window_size_mb(mb));
+            assert!(
+                m.contains("window_size_mb") && m.contains(&format!("got {mb}")),
+                "{m}"
+            );
+            let m = invalid_config_message(b().prefetch_ahead_mb(mb));
+            assert!(
+                m.contains("prefetch_ahead_mb") && m.contains(&format!("got {mb}")),
+                "{m}"
+            );
+        }
+        // The largest values that fit.
+        let c = b().window_size_mb(64 * 1024).build().unwrap();
+        assert_eq!(c.window_bytes(), 64 * GIB);
+        let mb = u64::MAX / MIB;
+        let c = b().prefetch_ahead_mb(mb).build().unwrap();
+        assert_eq!(c.prefetch_ahead_bytes(), mb * MIB);
+        // Past 64 GiB but without overflow: refused by the window's bound.
+        assert!(b().window_size_mb(64 * 1024 + 16).build().is_err());
+        // A later setter of the same value replaces the one that overflowed.
+        let c = b().window_size_mb(u64::MAX).window_bytes(32 * MIB);
+        assert_eq!(c.build().unwrap().window_bytes(), 32 * MIB);
+        let c = b().window_size_mb(u64::MAX).window_size_mb(64);
+        assert_eq!(c.build().unwrap().window_bytes(), 64 * MIB);
+        let c = b().prefetch_ahead_mb(u64::MAX).prefetch_ahead_bytes(4096);
+        assert_eq!(c.build().unwrap().prefetch_ahead_bytes(), 4096);
+        let c = b().prefetch_ahead_mb(u64::MAX).prefetch_ahead_mb(2);
+        assert_eq!(c.build().unwrap().prefetch_ahead_bytes(), 2 * MIB);
+    }
+
+    #[test]
+    fn any_prefetch_and_pin_timeout_are_accepted() {
+        let b = || Config::builder("/tmp/none");
+        let c = b().prefetch_ahead_bytes(u64::MAX).build().unwrap();
+        assert_eq!(c.prefetch_ahead_bytes(), u64::MAX);
+        let c = b().pin_timeout(Duration::MAX).build().unwrap();
+        assert_eq!(c.pin_timeout(), Duration::MAX);
+        assert!(b().pin_timeout(Duration::ZERO).build().is_err());
     }
 
     #[test]
