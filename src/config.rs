@@ -119,9 +119,9 @@ fn split_caps(c: &mut Config, shards_set: bool) -> Result<()> {
 /// Safe process-wide caps derived from the machine ([`Limits::compute`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Descriptor cap: `min(RLIMIT_NOFILE soft - 64, 256)`.
+    /// Descriptor cap: `min(RLIMIT_NOFILE soft - 64, 256)`, at least 1.
     pub max_open_files: usize,
-    /// Window cap: `min(8192, vm.max_map_count - 1024)`.
+    /// Window cap: `min(8192, vm.max_map_count - 1024)`, at least 2.
     pub max_windows: usize,
 }
 
@@ -129,17 +129,28 @@ impl Limits {
     /// Compute the caps from `RLIMIT_NOFILE` and `vm.max_map_count`.
     ///
     /// On a stock machine (soft fd limit 1024, `max_map_count` 65530) this
-    /// gives 256 descriptors and 8192 windows. Never returns zero caps: on a
-    /// machine with almost no descriptors left it still allows 1.
+    /// gives 256 descriptors and 8192 windows. The caps always leave enough
+    /// for one shard, so [`Config::new`] never fails for want of them: at
+    /// least 1 descriptor (on a machine with almost no descriptors left)
+    /// and at least 2 windows, a shard's metadata's and one for data (when
+    /// `max_map_count` is 1026 or less; they then come out of the 1024
+    /// mappings left to the rest of the process).
     pub fn compute() -> Limits {
         let soft = sys::nofile_limit().map(|(s, _)| s).unwrap_or(1024);
-        let max_open_files = soft
+        let map_count = sys::max_map_count().unwrap_or(65530);
+        Limits::from_os(soft, map_count)
+    }
+
+    /// The caps for a soft `RLIMIT_NOFILE` of `soft_nofile` and a
+    /// `vm.max_map_count` of `max_map_count`.
+    fn from_os(soft_nofile: u64, max_map_count: u64) -> Limits {
+        let max_open_files = soft_nofile
             .saturating_sub(FD_HEADROOM)
             .clamp(1, MAX_OPEN_FILES_DEFAULT as u64) as usize;
-        let map_count = sys::max_map_count().unwrap_or(65530);
-        let max_windows = map_count
+        let max_windows = max_map_count
             .saturating_sub(MAP_HEADROOM)
-            .clamp(1, MAX_WINDOWS_DEFAULT as u64) as usize;
+            .clamp(MIN_WINDOWS_PER_SHARD as u64, MAX_WINDOWS_DEFAULT as u64)
+            as usize;
         Limits {
             max_open_files,
             max_windows,
@@ -189,7 +200,11 @@ impl Config {
 
     /// A builder starting from the defaults of [`Config::new`].
     pub fn builder(dir: impl AsRef<Path>) -> ConfigBuilder {
-        let limits = Limits::compute();
+        Config::builder_with_limits(dir, Limits::compute())
+    }
+
+    /// [`Config::builder`] with the caps `limits` instead of the machine's.
+    fn builder_with_limits(dir: impl AsRef<Path>, limits: Limits) -> ConfigBuilder {
         ConfigBuilder {
             cfg: Config {
                 dir: dir.as_ref().to_path_buf(),
@@ -247,10 +262,10 @@ impl Config {
     pub fn max_open_files_per_shard(&self) -> usize {
         (self.max_open_files / self.shards).max(1)
     }
-    /// Window cap of one shard: `max_windows / shards` (at least 2: a
+    /// Window cap of one shard: `max_windows / shards`, at least 2 (a
     /// configuration that leaves a shard fewer is refused).
     pub fn max_windows_per_shard(&self) -> usize {
-        (self.max_windows / self.shards).max(1)
+        (self.max_windows / self.shards).max(MIN_WINDOWS_PER_SHARD)
     }
     /// Former name of [`max_windows`](Self::max_windows).
     #[deprecated(since = "0.1.0", note = "renamed to `max_windows`")]
@@ -499,7 +514,9 @@ impl ConfigBuilder {
             return bad("max_open_files must be at least 1".into());
         }
         if c.max_windows == 0 {
-            return bad("max_windows must be at least 1".into());
+            return bad(format!(
+                "max_windows must be at least {MIN_WINDOWS_PER_SHARD} per shard, got 0"
+            ));
         }
         if c.pin_timeout.is_zero() {
             return bad("pin_timeout must be positive".into());
@@ -536,7 +553,8 @@ mod tests {
         let c = Config::new("/tmp/none");
         assert_eq!(c.window_bytes(), GIB);
         assert!(c.max_open_files() >= 1 && c.max_open_files() <= MAX_OPEN_FILES_DEFAULT);
-        assert!(c.max_windows() >= 1 && c.max_windows() <= MAX_WINDOWS_DEFAULT);
+        assert!(c.max_windows() >= 2 && c.max_windows() <= MAX_WINDOWS_DEFAULT);
+        assert!(c.max_windows_per_shard() >= 2);
         assert_eq!(c.growth_step_bytes(), 64 * MIB);
     }
 
@@ -595,9 +613,61 @@ mod tests {
     #[test]
     fn stock_machine_limits() {
         // Soft limit 1024 and max_map_count 65530 give the default caps.
-        let fds = (1024u64 - FD_HEADROOM).min(MAX_OPEN_FILES_DEFAULT as u64);
-        let maps = (65530u64 - MAP_HEADROOM).min(MAX_WINDOWS_DEFAULT as u64);
-        assert_eq!((fds, maps), (256, 8192));
+        let l = Limits::from_os(1024, 65530);
+        assert_eq!((l.max_open_files, l.max_windows), (256, 8192));
+        assert_eq!(
+            (l.max_open_files, l.max_windows),
+            (MAX_OPEN_FILES_DEFAULT, MAX_WINDOWS_DEFAULT)
+        );
+        let l = Limits::from_os(u64::MAX, u64::MAX);
+        assert_eq!((l.max_open_files, l.max_windows), (256, 8192));
+    }
+
+    /// A machine with few descriptors or a small `vm.max_map_count` still
+    /// gets caps one shard can run with: 1 descriptor, 2 windows.
+    #[test]
+    fn scarce_machine_limits_leave_enough_for_one_shard() {
+        for (soft, fds) in [(0, 1), (64, 1), (65, 1), (66, 2), (100, 36), (320, 256)] {
+            assert_eq!(Limits::from_os(soft, 65530).max_open_files, fds, "{soft}");
+        }
+        for (map_count, windows) in [
+            (0, 2),
+            (1, 2),
+            (1024, 2),
+            (1025, 2),
+            (1026, 2),
+            (1027, 3),
+            (2048, 1024),
+            (9216, 8192),
+        ] {
+            let l = Limits::from_os(1024, map_count);
+            assert_eq!(l.max_windows, windows, "max_map_count {map_count}");
+            assert!(l.max_windows >= MIN_WINDOWS_PER_SHARD);
+        }
+    }
+
+    /// What `Config::new` builds (it panics when that fails) on machines
+    /// with scarce descriptors or maps: a valid configuration whose shards
+    /// get at least a descriptor and two windows each, within the caps.
+    #[test]
+    fn the_default_configuration_builds_under_scarce_limits() {
+        for map_count in [0, 1024, 1025, 1026, 1027, 1028, 1040, 65530] {
+            for soft in [0, 65, 66, 1024] {
+                let limits = Limits::from_os(soft, map_count);
+                let c = Config::builder_with_limits("/tmp/none", limits)
+                    .build()
+                    .unwrap_or_else(|e| panic!("{soft} fds, {map_count} maps: {e}"));
+                assert!(c.shards() >= 1);
+                assert!(c.max_open_files_per_shard() * c.shards() <= c.max_open_files());
+                assert!(c.max_windows_per_shard() * c.shards() <= c.max_windows());
+                assert!(c.max_windows_per_shard() >= MIN_WINDOWS_PER_SHARD);
+                assert_eq!(
+                    c.max_windows_per_shard(),
+                    c.max_windows() / c.shards(),
+                    "the per-shard cap is the share of the process cap"
+                );
+            }
+        }
     }
 
     #[test]
