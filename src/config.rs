@@ -417,7 +417,7 @@ impl ConfigBuilder {
             },
         }
     }
-    /// Whole-window advice (default random).
+    /// Whole-window advice (default `Normal`: no advice).
     pub fn madvise_policy(mut self, p: MadvisePolicy) -> Self {
         self.cfg.madvise_policy = p;
         self
