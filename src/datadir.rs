@@ -33,6 +33,13 @@ pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const LOCK_FILE: &str = "LOCK";
 /// Name of the manifest while it is being written.
 const MANIFEST_TMP_FILE: &str = "MANIFEST.tmp";
+/// Name of the manifest while [`DataDir::destroy`] deletes the directory:
+/// the manifest is renamed to it first, so a deletion cut short leaves a
+/// directory that no open takes for a whole one.
+pub const DESTROYING_FILE: &str = "MANIFEST.destroying";
+/// The folder `mkfs.ext4` leaves at the root of a file system: a data
+/// directory may be a mount point that holds it (it is left alone).
+const LOST_FOUND: &str = "lost+found";
 
 /// An open (and locked) data directory.
 #[derive(Debug)]
@@ -47,7 +54,9 @@ pub struct DataDir {
 impl DataDir {
     /// Open the directory of `cfg`, creating it (with its parents, and its
     /// manifest) if it does not exist, and take its exclusive lock. An empty
-    /// directory is initialised as a new one.
+    /// directory (or one holding only a `lost+found` folder: a mount point)
+    /// is initialised as a new one; any other directory without a manifest
+    /// is refused, and nothing is created in it.
     ///
     /// The path given is resolved first: the directory may be reached through
     /// a symlink (`/var/lib/app -> /data/app`), and [`path`](Self::path) is
@@ -61,6 +70,9 @@ impl DataDir {
     /// count, window size or maximum file size; [`Error::Corrupt`] for a
     /// damaged manifest; [`Error::NotADirectory`] when the path is a file;
     /// [`Error::InvalidConfig`] when an entry inside is a symlink;
+    /// [`Error::NotDataDir`] for a directory that has no manifest and is
+    /// not empty, or one a [`destroy`](Self::destroy) did not finish
+    /// (destroy it again);
     /// [`Error::Io`] naming the path that failed.
     pub fn open(cfg: &Config) -> Result<DataDir> {
         // A `SEGALLOC_IO` value that names no backend (`bogus`) is refused
@@ -68,12 +80,21 @@ impl DataDir {
         // found when the shard's ring is made.)
         cfg.io_backend().resolve_env()?;
         let path = create_and_resolve(cfg.dir())?;
-        let lock = take_lock(&path)?;
         let mpath = path.join(MANIFEST_FILE);
         check_not_symlink(&mpath)?;
+        // Before the lock, so that a refused directory gets no `LOCK` (unless
+        // another instance just gave it a manifest); again under it.
+        if !mpath.exists()
+            && let Err(e) = check_new_dir(&path)
+            && !mpath.exists()
+        {
+            return Err(e);
+        }
+        let lock = take_lock(&path)?;
         let (manifest, created) = if mpath.exists() {
             (read_matching_manifest(&path, cfg)?, false)
         } else {
+            check_new_dir(&path)?;
             (create_manifest(&path, cfg)?, true)
         };
         for i in 0..manifest.shard_count {
@@ -127,15 +148,22 @@ impl DataDir {
     }
 
     /// Delete a closed data directory: every file and folder segalloc
-    /// created in it, then the directory itself (a mount point is left in
-    /// place, empty). A missing directory is nothing to delete (`Ok`), and
-    /// so is an empty one (it is removed).
+    /// created in it, then the directory itself. A mount point is left in
+    /// place, empty (but for its `lost+found`), and so is the directory a
+    /// symlink `path` points to (the link stays valid). A missing directory
+    /// is nothing to delete (`Ok`), and so is an empty one (it is removed).
     ///
     /// Nothing is deleted unless `path` is a segalloc data directory (a valid
-    /// manifest, or only the `LOCK` of a creation that never finished), every
-    /// entry in it is one segalloc creates, and its lock and every shard's
-    /// lock are free: the directory's lock is held until the deletion is done,
-    /// so no instance can open it meanwhile.
+    /// manifest, or only the empty `LOCK` of a creation that never finished,
+    /// perhaps beside its `MANIFEST.tmp`), every entry in it is one segalloc
+    /// creates, and its lock and every shard's lock are free: the directory's
+    /// lock is held until the deletion is done, so no instance can open it
+    /// meanwhile. Nothing is created in a directory that is refused.
+    ///
+    /// The manifest is renamed to `MANIFEST.destroying` (and the rename made
+    /// durable) before anything else is deleted: a deletion cut short (an
+    /// error, a crash) leaves a directory that every open refuses and that
+    /// `destroy` finishes, never one that opens with some shards empty.
     ///
     /// # Errors
     ///
@@ -145,27 +173,55 @@ impl DataDir {
     /// [`Error::NotADirectory`]; [`Error::Corrupt`] for a damaged manifest;
     /// [`Error::Io`] naming the path that could not be removed.
     pub fn destroy(path: impl AsRef<Path>) -> Result<()> {
-        let path = match resolve_existing(path.as_ref()) {
+        let given = path.as_ref();
+        let path = match resolve_existing(given) {
             Err(Error::DirNotFound { .. }) => return Ok(()),
             other => other?,
         };
+        // Through a symlink: its target stays (emptied), so the link still
+        // names a directory a later open can use.
+        let keep_top = std::fs::symlink_metadata(given).is_ok_and(|m| m.file_type().is_symlink());
         let shard_count = match destroy_shard_count(&path)? {
             Some(n) => n,
+            None if keep_top || is_real_dir(&path.join(LOST_FOUND)) => return Ok(()),
             None => return remove_top(&path), // empty
         };
+        // Checked before the lock too, so that a refused directory gets no
+        // `LOCK`.
+        destroy_plan(&path, shard_count)?;
         let _lock = take_lock(&path)?;
         let _shards = (0..shard_count)
             .filter(|&i| shard_dir(&path, i).exists())
             .map(|i| ShardLock::acquire(i, &shard_dir(&path, i)))
             .collect::<Result<Vec<_>>>()?;
-        let doomed = destroy_plan(&path, shard_count)?;
-        for p in &doomed {
+        let plan = destroy_plan(&path, shard_count)?;
+        let manifest = path.join(MANIFEST_FILE);
+        let tombstone = path.join(DESTROYING_FILE);
+        if manifest.exists() {
+            std::fs::rename(&manifest, &tombstone)
+                .map_err(|e| Error::io("rename", Some(&manifest), e))?;
+            sync_dir(&path)?;
+        }
+        for p in plan
+            .doomed
+            .iter()
+            .chain([&tombstone, &path.join(LOCK_FILE)])
+        {
             let r = if p.is_dir() {
                 std::fs::remove_dir(p)
             } else {
                 std::fs::remove_file(p)
             };
-            r.map_err(|e| Error::io("remove", Some(p), e))?;
+            match r {
+                Ok(()) => {}
+                // The tombstone of a directory without a manifest (one that
+                // never got one).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && p == &tombstone => {}
+                Err(e) => return Err(Error::io("remove", Some(p), e)),
+            }
+        }
+        if keep_top || plan.kept_lost_found {
+            return Ok(());
         }
         remove_top(&path)
     }
@@ -197,17 +253,69 @@ fn shard_dir(path: &Path, i: u16) -> PathBuf {
 }
 
 /// Resolve the directory the user named, following a symlink at the top,
-/// and creating it (with its parents) when it does not exist.
+/// and creating it (with its parents) when it does not exist. A symlink
+/// whose target is missing is refused (it is not created through the link).
 fn create_and_resolve(given: &Path) -> Result<PathBuf> {
     match std::fs::metadata(given) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(given)
-            .map_err(|e| Error::io("mkdir", Some(given), e))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if std::fs::symlink_metadata(given).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(Error::NotADirectory {
+                    path: given.to_path_buf(),
+                    kind: "a symlink to a missing directory",
+                });
+            }
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(given)
+                .map_err(|e| Error::io("mkdir", Some(given), e))?
+        }
         _ => {}
     }
     resolve_existing(given)
+}
+
+/// A directory without a manifest is initialised only when it holds
+/// nothing but what an unfinished creation leaves (`LOCK`, `MANIFEST.tmp`)
+/// and a mount point's `lost+found` folder.
+fn check_new_dir(path: &Path) -> Result<()> {
+    if path.join(DESTROYING_FILE).exists() {
+        return Err(unfinished_destroy(path));
+    }
+    for name in entry_names(path)? {
+        let p = path.join(&name);
+        match name.to_str() {
+            Some(LOCK_FILE | MANIFEST_TMP_FILE) => {}
+            Some(LOST_FOUND) if is_real_dir(&p) => {}
+            Some(n) if n.starts_with("shard-") => {
+                return Err(Error::Corrupt {
+                    what: path.join(MANIFEST_FILE).display().to_string(),
+                    detail: "manifest missing but shard folders exist".into(),
+                });
+            }
+            _ => {
+                return Err(Error::NotDataDir {
+                    path: path.to_path_buf(),
+                    reason: "it has no manifest and is not empty: segalloc initialises \
+                             only a missing or empty directory (nothing was created in it)",
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unfinished_destroy(path: &Path) -> Error {
+    Error::NotDataDir {
+        path: path.to_path_buf(),
+        reason: "a deletion of this data directory did not finish (MANIFEST.destroying): \
+                 run DataDir::destroy on it again",
+    }
+}
+
+/// A directory, not a symlink to one.
+fn is_real_dir(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
 }
 
 /// Resolve an existing directory the user named, following a symlink at
@@ -253,14 +361,8 @@ fn read_matching_manifest(path: &Path, cfg: &Config) -> Result<Manifest> {
     Ok(m)
 }
 
-/// Write the manifest of a new directory (one without shard folders).
+/// Write the manifest of a new directory (checked by [`check_new_dir`]).
 fn create_manifest(path: &Path, cfg: &Config) -> Result<Manifest> {
-    if has_shard_dirs(path) {
-        return Err(Error::Corrupt {
-            what: path.join(MANIFEST_FILE).display().to_string(),
-            detail: "manifest missing but shard folders exist".into(),
-        });
-    }
     let m = Manifest {
         version: FORMAT_VERSION,
         shard_count: u16::try_from(cfg.shards())
@@ -284,22 +386,39 @@ fn entry_names(dir: &Path) -> Result<Vec<std::ffi::OsString>> {
     .collect()
 }
 
-/// For [`DataDir::destroy`]: `None` for an empty directory, else the shard
-/// count of a segalloc data directory (0 for a creation that never got to
-/// its manifest: only `LOCK` and `MANIFEST.tmp`).
+/// For [`DataDir::destroy`]: `None` for an empty directory (or one with
+/// only a mount point's `lost+found`), else the shard count of a segalloc
+/// data directory: from its manifest, or from the manifest a deletion cut
+/// short renamed; 0 for a creation that never got to its manifest (an
+/// empty `LOCK`, perhaps a `MANIFEST.tmp` of at most a manifest's size).
 fn destroy_shard_count(path: &Path) -> Result<Option<u16>> {
-    let names = entry_names(path)?;
+    let names: Vec<_> = entry_names(path)?
+        .into_iter()
+        .filter(|n| !(n == LOST_FOUND && is_real_dir(&path.join(n))))
+        .collect();
     if names.is_empty() {
         return Ok(None);
     }
-    check_not_symlink(&path.join(MANIFEST_FILE))?;
-    if path.join(MANIFEST_FILE).exists() {
-        return Ok(Some(read_manifest(path)?.shard_count));
+    for name in [MANIFEST_FILE, DESTROYING_FILE] {
+        let p = path.join(name);
+        check_not_symlink(&p)?;
+        if p.exists() {
+            return Ok(Some(read_manifest_file(path, &p)?.shard_count));
+        }
     }
-    if names
+    let size = |name: &str| {
+        std::fs::symlink_metadata(path.join(name))
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+    };
+    let unfinished = names
         .iter()
         .all(|n| n == LOCK_FILE || n == MANIFEST_TMP_FILE)
-    {
+        && size(LOCK_FILE) == Some(0)
+        && (!names.iter().any(|n| n == MANIFEST_TMP_FILE)
+            || size(MANIFEST_TMP_FILE).is_some_and(|l| l <= MANIFEST_BYTES as u64));
+    if unfinished {
         return Ok(Some(0));
     }
     Err(Error::NotDataDir {
@@ -308,15 +427,25 @@ fn destroy_shard_count(path: &Path) -> Result<Option<u16>> {
     })
 }
 
-/// Everything [`DataDir::destroy`] removes, children before their folder
-/// and `LOCK` last; an entry segalloc does not create refuses it all.
-fn destroy_plan(path: &Path, shard_count: u16) -> Result<Vec<PathBuf>> {
+/// What [`DataDir::destroy`] removes besides the manifest (renamed to the
+/// tombstone, removed after these) and `LOCK` (last).
+struct DestroyPlan {
+    /// Shard files before their folder, then `MANIFEST.tmp`.
+    doomed: Vec<PathBuf>,
+    /// A `lost+found` folder is left in place (so is the directory then).
+    kept_lost_found: bool,
+}
+
+/// [`DestroyPlan`] of a directory; an entry segalloc does not create
+/// refuses it all.
+fn destroy_plan(path: &Path, shard_count: u16) -> Result<DestroyPlan> {
     let foreign = |p: PathBuf| Error::NotDataDir {
         path: p,
         reason: "segalloc did not create this entry; nothing was deleted",
     };
     let mut doomed = Vec::new();
     let mut top = Vec::new();
+    let mut kept_lost_found = false;
     for name in entry_names(path)? {
         let p = path.join(&name);
         let is_dir = std::fs::symlink_metadata(&p)
@@ -324,8 +453,9 @@ fn destroy_plan(path: &Path, shard_count: u16) -> Result<Vec<PathBuf>> {
             .is_dir();
         let shard = (0..shard_count).find(|&i| p == shard_dir(path, i));
         match (name.to_str(), shard, is_dir) {
-            (Some(MANIFEST_FILE | MANIFEST_TMP_FILE), None, false) => top.push(p),
-            (Some(LOCK_FILE), None, false) => {}
+            (Some(MANIFEST_TMP_FILE), None, false) => top.push(p),
+            (Some(MANIFEST_FILE | DESTROYING_FILE | LOCK_FILE), None, false) => {}
+            (Some(LOST_FOUND), None, true) => kept_lost_found = true,
             (_, Some(_), true) => {
                 for f in entry_names(&p)? {
                     let fp = p.join(&f);
@@ -343,8 +473,10 @@ fn destroy_plan(path: &Path, shard_count: u16) -> Result<Vec<PathBuf>> {
         }
     }
     doomed.extend(top);
-    doomed.push(path.join(LOCK_FILE));
-    Ok(doomed)
+    Ok(DestroyPlan {
+        doomed,
+        kept_lost_found,
+    })
 }
 
 /// `meta.seg` or `data-NNNNNN.seg`.
@@ -365,15 +497,6 @@ fn remove_top(path: &Path) -> Result<()> {
         Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => Ok(()),
         Err(e) => Err(Error::io("remove", Some(path), e)),
     }
-}
-
-fn has_shard_dirs(path: &Path) -> bool {
-    std::fs::read_dir(path)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .any(|e| e.file_name().to_string_lossy().starts_with("shard-"))
-        })
-        .unwrap_or(false)
 }
 
 fn check_not_symlink(p: &Path) -> Result<()> {
@@ -497,23 +620,31 @@ fn probe_lock(dir: &Path) -> Result<bool> {
 }
 
 fn read_manifest(dir: &Path) -> Result<Manifest> {
-    let p = dir.join(MANIFEST_FILE);
+    read_manifest_file(dir, &dir.join(MANIFEST_FILE))
+}
+
+/// The manifest in file `p` of directory `dir` (`MANIFEST`, or the
+/// tombstone of a deletion cut short).
+fn read_manifest_file(dir: &Path, p: &Path) -> Result<Manifest> {
     // `sys::open` refuses a symlink or anything but a regular file, and a
     // FIFO in its place does not block it.
-    let mut f = std::fs::File::from(sys::open(&p, OpenMode::ReadOnly).map_err(
+    let mut f = std::fs::File::from(sys::open(p, OpenMode::ReadOnly).map_err(
         |e| match e.kind() {
+            std::io::ErrorKind::NotFound if dir.join(DESTROYING_FILE).exists() => {
+                unfinished_destroy(dir)
+            }
             std::io::ErrorKind::NotFound => Error::NotDataDir {
                 path: dir.to_path_buf(),
                 reason: "it has no manifest",
             },
-            _ => Error::io("open", Some(&p), e),
+            _ => Error::io("open", Some(p), e),
         },
     )?);
     let mut buf = Vec::with_capacity(MANIFEST_BYTES);
     Read::by_ref(&mut f)
         .take(4096)
         .read_to_end(&mut buf)
-        .map_err(|e| Error::io("read", Some(&p), e))?;
+        .map_err(|e| Error::io("read", Some(p), e))?;
     if buf.len() != MANIFEST_BYTES {
         return Err(Error::Corrupt {
             what: p.display().to_string(),
