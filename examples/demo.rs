@@ -613,6 +613,23 @@ fn ring_channels(shards: usize) -> Ring {
     (senders, receivers)
 }
 
+/// Bytes the files under `dir`, `depth` levels deep, take on disk (0 when
+/// it is missing); not following symlinks.
+fn disk_bytes(dir: &Path, depth: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.filter_map(|e| e.ok())
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() && depth > 1 => disk_bytes(&e.path(), depth - 1),
+            Ok(m) if m.is_dir() => 0,
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 /// Refuse a run whose live data would not fit on the file system.
 fn check_space(args: &Args, min: u64, max: u64) -> Result<(), String> {
     let mut at = std::path::absolute(&args.dir).map_err(|e| e.to_string())?;
@@ -623,7 +640,11 @@ fn check_space(args: &Args, min: u64, max: u64) -> Result<(), String> {
     }
     let st =
         nix::sys::statvfs::statvfs(&at).map_err(|e| format!("statvfs {}: {e}", at.display()))?;
-    let free_bytes = st.blocks_available() as u128 * st.fragment_size() as u128;
+    let mut free_bytes = st.blocks_available() as u128 * st.fragment_size() as u128;
+    if args.fresh && args.dir.join(segalloc::datadir::MANIFEST_FILE).exists() {
+        // What `--fresh` is about to delete frees its space.
+        free_bytes += disk_bytes(&args.dir, 2) as u128;
+    }
     // Two thirds stay live; slots round up by at most 1/8.
     let need_bytes = args.records as u128 * (min + max) as u128 / 2 * 2 / 3 * 9 / 8;
     if need_bytes > free_bytes {
@@ -815,6 +836,11 @@ impl Figures {
 }
 
 fn main() {
+    // Output into a closed pipe (`demo | head -1`) ends the run as it ends
+    // other command-line tools, instead of a panic in `println!`.
+    // SAFETY: `SIG_DFL` installs no handler code; nothing in this program
+    // handles SIGPIPE otherwise, and no other thread runs yet.
+    unsafe { nix::libc::signal(nix::libc::SIGPIPE, nix::libc::SIG_DFL) };
     let args = Args::parse();
     match run(&args) {
         Ok(true) => {}
@@ -827,18 +853,20 @@ fn main() {
 }
 
 fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
+    // Everything that can refuse the run is checked before `--fresh`
+    // deletes anything.
     let (min, max) = parse_sizes(&args.record_bytes)?;
-    if args.fresh {
-        // Refuses anything but a closed segalloc data directory.
-        segalloc::DataDir::destroy(&args.dir).map_err(|e| format!("--fresh: {e}"))?;
-    }
-    check_space(args, min, max)?;
-    let existed = args.dir.join(segalloc::datadir::MANIFEST_FILE).exists();
     let mut b = Config::builder(&args.dir);
     if let Some(n) = args.shards {
         b = b.shards(n);
     }
     let cfg = b.build()?;
+    check_space(args, min, max)?;
+    if args.fresh {
+        // Refuses anything but a closed segalloc data directory.
+        segalloc::DataDir::destroy(&args.dir).map_err(|e| format!("--fresh: {e}"))?;
+    }
+    let existed = args.dir.join(segalloc::datadir::MANIFEST_FILE).exists();
 
     // 1. Open and recover: verify what an earlier run left.
     let (rt, before) = open_and_recover(args, &cfg, existed)?;
@@ -940,8 +968,20 @@ fn open_and_recover(
 ) -> Result<(Runtime, Verified), Box<dyn std::error::Error>> {
     let rt = match Runtime::start(cfg.clone()) {
         Ok(rt) => rt,
+        Err(
+            e @ Error::Mismatch {
+                what: "shards",
+                on_disk,
+                ..
+            },
+        ) => {
+            return Err(format!(
+                "{e}; pass --shards {on_disk} to open it, or --fresh to delete it and start over"
+            )
+            .into());
+        }
         Err(e @ Error::Mismatch { .. }) => {
-            return Err(format!("{e}; rerun with --fresh (or --shards) to start over").into());
+            return Err(format!("{e}; rerun with --fresh to delete it and start over").into());
         }
         Err(e) => return Err(e.into()),
     };
@@ -1331,6 +1371,31 @@ mod tests {
         args.records = u64::MAX;
         let e = check_space(&args, 16, 1024).expect_err("does not fit");
         assert!(e.contains("GiB free"), "{e}");
+    }
+
+    /// `--fresh` deletes nothing when the run is refused for its other
+    /// arguments (it deleted the directory, then refused them).
+    #[test]
+    fn a_refused_fresh_run_deletes_nothing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let d = tmp.path().join("d");
+        let cfg = Config::builder(&d).shards(1).build().expect("config");
+        drop(segalloc::DataDir::open(&cfg).expect("create"));
+        let manifest = d.join(segalloc::datadir::MANIFEST_FILE);
+        for extra in [
+            &["--shards", "0"][..],
+            &["--records", "1e15"],
+            &["--record-bytes", "0"],
+        ] {
+            let mut argv = vec!["demo", "--fresh", "--dir", d.to_str().expect("utf-8")];
+            argv.extend_from_slice(extra);
+            let args = Args::parse_from(argv);
+            assert!(run(&args).is_err(), "{extra:?} was not refused");
+            assert!(
+                manifest.exists(),
+                "{extra:?}: --fresh deleted the directory"
+            );
+        }
     }
 
     #[test]
