@@ -116,6 +116,15 @@ fn split_caps(c: &mut Config, shards_set: bool) -> Result<()> {
     Ok(())
 }
 
+/// The shard count in the manifest of the data directory at `dir`: the
+/// default count of an existing directory. `None` without a readable, valid
+/// manifest (the open then reports why).
+fn existing_shard_count(dir: &Path) -> Option<usize> {
+    let bytes = sys::read_regular(&dir.join(crate::format::MANIFEST_FILE), 4096).ok()?;
+    let (m, _) = crate::format::Manifest::decode(&bytes, "").ok()?;
+    Some(usize::from(m.shard_count))
+}
+
 /// Safe process-wide caps derived from the machine ([`Limits::compute`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -190,8 +199,9 @@ pub struct Config {
 }
 
 impl Config {
-    /// Zero configuration: one shard per core, 1 GiB windows, 64 MiB growth
-    /// steps, caps from [`Limits::compute`].
+    /// Zero configuration: one shard per core (an existing directory keeps
+    /// its own count), 1 GiB windows, 64 MiB growth steps, caps from
+    /// [`Limits::compute`].
     pub fn new(dir: impl AsRef<Path>) -> Config {
         Config::builder(dir)
             .build()
@@ -323,7 +333,9 @@ pub struct ConfigBuilder {
 }
 
 impl ConfigBuilder {
-    /// Number of shards (default: one per available core).
+    /// Number of shards. Default: an existing data directory's own count
+    /// (read from its manifest when [`build`](Self::build) runs), else one
+    /// per available core, lowered to fit the caps.
     pub fn shards(mut self, n: usize) -> Self {
         self.cfg.shards = n;
         self.shards_set = true;
@@ -467,7 +479,14 @@ impl ConfigBuilder {
                 u64::MAX / MIB
             ));
         }
-        split_caps(c, self.shards_set)?;
+        // An existing directory's shard count is fixed: left unset, it is
+        // that count (the cores or the caps may have changed since).
+        let mut shards_set = self.shards_set;
+        if !shards_set && let Some(n) = existing_shard_count(&c.dir) {
+            c.shards = n;
+            shards_set = true;
+        }
+        split_caps(c, shards_set)?;
         if c.window_bytes == 0 || !c.window_bytes.is_multiple_of(MAX_SEGMENT_BYTES) {
             return bad(format!(
                 "window_bytes must be a positive multiple of {MAX_SEGMENT_BYTES} (16 MiB), got {}",

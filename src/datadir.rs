@@ -27,8 +27,7 @@ use crate::format::classes::CLASS_TABLE_ID;
 use crate::format::{FORMAT_VERSION, MANIFEST_BYTES, Manifest};
 use crate::sys::{self, OpenMode};
 
-/// Name of the manifest file.
-pub const MANIFEST_FILE: &str = "MANIFEST";
+pub use crate::format::MANIFEST_FILE;
 /// Name of the lock file.
 pub const LOCK_FILE: &str = "LOCK";
 /// Name of the manifest while it is being written.
@@ -626,25 +625,18 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
 /// The manifest in file `p` of directory `dir` (`MANIFEST`, or the
 /// tombstone of a deletion cut short).
 fn read_manifest_file(dir: &Path, p: &Path) -> Result<Manifest> {
-    // `sys::open` refuses a symlink or anything but a regular file, and a
-    // FIFO in its place does not block it.
-    let mut f = std::fs::File::from(sys::open(p, OpenMode::ReadOnly).map_err(
-        |e| match e.kind() {
-            std::io::ErrorKind::NotFound if dir.join(DESTROYING_FILE).exists() => {
-                unfinished_destroy(dir)
-            }
-            std::io::ErrorKind::NotFound => Error::NotDataDir {
-                path: dir.to_path_buf(),
-                reason: "it has no manifest",
-            },
-            _ => Error::io("open", Some(p), e),
+    // `read_regular` refuses a symlink or anything but a regular file, and
+    // a FIFO in its place does not block it.
+    let buf = sys::read_regular(p, 4096).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound if dir.join(DESTROYING_FILE).exists() => {
+            unfinished_destroy(dir)
+        }
+        std::io::ErrorKind::NotFound => Error::NotDataDir {
+            path: dir.to_path_buf(),
+            reason: "it has no manifest",
         },
-    )?);
-    let mut buf = Vec::with_capacity(MANIFEST_BYTES);
-    Read::by_ref(&mut f)
-        .take(4096)
-        .read_to_end(&mut buf)
-        .map_err(|e| Error::io("read", Some(p), e))?;
+        _ => Error::io("read", Some(p), e),
+    })?;
     if buf.len() != MANIFEST_BYTES {
         return Err(Error::Corrupt {
             what: p.display().to_string(),

@@ -77,6 +77,17 @@ pub fn open(path: &Path, mode: OpenMode) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// The bytes of the regular file at `path`, at most `max` of them, opened
+/// as [`open`] opens it (no symlink followed, a FIFO refused at once).
+pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    std::fs::File::from(open(path, OpenMode::ReadOnly)?)
+        .take(max)
+        .read_to_end(&mut out)?;
+    Ok(out)
+}
+
 /// `open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)`: a folder,
 /// for `flock` or `fsync`; a symlink or a non-directory is an error.
 pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {

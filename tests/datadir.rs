@@ -423,6 +423,32 @@ fn a_symlink_inside_the_data_directory_is_still_refused() {
     assert!(exists(&aside.join("meta.seg")));
 }
 
+/// A directory created with 3 shards (more than this machine's cores,
+/// perhaps) opens with the default configuration: the count left unset is
+/// the directory's, not the cores' (a new cpuset or fd limit made the
+/// default count differ, and the open fail with `Mismatch`).
+#[test]
+fn the_default_shard_count_of_an_existing_directory_is_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("d");
+    let builder = || Config::builder(&d).window_bytes(common::WINDOW);
+    let three = builder().shards(3).build().unwrap();
+    drop(DataDir::open(&three).unwrap());
+    let default = builder().build().unwrap();
+    assert_eq!(default.shards(), 3);
+    DataDir::open(&default).unwrap();
+    // Set explicitly, another count is still refused.
+    let one = builder().shards(1).build().unwrap();
+    match DataDir::open(&one) {
+        Err(Error::Mismatch {
+            what: "shards",
+            on_disk: 3,
+            requested: 1,
+        }) => {}
+        other => panic!("an explicit other count: {other:?}"),
+    }
+}
+
 #[test]
 fn a_missing_directory_is_named_or_created() {
     let tmp = tempfile::tempdir().unwrap();

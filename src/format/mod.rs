@@ -44,6 +44,9 @@ pub const FORMAT_VERSION: u32 = 2;
 /// Name of a shard's metadata file.
 pub const META_FILE: &str = "meta.seg";
 
+/// Name of a data directory's manifest file.
+pub const MANIFEST_FILE: &str = "MANIFEST";
+
 /// File name of data file `n` in a shard folder (`data-000042.seg`).
 pub fn data_file_name(n: u32) -> String {
     format!("data-{n:06}.seg")
