@@ -304,7 +304,8 @@ fn check_new_dir(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn unfinished_destroy(path: &Path) -> Error {
+/// The error of a directory a [`DataDir::destroy`] did not finish.
+pub(crate) fn unfinished_destroy(path: &Path) -> Error {
     Error::NotDataDir {
         path: path.to_path_buf(),
         reason: "a deletion of this data directory did not finish (MANIFEST.destroying): \

@@ -565,6 +565,7 @@ fn assert_unfinished_destroy(cfg: &Config) {
     for r in [
         DataDir::open(cfg).map(drop),
         DataDir::open_read_only(cfg.dir()).map(drop),
+        segalloc::inspect::read_dir(cfg.dir()).map(drop),
     ] {
         match r {
             Err(e @ Error::NotDataDir { .. }) => {
@@ -613,6 +614,45 @@ fn a_destroy_cut_short_leaves_a_directory_no_open_takes() {
     .unwrap();
     std::fs::remove_dir_all(cfg.dir().join("shard-000")).unwrap();
     assert_unfinished_destroy(&cfg);
+}
+
+/// The inspector (`segalloc stat`/`verify`/`live`) names what a path that
+/// is not a data directory is, with the library's errors.
+#[test]
+fn the_inspector_names_what_a_path_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let read = |p: &Path| segalloc::inspect::read_dir(p).map(drop);
+    let missing = tmp.path().join("missing");
+    assert!(matches!(read(&missing), Err(Error::DirNotFound { path }) if path == missing));
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    assert!(matches!(
+        read(&file),
+        Err(Error::NotADirectory {
+            kind: "a regular file",
+            ..
+        })
+    ));
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    assert!(matches!(
+        read(&link),
+        Err(Error::NotADirectory {
+            kind: "a symlink to a file",
+            ..
+        })
+    ));
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    std::fs::write(photos.join("cat.jpg"), b"meow").unwrap();
+    for dir in [&photos, tmp.path()] {
+        match read(dir) {
+            Err(e @ Error::NotDataDir { .. }) => {
+                assert!(!e.to_string().contains("corrupt"), "{e}")
+            }
+            other => panic!("{}: {other:?}", dir.display()),
+        }
+    }
 }
 
 #[test]

@@ -115,12 +115,16 @@ pub(super) fn read_manifest(
     match classify(&p)? {
         Kind::File(_) => {}
         Kind::Missing => {
+            if listing
+                .iter()
+                .any(|(n, _)| n == crate::datadir::DESTROYING_FILE)
+            {
+                return Err(crate::datadir::unfinished_destroy(dir));
+            }
             if !listing.iter().any(|(n, _)| n.starts_with("shard-")) {
-                return Err(Error::Corrupt {
-                    what: p.display().to_string(),
-                    detail:
-                        "manifest missing and no shard folders (not a segalloc data directory?)"
-                            .into(),
+                return Err(Error::NotDataDir {
+                    path: dir.to_path_buf(),
+                    reason: "it has neither a manifest nor shard folders",
                 });
             }
             r.error(None, None, "missing, but shard folders exist");

@@ -130,22 +130,21 @@ impl Reporter<'_> {
 ///
 /// # Errors
 ///
-/// [`Error::Io`] when the directory or a file in it cannot be read (missing
-/// directory, permissions, I/O errors); [`Error::InvalidConfig`] when `path`
-/// is not a directory (a symlink to a directory is followed: nothing inside
-/// it is); [`Error::Corrupt`] when `path` has
-/// neither a manifest nor shard folders (not a data directory). Damaged
-/// contents are not errors: they are [`DirReport::problems`].
+/// [`Error::DirNotFound`] when `path` does not exist;
+/// [`Error::NotADirectory`] when it is not a directory (a symlink to a
+/// directory is followed: nothing inside it is); [`Error::NotDataDir`] when
+/// it has neither a manifest nor shard folders (or a deletion of it did not
+/// finish); [`Error::Io`] when the directory or a file in it cannot be read
+/// (permissions, I/O errors). Damaged contents are not errors: they are
+/// [`DirReport::problems`].
 pub fn read_dir(path: impl AsRef<Path>) -> Result<DirReport> {
     let dir = path.as_ref();
     match classify(dir)? {
         Kind::Dir => {}
         Kind::Missing => {
-            return Err(Error::io(
-                "stat",
-                Some(dir),
-                io::Error::from(io::ErrorKind::NotFound),
-            ));
+            return Err(Error::DirNotFound {
+                path: dir.to_path_buf(),
+            });
         }
         Kind::Symlink => {
             // The path the user gives may be a symlink (the library
@@ -153,19 +152,24 @@ pub fn read_dir(path: impl AsRef<Path>) -> Result<DirReport> {
             let resolved =
                 std::fs::canonicalize(dir).map_err(|e| Error::io("canonicalize", Some(dir), e))?;
             if !resolved.is_dir() {
-                return Err(Error::InvalidConfig(format!(
-                    "{} is a symlink to {}, which is not a directory",
-                    dir.display(),
-                    resolved.display()
-                )));
+                return Err(Error::NotADirectory {
+                    path: dir.to_path_buf(),
+                    kind: "a symlink to a file",
+                });
             }
             return read_dir(resolved);
         }
-        Kind::File(_) | Kind::Other => {
-            return Err(Error::InvalidConfig(format!(
-                "{} is not a directory",
-                dir.display()
-            )));
+        Kind::File(_) => {
+            return Err(Error::NotADirectory {
+                path: dir.to_path_buf(),
+                kind: "a regular file",
+            });
+        }
+        Kind::Other => {
+            return Err(Error::NotADirectory {
+                path: dir.to_path_buf(),
+                kind: "a special file",
+            });
         }
     }
     let listing = list_dir(dir)?;
