@@ -463,7 +463,7 @@ impl ConfigBuilder {
     /// window, a maximum file size that is not a multiple of the window or
     /// that the directory's 32-bit block numbers cannot address (2^48 bytes
     /// or more), a size in MiB whose bytes do not fit in a `u64`, a zero
-    /// `pin_timeout`.
+    /// `pin_timeout`, an empty directory path.
     pub fn build(mut self) -> Result<Config> {
         let c = &mut self.cfg;
         let bad = |m: String| Err(Error::InvalidConfig(m));
@@ -478,6 +478,9 @@ impl ConfigBuilder {
                 "prefetch_ahead_mb must be at most {} (its bytes fit in 64 bits), got {mb}",
                 u64::MAX / MIB
             ));
+        }
+        if c.dir.as_os_str().is_empty() {
+            return bad("the data directory's path is empty".into());
         }
         // An existing directory's shard count is fixed: left unset, it is
         // that count (the cores or the caps may have changed since).
@@ -547,6 +550,14 @@ impl ConfigBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_path_is_refused() {
+        match Config::builder("").build() {
+            Err(Error::InvalidConfig(m)) => assert!(m.contains("path is empty"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     #[allow(deprecated)]
