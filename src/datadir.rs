@@ -576,7 +576,7 @@ impl ShardLock {
         folder: &Path,
         lock: fn(OwnedFd) -> std::io::Result<Option<FileLock>>,
     ) -> Result<ShardLock> {
-        let fd = sys::open_dir(folder).map_err(|e| Error::io("open", Some(folder), e))?;
+        let fd = sys::open_dir(folder).map_err(|e| Error::opening("open", folder, e))?;
         match lock(fd) {
             Ok(Some(lock)) => Ok(ShardLock { _lock: lock }),
             Ok(None) => Err(Error::ShardAlreadyOpen {
@@ -590,8 +590,7 @@ impl ShardLock {
 
 fn take_lock(dir: &Path) -> Result<FileLock> {
     let p = dir.join(LOCK_FILE);
-    let fd =
-        sys::open(&p, OpenMode::ReadWriteCreate).map_err(|e| Error::io("open", Some(&p), e))?;
+    let fd = sys::open(&p, OpenMode::ReadWriteCreate).map_err(|e| Error::opening("open", &p, e))?;
     match FileLock::try_exclusive(fd) {
         Ok(Some(lock)) => Ok(lock),
         Ok(None) => Err(Error::AlreadyOpen {

@@ -53,7 +53,10 @@ pub enum Error {
 
     /// The process ran out of file descriptors (`EMFILE`/`ENFILE`) although
     /// the registry stayed within its own cap: other code in the process holds
-    /// the rest. Lower `max_open_files` or raise `RLIMIT_NOFILE`.
+    /// the rest, or the shards' own descriptors (locks, executors, rings: see
+    /// the README) do not fit beside it. Lower `max_open_files` or the shard
+    /// count, or raise `RLIMIT_NOFILE`. `path` is the file or folder being
+    /// opened, or the folder of a shard whose executor could not be built.
     #[error("too many open files while opening {}: {source}", path.display())]
     TooManyOpenFiles {
         /// The file being opened.
@@ -387,6 +390,20 @@ impl Error {
         }
     }
 
+    /// `op` on `path` failed with `e`: [`Error::TooManyOpenFiles`] when the
+    /// process (`EMFILE`) or the system (`ENFILE`) is out of descriptors,
+    /// else [`Error::Io`].
+    pub(crate) fn opening(op: &'static str, path: &std::path::Path, e: io::Error) -> Self {
+        if out_of_descriptors(&e) {
+            Error::TooManyOpenFiles {
+                path: path.to_path_buf(),
+                source: e,
+            }
+        } else {
+            Error::io(op, Some(path), e)
+        }
+    }
+
     /// True for errors that mean "the disk is full".
     pub fn is_no_space(&self) -> bool {
         match self {
@@ -414,6 +431,15 @@ fn in_file(file_id: u32) -> String {
     } else {
         format!(" in file {file_id}")
     }
+}
+
+/// Whether `e` says the process (`EMFILE`) or the system (`ENFILE`) is out
+/// of descriptors.
+pub(crate) fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE)
+    )
 }
 
 #[cfg(test)]

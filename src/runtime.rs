@@ -239,7 +239,7 @@ fn run_executor<F: Future<Output = ()>>(use_uring: bool, fut: F, shard_dir: &Pat
                 rt.block_on(fut);
                 return Ok(());
             }
-            Err(e) if out_of_descriptors(&e) => {
+            Err(e) if crate::error::out_of_descriptors(&e) => {
                 return Err(executor_error(
                     "build the shard's tokio-uring runtime",
                     shard_dir,
@@ -265,27 +265,11 @@ fn run_executor<F: Future<Output = ()>>(use_uring: bool, fut: F, shard_dir: &Pat
     Ok(())
 }
 
-/// Whether `e` says the process (`EMFILE`) or the system (`ENFILE`) is out
-/// of descriptors.
-fn out_of_descriptors(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(nix::libc::EMFILE | nix::libc::ENFILE)
-    )
-}
-
 /// The error of an executor that could not be built: `op` on the shard
 /// whose folder is `shard_dir`.
 fn executor_error(op: &'static str, shard_dir: &Path, e: std::io::Error) -> Error {
     tracing::error!(shard_dir = %shard_dir.display(), error = %e, "{op} failed");
-    if out_of_descriptors(&e) {
-        Error::TooManyOpenFiles {
-            path: shard_dir.to_path_buf(),
-            source: e,
-        }
-    } else {
-        Error::io(op, Some(shard_dir), e)
-    }
+    Error::opening(op, shard_dir, e)
 }
 
 /// Where a runtime's threads go, given the CPUs it may use (`cpus`, not

@@ -513,24 +513,10 @@ impl FileHandleRegistry {
     fn open_fd(&self, path: &Path, mode: OpenMode) -> Result<OwnedFd> {
         match sys::open(path, mode) {
             Ok(fd) => Ok(fd),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(nix::libc::EMFILE | nix::libc::ENFILE)
-                ) =>
-            {
-                if !self.evict_one() {
-                    return Err(Error::TooManyOpenFiles {
-                        path: path.to_path_buf(),
-                        source: e,
-                    });
-                }
-                sys::open(path, mode).map_err(|source| Error::TooManyOpenFiles {
-                    path: path.to_path_buf(),
-                    source,
-                })
+            Err(e) if crate::error::out_of_descriptors(&e) && self.evict_one() => {
+                sys::open(path, mode).map_err(|e| Error::opening("open", path, e))
             }
-            Err(e) => Err(Error::io("open", Some(path), e)),
+            Err(e) => Err(Error::opening("open", path, e)),
         }
     }
 
