@@ -856,15 +856,20 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     // Everything that can refuse the run is checked before `--fresh`
     // deletes anything.
     let (min, max) = parse_sizes(&args.record_bytes)?;
-    let mut b = Config::builder(&args.dir);
-    if let Some(n) = args.shards {
-        b = b.shards(n);
-    }
-    let cfg = b.build()?;
+    let config = || {
+        let mut b = Config::builder(&args.dir);
+        if let Some(n) = args.shards {
+            b = b.shards(n);
+        }
+        b.build()
+    };
+    let mut cfg = config()?;
     check_space(args, min, max)?;
     if args.fresh {
         // Refuses anything but a closed segalloc data directory.
         segalloc::DataDir::destroy(&args.dir).map_err(|e| format!("--fresh: {e}"))?;
+        // Built again: the shard count left unset was the old directory's.
+        cfg = config()?;
     }
     let existed = args.dir.join(segalloc::datadir::MANIFEST_FILE).exists();
 
@@ -1395,6 +1400,18 @@ mod tests {
                 manifest.exists(),
                 "{extra:?}: --fresh deleted the directory"
             );
+        }
+        // Accepted, it starts over with the default shard count, not the
+        // old directory's.
+        let default = Config::builder(tmp.path().join("new"))
+            .build()
+            .expect("config");
+        if default.shards() != 1 {
+            let d_str = d.to_str().expect("utf-8");
+            let args = Args::parse_from(["demo", "--fresh", "--dir", d_str, "--records", "60"]);
+            assert!(run(&args).expect("run"));
+            let reopened = Config::builder(&d).build().expect("config");
+            assert_eq!(reopened.shards(), default.shards());
         }
     }
 

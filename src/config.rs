@@ -125,6 +125,13 @@ fn existing_shard_count(dir: &Path) -> Option<usize> {
     Some(usize::from(m.shard_count))
 }
 
+/// Whether `shards` shards fit the caps of `c` (see [`split_caps`]).
+fn fits_caps(c: &Config, shards: usize) -> bool {
+    (1..=MAX_SHARDS).contains(&shards)
+        && shards <= c.max_open_files
+        && shards.saturating_mul(MIN_WINDOWS_PER_SHARD) <= c.max_windows
+}
+
 /// Safe process-wide caps derived from the machine ([`Limits::compute`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -463,7 +470,7 @@ impl ConfigBuilder {
     /// window, a maximum file size that is not a multiple of the window or
     /// that the directory's 32-bit block numbers cannot address (2^48 bytes
     /// or more), a size in MiB whose bytes do not fit in a `u64`, a zero
-    /// `pin_timeout`, an empty directory path.
+    /// `pin_timeout`.
     pub fn build(mut self) -> Result<Config> {
         let c = &mut self.cfg;
         let bad = |m: String| Err(Error::InvalidConfig(m));
@@ -479,17 +486,18 @@ impl ConfigBuilder {
                 u64::MAX / MIB
             ));
         }
-        if c.dir.as_os_str().is_empty() {
-            return bad("the data directory's path is empty".into());
-        }
         // An existing directory's shard count is fixed: left unset, it is
-        // that count (the cores or the caps may have changed since).
-        let mut shards_set = self.shards_set;
-        if !shards_set && let Some(n) = existing_shard_count(&c.dir) {
+        // that count (the cores or the caps may have changed since), when
+        // it fits the caps (else the default stays, lowered to fit, and the
+        // open reports the `Mismatch`: `Config::new` never fails).
+        if !self.shards_set
+            && let Some(n) = existing_shard_count(&c.dir)
+            && fits_caps(c, n)
+        {
             c.shards = n;
-            shards_set = true;
+            self.shards_set = true;
         }
-        split_caps(c, shards_set)?;
+        split_caps(c, self.shards_set)?;
         if c.window_bytes == 0 || !c.window_bytes.is_multiple_of(MAX_SEGMENT_BYTES) {
             return bad(format!(
                 "window_bytes must be a positive multiple of {MAX_SEGMENT_BYTES} (16 MiB), got {}",
@@ -550,14 +558,6 @@ impl ConfigBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_empty_path_is_refused() {
-        match Config::builder("").build() {
-            Err(Error::InvalidConfig(m)) => assert!(m.contains("path is empty"), "{m}"),
-            other => panic!("{other:?}"),
-        }
-    }
 
     #[test]
     #[allow(deprecated)]

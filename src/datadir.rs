@@ -179,7 +179,10 @@ impl DataDir {
         };
         // Through a symlink: its target stays (emptied), so the link still
         // names a directory a later open can use.
-        let keep_top = std::fs::symlink_metadata(given).is_ok_and(|m| m.file_type().is_symlink());
+        // (`lstat` of `link/` or `link/.` follows the link: ask of the path
+        // without them.)
+        let bare: PathBuf = given.components().collect();
+        let keep_top = std::fs::symlink_metadata(&bare).is_ok_and(|m| m.file_type().is_symlink());
         let shard_count = match destroy_shard_count(&path)? {
             Some(n) => n,
             None if keep_top || is_real_dir(&path.join(LOST_FOUND)) => return Ok(()),
@@ -201,17 +204,19 @@ impl DataDir {
                 .map_err(|e| Error::io("rename", Some(&manifest), e))?;
             sync_dir(&path)?;
         }
-        for p in plan
-            .doomed
-            .iter()
-            .chain([&tombstone, &path.join(LOCK_FILE)])
-        {
+        for p in &plan.doomed {
             let r = if p.is_dir() {
                 std::fs::remove_dir(p)
             } else {
                 std::fs::remove_file(p)
             };
-            match r {
+            r.map_err(|e| Error::io("remove", Some(p), e))?;
+        }
+        // The removals are durable before the tombstone goes: a crash never
+        // leaves shard folders without it.
+        sync_dir(&path)?;
+        for p in [&tombstone, &path.join(LOCK_FILE)] {
+            match std::fs::remove_file(p) {
                 Ok(()) => {}
                 // The tombstone of a directory without a manifest (one that
                 // never got one).
@@ -255,6 +260,7 @@ fn shard_dir(path: &Path, i: u16) -> PathBuf {
 /// and creating it (with its parents) when it does not exist. A symlink
 /// whose target is missing is refused (it is not created through the link).
 fn create_and_resolve(given: &Path) -> Result<PathBuf> {
+    check_not_empty(given)?;
     match std::fs::metadata(given) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if std::fs::symlink_metadata(given).is_ok_and(|m| m.file_type().is_symlink()) {
@@ -274,9 +280,45 @@ fn create_and_resolve(given: &Path) -> Result<PathBuf> {
     resolve_existing(given)
 }
 
+/// An empty path names no directory (it was reported as "data directory
+/// does not exist", with an empty name).
+fn check_not_empty(given: &Path) -> Result<()> {
+    if given.as_os_str().is_empty() {
+        return Err(Error::InvalidConfig(
+            "the data directory's path is empty".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether entry `name` of `path` is one a creation that stopped before
+/// its manifest leaves: an empty `LOCK`, or a `MANIFEST.tmp` of at most a
+/// manifest's size (regular files; a user's file of either name is not).
+fn is_creation_leftover(path: &Path, name: &std::ffi::OsStr) -> bool {
+    let size = || {
+        std::fs::symlink_metadata(path.join(name))
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+    };
+    match name.to_str() {
+        Some(LOCK_FILE) => size() == Some(0),
+        Some(MANIFEST_TMP_FILE) => size().is_some_and(|l| l <= MANIFEST_BYTES as u64),
+        _ => false,
+    }
+}
+
+/// A folder named as a shard's (`shard-` and digits).
+fn is_shard_folder(path: &Path, name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .and_then(|n| n.strip_prefix("shard-"))
+        .is_some_and(|d| d.len() >= 3 && d.bytes().all(|b| b.is_ascii_digit()))
+        && is_real_dir(&path.join(name))
+}
+
 /// A directory without a manifest is initialised only when it holds
-/// nothing but what an unfinished creation leaves (`LOCK`, `MANIFEST.tmp`)
-/// and a mount point's `lost+found` folder.
+/// nothing but what an unfinished creation leaves (see
+/// [`is_creation_leftover`]) and a mount point's `lost+found` folder.
 fn check_new_dir(path: &Path) -> Result<()> {
     if path.join(DESTROYING_FILE).exists() {
         return Err(unfinished_destroy(path));
@@ -284,9 +326,9 @@ fn check_new_dir(path: &Path) -> Result<()> {
     for name in entry_names(path)? {
         let p = path.join(&name);
         match name.to_str() {
-            Some(LOCK_FILE | MANIFEST_TMP_FILE) => {}
+            _ if is_creation_leftover(path, &name) => {}
             Some(LOST_FOUND) if is_real_dir(&p) => {}
-            Some(n) if n.starts_with("shard-") => {
+            _ if is_shard_folder(path, &name) => {
                 return Err(Error::Corrupt {
                     what: path.join(MANIFEST_FILE).display().to_string(),
                     detail: "manifest missing but shard folders exist".into(),
@@ -321,6 +363,7 @@ fn is_real_dir(p: &Path) -> bool {
 /// Resolve an existing directory the user named, following a symlink at
 /// the top only.
 fn resolve_existing(given: &Path) -> Result<PathBuf> {
+    check_not_empty(given)?;
     let m = std::fs::metadata(given).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::DirNotFound {
             path: given.to_path_buf(),
@@ -406,18 +449,8 @@ fn destroy_shard_count(path: &Path) -> Result<Option<u16>> {
             return Ok(Some(read_manifest_file(path, &p)?.shard_count));
         }
     }
-    let size = |name: &str| {
-        std::fs::symlink_metadata(path.join(name))
-            .ok()
-            .filter(|m| m.is_file())
-            .map(|m| m.len())
-    };
-    let unfinished = names
-        .iter()
-        .all(|n| n == LOCK_FILE || n == MANIFEST_TMP_FILE)
-        && size(LOCK_FILE) == Some(0)
-        && (!names.iter().any(|n| n == MANIFEST_TMP_FILE)
-            || size(MANIFEST_TMP_FILE).is_some_and(|l| l <= MANIFEST_BYTES as u64));
+    let unfinished =
+        names.iter().any(|n| n == LOCK_FILE) && names.iter().all(|n| is_creation_leftover(path, n));
     if unfinished {
         return Ok(Some(0));
     }

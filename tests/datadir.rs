@@ -447,6 +447,23 @@ fn the_default_shard_count_of_an_existing_directory_is_its_own() {
         }) => {}
         other => panic!("an explicit other count: {other:?}"),
     }
+    // A count above the caps is not taken (the default stays, lowered to
+    // fit, and the open says `Mismatch`): building never fails for it.
+    let capped = builder().max_open_files(2).build().unwrap();
+    assert!(capped.shards() <= 2);
+    assert!(matches!(
+        DataDir::open(&capped),
+        Err(Error::Mismatch {
+            what: "shards",
+            on_disk: 3,
+            ..
+        })
+    ));
+    // An empty path builds, and the open names it.
+    match DataDir::open(&Config::new("")) {
+        Err(Error::InvalidConfig(m)) => assert!(m.contains("path is empty"), "{m}"),
+        other => panic!("an empty path: {other:?}"),
+    }
 }
 
 #[test]
@@ -516,6 +533,32 @@ fn a_directory_of_other_files_is_never_made_a_data_directory() {
         other => panic!("a directory of the user's files: {other:?}"),
     }
     assert_eq!(listing(&home), before, "something was created in it");
+    // Files of the user's named as segalloc's: a LOCK that holds something,
+    // a MANIFEST.tmp bigger than a manifest; a file named like a shard.
+    for (name, body) in [
+        ("LOCK", &b"important"[..]),
+        ("MANIFEST.tmp", &[7u8; 4096][..]),
+    ] {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join(name), body).unwrap();
+        assert!(
+            matches!(
+                DataDir::open(&small_cfg(&dir)),
+                Err(Error::NotDataDir { .. })
+            ),
+            "{name} of the user's"
+        );
+        assert_eq!(std::fs::read(dir.join(name)).unwrap(), body);
+        assert_eq!(listing(&dir), [name]);
+    }
+    let notes = tmp.path().join("notes");
+    std::fs::create_dir(&notes).unwrap();
+    std::fs::write(notes.join("shard-notes.txt"), b"x").unwrap();
+    assert!(matches!(
+        DataDir::open(&small_cfg(&notes)),
+        Err(Error::NotDataDir { .. })
+    ));
     // A mount point's lost+found folder alone: initialised, and destroy
     // leaves that folder (and so the directory) in place.
     let mnt = tmp.path().join("mnt");
@@ -538,10 +581,17 @@ fn destroy_through_a_symlink_keeps_the_link_usable() {
     let link = tmp.path().join("link");
     std::fs::create_dir(&real).unwrap();
     std::os::unix::fs::symlink(&real, &link).unwrap();
-    populated(&link);
-    DataDir::destroy(&link).unwrap();
-    assert!(real.is_dir(), "the link's target was removed");
-    assert!(listing(&real).is_empty(), "{:?}", listing(&real));
+    // Named with a trailing `/` or `/.` too (there `lstat` follows the link).
+    for named in [
+        link.clone(),
+        tmp.path().join("link/"),
+        tmp.path().join("link/."),
+    ] {
+        populated(&link);
+        DataDir::destroy(&named).unwrap();
+        assert!(real.is_dir(), "{named:?}: the link's target was removed");
+        assert!(listing(&real).is_empty(), "{:?}", listing(&real));
+    }
     // The link still names a directory that opens.
     let dd = DataDir::open(&small_cfg(&link)).unwrap();
     assert!(dd.was_created());
@@ -557,6 +607,13 @@ fn destroy_through_a_symlink_keeps_the_link_usable() {
         }
         other => panic!("a dangling link: {other:?}"),
     }
+    assert!(matches!(
+        segalloc::inspect::read_dir(&link),
+        Err(Error::NotADirectory {
+            kind: "a symlink to a missing directory",
+            ..
+        })
+    ));
 }
 
 /// A directory a deletion left part way: every open refuses it, naming

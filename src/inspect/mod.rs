@@ -149,8 +149,13 @@ pub fn read_dir(path: impl AsRef<Path>) -> Result<DirReport> {
         Kind::Symlink => {
             // The path the user gives may be a symlink (the library
             // resolves it too); nothing inside the directory is followed.
-            let resolved =
-                std::fs::canonicalize(dir).map_err(|e| Error::io("canonicalize", Some(dir), e))?;
+            let resolved = std::fs::canonicalize(dir).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => Error::NotADirectory {
+                    path: dir.to_path_buf(),
+                    kind: "a symlink to a missing directory",
+                },
+                _ => Error::io("canonicalize", Some(dir), e),
+            })?;
             if !resolved.is_dir() {
                 return Err(Error::NotADirectory {
                     path: dir.to_path_buf(),
