@@ -105,7 +105,7 @@ fn split_caps(c: &mut Config, shards_set: bool) -> Result<()> {
     if c.max_open_files == 0 || c.max_windows == 0 {
         return Ok(()); // refused below with its own message
     }
-    if c.shards > c.max_open_files || c.shards * MIN_WINDOWS_PER_SHARD > c.max_windows {
+    if !fits_caps(c, c.shards) {
         return Err(Error::InvalidConfig(format!(
             "{} shards need at least one descriptor and {MIN_WINDOWS_PER_SHARD} windows \
              each, but the process-wide caps are {} descriptors (max_open_files) and {} \
@@ -125,7 +125,8 @@ fn existing_shard_count(dir: &Path) -> Option<usize> {
     Some(usize::from(m.shard_count))
 }
 
-/// Whether `shards` shards fit the caps of `c` (see [`split_caps`]).
+/// Whether `shards` shards fit the caps of `c`: at most [`MAX_SHARDS`],
+/// each with a descriptor and [`MIN_WINDOWS_PER_SHARD`] windows.
 fn fits_caps(c: &Config, shards: usize) -> bool {
     (1..=MAX_SHARDS).contains(&shards)
         && shards <= c.max_open_files

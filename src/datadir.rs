@@ -308,12 +308,14 @@ fn is_creation_leftover(path: &Path, name: &std::ffi::OsStr) -> bool {
     }
 }
 
-/// A folder named as a shard's (`shard-` and digits).
+/// A folder named as a shard's ([`shard_folder_name`](crate::format::shard_folder_name) of some
+/// index).
 fn is_shard_folder(path: &Path, name: &std::ffi::OsStr) -> bool {
-    name.to_str()
-        .and_then(|n| n.strip_prefix("shard-"))
-        .is_some_and(|d| d.len() >= 3 && d.bytes().all(|b| b.is_ascii_digit()))
-        && is_real_dir(&path.join(name))
+    name.to_str().is_some_and(|n| {
+        n.strip_prefix("shard-")
+            .and_then(|d| d.parse::<u16>().ok())
+            .is_some_and(|i| crate::format::shard_folder_name(i) == n)
+    }) && is_real_dir(&path.join(name))
 }
 
 /// A directory without a manifest is initialised only when it holds
