@@ -4,9 +4,13 @@
 //! On every shard one task loops: allocate a slot, write it, pin it again
 //! and read it back, keep it in a window of 1024 live handles, and free the
 //! oldest. One free in four goes to the next shard's task, which frees it
-//! there (so segalloc forwards it back to the owner in a batch). A run ends
-//! when every shard has applied every free of its allocations, forwarded
-//! ones included.
+//! there (so segalloc forwards it back to the owner in a batch). With one
+//! shard the next shard's task is its own: those frees take the same
+//! channel and are freed locally, so the workload's own code is the same at
+//! every shard count and the scaling efficiency measures what segalloc's
+//! forwarding (and the trip between cores) costs. A run ends when every
+//! shard has applied every free of its allocations, forwarded ones
+//! included.
 
 #![allow(dead_code)]
 
@@ -132,10 +136,13 @@ async fn shard_task(
         }
     }
     r.ops = ops;
-    if let Some(tx) = to_next
-        && !batch.is_empty()
-    {
-        let _ = tx.send(batch);
+    // Sent, then dropped: with one shard it is this task's own channel,
+    // which the loop below drains until every sender is gone.
+    if let Some(tx) = to_next {
+        if !batch.is_empty() {
+            let _ = tx.send(batch);
+        }
+        drop(tx);
     }
     if let Some(mut rx) = from_prev {
         while let Some(b) = rx.recv().await {
@@ -207,7 +214,7 @@ pub fn run_held(
     let mut senders: Vec<Option<UnboundedSender<Vec<Handle>>>> = Vec::new();
     let mut receivers: Vec<Option<UnboundedReceiver<Vec<Handle>>>> = (0..n).map(|_| None).collect();
     for i in 0..n {
-        if n > 1 && hold == 0 {
+        if hold == 0 {
             let (tx, rx) = unbounded_channel();
             senders.push(Some(tx));
             receivers[(i + 1) % n] = Some(rx);
@@ -231,7 +238,10 @@ pub fn run_held(
     let (mut cross, mut pending_sum, mut pending_samples) = (0, 0, 0);
     for j in jobs {
         let r = futures::executor::block_on(j)??;
-        cross += r.cross_frees;
+        // One shard's "next shard" is itself: nothing crossed.
+        if n > 1 {
+            cross += r.cross_frees;
+        }
         pending_sum += r.pending_sum;
         pending_samples += r.pending_samples;
         all.extend(r.latencies_ns);
