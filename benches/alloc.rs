@@ -17,9 +17,9 @@
 //!   malloc.
 //! * `producer_consumer/{cross,local}`: shard 0 allocates and writes 100 B
 //!   records and hands them over to shard 1 in batches of 1024; shard 1
-//!   frees them (forwarded back to shard 0), or shard 0 frees each batch
-//!   itself as it sends it (shard 1 drops it). Time until every free is
-//!   applied. Goal: cross ≥ 0.8× local.
+//!   frees them (forwarded back to shard 0 by segalloc), or sends each
+//!   batch back over a second channel for shard 0 to free. Time until
+//!   every free is applied. Goal: cross ≥ 0.8× local.
 //!
 //! * `fill/raw_ceiling`: the same fill into a file reserved with
 //!   `fallocate`, mapped shared, bump pointer at segalloc's slot stride

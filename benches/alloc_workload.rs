@@ -118,13 +118,16 @@ pub fn pins(s: &Shard, h: Handle, n: u64) -> Result<Duration, Error> {
 }
 
 /// `n` records from shard 0 to shard 1, in batches of [`BATCH`] handles
-/// over one channel. `cross`: shard 1 frees them (each free forwarded back
-/// to shard 0, the owner); else shard 0 frees each batch itself as it sends
-/// it, and shard 1 receives the batches and drops them. The two differ
-/// only in who frees: both send every batch (waking shard 1 costs the
-/// sender as much either way). The time until every free is applied.
+/// over a channel; shard 1 lets go of each batch as it receives it.
+/// `cross`: shard 1 frees them (each free forwarded back to shard 0, the
+/// owner, by segalloc); else shard 1 sends each batch back over a second
+/// channel and shard 0 frees it (looking for returned batches each time it
+/// sends one, and for the rest at the end). The records travel the same way
+/// in both; only who carries the frees back differs. The time until every
+/// free is applied.
 pub fn producer_consumer(rt: &Runtime, n: u64, size: u64, cross: bool) -> Result<Duration, Error> {
     let (tx, mut rx) = unbounded_channel::<Vec<Handle>>();
+    let (back_tx, mut back_rx) = unbounded_channel::<Vec<Handle>>();
     let t = Instant::now();
     let producer = rt.spawn_on(0, move |s| async move {
         let payload = vec![0x5Au8; size as usize];
@@ -135,26 +138,32 @@ pub fn producer_consumer(rt: &Runtime, n: u64, size: u64, cross: bool) -> Result
             batch.push(a.into_handle());
             if batch.len() == BATCH || k + 1 == n {
                 let b = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-                if !cross {
-                    b.iter().try_for_each(|&h| s.free(h))?;
-                }
                 let _ = tx.send(b);
+                while let Ok(b) = back_rx.try_recv() {
+                    free_all(&s, b)?;
+                }
                 tokio::task::yield_now().await;
             }
+        }
+        // The consumer stops once this sender is gone, then so does the
+        // channel back.
+        drop(tx);
+        while let Some(b) = back_rx.recv().await {
+            free_all(&s, b)?;
         }
         Ok::<_, Error>(())
     });
     let consumer = rt.spawn_on(1, move |s| async move {
         while let Some(b) = rx.recv().await {
-            if !cross {
-                // Freed by the producer already.
-                black_box(&b);
-                continue;
-            }
-            for h in b {
-                s.free_async(h).await?;
+            if cross {
+                for h in b {
+                    s.free_async(h).await?;
+                }
+            } else {
+                let _ = back_tx.send(b);
             }
         }
+        drop(back_tx);
         s.flush_frees().await
     });
     futures::executor::block_on(producer)??;
@@ -166,6 +175,28 @@ pub fn producer_consumer(rt: &Runtime, n: u64, size: u64, cross: bool) -> Result
             tokio::task::yield_now().await;
         }
     }))?;
+    Ok(t.elapsed())
+}
+
+/// The producer of [`producer_consumer`] alone: shard 0 allocates and
+/// writes `n` records and frees each batch itself, handing nothing over
+/// (no channel, no consumer). The time of the loop.
+pub fn producer_alone(rt: &Runtime, n: u64, size: u64) -> Result<Duration, Error> {
+    let t = Instant::now();
+    futures::executor::block_on(rt.spawn_on(0, move |s| async move {
+        let payload = vec![0x5Au8; size as usize];
+        let mut batch = Vec::with_capacity(BATCH);
+        for k in 0..n {
+            let a = s.allocate(size).await?;
+            a.write_at(0, &payload)?;
+            batch.push(a.into_handle());
+            if batch.len() == BATCH || k + 1 == n {
+                free_all(&s, std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))?;
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok::<_, Error>(())
+    }))??;
     Ok(t.elapsed())
 }
 

@@ -1,5 +1,6 @@
 //! criterion shard sweep: the workload of `examples/sweep.rs` (allocate,
-//! write, pin, free; one free in four cross-shard) at 1 … cores and
+//! write, pin, free; one free in four sent to the next shard's task, with
+//! one shard its own) at 1 … cores and
 //! 2 × cores shards. Throughput is in operations over all shards.
 //!
 //! `cargo bench --bench sweep`

@@ -7,8 +7,9 @@
 //! there (so segalloc forwards it back to the owner in a batch). With one
 //! shard the next shard's task is its own: those frees take the same
 //! channel and are freed locally, so the workload's own code is the same at
-//! every shard count and the scaling efficiency measures what segalloc's
-//! forwarding (and the trip between cores) costs. A run ends when every
+//! every shard count and the scaling efficiency measures what crossing
+//! cores costs: segalloc's forwarding and the workload's channel between
+//! threads instead of within one. A run ends when every
 //! shard has applied every free of its allocations, forwarded ones
 //! included.
 
@@ -45,7 +46,8 @@ pub struct RunResult {
     pub ops: u64,
     pub cross_frees: u64,
     /// Frees made but not applied yet, per shard, mean of samples taken
-    /// every 1024 operations: forwarded ones on their way (or held ones).
+    /// every 1024 operations: forwarded ones on their way (with one shard,
+    /// the ones in its channel to its own task), or held ones.
     pub pending_frees: f64,
     pub elapsed: Duration,
     pub p50_ns: u64,

@@ -8,7 +8,7 @@
 //! | alloc + free, LIFO pair | glibc `malloc` + `free` | ≤ 1.5× its time |
 //! | fill, free all, refill | glibc | ≤ 2× its time |
 //! | random mix: free a random live one, allocate 16 B – 4 KiB | glibc | ≤ 0.5× its time |
-//! | producer/consumer: shard A allocates and sends batches of handles to shard B, which frees them | the same, A freeing each batch as it sends it (B drops it) | ≥ 0.8× its rate |
+//! | producer/consumer: shard A allocates and sends batches of handles to shard B, which frees them | the same, B sending each batch back for A to free | ≥ 0.8× its rate |
 //! | pin + unpin of a mapped slot | – | ≤ 10 ns |
 //! | shard sweep, 1 free in 4 sent to the next shard's task | 1 shard (the next shard's task is its own) × shard count | ≥ 0.9 efficiency |
 //!
@@ -19,7 +19,8 @@
 //! fold on a virtual machine, see the README).
 //!
 //! Also shown: the raw ceiling on a sparse file (`ftruncate` only), glibc
-//! fill, and the old design (one `open` + `ftruncate` + `mmap` per segment
+//! fill, the producer/consumer's shard A alone (freeing its own batches,
+//! handing nothing over: no channel, no consumer), and the old design (one `open` + `ftruncate` + `mmap` per segment
 //! under the default soft fd limit of 1024: where it dies). The data files
 //! of every timed phase are written back (`fdatasync`) and deleted before
 //! the next phase, so no phase pays for another's dirty pages.
@@ -114,16 +115,18 @@ fn median<F: FnMut() -> Result<f64, BoxError>>(repeat: usize, mut f: F) -> Resul
 }
 
 /// The medians of `repeat` runs of each of `fs`, run in turns (one of
-/// each, then again), so that a slower period of the machine weighs on
-/// every figure of a comparison alike.
+/// each, then again, in the reverse order every other turn), so that a
+/// slower period of the machine, or what one run leaves to the next,
+/// weighs on every figure of a comparison alike.
 fn in_turns<const N: usize>(
     repeat: usize,
-    mut fs: [&mut dyn FnMut() -> Result<f64, BoxError>; N],
+    fs: [&mut dyn FnMut() -> Result<f64, BoxError>; N],
 ) -> Result<[f64; N], BoxError> {
     let mut runs: [Vec<f64>; N] = std::array::from_fn(|_| Vec::new());
-    for _ in 0..repeat.max(1) {
-        for (f, v) in fs.iter_mut().zip(runs.iter_mut()) {
-            v.push(f()?);
+    for turn in 0..repeat.max(1) {
+        for i in 0..N {
+            let i = if turn % 2 == 0 { i } else { N - 1 - i };
+            runs[i].push(fs[i]()?);
         }
     }
     Ok(runs.map(|mut v| {
@@ -309,9 +312,9 @@ fn segalloc_pin(args: &Args) -> Result<f64, BoxError> {
 }
 
 /// Producer/consumer on two shards: shard 0 allocates and writes records
-/// and hands them over in batches; shard 1 frees them (`cross`: forwarded
-/// back to shard 0) or shard 0 frees each batch itself. Records per second
-/// until every free is applied.
+/// and hands them over in batches; shard 1 frees them (`cross`: segalloc
+/// forwards the frees back to shard 0) or sends each batch back for shard
+/// 0 to free. Records per second until every free is applied.
 fn producer_consumer(args: &Args, cross: bool) -> Result<f64, BoxError> {
     let (_dir, rt) = runtime(args, 2)?;
     let took = work::producer_consumer(&rt, args.records, args.record_bytes, cross)?;
@@ -319,7 +322,17 @@ fn producer_consumer(args: &Args, cross: bool) -> Result<f64, BoxError> {
     Ok(per_sec(args.records, took))
 }
 
-/// The shard sweep's workload (one free in four cross-shard) on `shards`
+/// The producer of the producer/consumer pattern alone (frees its own
+/// batches, hands nothing over): records per second.
+fn producer_alone(args: &Args) -> Result<f64, BoxError> {
+    let (_dir, rt) = runtime(args, 2)?;
+    let took = work::producer_alone(&rt, args.records, args.record_bytes)?;
+    finish(rt)?;
+    Ok(per_sec(args.records, took))
+}
+
+/// The shard sweep's workload (one free in four sent to the next shard's
+/// task: with one shard, its own) on `shards`
 /// shards: operations per second over all shards.
 fn sweep_rate(args: &Args, shards: usize) -> Result<f64, BoxError> {
     let dir = tempdir(args)?;
@@ -532,7 +545,7 @@ fn fills(
 }
 
 /// The allocator-only patterns against glibc, and pin + unpin.
-fn allocator(args: &Args, g: &mut Vec<Goal>) -> Result<(), BoxError> {
+fn allocator(args: &Args, d: &mut Vec<Design>, g: &mut Vec<Goal>) -> Result<(), BoxError> {
     let r = args.repeat;
     let ns = "ns/op";
     let time_goal = |pattern, s: f64, b: f64, goal| Goal {
@@ -554,12 +567,20 @@ fn allocator(args: &Args, g: &mut Vec<Goal>) -> Result<(), BoxError> {
     g.push(time_goal("fill, free all, refill", s, b, 2.0));
     let [s, b] = in_turns(r, [&mut || segalloc_mix(args), &mut || malloc_mix(args)])?;
     g.push(time_goal("random mix 16 B - 4 KiB", s, b, 0.5));
-    let [c, l] = in_turns(
+    let [c, l, alone] = in_turns(
         r,
-        [&mut || producer_consumer(args, true), &mut || {
-            producer_consumer(args, false)
-        }],
+        [
+            &mut || producer_consumer(args, true),
+            &mut || producer_consumer(args, false),
+            &mut || producer_alone(args),
+        ],
     )?;
+    d.push(design(
+        "producer/consumer's A alone",
+        alone,
+        "records/s",
+        "frees its own batches, hands nothing over",
+    ));
     g.push(Goal {
         pattern: "producer/consumer",
         ratio_of: "cross-shard frees / local frees",
@@ -629,7 +650,7 @@ fn run(args: Args) -> Result<(), BoxError> {
     let (mut d, mut g) = (Vec::new(), Vec::new());
     fills(&args, cores, &mut d, &mut g)?;
     if !args.fill_only {
-        allocator(&args, &mut g)?;
+        allocator(&args, &mut d, &mut g)?;
         sweep(&args, cores, &mut g)?;
         let (w, n, rate, why) = old_design_run(&args)?;
         d.push(design(

@@ -1,5 +1,6 @@
 //! Shard-count sweep: the same workload (allocate, write, pin, free; one
-//! free in four cross-shard) at 1, 2, …, cores and 2 × cores shards.
+//! free in four sent to the next shard's task, which frees it: with one
+//! shard that task is its own) at 1, 2, …, cores and 2 × cores shards.
 //!
 //! ```text
 //! cargo run --release --example sweep                     # table
