@@ -117,6 +117,30 @@ pub fn pins(s: &Shard, h: Handle, n: u64) -> Result<Duration, Error> {
     Ok(t.elapsed())
 }
 
+/// The producer of [`producer_consumer`] on shard `s`: allocate and write
+/// `n` records of `size` bytes, handing each batch of [`BATCH`] handles
+/// (and the last, shorter one) to `batch_done`, then letting the shard's
+/// other tasks run.
+async fn produce(
+    s: &Shard,
+    n: u64,
+    size: u64,
+    mut batch_done: impl FnMut(Vec<Handle>) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let payload = vec![0x5Au8; size as usize];
+    let mut batch = Vec::with_capacity(BATCH);
+    for k in 0..n {
+        let a = s.allocate(size).await?;
+        a.write_at(0, &payload)?;
+        batch.push(a.into_handle());
+        if batch.len() == BATCH || k + 1 == n {
+            batch_done(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))?;
+            tokio::task::yield_now().await;
+        }
+    }
+    Ok(())
+}
+
 /// `n` records from shard 0 to shard 1, in batches of [`BATCH`] handles
 /// over a channel; shard 1 lets go of each batch as it receives it.
 /// `cross`: shard 1 frees them (each free forwarded back to shard 0, the
@@ -130,23 +154,16 @@ pub fn producer_consumer(rt: &Runtime, n: u64, size: u64, cross: bool) -> Result
     let (back_tx, mut back_rx) = unbounded_channel::<Vec<Handle>>();
     let t = Instant::now();
     let producer = rt.spawn_on(0, move |s| async move {
-        let payload = vec![0x5Au8; size as usize];
-        let mut batch = Vec::with_capacity(BATCH);
-        for k in 0..n {
-            let a = s.allocate(size).await?;
-            a.write_at(0, &payload)?;
-            batch.push(a.into_handle());
-            if batch.len() == BATCH || k + 1 == n {
-                let b = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-                let _ = tx.send(b);
-                while let Ok(b) = back_rx.try_recv() {
-                    free_all(&s, b)?;
-                }
-                tokio::task::yield_now().await;
+        produce(&s, n, size, |b| {
+            let _ = tx.send(b);
+            while let Ok(b) = back_rx.try_recv() {
+                free_all(&s, b)?;
             }
-        }
-        // The consumer stops once this sender is gone, then so does the
-        // channel back.
+            Ok(())
+        })
+        .await?;
+        // The consumer stops once `tx` is gone, then so does the channel
+        // back.
         drop(tx);
         while let Some(b) = back_rx.recv().await {
             free_all(&s, b)?;
@@ -184,18 +201,7 @@ pub fn producer_consumer(rt: &Runtime, n: u64, size: u64, cross: bool) -> Result
 pub fn producer_alone(rt: &Runtime, n: u64, size: u64) -> Result<Duration, Error> {
     let t = Instant::now();
     futures::executor::block_on(rt.spawn_on(0, move |s| async move {
-        let payload = vec![0x5Au8; size as usize];
-        let mut batch = Vec::with_capacity(BATCH);
-        for k in 0..n {
-            let a = s.allocate(size).await?;
-            a.write_at(0, &payload)?;
-            batch.push(a.into_handle());
-            if batch.len() == BATCH || k + 1 == n {
-                free_all(&s, std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))?;
-                tokio::task::yield_now().await;
-            }
-        }
-        Ok::<_, Error>(())
+        produce(&s, n, size, |b| free_all(&s, b)).await
     }))??;
     Ok(t.elapsed())
 }
