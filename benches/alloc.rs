@@ -27,7 +27,8 @@
 //! * `fill_shards/shards=N`: the fill on every shard at once, for
 //!   N = 1 and every core. Goal: ≥ 0.9 efficiency.
 //! * `pin/segalloc`: pin + unpin of a mapped slot. Goal: ≤ 10 ns.
-//! * `sweep/shards=N`: the shard sweep with 1 free in 4 across shards
+//! * `sweep/shards=N`: the shard sweep with 1 free in 4 sent to the next
+//!   shard's task (its own with one shard)
 //!   (`benches/sweep_workload.rs`). Goal: ≥ 0.9 efficiency.
 //!
 //! `cargo bench --bench alloc` (or `-- --quick`). One shard (two for
@@ -273,7 +274,8 @@ fn producer_consumer(c: &mut Criterion) {
     rt.shutdown().expect("shutdown");
 }
 
-/// The shard sweep (1 free in 4 across shards), 1 shard and every core.
+/// The shard sweep (1 free in 4 sent to the next shard's task), 1 shard
+/// and every core.
 fn sweep(c: &mut Criterion) {
     const OPS: u64 = 100_000;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

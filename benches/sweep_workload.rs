@@ -190,12 +190,13 @@ pub fn start(dir: &std::path::Path, shards: usize) -> Result<Runtime, Error> {
 }
 
 /// Run `ops` operations of `size` bytes on every shard of `rt` at once, one
-/// free in four cross-shard.
+/// free in four sent to the next shard's task (with one shard, its own).
 pub fn run(rt: &Runtime, ops: u64, size: u64) -> Result<RunResult, Error> {
     run_with(rt, ops, size, 4)
 }
 
-/// As [`run`], with one free in `cross_every` cross-shard (0: none).
+/// As [`run`], with one free in `cross_every` sent to the next shard's task
+/// (0: none).
 pub fn run_with(rt: &Runtime, ops: u64, size: u64, cross_every: u64) -> Result<RunResult, Error> {
     run_held(rt, ops, size, cross_every, 0)
 }

@@ -13,10 +13,10 @@
 //! | shard sweep, 1 free in 4 sent to the next shard's task | 1 shard (the next shard's task is its own) × shard count | ≥ 0.9 efficiency |
 //!
 //! The figures of one comparison are measured in turns (one run of each,
-//! `--repeat` times), so a slower period weighs on both alike; the fills
-//! excepted, whose designs run `--repeat` times each in a row (a file fill
-//! right after another design's deletions and write-back varies several
-//! fold on a virtual machine, see the README).
+//! `--repeat` times, the order reversed every other turn), so a slower
+//! period weighs on both alike; the fills excepted, whose designs run
+//! `--repeat` times each in a row (the time of a file fill depends on what
+//! ran just before it on a virtual machine, see the README).
 //!
 //! Also shown: the raw ceiling on a sparse file (`ftruncate` only), glibc
 //! fill, the producer/consumer's shard A alone (freeing its own batches,
@@ -26,7 +26,7 @@
 //! the next phase, so no phase pays for another's dirty pages.
 //!
 //! ```text
-//! cargo run --release --example compare                        # about a minute
+//! cargo run --release --example compare                        # about 20 seconds
 //! cargo run --release --example compare -- --records 10000000  # the 10M fill
 //! cargo run --release --example compare -- --json              # one JSON object on the last line
 //! cargo run --release --example compare -- --fill-only --madvise random  # fills under another advice

@@ -10,9 +10,10 @@
 //! ```
 //!
 //! Prints ops/s in total and per shard, scaling efficiency
-//! (throughput(n) / (n × throughput(1))), cross-shard frees/s, the frees
-//! made but not applied yet per shard (mean of samples every 1024
-//! operations: forwarded ones on their way, or held ones) and p50/p99
+//! (throughput(n) / (n × throughput(1))), cross-shard frees/s (none with
+//! one shard), the frees made but not applied yet per shard (mean of
+//! samples every 1024 operations: forwarded ones on their way, with one
+//! shard those in its channel to its own task, or held ones) and p50/p99
 //! latency of one operation (allocate + write + pin + read + free). Each
 //! point is the median of `--repeat` runs (default 3), each on a fresh
 //! data directory.
@@ -36,7 +37,8 @@ struct Args {
     /// Allocation size in bytes.
     #[arg(long, default_value_t = 64)]
     size: u64,
-    /// One free in this many goes cross-shard (0: none).
+    /// One free in this many goes to the next shard's task, which frees it
+    /// (with one shard, its own task; 0: none).
     #[arg(long, default_value_t = 4)]
     cross_every: u64,
     /// Instead of sending one free in `--cross-every` to the next shard,
@@ -87,7 +89,7 @@ struct Row {
 struct Report<'a> {
     ops_per_shard: u64,
     size: u64,
-    /// One free in this many cross-shard (0: none).
+    /// One free in this many sent to the next shard's task (0: none).
     cross_every: u64,
     /// Those frees held locally for this many operations instead (0: no).
     hold_local: usize,
@@ -230,7 +232,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if !args.json {
         let frees = match (args.cross_every, args.hold_local) {
             (0, _) => "every free local".to_string(),
-            (n, 0) => format!("1 free in {n} cross-shard"),
+            (n, 0) => format!("1 free in {n} to the next shard"),
             (n, h) => format!("1 free in {n} held locally for {h} ops"),
         };
         println!(
