@@ -827,3 +827,22 @@ fn adapting_to_thrash_keeps_a_skewed_working_set() {
         plain.faults
     );
 }
+
+/// `MappingConfig` is public, so its window cap may be any `usize`: an
+/// eviction under the largest one must not overflow the size of the
+/// eviction history (it did, `8 × max_windows`: a panic with overflow
+/// checks on).
+#[test]
+fn evicting_under_the_largest_window_cap_does_not_overflow() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let cfg = common::builder(dir.path(), 4, 2).build().expect("config");
+        let (files, mm) = common::manager_with_windows(&cfg, usize::MAX);
+        let f = common::register(&files, dir.path().join("a"));
+        for i in 0..3u64 {
+            drop(mm.pin(f, i * WINDOW, 4096, true).await.unwrap());
+        }
+        assert_eq!(mm.evict_idle(), 3);
+        assert_eq!(mm.window_count(), 0);
+    });
+}

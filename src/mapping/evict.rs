@@ -34,7 +34,9 @@ impl MappingManager {
                 m.clock_hand = 0;
             }
             m.stats.evictions += 1;
-            Self::remember_eviction(&mut m, (file, idx), EVICTION_HISTORY * self.cfg.max_windows);
+            // Saturating: the cap may be any `usize` (`MappingConfig` is public).
+            let cap = EVICTION_HISTORY.saturating_mul(self.cfg.max_windows);
+            Self::remember_eviction(&mut m, (file, idx), cap);
             let state = &mut m.files[file.0 as usize].as_mut().unwrap().windows[idx as usize];
             match std::mem::replace(state, WindowState::Unmapped) {
                 WindowState::Mapped(w) => w,
