@@ -17,7 +17,7 @@
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -228,6 +228,14 @@ impl DataDir {
             return Ok(());
         }
         remove_top(&path)
+    }
+
+    /// Make the next open of the data directory `dir` (its resolved path)
+    /// stop between opening `LOCK` and locking it, until the returned
+    /// pause is resumed (tests of races with `destroy` or another open).
+    #[cfg(feature = "test-support")]
+    pub fn pause_before_lock_for_test(dir: impl Into<PathBuf>) -> test_hooks::LockPause {
+        test_hooks::pause_before_dir_lock(dir.into())
     }
 
     /// The directory.
@@ -623,15 +631,110 @@ impl ShardLock {
     }
 }
 
+/// Times [`take_lock`] locks a `LOCK` that turns out to be replaced before
+/// it gives up.
+const LOCK_ATTEMPTS: usize = 64;
+
+/// The directory's lock: `flock(LOCK_EX)` on `LOCK`, created if missing.
+///
+/// The lock counts only while `LOCK` still names the file locked: `destroy`
+/// removes `LOCK` while it holds it, so an open that opened the old file
+/// just before would otherwise lock a file nobody else can reach, while the
+/// next open creates and locks a new one, and both would hold "the" lock.
+/// Such a lock is released and taken again on the file `LOCK` names now.
 fn take_lock(dir: &Path) -> Result<FileLock> {
     let p = dir.join(LOCK_FILE);
-    let fd = sys::open(&p, OpenMode::ReadWriteCreate).map_err(|e| Error::opening("open", &p, e))?;
-    match FileLock::try_exclusive(fd) {
-        Ok(Some(lock)) => Ok(lock),
-        Ok(None) => Err(Error::AlreadyOpen {
-            path: dir.to_path_buf(),
-        }),
-        Err(e) => Err(Error::io("flock", Some(&p), e)),
+    for _ in 0..LOCK_ATTEMPTS {
+        let fd =
+            sys::open(&p, OpenMode::ReadWriteCreate).map_err(|e| Error::opening("open", &p, e))?;
+        #[cfg(feature = "test-support")]
+        test_hooks::before_dir_lock(dir);
+        let lock = match FileLock::try_exclusive(fd) {
+            Ok(Some(lock)) => lock,
+            Ok(None) => {
+                return Err(Error::AlreadyOpen {
+                    path: dir.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(Error::io("flock", Some(&p), e)),
+        };
+        if names_file(&p, &lock.fd)? {
+            return Ok(lock);
+        }
+    }
+    Err(Error::io(
+        "flock",
+        Some(&p),
+        std::io::Error::other("the file kept being replaced while it was locked"),
+    ))
+}
+
+/// Whether `p` (not followed if a symlink) is the file open as `fd`.
+fn names_file(p: &Path, fd: &OwnedFd) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let (dev, ino) = sys::file_identity(fd.as_fd()).map_err(|e| Error::io("fstat", Some(p), e))?;
+    match std::fs::symlink_metadata(p) {
+        Ok(m) => Ok(m.dev() == dev && m.ino() == ino),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io("stat", Some(p), e)),
+    }
+}
+
+/// Hooks for tests of races with another open or a `destroy`.
+#[cfg(feature = "test-support")]
+pub mod test_hooks {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+    use std::sync::mpsc::{Receiver, Sender, channel};
+
+    /// A pause asked for: the directory, then the two ends the paused open
+    /// signals and waits on.
+    type Pause = (PathBuf, Sender<()>, Receiver<()>);
+
+    static PAUSES: Mutex<Vec<Pause>> = Mutex::new(Vec::new());
+
+    /// An open of a data directory held between opening its `LOCK` and
+    /// locking it ([`DataDir::pause_before_lock_for_test`](super::DataDir::pause_before_lock_for_test)).
+    #[derive(Debug)]
+    pub struct LockPause {
+        reached: Receiver<()>,
+        go: Sender<()>,
+    }
+
+    impl LockPause {
+        /// Wait until an open has opened `LOCK` and stopped before locking it.
+        pub fn wait_reached(&self) {
+            let _ = self.reached.recv();
+        }
+
+        /// Let that open lock `LOCK` and go on.
+        pub fn resume(&self) {
+            let _ = self.go.send(());
+        }
+    }
+
+    pub(crate) fn pause_before_dir_lock(dir: PathBuf) -> LockPause {
+        let (reached_tx, reached) = channel();
+        let (go, go_rx) = channel();
+        PAUSES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((dir, reached_tx, go_rx));
+        LockPause { reached, go }
+    }
+
+    /// The next open of `dir` after a pause was asked for stops here once.
+    pub(super) fn before_dir_lock(dir: &Path) {
+        let pause = {
+            let mut v = PAUSES.lock().unwrap_or_else(|e| e.into_inner());
+            v.iter()
+                .position(|(d, _, _)| d == dir)
+                .map(|i| v.swap_remove(i))
+        };
+        if let Some((_, reached, go)) = pause {
+            let _ = reached.send(());
+            let _ = go.recv();
+        }
     }
 }
 

@@ -108,6 +108,15 @@ pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(st.st_size as u64)
 }
 
+/// `fstat(fd)`'s `(st_dev, st_ino)`: which file `fd` is.
+pub fn file_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    // SAFETY: an all-zero `stat` is a valid value of the plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is a live descriptor and `st` is a valid out-pointer.
+    syscall!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok((st.st_dev, st.st_ino))
+}
+
 /// `fallocate(fd, mode, offset, len)`.
 pub fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: fallocate takes no pointers; a stale fd yields EBADF, not UB.

@@ -1032,3 +1032,36 @@ fn a_pin_kept_past_its_shard_keeps_the_shard_locked() {
         assert_eq!(&buf, b"still mapped");
     });
 }
+
+/// An open that opened `LOCK` just before a `destroy` removed it, and locked
+/// the removed file just after, held a lock nobody else could see: with a
+/// second open holding the new `LOCK`, both had the directory open.
+#[test]
+fn an_open_racing_a_destroy_never_shares_the_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    drop(DataDir::open(&small_cfg(&dir)).unwrap());
+    let resolved = std::fs::canonicalize(&dir).unwrap();
+    let pause = DataDir::pause_before_lock_for_test(&resolved);
+    let cfg = small_cfg(&dir);
+    let racer = std::thread::spawn(move || DataDir::open(&cfg).map(|d| d.path().to_path_buf()));
+    // The racer has opened `LOCK` and waits before locking it.
+    pause.wait_reached();
+    DataDir::destroy(&dir).unwrap();
+    assert!(!dir.exists(), "destroy left {dir:?}");
+    let held = DataDir::open(&small_cfg(&dir)).unwrap();
+    assert!(held.was_created());
+    pause.resume();
+    match racer.join().unwrap() {
+        Err(Error::AlreadyOpen { .. }) => {}
+        other => panic!("an open of a directory held by another open gave {other:?}"),
+    }
+    // Released, the directory opens again, once.
+    drop(held);
+    let again = DataDir::open(&small_cfg(&dir)).unwrap();
+    assert!(!again.was_created());
+    assert!(matches!(
+        DataDir::open(&small_cfg(&dir)),
+        Err(Error::AlreadyOpen { .. })
+    ));
+}
