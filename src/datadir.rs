@@ -179,10 +179,7 @@ impl DataDir {
         };
         // Through a symlink: its target stays (emptied), so the link still
         // names a directory a later open can use.
-        // (`lstat` of `link/` or `link/.` follows the link: ask of the path
-        // without them.)
-        let bare: PathBuf = given.components().collect();
-        let keep_top = std::fs::symlink_metadata(&bare).is_ok_and(|m| m.file_type().is_symlink());
+        let keep_top = names_a_symlink(given);
         let shard_count = match destroy_shard_count(&path)? {
             Some(n) => n,
             None if keep_top || is_real_dir(&path.join(LOST_FOUND)) => return Ok(()),
@@ -271,7 +268,7 @@ fn create_and_resolve(given: &Path) -> Result<PathBuf> {
     check_not_empty(given)?;
     match std::fs::metadata(given) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if std::fs::symlink_metadata(given).is_ok_and(|m| m.file_type().is_symlink()) {
+            if names_a_symlink(given) {
                 return Err(Error::NotADirectory {
                     path: given.to_path_buf(),
                     kind: "a symlink to a missing directory",
@@ -286,6 +283,13 @@ fn create_and_resolve(given: &Path) -> Result<PathBuf> {
         _ => {}
     }
     resolve_existing(given)
+}
+
+/// Whether `given` itself is a symlink (dangling or not), also when named
+/// with a trailing `/` or `/.`, which `lstat` would follow.
+fn names_a_symlink(given: &Path) -> bool {
+    let bare: PathBuf = given.components().collect();
+    std::fs::symlink_metadata(&bare).is_ok_and(|m| m.file_type().is_symlink())
 }
 
 /// An empty path names no directory (it was reported as "data directory

@@ -607,6 +607,16 @@ fn destroy_through_a_symlink_keeps_the_link_usable() {
         }
         other => panic!("a dangling link: {other:?}"),
     }
+    // Also named with a trailing `/` or `/.` (it was "mkdir failed: File
+    // exists").
+    for named in [tmp.path().join("link/"), tmp.path().join("link/.")] {
+        match DataDir::open(&small_cfg(&named)) {
+            Err(Error::NotADirectory { kind, .. }) => {
+                assert_eq!(kind, "a symlink to a missing directory", "{named:?}")
+            }
+            other => panic!("a dangling link named {named:?}: {other:?}"),
+        }
+    }
     assert!(matches!(
         segalloc::inspect::read_dir(&link),
         Err(Error::NotADirectory {
