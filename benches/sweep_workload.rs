@@ -9,9 +9,8 @@
 //! channel and are freed locally, so the workload's own code is the same at
 //! every shard count and the scaling efficiency measures what crossing
 //! cores costs: segalloc's forwarding and the workload's channel between
-//! threads instead of within one. A run ends when every
-//! shard has applied every free of its allocations, forwarded ones
-//! included.
+//! threads instead of within one. A run ends when every shard has applied
+//! every free of its allocations, forwarded ones included.
 
 #![allow(dead_code)]
 

@@ -20,8 +20,9 @@
 //!
 //! Also shown: the raw ceiling on a sparse file (`ftruncate` only), glibc
 //! fill, the producer/consumer's shard A alone (freeing its own batches,
-//! handing nothing over: no channel, no consumer), and the old design (one `open` + `ftruncate` + `mmap` per segment
-//! under the default soft fd limit of 1024: where it dies). The data files
+//! handing nothing over: no channel, no consumer), and the old design (one
+//! `open` + `ftruncate` + `mmap` per segment under the default soft fd
+//! limit of 1024: where it dies). The data files
 //! of every timed phase are written back (`fdatasync`) and deleted before
 //! the next phase, so no phase pays for another's dirty pages.
 //!
@@ -332,8 +333,8 @@ fn producer_alone(args: &Args) -> Result<f64, BoxError> {
 }
 
 /// The shard sweep's workload (one free in four sent to the next shard's
-/// task: with one shard, its own) on `shards`
-/// shards: operations per second over all shards.
+/// task: with one shard, its own) on `shards` shards: operations per second
+/// over all shards.
 fn sweep_rate(args: &Args, shards: usize) -> Result<f64, BoxError> {
     let dir = tempdir(args)?;
     let rt = workload::start(dir.path(), shards)?;

@@ -99,21 +99,23 @@ pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// `fstat(fd).st_size`.
-pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+/// `fstat(fd)`.
+fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
     // SAFETY: an all-zero `stat` is a valid value of the plain C struct.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `fd` is a live descriptor and `st` is a valid out-pointer.
     syscall!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-    Ok(st.st_size as u64)
+    Ok(st)
+}
+
+/// `fstat(fd).st_size`.
+pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(fstat(fd)?.st_size as u64)
 }
 
 /// `fstat(fd)`'s `(st_dev, st_ino)`: which file `fd` is.
 pub fn file_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
-    // SAFETY: an all-zero `stat` is a valid value of the plain C struct.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is a live descriptor and `st` is a valid out-pointer.
-    syscall!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    let st = fstat(fd)?;
     Ok((st.st_dev, st.st_ino))
 }
 
