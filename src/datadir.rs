@@ -84,7 +84,7 @@ impl DataDir {
         // Before the lock, so that a refused directory gets no `LOCK` (unless
         // another instance just gave it a manifest); again under it.
         if !mpath.exists()
-            && let Err(e) = check_new_dir(&path)
+            && let Err(e) = unless_locked(check_new_dir(&path), &path)
             && !mpath.exists()
         {
             return Err(e);
@@ -156,8 +156,10 @@ impl DataDir {
     /// manifest, or only the empty `LOCK` of a creation that never finished,
     /// perhaps beside its `MANIFEST.tmp`), every entry in it is one segalloc
     /// creates, and its lock and every shard's lock are free: the directory's
-    /// lock is held until the deletion is done, so no instance can open it
-    /// meanwhile. Nothing is created in a directory that is refused.
+    /// lock is held until every file in it is deleted, so no instance opens
+    /// it meanwhile (an open racing the deletion fails, or creates a new data
+    /// directory once the old one is gone, which then stays). Nothing is
+    /// created in a directory that is refused.
     ///
     /// The manifest is renamed to `MANIFEST.destroying` (and the rename made
     /// durable) before anything else is deleted: a deletion cut short (an
@@ -180,14 +182,14 @@ impl DataDir {
         // Through a symlink: its target stays (emptied), so the link still
         // names a directory a later open can use.
         let keep_top = names_a_symlink(given);
-        let shard_count = match destroy_shard_count(&path)? {
+        let shard_count = match unless_locked(destroy_shard_count(&path), &path)? {
             Some(n) => n,
             None if keep_top || is_real_dir(&path.join(LOST_FOUND)) => return Ok(()),
             None => return remove_top(&path), // empty
         };
         // Checked before the lock too, so that a refused directory gets no
         // `LOCK`.
-        destroy_plan(&path, shard_count)?;
+        unless_locked(destroy_plan(&path, shard_count), &path)?;
         let _lock = take_lock(&path)?;
         let _shards = (0..shard_count)
             .filter(|&i| shard_dir(&path, i).exists())
@@ -227,12 +229,13 @@ impl DataDir {
         remove_top(&path)
     }
 
-    /// Make the next open of the data directory `dir` (its resolved path)
-    /// stop between opening `LOCK` and locking it, until the returned
-    /// pause is resumed (tests of races with `destroy` or another open).
+    /// Make the next call that locks `path` (a data directory: its `LOCK`,
+    /// by `open` or `destroy`; a shard's folder: by a shard's open) stop
+    /// between opening the file and locking it, until the returned pause is
+    /// resumed (tests of races with `destroy` or another open).
     #[cfg(feature = "test-support")]
-    pub fn pause_before_lock_for_test(dir: impl Into<PathBuf>) -> test_hooks::LockPause {
-        test_hooks::pause_before_dir_lock(dir.into())
+    pub fn pause_before_lock_for_test(path: impl Into<PathBuf>) -> test_hooks::LockPause {
+        test_hooks::pause_before_lock(path.into())
     }
 
     /// The directory.
@@ -493,22 +496,37 @@ fn destroy_plan(path: &Path, shard_count: u16) -> Result<DestroyPlan> {
     let mut doomed = Vec::new();
     let mut top = Vec::new();
     let mut kept_lost_found = false;
+    // An entry gone between listing and looking (before the lock, an open
+    // or another deletion may be at work) is nothing to delete.
+    let kind = |p: &Path| match std::fs::symlink_metadata(p) {
+        Ok(m) => Ok(Some(m.file_type())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("stat", Some(p), e)),
+    };
     for name in entry_names(path)? {
         let p = path.join(&name);
-        let is_dir = std::fs::symlink_metadata(&p)
-            .map_err(|e| Error::io("stat", Some(&p), e))?
-            .is_dir();
+        let Some(is_dir) = kind(&p)?.map(|t| t.is_dir()) else {
+            continue;
+        };
         let shard = (0..shard_count).find(|&i| p == shard_dir(path, i));
         match (name.to_str(), shard, is_dir) {
             (Some(MANIFEST_TMP_FILE), None, false) => top.push(p),
             (Some(MANIFEST_FILE | DESTROYING_FILE | LOCK_FILE), None, false) => {}
             (Some(LOST_FOUND), None, true) => kept_lost_found = true,
             (_, Some(_), true) => {
-                for f in entry_names(&p)? {
+                let names = match entry_names(&p) {
+                    Err(Error::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        continue;
+                    }
+                    other => other?,
+                };
+                for f in names {
                     let fp = p.join(&f);
-                    let regular = std::fs::symlink_metadata(&fp)
-                        .map_err(|e| Error::io("stat", Some(&fp), e))?
-                        .is_file();
+                    let Some(regular) = kind(&fp)?.map(|t| t.is_file()) else {
+                        continue;
+                    };
                     if !regular || !is_shard_file_name(&f) {
                         return Err(foreign(fp));
                     }
@@ -538,10 +556,20 @@ fn is_shard_file_name(name: &std::ffi::OsStr) -> bool {
 }
 
 /// Remove the (now empty) data directory; a mount point stays, empty.
+/// Remove the emptied directory `path`: a mount point (`EBUSY`) stays, and
+/// so does a directory an open made a data directory again once `LOCK` was
+/// gone (`ENOTEMPTY`): it is that open's.
 fn remove_top(path: &Path) -> Result<()> {
     match std::fs::remove_dir(path) {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(nix::libc::EBUSY | nix::libc::ENOTEMPTY)
+            ) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(Error::io("remove", Some(path), e)),
     }
 }
@@ -618,20 +646,41 @@ impl ShardLock {
         Self::take(shard, folder, FileLock::try_shared)
     }
 
+    /// The lock counts only if `folder` is still the folder locked:
+    /// `destroy` removes shard folders under their locks, and an open that
+    /// opened the old folder just before, then locked it, would go on with
+    /// the files of a deleted directory, or of the one created after it.
+    /// (Not taken again on the new folder: the open's manifest is the old
+    /// directory's.)
     fn take(
         shard: u16,
         folder: &Path,
         lock: fn(OwnedFd) -> std::io::Result<Option<FileLock>>,
     ) -> Result<ShardLock> {
         let fd = sys::open_dir(folder).map_err(|e| Error::opening("open", folder, e))?;
-        match lock(fd) {
-            Ok(Some(lock)) => Ok(ShardLock { _lock: lock }),
-            Ok(None) => Err(Error::ShardAlreadyOpen {
-                shard,
-                path: folder.to_path_buf(),
-            }),
-            Err(e) => Err(Error::io("flock", Some(folder), e)),
+        #[cfg(feature = "test-support")]
+        test_hooks::before_lock(folder);
+        let lock = match lock(fd) {
+            Ok(Some(lock)) => lock,
+            Ok(None) => {
+                return Err(Error::ShardAlreadyOpen {
+                    shard,
+                    path: folder.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(Error::io("flock", Some(folder), e)),
+        };
+        if !names_file(folder, &lock.fd)? {
+            return Err(Error::io(
+                "flock",
+                Some(folder),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the shard's folder was removed while it was being opened",
+                ),
+            ));
         }
+        Ok(ShardLock { _lock: lock })
     }
 }
 
@@ -652,7 +701,7 @@ fn take_lock(dir: &Path) -> Result<FileLock> {
         let fd =
             sys::open(&p, OpenMode::ReadWriteCreate).map_err(|e| Error::opening("open", &p, e))?;
         #[cfg(feature = "test-support")]
-        test_hooks::before_dir_lock(dir);
+        test_hooks::before_lock(dir);
         let lock = match FileLock::try_exclusive(fd) {
             Ok(Some(lock)) => lock,
             Ok(None) => {
@@ -689,56 +738,94 @@ fn names_file(p: &Path, fd: &OwnedFd) -> Result<bool> {
 pub mod test_hooks {
     use std::path::{Path, PathBuf};
     use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::mpsc::{Receiver, Sender, channel};
+    use std::time::Duration;
 
-    /// A pause asked for: the directory, then the two ends the paused open
-    /// signals and waits on.
-    type Pause = (PathBuf, Sender<()>, Receiver<()>);
+    /// A pause asked for: its number, the path, then the two ends the
+    /// paused call signals and waits on.
+    type Pause = (u64, PathBuf, Sender<()>, Receiver<()>);
 
     static PAUSES: Mutex<Vec<Pause>> = Mutex::new(Vec::new());
+    static NEXT: AtomicU64 = AtomicU64::new(0);
 
-    /// An open of a data directory held between opening its `LOCK` and
-    /// locking it ([`DataDir::pause_before_lock_for_test`](super::DataDir::pause_before_lock_for_test)).
+    /// A call held between opening a lock's file (a data directory's
+    /// `LOCK`, a shard's folder) and locking it
+    /// ([`DataDir::pause_before_lock_for_test`](super::DataDir::pause_before_lock_for_test)).
+    /// Dropped before a call reached it, it pauses nothing.
     #[derive(Debug)]
     pub struct LockPause {
+        id: u64,
         reached: Receiver<()>,
         go: Sender<()>,
     }
 
     impl LockPause {
-        /// Wait until an open has opened `LOCK` and stopped before locking it.
+        /// Wait until a call has opened the file and stopped before
+        /// locking it.
+        ///
+        /// # Panics
+        ///
+        /// After a minute without one.
         pub fn wait_reached(&self) {
-            let _ = self.reached.recv();
+            if self.reached.recv_timeout(Duration::from_secs(60)).is_err() {
+                panic!("no call reached the paused lock within a minute");
+            }
         }
 
-        /// Let that open lock `LOCK` and go on.
+        /// Let that call lock the file and go on.
         pub fn resume(&self) {
             let _ = self.go.send(());
         }
     }
 
-    pub(crate) fn pause_before_dir_lock(dir: PathBuf) -> LockPause {
+    impl Drop for LockPause {
+        fn drop(&mut self) {
+            let mut v = PAUSES.lock().unwrap_or_else(|e| e.into_inner());
+            v.retain(|(id, ..)| *id != self.id);
+        }
+    }
+
+    pub(crate) fn pause_before_lock(path: PathBuf) -> LockPause {
+        let path = std::fs::canonicalize(&path).unwrap_or(path);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
         let (reached_tx, reached) = channel();
         let (go, go_rx) = channel();
         PAUSES
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((dir, reached_tx, go_rx));
-        LockPause { reached, go }
+            .push((id, path, reached_tx, go_rx));
+        LockPause { id, reached, go }
     }
 
-    /// The next open of `dir` after a pause was asked for stops here once.
-    pub(super) fn before_dir_lock(dir: &Path) {
+    /// The first call to reach here for `path` after a pause was asked for
+    /// stops, once.
+    pub(super) fn before_lock(path: &Path) {
         let pause = {
             let mut v = PAUSES.lock().unwrap_or_else(|e| e.into_inner());
             v.iter()
-                .position(|(d, _, _)| d == dir)
+                .position(|(_, p, ..)| p == path)
                 .map(|i| v.swap_remove(i))
         };
-        if let Some((_, reached, go)) = pause {
+        if let Some((_, _, reached, go)) = pause {
             let _ = reached.send(());
             let _ = go.recv();
         }
+    }
+}
+
+/// `r`, unless it refuses directory `path` as no data directory while
+/// another instance holds its lock: then an open is creating it, or a
+/// deletion is emptying it, and [`Error::AlreadyOpen`] says so (the check
+/// before the lock sees their work half done).
+fn unless_locked<T>(r: Result<T>, path: &Path) -> Result<T> {
+    match r {
+        Err(Error::NotDataDir { .. }) if probe_lock(path).unwrap_or(false) => {
+            Err(Error::AlreadyOpen {
+                path: path.to_path_buf(),
+            })
+        }
+        other => other,
     }
 }
 

@@ -1075,3 +1075,89 @@ fn an_open_racing_a_destroy_never_shares_the_directory() {
         Err(Error::AlreadyOpen { .. })
     ));
 }
+
+/// A shard's open that opened the shard's folder just before a `destroy`
+/// removed it, and locked the removed folder just after, went on: with the
+/// manifest of the deleted directory it wrote a `meta.seg` into the
+/// directory created next, which that directory's own open then called
+/// corrupt. It fails instead, and the new directory is untouched.
+#[test]
+fn a_shard_open_racing_a_destroy_never_writes_into_the_next_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let cfg = small_cfg(&dir);
+    drop(DataDir::open(&cfg).unwrap());
+    let pause = DataDir::pause_before_lock_for_test(dir.join("shard-000"));
+    let racer_cfg = cfg.clone();
+    let racer = std::thread::spawn(move || {
+        common::run(async move { open_allocator_behind_the_lock(&racer_cfg).await.map(drop) })
+    });
+    pause.wait_reached();
+    DataDir::destroy(&dir).unwrap();
+    let dd = Arc::new(DataDir::open(&cfg).unwrap());
+    assert!(dd.was_created());
+    pause.resume();
+    match racer.join().unwrap() {
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+        other => panic!("a shard open that locked a removed folder gave {other:?}"),
+    }
+    assert!(
+        listing(&dir.join("shard-000")).is_empty(),
+        "{:?}",
+        listing(&dir.join("shard-000"))
+    );
+    common::run(async {
+        let s = Shard::open(dd.clone(), &cfg, 0).await.unwrap();
+        s.allocate(16).await.unwrap();
+    });
+}
+
+/// Opens and deletions of one directory from two threads at once: no two
+/// opens ever hold it, every `destroy` succeeds or names a holder, and an
+/// open either gets the directory or an error (never a directory another
+/// open holds).
+#[test]
+fn opens_and_destroys_racing_never_share_a_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let rounds = 300;
+    let opener = {
+        let (dir, held) = (dir.clone(), held.clone());
+        std::thread::spawn(move || {
+            let mut opened = 0;
+            for _ in 0..rounds {
+                if let Ok(dd) = DataDir::open(&small_cfg(&dir)) {
+                    let n = held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    assert_eq!(n, 0, "two opens hold the directory");
+                    opened += 1;
+                    std::thread::yield_now();
+                    held.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    drop(dd);
+                }
+            }
+            opened
+        })
+    };
+    let (mut destroyed, mut opened) = (0, 0);
+    for _ in 0..rounds {
+        match DataDir::destroy(&dir) {
+            Ok(()) => destroyed += 1,
+            Err(Error::AlreadyOpen { .. } | Error::ShardAlreadyOpen { .. }) => {}
+            Err(e) => panic!("destroy racing opens: {e:?}"),
+        }
+        if let Ok(dd) = DataDir::open(&small_cfg(&dir)) {
+            let n = held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(n, 0, "two opens hold the directory");
+            opened += 1;
+            std::thread::yield_now();
+            held.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            drop(dd);
+        }
+    }
+    opened += opener.join().unwrap();
+    assert!(
+        opened > 0 && destroyed > 0,
+        "opened {opened}, destroyed {destroyed}"
+    );
+}
