@@ -846,3 +846,35 @@ fn evicting_under_the_largest_window_cap_does_not_overflow() {
         assert_eq!(mm.window_count(), 0);
     });
 }
+
+/// Offsets and lengths are any `u64` (hostile or mistaken): a prefetch of
+/// ranges at the end of the offset space walks no window (it walked every
+/// window index up to the range, ~2^40 of them, or overflowed), and a
+/// reservation to the end of it is refused (it wrapped and reported `Ok`
+/// with nothing reserved, or overflowed).
+#[test]
+fn prefetch_and_reserve_at_the_end_of_the_offset_space() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (files, mm) = common::manager(dir.path(), 4, 4);
+        let f = common::register(&files, dir.path().join("a"));
+        drop(mm.pin(f, 0, 4096, true).await.unwrap());
+        let t = Instant::now();
+        let advised = mm
+            .prefetch(
+                f,
+                &[
+                    (u64::MAX - 4096, 4096),
+                    (u64::MAX / 2, u64::MAX),
+                    (0, u64::MAX),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(advised, WINDOW, "only window 0 is mapped");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let before = files.reserved_bytes(f).unwrap();
+        assert!(mm.reserve(f, u64::MAX, 1 << 20).await.is_err());
+        assert_eq!(files.reserved_bytes(f).unwrap(), before);
+    });
+}

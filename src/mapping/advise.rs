@@ -114,10 +114,14 @@ impl MappingManager {
                 continue;
             }
             let mut at = offset;
-            let end = offset.saturating_add(len);
+            // Only mapped windows are advised, and none lies past the
+            // file's window table: a range beyond it (any `u64` may be
+            // asked for) walks no window.
+            let table_end = (self.window_table_len(file) as u64).saturating_mul(w);
+            let end = offset.saturating_add(len).min(table_end);
             while at < end {
                 let idx = (at / w) as usize;
-                let stop = ((idx as u64 + 1) * w).min(end);
+                let stop = (idx as u64 + 1).saturating_mul(w).min(end);
                 if let Some(win) = self.mapped_window(file, idx) {
                     let off = (at - idx as u64 * w) as usize;
                     let r = self.advise(&win, off, (stop - at) as usize, sys::MADV_WILLNEED);

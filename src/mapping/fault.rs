@@ -51,7 +51,7 @@ impl MappingManager {
             return Ok(());
         }
         let w = self.cfg.window_bytes;
-        let window_end = (end - 1) / w * w + w;
+        let window_end = ((end - 1) / w * w).saturating_add(w);
         let target = end
             .div_ceil(step.max(1))
             .saturating_mul(step.max(1))
@@ -69,7 +69,7 @@ impl MappingManager {
     fn growth_target(&self, end: u64) -> u64 {
         let step = self.cfg.growth_step_bytes;
         let w = self.cfg.window_bytes;
-        let window_end = (end - 1) / w * w + w;
+        let window_end = ((end - 1) / w * w).saturating_add(w);
         end.div_ceil(step).saturating_mul(step).min(window_end)
     }
 
