@@ -59,7 +59,7 @@ impl MappingManager {
             };
             let end = offset
                 .saturating_add(len)
-                .min((idx + 1) * w)
+                .min((idx + 1).saturating_mul(w))
                 .min(fm.file.reserved());
             match usize::try_from(idx).ok().and_then(|i| fm.windows.get(i)) {
                 Some(WindowState::Mapped(win)) if end > offset => (WindowRef::new(win), end),

@@ -82,7 +82,7 @@ impl MappingManager {
         let mut at = from / page * page;
         while at < to {
             let idx = (at / w) as usize;
-            let end = ((idx as u64 + 1) * w).min(to);
+            let end = (idx as u64 + 1).saturating_mul(w).min(to);
             let len = (end - at) as usize;
             let r = match self.mapped_window(file, idx) {
                 Some(win) => {
