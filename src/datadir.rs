@@ -191,6 +191,9 @@ impl DataDir {
         // `LOCK`.
         unless_locked(destroy_plan(&path, shard_count), &path)?;
         let _lock = take_lock(&path)?;
+        // Again under the lock: an open may have made the directory anew
+        // since it was looked at (`LOCK` is there now, so it is not empty).
+        let shard_count = destroy_shard_count(&path)?.unwrap_or(0);
         let _shards = (0..shard_count)
             .filter(|&i| shard_dir(&path, i).exists())
             .map(|i| ShardLock::acquire(i, &shard_dir(&path, i)))
@@ -230,9 +233,11 @@ impl DataDir {
     }
 
     /// Make the next call that locks `path` (a data directory: its `LOCK`,
-    /// by `open` or `destroy`; a shard's folder: by a shard's open) stop
-    /// between opening the file and locking it, until the returned pause is
-    /// resumed (tests of races with `destroy` or another open).
+    /// by `open` or `destroy`; a shard's folder: by a shard's open or by
+    /// `destroy`) stop between opening the file and locking it, until the
+    /// returned pause is resumed or dropped (tests of races with `destroy`
+    /// or another open). `path` is resolved when it exists; one that does
+    /// not is compared as given.
     #[cfg(feature = "test-support")]
     pub fn pause_before_lock_for_test(path: impl Into<PathBuf>) -> test_hooks::LockPause {
         test_hooks::pause_before_lock(path.into())
@@ -310,12 +315,13 @@ fn check_not_empty(given: &Path) -> Result<()> {
 /// its manifest leaves: an empty `LOCK`, or a `MANIFEST.tmp` of at most a
 /// manifest's size (regular files; a user's file of either name is not).
 fn is_creation_leftover(path: &Path, name: &std::ffi::OsStr) -> bool {
-    let size = || {
-        std::fs::symlink_metadata(path.join(name))
-            .ok()
-            .filter(|m| m.is_file())
-            .map(|m| m.len())
+    let meta = match std::fs::symlink_metadata(path.join(name)) {
+        // Gone since the folder was listed (an open or a deletion at work):
+        // nothing is left of it.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return true,
+        m => m.ok(),
     };
+    let size = || meta.as_ref().filter(|m| m.is_file()).map(|m| m.len());
     match name.to_str() {
         Some(LOCK_FILE) => size() == Some(0),
         Some(MANIFEST_TMP_FILE) => size().is_some_and(|l| l <= MANIFEST_BYTES as u64),
@@ -555,17 +561,17 @@ fn is_shard_file_name(name: &std::ffi::OsStr) -> bool {
             .is_some_and(|d| d.len() >= 6 && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// Remove the (now empty) data directory; a mount point stays, empty.
-/// Remove the emptied directory `path`: a mount point (`EBUSY`) stays, and
-/// so does a directory an open made a data directory again once `LOCK` was
-/// gone (`ENOTEMPTY`): it is that open's.
+/// Remove the emptied directory `path`: a mount point (`EBUSY`) stays,
+/// empty, and so does a directory an open made a data directory again once
+/// `LOCK` was gone (`ENOTEMPTY`): it is that open's; one already gone
+/// (another deletion) is nothing to remove.
 fn remove_top(path: &Path) -> Result<()> {
     match std::fs::remove_dir(path) {
         Ok(()) => Ok(()),
         Err(e)
             if matches!(
                 e.raw_os_error(),
-                Some(nix::libc::EBUSY | nix::libc::ENOTEMPTY)
+                Some(nix::libc::EBUSY | nix::libc::ENOTEMPTY | nix::libc::ENOENT)
             ) =>
         {
             Ok(())
@@ -672,7 +678,7 @@ impl ShardLock {
         };
         if !names_file(folder, &lock.fd)? {
             return Err(Error::io(
-                "flock",
+                "open",
                 Some(folder),
                 std::io::Error::new(
                     std::io::ErrorKind::NotFound,
@@ -819,8 +825,13 @@ pub mod test_hooks {
 /// deletion is emptying it, and [`Error::AlreadyOpen`] says so (the check
 /// before the lock sees their work half done).
 fn unless_locked<T>(r: Result<T>, path: &Path) -> Result<T> {
+    // segalloc's `LOCK` is empty: another program's lock file of that name
+    // (with a pid in it, say) leaves the refusal as it is.
+    let ours = || {
+        std::fs::symlink_metadata(path.join(LOCK_FILE)).is_ok_and(|m| m.is_file() && m.len() == 0)
+    };
     match r {
-        Err(Error::NotDataDir { .. }) if probe_lock(path).unwrap_or(false) => {
+        Err(Error::NotDataDir { .. }) if ours() && probe_lock(path).unwrap_or(false) => {
             Err(Error::AlreadyOpen {
                 path: path.to_path_buf(),
             })
@@ -849,6 +860,15 @@ fn probe_lock(dir: &Path) -> Result<bool> {
 
 fn read_manifest(dir: &Path) -> Result<Manifest> {
     read_manifest_file(dir, &dir.join(MANIFEST_FILE))
+}
+
+/// Whether the data directory `dir` (a shard folder's parent) has a
+/// manifest of another directory than `manifest`'s: it was deleted and
+/// made again since `manifest` was read. (No manifest there, or one that
+/// cannot be read, is not that: those are reported where they matter.)
+pub(crate) fn made_again(dir: &Path, manifest: &Manifest) -> bool {
+    dir.join(MANIFEST_FILE).exists()
+        && read_manifest(dir).is_ok_and(|m| m.dir_id != manifest.dir_id)
 }
 
 /// The manifest in file `p` of directory `dir` (`MANIFEST`, or the

@@ -1115,49 +1115,84 @@ fn a_shard_open_racing_a_destroy_never_writes_into_the_next_directory() {
 /// Opens and deletions of one directory from two threads at once: no two
 /// opens ever hold it, every `destroy` succeeds or names a holder, and an
 /// open either gets the directory or an error (never a directory another
-/// open holds).
+/// open holds). Runs until both have happened a few times (at most 20 s: a
+/// loaded or single-core machine may starve one thread for a while).
 #[test]
 fn opens_and_destroys_racing_never_share_a_directory() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("d");
-    let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let rounds = 300;
-    let opener = {
-        let (dir, held) = (dir.clone(), held.clone());
-        std::thread::spawn(move || {
-            let mut opened = 0;
-            for _ in 0..rounds {
-                if let Ok(dd) = DataDir::open(&small_cfg(&dir)) {
-                    let n = held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    assert_eq!(n, 0, "two opens hold the directory");
-                    opened += 1;
-                    std::thread::yield_now();
-                    held.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                    drop(dd);
-                }
+    let held = Arc::new(AtomicUsize::new(0));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let try_open = {
+        let (dir, held, opened) = (dir.clone(), held.clone(), opened.clone());
+        move || {
+            if let Ok(dd) = DataDir::open(&small_cfg(&dir)) {
+                assert_eq!(held.fetch_add(1, SeqCst), 0, "two opens hold the directory");
+                opened.fetch_add(1, SeqCst);
+                std::thread::yield_now();
+                held.fetch_sub(1, SeqCst);
+                drop(dd);
             }
-            opened
+        }
+    };
+    let opener = {
+        let (stop, try_open) = (stop.clone(), try_open.clone());
+        std::thread::spawn(move || {
+            while !stop.load(SeqCst) {
+                try_open();
+                // Leave the directory free for a while (on one core the
+                // other thread would hardly ever find it so).
+                std::thread::sleep(Duration::from_micros(50));
+            }
         })
     };
-    let (mut destroyed, mut opened) = (0, 0);
-    for _ in 0..rounds {
+    let start = std::time::Instant::now();
+    let (mut destroyed, mut rounds) = (0, 0);
+    while rounds < 2000 || destroyed < 5 || opened.load(SeqCst) < 5 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "after {rounds} rounds: destroyed {destroyed}, opened {}",
+            opened.load(SeqCst)
+        );
         match DataDir::destroy(&dir) {
             Ok(()) => destroyed += 1,
             Err(Error::AlreadyOpen { .. } | Error::ShardAlreadyOpen { .. }) => {}
             Err(e) => panic!("destroy racing opens: {e:?}"),
         }
-        if let Ok(dd) = DataDir::open(&small_cfg(&dir)) {
-            let n = held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            assert_eq!(n, 0, "two opens hold the directory");
-            opened += 1;
-            std::thread::yield_now();
-            held.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            drop(dd);
-        }
+        try_open();
+        rounds += 1;
     }
-    opened += opener.join().unwrap();
-    assert!(
-        opened > 0 && destroyed > 0,
-        "opened {opened}, destroyed {destroyed}"
-    );
+    stop.store(true, SeqCst);
+    opener.join().unwrap();
+}
+
+/// A shard opened through a view of the directory taken before it was
+/// deleted and made again: its manifest is the deleted directory's, so it
+/// must not give the new directory's shard folder the old one's metadata
+/// (that directory's own open then called it corrupt).
+#[test]
+fn a_shard_opened_with_a_deleted_directorys_manifest_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let cfg = small_cfg(&dir);
+    drop(DataDir::open(&cfg).unwrap());
+    let (ro, _) = DataDir::open_read_only(&dir).unwrap();
+    DataDir::destroy(&dir).unwrap();
+    let dd = Arc::new(DataDir::open(&cfg).unwrap());
+    assert!(dd.was_created());
+    common::run(async {
+        let (_, mm) = common::manager_with(&cfg);
+        match SegmentAllocator::open(0, &ro.shard_dir(0), *ro.manifest(), Rc::new(mm)).await {
+            Err(Error::NotDataDir { .. }) => {}
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => panic!("a shard of a deleted directory was opened in the next one"),
+        }
+    });
+    assert!(listing(&dir.join("shard-000")).is_empty());
+    common::run(async {
+        let s = Shard::open(dd.clone(), &cfg, 0).await.unwrap();
+        s.allocate(16).await.unwrap();
+    });
 }

@@ -80,6 +80,18 @@ impl SegmentAllocator {
         let files = mm.files().clone();
         let meta_path = dir.join("meta.seg");
         let a = Self::unopened(shard, dir, manifest, mm)?;
+        // Under the shard lock, before anything is created: the directory
+        // must still be the manifest's. One deleted and made again since has
+        // new shard folders, and this open would give them the old
+        // directory's metadata (which that directory's own open refuses).
+        if let Some(parent) = dir.parent()
+            && crate::datadir::made_again(parent, &manifest)
+        {
+            return Err(Error::NotDataDir {
+                path: parent.to_path_buf(),
+                reason: "it was deleted and made again since its manifest was read; open it again",
+            });
+        }
         let meta = a.meta_file;
         let lease = files.acquire(meta, 0).await?;
         drop(lease);

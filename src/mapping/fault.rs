@@ -318,7 +318,7 @@ impl MappingManager {
         // Any read-ahead is accepted: one past the window stops at its end.
         let stop = end
             .saturating_add(self.cfg.prefetch_ahead_bytes)
-            .min(window_off + w)
+            .min(window_off.saturating_add(w))
             .min(reserved);
         if stop > offset {
             let off = (offset - window_off) as usize;

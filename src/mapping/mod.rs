@@ -510,7 +510,6 @@ impl MappingManager {
         }
     }
 
-    /// Window `idx` of `file`, if it is mapped.
     /// Windows of `file`'s table (none past it is mapped).
     fn window_table_len(&self, file: FileId) -> usize {
         let m = self.inner.borrow();
@@ -520,6 +519,7 @@ impl MappingManager {
             .map_or(0, |fm| fm.windows.len())
     }
 
+    /// Window `idx` of `file`, if it is mapped.
     fn mapped_window(&self, file: FileId, idx: usize) -> Option<WindowRef> {
         let m = self.inner.borrow();
         match m.files.get(file.0 as usize)?.as_ref()?.windows.get(idx)? {
