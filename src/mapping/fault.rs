@@ -45,7 +45,10 @@ impl MappingManager {
     ///
     /// # Errors
     ///
-    /// As [`FileHandleRegistry::grow`](crate::files::FileHandleRegistry::grow), and [`Error::NoSpace`].
+    /// As [`FileHandleRegistry::grow`](crate::files::FileHandleRegistry::grow), and [`Error::NoSpace`];
+    /// an `end` past the largest file the file system allows is refused
+    /// with the io error of its `fallocate` (`EFBIG` or `EINVAL`), nothing
+    /// reserved.
     pub async fn reserve(&self, file: FileId, end: u64, step: u64) -> Result<()> {
         if end == 0 || self.files.reserved_bytes(file)? >= end {
             return Ok(());
