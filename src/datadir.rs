@@ -315,11 +315,11 @@ fn check_not_empty(given: &Path) -> Result<()> {
 /// its manifest leaves: an empty `LOCK`, or a `MANIFEST.tmp` of at most a
 /// manifest's size (regular files; a user's file of either name is not).
 fn is_creation_leftover(path: &Path, name: &std::ffi::OsStr) -> bool {
-    let meta = match std::fs::symlink_metadata(path.join(name)) {
+    let meta = match lstat(&path.join(name)) {
         // Gone since the folder was listed (an open or a deletion at work):
         // nothing is left of it.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return true,
-        m => m.ok(),
+        Ok(None) => return true,
+        m => m.ok().flatten(),
     };
     let size = || meta.as_ref().filter(|m| m.is_file()).map(|m| m.len());
     match name.to_str() {
@@ -379,6 +379,15 @@ pub(crate) fn unfinished_destroy(path: &Path) -> Error {
 }
 
 /// A directory, not a symlink to one.
+/// `lstat(p)`: `None` when nothing is there (any more).
+fn lstat(p: &Path) -> Result<Option<std::fs::Metadata>> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("stat", Some(p), e)),
+    }
+}
+
 fn is_real_dir(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
 }
@@ -504,14 +513,9 @@ fn destroy_plan(path: &Path, shard_count: u16) -> Result<DestroyPlan> {
     let mut kept_lost_found = false;
     // An entry gone between listing and looking (before the lock, an open
     // or another deletion may be at work) is nothing to delete.
-    let kind = |p: &Path| match std::fs::symlink_metadata(p) {
-        Ok(m) => Ok(Some(m.file_type())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io("stat", Some(p), e)),
-    };
     for name in entry_names(path)? {
         let p = path.join(&name);
-        let Some(is_dir) = kind(&p)?.map(|t| t.is_dir()) else {
+        let Some(is_dir) = lstat(&p)?.map(|m| m.is_dir()) else {
             continue;
         };
         let shard = (0..shard_count).find(|&i| p == shard_dir(path, i));
@@ -530,7 +534,7 @@ fn destroy_plan(path: &Path, shard_count: u16) -> Result<DestroyPlan> {
                 };
                 for f in names {
                     let fp = p.join(&f);
-                    let Some(regular) = kind(&fp)?.map(|t| t.is_file()) else {
+                    let Some(regular) = lstat(&fp)?.map(|m| m.is_file()) else {
                         continue;
                     };
                     if !regular || !is_shard_file_name(&f) {
@@ -732,11 +736,7 @@ fn take_lock(dir: &Path) -> Result<FileLock> {
 fn names_file(p: &Path, fd: &OwnedFd) -> Result<bool> {
     use std::os::unix::fs::MetadataExt;
     let (dev, ino) = sys::file_identity(fd.as_fd()).map_err(|e| Error::io("fstat", Some(p), e))?;
-    match std::fs::symlink_metadata(p) {
-        Ok(m) => Ok(m.dev() == dev && m.ino() == ino),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(Error::io("stat", Some(p), e)),
-    }
+    Ok(lstat(p)?.is_some_and(|m| m.dev() == dev && m.ino() == ino))
 }
 
 /// Hooks for tests of races with another open or a `destroy`.
@@ -825,11 +825,10 @@ pub mod test_hooks {
 /// deletion is emptying it, and [`Error::AlreadyOpen`] says so (the check
 /// before the lock sees their work half done).
 fn unless_locked<T>(r: Result<T>, path: &Path) -> Result<T> {
-    // segalloc's `LOCK` is empty: another program's lock file of that name
-    // (with a pid in it, say) leaves the refusal as it is.
-    let ours = || {
-        std::fs::symlink_metadata(path.join(LOCK_FILE)).is_ok_and(|m| m.is_file() && m.len() == 0)
-    };
+    // segalloc's `LOCK` is empty (what a creation leaves): another
+    // program's lock file of that name (with a pid in it, say) leaves the
+    // refusal as it is.
+    let ours = || is_creation_leftover(path, LOCK_FILE.as_ref());
     match r {
         Err(Error::NotDataDir { .. }) if ours() && probe_lock(path).unwrap_or(false) => {
             Err(Error::AlreadyOpen {
