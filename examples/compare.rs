@@ -108,23 +108,30 @@ fn tempdir(args: &Args) -> std::io::Result<tempfile::TempDir> {
     }
 }
 
-/// The median of `repeat` runs of `f`.
-fn median<F: FnMut() -> Result<f64, BoxError>>(repeat: usize, mut f: F) -> Result<f64, BoxError> {
-    let mut v = (0..repeat.max(1))
-        .map(|_| f())
-        .collect::<Result<Vec<_>, _>>()?;
+/// The figures of `repeat` (at least one) runs of `f`.
+fn runs<F: FnMut() -> Result<f64, BoxError>>(
+    repeat: usize,
+    mut f: F,
+) -> Result<Vec<f64>, BoxError> {
+    (0..repeat.max(1)).map(|_| f()).collect()
+}
+
+/// The median of `v` (the upper one of an even count); `v` is not empty.
+fn middle(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    Ok(v[v.len() / 2])
+    v[v.len() / 2]
+}
+
+/// The median of `repeat` runs of `f`.
+fn median<F: FnMut() -> Result<f64, BoxError>>(repeat: usize, f: F) -> Result<f64, BoxError> {
+    Ok(middle(runs(repeat, f)?))
 }
 
 /// The highest of `repeat` runs of `f`: a ceiling, which a slow run (on a
 /// virtual machine, a first touch of memory after the machine idled costs
 /// several times more) can only understate.
-fn best<F: FnMut() -> Result<f64, BoxError>>(repeat: usize, mut f: F) -> Result<f64, BoxError> {
-    let v = (0..repeat.max(1))
-        .map(|_| f())
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(v.into_iter().fold(f64::MIN, f64::max))
+fn best<F: FnMut() -> Result<f64, BoxError>>(repeat: usize, f: F) -> Result<f64, BoxError> {
+    Ok(runs(repeat, f)?.into_iter().fold(f64::MIN, f64::max))
 }
 
 /// The medians of `repeat` runs of each of `fs`, run in turns (one of
@@ -135,17 +142,14 @@ fn in_turns<const N: usize>(
     repeat: usize,
     fs: [&mut dyn FnMut() -> Result<f64, BoxError>; N],
 ) -> Result<[f64; N], BoxError> {
-    let mut runs: [Vec<f64>; N] = std::array::from_fn(|_| Vec::new());
+    let mut figures: [Vec<f64>; N] = std::array::from_fn(|_| Vec::new());
     for turn in 0..repeat.max(1) {
         for i in 0..N {
             let i = if turn % 2 == 0 { i } else { N - 1 - i };
-            runs[i].push(fs[i]()?);
+            figures[i].push(fs[i]()?);
         }
     }
-    Ok(runs.map(|mut v| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    }))
+    Ok(figures.map(middle))
 }
 
 fn per_sec(n: u64, d: Duration) -> f64 {
