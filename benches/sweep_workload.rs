@@ -11,6 +11,12 @@
 //! cores costs: segalloc's forwarding and the workload's channel between
 //! threads instead of within one. A run ends when every shard has applied
 //! every free of its allocations, forwarded ones included.
+//!
+//! [`run_by_hand`] is the same pattern without segalloc's forwarding: the
+//! next shard's task copies each handle it receives into a batch and sends
+//! it back over a second channel to the owner's task, which frees them
+//! locally. The same handles cross the same cores; only who carries them
+//! back differs.
 
 #![allow(dead_code)]
 
@@ -69,7 +75,12 @@ async fn shard_task(
     to_next: Option<UnboundedSender<Vec<Handle>>>,
     mut from_prev: Option<UnboundedReceiver<Vec<Handle>>>,
     start: Arc<tokio::sync::Barrier>,
+    by_hand: Option<ByHand>,
 ) -> Result<ShardResult, Error> {
+    let (back_to_prev, mut back_from_next) = match by_hand {
+        Some(b) => (Some(b.to_prev), Some(b.from_next)),
+        None => (None, None),
+    };
     let mut r = ShardResult {
         latencies_ns: Vec::with_capacity((ops / SAMPLE) as usize + 1),
         ..ShardResult::default()
@@ -123,8 +134,13 @@ async fn shard_task(
         {
             while let Ok(b) = rx.try_recv() {
                 r.cross_frees += b.len() as u64;
-                for h in b {
-                    shard.free_async(h).await?;
+                take_frees(&shard, b, back_to_prev.as_ref()).await?;
+            }
+            if let Some(back) = &mut back_from_next {
+                while let Ok(b) = back.try_recv() {
+                    for h in b {
+                        shard.free(h)?;
+                    }
                 }
             }
         }
@@ -148,8 +164,16 @@ async fn shard_task(
     if let Some(mut rx) = from_prev {
         while let Some(b) = rx.recv().await {
             r.cross_frees += b.len() as u64;
+            take_frees(&shard, b, back_to_prev.as_ref()).await?;
+        }
+    }
+    // As above: the next shard sends back what this one sent it until it
+    // has drained its channel from this shard.
+    drop(back_to_prev);
+    if let Some(mut back) = back_from_next {
+        while let Some(b) = back.recv().await {
             for h in b {
-                shard.free_async(h).await?;
+                shard.free(h)?;
             }
         }
     }
@@ -166,6 +190,35 @@ async fn shard_task(
         tokio::task::yield_now().await;
     }
     Ok(r)
+}
+
+/// The second channel of [`run_by_hand`]: back to the previous shard (the
+/// owner of the handles this shard receives), and from the next one.
+struct ByHand {
+    to_prev: UnboundedSender<Vec<Handle>>,
+    from_next: UnboundedReceiver<Vec<Handle>>,
+}
+
+/// Free a batch of the previous shard's handles: through segalloc, or by
+/// hand, copied into a batch sent back to their owner's task.
+async fn take_frees(
+    shard: &Shard,
+    batch: Vec<Handle>,
+    back: Option<&UnboundedSender<Vec<Handle>>>,
+) -> Result<(), Error> {
+    match back {
+        Some(tx) => {
+            let mut copy = Vec::with_capacity(batch.len());
+            copy.extend(batch.iter().copied());
+            let _ = tx.send(copy);
+        }
+        None => {
+            for h in batch {
+                shard.free_async(h).await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn percentile(sorted: &[u32], p: f64) -> u64 {
@@ -211,6 +264,28 @@ pub fn run_held(
     cross_every: u64,
     hold: usize,
 ) -> Result<RunResult, Error> {
+    run_inner(rt, ops, size, cross_every, hold, false)
+}
+
+/// As [`run_with`], with the frees sent to the next shard carried back to
+/// their owner by hand (see the module's docs).
+pub fn run_by_hand(
+    rt: &Runtime,
+    ops: u64,
+    size: u64,
+    cross_every: u64,
+) -> Result<RunResult, Error> {
+    run_inner(rt, ops, size, cross_every, 0, true)
+}
+
+fn run_inner(
+    rt: &Runtime,
+    ops: u64,
+    size: u64,
+    cross_every: u64,
+    hold: usize,
+    by_hand: bool,
+) -> Result<RunResult, Error> {
     let n = rt.shard_count();
     let start = Arc::new(tokio::sync::Barrier::new(n));
     let mut senders: Vec<Option<UnboundedSender<Vec<Handle>>>> = Vec::new();
@@ -224,15 +299,28 @@ pub fn run_held(
             senders.push(None);
         }
     }
+    let backs: Vec<Option<ByHand>> = if by_hand && hold == 0 {
+        let (mut txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| unbounded_channel()).unzip();
+        // Channel `i` carries shard `i`'s handles back to it from shard
+        // `i + 1`: shard `j` sends on channel `j - 1`.
+        txs.rotate_right(1);
+        txs.into_iter()
+            .zip(rxs)
+            .map(|(to_prev, from_next)| Some(ByHand { to_prev, from_next }))
+            .collect()
+    } else {
+        (0..n).map(|_| None).collect()
+    };
     let t = Instant::now();
     let jobs: Vec<_> = senders
         .into_iter()
         .zip(receivers)
+        .zip(backs)
         .enumerate()
-        .map(|(i, (tx, rx))| {
+        .map(|(i, ((tx, rx), back))| {
             let start = start.clone();
             rt.spawn_on(i, move |s| {
-                shard_task(s, ops, size, cross_every, hold, tx, rx, start)
+                shard_task(s, ops, size, cross_every, hold, tx, rx, start, back)
             })
         })
         .collect();

@@ -22,7 +22,10 @@
 //!
 //! Also shown: the raw ceiling on a sparse file (`ftruncate` only), glibc
 //! fill, the producer/consumer's shard A alone (freeing its own batches,
-//! handing nothing over: no channel, no consumer), and the old design (one
+//! handing nothing over: no channel, no consumer), the shard sweep with its
+//! cross-shard frees carried back to their owner by the workload itself
+//! (the same handles crossing the same cores, without segalloc's
+//! forwarding: what the pattern's own trips cost), and the old design (one
 //! `open` + `ftruncate` + `mmap` per segment under the default soft fd
 //! limit of 1024: where it dies). The data files
 //! of every timed phase are written back (`fdatasync`) and deleted before
@@ -350,11 +353,15 @@ fn producer_alone(args: &Args) -> Result<f64, BoxError> {
 
 /// The shard sweep's workload (one free in four sent to the next shard's
 /// task: with one shard, its own) on `shards` shards: operations per second
-/// over all shards.
-fn sweep_rate(args: &Args, shards: usize) -> Result<f64, BoxError> {
+/// over all shards. `by_hand`: those frees carried back to their owner by
+/// the workload instead of segalloc.
+fn sweep_rate(args: &Args, shards: usize, by_hand: bool) -> Result<f64, BoxError> {
     let dir = tempdir(args)?;
     let rt = workload::start(dir.path(), shards)?;
-    let r = workload::run_with(&rt, args.sweep_ops, 64, 4)?;
+    let r = match by_hand {
+        true => workload::run_by_hand(&rt, args.sweep_ops, 64, 4)?,
+        false => workload::run_with(&rt, args.sweep_ops, 64, 4)?,
+    };
     finish(rt)?;
     Ok(r.ops_per_sec())
 }
@@ -625,21 +632,42 @@ fn allocator(args: &Args, d: &mut Vec<Design>, g: &mut Vec<Goal>) -> Result<(), 
     Ok(())
 }
 
-/// The shard sweep: the lowest efficiency over 2 ..= cores shards.
-fn sweep(args: &Args, cores: usize, g: &mut Vec<Goal>) -> Result<(), BoxError> {
+/// The shard sweep: the lowest efficiency over 2 ..= cores shards; beside
+/// it, at the same shard count, the efficiency of the same pattern with the
+/// frees carried back by hand.
+fn sweep(
+    args: &Args,
+    cores: usize,
+    d: &mut Vec<Design>,
+    g: &mut Vec<Goal>,
+) -> Result<(), BoxError> {
     let r = args.repeat;
-    // (efficiency, rate, one shard's rate, shards)
-    let mut worst = (f64::INFINITY, 0.0, 0.0, 1);
+    // (efficiency, rate, one shard's rate, shards, by hand's efficiency)
+    let mut worst = (f64::INFINITY, 0.0, 0.0, 1, 0.0);
     for n in 2..=cores.max(2) {
-        let [one, rate] = in_turns(
+        let [one, rate, hand_one, hand] = in_turns(
             r,
-            [&mut || sweep_rate(args, 1), &mut || sweep_rate(args, n)],
+            [
+                &mut || sweep_rate(args, 1, false),
+                &mut || sweep_rate(args, n, false),
+                &mut || sweep_rate(args, 1, true),
+                &mut || sweep_rate(args, n, true),
+            ],
         )?;
         let eff = rate / (n as f64 * one);
         if eff < worst.0 {
-            worst = (eff, rate, one, n);
+            worst = (eff, rate, one, n, hand / (n as f64 * hand_one));
         }
     }
+    d.push(design(
+        "shard sweep, frees carried by hand",
+        worst.4,
+        "efficiency",
+        format!(
+            "{} shards; the next shard's task sends each batch back, its owner frees it",
+            worst.3
+        ),
+    ));
     g.push(Goal {
         pattern: "shard sweep, 1 in 4 cross",
         ratio_of: "lowest efficiency, 2..=cores shards",
@@ -671,7 +699,7 @@ fn run(args: Args) -> Result<(), BoxError> {
     fills(&args, cores, &mut d, &mut g)?;
     if !args.fill_only {
         allocator(&args, &mut d, &mut g)?;
-        sweep(&args, cores, &mut g)?;
+        sweep(&args, cores, &mut d, &mut g)?;
         let (w, n, rate, why) = old_design_run(&args)?;
         d.push(design(
             "old design: open+mmap per segment",
@@ -695,7 +723,12 @@ fn print_tables(args: &Args, cores: usize, d: &[Design], g: &[Goal]) {
     );
     println!("{:<38} {:>14} {:<10} note", "design", "figure", "unit");
     for x in d {
-        println!("{:<38} {:>14.0} {:<10} {}", x.name, x.value, x.unit, x.note);
+        // Rates in whole units; a ratio (an efficiency) with two decimals.
+        let places = if x.value < 10.0 { 2 } else { 0 };
+        println!(
+            "{:<38} {:>14.places$} {:<10} {}",
+            x.name, x.value, x.unit, x.note
+        );
     }
     println!();
     println!(

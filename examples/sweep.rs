@@ -7,6 +7,7 @@
 //! cargo run --release --example sweep -- --ops 2000000 --json
 //! cargo run --release --example sweep -- --cross-every 0  # no cross-shard free
 //! cargo run --release --example sweep -- --hold-local 2048  # frees as late, kept local
+//! cargo run --release --example sweep -- --by-hand        # the same trips, without segalloc's forwarding
 //! ```
 //!
 //! Prints ops/s in total and per shard, scaling efficiency
@@ -47,6 +48,13 @@ struct Args {
     /// between cores (0: forward them). Compare the pending frees.
     #[arg(long, default_value_t = 0)]
     hold_local: usize,
+    /// Carry the frees sent to the next shard back to their owner by hand:
+    /// the next shard's task copies each handle into a batch and sends it
+    /// back over a second channel, and the owner's task frees them locally.
+    /// The same handles cross the same cores without segalloc's forwarding:
+    /// what the pattern's own trips cost.
+    #[arg(long, conflicts_with = "hold_local")]
+    by_hand: bool,
     /// Runs per point (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -93,6 +101,8 @@ struct Report<'a> {
     cross_every: u64,
     /// Those frees held locally for this many operations instead (0: no).
     hold_local: usize,
+    /// Those frees carried back to their owner by the workload itself.
+    by_hand: bool,
     repeat: usize,
     cores: usize,
     io_backend: &'a str,
@@ -199,13 +209,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             // Warm up: map the first windows and create the segments.
             workload::run(&rt, 10_000, args.size)?;
-            runs.push(workload::run_held(
-                &rt,
-                args.ops,
-                args.size,
-                args.cross_every,
-                args.hold_local,
-            )?);
+            runs.push(if args.by_hand {
+                workload::run_by_hand(&rt, args.ops, args.size, args.cross_every)?
+            } else {
+                workload::run_held(&rt, args.ops, args.size, args.cross_every, args.hold_local)?
+            });
             rt.shutdown()?;
         }
         runs.sort_by(|a, b| a.ops_per_sec().total_cmp(&b.ops_per_sec()));
@@ -232,6 +240,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if !args.json {
         let frees = match (args.cross_every, args.hold_local) {
             (0, _) => "every free local".to_string(),
+            (n, 0) if args.by_hand => {
+                format!("1 free in {n} to the next shard, carried back by hand")
+            }
             (n, 0) => format!("1 free in {n} to the next shard"),
             (n, h) => format!("1 free in {n} held locally for {h} ops"),
         };
@@ -277,6 +288,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             size: args.size,
             cross_every: args.cross_every,
             hold_local: args.hold_local,
+            by_hand: args.by_hand,
             repeat: args.repeat,
             cores,
             io_backend: &backend,
@@ -340,6 +352,34 @@ mod tests {
         rt.shutdown().expect("shutdown");
     }
 
+    /// `--by-hand`: the handles cross shards and come back through the
+    /// workload's channels, segalloc forwards nothing, and a run ends with
+    /// every allocation freed, at one shard and at two.
+    #[test]
+    fn frees_carried_by_hand_come_back_to_their_owner() {
+        for shards in [1, 2] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let cfg = Config::builder(dir.path().join("d"))
+                .shards(shards)
+                .window_bytes(256 * MIB)
+                .build()
+                .expect("config");
+            let rt = Runtime::start(cfg).expect("runtime");
+            let r = workload::run_by_hand(&rt, 20_000, 64, 4).expect("run");
+            assert_eq!(r.ops, 20_000 * shards as u64);
+            // With one shard its own task is the next: nothing crossed.
+            assert_eq!(r.cross_frees > 0, shards > 1);
+            let stats = futures::executor::block_on(rt.stats()).expect("stats");
+            assert_eq!(stats.allocations_live(), 0, "{shards} shards");
+            assert!(stats.shards.iter().all(|s| s.mesh.cross_frees_sent == 0));
+            assert_eq!(
+                stats.shards.iter().map(|s| s.alloc.frees).sum::<u64>(),
+                stats.shards.iter().map(|s| s.alloc.allocs).sum::<u64>()
+            );
+            rt.shutdown().expect("shutdown");
+        }
+    }
+
     #[test]
     fn the_json_report_keeps_its_field_names_and_precision() {
         let row = Row {
@@ -357,6 +397,7 @@ mod tests {
             size: 64,
             cross_every: 4,
             hold_local: 0,
+            by_hand: false,
             repeat: 1,
             cores: 2,
             io_backend: "io_uring",
@@ -365,7 +406,8 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&report).expect("JSON"),
             concat!(
-                r#"{"ops_per_shard":2000,"size":64,"cross_every":4,"hold_local":0,"repeat":1,"#,
+                r#"{"ops_per_shard":2000,"size":64,"cross_every":4,"hold_local":0,"by_hand":false,"#,
+                r#""repeat":1,"#,
                 r#""cores":2,"io_backend":"io_uring","#,
                 r#""points":[{"shards":2,"ops_per_sec":10159195,"ops_per_sec_per_shard":5079598,"#,
                 r#""efficiency":0.8354,"cross_frees_per_sec":1239422,"pending_frees":1234,"#,
