@@ -12,25 +12,41 @@
 //! threads instead of within one. A run ends when every shard has applied
 //! every free of its allocations, forwarded ones included.
 //!
-//! [`run_by_hand`] is the same pattern without segalloc's forwarding: the
-//! next shard's task copies each handle it receives into a batch and sends
-//! it back over a second channel to the owner's task, which frees them
-//! locally. The same handles cross the same cores; only who carries them
-//! back differs.
+//! [`run_by_hand`] is the same pattern with the frees carried back to their
+//! owner by the workload instead of segalloc, the way segalloc carries them:
+//! the next shard's task copies each handle it receives into a buffer for
+//! the owner, sent over a second bounded channel when it holds 1,024
+//! handles or 16 of the task's yields after its first handle; a task on the
+//! owner waits on that channel and frees each batch locally. The same
+//! handles cross the same cores in batches of the same size, as late; only
+//! the code that carries them differs.
 
 #![allow(dead_code)]
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use segalloc::{Error, Handle, Runtime, Shard};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::mpsc::{
+    Receiver, Sender, UnboundedReceiver, UnboundedSender, channel, unbounded_channel,
+};
 
 /// Live handles each task keeps before freeing the oldest.
 pub const WINDOW: usize = 1024;
 /// Every `SAMPLE`-th operation is timed.
 pub const SAMPLE: u64 = 16;
+/// [`run_by_hand`]: handles per batch sent back, batches a channel holds,
+/// and the yields after which a partial batch is sent (segalloc's own
+/// forwarding: `BATCH`, `QUEUE_BATCHES` and `FLUSH_TICKS` in `src/mesh.rs`).
+pub const HAND_BATCH: usize = 1024;
+pub const HAND_QUEUE: usize = 256;
+pub const HAND_FLUSH_YIELDS: u32 = 16;
+/// How long a run waits at its end for the frees it made to be applied
+/// before it gives up (they never arrived: a bug).
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 /// What one shard's task measured.
 #[derive(Clone, Debug, Default)]
@@ -42,6 +58,9 @@ pub struct ShardResult {
     pub pending_sum: u64,
     pub pending_samples: u64,
     pub latencies_ns: Vec<u32>,
+    /// [`run_by_hand`]: frees this shard applied from the batches carried
+    /// back to it.
+    pub carried_back: u64,
 }
 
 /// What one run over all shards measured.
@@ -57,6 +76,9 @@ pub struct RunResult {
     pub elapsed: Duration,
     pub p50_ns: u64,
     pub p99_ns: u64,
+    /// [`run_by_hand`]: frees applied from the batches carried back, over
+    /// all shards (with one shard too).
+    pub carried_back: u64,
 }
 
 impl RunResult {
@@ -77,8 +99,12 @@ async fn shard_task(
     start: Arc<tokio::sync::Barrier>,
     by_hand: Option<ByHand>,
 ) -> Result<ShardResult, Error> {
-    let (back_to_prev, mut back_from_next) = match by_hand {
-        Some(b) => (Some(b.to_prev), Some(b.from_next)),
+    let (mut carrier, carried_back) = match by_hand {
+        Some(b) => {
+            let applied = Rc::new(Cell::new(0));
+            tokio::task::spawn_local(apply_carried(shard.clone(), b.from_next, applied.clone()));
+            (Some(Carrier::new(b.to_prev)), Some(applied))
+        }
         None => (None, None),
     };
     let mut r = ShardResult {
@@ -134,14 +160,7 @@ async fn shard_task(
         {
             while let Ok(b) = rx.try_recv() {
                 r.cross_frees += b.len() as u64;
-                take_frees(&shard, b, back_to_prev.as_ref()).await?;
-            }
-            if let Some(back) = &mut back_from_next {
-                while let Ok(b) = back.try_recv() {
-                    for h in b {
-                        shard.free(h)?;
-                    }
-                }
+                take_frees(&shard, b, carrier.as_mut()).await?;
             }
         }
         if let Some(t0) = t0 {
@@ -149,6 +168,9 @@ async fn shard_task(
                 .push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
         }
         if k % 256 == 255 {
+            if let Some(c) = &mut carrier {
+                c.tick().await;
+            }
             tokio::task::yield_now().await;
         }
     }
@@ -164,53 +186,115 @@ async fn shard_task(
     if let Some(mut rx) = from_prev {
         while let Some(b) = rx.recv().await {
             r.cross_frees += b.len() as u64;
-            take_frees(&shard, b, back_to_prev.as_ref()).await?;
+            take_frees(&shard, b, carrier.as_mut()).await?;
         }
     }
-    // As above: the next shard sends back what this one sent it until it
-    // has drained its channel from this shard.
-    drop(back_to_prev);
-    if let Some(mut back) = back_from_next {
-        while let Some(b) = back.recv().await {
-            for h in b {
-                shard.free(h)?;
-            }
-        }
+    // What is left goes back now; the owner's task ends once every shard
+    // that carries to it has dropped its carrier.
+    if let Some(mut c) = carrier {
+        c.send().await;
     }
     for h in window.into_iter().chain(held.into_iter().map(|(_, h)| h)) {
         shard.free(h)?;
     }
     // The run ends when every free, forwarded ones included, is applied.
     shard.flush_frees().await?;
+    let waiting = Instant::now();
     while shard.live_count() > live_before {
+        assert!(
+            waiting.elapsed() < DRAIN_LIMIT,
+            "{} frees never applied",
+            shard.live_count() - live_before
+        );
         shard.drain_frees();
         // Leave the core to a shard thread sharing it (more shards than
         // cores), then let this shard's other tasks run.
         std::thread::yield_now();
         tokio::task::yield_now().await;
     }
+    r.carried_back = carried_back.map_or(0, |c| c.get());
     Ok(r)
 }
 
 /// The second channel of [`run_by_hand`]: back to the previous shard (the
 /// owner of the handles this shard receives), and from the next one.
 struct ByHand {
-    to_prev: UnboundedSender<Vec<Handle>>,
-    from_next: UnboundedReceiver<Vec<Handle>>,
+    to_prev: Sender<Vec<Handle>>,
+    from_next: Receiver<Vec<Handle>>,
+}
+
+/// [`run_by_hand`]'s way back to the owner: a buffer sent when it holds
+/// [`HAND_BATCH`] handles, or [`HAND_FLUSH_YIELDS`] yields of the task
+/// after its first handle.
+struct Carrier {
+    tx: Sender<Vec<Handle>>,
+    buf: Vec<Handle>,
+    /// Yields since the buffer's first handle.
+    yields: u32,
+}
+
+impl Carrier {
+    fn new(tx: Sender<Vec<Handle>>) -> Carrier {
+        Carrier {
+            tx,
+            buf: Vec::with_capacity(HAND_BATCH),
+            yields: 0,
+        }
+    }
+
+    async fn push(&mut self, h: Handle) {
+        self.buf.push(h);
+        if self.buf.len() >= HAND_BATCH {
+            self.send().await;
+        }
+    }
+
+    /// One yield of the task: send a partial batch once it has waited
+    /// long enough.
+    async fn tick(&mut self) {
+        if !self.buf.is_empty() {
+            self.yields += 1;
+            if self.yields >= HAND_FLUSH_YIELDS {
+                self.send().await;
+            }
+        }
+    }
+
+    async fn send(&mut self) {
+        self.yields = 0;
+        if self.buf.is_empty() {
+            return;
+        }
+        let batch = std::mem::replace(&mut self.buf, Vec::with_capacity(HAND_BATCH));
+        // The owner's task runs until every carrier to it is dropped.
+        let _ = self.tx.send(batch).await;
+    }
+}
+
+/// The owner's task of [`run_by_hand`]: free every batch carried back, as
+/// it arrives, counting them in `applied`.
+async fn apply_carried(shard: Shard, mut rx: Receiver<Vec<Handle>>, applied: Rc<Cell<u64>>) {
+    while let Some(batch) = rx.recv().await {
+        let n = batch.len() as u64;
+        for h in batch {
+            shard.free(h).expect("a carried free");
+        }
+        applied.set(applied.get() + n);
+    }
 }
 
 /// Free a batch of the previous shard's handles: through segalloc, or by
-/// hand, copied into a batch sent back to their owner's task.
+/// hand, carried back to their owner.
 async fn take_frees(
     shard: &Shard,
     batch: Vec<Handle>,
-    back: Option<&UnboundedSender<Vec<Handle>>>,
+    carrier: Option<&mut Carrier>,
 ) -> Result<(), Error> {
-    match back {
-        Some(tx) => {
-            let mut copy = Vec::with_capacity(batch.len());
-            copy.extend(batch.iter().copied());
-            let _ = tx.send(copy);
+    match carrier {
+        Some(c) => {
+            for h in batch {
+                c.push(h).await;
+            }
         }
         None => {
             for h in batch {
@@ -300,7 +384,7 @@ fn run_inner(
         }
     }
     let backs: Vec<Option<ByHand>> = if by_hand && hold == 0 {
-        let (mut txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| unbounded_channel()).unzip();
+        let (mut txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| channel(HAND_QUEUE)).unzip();
         // Channel `i` carries shard `i`'s handles back to it from shard
         // `i + 1`: shard `j` sends on channel `j - 1`.
         txs.rotate_right(1);
@@ -325,9 +409,10 @@ fn run_inner(
         })
         .collect();
     let mut all = Vec::new();
-    let (mut cross, mut pending_sum, mut pending_samples) = (0, 0, 0);
+    let (mut cross, mut pending_sum, mut pending_samples, mut carried_back) = (0, 0, 0, 0);
     for j in jobs {
         let r = futures::executor::block_on(j)??;
+        carried_back += r.carried_back;
         // One shard's "next shard" is itself: nothing crossed.
         if n > 1 {
             cross += r.cross_frees;
@@ -346,5 +431,6 @@ fn run_inner(
         elapsed,
         p50_ns: percentile(&all, 0.50),
         p99_ns: percentile(&all, 0.99),
+        carried_back,
     })
 }

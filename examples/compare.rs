@@ -23,9 +23,9 @@
 //! Also shown: the raw ceiling on a sparse file (`ftruncate` only), glibc
 //! fill, the producer/consumer's shard A alone (freeing its own batches,
 //! handing nothing over: no channel, no consumer), the shard sweep with its
-//! cross-shard frees carried back to their owner by the workload itself
-//! (the same handles crossing the same cores, without segalloc's
-//! forwarding: what the pattern's own trips cost), and the old design (one
+//! cross-shard frees carried back to their owner by the workload itself,
+//! batched as segalloc batches them (the same handles crossing the same
+//! cores without segalloc's forwarding code), and the old design (one
 //! `open` + `ftruncate` + `mmap` per segment under the default soft fd
 //! limit of 1024: where it dies). The data files
 //! of every timed phase are written back (`fdatasync`) and deleted before
@@ -664,7 +664,7 @@ fn sweep(
         worst.4,
         "efficiency",
         format!(
-            "{} shards; the next shard's task sends each batch back, its owner frees it",
+            "{} shards; batches of 1,024 sent back by the next shard's task, freed by the owner's",
             worst.3
         ),
     ));
@@ -723,8 +723,8 @@ fn print_tables(args: &Args, cores: usize, d: &[Design], g: &[Goal]) {
     );
     println!("{:<38} {:>14} {:<10} note", "design", "figure", "unit");
     for x in d {
-        // Rates in whole units; a ratio (an efficiency) with two decimals.
-        let places = if x.value < 10.0 { 2 } else { 0 };
+        // Rates in whole units; an efficiency (a ratio) with two decimals.
+        let places = if x.unit == "efficiency" { 2 } else { 0 };
         println!(
             "{:<38} {:>14.places$} {:<10} {}",
             x.name, x.value, x.unit, x.note
