@@ -18,8 +18,8 @@
 //! the owner, sent over a second bounded channel when it holds 1,024
 //! handles or 16 of the task's yields after its first handle; a task on the
 //! owner waits on that channel and frees each batch locally. The same
-//! handles cross the same cores in batches of the same size, as late; only
-//! the code that carries them differs.
+//! handles cross the same cores under the same batching policy; only the
+//! code that carries them differs.
 
 #![allow(dead_code)]
 
@@ -61,6 +61,9 @@ pub struct ShardResult {
     /// [`run_by_hand`]: frees this shard applied from the batches carried
     /// back to it.
     pub carried_back: u64,
+    /// [`run_by_hand`]: batches this shard carried back, and the largest.
+    pub carried_batches: u64,
+    pub largest_batch: usize,
 }
 
 /// What one run over all shards measured.
@@ -79,6 +82,13 @@ pub struct RunResult {
     /// [`run_by_hand`]: frees applied from the batches carried back, over
     /// all shards (with one shard too).
     pub carried_back: u64,
+    /// [`run_by_hand`]: batches carried back over all shards, and the
+    /// largest.
+    pub carried_batches: u64,
+    pub largest_batch: usize,
+    /// Batches of forwarded frees segalloc sent during the run, over all
+    /// shards.
+    pub forwarded_batches: u64,
 }
 
 impl RunResult {
@@ -193,6 +203,8 @@ async fn shard_task(
     // that carries to it has dropped its carrier.
     if let Some(mut c) = carrier {
         c.send().await;
+        r.carried_batches = c.batches;
+        r.largest_batch = c.largest;
     }
     for h in window.into_iter().chain(held.into_iter().map(|(_, h)| h)) {
         shard.free(h)?;
@@ -231,6 +243,9 @@ struct Carrier {
     buf: Vec<Handle>,
     /// Yields since the buffer's first handle.
     yields: u32,
+    /// Batches sent, and the largest.
+    batches: u64,
+    largest: usize,
 }
 
 impl Carrier {
@@ -239,6 +254,8 @@ impl Carrier {
             tx,
             buf: Vec::with_capacity(HAND_BATCH),
             yields: 0,
+            batches: 0,
+            largest: 0,
         }
     }
 
@@ -266,6 +283,8 @@ impl Carrier {
             return;
         }
         let batch = std::mem::replace(&mut self.buf, Vec::with_capacity(HAND_BATCH));
+        self.batches += 1;
+        self.largest = self.largest.max(batch.len());
         // The owner's task runs until every carrier to it is dropped.
         let _ = self.tx.send(batch).await;
     }
@@ -371,6 +390,7 @@ fn run_inner(
     by_hand: bool,
 ) -> Result<RunResult, Error> {
     let n = rt.shard_count();
+    let batches_before = forwarded_batches(rt)?;
     let start = Arc::new(tokio::sync::Barrier::new(n));
     let mut senders: Vec<Option<UnboundedSender<Vec<Handle>>>> = Vec::new();
     let mut receivers: Vec<Option<UnboundedReceiver<Vec<Handle>>>> = (0..n).map(|_| None).collect();
@@ -409,10 +429,13 @@ fn run_inner(
         })
         .collect();
     let mut all = Vec::new();
-    let (mut cross, mut pending_sum, mut pending_samples, mut carried_back) = (0, 0, 0, 0);
+    let (mut cross, mut pending_sum, mut pending_samples) = (0, 0, 0);
+    let (mut carried_back, mut carried_batches, mut largest_batch) = (0, 0, 0);
     for j in jobs {
         let r = futures::executor::block_on(j)??;
         carried_back += r.carried_back;
+        carried_batches += r.carried_batches;
+        largest_batch = largest_batch.max(r.largest_batch);
         // One shard's "next shard" is itself: nothing crossed.
         if n > 1 {
             cross += r.cross_frees;
@@ -432,5 +455,14 @@ fn run_inner(
         p50_ns: percentile(&all, 0.50),
         p99_ns: percentile(&all, 0.99),
         carried_back,
+        carried_batches,
+        largest_batch,
+        forwarded_batches: forwarded_batches(rt)? - batches_before,
     })
+}
+
+/// Batches of forwarded frees every shard of `rt` has sent so far.
+fn forwarded_batches(rt: &Runtime) -> Result<u64, Error> {
+    let stats = futures::executor::block_on(rt.stats())?;
+    Ok(stats.shards.iter().map(|s| s.mesh.batches_sent).sum())
 }

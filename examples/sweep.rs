@@ -14,8 +14,10 @@
 //! (throughput(n) / (n × throughput(1))), cross-shard frees/s (none with
 //! one shard), the frees made but not applied yet per shard (mean of
 //! samples every 1024 operations: forwarded ones on their way, with one
-//! shard those in its channel to its own task, or held ones) and p50/p99
-//! latency of one operation (allocate + write + pin + read + free). Each
+//! shard those in its channel to its own task, or held ones), p50/p99
+//! latency of one operation (allocate + write + pin + read + free), and the
+//! batches the cross-shard frees went back to their owners in (segalloc's,
+//! or the workload's with `--by-hand`; JSON `batches_back`). Each
 //! point is the median of `--repeat` runs (default 3), each on a fresh
 //! data directory.
 
@@ -91,6 +93,9 @@ struct Row {
     pending_frees: f64,
     p50_ns: u64,
     p99_ns: u64,
+    /// Batches the cross-shard frees went back to their owners in:
+    /// segalloc's, or the workload's with `--by-hand`.
+    batches_back: u64,
 }
 
 /// The sweep as one JSON object.
@@ -236,6 +241,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             pending_frees: p.pending_frees,
             p50_ns: p.p50_ns,
             p99_ns: p.p99_ns,
+            batches_back: p.forwarded_batches + p.carried_batches,
         })
         .collect();
     let frees = match (args.cross_every, args.hold_local) {
@@ -252,7 +258,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             args.ops, args.size, args.repeat
         );
         println!(
-            "{:>6} {:>14} {:>14} {:>10} {:>16} {:>13} {:>9} {:>9}",
+            "{:>6} {:>14} {:>14} {:>10} {:>16} {:>13} {:>9} {:>9} {:>12}",
             "shards",
             "ops/s",
             "ops/s/shard",
@@ -260,11 +266,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "cross frees/s",
             "pending frees",
             "p50 ns",
-            "p99 ns"
+            "p99 ns",
+            "batches back"
         );
         for r in &rows {
             println!(
-                "{:>6} {:>14.0} {:>14.0} {:>10.2} {:>16.0} {:>13.0} {:>9} {:>9}",
+                "{:>6} {:>14.0} {:>14.0} {:>10.2} {:>16.0} {:>13.0} {:>9} {:>9} {:>12}",
                 r.shards,
                 r.ops,
                 r.ops_per_shard,
@@ -272,7 +279,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 r.cross_per_sec,
                 r.pending_frees,
                 r.p50_ns,
-                r.p99_ns
+                r.p99_ns,
+                r.batches_back
             );
         }
     }
@@ -380,6 +388,14 @@ mod tests {
                 sent_per_shard * shards as u64,
                 "{shards} shards"
             );
+            // Carried in batches of at most 1,024, most of them full: not
+            // all at the end, nor each batch of 64 as it came.
+            let full = r.carried_back / workload::HAND_BATCH as u64;
+            assert!(r.largest_batch <= workload::HAND_BATCH, "{r:?}");
+            assert!(
+                (full..=2 * full + 2 * shards as u64).contains(&r.carried_batches),
+                "{r:?}"
+            );
             // With one shard its own task is the next: nothing crossed.
             let crossed = if shards > 1 { r.carried_back } else { 0 };
             assert_eq!(r.cross_frees, crossed);
@@ -401,6 +417,7 @@ mod tests {
             pending_frees: 1234.4,
             p50_ns: 109,
             p99_ns: 4435,
+            batches_back: 1618,
         };
         let report = Report {
             ops_per_shard: 2000,
@@ -421,7 +438,7 @@ mod tests {
                 r#""cores":2,"io_backend":"io_uring","#,
                 r#""points":[{"shards":2,"ops_per_sec":10159195,"ops_per_sec_per_shard":5079598,"#,
                 r#""efficiency":0.8354,"cross_frees_per_sec":1239422,"pending_frees":1234,"#,
-                r#""p50_ns":109,"p99_ns":4435}]}"#
+                r#""p50_ns":109,"p99_ns":4435,"batches_back":1618}]}"#
             )
         );
     }

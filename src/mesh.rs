@@ -5,9 +5,10 @@
 //! * **Frees.** Every ordered pair of shards `(from, to)` has its own bounded
 //!   channel of [`Parcel`]s, so no two senders share a queue and no lock is
 //!   taken. A shard buffers frees of other shards' handles per destination
-//!   and sends a batch when it reaches [`BATCH`] handles or after
-//!   [`FLUSH_TICKS`] turns of its executor (an idle shard sends at once, a
-//!   busy one gathers bigger batches). A channel holds at most
+//!   and sends a batch when it reaches [`BATCH`] handles or
+//!   [`FLUSH_TICKS`] turns of its executor after the batch's first free (an
+//!   idle shard sends at once, a busy one gathers bigger batches; a full
+//!   batch's send starts the next batch's clock). A channel holds at most
 //!   [`QUEUE_BATCHES`] batches: when it is full and the sender's buffer for
 //!   that owner is full too, a further free is refused with
 //!   [`Error::Backpressure`] (nothing changes; await a flush and retry), so
@@ -48,8 +49,9 @@ pub(crate) const QUEUE_BATCHES: usize = 256;
 /// Closures waiting to run on one shard before senders wait.
 pub(crate) const JOB_QUEUE: usize = 1024;
 
-/// A partial batch is sent after this many turns of the shard's executor.
-pub(crate) const FLUSH_TICKS: usize = 16;
+/// A partial batch is sent this many turns of the shard's executor after
+/// its first free.
+pub(crate) const FLUSH_TICKS: u64 = 16;
 
 /// Counters of a shard's mesh endpoint.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -127,6 +129,11 @@ pub(crate) fn build<J>(n: usize) -> Vec<Endpoint<J>> {
 pub(crate) struct MeshLocal<J> {
     out: Vec<Option<Sender<Parcel>>>,
     buffers: RefCell<Vec<Vec<Handle>>>,
+    /// Per destination, the flush clock's turn when its buffer got its
+    /// first free.
+    first_at: Vec<Cell<u64>>,
+    /// The flush task's turns so far: the clock of [`FLUSH_TICKS`].
+    turn: Cell<u64>,
     flush_scheduled: Cell<bool>,
     closed: Cell<bool>,
     stats: Cell<MeshStats>,
@@ -146,6 +153,8 @@ impl<J: 'static> MeshLocal<J> {
         MeshLocal {
             out: ep.out,
             buffers: RefCell::new(vec![Vec::new(); n]),
+            first_at: (0..n).map(|_| Cell::new(0)).collect(),
+            turn: Cell::new(0),
             flush_scheduled: Cell::new(false),
             closed: Cell::new(false),
             stats: Cell::new(MeshStats::default()),
@@ -200,6 +209,9 @@ impl<J: 'static> MeshLocal<J> {
             let mut b = self.buffers.borrow_mut();
             let buf = &mut b[to];
             if buf.len() < BATCH {
+                if buf.is_empty() {
+                    self.first_at[to].set(self.turn.get());
+                }
                 buf.push(h);
                 buf.len() >= BATCH
             } else {
@@ -211,6 +223,7 @@ impl<J: 'static> MeshLocal<J> {
                     }
                     return Err(e);
                 }
+                self.first_at[to].set(self.turn.get());
                 self.buffers.borrow_mut()[to].push(h);
                 false
             }
@@ -225,7 +238,8 @@ impl<J: 'static> MeshLocal<J> {
         Ok(())
     }
 
-    /// Send what accumulated once the executor has turned a few times.
+    /// Send each buffer [`FLUSH_TICKS`] turns of the executor after its
+    /// first free, unless it filled and left before.
     #[inline]
     fn schedule_flush(self: &Rc<Self>) {
         if !self.flush_scheduled.get() {
@@ -233,18 +247,38 @@ impl<J: 'static> MeshLocal<J> {
         }
     }
 
+    /// The flush task: one tick of the clock per turn of the executor, while
+    /// any buffer holds frees. (A task that slept [`FLUSH_TICKS`] turns and
+    /// then sent every buffer sent, right after each full batch, the few
+    /// frees that followed it: in the shard sweep about a third of its
+    /// batches held under 128 frees.)
     #[cold]
     fn spawn_flush(self: &Rc<Self>) {
         self.flush_scheduled.set(true);
         let me = Rc::downgrade(self);
         tokio::task::spawn_local(async move {
-            for _ in 0..FLUSH_TICKS {
+            loop {
                 tokio::task::yield_now().await;
-            }
-            if let Some(me) = me.upgrade() {
-                me.flush_scheduled.set(false);
+                let Some(me) = me.upgrade() else { return };
+                let now = me.turn.get() + 1;
+                me.turn.set(now);
+                let mut waiting = false;
                 for to in 0..me.out.len() {
-                    let _ = me.send_buffered(to).await;
+                    if me.buffers.borrow()[to].is_empty() {
+                        continue;
+                    }
+                    // An owner that is gone keeps its buffer (a flush
+                    // reports it) and stops the clock for it.
+                    if now - me.first_at[to].get() >= FLUSH_TICKS
+                        && me.send_buffered(to).await.is_err()
+                    {
+                        continue;
+                    }
+                    waiting |= !me.buffers.borrow()[to].is_empty();
+                }
+                if !waiting {
+                    me.flush_scheduled.set(false);
+                    return;
                 }
             }
         });

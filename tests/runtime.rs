@@ -170,6 +170,49 @@ fn spawn_on_returns_values_and_errors() {
     rt.shutdown().unwrap();
 }
 
+/// A partial batch of forwarded frees leaves 16 turns of the executor after
+/// its first free, not when a timer started by an earlier batch's first free
+/// runs out: the frees that follow a full batch wait to gather a batch of
+/// their own.
+#[test]
+fn a_full_batch_starts_the_next_batchs_clock() {
+    const BATCH: u64 = 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path(), 2)).unwrap();
+    let recs =
+        block_on(rt.spawn_on(0, |s| async move { fill(&s, 0, BATCH + 20, 16).await })).unwrap();
+    let hs: Vec<Handle> = recs.iter().map(|r| r.0).collect();
+    let sent = block_on(rt.spawn_on(1, move |s| async move {
+        let turns = |n| async move {
+            for _ in 0..n {
+                tokio::task::yield_now().await;
+            }
+        };
+        let batches = |s: &Shard| s.stats().mesh.batches_sent;
+        // 10 frees start a batch and its clock; 10 turns later the next
+        // 1,014 fill it (it leaves at once) and 10 start the next batch.
+        for h in &hs[..10] {
+            s.free(*h).unwrap();
+        }
+        turns(10).await;
+        for h in &hs[10..] {
+            s.free(*h).unwrap();
+        }
+        let full = batches(&s);
+        // 20 turns after the first batch's first free, 10 after the second
+        // batch's: the first batch's clock has run out, the second's not.
+        turns(10).await;
+        let early = batches(&s);
+        turns(40).await;
+        (full, early, batches(&s))
+    }))
+    .unwrap();
+    assert_eq!(sent, (1, 1, 2), "(full batch, 20 turns on, 60 turns on)");
+    block_on(rt.sync()).unwrap();
+    assert_eq!(stats(&rt).shards[0].alloc.allocations_live, 0);
+    rt.shutdown().unwrap();
+}
+
 #[test]
 fn cross_shard_frees_are_counted_and_applied() {
     let dir = tempfile::tempdir().unwrap();
