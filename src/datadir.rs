@@ -378,7 +378,6 @@ pub(crate) fn unfinished_destroy(path: &Path) -> Error {
     }
 }
 
-/// A directory, not a symlink to one.
 /// `lstat(p)`: `None` when nothing is there (any more).
 fn lstat(p: &Path) -> Result<Option<std::fs::Metadata>> {
     match std::fs::symlink_metadata(p) {
@@ -388,6 +387,7 @@ fn lstat(p: &Path) -> Result<Option<std::fs::Metadata>> {
     }
 }
 
+/// A directory, not a symlink to one.
 fn is_real_dir(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
 }
@@ -866,8 +866,7 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
 /// made again since `manifest` was read. (No manifest there, or one that
 /// cannot be read, is not that: those are reported where they matter.)
 pub(crate) fn made_again(dir: &Path, manifest: &Manifest) -> bool {
-    dir.join(MANIFEST_FILE).exists()
-        && read_manifest(dir).is_ok_and(|m| m.dir_id != manifest.dir_id)
+    read_manifest(dir).is_ok_and(|m| m.dir_id != manifest.dir_id)
 }
 
 /// The manifest in file `p` of directory `dir` (`MANIFEST`, or the
