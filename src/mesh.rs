@@ -193,7 +193,33 @@ impl<J: 'static> MeshLocal<J> {
     /// [`Error::ShardGone`] when the owner is gone or this endpoint is
     /// closed; [`Error::Backpressure`] when the owner's channel and this
     /// shard's buffer for it are both full. Nothing is queued then.
+    #[inline]
     pub(crate) fn forward(self: &Rc<Self>, h: Handle) -> Result<()> {
+        let to = h.shard() as usize;
+        // The common case, kept small: an open owner whose batch has begun
+        // (its clock runs: the flush task is scheduled) and has room after
+        // this free. Everything else takes `forward_slow`.
+        if let Some(Some(tx)) = self.out.get(to)
+            && !self.closed.get()
+            && !tx.is_closed()
+        {
+            let mut b = self.buffers.borrow_mut();
+            let buf = &mut b[to];
+            if (1..BATCH - 1).contains(&buf.len()) {
+                debug_assert!(self.flush_scheduled.get());
+                buf.push(h);
+                drop(b);
+                self.sent.set(self.sent.get() + 1);
+                return Ok(());
+            }
+        }
+        self.forward_slow(h)
+    }
+
+    /// [`forward`](Self::forward) of a batch's first or last free, or to an
+    /// owner that is gone.
+    #[inline(never)]
+    fn forward_slow(self: &Rc<Self>, h: Handle) -> Result<()> {
         let to = h.shard() as usize;
         // A stopped owner has closed its channel: refuse at once (a buffered
         // free would be acknowledged, then lost with its batch).

@@ -113,6 +113,70 @@ fn forged_foreign_handles_register_nothing() {
     rt.shutdown().unwrap();
 }
 
+/// `h` with bytes `at..` replaced by `with`, re-signed.
+fn forge_bytes(h: Handle, at: usize, with: &[u8]) -> Handle {
+    let mut b: [u8; HANDLE_BYTES] = h.to_bytes();
+    b[at..at + with.len()].copy_from_slice(with);
+    let crc = crc32c::crc32c(&b[..36]);
+    b[36..40].copy_from_slice(&crc.to_le_bytes());
+    Handle::from_bytes(&b).expect("forged handle decodes")
+}
+
+/// A free of another shard's forged handle is refused where it is made,
+/// with the error of its first bad field (directory, shard, bounds), and
+/// nothing is forwarded; the real handle is then forwarded and applied.
+#[test]
+fn forged_foreign_frees_are_refused_before_forwarding() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path())).unwrap();
+    let h = block_on(rt.spawn_on(
+        0,
+        |s| async move { s.allocate(64).await.unwrap().into_handle() },
+    ))
+    .unwrap();
+    let other_dir = forge_bytes(h, 32, &(h.dir_tag() ^ 1).to_le_bytes());
+    let no_shard = forge_bytes(h, 4, &2u16.to_le_bytes());
+    let both = forge_bytes(no_shard, 32, &(h.dir_tag() ^ 1).to_le_bytes());
+    let far = forge_bytes(h, 24, &(1u64 << 60).to_le_bytes());
+    let (refused, sent_after_refused, good, flushed) =
+        block_on(rt.spawn_on(1, move |s| async move {
+            let refused = [
+                s.free(other_dir),
+                s.free(no_shard),
+                s.free(both),
+                s.free(far),
+            ];
+            let sent = s.stats().mesh.cross_frees_sent;
+            (refused, sent, s.free(h), s.flush_frees().await)
+        }))
+        .unwrap();
+    let [other_dir, no_shard, both, far] = refused;
+    assert!(
+        matches!(other_dir, Err(Error::ForeignHandle { .. })),
+        "{other_dir:?}"
+    );
+    assert!(
+        matches!(no_shard, Err(Error::WrongShard { owner: 2, .. })),
+        "{no_shard:?}"
+    );
+    assert!(matches!(both, Err(Error::ForeignHandle { .. })), "{both:?}");
+    assert!(matches!(far, Err(Error::NotAllocated { .. })), "{far:?}");
+    assert_eq!(sent_after_refused, 0, "a refused free was forwarded");
+    good.unwrap();
+    flushed.unwrap();
+    let st = block_on(rt.stats()).unwrap();
+    assert_eq!(st.shards[1].mesh.cross_frees_sent, 1);
+    assert_eq!(st.shards[0].mesh.cross_frees_received, 1);
+    assert_eq!(st.shards[0].mesh.cross_frees_rejected, 0);
+    let pinned =
+        block_on(rt.spawn_on(0, move |s| async move { s.pin(h).await.map(|_| ()) })).unwrap();
+    assert!(
+        matches!(pinned, Err(Error::NotAllocated { .. })),
+        "{pinned:?}"
+    );
+    rt.shutdown().unwrap();
+}
+
 /// An offset at the end of the address space is refused, not wrapped.
 #[test]
 fn foreign_offset_overflow_is_an_error() {

@@ -353,14 +353,34 @@ impl Shard {
     /// that the local free stays small.
     #[inline(never)]
     fn forward_free(&self, handle: Handle) -> Result<()> {
-        self.check_foreign(&handle)?;
-        // Every shard of a directory is opened the same way: a read-only
-        // owner would reject the free after it was acknowledged here.
-        if self.inner.files.is_read_only() {
-            return Err(Error::ReadOnly("shard opened read-only"));
+        let inner = &*self.inner;
+        let m = inner.dir.manifest();
+        // `check_foreign`'s checks in one condition (its errors are built
+        // off this path, by `refuse_free`), then the read-only one: every
+        // shard of a directory is opened the same way, so a read-only owner
+        // would reject the free after it was acknowledged here.
+        if let Some(mesh) = inner.mesh.get()
+            && handle.dir_tag() == m.dir_tag()
+            && handle.shard() < m.shard_count
+            && handle
+                .offset()
+                .checked_add(u64::from(handle.len()))
+                .is_some_and(|end| end <= m.max_file_bytes)
+            && !inner.files.is_read_only()
+        {
+            return mesh.forward(handle);
         }
-        let mesh = self.inner.mesh.get().expect("checked by check_foreign");
-        mesh.forward(handle)
+        Err(self.refuse_free(handle))
+    }
+
+    /// Why [`forward_free`](Self::forward_free) refuses `handle`.
+    #[cold]
+    #[inline(never)]
+    fn refuse_free(&self, handle: Handle) -> Error {
+        match self.check_foreign(&handle) {
+            Err(e) => e,
+            Ok(()) => Error::ReadOnly("shard opened read-only"),
+        }
     }
 
     /// Make everything acknowledged so far durable against power loss: this
