@@ -160,7 +160,7 @@ fn header(len: u32, seed: u32) -> [u8; HEADER_BYTES] {
     let mut h = [0u8; HEADER_BYTES];
     h[0..4].copy_from_slice(&len.to_le_bytes());
     h[4..8].copy_from_slice(&seed.to_le_bytes());
-    let hcrc = crc::append(0, &h[0..12]) ^ SEAL_MAGIC;
+    let hcrc = crc::append12(0, h.first_chunk::<12>().expect("16 bytes")) ^ SEAL_MAGIC;
     h[12..16].copy_from_slice(&hcrc.to_le_bytes());
     h
 }
@@ -181,7 +181,7 @@ async fn check_record(shard: &Shard, h: Handle, buf: &mut Vec<u8>, pool: &mut Po
     pin.read_at(0, &mut hd).expect("slot holds a header");
     let word = |i: usize| u32::from_le_bytes(hd[i..i + 4].try_into().expect("4 bytes"));
     let (len, seed, pcrc, hcrc) = (word(0), word(4), word(8), word(12));
-    let crc = crc::append(0, &hd[0..12]);
+    let crc = crc::append12(0, hd.first_chunk::<12>().expect("16 bytes"));
     if crc ^ SEAL_MAGIC_V1 == hcrc {
         return Check::Mismatch(format!(
             "{h}: record of an earlier demo format; rerun with --fresh"
