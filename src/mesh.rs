@@ -197,8 +197,10 @@ impl<J: 'static> MeshLocal<J> {
     pub(crate) fn forward(self: &Rc<Self>, h: Handle) -> Result<()> {
         let to = h.shard() as usize;
         // The common case, kept small: an open owner whose batch has begun
-        // (its clock runs: the flush task is scheduled) and has room after
-        // this free. Everything else takes `forward_slow`.
+        // and has room after this free. Its clock runs: the flush task is
+        // scheduled while a buffer for an open owner holds frees (it
+        // checks, last thing before it ends). Everything else takes
+        // `forward_slow`.
         if let Some(Some(tx)) = self.out.get(to)
             && !self.closed.get()
             && !tx.is_closed()
@@ -288,26 +290,36 @@ impl<J: 'static> MeshLocal<J> {
                 let Some(me) = me.upgrade() else { return };
                 let now = me.turn.get() + 1;
                 me.turn.set(now);
-                let mut waiting = false;
                 for to in 0..me.out.len() {
-                    if me.buffers.borrow()[to].is_empty() {
-                        continue;
-                    }
                     // An owner that is gone keeps its buffer (a flush
-                    // reports it) and stops the clock for it.
-                    if now - me.first_at[to].get() >= FLUSH_TICKS
-                        && me.send_buffered(to).await.is_err()
+                    // reports it); `ticking` stops the clock for it.
+                    if !me.buffers.borrow()[to].is_empty()
+                        && now - me.first_at[to].get() >= FLUSH_TICKS
                     {
-                        continue;
+                        let _ = me.send_buffered(to).await;
                     }
-                    waiting |= !me.buffers.borrow()[to].is_empty();
                 }
-                if !waiting {
+                // Looked at after the sends, with no await before the flag
+                // is cleared: a batch begun while a send above waited for
+                // room (for an owner this turn had passed) keeps the clock
+                // running. `forward` relies on it: it queues into a begun
+                // batch without scheduling anything.
+                if !me.ticking() {
                     me.flush_scheduled.set(false);
                     return;
                 }
             }
         });
+    }
+
+    /// Whether a buffer holds frees for an owner that is not gone: the
+    /// flush clock must keep running.
+    fn ticking(&self) -> bool {
+        let buffers = self.buffers.borrow();
+        self.out
+            .iter()
+            .zip(buffers.iter())
+            .any(|(tx, buf)| !buf.is_empty() && tx.as_ref().is_some_and(|tx| !tx.is_closed()))
     }
 
     /// Send the buffer for `to` if its channel has room now.

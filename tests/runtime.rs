@@ -195,7 +195,12 @@ fn a_full_batch_starts_the_next_batchs_clock() {
             s.free(*h).unwrap();
         }
         turns(10).await;
-        for h in &hs[10..] {
+        // The 1,024th free fills the batch: it leaves with it.
+        for h in &hs[10..BATCH as usize] {
+            s.free(*h).unwrap();
+        }
+        let at_full = batches(&s);
+        for h in &hs[BATCH as usize..] {
             s.free(*h).unwrap();
         }
         let full = batches(&s);
@@ -204,13 +209,136 @@ fn a_full_batch_starts_the_next_batchs_clock() {
         turns(10).await;
         let early = batches(&s);
         turns(40).await;
-        (full, early, batches(&s))
+        (at_full, full, early, batches(&s))
     }))
     .unwrap();
-    assert_eq!(sent, (1, 1, 2), "(full batch, 20 turns on, 60 turns on)");
+    assert_eq!(
+        sent,
+        (1, 1, 1, 2),
+        "(the 1,024th free, all frees, 20 turns on, 60 turns on)"
+    );
     block_on(rt.sync()).unwrap();
     assert_eq!(stats(&rt).shards[0].alloc.allocations_live, 0);
     rt.shutdown().unwrap();
+}
+
+/// A batch that begins while the flush task waits for room in another
+/// owner's channel still leaves `FLUSH_TICKS` turns after its first free,
+/// and so do the frees queued into it after that wait (the task once
+/// passed over it and ended, and later frees joined the begun batch
+/// without scheduling anything: they waited for a full batch or a flush).
+#[test]
+fn a_batch_begun_while_the_flush_waits_for_room_still_leaves_on_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path(), 3)).unwrap();
+    let h2 = block_on(rt.spawn_on(
+        2,
+        |s| async move { s.allocate(16).await.unwrap().into_handle() },
+    ))
+    .unwrap();
+    let h1: Vec<Handle> = block_on(rt.spawn_on(1, |s| async move {
+        let mut v = Vec::new();
+        for _ in 0..2 {
+            v.push(s.allocate(16).await.unwrap().into_handle());
+        }
+        v
+    }))
+    .unwrap();
+    // Shard 2 stops draining: its channel from shard 0 fills.
+    let (release, blocked) = std::sync::mpsc::channel::<()>();
+    let busy = rt.spawn_on(2, move |_| async move {
+        let _ = blocked.recv();
+    });
+    let (before, received_late) = block_on(rt.spawn_on(0, move |s| async move {
+        let turns = |n| async move {
+            for _ in 0..n {
+                tokio::task::yield_now().await;
+            }
+        };
+        // The same handle over and over (shard 2 rejects all but one):
+        // until the channel and this shard's buffer for shard 2 are full.
+        loop {
+            match s.free(h2) {
+                Ok(()) => {}
+                Err(Error::Backpressure { owner: 2, .. }) => break,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        // The flush task now waits for room in shard 2's channel; a batch
+        // for shard 1 begins meanwhile.
+        turns(40).await;
+        let before = s.stats().mesh.batches_sent;
+        s.free(h1[0]).unwrap();
+        release.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.stats().mesh.batches_sent == before {
+            assert!(Instant::now() < deadline, "shard 2's batch never left");
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        // Queued into the begun batch.
+        s.free(h1[1]).unwrap();
+        turns(200).await;
+        (before, s.stats().mesh.batches_sent)
+    }))
+    .unwrap();
+    block_on(busy).unwrap();
+    // Shard 2's full batch, then shard 1's batch of two, on the clock.
+    assert!(received_late >= before + 2, "{before} -> {received_late}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats(&rt).shards[1].mesh.cross_frees_received < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "acknowledged frees to shard 1 never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    rt.shutdown().unwrap();
+}
+
+/// A free of a gone owner's handle is refused while this shard's buffer
+/// for it holds frees (the batch had begun before the owner stopped), not
+/// queued after them to be lost with them.
+#[test]
+fn a_begun_batch_for_a_gone_owner_takes_no_more_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path(), 2)).unwrap();
+    let hs = common::allocate_synced(&rt, 1, 2, 64);
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let (begun_tx, begun) = std::sync::mpsc::channel::<()>();
+    let frees = rt.spawn_on(0, move |s| async move {
+        // Begun, and the shard's thread held (no turn passes: the batch
+        // stays here) until its owner is gone.
+        s.free(hs[0]).unwrap();
+        begun_tx.send(()).unwrap();
+        wait.recv().unwrap();
+        let mut accepted = 0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match s.free(hs[1]) {
+                Ok(()) => accepted += 1,
+                Err(Error::ShardGone { shard: 1 }) => break,
+                Err(e) => panic!("{e:?}"),
+            }
+            assert!(Instant::now() < deadline, "never refused");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (accepted, s.flush_frees().await)
+    });
+    begun.recv().unwrap();
+    common::crash_and_wait_gone(&rt, 1);
+    // Its channels close as its thread unwinds, a moment after.
+    std::thread::sleep(Duration::from_millis(200));
+    go.send(()).unwrap();
+    let (accepted, flushed) = block_on(frees).unwrap();
+    assert!(
+        accepted <= 20,
+        "{accepted} frees queued for a gone owner before one was refused"
+    );
+    assert!(
+        matches!(flushed, Err(Error::ShardGone { shard: 1 })),
+        "{flushed:?}"
+    );
 }
 
 #[test]
