@@ -157,10 +157,12 @@ impl Pool {
 
 /// The sealed header of a record of `len` payload bytes from `seed`.
 fn header(len: u32, seed: u32) -> [u8; HEADER_BYTES] {
+    // Bytes 0..8: the length then the seed; 8..12 (the payload's checksum
+    // of an earlier format) zero; 12..16 the seal over the first 12.
+    let low = u64::from(len) | u64::from(seed) << 32;
+    let hcrc = crc::append12_words(0, low, 0) ^ SEAL_MAGIC;
     let mut h = [0u8; HEADER_BYTES];
-    h[0..4].copy_from_slice(&len.to_le_bytes());
-    h[4..8].copy_from_slice(&seed.to_le_bytes());
-    let hcrc = crc::append12(0, h.first_chunk::<12>().expect("16 bytes")) ^ SEAL_MAGIC;
+    h[0..8].copy_from_slice(&low.to_le_bytes());
     h[12..16].copy_from_slice(&hcrc.to_le_bytes());
     h
 }

@@ -51,23 +51,35 @@ fn append_sse42(crc: u32, data: &[u8]) -> u32 {
 /// splitting the slice).
 #[inline]
 pub fn append12(crc: u32, data: &[u8; 12]) -> u32 {
+    let (low, high) = data.split_first_chunk::<8>().expect("12 bytes");
+    let high: &[u8; 4] = high.try_into().expect("4 bytes");
+    append12_words(crc, u64::from_le_bytes(*low), u32::from_le_bytes(*high))
+}
+
+/// [`append12`] of the bytes `low.to_le_bytes()` then `high.to_le_bytes()`,
+/// for a caller that has the header's fields in registers: assembling
+/// them in memory with 4-byte stores and reading 8 bytes back stalls the
+/// load until the stores retire.
+#[inline]
+pub fn append12_words(crc: u32, low: u64, high: u32) -> u32 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("sse4.2") {
         // SAFETY: the CPU has SSE 4.2, the only feature `append12_sse42`
         // is compiled for.
-        return unsafe { append12_sse42(crc, data) };
+        return unsafe { append12_sse42(crc, low, high) };
     }
-    crc32c::crc32c_append(crc, data)
+    let mut bytes = [0u8; 12];
+    bytes[..8].copy_from_slice(&low.to_le_bytes());
+    bytes[8..].copy_from_slice(&high.to_le_bytes());
+    crc32c::crc32c_append(crc, &bytes)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse4.2")]
-fn append12_sse42(crc: u32, data: &[u8; 12]) -> u32 {
+fn append12_sse42(crc: u32, low: u64, high: u32) -> u32 {
     use std::arch::x86_64::{_mm_crc32_u32, _mm_crc32_u64};
-    let (low, high) = data.split_first_chunk::<8>().expect("12 bytes");
-    let high: &[u8; 4] = high.try_into().expect("4 bytes");
-    let state = _mm_crc32_u64(u64::from(!crc), u64::from_le_bytes(*low)) as u32;
-    !_mm_crc32_u32(state, u32::from_le_bytes(*high))
+    let state = _mm_crc32_u64(u64::from(!crc), low) as u32;
+    !_mm_crc32_u32(state, high)
 }
 
 #[cfg(test)]
@@ -133,8 +145,15 @@ mod tests {
                     assert_eq!(super::append12(start, &d), want, "pos {pos} value {v}");
                     #[cfg(target_arch = "x86_64")]
                     if std::arch::is_x86_feature_detected!("sse4.2") {
+                        let (low, high) = d.split_at(8);
                         // SAFETY: the CPU has SSE 4.2 (checked just above).
-                        let fast = unsafe { super::append12_sse42(start, &d) };
+                        let fast = unsafe {
+                            super::append12_sse42(
+                                start,
+                                u64::from_le_bytes(low.try_into().unwrap()),
+                                u32::from_le_bytes(high.try_into().unwrap()),
+                            )
+                        };
                         assert_eq!(fast, want, "sse4.2 pass, pos {pos} value {v}");
                     }
                 }
