@@ -21,15 +21,22 @@ fn config(dir: &Path) -> Config {
     common::small_cfg_shards(&dir.join("data"), 2)
 }
 
-/// `h` with its file number, offset or shard replaced, re-signed.
+/// `h` with its file number or offset replaced, re-signed.
 fn forge(h: Handle, file: Option<u32>, offset: Option<u64>) -> Handle {
+    let h = match file {
+        Some(f) => forge_bytes(h, 8, &f.to_le_bytes()),
+        None => h,
+    };
+    match offset {
+        Some(o) => forge_bytes(h, 24, &o.to_le_bytes()),
+        None => h,
+    }
+}
+
+/// `h` with bytes `at..` replaced by `with`, re-signed.
+fn forge_bytes(h: Handle, at: usize, with: &[u8]) -> Handle {
     let mut b: [u8; HANDLE_BYTES] = h.to_bytes();
-    if let Some(f) = file {
-        b[8..12].copy_from_slice(&f.to_le_bytes());
-    }
-    if let Some(o) = offset {
-        b[24..32].copy_from_slice(&o.to_le_bytes());
-    }
+    b[at..at + with.len()].copy_from_slice(with);
     let crc = crc32c::crc32c(&b[..36]);
     b[36..40].copy_from_slice(&crc.to_le_bytes());
     Handle::from_bytes(&b).expect("forged handle decodes")
@@ -111,15 +118,6 @@ fn forged_foreign_handles_register_nothing() {
     .unwrap();
     assert_eq!(after, before, "forged handles registered files");
     rt.shutdown().unwrap();
-}
-
-/// `h` with bytes `at..` replaced by `with`, re-signed.
-fn forge_bytes(h: Handle, at: usize, with: &[u8]) -> Handle {
-    let mut b: [u8; HANDLE_BYTES] = h.to_bytes();
-    b[at..at + with.len()].copy_from_slice(with);
-    let crc = crc32c::crc32c(&b[..36]);
-    b[36..40].copy_from_slice(&crc.to_le_bytes());
-    Handle::from_bytes(&b).expect("forged handle decodes")
 }
 
 /// A free of another shard's forged handle is refused where it is made,
