@@ -7,7 +7,8 @@
 //! 2,635 instructions, callgrind). The tests check that both agree.
 //!
 //! Each example that includes this file uses a part of it: the demo
-//! `append12` (its 12-byte seals), the kv_server `append`.
+//! `append12` and `append12_words` (its 12-byte seals), the kv_server
+//! `append`.
 
 #![allow(dead_code)]
 
