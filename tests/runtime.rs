@@ -223,10 +223,12 @@ fn a_full_batch_starts_the_next_batchs_clock() {
 }
 
 /// A batch that begins while the flush task waits for room in another
-/// owner's channel still leaves `FLUSH_TICKS` turns after its first free,
-/// and so do the frees queued into it after that wait (the task once
-/// passed over it and ended, and later frees joined the begun batch
-/// without scheduling anything: they waited for a full batch or a flush).
+/// owner's channel is sent on the clock once that wait is over, and so
+/// are the frees queued into it after the wait (the task once passed over
+/// it and ended, and later frees joined the begun batch without
+/// scheduling anything: they waited for a full batch or a flush). While
+/// the task waits, no batch leaves: a blocked owner holds up the others'
+/// clocks (a limit the README states).
 #[test]
 fn a_batch_begun_while_the_flush_waits_for_room_still_leaves_on_time() {
     let dir = tempfile::tempdir().unwrap();
@@ -264,10 +266,16 @@ fn a_batch_begun_while_the_flush_waits_for_room_still_leaves_on_time() {
                 Err(e) => panic!("{e:?}"),
             }
         }
-        // The flush task now waits for room in shard 2's channel; a batch
-        // for shard 1 begins meanwhile.
+        // The flush task now waits for room in shard 2's channel (no batch
+        // leaves meanwhile); a batch for shard 1 begins.
         turns(40).await;
         let before = s.stats().mesh.batches_sent;
+        turns(40).await;
+        assert_eq!(
+            s.stats().mesh.batches_sent,
+            before,
+            "the flush task is not waiting for room"
+        );
         s.free(h1[0]).unwrap();
         release.send(()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
