@@ -125,6 +125,13 @@ pub(crate) fn build<J>(n: usize) -> Vec<Endpoint<J>> {
         .collect()
 }
 
+/// Whether `tx` is a channel to a peer that still receives (`None`: the
+/// shard itself, which has no channel).
+#[inline(always)]
+fn open(tx: Option<&Sender<Parcel>>) -> bool {
+    tx.is_some_and(|tx| !tx.is_closed())
+}
+
 /// A shard's side of the mesh, once open (`!Send`).
 pub(crate) struct MeshLocal<J> {
     out: Vec<Option<Sender<Parcel>>>,
@@ -201,10 +208,7 @@ impl<J: 'static> MeshLocal<J> {
         // scheduled while a buffer for an open owner holds frees (it
         // checks, last thing before it ends). Everything else takes
         // `forward_slow`.
-        if let Some(Some(tx)) = self.out.get(to)
-            && !self.closed.get()
-            && !tx.is_closed()
-        {
+        if self.takes_frees_for(to) {
             let mut b = self.buffers.borrow_mut();
             let buf = &mut b[to];
             if (1..BATCH - 1).contains(&buf.len()) {
@@ -218,6 +222,13 @@ impl<J: 'static> MeshLocal<J> {
         self.forward_slow(h)
     }
 
+    /// Whether this endpoint accepts a free for owner `to`: it is not
+    /// closed, and `to` is a peer whose channel is open.
+    #[inline(always)]
+    fn takes_frees_for(&self, to: usize) -> bool {
+        !self.closed.get() && self.out.get(to).is_some_and(|tx| open(tx.as_ref()))
+    }
+
     /// [`forward`](Self::forward) of a batch's first or last free, or to an
     /// owner that is gone.
     #[inline(never)]
@@ -225,12 +236,7 @@ impl<J: 'static> MeshLocal<J> {
         let to = h.shard() as usize;
         // A stopped owner has closed its channel: refuse at once (a buffered
         // free would be acknowledged, then lost with its batch).
-        if self.closed.get()
-            || self
-                .out
-                .get(to)
-                .is_none_or(|tx| tx.as_ref().is_none_or(Sender::is_closed))
-        {
+        if !self.takes_frees_for(to) {
             return Err(Error::ShardGone { shard: h.shard() });
         }
         let full = {
@@ -319,7 +325,7 @@ impl<J: 'static> MeshLocal<J> {
         self.out
             .iter()
             .zip(buffers.iter())
-            .any(|(tx, buf)| !buf.is_empty() && tx.as_ref().is_some_and(|tx| !tx.is_closed()))
+            .any(|(tx, buf)| !buf.is_empty() && open(tx.as_ref()))
     }
 
     /// Send the buffer for `to` if its channel has room now.
