@@ -21,6 +21,14 @@ fn config(dir: &Path) -> Config {
     common::small_cfg_shards(&dir.join("data"), 2)
 }
 
+/// A new 64-byte allocation of shard `shard`.
+fn allocate_on(rt: &Runtime, shard: usize) -> Handle {
+    block_on(rt.spawn_on(shard, |s| async move {
+        s.allocate(64).await.unwrap().into_handle()
+    }))
+    .unwrap()
+}
+
 /// `h` with its file number or offset replaced, re-signed.
 fn forge(h: Handle, file: Option<u32>, offset: Option<u64>) -> Handle {
     let h = match file {
@@ -91,11 +99,7 @@ fn owner_writes_while_another_shard_reads_no_torn_read() {
 fn forged_foreign_handles_register_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let rt = Runtime::start(config(dir.path())).unwrap();
-    let h = block_on(rt.spawn_on(
-        0,
-        |s| async move { s.allocate(64).await.unwrap().into_handle() },
-    ))
-    .unwrap();
+    let h = allocate_on(&rt, 0);
     let (before, after) = block_on(rt.spawn_on(1, move |s| async move {
         let before = s.stats().files.files;
         let mut buf = [0u8; 16];
@@ -127,11 +131,7 @@ fn forged_foreign_handles_register_nothing() {
 fn forged_foreign_frees_are_refused_before_forwarding() {
     let dir = tempfile::tempdir().unwrap();
     let rt = Runtime::start(config(dir.path())).unwrap();
-    let h = block_on(rt.spawn_on(
-        0,
-        |s| async move { s.allocate(64).await.unwrap().into_handle() },
-    ))
-    .unwrap();
+    let h = allocate_on(&rt, 0);
     let other_dir = forge_bytes(h, 32, &(h.dir_tag() ^ 1).to_le_bytes());
     let no_shard = forge_bytes(h, 4, &2u16.to_le_bytes());
     let both = forge_bytes(no_shard, 32, &(h.dir_tag() ^ 1).to_le_bytes());
@@ -180,11 +180,7 @@ fn forged_foreign_frees_are_refused_before_forwarding() {
 fn foreign_offset_overflow_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let rt = Runtime::start(config(dir.path())).unwrap();
-    let h = block_on(rt.spawn_on(
-        0,
-        |s| async move { s.allocate(64).await.unwrap().into_handle() },
-    ))
-    .unwrap();
+    let h = allocate_on(&rt, 0);
     let r = block_on(rt.spawn_on(1, move |s| async move {
         let bad = forge(h, None, Some(u64::MAX - 15));
         let mut buf = [0u8; 16];
@@ -491,11 +487,7 @@ fn a_free_for_a_stopped_owner_is_refused() {
 fn pin_and_try_pin_of_another_shards_handle_name_its_owner() {
     let tmp = tempfile::tempdir().unwrap();
     let rt = Runtime::start(config(tmp.path())).unwrap();
-    let h = block_on(rt.spawn_on(
-        1,
-        |s| async move { s.allocate(64).await.unwrap().into_handle() },
-    ))
-    .unwrap();
+    let h = allocate_on(&rt, 1);
     block_on(rt.spawn_on(0, move |s| async move {
         let pinned = s.pin(h).await.map(|_| ());
         let tried = s.try_pin(h).map(|_| ());
@@ -532,11 +524,7 @@ fn pin_and_try_pin_of_another_shards_handle_name_its_owner() {
 fn a_read_only_runtime_refuses_frees_of_other_shards_handles() {
     let dir = tempfile::tempdir().unwrap();
     let rt = Runtime::start(config(dir.path())).unwrap();
-    let h = block_on(rt.spawn_on(
-        0,
-        |s| async move { s.allocate(64).await.unwrap().into_handle() },
-    ))
-    .unwrap();
+    let h = allocate_on(&rt, 0);
     rt.shutdown().unwrap();
     let cfg = Config::builder(dir.path().join("data"))
         .shards(2)

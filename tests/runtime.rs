@@ -83,6 +83,13 @@ fn explode(msg: &str) {
     panic!("{msg}");
 }
 
+/// Let the calling shard's executor turn `n` times.
+async fn turns(n: usize) {
+    for _ in 0..n {
+        tokio::task::yield_now().await;
+    }
+}
+
 fn stats(rt: &Runtime) -> RuntimeStats {
     block_on(rt.stats()).expect("stats")
 }
@@ -183,11 +190,6 @@ fn a_full_batch_starts_the_next_batchs_clock() {
         block_on(rt.spawn_on(0, |s| async move { fill(&s, 0, BATCH + 20, 16).await })).unwrap();
     let hs: Vec<Handle> = recs.iter().map(|r| r.0).collect();
     let sent = block_on(rt.spawn_on(1, move |s| async move {
-        let turns = |n| async move {
-            for _ in 0..n {
-                tokio::task::yield_now().await;
-            }
-        };
         let batches = |s: &Shard| s.stats().mesh.batches_sent;
         // 10 frees start a batch and its clock; 10 turns later the next
         // 1,014 fill it (it leaves at once) and 10 start the next batch.
@@ -252,11 +254,6 @@ fn a_batch_begun_while_the_flush_waits_for_room_still_leaves_on_time() {
         let _ = blocked.recv();
     });
     let (before, received_late) = block_on(rt.spawn_on(0, move |s| async move {
-        let turns = |n| async move {
-            for _ in 0..n {
-                tokio::task::yield_now().await;
-            }
-        };
         // The same handle over and over (shard 2 rejects all but one):
         // until the channel and this shard's buffer for shard 2 are full.
         loop {
