@@ -12,7 +12,9 @@
 //!   [`QUEUE_BATCHES`] batches: when it is full and the sender's buffer for
 //!   that owner is full too, a further free is refused with
 //!   [`Error::Backpressure`] (nothing changes; await a flush and retry), so
-//!   the memory held by frees in flight is bounded. A [`Parcel::Barrier`]
+//!   the memory held by frees in flight is bounded. A buffer whose channel
+//!   is full waits for room in a task of its own, so an owner far behind
+//!   delays only the frees sent to it. A [`Parcel::Barrier`]
 //!   sent after the frees is answered by the owner once it has applied
 //!   everything before it (or with `Poisoned`, when a failed sync left it
 //!   unable to apply frees): that is how a flush waits for the owners. A
@@ -142,6 +144,10 @@ pub(crate) struct MeshLocal<J> {
     /// The flush task's turns so far: the clock of [`FLUSH_TICKS`].
     turn: Cell<u64>,
     flush_scheduled: Cell<bool>,
+    /// Per destination, whether a waiter task sends its buffer as room
+    /// appears in its full channel ([`wait_for_room`](Self::wait_for_room));
+    /// the flush clock passes it by meanwhile.
+    waiting: Vec<Cell<bool>>,
     closed: Cell<bool>,
     stats: Cell<MeshStats>,
     /// `MeshStats::cross_frees_sent`, kept apart: counted on every free.
@@ -163,6 +169,7 @@ impl<J: 'static> MeshLocal<J> {
             first_at: (0..n).map(|_| Cell::new(0)).collect(),
             turn: Cell::new(0),
             flush_scheduled: Cell::new(false),
+            waiting: (0..n).map(|_| Cell::new(false)).collect(),
             closed: Cell::new(false),
             stats: Cell::new(MeshStats::default()),
             sent: Cell::new(0),
@@ -204,15 +211,15 @@ impl<J: 'static> MeshLocal<J> {
     pub(crate) fn forward(self: &Rc<Self>, h: Handle) -> Result<()> {
         let to = h.shard() as usize;
         // The common case, kept small: an open owner whose batch has begun
-        // and has room after this free. Its clock runs: the flush task is
-        // scheduled while a buffer for an open owner holds frees (it
-        // checks, last thing before it ends). Everything else takes
-        // `forward_slow`.
+        // and has room after this free. Someone sends it: while a buffer
+        // for an open owner holds frees, the flush task is scheduled (it
+        // checks, last thing before it ends) or that owner's waiter waits
+        // for room. Everything else takes `forward_slow`.
         if self.takes_frees_for(to) {
             let mut b = self.buffers.borrow_mut();
             let buf = &mut b[to];
             if (1..BATCH - 1).contains(&buf.len()) {
-                debug_assert!(self.flush_scheduled.get());
+                debug_assert!(self.flush_scheduled.get() || self.waiting[to].get());
                 buf.push(h);
                 drop(b);
                 self.sent.set(self.sent.get() + 1);
@@ -285,10 +292,12 @@ impl<J: 'static> MeshLocal<J> {
     /// any buffer holds frees. (A task that slept [`FLUSH_TICKS`] turns and
     /// then sent every buffer sent, right after each full batch, the few
     /// frees that followed it: in the shard sweep about a third of its
-    /// batches held under 128 frees.)
+    /// batches held under 128 frees.) It never waits for room: a buffer
+    /// whose channel is full goes to a waiter of its own
+    /// ([`wait_for_room`](Self::wait_for_room)), so one owner far behind
+    /// does not stop the clock for the others.
     #[cold]
     fn spawn_flush(self: &Rc<Self>) {
-        self.flush_scheduled.set(true);
         let me = Rc::downgrade(self);
         tokio::task::spawn_local(async move {
             loop {
@@ -299,33 +308,56 @@ impl<J: 'static> MeshLocal<J> {
                 for to in 0..me.out.len() {
                     // An owner that is gone keeps its buffer (a flush
                     // reports it); `ticking` stops the clock for it.
-                    if !me.buffers.borrow()[to].is_empty()
+                    if !me.waiting[to].get()
+                        && !me.buffers.borrow()[to].is_empty()
                         && now - me.first_at[to].get() >= FLUSH_TICKS
+                        && matches!(me.try_send(to), Err(Error::Backpressure { .. }))
                     {
-                        let _ = me.send_buffered(to).await;
+                        me.wait_for_room(to);
                     }
                 }
-                // Looked at after the sends, with no await before the flag
-                // is cleared: a batch begun while a send above waited for
-                // room (for an owner this turn had passed) keeps the clock
-                // running. `forward` relies on it: it queues into a begun
-                // batch without scheduling anything.
+                // No await since the sends: the flag is cleared only if no
+                // buffer is left without a sender. `forward` relies on it:
+                // it queues into a begun batch without scheduling anything.
                 if !me.ticking() {
                     me.flush_scheduled.set(false);
                     return;
                 }
             }
         });
+        // Set once the task exists (it cannot run before this returns): a
+        // `spawn_local` that panics, outside a `LocalSet`, leaves the flag
+        // clear and the next free tries again.
+        self.flush_scheduled.set(true);
     }
 
-    /// Whether a buffer holds frees for an owner that is not gone: the
-    /// flush clock must keep running.
+    /// Hand the buffer for `to`, whose channel is full, to a task that
+    /// sends it, and whatever joins it meanwhile, as room appears; the
+    /// flush clock passes `to` by until that task has emptied the buffer
+    /// (or found the owner gone).
+    #[cold]
+    fn wait_for_room(self: &Rc<Self>, to: usize) {
+        let me = Rc::downgrade(self);
+        tokio::task::spawn_local(async move {
+            let Some(me) = me.upgrade() else { return };
+            let _ = me.send_buffered(to).await;
+            // The buffer is empty now (no await since `send_buffered`
+            // looked), or the owner is gone: either way nothing is left
+            // for this waiter to send.
+            me.waiting[to].set(false);
+        });
+        self.waiting[to].set(true);
+    }
+
+    /// Whether a buffer holds frees for an owner that is not gone and that
+    /// no waiter sends: the flush clock must keep running.
     fn ticking(&self) -> bool {
         let buffers = self.buffers.borrow();
         self.out
             .iter()
             .zip(buffers.iter())
-            .any(|(tx, buf)| !buf.is_empty() && open(tx.as_ref()))
+            .zip(&self.waiting)
+            .any(|((tx, buf), waiting)| !buf.is_empty() && open(tx.as_ref()) && !waiting.get())
     }
 
     /// Send the buffer for `to` if its channel has room now.

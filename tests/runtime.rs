@@ -224,15 +224,15 @@ fn a_full_batch_starts_the_next_batchs_clock() {
     rt.shutdown().unwrap();
 }
 
-/// A batch that begins while the flush task waits for room in another
-/// owner's channel is sent on the clock once that wait is over, and so
-/// are the frees queued into it after the wait (the task once passed over
-/// it and ended, and later frees joined the begun batch without
-/// scheduling anything: they waited for a full batch or a flush). While
-/// the task waits, no batch leaves: a blocked owner holds up the others'
-/// clocks (a limit the README states).
+/// While one owner's batch waits for room in its full channel, nothing
+/// for it leaves; once room appears it does, and a batch for another owner
+/// begun meanwhile, and the frees that join that owner's next batch, leave
+/// on the clock. (When the flush task itself waited for room, it once
+/// passed over a batch begun during the wait and ended, and later frees
+/// joined that batch without scheduling anything: they waited for a full
+/// batch or a flush.)
 #[test]
-fn a_batch_begun_while_the_flush_waits_for_room_still_leaves_on_time() {
+fn a_batch_begun_while_another_owners_batch_waits_for_room_leaves_on_time() {
     let dir = tempfile::tempdir().unwrap();
     let rt = Runtime::start(config(dir.path(), 3)).unwrap();
     let h2 = block_on(rt.spawn_on(
@@ -263,33 +263,33 @@ fn a_batch_begun_while_the_flush_waits_for_room_still_leaves_on_time() {
                 Err(e) => panic!("{e:?}"),
             }
         }
-        // The flush task now waits for room in shard 2's channel (no batch
-        // leaves meanwhile); a batch for shard 1 begins.
+        // Shard 2's batch now waits for room (nothing leaves meanwhile); a
+        // batch for shard 1 begins.
         turns(40).await;
         let before = s.stats().mesh.batches_sent;
         turns(40).await;
         assert_eq!(
             s.stats().mesh.batches_sent,
             before,
-            "the flush task is not waiting for room"
+            "a batch left shard 2's full channel"
         );
         s.free(h1[0]).unwrap();
         release.send(()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while s.stats().mesh.batches_sent == before {
-            assert!(Instant::now() < deadline, "shard 2's batch never left");
+        while s.stats().mesh.batches_sent < before + 2 {
+            assert!(Instant::now() < deadline, "a batch never left");
             tokio::task::yield_now().await;
             std::thread::sleep(Duration::from_micros(100));
         }
-        // Queued into the begun batch.
+        // Shard 1's next batch.
         s.free(h1[1]).unwrap();
         turns(200).await;
         (before, s.stats().mesh.batches_sent)
     }))
     .unwrap();
     block_on(busy).unwrap();
-    // Shard 2's full batch, then shard 1's batch of two, on the clock.
-    assert!(received_late >= before + 2, "{before} -> {received_late}");
+    // Shard 2's full batch and shard 1's two, on the clock.
+    assert!(received_late >= before + 3, "{before} -> {received_late}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while stats(&rt).shards[1].mesh.cross_frees_received < 2 {
         assert!(
@@ -298,6 +298,85 @@ fn a_batch_begun_while_the_flush_waits_for_room_still_leaves_on_time() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+    rt.shutdown().unwrap();
+}
+
+/// One owner far behind does not hold up a shard's batches for the others:
+/// while shard 2 drains nothing (its channel from shard 0 full, a full
+/// batch for it waiting), a partial batch for shard 1 leaves on the clock
+/// and shard 1 applies it, shard 2 still blocked. Meanwhile shard 0 idles:
+/// nothing spins on the waiting batch.
+#[test]
+fn an_owner_far_behind_does_not_delay_the_batches_for_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path(), 3)).unwrap();
+    let h2 = block_on(rt.spawn_on(
+        2,
+        |s| async move { s.allocate(16).await.unwrap().into_handle() },
+    ))
+    .unwrap();
+    let h1 = block_on(rt.spawn_on(
+        1,
+        |s| async move { s.allocate(16).await.unwrap().into_handle() },
+    ))
+    .unwrap();
+    let (release, blocked) = std::sync::mpsc::channel::<()>();
+    let busy = rt.spawn_on(2, move |_| async move {
+        let _ = blocked.recv();
+    });
+    let left = block_on(rt.spawn_on(0, move |s| async move {
+        loop {
+            match s.free(h2) {
+                Ok(()) => {}
+                Err(Error::Backpressure { owner: 2, .. }) => break,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        // The batch for shard 2 stays here (its channel is full) ...
+        turns(40).await;
+        let before = s.stats().mesh.batches_sent;
+        // ... and one for shard 1 begins.
+        s.free(h1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.stats().mesh.batches_sent == before && Instant::now() < deadline {
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        s.stats().mesh.batches_sent - before
+    }))
+    .unwrap();
+    assert_eq!(left, 1, "the batch for shard 1 waited for shard 2");
+    let received = block_on(rt.spawn_on(1, |s| async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.stats().mesh.cross_frees_received == 0 {
+            assert!(Instant::now() < deadline, "shard 1 never got its free");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        s.stats().mesh.cross_frees_received
+    }))
+    .unwrap();
+    assert_eq!(received, 1);
+    let tid = block_on(rt.spawn_on(0, |_| async move {
+        std::fs::read_link("/proc/thread-self").expect("/proc/thread-self")
+    }))
+    .unwrap();
+    let ticks = || {
+        let stat = std::fs::read_to_string(Path::new("/proc").join(&tid).join("stat")).unwrap();
+        // utime and stime, after the command name's closing parenthesis.
+        let f: Vec<u64> = stat[stat.rfind(')').unwrap() + 2..]
+            .split(' ')
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        f[0] + f[1]
+    };
+    let at = ticks();
+    std::thread::sleep(Duration::from_millis(500));
+    let spent = ticks() - at;
+    assert!(spent < 20, "shard 0 ran {spent} ticks of 500 ms while idle");
+    release.send(()).unwrap();
+    block_on(busy).unwrap();
     rt.shutdown().unwrap();
 }
 
