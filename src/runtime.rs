@@ -234,7 +234,12 @@ impl<T> Future for JoinHandle<T> {
 /// [`Error::Io`] naming the runtime that could not be built.
 fn run_executor<F: Future<Output = ()>>(use_uring: bool, fut: F, shard_dir: &Path) -> Result<()> {
     if use_uring {
-        match tokio_uring::Runtime::new(&tokio_uring::builder()) {
+        // A ring first: where io_uring is refused (a container's seccomp
+        // profile), tokio-uring 0.5 would build its tokio runtime, fail on
+        // its ring, and leak that runtime's descriptors, at every start.
+        let built = crate::io::probe_uring()
+            .and_then(|()| tokio_uring::Runtime::new(&tokio_uring::builder()));
+        match built {
             Ok(rt) => {
                 rt.block_on(fut);
                 return Ok(());

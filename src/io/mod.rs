@@ -444,6 +444,14 @@ fn injected_fault(_kind: &OpKind) -> Option<(i32, bool)> {
     None
 }
 
+/// Whether this thread can set up an io_uring: a ring of one entry, closed
+/// at once. (The shard executor tries it before tokio-uring's runtime,
+/// which leaks the descriptors of the tokio runtime it builds first when
+/// its own ring then cannot be set up.)
+pub(crate) fn probe_uring() -> io::Result<()> {
+    uring::probe()
+}
+
 /// The injected failure of the `mmap` of a window (feature
 /// `fault-injection`); always `None` without the feature.
 #[inline(always)]

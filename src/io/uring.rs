@@ -60,6 +60,11 @@ pub(super) struct Driver {
     has_fsync: bool,
 }
 
+/// Set up a ring of one entry and close it: whether io_uring is there.
+pub(super) fn probe() -> io::Result<()> {
+    IoUring::new(1).map(drop)
+}
+
 impl Driver {
     pub(super) fn new() -> io::Result<Driver> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
