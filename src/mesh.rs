@@ -383,7 +383,13 @@ impl<J: 'static> MeshLocal<J> {
                     queued,
                 })
             }
-            Err(_) => Err(Error::ShardGone { shard: to as u16 }),
+            // Kept, as `send_buffered` keeps it: what a gone owner's buffer
+            // holds stays there, lost with the owner.
+            Err(TrySendError::Closed(Parcel::Frees(b))) => {
+                self.buffers.borrow_mut()[to] = b;
+                Err(Error::ShardGone { shard: to as u16 })
+            }
+            Err(_) => unreachable!("try_send gives back the batch it was given"),
         }
     }
 

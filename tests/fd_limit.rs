@@ -402,10 +402,12 @@ fn start_fails_cleanly_when_shard_threads_run_out_of_descriptors() {
     assert_eq!(shard_threads(), 0, "shard threads still run");
     // No descriptor of the directory (metadata, data, locks) is left open.
     assert_eq!(common::open_paths_under(dir.path()), Vec::<PathBuf>::new());
-    // Nor any other, but with io_uring tokio-uring 0.5's own: a
+    // Nor any other, but with io_uring maybe tokio-uring 0.5's own: a
     // `tokio_uring::Runtime::new` whose ring cannot be set up does not drop
     // the tokio runtime it built first (held in a `ManuallyDrop`), and with
-    // it an epoll and an eventfd.
+    // it an epoll and an eventfd. A shard tries a ring of its own first and
+    // does not build tokio-uring's when that fails, but the descriptors
+    // can run out between the two (other shard threads take them).
     let left: Vec<String> = open_descriptors()
         .difference(&fds_before)
         .map(|(_, t)| t.clone())
