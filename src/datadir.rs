@@ -46,6 +46,8 @@ pub struct DataDir {
     path: PathBuf,
     manifest: Manifest,
     created: bool,
+    /// This open made the directory itself (not only what is in it).
+    made_top: bool,
     read_only: bool,
     _lock: Option<FileLock>,
 }
@@ -78,7 +80,7 @@ impl DataDir {
         // before anything is created. (A backend the kernel cannot give is
         // found when the shard's ring is made.)
         cfg.io_backend().resolve_env()?;
-        let path = create_and_resolve(cfg.dir())?;
+        let (path, made_top) = create_and_resolve(cfg.dir())?;
         let mpath = path.join(MANIFEST_FILE);
         check_not_symlink(&mpath)?;
         // Before the lock, so that a refused directory gets no `LOCK` (unless
@@ -113,6 +115,7 @@ impl DataDir {
             path,
             manifest,
             created,
+            made_top,
             read_only: false,
             _lock: Some(lock),
         })
@@ -139,6 +142,7 @@ impl DataDir {
                 path,
                 manifest,
                 created: false,
+                made_top: false,
                 read_only: true,
                 _lock: None,
             },
@@ -174,14 +178,34 @@ impl DataDir {
     /// [`Error::NotADirectory`]; [`Error::Corrupt`] for a damaged manifest;
     /// [`Error::Io`] naming the path that could not be removed.
     pub fn destroy(path: impl AsRef<Path>) -> Result<()> {
-        let given = path.as_ref();
+        Self::destroy_within(path.as_ref(), false)
+    }
+
+    /// Undo the creation of the directory `created` (this open created its
+    /// manifest; nothing in it was handed out), once closed: what
+    /// [`destroy`](Self::destroy) deletes, and the directory itself if this
+    /// open made it. For a start that failed. Its lock is held throughout:
+    /// no other instance opens the directory between the failed start and
+    /// the deletion.
+    pub(crate) fn undo_creation(mut created: DataDir) -> Result<()> {
+        debug_assert!(created.created);
+        let lock = created
+            ._lock
+            .take()
+            .expect("a writable open holds the lock");
+        Self::destroy_locked(&created.path, &lock, !created.made_top)
+    }
+
+    /// [`destroy`](Self::destroy), leaving the directory itself (emptied)
+    /// when `keep_top`.
+    fn destroy_within(given: &Path, keep_top: bool) -> Result<()> {
         let path = match resolve_existing(given) {
             Err(Error::DirNotFound { .. }) => return Ok(()),
             other => other?,
         };
         // Through a symlink: its target stays (emptied), so the link still
         // names a directory a later open can use.
-        let keep_top = names_a_symlink(given);
+        let keep_top = keep_top || names_a_symlink(given);
         let shard_count = match unless_locked(destroy_shard_count(&path), &path)? {
             Some(n) => n,
             None if keep_top || is_real_dir(&path.join(LOST_FOUND)) => return Ok(()),
@@ -190,7 +214,14 @@ impl DataDir {
         // Checked before the lock too, so that a refused directory gets no
         // `LOCK`.
         unless_locked(destroy_plan(&path, shard_count), &path)?;
-        let _lock = take_lock(&path)?;
+        let lock = take_lock(&path)?;
+        Self::destroy_locked(&path, &lock, keep_top)
+    }
+
+    /// The deletion of [`destroy`](Self::destroy), with the directory's
+    /// lock (`_lock`) held.
+    fn destroy_locked(path: &Path, _lock: &FileLock, keep_top: bool) -> Result<()> {
+        let path = path.to_path_buf();
         // Again under the lock: an open may have made the directory anew
         // since it was looked at (`LOCK` is there now, so it is not empty).
         let shard_count = destroy_shard_count(&path)?.unwrap_or(0);
@@ -270,10 +301,12 @@ fn shard_dir(path: &Path, i: u16) -> PathBuf {
 }
 
 /// Resolve the directory the user named, following a symlink at the top,
-/// and creating it (with its parents) when it does not exist. A symlink
-/// whose target is missing is refused (it is not created through the link).
-fn create_and_resolve(given: &Path) -> Result<PathBuf> {
+/// and creating it (with its parents) when it does not exist: the path, and
+/// whether it was created. A symlink whose target is missing is refused (it
+/// is not created through the link).
+fn create_and_resolve(given: &Path) -> Result<(PathBuf, bool)> {
     check_not_empty(given)?;
+    let mut made = false;
     match std::fs::metadata(given) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if names_a_symlink(given) {
@@ -286,11 +319,12 @@ fn create_and_resolve(given: &Path) -> Result<PathBuf> {
                 .recursive(true)
                 .mode(0o700)
                 .create(given)
-                .map_err(|e| Error::io("mkdir", Some(given), e))?
+                .map_err(|e| Error::io("mkdir", Some(given), e))?;
+            made = true;
         }
         _ => {}
     }
-    resolve_existing(given)
+    Ok((resolve_existing(given)?, made))
 }
 
 /// Whether `given` itself is a symlink (dangling or not), also when named

@@ -277,6 +277,21 @@ fn executor_error(op: &'static str, shard_dir: &Path, e: std::io::Error) -> Erro
     Error::opening(op, shard_dir, e)
 }
 
+/// After a start that failed: delete the directory it created (nothing in
+/// it was handed out), so that a start with other settings is not refused
+/// for its manifest. Logged, not reported, when that fails: the start's
+/// own error is the one to return.
+fn undo_creation(dir: Arc<DataDir>) {
+    let path = dir.path().to_path_buf();
+    let undone = match Arc::try_unwrap(dir) {
+        Ok(dir) => DataDir::undo_creation(dir),
+        Err(_) => Err(Error::AlreadyOpen { path: path.clone() }),
+    };
+    if let Err(e) = undone {
+        tracing::warn!(dir = %path.display(), error = %e, "could not delete the directory a failed start created");
+    }
+}
+
 /// Where a runtime's threads go, given the CPUs it may use (`cpus`, not
 /// empty): shard `i` is pinned to `cpus[i % n]`; the shards' io workers get
 /// the CPUs of `cpus` without a shard (none when every CPU has one).
@@ -370,7 +385,11 @@ impl Runtime {
     /// [`Error::Io`] for another reason; [`Error::TaskPanicked`] when a
     /// shard thread panics before its shard is open; [`Error::Io`] when a
     /// thread cannot be spawned. The first error reported is returned, once
-    /// every shard thread started has been stopped and joined.
+    /// every shard thread started has been stopped and joined, and the data
+    /// directory deleted if this start created it (nothing in it was handed
+    /// out; a directory that existed, empty, is left empty). A deletion that
+    /// fails is logged through `tracing` and the directory stays: it needs
+    /// a descriptor for the directory's lock and one per shard's.
     pub fn start(cfg: Config) -> Result<Runtime> {
         let cluster = Cluster::open(cfg.clone())?;
         let dir = cluster.dir.clone();
@@ -452,7 +471,7 @@ impl Runtime {
         drop(ready_tx);
         let mut rt = Runtime {
             id,
-            dir,
+            dir: dir.clone(),
             shards,
             failures,
         };
@@ -460,6 +479,10 @@ impl Runtime {
         let open_error = rt.first_open_error(&ready_rx);
         if let Some(e) = spawn_error.or(open_error) {
             rt.stop_all();
+            drop(rt);
+            if dir.was_created() {
+                undo_creation(dir);
+            }
             return Err(e);
         }
         Ok(rt)

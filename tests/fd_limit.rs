@@ -332,7 +332,7 @@ fn out_of_descriptors(e: &Error) -> bool {
 /// (`EMFILE`). `Runtime::start` returns the error (a thread that failed
 /// there panicked and never reported, and `start` waited for it forever),
 /// no shard thread panics, every shard thread is stopped and joined, no
-/// descriptor is left open (but those tokio-uring leaks, see below), and the
+/// descriptor is left open (but those tokio-uring may leak, see below), and the
 /// directory starts again once the limit is back.
 #[test]
 fn start_fails_cleanly_when_shard_threads_run_out_of_descriptors() {
@@ -421,7 +421,10 @@ fn start_fails_cleanly_when_shard_threads_run_out_of_descriptors() {
         );
     }
 
-    // Locks released: the same directory (32 shards in its manifest) starts.
+    // Locks released: the directory starts. (The failed start may not have
+    // deleted the directory it created: that takes a descriptor per shard's
+    // lock, and the limit was still low. tests/runtime.rs checks the
+    // deletion: `a_shard_thread_panicking_before_it_is_open_fails_start`.)
     let rt = segalloc::Runtime::start(cfg).expect("start again with the limit restored");
     assert_eq!(rt.shard_count(), SHARDS);
     rt.shutdown().unwrap();

@@ -1304,10 +1304,56 @@ fn a_shard_thread_panicking_before_it_is_open_fails_start() {
             panic!("started although shard 1 panicked");
         }
     }
-    let rt = Runtime::start(cfg).expect("start again");
-    assert_eq!(rt.shard_count(), 3);
+    // The directory this start created is gone again: a start with another
+    // shard count is not refused for a manifest nothing was kept in.
+    assert!(!cfg.dir().exists(), "the failed start left its directory");
+    let rt = Runtime::start(config(dir.path(), 2)).expect("start again");
+    assert_eq!(rt.shard_count(), 2);
     block_on(rt.spawn_on(1, |s| async move { s.allocate(100).await.map(drop) }))
         .unwrap()
         .unwrap();
+    rt.shutdown().unwrap();
+}
+
+/// A start that fails undoes only what it created: an empty directory the
+/// user made stays (empty), and a directory that held data keeps every
+/// byte.
+#[test]
+fn a_failed_start_keeps_what_it_did_not_create() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2);
+    std::fs::create_dir(cfg.dir()).unwrap();
+    Runtime::panic_before_ready_for_test(cfg.dir(), 1);
+    assert!(matches!(
+        Runtime::start(cfg.clone()),
+        Err(Error::TaskPanicked { shard: 1, .. })
+    ));
+    let left: Vec<_> = std::fs::read_dir(cfg.dir()).unwrap().collect();
+    assert!(left.is_empty(), "left in the directory: {left:?}");
+
+    let rt = Runtime::start(cfg.clone()).unwrap();
+    let h = block_on(rt.spawn_on(1, |s| async move {
+        let a = s.allocate(100).await?;
+        a.pin().write_at(0, b"kept")?;
+        s.sync().await?;
+        Ok::<_, Error>(a.into_handle())
+    }))
+    .unwrap()
+    .unwrap();
+    rt.shutdown().unwrap();
+    Runtime::panic_before_ready_for_test(cfg.dir(), 0);
+    assert!(matches!(
+        Runtime::start(cfg.clone()),
+        Err(Error::TaskPanicked { shard: 0, .. })
+    ));
+    let rt = Runtime::start(cfg).unwrap();
+    let kept = block_on(rt.spawn_on(1, move |s| async move {
+        let mut b = [0u8; 4];
+        s.pin(h).await?.read_at(0, &mut b)?;
+        Ok::<_, Error>(b)
+    }))
+    .unwrap()
+    .unwrap();
+    assert_eq!(&kept, b"kept");
     rt.shutdown().unwrap();
 }
