@@ -246,6 +246,9 @@ impl<J: 'static> MeshLocal<J> {
         if !self.takes_frees_for(to) {
             return Err(Error::ShardGone { shard: h.shard() });
         }
+        // `schedule_flush` before each push: a `spawn_local` that panics (a
+        // free outside the shard's `LocalSet`) leaves nothing queued, and
+        // the next free comes here again.
         let full = {
             let mut b = self.buffers.borrow_mut();
             let buf = &mut b[to];
@@ -253,6 +256,7 @@ impl<J: 'static> MeshLocal<J> {
                 if buf.is_empty() {
                     self.first_at[to].set(self.turn.get());
                 }
+                self.schedule_flush();
                 buf.push(h);
                 buf.len() >= BATCH
             } else {
@@ -265,6 +269,7 @@ impl<J: 'static> MeshLocal<J> {
                     return Err(e);
                 }
                 self.first_at[to].set(self.turn.get());
+                self.schedule_flush();
                 self.buffers.borrow_mut()[to].push(h);
                 false
             }
@@ -275,7 +280,6 @@ impl<J: 'static> MeshLocal<J> {
             // retries.
             let _ = self.try_send(to);
         }
-        self.schedule_flush();
         Ok(())
     }
 
@@ -307,7 +311,8 @@ impl<J: 'static> MeshLocal<J> {
                 me.turn.set(now);
                 for to in 0..me.out.len() {
                     // An owner that is gone keeps its buffer (a flush
-                    // reports it); `ticking` stops the clock for it.
+                    // reports it); `ticking` stops the clock for it. A
+                    // waiting owner's buffer is its waiter's.
                     if !me.waiting[to].get()
                         && !me.buffers.borrow()[to].is_empty()
                         && now - me.first_at[to].get() >= FLUSH_TICKS
@@ -327,7 +332,7 @@ impl<J: 'static> MeshLocal<J> {
         });
         // Set once the task exists (it cannot run before this returns): a
         // `spawn_local` that panics, outside a `LocalSet`, leaves the flag
-        // clear and the next free tries again.
+        // clear (`forward_slow` has queued nothing yet).
         self.flush_scheduled.set(true);
     }
 
@@ -337,6 +342,11 @@ impl<J: 'static> MeshLocal<J> {
     /// (or found the owner gone).
     #[cold]
     fn wait_for_room(self: &Rc<Self>, to: usize) {
+        // One waiter per owner (the flush task passes a waiting owner by).
+        debug_assert!(!self.waiting[to].get(), "a second waiter for {to}");
+        if self.waiting[to].get() {
+            return;
+        }
         let me = Rc::downgrade(self);
         tokio::task::spawn_local(async move {
             let Some(me) = me.upgrade() else { return };

@@ -176,6 +176,49 @@ fn forged_foreign_frees_are_refused_before_forwarding() {
 }
 
 /// An offset at the end of the address space is refused, not wrapped.
+/// A free of another shard's handle made outside the shard's `LocalSet`
+/// panics (tokio's `spawn_local` cannot start the flush task) and queues
+/// nothing, so the next free, outside or in, takes the same path; one made
+/// inside is delivered on the clock.
+#[test]
+fn a_foreign_free_outside_the_local_set_panics_and_queues_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut builders = segalloc::Cluster::open(config(dir.path()))
+        .unwrap()
+        .into_builders();
+    let (b1, b0) = (builders.pop().unwrap(), builders.pop().unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    let (s0, s1, h) = local.block_on(&rt, async move {
+        let (s0, s1) = (b0.open().await.unwrap(), b1.open().await.unwrap());
+        let h = s1.allocate(16).await.unwrap().into_handle();
+        (s0, s1, h)
+    });
+    for _ in 0..2 {
+        let outside = rt.block_on(async {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s0.free(h)))
+        });
+        assert!(outside.is_err(), "a free outside the LocalSet: {outside:?}");
+        assert_eq!(
+            s0.stats().mesh.cross_frees_sent,
+            0,
+            "queued although refused"
+        );
+    }
+    let received = local.block_on(&rt, async {
+        s0.free(h).unwrap();
+        for _ in 0..200 {
+            tokio::task::yield_now().await;
+        }
+        s1.drain_frees();
+        s1.stats().mesh.cross_frees_received
+    });
+    assert_eq!(received, 1);
+}
+
 #[test]
 fn foreign_offset_overflow_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
