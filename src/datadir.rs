@@ -57,7 +57,9 @@ impl DataDir {
     /// manifest) if it does not exist, and take its exclusive lock. An empty
     /// directory (or one holding only a `lost+found` folder: a mount point)
     /// is initialised as a new one; any other directory without a manifest
-    /// is refused, and nothing is created in it.
+    /// is refused, and nothing is created in it. An open that fails after it
+    /// wrote a new manifest deletes what it created (see
+    /// `Runtime::start`).
     ///
     /// The path given is resolved first: the directory may be reached through
     /// a symlink (`/var/lib/app -> /data/app`), and [`path`](Self::path) is
@@ -98,8 +100,33 @@ impl DataDir {
             check_new_dir(&path)?;
             (create_manifest(&path, cfg)?, true)
         };
-        for i in 0..manifest.shard_count {
-            let d = shard_dir(&path, i);
+        let dir = DataDir {
+            path,
+            manifest,
+            created,
+            made_top,
+            read_only: false,
+            _lock: Some(lock),
+        };
+        if let Err(e) = dir.make_shard_dirs() {
+            // A manifest this open wrote would outlive the failure and fix
+            // the shard count for every later open.
+            if dir.created {
+                let path = dir.path.clone();
+                if let Err(u) = DataDir::undo_creation(dir) {
+                    tracing::warn!(dir = %path.display(), error = %u, "could not delete the directory a failed open created");
+                }
+            }
+            return Err(e);
+        }
+        Ok(dir)
+    }
+
+    /// The shards' folders that are missing, made durable in a directory
+    /// this open created.
+    fn make_shard_dirs(&self) -> Result<()> {
+        for i in 0..self.manifest.shard_count {
+            let d = shard_dir(&self.path, i);
             check_not_symlink(&d)?;
             if !d.exists() {
                 DirBuilder::new()
@@ -108,17 +135,10 @@ impl DataDir {
                     .map_err(|e| Error::io("mkdir", Some(&d), e))?;
             }
         }
-        if created {
-            sync_dir(&path)?;
+        if self.created {
+            sync_dir(&self.path)?;
         }
-        Ok(DataDir {
-            path,
-            manifest,
-            created,
-            made_top,
-            read_only: false,
-            _lock: Some(lock),
-        })
+        Ok(())
     }
 
     /// Open an existing directory read-only for inspection. Nothing is
@@ -302,7 +322,8 @@ fn shard_dir(path: &Path, i: u16) -> PathBuf {
 
 /// Resolve the directory the user named, following a symlink at the top,
 /// and creating it (with its parents) when it does not exist: the path, and
-/// whether it was created. A symlink whose target is missing is refused (it
+/// whether this call made the directory itself (its parents are not
+/// counted). A symlink whose target is missing is refused (it
 /// is not created through the link).
 fn create_and_resolve(given: &Path) -> Result<(PathBuf, bool)> {
     check_not_empty(given)?;
@@ -315,12 +336,22 @@ fn create_and_resolve(given: &Path) -> Result<(PathBuf, bool)> {
                     kind: "a symlink to a missing directory",
                 });
             }
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(given)
-                .map_err(|e| Error::io("mkdir", Some(given), e))?;
-            made = true;
+            // The parents as `mkdir -p` makes them, then the directory alone:
+            // made only if this `mkdir` made it, not when it found it there
+            // (reached through `..`, or made by another process meanwhile).
+            let bare: PathBuf = given.components().collect();
+            if let Some(parent) = bare.parent().filter(|p| !p.as_os_str().is_empty()) {
+                DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)
+                    .map_err(|e| Error::io("mkdir", Some(parent), e))?;
+            }
+            match DirBuilder::new().mode(0o700).create(&bare) {
+                Ok(()) => made = true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io("mkdir", Some(given), e)),
+            }
         }
         _ => {}
     }

@@ -387,9 +387,12 @@ impl Runtime {
     /// thread cannot be spawned. The first error reported is returned, once
     /// every shard thread started has been stopped and joined, and the data
     /// directory deleted if this start created it (nothing in it was handed
-    /// out; a directory that existed, empty, is left empty). A deletion that
-    /// fails is logged through `tracing` and the directory stays: it needs
-    /// a descriptor for the directory's lock and one per shard's.
+    /// out; a directory that existed, empty, is left empty; the parents a
+    /// start made stay). A deletion that fails is logged through `tracing`
+    /// and the directory stays: it needs a descriptor for the directory's
+    /// lock and one per shard's. (A deletion cut short after it began
+    /// leaves a directory every open refuses until [`DataDir::destroy`]
+    /// finishes it.)
     pub fn start(cfg: Config) -> Result<Runtime> {
         let cluster = Cluster::open(cfg.clone())?;
         let dir = cluster.dir.clone();

@@ -4,6 +4,8 @@
 //! (Its own test binary: it counts the process's descriptors and sets
 //! `SEGALLOC_IO`.)
 
+#![cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+
 use segalloc::{Config, IoBackend, Runtime};
 
 /// `AUDIT_ARCH_*` of this build's architecture (`<linux/audit.h>`): the

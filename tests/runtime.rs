@@ -1319,6 +1319,14 @@ fn a_failed_start_keeps_what_it_did_not_create() {
     ));
     let left: Vec<_> = std::fs::read_dir(cfg.dir()).unwrap().collect();
     assert!(left.is_empty(), "left in the directory: {left:?}");
+    // Named through a folder this start makes: still the user's directory.
+    let roundabout = config(&dir.path().join("new").join(".."), 2);
+    Runtime::panic_before_ready_for_test(cfg.dir(), 1);
+    assert!(matches!(
+        Runtime::start(roundabout),
+        Err(Error::TaskPanicked { shard: 1, .. })
+    ));
+    assert!(cfg.dir().is_dir(), "the user's directory was deleted");
 
     let rt = Runtime::start(cfg.clone()).unwrap();
     let h = block_on(rt.spawn_on(1, |s| async move {
