@@ -226,14 +226,28 @@ impl DataDir {
         // Through a symlink: its target stays (emptied), so the link still
         // names a directory a later open can use.
         let keep_top = keep_top || names_a_symlink(given);
-        let shard_count = match unless_locked(destroy_shard_count(&path), &path)? {
-            Some(n) => n,
-            None if keep_top || is_real_dir(&path.join(LOST_FOUND)) => return Ok(()),
-            None => return remove_top(&path), // empty
-        };
-        // Checked before the lock too, so that a refused directory gets no
-        // `LOCK`.
-        unless_locked(destroy_plan(&path, shard_count), &path)?;
+        loop {
+            let shard_count = match unless_locked(destroy_shard_count(&path), &path)? {
+                Some(n) => n,
+                None if keep_top || is_real_dir(&path.join(LOST_FOUND)) => return Ok(()),
+                None => return remove_top(&path), // empty
+            };
+            // Checked before the lock too, so that a refused directory gets
+            // no `LOCK`.
+            match unless_locked(destroy_plan(&path, shard_count), &path) {
+                Ok(_) => break,
+                // An open may have given the directory its manifest and
+                // shard folders since the count was read (and let go of its
+                // lock since): they are foreign to the count read before
+                // them. Look again; refuse only what the count still says.
+                Err(e @ Error::NotDataDir { .. }) => {
+                    if unless_locked(destroy_shard_count(&path), &path)? == Some(shard_count) {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let lock = take_lock(&path)?;
         Self::destroy_locked(&path, &lock, keep_top)
     }
