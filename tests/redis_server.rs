@@ -829,19 +829,7 @@ fn connections_are_capped_by_the_open_file_limit() {
     }
     assert_eq!(served.len() + 1, cap, "one connection is the client's");
     assert!(refused > 0);
-    let cpu = || {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", server.child.id())).unwrap();
-        let f: Vec<u64> = stat
-            .rsplit(") ")
-            .next()
-            .unwrap()
-            .split(' ')
-            .skip(11)
-            .take(2)
-            .map(|v| v.parse().unwrap())
-            .collect();
-        f[0] + f[1]
-    };
+    let cpu = || common::cpu_ticks(Path::new(&format!("/proc/{}/stat", server.child.id())));
     let before = cpu();
     std::thread::sleep(Duration::from_secs(1));
     let ticks = cpu() - before;

@@ -101,17 +101,7 @@ fn assert_idle(rt: &Runtime, index: usize) {
         std::fs::read_link("/proc/thread-self").expect("/proc/thread-self")
     }))
     .unwrap();
-    let ticks = || {
-        let stat = std::fs::read_to_string(Path::new("/proc").join(&thread).join("stat")).unwrap();
-        // utime and stime, in clock ticks, after the command name.
-        let f: Vec<u64> = stat[stat.rfind(')').unwrap() + 2..]
-            .split(' ')
-            .skip(11)
-            .take(2)
-            .map(|v| v.parse().unwrap())
-            .collect();
-        f[0] + f[1]
-    };
+    let ticks = || common::cpu_ticks(&Path::new("/proc").join(&thread).join("stat"));
     let at = ticks();
     std::thread::sleep(Duration::from_millis(500));
     let spent = ticks() - at;

@@ -383,6 +383,21 @@ pub fn seed_from_env(var: &str) -> u64 {
     })
 }
 
+/// The CPU time a process or thread has run, in clock ticks (user and
+/// system): from its `stat` file (`/proc/PID/stat`,
+/// `/proc/PID/task/TID/stat`).
+pub fn cpu_ticks(stat: &Path) -> u64 {
+    let stat = std::fs::read_to_string(stat).unwrap();
+    // utime and stime, fields 14 and 15: after the command name, which
+    // may hold spaces and parentheses.
+    stat[stat.rfind(')').unwrap() + 2..]
+        .split(' ')
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse::<u64>().unwrap())
+        .sum()
+}
+
 /// Whether the tests run as root (mounts, permission checks).
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
