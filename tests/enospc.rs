@@ -634,3 +634,46 @@ fn trim_releases_blocks_and_reuse_reserves_them() {
         }
     });
 }
+
+/// A new data directory whose shard folders cannot be made (a tmpfs out
+/// of inodes right after the manifest) is not left behind with its
+/// manifest: the failed open deletes what it created, so a later open is
+/// not held to that manifest's shard count.
+#[test]
+fn an_open_that_fails_after_its_manifest_leaves_no_directory() {
+    if let Some(why) = cannot_mount(&["mount", "umount"]) {
+        eprintln!("an_open_that_fails_after_its_manifest_leaves_no_directory: SKIPPED: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let at = tmp.path().join("mnt");
+    std::fs::create_dir_all(&at).unwrap();
+    // The root, the directory, its LOCK and its MANIFEST: no inode left
+    // for a shard's folder.
+    if let Err(e) = run_tool(
+        Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=1m,nr_inodes=4,mode=0700",
+                "tmpfs",
+            ])
+            .arg(&at),
+    ) {
+        eprintln!("an_open_that_fails_after_its_manifest_leaves_no_directory: SKIPPED: {e}");
+        return;
+    }
+    let mount = Mount { at };
+    let dir = mount.at.join("d");
+    let cfg = Config::builder(&dir).shards(2).build().unwrap();
+    match segalloc::DataDir::open(&cfg) {
+        Err(segalloc::Error::Io { op, path, source }) => {
+            assert_eq!(op, "mkdir");
+            assert!(path.is_some_and(|p| p.ends_with("shard-000")));
+            assert_eq!(source.raw_os_error(), Some(28), "{source}"); // ENOSPC
+        }
+        other => panic!("expected the shard folder's mkdir to fail: {other:?}"),
+    }
+    assert!(!dir.exists(), "the failed open left its directory");
+}
