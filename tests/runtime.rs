@@ -1294,6 +1294,38 @@ fn a_shard_thread_panicking_before_it_is_open_fails_start() {
     rt.shutdown().unwrap();
 }
 
+/// A start that fails deletes the directory it created under the lock its
+/// open took: it never lets go of it in between (another instance could
+/// open the directory meanwhile, and lose what it wrote there).
+#[test]
+fn a_failed_start_holds_its_lock_until_it_has_deleted_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2);
+    Runtime::panic_before_ready_for_test(cfg.dir(), 1);
+    let opening = segalloc::DataDir::pause_before_lock_for_test(cfg.dir());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let starter = std::thread::spawn({
+        let cfg = cfg.clone();
+        move || {
+            let _ = tx.send(Runtime::start(cfg).map(drop));
+        }
+    });
+    // The start's open is about to take the lock; any later taking of it
+    // stops at this second pause.
+    opening.wait_reached();
+    let again = segalloc::DataDir::pause_before_lock_for_test(cfg.dir());
+    opening.resume();
+    let started = rx.recv_timeout(Duration::from_secs(20));
+    again.resume();
+    starter.join().unwrap();
+    match started {
+        Ok(Err(Error::TaskPanicked { shard: 1, .. })) => {}
+        Ok(other) => panic!("expected shard 1's panic: {other:?}"),
+        Err(_) => panic!("the failed start took the directory's lock a second time"),
+    }
+    assert!(!cfg.dir().exists(), "the failed start left its directory");
+}
+
 /// A start that fails undoes only what it created: an empty directory the
 /// user made stays (empty), and a directory that held data keeps every
 /// byte.
