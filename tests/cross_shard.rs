@@ -175,7 +175,6 @@ fn forged_foreign_frees_are_refused_before_forwarding() {
     rt.shutdown().unwrap();
 }
 
-/// An offset at the end of the address space is refused, not wrapped.
 /// A free of another shard's handle made outside the shard's `LocalSet`
 /// panics (tokio's `spawn_local` cannot start the flush task) and queues
 /// nothing, so the next free, outside or in, takes the same path; one made
@@ -219,6 +218,7 @@ fn a_foreign_free_outside_the_local_set_panics_and_queues_nothing() {
     assert_eq!(received, 1);
 }
 
+/// An offset at the end of the address space is refused, not wrapped.
 #[test]
 fn foreign_offset_overflow_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
