@@ -72,7 +72,9 @@ impl DataDir {
     /// [`Error::Mismatch`] when the directory was created with another shard
     /// count, window size or maximum file size; [`Error::Corrupt`] for a
     /// damaged manifest; [`Error::NotADirectory`] when the path is a file;
-    /// [`Error::InvalidConfig`] when an entry inside is a symlink;
+    /// [`Error::InvalidConfig`] when an entry inside is a symlink, or when a
+    /// missing directory is named back (`..`) out of a folder that does not
+    /// exist (nothing is made);
     /// [`Error::NotDataDir`] for a directory that has no manifest and is
     /// not empty, or one a [`destroy`](Self::destroy) did not finish
     /// (destroy it again);
@@ -354,6 +356,7 @@ fn create_and_resolve(given: &Path) -> Result<(PathBuf, bool)> {
             // made only if this `mkdir` made it, not when it found it there
             // (reached through `..`, or made by another process meanwhile).
             let bare: PathBuf = given.components().collect();
+            refuse_back_out_of_missing(given, &bare)?;
             if let Some(parent) = bare.parent().filter(|p| !p.as_os_str().is_empty()) {
                 DirBuilder::new()
                     .recursive(true)
@@ -370,6 +373,25 @@ fn create_and_resolve(given: &Path) -> Result<(PathBuf, bool)> {
         _ => {}
     }
     Ok((resolve_existing(given)?, made))
+}
+
+/// Refuse a path (`bare`: `given`'s components) that goes back (`..`) out
+/// of a folder that does not exist: `mkdir -p` would make that folder for
+/// nothing, in or beside the directory the path names.
+fn refuse_back_out_of_missing(given: &Path, bare: &Path) -> Result<()> {
+    let mut walked = PathBuf::new();
+    let mut missing = false;
+    for c in bare.components() {
+        if missing && c == std::path::Component::ParentDir {
+            return Err(Error::InvalidConfig(format!(
+                "{} goes back (`..`) out of a folder that does not exist",
+                given.display()
+            )));
+        }
+        walked.push(c);
+        missing = missing || std::fs::symlink_metadata(&walked).is_err();
+    }
+    Ok(())
 }
 
 /// Whether `given` itself is a symlink (dangling or not), also when named

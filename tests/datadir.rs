@@ -1196,3 +1196,28 @@ fn a_shard_opened_with_a_deleted_directorys_manifest_writes_nothing() {
         s.allocate(16).await.unwrap();
     });
 }
+
+/// A path that goes back (`..`) out of a folder that does not exist is
+/// refused before anything is made: `mkdir -p` would make that folder for
+/// nothing (and in the directory the path names, which then held a
+/// foreign entry and was refused as no data directory for ever).
+#[test]
+fn a_path_back_out_of_a_missing_folder_creates_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("e");
+    std::fs::create_dir(&empty).unwrap();
+    for given in [
+        empty.join("x").join(".."),
+        empty.join("x").join("..").join("y"),
+    ] {
+        match DataDir::open(&small_cfg(&given)) {
+            Err(Error::InvalidConfig(m)) => assert!(m.contains(".."), "{m}"),
+            other => panic!("{}: {other:?}", given.display()),
+        }
+        let left: Vec<_> = std::fs::read_dir(&empty).unwrap().collect();
+        assert!(left.is_empty(), "{}: made {left:?}", given.display());
+    }
+    // Back out of a folder that exists: as named.
+    let dd = DataDir::open(&small_cfg(&empty.join("..").join("d"))).unwrap();
+    assert_eq!(dd.path(), tmp.path().canonicalize().unwrap().join("d"));
+}

@@ -1341,14 +1341,16 @@ fn a_failed_start_keeps_what_it_did_not_create() {
     ));
     let left: Vec<_> = std::fs::read_dir(cfg.dir()).unwrap().collect();
     assert!(left.is_empty(), "left in the directory: {left:?}");
-    // Named through a folder this start makes: still the user's directory.
+    // Named back out of a folder that does not exist: refused before
+    // anything is made (it would be the user's directory, reached through
+    // a folder the start made).
     let roundabout = config(&dir.path().join("new").join(".."), 2);
-    Runtime::panic_before_ready_for_test(cfg.dir(), 1);
     assert!(matches!(
         Runtime::start(roundabout),
-        Err(Error::TaskPanicked { shard: 1, .. })
+        Err(Error::InvalidConfig(_))
     ));
     assert!(cfg.dir().is_dir(), "the user's directory was deleted");
+    assert!(!dir.path().join("new").exists());
 
     let rt = Runtime::start(cfg.clone()).unwrap();
     let h = block_on(rt.spawn_on(1, |s| async move {
