@@ -81,11 +81,16 @@ fn cannot_mount(tools: &[&str]) -> Option<String> {
 }
 
 fn mount_tmpfs(at: &Path, size: &str) -> Result<Mount, String> {
+    mount_tmpfs_with(at, &format!("size={size}"))
+}
+
+/// A tmpfs at `at` with the mount options `options` (and mode 0700).
+fn mount_tmpfs_with(at: &Path, options: &str) -> Result<Mount, String> {
     std::fs::create_dir_all(at).unwrap();
     run_tool(
         Command::new("mount")
             .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={size},mode=0700"))
+            .arg(format!("{options},mode=0700"))
             .arg("tmpfs")
             .arg(at),
     )?;
@@ -646,25 +651,15 @@ fn an_open_that_fails_after_its_manifest_leaves_no_directory() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let at = tmp.path().join("mnt");
-    std::fs::create_dir_all(&at).unwrap();
     // The root, the directory, its LOCK and its MANIFEST: no inode left
     // for a shard's folder.
-    if let Err(e) = run_tool(
-        Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                "size=1m,nr_inodes=4,mode=0700",
-                "tmpfs",
-            ])
-            .arg(&at),
-    ) {
-        eprintln!("an_open_that_fails_after_its_manifest_leaves_no_directory: SKIPPED: {e}");
-        return;
-    }
-    let mount = Mount { at };
+    let mount = match mount_tmpfs_with(&tmp.path().join("mnt"), "size=1m,nr_inodes=4") {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("an_open_that_fails_after_its_manifest_leaves_no_directory: SKIPPED: {e}");
+            return;
+        }
+    };
     let dir = mount.at.join("d");
     let cfg = Config::builder(&dir).shards(2).build().unwrap();
     match segalloc::DataDir::open(&cfg) {
