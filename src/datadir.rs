@@ -114,10 +114,7 @@ impl DataDir {
             // A manifest this open wrote would outlive the failure and fix
             // the shard count for every later open.
             if dir.created {
-                let path = dir.path.clone();
-                if let Err(u) = DataDir::undo_creation(dir) {
-                    tracing::warn!(dir = %path.display(), error = %u, "could not delete the directory a failed open created");
-                }
+                DataDir::undo_creation(dir);
             }
             return Err(e);
         }
@@ -206,16 +203,19 @@ impl DataDir {
     /// Undo the creation of the directory `created` (this open created its
     /// manifest; nothing in it was handed out), once closed: what
     /// [`destroy`](Self::destroy) deletes, and the directory itself if this
-    /// open made it. For a start that failed. Its lock is held throughout:
-    /// no other instance opens the directory between the failed start and
-    /// the deletion.
-    pub(crate) fn undo_creation(mut created: DataDir) -> Result<()> {
+    /// open made it. For an open or a start that failed. Its lock is held
+    /// throughout: no other instance opens the directory between the
+    /// failure and the deletion. Logged, not reported, when the deletion
+    /// fails: the failure's own error is the one to return.
+    pub(crate) fn undo_creation(mut created: DataDir) {
         debug_assert!(created.created);
         let lock = created
             ._lock
             .take()
             .expect("a writable open holds the lock");
-        Self::destroy_locked(&created.path, &lock, !created.made_top)
+        if let Err(e) = Self::destroy_locked(&created.path, &lock, !created.made_top) {
+            tracing::warn!(dir = %created.path.display(), error = %e, "could not delete the directory a failed open or start created");
+        }
     }
 
     /// [`destroy`](Self::destroy), leaving the directory itself (emptied)

@@ -342,11 +342,8 @@ impl<J: 'static> MeshLocal<J> {
     /// (or found the owner gone).
     #[cold]
     fn wait_for_room(self: &Rc<Self>, to: usize) {
-        // One waiter per owner (the flush task passes a waiting owner by).
+        // One waiter per owner: the flush task passes a waiting owner by.
         debug_assert!(!self.waiting[to].get(), "a second waiter for {to}");
-        if self.waiting[to].get() {
-            return;
-        }
         let me = Rc::downgrade(self);
         tokio::task::spawn_local(async move {
             let Some(me) = me.upgrade() else { return };

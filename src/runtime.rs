@@ -279,16 +279,13 @@ fn executor_error(op: &'static str, shard_dir: &Path, e: std::io::Error) -> Erro
 
 /// After a start that failed: delete the directory it created (nothing in
 /// it was handed out), so that a start with other settings is not refused
-/// for its manifest. Logged, not reported, when that fails: the start's
-/// own error is the one to return.
+/// for its manifest ([`DataDir::undo_creation`], which logs a failure).
 fn undo_creation(dir: Arc<DataDir>) {
-    let path = dir.path().to_path_buf();
-    let undone = match Arc::try_unwrap(dir) {
+    match Arc::try_unwrap(dir) {
         Ok(dir) => DataDir::undo_creation(dir),
-        Err(_) => Err(Error::AlreadyOpen { path: path.clone() }),
-    };
-    if let Err(e) = undone {
-        tracing::warn!(dir = %path.display(), error = %e, "could not delete the directory a failed start created");
+        Err(dir) => {
+            tracing::warn!(dir = %dir.path().display(), "could not delete the directory a failed start created: it is still open");
+        }
     }
 }
 
