@@ -369,10 +369,7 @@ fn frees_to_a_blocked_owner_are_bounded() {
     }))
     .unwrap();
     // The owner's thread is blocked: its drain task cannot run.
-    let (release, blocked) = std::sync::mpsc::channel::<()>();
-    let busy = rt.spawn_on(0, move |_| async move {
-        let _ = blocked.recv();
-    });
+    let (release, busy) = common::hold_shard(&rt, 0);
     let refused = block_on(rt.spawn_on(1, move |s| async move {
         let mut refused = Vec::new();
         for h in hs {
@@ -608,15 +605,7 @@ fn free_async_waits_for_the_handles_owner_only() {
         std::thread::sleep(std::time::Duration::from_millis(300));
     });
     let r = block_on(rt.spawn_on(0, move |s| async move {
-        let mut queued = 0u64;
-        loop {
-            match s.free(h1) {
-                Ok(()) => queued += 1,
-                Err(Error::Backpressure { owner: 1, .. }) => break,
-                Err(e) => panic!("free: {e}"),
-            }
-            assert!(queued < 10_000_000, "the owner's channel never filled");
-        }
+        let queued = common::free_until_backpressure(&s, h1);
         assert!(queued > 0);
         s.free_async(h1).await
     }))

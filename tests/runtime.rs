@@ -251,29 +251,11 @@ fn a_full_batch_starts_the_next_batchs_clock() {
 fn an_owner_that_caught_up_gets_its_partial_batches_on_the_clock_again() {
     let dir = tempfile::tempdir().unwrap();
     let rt = Runtime::start(config(dir.path(), 3)).unwrap();
-    let h2: Vec<Handle> = block_on(rt.spawn_on(2, |s| async move {
-        let mut v = Vec::new();
-        for _ in 0..2 {
-            v.push(s.allocate(16).await.unwrap().into_handle());
-        }
-        v
-    }))
-    .unwrap();
+    let h2 = common::allocate_synced(&rt, 2, 2, 16);
     // Shard 2 stops draining: its channel from shard 0 fills.
-    let (release, blocked) = std::sync::mpsc::channel::<()>();
-    let busy = rt.spawn_on(2, move |_| async move {
-        let _ = blocked.recv();
-    });
+    let (release, busy) = common::hold_shard(&rt, 2);
     block_on(rt.spawn_on(0, move |s| async move {
-        // The same handle over and over (shard 2 rejects all but one):
-        // until the channel and this shard's buffer for shard 2 are full.
-        loop {
-            match s.free(h2[0]) {
-                Ok(()) => {}
-                Err(Error::Backpressure { owner: 2, .. }) => break,
-                Err(e) => panic!("{e:?}"),
-            }
-        }
+        common::free_until_backpressure(&s, h2[0]);
         // Shard 2's batch now waits for room: nothing leaves meanwhile.
         turns(40).await;
         let before = s.stats().mesh.batches_sent;
@@ -316,28 +298,11 @@ fn an_owner_that_caught_up_gets_its_partial_batches_on_the_clock_again() {
 fn an_owner_far_behind_does_not_delay_the_batches_for_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let rt = Runtime::start(config(dir.path(), 3)).unwrap();
-    let h2 = block_on(rt.spawn_on(
-        2,
-        |s| async move { s.allocate(16).await.unwrap().into_handle() },
-    ))
-    .unwrap();
-    let h1 = block_on(rt.spawn_on(
-        1,
-        |s| async move { s.allocate(16).await.unwrap().into_handle() },
-    ))
-    .unwrap();
-    let (release, blocked) = std::sync::mpsc::channel::<()>();
-    let busy = rt.spawn_on(2, move |_| async move {
-        let _ = blocked.recv();
-    });
+    let h2 = common::allocate_synced(&rt, 2, 1, 16)[0];
+    let h1 = common::allocate_synced(&rt, 1, 1, 16)[0];
+    let (release, busy) = common::hold_shard(&rt, 2);
     let left = block_on(rt.spawn_on(0, move |s| async move {
-        loop {
-            match s.free(h2) {
-                Ok(()) => {}
-                Err(Error::Backpressure { owner: 2, .. }) => break,
-                Err(e) => panic!("{e:?}"),
-            }
-        }
+        common::free_until_backpressure(&s, h2);
         // The batch for shard 2 stays here (its channel is full) ...
         turns(40).await;
         let before = s.stats().mesh.batches_sent;

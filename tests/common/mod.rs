@@ -556,6 +556,37 @@ pub fn kv_server_binary() -> &'static std::path::Path {
     })
 }
 
+/// Hold shard `index`'s thread (nothing on it runs, its inboxes are not
+/// drained) until the returned sender sends or is dropped; the handle
+/// resolves once it is let go.
+pub fn hold_shard(
+    rt: &segalloc::Runtime,
+    index: usize,
+) -> (std::sync::mpsc::Sender<()>, segalloc::JoinHandle<()>) {
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let busy = rt.spawn_on(index, move |_| async move {
+        let _ = held.recv();
+    });
+    (release, busy)
+}
+
+/// Free another shard's handle `h` from `s` over and over (its owner
+/// rejects all but one) until the owner's channel and `s`'s buffer for it
+/// are full: the number of frees acknowledged before the first refusal.
+pub fn free_until_backpressure(s: &segalloc::Shard, h: segalloc::Handle) -> u64 {
+    let mut queued = 0u64;
+    loop {
+        match s.free(h) {
+            Ok(()) => queued += 1,
+            Err(segalloc::Error::Backpressure { owner, .. }) if owner == h.shard() => {
+                return queued;
+            }
+            Err(e) => panic!("free: {e}"),
+        }
+        assert!(queued < 10_000_000, "the owner's channel never filled");
+    }
+}
+
 /// `n` allocations of `bytes` on shard `shard` of `rt`, synced: their handles.
 pub fn allocate_synced(
     rt: &segalloc::Runtime,
