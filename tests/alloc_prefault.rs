@@ -185,3 +185,96 @@ fn a_slot_given_back_by_try_allocate_still_prefaults_when_taken_again() {
         }
     });
 }
+
+/// Fill until a slot opens the third chunk of its data file (so that the
+/// first two asked for a prefault of the next); this shard's prefaults.
+async fn prefaults_of_a_fill(shard: &segalloc::Shard) -> u64 {
+    let mut hs = Vec::new();
+    loop {
+        let a = shard.allocate(100).await.unwrap();
+        let past = a.handle().offset() >= 2 * CHUNK;
+        hs.push(a.into_handle());
+        if past {
+            break;
+        }
+    }
+    shard.stats().mappings.prefaults
+}
+
+/// The prefaults of a fill on a 1-shard runtime started by a thread that
+/// may run on `cpus` only.
+fn runtime_prefaults(cpus: &[usize]) -> u64 {
+    let cpus = cpus.to_vec();
+    std::thread::spawn(move || {
+        let mut set = nix::sched::CpuSet::new();
+        for c in cpus {
+            set.set(c).unwrap();
+        }
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let rt = segalloc::Runtime::start(small_cfg(dir.path())).expect("start");
+        let n = futures::executor::block_on(
+            rt.spawn_on(0, |s| async move { prefaults_of_a_fill(&s).await }),
+        )
+        .expect("job");
+        rt.shutdown().expect("shutdown");
+        n
+    })
+    .join()
+    .expect("thread")
+}
+
+/// The CPUs this thread may run on.
+fn allowed_cpus() -> Vec<usize> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    (0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect()
+}
+
+/// A runtime whose every CPU runs a shard does not prefault: the io
+/// workers would take the faults on the shard's own CPU. With a CPU left
+/// over, it does (io_uring only).
+#[test]
+fn a_runtime_prefaults_only_with_a_cpu_left_for_its_io_workers() {
+    let allowed = allowed_cpus();
+    assert_eq!(
+        runtime_prefaults(&allowed[..1]),
+        0,
+        "one CPU, one shard: prefaulted"
+    );
+    if allowed.len() < 2 {
+        eprintln!("skipped the second half: needs 2 CPUs");
+        return;
+    }
+    let n = runtime_prefaults(&allowed[..2]);
+    if expected_backend() == IoBackend::Sync {
+        assert_eq!(n, 0, "the sync backend would block the shard");
+    } else {
+        assert!(n >= 1, "two CPUs, one shard: no prefault issued");
+    }
+}
+
+/// `ShardBuilder::prefault_ahead(false)` turns prefaulting off; the
+/// default is on (io_uring only).
+#[test]
+fn a_shard_builder_can_turn_prefaulting_off() {
+    for on in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let b = segalloc::Cluster::open(small_cfg(dir.path()))
+            .expect("open")
+            .into_builders()
+            .pop()
+            .expect("one builder");
+        let b = if on { b } else { b.prefault_ahead(false) };
+        let n = run(async move {
+            let shard = b.open().await.expect("shard");
+            prefaults_of_a_fill(&shard).await
+        });
+        if on && expected_backend() == IoBackend::Uring {
+            assert!(n >= 1, "the default prefaults");
+        } else {
+            assert_eq!(n, 0, "prefault_ahead({on})");
+        }
+    }
+}
