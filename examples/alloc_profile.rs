@@ -160,8 +160,21 @@ fn main() -> segalloc::Result<()> {
     let dir = args
         .next()
         .unwrap_or_else(|| "/tmp/segalloc-alloc-profile".into());
+    if dir.starts_with('-') {
+        println!(
+            "usage: alloc_profile [DIR [N]]  (default DIR /tmp/segalloc-alloc-profile, N 200000)"
+        );
+        println!(
+            "DIR is deleted first if it is a closed segalloc data directory, refused otherwise"
+        );
+        return Ok(());
+    }
     let n: usize = args.next().map_or(200_000, |s| s.parse().expect("a count"));
-    let _ = std::fs::remove_dir_all(&dir);
+    // Only a closed segalloc data directory is deleted; anything else at
+    // `dir` is refused.
+    if std::path::Path::new(&dir).exists() {
+        DataDir::destroy(&dir)?;
+    }
     let cfg = Config::builder(&dir).shards(1).build()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
