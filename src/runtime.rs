@@ -104,7 +104,6 @@ impl Cluster {
                 cfg: cfg.clone(),
                 ep,
                 io_cpus: Vec::new(),
-                prefault_ahead: true,
             })
             .collect()
     }
@@ -117,7 +116,6 @@ pub struct ShardBuilder {
     cfg: Config,
     ep: Endpoint<Job>,
     io_cpus: Vec<usize>,
-    prefault_ahead: bool,
 }
 
 impl ShardBuilder {
@@ -135,14 +133,7 @@ impl ShardBuilder {
     /// is opened); see [`Shard::open`].
     pub async fn open(self) -> Result<Shard> {
         shard::require_local_set("ShardBuilder::open")?;
-        let shard = Shard::open_with(
-            self.dir,
-            &self.cfg,
-            self.ep.index,
-            &self.io_cpus,
-            self.prefault_ahead,
-        )
-        .await?;
+        let shard = Shard::open_with(self.dir, &self.cfg, self.ep.index, &self.io_cpus).await?;
         shard.connect(self.ep);
         Ok(shard)
     }
@@ -155,21 +146,6 @@ impl ShardBuilder {
     /// they are. An empty list (the default) leaves them alone.
     pub fn io_worker_cpus(mut self, cpus: Vec<usize>) -> Self {
         self.io_cpus = cpus;
-        self
-    }
-
-    /// Fault the pages the allocator hands out next in ahead of use, in the
-    /// kernel's io workers (`MADV_POPULATE_WRITE` through the io_uring
-    /// ring), so that a fill writes to pages already there. On by default.
-    /// Turn it off for a shard whose io workers run on its own CPU (a
-    /// thread pinned to a CPU, with no others left for
-    /// [`io_worker_cpus`](Self::io_worker_cpus)): the faults are then taken
-    /// on that CPU all the same, in another thread, and fills were measured
-    /// slower that way. [`Runtime::start`] turns it off when each of the
-    /// CPUs it may use runs a shard; the README's *Prefaulting ahead* has
-    /// the figures. No effect on the sync backend, which never prefaults.
-    pub fn prefault_ahead(mut self, on: bool) -> Self {
-        self.prefault_ahead = on;
         self
     }
 }
@@ -396,9 +372,7 @@ impl Runtime {
     /// run its `fallocate`s, `fdatasync`s and prefaults) use the CPUs
     /// without a shard ([`ShardBuilder::io_worker_cpus`], best effort);
     /// otherwise they are left alone (on Linux 6.18 they then stay on their
-    /// shard's CPU), and the shards do not prefault ahead of the allocator
-    /// ([`ShardBuilder::prefault_ahead`]). Returns once every shard has
-    /// recovered.
+    /// shard's CPU). Returns once every shard has recovered.
     ///
     /// # Errors
     ///
@@ -450,12 +424,8 @@ impl Runtime {
                     });
                     SHARD_OF_RUNTIME.with(|c| c.set(id));
                     // The io workers go elsewhere only if the shard is pinned.
-                    // With no CPU left for them they run on the shard's,
-                    // where prefaulting made fills slower (README).
                     let b = match sys::pin_thread_to_cpu(cpu) {
-                        Ok(()) => b
-                            .prefault_ahead(!io_cpus.is_empty())
-                            .io_worker_cpus(io_cpus),
+                        Ok(()) => b.io_worker_cpus(io_cpus),
                         Err(e) => {
                             tracing::debug!(error = %e, "could not pin shard thread");
                             b

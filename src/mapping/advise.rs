@@ -37,15 +37,11 @@ impl MappingManager {
     /// `MADV_POPULATE_WRITE` through the io_uring ring: the kernel's io
     /// workers take the page faults, not this thread. Nothing is done when
     /// the window is not mapped, the files are read-only, the ring is the
-    /// sync backend (the syscall would block this thread), prefaulting is
-    /// off ([`MappingConfig::prefault_ahead`](super::MappingConfig)), or
+    /// sync backend (the syscall would block this thread), or
     /// [`PREFAULTS_MAX`] are in flight. Nothing waits for it; a failure
     /// (`EINVAL` before Linux 5.14) only means the pages fault on first touch.
     pub(crate) fn prefault(&self, file: FileId, offset: u64, len: u64) {
-        if self.read_only
-            || !self.cfg.prefault_ahead
-            || self.ring.backend() != crate::io::IoBackend::Uring
-        {
+        if self.read_only || self.ring.backend() != crate::io::IoBackend::Uring {
             return;
         }
         // Completed ones are dropped (polling reaps them).

@@ -66,12 +66,6 @@ pub struct MappingConfig {
     /// How long `pin` waits for a window under pressure (no deadline when
     /// too long to be added to the current time).
     pub pin_timeout: Duration,
-    /// Fault the pages the allocator hands out next in ahead of use
-    /// (`MADV_POPULATE_WRITE` through the io_uring ring, run by the
-    /// kernel's io workers). On by default; worth it only when those
-    /// workers have a CPU the shard's thread does not use (see
-    /// [`ShardBuilder::prefault_ahead`](crate::ShardBuilder::prefault_ahead)).
-    pub prefault_ahead: bool,
 }
 
 impl MappingConfig {
@@ -86,7 +80,6 @@ impl MappingConfig {
             madvise_policy: cfg.madvise_policy(),
             prefetch_ahead_bytes: cfg.prefetch_ahead_bytes(),
             pin_timeout: cfg.pin_timeout(),
-            prefault_ahead: true,
         }
     }
 }

@@ -147,20 +147,17 @@ impl Shard {
     /// [`Error::InvalidConfig`] for an index out of range; recovery errors
     /// ([`Error::Corrupt`], [`Error::Mismatch`]); io errors.
     pub async fn open(dir: Arc<DataDir>, cfg: &Config, index: u16) -> Result<Shard> {
-        Shard::open_with(dir, cfg, index, &[], true).await
+        Shard::open_with(dir, cfg, index, &[]).await
     }
 
     /// [`open`](Self::open), with the ring's io workers on `io_cpus` from
-    /// the start (empty: left as they are; workers that exist already keep
-    /// their CPUs, so this comes before the shard's first operation), and
-    /// prefaulting ahead of the allocator on or off
-    /// ([`MappingConfig::prefault_ahead`]).
+    /// the start (empty: left as they are). Workers that exist already keep
+    /// their CPUs, so this comes before the shard's first operation.
     pub(crate) async fn open_with(
         dir: Arc<DataDir>,
         cfg: &Config,
         index: u16,
         io_cpus: &[usize],
-        prefault_ahead: bool,
     ) -> Result<Shard> {
         require_tokio("Shard::open")?;
         if index >= dir.manifest().shard_count {
@@ -182,7 +179,6 @@ impl Shard {
         });
         let mut mcfg = MappingConfig::from_config(cfg);
         mcfg.window_bytes = dir.manifest().window_bytes;
-        mcfg.prefault_ahead = prefault_ahead;
         let mm = Rc::new(MappingManager::new(files.clone(), mcfg));
         let alloc =
             SegmentAllocator::open(index, &dir.shard_dir(index), *dir.manifest(), mm.clone())
