@@ -84,6 +84,8 @@ mod conn;
 mod crc;
 #[path = "kv_server/hash.rs"]
 mod hash;
+#[path = "common/owner.rs"]
+mod owner;
 #[path = "kv_server/resp.rs"]
 mod resp;
 #[path = "kv_server/retire.rs"]
@@ -183,6 +185,50 @@ impl Drop for ConnSlot {
     }
 }
 
+/// Where the shards agree, once open and before any of them recovers
+/// (which frees what is not a record), that the directory is the
+/// server's: a root of another program on any shard stops them all
+/// (`examples/common/owner.rs`).
+struct OwnerGate {
+    shards: usize,
+    /// Shards that said, and the first refusal.
+    state: std::sync::Mutex<(usize, Option<String>)>,
+    all_said: std::sync::Condvar,
+}
+
+/// How long a shard waits at the [`OwnerGate`] for the others (a shard
+/// thread that died before it never comes).
+const OWNER_GATE_WAIT: Duration = Duration::from_secs(60);
+
+impl OwnerGate {
+    fn new(shards: usize) -> OwnerGate {
+        OwnerGate {
+            shards,
+            state: std::sync::Mutex::new((0, None)),
+            all_said: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Say why this shard refuses the directory (`None`: it does not), wait
+    /// for every shard to say, and return the first refusal, if any.
+    fn pass(&self, why: Option<String>) -> Option<String> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 += 1;
+        if let Some(why) = why {
+            st.1.get_or_insert(why);
+        }
+        self.all_said.notify_all();
+        let (mut st, timeout) = self
+            .all_said
+            .wait_timeout_while(st, OWNER_GATE_WAIT, |st| st.0 < self.shards)
+            .unwrap_or_else(|p| p.into_inner());
+        if timeout.timed_out() {
+            st.1.get_or_insert_with(|| "a shard did not open within 60 s".to_string());
+        }
+        st.1.clone()
+    }
+}
+
 /// A shard thread: open the shard, rebuild its index, report, then serve
 /// connections and forwarded batches until the process ends.
 fn shard_thread(
@@ -192,6 +238,7 @@ fn shard_thread(
     facts: ServerFacts,
     ready: std::sync::mpsc::Sender<Result<String, String>>,
     bell: Arc<tokio::sync::Notify>,
+    gate: Arc<OwnerGate>,
 ) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -199,7 +246,17 @@ fn shard_thread(
         .expect("tokio current-thread runtime");
     tokio::task::LocalSet::new().block_on(&rt, async move {
         let index = builder.index();
-        let opened = match builder.open().await {
+        let opened = builder.open().await;
+        let why = match &opened {
+            Ok(shard) => owner::foreign_root(shard, store::PROGRAM),
+            Err(e) => Some(format!("shard {index}: {e}")),
+        };
+        // Every shard passes, whatever it found, so that none waits forever.
+        if let Some(refused) = gate.pass(why) {
+            let _ = ready.send(Err(refused));
+            return;
+        }
+        let opened = match opened {
             Ok(shard) => Store::open(shard, facts.policy, facts.retire_every).await,
             Err(e) => Err(e),
         };
@@ -282,7 +339,9 @@ fn start_shards(
     // Rung by a shard's syncer as it starts a sync that writes wait for.
     let sync_bell = Arc::new(tokio::sync::Notify::new());
     let started = Instant::now();
+    let gate = Arc::new(OwnerGate::new(senders.len()));
     for (b, inbox) in builders.into_iter().zip(inboxes) {
+        let gate = gate.clone();
         let peers = senders.clone();
         let ready = ready_tx.clone();
         let bell = sync_bell.clone();
@@ -297,16 +356,24 @@ fn start_shards(
         };
         std::thread::Builder::new()
             .name(format!("kv-shard-{}", b.index()))
-            .spawn(move || shard_thread(b, inbox, peers, facts, ready, bell))
+            .spawn(move || shard_thread(b, inbox, peers, facts, ready, bell, gate))
             .unwrap_or_else(|e| fail(format_args!("spawn a shard thread: {e}")));
     }
     drop(ready_tx);
+    // Every shard's report before failing on the first error: no shard is
+    // still at work on the directory when the process exits.
+    let mut first_error = None;
     for _ in 0..senders.len() {
         match ready_rx.recv() {
             Ok(Ok(line)) => eprintln!("{line}"),
-            Ok(Err(e)) => fail(e),
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
             Err(_) => fail("a shard thread died while opening"),
         }
+    }
+    if let Some(e) = first_error {
+        fail(e);
     }
     senders
 }

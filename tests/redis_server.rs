@@ -381,8 +381,9 @@ fn every_command() {
     let _: () = c.set("again", "1").unwrap();
     let _: () = redis::cmd("FLUSHALL").query(c).unwrap();
     assert_eq!(redis::cmd("DBSIZE").query::<i64>(c).unwrap(), 0);
-    // What stays: each shard's durable sequence number (16 bytes).
-    assert_eq!(info_field(c, "memory", "segalloc_live_bytes"), "32");
+    // What stays: each shard's durable sequence number and its owner mark
+    // (16 bytes each).
+    assert_eq!(info_field(c, "memory", "segalloc_live_bytes"), "64");
 
     // QUIT answers, then the server closes the connection.
     let mut raw = server.raw();
@@ -1759,4 +1760,111 @@ fn a_deletion_of_a_key_overwritten_without_pause_ends() {
     for w in writers {
         w.join().unwrap();
     }
+}
+
+/// Live allocations per shard of the closed directory `dir` of `shards`
+/// shards.
+fn live_per_shard(dir: &Path, shards: usize) -> Vec<u64> {
+    let cfg = segalloc::Config::builder(dir)
+        .shards(shards)
+        .build()
+        .unwrap();
+    let rt = segalloc::Runtime::start(cfg).unwrap();
+    let live = (0..shards)
+        .map(|i| {
+            futures::executor::block_on(rt.spawn_on(i, |s| async move { s.live_count() })).unwrap()
+        })
+        .collect();
+    rt.shutdown().unwrap();
+    live
+}
+
+/// A data directory another program wrote (a root of its own on shard 1,
+/// none on shard 0) is refused before any shard frees what it would take
+/// for torn records: shard 0, with no root to tell, keeps its allocations
+/// too.
+#[test]
+fn a_directory_of_another_program_is_refused_and_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("other");
+    let cfg = segalloc::Config::builder(&dir).shards(2).build().unwrap();
+    let rt = segalloc::Runtime::start(cfg).unwrap();
+    for i in 0..2 {
+        futures::executor::block_on(rt.spawn_on(i, move |s| async move {
+            let mut last = None;
+            for _ in 0..100 {
+                let a = s.allocate(64).await.unwrap();
+                a.write_at(0, b"not a kv_server record").unwrap();
+                last = Some(a.into_handle());
+            }
+            if i == 1 {
+                s.set_root("other.index", last.unwrap()).unwrap();
+            }
+            s.sync().await.unwrap();
+        }))
+        .unwrap();
+    }
+    rt.shutdown().unwrap();
+    let before = live_per_shard(&dir, 2);
+    assert_eq!(before, vec![100, 100]);
+
+    let out = Command::new(server_binary())
+        .args(["--port", "0", "--shards", "2", "--dir"])
+        .arg(&dir)
+        .output()
+        .expect("run kv_server");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it started; stderr: {stderr}");
+    assert!(
+        stderr.contains("`other.index`") && stderr.contains("belongs to another program"),
+        "{stderr}"
+    );
+    assert_eq!(live_per_shard(&dir, 2), before, "allocations were freed");
+}
+
+/// A durable-sequence root whose allocation is gone (a crash kept the root
+/// but not the allocation) counts as none: the server starts, and its next
+/// sync names a new one.
+#[test]
+fn a_dangling_durable_sequence_root_counts_as_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("kv");
+    {
+        let server = Server::start(&dir, &[]);
+        let c = &mut server.client();
+        let _: () = c.set("a", "1").unwrap();
+        let _: () = redis::cmd("SAVE").query(c).unwrap();
+        // Dropped: SIGKILL after the sync.
+    }
+    let cfg = segalloc::Config::builder(&dir).shards(2).build().unwrap();
+    let rt = segalloc::Runtime::start(cfg).unwrap();
+    let mut dangling = 0;
+    for i in 0..2 {
+        dangling += futures::executor::block_on(rt.spawn_on(i, |s| async move {
+            let Some(h) = s.root("kv_server.durable_seq") else {
+                return 0;
+            };
+            s.free(h).unwrap();
+            s.sync().await.unwrap();
+            1
+        }))
+        .unwrap();
+    }
+    rt.shutdown().unwrap();
+    assert!(dangling >= 1, "no durable sequence number was written");
+
+    let server = Server::start(&dir, &[]);
+    let c = &mut server.client();
+    assert_eq!(
+        c.get::<_, Option<String>>("a").unwrap().as_deref(),
+        Some("1")
+    );
+    let _: () = c.set("b", "2").unwrap();
+    let _: () = redis::cmd("SAVE").query(c).unwrap();
+    let server = server.kill9_restart(&[]);
+    let c = &mut server.client();
+    assert_eq!(
+        c.get::<_, Option<String>>("b").unwrap().as_deref(),
+        Some("2")
+    );
 }

@@ -24,7 +24,9 @@
 //! the *durable sequence number* W: every record with a sequence number up
 //! to W was durable when W was written. A record superseded by a sequence number
 //! up to W is dead whatever else recovery finds (see
-//! `Store::retire_round`).
+//! `Store::retire_round`). And one more 16-byte allocation, the root
+//! `kv_server.owner`, marks the shard as the server's
+//! (`examples/common/owner.rs`); neither is a record.
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
@@ -65,6 +67,9 @@ const OFF_EXPIRE: usize = HEADER_BYTES - 8;
 const _: () = assert!(OFF_CRC + 4 == OFF_SUPERSEDED && OFF_SUPERSEDED + 8 == OFF_SEQ);
 const _: () = assert!(HEADER_BYTES_V2 - 16 == OFF_SUPERSEDED);
 
+/// The program's name: its roots are `kv_server.…` (see
+/// `examples/common/owner.rs`).
+pub const PROGRAM: &str = "kv_server";
 /// The root naming a shard's durable sequence number.
 pub const WATERMARK_ROOT: &str = "kv_server.durable_seq";
 const WATERMARK_MAGIC: u32 = u32::from_le_bytes(*b"KVW1");
@@ -329,11 +334,14 @@ type Rebuilt = (IndexMap<(u64, Entry)>, usize, usize, usize, usize, u64);
 /// one that replaced it was durable, then deleted).
 async fn recover_index(
     shard: &Shard,
-    watermark: Option<Handle>,
+    not_records: [Option<Handle>; 2],
     durable_seq: u64,
 ) -> segalloc::Result<Rebuilt> {
     let now = now_unix_ms();
-    let handles: Vec<Handle> = shard.live().filter(|&h| Some(h) != watermark).collect();
+    let handles: Vec<Handle> = shard
+        .live()
+        .filter(|&h| !not_records.contains(&Some(h)))
+        .collect();
     let mut best: IndexMap<(u64, Entry)> =
         IndexMap::with_capacity_and_hasher(handles.len(), Default::default());
     let (mut torn, mut superseded, mut expired, mut max_seq) = (0, 0, 0, 0u64);
@@ -619,8 +627,19 @@ impl Store {
         // Created when first written (see `Store::after_sync`): a server
         // under `always` that never waits for it has none. (Allocated at
         // open, it measured 10 – 15 % slower SET under `always`.) A
-        // damaged one counts as none, and is replaced when next written.
-        let found = shard.root(WATERMARK_ROOT);
+        // damaged one counts as none, and is replaced when next written; so
+        // does one whose allocation was lost (a crash before the sync that
+        // would have made both durable kept the root only): its root goes.
+        let owner = crate::owner::claim(&shard, PROGRAM)
+            .await
+            .map_err(segalloc::Error::InvalidConfig)?;
+        let found = match shard.root(WATERMARK_ROOT) {
+            Some(h) if !shard.allocator().is_live(&h) => {
+                shard.remove_root(WATERMARK_ROOT)?;
+                None
+            }
+            found => found,
+        };
         let (watermark, durable_seq) = match found {
             Some(h) => match read_watermark(&pin_of(&shard, h).await?) {
                 Some(w) => (Some(h), w),
@@ -629,7 +648,7 @@ impl Store {
             None => (None, 0),
         };
         let (best, torn, superseded, expired, cleared, max_seq) =
-            recover_index(&shard, found, durable_seq).await?;
+            recover_index(&shard, [found, Some(owner)], durable_seq).await?;
         if torn + superseded + expired + cleared > 0 {
             // What recovery retired must be durable before a deletion's own
             // write can be: else a power loss could keep the deletion and

@@ -1,0 +1,74 @@
+//! The mark an example program leaves on each shard of a data directory it
+//! writes: a root `<program>.owner` naming a 16-byte allocation (magic
+//! `SGOW`, 4 zero bytes, then the first 8 bytes of the program's name).
+//!
+//! Programs that read every live allocation as their own records (the
+//! demo frees what it finds unsealed, the kv_server what is not one of its
+//! records) would otherwise take another program's allocations for torn
+//! records of their own and free them. So a program refuses a shard that
+//! holds a root outside its own namespace (`<program>.…`): that shard
+//! belongs to another program. A directory of a program that sets no root
+//! at all cannot be told apart, and is taken.
+//!
+//! The mark needs no sync of its own: it is durable with the program's
+//! first sync. A crash before that leaves no root (the mark is made again
+//! at the next open), or a root whose allocation was lost (dropped and made
+//! again), or an allocation without its root (a torn record to the program,
+//! freed as such).
+
+#![allow(dead_code)]
+
+use segalloc::{Handle, Shard};
+
+const MAGIC: u32 = u32::from_le_bytes(*b"SGOW");
+const BYTES: u64 = 16;
+
+/// The root that marks a shard as `program`'s.
+pub fn root_name(program: &str) -> String {
+    format!("{program}.owner")
+}
+
+/// Why `program` refuses `shard`, if a root of another program is on it.
+pub fn foreign_root(shard: &Shard, program: &str) -> Option<String> {
+    let ns = format!("{program}.");
+    let (name, _) = shard
+        .roots()
+        .into_iter()
+        .find(|(name, _)| !name.starts_with(&ns))?;
+    Some(format!(
+        "shard {} holds the root `{name}`, which {program} does not make: this data \
+         directory belongs to another program, and {program} would take its \
+         allocations for torn records of its own and free them; use another \
+         directory",
+        shard.index()
+    ))
+}
+
+/// Mark `shard` as `program`'s (once; a mark whose allocation is gone is
+/// made again) and return the mark's handle, which is not a record. Refuses
+/// a shard of another program ([`foreign_root`]); nothing is changed then.
+pub async fn claim(shard: &Shard, program: &str) -> Result<Handle, String> {
+    if let Some(why) = foreign_root(shard, program) {
+        return Err(why);
+    }
+    let name = root_name(program);
+    let err = |e: segalloc::Error| format!("shard {}: {name}: {e}", shard.index());
+    if let Some(h) = shard.root(&name) {
+        if shard.allocator().is_live(&h) {
+            return Ok(h);
+        }
+        // Lost with an unsynced allocation: made again below.
+        shard.remove_root(&name).map_err(err)?;
+    }
+    let a = shard.allocate(BYTES).await.map_err(err)?;
+    let mut b = [0u8; BYTES as usize];
+    b[..4].copy_from_slice(&MAGIC.to_le_bytes());
+    let tag = program.as_bytes();
+    let n = tag.len().min(8);
+    b[8..8 + n].copy_from_slice(&tag[..n]);
+    a.write_at(0, &b).map_err(err)?;
+    let (h, pin) = a.into_parts();
+    drop(pin);
+    shard.set_root(&name, h).map_err(err)?;
+    Ok(h)
+}
