@@ -31,6 +31,10 @@
 //!
 //! Phase 1 fills fresh pages (page faults included); phase 5 refills slots
 //! freed before (phase 2, then a sync), so it touches no new page.
+//!
+//! The directory (`/tmp/alloc-profile` above) must not exist: the run makes
+//! its data directory there and deletes it when done, and it never touches
+//! a path that exists.
 
 use std::future::Future;
 use std::hint::black_box;
@@ -155,27 +159,61 @@ fn timed<T>(total: &mut Duration, f: impl FnOnce() -> T) -> T {
     r
 }
 
-fn main() -> segalloc::Result<()> {
-    let mut args = std::env::args().skip(1);
+const USAGE: &str = "usage: alloc_profile [DIR [N]]
+  DIR  a path that does not exist (default /tmp/segalloc-alloc-profile): the
+       run makes its data directory there and deletes it when done (a run cut
+       short leaves it; delete it before the next)
+  N    allocations per phase, at least 1 (default 200000)";
+
+/// Exit with `msg` and the usage (status 2).
+fn usage_error(msg: &str) -> ! {
+    eprintln!("alloc_profile: {msg}\n{USAGE}");
+    std::process::exit(2);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return;
+    }
+    if let Some(a) = args.iter().find(|a| a.starts_with('-')) {
+        usage_error(&format!("unknown option {a}"));
+    }
+    if args.len() > 2 {
+        usage_error("too many arguments");
+    }
     let dir = args
-        .next()
+        .first()
+        .cloned()
         .unwrap_or_else(|| "/tmp/segalloc-alloc-profile".into());
-    if dir.starts_with('-') {
-        println!(
-            "usage: alloc_profile [DIR [N]]  (default DIR /tmp/segalloc-alloc-profile, N 200000)"
-        );
-        println!(
-            "DIR is deleted first if it is a closed segalloc data directory, refused otherwise"
-        );
-        return Ok(());
+    let n: usize = match args.get(1).map(|s| s.parse::<usize>()) {
+        None => 200_000,
+        Some(Ok(n)) if n >= 1 => n,
+        Some(_) => usage_error(&format!(
+            "N must be a whole number of at least 1, not {}",
+            args[1]
+        )),
+    };
+    // Never a directory the run did not make: it deletes its own at the end.
+    if std::fs::symlink_metadata(&dir).is_ok() {
+        usage_error(&format!(
+            "{dir} exists; pass a path that does not exist (the run deletes the directory it makes)"
+        ));
     }
-    let n: usize = args.next().map_or(200_000, |s| s.parse().expect("a count"));
-    // Only a closed segalloc data directory is deleted; anything else at
-    // `dir` is refused.
-    if std::path::Path::new(&dir).exists() {
-        DataDir::destroy(&dir)?;
+    if let Err(e) = profile(&dir, n) {
+        eprintln!("alloc_profile: {e}");
+        std::process::exit(1);
     }
-    let cfg = Config::builder(&dir).shards(1).build()?;
+    if let Err(e) = DataDir::destroy(&dir) {
+        eprintln!("alloc_profile: could not delete {dir}: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Run the phases on a new data directory at `dir`, `n` calls each.
+fn profile(dir: &str, n: usize) -> segalloc::Result<()> {
+    let cfg = Config::builder(dir).shards(1).build()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
