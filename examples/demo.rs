@@ -61,8 +61,9 @@ struct Args {
     /// Data directory.
     #[arg(long, default_value = "./segalloc-demo")]
     dir: PathBuf,
-    /// Delete the data directory first (refused unless it is a closed
-    /// segalloc data directory).
+    /// Empty the data directory first: what segalloc made in it goes, the
+    /// directory itself stays (refused unless it is a closed segalloc data
+    /// directory).
     #[arg(long)]
     fresh: bool,
     /// Records to insert in this run (`1000000`, `1_000_000` or `1e6`).
@@ -886,7 +887,7 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     check_space(args, min, max)?;
     if args.fresh {
         // Refuses anything but a closed segalloc data directory.
-        segalloc::DataDir::destroy(&args.dir).map_err(|e| format!("--fresh: {e}"))?;
+        segalloc::DataDir::clear(&args.dir).map_err(|e| format!("--fresh: {e}"))?;
         // Built again: the shard count left unset was the old directory's.
         cfg = config()?;
     }

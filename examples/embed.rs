@@ -19,8 +19,9 @@ use segalloc::{Cluster, Config, Error, Handle};
 #[derive(Parser, Debug)]
 #[command(about = "segalloc inside threads you own")]
 struct Args {
-    /// Data directory (created if missing; deleted first with --fresh, which
-    /// refuses anything but a closed segalloc data directory).
+    /// Data directory (created if missing; emptied first with --fresh, which
+    /// keeps the directory itself and refuses anything but a closed
+    /// segalloc data directory).
     #[arg(long, default_value = "./segalloc-embed")]
     dir: std::path::PathBuf,
     /// Start over.
@@ -44,7 +45,7 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.fresh {
         // Refuses anything but a closed segalloc data directory.
-        segalloc::DataDir::destroy(&args.dir).map_err(|e| format!("--fresh: {e}"))?;
+        segalloc::DataDir::clear(&args.dir).map_err(|e| format!("--fresh: {e}"))?;
     }
     let n = args.threads.max(1);
     let cfg = Config::builder(&args.dir).shards(n).build()?;

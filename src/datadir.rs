@@ -200,6 +200,31 @@ impl DataDir {
         Self::destroy_within(path.as_ref(), false)
     }
 
+    /// [`destroy`](Self::destroy), but the directory itself stays, emptied:
+    /// its owner, mode and extended attributes, and a process whose working
+    /// directory it is, keep it. For a program's "start over" (`--fresh`)
+    /// on a directory its user may have made: an open afterwards creates a
+    /// new data directory in it. The same checks, with the same errors; a
+    /// missing directory is nothing to clear (`Ok`).
+    ///
+    /// ```
+    /// # let tmp = tempfile::tempdir()?;
+    /// # let path = tmp.path().join("data");
+    /// # std::fs::create_dir(&path)?;
+    /// # let cfg = segalloc::Config::builder(&path).shards(1).build()?;
+    /// # drop(segalloc::DataDir::open(&cfg)?);
+    /// segalloc::DataDir::clear(&path)?;
+    /// assert!(path.is_dir() && std::fs::read_dir(&path)?.next().is_none());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`destroy`](Self::destroy).
+    pub fn clear(path: impl AsRef<Path>) -> Result<()> {
+        Self::destroy_within(path.as_ref(), true)
+    }
+
     /// Undo the creation of the directory `created` (this open created its
     /// manifest; nothing in it was handed out), once closed: what
     /// [`destroy`](Self::destroy) deletes, and the directory itself if this

@@ -298,6 +298,35 @@ fn destroy_removes_a_closed_data_directory_and_nothing_else() {
     assert!(!exists(cfg.dir()));
 }
 
+/// `clear` deletes what `destroy` deletes and keeps the directory itself,
+/// with its mode; a new data directory opens in it.
+#[test]
+fn clear_keeps_the_directory_and_its_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mine");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o2750)).unwrap();
+    let cfg = populated(&dir);
+    DataDir::clear(&dir).unwrap();
+    assert!(listing(&dir).is_empty(), "{:?}", listing(&dir));
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o2750);
+    let dd = DataDir::open(&cfg).unwrap();
+    assert!(dd.was_created());
+    drop(dd);
+    // Missing: nothing to do. Not segalloc's: refused, untouched.
+    DataDir::clear(tmp.path().join("missing")).unwrap();
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("f"), b"x").unwrap();
+    assert!(matches!(
+        DataDir::clear(&other),
+        Err(segalloc::Error::NotDataDir { .. })
+    ));
+    assert!(exists(&other.join("f")));
+}
+
 #[test]
 fn destroy_refuses_what_is_not_a_segalloc_directory() {
     let tmp = tempfile::tempdir().unwrap();
