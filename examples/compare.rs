@@ -55,28 +55,28 @@ use work::{MIX_SEED, PAIR_BYTES};
 #[command(about = "segalloc beside the raw-mmap ceiling and glibc, pattern by pattern")]
 struct Args {
     /// Records of the fill patterns (per shard).
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     records: u64,
     /// Bytes per record of the fill patterns.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     record_bytes: u64,
     /// Alloc + free pairs of the LIFO pattern.
-    #[arg(long, default_value_t = 5_000_000)]
+    #[arg(long, default_value_t = 5_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pairs: u64,
     /// Live allocations of the random mix and of the refill pattern.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     live: u64,
     /// Operations of the random mix.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     mix_ops: u64,
     /// Operations per shard of the shard sweep.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
     sweep_ops: u64,
     /// Runs per figure (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
     repeat: usize,
     /// Records per segment of the old design.
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, default_value_t = 4000, value_parser = clap::value_parser!(u64).range(1..))]
     old_segment_records: u64,
     /// Where the data files go (default: the temporary directory).
     #[arg(long)]
@@ -91,6 +91,14 @@ struct Args {
     /// Run the fill patterns only.
     #[arg(long)]
     fill_only: bool,
+}
+
+/// A count of at least 1.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a whole number of at least 1")),
+    }
 }
 
 fn parse_advice(s: &str) -> Result<MadvisePolicy, String> {

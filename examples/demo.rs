@@ -72,7 +72,8 @@ struct Args {
     /// Record size in bytes (header included): `N` or `MIN-MAX`.
     #[arg(long, default_value = "16-1024")]
     record_bytes: String,
-    /// Shards (default: one per core).
+    /// Shards (default: one per core for a new directory; an existing one
+    /// keeps its own count).
     #[arg(long)]
     shards: Option<usize>,
     /// Print the figures as one JSON object on the last line.

@@ -16,6 +16,14 @@ use std::sync::{Arc, mpsc};
 use clap::Parser;
 use segalloc::{Cluster, Config, Error, Handle};
 
+/// A count of at least 1.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a whole number of at least 1")),
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "segalloc inside threads you own")]
 struct Args {
@@ -28,7 +36,7 @@ struct Args {
     #[arg(long)]
     fresh: bool,
     /// Threads, one shard each.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     threads: usize,
 }
 
@@ -47,9 +55,21 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         // Refuses anything but a closed segalloc data directory.
         segalloc::DataDir::clear(&args.dir).map_err(|e| format!("--fresh: {e}"))?;
     }
-    let n = args.threads.max(1);
+    let n = args.threads;
     let cfg = Config::builder(&args.dir).shards(n).build()?;
-    let builders = Cluster::open(cfg)?.into_builders();
+    let builders = match Cluster::open(cfg) {
+        Ok(c) => c.into_builders(),
+        Err(
+            e @ Error::Mismatch {
+                what: "shards",
+                on_disk,
+                ..
+            },
+        ) => {
+            return Err(format!("{e}; pass --threads {on_disk}, or --fresh to start over").into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     // Every thread has had its forwarded frees applied before any syncs.
     let applied = Arc::new(tokio::sync::Barrier::new(n));
 

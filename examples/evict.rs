@@ -32,14 +32,23 @@ use segalloc::config::MIB;
 use segalloc::{Config, EvictionPolicy, FileHandleRegistry, MappingConfig, MappingManager, Ring};
 use serde::Serialize;
 
+/// A window cap of 1 to 4,096 (the largest working set is 4 × the cap, of
+/// 16 MiB windows in one file).
+fn cap_in_range(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=4096).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}` is not a cap from 1 to 4096")),
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "segalloc eviction under a working set larger than the window cap")]
 struct Args {
     /// Window cap of the manager.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = cap_in_range)]
     cap: usize,
     /// Pins per point.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
     pins: u64,
     /// Print the table as one JSON object on the last line.
     #[arg(long)]
@@ -170,8 +179,17 @@ fn point(
     })
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("evict: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let cap = args.cap as u64;
     // The metadata of a shard holds no window here: the whole cap is data.
     let sizes = [cap, cap + cap / 4, 2 * cap, 4 * cap];

@@ -462,8 +462,17 @@ fn main() {
              (raise it with ulimit -n for up to {CONNECTIONS_MAX})"
         );
     }
-    let cluster =
-        Cluster::open(cfg).unwrap_or_else(|e| fail(format_args!("{}: {e}", args.dir.display())));
+    let cluster = Cluster::open(cfg).unwrap_or_else(|e| match e {
+        segalloc::Error::Mismatch {
+            what: "shards",
+            on_disk,
+            ..
+        } => fail(format_args!(
+            "{}: {e}; pass --shards {on_disk}, or leave --shards out",
+            args.dir.display()
+        )),
+        e => fail(format_args!("{}: {e}", args.dir.display())),
+    });
     let listener = std::net::TcpListener::bind(("127.0.0.1", args.port))
         .unwrap_or_else(|e| fail(format_args!("bind 127.0.0.1:{}: {e}", args.port)));
     let addr = listener

@@ -8,6 +8,11 @@
 //! turning; with plain syscalls (`SEGALLOC_IO=sync` semantics) they block the
 //! thread. The longest and the 99th-percentile gap are the stall.
 //!
+//! Its files go in a temporary directory under `--dir` (default: the
+//! current directory, so that they are on the disk a data directory would
+//! use; the system's temporary directory may be a tmpfs), deleted at the
+//! end (a run cut short by a signal leaves it: `.tmp…`).
+//!
 //! ```text
 //! cargo run --release --example stall
 //! cargo run --release --example stall -- --windows 64 --json
@@ -21,18 +26,34 @@ use clap::Parser;
 use segalloc::config::MIB;
 use segalloc::{Config, FileHandleRegistry, IoBackendChoice, MappingConfig, MappingManager, Ring};
 
+/// A window size in MiB: a positive multiple of 16, at most 1 TiB.
+fn window_mb(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n > 0 && n % 16 == 0 && n <= 1 << 20 => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a window size in MiB (a positive multiple of 16, at most 1048576)"
+        )),
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "event-loop stall while windows fault in: io_uring vs plain syscalls")]
 struct Args {
     /// Windows to fault in per backend.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     windows: u64,
-    /// Window size in MiB (each fault-in reserves a whole window).
-    #[arg(long, default_value_t = 64)]
+    /// Window size in MiB, a multiple of 16 (each fault-in reserves a whole
+    /// window).
+    #[arg(long, default_value_t = 64, value_parser = window_mb)]
     window_mb: u64,
-    /// Bytes written into each window before the next (makes fdatasync work).
+    /// Bytes written into each window before the next (makes fdatasync
+    /// work); at most the window.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     write_bytes: usize,
+    /// Where the temporary directory of the files goes (a `.tmp…` folder,
+    /// deleted at the end): on the disk to measure.
+    #[arg(long, default_value = ".")]
+    dir: std::path::PathBuf,
     /// Print one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -47,7 +68,8 @@ struct Outcome {
 }
 
 fn measure(args: &Args, choice: IoBackendChoice) -> Result<Outcome, Box<dyn std::error::Error>> {
-    let dir = tempfile::tempdir_in(".")?;
+    let dir = tempfile::tempdir_in(&args.dir)
+        .map_err(|e| format!("a temporary directory in {}: {e}", args.dir.display()))?;
     let window = args.window_mb * MIB;
     let cfg = Config::builder(dir.path())
         .shards(1)
@@ -144,6 +166,12 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Bytes the faulter writes into each window: `--write-bytes`, at most the
+/// window.
+fn written_per_window(args: &Args) -> u64 {
+    (args.write_bytes as u64).min(args.window_mb * MIB)
+}
+
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let uring = measure(&args, IoBackendChoice::Auto)?;
     let sync = measure(&args, IoBackendChoice::Sync)?;
@@ -152,7 +180,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             "{} windows of {} MiB faulted in, {} MiB written per window, fdatasync every 4",
             args.windows,
             args.window_mb,
-            args.write_bytes / (1024 * 1024)
+            written_per_window(&args) / (1024 * 1024)
         );
         println!(
             "{:>10} {:>14} {:>14} {:>10} {:>10}",

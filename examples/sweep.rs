@@ -31,14 +31,22 @@ use segalloc::config::MIB;
 use segalloc::{Config, Runtime};
 use serde::Serialize;
 
+/// A count of at least 1.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a whole number of at least 1")),
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "segalloc shard-count sweep")]
 struct Args {
     /// Operations per shard per run.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     ops: u64,
     /// Allocation size in bytes.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=segalloc::config::MAX_SEGMENT_BYTES))]
     size: u64,
     /// One free in this many goes to the next shard's task, which frees it
     /// (with one shard, its own task; 0: none).
@@ -59,7 +67,7 @@ struct Args {
     #[arg(long, conflicts_with = "hold_local")]
     by_hand: bool,
     /// Runs per point (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
     repeat: usize,
     /// Shard counts (default: 1, 2, …, cores, 2 × cores).
     #[arg(long, value_delimiter = ',')]
@@ -187,8 +195,26 @@ fn svg_chart(points: &[workload::RunResult], base: f64, title: &str) -> String {
     out
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sweep: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // The chart's file is made first: a path that cannot be written fails
+    // before the runs, not after them.
+    let svg_file = match &args.svg {
+        Some(path) => Some((
+            path,
+            std::fs::File::create(path).map_err(|e| format!("--svg {}: {e}", path.display()))?,
+        )),
+        None => None,
+    };
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -284,12 +310,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
-    if let Some(path) = &args.svg {
+    if let Some((path, mut file)) = svg_file {
         let title = format!(
             "segalloc shard sweep: {} ops/shard of {} B, {frees}, {cores} cores, {backend}",
             args.ops, args.size
         );
-        std::fs::write(path, svg_chart(&points, base, &title))?;
+        use std::io::Write;
+        file.write_all(svg_chart(&points, base, &title).as_bytes())
+            .map_err(|e| format!("--svg {}: {e}", path.display()))?;
     }
     if args.json {
         let report = Report {
