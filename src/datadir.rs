@@ -74,7 +74,9 @@ impl DataDir {
     /// damaged manifest; [`Error::NotADirectory`] when the path is a file;
     /// [`Error::InvalidConfig`] when an entry inside is a symlink, or when a
     /// missing directory is named back (`..`) out of a folder that does not
-    /// exist (nothing is made);
+    /// exist, or when a new data directory would be inside another (a
+    /// folder of it or deeper: that one's `destroy` would then refuse the
+    /// folder; nothing is made);
     /// [`Error::NotDataDir`] for a directory that has no manifest and is
     /// not empty, or one a [`destroy`](Self::destroy) did not finish
     /// (destroy it again);
@@ -94,6 +96,9 @@ impl DataDir {
             && !mpath.exists()
         {
             return Err(e);
+        }
+        if !mpath.exists() {
+            refuse_inside_data_dir(&path)?;
         }
         let lock = take_lock(&path)?;
         let (manifest, created) = if mpath.exists() {
@@ -382,6 +387,7 @@ fn create_and_resolve(given: &Path) -> Result<(PathBuf, bool)> {
             // (reached through `..`, or made by another process meanwhile).
             let bare: PathBuf = given.components().collect();
             refuse_back_out_of_missing(given, &bare)?;
+            refuse_inside_data_dir(given)?;
             if let Some(parent) = bare.parent().filter(|p| !p.as_os_str().is_empty()) {
                 DirBuilder::new()
                     .recursive(true)
@@ -415,6 +421,39 @@ fn refuse_back_out_of_missing(given: &Path, bare: &Path) -> Result<()> {
         }
         walked.push(c);
         missing = missing || std::fs::symlink_metadata(&walked).is_err();
+    }
+    Ok(())
+}
+
+/// Refuse a new data directory at `given` inside another one (a folder of
+/// it, or deeper): its folder would be an entry segalloc did not make in
+/// that directory, which `destroy` would then refuse to delete. Checked
+/// before anything is made. The ancestors are those of the real location of
+/// the nearest one that exists.
+fn refuse_inside_data_dir(given: &Path) -> Result<()> {
+    let bare: PathBuf = given.components().collect();
+    let mut up = bare.parent();
+    let nearest = loop {
+        match up {
+            Some(p) if p.as_os_str().is_empty() => break PathBuf::from("."),
+            Some(p) if std::fs::symlink_metadata(p).is_ok() => break p.to_path_buf(),
+            Some(p) => up = p.parent(),
+            // The root: nothing above it.
+            None => return Ok(()),
+        }
+    };
+    let Ok(real) = std::fs::canonicalize(&nearest) else {
+        return Ok(());
+    };
+    for a in real.ancestors() {
+        if a.join(MANIFEST_FILE).is_file() || a.join(DESTROYING_FILE).is_file() {
+            return Err(Error::InvalidConfig(format!(
+                "{} would be inside the segalloc data directory {}: a data directory \
+                 cannot be made in another",
+                given.display(),
+                a.display()
+            )));
+        }
     }
     Ok(())
 }

@@ -298,6 +298,42 @@ fn destroy_removes_a_closed_data_directory_and_nothing_else() {
     assert!(!exists(cfg.dir()));
 }
 
+/// A data directory is not made inside another (a folder of it, or deeper,
+/// missing or made by hand): nothing is created, and the outer one can
+/// still be deleted.
+#[test]
+fn a_data_directory_is_not_made_inside_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let outer = tmp.path().join("outer");
+    let cfg = populated(&outer);
+    for inner in [
+        outer.join("sub"),
+        outer.join("a/b"),
+        outer.join("shard-000/x"),
+    ] {
+        let Err(e) = DataDir::open(&small_cfg(&inner)) else {
+            panic!("{inner:?}: opened");
+        };
+        assert!(
+            matches!(&e, segalloc::Error::InvalidConfig(m) if m.contains("inside the segalloc data directory")),
+            "{inner:?}: {e}"
+        );
+        assert!(
+            !exists(&inner) && !exists(&outer.join("a")),
+            "{inner:?} made"
+        );
+    }
+    // Made by hand, empty: refused too, and left as it was.
+    std::fs::create_dir(outer.join("byhand")).unwrap();
+    assert!(DataDir::open(&small_cfg(&outer.join("byhand"))).is_err());
+    assert!(listing(&outer.join("byhand")).is_empty());
+    std::fs::remove_dir(outer.join("byhand")).unwrap();
+    // Beside it, fine; and the outer one is deleted whole.
+    drop(DataDir::open(&small_cfg(&tmp.path().join("beside"))).unwrap());
+    DataDir::destroy(cfg.dir()).unwrap();
+    assert!(!exists(cfg.dir()));
+}
+
 /// `clear` deletes what `destroy` deletes and keeps the directory itself,
 /// with its mode; a new data directory opens in it.
 #[test]
