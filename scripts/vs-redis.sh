@@ -37,7 +37,13 @@
 # and redis-benchmark runs on the same machine. The survival check uses
 # the first shard count.
 # Installs redis-server and redis-tools with apt-get when they are missing.
+# It takes no arguments: any (`--help` too) prints this text and exits.
 set -euo pipefail
+if [ "$#" -gt 0 ]; then
+    sed -n '2,/^set -euo pipefail$/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+    [ "$1" = "--help" ] || [ "$1" = "-h" ] && exit 0
+    exit 2
+fi
 cd "$(dirname "$0")/.."
 
 REQUESTS=${REQUESTS:-50000}
