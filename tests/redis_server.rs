@@ -1868,3 +1868,67 @@ fn a_dangling_durable_sequence_root_counts_as_none() {
         Some("2")
     );
 }
+
+/// A client that streams pipelined commands without pause does not take
+/// its shard's thread: another connection on the shard is answered during
+/// the stream, and the `everysec` syncer still syncs a write made before
+/// it. (The shard's task ran batch after batch: the socket always had data
+/// and room, so nothing made it wait.)
+#[test]
+fn a_streaming_client_does_not_starve_its_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &tmp.path().join("kv"),
+        &["--shards", "1", "--sync", "everysec"],
+    );
+    let c = &mut server.client();
+    let _: () = c.set("written", "before the stream").unwrap();
+    let syncs_before: u64 = info_field(c, "persistence", "segalloc_syncs")
+        .parse()
+        .unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = server.raw();
+    let mut reader = flood.try_clone().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        while reader.read(&mut buf).is_ok_and(|n| n > 0) {}
+    });
+    let writer = {
+        let stop = stop.clone();
+        let mut flood = flood;
+        std::thread::spawn(move || {
+            let chunk = b"PING\r\n".repeat(1 << 16);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if flood.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+            let _ = flood.shutdown(std::net::Shutdown::Both);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let mut slowest = Duration::ZERO;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        let t = Instant::now();
+        let pong: String = redis::cmd("PING").query(c).unwrap();
+        assert_eq!(pong, "PONG");
+        slowest = slowest.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let syncs_during: u64 = info_field(c, "persistence", "segalloc_syncs")
+        .parse()
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    drain.join().unwrap();
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a PING beside the stream took {slowest:?}"
+    );
+    assert!(
+        syncs_during > syncs_before,
+        "no sync during the stream ({syncs_before} before, {syncs_during} after 2.5 s)"
+    );
+}

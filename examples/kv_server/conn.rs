@@ -80,6 +80,13 @@ pub struct Planner {
 /// meet the cap (its values past it are errors).
 const READS_PER_BATCH: usize = crate::store::OUT_BYTES_MAX / crate::store::VALUE_BYTES_MAX;
 
+/// Most commands one batch plans: a read buffer of small commands (a 64
+/// KiB read holds some 10,000 `PING`s; a buffer grown by a large frame,
+/// megabytes of `INFO`s) is answered in batches of at most this many, each
+/// followed by a turn of the shard's other tasks (see `serve_requests`).
+/// `redis-benchmark -P 16` pipelines 16.
+pub const COMMANDS_PER_BATCH: usize = 1024;
+
 /// FNV-1a: a hash that stays the same across runs (unlike `RandomState`),
 /// so a key keeps its owner after a restart. One shard owns every key
 /// without hashing it.
@@ -315,6 +322,9 @@ struct Conn {
     wbuf: Vec<u8>,
     args: Vec<Range<usize>>,
     skip: Option<Skip>,
+    /// Bytes from `rpos` the frame there takes at least, as its last parse
+    /// found it incomplete: it is not parsed again before they are here.
+    need: usize,
 }
 
 /// Room a read asks for, at most (a buffer that grew for a large frame
@@ -443,13 +453,22 @@ impl Conn {
                 return false;
             }
             let frame = &self.rbuf[self.rpos..self.rlen];
+            if frame.len() < self.need {
+                return false;
+            }
+            self.need = 0;
             match resp::parse(frame, &mut self.args) {
-                Parsed::Incomplete => return false,
+                Parsed::Incomplete { needed } => {
+                    self.need = needed;
+                    return false;
+                }
                 Parsed::Command { consumed } => {
                     if !self.args.is_empty() {
                         let args = Cmd::new(frame, &self.args);
                         let reads = commands::reads_of(&args);
-                        if p.reads > 0 && p.reads + reads > READS_PER_BATCH {
+                        if (p.reads > 0 && p.reads + reads > READS_PER_BATCH)
+                            || p.plans.len() >= COMMANDS_PER_BATCH
+                        {
                             // Planned with the next batch.
                             return true;
                         }
@@ -494,6 +513,7 @@ pub async fn serve(ctx: Rc<Ctx>, stream: std::net::TcpStream) {
         rbuf: Vec::new(),
         rpos: 0,
         rlen: 0,
+        need: 0,
         chunk: FIRST_READ_BYTES,
         wbuf: Vec::new(),
         args: Vec::new(),
@@ -515,6 +535,13 @@ async fn serve_requests(ctx: &Ctx, conn: &mut Conn, p: &mut Planner) -> io::Resu
             p.execute(ctx).await;
             p.assemble(ctx, &mut conn.wbuf);
             conn.flush().await?;
+            // A client that keeps the socket full (a pipeline streamed
+            // without pause) never makes `fill` or `flush` wait, and a
+            // batch of local reads never waits either: without this the
+            // task would run on, and the shard's other connections, its
+            // batches for other shards and its syncer (`everysec`) would
+            // wait until the stream stopped.
+            tokio::task::yield_now().await;
         }
         if p.close {
             return Ok(());

@@ -26,8 +26,12 @@ const _: () = assert!(INLINE_BYTES_MAX < FRAME_BYTES_MAX);
 /// What the front of a read buffer holds.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
-    /// Not a whole frame yet: read more.
-    Incomplete,
+    /// Not a whole frame yet: read more. The frame is at least `needed`
+    /// bytes long (more than the buffer holds): parsing it again before
+    /// that many are buffered would find it incomplete again. (A frame of
+    /// many small arguments sent a few bytes at a time is then parsed a few
+    /// times, not once per read.)
+    Incomplete { needed: usize },
     /// One command of `consumed` bytes; its arguments are in `args`
     /// (possibly none: an empty inline line).
     Command { consumed: usize },
@@ -177,7 +181,7 @@ pub fn bulk_header(buf: &[u8]) -> Result<Option<(usize, usize)>, ProtocolError> 
 pub fn parse(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
     args.clear();
     match buf.first() {
-        None => Parsed::Incomplete,
+        None => Parsed::Incomplete { needed: 1 },
         Some(b'*') => parse_array(buf, args),
         Some(_) => parse_inline(buf, args),
     }
@@ -190,17 +194,26 @@ fn parse_array(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
     };
     let (count, mut pos) = match head {
         Err(e) => return Parsed::Error(e),
-        Ok(None) => return Parsed::Incomplete,
+        Ok(None) => {
+            return Parsed::Incomplete {
+                needed: buf.len() + 1,
+            };
+        }
         Ok(Some(h)) => h,
     };
     if count > ARGS_MAX as i64 {
         return Parsed::Error(ProtocolError::MultibulkLength);
     }
     // `*0` and `*-1` are empty commands, as Redis treats them.
-    for i in 0..count.max(0) as usize {
+    let count = count.max(0) as usize;
+    for i in 0..count {
+        // The arguments from `i` on take `$0\r\n\r\n`, 6 bytes, each at
+        // least.
         let (len, used) = match bulk_header(&buf[pos..]) {
             Err(e) => return Parsed::Error(e),
-            Ok(None) => return incomplete(pos),
+            Ok(None) => {
+                return incomplete(pos, (pos + MIN_ARG_BYTES * (count - i)).max(buf.len() + 1));
+            }
             Ok(Some(h)) => h,
         };
         if len > ARG_BYTES_MAX {
@@ -208,12 +221,13 @@ fn parse_array(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
                 consumed: pos + used,
                 arg_bytes: len,
                 skip_bytes: len,
-                skip_args: count as usize - i - 1,
+                skip_args: count - i - 1,
             };
         }
         let start = pos + used;
         if buf.len() < start + len + 2 {
-            return incomplete(start + len + 2);
+            let end = start + len + 2;
+            return incomplete(end, end + MIN_ARG_BYTES * (count - i - 1));
         }
         if &buf[start + len..start + len + 2] != b"\r\n" {
             return Parsed::Error(ProtocolError::MissingCrlf);
@@ -224,12 +238,17 @@ fn parse_array(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
     Parsed::Command { consumed: pos }
 }
 
-/// Incomplete, unless the frame already needs more than the limit.
-fn incomplete(needed: usize) -> Parsed {
-    if needed > FRAME_BYTES_MAX {
+/// Bytes of the shortest argument: `$0\r\n\r\n`.
+const MIN_ARG_BYTES: usize = 6;
+
+/// Incomplete, unless the frame already needs more than the limit: it
+/// reaches at least byte `reaches` (the end of the argument being read),
+/// and is at least `needed` bytes long in all.
+fn incomplete(reaches: usize, needed: usize) -> Parsed {
+    if reaches > FRAME_BYTES_MAX {
         Parsed::Error(ProtocolError::FrameTooLong)
     } else {
-        Parsed::Incomplete
+        Parsed::Incomplete { needed }
     }
 }
 
@@ -242,7 +261,9 @@ fn parse_inline(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
         return if buf.len() > INLINE_BYTES_MAX {
             Parsed::Error(ProtocolError::InlineTooLong)
         } else {
-            Parsed::Incomplete
+            Parsed::Incomplete {
+                needed: buf.len() + 1,
+            }
         };
     };
     let line_end = if nl > 0 && buf[nl - 1] == b'\r' {
@@ -386,6 +407,38 @@ pub fn parse_i64(arg: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame cut anywhere is incomplete, and says how long it is at
+    /// least: more than what is there, never more than the whole frame. A
+    /// frame of many small arguments says, from its first bytes, nearly its
+    /// whole length, so that a client trickling it is not parsed again
+    /// byte after byte.
+    #[test]
+    fn an_incomplete_frame_says_how_long_it_is_at_least() {
+        let mut args = Vec::new();
+        let frame = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nvalue\r\n";
+        for cut in 0..frame.len() {
+            match parse(&frame[..cut], &mut args) {
+                Parsed::Incomplete { needed } => {
+                    assert!(needed > cut && needed <= frame.len(), "cut {cut}: {needed}")
+                }
+                other => panic!("cut {cut}: {other:?}"),
+            }
+        }
+        assert!(
+            matches!(parse(frame, &mut args), Parsed::Command { consumed } if consumed == frame.len())
+        );
+        let many = format!("*1000\r\n{}", "$1\r\nx\r\n".repeat(1000));
+        for cut in [8, 9, 20, many.len() / 2] {
+            match parse(&many.as_bytes()[..cut], &mut args) {
+                Parsed::Incomplete { needed } => assert!(
+                    needed > cut && needed <= many.len() && needed >= 6 * 1000,
+                    "cut {cut}: {needed}"
+                ),
+                other => panic!("cut {cut}: {other:?}"),
+            }
+        }
+    }
 
     /// Integers as Redis's `string2ll` reads them: what it refuses is
     /// refused here too (`INCR` of `007` is an error in Redis).
