@@ -445,8 +445,17 @@ fn refuse_inside_data_dir(given: &Path) -> Result<()> {
     let Ok(real) = std::fs::canonicalize(&nearest) else {
         return Ok(());
     };
+    // A segalloc manifest (damaged or not), or one a `destroy` renamed; not
+    // any file of that name (a regular file only: opening a FIFO waits).
+    let segalloc_manifest = |p: PathBuf| {
+        let mut b = [0u8; 8];
+        p.is_file()
+            && std::fs::File::open(p)
+                .and_then(|mut f| f.read_exact(&mut b))
+                .is_ok_and(|()| crate::format::manifest::has_magic(&b))
+    };
     for a in real.ancestors() {
-        if a.join(MANIFEST_FILE).is_file() || a.join(DESTROYING_FILE).is_file() {
+        if segalloc_manifest(a.join(MANIFEST_FILE)) || segalloc_manifest(a.join(DESTROYING_FILE)) {
             return Err(Error::InvalidConfig(format!(
                 "{} would be inside the segalloc data directory {}: a data directory \
                  cannot be made in another",

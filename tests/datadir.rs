@@ -328,6 +328,12 @@ fn a_data_directory_is_not_made_inside_another() {
     assert!(DataDir::open(&small_cfg(&outer.join("byhand"))).is_err());
     assert!(listing(&outer.join("byhand")).is_empty());
     std::fs::remove_dir(outer.join("byhand")).unwrap();
+    // A file named MANIFEST that segalloc did not write is not a data
+    // directory's: a data directory is made below it.
+    let plain = tmp.path().join("plain");
+    std::fs::create_dir(&plain).unwrap();
+    std::fs::write(plain.join("MANIFEST"), b"a list of files\n").unwrap();
+    drop(DataDir::open(&small_cfg(&plain.join("d"))).unwrap());
     // Beside it, fine; and the outer one is deleted whole.
     drop(DataDir::open(&small_cfg(&tmp.path().join("beside"))).unwrap());
     DataDir::destroy(cfg.dir()).unwrap();

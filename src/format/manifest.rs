@@ -59,6 +59,12 @@ pub struct Manifest {
     pub class_table_id: u32,
 }
 
+/// Whether `b` begins as a segalloc manifest does (its magic), whatever
+/// follows: a file named `MANIFEST` that another program wrote does not.
+pub(crate) fn has_magic(b: &[u8]) -> bool {
+    b.starts_with(MAGIC)
+}
+
 /// Test support: [`Manifest`]'s encoding, for tests that forge images.
 #[cfg(feature = "test-support")]
 pub fn encode(m: &Manifest, shard: u16) -> [u8; MANIFEST_BYTES] {
