@@ -366,6 +366,14 @@ fn every_command() {
         .unwrap();
     assert_eq!(cfg, ["appendfsync", "everysec"]);
     let cfg: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("*").query(c).unwrap();
+    // Arity as Redis checks it.
+    assert!(err_text(redis::cmd("CONFIG").arg("GET").query::<()>(c)).contains("wrong number"));
+    assert!(err_text(redis::cmd("CLIENT").arg("SETNAME").query::<()>(c)).contains("wrong number"));
+    let _: () = redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg("me")
+        .query(c)
+        .unwrap();
     assert!(cfg.contains(&"save".to_string()) && cfg.contains(&"appendonly".to_string()));
     let count: i64 = redis::cmd("COMMAND").arg("COUNT").query(c).unwrap();
     let all: Vec<Value> = redis::cmd("COMMAND").query(c).unwrap();

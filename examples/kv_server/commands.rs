@@ -360,7 +360,13 @@ fn plan_connection(name: Name, cmd: &Cmd<'_>, p: &mut Planner, ctx: &Ctx) {
         Name::Client => {
             let sub = cmd.arg(1).to_ascii_uppercase();
             match sub.as_slice() {
-                b"SETNAME" | b"SETINFO" => p.reply(resp::ok),
+                // As Redis: `SETNAME name`, `SETINFO attr value`.
+                b"SETNAME" if cmd.len() == 3 => p.reply(resp::ok),
+                b"SETINFO" if cmd.len() == 4 => p.reply(resp::ok),
+                b"SETNAME" | b"SETINFO" => p.error(&format!(
+                    "ERR wrong number of arguments for 'client|{}' command",
+                    String::from_utf8_lossy(&sub).to_ascii_lowercase()
+                )),
                 b"GETNAME" => p.reply(resp::nil),
                 _ => p.error("ERR CLIENT subcommand not supported by this server"),
             }
@@ -409,6 +415,7 @@ fn config(cmd: &Cmd<'_>, p: &mut Planner, facts: &ServerFacts) {
             });
         }
         b"RESETSTAT" => p.reply(resp::ok),
+        b"GET" => p.error("ERR wrong number of arguments for 'config|get' command"),
         _ => p.error("ERR only CONFIG GET and CONFIG RESETSTAT are supported by this server"),
     }
 }
