@@ -51,6 +51,9 @@ use clap::Parser;
 use segalloc::{Config, Error, MadvisePolicy, Runtime, Shard};
 use work::{MIX_SEED, PAIR_BYTES};
 
+#[path = "common/cli.rs"]
+mod cli;
+
 #[derive(Parser, Debug)]
 #[command(about = "segalloc beside the raw-mmap ceiling and glibc, pattern by pattern")]
 struct Args {
@@ -73,7 +76,7 @@ struct Args {
     #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
     sweep_ops: u64,
     /// Runs per figure (the median is reported).
-    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 3, value_parser = cli::at_least_one)]
     repeat: usize,
     /// Records per segment of the old design.
     #[arg(long, default_value_t = 4000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -91,14 +94,6 @@ struct Args {
     /// Run the fill patterns only.
     #[arg(long)]
     fill_only: bool,
-}
-
-/// A count of at least 1.
-fn at_least_one(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!("`{s}` is not a whole number of at least 1")),
-    }
 }
 
 fn parse_advice(s: &str) -> Result<MadvisePolicy, String> {

@@ -16,13 +16,10 @@ use std::sync::{Arc, mpsc};
 use clap::Parser;
 use segalloc::{Cluster, Config, Error, Handle};
 
-/// A count of at least 1.
-fn at_least_one(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!("`{s}` is not a whole number of at least 1")),
-    }
-}
+#[path = "common/cli.rs"]
+mod cli;
+#[path = "common/owner.rs"]
+mod owner;
 
 #[derive(Parser, Debug)]
 #[command(about = "segalloc inside threads you own")]
@@ -36,7 +33,7 @@ struct Args {
     #[arg(long)]
     fresh: bool,
     /// Threads, one shard each.
-    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 2, value_parser = cli::at_least_one)]
     threads: usize,
 }
 
@@ -72,6 +69,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     // Every thread has had its forwarded frees applied before any syncs.
     let applied = Arc::new(tokio::sync::Barrier::new(n));
+    // Every thread has opened its shard and checked it is not another
+    // program's (`examples/common/owner.rs`) before any writes: one
+    // refusal, or a failed open, stops them all.
+    let opened = Arc::new(tokio::sync::Barrier::new(n));
+    let refused = Arc::new(std::sync::Mutex::new(None::<String>));
 
     // Each thread hands some of its handles to the next thread, which frees
     // them (segalloc forwards those frees back to the owner).
@@ -83,13 +85,29 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let to_next = txs[(i + 1) % n].clone();
         let from_prev = rxs[i].take().expect("one receiver per thread");
         let applied = applied.clone();
+        let (opened, refused) = (opened.clone(), refused.clone());
         threads.push(std::thread::spawn(move || -> Result<String, Error> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
             tokio::task::LocalSet::new().block_on(&rt, async move {
-                let shard = b.open().await?;
+                let shard = b.open().await;
+                let why = match &shard {
+                    Ok(s) => owner::foreign_root(s, "embed"),
+                    Err(e) => Some(format!("shard {i}: {e}")),
+                };
+                if let Some(why) = why {
+                    refused.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(why);
+                }
+                opened.wait().await;
+                if let Some(why) = refused.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                    return Err(Error::InvalidConfig(why));
+                }
+                let shard = shard?;
+                owner::claim(&shard, "embed")
+                    .await
+                    .map_err(Error::InvalidConfig)?;
                 let before = shard.live_count();
                 // A "request handler": store 10,000 records.
                 let mut mine = Vec::new();

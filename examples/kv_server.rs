@@ -196,10 +196,6 @@ struct OwnerGate {
     all_said: std::sync::Condvar,
 }
 
-/// How long a shard waits at the [`OwnerGate`] for the others (a shard
-/// thread that died before it never comes).
-const OWNER_GATE_WAIT: Duration = Duration::from_secs(60);
-
 impl OwnerGate {
     fn new(shards: usize) -> OwnerGate {
         OwnerGate {
@@ -210,7 +206,8 @@ impl OwnerGate {
     }
 
     /// Say why this shard refuses the directory (`None`: it does not), wait
-    /// for every shard to say, and return the first refusal, if any.
+    /// for every shard to say, and return the first refusal, if any. Each
+    /// shard thread says once, also when it panics first ([`StartReport`]).
     fn pass(&self, why: Option<String>) -> Option<String> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.0 += 1;
@@ -218,14 +215,46 @@ impl OwnerGate {
             st.1.get_or_insert(why);
         }
         self.all_said.notify_all();
-        let (mut st, timeout) = self
+        let st = self
             .all_said
-            .wait_timeout_while(st, OWNER_GATE_WAIT, |st| st.0 < self.shards)
+            .wait_while(st, |st| st.0 < self.shards)
             .unwrap_or_else(|p| p.into_inner());
-        if timeout.timed_out() {
-            st.1.get_or_insert_with(|| "a shard did not open within 60 s".to_string());
-        }
         st.1.clone()
+    }
+}
+
+/// A shard thread's one report to `start_shards`, and its one pass of the
+/// [`OwnerGate`]. Dropped before either (a panic while the shard opens),
+/// it passes the gate with a refusal and reports the shard stopped: no
+/// other shard, and not `start_shards`, waits for it forever.
+struct StartReport {
+    index: u16,
+    tx: std::sync::mpsc::Sender<Result<String, String>>,
+    gate: Arc<OwnerGate>,
+    passed: std::cell::Cell<bool>,
+    sent: std::cell::Cell<bool>,
+}
+
+impl StartReport {
+    fn pass(&self, why: Option<String>) -> Option<String> {
+        self.passed.set(true);
+        self.gate.pass(why)
+    }
+
+    fn send(&self, r: Result<String, String>) {
+        if !self.sent.replace(true) {
+            let _ = self.tx.send(r);
+        }
+    }
+}
+
+impl Drop for StartReport {
+    fn drop(&mut self) {
+        let stopped = format!("shard {}: stopped while opening", self.index);
+        if !self.passed.get() {
+            self.pass(Some(stopped.clone()));
+        }
+        self.send(Err(stopped));
     }
 }
 
@@ -244,7 +273,15 @@ fn shard_thread(
         .enable_all()
         .build()
         .expect("tokio current-thread runtime");
+    let report = StartReport {
+        index: builder.index(),
+        tx: ready,
+        gate,
+        passed: std::cell::Cell::new(false),
+        sent: std::cell::Cell::new(false),
+    };
     tokio::task::LocalSet::new().block_on(&rt, async move {
+        let ready = &report;
         let index = builder.index();
         let opened = builder.open().await;
         let why = match &opened {
@@ -252,8 +289,8 @@ fn shard_thread(
             Err(e) => Some(format!("shard {index}: {e}")),
         };
         // Every shard passes, whatever it found, so that none waits forever.
-        if let Some(refused) = gate.pass(why) {
-            let _ = ready.send(Err(refused));
+        if let Some(refused) = ready.pass(why) {
+            ready.send(Err(refused));
             return;
         }
         let opened = match opened {
@@ -262,7 +299,7 @@ fn shard_thread(
         };
         let store = match opened {
             Ok((store, rec)) => {
-                let _ = ready.send(Ok(format!(
+                ready.send(Ok(format!(
                     "shard {index}: {} records recovered ({} torn, {} superseded, {} expired freed) in {:.1} ms, io {}",
                     rec.records,
                     rec.torn,
@@ -274,7 +311,7 @@ fn shard_thread(
                 Rc::new(store)
             }
             Err(e) => {
-                let _ = ready.send(Err(format!("shard {index}: {e}")));
+                ready.send(Err(format!("shard {index}: {e}")));
                 return;
             }
         };
@@ -524,6 +561,43 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A shard thread that panics before the owner gate still passes it
+    /// (with a refusal) and reports: the other shard and the starter do not
+    /// wait forever, and nobody goes on to recover.
+    #[test]
+    fn a_shard_thread_that_panics_before_the_gate_stops_the_start() {
+        let gate = Arc::new(OwnerGate::new(2));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let report = |index: u16| StartReport {
+            index,
+            tx: tx.clone(),
+            gate: gate.clone(),
+            passed: std::cell::Cell::new(false),
+            sent: std::cell::Cell::new(false),
+        };
+        let r0 = report(0);
+        let dies = std::thread::spawn(move || {
+            let _r = r0;
+            panic!("shard 0 panics while opening");
+        });
+        let r1 = report(1);
+        let passes = std::thread::spawn(move || {
+            let refused = r1.pass(None);
+            r1.send(Err(format!("refused: {refused:?}")));
+            refused
+        });
+        assert!(dies.join().is_err());
+        let refused = passes.join().expect("the other shard returns");
+        assert!(
+            refused.is_some_and(|r| r.contains("shard 0: stopped while opening")),
+            "the other shard would go on"
+        );
+        drop(tx);
+        let reports: Vec<_> = rx.iter().collect();
+        assert_eq!(reports.len(), 2, "{reports:?}");
+        assert!(reports.iter().all(|r| r.is_err()), "{reports:?}");
+    }
 
     /// The connection cap leaves segalloc its descriptors: at the common
     /// soft limit of 1024 with 256 for segalloc, two shards serve 720

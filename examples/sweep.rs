@@ -31,13 +31,8 @@ use segalloc::config::MIB;
 use segalloc::{Config, Runtime};
 use serde::Serialize;
 
-/// A count of at least 1.
-fn at_least_one(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!("`{s}` is not a whole number of at least 1")),
-    }
-}
+#[path = "common/cli.rs"]
+mod cli;
 
 #[derive(Parser, Debug)]
 #[command(about = "segalloc shard-count sweep")]
@@ -67,7 +62,7 @@ struct Args {
     #[arg(long, conflicts_with = "hold_local")]
     by_hand: bool,
     /// Runs per point (the median is reported).
-    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 3, value_parser = cli::at_least_one)]
     repeat: usize,
     /// Shard counts (default: 1, 2, …, cores, 2 × cores).
     #[arg(long, value_delimiter = ',')]

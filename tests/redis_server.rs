@@ -1940,3 +1940,75 @@ fn a_streaming_client_does_not_starve_its_shard() {
         "no sync during the stream ({syncs_before} before, {syncs_during} after 2.5 s)"
     );
 }
+
+/// A directory of an older kv_server (no owner root) whose durable-sequence
+/// root dangles: the owner mark made at open may take the very slot the
+/// root names, so the root goes first (else the first watermark write freed
+/// the mark as the damaged watermark it replaced).
+#[test]
+fn an_owner_mark_does_not_take_over_a_dangling_durable_sequence_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("kv");
+    {
+        let server = Server::start_with(&dir, &["--shards", "1"]);
+        let c = &mut server.client();
+        let _: () = c.set("a", "1").unwrap();
+        let _: () = redis::cmd("SAVE").query(c).unwrap();
+        let _: () = redis::cmd("SAVE").query(c).unwrap();
+    }
+    let cfg = segalloc::Config::builder(&dir).shards(1).build().unwrap();
+    let rt = segalloc::Runtime::start(cfg.clone()).unwrap();
+    let (w_before, o_before) = futures::executor::block_on(rt.spawn_on(0, |s| async move {
+        let w = s.root("kv_server.durable_seq").expect("a watermark");
+        let o = s.root("kv_server.owner").expect("an owner mark");
+        // An older server's directory: no owner mark.
+        s.remove_root("kv_server.owner").unwrap();
+        s.free(o).unwrap();
+        s.free(w).unwrap();
+        s.sync().await.unwrap();
+        // As an older server left it: its watermark is the shard's first
+        // 16-byte allocation (records are larger), and there is no owner.
+        let a = s.allocate(16).await.unwrap();
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(b"KVW1");
+        b[8..].copy_from_slice(&1000u64.to_le_bytes());
+        a.write_at(0, &b).unwrap();
+        let w = a.into_handle();
+        s.set_root("kv_server.durable_seq", w).unwrap();
+        s.sync().await.unwrap();
+        // A power loss then kept its root, not its allocation.
+        s.free(w).unwrap();
+        s.sync().await.unwrap();
+        (w, o)
+    }))
+    .unwrap();
+    rt.shutdown().unwrap();
+    let _ = (w_before, o_before);
+
+    let server = Server::start_with(&dir, &["--shards", "1"]);
+    let c = &mut server.client();
+    assert_eq!(
+        c.get::<_, Option<String>>("a").unwrap().as_deref(),
+        Some("1")
+    );
+    let _: () = c.set("b", "2").unwrap();
+    let _: () = redis::cmd("SAVE").query(c).unwrap();
+    let _: () = redis::cmd("SAVE").query(c).unwrap();
+    drop(server.kill9());
+
+    let rt = segalloc::Runtime::start(cfg).unwrap();
+    let (o, w, o_live, w_live) = futures::executor::block_on(rt.spawn_on(0, |s| async move {
+        let o = s.root("kv_server.owner");
+        let w = s.root("kv_server.durable_seq");
+        let ol = o.is_some_and(|h| s.allocator().is_live(&h));
+        let wl = w.is_some_and(|h| s.allocator().is_live(&h));
+        (o, w, ol, wl)
+    }))
+    .unwrap();
+    rt.shutdown().unwrap();
+    assert!(
+        o_live,
+        "the owner mark was freed by the server itself: root {o:?} dangles"
+    );
+    assert!(w_live && o != w, "watermark {w:?}, owner {o:?}");
+}

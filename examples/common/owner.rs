@@ -14,7 +14,11 @@
 //! first sync. A crash before that leaves no root (the mark is made again
 //! at the next open), or a root whose allocation was lost (dropped and made
 //! again), or an allocation without its root (a torn record to the program,
-//! freed as such).
+//! freed as such). A root that names a live allocation without the mark's
+//! bytes (its slot was lost and taken again) is dropped and the mark made
+//! again; that allocation is left as it is. A program that keeps roots of
+//! its own drops those that dangle before it claims: the new mark may take
+//! the slot such a root names.
 
 #![allow(dead_code)]
 
@@ -37,9 +41,8 @@ pub fn foreign_root(shard: &Shard, program: &str) -> Option<String> {
         .find(|(name, _)| !name.starts_with(&ns))?;
     Some(format!(
         "shard {} holds the root `{name}`, which {program} does not make: this data \
-         directory belongs to another program, and {program} would take its \
-         allocations for torn records of its own and free them; use another \
-         directory",
+         directory belongs to another program, whose allocations {program} would \
+         take for its own; use another directory",
         shard.index()
     ))
 }
@@ -53,19 +56,25 @@ pub async fn claim(shard: &Shard, program: &str) -> Result<Handle, String> {
     }
     let name = root_name(program);
     let err = |e: segalloc::Error| format!("shard {}: {name}: {e}", shard.index());
-    if let Some(h) = shard.root(&name) {
-        if shard.allocator().is_live(&h) {
-            return Ok(h);
-        }
-        // Lost with an unsynced allocation: made again below.
-        shard.remove_root(&name).map_err(err)?;
-    }
-    let a = shard.allocate(BYTES).await.map_err(err)?;
     let mut b = [0u8; BYTES as usize];
     b[..4].copy_from_slice(&MAGIC.to_le_bytes());
     let tag = program.as_bytes();
     let n = tag.len().min(8);
     b[8..8 + n].copy_from_slice(&tag[..n]);
+    if let Some(h) = shard.root(&name) {
+        if shard.allocator().is_live(&h) && h.len() as u64 >= BYTES {
+            let pin = shard.pin(h).await.map_err(err)?;
+            let mut found = [0u8; BYTES as usize];
+            pin.read_at(0, &mut found).map_err(err)?;
+            if found == b {
+                return Ok(h);
+            }
+        }
+        // Lost with an unsynced allocation, or its slot since taken for
+        // something else: made again below.
+        shard.remove_root(&name).map_err(err)?;
+    }
+    let a = shard.allocate(BYTES).await.map_err(err)?;
     a.write_at(0, &b).map_err(err)?;
     let (h, pin) = a.into_parts();
     drop(pin);

@@ -322,9 +322,9 @@ struct Conn {
     wbuf: Vec<u8>,
     args: Vec<Range<usize>>,
     skip: Option<Skip>,
-    /// Bytes from `rpos` the frame there takes at least, as its last parse
-    /// found it incomplete: it is not parsed again before they are here.
-    need: usize,
+    /// Where the last parse of the frame at `rpos` stopped, incomplete
+    /// (`args` holds what it parsed): the next goes on from there.
+    resume: Option<resp::Resume>,
 }
 
 /// Room a read asks for, at most (a buffer that grew for a large frame
@@ -453,13 +453,9 @@ impl Conn {
                 return false;
             }
             let frame = &self.rbuf[self.rpos..self.rlen];
-            if frame.len() < self.need {
-                return false;
-            }
-            self.need = 0;
-            match resp::parse(frame, &mut self.args) {
-                Parsed::Incomplete { needed } => {
-                    self.need = needed;
+            match resp::parse_resuming(frame, &mut self.args, self.resume.take()) {
+                Parsed::Incomplete { resume } => {
+                    self.resume = resume;
                     return false;
                 }
                 Parsed::Command { consumed } => {
@@ -513,7 +509,7 @@ pub async fn serve(ctx: Rc<Ctx>, stream: std::net::TcpStream) {
         rbuf: Vec::new(),
         rpos: 0,
         rlen: 0,
-        need: 0,
+        resume: None,
         chunk: FIRST_READ_BYTES,
         wbuf: Vec::new(),
         args: Vec::new(),

@@ -26,12 +26,12 @@ const _: () = assert!(INLINE_BYTES_MAX < FRAME_BYTES_MAX);
 /// What the front of a read buffer holds.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
-    /// Not a whole frame yet: read more. The frame is at least `needed`
-    /// bytes long (more than the buffer holds): parsing it again before
-    /// that many are buffered would find it incomplete again. (A frame of
-    /// many small arguments sent a few bytes at a time is then parsed a few
-    /// times, not once per read.)
-    Incomplete { needed: usize },
+    /// Not a whole frame yet: read more. An array frame says where its
+    /// parse stopped: parsed again with [`parse_resuming`] and that
+    /// `resume`, once more bytes are there, it goes on from the argument it
+    /// was reading (so a frame of many arguments sent a few bytes at a time
+    /// costs each byte once, and a bad byte is found as soon as it comes).
+    Incomplete { resume: Option<Resume> },
     /// One command of `consumed` bytes; its arguments are in `args`
     /// (possibly none: an empty inline line).
     Command { consumed: usize },
@@ -176,12 +176,35 @@ pub fn bulk_header(buf: &[u8]) -> Result<Option<(usize, usize)>, ProtocolError> 
     }
 }
 
+/// Where the parse of an array frame stopped, incomplete: the frame's
+/// argument count, the argument it was reading and that argument's offset
+/// in the frame. The arguments before it are in `args` already.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resume {
+    count: usize,
+    next: usize,
+    pos: usize,
+}
+
 /// Parse one command from the front of `buf`, its argument ranges into
 /// `args` (cleared first).
+#[cfg(test)]
 pub fn parse(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
+    parse_resuming(buf, args, None)
+}
+
+/// [`parse`], going on from `resume`: what an earlier parse of the same
+/// frame (the front of `buf`, with more bytes now) returned as
+/// incomplete, with `args` as that parse left it.
+pub fn parse_resuming(buf: &[u8], args: &mut Vec<Range<usize>>, resume: Option<Resume>) -> Parsed {
+    if let Some(r) = resume {
+        debug_assert!(args.len() >= r.next);
+        args.truncate(r.next);
+        return array_args(buf, args, r.count, r.next, r.pos);
+    }
     args.clear();
     match buf.first() {
-        None => Parsed::Incomplete { needed: 1 },
+        None => Parsed::Incomplete { resume: None },
         Some(b'*') => parse_array(buf, args),
         Some(_) => parse_inline(buf, args),
     }
@@ -192,28 +215,36 @@ fn parse_array(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
         Some((n, used)) => Ok(Some((n.min(i64::MAX as usize) as i64, used))),
         None => header(buf, ProtocolError::MultibulkLength),
     };
-    let (count, mut pos) = match head {
+    let (count, pos) = match head {
         Err(e) => return Parsed::Error(e),
-        Ok(None) => {
-            return Parsed::Incomplete {
-                needed: buf.len() + 1,
-            };
-        }
+        Ok(None) => return Parsed::Incomplete { resume: None },
         Ok(Some(h)) => h,
     };
     if count > ARGS_MAX as i64 {
         return Parsed::Error(ProtocolError::MultibulkLength);
     }
     // `*0` and `*-1` are empty commands, as Redis treats them.
-    let count = count.max(0) as usize;
-    for i in 0..count {
-        // The arguments from `i` on take `$0\r\n\r\n`, 6 bytes, each at
-        // least.
+    array_args(buf, args, count.max(0) as usize, 0, pos)
+}
+
+/// The arguments of an array frame of `count`, from argument `from` at
+/// byte `pos` on.
+fn array_args(
+    buf: &[u8],
+    args: &mut Vec<Range<usize>>,
+    count: usize,
+    from: usize,
+    mut pos: usize,
+) -> Parsed {
+    for i in from..count {
+        let resume = Resume {
+            count,
+            next: i,
+            pos,
+        };
         let (len, used) = match bulk_header(&buf[pos..]) {
             Err(e) => return Parsed::Error(e),
-            Ok(None) => {
-                return incomplete(pos, (pos + MIN_ARG_BYTES * (count - i)).max(buf.len() + 1));
-            }
+            Ok(None) => return incomplete(pos, resume),
             Ok(Some(h)) => h,
         };
         if len > ARG_BYTES_MAX {
@@ -226,8 +257,7 @@ fn parse_array(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
         }
         let start = pos + used;
         if buf.len() < start + len + 2 {
-            let end = start + len + 2;
-            return incomplete(end, end + MIN_ARG_BYTES * (count - i - 1));
+            return incomplete(start + len + 2, resume);
         }
         if &buf[start + len..start + len + 2] != b"\r\n" {
             return Parsed::Error(ProtocolError::MissingCrlf);
@@ -238,17 +268,15 @@ fn parse_array(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
     Parsed::Command { consumed: pos }
 }
 
-/// Bytes of the shortest argument: `$0\r\n\r\n`.
-const MIN_ARG_BYTES: usize = 6;
-
-/// Incomplete, unless the frame already needs more than the limit: it
-/// reaches at least byte `reaches` (the end of the argument being read),
-/// and is at least `needed` bytes long in all.
-fn incomplete(reaches: usize, needed: usize) -> Parsed {
+/// Incomplete, to go on from `resume`, unless the frame already needs more
+/// than the limit: it reaches at least byte `reaches`.
+fn incomplete(reaches: usize, resume: Resume) -> Parsed {
     if reaches > FRAME_BYTES_MAX {
         Parsed::Error(ProtocolError::FrameTooLong)
     } else {
-        Parsed::Incomplete { needed }
+        Parsed::Incomplete {
+            resume: Some(resume),
+        }
     }
 }
 
@@ -261,9 +289,7 @@ fn parse_inline(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
         return if buf.len() > INLINE_BYTES_MAX {
             Parsed::Error(ProtocolError::InlineTooLong)
         } else {
-            Parsed::Incomplete {
-                needed: buf.len() + 1,
-            }
+            Parsed::Incomplete { resume: None }
         };
     };
     let line_end = if nl > 0 && buf[nl - 1] == b'\r' {
@@ -408,36 +434,46 @@ pub fn parse_i64(arg: &[u8]) -> Option<i64> {
 mod tests {
     use super::*;
 
-    /// A frame cut anywhere is incomplete, and says how long it is at
-    /// least: more than what is there, never more than the whole frame. A
-    /// frame of many small arguments says, from its first bytes, nearly its
-    /// whole length, so that a client trickling it is not parsed again
-    /// byte after byte.
+    /// A frame cut anywhere is incomplete; parsed again from where it
+    /// stopped, with the rest there, it gives what a parse of the whole
+    /// gives. A bad byte after a cut is found by the parse that goes on.
     #[test]
-    fn an_incomplete_frame_says_how_long_it_is_at_least() {
-        let mut args = Vec::new();
-        let frame = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nvalue\r\n";
-        for cut in 0..frame.len() {
-            match parse(&frame[..cut], &mut args) {
-                Parsed::Incomplete { needed } => {
-                    assert!(needed > cut && needed <= frame.len(), "cut {cut}: {needed}")
-                }
-                other => panic!("cut {cut}: {other:?}"),
+    fn an_incomplete_frame_goes_on_from_where_it_stopped() {
+        let frame = b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nvalue\r\n$0\r\n\r\n";
+        let mut whole = Vec::new();
+        let want = parse(frame, &mut whole);
+        assert_eq!(
+            want,
+            Parsed::Command {
+                consumed: frame.len()
             }
-        }
-        assert!(
-            matches!(parse(frame, &mut args), Parsed::Command { consumed } if consumed == frame.len())
         );
-        let many = format!("*1000\r\n{}", "$1\r\nx\r\n".repeat(1000));
-        for cut in [8, 9, 20, many.len() / 2] {
-            match parse(&many.as_bytes()[..cut], &mut args) {
-                Parsed::Incomplete { needed } => assert!(
-                    needed > cut && needed <= many.len() && needed >= 6 * 1000,
-                    "cut {cut}: {needed}"
-                ),
-                other => panic!("cut {cut}: {other:?}"),
+        let mut args = Vec::new();
+        for cut in 0..frame.len() {
+            let Parsed::Incomplete { resume } = parse(&frame[..cut], &mut args) else {
+                panic!("cut {cut}");
+            };
+            // A byte more at a time, as a trickling client sends it.
+            let mut resume = resume;
+            for more in cut + 1..frame.len() {
+                match parse_resuming(&frame[..more], &mut args, resume) {
+                    Parsed::Incomplete { resume: r } => resume = r,
+                    other => panic!("cut {cut}, {more}: {other:?}"),
+                }
             }
+            assert_eq!(parse_resuming(frame, &mut args, resume), want, "cut {cut}");
+            assert_eq!(args, whole, "cut {cut}");
         }
+        let mut bad = frame[..20].to_vec();
+        let Parsed::Incomplete { resume } = parse(&bad, &mut args) else {
+            panic!("incomplete")
+        };
+        assert!(resume.is_some());
+        bad.extend_from_slice(b"GARBAGE\r\n");
+        assert!(matches!(
+            parse_resuming(&bad, &mut args, resume),
+            Parsed::Error(_)
+        ));
     }
 
     /// Integers as Redis's `string2ll` reads them: what it refuses is

@@ -630,16 +630,17 @@ impl Store {
         // damaged one counts as none, and is replaced when next written; so
         // does one whose allocation was lost (a crash before the sync that
         // would have made both durable kept the root only): its root goes.
+        // The dangling root goes before the owner mark is made: that mark's
+        // allocation may take the very slot the root names.
+        if let Some(h) = shard.root(WATERMARK_ROOT)
+            && !shard.allocator().is_live(&h)
+        {
+            shard.remove_root(WATERMARK_ROOT)?;
+        }
         let owner = crate::owner::claim(&shard, PROGRAM)
             .await
             .map_err(segalloc::Error::InvalidConfig)?;
-        let found = match shard.root(WATERMARK_ROOT) {
-            Some(h) if !shard.allocator().is_live(&h) => {
-                shard.remove_root(WATERMARK_ROOT)?;
-                None
-            }
-            found => found,
-        };
+        let found = shard.root(WATERMARK_ROOT);
         let (watermark, durable_seq) = match found {
             Some(h) => match read_watermark(&pin_of(&shard, h).await?) {
                 Some(w) => (Some(h), w),
