@@ -201,12 +201,17 @@ fn main() {
             "{dir} exists; pass a path that does not exist (the run deletes the directory it makes)"
         ));
     }
-    if let Err(e) = profile(&dir, n) {
+    // Deleted whether the run worked or not (the parents it made stay, as
+    // `mkdir -p` made them).
+    let run = profile(&dir, n);
+    let deleted = DataDir::destroy(&dir);
+    if let Err(e) = &run {
         eprintln!("alloc_profile: {e}");
-        std::process::exit(1);
     }
-    if let Err(e) = DataDir::destroy(&dir) {
+    if let Err(e) = &deleted {
         eprintln!("alloc_profile: could not delete {dir}: {e}");
+    }
+    if run.is_err() || deleted.is_err() {
         std::process::exit(1);
     }
 }

@@ -64,8 +64,8 @@ struct Args {
     /// Runs per point (the median is reported).
     #[arg(long, default_value_t = 3, value_parser = cli::at_least_one)]
     repeat: usize,
-    /// Shard counts (default: 1, 2, …, cores, 2 × cores).
-    #[arg(long, value_delimiter = ',')]
+    /// Shard counts, each at least 1 (default: 1, 2, …, cores, 2 × cores).
+    #[arg(long, value_delimiter = ',', value_parser = cli::at_least_one)]
     shards: Option<Vec<usize>>,
     /// Print the table as one JSON object on the last line.
     #[arg(long)]
@@ -203,10 +203,17 @@ fn main() -> std::process::ExitCode {
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // The chart's file is made first: a path that cannot be written fails
     // before the runs, not after them.
+    // Not truncated until the chart is written: a run that fails keeps an
+    // older chart.
     let svg_file = match &args.svg {
         Some(path) => Some((
             path,
-            std::fs::File::create(path).map_err(|e| format!("--svg {}: {e}", path.display()))?,
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| format!("--svg {}: {e}", path.display()))?,
         )),
         None => None,
     };
@@ -311,7 +318,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             args.ops, args.size
         );
         use std::io::Write;
-        file.write_all(svg_chart(&points, base, &title).as_bytes())
+        file.set_len(0)
+            .and_then(|()| file.write_all(svg_chart(&points, base, &title).as_bytes()))
             .map_err(|e| format!("--svg {}: {e}", path.display()))?;
     }
     if args.json {
