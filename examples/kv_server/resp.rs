@@ -176,14 +176,19 @@ pub fn bulk_header(buf: &[u8]) -> Result<Option<(usize, usize)>, ProtocolError> 
     }
 }
 
-/// Where the parse of an array frame stopped, incomplete: the frame's
-/// argument count, the argument it was reading and that argument's offset
-/// in the frame. The arguments before it are in `args` already.
+/// Where the parse of a frame stopped, incomplete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Resume {
-    count: usize,
-    next: usize,
-    pos: usize,
+pub enum Resume {
+    /// An array frame: its argument count, the argument it was reading and
+    /// that argument's offset in the frame. The arguments before it are in
+    /// `args` already.
+    Array {
+        count: usize,
+        next: usize,
+        pos: usize,
+    },
+    /// An inline command: its first `scanned` bytes hold no newline.
+    Inline { scanned: usize },
 }
 
 /// Parse one command from the front of `buf`, its argument ranges into
@@ -197,16 +202,23 @@ pub fn parse(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
 /// frame (the front of `buf`, with more bytes now) returned as
 /// incomplete, with `args` as that parse left it.
 pub fn parse_resuming(buf: &[u8], args: &mut Vec<Range<usize>>, resume: Option<Resume>) -> Parsed {
-    if let Some(r) = resume {
-        debug_assert!(args.len() >= r.next);
-        args.truncate(r.next);
-        return array_args(buf, args, r.count, r.next, r.pos);
+    match resume {
+        Some(Resume::Array { count, next, pos }) => {
+            debug_assert!(args.len() >= next);
+            args.truncate(next);
+            return array_args(buf, args, count, next, pos);
+        }
+        Some(Resume::Inline { scanned }) => {
+            args.clear();
+            return parse_inline(buf, args, scanned);
+        }
+        None => {}
     }
     args.clear();
     match buf.first() {
         None => Parsed::Incomplete { resume: None },
         Some(b'*') => parse_array(buf, args),
-        Some(_) => parse_inline(buf, args),
+        Some(_) => parse_inline(buf, args, 0),
     }
 }
 
@@ -237,7 +249,7 @@ fn array_args(
     mut pos: usize,
 ) -> Parsed {
     for i in from..count {
-        let resume = Resume {
+        let resume = Resume::Array {
             count,
             next: i,
             pos,
@@ -280,16 +292,20 @@ fn incomplete(reaches: usize, resume: Resume) -> Parsed {
     }
 }
 
-fn parse_inline(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
-    let Some(nl) = buf
+/// An inline command, whose first `scanned` bytes hold no newline.
+fn parse_inline(buf: &[u8], args: &mut Vec<Range<usize>>, scanned: usize) -> Parsed {
+    let limit = buf.len().min(INLINE_BYTES_MAX + 1);
+    let Some(nl) = buf[scanned.min(limit)..limit]
         .iter()
-        .take(INLINE_BYTES_MAX + 1)
         .position(|&b| b == b'\n')
+        .map(|p| scanned.min(limit) + p)
     else {
         return if buf.len() > INLINE_BYTES_MAX {
             Parsed::Error(ProtocolError::InlineTooLong)
         } else {
-            Parsed::Incomplete { resume: None }
+            Parsed::Incomplete {
+                resume: Some(Resume::Inline { scanned: buf.len() }),
+            }
         };
     };
     let line_end = if nl > 0 && buf[nl - 1] == b'\r' {
@@ -435,36 +451,39 @@ mod tests {
     use super::*;
 
     /// A frame cut anywhere is incomplete; parsed again from where it
-    /// stopped, with the rest there, it gives what a parse of the whole
-    /// gives. A bad byte after a cut is found by the parse that goes on.
+    /// stopped, a byte more at a time as a trickling client sends it, it
+    /// gives what a parse of the whole gives (an array frame and an inline
+    /// command alike). A bad byte after a cut is found by the parse that
+    /// goes on.
     #[test]
     fn an_incomplete_frame_goes_on_from_where_it_stopped() {
-        let frame = b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nvalue\r\n$0\r\n\r\n";
-        let mut whole = Vec::new();
-        let want = parse(frame, &mut whole);
-        assert_eq!(
-            want,
-            Parsed::Command {
-                consumed: frame.len()
-            }
-        );
-        let mut args = Vec::new();
-        for cut in 0..frame.len() {
-            let Parsed::Incomplete { resume } = parse(&frame[..cut], &mut args) else {
-                panic!("cut {cut}");
-            };
-            // A byte more at a time, as a trickling client sends it.
-            let mut resume = resume;
-            for more in cut + 1..frame.len() {
-                match parse_resuming(&frame[..more], &mut args, resume) {
-                    Parsed::Incomplete { resume: r } => resume = r,
-                    other => panic!("cut {cut}, {more}: {other:?}"),
+        let array = b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nvalue\r\n$0\r\n\r\n";
+        for frame in [&array[..], &b"SET k  value\r\n"[..]] {
+            let mut whole = Vec::new();
+            let want = parse(frame, &mut whole);
+            assert_eq!(
+                want,
+                Parsed::Command {
+                    consumed: frame.len()
                 }
+            );
+            let mut args = Vec::new();
+            for cut in 0..frame.len() {
+                let Parsed::Incomplete { mut resume } = parse(&frame[..cut], &mut args) else {
+                    panic!("cut {cut}");
+                };
+                for more in cut + 1..frame.len() {
+                    match parse_resuming(&frame[..more], &mut args, resume) {
+                        Parsed::Incomplete { resume: r } => resume = r,
+                        other => panic!("cut {cut}, {more}: {other:?}"),
+                    }
+                }
+                assert_eq!(parse_resuming(frame, &mut args, resume), want, "cut {cut}");
+                assert_eq!(args, whole, "cut {cut}");
             }
-            assert_eq!(parse_resuming(frame, &mut args, resume), want, "cut {cut}");
-            assert_eq!(args, whole, "cut {cut}");
         }
-        let mut bad = frame[..20].to_vec();
+        let mut args = Vec::new();
+        let mut bad = array[..20].to_vec();
         let Parsed::Incomplete { resume } = parse(&bad, &mut args) else {
             panic!("incomplete")
         };
@@ -474,6 +493,16 @@ mod tests {
             parse_resuming(&bad, &mut args, resume),
             Parsed::Error(_)
         ));
+        // An inline line past the limit, trickled, is refused once it is.
+        let mut line = vec![b'a'; INLINE_BYTES_MAX];
+        let Parsed::Incomplete { resume } = parse(&line, &mut args) else {
+            panic!("incomplete")
+        };
+        line.push(b'a');
+        assert_eq!(
+            parse_resuming(&line, &mut args, resume),
+            Parsed::Error(ProtocolError::InlineTooLong)
+        );
     }
 
     /// Integers as Redis's `string2ll` reads them: what it refuses is
