@@ -269,10 +269,7 @@ fn shard_thread(
     bell: Arc<tokio::sync::Notify>,
     gate: Arc<OwnerGate>,
 ) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio current-thread runtime");
+    // First: whatever panics below, the gate and the starter hear of it.
     let report = StartReport {
         index: builder.index(),
         tx: ready,
@@ -280,6 +277,10 @@ fn shard_thread(
         passed: std::cell::Cell::new(false),
         sent: std::cell::Cell::new(false),
     };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio current-thread runtime");
     tokio::task::LocalSet::new().block_on(&rt, async move {
         let ready = &report;
         let index = builder.index();
