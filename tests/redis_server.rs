@@ -1884,6 +1884,12 @@ fn a_dangling_durable_sequence_root_counts_as_none() {
 /// and room, so nothing made it wait.)
 #[test]
 fn a_streaming_client_does_not_starve_its_shard() {
+    // Commands, and empty lines (which plan nothing).
+    streaming_client_does_not_starve_its_shard(b"PING\r\n");
+    streaming_client_does_not_starve_its_shard(b"\r\n");
+}
+
+fn streaming_client_does_not_starve_its_shard(unit: &'static [u8]) {
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start_with(
         &tmp.path().join("kv"),
@@ -1906,7 +1912,7 @@ fn a_streaming_client_does_not_starve_its_shard() {
         let stop = stop.clone();
         let mut flood = flood;
         std::thread::spawn(move || {
-            let chunk = b"PING\r\n".repeat(1 << 16);
+            let chunk = unit.repeat((6 << 16) / unit.len());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 if flood.write_all(&chunk).is_err() {
                     break;
@@ -1933,7 +1939,7 @@ fn a_streaming_client_does_not_starve_its_shard() {
     drain.join().unwrap();
     assert!(
         slowest < Duration::from_secs(1),
-        "a PING beside the stream took {slowest:?}"
+        "a PING beside a stream of {unit:?} took {slowest:?}"
     );
     assert!(
         syncs_during > syncs_before,

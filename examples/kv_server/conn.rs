@@ -531,17 +531,17 @@ async fn serve_requests(ctx: &Ctx, conn: &mut Conn, p: &mut Planner) -> io::Resu
             p.execute(ctx).await;
             p.assemble(ctx, &mut conn.wbuf);
             conn.flush().await?;
-            // A client that keeps the socket full (a pipeline streamed
-            // without pause) never makes `fill` or `flush` wait, and a
-            // batch of local reads never waits either: without this the
-            // task would run on, and the shard's other connections, its
-            // batches for other shards and its syncer (`everysec`) would
-            // wait until the stream stopped.
-            tokio::task::yield_now().await;
         }
         if p.close {
             return Ok(());
         }
+        // A client that keeps the socket full (a pipeline streamed without
+        // pause, or empty lines, which plan nothing) never makes `fill` or
+        // `flush` wait, and a batch of local reads never waits either:
+        // without this the task would run on, and the shard's other
+        // connections, its batches for other shards and its syncer
+        // (`everysec`) would wait until the stream stopped.
+        tokio::task::yield_now().await;
         if more {
             continue;
         }
