@@ -277,6 +277,10 @@ fn array_args(
         args.push(start..start + len);
         pos = start + len + 2;
     }
+    // Whole, the limit holds as it does for a frame that came in pieces.
+    if pos > FRAME_BYTES_MAX {
+        return Parsed::Error(ProtocolError::FrameTooLong);
+    }
     Parsed::Command { consumed: pos }
 }
 
@@ -503,6 +507,35 @@ mod tests {
             parse_resuming(&line, &mut args, resume),
             Parsed::Error(ProtocolError::InlineTooLong)
         );
+    }
+
+    /// A frame longer than the limit is refused whether its bytes came at
+    /// once or in pieces.
+    #[test]
+    fn the_frame_limit_holds_however_the_bytes_arrive() {
+        let arg = vec![b'v'; 1 << 20];
+        let n = FRAME_BYTES_MAX / arg.len() + 1;
+        let mut frame = format!("*{n}\r\n").into_bytes();
+        for _ in 0..n {
+            frame.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            frame.extend_from_slice(&arg);
+            frame.extend_from_slice(b"\r\n");
+        }
+        let mut args = Vec::new();
+        let whole = parse(&frame, &mut args);
+        assert_eq!(whole, Parsed::Error(ProtocolError::FrameTooLong));
+        let mut resume = None;
+        let mut got = None;
+        for cut in (1..frame.len()).step_by(64 << 10).chain([frame.len()]) {
+            match parse_resuming(&frame[..cut], &mut args, resume) {
+                Parsed::Incomplete { resume: r } => resume = r,
+                other => {
+                    got = Some(other);
+                    break;
+                }
+            }
+        }
+        assert_eq!(got, Some(Parsed::Error(ProtocolError::FrameTooLong)));
     }
 
     /// Integers as Redis's `string2ll` reads them: what it refuses is
