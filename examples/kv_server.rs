@@ -583,13 +583,17 @@ mod tests {
             panic!("shard 0 panics while opening");
         });
         let r1 = report(1);
-        let passes = std::thread::spawn(move || {
+        let (passed_tx, passed_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
             let refused = r1.pass(None);
             r1.send(Err(format!("refused: {refused:?}")));
-            refused
+            let _ = passed_tx.send(refused);
         });
         assert!(dies.join().is_err());
-        let refused = passes.join().expect("the other shard returns");
+        // Within a bound, so that a gate that waits forever fails the test.
+        let refused = passed_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the other shard passes the gate");
         assert!(
             refused.is_some_and(|r| r.contains("shard 0: stopped while opening")),
             "the other shard would go on"
