@@ -1770,21 +1770,34 @@ fn a_deletion_of_a_key_overwritten_without_pause_ends() {
     }
 }
 
-/// Live allocations per shard of the closed directory `dir` of `shards`
-/// shards.
-fn live_per_shard(dir: &Path, shards: usize) -> Vec<u64> {
+/// Start a runtime on the closed directory `dir` of `shards` shards, run
+/// `f(index, shard)` on each shard in turn, and stop it: what each
+/// returned, in shard order.
+fn on_each_shard<T, F, Fut>(dir: &Path, shards: usize, f: F) -> Vec<T>
+where
+    F: Fn(usize, segalloc::Shard) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+    T: Send + 'static,
+{
     let cfg = segalloc::Config::builder(dir)
         .shards(shards)
         .build()
         .unwrap();
     let rt = segalloc::Runtime::start(cfg).unwrap();
-    let live = (0..shards)
+    let out = (0..shards)
         .map(|i| {
-            futures::executor::block_on(rt.spawn_on(i, |s| async move { s.live_count() })).unwrap()
+            let f = f.clone();
+            futures::executor::block_on(rt.spawn_on(i, move |s| f(i, s))).unwrap()
         })
         .collect();
     rt.shutdown().unwrap();
-    live
+    out
+}
+
+/// Live allocations per shard of the closed directory `dir` of `shards`
+/// shards.
+fn live_per_shard(dir: &Path, shards: usize) -> Vec<u64> {
+    on_each_shard(dir, shards, |_, s| async move { s.live_count() })
 }
 
 /// A data directory another program wrote (a root of its own on shard 1,
@@ -1795,24 +1808,18 @@ fn live_per_shard(dir: &Path, shards: usize) -> Vec<u64> {
 fn a_directory_of_another_program_is_refused_and_left_alone() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("other");
-    let cfg = segalloc::Config::builder(&dir).shards(2).build().unwrap();
-    let rt = segalloc::Runtime::start(cfg).unwrap();
-    for i in 0..2 {
-        futures::executor::block_on(rt.spawn_on(i, move |s| async move {
-            let mut last = None;
-            for _ in 0..100 {
-                let a = s.allocate(64).await.unwrap();
-                a.write_at(0, b"not a kv_server record").unwrap();
-                last = Some(a.into_handle());
-            }
-            if i == 1 {
-                s.set_root("other.index", last.unwrap()).unwrap();
-            }
-            s.sync().await.unwrap();
-        }))
-        .unwrap();
-    }
-    rt.shutdown().unwrap();
+    on_each_shard(&dir, 2, |i, s| async move {
+        let mut last = None;
+        for _ in 0..100 {
+            let a = s.allocate(64).await.unwrap();
+            a.write_at(0, b"not a kv_server record").unwrap();
+            last = Some(a.into_handle());
+        }
+        if i == 1 {
+            s.set_root("other.index", last.unwrap()).unwrap();
+        }
+        s.sync().await.unwrap();
+    });
     let before = live_per_shard(&dir, 2);
     assert_eq!(before, vec![100, 100]);
 
@@ -1844,21 +1851,16 @@ fn a_dangling_durable_sequence_root_counts_as_none() {
         let _: () = redis::cmd("SAVE").query(c).unwrap();
         // Dropped: SIGKILL after the sync.
     }
-    let cfg = segalloc::Config::builder(&dir).shards(2).build().unwrap();
-    let rt = segalloc::Runtime::start(cfg).unwrap();
-    let mut dangling = 0;
-    for i in 0..2 {
-        dangling += futures::executor::block_on(rt.spawn_on(i, |s| async move {
-            let Some(h) = s.root("kv_server.durable_seq") else {
-                return 0;
-            };
-            s.free(h).unwrap();
-            s.sync().await.unwrap();
-            1
-        }))
-        .unwrap();
-    }
-    rt.shutdown().unwrap();
+    let dangling: u32 = on_each_shard(&dir, 2, |_, s| async move {
+        let Some(h) = s.root("kv_server.durable_seq") else {
+            return 0;
+        };
+        s.free(h).unwrap();
+        s.sync().await.unwrap();
+        1
+    })
+    .into_iter()
+    .sum();
     assert!(dangling >= 1, "no durable sequence number was written");
 
     let server = Server::start(&dir, &[]);
@@ -1962,9 +1964,7 @@ fn an_owner_mark_does_not_take_over_a_dangling_durable_sequence_root() {
         let _: () = redis::cmd("SAVE").query(c).unwrap();
         let _: () = redis::cmd("SAVE").query(c).unwrap();
     }
-    let cfg = segalloc::Config::builder(&dir).shards(1).build().unwrap();
-    let rt = segalloc::Runtime::start(cfg.clone()).unwrap();
-    let (w_before, o_before) = futures::executor::block_on(rt.spawn_on(0, |s| async move {
+    on_each_shard(&dir, 1, |_, s| async move {
         let w = s.root("kv_server.durable_seq").expect("a watermark");
         let o = s.root("kv_server.owner").expect("an owner mark");
         // An older server's directory: no owner mark.
@@ -1985,11 +1985,7 @@ fn an_owner_mark_does_not_take_over_a_dangling_durable_sequence_root() {
         // A power loss then kept its root, not its allocation.
         s.free(w).unwrap();
         s.sync().await.unwrap();
-        (w, o)
-    }))
-    .unwrap();
-    rt.shutdown().unwrap();
-    let _ = (w_before, o_before);
+    });
 
     let server = Server::start_with(&dir, &["--shards", "1"]);
     let c = &mut server.client();
@@ -2002,16 +1998,14 @@ fn an_owner_mark_does_not_take_over_a_dangling_durable_sequence_root() {
     let _: () = redis::cmd("SAVE").query(c).unwrap();
     drop(server.kill9());
 
-    let rt = segalloc::Runtime::start(cfg).unwrap();
-    let (o, w, o_live, w_live) = futures::executor::block_on(rt.spawn_on(0, |s| async move {
+    let (o, w, o_live, w_live) = on_each_shard(&dir, 1, |_, s| async move {
         let o = s.root("kv_server.owner");
         let w = s.root("kv_server.durable_seq");
         let ol = o.is_some_and(|h| s.allocator().is_live(&h));
         let wl = w.is_some_and(|h| s.allocator().is_live(&h));
         (o, w, ol, wl)
-    }))
-    .unwrap();
-    rt.shutdown().unwrap();
+    })
+    .remove(0);
     assert!(
         o_live,
         "the owner mark was freed by the server itself: root {o:?} dangles"
