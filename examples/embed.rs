@@ -70,10 +70,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Every thread has had its forwarded frees applied before any syncs.
     let applied = Arc::new(tokio::sync::Barrier::new(n));
     // Every thread has opened its shard and checked it is not another
-    // program's (`examples/common/owner.rs`) before any writes: one
-    // refusal, or a failed open, stops them all.
-    let opened = Arc::new(tokio::sync::Barrier::new(n));
-    let refused = Arc::new(std::sync::Mutex::new(None::<String>));
+    // program's before any writes: one refusal, or a failed open, stops
+    // them all.
+    let gate = Arc::new(owner::Gate::new(n));
 
     // Each thread hands some of its handles to the next thread, which frees
     // them (segalloc forwards those frees back to the owner).
@@ -85,7 +84,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let to_next = txs[(i + 1) % n].clone();
         let from_prev = rxs[i].take().expect("one receiver per thread");
         let applied = applied.clone();
-        let (opened, refused) = (opened.clone(), refused.clone());
+        let gate = gate.clone();
         threads.push(std::thread::spawn(move || -> Result<String, Error> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -97,11 +96,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     Ok(s) => owner::foreign_root(s, "embed"),
                     Err(e) => Some(format!("shard {i}: {e}")),
                 };
-                if let Some(why) = why {
-                    refused.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(why);
-                }
-                opened.wait().await;
-                if let Some(why) = refused.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                if let Some(why) = gate.pass(why) {
                     return Err(Error::InvalidConfig(why));
                 }
                 let shard = shard?;

@@ -185,52 +185,14 @@ impl Drop for ConnSlot {
     }
 }
 
-/// Where the shards agree, once open and before any of them recovers
-/// (which frees what is not a record), that the directory is the
-/// server's: a root of another program on any shard stops them all
-/// (`examples/common/owner.rs`).
-struct OwnerGate {
-    shards: usize,
-    /// Shards that said, and the first refusal.
-    state: std::sync::Mutex<(usize, Option<String>)>,
-    all_said: std::sync::Condvar,
-}
-
-impl OwnerGate {
-    fn new(shards: usize) -> OwnerGate {
-        OwnerGate {
-            shards,
-            state: std::sync::Mutex::new((0, None)),
-            all_said: std::sync::Condvar::new(),
-        }
-    }
-
-    /// Say why this shard refuses the directory (`None`: it does not), wait
-    /// for every shard to say, and return the first refusal, if any. Each
-    /// shard thread says once, also when it panics first ([`StartReport`]).
-    fn pass(&self, why: Option<String>) -> Option<String> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.0 += 1;
-        if let Some(why) = why {
-            st.1.get_or_insert(why);
-        }
-        self.all_said.notify_all();
-        let st = self
-            .all_said
-            .wait_while(st, |st| st.0 < self.shards)
-            .unwrap_or_else(|p| p.into_inner());
-        st.1.clone()
-    }
-}
-
 /// A shard thread's one report to `start_shards`, and its one pass of the
-/// [`OwnerGate`]. Dropped before either (a panic while the shard opens),
+/// [`owner::Gate`]. Dropped before either (a panic while the shard opens),
 /// it passes the gate with a refusal and reports the shard stopped: no
 /// other shard, and not `start_shards`, waits for it forever.
 struct StartReport {
     index: u16,
     tx: std::sync::mpsc::Sender<Result<String, String>>,
-    gate: Arc<OwnerGate>,
+    gate: Arc<owner::Gate>,
     passed: std::cell::Cell<bool>,
     sent: std::cell::Cell<bool>,
 }
@@ -267,7 +229,7 @@ fn shard_thread(
     facts: ServerFacts,
     ready: std::sync::mpsc::Sender<Result<String, String>>,
     bell: Arc<tokio::sync::Notify>,
-    gate: Arc<OwnerGate>,
+    gate: Arc<owner::Gate>,
 ) {
     // First: whatever panics below, the gate and the starter hear of it.
     let report = StartReport {
@@ -377,7 +339,7 @@ fn start_shards(
     // Rung by a shard's syncer as it starts a sync that writes wait for.
     let sync_bell = Arc::new(tokio::sync::Notify::new());
     let started = Instant::now();
-    let gate = Arc::new(OwnerGate::new(senders.len()));
+    let gate = Arc::new(owner::Gate::new(senders.len()));
     for (b, inbox) in builders.into_iter().zip(inboxes) {
         let gate = gate.clone();
         let peers = senders.clone();
@@ -568,7 +530,7 @@ mod tests {
     /// wait forever, and nobody goes on to recover.
     #[test]
     fn a_shard_thread_that_panics_before_the_gate_stops_the_start() {
-        let gate = Arc::new(OwnerGate::new(2));
+        let gate = Arc::new(owner::Gate::new(2));
         let (tx, rx) = std::sync::mpsc::channel();
         let report = |index: u16| StartReport {
             index,

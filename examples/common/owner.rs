@@ -81,3 +81,42 @@ pub async fn claim(shard: &Shard, program: &str) -> Result<Handle, String> {
     shard.set_root(&name, h).map_err(err)?;
     Ok(h)
 }
+
+/// Where a program's shards agree, once open and before any of them frees
+/// or writes anything, that the directory is the program's: a refusal on
+/// any shard ([`foreign_root`], or a failed open) stops them all. Each
+/// shard's thread passes once, blocking until every shard has.
+pub struct Gate {
+    shards: usize,
+    /// Shards that said, and the first refusal.
+    state: std::sync::Mutex<(usize, Option<String>)>,
+    all_said: std::sync::Condvar,
+}
+
+impl Gate {
+    pub fn new(shards: usize) -> Gate {
+        Gate {
+            shards,
+            state: std::sync::Mutex::new((0, None)),
+            all_said: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Say why this shard refuses the directory (`None`: it does not), wait
+    /// for every shard to say, and return the first refusal, if any. Each
+    /// shard's thread must say once, also when it panics first (the
+    /// kv_server's `StartReport`), or the others wait forever.
+    pub fn pass(&self, why: Option<String>) -> Option<String> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 += 1;
+        if let Some(why) = why {
+            st.1.get_or_insert(why);
+        }
+        self.all_said.notify_all();
+        let st = self
+            .all_said
+            .wait_while(st, |st| st.0 < self.shards)
+            .unwrap_or_else(|p| p.into_inner());
+        st.1.clone()
+    }
+}
