@@ -159,47 +159,30 @@ fn timed<T>(total: &mut Duration, f: impl FnOnce() -> T) -> T {
     r
 }
 
-const USAGE: &str = "usage: alloc_profile [DIR [N]]
-  DIR  a path that does not exist (default /tmp/segalloc-alloc-profile): the
-       run makes its data directory there and deletes it when done (a run cut
-       short leaves it; delete it before the next)
-  N    allocations per phase, at least 1 (default 200000)";
+#[path = "common/cli.rs"]
+mod cli;
 
-/// Exit with `msg` and the usage (status 2).
-fn usage_error(msg: &str) -> ! {
-    eprintln!("alloc_profile: {msg}\n{USAGE}");
-    std::process::exit(2);
+#[derive(clap::Parser, Debug)]
+#[command(about = "a fixed allocator workload for instruction counting")]
+struct Args {
+    /// A path that does not exist: the run makes its data directory there
+    /// and deletes it when done (a run cut short leaves it; delete it
+    /// before the next).
+    #[arg(default_value = "/tmp/segalloc-alloc-profile")]
+    dir: String,
+    /// Allocations per phase, at least 1.
+    #[arg(default_value_t = 200_000, value_parser = cli::at_least_one)]
+    n: usize,
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{USAGE}");
-        return;
-    }
-    if let Some(a) = args.iter().find(|a| a.starts_with('-')) {
-        usage_error(&format!("unknown option {a}"));
-    }
-    if args.len() > 2 {
-        usage_error("too many arguments");
-    }
-    let dir = args
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "/tmp/segalloc-alloc-profile".into());
-    let n: usize = match args.get(1).map(|s| s.parse::<usize>()) {
-        None => 200_000,
-        Some(Ok(n)) if n >= 1 => n,
-        Some(_) => usage_error(&format!(
-            "N must be a whole number of at least 1, not {}",
-            args[1]
-        )),
-    };
+    let Args { dir, n } = clap::Parser::parse();
     // Never a directory the run did not make: it deletes its own at the end.
     if std::fs::symlink_metadata(&dir).is_ok() {
-        usage_error(&format!(
-            "{dir} exists; pass a path that does not exist (the run deletes the directory it makes)"
-        ));
+        eprintln!(
+            "alloc_profile: {dir} exists; pass a path that does not exist (the run deletes the directory it makes)"
+        );
+        std::process::exit(2);
     }
     // Deleted whether the run worked or not (the parents it made stay, as
     // `mkdir -p` made them).
