@@ -379,6 +379,9 @@ fn every_command() {
     let all: Vec<Value> = redis::cmd("COMMAND").query(c).unwrap();
     assert_eq!(all.len() as i64, count);
     assert!(count >= 18);
+    // `COMMAND INFO` with no names lists them all, as Redis 7 does.
+    let info: Vec<Value> = redis::cmd("COMMAND").arg("INFO").query(c).unwrap();
+    assert_eq!(info, all);
     assert!(err_text(redis::cmd("NOSUCH").arg("x").query::<()>(c)).contains("unknown command"));
     assert!(err_text(redis::cmd("GET").query::<()>(c)).contains("wrong number"));
     let long_key = "k".repeat(513);
@@ -686,8 +689,15 @@ fn empty_keys_strict_integers_and_repeated_set_options_as_redis() {
         &["EX", "1", "PX", "1000"],
         &["KEEPTTL", "EX", "1"],
         &["EX", "1", "KEEPTTL"],
+        // A bad option beside `GET` is a syntax error first, as in Redis.
+        &["GET", "FOO"],
+        &["FOO", "GET"],
     ] {
         assert!(err_text(set(c, bad)).contains("syntax error"), "{bad:?}");
+    }
+    for get in [&["GET"][..], &["NX", "GET"], &["GET", "EX", "5"]] {
+        let e = err_text(set(c, get));
+        assert!(e.contains("GET is not supported"), "{get:?}: {e}");
     }
 }
 

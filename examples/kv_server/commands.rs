@@ -460,6 +460,11 @@ fn command(cmd: &Cmd<'_>, p: &mut Planner) {
         }),
         Some(b"COUNT") => p.reply(|out| resp::int(out, COMMANDS.len() as i64)),
         Some(b"DOCS") => p.reply(|out| resp::array_len(out, 0)),
+        // With no names, every command, as Redis 7 answers.
+        Some(b"INFO") if cmd.len() == 2 => p.reply(|out| {
+            resp::array_len(out, COMMANDS.len());
+            COMMANDS.iter().for_each(|c| c.write(out));
+        }),
         Some(b"INFO") => p.reply(|out| {
             resp::array_len(out, cmd.len() - 2);
             for name in cmd.args_from(2) {

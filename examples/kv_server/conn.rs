@@ -571,6 +571,9 @@ pub fn set_options(opts: &[&[u8]], now: u64) -> Result<(Cond, Ttl), String> {
     let mut keep = false;
     // The expiry's option and its argument, read once every option is.
     let mut expiry: Option<(Vec<u8>, &[u8])> = None;
+    // `GET` is refused once every option is read: a bad option beside it
+    // is a syntax error first, as in Redis.
+    let mut get = false;
     let mut i = 0;
     let syntax = || "ERR syntax error".to_string();
     while i < opts.len() {
@@ -586,10 +589,13 @@ pub fn set_options(opts: &[&[u8]], now: u64) -> Result<(Cond, Ttl), String> {
                 let n = opts.get(i).ok_or_else(syntax)?;
                 expiry = Some((o, n));
             }
-            b"GET" => return Err("ERR SET option GET is not supported by this server".into()),
+            b"GET" => get = true,
             _ => return Err(syntax()),
         }
         i += 1;
+    }
+    if get {
+        return Err("ERR SET option GET is not supported by this server".into());
     }
     let ttl = match expiry {
         None if keep => Ttl::Keep,
