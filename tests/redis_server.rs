@@ -511,6 +511,8 @@ fn bad_frames_get_an_error_reply() {
         b"*1\r\n$+4\r\nPING\r\n",
         b"*1\r\n$04\r\nPING\r\n",
         b"*2\r\n$4\r\nECHO\r\n$9999999999999\r\n",
+        b"ECHO \"unbalanced\r\n",
+        b"ECHO 'a'b\r\n",
     ] {
         let mut s = server.raw();
         s.write_all(bad).unwrap();
@@ -537,6 +539,17 @@ fn bad_frames_get_an_error_reply() {
         got.extend(read_some(&mut s));
     }
     assert_eq!(got, want, "{}", String::from_utf8_lossy(&got));
+    // Quotes, as Redis reads them; the value is whole through RESP too.
+    s.write_all(b"SET quoted \"a b\\x41\\n\"\r\nGET quoted\r\nECHO 'it\\'s'\r\n")
+        .unwrap();
+    let want = b"+OK\r\n$5\r\na bA\n\r\n$4\r\nit's\r\n";
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        got.extend(read_some(&mut s));
+    }
+    assert_eq!(got, want, "{}", String::from_utf8_lossy(&got));
+    assert_eq!(c.get::<_, String>("quoted").unwrap(), "a bA\n");
+    assert_eq!(c.del::<_, i64>("quoted").unwrap(), 1);
 
     // A value over the limit: an error, no allocation, the connection stays.
     let over = vec![1u8; (1 << 20) + 1];

@@ -321,6 +321,9 @@ struct Conn {
     rlen: usize,
     wbuf: Vec<u8>,
     args: Vec<Range<usize>>,
+    /// The arguments of an inline command with quotes, unescaped (`args`
+    /// then holds ranges of this).
+    unquoted: Vec<u8>,
     skip: Option<Skip>,
     /// Where the last parse of the frame at `rpos` stopped, incomplete
     /// (`args` holds what it parsed): the next goes on from there.
@@ -453,44 +456,56 @@ impl Conn {
                 return false;
             }
             let frame = &self.rbuf[self.rpos..self.rlen];
-            match resp::parse_resuming(frame, &mut self.args, self.resume.take()) {
-                Parsed::Incomplete { resume } => {
-                    self.resume = resume;
-                    return false;
-                }
-                Parsed::Command { consumed } => {
-                    if !self.args.is_empty() {
-                        let args = Cmd::new(frame, &self.args);
-                        let reads = commands::reads_of(&args);
-                        if (p.reads > 0 && p.reads + reads > READS_PER_BATCH)
-                            || p.plans.len() >= COMMANDS_PER_BATCH
-                        {
-                            // Planned with the next batch.
-                            return true;
-                        }
-                        commands::plan(&args, p, ctx, now);
+            let (bytes, consumed) =
+                match resp::parse_resuming(frame, &mut self.args, self.resume.take()) {
+                    Parsed::Incomplete { resume } => {
+                        self.resume = resume;
+                        return false;
                     }
-                    self.rpos += consumed;
-                }
-                Parsed::Oversize {
-                    consumed,
-                    arg_bytes,
-                    skip_bytes,
-                    skip_args,
-                } => {
-                    self.rpos += consumed;
-                    self.skip = Some(Skip {
-                        bytes: skip_bytes,
-                        crlf: true,
-                        args: skip_args,
+                    Parsed::Command { consumed } => (frame, consumed),
+                    Parsed::Quoted { consumed, line } => {
+                        match resp::unquote(&frame[..line], &mut self.args, &mut self.unquoted) {
+                            Ok(()) => (&self.unquoted[..], consumed),
+                            Err(e) => {
+                                p.reply(|out| out.extend_from_slice(e.reply().as_bytes()));
+                                p.close = true;
+                                continue;
+                            }
+                        }
+                    }
+                    Parsed::Oversize {
+                        consumed,
                         arg_bytes,
-                    });
+                        skip_bytes,
+                        skip_args,
+                    } => {
+                        self.rpos += consumed;
+                        self.skip = Some(Skip {
+                            bytes: skip_bytes,
+                            crlf: true,
+                            args: skip_args,
+                            arg_bytes,
+                        });
+                        continue;
+                    }
+                    Parsed::Error(e) => {
+                        p.reply(|out| out.extend_from_slice(e.reply().as_bytes()));
+                        p.close = true;
+                        continue;
+                    }
+                };
+            if !self.args.is_empty() {
+                let args = Cmd::new(bytes, &self.args);
+                let reads = commands::reads_of(&args);
+                if (p.reads > 0 && p.reads + reads > READS_PER_BATCH)
+                    || p.plans.len() >= COMMANDS_PER_BATCH
+                {
+                    // Planned with the next batch (parsed again then).
+                    return true;
                 }
-                Parsed::Error(e) => {
-                    p.reply(|out| out.extend_from_slice(e.reply().as_bytes()));
-                    p.close = true;
-                }
+                commands::plan(&args, p, ctx, now);
             }
+            self.rpos += consumed;
         }
     }
 }
@@ -513,6 +528,7 @@ pub async fn serve(ctx: Rc<Ctx>, stream: std::net::TcpStream) {
         chunk: FIRST_READ_BYTES,
         wbuf: Vec::new(),
         args: Vec::new(),
+        unquoted: Vec::new(),
         skip: None,
     };
     let mut planner = Planner::new(ctx.peers.len());

@@ -35,6 +35,9 @@ pub enum Parsed {
     /// One command of `consumed` bytes; its arguments are in `args`
     /// (possibly none: an empty inline line).
     Command { consumed: usize },
+    /// An inline command of `consumed` bytes with quotes in its first
+    /// `line` bytes: [`unquote`] splits them into arguments.
+    Quoted { consumed: usize, line: usize },
     /// A command with an argument over [`ARG_BYTES_MAX`]: `consumed` bytes
     /// (up to that argument's header) are parsed; `skip_bytes` more belong
     /// to the argument, then its CRLF, then `skip_args` further arguments
@@ -62,6 +65,9 @@ pub enum ProtocolError {
     InlineTooLong,
     /// A frame longer than [`FRAME_BYTES_MAX`].
     FrameTooLong,
+    /// An inline command with a quote left open, or a closing quote
+    /// followed by something other than a space.
+    UnbalancedQuotes,
 }
 
 impl ProtocolError {
@@ -76,6 +82,7 @@ impl ProtocolError {
             ProtocolError::FrameTooLong => {
                 format!("request longer than {FRAME_BYTES_MAX} bytes")
             }
+            ProtocolError::UnbalancedQuotes => "unbalanced quotes in request".to_string(),
         };
         format!("-ERR Protocol error: {what}\r\n")
     }
@@ -317,14 +324,24 @@ fn parse_inline(buf: &[u8], args: &mut Vec<Range<usize>>, scanned: usize) -> Par
     } else {
         nl
     };
+    // Split as Redis's `sdssplitargs` does, which reads the line as a C
+    // string: a NUL byte ends it.
+    let line = &buf[..line_end];
+    let line = &line[..line.iter().position(|&b| b == 0).unwrap_or(line.len())];
+    if line.iter().any(|&b| b == b'"' || b == b'\'') {
+        return Parsed::Quoted {
+            consumed: nl + 1,
+            line: line.len(),
+        };
+    }
     let mut i = 0;
-    while i < line_end {
-        if buf[i].is_ascii_whitespace() {
+    while i < line.len() {
+        if is_space(line[i]) {
             i += 1;
             continue;
         }
         let start = i;
-        while i < line_end && !buf[i].is_ascii_whitespace() {
+        while i < line.len() && !ends_word(line[i]) {
             i += 1;
         }
         if args.len() == ARGS_MAX {
@@ -333,6 +350,109 @@ fn parse_inline(buf: &[u8], args: &mut Vec<Range<usize>>, scanned: usize) -> Par
         args.push(start..i);
     }
     Parsed::Command { consumed: nl + 1 }
+}
+
+/// C's `isspace`: what Redis skips between an inline command's arguments.
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
+}
+
+/// What ends an unquoted argument in Redis (not vertical tab or form feed,
+/// which are part of it).
+fn ends_word(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// The arguments of an inline command with quotes, the first `line` bytes
+/// of which [`Parsed::Quoted`] told: unescaped into `owned`, their ranges
+/// (in `owned`) into `args`. As Redis's `sdssplitargs` splits them: in
+/// double quotes `\xHH` is a byte and `\n`, `\r`, `\t`, `\b`, `\a` what
+/// C means by them (a backslash before anything else stands for that
+/// byte); in single quotes only `\'` is an escape; a quote may open in the
+/// middle of an argument, but a closing one must end it.
+pub fn unquote(
+    line: &[u8],
+    args: &mut Vec<Range<usize>>,
+    owned: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
+    args.clear();
+    owned.clear();
+    let at = |i: usize| line.get(i).copied();
+    let mut i = 0;
+    loop {
+        while at(i).is_some_and(is_space) {
+            i += 1;
+        }
+        if i >= line.len() {
+            return Ok(());
+        }
+        let start = owned.len();
+        let (mut double, mut single) = (false, false);
+        loop {
+            let Some(b) = at(i) else {
+                if double || single {
+                    return Err(ProtocolError::UnbalancedQuotes);
+                }
+                break;
+            };
+            if double {
+                let hex = |k| at(k).and_then(|d: u8| (d as char).to_digit(16));
+                match (b, at(i + 1)) {
+                    (b'\\', Some(b'x')) if hex(i + 2).is_some() && hex(i + 3).is_some() => {
+                        owned.push((hex(i + 2).unwrap_or(0) * 16 + hex(i + 3).unwrap_or(0)) as u8);
+                        i += 3;
+                    }
+                    (b'\\', Some(c)) => {
+                        owned.push(match c {
+                            b'n' => b'\n',
+                            b'r' => b'\r',
+                            b't' => b'\t',
+                            b'b' => 0x08,
+                            b'a' => 0x07,
+                            c => c,
+                        });
+                        i += 1;
+                    }
+                    (b'"', next) => {
+                        if next.is_some_and(|c| !is_space(c)) {
+                            return Err(ProtocolError::UnbalancedQuotes);
+                        }
+                        i += 1;
+                        break;
+                    }
+                    (b, _) => owned.push(b),
+                }
+            } else if single {
+                match (b, at(i + 1)) {
+                    (b'\\', Some(b'\'')) => {
+                        owned.push(b'\'');
+                        i += 1;
+                    }
+                    (b'\'', next) => {
+                        if next.is_some_and(|c| !is_space(c)) {
+                            return Err(ProtocolError::UnbalancedQuotes);
+                        }
+                        i += 1;
+                        break;
+                    }
+                    (b, _) => owned.push(b),
+                }
+            } else if ends_word(b) {
+                break;
+            } else if b == b'"' {
+                double = true;
+            } else if b == b'\'' {
+                single = true;
+            } else {
+                owned.push(b);
+            }
+            i += 1;
+        }
+        if args.len() == ARGS_MAX {
+            return Err(ProtocolError::MultibulkLength);
+        }
+        args.push(start..owned.len());
+    }
 }
 
 // ------------------------------------------------------------------ replies
@@ -507,6 +627,70 @@ mod tests {
             parse_resuming(&line, &mut args, resume),
             Parsed::Error(ProtocolError::InlineTooLong)
         );
+    }
+
+    /// Inline commands are split as Redis splits them: each case's
+    /// arguments are what redis-server 7.0.15 echoes for it, or its
+    /// protocol error.
+    #[test]
+    fn inline_commands_are_split_as_redis_splits_them() {
+        let split = |line: &[u8]| -> Result<Vec<Vec<u8>>, ProtocolError> {
+            let mut buf = line.to_vec();
+            buf.extend_from_slice(b"\r\n");
+            let mut args = Vec::new();
+            let mut owned = Vec::new();
+            let bytes = match parse(&buf, &mut args) {
+                Parsed::Command { consumed } => {
+                    assert_eq!(consumed, buf.len());
+                    &buf[..]
+                }
+                Parsed::Quoted { consumed, line } => {
+                    assert_eq!(consumed, buf.len());
+                    unquote(&buf[..line], &mut args, &mut owned)?;
+                    &owned[..]
+                }
+                other => panic!("{other:?}"),
+            };
+            Ok(args.iter().map(|r| bytes[r.clone()].to_vec()).collect())
+        };
+        let cases: [(&[u8], &[&[u8]]); 12] = [
+            (b"SET k  value", &[b"SET", b"k", b"value"]),
+            (b" \x0b\x0cECHO a\x0bb\tc", &[b"ECHO", b"a\x0bb", b"c"]),
+            (b"ECHO a\x0cb", &[b"ECHO", b"a\x0cb"]),
+            (b"ECHO \"a b\"", &[b"ECHO", b"a b"]),
+            (b"ECHO \"\"", &[b"ECHO", b""]),
+            (
+                b"ECHO \"\\x41\\x4a\\xZZ\\n\\q\\\"\\\\\"",
+                &[b"ECHO", b"AJxZZ\nq\"\\"],
+            ),
+            (b"ECHO \"\\r\\t\\b\\a\"", &[b"ECHO", b"\r\t\x08\x07"]),
+            (b"ECHO 'it\\'s \\n \"x\"'", &[b"ECHO", b"it's \\n \"x\""]),
+            (b"ECHO a\"b c\" d'e'", &[b"ECHO", b"ab c", b"de"]),
+            (b"ECHO back\\slash", &[b"ECHO", b"back\\slash"]),
+            // A NUL ends the line, as `sdssplitargs` reads it.
+            (b"ECHO a\0b c", &[b"ECHO", b"a"]),
+            (b"ECHO 'a b'\0'", &[b"ECHO", b"a b"]),
+        ];
+        for (line, want) in cases {
+            let got = split(line).unwrap_or_else(|e| panic!("{line:?}: {e:?}"));
+            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(line));
+        }
+        for bad in [
+            &b"ECHO a\\\"b"[..],
+            b"ECHO \"abc",
+            b"ECHO \"a\"b",
+            b"ECHO 'a'b",
+            b"ECHO 'abc",
+            b"ECHO \"a\\\"",
+            b"ECHO \"a\\",
+        ] {
+            assert_eq!(
+                split(bad),
+                Err(ProtocolError::UnbalancedQuotes),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     /// A frame longer than the limit is refused whether its bytes came at
