@@ -150,6 +150,18 @@ pub enum Error {
         file_id: u32,
     },
 
+    /// A pin or reservation, through the [`MappingManager`](crate::MappingManager)'s
+    /// own calls, of a file an allocator keeps its data or metadata in: its
+    /// bytes are reached through the allocator ([`Shard::pin`](crate::Shard::pin),
+    /// `read`, `write`), which checks them against its allocations.
+    #[error(
+        "file {file_id} holds an allocator's data or metadata: pin its allocations through the shard"
+    )]
+    AllocatorFile {
+        /// The registry's number of the file.
+        file_id: u32,
+    },
+
     /// A write was asked of something opened read-only.
     #[error("read-only: {0}")]
     ReadOnly(&'static str),

@@ -1090,14 +1090,15 @@ fn a_pin_kept_past_its_shard_keeps_the_shard_locked() {
         drop(pin);
         refused("a kept manager");
         assert!(mm.evict_idle() > 0);
+        // The manager's own calls never pin an allocator's file.
         match mm.pin(fid, 0, 64, true).await {
-            Err(Error::OwnerClosed { .. }) => {}
+            Err(Error::AllocatorFile { .. }) => {}
             other => panic!("pin of a closed shard's file: {other:?}"),
         }
         // Nor is the file grown for a pin past its end.
         let len = std::fs::metadata(&data).unwrap().len();
         match mm.pin(fid, len + (1 << 20), 64, true).await {
-            Err(Error::OwnerClosed { .. }) => {}
+            Err(Error::AllocatorFile { .. }) => {}
             other => panic!("pin past the end of a closed shard's file: {other:?}"),
         }
         match mm.files().acquire(fid, len + (1 << 20)).await {

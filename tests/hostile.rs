@@ -869,3 +869,112 @@ fn files_are_0600_and_folders_0700() {
     // d, 2 shard folders; MANIFEST, LOCK, 2 × (meta.seg + a data file).
     assert_eq!(seen, (3, 6), "{:?}", walk(&dir));
 }
+
+/// The mapping manager a shard hands out (`Shard::mappings`) pins files by
+/// number, and any number can be made: its safe calls refuse the files the
+/// allocator keeps its data and metadata in. A writable pin of `meta.seg`
+/// let safe code wipe the slot bitmaps (a live allocation then read as
+/// free, and the shard no longer opened), and a pin of a run `trim` had
+/// punched out of a data file, written on a full disk, was a SIGBUS.
+#[test]
+fn the_managers_safe_calls_refuse_the_allocators_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(&tmp.path().join("heap"));
+    let own = tmp.path().join("own.dat");
+    let (kept, freed) = run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        let mut hs = Vec::new();
+        for i in 0..4u64 {
+            let a = shard.allocate(1 << 20).await.unwrap();
+            write_pattern(a.pin(), a.len(), i);
+            hs.push(a.into_handle());
+        }
+        let kept = shard.allocate(100).await.unwrap();
+        kept.write_at(0, b"precious").unwrap();
+        let kept = kept.into_handle();
+        shard.sync().await.unwrap();
+        let freed = hs[..3].to_vec();
+        for h in &freed {
+            shard.free(*h).unwrap();
+        }
+        shard.sync().await.unwrap();
+        assert!(shard.trim().await.unwrap() > 0, "trim punched nothing");
+
+        let mm = shard.mappings();
+        let files = shard.files().stats().files as u32;
+        let mut refused = 0;
+        for id in (0..files).map(segalloc::FileId) {
+            let reserved = shard.files().reserved_bytes(id).unwrap();
+            let refusal = |r: &segalloc::Result<()>| matches!(r, Err(Error::AllocatorFile { file_id }) if *file_id == id.0);
+            for at in [0, freed[0].offset(), freed[2].offset() + 4096] {
+                let r = mm.try_pin(id, at, 4096, true).map(|_| ());
+                assert!(refusal(&r), "try_pin of file {id:?} at {at}: {r:?}");
+                let r = mm.pin(id, at, 4096, true).await.map(|_| ());
+                assert!(refusal(&r), "pin of file {id:?} at {at}: {r:?}");
+                let r = mm.pin(id, at, 4096, false).await.map(|_| ());
+                assert!(refusal(&r), "read-only pin of file {id:?} at {at}: {r:?}");
+            }
+            let r = mm.reserve(id, reserved + (64 << 20), 1 << 20).await;
+            assert!(refusal(&r), "reserve of file {id:?}: {r:?}");
+            shard.files().mark_reserved(id, u64::MAX);
+            assert_eq!(shard.files().reserved_bytes(id).unwrap(), reserved);
+            refused += 1;
+        }
+        assert!(refused >= 2, "meta.seg and a data file: {refused}");
+        // A file of the user's own, registered with the shard's registry,
+        // is pinned as before.
+        let f = common::register(shard.files(), &own);
+        let p = mm.pin(f, 0, 64, true).await.unwrap();
+        p.write_at(0, b"mine").unwrap();
+        drop(p);
+        // Nothing of the allocator's changed.
+        assert!(shard.allocator().is_live(&kept));
+        let mut buf = [0u8; 8];
+        shard.pin(kept).await.unwrap().read_at(0, &mut buf).unwrap();
+        assert_eq!(&buf, b"precious");
+        let p = shard.pin(hs[3]).await.unwrap();
+        assert!(check_pattern(&p, p.len(), 3));
+        (kept, freed)
+    });
+    // The shard opens again with the same allocations.
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        assert!(shard.allocator().is_live(&kept));
+        assert!(freed.iter().all(|h| !shard.allocator().is_live(h)));
+    });
+}
+
+/// An unknown `FileId` is refused without growing the manager's file
+/// table: one past five million kept 190 MiB, and `u32::MAX` asked for
+/// 160 GiB and aborted the process.
+#[test]
+fn unknown_file_ids_cost_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_files, mm) = common::manager(tmp.path(), 8, 4);
+    let rss_kib = || -> u64 {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    run(async {
+        let before = rss_kib();
+        for id in [5_000_000, 5_000_001, 40_000_000, u32::MAX].map(segalloc::FileId) {
+            let r = mm.try_pin(id, 0, 16, false).map(|_| ());
+            assert!(
+                matches!(r, Err(Error::UnknownFile(n)) if n == id.0),
+                "{r:?}"
+            );
+            let r = mm.pin(id, 0, 16, true).await.map(|_| ());
+            assert!(
+                matches!(r, Err(Error::UnknownFile(n)) if n == id.0),
+                "{r:?}"
+            );
+        }
+        let after = rss_kib();
+        assert!(
+            after < before + 16 * 1024,
+            "refused pins kept {} MiB",
+            (after - before) / 1024
+        );
+    });
+}

@@ -387,64 +387,49 @@ pub fn unquote(
             return Ok(());
         }
         let start = owned.len();
-        let (mut double, mut single) = (false, false);
+        // The quote open, if any.
+        let mut quote = None;
         loop {
             let Some(b) = at(i) else {
-                if double || single {
+                if quote.is_some() {
                     return Err(ProtocolError::UnbalancedQuotes);
                 }
                 break;
             };
-            if double {
-                let hex = |k| at(k).and_then(|d: u8| (d as char).to_digit(16));
-                match (b, at(i + 1)) {
-                    (b'\\', Some(b'x')) if hex(i + 2).is_some() && hex(i + 3).is_some() => {
-                        owned.push((hex(i + 2).unwrap_or(0) * 16 + hex(i + 3).unwrap_or(0)) as u8);
-                        i += 3;
+            let next = at(i + 1);
+            match quote {
+                Some(q) if b == q => {
+                    if next.is_some_and(|c| !is_space(c)) {
+                        return Err(ProtocolError::UnbalancedQuotes);
                     }
-                    (b'\\', Some(c)) => {
-                        owned.push(match c {
-                            b'n' => b'\n',
-                            b'r' => b'\r',
-                            b't' => b'\t',
-                            b'b' => 0x08,
-                            b'a' => 0x07,
-                            c => c,
+                    i += 1;
+                    break;
+                }
+                Some(b'"') if b == b'\\' && next.is_some() => {
+                    let hex = |k| at(k).and_then(|d: u8| (d as char).to_digit(16));
+                    if let (Some(b'x'), Some(h), Some(l)) = (next, hex(i + 2), hex(i + 3)) {
+                        owned.push((h * 16 + l) as u8);
+                        i += 2;
+                    } else {
+                        owned.push(match next {
+                            Some(b'n') => b'\n',
+                            Some(b'r') => b'\r',
+                            Some(b't') => b'\t',
+                            Some(b'b') => 0x08,
+                            Some(b'a') => 0x07,
+                            c => c.unwrap_or(b),
                         });
-                        i += 1;
                     }
-                    (b'"', next) => {
-                        if next.is_some_and(|c| !is_space(c)) {
-                            return Err(ProtocolError::UnbalancedQuotes);
-                        }
-                        i += 1;
-                        break;
-                    }
-                    (b, _) => owned.push(b),
+                    i += 1;
                 }
-            } else if single {
-                match (b, at(i + 1)) {
-                    (b'\\', Some(b'\'')) => {
-                        owned.push(b'\'');
-                        i += 1;
-                    }
-                    (b'\'', next) => {
-                        if next.is_some_and(|c| !is_space(c)) {
-                            return Err(ProtocolError::UnbalancedQuotes);
-                        }
-                        i += 1;
-                        break;
-                    }
-                    (b, _) => owned.push(b),
+                Some(_) if b == b'\\' && next == Some(b'\'') => {
+                    owned.push(b'\'');
+                    i += 1;
                 }
-            } else if ends_word(b) {
-                break;
-            } else if b == b'"' {
-                double = true;
-            } else if b == b'\'' {
-                single = true;
-            } else {
-                owned.push(b);
+                Some(_) => owned.push(b),
+                None if ends_word(b) => break,
+                None if b == b'"' || b == b'\'' => quote = Some(b),
+                None => owned.push(b),
             }
             i += 1;
         }

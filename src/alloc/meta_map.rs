@@ -21,7 +21,7 @@ use std::sync::atomic::AtomicU64;
 use crate::error::Result;
 use crate::files::FileId;
 use crate::format;
-use crate::mapping::{MappingManager, PinGuard};
+use crate::mapping::{Access, MappingManager, PinGuard};
 
 /// The metadata file grows this much at a time.
 const META_GROWTH_BYTES: u64 = 1024 * 1024;
@@ -102,7 +102,9 @@ impl MetaMap {
     /// Reserve the file up to `end` (growing it in small steps) and pin its
     /// windows.
     pub(super) async fn ensure(&self, end: u64) -> Result<()> {
-        self.mm.reserve(self.file, end, META_GROWTH_BYTES).await?;
+        self.mm
+            .reserve_of(self.file, end, META_GROWTH_BYTES)
+            .await?;
         self.pin_windows((end.max(1) - 1) / self.window_bytes)
             .await?;
         let reserved = self.mm.files().reserved_bytes(self.file)?;
@@ -119,14 +121,17 @@ impl MetaMap {
             if self.writable {
                 // The window's first page must exist before it is pinned.
                 self.mm
-                    .reserve(
+                    .reserve_of(
                         self.file,
                         i * w + format::META_PAGE_BYTES,
                         META_GROWTH_BYTES,
                     )
                     .await?;
             }
-            let pin = self.mm.pin(self.file, i * w, 64, self.writable).await?;
+            let pin = self
+                .mm
+                .pin_of(self.file, i * w, 64, self.writable, Access::Allocator)
+                .await?;
             // Another task may have pinned this window meanwhile: keep one.
             let mut pins = self.pins.borrow_mut();
             if pins.len() as u64 == i {

@@ -49,7 +49,7 @@ use crate::files::{FileHandleRegistry, FileId};
 use crate::format::classes::{self, CLASS_COUNT, CLASSES};
 use crate::format::data_file_name;
 use crate::format::{Handle, Manifest};
-use crate::mapping::{MappingManager, PinGuard, SlotAt};
+use crate::mapping::{Access, MappingManager, PinGuard, SlotAt};
 use durability::Released;
 use fresh::Fresh;
 pub use futures::{AllocateFuture, PinFuture};
@@ -528,7 +528,13 @@ impl SegmentAllocator {
                 guard.hidden = true;
                 let p = self
                     .mm
-                    .pin(fid, handle.offset, handle.length as u64, true)
+                    .pin_of(
+                        fid,
+                        handle.offset,
+                        handle.length as u64,
+                        true,
+                        Access::Allocator,
+                    )
                     .await?;
                 self.set_slot_live(&handle, true);
                 guard.hidden = false;
@@ -580,9 +586,13 @@ impl SegmentAllocator {
     #[cold]
     #[inline(never)]
     fn try_allocate_unmapped(&self, handle: Handle, fid: FileId) -> Result<Option<Allocation>> {
-        let r = self
-            .mm
-            .try_pin(fid, handle.offset, handle.length as u64, true);
+        let r = self.mm.try_pin_of(
+            fid,
+            handle.offset,
+            handle.length as u64,
+            true,
+            Access::Allocator,
+        );
         if let Ok(Some(pin)) = r {
             return Ok(Some(Allocation { handle, pin }));
         }
@@ -735,15 +745,24 @@ impl SegmentAllocator {
     async fn fault_pin(&self, handle: Handle, at: SlotAt) -> Result<PinGuard> {
         let fid = at.file;
         let writable = !self.files.is_read_only();
-        if let Some(p) = self
-            .mm
-            .try_pin(fid, handle.offset, handle.length as u64, writable)?
-        {
+        if let Some(p) = self.mm.try_pin_of(
+            fid,
+            handle.offset,
+            handle.length as u64,
+            writable,
+            Access::Allocator,
+        )? {
             return Ok(p);
         }
         let pin = self
             .mm
-            .pin(fid, handle.offset, handle.length as u64, writable)
+            .pin_of(
+                fid,
+                handle.offset,
+                handle.length as u64,
+                writable,
+                Access::Allocator,
+            )
             .await?;
         // Another task may have freed the allocation while its window
         // faulted in (and a sync and `trim` may have reused or punched its
@@ -764,11 +783,12 @@ impl SegmentAllocator {
         if let Some(p) = self.mm.pin_mapped(at) {
             return Ok(Some(p));
         }
-        self.mm.try_pin(
+        self.mm.try_pin_of(
             at.file,
             handle.offset,
             handle.length as u64,
             !self.files.is_read_only(),
+            Access::Allocator,
         )
     }
 }

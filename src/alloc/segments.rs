@@ -500,7 +500,7 @@ impl SegmentAllocator {
         let id = self.data_files.borrow()[run.file as usize];
         let end = (u64::from(run.block) + u64::from(run.blocks)) * BLOCK_BYTES;
         let step = self.mm.config().growth_step_bytes;
-        self.mm.reserve(id, end, step).await?;
+        self.mm.reserve_of(id, end, step).await?;
         Ok(())
     }
 

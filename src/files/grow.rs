@@ -218,8 +218,16 @@ impl FileHandleRegistry {
     }
 
     /// Record that `[.., to)` of a sparse file has been prefaulted and is now
-    /// backed by blocks (see [`Reservation::Sparse`]).
+    /// backed by blocks (see [`Reservation::Sparse`]). An allocator's file is
+    /// left alone: its allocator reserves what it uses itself.
     pub fn mark_reserved(&self, id: FileId, to: u64) {
+        if !self.is_owned(id) {
+            self.note_reserved(id, to);
+        }
+    }
+
+    /// [`mark_reserved`](Self::mark_reserved), of any file.
+    pub(crate) fn note_reserved(&self, id: FileId, to: u64) {
         let f = self.inner.borrow();
         if let Some(e) = f.entries.get(id.0 as usize) {
             let to = to.min(e.len_bytes);

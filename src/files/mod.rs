@@ -280,6 +280,16 @@ impl FileHandleRegistry {
             .is_some_and(|e| e.foreign)
     }
 
+    /// Whether `id` is an allocator's file
+    /// ([`register_owned`](Self::register_owned)).
+    pub(crate) fn is_owned(&self, id: FileId) -> bool {
+        self.inner
+            .borrow()
+            .entries
+            .get(id.0 as usize)
+            .is_some_and(|e| e.owner.is_some())
+    }
+
     /// What a new window of file `id` keeps alive
     /// ([`register_owned`](Self::register_owned)).
     ///

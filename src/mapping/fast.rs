@@ -26,6 +26,35 @@ pub(crate) struct SlotAt {
     pub(crate) len: u64,
 }
 
+/// Who asks for a pin, and so which files it may pin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// The manager's public calls: files registered with
+    /// [`FileHandleRegistry::register`](crate::FileHandleRegistry::register)
+    /// only.
+    Public,
+    /// `Shard::pin_foreign` (whose caller took on its contract): also
+    /// another shard's data files.
+    Foreign,
+    /// An allocator, of its own files (checked against its allocations).
+    Allocator,
+}
+
+impl Access {
+    /// The error for a pin of `file` (`foreign` or an allocator's, `owned`)
+    /// by this caller, if it may not pin it.
+    #[inline]
+    fn refuses(self, file: FileId, foreign: bool, owned: bool) -> Option<Error> {
+        if foreign && self != Access::Foreign {
+            Some(Error::ForeignFile { file_id: file.0 })
+        } else if owned && self != Access::Allocator {
+            Some(Error::AllocatorFile { file_id: file.0 })
+        } else {
+            None
+        }
+    }
+}
+
 /// Outcome of the synchronous part of a pin.
 pub(super) enum Fast {
     Pinned(PinGuard),
@@ -107,16 +136,19 @@ impl MappingManager {
     #[cold]
     #[inline(never)]
     fn register_file<'a>(&self, m: &'a mut Maps, file: FileId) -> Result<&'a mut FileMaps> {
+        // Checked before the table grows: a `FileId` is a number anyone can
+        // make, and an unknown one must cost nothing.
+        let view = self.files.view(file)?;
         let i = file.0 as usize;
         if m.files.len() <= i {
             m.files.resize_with(i + 1, || None);
         }
         if m.files[i].is_none() {
-            let view = self.files.view(file)?;
             m.files[i] = Some(FileMaps {
                 windows: Vec::new(),
                 file: view,
                 foreign: self.files.is_foreign(file),
+                owned: self.files.is_owned(file),
             });
         }
         Ok(m.files[i].as_mut().expect("just set"))
@@ -188,7 +220,7 @@ impl MappingManager {
         offset: u64,
         len: u64,
         writable: bool,
-        foreign_ok: bool,
+        access: Access,
         site: &'static Location<'static>,
     ) -> Result<Fast> {
         let idx = self.check_range(file, offset, len)?;
@@ -199,8 +231,8 @@ impl MappingManager {
         m.tick += 1;
         let tick = m.tick;
         let fm = self.file_maps(&mut m, file)?;
-        if fm.foreign && !foreign_ok {
-            return Err(Error::ForeignFile { file_id: file.0 });
+        if let Some(e) = access.refuses(file, fm.foreign, fm.owned) {
+            return Err(e);
         }
         let reserved = fm.file.reserved();
         let out = match fm.windows.get(idx as usize) {
@@ -228,7 +260,9 @@ impl MappingManager {
     ///
     /// [`Error::InvalidRange`] (empty range), [`Error::CrossesWindow`],
     /// [`Error::UnknownFile`], [`Error::ReadOnly`]; [`Error::ForeignFile`]
-    /// for another shard's file (pin it with `Shard::pin_foreign`).
+    /// for another shard's file (pin it with `Shard::pin_foreign`);
+    /// [`Error::AllocatorFile`] for a file an allocator keeps its data or
+    /// metadata in (pin its allocations through the shard).
     #[track_caller]
     #[inline]
     pub fn try_pin(
@@ -238,11 +272,10 @@ impl MappingManager {
         len: u64,
         writable: bool,
     ) -> Result<Option<PinGuard>> {
-        self.try_pin_of(file, offset, len, writable, false)
+        self.try_pin_of(file, offset, len, writable, Access::Public)
     }
 
-    /// [`try_pin`](Self::try_pin), also of another shard's file when
-    /// `foreign_ok` (for `Shard::pin_foreign`).
+    /// [`try_pin`](Self::try_pin), of the files `access` may pin.
     #[track_caller]
     #[inline]
     pub(crate) fn try_pin_of(
@@ -251,9 +284,9 @@ impl MappingManager {
         offset: u64,
         len: u64,
         writable: bool,
-        foreign_ok: bool,
+        access: Access,
     ) -> Result<Option<PinGuard>> {
-        match self.fast(file, offset, len, writable, foreign_ok, Location::caller())? {
+        match self.fast(file, offset, len, writable, access, Location::caller())? {
             Fast::Pinned(p) => Ok(Some(p)),
             _ => Ok(None),
         }

@@ -48,8 +48,17 @@ impl MappingManager {
     /// As [`FileHandleRegistry::grow`](crate::files::FileHandleRegistry::grow), and [`Error::NoSpace`];
     /// an `end` past the largest file the file system allows is refused
     /// with the io error of its `fallocate` (`EFBIG` or `EINVAL`), nothing
-    /// reserved.
+    /// reserved; [`Error::AllocatorFile`] for a file an allocator keeps its
+    /// data or metadata in (it reserves what it uses itself).
     pub async fn reserve(&self, file: FileId, end: u64, step: u64) -> Result<()> {
+        if self.files.is_owned(file) {
+            return Err(Error::AllocatorFile { file_id: file.0 });
+        }
+        self.reserve_of(file, end, step).await
+    }
+
+    /// [`reserve`](Self::reserve), of any file (an allocator's own).
+    pub(crate) async fn reserve_of(&self, file: FileId, end: u64, step: u64) -> Result<()> {
         if end == 0 || self.files.reserved_bytes(file)? >= end {
             return Ok(());
         }
@@ -132,7 +141,7 @@ impl MappingManager {
             self.inner.borrow_mut().stats.populated_bytes += len as u64;
             at = end;
         }
-        self.files.mark_reserved(file, to);
+        self.files.note_reserved(file, to);
         Ok(())
     }
 

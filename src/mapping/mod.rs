@@ -42,6 +42,8 @@ mod pin;
 
 use fast::Fast;
 
+pub(crate) use fast::Access;
+
 pub(crate) use fast::SlotAt;
 pub use pin::PinGuard;
 
@@ -219,6 +221,8 @@ struct FileMaps {
     file: FileView,
     /// Another shard's file: pinned only through `Shard::pin_foreign`.
     foreign: bool,
+    /// An allocator's own file: pinned only through its allocator.
+    owned: bool,
 }
 
 struct Maps {
@@ -429,11 +433,10 @@ impl MappingManager {
         len: u64,
         writable: bool,
     ) -> impl Future<Output = Result<PinGuard>> + '_ {
-        self.pin_of(file, offset, len, writable, false)
+        self.pin_of(file, offset, len, writable, Access::Public)
     }
 
-    /// [`pin`](Self::pin), also of another shard's file when `foreign_ok`
-    /// (for `Shard::pin_foreign`, whose caller took on its contract).
+    /// [`pin`](Self::pin), of the files `access` may pin.
     #[track_caller]
     pub(crate) fn pin_of(
         &self,
@@ -441,14 +444,14 @@ impl MappingManager {
         offset: u64,
         len: u64,
         writable: bool,
-        foreign_ok: bool,
+        access: Access,
     ) -> impl Future<Output = Result<PinGuard>> + '_ {
         let site = Location::caller();
         async move {
             // When the first wait for a window began.
             let mut started: Option<Instant> = None;
             loop {
-                match self.fast(file, offset, len, writable, foreign_ok, site)? {
+                match self.fast(file, offset, len, writable, access, site)? {
                     Fast::Pinned(p) => return Ok(p),
                     Fast::Faulting(list) => list.wait().await,
                     Fast::NeedsGrow => self.grow_mapped(file, offset + len, writable).await?,

@@ -12,7 +12,7 @@ use super::{Shard, ShardInner, job};
 use crate::error::{Error, Result};
 use crate::files::FileId;
 use crate::format::Handle;
-use crate::mapping::PinGuard;
+use crate::mapping::{Access, PinGuard};
 use crate::mesh::Parcel;
 
 impl Shard {
@@ -241,16 +241,16 @@ impl Shard {
         let fid = self.foreign_file(&handle)?;
         let len = u64::from(handle.len());
         let writable = !self.inner.files.is_read_only();
-        if let Some(p) = self
-            .inner
-            .mm
-            .try_pin_of(fid, handle.offset(), len, writable, true)?
+        if let Some(p) =
+            self.inner
+                .mm
+                .try_pin_of(fid, handle.offset(), len, writable, Access::Foreign)?
         {
             return Ok(p);
         }
         self.inner
             .mm
-            .pin_of(fid, handle.offset(), len, writable, true)
+            .pin_of(fid, handle.offset(), len, writable, Access::Foreign)
             .await
     }
 
