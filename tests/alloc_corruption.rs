@@ -400,6 +400,11 @@ fn forged_directory_entries() {
             Box::new(|b| b[512..520].copy_from_slice(&meta::encode_counter(1 << 30).to_le_bytes())),
         ),
         ("high-water mark torn", Box::new(|b| b[516] ^= 1)),
+        // All zero reads as a fresh file's mark: with entries published
+        // past it, the mark was lost (recovery would open the shard empty
+        // and hand every slot out again).
+        ("high-water mark zeroed", Box::new(|b| b[512..520].fill(0))),
+        ("counter sector zeroed", Box::new(|b| b[512..1024].fill(0))),
     ];
     for (what, forge) in &forged {
         let mut bytes = original.clone();

@@ -390,6 +390,23 @@ fn verify_is_clean_then_names_each_corruption() {
         );
     }
 
+    // 1b. The counter sector zeroed: the mark reads as a fresh file's, with
+    // every entry published past it (recovery would open the shard empty).
+    {
+        let d = copy_of(&clean, tmp.path(), "mark-zeroed");
+        patch(&meta_path(&d, 0), meta::HWM_OFFSET, &[0u8; 512]);
+        let o = tool(&["verify"], &d);
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        let (first, _) = hdrs0[0];
+        assert_line(
+            &stdout(&o),
+            &format!(
+                "error: shard 0: shard-000/meta.seg: offset {:#x}: directory high-water mark is zeroed but entry {first} is published: the mark was lost",
+                meta::HWM_OFFSET
+            ),
+        );
+    }
+
     // 2. A bitmap bit past the segment's slot count.
     {
         let d = copy_of(&clean, tmp.path(), "bitmap");

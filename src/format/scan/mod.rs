@@ -299,6 +299,22 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
                     && f.entry.is_some_and(|e| e < last))
             });
         }
+        // A mark that reads as a fresh file's (all zero, which no writer
+        // ever stores) with an entry published past it was lost: creation
+        // makes its non-zero mark durable before any entry is published.
+        // Recovery would open the shard empty and hand out the slots of
+        // every allocation again.
+        let zeroed = pages
+            .fresh(HWM_OFFSET, 8)?
+            .is_some_and(|b| super::u64_at(b, 0) == 0);
+        let published = s.findings.iter().find_map(|f| match f.defect {
+            Defect::PublishedPastMark { .. } => f.entry,
+            _ => None,
+        });
+        if zeroed && let Some(entry) = published {
+            let d = Defect::MarkZeroed { entry };
+            s.push(Severity::Error, None, Some(HWM_OFFSET), d);
+        }
     }
     let persisted = match pages.get(GEN_OFFSET, 8)? {
         Some(b) => decode_counter(super::u64_at(b, 0)).unwrap_or(0),
