@@ -868,6 +868,13 @@ impl ShardLock {
     }
 }
 
+impl crate::files::FileOwner for ShardLock {
+    /// The shard's folder as locked (the lock is on the folder itself).
+    fn folder(&self) -> std::os::fd::BorrowedFd<'_> {
+        self._lock.fd.as_fd()
+    }
+}
+
 /// Times [`take_lock`] locks a `LOCK` that turns out to be replaced before
 /// it gives up.
 const LOCK_ATTEMPTS: usize = 64;

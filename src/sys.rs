@@ -51,7 +51,18 @@ pub enum OpenMode {
 /// changes nothing for a regular file. Anything but a regular file is then
 /// refused (`InvalidInput`).
 pub fn open(path: &Path, mode: OpenMode) -> io::Result<OwnedFd> {
+    open_in(None, path, mode)
+}
+
+/// [`open`] of `name` in the folder `dir` (`openat`): a folder renamed or
+/// replaced since `dir` was opened does not change which file this opens.
+pub fn open_at(dir: BorrowedFd<'_>, name: &Path, mode: OpenMode) -> io::Result<OwnedFd> {
+    open_in(Some(dir), name, mode)
+}
+
+fn open_in(dir: Option<BorrowedFd<'_>>, path: &Path, mode: OpenMode) -> io::Result<OwnedFd> {
     let c = cpath(path)?;
+    let at = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
     let flags = libc::O_CLOEXEC
         | libc::O_NOFOLLOW
         | libc::O_NONBLOCK
@@ -60,9 +71,10 @@ pub fn open(path: &Path, mode: OpenMode) -> io::Result<OwnedFd> {
             OpenMode::ReadWrite => libc::O_RDWR,
             OpenMode::ReadOnly => libc::O_RDONLY,
         };
-    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
-    let fd = syscall!(unsafe { libc::open(c.as_ptr(), flags, 0o600 as libc::c_uint) })?;
-    // SAFETY: `open` returned a fresh descriptor that nothing else owns.
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call;
+    // `at` is `AT_FDCWD` or a folder descriptor borrowed for the call.
+    let fd = syscall!(unsafe { libc::openat(at, c.as_ptr(), flags, 0o600 as libc::c_uint) })?;
+    // SAFETY: `openat` returned a fresh descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: all-zero bytes are a valid `stat` (integers only).
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -96,6 +108,18 @@ pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
     let fd = syscall!(unsafe { libc::open(c.as_ptr(), flags) })?;
     // SAFETY: `open` returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The folder `dir` opened again (`openat(dir, ".")`): a descriptor of
+/// its own, which shares no `flock` with `dir` (a duplicate of a locked
+/// descriptor would hold the lock for as long as it is open).
+pub fn reopen_dir(dir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    // SAFETY: the path is a static NUL-terminated string; `dir` is a folder
+    // descriptor borrowed for the call.
+    let fd = syscall!(unsafe { libc::openat(dir.as_raw_fd(), c".".as_ptr(), flags) })?;
+    // SAFETY: `openat` returned a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 

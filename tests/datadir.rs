@@ -1293,3 +1293,85 @@ fn a_path_back_out_of_a_missing_folder_creates_nothing() {
     let dd = DataDir::open(&small_cfg(&empty.join("..").join("d"))).unwrap();
     assert_eq!(dd.path(), tmp.path().canonicalize().unwrap().join("d"));
 }
+
+/// A data directory renamed while a shard of it is open, and a new one made
+/// at the old path and opened: each open keeps to its own files. The open
+/// one's files are opened in the folder it locked, not by a path that now
+/// names the other directory's: it once created its new data files in the
+/// new directory's locked folder (and reopened evicted descriptors there),
+/// where the other open then wrote over its allocations, and the renamed
+/// directory no longer opened (a data file it names was elsewhere).
+#[test]
+fn a_directory_renamed_while_open_keeps_its_own_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let moved = tmp.path().join("moved");
+    // Small files (a new data file every 16 MiB) and few descriptors (each
+    // file is closed and opened again as the fill goes on).
+    let cfg = |dir: &Path| {
+        Config::builder(dir)
+            .shards(1)
+            .window_bytes(16 << 20)
+            .max_file_bytes(16 << 20)
+            .growth_step_bytes(1 << 20)
+            .max_open_files(4)
+            .build()
+            .unwrap()
+    };
+    let first = cfg(&a);
+    let other = cfg(&a);
+    let kept = common::run(async {
+        let shard = common::open_shard(&first).await.unwrap();
+        let mut hs = Vec::new();
+        for _ in 0..4 {
+            let x = shard.allocate(300_000).await.unwrap();
+            x.write_at(0, b"first").unwrap();
+            hs.push(x.into_handle());
+        }
+        shard.sync().await.unwrap();
+        std::fs::rename(&a, &moved).unwrap();
+        let o = common::open_shard(&other).await.unwrap();
+        for _ in 0..200 {
+            let x = shard.allocate(300_000).await.unwrap();
+            x.write_at(0, b"first").unwrap();
+            hs.push(x.into_handle());
+        }
+        shard.sync().await.unwrap();
+        for _ in 0..200 {
+            let x = o.allocate(300_000).await.unwrap();
+            x.write_at(0, b"other").unwrap();
+        }
+        o.sync().await.unwrap();
+        let mut clobbered = 0;
+        for h in &hs {
+            let mut b = [0u8; 5];
+            shard.pin(*h).await.unwrap().read_at(0, &mut b).unwrap();
+            clobbered += usize::from(&b != b"first");
+        }
+        assert_eq!(clobbered, 0, "of {}", hs.len());
+        let names = |d: &Path| {
+            let mut v: Vec<_> = std::fs::read_dir(d.join("shard-000"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        let data = |v: Vec<String>| v.iter().filter(|n| n.starts_with("data-")).count();
+        assert!(data(names(&moved)) > 1, "{:?}", names(&moved));
+        assert!(data(names(&a)) > 1, "{:?}", names(&a));
+        hs
+    });
+    // Each directory opens with its own allocations.
+    common::run(async {
+        let shard = common::open_shard(&cfg(&moved)).await.unwrap();
+        assert_eq!(shard.live_count(), kept.len() as u64);
+        for h in &kept {
+            let mut b = [0u8; 5];
+            shard.pin(*h).await.unwrap().read_at(0, &mut b).unwrap();
+            assert_eq!(&b, b"first");
+        }
+        let o = common::open_shard(&cfg(&a)).await.unwrap();
+        assert_eq!(o.live_count(), 200);
+    });
+}

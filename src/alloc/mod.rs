@@ -210,7 +210,7 @@ pub struct SegmentAllocator {
     /// The shard's lock (shared when read-only): held for as long as the
     /// allocator is open or a window of one of its files is mapped (each
     /// holds a clone: a pin may outlive the allocator).
-    shard_lock: Rc<dyn std::any::Any>,
+    shard_lock: Rc<dyn crate::files::FileOwner>,
 }
 
 #[cold]

@@ -3,7 +3,6 @@
 
 #![warn(clippy::cast_possible_truncation)]
 
-use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +18,7 @@ use super::space::{Run, Space, Trim};
 use super::{AllocStats, SegmentAllocator, State, data_file_name};
 use crate::datadir::ShardLock;
 use crate::error::{Error, Result};
+use crate::files::FileOwner;
 use crate::format::classes::{BLOCK_BYTES, CLASS_COUNT};
 use crate::format::{self, Manifest};
 use crate::mapping::MappingManager;
@@ -139,7 +139,7 @@ impl SegmentAllocator {
         mm: Rc<MappingManager>,
     ) -> Result<SegmentAllocator> {
         let files = mm.files().clone();
-        let shard_lock: Rc<dyn Any> = match files.is_read_only() {
+        let shard_lock: Rc<dyn FileOwner> = match files.is_read_only() {
             true => Rc::new(ShardLock::acquire_shared(shard, dir)?),
             false => Rc::new(ShardLock::acquire(shard, dir)?),
         };

@@ -223,7 +223,15 @@ impl FileHandleRegistry {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let fd = sys::open_dir(&folder).map_err(|e| Error::io("open", Some(&folder), e))?;
+        // An allocator's files are in its owner's folder, whatever its path
+        // names now. (Opened again, not duplicated: a duplicate of the
+        // shard lock's descriptor, held by the ring until the fsync is
+        // reaped, would keep the shard locked after it is closed.)
+        let fd = match self.owner(id)? {
+            Some(o) => sys::reopen_dir(o.folder()),
+            None => sys::open_dir(&folder),
+        }
+        .map_err(|e| Error::io("open", Some(&folder), e))?;
         self.ring
             .fsync(&Rc::new(fd), false)
             .await

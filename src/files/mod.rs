@@ -18,7 +18,7 @@
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
 
@@ -122,7 +122,17 @@ struct FileEntry {
     /// Kept alive by every window of the file; a file whose owner is gone
     /// is not mapped again (see
     /// [`register_owned`](FileHandleRegistry::register_owned)).
-    owner: Option<Weak<dyn Any>>,
+    owner: Option<Weak<dyn FileOwner>>,
+}
+
+/// What an allocator's files are registered with
+/// ([`FileHandleRegistry::register_owned`]): kept alive by their windows,
+/// and the folder they are opened in.
+pub(crate) trait FileOwner: Any {
+    /// The folder the files are in, as it was when the owner took it: they
+    /// are opened relative to it, so a folder renamed (and another made in
+    /// its place) keeps its own files.
+    fn folder(&self) -> BorrowedFd<'_>;
 }
 
 struct Files {
@@ -264,7 +274,13 @@ impl FileHandleRegistry {
     /// its shard lock: a pin kept after its allocator is dropped still maps
     /// the shard's bytes, so the shard stays locked, and nothing maps them
     /// once it is unlocked.
-    pub(crate) fn register_owned(&self, path: impl AsRef<Path>, owner: &Rc<dyn Any>) -> FileId {
+    /// The file is opened in the owner's [`folder`](FileOwner::folder), by
+    /// the last component of `path`.
+    pub(crate) fn register_owned(
+        &self,
+        path: impl AsRef<Path>,
+        owner: &Rc<dyn FileOwner>,
+    ) -> FileId {
         let id = self.register_path(path.as_ref());
         self.inner.borrow_mut().entries[id.0 as usize].owner = Some(Rc::downgrade(owner));
         id
@@ -297,7 +313,7 @@ impl FileHandleRegistry {
     ///
     /// [`Error::OwnerClosed`] when the file's owner is gone;
     /// [`Error::UnknownFile`].
-    pub(crate) fn owner(&self, id: FileId) -> Result<Option<Rc<dyn Any>>> {
+    pub(crate) fn owner(&self, id: FileId) -> Result<Option<Rc<dyn FileOwner>>> {
         let f = self.inner.borrow();
         let e = f
             .entries
@@ -473,12 +489,15 @@ impl FileHandleRegistry {
             }
         }
         let path = self.path(id)?;
+        // An allocator's file is opened in its owner's folder; one whose
+        // owner is gone is not opened again.
+        let owner = self.owner(id)?;
         let create = create && !self.inner.borrow().entries[id.0 as usize].foreign;
         let mode = match self.mode {
             OpenMode::ReadWriteCreate if !create => OpenMode::ReadWrite,
             m => m,
         };
-        if mode != OpenMode::ReadWriteCreate {
+        if mode != OpenMode::ReadWriteCreate && owner.is_none() {
             // A file that must exist and does not: fail before closing a
             // cached descriptor for it.
             std::fs::symlink_metadata(&path).map_err(|e| Error::io("open", Some(&path), e))?;
@@ -488,7 +507,7 @@ impl FileHandleRegistry {
                 max_open_files: self.max_open,
             });
         }
-        let fd = self.open_fd(&path, mode)?;
+        let fd = self.open_fd(owner.as_deref(), &path, mode)?;
         let size = sys::file_size(fd.as_fd()).map_err(|e| Error::io("fstat", Some(&path), e))?;
         self.open.set(self.open.get() + 1);
         let count = Rc::new(FdCounter(self.open.clone()));
@@ -518,13 +537,23 @@ impl FileHandleRegistry {
         })
     }
 
-    /// `open(path)`; when the process is out of descriptors, give one of
-    /// ours back and try once more.
-    fn open_fd(&self, path: &Path, mode: OpenMode) -> Result<OwnedFd> {
-        match sys::open(path, mode) {
+    /// `open(path)`, or for an allocator's file `openat` of its name in
+    /// `owner`'s folder; when the process is out of descriptors, give one
+    /// of ours back and try once more.
+    fn open_fd(
+        &self,
+        owner: Option<&dyn FileOwner>,
+        path: &Path,
+        mode: OpenMode,
+    ) -> Result<OwnedFd> {
+        let open = || match (owner, path.file_name()) {
+            (Some(o), Some(name)) => sys::open_at(o.folder(), Path::new(name), mode),
+            _ => sys::open(path, mode),
+        };
+        match open() {
             Ok(fd) => Ok(fd),
             Err(e) if crate::error::out_of_descriptors(&e) && self.evict_one() => {
-                sys::open(path, mode).map_err(|e| Error::opening("open", path, e))
+                open().map_err(|e| Error::opening("open", path, e))
             }
             Err(e) => Err(Error::opening("open", path, e)),
         }

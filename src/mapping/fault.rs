@@ -280,7 +280,7 @@ impl MappingManager {
             uses: Cell::new(0),
             referenced: Cell::new(true),
             shared: self.shared.clone(),
-            _owner: owner,
+            _owner: owner.map(|o| o as Rc<dyn std::any::Any>),
             #[cfg(debug_assertions)]
             pin_sites: RefCell::new(slab::Slab::new()),
         });
