@@ -523,8 +523,12 @@ impl<J: 'static> MeshLocal<J> {
     }
 
     /// The next parcel from any peer, fairly; `Ready(None)` once every
-    /// peer is gone or done. Receivers stay in the mesh (borrowed only here), so
+    /// peer is gone. Receivers stay in the mesh (borrowed only here), so
     /// [`take_ready`](Self::take_ready) can run between polls.
+    ///
+    /// A peer that said [`Parcel::Done`] sends no free after it, but may
+    /// still flush (`Runtime::sync`, `flush_frees`, a shard whose task ran
+    /// `finish_frees`): its barriers are answered until it is gone.
     pub(crate) fn poll_parcel(&self, cx: &mut Context<'_>) -> Poll<Option<Parcel>> {
         let mut inbox = self.inbox.borrow_mut();
         let mut done = self.done.borrow_mut();
@@ -533,11 +537,14 @@ impl<J: 'static> MeshLocal<J> {
         let mut open = 0;
         for k in 0..n {
             let i = (start + k) % n;
-            if done[i] {
-                continue;
+            let mut next = inbox[i].poll_recv(cx);
+            if let Poll::Ready(Some(Parcel::Done)) = next {
+                // No free follows it on this channel; polled again, so that
+                // a barrier after it wakes this task.
+                done[i] = true;
+                next = inbox[i].poll_recv(cx);
             }
-            match inbox[i].poll_recv(cx) {
-                // Nothing follows it on this channel.
+            match next {
                 Poll::Ready(Some(Parcel::Done)) => done[i] = true,
                 Poll::Ready(Some(p)) => {
                     self.next_inbox.set(i + 1);

@@ -1343,3 +1343,52 @@ fn a_failed_start_keeps_what_it_did_not_create() {
     assert_eq!(&kept, b"kept");
     rt.shutdown().unwrap();
 }
+
+/// `Shard::finish_frees` run by a task of a runtime's shard (public, meant
+/// for shards a caller runs itself): the runtime's `sync` and `shutdown`
+/// still return. Its peers stopped listening to it once it said it was
+/// done, and the barrier a flush sends it then was never answered: both
+/// waited forever.
+#[test]
+fn finish_frees_run_in_a_task_does_not_hang_sync_or_shutdown() {
+    let within = |secs: u64, f: Box<dyn FnOnce() -> segalloc::Result<()> + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(secs))
+            .expect("returned in time")
+    };
+    for shards in [2, 3] {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(Runtime::start(config(tmp.path(), shards)).unwrap());
+        // A free forwarded from the shard before it finishes is applied.
+        let h = block_on(rt.spawn_on(0, |s| async move {
+            Ok::<_, Error>(s.allocate(64).await?.into_handle())
+        }))
+        .unwrap()
+        .unwrap();
+        let last = shards - 1;
+        let finishing = rt.spawn_on(last, move |s| async move {
+            s.free(h)?;
+            s.finish_frees().await;
+            Ok::<_, Error>(())
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let r = rt.clone();
+        within(20, Box::new(move || block_on(r.sync()))).unwrap();
+        let live = block_on(rt.spawn_on(0, move |s| async move { s.allocator().is_live(&h) }));
+        assert!(
+            !live.unwrap(),
+            "{shards} shards: the forwarded free was applied"
+        );
+        let rt = Arc::into_inner(rt).expect("one runtime");
+        within(20, Box::new(move || rt.shutdown())).unwrap();
+        // The task itself waits for the other shards to finish: it ends
+        // with the shutdown, or is dropped with its shard's thread.
+        match block_on(finishing) {
+            Ok(r) => r.unwrap(),
+            Err(e) => assert!(matches!(e, Error::ShardGone { .. }), "{e:?}"),
+        }
+    }
+}
