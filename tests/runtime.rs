@@ -893,6 +893,44 @@ fn opening_without_an_executor_is_an_error() {
         "{e:?}"
     );
     assert!(e.to_string().contains("LocalSet"), "{e}");
+    // On a runtime without timers, in a LocalSet: `finish_frees` (and a pin
+    // that waits for a window) would panic when it first waits, and a
+    // `finish_frees` that panics loses the frees it holds.
+    let b = segalloc::Cluster::open(cfg.clone())
+        .unwrap()
+        .into_builders()
+        .remove(0);
+    let no_timers = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let r = tokio::task::LocalSet::new().block_on(&no_timers, b.open());
+    let Err(e) = r else {
+        panic!("opened without timers")
+    };
+    assert!(
+        matches!(
+            e,
+            Error::NoExecutor {
+                call: "ShardBuilder::open",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("enable_time"), "{e}");
+    let dd = Arc::new(segalloc::DataDir::open(&cfg).unwrap());
+    let r = no_timers.block_on(Shard::open(dd, &cfg, 1));
+    assert!(
+        matches!(
+            r,
+            Err(Error::NoExecutor {
+                call: "Shard::open",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
 }
 
 /// Roots are kept per shard; the runtime finds one wherever it lives, and

@@ -137,11 +137,14 @@ pub struct Shard {
 impl Shard {
     /// Open shard `index` of `dir`: its ring, registry, manager, and the
     /// recovered allocator. Call it on the thread that will run the shard,
-    /// inside a tokio current-thread runtime (or tokio-uring).
+    /// inside a tokio current-thread runtime with timers (`enable_time` or
+    /// `enable_all`: a pin waits for a window with a timeout), or inside
+    /// tokio-uring.
     ///
     /// # Errors
     ///
-    /// [`Error::NoExecutor`] outside a tokio runtime;
+    /// [`Error::NoExecutor`] outside a tokio runtime, or in one without
+    /// timers;
     /// [`Error::ShardAlreadyOpen`] when the shard is already open for writing
     /// (each writable open holds the shard's lock until it is dropped);
     /// [`Error::InvalidConfig`] for an index out of range; recovery errors
@@ -507,7 +510,18 @@ pub(crate) fn require_tokio(call: &'static str) -> Result<()> {
         .map_err(|_| Error::NoExecutor {
             call,
             needs: "a tokio current-thread runtime (or tokio-uring) on this thread",
-        })
+        })?;
+    // A pin waiting for a window times out, and `finish_frees` waits for
+    // its peers: both need tokio's timers, whose absence is a panic when
+    // they are first used (a `finish_frees` that panics loses the frees it
+    // holds). tokio offers no query either: a timer is made and dropped,
+    // and its panic (the hook prints its message) turned into the error.
+    std::panic::catch_unwind(|| drop(tokio::time::sleep(std::time::Duration::ZERO))).map_err(|_| {
+        Error::NoExecutor {
+            call,
+            needs: "a tokio runtime with timers (Builder::enable_time, or enable_all)",
+        }
+    })
 }
 
 /// [`Error::NoExecutor`] unless local tasks can be spawned here (a tokio
