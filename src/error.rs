@@ -321,10 +321,12 @@ pub enum Error {
         shard: u16,
     },
 
-    /// A task spawned on a shard panicked (the shard keeps serving).
+    /// A task spawned on a shard panicked (the shard keeps serving), or,
+    /// from `Runtime::shutdown`, a whole shard thread did (its message says
+    /// so).
     #[error("task on shard {shard} panicked: {message}")]
     TaskPanicked {
-        /// The shard (`u16::MAX` when a whole shard thread panicked).
+        /// The shard.
         shard: u16,
         /// The panic message.
         message: String,

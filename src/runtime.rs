@@ -527,6 +527,14 @@ impl Runtime {
     /// (the shard keeps serving), to [`Error::ShardGone`] if the shard is
     /// stopped, and to [`Error::ShardOutOfRange`] for an index at or above
     /// [`shard_count`](Self::shard_count).
+    ///
+    /// Like `tokio::spawn`, this never waits: each call queues its closure
+    /// (about 200 bytes with its handle) until the shard's thread takes it,
+    /// with no bound. A caller outside the shards that submits faster than
+    /// a shard runs (a loop of [`free`](Self::free) to a busy owner) keeps
+    /// what it queued in memory; await the handles, or keep a bounded
+    /// number in flight. (Frees one shard forwards to another go through
+    /// bounded channels instead: see [`Shard::free`].)
     pub fn spawn_on<F, Fut, T>(&self, shard: usize, f: F) -> JoinHandle<T>
     where
         F: FnOnce(Shard) -> Fut + Send + 'static,
@@ -590,7 +598,8 @@ impl Runtime {
         first.map_or(Ok(()), Err)
     }
 
-    /// Free `handle` on its owner shard (from outside any shard).
+    /// Free `handle` on its owner shard (from outside any shard): a task of
+    /// [`spawn_on`](Self::spawn_on), queued without bound like every one.
     pub fn free(&self, handle: Handle) -> JoinHandle<Result<()>> {
         self.spawn_on(
             handle.shard() as usize,
