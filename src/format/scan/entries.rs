@@ -7,19 +7,36 @@ use crate::format::entry::{self, EntryHeader};
 use crate::format::manifest::Manifest;
 use crate::format::{BITMAP_WORDS, ENTRY_BYTES, ENTRY_HEADER_BYTES, bitmap_offset, entry_offset};
 
-/// Entries `0..scan_to`; returns the highest generation met.
+/// Entries `0..scan_to`; returns the highest generation met. With
+/// `blank_limit` (a mark that cannot be read: `scan_to` is all the file
+/// holds), the walk stops once that many bytes of entries in a row are
+/// never-published ones: a writer grows the file in small steps ahead of
+/// its entries, so a file grown far past them (a sparse file of any size)
+/// costs no more than that to report on.
 pub(super) fn scan_entries(
     pages: &mut Pages<'_>,
     t: &ScanTarget<'_>,
     scan_to: u32,
+    blank_limit: Option<u64>,
     s: &mut ShardScan,
 ) -> Result<u32> {
     let mut max_gen = 0;
+    // Where the entries in use (or damaged) end so far.
+    let mut used_end = entry_offset(0);
     for i in 0..scan_to {
         let off = entry_offset(i);
+        if blank_limit.is_some_and(|limit| off - used_end >= limit) {
+            break;
+        }
         let Some(raw) = pages.get(off, ENTRY_BYTES as usize)? else {
             break;
         };
+        if !matches!(
+            EntryHeader::decode(&raw[..ENTRY_HEADER_BYTES as usize]),
+            Ok(None)
+        ) {
+            used_end = off + ENTRY_BYTES;
+        }
         s.entries_scanned += 1;
         let (h, bm) = raw.split_at(ENTRY_HEADER_BYTES as usize);
         let e = match EntryHeader::decode(h) {

@@ -53,8 +53,9 @@ pub const PAST_HWM_SCAN_BYTES: u64 = 2 * 1024 * 1024;
 /// mark word is `mark` (`None`: the file is too short to hold it) that
 /// [`scan`] can need to read: the directory up to the mark and
 /// [`PAST_HWM_SCAN_BYTES`] past it. A torn or unreadable mark refuses the
-/// shard, and the scan then reads the whole file for its report: a reader
-/// that only needs the refusal (recovery) can stop at the root table. Never
+/// shard, and the scan then reads the entries for its report, up to
+/// [`PAST_HWM_SCAN_BYTES`] of never-published ones in a row: a reader that
+/// only needs the refusal (recovery) can stop at the root table. Never
 /// more than `meta_bytes`: a file grown past what its directory needs (a
 /// sparse file of any size) costs nothing more to open.
 pub fn scan_extent(meta_bytes: u64, mark: Option<u64>) -> u64 {
@@ -276,11 +277,13 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
             }
             h.min(readable)
         }
-        // Unknown mark: check every entry the file holds.
+        // Unknown mark: check the entries the file holds, up to a long run
+        // of blank ones (`scan_entries`).
         None => readable,
     };
     let mut pages = Pages::new(src);
-    let max_gen = scan_entries(&mut pages, t, scan_to, &mut s)?;
+    let blank_limit = s.hwm.is_none().then_some(PAST_HWM_SCAN_BYTES);
+    let max_gen = scan_entries(&mut pages, t, scan_to, blank_limit, &mut s)?;
     if let Some(h) = s.hwm {
         // Beside a writer (a directory open elsewhere), the mark may have
         // risen since it was read, and entries been published under the
