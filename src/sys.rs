@@ -143,6 +143,12 @@ pub fn file_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     Ok((st.st_dev, st.st_ino))
 }
 
+/// Whether the file or folder `fd` has no name left (`st_nlink == 0`: it
+/// was removed while open).
+pub fn is_unlinked(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(fstat(fd)?.st_nlink == 0)
+}
+
 /// `fallocate(fd, mode, offset, len)`.
 pub fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: fallocate takes no pointers; a stale fd yields EBADF, not UB.

@@ -1375,3 +1375,30 @@ fn a_directory_renamed_while_open_keeps_its_own_files() {
         assert_eq!(o.live_count(), 200);
     });
 }
+
+/// A data directory removed while a shard of it is open: the shard's next
+/// sync says so (it returned `Ok`, for files no path reaches any more).
+#[test]
+fn a_sync_after_the_directory_was_removed_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let cfg = small_cfg(&dir);
+    common::run(async {
+        let shard = common::open_shard(&cfg).await.unwrap();
+        let a = shard.allocate(100).await.unwrap();
+        a.write_at(0, b"kept").unwrap();
+        drop(a);
+        shard.sync().await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let r = shard.sync().await;
+        match r {
+            Err(Error::Io {
+                op: "sync",
+                ref source,
+                ..
+            }) if source.kind() == std::io::ErrorKind::NotFound => {}
+            other => panic!("sync after the directory was removed: {other:?}"),
+        }
+        assert!(format!("{}", r.unwrap_err()).contains("removed"));
+    });
+}

@@ -5,6 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
@@ -16,6 +17,7 @@ use super::space::Run;
 use crate::error::{Error, Result};
 use crate::files::FileId;
 use crate::format;
+use crate::sys;
 use crate::wait::WaitList;
 
 impl SegmentAllocator {
@@ -74,7 +76,10 @@ impl SegmentAllocator {
             || !covered.released.as_ref().is_none_or(Released::is_empty);
         let mut r = self.sync_files(with_meta).await;
         if r.is_ok() && new_files {
-            r = crate::datadir::sync_dir(&self.dir);
+            // The folder the shard locked, whatever its path names now.
+            r = sys::reopen_dir(self.shard_lock.folder())
+                .and_then(|fd| sys::fsync(fd.as_raw_fd(), false))
+                .map_err(|e| Error::io("fsync", Some(&self.dir), e));
         }
         if let Err(e) = r {
             if !is_io_failure(&e) {
@@ -111,6 +116,25 @@ impl SegmentAllocator {
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         self.meta_durable_bytes
             .set(self.meta_durable_bytes.get().max(meta_reserved));
+        drop(st);
+        self.check_not_removed()
+    }
+
+    /// [`Error::Io`] when the shard's folder was removed while open: what a
+    /// sync wrote is in files no path reaches, and goes with them.
+    fn check_not_removed(&self) -> Result<()> {
+        let gone = sys::is_unlinked(self.shard_lock.folder())
+            .map_err(|e| Error::io("fstat", Some(&self.dir), e))?;
+        if gone {
+            return Err(Error::io(
+                "sync",
+                Some(&self.dir),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the shard's folder was removed while open: nothing written to it can be found again",
+                ),
+            ));
+        }
         Ok(())
     }
 
