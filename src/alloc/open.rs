@@ -96,6 +96,15 @@ impl SegmentAllocator {
         let lease = files.acquire(meta, 0).await?;
         drop(lease);
         let size = files.len_bytes(meta)?.unwrap_or(0);
+        if files.is_read_only() && size > 0 && size < format::HWM_OFFSET + 8 {
+            // Too short to be pinned read-only, or to hold the mark: said
+            // as the scan says it, not as a pin past the end of a file.
+            let d = format::scan::Defect::MarkUnreadable { size_bytes: size };
+            return Err(Error::Corrupt {
+                what: meta_path.display().to_string(),
+                detail: d.to_string(),
+            });
+        }
         let fresh = size == 0 || a.superblock_is_blank(size).await?;
         if fresh && dir.join(data_file_name(0)).exists() {
             // Data files are created only after the metadata was written and
