@@ -1904,7 +1904,7 @@ fn a_dangling_durable_sequence_root_counts_as_none() {
 
 /// A client that streams pipelined commands without pause does not take
 /// its shard's thread: another connection on the shard is answered during
-/// the stream, and the `everysec` syncer still syncs a write made before
+/// the stream, and the `everysec` syncer still syncs a write made during
 /// it. (The shard's task ran batch after batch: the socket always had data
 /// and room, so nothing made it wait.)
 #[test]
@@ -1921,11 +1921,6 @@ fn streaming_client_does_not_starve_its_shard(unit: &'static [u8]) {
         &["--shards", "1", "--sync", "everysec"],
     );
     let c = &mut server.client();
-    let _: () = c.set("written", "before the stream").unwrap();
-    let syncs_before: u64 = info_field(c, "persistence", "segalloc_syncs")
-        .parse()
-        .unwrap();
-
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flood = server.raw();
     let mut reader = flood.try_clone().unwrap();
@@ -1947,6 +1942,13 @@ fn streaming_client_does_not_starve_its_shard(unit: &'static [u8]) {
         })
     };
     std::thread::sleep(Duration::from_millis(200));
+    // A write made once the stream runs: a sync must cover it before the
+    // stream ends. (Made before the stream, it could be synced before the
+    // count below was read, and nothing would be left to sync.)
+    let syncs_before: u64 = info_field(c, "persistence", "segalloc_syncs")
+        .parse()
+        .unwrap();
+    let _: () = c.set("written", "during the stream").unwrap();
     let mut slowest = Duration::ZERO;
     let started = Instant::now();
     while started.elapsed() < Duration::from_millis(2500) {
