@@ -419,6 +419,18 @@ fn forged_directory_entries() {
         // and hand every slot out again).
         ("high-water mark zeroed", Box::new(|b| b[512..520].fill(0))),
         ("counter sector zeroed", Box::new(|b| b[512..1024].fill(0))),
+        // And every entry's state word too (as released entries read): the
+        // shard's data files still say it was used.
+        (
+            "high-water mark and state words zeroed",
+            Box::new(move |b| {
+                for e in 0..hwm {
+                    let off = meta::entry_offset(e) as usize;
+                    b[off..off + 8].fill(0);
+                }
+                b[512..520].fill(0);
+            }),
+        ),
     ];
     for (what, forge) in &forged {
         let mut bytes = original.clone();

@@ -72,10 +72,11 @@ pub enum Defect {
     /// The high-water mark word is torn.
     MarkTorn { word: u64 },
     /// The high-water mark word is all zero (a file whose creation never
-    /// finished) yet entry `entry` is published: creation makes a non-zero
-    /// mark durable before any entry is published, so the mark was lost,
-    /// and with it what recovery would find.
-    MarkZeroed { entry: u32 },
+    /// finished) yet entry `entry` is published, or (`None`) the shard's
+    /// first data file exists: creation makes a non-zero mark durable
+    /// before any entry is published or data file made, so the mark was
+    /// lost, and with it what recovery would find.
+    MarkZeroed { entry: Option<u32> },
     /// The file is shorter than the entries below the mark need.
     MetaTruncated {
         size_bytes: u64,
@@ -249,9 +250,13 @@ impl fmt::Display for Defect {
             Defect::MarkTorn { word } => {
                 write!(f, "directory high-water mark is torn (word {word:#018x})")
             }
-            Defect::MarkZeroed { entry } => write!(
+            Defect::MarkZeroed { entry: Some(entry) } => write!(
                 f,
                 "directory high-water mark is zeroed but entry {entry} is published: the mark was lost"
+            ),
+            Defect::MarkZeroed { entry: None } => write!(
+                f,
+                "directory high-water mark is zeroed but the shard has data files: the mark was lost"
             ),
             Defect::MetaTruncated {
                 size_bytes,

@@ -303,10 +303,12 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
             });
         }
         // A mark that reads as a fresh file's (all zero, which no writer
-        // ever stores) with an entry published past it was lost: creation
-        // makes its non-zero mark durable before any entry is published.
-        // Recovery would open the shard empty and hand out the slots of
-        // every allocation again.
+        // ever stores) in a shard that was used was lost: creation makes
+        // its non-zero mark durable before any entry is published or data
+        // file made. Recovery would open the shard empty and hand out the
+        // slots of every allocation again. (Used: an entry published past
+        // it, or the first data file there, which the first segment makes:
+        // entries released since read as never published.)
         let zeroed = pages
             .fresh(HWM_OFFSET, 8)?
             .is_some_and(|b| super::u64_at(b, 0) == 0);
@@ -314,8 +316,8 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
             Defect::PublishedPastMark { .. } => f.entry,
             _ => None,
         });
-        if zeroed && let Some(entry) = published {
-            let d = Defect::MarkZeroed { entry };
+        if zeroed && (published.is_some() || (t.data_file)(0) != DataFileLen::Missing) {
+            let d = Defect::MarkZeroed { entry: published };
             s.push(Severity::Error, None, Some(HWM_OFFSET), d);
         }
     }
