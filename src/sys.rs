@@ -143,6 +143,28 @@ pub fn file_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     Ok((st.st_dev, st.st_ino))
 }
 
+/// The first data region of the file `fd` at or after `off`
+/// (`lseek(SEEK_DATA)`, then `SEEK_HOLE` from there): `None` when only holes
+/// follow `off`. A file system that cannot tell holes (`EINVAL`) answers
+/// the rest of the file as data.
+pub fn data_region(fd: BorrowedFd<'_>, off: u64) -> io::Result<Option<(u64, u64)>> {
+    let seek = |from: u64, whence: i32| -> io::Result<u64> {
+        let from =
+            libc::off_t::try_from(from).map_err(|_| io::Error::from_raw_os_error(libc::ENXIO))?;
+        // SAFETY: lseek takes no pointers; a stale fd yields EBADF.
+        let at = syscall!(unsafe { libc::lseek(fd.as_raw_fd(), from, whence) })?;
+        Ok(at as u64)
+    };
+    let start = match seek(off, libc::SEEK_DATA) {
+        Ok(s) => s,
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Some((off, u64::MAX))),
+        Err(e) => return Err(e),
+    };
+    let end = seek(start, libc::SEEK_HOLE)?;
+    Ok(Some((start, end)))
+}
+
 /// Whether the file or folder `fd` has no name left (`st_nlink == 0`: it
 /// was removed while open).
 pub fn is_unlinked(fd: BorrowedFd<'_>) -> io::Result<bool> {

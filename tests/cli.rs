@@ -814,9 +814,11 @@ fn usage_and_io_errors_exit_2() {
     }
 }
 
-/// A torn mark on a metadata file grown sparse to 20 GiB: the report walks
-/// the entries up to a long run of blank ones, not the whole file (it took
-/// 40 s and 146 MB, in proportion to the file's size).
+/// A torn mark on a metadata file grown sparse to 20 GiB: the report skips
+/// the file's holes (it read all of it: 40 s and 146 MB, in proportion to
+/// the file's size), and still finds an entry however far it lies past the
+/// others (a first version stopped after 2 MiB of blank entries, and lost
+/// segments that released entries separated from the rest).
 #[test]
 fn a_torn_mark_on_a_huge_sparse_metadata_file_is_reported_at_once() {
     let tmp = tempfile::tempdir().unwrap();
@@ -845,6 +847,33 @@ fn a_torn_mark_on_a_huge_sparse_metadata_file_is_reported_at_once() {
     let o = tool(&["stat", "--json"], &d);
     let j = parse_json(&stdout(&o));
     assert_eq!(j.at("shards").arr()[0].at("segments").u(), published);
+
+    // A segment whose entry lies far past the others, with blank (or
+    // released) entries between (here a hole of the file): its live
+    // allocations are still listed, for salvage.
+    let d = copy_of(&clean, tmp.path(), "far");
+    let (last, _) = *headers(&meta0).last().unwrap();
+    let from = meta::entry_offset(last) as usize;
+    let entry = meta0[from..from + meta::ENTRY_BYTES as usize].to_vec();
+    let live_before = tool(&["live"], &clean);
+    let lines = |o: &Output| stdout(o).lines().count();
+    let all = lines(&live_before);
+    let far = last + 8 * meta::ENTRIES_PER_PAGE as u32 * 1024;
+    let p = meta_path(&d, 0);
+    patch(&p, from as u64, &vec![0u8; entry.len()]);
+    patch(&p, meta::HWM_OFFSET, &[0x5a; 8]);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&entry, meta::entry_offset(far)).unwrap();
+    }
+    let in_last: u32 = entry[meta::ENTRY_HEADER_BYTES as usize..]
+        .iter()
+        .map(|b| b.count_ones())
+        .sum();
+    assert!(in_last > 0, "the last segment holds live allocations");
+    let o = tool(&["live"], &d);
+    assert_eq!(lines(&o), all, "{}", stdout(&o));
 }
 
 #[test]

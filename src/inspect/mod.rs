@@ -251,6 +251,12 @@ impl MetaSource for FileSource<'_> {
     fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<usize> {
         read_at_most(self.f, off, buf).map_err(|e| Error::io("read", Some(self.path), e))
     }
+
+    fn data_region(&mut self, off: u64) -> Result<Option<(u64, u64)>> {
+        use std::os::fd::AsFd;
+        crate::sys::data_region(self.f.as_fd(), off)
+            .map_err(|e| Error::io("lseek", Some(self.path), e))
+    }
 }
 
 fn scan_shard(

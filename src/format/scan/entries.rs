@@ -5,38 +5,50 @@ use super::{Defect, Pages, ScanTarget, SegmentScan, Severity, ShardScan};
 use crate::error::Result;
 use crate::format::entry::{self, EntryHeader};
 use crate::format::manifest::Manifest;
-use crate::format::{BITMAP_WORDS, ENTRY_BYTES, ENTRY_HEADER_BYTES, bitmap_offset, entry_offset};
+use crate::format::{
+    BITMAP_WORDS, ENTRIES_PER_PAGE, ENTRY_BYTES, ENTRY_HEADER_BYTES, META_PAGE_BYTES,
+    bitmap_offset, entry_offset,
+};
 
 /// Entries `0..scan_to`; returns the highest generation met. With
-/// `blank_limit` (a mark that cannot be read: `scan_to` is all the file
-/// holds), the walk stops once that many bytes of entries in a row are
-/// never-published ones: a writer grows the file in small steps ahead of
-/// its entries, so a file grown far past them (a sparse file of any size)
-/// costs no more than that to report on.
+/// `skip_holes` (a mark that cannot be read: `scan_to` is all the file
+/// holds), pages in the file's holes are skipped, not read
+/// ([`MetaSource::data_region`](super::MetaSource::data_region)): a hole
+/// holds no entry, and a sparse file of any size costs what it holds.
 pub(super) fn scan_entries(
     pages: &mut Pages<'_>,
     t: &ScanTarget<'_>,
     scan_to: u32,
-    blank_limit: Option<u64>,
+    skip_holes: bool,
     s: &mut ShardScan,
 ) -> Result<u32> {
     let mut max_gen = 0;
-    // Where the entries in use (or damaged) end so far.
-    let mut used_end = entry_offset(0);
-    for i in 0..scan_to {
+    // Offsets below this lie in a data region already looked up.
+    let mut data_end = 0;
+    let mut next = 0;
+    while next < scan_to {
+        let i = next;
+        next += 1;
         let off = entry_offset(i);
-        if blank_limit.is_some_and(|limit| off - used_end >= limit) {
-            break;
+        if skip_holes && off >= data_end {
+            let Some((start, end)) = pages.data_region(off)? else {
+                break;
+            };
+            data_end = end;
+            if start > off {
+                // Go on with the first entry of the page the data begins in
+                // (entries never straddle pages).
+                let page = (start - entry_offset(0)) / META_PAGE_BYTES;
+                let first = u32::try_from(page * ENTRIES_PER_PAGE).unwrap_or(u32::MAX);
+                if first > i {
+                    next = first;
+                    continue;
+                }
+            }
         }
         let Some(raw) = pages.get(off, ENTRY_BYTES as usize)? else {
             break;
         };
-        if !matches!(
-            EntryHeader::decode(&raw[..ENTRY_HEADER_BYTES as usize]),
-            Ok(None)
-        ) {
-            used_end = off + ENTRY_BYTES;
-        }
         s.entries_scanned += 1;
         let (h, bm) = raw.split_at(ENTRY_HEADER_BYTES as usize);
         let e = match EntryHeader::decode(h) {

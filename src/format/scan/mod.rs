@@ -53,9 +53,9 @@ pub const PAST_HWM_SCAN_BYTES: u64 = 2 * 1024 * 1024;
 /// mark word is `mark` (`None`: the file is too short to hold it) that
 /// [`scan`] can need to read: the directory up to the mark and
 /// [`PAST_HWM_SCAN_BYTES`] past it. A torn or unreadable mark refuses the
-/// shard, and the scan then reads the entries for its report, up to
-/// [`PAST_HWM_SCAN_BYTES`] of never-published ones in a row: a reader that
-/// only needs the refusal (recovery) can stop at the root table. Never
+/// shard, and the scan then reads every entry the file holds for its report
+/// (skipping the file's holes): a reader that only needs the refusal
+/// (recovery) can stop at the root table. Never
 /// more than `meta_bytes`: a file grown past what its directory needs (a
 /// sparse file of any size) costs nothing more to open.
 pub fn scan_extent(meta_bytes: u64, mark: Option<u64>) -> u64 {
@@ -80,6 +80,19 @@ pub trait MetaSource {
     ///
     /// An I/O error of the read.
     fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<usize>;
+
+    /// The first region at or after `off` that may hold non-zero bytes, as
+    /// `[start, end)`; `None` when the rest of the file is holes. The walk
+    /// of a metadata file whose mark cannot be read skips what lies
+    /// between (a sparse file of any size costs what it holds). The default
+    /// skips nothing.
+    ///
+    /// # Errors
+    ///
+    /// An I/O error of the lookup.
+    fn data_region(&mut self, off: u64) -> Result<Option<(u64, u64)>> {
+        Ok(Some((off, u64::MAX)))
+    }
 }
 
 /// What is known of a data file that the directory refers to.
@@ -277,13 +290,12 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
             }
             h.min(readable)
         }
-        // Unknown mark: check the entries the file holds, up to a long run
-        // of blank ones (`scan_entries`).
+        // Unknown mark: check every entry the file holds (its holes hold
+        // none: `scan_entries` skips them).
         None => readable,
     };
     let mut pages = Pages::new(src);
-    let blank_limit = s.hwm.is_none().then_some(PAST_HWM_SCAN_BYTES);
-    let max_gen = scan_entries(&mut pages, t, scan_to, blank_limit, &mut s)?;
+    let max_gen = scan_entries(&mut pages, t, scan_to, s.hwm.is_none(), &mut s)?;
     if let Some(h) = s.hwm {
         // Beside a writer (a directory open elsewhere), the mark may have
         // risen since it was read, and entries been published under the
@@ -446,6 +458,11 @@ pub(crate) struct Pages<'a> {
 }
 
 impl<'a> Pages<'a> {
+    /// [`MetaSource::data_region`] of the file.
+    fn data_region(&mut self, off: u64) -> Result<Option<(u64, u64)>> {
+        self.src.data_region(off)
+    }
+
     fn new(src: &'a mut dyn MetaSource) -> Pages<'a> {
         Pages {
             src,
