@@ -20,6 +20,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -50,6 +51,11 @@ pub struct DataDir {
     made_top: bool,
     read_only: bool,
     _lock: Option<FileLock>,
+    /// The directory itself, opened when first needed (`Shard::pin_foreign`
+    /// opens other shards' files in it, never by a path that may name
+    /// another directory since: one renamed while open, and another made in
+    /// its place).
+    folder: std::sync::OnceLock<Arc<OwnedFd>>,
 }
 
 impl DataDir {
@@ -114,6 +120,7 @@ impl DataDir {
             made_top,
             read_only: false,
             _lock: Some(lock),
+            folder: std::sync::OnceLock::new(),
         };
         if let Err(e) = dir.make_shard_dirs() {
             // A manifest this open wrote would outlive the failure and fix
@@ -169,6 +176,7 @@ impl DataDir {
                 made_top: false,
                 read_only: true,
                 _lock: None,
+                folder: std::sync::OnceLock::new(),
             },
             locked_elsewhere,
         ))
@@ -356,6 +364,34 @@ impl DataDir {
     pub fn is_read_only(&self) -> bool {
         self.read_only
     }
+    /// The directory itself, opened at the first call (see
+    /// `Shard::pin_foreign`). A writable open finds it where its locked
+    /// `LOCK` is now (`/proc/self/fd`), so a directory renamed since is
+    /// followed, and checks that the `LOCK` there is the one it locked; a
+    /// read-only open (which locks nothing) opens its path.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the directory cannot be opened, or (writable)
+    /// was removed or replaced.
+    pub(crate) fn folder(&self) -> Result<Arc<OwnedFd>> {
+        if let Some(f) = self.folder.get() {
+            return Ok(f.clone());
+        }
+        let f = match &self._lock {
+            Some(lock) => {
+                let now = sys::fd_path(lock.fd.as_fd())
+                    .map_err(|e| Error::io("readlink", Some(&self.path), e))?;
+                let dir = now.parent().unwrap_or(&self.path);
+                locked_folder(dir, lock)?
+            }
+            None => Arc::new(
+                sys::open_dir(&self.path).map_err(|e| Error::opening("open", &self.path, e))?,
+            ),
+        };
+        Ok(self.folder.get_or_init(|| f).clone())
+    }
+
     /// The folder of shard `i`.
     pub fn shard_dir(&self, i: u16) -> PathBuf {
         shard_dir(&self.path, i)
@@ -911,6 +947,22 @@ fn take_lock(dir: &Path) -> Result<FileLock> {
         Some(&p),
         std::io::Error::other("the file kept being replaced while it was locked"),
     ))
+}
+
+/// The directory `dir`, opened: the one whose `LOCK` is `lock` (another
+/// directory at that path is refused rather than taken for it).
+fn locked_folder(dir: &Path, lock: &FileLock) -> Result<Arc<OwnedFd>> {
+    let fd = sys::open_dir(dir).map_err(|e| Error::opening("open", dir, e))?;
+    let locked =
+        sys::file_identity(lock.fd.as_fd()).map_err(|e| Error::io("fstat", Some(dir), e))?;
+    if sys::identity_at(fd.as_fd(), Path::new(LOCK_FILE)).ok() != Some(locked) {
+        return Err(Error::io(
+            "open",
+            Some(dir),
+            std::io::Error::other("the directory was moved or replaced since it was opened"),
+        ));
+    }
+    Ok(Arc::new(fd))
 }
 
 /// Whether `p` (not followed if a symlink) is the file open as `fd`.

@@ -150,10 +150,12 @@ pub enum Error {
         file_id: u32,
     },
 
-    /// A pin or reservation, through the [`MappingManager`](crate::MappingManager)'s
-    /// own calls, of a file an allocator keeps its data or metadata in: its
-    /// bytes are reached through the allocator ([`Shard::pin`](crate::Shard::pin),
-    /// `read`, `write`), which checks them against its allocations.
+    /// A pin or reservation through the [`MappingManager`](crate::MappingManager)'s
+    /// own calls, or a lease or growth through the
+    /// [`FileHandleRegistry`](crate::FileHandleRegistry)'s, of a file an
+    /// allocator keeps its data or metadata in: its bytes are reached
+    /// through the allocator ([`Shard::pin`](crate::Shard::pin), `read`,
+    /// `write`), which checks them against its allocations.
     #[error(
         "file {file_id} holds an allocator's data or metadata: pin its allocations through the shard"
     )]

@@ -9,7 +9,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::libc;
 
@@ -109,6 +109,42 @@ pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     let fd = syscall!(unsafe { libc::open(c.as_ptr(), flags) })?;
     // SAFETY: `open` returned a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// [`open_dir`] of `name` in the folder `dir` (`openat`).
+pub fn open_dir_at(dir: BorrowedFd<'_>, name: &Path) -> io::Result<OwnedFd> {
+    let c = cpath(name)?;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call;
+    // `dir` is a folder descriptor borrowed for the call.
+    let fd = syscall!(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) })?;
+    // SAFETY: `openat` returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The device and inode of `name` in the folder `dir`, not followed if a
+/// symlink (`fstatat(AT_SYMLINK_NOFOLLOW)`).
+pub fn identity_at(dir: BorrowedFd<'_>, name: &Path) -> io::Result<(u64, u64)> {
+    let c = cpath(name)?;
+    // SAFETY: an all-zero `stat` is a valid value of the plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated string and `st` a valid
+    // out-pointer, both outliving the call; `dir` is borrowed for it.
+    syscall!(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// The path the descriptor `fd` is open on now (`/proc/self/fd/N`): where
+/// its file is, even once renamed.
+pub fn fd_path(fd: BorrowedFd<'_>) -> io::Result<PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
 /// The folder `dir` opened again (`openat(dir, ".")`): a descriptor of

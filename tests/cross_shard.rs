@@ -614,3 +614,89 @@ fn free_async_waits_for_the_handles_owner_only() {
     assert!(r.is_ok(), "free_async beside a gone shard: {r:?}");
     let _ = rt.shutdown();
 }
+
+/// `pin_foreign` after the data directory was renamed while open and
+/// another made at its old path: it maps the allocation of its own
+/// directory. (It opened the other shard's data file by path, and so
+/// mapped, and wrote, the new directory's file.)
+#[test]
+fn pin_foreign_keeps_to_its_directory_when_another_takes_its_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    let first = Runtime::start(common::small_cfg_shards(&a, 2)).unwrap();
+    let write = |rt: &Runtime, what: &'static [u8]| {
+        block_on(rt.spawn_on(1, move |s| async move {
+            let x = s.allocate(4096).await?;
+            x.write_at(0, what)?;
+            Ok::<_, Error>(x.into_handle())
+        }))
+        .unwrap()
+        .unwrap()
+    };
+    let h = write(&first, b"first-dir!");
+    block_on(first.sync()).unwrap();
+    std::fs::rename(&a, &b).unwrap();
+    let second = Runtime::start(common::small_cfg_shards(&a, 2)).unwrap();
+    let h2 = write(&second, b"second-dir");
+    block_on(second.sync()).unwrap();
+    assert_eq!((h.file_id(), h.offset()), (h2.file_id(), h2.offset()));
+    let seen = block_on(first.spawn_on(0, move |s| async move {
+        // SAFETY: no task of shard 1 touches `h` meanwhile.
+        let p = unsafe { s.pin_foreign(h) }.await?;
+        let mut buf = [0u8; 10];
+        p.read_at(0, &mut buf)?;
+        p.write_at(0, b"rewritten!")?;
+        Ok::<_, Error>(buf)
+    }))
+    .unwrap()
+    .unwrap();
+    assert_eq!(&seen, b"first-dir!");
+    let read = |rt: &Runtime, h| {
+        block_on(rt.spawn_on(1, move |s| async move {
+            let mut buf = [0u8; 10];
+            s.read(h, 0, &mut buf).await?;
+            Ok::<_, Error>(buf)
+        }))
+        .unwrap()
+        .unwrap()
+    };
+    assert_eq!(&read(&first, h), b"rewritten!");
+    assert_eq!(&read(&second, h2), b"second-dir");
+    second.shutdown().unwrap();
+    first.shutdown().unwrap();
+}
+
+/// `pin_foreign` after the data directory was removed while open and
+/// another made at its path: an error, never the other directory's file.
+#[test]
+fn pin_foreign_refuses_a_directory_made_in_place_of_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let first = Runtime::start(common::small_cfg_shards(&a, 2)).unwrap();
+    let h = block_on(first.spawn_on(1, |s| async move {
+        Ok::<_, Error>(s.allocate(4096).await?.into_handle())
+    }))
+    .unwrap()
+    .unwrap();
+    std::fs::remove_dir_all(&a).unwrap();
+    let second = Runtime::start(common::small_cfg_shards(&a, 2)).unwrap();
+    block_on(second.spawn_on(1, |s| async move {
+        let x = s.allocate(4096).await?;
+        x.write_at(0, b"second-dir")?;
+        Ok::<_, Error>(())
+    }))
+    .unwrap()
+    .unwrap();
+    let r = block_on(first.spawn_on(0, move |s| async move {
+        // SAFETY: no task of shard 1 touches `h` meanwhile.
+        unsafe { s.pin_foreign(h) }.await.map(drop)
+    }))
+    .unwrap();
+    assert!(
+        matches!(&r, Err(Error::Io { .. })),
+        "pin_foreign into a directory made in place of its own: {r:?}"
+    );
+    second.shutdown().unwrap();
+    drop(first);
+}

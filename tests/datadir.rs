@@ -1102,7 +1102,7 @@ fn a_pin_kept_past_its_shard_keeps_the_shard_locked() {
             other => panic!("pin past the end of a closed shard's file: {other:?}"),
         }
         match mm.files().acquire(fid, len + (1 << 20)).await {
-            Err(Error::OwnerClosed { .. }) => {}
+            Err(Error::AllocatorFile { .. }) => {}
             other => panic!("growth of a closed shard's file: {other:?}"),
         }
         assert_eq!(std::fs::metadata(&data).unwrap().len(), len);

@@ -253,12 +253,10 @@ fn fd_pressure_in_a_new_segment_does_not_poison_the_shard() {
         shard.sync().await.unwrap();
         drop(shard);
         let shard = common::open_shard(&cfg).await.unwrap();
-        let data = cfg
-            .dir()
-            .join("shard-000")
-            .join(segalloc::format::data_file_name(0));
-        let fid = common::register(shard.files(), &data);
-        // The one descriptor, held on the data file.
+        let own = tempfile::tempdir().unwrap();
+        let fid = common::register(shard.files(), own.path().join("own.dat"));
+        // The one descriptor, held on a file of the user's own (an
+        // allocator's files are not leased out).
         let lease = shard.files().acquire(fid, 0).await.unwrap();
         match shard.allocate(3000).await {
             Err(Error::FdPressure { .. }) => {}

@@ -871,8 +871,9 @@ fn files_are_0600_and_folders_0700() {
 }
 
 /// The mapping manager a shard hands out (`Shard::mappings`) pins files by
-/// number, and any number can be made: its safe calls refuse the files the
-/// allocator keeps its data and metadata in. A writable pin of `meta.seg`
+/// number, and any number can be made: its safe calls, and its registry's
+/// (`Shard::files`), refuse the files the allocator keeps its data and
+/// metadata in. A writable pin of `meta.seg`
 /// let safe code wipe the slot bitmaps (a live allocation then read as
 /// free, and the shard no longer opened), and a pin of a run `trim` had
 /// punched out of a data file, written on a full disk, was a SIGBUS.
@@ -916,6 +917,22 @@ fn the_managers_safe_calls_refuse_the_allocators_files() {
             }
             let r = mm.reserve(id, reserved + (64 << 20), 1 << 20).await;
             assert!(refusal(&r), "reserve of file {id:?}: {r:?}");
+            // Nor does its registry open or grow them for safe code (a
+            // lease hands out the descriptor).
+            let r = shard.files().acquire(id, 0).await.map(drop);
+            assert!(refusal(&r), "acquire of file {id:?}: {r:?}");
+            let r = shard
+                .files()
+                .grow(id, reserved + (64 << 20))
+                .await
+                .map(drop);
+            assert!(refusal(&r), "grow of file {id:?}: {r:?}");
+            let path = shard.files().path(id).unwrap();
+            // SAFETY: nothing is mapped through the lease (it is refused).
+            let r = unsafe { shard.files().acquire_path(&path, 0) }
+                .await
+                .map(drop);
+            assert!(refusal(&r), "acquire_path of {path:?}: {r:?}");
             shard.files().mark_reserved(id, u64::MAX);
             assert_eq!(shard.files().reserved_bytes(id).unwrap(), reserved);
             refused += 1;

@@ -869,56 +869,41 @@ fn opening_without_an_executor_is_an_error() {
         ),
         "{r:?}"
     );
-    // ShardBuilder::open on a tokio runtime but outside a LocalSet.
-    let b = segalloc::Cluster::open(cfg.clone())
-        .unwrap()
-        .into_builders()
-        .remove(0);
+    // ShardBuilder::open where it cannot run: the error it gives.
+    let refused = |open: &dyn Fn(segalloc::ShardBuilder) -> segalloc::Result<Shard>| {
+        let b = segalloc::Cluster::open(cfg.clone())
+            .unwrap()
+            .into_builders()
+            .remove(0);
+        let Err(e) = open(b) else { panic!("opened") };
+        assert!(
+            matches!(
+                e,
+                Error::NoExecutor {
+                    call: "ShardBuilder::open",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        e.to_string()
+    };
+    // On a tokio runtime but outside a LocalSet.
     let tokio_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let r = tokio_rt.block_on(b.open());
-    let Err(e) = r else {
-        panic!("opened outside a LocalSet")
-    };
-    assert!(
-        matches!(
-            e,
-            Error::NoExecutor {
-                call: "ShardBuilder::open",
-                ..
-            }
-        ),
-        "{e:?}"
-    );
-    assert!(e.to_string().contains("LocalSet"), "{e}");
+    let e = refused(&|b| tokio_rt.block_on(b.open()));
+    assert!(e.contains("LocalSet"), "{e}");
     // On a runtime without timers, in a LocalSet: `finish_frees` (and a pin
     // that waits for a window) would panic when it first waits, and a
     // `finish_frees` that panics loses the frees it holds.
-    let b = segalloc::Cluster::open(cfg.clone())
-        .unwrap()
-        .into_builders()
-        .remove(0);
     let no_timers = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
         .unwrap();
-    let r = tokio::task::LocalSet::new().block_on(&no_timers, b.open());
-    let Err(e) = r else {
-        panic!("opened without timers")
-    };
-    assert!(
-        matches!(
-            e,
-            Error::NoExecutor {
-                call: "ShardBuilder::open",
-                ..
-            }
-        ),
-        "{e:?}"
-    );
-    assert!(e.to_string().contains("enable_time"), "{e}");
+    let e = refused(&|b| tokio::task::LocalSet::new().block_on(&no_timers, b.open()));
+    assert!(e.contains("enable_time"), "{e}");
     let dd = Arc::new(segalloc::DataDir::open(&cfg).unwrap());
     let r = no_timers.block_on(Shard::open(dd, &cfg, 1));
     assert!(

@@ -93,7 +93,7 @@ impl SegmentAllocator {
             });
         }
         let meta = a.meta_file;
-        let lease = files.acquire(meta, 0).await?;
+        let lease = files.acquire_of(meta, 0).await?;
         drop(lease);
         let size = files.len_bytes(meta)?.unwrap_or(0);
         if files.is_read_only() && size > 0 && size < format::HWM_OFFSET + 8 {

@@ -166,7 +166,7 @@ impl SegmentAllocator {
         if self.files.len_bytes(id)?.is_none() && std::fs::symlink_metadata(&path).is_err() {
             return Ok(None);
         }
-        let lease = self.files.acquire(id, 0).await?;
+        let lease = self.files.acquire_of(id, 0).await?;
         let reserved = self.files.reserved_bytes(id)?;
         let start = run.block as u64 * BLOCK_BYTES;
         let end =
@@ -238,7 +238,7 @@ impl SegmentAllocator {
         }
         let id = self.data_files.borrow()[run.file as usize];
         let path = self.dir.join(data_file_name(run.file));
-        let lease = self.files.acquire(id, 0).await?;
+        let lease = self.files.acquire_of(id, 0).await?;
         let reserved = self.files.reserved_bytes(id)?;
         let start = run.block as u64 * BLOCK_BYTES;
         let end = (start + run.blocks as u64 * BLOCK_BYTES).min(reserved);

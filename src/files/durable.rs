@@ -5,6 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -217,7 +218,7 @@ impl FileHandleRegistry {
             return Ok(false);
         }
         if self.len_bytes(id)?.is_none() {
-            drop(self.acquire(id, 0).await?);
+            drop(self.acquire_of(id, 0).await?);
         }
         let folder = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -227,9 +228,13 @@ impl FileHandleRegistry {
         // names now. (Opened again, not duplicated: a duplicate of the
         // shard lock's descriptor, held by the ring until the fsync is
         // reaped, would keep the shard locked after it is closed.)
-        let fd = match self.owner(id)? {
-            Some(o) => sys::reopen_dir(o.folder()),
-            None => sys::open_dir(&folder),
+        let fd = match (self.owner(id)?, self.base(id)) {
+            (Some(o), _) => sys::reopen_dir(o.folder()),
+            (None, Some((dir, rel))) => match rel.parent() {
+                Some(p) if !p.as_os_str().is_empty() => sys::open_dir_at(dir.as_fd(), p),
+                _ => sys::reopen_dir(dir.as_fd()),
+            },
+            (None, None) => sys::open_dir(&folder),
         }
         .map_err(|e| Error::io("open", Some(&folder), e))?;
         self.ring

@@ -39,6 +39,16 @@ impl FileHandleRegistry {
     ///
     /// As [`FileHandleRegistry::acquire`].
     pub async fn grow(&self, id: FileId, min_size: u64) -> Result<(FileLease, Reservation)> {
+        self.refuse_owned(id)?;
+        self.grow_of(id, min_size).await
+    }
+
+    /// [`grow`](Self::grow), of any file (an allocator's own included).
+    pub(crate) async fn grow_of(
+        &self,
+        id: FileId,
+        min_size: u64,
+    ) -> Result<(FileLease, Reservation)> {
         // A closed allocator's file is not opened or grown again: its shard
         // may be open elsewhere.
         self.owner(id)?;

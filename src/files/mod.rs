@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::io::Ring;
@@ -123,6 +124,10 @@ struct FileEntry {
     /// is not mapped again (see
     /// [`register_owned`](FileHandleRegistry::register_owned)).
     owner: Option<Weak<dyn FileOwner>>,
+    /// A folder this file is opened in, and its path there: another
+    /// shard's data file, opened in the data directory as it was opened
+    /// ([`register_foreign_in`](FileHandleRegistry::register_foreign_in)).
+    base: Option<(Arc<OwnedFd>, PathBuf)>,
 }
 
 /// What an allocator's files are registered with
@@ -262,6 +267,7 @@ impl FileHandleRegistry {
             syncing: Cell::new(0),
             sync_failed: None,
             owner: None,
+            base: None,
         });
         f.by_path.insert(path.to_path_buf(), id);
         f.stats.files = f.entries.len();
@@ -354,6 +360,41 @@ impl FileHandleRegistry {
         let id = self.register_path(path);
         self.inner.borrow_mut().entries[id.0 as usize].foreign = true;
         Ok(id)
+    }
+
+    /// [`register_foreign`](Self::register_foreign) of `rel` in the folder
+    /// `base` (the data directory, as its open found it; `path` names the
+    /// same file, for messages): the file is looked up and opened there,
+    /// never by a path that may name another directory since.
+    ///
+    /// # Errors
+    ///
+    /// As [`register_foreign`](Self::register_foreign).
+    ///
+    /// # Safety
+    ///
+    /// As [`register_foreign`](Self::register_foreign).
+    pub(crate) unsafe fn register_foreign_in(
+        &self,
+        base: &Arc<OwnedFd>,
+        rel: &Path,
+        path: &Path,
+    ) -> Result<FileId> {
+        if let Some(&id) = self.inner.borrow().by_path.get(path) {
+            return Ok(id);
+        }
+        sys::identity_at(base.as_fd(), rel).map_err(|e| Error::io("stat", Some(path), e))?;
+        let id = self.register_path(path);
+        let mut f = self.inner.borrow_mut();
+        let e = &mut f.entries[id.0 as usize];
+        e.foreign = true;
+        e.base = Some((base.clone(), rel.to_path_buf()));
+        Ok(id)
+    }
+
+    /// The folder `id` is opened in and its path there, if not its path.
+    pub(crate) fn base(&self, id: FileId) -> Option<(Arc<OwnedFd>, PathBuf)> {
+        self.inner.borrow().entries.get(id.0 as usize)?.base.clone()
     }
 
     /// The path of a registered file.
@@ -449,10 +490,27 @@ impl FileHandleRegistry {
     /// [`Error::UnknownFile`], [`Error::FdPressure`] (every cached fd is busy),
     /// [`Error::TooManyOpenFiles`], [`Error::NoSpace`], [`Error::ReadOnly`]
     /// (growing a read-only registry's file), [`Error::Io`];
-    /// [`Error::OwnerClosed`] for a file of an allocator that is closed.
+    /// [`Error::AllocatorFile`] for a file an allocator keeps its data or
+    /// metadata in (registered by the allocator itself): it opens and grows
+    /// its own files, and its allocations are reached through the shard.
     pub async fn acquire(&self, id: FileId, min_size: u64) -> Result<FileLease> {
-        let (lease, _) = self.grow(id, min_size).await?;
+        self.refuse_owned(id)?;
+        self.acquire_of(id, min_size).await
+    }
+
+    /// [`acquire`](Self::acquire), of any file (an allocator's own: then
+    /// [`Error::OwnerClosed`] once the allocator is closed).
+    pub(crate) async fn acquire_of(&self, id: FileId, min_size: u64) -> Result<FileLease> {
+        let (lease, _) = self.grow_of(id, min_size).await?;
         Ok(lease)
+    }
+
+    /// [`Error::AllocatorFile`] for an allocator's own file.
+    pub(crate) fn refuse_owned(&self, id: FileId) -> Result<()> {
+        if self.is_owned(id) {
+            return Err(Error::AllocatorFile { file_id: id.0 });
+        }
+        Ok(())
     }
 
     /// Close every idle descriptor (the windows stay mapped).
@@ -497,17 +555,27 @@ impl FileHandleRegistry {
             OpenMode::ReadWriteCreate if !create => OpenMode::ReadWrite,
             m => m,
         };
+        let base = self.base(id);
         if mode != OpenMode::ReadWriteCreate && owner.is_none() {
             // A file that must exist and does not: fail before closing a
             // cached descriptor for it.
-            std::fs::symlink_metadata(&path).map_err(|e| Error::io("open", Some(&path), e))?;
+            match &base {
+                Some((dir, rel)) => sys::identity_at(dir.as_fd(), rel).map(drop),
+                None => std::fs::symlink_metadata(&path).map(drop),
+            }
+            .map_err(|e| Error::io("open", Some(&path), e))?;
         }
         if self.open.get() >= self.max_open && !self.evict_one() {
             return Err(Error::FdPressure {
                 max_open_files: self.max_open,
             });
         }
-        let fd = self.open_fd(owner.as_deref(), &path, mode)?;
+        let at = match (&owner, &base) {
+            (Some(o), _) => path.file_name().map(|name| (o.folder(), Path::new(name))),
+            (None, Some((dir, rel))) => Some((dir.as_fd(), rel.as_path())),
+            (None, None) => None,
+        };
+        let fd = self.open_fd(at, &path, mode)?;
         let size = sys::file_size(fd.as_fd()).map_err(|e| Error::io("fstat", Some(&path), e))?;
         self.open.set(self.open.get() + 1);
         let count = Rc::new(FdCounter(self.open.clone()));
@@ -537,18 +605,19 @@ impl FileHandleRegistry {
         })
     }
 
-    /// `open(path)`, or for an allocator's file `openat` of its name in
-    /// `owner`'s folder; when the process is out of descriptors, give one
-    /// of ours back and try once more.
+    /// `open(path)`, or `openat` of a name in a folder (`at`: an
+    /// allocator's file in its owner's folder, another shard's in the data
+    /// directory); when the process is out of descriptors, give one of ours
+    /// back and try once more.
     fn open_fd(
         &self,
-        owner: Option<&dyn FileOwner>,
+        at: Option<(BorrowedFd<'_>, &Path)>,
         path: &Path,
         mode: OpenMode,
     ) -> Result<OwnedFd> {
-        let open = || match (owner, path.file_name()) {
-            (Some(o), Some(name)) => sys::open_at(o.folder(), Path::new(name), mode),
-            _ => sys::open(path, mode),
+        let open = || match at {
+            Some((dir, name)) => sys::open_at(dir, name, mode),
+            None => sys::open(path, mode),
         };
         match open() {
             Ok(fd) => Ok(fd),

@@ -31,7 +31,7 @@ impl MappingManager {
             });
         }
         let target = self.growth_target(end);
-        let (lease, how) = self.files.grow(file, target).await?;
+        let (lease, how) = self.files.grow_of(file, target).await?;
         drop(lease);
         if let Reservation::Sparse { from, to } = how {
             self.populate(file, from, to).await?;
@@ -68,7 +68,7 @@ impl MappingManager {
             .div_ceil(step.max(1))
             .saturating_mul(step.max(1))
             .min(window_end);
-        let (lease, how) = self.files.grow(file, target).await?;
+        let (lease, how) = self.files.grow_of(file, target).await?;
         drop(lease);
         if let Reservation::Sparse { from, to } = how {
             self.populate(file, from, to).await?;
@@ -105,7 +105,7 @@ impl MappingManager {
                     // The window is not mapped: map just this range for as
                     // long as the prefault takes (it is not a window, and is
                     // unmapped when the op completes).
-                    let lease = self.files.acquire(file, 0).await?;
+                    let lease = self.files.acquire_of(file, 0).await?;
                     let map = MmapOptions::new()
                         .offset(at)
                         .len(len)
@@ -217,7 +217,7 @@ impl MappingManager {
         // Open first: a file seen for the first time learns its size (and so
         // its reserved bytes) at open, and must not be grown past what it
         // already holds (on a full disk that growth would fail needlessly).
-        drop(self.files.acquire(file, 0).await?);
+        drop(self.files.acquire_of(file, 0).await?);
         if self.files.reserved_bytes(file)? >= end {
             return Ok(Reservation::Reserved);
         }
@@ -229,7 +229,7 @@ impl MappingManager {
                 reason: "read-only pin past the end of the file",
             });
         }
-        let (_lease, how) = self.files.grow(file, self.growth_target(end)).await?;
+        let (_lease, how) = self.files.grow_of(file, self.growth_target(end)).await?;
         Ok(how)
     }
 
@@ -254,7 +254,7 @@ impl MappingManager {
         // `FileHandleRegistry::grow`, which refuses a closed allocator's
         // file; this is the last look, at the mmap itself.)
         let owner = self.files.owner(file)?;
-        let lease = self.files.acquire(file, 0).await?;
+        let lease = self.files.acquire_of(file, 0).await?;
         let mut opts = MmapOptions::new();
         opts.offset(window_off).len(w as usize);
         let map = if self.files.is_read_only() {

@@ -261,16 +261,22 @@ impl Shard {
         if let Some(&id) = self.inner.foreign.borrow().get(&key) {
             return Ok(id);
         }
-        let path = self
-            .inner
-            .dir
+        let dir = &self.inner.dir;
+        let path = dir
             .shard_dir(h.shard())
             .join(crate::format::data_file_name(h.file_id()));
+        // Looked up and opened in the data directory as its open found it,
+        // not by `path`, which may name another directory since.
+        let rel = path.strip_prefix(dir.path()).unwrap_or(&path);
         // SAFETY: a file registered as foreign is pinned only through
         // `pin_foreign` (the manager's safe `pin` and `try_pin` refuse it:
         // `Error::ForeignFile`), whose caller takes on the same contract for
         // the bytes it pins.
-        let id = unsafe { self.inner.files.register_foreign(path)? };
+        let id = unsafe {
+            self.inner
+                .files
+                .register_foreign_in(&dir.folder()?, rel, &path)?
+        };
         self.inner.foreign.borrow_mut().insert(key, id);
         Ok(id)
     }
