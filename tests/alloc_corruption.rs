@@ -622,3 +622,45 @@ fn metadata_of_another_shard_or_directory() {
     assert!(matches!(reopen(&two(&a), 0), Outcome::Ok(_)));
     assert!(matches!(reopen(&two(&a), 1), Outcome::Ok(_)));
 }
+
+/// A power loss during a shard's creation may keep the superblock's sector
+/// and lose the mark's (only sector writes are atomic): an all-zero mark,
+/// which opens as a new shard. The first writable open after it writes the
+/// mark and makes it durable before any data file exists, so a later power
+/// loss (here: right after the first allocation, before any sync) leaves a
+/// shard that opens, not one refused for a lost mark.
+#[test]
+fn a_creation_cut_after_its_superblock_opens_after_a_later_power_loss() {
+    for keep_entry_page in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = small_cfg(tmp.path());
+        let path = meta_path(tmp.path());
+        run(async { drop(common::open_shard(&cfg).await.unwrap()) });
+        let mut b = std::fs::read(&path).unwrap();
+        b[512..1024].fill(0);
+        std::fs::write(&path, &b).unwrap();
+        let durable = run(async {
+            let s = common::open_shard(&cfg)
+                .await
+                .expect("reopen after a torn creation");
+            // What this open made durable (it synced the metadata).
+            let durable = std::fs::read(&path).unwrap();
+            drop(s.allocate(100).await.unwrap());
+            durable
+        });
+        assert!(tmp.path().join("shard-000/data-000000.seg").exists());
+        // The power loss: the metadata as synced, and perhaps the page of
+        // the first entry, written back before it (not the mark's page).
+        let mut cut = durable.clone();
+        if keep_entry_page {
+            let now = std::fs::read(&path).unwrap();
+            let p = meta::entry_offset(0) as usize;
+            cut[p..p + 4096].copy_from_slice(&now[p..p + 4096]);
+        }
+        std::fs::write(&path, &cut).unwrap();
+        match reopen(&cfg, 0) {
+            Outcome::Ok(got) => assert!(got.live.is_empty(), "{keep_entry_page}"),
+            other => panic!("keep_entry_page {keep_entry_page}: {other:?}"),
+        }
+    }
+}

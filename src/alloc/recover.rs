@@ -70,6 +70,17 @@ impl SegmentAllocator {
         if let Some(f) = found.refusal() {
             return Err(self.refusal(f, &found));
         }
+        if mark == Some(0) && !self.files.is_read_only() {
+            // A creation cut short by a power loss may have kept the
+            // superblock's sector and lost the mark's: an all-zero mark,
+            // which reads as 0. Written now, it is durable (the open syncs
+            // the metadata) before this open makes any data file, so an
+            // all-zero mark stays a sign of damage (`Defect::MarkZeroed`).
+            self.meta
+                .word(format::HWM_OFFSET)
+                .store(format::encode_counter(0), Ordering::Release);
+            self.files.mark_dirty(self.meta_file);
+        }
         // Something else where a kept segment's data file should be (a
         // directory, a FIFO, a symlink: never followed): refused now, not at
         // its first use. Each file is looked at once (a shard may have

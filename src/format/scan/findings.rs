@@ -73,9 +73,11 @@ pub enum Defect {
     MarkTorn { word: u64 },
     /// The high-water mark word is all zero (a file whose creation never
     /// finished) yet entry `entry` is published, or (`None`) the shard's
-    /// first data file exists: creation makes a non-zero mark durable
-    /// before any entry is published or data file made, so the mark was
-    /// lost, and with it what recovery would find.
+    /// first data file exists: a non-zero mark is made durable before any
+    /// data file is made (by the creation, or, when a power loss cut the
+    /// creation short after its superblock, by the first writable open
+    /// after it), so the mark was lost, and with it what recovery would
+    /// find.
     MarkZeroed { entry: Option<u32> },
     /// The file is shorter than the entries below the mark need.
     MetaTruncated {

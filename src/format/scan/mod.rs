@@ -315,9 +315,9 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
             });
         }
         // A mark that reads as a fresh file's (all zero, which no writer
-        // ever stores) in a shard that was used was lost: creation makes
-        // its non-zero mark durable before any entry is published or data
-        // file made. Recovery would open the shard empty and hand out the
+        // ever stores) in a shard that was used was lost: a non-zero mark
+        // is durable before any data file is made (by the creation, or by
+        // the first writable open after a creation cut short). Recovery would open the shard empty and hand out the
         // slots of every allocation again. (Used: an entry published past
         // it, or the first data file there, which the first segment makes:
         // entries released since read as never published.)
