@@ -700,3 +700,66 @@ fn pin_foreign_refuses_a_directory_made_in_place_of_its_own() {
     second.shutdown().unwrap();
     drop(first);
 }
+
+/// `pin_foreign` after the other shard's folder was renamed (and another
+/// made in its place), or replaced by a symlink to another folder: an
+/// error, never a map of the file now found there. (The folder is found
+/// by name: it mapped, and wrote, the impostor's file.) Nor does the
+/// registry lease the other shard's file to safe code.
+#[test]
+fn pin_foreign_refuses_a_file_its_owner_does_not_write() {
+    for symlink in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = tmp.path().join("a");
+        let rt = Runtime::start(common::small_cfg_shards(&a, 2)).unwrap();
+        let h = block_on(rt.spawn_on(1, |s| async move {
+            let x = s.allocate(4096).await?;
+            x.write_at(0, b"owner-data")?;
+            Ok::<_, Error>(x.into_handle())
+        }))
+        .unwrap()
+        .unwrap();
+        let folder = a.join("shard-001");
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let impostor_dir = if symlink {
+            std::fs::rename(&folder, tmp.path().join("kept")).unwrap();
+            std::os::unix::fs::symlink(&elsewhere, &folder).unwrap();
+            elsewhere.clone()
+        } else {
+            std::fs::rename(&folder, tmp.path().join("kept")).unwrap();
+            std::fs::create_dir(&folder).unwrap();
+            folder.clone()
+        };
+        let impostor = impostor_dir.join(segalloc::format::data_file_name(0));
+        std::fs::write(&impostor, vec![b'X'; 1 << 20]).unwrap();
+        let r = block_on(rt.spawn_on(0, move |s| async move {
+            // SAFETY: no task of shard 1 touches `h` meanwhile.
+            let r = unsafe { s.pin_foreign(h) }.await.map(drop);
+            // Whatever it registered, safe code gets no lease of it.
+            for i in 0..s.files().stats().files as u32 {
+                let l = s.files().acquire(segalloc::FileId(i), 0).await;
+                assert!(
+                    matches!(l, Err(Error::AllocatorFile { .. })),
+                    "lease of file {i}: {:?}",
+                    l.map(drop)
+                );
+            }
+            r
+        }))
+        .unwrap();
+        assert!(
+            matches!(&r, Err(Error::Io { .. })),
+            "symlink {symlink}: {r:?}"
+        );
+        assert!(std::fs::read(&impostor).unwrap().iter().all(|&b| b == b'X'));
+        let mut buf = [0u8; 10];
+        let own = block_on(rt.spawn_on(1, move |s| async move {
+            s.read(h, 0, &mut buf).await.map(|()| buf)
+        }))
+        .unwrap()
+        .unwrap();
+        assert_eq!(&own, b"owner-data");
+        drop(rt);
+    }
+}

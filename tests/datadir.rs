@@ -1400,5 +1400,12 @@ fn a_sync_after_the_directory_was_removed_is_an_error() {
             other => panic!("sync after the directory was removed: {other:?}"),
         }
         assert!(format!("{}", r.unwrap_err()).contains("removed"));
+        // As a failed sync, it poisons the shard: nothing it covered (a
+        // free made before it) is handed out again.
+        assert!(shard.allocator().is_poisoned());
+        assert!(matches!(
+            shard.allocate(100).await.map(drop),
+            Err(Error::Poisoned { .. })
+        ));
     });
 }

@@ -91,6 +91,12 @@ impl SegmentAllocator {
             covered.released = None;
             return Err(self.poison(e));
         }
+        if let Err(e) = self.check_not_removed() {
+            // What it wrote no path reaches: as a failed write-back, the
+            // shard is poisoned and nothing it covered is reused.
+            covered.released = None;
+            return Err(self.poison(e));
+        }
         // Every sync that began before this one must have completed without
         // error: the kernel reports a write-back error to one `fdatasync` of
         // a file only, so this one's success alone proves nothing.
@@ -116,8 +122,7 @@ impl SegmentAllocator {
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         self.meta_durable_bytes
             .set(self.meta_durable_bytes.get().max(meta_reserved));
-        drop(st);
-        self.check_not_removed()
+        Ok(())
     }
 
     /// [`Error::Io`] when the shard's folder was removed while open: what a

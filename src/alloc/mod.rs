@@ -659,6 +659,20 @@ impl SegmentAllocator {
         Error::DoubleFree { handle }
     }
 
+    /// The device and inode of data file `file` (for another shard's
+    /// `pin_foreign`, which checks that it opened this very file).
+    pub(crate) async fn data_file_identity(&self, file: u32) -> Result<(u64, u64)> {
+        let id = self
+            .data_files
+            .borrow()
+            .get(file as usize)
+            .copied()
+            .ok_or(Error::UnknownFile(file))?;
+        let lease = self.files.acquire_of(id, 0).await?;
+        crate::sys::file_identity(lease.fd())
+            .map_err(|e| Error::io("fstat", self.files.path(id).ok().as_deref(), e))
+    }
+
     /// Whether `handle` names a live allocation of this shard.
     pub fn is_live(&self, handle: &Handle) -> bool {
         let st = self.st.borrow();

@@ -505,9 +505,10 @@ impl FileHandleRegistry {
         Ok(lease)
     }
 
-    /// [`Error::AllocatorFile`] for an allocator's own file.
+    /// [`Error::AllocatorFile`] for an allocator's own file, or another
+    /// shard's data file registered for `Shard::pin_foreign`.
     pub(crate) fn refuse_owned(&self, id: FileId) -> Result<()> {
-        if self.is_owned(id) {
+        if self.is_owned(id) || self.base(id).is_some() {
             return Err(Error::AllocatorFile { file_id: id.0 });
         }
         Ok(())

@@ -226,19 +226,43 @@ impl Shard {
         }
         self.check_foreign(&handle)?;
         // The owner validates before anything is registered or mapped here,
-        // so forged handles cannot grow this shard's file table.
-        let live = self
+        // so forged handles cannot grow this shard's file table; it also
+        // says which file it writes (device and inode).
+        let owned = self
             .submit_to(handle.shard() as usize, move |s| async move {
-                s.inner.alloc.is_live(&handle)
+                if !s.inner.alloc.is_live(&handle) {
+                    return Ok(None);
+                }
+                s.inner
+                    .alloc
+                    .data_file_identity(handle.file_id())
+                    .await
+                    .map(Some)
             })
-            .await?;
-        if !live {
+            .await??;
+        let Some(identity) = owned else {
             return Err(Error::NotAllocated {
                 handle,
                 reason: "the owner has no live allocation there",
             });
-        }
+        };
         let fid = self.foreign_file(&handle)?;
+        // The file opened here must be the owner's: its shard folder is
+        // found by name, which a folder renamed or replaced by a symlink
+        // since would turn to another file. Held across the pin, the lease
+        // keeps the descriptor checked here the one windows are mapped from.
+        let lease = self.inner.files.acquire_of(fid, 0).await?;
+        let here = crate::sys::file_identity(lease.fd())
+            .map_err(|e| Error::io("fstat", self.inner.files.path(fid).ok().as_deref(), e))?;
+        if here != identity {
+            return Err(Error::io(
+                "open",
+                self.inner.files.path(fid).ok().as_deref(),
+                std::io::Error::other(
+                    "not the file the owner shard writes: its folder was moved or replaced",
+                ),
+            ));
+        }
         let len = u64::from(handle.len());
         let writable = !self.inner.files.is_read_only();
         if let Some(p) =
@@ -248,10 +272,13 @@ impl Shard {
         {
             return Ok(p);
         }
-        self.inner
+        let pin = self
+            .inner
             .mm
             .pin_of(fid, handle.offset(), len, writable, Access::Foreign)
-            .await
+            .await;
+        drop(lease);
+        pin
     }
 
     /// The local file id of a data file of another shard (validated by its
