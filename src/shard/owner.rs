@@ -219,7 +219,10 @@ impl Shard {
     /// # Errors
     ///
     /// As [`run_on_owner`](Self::run_on_owner) for the liveness check, then
-    /// the errors of [`MappingManager::pin`](crate::MappingManager::pin).
+    /// the errors of [`MappingManager::pin`](crate::MappingManager::pin);
+    /// [`Error::Io`] when the file found in the data directory is not the
+    /// one the owner writes (the directory or the owner's folder was moved
+    /// or replaced since this shard's directory was opened).
     pub async unsafe fn pin_foreign(&self, handle: Handle) -> Result<PinGuard> {
         if handle.shard() == self.inner.index {
             return self.inner.alloc.pin(handle).await;
