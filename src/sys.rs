@@ -173,6 +173,12 @@ pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(fstat(fd)?.st_size as u64)
 }
 
+/// `fstat(fd)`'s size and `(st_dev, st_ino)`, in one call.
+pub fn file_size_and_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, (u64, u64))> {
+    let st = fstat(fd)?;
+    Ok((st.st_size as u64, (st.st_dev, st.st_ino)))
+}
+
 /// `fstat(fd)`'s `(st_dev, st_ino)`: which file `fd` is.
 pub fn file_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     let st = fstat(fd)?;

@@ -660,7 +660,9 @@ impl SegmentAllocator {
     }
 
     /// The device and inode of data file `file` (for another shard's
-    /// `pin_foreign`, which checks that it opened this very file).
+    /// `pin_foreign`, which checks that it opened this very file): as the
+    /// registry saw it when it opened the file (a live slot's file was),
+    /// so it takes no descriptor; else opened for it.
     pub(crate) async fn data_file_identity(&self, file: u32) -> Result<(u64, u64)> {
         let id = self
             .data_files
@@ -668,6 +670,9 @@ impl SegmentAllocator {
             .get(file as usize)
             .copied()
             .ok_or(Error::UnknownFile(file))?;
+        if let Some(identity) = self.files.identity(id) {
+            return Ok(identity);
+        }
         let lease = self.files.acquire_of(id, 0).await?;
         crate::sys::file_identity(lease.fd())
             .map_err(|e| Error::io("fstat", self.files.path(id).ok().as_deref(), e))

@@ -128,6 +128,12 @@ struct FileEntry {
     /// shard's data file, opened in the data directory as it was opened
     /// ([`register_foreign_in`](FileHandleRegistry::register_foreign_in)).
     base: Option<(Arc<OwnedFd>, PathBuf)>,
+    /// The device and inode of the file as last opened.
+    identity: Option<(u64, u64)>,
+    /// The device and inode it must have (another shard's data file: the
+    /// one its owner writes, [`expect_identity`](FileHandleRegistry::expect_identity)):
+    /// an open that finds another file there fails.
+    expect: Option<(u64, u64)>,
 }
 
 /// What an allocator's files are registered with
@@ -268,6 +274,8 @@ impl FileHandleRegistry {
             sync_failed: None,
             owner: None,
             base: None,
+            identity: None,
+            expect: None,
         });
         f.by_path.insert(path.to_path_buf(), id);
         f.stats.files = f.entries.len();
@@ -390,6 +398,30 @@ impl FileHandleRegistry {
         e.foreign = true;
         e.base = Some((base.clone(), rel.to_path_buf()));
         Ok(id)
+    }
+
+    /// The device and inode of `id` as last opened (`None` before).
+    pub(crate) fn identity(&self, id: FileId) -> Option<(u64, u64)> {
+        self.inner.borrow().entries.get(id.0 as usize)?.identity
+    }
+
+    /// From now on `id` must be the file of this device and inode: an open
+    /// that finds another file in its place fails, and so does this call
+    /// when the descriptor open now is another file's.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the file open now is not that one.
+    pub(crate) fn expect_identity(&self, id: FileId, identity: (u64, u64)) -> Result<()> {
+        let mut f = self.inner.borrow_mut();
+        let Some(e) = f.entries.get_mut(id.0 as usize) else {
+            return Err(Error::UnknownFile(id.0));
+        };
+        e.expect = Some(identity);
+        if e.fd.is_some() && e.identity.is_some_and(|now| now != identity) {
+            return Err(not_the_expected_file(&e.path));
+        }
+        Ok(())
     }
 
     /// The folder `id` is opened in and its path there, if not its path.
@@ -577,7 +609,12 @@ impl FileHandleRegistry {
             (None, None) => None,
         };
         let fd = self.open_fd(at, &path, mode)?;
-        let size = sys::file_size(fd.as_fd()).map_err(|e| Error::io("fstat", Some(&path), e))?;
+        let (size, identity) = sys::file_size_and_identity(fd.as_fd())
+            .map_err(|e| Error::io("fstat", Some(&path), e))?;
+        let expect = self.inner.borrow().entries[id.0 as usize].expect;
+        if expect.is_some_and(|x| x != identity) {
+            return Err(not_the_expected_file(&path));
+        }
         self.open.set(self.open.get() + 1);
         let count = Rc::new(FdCounter(self.open.clone()));
         let fd = Rc::new(fd);
@@ -597,6 +634,7 @@ impl FileHandleRegistry {
             e.len_bytes = e.len_bytes.max(size);
         }
         e.fd = Some(fd.clone());
+        e.identity = Some(identity);
         self.counters.borrow_mut().insert(id, count.clone());
         tracing::trace!(file = %path.display(), "opened");
         Ok(FileLease {
@@ -657,4 +695,16 @@ impl std::fmt::Debug for FileHandleRegistry {
             .field("stats", &self.stats())
             .finish()
     }
+}
+
+/// The error for a file found where another shard's data file was (its
+/// folder moved or replaced since).
+fn not_the_expected_file(path: &Path) -> Error {
+    Error::io(
+        "open",
+        Some(path),
+        std::io::Error::other(
+            "not the file the owner shard writes: its folder was moved or replaced",
+        ),
+    )
 }

@@ -252,20 +252,10 @@ impl Shard {
         let fid = self.foreign_file(&handle)?;
         // The file opened here must be the owner's: its shard folder is
         // found by name, which a folder renamed or replaced by a symlink
-        // since would turn to another file. Held across the pin, the lease
-        // keeps the descriptor checked here the one windows are mapped from.
-        let lease = self.inner.files.acquire_of(fid, 0).await?;
-        let here = crate::sys::file_identity(lease.fd())
-            .map_err(|e| Error::io("fstat", self.inner.files.path(fid).ok().as_deref(), e))?;
-        if here != identity {
-            return Err(Error::io(
-                "open",
-                self.inner.files.path(fid).ok().as_deref(),
-                std::io::Error::other(
-                    "not the file the owner shard writes: its folder was moved or replaced",
-                ),
-            ));
-        }
+        // since would turn to another file. The descriptor open now is
+        // checked here, and every later open of it (a fault-in's, a
+        // sync's after an eviction) when it is made.
+        self.inner.files.expect_identity(fid, identity)?;
         let len = u64::from(handle.len());
         let writable = !self.inner.files.is_read_only();
         if let Some(p) =
@@ -275,13 +265,10 @@ impl Shard {
         {
             return Ok(p);
         }
-        let pin = self
-            .inner
+        self.inner
             .mm
             .pin_of(fid, handle.offset(), len, writable, Access::Foreign)
-            .await;
-        drop(lease);
-        pin
+            .await
     }
 
     /// The local file id of a data file of another shard (validated by its
