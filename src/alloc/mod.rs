@@ -670,12 +670,11 @@ impl SegmentAllocator {
             .get(file as usize)
             .copied()
             .ok_or(Error::UnknownFile(file))?;
-        if let Some(identity) = self.files.identity(id) {
-            return Ok(identity);
+        if self.files.identity(id).is_none() {
+            // Its open records it.
+            drop(self.files.acquire_of(id, 0).await?);
         }
-        let lease = self.files.acquire_of(id, 0).await?;
-        crate::sys::file_identity(lease.fd())
-            .map_err(|e| Error::io("fstat", self.files.path(id).ok().as_deref(), e))
+        self.files.identity(id).ok_or(Error::UnknownFile(file))
     }
 
     /// Whether `handle` names a live allocation of this shard.

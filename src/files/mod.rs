@@ -540,7 +540,13 @@ impl FileHandleRegistry {
     /// [`Error::AllocatorFile`] for an allocator's own file, or another
     /// shard's data file registered for `Shard::pin_foreign`.
     pub(crate) fn refuse_owned(&self, id: FileId) -> Result<()> {
-        if self.is_owned(id) || self.base(id).is_some() {
+        let internal = self
+            .inner
+            .borrow()
+            .entries
+            .get(id.0 as usize)
+            .is_some_and(|e| e.owner.is_some() || e.base.is_some());
+        if internal {
             return Err(Error::AllocatorFile { file_id: id.0 });
         }
         Ok(())

@@ -279,12 +279,11 @@ impl Shard {
             return Ok(id);
         }
         let dir = &self.inner.dir;
-        let path = dir
-            .shard_dir(h.shard())
+        // Looked up and opened at `rel` in the data directory itself, not
+        // by `path`, which may name another directory since.
+        let rel = std::path::Path::new(&crate::format::shard_folder_name(h.shard()))
             .join(crate::format::data_file_name(h.file_id()));
-        // Looked up and opened in the data directory as its open found it,
-        // not by `path`, which may name another directory since.
-        let rel = path.strip_prefix(dir.path()).unwrap_or(&path);
+        let path = dir.path().join(&rel);
         // SAFETY: a file registered as foreign is pinned only through
         // `pin_foreign` (the manager's safe `pin` and `try_pin` refuse it:
         // `Error::ForeignFile`), whose caller takes on the same contract for
@@ -292,7 +291,7 @@ impl Shard {
         let id = unsafe {
             self.inner
                 .files
-                .register_foreign_in(&dir.folder()?, rel, &path)?
+                .register_foreign_in(&dir.folder()?, &rel, &path)?
         };
         self.inner.foreign.borrow_mut().insert(key, id);
         Ok(id)

@@ -303,12 +303,16 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
         // entries, it covers every entry that was published before they
         // were read, so none is reported as past it. (Recovery holds the
         // lock: for it the two reads agree.)
-        let later = reread_mark(&mut pages, h)?.unwrap_or(h);
+        let later = mark_word(&mut pages)?
+            .and_then(decode_counter)
+            .filter(|&l| l >= h)
+            .unwrap_or(h);
         scan_past_mark(&mut pages, later, readable, &mut s)?;
         // And again after those: the writer may have raised it and
         // published under it while they were read. An entry below the mark
         // now was published under it.
-        if let Some(last) = reread_mark(&mut pages, later)? {
+        let last_word = mark_word(&mut pages)?;
+        if let Some(last) = last_word.and_then(decode_counter).filter(|&l| l >= later) {
             s.findings.retain(|f| {
                 !(matches!(f.defect, Defect::PublishedPastMark { .. })
                     && f.entry.is_some_and(|e| e < last))
@@ -317,13 +321,12 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
         // A mark that reads as a fresh file's (all zero, which no writer
         // ever stores) in a shard that was used was lost: a non-zero mark
         // is durable before any data file is made (by the creation, or by
-        // the first writable open after a creation cut short). Recovery would open the shard empty and hand out the
-        // slots of every allocation again. (Used: an entry published past
-        // it, or the first data file there, which the first segment makes:
-        // entries released since read as never published.)
-        let zeroed = pages
-            .fresh(HWM_OFFSET, 8)?
-            .is_some_and(|b| super::u64_at(b, 0) == 0);
+        // the first writable open after a creation cut short). Recovery
+        // would open the shard empty and hand out the slots of every
+        // allocation again. (Used: an entry published past it, or the
+        // first data file there, which the first segment makes: entries
+        // released since read as never published.)
+        let zeroed = last_word == Some(0);
         let published = s.findings.iter().find_map(|f| match f.defect {
             Defect::PublishedPastMark { .. } => f.entry,
             _ => None,
@@ -421,12 +424,9 @@ fn scan_superblock(
     Ok(Superblock::Valid(m, shard))
 }
 
-/// The high-water mark read again, if it is readable and at least `h`.
-fn reread_mark(pages: &mut Pages<'_>, h: u32) -> Result<Option<u32>> {
-    Ok(pages
-        .fresh(HWM_OFFSET, 8)?
-        .and_then(|b| decode_counter(super::u64_at(b, 0)))
-        .filter(|&l| l >= h))
+/// The high-water mark word read again from the file (`None` past its end).
+fn mark_word(pages: &mut Pages<'_>) -> Result<Option<u64>> {
+    Ok(pages.fresh(HWM_OFFSET, 8)?.map(|b| super::u64_at(b, 0)))
 }
 
 fn scan_mark(src: &mut dyn MetaSource, size: u64, s: &mut ShardScan) -> Result<Option<u32>> {
