@@ -23,6 +23,14 @@ fn cfg(dir: &std::path::Path) -> Config {
         .unwrap()
 }
 
+/// A handle of a new allocation of `size` bytes on shard `shard`.
+fn allocate_on(rt: &Runtime, shard: usize, size: u64) -> segalloc::Handle {
+    block_on(rt.spawn_on(shard, move |s| async move {
+        s.allocate(size).await.unwrap().into_handle()
+    }))
+    .unwrap()
+}
+
 /// Pin this shard's own allocations until every window is pinned.
 async fn fill_windows(s: &segalloc::Shard) -> Vec<segalloc::Allocation> {
     let mut keep = Vec::new();
@@ -52,11 +60,7 @@ async fn fill_windows(s: &segalloc::Shard) -> Vec<segalloc::Allocation> {
 fn a_sync_while_pin_foreign_waits_for_a_window_succeeds() {
     let tmp = tempfile::tempdir().unwrap();
     let rt = Runtime::start(cfg(&tmp.path().join("d"))).unwrap();
-    let h1 = block_on(rt.spawn_on(
-        1,
-        |s| async move { s.allocate(64).await.unwrap().into_handle() },
-    ))
-    .unwrap();
+    let h1 = allocate_on(&rt, 1, 64);
     let (pinf, sync) = block_on(rt.spawn_on(0, move |s| async move {
         let keep = fill_windows(&s).await;
         let keep = std::cell::RefCell::new(Some(keep));
@@ -89,16 +93,8 @@ fn a_sync_while_pin_foreign_waits_for_a_window_succeeds() {
 fn pin_foreign_needs_no_descriptor_of_the_owner() {
     let tmp = tempfile::tempdir().unwrap();
     let rt = Runtime::start(cfg(&tmp.path().join("d"))).unwrap();
-    let h0 = block_on(rt.spawn_on(
-        0,
-        |s| async move { s.allocate(64).await.unwrap().into_handle() },
-    ))
-    .unwrap();
-    let h1 = block_on(rt.spawn_on(
-        1,
-        |s| async move { s.allocate(64).await.unwrap().into_handle() },
-    ))
-    .unwrap();
+    let h0 = allocate_on(&rt, 0, 64);
+    let h1 = allocate_on(&rt, 1, 64);
     // Shard 1: every window pinned, then a pin_foreign of h0 that waits
     // (holding its lease on shard 0's file: shard 1's only descriptor).
     let waiting = rt.spawn_on(1, move |s| async move {
@@ -154,10 +150,7 @@ fn a_sync_never_reopens_a_file_that_replaced_the_other_shards() {
         .build()
         .unwrap();
     let rt = Runtime::start(cfg).unwrap();
-    let h1 = block_on(rt.spawn_on(1, |s| async move {
-        s.allocate(4096).await.unwrap().into_handle()
-    }))
-    .unwrap();
+    let h1 = allocate_on(&rt, 1, 4096);
     // Shard 0 pins h1 (checked: the owner's file) and writes through it.
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (tx2, rx2) = std::sync::mpsc::channel::<()>();

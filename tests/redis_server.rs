@@ -1888,12 +1888,7 @@ fn a_dangling_durable_sequence_root_counts_as_none() {
 
     let server = Server::start(&dir, &[]);
     let c = &mut server.client();
-    assert_eq!(
-        c.get::<_, Option<String>>("a").unwrap().as_deref(),
-        Some("1")
-    );
-    let _: () = c.set("b", "2").unwrap();
-    let _: () = redis::cmd("SAVE").query(c).unwrap();
+    a_is_kept_then_b_is_saved(c);
     let server = server.kill9_restart(&[]);
     let c = &mut server.client();
     assert_eq!(
@@ -2014,12 +2009,7 @@ fn an_owner_mark_does_not_take_over_a_dangling_durable_sequence_root() {
 
     let server = Server::start_with(&dir, &["--shards", "1"]);
     let c = &mut server.client();
-    assert_eq!(
-        c.get::<_, Option<String>>("a").unwrap().as_deref(),
-        Some("1")
-    );
-    let _: () = c.set("b", "2").unwrap();
-    let _: () = redis::cmd("SAVE").query(c).unwrap();
+    a_is_kept_then_b_is_saved(c);
     let _: () = redis::cmd("SAVE").query(c).unwrap();
     drop(server.kill9());
 
@@ -2036,4 +2026,15 @@ fn an_owner_mark_does_not_take_over_a_dangling_durable_sequence_root() {
         "the owner mark was freed by the server itself: root {o:?} dangles"
     );
     assert!(w_live && o != w, "watermark {w:?}, owner {o:?}");
+}
+
+/// The kv_server of a dangling durable-sequence root's tests: the key `a`
+/// written before is there, and a new key `b` is written and saved.
+fn a_is_kept_then_b_is_saved(c: &mut redis::Connection) {
+    assert_eq!(
+        c.get::<_, Option<String>>("a").unwrap().as_deref(),
+        Some("1")
+    );
+    let _: () = c.set("b", "2").unwrap();
+    let _: () = redis::cmd("SAVE").query(c).unwrap();
 }
