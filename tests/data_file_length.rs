@@ -291,3 +291,94 @@ fn generations_after_a_reopen_stay_at_or_above_the_durable_one() {
         assert!(shard.stats().alloc.allocations_live >= 300);
     });
 }
+
+/// Generations wrap: 1 follows `u32::MAX` (0 is never issued). Segments
+/// published after the wrap and after the latest sync are still told from
+/// the synced ones: a power loss that takes their growth drops them (the
+/// shard opens, every synced record reads back, the inspector warns), and
+/// the reopened shard goes on from the newest generation instead of
+/// issuing one again.
+#[test]
+fn generations_that_wrap_past_u32_max_still_recover() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = segalloc::Config::builder(dir.path())
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(64 * 1024)
+        .build()
+        .unwrap();
+    run(async {
+        open_shard(&cfg).await.unwrap().sync().await.unwrap();
+    });
+    // The next generation to issue (byte 520), two before the wrap, and
+    // the durable one (528): a sync began there.
+    let meta = dir.path().join("shard-000/meta.seg");
+    let f = std::fs::OpenOptions::new().write(true).open(&meta).unwrap();
+    let next = segalloc::format::encode_counter(u32::MAX - 1);
+    f.write_all_at(&next.to_le_bytes(), 520).unwrap();
+    f.write_all_at(&next.to_le_bytes(), 528).unwrap();
+    drop(f);
+    let data = dir.path().join("shard-000/data-000000.seg");
+    let len = || std::fs::metadata(&data).map_or(0, |m| m.len());
+    let (synced, synced_len, issued) = run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        let mut synced = Vec::new();
+        for i in 0..50u64 {
+            let a = shard.allocate(3000).await.unwrap();
+            a.write_at(0, &i.to_le_bytes()).unwrap();
+            synced.push((a.handle(), i));
+        }
+        assert_eq!(synced[0].0.generation(), u32::MAX - 1);
+        shard.sync().await.unwrap();
+        let synced_len = len();
+        // Unsynced segments of other classes, across the wrap, each in
+        // growth past the synced length.
+        let mut issued = Vec::new();
+        for size in [16, 200, 4096, 20_000, 100_000] {
+            let h = shard.allocate(size).await.unwrap().handle();
+            issued.push(h.generation());
+        }
+        assert_eq!(issued[..3], [u32::MAX, 1, 2], "{issued:?}");
+        assert!(len() > synced_len);
+        (synced, synced_len, issued)
+    });
+    // The power loss: the file back at its length at the sync.
+    cut(&data, synced_len);
+    let report = segalloc::inspect::read_dir(dir.path()).unwrap();
+    assert_eq!(report.errors().count(), 0, "{:?}", report.problems);
+    let dropped = report
+        .problems
+        .iter()
+        .filter(|p| p.detail.contains("a power loss took the file's growth"))
+        .count();
+    assert!(dropped >= 3, "{:?}", report.problems);
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        for (h, i) in &synced {
+            let mut b = [0u8; 8];
+            shard.pin(*h).await.unwrap().read_at(0, &mut b).unwrap();
+            assert_eq!(u64::from_le_bytes(b), *i, "{h}");
+        }
+        // The next segment's generation comes after every one issued.
+        let g = shard.allocate(16).await.unwrap().handle().generation();
+        let newest = *issued.last().unwrap();
+        assert_eq!(g, newest + 1, "issued before the power loss: {issued:?}");
+        shard.sync().await.unwrap();
+        // The next generation's word and the durable one went on past the
+        // wrap too (the sync began with `g + 1` next).
+        let f = std::fs::File::open(&meta).unwrap();
+        for at in [520, 528] {
+            let mut w = [0u8; 8];
+            f.read_exact_at(&mut w, at).unwrap();
+            let w = u64::from_le_bytes(w);
+            assert_eq!(
+                segalloc::format::decode_counter(w),
+                Some(g + 1),
+                "word at {at}"
+            );
+        }
+    });
+    let report = segalloc::inspect::read_dir(dir.path()).unwrap();
+    assert_eq!(report.errors().count(), 0, "{:?}", report.problems);
+}

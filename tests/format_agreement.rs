@@ -612,6 +612,45 @@ fn a_segment_that_loses_an_overlap_is_cleared_with_its_bitmap() {
     );
 }
 
+/// The same after the generations wrapped (1 follows `u32::MAX`): the
+/// segment of generation 1 is the newer one and wins the overlap.
+#[test]
+fn an_overlap_across_the_generations_wrap_keeps_the_newer_segment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    build(&dir);
+    let p = meta_path(&dir, 0);
+    let mut b = std::fs::read(&p).unwrap();
+    let hwm = hwm_of(&b);
+    let (victim, h) = *published(&b)
+        .iter()
+        .find(|(i, _)| {
+            let o = entry_offset(*i) + 64;
+            b[o..o + 512].iter().any(|&x| x != 0)
+        })
+        .expect("a segment with live slots");
+    let vo = entry_offset(victim);
+    b[vo..vo + 64].copy_from_slice(&with_generation(&h, u32::MAX));
+    let o = entry_offset(hwm);
+    b[o..o + ENTRY_BYTES].fill(0);
+    b[o..o + 64].copy_from_slice(&with_generation(&h, 1));
+    set_hwm(&mut b, hwm + 1);
+    // The next generation to issue and the durable one: 2.
+    let next = segalloc::format::encode_counter(2).to_le_bytes();
+    b[520..528].copy_from_slice(&next);
+    b[528..536].copy_from_slice(&next);
+    std::fs::write(&p, &b).unwrap();
+    let kept = library(&dir, 0).expect("opens");
+    assert!(kept.live.iter().all(|h| h.segment_id() != victim));
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(
+        u64_at(&after, vo),
+        0,
+        "the older segment's state word cleared"
+    );
+    assert_ne!(u64_at(&after, o), 0, "the newer segment kept");
+}
+
 /// A metadata file as a reader beside a writer sees it: the first `stale`
 /// reads of the high-water mark get `before`, every other read `now`.
 struct Racing {

@@ -154,7 +154,7 @@ impl SegmentAllocator {
     fn advance_durable_generation(&self, next: u32) {
         let word = self.meta.word(format::DURABLE_GEN_OFFSET);
         let on_disk = format::decode_counter(word.load(Ordering::Relaxed)).unwrap_or(0);
-        if next > on_disk {
+        if on_disk == 0 || format::issued_later(next, on_disk) {
             word.store(format::encode_counter(next), Ordering::Release);
         }
     }

@@ -453,7 +453,7 @@ impl SegmentAllocator {
         let generation = {
             let mut st = self.st.borrow_mut();
             let g = st.next_generation;
-            st.next_generation = g.wrapping_add(1).max(1);
+            st.next_generation = format::generation_after(g);
             g
         };
         let header = EntryHeader {
@@ -516,8 +516,8 @@ impl SegmentAllocator {
         }
         let gen_word = self.meta.word(format::GEN_OFFSET);
         let issued = format::decode_counter(gen_word.load(Ordering::Relaxed)).unwrap_or(0);
-        let next = header.generation.wrapping_add(1).max(1);
-        if next > issued {
+        let next = format::generation_after(header.generation);
+        if issued == 0 || format::issued_later(next, issued) {
             gen_word.store(format::encode_counter(next), Ordering::Release);
         }
         let off = format::entry_offset(entry);

@@ -170,6 +170,25 @@ pub fn entry_capacity(size: u64) -> u64 {
         + ((rest % META_PAGE_BYTES) / ENTRY_BYTES).min(ENTRIES_PER_PAGE)
 }
 
+/// The generation issued after `g`. Generations wrap: 1 follows
+/// `u32::MAX`, and 0 (a fresh file's word) is never issued.
+#[inline]
+pub(crate) fn generation_after(g: u32) -> u32 {
+    g.wrapping_add(1).max(1)
+}
+
+/// Whether generation `a` was issued later than generation `b`. They wrap
+/// ([`generation_after`]), so they compare in wrapping order: `a` is later
+/// when it lies less than 2^31 issues ahead of `b`. (A shard issues one
+/// per segment it publishes; a segment 2^31 publications old compares as
+/// newer, which only matters to the checks of its data file's length and
+/// of overlaps below.)
+#[inline]
+pub(crate) fn issued_later(a: u32, b: u32) -> bool {
+    let ahead = a.wrapping_sub(b);
+    ahead != 0 && ahead < 1 << 31
+}
+
 /// Encode a counter word (the high-water mark, the next generation).
 #[inline]
 pub fn encode_counter(value: u32) -> u64 {

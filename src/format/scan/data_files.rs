@@ -7,20 +7,22 @@ use super::{DataFileLen, Defect, Finding, FindingFile, ScanTarget, Severity, Sha
 use crate::format::classes::BLOCK_BYTES;
 
 /// Segments that end past their data file and may have been published after
-/// the latest completed sync (generation at or above the durable
-/// generation): a power loss took the file's growth, and no sync promised
-/// any of their allocations. They are dropped, with a warning.
+/// the latest completed sync (generation from the durable generation on,
+/// before the next to issue; they wrap, so in wrapping order): a power
+/// loss took the file's growth, and no sync promised any of their
+/// allocations. They are dropped, with a warning.
 pub(super) fn drop_lost_growth(t: &ScanTarget<'_>, s: &mut ShardScan) {
     let Some(durable) = s.durable_generation.filter(|&g| g != 0) else {
         return;
     };
+    let since = s.next_generation.wrapping_sub(durable);
     let mut lost = Vec::new();
     for x in s.segments.iter_mut().filter(|x| !x.dropped) {
         let DataFileLen::Bytes(size) = (t.data_file)(x.header.file) else {
             continue;
         };
         let end = (u64::from(x.header.block) + u64::from(x.header.blocks)) * BLOCK_BYTES;
-        if x.header.generation >= durable && end > size {
+        if x.header.generation.wrapping_sub(durable) < since && end > size {
             x.dropped = true;
             let d = Defect::GrowthNotDurable {
                 generation: x.header.generation,

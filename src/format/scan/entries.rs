@@ -21,8 +21,7 @@ pub(super) fn scan_entries(
     scan_to: u32,
     skip_holes: bool,
     s: &mut ShardScan,
-) -> Result<u32> {
-    let mut max_gen = 0;
+) -> Result<()> {
     // Offsets below this lie in a data region already looked up.
     let mut data_end = 0;
     let mut next = 0;
@@ -85,7 +84,6 @@ pub(super) fn scan_entries(
             s.entries_corrupt += 1;
             continue;
         }
-        max_gen = max_gen.max(e.generation);
         let words = e.slots.div_ceil(64) as usize;
         let bitmap = bitmap[..words].to_vec();
         let live = bitmap.iter().map(|w| w.count_ones()).sum();
@@ -97,7 +95,7 @@ pub(super) fn scan_entries(
             bitmap,
         });
     }
-    Ok(max_gen)
+    Ok(())
 }
 
 /// The segment lies inside the maximum file size and one window.

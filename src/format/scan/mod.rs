@@ -28,7 +28,7 @@ use super::manifest::{self, MANIFEST_BYTES, Manifest};
 use super::roots::RootDefect;
 use super::{
     DURABLE_GEN_OFFSET, GEN_OFFSET, HWM_OFFSET, META_PAGE_BYTES, ROOTS_OFFSET, decode_counter,
-    directory_end_bytes, entry_capacity,
+    directory_end_bytes, entry_capacity, generation_after, issued_later,
 };
 use crate::error::Result;
 
@@ -295,7 +295,7 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
         None => readable,
     };
     let mut pages = Pages::new(src);
-    let max_gen = scan_entries(&mut pages, t, scan_to, s.hwm.is_none(), &mut s)?;
+    scan_entries(&mut pages, t, scan_to, s.hwm.is_none(), &mut s)?;
     if let Some(h) = s.hwm {
         // Beside a writer (a directory open elsewhere), the mark may have
         // risen since it was read, and entries been published under the
@@ -344,12 +344,9 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
         Some(b) => decode_counter(super::u64_at(b, 0)),
         None => None,
     };
-    // Never below the durable generation either: a segment published after
-    // the reopen has growth no sync covered, and must not count as covered.
-    // (The durable word can be ahead of both others: a segment dropped for
-    // lost growth, then a sync, with the next generation's word stale.)
     let durable = s.durable_generation.unwrap_or(0);
-    s.next_generation = max_gen.wrapping_add(1).max(persisted).max(durable).max(1);
+    let gens = s.segments.iter().map(|x| x.header.generation);
+    s.next_generation = next_generation(persisted, durable, gens);
     resolve_overlaps(&mut s);
     drop_lost_growth(t, &mut s);
     check_data_files(t, &mut s);
@@ -363,6 +360,31 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
         s.push(Severity::Error, None, Some(ROOTS_OFFSET), d);
     }
     Ok(s)
+}
+
+/// The generation to issue next: after every segment found and the
+/// persisted word (a segment can reach the disk before the word that
+/// counted it), and never before the durable generation: a segment
+/// published after the reopen has growth no sync covered, and must not
+/// count as covered. (The durable word can be ahead of both others: a
+/// segment dropped for lost growth, then a sync, with the next
+/// generation's word stale.) Generations wrap, so "after" is in wrapping
+/// order from the words (`issued_later`); segments far behind them are
+/// older, not newer. A shard with neither word (made before they existed,
+/// or both torn) takes the largest generation found.
+fn next_generation(persisted: u32, durable: u32, gens: impl Iterator<Item = u32>) -> u32 {
+    let mut next = match (persisted, durable) {
+        (0, 0) => return gens.max().map_or(1, generation_after),
+        (0, d) | (d, 0) => d,
+        (p, d) if issued_later(d, p) => d,
+        (p, _) => p,
+    };
+    for g in gens {
+        if g == next || issued_later(g, next) {
+            next = generation_after(g);
+        }
+    }
+    next
 }
 
 fn scan_superblock(
@@ -490,5 +512,30 @@ impl<'a> Pages<'a> {
             self.page = Some(page);
         }
         Ok((at + len <= self.len).then(|| &self.buf[at..at + len]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_generation;
+
+    #[test]
+    fn the_next_generation_follows_the_newest_in_wrapping_order() {
+        let next = |p, d, gens: &[u32]| next_generation(p, d, gens.iter().copied());
+        // Neither word: the largest found.
+        assert_eq!(next(0, 0, &[]), 1);
+        assert_eq!(next(0, 0, &[3, 9, 4]), 10);
+        assert_eq!(next(0, 0, &[u32::MAX]), 1);
+        // The words, and the segments at or after them, in any order.
+        assert_eq!(next(7, 5, &[3, 4]), 7);
+        assert_eq!(next(7, 5, &[8, 3, 7]), 9);
+        assert_eq!(next(5, 7, &[3]), 7);
+        for gens in [[u32::MAX - 1, 1, 2], [2, u32::MAX - 1, 1], [1, 2, u32::MAX]] {
+            assert_eq!(next(u32::MAX - 1, u32::MAX - 1, &gens), 3, "{gens:?}");
+        }
+        // A durable word past the wrap, the next one's word before it.
+        assert_eq!(next(u32::MAX, 2, &[u32::MAX - 3]), 2);
+        // Segments far behind the words are older, not newer.
+        assert_eq!(next(3, 2, &[u32::MAX - 10, (1 << 31) + 10]), 3);
     }
 }

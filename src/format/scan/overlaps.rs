@@ -2,7 +2,7 @@
 //! pair reported.
 
 use super::{Defect, Severity, ShardScan};
-use crate::format::entry_offset;
+use crate::format::{entry_offset, issued_later};
 
 /// Mark the segments recovery drops, and report every overlapping pair
 /// found by a sweep.
@@ -16,7 +16,11 @@ pub(super) fn resolve_overlaps(s: &mut ShardScan) {
         if let Some(&p) = keep.last() {
             let (pe, e) = (&segs[p].header, &segs[k].header);
             if pe.file == e.file && pe.end_block() > e.block as u64 {
-                let loser = if pe.generation < e.generation { p } else { k };
+                let loser = if issued_later(e.generation, pe.generation) {
+                    p
+                } else {
+                    k
+                };
                 segs[loser].dropped = true;
                 if loser == p {
                     keep.pop();
