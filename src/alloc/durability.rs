@@ -160,7 +160,9 @@ impl SegmentAllocator {
     }
 
     /// A count that changes whenever the metadata may have changed: slots
-    /// taken and freed, roots set, segments created.
+    /// taken and freed, roots set, segments created. Only `allocs` ever
+    /// goes down (an allocate undone by `release_slot`, which marks the
+    /// metadata file dirty for that reason).
     fn meta_changes(&self) -> MetaChanges {
         let st = self.st.borrow();
         (

@@ -353,25 +353,36 @@ impl SegmentAllocator {
     }
 
     /// Set or clear the durable bit of a held slot that `allocate` has not
-    /// handed out yet.
+    /// handed out yet; the live counts follow it, so they agree with
+    /// [`live`](Self::live) while the slot is hidden.
     #[cold]
     fn set_slot_live(&self, h: &Handle, live: bool) {
         let mut st = self.st.borrow_mut();
+        let st = &mut *st;
         let seg = st.segments[h.segment as usize]
             .as_mut()
             .expect("a held slot's segment exists");
         let slot = held_slot(seg, h);
+        let count = &mut st.live_per_class[h.class_id as usize];
         if live {
             seg.set_live(slot);
+            *count += 1;
             self.files.mark_dirty(self.meta_file);
         } else {
             seg.clear_live(slot);
+            *count -= 1;
         }
     }
 
     /// Undo [`take_slot`](Self::take_slot) of a slot never handed out: it
     /// is free again at once (nothing was written through it). `live`: its
-    /// durable bit is still set.
+    /// durable bit is still set (not hidden by `set_slot_live`).
+    ///
+    /// The metadata file is marked dirty: `allocs` goes down here, so a
+    /// later allocation can bring the counters a sync compares
+    /// (`meta_changes`) back to what an earlier sync saw, and without the
+    /// mark the next sync would skip the metadata holding that allocation's
+    /// bit.
     #[cold]
     fn release_slot(&self, h: Handle, live: bool) {
         let mut st = self.st.borrow_mut();
@@ -382,7 +393,9 @@ impl SegmentAllocator {
         let slot = held_slot(seg, &h);
         if live {
             seg.clear_live(slot);
+            st.live_per_class[h.class_id as usize] -= 1;
         }
+        self.files.mark_dirty(self.meta_file);
         seg.take_fresh(slot, st.fresh.epoch());
         // Never handed out, so its bytes are still untouched: taken again, it
         // is a first use, and the prefault its chunk may have asked for (a
@@ -396,7 +409,6 @@ impl SegmentAllocator {
             seg.in_avail = true;
             st.avail[h.class_id as usize].push(h.segment);
         }
-        st.live_per_class[h.class_id as usize] -= 1;
         st.stats.allocs -= 1;
         if seg.held == 0 {
             self.release_if_spare(st, h.segment);
