@@ -592,3 +592,66 @@ fn an_allocate_given_back_does_not_hide_a_later_one_from_the_next_sync() {
         });
     }
 }
+
+/// A `sync` dropped while its `fdatasync` is in flight keeps that operation
+/// (and the file's descriptor) for the file's next sync. Once the kernel
+/// has finished it, the shard releases the descriptor by itself: a pin
+/// that needs another file's descriptor under a cap of one gets it, where
+/// it failed with `FdPressure` until something else polled the ring. (With
+/// `SEGALLOC_IO=sync` the operation ends within the first poll.) Asked at
+/// once, while the kernel still runs it, the pin waits for it.
+#[test]
+fn a_dropped_sync_gives_its_descriptor_back_once_the_kernel_is_done() {
+    for pause in [Duration::ZERO, Duration::from_millis(500)] {
+        a_dropped_sync_gives_its_descriptor_back(pause);
+    }
+}
+
+fn a_dropped_sync_gives_its_descriptor_back(pause: Duration) {
+    let (dir, _) = on_disk();
+    let cfg = Config::builder(dir.path())
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .max_file_bytes(16 * MIB)
+        .max_windows(2)
+        .max_open_files(1)
+        .build()
+        .unwrap();
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        let mut in_file_0 = Vec::new();
+        let in_file_1 = loop {
+            let a = shard.allocate(MIB).await.unwrap();
+            a.pin().fill(0, a.len(), 7).unwrap();
+            let h = a.into_handle();
+            if h.file_id() == 1 {
+                break h;
+            }
+            in_file_0.push(h);
+        };
+        shard.sync().await.unwrap();
+        // File 0 dirty, its sync dropped in flight: file 1's descriptor for
+        // a pin, then for its growth.
+        let drop_a_sync = || async {
+            // Megabytes to write back: the fdatasync takes a while.
+            for h in &in_file_0 {
+                let p = shard.pin(*h).await.unwrap();
+                p.fill(0, p.len(), 9).unwrap();
+            }
+            shard.mappings().evict_idle();
+            let mut s = Box::pin(shard.sync());
+            let _ = poll_once(&mut s);
+            drop(s);
+            // The kernel finishes the fdatasync meanwhile; the executor runs.
+            tokio::time::sleep(pause).await;
+        };
+        drop_a_sync().await;
+        let r = shard.pin(in_file_1).await.map(|p| p.len());
+        assert!(r.is_ok(), "pin after {pause:?}: {r:?}");
+        drop_a_sync().await;
+        let r = shard.allocate(MIB).await.map(|a| a.handle());
+        assert!(r.is_ok(), "allocate after {pause:?}: {r:?}");
+        shard.sync().await.unwrap();
+    });
+}

@@ -127,14 +127,47 @@ impl FileHandleRegistry {
         })
         .await;
         orphan.op = None;
-        if let Err(e) = &r
+        self.record_outcome(id, seq, &r);
+        r.map_err(|e| Error::io(what, Some(path), e))
+    }
+
+    /// Record the outcome of sync operation `seq` of `id`: a failure is
+    /// kept for the file (every later sync reports it), and the call no
+    /// longer holds up later syncs.
+    fn record_outcome(&self, id: FileId, seq: u64, r: &std::io::Result<()>) {
+        if let Err(e) = r
             && let Some(errno) = e.raw_os_error()
         {
             self.inner.borrow_mut().entries[id.0 as usize].sync_failed = Some(errno);
         }
-        // Its outcome is recorded: it no longer holds up later syncs.
         self.sync_ops.end(seq);
-        r.map_err(|e| Error::io(what, Some(path), e))
+    }
+
+    /// Record the outcome of every kept call whose operation the kernel
+    /// has completed, and let it go with the descriptor it holds (until
+    /// then it keeps the file's fd busy: under `max_open_files` that may
+    /// be the one another file needs). Checked without waiting and without
+    /// registering a waker. Whether any was let go.
+    pub(super) fn collect_orphans(&self) -> bool {
+        let done: Vec<(FileId, SyncOp, std::io::Result<()>)> = {
+            let mut all = self.orphans.borrow_mut();
+            let mut done = Vec::new();
+            let mut i = 0;
+            while i < all.len() {
+                match all[i].1.op.try_complete() {
+                    Some(r) => {
+                        let (id, op) = all.remove(i);
+                        done.push((id, op, r));
+                    }
+                    None => i += 1,
+                }
+            }
+            done
+        };
+        for (id, op, r) in &done {
+            self.record_outcome(*id, op.seq, r);
+        }
+        !done.is_empty()
     }
 
     /// Await the kept calls of `id` whose sync was dropped, in the order

@@ -604,7 +604,12 @@ impl FileHandleRegistry {
             }
             .map_err(|e| Error::io("open", Some(&path), e))?;
         }
-        if self.open.get() >= self.max_open && !self.evict_one() {
+        // A dropped sync's operation that the kernel has completed keeps
+        // its descriptor busy until its outcome is collected.
+        if self.open.get() >= self.max_open
+            && !self.evict_one()
+            && !(self.collect_orphans() && self.evict_one())
+        {
             return Err(Error::FdPressure {
                 max_open_files: self.max_open,
             });

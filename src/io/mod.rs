@@ -350,7 +350,9 @@ impl Ring {
     }
 
     /// A wait that ends when the ring next releases the fd or window of an
-    /// operation dropped before completion (the ring reaps those by itself).
+    /// operation no task polls: dropped before completion, or kept for a
+    /// later task (a dropped sync's `fdatasync`, `Op::detach`); the ring
+    /// reaps those by itself.
     /// `None` when the ring holds none (always on the sync backend), or when
     /// no reaper can run here (not on a tokio current-thread runtime, or one
     /// that polls its tasks on another thread than the ring's): then they
@@ -358,7 +360,7 @@ impl Ring {
     /// also ends when the reaper finds it cannot run.
     pub(crate) fn released(&self) -> Option<reap::Released> {
         let d = self.inner.uring.as_ref()?;
-        if d.abandoned() == 0 || self.inner.reaper_link.is_lost() {
+        if d.unattended() == 0 || self.inner.reaper_link.is_lost() {
             return None;
         }
         reap::ensure(self);
@@ -553,6 +555,9 @@ impl Op {
             && let Some(d) = &self.ring.inner.uring
         {
             d.detach(key);
+            // Nobody polls it now: the reaper reaps its completion, which
+            // releases its fd (a later `Ring::released` waits for that).
+            reap::ensure(&self.ring);
         }
     }
 

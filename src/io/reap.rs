@@ -1,6 +1,7 @@
-//! The reaper: while operations whose futures were dropped are still in
-//! flight, a task drives the ring, so that their fds and windows are released
-//! as soon as the kernel completes them, with no caller polling the ring.
+//! The reaper: while operations whose futures were dropped (or that are
+//! kept for a later task: `Op::detach`) are still in flight, a task drives
+//! the ring, so that their fds and windows are released as soon as the
+//! kernel completes them, with no caller polling the ring.
 //!
 //! The task is started when the first such operation appears and ends when
 //! none is left. It reaches its ring through a table of this thread, so the
@@ -123,7 +124,7 @@ pub(super) fn ensure(ring: &Ring) {
         d.wake_settle();
         return;
     }
-    if d.abandoned() == 0 {
+    if d.unattended() == 0 {
         return;
     }
     let Ok(rt) = Handle::try_current() else {

@@ -31,6 +31,11 @@ const RING_ENTRIES: u32 = 64;
 enum OpState {
     Waiting {
         waker: Option<Waker>,
+        /// Kept to be awaited later, maybe by another task (`detach`):
+        /// until a task polls it again nobody does, so the reaper drives
+        /// the ring for it as for an abandoned one, and its resources are
+        /// released when it completes (its result stays for that task).
+        detached: bool,
         _res: Resources,
     },
     Done(i32),
@@ -142,6 +147,7 @@ impl Driver {
         }
         entry.insert(OpState::Waiting {
             waker: None,
+            detached: false,
             _res: res,
         });
         if let Err(e) = enter(|| ring.submit()) {
@@ -182,10 +188,13 @@ impl Driver {
                     continue;
                 };
                 match state {
-                    OpState::Waiting { waker, .. } => {
+                    OpState::Waiting {
+                        waker, detached, ..
+                    } => {
                         if let Some(w) = waker.take() {
                             wake.push(w);
                         }
+                        released |= *detached;
                         *state = OpState::Done(cqe.result());
                     }
                     OpState::Abandoned { .. } => {
@@ -211,17 +220,24 @@ impl Driver {
         wake
     }
 
-    /// The list woken when abandoned operations' resources are released.
+    /// The list woken when the resources of operations no task polls
+    /// (abandoned or detached) are released.
     pub(super) fn released(&self) -> &Rc<WaitList> {
         &self.released
     }
 
-    /// Operations dropped before completion that the kernel still runs.
-    pub(super) fn abandoned(&self) -> usize {
+    /// Operations the kernel still runs that no task polls: dropped before
+    /// completion (abandoned), or kept for a later task (detached).
+    pub(super) fn unattended(&self) -> usize {
         self.ops
             .borrow()
             .iter()
-            .filter(|(_, s)| matches!(s, OpState::Abandoned { .. }))
+            .filter(|(_, s)| {
+                matches!(
+                    s,
+                    OpState::Abandoned { .. } | OpState::Waiting { detached: true, .. }
+                )
+            })
             .count()
     }
 
@@ -294,7 +310,11 @@ impl Driver {
                 self.hand_over();
                 return Poll::Ready(res);
             }
-            if let Some(OpState::Waiting { waker, .. }) = self.ops.borrow_mut().get_mut(key) {
+            if let Some(OpState::Waiting {
+                waker, detached, ..
+            }) = self.ops.borrow_mut().get_mut(key)
+            {
+                *detached = false;
                 match waker {
                     Some(w) if w.will_wake(cx.waker()) => {}
                     _ => *waker = Some(cx.waker().clone()),
@@ -337,7 +357,7 @@ impl Driver {
         }
     }
 
-    /// Drive the ring until no abandoned operation is left (the reaper's
+    /// Drive the ring until no unattended operation is left (the reaper's
     /// poll). `key` is the reaper's `Settle` entry, taken while it waits and released (with a
     /// hand-over of the eventfd watch) when it is done.
     pub(super) fn poll_settle(
@@ -349,7 +369,7 @@ impl Driver {
             for w in self.reap() {
                 w.wake();
             }
-            if self.abandoned() == 0 {
+            if self.unattended() == 0 {
                 self.cancel_settle(key);
                 return Poll::Ready(Ok(()));
             }
@@ -393,8 +413,12 @@ impl Driver {
     /// the eventfd watch over, which that task may hold, so that the
     /// operations other tasks wait for are still reaped.
     pub(super) fn detach(&self, key: usize) {
-        if let Some(OpState::Waiting { waker, .. }) = self.ops.borrow_mut().get_mut(key) {
+        if let Some(OpState::Waiting {
+            waker, detached, ..
+        }) = self.ops.borrow_mut().get_mut(key)
+        {
             *waker = None;
+            *detached = true;
         }
         self.hand_over();
     }
