@@ -116,13 +116,13 @@ fn split_caps(c: &mut Config, shards_set: bool) -> Result<()> {
     Ok(())
 }
 
-/// The shard count in the manifest of the data directory at `dir`: the
-/// default count of an existing directory. `None` without a readable, valid
-/// manifest (the open then reports why).
-fn existing_shard_count(dir: &Path) -> Option<usize> {
+/// The manifest of the data directory at `dir`, whose shard count, window
+/// size and file size are the defaults of an existing directory. `None`
+/// without a readable, valid manifest (the open then reports why).
+fn existing_manifest(dir: &Path) -> Option<crate::format::Manifest> {
     let bytes = sys::read_regular(&dir.join(crate::format::MANIFEST_FILE), 4096).ok()?;
     let (m, _) = crate::format::Manifest::decode(&bytes, "").ok()?;
-    Some(usize::from(m.shard_count))
+    Some(m)
 }
 
 /// Whether `shards` shards fit the caps of `c`: at most [`MAX_SHARDS`],
@@ -242,6 +242,8 @@ impl Config {
             },
             growth_step_set: false,
             shards_set: false,
+            window_set: false,
+            max_file_set: false,
             window_mb_overflow: None,
             prefetch_mb_overflow: None,
         }
@@ -333,6 +335,8 @@ pub struct ConfigBuilder {
     cfg: Config,
     growth_step_set: bool,
     shards_set: bool,
+    window_set: bool,
+    max_file_set: bool,
     /// A `window_size_mb` whose bytes do not fit in a `u64` (refused by
     /// `build`, unless a later window setter replaced it).
     window_mb_overflow: Option<u64>,
@@ -349,10 +353,13 @@ impl ConfigBuilder {
         self.shards_set = true;
         self
     }
-    /// Window size: a multiple of 16 MiB, at most 64 GiB (default 1 GiB).
+    /// Window size: a multiple of 16 MiB, at most 64 GiB. Default: an
+    /// existing data directory's own (read from its manifest when
+    /// [`build`](Self::build) runs), else 1 GiB.
     pub fn window_bytes(mut self, bytes: u64) -> Self {
         self.cfg.window_bytes = bytes;
         self.window_mb_overflow = None;
+        self.window_set = true;
         self
     }
     /// The window size in MiB: a multiple of 16, at most 65536 (64 GiB).
@@ -363,6 +370,7 @@ impl ConfigBuilder {
             Some(bytes) => self.window_bytes(bytes),
             None => ConfigBuilder {
                 window_mb_overflow: Some(mb),
+                window_set: true,
                 ..self
             },
         }
@@ -374,9 +382,12 @@ impl ConfigBuilder {
         self.growth_step_set = true;
         self
     }
-    /// Maximum size of one data file: a multiple of the window (default 64 GiB).
+    /// Maximum size of one data file: a multiple of the window. Default: an
+    /// existing data directory's own (read from its manifest when
+    /// [`build`](Self::build) runs), else 64 GiB.
     pub fn max_file_bytes(mut self, bytes: u64) -> Self {
         self.cfg.max_file_bytes = bytes;
+        self.max_file_set = true;
         self
     }
     /// Process-wide descriptor cap (default from [`Limits::compute`]).
@@ -455,7 +466,18 @@ impl ConfigBuilder {
         self.cfg.pin_timeout = t;
         self
     }
-    /// Open everything read-only (inspection tools).
+    /// Open an existing directory read-only (default off): nothing is
+    /// created or written (a missing directory is
+    /// [`Error::DirNotFound`], a missing shard
+    /// folder an error naming it), allocations can be pinned and read, and
+    /// every call that would change the directory fails with
+    /// [`Error::ReadOnly`]. Its locks are shared:
+    /// read-only opens of one directory share it, while a writable open
+    /// and a read-only one refuse each other
+    /// ([`Error::AlreadyOpen`]), since a reader's
+    /// safe reads of a mapped file would race a writer's writes. To look at
+    /// a directory another process has open, use
+    /// [`inspect`](crate::inspect) or the `segalloc` tool.
     pub fn read_only(mut self, ro: bool) -> Self {
         self.cfg.read_only = ro;
         self
@@ -490,13 +512,35 @@ impl ConfigBuilder {
         // An existing directory's shard count is fixed: left unset, it is
         // that count (the cores or the caps may have changed since), when
         // it fits the caps (else the default stays, lowered to fit, and the
-        // open reports the `Mismatch`: `Config::new` never fails).
-        if !self.shards_set
-            && let Some(n) = existing_shard_count(&c.dir)
-            && fits_caps(c, n)
-        {
-            c.shards = n;
-            self.shards_set = true;
+        // open reports the `Mismatch`: `Config::new` never fails). So are
+        // its window and file sizes: left unset, they are its own when they
+        // are valid (else the open reports the directory).
+        let existing = existing_manifest(&c.dir);
+        if let Some(m) = &existing {
+            let n = usize::from(m.shard_count);
+            if !self.shards_set && fits_caps(c, n) {
+                c.shards = n;
+                self.shards_set = true;
+            }
+            let window = if self.window_set {
+                c.window_bytes
+            } else {
+                m.window_bytes
+            };
+            let window_ok = window != 0
+                && window.is_multiple_of(MAX_SEGMENT_BYTES)
+                && window <= MAX_WINDOW_BYTES;
+            if !self.window_set && window_ok {
+                c.window_bytes = window;
+            }
+            if !self.max_file_set
+                && window_ok
+                && m.max_file_bytes.is_multiple_of(window)
+                && m.max_file_bytes != 0
+                && m.max_file_bytes < FILE_BYTES_LIMIT
+            {
+                c.max_file_bytes = m.max_file_bytes;
+            }
         }
         split_caps(c, self.shards_set)?;
         if c.window_bytes == 0 || !c.window_bytes.is_multiple_of(MAX_SEGMENT_BYTES) {

@@ -92,6 +92,9 @@ impl DataDir {
         // before anything is created. (A backend the kernel cannot give is
         // found when the shard's ring is made.)
         cfg.io_backend().resolve_env()?;
+        if cfg.read_only() {
+            return DataDir::open_existing_shared(cfg);
+        }
         let (path, made_top) = create_and_resolve(cfg.dir())?;
         let mpath = path.join(MANIFEST_FILE);
         check_not_symlink(&mpath)?;
@@ -106,7 +109,7 @@ impl DataDir {
         if !mpath.exists() {
             refuse_inside_data_dir(&path)?;
         }
-        let lock = take_lock(&path)?;
+        let lock = take_lock(&path, false)?;
         let (manifest, created) = if mpath.exists() {
             (read_matching_manifest(&path, cfg)?, false)
         } else {
@@ -131,6 +134,28 @@ impl DataDir {
             return Err(e);
         }
         Ok(dir)
+    }
+
+    /// [`open`](Self::open) with [`read_only`](crate::ConfigBuilder::read_only):
+    /// an existing directory, nothing created or written (a missing shard
+    /// folder is reported when that shard opens), under a shared lock that
+    /// other read-only opens share and a writable one is refused
+    /// ([`Error::AlreadyOpen`] either way round).
+    fn open_existing_shared(cfg: &Config) -> Result<DataDir> {
+        let path = resolve_existing(cfg.dir())?;
+        check_not_symlink(&path.join(MANIFEST_FILE))?;
+        read_manifest(&path)?;
+        let lock = take_lock(&path, true)?;
+        let manifest = read_matching_manifest(&path, cfg)?;
+        Ok(DataDir {
+            path,
+            manifest,
+            created: false,
+            made_top: false,
+            read_only: true,
+            _lock: Some(lock),
+            folder: std::sync::OnceLock::new(),
+        })
     }
 
     /// The shards' folders that are missing, made durable in a directory
@@ -288,7 +313,7 @@ impl DataDir {
                 Err(e) => return Err(e),
             }
         }
-        let lock = take_lock(&path)?;
+        let lock = take_lock(&path, false)?;
         Self::destroy_locked(&path, &lock, keep_top)
     }
 
@@ -872,11 +897,7 @@ impl ShardLock {
     /// the files of a deleted directory, or of the one created after it.
     /// (Not taken again on the new folder: the open's manifest is the old
     /// directory's.)
-    fn take(
-        shard: u16,
-        folder: &Path,
-        lock: fn(OwnedFd) -> std::io::Result<Option<FileLock>>,
-    ) -> Result<ShardLock> {
+    fn take(shard: u16, folder: &Path, lock: TryLock) -> Result<ShardLock> {
         let fd = sys::open_dir(folder).map_err(|e| Error::opening("open", folder, e))?;
         #[cfg(feature = "test-support")]
         test_hooks::before_lock(folder);
@@ -911,25 +932,34 @@ impl crate::files::FileOwner for ShardLock {
     }
 }
 
+/// A non-blocking `flock` of a descriptor: `Ok(None)` when another holds it.
+type TryLock = fn(OwnedFd) -> std::io::Result<Option<FileLock>>;
+
 /// Times [`take_lock`] locks a `LOCK` that turns out to be replaced before
 /// it gives up.
 const LOCK_ATTEMPTS: usize = 64;
 
-/// The directory's lock: `flock(LOCK_EX)` on `LOCK`, created if missing.
+/// The directory's lock: `flock(LOCK_EX)` on `LOCK`, created if missing;
+/// with `shared`, `flock(LOCK_SH)` on an existing `LOCK` opened read-only
+/// (a read-only open's).
 ///
 /// The lock counts only while `LOCK` still names the file locked: `destroy`
 /// removes `LOCK` while it holds it, so an open that opened the old file
 /// just before would otherwise lock a file nobody else can reach, while the
 /// next open creates and locks a new one, and both would hold "the" lock.
 /// Such a lock is released and taken again on the file `LOCK` names now.
-fn take_lock(dir: &Path) -> Result<FileLock> {
+fn take_lock(dir: &Path, shared: bool) -> Result<FileLock> {
     let p = dir.join(LOCK_FILE);
+    let (mode, lock): (_, TryLock) = if shared {
+        (OpenMode::ReadOnly, FileLock::try_shared)
+    } else {
+        (OpenMode::ReadWriteCreate, FileLock::try_exclusive)
+    };
     for _ in 0..LOCK_ATTEMPTS {
-        let fd =
-            sys::open(&p, OpenMode::ReadWriteCreate).map_err(|e| Error::opening("open", &p, e))?;
+        let fd = sys::open(&p, mode).map_err(|e| Error::opening("open", &p, e))?;
         #[cfg(feature = "test-support")]
         test_hooks::before_lock(dir);
-        let lock = match FileLock::try_exclusive(fd) {
+        let lock = match lock(fd) {
             Ok(Some(lock)) => lock,
             Ok(None) => {
                 return Err(Error::AlreadyOpen {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::small_cfg;
+use segalloc::config::MIB;
 use segalloc::{Config, DataDir, Error, SegmentAllocator, Shard};
 
 /// Fork a child that keeps a copy of every descriptor of this process (even
@@ -199,6 +200,71 @@ fn a_shard_is_opened_for_writing_once_in_a_process() {
         let again = Shard::open(dd, &cfg, 0).await.unwrap();
         assert_eq!(again.live().count(), 0);
     });
+}
+
+/// A read-only configuration opens an existing directory and creates or
+/// writes nothing: a missing directory is `DirNotFound` (it made the
+/// directory, then failed on a file inside), a missing shard folder is an
+/// error naming it (it was made). Read-only runtimes share a directory; a
+/// writer and a reader never do (`AlreadyOpen` either way round).
+#[test]
+fn a_read_only_configuration_creates_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ro = |d: &Path| {
+        common::builder(d, 8, 8)
+            .shards(2)
+            .read_only(true)
+            .build()
+            .unwrap()
+    };
+    let missing = tmp.path().join("missing");
+    match segalloc::Runtime::start(ro(&missing)) {
+        Err(Error::DirNotFound { path }) => assert_eq!(path, missing),
+        other => panic!("a missing directory: {:?}", other.map(drop)),
+    }
+    assert!(!missing.exists());
+    let d = tmp.path().join("d");
+    let rw = common::builder(&d, 8, 8).shards(2).build().unwrap();
+    let rt = segalloc::Runtime::start(rw.clone()).unwrap();
+    let h = futures::executor::block_on(rt.spawn_on(1, |s| async move {
+        let a = s.allocate(100).await?;
+        a.write_at(0, b"kept")?;
+        s.sync().await?;
+        Ok::<_, Error>(a.handle())
+    }))
+    .unwrap()
+    .unwrap();
+    // A reader beside the writer, a writer beside a reader.
+    assert!(matches!(
+        segalloc::Runtime::start(ro(&d)),
+        Err(Error::AlreadyOpen { .. })
+    ));
+    rt.shutdown().unwrap();
+    let r1 = segalloc::Runtime::start(ro(&d)).unwrap();
+    let r2 = segalloc::Runtime::start(ro(&d)).unwrap();
+    assert!(matches!(
+        segalloc::Runtime::start(rw.clone()),
+        Err(Error::AlreadyOpen { .. })
+    ));
+    let read = futures::executor::block_on(r2.spawn_on(1, move |s| async move {
+        let mut b = [0u8; 4];
+        s.pin(h).await?.read_at(0, &mut b)?;
+        Ok::<_, Error>(b)
+    }))
+    .unwrap()
+    .unwrap();
+    assert_eq!(&read, b"kept");
+    r1.shutdown().unwrap();
+    r2.shutdown().unwrap();
+    // A shard folder gone: named, not made.
+    std::fs::remove_dir_all(d.join("shard-000")).unwrap();
+    let before = std::fs::read_dir(&d).unwrap().count();
+    match segalloc::Runtime::start(ro(&d)) {
+        Err(e) => assert!(e.to_string().contains("shard-000"), "{e}"),
+        Ok(_) => panic!("a read-only start without shard 0's folder"),
+    }
+    assert!(!d.join("shard-000").exists());
+    assert_eq!(std::fs::read_dir(&d).unwrap().count(), before);
 }
 
 const CHILD_ENV: &str = "SEGALLOC_DATADIR_CHILD";
@@ -535,6 +601,57 @@ fn the_default_shard_count_of_an_existing_directory_is_its_own() {
         Err(Error::InvalidConfig(m)) => assert!(m.contains("path is empty"), "{m}"),
         other => panic!("an empty path: {other:?}"),
     }
+}
+
+/// The same for the window and file sizes: a directory created with
+/// 64 MiB windows and 128 MiB files opens with `Config::new` (it said
+/// `Mismatch` for sizes nobody asked for); set explicitly, another size is
+/// still refused.
+#[test]
+fn the_default_sizes_of_an_existing_directory_are_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("d");
+    let made = Config::builder(&d)
+        .shards(2)
+        .window_bytes(64 * MIB)
+        .max_file_bytes(128 * MIB)
+        .build()
+        .unwrap();
+    drop(DataDir::open(&made).unwrap());
+    let default = Config::new(&d);
+    assert_eq!(
+        (
+            default.shards(),
+            default.window_bytes(),
+            default.max_file_bytes()
+        ),
+        (2, 64 * MIB, 128 * MIB)
+    );
+    assert_eq!(default.growth_step_bytes(), 64 * MIB);
+    DataDir::open(&default).unwrap();
+    let rt = segalloc::Runtime::start(Config::new(&d)).unwrap();
+    rt.shutdown().unwrap();
+    let other = Config::builder(&d).window_bytes(32 * MIB).build().unwrap();
+    assert_eq!(other.max_file_bytes(), 128 * MIB);
+    match DataDir::open(&other) {
+        Err(Error::Mismatch {
+            what: "window_bytes",
+            on_disk,
+            requested,
+        }) => assert_eq!((on_disk, requested), (64 * MIB, 32 * MIB)),
+        other => panic!("an explicit other window: {other:?}"),
+    }
+    let other = Config::builder(&d)
+        .max_file_bytes(256 * MIB)
+        .build()
+        .unwrap();
+    assert!(matches!(
+        DataDir::open(&other),
+        Err(Error::Mismatch {
+            what: "max_file_bytes",
+            ..
+        })
+    ));
 }
 
 #[test]
