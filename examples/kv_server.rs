@@ -462,6 +462,10 @@ fn main() {
              (raise it with ulimit -n for up to {CONNECTIONS_MAX})"
         );
     }
+    // Bound before the directory is opened: a port in use must not leave
+    // a new data directory behind (its shard count then fixed).
+    let listener = std::net::TcpListener::bind(("127.0.0.1", args.port))
+        .unwrap_or_else(|e| fail(format_args!("bind 127.0.0.1:{}: {e}", args.port)));
     let cluster = Cluster::open(cfg).unwrap_or_else(|e| match e {
         segalloc::Error::Mismatch {
             what: "shards",
@@ -473,8 +477,6 @@ fn main() {
         )),
         e => fail(format_args!("{}: {e}", args.dir.display())),
     });
-    let listener = std::net::TcpListener::bind(("127.0.0.1", args.port))
-        .unwrap_or_else(|e| fail(format_args!("bind 127.0.0.1:{}: {e}", args.port)));
     let addr = listener
         .local_addr()
         .unwrap_or_else(|e| fail(format_args!("local address: {e}")));

@@ -29,7 +29,8 @@ use std::process::Command;
 
 use common::{
     Mount, Rng, check_pattern, find_tool, handle_from_hex, handle_hex, handle_seed, is_root,
-    open_shard, pattern_ranges, run, seed_from_env, write_pattern,
+    mount_tmpfs, mount_tmpfs_with, open_shard, pattern_ranges, run, run_tool, seed_from_env,
+    write_pattern,
 };
 use segalloc::config::MIB;
 use segalloc::{Config, Handle, PinGuard};
@@ -54,19 +55,6 @@ fn cfg(dir: &Path) -> Config {
 // Mounting.
 // ---------------------------------------------------------------------------
 
-fn run_tool(cmd: &mut Command) -> Result<(), String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 /// Why this machine cannot run the test, if it cannot.
 fn cannot_mount(tools: &[&str]) -> Option<String> {
     if !is_root() {
@@ -78,25 +66,6 @@ fn cannot_mount(tools: &[&str]) -> Option<String> {
         }
     }
     None
-}
-
-fn mount_tmpfs(at: &Path, size: &str) -> Result<Mount, String> {
-    mount_tmpfs_with(at, &format!("size={size}"))
-}
-
-/// A tmpfs at `at` with the mount options `options` (and mode 0700).
-fn mount_tmpfs_with(at: &Path, options: &str) -> Result<Mount, String> {
-    std::fs::create_dir_all(at).unwrap();
-    run_tool(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o"])
-            .arg(format!("{options},mode=0700"))
-            .arg("tmpfs")
-            .arg(at),
-    )?;
-    Ok(Mount {
-        at: at.to_path_buf(),
-    })
 }
 
 fn mount_ext4(image: &Path, at: &Path, bytes: u64) -> Result<Mount, String> {

@@ -303,15 +303,17 @@ fn incomplete(reaches: usize, resume: Resume) -> Parsed {
     }
 }
 
-/// An inline command, whose first `scanned` bytes hold no newline.
+/// An inline command, whose first `scanned` bytes hold no newline. Its
+/// line holds at most [`INLINE_BYTES_MAX`] bytes before its `\r\n` (or
+/// `\n`).
 fn parse_inline(buf: &[u8], args: &mut Vec<Range<usize>>, scanned: usize) -> Parsed {
-    let limit = buf.len().min(INLINE_BYTES_MAX + 1);
+    let limit = buf.len().min(INLINE_BYTES_MAX + 2);
     let Some(nl) = buf[scanned.min(limit)..limit]
         .iter()
         .position(|&b| b == b'\n')
         .map(|p| scanned.min(limit) + p)
     else {
-        return if buf.len() > INLINE_BYTES_MAX {
+        return if buf.len() >= INLINE_BYTES_MAX + 2 {
             Parsed::Error(ProtocolError::InlineTooLong)
         } else {
             Parsed::Incomplete {
@@ -324,6 +326,9 @@ fn parse_inline(buf: &[u8], args: &mut Vec<Range<usize>>, scanned: usize) -> Par
     } else {
         nl
     };
+    if line_end > INLINE_BYTES_MAX {
+        return Parsed::Error(ProtocolError::InlineTooLong);
+    }
     // Split as Redis's `sdssplitargs` does, which reads the line as a C
     // string: a NUL byte ends it.
     let line = &buf[..line_end];
@@ -603,7 +608,7 @@ mod tests {
             Parsed::Error(_)
         ));
         // An inline line past the limit, trickled, is refused once it is.
-        let mut line = vec![b'a'; INLINE_BYTES_MAX];
+        let mut line = vec![b'a'; INLINE_BYTES_MAX + 1];
         let Parsed::Incomplete { resume } = parse(&line, &mut args) else {
             panic!("incomplete")
         };
@@ -612,6 +617,20 @@ mod tests {
             parse_resuming(&line, &mut args, resume),
             Parsed::Error(ProtocolError::InlineTooLong)
         );
+        // A line of exactly the limit is a command, with either ending;
+        // one byte more is refused with either.
+        for end in [&b"\r\n"[..], b"\n"] {
+            let mut line = b"ECHO ".to_vec();
+            line.resize(INLINE_BYTES_MAX, b'a');
+            line.extend_from_slice(end);
+            let n = line.len();
+            assert_eq!(parse(&line, &mut args), Parsed::Command { consumed: n });
+            line.insert(5, b'a');
+            assert_eq!(
+                parse(&line, &mut args),
+                Parsed::Error(ProtocolError::InlineTooLong)
+            );
+        }
     }
 
     /// Inline commands are split as Redis splits them: each case's

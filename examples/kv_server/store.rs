@@ -275,6 +275,13 @@ const PAGES_PER_SYNC: usize = 256;
 /// sync. A second of overwrites at the fastest one shard takes them.
 const DEFERRED_MAX: usize = 1 << 20;
 
+/// The same limit in bytes: the replaced records' slots. Under `no` it is
+/// what bounds the disk an overwrite workload takes beyond its live data
+/// (the records are freed after the sync it asks for, and their space is
+/// reusable after the next: about three times this per shard), where the
+/// count alone allowed a terabyte of 1 MiB records.
+const DEFERRED_BYTES_MAX: u64 = 128 << 20;
+
 /// Keys by expiry (Unix milliseconds), soonest first.
 type ExpiryQueue = BinaryHeap<Reverse<(u64, Box<[u8]>)>>;
 
@@ -462,6 +469,9 @@ struct SyncState {
     syncs: Cell<u64>,
     /// Batches that started waiting for a sync, ever.
     waiters: Cell<u64>,
+    /// The shard's count of frees when its latest sync began: space freed
+    /// since is reusable only after another sync.
+    frees_at_sync: Cell<u64>,
     kick: Notify,
     done: Notify,
 }
@@ -505,6 +515,8 @@ pub struct Store {
     /// superseded, with the count of writes a sync must cover before they
     /// are freed (in that order).
     deferred: RefCell<VecDeque<(Handle, u64)>>,
+    /// The bytes of their slots.
+    deferred_bytes: Cell<u64>,
     /// The allocation holding the durable sequence number, once created.
     watermark: Cell<Option<Handle>>,
     /// The durable sequence number last written to `watermark`.
@@ -681,6 +693,7 @@ impl Store {
             waiting: RefCell::new(Waiting::default()),
             rounds: RefCell::new(Rounds::default()),
             deferred: RefCell::new(VecDeque::new()),
+            deferred_bytes: Cell::new(0),
             watermark: Cell::new(watermark),
             w_pending: Cell::new(durable_seq),
             w_durable: Cell::new(durable_seq),
@@ -705,6 +718,7 @@ impl Store {
                 last_sync_unix_ms: Cell::new(0),
                 syncs: Cell::new(0),
                 waiters: Cell::new(0),
+                frees_at_sync: Cell::new(0),
                 kick: Notify::new(),
                 done: Notify::new(),
             },
@@ -763,6 +777,7 @@ impl Store {
             let w_at_start = self.w_pending.get();
             let waiters = s.waiters.get();
             let started = Instant::now();
+            s.frees_at_sync.set(self.shard.stats().alloc.frees);
             let ok = match self.shard.sync().await {
                 Ok(()) => {
                     s.synced.set(target);
@@ -834,6 +849,8 @@ impl Store {
                 match deferred.front() {
                     Some(&(h, at)) if at <= synced => {
                         deferred.pop_front();
+                        self.deferred_bytes
+                            .set(self.deferred_bytes.get() - u64::from(h.len()));
                         h
                     }
                     _ => break,
@@ -846,6 +863,8 @@ impl Store {
                 );
                 // Tried again after the next sync.
                 self.deferred.borrow_mut().push_front((next, synced));
+                self.deferred_bytes
+                    .set(self.deferred_bytes.get() + u64::from(next.len()));
                 break;
             }
             freed += 1;
@@ -1421,6 +1440,42 @@ impl Store {
         !deleting.is_empty() && deleting.contains_key(&self.key_hash(key))
     }
 
+    /// Whether writers wait for a sync to free the replaced records
+    /// ([`DEFERRED_MAX`], [`DEFERRED_BYTES_MAX`]).
+    fn deferred_full(&self) -> bool {
+        self.deferred.borrow().len() >= DEFERRED_MAX
+            || self.deferred_bytes.get() >= DEFERRED_BYTES_MAX
+    }
+
+    /// Allocate a record of `total` bytes. On a full disk, space freed
+    /// since the latest sync began (deleted keys, replaced records) is
+    /// reusable only once another sync completes, and replaced records
+    /// waiting for a sync are freed only after it: then sync (twice at
+    /// most) and try again. Without that, a full disk under `everysec` or
+    /// `no` stayed full: those sync only after a write, and no write got
+    /// through.
+    async fn allocate_record(&self, total: u64) -> segalloc::Result<segalloc::Allocation> {
+        let mut syncs = 0;
+        loop {
+            let full = match self.shard.allocate(total).await {
+                Err(e @ segalloc::Error::NoSpace { .. }) => e,
+                r => return r,
+            };
+            let freed = self.shard.stats().alloc.frees > self.sync.frees_at_sync.get();
+            let helps = freed || !self.deferred.borrow().is_empty();
+            if syncs == 2 || !helps {
+                return Err(full);
+            }
+            syncs += 1;
+            // The syncer frees the replaced records after the sync, then
+            // notifies.
+            let done = self.freed.notified();
+            self.wrote();
+            self.sync_now().await?;
+            done.await;
+        }
+    }
+
     /// Write a new record for `key` if `cond` holds at the moment it is
     /// published; returns whether it was written.
     async fn put(&self, w: &Put<'_>) -> segalloc::Result<bool> {
@@ -1436,7 +1491,7 @@ impl Store {
             self.retire_ready().await?;
         }
         let mut syncs = 0;
-        while self.deferred.borrow().len() >= DEFERRED_MAX {
+        while self.deferred_full() {
             if syncs == 3 {
                 return Err(segalloc::Error::Io {
                     op: "free replaced records",
@@ -1454,7 +1509,7 @@ impl Store {
             freed.await;
         }
         let total = (HEADER_BYTES + w.key.len() + w.value.len()) as u64;
-        let (h, pin) = self.shard.allocate(total).await?.into_parts();
+        let (h, pin) = self.allocate_record(total).await?.into_parts();
         let old = match self.pin_current(w.key).await {
             Ok(old) => old,
             Err(e) => {
@@ -1483,9 +1538,7 @@ impl Store {
     /// of replaced records have room and no deletion of the key is under
     /// way.
     fn may_put_now(&self, key: &[u8]) -> bool {
-        !(self.waiting.borrow().full()
-            || self.deferred.borrow().len() >= DEFERRED_MAX
-            || self.being_deleted(key))
+        !(self.waiting.borrow().full() || self.deferred_full() || self.being_deleted(key))
     }
 
     /// The record indexed under `key`, pinned without awaiting: `None`
@@ -1517,7 +1570,8 @@ impl Store {
         let total = (HEADER_BYTES + w.key.len() + w.value.len()) as u64;
         match self.shard.try_allocate(total) {
             Ok(Some(a)) => Some(self.publish(w, a.into_parts(), old)),
-            Ok(None) => None,
+            // The awaiting path syncs to reuse freed space, and tries again.
+            Ok(None) | Err(segalloc::Error::NoSpace { .. }) => None,
             Err(err) => Some(Err(err)),
         }
     }
@@ -1589,6 +1643,8 @@ impl Store {
             } else if mark_superseded(&old_pin, seq)? {
                 drop(old_pin);
                 self.deferred.borrow_mut().push_back((old.handle, ready_at));
+                self.deferred_bytes
+                    .set(self.deferred_bytes.get() + u64::from(old.handle.len()));
             } else {
                 // A record of the previous layout has no room for the mark:
                 // it waits for a round, as under `always`.

@@ -482,6 +482,44 @@ pub fn find_tool(tool: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Run `cmd`; its stderr in the error when it fails.
+#[allow(dead_code)]
+pub fn run_tool(cmd: &mut std::process::Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A tmpfs of `size` (`64m`) mounted at `at` (made if missing), mode 0700,
+/// unmounted when the `Mount` drops. Needs root.
+#[allow(dead_code)]
+pub fn mount_tmpfs(at: &std::path::Path, size: &str) -> Result<Mount, String> {
+    mount_tmpfs_with(at, &format!("size={size}"))
+}
+
+/// A tmpfs at `at` with the mount options `options` (and mode 0700).
+#[allow(dead_code)]
+pub fn mount_tmpfs_with(at: &std::path::Path, options: &str) -> Result<Mount, String> {
+    std::fs::create_dir_all(at).unwrap();
+    run_tool(
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("{options},mode=0700"))
+            .arg("tmpfs")
+            .arg(at),
+    )?;
+    Ok(Mount {
+        at: at.to_path_buf(),
+    })
+}
+
 /// A mounted file system, unmounted when dropped (also when a test fails).
 pub struct Mount {
     /// The mount point.
