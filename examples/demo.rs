@@ -229,9 +229,7 @@ const PROGRAM: &str = "demo";
 /// program (a root the demo does not make) is refused first, before
 /// anything is freed; a shard without the demo's mark gets it.
 async fn verify_shard(shard: Shard) -> Result<Verified, Error> {
-    let mark = owner::claim(&shard, PROGRAM)
-        .await
-        .map_err(Error::InvalidConfig)?;
+    let mark = owner::claim(&shard, PROGRAM).await?;
     let mut v = Verified {
         marks: 1,
         ..Verified::default()
@@ -651,8 +649,10 @@ fn disk_bytes(dir: &Path, depth: u32) -> u64 {
         .sum()
 }
 
-/// Refuse a run whose live data would not fit on the file system.
-fn check_space(args: &Args, min: u64, max: u64) -> Result<(), String> {
+/// Refuse a run whose live data would not fit on the file system, with
+/// what each shard reserves at its first allocation (`growth_step_bytes`)
+/// and its metadata (1 MiB).
+fn check_space(args: &Args, cfg: &Config, min: u64, max: u64) -> Result<(), String> {
     let mut at = std::path::absolute(&args.dir).map_err(|e| e.to_string())?;
     while !at.exists() {
         if !at.pop() {
@@ -667,15 +667,21 @@ fn check_space(args: &Args, min: u64, max: u64) -> Result<(), String> {
         free_bytes += disk_bytes(&args.dir, 2) as u128;
     }
     // Two thirds stay live; slots round up by at most 1/8.
-    let need_bytes = args.records as u128 * (min + max) as u128 / 2 * 2 / 3 * 9 / 8;
+    let live_bytes = args.records as u128 * (min + max) as u128 / 2 * 2 / 3 * 9 / 8;
+    let per_shard = (cfg.growth_step_bytes() + segalloc::config::MIB) as u128;
+    let need_bytes = live_bytes + cfg.shards() as u128 * per_shard;
     if need_bytes > free_bytes {
+        let mib = |b: u128| b as f64 / segalloc::config::MIB as f64;
         return Err(format!(
-            "--records {} of {} B would keep about {} GiB live, but {} has {} GiB free",
+            "--records {} of {} B would keep about {:.1} MiB live, and {} shard(s) reserve \
+             {:.1} MiB each at first (growth_step_bytes and metadata), but {} has {:.1} MiB free",
             args.records,
             args.record_bytes,
-            need_bytes >> 30,
+            mib(live_bytes),
+            cfg.shards(),
+            mib(per_shard),
             at.display(),
-            free_bytes >> 30
+            mib(free_bytes)
         ));
     }
     Ok(())
@@ -885,7 +891,7 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         b.build()
     };
     let mut cfg = config()?;
-    check_space(args, min, max)?;
+    check_space(args, &cfg, min, max)?;
     if args.fresh {
         // Refuses anything but a closed segalloc data directory.
         segalloc::DataDir::clear(&args.dir).map_err(|e| format!("--fresh: {e}"))?;
@@ -1459,10 +1465,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut args = Args::parse_from(["demo", "--records", "1000"]);
         args.dir = dir.path().join("d");
-        assert!(check_space(&args, 16, 1024).is_ok());
+        let cfg = Config::builder(&args.dir)
+            .shards(2)
+            .build()
+            .expect("config");
+        assert!(check_space(&args, &cfg, 16, 1024).is_ok());
         args.records = u64::MAX;
-        let e = check_space(&args, 16, 1024).expect_err("does not fit");
-        assert!(e.contains("GiB free"), "{e}");
+        let e = check_space(&args, &cfg, 16, 1024).expect_err("does not fit");
+        assert!(
+            e.contains("MiB free") && e.contains("2 shard(s) reserve 65.0 MiB"),
+            "{e}"
+        );
     }
 
     /// `--fresh` deletes nothing when the run is refused for its other

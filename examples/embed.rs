@@ -100,9 +100,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     return Err(Error::InvalidConfig(why));
                 }
                 let shard = shard?;
-                owner::claim(&shard, "embed")
-                    .await
-                    .map_err(Error::InvalidConfig)?;
+                owner::claim(&shard, "embed").await?;
                 let before = shard.live_count();
                 // A "request handler": store 10,000 records.
                 let mut mine = Vec::new();

@@ -32,12 +32,12 @@ use segalloc::config::MIB;
 use segalloc::{Config, EvictionPolicy, FileHandleRegistry, MappingConfig, MappingManager, Ring};
 use serde::Serialize;
 
-/// A window cap of 1 to 4,096 (the largest working set is 4 × the cap, of
-/// 16 MiB windows in one file).
+/// A window cap of 2 to 4,096 (a shard needs two windows; the largest
+/// working set is 4 × the cap, of 16 MiB windows in one file).
 fn cap_in_range(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
-        Ok(n) if (1..=4096).contains(&n) => Ok(n),
-        _ => Err(format!("`{s}` is not a cap from 1 to 4096")),
+        Ok(n) if (2..=4096).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}` is not a cap from 2 to 4096")),
     }
 }
 

@@ -26,12 +26,14 @@ use clap::Parser;
 use segalloc::config::MIB;
 use segalloc::{Config, FileHandleRegistry, IoBackendChoice, MappingConfig, MappingManager, Ring};
 
-/// A window size in MiB: a positive multiple of 16, at most 1 TiB.
+/// A window size in MiB: a positive multiple of 16, at most 64 GiB (the
+/// library's largest window).
 fn window_mb(s: &str) -> Result<u64, String> {
+    let max = 64 * 1024;
     match s.parse::<u64>() {
-        Ok(n) if n > 0 && n % 16 == 0 && n <= 1 << 20 => Ok(n),
+        Ok(n) if n > 0 && n % 16 == 0 && n <= max => Ok(n),
         _ => Err(format!(
-            "`{s}` is not a window size in MiB (a positive multiple of 16, at most 1048576)"
+            "`{s}` is not a window size in MiB (a positive multiple of 16, at most {max})"
         )),
     }
 }
@@ -47,7 +49,7 @@ struct Args {
     #[arg(long, default_value_t = 64, value_parser = window_mb)]
     window_mb: u64,
     /// Bytes written into each window before the next (makes fdatasync
-    /// work); at most the window.
+    /// work); a larger value writes the whole window.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     write_bytes: usize,
     /// Where the temporary directory of the files goes (a `.tmp…` folder,

@@ -535,6 +535,10 @@ impl Runtime {
     /// what it queued in memory; await the handles, or keep a bounded
     /// number in flight. (Frees one shard forwards to another go through
     /// bounded channels instead: see [`Shard::free`].)
+    ///
+    /// Inside a shard's task, await the handle: blocking on it there (with
+    /// `futures::executor::block_on`) stops that shard's thread, and a task
+    /// it waits for on that shard, or on one that waits for it, never runs.
     pub fn spawn_on<F, Fut, T>(&self, shard: usize, f: F) -> JoinHandle<T>
     where
         F: FnOnce(Shard) -> Fut + Send + 'static,

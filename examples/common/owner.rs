@@ -49,13 +49,15 @@ pub fn foreign_root(shard: &Shard, program: &str) -> Option<String> {
 
 /// Mark `shard` as `program`'s (once; a mark whose allocation is gone is
 /// made again) and return the mark's handle, which is not a record. Refuses
-/// a shard of another program ([`foreign_root`]); nothing is changed then.
-pub async fn claim(shard: &Shard, program: &str) -> Result<Handle, String> {
+/// a shard of another program ([`foreign_root`]) with
+/// `Error::InvalidConfig` (the directory given is the wrong one); nothing
+/// is changed then. The library's errors (a full disk, say) come back as
+/// they are.
+pub async fn claim(shard: &Shard, program: &str) -> segalloc::Result<Handle> {
     if let Some(why) = foreign_root(shard, program) {
-        return Err(why);
+        return Err(segalloc::Error::InvalidConfig(why));
     }
     let name = root_name(program);
-    let err = |e: segalloc::Error| format!("shard {}: {name}: {e}", shard.index());
     let mut b = [0u8; BYTES as usize];
     b[..4].copy_from_slice(&MAGIC.to_le_bytes());
     let tag = program.as_bytes();
@@ -63,22 +65,22 @@ pub async fn claim(shard: &Shard, program: &str) -> Result<Handle, String> {
     b[8..8 + n].copy_from_slice(&tag[..n]);
     if let Some(h) = shard.root(&name) {
         if shard.allocator().is_live(&h) && h.len() as u64 >= BYTES {
-            let pin = shard.pin(h).await.map_err(err)?;
+            let pin = shard.pin(h).await?;
             let mut found = [0u8; BYTES as usize];
-            pin.read_at(0, &mut found).map_err(err)?;
+            pin.read_at(0, &mut found)?;
             if found == b {
                 return Ok(h);
             }
         }
         // Lost with an unsynced allocation, or its slot since taken for
         // something else: made again below.
-        shard.remove_root(&name).map_err(err)?;
+        shard.remove_root(&name)?;
     }
-    let a = shard.allocate(BYTES).await.map_err(err)?;
-    a.write_at(0, &b).map_err(err)?;
+    let a = shard.allocate(BYTES).await?;
+    a.write_at(0, &b)?;
     let (h, pin) = a.into_parts();
     drop(pin);
-    shard.set_root(&name, h).map_err(err)?;
+    shard.set_root(&name, h)?;
     Ok(h)
 }
 

@@ -649,9 +649,7 @@ impl Store {
         {
             shard.remove_root(WATERMARK_ROOT)?;
         }
-        let owner = crate::owner::claim(&shard, PROGRAM)
-            .await
-            .map_err(segalloc::Error::InvalidConfig)?;
+        let owner = crate::owner::claim(&shard, PROGRAM).await?;
         let found = shard.root(WATERMARK_ROOT);
         let (watermark, durable_seq) = match found {
             Some(h) => match read_watermark(&pin_of(&shard, h).await?) {

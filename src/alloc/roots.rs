@@ -15,8 +15,9 @@ impl SegmentAllocator {
     ///
     /// # Errors
     ///
-    /// [`Error::Root`] for an empty or over-long name or a full table; the
-    /// errors of a bad handle as for [`pin`](Self::pin).
+    /// [`Error::Root`] for an empty or over-long name or a full table (a
+    /// shard holds at most 1,024 names); the errors of a bad handle as for
+    /// [`pin`](Self::pin).
     pub fn set_root(&self, name: &str, handle: Handle) -> Result<()> {
         self.check_writable()?;
         if name.is_empty() || name.len() > format::MAX_ROOT_NAME_BYTES {

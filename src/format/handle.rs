@@ -1,23 +1,8 @@
 //! `Handle`: the durable address of an allocation, and its encoding.
 //!
 //! A handle is `Copy`, 40 bytes when encoded, little-endian, and checksummed,
-//! so it can be stored inside other allocations and decoded after a restart.
-//!
-//! | offset | size | field |
-//! |---|---|---|
-//! | 0 | 1 | magic `0xA5` |
-//! | 1 | 1 | format version (1) |
-//! | 2 | 1 | size class |
-//! | 3 | 1 | reserved, 0 |
-//! | 4 | 2 | shard |
-//! | 6 | 2 | reserved, 0 |
-//! | 8 | 4 | data file number |
-//! | 12 | 4 | segment id |
-//! | 16 | 4 | segment generation |
-//! | 20 | 4 | slot length in bytes |
-//! | 24 | 8 | byte offset of the slot in the data file |
-//! | 32 | 4 | data-directory tag (low 32 bits of its random id) |
-//! | 36 | 4 | CRC-32C of bytes 0..36 |
+//! so it can be stored inside other allocations and decoded after a restart
+//! (the layout is in [`Handle`]'s docs).
 
 use super::classes;
 
@@ -63,8 +48,30 @@ const _: () = assert!(OFF_CRC + 4 == HANDLE_BYTES);
 /// length and class, plus the segment's generation and a tag of the data
 /// directory, so a stale handle or one from another directory is rejected.
 ///
+/// [`to_bytes`](Self::to_bytes) encodes it in [`HANDLE_BYTES`] (40)
+/// bytes, little-endian and checksummed, to be stored inside other
+/// allocations and decoded after a restart by
+/// [`from_bytes`](Self::from_bytes):
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 1 | magic `0xA5` |
+/// | 1 | 1 | format version (1) |
+/// | 2 | 1 | size class |
+/// | 3 | 1 | reserved, 0 |
+/// | 4 | 2 | shard |
+/// | 6 | 2 | reserved, 0 |
+/// | 8 | 4 | data file number |
+/// | 12 | 4 | segment id |
+/// | 16 | 4 | segment generation |
+/// | 20 | 4 | slot length in bytes |
+/// | 24 | 8 | byte offset of the slot in the data file |
+/// | 32 | 4 | data-directory tag (low 32 bits of its random id) |
+/// | 36 | 4 | CRC-32C of bytes 0..36 |
+///
 /// ```
 /// use segalloc::Handle;
+/// // `h`: the handle of an allocation (`Allocation::handle`).
 /// # let h = Handle::example();
 /// let bytes = h.to_bytes();
 /// assert_eq!(Handle::from_bytes(&bytes)?, h);

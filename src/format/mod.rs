@@ -42,6 +42,7 @@ pub use roots::{MAX_ROOT_NAME_BYTES, RootSlot};
 pub const FORMAT_VERSION: u32 = 2;
 
 /// Name of a shard's metadata file.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
 pub const META_FILE: &str = "meta.seg";
 
 /// Name of a data directory's manifest file.

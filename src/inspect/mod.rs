@@ -1,8 +1,8 @@
 //! Offline, read-only inspection of a data directory: the library side of the
 //! `segalloc` command-line tool (`stat`, `verify`, `live`), in the spirit of
 //! LMDB's `mdb_stat` and PMDK's `pmempool info` / `pmempool check`. Built
-//! with the `cli` feature (on by default); its report types serialize with
-//! `serde`.
+//! with the `cli` feature (on by default); the summary the tool prints as
+//! JSON ([`StatSummary`] and the types in it) serializes with `serde`.
 //!
 //! [`read_dir`] reads the manifest and every shard's `meta.seg` with plain
 //! positioned reads (no mmap), lists the data files, and returns a

@@ -144,7 +144,10 @@ impl Shard {
     /// # Errors
     ///
     /// [`Error::NoExecutor`] outside a tokio runtime, or in one without
-    /// timers;
+    /// timers (tokio tells that only by a panic, which is caught: the panic
+    /// hook prints its message; in a build with `panic = "abort"` the
+    /// timers cannot be checked, and their absence aborts at the first
+    /// wait);
     /// [`Error::ShardAlreadyOpen`] when the shard is already open for writing
     /// (each writable open holds the shard's lock until it is dropped);
     /// [`Error::InvalidConfig`] for an index out of range; recovery errors
@@ -516,26 +519,34 @@ pub(crate) fn require_tokio(call: &'static str) -> Result<()> {
     // they are first used (a `finish_frees` that panics loses the frees it
     // holds). tokio offers no query either: a timer is made and dropped,
     // and its panic (the hook prints its message) turned into the error.
-    std::panic::catch_unwind(|| drop(tokio::time::sleep(std::time::Duration::ZERO))).map_err(|_| {
-        Error::NoExecutor {
+    // Built with `panic = "abort"` that panic would end the process: then
+    // nothing is checked, and a runtime without timers aborts at its first
+    // wait, as tokio makes it.
+    #[cfg(not(panic = "abort"))]
+    std::panic::catch_unwind(|| drop(tokio::time::sleep(std::time::Duration::ZERO))).map_err(
+        |_| Error::NoExecutor {
             call,
             needs: "a tokio runtime with timers (Builder::enable_time, or enable_all)",
-        }
-    })
+        },
+    )?;
+    Ok(())
 }
 
 /// [`Error::NoExecutor`] unless local tasks can be spawned here (a tokio
 /// `LocalSet`, or tokio-uring). tokio offers no query for this, so a no-op
 /// task is spawned; outside a `LocalSet` that panics (the panic hook
-/// prints its message) and the panic is turned into the error.
+/// prints its message) and the panic is turned into the error. (Not with
+/// `panic = "abort"`: see [`require_tokio`].)
 pub(crate) fn require_local_set(call: &'static str) -> Result<()> {
     require_tokio(call)?;
+    #[cfg(not(panic = "abort"))]
     std::panic::catch_unwind(|| drop(tokio::task::spawn_local(async {}))).map_err(|_| {
         Error::NoExecutor {
             call,
             needs: "a tokio LocalSet (LocalSet::block_on or run_until) or tokio-uring",
         }
-    })
+    })?;
+    Ok(())
 }
 
 impl std::fmt::Debug for Shard {
