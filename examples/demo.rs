@@ -893,6 +893,9 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let mut cfg = config()?;
     check_space(args, &cfg, min, max)?;
     if args.fresh {
+        if let Some(why) = owner::foreign_root_in(&args.dir, PROGRAM) {
+            return Err(format!("--fresh: {why}").into());
+        }
         // Refuses anything but a closed segalloc data directory.
         segalloc::DataDir::clear(&args.dir).map_err(|e| format!("--fresh: {e}"))?;
         // Built again: the shard count left unset was the old directory's.
@@ -1480,6 +1483,29 @@ mod tests {
 
     /// `--fresh` deletes nothing when the run is refused for its other
     /// arguments (it deleted the directory, then refused them).
+    #[test]
+    fn fresh_refuses_another_programs_directory() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let d = tmp.path().join("d");
+        let cfg = Config::builder(&d).shards(1).build().expect("config");
+        let dd = std::sync::Arc::new(segalloc::DataDir::open(&cfg).expect("create"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let shard = Shard::open(dd, &cfg, 0).await.expect("open");
+            let h = shard.allocate(16).await.expect("allocate").into_handle();
+            shard.set_root("kv_server.owner", h).expect("root");
+            shard.sync().await.expect("sync");
+        });
+        let d_str = d.to_str().expect("utf-8");
+        let args = Args::parse_from(["demo", "--fresh", "--dir", d_str, "--records", "60"]);
+        let e = run(&args).expect_err("refused").to_string();
+        assert!(e.contains("kv_server.owner"), "{e}");
+        assert!(d.join(segalloc::datadir::MANIFEST_FILE).exists());
+    }
+
     #[test]
     fn a_refused_fresh_run_deletes_nothing() {
         let tmp = tempfile::tempdir().expect("tempdir");

@@ -49,6 +49,9 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.fresh {
+        if let Some(why) = owner::foreign_root_in(&args.dir, "embed") {
+            return Err(format!("--fresh: {why}").into());
+        }
         // Refuses anything but a closed segalloc data directory.
         segalloc::DataDir::clear(&args.dir).map_err(|e| format!("--fresh: {e}"))?;
     }

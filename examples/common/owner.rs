@@ -47,6 +47,25 @@ pub fn foreign_root(shard: &Shard, program: &str) -> Option<String> {
     ))
 }
 
+/// Why `program` refuses the closed data directory `dir`, if a shard of
+/// it holds a root of another program: read offline, before `--fresh`
+/// deletes it (the data of another program is not the demo's to delete).
+/// `None` when it holds none, or cannot be read (the deletion then says
+/// why, if it refuses).
+pub fn foreign_root_in(dir: &std::path::Path, program: &str) -> Option<String> {
+    let ns = format!("{program}.");
+    let report = segalloc::inspect::read_dir(dir).ok()?;
+    report.shards.iter().find_map(|s| {
+        let r = s.roots.iter().find(|r| !r.name.starts_with(&ns))?;
+        Some(format!(
+            "shard {} holds the root `{}`, which {program} does not make: this data \
+             directory belongs to another program; use another directory, or delete it \
+             yourself",
+            s.index, r.name
+        ))
+    })
+}
+
 /// Mark `shard` as `program`'s (once; a mark whose allocation is gone is
 /// made again) and return the mark's handle, which is not a record. Refuses
 /// a shard of another program ([`foreign_root`]) with
