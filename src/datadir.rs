@@ -789,6 +789,20 @@ fn destroy_plan(path: &Path, shard_count: u16) -> Result<DestroyPlan> {
     })
 }
 
+/// Whether `name`, an entry at the top of a data directory (`is_dir`: a
+/// folder, not a symlink), is one segalloc makes there other than a shard
+/// folder: the manifest, its temporary and tombstone, the lock, a mount
+/// point's `lost+found`. (What [`destroy_plan`] lets through.)
+pub(crate) fn is_own_top_file(name: &str, is_dir: bool) -> bool {
+    matches!(
+        (name, is_dir),
+        (
+            MANIFEST_TMP_FILE | MANIFEST_FILE | DESTROYING_FILE | LOCK_FILE,
+            false
+        ) | (LOST_FOUND, true)
+    )
+}
+
 /// `meta.seg` or `data-NNNNNN.seg`.
 fn is_shard_file_name(name: &std::ffi::OsStr) -> bool {
     let Some(n) = name.to_str() else {

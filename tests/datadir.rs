@@ -1526,3 +1526,27 @@ fn a_sync_after_the_directory_was_removed_is_an_error() {
         ));
     });
 }
+
+/// An entry segalloc does not make, at the top of a data directory, is
+/// reported by the inspector (`segalloc verify` said clean), since
+/// `destroy` and `clear` refuse the directory while it is there.
+#[test]
+fn the_inspector_reports_an_entry_destroy_would_refuse() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(&tmp.path().join("d"));
+    drop(DataDir::open(&cfg).unwrap());
+    let before = segalloc::inspect::verify(cfg.dir()).unwrap();
+    assert!(before.iter().all(|p| p.shard.is_some()), "{before:?}");
+    std::fs::write(cfg.dir().join("stray.txt"), b"x").unwrap();
+    let found = segalloc::inspect::verify(cfg.dir()).unwrap();
+    assert!(
+        found
+            .iter()
+            .any(|p| p.file.as_deref() == Some("stray.txt") && p.detail.contains("destroy")),
+        "{found:?}"
+    );
+    assert!(matches!(
+        DataDir::destroy(cfg.dir()),
+        Err(Error::NotDataDir { .. })
+    ));
+}

@@ -203,13 +203,31 @@ pub fn read_dir(path: impl AsRef<Path>) -> Result<DirReport> {
     })
 }
 
-/// Shard folders beyond the directory's shard count.
+/// Shard folders beyond the directory's shard count, and entries segalloc
+/// does not make: `DataDir::destroy` and `clear` (the demo's `--fresh`)
+/// refuse the directory while one is there.
 fn stray_shard_folders(listing: &[(String, Kind)], g: &Manifest, problems: &mut Vec<Problem>) {
     for (name, kind) in listing {
-        let Some(i) = shard_index_of(name) else {
+        let Some(i) = shard_index_of(name).filter(|&i| *name == shard_folder_name(i)) else {
+            if !crate::datadir::is_own_top_file(name, matches!(kind, Kind::Dir)) {
+                Reporter {
+                    out: problems,
+                    shard: None,
+                    file: Some(name.clone()),
+                }
+                .warn(
+                    None,
+                    None,
+                    format!(
+                        "an entry segalloc does not make ({}): ignored, but DataDir::destroy \
+                         and clear refuse the directory while it is there",
+                        kind.describe()
+                    ),
+                );
+            }
             continue;
         };
-        if i >= g.shard_count && *name == shard_folder_name(i) {
+        if i >= g.shard_count {
             Reporter {
                 out: problems,
                 shard: None,
