@@ -78,10 +78,12 @@ impl SegmentAllocator {
     /// both punch holes and reserve blocks (then this returns `Ok(0)`).
     /// While `trim` runs, the runs it works on cannot be allocated from.
     ///
-    /// A run whose window a [`PinGuard`](crate::PinGuard) still maps (a pin kept past
-    /// the free of its allocation) is not punched; a later `trim` punches it
-    /// once the window has no pin. A pin made after the run was punched
-    /// cannot exist: a freed allocation cannot be pinned.
+    /// A run whose window a [`PinGuard`](crate::PinGuard) of this shard still
+    /// maps (a pin kept past the free of its allocation) is not punched; a
+    /// later `trim` punches it once the window has no pin. A pin made after
+    /// the run was punched cannot exist: a freed allocation cannot be
+    /// pinned. (Another shard's `Shard::pin_foreign` is not seen here: its
+    /// contract keeps the allocation from being freed while it is pinned.)
     ///
     /// # Errors
     ///

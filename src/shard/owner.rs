@@ -203,14 +203,26 @@ impl Shard {
     /// [`run_on_owner`](Self::run_on_owner) are the safe ways. A handle of
     /// this shard is pinned as by [`pin`](Self::pin).
     ///
+    /// The owner does not know of the pin: its checks of its own pins do
+    /// not see it. It checks that the handle is live when it answers, and
+    /// the mapping is made after that answer, so an allocation freed from
+    /// the call on is the caller's to prevent (below): freed meanwhile, it
+    /// may still be pinned (its old bytes, or once its slot is handed out
+    /// again, which the next sync allows, the new allocation's, with the
+    /// same handle); freed while pinned, the owner's
+    /// [`trim`](Self::trim) may punch the run under the pin (its bytes
+    /// then read as zeros, and a write through the pin on a full disk is a
+    /// `SIGBUS`).
+    ///
     /// # Safety
     ///
     /// While the returned pin lives, no other thread (the owner shard in
     /// particular) may write the bytes it covers while this thread reads or
     /// writes them, and no other thread may read them while this thread
-    /// writes them; the allocation must not be freed and reused meanwhile.
-    /// The pin itself is `!Send`. This is `memmap2::MmapMut::map_mut`'s
-    /// contract for a file another party may modify.
+    /// writes them; the allocation must not be freed from the call until
+    /// the pin is dropped. The pin itself is `!Send`. This is
+    /// `memmap2::MmapMut::map_mut`'s contract for a file another party may
+    /// modify.
     ///
     /// Bytes written through the pin are made durable by this shard's
     /// [`sync`](Self::sync) (and so by `Runtime::sync`), not by the owner's:
