@@ -382,3 +382,62 @@ fn generations_that_wrap_past_u32_max_still_recover() {
     let report = segalloc::inspect::read_dir(dir.path()).unwrap();
     assert_eq!(report.errors().count(), 0, "{:?}", report.problems);
 }
+
+/// A segment issued about 2^31 publications before the words (the
+/// shard's first, still live) lies "ahead" of them in wrapping order, yet
+/// is older: a reopen goes on from the words (it went back to just after
+/// that segment, issued generations again, and with the words at 2^31 + 2
+/// never advanced them again, so a data file cut short under synced
+/// segments read as lost growth and opened without them). The cut is
+/// refused.
+#[test]
+fn a_segment_issued_half_the_range_ago_is_older_than_the_words() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = segalloc::Config::builder(dir.path())
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(64 * 1024)
+        .build()
+        .unwrap();
+    let first = run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        let h = shard.allocate(3000).await.unwrap().handle();
+        shard.sync().await.unwrap();
+        h
+    });
+    assert_eq!(first.generation(), 1);
+    let words = (1u32 << 31) + 2;
+    let meta = dir.path().join("shard-000/meta.seg");
+    let f = std::fs::OpenOptions::new().write(true).open(&meta).unwrap();
+    let w = segalloc::format::encode_counter(words).to_le_bytes();
+    f.write_all_at(&w, 520).unwrap();
+    f.write_all_at(&w, 528).unwrap();
+    drop(f);
+    let data = dir.path().join("shard-000/data-000000.seg");
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        let mut gens = Vec::new();
+        for size in [16, 200, 20_000] {
+            gens.push(shard.allocate(size).await.unwrap().handle().generation());
+        }
+        assert_eq!(gens, [words, words + 1, words + 2]);
+        shard.sync().await.unwrap();
+    });
+    let f = std::fs::File::open(&meta).unwrap();
+    for at in [520, 528] {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, at).unwrap();
+        let w = segalloc::format::decode_counter(u64::from_le_bytes(b));
+        assert_eq!(w, Some(words + 3), "word at {at}");
+    }
+    // Synced segments cut short: damage, refused.
+    let len = std::fs::metadata(&data).unwrap().len();
+    cut(&data, len / 2);
+    let report = segalloc::inspect::read_dir(dir.path()).unwrap();
+    assert!(report.errors().count() > 0, "{:?}", report.problems);
+    assert!(matches!(
+        run(open_shard(&cfg)),
+        Err(Error::DataFileTruncated { .. })
+    ));
+}

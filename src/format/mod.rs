@@ -181,9 +181,10 @@ pub(crate) fn generation_after(g: u32) -> u32 {
 /// Whether generation `a` was issued later than generation `b`. They wrap
 /// ([`generation_after`]), so they compare in wrapping order: `a` is later
 /// when it lies less than 2^31 issues ahead of `b`. (A shard issues one
-/// per segment it publishes; a segment 2^31 publications old compares as
-/// newer, which only matters to the checks of its data file's length and
-/// of overlaps below.)
+/// per segment it publishes, so a live segment issued 2^31 publications
+/// ago compares as newer: the scan's next generation looks only a
+/// directory's worth of entries past the words, and the overlap check,
+/// which only damage makes, takes it as the newer.)
 #[inline]
 pub(crate) fn issued_later(a: u32, b: u32) -> bool {
     let ahead = a.wrapping_sub(b);

@@ -346,7 +346,7 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
     };
     let durable = s.durable_generation.unwrap_or(0);
     let gens = s.segments.iter().map(|x| x.header.generation);
-    s.next_generation = next_generation(persisted, durable, gens);
+    s.next_generation = next_generation(persisted, durable, readable, gens);
     resolve_overlaps(&mut s);
     drop_lost_growth(t, &mut s);
     check_data_files(t, &mut s);
@@ -362,29 +362,43 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
     Ok(s)
 }
 
-/// The generation to issue next: after every segment found and the
-/// persisted word (a segment can reach the disk before the word that
-/// counted it), and never before the durable generation: a segment
-/// published after the reopen has growth no sync covered, and must not
-/// count as covered. (The durable word can be ahead of both others: a
-/// segment dropped for lost growth, then a sync, with the next
-/// generation's word stale.) Generations wrap, so "after" is in wrapping
-/// order from the words (`issued_later`); segments far behind them are
-/// older, not newer. A shard with neither word (made before they existed,
-/// or both torn) takes the largest generation found.
-fn next_generation(persisted: u32, durable: u32, gens: impl Iterator<Item = u32>) -> u32 {
-    let mut next = match (persisted, durable) {
+/// The generation to issue next: from the words, past every segment found
+/// that was issued at or after them (a segment can reach the disk before
+/// the word that counted it), and never before the durable generation: a
+/// segment published after the reopen has growth no sync covered, and
+/// must not count as covered. (The durable word can be ahead of the next
+/// one's: a segment dropped for lost growth, then a sync, with the next
+/// generation's word stale.) Generations wrap, so "at or after" is in
+/// wrapping order, and within `entries` (the directory's capacity) of the
+/// words: the segments published since the words last reached the disk
+/// each took an entry of their own (an entry is reused only after a sync,
+/// which writes the words), while any segment further on is an old one
+/// (issued 2^31 or more publications ago, it lies "ahead" in wrapping
+/// order too). A shard with neither word (made before they existed, or
+/// both torn) takes the largest generation found.
+fn next_generation(
+    persisted: u32,
+    durable: u32,
+    entries: u32,
+    gens: impl Iterator<Item = u32>,
+) -> u32 {
+    let from = match (persisted, durable) {
         (0, 0) => return gens.max().map_or(1, generation_after),
         (0, d) | (d, 0) => d,
-        (p, d) if issued_later(d, p) => d,
+        (p, d) if issued_later(d, p) && d.wrapping_sub(p) <= entries => d,
         (p, _) => p,
     };
-    for g in gens {
-        if g == next || issued_later(g, next) {
-            next = generation_after(g);
-        }
+    let ahead = gens
+        .map(|g| g.wrapping_sub(from))
+        .filter(|&d| d < entries.max(1))
+        .map(|d| d + 1)
+        .max()
+        .unwrap_or(0);
+    // 0 is never issued: the one after `u32::MAX` is 1.
+    match from.wrapping_add(ahead) {
+        0 => 1,
+        n => n,
     }
-    next
 }
 
 fn scan_superblock(
@@ -521,7 +535,7 @@ mod tests {
 
     #[test]
     fn the_next_generation_follows_the_newest_in_wrapping_order() {
-        let next = |p, d, gens: &[u32]| next_generation(p, d, gens.iter().copied());
+        let next = |p, d, gens: &[u32]| next_generation(p, d, 1000, gens.iter().copied());
         // Neither word: the largest found.
         assert_eq!(next(0, 0, &[]), 1);
         assert_eq!(next(0, 0, &[3, 9, 4]), 10);
@@ -535,7 +549,17 @@ mod tests {
         }
         // A durable word past the wrap, the next one's word before it.
         assert_eq!(next(u32::MAX, 2, &[u32::MAX - 3]), 2);
-        // Segments far behind the words are older, not newer.
+        // Segments far behind the words are older, not newer, also those
+        // less than 2^31 ahead of them in wrapping order.
         assert_eq!(next(3, 2, &[u32::MAX - 10, (1 << 31) + 10]), 3);
+        assert_eq!(
+            next((1 << 31) + 2, (1 << 31) + 2, &[1, 2, 3, 4]),
+            (1 << 31) + 2
+        );
+        assert_eq!(
+            next((1 << 31) + 100, (1 << 31) + 100, &[1, 5]),
+            (1 << 31) + 100
+        );
+        assert_eq!(next(7, 7, &[7 + 999, 7 + 1000]), 7 + 1000);
     }
 }
