@@ -1128,3 +1128,54 @@ fn a_free_forwarded_to_a_poisoned_owner_fails_its_flush() {
     );
     let _ = rt.shutdown();
 }
+
+/// A sync dropped in flight whose `fdatasync` then completes with `EINTR`:
+/// the retry that collecting it under descriptor pressure starts is kept
+/// for the file's next sync like the first attempt, so the ring still
+/// drives it and an allocation that needs another file's descriptor waits
+/// for it (it failed with `FdPressure`: the retry was nobody's to reap).
+/// (With `SEGALLOC_IO=sync` the operation and its retry end within the
+/// first poll.)
+#[test]
+fn a_dropped_syncs_interrupted_fdatasync_is_retried_and_gives_its_descriptor_back() {
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let cfg = Config::builder(dir.path())
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .max_file_bytes(16 * MIB)
+        .max_windows(2)
+        .max_open_files(1)
+        .build()
+        .unwrap();
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        let mut in_file_0 = Vec::new();
+        loop {
+            let a = shard.allocate(MIB).await.unwrap();
+            a.pin().fill(0, a.len(), 7).unwrap();
+            let h = a.into_handle();
+            if h.file_id() == 1 {
+                break;
+            }
+            in_file_0.push(h);
+        }
+        shard.sync().await.unwrap();
+        for h in &in_file_0 {
+            let p = shard.pin(*h).await.unwrap();
+            p.fill(0, p.len(), 9).unwrap();
+        }
+        shard.mappings().evict_idle();
+        faults::inject(Fault::new(FaultOp::Fsync, EINTR).at_completion());
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut s = Box::pin(shard.sync());
+        let _ = s.as_mut().poll(&mut cx);
+        drop(s);
+        // File 1 grows: its descriptor waits for the kept fdatasync's.
+        let r = shard.allocate(MIB).await.map(|a| a.handle());
+        assert!(r.is_ok(), "{r:?}");
+        shard.sync().await.unwrap();
+    });
+}

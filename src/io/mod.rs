@@ -410,6 +410,7 @@ impl Ring {
                         attempts: 0,
                         rest: None,
                         fail_at_completion,
+                        detached: false,
                     };
                 }
                 Err((e, _res)) => {
@@ -543,6 +544,9 @@ pub struct Op {
     /// The errno its completion is replaced by (an injected fault, feature
     /// `fault-injection`).
     fail_at_completion: Option<i32>,
+    /// Kept for a later task, which has not polled it yet (`detach`): a
+    /// retry's attempt is detached too.
+    detached: bool,
 }
 
 impl Op {
@@ -551,6 +555,7 @@ impl Op {
     /// `Driver::detach`. Without this, the ring's completions waited for a
     /// poll of the task that left (other tasks' operations hung).
     pub(crate) fn detach(&mut self) {
+        self.detached = true;
         if let OpState::InFlight(key) = self.state
             && let Some(d) = &self.ring.inner.uring
         {
@@ -570,6 +575,7 @@ impl Op {
             attempts: 0,
             rest: None,
             fail_at_completion: None,
+            detached: false,
         }
     }
 
@@ -583,9 +589,7 @@ impl Op {
         {
             self.attempts += 1;
             self.ring.bump(|s| s.eintr_retries += 1);
-            let mut next = self.ring.start(self.kind, res);
-            self.state = std::mem::replace(&mut next.state, OpState::Done);
-            self.fail_at_completion = next.fail_at_completion.take();
+            self.start_next(res);
             return None;
         }
         if r.is_ok()
@@ -602,14 +606,23 @@ impl Op {
             };
             self.rest = (len > piece).then(|| (addr.wrapping_add(piece), len - piece));
             self.attempts = 0;
-            let mut next = self.ring.start(self.kind, res);
-            self.state = std::mem::replace(&mut next.state, OpState::Done);
-            self.fail_at_completion = next.fail_at_completion.take();
+            self.start_next(res);
             return None;
         }
         self.retry = None;
         self.rest = None;
         Some(r)
+    }
+
+    /// Start the next attempt (or piece) of the operation, detached like
+    /// this one if it is (see [`detach`](Self::detach)).
+    fn start_next(&mut self, res: Resources) {
+        let mut next = self.ring.start(self.kind, res);
+        self.state = std::mem::replace(&mut next.state, OpState::Done);
+        self.fail_at_completion = next.fail_at_completion.take();
+        if self.detached {
+            self.detach();
+        }
     }
 
     /// The operation's name (`"fallocate"`, `"madvise"`, …).
@@ -680,7 +693,11 @@ impl Future for Op {
     type Output = io::Result<()>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().advance(|d, key| d.poll_op(key, cx))
+        let this = self.get_mut();
+        // A task polls it: no longer detached (`poll_op` says so to the
+        // ring for the attempt in flight).
+        this.detached = false;
+        this.advance(|d, key| d.poll_op(key, cx))
     }
 }
 
