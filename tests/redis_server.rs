@@ -2074,6 +2074,29 @@ fn a_full_disk_of_replaced_records_takes_writes_again() {
         assert!(refused.is_empty(), "--sync {sync}: {refused:?}");
         let v: Vec<u8> = c.get("big").unwrap();
         assert_eq!(v, vec![(599 % 251) as u8; 1 << 20], "--sync {sync}");
+        // Full of live keys, half of them deleted, then a SAVE: the space
+        // they held takes new keys (segments the deletions emptied are
+        // released by one sync and reusable after the next).
+        let mut kept = 0u32;
+        while c
+            .set::<_, _, ()>(format!("f{kept}"), vec![7u8; 1 << 20])
+            .is_ok()
+        {
+            kept += 1;
+        }
+        assert!(kept > 20, "--sync {sync}: {kept} keys filled the disk");
+        for k in (0..kept).step_by(2) {
+            let _: u32 = c.del(format!("f{k}")).unwrap();
+        }
+        let _: () = redis::cmd("SAVE").query(&mut c).unwrap();
+        for k in 0..kept / 3 {
+            let r: RedisResult<()> = c.set(format!("n{k}"), vec![9u8; 1 << 20]);
+            assert!(
+                r.is_ok(),
+                "--sync {sync}: new key {k} of {}: {r:?}",
+                kept / 3
+            );
+        }
         drop(c);
         std::fs::remove_dir_all(server.kill9()).unwrap();
     }

@@ -469,9 +469,11 @@ struct SyncState {
     syncs: Cell<u64>,
     /// Batches that started waiting for a sync, ever.
     waiters: Cell<u64>,
-    /// The shard's count of frees when its latest sync began: space freed
-    /// since is reusable only after another sync.
-    frees_at_sync: Cell<u64>,
+    /// The shard's count of frees when its latest sync began, and when the
+    /// one before began: space freed since the one before may still wait
+    /// for a sync (a segment it emptied is released by the next sync after
+    /// the free, and its space is reusable after the sync after that).
+    frees_at_syncs: Cell<(u64, u64)>,
     kick: Notify,
     done: Notify,
 }
@@ -716,7 +718,7 @@ impl Store {
                 last_sync_unix_ms: Cell::new(0),
                 syncs: Cell::new(0),
                 waiters: Cell::new(0),
-                frees_at_sync: Cell::new(0),
+                frees_at_syncs: Cell::new((0, 0)),
                 kick: Notify::new(),
                 done: Notify::new(),
             },
@@ -775,7 +777,9 @@ impl Store {
             let w_at_start = self.w_pending.get();
             let waiters = s.waiters.get();
             let started = Instant::now();
-            s.frees_at_sync.set(self.shard.stats().alloc.frees);
+            let (latest, _) = s.frees_at_syncs.get();
+            s.frees_at_syncs
+                .set((self.shard.stats().alloc.frees, latest));
             let ok = match self.shard.sync().await {
                 Ok(()) => {
                     s.synced.set(target);
@@ -1446,12 +1450,13 @@ impl Store {
     }
 
     /// Allocate a record of `total` bytes. On a full disk, space freed
-    /// since the latest sync began (deleted keys, replaced records) is
-    /// reusable only once another sync completes, and replaced records
-    /// waiting for a sync are freed only after it: then sync (twice at
-    /// most) and try again. Without that, a full disk under `everysec` or
-    /// `no` stayed full: those sync only after a write, and no write got
-    /// through.
+    /// since the sync before the latest began (deleted keys, replaced
+    /// records) may wait for a sync or two (its slots are reusable after
+    /// the next sync after the free; a segment it emptied is released then,
+    /// and its space reusable after one more), and replaced records waiting
+    /// for a sync are freed only after it: then sync (twice at most) and
+    /// try again. Without that, a full disk under `everysec` or `no` stayed
+    /// full: those sync only after a write, and no write got through.
     async fn allocate_record(&self, total: u64) -> segalloc::Result<segalloc::Allocation> {
         let mut syncs = 0;
         loop {
@@ -1459,7 +1464,8 @@ impl Store {
                 Err(e @ segalloc::Error::NoSpace { .. }) => e,
                 r => return r,
             };
-            let freed = self.shard.stats().alloc.frees > self.sync.frees_at_sync.get();
+            let (_, before_latest) = self.sync.frees_at_syncs.get();
+            let freed = self.shard.stats().alloc.frees > before_latest;
             let helps = freed || !self.deferred.borrow().is_empty();
             if syncs == 2 || !helps {
                 return Err(full);
