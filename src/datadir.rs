@@ -970,7 +970,19 @@ fn take_lock(dir: &Path, shared: bool) -> Result<FileLock> {
         (OpenMode::ReadWriteCreate, FileLock::try_exclusive)
     };
     for _ in 0..LOCK_ATTEMPTS {
-        let fd = sys::open(&p, mode).map_err(|e| Error::opening("open", &p, e))?;
+        let fd = sys::open(&p, mode).map_err(|e| match e.kind() {
+            // A read-only open creates nothing, its lock file included.
+            std::io::ErrorKind::NotFound if shared => Error::io(
+                "open",
+                Some(&p),
+                std::io::Error::new(
+                    e.kind(),
+                    "a read-only open shares the lock file a writable open makes, and this \
+                     directory has none (a copy made without it?): open it writable once",
+                ),
+            ),
+            _ => Error::opening("open", &p, e),
+        })?;
         #[cfg(feature = "test-support")]
         test_hooks::before_lock(dir);
         let lock = match lock(fd) {

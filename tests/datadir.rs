@@ -265,6 +265,16 @@ fn a_read_only_configuration_creates_nothing() {
     }
     assert!(!d.join("shard-000").exists());
     assert_eq!(std::fs::read_dir(&d).unwrap().count(), before);
+    // Without its lock file (a copy that left it out): said so, not made.
+    std::fs::remove_file(d.join("LOCK")).unwrap();
+    match segalloc::Runtime::start(ro(&d)) {
+        Err(e) => assert!(
+            e.to_string().contains("read-only open shares the lock"),
+            "{e}"
+        ),
+        Ok(_) => panic!("a read-only start without LOCK"),
+    }
+    assert!(!d.join("LOCK").exists());
 }
 
 const CHILD_ENV: &str = "SEGALLOC_DATADIR_CHILD";
