@@ -655,3 +655,56 @@ fn a_dropped_sync_gives_its_descriptor_back(pause: Duration) {
         shard.sync().await.unwrap();
     });
 }
+
+/// The same kept `fdatasync` awaited by a later sync while a growth waits
+/// for its descriptor: the sync polls it (no longer detached), and its end
+/// must still wake the growth, which slept for ever. Woken, the growth
+/// gets the descriptor, or `FdPressure` when the sync holds it again for
+/// its own `fdatasync` (every descriptor busy, as documented): an answer
+/// either way. (With `SEGALLOC_IO=sync` the operation ends within the
+/// first poll.)
+#[test]
+fn a_growth_waiting_for_a_kept_syncs_descriptor_wakes_when_a_sync_awaits_it() {
+    let (dir, _) = on_disk();
+    let cfg = Config::builder(dir.path())
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .max_file_bytes(16 * MIB)
+        .max_windows(2)
+        .max_open_files(1)
+        .build()
+        .unwrap();
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        let mut in_file_0 = Vec::new();
+        loop {
+            let a = shard.allocate(MIB).await.unwrap();
+            a.pin().fill(0, a.len(), 7).unwrap();
+            let h = a.into_handle();
+            if h.file_id() == 1 {
+                break;
+            }
+            in_file_0.push(h);
+        }
+        shard.sync().await.unwrap();
+        for h in &in_file_0 {
+            let p = shard.pin(*h).await.unwrap();
+            p.fill(0, p.len(), 9).unwrap();
+        }
+        shard.mappings().evict_idle();
+        let mut s = Box::pin(shard.sync());
+        let _ = poll_once(&mut s);
+        drop(s);
+        // The growth is polled first and waits; then the sync.
+        let grow = tokio::time::timeout(Duration::from_secs(10), shard.allocate(MIB));
+        let (grown, synced) = futures::join!(grow, shard.sync());
+        synced.unwrap();
+        let grown = grown.expect("the growth still waits after 10 s");
+        assert!(
+            matches!(grown, Ok(_) | Err(Error::FdPressure { .. })),
+            "{:?}",
+            grown.map(|a| a.handle())
+        );
+    });
+}

@@ -193,6 +193,9 @@ impl FileHandleRegistry {
                 return Ok(());
             };
             let r = self.finish(id, o, path, what).await;
+            // Its descriptor is let go now: a growth waiting for one
+            // (`Ring::released`) tries again.
+            self.ring.wake_released();
             if stop_at_failure {
                 r?;
             }

@@ -370,6 +370,16 @@ impl Ring {
             .then(|| reap::Released::new(d.released().wait(), &self.inner.reaper_link))
     }
 
+    /// Wake the waits of [`released`](Self::released): the fd of an
+    /// operation that was kept for a later task, and which that task has
+    /// now awaited, is let go (its completion woke nobody: a task polled
+    /// it).
+    pub(crate) fn wake_released(&self) {
+        if let Some(d) = &self.inner.uring {
+            d.released().wake_all();
+        }
+    }
+
     fn bump(&self, f: impl FnOnce(&mut RingStats)) {
         let mut s = self.inner.stats.get();
         f(&mut s);

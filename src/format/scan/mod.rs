@@ -374,23 +374,25 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
 /// each took an entry of their own (an entry is reused only after a sync,
 /// which writes the words), while any segment further on is an old one
 /// (issued 2^31 or more publications ago, it lies "ahead" in wrapping
-/// order too). A shard with neither word (made before they existed, or
-/// both torn) takes the largest generation found.
+/// order too). The durable word lags a sync behind the next one's, so
+/// with only it readable, twice that many. A shard with neither word (made
+/// before they existed, or both torn) takes the largest generation found.
 fn next_generation(
     persisted: u32,
     durable: u32,
     entries: u32,
     gens: impl Iterator<Item = u32>,
 ) -> u32 {
-    let from = match (persisted, durable) {
+    let (from, reach) = match (persisted, durable) {
         (0, 0) => return gens.max().map_or(1, generation_after),
-        (0, d) | (d, 0) => d,
-        (p, d) if issued_later(d, p) && d.wrapping_sub(p) <= entries => d,
-        (p, _) => p,
+        (0, d) => (d, entries.saturating_mul(2)),
+        (p, 0) => (p, entries),
+        (p, d) if issued_later(d, p) && d.wrapping_sub(p) <= entries => (d, entries),
+        (p, _) => (p, entries),
     };
     let ahead = gens
         .map(|g| g.wrapping_sub(from))
-        .filter(|&d| d < entries.max(1))
+        .filter(|&d| d < reach.max(1))
         .map(|d| d + 1)
         .max()
         .unwrap_or(0);
@@ -561,5 +563,8 @@ mod tests {
             (1 << 31) + 100
         );
         assert_eq!(next(7, 7, &[7 + 999, 7 + 1000]), 7 + 1000);
+        // Only the durable word, a sync behind: twice as far.
+        assert_eq!(next(0, 7, &[7 + 1500]), 7 + 1501);
+        assert_eq!(next(0, 7, &[7 + 2000]), 7);
     }
 }
