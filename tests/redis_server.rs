@@ -2039,12 +2039,14 @@ fn a_is_kept_then_b_is_saved(c: &mut redis::Connection) {
     let _: () = redis::cmd("SAVE").query(c).unwrap();
 }
 
-/// A full disk under `everysec` and `no`: one key overwritten with 1 MiB
-/// values on a 160 MiB tmpfs, so the replaced records fill it many times
-/// over. A write that finds the disk full syncs, so the space its shard
-/// freed becomes reusable, and tries again: the overwrites go on. Those
-/// modes sync only after a write, and with none getting through, the disk
-/// stayed full for good. Needs root (the mount); skipped otherwise.
+/// A full disk under each `--sync`: one key overwritten with 1 MiB values
+/// on a 160 MiB tmpfs, so the replaced records fill it many times over. A
+/// write that finds the disk full syncs (under `always` it first retires
+/// the replaced records a sync covered), so the space its shard freed
+/// becomes reusable, and tries again: the overwrites go on. `everysec` and
+/// `no` sync only after a write, and with none getting through, the disk
+/// stayed full for good; under `always` writes were refused until the
+/// next retirement round. Needs root (the mount); skipped otherwise.
 #[test]
 fn a_full_disk_of_replaced_records_takes_writes_again() {
     if !common::is_root() {
@@ -2059,7 +2061,7 @@ fn a_full_disk_of_replaced_records_takes_writes_again() {
             return;
         }
     };
-    for sync in ["everysec", "no"] {
+    for sync in ["everysec", "no", "always"] {
         let dir = mount.at.join(sync);
         let server = Server::start_with(&dir, &["--shards", "1", "--sync", sync]);
         let mut c = server.client();

@@ -1454,8 +1454,9 @@ impl Store {
     /// records) may wait for a sync or two (its slots are reusable after
     /// the next sync after the free; a segment it emptied is released then,
     /// and its space reusable after one more), and replaced records waiting
-    /// for a sync are freed only after it: then sync (twice at most) and
-    /// try again. Without that, a full disk under `everysec` or `no` stayed
+    /// for a sync are freed only after it (under `always`, records waiting
+    /// for a round are retired first): then sync (twice at most) and try
+    /// again. Without that, a full disk under `everysec` or `no` stayed
     /// full: those sync only after a write, and no write got through.
     async fn allocate_record(&self, total: u64) -> segalloc::Result<segalloc::Allocation> {
         let mut syncs = 0;
@@ -1466,11 +1467,16 @@ impl Store {
             };
             let (_, before_latest) = self.sync.frees_at_syncs.get();
             let freed = self.shard.stats().alloc.frees > before_latest;
-            let helps = freed || !self.deferred.borrow().is_empty();
+            let waiting = self.waiting.borrow().len() > 0;
+            let helps = freed || waiting || !self.deferred.borrow().is_empty();
             if syncs == 2 || !helps {
                 return Err(full);
             }
             syncs += 1;
+            if waiting {
+                // Those a sync covered are freed now, not at the next round.
+                self.retire_ready().await?;
+            }
             // The syncer frees the replaced records after the sync, then
             // notifies.
             let done = self.freed.notified();
