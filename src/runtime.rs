@@ -125,12 +125,12 @@ impl ShardBuilder {
     }
 
     /// Open the shard (recovering it) and join the mesh. Call it inside a
-    /// `LocalSet` on a tokio current-thread runtime with timers
-    /// (`enable_time` or `enable_all`), or inside tokio-uring.
+    /// `LocalSet` on a tokio current-thread runtime with IO and timers
+    /// (`enable_all`), or inside tokio-uring.
     ///
     /// # Errors
     ///
-    /// [`Error::NoExecutor`] outside a `LocalSet` or without timers
+    /// [`Error::NoExecutor`] outside a `LocalSet` or without IO or timers
     /// (checked before anything is opened); see [`Shard::open`].
     pub async fn open(self) -> Result<Shard> {
         shard::require_local_set("ShardBuilder::open")?;

@@ -904,6 +904,14 @@ fn opening_without_an_executor_is_an_error() {
         .unwrap();
     let e = refused(&|b| tokio::task::LocalSet::new().block_on(&no_timers, b.open()));
     assert!(e.contains("enable_time"), "{e}");
+    // With timers but without IO: the ring's wait for its completions
+    // panicked inside the open.
+    let no_io = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let e = refused(&|b| tokio::task::LocalSet::new().block_on(&no_io, b.open()));
+    assert!(e.contains("enable_io"), "{e}");
     let dd = Arc::new(segalloc::DataDir::open(&cfg).unwrap());
     let r = no_timers.block_on(Shard::open(dd, &cfg, 1));
     assert!(

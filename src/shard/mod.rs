@@ -137,17 +137,17 @@ pub struct Shard {
 impl Shard {
     /// Open shard `index` of `dir`: its ring, registry, manager, and the
     /// recovered allocator. Call it on the thread that will run the shard,
-    /// inside a tokio current-thread runtime with timers (`enable_time` or
-    /// `enable_all`: a pin waits for a window with a timeout), or inside
+    /// inside a tokio current-thread runtime with IO and timers
+    /// (`enable_all`: the ring's completions wake tasks through tokio's
+    /// reactor, and a pin waits for a window with a timeout), or inside
     /// tokio-uring.
     ///
     /// # Errors
     ///
     /// [`Error::NoExecutor`] outside a tokio runtime, or in one without
-    /// timers (tokio tells that only by a panic, which is caught: the panic
-    /// hook prints its message; in a build with `panic = "abort"` the
-    /// timers cannot be checked, and their absence aborts at the first
-    /// wait);
+    /// timers or IO (tokio tells that only by a panic, which is caught: the
+    /// panic hook prints its message; in a build with `panic = "abort"`
+    /// they cannot be checked, and their absence aborts at the first use);
     /// [`Error::ShardAlreadyOpen`] when the shard is already open for writing
     /// (each writable open holds the shard's lock until it is dropped);
     /// [`Error::InvalidConfig`] for an index out of range; recovery errors
@@ -529,6 +529,27 @@ pub(crate) fn require_tokio(call: &'static str) -> Result<()> {
             needs: "a tokio runtime with timers (Builder::enable_time, or enable_all)",
         },
     )?;
+    // The ring waits for its completions through tokio's reactor (an
+    // eventfd registered with it), whose absence is a panic too: the same
+    // check, with an eventfd of its own.
+    #[cfg(not(panic = "abort"))]
+    {
+        let fd = crate::sys::eventfd().map_err(|e| Error::io("eventfd", None, e))?;
+        let io = std::panic::AssertUnwindSafe(move || {
+            // SAFETY: `fd` is owned by the `AsyncFd` (dropped with it), so
+            // it stays open, and names the same file, for its lifetime.
+            unsafe { tokio::io::unix::AsyncFd::register(fd) }.map(drop)
+        });
+        match std::panic::catch_unwind(io) {
+            Ok(r) => r.map_err(|e| Error::io("register an eventfd with tokio", None, e.into()))?,
+            Err(_) => {
+                return Err(Error::NoExecutor {
+                    call,
+                    needs: "a tokio runtime with IO (Builder::enable_io, or enable_all)",
+                });
+            }
+        }
+    }
     Ok(())
 }
 
