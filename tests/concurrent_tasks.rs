@@ -11,7 +11,10 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use common::{Rng, assert_no_overlap, check_pattern, handle_seed, open_shard, run, write_pattern};
+use common::{
+    Rng, assert_no_overlap, check_pattern, dirty_again, drop_a_sync_in_flight, fill_two_files,
+    handle_seed, one_descriptor_cfg, open_shard, run, write_pattern,
+};
 use segalloc::config::MIB;
 use segalloc::{Config, Error, Handle, Shard};
 
@@ -609,40 +612,15 @@ fn a_dropped_sync_gives_its_descriptor_back_once_the_kernel_is_done() {
 
 fn a_dropped_sync_gives_its_descriptor_back(pause: Duration) {
     let (dir, _) = on_disk();
-    let cfg = Config::builder(dir.path())
-        .shards(1)
-        .window_bytes(16 * MIB)
-        .growth_step_bytes(MIB)
-        .max_file_bytes(16 * MIB)
-        .max_windows(2)
-        .max_open_files(1)
-        .build()
-        .unwrap();
+    let cfg = one_descriptor_cfg(dir.path());
     run(async {
         let shard = open_shard(&cfg).await.unwrap();
-        let mut in_file_0 = Vec::new();
-        let in_file_1 = loop {
-            let a = shard.allocate(MIB).await.unwrap();
-            a.pin().fill(0, a.len(), 7).unwrap();
-            let h = a.into_handle();
-            if h.file_id() == 1 {
-                break h;
-            }
-            in_file_0.push(h);
-        };
-        shard.sync().await.unwrap();
+        let (in_file_0, in_file_1) = fill_two_files(&shard).await;
         // File 0 dirty, its sync dropped in flight: file 1's descriptor for
         // a pin, then for its growth.
         let drop_a_sync = || async {
-            // Megabytes to write back: the fdatasync takes a while.
-            for h in &in_file_0 {
-                let p = shard.pin(*h).await.unwrap();
-                p.fill(0, p.len(), 9).unwrap();
-            }
-            shard.mappings().evict_idle();
-            let mut s = Box::pin(shard.sync());
-            let _ = poll_once(&mut s);
-            drop(s);
+            dirty_again(&shard, &in_file_0).await;
+            drop_a_sync_in_flight(&shard);
             // The kernel finishes the fdatasync meanwhile; the executor runs.
             tokio::time::sleep(pause).await;
         };
@@ -666,36 +644,12 @@ fn a_dropped_sync_gives_its_descriptor_back(pause: Duration) {
 #[test]
 fn a_growth_waiting_for_a_kept_syncs_descriptor_wakes_when_a_sync_awaits_it() {
     let (dir, _) = on_disk();
-    let cfg = Config::builder(dir.path())
-        .shards(1)
-        .window_bytes(16 * MIB)
-        .growth_step_bytes(MIB)
-        .max_file_bytes(16 * MIB)
-        .max_windows(2)
-        .max_open_files(1)
-        .build()
-        .unwrap();
+    let cfg = one_descriptor_cfg(dir.path());
     run(async {
         let shard = open_shard(&cfg).await.unwrap();
-        let mut in_file_0 = Vec::new();
-        loop {
-            let a = shard.allocate(MIB).await.unwrap();
-            a.pin().fill(0, a.len(), 7).unwrap();
-            let h = a.into_handle();
-            if h.file_id() == 1 {
-                break;
-            }
-            in_file_0.push(h);
-        }
-        shard.sync().await.unwrap();
-        for h in &in_file_0 {
-            let p = shard.pin(*h).await.unwrap();
-            p.fill(0, p.len(), 9).unwrap();
-        }
-        shard.mappings().evict_idle();
-        let mut s = Box::pin(shard.sync());
-        let _ = poll_once(&mut s);
-        drop(s);
+        let (in_file_0, _) = fill_two_files(&shard).await;
+        dirty_again(&shard, &in_file_0).await;
+        drop_a_sync_in_flight(&shard);
         // The growth is polled first and waits; then the sync.
         let grow = tokio::time::timeout(Duration::from_secs(10), shard.allocate(MIB));
         let (grown, synced) = futures::join!(grow, shard.sync());

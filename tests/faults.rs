@@ -29,8 +29,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use common::{
-    Rng, Snapshot, assert_no_overlap, check_pattern, handle_seed, open_shard, run, seed_from_env,
-    small_cfg, snapshot, write_pattern,
+    Rng, Snapshot, assert_no_overlap, check_pattern, dirty_again, drop_a_sync_in_flight,
+    fill_two_files, handle_seed, one_descriptor_cfg, open_shard, run, seed_from_env, small_cfg,
+    snapshot, write_pattern,
 };
 use nix::libc::{EINTR, EIO, ENOMEM, ENOSPC, EOPNOTSUPP};
 use segalloc::config::MIB;
@@ -1140,39 +1141,13 @@ fn a_free_forwarded_to_a_poisoned_owner_fails_its_flush() {
 fn a_dropped_syncs_interrupted_fdatasync_is_retried_and_gives_its_descriptor_back() {
     let _g = faults::clear_on_drop();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let cfg = Config::builder(dir.path())
-        .shards(1)
-        .window_bytes(16 * MIB)
-        .growth_step_bytes(MIB)
-        .max_file_bytes(16 * MIB)
-        .max_windows(2)
-        .max_open_files(1)
-        .build()
-        .unwrap();
+    let cfg = one_descriptor_cfg(dir.path());
     run(async {
         let shard = open_shard(&cfg).await.unwrap();
-        let mut in_file_0 = Vec::new();
-        loop {
-            let a = shard.allocate(MIB).await.unwrap();
-            a.pin().fill(0, a.len(), 7).unwrap();
-            let h = a.into_handle();
-            if h.file_id() == 1 {
-                break;
-            }
-            in_file_0.push(h);
-        }
-        shard.sync().await.unwrap();
-        for h in &in_file_0 {
-            let p = shard.pin(*h).await.unwrap();
-            p.fill(0, p.len(), 9).unwrap();
-        }
-        shard.mappings().evict_idle();
+        let (in_file_0, _) = fill_two_files(&shard).await;
+        dirty_again(&shard, &in_file_0).await;
         faults::inject(Fault::new(FaultOp::Fsync, EINTR).at_completion());
-        let waker = futures::task::noop_waker();
-        let mut cx = std::task::Context::from_waker(&waker);
-        let mut s = Box::pin(shard.sync());
-        let _ = s.as_mut().poll(&mut cx);
-        drop(s);
+        drop_a_sync_in_flight(&shard);
         // File 1 grows: its descriptor waits for the kept fdatasync's.
         let r = shard.allocate(MIB).await.map(|a| a.handle());
         assert!(r.is_ok(), "{r:?}");

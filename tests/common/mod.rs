@@ -232,6 +232,60 @@ pub fn crash_and_wait_gone(rt: &segalloc::Runtime, shard: usize) {
     }
 }
 
+/// One shard on disk (`dir`), data files of one 16 MiB window, and one
+/// descriptor for them all: a sync of one file holds the descriptor the
+/// others need.
+#[allow(dead_code)]
+pub fn one_descriptor_cfg(dir: &Path) -> Config {
+    Config::builder(dir)
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .max_file_bytes(16 * MIB)
+        .max_windows(2)
+        .max_open_files(1)
+        .build()
+        .unwrap()
+}
+
+/// Under [`one_descriptor_cfg`]: 1 MiB allocations, written, until one
+/// lands in data file 1, then a sync. Returns file 0's and file 1's.
+#[allow(dead_code)]
+pub async fn fill_two_files(shard: &segalloc::Shard) -> (Vec<segalloc::Handle>, segalloc::Handle) {
+    let mut in_file_0 = Vec::new();
+    loop {
+        let a = shard.allocate(MIB).await.unwrap();
+        a.pin().fill(0, a.len(), 7).unwrap();
+        let h = a.into_handle();
+        if h.file_id() == 1 {
+            shard.sync().await.unwrap();
+            return (in_file_0, h);
+        }
+        in_file_0.push(h);
+    }
+}
+
+/// Write `hs` whole again (megabytes to write back: the next `fdatasync`
+/// takes a while) and unmap the idle windows.
+#[allow(dead_code)]
+pub async fn dirty_again(shard: &segalloc::Shard, hs: &[segalloc::Handle]) {
+    for h in hs {
+        let p = shard.pin(*h).await.unwrap();
+        p.fill(0, p.len(), 9).unwrap();
+    }
+    shard.mappings().evict_idle();
+}
+
+/// A `sync` polled once and dropped: its `fdatasync`, in flight, is kept
+/// for the file's next sync (with the io_uring backend).
+#[allow(dead_code)]
+pub fn drop_a_sync_in_flight(shard: &segalloc::Shard) {
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut s = Box::pin(shard.sync());
+    let _ = s.as_mut().poll(&mut cx);
+}
+
 /// Open `cfg`'s data directory and its shard 0.
 ///
 /// `AlreadyOpen` is retried for up to 5 s: the directory lock is an `flock`
