@@ -208,41 +208,25 @@ pub fn read_dir(path: impl AsRef<Path>) -> Result<DirReport> {
 /// refuse the directory while one is there.
 fn stray_shard_folders(listing: &[(String, Kind)], g: &Manifest, problems: &mut Vec<Problem>) {
     for (name, kind) in listing {
-        let Some(i) = shard_index_of(name).filter(|&i| *name == shard_folder_name(i)) else {
-            if !crate::datadir::is_own_top_file(name, matches!(kind, Kind::Dir)) {
-                Reporter {
-                    out: problems,
-                    shard: None,
-                    file: Some(name.clone()),
-                }
-                .warn(
-                    None,
-                    None,
-                    format!(
-                        "an entry segalloc does not make ({}): ignored, but DataDir::destroy \
-                         and clear refuse the directory while it is there",
-                        kind.describe()
-                    ),
-                );
-            }
-            continue;
+        let why = match shard_index_of(name).filter(|&i| *name == shard_folder_name(i)) {
+            Some(i) if i >= g.shard_count => format!(
+                "shard folder beyond the {} shards of the directory ({}); ignored",
+                g.shard_count,
+                kind.describe()
+            ),
+            None if !crate::datadir::is_own_top_file(name, matches!(kind, Kind::Dir)) => format!(
+                "an entry segalloc does not make ({}): ignored, but DataDir::destroy and clear \
+                 refuse the directory while it is there",
+                kind.describe()
+            ),
+            _ => continue,
         };
-        if i >= g.shard_count {
-            Reporter {
-                out: problems,
-                shard: None,
-                file: Some(name.clone()),
-            }
-            .warn(
-                None,
-                None,
-                format!(
-                    "shard folder beyond the {} shards of the directory ({}); ignored",
-                    g.shard_count,
-                    kind.describe()
-                ),
-            );
+        Reporter {
+            out: problems,
+            shard: None,
+            file: Some(name.clone()),
         }
+        .warn(None, None, why);
     }
 }
 
