@@ -419,7 +419,8 @@ impl ConfigBuilder {
     /// Adapt eviction when it thrashes (default on): while at least 3 in 4
     /// recent fault-ins are of windows evicted recently (the working set is
     /// larger than the window cap), the most recently mapped idle window is
-    /// evicted first, and one eviction in 8 follows the policy. A scan or
+    /// evicted first, and one eviction in 8 (drawn at random, so that no
+    /// periodic pattern falls in step with it) follows the policy. A scan or
     /// a skewed working set larger than the cap then keeps most of its
     /// windows mapped (`cargo run --release --example evict` measures it);
     /// off, the policy alone decides.

@@ -17,9 +17,13 @@ impl MappingManager {
             let mut m = self.inner.borrow_mut();
             // Thrash mode keeps the windows mapped longest and evicts the
             // newest; one eviction in THRASH_BASE_EVERY still follows the
-            // policy, so a working set that moves is picked up.
+            // policy, so a working set that moves is picked up. Which ones
+            // is drawn at random: counted, the policy's turns fell in step
+            // with a periodic pattern (a hot window between the pins of a
+            // scan: every turn fell on the hot window's own fault-in, which
+            // then faulted on every pin).
             let thrash =
-                m.stats.thrash_mode && !m.stats.evictions.is_multiple_of(THRASH_BASE_EVERY);
+                m.stats.thrash_mode && !next_turn(&mut m.turns).is_multiple_of(THRASH_BASE_EVERY);
             let pos = match self.cfg.eviction_policy {
                 _ if thrash => Self::pick(&m, |w| (u64::MAX - w.mapped_at.get(), 0)),
                 EvictionPolicy::Lru => Self::pick(&m, |w| (w.last_use.get(), 0)),
@@ -141,4 +145,12 @@ impl MappingManager {
             n += 1;
         }
     }
+}
+
+/// xorshift64: the next draw of `state`.
+fn next_turn(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
 }

@@ -213,6 +213,12 @@ impl MappingManager {
         PinGuard::new(w, window_offset as usize, len as usize, writable, site)
     }
 
+    /// The synchronous part of a pin. `first`: this is the pin's first
+    /// look (a pin is counted in `fast_pins` only when its first look
+    /// pins; one that pins after a fault-in or a wait is not fast).
+    // Each argument is a plain value of the pin's request; a struct for
+    // them would be built and taken apart on the hot path.
+    #[allow(clippy::too_many_arguments)]
     #[inline]
     pub(super) fn fast(
         &self,
@@ -222,6 +228,7 @@ impl MappingManager {
         writable: bool,
         access: Access,
         site: &'static Location<'static>,
+        first: bool,
     ) -> Result<Fast> {
         let idx = self.check_range(file, offset, len)?;
         if writable && self.read_only {
@@ -242,7 +249,7 @@ impl MappingManager {
                 } else {
                     let range = (self.window_offset(offset, u64::from(idx)), len);
                     let pin = self.pin_window(fm, w, tick, range, writable, site);
-                    m.stats.fast_pins += 1;
+                    m.stats.fast_pins += u64::from(first);
                     Fast::Pinned(pin)
                 }
             }
@@ -286,7 +293,15 @@ impl MappingManager {
         writable: bool,
         access: Access,
     ) -> Result<Option<PinGuard>> {
-        match self.fast(file, offset, len, writable, access, Location::caller())? {
+        match self.fast(
+            file,
+            offset,
+            len,
+            writable,
+            access,
+            Location::caller(),
+            true,
+        )? {
             Fast::Pinned(p) => Ok(Some(p)),
             _ => Ok(None),
         }

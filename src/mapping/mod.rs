@@ -99,7 +99,8 @@ pub struct MappingStats {
     pub faults: u64,
     /// Idle windows unmapped to stay within the cap.
     pub evictions: u64,
-    /// Pins served without a syscall (window already mapped).
+    /// Pins served without a syscall or a wait (window already mapped when
+    /// asked). A pin that faulted its window in, or waited, is not one.
     pub fast_pins: u64,
     /// Times a `pin` had to wait because every window was pinned.
     pub pressure_waits: u64,
@@ -117,8 +118,8 @@ pub struct MappingStats {
     pub thrash_faults: u64,
     /// Whether eviction has adapted to thrashing: while most recent
     /// fault-ins are of recently evicted windows, the most recently mapped
-    /// idle window goes first (one eviction in 8 still follows the policy,
-    /// so a working set that moves is picked up). A cyclic or uniform scan
+    /// idle window goes first (one eviction in 8, drawn at random, still
+    /// follows the policy, so a working set that moves is picked up). A cyclic or uniform scan
     /// larger than the cap then keeps most of its windows mapped instead of
     /// missing on every one, and skewed access keeps its hot windows.
     pub thrash_mode: bool,
@@ -241,13 +242,15 @@ struct Maps {
     /// Thrash fault-ins among the last [`THRASH_SAMPLE`] fault-ins.
     sample_faults: u32,
     sample_thrash: u32,
+    /// Draws which evictions in thrash mode follow the policy (xorshift).
+    turns: u64,
 }
 
 /// Fault-ins per thrash measurement.
 const THRASH_SAMPLE: u32 = 8;
 
-/// In thrash mode, one eviction in this many follows the configured policy
-/// instead of evicting the newest window.
+/// In thrash mode, one eviction in this many (drawn at random) follows the
+/// configured policy instead of evicting the newest window.
 const THRASH_BASE_EVERY: u64 = 8;
 
 /// The longest single timer a pressure wait sets; a longer `pin_timeout`
@@ -323,6 +326,7 @@ impl MappingManager {
                 evicted_count: std::collections::HashMap::new(),
                 sample_faults: 0,
                 sample_thrash: 0,
+                turns: 0x9E37_79B9_7F4A_7C15,
                 faulting: 0,
                 tick: 0,
                 stats: MappingStats {
@@ -450,8 +454,11 @@ impl MappingManager {
         async move {
             // When the first wait for a window began.
             let mut started: Option<Instant> = None;
+            let mut first = true;
             loop {
-                match self.fast(file, offset, len, writable, access, site)? {
+                let look = self.fast(file, offset, len, writable, access, site, first)?;
+                first = false;
+                match look {
                     Fast::Pinned(p) => return Ok(p),
                     Fast::Faulting(list) => list.wait().await,
                     Fast::NeedsGrow => self.grow_mapped(file, offset + len, writable).await?,
