@@ -206,6 +206,47 @@ pub fn producer_alone(rt: &Runtime, n: u64, size: u64) -> Result<Duration, Error
     Ok(t.elapsed())
 }
 
+/// Before a timed fill: make `bytes` of free memory quick to touch, by
+/// filling a scratch file of that size in `dir` (reserved, mapped, every
+/// page written) and deleting it, untimed.
+///
+/// On a virtual machine whose guest reports its free memory to the host
+/// (`virtio_balloon` free page reporting, as on the machines the README's
+/// figures come from), memory left free for a couple of seconds goes back
+/// to the host, and the first touch of such a page costs the host's fault
+/// too: a fill of 256 MiB of fresh page cache took 1.5 – 2.1 s after a
+/// pause of 2.5 s, and 46 – 63 ms right after another fill of that size had
+/// freed its pages (`fallocate`d file, one byte written per page). Which
+/// of the two a timed fill met depended on what ran before it, for the raw
+/// ceiling as for segalloc. The scratch fill takes the slow touches itself
+/// and frees its pages just before the timed fill reuses them.
+pub fn warm_free_memory(dir: &Path, bytes: u64) -> std::io::Result<()> {
+    let page = 4096u64;
+    let bytes = bytes.div_ceil(page).max(1) * page;
+    let path = dir.join("warm-up");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    reserve(&f, bytes, false)?;
+    // SAFETY: the file is private to this call; nothing else maps or
+    // truncates it while the mapping lives.
+    let mut map = unsafe {
+        memmap2::MmapOptions::new()
+            .len(bytes as usize)
+            .map_mut(&f)?
+    };
+    for at in (0..map.len()).step_by(page as usize) {
+        map[at] = 1;
+    }
+    drop(map);
+    drop(f);
+    // Deleted with its pages still dirty: they are dropped, not written.
+    std::fs::remove_file(&path)
+}
+
 /// Give `f` a size of `bytes`: its blocks allocated up front with
 /// `fallocate`, as segalloc grows its files, or a sparse `ftruncate`.
 pub fn reserve(f: &std::fs::File, bytes: u64, sparse: bool) -> std::io::Result<()> {
@@ -230,6 +271,7 @@ pub fn raw_fill(
     sparse: bool,
 ) -> std::io::Result<Duration> {
     let total = (stride * n).max(stride);
+    warm_free_memory(path.parent().expect("a file in a directory"), total)?;
     let f = OpenOptions::new()
         .read(true)
         .write(true)

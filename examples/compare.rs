@@ -29,7 +29,10 @@
 //! `open` + `ftruncate` + `mmap` per segment under the default soft fd
 //! limit of 1024: where it dies). The data files
 //! of every timed phase are written back (`fdatasync`) and deleted before
-//! the next phase, so no phase pays for another's dirty pages.
+//! the next phase, so no phase pays for another's dirty pages, and every
+//! fill first fills and deletes a scratch file of what it will touch
+//! (untimed), so that none pays for memory the virtual machine gave back
+//! to its host (`work::warm_free_memory`).
 //!
 //! ```text
 //! cargo run --release --example compare                        # about 20 seconds
@@ -195,9 +198,14 @@ fn slot_bytes(args: &Args) -> Result<u64, BoxError> {
 }
 
 /// Fill: every shard allocates and writes `records` records, handles kept.
-fn segalloc_fill(args: &Args, shards: usize) -> Result<f64, BoxError> {
+fn segalloc_fill(args: &Args, shards: usize, stride: u64) -> Result<f64, BoxError> {
     let (_dir, rt) = runtime(args, shards)?;
     let (n, size) = (args.records, args.record_bytes);
+    // What the fill touches: its records, the handles it keeps, and a
+    // growth step of each shard.
+    let handle = std::mem::size_of::<segalloc::Handle>() as u64;
+    let footprint = shards as u64 * (n * (stride + handle) + (64 << 20));
+    work::warm_free_memory(_dir.path(), footprint)?;
     let t = Instant::now();
     let jobs: Vec<_> = (0..shards)
         .map(|i| {
@@ -232,6 +240,10 @@ fn raw_fill(args: &Args, stride: u64, sparse: bool) -> Result<f64, BoxError> {
 /// glibc fill (not persistent): allocate and write, pointers kept.
 fn malloc_fill(args: &Args) -> Result<f64, BoxError> {
     let payload = vec![0x5Au8; args.record_bytes as usize];
+    // What it touches: the records (malloc's 16-byte header and alignment)
+    // and the pointers kept.
+    let footprint = args.records * (args.record_bytes.div_ceil(16) * 16 + 16 + 8);
+    work::warm_free_memory(tempdir(args)?.path(), footprint)?;
     let t = Instant::now();
     let ps = work::malloc_fill(args.records, &payload);
     let rate = per_sec(args.records, t.elapsed());
@@ -517,11 +529,11 @@ fn fills(
 ) -> Result<(), BoxError> {
     let r = args.repeat;
     let stride = slot_bytes(args)?;
-    let seg1 = median(r, || segalloc_fill(args, 1))?;
+    let seg1 = median(r, || segalloc_fill(args, 1, stride))?;
     let raw = best(r, || raw_fill(args, stride, false))?;
     let sparse = best(r, || raw_fill(args, stride, true))?;
     let sys = median(r, || malloc_fill(args))?;
-    let segn = median(r, || segalloc_fill(args, cores))?;
+    let segn = median(r, || segalloc_fill(args, cores, stride))?;
     let rs = "records/s";
     d.push(design(
         "segalloc fill, 1 shard",
