@@ -21,7 +21,15 @@ struct Waiter {
 pub(crate) struct WaitList {
     queue: RefCell<VecDeque<Rc<Waiter>>>,
     waiting: Cell<usize>,
+    /// Entries of `queue` whose wait was given up (marked done, not yet
+    /// removed): they are skipped when met and swept out together once
+    /// they are half the queue, so that giving up costs O(1) amortized.
+    abandoned: Cell<usize>,
 }
+
+/// Abandoned entries below this many are never swept (a sweep of a short
+/// queue is not worth it).
+const SWEEP_MIN: usize = 32;
 
 impl WaitList {
     /// Number of tasks currently waiting.
@@ -37,6 +45,7 @@ impl WaitList {
                 return;
             };
             if w.done.get() {
+                self.abandoned.set(self.abandoned.get() - 1);
                 continue;
             }
             w.notified.set(true);
@@ -51,6 +60,7 @@ impl WaitList {
     /// Wake every waiting task.
     pub(crate) fn wake_all(&self) {
         let all: Vec<_> = self.queue.borrow_mut().drain(..).collect();
+        self.abandoned.set(0);
         for w in all {
             if w.done.get() {
                 continue;
@@ -104,10 +114,21 @@ impl Drop for Wait {
                 // Woken but never observed it: pass the wake-up on.
                 self.list.wake_one();
             } else {
-                // Given up (a timeout, a dropped task): leave the queue, so
-                // waiters that are never woken do not pile up in it.
-                let me = &self.me;
-                self.list.queue.borrow_mut().retain(|w| !Rc::ptr_eq(w, me));
+                // Given up (a timeout, a dropped task): still in the queue,
+                // marked done. Removing it at once cost a scan of the queue
+                // each: n waits given up together (their deadlines in one
+                // tick, or their tasks cancelled) held the thread O(n²),
+                // 16 s for 160,000. Swept out once the abandoned entries
+                // are half the queue, so that they do not pile up.
+                let list = &self.list;
+                let abandoned = list.abandoned.get() + 1;
+                let mut queue = list.queue.borrow_mut();
+                if abandoned >= SWEEP_MIN && 2 * abandoned >= queue.len() {
+                    queue.retain(|w| !w.done.get());
+                    list.abandoned.set(0);
+                } else {
+                    list.abandoned.set(abandoned);
+                }
             }
         }
     }
@@ -124,10 +145,45 @@ mod tests {
             drop(list.wait());
         }
         let kept = list.wait();
-        assert_eq!(list.queue.borrow().len(), 1);
+        assert!(
+            list.queue.borrow().len() <= SWEEP_MIN,
+            "{}",
+            list.queue.borrow().len()
+        );
         drop(kept);
-        assert_eq!(list.queue.borrow().len(), 0);
+        assert!(list.queue.borrow().len() <= SWEEP_MIN);
         assert_eq!(list.waiting(), 0);
+        // Abandoned entries never outnumber the live ones by much.
+        let live: Vec<_> = (0..100).map(|_| list.wait()).collect();
+        let gone: Vec<_> = (0..1000).map(|_| list.wait()).collect();
+        drop(gone);
+        assert!(list.queue.borrow().len() <= 2 * live.len() + SWEEP_MIN);
+        // And are skipped: the first live waiter is the one woken.
+        list.wake_one();
+        assert!(live[0].me.notified.get());
+        assert!(live[1..].iter().all(|w| !w.me.notified.get()));
+    }
+
+    /// Many waits given up at once cost each O(1) amortized: one scan of
+    /// the queue each held the thread for O(n²) (16 s for 160,000 waiters
+    /// timing out together).
+    #[test]
+    fn many_waits_given_up_at_once_take_linear_time() {
+        let list = Rc::new(WaitList::default());
+        let n = 200_000;
+        let waits: Vec<_> = (0..n).map(|_| list.wait()).collect();
+        let started = std::time::Instant::now();
+        // The newest first: the worst order for a scan from the front.
+        for w in waits.into_iter().rev() {
+            drop(w);
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{n} waits given up in {:?}",
+            started.elapsed()
+        );
+        assert_eq!(list.waiting(), 0);
+        assert!(list.queue.borrow().len() <= SWEEP_MIN);
     }
 
     #[test]
