@@ -79,10 +79,29 @@ pub struct Out {
     ends: Vec<usize>,
 }
 
+/// Bytes a buffer of a connection keeps while the connection is idle (see
+/// [`Batch::trim`]).
+pub const IDLE_KEEP_BYTES: usize = 256 << 10;
+
+/// Give back what `v` holds beyond [`IDLE_KEEP_BYTES`] (its elements are
+/// cleared: only its capacity goes).
+pub fn trim<T>(v: &mut Vec<T>) {
+    let keep = IDLE_KEEP_BYTES / std::mem::size_of::<T>().max(1);
+    if v.capacity() > keep {
+        v.shrink_to(keep);
+    }
+}
+
 impl Out {
     pub fn clear(&mut self) {
         self.buf.clear();
         self.ends.clear();
+    }
+
+    /// See [`Batch::trim`].
+    pub fn trim(&mut self) {
+        trim(&mut self.buf);
+        trim(&mut self.ends);
     }
 
     /// Replies so far.
@@ -125,6 +144,16 @@ impl Batch {
         self.arena.clear();
         self.ops.clear();
         self.out.clear();
+    }
+
+    /// Give back what a large batch needed, when its connection goes idle
+    /// (cleared buffers keep their capacity: a connection that once ran an
+    /// `MGET` of 64 MiB of values kept 64 MiB for as long as it stayed
+    /// open, 140 MiB after an `MGET` of 65,534 keys).
+    pub fn trim(&mut self) {
+        trim(&mut self.arena);
+        trim(&mut self.ops);
+        self.out.trim();
     }
 
     pub fn is_empty(&self) -> bool {

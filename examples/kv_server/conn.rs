@@ -246,6 +246,17 @@ impl Planner {
         self.reset();
     }
 
+    /// Give back what large batches needed (the connection goes idle; its
+    /// buffers are cleared).
+    fn trim(&mut self) {
+        crate::batch::trim(&mut self.plans);
+        crate::batch::trim(&mut self.parts);
+        self.lit.trim();
+        for b in self.batches.iter_mut().flatten() {
+            b.trim();
+        }
+    }
+
     fn reset(&mut self) {
         self.plans.clear();
         self.parts.clear();
@@ -560,6 +571,13 @@ async fn serve_requests(ctx: &Ctx, conn: &mut Conn, p: &mut Planner) -> io::Resu
         tokio::task::yield_now().await;
         if more {
             continue;
+        }
+        // Everything read is answered: what a large request or reply
+        // needed is given back before the wait for more.
+        p.trim();
+        if conn.rpos == conn.rlen {
+            crate::batch::trim(&mut conn.args);
+            crate::batch::trim(&mut conn.unquoted);
         }
         if conn.fill().await? == 0 {
             return Ok(());
