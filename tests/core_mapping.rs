@@ -931,3 +931,79 @@ fn prefetch_and_reserve_at_the_end_of_the_offset_space() {
         assert_eq!(files.reserved_bytes(f).unwrap(), before);
     });
 }
+
+/// A pin whose fault-in was polled once and is then kept without being
+/// polled (a future held in a `select!` arm that no longer runs) must not
+/// hold up other pins of its window. Under `MADV_RANDOM` or
+/// `MADV_SEQUENTIAL` the fault-in awaited its whole-window advice before
+/// it published the window, so every other pin of that window waited for
+/// a poll that never came, past `pin_timeout`. The window is published
+/// first now; the advice follows.
+#[test]
+fn a_stalled_fault_in_does_not_hold_up_other_pins_of_its_window() {
+    for policy in [
+        segalloc::MadvisePolicy::Random,
+        segalloc::MadvisePolicy::Sequential,
+        segalloc::MadvisePolicy::Normal,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let cfg = common::builder(dir.path(), 4, 4)
+                .madvise_policy(policy)
+                .pin_timeout(Duration::from_millis(500))
+                .build()
+                .unwrap();
+            let (files, mm) = common::manager_with(&cfg);
+            let f = common::register(&files, dir.path().join("a"));
+            // Reserved ahead: the pins below only fault the window in. (A
+            // growth in flight is another matter: other growths of the
+            // file wait for it, README, *Limitations*.)
+            mm.reserve(f, 4 * WINDOW, WINDOW).await.unwrap();
+            let mut stalled = Box::pin(mm.pin(f, 3 * WINDOW, 4096, true));
+            let first = futures::poll!(stalled.as_mut());
+            let other = tokio::time::timeout(
+                Duration::from_secs(5),
+                mm.pin(f, 3 * WINDOW + 8192, 4096, true),
+            )
+            .await;
+            assert!(
+                matches!(other, Ok(Ok(_))),
+                "{policy:?}: {:?}",
+                other.map(|r| r.map(|_| ()))
+            );
+            drop(other);
+            // The stalled one completes when polled again.
+            match first {
+                Poll::Ready(r) => drop(r.expect("pin")),
+                Poll::Pending => drop(stalled.await.expect("pin")),
+            }
+        });
+    }
+}
+
+/// `evict_idle` unmaps windows that fit the cap: not evictions "to stay
+/// within the cap", and their next fault-ins are not thrashing. (They
+/// were counted as both: 4 windows under a cap of 16 turned thrash mode
+/// on.)
+#[test]
+fn evict_idle_is_neither_eviction_under_the_cap_nor_thrash() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (files, mm) = common::manager(dir.path(), 4, 16);
+        let f = common::register(&files, dir.path().join("a"));
+        for round in 0..20u64 {
+            for w in 0..4u64 {
+                drop(mm.pin(f, w * WINDOW, 4096, true).await.unwrap());
+            }
+            if round % 2 == 0 {
+                assert_eq!(mm.evict_idle(), 4);
+            }
+        }
+        let s = mm.stats();
+        assert_eq!(s.evictions, 0, "{s:?}");
+        assert_eq!(s.idle_evictions, 40, "{s:?}");
+        assert_eq!(s.thrash_faults, 0, "{s:?}");
+        assert!(!s.thrash_mode, "{s:?}");
+        assert_eq!(s.faults, 44, "{s:?}");
+    });
+}

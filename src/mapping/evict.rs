@@ -10,9 +10,17 @@ use crate::config::EvictionPolicy;
 use crate::files::FileId;
 
 impl MappingManager {
-    /// Unmap one idle window chosen by the eviction policy. False when every
-    /// window is in use.
+    /// Unmap one idle window chosen by the eviction policy, to stay within
+    /// the cap. False when every window is in use.
     pub(super) fn evict_one(&self) -> bool {
+        self.evict(true)
+    }
+
+    /// [`evict_one`](Self::evict_one); `for_cap` false for
+    /// [`evict_idle`](Self::evict_idle), whose windows fit the cap: counted
+    /// in `idle_evictions`, not in `evictions`, and not remembered as
+    /// evicted (their next fault-ins are not thrashing).
+    fn evict(&self, for_cap: bool) -> bool {
         let victim = {
             let mut m = self.inner.borrow_mut();
             // Thrash mode keeps the windows mapped longest and evicts the
@@ -37,10 +45,14 @@ impl MappingManager {
             if m.clock_hand >= m.resident.len() {
                 m.clock_hand = 0;
             }
-            m.stats.evictions += 1;
-            // Saturating: the cap may be any `usize` (`MappingConfig` is public).
-            let cap = EVICTION_HISTORY.saturating_mul(self.cfg.max_windows);
-            Self::remember_eviction(&mut m, (file, idx), cap);
+            if for_cap {
+                m.stats.evictions += 1;
+                // Saturating: the cap may be any `usize` (`MappingConfig` is public).
+                let cap = EVICTION_HISTORY.saturating_mul(self.cfg.max_windows);
+                Self::remember_eviction(&mut m, (file, idx), cap);
+            } else {
+                m.stats.idle_evictions += 1;
+            }
             let state = &mut m.files[file.0 as usize].as_mut().unwrap().windows[idx as usize];
             match std::mem::replace(state, WindowState::Unmapped) {
                 WindowState::Mapped(w) => w,
@@ -139,7 +151,7 @@ impl MappingManager {
                 let m = self.inner.borrow();
                 m.resident.iter().any(|r| is_idle(Self::window_at(&m, *r)))
             };
-            if !any_idle || !self.evict_one() {
+            if !any_idle || !self.evict(false) {
                 return n;
             }
             n += 1;

@@ -285,8 +285,22 @@ impl MappingManager {
             pin_sites: RefCell::new(slab::Slab::new()),
         });
         let win = WindowRef::new(&rc);
+        {
+            let mut m = self.inner.borrow_mut();
+            m.tick += 1;
+            rc.mapped_at.set(m.tick);
+            m.files[file.0 as usize].as_mut().unwrap().windows[idx] = WindowState::Mapped(rc);
+            m.resident.push((file, idx as u32));
+            Self::count_fault(&mut m, (file, idx as u32), self.cfg.adaptive_eviction);
+        }
+        // Published before the advice is awaited: a fault-in future polled
+        // once and then kept unpolled would otherwise hold every other pin
+        // of the window (they wait for it to be published) past
+        // `pin_timeout`.
+        guard.finish();
         // Whole-window advice through the ring (never part of a window: that
-        // would split the VMA).
+        // would split the VMA). Pins taken before it lands only miss the
+        // advice on their first faults.
         let advice = match self.cfg.madvise_policy {
             MadvisePolicy::Random => Some(sys::MADV_RANDOM),
             MadvisePolicy::Sequential => Some(sys::MADV_SEQUENTIAL),
@@ -297,15 +311,6 @@ impl MappingManager {
         {
             tracing::debug!(error = %e, "window advice failed (ignored: advisory)");
         }
-        {
-            let mut m = self.inner.borrow_mut();
-            m.tick += 1;
-            rc.mapped_at.set(m.tick);
-            m.files[file.0 as usize].as_mut().unwrap().windows[idx] = WindowState::Mapped(rc);
-            m.resident.push((file, idx as u32));
-            Self::count_fault(&mut m, (file, idx as u32), self.cfg.adaptive_eviction);
-        }
-        guard.finish();
         Ok(win)
     }
 

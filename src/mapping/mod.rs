@@ -99,6 +99,10 @@ pub struct MappingStats {
     pub faults: u64,
     /// Idle windows unmapped to stay within the cap.
     pub evictions: u64,
+    /// Idle windows unmapped by [`MappingManager::evict_idle`] (not
+    /// counted in `evictions`, and their next fault-ins not in
+    /// `thrash_faults`).
+    pub idle_evictions: u64,
     /// Pins served without a syscall or a wait (window already mapped when
     /// asked). A pin that faulted its window in, or waited, is not one.
     pub fast_pins: u64,
