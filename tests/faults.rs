@@ -1154,3 +1154,60 @@ fn a_dropped_syncs_interrupted_fdatasync_is_retried_and_gives_its_descriptor_bac
         shard.sync().await.unwrap();
     });
 }
+
+/// Without `fallocate`, a file grown where no window is mapped is
+/// prefaulted through a mapping of just that range while the kernel works:
+/// a mapping like a window's, so it counts against the window cap. (It was
+/// not counted: two windows pinned under a cap of 2 and eight growths at
+/// once made ten mappings of the file, and a shard's own growths did the
+/// same with no call of the user's.) The growths wait for the pinned
+/// windows, as a pin does, and go on once they are dropped.
+#[test]
+fn prefaults_without_fallocate_stay_within_the_window_cap() {
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir().unwrap();
+    let window = 16 * MIB;
+    run(async {
+        faults::inject(Fault::new(FaultOp::Fallocate, EOPNOTSUPP).always());
+        let cfg = common::builder(dir.path(), 8, 2)
+            .pin_timeout(std::time::Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let (files, mm) = common::manager_with(&cfg);
+        let f = common::register(&files, dir.path().join("a"));
+        let held = [
+            mm.pin(f, 0, 4096, true).await.unwrap(),
+            mm.pin(f, window, 4096, true).await.unwrap(),
+        ];
+        let peak = std::cell::Cell::new(0);
+        let sample = || peak.set(peak.get().max(common::os_counts(dir.path()).1));
+        let mm = &mm;
+        let growths =
+            futures::future::join_all((2..10u64).map(|w| mm.reserve(f, (w + 1) * window, window)));
+        let release = async move {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            drop(held);
+        };
+        let sampler = async {
+            loop {
+                sample();
+                tokio::task::yield_now().await;
+            }
+        };
+        let (results, ()) = tokio::select! {
+            r = async { futures::join!(growths, release) } => r,
+            () = sampler => unreachable!("the sampler never ends"),
+        };
+        sample();
+        for r in results {
+            r.expect("growth");
+        }
+        assert_eq!(files.reserved_bytes(f).unwrap(), 10 * window);
+        assert!(mm.stats().populated_bytes >= 8 * window);
+        assert!(
+            peak.get() <= 2,
+            "{} mappings of the file under a cap of 2",
+            peak.get()
+        );
+    });
+}

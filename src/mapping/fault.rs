@@ -103,8 +103,10 @@ impl MappingManager {
                 }
                 None => {
                     // The window is not mapped: map just this range for as
-                    // long as the prefault takes (it is not a window, and is
-                    // unmapped when the op completes).
+                    // long as the prefault takes (unmapped when the op
+                    // completes). Not a window, but a mapping all the same:
+                    // it takes a place under the window cap while it lives.
+                    let place = self.take_place().await?;
                     let lease = self.files.acquire_of(file, 0).await?;
                     let map = MmapOptions::new()
                         .offset(at)
@@ -117,14 +119,14 @@ impl MappingManager {
                             source,
                         })?;
                     let addr = map.as_mut_ptr();
+                    let hold = Rc::new(RangeMap {
+                        _map: map,
+                        _place: place,
+                    });
                     // SAFETY: `[addr, addr + len)` is exactly the temporary
                     // mapping, which the op holds until it completes;
                     // POPULATE_WRITE discards nothing.
-                    unsafe {
-                        self.ring
-                            .madvise(Rc::new(map), addr, len, sys::MADV_POPULATE_WRITE)
-                    }
-                    .await
+                    unsafe { self.ring.madvise(hold, addr, len, sys::MADV_POPULATE_WRITE) }.await
                 }
             };
             if let Err(e) = r {
@@ -346,6 +348,49 @@ impl MappingManager {
         }
         Ok(())
     }
+}
+
+impl MappingManager {
+    /// A place under the window cap for a mapping that is not a window
+    /// (see [`populate`](Self::populate)): at once when the cap leaves
+    /// room or an idle window can go, else after a wait for one, as a pin
+    /// waits (up to `pin_timeout`, then [`Error::WindowPressure`]).
+    async fn take_place(&self) -> Result<Place> {
+        let mut started: Option<Instant> = None;
+        loop {
+            if self.window_count() < self.cfg.max_windows || self.evict_one() {
+                self.shared.live.set(self.shared.live.get() + 1);
+                return Ok(Place {
+                    shared: self.shared.clone(),
+                });
+            }
+            let started = *started.get_or_insert_with(Instant::now);
+            self.wait_pressure(started).await?;
+        }
+    }
+}
+
+/// A mapping's place under the window cap, counted in `window_count` like
+/// a window's until it is dropped.
+struct Place {
+    shared: Rc<super::Shared>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.shared.live.set(self.shared.live.get() - 1);
+        if self.shared.pressure.waiting() > 0 {
+            self.shared.pressure.wake_one();
+        }
+    }
+}
+
+/// A mapping of a range that is not a window, with its place under the cap
+/// (held by the ring until its op completes). The fields are dropped in
+/// order: the mapping goes before its place is given back.
+struct RangeMap {
+    _map: memmap2::MmapRaw,
+    _place: Place,
 }
 
 struct FaultGuard<'a> {
