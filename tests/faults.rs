@@ -1211,3 +1211,35 @@ fn prefaults_without_fallocate_stay_within_the_window_cap() {
         );
     });
 }
+
+/// The fault-in of a window whose growth leaves a part of an earlier,
+/// unmapped window to prefault: with one window pinned under a cap of 2,
+/// a pin two windows on fits the cap. It waited for a place for that
+/// prefault while its own window held the last one, until `pin_timeout`
+/// (for ever with no timeout). The prefault now runs before the fault-in
+/// takes its place.
+#[test]
+fn a_fault_in_that_prefaults_an_earlier_window_fits_the_cap() {
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir().unwrap();
+    let window = 16 * MIB;
+    run(async {
+        faults::inject(Fault::new(FaultOp::Fallocate, EOPNOTSUPP).always());
+        let cfg = common::builder(dir.path(), 8, 2)
+            .pin_timeout(std::time::Duration::MAX)
+            .build()
+            .unwrap();
+        let (files, mm) = common::manager_with(&cfg);
+        let f = common::register(&files, dir.path().join("a"));
+        let held = mm.pin(f, 2 * window, 4096, true).await.unwrap();
+        let far = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            mm.pin(f, 4 * window, 4096, true),
+        )
+        .await;
+        assert!(matches!(far, Ok(Ok(_))), "{:?}", far.map(|r| r.map(|_| ())));
+        drop(far);
+        drop(held);
+        assert!(mm.window_count() <= 2);
+    });
+}

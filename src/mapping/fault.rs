@@ -160,6 +160,13 @@ impl MappingManager {
         writable: bool,
     ) -> Result<bool> {
         let how = self.cover(file, offset, len, writable).await?;
+        if let Reservation::Sparse { from, to } = how {
+            // Before this fault-in takes its place under the cap: a part
+            // of the growth outside the mapped windows is prefaulted
+            // through a mapping that needs a place of its own, and a wait
+            // for one while holding a place (the last one) never ended.
+            self.populate(file, from, to).await?;
+        }
         let idx = (offset / self.cfg.window_bytes) as usize;
         let list = Rc::new(WaitList::default());
         {
@@ -200,7 +207,7 @@ impl MappingManager {
             elapsed_us = started.elapsed().as_micros() as u64,
             "window mapped"
         );
-        self.after_fault(&win, file, (offset, offset + len), how)
+        self.after_fault(&win, file, (offset, offset + len))
             .instrument(span)
             .await?;
         Ok(true)
@@ -316,18 +323,14 @@ impl MappingManager {
         Ok(win)
     }
 
-    /// After a fault-in: prefault a sparse growth, then read ahead past
-    /// the range `[offset, end)` inside the window.
+    /// After a fault-in: read ahead past the range `[offset, end)` inside
+    /// the window.
     async fn after_fault(
         &self,
         win: &WindowRef,
         file: FileId,
         (offset, end): (u64, u64),
-        how: Reservation,
     ) -> Result<()> {
-        if let Reservation::Sparse { from, to } = how {
-            self.populate(file, from, to).await?;
-        }
         if self.cfg.prefetch_ahead_bytes == 0 {
             return Ok(());
         }
