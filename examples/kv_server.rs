@@ -15,9 +15,9 @@
 //! `FLUSHALL`, `INFO` (server, memory, persistence, keyspace), `CONFIG GET`,
 //! `SAVE`, `COMMAND` (`COUNT`, `INFO`, `DOCS`), `SELECT 0`, `CLIENT
 //! SETNAME|SETINFO`, `QUIT`; inline commands too. An expired key is deleted
-//! when read, or by a sweep every 100 ms (every key due, in turns of at
-//! least 1,024 keys, or twice the keys given an expiry since the turn
-//! before, so it keeps up with any rate of such writes). A multi-key command whose keys live on several shards is not
+//! when read, or by a sweep every 100 ms (every key due, in turns of 1 to
+//! 10 ms that take about half the shard's thread while keys are due, so it
+//! keeps up with writes that give keys an expiry). A multi-key command whose keys live on several shards is not
 //! atomic across them.
 //!
 //! **Limits.** Keys up to 512 bytes (the empty key too), arguments up to

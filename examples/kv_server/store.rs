@@ -261,9 +261,10 @@ fn load_value<'a>(
     Ok(&body[key_len..])
 }
 
-/// Expired keys a sweep deletes per turn of the shard's tasks at least
-/// (more when keys with an expiry came faster: see [`Store::run_expiry`]).
-const EXPIRE_PER_SWEEP: usize = 1024;
+/// The shortest and longest turn of the expiry sweep (see
+/// [`Store::run_expiry`]).
+const EXPIRE_TURN_MIN: Duration = Duration::from_millis(1);
+const EXPIRE_TURN_MAX: Duration = Duration::from_millis(10);
 /// Retirements between two yields of a round (and deferred frees after a
 /// sync).
 const RETIRE_PER_YIELD: usize = 1024;
@@ -503,9 +504,6 @@ pub struct Store {
     /// Keys given an expiry, soonest first (entries may be stale: the key
     /// was overwritten or deleted since; the sweep checks the index).
     expiring: RefCell<ExpiryQueue>,
-    /// Keys given an expiry so far (what the expiry sweep must keep up
-    /// with).
-    expiries_set: Cell<u64>,
     next_seq: Cell<u64>,
     sync: SyncState,
     /// Where records are read back to be checked (borrowed only between
@@ -689,7 +687,6 @@ impl Store {
             shard,
             index: RefCell::new(index),
             expiring: RefCell::new(expiring),
-            expiries_set: Cell::new(0),
             // Above the durable sequence number too: the newest records may
             // have been deleted, and a new record numbered at or below it
             // would pass for durable (see `recover_index`).
@@ -1125,28 +1122,30 @@ impl Store {
     }
 
     /// The task that deletes expired keys nobody reads: every 100 ms, the
-    /// keys due, in turns of the shard's tasks. Each turn deletes
-    /// [`EXPIRE_PER_SWEEP`] keys, or twice as many as were given an expiry
-    /// since the turn before if that is more, so the sweep keeps up with
-    /// any rate of writes with an expiry. (A fixed 1,024 per 100 ms fell
-    /// behind at 10,000 such writes a second: 14 million expired keys
-    /// piled up in 40 s of `SET … PX 100`, in memory and on disk.) Runs
-    /// for the life of the shard thread.
+    /// keys due, in turns of the shard's tasks. A turn takes 1 ms, or as
+    /// long as the other tasks ran since the turn before when that is
+    /// longer (up to [`EXPIRE_TURN_MAX`]): while keys are due the sweep
+    /// gets about half the thread, so it keeps up with writes that give
+    /// keys an expiry, and no turn holds the thread long. (A fixed 1,024
+    /// keys per 100 ms fell behind at 10,000 such writes a second: 14
+    /// million expired keys piled up in 40 s of `SET … PX 100`; a turn of
+    /// every key written in the last 100 ms held the thread for tens of
+    /// milliseconds.) Runs for the life of the shard thread.
     pub async fn run_expiry(&self) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut seen = self.expiries_set.get();
         loop {
             tick.tick().await;
+            let mut turn = EXPIRE_TURN_MIN;
             loop {
-                let set = self.expiries_set.get();
-                let owed = usize::try_from(set.wrapping_sub(seen).saturating_mul(2))
-                    .unwrap_or(usize::MAX)
-                    .max(EXPIRE_PER_SWEEP);
-                seen = set;
-                match self.expire_due(now_unix_ms(), owed).await {
+                let deadline = Instant::now() + turn;
+                match self.expire_due(now_unix_ms(), deadline).await {
                     // More may be due: go on after a turn of the others.
-                    Ok(true) => tokio::task::yield_now().await,
+                    Ok(true) => {
+                        let others = Instant::now();
+                        tokio::task::yield_now().await;
+                        turn = others.elapsed().clamp(EXPIRE_TURN_MIN, EXPIRE_TURN_MAX);
+                    }
                     Ok(false) => break,
                     Err(e) => {
                         eprintln!("shard {}: expiring keys: {e}", self.shard.index());
@@ -1157,10 +1156,15 @@ impl Store {
         }
     }
 
-    /// Delete up to `n` keys due at `now`; true when it deleted `n` (more
-    /// may be due).
-    async fn expire_due(&self, now: u64, n: usize) -> segalloc::Result<bool> {
-        for _ in 0..n {
+    /// Delete keys due at `now` until none is or `deadline` passes; true
+    /// when the deadline stopped it (more may be due).
+    async fn expire_due(&self, now: u64, deadline: Instant) -> segalloc::Result<bool> {
+        let mut n = 0u32;
+        loop {
+            n = n.wrapping_add(1);
+            if n.is_multiple_of(64) && Instant::now() >= deadline {
+                return Ok(true);
+            }
             let key = {
                 let mut heap = self.expiring.borrow_mut();
                 match heap.peek() {
@@ -1182,7 +1186,6 @@ impl Store {
                 self.remove(&key, e, pin)?;
             }
         }
-        Ok(true)
     }
 
     /// Wait until a sync covers the first `target` writes.
@@ -1657,7 +1660,6 @@ impl Store {
             }
         }
         if let Ttl::At(t) = w.ttl {
-            self.expiries_set.set(self.expiries_set.get() + 1);
             let mut heap = self.expiring.borrow_mut();
             heap.push(Reverse((t, w.key.into())));
             // Stale entries stay bounded by the number of keys.
