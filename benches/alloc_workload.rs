@@ -206,21 +206,21 @@ pub fn producer_alone(rt: &Runtime, n: u64, size: u64) -> Result<Duration, Error
     Ok(t.elapsed())
 }
 
-/// Before a timed fill: make `bytes` of free memory quick to touch, by
-/// filling a scratch file of that size in `dir` (reserved, mapped, every
-/// page written) and deleting it, untimed.
+/// Before a timed file fill: fill a scratch file of `bytes` in `dir`
+/// (reserved, mapped, every page written) and delete it, untimed, so that
+/// the timed fill's first touches of fresh page cache are quick.
 ///
-/// On a virtual machine whose guest reports its free memory to the host
-/// (`virtio_balloon` free page reporting, as on the machines the README's
-/// figures come from), memory left free for a couple of seconds goes back
-/// to the host, and the first touch of such a page costs the host's fault
-/// too: a fill of 256 MiB of fresh page cache took 1.5 – 2.1 s after a
-/// pause of 2.5 s, and 46 – 63 ms right after another fill of that size had
-/// freed its pages (`fallocate`d file, one byte written per page). Which
-/// of the two a timed fill met depended on what ran before it, for the raw
-/// ceiling as for segalloc. The scratch fill takes the slow touches itself
-/// and frees its pages just before the timed fill reuses them.
-pub fn warm_free_memory(dir: &Path, bytes: u64) -> std::io::Result<()> {
+/// On the virtual machines the README's figures come from, a fill of
+/// fresh page cache of a file on the root ext4 after a pause of a couple
+/// of seconds took 1.5 – 2.1 s for 256 MiB, and 46 – 63 ms right after
+/// another fill of that size had freed its pages (`fallocate`d file, one
+/// byte written per page); which of the two a timed fill met depended on
+/// what ran before it, for the raw ceiling as for segalloc. It happened
+/// with no file deleted too; anonymous memory and tmpfs files did not
+/// show it, and an anonymous warm-up did not help. The cause was not
+/// established. A scratch fill of the same size takes the slow touches
+/// itself.
+pub fn warm_up_file_pages(dir: &Path, bytes: u64) -> std::io::Result<()> {
     let page = 4096u64;
     let bytes = bytes.div_ceil(page).max(1) * page;
     let path = dir.join("warm-up");
@@ -271,7 +271,7 @@ pub fn raw_fill(
     sparse: bool,
 ) -> std::io::Result<Duration> {
     let total = (stride * n).max(stride);
-    warm_free_memory(path.parent().expect("a file in a directory"), total)?;
+    warm_up_file_pages(path.parent().expect("a file in a directory"), total)?;
     let f = OpenOptions::new()
         .read(true)
         .write(true)

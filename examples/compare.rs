@@ -30,9 +30,9 @@
 //! limit of 1024: where it dies). The data files
 //! of every timed phase are written back (`fdatasync`) and deleted before
 //! the next phase, so no phase pays for another's dirty pages, and every
-//! fill first fills and deletes a scratch file of what it will touch
-//! (untimed), so that none pays for memory the virtual machine gave back
-//! to its host (`work::warm_free_memory`).
+//! file fill first fills and deletes a scratch file of what it will touch
+//! (untimed), so that none pays the slow first touches of page cache that
+//! follow a pause on the machines measured (`work::warm_up_file_pages`).
 //!
 //! ```text
 //! cargo run --release --example compare                        # about 20 seconds
@@ -205,7 +205,7 @@ fn segalloc_fill(args: &Args, shards: usize, stride: u64) -> Result<f64, BoxErro
     // growth step of each shard.
     let handle = std::mem::size_of::<segalloc::Handle>() as u64;
     let footprint = shards as u64 * (n * (stride + handle) + (64 << 20));
-    work::warm_free_memory(_dir.path(), footprint)?;
+    work::warm_up_file_pages(_dir.path(), footprint)?;
     let t = Instant::now();
     let jobs: Vec<_> = (0..shards)
         .map(|i| {
@@ -240,10 +240,6 @@ fn raw_fill(args: &Args, stride: u64, sparse: bool) -> Result<f64, BoxError> {
 /// glibc fill (not persistent): allocate and write, pointers kept.
 fn malloc_fill(args: &Args) -> Result<f64, BoxError> {
     let payload = vec![0x5Au8; args.record_bytes as usize];
-    // What it touches: the records (malloc's 16-byte header and alignment)
-    // and the pointers kept.
-    let footprint = args.records * (args.record_bytes.div_ceil(16) * 16 + 16 + 8);
-    work::warm_free_memory(tempdir(args)?.path(), footprint)?;
     let t = Instant::now();
     let ps = work::malloc_fill(args.records, &payload);
     let rate = per_sec(args.records, t.elapsed());
