@@ -467,6 +467,9 @@ fn allocate_and_pin_futures_are_lazy_and_cancel_cleanly() {
         // backends: a pin dropped while the ring works is
         // `dropped_pin_future_mid_fault` in tests/core_mapping.rs); dropped,
         // nothing stays pinned, and the next pin maps the window again.
+        // A prefault the allocations started may still hold the window
+        // (`evict_idle` leaves such windows): let it finish first.
+        shard.mappings().settle_prefaults().await;
         assert!(shard.mappings().evict_idle() >= 1, "no window evicted");
         let mut p = Box::pin(shard.pin(h));
         match poll_once(&mut p) {
