@@ -123,9 +123,10 @@ pub struct MappingStats {
     /// Whether eviction has adapted to thrashing: while most recent
     /// fault-ins are of recently evicted windows, the most recently mapped
     /// idle window goes first (one eviction in 8, drawn at random, still
-    /// follows the policy, so a working set that moves is picked up). A cyclic or uniform scan
-    /// larger than the cap then keeps most of its windows mapped instead of
-    /// missing on every one, and skewed access keeps its hot windows.
+    /// follows the policy, so a working set that moves is picked up). A
+    /// cyclic or uniform scan larger than the cap then keeps most of its
+    /// windows mapped instead of missing on every one, and skewed access
+    /// keeps its hot windows.
     pub thrash_mode: bool,
     /// Former name of `max_windows` (the same figure).
     #[deprecated(since = "0.1.0", note = "renamed to `max_windows`")]
