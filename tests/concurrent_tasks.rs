@@ -34,18 +34,10 @@ async fn poll_to_end<F: Future + Unpin>(f: &mut F) -> F::Output {
     }
 }
 
-/// 16 MiB windows, one data file of one window, at most two windows
-/// mapped (one is the metadata's): a pin of an evicted window waits while
+/// [`common::one_window_builder`]: a pin of an evicted window waits while
 /// another window is pinned.
 fn one_window(dir: &std::path::Path) -> Config {
-    Config::builder(dir)
-        .shards(1)
-        .window_bytes(16 * MIB)
-        .growth_step_bytes(MIB)
-        .max_file_bytes(16 * MIB)
-        .max_windows(2)
-        .build()
-        .unwrap()
+    common::one_window_builder(dir).build().unwrap()
 }
 
 /// A pin refused because its allocation is no longer live.

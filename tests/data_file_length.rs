@@ -86,6 +86,17 @@ fn open_refuses_a_truncated_data_file() {
     assert_eq!(report.errors().count(), 0, "{:?}", report.problems);
 }
 
+/// One shard in `dir`, 16 MiB windows, files grown 64 KiB at a time
+/// (smaller than a segment).
+fn small_steps_cfg(dir: &std::path::Path) -> segalloc::Config {
+    segalloc::Config::builder(dir)
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(64 * 1024)
+        .build()
+        .unwrap()
+}
+
 /// Every segment's run lies inside its data file's size as soon as the
 /// segment exists (also when growth steps are smaller than segments); the
 /// growth is not synced then. A power loss that takes the growth made
@@ -95,12 +106,7 @@ fn open_refuses_a_truncated_data_file() {
 #[test]
 fn growth_after_the_last_sync_may_be_lost_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = segalloc::Config::builder(dir.path())
-        .shards(1)
-        .window_bytes(16 * MIB)
-        .growth_step_bytes(64 * 1024)
-        .build()
-        .unwrap();
+    let cfg = small_steps_cfg(dir.path());
     let data = dir.path().join("shard-000/data-000000.seg");
     let data_bytes = || std::fs::metadata(&data).map_or(0, |m| m.len());
     let (synced, synced_len, unsynced) = run(async {
@@ -302,12 +308,7 @@ fn generations_after_a_reopen_stay_at_or_above_the_durable_one() {
 fn generations_that_wrap_past_u32_max_still_recover() {
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = segalloc::Config::builder(dir.path())
-        .shards(1)
-        .window_bytes(16 * MIB)
-        .growth_step_bytes(64 * 1024)
-        .build()
-        .unwrap();
+    let cfg = small_steps_cfg(dir.path());
     run(async {
         open_shard(&cfg).await.unwrap().sync().await.unwrap();
     });
@@ -394,12 +395,7 @@ fn generations_that_wrap_past_u32_max_still_recover() {
 fn a_segment_issued_half_the_range_ago_is_older_than_the_words() {
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = segalloc::Config::builder(dir.path())
-        .shards(1)
-        .window_bytes(16 * MIB)
-        .growth_step_bytes(64 * 1024)
-        .build()
-        .unwrap();
+    let cfg = small_steps_cfg(dir.path());
     let first = run(async {
         let shard = open_shard(&cfg).await.unwrap();
         let h = shard.allocate(3000).await.unwrap().handle();

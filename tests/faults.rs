@@ -1155,6 +1155,27 @@ fn a_dropped_syncs_interrupted_fdatasync_is_retried_and_gives_its_descriptor_bac
     });
 }
 
+/// With every `fallocate` failing (`EOPNOTSUPP`, as on a file system
+/// without it): a manager of `dir` with a cap of 2 windows and
+/// `pin_timeout`, and a file `a` registered with it.
+fn no_fallocate_manager(
+    dir: &Path,
+    pin_timeout: std::time::Duration,
+) -> (
+    std::rc::Rc<segalloc::FileHandleRegistry>,
+    segalloc::MappingManager,
+    segalloc::FileId,
+) {
+    faults::inject(Fault::new(FaultOp::Fallocate, EOPNOTSUPP).always());
+    let cfg = common::builder(dir, 8, 2)
+        .pin_timeout(pin_timeout)
+        .build()
+        .unwrap();
+    let (files, mm) = common::manager_with(&cfg);
+    let f = common::register(&files, dir.join("a"));
+    (files, mm, f)
+}
+
 /// Without `fallocate`, a file grown where no window is mapped is
 /// prefaulted through a mapping of just that range while the kernel works:
 /// a mapping like a window's, so it counts against the window cap. (It was
@@ -1166,15 +1187,9 @@ fn a_dropped_syncs_interrupted_fdatasync_is_retried_and_gives_its_descriptor_bac
 fn prefaults_without_fallocate_stay_within_the_window_cap() {
     let _g = faults::clear_on_drop();
     let dir = tempfile::tempdir().unwrap();
-    let window = 16 * MIB;
+    let window = common::WINDOW;
     run(async {
-        faults::inject(Fault::new(FaultOp::Fallocate, EOPNOTSUPP).always());
-        let cfg = common::builder(dir.path(), 8, 2)
-            .pin_timeout(std::time::Duration::from_secs(30))
-            .build()
-            .unwrap();
-        let (files, mm) = common::manager_with(&cfg);
-        let f = common::register(&files, dir.path().join("a"));
+        let (files, mm, f) = no_fallocate_manager(dir.path(), std::time::Duration::from_secs(30));
         let held = [
             mm.pin(f, 0, 4096, true).await.unwrap(),
             mm.pin(f, window, 4096, true).await.unwrap(),
@@ -1222,15 +1237,9 @@ fn prefaults_without_fallocate_stay_within_the_window_cap() {
 fn a_fault_in_that_prefaults_an_earlier_window_fits_the_cap() {
     let _g = faults::clear_on_drop();
     let dir = tempfile::tempdir().unwrap();
-    let window = 16 * MIB;
+    let window = common::WINDOW;
     run(async {
-        faults::inject(Fault::new(FaultOp::Fallocate, EOPNOTSUPP).always());
-        let cfg = common::builder(dir.path(), 8, 2)
-            .pin_timeout(std::time::Duration::MAX)
-            .build()
-            .unwrap();
-        let (files, mm) = common::manager_with(&cfg);
-        let f = common::register(&files, dir.path().join("a"));
+        let (_files, mm, f) = no_fallocate_manager(dir.path(), std::time::Duration::MAX);
         let held = mm.pin(f, 2 * window, 4096, true).await.unwrap();
         let far = tokio::time::timeout(
             std::time::Duration::from_secs(10),

@@ -120,6 +120,13 @@ impl Drop for Server {
     }
 }
 
+/// `SET key value PX ms`.
+fn set_px(key: impl redis::ToRedisArgs, value: &str, ms: u64) -> redis::Cmd {
+    let mut set = redis::cmd("SET");
+    set.arg(key).arg(value).arg("PX").arg(ms);
+    set
+}
+
 fn info_field(c: &mut redis::Connection, section: &str, field: &str) -> String {
     let text: String = redis::cmd("INFO").arg(section).query(c).expect("INFO");
     text.lines()
@@ -178,13 +185,7 @@ fn every_command() {
     let mut px = 200;
     let set_at = loop {
         let sent = Instant::now();
-        let _: () = redis::cmd("SET")
-            .arg("ttl")
-            .arg("t")
-            .arg("PX")
-            .arg(px)
-            .query(c)
-            .unwrap();
+        let _: () = set_px("ttl", "t", px).query(c).unwrap();
         let got = c.get::<_, Option<String>>("ttl").unwrap();
         if sent.elapsed() < Duration::from_millis(px) {
             assert_eq!(got.as_deref(), Some("t"), "expired before its PX {px}");
@@ -294,13 +295,7 @@ fn every_command() {
         .unwrap();
     assert_eq!(redis::cmd("INCR").arg("cnt").query::<i64>(c).unwrap(), 6);
     // An expired counter starts again, without an expiry.
-    let _: () = redis::cmd("SET")
-        .arg("gone")
-        .arg("41")
-        .arg("PX")
-        .arg(1)
-        .query(c)
-        .unwrap();
+    let _: () = set_px("gone", "41", 1).query(c).unwrap();
     std::thread::sleep(Duration::from_millis(5));
     assert_eq!(redis::cmd("INCR").arg("gone").query::<i64>(c).unwrap(), 1);
     // INCR keeps the expiry: ttl2 and cnt expire.
@@ -1043,13 +1038,7 @@ fn save_then_restart_keeps_everything_and_torn_records_are_freed() {
         let _: () = c.mset(chunk).unwrap();
     }
     let set_at = std::time::Instant::now();
-    let _: () = redis::cmd("SET")
-        .arg("expiring")
-        .arg("e")
-        .arg("PX")
-        .arg(700)
-        .query(c)
-        .unwrap();
+    let _: () = set_px("expiring", "e", 700).query(c).unwrap();
     let marker = "torn-marker-value-0123456789";
     let _: () = c.set("torn", marker).unwrap();
     let _: () = redis::cmd("SAVE").query(c).unwrap();
@@ -1215,11 +1204,7 @@ fn expired_keys_are_deleted_without_reads() {
     let c = &mut server.client();
     let mut pipe = redis::pipe();
     for i in 0..100 {
-        pipe.cmd("SET")
-            .arg(format!("short{i}"))
-            .arg("v")
-            .arg("PX")
-            .arg(100)
+        pipe.add_command(set_px(format!("short{i}"), "v", 100))
             .ignore();
     }
     pipe.cmd("SET")
@@ -1229,19 +1214,9 @@ fn expired_keys_are_deleted_without_reads() {
         .arg(1000)
         .ignore();
     // Overwritten without expiry, and given a later one: both stay.
-    pipe.cmd("SET")
-        .arg("ow")
-        .arg("v")
-        .arg("PX")
-        .arg(100)
-        .ignore();
+    pipe.add_command(set_px("ow", "v", 100)).ignore();
     pipe.cmd("SET").arg("ow").arg("v2").ignore();
-    pipe.cmd("SET")
-        .arg("re")
-        .arg("v")
-        .arg("PX")
-        .arg(100)
-        .ignore();
+    pipe.add_command(set_px("re", "v", 100)).ignore();
     pipe.cmd("SET")
         .arg("re")
         .arg("v3")
@@ -1280,11 +1255,7 @@ fn expired_keys_written_faster_than_a_fixed_sweep_are_all_deleted() {
     for chunk in 0..n / 10_000 {
         let mut pipe = redis::pipe();
         for i in 0..10_000 {
-            pipe.cmd("SET")
-                .arg(format!("t{chunk}:{i}"))
-                .arg("v")
-                .arg("PX")
-                .arg(100)
+            pipe.add_command(set_px(format!("t{chunk}:{i}"), "v", 100))
                 .ignore();
         }
         let _: () = pipe.query(c).unwrap();

@@ -232,20 +232,23 @@ pub fn crash_and_wait_gone(rt: &segalloc::Runtime, shard: usize) {
     }
 }
 
-/// One shard on disk (`dir`), data files of one 16 MiB window, and one
-/// descriptor for them all: a sync of one file holds the descriptor the
-/// others need.
+/// One shard on disk (`dir`), 16 MiB windows, data files of one window, at
+/// most two windows mapped (one is the metadata's).
 #[allow(dead_code)]
-pub fn one_descriptor_cfg(dir: &Path) -> Config {
+pub fn one_window_builder(dir: &Path) -> ConfigBuilder {
     Config::builder(dir)
         .shards(1)
         .window_bytes(16 * MIB)
         .growth_step_bytes(MIB)
         .max_file_bytes(16 * MIB)
         .max_windows(2)
-        .max_open_files(1)
-        .build()
-        .unwrap()
+}
+
+/// [`one_window_builder`], and one descriptor for all the files: a sync of
+/// one file holds the descriptor the others need.
+#[allow(dead_code)]
+pub fn one_descriptor_cfg(dir: &Path) -> Config {
+    one_window_builder(dir).max_open_files(1).build().unwrap()
 }
 
 /// Under [`one_descriptor_cfg`]: 1 MiB allocations, written, until one
