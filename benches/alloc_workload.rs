@@ -224,20 +224,7 @@ pub fn warm_up_file_pages(dir: &Path, bytes: u64) -> std::io::Result<()> {
     let page = 4096u64;
     let bytes = bytes.div_ceil(page).max(1) * page;
     let path = dir.join("warm-up");
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)?;
-    reserve(&f, bytes, false)?;
-    // SAFETY: the file is private to this call; nothing else maps or
-    // truncates it while the mapping lives.
-    let mut map = unsafe {
-        memmap2::MmapOptions::new()
-            .len(bytes as usize)
-            .map_mut(&f)?
-    };
+    let (f, mut map) = reserved_map(&path, bytes, false)?;
     for at in (0..map.len()).step_by(page as usize) {
         map[at] = 1;
     }
@@ -259,6 +246,31 @@ pub fn reserve(f: &std::fs::File, bytes: u64, sparse: bool) -> std::io::Result<(
     }
 }
 
+/// A new file at `path` of `bytes`, reserved as [`reserve`] says, and its
+/// shared writable mapping. The file is the caller's alone: nothing else
+/// may map or truncate it while the mapping lives.
+fn reserved_map(
+    path: &Path,
+    bytes: u64,
+    sparse: bool,
+) -> std::io::Result<(std::fs::File, memmap2::MmapMut)> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    reserve(&f, bytes, sparse)?;
+    // SAFETY: the file was just created (truncated) for the caller alone;
+    // nothing else maps or truncates it while the mapping lives.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .len(bytes as usize)
+            .map_mut(&f)?
+    };
+    Ok((f, map))
+}
+
 /// The raw-mmap ceiling: a file at `path` reserved up front (`fallocate`,
 /// or a sparse `ftruncate`), mapped shared, a bump pointer at `stride`,
 /// `memcpy` of `n` records of `record_bytes`. Dirty pages are written back
@@ -272,20 +284,7 @@ pub fn raw_fill(
 ) -> std::io::Result<Duration> {
     let total = (stride * n).max(stride);
     warm_up_file_pages(path.parent().expect("a file in a directory"), total)?;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
-    reserve(&f, total, sparse)?;
-    // SAFETY: the file is private to this run; nothing else maps or
-    // truncates it while the mapping lives.
-    let mut map = unsafe {
-        memmap2::MmapOptions::new()
-            .len(total as usize)
-            .map_mut(&f)?
-    };
+    let (f, mut map) = reserved_map(path, total, sparse)?;
     let payload = vec![0x5Au8; record_bytes as usize];
     let t = Instant::now();
     let mut at = 0usize;

@@ -199,13 +199,13 @@ fn slot_bytes(args: &Args) -> Result<u64, BoxError> {
 
 /// Fill: every shard allocates and writes `records` records, handles kept.
 fn segalloc_fill(args: &Args, shards: usize, stride: u64) -> Result<f64, BoxError> {
-    let (_dir, rt) = runtime(args, shards)?;
+    let (dir, rt) = runtime(args, shards)?;
     let (n, size) = (args.records, args.record_bytes);
     // What the fill touches: its records, the handles it keeps, and a
     // growth step of each shard.
     let handle = std::mem::size_of::<segalloc::Handle>() as u64;
     let footprint = shards as u64 * (n * (stride + handle) + (64 << 20));
-    work::warm_up_file_pages(_dir.path(), footprint)?;
+    work::warm_up_file_pages(dir.path(), footprint)?;
     let t = Instant::now();
     let jobs: Vec<_> = (0..shards)
         .map(|i| {
