@@ -471,8 +471,9 @@ struct SyncState {
     syncs: Cell<u64>,
     /// Batches that started waiting for a sync, ever.
     waiters: Cell<u64>,
-    /// The shard's count of frees when its latest sync began, and when the
-    /// one before began: space freed since the one before may still wait
+    /// The shard's count of frees when its latest completed sync began,
+    /// and when the completed one before it began: space freed since the
+    /// one before may still wait
     /// for a sync (a segment it emptied is released by the next sync after
     /// the free, and its space is reusable after the sync after that).
     frees_at_syncs: Cell<(u64, u64)>,
@@ -779,11 +780,15 @@ impl Store {
             let w_at_start = self.w_pending.get();
             let waiters = s.waiters.get();
             let started = Instant::now();
-            let (latest, _) = s.frees_at_syncs.get();
-            s.frees_at_syncs
-                .set((self.shard.stats().alloc.frees, latest));
+            let frees_at_start = self.shard.stats().alloc.frees;
             let ok = match self.shard.sync().await {
                 Ok(()) => {
+                    // Counted once the sync is done: one still running has
+                    // made nothing reusable yet (counted at its start, a
+                    // write that found no space while it ran saw nothing
+                    // freed since the sync before it, and was refused).
+                    let (latest, _) = s.frees_at_syncs.get();
+                    s.frees_at_syncs.set((frees_at_start, latest));
                     s.synced.set(target);
                     self.w_durable.set(self.w_durable.get().max(w_at_start));
                     if self.rounds.borrow_mut().synced(target) {
