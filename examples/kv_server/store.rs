@@ -1492,17 +1492,32 @@ impl Store {
     /// for a round are retired first): then sync (twice at most) and try
     /// again. Without that, a full disk under `everysec` or `no` stayed
     /// full: those sync only after a write, and no write got through.
+    ///
+    /// A sync that completed while the allocation ran may have made space
+    /// reusable that the allocation did not see (segments released by the
+    /// sync before it): then it tries again at once (twice at most). The
+    /// frees it counts were all before that sync's predecessor began, so
+    /// they alone said a sync would not help, and a write after a mass
+    /// delete and a `SAVE` was refused while the space waited for it.
     async fn allocate_record(&self, total: u64) -> segalloc::Result<segalloc::Allocation> {
-        let mut syncs = 0;
+        let (mut syncs, mut again) = (0, 0);
         loop {
+            let completed = self.sync.syncs.get();
             let full = match self.shard.allocate(total).await {
                 Err(e @ segalloc::Error::NoSpace { .. }) => e,
                 r => return r,
             };
+            if self.sync.syncs.get() != completed && again < 2 {
+                again += 1;
+                continue;
+            }
             let (_, before_latest) = self.sync.frees_at_syncs.get();
-            let freed = self.shard.stats().alloc.frees > before_latest;
+            let stats = self.shard.stats().alloc;
+            let freed = stats.frees > before_latest;
+            // Segments released and waiting for a sync to be reusable.
+            let released = stats.quarantined_entries > 0;
             let waiting = self.waiting.borrow().len() > 0;
-            let helps = freed || waiting || !self.deferred.borrow().is_empty();
+            let helps = freed || released || waiting || !self.deferred.borrow().is_empty();
             if syncs == 2 || !helps {
                 return Err(full);
             }
