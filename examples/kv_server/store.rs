@@ -1485,20 +1485,25 @@ impl Store {
 
     /// Allocate a record of `total` bytes. On a full disk, space freed
     /// since the sync before the latest began (deleted keys, replaced
-    /// records) may wait for a sync or two (its slots are reusable after
-    /// the next sync after the free; a segment it emptied is released then,
-    /// and its space reusable after one more), and replaced records waiting
-    /// for a sync are freed only after it (under `always`, records waiting
-    /// for a round are retired first): then sync (twice at most) and try
-    /// again. Without that, a full disk under `everysec` or `no` stayed
-    /// full: those sync only after a write, and no write got through.
+    /// records), or released segments waiting for a sync, may wait for a
+    /// sync or two (its slots are reusable after the next sync after the
+    /// free; a segment it emptied is released then, and its space reusable
+    /// after one more), and replaced records waiting for a sync (or in a
+    /// retirement round) are freed only after it (under `always`, records
+    /// waiting for a round are retired first): then sync and try again,
+    /// three times at most (a replaced record needs all three: one frees
+    /// it, one makes its slot reusable and releases its segment, one makes
+    /// the segment's space reusable). Without that, a full disk under
+    /// `everysec` or `no` stayed full: those sync only after a write, and
+    /// no write got through.
     ///
     /// A sync that completed while the allocation ran may have made space
     /// reusable that the allocation did not see (segments released by the
-    /// sync before it): then it tries again at once (twice at most). The
-    /// frees it counts were all before that sync's predecessor began, so
-    /// they alone said a sync would not help, and a write after a mass
-    /// delete and a `SAVE` was refused while the space waited for it.
+    /// sync before it): then it tries again at once, twice at most, besides
+    /// the syncs. The frees it counts were all before that sync's
+    /// predecessor began, so they alone said a sync would not help, and a
+    /// write after a mass delete and a `SAVE` was refused while the space
+    /// waited for it.
     async fn allocate_record(&self, total: u64) -> segalloc::Result<segalloc::Allocation> {
         let (mut syncs, mut again) = (0, 0);
         loop {
@@ -1517,8 +1522,8 @@ impl Store {
             // Segments released and waiting for a sync to be reusable.
             let released = stats.quarantined_entries > 0;
             let waiting = self.waiting.borrow().len() > 0;
-            let helps = freed || released || waiting || !self.deferred.borrow().is_empty();
-            if syncs == 2 || !helps {
+            let replaced = waiting || self.retiring.get() > 0 || !self.deferred.borrow().is_empty();
+            if syncs == 3 || !(freed || released || replaced) {
                 return Err(full);
             }
             syncs += 1;
