@@ -707,6 +707,15 @@ fn empty_keys_strict_integers_and_repeated_set_options_as_redis() {
         let e = err_text(set(c, get));
         assert!(e.contains("GET is not supported"), "{get:?}: {e}");
     }
+    // A bad expiry beside `GET` is that error first, as in Redis.
+    for (bad, says) in [
+        (&["EX", "-5", "GET"][..], "invalid expire time"),
+        (&["GET", "PX", "0"], "invalid expire time"),
+        (&["EX", "abc", "GET"], "not an integer"),
+    ] {
+        let e = err_text(set(c, bad));
+        assert!(e.contains(says), "{bad:?}: {e}");
+    }
 }
 
 /// `CONFIG GET` with hostile patterns: many stars once overflowed the shard

@@ -605,8 +605,8 @@ pub fn set_options(opts: &[&[u8]], now: u64) -> Result<(Cond, Ttl), String> {
     let mut keep = false;
     // The expiry's option and its argument, read once every option is.
     let mut expiry: Option<(Vec<u8>, &[u8])> = None;
-    // `GET` is refused once every option is read: a bad option beside it
-    // is a syntax error first, as in Redis.
+    // `GET` is refused once every option is read and the expiry checked: a
+    // bad option or expiry beside it is that error first, as in Redis.
     let mut get = false;
     let mut i = 0;
     let syntax = || "ERR syntax error".to_string();
@@ -628,9 +628,6 @@ pub fn set_options(opts: &[&[u8]], now: u64) -> Result<(Cond, Ttl), String> {
         }
         i += 1;
     }
-    if get {
-        return Err("ERR SET option GET is not supported by this server".into());
-    }
     let ttl = match expiry {
         None if keep => Ttl::Keep,
         None => Ttl::Clear,
@@ -650,5 +647,8 @@ pub fn set_options(opts: &[&[u8]], now: u64) -> Result<(Cond, Ttl), String> {
             }
         }
     };
+    if get {
+        return Err("ERR SET option GET is not supported by this server".into());
+    }
     Ok((cond, ttl))
 }
