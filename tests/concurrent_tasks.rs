@@ -63,6 +63,74 @@ fn on_disk() -> (tempfile::TempDir, Config) {
     (dir, cfg)
 }
 
+/// `quarantined_entries` counts the released segments a running sync
+/// covers: their entries and space are reusable only once it completes,
+/// and a sync dropped before then hands them back to the next one. It
+/// counted only those waiting for the next sync to begin, so while a sync
+/// ran the space it was about to give back looked reusable already (and
+/// kv_server's full-disk retry, which syncs while segments are
+/// quarantined, gave up on it).
+#[test]
+fn a_running_sync_keeps_the_segments_it_covers_quarantined() {
+    let (_dir, cfg) = on_disk();
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        // Two full segments of 16-byte slots (4096 each), emptied: once the
+        // frees are durable one is released (the other stays as the
+        // class's spare).
+        let mut small = Vec::new();
+        for _ in 0..2 * 4096 {
+            small.push(shard.allocate(16).await.unwrap().into_handle());
+        }
+        shard.sync().await.unwrap();
+        for h in &small {
+            shard.free(*h).unwrap();
+        }
+        shard.sync().await.unwrap();
+        assert_eq!(shard.stats().alloc.quarantined_entries, 1);
+        let quarantined_while = |dropped: bool| {
+            let shard = &shard;
+            async move {
+                // Dirty pages, so that the sync's write-back takes a moment.
+                let a = shard.allocate(MIB).await.unwrap();
+                a.write_at(0, &vec![7u8; MIB as usize]).unwrap();
+                drop(a);
+                let before = shard.stats().alloc.quarantined_entries;
+                let mut sync = Box::pin(shard.sync());
+                let mut pending = 0;
+                loop {
+                    match poll_once(&mut sync) {
+                        Poll::Pending => {
+                            assert_eq!(shard.stats().alloc.quarantined_entries, before);
+                            pending += 1;
+                            if dropped {
+                                break;
+                            }
+                            tokio::task::yield_now().await;
+                        }
+                        Poll::Ready(r) => {
+                            r.unwrap();
+                            break;
+                        }
+                    }
+                }
+                drop(sync);
+                pending
+            }
+        };
+        // Dropped while it runs: still quarantined, for the next sync.
+        let pending = quarantined_while(true).await;
+        if pending > 0 {
+            assert_eq!(shard.stats().alloc.quarantined_entries, 1);
+        }
+        let pending = pending + quarantined_while(false).await;
+        assert_eq!(shard.stats().alloc.quarantined_entries, 0);
+        if common::expected_backend() == segalloc::IoBackend::Uring {
+            assert!(pending > 0, "no sync was in flight when looked at");
+        }
+    });
+}
+
 /// A `pin` that waits for its window while another task frees the
 /// allocation fails with `NotAllocated`. It once succeeded: the pin then
 /// mapped a freed slot, and after a sync its writes landed in the next

@@ -1519,7 +1519,8 @@ impl Store {
             let (_, before_latest) = self.sync.frees_at_syncs.get();
             let stats = self.shard.stats().alloc;
             let freed = stats.frees > before_latest;
-            // Segments released and waiting for a sync to be reusable.
+            // Segments released and waiting for a sync to be reusable (the
+            // next one, or the one running).
             let released = stats.quarantined_entries > 0;
             let waiting = self.waiting.borrow().len() > 0;
             let replaced = waiting || self.retiring.get() > 0 || !self.deferred.borrow().is_empty();

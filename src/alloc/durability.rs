@@ -64,10 +64,7 @@ impl SegmentAllocator {
         // This sync covers what was released before it began; releases made
         // while it runs wait for a later one. Overlapping syncs each cover
         // their own part.
-        let mut covered = Covered {
-            alloc: self,
-            released: Some(std::mem::take(&mut self.st.borrow_mut().released)),
-        };
+        let mut covered = Covered::take(self);
         let new_files = covered.released.as_ref().is_some_and(|r| r.new_files);
         let meta_reserved = self.files.reserved_bytes(self.meta_file)?;
         let with_meta = new_files
@@ -115,6 +112,7 @@ impl SegmentAllocator {
         self.advance_durable_generation(meta_changes.3);
         let released = covered.released.take().expect("taken once");
         self.reuse(released);
+        drop(covered);
         let mut st = self.st.borrow_mut();
         st.stats.syncs += 1;
         st.stats.last_sync_unix_ms = std::time::SystemTime::now()
@@ -319,16 +317,37 @@ impl Released {
 }
 
 /// The releases a running sync covers: handed back to the pending ones if
-/// the sync is dropped or reports descriptor pressure.
+/// the sync is dropped or reports descriptor pressure. Its entries count as
+/// quarantined while it runs (`State::covered_entries`).
 struct Covered<'a> {
     alloc: &'a SegmentAllocator,
     released: Option<Released>,
+    entries: usize,
+}
+
+impl<'a> Covered<'a> {
+    /// Take what was released so far.
+    fn take(alloc: &'a SegmentAllocator) -> Covered<'a> {
+        let mut st = alloc.st.borrow_mut();
+        let released = std::mem::take(&mut st.released);
+        let entries = released.entries.len();
+        st.covered_entries += entries;
+        Covered {
+            alloc,
+            released: Some(released),
+            entries,
+        }
+    }
 }
 
 impl Drop for Covered<'_> {
     fn drop(&mut self) {
+        let mut st = self.alloc.st.borrow_mut();
+        // Reused by now (taken), handed back to the pending ones, or gone
+        // with a poisoned shard: no longer covered by a running sync.
+        st.covered_entries -= self.entries;
         if let Some(r) = self.released.take() {
-            self.alloc.st.borrow_mut().released.append(r);
+            st.released.append(r);
         }
     }
 }

@@ -127,6 +127,9 @@ struct State {
     free_entries: Vec<u32>,
     /// Released since the last sync began (see [`Released`]).
     released: Released,
+    /// Directory entries released before a sync that is running began: it
+    /// took them (`Covered`), and they are reusable when it completes.
+    covered_entries: usize,
     /// Directory entries in use or ever used: entries `0..directory_len`
     /// are scanned by recovery (the on-disk directory high-water mark).
     directory_len: u32,

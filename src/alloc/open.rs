@@ -178,6 +178,7 @@ impl SegmentAllocator {
                 space: Space::new(window_blocks, file_blocks),
                 free_entries: Vec::new(),
                 released: Released::default(),
+                covered_entries: 0,
                 directory_len: 0,
                 next_generation: 1,
                 roots: HashMap::new(),

@@ -25,7 +25,9 @@ pub struct AllocStats {
     pub segments: u64,
     /// Data files.
     pub data_files: u64,
-    /// Directory entries waiting for the next sync before reuse.
+    /// Directory entries of released segments not reusable yet: waiting
+    /// for the next sync, or for the running sync that covers them to
+    /// complete.
     pub quarantined_entries: u64,
     /// `allocate` calls that succeeded.
     pub allocs: u64,
@@ -77,7 +79,7 @@ impl SegmentAllocator {
         let mut s = st.stats.clone();
         s.segments = st.segments.iter().filter(|s| s.is_some()).count() as u64;
         s.allocated_bytes = (st.space.used_blocks() - st.space.free_blocks()) * BLOCK_BYTES;
-        s.quarantined_entries = st.released.entries.len() as u64;
+        s.quarantined_entries = (st.released.entries.len() + st.covered_entries) as u64;
         s.data_file_syncs = self.syncs.data_file_syncs.get();
         s.allocations_live = st.live_per_class.iter().sum();
         s.live_bytes = (st.live_per_class.iter().zip(CLASSES.iter()))
