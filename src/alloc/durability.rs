@@ -342,6 +342,9 @@ impl<'a> Covered<'a> {
 
 impl Drop for Covered<'_> {
     fn drop(&mut self) {
+        if self.entries == 0 && self.released.is_none() {
+            return;
+        }
         let mut st = self.alloc.st.borrow_mut();
         // Reused by now (taken), handed back to the pending ones, or gone
         // with a poisoned shard: no longer covered by a running sync.

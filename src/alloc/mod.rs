@@ -128,7 +128,9 @@ struct State {
     /// Released since the last sync began (see [`Released`]).
     released: Released,
     /// Directory entries released before a sync that is running began: it
-    /// took them (`Covered`), and they are reusable when it completes.
+    /// took them (`Covered`). They are reusable when it completes without
+    /// error; a sync dropped or short of descriptors hands them back to the
+    /// pending ones, and a poisoned shard reuses nothing.
     covered_entries: usize,
     /// Directory entries in use or ever used: entries `0..directory_len`
     /// are scanned by recovery (the on-disk directory high-water mark).
