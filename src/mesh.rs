@@ -57,6 +57,7 @@ pub(crate) const FLUSH_TICKS: u64 = 16;
 
 /// Counters of a shard's mesh endpoint.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MeshStats {
     /// Frees of other shards' handles forwarded by this shard.
     pub cross_frees_sent: u64,

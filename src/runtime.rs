@@ -816,6 +816,7 @@ mod test_hooks {
 
 /// Counters of a runtime.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct RuntimeStats {
     /// Each shard's.
     pub shards: Vec<ShardStats>,

@@ -10,6 +10,7 @@ use crate::format::classes::{BLOCK_BYTES, CLASSES};
 
 /// Counters and gauges of an allocator.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AllocStats {
     /// Live allocations.
     pub allocations_live: u64,

@@ -74,6 +74,7 @@ impl FileView {
 
 /// Counters of a registry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FileStats {
     /// Descriptors open now (including those held by operations in flight).
     pub open: usize,

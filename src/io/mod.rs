@@ -100,6 +100,7 @@ impl fmt::Display for IoBackend {
 
 /// Counters of one ring.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RingStats {
     /// Operations submitted to io_uring.
     pub submitted: u64,

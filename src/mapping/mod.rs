@@ -88,6 +88,7 @@ impl MappingConfig {
 
 /// Counters of a manager.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MappingStats {
     /// Windows mapped now (including ones being faulted in).
     pub mapped_windows: usize,

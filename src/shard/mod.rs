@@ -37,6 +37,7 @@ pub(crate) type Job = Box<dyn FnOnce(Shard) + Send>;
 
 /// Everything a shard can tell about itself.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ShardStats {
     /// Shard index.
     pub shard: u16,
