@@ -602,12 +602,7 @@ fn dirty_pages(path: &std::path::Path) -> u64 {
 fn an_allocate_given_back_does_not_hide_a_later_one_from_the_next_sync() {
     for timeout in [false, true] {
         let (dir, _) = on_disk();
-        let mut cfg = Config::builder(dir.path())
-            .shards(1)
-            .window_bytes(16 * MIB)
-            .growth_step_bytes(MIB)
-            .max_file_bytes(16 * MIB)
-            .max_windows(2);
+        let mut cfg = common::one_window_builder(dir.path());
         if timeout {
             cfg = cfg.pin_timeout(Duration::from_millis(20));
         }

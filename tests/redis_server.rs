@@ -2102,6 +2102,23 @@ fn a_is_kept_then_b_is_saved(c: &mut redis::Connection) {
     let _: () = redis::cmd("SAVE").query(c).unwrap();
 }
 
+/// The 160 MiB tmpfs the full-disk tests fill, mounted under `tmp`; `None`
+/// (the test is skipped, and says why) when not running as root or the
+/// mount fails.
+fn full_disk_tmpfs(tmp: &Path) -> Option<common::Mount> {
+    if !common::is_root() {
+        eprintln!("not running as root (mounting needs it): skipping");
+        return None;
+    }
+    match common::mount_tmpfs(&tmp.join("mnt"), "160m") {
+        Ok(m) => Some(m),
+        Err(e) => {
+            eprintln!("cannot mount a tmpfs ({e}): skipping");
+            None
+        }
+    }
+}
+
 /// A full disk under each `--sync`: one key overwritten with 1 MiB values
 /// on a 160 MiB tmpfs, so the replaced records fill it many times over. A
 /// write that finds the disk full syncs (under `always` it first retires
@@ -2117,17 +2134,9 @@ fn a_is_kept_then_b_is_saved(c: &mut redis::Connection) {
 /// try again. Needs root (the mount); skipped otherwise.
 #[test]
 fn a_full_disk_of_replaced_records_takes_writes_again() {
-    if !common::is_root() {
-        eprintln!("not running as root (mounting needs it): skipping");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
-    let mount = match common::mount_tmpfs(&tmp.path().join("mnt"), "160m") {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("cannot mount a tmpfs ({e}): skipping");
-            return;
-        }
+    let Some(mount) = full_disk_tmpfs(tmp.path()) else {
+        return;
     };
     for sync in ["everysec", "no", "always"] {
         let dir = mount.at.join(sync);
@@ -2183,17 +2192,9 @@ fn a_full_disk_of_replaced_records_takes_writes_again() {
 /// otherwise.
 #[test]
 fn two_writers_overwriting_on_a_full_disk_are_not_refused() {
-    if !common::is_root() {
-        eprintln!("not running as root (mounting needs it): skipping");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
-    let mount = match common::mount_tmpfs(&tmp.path().join("mnt"), "160m") {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("cannot mount a tmpfs ({e}): skipping");
-            return;
-        }
+    let Some(mount) = full_disk_tmpfs(tmp.path()) else {
+        return;
     };
     for sync in ["everysec", "no", "always"] {
         let dir = mount.at.join(sync);
