@@ -442,7 +442,24 @@ fn existing_shard_count(dir: &std::path::Path) -> Option<usize> {
     Some(existing.manifest().shard_count as usize)
 }
 
+/// Allocate blocks of 1 MiB or more (the index's tables, large replies)
+/// with `mmap` of their own, so that freeing one gives its memory back.
+/// glibc raises this threshold as large blocks are freed, up to 32 MiB,
+/// after which a table shrunk after mass deletes (`Store`'s index) went
+/// back into a thread's arena, where freed memory below live blocks stays
+/// resident: 500,000 keys deleted kept 22 MiB (`RssAnon`) against 5 MiB
+/// with the threshold fixed.
+fn keep_large_blocks_out_of_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: `mallopt` only sets an allocator parameter; it is called
+    // before any other thread exists.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 fn main() {
+    keep_large_blocks_out_of_arenas();
     let args = Args::parse();
     let mut cfg = Config::builder(&args.dir);
     if let Some(n) = args.shards.or_else(|| existing_shard_count(&args.dir)) {
