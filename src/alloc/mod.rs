@@ -120,6 +120,9 @@ impl Allocation {
 
 struct State {
     segments: Vec<Option<Seg>>,
+    /// How many of `segments` are `Some` (`AllocStats::segments`, without
+    /// a walk of the table on every `stats`).
+    segments_live: u64,
     /// Per class, the segments that may have a slot to hand out (the last
     /// one is tried first).
     avail: [Vec<u32>; CLASS_COUNT],

@@ -174,6 +174,7 @@ impl SegmentAllocator {
             data_files: RefCell::new(Vec::new()),
             st: RefCell::new(State {
                 segments: Vec::new(),
+                segments_live: 0,
                 avail: std::array::from_fn(|_| Vec::new()),
                 space: Space::new(window_blocks, file_blocks),
                 free_entries: Vec::new(),

@@ -232,7 +232,9 @@ impl SegmentAllocator {
                 st.avail[e.class_id as usize].push(s.entry);
             }
             runs.push(seg.run);
+            debug_assert!(st.segments[s.entry as usize].is_none());
             st.segments[s.entry as usize] = Some(seg);
+            st.segments_live += 1;
         }
         st.space.rebuild(runs, file_count);
         st.directory_len = hwm;

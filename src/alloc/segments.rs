@@ -405,6 +405,7 @@ impl SegmentAllocator {
     /// sync that began after this made the release durable.
     fn release_segment(&self, st: &mut State, seg_id: u32) {
         let seg = st.segments[seg_id as usize].take().expect("segment exists");
+        st.segments_live -= 1;
         debug_assert_eq!((seg.live, seg.held), (0, 0));
         let avail = &mut st.avail[seg.class_id() as usize];
         if let Some(pos) = avail.iter().position(|&s| s == seg_id) {
@@ -537,7 +538,9 @@ impl SegmentAllocator {
         if st.segments.len() <= entry as usize {
             st.segments.resize_with(entry as usize + 1, || None);
         }
+        debug_assert!(st.segments[entry as usize].is_none());
         st.segments[entry as usize] = Some(seg);
+        st.segments_live += 1;
         st.avail[header.class_id as usize].push(entry);
     }
 

@@ -78,7 +78,11 @@ impl SegmentAllocator {
     pub fn stats(&self) -> AllocStats {
         let st = self.st.borrow();
         let mut s = st.stats.clone();
-        s.segments = st.segments.iter().filter(|s| s.is_some()).count() as u64;
+        s.segments = st.segments_live;
+        debug_assert_eq!(
+            s.segments,
+            st.segments.iter().filter(|s| s.is_some()).count() as u64
+        );
         s.allocated_bytes = (st.space.used_blocks() - st.space.free_blocks()) * BLOCK_BYTES;
         s.quarantined_entries = (st.released.entries.len() + st.covered_entries) as u64;
         s.data_file_syncs = self.syncs.data_file_syncs.get();
