@@ -1,6 +1,9 @@
 //! The only home of raw system calls.
 //!
-//! **Architecture invariant:** no other module calls `libc` directly. Each
+//! **Architecture invariant:** no other module calls `libc` directly
+//! (others use its constants). Crates make the rest: `mmap`, `munmap` and
+//! `madvise` of windows through memmap2, the ring's `io_uring_*` calls
+//! through io-uring, `epoll` through tokio. Each
 //! function here is a thin, documented wrapper that turns `-1` into
 //! [`io::Error::last_os_error`]. Higher layers decide *when* a call is made
 //! (inline, or through the shard's io_uring ring); this module only makes it.
@@ -216,14 +219,17 @@ pub fn is_unlinked(fd: BorrowedFd<'_>) -> io::Result<bool> {
 
 /// `fallocate(fd, mode, offset, len)`.
 pub fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate takes no pointers; a stale fd yields EBADF, not UB.
+    // SAFETY: fallocate takes no pointers. (A closed fd gives EBADF; one
+    // whose number was reused names another file: callers hold the
+    // descriptor, an `OwnedFd`, while the call runs.)
     syscall!(unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) })?;
     Ok(())
 }
 
 /// `ftruncate(fd, len)`.
 pub fn ftruncate(fd: RawFd, len: u64) -> io::Result<()> {
-    // SAFETY: ftruncate takes no pointers; a stale fd yields EBADF, not UB.
+    // SAFETY: ftruncate takes no pointers (callers hold the descriptor, as
+    // for `fallocate`).
     syscall!(unsafe { libc::ftruncate(fd, len as libc::off_t) })?;
     Ok(())
 }
@@ -409,8 +415,8 @@ pub fn allowed_cpus() -> Vec<usize> {
 pub fn pin_thread_to_cpu(cpu: usize) -> io::Result<()> {
     // SAFETY: an all-zero cpu_set_t is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes inside `set`; `cpu` is bounded by the caller to
-    // the machine's CPU count (< CPU_SETSIZE).
+    // SAFETY: CPU_SET writes inside `set`: the index is reduced below
+    // CPU_SETSIZE here.
     unsafe { libc::CPU_SET(cpu % libc::CPU_SETSIZE as usize, &mut set) };
     // SAFETY: `set` is a valid cpu_set_t of the size passed.
     syscall!(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) })?;

@@ -452,3 +452,167 @@ fn a_file_being_synced_counts_as_dirty() {
         assert!(!files.is_dirty(id));
     });
 }
+
+/// An allocator of a new data directory, made where another was destroyed,
+/// opened through the registry and manager the first one used. The
+/// registry kept the old files' entries under the same paths: the new
+/// `meta.seg` was taken for the old one's size, and the allocator's first
+/// read of its superblock faulted past the end of the empty file (SIGBUS,
+/// which ends this test binary); with the old descriptor still cached
+/// (no `close_idle`), the new directory was opened through the old,
+/// deleted file ("superblock belongs to another data directory").
+#[test]
+fn an_allocator_over_a_recreated_directory_uses_the_new_files() {
+    for close_idle in [true, false] {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("d");
+        let cfg = common::builder(&path, 64, 16).build().unwrap();
+        run(async {
+            let (files, mm) = common::manager_with(&cfg);
+            let mm = Rc::new(mm);
+            let open = || async {
+                let dd = std::sync::Arc::new(segalloc::DataDir::open(&cfg).unwrap());
+                let a = segalloc::SegmentAllocator::open(
+                    0,
+                    &dd.shard_dir(0),
+                    *dd.manifest(),
+                    mm.clone(),
+                )
+                .await;
+                (dd, a)
+            };
+            let (dd, a) = open().await;
+            let a = a.unwrap();
+            let x = a.allocate(MIB).await.unwrap();
+            x.write_at(0, b"old").unwrap();
+            drop(x);
+            a.sync().await.unwrap();
+            drop((a, dd));
+            mm.settle_prefaults().await;
+            mm.evict_idle();
+            if close_idle {
+                files.close_idle();
+            }
+            segalloc::DataDir::destroy(&path).unwrap();
+            let (dd, a) = open().await;
+            let a = a.unwrap_or_else(|e| panic!("close_idle {close_idle}: {e}"));
+            assert_eq!(a.live_count(), 0, "close_idle {close_idle}");
+            let x = a.allocate(100).await.unwrap();
+            x.write_at(0, b"new").unwrap();
+            let h = x.into_handle();
+            a.sync().await.unwrap();
+            drop((a, dd));
+            // Its windows hold the shard's lock.
+            mm.settle_prefaults().await;
+            mm.evict_idle();
+            // The allocation is in the new directory's files.
+            let (_, mm2) = common::manager_with(&cfg);
+            let (_dd, a) = {
+                let dd = std::sync::Arc::new(segalloc::DataDir::open(&cfg).unwrap());
+                let a = segalloc::SegmentAllocator::open(
+                    0,
+                    &dd.shard_dir(0),
+                    *dd.manifest(),
+                    Rc::new(mm2),
+                )
+                .await
+                .unwrap();
+                (dd, a)
+            };
+            assert_eq!(a.live_count(), 1, "close_idle {close_idle}");
+            let mut b = [0u8; 3];
+            a.pin(h).await.unwrap().read_at(0, &mut b).unwrap();
+            assert_eq!(&b, b"new", "close_idle {close_idle}");
+        });
+    }
+}
+
+/// A file of your own, registered, pinned and written, then cut short by
+/// another program while nothing of it is pinned nor open: a later pin
+/// reaches only what the file still has. (The registry kept the size it
+/// had seen, and a read-only pin of the first page mapped it past the end
+/// of the file: SIGBUS on the first read.)
+#[test]
+fn a_registered_file_cut_short_between_pins_is_not_pinned_past_its_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("mine.dat");
+    run(async {
+        let (files, mm) = common::manager(tmp.path(), 4, 4);
+        let id = common::register(&files, &f);
+        let p = mm.pin(id, 0, 4096, true).await.unwrap();
+        p.write_at(0, b"hi").unwrap();
+        drop(p);
+        mm.settle_prefaults().await;
+        mm.evict_idle();
+        files.close_idle();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        match mm.pin(id, 0, 4096, false).await {
+            Err(Error::InvalidRange { .. }) => {}
+            Err(e) => panic!("expected InvalidRange, got {e}"),
+            Ok(p) => {
+                let mut b = [0u8; 2];
+                p.read_at(0, &mut b).unwrap();
+                panic!("pinned past the end of the file, read {b:?}");
+            }
+        }
+        assert_eq!(files.reserved_bytes(id).unwrap(), 0);
+    });
+}
+
+/// Two allocators through one registry and manager, of two directories
+/// that had the same path: the first one's folder was renamed while it was
+/// open, and a new directory made in its place. Each keeps to its own
+/// files. (The second took over the first one's entries, paths being the
+/// same, and with them its mapped windows.)
+#[test]
+fn allocators_of_a_renamed_and_a_new_directory_keep_their_own_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("d");
+    let moved = tmp.path().join("moved");
+    let cfg = common::builder(&path, 64, 16).build().unwrap();
+    let open_with = |mm: Rc<MappingManager>, cfg: segalloc::Config| async move {
+        let dd = std::sync::Arc::new(segalloc::DataDir::open(&cfg).unwrap());
+        let a = segalloc::SegmentAllocator::open(0, &dd.shard_dir(0), *dd.manifest(), mm)
+            .await
+            .unwrap();
+        (dd, a)
+    };
+    let handles = run(async {
+        let (_files, mm) = common::manager_with(&cfg);
+        let mm = Rc::new(mm);
+        let (dd_a, a) = open_with(mm.clone(), cfg.clone()).await;
+        std::fs::rename(&path, &moved).unwrap();
+        let (dd_b, b) = open_with(mm.clone(), cfg.clone()).await;
+        let mut handles = Vec::new();
+        for (al, text) in [(&a, b"first"), (&b, b"secnd")] {
+            let x = al.allocate(100).await.unwrap();
+            x.write_at(0, text).unwrap();
+            handles.push(x.into_handle());
+            al.sync().await.unwrap();
+        }
+        assert_eq!((a.live_count(), b.live_count()), (1, 1));
+        drop((a, b, dd_a, dd_b));
+        mm.settle_prefaults().await;
+        mm.evict_idle();
+        handles
+    });
+    for (dir, h, text) in [
+        (&moved, handles[0], b"first"),
+        (&path, handles[1], b"secnd"),
+    ] {
+        let cfg = common::builder(dir, 64, 16).build().unwrap();
+        run(async {
+            let (_files, mm) = common::manager_with(&cfg);
+            let (_dd, a) = open_with(Rc::new(mm), cfg.clone()).await;
+            assert_eq!(a.live_count(), 1, "{}", dir.display());
+            let mut b = [0u8; 5];
+            a.pin(h).await.unwrap().read_at(0, &mut b).unwrap();
+            assert_eq!(&b, text, "{}", dir.display());
+        });
+    }
+}

@@ -177,17 +177,6 @@ impl SegmentAllocator {
             return Ok(None);
         }
         let ring = self.files.ring();
-        if self.mm.in_use(id, start, end) {
-            // A pin still maps the run (a stale pin of a freed allocation):
-            // a write through it into a hole would allocate blocks again
-            // (SIGBUS on a full disk). A later `trim` punches it.
-            tracing::debug!(
-                file = run.file,
-                first_block = run.block,
-                "run under a pin: not punched"
-            );
-            return Ok(None);
-        }
         if can_punch.get(&run.file).is_none() {
             // Probe once per file that blocks can be reserved again (mode 0
             // over a free block: at most allocates it).
@@ -204,6 +193,19 @@ impl SegmentAllocator {
             if !ok {
                 return Ok(None);
             }
+        }
+        // Checked here, after the probe's await: nothing awaits between it
+        // and the punch's submission.
+        if self.mm.in_use(id, start, end) {
+            // A pin still maps the run (a stale pin of a freed allocation):
+            // a write through it into a hole would allocate blocks again
+            // (SIGBUS on a full disk). A later `trim` punches it.
+            tracing::debug!(
+                file = run.file,
+                first_block = run.block,
+                "run under a pin: not punched"
+            );
+            return Ok(None);
         }
         match ring
             .fallocate(

@@ -137,6 +137,23 @@ struct FileEntry {
     expect: Option<(u64, u64)>,
 }
 
+impl FileEntry {
+    /// Forget what was learnt of the file at `path` (its size, what is
+    /// durable, a failed sync, its identity): another file is there now.
+    /// The caller closed its descriptor, or is about to replace it.
+    fn forget_file(&mut self) {
+        self.len_known = false;
+        self.len_bytes = 0;
+        self.hot.reserved.set(0);
+        self.hot.dirty.set(false);
+        self.fallocate_ok = true;
+        self.dir_durable = false;
+        self.durable_len = 0;
+        self.sync_failed = None;
+        self.identity = None;
+    }
+}
+
 /// What an allocator's files are registered with
 /// ([`FileHandleRegistry::register_owned`]): kept alive by their windows,
 /// and the folder they are opened in.
@@ -241,8 +258,13 @@ impl FileHandleRegistry {
     /// another thread or process (another registry, another mapping, file
     /// writes) may write the bytes the pin covers, nor read the bytes a
     /// writable pin may write, unless those accesses are ordered with the
-    /// pin's by other means. A segalloc shard's own files are registered by
-    /// its allocator, under the shard's lock: register files of your own.
+    /// pin's by other means. Nothing may cut the file short while it is
+    /// registered: a pin maps the bytes the registry has seen reserved, and
+    /// a byte of a shared mapping past the end of its file faults (SIGBUS)
+    /// when touched. (A registry that has closed the file's descriptor,
+    /// idle or evicted, learns its size again when it opens it.) A segalloc
+    /// shard's own files are registered by its allocator, under the
+    /// shard's lock: register files of your own.
     ///
     /// [`MappingManager`]: crate::MappingManager
     pub unsafe fn register(&self, path: impl AsRef<Path>) -> FileId {
@@ -291,12 +313,46 @@ impl FileHandleRegistry {
     /// once it is unlocked.
     /// The file is opened in the owner's [`folder`](FileOwner::folder), by
     /// the last component of `path`.
+    ///
+    /// An entry of the path that another owner had (an allocator closed
+    /// since, whose directory may have been deleted and made again, or one
+    /// still open whose folder was renamed) is not taken over as it is:
+    /// what it knew is of that owner's file. Once that owner is gone and
+    /// nothing uses its descriptor, the entry starts over (the descriptor
+    /// closed, the file learnt again when opened); else the path gets an
+    /// entry of its own.
     pub(crate) fn register_owned(
         &self,
         path: impl AsRef<Path>,
         owner: &Rc<dyn FileOwner>,
     ) -> FileId {
-        let id = self.register_path(path.as_ref());
+        let path = path.as_ref();
+        let mine = |w: &Weak<dyn FileOwner>| std::ptr::addr_eq(w.as_ptr(), Rc::as_ptr(owner));
+        let known = self.inner.borrow().by_path.get(path).copied();
+        if let Some(id) = known {
+            let mut f = self.inner.borrow_mut();
+            let e = &mut f.entries[id.0 as usize];
+            if e.owner.as_ref().is_some_and(mine) {
+                return id;
+            }
+            let idle = e.fd.as_ref().is_none_or(|fd| Rc::strong_count(fd) == 1)
+                && !e.growing
+                && e.syncing.get() == 0;
+            let owner_gone = e.owner.as_ref().is_some_and(|w| w.strong_count() == 0);
+            if owner_gone && idle && !e.foreign && e.base.is_none() {
+                e.fd = None;
+                e.expect = None;
+                e.forget_file();
+                e.owner = Some(Rc::downgrade(owner));
+                drop(f);
+                // The registry's counter, the last one, closes the count.
+                self.counters.borrow_mut().remove(&id);
+                return id;
+            }
+            // Another owner's (or a file registered by hand): a new entry.
+            f.by_path.remove(path);
+        }
+        let id = self.register_path(path);
         self.inner.borrow_mut().entries[id.0 as usize].owner = Some(Rc::downgrade(owner));
         id
     }
@@ -633,6 +689,11 @@ impl FileHandleRegistry {
         let mut f = self.inner.borrow_mut();
         f.stats.opens += 1;
         let e = &mut f.entries[id.0 as usize];
+        if e.len_known && e.identity.is_some_and(|was| was != identity) {
+            // Another file took the path since it was last open: nothing
+            // known of the one before holds for it.
+            e.forget_file();
+        }
         if !e.len_known {
             // First sight of the file: what exists was written by us before
             // (reserved then), so all of it counts as reserved.
@@ -643,7 +704,13 @@ impl FileHandleRegistry {
             // next sync covers them.
             e.hot.dirty.set(mode != OpenMode::ReadOnly);
         } else {
-            e.len_bytes = e.len_bytes.max(size);
+            // The same file, open again (its descriptor was idle: no growth
+            // ran). Cut short meanwhile by another program, it must not be
+            // mapped past its end: a pin there would fault (SIGBUS).
+            e.len_bytes = size;
+            if e.hot.reserved.get() > size {
+                e.hot.reserved.set(size);
+            }
         }
         e.fd = Some(fd.clone());
         e.identity = Some(identity);
