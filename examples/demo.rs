@@ -520,7 +520,7 @@ impl Sample {
 
     fn line(&self, total: u64) -> String {
         format!(
-            "[{:>7.1} s] {:>5.1} % {:>12} records {:>10.0} records/s | RSS {:.0} MiB (anon {:.0}) | dirty {:.0} MiB, writeback {:.0} MiB | fds {} ({} open files) | VMAs {} ({} windows)",
+            "[{:>7.1} s] {:>5.1} % {:>12} records {:>10.0} records/s | RSS {:.0} MiB (anon {:.0}) | system dirty {:.0} MiB, writeback {:.0} MiB | fds {} ({} open files) | VMAs {} ({} windows)",
             self.secs,
             100.0 * self.records as f64 / total.max(1) as f64,
             self.records,
@@ -1144,7 +1144,7 @@ fn print_peaks(f: &Figures) {
     row(
         "peak during the insert",
         format!(
-            "RSS {:.0} MiB (anon {:.0}), dirty {:.0} MiB, writeback {:.0} MiB",
+            "RSS {:.0} MiB (anon {:.0}), system dirty {:.0} MiB, writeback {:.0} MiB",
             mib(p.rss_bytes),
             mib(p.rss_anon_bytes),
             mib(p.dirty_bytes),

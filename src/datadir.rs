@@ -793,6 +793,7 @@ fn destroy_plan(path: &Path, shard_count: u16) -> Result<DestroyPlan> {
 /// folder, not a symlink), is one segalloc makes there other than a shard
 /// folder: the manifest, its temporary and tombstone, the lock, a mount
 /// point's `lost+found`. (What [`destroy_plan`] lets through.)
+#[cfg(feature = "cli")]
 pub(crate) fn is_own_top_file(name: &str, is_dir: bool) -> bool {
     matches!(
         (name, is_dir),

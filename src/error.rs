@@ -91,7 +91,10 @@ pub enum Error {
 
     /// Every window is pinned, the window cap is reached, and none was
     /// released within the configured pin timeout (or `try_pin` was used).
-    #[error("all {max_windows} mapping windows are pinned (waited {waited:?})")]
+    #[error(
+        "all {max_windows} mapping windows are pinned (waited {waited:?}): drop pins sooner, or \
+         raise max_windows (each shard keeps one window of its metadata pinned)"
+    )]
     WindowPressure {
         /// The manager's window cap.
         max_windows: usize,

@@ -136,6 +136,13 @@ impl Shard {
     /// [`submit_to`](Self::submit_to)) and run `f` on the pin there. The
     /// owner checks the handle against its own allocations first.
     ///
+    /// Frees this shard forwarded to that owner travel in batches of their
+    /// own, which `f` may overtake: after a [`free`](Self::free) of another
+    /// shard's handle, a `read` of it can still find it allocated (and a
+    /// `write` can fail or not) until
+    /// [`flush_frees`](Self::flush_frees) has returned. Await it between
+    /// the two for them to happen in program order.
+    ///
     /// # Errors
     ///
     /// The errors of [`pin`](Self::pin) on the owner, and those of
