@@ -361,6 +361,25 @@ pub enum Error {
         needs: &'static str,
     },
 
+    /// Frees of other shards' handles that this shard forwarded and their
+    /// owners rejected (a double free, a stale or forged handle, a handle
+    /// of a slot freed since), reported by
+    /// [`Shard::flush_frees`](crate::Shard::flush_frees) once the owners
+    /// have answered: `count` since the last report, and the first one's
+    /// error, naming its handle (`None` when that error was lost with a
+    /// flush dropped before the owner answered). Nothing else changed:
+    /// each rejected free changed nothing on its owner.
+    #[error(
+        "{count} forwarded free(s) rejected by their owners{}",
+        first_rejected(first)
+    )]
+    FreesRejected {
+        /// Rejected frees since the last report.
+        count: u64,
+        /// The first one's error.
+        first: Option<Box<Error>>,
+    },
+
     /// A shard index at or above the number of shards.
     #[error("shard {shard} out of range: the runtime has {shard_count} shards")]
     ShardOutOfRange {
@@ -442,6 +461,14 @@ impl From<BadHandle> for Error {
 /// [`Error::InvalidRange`]'s `file_id` for a range checked against a pin or
 /// an allocation rather than a file.
 pub(crate) const NOT_A_FILE: u32 = u32::MAX;
+
+/// `FreesRejected`'s first error, for its message.
+fn first_rejected(first: &Option<Box<Error>>) -> String {
+    match first {
+        Some(e) => format!("; the first: {e}"),
+        None => String::new(),
+    }
+}
 
 /// The file part of [`Error::InvalidRange`]'s message.
 fn in_file(file_id: u32) -> String {

@@ -78,12 +78,41 @@ pub struct MeshStats {
 pub(crate) enum Parcel {
     /// Frees of the receiver's handles.
     Frees(Vec<Handle>),
-    /// Answer once every parcel before this one is applied: `Ok`, or why
-    /// the frees before it may not have been (the owner is poisoned).
-    Barrier(oneshot::Sender<Result<()>>),
+    /// Answer once every parcel before this one is applied: how many of
+    /// the sender's frees the owner rejected so far, or why the frees
+    /// before it may not have been applied (the owner is poisoned).
+    Barrier(oneshot::Sender<Result<Rejected>>),
     /// The sender is stopping: it has closed and sent everything it
     /// acknowledged; nothing follows on this channel. Consumed by the mesh.
     Done,
+}
+
+/// A barrier's answer: how many frees from the barrier's sender the owner
+/// rejected in all, and the error of the first of them since the last
+/// barrier's answer (`None` when that one carried it, or none was).
+#[derive(Debug)]
+pub(crate) struct Rejected {
+    pub(crate) total: u64,
+    pub(crate) first: Option<Error>,
+}
+
+/// What an owner tells a sender of the frees it rejected, per inbox.
+#[derive(Default)]
+pub(crate) struct RejectedFrom {
+    total: u64,
+    first: Option<Error>,
+}
+
+/// What a sender knows of its frees an owner rejected.
+#[derive(Default)]
+struct RejectedBy {
+    /// The owner's count as of its latest barrier answer.
+    seen: u64,
+    /// How many of them [`take_rejected`](MeshLocal::take_rejected)
+    /// reported.
+    reported: u64,
+    /// The first one's error, not reported yet.
+    first: Option<Error>,
 }
 
 /// The channels of one shard, before it is opened (`Send`). `J` is the
@@ -154,6 +183,10 @@ pub(crate) struct MeshLocal<J> {
     /// `MeshStats::cross_frees_sent`, kept apart: counted on every free.
     sent: Cell<u64>,
     inbox: RefCell<Vec<Receiver<Parcel>>>,
+    /// Per inbox, the frees from its sender this shard rejected.
+    rejected_from: RefCell<Vec<RejectedFrom>>,
+    /// Per destination, the frees this shard sent that it rejected.
+    rejected_by: RefCell<Vec<RejectedBy>>,
     /// Per inbox, whether its sender said [`Parcel::Done`].
     done: RefCell<Vec<bool>>,
     next_inbox: Cell<usize>,
@@ -175,6 +208,8 @@ impl<J: 'static> MeshLocal<J> {
             stats: Cell::new(MeshStats::default()),
             sent: Cell::new(0),
             done: RefCell::new(vec![false; ep.inbox.len()]),
+            rejected_from: RefCell::new((0..ep.inbox.len()).map(|_| Default::default()).collect()),
+            rejected_by: RefCell::new((0..n).map(|_| Default::default()).collect()),
             inbox: RefCell::new(ep.inbox),
             next_inbox: Cell::new(0),
             jobs_out: ep.jobs_out,
@@ -472,7 +507,14 @@ impl<J: 'static> MeshLocal<J> {
         }
         for (to, done) in acks {
             match done.await {
-                Ok(Ok(())) => {}
+                Ok(Ok(r)) => {
+                    let mut by = self.rejected_by.borrow_mut();
+                    let by = &mut by[to];
+                    by.seen = by.seen.max(r.total);
+                    if by.first.is_none() {
+                        by.first = r.first;
+                    }
+                }
                 Ok(Err(e)) => {
                     first.get_or_insert(e);
                 }
@@ -484,15 +526,64 @@ impl<J: 'static> MeshLocal<J> {
         first.map_or(Ok(()), Err)
     }
 
-    /// Every parcel already received (no waiting).
-    pub(crate) fn take_ready(&self) -> Vec<Parcel> {
+    /// The frees this shard forwarded that their owners rejected, as of
+    /// the owners' latest answers to its flushes, and not reported before:
+    /// [`Error::FreesRejected`] with how many and the first one's error.
+    pub(crate) fn take_rejected(&self) -> Option<Error> {
+        let mut count = 0;
+        let mut first = None;
+        for by in self.rejected_by.borrow_mut().iter_mut() {
+            if by.seen > by.reported {
+                count += by.seen - by.reported;
+                by.reported = by.seen;
+                let e = by.first.take();
+                if first.is_none() {
+                    first = e;
+                }
+            }
+        }
+        (count > 0).then(|| Error::FreesRejected {
+            count,
+            first: first.map(Box::new),
+        })
+    }
+
+    /// Count a free from inbox `from` that this shard rejected with `e`.
+    pub(crate) fn rejected(&self, from: usize, e: Error) {
+        let mut r = self.rejected_from.borrow_mut();
+        let r = &mut r[from];
+        r.total += 1;
+        if r.first.is_none() {
+            r.first = Some(e);
+        }
+    }
+
+    /// The answer to a barrier from inbox `from`: what this shard rejected
+    /// of its frees.
+    pub(crate) fn rejected_answer(&self, from: usize) -> Rejected {
+        let mut r = self.rejected_from.borrow_mut();
+        let r = &mut r[from];
+        Rejected {
+            total: r.total,
+            first: r.first.take(),
+        }
+    }
+
+    /// Every parcel already received (no waiting), with its inbox.
+    pub(crate) fn take_ready(&self) -> Vec<(usize, Parcel)> {
         let mut ready = Vec::new();
         let mut done = self.done.borrow_mut();
-        for (rx, done) in self.inbox.borrow_mut().iter_mut().zip(done.iter_mut()) {
+        for (i, (rx, done)) in self
+            .inbox
+            .borrow_mut()
+            .iter_mut()
+            .zip(done.iter_mut())
+            .enumerate()
+        {
             while let Ok(p) = rx.try_recv() {
                 match p {
                     Parcel::Done => *done = true,
-                    p => ready.push(p),
+                    p => ready.push((i, p)),
                 }
             }
         }
@@ -530,7 +621,7 @@ impl<J: 'static> MeshLocal<J> {
     /// A peer that said [`Parcel::Done`] sends no free after it, but may
     /// still flush (`Runtime::sync`, `flush_frees`, a shard whose task ran
     /// `finish_frees`): its barriers are answered until it is gone.
-    pub(crate) fn poll_parcel(&self, cx: &mut Context<'_>) -> Poll<Option<Parcel>> {
+    pub(crate) fn poll_parcel(&self, cx: &mut Context<'_>) -> Poll<Option<(usize, Parcel)>> {
         let mut inbox = self.inbox.borrow_mut();
         let mut done = self.done.borrow_mut();
         let n = inbox.len();
@@ -549,7 +640,7 @@ impl<J: 'static> MeshLocal<J> {
                 Poll::Ready(Some(Parcel::Done)) => done[i] = true,
                 Poll::Ready(Some(p)) => {
                     self.next_inbox.set(i + 1);
-                    return Poll::Ready(Some(p));
+                    return Poll::Ready(Some((i, p)));
                 }
                 Poll::Ready(None) => {}
                 Poll::Pending => open += 1,

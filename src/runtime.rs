@@ -591,7 +591,9 @@ impl Runtime {
     ///
     /// # Errors
     ///
-    /// The first error (a shard that is gone).
+    /// The first error of a shard's [`Shard::flush_frees`] (a shard that is
+    /// gone or poisoned, or [`Error::FreesRejected`] for frees owners
+    /// rejected), once every shard's flush is done.
     pub async fn flush(&self) -> Result<()> {
         let mut first = None;
         for f in self.flush_all() {
@@ -620,7 +622,8 @@ impl Runtime {
     ///
     /// # Errors
     ///
-    /// The first shard's error.
+    /// The first shard's error ([`flush`](Self::flush)'s included: a
+    /// rejected forwarded free is reported, and every shard still syncs).
     pub async fn sync(&self) -> Result<()> {
         let mut first = self.flush().await.err();
         let syncs: Vec<_> = (0..self.shard_count())

@@ -763,3 +763,61 @@ fn pin_foreign_refuses_a_file_its_owner_does_not_write() {
         drop(rt);
     }
 }
+
+/// Frees of another shard's handles that their owner rejects (a double
+/// free, a forged handle that passes the sender's checks) were returned
+/// `Ok` by `free` and by `flush_frees`, seen only in the owner's counters
+/// and log. The sender's next `flush_frees` reports them, once: how many
+/// since the last report, and the first one's error.
+#[test]
+fn rejected_forwarded_frees_are_reported_by_flush_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path())).unwrap();
+    let h = allocate_on(&rt, 0);
+    let h2 = allocate_on(&rt, 0);
+    // The slot after h2's: in bounds, never allocated (its free is refused
+    // as a double free: a slot never allocated looks like a freed one).
+    let forged = forge(h2, None, Some(h2.offset() + u64::from(h2.len())));
+    block_on(rt.spawn_on(1, move |s| async move {
+        s.flush_frees().await.expect("nothing forwarded yet");
+        s.free(h).unwrap();
+        s.free(h).unwrap();
+        match s.flush_frees().await {
+            Err(Error::FreesRejected {
+                count: 1,
+                first: Some(e),
+            }) => assert!(matches!(*e, Error::DoubleFree { .. }), "{e:?}"),
+            r => panic!("{r:?}"),
+        }
+        // Reported once.
+        s.flush_frees().await.expect("reported already");
+        // Three more, one owner: one report of all three, the first's error.
+        s.free(forged).unwrap();
+        s.free(h).unwrap();
+        s.free(h).unwrap();
+        let e = s.flush_frees().await.unwrap_err();
+        assert!(
+            e.to_string().starts_with("3 forwarded free(s) rejected"),
+            "{e}"
+        );
+        match e {
+            Error::FreesRejected {
+                count: 3,
+                first: Some(e),
+            } => assert!(
+                matches!(*e, Error::DoubleFree { handle } if handle == forged),
+                "{e:?}"
+            ),
+            r => panic!("{r:?}"),
+        }
+        // A good free after them is applied and reports nothing.
+        s.free(h2).unwrap();
+        s.flush_frees().await.expect("nothing rejected since");
+    }))
+    .unwrap();
+    let st = block_on(rt.stats()).unwrap();
+    assert_eq!(st.shards[0].mesh.cross_frees_received, 2);
+    assert_eq!(st.shards[0].mesh.cross_frees_rejected, 4);
+    assert_eq!(st.shards[0].alloc.allocations_live, 0);
+    rt.shutdown().unwrap();
+}

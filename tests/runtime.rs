@@ -539,6 +539,13 @@ fn forwarded_double_free_is_rejected_and_counted() {
         s.free(victim).unwrap();
     }))
     .unwrap();
+    // The sync reports the rejection (the sender's flush), once, and syncs.
+    let r = block_on(rt.sync());
+    assert!(
+        matches!(&r, Err(Error::FreesRejected { count: 1, first: Some(e) })
+            if matches!(**e, Error::DoubleFree { .. })),
+        "{r:?}"
+    );
     block_on(rt.sync()).unwrap();
     let st = stats(&rt);
     assert_eq!(st.shards[1].mesh.cross_frees_sent, 2);

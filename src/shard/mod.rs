@@ -335,10 +335,11 @@ impl Shard {
     /// applied (and durable) once the owner has drained it, which
     /// `Runtime::sync` waits for; a forwarded free that the owner rejects
     /// (double free, stale handle, or the owner is poisoned) is counted in
-    /// the owner's `mesh.cross_frees_rejected` and logged through
-    /// `tracing`. [`flush_frees`](Self::flush_frees) waits until the owners
-    /// applied them, and fails with [`Error::Poisoned`] for a poisoned
-    /// owner.
+    /// the owner's `mesh.cross_frees_rejected`, logged through `tracing`,
+    /// and reported by this shard's next
+    /// [`flush_frees`](Self::flush_frees) ([`Error::FreesRejected`]), which
+    /// waits until the owners applied them, and fails with
+    /// [`Error::Poisoned`] for a poisoned owner.
     ///
     /// # Errors
     ///

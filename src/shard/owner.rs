@@ -26,10 +26,31 @@ impl Shard {
     /// [`Error::ShardGone`] naming an owner that is gone, or
     /// [`Error::Poisoned`] naming one that a failed sync poisoned (it
     /// applies no free, forwarded or its own, until it is reopened); the
-    /// other owners are still flushed.
+    /// other owners are still flushed. Else [`Error::FreesRejected`] when
+    /// owners rejected frees this shard forwarded (a double free, a stale
+    /// or forged handle) that no earlier `flush_frees` reported: how many,
+    /// and the first one's error. Every free was applied or rejected then;
+    /// a rejected one changed nothing.
+    ///
+    /// ```no_run
+    /// # async fn f(shard: &segalloc::Shard, h: segalloc::Handle) -> segalloc::Result<()> {
+    /// shard.free(h)?; // another shard's handle: queued for its owner
+    /// shard.free(h)?; // queued too: only the owner knows it is freed
+    /// match shard.flush_frees().await {
+    ///     Err(segalloc::Error::FreesRejected { count, first }) => {
+    ///         eprintln!("{count} frees rejected; the first: {first:?}");
+    ///     }
+    ///     other => other?,
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn flush_frees(&self) -> Result<()> {
         match self.inner.mesh.get() {
-            Some(m) => m.clone().flush().await,
+            Some(m) => {
+                m.clone().flush().await?;
+                m.take_rejected().map_or(Ok(()), Err)
+            }
             None => Ok(()),
         }
     }
@@ -38,8 +59,8 @@ impl Shard {
     /// on its own).
     pub fn drain_frees(&self) {
         if let Some(m) = self.inner.mesh.get() {
-            for p in m.take_ready() {
-                self.inner.apply(p);
+            for (from, p) in m.take_ready() {
+                self.inner.apply(from, p);
             }
         }
     }
@@ -373,7 +394,7 @@ impl Shard {
 impl ShardInner {
     /// Apply one parcel from the mesh: forwarded frees, or a barrier that
     /// is answered because everything before it is applied.
-    fn apply(&self, parcel: Parcel) {
+    fn apply(&self, from: usize, parcel: Parcel) {
         let Some(mesh) = self.mesh.get() else { return };
         let batch = match parcel {
             Parcel::Frees(b) => b,
@@ -382,7 +403,7 @@ impl ShardInner {
                 // so, as a free on this shard would.
                 let r = match self.alloc.is_poisoned() {
                     true => Err(Error::Poisoned { shard: self.index }),
-                    false => Ok(()),
+                    false => Ok(mesh.rejected_answer(from)),
                 };
                 let _ = ack.send(r);
                 return;
@@ -397,6 +418,7 @@ impl ShardInner {
                 Err(e) => {
                     bad += 1;
                     tracing::warn!(handle = %h, error = %e, "forwarded free rejected");
+                    mesh.rejected(from, e);
                 }
             }
         }
@@ -419,10 +441,10 @@ pub(super) async fn drain_frees_task(me: Weak<ShardInner>) {
             None => std::task::Poll::Ready(None),
         })
         .await;
-        let (Some(parcel), Some(inner)) = (next, me.upgrade()) else {
+        let (Some((from, parcel)), Some(inner)) = (next, me.upgrade()) else {
             return;
         };
-        inner.apply(parcel);
+        inner.apply(from, parcel);
     }
 }
 
