@@ -709,8 +709,14 @@ impl Runtime {
             })
             .collect();
         for c in closing {
-            if let Ok(Err(e)) = futures::executor::block_on(c) {
-                tracing::error!(error = %e, "cross-shard frees not delivered at shutdown");
+            match futures::executor::block_on(c) {
+                Ok(Err(e @ Error::FreesRejected { .. })) => {
+                    tracing::warn!(error = %e, "forwarded frees rejected by their owners");
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cross-shard frees not delivered at shutdown");
+                }
+                _ => {}
             }
         }
     }
