@@ -366,8 +366,9 @@ pub enum Error {
     /// of a slot freed since), reported by
     /// [`Shard::flush_frees`](crate::Shard::flush_frees) once the owners
     /// have answered: `count` since the last report, and the first one's
-    /// error, naming its handle (`None` when that error was lost with a
-    /// flush dropped before the owner answered). Nothing else changed:
+    /// error, naming its handle (`None` when that error was lost: a flush
+    /// dropped before the owner answered, or overlapping flushes whose
+    /// answers arrived out of order). Nothing else changed:
     /// each rejected free changed nothing on its owner.
     #[error(
         "{count} forwarded free(s) rejected by their owners{}",

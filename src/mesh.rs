@@ -510,9 +510,14 @@ impl<J: 'static> MeshLocal<J> {
                 Ok(Ok(r)) => {
                     let mut by = self.rejected_by.borrow_mut();
                     let by = &mut by[to];
-                    by.seen = by.seen.max(r.total);
-                    if by.first.is_none() {
-                        by.first = r.first;
+                    // Answers of overlapping flushes may be taken out of
+                    // order: an older one's error is of rejections already
+                    // counted (and maybe reported), not of later ones.
+                    if r.total > by.seen {
+                        by.seen = r.total;
+                        if by.first.is_none() {
+                            by.first = r.first;
+                        }
                     }
                 }
                 Ok(Err(e)) => {

@@ -592,16 +592,33 @@ impl Runtime {
     /// # Errors
     ///
     /// The first error of a shard's [`Shard::flush_frees`] (a shard that is
-    /// gone or poisoned, or [`Error::FreesRejected`] for frees owners
-    /// rejected), once every shard's flush is done.
+    /// gone or poisoned), once every shard's flush is done; else
+    /// [`Error::FreesRejected`] with every shard's rejected frees in one
+    /// count. The shards' reports are taken when their flushes end: a
+    /// call dropped before it returns, or one that returns another error,
+    /// loses them.
     pub async fn flush(&self) -> Result<()> {
         let mut first = None;
+        let mut rejected: Option<Error> = None;
         for f in self.flush_all() {
-            if let Err(e) = f.await.and_then(|r| r) {
-                first.get_or_insert(e);
+            match f.await.and_then(|r| r) {
+                Ok(()) => {}
+                // Every shard's report, in one.
+                Err(Error::FreesRejected { count, first }) => match &mut rejected {
+                    Some(Error::FreesRejected { count: n, first: f }) => {
+                        *n += count;
+                        if f.is_none() {
+                            *f = first;
+                        }
+                    }
+                    _ => rejected = Some(Error::FreesRejected { count, first }),
+                },
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
             }
         }
-        first.map_or(Ok(()), Err)
+        first.or(rejected).map_or(Ok(()), Err)
     }
 
     /// Free `handle` on its owner shard (from outside any shard): a task of
@@ -622,10 +639,13 @@ impl Runtime {
     ///
     /// # Errors
     ///
-    /// The first shard's error ([`flush`](Self::flush)'s included: a
-    /// rejected forwarded free is reported, and every shard still syncs).
+    /// The first shard's error: [`flush`](Self::flush)'s (a shard gone or
+    /// poisoned), else a shard's failed sync, else
+    /// [`Error::FreesRejected`] when owners rejected forwarded frees and
+    /// every shard synced.
     pub async fn sync(&self) -> Result<()> {
-        let mut first = self.flush().await.err();
+        let flushed = self.flush().await;
+        let mut first = None;
         let syncs: Vec<_> = (0..self.shard_count())
             .map(|i| self.spawn_on(i, |s| async move { s.sync().await }))
             .collect();
@@ -634,7 +654,12 @@ impl Runtime {
                 first.get_or_insert(e);
             }
         }
-        first.map_or(Ok(()), Err)
+        // A flush that failed comes first, then a failed sync; a report of
+        // rejected frees only when every shard synced.
+        match flushed {
+            Err(e) if !matches!(e, Error::FreesRejected { .. }) => Err(e),
+            flushed => first.map_or(flushed, Err),
+        }
     }
 
     /// Counters of every shard, in shard order.

@@ -616,3 +616,44 @@ fn allocators_of_a_renamed_and_a_new_directory_keep_their_own_files() {
         });
     }
 }
+
+/// A registered file replaced by a larger one (rename over it) while an
+/// idle window still maps the old one: a descriptor opened again (a lease
+/// of 0 bytes, as a sync takes) must not raise `reserved` to the new
+/// file's size, which would let a pin read the old mapping past its end
+/// (SIGBUS).
+#[test]
+fn a_replaced_file_reopened_is_not_pinned_past_the_old_mapping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("mine.dat");
+    run(async {
+        let (files, mm) = common::manager(tmp.path(), 4, 4);
+        let id = common::register(&files, &f);
+        let p = mm.pin(id, 0, 4096, true).await.unwrap();
+        p.write_at(0, b"hi").unwrap();
+        drop(p);
+        mm.settle_prefaults().await;
+        files.close_idle();
+        let old_len = len_on_disk(&f);
+        let other = tmp.path().join("other.dat");
+        std::fs::File::create(&other)
+            .unwrap()
+            .set_len(8 * MIB)
+            .unwrap();
+        std::fs::rename(&other, &f).unwrap();
+        drop(files.acquire(id, 0).await.unwrap());
+        let at = 4 * MIB;
+        assert!(at > old_len);
+        match mm.try_pin(id, at, 4096, false) {
+            Ok(Some(p)) => {
+                let mut b = [0u8; 4];
+                p.read_at(0, &mut b).unwrap();
+                panic!(
+                    "pinned {at} of a file whose mapped inode has {old_len} bytes, read {:?}",
+                    std::hint::black_box(b)
+                );
+            }
+            other => drop(other),
+        }
+    });
+}

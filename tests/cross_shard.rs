@@ -821,3 +821,67 @@ fn rejected_forwarded_frees_are_reported_by_flush_frees() {
     assert_eq!(st.shards[0].alloc.allocations_live, 0);
     rt.shutdown().unwrap();
 }
+
+/// Two flushes of one sender overlap, the later one's answer taken first:
+/// a later rejection is reported with its own error, not with the one the
+/// earlier answer carried (which named another handle).
+#[test]
+fn overlapping_flushes_do_not_misattribute_a_rejection() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path())).unwrap();
+    let h = allocate_on(&rt, 0);
+    let h2 = allocate_on(&rt, 0);
+    block_on(rt.spawn_on(1, move |s| async move {
+        s.free(h).unwrap();
+        s.free(h).unwrap();
+        let mut t1 = Box::pin(s.flush_frees());
+        // Sends the frees and its barrier, then waits for the answer.
+        assert!(futures::poll!(t1.as_mut()).is_pending());
+        let r2 = s.flush_frees().await;
+        let r1 = t1.await;
+        eprintln!("later flush: {r2:?}; earlier flush: {r1:?}");
+        s.free(h2).unwrap();
+        s.free(h2).unwrap();
+        match s.flush_frees().await {
+            Err(Error::FreesRejected {
+                count: 1,
+                first: Some(e),
+            }) => assert!(
+                matches!(*e, Error::DoubleFree { handle } if handle == h2),
+                "h2's rejection reported with another free's error: {e:?}"
+            ),
+            r => panic!("{r:?}"),
+        }
+    }))
+    .unwrap();
+    rt.shutdown().unwrap();
+}
+
+/// Two senders' rejected frees, one `Runtime::flush`: both counted in its
+/// report (each shard's flush takes its own report).
+#[test]
+fn runtime_flush_reports_every_shards_rejections() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(common::small_cfg_shards(&dir.path().join("data"), 3)).unwrap();
+    let h = allocate_on(&rt, 0);
+    let h2 = allocate_on(&rt, 0);
+    for (sender, victim) in [(1usize, h), (2, h2)] {
+        block_on(rt.spawn_on(sender, move |s| async move {
+            s.free(victim).unwrap();
+            s.free(victim).unwrap();
+        }))
+        .unwrap();
+    }
+    let mut reported = 0;
+    for _ in 0..3 {
+        match block_on(rt.flush()) {
+            Err(Error::FreesRejected { count, .. }) => reported += count,
+            Ok(()) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let st = block_on(rt.stats()).unwrap();
+    assert_eq!(st.shards[0].mesh.cross_frees_rejected, 2);
+    assert_eq!(reported, 2, "rejected 2, reported {reported}");
+    rt.shutdown().unwrap();
+}

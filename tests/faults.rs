@@ -1252,3 +1252,35 @@ fn a_fault_in_that_prefaults_an_earlier_window_fits_the_cap() {
         assert!(mm.window_count() <= 2);
     });
 }
+
+/// `Runtime::sync` whose flush reports a rejected forwarded free, and a
+/// shard's fdatasync fails (EIO: poisoned) in the same call: the failed
+/// sync is returned, not the report, which says every shard synced.
+#[test]
+fn runtime_sync_reports_a_failed_sync_before_rejected_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = segalloc::Runtime::start(common::small_cfg_shards(dir.path(), 2)).unwrap();
+    let h = futures::executor::block_on(rt.spawn_on(0, |s| async move {
+        let a = s.allocate(100).await.unwrap();
+        a.into_handle()
+    }))
+    .unwrap();
+    futures::executor::block_on(rt.spawn_on(1, move |s| async move {
+        s.free(h).unwrap();
+        s.free(h).unwrap();
+    }))
+    .unwrap();
+    futures::executor::block_on(rt.spawn_on(0, |_s| async move {
+        faults::inject(Fault::new(FaultOp::Fsync, EIO).always());
+    }))
+    .unwrap();
+    let r = futures::executor::block_on(rt.sync());
+    let poisoned =
+        futures::executor::block_on(rt.spawn_on(0, |s| async move { s.allocator().is_poisoned() }))
+            .unwrap();
+    futures::executor::block_on(rt.spawn_on(0, |_s| async move { faults::clear() })).unwrap();
+    assert!(
+        !(poisoned && matches!(r, Err(Error::FreesRejected { .. }))),
+        "shard 0's sync failed (poisoned: {poisoned}) but Runtime::sync said {r:?}"
+    );
+}

@@ -6,8 +6,10 @@
 //!   by io operations in flight, so the cap is a cap on real descriptors.
 //! * Only idle descriptors (no lease, no operation in flight) are evicted.
 //!   Evicting a descriptor never unmaps a window: a mapping outlives its fd.
-//! * A file only grows. `reserved` (bytes whose blocks are allocated) never
-//!   exceeds the file's size, and nothing above `reserved` is handed out.
+//! * The registry only grows a file. `reserved` (bytes whose blocks are
+//!   allocated) never exceeds the file's size as last seen, and nothing
+//!   above `reserved` is handed out; a descriptor opened again lowers it
+//!   to the file's size when another program cut the file short.
 //! * Single-threaded: interior mutability through `RefCell`, no lock, and no
 //!   borrow is held across an `.await`.
 //!
@@ -258,11 +260,13 @@ impl FileHandleRegistry {
     /// another thread or process (another registry, another mapping, file
     /// writes) may write the bytes the pin covers, nor read the bytes a
     /// writable pin may write, unless those accesses are ordered with the
-    /// pin's by other means. Nothing may cut the file short while it is
-    /// registered: a pin maps the bytes the registry has seen reserved, and
-    /// a byte of a shared mapping past the end of its file faults (SIGBUS)
-    /// when touched. (A registry that has closed the file's descriptor,
-    /// idle or evicted, learns its size again when it opens it.) A segalloc
+    /// pin's by other means. Nothing may cut the file short, or put
+    /// another file at its path, while it is registered: a pin maps the
+    /// bytes the registry has seen reserved, and a byte of a shared mapping
+    /// past the end of its file faults (SIGBUS) when touched. (A registry
+    /// that has closed the file's descriptor, idle or evicted, lowers what
+    /// it counts as reserved to the file's size when it opens it again.)
+    /// A segalloc
     /// shard's own files are registered by its allocator, under the
     /// shard's lock: register files of your own.
     ///
@@ -350,6 +354,9 @@ impl FileHandleRegistry {
                 return id;
             }
             // Another owner's (or a file registered by hand): a new entry.
+            // (Idle windows of a closed allocator keep it, its owner, alive:
+            // reopening through one manager without `evict_idle` between
+            // adds the shard's files' entries each time.)
             f.by_path.remove(path);
         }
         let id = self.register_path(path);
@@ -689,11 +696,6 @@ impl FileHandleRegistry {
         let mut f = self.inner.borrow_mut();
         f.stats.opens += 1;
         let e = &mut f.entries[id.0 as usize];
-        if e.len_known && e.identity.is_some_and(|was| was != identity) {
-            // Another file took the path since it was last open: nothing
-            // known of the one before holds for it.
-            e.forget_file();
-        }
         if !e.len_known {
             // First sight of the file: what exists was written by us before
             // (reserved then), so all of it counts as reserved.
@@ -704,13 +706,16 @@ impl FileHandleRegistry {
             // next sync covers them.
             e.hot.dirty.set(mode != OpenMode::ReadOnly);
         } else {
-            // The same file, open again (its descriptor was idle: no growth
-            // ran). Cut short meanwhile by another program, it must not be
-            // mapped past its end: a pin there would fault (SIGBUS).
+            // Open again (its descriptor was idle: no growth ran). Cut short
+            // meanwhile by another program, the file must not be mapped past
+            // its end: a pin there would fault (SIGBUS). Never raised here:
+            // idle windows may still map the file that was at the path
+            // before (another inode), up to what was reserved of it.
             e.len_bytes = size;
             if e.hot.reserved.get() > size {
                 e.hot.reserved.set(size);
             }
+            e.durable_len = e.durable_len.min(size);
         }
         e.fd = Some(fd.clone());
         e.identity = Some(identity);
