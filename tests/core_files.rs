@@ -657,3 +657,53 @@ fn a_replaced_file_reopened_is_not_pinned_past_the_old_mapping() {
         }
     });
 }
+
+/// Read-only allocators of one shard opened one after another through one
+/// read-only registry and manager: the manager's idle windows keep each
+/// closed one's lock, its files' owner, alive, and every open added an
+/// entry per file (20 opens: 2 entries, then 4, ... 40). An owner of the
+/// same folder reuses them.
+#[test]
+fn reopening_a_shard_through_one_manager_reuses_its_registry_entries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("d");
+    let cfg = common::builder(&path, 64, 16).build().unwrap();
+    run(async {
+        let (_f, mm) = common::manager_with(&cfg);
+        let dd = segalloc::DataDir::open(&cfg).unwrap();
+        let a = segalloc::SegmentAllocator::open(0, &dd.shard_dir(0), *dd.manifest(), Rc::new(mm))
+            .await
+            .unwrap();
+        let x = a.allocate(100).await.unwrap();
+        x.write_at(0, b"x").unwrap();
+        drop(x);
+        a.sync().await.unwrap();
+        let mm = a.mappings().clone();
+        drop((a, dd));
+        mm.settle_prefaults().await;
+        mm.evict_idle();
+    });
+    run(async {
+        let ring = Ring::new(IoBackendChoice::Auto).unwrap();
+        let files = Rc::new(FileHandleRegistry::new_read_only(ring, 8));
+        let mm = Rc::new(MappingManager::new(
+            files.clone(),
+            MappingConfig::from_config(&cfg),
+        ));
+        let mut counts = Vec::new();
+        for _ in 0..20 {
+            let (dd, _) = segalloc::DataDir::open_read_only(&path).unwrap();
+            let a =
+                segalloc::SegmentAllocator::open(0, &dd.shard_dir(0), *dd.manifest(), mm.clone())
+                    .await
+                    .unwrap();
+            assert_eq!(a.live_count(), 1);
+            drop((a, dd));
+            counts.push(files.stats().files);
+        }
+        assert!(
+            counts.last() == counts.first(),
+            "registry entries after each read-only open: {counts:?}"
+        );
+    });
+}

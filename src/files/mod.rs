@@ -339,6 +339,18 @@ impl FileHandleRegistry {
             if e.owner.as_ref().is_some_and(mine) {
                 return id;
             }
+            // Another owner of the same folder (an allocator of this shard
+            // closed, whose idle windows keep its lock alive; or a second
+            // read-only one): the same files, and what is known of them
+            // holds.
+            let same_folder = e.owner.as_ref().and_then(Weak::upgrade).is_some_and(|old| {
+                let id_of = |fd| sys::file_size_and_identity(fd).map(|(_, i)| i).ok();
+                id_of(old.folder()).is_some_and(|a| Some(a) == id_of(owner.folder()))
+            });
+            if same_folder {
+                e.owner = Some(Rc::downgrade(owner));
+                return id;
+            }
             let idle = e.fd.as_ref().is_none_or(|fd| Rc::strong_count(fd) == 1)
                 && !e.growing
                 && e.syncing.get() == 0;
@@ -353,10 +365,8 @@ impl FileHandleRegistry {
                 self.counters.borrow_mut().remove(&id);
                 return id;
             }
-            // Another owner's (or a file registered by hand): a new entry.
-            // (Idle windows of a closed allocator keep it, its owner, alive:
-            // reopening through one manager without `evict_idle` between
-            // adds the shard's files' entries each time.)
+            // Another folder's, still open (a folder renamed, another made
+            // in its place), or a file registered by hand: a new entry.
             f.by_path.remove(path);
         }
         let id = self.register_path(path);
