@@ -14,7 +14,9 @@
 //! `MGET`, `MSET`, `INCR`, `DECR`, `INCRBY`, `DECRBY`, `DBSIZE`, `FLUSHDB`,
 //! `FLUSHALL`, `INFO` (server, memory, persistence, keyspace), `CONFIG GET`,
 //! `SAVE`, `COMMAND` (`COUNT`, `INFO`, `DOCS`), `SELECT 0`, `CLIENT
-//! SETNAME|SETINFO`, `QUIT`; inline commands too. An expired key is deleted
+//! SETNAME|SETINFO`, `QUIT`, `SHUTDOWN [SAVE|NOSAVE]`; inline commands too.
+//! SIGTERM, SIGINT and `SHUTDOWN` sync every shard, then exit 0
+//! (`SHUTDOWN NOSAVE`: exit at once). An expired key is deleted
 //! when read, or by a sweep every 100 ms (every key due, in turns of 1 to
 //! 10 ms that take about half the shard's thread while keys are due, so it
 //! keeps up with writes that give keys an expiry). A multi-key command whose keys live on several shards is not
@@ -98,10 +100,11 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
 use segalloc::{Cluster, Config, ShardBuilder};
 use tokio::sync::{mpsc, oneshot};
 
@@ -175,6 +178,8 @@ struct Args {
 pub enum ToShard {
     Conn(std::net::TcpStream, ConnSlot),
     Batch(Box<Batch>, oneshot::Sender<Box<Batch>>),
+    /// Sync everything acknowledged so far, before the process exits.
+    Shutdown(std::sync::mpsc::Sender<Result<(), String>>),
 }
 
 /// A connection's place under [`CONNECTIONS_MAX`], given back on drop.
@@ -313,6 +318,13 @@ fn shard_thread(
                     tokio::task::spawn_local(async move {
                         store.run_rest(&mut batch, done, now).await;
                         let _ = reply.send(batch);
+                    });
+                }
+                ToShard::Shutdown(reply) => {
+                    let store = ctx.store.clone();
+                    tokio::task::spawn_local(async move {
+                        let r = store.sync_now().await;
+                        let _ = reply.send(r.map_err(|e| format!("shard {index}: {e}")));
                     });
                 }
             }
@@ -460,8 +472,66 @@ fn keep_large_blocks_out_of_arenas() {
     }
 }
 
+/// SIGTERM and SIGINT, which [`shut_down_on_signal`] waits for: blocked
+/// in every thread (they inherit the mask of the thread that starts them).
+fn shutdown_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set
+}
+
+/// Whether a client's `SHUTDOWN NOSAVE` asked to exit without the final
+/// sync.
+static NOSAVE: AtomicBool = AtomicBool::new(false);
+
+/// Ask for the shutdown a signal makes (`SHUTDOWN`): the signal thread
+/// syncs every shard (unless `nosave`) and exits.
+pub fn request_shutdown(nosave: bool) {
+    if nosave {
+        NOSAVE.store(true, Ordering::SeqCst);
+    }
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGTERM);
+}
+
+/// Wait for SIGTERM or SIGINT, then sync every shard (everything
+/// acknowledged becomes durable, whatever `--sync` says) and exit: 0 once
+/// every shard synced, 1 if one failed or did not answer within a minute.
+/// Connections are closed by the exit, as Redis closes them.
+fn shut_down_on_signal(senders: Vec<mpsc::UnboundedSender<ToShard>>) {
+    let Ok(sig) = shutdown_signals().wait() else {
+        return;
+    };
+    if NOSAVE.load(Ordering::SeqCst) {
+        eprintln!("kv_server: {sig:?}: exiting without a final sync (SHUTDOWN NOSAVE)");
+        std::process::exit(0);
+    }
+    eprintln!("kv_server: {sig:?}: syncing every shard before exit");
+    let (tx, rx) = std::sync::mpsc::channel();
+    for s in &senders {
+        if s.send(ToShard::Shutdown(tx.clone())).is_err() {
+            fail("a shard is gone: not every shard synced");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for _ in &senders {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => fail(format_args!("final sync failed: {e}")),
+            Err(_) => fail("a shard did not sync within a minute"),
+        }
+    }
+    eprintln!("kv_server: every shard synced; exiting");
+    std::process::exit(0);
+}
+
 fn main() {
     keep_large_blocks_out_of_arenas();
+    // Before any other thread starts: all of them inherit the mask, and
+    // only the signal thread takes these signals.
+    if let Err(e) = shutdown_signals().thread_block() {
+        fail(format_args!("block SIGTERM and SIGINT: {e}"));
+    }
     let args = Args::parse();
     let mut cfg = Config::builder(&args.dir);
     if let Some(n) = args.shards.or_else(|| existing_shard_count(&args.dir)) {
@@ -501,6 +571,13 @@ fn main() {
         .local_addr()
         .unwrap_or_else(|e| fail(format_args!("local address: {e}")));
     let senders = start_shards(cluster, &args, addr.port(), max_clients);
+    {
+        let senders = senders.clone();
+        std::thread::Builder::new()
+            .name("kv-signals".into())
+            .spawn(move || shut_down_on_signal(senders))
+            .unwrap_or_else(|e| fail(format_args!("spawn the signal thread: {e}")));
+    }
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "listening on {addr}");
     let _ = out.flush();

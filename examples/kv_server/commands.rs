@@ -72,6 +72,7 @@ enum Name {
     Select,
     Client,
     Quit,
+    Shutdown,
 }
 
 /// One command: name, arity (negative: at least), flags, first key, last
@@ -131,6 +132,7 @@ static COMMANDS: &[Spec] = &[
     spec("select", Name::Select, 2, F, (0, 0, 0)),
     spec("client", Name::Client, -2, F, (0, 0, 0)),
     spec("quit", Name::Quit, -1, F, (0, 0, 0)),
+    spec("shutdown", Name::Shutdown, -1, A, (0, 0, 0)),
 ];
 
 impl Spec {
@@ -369,6 +371,18 @@ fn plan_connection(name: Name, cmd: &Cmd<'_>, p: &mut Planner, ctx: &Ctx) {
                 )),
                 b"GETNAME" => p.reply(resp::nil),
                 _ => p.error("ERR CLIENT subcommand not supported by this server"),
+            }
+        }
+        // As Redis: no reply when it works (the exit closes the
+        // connection); `SAVE` is what it does anyway, `NOSAVE` skips the
+        // final sync.
+        Name::Shutdown => {
+            let mode = cmd.args_from(1).next().map(|m| m.to_ascii_uppercase());
+            match mode.as_deref() {
+                _ if cmd.len() > 2 => p.error("ERR syntax error"),
+                None | Some(b"SAVE") => crate::request_shutdown(false),
+                Some(b"NOSAVE") => crate::request_shutdown(true),
+                Some(_) => p.error("ERR syntax error"),
             }
         }
         Name::Config => config(cmd, p, &ctx.server),

@@ -1111,7 +1111,7 @@ impl Store {
 
     /// Wait for a sync that covers every write so far (ending the rounds
     /// done by then).
-    async fn sync_now(&self) -> segalloc::Result<()> {
+    pub async fn sync_now(&self) -> segalloc::Result<()> {
         let target = self.sync.writes.get();
         if self.sync.synced.get() >= target || self.durable(target).await.is_ok() {
             return Ok(());
