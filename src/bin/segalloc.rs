@@ -4,7 +4,7 @@
 //! ```text
 //! segalloc stat DIR [--json]     figures: files, windows, entries, classes, fragmentation
 //! segalloc verify DIR            every problem, one per line; exit 0 clean, 1 problems
-//! segalloc live DIR [--shard N]  live handles (hex of Handle::to_bytes), then the roots
+//! segalloc live DIR [--shard N]  live handles (Handle::to_hex), then the roots
 //! ```
 //!
 //! The tool only reads (see [`segalloc::inspect`]): it never recovers,
@@ -16,7 +16,6 @@
 //! reports it as a warning and `live` marks it `(dangling)`, as the library
 //! keeps it; data files cut short under live allocations are errors.
 
-use std::fmt::Write as _;
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -165,14 +164,6 @@ fn verify(r: &DirReport, out: &mut impl Write) -> io::Result<u8> {
 // live
 // ---------------------------------------------------------------------------
 
-fn hex(b: &[u8]) -> String {
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        let _ = write!(s, "{x:02x}");
-    }
-    s
-}
-
 fn live(r: &DirReport, shard: Option<u16>, out: &mut impl Write) -> io::Result<u8> {
     if let Some(code) = unreadable(r) {
         return Ok(code);
@@ -197,7 +188,7 @@ fn live(r: &DirReport, shard: Option<u16>, out: &mut impl Write) -> io::Result<u
             writeln!(
                 out,
                 "{} shard={} file={} offset={:#x} slot_bytes={}",
-                hex(&h.to_bytes()),
+                h.to_hex(),
                 h.shard(),
                 inspect::data_file_name(h.file_id()),
                 h.offset(),
@@ -212,7 +203,7 @@ fn live(r: &DirReport, shard: Option<u16>, out: &mut impl Write) -> io::Result<u
                 "root shard={} {:?} -> {}{}",
                 s.index,
                 root.name,
-                hex(&root.handle.to_bytes()),
+                root.handle.to_hex(),
                 if root.valid { "" } else { " (dangling)" }
             )?;
         }

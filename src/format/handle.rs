@@ -247,6 +247,72 @@ impl Handle {
     }
 }
 
+impl Handle {
+    /// [`to_bytes`](Self::to_bytes) as 80 lowercase hex digits: the form
+    /// `segalloc live` prints, which [`from_hex`](Self::from_hex) and
+    /// `str::parse` read back.
+    ///
+    /// ```
+    /// # fn f(h: segalloc::Handle) -> Result<(), segalloc::BadHandle> {
+    /// let text = h.to_hex();
+    /// assert_eq!(segalloc::Handle::from_hex(&text)?, h);
+    /// assert_eq!(text.parse::<segalloc::Handle>()?, h);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn to_hex(&self) -> String {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut s = String::with_capacity(2 * HANDLE_BYTES);
+        for b in self.to_bytes() {
+            s.push(DIGITS[usize::from(b >> 4)] as char);
+            s.push(DIGITS[usize::from(b & 15)] as char);
+        }
+        s
+    }
+
+    /// A handle from its [`to_hex`](Self::to_hex) form (either case;
+    /// surrounding whitespace is not accepted), checked as
+    /// [`from_bytes`](Self::from_bytes) checks bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`BadHandle`] for text that is not 80 hex digits, or whose bytes
+    /// are not a handle.
+    pub fn from_hex(text: &str) -> Result<Handle, BadHandle> {
+        let text = text.as_bytes();
+        if text.len() != 2 * HANDLE_BYTES {
+            return Err(BadHandle {
+                reason: "wrong length (a handle in hex is 80 digits)",
+            });
+        }
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        };
+        let mut bytes = [0u8; HANDLE_BYTES];
+        for (b, pair) in bytes.iter_mut().zip(text.chunks_exact(2)) {
+            let (Some(hi), Some(lo)) = (digit(pair[0]), digit(pair[1])) else {
+                return Err(BadHandle {
+                    reason: "not a hex digit",
+                });
+            };
+            *b = hi << 4 | lo;
+        }
+        Handle::from_bytes(&bytes)
+    }
+}
+
+/// Parses the [`Handle::to_hex`] form.
+impl std::str::FromStr for Handle {
+    type Err = BadHandle;
+
+    fn from_str(s: &str) -> Result<Handle, BadHandle> {
+        Handle::from_hex(s)
+    }
+}
+
 impl std::fmt::Display for Handle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -284,5 +350,38 @@ mod tests {
             }
         }
         assert!(Handle::from_bytes(&b[..39]).is_err());
+    }
+
+    #[test]
+    fn hex_roundtrips_and_rejects_what_is_not_a_handle() {
+        let h = Handle {
+            shard: 1,
+            class_id: 2,
+            file: 3,
+            segment: 4,
+            generation: 5,
+            length: classes::CLASSES[2].slot_bytes,
+            offset: classes::CLASSES[2].slot_bytes as u64 * 6,
+            dir_tag: 0xfeed_beef,
+        };
+        let text = h.to_hex();
+        assert_eq!(text.len(), 80);
+        assert!(
+            text.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        assert_eq!(Handle::from_hex(&text), Ok(h));
+        assert_eq!(text.to_ascii_uppercase().parse::<Handle>(), Ok(h));
+        let reason = |t: &str| Handle::from_hex(t).unwrap_err().reason;
+        assert!(reason(&text[..78]).starts_with("wrong length"));
+        assert!(reason(&format!("{text}00")).starts_with("wrong length"));
+        assert!(reason(&format!(" {}", &text[1..])).starts_with("not a hex digit"));
+        assert!(reason(&format!("{}g", &text[..79])).starts_with("not a hex digit"));
+        // Multi-byte text of the right byte length.
+        assert!(reason(&format!("é{}", &text[2..])).starts_with("not a hex digit"));
+        // A digit changed: the checksum (or another check) refuses it.
+        let mut flipped = text.into_bytes();
+        flipped[20] = if flipped[20] == b'0' { b'1' } else { b'0' };
+        assert!(Handle::from_hex(std::str::from_utf8(&flipped).unwrap()).is_err());
     }
 }
