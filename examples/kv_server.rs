@@ -485,6 +485,18 @@ fn shutdown_signals() -> SigSet {
 /// sync.
 static NOSAVE: AtomicBool = AtomicBool::new(false);
 
+/// Set before the shards are asked for their final sync: from then on no
+/// connection writes a reply (`conn`), so nothing is acknowledged that the
+/// sync may not cover. A reply written before saw it unset, so its writes
+/// were applied before their shard took the request to sync (which the
+/// signal thread sends after setting it).
+static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
+
+/// Whether the final sync has been asked for: write no more replies.
+pub fn shutting_down() -> bool {
+    SHUTTING_DOWN.load(Ordering::SeqCst)
+}
+
 /// Ask for the shutdown a signal makes (`SHUTDOWN`): the signal thread
 /// syncs every shard (unless `nosave`) and exits.
 pub fn request_shutdown(nosave: bool) {
@@ -507,6 +519,7 @@ fn shut_down_on_signal(senders: Vec<mpsc::UnboundedSender<ToShard>>) {
         std::process::exit(0);
     }
     eprintln!("kv_server: {sig:?}: syncing every shard before exit");
+    SHUTTING_DOWN.store(true, Ordering::SeqCst);
     let (tx, rx) = std::sync::mpsc::channel();
     for s in &senders {
         if s.send(ToShard::Shutdown(tx.clone())).is_err() {

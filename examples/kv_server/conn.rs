@@ -389,6 +389,10 @@ impl Conn {
     async fn flush(&mut self) -> io::Result<()> {
         let mut done = 0;
         while done < self.wbuf.len() {
+            // Nothing more is acknowledged once the final sync is asked for.
+            if crate::shutting_down() {
+                return Err(io::Error::other("the server is shutting down"));
+            }
             match self.stream.try_write(&self.wbuf[done..]) {
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stream.writable().await?,
