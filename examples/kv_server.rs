@@ -506,14 +506,31 @@ pub fn request_shutdown(nosave: bool) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGTERM);
 }
 
+/// The shards' inboxes, once every shard has recovered.
+static SHARDS: std::sync::OnceLock<Vec<mpsc::UnboundedSender<ToShard>>> =
+    std::sync::OnceLock::new();
+
 /// Wait for SIGTERM or SIGINT, then sync every shard (everything
 /// acknowledged becomes durable, whatever `--sync` says) and exit: 0 once
 /// every shard synced, 1 if one failed or did not answer within a minute.
-/// Connections are closed by the exit, as Redis closes them.
-fn shut_down_on_signal(senders: Vec<mpsc::UnboundedSender<ToShard>>) {
+/// Connections are closed by the exit, as Redis closes them. A signal
+/// while the shards recover exits at once (nothing was served: like a
+/// crash, which recovery is made for), and a second signal during the
+/// final sync exits without waiting for it.
+fn shut_down_on_signal() {
     let Ok(sig) = shutdown_signals().wait() else {
         return;
     };
+    let Some(senders) = SHARDS.get() else {
+        eprintln!("kv_server: {sig:?} while the shards recover: exiting (nothing was served)");
+        std::process::exit(0);
+    };
+    std::thread::spawn(move || {
+        if let Ok(again) = shutdown_signals().wait() {
+            eprintln!("kv_server: {again:?} again: exiting without waiting for the final sync");
+            std::process::exit(1);
+        }
+    });
     if NOSAVE.load(Ordering::SeqCst) {
         eprintln!("kv_server: {sig:?}: exiting without a final sync (SHUTDOWN NOSAVE)");
         std::process::exit(0);
@@ -521,13 +538,13 @@ fn shut_down_on_signal(senders: Vec<mpsc::UnboundedSender<ToShard>>) {
     eprintln!("kv_server: {sig:?}: syncing every shard before exit");
     SHUTTING_DOWN.store(true, Ordering::SeqCst);
     let (tx, rx) = std::sync::mpsc::channel();
-    for s in &senders {
+    for s in senders {
         if s.send(ToShard::Shutdown(tx.clone())).is_err() {
             fail("a shard is gone: not every shard synced");
         }
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    for _ in &senders {
+    for _ in senders {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => fail(format_args!("final sync failed: {e}")),
@@ -583,14 +600,12 @@ fn main() {
     let addr = listener
         .local_addr()
         .unwrap_or_else(|e| fail(format_args!("local address: {e}")));
+    std::thread::Builder::new()
+        .name("kv-signals".into())
+        .spawn(shut_down_on_signal)
+        .unwrap_or_else(|e| fail(format_args!("spawn the signal thread: {e}")));
     let senders = start_shards(cluster, &args, addr.port(), max_clients);
-    {
-        let senders = senders.clone();
-        std::thread::Builder::new()
-            .name("kv-signals".into())
-            .spawn(move || shut_down_on_signal(senders))
-            .unwrap_or_else(|e| fail(format_args!("spawn the signal thread: {e}")));
-    }
+    let _ = SHARDS.set(senders.clone());
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "listening on {addr}");
     let _ = out.flush();

@@ -88,19 +88,20 @@ pub(crate) enum Parcel {
 }
 
 /// A barrier's answer: how many frees from the barrier's sender the owner
-/// rejected in all, and the error of the first of them since the last
-/// barrier's answer (`None` when that one carried it, or none was).
+/// rejected in all, and the first of them since the last barrier's answer
+/// (`None` when that one carried it, or none was), with its number (the
+/// total when it was counted).
 #[derive(Debug)]
 pub(crate) struct Rejected {
     pub(crate) total: u64,
-    pub(crate) first: Option<Error>,
+    pub(crate) first: Option<(u64, Error)>,
 }
 
 /// What an owner tells a sender of the frees it rejected, per inbox.
 #[derive(Default)]
 pub(crate) struct RejectedFrom {
     total: u64,
-    first: Option<Error>,
+    first: Option<(u64, Error)>,
 }
 
 /// What a sender knows of its frees an owner rejected.
@@ -111,8 +112,8 @@ struct RejectedBy {
     /// How many of them [`take_rejected`](MeshLocal::take_rejected)
     /// reported.
     reported: u64,
-    /// The first one's error, not reported yet.
-    first: Option<Error>,
+    /// The first one not reported yet: its number and error.
+    first: Option<(u64, Error)>,
 }
 
 /// The channels of one shard, before it is opened (`Send`). `J` is the
@@ -511,13 +512,14 @@ impl<J: 'static> MeshLocal<J> {
                     let mut by = self.rejected_by.borrow_mut();
                     let by = &mut by[to];
                     // Answers of overlapping flushes may be taken out of
-                    // order: an older one's error is of rejections already
-                    // counted (and maybe reported), not of later ones.
-                    if r.total > by.seen {
-                        by.seen = r.total;
-                        if by.first.is_none() {
-                            by.first = r.first;
-                        }
+                    // order: an error is kept only if its rejection was not
+                    // reported yet, whichever answer carried it.
+                    by.seen = by.seen.max(r.total);
+                    if by.first.is_none()
+                        && let Some((n, e)) = r.first
+                        && n > by.reported
+                    {
+                        by.first = Some((n, e));
                     }
                 }
                 Ok(Err(e)) => {
@@ -541,7 +543,7 @@ impl<J: 'static> MeshLocal<J> {
             if by.seen > by.reported {
                 count += by.seen - by.reported;
                 by.reported = by.seen;
-                let e = by.first.take();
+                let e = by.first.take().map(|(_, e)| e);
                 if first.is_none() {
                     first = e;
                 }
@@ -559,7 +561,7 @@ impl<J: 'static> MeshLocal<J> {
         let r = &mut r[from];
         r.total += 1;
         if r.first.is_none() {
-            r.first = Some(e);
+            r.first = Some((r.total, e));
         }
     }
 

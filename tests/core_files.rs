@@ -707,3 +707,55 @@ fn reopening_a_shard_through_one_manager_reuses_its_registry_entries() {
         );
     });
 }
+
+/// Two read-only allocators of one shard open at once through one manager,
+/// the second closed first: the first still maps its files. (The second
+/// took the entries over from the first, which then found their owner gone:
+/// `OwnerClosed` for its own file.)
+#[test]
+fn a_reader_stays_open_when_a_second_reader_of_its_shard_closes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("d");
+    let cfg = common::builder(&path, 64, 16).build().unwrap();
+    let h = run(async {
+        let (_f, mm) = common::manager_with(&cfg);
+        let dd = segalloc::DataDir::open(&cfg).unwrap();
+        let a = segalloc::SegmentAllocator::open(0, &dd.shard_dir(0), *dd.manifest(), Rc::new(mm))
+            .await
+            .unwrap();
+        let x = a.allocate(100).await.unwrap();
+        x.write_at(0, b"x").unwrap();
+        let h = x.handle();
+        drop(x);
+        a.sync().await.unwrap();
+        let mm = a.mappings().clone();
+        drop((a, dd));
+        mm.settle_prefaults().await;
+        mm.evict_idle();
+        h
+    });
+    run(async {
+        let ring = Ring::new(IoBackendChoice::Auto).unwrap();
+        let files = Rc::new(FileHandleRegistry::new_read_only(ring, 8));
+        let mm = Rc::new(MappingManager::new(
+            files.clone(),
+            MappingConfig::from_config(&cfg),
+        ));
+        let (dda, _) = segalloc::DataDir::open_read_only(&path).unwrap();
+        let a = segalloc::SegmentAllocator::open(0, &dda.shard_dir(0), *dda.manifest(), mm.clone())
+            .await
+            .unwrap();
+        let p = a.pin(h).await;
+        assert!(p.is_ok(), "{:?}", p.err());
+        drop(p);
+        let (ddb, _) = segalloc::DataDir::open_read_only(&path).unwrap();
+        let b = segalloc::SegmentAllocator::open(0, &ddb.shard_dir(0), *ddb.manifest(), mm.clone())
+            .await
+            .unwrap();
+        drop((b, ddb));
+        mm.settle_prefaults().await;
+        mm.evict_idle();
+        let p = a.pin(h).await;
+        assert!(p.is_ok(), "A is still open: {:?}", p.err());
+    });
+}

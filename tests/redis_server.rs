@@ -2412,4 +2412,19 @@ fn sigterm_sigint_and_shutdown_sync_then_exit() {
         let n: u64 = redis::cmd("DBSIZE").query(&mut server.client()).unwrap();
         assert_eq!(n, expected, "{how}");
     }
+    // In a pipeline, as Redis: the commands before it run and are
+    // answered, nothing after it is read.
+    let mut server = Server::start_with(&dir, &flags);
+    let mut raw = server.raw();
+    raw.write_all(b"SET before 1\r\nSHUTDOWN\r\nSET after 2\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    raw.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"+OK\r\n", "{}", String::from_utf8_lossy(&got));
+    assert!(exits_by_itself(&mut server).success());
+    let server = Server::start_with(&dir, &flags);
+    let c = &mut server.client();
+    let (before, after): (Option<String>, Option<String>) =
+        redis::pipe().get("before").get("after").query(c).unwrap();
+    assert_eq!((before.as_deref(), after), (Some("1"), None));
 }

@@ -373,16 +373,23 @@ fn plan_connection(name: Name, cmd: &Cmd<'_>, p: &mut Planner, ctx: &Ctx) {
                 _ => p.error("ERR CLIENT subcommand not supported by this server"),
             }
         }
-        // As Redis: no reply when it works (the exit closes the
-        // connection); `SAVE` is what it does anyway, `NOSAVE` skips the
-        // final sync.
+        // As Redis: run after the commands before it, no reply when it
+        // works (the exit closes the connection), nothing after it;
+        // `SAVE` is what it does anyway, `NOSAVE` skips the final sync.
         Name::Shutdown => {
             let mode = cmd.args_from(1).next().map(|m| m.to_ascii_uppercase());
-            match mode.as_deref() {
-                _ if cmd.len() > 2 => p.error("ERR syntax error"),
-                None | Some(b"SAVE") => crate::request_shutdown(false),
-                Some(b"NOSAVE") => crate::request_shutdown(true),
-                Some(_) => p.error("ERR syntax error"),
+            let nosave = match mode.as_deref() {
+                _ if cmd.len() > 2 => None,
+                None | Some(b"SAVE") => Some(false),
+                Some(b"NOSAVE") => Some(true),
+                Some(_) => None,
+            };
+            match nosave {
+                Some(nosave) => {
+                    p.shutdown = Some(nosave);
+                    p.close = true;
+                }
+                None => p.error("ERR syntax error"),
             }
         }
         Name::Config => config(cmd, p, &ctx.server),

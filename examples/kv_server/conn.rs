@@ -65,6 +65,10 @@ pub struct Planner {
     waits: Vec<Option<(usize, oneshot::Receiver<Box<Batch>>)>>,
     /// The client sent `QUIT` or a frame that is not RESP.
     pub close: bool,
+    /// The client sent `SHUTDOWN` (`Some(true)`: `NOSAVE`): asked for
+    /// once the commands before it ran and were answered, as Redis runs
+    /// it last; nothing after it is read.
+    pub shutdown: Option<bool>,
     /// Values the planned commands read (see [`READS_PER_BATCH`]).
     reads: usize,
 }
@@ -111,6 +115,7 @@ impl Planner {
             batches: (0..shards).map(|_| Some(Box::default())).collect(),
             waits: (0..shards).map(|_| None).collect(),
             close: false,
+            shutdown: None,
             reads: 0,
         }
     }
@@ -562,6 +567,9 @@ async fn serve_requests(ctx: &Ctx, conn: &mut Conn, p: &mut Planner) -> io::Resu
             p.execute(ctx).await;
             p.assemble(ctx, &mut conn.wbuf);
             conn.flush().await?;
+        }
+        if let Some(nosave) = p.shutdown.take() {
+            crate::request_shutdown(nosave);
         }
         if p.close {
             return Ok(());

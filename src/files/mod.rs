@@ -123,10 +123,12 @@ struct FileEntry {
     /// kernel reports a write-back error once, and the call that saw it may
     /// have been dropped before its caller looked.
     sync_failed: Option<i32>,
-    /// Kept alive by every window of the file; a file whose owner is gone
-    /// is not mapped again (see
+    /// The allocators whose file this is (empty: not an allocator's), of
+    /// one folder: one, or more read-only ones, or closed ones whose idle
+    /// windows keep them alive. Each window keeps one alive; a file whose
+    /// owners are all gone is not mapped again (see
     /// [`register_owned`](FileHandleRegistry::register_owned)).
-    owner: Option<Weak<dyn FileOwner>>,
+    owners: Vec<Weak<dyn FileOwner>>,
     /// A folder this file is opened in, and its path there: another
     /// shard's data file, opened in the data directory as it was opened
     /// ([`register_foreign_in`](FileHandleRegistry::register_foreign_in)).
@@ -299,7 +301,7 @@ impl FileHandleRegistry {
             durable_len: 0,
             syncing: Cell::new(0),
             sync_failed: None,
-            owner: None,
+            owners: Vec::new(),
             base: None,
             identity: None,
             expect: None,
@@ -318,13 +320,18 @@ impl FileHandleRegistry {
     /// The file is opened in the owner's [`folder`](FileOwner::folder), by
     /// the last component of `path`.
     ///
-    /// An entry of the path that another owner had (an allocator closed
-    /// since, whose directory may have been deleted and made again, or one
-    /// still open whose folder was renamed) is not taken over as it is:
-    /// what it knew is of that owner's file. Once that owner is gone and
-    /// nothing uses its descriptor, the entry starts over (the descriptor
-    /// closed, the file learnt again when opened); else the path gets an
-    /// entry of its own.
+    /// An entry of the path that another owner has or had is taken over
+    /// as it is when that owner's folder is the same directory (a closed
+    /// allocator of this shard, whose idle windows keep its lock alive, or
+    /// a second read-only one): the same files, and what is known of them
+    /// holds; the file is then opened in the folder of whichever of its
+    /// owners is still open. Else (an allocator closed since, whose
+    /// directory may have been deleted and made again; one still open
+    /// whose folder was renamed; a file registered by hand) what the entry
+    /// knew is of another file: once its owners are gone and nothing uses
+    /// its descriptor, the entry starts over (the descriptor closed, the
+    /// file learnt again when opened); else the path gets an entry of its
+    /// own.
     pub(crate) fn register_owned(
         &self,
         path: impl AsRef<Path>,
@@ -336,41 +343,37 @@ impl FileHandleRegistry {
         if let Some(id) = known {
             let mut f = self.inner.borrow_mut();
             let e = &mut f.entries[id.0 as usize];
-            if e.owner.as_ref().is_some_and(mine) {
+            if e.owners.iter().any(mine) {
                 return id;
             }
-            // Another owner of the same folder (an allocator of this shard
-            // closed, whose idle windows keep its lock alive; or a second
-            // read-only one): the same files, and what is known of them
-            // holds.
-            let same_folder = e.owner.as_ref().and_then(Weak::upgrade).is_some_and(|old| {
+            let same_folder = e.owners.iter().find_map(Weak::upgrade).is_some_and(|old| {
                 let id_of = |fd| sys::file_size_and_identity(fd).map(|(_, i)| i).ok();
                 id_of(old.folder()).is_some_and(|a| Some(a) == id_of(owner.folder()))
             });
             if same_folder {
-                e.owner = Some(Rc::downgrade(owner));
+                e.owners.retain(|w| w.strong_count() > 0);
+                e.owners.push(Rc::downgrade(owner));
                 return id;
             }
             let idle = e.fd.as_ref().is_none_or(|fd| Rc::strong_count(fd) == 1)
                 && !e.growing
                 && e.syncing.get() == 0;
-            let owner_gone = e.owner.as_ref().is_some_and(|w| w.strong_count() == 0);
-            if owner_gone && idle && !e.foreign && e.base.is_none() {
+            let owners_gone =
+                !e.owners.is_empty() && e.owners.iter().all(|w| w.strong_count() == 0);
+            if owners_gone && idle && !e.foreign && e.base.is_none() {
                 e.fd = None;
                 e.expect = None;
                 e.forget_file();
-                e.owner = Some(Rc::downgrade(owner));
+                e.owners = vec![Rc::downgrade(owner)];
                 drop(f);
                 // The registry's counter, the last one, closes the count.
                 self.counters.borrow_mut().remove(&id);
                 return id;
             }
-            // Another folder's, still open (a folder renamed, another made
-            // in its place), or a file registered by hand: a new entry.
             f.by_path.remove(path);
         }
         let id = self.register_path(path);
-        self.inner.borrow_mut().entries[id.0 as usize].owner = Some(Rc::downgrade(owner));
+        self.inner.borrow_mut().entries[id.0 as usize].owners = vec![Rc::downgrade(owner)];
         id
     }
 
@@ -391,7 +394,7 @@ impl FileHandleRegistry {
             .borrow()
             .entries
             .get(id.0 as usize)
-            .is_some_and(|e| e.owner.is_some())
+            .is_some_and(|e| !e.owners.is_empty())
     }
 
     /// What a new window of file `id` keeps alive
@@ -407,13 +410,14 @@ impl FileHandleRegistry {
             .entries
             .get(id.0 as usize)
             .ok_or(Error::UnknownFile(id.0))?;
-        match &e.owner {
-            None => Ok(None),
-            Some(w) => w
-                .upgrade()
-                .map(Some)
-                .ok_or(Error::OwnerClosed { file_id: id.0 }),
+        if e.owners.is_empty() {
+            return Ok(None);
         }
+        e.owners
+            .iter()
+            .find_map(Weak::upgrade)
+            .map(Some)
+            .ok_or(Error::OwnerClosed { file_id: id.0 })
     }
 
     /// Register a file owned by another shard (cross-shard pins): it is
@@ -619,7 +623,7 @@ impl FileHandleRegistry {
             .borrow()
             .entries
             .get(id.0 as usize)
-            .is_some_and(|e| e.owner.is_some() || e.base.is_some());
+            .is_some_and(|e| !e.owners.is_empty() || e.base.is_some());
         if internal {
             return Err(Error::AllocatorFile { file_id: id.0 });
         }

@@ -249,14 +249,14 @@ impl Handle {
 
 impl Handle {
     /// [`to_bytes`](Self::to_bytes) as 80 lowercase hex digits: the form
-    /// `segalloc live` prints, which [`from_hex`](Self::from_hex) and
-    /// `str::parse` read back.
+    /// `segalloc live` prints, which [`from_hex`](Self::from_hex) reads
+    /// back. (`Handle` has no `FromStr`: its `Display` form, for people,
+    /// does not name a handle.)
     ///
     /// ```
     /// # fn f(h: segalloc::Handle) -> Result<(), segalloc::BadHandle> {
     /// let text = h.to_hex();
     /// assert_eq!(segalloc::Handle::from_hex(&text)?, h);
-    /// assert_eq!(text.parse::<segalloc::Handle>()?, h);
     /// # Ok(())
     /// # }
     /// ```
@@ -301,15 +301,6 @@ impl Handle {
             *b = hi << 4 | lo;
         }
         Handle::from_bytes(&bytes)
-    }
-}
-
-/// Parses the [`Handle::to_hex`] form.
-impl std::str::FromStr for Handle {
-    type Err = BadHandle;
-
-    fn from_str(s: &str) -> Result<Handle, BadHandle> {
-        Handle::from_hex(s)
     }
 }
 
@@ -371,7 +362,7 @@ mod tests {
                 .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
         );
         assert_eq!(Handle::from_hex(&text), Ok(h));
-        assert_eq!(text.to_ascii_uppercase().parse::<Handle>(), Ok(h));
+        assert_eq!(Handle::from_hex(&text.to_ascii_uppercase()), Ok(h));
         let reason = |t: &str| Handle::from_hex(t).unwrap_err().reason;
         assert!(reason(&text[..78]).starts_with("wrong length"));
         assert!(reason(&format!("{text}00")).starts_with("wrong length"));

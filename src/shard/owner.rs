@@ -30,7 +30,9 @@ impl Shard {
     /// owners rejected frees this shard forwarded (a double free, a stale
     /// or forged handle) that no earlier `flush_frees` reported: how many,
     /// and the first one's error. Every free was applied or rejected then;
-    /// a rejected one changed nothing.
+    /// a rejected one changed nothing. (Rejections are reported by a
+    /// `flush_frees` that reaches every owner: while one is gone, each
+    /// returns `ShardGone`, and they wait.)
     ///
     /// ```no_run
     /// # async fn f(shard: &segalloc::Shard, h: segalloc::Handle) -> segalloc::Result<()> {
