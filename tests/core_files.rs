@@ -9,7 +9,11 @@ use std::rc::Rc;
 
 use common::{STEP, WINDOW, os_counts, pattern, run};
 use segalloc::config::{IoBackendChoice, MIB};
-use segalloc::{Error, FileHandleRegistry, FileId, MappingConfig, MappingManager, Ring};
+use segalloc::{
+    DataDir, Error, FileHandleRegistry, FileId, Handle, MappingConfig, MappingManager, Ring,
+    SegmentAllocator,
+};
+use std::sync::Arc;
 
 /// Bytes allocated on disk for `path` (`st_blocks` is in 512-byte units).
 fn allocated_bytes(path: &std::path::Path) -> u64 {
@@ -453,6 +457,67 @@ fn a_file_being_synced_counts_as_dirty() {
     });
 }
 
+/// Shard 0 of `cfg`'s directory (made if need be), through `mm`.
+async fn open_shard0(
+    cfg: &segalloc::Config,
+    mm: &Rc<MappingManager>,
+) -> segalloc::Result<(Arc<DataDir>, SegmentAllocator)> {
+    let dd = Arc::new(DataDir::open(cfg)?);
+    let a = SegmentAllocator::open(0, &dd.shard_dir(0), *dd.manifest(), mm.clone()).await?;
+    Ok((dd, a))
+}
+
+/// Shard 0 of the directory at `path`, read-only, through `mm`.
+async fn open_shard0_read_only(
+    path: &std::path::Path,
+    mm: &Rc<MappingManager>,
+) -> (DataDir, SegmentAllocator) {
+    let (dd, _) = DataDir::open_read_only(path).unwrap();
+    let a = SegmentAllocator::open(0, &dd.shard_dir(0), *dd.manifest(), mm.clone())
+        .await
+        .unwrap();
+    (dd, a)
+}
+
+/// A manager of its own (registry writable) with `cfg`'s small windows.
+fn manager_of(cfg: &segalloc::Config) -> (Rc<FileHandleRegistry>, Rc<MappingManager>) {
+    let (files, mm) = common::manager_with(cfg);
+    (files, Rc::new(mm))
+}
+
+/// A read-only registry and its manager.
+fn read_only_manager(cfg: &segalloc::Config) -> (Rc<FileHandleRegistry>, Rc<MappingManager>) {
+    let ring = Ring::new(IoBackendChoice::Auto).unwrap();
+    let files = Rc::new(FileHandleRegistry::new_read_only(ring, 8));
+    let mm = MappingManager::new(files.clone(), MappingConfig::from_config(cfg));
+    (files, Rc::new(mm))
+}
+
+/// Close `a` (and its directory) and unmap its windows, which hold the
+/// shard's lock.
+async fn close_and_unmap<D>(a: SegmentAllocator, dd: D, mm: &MappingManager) {
+    drop((a, dd));
+    mm.settle_prefaults().await;
+    mm.evict_idle();
+}
+
+/// Allocate `size` bytes in `a`, write `text` at its start, sync: the
+/// handle.
+async fn write_synced(a: &SegmentAllocator, size: u64, text: &[u8]) -> Handle {
+    let x = a.allocate(size).await.unwrap();
+    x.write_at(0, text).unwrap();
+    let h = x.into_handle();
+    a.sync().await.unwrap();
+    h
+}
+
+/// The `text.len()` bytes at the start of `h`, read through `a`.
+async fn read_back(a: &SegmentAllocator, h: Handle, n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    a.pin(h).await.unwrap().read_at(0, &mut b).unwrap();
+    b
+}
+
 /// An allocator of a new data directory, made where another was destroyed,
 /// opened through the registry and manager the first one used. The
 /// registry kept the old files' entries under the same paths: the new
@@ -468,63 +533,47 @@ fn an_allocator_over_a_recreated_directory_uses_the_new_files() {
         let path = tmp.path().join("d");
         let cfg = common::builder(&path, 64, 16).build().unwrap();
         run(async {
-            let (files, mm) = common::manager_with(&cfg);
-            let mm = Rc::new(mm);
-            let open = || async {
-                let dd = std::sync::Arc::new(segalloc::DataDir::open(&cfg).unwrap());
-                let a = segalloc::SegmentAllocator::open(
-                    0,
-                    &dd.shard_dir(0),
-                    *dd.manifest(),
-                    mm.clone(),
-                )
-                .await;
-                (dd, a)
-            };
-            let (dd, a) = open().await;
-            let a = a.unwrap();
-            let x = a.allocate(MIB).await.unwrap();
-            x.write_at(0, b"old").unwrap();
-            drop(x);
-            a.sync().await.unwrap();
-            drop((a, dd));
-            mm.settle_prefaults().await;
-            mm.evict_idle();
+            let (files, mm) = manager_of(&cfg);
+            let (dd, a) = open_shard0(&cfg, &mm).await.unwrap();
+            write_synced(&a, MIB, b"old").await;
+            close_and_unmap(a, dd, &mm).await;
             if close_idle {
                 files.close_idle();
             }
-            segalloc::DataDir::destroy(&path).unwrap();
-            let (dd, a) = open().await;
-            let a = a.unwrap_or_else(|e| panic!("close_idle {close_idle}: {e}"));
-            assert_eq!(a.live_count(), 0, "close_idle {close_idle}");
-            let x = a.allocate(100).await.unwrap();
-            x.write_at(0, b"new").unwrap();
-            let h = x.into_handle();
-            a.sync().await.unwrap();
-            drop((a, dd));
-            // Its windows hold the shard's lock.
-            mm.settle_prefaults().await;
-            mm.evict_idle();
-            // The allocation is in the new directory's files.
-            let (_, mm2) = common::manager_with(&cfg);
-            let (_dd, a) = {
-                let dd = std::sync::Arc::new(segalloc::DataDir::open(&cfg).unwrap());
-                let a = segalloc::SegmentAllocator::open(
-                    0,
-                    &dd.shard_dir(0),
-                    *dd.manifest(),
-                    Rc::new(mm2),
-                )
+            DataDir::destroy(&path).unwrap();
+            let (dd, a) = open_shard0(&cfg, &mm)
                 .await
-                .unwrap();
-                (dd, a)
-            };
+                .unwrap_or_else(|e| panic!("close_idle {close_idle}: {e}"));
+            assert_eq!(a.live_count(), 0, "close_idle {close_idle}");
+            let h = write_synced(&a, 100, b"new").await;
+            close_and_unmap(a, dd, &mm).await;
+            // The allocation is in the new directory's files.
+            let (_dd, a) = open_shard0(&cfg, &manager_of(&cfg).1).await.unwrap();
             assert_eq!(a.live_count(), 1, "close_idle {close_idle}");
-            let mut b = [0u8; 3];
-            a.pin(h).await.unwrap().read_at(0, &mut b).unwrap();
-            assert_eq!(&b, b"new", "close_idle {close_idle}");
+            assert_eq!(read_back(&a, h, 3).await, b"new", "close_idle {close_idle}");
         });
     }
+}
+
+/// `f` registered in a new registry of `dir`, its first page pinned and
+/// written, the pin dropped, its descriptor closed (`close_idle`), and its
+/// window unmapped too with `unmap`.
+async fn written_then_closed(
+    dir: &std::path::Path,
+    f: &std::path::Path,
+    unmap: bool,
+) -> (Rc<FileHandleRegistry>, MappingManager, FileId) {
+    let (files, mm) = common::manager(dir, 4, 4);
+    let id = common::register(&files, f);
+    let p = mm.pin(id, 0, 4096, true).await.unwrap();
+    p.write_at(0, b"hi").unwrap();
+    drop(p);
+    mm.settle_prefaults().await;
+    if unmap {
+        mm.evict_idle();
+    }
+    files.close_idle();
+    (files, mm, id)
 }
 
 /// A file of your own, registered, pinned and written, then cut short by
@@ -537,14 +586,7 @@ fn a_registered_file_cut_short_between_pins_is_not_pinned_past_its_end() {
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("mine.dat");
     run(async {
-        let (files, mm) = common::manager(tmp.path(), 4, 4);
-        let id = common::register(&files, &f);
-        let p = mm.pin(id, 0, 4096, true).await.unwrap();
-        p.write_at(0, b"hi").unwrap();
-        drop(p);
-        mm.settle_prefaults().await;
-        mm.evict_idle();
-        files.close_idle();
+        let (files, mm, id) = written_then_closed(tmp.path(), &f, true).await;
         std::fs::OpenOptions::new()
             .write(true)
             .open(&f)
@@ -575,30 +617,18 @@ fn allocators_of_a_renamed_and_a_new_directory_keep_their_own_files() {
     let path = tmp.path().join("d");
     let moved = tmp.path().join("moved");
     let cfg = common::builder(&path, 64, 16).build().unwrap();
-    let open_with = |mm: Rc<MappingManager>, cfg: segalloc::Config| async move {
-        let dd = std::sync::Arc::new(segalloc::DataDir::open(&cfg).unwrap());
-        let a = segalloc::SegmentAllocator::open(0, &dd.shard_dir(0), *dd.manifest(), mm)
-            .await
-            .unwrap();
-        (dd, a)
-    };
     let handles = run(async {
-        let (_files, mm) = common::manager_with(&cfg);
-        let mm = Rc::new(mm);
-        let (dd_a, a) = open_with(mm.clone(), cfg.clone()).await;
+        let (_files, mm) = manager_of(&cfg);
+        let (dd_a, a) = open_shard0(&cfg, &mm).await.unwrap();
         std::fs::rename(&path, &moved).unwrap();
-        let (dd_b, b) = open_with(mm.clone(), cfg.clone()).await;
-        let mut handles = Vec::new();
-        for (al, text) in [(&a, b"first"), (&b, b"secnd")] {
-            let x = al.allocate(100).await.unwrap();
-            x.write_at(0, text).unwrap();
-            handles.push(x.into_handle());
-            al.sync().await.unwrap();
-        }
+        let (dd_b, b) = open_shard0(&cfg, &mm).await.unwrap();
+        let handles = [
+            write_synced(&a, 100, b"first").await,
+            write_synced(&b, 100, b"secnd").await,
+        ];
         assert_eq!((a.live_count(), b.live_count()), (1, 1));
-        drop((a, b, dd_a, dd_b));
-        mm.settle_prefaults().await;
-        mm.evict_idle();
+        close_and_unmap(a, dd_a, &mm).await;
+        close_and_unmap(b, dd_b, &mm).await;
         handles
     });
     for (dir, h, text) in [
@@ -607,12 +637,9 @@ fn allocators_of_a_renamed_and_a_new_directory_keep_their_own_files() {
     ] {
         let cfg = common::builder(dir, 64, 16).build().unwrap();
         run(async {
-            let (_files, mm) = common::manager_with(&cfg);
-            let (_dd, a) = open_with(Rc::new(mm), cfg.clone()).await;
+            let (_dd, a) = open_shard0(&cfg, &manager_of(&cfg).1).await.unwrap();
             assert_eq!(a.live_count(), 1, "{}", dir.display());
-            let mut b = [0u8; 5];
-            a.pin(h).await.unwrap().read_at(0, &mut b).unwrap();
-            assert_eq!(&b, text, "{}", dir.display());
+            assert_eq!(read_back(&a, h, 5).await, text, "{}", dir.display());
         });
     }
 }
@@ -627,13 +654,7 @@ fn a_replaced_file_reopened_is_not_pinned_past_the_old_mapping() {
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("mine.dat");
     run(async {
-        let (files, mm) = common::manager(tmp.path(), 4, 4);
-        let id = common::register(&files, &f);
-        let p = mm.pin(id, 0, 4096, true).await.unwrap();
-        p.write_at(0, b"hi").unwrap();
-        drop(p);
-        mm.settle_prefaults().await;
-        files.close_idle();
+        let (files, mm, id) = written_then_closed(tmp.path(), &f, false).await;
         let old_len = len_on_disk(&f);
         let other = tmp.path().join("other.dat");
         std::fs::File::create(&other)
@@ -658,6 +679,18 @@ fn a_replaced_file_reopened_is_not_pinned_past_the_old_mapping() {
     });
 }
 
+/// A directory at `cfg` with one synced allocation, closed and unmapped:
+/// its handle.
+fn one_allocation_closed(cfg: &segalloc::Config) -> Handle {
+    run(async {
+        let (_files, mm) = manager_of(cfg);
+        let (dd, a) = open_shard0(cfg, &mm).await.unwrap();
+        let h = write_synced(&a, 100, b"x").await;
+        close_and_unmap(a, dd, &mm).await;
+        h
+    })
+}
+
 /// Read-only allocators of one shard opened one after another through one
 /// read-only registry and manager: the manager's idle windows keep each
 /// closed one's lock, its files' owner, alive, and every open added an
@@ -668,35 +701,12 @@ fn reopening_a_shard_through_one_manager_reuses_its_registry_entries() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("d");
     let cfg = common::builder(&path, 64, 16).build().unwrap();
+    one_allocation_closed(&cfg);
     run(async {
-        let (_f, mm) = common::manager_with(&cfg);
-        let dd = segalloc::DataDir::open(&cfg).unwrap();
-        let a = segalloc::SegmentAllocator::open(0, &dd.shard_dir(0), *dd.manifest(), Rc::new(mm))
-            .await
-            .unwrap();
-        let x = a.allocate(100).await.unwrap();
-        x.write_at(0, b"x").unwrap();
-        drop(x);
-        a.sync().await.unwrap();
-        let mm = a.mappings().clone();
-        drop((a, dd));
-        mm.settle_prefaults().await;
-        mm.evict_idle();
-    });
-    run(async {
-        let ring = Ring::new(IoBackendChoice::Auto).unwrap();
-        let files = Rc::new(FileHandleRegistry::new_read_only(ring, 8));
-        let mm = Rc::new(MappingManager::new(
-            files.clone(),
-            MappingConfig::from_config(&cfg),
-        ));
+        let (files, mm) = read_only_manager(&cfg);
         let mut counts = Vec::new();
         for _ in 0..20 {
-            let (dd, _) = segalloc::DataDir::open_read_only(&path).unwrap();
-            let a =
-                segalloc::SegmentAllocator::open(0, &dd.shard_dir(0), *dd.manifest(), mm.clone())
-                    .await
-                    .unwrap();
+            let (dd, a) = open_shard0_read_only(&path, &mm).await;
             assert_eq!(a.live_count(), 1);
             drop((a, dd));
             counts.push(files.stats().files);
@@ -717,44 +727,13 @@ fn a_reader_stays_open_when_a_second_reader_of_its_shard_closes() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("d");
     let cfg = common::builder(&path, 64, 16).build().unwrap();
-    let h = run(async {
-        let (_f, mm) = common::manager_with(&cfg);
-        let dd = segalloc::DataDir::open(&cfg).unwrap();
-        let a = segalloc::SegmentAllocator::open(0, &dd.shard_dir(0), *dd.manifest(), Rc::new(mm))
-            .await
-            .unwrap();
-        let x = a.allocate(100).await.unwrap();
-        x.write_at(0, b"x").unwrap();
-        let h = x.handle();
-        drop(x);
-        a.sync().await.unwrap();
-        let mm = a.mappings().clone();
-        drop((a, dd));
-        mm.settle_prefaults().await;
-        mm.evict_idle();
-        h
-    });
+    let h = one_allocation_closed(&cfg);
     run(async {
-        let ring = Ring::new(IoBackendChoice::Auto).unwrap();
-        let files = Rc::new(FileHandleRegistry::new_read_only(ring, 8));
-        let mm = Rc::new(MappingManager::new(
-            files.clone(),
-            MappingConfig::from_config(&cfg),
-        ));
-        let (dda, _) = segalloc::DataDir::open_read_only(&path).unwrap();
-        let a = segalloc::SegmentAllocator::open(0, &dda.shard_dir(0), *dda.manifest(), mm.clone())
-            .await
-            .unwrap();
-        let p = a.pin(h).await;
-        assert!(p.is_ok(), "{:?}", p.err());
-        drop(p);
-        let (ddb, _) = segalloc::DataDir::open_read_only(&path).unwrap();
-        let b = segalloc::SegmentAllocator::open(0, &ddb.shard_dir(0), *ddb.manifest(), mm.clone())
-            .await
-            .unwrap();
-        drop((b, ddb));
-        mm.settle_prefaults().await;
-        mm.evict_idle();
+        let (_files, mm) = read_only_manager(&cfg);
+        let (_dda, a) = open_shard0_read_only(&path, &mm).await;
+        assert_eq!(read_back(&a, h, 1).await, b"x");
+        let (ddb, b) = open_shard0_read_only(&path, &mm).await;
+        close_and_unmap(b, ddb, &mm).await;
         let p = a.pin(h).await;
         assert!(p.is_ok(), "A is still open: {:?}", p.err());
     });
