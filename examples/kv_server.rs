@@ -497,9 +497,17 @@ pub fn shutting_down() -> bool {
     SHUTTING_DOWN.load(Ordering::SeqCst)
 }
 
+/// Whether a client's `SHUTDOWN` has asked for the shutdown already.
+static REQUESTED: AtomicBool = AtomicBool::new(false);
+
 /// Ask for the shutdown a signal makes (`SHUTDOWN`): the signal thread
-/// syncs every shard (unless `nosave`) and exits.
+/// syncs every shard (unless `nosave`) and exits. Once (a second
+/// `SHUTDOWN` waits for the first's exit: a second signal would be taken
+/// for an impatient operator's, and cut the sync short).
 pub fn request_shutdown(nosave: bool) {
+    if REQUESTED.swap(true, Ordering::SeqCst) || SHUTTING_DOWN.load(Ordering::SeqCst) {
+        return;
+    }
     if nosave {
         NOSAVE.store(true, Ordering::SeqCst);
     }

@@ -366,9 +366,10 @@ pub enum Error {
     /// of a slot freed since), reported by
     /// [`Shard::flush_frees`](crate::Shard::flush_frees) once the owners
     /// have answered: `count` since the last report, and the first one's
-    /// error, naming its handle (`None` when that error was lost: a flush
-    /// dropped before the owner answered, or overlapping flushes whose
-    /// answers arrived out of order). Nothing else changed:
+    /// error, naming its handle (with overlapping flushes whose answers
+    /// were taken out of order, a later one's; `None` when the error was
+    /// lost with a flush dropped after the owner answered, or taken by an
+    /// overlapping flush after the count was reported). Nothing else changed:
     /// each rejected free changed nothing on its owner.
     #[error(
         "{count} forwarded free(s) rejected by their owners{}",

@@ -511,7 +511,7 @@ async fn write_synced(a: &SegmentAllocator, size: u64, text: &[u8]) -> Handle {
     h
 }
 
-/// The `text.len()` bytes at the start of `h`, read through `a`.
+/// The first `n` bytes of `h`, read through `a`.
 async fn read_back(a: &SegmentAllocator, h: Handle, n: usize) -> Vec<u8> {
     let mut b = vec![0u8; n];
     a.pin(h).await.unwrap().read_at(0, &mut b).unwrap();

@@ -2394,8 +2394,16 @@ fn sigterm_sigint_and_shutdown_sync_then_exit() {
                 if let Some(mode) = how.strip_prefix("SHUTDOWN ") {
                     cmd.arg(mode);
                 }
+                // Another client's `SHUTDOWN` at the same time waits for
+                // the same exit (it was taken for a second signal: exit 1
+                // without the sync).
+                let mut other = server.raw();
+                other.write_all(format!("{how}\r\n").as_bytes()).unwrap();
                 // No reply: the exit closes the connection.
                 assert!(cmd.query::<()>(c).is_err());
+                let mut rest = Vec::new();
+                let _ = other.read_to_end(&mut rest);
+                assert_eq!(rest, b"", "{how}");
                 0
             }
         };

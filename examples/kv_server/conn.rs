@@ -555,6 +555,7 @@ pub async fn serve(ctx: Rc<Ctx>, stream: std::net::TcpStream) {
     if let Err(e) = serve_requests(&ctx, &mut conn, &mut planner).await
         && e.kind() != io::ErrorKind::ConnectionReset
         && e.kind() != io::ErrorKind::BrokenPipe
+        && !crate::shutting_down()
     {
         eprintln!("shard {}: connection {peer:?}: {e}", ctx.me);
     }
@@ -566,10 +567,20 @@ async fn serve_requests(ctx: &Ctx, conn: &mut Conn, p: &mut Planner) -> io::Resu
         if !p.is_empty() {
             p.execute(ctx).await;
             p.assemble(ctx, &mut conn.wbuf);
-            conn.flush().await?;
+            if p.shutdown.is_none() {
+                conn.flush().await?;
+            } else {
+                // The replies before `SHUTDOWN`, as far as the client takes
+                // them within a second: the shutdown follows whatever
+                // became of them.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn.flush()).await;
+            }
         }
         if let Some(nosave) = p.shutdown.take() {
             crate::request_shutdown(nosave);
+            // As Redis: the connection stays open until the exit closes
+            // it, so a client that sees it close knows the server is gone.
+            std::future::pending::<()>().await;
         }
         if p.close {
             return Ok(());
