@@ -186,7 +186,8 @@ pub(crate) struct MeshLocal<J> {
     inbox: RefCell<Vec<Receiver<Parcel>>>,
     /// Per inbox, the frees from its sender this shard rejected.
     rejected_from: RefCell<Vec<RejectedFrom>>,
-    /// Per destination, the frees this shard sent that it rejected.
+    /// Per destination, the frees this shard sent that the destination
+    /// rejected.
     rejected_by: RefCell<Vec<RejectedBy>>,
     /// Per inbox, whether its sender said [`Parcel::Done`].
     done: RefCell<Vec<bool>>,

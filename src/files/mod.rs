@@ -268,9 +268,8 @@ impl FileHandleRegistry {
     /// past the end of its file faults (SIGBUS) when touched. (A registry
     /// that has closed the file's descriptor, idle or evicted, lowers what
     /// it counts as reserved to the file's size when it opens it again.)
-    /// A segalloc
-    /// shard's own files are registered by its allocator, under the
-    /// shard's lock: register files of your own.
+    /// A segalloc shard's own files are registered by its allocator, under
+    /// the shard's lock: register files of your own.
     ///
     /// [`MappingManager`]: crate::MappingManager
     pub unsafe fn register(&self, path: impl AsRef<Path>) -> FileId {
