@@ -87,21 +87,15 @@ pub(crate) enum Parcel {
     Done,
 }
 
-/// A barrier's answer: how many frees from the barrier's sender the owner
-/// rejected in all, and the first of them since the last barrier's answer
-/// (`None` when that one carried it, or none was), with its number (the
-/// total when it was counted).
-#[derive(Debug)]
+/// The frees from one sender an owner rejected: how many in all, and the
+/// first of them since the owner's last barrier answer to that sender
+/// (`None` when that answer carried it, or none was), with its number (the
+/// total when it was counted). Kept per inbox by the owner, and the answer
+/// to a barrier.
+#[derive(Debug, Default)]
 pub(crate) struct Rejected {
     pub(crate) total: u64,
     pub(crate) first: Option<(u64, Error)>,
-}
-
-/// What an owner tells a sender of the frees it rejected, per inbox.
-#[derive(Default)]
-pub(crate) struct RejectedFrom {
-    total: u64,
-    first: Option<(u64, Error)>,
 }
 
 /// What a sender knows of its frees an owner rejected.
@@ -185,7 +179,7 @@ pub(crate) struct MeshLocal<J> {
     sent: Cell<u64>,
     inbox: RefCell<Vec<Receiver<Parcel>>>,
     /// Per inbox, the frees from its sender this shard rejected.
-    rejected_from: RefCell<Vec<RejectedFrom>>,
+    rejected_from: RefCell<Vec<Rejected>>,
     /// Per destination, the frees this shard sent that the destination
     /// rejected.
     rejected_by: RefCell<Vec<RejectedBy>>,
