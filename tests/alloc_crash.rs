@@ -34,8 +34,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    Rng, assert_no_overlap, check_pattern, handle_from_hex, handle_hex, handle_seed, line_reader,
-    open_shard, run, seed_from_env, small_cfg, write_pattern,
+    Rng, assert_no_overlap, check_pattern, handle_from_hex, handle_seed, line_reader, open_shard,
+    run, seed_from_env, small_cfg, write_pattern,
 };
 use segalloc::config::MIB;
 use segalloc::{Config, Handle, Shard};
@@ -105,13 +105,13 @@ fn crash_child() {
                 let h = a.handle();
                 write_pattern(a.pin(), pattern_len(&h), handle_seed(&h, 0));
                 drop(a);
-                say(format!("A {}", handle_hex(&h)));
+                say(format!("A {}", h.to_hex()));
                 pool.push(h);
             } else {
                 let h = pool.swap_remove(rng.below(pool.len() as u64) as usize);
-                say(format!("f {}", handle_hex(&h)));
+                say(format!("f {}", h.to_hex()));
                 shard.free(h).unwrap();
-                say(format!("F {}", handle_hex(&h)));
+                say(format!("F {}", h.to_hex()));
             }
         }
     });

@@ -28,9 +28,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{
-    Mount, Rng, check_pattern, find_tool, handle_from_hex, handle_hex, handle_seed, is_root,
-    mount_tmpfs, mount_tmpfs_with, open_shard, pattern_ranges, run, run_tool, seed_from_env,
-    write_pattern,
+    Mount, Rng, check_pattern, find_tool, handle_from_hex, handle_seed, is_root, mount_tmpfs,
+    mount_tmpfs_with, open_shard, pattern_ranges, run, run_tool, seed_from_env, write_pattern,
 };
 use segalloc::config::MIB;
 use segalloc::{Config, Handle, PinGuard};
@@ -158,7 +157,7 @@ async fn fill(shard: &segalloc::Shard, rng: &mut Rng) {
                 let h = a.handle();
                 write_full(a.pin(), &h);
                 drop(a);
-                say(format!("A {}", handle_hex(&h)));
+                say(format!("A {}", h.to_hex()));
             }
             Err(e) if e.is_no_space() => {
                 if nospace == 0 {
@@ -193,7 +192,7 @@ fn enospc_child() {
             for h in &live {
                 if rng.chance(0.33) {
                     shard.free(*h).unwrap();
-                    say(format!("F {}", handle_hex(h)));
+                    say(format!("F {}", h.to_hex()));
                 }
             }
         }
@@ -205,7 +204,7 @@ fn enospc_child() {
             for (i, h) in live.iter().enumerate() {
                 if i < live.len() / 4 || rng.chance(0.4) {
                     shard.free(*h).unwrap();
-                    say(format!("F {}", handle_hex(h)));
+                    say(format!("F {}", h.to_hex()));
                     freed += 1;
                 }
             }

@@ -51,8 +51,8 @@ use std::time::{Duration, Instant};
 
 use common::blockdev::{Loop, make_image, power_cut_rounds, stop};
 use common::{
-    Mount, Rng, assert_no_overlap, check_pattern, handle_from_hex, handle_hex, handle_seed,
-    line_reader, open_shard, run, write_pattern,
+    Mount, Rng, assert_no_overlap, check_pattern, handle_from_hex, handle_seed, line_reader,
+    open_shard, run, write_pattern,
 };
 use segalloc::config::MIB;
 use segalloc::{Config, Handle};
@@ -126,17 +126,17 @@ fn powercut_child() {
                 drop(a);
                 live.push(h);
                 live_bytes += h.len() as u64;
-                say(format!("A {} {op}", handle_hex(&h)));
+                say(format!("A {} {op}", h.to_hex()));
             } else if r < 900 || must_free {
                 let h = live.swap_remove(rng.below(live.len() as u64) as usize);
                 shard.free(h).unwrap();
                 live_bytes -= h.len() as u64;
-                say(format!("F {}", handle_hex(&h)));
+                say(format!("F {}", h.to_hex()));
             } else if r < 995 {
                 let k = rng.below(ROOTS);
                 let h = live[rng.below(live.len() as u64) as usize];
                 shard.set_root(&root_name(k), h).unwrap();
-                say(format!("R {k} {}", handle_hex(&h)));
+                say(format!("R {k} {}", h.to_hex()));
             } else {
                 say("S+".into());
                 shard.sync().await.unwrap();

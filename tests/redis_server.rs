@@ -127,6 +127,11 @@ fn set_px(key: impl redis::ToRedisArgs, value: &str, ms: u64) -> redis::Cmd {
     set
 }
 
+/// `DBSIZE`.
+fn dbsize(c: &mut redis::Connection) -> u64 {
+    redis::cmd("DBSIZE").query(c).unwrap()
+}
+
 fn info_field(c: &mut redis::Connection, section: &str, field: &str) -> String {
     let text: String = redis::cmd("INFO").arg(section).query(c).expect("INFO");
     text.lines()
@@ -1342,20 +1347,20 @@ fn deleting_most_keys_gives_back_the_index_memory() {
     let server = Server::start_with(&tmp.path().join("d"), &["--shards", "1", "--sync", "no"]);
     let c = &mut server.client();
     let before = rss_anon(&server);
-    let set_all = |c: &mut redis::Connection, prefix: &str, px: Option<u32>| {
+    let set_all = |c: &mut redis::Connection, prefix: &str, px: Option<u64>| {
         for chunk in (0..KEYS).collect::<Vec<_>>().chunks(10_000) {
             let mut pipe = redis::pipe();
             for k in chunk {
-                let set = pipe.cmd("SET").arg(format!("{prefix}{k}")).arg("v");
-                if let Some(ms) = px {
-                    set.arg("PX").arg(ms);
+                let key = format!("{prefix}{k}");
+                match px {
+                    Some(ms) => pipe.add_command(set_px(key, "v", ms)),
+                    None => pipe.set(key, "v"),
                 }
-                set.ignore();
+                .ignore();
             }
             let _: () = pipe.query(c).unwrap();
         }
     };
-    let dbsize = |c: &mut redis::Connection| redis::cmd("DBSIZE").query::<u64>(c).unwrap();
     // Deleted with DEL, all but 1,000.
     set_all(c, "key:", None);
     let grown = rss_anon(&server).saturating_sub(before);
@@ -2417,8 +2422,7 @@ fn sigterm_sigint_and_shutdown_sync_then_exit() {
         };
         assert!(log.contains(said), "{how}: log: {log}");
         let server = Server::start_with(&dir, &flags);
-        let n: u64 = redis::cmd("DBSIZE").query(&mut server.client()).unwrap();
-        assert_eq!(n, expected, "{how}");
+        assert_eq!(dbsize(&mut server.client()), expected, "{how}");
     }
     // In a pipeline, as Redis: the commands before it run and are
     // answered, nothing after it is read.

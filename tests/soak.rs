@@ -40,8 +40,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    Rng, assert_no_overlap, check_pattern, handle_from_hex, handle_hex, handle_seed, line_reader,
-    run, seed_from_env, write_pattern,
+    Rng, assert_no_overlap, check_pattern, handle_from_hex, handle_seed, line_reader, run,
+    seed_from_env, write_pattern,
 };
 use segalloc::config::MIB;
 use segalloc::{Config, DataDir, Error, Handle, Runtime, Shard};
@@ -120,7 +120,7 @@ async fn worker(shard: Shard, pool: Pool, seed: u64) {
             let h = a.handle();
             write_pattern(a.pin(), pattern_len(&h), handle_seed(&h, 0));
             drop(a);
-            say(format!("A {s} {}", handle_hex(&h)));
+            say(format!("A {s} {}", h.to_hex()));
             pool.lock().unwrap().push(h);
         } else if roll < 15 {
             // Read one back (any shard's), then return it to the pool.
@@ -129,7 +129,7 @@ async fn worker(shard: Shard, pool: Pool, seed: u64) {
             };
             let pin = shard.pin(h).await.unwrap();
             if !check_pattern(&pin, pattern_len(&h), handle_seed(&h, 0)) {
-                say(format!("V {s} {}", handle_hex(&h)));
+                say(format!("V {s} {}", h.to_hex()));
                 panic!("contents of {h} damaged");
             }
             drop(pin);
@@ -140,9 +140,9 @@ async fn worker(shard: Shard, pool: Pool, seed: u64) {
             };
             let local = h.shard() == s;
             let (intent, ack) = if local { ("f", "F") } else { ("x", "X") };
-            say(format!("{intent} {s} {}", handle_hex(&h)));
+            say(format!("{intent} {s} {}", h.to_hex()));
             shard.free(h).unwrap();
-            say(format!("{ack} {s} {}", handle_hex(&h)));
+            say(format!("{ack} {s} {}", h.to_hex()));
         }
     }
 }

@@ -367,12 +367,8 @@ pub fn check_pattern(pin: &segalloc::PinGuard, len: usize, seed: u64) -> bool {
         })
 }
 
-/// Hex of a handle's 40 bytes.
-pub fn handle_hex(h: &segalloc::Handle) -> String {
-    h.to_bytes().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Decode [`handle_hex`].
+/// Decode `Handle::to_hex`'s form, by hand: `tests/cli.rs` checks
+/// `Handle::from_hex` against it.
 pub fn handle_from_hex(s: &str) -> segalloc::Handle {
     assert_eq!(s.len(), 2 * segalloc::HANDLE_BYTES, "handle hex {s:?}");
     let b: Vec<u8> = (0..s.len())
