@@ -22,8 +22,8 @@ pub struct PinGuard {
     /// the low bit: one word. (A `bool` beside the length gave
     /// `Result<Allocation>` its tag in that padding, and each move of one
     /// copied the fields of `Error`'s variants around that byte: `compare`'s
-    /// allocate + free pair took 45 – 47 ns instead of 36 – 39, README,
-    /// *Measured results*.)
+    /// allocate + free pair took 45 – 47 ns instead of 36 – 39,
+    /// `docs/measurements/HISTORY.md`.)
     len_w: usize,
     #[cfg(debug_assertions)]
     site_key: usize,
