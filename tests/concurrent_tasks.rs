@@ -270,6 +270,78 @@ async fn poll_then_drop<F: Future>(
     None
 }
 
+/// A `trim` dropped while its punch of a run was in flight kept the run
+/// out of the free space until the shard was reopened (the kernel may
+/// still punch it, so it cannot be handed out at once): every trim a
+/// caller cancelled there lost a run, and the data file grew by one run
+/// per cancelled trim. Now the run is free again once the kernel is done.
+/// Each round fills 40 MiB, frees it, and cancels trims at one poll more
+/// each time until one completes or one leaves a run behind. A run left
+/// behind is taken back in turns by the next `trim`, which waits for its
+/// punch first, or by a new segment of the next fill, once the punch is
+/// done. With `SEGALLOC_IO=sync` a trim completes within its first poll,
+/// so nothing is cancelled there (the checks hold all the same).
+#[test]
+fn a_trim_dropped_while_punching_gives_its_run_back() {
+    let (_dir, cfg) = on_disk();
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        let mut filled_bytes = None;
+        let (mut waited, mut collected) = (0, 0);
+        for round in 0..8 {
+            let mut hs = Vec::new();
+            for i in 0..40u8 {
+                let a = shard.allocate(MIB).await.unwrap();
+                a.pin().fill(0, a.len(), i + 1).unwrap();
+                hs.push(a.into_handle());
+            }
+            // 40 segments and nothing else; from the second round on, in
+            // the space the first one made.
+            let s = shard.stats().alloc;
+            assert_eq!(s.allocated_bytes, 40 * MIB, "round {round}: a run lost");
+            let first = *filled_bytes.get_or_insert(s.reserved_bytes);
+            assert_eq!(s.reserved_bytes, first, "round {round}: the file grew");
+            shard.sync().await.unwrap();
+            // hs[0], freed last, is the class's spare empty segment.
+            for h in hs[1..].iter().chain(std::iter::once(&hs[0])) {
+                shard.free(*h).unwrap();
+            }
+            shard.sync().await.unwrap();
+            shard.sync().await.unwrap();
+            let mut left_behind = false;
+            for polls in 1.. {
+                if let Some(r) = poll_then_drop(shard.trim(), Some(polls), false).await {
+                    r.unwrap();
+                    break;
+                }
+                // Out of the free space, not in a segment: its punch runs.
+                if shard.stats().alloc.allocated_bytes > MIB {
+                    left_behind = true;
+                    break;
+                }
+            }
+            if left_behind && waited <= collected {
+                waited += 1;
+                shard.trim().await.unwrap();
+                let s = shard.stats().alloc;
+                assert_eq!(s.segments, 1, "round {round}: the spare segment only");
+                assert_eq!(s.allocated_bytes, MIB, "round {round}: a run lost");
+            } else if left_behind {
+                collected += 1;
+                // Time for the kernel to finish the punch.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        if shard.stats().io_backend == segalloc::IoBackend::Uring {
+            assert!(
+                waited > 0 && collected > 0,
+                "runs left behind by a dropped trim: {waited} taken back by a trim, \
+                 {collected} by a new segment"
+            );
+        }
+    });
+}
+
 /// What the tasks together hold: each live handle and its contents' seed.
 type Model = Rc<RefCell<BTreeMap<Handle, u64>>>;
 

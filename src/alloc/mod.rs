@@ -147,6 +147,9 @@ struct State {
     fresh: Fresh,
     /// Per class, the last chunk prefaulted ahead (`(file, chunk index)`).
     prefaulted: Prefaulted,
+    /// Runs whose punch a dropped `trim` left in flight, with the punch:
+    /// out of the free space until the kernel is done with it (`trim.rs`).
+    punching: Vec<(space::Run, crate::io::Op)>,
 }
 
 /// Bytes the allocator faults in ahead of a class's bump position, one

@@ -188,6 +188,7 @@ impl SegmentAllocator {
                 stats: AllocStats::default(),
                 fresh: Default::default(),
                 prefaulted: Default::default(),
+                punching: Vec::new(),
             }),
             poisoned: Cell::new(false),
             writable: Cell::new(writable),

@@ -436,6 +436,7 @@ impl SegmentAllocator {
                     st.directory_len - 1
                 }
             };
+            super::trim::collect_punched(&mut st);
             let (run, trim) = st.space.alloc(blocks);
             Claim {
                 alloc: self,

@@ -5,9 +5,11 @@
 //! * Only free runs are punched, and only while they are taken out of the
 //!   free space ([`Space::take_exact`](super::space::Space::take_exact)), so
 //!   no segment can be created in a run while its hole is being punched. A
-//!   run whose punch was abandoned (the `trim` future dropped mid-way) is
-//!   never given back: the kernel may still punch it. It is free again after
-//!   a reopen.
+//!   run whose punch a dropped `trim` left in flight stays out of it, its
+//!   punch kept beside it (`State::punching`), until the kernel is done:
+//!   the next `trim` waits for that, and a new segment first takes back the
+//!   runs whose punch is done ([`collect_punched`]). A run given back
+//!   before its punch was submitted goes back in its own state.
 //! * Every release the punched runs come from is durable before the first
 //!   hole is punched (a run enters the free space only after a sync made its
 //!   release durable), so a power loss can never bring a released segment
@@ -27,17 +29,23 @@ use std::collections::HashMap;
 use tracing::Instrument;
 
 use super::space::{Run, Trim};
-use super::{SegmentAllocator, data_file_name};
+use super::{SegmentAllocator, State, data_file_name};
 use crate::error::{Error, Result};
 use crate::format::classes::BLOCK_BYTES;
+use crate::io::Op;
 use crate::sys;
 
-/// Runs taken out of the free space by `trim`: given back (in their state)
-/// if the future is dropped, except the one being punched.
+/// Runs taken out of the free space by `trim`. If the future is dropped,
+/// the ones not punched yet go back in their state, and the one whose
+/// punch is in flight waits beside its punch in `State::punching`.
 struct Leased<'a> {
     alloc: &'a SegmentAllocator,
     pending: Vec<(Run, Trim)>,
-    in_flight: Option<Run>,
+    /// Taken, its punch not submitted yet (a descriptor or the probe is
+    /// awaited).
+    preparing: Option<(Run, Trim)>,
+    /// Its punch submitted: the kernel may punch it until the op completes.
+    punching: Option<(Run, Op)>,
 }
 
 impl Drop for Leased<'_> {
@@ -46,14 +54,37 @@ impl Drop for Leased<'_> {
         for (run, trim) in self.pending.drain(..) {
             st.space.give_back(run, trim);
         }
-        if let Some(run) = self.in_flight.take() {
-            tracing::warn!(
-                shard = self.alloc.shard,
-                ?run,
-                "trim dropped while punching a run: the run stays unused until the shard is reopened"
-            );
+        // A probe still in flight reserves blocks (mode 0), which a segment
+        // made in the run meanwhile would do anyway.
+        if let Some((run, trim)) = self.preparing.take() {
+            st.space.give_back(run, trim);
+        }
+        if let Some((run, mut op)) = self.punching.take() {
+            // Nobody polls it now: the ring reaps its completion.
+            op.detach();
+            st.punching.push((run, op));
         }
     }
+}
+
+/// Give back to the free space every run whose punch, left in flight by a
+/// dropped `trim`, the kernel has completed (it may hold a hole, whatever
+/// the punch's result). Without waiting: called before a new segment
+/// takes space.
+pub(super) fn collect_punched(st: &mut State) {
+    if st.punching.is_empty() {
+        return;
+    }
+    let State {
+        punching, space, ..
+    } = st;
+    punching.retain_mut(|(run, op)| match op.try_complete() {
+        Some(_) => {
+            space.give_back(*run, Trim::Punched);
+            false
+        }
+        None => true,
+    });
 }
 
 impl SegmentAllocator {
@@ -77,6 +108,9 @@ impl SegmentAllocator {
     /// the file's reserved size, nor anything on a file system that cannot
     /// both punch holes and reserve blocks (then this returns `Ok(0)`).
     /// While `trim` runs, the runs it works on cannot be allocated from.
+    /// Dropped before it completes, it gives them back, except a run whose
+    /// punch the kernel is running: that one is free again once the punch
+    /// is done (the next `trim` waits for it first).
     ///
     /// A run whose window a [`PinGuard`](crate::PinGuard) of this shard still
     /// maps (a pin kept past the free of its allocation) is not punched; a
@@ -101,6 +135,23 @@ impl SegmentAllocator {
 
     async fn trim_inner(&self) -> Result<u64> {
         self.check_writable()?;
+        let mut leased = Leased {
+            alloc: self,
+            pending: Vec::new(),
+            preparing: None,
+            punching: None,
+        };
+        // 0. The punches an earlier, dropped `trim` left in flight: once
+        //    each is done, its run is free again (maybe holding a hole).
+        loop {
+            let Some(kept) = self.st.borrow_mut().punching.pop() else {
+                break;
+            };
+            let (_, op) = leased.punching.insert(kept);
+            let _ = op.await;
+            let (run, _) = leased.punching.take().expect("just set");
+            self.st.borrow_mut().space.give_back(run, Trim::Punched);
+        }
         // 1. Make every free durable (which releases the segments they
         //    emptied), then every release (which frees their runs).
         self.sync().await?;
@@ -110,28 +161,40 @@ impl SegmentAllocator {
         self.mm.settle_prefaults().await;
         // 2. Take the candidates out of the free space: every free run in
         //    it was released durably before it got there.
-        let mut leased = {
+        {
             let mut st = self.st.borrow_mut();
             let candidates = st.space.punchable();
-            let pending = candidates
+            leased.pending = candidates
                 .into_iter()
                 .filter_map(|(run, _)| st.space.take_exact(run).map(|t| (run, t)))
                 .collect::<Vec<_>>();
-            Leased {
-                alloc: self,
-                pending,
-                in_flight: None,
-            }
-        };
+        }
         // 3. Punch, file by file, in file order.
         leased.pending.reverse();
         let mut can_punch: HashMap<u32, bool> = HashMap::new();
         let mut released = 0u64;
         let mut runs = 0u64;
         while let Some((run, trim)) = leased.pending.pop() {
-            leased.in_flight = Some(run);
-            let r = self.punch(run, &mut can_punch).await;
-            leased.in_flight = None;
+            leased.preparing = Some((run, trim));
+            let prepared = self.prepare_punch(run, &mut can_punch).await;
+            leased.preparing = None;
+            let r = match prepared {
+                Ok(Some((op, bytes, path))) => {
+                    let (_, op) = leased.punching.insert((run, op));
+                    let done = op.await;
+                    leased.punching = None;
+                    match done {
+                        Ok(()) => Ok(Some(bytes)),
+                        Err(e) if sys::is_unsupported(&e) => {
+                            can_punch.insert(run.file, false);
+                            Ok(None)
+                        }
+                        Err(e) => Err(Error::io("fallocate(PUNCH_HOLE)", Some(&path), e)),
+                    }
+                }
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            };
             let mut st = self.st.borrow_mut();
             match r {
                 Ok(Some(bytes)) => {
@@ -152,11 +215,16 @@ impl SegmentAllocator {
         Ok(released)
     }
 
-    /// Punch the part of `run` below its file's reserved size. `Ok(None)`
-    /// when nothing was punched (nothing reserved there, or the file system
-    /// cannot punch, or cannot reserve again: then a hole could not be
-    /// refilled, so none is made).
-    async fn punch(&self, run: Run, can_punch: &mut HashMap<u32, bool>) -> Result<Option<u64>> {
+    /// Submit the punch of the part of `run` below its file's reserved
+    /// size: the op, the bytes it punches and the file's path. `Ok(None)`
+    /// when there is nothing to punch (nothing reserved there, or the file
+    /// system cannot punch, or cannot reserve again: then a hole could not
+    /// be refilled, so none is made).
+    async fn prepare_punch(
+        &self,
+        run: Run,
+        can_punch: &mut HashMap<u32, bool>,
+    ) -> Result<Option<(Op, u64, std::path::PathBuf)>> {
         if can_punch.get(&run.file) == Some(&false) {
             return Ok(None);
         }
@@ -207,22 +275,15 @@ impl SegmentAllocator {
             );
             return Ok(None);
         }
-        match ring
-            .fallocate(
-                lease.shared_fd(),
-                sys::FALLOC_PUNCH_HOLE,
-                start,
-                end - start,
-            )
-            .await
-        {
-            Ok(()) => Ok(Some(end - start)),
-            Err(e) if sys::is_unsupported(&e) => {
-                can_punch.insert(run.file, false);
-                Ok(None)
-            }
-            Err(e) => Err(Error::io("fallocate(PUNCH_HOLE)", Some(&path), e)),
-        }
+        // The ring holds the descriptor until the kernel is done, so the
+        // lease can go.
+        let op = ring.fallocate(
+            lease.shared_fd(),
+            sys::FALLOC_PUNCH_HOLE,
+            start,
+            end - start,
+        );
+        Ok(Some((op, end - start, path)))
     }
 
     /// Reserve `run` again when its state says it may hold a hole
