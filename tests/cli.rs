@@ -552,6 +552,74 @@ fn verify_is_clean_then_names_each_corruption() {
         assert!(t.elapsed().as_secs() < 20, "took {:?}", t.elapsed());
     }
 
+    // 5c. The same entry, its file there (empty) and the segment from
+    // before the latest sync (not lost growth): recovery would have taken
+    // every file number up to it for a file (out of memory). Refused, by
+    // `verify` and by the library, as a gap in the data files.
+    {
+        let d = copy_of(&clean, tmp.path(), "farfile-present");
+        let (_, h) = hdrs0[0];
+        let far = EntryHeader {
+            file: 4_000_000_000,
+            generation: 1,
+            ..h
+        };
+        let p = meta_path(&d, 0);
+        patch(&p, meta::entry_offset(hwm0), &encode_header(&far));
+        patch(
+            &p,
+            meta::HWM_OFFSET,
+            &meta::encode_counter(hwm0 + 1).to_le_bytes(),
+        );
+        std::fs::File::create(d.join("shard-000/data-4000000000.seg")).unwrap();
+        let t = std::time::Instant::now();
+        let o = tool(&["verify"], &d);
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        assert_line(
+            &stdout(&o),
+            &format!(
+                "error: shard 0: shard-000/data-000001.seg: data file is missing, yet 1 segment(s) (entries {hwm0}) holding 0 live slot(s) lie in data files numbered after it (4000000000)"
+            ),
+        );
+        let c = cfg(&d);
+        let r = common::run(async {
+            let dd = Arc::new(DataDir::open(&c).unwrap());
+            Shard::open(dd, &c, 0).await.map(|s| s.live_count())
+        });
+        match r {
+            Err(segalloc::Error::Corrupt { detail, .. }) => {
+                assert!(detail.contains("numbered after it"), "{detail}")
+            }
+            other => panic!("open: {other:?}"),
+        }
+        assert!(t.elapsed().as_secs() < 20, "took {:?}", t.elapsed());
+    }
+
+    // 5d. A sparse metadata file whose mark says it holds 100M entries:
+    // `verify` reads what the file holds, not 55 GiB of holes.
+    {
+        let d = copy_of(&clean, tmp.path(), "sparse-mark");
+        let p = meta_path(&d, 0);
+        let hwm = 100_000_000u32;
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            f.set_len(meta::entry_offset(hwm) + meta::ENTRY_BYTES)
+                .unwrap();
+            f.write_all_at(&meta::encode_counter(hwm).to_le_bytes(), meta::HWM_OFFSET)
+                .unwrap();
+        }
+        let t = std::time::Instant::now();
+        let o = tool(&["verify"], &d);
+        assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+        let j = parse_json(&stdout(&tool(&["stat", "--json"], &d)));
+        let shard = &j.at("shards").arr()[0];
+        let e = shard.at("entries");
+        let (free, used) = (e.at("free").u(), e.at("in_use").u());
+        assert_eq!(free + used, u64::from(hwm), "every entry below the mark");
+        assert!(t.elapsed().as_secs() < 20, "took {:?}", t.elapsed());
+    }
+
     // 6. A root slot's name byte.
     {
         let d = copy_of(&clean, tmp.path(), "root");

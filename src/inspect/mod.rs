@@ -491,7 +491,8 @@ fn fill_from_scan(rep: &mut ShardReport, found: ShardScan) {
     rep.entry_capacity = found.entry_capacity;
     rep.entries_scanned = found.entries_scanned;
     let dropped = found.segments.iter().filter(|s| s.dropped).count();
-    rep.entries_free = (found.free_entries.len() - dropped) as u32;
+    rep.entries_free = ((found.free_entries.len() - dropped) as u32)
+        .saturating_add(u32::try_from(found.free_entries_in_holes).unwrap_or(u32::MAX));
     rep.entries_corrupt = found.entries_corrupt;
     rep.roots = found.roots.iter().map(RootInfo::from).collect();
     rep.segments = found.segments.into_iter().map(SegmentInfo::new).collect();

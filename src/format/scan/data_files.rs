@@ -46,9 +46,10 @@ pub(super) fn drop_lost_growth(t: &ScanTarget<'_>, s: &mut ShardScan) {
     }
 }
 
-/// Referenced data files that are missing; live slots past the end of their
-/// file.
+/// Referenced data files that are missing; kept segments in files past a
+/// missing one; live slots past the end of their file.
 pub(super) fn check_data_files(t: &ScanTarget<'_>, s: &mut ShardScan) {
+    check_gap(t, s);
     let mut missing: BTreeMap<u32, (Vec<u32>, u64, bool)> = BTreeMap::new();
     let mut short = Vec::new();
     for x in &s.segments {
@@ -103,4 +104,49 @@ pub(super) fn check_data_files(t: &ScanTarget<'_>, s: &mut ShardScan) {
             defect,
         });
     }
+}
+
+/// Kept segments in present data files numbered after a missing one. A
+/// shard makes its data files in order, so a kept segment names a file no
+/// further than one past the last that exists; recovery, which takes the
+/// files `0..=n` for the highest `n` named, would otherwise take every
+/// number up to an entry's (a forged one's `u32::MAX - 1` included) for a
+/// file. Files are looked up in order up to the highest one named: as many
+/// lookups as the folder holds files, whatever the entries say.
+fn check_gap(t: &ScanTarget<'_>, s: &mut ShardScan) {
+    let kept = || s.segments.iter().filter(|x| !x.dropped);
+    let Some(highest) = kept().map(|x| x.header.file).max() else {
+        return;
+    };
+    let Some(gap) = (0..highest).find(|&n| (t.data_file)(n) == DataFileLen::Missing) else {
+        return;
+    };
+    let mut files = Vec::new();
+    let (mut entries, mut live) = (Vec::new(), 0u64);
+    for x in kept().filter(|x| x.header.file > gap) {
+        // A missing file of its own is reported as missing.
+        if (t.data_file)(x.header.file) == DataFileLen::Missing {
+            continue;
+        }
+        if !files.contains(&x.header.file) {
+            files.push(x.header.file);
+        }
+        entries.push(x.entry);
+        live += u64::from(x.live);
+    }
+    if entries.is_empty() {
+        return;
+    }
+    files.sort_unstable();
+    s.findings.push(Finding {
+        severity: Severity::Error,
+        file: FindingFile::Data(gap),
+        entry: None,
+        offset: None,
+        defect: Defect::DataFileGap {
+            files,
+            entries,
+            live,
+        },
+    });
 }

@@ -10,18 +10,20 @@ use crate::format::{
     bitmap_offset, entry_offset,
 };
 
-/// Entries `0..scan_to`; returns the highest generation met. With
-/// `skip_holes` (a mark that cannot be read: `scan_to` is all the file
-/// holds), pages in the file's holes are skipped, not read
+/// Entries `0..scan_to`. Pages in the file's holes are skipped, not read
 /// ([`MetaSource::data_region`](super::MetaSource::data_region)): a hole
-/// holds no entry, and a sparse file of any size costs what it holds.
+/// holds no entry, and a sparse file of any size costs what it holds, also
+/// under a mark that says it holds billions of entries. Below a readable
+/// mark, the entries skipped are counted as free
+/// ([`ShardScan::free_entries_in_holes`]); without one, `scan_to` is all
+/// the file could hold, and nothing is counted for the holes.
 pub(super) fn scan_entries(
     pages: &mut Pages<'_>,
     t: &ScanTarget<'_>,
     scan_to: u32,
-    skip_holes: bool,
     s: &mut ShardScan,
 ) -> Result<()> {
+    let count_holes = s.hwm.is_some();
     // Offsets below this lie in a data region already looked up.
     let mut data_end = 0;
     let mut next = 0;
@@ -29,8 +31,11 @@ pub(super) fn scan_entries(
         let i = next;
         next += 1;
         let off = entry_offset(i);
-        if skip_holes && off >= data_end {
+        if off >= data_end {
             let Some((start, end)) = pages.data_region(off)? else {
+                if count_holes {
+                    s.free_entries_in_holes += u64::from(scan_to - i);
+                }
                 break;
             };
             data_end = end;
@@ -38,8 +43,13 @@ pub(super) fn scan_entries(
                 // Go on with the first entry of the page the data begins in
                 // (entries never straddle pages).
                 let page = (start - entry_offset(0)) / META_PAGE_BYTES;
-                let first = u32::try_from(page * ENTRIES_PER_PAGE).unwrap_or(u32::MAX);
+                let first = u32::try_from(page * ENTRIES_PER_PAGE)
+                    .unwrap_or(u32::MAX)
+                    .min(scan_to);
                 if first > i {
+                    if count_holes {
+                        s.free_entries_in_holes += u64::from(first - i);
+                    }
                     next = first;
                     continue;
                 }

@@ -134,6 +134,16 @@ pub enum Defect {
         live: u64,
         kept: bool,
     },
+    /// Data files are numbered from 0 with no gap (a shard makes file
+    /// `n + 1` only once file `n` exists), yet this one is missing while
+    /// segments that recovery would keep lie in files numbered after it
+    /// (`files`, `entries`): the folder was damaged, or the entries name
+    /// files the shard never made. It refuses the shard.
+    DataFileGap {
+        files: Vec<u32>,
+        entries: Vec<u32>,
+        live: u64,
+    },
     /// A segment ends past its data file and may have been published after
     /// the latest completed sync (its generation is at or above the durable
     /// generation): a power loss took the file's growth. No sync promised
@@ -316,6 +326,17 @@ fn fmt_entry(d: &Defect, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             "entry past the high-water mark {hwm} is published; recovery ignores it (its allocations are lost)"
         ),
         Defect::Overlap { .. } => fmt_overlap(d, f),
+        Defect::DataFileGap {
+            files,
+            entries,
+            live,
+        } => write!(
+            f,
+            "data file is missing, yet {} segment(s) (entries {}) holding {live} live slot(s) lie in data files numbered after it ({}): the shard makes its data files in order, so these files or entries are not its own",
+            entries.len(),
+            list(entries),
+            list(files)
+        ),
         Defect::DataFileMissing {
             entries,
             live,

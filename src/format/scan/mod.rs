@@ -83,9 +83,9 @@ pub trait MetaSource {
 
     /// The first region at or after `off` that may hold non-zero bytes, as
     /// `[start, end)`; `None` when the rest of the file is holes. The walk
-    /// of a metadata file whose mark cannot be read skips what lies
-    /// between (a sparse file of any size costs what it holds). The default
-    /// skips nothing.
+    /// of the directory skips what lies between (a sparse file of any size
+    /// costs what it holds, whatever its mark says). The default skips
+    /// nothing.
     ///
     /// # Errors
     ///
@@ -198,7 +198,14 @@ pub struct ShardScan {
     /// Entries below the mark that were read.
     pub entries_scanned: u32,
     /// Free entries below the mark, and the entries of dropped segments.
+    /// Entries in holes of a file whose source knows them
+    /// ([`MetaSource::data_region`]) are not read, nor listed here: they
+    /// are counted in [`free_entries_in_holes`](Self::free_entries_in_holes).
     pub free_entries: Vec<u32>,
+    /// Free entries below the mark in holes of the file, skipped unread
+    /// (a hole holds zeros: no entry). Always 0 for a source that does
+    /// not know holes, such as recovery's mapping.
+    pub free_entries_in_holes: u64,
     /// Entries below the mark that failed validation.
     pub entries_corrupt: u32,
     /// Valid segments below the mark (dropped ones included), entry order.
@@ -264,6 +271,7 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
         entry_capacity: entry_capacity(t.meta_bytes),
         entries_scanned: 0,
         free_entries: Vec::new(),
+        free_entries_in_holes: 0,
         entries_corrupt: 0,
         segments: Vec::new(),
         roots: Vec::new(),
@@ -290,12 +298,13 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
             }
             h.min(readable)
         }
-        // Unknown mark: check every entry the file holds (its holes hold
-        // none: `scan_entries` skips them).
+        // Unknown mark: check every entry the file holds.
         None => readable,
     };
+    // The file's holes hold no entry: `scan_entries` skips them, so a
+    // sparse file costs what it holds whatever its mark says.
     let mut pages = Pages::new(src);
-    scan_entries(&mut pages, t, scan_to, s.hwm.is_none(), &mut s)?;
+    scan_entries(&mut pages, t, scan_to, &mut s)?;
     if let Some(h) = s.hwm {
         // Beside a writer (a directory open elsewhere), the mark may have
         // risen since it was read, and entries been published under the
