@@ -205,6 +205,32 @@ fn patch(path: &Path, off: u64, bytes: &[u8]) {
     std::fs::write(path, v).expect("write");
 }
 
+/// A copy of `clean` named `name` whose shard 0 has one more entry, at the
+/// old mark `hwm0` and under a mark raised past it: `h` (a valid header)
+/// in data file 4,000,000,000, of generation `generation`.
+fn with_far_entry(
+    clean: &Path,
+    parent: &Path,
+    name: &str,
+    (hwm0, h): (u32, EntryHeader),
+    generation: u32,
+) -> PathBuf {
+    let d = copy_of(clean, parent, name);
+    let far = EntryHeader {
+        file: 4_000_000_000,
+        generation,
+        ..h
+    };
+    let p = meta_path(&d, 0);
+    patch(&p, meta::entry_offset(hwm0), &encode_header(&far));
+    patch(
+        &p,
+        meta::HWM_OFFSET,
+        &meta::encode_counter(hwm0 + 1).to_le_bytes(),
+    );
+    d
+}
+
 fn assert_line(out: &str, needle: &str) {
     assert!(
         out.lines().any(|l| l.contains(needle)),
@@ -523,19 +549,13 @@ fn verify_is_clean_then_names_each_corruption() {
     // 5b. A crafted entry (valid checksum) naming data file 4 000 000 000:
     // reported at once, without walking four billion files.
     {
-        let d = copy_of(&clean, tmp.path(), "farfile");
-        let (_, h) = hdrs0[0];
-        let far = EntryHeader {
-            file: 4_000_000_000,
-            generation: 1 + hdrs0.iter().map(|(_, h)| h.generation).max().unwrap(),
-            ..h
-        };
-        let p = meta_path(&d, 0);
-        patch(&p, meta::entry_offset(hwm0), &encode_header(&far));
-        patch(
-            &p,
-            meta::HWM_OFFSET,
-            &meta::encode_counter(hwm0 + 1).to_le_bytes(),
+        let generation = 1 + hdrs0.iter().map(|(_, h)| h.generation).max().unwrap();
+        let d = with_far_entry(
+            &clean,
+            tmp.path(),
+            "farfile",
+            (hwm0, hdrs0[0].1),
+            generation,
         );
         let t = std::time::Instant::now();
         let o = tool(&["verify"], &d);
@@ -557,20 +577,7 @@ fn verify_is_clean_then_names_each_corruption() {
     // every file number up to it for a file (out of memory). Refused, by
     // `verify` and by the library, as a gap in the data files.
     {
-        let d = copy_of(&clean, tmp.path(), "farfile-present");
-        let (_, h) = hdrs0[0];
-        let far = EntryHeader {
-            file: 4_000_000_000,
-            generation: 1,
-            ..h
-        };
-        let p = meta_path(&d, 0);
-        patch(&p, meta::entry_offset(hwm0), &encode_header(&far));
-        patch(
-            &p,
-            meta::HWM_OFFSET,
-            &meta::encode_counter(hwm0 + 1).to_le_bytes(),
-        );
+        let d = with_far_entry(&clean, tmp.path(), "farfile-present", (hwm0, hdrs0[0].1), 1);
         std::fs::File::create(d.join("shard-000/data-4000000000.seg")).unwrap();
         let t = std::time::Instant::now();
         let o = tool(&["verify"], &d);
