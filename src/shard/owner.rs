@@ -122,6 +122,13 @@ impl Shard {
     /// are `Send` but the future need not be. The way to act on another
     /// shard's allocations.
     ///
+    /// Dropping the returned future once the job is in the other shard's
+    /// inbox does not take it back: `f` runs there all the same, and its
+    /// result is dropped. So do [`run_on_owner`](Self::run_on_owner),
+    /// [`read`](Self::read) and [`write`](Self::write), which send theirs
+    /// through here: a cancelled `write` of another shard's handle may
+    /// still have written.
+    ///
     /// # Errors
     ///
     /// [`Error::ShardOutOfRange`]; [`Error::ShardGone`] when that shard is
