@@ -329,7 +329,7 @@ fn a_trim_dropped_while_punching_gives_its_run_back() {
             } else if left_behind {
                 collected += 1;
                 // Time for the kernel to finish the punch.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
         if shard.stats().io_backend == segalloc::IoBackend::Uring {
@@ -340,6 +340,113 @@ fn a_trim_dropped_while_punching_gives_its_run_back() {
             );
         }
     });
+}
+
+/// The punch a dropped `trim` leaves in flight is kept (its run waits
+/// beside it), but it must not keep its file's descriptor once the kernel
+/// is done: with one descriptor for all the files, the kept punch held it
+/// until the next `trim` or new segment, and a pin of another file's
+/// allocation failed with `FdPressure`.
+#[test]
+fn a_punch_left_in_flight_does_not_keep_its_files_descriptor() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let cfg = common::one_descriptor_cfg(dir.path());
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        let (in_file_0, in_file_1) = common::fill_two_files(&shard).await;
+        for h in &in_file_0[1..] {
+            shard.free(*h).unwrap();
+        }
+        shard.sync().await.unwrap();
+        shard.sync().await.unwrap();
+        let allocated = shard.stats().alloc.allocated_bytes;
+        let mut left_behind = false;
+        for polls in 1.. {
+            if let Some(r) = poll_then_drop(shard.trim(), Some(polls), false).await {
+                r.unwrap();
+                break;
+            }
+            if shard.stats().alloc.allocated_bytes > allocated {
+                left_behind = true;
+                break;
+            }
+        }
+        // Time for the kernel to finish the punch.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shard.mappings().evict_idle();
+        let p = shard.pin(in_file_1).await.unwrap();
+        assert_eq!(p.len(), MIB as usize);
+        if shard.stats().io_backend == segalloc::IoBackend::Uring {
+            assert!(left_behind, "no trim left a punch in flight");
+        }
+    });
+}
+
+/// A data file is made by its first segment, and the next file can be
+/// handed out while that segment is still being made: cancelled then, it
+/// leaves the file's number unused while the next file holds a segment.
+/// Such a directory must reopen, and `segalloc verify` must call it clean
+/// (a check against forged file numbers once refused it). Here: 16 MiB
+/// files, the metadata file full, so that a 16 MiB allocation waits for
+/// the directory to grow; a second one takes the next file and completes,
+/// the first is dropped. With `SEGALLOC_IO=sync` the directory grows
+/// within the first poll, so there is nothing to cancel (the test returns).
+#[test]
+fn a_gap_left_by_a_cancelled_first_segment_reopens() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let cfg = Config::builder(dir.path())
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .max_file_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .build()
+        .unwrap();
+    let live = run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        // 64 KiB segments of 16 B slots until the directory fills the
+        // metadata file's reservation.
+        loop {
+            let s = shard.stats().alloc;
+            let next = segalloc::format::entry_offset(s.segments as u32);
+            if next + segalloc::format::ENTRY_BYTES > s.metadata_bytes {
+                break;
+            }
+            shard.allocate(16).await.unwrap();
+        }
+        let mut first = Box::pin(shard.allocate(16 * MIB));
+        if poll_once(&mut first).is_ready() {
+            // `SEGALLOC_IO=sync`: the directory grows within the poll, and
+            // there is nothing to cancel.
+            assert_ne!(shard.stats().io_backend, segalloc::IoBackend::Uring);
+            return None;
+        }
+        let mut second = Box::pin(shard.allocate(16 * MIB));
+        assert!(poll_once(&mut second).is_pending());
+        drop(first);
+        let h = poll_to_end(&mut second).await.unwrap().into_handle();
+        let missing = dir
+            .path()
+            .join(format!("shard-000/data-{:06}.seg", h.file_id() - 1));
+        assert!(!missing.exists(), "no gap was left");
+        shard.sync().await.unwrap();
+        Some(shard.live_count())
+    });
+    let Some(live) = live else {
+        return;
+    };
+    let reopened = run(async { open_shard(&cfg).await.map(|s| s.live_count()) });
+    assert_eq!(reopened.unwrap(), live);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_segalloc"))
+        .arg("verify")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }
 
 /// What the tasks together hold: each live handle and its contents' seed.

@@ -60,7 +60,11 @@ impl Drop for Leased<'_> {
             st.space.give_back(run, trim);
         }
         if let Some((run, mut op)) = self.punching.take() {
-            // Nobody polls it now: the ring reaps its completion.
+            // Nobody polls it now: the ring reaps its completion, and
+            // releases the file's descriptor then (the op keeps none: an
+            // interrupted punch counts as done, and the run as maybe
+            // punched, which it is given back as anyway).
+            op.release_retry();
             op.detach();
             st.punching.push((run, op));
         }

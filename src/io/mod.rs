@@ -577,6 +577,15 @@ impl Op {
         }
     }
 
+    /// Keep no resources for a retry after `EINTR`: an interrupted attempt
+    /// then ends the operation with that error. For an operation kept only
+    /// to learn when the kernel is done with it (a dropped `trim`'s punch),
+    /// so that it holds its descriptor no longer than the kernel does (the
+    /// ring releases its own copy at the completion).
+    pub(crate) fn release_retry(&mut self) {
+        self.retry = None;
+    }
+
     fn ready(ring: &Ring, kind: OpKind, result: io::Result<()>) -> Op {
         Op {
             ring: ring.clone(),

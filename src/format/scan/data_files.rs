@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::{DataFileLen, Defect, Finding, FindingFile, ScanTarget, Severity, ShardScan};
+use crate::format::DATA_FILE_GAP_MAX;
 use crate::format::classes::BLOCK_BYTES;
 
 /// Segments that end past their data file and may have been published after
@@ -47,7 +48,7 @@ pub(super) fn drop_lost_growth(t: &ScanTarget<'_>, s: &mut ShardScan) {
 }
 
 /// Referenced data files that are missing; kept segments in files past a
-/// missing one; live slots past the end of their file.
+/// gap no shard leaves; live slots past the end of their file.
 pub(super) fn check_data_files(t: &ScanTarget<'_>, s: &mut ShardScan) {
     check_gap(t, s);
     let mut missing: BTreeMap<u32, (Vec<u32>, u64, bool)> = BTreeMap::new();
@@ -106,24 +107,37 @@ pub(super) fn check_data_files(t: &ScanTarget<'_>, s: &mut ShardScan) {
     }
 }
 
-/// Kept segments in present data files numbered after a missing one. A
-/// shard makes its data files in order, so a kept segment names a file no
-/// further than one past the last that exists; recovery, which takes the
-/// files `0..=n` for the highest `n` named, would otherwise take every
-/// number up to an entry's (a forged one's `u32::MAX - 1` included) for a
-/// file. Files are looked up in order up to the highest one named: as many
-/// lookups as the folder holds files, whatever the entries say.
+/// Kept segments in data files numbered after [`DATA_FILE_GAP_MAX`]
+/// missing ones in a row. Recovery takes every number up to the highest a
+/// kept segment names for a file (`0..=n`), so without a bound a forged
+/// entry naming file `u32::MAX - 1` would cost billions. A shard's own
+/// gaps are narrow: it hands out file `n + 1` once file `n`'s space is
+/// handed out, and a file is made by its first segment, which may be
+/// cancelled or fail while a segment of the next file is published, so a
+/// few numbers can be missing. The files are looked up in order up to
+/// the highest one named, stopping at the first run that wide: as many
+/// lookups as the folder holds files, plus at most one run.
 fn check_gap(t: &ScanTarget<'_>, s: &mut ShardScan) {
     let kept = || s.segments.iter().filter(|x| !x.dropped);
     let Some(highest) = kept().map(|x| x.header.file).max() else {
         return;
     };
-    let Some(gap) = (0..highest).find(|&n| (t.data_file)(n) == DataFileLen::Missing) else {
+    let mut run_start = 0;
+    let mut gap = None;
+    for n in 0..highest {
+        if (t.data_file)(n) != DataFileLen::Missing {
+            run_start = n + 1;
+        } else if n - run_start + 1 >= DATA_FILE_GAP_MAX {
+            gap = Some(run_start);
+            break;
+        }
+    }
+    let Some(first_missing) = gap else {
         return;
     };
     let mut files = Vec::new();
     let (mut entries, mut live) = (Vec::new(), 0u64);
-    for x in kept().filter(|x| x.header.file > gap) {
+    for x in kept().filter(|x| x.header.file > first_missing) {
         // A missing file of its own is reported as missing.
         if (t.data_file)(x.header.file) == DataFileLen::Missing {
             continue;
@@ -140,10 +154,11 @@ fn check_gap(t: &ScanTarget<'_>, s: &mut ShardScan) {
     files.sort_unstable();
     s.findings.push(Finding {
         severity: Severity::Error,
-        file: FindingFile::Data(gap),
+        file: FindingFile::Data(first_missing),
         entry: None,
         offset: None,
         defect: Defect::DataFileGap {
+            missing: DATA_FILE_GAP_MAX,
             files,
             entries,
             live,

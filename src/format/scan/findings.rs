@@ -134,12 +134,15 @@ pub enum Defect {
         live: u64,
         kept: bool,
     },
-    /// Data files are numbered from 0 with no gap (a shard makes file
-    /// `n + 1` only once file `n` exists), yet this one is missing while
-    /// segments that recovery would keep lie in files numbered after it
-    /// (`files`, `entries`): the folder was damaged, or the entries name
-    /// files the shard never made. It refuses the shard.
+    /// `missing` data files in a row are missing from this one on
+    /// ([`DATA_FILE_GAP_MAX`](crate::format::DATA_FILE_GAP_MAX)), yet
+    /// segments that recovery would keep lie in files numbered after them
+    /// (`files`, `entries`). A shard leaves at most a few numbers unused
+    /// (a file's first segment cancelled while the next file's is
+    /// published): the entries name files the shard never made, or the
+    /// folder was damaged. It refuses the shard.
     DataFileGap {
+        missing: u32,
         files: Vec<u32>,
         entries: Vec<u32>,
         live: u64,
@@ -327,12 +330,13 @@ fn fmt_entry(d: &Defect, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         ),
         Defect::Overlap { .. } => fmt_overlap(d, f),
         Defect::DataFileGap {
+            missing,
             files,
             entries,
             live,
         } => write!(
             f,
-            "data file is missing, yet {} segment(s) (entries {}) holding {live} live slot(s) lie in data files numbered after it ({}): the shard makes its data files in order, so these files or entries are not its own",
+            "{missing} data files in a row are missing from this one on, yet {} segment(s) (entries {}) holding {live} live slot(s) lie in data files numbered after them ({}): a shard leaves no such gap, so these files or entries are not its own",
             entries.len(),
             list(entries),
             list(files)
