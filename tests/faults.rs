@@ -200,6 +200,8 @@ fn reserving_a_trimmed_run_fails() {
     }
 }
 
+/// A punch that fails leaves the allocations as they were, and its run
+/// unused until a reopen.
 #[test]
 fn punch_failure_during_trim() {
     for errno in [EIO, ENOMEM, ENOSPC] {
@@ -209,6 +211,11 @@ fn punch_failure_during_trim() {
         run(async {
             let shard = populated(&cfg).await;
             make_free_runs(&shard, 20).await;
+            // The frees' segments released, their runs free (as trim's own
+            // syncs would).
+            shard.sync().await.unwrap();
+            shard.sync().await.unwrap();
+            let allocated = shard.stats().alloc.allocated_bytes;
             let before = snapshot(&shard);
             faults::inject(Fault::new(FaultOp::FallocatePunch, errno));
             match shard.trim().await {
@@ -223,6 +230,13 @@ fn punch_failure_during_trim() {
                 "a failed punch loses nothing"
             );
             assert_unchanged(&shard, &before, "trim").await;
+            // The run whose punch failed is not handed out again: a failed
+            // submission may leave the punch queued for a later one, which
+            // could then punch a segment made in the run meanwhile.
+            assert!(
+                shard.stats().alloc.allocated_bytes > allocated,
+                "the run of the failed punch went back to the free space"
+            );
             // The rest is punched by the next trim, and allocation goes on.
             assert!(shard.trim().await.unwrap() > 0);
             assert_eq!(shard.trim().await.unwrap(), 0, "nothing left to punch");

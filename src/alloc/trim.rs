@@ -9,7 +9,9 @@
 //!   punch kept beside it (`State::punching`), until the kernel is done:
 //!   the next `trim` waits for that, and a new segment first takes back the
 //!   runs whose punch is done ([`collect_punched`]). A run given back
-//!   before its punch was submitted goes back in its own state.
+//!   before its punch was submitted goes back in its own state. A run
+//!   whose punch failed stays out until a reopen: a submission that failed
+//!   after the punch was queued leaves it to reach the kernel later.
 //! * Every release the punched runs come from is durable before the first
 //!   hole is punched (a run enters the free space only after a sync made its
 //!   release durable), so a power loss can never bring a released segment
@@ -128,8 +130,8 @@ impl SegmentAllocator {
     /// [`Error::Poisoned`] or [`Error::ReadOnly`] (nothing done); the errors
     /// of [`sync`](Self::sync) (which poisons the shard; nothing punched);
     /// [`Error::Io`] from `fallocate` (the runs punched before it stay
-    /// punched, the run it failed on counts as punched, the rest is
-    /// untouched), [`Error::FdPressure`] and [`Error::TooManyOpenFiles`] when
+    /// punched, the rest is untouched, and the run whose punch failed stays
+    /// unused until the shard is reopened: the kernel may still punch it), [`Error::FdPressure`] and [`Error::TooManyOpenFiles`] when
     /// a data file cannot be opened. The allocator stays consistent in every
     /// case: no allocation changes.
     pub async fn trim(&self) -> Result<u64> {
@@ -182,6 +184,7 @@ impl SegmentAllocator {
             leased.preparing = Some((run, trim));
             let prepared = self.prepare_punch(run, &mut can_punch).await;
             leased.preparing = None;
+            let mut punch_failed = false;
             let r = match prepared {
                 Ok(Some((op, bytes, path))) => {
                     let (_, op) = leased.punching.insert((run, op));
@@ -193,7 +196,10 @@ impl SegmentAllocator {
                             can_punch.insert(run.file, false);
                             Ok(None)
                         }
-                        Err(e) => Err(Error::io("fallocate(PUNCH_HOLE)", Some(&path), e)),
+                        Err(e) => {
+                            punch_failed = true;
+                            Err(Error::io("fallocate(PUNCH_HOLE)", Some(&path), e))
+                        }
                     }
                 }
                 Ok(None) => Ok(None),
@@ -207,8 +213,25 @@ impl SegmentAllocator {
                     st.space.give_back(run, Trim::Punched);
                 }
                 Ok(None) => st.space.give_back(run, trim),
+                Err(e) if punch_failed => {
+                    // The kernel may still punch it: a submission that
+                    // failed after the punch was queued reports the punch
+                    // failed, and the queued entry reaches the kernel with
+                    // a later one, unordered with a reservation of a
+                    // segment made in the run meanwhile. So it stays out of
+                    // the free space until the shard is reopened.
+                    tracing::warn!(
+                        shard = self.shard,
+                        ?run,
+                        error = %e,
+                        "punch failed: the run stays unused until the shard is reopened"
+                    );
+                    drop(st);
+                    return Err(e);
+                }
                 Err(e) => {
-                    // The kernel may have punched part of it.
+                    // Nothing was punched (a descriptor or the probe failed);
+                    // given back as maybe punched all the same.
                     st.space.give_back(run, Trim::Punched);
                     drop(st);
                     return Err(e);
