@@ -200,8 +200,8 @@ fn reserving_a_trimmed_run_fails() {
     }
 }
 
-/// A punch that fails leaves the allocations as they were, and its run
-/// unused until a reopen.
+/// A punch that fails leaves the allocations as they were; its run is
+/// free again.
 #[test]
 fn punch_failure_during_trim() {
     for errno in [EIO, ENOMEM, ENOSPC] {
@@ -230,16 +230,55 @@ fn punch_failure_during_trim() {
                 "a failed punch loses nothing"
             );
             assert_unchanged(&shard, &before, "trim").await;
-            // The run whose punch failed is not handed out again: a failed
-            // submission may leave the punch queued for a later one, which
-            // could then punch a segment made in the run meanwhile.
-            assert!(
-                shard.stats().alloc.allocated_bytes > allocated,
-                "the run of the failed punch went back to the free space"
-            );
+            // The run goes back to the free space (as maybe punched).
+            assert_eq!(shard.stats().alloc.allocated_bytes, allocated);
             // The rest is punched by the next trim, and allocation goes on.
             assert!(shard.trim().await.unwrap() > 0);
             assert_eq!(shard.trim().await.unwrap(), 0, "nothing left to punch");
+            for _ in 0..20 {
+                alloc(&shard, 600_000).await.unwrap();
+            }
+        });
+    }
+}
+
+/// A punch queued in the ring whose submission failed (`io_uring_enter`
+/// after the push) is reported failed, yet reaches the kernel with a later
+/// submission: its run must not be handed out before a reopen (a segment
+/// made there could be punched after its writes). An interrupted
+/// submission (`EINTR`) is not retried either: the punch queued still runs,
+/// and a second one returning success gave the run back. With
+/// `SEGALLOC_IO=sync` the fault fails the punch before its syscall (which
+/// runs again after `EINTR`), and no run is kept out.
+#[test]
+fn a_punch_left_queued_by_a_failed_submission_keeps_its_run_out() {
+    for errno in [nix::libc::EAGAIN, EINTR] {
+        let _g = faults::clear_on_drop();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_cfg(dir.path());
+        run(async {
+            let shard = populated(&cfg).await;
+            make_free_runs(&shard, 20).await;
+            shard.sync().await.unwrap();
+            shard.sync().await.unwrap();
+            let allocated = shard.stats().alloc.allocated_bytes;
+            let before = snapshot(&shard);
+            let uring = shard.stats().io_backend == segalloc::IoBackend::Uring;
+            faults::inject(Fault::new(FaultOp::FallocatePunch, errno).after_push());
+            match shard.trim().await {
+                Err(e @ Error::Io { .. }) => assert_eq!(errno_of(&e), Some(errno), "{e}"),
+                // The sync backend runs the punch again (nothing is queued).
+                Ok(_) if !uring && errno == EINTR => {}
+                other => panic!("trim with a punch left queued: {other:?}"),
+            }
+            assert_unchanged(&shard, &before, "trim").await;
+            let now = shard.stats().alloc.allocated_bytes;
+            if uring {
+                assert!(now > allocated, "errno {errno}: the run went back");
+            } else {
+                assert!(now <= allocated, "errno {errno}: a run kept out");
+            }
+            // Allocation goes on, beside the run kept out.
             for _ in 0..20 {
                 alloc(&shard, 600_000).await.unwrap();
             }

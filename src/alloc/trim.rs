@@ -10,8 +10,8 @@
 //!   the next `trim` waits for that, and a new segment first takes back the
 //!   runs whose punch is done ([`collect_punched`]). A run given back
 //!   before its punch was submitted goes back in its own state. A run
-//!   whose punch failed stays out until a reopen: a submission that failed
-//!   after the punch was queued leaves it to reach the kernel later.
+//!   whose punch was reported failed while it stayed queued in the ring
+//!   (`Op::left_queued`) stays out until a reopen: the kernel gets it later.
 //! * Every release the punched runs come from is durable before the first
 //!   hole is punched (a run enters the free space only after a sync made its
 //!   release durable), so a power loss can never bring a released segment
@@ -130,8 +130,10 @@ impl SegmentAllocator {
     /// [`Error::Poisoned`] or [`Error::ReadOnly`] (nothing done); the errors
     /// of [`sync`](Self::sync) (which poisons the shard; nothing punched);
     /// [`Error::Io`] from `fallocate` (the runs punched before it stay
-    /// punched, the rest is untouched, and the run whose punch failed stays
-    /// unused until the shard is reopened: the kernel may still punch it), [`Error::FdPressure`] and [`Error::TooManyOpenFiles`] when
+    /// punched, the run it failed on counts as punched, the rest is
+    /// untouched; a punch whose submission to the ring failed after it was
+    /// queued may still run, so its run stays unused until the shard is
+    /// reopened), [`Error::FdPressure`] and [`Error::TooManyOpenFiles`] when
     /// a data file cannot be opened. The allocator stays consistent in every
     /// case: no allocation changes.
     pub async fn trim(&self) -> Result<u64> {
@@ -184,22 +186,24 @@ impl SegmentAllocator {
             leased.preparing = Some((run, trim));
             let prepared = self.prepare_punch(run, &mut can_punch).await;
             leased.preparing = None;
-            let mut punch_failed = false;
+            let mut still_queued = false;
             let r = match prepared {
                 Ok(Some((op, bytes, path))) => {
                     let (_, op) = leased.punching.insert((run, op));
-                    let done = op.await;
+                    let done = (&mut *op).await;
+                    let queued = op.left_queued();
                     leased.punching = None;
                     match done {
                         Ok(()) => Ok(Some(bytes)),
+                        Err(e) if queued => {
+                            still_queued = true;
+                            Err(Error::io("fallocate(PUNCH_HOLE)", Some(&path), e))
+                        }
                         Err(e) if sys::is_unsupported(&e) => {
                             can_punch.insert(run.file, false);
                             Ok(None)
                         }
-                        Err(e) => {
-                            punch_failed = true;
-                            Err(Error::io("fallocate(PUNCH_HOLE)", Some(&path), e))
-                        }
+                        Err(e) => Err(Error::io("fallocate(PUNCH_HOLE)", Some(&path), e)),
                     }
                 }
                 Ok(None) => Ok(None),
@@ -213,25 +217,24 @@ impl SegmentAllocator {
                     st.space.give_back(run, Trim::Punched);
                 }
                 Ok(None) => st.space.give_back(run, trim),
-                Err(e) if punch_failed => {
-                    // The kernel may still punch it: a submission that
-                    // failed after the punch was queued reports the punch
-                    // failed, and the queued entry reaches the kernel with
-                    // a later one, unordered with a reservation of a
-                    // segment made in the run meanwhile. So it stays out of
-                    // the free space until the shard is reopened.
+                Err(e) if still_queued => {
+                    // The submission failed after the punch was queued: it
+                    // reaches the kernel with a later one, unordered with a
+                    // reservation of a segment made in the run meanwhile.
+                    // So the run stays out of the free space until the
+                    // shard is reopened.
                     tracing::warn!(
                         shard = self.shard,
                         ?run,
                         error = %e,
-                        "punch failed: the run stays unused until the shard is reopened"
+                        "punch submission failed: the run stays unused until the shard is reopened"
                     );
                     drop(st);
                     return Err(e);
                 }
                 Err(e) => {
-                    // Nothing was punched (a descriptor or the probe failed);
-                    // given back as maybe punched all the same.
+                    // The kernel may have punched part of it (or nothing: a
+                    // descriptor or the probe failed).
                     st.space.give_back(run, Trim::Punched);
                     drop(st);
                     return Err(e);

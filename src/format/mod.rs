@@ -74,12 +74,12 @@ pub fn parse_data_file_name(name: &str) -> Option<u32> {
 /// Page size the metadata layout is built on.
 pub const META_PAGE_BYTES: u64 = 4096;
 /// Missing data files in a row below a file a kept segment names that a
-/// scan reports as a gap no shard leaves (`scan::Defect::DataFileGap`),
-/// refusing the shard. A shard leaves a few numbers unused at most: a
-/// file is made by its first segment, which may be cancelled or fail
-/// while the next file's first segment is published. The bound keeps the
-/// cost of recovery, which takes every number up to the highest named for
-/// a file, in proportion to the files present.
+/// scan reports as damage (`scan::Defect::DataFileGap`), refusing the
+/// shard. A shard leaves a number unused for each first segment of a
+/// file cancelled (or failed) while the next file's first segment is
+/// published, so its own gaps are as wide as such cancellations at once.
+/// The bound keeps the number of files recovery takes (every number up to
+/// the highest named) within this many per file present.
 pub const DATA_FILE_GAP_MAX: u32 = 4096;
 /// Sector size: the unit a device writes atomically.
 pub const SECTOR_BYTES: u64 = 512;

@@ -97,6 +97,7 @@ pub struct Fault {
     times: u64,
     errno: i32,
     at_completion: bool,
+    after_push: bool,
 }
 
 impl Fault {
@@ -108,7 +109,19 @@ impl Fault {
             times: 1,
             errno,
             at_completion: false,
+            after_push: false,
         }
+    }
+
+    /// The failing operation is queued in the ring, and the
+    /// `io_uring_enter` that would submit it fails with the error: the
+    /// operation is reported failed, and its entry reaches the kernel with
+    /// a later submission, as after a real failed `enter` (io_uring
+    /// backend; on the sync backend it fails before the syscall, as
+    /// without this).
+    pub fn after_push(mut self) -> Fault {
+        self.after_push = true;
+        self
     }
 
     /// The failing operation is submitted and runs; its result is replaced
@@ -208,22 +221,24 @@ fn take(is: impl Fn(FaultOp) -> bool) -> Option<Injected> {
                 p.seen[op.index()] += 1;
             }
         }
-        let mut fired: Option<(FaultOp, i32, bool)> = None;
+        let mut fired: Option<(FaultOp, Injected)> = None;
         for rule in p.rules.iter_mut().filter(|r| is(r.op)) {
             if rule.skip > 0 {
                 rule.skip -= 1;
             } else if fired.is_none() && rule.times > 0 {
                 rule.times -= 1;
-                fired = Some((rule.op, rule.errno, rule.at_completion));
+                let i = Injected {
+                    errno: rule.errno,
+                    at_completion: rule.at_completion,
+                    after_push: rule.after_push,
+                };
+                fired = Some((rule.op, i));
             }
         }
         p.rules.retain(|r| r.times > 0);
-        fired.map(|(op, errno, at_completion)| {
+        fired.map(|(op, i)| {
             p.injected[op.index()] += 1;
-            Injected {
-                errno,
-                at_completion,
-            }
+            i
         })
     })
 }
@@ -234,6 +249,9 @@ pub(super) struct Injected {
     /// The operation runs, and fails when it completes
     /// ([`Fault::at_completion`]).
     pub(super) at_completion: bool,
+    /// The operation is queued, and its submission fails
+    /// ([`Fault::after_push`]).
+    pub(super) after_push: bool,
 }
 
 impl Injected {

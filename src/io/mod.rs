@@ -397,20 +397,24 @@ impl Ring {
     /// Start one attempt of an operation.
     fn start(&self, kind: OpKind, res: Resources) -> Op {
         let mut fail_at_completion = None;
-        if let Some((errno, at_completion)) = injected_fault(&kind) {
-            if at_completion && self.inner.uring.as_ref().is_some_and(|d| d.supports(&kind)) {
-                fail_at_completion = Some(errno);
+        let mut fail_submit = None;
+        if let Some(f) = injected_fault(&kind) {
+            let uring = self.inner.uring.as_ref().is_some_and(|d| d.supports(&kind));
+            if f.at_completion && uring {
+                fail_at_completion = Some(f.errno);
+            } else if f.after_push && uring {
+                fail_submit = Some(io::Error::from_raw_os_error(f.errno));
             } else {
                 // A planned failure (feature `fault-injection`): before the
                 // submission or the syscall, on either backend.
                 self.bump(|s| s.failed += 1);
-                return Op::ready(self, kind, Err(io::Error::from_raw_os_error(errno)));
+                return Op::ready(self, kind, Err(io::Error::from_raw_os_error(f.errno)));
             }
         }
         if let Some(d) = &self.inner.uring
             && d.supports(&kind)
         {
-            match d.submit(kind, res) {
+            match d.submit(kind, res, fail_submit) {
                 Ok(key) => {
                     self.bump(|s| s.submitted += 1);
                     return Op {
@@ -422,14 +426,17 @@ impl Ring {
                         rest: None,
                         fail_at_completion,
                         detached: false,
+                        left_queued: false,
                     };
                 }
-                Err((e, _res)) => {
+                Err((e, res)) => {
                     self.bump(|s| s.failed += 1);
                     // A failed enter leaves the entry queued and abandoned:
                     // the reaper submits and reaps it.
                     reap::ensure(self);
-                    return Op::ready(self, kind, Err(e));
+                    let mut op = Op::ready(self, kind, Err(e));
+                    op.left_queued = res.is_none();
+                    return op;
                 }
             }
         }
@@ -445,16 +452,23 @@ impl Ring {
     }
 }
 
-/// The injected failure of an operation (feature `fault-injection`): the
-/// errno, and whether the operation runs and fails when it completes.
+/// The injected failure of an operation (feature `fault-injection`).
 #[cfg(feature = "fault-injection")]
-fn injected_fault(kind: &OpKind) -> Option<(i32, bool)> {
-    faults::take_op(kind).map(|i| (i.errno, i.at_completion))
+fn injected_fault(kind: &OpKind) -> Option<faults::Injected> {
+    faults::take_op(kind)
+}
+
+/// What a planned failure of an operation is (none without the feature).
+#[cfg(not(feature = "fault-injection"))]
+struct Injected {
+    errno: i32,
+    at_completion: bool,
+    after_push: bool,
 }
 
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
-fn injected_fault(_kind: &OpKind) -> Option<(i32, bool)> {
+fn injected_fault(_kind: &OpKind) -> Option<Injected> {
     None
 }
 
@@ -558,6 +572,10 @@ pub struct Op {
     /// Kept for a later task, which has not polled it yet (`detach`): a
     /// retry's attempt is detached too.
     detached: bool,
+    /// The last attempt's submission failed after its entry was queued:
+    /// it is reported failed, yet reaches the kernel with a later
+    /// submission (see [`left_queued`](Self::left_queued)).
+    left_queued: bool,
 }
 
 impl Op {
@@ -596,14 +614,27 @@ impl Op {
             rest: None,
             fail_at_completion: None,
             detached: false,
+            left_queued: false,
         }
     }
 
+    /// Whether the operation was reported failed while its entry stayed
+    /// queued in the ring (an `io_uring_enter` failed after the push): the
+    /// kernel runs it later, with another submission, unordered with the
+    /// operations submitted with it. A caller for whom that matters (a
+    /// punch, which must not land after a later write to its range) must
+    /// not take the failure for the operation's end.
+    pub(crate) fn left_queued(&self) -> bool {
+        self.left_queued
+    }
+
     /// After a result: start another attempt if it was interrupted and a
-    /// retry is allowed; otherwise the result to return.
+    /// retry is allowed; otherwise the result to return. An attempt left
+    /// queued is not retried: it still runs.
     fn retry_or(&mut self, r: io::Result<()>) -> Option<io::Result<()>> {
         let interrupted = matches!(&r, Err(e) if e.raw_os_error() == Some(nix::libc::EINTR));
         if interrupted
+            && !self.left_queued
             && self.attempts < MAX_EINTR_RETRIES
             && let Some(res) = self.retry.clone()
         {
@@ -640,6 +671,7 @@ impl Op {
         let mut next = self.ring.start(self.kind, res);
         self.state = std::mem::replace(&mut next.state, OpState::Done);
         self.fail_at_completion = next.fail_at_completion.take();
+        self.left_queued = next.left_queued;
         if self.detached {
             self.detach();
         }

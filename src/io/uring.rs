@@ -119,12 +119,17 @@ impl Driver {
         v
     }
 
-    /// Submit one operation; on failure the resources come back.
+    /// Submit one operation. On failure the resources come back, unless
+    /// the entry was queued before the failure (`None`): the ring keeps them
+    /// until the kernel, which gets the entry with a later submission, is
+    /// done with it. `fail_enter`: the submission's error, planned (feature
+    /// `fault-injection`), in place of the `io_uring_enter`.
     pub(super) fn submit(
         &self,
         kind: OpKind,
         res: Resources,
-    ) -> Result<usize, (io::Error, Resources)> {
+        fail_enter: Option<io::Error>,
+    ) -> Result<usize, (io::Error, Option<Resources>)> {
         let fd = res.fd.as_ref().map(|f| types::Fd(f.as_raw_fd()));
         let mut ops = self.ops.borrow_mut();
         let entry = ops.vacant_entry();
@@ -138,11 +143,11 @@ impl Driver {
         if !pushed {
             // Queue full: flush it and try once more.
             if let Err(e) = ring.submit() {
-                return Err((e, res));
+                return Err((e, Some(res)));
             }
             // SAFETY: as above.
             if unsafe { ring.submission().push(&sqe) }.is_err() {
-                return Err((io::Error::from_raw_os_error(nix::libc::EBUSY), res));
+                return Err((io::Error::from_raw_os_error(nix::libc::EBUSY), Some(res)));
             }
         }
         entry.insert(OpState::Waiting {
@@ -150,7 +155,11 @@ impl Driver {
             detached: false,
             _res: res,
         });
-        if let Err(e) = enter(|| ring.submit()) {
+        let submitted = match fail_enter {
+            Some(e) => Err(e),
+            None => enter(|| ring.submit()),
+        };
+        if let Err(e) = submitted {
             // The entry is queued and reaches the kernel with the next
             // submit: keep its resources under its key until it completes.
             if let Some(state) = ops.get_mut(key)
@@ -158,13 +167,7 @@ impl Driver {
             {
                 *state = OpState::Abandoned { _res };
             }
-            return Err((
-                e,
-                Resources {
-                    fd: None,
-                    hold: None,
-                },
-            ));
+            return Err((e, None));
         }
         Ok(key)
     }

@@ -113,10 +113,11 @@ pub(super) fn check_data_files(t: &ScanTarget<'_>, s: &mut ShardScan) {
 /// entry naming file `u32::MAX - 1` would cost billions. A shard's own
 /// gaps are narrow: it hands out file `n + 1` once file `n`'s space is
 /// handed out, and a file is made by its first segment, which may be
-/// cancelled or fail while a segment of the next file is published, so a
-/// few numbers can be missing. The files are looked up in order up to
-/// the highest one named, stopping at the first run that wide: as many
-/// lookups as the folder holds files, plus at most one run.
+/// cancelled or fail while a segment of the next file is published, so
+/// numbers can be missing: as many in a row as first segments of files
+/// were cancelled at once. The files are looked up in order up to the
+/// highest one named, stopping at the first run that wide: fewer than
+/// `DATA_FILE_GAP_MAX` lookups of missing files per file present.
 fn check_gap(t: &ScanTarget<'_>, s: &mut ShardScan) {
     let kept = || s.segments.iter().filter(|x| !x.dropped);
     let Some(highest) = kept().map(|x| x.header.file).max() else {

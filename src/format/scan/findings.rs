@@ -137,10 +137,11 @@ pub enum Defect {
     /// `missing` data files in a row are missing from this one on
     /// ([`DATA_FILE_GAP_MAX`](crate::format::DATA_FILE_GAP_MAX)), yet
     /// segments that recovery would keep lie in files numbered after them
-    /// (`files`, `entries`). A shard leaves at most a few numbers unused
-    /// (a file's first segment cancelled while the next file's is
-    /// published): the entries name files the shard never made, or the
-    /// folder was damaged. It refuses the shard.
+    /// (`files`, `entries`). A shard leaves a number unused for each
+    /// first segment of a file cancelled while the next file's is
+    /// published, so a gap this wide takes thousands of such cancellations
+    /// at once: the entries name files the shard never made, or the folder
+    /// was damaged. It refuses the shard.
     DataFileGap {
         missing: u32,
         files: Vec<u32>,
@@ -336,7 +337,7 @@ fn fmt_entry(d: &Defect, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             live,
         } => write!(
             f,
-            "{missing} data files in a row are missing from this one on, yet {} segment(s) (entries {}) holding {live} live slot(s) lie in data files numbered after them ({}): a shard leaves no such gap, so these files or entries are not its own",
+            "{missing} data files in a row are missing from this one on, yet {} segment(s) (entries {}) holding {live} live slot(s) lie in data files numbered after them ({}): the folder was damaged, or these entries name files the shard never made",
             entries.len(),
             list(entries),
             list(files)
