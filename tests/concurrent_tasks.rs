@@ -270,6 +270,22 @@ async fn poll_then_drop<F: Future>(
     None
 }
 
+/// Trims dropped at one poll more each time, until one completes (false)
+/// or one leaves a run out of the free space, its punch in flight, which
+/// `allocated_bytes` then counts above `allocated` (true).
+async fn trims_dropped_until_a_punch_is_left(shard: &Shard, allocated: u64) -> bool {
+    for polls in 1.. {
+        if let Some(r) = poll_then_drop(shard.trim(), Some(polls), false).await {
+            r.unwrap();
+            return false;
+        }
+        if shard.stats().alloc.allocated_bytes > allocated {
+            return true;
+        }
+    }
+    unreachable!()
+}
+
 /// A `trim` dropped while its punch of a run was in flight kept the run
 /// out of the free space until the shard was reopened (the kernel may
 /// still punch it, so it cannot be handed out at once): every trim a
@@ -308,18 +324,7 @@ fn a_trim_dropped_while_punching_gives_its_run_back() {
             }
             shard.sync().await.unwrap();
             shard.sync().await.unwrap();
-            let mut left_behind = false;
-            for polls in 1.. {
-                if let Some(r) = poll_then_drop(shard.trim(), Some(polls), false).await {
-                    r.unwrap();
-                    break;
-                }
-                // Out of the free space, not in a segment: its punch runs.
-                if shard.stats().alloc.allocated_bytes > MIB {
-                    left_behind = true;
-                    break;
-                }
-            }
+            let left_behind = trims_dropped_until_a_punch_is_left(&shard, MIB).await;
             if left_behind && waited <= collected {
                 waited += 1;
                 shard.trim().await.unwrap();
@@ -364,17 +369,7 @@ fn a_punch_left_in_flight_does_not_keep_its_files_descriptor() {
             shard.sync().await.unwrap();
             shard.sync().await.unwrap();
             let allocated = shard.stats().alloc.allocated_bytes;
-            let mut left_behind = false;
-            for polls in 1.. {
-                if let Some(r) = poll_then_drop(shard.trim(), Some(polls), false).await {
-                    r.unwrap();
-                    break;
-                }
-                if shard.stats().alloc.allocated_bytes > allocated {
-                    left_behind = true;
-                    break;
-                }
-            }
+            let left_behind = trims_dropped_until_a_punch_is_left(&shard, allocated).await;
             // Time for the kernel to finish the punch.
             tokio::time::sleep(Duration::from_millis(100)).await;
             shard.mappings().evict_idle();

@@ -161,6 +161,15 @@ async fn make_free_runs(shard: &Shard, n: usize) {
     }
 }
 
+/// Twenty free runs, their segments' releases synced (as a `trim`'s own
+/// syncs would make them): `allocated_bytes` then, and the state.
+async fn free_runs_released(shard: &Shard) -> (u64, Snapshot) {
+    make_free_runs(shard, 20).await;
+    shard.sync().await.unwrap();
+    shard.sync().await.unwrap();
+    (shard.stats().alloc.allocated_bytes, snapshot(shard))
+}
+
 /// Free runs, then trim them.
 async fn freed_and_trimmed(shard: &Shard) -> u64 {
     make_free_runs(shard, 24).await;
@@ -210,13 +219,7 @@ fn punch_failure_during_trim() {
         let cfg = small_cfg(dir.path());
         run(async {
             let shard = populated(&cfg).await;
-            make_free_runs(&shard, 20).await;
-            // The frees' segments released, their runs free (as trim's own
-            // syncs would).
-            shard.sync().await.unwrap();
-            shard.sync().await.unwrap();
-            let allocated = shard.stats().alloc.allocated_bytes;
-            let before = snapshot(&shard);
+            let (allocated, before) = free_runs_released(&shard).await;
             faults::inject(Fault::new(FaultOp::FallocatePunch, errno));
             match shard.trim().await {
                 Err(e @ Error::Io { .. }) => {
@@ -258,11 +261,7 @@ fn a_punch_left_queued_by_a_failed_submission_keeps_its_run_out() {
         let cfg = small_cfg(dir.path());
         run(async {
             let shard = populated(&cfg).await;
-            make_free_runs(&shard, 20).await;
-            shard.sync().await.unwrap();
-            shard.sync().await.unwrap();
-            let allocated = shard.stats().alloc.allocated_bytes;
-            let before = snapshot(&shard);
+            let (allocated, before) = free_runs_released(&shard).await;
             let uring = shard.stats().io_backend == segalloc::IoBackend::Uring;
             faults::inject(Fault::new(FaultOp::FallocatePunch, errno).after_push());
             match shard.trim().await {
