@@ -8,7 +8,9 @@
 //! io_uring, before the plain syscall on the sync backend, and before the
 //! `mmap` of a window in `MappingManager`'s fault-in. The operation then
 //! completes with the chosen error as if the kernel had returned it; nothing
-//! reaches the kernel.
+//! reaches the kernel, except with [`Fault::at_completion`] (the operation
+//! runs, its result is replaced) and [`Fault::after_push`] (the entry is
+//! queued, its submission fails, and it runs with a later one).
 //!
 //! ```
 //! use segalloc::io::faults::{self, Fault, FaultOp};

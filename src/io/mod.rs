@@ -629,12 +629,15 @@ impl Op {
     }
 
     /// After a result: start another attempt if it was interrupted and a
-    /// retry is allowed; otherwise the result to return. An attempt left
-    /// queued is not retried: it still runs.
+    /// retry is allowed; otherwise the result to return. A punch left
+    /// queued is not retried: it still runs, and a second one reporting
+    /// success would let its caller reuse the range before the first lands
+    /// (a second growth, advice or `fdatasync` does no such harm).
     fn retry_or(&mut self, r: io::Result<()>) -> Option<io::Result<()>> {
         let interrupted = matches!(&r, Err(e) if e.raw_os_error() == Some(nix::libc::EINTR));
+        let punch = matches!(self.kind, OpKind::Fallocate { mode, .. } if mode & nix::libc::FALLOC_FL_PUNCH_HOLE != 0);
         if interrupted
-            && !self.left_queued
+            && !(self.left_queued && punch)
             && self.attempts < MAX_EINTR_RETRIES
             && let Some(res) = self.retry.clone()
         {
