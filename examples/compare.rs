@@ -27,7 +27,9 @@
 //! batched as segalloc batches them (the same handles crossing the same
 //! cores without segalloc's forwarding code), and the old design (one
 //! `open` + `ftruncate` + `mmap` per segment under the default soft fd
-//! limit of 1024: where it dies). The data files
+//! limit of 1024: where it dies), and, before the producer/consumer and
+//! the sweep, the round trip of one cache line between the CPUs of shards
+//! 0 and 1 (two threads pinned there): the cross-shard rows move with it. The data files
 //! of every timed phase are written back (`fdatasync`) and deleted before
 //! the next phase, so no phase pays for another's dirty pages, and every
 //! file fill first fills and deletes a scratch file of what it will touch
@@ -605,6 +607,7 @@ fn allocator(args: &Args, d: &mut Vec<Design>, g: &mut Vec<Goal>) -> Result<(), 
     g.push(time_goal("fill, free all, refill", s, b, 2.0));
     let [s, b] = in_turns(r, [&mut || segalloc_mix(args), &mut || malloc_mix(args)])?;
     g.push(time_goal("random mix 16 B - 4 KiB", s, b, 0.5));
+    d.extend(round_trip_row("producer/consumer")?);
     let [c, l, alone] = in_turns(
         r,
         [
@@ -643,6 +646,89 @@ fn allocator(args: &Args, d: &mut Vec<Design>, g: &mut Vec<Goal>) -> Result<(), 
     Ok(())
 }
 
+/// Round trips of one cache line between the CPUs shards 0 and 1 run on
+/// (the first two the process may use: `Runtime::start` pins shard `i` to
+/// the `i`-th), the line passed back and forth by two threads pinned
+/// there: ns per round trip, the median of 5 bursts of 20,000. What a
+/// hand-off between two shards costs on this machine at this moment: on
+/// the virtual machines the README's figures come from, it moved between
+/// 63 and 319 ns from one minute to the next. `None` with one CPU.
+fn core_round_trip_ns() -> Result<Option<f64>, BoxError> {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const BURST: u64 = 20_000;
+    let allowed = sched_getaffinity(Pid::from_raw(0))?;
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| allowed.is_set(c).unwrap_or(false))
+        .take(2)
+        .collect();
+    let &[ping_cpu, echo_cpu] = cpus.as_slice() else {
+        return Ok(None);
+    };
+    // Best effort: unpinned (a CPU set the process may not use after all),
+    // the threads still pass the line, wherever they run.
+    let pin = |cpu: usize| {
+        let mut set = CpuSet::new();
+        if set.set(cpu).is_ok() {
+            let _ = sched_setaffinity(Pid::from_raw(0), &set);
+        }
+    };
+    // The pinger writes odd values, the echo the even value after each.
+    let line = AtomicU64::new(0);
+    let bursts = std::thread::scope(|s| {
+        s.spawn(|| {
+            pin(echo_cpu);
+            loop {
+                let v = line.load(Ordering::Acquire);
+                if v == u64::MAX {
+                    return;
+                }
+                if v % 2 == 1 {
+                    line.store(v + 1, Ordering::Release);
+                }
+                std::hint::spin_loop();
+            }
+        });
+        s.spawn(|| {
+            pin(ping_cpu);
+            let mut v = 0;
+            let bursts: Vec<f64> = (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    for _ in 0..BURST {
+                        line.store(v + 1, Ordering::Release);
+                        v += 2;
+                        while line.load(Ordering::Acquire) != v {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    t.elapsed().as_nanos() as f64 / BURST as f64
+                })
+                .collect();
+            line.store(u64::MAX, Ordering::Release);
+            bursts
+        })
+        .join()
+        .expect("pinger")
+    });
+    Ok(Some(middle(bursts)))
+}
+
+/// A design row for [`core_round_trip_ns`], measured now, before `what`.
+fn round_trip_row(what: &str) -> Result<Option<Design>, BoxError> {
+    Ok(core_round_trip_ns()?.map(|ns| {
+        design(
+            "cross-core round trip",
+            ns,
+            "ns",
+            format!(
+                "before {what}: one cache line between the CPUs of shards 0 and 1, median of 5 bursts"
+            ),
+        )
+    }))
+}
+
 /// The shard sweep: the lowest efficiency over 2 ..= cores shards; beside
 /// it, at the same shard count, the efficiency of the same pattern with the
 /// frees carried back by hand.
@@ -653,6 +739,7 @@ fn sweep(
     g: &mut Vec<Goal>,
 ) -> Result<(), BoxError> {
     let r = args.repeat;
+    d.extend(round_trip_row("the sweep")?);
     // (efficiency, rate, one shard's rate, shards, by hand's efficiency)
     let mut worst = (f64::INFINITY, 0.0, 0.0, 1, 0.0);
     for n in 2..=cores.max(2) {
