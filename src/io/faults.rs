@@ -79,9 +79,7 @@ impl FaultOp {
             (FaultOp::FallocateReserve, OpKind::Fallocate { mode, .. }) => {
                 *mode == sys::FALLOC_EXTEND
             }
-            (FaultOp::FallocatePunch, OpKind::Fallocate { mode, .. }) => {
-                *mode & nix::libc::FALLOC_FL_PUNCH_HOLE != 0
-            }
+            (FaultOp::FallocatePunch, k) => k.is_punch(),
             (FaultOp::Ftruncate, OpKind::Ftruncate { .. }) => true,
             (FaultOp::Madvise, OpKind::Madvise { .. }) => true,
             (FaultOp::Fsync, OpKind::Fsync { .. }) => true,

@@ -152,6 +152,12 @@ pub(crate) enum OpKind {
 }
 
 impl OpKind {
+    /// A `fallocate` that deallocates its range (`FALLOC_FL_PUNCH_HOLE`):
+    /// `trim`'s punch.
+    pub(crate) fn is_punch(&self) -> bool {
+        matches!(self, OpKind::Fallocate { mode, .. } if mode & nix::libc::FALLOC_FL_PUNCH_HOLE != 0)
+    }
+
     fn name(&self) -> &'static str {
         match self {
             OpKind::Fallocate { .. } => "fallocate",
@@ -635,9 +641,8 @@ impl Op {
     /// (a second growth, advice or `fdatasync` does no such harm).
     fn retry_or(&mut self, r: io::Result<()>) -> Option<io::Result<()>> {
         let interrupted = matches!(&r, Err(e) if e.raw_os_error() == Some(nix::libc::EINTR));
-        let punch = matches!(self.kind, OpKind::Fallocate { mode, .. } if mode & nix::libc::FALLOC_FL_PUNCH_HOLE != 0);
         if interrupted
-            && !(self.left_queued && punch)
+            && !(self.left_queued && self.kind.is_punch())
             && self.attempts < MAX_EINTR_RETRIES
             && let Some(res) = self.retry.clone()
         {
