@@ -168,7 +168,8 @@ fn fill_free_refill(c: &mut Criterion) {
             let path = b.dir.path().join("raw");
             g.bench_function("raw_ceiling", |bch| {
                 bch.iter_custom(|n| {
-                    work::raw_fill(&path, stride, n, RECORD_BYTES, false).expect("raw fill")
+                    work::raw_fill(&path, stride, n, RECORD_BYTES, false, work::Kept::Nothing)
+                        .expect("raw fill")
                 })
             });
         }
