@@ -738,3 +738,115 @@ fn a_reader_stays_open_when_a_second_reader_of_its_shard_closes() {
         assert!(p.is_ok(), "A is still open: {:?}", p.err());
     });
 }
+
+/// Poll `f` (a waker that does nothing) `polls` times, letting other tasks
+/// run between polls; dropped if not ready by then.
+async fn poll_then_drop<F: std::future::Future>(f: F, polls: usize) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let waker = futures::task::noop_waker();
+    for _ in 0..polls {
+        if let std::task::Poll::Ready(v) =
+            f.as_mut().poll(&mut std::task::Context::from_waker(&waker))
+        {
+            return Some(v);
+        }
+        tokio::task::yield_now().await;
+    }
+    None
+}
+
+/// Wait until the kernel runs no operation of `files`'s ring (the ring
+/// reaps the abandoned ones by itself).
+async fn ring_settled(files: &FileHandleRegistry) {
+    for _ in 0..5000 {
+        if files.ring().stats().in_flight == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    panic!("operations still in flight after 5 s");
+}
+
+/// An allocator closed while a `trim` it cancelled still punched a run let
+/// that punch run on: its shard, opened again at once through the same
+/// manager (so the same ring), could put a segment in the run and have its
+/// records punched to zeros after they were written. Now the close waits
+/// for the punch. Each round fills 40 MiB and frees it, then cancels
+/// trims at one poll more each time until one completes or one leaves its
+/// punch in flight, with nothing else in flight; the allocator is then
+/// closed, and the punch must be over. The shard is opened again and
+/// filled, and every byte read back after a pause. With `SEGALLOC_IO=sync`
+/// a trim completes within its first poll: no punch is ever left.
+#[test]
+fn closing_an_allocator_waits_for_the_punch_of_a_cancelled_trim() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let cfg = segalloc::Config::builder(tmp.path())
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(MIB)
+        .build()
+        .unwrap();
+    let (files, mm) = manager_of(&cfg);
+    run(async {
+        let mut closed_while_punching = 0;
+        for round in 0..40u8 {
+            let (dd, a) = open_shard0(&cfg, &mm).await.unwrap();
+            let mut hs = Vec::new();
+            for i in 0..40u8 {
+                let x = a.allocate(MIB).await.unwrap();
+                x.pin().fill(0, x.len(), round ^ i).unwrap();
+                hs.push(x.into_handle());
+            }
+            // Every record reads back as written: no punch landed on them.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            for (i, h) in hs.iter().enumerate() {
+                let got = read_back(&a, *h, MIB as usize).await;
+                let want = round ^ i as u8;
+                assert!(
+                    got.iter().all(|&b| b == want),
+                    "round {round}: allocation {i} lost its bytes"
+                );
+            }
+            a.sync().await.unwrap();
+            for h in hs.iter().skip(1).chain(hs.first()) {
+                a.free(*h).unwrap();
+            }
+            a.sync().await.unwrap();
+            a.sync().await.unwrap();
+            let allocated = a.stats().allocated_bytes;
+            let mut left_punching = false;
+            for polls in 1.. {
+                ring_settled(&files).await;
+                if let Some(r) = poll_then_drop(a.trim(), polls).await {
+                    r.unwrap();
+                    break;
+                }
+                if a.stats().allocated_bytes > allocated {
+                    // Only the kept punch can be in flight now.
+                    left_punching = files.ring().stats().in_flight > 0;
+                    break;
+                }
+            }
+            drop((a, dd));
+            if left_punching {
+                closed_while_punching += 1;
+                assert_eq!(
+                    files.ring().stats().in_flight,
+                    0,
+                    "round {round}: the allocator closed while its punch ran"
+                );
+            }
+            mm.settle_prefaults().await;
+            mm.evict_idle();
+            if closed_while_punching >= 3 {
+                break;
+            }
+        }
+        if files.ring().backend() == segalloc::IoBackend::Uring {
+            assert!(
+                closed_while_punching > 0,
+                "no allocator was closed while a cancelled trim's punch ran"
+            );
+        }
+    });
+}

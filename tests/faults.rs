@@ -247,8 +247,9 @@ fn punch_failure_during_trim() {
 
 /// A punch queued in the ring whose submission failed (`io_uring_enter`
 /// after the push) is reported failed, yet reaches the kernel with a later
-/// submission: its run must not be handed out before a reopen (a segment
-/// made there could be punched after its writes). An interrupted
+/// submission: its run must not be handed out before the ring has reaped
+/// it (a segment made there could be punched after its writes), and is
+/// free again after that (it stayed out until a reopen). An interrupted
 /// submission (`EINTR`) is not retried either: the punch queued still runs,
 /// and a second one returning success gave the run back. With
 /// `SEGALLOC_IO=sync` the fault fails the punch before its syscall (which
@@ -274,6 +275,21 @@ fn a_punch_left_queued_by_a_failed_submission_keeps_its_run_out() {
             let now = shard.stats().alloc.allocated_bytes;
             if uring {
                 assert!(now > allocated, "errno {errno}: the run went back");
+                // The ring submits the queued punch and reaps it by
+                // itself; then the next trim takes the run back first.
+                for _ in 0..5000 {
+                    if shard.ring().stats().in_flight == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                assert_eq!(shard.ring().stats().in_flight, 0, "errno {errno}");
+                shard.trim().await.unwrap();
+                assert_eq!(
+                    shard.stats().alloc.allocated_bytes,
+                    allocated,
+                    "errno {errno}: the run stayed out after its punch ran"
+                );
             } else {
                 assert!(now <= allocated, "errno {errno}: a run kept out");
             }

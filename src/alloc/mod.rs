@@ -150,6 +150,10 @@ struct State {
     /// Runs whose punch a dropped `trim` left in flight, with the punch:
     /// out of the free space until the kernel is done with it (`trim.rs`).
     punching: Vec<(space::Run, crate::io::Op)>,
+    /// Runs whose punch was reported failed while its entry stayed queued
+    /// in the ring (`Op::left_queued`), with the punch: out of the free
+    /// space until the ring has reaped the entry (`trim.rs`).
+    queued_punches: Vec<(space::Run, crate::io::Op)>,
 }
 
 /// Bytes the allocator faults in ahead of a class's bump position, one

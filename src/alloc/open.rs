@@ -189,6 +189,7 @@ impl SegmentAllocator {
                 fresh: Default::default(),
                 prefaulted: Default::default(),
                 punching: Vec::new(),
+                queued_punches: Vec::new(),
             }),
             poisoned: Cell::new(false),
             writable: Cell::new(writable),

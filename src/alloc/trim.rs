@@ -11,7 +11,11 @@
 //!   runs whose punch is done ([`collect_punched`]). A run given back
 //!   before its punch was submitted goes back in its own state. A run
 //!   whose punch was reported failed while it stayed queued in the ring
-//!   (`Op::left_queued`) stays out until a reopen: the kernel gets it later.
+//!   (`Op::left_queued`) stays out, its punch kept beside it
+//!   (`State::queued_punches`), until the ring has reaped that entry: the
+//!   kernel gets it later. The allocator's `Drop` waits for every kept
+//!   punch, so a shard reopened through the same registry (the same ring)
+//!   never hands out a run the old one still punches.
 //! * Every release the punched runs come from is durable before the first
 //!   hole is punched (a run enters the free space only after a sync made its
 //!   release durable), so a power loss can never bring a released segment
@@ -74,15 +78,18 @@ impl Drop for Leased<'_> {
 }
 
 /// Give back to the free space every run whose punch, left in flight by a
-/// dropped `trim`, the kernel has completed (it may hold a hole, whatever
-/// the punch's result). Without waiting: called before a new segment
-/// takes space.
+/// dropped `trim` or queued by a failed submission, the kernel has
+/// completed (it may hold a hole, whatever the punch's result). Without
+/// waiting: called before a new segment takes space, and by `trim`.
 pub(super) fn collect_punched(st: &mut State) {
-    if st.punching.is_empty() {
+    if st.punching.is_empty() && st.queued_punches.is_empty() {
         return;
     }
     let State {
-        punching, space, ..
+        punching,
+        queued_punches,
+        space,
+        ..
     } = st;
     punching.retain_mut(|(run, op)| match op.try_complete() {
         Some(_) => {
@@ -91,6 +98,36 @@ pub(super) fn collect_punched(st: &mut State) {
         }
         None => true,
     });
+    queued_punches.retain(|(run, op)| {
+        if op.kernel_may_run() {
+            return true;
+        }
+        space.give_back(*run, Trim::Punched);
+        false
+    });
+}
+
+/// The allocator closes only once the kernel is done with every punch it
+/// kept (left in flight by a dropped `trim`, or queued by a failed
+/// submission): its shard may be opened again at once through the same
+/// registry, whose ring would otherwise still punch a run the new
+/// allocator hands out. The thread blocks for as long as those punches
+/// take (a punch already submitted; none is kept without a cancelled or
+/// failed `trim`).
+impl Drop for SegmentAllocator {
+    fn drop(&mut self) {
+        let st = self.st.get_mut();
+        for (run, op) in st.punching.iter().chain(&st.queued_punches) {
+            if let Err(e) = op.wait_blocking() {
+                tracing::error!(
+                    shard = self.shard,
+                    ?run,
+                    error = %e,
+                    "closed while a punch may still run: its run must not be used before the kernel is done"
+                );
+            }
+        }
+    }
 }
 
 impl SegmentAllocator {
@@ -116,7 +153,8 @@ impl SegmentAllocator {
     /// While `trim` runs, the runs it works on cannot be allocated from.
     /// Dropped before it completes, it gives them back, except a run whose
     /// punch the kernel is running: that one is free again once the punch
-    /// is done (the next `trim` waits for it first).
+    /// is done (the next `trim` waits for it first), and the allocator, if
+    /// dropped meanwhile, blocks its thread until the punch is done.
     ///
     /// A run whose window a [`PinGuard`](crate::PinGuard) of this shard still
     /// maps (a pin kept past the free of its allocation) is not punched; a
@@ -132,8 +170,8 @@ impl SegmentAllocator {
     /// [`Error::Io`] from `fallocate` (the runs punched before it stay
     /// punched, the run it failed on counts as punched, the rest is
     /// untouched; a punch whose submission to the ring failed after it was
-    /// queued may still run, so its run stays unused until the shard is
-    /// reopened), [`Error::FdPressure`] and [`Error::TooManyOpenFiles`] when
+    /// queued may still run, so its run stays unused until the ring has
+    /// reaped it), [`Error::FdPressure`] and [`Error::TooManyOpenFiles`] when
     /// a data file cannot be opened. The allocator stays consistent in every
     /// case: no allocation changes.
     pub async fn trim(&self) -> Result<u64> {
@@ -151,6 +189,9 @@ impl SegmentAllocator {
         };
         // 0. The punches an earlier, dropped `trim` left in flight: once
         //    each is done, its run is free again (maybe holding a hole).
+        //    Those left queued by a failed submission are free again if the
+        //    ring reaped them (not waited for: no task can await them).
+        collect_punched(&mut self.st.borrow_mut());
         loop {
             let Some(kept) = self.st.borrow_mut().punching.pop() else {
                 break;
@@ -186,17 +227,16 @@ impl SegmentAllocator {
             leased.preparing = Some((run, trim));
             let prepared = self.prepare_punch(run, &mut can_punch).await;
             leased.preparing = None;
-            let mut still_queued = false;
+            let mut still_queued = None;
             let r = match prepared {
                 Ok(Some((op, bytes, path))) => {
                     let (_, op) = leased.punching.insert((run, op));
                     let done = (&mut *op).await;
-                    let queued = op.left_queued();
-                    leased.punching = None;
+                    let (_, op) = leased.punching.take().expect("just set");
                     match done {
                         Ok(()) => Ok(Some(bytes)),
-                        Err(e) if queued => {
-                            still_queued = true;
+                        Err(e) if op.left_queued() => {
+                            still_queued = Some(op);
                             Err(Error::io("fallocate(PUNCH_HOLE)", Some(&path), e))
                         }
                         Err(e) if sys::is_unsupported(&e) => {
@@ -217,18 +257,20 @@ impl SegmentAllocator {
                     st.space.give_back(run, Trim::Punched);
                 }
                 Ok(None) => st.space.give_back(run, trim),
-                Err(e) if still_queued => {
+                Err(e) if still_queued.is_some() => {
                     // The submission failed after the punch was queued: it
                     // reaches the kernel with a later one, unordered with a
                     // reservation of a segment made in the run meanwhile.
-                    // So the run stays out of the free space until the
-                    // shard is reopened.
+                    // So the run stays out of the free space, beside its
+                    // punch, until the ring has reaped the entry.
                     tracing::warn!(
                         shard = self.shard,
                         ?run,
                         error = %e,
-                        "punch submission failed: the run stays unused until the shard is reopened"
+                        "punch submission failed: the run stays unused until the kernel has run it"
                     );
+                    let op = still_queued.take().expect("checked");
+                    st.queued_punches.push((run, op));
                     drop(st);
                     return Err(e);
                 }

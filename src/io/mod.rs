@@ -114,6 +114,10 @@ pub struct RingStats {
     pub abandoned: u64,
     /// Operations run again because they were interrupted (`EINTR`).
     pub eintr_retries: u64,
+    /// Operations the kernel may still run: submitted (or left queued by a
+    /// failed submission) and not reaped yet, whether a task awaits them or
+    /// they were dropped. A reading, not a counter: as of the call.
+    pub in_flight: u64,
 }
 
 /// How many times an operation interrupted by a signal (`EINTR`) is run
@@ -258,7 +262,13 @@ impl Ring {
 
     /// Counters.
     pub fn stats(&self) -> RingStats {
-        self.inner.stats.get()
+        let mut s = self.inner.stats.get();
+        s.in_flight = self
+            .inner
+            .uring
+            .as_ref()
+            .map_or(0, |d| d.in_flight() as u64);
+        s
     }
 
     /// Let the kernel's io workers that run this thread's blocking
@@ -432,16 +442,18 @@ impl Ring {
                         rest: None,
                         fail_at_completion,
                         detached: false,
-                        left_queued: false,
+                        left_queued: None,
                     };
                 }
-                Err((e, res)) => {
+                Err((e, not_sent)) => {
                     self.bump(|s| s.failed += 1);
                     // A failed enter leaves the entry queued and abandoned:
                     // the reaper submits and reaps it.
                     reap::ensure(self);
                     let mut op = Op::ready(self, kind, Err(e));
-                    op.left_queued = res.is_none();
+                    if let uring::NotSent::Queued(key) = not_sent {
+                        op.left_queued = Some(key);
+                    }
                     return op;
                 }
             }
@@ -580,8 +592,9 @@ pub struct Op {
     detached: bool,
     /// The last attempt's submission failed after its entry was queued:
     /// it is reported failed, yet reaches the kernel with a later
-    /// submission (see [`left_queued`](Self::left_queued)).
-    left_queued: bool,
+    /// submission (see [`left_queued`](Self::left_queued)): the key of
+    /// its entry, which the ring keeps until the kernel is done with it.
+    left_queued: Option<usize>,
 }
 
 impl Op {
@@ -620,7 +633,7 @@ impl Op {
             rest: None,
             fail_at_completion: None,
             detached: false,
-            left_queued: false,
+            left_queued: None,
         }
     }
 
@@ -631,7 +644,52 @@ impl Op {
     /// punch, which must not land after a later write to its range) must
     /// not take the failure for the operation's end.
     pub(crate) fn left_queued(&self) -> bool {
-        self.left_queued
+        self.left_queued.is_some()
+    }
+
+    /// Whether the kernel may still run the operation: in flight, or left
+    /// queued by a failed submission and not reaped yet. Without waiting
+    /// (the completion queue is reaped). An operation in flight stays so
+    /// for this check until its result is taken
+    /// ([`try_complete`](Self::try_complete) or a poll), which a detached
+    /// one's completion does not need.
+    pub(crate) fn kernel_may_run(&self) -> bool {
+        let Some(d) = &self.ring.inner.uring else {
+            return false;
+        };
+        match (self.state_key(), self.left_queued) {
+            (Some(key), _) => d.running(key, false),
+            (None, Some(key)) => d.running(key, true),
+            (None, None) => false,
+        }
+    }
+
+    /// Block this thread until the kernel is done with the operation (see
+    /// [`kernel_may_run`](Self::kernel_may_run)), for a caller that cannot
+    /// await and must not let the operation outlive it (a `Drop`). Its
+    /// result is kept for [`try_complete`](Self::try_complete).
+    ///
+    /// # Errors
+    ///
+    /// When `io_uring_enter` fails in a way that cannot be waited through:
+    /// the kernel may then still run the operation.
+    pub(crate) fn wait_blocking(&self) -> io::Result<()> {
+        let Some(d) = &self.ring.inner.uring else {
+            return Ok(());
+        };
+        match (self.state_key(), self.left_queued) {
+            (Some(key), _) => d.wait_blocking(key, false),
+            (None, Some(key)) => d.wait_blocking(key, true),
+            (None, None) => Ok(()),
+        }
+    }
+
+    /// The ring key of the attempt in flight, if any.
+    fn state_key(&self) -> Option<usize> {
+        match self.state {
+            OpState::InFlight(key) => Some(key),
+            _ => None,
+        }
     }
 
     /// After a result: start another attempt if it was interrupted and a
@@ -642,7 +700,7 @@ impl Op {
     fn retry_or(&mut self, r: io::Result<()>) -> Option<io::Result<()>> {
         let interrupted = matches!(&r, Err(e) if e.raw_os_error() == Some(nix::libc::EINTR));
         if interrupted
-            && !(self.left_queued && self.kind.is_punch())
+            && !(self.left_queued.is_some() && self.kind.is_punch())
             && self.attempts < MAX_EINTR_RETRIES
             && let Some(res) = self.retry.clone()
         {

@@ -50,6 +50,16 @@ enum OpState {
     },
 }
 
+/// Why [`Driver::submit`] failed with the operation's resources or not.
+pub(super) enum NotSent {
+    /// Nothing was queued (the resources were dropped).
+    Returned,
+    /// The entry was queued, under this key, before the submission failed:
+    /// the kernel gets it with a later one, and the ring keeps its
+    /// resources (an abandoned entry) until its completion is reaped.
+    Queued(usize),
+}
+
 pub(super) struct Driver {
     ring: RefCell<IoUring>,
     ops: RefCell<Slab<OpState>>,
@@ -119,8 +129,9 @@ impl Driver {
         v
     }
 
-    /// Submit one operation. On failure the resources come back, unless
-    /// the entry was queued before the failure (`None`): the ring keeps them
+    /// Submit one operation. On failure the resources are dropped
+    /// ([`NotSent::Returned`]), unless the entry was queued before the
+    /// failure ([`NotSent::Queued`], with its key): the ring keeps them
     /// until the kernel, which gets the entry with a later submission, is
     /// done with it. `fail_enter`: the submission's error, planned (feature
     /// `fault-injection`), in place of the `io_uring_enter`.
@@ -129,7 +140,7 @@ impl Driver {
         kind: OpKind,
         res: Resources,
         fail_enter: Option<io::Error>,
-    ) -> Result<usize, (io::Error, Option<Resources>)> {
+    ) -> Result<usize, (io::Error, NotSent)> {
         let fd = res.fd.as_ref().map(|f| types::Fd(f.as_raw_fd()));
         let mut ops = self.ops.borrow_mut();
         let entry = ops.vacant_entry();
@@ -143,11 +154,16 @@ impl Driver {
         if !pushed {
             // Queue full: flush it and try once more.
             if let Err(e) = ring.submit() {
-                return Err((e, Some(res)));
+                drop(res);
+                return Err((e, NotSent::Returned));
             }
             // SAFETY: as above.
             if unsafe { ring.submission().push(&sqe) }.is_err() {
-                return Err((io::Error::from_raw_os_error(nix::libc::EBUSY), Some(res)));
+                drop(res);
+                return Err((
+                    io::Error::from_raw_os_error(nix::libc::EBUSY),
+                    NotSent::Returned,
+                ));
             }
         }
         entry.insert(OpState::Waiting {
@@ -167,7 +183,7 @@ impl Driver {
             {
                 *state = OpState::Abandoned { _res };
             }
-            return Err((e, None));
+            return Err((e, NotSent::Queued(key)));
         }
         Ok(key)
     }
@@ -241,6 +257,57 @@ impl Driver {
                     OpState::Abandoned { .. } | OpState::Waiting { detached: true, .. }
                 )
             })
+            .count()
+    }
+
+    /// Whether the kernel may still run op `key`: in flight (`queued`
+    /// false), or, for an entry left queued by a failed submission
+    /// (`queued` true), still abandoned. The completion queue is reaped
+    /// first. A key taken by another operation since means the entry was
+    /// reaped (the slab reuses only freed keys): an abandoned one there
+    /// only makes the answer err on the side of "running".
+    pub(super) fn running(&self, key: usize, queued: bool) -> bool {
+        for w in self.reap() {
+            w.wake();
+        }
+        match self.ops.borrow().get(key) {
+            Some(OpState::Waiting { .. }) => !queued,
+            Some(OpState::Abandoned { .. }) => queued,
+            _ => false,
+        }
+    }
+
+    /// Block this thread until [`running`](Self::running) says no, with
+    /// `io_uring_enter` waits (for a caller that cannot await: a `Drop`).
+    /// Completions of other operations found meanwhile are reaped and their
+    /// tasks woken, as a poll would.
+    ///
+    /// # Errors
+    ///
+    /// The error of an `io_uring_enter` that cannot be waited through (not
+    /// `EINTR`, `EAGAIN` or `EBUSY`, or 1,000 of those): the kernel may
+    /// still run the operation.
+    pub(super) fn wait_blocking(&self, key: usize, queued: bool) -> io::Result<()> {
+        let mut failures = 0u32;
+        while self.running(key, queued) {
+            match enter(|| self.ring.borrow().submitter().submit_and_wait(1)) {
+                Err(e) if !is_transient(&e) || failures >= 1000 => return Err(e),
+                Err(_) => failures += 1,
+                Ok(_) => {}
+            }
+        }
+        // A task may hold the eventfd watch for an op reaped here.
+        self.hand_over();
+        Ok(())
+    }
+
+    /// Operations the kernel may still run (in flight or abandoned), as
+    /// of the last reap.
+    pub(super) fn in_flight(&self) -> usize {
+        self.ops
+            .borrow()
+            .iter()
+            .filter(|(_, s)| matches!(s, OpState::Waiting { .. } | OpState::Abandoned { .. }))
             .count()
     }
 
