@@ -301,6 +301,90 @@ fn a_punch_left_queued_by_a_failed_submission_keeps_its_run_out() {
     }
 }
 
+/// Right after a trim whose punch was left queued, before anything awaited
+/// gave the ring a chance to reap it, the first new segment must not take
+/// the kept run (`collect_punched` asks the ring whether the kernel may
+/// still run the punch). Nothing to check with `SEGALLOC_IO=sync`.
+#[test]
+fn a_queued_punchs_run_is_not_handed_out_before_the_ring_reaps_it() {
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    run(async {
+        let shard = populated(&cfg).await;
+        let (allocated, _) = free_runs_released(&shard).await;
+        if shard.stats().io_backend != segalloc::IoBackend::Uring {
+            return;
+        }
+        faults::inject(Fault::new(FaultOp::FallocatePunch, nix::libc::EAGAIN).after_push());
+        assert!(shard.trim().await.is_err());
+        let kept = shard.stats().alloc.allocated_bytes;
+        assert!(kept > allocated, "the run is kept out");
+        // Allocate until a new segment is made; its space must come from
+        // elsewhere than the kept run (the punch was submitted by this
+        // very check, and the kernel runs it in its io workers).
+        for _ in 0..50 {
+            alloc(&shard, 600_000).await.unwrap();
+            let now = shard.stats().alloc.allocated_bytes;
+            if now != kept {
+                assert!(
+                    now > kept,
+                    "the kept run was handed out before its punch was reaped: {now} <= {kept}"
+                );
+                return;
+            }
+        }
+        panic!("no new segment in 50 allocations");
+    });
+}
+
+/// A `SegmentAllocator` dropped right after a trim whose punch was left
+/// queued by a failed submission waits for the kernel to run it: its
+/// shard, opened again through the same manager, could otherwise hand out
+/// the run while the punch is still to come. Nothing to check with
+/// `SEGALLOC_IO=sync`.
+#[test]
+fn a_dropped_allocator_waits_for_its_queued_punch() {
+    use segalloc::{DataDir, SegmentAllocator};
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    let (files, mm) = common::manager_with(&cfg);
+    let mm = std::rc::Rc::new(mm);
+    run(async {
+        let dd = std::sync::Arc::new(DataDir::open(&cfg).unwrap());
+        let a = SegmentAllocator::open(0, &dd.shard_dir(0), *dd.manifest(), mm.clone())
+            .await
+            .unwrap();
+        let mut hs = Vec::new();
+        for _ in 0..20 {
+            let x = a.allocate(MIB).await.unwrap();
+            x.pin().fill(0, x.len(), 7).unwrap();
+            hs.push(x.into_handle());
+        }
+        // Kept, so that the freed runs lie below a segment in use.
+        let _kept = a.allocate(MIB).await.unwrap().into_handle();
+        a.sync().await.unwrap();
+        for h in &hs {
+            a.free(*h).unwrap();
+        }
+        a.sync().await.unwrap();
+        a.sync().await.unwrap();
+        if files.ring().backend() != segalloc::IoBackend::Uring {
+            return;
+        }
+        faults::inject(Fault::new(FaultOp::FallocatePunch, nix::libc::EAGAIN).after_push());
+        assert!(a.trim().await.is_err());
+        assert!(files.ring().stats().in_flight > 0, "the punch is queued");
+        drop((a, dd));
+        assert_eq!(
+            files.ring().stats().in_flight,
+            0,
+            "closed while the queued punch may still run"
+        );
+    });
+}
+
 /// Without `fallocate` (EOPNOTSUPP on every call), files grow with
 /// `ftruncate` and are prefaulted with `MADV_POPULATE_WRITE`: failures of
 /// both are typed, and a trim does nothing (it cannot refill a hole).

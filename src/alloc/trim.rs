@@ -112,8 +112,8 @@ pub(super) fn collect_punched(st: &mut State) {
 /// submission): its shard may be opened again at once through the same
 /// registry, whose ring would otherwise still punch a run the new
 /// allocator hands out. The thread blocks for as long as those punches
-/// take (a punch already submitted; none is kept without a cancelled or
-/// failed `trim`).
+/// take: only punches already submitted are kept, and none without a
+/// cancelled or failed `trim`.
 impl Drop for SegmentAllocator {
     fn drop(&mut self) {
         let st = self.st.get_mut();
