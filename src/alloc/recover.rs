@@ -18,10 +18,15 @@ use crate::format::{self, data_file_name};
 
 /// The metadata file read through the allocator's pinned windows: its
 /// first `size_bytes` (its [`scan_extent`](scan::scan_extent); reads past
-/// them are short, as at the end of a file).
+/// them are short, as at the end of a file). Only its data, up to
+/// `data_end`, is mapped: the holes past it read as zeros, and the scan
+/// skips the holes (`data_region`, as `segalloc verify` does), so a sparse
+/// file costs what it holds, whatever its mark says.
 struct Mapped<'a> {
     alloc: &'a SegmentAllocator,
     size_bytes: u64,
+    data_end: u64,
+    fd: &'a std::os::fd::OwnedFd,
 }
 
 impl MetaSource for Mapped<'_> {
@@ -30,12 +35,57 @@ impl MetaSource for Mapped<'_> {
             return Ok(0);
         }
         let n = (buf.len() as u64).min(self.size_bytes - off) as usize;
+        let buf = &mut buf[..n];
+        if off >= self.data_end {
+            // Holes only from `data_end` on (`data_end` of `recover`).
+            buf.fill(0);
+            return Ok(n);
+        }
         // The scan reads at most one page at a time, page aligned, and a
-        // window is a multiple of a page: `off..off + n` is inside one
-        // window, pinned up to the file's size by `recover`.
-        self.alloc.meta.read(off, &mut buf[..n]);
+        // window and `data_end` are multiples of a page: `off..off + n` is
+        // inside one window, pinned up to `data_end` by `recover`.
+        self.alloc.meta.read(off, buf);
         Ok(n)
     }
+
+    fn data_region(&mut self, off: u64) -> Result<Option<(u64, u64)>> {
+        if off >= self.data_end {
+            return Ok(None);
+        }
+        use std::os::fd::AsFd;
+        let r = crate::sys::data_region(self.fd.as_fd(), off)
+            .map_err(|e| Error::io("lseek", Some(&self.alloc.meta_path()), e))?;
+        Ok(r.and_then(|(start, end)| {
+            (start < self.data_end).then_some((start, end.min(self.data_end)))
+        }))
+    }
+}
+
+/// Where the data of the file `fd` ends below `limit`: past the end of its
+/// last data region there (page aligned up), holes only. Each region is
+/// looked up once (`lseek(SEEK_DATA)`, `SEEK_HOLE`): as many lookups as the
+/// file has data regions below `limit`.
+fn data_end_below(fd: &std::os::fd::OwnedFd, limit: u64) -> std::io::Result<u64> {
+    use std::os::fd::AsFd;
+    let mut end = 0;
+    while end < limit {
+        match crate::sys::data_region(fd.as_fd(), end)? {
+            Some((start, stop)) if start < limit => end = stop.max(start + 1),
+            _ => break,
+        }
+    }
+    Ok(end
+        .min(limit)
+        .div_ceil(format::META_PAGE_BYTES)
+        .saturating_mul(format::META_PAGE_BYTES))
+}
+
+/// Directory entries whose bytes lie (at least in part) below `bytes`.
+fn entries_below(bytes: u64) -> u64 {
+    let pages = bytes
+        .saturating_sub(format::DIR_OFFSET)
+        .div_ceil(format::META_PAGE_BYTES);
+    pages.saturating_mul(format::ENTRIES_PER_PAGE)
 }
 
 impl SegmentAllocator {
@@ -53,7 +103,16 @@ impl SegmentAllocator {
             u64::from_le_bytes(b)
         });
         let extent = scan::scan_extent(size, mark);
-        self.meta.map_existing(extent).await?;
+        // Map the file's data only, not the holes that follow: a sparse
+        // file of any size (a mark that claims billions of entries) costs
+        // neither a window per `window_bytes` of holes nor a read of them.
+        let lease = self.files.acquire_of(self.meta_file, 0).await?;
+        let fd = lease.shared_fd();
+        let data_end = data_end_below(fd, extent)
+            .map_err(|e| Error::io("lseek", Some(&self.meta_path()), e))?
+            .max(head)
+            .min(extent.max(head));
+        self.meta.map_existing(data_end).await?;
         let dir = self.dir.clone();
         let data_file = move |n: u32| data_file_len(dir.join(data_file_name(n)));
         let target = ScanTarget {
@@ -65,6 +124,8 @@ impl SegmentAllocator {
         let mut src = Mapped {
             alloc: self,
             size_bytes: extent,
+            data_end,
+            fd,
         };
         let found = scan::scan(&mut src, &target)?;
         if let Some(f) = found.refusal() {
@@ -113,7 +174,8 @@ impl SegmentAllocator {
             return Err(self.corrupt("superblock is blank"));
         }
         self.drop_losers(&found);
-        self.apply_segments(&found)?;
+        drop(lease);
+        self.apply_segments(&found, data_end)?;
         self.apply_roots(&found);
         self.set_durable_generation(&found).await
     }
@@ -209,9 +271,16 @@ impl SegmentAllocator {
     }
 
     /// Data files, segments, free space, free entries, generations.
-    fn apply_segments(&self, found: &ShardScan) -> Result<()> {
+    /// The directory's length is the mark, or less when the file's data
+    /// ends below it (`data_end`): the entries past there lie in holes,
+    /// zeros on disk, so they are free (and durably so: no quarantine), and
+    /// they are taken as new ones as the directory grows. A mark that
+    /// claims billions of entries over a sparse file so costs no table of
+    /// that length.
+    fn apply_segments(&self, found: &ShardScan, data_end: u64) -> Result<()> {
         let file_count = self.register_data_files(found)?;
         let hwm = found.hwm.unwrap_or(0);
+        let hwm = u32::try_from(entries_below(data_end)).map_or(hwm, |n| n.min(hwm));
         let mut st = self.st.borrow_mut();
         st.segments.resize_with(hwm as usize, || None);
         let mut runs = Vec::with_capacity(found.segments.len());

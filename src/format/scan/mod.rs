@@ -204,7 +204,7 @@ pub struct ShardScan {
     pub free_entries: Vec<u32>,
     /// Free entries below the mark in holes of the file, skipped unread
     /// (a hole holds zeros: no entry). Always 0 for a source that does
-    /// not know holes, such as recovery's mapping.
+    /// not know holes.
     pub free_entries_in_holes: u64,
     /// Entries below the mark that failed validation.
     pub entries_corrupt: u32,
