@@ -385,6 +385,80 @@ fn a_dropped_allocator_waits_for_its_queued_punch() {
     });
 }
 
+/// Without `fallocate`, a file grows with `ftruncate`, which, unlike an
+/// allocating `fallocate`, can also shrink it: a growth `ftruncate` still
+/// to land after a later, larger one cuts the file back below slots
+/// already handed out (their writes lost, their pages past the end:
+/// SIGBUS). So a growth's `ftruncate` never outlives it: one left queued
+/// by a failed submission, or in flight when the allocation is dropped,
+/// is waited for before the call returns or the drop ends. Nothing to
+/// check with `SEGALLOC_IO=sync` (or a kernel without io_uring's
+/// `ftruncate`): the syscall completes within the call.
+#[test]
+fn a_growth_ftruncate_never_outlives_its_growth() {
+    let _g = faults::clear_on_drop();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let cfg = small_cfg(dir.path());
+    run(async {
+        let shard = populated(&cfg).await;
+        faults::inject(Fault::new(FaultOp::Fallocate, EOPNOTSUPP).always());
+        alloc(&shard, 4 * MIB).await.unwrap();
+        let uring = shard.ring().stats().submitted > 0
+            && shard.stats().io_backend == segalloc::IoBackend::Uring;
+        // Left queued by a failed submission: waited for before the error.
+        faults::inject(Fault::new(FaultOp::Ftruncate, nix::libc::EAGAIN).after_push());
+        let e = shard.allocate(4 * MIB).await.err();
+        if uring && faults::seen(FaultOp::Ftruncate) > 0 {
+            assert!(e.is_some(), "the submission failed");
+            assert_eq!(
+                faults::in_flight(shard.ring(), FaultOp::Ftruncate),
+                0,
+                "a growth ftruncate left queued outlived the failed allocation"
+            );
+        }
+        // Dropped mid-growth, at one poll more each time, until the
+        // allocation completes: no ftruncate is in flight after any drop.
+        let mut dropped_in_flight = 0;
+        // A drop lands mid-ftruncate only if a poll returned while it ran:
+        // up to 20 allocations are tried.
+        for _ in 0..20 {
+            if dropped_in_flight > 0 {
+                break;
+            }
+            for polls in 1..200 {
+                let mut f = Box::pin(shard.allocate(4 * MIB));
+                let waker = futures::task::noop_waker();
+                let mut done = false;
+                for _ in 0..polls {
+                    let poll = f.as_mut().poll(&mut std::task::Context::from_waker(&waker));
+                    if poll.is_ready() {
+                        done = true;
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                let ftruncating = faults::in_flight(shard.ring(), FaultOp::Ftruncate);
+                drop(f);
+                assert_eq!(
+                    faults::in_flight(shard.ring(), FaultOp::Ftruncate),
+                    0,
+                    "polls {polls}: the growth ftruncate of the dropped allocation outlived it"
+                );
+                dropped_in_flight += usize::from(!done && ftruncating > 0);
+                if done {
+                    break;
+                }
+            }
+        }
+        if uring {
+            assert!(
+                dropped_in_flight > 0,
+                "no allocation was dropped mid-ftruncate"
+            );
+        }
+    });
+}
+
 /// Without `fallocate` (EOPNOTSUPP on every call), files grow with
 /// `ftruncate` and are prefaulted with `MADV_POPULATE_WRITE`: failures of
 /// both are typed, and a trim does nothing (it cannot refill a hole).

@@ -161,10 +161,14 @@ impl FileHandleRegistry {
         // No fallocate: extend the size only; the caller prefaults the hole.
         let from = reserved;
         if len < min_size {
-            self.ring
-                .ftruncate(lease.shared_fd(), min_size)
-                .await
-                .map_err(|e| Error::io("ftruncate", Some(&path), e))?;
+            let mut op = OutlivedByNone(Some(self.ring.ftruncate(lease.shared_fd(), min_size)));
+            let r = op.0.as_mut().expect("just set").await;
+            if op.0.as_ref().is_some_and(|o| !o.left_queued()) {
+                op.0 = None;
+            }
+            // Waits for one left queued by a failed submission.
+            drop(op);
+            r.map_err(|e| Error::io("ftruncate", Some(&path), e))?;
         }
         let mut f = self.inner.borrow_mut();
         let e = &mut f.entries[id.0 as usize];
@@ -242,6 +246,25 @@ impl FileHandleRegistry {
         if let Some(e) = f.entries.get(id.0 as usize) {
             let to = to.min(e.len_bytes);
             e.hot.reserved.set(e.hot.reserved.get().max(to));
+        }
+    }
+}
+
+/// A growth `ftruncate` that must not outlive its growth: unlike an
+/// allocating `fallocate`, it can also shrink the file, so one that landed
+/// after a later, larger growth would cut the file back below slots handed
+/// out since. Dropped while the kernel may still run it (the growth was
+/// dropped mid-flight, or the submission failed after the entry was
+/// queued), it blocks the thread until the kernel is done: an extending
+/// `ftruncate` changes the size only, and takes microseconds.
+struct OutlivedByNone(Option<crate::io::Op>);
+
+impl Drop for OutlivedByNone {
+    fn drop(&mut self) {
+        if let Some(op) = &self.0
+            && let Err(e) = op.wait_blocking()
+        {
+            tracing::error!(error = %e, "a growth ftruncate may still run: the file may shrink behind a later growth");
         }
     }
 }

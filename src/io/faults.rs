@@ -188,6 +188,17 @@ pub fn seen(op: FaultOp) -> u64 {
     PLAN.with(|p| p.borrow().seen[op.index()])
 }
 
+/// Operations of kind `op` the kernel may still run on `ring`: submitted
+/// (or left queued by a failed submission) and not reaped yet, whether a
+/// task awaits them or they were dropped (as `RingStats::in_flight`, of one
+/// kind).
+pub fn in_flight(ring: &super::Ring, op: FaultOp) -> usize {
+    ring.inner
+        .uring
+        .as_ref()
+        .map_or(0, |d| d.in_flight_of(|k| op.matches(k)))
+}
+
 /// Failures injected on this thread, by the kind of the rule that fired.
 pub fn injected(op: FaultOp) -> u64 {
     PLAN.with(|p| p.borrow().injected[op.index()])

@@ -37,10 +37,12 @@ enum OpState {
         /// released when it completes (its result stays for that task).
         detached: bool,
         _res: Resources,
+        kind: OpKind,
     },
     Done(i32),
     Abandoned {
         _res: Resources,
+        kind: OpKind,
     },
     /// The reaper (`reap.rs`) waiting for the abandoned operations to
     /// finish. No operation has this key, so no completion
@@ -170,6 +172,7 @@ impl Driver {
             waker: None,
             detached: false,
             _res: res,
+            kind,
         });
         let submitted = match fail_enter {
             Some(e) => Err(e),
@@ -179,9 +182,10 @@ impl Driver {
             // The entry is queued and reaches the kernel with the next
             // submit: keep its resources under its key until it completes.
             if let Some(state) = ops.get_mut(key)
-                && let OpState::Waiting { _res, .. } = std::mem::replace(state, OpState::Done(0))
+                && let OpState::Waiting { _res, kind, .. } =
+                    std::mem::replace(state, OpState::Done(0))
             {
-                *state = OpState::Abandoned { _res };
+                *state = OpState::Abandoned { _res, kind };
             }
             return Err((e, NotSent::Queued(key)));
         }
@@ -304,10 +308,18 @@ impl Driver {
     /// Operations the kernel may still run (in flight or abandoned), as
     /// of the last reap.
     pub(super) fn in_flight(&self) -> usize {
+        self.in_flight_of(|_| true)
+    }
+
+    /// [`in_flight`](Self::in_flight), of the kinds `which` accepts.
+    pub(super) fn in_flight_of(&self, which: impl Fn(&OpKind) -> bool) -> usize {
         self.ops
             .borrow()
             .iter()
-            .filter(|(_, s)| matches!(s, OpState::Waiting { .. } | OpState::Abandoned { .. }))
+            .filter(|(_, s)| match s {
+                OpState::Waiting { kind, .. } | OpState::Abandoned { kind, .. } => which(kind),
+                _ => false,
+            })
             .count()
     }
 
@@ -500,8 +512,8 @@ impl Driver {
                 return;
             };
             match std::mem::replace(state, OpState::Done(0)) {
-                OpState::Waiting { _res, .. } => {
-                    *state = OpState::Abandoned { _res };
+                OpState::Waiting { _res, kind, .. } => {
+                    *state = OpState::Abandoned { _res, kind };
                     false
                 }
                 OpState::Done(_) | OpState::Abandoned { .. } | OpState::Settle { .. } => {
