@@ -190,8 +190,8 @@ pub fn file_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
 
 /// The first data region of the file `fd` at or after `off`
 /// (`lseek(SEEK_DATA)`, then `SEEK_HOLE` from there): `None` when only holes
-/// follow `off`. A file system that cannot tell holes (`EINVAL`) answers
-/// the rest of the file as data.
+/// follow `off`. A file system that cannot tell holes (`EINVAL`, or a FUSE
+/// server's `EOPNOTSUPP` or `ENOSYS`) answers the rest of the file as data.
 #[cfg_attr(not(feature = "cli"), allow(dead_code))]
 pub fn data_region(fd: BorrowedFd<'_>, off: u64) -> io::Result<Option<(u64, u64)>> {
     let seek = |from: u64, whence: i32| -> io::Result<u64> {
@@ -204,7 +204,14 @@ pub fn data_region(fd: BorrowedFd<'_>, off: u64) -> io::Result<Option<(u64, u64)
     let start = match seek(off, libc::SEEK_DATA) {
         Ok(s) => s,
         Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Some((off, u64::MAX))),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
+            ) =>
+        {
+            return Ok(Some((off, u64::MAX)));
+        }
         Err(e) => return Err(e),
     };
     let end = seek(start, libc::SEEK_HOLE)?;

@@ -996,6 +996,65 @@ fn a_torn_mark_on_a_huge_sparse_metadata_file_is_reported_at_once() {
     assert_eq!(lines(&o), all, "{}", stdout(&o));
 }
 
+/// A directory page that reads as a hole below the file's last data (a
+/// page a power loss kept unwritten in the file's reserved extent, or a
+/// copy made sparse): its entries are free, for `verify` and for the
+/// library, which hands them out again (it lost them for good when its
+/// recovery first skipped holes: they were neither listed free nor past
+/// the directory's end).
+#[test]
+fn entries_in_a_hole_below_the_last_data_are_used_again() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let clean = tmp.path().join("clean");
+    build(&clean);
+    let d = copy_of(&clean, tmp.path(), "hole");
+    let p = meta_path(&d, 0);
+    let hwm = hwm_of(&std::fs::read(&p).unwrap());
+    let per_page = meta::ENTRIES_PER_PAGE as u32;
+    assert!(hwm > 2 * per_page, "the directory spans three pages");
+    // The directory's second page, entries 7 ..= 13: punched out.
+    let off = meta::entry_offset(per_page);
+    {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        // SAFETY: fallocate takes no pointers; `f` is open for writing.
+        let r = unsafe {
+            nix::libc::fallocate(
+                f.as_raw_fd(),
+                nix::libc::FALLOC_FL_PUNCH_HOLE | nix::libc::FALLOC_FL_KEEP_SIZE,
+                off as i64,
+                meta::META_PAGE_BYTES as i64,
+            )
+        };
+        assert_eq!(r, 0, "punch: {}", std::io::Error::last_os_error());
+    }
+    let hole = per_page..2 * per_page;
+    let c = cfg(&d);
+    common::run(async {
+        let dd = Arc::new(DataDir::open(&c).unwrap());
+        let s = Shard::open(dd, &c, 0).await.unwrap();
+        s.sync().await.unwrap();
+        for _ in 0..20 {
+            s.allocate(3 * MIB).await.unwrap();
+        }
+        s.sync().await.unwrap();
+    });
+    let m = std::fs::read(&p).unwrap();
+    let used: Vec<u32> = headers(&m)
+        .iter()
+        .map(|x| x.0)
+        .filter(|i| hole.contains(i))
+        .collect();
+    assert_eq!(
+        used,
+        hole.collect::<Vec<_>>(),
+        "the entries of the hole, used again (mark {hwm} -> {})",
+        hwm_of(&m)
+    );
+    let o = tool(&["verify"], &d);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+}
+
 #[test]
 fn hostile_metadata_never_panics() {
     let tmp = tempfile::tempdir().unwrap();

@@ -276,7 +276,8 @@ impl SegmentAllocator {
     /// zeros on disk, so they are free (and durably so: no quarantine), and
     /// they are taken as new ones as the directory grows. A mark that
     /// claims billions of entries over a sparse file so costs no table of
-    /// that length.
+    /// that length (the table is as long as the last entry the file holds
+    /// is far). Entries in holes below that end are listed free.
     fn apply_segments(&self, found: &ShardScan, data_end: u64) -> Result<()> {
         let file_count = self.register_data_files(found)?;
         let hwm = found.hwm.unwrap_or(0);
@@ -307,7 +308,13 @@ impl SegmentAllocator {
         }
         st.space.rebuild(runs, file_count);
         st.directory_len = hwm;
+        // The free entries read, and those in holes below the directory's
+        // end (a page a power loss kept as a hole, or a copy made sparse):
+        // free as any other (`verify` counts them so).
         let mut free = found.free_entries.clone();
+        for &(first, end) in &found.free_entry_holes {
+            free.extend(first..end.min(hwm));
+        }
         free.sort_unstable_by(|a, b| b.cmp(a));
         // Which free entries were released since the last sync (their zeroed
         // state word and bitmap may not be durable) cannot be told after a

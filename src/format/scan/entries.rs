@@ -35,6 +35,7 @@ pub(super) fn scan_entries(
             let Some((start, end)) = pages.data_region(off)? else {
                 if count_holes {
                     s.free_entries_in_holes += u64::from(scan_to - i);
+                    s.free_entry_holes.push((i, scan_to));
                 }
                 break;
             };
@@ -49,6 +50,7 @@ pub(super) fn scan_entries(
                 if first > i {
                     if count_holes {
                         s.free_entries_in_holes += u64::from(first - i);
+                        s.free_entry_holes.push((i, first));
                     }
                     next = first;
                     continue;

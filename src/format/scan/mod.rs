@@ -206,6 +206,9 @@ pub struct ShardScan {
     /// (a hole holds zeros: no entry). Always 0 for a source that does
     /// not know holes.
     pub free_entries_in_holes: u64,
+    /// The same entries, as ranges `[first, end)` in entry order (a range
+    /// per hole: recovery lists those below the file's last data as free).
+    pub free_entry_holes: Vec<(u32, u32)>,
     /// Entries below the mark that failed validation.
     pub entries_corrupt: u32,
     /// Valid segments below the mark (dropped ones included), entry order.
@@ -272,6 +275,7 @@ pub fn scan(src: &mut dyn MetaSource, t: &ScanTarget<'_>) -> Result<ShardScan> {
         entries_scanned: 0,
         free_entries: Vec::new(),
         free_entries_in_holes: 0,
+        free_entry_holes: Vec::new(),
         entries_corrupt: 0,
         segments: Vec::new(),
         roots: Vec::new(),
