@@ -416,6 +416,26 @@ fn a_growth_ftruncate_never_outlives_its_growth() {
                 "a growth ftruncate left queued outlived the failed allocation"
             );
         }
+        // Interrupted after the push: the queued one is not run again
+        // behind its back (two could land in either order); once it is
+        // done, the growth tries again, and the allocation succeeds.
+        let seen = faults::seen(FaultOp::Ftruncate);
+        let retries = shard.ring().stats().eintr_retries;
+        faults::inject(Fault::new(FaultOp::Ftruncate, EINTR).after_push());
+        shard.allocate(4 * MIB).await.unwrap();
+        if uring && faults::seen(FaultOp::Ftruncate) > seen {
+            assert_eq!(faults::injected(FaultOp::Ftruncate), 2, "both faults fired");
+            assert_eq!(
+                shard.ring().stats().eintr_retries,
+                retries,
+                "the ring ran a queued ftruncate again while it could still land"
+            );
+            assert_eq!(
+                faults::in_flight(shard.ring(), FaultOp::Ftruncate),
+                0,
+                "an interrupted growth ftruncate outlived its growth"
+            );
+        }
         // Dropped mid-growth, at one poll more each time, until the
         // allocation completes: no ftruncate is in flight after any drop.
         let mut dropped_in_flight = 0;

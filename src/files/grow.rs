@@ -161,14 +161,32 @@ impl FileHandleRegistry {
         // No fallocate: extend the size only; the caller prefaults the hole.
         let from = reserved;
         if len < min_size {
-            let mut op = OutlivedByNone(Some(self.ring.ftruncate(lease.shared_fd(), min_size)));
-            let r = op.0.as_mut().expect("just set").await;
-            if op.0.as_ref().is_some_and(|o| !o.left_queued()) {
-                op.0 = None;
+            let mut interrupted = 0;
+            loop {
+                let mut op = OutlivedByNone(Some(self.ring.ftruncate(lease.shared_fd(), min_size)));
+                let r = op.0.as_mut().expect("just set").await;
+                let queued = op.0.as_ref().is_some_and(|o| o.left_queued());
+                if !queued {
+                    op.0 = None;
+                }
+                // Waits for one left queued by a failed submission.
+                drop(op);
+                match r {
+                    // The ring does not run a queued `ftruncate` again
+                    // after `EINTR`; it is done now, so another can go.
+                    Err(e)
+                        if queued
+                            && e.raw_os_error() == Some(nix::libc::EINTR)
+                            && interrupted < crate::io::MAX_EINTR_RETRIES =>
+                    {
+                        interrupted += 1;
+                    }
+                    r => {
+                        r.map_err(|e| Error::io("ftruncate", Some(&path), e))?;
+                        break;
+                    }
+                }
             }
-            // Waits for one left queued by a failed submission.
-            drop(op);
-            r.map_err(|e| Error::io("ftruncate", Some(&path), e))?;
         }
         let mut f = self.inner.borrow_mut();
         let e = &mut f.entries[id.0 as usize];

@@ -162,6 +162,15 @@ impl OpKind {
         matches!(self, OpKind::Fallocate { mode, .. } if mode & nix::libc::FALLOC_FL_PUNCH_HOLE != 0)
     }
 
+    /// An operation that does harm if it lands after a later one: a punch
+    /// (it zeroes a range reused since) or an `ftruncate` (it cuts back a
+    /// file grown since). One left queued by a failed submission is not
+    /// run again after `EINTR`: the queued one still runs, and a second
+    /// one reporting success would let its caller go on before it lands.
+    pub(crate) fn must_not_land_late(&self) -> bool {
+        self.is_punch() || matches!(self, OpKind::Ftruncate { .. })
+    }
+
     fn name(&self) -> &'static str {
         match self {
             OpKind::Fallocate { .. } => "fallocate",
@@ -693,14 +702,16 @@ impl Op {
     }
 
     /// After a result: start another attempt if it was interrupted and a
-    /// retry is allowed; otherwise the result to return. A punch left
-    /// queued is not retried: it still runs, and a second one reporting
-    /// success would let its caller reuse the range before the first lands
-    /// (a second growth, advice or `fdatasync` does no such harm).
+    /// retry is allowed; otherwise the result to return. A punch or an
+    /// `ftruncate` left queued is not retried
+    /// ([`OpKind::must_not_land_late`]): it still runs, and a second one
+    /// reporting success would let its caller go on before the first lands
+    /// (a second allocating `fallocate`, advice or `fdatasync` does no such
+    /// harm).
     fn retry_or(&mut self, r: io::Result<()>) -> Option<io::Result<()>> {
         let interrupted = matches!(&r, Err(e) if e.raw_os_error() == Some(nix::libc::EINTR));
         if interrupted
-            && !(self.left_queued.is_some() && self.kind.is_punch())
+            && !(self.left_queued.is_some() && self.kind.must_not_land_late())
             && self.attempts < MAX_EINTR_RETRIES
             && let Some(res) = self.retry.clone()
         {
