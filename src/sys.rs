@@ -192,7 +192,6 @@ pub fn file_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
 /// (`lseek(SEEK_DATA)`, then `SEEK_HOLE` from there): `None` when only holes
 /// follow `off`. A file system that cannot tell holes (`EINVAL`, or a FUSE
 /// server's `EOPNOTSUPP` or `ENOSYS`) answers the rest of the file as data.
-#[cfg_attr(not(feature = "cli"), allow(dead_code))]
 pub fn data_region(fd: BorrowedFd<'_>, off: u64) -> io::Result<Option<(u64, u64)>> {
     let seek = |from: u64, whence: i32| -> io::Result<u64> {
         let from =

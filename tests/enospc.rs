@@ -508,6 +508,94 @@ fn writable_pin_after_reopen_on_a_full_disk() {
     });
 }
 
+/// A directory entry whose page of `meta.seg` is a hole (a copy made
+/// sparse, a punched page) had no blocks behind it: the new segment that
+/// took the entry wrote its header through the mapping, which allocates
+/// the page, and on a full file system that write faulted (SIGBUS: this
+/// test binary died). Now the page gets its blocks first, and the
+/// allocation fails with `NoSpace`; with room again it succeeds in the
+/// same entry. On a 32 MiB tmpfs (as root: mounting needs it).
+#[test]
+fn an_entry_in_a_hole_of_the_directory_on_a_full_disk() {
+    if let Some(why) = cannot_mount(&["mount", "umount"]) {
+        eprintln!("an_entry_in_a_hole_of_the_directory_on_a_full_disk: SKIPPED: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mount = match mount_tmpfs(&tmp.path().join("mnt"), "32m") {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("an_entry_in_a_hole_of_the_directory_on_a_full_disk: SKIPPED: {e}");
+            return;
+        }
+    };
+    let dir = mount.at.join("d");
+    let cfg = cfg(&dir);
+    let per_page = segalloc::format::ENTRIES_PER_PAGE as usize;
+    // Three pages of entries, one 1 MiB segment each; the second page's
+    // segments freed and released (their runs stay allocated: no trim).
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        let mut hs = Vec::new();
+        for _ in 0..3 * per_page {
+            hs.push(shard.allocate(MIB).await.unwrap().into_handle());
+        }
+        shard.sync().await.unwrap();
+        for h in &hs[per_page..2 * per_page] {
+            shard.free(*h).unwrap();
+        }
+        shard.sync().await.unwrap();
+        shard.sync().await.unwrap();
+    });
+    // The second page of the directory, now free entries only: a hole.
+    let meta = dir.join("shard-000/meta.seg");
+    {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new().write(true).open(&meta).unwrap();
+        let off = segalloc::format::entry_offset(per_page as u32);
+        // SAFETY: fallocate takes no pointers; `f` is open for writing.
+        let r = unsafe {
+            nix::libc::fallocate(
+                f.as_raw_fd(),
+                nix::libc::FALLOC_FL_PUNCH_HOLE | nix::libc::FALLOC_FL_KEEP_SIZE,
+                off as i64,
+                4096,
+            )
+        };
+        assert_eq!(r, 0, "punch: {}", std::io::Error::last_os_error());
+    }
+    let filler_path = mount.at.join("filler");
+    let mut filler = std::fs::File::create(&filler_path).unwrap();
+    let chunk = vec![1u8; 64 << 10];
+    while filler.write_all(&chunk).is_ok() {}
+    let mut page = vec![1u8; 4096];
+    while filler.write_all(&page[..]).is_ok() {}
+    page.truncate(512);
+    while filler.write_all(&page).is_ok() {}
+    drop(filler);
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        match shard.allocate(MIB).await {
+            Err(segalloc::Error::NoSpace { .. }) => {}
+            other => panic!(
+                "a new segment in an entry of the hole, on a full disk: {:?}",
+                other.map(|a| a.handle())
+            ),
+        }
+    });
+    std::fs::remove_file(&filler_path).unwrap();
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        let h = shard.allocate(MIB).await.unwrap().into_handle();
+        let entry = h.segment_id() as usize;
+        assert!(
+            (per_page..2 * per_page).contains(&entry),
+            "entry {entry} is one of the hole's"
+        );
+        shard.sync().await.unwrap();
+    });
+}
+
 /// `trim` on the temporary folder's file system (no root needed): the data
 /// files' allocated blocks shrink by what it punched, a second trim has
 /// nothing left, a new segment in a punched run gets its blocks back before

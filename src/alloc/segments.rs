@@ -475,6 +475,7 @@ impl SegmentAllocator {
     async fn prepare_segment(&self, entry: u32, run: Run, trim: Trim) -> Result<()> {
         let end = format::entry_offset(entry) + format::ENTRY_BYTES;
         self.meta.ensure(end).await?;
+        self.reserve_entry_page(entry).await?;
         // The directory's on-disk length is about to cover `end`: the
         // file's new size must be durable first, or a power loss could keep
         // the length but not the size (recovery would then find the
@@ -491,6 +492,53 @@ impl SegmentAllocator {
         // A run that may hold a hole (trimmed) is reserved again first.
         self.reserve_trimmed(run, trim).await?;
         self.grow_run(run).await
+    }
+
+    /// Give the page of directory entry `entry` its blocks if it is a hole
+    /// of `meta.seg` (a copy made sparse, a punched page, a file grown
+    /// sparse past its data): the entry's first write through the mapping
+    /// would otherwise allocate them, and fault (SIGBUS) on a full file
+    /// system. One `lseek(SEEK_DATA)`; a page that reads as a hole gets a
+    /// `fallocate` (mode 0) through the ring, a no-op over blocks
+    /// `ensure` reserved (an unwritten extent reads as a hole too).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoSpace`] when the file system is full; [`Error::Io`].
+    async fn reserve_entry_page(&self, entry: u32) -> Result<()> {
+        use std::os::fd::AsFd;
+        let page = format::entry_offset(entry) / format::META_PAGE_BYTES * format::META_PAGE_BYTES;
+        let lease = self.files.acquire_of(self.meta_file, 0).await?;
+        let path = self.meta_path();
+        let hole = match crate::sys::data_region(lease.shared_fd().as_fd(), page) {
+            Ok(Some((start, _))) => start > page,
+            Ok(None) => true,
+            Err(e) => return Err(Error::io("lseek", Some(&path), e)),
+        };
+        if !hole {
+            return Ok(());
+        }
+        let r = self
+            .files
+            .ring()
+            .fallocate(
+                lease.shared_fd(),
+                crate::sys::FALLOC_EXTEND,
+                page,
+                format::META_PAGE_BYTES,
+            )
+            .await;
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => Err(Error::NoSpace {
+                path,
+                requested_bytes: format::META_PAGE_BYTES,
+            }),
+            // Nothing can be reserved there: the write allocates, as every
+            // write does on such a file system.
+            Err(e) if crate::sys::is_unsupported(&e) => Ok(()),
+            Err(e) => Err(Error::io("fallocate", Some(&path), e)),
+        }
     }
 
     /// Grow the data file of `run` past the run's end (in growth steps,
