@@ -518,27 +518,8 @@ impl SegmentAllocator {
         if !hole {
             return Ok(());
         }
-        let r = self
-            .files
-            .ring()
-            .fallocate(
-                lease.shared_fd(),
-                crate::sys::FALLOC_EXTEND,
-                page,
-                format::META_PAGE_BYTES,
-            )
-            .await;
-        match r {
-            Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => Err(Error::NoSpace {
-                path,
-                requested_bytes: format::META_PAGE_BYTES,
-            }),
-            // Nothing can be reserved there: the write allocates, as every
-            // write does on such a file system.
-            Err(e) if crate::sys::is_unsupported(&e) => Ok(()),
-            Err(e) => Err(Error::io("fallocate", Some(&path), e)),
-        }
+        self.reserve_blocks(&lease, path, page, format::META_PAGE_BYTES)
+            .await
     }
 
     /// Grow the data file of `run` past the run's end (in growth steps,

@@ -382,19 +382,38 @@ impl SegmentAllocator {
         if end <= start {
             return Ok(());
         }
+        // `trim` punches only where mode 0 works (it probes first): a file
+        // system without it holds no hole of ours.
+        self.reserve_blocks(&lease, path, start, end - start).await
+    }
+
+    /// Give `[start, start + len)` of the file of `lease` its blocks
+    /// (`fallocate` mode 0 through the ring). A file system that cannot
+    /// reserve counts as done: nothing can be reserved there, and its
+    /// writes allocate as they go.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoSpace`] (naming `path`) when the file system is full;
+    /// [`Error::Io`].
+    pub(super) async fn reserve_blocks(
+        &self,
+        lease: &crate::files::FileLease,
+        path: std::path::PathBuf,
+        start: u64,
+        len: u64,
+    ) -> Result<()> {
         let r = self
             .files
             .ring()
-            .fallocate(lease.shared_fd(), sys::FALLOC_EXTEND, start, end - start)
+            .fallocate(lease.shared_fd(), sys::FALLOC_EXTEND, start, len)
             .await;
         match r {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => Err(Error::NoSpace {
                 path,
-                requested_bytes: end - start,
+                requested_bytes: len,
             }),
-            // `trim` punches only where mode 0 works (it probes first): a
-            // file system without it holds no hole of ours.
             Err(e) if sys::is_unsupported(&e) => Ok(()),
             Err(e) => Err(Error::io("fallocate", Some(&path), e)),
         }
