@@ -596,6 +596,71 @@ fn an_entry_in_a_hole_of_the_directory_on_a_full_disk() {
     });
 }
 
+/// A data file is reserved one growth step ahead of its newest segment
+/// (the page cache then builds large folios for a fill: fewer page
+/// faults), but only where there is room: on a file system with room for
+/// the segment's own growth step and not for the one ahead, the allocation
+/// succeeds and the file stops at its own step. With room again, the next
+/// segment's growth reaches a step past it. On a 32 MiB tmpfs (as root:
+/// mounting needs it).
+#[test]
+fn the_growth_step_ahead_is_skipped_on_a_full_disk() {
+    if let Some(why) = cannot_mount(&["mount", "umount"]) {
+        eprintln!("the_growth_step_ahead_is_skipped_on_a_full_disk: SKIPPED: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mount = match mount_tmpfs(&tmp.path().join("mnt"), "32m") {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("the_growth_step_ahead_is_skipped_on_a_full_disk: SKIPPED: {e}");
+            return;
+        }
+    };
+    const STEP: u64 = 4 * MIB;
+    let cfg = Config::builder(mount.at.join("d"))
+        .shards(1)
+        .window_bytes(16 * MIB)
+        .growth_step_bytes(STEP)
+        .max_file_bytes(32 * MIB)
+        .build()
+        .unwrap();
+    let data = mount.at.join("d/shard-000/data-000000.seg");
+    let data_len = || std::fs::metadata(&data).unwrap().len();
+    let filler_path = mount.at.join("filler");
+    run(async {
+        let shard = open_shard(&cfg).await.unwrap();
+        shard.sync().await.unwrap();
+        // Leave room for one step and a little more, not for two.
+        let mut filler = std::fs::File::create(&filler_path).unwrap();
+        while free_bytes(&mount.at) > STEP + 2 * MIB {
+            filler.write_all(&vec![1u8; MIB as usize]).unwrap();
+        }
+        let left = free_bytes(&mount.at) - (STEP + MIB);
+        filler.write_all(&vec![1u8; left as usize]).unwrap();
+        drop(filler);
+        let a = shard
+            .allocate(1000)
+            .await
+            .expect("the segment's own growth fits: the step ahead is skipped");
+        write_full(a.pin(), &a.handle());
+        assert_eq!(data_len(), STEP, "the file stops at its own step");
+        std::fs::remove_file(&filler_path).unwrap();
+        // A segment of another class, with room: a step ahead of it.
+        let b = shard.allocate(100_000).await.unwrap();
+        write_full(b.pin(), &b.handle());
+        let end = b.handle().offset() + u64::from(b.handle().len());
+        assert!(
+            data_len() >= end + STEP,
+            "{} bytes reserved, {end} used",
+            data_len()
+        );
+        for x in [&a, &b] {
+            assert!(check_full(x.pin(), &x.handle()));
+        }
+    });
+}
+
 /// `trim` on the temporary folder's file system (no root needed): the data
 /// files' allocated blocks shrink by what it punched, a second trim has
 /// nothing left, a new segment in a punched run gets its blocks back before
