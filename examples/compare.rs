@@ -32,7 +32,14 @@
 //! `open` + `ftruncate` + `mmap` per segment under the default soft fd
 //! limit of 1024: where it dies), and, before the producer/consumer and
 //! the sweep, the round trip of one cache line between the CPUs of shards
-//! 0 and 1 (two threads pinned there): the cross-shard rows move with it. The data files
+//! 0 and 1 (two threads pinned there): the cross-shard rows move with it.
+//! Each segalloc fill also prints what the whole process spent on it per
+//! record, medians of its runs (`getrusage(RUSAGE_SELF)`, so every thread:
+//! the shards and the ring's io workers): `CPU` (user + system ns per
+//! record, and the CPUs that kept busy) and `page faults` (minor faults per
+//! 1M records, the prefault's included). A one-shard fill keeps more than
+//! one CPU busy (its prefault runs on the io workers of another CPU),
+//! which a fill of every shard cannot: its efficiency is against that. The data files
 //! of every timed phase are written back (`fdatasync`) and deleted before
 //! the next phase, so no phase pays for another's dirty pages, and every
 //! file fill first fills and deletes a scratch file of what it will touch
@@ -203,7 +210,47 @@ fn slot_bytes(args: &Args) -> Result<u64, BoxError> {
 }
 
 /// Fill: every shard allocates and writes `records` records, handles kept.
-fn segalloc_fill(args: &Args, shards: usize, stride: u64) -> Result<f64, BoxError> {
+/// One segalloc fill: its rate, and what the whole process spent over it
+/// (every thread: the shards and the ring's io workers, which take the
+/// page faults of the prefault ahead of the fill), per record.
+#[derive(Clone, Copy)]
+struct FillRun {
+    rate: f64,
+    cpu_ns: f64,
+    faults: f64,
+}
+
+/// The process's CPU time (user + system) and minor page faults so far,
+/// every thread counted (`getrusage(RUSAGE_SELF)`).
+fn process_usage() -> Result<(Duration, u64), BoxError> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let u = getrusage(UsageWho::RUSAGE_SELF)?;
+    let d = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    };
+    Ok((
+        d(u.user_time()) + d(u.system_time()),
+        u.minor_page_faults() as u64,
+    ))
+}
+
+/// The medians, each taken apart, of `repeat` runs of `f`.
+fn median_fill<F: FnMut() -> Result<FillRun, BoxError>>(
+    repeat: usize,
+    mut f: F,
+) -> Result<FillRun, BoxError> {
+    let all = (0..repeat.max(1))
+        .map(|_| f())
+        .collect::<Result<Vec<_>, _>>()?;
+    let of = |g: fn(&FillRun) -> f64| middle(all.iter().map(g).collect());
+    Ok(FillRun {
+        rate: of(|r| r.rate),
+        cpu_ns: of(|r| r.cpu_ns),
+        faults: of(|r| r.faults),
+    })
+}
+
+fn segalloc_fill(args: &Args, shards: usize, stride: u64) -> Result<FillRun, BoxError> {
     let (dir, rt) = runtime(args, shards)?;
     let (n, size) = (args.records, args.record_bytes);
     // What the fill touches: its records, the handles it keeps, and a
@@ -216,6 +263,7 @@ fn segalloc_fill(args: &Args, shards: usize, stride: u64) -> Result<f64, BoxErro
     // vector (about 12 ns a record).
     let mut kept: Vec<Vec<segalloc::Handle>> =
         (0..shards).map(|_| work::touched_vec(n as usize)).collect();
+    let (cpu0, faults0) = process_usage()?;
     let t = Instant::now();
     let jobs: Vec<_> = (0..shards)
         .map(|i| {
@@ -229,9 +277,16 @@ fn segalloc_fill(args: &Args, shards: usize, stride: u64) -> Result<f64, BoxErro
     for j in jobs {
         futures::executor::block_on(j)??;
     }
-    let rate = per_sec(n * shards as u64, t.elapsed());
+    let took = t.elapsed();
+    let (cpu1, faults1) = process_usage()?;
+    let records = n * shards as u64;
+    let run = FillRun {
+        rate: per_sec(records, took),
+        cpu_ns: ns_per(cpu1.saturating_sub(cpu0), records),
+        faults: (faults1 - faults0) as f64 / records.max(1) as f64,
+    };
     finish(rt)?;
-    Ok(rate)
+    Ok(run)
 }
 
 /// The raw-mmap ceiling: one file reserved up front (`fallocate`, or a
@@ -537,13 +592,15 @@ fn fills(
 ) -> Result<(), BoxError> {
     let r = args.repeat;
     let stride = slot_bytes(args)?;
-    let seg1 = median(r, || segalloc_fill(args, 1, stride))?;
+    let fill1 = median_fill(r, || segalloc_fill(args, 1, stride))?;
+    let seg1 = fill1.rate;
     let raw = best(r, || raw_fill(args, stride, false, Kept::Nothing))?;
     let raw_offsets = best(r, || raw_fill(args, stride, false, Kept::Offset))?;
     let raw_handles = best(r, || raw_fill(args, stride, false, Kept::HandleSized))?;
     let sparse = best(r, || raw_fill(args, stride, true, Kept::Nothing))?;
     let sys = median(r, || malloc_fill(args))?;
-    let segn = median(r, || segalloc_fill(args, cores, stride))?;
+    let filln = median_fill(r, || segalloc_fill(args, cores, stride))?;
+    let segn = filln.rate;
     let rs = "records/s";
     d.push(design(
         "segalloc fill, 1 shard",
@@ -557,6 +614,28 @@ fn fills(
         rs,
         format!("{} records per shard", args.records),
     ));
+    for (shards, f) in [(1, fill1), (cores, filln)] {
+        let of = if shards == 1 {
+            "1 shard".to_string()
+        } else {
+            format!("{shards} shards")
+        };
+        d.push(design(
+            format!("segalloc fill, {of}: CPU"),
+            f.cpu_ns,
+            "CPU ns/record",
+            format!(
+                "user + system time of every thread (shards, io workers): {:.2} CPUs busy",
+                f.cpu_ns * f.rate / 1e9
+            ),
+        ));
+        d.push(design(
+            format!("segalloc fill, {of}: page faults"),
+            f.faults * 1e6,
+            "per 1M records",
+            "minor faults of every thread, the prefault's included",
+        ));
+    }
     d.push(design(
         "raw mmap ceiling (fallocate)",
         raw,
