@@ -527,27 +527,11 @@ impl SegmentAllocator {
     /// sync makes it durable along with the data (the file is marked dirty),
     /// and recovery drops a segment whose growth a power loss took before a
     /// sync promised it (see [`format::DURABLE_GEN_OFFSET`]).
-    ///
-    /// Then, best effort, one growth step further (never past the run's
-    /// window): the file's end stays at least a step ahead of the newest
-    /// segment, so a fill never writes at the end of the file. Writes
-    /// there cost the fill about three times the page faults: the page cache
-    /// builds small folios where the file ends (a fill of 2M records of
-    /// 100 B took 8,057 faults, against 3,027 with the end far ahead).
-    /// A full disk fails only the run's own growth: the step ahead is
-    /// skipped.
     async fn grow_run(&self, run: Run) -> Result<()> {
         let id = self.data_files.borrow()[run.file as usize];
         let end = (u64::from(run.block) + u64::from(run.blocks)) * BLOCK_BYTES;
         let step = self.mm.config().growth_step_bytes;
         self.mm.reserve_of(id, end, step).await?;
-        let ahead = growth_ahead(end, step, self.mm.window_bytes());
-        if ahead > end {
-            match self.mm.reserve_of(id, ahead, step).await {
-                Ok(()) | Err(Error::NoSpace { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
         Ok(())
     }
 
@@ -607,31 +591,5 @@ impl SegmentAllocator {
             self.st.borrow_mut().released.new_files = true;
         }
         Ok(())
-    }
-}
-
-/// Where a data file's reservation should reach ahead of a run ending at
-/// `end` (`end > 0`): one growth `step` further, clipped to the end of
-/// `end`'s window (a growth never reaches into the next window).
-fn growth_ahead(end: u64, step: u64, window: u64) -> u64 {
-    let window_end = ((end - 1) / window)
-        .saturating_add(1)
-        .saturating_mul(window);
-    end.saturating_add(step).min(window_end)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::growth_ahead;
-
-    #[test]
-    fn the_step_ahead_stays_in_the_runs_window() {
-        const MIB: u64 = 1 << 20;
-        const W: u64 = 1024 * MIB;
-        assert_eq!(growth_ahead(MIB, 64 * MIB, W), 65 * MIB);
-        assert_eq!(growth_ahead(1000 * MIB, 64 * MIB, W), W);
-        assert_eq!(growth_ahead(W, 64 * MIB, W), W);
-        assert_eq!(growth_ahead(W + 1, 64 * MIB, W), W + 1 + 64 * MIB);
-        assert_eq!(growth_ahead(u64::MAX, 64 * MIB, W), u64::MAX);
     }
 }
