@@ -41,7 +41,7 @@
 //! io_uring a one-shard fill keeps more than one CPU busy (its prefault
 //! runs on the io workers of another CPU), which a fill of every shard
 //! cannot: its efficiency is against that. With `SEGALLOC_IO=sync` nothing
-//! prefaults, and one shard keeps one CPU busy. The data files
+//! prefaults, and only the shard's thread works. The data files
 //! of every timed phase are written back (`fdatasync`) and deleted before
 //! the next phase, so no phase pays for another's dirty pages, and every
 //! file fill first fills and deletes a scratch file of what it will touch
@@ -259,10 +259,10 @@ fn median_fill<F: FnMut() -> Result<FillRun, BoxError>>(
 /// Fill: every shard allocates and writes `records` records, handles kept.
 /// The process's CPU time and page faults are read just before the timing
 /// and again 20 ms after it (untimed): a thread still running when it
-/// ends, such as an io worker finishing a prefault, has its last slice
-/// counted only once it stops. The prefaults in flight at the end (at
-/// most 1 MiB a shard, faulted in ahead of records never written) are
-/// counted with the fill.
+/// ends, such as an io worker finishing a prefault, is counted only up to
+/// its last scheduler tick or switch. The prefaults in flight at the end
+/// (at most 1 MiB a shard, faulted in ahead of records never written) are
+/// counted with the fill, against the fill's wall time.
 fn segalloc_fill(args: &Args, shards: usize, stride: u64) -> Result<FillRun, BoxError> {
     let (dir, rt) = runtime(args, shards)?;
     let (n, size) = (args.records, args.record_bytes);
