@@ -595,56 +595,59 @@ impl Drop for Mount {
     }
 }
 
-/// The `kv_server` example, built on first use with `cargo build --example
-/// kv_server --profile P` (`--message-format json` tells where cargo put
-/// it). Examples have no `CARGO_BIN_EXE_*` variable.
-///
-/// P is `checked` when the test itself was built with it (the server then
-/// parses the tests' hostile frames with overflow checks and debug
-/// assertions on, as that run means to, and shares the test's compiled
-/// dependencies), else `release`: an unoptimized server is slow to build
-/// and to run, and the release one is usually built already.
+/// The `kv_server` example (see [`example_binary`]).
 pub fn kv_server_binary() -> &'static std::path::Path {
     static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        // The test runs as `<target dir>/<profile dir>/deps/<test>-<hash>`.
-        let exe = std::env::current_exe().expect("test executable");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .and_then(Path::file_name);
-        let profile = if profile_dir.is_some_and(|d| d == "checked") {
-            "checked"
-        } else {
-            "release"
-        };
-        let mut cmd = std::process::Command::new(env!("CARGO"));
-        cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-            "build",
-            "--example",
-            "kv_server",
-            "--profile",
-            profile,
-            "--message-format",
-            "json",
-        ]);
-        let out = cmd
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .expect("run cargo build");
-        assert!(
-            out.status.success(),
-            "cargo build --example kv_server failed"
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout
-            .lines()
-            .rfind(|l| l.contains("\"name\":\"kv_server\"") && l.contains("\"executable\":\""))
-            .expect("cargo reports the kv_server executable");
-        let start = line.find("\"executable\":\"").expect("field") + "\"executable\":\"".len();
-        let end = start + line[start..].find('"').expect("closing quote");
-        std::path::PathBuf::from(&line[start..end])
-    })
+    BIN.get_or_init(|| example_binary("kv_server"))
+}
+
+/// The example `name`, built with `cargo build --example <name> --profile
+/// P` (`--message-format json` tells where cargo put it). Examples have no
+/// `CARGO_BIN_EXE_*` variable.
+///
+/// P is `checked` when the test itself was built with it (the example then
+/// runs with overflow checks and debug assertions on, as that run means
+/// to, and shares the test's compiled dependencies; the server parses the
+/// tests' hostile frames so), else `release`: an unoptimized example is
+/// slow to build and to run, and the release one is usually built already.
+/// Cargo holds its build lock only while it builds, so tests that ask at
+/// once wait for one another, not for a test run.
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    // The test runs as `<target dir>/<profile dir>/deps/<test>-<hash>`.
+    let exe = std::env::current_exe().expect("test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::file_name);
+    let profile = if profile_dir.is_some_and(|d| d == "checked") {
+        "checked"
+    } else {
+        "release"
+    };
+    let mut cmd = std::process::Command::new(env!("CARGO"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+        "build",
+        "--example",
+        name,
+        "--profile",
+        profile,
+        "--message-format",
+        "json",
+    ]);
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run cargo build");
+    assert!(out.status.success(), "cargo build --example {name} failed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let name_field = format!("\"name\":\"{name}\"");
+    let line = stdout
+        .lines()
+        .rfind(|l| l.contains(&name_field) && l.contains("\"executable\":\""))
+        .unwrap_or_else(|| panic!("cargo reports the {name} executable"));
+    let start = line.find("\"executable\":\"").expect("field") + "\"executable\":\"".len();
+    let end = start + line[start..].find('"').expect("closing quote");
+    std::path::PathBuf::from(&line[start..end])
 }
 
 /// Hold shard `index`'s thread (nothing on it runs, its inboxes are not
