@@ -37,7 +37,7 @@
 //! record, medians of its runs (`getrusage(RUSAGE_SELF)`, so every thread:
 //! the shards and the ring's io workers): `CPU` (user + system ns per
 //! record, and the CPUs that kept busy) and `page faults` (minor faults per
-//! 1M records, the prefault's included), each the median of its own. With
+//! 1M records, the prefault's included). With
 //! io_uring a one-shard fill keeps more than one CPU busy (its prefault
 //! runs on the io workers of another CPU), which a fill of every shard
 //! cannot: its efficiency is against that. With `SEGALLOC_IO=sync` nothing
