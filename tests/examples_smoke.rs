@@ -26,6 +26,14 @@ fn last_json(out: &std::process::Output, what: &str) -> Value {
         .unwrap_or_else(|e| panic!("{what}: last line is not JSON ({e}): {line}"))
 }
 
+/// The CPUs this process may run on (its affinity mask).
+fn allowed_cpus() -> f64 {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("affinity");
+    (0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .count() as f64
+}
+
 fn num(v: &Value, field: &str) -> f64 {
     v[field]
         .as_f64()
@@ -34,7 +42,10 @@ fn num(v: &Value, field: &str) -> f64 {
 
 /// The demo fills a fresh directory, frees a third (half of those from
 /// the other shard), reopens it and verifies every surviving record; run
-/// again on the same directory, it finds them.
+/// again on the same directory, it finds them. Each shard inserts 3,000
+/// records and frees those with `k % 6 == 0` itself and forwards those
+/// with `k % 6 == 3` to the other shard (`examples/demo.rs`), so the
+/// counts are exact: a forwarded batch lost on the way would show.
 #[test]
 fn the_demo_inserts_reopens_and_verifies() {
     let demo = example_binary("demo");
@@ -53,10 +64,8 @@ fn the_demo_inserts_reopens_and_verifies() {
     let first = run(true);
     assert_eq!(num(&first, "records_inserted"), 6000.0, "{first}");
     let freed = num(&first, "records_freed");
-    assert!(
-        freed > 0.0 && num(&first, "records_freed_cross_shard") > 0.0,
-        "{first}"
-    );
+    assert_eq!(freed, 2000.0, "{first}");
+    assert_eq!(num(&first, "records_freed_cross_shard"), 1000.0, "{first}");
     assert_eq!(num(&first, "records_verified"), 6000.0 - freed, "{first}");
     assert_eq!(num(&first, "records_found_at_start"), 0.0, "{first}");
     assert!(num(&first, "fds_data_dir") < 100.0, "{first}");
@@ -70,6 +79,7 @@ fn the_demo_inserts_reopens_and_verifies() {
         "{second}"
     );
     let freed2 = num(&second, "records_freed");
+    assert_eq!(freed2, 2000.0, "{second}");
     assert_eq!(
         num(&second, "records_verified"),
         2.0 * 6000.0 - freed - freed2,
@@ -154,7 +164,10 @@ fn compare_reports_every_goal_and_what_the_fills_cost() {
             .and_then(|t| t.strip_suffix(" CPUs busy"))
             .and_then(|t| t.parse().ok())
             .unwrap_or_else(|| panic!("no CPUs busy in {note:?}"));
-        assert!(busy > 0.0 && busy <= cores + 0.5, "{note}");
+        // Shards and io workers spread over every CPU the process may use
+        // (more than `cores` under a CPU quota); the CPU time is counted
+        // up to 20 ms past the fill's wall time.
+        assert!(busy > 0.0 && busy <= allowed_cpus() + 0.5, "{note}");
         let faults = design(&format!("segalloc fill, {shards}: page faults"));
         assert_eq!(faults["unit"], "per 1M records", "{faults}");
         assert!(num(faults, "value") >= 0.0, "{faults}");
