@@ -28,8 +28,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{
-    Mount, Rng, check_pattern, find_tool, handle_from_hex, handle_seed, is_root, mount_tmpfs,
-    mount_tmpfs_with, open_shard, pattern_ranges, run, run_tool, seed_from_env, write_pattern,
+    Mount, Rng, check_pattern, find_tool, handle_from_hex, handle_seed, is_root, mount_tmpfs_with,
+    open_shard, pattern_ranges, run, run_tool, seed_from_env, write_pattern,
 };
 use segalloc::config::MIB;
 use segalloc::{Config, Handle, PinGuard};
@@ -65,6 +65,30 @@ fn cannot_mount(tools: &[&str]) -> Option<String> {
         }
     }
     None
+}
+
+/// A tmpfs mounted for one test in a temporary folder: unmounted, then
+/// the folder removed, when dropped (the fields drop in this order).
+struct TestTmpfs {
+    mount: Mount,
+    _tmp: tempfile::TempDir,
+}
+
+/// A tmpfs with the mount `options` for the test `test`; `None`, with a
+/// message that the test is skipped, when this machine cannot mount one.
+fn test_tmpfs(test: &str, options: &str) -> Option<TestTmpfs> {
+    if let Some(why) = cannot_mount(&["mount", "umount"]) {
+        eprintln!("{test}: SKIPPED: {why}");
+        return None;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    match mount_tmpfs_with(&tmp.path().join("mnt"), options) {
+        Ok(mount) => Some(TestTmpfs { mount, _tmp: tmp }),
+        Err(e) => {
+            eprintln!("{test}: SKIPPED: cannot mount a tmpfs: {e}");
+            None
+        }
+    }
 }
 
 fn mount_ext4(image: &Path, at: &Path, bytes: u64) -> Result<Mount, String> {
@@ -411,19 +435,10 @@ fn fill_and_refill(fs: &str, dir: &Path) {
 
 #[test]
 fn full_tmpfs() {
-    if let Some(why) = cannot_mount(&["mount", "umount"]) {
-        eprintln!("full_tmpfs: SKIPPED: {why}");
+    let Some(fs) = test_tmpfs("full_tmpfs", "size=64m") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let at = tmp.path().join("mnt");
-    let mount = match mount_tmpfs(&at, "64m") {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("full_tmpfs: SKIPPED: cannot mount a tmpfs: {e}");
-            return;
-        }
     };
+    let mount = &fs.mount;
     fill_and_refill("tmpfs", &mount.at);
 }
 
@@ -458,18 +473,10 @@ fn full_ext4() {
 /// (`MappingManager::cover`).
 #[test]
 fn writable_pin_after_reopen_on_a_full_disk() {
-    if let Some(why) = cannot_mount(&["mount", "umount"]) {
-        eprintln!("writable_pin_after_reopen_on_a_full_disk: SKIPPED: {why}");
+    let Some(fs) = test_tmpfs("writable_pin_after_reopen_on_a_full_disk", "size=32m") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let mount = match mount_tmpfs(&tmp.path().join("mnt"), "32m") {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("writable_pin_after_reopen_on_a_full_disk: SKIPPED: {e}");
-            return;
-        }
     };
+    let mount = &fs.mount;
     let dir = mount.at.join("d");
     let with_step = |step: u64| {
         Config::builder(&dir)
@@ -517,18 +524,13 @@ fn writable_pin_after_reopen_on_a_full_disk() {
 /// same entry. On a 32 MiB tmpfs (as root: mounting needs it).
 #[test]
 fn an_entry_in_a_hole_of_the_directory_on_a_full_disk() {
-    if let Some(why) = cannot_mount(&["mount", "umount"]) {
-        eprintln!("an_entry_in_a_hole_of_the_directory_on_a_full_disk: SKIPPED: {why}");
+    let Some(fs) = test_tmpfs(
+        "an_entry_in_a_hole_of_the_directory_on_a_full_disk",
+        "size=32m",
+    ) else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let mount = match mount_tmpfs(&tmp.path().join("mnt"), "32m") {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("an_entry_in_a_hole_of_the_directory_on_a_full_disk: SKIPPED: {e}");
-            return;
-        }
     };
+    let mount = &fs.mount;
     let dir = mount.at.join("d");
     let cfg = cfg(&dir);
     let per_page = segalloc::format::ENTRIES_PER_PAGE as usize;
@@ -702,20 +704,15 @@ fn trim_releases_blocks_and_reuse_reserves_them() {
 /// not held to that manifest's shard count.
 #[test]
 fn an_open_that_fails_after_its_manifest_leaves_no_directory() {
-    if let Some(why) = cannot_mount(&["mount", "umount"]) {
-        eprintln!("an_open_that_fails_after_its_manifest_leaves_no_directory: SKIPPED: {why}");
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
     // The root, the directory, its LOCK and its MANIFEST: no inode left
     // for a shard's folder.
-    let mount = match mount_tmpfs_with(&tmp.path().join("mnt"), "size=1m,nr_inodes=4") {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("an_open_that_fails_after_its_manifest_leaves_no_directory: SKIPPED: {e}");
-            return;
-        }
+    let Some(fs) = test_tmpfs(
+        "an_open_that_fails_after_its_manifest_leaves_no_directory",
+        "size=1m,nr_inodes=4",
+    ) else {
+        return;
     };
+    let mount = &fs.mount;
     let dir = mount.at.join("d");
     let cfg = Config::builder(&dir).shards(2).build().unwrap();
     match segalloc::DataDir::open(&cfg) {
